@@ -15,7 +15,7 @@ source "$here/versions.env"
 
 cache=${VKUBE_CACHE:-$HOME/.cache/vkube}
 upstream=$cache/upstream
-export GOMODCACHE=${GOMODCACHE_OVERRIDE:-$cache/go/mod}
+export GOMODCACHE=$cache/go/mod
 export GOCACHE=$cache/go/build
 export GOFLAGS=-buildvcs=false
 export CGO_ENABLED=0
@@ -91,21 +91,30 @@ build_etcd() {
 
 build_kwok() {
   local v=$KWOK_VERSION out=$upstream/kwok-$KWOK_VERSION
-  if have "$out" kwok && [ -d "$out/stages" ]; then log "kwok $v: cached"; return; fi
+  # Bump the layout when the files picked from the module change, so caches get rebuilt.
+  local layout=2
+  if have "$out" kwok && [ "$(cat "$out/.layout" 2>/dev/null)" = "$layout" ]; then log "kwok $v: cached"; return; fi
   log "kwok $v: building"
   local mod=$cache/work/kwok-$v
   new_module "$mod" vkube.local/upstream-kwok
   cd "$mod"
   go get -tool "sigs.k8s.io/kwok/cmd/kwok@$v" >/dev/null 2>&1 || go get -tool "sigs.k8s.io/kwok/cmd/kwok@$v"
-  mkdir -p "$out.tmp/stages"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp/stages"
   go build -trimpath -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" -o "$out.tmp/kwok" sigs.k8s.io/kwok/cmd/kwok
-  # kwok exits with "no stages found" without stage configs: keep the module's own stages.
+  # kwok exits with "no stages found" without stage configs: keep the module's own stages,
+  # the "fast" pod lifecycle (Running at once, deleted at once) for quick tests and benchmarks.
   local dir
   dir=$(go mod download -json "sigs.k8s.io/kwok@$v" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
   cp "$dir"/kustomize/stage/node/fast/node-initialize.yaml \
      "$dir"/kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
-     "$dir"/kustomize/stage/pod/general/pod-*.yaml "$out.tmp/stages/"
-  chmod u+w "$out.tmp/stages/"*
+     "$dir"/kustomize/stage/pod/fast/pod-*.yaml "$out.tmp/stages/"
+  # The debugging CRDs let tests give one pod its own logs, exec or port-forward target.
+  mkdir -p "$out.tmp/crds"
+  for crd in logs clusterlogs execs clusterexecs portforwards clusterportforwards attaches clusterattaches; do
+    cp "$dir/kustomize/crd/bases/kwok.x-k8s.io_$crd.yaml" "$out.tmp/crds/"
+  done
+  chmod -R u+w "$out.tmp"
+  echo "$layout" > "$out.tmp/.layout"
   rm -rf "$out"; mv "$out.tmp" "$out"
   log "kwok $v: done"
 }

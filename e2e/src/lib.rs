@@ -1,1 +1,122 @@
-//! placeholder
+//! The end-to-end test harness: a real host cluster (the same one `vkube dev up` starts) in a
+//! temporary directory, on dynamically chosen ports so tests run in parallel. Every process is
+//! stopped when the environment is dropped; if the test failed, each component's log is printed
+//! first and the directory is kept for inspection.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use vkube_localenv::host::dump_logs;
+use vkube_localenv::{HostCluster, HostOptions, Lifetime, Upstream};
+
+pub use vkube_localenv::wait::until;
+
+pub struct TestEnv {
+    pub host: HostCluster,
+    pub upstream: Upstream,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestEnv {
+    /// A host cluster with `nodes` simulated nodes.
+    pub async fn start(nodes: usize) -> TestEnv {
+        let upstream = Upstream::locate().expect("upstream binaries");
+        let dir = tempfile::Builder::new().prefix("vkube-e2e-").tempdir().expect("temp dir");
+        let progress = |step: &str| eprintln!("[{}] {step}", dir_name(dir.path()));
+        let opts = HostOptions { nodes, lifetime: Lifetime::Attached };
+        let host = match HostCluster::start(dir.path(), &opts, &progress).await {
+            Ok(h) => h,
+            Err(e) => {
+                let logs = std::fs::read_dir(dir.path().join("logs"))
+                    .map(|rd| {
+                        rd.filter_map(|e| e.ok())
+                            .map(|e| (e.file_name().to_string_lossy().to_string(), e.path()))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                dump_logs(&logs, 40);
+                panic!("host cluster did not start: {e}");
+            }
+        };
+        TestEnv { host, upstream, dir: Some(dir) }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.host.dir
+    }
+
+    pub async fn client(&self) -> kube::Client {
+        self.host.client().await.expect("host client")
+    }
+
+    /// Runs the pinned kubectl against the host cluster.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        kubectl(&self.upstream, &self.host.kubeconfig, args)
+    }
+
+    /// Runs kubectl against the host and returns stdout, failing the test on a non-zero exit.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        kubectl_ok(&self.upstream, &self.host.kubeconfig, args)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            dump_logs(&self.host.logs(), 60);
+            if let Some(dir) = self.dir.take() {
+                eprintln!("kept the failed environment's directory: {}", dir.keep().display());
+            }
+        }
+    }
+}
+
+fn dir_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+}
+
+/// Runs the pinned kubectl with the given kubeconfig.
+pub fn kubectl(up: &Upstream, kubeconfig: &Path, args: &[&str]) -> Output {
+    Command::new(up.kubectl())
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBECTL_KUBERC")
+        .output()
+        .expect("running kubectl")
+}
+
+/// Like [`kubectl`], but the command must succeed; returns stdout.
+pub fn kubectl_ok(up: &Upstream, kubeconfig: &Path, args: &[&str]) -> String {
+    let out = kubectl(up, kubeconfig, args);
+    assert!(
+        out.status.success(),
+        "kubectl {} failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The built `vkube` binary (the test command builds it before running the tests).
+pub fn vkube_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/vkube
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("vkube")).expect("target dir");
+    assert!(bin.is_file(), "{} is missing: run `cargo build --bins` first (hack/test.sh does)", bin.display());
+    bin
+}
+
+/// Polls `f` until it returns `Some`, panicking with the last message after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, String>>,
+{
+    match until(timeout, Duration::from_millis(250), f).await {
+        Ok(v) => v,
+        Err(last) => panic!("{what}: not within {} s: {last}", timeout.as_secs()),
+    }
+}

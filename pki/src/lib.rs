@@ -6,12 +6,14 @@
 //! certificates that expire within the renewal margin or no longer match their specification, so
 //! running it at every start is how certificates are kept valid.
 
+pub mod kubeconfig;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -35,11 +37,7 @@ pub struct Validity {
 
 impl Default for Validity {
     fn default() -> Self {
-        Validity {
-            ca: Duration::days(3650),
-            leaf: Duration::days(365),
-            renew_before: Duration::days(90),
-        }
+        Validity { ca: Duration::days(3650), leaf: Duration::days(365), renew_before: Duration::days(90) }
     }
 }
 
@@ -212,11 +210,7 @@ fn new_ca(name: &str, common_name: &str, validity: Validity, now: OffsetDateTime
     params.distinguished_name = DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.not_before = now - Duration::minutes(5);
     params.not_after = now + validity.ca;
     let pair = KeyPair::generate().map_err(err)?;
@@ -249,7 +243,11 @@ fn leaf_status(
     want_ips.sort();
     let mut orgs = spec.organizations.clone();
     orgs.sort();
-    if info.common_name != spec.common_name || info.organizations != orgs || info.dns_names != want_dns || info.ips != want_ips {
+    if info.common_name != spec.common_name
+        || info.organizations != orgs
+        || info.dns_names != want_dns
+        || info.ips != want_ips
+    {
         return Ok(LeafStatus::Stale);
     }
     if let Some(ca_pem) = ca_pem {
@@ -287,16 +285,10 @@ impl CertInfo {
         use x509_parser::extensions::{GeneralName, ParsedExtension};
         let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
         let subject = cert.subject();
-        let common_name = subject
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let mut organizations: Vec<String> = subject
-            .iter_organization()
-            .filter_map(|o| o.as_str().ok().map(str::to_string))
-            .collect();
+        let common_name =
+            subject.iter_common_name().next().and_then(|cn| cn.as_str().ok()).unwrap_or_default().to_string();
+        let mut organizations: Vec<String> =
+            subject.iter_organization().filter_map(|o| o.as_str().ok().map(str::to_string)).collect();
         organizations.sort();
         let (mut dns_names, mut ips) = (vec![], vec![]);
         let (mut subject_key_id, mut authority_key_id) = (None, None);
@@ -425,9 +417,6 @@ mod tests {
         let mut b = Bundle::default();
         b.ensure(&spec(&["localhost"]), Validity::default(), now).unwrap();
         b.files.insert("serving.crt".into(), "not a certificate".into());
-        assert!(matches!(
-            b.ensure(&spec(&["localhost"]), Validity::default(), now),
-            Err(Error::Corrupt { .. })
-        ));
+        assert!(matches!(b.ensure(&spec(&["localhost"]), Validity::default(), now), Err(Error::Corrupt { .. })));
     }
 }

@@ -1,0 +1,585 @@
+//! The dev host cluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
+//! with simulated nodes, all local processes. kwok serves the kubelet API, so `kubectl logs`,
+//! `exec`, `attach` and `port-forward` work on its pods.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, Config};
+use serde::{Deserialize, Serialize};
+use vkube_pki::{Bundle, BundleSpec, LeafSpec, Validity, kubeconfig};
+
+use crate::process::{self, Lifetime, Process, ProcessSpec, Recorded, log_tail};
+use crate::upstream::Upstream;
+use crate::{Error, Progress, Result, io_err, ports, wait};
+
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// kwok hands out pod IPs from here; it must not overlap the service range.
+pub const POD_CIDR: &str = "10.244.0.1/16";
+const FIELD_MANAGER: &str = "vkube-dev";
+
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    pub nodes: usize,
+    pub lifetime: Lifetime,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions { nodes: 3, lifetime: Lifetime::Attached }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostPorts {
+    pub etcd_client: u16,
+    pub etcd_peer: u16,
+    pub apiserver: u16,
+    pub scheduler: u16,
+    pub controller_manager: u16,
+    pub kwok: u16,
+}
+
+impl HostPorts {
+    fn allocate() -> Self {
+        HostPorts {
+            etcd_client: ports::free_port(),
+            etcd_peer: ports::free_port(),
+            apiserver: ports::free_port(),
+            scheduler: ports::free_port(),
+            controller_manager: ports::free_port(),
+            kwok: ports::free_port(),
+        }
+    }
+
+    fn all_free(&self) -> bool {
+        [self.etcd_client, self.etcd_peer, self.apiserver, self.scheduler, self.controller_manager, self.kwok]
+            .into_iter()
+            .all(ports::is_free)
+    }
+}
+
+/// What `state.json` in the cluster directory records, so a restart reuses the same ports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostState {
+    pub ports: HostPorts,
+}
+
+pub struct HostCluster {
+    pub dir: PathBuf,
+    pub ports: HostPorts,
+    /// Admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    processes: Vec<Process>,
+}
+
+impl HostCluster {
+    /// Starts a host cluster in `dir` (created if missing). Certificates, etcd data and ports from
+    /// an earlier run in the same directory are reused, so kubeconfigs stay valid.
+    pub async fn start(dir: &Path, opts: &HostOptions, progress: Progress<'_>) -> Result<Self> {
+        let up = Upstream::locate()?;
+        for sub in ["pki", "logs", "etcd", "kwok"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        let ports = match read_state(dir)? {
+            Some(state) if state.ports.all_free() => state.ports,
+            _ => HostPorts::allocate(),
+        };
+        let mut host =
+            HostCluster { dir: dir.to_path_buf(), kubeconfig: dir.join("kubeconfig"), ports, processes: vec![] };
+        host.write_state()?;
+        let total = 7;
+        progress(&format!("[1/{total}] certificates and kubeconfigs"));
+        let pki = host.write_pki()?;
+        progress(&format!("[2/{total}] etcd"));
+        host.spawn(&up, host.etcd(&up), opts.lifetime)?;
+        progress(&format!("[3/{total}] kube-apiserver"));
+        host.spawn(&up, host.apiserver(&up), opts.lifetime)?;
+        let client = host.wait_apiserver(Duration::from_secs(90)).await?;
+        progress(&format!("[4/{total}] kube-controller-manager and kube-scheduler"));
+        host.spawn(&up, host.controller_manager(&up), opts.lifetime)?;
+        host.spawn(&up, host.scheduler(&up), opts.lifetime)?;
+        progress(&format!("[5/{total}] kwok debugging rules (logs, exec, attach, port-forward)"));
+        install_kwok_crds(&client, &up).await?;
+        host.install_kwok_rules(&client).await?;
+        progress(&format!("[6/{total}] kwok with {} simulated nodes", opts.nodes));
+        host.spawn(&up, host.kwok(&up), opts.lifetime)?;
+        ensure_nodes(&client, opts.nodes).await?;
+        host.wait_nodes_ready(&client, opts.nodes).await?;
+        progress(&format!("[7/{total}] default service account"));
+        host.wait_default_service_account(&client).await?;
+        drop(pki);
+        Ok(host)
+    }
+
+    pub async fn client(&self) -> Result<Client> {
+        client_for(&self.kubeconfig).await
+    }
+
+    pub fn server(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports.apiserver)
+    }
+
+    /// The log file of every component, by name.
+    pub fn logs(&self) -> Vec<(String, PathBuf)> {
+        self.processes.iter().map(|p| (p.name().to_string(), p.spec.log.clone())).collect()
+    }
+
+    /// Leaves a detached cluster running (its processes are recorded in `processes.json`).
+    pub fn detach(mut self) {
+        std::mem::take(&mut self.processes).into_iter().for_each(|p| {
+            p.detach();
+        });
+    }
+
+    /// Whether an already started cluster in `dir` is running and answering.
+    pub async fn is_up(dir: &Path) -> bool {
+        let Ok(recorded) = process::read_recorded(dir) else { return false };
+        if recorded.is_empty() || !recorded.iter().all(process::is_alive) {
+            return false;
+        }
+        match client_for(&dir.join("kubeconfig")).await {
+            Ok(client) => readyz(&client).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    fn spawn(&mut self, _up: &Upstream, spec: ProcessSpec, lifetime: Lifetime) -> Result<()> {
+        let mut p = Process::spawn(spec, lifetime)?;
+        // Fail fast on a bad flag or a port clash rather than at the readiness deadline.
+        std::thread::sleep(Duration::from_millis(50));
+        p.check_running()?;
+        self.processes.push(p);
+        let recorded: Vec<Recorded> = self.processes.iter().map(Process::record).collect();
+        process::write_recorded(&self.dir, &recorded)
+    }
+
+    fn write_state(&self) -> Result<()> {
+        write_json(&self.dir.join("state.json"), &HostState { ports: self.ports.clone() })
+    }
+
+    fn pki_path(&self, file: &str) -> String {
+        self.dir.join("pki").join(file).display().to_string()
+    }
+
+    fn write_pki(&self) -> Result<Bundle> {
+        let pki_dir = self.dir.join("pki");
+        let mut bundle = read_bundle(&pki_dir)?;
+        let spec = host_pki_spec();
+        bundle.ensure(&spec, Validity::default(), time::OffsetDateTime::now_utc())?;
+        write_bundle(&pki_dir, &bundle)?;
+        let ca = bundle.get("ca.crt").unwrap_or_default();
+        for (file, user) in [
+            ("kubeconfig", "admin"),
+            ("controller-manager.kubeconfig", "controller-manager"),
+            ("scheduler.kubeconfig", "scheduler"),
+        ] {
+            let cfg = kubeconfig::with_client_cert(
+                "vkube-dev",
+                &self.server(),
+                ca,
+                kubeconfig::ClientCert {
+                    cert_pem: bundle.get(&format!("{user}.crt")).unwrap_or_default(),
+                    key_pem: bundle.get(&format!("{user}.key")).unwrap_or_default(),
+                },
+            );
+            write_private(&self.dir.join(file), &kubeconfig::to_yaml(&cfg))?;
+        }
+        Ok(bundle)
+    }
+
+    fn etcd(&self, up: &Upstream) -> ProcessSpec {
+        let p = &self.ports;
+        let client = format!("http://127.0.0.1:{}", p.etcd_client);
+        let peer = format!("http://127.0.0.1:{}", p.etcd_peer);
+        ProcessSpec::new("etcd", up.etcd(), &self.dir.join("logs")).args([
+            "--name=host".to_string(),
+            format!("--data-dir={}", self.dir.join("etcd").display()),
+            format!("--listen-client-urls={client}"),
+            format!("--advertise-client-urls={client}"),
+            format!("--listen-peer-urls={peer}"),
+            format!("--initial-advertise-peer-urls={peer}"),
+            format!("--initial-cluster=host={peer}"),
+            "--unsafe-no-fsync".into(),
+            "--log-level=warn".into(),
+        ])
+    }
+
+    fn apiserver(&self, up: &Upstream) -> ProcessSpec {
+        let p = &self.ports;
+        ProcessSpec::new("kube-apiserver", up.kube_apiserver(), &self.dir.join("logs")).args([
+            format!("--etcd-servers=http://127.0.0.1:{}", p.etcd_client),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            // Loopback cannot be a Service endpoint; the dev host has no pods that need one.
+            "--endpoint-reconciler-type=none".into(),
+            format!("--secure-port={}", p.apiserver),
+            format!("--tls-cert-file={}", self.pki_path("apiserver.crt")),
+            format!("--tls-private-key-file={}", self.pki_path("apiserver.key")),
+            format!("--client-ca-file={}", self.pki_path("ca.crt")),
+            "--authorization-mode=Node,RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", self.pki_path("sa.pub")),
+            format!("--service-account-signing-key-file={}", self.pki_path("sa.key")),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--allow-privileged=true".into(),
+            format!("--requestheader-client-ca-file={}", self.pki_path("front-proxy-ca.crt")),
+            "--requestheader-allowed-names=front-proxy-client".into(),
+            "--requestheader-username-headers=X-Remote-User".into(),
+            "--requestheader-group-headers=X-Remote-Group".into(),
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+            format!("--proxy-client-cert-file={}", self.pki_path("front-proxy-client.crt")),
+            format!("--proxy-client-key-file={}", self.pki_path("front-proxy-client.key")),
+            format!("--kubelet-certificate-authority={}", self.pki_path("ca.crt")),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--max-requests-inflight=0".into(),
+            "--max-mutating-requests-inflight=0".into(),
+            "--profiling=false".into(),
+        ])
+    }
+
+    fn controller_manager(&self, up: &Upstream) -> ProcessSpec {
+        ProcessSpec::new("kube-controller-manager", up.kube_controller_manager(), &self.dir.join("logs")).args([
+            format!("--kubeconfig={}", self.dir.join("controller-manager.kubeconfig").display()),
+            format!("--authentication-kubeconfig={}", self.dir.join("controller-manager.kubeconfig").display()),
+            format!("--authorization-kubeconfig={}", self.dir.join("controller-manager.kubeconfig").display()),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", self.ports.controller_manager),
+            format!("--root-ca-file={}", self.pki_path("ca.crt")),
+            format!("--service-account-private-key-file={}", self.pki_path("sa.key")),
+            "--use-service-account-credentials=true".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            format!("--cluster-signing-cert-file={}", self.pki_path("ca.crt")),
+            format!("--cluster-signing-key-file={}", self.pki_path("ca.key")),
+            // kwok hands out pod IPs and there is no cloud.
+            "--controllers=*,-node-ipam-controller".into(),
+            "--profiling=false".into(),
+        ])
+    }
+
+    fn scheduler(&self, up: &Upstream) -> ProcessSpec {
+        let kc = self.dir.join("scheduler.kubeconfig").display().to_string();
+        ProcessSpec::new("kube-scheduler", up.kube_scheduler(), &self.dir.join("logs")).args([
+            format!("--kubeconfig={kc}"),
+            format!("--authentication-kubeconfig={kc}"),
+            format!("--authorization-kubeconfig={kc}"),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", self.ports.scheduler),
+            "--profiling=false".into(),
+        ])
+    }
+
+    fn kwok(&self, up: &Upstream) -> ProcessSpec {
+        let stages = std::fs::read_dir(up.kwok_stages())
+            .map(|rd| {
+                let mut v: Vec<String> = rd.filter_map(|e| e.ok()).map(|e| e.path().display().to_string()).collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default();
+        ProcessSpec::new("kwok", up.kwok(), &self.dir.join("logs"))
+            // kwok reads ~/.kwok/kwok.yaml when it exists: keep a user's file out of our cluster.
+            .env("HOME", self.dir.join("kwok").display().to_string())
+            .args([
+                format!("--kubeconfig={}", self.kubeconfig.display()),
+                format!("--config={}", stages.join(",")),
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+                format!("--cidr={POD_CIDR}"),
+                "--node-ip=127.0.0.1".into(),
+                "--node-name=localhost".into(),
+                format!("--node-port={}", self.ports.kwok),
+                format!("--server-address=127.0.0.1:{}", self.ports.kwok),
+                format!("--tls-cert-file={}", self.pki_path("kwok.crt")),
+                format!("--tls-private-key-file={}", self.pki_path("kwok.key")),
+                format!("--enable-crds={}", KWOK_DEBUG_KINDS.join(",")),
+            ])
+    }
+
+    async fn wait_apiserver(&mut self, timeout: Duration) -> Result<Client> {
+        let client = self.client().await?;
+        let procs = &mut self.processes;
+        let res = wait::until(timeout, Duration::from_millis(200), || {
+            let failed = procs.iter_mut().find_map(|p| p.check_running().err());
+            let client = client.clone();
+            async move {
+                if let Some(e) = failed {
+                    return Err(e.to_string());
+                }
+                readyz(&client).await.map(|_| Some(()))
+            }
+        })
+        .await;
+        res.map_err(|detail| self.not_ready("kube-apiserver", timeout, detail))?;
+        Ok(client)
+    }
+
+    async fn install_kwok_rules(&self, client: &Client) -> Result<()> {
+        let log_file = self.dir.join("kwok/container.log");
+        // kwok serves log files in the CRI format kubelets write.
+        let lines: String = (1..=5)
+            .map(|i| format!("2026-01-01T00:00:0{i}.000000000Z stdout F vkube dev: simulated container log line {i}\n"))
+            .collect();
+        std::fs::write(&log_file, lines).map_err(io_err("writing the simulated container log"))?;
+        let log = log_file.display().to_string();
+        let work_dir = self.dir.join("kwok").display().to_string();
+        let rules = [
+            ("ClusterLogs", serde_json::json!({"logs": [{"logsFile": log, "follow": true}]})),
+            ("ClusterExec", serde_json::json!({"execs": [{"local": {"workDir": work_dir}}]})),
+            // Port-forwarded connections are echoed back: enough to prove the stream is wired.
+            ("ClusterPortForward", serde_json::json!({"forwards": [{"command": ["cat"]}]})),
+            ("ClusterAttach", serde_json::json!({"attaches": [{"logsFile": log}]})),
+        ];
+        for (kind, spec) in rules {
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &kwok_resource(kind));
+            let obj = serde_json::json!({
+                "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": kind,
+                "metadata": {"name": "vkube-dev-default"}, "spec": spec,
+            });
+            api.patch("vkube-dev-default", &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj)).await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_nodes_ready(&self, client: &Client, n: usize) -> Result<()> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let timeout = Duration::from_secs(60);
+        wait::until(timeout, Duration::from_millis(200), || {
+            let nodes = nodes.clone();
+            async move {
+                let list = nodes.list(&Default::default()).await.map_err(|e| e.to_string())?;
+                let ready = list.items.iter().filter(|n| node_ready(n)).count();
+                Ok((ready >= n).then_some(()))
+                    .and_then(|r| if r.is_none() { Err(format!("{ready} of {n} nodes Ready")) } else { Ok(r) })
+            }
+        })
+        .await
+        .map_err(|d| self.not_ready("kwok", timeout, d))
+    }
+
+    async fn wait_default_service_account(&self, client: &Client) -> Result<()> {
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+        let timeout = Duration::from_secs(60);
+        wait::until(timeout, Duration::from_millis(200), || {
+            let sas = sas.clone();
+            async move { sas.get_opt("default").await.map(|o| o.map(|_| ())).map_err(|e| e.to_string()) }
+        })
+        .await
+        .map_err(|d| self.not_ready("kube-controller-manager", timeout, d))
+    }
+
+    fn not_ready(&self, component: &str, timeout: Duration, detail: String) -> Error {
+        Error::NotReady {
+            component: component.into(),
+            seconds: timeout.as_secs(),
+            detail,
+            log: self.dir.join("logs").join(format!("{component}.log")).display().to_string(),
+        }
+    }
+}
+
+impl Drop for HostCluster {
+    fn drop(&mut self) {
+        // Newest first: clients before the API server, the API server before etcd.
+        while let Some(mut p) = self.processes.pop() {
+            p.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+const KWOK_DEBUG_KINDS: [&str; 8] =
+    ["Logs", "ClusterLogs", "Exec", "ClusterExec", "PortForward", "ClusterPortForward", "Attach", "ClusterAttach"];
+
+/// The API resource of one of kwok's debugging kinds.
+pub fn kwok_resource(kind: &str) -> ApiResource {
+    let plural = match kind {
+        "Logs" | "ClusterLogs" => kind.to_lowercase(),
+        "Attach" | "ClusterAttach" => format!("{}es", kind.to_lowercase()),
+        _ => format!("{}s", kind.to_lowercase()),
+    };
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("kwok.x-k8s.io", "v1alpha1", kind), &plural)
+}
+
+fn host_pki_spec() -> BundleSpec {
+    let dns: Vec<String> = [
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let ips: Vec<IpAddr> = vec!["127.0.0.1".parse().expect("ip"), "10.96.0.1".parse().expect("ip")];
+    BundleSpec {
+        cas: vec![("ca".into(), "vkube-dev-ca".into()), ("front-proxy-ca".into(), "vkube-dev-front-proxy-ca".into())],
+        leaves: vec![
+            LeafSpec::server("apiserver", "ca", &dns, &ips),
+            LeafSpec::server("kwok", "ca", &["localhost".to_string()], &ips[..1]),
+            LeafSpec::client("admin", "ca", "vkube-dev-admin", &["system:masters"]),
+            LeafSpec::client("controller-manager", "ca", "system:kube-controller-manager", &[]),
+            LeafSpec::client("scheduler", "ca", "system:kube-scheduler", &[]),
+            LeafSpec::client("front-proxy-client", "front-proxy-ca", "front-proxy-client", &[]),
+        ],
+        key_pairs: vec!["sa".into()],
+    }
+}
+
+async fn install_kwok_crds(client: &Client, up: &Upstream) -> Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let dir = up.kwok_crds();
+    let entries = std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?;
+    let mut names = vec![];
+    for entry in entries.filter_map(|e| e.ok()) {
+        let text =
+            std::fs::read_to_string(entry.path()).map_err(io_err(format!("reading {}", entry.path().display())))?;
+        let crd: CustomResourceDefinition = serde_saphyr_from_str(&text, &entry.path())?;
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd)).await?;
+        names.push(name);
+    }
+    wait::until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let crds = crds.clone();
+        let names = names.clone();
+        async move {
+            for name in &names {
+                let crd = crds.get(name).await.map_err(|e| e.to_string())?;
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                if !established {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        }
+    })
+    .await
+    .map_err(|detail| Error::NotReady { component: "kwok CRDs".into(), seconds: 30, detail, log: String::new() })
+}
+
+fn serde_saphyr_from_str<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    // The CRD files are YAML; JSON is what k8s-openapi types deserialize from most reliably, so
+    // go through serde_json::Value.
+    let value: serde_json::Value =
+        serde_saphyr::from_str(text).map_err(|e| Error::State { path: path.to_path_buf(), reason: e.to_string() })?;
+    serde_json::from_value(value).map_err(|e| Error::State { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+async fn ensure_nodes(client: &Client, n: usize) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    for i in 0..n {
+        let name = format!("kwok-node-{i}");
+        if nodes.get_opt(&name).await?.is_some() {
+            continue;
+        }
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                "labels": {
+                    "type": "kwok",
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "node-role.kubernetes.io/agent": "",
+                },
+            },
+        }))
+        .expect("static node manifest");
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+pub fn node_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+async fn readyz(client: &Client) -> Result<(), String> {
+    let req = http::Request::get("/readyz").body(vec![]).map_err(|e| e.to_string())?;
+    client.request_text(req).await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// A client for a kubeconfig file, with no read timeout (watches and log follows stay open).
+pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let mut config = Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    config.read_timeout = None;
+    Ok(Client::try_from(config)?)
+}
+
+pub fn read_state(dir: &Path) -> Result<Option<HostState>> {
+    let path = dir.join("state.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| Error::State { path, reason: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+    }
+}
+
+pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("state serializes");
+    std::fs::write(path, text).map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// Reads a bundle stored as files in `dir` (missing dir: empty bundle).
+pub fn read_bundle(dir: &Path) -> Result<Bundle> {
+    let mut bundle = Bundle::default();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(bundle) };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let text =
+            std::fs::read_to_string(entry.path()).map_err(io_err(format!("reading {}", entry.path().display())))?;
+        bundle.files.insert(name, text);
+    }
+    Ok(bundle)
+}
+
+/// Writes a bundle as files in `dir`, readable only by the owner.
+pub fn write_bundle(dir: &Path, bundle: &Bundle) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    for (name, text) in &bundle.files {
+        write_private(&dir.join(name), text)?;
+    }
+    Ok(())
+}
+
+/// Writes a file that holds credentials: mode 0600.
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(format!("writing {}", path.display())))?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// Prints the last lines of each component log to stderr (for failed tests).
+pub fn dump_logs(logs: &[(String, PathBuf)], lines: usize) {
+    for (name, path) in logs {
+        eprintln!("===== {name} ({}) =====\n{}", path.display(), log_tail(path, lines));
+    }
+}

@@ -1,0 +1,261 @@
+//! Upstream components as child processes, each with its own log file.
+//!
+//! Two lifetimes: `Attached` processes die with their owner (tests: killed on drop, and via the
+//! parent-death signal if the test process itself is killed); `Detached` ones outlive the command
+//! that started them (`vkube dev up`) and are stopped later by pid, after checking the pid still
+//! runs the same program.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result, io_err};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lifetime {
+    Attached,
+    Detached,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcessSpec {
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub log: PathBuf,
+}
+
+impl ProcessSpec {
+    pub fn new(name: &str, program: impl Into<PathBuf>, log_dir: &Path) -> Self {
+        ProcessSpec {
+            name: name.into(),
+            program: program.into(),
+            args: vec![],
+            env: vec![],
+            log: log_dir.join(format!("{name}.log")),
+        }
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// What is written down about a detached process so a later command can stop it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Recorded {
+    pub name: String,
+    pub pid: u32,
+    pub program: PathBuf,
+    pub log: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct Process {
+    pub spec: ProcessSpec,
+    child: Child,
+    lifetime: Lifetime,
+}
+
+impl Process {
+    pub fn spawn(spec: ProcessSpec, lifetime: Lifetime) -> Result<Self> {
+        if let Some(dir) = spec.log.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+            .map_err(io_err(format!("opening {}", spec.log.display())))?;
+        let err_log = log.try_clone().map_err(io_err("duplicating a log handle"))?;
+        let mut cmd = match lifetime {
+            // setpriv asks the kernel to kill the process when its parent dies, then execs the
+            // program (same pid), so no process outlives a killed test run.
+            Lifetime::Attached if Path::new("/usr/bin/setpriv").exists() => {
+                let mut c = Command::new("/usr/bin/setpriv");
+                c.args(["--pdeathsig", "KILL", "--"]).arg(&spec.program);
+                c
+            }
+            _ => Command::new(&spec.program),
+        };
+        cmd.args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            // Its own process group: a Ctrl-C in the terminal that ran `vkube dev up` must not
+            // reach the cluster it left running.
+            .process_group(0);
+        let child = cmd.spawn().map_err(io_err(format!("starting {}", spec.program.display())))?;
+        tracing::debug!(name = %spec.name, pid = child.id(), "started");
+        Ok(Process { spec, child, lifetime })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn record(&self) -> Recorded {
+        Recorded {
+            name: self.spec.name.clone(),
+            pid: self.pid(),
+            program: self.spec.program.clone(),
+            log: self.spec.log.clone(),
+        }
+    }
+
+    /// An error if the process has exited, with the tail of its log.
+    pub fn check_running(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(Error::Exited {
+                component: self.spec.name.clone(),
+                status: status.to_string(),
+                log: self.spec.log.display().to_string(),
+                tail: log_tail(&self.spec.log, 30),
+            }),
+            Err(e) => Err(io_err(format!("waiting for {}", self.spec.name))(e)),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; reaps the child.
+    pub fn stop(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let pid = Pid::from_raw(self.pid() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Leaves a detached process running and forgets it.
+    pub fn detach(self) -> Recorded {
+        let rec = self.record();
+        std::mem::forget(self);
+        rec
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.lifetime == Lifetime::Attached {
+            self.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Whether `pid` is alive and still runs `program` (pids are reused).
+pub fn is_alive(rec: &Recorded) -> bool {
+    let exe = std::fs::read_link(format!("/proc/{}/exe", rec.pid));
+    // A binary replaced since (a rebuilt cache) shows as "<path> (deleted)".
+    let runs_program = match exe {
+        Ok(exe) => {
+            let exe = PathBuf::from(exe.to_string_lossy().trim_end_matches(" (deleted)"));
+            exe == rec.program || std::fs::canonicalize(&rec.program).is_ok_and(|p| p == exe)
+        }
+        Err(_) => false,
+    };
+    runs_program && !is_zombie(rec.pid)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// Stops a recorded detached process: SIGTERM, SIGKILL after `grace`. True if it was running.
+pub fn stop_recorded(rec: &Recorded, grace: Duration) -> bool {
+    if !is_alive(rec) {
+        return false;
+    }
+    let pid = Pid::from_raw(rec.pid as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if !is_alive(rec) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_alive(rec) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// The last `lines` lines of a log file (for error messages and failed tests).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+const RECORDED: &str = "processes.json";
+
+/// The detached processes recorded in `dir`.
+pub fn read_recorded(dir: &Path) -> Result<Vec<Recorded>> {
+    let path = dir.join(RECORDED);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| Error::State { path, reason: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+        Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+    }
+}
+
+pub fn write_recorded(dir: &Path, recorded: &[Recorded]) -> Result<()> {
+    crate::host::write_json(&dir.join(RECORDED), &recorded)
+}
+
+/// Stops every process recorded in `dir`, newest first, and forgets them. Returns the names of
+/// those that were running.
+pub fn stop_all_recorded(dir: &Path) -> Result<Vec<String>> {
+    let recorded = read_recorded(dir)?;
+    let mut stopped = vec![];
+    for rec in recorded.iter().rev() {
+        if stop_recorded(rec, Duration::from_secs(10)) {
+            stopped.push(rec.name.clone());
+        }
+    }
+    if !recorded.is_empty() {
+        write_recorded(dir, &[])?;
+    }
+    Ok(stopped)
+}

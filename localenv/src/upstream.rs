@@ -1,0 +1,126 @@
+//! Where the pinned upstream binaries live: `$VKUBE_CACHE/upstream/<component>-<version>/`, as
+//! laid out by `hack/build-upstream.sh`. The versions come from `hack/versions.env`, the one
+//! place they are set.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+const VERSIONS_ENV: &str = include_str!("../../hack/versions.env");
+
+/// The pinned versions, read from `hack/versions.env` at compile time.
+#[derive(Clone, Debug)]
+pub struct Versions {
+    pub kubernetes: String,
+    pub etcd: String,
+    pub kwok: String,
+    pub helm: String,
+}
+
+pub fn versions() -> Versions {
+    let get = |key: &str| {
+        VERSIONS_ENV
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| panic!("hack/versions.env has no {key}"))
+    };
+    Versions {
+        kubernetes: get("KUBERNETES_VERSION"),
+        etcd: get("ETCD_VERSION"),
+        kwok: get("KWOK_VERSION"),
+        helm: get("HELM_VERSION"),
+    }
+}
+
+/// The cache root: `$VKUBE_CACHE`, else `~/.cache/vkube`.
+pub fn cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VKUBE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    home().join(".cache/vkube")
+}
+
+/// Where state of long-lived local environments goes: `$VKUBE_STATE`, else `~/.local/state/vkube`.
+pub fn state_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VKUBE_STATE") {
+        return PathBuf::from(dir);
+    }
+    home().join(".local/state/vkube")
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+/// The located upstream binaries.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    kubernetes: PathBuf,
+    etcd: PathBuf,
+    kwok: PathBuf,
+    helm: PathBuf,
+}
+
+impl Upstream {
+    /// Finds the binaries in the cache, or says how to build them.
+    pub fn locate() -> Result<Self> {
+        let v = versions();
+        let root = cache_root().join("upstream");
+        let up = Upstream {
+            kubernetes: root.join(format!("kubernetes-{}", v.kubernetes)),
+            etcd: root.join(format!("etcd-{}", v.etcd)),
+            kwok: root.join(format!("kwok-{}", v.kwok)),
+            helm: root.join(format!("helm-{}", v.helm)),
+        };
+        for bin in [
+            up.kube_apiserver(),
+            up.kube_controller_manager(),
+            up.kube_scheduler(),
+            up.kubectl(),
+            up.etcd(),
+            up.kwok(),
+            up.helm(),
+        ] {
+            if !bin.is_file() {
+                return Err(Error::MissingBinary(bin));
+            }
+        }
+        Ok(up)
+    }
+
+    pub fn kube_apiserver(&self) -> PathBuf {
+        self.kubernetes.join("kube-apiserver")
+    }
+    pub fn kube_controller_manager(&self) -> PathBuf {
+        self.kubernetes.join("kube-controller-manager")
+    }
+    pub fn kube_scheduler(&self) -> PathBuf {
+        self.kubernetes.join("kube-scheduler")
+    }
+    pub fn kubectl(&self) -> PathBuf {
+        self.kubernetes.join("kubectl")
+    }
+    pub fn etcd(&self) -> PathBuf {
+        self.etcd.join("etcd")
+    }
+    pub fn kwok(&self) -> PathBuf {
+        self.kwok.join("kwok")
+    }
+    pub fn helm(&self) -> PathBuf {
+        self.helm.join("helm")
+    }
+    /// kwok's stage configurations (node and pod lifecycles).
+    pub fn kwok_stages(&self) -> PathBuf {
+        self.kwok.join("stages")
+    }
+    /// kwok's debugging CRDs (Logs, Exec, PortForward, Attach and their cluster-wide forms).
+    pub fn kwok_crds(&self) -> PathBuf {
+        self.kwok.join("crds")
+    }
+    /// Directories to put first on PATH so `kubectl` and `helm` are the pinned ones.
+    pub fn path_dirs(&self) -> Vec<&Path> {
+        vec![&self.kubernetes, &self.helm]
+    }
+}

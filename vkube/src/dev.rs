@@ -1,0 +1,92 @@
+//! `vkube dev up|down|env`: the local dev host cluster, left running between commands.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Subcommand;
+use vkube_localenv::{HostCluster, HostOptions, Lifetime, Upstream, process, upstream};
+
+#[derive(Subcommand)]
+pub enum DevCommand {
+    /// Start the dev host cluster (harmless when it already runs).
+    Up {
+        /// Number of simulated nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Stop the dev host cluster and every local virtual cluster; no process is left behind.
+    Down,
+    /// Print shell exports: KUBECONFIG for the dev host, the pinned kubectl and helm first on PATH.
+    /// Use as `eval "$(vkube dev env)"`.
+    Env,
+}
+
+/// Where the dev host cluster keeps its state.
+pub fn host_dir() -> PathBuf {
+    upstream::state_root().join("dev/host")
+}
+
+/// Where local virtual clusters on the dev host keep their state (one directory each).
+pub fn local_clusters_dir() -> PathBuf {
+    upstream::state_root().join("dev/clusters")
+}
+
+impl DevCommand {
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            DevCommand::Up { nodes } => up(nodes).await,
+            DevCommand::Down => down(),
+            DevCommand::Env => env(),
+        }
+    }
+}
+
+async fn up(nodes: usize) -> anyhow::Result<()> {
+    let dir = host_dir();
+    if HostCluster::is_up(&dir).await {
+        eprintln!("dev host cluster already running ({})", dir.display());
+        return Ok(());
+    }
+    // Whatever is left of an earlier run (a crashed component) goes first; data and certificates
+    // stay, so existing kubeconfigs keep working.
+    process::stop_all_recorded(&dir)?;
+    let start = Instant::now();
+    eprintln!("starting the dev host cluster in {}", dir.display());
+    let progress = |step: &str| eprintln!("  {step}");
+    let host = HostCluster::start(&dir, &HostOptions { nodes, lifetime: Lifetime::Detached }, &progress)
+        .await
+        .context("starting the dev host cluster (logs are in the directory above, under logs/)")?;
+    let kubeconfig = host.kubeconfig.clone();
+    host.detach();
+    eprintln!(
+        "dev host cluster ready in {:.1} s\n  export KUBECONFIG={}\n  or: eval \"$(vkube dev env)\"",
+        start.elapsed().as_secs_f64(),
+        kubeconfig.display()
+    );
+    Ok(())
+}
+
+fn down() -> anyhow::Result<()> {
+    let mut stopped = vec![];
+    if let Ok(entries) = std::fs::read_dir(local_clusters_dir()) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            stopped.extend(process::stop_all_recorded(&entry.path())?);
+        }
+    }
+    stopped.extend(process::stop_all_recorded(&host_dir())?);
+    if stopped.is_empty() {
+        eprintln!("nothing was running");
+    } else {
+        eprintln!("stopped {}", stopped.join(", "));
+    }
+    Ok(())
+}
+
+fn env() -> anyhow::Result<()> {
+    let up = Upstream::locate()?;
+    let dirs: Vec<String> = up.path_dirs().iter().map(|d| d.display().to_string()).collect();
+    println!("export KUBECONFIG={}", host_dir().join("kubeconfig").display());
+    println!("export PATH={}:\"$PATH\"", dirs.join(":"));
+    Ok(())
+}
