@@ -1,0 +1,312 @@
+//! How virtual objects are named and marked on the host. This is a contract: changing it
+//! orphans every host object synced under the old scheme, so changes need a migration.
+//!
+//! - A namespaced virtual object `<name>` in virtual namespace `<ns>` of virtual cluster `<vc>`
+//!   becomes `<name>-x-<ns>-x-<vc>` in the cluster's host namespace, when that is at most 63
+//!   characters and unambiguous (neither `<name>` nor `<ns>` contains `-x-`, starts with `x-` or
+//!   ends with `-x`, so the separators can only be read one way). Otherwise it is the first 52
+//!   characters of that string (trailing `-`/`.` trimmed), `-`, and the first 10 hex digits of
+//!   SHA-256 of `<vc>/<ns>/<name>` (`/` cannot occur in any of the three).
+//! - Every host object carries the labels `vkube.dev/cluster=<vc>` (ownership; host watches
+//!   select on it) and `vkube.dev/namespace=<ns>`, and the annotations `vkube.dev/object-kind`,
+//!   `-name`, `-namespace` and `-uid` naming the virtual object it mirrors. A host object without
+//!   them, or with another cluster's, is never modified or deleted.
+//! - User labels are copied; keys in our domain (`vkube.dev/...` or `*.vkube.dev/...`) are
+//!   reserved and rewritten by prefixing `tenant.` to the key's prefix (one level per pass, so the
+//!   rewrite is reversible and a tenant cannot forge our labels).
+//! - Label selectors keep their terms (keys rewritten the same way) and gain
+//!   `vkube.dev/cluster=<vc>` and `vkube.dev/namespace=<ns>`, so they only ever match objects of
+//!   the same virtual cluster and namespace.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use sha2::{Digest, Sha256};
+
+pub const DOMAIN: &str = "vkube.dev";
+pub const LABEL_CLUSTER: &str = "vkube.dev/cluster";
+pub const LABEL_NAMESPACE: &str = "vkube.dev/namespace";
+pub const ANNOTATION_KIND: &str = "vkube.dev/object-kind";
+pub const ANNOTATION_NAME: &str = "vkube.dev/object-name";
+pub const ANNOTATION_NAMESPACE: &str = "vkube.dev/object-namespace";
+pub const ANNOTATION_UID: &str = "vkube.dev/object-uid";
+
+const SEPARATOR: &str = "-x-";
+const MAX_NAME: usize = 63;
+const HASHED_PREFIX: usize = 52;
+const HASH_HEX: usize = 10;
+const TENANT_PREFIX: &str = "tenant.";
+
+/// The virtual object a host object mirrors, read from its marks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// Translation between one virtual cluster and its host namespace.
+#[derive(Clone, Debug)]
+pub struct Translator {
+    cluster: String,
+    host_namespace: String,
+}
+
+impl Translator {
+    pub fn new(cluster: impl Into<String>, host_namespace: impl Into<String>) -> Self {
+        Translator { cluster: cluster.into(), host_namespace: host_namespace.into() }
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    pub fn host_namespace(&self) -> &str {
+        &self.host_namespace
+    }
+
+    /// The host name of the virtual object `name` in virtual namespace `namespace`.
+    pub fn host_name(&self, namespace: &str, name: &str) -> String {
+        let readable = format!("{name}{SEPARATOR}{namespace}{SEPARATOR}{}", self.cluster);
+        if readable.len() <= MAX_NAME && unambiguous(name) && unambiguous(namespace) {
+            return readable;
+        }
+        let digest = Sha256::digest(format!("{}/{namespace}/{name}", self.cluster).as_bytes());
+        let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let prefix = readable[..readable.len().min(HASHED_PREFIX)].trim_end_matches(['-', '.']);
+        format!("{prefix}-{}", &hash[..HASH_HEX])
+    }
+
+    /// The label selector (string form) that matches every host object of this virtual cluster.
+    pub fn cluster_selector(&self) -> String {
+        format!("{LABEL_CLUSTER}={}", self.cluster)
+    }
+
+    /// Host labels for a virtual object's labels: reserved keys rewritten, ownership added.
+    pub fn host_labels(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
+        let mut out: BTreeMap<String, String> =
+            labels.into_iter().flatten().map(|(k, v)| (rewrite_key(k), v.clone())).collect();
+        out.insert(LABEL_CLUSTER.into(), self.cluster.clone());
+        out.insert(LABEL_NAMESPACE.into(), namespace.into());
+        out
+    }
+
+    /// The virtual labels a host object's labels stand for (the inverse of [`Self::host_labels`]).
+    pub fn virtual_labels(&self, labels: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
+        labels
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.as_str() != LABEL_CLUSTER && k.as_str() != LABEL_NAMESPACE)
+            .map(|(k, v)| (unrewrite_key(k), v.clone()))
+            .collect()
+    }
+
+    /// A map selector (Service `.spec.selector`) that can only match pods of the same virtual
+    /// cluster and namespace.
+    pub fn host_selector(&self, namespace: &str, selector: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        self.host_labels(namespace, Some(selector))
+    }
+
+    /// A `LabelSelector` (affinity, topology spread, ...) confined to the same virtual cluster
+    /// and namespace. `namespace` is the virtual namespace the selector applies to.
+    pub fn host_label_selector(&self, namespace: &str, selector: &LabelSelector) -> LabelSelector {
+        let match_expressions = selector.match_expressions.as_ref().map(|exprs| {
+            exprs
+                .iter()
+                .map(|e| {
+                    let mut e = e.clone();
+                    e.key = rewrite_key(&e.key);
+                    e
+                })
+                .collect()
+        });
+        LabelSelector {
+            match_labels: Some(self.host_labels(namespace, selector.match_labels.as_ref())),
+            match_expressions,
+        }
+    }
+
+    /// The ownership annotations of the host copy of a virtual object.
+    pub fn owner_annotations(&self, kind: &str, namespace: &str, name: &str, uid: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (ANNOTATION_KIND.to_string(), kind.to_string()),
+            (ANNOTATION_NAME.to_string(), name.to_string()),
+            (ANNOTATION_NAMESPACE.to_string(), namespace.to_string()),
+            (ANNOTATION_UID.to_string(), uid.to_string()),
+        ])
+    }
+
+    /// The virtual object a host object mirrors, if this virtual cluster owns it. `None` means
+    /// "not ours": never modify or delete it.
+    pub fn owner(&self, meta: &ObjectMeta) -> Option<Owner> {
+        let labels = meta.labels.as_ref()?;
+        if labels.get(LABEL_CLUSTER) != Some(&self.cluster) {
+            return None;
+        }
+        let ann = meta.annotations.as_ref()?;
+        let get = |k: &str| ann.get(k).filter(|v| !v.is_empty()).cloned();
+        Some(Owner {
+            kind: get(ANNOTATION_KIND)?,
+            name: get(ANNOTATION_NAME)?,
+            namespace: get(ANNOTATION_NAMESPACE)?,
+            uid: get(ANNOTATION_UID)?,
+        })
+    }
+}
+
+/// A name or namespace whose `-x-` separators could not be misread.
+fn unambiguous(part: &str) -> bool {
+    !part.contains(SEPARATOR) && !part.starts_with("x-") && !part.ends_with("-x")
+}
+
+fn is_reserved_prefix(prefix: &str) -> bool {
+    prefix == DOMAIN || prefix.ends_with(&format!(".{DOMAIN}"))
+}
+
+/// Rewrites a label key in our domain so a tenant can never set our labels.
+pub fn rewrite_key(key: &str) -> String {
+    match key.split_once('/') {
+        Some((prefix, name)) if is_reserved_prefix(prefix) => format!("{TENANT_PREFIX}{prefix}/{name}"),
+        _ => key.to_string(),
+    }
+}
+
+/// The inverse of [`rewrite_key`] for keys found on host objects.
+pub fn unrewrite_key(key: &str) -> String {
+    match key.split_once('/') {
+        Some((prefix, name)) if is_reserved_prefix(prefix) => match prefix.strip_prefix(TENANT_PREFIX) {
+            Some(original) if is_reserved_prefix(original) => format!("{original}/{name}"),
+            _ => key.to_string(),
+        },
+        _ => key.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn t() -> Translator {
+        Translator::new("team-a", "vkube-team-a")
+    }
+
+    #[test]
+    fn short_names_are_readable() {
+        assert_eq!(t().host_name("default", "web"), "web-x-default-x-team-a");
+    }
+
+    #[test]
+    fn the_scheme_is_stable() {
+        // Pinned values (checked independently with Python's hashlib): if these change, existing
+        // host objects are orphaned.
+        let long = "a-very-long-deployment-name-that-goes-on-and-on-0123456789";
+        assert_eq!(t().host_name("default", long), "a-very-long-deployment-name-that-goes-on-and-on-0123-a962a860bb");
+        assert_eq!(t().host_name("x-b", "a"), "a-x-x-b-x-team-a-57963de594");
+    }
+
+    #[test]
+    fn long_names_are_hashed_within_limits() {
+        let name = "n".repeat(253);
+        let host = t().host_name("some-namespace", &name);
+        assert!(host.len() <= 63, "{host}");
+        assert!(host.starts_with("nnnn"));
+        assert_ne!(host, t().host_name("some-namespace", &"n".repeat(252)));
+    }
+
+    #[test]
+    fn separators_inside_names_cannot_collide() {
+        let tr = t();
+        // Without the ambiguity rule these two would both be "a-x-x-b-x-team-a".
+        assert_ne!(tr.host_name("b", "a-x"), tr.host_name("x-b", "a"));
+        assert_ne!(tr.host_name("c", "a-x-b"), tr.host_name("b-x-c", "a"));
+        assert_ne!(tr.host_name("b-x", "a"), tr.host_name("x", "a-x-b"));
+    }
+
+    #[test]
+    fn no_collisions_in_a_dense_sample() {
+        let tr = t();
+        let parts = ["a", "x", "a-x", "x-a", "a-x-a", "b", "x-x", "a-x-x", "default", "kube-system", "web"];
+        let mut seen = std::collections::HashMap::new();
+        for ns in parts {
+            for name in parts {
+                let host = tr.host_name(ns, name);
+                assert!(host.len() <= 63);
+                if let Some(prev) = seen.insert(host.clone(), (ns, name)) {
+                    panic!("{host}: both {prev:?} and {:?}", (ns, name));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn different_clusters_never_share_names() {
+        let a = Translator::new("a", "ns");
+        let b = Translator::new("b", "ns");
+        assert_ne!(a.host_name("default", "web"), b.host_name("default", "web"));
+    }
+
+    #[test]
+    fn hashed_prefix_does_not_end_in_a_separator() {
+        let host = t().host_name("default", &format!("{}.{}", "a".repeat(51), "b".repeat(20)));
+        assert!(!host.contains(".-"), "{host}");
+    }
+
+    #[test]
+    fn labels_round_trip_and_reserved_keys_cannot_be_forged() {
+        let tr = t();
+        let user = BTreeMap::from([
+            ("app".to_string(), "web".to_string()),
+            (LABEL_CLUSTER.to_string(), "team-b".to_string()),
+            ("tenant.vkube.dev/x".to_string(), "1".to_string()),
+        ]);
+        let host = tr.host_labels("default", Some(&user));
+        assert_eq!(host[LABEL_CLUSTER], "team-a", "the tenant's value must not win");
+        assert_eq!(host["tenant.vkube.dev/cluster"], "team-b");
+        assert_eq!(host["tenant.tenant.vkube.dev/x"], "1");
+        assert_eq!(host[LABEL_NAMESPACE], "default");
+        assert_eq!(tr.virtual_labels(Some(&host)), user);
+    }
+
+    #[test]
+    fn selectors_are_confined_to_the_virtual_namespace() {
+        let tr = t();
+        let sel = tr.host_selector("default", &BTreeMap::from([("app".to_string(), "web".to_string())]));
+        assert_eq!(sel["app"], "web");
+        assert_eq!(sel[LABEL_CLUSTER], "team-a");
+        assert_eq!(sel[LABEL_NAMESPACE], "default");
+
+        let ls = LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "vkube.dev/cluster".into(),
+                operator: "In".into(),
+                values: Some(vec!["team-b".into()]),
+            }]),
+        };
+        let host = tr.host_label_selector("prod", &ls);
+        let ml = host.match_labels.unwrap();
+        assert_eq!(ml[LABEL_CLUSTER], "team-a");
+        assert_eq!(ml[LABEL_NAMESPACE], "prod");
+        assert_eq!(host.match_expressions.unwrap()[0].key, "tenant.vkube.dev/cluster");
+    }
+
+    #[test]
+    fn ownership_requires_our_cluster_and_all_marks() {
+        let tr = t();
+        let mut meta = ObjectMeta {
+            labels: Some(tr.host_labels("default", None)),
+            annotations: Some(tr.owner_annotations("Pod", "default", "web", "uid-1")),
+            ..Default::default()
+        };
+        assert_eq!(
+            tr.owner(&meta),
+            Some(Owner { kind: "Pod".into(), namespace: "default".into(), name: "web".into(), uid: "uid-1".into() })
+        );
+        assert_eq!(Translator::new("team-b", "vkube-team-a").owner(&meta), None, "another cluster's object");
+        meta.annotations.as_mut().unwrap().remove(ANNOTATION_UID);
+        assert_eq!(tr.owner(&meta), None, "incomplete marks");
+        assert_eq!(tr.owner(&ObjectMeta::default()), None);
+    }
+}
