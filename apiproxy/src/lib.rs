@@ -1,1 +1,280 @@
-//! placeholder
+//! The TLS API proxy kubectl talks to.
+//!
+//! Every request is authenticated here (client certificate of the virtual CA, or a bearer token
+//! the virtual API server accepts); anything else gets 401. Authenticated requests go to the
+//! virtual API server as front-proxy requests (`X-Remote-User`/`-Group`/`-Extra-*` over a
+//! connection authenticated with the front-proxy client certificate), so the API server applies
+//! its own RBAC, impersonation (`kubectl --as`) and audit exactly as for a direct client. Pod
+//! logs, exec, attach and port-forward are authorized against the virtual cluster, then sent to
+//! the host API server for the translated host pod with the control plane's host credentials.
+//!
+//! Module map: `route` (which handler, pure), `auth`, `headers` (header hygiene, pure), `tls`,
+//! `host_pod`, `upgrade`, `status`, `metrics`.
+
+pub mod auth;
+pub mod headers;
+mod host_pod;
+pub mod metrics;
+pub mod route;
+pub mod status;
+pub mod tls;
+mod upgrade;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::registry::Registry;
+use rustls_pki_types::CertificateDer;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use vkube_syncer::naming::Translator;
+
+use crate::auth::{Authenticator, Identity};
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::route::{Health, Route};
+use crate::tls::{ClientCerts, ServingCert, TlsError};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+type UpstreamClient = HttpClient<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
+
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// What the proxy needs to know. PEM strings come from the control plane's PKI bundle.
+pub struct ProxyConfig {
+    pub translator: Translator,
+    /// The virtual API server, e.g. `https://127.0.0.1:6443`.
+    pub virtual_server: Uri,
+    pub virtual_ca_pem: String,
+    pub front_proxy_cert_pem: String,
+    pub front_proxy_key_pem: String,
+    /// A privileged client of the virtual API server (token and access reviews, pod lookups).
+    pub admin: kube::Client,
+    /// The control plane's own client of the host API server.
+    pub host: kube::Client,
+    pub serving: Arc<ServingCert>,
+}
+
+pub struct Proxy {
+    translator: Translator,
+    virtual_server: Uri,
+    /// HTTP/2 (or 1.1) for ordinary requests; HTTP/1.1 only for upgrades.
+    upstream: UpstreamClient,
+    upstream_h1: UpstreamClient,
+    auth: Authenticator,
+    admin: kube::Client,
+    host: kube::Client,
+    acceptor: TlsAcceptor,
+    metrics: Metrics,
+}
+
+/// What is known about a connection once its TLS handshake is done.
+struct Connection {
+    /// The verified client-certificate identity; `Some(None)` for a certificate that failed.
+    cert_identity: Option<Option<Identity>>,
+}
+
+impl Proxy {
+    pub fn new(cfg: ProxyConfig, registry: &mut Registry) -> Result<Arc<Self>, TlsError> {
+        let client_certs = ClientCerts::new(&cfg.virtual_ca_pem)?;
+        let server = tls::server_config(cfg.serving.clone(), &client_certs)?;
+        // hyper-rustls sets ALPN from the enabled versions.
+        let build = |http2: bool| -> Result<UpstreamClient, TlsError> {
+            let tls = tls::client_config(&cfg.virtual_ca_pem, &cfg.front_proxy_cert_pem, &cfg.front_proxy_key_pem)?;
+            let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1();
+            let https = if http2 { https.enable_http2().build() } else { https.build() };
+            Ok(HttpClient::builder(TokioExecutor::new()).build(https))
+        };
+        Ok(Arc::new(Proxy {
+            translator: cfg.translator,
+            virtual_server: cfg.virtual_server,
+            upstream: build(true)?,
+            upstream_h1: build(false)?,
+            auth: Authenticator::new(client_certs, cfg.admin.clone()),
+            admin: cfg.admin,
+            host: cfg.host,
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            metrics: Metrics::register(registry),
+        }))
+    }
+
+    /// Serves until `shutdown` resolves, then lets open requests finish.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        registry: Arc<Registry>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let proxy = self.clone();
+            let registry = registry.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let tls = match proxy.acceptor.accept(tcp).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                };
+                let certs: Option<Vec<CertificateDer<'static>>> =
+                    tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
+                let conn = Arc::new(Connection {
+                    cert_identity: certs.filter(|c| !c.is_empty()).map(|chain| {
+                        if proxy.auth.verify_chain(&chain) { Identity::from_cert(&chain[0]) } else { None }
+                    }),
+                });
+                let service = hyper::service::service_fn(move |req| {
+                    let (proxy, conn, registry) = (proxy.clone(), conn.clone(), registry.clone());
+                    async move { Ok::<_, Infallible>(proxy.handle(req, &conn, &registry).await) }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        graceful.shutdown().await;
+    }
+
+    async fn handle(&self, req: Request<Incoming>, conn: &Connection, registry: &Registry) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let route = route::route(req.method(), req.uri().path());
+        let route_name = match route {
+            Route::Health(_) => "health",
+            Route::HostPod { .. } => "host_pod",
+            Route::CreateService { .. } => "create_service",
+            Route::Forward => "forward",
+        };
+        let response = match route {
+            Route::Health(h) => self.health(h, registry).await,
+            route => match self.identify(&req, conn).await {
+                None => {
+                    self.metrics.unauthorized.inc();
+                    status::unauthorized()
+                }
+                Some(id) => match route {
+                    Route::HostPod { namespace, name, subresource } => {
+                        self.host_pod(req, &id, &namespace, &name, subresource).await
+                    }
+                    _ => self.forward(req, &id).await,
+                },
+            },
+        };
+        self.metrics
+            .duration
+            .get_or_create(&RouteLabels { route: route_name })
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels { route: route_name, code: response.status().as_u16() })
+            .inc();
+        response
+    }
+
+    async fn identify(&self, req: &Request<Incoming>, conn: &Connection) -> Option<Identity> {
+        match &conn.cert_identity {
+            // A presented certificate decides: a bad one is not rescued by a token.
+            Some(id) => id.clone(),
+            None => self.auth.authenticate_token(req.headers()).await,
+        }
+    }
+
+    async fn health(&self, h: Health, registry: &Registry) -> Response<ProxyBody> {
+        let text = |code: StatusCode, body: String| {
+            Response::builder()
+                .status(code)
+                .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                .body(full(Bytes::from(body)))
+                .expect("static response")
+        };
+        match h {
+            Health::Healthz | Health::Livez => text(StatusCode::OK, "ok".into()),
+            Health::Readyz => {
+                let req = Request::get("/readyz").body(vec![]).expect("static request");
+                match self.admin.request_text(req).await {
+                    Ok(_) => text(StatusCode::OK, "ok".into()),
+                    Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("virtual API server not ready: {e}")),
+                }
+            }
+            Health::Metrics => {
+                let mut out = String::new();
+                match prometheus_client::encoding::text::encode(&mut out, registry) {
+                    Ok(()) => Response::builder()
+                        .header(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
+                        .body(full(Bytes::from(out)))
+                        .expect("static response"),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
+            }
+        }
+    }
+
+    /// Sends a request to the virtual API server as `id`.
+    async fn forward(&self, mut req: Request<Incoming>, id: &Identity) -> Response<ProxyBody> {
+        let upgrade = headers::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        headers::sanitize_request(&mut parts.headers, upgrade, true);
+        headers::add_identity(&mut parts.headers, id);
+        parts.uri = self.upstream_uri(&parts.uri);
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+        let client = if upgrade { &self.upstream_h1 } else { &self.upstream };
+        match client.request(req).await {
+            Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match client_upgrade {
+                Some(on) => upgrade::splice(on, resp),
+                None => status::unavailable("upstream switched protocols unasked"),
+            },
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "virtual API server unreachable");
+                status::unavailable(&format!("the virtual API server is unreachable: {e}"))
+            }
+        }
+    }
+
+    fn upstream_uri(&self, uri: &Uri) -> Uri {
+        let mut parts = self.virtual_server.clone().into_parts();
+        parts.path_and_query = uri.path_and_query().cloned();
+        Uri::from_parts(parts).unwrap_or_else(|_| self.virtual_server.clone())
+    }
+}

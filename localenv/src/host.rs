@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::{Client, Config};
 use serde::{Deserialize, Serialize};
 use vkube_pki::{Bundle, BundleSpec, LeafSpec, Validity, kubeconfig};
 
-use crate::process::{self, Lifetime, Process, ProcessSpec, Recorded, log_tail};
+use crate::process::{self, Lifetime, ProcessGroup, ProcessSpec, log_tail};
 use crate::upstream::Upstream;
 use crate::{Error, Progress, Result, io_err, ports, wait};
 
@@ -75,7 +75,7 @@ pub struct HostCluster {
     pub ports: HostPorts,
     /// Admin kubeconfig.
     pub kubeconfig: PathBuf,
-    processes: Vec<Process>,
+    processes: ProcessGroup,
 }
 
 impl HostCluster {
@@ -90,25 +90,31 @@ impl HostCluster {
             Some(state) if state.ports.all_free() => state.ports,
             _ => HostPorts::allocate(),
         };
-        let mut host =
-            HostCluster { dir: dir.to_path_buf(), kubeconfig: dir.join("kubeconfig"), ports, processes: vec![] };
+        let mut host = HostCluster {
+            dir: dir.to_path_buf(),
+            kubeconfig: dir.join("kubeconfig"),
+            ports,
+            processes: ProcessGroup::new(dir, opts.lifetime),
+        };
         host.write_state()?;
         let total = 7;
         progress(&format!("[1/{total}] certificates and kubeconfigs"));
         let pki = host.write_pki()?;
         progress(&format!("[2/{total}] etcd"));
-        host.spawn(&up, host.etcd(&up), opts.lifetime)?;
+        host.processes.spawn(host.etcd(&up))?;
         progress(&format!("[3/{total}] kube-apiserver"));
-        host.spawn(&up, host.apiserver(&up), opts.lifetime)?;
-        let client = host.wait_apiserver(Duration::from_secs(90)).await?;
+        host.processes.spawn(host.apiserver(&up))?;
+        let client = host.client().await?;
+        wait_api_ready(&client, &mut host.processes, "kube-apiserver", &dir.join("logs"), Duration::from_secs(90))
+            .await?;
         progress(&format!("[4/{total}] kube-controller-manager and kube-scheduler"));
-        host.spawn(&up, host.controller_manager(&up), opts.lifetime)?;
-        host.spawn(&up, host.scheduler(&up), opts.lifetime)?;
+        host.processes.spawn(host.controller_manager(&up))?;
+        host.processes.spawn(host.scheduler(&up))?;
         progress(&format!("[5/{total}] kwok debugging rules (logs, exec, attach, port-forward)"));
         install_kwok_crds(&client, &up).await?;
         host.install_kwok_rules(&client).await?;
         progress(&format!("[6/{total}] kwok with {} simulated nodes", opts.nodes));
-        host.spawn(&up, host.kwok(&up), opts.lifetime)?;
+        host.processes.spawn(host.kwok(&up))?;
         ensure_nodes(&client, opts.nodes).await?;
         host.wait_nodes_ready(&client, opts.nodes).await?;
         progress(&format!("[7/{total}] default service account"));
@@ -118,7 +124,7 @@ impl HostCluster {
     }
 
     pub async fn client(&self) -> Result<Client> {
-        client_for(&self.kubeconfig).await
+        crate::client::from_kubeconfig_file(&self.kubeconfig, None).await
     }
 
     pub fn server(&self) -> String {
@@ -127,14 +133,12 @@ impl HostCluster {
 
     /// The log file of every component, by name.
     pub fn logs(&self) -> Vec<(String, PathBuf)> {
-        self.processes.iter().map(|p| (p.name().to_string(), p.spec.log.clone())).collect()
+        self.processes.logs()
     }
 
     /// Leaves a detached cluster running (its processes are recorded in `processes.json`).
-    pub fn detach(mut self) {
-        std::mem::take(&mut self.processes).into_iter().for_each(|p| {
-            p.detach();
-        });
+    pub fn detach(self) {
+        self.processes.detach();
     }
 
     /// Whether an already started cluster in `dir` is running and answering.
@@ -143,20 +147,10 @@ impl HostCluster {
         if recorded.is_empty() || !recorded.iter().all(process::is_alive) {
             return false;
         }
-        match client_for(&dir.join("kubeconfig")).await {
+        match crate::client::from_kubeconfig_file(&dir.join("kubeconfig"), None).await {
             Ok(client) => readyz(&client).await.is_ok(),
             Err(_) => false,
         }
-    }
-
-    fn spawn(&mut self, _up: &Upstream, spec: ProcessSpec, lifetime: Lifetime) -> Result<()> {
-        let mut p = Process::spawn(spec, lifetime)?;
-        // Fail fast on a bad flag or a port clash rather than at the readiness deadline.
-        std::thread::sleep(Duration::from_millis(50));
-        p.check_running()?;
-        self.processes.push(p);
-        let recorded: Vec<Recorded> = self.processes.iter().map(Process::record).collect();
-        process::write_recorded(&self.dir, &recorded)
     }
 
     fn write_state(&self) -> Result<()> {
@@ -303,24 +297,6 @@ impl HostCluster {
             ])
     }
 
-    async fn wait_apiserver(&mut self, timeout: Duration) -> Result<Client> {
-        let client = self.client().await?;
-        let procs = &mut self.processes;
-        let res = wait::until(timeout, Duration::from_millis(200), || {
-            let failed = procs.iter_mut().find_map(|p| p.check_running().err());
-            let client = client.clone();
-            async move {
-                if let Some(e) = failed {
-                    return Err(e.to_string());
-                }
-                readyz(&client).await.map(|_| Some(()))
-            }
-        })
-        .await;
-        res.map_err(|detail| self.not_ready("kube-apiserver", timeout, detail))?;
-        Ok(client)
-    }
-
     async fn install_kwok_rules(&self, client: &Client) -> Result<()> {
         let log_file = self.dir.join("kwok/container.log");
         // kwok serves log files in the CRI format kubelets write.
@@ -381,15 +357,6 @@ impl HostCluster {
             seconds: timeout.as_secs(),
             detail,
             log: self.dir.join("logs").join(format!("{component}.log")).display().to_string(),
-        }
-    }
-}
-
-impl Drop for HostCluster {
-    fn drop(&mut self) {
-        // Newest first: clients before the API server, the API server before etcd.
-        while let Some(mut p) = self.processes.pop() {
-            p.stop(Duration::from_secs(5));
         }
     }
 }
@@ -515,17 +482,37 @@ pub fn node_ready(n: &Node) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Waits until the API server behind `client` answers `/readyz`, failing early if a process of
+/// `group` exits.
+pub async fn wait_api_ready(
+    client: &Client,
+    group: &mut ProcessGroup,
+    component: &str,
+    log_dir: &Path,
+    timeout: Duration,
+) -> Result<()> {
+    let res = wait::until(timeout, Duration::from_millis(100), || {
+        let failed = group.check_running().err();
+        async move {
+            if let Some(e) = failed {
+                return Err(e.to_string());
+            }
+            readyz(client).await.map(|_| Some(()))
+        }
+    })
+    .await;
+    group.check_running()?;
+    res.map_err(|detail| Error::NotReady {
+        component: component.into(),
+        seconds: timeout.as_secs(),
+        detail,
+        log: log_dir.join(format!("{component}.log")).display().to_string(),
+    })
+}
+
 async fn readyz(client: &Client) -> Result<(), String> {
     let req = http::Request::get("/readyz").body(vec![]).map_err(|e| e.to_string())?;
     client.request_text(req).await.map(|_| ()).map_err(|e| e.to_string())
-}
-
-/// A client for a kubeconfig file, with no read timeout (watches and log follows stay open).
-pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let mut config = Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    config.read_timeout = None;
-    Ok(Client::try_from(config)?)
 }
 
 pub fn read_state(dir: &Path) -> Result<Option<HostState>> {

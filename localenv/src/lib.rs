@@ -3,6 +3,7 @@
 //! virtual control plane. Used by the `vkube` CLI (`vkube dev up`, `vkube create --local`) and by
 //! the end-to-end test harness, so both run exactly the same environment.
 
+pub mod client;
 pub mod host;
 pub mod ports;
 pub mod process;
@@ -10,7 +11,7 @@ pub mod upstream;
 pub mod wait;
 
 pub use host::{HostCluster, HostOptions};
-pub use process::{Lifetime, Process, ProcessSpec};
+pub use process::{Lifetime, Process, ProcessGroup, ProcessSpec};
 pub use upstream::Upstream;
 
 use std::path::PathBuf;

@@ -259,3 +259,74 @@ pub fn stop_all_recorded(dir: &Path) -> Result<Vec<String>> {
     }
     Ok(stopped)
 }
+
+/// The processes of one environment (a host cluster, a local control plane), recorded in
+/// `processes.json` in its directory as they start, and stopped newest first when the group is
+/// dropped, unless it was detached.
+pub struct ProcessGroup {
+    dir: PathBuf,
+    lifetime: Lifetime,
+    processes: Vec<Process>,
+}
+
+impl ProcessGroup {
+    pub fn new(dir: &Path, lifetime: Lifetime) -> Self {
+        ProcessGroup { dir: dir.to_path_buf(), lifetime, processes: vec![] }
+    }
+
+    pub fn lifetime(&self) -> Lifetime {
+        self.lifetime
+    }
+
+    /// Starts a process; fails at once if it exits right away (a bad flag, a port clash).
+    pub fn spawn(&mut self, spec: ProcessSpec) -> Result<()> {
+        let mut p = Process::spawn(spec, self.lifetime)?;
+        std::thread::sleep(Duration::from_millis(50));
+        p.check_running()?;
+        self.processes.push(p);
+        self.write()
+    }
+
+    /// The first process that has exited, as an error with the tail of its log.
+    pub fn check_running(&mut self) -> Result<()> {
+        self.processes.iter_mut().try_for_each(Process::check_running)
+    }
+
+    /// Stops one process by name (SIGKILL when `kill`, else SIGTERM with a grace period).
+    pub fn stop(&mut self, name: &str, kill: bool) {
+        if let Some(i) = self.processes.iter().position(|p| p.name() == name) {
+            let mut p = self.processes.remove(i);
+            p.stop(if kill { Duration::ZERO } else { Duration::from_secs(10) });
+        }
+        let _ = self.write();
+    }
+
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.processes.iter().find(|p| p.name() == name).map(Process::pid)
+    }
+
+    pub fn logs(&self) -> Vec<(String, PathBuf)> {
+        self.processes.iter().map(|p| (p.name().to_string(), p.spec.log.clone())).collect()
+    }
+
+    /// Leaves the processes running; `stop_all_recorded` on the directory stops them later.
+    pub fn detach(mut self) {
+        for p in std::mem::take(&mut self.processes) {
+            p.detach();
+        }
+    }
+
+    fn write(&self) -> Result<()> {
+        let recorded: Vec<Recorded> = self.processes.iter().map(Process::record).collect();
+        write_recorded(&self.dir, &recorded)
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        while let Some(mut p) = self.processes.pop() {
+            p.stop(Duration::from_secs(5));
+        }
+        let _ = self.write();
+    }
+}

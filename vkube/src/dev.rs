@@ -27,11 +27,6 @@ pub fn host_dir() -> PathBuf {
     upstream::state_root().join("dev/host")
 }
 
-/// Where local virtual clusters on the dev host keep their state (one directory each).
-pub fn local_clusters_dir() -> PathBuf {
-    upstream::state_root().join("dev/clusters")
-}
-
 impl DevCommand {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
@@ -69,9 +64,10 @@ async fn up(nodes: usize) -> anyhow::Result<()> {
 
 fn down() -> anyhow::Result<()> {
     let mut stopped = vec![];
-    if let Ok(entries) = std::fs::read_dir(local_clusters_dir()) {
-        for entry in entries.filter_map(|e| e.ok()) {
-            stopped.extend(process::stop_all_recorded(&entry.path())?);
+    // Local virtual clusters first: their control planes talk to the host.
+    for ns in std::fs::read_dir(crate::cli::local_root()).into_iter().flatten().filter_map(|e| e.ok()) {
+        for cluster in std::fs::read_dir(ns.path()).into_iter().flatten().filter_map(|e| e.ok()) {
+            stopped.extend(process::stop_all_recorded(&cluster.path())?);
         }
     }
     stopped.extend(process::stop_all_recorded(&host_dir())?);

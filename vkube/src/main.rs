@@ -1,5 +1,6 @@
 //! `vkube`: the CLI and the control-plane process, one binary.
 
+mod cli;
 mod dev;
 
 use clap::{Parser, Subcommand};
@@ -13,20 +14,50 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a virtual cluster (or start an existing one) and wait until it answers.
+    Create(cli::create::CreateArgs),
+    /// Add a kubeconfig context for a virtual cluster, or print its kubeconfig.
+    Connect(cli::connect::ConnectArgs),
+    /// List the virtual clusters on the host.
+    List(cli::list::ListArgs),
+    /// Delete a virtual cluster and everything it put on the host.
+    Delete(cli::delete::DeleteArgs),
     /// The local dev host cluster (real upstream processes, nodes simulated by kwok).
     #[command(subcommand)]
     Dev(dev::DevCommand),
+    /// Run the control-plane process (proxy and syncer) of one virtual cluster.
+    Run(vkube::controlplane::RunArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     init_tracing();
+    // One crypto provider for every TLS user in the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
-        match cli.command {
-            Command::Dev(cmd) => cmd.run().await,
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
         }
-    })
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Create(a) => a.run().await,
+            Command::Connect(a) => a.run().await,
+            Command::List(a) => a.run().await,
+            Command::Delete(a) => a.run().await,
+            Command::Dev(cmd) => cmd.run().await,
+            Command::Run(a) => vkube::controlplane::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Structured logs on stderr; `RUST_LOG` filters, `VKUBE_LOG_FORMAT=json` for machines.

@@ -1,0 +1,164 @@
+//! Header hygiene between the client, the proxy and the upstream API servers.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::auth::Identity;
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) and their legacy friends: never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Front-proxy headers the virtual API server trusts from us only; a client's copies are dropped.
+const REMOTE_PREFIX: &str = "x-remote-";
+
+/// Characters kept as-is in an `X-Remote-Extra-<key>` header name; everything else is
+/// percent-encoded, as the API server's request-header authenticator unescapes.
+const EXTRA_KEY: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Removes what must not travel upstream: hop-by-hop headers (restoring `Connection: Upgrade`
+/// for upgrades), the client's credentials, any front-proxy headers it sent, and `Host`.
+/// `keep_impersonation` is false for requests sent to the host with our own credentials.
+pub fn sanitize_request(headers: &mut HeaderMap, upgrade: bool, keep_impersonation: bool) {
+    let upgrade_to = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(headers);
+    headers.remove(header::UPGRADE);
+    headers.remove(header::HOST);
+    headers.remove(header::AUTHORIZATION);
+    let drop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            k.starts_with(REMOTE_PREFIX) || (!keep_impersonation && k.starts_with("impersonate-"))
+        })
+        .cloned()
+        .collect();
+    for k in drop {
+        headers.remove(k);
+    }
+    if let (true, Some(to)) = (upgrade, upgrade_to) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, to);
+    }
+}
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter(|t| !t.is_empty() && t != "upgrade")
+        .collect();
+    for h in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(named) {
+        headers.remove(h.as_str());
+    }
+}
+
+/// The identity as front-proxy request headers.
+pub fn add_identity(headers: &mut HeaderMap, id: &Identity) {
+    if let Ok(v) = HeaderValue::from_str(&id.user) {
+        headers.insert("x-remote-user", v);
+    }
+    if let Some(uid) = id.uid.as_deref().and_then(|u| HeaderValue::from_str(u).ok()) {
+        headers.insert("x-remote-uid", uid);
+    }
+    for g in &id.groups {
+        if let Ok(v) = HeaderValue::from_str(g) {
+            headers.append("x-remote-group", v);
+        }
+    }
+    for (key, values) in &id.extra {
+        let name = format!("{REMOTE_PREFIX}extra-{}", utf8_percent_encode(key, EXTRA_KEY));
+        let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else { continue };
+        for v in values {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                headers.append(name.clone(), v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn client_credentials_and_forged_identity_never_travel() {
+        let mut h = headers(&[
+            ("authorization", "Bearer secret"),
+            ("x-remote-user", "system:admin"),
+            ("x-remote-group", "system:masters"),
+            ("X-Remote-Extra-Scopes", "x"),
+            ("impersonate-user", "bob"),
+            ("host", "proxy:8443"),
+            ("accept", "application/json"),
+            ("connection", "keep-alive, x-custom"),
+            ("x-custom", "1"),
+            ("transfer-encoding", "chunked"),
+        ]);
+        sanitize_request(&mut h, false, true);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["impersonate-user", "accept"]);
+
+        sanitize_request(&mut h, false, false);
+        assert!(!h.contains_key("impersonate-user"), "no impersonation on host requests");
+    }
+
+    #[test]
+    fn upgrades_keep_their_upgrade_headers() {
+        let mut h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-protocol", "v5.channel.k8s.io"),
+            ("sec-websocket-key", "k"),
+            ("sec-websocket-version", "13"),
+        ]);
+        assert!(is_upgrade(&h));
+        sanitize_request(&mut h, true, false);
+        assert_eq!(h["connection"], "Upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["sec-websocket-protocol"], "v5.channel.k8s.io");
+        assert!(!is_upgrade(&headers(&[("upgrade", "websocket")])), "Upgrade without Connection");
+    }
+
+    #[test]
+    fn identity_headers_escape_extra_keys() {
+        let mut h = HeaderMap::new();
+        let id = Identity {
+            user: "system:serviceaccount:default:app".into(),
+            uid: Some("u-1".into()),
+            groups: vec!["system:serviceaccounts".into(), "system:authenticated".into()],
+            extra: [("authentication.kubernetes.io/pod-name".to_string(), vec!["web-1".to_string()])].into(),
+        };
+        add_identity(&mut h, &id);
+        assert_eq!(h["x-remote-user"], "system:serviceaccount:default:app");
+        assert_eq!(h.get_all("x-remote-group").iter().count(), 2);
+        assert_eq!(h["x-remote-extra-authentication.kubernetes.io%2fpod-name"], "web-1");
+    }
+}

@@ -1,0 +1,105 @@
+//! Pod logs, exec, attach and port-forward: authorized against the virtual cluster, then sent
+//! to the host API server for the host pod that mirrors the virtual one, with the control plane's
+//! own host credentials (never the client's).
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use k8s_openapi::api::authorization::v1::ResourceAttributes;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+
+use crate::auth::Identity;
+use crate::route::HostSubresource;
+use crate::{BoxError, Proxy, ProxyBody, headers, status, upgrade};
+use http_body_util::BodyExt;
+
+impl Proxy {
+    pub(crate) async fn host_pod(
+        &self,
+        mut req: Request<Incoming>,
+        id: &Identity,
+        namespace: &str,
+        name: &str,
+        sub: HostSubresource,
+    ) -> Response<ProxyBody> {
+        let acting = match self.auth.effective(id, req.headers()).await {
+            Ok(a) => a,
+            Err(msg) => return status::forbidden(&msg),
+        };
+        let attrs = ResourceAttributes {
+            namespace: Some(namespace.into()),
+            verb: Some(sub.verb().into()),
+            group: Some(String::new()),
+            resource: Some("pods".into()),
+            subresource: Some(sub.as_str().into()),
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        match self.auth.allowed(&acting, attrs).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return status::forbidden(&format!(
+                    "pods \"{name}\" is forbidden: User \"{}\" cannot {} resource \"pods/{}\" in API group \"\" in the namespace \"{namespace}\"",
+                    acting.user,
+                    sub.verb(),
+                    sub.as_str()
+                ));
+            }
+            Err(msg) => return status::unavailable(&msg),
+        }
+
+        let virtual_pod = match Api::<Pod>::namespaced(self.admin.clone(), namespace).get_opt(name).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return status::not_found(&format!("pods \"{name}\" not found")),
+            Err(e) => return status::unavailable(&format!("looking up pod {namespace}/{name}: {e}")),
+        };
+        // The host pod must be ours and mirror exactly this virtual pod: a colliding host pod that
+        // someone else owns must never be reached.
+        let host_name = self.translator.host_name(namespace, name);
+        let host_ns = self.translator.host_namespace();
+        let host_pod = match Api::<Pod>::namespaced(self.host.clone(), host_ns).get_opt(&host_name).await {
+            Ok(p) => p,
+            Err(e) => return status::unavailable(&format!("looking up the host pod: {e}")),
+        };
+        let mirrors = host_pod.as_ref().and_then(|p| self.translator.owner(&p.metadata)).is_some_and(|o| {
+            o.kind == "Pod"
+                && o.namespace == namespace
+                && o.name == name
+                && Some(&o.uid) == virtual_pod.metadata.uid.as_ref()
+        });
+        if !mirrors {
+            return status::status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &format!("pod \"{name}\" is not running on the host yet; try again in a moment"),
+            );
+        }
+
+        let upgrade = headers::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, _body) = req.into_parts();
+        headers::sanitize_request(&mut parts.headers, upgrade, false);
+        let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let path = format!("/api/v1/namespaces/{host_ns}/pods/{host_name}/{}{query}", sub.as_str());
+        let mut host_req = Request::builder().method(parts.method).uri(path);
+        if let Some(h) = host_req.headers_mut() {
+            *h = parts.headers;
+        }
+        let host_req = match host_req.body(kube::client::Body::empty()) {
+            Ok(r) => r,
+            Err(e) => return status::bad_request(&e.to_string()),
+        };
+        match self.host.send(host_req).await {
+            Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match client_upgrade {
+                Some(on) => upgrade::splice(on, resp),
+                None => status::unavailable("host switched protocols unasked"),
+            },
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+            }
+            Err(e) => status::unavailable(&format!("the host API server is unreachable: {e}")),
+        }
+    }
+}

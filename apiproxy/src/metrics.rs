@@ -1,0 +1,44 @@
+//! Prometheus metrics of the proxy.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// forward | host_pod | create_service | health
+    pub route: &'static str,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to response headers (streams and upgrades continue after).
+    pub duration: Family<RouteLabels, Histogram>,
+    pub unauthorized: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
+            }),
+            unauthorized: Counter::default(),
+        };
+        let sub = registry.sub_registry_with_prefix("vkube_proxy");
+        sub.register("requests", "Requests answered, by route and HTTP status", m.requests.clone());
+        sub.register("request_duration_seconds", "Time to response headers, by route", m.duration.clone());
+        sub.register("unauthorized", "Requests refused with 401", m.unauthorized.clone());
+        m
+    }
+}

@@ -1,0 +1,43 @@
+//! Errors as Kubernetes `Status` objects, so kubectl prints them like the API server's own.
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+
+use crate::ProxyBody;
+
+pub fn status(code: StatusCode, reason: &str, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code.as_u16(),
+    });
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(crate::full(Bytes::from(body.to_string())))
+        .expect("static response")
+}
+
+pub fn unauthorized() -> Response<ProxyBody> {
+    status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
+}
+
+pub fn forbidden(message: &str) -> Response<ProxyBody> {
+    status(StatusCode::FORBIDDEN, "Forbidden", message)
+}
+
+pub fn not_found(message: &str) -> Response<ProxyBody> {
+    status(StatusCode::NOT_FOUND, "NotFound", message)
+}
+
+pub fn unavailable(message: &str) -> Response<ProxyBody> {
+    status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", message)
+}
+
+pub fn bad_request(message: &str) -> Response<ProxyBody> {
+    status(StatusCode::BAD_REQUEST, "BadRequest", message)
+}

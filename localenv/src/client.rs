@@ -1,0 +1,48 @@
+//! The one way vkube builds Kubernetes clients: from a kubeconfig (file or in memory). Clients
+//! have no read timeout, so watches, log follows and exec sessions stay open.
+
+use std::path::Path;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+use crate::Result;
+
+pub async fn from_kubeconfig_file(path: &Path, context: Option<&str>) -> Result<Client> {
+    from_kubeconfig(Kubeconfig::read_from(path)?, context).await
+}
+
+pub async fn from_kubeconfig(kubeconfig: Kubeconfig, context: Option<&str>) -> Result<Client> {
+    let options = KubeConfigOptions { context: context.map(str::to_string), ..Default::default() };
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &options).await?;
+    config.read_timeout = None;
+    Ok(Client::try_from(config)?)
+}
+
+/// A client for `server` trusting `ca_pem`, authenticating with a client certificate.
+pub async fn from_pem(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Client> {
+    let kc = vkube_pki::kubeconfig::with_client_cert(
+        "vkube",
+        server,
+        ca_pem,
+        vkube_pki::kubeconfig::ClientCert { cert_pem, key_pem },
+    );
+    from_kubeconfig(kc, None).await
+}
+
+/// The host cluster client: in-cluster credentials when no kubeconfig is given and we run in a
+/// pod, else the kubeconfig (explicit path, `$KUBECONFIG`, `~/.kube/config`).
+pub async fn host(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<Client> {
+    match kubeconfig {
+        Some(path) => from_kubeconfig_file(path, context).await,
+        None => {
+            let options = KubeConfigOptions { context: context.map(str::to_string), ..Default::default() };
+            let mut config = match Config::incluster() {
+                Ok(c) if context.is_none() => c,
+                _ => Config::from_kubeconfig(&options).await?,
+            };
+            config.read_timeout = None;
+            Ok(Client::try_from(config)?)
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The CLI commands an admin or CI runs against a host cluster.
+
+pub mod connect;
+pub mod create;
+pub mod delete;
+pub mod list;
+
+use std::path::PathBuf;
+
+use clap::Args;
+use vkube::names;
+
+/// Which virtual cluster a command is about.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// The virtual cluster's name.
+    pub name: String,
+    /// Host namespace (default: vkube-NAME).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+}
+
+impl Target {
+    pub fn namespace(&self) -> String {
+        self.namespace.clone().unwrap_or_else(|| names::default_namespace(&self.name))
+    }
+
+    /// Where a local control plane of this cluster keeps its state.
+    pub fn local_dir(&self) -> PathBuf {
+        local_root().join(self.namespace()).join(&self.name)
+    }
+}
+
+/// Local control planes, one directory per host namespace and name.
+pub fn local_root() -> PathBuf {
+    vkube_localenv::upstream::state_root().join("local")
+}
+
+/// The host kubeconfig file and its current context, as kubectl would pick them.
+pub fn host_kubeconfig() -> anyhow::Result<(PathBuf, Option<String>)> {
+    let path = std::env::var_os("KUBECONFIG")
+        .and_then(|v| std::env::split_paths(&v).next())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
+        .ok_or_else(|| anyhow::anyhow!("no host kubeconfig: set KUBECONFIG (e.g. eval \"$(vkube dev env)\")"))?;
+    let kc = kube::config::Kubeconfig::read_from(&path)
+        .map_err(|e| anyhow::anyhow!("reading the host kubeconfig {}: {e}", path.display()))?;
+    Ok((path, kc.current_context))
+}
+
+pub async fn host_client() -> anyhow::Result<kube::Client> {
+    let (path, context) = host_kubeconfig()?;
+    Ok(vkube_localenv::client::from_kubeconfig_file(&path, context.as_deref()).await?)
+}

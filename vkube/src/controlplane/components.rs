@@ -1,0 +1,114 @@
+//! Command lines of a virtual cluster's upstream components. The Helm chart's containers use
+//! the same flags (charts/vkube/templates/statefulset.yaml); keep the two in step.
+
+use std::path::Path;
+
+/// Where the components listen and keep their data.
+pub struct Layout<'a> {
+    pub cert_dir: &'a Path,
+    pub data_dir: &'a Path,
+    pub etcd_client_port: u16,
+    pub etcd_peer_port: u16,
+    pub apiserver_port: u16,
+    pub service_cidr: &'a str,
+}
+
+/// Controllers that make no sense without real nodes or volumes behind the virtual cluster: the
+/// syncer creates the virtual nodes and copies volume state from the host.
+pub const DISABLED_CONTROLLERS: [&str; 8] = [
+    "node-ipam-controller",
+    "node-lifecycle-controller",
+    "taint-eviction-controller",
+    "device-taint-eviction-controller",
+    "persistentvolume-binder-controller",
+    "persistentvolume-attach-detach-controller",
+    "persistentvolume-expander-controller",
+    "ttl-controller",
+];
+
+fn file(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+pub fn etcd(l: &Layout<'_>) -> Vec<String> {
+    let client = format!("http://127.0.0.1:{}", l.etcd_client_port);
+    let peer = format!("http://127.0.0.1:{}", l.etcd_peer_port);
+    vec![
+        "--name=vkube".into(),
+        format!("--data-dir={}", l.data_dir.display()),
+        format!("--listen-client-urls={client}"),
+        format!("--advertise-client-urls={client}"),
+        format!("--listen-peer-urls={peer}"),
+        format!("--initial-advertise-peer-urls={peer}"),
+        format!("--initial-cluster=vkube={peer}"),
+        "--log-level=warn".into(),
+        // A virtual cluster's datastore is small: keep etcd's own footprint small too.
+        "--quota-backend-bytes=2147483648".into(),
+        "--snapshot-count=10000".into(),
+    ]
+}
+
+pub fn apiserver(l: &Layout<'_>) -> Vec<String> {
+    let c = l.cert_dir;
+    vec![
+        format!("--etcd-servers=http://127.0.0.1:{}", l.etcd_client_port),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={}", l.apiserver_port),
+        // Clients reach it only through the proxy: no endpoints to publish.
+        "--endpoint-reconciler-type=none".into(),
+        format!("--tls-cert-file={}", file(c, "apiserver.crt")),
+        format!("--tls-private-key-file={}", file(c, "apiserver.key")),
+        format!("--client-ca-file={}", file(c, "ca.crt")),
+        "--authorization-mode=RBAC".into(),
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+        format!("--service-account-key-file={}", file(c, "sa.pub")),
+        format!("--service-account-signing-key-file={}", file(c, "sa.key")),
+        // The host's range, so a virtual Service can carry its host copy's ClusterIP.
+        format!("--service-cluster-ip-range={}", l.service_cidr),
+        // The tenant may ask for anything; the syncer decides what reaches the host.
+        "--allow-privileged=true".into(),
+        format!("--requestheader-client-ca-file={}", file(c, "front-proxy-ca.crt")),
+        "--requestheader-allowed-names=front-proxy-client".into(),
+        "--requestheader-username-headers=X-Remote-User".into(),
+        "--requestheader-uid-headers=X-Remote-Uid".into(),
+        "--requestheader-group-headers=X-Remote-Group".into(),
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+        format!("--proxy-client-cert-file={}", file(c, "front-proxy-client.crt")),
+        format!("--proxy-client-key-file={}", file(c, "front-proxy-client.key")),
+        "--enable-priority-and-fairness=false".into(),
+        "--profiling=false".into(),
+    ]
+}
+
+pub fn controller_manager(kubeconfig: &Path, l: &Layout<'_>) -> Vec<String> {
+    let c = l.cert_dir;
+    let controllers: Vec<String> =
+        std::iter::once("*".to_string()).chain(DISABLED_CONTROLLERS.iter().map(|d| format!("-{d}"))).collect();
+    vec![
+        format!("--kubeconfig={}", kubeconfig.display()),
+        "--leader-elect=false".into(),
+        "--secure-port=0".into(),
+        format!("--root-ca-file={}", file(c, "ca.crt")),
+        format!("--service-account-private-key-file={}", file(c, "sa.key")),
+        "--use-service-account-credentials=true".into(),
+        format!("--service-cluster-ip-range={}", l.service_cidr),
+        format!("--cluster-signing-cert-file={}", file(c, "ca.crt")),
+        format!("--cluster-signing-key-file={}", file(c, "ca.key")),
+        format!("--controllers={}", controllers.join(",")),
+        "--profiling=false".into(),
+    ]
+}
+
+/// The controller-manager's kubeconfig (its own client certificate).
+pub fn controller_manager_kubeconfig(server: &str, bundle: &vkube_pki::Bundle) -> String {
+    let kc = vkube_pki::kubeconfig::with_client_cert(
+        "virtual",
+        server,
+        bundle.get("ca.crt").unwrap_or_default(),
+        vkube_pki::kubeconfig::ClientCert {
+            cert_pem: bundle.get("controller-manager.crt").unwrap_or_default(),
+            key_pem: bundle.get("controller-manager.key").unwrap_or_default(),
+        },
+    );
+    vkube_pki::kubeconfig::to_yaml(&kc)
+}

@@ -1,0 +1,252 @@
+//! The control-plane process (`vkube run`): certificates kept valid, the API proxy, the syncer,
+//! `/metrics`. It runs next to the virtual cluster's etcd, kube-apiserver and
+//! kube-controller-manager: as containers of one pod (the Helm chart) or local processes
+//! (`vkube create --local`).
+
+pub mod components;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use prometheus_client::registry::Registry;
+use vkube_apiproxy::tls::ServingCert;
+use vkube_apiproxy::{Proxy, ProxyConfig};
+use vkube_pki::Bundle;
+use vkube_syncer::naming::Translator;
+
+use crate::{FIELD_MANAGER, names, pki_store};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The virtual cluster's name.
+    #[arg(long, env = "VKUBE_NAME")]
+    pub name: String,
+    /// The host namespace the virtual cluster lives in.
+    #[arg(long, env = "VKUBE_NAMESPACE")]
+    pub namespace: String,
+    /// The virtual API server, reached on loopback.
+    #[arg(long, env = "VKUBE_VIRTUAL_SERVER", default_value = "https://127.0.0.1:6443")]
+    pub virtual_server: String,
+    /// Where the proxy listens.
+    #[arg(long, env = "VKUBE_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Where the certificates are written for the upstream components (they reload renewed ones).
+    #[arg(long, env = "VKUBE_CERT_DIR", default_value = "/var/lib/vkube/pki")]
+    pub cert_dir: PathBuf,
+    /// The server URL written into the admin kubeconfig Secret.
+    #[arg(long, env = "VKUBE_ENDPOINT")]
+    pub endpoint: String,
+    /// Host kubeconfig; in-cluster credentials when unset.
+    #[arg(long, env = "VKUBE_HOST_KUBECONFIG")]
+    pub host_kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "VKUBE_HOST_CONTEXT")]
+    pub host_context: Option<String>,
+    /// How often certificates are checked for renewal.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub renew_every: Duration,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 5m, 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("invalid duration {s:?}: use e.g. 30s, 5m, 1h")),
+    }
+}
+
+/// Certificates for the host Service's ClusterIP are only known once that Service exists.
+async fn service_ip(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<Option<std::net::IpAddr>> {
+    let svc = Api::<Service>::namespaced(host.clone(), namespace).get_opt(&names::service(cluster)).await?;
+    Ok(svc.and_then(|s| s.spec).and_then(|s| s.cluster_ip).and_then(|ip| ip.parse().ok()))
+}
+
+/// Loads (creating or renewing) the PKI and writes it to `cert_dir`. Returns the bundle and
+/// whether any file changed.
+pub async fn sync_pki(
+    host: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+    cert_dir: &Path,
+) -> anyhow::Result<(Bundle, bool)> {
+    let spec = pki_store::spec(cluster, namespace, service_ip(host, namespace, cluster).await?);
+    let (bundle, changes) = pki_store::ensure(host, namespace, cluster, &spec).await?;
+    if !changes.is_empty() {
+        tracing::info!(created = ?changes.created, renewed = ?changes.renewed, "certificates updated");
+    }
+    let written = write_cert_dir(cert_dir, &bundle)?;
+    Ok((bundle, written))
+}
+
+/// Writes the bundle's files that differ, atomically (rename), owner-only. True if any changed.
+pub fn write_cert_dir(dir: &Path, bundle: &Bundle) -> anyhow::Result<bool> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut changed = false;
+    for (name, text) in &bundle.files {
+        let path = dir.join(name);
+        if std::fs::read_to_string(&path).is_ok_and(|old| &old == text) {
+            continue;
+        }
+        let tmp = dir.join(format!(".{name}.tmp"));
+        vkube_localenv::host::write_private(&tmp, text)?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// The admin kubeconfig, kept in a host Secret for CLIs and CI.
+async fn publish_kubeconfig(host: &kube::Client, args: &RunArgs, bundle: &Bundle) -> anyhow::Result<()> {
+    let yaml = admin_kubeconfig(&args.name, &args.endpoint, bundle);
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(names::kubeconfig_secret(&args.name)),
+            labels: Some(names::labels(&args.name)),
+            ..Default::default()
+        },
+        data: Some([(names::KUBECONFIG_KEY.to_string(), ByteString(yaml.into_bytes()))].into()),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(host.clone(), &args.namespace)
+        .patch(
+            &names::kubeconfig_secret(&args.name),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .context("publishing the admin kubeconfig Secret")?;
+    Ok(())
+}
+
+pub fn admin_kubeconfig(cluster: &str, server: &str, bundle: &Bundle) -> String {
+    let kc = vkube_pki::kubeconfig::with_client_cert(
+        cluster,
+        server,
+        bundle.get("ca.crt").unwrap_or_default(),
+        vkube_pki::kubeconfig::ClientCert {
+            cert_pem: bundle.get("admin.crt").unwrap_or_default(),
+            key_pem: bundle.get("admin.key").unwrap_or_default(),
+        },
+    );
+    vkube_pki::kubeconfig::to_yaml(&kc)
+}
+
+/// A privileged client of the virtual API server (the control plane's own identity).
+pub async fn virtual_admin(server: &str, bundle: &Bundle) -> anyhow::Result<kube::Client> {
+    Ok(vkube_localenv::client::from_pem(
+        server,
+        bundle.get("ca.crt").unwrap_or_default(),
+        bundle.get("controlplane.crt").unwrap_or_default(),
+        bundle.get("controlplane.key").unwrap_or_default(),
+    )
+    .await?)
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let host = vkube_localenv::client::host(args.host_kubeconfig.as_deref(), args.host_context.as_deref())
+        .await
+        .context("connecting to the host cluster")?;
+    let (bundle, _) = sync_pki(&host, &args.namespace, &args.name, &args.cert_dir).await?;
+    publish_kubeconfig(&host, &args, &bundle).await?;
+
+    let admin = virtual_admin(&args.virtual_server, &bundle).await?;
+    wait_virtual_ready(&admin).await?;
+
+    let mut registry = Registry::with_prefix("");
+    let serving = ServingCert::new(
+        bundle.get("apiserver.crt").unwrap_or_default(),
+        bundle.get("apiserver.key").unwrap_or_default(),
+    )?;
+    let proxy = Proxy::new(
+        ProxyConfig {
+            translator: Translator::new(&args.name, &args.namespace),
+            virtual_server: args.virtual_server.parse().context("--virtual-server")?,
+            virtual_ca_pem: bundle.get("ca.crt").unwrap_or_default().into(),
+            front_proxy_cert_pem: bundle.get("front-proxy-client.crt").unwrap_or_default().into(),
+            front_proxy_key_pem: bundle.get("front-proxy-client.key").unwrap_or_default().into(),
+            admin: admin.clone(),
+            host: host.clone(),
+            serving: serving.clone(),
+        },
+        &mut registry,
+    )?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, cluster = %args.name, namespace = %args.namespace, "control plane serving");
+
+    let renew = tokio::spawn(renew_loop(host.clone(), args.clone(), serving));
+    let registry = Arc::new(registry);
+    proxy.serve(listener, registry, shutdown_signal()).await;
+    renew.abort();
+    tracing::info!("control plane stopped");
+    Ok(())
+}
+
+async fn wait_virtual_ready(admin: &kube::Client) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(120);
+    vkube_localenv::wait::until(timeout, Duration::from_millis(200), || async {
+        let req = http::Request::get("/readyz").body(vec![]).map_err(|e| e.to_string())?;
+        admin.request_text(req).await.map(|_| Some(())).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the virtual API server did not become ready within {} s: {e}", timeout.as_secs()))
+}
+
+/// Renews certificates well before they expire; the API server reloads its files, the proxy
+/// swaps its serving certificate, the kubeconfig Secret is republished.
+async fn renew_loop(host: kube::Client, args: RunArgs, serving: Arc<ServingCert>) {
+    let mut tick = tokio::time::interval(args.renew_every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match sync_pki(&host, &args.namespace, &args.name, &args.cert_dir).await {
+            Ok((bundle, true)) => {
+                if let Err(e) = serving.replace(
+                    bundle.get("apiserver.crt").unwrap_or_default(),
+                    bundle.get("apiserver.key").unwrap_or_default(),
+                ) {
+                    tracing::error!(error = %e, "renewed serving certificate unusable");
+                }
+                if let Err(e) = publish_kubeconfig(&host, &args, &bundle).await {
+                    tracing::error!(error = %e, "republishing the kubeconfig failed");
+                }
+            }
+            Ok((_, false)) => {}
+            Err(e) => tracing::error!(error = %e, "certificate renewal failed; retrying at the next interval"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

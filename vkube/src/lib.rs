@@ -1,0 +1,15 @@
+//! The vkube control plane and the pieces the CLI shares with it and with the tests.
+//!
+//! - `pki_store`: the virtual cluster's certificates, kept in a host Secret.
+//! - `controlplane`: the `vkube run` process (proxy + syncer), and the upstream components'
+//!   command lines (shared by local processes and the Helm chart's containers).
+//! - `local`: a virtual control plane as local processes against any host cluster.
+//! - `names`: the host objects that make up one virtual cluster.
+
+pub mod controlplane;
+pub mod local;
+pub mod names;
+pub mod pki_store;
+
+/// The field manager of every write vkube makes.
+pub const FIELD_MANAGER: &str = "vkube";

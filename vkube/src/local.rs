@@ -1,0 +1,298 @@
+//! A virtual control plane as local processes (etcd, kube-apiserver, kube-controller-manager and
+//! `vkube run`) against a host cluster whose pods cannot run it (the dev host; CI). The same
+//! pieces the Helm chart runs as containers of one pod.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use serde::{Deserialize, Serialize};
+use vkube_localenv::process::ProcessGroup;
+use vkube_localenv::{Lifetime, ProcessSpec, Progress, Upstream, ports};
+
+use crate::controlplane::components::{self, Layout};
+use crate::{FIELD_MANAGER, names};
+
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    pub name: String,
+    pub namespace: String,
+    /// This cluster's state directory (certificates, etcd data, logs, processes).
+    pub dir: PathBuf,
+    pub lifetime: Lifetime,
+    pub vkube_binary: PathBuf,
+    pub host_kubeconfig: PathBuf,
+    pub host_context: Option<String>,
+    /// Extra flags for `vkube run` (isolation policy and the like).
+    pub run_args: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LocalPorts {
+    pub etcd_client: u16,
+    pub etcd_peer: u16,
+    pub apiserver: u16,
+    pub proxy: u16,
+}
+
+/// What `state.json` records: enough to restart the same cluster on the same ports, so
+/// kubeconfigs handed out stay valid.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalState {
+    pub name: String,
+    pub namespace: String,
+    pub ports: LocalPorts,
+    pub host_kubeconfig: PathBuf,
+    pub host_context: Option<String>,
+    pub run_args: Vec<String>,
+}
+
+impl LocalState {
+    pub fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports.proxy)
+    }
+
+    pub fn read(dir: &Path) -> anyhow::Result<Option<LocalState>> {
+        let path = dir.join("state.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+}
+
+pub struct LocalControlPlane {
+    pub state: LocalState,
+    pub dir: PathBuf,
+    group: ProcessGroup,
+    vkube_binary: PathBuf,
+}
+
+const CONTROLLER: &str = "vkube";
+
+impl LocalControlPlane {
+    pub async fn start(opts: &LocalOptions, progress: Progress<'_>) -> anyhow::Result<Self> {
+        let up = Upstream::locate()?;
+        let dir = &opts.dir;
+        for sub in ["pki", "logs", "etcd"] {
+            std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let host = vkube_localenv::client::from_kubeconfig_file(&opts.host_kubeconfig, opts.host_context.as_deref())
+            .await
+            .context("connecting to the host cluster")?;
+        let ports = match LocalState::read(dir)? {
+            Some(s)
+                if [s.ports.etcd_client, s.ports.etcd_peer, s.ports.apiserver, s.ports.proxy]
+                    .into_iter()
+                    .all(ports::is_free) =>
+            {
+                s.ports
+            }
+            _ => LocalPorts {
+                etcd_client: ports::free_port(),
+                etcd_peer: ports::free_port(),
+                apiserver: ports::free_port(),
+                proxy: ports::free_port(),
+            },
+        };
+        let state = LocalState {
+            name: opts.name.clone(),
+            namespace: opts.namespace.clone(),
+            ports,
+            host_kubeconfig: opts.host_kubeconfig.clone(),
+            host_context: opts.host_context.clone(),
+            run_args: opts.run_args.clone(),
+        };
+        std::fs::write(dir.join("state.json"), serde_json::to_string_pretty(&state)?)?;
+
+        progress("[1/6] host namespace and Service");
+        ensure_namespace(&host, &state.namespace, &state.name).await?;
+        ensure_local_service(&host, &state.namespace, &state.name).await?;
+        let service_cidr = host_service_cidr(&host).await?;
+
+        progress("[2/6] certificates (kept in a host Secret)");
+        let cert_dir = dir.join("pki");
+        let (bundle, _) = crate::controlplane::sync_pki(&host, &state.namespace, &state.name, &cert_dir).await?;
+        let apiserver_url = format!("https://127.0.0.1:{}", state.ports.apiserver);
+        let kcm_kubeconfig = dir.join("controller-manager.kubeconfig");
+        vkube_localenv::host::write_private(
+            &kcm_kubeconfig,
+            &components::controller_manager_kubeconfig(&apiserver_url, &bundle),
+        )?;
+
+        let layout = Layout {
+            cert_dir: &cert_dir,
+            data_dir: &dir.join("etcd"),
+            etcd_client_port: state.ports.etcd_client,
+            etcd_peer_port: state.ports.etcd_peer,
+            apiserver_port: state.ports.apiserver,
+            service_cidr: &service_cidr,
+        };
+        let logs = dir.join("logs");
+        let mut group = ProcessGroup::new(dir, opts.lifetime);
+        progress("[3/6] etcd");
+        group.spawn(ProcessSpec::new("etcd", up.etcd(), &logs).args(components::etcd(&layout)))?;
+        progress("[4/6] kube-apiserver");
+        group.spawn(
+            ProcessSpec::new("kube-apiserver", up.kube_apiserver(), &logs).args(components::apiserver(&layout)),
+        )?;
+        let admin = crate::controlplane::virtual_admin(&apiserver_url, &bundle).await?;
+        vkube_localenv::host::wait_api_ready(&admin, &mut group, "kube-apiserver", &logs, Duration::from_secs(120))
+            .await?;
+        progress("[5/6] kube-controller-manager");
+        group.spawn(
+            ProcessSpec::new("kube-controller-manager", up.kube_controller_manager(), &logs)
+                .args(components::controller_manager(&kcm_kubeconfig, &layout)),
+        )?;
+
+        let admin_kubeconfig = crate::controlplane::admin_kubeconfig(&state.name, &state.endpoint(), &bundle);
+        vkube_localenv::host::write_private(&dir.join("kubeconfig"), &admin_kubeconfig)?;
+        let mut cp = LocalControlPlane { state, dir: dir.clone(), group, vkube_binary: opts.vkube_binary.clone() };
+        progress("[6/6] vkube control plane (proxy and syncer)");
+        cp.start_controller().await?;
+        Ok(cp)
+    }
+
+    fn controller_spec(&self) -> ProcessSpec {
+        let s = &self.state;
+        ProcessSpec::new(CONTROLLER, &self.vkube_binary, &self.dir.join("logs"))
+            .args([
+                "run".to_string(),
+                format!("--name={}", s.name),
+                format!("--namespace={}", s.namespace),
+                format!("--virtual-server=https://127.0.0.1:{}", s.ports.apiserver),
+                format!("--listen=127.0.0.1:{}", s.ports.proxy),
+                format!("--cert-dir={}", self.dir.join("pki").display()),
+                format!("--endpoint={}", s.endpoint()),
+                format!("--host-kubeconfig={}", s.host_kubeconfig.display()),
+            ])
+            .args(s.host_context.iter().map(|c| format!("--host-context={c}")))
+            .args(s.run_args.iter().cloned())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+    }
+
+    /// Starts `vkube run` and waits until the proxy answers an authenticated request.
+    pub async fn start_controller(&mut self) -> anyhow::Result<()> {
+        self.group.spawn(self.controller_spec())?;
+        let client = self.client().await?;
+        let timeout = Duration::from_secs(60);
+        let group = &mut self.group;
+        let res = vkube_localenv::wait::until(timeout, Duration::from_millis(100), || {
+            let failed = group.check_running().err();
+            let client = client.clone();
+            async move {
+                if let Some(e) = failed {
+                    return Err(e.to_string());
+                }
+                client.apiserver_version().await.map(|_| Some(())).map_err(|e| e.to_string())
+            }
+        })
+        .await;
+        self.group.check_running()?;
+        res.map_err(|e| {
+            anyhow::anyhow!(
+                "the vkube control plane did not answer within {} s: {e} (log: {})",
+                timeout.as_secs(),
+                self.dir.join("logs/vkube.log").display()
+            )
+        })
+    }
+
+    /// Kills the control-plane process at once (crash tests); the upstream components stay up.
+    pub fn kill_controller(&mut self) {
+        self.group.stop(CONTROLLER, true);
+    }
+
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.group.pid(CONTROLLER)
+    }
+
+    /// The admin kubeconfig (through the proxy).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        Ok(vkube_localenv::client::from_kubeconfig_file(&self.kubeconfig(), None).await?)
+    }
+
+    pub fn logs(&self) -> Vec<(String, PathBuf)> {
+        self.group.logs()
+    }
+
+    pub fn detach(self) {
+        self.group.detach();
+    }
+}
+
+pub async fn ensure_namespace(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<()> {
+    let api: Api<Namespace> = Api::all(host.clone());
+    if api.get_opt(namespace).await?.is_some() {
+        return Ok(());
+    }
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(namespace.into()),
+            labels: Some(names::labels(cluster)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match api.create(&Default::default(), &ns).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating host namespace {namespace}")),
+    }
+}
+
+/// The host Service in front of the proxy. Locally there is no pod to select (loopback cannot be
+/// an endpoint), but its ClusterIP is still what synced pods are told the API server is.
+async fn ensure_local_service(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<()> {
+    let svc = Service {
+        metadata: ObjectMeta {
+            name: Some(names::service(cluster)),
+            labels: Some(names::labels(cluster)),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            ports: Some(vec![ServicePort {
+                name: Some("https".into()),
+                port: 443,
+                target_port: Some(IntOrString::Int(8443)),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            selector: None::<BTreeMap<String, String>>,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<Service>::namespaced(host.clone(), namespace)
+        .patch(&names::service(cluster), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc))
+        .await
+        .context("creating the host Service of the control plane")?;
+    Ok(())
+}
+
+/// The host's service range (ServiceCIDR objects, Kubernetes 1.33+): the virtual API server
+/// must allocate from the same range.
+pub async fn host_service_cidr(host: &kube::Client) -> anyhow::Result<String> {
+    let cidrs = Api::<ServiceCIDR>::all(host.clone()).list(&Default::default()).await.context(
+        "reading the host's ServiceCIDR objects (needs Kubernetes 1.33 or later and list permission on servicecidrs)",
+    )?;
+    let mut items = cidrs.items;
+    items.sort_by_key(|c| c.metadata.name.as_deref() != Some("kubernetes"));
+    items
+        .iter()
+        .flat_map(|c| c.spec.iter().flat_map(|s| s.cidrs.iter().flatten()))
+        .find(|c| !c.contains(':'))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("the host has no IPv4 ServiceCIDR; vkube needs the host's service range"))
+}
