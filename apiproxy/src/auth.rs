@@ -203,7 +203,7 @@ mod tests {
         b.ensure(
             &vkube_pki::BundleSpec {
                 cas: vec![("ca".into(), "ca".into())],
-                leaves: vec![vkube_pki::LeafSpec::client("u", "ca", "alice", &["dev", "ops"])],
+                leaves: vec![vkube_pki::LeafSpec::client("u", "ca", "alice", Some("dev"))],
                 key_pairs: vec![],
             },
             Default::default(),
@@ -213,7 +213,7 @@ mod tests {
         let der = crate::tls::certs_from_pem(b.get("u.crt").unwrap()).unwrap();
         let id = Identity::from_cert(&der[0]).unwrap();
         assert_eq!(id.user, "alice");
-        assert_eq!(id.groups, vec!["dev", "ops", "system:authenticated"]);
+        assert_eq!(id.groups, vec!["dev", "system:authenticated"]);
     }
 
     fn time_now() -> vkube_pki::OffsetDateTime {

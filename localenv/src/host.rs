@@ -391,10 +391,10 @@ fn host_pki_spec() -> BundleSpec {
         leaves: vec![
             LeafSpec::server("apiserver", "ca", &dns, &ips),
             LeafSpec::server("kwok", "ca", &["localhost".to_string()], &ips[..1]),
-            LeafSpec::client("admin", "ca", "vkube-dev-admin", &["system:masters"]),
-            LeafSpec::client("controller-manager", "ca", "system:kube-controller-manager", &[]),
-            LeafSpec::client("scheduler", "ca", "system:kube-scheduler", &[]),
-            LeafSpec::client("front-proxy-client", "front-proxy-ca", "front-proxy-client", &[]),
+            LeafSpec::client("admin", "ca", "vkube-dev-admin", Some("system:masters")),
+            LeafSpec::client("controller-manager", "ca", "system:kube-controller-manager", None),
+            LeafSpec::client("scheduler", "ca", "system:kube-scheduler", None),
+            LeafSpec::client("front-proxy-client", "front-proxy-ca", "front-proxy-client", None),
         ],
         key_pairs: vec!["sa".into()],
     }

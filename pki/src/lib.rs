@@ -62,12 +62,14 @@ pub struct LeafSpec {
 }
 
 impl LeafSpec {
-    pub fn client(name: &str, issuer: &str, common_name: &str, organizations: &[&str]) -> Self {
+    /// A client certificate for user `common_name` in group `organization` (Kubernetes reads
+    /// O as groups; rcgen writes at most one O per subject, which is all vkube needs).
+    pub fn client(name: &str, issuer: &str, common_name: &str, organization: Option<&str>) -> Self {
         LeafSpec {
             name: name.into(),
             issuer: issuer.into(),
             common_name: common_name.into(),
-            organizations: organizations.iter().map(|o| o.to_string()).collect(),
+            organizations: organization.iter().map(|o| o.to_string()).collect(),
             dns_names: vec![],
             ips: vec![],
             usage: Usage::Client,
@@ -337,7 +339,7 @@ mod tests {
                     &dns.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
                     &["127.0.0.1".parse().unwrap()],
                 ),
-                LeafSpec::client("admin", "ca", "admin", &["system:masters"]),
+                LeafSpec::client("admin", "ca", "admin", Some("system:masters")),
             ],
             key_pairs: vec!["sa".into()],
         }

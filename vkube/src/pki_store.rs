@@ -45,10 +45,10 @@ pub fn spec(name: &str, namespace: &str, service_ip: Option<IpAddr>) -> BundleSp
         ],
         leaves: vec![
             LeafSpec::server("apiserver", "ca", &dns, &ips),
-            LeafSpec::client("admin", "ca", ADMIN_USER, &["system:masters"]),
-            LeafSpec::client("controlplane", "ca", CONTROLPLANE_USER, &["system:masters"]),
-            LeafSpec::client("controller-manager", "ca", "system:kube-controller-manager", &[]),
-            LeafSpec::client(FRONT_PROXY_USER, "front-proxy-ca", FRONT_PROXY_USER, &[]),
+            LeafSpec::client("admin", "ca", ADMIN_USER, Some("system:masters")),
+            LeafSpec::client("controlplane", "ca", CONTROLPLANE_USER, Some("system:masters")),
+            LeafSpec::client("controller-manager", "ca", "system:kube-controller-manager", None),
+            LeafSpec::client(FRONT_PROXY_USER, "front-proxy-ca", FRONT_PROXY_USER, None),
         ],
         key_pairs: vec!["sa".into()],
     }
