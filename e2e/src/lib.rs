@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use vkube::local::{LocalControlPlane, LocalOptions};
 use vkube_localenv::host::dump_logs;
 use vkube_localenv::{HostCluster, HostOptions, Lifetime, Upstream};
 
@@ -48,6 +49,40 @@ impl TestEnv {
 
     pub async fn client(&self) -> kube::Client {
         self.host.client().await.expect("host client")
+    }
+
+    /// A virtual cluster on this host, its control plane as local processes (stopped on drop).
+    pub async fn virtual_cluster(&self, name: &str) -> VirtualCluster {
+        self.virtual_cluster_with(name, &[]).await
+    }
+
+    /// A virtual cluster whose control-plane process gets extra flags (`vkube run --help`).
+    pub async fn virtual_cluster_with(&self, name: &str, run_args: &[&str]) -> VirtualCluster {
+        let opts = LocalOptions {
+            name: name.into(),
+            namespace: vkube::names::default_namespace(name),
+            dir: self.dir().join("virtual").join(name),
+            lifetime: Lifetime::Attached,
+            vkube_binary: vkube_bin(),
+            host_kubeconfig: self.host.kubeconfig.clone(),
+            host_context: None,
+            run_args: run_args.iter().map(|s| s.to_string()).collect(),
+        };
+        let progress = |step: &str| eprintln!("[virtual {name}] {step}");
+        match LocalControlPlane::start(&opts, &progress).await {
+            Ok(cp) => VirtualCluster { cp, opts, upstream: self.upstream.clone() },
+            Err(e) => {
+                let logs = std::fs::read_dir(opts.dir.join("logs"))
+                    .map(|rd| {
+                        rd.filter_map(|e| e.ok())
+                            .map(|e| (e.file_name().to_string_lossy().to_string(), e.path()))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                dump_logs(&logs, 40);
+                panic!("virtual cluster {name} did not start: {e:#}");
+            }
+        }
     }
 
     /// Runs the pinned kubectl against the host cluster.
@@ -118,5 +153,67 @@ where
     match until(timeout, Duration::from_millis(250), f).await {
         Ok(v) => v,
         Err(last) => panic!("{what}: not within {} s: {last}", timeout.as_secs()),
+    }
+}
+
+/// A virtual cluster started by the harness.
+pub struct VirtualCluster {
+    pub cp: LocalControlPlane,
+    pub opts: LocalOptions,
+    upstream: Upstream,
+}
+
+impl VirtualCluster {
+    pub fn name(&self) -> &str {
+        &self.opts.name
+    }
+
+    /// The host namespace its objects are synced into.
+    pub fn host_namespace(&self) -> &str {
+        &self.opts.namespace
+    }
+
+    /// The admin kubeconfig (through the proxy).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.cp.kubeconfig()
+    }
+
+    pub async fn client(&self) -> kube::Client {
+        self.cp.client().await.expect("virtual cluster client")
+    }
+
+    /// Runs the pinned kubectl against the virtual cluster, through the proxy.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        kubectl(&self.upstream, &self.kubeconfig(), args)
+    }
+
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        kubectl_ok(&self.upstream, &self.kubeconfig(), args)
+    }
+
+    /// Kills the control-plane process (proxy and syncer) at once; upstream components stay.
+    pub fn kill_controller(&mut self) {
+        self.cp.kill_controller();
+    }
+
+    /// Starts the control-plane process again and waits until it answers.
+    pub async fn start_controller(&mut self) {
+        self.cp.start_controller().await.expect("restarting the control-plane process");
+    }
+
+    /// Stops every process of this control plane and starts them again on the same state.
+    pub async fn restart(&mut self) {
+        self.cp.stop_all();
+        let name = self.opts.name.clone();
+        let progress = |step: &str| eprintln!("[virtual {name} restart] {step}");
+        self.cp = LocalControlPlane::start(&self.opts, &progress).await.expect("restarting the control plane");
+    }
+}
+
+impl Drop for VirtualCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            dump_logs(&self.cp.logs(), 80);
+        }
     }
 }

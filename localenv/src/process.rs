@@ -322,11 +322,18 @@ impl ProcessGroup {
     }
 }
 
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
+impl ProcessGroup {
+    /// Stops every process, newest first.
+    pub fn stop_all(&mut self) {
         while let Some(mut p) = self.processes.pop() {
             p.stop(Duration::from_secs(5));
         }
         let _ = self.write();
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.stop_all();
     }
 }

@@ -209,6 +209,11 @@ impl LocalControlPlane {
         self.group.stop(CONTROLLER, true);
     }
 
+    /// Stops every process, newest first.
+    pub fn stop_all(&mut self) {
+        self.group.stop_all();
+    }
+
     pub fn controller_pid(&self) -> Option<u32> {
         self.group.pid(CONTROLLER)
     }
