@@ -1,0 +1,56 @@
+//! What flows back from the host pod to the virtual one (pure).
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus};
+
+/// The status the virtual pod should show for its host copy: the host's, restricted to the
+/// virtual pod's containers, without what only makes sense on the host.
+pub fn virtual_status(host: &Pod, virtual_pod: &Pod) -> PodStatus {
+    let mut s = host.status.clone().unwrap_or_default();
+    let spec = virtual_pod.spec.as_ref();
+    let names = |list: Option<Vec<String>>| list.unwrap_or_default();
+    let containers = names(spec.map(|s| s.containers.iter().map(|c| c.name.clone()).collect()));
+    let init = names(spec.and_then(|s| s.init_containers.as_ref()).map(|l| l.iter().map(|c| c.name.clone()).collect()));
+    let ephemeral =
+        names(spec.and_then(|s| s.ephemeral_containers.as_ref()).map(|l| l.iter().map(|c| c.name.clone()).collect()));
+    let keep = |list: Option<Vec<ContainerStatus>>, allowed: &[String]| {
+        list.map(|l| l.into_iter().filter(|c| allowed.contains(&c.name)).collect::<Vec<_>>())
+    };
+    s.container_statuses = keep(s.container_statuses.take(), &containers);
+    s.init_container_statuses = keep(s.init_container_statuses.take(), &init);
+    s.ephemeral_container_statuses = keep(s.ephemeral_container_statuses.take(), &ephemeral);
+    s.nominated_node_name = None;
+    s.resource_claim_statuses = None;
+    s
+}
+
+/// Whether the virtual pod's status differs from what it should be.
+pub fn differs(current: Option<&PodStatus>, desired: &PodStatus) -> bool {
+    let cur = serde_json::to_value(current.cloned().unwrap_or_default()).unwrap_or_default();
+    let want = serde_json::to_value(desired).unwrap_or_default();
+    cur != want
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_virtual_containers_and_no_host_scheduling_hints() {
+        let host: Pod = serde_json::from_value(serde_json::json!({
+            "status": {"phase": "Running", "podIP": "10.244.0.5", "hostIP": "10.0.0.1", "nominatedNodeName": "n",
+                "containerStatuses": [
+                    {"name": "app", "ready": true, "restartCount": 0, "image": "nginx", "imageID": ""},
+                    {"name": "injected-by-host", "ready": true, "restartCount": 0, "image": "x", "imageID": ""}]}
+        }))
+        .unwrap();
+        let virtual_pod: Pod = serde_json::from_value(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})).unwrap();
+        let s = virtual_status(&host, &virtual_pod);
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert_eq!(s.pod_ip.as_deref(), Some("10.244.0.5"));
+        assert_eq!(s.nominated_node_name, None);
+        let names: Vec<&str> = s.container_statuses.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, vec!["app"]);
+        assert!(differs(None, &s));
+        assert!(!differs(Some(&s), &s));
+    }
+}

@@ -1,0 +1,523 @@
+//! A virtual pod as its host copy (pure). What changes and why:
+//!
+//! - names of everything it refers to (configmaps, secrets, claims, pull secrets) follow the
+//!   naming contract; label selectors in affinity and topology spread are confined to the
+//!   virtual cluster and namespace;
+//! - no host service-account token ever: `automountServiceAccountToken: false`, and each
+//!   projected service-account token becomes the virtual token kept in a host Secret;
+//! - in-cluster clients reach the virtual API server (`KUBERNETES_SERVICE_*`, host aliases for
+//!   `kubernetes.default.svc`) and DNS is the virtual cluster's own (`dnsPolicy: None`);
+//! - the downward API still reads virtual metadata (from our annotations);
+//! - fields that only the host admin may decide (priority class, scheduler) are dropped.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EphemeralContainer, HostAlias, KeyToPath, ObjectFieldSelector, Pod, PodAffinityTerm,
+    PodDNSConfig, PodDNSConfigOption, PodSpec, Volume, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
+
+use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, DOMAIN, Translator};
+use crate::policy::{Policy, Refusal};
+
+/// The downward-API annotation holding the virtual pod's labels (`metadata.labels` format).
+pub const ANNOTATION_LABELS: &str = "vkube.dev/object-labels";
+/// The downward-API annotation holding the virtual pod's service account.
+pub const ANNOTATION_SERVICE_ACCOUNT: &str = "vkube.dev/service-account";
+/// kubectl's copy of the applied manifest: large and meaningless on the host.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Facts about the virtual cluster that every pod translation needs.
+#[derive(Clone, Debug)]
+pub struct PodEnv<'a> {
+    pub translator: &'a Translator,
+    pub policy: &'a Policy,
+    /// ClusterIP of the host Service in front of the API proxy.
+    pub api_ip: &'a str,
+    /// ClusterIP of the virtual cluster's DNS Service.
+    pub dns_ip: &'a str,
+    pub cluster_domain: &'a str,
+}
+
+/// The host Secret holding the virtual token of service account `sa` (for `audience`, if the
+/// pod asks for a specific one).
+pub fn token_secret_name(tr: &Translator, namespace: &str, sa: &str, audience: Option<&str>) -> String {
+    let base = format!("{}-sa-token", tr.host_name(namespace, sa));
+    match audience.filter(|a| !a.is_empty()) {
+        None => base,
+        Some(a) => {
+            use sha2::{Digest, Sha256};
+            let d = Sha256::digest(a.as_bytes());
+            format!("{base}-{}", d.iter().take(4).map(|b| format!("{b:02x}")).collect::<String>())
+        }
+    }
+}
+
+pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Pod, Refusal> {
+    let tr = env.translator;
+    let ns = v.metadata.namespace.as_deref().unwrap_or("default");
+    let name = v.metadata.name.as_deref().unwrap_or_default();
+    let vspec = v.spec.as_ref().ok_or_else(|| refusal("InvalidPod", "the pod has no spec".into()))?;
+    env.policy.check_pod(vspec)?;
+    if vspec.resource_claims.as_ref().is_some_and(|c| !c.is_empty()) {
+        return Err(refusal("Unsupported", "dynamic resource claims are not supported in virtual clusters".into()));
+    }
+
+    let sa = crate::refs::service_account(vspec);
+    let mut annotations: BTreeMap<String, String> = v
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() != LAST_APPLIED && !is_ours(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    annotations.extend(tr.owner_annotations("Pod", ns, name, v.metadata.uid.as_deref().unwrap_or_default()));
+    annotations.insert(ANNOTATION_LABELS.into(), format_labels(v.metadata.labels.as_ref()));
+    annotations.insert(ANNOTATION_SERVICE_ACCOUNT.into(), sa.clone());
+
+    let mut spec = vspec.clone();
+    spec.service_account_name = None;
+    #[allow(deprecated)]
+    {
+        spec.service_account = None;
+    }
+    spec.automount_service_account_token = Some(false);
+    spec.enable_service_links = Some(false);
+    spec.priority_class_name = None;
+    spec.priority = None;
+    spec.preemption_policy = None;
+    spec.overhead = None;
+    spec.scheduler_name = None;
+    spec.resource_claims = None;
+    if spec.hostname.is_none() && is_dns_label(name) {
+        spec.hostname = Some(name.to_string());
+    }
+    dns(env, ns, &mut spec);
+    let mut aliases = spec.host_aliases.take().unwrap_or_default();
+    aliases.push(HostAlias {
+        ip: env.api_ip.to_string(),
+        hostnames: Some(
+            ["kubernetes", "kubernetes.default", "kubernetes.default.svc"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(std::iter::once(format!("kubernetes.default.svc.{}", env.cluster_domain)))
+                .collect(),
+        ),
+    });
+    spec.host_aliases = Some(aliases);
+
+    for vol in spec.volumes.iter_mut().flatten() {
+        volume(tr, ns, &sa, vol);
+    }
+    for c in spec.init_containers.iter_mut().flatten().chain(spec.containers.iter_mut()) {
+        container(env, ns, c);
+    }
+    for c in spec.ephemeral_containers.iter_mut().flatten() {
+        ephemeral_container(env, ns, c);
+    }
+    for s in spec.image_pull_secrets.iter_mut().flatten() {
+        s.name = tr.host_name(ns, &s.name);
+    }
+    if let Some(aff) = spec.affinity.as_mut() {
+        if let Some(pa) = aff.pod_affinity.as_mut() {
+            for t in pa.required_during_scheduling_ignored_during_execution.iter_mut().flatten() {
+                affinity_term(tr, ns, t);
+            }
+            for w in pa.preferred_during_scheduling_ignored_during_execution.iter_mut().flatten() {
+                affinity_term(tr, ns, &mut w.pod_affinity_term);
+            }
+        }
+        if let Some(pa) = aff.pod_anti_affinity.as_mut() {
+            for t in pa.required_during_scheduling_ignored_during_execution.iter_mut().flatten() {
+                affinity_term(tr, ns, t);
+            }
+            for w in pa.preferred_during_scheduling_ignored_during_execution.iter_mut().flatten() {
+                affinity_term(tr, ns, &mut w.pod_affinity_term);
+            }
+        }
+    }
+    for tsc in spec.topology_spread_constraints.iter_mut().flatten() {
+        if let Some(sel) = &tsc.label_selector {
+            tsc.label_selector = Some(tr.host_label_selector(ns, sel));
+        }
+    }
+
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(tr.host_name(ns, name)),
+            namespace: Some(tr.host_namespace().to_string()),
+            labels: Some(tr.host_labels(ns, v.metadata.labels.as_ref())),
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    })
+}
+
+fn refusal(reason: &'static str, message: String) -> Refusal {
+    Refusal { reason, message }
+}
+
+fn is_ours(key: &str) -> bool {
+    key.split_once('/').is_some_and(|(p, _)| p == DOMAIN || p.ends_with(&format!(".{DOMAIN}")))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Labels in the downward API's `metadata.labels` file format.
+fn format_labels(labels: Option<&BTreeMap<String, String>>) -> String {
+    labels.into_iter().flatten().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join("\n")
+}
+
+fn dns(env: &PodEnv<'_>, ns: &str, spec: &mut PodSpec) {
+    let policy = spec.dns_policy.as_deref().unwrap_or("ClusterFirst");
+    if !matches!(policy, "ClusterFirst" | "ClusterFirstWithHostNet") {
+        return;
+    }
+    let d = env.cluster_domain;
+    let mut config = spec.dns_config.take().unwrap_or_default();
+    let mut nameservers = vec![env.dns_ip.to_string()];
+    nameservers.extend(config.nameservers.take().unwrap_or_default());
+    let mut searches = vec![format!("{ns}.svc.{d}"), format!("svc.{d}"), d.to_string()];
+    searches.extend(config.searches.take().unwrap_or_default());
+    let mut options = config.options.take().unwrap_or_default();
+    if !options.iter().any(|o| o.name.as_deref() == Some("ndots")) {
+        options.push(PodDNSConfigOption { name: Some("ndots".into()), value: Some("5".into()) });
+    }
+    spec.dns_policy = Some("None".into());
+    spec.dns_config =
+        Some(PodDNSConfig { nameservers: Some(nameservers), searches: Some(searches), options: Some(options) });
+}
+
+fn volume(tr: &Translator, ns: &str, sa: &str, vol: &mut Volume) {
+    if let Some(cm) = vol.config_map.as_mut() {
+        cm.name = tr.host_name(ns, &cm.name);
+    }
+    if let Some(s) = vol.secret.as_mut()
+        && let Some(n) = s.secret_name.as_mut()
+    {
+        *n = tr.host_name(ns, n);
+    }
+    if let Some(pvc) = vol.persistent_volume_claim.as_mut() {
+        pvc.claim_name = tr.host_name(ns, &pvc.claim_name);
+    }
+    if let Some(r) = vol.csi.as_mut().and_then(|c| c.node_publish_secret_ref.as_mut()) {
+        r.name = tr.host_name(ns, &r.name);
+    }
+    if let Some(d) = vol.downward_api.as_mut() {
+        for item in d.items.iter_mut().flatten() {
+            if let Some(f) = item.field_ref.as_mut() {
+                field_ref(f);
+            }
+        }
+    }
+    if let Some(p) = vol.projected.as_mut() {
+        for src in p.sources.iter_mut().flatten() {
+            projection(tr, ns, sa, src);
+        }
+    }
+}
+
+fn projection(tr: &Translator, ns: &str, sa: &str, src: &mut VolumeProjection) {
+    if let Some(cm) = src.config_map.as_mut() {
+        cm.name = tr.host_name(ns, &cm.name);
+    }
+    if let Some(s) = src.secret.as_mut() {
+        s.name = tr.host_name(ns, &s.name);
+    }
+    if let Some(d) = src.downward_api.as_mut() {
+        for item in d.items.iter_mut().flatten() {
+            if let Some(f) = item.field_ref.as_mut() {
+                field_ref(f);
+            }
+        }
+    }
+    if let Some(token) = src.service_account_token.take() {
+        // The virtual cluster's token, never one of the host: kept by the syncer in a host Secret.
+        src.secret = Some(k8s_openapi::api::core::v1::SecretProjection {
+            name: token_secret_name(tr, ns, sa, token.audience.as_deref()),
+            items: Some(vec![KeyToPath { key: "token".into(), path: token.path, ..Default::default() }]),
+            optional: Some(false),
+        });
+    }
+}
+
+/// Host env for every container: the API server is the virtual one, behind the proxy's Service.
+fn api_env(env: &PodEnv<'_>) -> [EnvVar; 3] {
+    let var = |n: &str, v: &str| EnvVar { name: n.into(), value: Some(v.into()), value_from: None };
+    [var("KUBERNETES_SERVICE_HOST", env.api_ip), var("KUBERNETES_SERVICE_PORT", "443"), var("KUBERNETES_SERVICE_PORT_HTTPS", "443")]
+}
+
+fn env_vars(env: &PodEnv<'_>, ns: &str, vars: &mut Option<Vec<EnvVar>>, from: &mut Option<Vec<k8s_openapi::api::core::v1::EnvFromSource>>) {
+    let tr = env.translator;
+    let list = vars.get_or_insert_with(Vec::new);
+    for e in list.iter_mut() {
+        if let Some(vf) = e.value_from.as_mut() {
+            if let Some(r) = vf.config_map_key_ref.as_mut() {
+                r.name = tr.host_name(ns, &r.name);
+            }
+            if let Some(r) = vf.secret_key_ref.as_mut() {
+                r.name = tr.host_name(ns, &r.name);
+            }
+            if let Some(f) = vf.field_ref.as_mut() {
+                field_ref(f);
+            }
+        }
+    }
+    for add in api_env(env) {
+        if !list.iter().any(|e| e.name == add.name) {
+            list.push(add);
+        }
+    }
+    for f in from.iter_mut().flatten() {
+        if let Some(r) = f.config_map_ref.as_mut() {
+            r.name = tr.host_name(ns, &r.name);
+        }
+        if let Some(r) = f.secret_ref.as_mut() {
+            r.name = tr.host_name(ns, &r.name);
+        }
+    }
+}
+
+fn container(env: &PodEnv<'_>, ns: &str, c: &mut Container) {
+    env_vars(env, ns, &mut c.env, &mut c.env_from);
+}
+
+fn ephemeral_container(env: &PodEnv<'_>, ns: &str, c: &mut EphemeralContainer) {
+    env_vars(env, ns, &mut c.env, &mut c.env_from);
+}
+
+/// Downward-API field paths that must read the virtual pod, not its host copy.
+fn field_ref(f: &mut ObjectFieldSelector) {
+    let path = f.field_path.as_str();
+    let new = match path {
+        "metadata.name" => Some(format!("metadata.annotations['{ANNOTATION_NAME}']")),
+        "metadata.namespace" => Some(format!("metadata.annotations['{ANNOTATION_NAMESPACE}']")),
+        "metadata.uid" => Some(format!("metadata.annotations['{ANNOTATION_UID}']")),
+        "metadata.labels" => Some(format!("metadata.annotations['{ANNOTATION_LABELS}']")),
+        "spec.serviceAccountName" => Some(format!("metadata.annotations['{ANNOTATION_SERVICE_ACCOUNT}']")),
+        _ => path
+            .strip_prefix("metadata.labels['")
+            .and_then(|rest| rest.strip_suffix("']"))
+            .map(|key| format!("metadata.labels['{}']", naming::rewrite_key(key))),
+    };
+    if let Some(n) = new {
+        f.field_path = n;
+    }
+}
+
+/// An affinity term's selector, confined to the virtual cluster: to the pod's own namespace, or
+/// to the virtual namespaces the term lists.
+fn affinity_term(tr: &Translator, ns: &str, t: &mut PodAffinityTerm) {
+    let namespaces = t.namespaces.take().unwrap_or_default();
+    let any_namespace = t.namespace_selector.take().is_some_and(|s| s.match_labels.is_none() && s.match_expressions.is_none());
+    let sel = t.label_selector.take().unwrap_or_default();
+    let mut host = tr.host_label_selector(ns, &sel);
+    if any_namespace || !namespaces.is_empty() {
+        if let Some(ml) = host.match_labels.as_mut() {
+            ml.remove(naming::LABEL_NAMESPACE);
+        }
+    }
+    if !namespaces.is_empty() {
+        host.match_expressions.get_or_insert_with(Vec::new).push(LabelSelectorRequirement {
+            key: naming::LABEL_NAMESPACE.into(),
+            operator: "In".into(),
+            values: Some(namespaces),
+        });
+    }
+    t.label_selector = Some(LabelSelector { ..host });
+}
+
+/// The host Secret a pod's projected service-account token points at, if it has one: the
+/// syncer must create it before the pod.
+pub fn token_secrets(tr: &Translator, v: &Pod) -> Vec<(String, Option<String>)> {
+    let ns = v.metadata.namespace.as_deref().unwrap_or("default");
+    let Some(spec) = &v.spec else { return vec![] };
+    let sa = crate::refs::service_account(spec);
+    let mut out: Vec<(String, Option<String>)> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .flat_map(|vol| vol.projected.iter().flat_map(|p| p.sources.iter().flatten()))
+        .filter_map(|s| s.service_account_token.as_ref())
+        .map(|t| (token_secret_name(tr, ns, &sa, t.audience.as_deref()), t.audience.clone().filter(|a| !a.is_empty())))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::naming::LABEL_NAMESPACE;
+
+    fn env<'a>(tr: &'a Translator, policy: &'a Policy) -> PodEnv<'a> {
+        PodEnv { translator: tr, policy, api_ip: "10.96.0.10", dns_ip: "10.96.0.53", cluster_domain: "cluster.local" }
+    }
+
+    fn vpod(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "u-1",
+                "labels": {"app": "web", "vkube.dev/cluster": "forged"},
+                "annotations": {"note": "kept", "kubectl.kubernetes.io/last-applied-configuration": "{}", "vkube.dev/object-uid": "forged"}},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn typical() -> serde_json::Value {
+        serde_json::json!({
+            "serviceAccountName": "robot",
+            "priorityClassName": "system-node-critical",
+            "priority": 2000001000,
+            "schedulerName": "custom",
+            "imagePullSecrets": [{"name": "pull"}],
+            "containers": [{"name": "app", "image": "nginx",
+                "env": [
+                    {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                    {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                    {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "PASS", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}],
+                "envFrom": [{"configMapRef": {"name": "settings"}}]}],
+            "volumes": [
+                {"name": "cfg", "configMap": {"name": "settings"}},
+                {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+                {"name": "kube-api-access", "projected": {"sources": [
+                    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                    {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                    {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}}]}}],
+        })
+    }
+
+    #[test]
+    fn names_labels_and_ownership() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let h = host_pod(&env(&tr, &policy), &vpod(typical())).unwrap();
+        assert_eq!(h.metadata.name.as_deref(), Some("web-1-x-shop-x-team-a"));
+        assert_eq!(h.metadata.namespace.as_deref(), Some("vkube-team-a"));
+        let labels = h.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["vkube.dev/cluster"], "team-a");
+        assert_eq!(labels["tenant.vkube.dev/cluster"], "forged");
+        let owner = tr.owner(&h.metadata).unwrap();
+        assert_eq!((owner.kind.as_str(), owner.namespace.as_str(), owner.name.as_str(), owner.uid.as_str()), ("Pod", "shop", "web-1", "u-1"));
+        let ann = h.metadata.annotations.as_ref().unwrap();
+        assert_eq!(ann["note"], "kept");
+        assert!(!ann.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
+    }
+
+    #[test]
+    fn no_host_token_and_the_virtual_one_instead() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let h = host_pod(&env(&tr, &policy), &vpod(typical())).unwrap();
+        let spec = h.spec.unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.service_account_name, None);
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(!json.contains("serviceAccountToken"), "no projected host token: {json}");
+        let projected = spec.volumes.unwrap().into_iter().find(|v| v.name == "kube-api-access").unwrap().projected.unwrap();
+        let sources = projected.sources.unwrap();
+        let token = sources[0].secret.as_ref().unwrap();
+        assert_eq!(token.name, "robot-x-shop-x-team-a-sa-token");
+        assert_eq!(token.items.as_ref().unwrap()[0].path, "token");
+        assert_eq!(sources[1].config_map.as_ref().unwrap().name, "kube-root-ca.crt-x-shop-x-team-a");
+        assert_eq!(
+            sources[2].downward_api.as_ref().unwrap().items.as_ref().unwrap()[0].field_ref.as_ref().unwrap().field_path,
+            "metadata.annotations['vkube.dev/object-namespace']"
+        );
+    }
+
+    #[test]
+    fn references_api_and_dns_point_at_the_virtual_cluster() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let spec = host_pod(&env(&tr, &policy), &vpod(typical())).unwrap().spec.unwrap();
+        assert_eq!(spec.priority_class_name, None);
+        assert_eq!(spec.priority, None);
+        assert_eq!(spec.scheduler_name, None);
+        assert_eq!(spec.enable_service_links, Some(false));
+        assert_eq!(spec.hostname.as_deref(), Some("web-1"));
+        assert_eq!(spec.image_pull_secrets.unwrap()[0].name, "pull-x-shop-x-team-a");
+        let c = &spec.containers[0];
+        let env: BTreeMap<&str, &EnvVar> = c.env.as_ref().unwrap().iter().map(|e| (e.name.as_str(), e)).collect();
+        assert_eq!(env["KUBERNETES_SERVICE_HOST"].value.as_deref(), Some("10.96.0.10"));
+        assert_eq!(env["KUBERNETES_SERVICE_PORT"].value.as_deref(), Some("443"));
+        let path = |n: &str| env[n].value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path.clone();
+        assert_eq!(path("POD"), "metadata.annotations['vkube.dev/object-name']");
+        assert_eq!(path("APP"), "metadata.labels['app']");
+        assert_eq!(path("IP"), "status.podIP");
+        assert_eq!(env["PASS"].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "db-x-shop-x-team-a");
+        assert_eq!(c.env_from.as_ref().unwrap()[0].config_map_ref.as_ref().unwrap().name, "settings-x-shop-x-team-a");
+        let vols = spec.volumes.unwrap();
+        assert_eq!(vols[0].config_map.as_ref().unwrap().name, "settings-x-shop-x-team-a");
+        assert_eq!(vols[1].persistent_volume_claim.as_ref().unwrap().claim_name, "data-x-shop-x-team-a");
+        assert_eq!(spec.dns_policy.as_deref(), Some("None"));
+        let dns = spec.dns_config.unwrap();
+        assert_eq!(dns.nameservers.unwrap(), vec!["10.96.0.53"]);
+        assert_eq!(dns.searches.unwrap(), vec!["shop.svc.cluster.local", "svc.cluster.local", "cluster.local"]);
+        let aliases = spec.host_aliases.unwrap();
+        assert_eq!(aliases[0].ip, "10.96.0.10");
+        assert!(aliases[0].hostnames.as_ref().unwrap().contains(&"kubernetes.default.svc.cluster.local".to_string()));
+    }
+
+    #[test]
+    fn selectors_in_scheduling_terms_stay_inside() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let spec = serde_json::json!({
+            "containers": [{"name": "c"}],
+            "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "web"}}},
+                {"topologyKey": "zone", "namespaces": ["a", "b"], "labelSelector": {"matchLabels": {"app": "db"}}}]}},
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule",
+                "labelSelector": {"matchLabels": {"app": "web"}}}],
+        });
+        let spec = host_pod(&env(&tr, &policy), &vpod(spec)).unwrap().spec.unwrap();
+        let terms = spec.affinity.unwrap().pod_anti_affinity.unwrap().required_during_scheduling_ignored_during_execution.unwrap();
+        let own = terms[0].label_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+        assert_eq!(own[LABEL_NAMESPACE], "shop");
+        assert_eq!(own["vkube.dev/cluster"], "team-a");
+        let multi = terms[1].label_selector.as_ref().unwrap();
+        assert!(!multi.match_labels.as_ref().unwrap().contains_key(LABEL_NAMESPACE));
+        assert_eq!(multi.match_expressions.as_ref().unwrap()[0].values.as_ref().unwrap(), &vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(terms[1].namespaces, None);
+        let tsc = &spec.topology_spread_constraints.unwrap()[0];
+        assert_eq!(tsc.label_selector.as_ref().unwrap().match_labels.as_ref().unwrap()[LABEL_NAMESPACE], "shop");
+    }
+
+    #[test]
+    fn forbidden_pods_are_refused_before_anything_is_built() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let err = host_pod(&env(&tr, &policy), &vpod(serde_json::json!({"hostNetwork": true, "containers": [{"name": "c"}]})))
+            .unwrap_err();
+        assert!(err.message.contains("hostNetwork"));
+    }
+
+    #[test]
+    fn token_secrets_per_audience() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let mut spec = typical();
+        spec["volumes"][2]["projected"]["sources"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"serviceAccountToken": {"path": "vault", "audience": "vault"}}));
+        let secrets = token_secrets(&tr, &vpod(spec));
+        assert_eq!(secrets.len(), 2);
+        assert_eq!(secrets[0], ("robot-x-shop-x-team-a-sa-token".to_string(), None));
+        assert!(secrets[1].0.starts_with("robot-x-shop-x-team-a-sa-token-"));
+        assert_eq!(secrets[1].1.as_deref(), Some("vault"));
+    }
+}
