@@ -137,6 +137,29 @@ impl Translator {
         ])
     }
 
+    /// Metadata of the host copy of a virtual object: translated name, our namespace, labels
+    /// rewritten and marked, user annotations (minus our domain and kubectl's last-applied copy)
+    /// plus the ownership marks.
+    pub fn host_meta(&self, kind: &str, meta: &ObjectMeta) -> ObjectMeta {
+        let ns = meta.namespace.as_deref().unwrap_or_default();
+        let name = meta.name.as_deref().unwrap_or_default();
+        let mut annotations: BTreeMap<String, String> = meta
+            .annotations
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.as_str() != LAST_APPLIED && !is_reserved_key(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        annotations.extend(self.owner_annotations(kind, ns, name, meta.uid.as_deref().unwrap_or_default()));
+        ObjectMeta {
+            name: Some(self.host_name(ns, name)),
+            namespace: Some(self.host_namespace.clone()),
+            labels: Some(self.host_labels(ns, meta.labels.as_ref())),
+            annotations: Some(annotations),
+            ..Default::default()
+        }
+    }
+
     /// The virtual object a host object mirrors, if this virtual cluster owns it. `None` means
     /// "not ours": never modify or delete it.
     pub fn owner(&self, meta: &ObjectMeta) -> Option<Owner> {
@@ -158,6 +181,14 @@ impl Translator {
 /// A name or namespace whose `-x-` separators could not be misread.
 fn unambiguous(part: &str) -> bool {
     !part.contains(SEPARATOR) && !part.starts_with("x-") && !part.ends_with("-x")
+}
+
+/// kubectl's copy of the applied manifest: large and meaningless on the host.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Whether a label or annotation key is in our domain.
+pub fn is_reserved_key(key: &str) -> bool {
+    key.split_once('/').is_some_and(|(p, _)| is_reserved_prefix(p))
 }
 
 fn is_reserved_prefix(prefix: &str) -> bool {

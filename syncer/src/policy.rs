@@ -225,7 +225,8 @@ fn baseline_container(sc: &SecurityContext, where_: &str, v: &mut Vec<String>) {
 fn restricted(spec: &PodSpec, v: &mut Vec<String>) {
     for vol in spec.volumes.iter().flatten() {
         let json = serde_json::to_value(vol).unwrap_or_default();
-        let kinds: Vec<&String> = json.as_object().map(|o| o.keys().filter(|k| *k != "name").collect()).unwrap_or_default();
+        let kinds: Vec<&String> =
+            json.as_object().map(|o| o.keys().filter(|k| *k != "name").collect()).unwrap_or_default();
         for k in kinds {
             if !RESTRICTED_VOLUMES.contains(&k.as_str()) {
                 v.push(format!("volume {:?} of type {k}", vol.name));
@@ -278,7 +279,8 @@ mod tests {
 
     #[test]
     fn an_ordinary_pod_passes() {
-        let spec = pod(serde_json::json!({"containers": [{"name": "web", "image": "nginx", "ports": [{"containerPort": 80}],
+        let spec =
+            pod(serde_json::json!({"containers": [{"name": "web", "image": "nginx", "ports": [{"containerPort": 80}],
             "securityContext": {"capabilities": {"add": ["NET_BIND_SERVICE", "CAP_CHOWN"]}}}],
             "volumes": [{"name": "data", "emptyDir": {}}]}));
         assert_eq!(baseline().check_pod(&spec), Ok(()));
@@ -325,7 +327,9 @@ mod tests {
 
     #[test]
     fn privileged_level_allows_everything_and_restricted_asks_more() {
-        let spec = pod(serde_json::json!({"hostNetwork": true, "containers": [{"name": "c", "securityContext": {"privileged": true}}]}));
+        let spec = pod(
+            serde_json::json!({"hostNetwork": true, "containers": [{"name": "c", "securityContext": {"privileged": true}}]}),
+        );
         let privileged = Policy { pod_security: PodSecurityLevel::Privileged, ..Default::default() };
         assert_eq!(privileged.check_pod(&spec), Ok(()));
 
@@ -342,7 +346,8 @@ mod tests {
 
     #[test]
     fn node_ports_and_load_balancers_need_the_admin() {
-        let np: ServiceSpec = serde_json::from_value(serde_json::json!({"type": "NodePort", "ports": [{"port": 80}]})).unwrap();
+        let np: ServiceSpec =
+            serde_json::from_value(serde_json::json!({"type": "NodePort", "ports": [{"port": 80}]})).unwrap();
         assert_eq!(baseline().check_service(&np).unwrap_err().reason, "NodePortNotAllowed");
         let allowed = Policy { allow_node_ports: true, ..Default::default() };
         assert_eq!(allowed.check_service(&np), Ok(()));

@@ -43,7 +43,8 @@ mod tests {
                     {"name": "injected-by-host", "ready": true, "restartCount": 0, "image": "x", "imageID": ""}]}
         }))
         .unwrap();
-        let virtual_pod: Pod = serde_json::from_value(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})).unwrap();
+        let virtual_pod: Pod =
+            serde_json::from_value(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})).unwrap();
         let s = virtual_status(&host, &virtual_pod);
         assert_eq!(s.phase.as_deref(), Some("Running"));
         assert_eq!(s.pod_ip.as_deref(), Some("10.244.0.5"));

@@ -16,17 +16,15 @@ use k8s_openapi::api::core::v1::{
     Container, EnvVar, EphemeralContainer, HostAlias, KeyToPath, ObjectFieldSelector, Pod, PodAffinityTerm,
     PodDNSConfig, PodDNSConfigOption, PodSpec, Volume, VolumeProjection,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
-use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, DOMAIN, Translator};
+use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, Translator};
 use crate::policy::{Policy, Refusal};
 
 /// The downward-API annotation holding the virtual pod's labels (`metadata.labels` format).
 pub const ANNOTATION_LABELS: &str = "vkube.dev/object-labels";
 /// The downward-API annotation holding the virtual pod's service account.
 pub const ANNOTATION_SERVICE_ACCOUNT: &str = "vkube.dev/service-account";
-/// kubectl's copy of the applied manifest: large and meaningless on the host.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Facts about the virtual cluster that every pod translation needs.
 #[derive(Clone, Debug)]
@@ -65,15 +63,8 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Pod, Refusal> {
     }
 
     let sa = crate::refs::service_account(vspec);
-    let mut annotations: BTreeMap<String, String> = v
-        .metadata
-        .annotations
-        .iter()
-        .flatten()
-        .filter(|(k, _)| k.as_str() != LAST_APPLIED && !is_ours(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    annotations.extend(tr.owner_annotations("Pod", ns, name, v.metadata.uid.as_deref().unwrap_or_default()));
+    let mut metadata = tr.host_meta("Pod", &v.metadata);
+    let annotations = metadata.annotations.get_or_insert_with(BTreeMap::new);
     annotations.insert(ANNOTATION_LABELS.into(), format_labels(v.metadata.labels.as_ref()));
     annotations.insert(ANNOTATION_SERVICE_ACCOUNT.into(), sa.clone());
 
@@ -144,25 +135,11 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Pod, Refusal> {
         }
     }
 
-    Ok(Pod {
-        metadata: ObjectMeta {
-            name: Some(tr.host_name(ns, name)),
-            namespace: Some(tr.host_namespace().to_string()),
-            labels: Some(tr.host_labels(ns, v.metadata.labels.as_ref())),
-            annotations: Some(annotations),
-            ..Default::default()
-        },
-        spec: Some(spec),
-        status: None,
-    })
+    Ok(Pod { metadata, spec: Some(spec), status: None })
 }
 
 fn refusal(reason: &'static str, message: String) -> Refusal {
     Refusal { reason, message }
-}
-
-fn is_ours(key: &str) -> bool {
-    key.split_once('/').is_some_and(|(p, _)| p == DOMAIN || p.ends_with(&format!(".{DOMAIN}")))
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -254,10 +231,19 @@ fn projection(tr: &Translator, ns: &str, sa: &str, src: &mut VolumeProjection) {
 /// Host env for every container: the API server is the virtual one, behind the proxy's Service.
 fn api_env(env: &PodEnv<'_>) -> [EnvVar; 3] {
     let var = |n: &str, v: &str| EnvVar { name: n.into(), value: Some(v.into()), value_from: None };
-    [var("KUBERNETES_SERVICE_HOST", env.api_ip), var("KUBERNETES_SERVICE_PORT", "443"), var("KUBERNETES_SERVICE_PORT_HTTPS", "443")]
+    [
+        var("KUBERNETES_SERVICE_HOST", env.api_ip),
+        var("KUBERNETES_SERVICE_PORT", "443"),
+        var("KUBERNETES_SERVICE_PORT_HTTPS", "443"),
+    ]
 }
 
-fn env_vars(env: &PodEnv<'_>, ns: &str, vars: &mut Option<Vec<EnvVar>>, from: &mut Option<Vec<k8s_openapi::api::core::v1::EnvFromSource>>) {
+fn env_vars(
+    env: &PodEnv<'_>,
+    ns: &str,
+    vars: &mut Option<Vec<EnvVar>>,
+    from: &mut Option<Vec<k8s_openapi::api::core::v1::EnvFromSource>>,
+) {
     let tr = env.translator;
     let list = vars.get_or_insert_with(Vec::new);
     for e in list.iter_mut() {
@@ -319,7 +305,8 @@ fn field_ref(f: &mut ObjectFieldSelector) {
 /// to the virtual namespaces the term lists.
 fn affinity_term(tr: &Translator, ns: &str, t: &mut PodAffinityTerm) {
     let namespaces = t.namespaces.take().unwrap_or_default();
-    let any_namespace = t.namespace_selector.take().is_some_and(|s| s.match_labels.is_none() && s.match_expressions.is_none());
+    let any_namespace =
+        t.namespace_selector.take().is_some_and(|s| s.match_labels.is_none() && s.match_expressions.is_none());
     let sel = t.label_selector.take().unwrap_or_default();
     let mut host = tr.host_label_selector(ns, &sel);
     if any_namespace || !namespaces.is_empty() {
@@ -411,7 +398,10 @@ mod tests {
         assert_eq!(labels["vkube.dev/cluster"], "team-a");
         assert_eq!(labels["tenant.vkube.dev/cluster"], "forged");
         let owner = tr.owner(&h.metadata).unwrap();
-        assert_eq!((owner.kind.as_str(), owner.namespace.as_str(), owner.name.as_str(), owner.uid.as_str()), ("Pod", "shop", "web-1", "u-1"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.namespace.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("Pod", "shop", "web-1", "u-1")
+        );
         let ann = h.metadata.annotations.as_ref().unwrap();
         assert_eq!(ann["note"], "kept");
         assert!(!ann.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
@@ -427,7 +417,8 @@ mod tests {
         assert_eq!(spec.service_account_name, None);
         let json = serde_json::to_string(&spec).unwrap();
         assert!(!json.contains("serviceAccountToken"), "no projected host token: {json}");
-        let projected = spec.volumes.unwrap().into_iter().find(|v| v.name == "kube-api-access").unwrap().projected.unwrap();
+        let projected =
+            spec.volumes.unwrap().into_iter().find(|v| v.name == "kube-api-access").unwrap().projected.unwrap();
         let sources = projected.sources.unwrap();
         let token = sources[0].secret.as_ref().unwrap();
         assert_eq!(token.name, "robot-x-shop-x-team-a-sa-token");
@@ -458,7 +449,10 @@ mod tests {
         assert_eq!(path("POD"), "metadata.annotations['vkube.dev/object-name']");
         assert_eq!(path("APP"), "metadata.labels['app']");
         assert_eq!(path("IP"), "status.podIP");
-        assert_eq!(env["PASS"].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "db-x-shop-x-team-a");
+        assert_eq!(
+            env["PASS"].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name,
+            "db-x-shop-x-team-a"
+        );
         assert_eq!(c.env_from.as_ref().unwrap()[0].config_map_ref.as_ref().unwrap().name, "settings-x-shop-x-team-a");
         let vols = spec.volumes.unwrap();
         assert_eq!(vols[0].config_map.as_ref().unwrap().name, "settings-x-shop-x-team-a");
@@ -485,13 +479,22 @@ mod tests {
                 "labelSelector": {"matchLabels": {"app": "web"}}}],
         });
         let spec = host_pod(&env(&tr, &policy), &vpod(spec)).unwrap().spec.unwrap();
-        let terms = spec.affinity.unwrap().pod_anti_affinity.unwrap().required_during_scheduling_ignored_during_execution.unwrap();
+        let terms = spec
+            .affinity
+            .unwrap()
+            .pod_anti_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap();
         let own = terms[0].label_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
         assert_eq!(own[LABEL_NAMESPACE], "shop");
         assert_eq!(own["vkube.dev/cluster"], "team-a");
         let multi = terms[1].label_selector.as_ref().unwrap();
         assert!(!multi.match_labels.as_ref().unwrap().contains_key(LABEL_NAMESPACE));
-        assert_eq!(multi.match_expressions.as_ref().unwrap()[0].values.as_ref().unwrap(), &vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(
+            multi.match_expressions.as_ref().unwrap()[0].values.as_ref().unwrap(),
+            &vec!["a".to_string(), "b".to_string()]
+        );
         assert_eq!(terms[1].namespaces, None);
         let tsc = &spec.topology_spread_constraints.unwrap()[0];
         assert_eq!(tsc.label_selector.as_ref().unwrap().match_labels.as_ref().unwrap()[LABEL_NAMESPACE], "shop");
@@ -501,8 +504,11 @@ mod tests {
     fn forbidden_pods_are_refused_before_anything_is_built() {
         let tr = Translator::new("team-a", "vkube-team-a");
         let policy = Policy::default();
-        let err = host_pod(&env(&tr, &policy), &vpod(serde_json::json!({"hostNetwork": true, "containers": [{"name": "c"}]})))
-            .unwrap_err();
+        let err = host_pod(
+            &env(&tr, &policy),
+            &vpod(serde_json::json!({"hostNetwork": true, "containers": [{"name": "c"}]})),
+        )
+        .unwrap_err();
         assert!(err.message.contains("hostNetwork"));
     }
 

@@ -1,0 +1,70 @@
+//! PersistentVolumeClaims: the claim is made on the host, where the storage is; its status
+//! (bound, capacity) flows back.
+
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::Store;
+
+use crate::context::Context;
+use crate::mirror::{Mirror, meta_differs};
+use crate::policy::Refusal;
+use crate::sync::Result;
+
+impl Mirror for PersistentVolumeClaim {
+    const KIND: &'static str = "PersistentVolumeClaim";
+
+    fn stores(ctx: &Context) -> (&Store<Self>, &Store<Self>) {
+        (&ctx.stores.vpvcs, &ctx.stores.hpvcs)
+    }
+
+    fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
+        let ns = v.metadata.namespace.as_deref().unwrap_or_default();
+        let vs = v.spec.clone().unwrap_or_default();
+        // Claims on other claims are translated; sources and selectors naming host objects are not
+        // the tenant's to choose.
+        let data_source = vs.data_source.map(|mut d| {
+            d.name = ctx.tr.host_name(ns, &d.name);
+            d
+        });
+        let data_source = data_source.filter(|d| d.kind == "PersistentVolumeClaim" && d.api_group.is_none());
+        let spec = PersistentVolumeClaimSpec {
+            access_modes: vs.access_modes,
+            resources: vs.resources,
+            storage_class_name: vs.storage_class_name,
+            volume_mode: vs.volume_mode,
+            volume_attributes_class_name: vs.volume_attributes_class_name,
+            data_source_ref: data_source.clone().map(|d| k8s_openapi::api::core::v1::TypedObjectReference {
+                api_group: d.api_group,
+                kind: d.kind,
+                name: d.name,
+                namespace: None,
+            }),
+            data_source,
+            selector: None,
+            volume_name: None,
+        };
+        Ok(PersistentVolumeClaim { metadata: ctx.tr.host_meta(Self::KIND, &v.metadata), spec: Some(spec), status: None })
+    }
+
+    fn differs(d: &Self, c: &Self) -> bool {
+        // The spec is immutable but for the requested size; labels and annotations follow.
+        let size = |p: &Self| p.spec.as_ref().and_then(|s| s.resources.as_ref()).and_then(|r| r.requests.clone());
+        meta_differs(d, c) || size(d) != size(c)
+    }
+
+    async fn back(ctx: &Context, v: &Self, h: &Self) -> Result<()> {
+        let want = serde_json::to_value(&h.status).unwrap_or_default();
+        if serde_json::to_value(&v.status).unwrap_or_default() == want {
+            return Ok(());
+        }
+        let api: Api<Self> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
+        api.patch_status(
+            v.metadata.name.as_deref().unwrap_or_default(),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": want })),
+        )
+        .await?;
+        ctx.metrics.wrote(Self::KIND, "status");
+        Ok(())
+    }
+}

@@ -1,0 +1,90 @@
+//! What every sync module shares: clients, stores, queues, the translator and the policy.
+
+use std::sync::RwLock;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Event, Node, PersistentVolumeClaim, Pod, Secret, Service};
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+
+use crate::metrics::Metrics;
+use crate::naming::Translator;
+use crate::policy::Policy;
+use crate::queue::Queue;
+use crate::refs::RefIndex;
+
+/// A namespaced key: (namespace, name) of the virtual object.
+pub type Key = (String, String);
+
+/// Settings of the syncer (the admin's, like the policy).
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub cluster_domain: String,
+    /// Copy every configmap, not only those pods use.
+    pub sync_all_configmaps: bool,
+    /// Copy every secret, not only those pods use.
+    pub sync_all_secrets: bool,
+    /// Reconciles running at once per kind.
+    pub concurrency: usize,
+    /// ClusterIP of the host Service in front of the API proxy (`kubernetes.default` for pods).
+    pub api_ip: String,
+}
+
+pub struct Stores {
+    pub vpods: Store<Pod>,
+    pub hpods: Store<Pod>,
+    pub vservices: Store<Service>,
+    pub hservices: Store<Service>,
+    pub vconfigmaps: Store<ConfigMap>,
+    pub hconfigmaps: Store<ConfigMap>,
+    pub vsecrets: Store<Secret>,
+    pub hsecrets: Store<Secret>,
+    pub vendpoints: Store<Endpoints>,
+    pub hendpoints: Store<Endpoints>,
+    pub vpvcs: Store<PersistentVolumeClaim>,
+    pub hpvcs: Store<PersistentVolumeClaim>,
+    pub vnodes: Store<Node>,
+    pub hevents: Store<Event>,
+}
+
+pub struct Queues {
+    pub pods: Queue<Key>,
+    pub services: Queue<Key>,
+    pub configmaps: Queue<Key>,
+    pub secrets: Queue<Key>,
+    pub endpoints: Queue<Key>,
+    pub pvcs: Queue<Key>,
+    /// (namespace, service account) whose token Secret may be needed or unused.
+    pub tokens: Queue<Key>,
+    pub nodes: Queue<String>,
+    /// Host event names.
+    pub events: Queue<String>,
+}
+
+pub struct Context {
+    pub tr: Translator,
+    pub policy: Policy,
+    pub opts: Options,
+    /// The virtual API server, as the control plane (cluster-admin).
+    pub virt: Client,
+    /// The host API server, with the control plane's host credentials.
+    pub host: Client,
+    pub stores: Stores,
+    pub refs: RefIndex,
+    pub queues: Queues,
+    /// Events on virtual objects (refusals, collisions).
+    pub recorder: Recorder,
+    /// ClusterIP of the virtual cluster's DNS Service, once it is synced.
+    pub dns_ip: RwLock<Option<String>>,
+    pub metrics: Metrics,
+}
+
+impl Context {
+    pub fn host_ns(&self) -> &str {
+        self.tr.host_namespace()
+    }
+
+    pub fn dns_ip(&self) -> Option<String> {
+        self.dns_ip.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}

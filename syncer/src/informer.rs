@@ -1,0 +1,99 @@
+//! Watches feeding a store and the sync queues. Handlers see every object the watch reports,
+//! including, after a relist, the objects that vanished while the watch was down (kube-runtime's
+//! reflector drops those silently), so deletions are never missed.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, watcher as watch};
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+
+
+
+type Handler<K> = Box<dyn Fn(&K, Change) + Send + Sync>;
+
+/// What happened to an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Applied,
+    Deleted,
+}
+
+pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
+    name: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    store: Store<K>,
+    handlers: Vec<Handler<K>>,
+}
+
+impl<K> Informer<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    pub fn new(name: &'static str, api: Api<K>, config: watcher::Config) -> Self {
+        let writer = Writer::default();
+        let store = writer.as_reader();
+        Informer { name, api, config, writer, store, handlers: vec![] }
+    }
+
+    pub fn store(&self) -> Store<K> {
+        self.store.clone()
+    }
+
+    /// Calls `f` for every change, in watch order, after the store has been updated.
+    pub fn on_change(&mut self, f: impl Fn(&K, Change) + Send + Sync + 'static) {
+        self.handlers.push(Box::new(f));
+    }
+
+    /// Drives the watch forever (with kube-runtime's backoff on errors).
+    pub async fn run(self) {
+        let Informer { name, api, config, mut writer, store, handlers } = self;
+        let stream = watch(api, config).default_backoff().modify(|o: &mut K| {
+            o.managed_fields_mut().clear();
+            o.annotations_mut().remove(crate::naming::LAST_APPLIED);
+        });
+        futures::pin_mut!(stream);
+        let mut before_relist: HashMap<ObjectRef<K>, Arc<K>> = HashMap::new();
+        let notify = |o: &K, c: Change| handlers.iter().for_each(|h| h(o, c));
+        while let Some(event) = stream.next().await {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(watch = name, error = %e, "watch failed; retrying with backoff");
+                    continue;
+                }
+            };
+            if let Event::Init = event {
+                before_relist = store.state().into_iter().map(|o| (ObjectRef::from_obj(o.as_ref()), o)).collect();
+            }
+            writer.apply_watcher_event(&event);
+            match &event {
+                Event::Apply(o) | Event::InitApply(o) => notify(o, Change::Applied),
+                Event::Delete(o) => notify(o, Change::Deleted),
+                Event::Init => {}
+                Event::InitDone => {
+                    for (key, old) in before_relist.drain() {
+                        if store.get(&key).is_none() {
+                            notify(&old, Change::Deleted);
+                        }
+                    }
+                    tracing::debug!(watch = name, objects = store.len(), "listed");
+                }
+            }
+        }
+    }
+}
+
+/// The (namespace, name) of an object, the key every queue uses.
+pub fn key_of<K: Resource>(o: &K) -> (String, String) {
+    (o.namespace().unwrap_or_default(), o.name_any())
+}

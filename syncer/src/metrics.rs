@@ -1,0 +1,79 @@
+//! Prometheus metrics of the syncer.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub kind: &'static str,
+    /// create | update | delete | status | bind
+    pub operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: &'static str,
+    pub error: &'static str,
+}
+
+/// A short, bounded name for an error, for the `error` label.
+pub trait ErrorLabel {
+    fn label(&self) -> &'static str;
+}
+
+fn buckets() -> Histogram {
+    Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    /// Writes made to keep host (and virtual) objects in sync.
+    pub synced: Family<OperationLabels, Counter>,
+    /// From a key being queued to its reconcile finishing.
+    pub sync_latency: Family<KindLabel, Histogram>,
+    pub reconcile_duration: Family<KindLabel, Histogram>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub queue_depth: Family<KindLabel, Gauge>,
+    /// Objects kept off the host by the isolation policy.
+    pub refused: Family<KindLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            synced: Family::default(),
+            sync_latency: Family::new_with_constructor(buckets),
+            reconcile_duration: Family::new_with_constructor(buckets),
+            errors: Family::default(),
+            queue_depth: Family::default(),
+            refused: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics::default();
+        let r = registry.sub_registry_with_prefix("vkube_syncer");
+        r.register("synced", "Writes made to keep objects in sync, by kind and operation", m.synced.clone());
+        r.register("sync_latency_seconds", "From a change being noticed to its sync finishing, by kind", m.sync_latency.clone());
+        r.register("reconcile_duration_seconds", "Duration of one reconcile, by kind", m.reconcile_duration.clone());
+        r.register("errors", "Failed reconciles, by kind and error", m.errors.clone());
+        r.register("queue_depth", "Keys waiting to be reconciled, by kind", m.queue_depth.clone());
+        r.register("refused", "Objects kept off the host by the isolation policy, by kind", m.refused.clone());
+        m
+    }
+
+    pub fn wrote(&self, kind: &'static str, operation: &'static str) {
+        self.synced.get_or_create(&OperationLabels { kind, operation }).inc();
+    }
+}

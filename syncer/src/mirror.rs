@@ -1,0 +1,100 @@
+//! Kinds whose host copy is a translated copy of the virtual object, kept in step and removed
+//! when the virtual object goes or is no longer wanted: configmaps, secrets, endpoints, claims.
+
+use std::fmt::Debug;
+use std::future::Future;
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::Resource;
+use kube::runtime::reflector::{ObjectRef, Store};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::context::{Context, Key};
+use crate::policy::Refusal;
+use crate::queue::Action;
+use crate::sync::{self, HostCopy, Result};
+
+pub trait Mirror:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug + Send + Sync + 'static
+{
+    const KIND: &'static str;
+
+    /// (virtual store, host store)
+    fn stores(ctx: &Context) -> (&Store<Self>, &Store<Self>);
+
+    /// Whether this virtual object belongs on the host at all.
+    fn wanted(_ctx: &Context, _v: &Self) -> bool {
+        true
+    }
+
+    /// The host copy (pure). `Err` keeps it off the host with a Warning event.
+    fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal>;
+
+    /// Whether the current host copy differs from the desired one in what we manage.
+    fn differs(desired: &Self, current: &Self) -> bool;
+
+    /// Whether a difference can only be fixed by deleting and recreating (immutable objects).
+    fn needs_recreate(_current: &Self) -> bool {
+        false
+    }
+
+    /// What flows back to the virtual object once the host copy exists.
+    fn back(_ctx: &Context, _v: &Self, _h: &Self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
+
+pub async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> {
+    let (vstore, hstore) = M::stores(ctx);
+    let host_name = ctx.tr.host_name(&ns, &name);
+    let v = vstore.get(&ObjectRef::new(&name).within(&ns));
+    let h = sync::host_get(hstore, ctx, &host_name);
+    let wanted = v.as_ref().filter(|v| v.meta().deletion_timestamp.is_none() && M::wanted(ctx, v));
+    let Some(v) = wanted else {
+        if let Some(h) = h
+            && sync::mirrors(ctx, h.as_ref(), M::KIND, &ns, &name).is_some()
+        {
+            sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
+        }
+        return Ok(Action::Done);
+    };
+    let uid = v.meta().uid.clone().unwrap_or_default();
+    let desired = match M::host_copy(ctx, &v) {
+        Ok(d) => d,
+        Err(r) => {
+            if let HostCopy::Ours(h) | HostCopy::Stale(h) = sync::classify(ctx, h, M::KIND, &ns, &name, &uid) {
+                sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
+            }
+            sync::refuse(ctx, M::KIND, v.as_ref(), &r).await;
+            return Ok(Action::Done);
+        }
+    };
+    match sync::classify(ctx, h, M::KIND, &ns, &name, &uid) {
+        HostCopy::Absent => sync::create_host(ctx, M::KIND, &desired).await?,
+        HostCopy::Foreign(_) => {
+            sync::collision(ctx, v.as_ref(), &host_name).await;
+            return Ok(Action::RequeueAfter(std::time::Duration::from_secs(300)));
+        }
+        HostCopy::Stale(h) => {
+            sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
+            return Ok(Action::RequeueAfter(std::time::Duration::from_millis(200)));
+        }
+        HostCopy::Ours(h) => {
+            if M::differs(&desired, &h) {
+                if M::needs_recreate(&h) {
+                    sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
+                    return Ok(Action::RequeueAfter(std::time::Duration::from_millis(200)));
+                }
+                sync::replace_host(ctx, M::KIND, h.as_ref(), desired).await?;
+            }
+            M::back(ctx, &v, &h).await?;
+        }
+    }
+    Ok(Action::Done)
+}
+
+/// Labels and annotations as managed on host copies.
+pub fn meta_differs<K: Resource>(desired: &K, current: &K) -> bool {
+    desired.meta().labels != current.meta().labels || desired.meta().annotations != current.meta().annotations
+}

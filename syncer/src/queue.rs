@@ -1,0 +1,216 @@
+//! A keyed work queue, client-go style: a key is queued at most once, never reconciled by two
+//! workers at once (a key queued while it runs is run again right after), failures back off per
+//! key. Scheduling and de-duplication are kube-runtime's `scheduler`.
+//!
+//! Why not kube-runtime's `Controller`: it only calls the reconciler for objects present in its
+//! primary store, but a syncer must also act on keys whose virtual object is gone (to delete the
+//! host copy) without putting a finalizer on every tenant object.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::scheduler::{ScheduleRequest, scheduler};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::metrics::{KindLabel, Metrics};
+
+/// What a reconcile asks for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Done,
+    RequeueAfter(Duration),
+}
+
+/// The sending side: cheap to clone, shared by every event handler.
+pub struct Queue<K> {
+    tx: mpsc::UnboundedSender<ScheduleRequest<K>>,
+    /// Keys waiting (not yet handed to a worker), with when they were first queued.
+    waiting: Arc<Mutex<HashMap<K, Instant>>>,
+    kind: &'static str,
+    metrics: Metrics,
+}
+
+impl<K> Clone for Queue<K> {
+    fn clone(&self) -> Self {
+        Queue { tx: self.tx.clone(), waiting: self.waiting.clone(), kind: self.kind, metrics: self.metrics.clone() }
+    }
+}
+
+/// The receiving side, consumed by [`Worker::run`].
+pub struct Worker<K> {
+    rx: mpsc::UnboundedReceiver<ScheduleRequest<K>>,
+    queue: Queue<K>,
+}
+
+pub fn queue<K: Clone + Eq + Hash>(kind: &'static str, metrics: Metrics) -> (Queue<K>, Worker<K>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queue = Queue { tx, waiting: Arc::default(), kind, metrics };
+    (queue.clone(), Worker { rx, queue })
+}
+
+impl<K: Clone + Eq + Hash> Queue<K> {
+    pub fn add(&self, key: K) {
+        self.add_after(key, Duration::ZERO);
+    }
+
+    pub fn add_after(&self, key: K, delay: Duration) {
+        {
+            let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            w.entry(key.clone()).or_insert_with(Instant::now);
+            self.metrics.queue_depth.get_or_create(&KindLabel { kind: self.kind }).set(w.len() as i64);
+        }
+        let _ = self.tx.send(ScheduleRequest { message: key, run_at: Instant::now() + delay });
+    }
+
+    /// Takes a key off the waiting set; returns when it was first queued.
+    fn popped(&self, key: &K) -> Option<Instant> {
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let at = w.remove(key);
+        self.metrics.queue_depth.get_or_create(&KindLabel { kind: self.kind }).set(w.len() as i64);
+        at
+    }
+}
+
+#[derive(Default)]
+struct Running<K> {
+    running: HashSet<K>,
+    dirty: HashSet<K>,
+    failures: HashMap<K, u32>,
+}
+
+impl<K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static> Worker<K> {
+    /// Runs reconciles, `concurrency` at a time, until the queue's senders are all gone.
+    pub async fn run<F, Fut, E>(self, concurrency: usize, reconcile: F)
+    where
+        F: Fn(K) -> Fut,
+        Fut: Future<Output = Result<Action, E>>,
+        E: std::fmt::Display + crate::metrics::ErrorLabel,
+    {
+        let Worker { rx, queue } = self;
+        let state: Mutex<Running<K>> = Mutex::new(Running { running: HashSet::new(), dirty: HashSet::new(), failures: HashMap::new() });
+        let kind = queue.kind;
+        let labels = KindLabel { kind };
+        scheduler(tokio_stream_from(rx))
+            .for_each_concurrent(concurrency, |key| {
+                let (queue, state, reconcile, labels) = (&queue, &state, &reconcile, &labels);
+                async move {
+                    let queued_at = queue.popped(&key);
+                    {
+                        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                        if !s.running.insert(key.clone()) {
+                            s.dirty.insert(key);
+                            return;
+                        }
+                    }
+                    loop {
+                        let started = Instant::now();
+                        let result = reconcile(key.clone()).await;
+                        let m = &queue.metrics;
+                        m.reconcile_duration.get_or_create(labels).observe(started.elapsed().as_secs_f64());
+                        if let Some(at) = queued_at {
+                            m.sync_latency.get_or_create(labels).observe(at.elapsed().as_secs_f64());
+                        }
+                        let retry = {
+                            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                            match &result {
+                                Ok(_) => {
+                                    s.failures.remove(&key);
+                                    None
+                                }
+                                Err(_) => {
+                                    let n = s.failures.entry(key.clone()).or_insert(0);
+                                    *n += 1;
+                                    Some(backoff(*n))
+                                }
+                            }
+                        };
+                        match result {
+                            Ok(Action::Done) => {}
+                            Ok(Action::RequeueAfter(d)) => queue.add_after(key.clone(), d),
+                            Err(e) => {
+                                m.errors.get_or_create(&crate::metrics::ErrorLabels { kind, error: e.label() }).inc();
+                                tracing::warn!(kind, key = ?key, error = %e, "sync failed; retrying");
+                                queue.add_after(key.clone(), retry.unwrap_or(Duration::from_secs(1)));
+                            }
+                        }
+                        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                        if s.dirty.remove(&key) {
+                            continue;
+                        }
+                        s.running.remove(&key);
+                        break;
+                    }
+                }
+            })
+            .await;
+    }
+}
+
+/// 100 ms doubling per consecutive failure, at most 30 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(9).saturating_sub(1))).min(Duration::from_secs(30))
+}
+
+fn tokio_stream_from<T>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Debug)]
+    struct E;
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("boom")
+        }
+    }
+    impl crate::metrics::ErrorLabel for E {
+        fn label(&self) -> &'static str {
+            "test"
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(20), Duration::from_millis(25_600));
+        assert!(backoff(50) <= Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn duplicates_collapse_and_failures_retry() {
+        let metrics = Metrics::default();
+        let (q, w) = queue::<String>("test", metrics);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let fails_left = Arc::new(AtomicUsize::new(2));
+        for _ in 0..5 {
+            q.add("a".to_string());
+        }
+        let (r, f) = (runs.clone(), fails_left.clone());
+        let task = tokio::spawn(w.run(4, move |_k: String| {
+            let (r, f) = (r.clone(), f.clone());
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                if f.load(Ordering::SeqCst) > 0 {
+                    f.fetch_sub(1, Ordering::SeqCst);
+                    return Err(E);
+                }
+                Ok(Action::Done)
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        // One run for the five adds, two retries after failures.
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        drop(q);
+        task.abort();
+    }
+}

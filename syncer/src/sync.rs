@@ -1,0 +1,185 @@
+//! The shape every synced kind shares: classify the host copy (absent, ours, stale, someone
+//! else's), never touch what is not ours, tell the tenant why with a Warning event.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::context::Context;
+use crate::metrics::ErrorLabel;
+use crate::naming::Owner;
+use crate::policy::Refusal;
+
+/// The uid a host object carries while its virtual object is being created (the proxy creates
+/// the host Service first); the syncer adopts it once the virtual object exists.
+pub const PENDING_UID: &str = "pending";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ErrorLabel for SyncError {
+    fn label(&self) -> &'static str {
+        match self {
+            SyncError::Kube(kube::Error::Api(e)) if e.code == 409 => "conflict",
+            SyncError::Kube(kube::Error::Api(e)) if e.code == 404 => "not_found",
+            SyncError::Kube(kube::Error::Api(e)) if e.code == 403 => "forbidden",
+            SyncError::Kube(kube::Error::Api(e)) if e.code == 422 => "invalid",
+            SyncError::Kube(kube::Error::Api(_)) => "api",
+            SyncError::Kube(_) => "transport",
+            SyncError::Other(_) => "other",
+        }
+    }
+}
+
+pub type Result<T, E = SyncError> = std::result::Result<T, E>;
+
+/// The host copy of a virtual object, as found.
+pub enum HostCopy<K> {
+    Absent,
+    /// Ours, mirroring exactly this virtual object.
+    Ours(Arc<K>),
+    /// Ours, but left by an earlier virtual object of the same name (or a pending one to adopt).
+    Stale(Arc<K>),
+    /// Not ours: never modified or deleted.
+    Foreign(Arc<K>),
+}
+
+pub fn host_get<K>(store: &Store<K>, ctx: &Context, host_name: &str) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    store.get(&ObjectRef::new(host_name).within(ctx.host_ns()))
+}
+
+/// Where the host copy stands relative to the virtual object (`kind`, `namespace`, `name`,
+/// `uid`). A host object of ours whose uid is [`PENDING_UID`] counts as ours (it is adopted).
+pub fn classify<K: Resource>(ctx: &Context, h: Option<Arc<K>>, kind: &str, ns: &str, name: &str, uid: &str) -> HostCopy<K> {
+    let Some(h) = h else { return HostCopy::Absent };
+    match ctx.tr.owner(h.meta()) {
+        Some(o) if o.kind == kind && o.namespace == ns && o.name == name => {
+            if o.uid == uid || o.uid == PENDING_UID {
+                HostCopy::Ours(h)
+            } else {
+                HostCopy::Stale(h)
+            }
+        }
+        _ => HostCopy::Foreign(h),
+    }
+}
+
+/// Whether a host object is ours and mirrors the virtual object `kind` `ns`/`name` (any uid).
+pub fn mirrors<K: Resource>(ctx: &Context, h: &K, kind: &str, ns: &str, name: &str) -> Option<Owner> {
+    ctx.tr.owner(h.meta()).filter(|o| o.kind == kind && o.namespace == ns && o.name == name)
+}
+
+/// Deletes a host object we own (by name, with a uid precondition so nothing else is hit).
+pub async fn delete_host<K>(ctx: &Context, kind: &'static str, h: &K, grace: Option<i64>) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let dp = DeleteParams {
+        grace_period_seconds: grace.map(|g| g.max(0) as u32),
+        preconditions: h.meta().uid.clone().map(|uid| kube::api::Preconditions { uid: Some(uid), resource_version: None }),
+        ..Default::default()
+    };
+    match api.delete(&h.name_any(), &dp).await {
+        Ok(_) => {
+            ctx.metrics.wrote(kind, "delete");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates a host object; an existing one (a race with our own earlier write) is not an error:
+/// the host watch brings it and the next reconcile compares.
+pub async fn create_host<K>(ctx: &Context, kind: &'static str, desired: &K) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    match api.create(&PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() }, desired).await {
+        Ok(_) => {
+            ctx.metrics.wrote(kind, "create");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Replaces a host object we own with `desired` (carrying the current resourceVersion).
+pub async fn replace_host<K>(ctx: &Context, kind: &'static str, current: &K, mut desired: K) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+{
+    desired.meta_mut().resource_version = current.meta().resource_version.clone();
+    desired.meta_mut().uid = current.meta().uid.clone();
+    let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    api.replace(&current.name_any(), &PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() }, &desired)
+        .await?;
+    ctx.metrics.wrote(kind, "update");
+    Ok(())
+}
+
+/// A Warning event on a virtual object: how the tenant learns why something is not synced.
+pub async fn warn<K: Resource<DynamicType = ()>>(ctx: &Context, v: &K, reason: &str, message: &str) {
+    let reference: ObjectReference = v.object_ref(&());
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(truncate(message, 1000)),
+        action: "Sync".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        tracing::warn!(error = %e, reason, "could not record an event in the virtual cluster");
+    }
+}
+
+/// Reports a refusal by the isolation policy.
+pub async fn refuse<K: Resource<DynamicType = ()>>(ctx: &Context, kind: &'static str, v: &K, r: &Refusal) {
+    ctx.metrics.refused.get_or_create(&crate::metrics::KindLabel { kind }).inc();
+    tracing::info!(kind, namespace = ?v.meta().namespace, name = ?v.meta().name, reason = r.reason, "refused");
+    warn(ctx, v, r.reason, &r.message).await;
+}
+
+/// Reports a host object with the same name that vkube does not own.
+pub async fn collision<K: Resource<DynamicType = ()>>(ctx: &Context, v: &K, host_name: &str) {
+    warn(
+        ctx,
+        v,
+        "HostNameConflict",
+        &format!(
+            "a host object {}/{host_name} exists that this virtual cluster does not own; it is left alone and this object is not synced (rename it, or ask the host admin)",
+            ctx.host_ns()
+        ),
+    )
+    .await;
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
