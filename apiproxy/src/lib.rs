@@ -16,6 +16,7 @@ pub mod headers;
 mod host_pod;
 pub mod metrics;
 pub mod route;
+mod services;
 pub mod status;
 pub mod tls;
 mod upgrade;
@@ -38,6 +39,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use vkube_syncer::naming::Translator;
+use vkube_syncer::policy::Policy;
 
 use crate::auth::{Authenticator, Identity};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
@@ -59,6 +61,8 @@ pub fn empty() -> ProxyBody {
 /// What the proxy needs to know. PEM strings come from the control plane's PKI bundle.
 pub struct ProxyConfig {
     pub translator: Translator,
+    /// The admin's isolation policy (Services created through the proxy are checked at once).
+    pub policy: Policy,
     /// The virtual API server, e.g. `https://127.0.0.1:6443`.
     pub virtual_server: Uri,
     pub virtual_ca_pem: String,
@@ -73,6 +77,7 @@ pub struct ProxyConfig {
 
 pub struct Proxy {
     translator: Translator,
+    policy: Policy,
     virtual_server: Uri,
     /// HTTP/2 (or 1.1) for ordinary requests; HTTP/1.1 only for upgrades.
     upstream: UpstreamClient,
@@ -103,6 +108,7 @@ impl Proxy {
         };
         Ok(Arc::new(Proxy {
             translator: cfg.translator,
+            policy: cfg.policy,
             virtual_server: cfg.virtual_server,
             upstream: build(true)?,
             upstream_h1: build(false)?,
@@ -188,6 +194,7 @@ impl Proxy {
                     Route::HostPod { namespace, name, subresource } => {
                         self.host_pod(req, &id, &namespace, &name, subresource).await
                     }
+                    Route::CreateService { namespace } => self.create_service(req, &id, &namespace).await,
                     _ => self.forward(req, &id).await,
                 },
             },
@@ -248,12 +255,28 @@ impl Proxy {
     async fn forward(&self, mut req: Request<Incoming>, id: &Identity) -> Response<ProxyBody> {
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
+        self.send_upstream(parts, body.map_err(BoxError::from).boxed_unsync(), id, client_upgrade).await
+    }
+
+    /// Sends a request whose body the proxy has already read (or rewritten).
+    async fn forward_parts(&self, parts: http::request::Parts, body: ProxyBody, id: &Identity) -> Response<ProxyBody> {
+        self.send_upstream(parts, body, id, None).await
+    }
+
+    async fn send_upstream(
+        &self,
+        mut parts: http::request::Parts,
+        body: ProxyBody,
+        id: &Identity,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ProxyBody> {
+        let upgrade = client_upgrade.is_some();
         headers::sanitize_request(&mut parts.headers, upgrade, true);
         headers::add_identity(&mut parts.headers, id);
         parts.uri = self.upstream_uri(&parts.uri);
         parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+        let req = Request::from_parts(parts, body);
         let client = if upgrade { &self.upstream_h1 } else { &self.upstream };
         match client.request(req).await {
             Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match client_upgrade {

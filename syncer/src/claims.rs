@@ -43,7 +43,11 @@ impl Mirror for PersistentVolumeClaim {
             selector: None,
             volume_name: None,
         };
-        Ok(PersistentVolumeClaim { metadata: ctx.tr.host_meta(Self::KIND, &v.metadata), spec: Some(spec), status: None })
+        Ok(PersistentVolumeClaim {
+            metadata: ctx.tr.host_meta(Self::KIND, &v.metadata),
+            spec: Some(spec),
+            status: None,
+        })
     }
 
     fn differs(d: &Self, c: &Self) -> bool {

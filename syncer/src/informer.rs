@@ -14,9 +14,6 @@ use kube::runtime::{WatchStreamExt, watcher as watch};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-
-
-
 type Handler<K> = Box<dyn Fn(&K, Change) + Send + Sync>;
 
 /// What happened to an object.

@@ -65,7 +65,11 @@ impl Metrics {
         let m = Metrics::default();
         let r = registry.sub_registry_with_prefix("vkube_syncer");
         r.register("synced", "Writes made to keep objects in sync, by kind and operation", m.synced.clone());
-        r.register("sync_latency_seconds", "From a change being noticed to its sync finishing, by kind", m.sync_latency.clone());
+        r.register(
+            "sync_latency_seconds",
+            "From a change being noticed to its sync finishing, by kind",
+            m.sync_latency.clone(),
+        );
         r.register("reconcile_duration_seconds", "Duration of one reconcile, by kind", m.reconcile_duration.clone());
         r.register("errors", "Failed reconciles, by kind and error", m.errors.clone());
         r.register("queue_depth", "Keys waiting to be reconciled, by kind", m.queue_depth.clone());

@@ -16,7 +16,14 @@ use crate::queue::Action;
 use crate::sync::{self, HostCopy, Result};
 
 pub trait Mirror:
-    Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug + Send + Sync + 'static
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
 {
     const KIND: &'static str;
 
@@ -60,7 +67,7 @@ pub async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Acti
         return Ok(Action::Done);
     };
     let uid = v.meta().uid.clone().unwrap_or_default();
-    let desired = match M::host_copy(ctx, &v) {
+    let desired = match M::host_copy(ctx, v) {
         Ok(d) => d,
         Err(r) => {
             if let HostCopy::Ours(h) | HostCopy::Stale(h) = sync::classify(ctx, h, M::KIND, &ns, &name, &uid) {
@@ -88,7 +95,7 @@ pub async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Acti
                 }
                 sync::replace_host(ctx, M::KIND, h.as_ref(), desired).await?;
             }
-            M::back(ctx, &v, &h).await?;
+            M::back(ctx, v, &h).await?;
         }
     }
     Ok(Action::Done)

@@ -131,10 +131,10 @@ impl Policy {
             if sc.app_armor_profile.as_ref().is_some_and(|p| p.type_ == "Unconfined") {
                 v.push("appArmorProfile Unconfined".into());
             }
-            if let Some(t) = sc.se_linux_options.as_ref().and_then(|o| o.type_.as_deref()) {
-                if !["", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"].contains(&t) {
-                    v.push(format!("seLinuxOptions type {t:?}"));
-                }
+            if let Some(t) = sc.se_linux_options.as_ref().and_then(|o| o.type_.as_deref())
+                && !["", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"].contains(&t)
+            {
+                v.push(format!("seLinuxOptions type {t:?}"));
             }
         }
         for (kind, c) in containers(spec) {

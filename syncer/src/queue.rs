@@ -92,7 +92,8 @@ impl<K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static> Worker<K> {
         E: std::fmt::Display + crate::metrics::ErrorLabel,
     {
         let Worker { rx, queue } = self;
-        let state: Mutex<Running<K>> = Mutex::new(Running { running: HashSet::new(), dirty: HashSet::new(), failures: HashMap::new() });
+        let state: Mutex<Running<K>> =
+            Mutex::new(Running { running: HashSet::new(), dirty: HashSet::new(), failures: HashMap::new() });
         let kind = queue.kind;
         let labels = KindLabel { kind };
         scheduler(tokio_stream_from(rx))

@@ -66,7 +66,14 @@ where
 
 /// Where the host copy stands relative to the virtual object (`kind`, `namespace`, `name`,
 /// `uid`). A host object of ours whose uid is [`PENDING_UID`] counts as ours (it is adopted).
-pub fn classify<K: Resource>(ctx: &Context, h: Option<Arc<K>>, kind: &str, ns: &str, name: &str, uid: &str) -> HostCopy<K> {
+pub fn classify<K: Resource>(
+    ctx: &Context,
+    h: Option<Arc<K>>,
+    kind: &str,
+    ns: &str,
+    name: &str,
+    uid: &str,
+) -> HostCopy<K> {
     let Some(h) = h else { return HostCopy::Absent };
     match ctx.tr.owner(h.meta()) {
         Some(o) if o.kind == kind && o.namespace == ns && o.name == name => {
@@ -93,7 +100,11 @@ where
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let dp = DeleteParams {
         grace_period_seconds: grace.map(|g| g.max(0) as u32),
-        preconditions: h.meta().uid.clone().map(|uid| kube::api::Preconditions { uid: Some(uid), resource_version: None }),
+        preconditions: h
+            .meta()
+            .uid
+            .clone()
+            .map(|uid| kube::api::Preconditions { uid: Some(uid), resource_version: None }),
         ..Default::default()
     };
     match api.delete(&h.name_any(), &dp).await {
@@ -113,7 +124,10 @@ where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
 {
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    match api.create(&PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() }, desired).await {
+    match api
+        .create(&PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() }, desired)
+        .await
+    {
         Ok(_) => {
             ctx.metrics.wrote(kind, "create");
             Ok(())
@@ -131,8 +145,12 @@ where
     desired.meta_mut().resource_version = current.meta().resource_version.clone();
     desired.meta_mut().uid = current.meta().uid.clone();
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    api.replace(&current.name_any(), &PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() }, &desired)
-        .await?;
+    api.replace(
+        &current.name_any(),
+        &PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() },
+        &desired,
+    )
+    .await?;
     ctx.metrics.wrote(kind, "update");
     Ok(())
 }

@@ -309,10 +309,10 @@ fn affinity_term(tr: &Translator, ns: &str, t: &mut PodAffinityTerm) {
         t.namespace_selector.take().is_some_and(|s| s.match_labels.is_none() && s.match_expressions.is_none());
     let sel = t.label_selector.take().unwrap_or_default();
     let mut host = tr.host_label_selector(ns, &sel);
-    if any_namespace || !namespaces.is_empty() {
-        if let Some(ml) = host.match_labels.as_mut() {
-            ml.remove(naming::LABEL_NAMESPACE);
-        }
+    if (any_namespace || !namespaces.is_empty())
+        && let Some(ml) = host.match_labels.as_mut()
+    {
+        ml.remove(naming::LABEL_NAMESPACE);
     }
     if !namespaces.is_empty() {
         host.match_expressions.get_or_insert_with(Vec::new).push(LabelSelectorRequirement {

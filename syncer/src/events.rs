@@ -1,0 +1,128 @@
+//! Events the host records about our host copies (scheduling, image pulls, probes) shown on
+//! the virtual objects, with host names translated back.
+
+use k8s_openapi::api::core::v1::{Event, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::ObjectRef;
+
+use crate::context::Context;
+use crate::naming::Owner;
+use crate::queue::Action;
+use crate::sync::Result;
+
+pub const KIND: &str = "Event";
+
+/// The virtual copy of a host event about the host copy of `owner` (pure).
+pub fn virtual_event(ctx_host_ns: &str, host: &Event, owner: &Owner) -> Event {
+    let host_obj = host.involved_object.name.clone().unwrap_or_default();
+    let suffix = host
+        .metadata
+        .name
+        .as_deref()
+        .and_then(|n| n.strip_prefix(&format!("{host_obj}.")))
+        .map(str::to_string)
+        .unwrap_or_else(|| host.metadata.uid.clone().unwrap_or_default());
+    let translate = |s: &str| {
+        s.replace(&format!("{ctx_host_ns}/{host_obj}"), &format!("{}/{}", owner.namespace, owner.name))
+            .replace(&host_obj, &owner.name)
+    };
+    Event {
+        metadata: ObjectMeta {
+            name: Some(format!("{}.{suffix}", owner.name)),
+            namespace: Some(owner.namespace.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: host.involved_object.api_version.clone(),
+            kind: Some(owner.kind.clone()),
+            name: Some(owner.name.clone()),
+            namespace: Some(owner.namespace.clone()),
+            uid: Some(owner.uid.clone()),
+            field_path: host.involved_object.field_path.clone(),
+            ..Default::default()
+        },
+        reason: host.reason.clone(),
+        message: host.message.as_deref().map(translate),
+        type_: host.type_.clone(),
+        count: host.count,
+        first_timestamp: host.first_timestamp.clone(),
+        last_timestamp: host.last_timestamp.clone(),
+        event_time: host.event_time.clone(),
+        series: host.series.clone(),
+        action: host.action.clone(),
+        source: host.source.clone(),
+        reporting_component: host.reporting_component.clone().or_else(|| Some("vkube-syncer".into())),
+        reporting_instance: host.reporting_instance.clone(),
+        related: None,
+    }
+}
+
+/// The virtual object a host event is about, if it is about one of our host copies.
+fn owner_of(ctx: &Context, e: &Event) -> Option<Owner> {
+    let name = e.involved_object.name.as_deref()?;
+    let meta = match e.involved_object.kind.as_deref()? {
+        "Pod" => ctx.stores.hpods.get(&ObjectRef::new(name).within(ctx.host_ns())).map(|o| o.metadata.clone()),
+        "Service" => ctx.stores.hservices.get(&ObjectRef::new(name).within(ctx.host_ns())).map(|o| o.metadata.clone()),
+        "PersistentVolumeClaim" => {
+            ctx.stores.hpvcs.get(&ObjectRef::new(name).within(ctx.host_ns())).map(|o| o.metadata.clone())
+        }
+        _ => None,
+    }?;
+    ctx.tr.owner(&meta)
+}
+
+pub async fn reconcile(ctx: &Context, host_event: String) -> Result<Action> {
+    let Some(e) = ctx.stores.hevents.get(&ObjectRef::new(&host_event).within(ctx.host_ns())) else {
+        // Expired on the host; the virtual copy expires by its own TTL.
+        return Ok(Action::Done);
+    };
+    let Some(owner) = owner_of(ctx, &e) else { return Ok(Action::Done) };
+    let desired = virtual_event(ctx.host_ns(), &e, &owner);
+    let api: Api<Event> = Api::namespaced(ctx.virt.clone(), &owner.namespace);
+    match api.create(&PostParams::default(), &desired).await {
+        Ok(_) => ctx.metrics.wrote(KIND, "create"),
+        Err(kube::Error::Api(err)) if err.code == 409 => {
+            let patch = serde_json::json!({
+                "count": desired.count,
+                "lastTimestamp": desired.last_timestamp,
+                "message": desired.message,
+                "series": desired.series,
+            });
+            api.patch(
+                desired.metadata.name.as_deref().unwrap_or_default(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await?;
+            ctx.metrics.wrote(KIND, "update");
+        }
+        // The virtual namespace is being deleted: nothing to show the event on.
+        Err(kube::Error::Api(err)) if err.code == 403 || err.code == 404 => {}
+        Err(err) => return Err(err.into()),
+    }
+    Ok(Action::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_in_host_events_are_translated_back() {
+        let host: Event = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-x-shop-x-vc.187a2b", "namespace": "vkube-vc"},
+            "involvedObject": {"kind": "Pod", "name": "web-x-shop-x-vc", "namespace": "vkube-vc", "apiVersion": "v1"},
+            "reason": "Scheduled", "type": "Normal", "count": 1,
+            "message": "Successfully assigned vkube-vc/web-x-shop-x-vc to kwok-node-0"
+        }))
+        .unwrap();
+        let owner = Owner { kind: "Pod".into(), namespace: "shop".into(), name: "web".into(), uid: "u1".into() };
+        let v = virtual_event("vkube-vc", &host, &owner);
+        assert_eq!(v.metadata.name.as_deref(), Some("web.187a2b"));
+        assert_eq!(v.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(v.message.as_deref(), Some("Successfully assigned shop/web to kwok-node-0"));
+        assert_eq!(v.involved_object.uid.as_deref(), Some("u1"));
+        assert_eq!(v.involved_object.name.as_deref(), Some("web"));
+    }
+}

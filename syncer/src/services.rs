@@ -1,0 +1,387 @@
+//! Services: the host copy and the virtual Service carry the SAME ClusterIP, so pods (which run
+//! on the host) reach what the tenant sees. The proxy creates the host copy first when a Service
+//! is created through it; otherwise the host copy asks for the virtual IP, and if the host has
+//! given that IP away, the virtual Service is recreated with the host's.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::reflector::ObjectRef;
+
+use crate::context::{Context, Key};
+use crate::mirror::meta_differs;
+use crate::naming::{ANNOTATION_UID, Translator};
+use crate::policy::{Policy, Refusal};
+use crate::queue::Action;
+use crate::sync::{self, HostCopy, PENDING_UID, Result};
+
+pub const KIND: &str = "Service";
+/// When a host Service was marked pending (RFC 3339): a pending copy younger than
+/// [`PENDING_GRACE`] is being created and must not be taken for an orphan.
+pub const ANNOTATION_PENDING_SINCE: &str = "vkube.dev/pending-since";
+pub const PENDING_GRACE: Duration = Duration::from_secs(60);
+
+/// The namespace and name of the virtual cluster's DNS Service.
+pub const DNS_SERVICE: (&str, &str) = ("kube-system", "kube-dns");
+
+/// The host copy of a virtual Service (pure). Node ports are left for the host to allocate.
+pub fn host_service(tr: &Translator, policy: &Policy, v: &Service) -> Result<Service, Refusal> {
+    let vs = v.spec.clone().unwrap_or_default();
+    policy.check_service(&vs)?;
+    let ns = v.metadata.namespace.as_deref().unwrap_or_default();
+    let selector = vs.selector.as_ref().filter(|s| !s.is_empty()).map(|s| tr.host_selector(ns, s));
+    let ports = vs.ports.map(|ps| ps.into_iter().map(|p| ServicePort { node_port: None, ..p }).collect());
+    let spec = ServiceSpec {
+        type_: vs.type_,
+        ports,
+        selector,
+        cluster_ip: vs.cluster_ip.clone().filter(|ip| !ip.is_empty()),
+        cluster_ips: vs.cluster_ips.clone().filter(|ips| !ips.is_empty()),
+        ip_families: vs.ip_families,
+        ip_family_policy: vs.ip_family_policy,
+        session_affinity: vs.session_affinity,
+        session_affinity_config: vs.session_affinity_config,
+        publish_not_ready_addresses: vs.publish_not_ready_addresses,
+        external_name: vs.external_name,
+        external_traffic_policy: vs.external_traffic_policy,
+        internal_traffic_policy: vs.internal_traffic_policy,
+        load_balancer_class: vs.load_balancer_class,
+        load_balancer_source_ranges: vs.load_balancer_source_ranges,
+        allocate_load_balancer_node_ports: vs.allocate_load_balancer_node_ports,
+        traffic_distribution: vs.traffic_distribution,
+        ..Default::default()
+    };
+    Ok(Service { metadata: tr.host_meta(KIND, &v.metadata), spec: Some(spec), status: None })
+}
+
+fn cluster_ip(s: &Service) -> Option<&str> {
+    s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()).filter(|ip| !ip.is_empty())
+}
+
+/// Whether the managed part of the host copy differs (ClusterIP is immutable and handled apart).
+fn differs(desired: &Service, current: &Service) -> bool {
+    let (d, c) = (desired.spec.clone().unwrap_or_default(), current.spec.clone().unwrap_or_default());
+    let ports = |s: &ServiceSpec| {
+        s.ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone(), p.port, p.target_port.clone(), p.protocol.clone()))
+            .collect::<Vec<_>>()
+    };
+    let ports_c =
+        ports(&c).into_iter().map(|(n, port, t, proto)| (n, port, t, proto.or(Some("TCP".into())))).collect::<Vec<_>>();
+    let ports_d =
+        ports(&d).into_iter().map(|(n, port, t, proto)| (n, port, t, proto.or(Some("TCP".into())))).collect::<Vec<_>>();
+    meta_differs(desired, current)
+        || d.selector != c.selector
+        || ports_d.len() != ports_c.len()
+        || ports_d
+            .iter()
+            .zip(&ports_c)
+            .any(|(a, b)| a.0 != b.0 || a.1 != b.1 || a.3 != b.3 || (a.2.is_some() && a.2 != b.2))
+        || d.type_.as_deref().unwrap_or("ClusterIP") != c.type_.as_deref().unwrap_or("ClusterIP")
+}
+
+/// Whether a pending host copy is still within its creation window.
+pub fn pending_fresh(h: &Service) -> bool {
+    let ann = h.metadata.annotations.as_ref();
+    if ann.and_then(|a| a.get(ANNOTATION_UID)).map(String::as_str) != Some(PENDING_UID) {
+        return false;
+    }
+    ann.and_then(|a| a.get(ANNOTATION_PENDING_SINCE))
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .is_some_and(|since| {
+            k8s_openapi::jiff::Timestamp::now().duration_since(since).as_secs() < PENDING_GRACE.as_secs() as i64
+        })
+}
+
+pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
+    if (ns.as_str(), name.as_str()) == ("default", "kubernetes") {
+        return api_service(ctx).await;
+    }
+    let host_name = ctx.tr.host_name(&ns, &name);
+    let v = ctx.stores.vservices.get(&ObjectRef::new(&name).within(&ns));
+    let h = sync::host_get(&ctx.stores.hservices, ctx, &host_name);
+    let Some(v) = v.filter(|v| v.metadata.deletion_timestamp.is_none()) else {
+        if let Some(h) = h
+            && sync::mirrors(ctx, h.as_ref(), KIND, &ns, &name).is_some()
+        {
+            if pending_fresh(&h) {
+                return Ok(Action::RequeueAfter(PENDING_GRACE));
+            }
+            sync::delete_host(ctx, KIND, h.as_ref(), None).await?;
+        }
+        return Ok(Action::Done);
+    };
+    let uid = v.metadata.uid.clone().unwrap_or_default();
+    let desired = match host_service(&ctx.tr, &ctx.policy, &v) {
+        Ok(d) => d,
+        Err(r) => {
+            if let HostCopy::Ours(h) | HostCopy::Stale(h) = sync::classify(ctx, h, KIND, &ns, &name, &uid) {
+                sync::delete_host(ctx, KIND, h.as_ref(), None).await?;
+            }
+            sync::refuse(ctx, KIND, v.as_ref(), &r).await;
+            return Ok(Action::Done);
+        }
+    };
+    match sync::classify(ctx, h, KIND, &ns, &name, &uid) {
+        HostCopy::Foreign(_) => {
+            sync::collision(ctx, v.as_ref(), &host_name).await;
+            Ok(Action::RequeueAfter(Duration::from_secs(300)))
+        }
+        HostCopy::Stale(h) => {
+            sync::delete_host(ctx, KIND, h.as_ref(), None).await?;
+            Ok(Action::RequeueAfter(Duration::from_millis(500)))
+        }
+        HostCopy::Absent => create(ctx, desired).await,
+        HostCopy::Ours(h) => {
+            if h.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_UID)).map(String::as_str)
+                == Some(PENDING_UID)
+            {
+                adopt(ctx, &h, &uid).await?;
+            }
+            if cluster_ip(&h) != cluster_ip(&v) {
+                return follow_host_ip(ctx, &v, &h).await;
+            }
+            if differs(&desired, &h) {
+                let mut next = desired;
+                // Keep what the host allocated.
+                if let (Some(n), Some(c)) = (next.spec.as_mut(), h.spec.as_ref()) {
+                    n.cluster_ip = c.cluster_ip.clone();
+                    n.cluster_ips = c.cluster_ips.clone();
+                    n.health_check_node_port = c.health_check_node_port;
+                    for p in n.ports.iter_mut().flatten() {
+                        p.node_port = c
+                            .ports
+                            .iter()
+                            .flatten()
+                            .find(|cp| cp.port == p.port && cp.protocol == p.protocol)
+                            .and_then(|cp| cp.node_port);
+                    }
+                }
+                sync::replace_host(ctx, KIND, h.as_ref(), next).await?;
+            }
+            report_back(ctx, &v, &h).await?;
+            if (ns.as_str(), name.as_str()) == DNS_SERVICE {
+                *ctx.dns_ip.write().unwrap_or_else(|e| e.into_inner()) = cluster_ip(&h).map(str::to_string);
+            }
+            Ok(Action::Done)
+        }
+    }
+}
+
+async fn create(ctx: &Context, desired: Service) -> Result<Action> {
+    match sync::create_host(ctx, KIND, &desired).await {
+        Ok(()) => Ok(Action::Done),
+        // The virtual IP is taken (or not valid) on the host: let the host choose, then the
+        // virtual Service follows it.
+        Err(sync::SyncError::Kube(kube::Error::Api(e))) if e.code == 422 && cluster_ip(&desired).is_some() => {
+            tracing::info!(service = ?desired.metadata.name, reason = %e.message, "virtual ClusterIP not available on the host; taking the host's");
+            let mut any_ip = desired;
+            if let Some(s) = any_ip.spec.as_mut()
+                && s.cluster_ip.as_deref() != Some("None")
+            {
+                s.cluster_ip = None;
+                s.cluster_ips = None;
+            }
+            sync::create_host(ctx, KIND, &any_ip).await?;
+            Ok(Action::Done)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn adopt(ctx: &Context, h: &Service, uid: &str) -> Result<()> {
+    let api: Api<Service> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_UID: uid, ANNOTATION_PENDING_SINCE: null}}});
+    api.patch(h.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    ctx.metrics.wrote(KIND, "adopt");
+    Ok(())
+}
+
+/// Recreates the virtual Service with the host copy's ClusterIP (the only one pods can reach).
+/// The host copy is marked pending first, so the brief absence of the virtual object is not
+/// taken for a deletion.
+async fn follow_host_ip(ctx: &Context, v: &Service, h: &Service) -> Result<Action> {
+    let (ns, name) =
+        (v.metadata.namespace.as_deref().unwrap_or_default(), v.metadata.name.as_deref().unwrap_or_default());
+    tracing::info!(namespace = ns, name, virtual_ip = ?cluster_ip(v), host_ip = ?cluster_ip(h), "recreating the virtual Service with the host's ClusterIP");
+    mark_pending(ctx, h.metadata.name.as_deref().unwrap_or_default()).await?;
+    let vapi: Api<Service> = Api::namespaced(ctx.virt.clone(), ns);
+    let dp = DeleteParams {
+        preconditions: v.metadata.uid.clone().map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
+        ..Default::default()
+    };
+    match vapi.delete(name, &dp).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut next = Service { metadata: v.metadata.clone(), spec: v.spec.clone(), status: None };
+    next.metadata.uid = None;
+    next.metadata.resource_version = None;
+    next.metadata.creation_timestamp = None;
+    next.metadata.managed_fields = None;
+    if let (Some(s), Some(hs)) = (next.spec.as_mut(), h.spec.as_ref()) {
+        s.cluster_ip = hs.cluster_ip.clone();
+        s.cluster_ips = hs.cluster_ips.clone();
+    }
+    vapi.create(&PostParams::default(), &next).await?;
+    ctx.metrics.wrote(KIND, "recreate_virtual");
+    Ok(Action::Done)
+}
+
+pub async fn mark_pending(ctx: &Context, host_name: &str) -> Result<()> {
+    let api: Api<Service> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {ANNOTATION_UID: PENDING_UID, ANNOTATION_PENDING_SINCE: now}}});
+    api.patch(host_name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+    Ok(())
+}
+
+/// Node ports and load-balancer addresses come from the host.
+async fn report_back(ctx: &Context, v: &Service, h: &Service) -> Result<()> {
+    let vapi: Api<Service> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
+    let name = v.metadata.name.as_deref().unwrap_or_default();
+    let host_ports: BTreeMap<(i32, String), i32> = h
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter_map(|p| p.node_port.map(|np| ((p.port, p.protocol.clone().unwrap_or("TCP".into())), np)))
+        .collect();
+    if !host_ports.is_empty()
+        && let Some(vs) = v.spec.as_ref()
+    {
+        let mut ports = vs.ports.clone().unwrap_or_default();
+        let mut changed = false;
+        for p in ports.iter_mut() {
+            let want = host_ports.get(&(p.port, p.protocol.clone().unwrap_or("TCP".into()))).copied();
+            if want.is_some() && p.node_port != want {
+                p.node_port = want;
+                changed = true;
+            }
+        }
+        if changed {
+            // A JSON merge patch replaces the list whole: exactly the ports, with host node ports.
+            let patch = serde_json::json!({"spec": {"ports": ports}});
+            vapi.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+            ctx.metrics.wrote(KIND, "update_virtual");
+        }
+    }
+    let host_lb = h.status.as_ref().and_then(|s| s.load_balancer.clone());
+    let virt_lb = v.status.as_ref().and_then(|s| s.load_balancer.clone());
+    if serde_json::to_value(&host_lb).ok() != serde_json::to_value(&virt_lb).ok() && host_lb.is_some() {
+        vapi.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"loadBalancer": host_lb}})),
+        )
+        .await?;
+        ctx.metrics.wrote(KIND, "status");
+    }
+    Ok(())
+}
+
+/// The virtual `default/kubernetes` Service must carry the ClusterIP of the host Service in front
+/// of the proxy: in-cluster clients resolving `kubernetes.default` reach the virtual API server.
+async fn api_service(ctx: &Context) -> Result<Action> {
+    let vapi: Api<Service> = Api::namespaced(ctx.virt.clone(), "default");
+    let current = ctx.stores.vservices.get(&ObjectRef::new("kubernetes").within("default"));
+    let want = ctx.opts.api_ip.as_str();
+    let Some(current) = current else {
+        // The API server recreates it within seconds; then we fix its IP.
+        return Ok(Action::RequeueAfter(Duration::from_secs(2)));
+    };
+    if cluster_ip(&current) == Some(want) {
+        return Ok(Action::Done);
+    }
+    let mut next = Service { metadata: current.metadata.clone(), spec: current.spec.clone(), status: None };
+    next.metadata.uid = None;
+    next.metadata.resource_version = None;
+    next.metadata.creation_timestamp = None;
+    next.metadata.managed_fields = None;
+    if let Some(s) = next.spec.as_mut() {
+        s.cluster_ip = Some(want.to_string());
+        s.cluster_ips = Some(vec![want.to_string()]);
+    }
+    let dp = DeleteParams {
+        preconditions: current.metadata.uid.clone().map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
+        ..Default::default()
+    };
+    match vapi.delete("kubernetes", &dp).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    match vapi.create(&PostParams::default(), &next).await {
+        Ok(_) => ctx.metrics.wrote(KIND, "api_service"),
+        // The API server recreated it first: try again.
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => {
+            return Ok(Action::RequeueAfter(Duration::from_millis(500)));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(json: serde_json::Value) -> Service {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn host_copy_keeps_the_ip_and_confines_the_selector() {
+        let tr = Translator::new("vc", "host-ns");
+        let v = svc(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u"},
+            "spec": {"clusterIP": "10.96.3.4", "selector": {"app": "web"}, "ports": [{"port": 80, "nodePort": 30001}]}}));
+        let h = host_service(&tr, &Policy::default(), &v).unwrap();
+        let s = h.spec.unwrap();
+        assert_eq!(s.cluster_ip.as_deref(), Some("10.96.3.4"));
+        let sel = s.selector.unwrap();
+        assert_eq!(sel["app"], "web");
+        assert_eq!(sel["vkube.dev/namespace"], "shop");
+        assert_eq!(sel["vkube.dev/cluster"], "vc");
+        assert_eq!(s.ports.unwrap()[0].node_port, None);
+        assert_eq!(h.metadata.name.as_deref(), Some("web-x-shop-x-vc"));
+    }
+
+    #[test]
+    fn selectorless_services_stay_selectorless() {
+        let tr = Translator::new("vc", "host-ns");
+        let v = svc(
+            serde_json::json!({"metadata": {"name": "ext", "namespace": "shop"}, "spec": {"ports": [{"port": 5432}]}}),
+        );
+        assert_eq!(host_service(&tr, &Policy::default(), &v).unwrap().spec.unwrap().selector, None);
+    }
+
+    #[test]
+    fn node_ports_are_refused_by_default() {
+        let tr = Translator::new("vc", "host-ns");
+        let v = svc(
+            serde_json::json!({"metadata": {"name": "np", "namespace": "shop"}, "spec": {"type": "NodePort", "ports": [{"port": 80}]}}),
+        );
+        assert_eq!(host_service(&tr, &Policy::default(), &v).unwrap_err().reason, "NodePortNotAllowed");
+    }
+
+    #[test]
+    fn differences_that_matter() {
+        let tr = Translator::new("vc", "host-ns");
+        let v = svc(
+            serde_json::json!({"metadata": {"name": "web", "namespace": "shop"}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}),
+        );
+        let d = host_service(&tr, &Policy::default(), &v).unwrap();
+        let mut current = d.clone();
+        current.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.9".into());
+        current.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].protocol = Some("TCP".into());
+        assert!(!differs(&d, &current), "host defaults are not differences");
+        current.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 81;
+        assert!(differs(&d, &current));
+    }
+}
