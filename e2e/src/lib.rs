@@ -66,6 +66,7 @@ impl TestEnv {
             vkube_binary: vkube_bin(),
             host_kubeconfig: self.host.kubeconfig.clone(),
             host_context: None,
+            policy: Default::default(),
             run_args: run_args.iter().map(|s| s.to_string()).collect(),
         };
         let progress = |step: &str| eprintln!("[virtual {name}] {step}");

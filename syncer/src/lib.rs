@@ -38,12 +38,11 @@ use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource};
-use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
 
 use context::{Context, Key, Options, Queues, Stores};
 use informer::{Change, Informer, key_of};
-use metrics::Metrics;
+pub use metrics::Metrics;
 use naming::Translator;
 use policy::Policy;
 use queue::{Worker, queue};
@@ -59,14 +58,16 @@ pub struct Config {
     pub virt: Client,
     pub host: Client,
     pub coredns_image: String,
+    /// Registered by the caller (`Metrics::register`) before its registry is served.
+    pub metrics: Metrics,
 }
 
 /// How often every object is looked at again, whatever the watches said (drift repair).
 const RESYNC: Duration = Duration::from_secs(600);
 
 /// Runs the syncer until `shutdown` resolves.
-pub async fn run(cfg: Config, registry: &mut Registry, shutdown: impl Future<Output = ()>) {
-    let metrics = Metrics::register(registry);
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
+    let metrics = cfg.metrics.clone();
     let host_ns = cfg.translator.host_namespace().to_string();
     let owned = watcher::Config::default().labels(&cfg.translator.cluster_selector()).any_semantic();
     let all = watcher::Config::default().any_semantic();

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use vkube_localenv::process::ProcessGroup;
 use vkube_localenv::{Lifetime, ProcessSpec, Progress, Upstream, ports};
 
+use crate::controlplane::PolicyArgs;
 use crate::controlplane::components::{self, Layout};
 use crate::{FIELD_MANAGER, names};
 
@@ -28,7 +29,9 @@ pub struct LocalOptions {
     pub vkube_binary: PathBuf,
     pub host_kubeconfig: PathBuf,
     pub host_context: Option<String>,
-    /// Extra flags for `vkube run` (isolation policy and the like).
+    /// The admin's isolation policy.
+    pub policy: PolicyArgs,
+    /// Extra flags for `vkube run`.
     pub run_args: Vec<String>,
 }
 
@@ -107,7 +110,7 @@ impl LocalControlPlane {
             ports,
             host_kubeconfig: opts.host_kubeconfig.clone(),
             host_context: opts.host_context.clone(),
-            run_args: opts.run_args.clone(),
+            run_args: opts.policy.to_args().into_iter().chain(opts.run_args.iter().cloned()).collect(),
         };
         std::fs::write(dir.join("state.json"), serde_json::to_string_pretty(&state)?)?;
 
@@ -126,6 +129,8 @@ impl LocalControlPlane {
             &components::controller_manager_kubeconfig(&apiserver_url, &bundle),
         )?;
 
+        let admission = dir.join("admission.yaml");
+        std::fs::write(&admission, components::admission_config(opts.policy.pod_security))?;
         let layout = Layout {
             cert_dir: &cert_dir,
             data_dir: &dir.join("etcd"),
@@ -133,6 +138,7 @@ impl LocalControlPlane {
             etcd_peer_port: state.ports.etcd_peer,
             apiserver_port: state.ports.apiserver,
             service_cidr: &service_cidr,
+            admission_config: &admission,
         };
         let logs = dir.join("logs");
         let mut group = ProcessGroup::new(dir, opts.lifetime);

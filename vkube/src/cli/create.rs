@@ -18,7 +18,9 @@ pub struct CreateArgs {
     /// pods cannot run it, such as `vkube dev up`).
     #[arg(long)]
     pub local: bool,
-    /// Extra flags for the control-plane process (`vkube run --help`), e.g. --allow-node-ports.
+    #[command(flatten)]
+    pub policy: vkube::controlplane::PolicyArgs,
+    /// Extra flags for the control-plane process (`vkube run --help`), e.g. --sync-all-secrets.
     #[arg(long = "run-arg", value_name = "FLAG")]
     pub run_args: Vec<String>,
 }
@@ -46,6 +48,7 @@ impl CreateArgs {
             vkube_binary: std::env::current_exe().context("locating the vkube binary")?,
             host_kubeconfig: std::fs::canonicalize(&host_kubeconfig).unwrap_or(host_kubeconfig),
             host_context,
+            policy: self.policy,
             run_args: self.run_args,
         };
         eprintln!("creating virtual cluster {} in host namespace {} (local processes)", opts.name, opts.namespace);

@@ -11,6 +11,18 @@ pub struct Layout<'a> {
     pub etcd_peer_port: u16,
     pub apiserver_port: u16,
     pub service_cidr: &'a str,
+    /// The admission configuration (Pod Security defaults), see [`admission_config`].
+    pub admission_config: &'a Path,
+}
+
+/// Admission configuration of the virtual API server: Pod Security enforced by default at the
+/// admin's level, so a pod the host would refuse is refused at once, with the API server's own
+/// message (the syncer still enforces the policy at the host boundary whatever the tenant does).
+pub fn admission_config(level: vkube_syncer::policy::PodSecurityLevel) -> String {
+    let l = level.as_str();
+    format!(
+        "apiVersion: apiserver.config.k8s.io/v1\nkind: AdmissionConfiguration\nplugins:\n- name: PodSecurity\n  configuration:\n    apiVersion: pod-security.admission.config.k8s.io/v1\n    kind: PodSecurityConfiguration\n    defaults:\n      enforce: \"{l}\"\n      enforce-version: \"latest\"\n      audit: \"{l}\"\n      audit-version: \"latest\"\n      warn: \"{l}\"\n      warn-version: \"latest\"\n    exemptions:\n      usernames: []\n      runtimeClasses: []\n      namespaces: []\n"
+    )
 }
 
 /// Controllers that make no sense without real nodes or volumes behind the virtual cluster: the
@@ -75,6 +87,7 @@ pub fn apiserver(l: &Layout<'_>) -> Vec<String> {
         "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
         format!("--proxy-client-cert-file={}", file(c, "front-proxy-client.crt")),
         format!("--proxy-client-key-file={}", file(c, "front-proxy-client.key")),
+        format!("--admission-control-config-file={}", l.admission_config.display()),
         "--enable-priority-and-fairness=false".into(),
         "--profiling=false".into(),
     ]

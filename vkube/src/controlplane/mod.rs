@@ -50,6 +50,64 @@ pub struct RunArgs {
     /// How often certificates are checked for renewal.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub renew_every: Duration,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    #[command(flatten)]
+    pub sync: SyncArgs,
+}
+
+/// The isolation policy: the platform admin's, never the tenant's.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PolicyArgs {
+    /// Pod Security level pods must meet to reach the host: privileged, baseline or restricted.
+    #[arg(long, env = "VKUBE_POD_SECURITY", default_value = "baseline")]
+    pub pod_security: vkube_syncer::policy::PodSecurityLevel,
+    /// Let tenants create NodePort services on the host.
+    #[arg(long, env = "VKUBE_ALLOW_NODE_PORTS")]
+    pub allow_node_ports: bool,
+    /// Let tenants create LoadBalancer services on the host.
+    #[arg(long, env = "VKUBE_ALLOW_LOAD_BALANCERS")]
+    pub allow_load_balancers: bool,
+}
+
+impl PolicyArgs {
+    pub fn policy(&self) -> vkube_syncer::policy::Policy {
+        vkube_syncer::policy::Policy {
+            pod_security: self.pod_security,
+            allow_node_ports: self.allow_node_ports,
+            allow_load_balancers: self.allow_load_balancers,
+        }
+    }
+
+    /// The same settings as `vkube run` flags.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![format!("--pod-security={}", self.pod_security.as_str())];
+        if self.allow_node_ports {
+            args.push("--allow-node-ports".into());
+        }
+        if self.allow_load_balancers {
+            args.push("--allow-load-balancers".into());
+        }
+        args
+    }
+}
+
+/// What the syncer copies and how hard it works.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SyncArgs {
+    /// Copy every configmap to the host, not only those pods use.
+    #[arg(long, env = "VKUBE_SYNC_ALL_CONFIGMAPS")]
+    pub sync_all_configmaps: bool,
+    /// Copy every secret to the host, not only those pods use.
+    #[arg(long, env = "VKUBE_SYNC_ALL_SECRETS")]
+    pub sync_all_secrets: bool,
+    #[arg(long, env = "VKUBE_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Reconciles running at once, per kind.
+    #[arg(long, env = "VKUBE_SYNC_CONCURRENCY", default_value_t = 16)]
+    pub sync_concurrency: usize,
+    #[arg(long, env = "VKUBE_COREDNS_IMAGE", default_value = vkube_syncer::dns::DEFAULT_IMAGE)]
+    pub coredns_image: String,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -162,6 +220,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin = virtual_admin(&args.virtual_server, &bundle).await?;
     wait_virtual_ready(&admin).await?;
 
+    let api_ip = service_ip(&host, &args.namespace, &args.name).await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "the host Service {}/{} in front of the proxy does not exist or has no ClusterIP; create the cluster with `vkube create`",
+            args.namespace,
+            names::service(&args.name)
+        )
+    })?;
+    let translator = Translator::new(&args.name, &args.namespace);
+    let policy = args.policy.policy();
+
     let mut registry = Registry::with_prefix("");
     let serving = ServingCert::new(
         bundle.get("apiserver.crt").unwrap_or_default(),
@@ -169,7 +237,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )?;
     let proxy = Proxy::new(
         ProxyConfig {
-            translator: Translator::new(&args.name, &args.namespace),
+            translator: translator.clone(),
+            policy: policy.clone(),
             virtual_server: args.virtual_server.parse().context("--virtual-server")?,
             virtual_ca_pem: bundle.get("ca.crt").unwrap_or_default().into(),
             front_proxy_cert_pem: bundle.get("front-proxy-client.crt").unwrap_or_default().into(),
@@ -185,8 +254,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, cluster = %args.name, namespace = %args.namespace, "control plane serving");
 
     let renew = tokio::spawn(renew_loop(host.clone(), args.clone(), serving));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let syncer_config = vkube_syncer::Config {
+        translator,
+        policy,
+        options: vkube_syncer::context::Options {
+            cluster_domain: args.sync.cluster_domain.clone(),
+            sync_all_configmaps: args.sync.sync_all_configmaps,
+            sync_all_secrets: args.sync.sync_all_secrets,
+            concurrency: args.sync.sync_concurrency.max(1),
+            api_ip: api_ip.to_string(),
+        },
+        virt: admin.clone(),
+        host: host.clone(),
+        coredns_image: args.sync.coredns_image.clone(),
+        metrics: vkube_syncer::Metrics::register(&mut registry),
+    };
+    let mut stop = stop_rx.clone();
+    let syncer = tokio::spawn(vkube_syncer::run(syncer_config, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
     let registry = Arc::new(registry);
     proxy.serve(listener, registry, shutdown_signal()).await;
+    let _ = stop_tx.send(true);
+    let _ = syncer.await;
     renew.abort();
     tracing::info!("control plane stopped");
     Ok(())
