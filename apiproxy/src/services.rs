@@ -20,60 +20,59 @@ use crate::{Proxy, ProxyBody, full, status};
 const MAX_BODY: usize = 1 << 20;
 
 impl Proxy {
-    pub(crate) async fn create_service(
-        &self,
-        req: Request<Incoming>,
-        id: &Identity,
-        namespace: &str,
-    ) -> Response<ProxyBody> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/json"));
+    pub(crate) async fn create_service(&self, req: Request<Incoming>, id: &Identity, namespace: &str) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let bytes = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => return status::bad_request(&format!("reading the request body: {e}")),
         };
-        let parsed: Option<Service> = if is_json { serde_json::from_slice(&bytes).ok() } else { None };
-        // YAML or protobuf bodies, or generated names: the syncer aligns the ClusterIP afterwards.
-        let Some(mut svc) = parsed.filter(|s| s.metadata.name.as_deref().is_some_and(|n| !n.is_empty())) else {
-            return self.forward_parts(parts, full(bytes), id).await;
-        };
-        svc.metadata.namespace = Some(namespace.to_string());
+        // A ClusterIP the user asked for is honoured on the host when we can read the request
+        // (kubectl sends protobuf, so usually the host chooses).
+        let requested: Option<Service> = serde_json::from_slice(&bytes).ok();
+        let requested_ip = requested.as_ref().and_then(|s| s.spec.as_ref()).and_then(|s| s.cluster_ip.clone());
 
-        let dry = self.forward_parts(with_dry_run(&parts), full(bytes.clone()), id).await;
+        // The dry run answers RBAC, validation and admission as the user, and gives us the
+        // Service as JSON, whatever the request's encoding, with its final name.
+        let mut dry_parts = with_dry_run(&parts);
+        dry_parts.headers.insert(header::ACCEPT, "application/json".parse().expect("static header"));
+        let dry = self.forward_parts(dry_parts, full(bytes.clone()), id).await;
         if !dry.status().is_success() {
             return dry;
         }
+        let dry_bytes = dry.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let Ok(mut svc) = serde_json::from_slice::<Service>(&dry_bytes) else {
+            return self.forward_parts(parts, full(bytes), id).await;
+        };
+        svc.metadata.namespace = Some(namespace.to_string());
+        svc.metadata.generate_name = None;
+        svc.metadata.uid = None;
+        svc.metadata.resource_version = None;
+        svc.metadata.creation_timestamp = None;
+        svc.metadata.managed_fields = None;
+        if let Some(spec) = svc.spec.as_mut()
+            && spec.cluster_ip.as_deref() != Some("None")
+        {
+            spec.cluster_ip = requested_ip.filter(|ip| !ip.is_empty());
+            spec.cluster_ips = None;
+        }
+
         let mut desired = match host_service(&self.translator, &self.policy, &svc) {
             Ok(d) => d,
             Err(r) => {
-                return status::status(
-                    StatusCode::FORBIDDEN,
-                    "Forbidden",
-                    &format!("services \"{}\" is forbidden: {r}", name(&svc)),
-                );
+                return status::status(StatusCode::FORBIDDEN, "Forbidden", &format!("services \"{}\" is forbidden: {r}", name(&svc)));
             }
         };
         let ann = desired.metadata.annotations.get_or_insert_with(Default::default);
         ann.insert(ANNOTATION_UID.into(), PENDING_UID.into());
         ann.insert(ANNOTATION_PENDING_SINCE.into(), k8s_openapi::jiff::Timestamp::now().to_string());
         let hosts: Api<Service> = Api::namespaced(self.host.clone(), self.translator.host_namespace());
-        let created = match hosts
-            .create(&PostParams { field_manager: Some("vkube".into()), ..Default::default() }, &desired)
-            .await
-        {
+        let created = match hosts.create(&PostParams { field_manager: Some("vkube".into()), ..Default::default() }, &desired).await {
             Ok(c) => c,
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 return status::status(
                     StatusCode::CONFLICT,
                     "AlreadyExists",
-                    &format!(
-                        "the host copy of service \"{}\" still exists (a deletion in progress?); try again shortly",
-                        name(&svc)
-                    ),
+                    &format!("the host copy of service \"{}\" still exists (a deletion in progress?); try again shortly", name(&svc)),
                 );
             }
             Err(kube::Error::Api(e)) if e.code == 422 => {
@@ -94,35 +93,36 @@ impl Proxy {
             Err(e) => return status::bad_request(&e.to_string()),
         };
         let mut parts = parts;
+        parts.headers.insert(header::CONTENT_TYPE, "application/json".parse().expect("static header"));
         parts.headers.insert(header::CONTENT_LENGTH, body.len().into());
         let resp = self.forward_parts(parts, full(body), id).await;
         let host_name = created.metadata.name.clone().unwrap_or_default();
         if resp.status().is_success() {
-            // Adopt now rather than at the syncer's next look; the syncer does it if this fails.
-            let (rparts, rbody) = resp.into_parts();
-            let rbytes = rbody.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            if let Ok(v) = serde_json::from_slice::<Service>(&rbytes)
-                && let Some(uid) = v.metadata.uid
-            {
-                let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_UID: uid, ANNOTATION_PENDING_SINCE: null}}});
-                if let Err(e) = hosts.patch(&host_name, &PatchParams::default(), &Patch::Merge(patch)).await {
-                    tracing::warn!(error = %e, service = host_name, "adopting the host service failed; the syncer will");
+            // Adopt at once rather than at the syncer's next look (it adopts if this fails).
+            match self.virtual_service_uid(namespace, name(&svc)).await {
+                Some(uid) => {
+                    let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_UID: uid, ANNOTATION_PENDING_SINCE: null}}});
+                    if let Err(e) = hosts.patch(&host_name, &PatchParams::default(), &Patch::Merge(patch)).await {
+                        tracing::warn!(error = %e, service = host_name, "adopting the host service failed; the syncer will");
+                    }
                 }
+                None => tracing::warn!(service = host_name, "created service not found; the syncer will adopt its host copy"),
             }
-            return Response::from_parts(rparts, full(rbytes));
+            return resp;
         }
         let dp = DeleteParams {
-            preconditions: created
-                .metadata
-                .uid
-                .clone()
-                .map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
+            preconditions: created.metadata.uid.clone().map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
             ..Default::default()
         };
         if let Err(e) = hosts.delete(&host_name, &dp).await {
             tracing::warn!(error = %e, service = host_name, "removing the host copy of a failed service create failed; the syncer will");
         }
         resp
+    }
+
+    async fn virtual_service_uid(&self, namespace: &str, name: &str) -> Option<String> {
+        let api: Api<Service> = Api::namespaced(self.admin.clone(), namespace);
+        api.get_opt(name).await.ok().flatten().and_then(|s| s.metadata.uid)
     }
 }
 

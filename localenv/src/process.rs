@@ -228,6 +228,37 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Stops any upstream component or vkube process whose command line mentions `dir` (left
+/// behind by a run whose record was lost, e.g. a crash while starting). Other programs (a shell
+/// whose command happens to name the directory) are never touched. Returns how many stopped.
+pub fn stop_strays(dir: &Path, grace: Duration) -> usize {
+    let upstream = crate::upstream::cache_root().join("upstream");
+    let needle = dir.display().to_string();
+    let me = std::process::id();
+    let strays: Vec<Recorded> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != me)
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if !cmdline.contains(&needle) {
+                return None;
+            }
+            let program = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+            let program = PathBuf::from(program.to_string_lossy().trim_end_matches(" (deleted)"));
+            let ours = program.starts_with(&upstream) || program.file_name().is_some_and(|n| n == "vkube");
+            if !ours {
+                return None;
+            }
+            Some(Recorded { name: cmdline.chars().take(60).collect(), pid, program, log: PathBuf::new() })
+        })
+        .collect();
+    strays.iter().filter(|r| stop_recorded(r, grace)).count()
+}
+
 const RECORDED: &str = "processes.json";
 
 /// The detached processes recorded in `dir`.

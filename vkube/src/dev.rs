@@ -1,7 +1,7 @@
 //! `vkube dev up|down|env`: the local dev host cluster, left running between commands.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -71,6 +71,11 @@ fn down() -> anyhow::Result<()> {
         }
     }
     stopped.extend(process::stop_all_recorded(&host_dir())?);
+    // Whatever else still runs from our state (a start that crashed before recording it).
+    let strays = process::stop_strays(&upstream::state_root(), Duration::from_secs(10));
+    if strays > 0 {
+        stopped.push(format!("{strays} unrecorded process(es)"));
+    }
     if stopped.is_empty() {
         eprintln!("nothing was running");
     } else {
