@@ -86,6 +86,11 @@ impl TestEnv {
         }
     }
 
+    /// `kubectl apply -f -` against the host cluster.
+    pub fn apply(&self, yaml: &str) -> String {
+        kubectl_apply(&self.upstream, &self.host.kubeconfig, yaml)
+    }
+
     /// Runs the pinned kubectl against the host cluster.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         kubectl(&self.upstream, &self.host.kubeconfig, args)
@@ -120,6 +125,34 @@ pub fn kubectl(up: &Upstream, kubeconfig: &Path, args: &[&str]) -> Output {
         .env_remove("KUBECTL_KUBERC")
         .output()
         .expect("running kubectl")
+}
+
+/// Runs kubectl with `input` on stdin (`apply -f -` and the like).
+pub fn kubectl_stdin(up: &Upstream, kubeconfig: &Path, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(up.kubectl())
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running kubectl");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("writing to kubectl");
+    child.wait_with_output().expect("kubectl output")
+}
+
+/// `kubectl apply -f -` of `yaml`, which must succeed; returns stdout.
+pub fn kubectl_apply(up: &Upstream, kubeconfig: &Path, yaml: &str) -> String {
+    let out = kubectl_stdin(up, kubeconfig, &["apply", "-f", "-"], yaml);
+    assert!(
+        out.status.success(),
+        "kubectl apply failed ({}):\n{}{}\n--- manifest ---\n{yaml}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Like [`kubectl`], but the command must succeed; returns stdout.
@@ -190,6 +223,16 @@ impl VirtualCluster {
 
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         kubectl_ok(&self.upstream, &self.kubeconfig(), args)
+    }
+
+    /// `kubectl apply -f -` through the proxy.
+    pub fn apply(&self, yaml: &str) -> String {
+        kubectl_apply(&self.upstream, &self.kubeconfig(), yaml)
+    }
+
+    /// `kubectl apply -f -` through the proxy, returning the whole output (it may fail).
+    pub fn try_apply(&self, yaml: &str) -> Output {
+        kubectl_stdin(&self.upstream, &self.kubeconfig(), &["apply", "-f", "-"], yaml)
     }
 
     /// Kills the control-plane process (proxy and syncer) at once; upstream components stay.

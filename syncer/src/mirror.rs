@@ -78,7 +78,9 @@ pub async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Acti
         }
     };
     match sync::classify(ctx, h, M::KIND, &ns, &name, &uid) {
-        HostCopy::Absent => sync::create_host(ctx, M::KIND, &desired).await?,
+        HostCopy::Absent => {
+            return sync::or_collision(ctx, v.as_ref(), sync::create_host(ctx, M::KIND, &desired).await).await;
+        }
         HostCopy::Foreign(_) => {
             sync::collision(ctx, v.as_ref(), &host_name).await;
             return Ok(Action::RequeueAfter(std::time::Duration::from_secs(300)));

@@ -15,6 +15,9 @@ use crate::refs::RefKind;
 use crate::sync::Result;
 
 pub const KIND: &str = "Node";
+/// How long a new virtual node is kept even with no pod bound to it yet.
+const NEW_NODE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Marks virtual nodes the syncer made (only those are ever deleted).
 pub const LABEL_FAKE: &str = "vkube.dev/fake-node";
 
@@ -98,6 +101,17 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
     let used = ctx.refs.is_used(RefKind::Node, "", &name);
     match node {
         Some(n) if !used && n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
+            // A node is made just before the first pod is bound to it: give the binding time to
+            // show in the pod watch before taking the node for unused.
+            let age = n
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).as_secs())
+                .unwrap_or(i64::MAX);
+            if age < NEW_NODE_GRACE.as_secs() as i64 {
+                return Ok(Action::RequeueAfter(NEW_NODE_GRACE));
+            }
             let api: Api<Node> = Api::all(ctx.virt.clone());
             match api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => ctx.metrics.wrote(KIND, "delete"),

@@ -135,7 +135,7 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
             sync::delete_host(ctx, KIND, h.as_ref(), None).await?;
             Ok(Action::RequeueAfter(Duration::from_millis(500)))
         }
-        HostCopy::Absent => create(ctx, desired).await,
+        HostCopy::Absent => create(ctx, &v, desired).await,
         HostCopy::Ours(h) => {
             if h.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_UID)).map(String::as_str)
                 == Some(PENDING_UID)
@@ -172,7 +172,7 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
     }
 }
 
-async fn create(ctx: &Context, desired: Service) -> Result<Action> {
+async fn create(ctx: &Context, v: &Service, desired: Service) -> Result<Action> {
     match sync::create_host(ctx, KIND, &desired).await {
         Ok(()) => Ok(Action::Done),
         // The virtual IP is taken (or not valid) on the host: let the host choose, then the
@@ -186,10 +186,9 @@ async fn create(ctx: &Context, desired: Service) -> Result<Action> {
                 s.cluster_ip = None;
                 s.cluster_ips = None;
             }
-            sync::create_host(ctx, KIND, &any_ip).await?;
-            Ok(Action::Done)
+            sync::or_collision(ctx, v, sync::create_host(ctx, KIND, &any_ip).await).await
         }
-        Err(e) => Err(e),
+        Err(e) => sync::or_collision(ctx, v, Err(e)).await,
     }
 }
 

@@ -26,6 +26,9 @@ pub const PENDING_UID: &str = "pending";
 pub enum SyncError {
     #[error("{0}")]
     Kube(#[from] kube::Error),
+    /// A host object of that name exists and is not ours (host watches only see ours).
+    #[error("host object {0} exists and is not managed by this virtual cluster")]
+    Collision(String),
     #[error("{0}")]
     Other(String),
 }
@@ -39,6 +42,7 @@ impl ErrorLabel for SyncError {
             SyncError::Kube(kube::Error::Api(e)) if e.code == 422 => "invalid",
             SyncError::Kube(kube::Error::Api(_)) => "api",
             SyncError::Kube(_) => "transport",
+            SyncError::Collision(_) => "collision",
             SyncError::Other(_) => "other",
         }
     }
@@ -117,23 +121,45 @@ where
     }
 }
 
-/// Creates a host object; an existing one (a race with our own earlier write) is not an error:
-/// the host watch brings it and the next reconcile compares.
+/// Creates a host object. If one of that name exists it is checked: ours (a race with our own
+/// earlier write) is fine, the host watch brings it; anything else is a [`SyncError::Collision`]
+/// (host watches select our objects only, so a foreign one is first met here).
 pub async fn create_host<K>(ctx: &Context, kind: &'static str, desired: &K) -> Result<()>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
 {
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    match api
-        .create(&PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() }, desired)
-        .await
-    {
+    let name = desired.meta().name.clone().unwrap_or_default();
+    let pp = PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() };
+    match api.create(&pp, desired).await {
         Ok(_) => {
             ctx.metrics.wrote(kind, "create");
             Ok(())
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = api.get_opt(&name).await?;
+            let want = ctx.tr.owner(desired.meta());
+            let found = existing.as_ref().and_then(|o| ctx.tr.owner(o.meta()));
+            match (want, found) {
+                (Some(w), Some(o)) if w.kind == o.kind && w.namespace == o.namespace && w.name == o.name => Ok(()),
+                // Gone again in between: the next reconcile creates it.
+                _ if existing.is_none() => Ok(()),
+                _ => Err(SyncError::Collision(format!("{}/{name}", ctx.host_ns()))),
+            }
+        }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Turns a collision into the tenant-visible Warning event and a slow retry.
+pub async fn or_collision<V: Resource<DynamicType = ()>>(ctx: &Context, v: &V, r: Result<()>) -> Result<crate::queue::Action> {
+    match r {
+        Ok(()) => Ok(crate::queue::Action::Done),
+        Err(SyncError::Collision(name)) => {
+            collision(ctx, v, name.rsplit('/').next().unwrap_or_default()).await;
+            Ok(crate::queue::Action::RequeueAfter(std::time::Duration::from_secs(300)))
+        }
+        Err(e) => Err(e),
     }
 }
 

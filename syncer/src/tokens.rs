@@ -29,10 +29,7 @@ pub async fn ensure(ctx: &Context, ns: &str, sa: &str, secret_name: &str, audien
     let existing = sync::host_get(&ctx.stores.hsecrets, ctx, secret_name);
     if let Some(s) = &existing {
         if sync::mirrors(ctx, s.as_ref(), KIND, ns, sa).is_none() {
-            return Err(SyncError::Other(format!(
-                "host Secret {}/{secret_name} exists and is not ours; the pod's token cannot be provided",
-                ctx.host_ns()
-            )));
+            return Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns())));
         }
         if !expires_soon(s) {
             return Ok(());

@@ -162,6 +162,7 @@ impl LocalControlPlane {
         let mut cp = LocalControlPlane { state, dir: dir.clone(), group, vkube_binary: opts.vkube_binary.clone() };
         progress("[6/6] vkube control plane (proxy and syncer)");
         cp.start_controller().await?;
+        cp.wait_default_service_account().await?;
         Ok(cp)
     }
 
@@ -206,6 +207,25 @@ impl LocalControlPlane {
                 "the vkube control plane did not answer within {} s: {e} (log: {})",
                 timeout.as_secs(),
                 self.dir.join("logs/vkube.log").display()
+            )
+        })
+    }
+
+    /// Pods can be created once the controller-manager has made the `default` service account.
+    async fn wait_default_service_account(&self) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client, "default");
+        let timeout = Duration::from_secs(60);
+        vkube_localenv::wait::until(timeout, Duration::from_millis(100), || {
+            let sas = sas.clone();
+            async move { sas.get_opt("default").await.map(|o| o.map(|_| ())).map_err(|e| e.to_string()) }
+        })
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the default service account did not appear within {} s: {e} (log: {})",
+                timeout.as_secs(),
+                self.dir.join("logs/kube-controller-manager.log").display()
             )
         })
     }

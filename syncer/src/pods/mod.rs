@@ -106,10 +106,18 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     let ns = v.metadata.namespace.as_deref().unwrap_or_default();
     let sa = v.spec.as_ref().map(crate::refs::service_account).unwrap_or_else(|| "default".into());
     for (secret, audience) in translate::token_secrets(&ctx.tr, v) {
-        crate::tokens::ensure(ctx, ns, &sa, &secret, audience.as_deref()).await?;
+        let ensured = crate::tokens::ensure(ctx, ns, &sa, &secret, audience.as_deref()).await;
+        if let Err(sync::SyncError::Collision(_)) = ensured {
+            let msg = format!(
+                "the host Secret {}/{secret} that would hold this pod's service-account token exists and is not managed by this virtual cluster; the pod is not started",
+                ctx.host_ns()
+            );
+            sync::warn(ctx, v, "HostNameConflict", &msg).await;
+            return Ok(Action::RequeueAfter(Duration::from_secs(300)));
+        }
+        ensured?;
     }
-    sync::create_host(ctx, KIND, &desired).await?;
-    Ok(Action::Done)
+    sync::or_collision(ctx, v, sync::create_host(ctx, KIND, &desired).await).await
 }
 
 /// Whether the virtual pod has run on the host: only its host copy's status gives it a host IP.

@@ -1,0 +1,468 @@
+//! The syncer end to end: workloads created with kubectl in a virtual cluster run on the host
+//! (real API servers, real scheduler, kwok nodes), correctly and safely.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Secret, Service};
+use kube::api::{Api, ListParams};
+use kube::{Resource, ResourceExt};
+use vkube_e2e::{TestEnv, VirtualCluster, eventually};
+use vkube_syncer::naming::{LABEL_CLUSTER, Translator};
+
+fn tr(vc: &VirtualCluster) -> Translator {
+    Translator::new(vc.name(), vc.host_namespace())
+}
+
+async fn host_list<K>(env: &TestEnv, vc: &VirtualCluster) -> Vec<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(env.client().await, vc.host_namespace());
+    api.list(&ListParams::default().labels(&format!("{LABEL_CLUSTER}={}", vc.name()))).await.expect("host list").items
+}
+
+async fn host_names<K>(env: &TestEnv, vc: &VirtualCluster) -> BTreeSet<String>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    host_list::<K>(env, vc).await.into_iter().map(|o| o.name_any()).collect()
+}
+
+fn running_with_ip(p: &Pod) -> bool {
+    let s = p.status.as_ref();
+    s.and_then(|s| s.phase.as_deref()) == Some("Running") && s.and_then(|s| s.pod_ip.as_deref()).is_some_and(|ip| !ip.is_empty())
+}
+
+async fn warnings(vc: &VirtualCluster, ns: &str, object: &str) -> Vec<Event> {
+    let api: Api<Event> = Api::namespaced(vc.client().await, ns);
+    api.list(&ListParams::default().fields(&format!("involvedObject.name={object},type=Warning")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_and_its_service_run_on_the_host_with_the_same_addresses() {
+    let env = TestEnv::start(3).await;
+    let vc = env.virtual_cluster("team-a").await;
+    vc.kubectl_ok(&["create", "deployment", "web", "--image=nginx", "--replicas=3"]);
+    vc.kubectl_ok(&["expose", "deployment", "web", "--port=80"]);
+    let tr = tr(&vc);
+    let client = vc.client().await;
+    let vpods: Api<Pod> = Api::namespaced(client.clone(), "default");
+
+    let started = std::time::Instant::now();
+    let virtual_pods = eventually("3 virtual pods Running, bound, with host IPs", Duration::from_secs(30), || async {
+        let list = vpods.list(&ListParams::default().labels("app=web")).await.map_err(|e| e.to_string())?.items;
+        let ready: Vec<Pod> = list
+            .into_iter()
+            .filter(|p| running_with_ip(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+            .collect();
+        Ok((ready.len() == 3).then_some(ready))
+    })
+    .await;
+    eprintln!("3 pods synced, Running and bound after {:.1} s", started.elapsed().as_secs_f64());
+
+    let host_pods: BTreeMap<String, Pod> = host_list::<Pod>(&env, &vc).await.into_iter().map(|p| (p.name_any(), p)).collect();
+    let nodes: Api<Node> = Api::all(client.clone());
+    for vp in &virtual_pods {
+        let host_name = tr.host_name("default", &vp.name_any());
+        let hp = host_pods.get(&host_name).unwrap_or_else(|| panic!("host pod {host_name} missing: {:?}", host_pods.keys()));
+        assert!(running_with_ip(hp), "host pod {host_name} Running");
+        assert_eq!(vp.status.as_ref().unwrap().pod_ip, hp.status.as_ref().unwrap().pod_ip, "same pod IP both sides");
+        let node = vp.spec.as_ref().unwrap().node_name.clone().unwrap();
+        assert_eq!(Some(&node), hp.spec.as_ref().unwrap().node_name.as_ref(), "bound to the host pod's node");
+        assert!(nodes.get_opt(&node).await.unwrap().is_some(), "virtual node {node} exists");
+        // No host credentials inside, and the pod talks to the virtual API server.
+        let spec = hp.spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert!(!serde_json::to_string(spec).unwrap().contains("serviceAccountToken"));
+    }
+
+    let vsvc: Service = Api::namespaced(client.clone(), "default").get("web").await.unwrap();
+    let hsvc: Service = Api::namespaced(env.client().await, vc.host_namespace()).get(&tr.host_name("default", "web")).await.unwrap();
+    let vip = vsvc.spec.as_ref().unwrap().cluster_ip.clone().unwrap();
+    assert_eq!(Some(vip.clone()), hsvc.spec.as_ref().unwrap().cluster_ip, "same ClusterIP in both clusters");
+    let selector = hsvc.spec.as_ref().unwrap().selector.clone().unwrap();
+    assert_eq!(selector.get(LABEL_CLUSTER).map(String::as_str), Some("team-a"), "the host selector is confined");
+
+    let want: BTreeSet<String> = virtual_pods.iter().map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap()).collect();
+    eventually("virtual endpoints list the 3 pod IPs", Duration::from_secs(30), || async {
+        let out = vc.kubectl(&["get", "endpoints", "web", "-o", "jsonpath={.subsets[*].addresses[*].ip}"]);
+        let got: BTreeSet<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+        if got == want { Ok(Some(())) } else { Err(format!("endpoints {got:?}, want {want:?}")) }
+    })
+    .await;
+
+    // In-cluster API access and DNS point at the virtual cluster.
+    let kubernetes: Service = Api::namespaced(client.clone(), "default").get("kubernetes").await.unwrap();
+    let proxy_svc: Service = Api::namespaced(env.client().await, vc.host_namespace()).get("team-a").await.unwrap();
+    assert_eq!(kubernetes.spec.unwrap().cluster_ip, proxy_svc.spec.clone().unwrap().cluster_ip, "kubernetes.default is the proxy");
+    let hp = host_pods.values().find(|p| p.name_any().starts_with("web-")).unwrap();
+    let env_host = hp.spec.as_ref().unwrap().containers[0].env.iter().flatten().find(|e| e.name == "KUBERNETES_SERVICE_HOST").cloned();
+    assert_eq!(env_host.and_then(|e| e.value), proxy_svc.spec.unwrap().cluster_ip);
+    let dns: Service = Api::namespaced(client.clone(), "kube-system").get("kube-dns").await.unwrap();
+    let nameservers = hp.spec.as_ref().unwrap().dns_config.clone().unwrap().nameservers.unwrap();
+    assert_eq!(nameservers, vec![dns.spec.unwrap().cluster_ip.unwrap()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmaps_and_secrets_follow_the_pods_that_use_them() {
+    let env = TestEnv::start(1).await;
+    let vc = env.virtual_cluster("cfg").await;
+    vc.kubectl_ok(&["create", "configmap", "settings", "--from-literal=mode=fast"]);
+    vc.kubectl_ok(&["create", "secret", "generic", "db", "--from-literal=password=s3cret"]);
+    vc.kubectl_ok(&["create", "configmap", "unused", "--from-literal=x=1"]);
+    vc.kubectl_ok(&["create", "secret", "generic", "unused-secret", "--from-literal=x=1"]);
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: app}
+spec:
+  containers:
+  - name: app
+    image: nginx
+    env:
+    - name: PASSWORD
+      valueFrom: {secretKeyRef: {name: db, key: password}}
+    envFrom:
+    - configMapRef: {name: settings}
+    volumeMounts: [{name: cfg, mountPath: /cfg}]
+  volumes:
+  - name: cfg
+    configMap: {name: settings}
+"#,
+    );
+    let tr = tr(&vc);
+    let (settings, db) = (tr.host_name("default", "settings"), tr.host_name("default", "db"));
+    eventually("the pod runs on the host with its configmap and secret", Duration::from_secs(30), || async {
+        let pods = host_names::<Pod>(&env, &vc).await;
+        let cms = host_names::<ConfigMap>(&env, &vc).await;
+        let secrets = host_names::<Secret>(&env, &vc).await;
+        Ok((pods.contains(&tr.host_name("default", "app")) && cms.contains(&settings) && secrets.contains(&db)).then_some(()))
+    })
+    .await;
+    let host_secret: Secret = Api::namespaced(env.client().await, vc.host_namespace()).get(&db).await.unwrap();
+    assert_eq!(host_secret.data.unwrap()["password"].0, b"s3cret");
+    assert!(!host_names::<ConfigMap>(&env, &vc).await.contains(&tr.host_name("default", "unused")), "unused configmap stays off the host");
+    assert!(!host_names::<Secret>(&env, &vc).await.contains(&tr.host_name("default", "unused-secret")), "unused secret stays off the host");
+
+    // Content updates reach the host copy.
+    vc.kubectl_ok(&["patch", "configmap", "settings", "-p", r#"{"data":{"mode":"slow"}}"#]);
+    eventually("the host copy follows the update", Duration::from_secs(20), || async {
+        let cm: ConfigMap = Api::namespaced(env.client().await, vc.host_namespace()).get(&settings).await.map_err(|e| e.to_string())?;
+        Ok((cm.data.unwrap_or_default().get("mode").map(String::as_str) == Some("slow")).then_some(()))
+    })
+    .await;
+
+    vc.kubectl_ok(&["delete", "pod", "app", "--wait=true", "--timeout=60s"]);
+    eventually("the pod, its configmap and its secret leave the host", Duration::from_secs(30), || async {
+        let left: Vec<String> = host_names::<Pod>(&env, &vc)
+            .await
+            .into_iter()
+            .chain(host_names::<ConfigMap>(&env, &vc).await)
+            .chain(host_names::<Secret>(&env, &vc).await)
+            .filter(|n| n.contains("-x-default-x-"))
+            .collect();
+        if left.is_empty() { Ok(Some(())) } else { Err(format!("still on the host: {left:?}")) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_to_zero_and_deleting_leave_nothing_behind() {
+    let env = TestEnv::start(2).await;
+    let vc = env.virtual_cluster("gone").await;
+    vc.kubectl_ok(&["create", "namespace", "shop"]);
+    vc.kubectl_ok(&["-n", "shop", "create", "deployment", "web", "--image=nginx", "--replicas=2"]);
+    vc.kubectl_ok(&["-n", "shop", "expose", "deployment", "web", "--port=80"]);
+    vc.kubectl_ok(&["-n", "shop", "create", "configmap", "c", "--from-literal=a=b"]);
+    vc.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: user, namespace: shop}\nspec:\n  containers: [{name: c, image: nginx, envFrom: [{configMapRef: {name: c}}]}]\n");
+    let in_shop = |names: BTreeSet<String>| names.into_iter().filter(|n| n.contains("-x-shop-x-")).collect::<Vec<_>>();
+    eventually("everything of shop is on the host", Duration::from_secs(30), || async {
+        let pods = in_shop(host_names::<Pod>(&env, &vc).await);
+        let svcs = in_shop(host_names::<Service>(&env, &vc).await);
+        let cms = in_shop(host_names::<ConfigMap>(&env, &vc).await);
+        Ok((pods.len() == 3 && svcs.len() == 1 && cms.len() >= 2).then_some(()))
+    })
+    .await;
+
+    vc.kubectl_ok(&["-n", "shop", "scale", "deployment", "web", "--replicas=0"]);
+    eventually("scaled to zero on the host", Duration::from_secs(30), || async {
+        let pods = in_shop(host_names::<Pod>(&env, &vc).await);
+        if pods.len() == 1 { Ok(Some(())) } else { Err(format!("{pods:?}")) }
+    })
+    .await;
+
+    vc.kubectl_ok(&["delete", "namespace", "shop", "--timeout=90s"]);
+    eventually("nothing of shop is left on the host", Duration::from_secs(60), || async {
+        let mut left = in_shop(host_names::<Pod>(&env, &vc).await);
+        left.extend(in_shop(host_names::<Service>(&env, &vc).await));
+        left.extend(in_shop(host_names::<ConfigMap>(&env, &vc).await));
+        left.extend(in_shop(host_names::<Secret>(&env, &vc).await));
+        if left.is_empty() { Ok(Some(())) } else { Err(format!("left: {left:?}")) }
+    })
+    .await;
+    eventually("the virtual node that hosted nothing any more is gone", Duration::from_secs(30), || async {
+        let nodes: Api<Node> = Api::all(vc.client().await);
+        let n = nodes.list(&Default::default()).await.map_err(|e| e.to_string())?.items.len();
+        // Only CoreDNS's node remains.
+        if n <= 1 { Ok(Some(())) } else { Err(format!("{n} virtual nodes")) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_object_that_is_not_ours_is_never_touched() {
+    let env = TestEnv::start(1).await;
+    let vc = env.virtual_cluster("clash").await;
+    let tr = tr(&vc);
+    let host_name = tr.host_name("default", "victim");
+    // Someone else's pod and configmap in the host namespace, under the names we would use.
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {host_name}, namespace: {ns}, labels: {{owner: someone-else}}}}\nspec:\n  containers: [{{name: c, image: busybox}}]\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {cm}, namespace: {ns}}}\ndata: {{owner: someone-else}}\n",
+        ns = vc.host_namespace(),
+        cm = tr.host_name("default", "victim-config"),
+    ));
+    let before: Pod = Api::namespaced(env.client().await, vc.host_namespace()).get(&host_name).await.unwrap();
+    vc.kubectl_ok(&["create", "configmap", "victim-config", "--from-literal=owner=tenant"]);
+    vc.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: victim}\nspec:\n  containers: [{name: c, image: nginx, envFrom: [{configMapRef: {name: victim-config}}]}]\n");
+    eventually("the tenant is told about the collision", Duration::from_secs(30), || async {
+        let w = warnings(&vc, "default", "victim").await;
+        Ok(w.iter().any(|e| e.reason.as_deref() == Some("HostNameConflict")).then_some(()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after: Pod = Api::namespaced(env.client().await, vc.host_namespace()).get(&host_name).await.unwrap();
+    assert_eq!(before.metadata.uid, after.metadata.uid, "not replaced");
+    assert_eq!(before.metadata.resource_version, after.metadata.resource_version, "not modified");
+    let cm: ConfigMap = Api::namespaced(env.client().await, vc.host_namespace())
+        .get(&tr.host_name("default", "victim-config"))
+        .await
+        .unwrap();
+    assert_eq!(cm.data.unwrap()["owner"], "someone-else", "the foreign configmap keeps its content");
+
+    // Deleting the virtual pod does not delete the foreign host pod either.
+    vc.kubectl_ok(&["delete", "pod", "victim", "--timeout=60s"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still: Pod = Api::namespaced(env.client().await, vc.host_namespace()).get(&host_name).await.unwrap();
+    assert_eq!(still.metadata.uid, before.metadata.uid);
+    assert!(still.metadata.deletion_timestamp.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_workloads_are_refused_with_a_clear_message_and_never_reach_the_host() {
+    let env = TestEnv::start(1).await;
+    let vc = env.virtual_cluster("strict").await;
+    let pods = [
+        ("privileged", "containers: [{name: c, image: nginx, securityContext: {privileged: true}}]", "privileged"),
+        ("hostpath", "containers: [{name: c, image: nginx}]\n  volumes: [{name: root, hostPath: {path: /}}]", "hostPath"),
+        ("hostnetwork", "hostNetwork: true\n  containers: [{name: c, image: nginx}]", "hostNetwork"),
+        ("hostpid", "hostPID: true\n  containers: [{name: c, image: nginx}]", "hostPID"),
+        ("hostipc", "hostIPC: true\n  containers: [{name: c, image: nginx}]", "hostIPC"),
+        ("sysadmin", "containers: [{name: c, image: nginx, securityContext: {capabilities: {add: [SYS_ADMIN]}}}]", "SYS_ADMIN"),
+    ];
+    // Through the proxy: refused at once, with the API server's Pod Security message.
+    for (name, spec, _) in pods {
+        let out = vc.try_apply(&format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  {spec}\n"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was accepted");
+        assert!(stderr.contains("violates PodSecurity"), "{name}: {stderr}");
+    }
+    let np = vc.kubectl(&["create", "service", "nodeport", "np", "--tcp=80"]);
+    let stderr = String::from_utf8_lossy(&np.stderr);
+    assert!(!np.status.success() && stderr.contains("NodePort services are not allowed"), "{stderr}");
+
+    // A tenant is cluster-admin and may lift Pod Security in its own namespace: the syncer
+    // still refuses at the host boundary and says why.
+    vc.kubectl_ok(&["create", "namespace", "open"]);
+    vc.kubectl_ok(&["label", "namespace", "open", "pod-security.kubernetes.io/enforce=privileged"]);
+    for (name, spec, _) in pods {
+        vc.apply(&format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: open}}\nspec:\n  {spec}\n"));
+    }
+    vc.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: fine, namespace: open}\nspec:\n  containers: [{name: c, image: nginx}]\n");
+    for (name, _, needle) in pods {
+        let w = eventually(&format!("a Warning event on {name}"), Duration::from_secs(30), || async {
+            let w = warnings(&vc, "open", name).await;
+            Ok(w.into_iter().find(|e| e.reason.as_deref() == Some("PodSecurity")))
+        })
+        .await;
+        assert!(w.message.as_deref().unwrap_or_default().contains(needle), "{name}: {:?}", w.message);
+    }
+    // The ordinary pod in the same namespace did sync, so the refusals were not a stalled syncer.
+    let tr = tr(&vc);
+    eventually("the ordinary pod runs on the host", Duration::from_secs(30), || async {
+        Ok(host_names::<Pod>(&env, &vc).await.contains(&tr.host_name("open", "fine")).then_some(()))
+    })
+    .await;
+    let on_host = host_names::<Pod>(&env, &vc).await;
+    for (name, _, _) in pods {
+        assert!(!on_host.contains(&tr.host_name("open", name)), "{name} reached the host");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_virtual_clusters_with_the_same_names_stay_apart() {
+    let env = TestEnv::start(2).await;
+    let (a, b) = (env.virtual_cluster("alpha").await, env.virtual_cluster("beta").await);
+    for vc in [&a, &b] {
+        vc.kubectl_ok(&["create", "secret", "generic", "db", &format!("--from-literal=owner={}", vc.name())]);
+        vc.apply(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: c, image: nginx, env: [{name: OWNER, valueFrom: {secretKeyRef: {name: db, key: owner}}}]}]\n",
+        );
+        vc.kubectl_ok(&["expose", "deployment", "web", "--port=80"]);
+    }
+    let ips = |vc: &VirtualCluster| {
+        let out = vc.kubectl(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].status.podIP}"]);
+        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect::<BTreeSet<_>>()
+    };
+    let (ips_a, ips_b) = eventually("both deployments run", Duration::from_secs(45), || async {
+        let (x, y) = (ips(&a), ips(&b));
+        Ok((x.len() == 2 && y.len() == 2).then_some((x, y)))
+    })
+    .await;
+    assert!(ips_a.is_disjoint(&ips_b));
+
+    // Each Service selects only its own cluster's pods, on the host too.
+    for (vc, own, other) in [(&a, &ips_a, &ips_b), (&b, &ips_b, &ips_a)] {
+        let host_svc = tr(vc).host_name("default", "web");
+        let got = eventually("host endpoints of web", Duration::from_secs(30), || async {
+            let out = env.kubectl(&["-n", vc.host_namespace(), "get", "endpoints", &host_svc, "-o", "jsonpath={.subsets[*].addresses[*].ip}"]);
+            let got: BTreeSet<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+            Ok((got.len() == 2).then_some(got))
+        })
+        .await;
+        assert_eq!(&got, own, "{} selects its own pods", vc.name());
+        assert!(got.is_disjoint(other));
+        // Each mounts its own secret.
+        let secret: Secret = Api::namespaced(env.client().await, vc.host_namespace()).get(&tr(vc).host_name("default", "db")).await.unwrap();
+        assert_eq!(secret.data.unwrap()["owner"].0, vc.name().as_bytes());
+        // Each proxy reaches only its own pods: a name of the other cluster's host pod is not a
+        // pod of this virtual cluster.
+        let other_vc = if vc.name() == "alpha" { &b } else { &a };
+        let other_host_pod = host_list::<Pod>(&env, other_vc).await.into_iter().next().unwrap().name_any();
+        let out = vc.kubectl(&["logs", &other_host_pod]);
+        assert!(!out.status.success(), "{} reached {other_host_pod}", vc.name());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
+    let env = TestEnv::start(1).await;
+    let vc = env.virtual_cluster("dbg").await;
+    vc.kubectl_ok(&["run", "app", "--image=nginx"]);
+    let host_pod = tr(&vc).host_name("default", "app");
+    // This pod's own log content, served by kwok only for its host copy.
+    let log = env.dir().join("app.log");
+    std::fs::write(&log, format!("2026-01-01T00:00:00.000000000Z stdout F hello from {host_pod}\n")).unwrap();
+    env.apply(&format!(
+        "apiVersion: kwok.x-k8s.io/v1alpha1\nkind: Logs\nmetadata: {{name: {host_pod}, namespace: {ns}}}\nspec:\n  logs: [{{logsFile: {file}, follow: true}}]\n",
+        ns = vc.host_namespace(),
+        file = log.display()
+    ));
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/app", "--timeout=60s"]);
+    let logs = eventually("kubectl logs shows the host copy's log", Duration::from_secs(30), || async {
+        let out = vc.kubectl(&["logs", "app"]);
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok(s.contains(&host_pod).then_some(s))
+    })
+    .await;
+    assert!(logs.contains(&format!("hello from {host_pod}")));
+    assert_eq!(vc.kubectl_ok(&["exec", "app", "--", "echo", "exec-ok"]).trim(), "exec-ok");
+
+    let mut pf = std::process::Command::new(vkube_localenv::Upstream::locate().unwrap().kubectl())
+        .args(["port-forward", "pod/app", ":80"])
+        .env("KUBECONFIG", vc.kubeconfig())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::{Read, Write};
+    let mut stdout = pf.stdout.take().unwrap();
+    let mut first = String::new();
+    let mut buf = [0u8; 256];
+    while !first.contains('\n') {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "kubectl port-forward exited");
+        first.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let port: u16 = first.split("127.0.0.1:").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.write_all(b"through the proxy\n").unwrap();
+    let mut echoed = vec![0u8; 18];
+    conn.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"through the proxy\n");
+    let _ = pf.kill();
+    let _ = pf.wait();
+}
+
+/// The control-plane process is killed in the middle of a burst of pod creations and
+/// deletions; once restarted the host converges to exactly the virtual state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
+    let env = TestEnv::start(3).await;
+    let mut vc = env.virtual_cluster("crash").await;
+    vc.apply(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: burst}\nspec:\n  replicas: 200\n  selector: {matchLabels: {app: burst}}\n  template:\n    metadata: {labels: {app: burst}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers: [{name: c, image: nginx}]\n",
+    );
+    // Let the burst get going, then kill the syncer mid-flight.
+    eventually("the burst reaches the host", Duration::from_secs(60), || async {
+        let n = host_list::<Pod>(&env, &vc).await.len();
+        Ok((n >= 40).then_some(()))
+    })
+    .await;
+    vc.kill_controller();
+    // While it is down: scale down (graceful deletions pile up) and force-delete a few pods
+    // (their host copies become orphans).
+    vc.kubectl_ok(&["scale", "deployment", "burst", "--replicas=120"]);
+    let names = vc.kubectl_ok(&["get", "pods", "-l", "app=burst", "-o", "jsonpath={.items[*].metadata.name}"]);
+    let victims: Vec<&str> = names.split_whitespace().take(5).collect();
+    let mut args = vec!["delete", "pod", "--grace-period=0", "--force"];
+    args.extend(victims.iter().copied());
+    vc.kubectl_ok(&args);
+    vc.start_controller().await;
+
+    let tr = tr(&vc);
+    let vpods: Api<Pod> = Api::namespaced(vc.client().await, "default");
+    eventually("host pods are exactly the virtual ones, all Running", Duration::from_secs(180), || async {
+        let virtual_pods = vpods.list(&ListParams::default().labels("app=burst")).await.map_err(|e| e.to_string())?.items;
+        let want: BTreeSet<String> = virtual_pods.iter().map(|p| tr.host_name("default", &p.name_any())).collect();
+        let host = host_list::<Pod>(&env, &vc).await;
+        let got: BTreeSet<String> = host.iter().filter(|p| p.name_any().contains("burst")).map(|p| p.name_any()).collect();
+        let running = virtual_pods.iter().filter(|p| running_with_ip(p)).count();
+        if virtual_pods.len() == 120 && want == got && running == 120 {
+            Ok(Some(()))
+        } else {
+            Err(format!(
+                "virtual {} ({running} running), host {}, only on host {}, missing on host {}",
+                virtual_pods.len(),
+                got.len(),
+                got.difference(&want).count(),
+                want.difference(&got).count()
+            ))
+        }
+    })
+    .await;
+    // Every host pod mirrors the current incarnation of its virtual pod: no duplicates.
+    let virtual_uids: BTreeMap<String, String> = vpods
+        .list(&ListParams::default().labels("app=burst"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| (p.name_any(), p.metadata.uid.unwrap()))
+        .collect();
+    for hp in host_list::<Pod>(&env, &vc).await.into_iter().filter(|p| p.name_any().contains("burst")) {
+        let owner = tr.owner(&hp.metadata).unwrap();
+        assert_eq!(virtual_uids.get(&owner.name), Some(&owner.uid), "host pod {} mirrors the live virtual pod", hp.name_any());
+    }
+}
