@@ -225,6 +225,12 @@ impl VirtualCluster {
         kubectl_ok(&self.upstream, &self.kubeconfig(), args)
     }
 
+    /// Runs kubectl straight against the virtual API server, bypassing the proxy (works while
+    /// the control-plane process is down).
+    pub fn kubectl_direct_ok(&self, args: &[&str]) -> String {
+        kubectl_ok(&self.upstream, &self.cp.direct_kubeconfig(), args)
+    }
+
     /// `kubectl apply -f -` through the proxy.
     pub fn apply(&self, yaml: &str) -> String {
         kubectl_apply(&self.upstream, &self.kubeconfig(), yaml)

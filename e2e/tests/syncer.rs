@@ -423,12 +423,13 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
     vc.kill_controller();
     // While it is down: scale down (graceful deletions pile up) and force-delete a few pods
     // (their host copies become orphans).
-    vc.kubectl_ok(&["scale", "deployment", "burst", "--replicas=120"]);
-    let names = vc.kubectl_ok(&["get", "pods", "-l", "app=burst", "-o", "jsonpath={.items[*].metadata.name}"]);
+    // (The proxy is down with it, so straight to the virtual API server.)
+    vc.kubectl_direct_ok(&["scale", "deployment", "burst", "--replicas=120"]);
+    let names = vc.kubectl_direct_ok(&["get", "pods", "-l", "app=burst", "-o", "jsonpath={.items[*].metadata.name}"]);
     let victims: Vec<&str> = names.split_whitespace().take(5).collect();
     let mut args = vec!["delete", "pod", "--grace-period=0", "--force"];
     args.extend(victims.iter().copied());
-    vc.kubectl_ok(&args);
+    vc.kubectl_direct_ok(&args);
     vc.start_controller().await;
 
     let tr = tr(&vc);

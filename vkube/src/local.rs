@@ -159,6 +159,10 @@ impl LocalControlPlane {
 
         let admin_kubeconfig = crate::controlplane::admin_kubeconfig(&state.name, &state.endpoint(), &bundle);
         vkube_localenv::host::write_private(&dir.join("kubeconfig"), &admin_kubeconfig)?;
+        // Straight to the virtual API server, bypassing the proxy: for benchmarks' baselines and
+        // for tests that act while the control-plane process is down.
+        let direct = crate::controlplane::admin_kubeconfig(&state.name, &apiserver_url, &bundle);
+        vkube_localenv::host::write_private(&dir.join("direct.kubeconfig"), &direct)?;
         let mut cp = LocalControlPlane { state, dir: dir.clone(), group, vkube_binary: opts.vkube_binary.clone() };
         progress("[6/6] vkube control plane (proxy and syncer)");
         cp.start_controller().await?;
@@ -247,6 +251,11 @@ impl LocalControlPlane {
     /// The admin kubeconfig (through the proxy).
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.join("kubeconfig")
+    }
+
+    /// An admin kubeconfig straight to the virtual API server (no proxy).
+    pub fn direct_kubeconfig(&self) -> PathBuf {
+        self.dir.join("direct.kubeconfig")
     }
 
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
