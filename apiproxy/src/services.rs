@@ -20,7 +20,12 @@ use crate::{Proxy, ProxyBody, full, status};
 const MAX_BODY: usize = 1 << 20;
 
 impl Proxy {
-    pub(crate) async fn create_service(&self, req: Request<Incoming>, id: &Identity, namespace: &str) -> Response<ProxyBody> {
+    pub(crate) async fn create_service(
+        &self,
+        req: Request<Incoming>,
+        id: &Identity,
+        namespace: &str,
+    ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let bytes = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
@@ -59,20 +64,30 @@ impl Proxy {
         let mut desired = match host_service(&self.translator, &self.policy, &svc) {
             Ok(d) => d,
             Err(r) => {
-                return status::status(StatusCode::FORBIDDEN, "Forbidden", &format!("services \"{}\" is forbidden: {r}", name(&svc)));
+                return status::status(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &format!("services \"{}\" is forbidden: {r}", name(&svc)),
+                );
             }
         };
         let ann = desired.metadata.annotations.get_or_insert_with(Default::default);
         ann.insert(ANNOTATION_UID.into(), PENDING_UID.into());
         ann.insert(ANNOTATION_PENDING_SINCE.into(), k8s_openapi::jiff::Timestamp::now().to_string());
         let hosts: Api<Service> = Api::namespaced(self.host.clone(), self.translator.host_namespace());
-        let created = match hosts.create(&PostParams { field_manager: Some("vkube".into()), ..Default::default() }, &desired).await {
+        let created = match hosts
+            .create(&PostParams { field_manager: Some("vkube".into()), ..Default::default() }, &desired)
+            .await
+        {
             Ok(c) => c,
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 return status::status(
                     StatusCode::CONFLICT,
                     "AlreadyExists",
-                    &format!("the host copy of service \"{}\" still exists (a deletion in progress?); try again shortly", name(&svc)),
+                    &format!(
+                        "the host copy of service \"{}\" still exists (a deletion in progress?); try again shortly",
+                        name(&svc)
+                    ),
                 );
             }
             Err(kube::Error::Api(e)) if e.code == 422 => {
@@ -106,12 +121,19 @@ impl Proxy {
                         tracing::warn!(error = %e, service = host_name, "adopting the host service failed; the syncer will");
                     }
                 }
-                None => tracing::warn!(service = host_name, "created service not found; the syncer will adopt its host copy"),
+                None => tracing::warn!(
+                    service = host_name,
+                    "created service not found; the syncer will adopt its host copy"
+                ),
             }
             return resp;
         }
         let dp = DeleteParams {
-            preconditions: created.metadata.uid.clone().map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
+            preconditions: created
+                .metadata
+                .uid
+                .clone()
+                .map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
             ..Default::default()
         };
         if let Err(e) = hosts.delete(&host_name, &dp).await {

@@ -730,14 +730,13 @@ async fn raw_get(client: &kube::Client, path: &str) -> Result<String, kube::Erro
     client.request_text(http::Request::get(path).body(vec![]).unwrap()).await
 }
 
-/// The proxy's count of 401 answers, from its (unauthenticated) metrics endpoint. (`vkube run`
-/// currently exports the proxy's metrics as `_vkube_proxy_*`: its registry has the prefix "".)
+/// The proxy's count of 401 answers, from its (unauthenticated) metrics endpoint.
 async fn unauthorized_count(client: &kube::Client) -> f64 {
     let metrics = raw_get(client, "/metrics").await.expect("/metrics");
     metrics
         .lines()
         .filter_map(|l| l.split_once(' '))
-        .find(|(name, _)| name.trim_start_matches('_') == "vkube_proxy_unauthorized_total")
+        .find(|(name, _)| *name == "vkube_proxy_unauthorized_total")
         .and_then(|(_, v)| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no vkube_proxy_unauthorized_total in /metrics:\n{metrics}"))
 }

@@ -37,7 +37,8 @@ where
 
 fn running_with_ip(p: &Pod) -> bool {
     let s = p.status.as_ref();
-    s.and_then(|s| s.phase.as_deref()) == Some("Running") && s.and_then(|s| s.pod_ip.as_deref()).is_some_and(|ip| !ip.is_empty())
+    s.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && s.and_then(|s| s.pod_ip.as_deref()).is_some_and(|ip| !ip.is_empty())
 }
 
 async fn warnings(vc: &VirtualCluster, ns: &str, object: &str) -> Vec<Event> {
@@ -70,11 +71,13 @@ async fn a_deployment_and_its_service_run_on_the_host_with_the_same_addresses() 
     .await;
     eprintln!("3 pods synced, Running and bound after {:.1} s", started.elapsed().as_secs_f64());
 
-    let host_pods: BTreeMap<String, Pod> = host_list::<Pod>(&env, &vc).await.into_iter().map(|p| (p.name_any(), p)).collect();
+    let host_pods: BTreeMap<String, Pod> =
+        host_list::<Pod>(&env, &vc).await.into_iter().map(|p| (p.name_any(), p)).collect();
     let nodes: Api<Node> = Api::all(client.clone());
     for vp in &virtual_pods {
         let host_name = tr.host_name("default", &vp.name_any());
-        let hp = host_pods.get(&host_name).unwrap_or_else(|| panic!("host pod {host_name} missing: {:?}", host_pods.keys()));
+        let hp =
+            host_pods.get(&host_name).unwrap_or_else(|| panic!("host pod {host_name} missing: {:?}", host_pods.keys()));
         assert!(running_with_ip(hp), "host pod {host_name} Running");
         assert_eq!(vp.status.as_ref().unwrap().pod_ip, hp.status.as_ref().unwrap().pod_ip, "same pod IP both sides");
         let node = vp.spec.as_ref().unwrap().node_name.clone().unwrap();
@@ -87,16 +90,19 @@ async fn a_deployment_and_its_service_run_on_the_host_with_the_same_addresses() 
     }
 
     let vsvc: Service = Api::namespaced(client.clone(), "default").get("web").await.unwrap();
-    let hsvc: Service = Api::namespaced(env.client().await, vc.host_namespace()).get(&tr.host_name("default", "web")).await.unwrap();
+    let hsvc: Service =
+        Api::namespaced(env.client().await, vc.host_namespace()).get(&tr.host_name("default", "web")).await.unwrap();
     let vip = vsvc.spec.as_ref().unwrap().cluster_ip.clone().unwrap();
     assert_eq!(Some(vip.clone()), hsvc.spec.as_ref().unwrap().cluster_ip, "same ClusterIP in both clusters");
     let selector = hsvc.spec.as_ref().unwrap().selector.clone().unwrap();
     assert_eq!(selector.get(LABEL_CLUSTER).map(String::as_str), Some("team-a"), "the host selector is confined");
 
-    let want: BTreeSet<String> = virtual_pods.iter().map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap()).collect();
+    let want: BTreeSet<String> =
+        virtual_pods.iter().map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap()).collect();
     eventually("virtual endpoints list the 3 pod IPs", Duration::from_secs(30), || async {
         let out = vc.kubectl(&["get", "endpoints", "web", "-o", "jsonpath={.subsets[*].addresses[*].ip}"]);
-        let got: BTreeSet<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+        let got: BTreeSet<String> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
         if got == want { Ok(Some(())) } else { Err(format!("endpoints {got:?}, want {want:?}")) }
     })
     .await;
@@ -104,9 +110,18 @@ async fn a_deployment_and_its_service_run_on_the_host_with_the_same_addresses() 
     // In-cluster API access and DNS point at the virtual cluster.
     let kubernetes: Service = Api::namespaced(client.clone(), "default").get("kubernetes").await.unwrap();
     let proxy_svc: Service = Api::namespaced(env.client().await, vc.host_namespace()).get("team-a").await.unwrap();
-    assert_eq!(kubernetes.spec.unwrap().cluster_ip, proxy_svc.spec.clone().unwrap().cluster_ip, "kubernetes.default is the proxy");
+    assert_eq!(
+        kubernetes.spec.unwrap().cluster_ip,
+        proxy_svc.spec.clone().unwrap().cluster_ip,
+        "kubernetes.default is the proxy"
+    );
     let hp = host_pods.values().find(|p| p.name_any().starts_with("web-")).unwrap();
-    let env_host = hp.spec.as_ref().unwrap().containers[0].env.iter().flatten().find(|e| e.name == "KUBERNETES_SERVICE_HOST").cloned();
+    let env_host = hp.spec.as_ref().unwrap().containers[0]
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "KUBERNETES_SERVICE_HOST")
+        .cloned();
     assert_eq!(env_host.and_then(|e| e.value), proxy_svc.spec.unwrap().cluster_ip);
     let dns: Service = Api::namespaced(client.clone(), "kube-system").get("kube-dns").await.unwrap();
     let nameservers = hp.spec.as_ref().unwrap().dns_config.clone().unwrap().nameservers.unwrap();
@@ -147,18 +162,26 @@ spec:
         let pods = host_names::<Pod>(&env, &vc).await;
         let cms = host_names::<ConfigMap>(&env, &vc).await;
         let secrets = host_names::<Secret>(&env, &vc).await;
-        Ok((pods.contains(&tr.host_name("default", "app")) && cms.contains(&settings) && secrets.contains(&db)).then_some(()))
+        Ok((pods.contains(&tr.host_name("default", "app")) && cms.contains(&settings) && secrets.contains(&db))
+            .then_some(()))
     })
     .await;
     let host_secret: Secret = Api::namespaced(env.client().await, vc.host_namespace()).get(&db).await.unwrap();
     assert_eq!(host_secret.data.unwrap()["password"].0, b"s3cret");
-    assert!(!host_names::<ConfigMap>(&env, &vc).await.contains(&tr.host_name("default", "unused")), "unused configmap stays off the host");
-    assert!(!host_names::<Secret>(&env, &vc).await.contains(&tr.host_name("default", "unused-secret")), "unused secret stays off the host");
+    assert!(
+        !host_names::<ConfigMap>(&env, &vc).await.contains(&tr.host_name("default", "unused")),
+        "unused configmap stays off the host"
+    );
+    assert!(
+        !host_names::<Secret>(&env, &vc).await.contains(&tr.host_name("default", "unused-secret")),
+        "unused secret stays off the host"
+    );
 
     // Content updates reach the host copy.
     vc.kubectl_ok(&["patch", "configmap", "settings", "-p", r#"{"data":{"mode":"slow"}}"#]);
     eventually("the host copy follows the update", Duration::from_secs(20), || async {
-        let cm: ConfigMap = Api::namespaced(env.client().await, vc.host_namespace()).get(&settings).await.map_err(|e| e.to_string())?;
+        let cm: ConfigMap =
+            Api::namespaced(env.client().await, vc.host_namespace()).get(&settings).await.map_err(|e| e.to_string())?;
         Ok((cm.data.unwrap_or_default().get("mode").map(String::as_str) == Some("slow")).then_some(()))
     })
     .await;
@@ -264,11 +287,19 @@ async fn forbidden_workloads_are_refused_with_a_clear_message_and_never_reach_th
     let vc = env.virtual_cluster("strict").await;
     let pods = [
         ("privileged", "containers: [{name: c, image: nginx, securityContext: {privileged: true}}]", "privileged"),
-        ("hostpath", "containers: [{name: c, image: nginx}]\n  volumes: [{name: root, hostPath: {path: /}}]", "hostPath"),
+        (
+            "hostpath",
+            "containers: [{name: c, image: nginx}]\n  volumes: [{name: root, hostPath: {path: /}}]",
+            "hostPath",
+        ),
         ("hostnetwork", "hostNetwork: true\n  containers: [{name: c, image: nginx}]", "hostNetwork"),
         ("hostpid", "hostPID: true\n  containers: [{name: c, image: nginx}]", "hostPID"),
         ("hostipc", "hostIPC: true\n  containers: [{name: c, image: nginx}]", "hostIPC"),
-        ("sysadmin", "containers: [{name: c, image: nginx, securityContext: {capabilities: {add: [SYS_ADMIN]}}}]", "SYS_ADMIN"),
+        (
+            "sysadmin",
+            "containers: [{name: c, image: nginx, securityContext: {capabilities: {add: [SYS_ADMIN]}}}]",
+            "SYS_ADMIN",
+        ),
     ];
     // Through the proxy: refused at once, with the API server's Pod Security message.
     for (name, spec, _) in pods {
@@ -335,15 +366,27 @@ async fn two_virtual_clusters_with_the_same_names_stay_apart() {
     for (vc, own, other) in [(&a, &ips_a, &ips_b), (&b, &ips_b, &ips_a)] {
         let host_svc = tr(vc).host_name("default", "web");
         let got = eventually("host endpoints of web", Duration::from_secs(30), || async {
-            let out = env.kubectl(&["-n", vc.host_namespace(), "get", "endpoints", &host_svc, "-o", "jsonpath={.subsets[*].addresses[*].ip}"]);
-            let got: BTreeSet<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+            let out = env.kubectl(&[
+                "-n",
+                vc.host_namespace(),
+                "get",
+                "endpoints",
+                &host_svc,
+                "-o",
+                "jsonpath={.subsets[*].addresses[*].ip}",
+            ]);
+            let got: BTreeSet<String> =
+                String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
             Ok((got.len() == 2).then_some(got))
         })
         .await;
         assert_eq!(&got, own, "{} selects its own pods", vc.name());
         assert!(got.is_disjoint(other));
         // Each mounts its own secret.
-        let secret: Secret = Api::namespaced(env.client().await, vc.host_namespace()).get(&tr(vc).host_name("default", "db")).await.unwrap();
+        let secret: Secret = Api::namespaced(env.client().await, vc.host_namespace())
+            .get(&tr(vc).host_name("default", "db"))
+            .await
+            .unwrap();
         assert_eq!(secret.data.unwrap()["owner"].0, vc.name().as_bytes());
         // Each proxy reaches only its own pods: a name of the other cluster's host pod is not a
         // pod of this virtual cluster.
@@ -394,7 +437,8 @@ async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
         assert!(n > 0, "kubectl port-forward exited");
         first.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    let port: u16 = first.split("127.0.0.1:").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
+    let port: u16 =
+        first.split("127.0.0.1:").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     conn.write_all(b"through the proxy\n").unwrap();
@@ -435,10 +479,12 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
     let tr = tr(&vc);
     let vpods: Api<Pod> = Api::namespaced(vc.client().await, "default");
     eventually("host pods are exactly the virtual ones, all Running", Duration::from_secs(180), || async {
-        let virtual_pods = vpods.list(&ListParams::default().labels("app=burst")).await.map_err(|e| e.to_string())?.items;
+        let virtual_pods =
+            vpods.list(&ListParams::default().labels("app=burst")).await.map_err(|e| e.to_string())?.items;
         let want: BTreeSet<String> = virtual_pods.iter().map(|p| tr.host_name("default", &p.name_any())).collect();
         let host = host_list::<Pod>(&env, &vc).await;
-        let got: BTreeSet<String> = host.iter().filter(|p| p.name_any().contains("burst")).map(|p| p.name_any()).collect();
+        let got: BTreeSet<String> =
+            host.iter().filter(|p| p.name_any().contains("burst")).map(|p| p.name_any()).collect();
         let running = virtual_pods.iter().filter(|p| running_with_ip(p)).count();
         if virtual_pods.len() == 120 && want == got && running == 120 {
             Ok(Some(()))
@@ -464,6 +510,11 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
         .collect();
     for hp in host_list::<Pod>(&env, &vc).await.into_iter().filter(|p| p.name_any().contains("burst")) {
         let owner = tr.owner(&hp.metadata).unwrap();
-        assert_eq!(virtual_uids.get(&owner.name), Some(&owner.uid), "host pod {} mirrors the live virtual pod", hp.name_any());
+        assert_eq!(
+            virtual_uids.get(&owner.name),
+            Some(&owner.uid),
+            "host pod {} mirrors the live virtual pod",
+            hp.name_any()
+        );
     }
 }

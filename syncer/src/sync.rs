@@ -152,7 +152,11 @@ where
 }
 
 /// Turns a collision into the tenant-visible Warning event and a slow retry.
-pub async fn or_collision<V: Resource<DynamicType = ()>>(ctx: &Context, v: &V, r: Result<()>) -> Result<crate::queue::Action> {
+pub async fn or_collision<V: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    v: &V,
+    r: Result<()>,
+) -> Result<crate::queue::Action> {
     match r {
         Ok(()) => Ok(crate::queue::Action::Done),
         Err(SyncError::Collision(name)) => {

@@ -121,16 +121,18 @@ impl LocalControlPlane {
 
         progress("[2/6] certificates (kept in a host Secret)");
         let cert_dir = dir.join("pki");
-        let (bundle, _) = crate::controlplane::sync_pki(&host, &state.namespace, &state.name, &cert_dir).await?;
         let apiserver_url = format!("https://127.0.0.1:{}", state.ports.apiserver);
-        let kcm_kubeconfig = dir.join("controller-manager.kubeconfig");
-        vkube_localenv::host::write_private(
-            &kcm_kubeconfig,
-            &components::controller_manager_kubeconfig(&apiserver_url, &bundle),
-        )?;
-
-        let admission = dir.join("admission.yaml");
-        std::fs::write(&admission, components::admission_config(opts.policy.pod_security))?;
+        let bundle = crate::controlplane::prepare_files(
+            &host,
+            &state.name,
+            &state.namespace,
+            &cert_dir,
+            &apiserver_url,
+            &opts.policy,
+        )
+        .await?;
+        let kcm_kubeconfig = cert_dir.join(crate::controlplane::CONTROLLER_MANAGER_KUBECONFIG);
+        let admission = cert_dir.join(crate::controlplane::ADMISSION_FILE);
         let layout = Layout {
             cert_dir: &cert_dir,
             data_dir: &dir.join("etcd"),

@@ -26,7 +26,9 @@ enum Command {
     #[command(subcommand)]
     Dev(dev::DevCommand),
     /// Run the control-plane process (proxy and syncer) of one virtual cluster.
-    Run(vkube::controlplane::RunArgs),
+    Run(Box<vkube::controlplane::RunArgs>),
+    /// Write what the upstream components need before they start (the chart's init container).
+    Prepare(vkube::controlplane::PrepareArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,7 +50,8 @@ fn main() -> std::process::ExitCode {
             Command::List(a) => a.run().await,
             Command::Delete(a) => a.run().await,
             Command::Dev(cmd) => cmd.run().await,
-            Command::Run(a) => vkube::controlplane::run(a).await,
+            Command::Run(a) => vkube::controlplane::run(*a).await,
+            Command::Prepare(a) => vkube::controlplane::prepare(a).await,
         }
     });
     match result {

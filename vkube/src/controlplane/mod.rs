@@ -56,6 +56,60 @@ pub struct RunArgs {
     pub sync: SyncArgs,
 }
 
+/// `vkube prepare`: what the upstream components need on disk before they start (the chart's
+/// init container; `vkube create --local` does the same in-process).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PrepareArgs {
+    #[arg(long, env = "VKUBE_NAME")]
+    pub name: String,
+    #[arg(long, env = "VKUBE_NAMESPACE")]
+    pub namespace: String,
+    /// Where certificates, the admission configuration and the controller-manager's kubeconfig
+    /// are written.
+    #[arg(long, env = "VKUBE_CERT_DIR", default_value = "/var/lib/vkube/pki")]
+    pub cert_dir: PathBuf,
+    /// The virtual API server as the controller-manager reaches it.
+    #[arg(long, env = "VKUBE_VIRTUAL_SERVER", default_value = "https://127.0.0.1:6443")]
+    pub virtual_server: String,
+    #[arg(long, env = "VKUBE_HOST_KUBECONFIG")]
+    pub host_kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// File names `prepare` writes next to the certificates.
+pub const ADMISSION_FILE: &str = "admission.yaml";
+pub const CONTROLLER_MANAGER_KUBECONFIG: &str = "controller-manager.kubeconfig";
+
+/// Writes certificates (from the host Secret, created if missing), the admission
+/// configuration and the controller-manager's kubeconfig into `cert_dir`.
+pub async fn prepare_files(
+    host: &kube::Client,
+    name: &str,
+    namespace: &str,
+    cert_dir: &Path,
+    virtual_server: &str,
+    policy: &PolicyArgs,
+) -> anyhow::Result<Bundle> {
+    let (bundle, _) = sync_pki(host, namespace, name, cert_dir).await?;
+    std::fs::write(cert_dir.join(ADMISSION_FILE), components::admission_config(policy.pod_security))
+        .context("writing the admission configuration")?;
+    vkube_localenv::host::write_private(
+        &cert_dir.join(CONTROLLER_MANAGER_KUBECONFIG),
+        &components::controller_manager_kubeconfig(virtual_server, &bundle),
+    )?;
+    Ok(bundle)
+}
+
+pub async fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
+    let host = vkube_localenv::client::host(args.host_kubeconfig.as_deref(), None)
+        .await
+        .context("connecting to the host cluster")?;
+    prepare_files(&host, &args.name, &args.namespace, &args.cert_dir, &args.virtual_server, &args.policy).await?;
+    tracing::info!(dir = %args.cert_dir.display(), "control-plane files ready");
+    Ok(())
+}
+
 /// The isolation policy: the platform admin's, never the tenant's.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct PolicyArgs {
@@ -230,7 +284,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let translator = Translator::new(&args.name, &args.namespace);
     let policy = args.policy.policy();
 
-    let mut registry = Registry::with_prefix("");
+    let mut registry = Registry::default();
     let serving = ServingCert::new(
         bundle.get("apiserver.crt").unwrap_or_default(),
         bundle.get("apiserver.key").unwrap_or_default(),
