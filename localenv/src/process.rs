@@ -340,11 +340,13 @@ impl ProcessGroup {
         self.processes.iter().map(|p| (p.name().to_string(), p.spec.log.clone())).collect()
     }
 
-    /// Leaves the processes running; `stop_all_recorded` on the directory stops them later.
+    /// Leaves the processes running, recorded in `processes.json`; `stop_all_recorded` on the
+    /// directory stops them later.
     pub fn detach(mut self) {
         for p in std::mem::take(&mut self.processes) {
             p.detach();
         }
+        // The record stays as written by the last spawn: dropping an empty group leaves it alone.
     }
 
     fn write(&self) -> Result<()> {
@@ -356,6 +358,9 @@ impl ProcessGroup {
 impl ProcessGroup {
     /// Stops every process, newest first.
     pub fn stop_all(&mut self) {
+        if self.processes.is_empty() {
+            return;
+        }
         while let Some(mut p) = self.processes.pop() {
             p.stop(Duration::from_secs(5));
         }

@@ -28,6 +28,9 @@ pub struct Options {
     pub concurrency: usize,
     /// ClusterIP of the host Service in front of the API proxy (`kubernetes.default` for pods).
     pub api_ip: String,
+    /// Recreate host copies of pods that ran and are gone, instead of deleting the virtual pod
+    /// (after `vkube pause` removed them on purpose).
+    pub recreate_lost_pods: bool,
 }
 
 pub struct Stores {

@@ -52,6 +52,8 @@ pub struct LocalState {
     pub ports: LocalPorts,
     pub host_kubeconfig: PathBuf,
     pub host_context: Option<String>,
+    pub policy: PolicyArgs,
+    /// Extra flags for `vkube run` (beyond the policy).
     pub run_args: Vec<String>,
 }
 
@@ -110,7 +112,8 @@ impl LocalControlPlane {
             ports,
             host_kubeconfig: opts.host_kubeconfig.clone(),
             host_context: opts.host_context.clone(),
-            run_args: opts.policy.to_args().into_iter().chain(opts.run_args.iter().cloned()).collect(),
+            policy: opts.policy.clone(),
+            run_args: opts.run_args.clone(),
         };
         std::fs::write(dir.join("state.json"), serde_json::to_string_pretty(&state)?)?;
 
@@ -186,6 +189,7 @@ impl LocalControlPlane {
                 format!("--host-kubeconfig={}", s.host_kubeconfig.display()),
             ])
             .args(s.host_context.iter().map(|c| format!("--host-context={c}")))
+            .args(s.policy.to_args())
             .args(s.run_args.iter().cloned())
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
     }
@@ -300,6 +304,7 @@ async fn ensure_local_service(host: &kube::Client, namespace: &str, cluster: &st
         metadata: ObjectMeta {
             name: Some(names::service(cluster)),
             labels: Some(names::labels(cluster)),
+            annotations: Some([(names::ANNOTATION_MODE.to_string(), "local".to_string())].into()),
             ..Default::default()
         },
         spec: Some(ServiceSpec {

@@ -22,6 +22,10 @@ enum Command {
     List(cli::list::ListArgs),
     /// Delete a virtual cluster and everything it put on the host.
     Delete(cli::delete::DeleteArgs),
+    /// Stop a virtual cluster's control plane and remove its host pods (its state is kept).
+    Pause(cli::pause::PauseArgs),
+    /// Start a paused virtual cluster again; its workloads come back.
+    Resume(cli::pause::ResumeArgs),
     /// The local dev host cluster (real upstream processes, nodes simulated by kwok).
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -49,6 +53,8 @@ fn main() -> std::process::ExitCode {
             Command::Connect(a) => a.run().await,
             Command::List(a) => a.run().await,
             Command::Delete(a) => a.run().await,
+            Command::Pause(a) => a.run().await,
+            Command::Resume(a) => a.run().await,
             Command::Dev(cmd) => cmd.run().await,
             Command::Run(a) => vkube::controlplane::run(*a).await,
             Command::Prepare(a) => vkube::controlplane::prepare(a).await,

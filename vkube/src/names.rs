@@ -30,5 +30,12 @@ pub fn labels(name: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// On the host Service: the cluster is paused (its host pods were removed on purpose; the next
+/// control plane recreates them rather than treating them as lost).
+pub const ANNOTATION_PAUSED: &str = "vkube.dev/paused";
+
+/// On the host Service of a control plane run as local processes: `local`.
+pub const ANNOTATION_MODE: &str = "vkube.dev/mode";
+
 /// The key of the admin kubeconfig in its Secret.
 pub const KUBECONFIG_KEY: &str = "config";

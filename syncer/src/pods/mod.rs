@@ -80,7 +80,7 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
 }
 
 async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
-    if ran_on_host(v) {
+    if ran_on_host(v) && !ctx.opts.recreate_lost_pods {
         // Its host copy ran and is gone (evicted, deleted on the host, lost while we were down):
         // the virtual pod goes too and its controller makes a new one, as on a real node loss.
         return finalize_virtual(ctx, v).await;

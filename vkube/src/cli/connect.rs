@@ -1,9 +1,14 @@
-//! `vkube connect NAME`: the admin kubeconfig from its host Secret.
+//! `vkube connect NAME`: the admin kubeconfig (from its host Secret) as a context of your
+//! kubeconfig, printed, or reached through a port-forward when its endpoint is not reachable
+//! from here (a cluster on a remote host).
+
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, ListParams};
+use kube::config::Kubeconfig;
 use vkube::names;
 
 use super::Target;
@@ -12,35 +17,154 @@ use super::Target;
 pub struct ConnectArgs {
     #[command(flatten)]
     pub target: Target,
-    /// Print the kubeconfig instead of adding a context to the current kubeconfig.
+    /// Print the kubeconfig instead of adding a context.
     #[arg(long)]
     pub print: bool,
+    /// Reach the cluster through a port-forward to its control-plane pod; keeps running.
+    #[arg(long)]
+    pub port_forward: bool,
+    /// Local port for `--port-forward` (default: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub local_port: u16,
+    /// The kubeconfig file to add the context to (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig_file: Option<PathBuf>,
+    /// Make the new context the current one.
+    #[arg(long)]
+    pub switch: bool,
 }
 
 impl ConnectArgs {
     pub async fn run(self) -> anyhow::Result<()> {
         let host = super::host_client().await?;
-        let ns = self.target.namespace();
-        let name = names::kubeconfig_secret(&self.target.name);
-        let secret = Api::<Secret>::namespaced(host, &ns)
-            .get_opt(&name)
-            .await
-            .with_context(|| format!("reading Secret {ns}/{name}"))?
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "virtual cluster {} not found in host namespace {ns} (no Secret {name}); `vkube list` shows what exists",
-                    self.target.name
-                )
-            })?;
-        let yaml = secret
-            .data
-            .and_then(|d| d.get(names::KUBECONFIG_KEY).cloned())
-            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            .ok_or_else(|| anyhow::anyhow!("Secret {ns}/{name} has no {} key", names::KUBECONFIG_KEY))?;
+        let mut kc = admin_kubeconfig(&host, &self.target).await?;
+        let context = format!("vkube-{}", self.target.name);
+        rename(&mut kc, &context);
+        if self.port_forward {
+            return self.forward(host, kc).await;
+        }
         if self.print {
-            print!("{yaml}");
+            print!("{}", vkube_pki::kubeconfig::to_yaml(&kc));
             return Ok(());
         }
-        anyhow::bail!("only --print is available in this build");
+        let file = self.kubeconfig_file.clone().map(Ok).unwrap_or_else(default_kubeconfig_file)?;
+        merge_into(&file, kc, self.switch)?;
+        eprintln!("added context {context} to {}", file.display());
+        if !self.switch {
+            eprintln!("  kubectl --context {context} get namespaces");
+        }
+        Ok(())
     }
+
+    async fn forward(&self, host: kube::Client, mut kc: Kubeconfig) -> anyhow::Result<()> {
+        let ns = self.target.namespace();
+        let pods: Api<Pod> = Api::namespaced(host, &ns);
+        let pod = pods
+            .list(&ListParams::default().labels(&format!("{}={}", names::LABEL_CONTROL_PLANE, self.target.name)))
+            .await?
+            .items
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .and_then(|p| p.metadata.name)
+            .ok_or_else(|| anyhow::anyhow!("no running control-plane pod of {} in {ns}", self.target.name))?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.local_port)).await?;
+        let port = listener.local_addr()?.port();
+        // The serving certificate names the in-cluster Service: keep verifying against that name.
+        for c in kc.clusters.iter_mut().filter_map(|c| c.cluster.as_mut()) {
+            c.server = Some(format!("https://127.0.0.1:{port}"));
+            c.tls_server_name = Some(format!("{}.{ns}.svc", names::service(&self.target.name)));
+        }
+        let yaml = vkube_pki::kubeconfig::to_yaml(&kc);
+        if self.print {
+            print!("{yaml}");
+        } else {
+            let file = self.kubeconfig_file.clone().map(Ok).unwrap_or_else(default_kubeconfig_file)?;
+            merge_into(&file, kc, self.switch)?;
+            eprintln!("added context vkube-{} to {} (through this port-forward)", self.target.name, file.display());
+        }
+        eprintln!("forwarding 127.0.0.1:{port} -> {ns}/{pod}:8443; Ctrl-C to stop");
+        loop {
+            let (mut conn, _) = tokio::select! {
+                a = listener.accept() => a?,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            let (pods, pod) = (pods.clone(), pod.clone());
+            tokio::spawn(async move {
+                let mut fwd = match pods.portforward(&pod, &[8443]).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "port-forward failed");
+                        return;
+                    }
+                };
+                if let Some(mut upstream) = fwd.take_stream(8443) {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+                }
+                drop(fwd);
+            });
+        }
+    }
+}
+
+/// The admin kubeconfig a control plane published in its host Secret.
+pub async fn admin_kubeconfig(host: &kube::Client, target: &Target) -> anyhow::Result<Kubeconfig> {
+    let ns = target.namespace();
+    let name = names::kubeconfig_secret(&target.name);
+    let secret = Api::<Secret>::namespaced(host.clone(), &ns)
+        .get_opt(&name)
+        .await
+        .with_context(|| format!("reading Secret {ns}/{name}"))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "virtual cluster {} not found in host namespace {ns} (no Secret {name}), or its control plane has not started yet; `vkube list` shows what exists",
+                target.name
+            )
+        })?;
+    let yaml = secret
+        .data
+        .and_then(|d| d.get(names::KUBECONFIG_KEY).cloned())
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .ok_or_else(|| anyhow::anyhow!("Secret {ns}/{name} has no {} key", names::KUBECONFIG_KEY))?;
+    Ok(Kubeconfig::from_yaml(&yaml)?)
+}
+
+/// Names the cluster, user and context of a one-context kubeconfig `name`.
+fn rename(kc: &mut Kubeconfig, name: &str) {
+    for c in &mut kc.clusters {
+        c.name = name.into();
+    }
+    for u in &mut kc.auth_infos {
+        u.name = name.into();
+    }
+    for c in &mut kc.contexts {
+        c.name = name.into();
+        if let Some(ctx) = c.context.as_mut() {
+            ctx.cluster = name.into();
+            ctx.user = Some(name.into());
+        }
+    }
+    kc.current_context = Some(name.into());
+}
+
+fn default_kubeconfig_file() -> anyhow::Result<PathBuf> {
+    Ok(super::host_kubeconfig()?.0)
+}
+
+/// Adds (or replaces) the entries of `kc` in the kubeconfig file.
+fn merge_into(file: &std::path::Path, kc: Kubeconfig, switch: bool) -> anyhow::Result<()> {
+    let mut existing = if file.exists() { Kubeconfig::read_from(file)? } else { Kubeconfig::default() };
+    let name = kc.current_context.clone().unwrap_or_default();
+    existing.clusters.retain(|c| c.name != name);
+    existing.auth_infos.retain(|c| c.name != name);
+    existing.contexts.retain(|c| c.name != name);
+    existing.clusters.extend(kc.clusters);
+    existing.auth_infos.extend(kc.auth_infos);
+    existing.contexts.extend(kc.contexts);
+    if switch || existing.current_context.is_none() {
+        existing.current_context = Some(name);
+    }
+    existing.api_version.get_or_insert_with(|| "v1".into());
+    existing.kind.get_or_insert_with(|| "Config".into());
+    vkube_localenv::host::write_private(file, &vkube_pki::kubeconfig::to_yaml(&existing))?;
+    Ok(())
 }

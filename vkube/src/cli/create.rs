@@ -1,10 +1,15 @@
-//! `vkube create NAME`.
+//! `vkube create NAME`: the Helm chart on a real host, or local processes with `--local`.
 
-use std::time::Instant;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
 use vkube::local::{LocalControlPlane, LocalOptions};
+use vkube::names;
 use vkube_localenv::Lifetime;
 use vkube_localenv::process::{is_alive, read_recorded, stop_all_recorded};
 
@@ -20,17 +25,65 @@ pub struct CreateArgs {
     pub local: bool,
     #[command(flatten)]
     pub policy: vkube::controlplane::PolicyArgs,
-    /// Extra flags for the control-plane process (`vkube run --help`), e.g. --sync-all-secrets.
+    /// Chart values files (chart mode).
+    #[arg(long = "values", short = 'f', value_name = "FILE")]
+    pub values: Vec<PathBuf>,
+    /// Chart values, `key=value` (chart mode).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Wait until the virtual cluster answers.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub wait: bool,
+    /// How long to wait.
+    #[arg(long, default_value = "5m", value_parser = vkube::controlplane::parse_duration)]
+    pub timeout: Duration,
+    /// Extra flags for the control-plane process in local mode (`vkube run --help`).
     #[arg(long = "run-arg", value_name = "FLAG")]
     pub run_args: Vec<String>,
 }
 
 impl CreateArgs {
     pub async fn run(self) -> anyhow::Result<()> {
-        if !self.local {
-            anyhow::bail!("only --local is available in this build: the Helm-based install is not implemented yet");
-        }
         let started = Instant::now();
+        let work = async { if self.local { self.create_local().await } else { self.create_chart().await } };
+        tokio::time::timeout(self.timeout, work).await.map_err(|_| {
+            anyhow::anyhow!(
+                "virtual cluster {} did not become ready within {} s; `vkube list` shows its state, `vkube delete {}` removes it",
+                self.target.name,
+                self.timeout.as_secs(),
+                self.target.name
+            )
+        })??;
+        eprintln!(
+            "virtual cluster {} ready in {:.1} s\n  kubeconfig: vkube connect {} -n {} --print > {}.kubeconfig",
+            self.target.name,
+            started.elapsed().as_secs_f64(),
+            self.target.name,
+            self.target.namespace(),
+            self.target.name
+        );
+        Ok(())
+    }
+
+    /// Starts a local control plane again with the settings it was created with.
+    pub async fn resume_local(target: &Target, timeout: Duration) -> anyhow::Result<()> {
+        let state = vkube::local::LocalState::read(&target.local_dir())?.ok_or_else(|| {
+            anyhow::anyhow!("no local state for {} on this machine: it was created elsewhere", target.name)
+        })?;
+        let args = CreateArgs {
+            target: target.clone(),
+            local: true,
+            policy: state.policy,
+            values: vec![],
+            set: vec![],
+            wait: true,
+            timeout,
+            run_args: state.run_args,
+        };
+        tokio::time::timeout(timeout, args.create_local()).await.map_err(|_| anyhow::anyhow!("timed out"))?
+    }
+
+    async fn create_local(&self) -> anyhow::Result<()> {
         let dir = self.target.local_dir();
         let recorded = read_recorded(&dir)?;
         if !recorded.is_empty() && recorded.iter().all(is_alive) {
@@ -48,23 +101,61 @@ impl CreateArgs {
             vkube_binary: std::env::current_exe().context("locating the vkube binary")?,
             host_kubeconfig: std::fs::canonicalize(&host_kubeconfig).unwrap_or(host_kubeconfig),
             host_context,
-            policy: self.policy,
-            run_args: self.run_args,
+            policy: self.policy.clone(),
+            run_args: self.run_args.clone(),
         };
         eprintln!("creating virtual cluster {} in host namespace {} (local processes)", opts.name, opts.namespace);
         let progress = |step: &str| eprintln!("  {step}");
         let cp = LocalControlPlane::start(&opts, &progress)
             .await
             .with_context(|| format!("logs are in {}", opts.dir.join("logs").display()))?;
-        let endpoint = cp.state.endpoint();
         cp.detach();
-        eprintln!(
-            "virtual cluster {} ready in {:.1} s at {endpoint}\n  kubeconfig: vkube connect {} --print > {}.kubeconfig",
-            opts.name,
-            started.elapsed().as_secs_f64(),
-            opts.name,
-            opts.name
-        );
         Ok(())
+    }
+
+    async fn create_chart(&self) -> anyhow::Result<()> {
+        let host = super::host_client().await?;
+        let (name, ns) = (self.target.name.clone(), self.target.namespace());
+        eprintln!("creating virtual cluster {name} in host namespace {ns} (Helm chart)");
+        eprintln!("  [1/3] host namespace and service range");
+        vkube::local::ensure_namespace(&host, &ns, &name).await?;
+        let cidr = vkube::local::host_service_cidr(&host).await?;
+        eprintln!("  [2/3] installing the chart");
+        let chart = super::helm::chart()?;
+        let chart_path = chart.path().display().to_string();
+        let mut args: Vec<String> =
+            ["upgrade", "--install", &name, &chart_path, "-n", &ns].iter().map(|s| s.to_string()).collect();
+        args.push(format!("--set=serviceCIDR={cidr}"));
+        args.push(format!("--set=policy.podSecurity={}", self.policy.pod_security.as_str()));
+        args.push(format!("--set=policy.allowNodePorts={}", self.policy.allow_node_ports));
+        args.push(format!("--set=policy.allowLoadBalancers={}", self.policy.allow_load_balancers));
+        for f in &self.values {
+            args.push(format!("--values={}", f.display()));
+        }
+        for s in &self.set {
+            args.push(format!("--set={s}"));
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        super::helm::run(&refs)?;
+        if !self.wait {
+            return Ok(());
+        }
+        eprintln!("  [3/3] waiting for the control plane (StatefulSet {name}) and its kubeconfig");
+        let sts: Api<StatefulSet> = Api::namespaced(host.clone(), &ns);
+        let secrets: Api<Secret> = Api::namespaced(host.clone(), &ns);
+        let mut last = String::new();
+        loop {
+            let ready = sts.get_opt(&name).await?.and_then(|s| s.status).and_then(|s| s.ready_replicas).unwrap_or(0);
+            let kubeconfig = secrets.get_opt(&names::kubeconfig_secret(&name)).await?.is_some();
+            let now = format!("control plane ready: {}, kubeconfig published: {}", ready > 0, kubeconfig);
+            if now != last {
+                eprintln!("    {now}");
+                last = now;
+            }
+            if ready > 0 && kubeconfig {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }

@@ -1,18 +1,153 @@
-//! `vkube delete NAME`.
+//! `vkube delete NAME`: the control plane and everything the cluster put on the host.
 
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Args;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Endpoints, LimitRange, Namespace, PersistentVolumeClaim, Pod, ResourceQuota, Secret, Service,
+    ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::api::{Api, DeleteParams, ListParams};
+use vkube::names;
+use vkube_syncer::naming::LABEL_CLUSTER;
 
 use super::Target;
+use super::clusters::{self, Mode};
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
     #[command(flatten)]
     pub target: Target,
+    /// Wait until the host namespace (if vkube created it) is gone.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 impl DeleteArgs {
     pub async fn run(self) -> anyhow::Result<()> {
-        let _ = self.target;
-        anyhow::bail!("vkube delete is not implemented yet")
+        let host = super::host_client().await?;
+        let cluster = clusters::require(&host, &self.target).await?;
+        let ns = cluster.namespace.clone();
+        eprintln!("deleting virtual cluster {} from host namespace {ns}", cluster.name);
+        match cluster.mode {
+            Mode::Local => {
+                let stopped = vkube_localenv::process::stop_all_recorded(&self.target.local_dir())?;
+                eprintln!(
+                    "  stopped {}",
+                    if stopped.is_empty() { "nothing (not running)".into() } else { stopped.join(", ") }
+                );
+            }
+            Mode::Chart => {
+                eprintln!("  uninstalling the Helm release");
+                super::helm::run(&["uninstall", &cluster.name, "-n", &ns, "--wait", "--ignore-not-found"])?;
+            }
+        }
+        eprintln!("  removing synced workloads and control-plane objects");
+        remove_all(&host, &ns, &cluster.name).await?;
+        let ns_api: Api<Namespace> = Api::all(host.clone());
+        let ours = ns_api
+            .get_opt(&ns)
+            .await?
+            .and_then(|n| n.metadata.labels)
+            .is_some_and(|l| l.get(names::LABEL_CONTROL_PLANE) == Some(&cluster.name));
+        if ours {
+            eprintln!("  deleting host namespace {ns} (vkube created it)");
+            match ns_api.delete(&ns, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e).context("deleting the host namespace"),
+            }
+            if self.wait {
+                vkube_localenv::wait::until(Duration::from_secs(120), Duration::from_millis(500), || {
+                    let ns_api = ns_api.clone();
+                    let ns = ns.clone();
+                    async move { ns_api.get_opt(&ns).await.map(|n| n.is_none().then_some(())).map_err(|e| e.to_string()) }
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("host namespace {ns} still exists after 120 s: {e}"))?;
+            }
+        }
+        let dir = self.target.local_dir();
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        eprintln!("virtual cluster {} deleted", cluster.name);
+        Ok(())
     }
+}
+
+/// Deletes every object of the cluster from the host namespace: synced workloads (labelled with
+/// the cluster) and control-plane objects (labelled as its control plane), and the cluster-wide
+/// RBAC the chart may have made.
+pub async fn remove_all(host: &kube::Client, ns: &str, name: &str) -> anyhow::Result<()> {
+    let synced = ListParams::default().labels(&format!("{LABEL_CLUSTER}={name}"));
+    let control = ListParams::default().labels(&format!("{}={name}", names::LABEL_CONTROL_PLANE));
+    let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+    for lp in [&synced, &control] {
+        delete_collection::<Pod>(host, ns, lp, &now).await?;
+        delete_collection::<ConfigMap>(host, ns, lp, &now).await?;
+        delete_collection::<Secret>(host, ns, lp, &now).await?;
+        delete_collection::<Endpoints>(host, ns, lp, &now).await?;
+        delete_collection::<PersistentVolumeClaim>(host, ns, lp, &now).await?;
+        delete_each::<Service>(host, ns, lp).await?;
+    }
+    delete_collection::<StatefulSet>(host, ns, &control, &now).await?;
+    delete_collection::<ServiceAccount>(host, ns, &control, &now).await?;
+    delete_collection::<Role>(host, ns, &control, &now).await?;
+    delete_collection::<RoleBinding>(host, ns, &control, &now).await?;
+    delete_collection::<ResourceQuota>(host, ns, &control, &now).await?;
+    delete_collection::<LimitRange>(host, ns, &control, &now).await?;
+    for name in Api::<ClusterRoleBinding>::all(host.clone())
+        .list(&control)
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|o| o.metadata.name)
+    {
+        let _ = Api::<ClusterRoleBinding>::all(host.clone()).delete(&name, &DeleteParams::default()).await;
+    }
+    for name in
+        Api::<ClusterRole>::all(host.clone()).list(&control).await?.items.into_iter().filter_map(|o| o.metadata.name)
+    {
+        let _ = Api::<ClusterRole>::all(host.clone()).delete(&name, &DeleteParams::default()).await;
+    }
+    Ok(())
+}
+
+async fn delete_collection<K>(host: &kube::Client, ns: &str, lp: &ListParams, dp: &DeleteParams) -> anyhow::Result<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    match Api::<K>::namespaced(host.clone(), ns).delete_collection(dp, lp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting {} in {ns}", K::plural(&()))),
+    }
+}
+
+/// Services have no delete-collection endpoint.
+async fn delete_each<K>(host: &kube::Client, ns: &str, lp: &ListParams) -> anyhow::Result<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(host.clone(), ns);
+    for o in api.list(lp).await?.items {
+        if let Some(name) = o.meta().name.clone() {
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e).with_context(|| format!("deleting {} {ns}/{name}", K::kind(&()))),
+            }
+        }
+    }
+    Ok(())
 }

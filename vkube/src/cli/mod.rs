@@ -1,9 +1,12 @@
 //! The CLI commands an admin or CI runs against a host cluster.
 
+pub mod clusters;
 pub mod connect;
 pub mod create;
 pub mod delete;
+pub mod helm;
 pub mod list;
+pub mod pause;
 
 use std::path::PathBuf;
 

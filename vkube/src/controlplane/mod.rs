@@ -111,7 +111,7 @@ pub async fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
 }
 
 /// The isolation policy: the platform admin's, never the tenant's.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct PolicyArgs {
     /// Pod Security level pods must meet to reach the host: privileged, baseline or restricted.
     #[arg(long, env = "VKUBE_POD_SECURITY", default_value = "baseline")]
@@ -180,6 +180,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 async fn service_ip(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<Option<std::net::IpAddr>> {
     let svc = Api::<Service>::namespaced(host.clone(), namespace).get_opt(&names::service(cluster)).await?;
     Ok(svc.and_then(|s| s.spec).and_then(|s| s.cluster_ip).and_then(|ip| ip.parse().ok()))
+}
+
+/// Whether the cluster is being resumed after `vkube pause` (and clears the mark, so a later
+/// restart is an ordinary one).
+async fn take_paused_mark(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<bool> {
+    let api = Api::<Service>::namespaced(host.clone(), namespace);
+    let svc = api.get_opt(&names::service(cluster)).await?;
+    let paused = svc.and_then(|s| s.metadata.annotations).is_some_and(|a| a.contains_key(names::ANNOTATION_PAUSED));
+    if paused {
+        let patch = serde_json::json!({"metadata": {"annotations": {names::ANNOTATION_PAUSED: null}}});
+        api.patch(&names::service(cluster), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    }
+    Ok(paused)
 }
 
 /// Loads (creating or renewing) the PKI and writes it to `cert_dir`. Returns the bundle and
@@ -281,6 +294,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             names::service(&args.name)
         )
     })?;
+    let resuming = take_paused_mark(&host, &args.namespace, &args.name).await?;
+    if resuming {
+        tracing::info!("resuming a paused cluster: host pods are recreated for every virtual pod");
+    }
     let translator = Translator::new(&args.name, &args.namespace);
     let policy = args.policy.policy();
 
@@ -318,6 +335,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             sync_all_secrets: args.sync.sync_all_secrets,
             concurrency: args.sync.sync_concurrency.max(1),
             api_ip: api_ip.to_string(),
+            recreate_lost_pods: resuming,
         },
         virt: admin.clone(),
         host: host.clone(),

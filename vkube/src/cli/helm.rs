@@ -1,0 +1,33 @@
+//! Helm, for installing the chart on a real host: the pinned binary from the cache when there,
+//! else `helm` on PATH. The chart is built into this binary, so `vkube` works from anywhere.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Context;
+use include_dir::{Dir, include_dir};
+
+static CHART: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../charts/vkube");
+
+fn binary() -> PathBuf {
+    vkube_localenv::Upstream::locate().map(|u| u.helm()).unwrap_or_else(|_| PathBuf::from("helm"))
+}
+
+/// Runs helm with `args`; its output goes to our stderr; a failure carries helm's message.
+pub fn run(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(binary())
+        .args(args)
+        .output()
+        .context("running helm (install Helm 3, or run hack/build-upstream.sh for the pinned one)")?;
+    if !out.status.success() {
+        anyhow::bail!("helm {} failed: {}", args.first().unwrap_or(&""), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The built-in chart, written to a temporary directory for helm to read.
+pub fn chart() -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new().prefix("vkube-chart-").tempdir()?;
+    CHART.extract(dir.path()).context("writing the built-in chart")?;
+    Ok(dir)
+}

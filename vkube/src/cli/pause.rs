@@ -1,0 +1,110 @@
+//! `vkube pause NAME` / `vkube resume NAME`: the control plane stops and the cluster's host pods
+//! go (nothing runs, nothing is lost: the virtual cluster's state is in its datastore); resume
+//! starts the control plane, which recreates a host pod for every virtual pod.
+
+use anyhow::Context;
+use clap::Args;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use vkube::names;
+use vkube_syncer::naming::LABEL_CLUSTER;
+
+use super::Target;
+use super::clusters::{self, Mode, Status};
+
+#[derive(Args, Debug)]
+pub struct PauseArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// How long to wait for the control plane.
+    #[arg(long, default_value = "5m", value_parser = vkube::controlplane::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+impl PauseArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let host = super::host_client().await?;
+        let cluster = clusters::require(&host, &self.target).await?;
+        if cluster.status == Status::Paused {
+            eprintln!("virtual cluster {} is already paused", cluster.name);
+            return Ok(());
+        }
+        let ns = cluster.namespace.clone();
+        // Marked first: whatever happens next, the next control plane knows the host pods were
+        // removed on purpose.
+        let svc: Api<Service> = Api::namespaced(host.clone(), &ns);
+        let patch = serde_json::json!({"metadata": {"annotations": {names::ANNOTATION_PAUSED: "true"}}});
+        svc.patch(&names::service(&cluster.name), &PatchParams::default(), &Patch::Merge(patch)).await?;
+        eprintln!("pausing virtual cluster {}", cluster.name);
+        match cluster.mode {
+            Mode::Local => {
+                let stopped = vkube_localenv::process::stop_all_recorded(&self.target.local_dir())?;
+                eprintln!("  stopped {}", stopped.join(", "));
+            }
+            Mode::Chart => {
+                let sts: Api<StatefulSet> = Api::namespaced(host.clone(), &ns);
+                let patch = serde_json::json!({"spec": {"replicas": 0}});
+                sts.patch(&cluster.name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .context("scaling the control plane to 0")?;
+                eprintln!("  control plane scaled to 0");
+            }
+        }
+        let pods: Api<Pod> = Api::namespaced(host, &ns);
+        let lp = ListParams::default().labels(&format!("{LABEL_CLUSTER}={}", cluster.name));
+        let n = pods.list(&lp).await?.items.len();
+        pods.delete_collection(&DeleteParams { grace_period_seconds: Some(0), ..Default::default() }, &lp).await?;
+        eprintln!(
+            "  removed {n} host pod(s); virtual cluster {} paused (`vkube resume {}` restores it)",
+            cluster.name, cluster.name
+        );
+        Ok(())
+    }
+}
+
+impl ResumeArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let host = super::host_client().await?;
+        let cluster = clusters::require(&host, &self.target).await?;
+        eprintln!("resuming virtual cluster {}", cluster.name);
+        match cluster.mode {
+            Mode::Local => {
+                super::create::CreateArgs::resume_local(&self.target, self.timeout).await?;
+            }
+            Mode::Chart => {
+                let sts: Api<StatefulSet> = Api::namespaced(host.clone(), &cluster.namespace);
+                let patch = serde_json::json!({"spec": {"replicas": 1}});
+                sts.patch(&cluster.name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .context("scaling the control plane to 1")?;
+                let ready = vkube_localenv::wait::until(self.timeout, std::time::Duration::from_secs(1), || {
+                    let sts = sts.clone();
+                    let name = cluster.name.clone();
+                    async move {
+                        let r = sts
+                            .get(&name)
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .status
+                            .and_then(|s| s.ready_replicas)
+                            .unwrap_or(0);
+                        Ok((r > 0).then_some(()))
+                    }
+                })
+                .await;
+                ready.map_err(|e| {
+                    anyhow::anyhow!("the control plane did not become ready within {} s: {e}", self.timeout.as_secs())
+                })?;
+            }
+        }
+        eprintln!("virtual cluster {} resumed", cluster.name);
+        Ok(())
+    }
+}
