@@ -1,0 +1,191 @@
+//! The `vkube` CLI as an admin or CI uses it, against the dev host cluster (real processes).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use vkube_e2e::{TestEnv, eventually, kubectl, kubectl_ok, vkube_bin};
+
+/// The CLI with its own state directory and the host's kubeconfig; whatever it leaves running
+/// is stopped when the test ends, pass or fail.
+struct Cli {
+    state: tempfile::TempDir,
+    host_kubeconfig: PathBuf,
+}
+
+impl Cli {
+    fn new(env: &TestEnv) -> Self {
+        Cli { state: tempfile::tempdir().unwrap(), host_kubeconfig: env.host.kubeconfig.clone() }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(vkube_bin())
+            .args(args)
+            .env("VKUBE_STATE", self.state.path())
+            .env("KUBECONFIG", &self.host_kubeconfig)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vkube {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn list(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["list", "-o", "json"])).unwrap()
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        vkube_localenv::process::stop_strays(self.state.path(), Duration::from_secs(5));
+    }
+}
+
+fn labelled_host_objects(env: &TestEnv, name: &str) -> Vec<String> {
+    let mut left = vec![];
+    for kind in ["pods", "services", "secrets", "configmaps", "endpoints", "persistentvolumeclaims", "serviceaccounts", "statefulsets", "roles", "rolebindings"] {
+        for label in ["vkube.dev/cluster", "vkube.dev/control-plane"] {
+            let out = env.kubectl_ok(&["get", kind, "-A", "-l", &format!("{label}={name}"), "-o", "name"]);
+            left.extend(out.lines().map(str::to_string));
+        }
+    }
+    for kind in ["namespaces", "clusterroles", "clusterrolebindings"] {
+        let out = env.kubectl_ok(&["get", kind, "-l", &format!("vkube.dev/control-plane={name}"), "-o", "name"]);
+        left.extend(out.lines().map(str::to_string));
+    }
+    left
+}
+
+fn processes_mentioning(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_list_connect_pause_resume_delete_locally() {
+    let env = TestEnv::start(2).await;
+    let cli = Cli::new(&env);
+    cli.ok(&["create", "team-a", "--local"]);
+    let listed = cli.list();
+    let team_a = listed.as_array().unwrap().iter().find(|c| c["name"] == "team-a").expect("team-a listed");
+    assert_eq!(team_a["namespace"], "vkube-team-a");
+    assert_eq!(team_a["mode"], "local");
+    assert_eq!(team_a["ready"], true, "{team_a}");
+
+    // A second create is harmless.
+    cli.ok(&["create", "team-a", "--local"]);
+
+    let kubeconfig = cli.state.path().join("team-a.kubeconfig");
+    std::fs::write(&kubeconfig, cli.ok(&["connect", "team-a", "--print"])).unwrap();
+    let up = vkube_localenv::Upstream::locate().unwrap();
+    kubectl_ok(&up, &kubeconfig, &["create", "deployment", "web", "--image=nginx", "--replicas=2"]);
+    kubectl_ok(&up, &kubeconfig, &["run", "solo", "--image=nginx"]);
+    let host_pods = || {
+        let out = env.kubectl_ok(&["-n", "vkube-team-a", "get", "pods", "-l", "vkube.dev/cluster=team-a", "-o", "name"]);
+        out.lines().filter(|l| !l.contains("coredns")).map(str::to_string).collect::<Vec<_>>()
+    };
+    eventually("3 workload pods on the host", Duration::from_secs(30), || async {
+        Ok((host_pods().len() == 3).then_some(()))
+    })
+    .await;
+
+    // The context form, into a kubeconfig file of our choosing.
+    let merged = cli.state.path().join("merged.kubeconfig");
+    cli.ok(&["connect", "team-a", "--kubeconfig-file", merged.to_str().unwrap()]);
+    let ns = kubectl_ok(&up, &merged, &["--context", "vkube-team-a", "get", "namespaces", "-o", "name"]);
+    assert!(ns.contains("namespace/kube-system"), "{ns}");
+
+    cli.ok(&["pause", "team-a"]);
+    assert!(host_pods().is_empty(), "pause removes the host pods: {:?}", host_pods());
+    let paused = cli.list();
+    assert_eq!(paused[0]["status"], "Paused");
+    assert!(!kubectl(&up, &kubeconfig, &["get", "pods"]).status.success(), "the control plane is stopped");
+
+    cli.ok(&["resume", "team-a"]);
+    eventually("the workloads come back, the bare pod too", Duration::from_secs(60), || async {
+        let pods = host_pods();
+        Ok((pods.len() == 3 && pods.iter().any(|p| p.contains("solo-x-default"))).then_some(()))
+    })
+    .await;
+    assert_eq!(cli.list()[0]["ready"], true);
+
+    cli.ok(&["delete", "team-a", "--wait"]);
+    let left = labelled_host_objects(&env, "team-a");
+    assert!(left.is_empty(), "left on the host: {left:?}");
+    let procs = processes_mentioning(cli.state.path());
+    assert!(procs.is_empty(), "left running: {procs:?}");
+    assert_eq!(cli.list(), serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_what_to_do_and_exit_non_zero() {
+    let env = TestEnv::start(1).await;
+    let cli = Cli::new(&env);
+    for args in [vec!["connect", "nosuch", "--print"], vec!["delete", "nosuch"], vec!["pause", "nosuch"]] {
+        let out = cli.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains("not found") && stderr.contains("vkube list"), "{args:?}: {stderr}");
+    }
+    let out = cli.run(&["create", "bad", "--local", "--pod-security", "lax"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("privileged, baseline or restricted"));
+}
+
+/// `connect --port-forward` reaches the proxy through a port-forward to the control-plane pod.
+/// On the dev host pods do not really run, so the "control-plane pod" is a kwok pod whose
+/// port-forward target is a local control plane's proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_through_a_port_forward() {
+    let env = TestEnv::start(1).await;
+    let cli = Cli::new(&env);
+    cli.ok(&["create", "far", "--local"]);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cli.state.path().join("local/vkube-far/far/state.json")).unwrap()).unwrap();
+    let proxy_port = state["ports"]["proxy"].as_u64().unwrap();
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: far-0, namespace: vkube-far, labels: {{vkube.dev/control-plane: far}}}}\nspec:\n  containers: [{{name: vkube, image: vkube}}]\n---\napiVersion: kwok.x-k8s.io/v1alpha1\nkind: PortForward\nmetadata: {{name: far-0, namespace: vkube-far}}\nspec:\n  forwards: [{{ports: [8443], target: {{port: {proxy_port}, address: 127.0.0.1}}}}]\n"
+    ));
+    env.kubectl_ok(&["-n", "vkube-far", "wait", "--for=condition=Ready", "pod/far-0", "--timeout=60s"]);
+    let merged = cli.state.path().join("pf.kubeconfig");
+    let mut child = Command::new(vkube_bin())
+        .args(["connect", "far", "--port-forward", "--kubeconfig-file", merged.to_str().unwrap()])
+        .env("VKUBE_STATE", cli.state.path())
+        .env("KUBECONFIG", &cli.host_kubeconfig)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let up = vkube_localenv::Upstream::locate().unwrap();
+    let result = vkube_e2e::until(Duration::from_secs(30), Duration::from_millis(300), || async {
+        if !merged.exists() {
+            return Ok(None);
+        }
+        let out = kubectl(&up, &merged, &["--context", "vkube-far", "get", "namespaces", "-o", "name"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains("namespace/default") { Ok(Some(text)) } else { Err(String::from_utf8_lossy(&out.stderr).to_string()) }
+    })
+    .await;
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let server = std::fs::read_to_string(&merged).unwrap_or_default();
+    assert!(result.is_ok(), "kubectl through the port-forward: {result:?}\nconnect said: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(server.contains("https://127.0.0.1:") && !server.contains(&format!(":{proxy_port}")), "the kubeconfig goes through the forward");
+    cli.ok(&["delete", "far"]);
+}
