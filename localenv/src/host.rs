@@ -254,6 +254,8 @@ impl HostCluster {
             format!("--cluster-signing-key-file={}", self.pki_path("ca.key")),
             // kwok hands out pod IPs and there is no cloud.
             "--controllers=*,-node-ipam-controller".into(),
+            "--kube-api-qps=200".into(),
+            "--kube-api-burst=400".into(),
             "--profiling=false".into(),
         ])
     }
@@ -267,6 +269,8 @@ impl HostCluster {
             "--leader-elect=false".into(),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={}", self.ports.scheduler),
+            "--kube-api-qps=200".into(),
+            "--kube-api-burst=400".into(),
             "--profiling=false".into(),
         ])
     }

@@ -82,6 +82,20 @@ pub struct Context {
     pub metrics: Metrics,
 }
 
+impl Queues {
+    pub fn all_idle(&self) -> bool {
+        self.pods.is_idle()
+            && self.services.is_idle()
+            && self.configmaps.is_idle()
+            && self.secrets.is_idle()
+            && self.endpoints.is_idle()
+            && self.pvcs.is_idle()
+            && self.tokens.is_idle()
+            && self.nodes.is_idle()
+            && self.events.is_idle()
+    }
+}
+
 impl Context {
     pub fn host_ns(&self) -> &str {
         self.tr.host_namespace()

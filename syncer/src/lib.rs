@@ -245,6 +245,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
 
     let coredns_image = cfg.coredns_image;
     let c = ctx.clone();
+    let started = std::time::Instant::now();
     let main = async move {
         stores_ready.await;
         tracing::info!(pods = c.stores.vpods.len(), host_pods = c.stores.hpods.len(), "caches ready; syncing");
@@ -276,6 +277,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
             tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
+        while !c.queues.all_idle() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let took = started.elapsed().as_secs_f64();
+        c.metrics.initial_sync_seconds.set(took);
+        tracing::info!(seconds = took, pods = c.stores.vpods.len(), "initial sync done");
         let mut tick = tokio::time::interval(RESYNC);
         tick.tick().await;
         loop {

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub queue_depth: Family<KindLabel, Gauge>,
     /// Objects kept off the host by the isolation policy.
     pub refused: Family<KindLabel, Counter>,
+    /// From start to the first moment every queue was empty with caches ready (the initial
+    /// sync, or the resync after a restart); 0 until then.
+    pub initial_sync_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -56,6 +59,7 @@ impl Default for Metrics {
             errors: Family::default(),
             queue_depth: Family::default(),
             refused: Family::default(),
+            initial_sync_seconds: Gauge::default(),
         }
     }
 }
@@ -74,6 +78,11 @@ impl Metrics {
         r.register("errors", "Failed reconciles, by kind and error", m.errors.clone());
         r.register("queue_depth", "Keys waiting to be reconciled, by kind", m.queue_depth.clone());
         r.register("refused", "Objects kept off the host by the isolation policy, by kind", m.refused.clone());
+        r.register(
+            "initial_sync_seconds",
+            "From start until caches were ready and every queue first drained (0 until then)",
+            m.initial_sync_seconds.clone(),
+        );
         m
     }
 

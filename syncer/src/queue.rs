@@ -29,15 +29,23 @@ pub enum Action {
 /// The sending side: cheap to clone, shared by every event handler.
 pub struct Queue<K> {
     tx: mpsc::UnboundedSender<ScheduleRequest<K>>,
-    /// Keys waiting (not yet handed to a worker), with when they were first queued.
-    waiting: Arc<Mutex<HashMap<K, Instant>>>,
+    /// Keys waiting (not yet handed to a worker): when first queued, and when due.
+    waiting: Arc<Mutex<HashMap<K, (Instant, Instant)>>>,
+    /// Reconciles running now.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     kind: &'static str,
     metrics: Metrics,
 }
 
 impl<K> Clone for Queue<K> {
     fn clone(&self) -> Self {
-        Queue { tx: self.tx.clone(), waiting: self.waiting.clone(), kind: self.kind, metrics: self.metrics.clone() }
+        Queue {
+            tx: self.tx.clone(),
+            waiting: self.waiting.clone(),
+            in_flight: self.in_flight.clone(),
+            kind: self.kind,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -49,28 +57,38 @@ pub struct Worker<K> {
 
 pub fn queue<K: Clone + Eq + Hash>(kind: &'static str, metrics: Metrics) -> (Queue<K>, Worker<K>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let queue = Queue { tx, waiting: Arc::default(), kind, metrics };
+    let queue = Queue { tx, waiting: Arc::default(), in_flight: Arc::default(), kind, metrics };
     (queue.clone(), Worker { rx, queue })
 }
 
 impl<K: Clone + Eq + Hash> Queue<K> {
+    /// Nothing running and nothing due within a second (slow retries scheduled for later, like
+    /// a collision looked at again in five minutes, do not count).
+    pub fn is_idle(&self) -> bool {
+        let soon = Instant::now() + Duration::from_secs(1);
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && !self.waiting.lock().unwrap_or_else(|e| e.into_inner()).values().any(|(_, due)| *due <= soon)
+    }
+
     pub fn add(&self, key: K) {
         self.add_after(key, Duration::ZERO);
     }
 
     pub fn add_after(&self, key: K, delay: Duration) {
+        let due = Instant::now() + delay;
         {
             let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-            w.entry(key.clone()).or_insert_with(Instant::now);
+            let entry = w.entry(key.clone()).or_insert_with(|| (Instant::now(), due));
+            entry.1 = entry.1.min(due);
             self.metrics.queue_depth.get_or_create(&KindLabel { kind: self.kind }).set(w.len() as i64);
         }
-        let _ = self.tx.send(ScheduleRequest { message: key, run_at: Instant::now() + delay });
+        let _ = self.tx.send(ScheduleRequest { message: key, run_at: due });
     }
 
     /// Takes a key off the waiting set; returns when it was first queued.
     fn popped(&self, key: &K) -> Option<Instant> {
         let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        let at = w.remove(key);
+        let at = w.remove(key).map(|(first, _)| first);
         self.metrics.queue_depth.get_or_create(&KindLabel { kind: self.kind }).set(w.len() as i64);
         at
     }
@@ -100,6 +118,8 @@ impl<K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static> Worker<K> {
             .for_each_concurrent(concurrency, |key| {
                 let (queue, state, reconcile, labels) = (&queue, &state, &reconcile, &labels);
                 async move {
+                    queue.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _done = InFlight(&queue.in_flight);
                     let queued_at = queue.popped(&key);
                     {
                         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -149,6 +169,15 @@ impl<K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static> Worker<K> {
                 }
             })
             .await;
+    }
+}
+
+/// Counts a reconcile as running until dropped.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
