@@ -1,0 +1,835 @@
+//! The Helm chart (charts/vkube) with the pinned helm and kubectl: it lints, its schema refuses
+//! bad values, what it renders (default and non-default values) is accepted by a real host API
+//! server, its containers run exactly the command lines of `vkube::controlplane::components`
+//! and env vars `vkube run`/`vkube prepare` understand, and its pod, run as local processes
+//! with the chart's own ServiceAccount, is a working virtual cluster (so the Role holds enough).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use serde_json::Value;
+use vkube::controlplane::components::{self, Layout};
+use vkube::controlplane::{ADMISSION_FILE, CONTROLLER_MANAGER_KUBECONFIG};
+use vkube::names;
+use vkube_e2e::{TestEnv, eventually, kubectl, kubectl_ok, kubectl_stdin, vkube_bin};
+use vkube_localenv::host::dump_logs;
+use vkube_localenv::{Lifetime, ProcessGroup, ProcessSpec, Upstream, ports};
+use vkube_syncer::naming::Translator;
+
+const NAME: &str = "team-a";
+const NS: &str = "vkube-team-a";
+const CIDR: &str = "10.96.0.0/16";
+
+/// The chart's layout inside the pod (charts/vkube/templates/statefulset.yaml).
+const CERT_DIR: &str = "/pki";
+const DATA_DIR: &str = "/data/etcd";
+const ETCD_CLIENT: u16 = 2379;
+const ETCD_PEER: u16 = 2380;
+const ETCD_METRICS: u16 = 2381;
+const APISERVER: u16 = 6443;
+const PROXY: u16 = 8443;
+
+/// Flags the chart adds to components.rs' (and why): none may silently replace one of them.
+const CHART_ONLY_ETCD_ARGS: [&str; 1] = [
+    // Health endpoints on the pod IP for the kubelet's probes (etcd serves clients on loopback).
+    "--listen-metrics-urls=http://0.0.0.0:2381",
+];
+
+/// Every setting changed from its default.
+const NON_DEFAULT_VALUES: &str = r#"
+serviceCIDR: 10.96.0.0/16
+policy:
+  podSecurity: restricted
+  allowNodePorts: true
+  allowLoadBalancers: true
+sync:
+  allConfigMaps: true
+  allSecrets: true
+  concurrency: 4
+  coreDNSImage: registry.example.com/mirror/coredns:v1.12.4
+quota:
+  enabled: true
+  hard:
+    pods: 20
+    requests.cpu: "4"
+    limits.memory: 24Gi
+    services.nodeports: "2"
+limitRange:
+  enabled: true
+  limits:
+    - type: Container
+      default: {cpu: 250m, memory: 256Mi}
+      defaultRequest: {cpu: 50m, memory: 64Mi}
+      max: {memory: 8Gi}
+    - type: PersistentVolumeClaim
+      max: {storage: 50Gi}
+rbac:
+  readHostNodes: false
+service:
+  type: LoadBalancer
+  annotations:
+    example.com/load-balancer: internal
+persistence:
+  size: 20Gi
+  storageClassName: fast-ssd
+images:
+  vkube:
+    repository: registry.example.com/vkube
+    tag: dev
+  pullPolicy: Always
+imagePullSecrets:
+  - name: regcred
+resources:
+  kubeApiserver:
+    requests: {cpu: 500m, memory: 1Gi}
+    limits: {cpu: 2, memory: 3Gi}
+  etcd:
+    requests: {cpu: 200m, memory: 256Mi}
+    limits: {memory: 2Gi}
+  vkube:
+    requests: {cpu: 200m, memory: 128Mi}
+    limits: {memory: 1Gi}
+logFilter: debug
+logFormat: json
+podAnnotations:
+  example.com/team: a
+nodeSelector:
+  kubernetes.io/os: linux
+tolerations:
+  - key: dedicated
+    operator: Equal
+    value: vkube
+    effect: NoSchedule
+affinity:
+  nodeAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 1
+        preference:
+          matchExpressions:
+            - {key: node-role.example.com/control-planes, operator: Exists}
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// helm lint and the schema
+
+#[test]
+fn helm_lint_passes_and_requires_the_service_cidr() {
+    let up = upstream();
+    let values = values_file(NON_DEFAULT_VALUES);
+    for extra in [vec!["--set", "serviceCIDR=10.96.0.0/16"], vec!["-f", path_str(values.path())]] {
+        let started = Instant::now();
+        let out = helm(&up, &[&["lint", "--strict", &chart_str()], &extra[..]].concat());
+        assert!(out.status.success(), "helm lint {extra:?} failed:\n{}", text(&out));
+        assert!(text(&out).contains("1 chart(s) linted, 0 chart(s) failed"), "{}", text(&out));
+        eprintln!("helm lint {extra:?}: {:.2} s", started.elapsed().as_secs_f64());
+    }
+
+    let out = helm(&up, &["lint", &chart_str()]);
+    assert!(!out.status.success(), "lint without serviceCIDR must fail:\n{}", text(&out));
+    assert!(text(&out).contains("missing property 'serviceCIDR'"), "the schema's message: {}", text(&out));
+}
+
+#[test]
+fn the_schema_refuses_invalid_values() {
+    let up = upstream();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--set", "policy.podSecurity=none"],
+            "at '/policy/podSecurity': value must be one of 'privileged', 'baseline', 'restricted'",
+        ),
+        (&["--set", "policy.allowNodePorts=maybe"], "at '/policy/allowNodePorts': got string, want boolean"),
+        (&["--set", "serviceCIDR=10.96.0.0"], "at '/serviceCIDR': '10.96.0.0' does not match pattern"),
+        (&["--set", "serviceCIDR=10.300.0.0/16"], "at '/serviceCIDR': '10.300.0.0/16' does not match pattern"),
+        (&["--set", "serviceCIDR=10.96.0.0/33"], "at '/serviceCIDR': '10.96.0.0/33' does not match pattern"),
+        (&["--set", "serviceCIDR=fd00::/108"], "at '/serviceCIDR'"),
+        (
+            &["--set", "service.type=ExternalName"],
+            "at '/service/type': value must be one of 'ClusterIP', 'NodePort', 'LoadBalancer'",
+        ),
+        (&["--set", "sync.concurrency=0"], "at '/sync/concurrency': minimum: got 0, want 1"),
+        (&["--set", "sync.concurrency=many"], "at '/sync/concurrency': got string, want integer"),
+        (&["--set", "quota.hard.pods=lots"], "at '/quota/hard/pods'"),
+        (&["--set", "persistence.size=big"], "at '/persistence/size'"),
+        (&["--set", "resources.etcd.limits.memory=1GB"], "at '/resources/etcd/limits/memory'"),
+        (&["--set", "limitRange.limits[0].type=Namespace"], "at '/limitRange/limits/0/type'"),
+        (&["--set", "images.pullPolicy=Sometimes"], "at '/images/pullPolicy'"),
+        (&["--set", "logFormat=xml"], "at '/logFormat'"),
+        // A misspelt key is not silently ignored.
+        (&["--set", "policy.podsecurity=restricted"], "at '/policy': additional properties 'podsecurity' not allowed"),
+        (&["--set", "polcy.podSecurity=restricted"], "additional properties 'polcy' not allowed"),
+    ];
+    for (args, want) in cases {
+        let out = template_out(&up, NAME, &[&["--set", "serviceCIDR=10.96.0.0/16"], *args].concat());
+        assert!(!out.status.success(), "{args:?} must be refused, rendered:\n{}", text(&out));
+        assert!(text(&out).contains(want), "{args:?}: want {want:?} in:\n{}", text(&out));
+    }
+
+    // The release name is the virtual cluster's name: a DNS label of at most 52 characters
+    // (helm itself allows dots and 53).
+    let long = "a".repeat(53);
+    for (name, want) in [("team.a", "must be a DNS label"), (long.as_str(), "must be at most 52 characters")] {
+        let out = template_out(&up, name, &["--set", "serviceCIDR=10.96.0.0/16"]);
+        assert!(!out.status.success(), "release name {name:?} must be refused");
+        assert!(text(&out).contains(want), "{name:?}: want {want:?} in:\n{}", text(&out));
+    }
+    let ok = "a".repeat(52);
+    let out = template_out(&up, &ok, &["--set", "serviceCIDR=10.96.0.0/16"]);
+    assert!(out.status.success(), "a 52-character name is fine:\n{}", text(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real host API server accepts what the chart renders
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_manifests_are_accepted_by_the_host_api_server() {
+    let env = TestEnv::start(1).await;
+    let up = &env.upstream;
+    env.kubectl_ok(&["create", "namespace", NS]);
+    let values = values_file(NON_DEFAULT_VALUES);
+
+    let common = ["serviceaccount", "role.rbac.authorization.k8s.io", "rolebinding.rbac.authorization.k8s.io"];
+    let cluster_wide = ["clusterrole", "clusterrolebinding"]
+        .map(|k| format!("{k}.rbac.authorization.k8s.io/vkube:{NS}:{NAME}"))
+        .to_vec();
+    let namespace_policy = ["resourcequota", "limitrange"].map(|k| format!("{k}/vkube-{NAME}")).to_vec();
+    let cases = [
+        DryRun {
+            what: "default values",
+            args: vec!["--set", "serviceCIDR=10.96.0.0/16"],
+            present: cluster_wide.clone(),
+            absent: namespace_policy.clone(),
+        },
+        DryRun {
+            what: "non-default values",
+            args: vec!["-f", path_str(values.path())],
+            present: namespace_policy,
+            absent: cluster_wide,
+        },
+    ];
+    for DryRun { what, args, present, absent } in cases {
+        let yaml = template(up, &args);
+        let started = Instant::now();
+        let out = kubectl_stdin(
+            up,
+            &env.host.kubeconfig,
+            &["apply", "--dry-run=server", "--validate=strict", "-f", "-"],
+            &yaml,
+        );
+        assert!(
+            out.status.success(),
+            "{what}: kubectl apply --dry-run=server failed:\n{}\n--- manifest ---\n{yaml}",
+            text(&out)
+        );
+        eprintln!("{what}: server dry run in {:.2} s", started.elapsed().as_secs_f64());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.trim().is_empty(), "{what}: the host warns about the manifests:\n{stderr}");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut want: Vec<String> = common.iter().map(|k| format!("{k}/vkube-{NAME}")).collect();
+        want.extend([format!("service/{NAME}"), format!("statefulset.apps/{NAME}")]);
+        want.extend(present);
+        for w in &want {
+            assert!(stdout.contains(&format!("{w} created (server dry run)")), "{what}: {w} missing in:\n{stdout}");
+        }
+        for a in &absent {
+            assert!(!stdout.contains(a.as_str()), "{what}: {a} must not be rendered:\n{stdout}");
+        }
+    }
+}
+
+/// A rendering and the objects it must and must not contain.
+struct DryRun<'a> {
+    what: &'static str,
+    args: Vec<&'a str>,
+    present: Vec<String>,
+    absent: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chart is in step with the Rust code
+
+#[test]
+fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
+    let up = upstream();
+    let values = values_file(NON_DEFAULT_VALUES);
+    let run_help = help(&["run", "--help"]);
+    let prepare_help = help(&["prepare", "--help"]);
+    for (what, args) in [
+        ("default values", vec!["--set", "serviceCIDR=10.96.0.0/16"]),
+        ("non-default values", vec!["-f", path_str(values.path())]),
+    ] {
+        let objects = to_json(&up, &template(&up, &args));
+        let sts = find(&objects, "StatefulSet", NAME);
+        let pod = &sts["spec"]["template"]["spec"];
+
+        // Upstream components: exactly components.rs' flags for the chart's layout.
+        let admission = Path::new(CERT_DIR).join(ADMISSION_FILE);
+        let kubeconfig = Path::new(CERT_DIR).join(CONTROLLER_MANAGER_KUBECONFIG);
+        let layout = Layout {
+            cert_dir: Path::new(CERT_DIR),
+            data_dir: Path::new(DATA_DIR),
+            etcd_client_port: ETCD_CLIENT,
+            etcd_peer_port: ETCD_PEER,
+            apiserver_port: APISERVER,
+            service_cidr: CIDR,
+            admission_config: &admission,
+        };
+        let mut etcd_want = components::etcd(&layout);
+        etcd_want.extend(CHART_ONLY_ETCD_ARGS.map(String::from));
+        for (container, command, want) in [
+            ("etcd", "etcd", etcd_want),
+            ("kube-apiserver", "kube-apiserver", components::apiserver(&layout)),
+            (
+                "kube-controller-manager",
+                "kube-controller-manager",
+                components::controller_manager(&kubeconfig, &layout),
+            ),
+        ] {
+            let c = container_of(pod, container);
+            assert_eq!(strings(&c["command"]), vec![command.to_string()], "{what}: {container} command");
+            let got = strings(&c["args"]);
+            let got_set: BTreeSet<&String> = got.iter().collect();
+            assert_eq!(got_set.len(), got.len(), "{what}: {container} repeats a flag: {got:#?}");
+            let want_set: BTreeSet<&String> = want.iter().collect();
+            let missing: Vec<_> = want_set.difference(&got_set).collect();
+            let extra: Vec<_> = got_set.difference(&want_set).collect();
+            assert!(
+                missing.is_empty() && extra.is_empty(),
+                "{what}: the chart's {container} flags differ from vkube/src/controlplane/components.rs\n  missing in the chart: {missing:#?}\n  only in the chart: {extra:#?}"
+            );
+        }
+
+        // The pinned versions (hack/versions.env).
+        let v = vkube_localenv::upstream::versions();
+        assert_eq!(
+            container_of(pod, "etcd")["image"],
+            format!("registry.k8s.io/etcd:{}-0", v.etcd.trim_start_matches('v'))
+        );
+        for c in ["kube-apiserver", "kube-controller-manager"] {
+            assert_eq!(container_of(pod, c)["image"], format!("registry.k8s.io/{c}:{}", v.kubernetes), "{what}");
+        }
+
+        // Every file a component reads from the cert dir is on a mount of that container.
+        for c in ["kube-apiserver", "kube-controller-manager"] {
+            let c = container_of(pod, c);
+            assert!(mounts(c).contains(&CERT_DIR.to_string()), "{what}: {} mounts {CERT_DIR}", c["name"]);
+        }
+        assert!(
+            mounts(container_of(pod, "etcd")).iter().any(|m| DATA_DIR.starts_with(m.as_str())),
+            "{what}: etcd data"
+        );
+        for c in ["prepare", "vkube"] {
+            assert!(mounts(container_of(pod, c)).contains(&CERT_DIR.to_string()), "{what}: {c} mounts {CERT_DIR}");
+        }
+        assert_eq!(pod["initContainers"][0]["name"], "prepare", "{what}: prepare runs first");
+        assert_eq!(container_of(pod, "etcd")["restartPolicy"], "Always", "{what}: etcd is a sidecar");
+
+        // vkube prepare / vkube run: env vars they declare, values they accept, the layout.
+        let prepare = env_of(container_of(pod, "prepare"));
+        let run = env_of(container_of(pod, "vkube"));
+        for (env, help, sub) in [(&prepare, &prepare_help, "prepare"), (&run, &run_help, "run")] {
+            // VKUBE_LOG_FORMAT is read by the binary's logging set-up, not an argument.
+            for k in env.keys().filter(|k| k.starts_with("VKUBE_") && *k != "VKUBE_LOG_FORMAT") {
+                assert!(help.contains(&format!("[env: {k}=")), "{what}: `vkube {sub}` has no env var {k}");
+            }
+            assert_eq!(env["VKUBE_NAME"], NAME);
+            assert_eq!(env["VKUBE_NAMESPACE"], NS);
+            assert_eq!(env["VKUBE_CERT_DIR"], CERT_DIR);
+            assert_eq!(env["VKUBE_VIRTUAL_SERVER"], format!("https://127.0.0.1:{APISERVER}"));
+            assert_parses(sub, env);
+        }
+        assert_eq!(run["VKUBE_LISTEN"], format!("0.0.0.0:{PROXY}"));
+        assert_eq!(run["VKUBE_ENDPOINT"], format!("https://{}.{NS}.svc:443", names::service(NAME)));
+        assert_eq!(prepare["VKUBE_POD_SECURITY"], run["VKUBE_POD_SECURITY"], "one policy for admission and syncer");
+        let port = &container_of(pod, "vkube")["ports"][0];
+        assert_eq!((port["name"].as_str(), port["containerPort"].as_u64()), (Some("https"), Some(PROXY as u64)));
+
+        // The Service kubectl and in-cluster clients reach.
+        let svc = find(&objects, "Service", &names::service(NAME));
+        let sp = &svc["spec"]["ports"][0];
+        assert_eq!((sp["port"].as_u64(), sp["targetPort"].as_str()), (Some(443), Some("https")), "{what}");
+        let selector = svc["spec"]["selector"].as_object().expect("selector");
+        let pod_labels = sts["spec"]["template"]["metadata"]["labels"].as_object().expect("pod labels");
+        for (k, v) in selector {
+            assert_eq!(pod_labels.get(k), Some(v), "{what}: the Service selects the pod ({k})");
+        }
+        assert_eq!(selector.get(names::LABEL_CONTROL_PLANE).and_then(Value::as_str), Some(NAME), "{what}");
+
+        // vkube's marks on every object (how `vkube list/delete` find them).
+        for o in &objects {
+            let labels = o["metadata"]["labels"].as_object().cloned().unwrap_or_default();
+            for (k, v) in names::labels(NAME) {
+                assert_eq!(labels.get(&k).and_then(Value::as_str), Some(v.as_str()), "{what}: {} {}", o["kind"], k);
+            }
+        }
+
+        if what == "default values" {
+            assert_eq!(run["VKUBE_COREDNS_IMAGE"], vkube_syncer::dns::DEFAULT_IMAGE, "the chart's default CoreDNS");
+            assert_eq!(run["VKUBE_POD_SECURITY"], "baseline");
+            assert_eq!(run["VKUBE_ALLOW_NODE_PORTS"], "false");
+        } else {
+            let want = [
+                ("VKUBE_POD_SECURITY", "restricted"),
+                ("VKUBE_ALLOW_NODE_PORTS", "true"),
+                ("VKUBE_ALLOW_LOAD_BALANCERS", "true"),
+                ("VKUBE_SYNC_ALL_CONFIGMAPS", "true"),
+                ("VKUBE_SYNC_ALL_SECRETS", "true"),
+                ("VKUBE_SYNC_CONCURRENCY", "4"),
+                ("VKUBE_COREDNS_IMAGE", "registry.example.com/mirror/coredns:v1.12.4"),
+                ("VKUBE_LOG_FORMAT", "json"),
+                ("RUST_LOG", "debug"),
+            ];
+            for (k, v) in want {
+                assert_eq!(run.get(k).map(String::as_str), Some(v), "{what}: {k}");
+            }
+            let claim = &sts["spec"]["volumeClaimTemplates"][0]["spec"];
+            assert_eq!(claim["storageClassName"], "fast-ssd");
+            assert_eq!(claim["resources"]["requests"]["storage"], "20Gi");
+            assert_eq!(container_of(pod, "kube-apiserver")["resources"]["limits"]["memory"], "3Gi");
+            assert_eq!(container_of(pod, "vkube")["image"], "registry.example.com/vkube:dev");
+            assert_eq!(svc["spec"]["type"], "LoadBalancer");
+            assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chart's pod, minus the container runtime
+
+/// The pod's containers as local processes with the rendered command lines and env (paths and
+/// ports moved to this machine), `vkube prepare` and `vkube run` with the token of the chart's
+/// ServiceAccount: a pod created through the proxy runs on the host, its logs and exec work, a
+/// Service is created with its host copy, and the virtual node shows its host node's capacity.
+/// Fails if the Role or ClusterRole lacks anything the control plane needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_works_with_the_charts_service_account_and_no_more() {
+    let env = TestEnv::start(1).await;
+    let up = env.upstream.clone();
+    let host = env.client().await;
+    let cidr = vkube::local::host_service_cidr(&host).await.expect("host service range");
+    env.kubectl_ok(&["create", "namespace", NS]);
+    let yaml = template(&up, &["--set", &format!("serviceCIDR={cidr}")]);
+    env.apply(&yaml);
+    let objects = to_json(&up, &yaml);
+    let sts = find(&objects, "StatefulSet", NAME);
+    let pod = sts["spec"]["template"]["spec"].clone();
+    let sa = pod["serviceAccountName"].as_str().expect("service account").to_string();
+
+    // Least privilege, as the host's authorizer sees it.
+    let who = format!("--as=system:serviceaccount:{NS}:{sa}");
+    for (verb, resource, ns, allowed) in [
+        ("create", "pods", NS, true),
+        ("create", "pods/exec", NS, true),
+        ("patch", "secrets", NS, true),
+        ("list", "secrets", "default", false),
+        ("create", "pods", "default", false),
+        ("get", "nodes", "", true),
+        ("list", "nodes", "", false),
+        ("list", "servicecidrs.networking.k8s.io", "", false),
+        ("create", "roles.rbac.authorization.k8s.io", NS, false),
+        ("delete", "namespaces", "", false),
+        ("create", "statefulsets.apps", NS, false),
+    ] {
+        let mut args = vec!["auth", "can-i", verb, resource, who.as_str()];
+        if !ns.is_empty() {
+            args.extend(["-n", ns]);
+        }
+        let answer = String::from_utf8_lossy(&env.kubectl(&args).stdout).trim().to_string();
+        assert_eq!(answer, if allowed { "yes" } else { "no" }, "{sa} can {verb} {resource} in {ns:?}");
+    }
+
+    let dir = env.dir().join("chart-pod");
+    let (pki, logs) = (dir.join("pki"), dir.join("logs"));
+    std::fs::create_dir_all(&pki).unwrap();
+    let sa_kubeconfig = service_account_kubeconfig(&env, &sa, &dir);
+    let remap = Remap {
+        pki: pki.clone(),
+        data: dir.join("etcd"),
+        ports: [ETCD_CLIENT, ETCD_PEER, ETCD_METRICS, APISERVER, PROXY].map(|p| (p, ports::free_port())).to_vec(),
+    };
+    let mut group = PodProcesses { group: ProcessGroup::new(&dir, Lifetime::Attached) };
+    let started = Instant::now();
+
+    // Init: vkube prepare, as the ServiceAccount.
+    let prepare = container_of(&pod, "prepare");
+    let out = Command::new(vkube_bin())
+        .args(strings(&prepare["args"]))
+        .env_clear()
+        .envs(env_of(prepare).iter().map(|(k, v)| (k.clone(), remap.apply(v))))
+        .env("VKUBE_HOST_KUBECONFIG", &sa_kubeconfig)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "vkube prepare as {sa} failed:\n{}", text(&out));
+    // Everything the components read from the cert dir is there.
+    for c in ["kube-apiserver", "kube-controller-manager"] {
+        for arg in strings(&container_of(&pod, c)["args"]) {
+            if let Some((_, path)) = arg.split_once(&format!("={CERT_DIR}/")) {
+                assert!(pki.join(path).is_file(), "{c} reads {arg}, which vkube prepare did not write");
+            }
+        }
+    }
+
+    // The etcd sidecar, ready by its own startup probe's path.
+    let etcd = container_of(&pod, "etcd");
+    group.spawn(ProcessSpec::new("etcd", up.etcd(), &logs).args(strings(&etcd["args"]).iter().map(|a| remap.apply(a))));
+    let metrics = remap.port(ETCD_METRICS);
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        let path = etcd[probe]["httpGet"]["path"].as_str().expect("probe path").to_string();
+        eventually(&format!("etcd {probe} {path}"), Duration::from_secs(30), || {
+            let path = path.clone();
+            async move { Ok(http_get(metrics, &path).filter(|s| *s == 200).map(|_| ())) }
+        })
+        .await;
+    }
+
+    // The API server, then the controller-manager and vkube run, as the kubelet would start them.
+    let args =
+        |c: &str| -> Vec<String> { strings(&container_of(&pod, c)["args"]).iter().map(|a| remap.apply(a)).collect() };
+    group.spawn(ProcessSpec::new("kube-apiserver", up.kube_apiserver(), &logs).args(args("kube-apiserver")));
+    let direct = direct_kubeconfig(&up, &pki, remap.port(APISERVER), &dir);
+    eventually("the virtual API server is ready", Duration::from_secs(90), || {
+        let ok = kubectl(&up, &direct, &["get", "--raw", "/readyz"]).status.success();
+        let failed = group.check();
+        async move { failed.map(|_| ok.then_some(())) }
+    })
+    .await;
+    group.spawn(
+        ProcessSpec::new("kube-controller-manager", up.kube_controller_manager(), &logs)
+            .args(args("kube-controller-manager")),
+    );
+    let vkube = container_of(&pod, "vkube");
+    let mut spec = ProcessSpec::new("vkube", vkube_bin(), &logs).args(strings(&vkube["args"]));
+    for (k, v) in env_of(vkube) {
+        spec = spec.env(&k, remap.apply(&v));
+    }
+    group.spawn(spec.env("VKUBE_HOST_KUBECONFIG", path_str(&sa_kubeconfig)));
+
+    // The admin kubeconfig it publishes, pointed at the proxy on this machine.
+    let proxy = dir.join("proxy.kubeconfig");
+    let secrets: Api<Secret> = Api::namespaced(host.clone(), NS);
+    let published = eventually("the admin kubeconfig Secret", Duration::from_secs(60), || {
+        let secrets = secrets.clone();
+        let failed = group.check();
+        async move {
+            failed?;
+            let secret = secrets.get_opt(&names::kubeconfig_secret(NAME)).await.map_err(|e| e.to_string())?;
+            Ok(secret.and_then(|s| s.data).and_then(|mut d| d.remove(names::KUBECONFIG_KEY)))
+        }
+    })
+    .await;
+    std::fs::write(&proxy, &published.0).unwrap();
+    let cluster = kubectl_ok(&up, &proxy, &["config", "view", "-o", "jsonpath={.clusters[0].name}"]);
+    kubectl_ok(
+        &up,
+        &proxy,
+        &["config", "set-cluster", &cluster, &format!("--server=https://127.0.0.1:{}", remap.port(PROXY))],
+    );
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        let path = vkube[probe]["httpGet"]["path"].as_str().expect("probe path").to_string();
+        assert_eq!(vkube[probe]["httpGet"]["scheme"], "HTTPS");
+        eventually(&format!("vkube {probe} {path}"), Duration::from_secs(60), || {
+            let ok = kubectl(&up, &proxy, &["get", "--raw", &path]).status.success();
+            let failed = group.check();
+            async move { failed.map(|_| ok.then_some(())) }
+        })
+        .await;
+    }
+    eprintln!("the chart's pod as processes: ready in {:.1} s", started.elapsed().as_secs_f64());
+
+    // A workload through the proxy: the syncer (as the ServiceAccount) runs it on the host.
+    let vk = |args: &[&str]| kubectl(&up, &proxy, args);
+    eventually("a pod is created (once the default service account exists)", Duration::from_secs(60), || {
+        let out = vk(&["run", "web", "--image=nginx", "--restart=Never"]);
+        let failed = group.check();
+        async move {
+            failed?;
+            let t = text(&out);
+            Ok((out.status.success() || t.contains("AlreadyExists")).then_some(()))
+        }
+    })
+    .await;
+    eventually("the virtual pod Running", Duration::from_secs(60), || {
+        let out = vk(&["get", "pod", "web", "-o", "jsonpath={.status.phase}"]);
+        let failed = group.check();
+        async move { failed.map(|_| (String::from_utf8_lossy(&out.stdout) == "Running").then_some(())) }
+    })
+    .await;
+    let tr = Translator::new(NAME, NS);
+    let phase =
+        env.kubectl_ok(&["get", "pod", &tr.host_name("default", "web"), "-n", NS, "-o", "jsonpath={.status.phase}"]);
+    assert_eq!(phase, "Running", "the host copy of pod web");
+
+    // The proxy's host pod subresources, as the ServiceAccount.
+    let logs_out = kubectl_ok(&up, &proxy, &["logs", "web"]);
+    assert!(logs_out.contains("simulated container log line 1"), "logs: {logs_out}");
+    let exec = kubectl_ok(&up, &proxy, &["exec", "web", "--", "echo", "hello-from-the-chart"]);
+    assert_eq!(exec.trim(), "hello-from-the-chart");
+
+    // A Service: its host copy is created by the proxy first.
+    kubectl_ok(&up, &proxy, &["create", "service", "clusterip", "web", "--tcp=80:80"]);
+    let ip = kubectl_ok(&up, &proxy, &["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    let host_ip = env.kubectl_ok(&[
+        "get",
+        "service",
+        &tr.host_name("default", "web"),
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    assert_eq!(ip, host_ip, "the Service and its host copy share the ClusterIP");
+
+    // The ClusterRole: the virtual node carries its host node's capacity.
+    let node = kubectl_ok(&up, &proxy, &["get", "pod", "web", "-o", "jsonpath={.spec.nodeName}"]);
+    let capacity = |out: String| serde_json::from_str::<Value>(&out).unwrap_or(Value::Null);
+    let host_capacity = capacity(env.kubectl_ok(&["get", "node", &node, "-o", "jsonpath={.status.capacity}"]));
+    let virtual_capacity =
+        capacity(kubectl_ok(&up, &proxy, &["get", "node", &node, "-o", "jsonpath={.status.capacity}"]));
+    assert!(host_capacity.is_object(), "host node capacity: {host_capacity}");
+    assert_eq!(virtual_capacity, host_capacity, "the virtual node {node} shows its host node's capacity");
+
+    group.check().expect("every process still runs");
+    eprintln!("workload checks done in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn upstream() -> Upstream {
+    Upstream::locate().expect("upstream binaries (hack/build-upstream.sh)")
+}
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/vkube")
+}
+
+fn chart_str() -> String {
+    chart_dir().display().to_string()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The pinned helm, kept away from the user's helm configuration.
+fn helm(up: &Upstream, args: &[&str]) -> Output {
+    let home = std::env::temp_dir().join("vkube-e2e-helm");
+    Command::new(up.helm())
+        .args(args)
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("running helm")
+}
+
+/// `helm template` as release `name` in `NS`. The Kubernetes version is the pinned one (the
+/// chart needs 1.33 or later; an unconfigured helm assumes an old default).
+fn template_out(up: &Upstream, name: &str, args: &[&str]) -> Output {
+    let v = vkube_localenv::upstream::versions();
+    let chart = chart_str();
+    let base = ["template", name, &chart, "-n", NS, "--kube-version", &v.kubernetes];
+    helm(up, &[&base[..], args].concat())
+}
+
+fn template(up: &Upstream, args: &[&str]) -> String {
+    let out = template_out(up, NAME, args);
+    assert!(out.status.success(), "helm template {args:?} failed:\n{}", text(&out));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn values_file(yaml: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    f.write_all(yaml.as_bytes()).unwrap();
+    f
+}
+
+/// YAML to JSON objects, with kubectl and no server (removing a label nobody has is a no-op).
+fn to_json(up: &Upstream, yaml: &str) -> Vec<Value> {
+    let out = kubectl_stdin(
+        up,
+        Path::new("/nonexistent"),
+        &["label", "--local", "-f", "-", "vkube-e2e-absent-", "-o", "json"],
+        yaml,
+    );
+    assert!(out.status.success(), "kubectl label --local failed:\n{}", text(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::Deserializer::from_str(&stdout).into_iter::<Value>().map(|v| v.expect("JSON from kubectl")).collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+/// A container or init container of the pod spec.
+fn container_of<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod[*k].as_array().into_iter().flatten())
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().map(|s| s.as_str().expect("a string").to_string()).collect()
+}
+
+fn env_of(c: &Value) -> BTreeMap<String, String> {
+    c["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let value = e["value"].as_str().unwrap_or_else(|| panic!("{} has no literal value", e["name"]));
+            (e["name"].as_str().unwrap().to_string(), value.to_string())
+        })
+        .collect()
+}
+
+fn mounts(c: &Value) -> Vec<String> {
+    c["volumeMounts"].as_array().into_iter().flatten().map(|m| m["mountPath"].as_str().unwrap().to_string()).collect()
+}
+
+fn help(args: &[&str]) -> String {
+    let out = Command::new(vkube_bin()).args(args).output().unwrap();
+    assert!(out.status.success(), "vkube {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `vkube <sub>` with exactly the container's env gets past argument parsing (clap exits 2 on a
+/// value it refuses) to connecting to the host, which fails here on purpose.
+fn assert_parses(sub: &str, env: &BTreeMap<String, String>) {
+    let out = Command::new(vkube_bin())
+        .arg(sub)
+        .env_clear()
+        .envs(env)
+        .env("VKUBE_HOST_KUBECONFIG", "/nonexistent/kubeconfig")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "vkube {sub} with the chart's env:\n{}", text(&out));
+    assert!(text(&out).contains("connecting to the host cluster"), "vkube {sub}:\n{}", text(&out));
+}
+
+/// Paths and ports of the pod moved to this machine.
+struct Remap {
+    pki: PathBuf,
+    data: PathBuf,
+    ports: Vec<(u16, u16)>,
+}
+
+impl Remap {
+    fn port(&self, pod_port: u16) -> u16 {
+        self.ports.iter().find(|(p, _)| *p == pod_port).map(|(_, l)| *l).expect("mapped port")
+    }
+
+    fn apply(&self, s: &str) -> String {
+        if s == CERT_DIR {
+            return self.pki.display().to_string();
+        }
+        let mut s = s
+            .replace(&format!("={CERT_DIR}/"), &format!("={}/", self.pki.display()))
+            .replace(DATA_DIR, &self.data.display().to_string())
+            .replace("0.0.0.0:", "127.0.0.1:");
+        for (pod, local) in &self.ports {
+            s = s.replace(&format!(":{pod}"), &format!(":{local}")).replace(&format!("={pod}"), &format!("={local}"));
+        }
+        s
+    }
+}
+
+/// The pod's processes; their logs are printed if the test fails.
+struct PodProcesses {
+    group: ProcessGroup,
+}
+
+impl PodProcesses {
+    fn spawn(&mut self, spec: ProcessSpec) {
+        let name = spec.name.clone();
+        if let Err(e) = self.group.spawn(spec) {
+            panic!("starting {name}: {e}");
+        }
+    }
+
+    /// Err when a process has exited (for `eventually`).
+    fn check(&mut self) -> Result<(), String> {
+        self.group.check_running().map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for PodProcesses {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            dump_logs(&self.group.logs(), 60);
+        }
+    }
+}
+
+/// A kubeconfig for the host with the ServiceAccount's token instead of the admin's identity.
+fn service_account_kubeconfig(env: &TestEnv, sa: &str, dir: &Path) -> PathBuf {
+    let token = env.kubectl_ok(&["create", "token", sa, "-n", NS, "--duration=1h"]);
+    let path = dir.join("service-account.kubeconfig");
+    std::fs::copy(&env.host.kubeconfig, &path).unwrap();
+    let up = &env.upstream;
+    kubectl_ok(up, &path, &["config", "set-credentials", sa, &format!("--token={}", token.trim())]);
+    kubectl_ok(up, &path, &["config", "set-context", "--current", &format!("--user={sa}")]);
+    let who = kubectl_ok(up, &path, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    assert_eq!(who, format!("system:serviceaccount:{NS}:{sa}"));
+    path
+}
+
+/// An admin kubeconfig straight to the virtual API server (to wait for it, as the pod's kubelet
+/// cannot: it listens on loopback).
+fn direct_kubeconfig(up: &Upstream, pki: &Path, port: u16, dir: &Path) -> PathBuf {
+    let path = dir.join("direct.kubeconfig");
+    let p = |f: &str| pki.join(f).display().to_string();
+    for args in [
+        vec![
+            "config".to_string(),
+            "set-cluster".into(),
+            "virtual".into(),
+            format!("--server=https://127.0.0.1:{port}"),
+            format!("--certificate-authority={}", p("ca.crt")),
+        ],
+        vec![
+            "config".into(),
+            "set-credentials".into(),
+            "admin".into(),
+            format!("--client-certificate={}", p("admin.crt")),
+            format!("--client-key={}", p("admin.key")),
+        ],
+        vec![
+            "config".into(),
+            "set-context".into(),
+            "virtual".into(),
+            "--cluster=virtual".into(),
+            "--user=admin".into(),
+        ],
+        vec!["config".into(), "use-context".into(), "virtual".into()],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        kubectl_ok(up, &path, &args);
+    }
+    path
+}
+
+/// The status code of a plain HTTP GET on loopback.
+fn http_get(port: u16, path: &str) -> Option<u16> {
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
