@@ -169,13 +169,17 @@ pub fn kubectl_ok(up: &Upstream, kubeconfig: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The built `vkube` binary (the test command builds it before running the tests).
+/// The built `vkube` binary next to the running executable (a test in `target/<profile>/deps/`,
+/// or a binary in `target/<profile>/`); the test command builds it first.
 pub fn vkube_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/vkube
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("vkube")).expect("target dir");
-    assert!(bin.is_file(), "{} is missing: run `cargo build --bins` first (hack/test.sh does)", bin.display());
-    bin
+    let exe = std::env::current_exe().expect("executable path");
+    let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(|d| d.join("vkube")).collect();
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{} is missing: run `cargo build --bins` first (hack/test.sh does)",
+            candidates[candidates.len() - 1].display()
+        )
+    })
 }
 
 /// Polls `f` until it returns `Some`, panicking with the last message after `timeout`.

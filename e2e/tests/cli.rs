@@ -53,7 +53,18 @@ impl Drop for Cli {
 
 fn labelled_host_objects(env: &TestEnv, name: &str) -> Vec<String> {
     let mut left = vec![];
-    for kind in ["pods", "services", "secrets", "configmaps", "endpoints", "persistentvolumeclaims", "serviceaccounts", "statefulsets", "roles", "rolebindings"] {
+    for kind in [
+        "pods",
+        "services",
+        "secrets",
+        "configmaps",
+        "endpoints",
+        "persistentvolumeclaims",
+        "serviceaccounts",
+        "statefulsets",
+        "roles",
+        "rolebindings",
+    ] {
         for label in ["vkube.dev/cluster", "vkube.dev/control-plane"] {
             let out = env.kubectl_ok(&["get", kind, "-A", "-l", &format!("{label}={name}"), "-o", "name"]);
             left.extend(out.lines().map(str::to_string));
@@ -97,7 +108,8 @@ async fn create_list_connect_pause_resume_delete_locally() {
     kubectl_ok(&up, &kubeconfig, &["create", "deployment", "web", "--image=nginx", "--replicas=2"]);
     kubectl_ok(&up, &kubeconfig, &["run", "solo", "--image=nginx"]);
     let host_pods = || {
-        let out = env.kubectl_ok(&["-n", "vkube-team-a", "get", "pods", "-l", "vkube.dev/cluster=team-a", "-o", "name"]);
+        let out =
+            env.kubectl_ok(&["-n", "vkube-team-a", "get", "pods", "-l", "vkube.dev/cluster=team-a", "-o", "name"]);
         out.lines().filter(|l| !l.contains("coredns")).map(str::to_string).collect::<Vec<_>>()
     };
     eventually("3 workload pods on the host", Duration::from_secs(30), || async {
@@ -156,8 +168,10 @@ async fn connect_through_a_port_forward() {
     let env = TestEnv::start(1).await;
     let cli = Cli::new(&env);
     cli.ok(&["create", "far", "--local"]);
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cli.state.path().join("local/vkube-far/far/state.json")).unwrap()).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(cli.state.path().join("local/vkube-far/far/state.json")).unwrap(),
+    )
+    .unwrap();
     let proxy_port = state["ports"]["proxy"].as_u64().unwrap();
     env.apply(&format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: far-0, namespace: vkube-far, labels: {{vkube.dev/control-plane: far}}}}\nspec:\n  containers: [{{name: vkube, image: vkube}}]\n---\napiVersion: kwok.x-k8s.io/v1alpha1\nkind: PortForward\nmetadata: {{name: far-0, namespace: vkube-far}}\nspec:\n  forwards: [{{ports: [8443], target: {{port: {proxy_port}, address: 127.0.0.1}}}}]\n"
@@ -179,13 +193,24 @@ async fn connect_through_a_port_forward() {
         }
         let out = kubectl(&up, &merged, &["--context", "vkube-far", "get", "namespaces", "-o", "name"]);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if text.contains("namespace/default") { Ok(Some(text)) } else { Err(String::from_utf8_lossy(&out.stderr).to_string()) }
+        if text.contains("namespace/default") {
+            Ok(Some(text))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
     })
     .await;
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
     let server = std::fs::read_to_string(&merged).unwrap_or_default();
-    assert!(result.is_ok(), "kubectl through the port-forward: {result:?}\nconnect said: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(server.contains("https://127.0.0.1:") && !server.contains(&format!(":{proxy_port}")), "the kubeconfig goes through the forward");
+    assert!(
+        result.is_ok(),
+        "kubectl through the port-forward: {result:?}\nconnect said: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        server.contains("https://127.0.0.1:") && !server.contains(&format!(":{proxy_port}")),
+        "the kubeconfig goes through the forward"
+    );
     cli.ok(&["delete", "far"]);
 }

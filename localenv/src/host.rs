@@ -131,6 +131,10 @@ impl HostCluster {
         format!("https://127.0.0.1:{}", self.ports.apiserver)
     }
 
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.processes.pid(name)
+    }
+
     /// The log file of every component, by name.
     pub fn logs(&self) -> Vec<(String, PathBuf)> {
         self.processes.logs()

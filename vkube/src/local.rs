@@ -254,6 +254,12 @@ impl LocalControlPlane {
         self.group.pid(CONTROLLER)
     }
 
+    /// The pid of one of its processes (`etcd`, `kube-apiserver`, `kube-controller-manager`,
+    /// `vkube`).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.group.pid(name)
+    }
+
     /// The admin kubeconfig (through the proxy).
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.join("kubeconfig")

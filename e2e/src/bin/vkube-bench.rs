@@ -1,0 +1,585 @@
+//! `hack/bench`: how fast, how light, and how close to the host itself a virtual cluster is,
+//! each figure beside its baseline measured in the same run on the same local host cluster.
+//! Prints a table as it goes, writes `target/bench/results.json` and `docs/benchmarks.md`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use vkube::local::{LocalControlPlane, LocalOptions};
+use vkube_e2e::{TestEnv, vkube_bin};
+use vkube_localenv::Lifetime;
+
+struct Args {
+    pods: usize,
+    big: usize,
+    ready_runs: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args { pods: 1000, big: 10_000, ready_runs: 3 };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let mut num = || it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{flag} needs a number"));
+        match flag.as_str() {
+            "--pods" => a.pods = num(),
+            "--big" => a.big = num(),
+            "--ready-runs" => a.ready_runs = num(),
+            "--quick" => {
+                a.pods = 200;
+                a.big = 1000;
+                a.ready_runs = 1;
+            }
+            other => panic!("unknown flag {other}; flags: --pods N, --big N (0 skips), --ready-runs N, --quick"),
+        }
+    }
+    a
+}
+
+/// Results, in the order measured: (key, value, unit, baseline or note).
+#[derive(Default)]
+struct Results {
+    rows: Vec<(String, f64, &'static str, String)>,
+    extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl Results {
+    fn add(&mut self, key: &str, value: f64, unit: &'static str, note: impl Into<String>) {
+        let note = note.into();
+        println!("  {key:<28} {value:>10.3} {unit:<6} {note}");
+        self.rows.push((key.to_string(), value, unit, note));
+    }
+}
+
+fn step(msg: &str) {
+    println!("\n== {msg}");
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// User + system CPU seconds a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of /proc/pid/stat; `after` starts at field 3.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v
+}
+
+fn deployment(name: &str, replicas: usize) -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                "spec": {"terminationGracePeriodSeconds": 0, "containers": [{"name": "c", "image": "nginx"}]}}}
+    }))
+    .expect("deployment")
+}
+
+async fn count_running(api: &Api<Pod>, selector: &str) -> (usize, usize) {
+    let Ok(list) = api.list(&ListParams::default().labels(selector)).await else { return (0, 0) };
+    let running =
+        list.items.iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).count();
+    (list.items.len(), running)
+}
+
+/// Waits until `api` has `n` pods matching `selector`, all Running; returns the seconds taken.
+async fn wait_running(api: &Api<Pod>, selector: &str, n: usize, started: Instant, what: &str) -> f64 {
+    let mut last = Instant::now();
+    loop {
+        let (total, running) = count_running(api, selector).await;
+        if total == n && running == n {
+            return started.elapsed().as_secs_f64();
+        }
+        if last.elapsed() > Duration::from_secs(5) {
+            println!(
+                "     {what}: {running}/{n} Running ({total} exist) after {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            last = Instant::now();
+        }
+        if started.elapsed() > Duration::from_secs(900) {
+            panic!("{what}: not all {n} pods Running after 900 s ({running} Running)");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn start_cluster(
+    env: &TestEnv,
+    name: &str,
+    timings: Option<&Mutex<Vec<(String, Instant)>>>,
+) -> LocalControlPlane {
+    let opts = LocalOptions {
+        name: name.into(),
+        namespace: vkube::names::default_namespace(name),
+        dir: env.dir().join("virtual").join(name),
+        lifetime: Lifetime::Attached,
+        vkube_binary: vkube_bin(),
+        host_kubeconfig: env.host.kubeconfig.clone(),
+        host_context: None,
+        policy: Default::default(),
+        run_args: vec![],
+    };
+    let progress = |s: &str| {
+        if let Some(t) = timings {
+            t.lock().unwrap().push((s.to_string(), Instant::now()));
+        }
+    };
+    LocalControlPlane::start(&opts, &progress).await.expect("virtual cluster")
+}
+
+async fn client(path: &Path) -> Client {
+    vkube_localenv::client::from_kubeconfig_file(path, None).await.expect("client")
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let a = args();
+    let mut r = Results::default();
+    let started = Instant::now();
+    step("host cluster (etcd, kube-apiserver, controller-manager, scheduler, kwok with 3 nodes)");
+    let env = TestEnv::start(3).await;
+    let host = env.client().await;
+
+    step(&format!("1. ready: `vkube create --local` to the first request through the proxy ({} runs)", a.ready_runs));
+    let mut readies = vec![];
+    let mut splits: Vec<Vec<(String, f64)>> = vec![];
+    for i in 0..a.ready_runs {
+        let timings = Mutex::new(vec![]);
+        let t0 = Instant::now();
+        let cp = start_cluster(&env, &format!("ready-{i}"), Some(&timings)).await;
+        cp.client().await.unwrap().apiserver_version().await.expect("first request");
+        let total = t0.elapsed().as_secs_f64();
+        readies.push(total);
+        let marks = timings.into_inner().unwrap();
+        let mut split = vec![];
+        for w in marks.windows(2) {
+            split.push((w[0].0.clone(), w[1].1.duration_since(w[0].1).as_secs_f64()));
+        }
+        if let Some(last) = marks.last() {
+            split.push((last.0.clone(), t0.elapsed().as_secs_f64() - last.1.duration_since(t0).as_secs_f64()));
+        }
+        println!("     run {i}: {total:.2} s");
+        splits.push(split);
+        drop(cp);
+    }
+    let readies = sorted(readies);
+    r.add("ready_seconds", percentile(&readies, 0.5), "s", format!("median of {}", readies.len()));
+    if let Some(split) = splits.last() {
+        for (stepname, secs) in split {
+            println!("     {secs:>6.2} s  {stepname}");
+        }
+        r.extra.insert(
+            "ready_split_seconds".into(),
+            json!(split.iter().map(|(s, t)| json!({"step": s, "seconds": t})).collect::<Vec<_>>()),
+        );
+    }
+
+    step("the benchmark virtual cluster");
+    let mut cp = start_cluster(&env, "bench", None).await;
+    let proxied = cp.client().await.unwrap();
+    let direct = client(&cp.direct_kubeconfig()).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let vk_pid = cp.controller_pid().expect("vkube pid");
+    r.add("rss_mib_idle", rss_mib(vk_pid), "MiB", "vkube process, empty cluster, after 10 s");
+    for c in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+        if let Some(pid) = cp.pid(c) {
+            r.add(&format!("rss_mib_idle_{}", c.replace('-', "_")), rss_mib(pid), "MiB", "upstream, for context");
+        }
+    }
+
+    step(&format!("2. sync throughput: a Deployment of {} pods, virtual vs directly on the host", a.pods));
+    let vdeploy: Api<Deployment> = Api::namespaced(direct.clone(), "default");
+    let vpods: Api<Pod> = Api::namespaced(direct.clone(), "default");
+    let host_ns = cp.state.namespace.clone();
+    let hpods: Api<Pod> = Api::namespaced(host.clone(), &host_ns);
+    let cpu0 = cpu_seconds(vk_pid);
+    let t0 = Instant::now();
+    vdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
+    let host_selector = "vkube.dev/cluster=bench,app=burst";
+    let host_done = wait_running(&hpods, host_selector, a.pods, t0, "host pods of the virtual deployment").await;
+    let virtual_done = wait_running(&vpods, "app=burst", a.pods, t0, "virtual pods").await;
+    let cpu_used = cpu_seconds(vk_pid) - cpu0;
+    let virtual_total = host_done.max(virtual_done);
+    r.add(
+        "sync_1000_virtual_seconds",
+        virtual_total,
+        "s",
+        format!("{} pods: host pods Running {host_done:.1} s, virtual Running {virtual_done:.1} s", a.pods),
+    );
+
+    let direct_ns: Api<Namespace> = Api::all(host.clone());
+    direct_ns
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "bench-direct"}})).unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let hdeploy: Api<Deployment> = Api::namespaced(host.clone(), "bench-direct");
+    let dpods: Api<Pod> = Api::namespaced(host.clone(), "bench-direct");
+    let t0 = Instant::now();
+    hdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
+    let direct_total = wait_running(&dpods, "app=burst", a.pods, t0, "pods directly on the host").await;
+    r.add("sync_1000_direct_seconds", direct_total, "s", "same Deployment directly in a host namespace");
+    r.add("sync_1000_ratio", virtual_total / direct_total, "x", "virtual / direct");
+    r.add("cpu_seconds_sync_1000", cpu_used, "s", "CPU the vkube process used for scenario 2");
+    hdeploy.delete("burst", &Default::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    r.add("rss_mib_1000", rss_mib(vk_pid), "MiB", format!("vkube process with {} synced pods", a.pods));
+    for c in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+        if let Some(pid) = cp.pid(c) {
+            r.add(&format!("rss_mib_1000_{}", c.replace('-', "_")), rss_mib(pid), "MiB", "upstream, for context");
+        }
+    }
+
+    step("5. proxy overhead: the same requests through the proxy and straight to the virtual API server");
+    proxy_overhead(&mut r, &proxied, &direct).await;
+
+    step("3. sync latency: 100 pods created one at a time, 10 per second");
+    sync_latency(&mut r, &direct, &host, &host_ns).await;
+
+    if a.big > 0 {
+        step(&format!("4/6. footprint at {} pods, and the resync after a restart", a.big));
+        vdeploy
+            .patch("burst", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": a.big}})))
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        wait_running(&hpods, host_selector, a.big, t0, "host pods").await;
+        wait_running(&vpods, "app=burst", a.big, t0, "virtual pods").await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        r.add(
+            &format!("rss_mib_{}", a.big),
+            rss_mib(vk_pid),
+            "MiB",
+            format!("vkube process with {} synced pods", a.big),
+        );
+        let before: HashMap<String, String> = hpods
+            .list(&ListParams::default().labels(host_selector))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|p| (p.name_any(), p.resource_version().unwrap_or_default()))
+            .collect();
+        cp.kill_controller();
+        let t0 = Instant::now();
+        cp.start_controller().await.unwrap();
+        let proxied = cp.client().await.unwrap();
+        let resync = loop {
+            let text =
+                proxied.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap_or_default();
+            let v = text
+                .lines()
+                .find(|l| l.starts_with("vkube_syncer_initial_sync_seconds"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if v > 0.0 {
+                break v;
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                panic!("no initial sync after 600 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let wall = t0.elapsed().as_secs_f64();
+        let after: HashMap<String, String> = hpods
+            .list(&ListParams::default().labels(host_selector))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|p| (p.name_any(), p.resource_version().unwrap_or_default()))
+            .collect();
+        let touched = before.iter().filter(|(k, v)| after.get(*k) != Some(v)).count();
+        r.add(
+            &format!("resync_{}_seconds", a.big),
+            resync,
+            "s",
+            format!(
+                "syncer start to every queue drained; {wall:.1} s from process start; host pods modified: {touched}"
+            ),
+        );
+        r.extra.insert("resync_host_pods_modified".into(), json!(touched));
+    }
+
+    drop(cp);
+    write_results(&r, &a, started.elapsed());
+}
+
+async fn proxy_overhead(r: &mut Results, proxied: &Client, direct: &Client) {
+    let cms: Api<ConfigMap> = Api::namespaced(direct.clone(), "default");
+    let _ = cms
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "probe"}, "data": {"a": "b"}})).unwrap(),
+        )
+        .await;
+    let get = |c: Client| async move {
+        let t = Instant::now();
+        Api::<ConfigMap>::namespaced(c, "default").get("probe").await.expect("get");
+        t.elapsed().as_secs_f64()
+    };
+    let list = |c: Client| async move {
+        let t = Instant::now();
+        let n = Api::<Pod>::namespaced(c, "default").list(&ListParams::default()).await.expect("list").items.len();
+        assert!(n > 0);
+        t.elapsed().as_secs_f64()
+    };
+    for (name, n1, n16) in [("get", 1000usize, 4000usize), ("list", 20, 64)] {
+        let mut p50 = [0.0f64; 2];
+        let mut tput = [0.0f64; 2];
+        for (i, c) in [proxied.clone(), direct.clone()].into_iter().enumerate() {
+            // Warm both paths.
+            for _ in 0..5 {
+                if name == "get" {
+                    get(c.clone()).await
+                } else {
+                    list(c.clone()).await
+                };
+            }
+            let mut lat = vec![];
+            for _ in 0..n1 {
+                lat.push(if name == "get" { get(c.clone()).await } else { list(c.clone()).await });
+            }
+            p50[i] = percentile(&sorted(lat), 0.5) * 1000.0;
+            let t = Instant::now();
+            let results: Vec<f64> = futures::stream::iter(0..n16)
+                .map(|_| {
+                    let c = c.clone();
+                    async move { if name == "get" { get(c).await } else { list(c).await } }
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            tput[i] = results.len() as f64 / t.elapsed().as_secs_f64();
+        }
+        let what = if name == "get" { "GET one object".to_string() } else { "LIST of all pods".to_string() };
+        r.add(&format!("proxy_{name}_p50_ms"), p50[0], "ms", format!("{what}, concurrency 1; direct {:.3} ms", p50[1]));
+        r.add(&format!("proxy_{name}_p50_overhead_ms"), p50[0] - p50[1], "ms", "through proxy - direct");
+        r.add(
+            &format!("proxy_{name}_throughput_ratio"),
+            tput[0] / tput[1],
+            "x",
+            format!("concurrency 16: {:.0}/s through the proxy, {:.0}/s direct", tput[0], tput[1]),
+        );
+        if name == "get" {
+            r.add("proxy_p50_overhead_ms", p50[0] - p50[1], "ms", "GET, concurrency 1");
+            r.add("proxy_throughput_ratio", tput[0] / tput[1], "x", "GET, concurrency 16");
+        }
+    }
+    // Watch-event delivery: both watches open, 200 updates, time from update to event.
+    let seen: Arc<Mutex<[HashMap<String, Instant>; 2]>> = Arc::default();
+    let mut tasks = vec![];
+    for (i, c) in [proxied.clone(), direct.clone()].into_iter().enumerate() {
+        let seen = seen.clone();
+        tasks.push(tokio::spawn(async move {
+            let api: Api<ConfigMap> = Api::namespaced(c, "default");
+            let stream = watcher::watcher(api, watcher::Config::default().fields("metadata.name=probe"));
+            futures::pin_mut!(stream);
+            while let Ok(Some(ev)) = stream.try_next().await {
+                if let Event::Apply(cm) = ev {
+                    let v = cm.data.unwrap_or_default().get("n").cloned().unwrap_or_default();
+                    seen.lock().unwrap()[i].entry(v).or_insert_with(Instant::now);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut sent = HashMap::new();
+    for n in 0..200 {
+        let t = Instant::now();
+        cms.patch("probe", &PatchParams::default(), &Patch::Merge(json!({"data": {"n": n.to_string()}})))
+            .await
+            .unwrap();
+        sent.insert(n.to_string(), t);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tasks.iter().for_each(|t| t.abort());
+    let seen = seen.lock().unwrap();
+    let mut p50 = [0.0; 2];
+    for (i, s) in seen.iter().enumerate() {
+        let lat: Vec<f64> =
+            sent.iter().filter_map(|(k, t)| s.get(k).map(|at| at.duration_since(*t).as_secs_f64() * 1000.0)).collect();
+        p50[i] = percentile(&sorted(lat), 0.5);
+    }
+    r.add(
+        "proxy_watch_p50_ms",
+        p50[0],
+        "ms",
+        format!("update to watch event, through the proxy; direct {:.3} ms", p50[1]),
+    );
+    r.add("proxy_watch_p50_overhead_ms", p50[0] - p50[1], "ms", "through proxy - direct");
+}
+
+async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: &str) {
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let host_seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let host_running: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let virtual_running: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let hs = (host_seen.clone(), host_running.clone());
+    let hapi: Api<Pod> = Api::namespaced(host.clone(), host_ns);
+    let htask = tokio::spawn(async move {
+        let stream = watcher::watcher(hapi, watcher::Config::default().labels("app=lat"));
+        futures::pin_mut!(stream);
+        while let Ok(Some(ev)) = stream.try_next().await {
+            if let Event::Apply(p) | Event::InitApply(p) = ev {
+                let name = p.annotations().get("vkube.dev/object-name").cloned().unwrap_or_default();
+                hs.0.lock().unwrap().entry(name.clone()).or_insert_with(Instant::now);
+                if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+                    hs.1.lock().unwrap().entry(name).or_insert_with(Instant::now);
+                }
+            }
+        }
+    });
+    let vr = virtual_running.clone();
+    let vapi: Api<Pod> = Api::namespaced(direct.clone(), "default");
+    let vtask = tokio::spawn(async move {
+        let stream = watcher::watcher(vapi, watcher::Config::default().labels("app=lat"));
+        futures::pin_mut!(stream);
+        while let Ok(Some(ev)) = stream.try_next().await {
+            if let Event::Apply(p) | Event::InitApply(p) = ev
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            {
+                vr.lock().unwrap().entry(p.name_any()).or_insert_with(Instant::now);
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pods: Api<Pod> = Api::namespaced(direct.clone(), "default");
+    for i in 0..100 {
+        let name = format!("lat-{i}");
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": "lat"}},
+            "spec": {"terminationGracePeriodSeconds": 0, "containers": [{"name": "c", "image": "nginx"}]}}))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        created.lock().unwrap().insert(name, Instant::now());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while virtual_running.lock().unwrap().len() < 100 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    htask.abort();
+    vtask.abort();
+    let created = created.lock().unwrap().clone();
+    let to_host: Vec<f64> = {
+        let hs = host_seen.lock().unwrap();
+        created
+            .iter()
+            .filter_map(|(n, t)| hs.get(n).map(|h| h.saturating_duration_since(*t).as_secs_f64() * 1000.0))
+            .collect()
+    };
+    let back: Vec<f64> = {
+        let (hr, vr) = (host_running.lock().unwrap(), virtual_running.lock().unwrap());
+        hr.iter()
+            .filter_map(|(n, h)| vr.get(n).map(|v| v.saturating_duration_since(*h).as_secs_f64() * 1000.0))
+            .collect()
+    };
+    let (to_host, back) = (sorted(to_host), sorted(back));
+    r.add(
+        "sync_p50_ms",
+        percentile(&to_host, 0.5),
+        "ms",
+        format!("virtual create to host pod, {} pods", to_host.len()),
+    );
+    r.add("sync_p99_ms", percentile(&to_host, 0.99), "ms", "");
+    r.add("status_p50_ms", percentile(&back, 0.5), "ms", "host pod Running to virtual pod Running");
+    r.add("status_p99_ms", percentile(&back, 0.99), "ms", "");
+    let _ = pods.delete_collection(&Default::default(), &ListParams::default().labels("app=lat")).await;
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    format!("{cores} cores ({cpu}), {mem:.0} GiB")
+}
+
+fn write_results(r: &Results, a: &Args, took: Duration) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let machine = machine();
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut json = serde_json::Map::new();
+    for (k, v, u, n) in &r.rows {
+        json.insert(k.clone(), json!({"value": v, "unit": u, "note": n}));
+    }
+    for (k, v) in &r.extra {
+        json.insert(k.clone(), v.clone());
+    }
+    json.insert("machine".into(), json!(machine));
+    json.insert("date".into(), json!(date));
+    json.insert("pods".into(), json!(a.pods));
+    json.insert("big".into(), json!(a.big));
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let mut md = String::new();
+    md.push_str("# Benchmarks\n\nWritten by `hack/bench` (do not edit by hand; the analysis below the table is kept in\n`docs/benchmarks-notes.md`). Every figure is measured in one run on the local dev host cluster\n(real etcd, kube-apiserver, controller-manager and scheduler, nodes simulated by kwok), beside\nits baseline from the same run.\n\n");
+    md.push_str(&format!(
+        "- machine: {machine}\n- date: {date}\n- pods: {} (scenario 2), {} (scenarios 4 and 6); run took {:.0} s\n\n",
+        a.pods,
+        a.big,
+        took.as_secs_f64()
+    ));
+    md.push_str("| figure | value | unit | baseline / note |\n|---|---:|---|---|\n");
+    for (k, v, u, n) in &r.rows {
+        md.push_str(&format!("| `{k}` | {v:.3} | {u} | {n} |\n"));
+    }
+    if let Ok(notes) = std::fs::read_to_string(root.join("docs/benchmarks-notes.md")) {
+        md.push('\n');
+        md.push_str(&notes);
+    }
+    std::fs::write(root.join("docs/benchmarks.md"), md).unwrap();
+    println!("\nwrote target/bench/results.json and docs/benchmarks.md ({:.0} s)", took.as_secs_f64());
+}
