@@ -121,14 +121,24 @@ build_kwok() {
 
 build_helm() {
   local v=$HELM_VERSION out=$upstream/helm-$HELM_VERSION
-  if have "$out" helm; then log "helm $v: cached"; return; fi
+  # Bump the layout when the build changes, so caches get rebuilt.
+  local layout=2
+  if have "$out" helm && [ "$(cat "$out/.layout" 2>/dev/null)" = "$layout" ]; then log "helm $v: cached"; return; fi
   log "helm $v: building"
   local mod=$cache/work/helm-$v
   new_module "$mod" vkube.local/upstream-helm
   cd "$mod"
   go get -tool "helm.sh/helm/v3/cmd/helm@$v" >/dev/null 2>&1 || go get -tool "helm.sh/helm/v3/cmd/helm@$v"
-  mkdir -p "$out.tmp"
-  go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$v" -o "$out.tmp/helm" helm.sh/helm/v3/cmd/helm
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  # Without these, `helm template` and `helm lint` assume Kubernetes v1.20.
+  local minor
+  minor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)
+  local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$v"
+  for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ld+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$minor"
+  done
+  go build -trimpath -ldflags "$ld" -o "$out.tmp/helm" helm.sh/helm/v3/cmd/helm
+  echo "$layout" > "$out.tmp/.layout"
   rm -rf "$out"; mv "$out.tmp" "$out"
   log "helm $v: done"
 }
