@@ -277,6 +277,7 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
             apiserver_port: APISERVER,
             service_cidr: CIDR,
             admission_config: &admission,
+            durable: true,
         };
         let mut etcd_want = components::etcd(&layout);
         etcd_want.extend(CHART_ONLY_ETCD_ARGS.map(String::from));

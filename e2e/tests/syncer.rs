@@ -469,9 +469,23 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
     // (their host copies become orphans).
     // (The proxy is down with it, so straight to the virtual API server.)
     vc.kubectl_direct_ok(&["scale", "deployment", "burst", "--replicas=120"]);
-    let names = vc.kubectl_direct_ok(&["get", "pods", "-l", "app=burst", "-o", "jsonpath={.items[*].metadata.name}"]);
-    let victims: Vec<&str> = names.split_whitespace().take(5).collect();
-    let mut args = vec!["delete", "pod", "--grace-period=0", "--force"];
+    // Bound pods that the scale-down is not deleting (it removes unbound pods at once).
+    let names = vc.kubectl_direct_ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=burst",
+        "-o",
+        "jsonpath={range .items[?(@.spec.nodeName)]}{.metadata.name} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+    ]);
+    let victims: Vec<&str> = names
+        .lines()
+        .filter(|l| l.split_whitespace().count() == 1)
+        .filter_map(|l| l.split_whitespace().next())
+        .take(5)
+        .collect();
+    assert!(!victims.is_empty(), "no bound pod to force-delete: {names}");
+    let mut args = vec!["delete", "pod", "--grace-period=0", "--force", "--ignore-not-found"];
     args.extend(victims.iter().copied());
     vc.kubectl_direct_ok(&args);
     vc.start_controller().await;

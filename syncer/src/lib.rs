@@ -271,7 +271,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         });
         spawn_worker(&mut workers, tokens_w, n, c.clone(), |c, k| async move { tokens::reconcile(&c, k).await });
         spawn_worker(&mut workers, nodes_w, n, c.clone(), |c, k| async move { nodes::reconcile(&c, k).await });
-        spawn_worker(&mut workers, events_w, n, c.clone(), |c, k| async move { events::reconcile(&c, k).await });
+        // Events matter less than workloads: a few at a time, so a burst's events do not hold up
+        // its pods.
+        spawn_worker(&mut workers, events_w, 2, c.clone(), |c, k| async move { events::reconcile(&c, k).await });
         c.queues.services.add(("default".into(), "kubernetes".into()));
         while let Err(e) = dns::ensure(&c.virt, &coredns_image, &c.opts.cluster_domain).await {
             tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");

@@ -144,6 +144,7 @@ impl LocalControlPlane {
             apiserver_port: state.ports.apiserver,
             service_cidr: &service_cidr,
             admission_config: &admission,
+            durable: false,
         };
         let logs = dir.join("logs");
         let mut group = ProcessGroup::new(dir, opts.lifetime);

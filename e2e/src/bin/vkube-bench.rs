@@ -227,12 +227,15 @@ async fn main() {
     let host_ns = cp.state.namespace.clone();
     let hpods: Api<Pod> = Api::namespaced(host.clone(), &host_ns);
     let cpu0 = cpu_seconds(vk_pid);
+    let procs = processes(&env, &cp);
+    let before = cpu_of(&procs);
     let t0 = Instant::now();
     vdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
     let host_selector = "vkube.dev/cluster=bench,app=burst";
     let host_done = wait_running(&hpods, host_selector, a.pods, t0, "host pods of the virtual deployment").await;
     let virtual_done = wait_running(&vpods, "app=burst", a.pods, t0, "virtual pods").await;
     let cpu_used = cpu_seconds(vk_pid) - cpu0;
+    let virtual_cpu = diff(&before, &cpu_of(&procs));
     let virtual_total = host_done.max(virtual_done);
     r.add(
         "sync_1000_virtual_seconds",
@@ -249,9 +252,20 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let hdeploy: Api<Deployment> = Api::namespaced(host.clone(), "bench-direct");
     let dpods: Api<Pod> = Api::namespaced(host.clone(), "bench-direct");
+    let before = cpu_of(&procs);
     let t0 = Instant::now();
     hdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
     let direct_total = wait_running(&dpods, "app=burst", a.pods, t0, "pods directly on the host").await;
+    let direct_cpu = diff(&before, &cpu_of(&procs));
+    println!("     CPU seconds per process (virtual run / direct run):");
+    let mut split = serde_json::Map::new();
+    for ((name, v), (_, d)) in virtual_cpu.iter().zip(&direct_cpu) {
+        println!("       {name:<34} {v:>7.2} / {d:>7.2}");
+        split.insert(name.clone(), json!({"virtual_run": v, "direct_run": d}));
+    }
+    let (vt, dt): (f64, f64) = (virtual_cpu.iter().map(|x| x.1).sum(), direct_cpu.iter().map(|x| x.1).sum());
+    println!("       {:<34} {vt:>7.2} / {dt:>7.2}", "all");
+    r.extra.insert("sync_cpu_seconds_by_process".into(), serde_json::Value::Object(split));
     r.add("sync_1000_direct_seconds", direct_total, "s", "same Deployment directly in a host namespace");
     r.add("sync_1000_ratio", virtual_total / direct_total, "x", "virtual / direct");
     r.add("cpu_seconds_sync_1000", cpu_used, "s", "CPU the vkube process used for scenario 2");
@@ -338,6 +352,30 @@ async fn main() {
 
     drop(cp);
     write_results(&r, &a, started.elapsed());
+}
+
+/// Every process of the run, by name: the host's and the virtual cluster's.
+fn processes(env: &TestEnv, cp: &LocalControlPlane) -> Vec<(String, u32)> {
+    let mut out = vec![];
+    for c in ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"] {
+        if let Some(pid) = env.host.pid(c) {
+            out.push((format!("host {c}"), pid));
+        }
+    }
+    for c in ["etcd", "kube-apiserver", "kube-controller-manager", "vkube"] {
+        if let Some(pid) = cp.pid(c) {
+            out.push((format!("virtual {c}"), pid));
+        }
+    }
+    out
+}
+
+fn cpu_of(procs: &[(String, u32)]) -> Vec<(String, f64)> {
+    procs.iter().map(|(n, pid)| (n.clone(), cpu_seconds(*pid))).collect()
+}
+
+fn diff(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
+    before.iter().zip(after).map(|((n, b), (_, a))| (n.clone(), a - b)).collect()
 }
 
 async fn proxy_overhead(r: &mut Results, proxied: &Client, direct: &Client) {

@@ -72,7 +72,11 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
                 return Ok(Action::Done);
             }
             update_host(ctx, &v, &h).await?;
-            bind(ctx, &v, &h).await?;
+            if bind(ctx, &v, &h).await? {
+                // The binding changes the virtual pod; its watch event brings us back to compare
+                // the status with the fresh object.
+                return Ok(Action::Done);
+            }
             report_status(ctx, &v, &h).await?;
             Ok(Action::Done)
         }
@@ -186,11 +190,11 @@ pub fn updated_host_pod(desired: &Pod, current: &Pod) -> Option<Pod> {
     changed.then_some(next)
 }
 
-/// Binds the virtual pod to the virtual node named like its host copy's node.
-async fn bind(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
-    let Some(node) = h.spec.as_ref().and_then(|s| s.node_name.clone()) else { return Ok(()) };
+/// Binds the virtual pod to the virtual node named like its host copy's node. True if it bound.
+async fn bind(ctx: &Context, v: &Pod, h: &Pod) -> Result<bool> {
+    let Some(node) = h.spec.as_ref().and_then(|s| s.node_name.clone()) else { return Ok(false) };
     if v.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
-        return Ok(());
+        return Ok(false);
     }
     crate::nodes::ensure(ctx, &node).await?;
     let ns = v.metadata.namespace.as_deref().unwrap_or_default();
@@ -212,7 +216,7 @@ async fn bind(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
-    Ok(())
+    Ok(true)
 }
 
 async fn report_status(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {

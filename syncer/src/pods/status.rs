@@ -23,11 +23,23 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod) -> PodStatus {
     s
 }
 
-/// Whether the virtual pod's status differs from what it should be.
+/// Whether the virtual pod's status differs from what it should be in substance: condition
+/// timestamps alone do not count (the binding sets PodScheduled on the virtual pod a moment
+/// after the host's scheduler did on the host copy; rewriting it would be a write per pod for
+/// nothing).
 pub fn differs(current: Option<&PodStatus>, desired: &PodStatus) -> bool {
-    let cur = serde_json::to_value(current.cloned().unwrap_or_default()).unwrap_or_default();
-    let want = serde_json::to_value(desired).unwrap_or_default();
-    cur != want
+    normalized(current.cloned().unwrap_or_default()) != normalized(desired.clone())
+}
+
+fn normalized(mut s: PodStatus) -> serde_json::Value {
+    for c in s.conditions.iter_mut().flatten() {
+        c.last_probe_time = None;
+        c.last_transition_time = None;
+    }
+    if let Some(cs) = s.conditions.as_mut() {
+        cs.sort_by(|a, b| a.type_.cmp(&b.type_));
+    }
+    serde_json::to_value(s).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -53,5 +65,17 @@ mod tests {
         assert_eq!(names, vec!["app"]);
         assert!(differs(None, &s));
         assert!(!differs(Some(&s), &s));
+        let cond = |t: &str, status: &str| {
+            serde_json::from_value(
+                serde_json::json!({"type": "PodScheduled", "status": status, "lastTransitionTime": t}),
+            )
+            .unwrap()
+        };
+        let (mut earlier, mut later) = (s.clone(), s.clone());
+        earlier.conditions = Some(vec![cond("2026-01-01T00:00:00Z", "True")]);
+        later.conditions = Some(vec![cond("2026-01-01T00:00:01Z", "True")]);
+        assert!(!differs(Some(&earlier), &later), "timestamps alone are no difference");
+        later.conditions = Some(vec![cond("2026-01-01T00:00:01Z", "False")]);
+        assert!(differs(Some(&earlier), &later));
     }
 }

@@ -13,6 +13,9 @@ pub struct Layout<'a> {
     pub service_cidr: &'a str,
     /// The admission configuration (Pod Security defaults), see [`admission_config`].
     pub admission_config: &'a Path,
+    /// Whether etcd syncs its writes to disk. Off for local control planes (dev and CI
+    /// clusters are throwaway, like the dev host's own etcd), on in the chart.
+    pub durable: bool,
 }
 
 /// Admission configuration of the virtual API server: Pod Security enforced by default at the
@@ -58,6 +61,9 @@ pub fn etcd(l: &Layout<'_>) -> Vec<String> {
         "--quota-backend-bytes=2147483648".into(),
         "--snapshot-count=10000".into(),
     ]
+    .into_iter()
+    .chain((!l.durable).then(|| "--unsafe-no-fsync".to_string()))
+    .collect()
 }
 
 pub fn apiserver(l: &Layout<'_>) -> Vec<String> {
