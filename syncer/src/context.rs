@@ -31,6 +31,9 @@ pub struct Options {
     /// Recreate host copies of pods that ran and are gone, instead of deleting the virtual pod
     /// (after `vkube pause` removed them on purpose).
     pub recreate_lost_pods: bool,
+    /// A host Service of ours (the proxy's) that keeps how far host events have been mirrored,
+    /// so a restart does not mirror them all again.
+    pub events_mark_service: Option<String>,
 }
 
 pub struct Stores {
@@ -79,6 +82,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// ClusterIP of the virtual cluster's DNS Service, once it is synced.
     pub dns_ip: RwLock<Option<String>>,
+    /// Host events up to this time are mirrored (best effort, as events are).
+    pub events_mark: RwLock<Option<k8s_openapi::jiff::Timestamp>>,
     pub metrics: Metrics,
 }
 

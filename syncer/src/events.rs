@@ -2,6 +2,7 @@
 //! the virtual objects, with host names translated back.
 
 use k8s_openapi::api::core::v1::{Event, ObjectReference};
+use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
@@ -12,6 +13,62 @@ use crate::queue::Action;
 use crate::sync::Result;
 
 pub const KIND: &str = "Event";
+
+/// The annotation (on the host Service named by `Options::events_mark_service`) that keeps the
+/// time up to which host events were mirrored.
+pub const ANNOTATION_MARK: &str = "vkube.dev/events-mirrored-until";
+
+/// When the event last happened.
+pub fn last_seen(e: &Event) -> Option<Timestamp> {
+    e.last_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .or_else(|| e.event_time.as_ref().map(|t| t.0))
+        .or_else(|| e.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
+
+/// Whether a listed event may not have been mirrored yet: newer than the mark (the same second
+/// counts as newer, timestamps have second resolution).
+pub fn after_mark(ctx: &Context, e: &Event) -> bool {
+    let mark = *ctx.events_mark.read().unwrap_or_else(|p| p.into_inner());
+    match (mark, last_seen(e)) {
+        (Some(m), Some(t)) => t.as_second() >= m.as_second(),
+        _ => true,
+    }
+}
+
+/// Reads the mark at start.
+pub async fn load_mark(ctx: &Context) {
+    let Some(svc) = &ctx.opts.events_mark_service else { return };
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let mark = api
+        .get_opt(svc)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| s.metadata.annotations)
+        .and_then(|a| a.get(ANNOTATION_MARK).and_then(|v| v.parse::<Timestamp>().ok()));
+    *ctx.events_mark.write().unwrap_or_else(|p| p.into_inner()) = mark;
+}
+
+/// Writes the mark down every `every` while it moves.
+pub async fn keep_mark(ctx: &Context, every: std::time::Duration) {
+    let Some(svc) = &ctx.opts.events_mark_service else { return };
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let mut written = *ctx.events_mark.read().unwrap_or_else(|p| p.into_inner());
+    loop {
+        tokio::time::sleep(every).await;
+        let now = *ctx.events_mark.read().unwrap_or_else(|p| p.into_inner());
+        if now == written {
+            continue;
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_MARK: now.map(|t| t.to_string())}}});
+        match api.patch(svc, &PatchParams::default(), &Patch::Merge(patch)).await {
+            Ok(_) => written = now,
+            Err(e) => tracing::debug!(error = %e, "recording the events mark failed; retrying"),
+        }
+    }
+}
 
 /// The virtual copy of a host event about the host copy of `owner` (pure).
 pub fn virtual_event(ctx_host_ns: &str, host: &Event, owner: &Owner) -> Event {
@@ -78,6 +135,7 @@ pub async fn reconcile(ctx: &Context, host_event: String) -> Result<Action> {
         return Ok(Action::Done);
     };
     let Some(owner) = owner_of(ctx, &e) else { return Ok(Action::Done) };
+    let seen = last_seen(&e);
     let desired = virtual_event(ctx.host_ns(), &e, &owner);
     let api: Api<Event> = Api::namespaced(ctx.virt.clone(), &owner.namespace);
     match api.create(&PostParams::default(), &desired).await {
@@ -100,6 +158,12 @@ pub async fn reconcile(ctx: &Context, host_event: String) -> Result<Action> {
         // The virtual namespace is being deleted: nothing to show the event on.
         Err(kube::Error::Api(err)) if err.code == 403 || err.code == 404 => {}
         Err(err) => return Err(err.into()),
+    }
+    if let Some(t) = seen {
+        let mut mark = ctx.events_mark.write().unwrap_or_else(|p| p.into_inner());
+        if mark.is_none_or(|m| t > m) {
+            *mark = Some(t);
+        }
     }
     Ok(Action::Done)
 }

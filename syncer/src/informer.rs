@@ -19,7 +19,10 @@ type Handler<K> = Box<dyn Fn(&K, Change) + Send + Sync>;
 /// What happened to an object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
+    /// Created or changed while watching.
     Applied,
+    /// Found by a (re)list: it may have changed while the watch was down, or not at all.
+    Listed,
     Deleted,
 }
 
@@ -74,7 +77,8 @@ where
             }
             writer.apply_watcher_event(&event);
             match &event {
-                Event::Apply(o) | Event::InitApply(o) => notify(o, Change::Applied),
+                Event::Apply(o) => notify(o, Change::Applied),
+                Event::InitApply(o) => notify(o, Change::Listed),
                 Event::Delete(o) => notify(o, Change::Deleted),
                 Event::Init => {}
                 Event::InitDone => {

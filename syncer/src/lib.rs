@@ -137,6 +137,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         },
         recorder: Recorder::new(virt.clone(), Reporter { controller: "vkube-syncer".into(), instance: None }),
         dns_ip: Default::default(),
+        events_mark: Default::default(),
         metrics,
     });
 
@@ -146,7 +147,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         let (ns, name) = key_of(p);
         let changed = match change {
             Change::Deleted => c.refs.remove(&ns, &name),
-            Change::Applied => c.refs.update(&ns, &name, refs::pod_refs(p)),
+            Change::Applied | Change::Listed => c.refs.update(&ns, &name, refs::pod_refs(p)),
         };
         for (kind, tns, tname) in changed {
             match kind {
@@ -183,7 +184,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let mut hevents = hevents;
     let c = ctx.clone();
     hevents.on_change(move |o, change| {
-        if change == Change::Applied {
+        // A relist brings every event the host still keeps; those already mirrored (up to the
+        // recorded mark) would cost two requests each for nothing.
+        if change == Change::Applied || (change == Change::Listed && events::after_mark(&c, o)) {
             c.queues.events.add(key_of(o).1);
         }
     });
@@ -201,6 +204,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let mut hpvcs = hpvcs;
     hpvcs.on_change(owner_handler(&ctx));
 
+    events::load_mark(&ctx).await;
     let stores_ready = {
         let s = &ctx.stores;
         let waits = (
@@ -275,6 +279,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         // its pods.
         spawn_worker(&mut workers, events_w, 2, c.clone(), |c, k| async move { events::reconcile(&c, k).await });
         c.queues.services.add(("default".into(), "kubernetes".into()));
+        let marker = c.clone();
+        workers.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });
         while let Err(e) = dns::ensure(&c.virt, &coredns_image, &c.opts.cluster_domain).await {
             tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");
             tokio::time::sleep(Duration::from_secs(2)).await;

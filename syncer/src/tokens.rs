@@ -22,6 +22,8 @@ const ANNOTATION_AUDIENCE: &str = "vkube.dev/token-audience";
 const LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Renewed when less than this is left.
 const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often tokens in use are checked for renewal.
+const RECHECK: Duration = Duration::from_secs(24 * 3600);
 
 /// Makes sure the host Secret `secret_name` holds a valid token of virtual service account
 /// `ns`/`sa` for `audience` (None: the API server's own audience).
@@ -76,11 +78,9 @@ fn expires_soon(s: &Secret) -> bool {
     left.as_secs() < RENEW_BEFORE.as_secs() as i64
 }
 
-/// Removes the token Secrets of a service account no pod uses any more.
+/// Renews the token Secrets of a service account pods use (well before they expire) and removes
+/// them once no pod uses it.
 pub async fn reconcile(ctx: &Context, (ns, sa): Key) -> Result<Action> {
-    if ctx.refs.is_used(RefKind::ServiceAccountToken, &ns, &sa) {
-        return Ok(Action::Done);
-    }
     let ours: Vec<_> = ctx
         .stores
         .hsecrets
@@ -88,6 +88,14 @@ pub async fn reconcile(ctx: &Context, (ns, sa): Key) -> Result<Action> {
         .into_iter()
         .filter(|s| sync::mirrors(ctx, s.as_ref(), KIND, &ns, &sa).is_some())
         .collect();
+    if ctx.refs.is_used(RefKind::ServiceAccountToken, &ns, &sa) {
+        for s in ours.iter().filter(|s| expires_soon(s)) {
+            let audience = s.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_AUDIENCE)).cloned();
+            let name = s.metadata.name.clone().unwrap_or_default();
+            ensure(ctx, &ns, &sa, &name, audience.as_deref()).await?;
+        }
+        return Ok(Action::RequeueAfter(RECHECK));
+    }
     for s in ours {
         sync::delete_host(ctx, KIND, s.as_ref(), None).await?;
     }

@@ -336,6 +336,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             concurrency: args.sync.sync_concurrency.max(1),
             api_ip: api_ip.to_string(),
             recreate_lost_pods: resuming,
+            events_mark_service: Some(names::service(&args.name)),
         },
         virt: admin.clone(),
         host: host.clone(),
