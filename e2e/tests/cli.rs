@@ -214,3 +214,56 @@ async fn connect_through_a_port_forward() {
     );
     cli.ok(&["delete", "far"]);
 }
+
+/// The chart path of `vkube create`: the built-in chart installed with Helm on a real API
+/// server. On the dev host the control-plane pod is simulated (kwok "runs" it, nothing executes),
+/// so the cluster never publishes its kubeconfig: create must say so when its timeout ends, and
+/// list, pause, resume and delete must handle the chart's objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_path_installs_lists_pauses_and_deletes() {
+    let env = TestEnv::start(1).await;
+    let cli = Cli::new(&env);
+    let values = cli.state.path().join("values.yaml");
+    std::fs::write(&values, "quota:\n  enabled: true\nsync:\n  concurrency: 8\n").unwrap();
+    let out = cli.run(&[
+        "create",
+        "team-c",
+        "-f",
+        values.to_str().unwrap(),
+        "--set",
+        "persistence.size=2Gi",
+        "--timeout",
+        "20s",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nothing runs the control plane here, so create cannot succeed: {stderr}");
+    assert!(stderr.contains("did not become ready within 20 s") && stderr.contains("vkube delete team-c"), "{stderr}");
+    assert!(stderr.contains("installing the chart"), "progress is shown: {stderr}");
+
+    let sts = env.kubectl_ok(&[
+        "-n",
+        "vkube-team-c",
+        "get",
+        "statefulset",
+        "team-c",
+        "-o",
+        "jsonpath={.spec.volumeClaimTemplates[0].spec.resources.requests.storage}",
+    ]);
+    assert_eq!(sts, "2Gi", "--set reached the chart");
+    let quota = env.kubectl_ok(&["-n", "vkube-team-c", "get", "resourcequota", "-o", "name"]);
+    assert!(!quota.trim().is_empty(), "-f values reached the chart");
+    let listed = cli.list();
+    let c = listed.as_array().unwrap().iter().find(|c| c["name"] == "team-c").expect("listed");
+    assert_eq!(c["mode"], "chart");
+    assert_eq!(c["endpoint"], "https://team-c.vkube-team-c.svc:443");
+
+    cli.ok(&["pause", "team-c"]);
+    let replicas =
+        env.kubectl_ok(&["-n", "vkube-team-c", "get", "statefulset", "team-c", "-o", "jsonpath={.spec.replicas}"]);
+    assert_eq!(replicas, "0");
+    assert_eq!(cli.list()[0]["status"], "Paused");
+
+    cli.ok(&["delete", "team-c", "--wait"]);
+    let left = labelled_host_objects(&env, "team-c");
+    assert!(left.is_empty(), "left on the host: {left:?}");
+}

@@ -421,6 +421,24 @@ async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
     assert!(logs.contains(&format!("hello from {host_pod}")));
     assert_eq!(vc.kubectl_ok(&["exec", "app", "--", "echo", "exec-ok"]).trim(), "exec-ok");
 
+    // Changes Kubernetes allows after creation reach the host copy.
+    vc.kubectl_ok(&["set", "image", "pod/app", "app=nginx:1.27"]);
+    vc.kubectl_ok(&["label", "pod", "app", "tier=web"]);
+    eventually("the new image and label reach the host pod", Duration::from_secs(30), || async {
+        let out = env.kubectl(&[
+            "-n",
+            vc.host_namespace(),
+            "get",
+            "pod",
+            &host_pod,
+            "-o",
+            "jsonpath={.spec.containers[0].image} {.metadata.labels.tier}",
+        ]);
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if got == "nginx:1.27 web" { Ok(Some(())) } else { Err(got) }
+    })
+    .await;
+
     let mut pf = std::process::Command::new(vkube_localenv::Upstream::locate().unwrap().kubectl())
         .args(["port-forward", "pod/app", ":80"])
         .env("KUBECONFIG", vc.kubeconfig())
@@ -530,5 +548,87 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
             "host pod {} mirrors the live virtual pod",
             hp.name_any()
         );
+    }
+}
+
+/// Claims, endpoints of selector-less Services, host events and the syncer's metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_selectorless_endpoints_events_and_metrics() {
+    let env = TestEnv::start(1).await;
+    let vc = env.virtual_cluster("kinds").await;
+    let tr = tr(&vc);
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: data}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: external-db}
+spec:
+  ports: [{port: 5432, protocol: TCP}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: external-db}
+subsets:
+- addresses: [{ip: 192.0.2.10}, {ip: 192.0.2.11}]
+  ports: [{port: 5432, protocol: TCP}]
+"#,
+    );
+    vc.kubectl_ok(&["run", "web", "--image=nginx"]);
+    let hclient = env.client().await;
+    let hns = vc.host_namespace().to_string();
+
+    let pvc = tr.host_name("default", "data");
+    eventually("the claim is on the host", Duration::from_secs(30), || async {
+        let out = env.kubectl(&["-n", &hns, "get", "pvc", &pvc, "-o", "jsonpath={.spec.resources.requests.storage}"]);
+        Ok((String::from_utf8_lossy(&out.stdout) == "1Gi").then_some(()))
+    })
+    .await;
+
+    let ep = tr.host_name("default", "external-db");
+    eventually("selector-less endpoints are on the host", Duration::from_secs(30), || async {
+        let out = env.kubectl(&["-n", &hns, "get", "endpoints", &ep, "-o", "jsonpath={.subsets[*].addresses[*].ip}"]);
+        Ok((String::from_utf8_lossy(&out.stdout) == "192.0.2.10 192.0.2.11").then_some(()))
+    })
+    .await;
+    let svc: Service = Api::namespaced(hclient.clone(), &hns).get(&ep).await.unwrap();
+    assert_eq!(svc.spec.unwrap().selector, None, "the host copy selects nothing either");
+
+    // The host scheduler's event about the host copy shows on the virtual pod, names translated.
+    let scheduled = eventually("the Scheduled event is mirrored", Duration::from_secs(30), || async {
+        let api: Api<Event> = Api::namespaced(vc.client().await, "default");
+        let list =
+            api.list(&ListParams::default().fields("involvedObject.name=web")).await.map_err(|e| e.to_string())?;
+        Ok(list.items.into_iter().find(|e| e.reason.as_deref() == Some("Scheduled")))
+    })
+    .await;
+    let message = scheduled.message.unwrap_or_default();
+    assert!(message.contains("default/web") && !message.contains("-x-"), "{message}");
+
+    let metrics = vc.kubectl_ok(&["get", "--raw", "/metrics"]);
+    let created = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("vkube_syncer_synced_total{")
+                && l.contains("kind=\"Pod\"")
+                && l.contains("operation=\"create\"")
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(created >= 1.0, "pod creations are counted:\n{metrics}");
+    for family in [
+        "vkube_syncer_sync_latency_seconds",
+        "vkube_syncer_queue_depth",
+        "vkube_syncer_initial_sync_seconds",
+        "vkube_proxy_requests_total",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from /metrics");
     }
 }

@@ -258,6 +258,12 @@ impl HostCluster {
             format!("--cluster-signing-key-file={}", self.pki_path("ca.key")),
             // kwok hands out pod IPs and there is no cloud.
             "--controllers=*,-node-ipam-controller".into(),
+            // kwok renews node leases from one process on a 2-core machine: under a heavy burst it
+            // can fall behind, and the default 50 s would mark nodes NotReady and touch every pod.
+            "--node-monitor-grace-period=5m".into(),
+            // kwok renews node leases from one process on a 2-core machine: under a heavy burst it
+            // can fall behind, and the default 50 s would mark nodes NotReady and touch every pod.
+            "--node-monitor-grace-period=5m".into(),
             "--kube-api-qps=200".into(),
             "--kube-api-burst=400".into(),
             "--profiling=false".into(),

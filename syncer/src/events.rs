@@ -2,8 +2,8 @@
 //! the virtual objects, with host names translated back.
 
 use k8s_openapi::api::core::v1::{Event, ObjectReference};
-use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
 

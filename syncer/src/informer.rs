@@ -33,6 +33,8 @@ pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
     writer: Writer<K>,
     store: Store<K>,
     handlers: Vec<Handler<K>>,
+    /// Drops what the syncer never reads before an object is stored (memory).
+    slim: Option<fn(&mut K)>,
 }
 
 impl<K> Informer<K>
@@ -42,7 +44,13 @@ where
     pub fn new(name: &'static str, api: Api<K>, config: watcher::Config) -> Self {
         let writer = Writer::default();
         let store = writer.as_reader();
-        Informer { name, api, config, writer, store, handlers: vec![] }
+        Informer { name, api, config, writer, store, handlers: vec![], slim: None }
+    }
+
+    /// Applies `f` to every object before it is stored and handed to handlers.
+    pub fn slimmed(mut self, f: fn(&mut K)) -> Self {
+        self.slim = Some(f);
+        self
     }
 
     pub fn store(&self) -> Store<K> {
@@ -56,10 +64,13 @@ where
 
     /// Drives the watch forever (with kube-runtime's backoff on errors).
     pub async fn run(self) {
-        let Informer { name, api, config, mut writer, store, handlers } = self;
-        let stream = watch(api, config).default_backoff().modify(|o: &mut K| {
+        let Informer { name, api, config, mut writer, store, handlers, slim } = self;
+        let stream = watch(api, config).default_backoff().modify(move |o: &mut K| {
             o.managed_fields_mut().clear();
             o.annotations_mut().remove(crate::naming::LAST_APPLIED);
+            if let Some(f) = slim {
+                f(o);
+            }
         });
         futures::pin_mut!(stream);
         let mut before_relist: HashMap<ObjectRef<K>, Arc<K>> = HashMap::new();

@@ -74,7 +74,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let (virt, host) = (cfg.virt.clone(), cfg.host.clone());
 
     let vpods = Informer::new("virtual pods", Api::<Pod>::all(virt.clone()), all.clone());
-    let hpods = Informer::new("host pods", Api::<Pod>::namespaced(host.clone(), &host_ns), owned.clone());
+    let hpods = Informer::new("host pods", Api::<Pod>::namespaced(host.clone(), &host_ns), owned.clone())
+        .slimmed(pods::slim_host_pod);
     let vservices = Informer::new("virtual services", Api::<Service>::all(virt.clone()), all.clone());
     let hservices = Informer::new("host services", Api::<Service>::namespaced(host.clone(), &host_ns), owned.clone());
     let vconfigmaps = Informer::new("virtual configmaps", Api::<ConfigMap>::all(virt.clone()), all.clone());

@@ -157,37 +157,99 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         cluster_domain: &ctx.opts.cluster_domain,
     };
     let Ok(desired) = translate::host_pod(&env, v) else { return Ok(()) };
-    if let Some(updated) = updated_host_pod(&desired, h) {
-        sync::replace_host(ctx, KIND, h, updated).await?;
+    if let Some(patch) = host_pod_patch(&desired, h) {
+        let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+        let pp = PatchParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() };
+        api.patch(h.metadata.name.as_deref().unwrap_or_default(), &pp, &Patch::Strategic(patch)).await?;
+        ctx.metrics.wrote(KIND, "update");
     }
     Ok(())
 }
 
-/// The host pod with the mutable fields of `desired`, if any of them differ (pure).
-pub fn updated_host_pod(desired: &Pod, current: &Pod) -> Option<Pod> {
-    let mut next = current.clone();
-    next.metadata.labels = desired.metadata.labels.clone();
-    next.metadata.annotations = desired.metadata.annotations.clone();
-    if let (Some(ns), Some(ds)) = (next.spec.as_mut(), desired.spec.as_ref()) {
-        for c in ns.containers.iter_mut() {
-            if let Some(d) = ds.containers.iter().find(|d| d.name == c.name) {
-                c.image = d.image.clone();
-            }
-        }
-        for c in ns.init_containers.iter_mut().flatten() {
-            if let Some(d) = ds.init_containers.iter().flatten().find(|d| d.name == c.name) {
-                c.image = d.image.clone();
-            }
-        }
-        ns.active_deadline_seconds = ds.active_deadline_seconds;
-        ns.tolerations = ds.tolerations.clone();
-        ns.scheduling_gates = ds.scheduling_gates.clone();
+/// The fields of a host pod the syncer keeps in memory (the rest of the spec is the virtual
+/// pod's, translated, and never needed again): metadata, the node, container names and images,
+/// the fields that may change after creation, and the status. Applied to the host pod watch.
+pub fn slim_host_pod(p: &mut Pod) {
+    if let Some(spec) = p.spec.take() {
+        let slim = |c: &k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {
+            name: c.name.clone(),
+            image: c.image.clone(),
+            ..Default::default()
+        };
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name,
+            containers: spec.containers.iter().map(slim).collect(),
+            init_containers: spec.init_containers.map(|cs| cs.iter().map(slim).collect()),
+            active_deadline_seconds: spec.active_deadline_seconds,
+            tolerations: spec.tolerations,
+            scheduling_gates: spec.scheduling_gates,
+            ..Default::default()
+        });
     }
-    let changed = serde_json::to_value(&next.metadata.labels).ok()
-        != serde_json::to_value(&current.metadata.labels).ok()
-        || next.metadata.annotations != current.metadata.annotations
-        || serde_json::to_value(&next.spec).ok() != serde_json::to_value(&current.spec).ok();
-    changed.then_some(next)
+}
+
+/// A strategic-merge patch that gives the host pod the mutable fields of `desired` (images,
+/// deadline, tolerations, scheduling gates, labels, annotations), if any differ (pure).
+pub fn host_pod_patch(desired: &Pod, current: &Pod) -> Option<serde_json::Value> {
+    use serde_json::{Map, Value, json};
+    let mut meta = Map::new();
+    for (field, want, have) in [
+        ("labels", &desired.metadata.labels, &current.metadata.labels),
+        ("annotations", &desired.metadata.annotations, &current.metadata.annotations),
+    ] {
+        let (want, have) = (want.clone().unwrap_or_default(), have.clone().unwrap_or_default());
+        if want != have {
+            let mut m: Map<String, Value> = want.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            for gone in have.keys().filter(|k| !want.contains_key(*k)) {
+                m.insert(gone.clone(), Value::Null);
+            }
+            meta.insert(field.into(), Value::Object(m));
+        }
+    }
+    let mut spec = Map::new();
+    let (ds, cs) = (desired.spec.clone().unwrap_or_default(), current.spec.clone().unwrap_or_default());
+    let images = |want: &[k8s_openapi::api::core::v1::Container], have: &[k8s_openapi::api::core::v1::Container]| {
+        let changed: Vec<Value> = want
+            .iter()
+            .filter(|d| have.iter().find(|c| c.name == d.name).is_some_and(|c| c.image != d.image))
+            .map(|d| json!({"name": d.name, "image": d.image}))
+            .collect();
+        (!changed.is_empty()).then_some(Value::Array(changed))
+    };
+    if let Some(v) = images(&ds.containers, &cs.containers) {
+        spec.insert("containers".into(), v);
+    }
+    if let Some(v) =
+        images(ds.init_containers.as_deref().unwrap_or_default(), cs.init_containers.as_deref().unwrap_or_default())
+    {
+        spec.insert("initContainers".into(), v);
+    }
+    if ds.active_deadline_seconds != cs.active_deadline_seconds {
+        spec.insert("activeDeadlineSeconds".into(), json!(ds.active_deadline_seconds));
+    }
+    if serde_json::to_value(&ds.tolerations).ok() != serde_json::to_value(&cs.tolerations).ok() {
+        spec.insert("tolerations".into(), json!(ds.tolerations.unwrap_or_default()));
+    }
+    let gates = |g: &Option<Vec<k8s_openapi::api::core::v1::PodSchedulingGate>>| {
+        g.iter().flatten().map(|g| g.name.clone()).collect::<Vec<_>>()
+    };
+    if gates(&ds.scheduling_gates) != gates(&cs.scheduling_gates) {
+        // The list merges by name: replace it whole, so removed gates go.
+        let mut list = vec![json!({"$patch": "replace"})];
+        list.extend(gates(&ds.scheduling_gates).into_iter().map(|n| json!({"name": n})));
+        spec.insert("schedulingGates".into(), Value::Array(list));
+    }
+    if meta.is_empty() && spec.is_empty() {
+        return None;
+    }
+    let mut patch = Map::new();
+    if !meta.is_empty() {
+        patch.insert("metadata".into(), Value::Object(meta));
+    }
+    if !spec.is_empty() {
+        patch.insert("spec".into(), Value::Object(spec));
+    }
+    Some(Value::Object(patch))
 }
 
 /// Binds the virtual pod to the virtual node named like its host copy's node. True if it bound.
@@ -242,20 +304,28 @@ mod tests {
 
     #[test]
     fn only_mutable_fields_move_and_nothing_moves_when_equal() {
-        let current = pod(serde_json::json!({
-            "metadata": {"name": "h", "labels": {"a": "1"}, "resourceVersion": "7"},
-            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "nginx:1"}]}}));
-        let mut desired = current.clone();
-        desired.metadata.resource_version = None;
-        assert!(updated_host_pod(&desired, &current).is_none());
+        let full = pod(serde_json::json!({
+            "metadata": {"name": "h", "labels": {"a": "1", "old": "x"}, "resourceVersion": "7"},
+            "spec": {"nodeName": "n1", "schedulingGates": [{"name": "g1"}, {"name": "g2"}],
+                "containers": [{"name": "c", "image": "nginx:1", "env": [{"name": "E", "value": "v"}]}, {"name": "d", "image": "busybox"}]}}));
+        let mut current = full.clone();
+        slim_host_pod(&mut current);
+        assert_eq!(current.spec.as_ref().unwrap().containers[0].env, None, "slimmed");
+        assert_eq!(current.spec.as_ref().unwrap().node_name.as_deref(), Some("n1"));
+        assert!(host_pod_patch(&full, &current).is_none(), "a slim copy is no difference");
 
+        let mut desired = full.clone();
         desired.spec.as_mut().unwrap().containers[0].image = Some("nginx:2".into());
-        desired.spec.as_mut().unwrap().node_name = None;
+        desired.spec.as_mut().unwrap().scheduling_gates =
+            Some(vec![serde_json::from_value(serde_json::json!({"name": "g2"})).unwrap()]);
         desired.metadata.labels = Some([("a".to_string(), "2".to_string())].into());
-        let next = updated_host_pod(&desired, &current).unwrap();
-        assert_eq!(next.spec.as_ref().unwrap().containers[0].image.as_deref(), Some("nginx:2"));
-        assert_eq!(next.spec.as_ref().unwrap().node_name.as_deref(), Some("n1"), "scheduling is the host's");
-        assert_eq!(next.metadata.labels.unwrap()["a"], "2");
-        assert_eq!(next.metadata.resource_version.as_deref(), Some("7"));
+        let patch = host_pod_patch(&desired, &current).unwrap();
+        assert_eq!(
+            patch,
+            serde_json::json!({
+                "metadata": {"labels": {"a": "2", "old": null}},
+                "spec": {"containers": [{"name": "c", "image": "nginx:2"}],
+                    "schedulingGates": [{"$patch": "replace"}, {"name": "g2"}]}})
+        );
     }
 }

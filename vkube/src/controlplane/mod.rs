@@ -325,35 +325,70 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, cluster = %args.name, namespace = %args.namespace, "control plane serving");
 
     let renew = tokio::spawn(renew_loop(host.clone(), args.clone(), serving));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let syncer_config = vkube_syncer::Config {
-        translator,
-        policy,
-        options: vkube_syncer::context::Options {
-            cluster_domain: args.sync.cluster_domain.clone(),
-            sync_all_configmaps: args.sync.sync_all_configmaps,
-            sync_all_secrets: args.sync.sync_all_secrets,
-            concurrency: args.sync.sync_concurrency.max(1),
-            api_ip: api_ip.to_string(),
-            recreate_lost_pods: resuming,
-            events_mark_service: Some(names::service(&args.name)),
-        },
-        virt: admin.clone(),
-        host: host.clone(),
-        coredns_image: args.sync.coredns_image.clone(),
-        metrics: vkube_syncer::Metrics::register(&mut registry),
+    let options = vkube_syncer::context::Options {
+        cluster_domain: args.sync.cluster_domain.clone(),
+        sync_all_configmaps: args.sync.sync_all_configmaps,
+        sync_all_secrets: args.sync.sync_all_secrets,
+        concurrency: args.sync.sync_concurrency.max(1),
+        api_ip: api_ip.to_string(),
+        recreate_lost_pods: resuming,
+        events_mark_service: Some(names::service(&args.name)),
     };
-    let mut stop = stop_rx.clone();
-    let syncer = tokio::spawn(vkube_syncer::run(syncer_config, async move {
-        let _ = stop.wait_for(|s| *s).await;
-    }));
+    let metrics = vkube_syncer::Metrics::register(&mut registry);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let syncer = spawn_syncer(args.clone(), bundle.clone(), translator, policy, options, metrics, stop_rx)?;
     let registry = Arc::new(registry);
     proxy.serve(listener, registry, shutdown_signal()).await;
     let _ = stop_tx.send(true);
-    let _ = syncer.await;
+    let _ = tokio::task::spawn_blocking(move || syncer.join()).await;
     renew.abort();
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// The syncer on its own runtime and threads, with its own clients: a burst of sync work never
+/// delays the proxy's requests (the OS shares the cores between the two fairly).
+fn spawn_syncer(
+    args: RunArgs,
+    bundle: Bundle,
+    translator: Translator,
+    policy: vkube_syncer::policy::Policy,
+    options: vkube_syncer::context::Options,
+    metrics: vkube_syncer::Metrics,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("syncer").enable_all().build()?;
+    Ok(std::thread::Builder::new().name("syncer".into()).spawn(move || {
+        rt.block_on(async move {
+            let clients = async {
+                let host =
+                    vkube_localenv::client::host(args.host_kubeconfig.as_deref(), args.host_context.as_deref()).await?;
+                let virt = virtual_admin(&args.virtual_server, &bundle).await?;
+                anyhow::Ok((host, virt))
+            };
+            let (host, virt) = match clients.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "the syncer could not build its clients");
+                    return;
+                }
+            };
+            let config = vkube_syncer::Config {
+                translator,
+                policy,
+                options,
+                virt,
+                host,
+                coredns_image: args.sync.coredns_image.clone(),
+                metrics,
+            };
+            vkube_syncer::run(config, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        })
+    })?)
 }
 
 async fn wait_virtual_ready(admin: &kube::Client) -> anyhow::Result<()> {
