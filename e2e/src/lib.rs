@@ -29,14 +29,7 @@ impl TestEnv {
         let host = match HostCluster::start(dir.path(), &opts, &progress).await {
             Ok(h) => h,
             Err(e) => {
-                let logs = std::fs::read_dir(dir.path().join("logs"))
-                    .map(|rd| {
-                        rd.filter_map(|e| e.ok())
-                            .map(|e| (e.file_name().to_string_lossy().to_string(), e.path()))
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default();
-                dump_logs(&logs, 40);
+                dump_dir_logs(&dir.path().join("logs"));
                 panic!("host cluster did not start: {e}");
             }
         };
@@ -73,14 +66,7 @@ impl TestEnv {
         match LocalControlPlane::start(&opts, &progress).await {
             Ok(cp) => VirtualCluster { cp, opts, upstream: self.upstream.clone() },
             Err(e) => {
-                let logs = std::fs::read_dir(opts.dir.join("logs"))
-                    .map(|rd| {
-                        rd.filter_map(|e| e.ok())
-                            .map(|e| (e.file_name().to_string_lossy().to_string(), e.path()))
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default();
-                dump_logs(&logs, 40);
+                dump_dir_logs(&opts.dir.join("logs"));
                 panic!("virtual cluster {name} did not start: {e:#}");
             }
         }
@@ -111,6 +97,14 @@ impl Drop for TestEnv {
             }
         }
     }
+}
+
+/// Prints the tail of every log in a directory (components that failed to start).
+fn dump_dir_logs(dir: &Path) {
+    let logs: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| (e.file_name().to_string_lossy().to_string(), e.path())).collect())
+        .unwrap_or_default();
+    dump_logs(&logs, 40);
 }
 
 fn dir_name(p: &Path) -> String {
@@ -180,6 +174,42 @@ pub fn vkube_bin() -> PathBuf {
             candidates[candidates.len() - 1].display()
         )
     })
+}
+
+/// Runs `kubectl port-forward <target> :<port>` and checks that bytes sent through the forward
+/// come back (kwok's default rule echoes them), proving the stream reaches the pod end to end.
+pub fn port_forward_echoes(up: &Upstream, kubeconfig: &Path, target: &str, port: u16, payload: &[u8]) {
+    use std::io::{Read, Write};
+    let mut pf = Command::new(up.kubectl())
+        .args(["port-forward", target, &format!(":{port}")])
+        .env("KUBECONFIG", kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl port-forward");
+    let mut stdout = pf.stdout.take().expect("stdout");
+    let mut first = String::new();
+    let mut buf = [0u8; 256];
+    while !first.contains('\n') {
+        let n = stdout.read(&mut buf).expect("reading kubectl");
+        assert!(n > 0, "kubectl port-forward exited");
+        first.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    // "Forwarding from 127.0.0.1:PORT -> <port>"
+    let local: u16 = first
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected kubectl output: {first}"));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", local)).expect("connecting to the forward");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    conn.write_all(payload).expect("writing");
+    let mut echoed = vec![0u8; payload.len()];
+    conn.read_exact(&mut echoed).expect("reading the echo");
+    assert_eq!(echoed, payload);
+    let _ = pf.kill();
+    let _ = pf.wait();
 }
 
 /// Polls `f` until it returns `Some`, panicking with the last message after `timeout`.

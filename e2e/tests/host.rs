@@ -1,11 +1,10 @@
 //! The dev host cluster itself: real upstream processes, nodes simulated by kwok, kubectl logs,
 //! exec and port-forward served for simulated pods.
 
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vkube_e2e::{TestEnv, eventually, kubectl_ok, vkube_bin};
+use vkube_e2e::{TestEnv, eventually, kubectl_ok, port_forward_echoes, vkube_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_nodes_are_ready_and_a_deployment_runs_with_logs_exec_and_port_forward() {
@@ -46,32 +45,13 @@ async fn simulated_nodes_are_ready_and_a_deployment_runs_with_logs_exec_and_port
     assert_eq!(exec.trim(), "hello-from-exec");
 
     // Port-forward: kwok echoes the stream back, so what we send must come back.
-    let mut pf = Command::new(env.upstream.kubectl())
-        .args(["port-forward", &format!("pod/{}", pods[0]), ":8080"])
-        .env("KUBECONFIG", &env.host.kubeconfig)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    let mut stdout = pf.stdout.take().unwrap();
-    let mut buf = [0u8; 256];
-    while !first.contains('\n') {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "kubectl port-forward exited");
-        first.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    // "Forwarding from 127.0.0.1:PORT -> 8080"
-    let port: u16 =
-        first.split("127.0.0.1:").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    conn.write_all(b"ping through port-forward\n").unwrap();
-    let mut echoed = vec![0u8; 26];
-    conn.read_exact(&mut echoed).unwrap();
-    assert_eq!(&echoed, b"ping through port-forward\n");
-    let _ = pf.kill();
-    let _ = pf.wait();
+    port_forward_echoes(
+        &env.upstream,
+        &env.host.kubeconfig,
+        &format!("pod/{}", pods[0]),
+        8080,
+        b"ping through port-forward\n",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -439,32 +439,7 @@ async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
     })
     .await;
 
-    let mut pf = std::process::Command::new(vkube_localenv::Upstream::locate().unwrap().kubectl())
-        .args(["port-forward", "pod/app", ":80"])
-        .env("KUBECONFIG", vc.kubeconfig())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::{Read, Write};
-    let mut stdout = pf.stdout.take().unwrap();
-    let mut first = String::new();
-    let mut buf = [0u8; 256];
-    while !first.contains('\n') {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "kubectl port-forward exited");
-        first.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    let port: u16 =
-        first.split("127.0.0.1:").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    conn.write_all(b"through the proxy\n").unwrap();
-    let mut echoed = vec![0u8; 18];
-    conn.read_exact(&mut echoed).unwrap();
-    assert_eq!(&echoed, b"through the proxy\n");
-    let _ = pf.kill();
-    let _ = pf.wait();
+    vkube_e2e::port_forward_echoes(&env.upstream, &vc.kubeconfig(), "pod/app", 80, b"through the proxy\n");
 }
 
 /// The control-plane process is killed in the middle of a burst of pod creations and

@@ -389,16 +389,7 @@ pub fn kwok_resource(kind: &str) -> ApiResource {
 }
 
 fn host_pki_spec() -> BundleSpec {
-    let dns: Vec<String> = [
-        "localhost",
-        "kubernetes",
-        "kubernetes.default",
-        "kubernetes.default.svc",
-        "kubernetes.default.svc.cluster.local",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let dns: Vec<String> = vkube_pki::api_server_names();
     let ips: Vec<IpAddr> = vec!["127.0.0.1".parse().expect("ip"), "10.96.0.1".parse().expect("ip")];
     BundleSpec {
         cas: vec![("ca".into(), "vkube-dev-ca".into()), ("front-proxy-ca".into(), "vkube-dev-front-proxy-ca".into())],

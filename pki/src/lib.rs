@@ -89,6 +89,15 @@ impl LeafSpec {
     }
 }
 
+/// The names in-cluster clients use for the API server, which every serving certificate of an
+/// API server must carry (with the cluster domain `cluster.local`).
+pub fn api_server_names() -> Vec<String> {
+    ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// What a bundle must contain: CAs (by file stem), leaves, and bare key pairs (service-account
 /// signing keys: `<name>.key` and `<name>.pub`).
 #[derive(Clone, Debug, Default)]

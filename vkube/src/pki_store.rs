@@ -20,16 +20,7 @@ pub const FRONT_PROXY_USER: &str = "front-proxy-client";
 /// in front of the proxy, which in-cluster clients use as `kubernetes.default`.
 pub fn spec(name: &str, namespace: &str, service_ip: Option<IpAddr>) -> BundleSpec {
     let svc = names::service(name);
-    let mut dns: Vec<String> = [
-        "localhost",
-        "kubernetes",
-        "kubernetes.default",
-        "kubernetes.default.svc",
-        "kubernetes.default.svc.cluster.local",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut dns: Vec<String> = vkube_pki::api_server_names();
     dns.extend([
         svc.clone(),
         format!("{svc}.{namespace}"),

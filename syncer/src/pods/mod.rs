@@ -93,14 +93,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         // Pods are told the virtual DNS address; it exists moments after start.
         return Ok(Action::RequeueAfter(Duration::from_millis(500)));
     };
-    let env = PodEnv {
-        translator: &ctx.tr,
-        policy: &ctx.policy,
-        api_ip: &ctx.opts.api_ip,
-        dns_ip: &dns_ip,
-        cluster_domain: &ctx.opts.cluster_domain,
-    };
-    let desired = match translate::host_pod(&env, v) {
+    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip), v) {
         Ok(p) => p,
         Err(r) => {
             sync::refuse(ctx, KIND, v, &r).await;
@@ -122,6 +115,16 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         ensured?;
     }
     sync::or_collision(ctx, v, sync::create_host(ctx, KIND, &desired).await).await
+}
+
+fn pod_env<'a>(ctx: &'a Context, dns_ip: &'a str) -> PodEnv<'a> {
+    PodEnv {
+        translator: &ctx.tr,
+        policy: &ctx.policy,
+        api_ip: &ctx.opts.api_ip,
+        dns_ip,
+        cluster_domain: &ctx.opts.cluster_domain,
+    }
 }
 
 /// Whether the virtual pod has run on the host: only its host copy's status gives it a host IP.
@@ -149,14 +152,7 @@ async fn finalize_virtual(ctx: &Context, v: &Pod) -> Result<Action> {
 /// gates) and label or annotation changes, carried to the host copy.
 async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
     let Some(dns_ip) = ctx.dns_ip() else { return Ok(()) };
-    let env = PodEnv {
-        translator: &ctx.tr,
-        policy: &ctx.policy,
-        api_ip: &ctx.opts.api_ip,
-        dns_ip: &dns_ip,
-        cluster_domain: &ctx.opts.cluster_domain,
-    };
-    let Ok(desired) = translate::host_pod(&env, v) else { return Ok(()) };
+    let Ok(desired) = translate::host_pod(&pod_env(ctx, &dns_ip), v) else { return Ok(()) };
     if let Some(patch) = host_pod_patch(&desired, h) {
         let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
         let pp = PatchParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() };
