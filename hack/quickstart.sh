@@ -20,6 +20,7 @@ kubectl get nodes
 
 step "virtual cluster demo"
 $vkube create demo --local
+$vkube list
 state=${VKUBE_STATE:-$HOME/.local/state/vkube}
 $vkube connect demo --print > "$state/demo.kubeconfig"
 export KUBECONFIG=$state/demo.kubeconfig
@@ -28,7 +29,6 @@ step "kubectl against the virtual cluster"
 kubectl create deployment hello --image=nginx --replicas=2 --dry-run=client -o yaml | kubectl apply -f -
 kubectl rollout status deployment/hello --timeout=120s
 kubectl get pods -o wide
-$vkube list
 
 cat >&2 <<EOT
 

@@ -36,10 +36,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    init_tracing();
+    let cli = Cli::parse();
+    // The control-plane process logs what it does; CLI commands show their own progress and only
+    // warnings from below.
+    init_tracing(if matches!(cli.command, Command::Run(_) | Command::Prepare(_)) { "info" } else { "warn" });
     // One crypto provider for every TLS user in the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -70,12 +72,17 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Structured logs on stderr; `RUST_LOG` filters, `VKUBE_LOG_FORMAT=json` for machines.
-fn init_tracing() {
+fn init_tracing(level: &str) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("warn,vkube=info,kube_client::client::builder=off"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "warn,vkube={level},vkube_syncer={level},vkube_apiproxy={level},kube_client::client::builder=off"
+        ))
+    });
     let json = std::env::var("VKUBE_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    // Colours only on a terminal: logs of local control planes go to files.
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {
