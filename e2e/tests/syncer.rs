@@ -334,6 +334,30 @@ async fn forbidden_workloads_are_refused_with_a_clear_message_and_never_reach_th
         Ok(host_names::<Pod>(&env, &vc).await.contains(&tr.host_name("open", "fine")).then_some(()))
     })
     .await;
+    // A privileged debug container added later is refused too, and the host copy keeps none.
+    vc.kubectl_ok(&[
+        "-n",
+        "open",
+        "debug",
+        "fine",
+        "--image=busybox",
+        "--container=dbg",
+        "--profile=sysadmin",
+        "--",
+        "sleep",
+        "1",
+    ]);
+    eventually("a Warning event about the ephemeral container", Duration::from_secs(30), || async {
+        let w = warnings(&vc, "open", "fine").await;
+        Ok(w.into_iter().find(|e| e.message.as_deref().unwrap_or_default().contains("ephemeralContainer \"dbg\"")))
+    })
+    .await;
+    let host_fine: Pod =
+        Api::namespaced(env.client().await, vc.host_namespace()).get(&tr.host_name("open", "fine")).await.unwrap();
+    assert!(
+        host_fine.spec.unwrap().ephemeral_containers.is_none(),
+        "the privileged debug container stayed off the host"
+    );
     let on_host = host_names::<Pod>(&env, &vc).await;
     for (name, _, _) in pods {
         assert!(!on_host.contains(&tr.host_name("open", name)), "{name} reached the host");
@@ -420,6 +444,23 @@ async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
     .await;
     assert!(logs.contains(&format!("hello from {host_pod}")));
     assert_eq!(vc.kubectl_ok(&["exec", "app", "--", "echo", "exec-ok"]).trim(), "exec-ok");
+
+    // `kubectl debug`: the ephemeral container reaches the host copy, translated like the others.
+    vc.kubectl_ok(&["debug", "app", "--image=busybox", "--container=dbg", "--profile=baseline", "--", "sleep", "1000"]);
+    eventually("the ephemeral container reaches the host pod", Duration::from_secs(30), || async {
+        let out = env.kubectl(&[
+            "-n",
+            vc.host_namespace(),
+            "get",
+            "pod",
+            &host_pod,
+            "-o",
+            "jsonpath={.spec.ephemeralContainers[0].name} {.spec.ephemeralContainers[0].env[?(@.name==\"KUBERNETES_SERVICE_HOST\")].value}",
+        ]);
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if got.starts_with("dbg 10.") { Ok(Some(())) } else { Err(got) }
+    })
+    .await;
 
     // Changes Kubernetes allows after creation reach the host copy.
     vc.kubectl_ok(&["set", "image", "pod/app", "app=nginx:1.27"]);

@@ -190,12 +190,24 @@ impl Policy {
     }
 }
 
-fn containers(spec: &PodSpec) -> impl Iterator<Item = (&'static str, &Container)> {
+/// Every container of the pod with the fields the checks read; ephemeral containers
+/// (`kubectl debug`) included, since they run on the host like the others.
+fn containers(spec: &PodSpec) -> impl Iterator<Item = (&'static str, Container)> + '_ {
+    let ephemeral = spec.ephemeral_containers.iter().flatten().map(|e| {
+        let c = Container {
+            name: e.name.clone(),
+            ports: e.ports.clone(),
+            security_context: e.security_context.clone(),
+            ..Default::default()
+        };
+        ("ephemeralContainer", c)
+    });
     spec.init_containers
         .iter()
         .flatten()
-        .map(|c| ("initContainer", c))
-        .chain(spec.containers.iter().map(|c| ("container", c)))
+        .map(|c| ("initContainer", c.clone()))
+        .chain(spec.containers.iter().map(|c| ("container", c.clone())))
+        .chain(ephemeral)
 }
 
 fn baseline_container(sc: &SecurityContext, where_: &str, v: &mut Vec<String>) {
@@ -316,6 +328,10 @@ mod tests {
             (
                 serde_json::json!({"containers": [{"name": "c", "securityContext": {"procMount": "Unmasked"}}]}),
                 "procMount",
+            ),
+            (
+                serde_json::json!({"containers": [{"name": "c"}], "ephemeralContainers": [{"name": "dbg", "securityContext": {"privileged": true}}]}),
+                "ephemeralContainer \"dbg\": privileged",
             ),
         ];
         for (json, needle) in cases {

@@ -152,14 +152,46 @@ async fn finalize_virtual(ctx: &Context, v: &Pod) -> Result<Action> {
 /// gates) and label or annotation changes, carried to the host copy.
 async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
     let Some(dns_ip) = ctx.dns_ip() else { return Ok(()) };
-    let Ok(desired) = translate::host_pod(&pod_env(ctx, &dns_ip), v) else { return Ok(()) };
+    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip), v) {
+        Ok(d) => d,
+        // Something added since creation (an ephemeral container) breaks the policy: it stays
+        // off the host, and the tenant is told.
+        Err(r) => {
+            sync::refuse(ctx, KIND, v, &r).await;
+            return Ok(());
+        }
+    };
+    let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let pp = PatchParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() };
+    let name = h.metadata.name.as_deref().unwrap_or_default();
     if let Some(patch) = host_pod_patch(&desired, h) {
-        let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-        let pp = PatchParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() };
-        api.patch(h.metadata.name.as_deref().unwrap_or_default(), &pp, &Patch::Strategic(patch)).await?;
+        api.patch(name, &pp, &Patch::Strategic(patch)).await?;
         ctx.metrics.wrote(KIND, "update");
     }
+    if let Some(added) = new_ephemeral_containers(&desired, h) {
+        // `kubectl debug`: ephemeral containers can only be added, through their subresource.
+        let patch = serde_json::json!({"spec": {"ephemeralContainers": added}});
+        api.patch_subresource("ephemeralcontainers", name, &pp, &Patch::Strategic(patch)).await?;
+        ctx.metrics.wrote(KIND, "ephemeral");
+    }
     Ok(())
+}
+
+/// The desired ephemeral containers the host pod does not have yet (pure).
+pub fn new_ephemeral_containers(
+    desired: &Pod,
+    current: &Pod,
+) -> Option<Vec<k8s_openapi::api::core::v1::EphemeralContainer>> {
+    let have: Vec<&str> =
+        current.spec.iter().flat_map(|s| s.ephemeral_containers.iter().flatten()).map(|c| c.name.as_str()).collect();
+    let added: Vec<_> = desired
+        .spec
+        .iter()
+        .flat_map(|s| s.ephemeral_containers.iter().flatten())
+        .filter(|c| !have.contains(&c.name.as_str()))
+        .cloned()
+        .collect();
+    (!added.is_empty()).then_some(added)
 }
 
 /// The fields of a host pod the syncer keeps in memory (the rest of the spec is the virtual
@@ -179,6 +211,11 @@ pub fn slim_host_pod(p: &mut Pod) {
             active_deadline_seconds: spec.active_deadline_seconds,
             tolerations: spec.tolerations,
             scheduling_gates: spec.scheduling_gates,
+            ephemeral_containers: spec.ephemeral_containers.map(|cs| {
+                cs.into_iter()
+                    .map(|c| k8s_openapi::api::core::v1::EphemeralContainer { name: c.name, ..Default::default() })
+                    .collect()
+            }),
             ..Default::default()
         });
     }
@@ -296,6 +333,17 @@ mod tests {
 
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn only_new_ephemeral_containers_are_added() {
+        let current =
+            pod(serde_json::json!({"spec": {"containers": [{"name": "c"}], "ephemeralContainers": [{"name": "a"}]}}));
+        let desired = pod(serde_json::json!({"spec": {"containers": [{"name": "c"}],
+            "ephemeralContainers": [{"name": "a", "image": "busybox"}, {"name": "b", "image": "busybox"}]}}));
+        let added = new_ephemeral_containers(&desired, &current).unwrap();
+        assert_eq!(added.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), vec!["b"]);
+        assert!(new_ephemeral_containers(&current, &current).is_none());
     }
 
     #[test]
