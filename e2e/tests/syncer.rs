@@ -126,6 +126,25 @@ async fn a_deployment_and_its_service_run_on_the_host_with_the_same_addresses() 
     let dns: Service = Api::namespaced(client.clone(), "kube-system").get("kube-dns").await.unwrap();
     let nameservers = hp.spec.as_ref().unwrap().dns_config.clone().unwrap().nameservers.unwrap();
     assert_eq!(nameservers, vec![dns.spec.unwrap().cluster_ip.unwrap()]);
+
+    // A pod started after the Service sees it in its environment, as from a kubelet.
+    vc.kubectl_ok(&["run", "client", "--image=nginx"]);
+    let client_host = tr.host_name("default", "client");
+    let web_host = eventually("the client pod's Service variables", Duration::from_secs(30), || async {
+        let out = env.kubectl(&[
+            "-n",
+            vc.host_namespace(),
+            "get",
+            "pod",
+            &client_host,
+            "-o",
+            "jsonpath={.spec.containers[0].env[?(@.name==\"WEB_SERVICE_HOST\")].value}",
+        ]);
+        let v = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok((!v.is_empty()).then_some(v))
+    })
+    .await;
+    assert_eq!(web_host, vip, "WEB_SERVICE_HOST is the Service's ClusterIP");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,7 +93,8 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         // Pods are told the virtual DNS address; it exists moments after start.
         return Ok(Action::RequeueAfter(Duration::from_millis(500)));
     };
-    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip), v) {
+    let links = service_links_for(ctx, v);
+    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &links), v) {
         Ok(p) => p,
         Err(r) => {
             sync::refuse(ctx, KIND, v, &r).await;
@@ -117,14 +118,32 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     sync::or_collision(ctx, v, sync::create_host(ctx, KIND, &desired).await).await
 }
 
-fn pod_env<'a>(ctx: &'a Context, dns_ip: &'a str) -> PodEnv<'a> {
+fn pod_env<'a>(
+    ctx: &'a Context,
+    dns_ip: &'a str,
+    service_links: &'a [k8s_openapi::api::core::v1::EnvVar],
+) -> PodEnv<'a> {
     PodEnv {
         translator: &ctx.tr,
         policy: &ctx.policy,
         api_ip: &ctx.opts.api_ip,
         dns_ip,
         cluster_domain: &ctx.opts.cluster_domain,
+        service_links,
     }
+}
+
+/// The Service variables the virtual pod gets (unless it turned service links off), from the
+/// Services of its namespace that exist now, as a kubelet computes them when starting it.
+fn service_links_for(ctx: &Context, v: &Pod) -> Vec<k8s_openapi::api::core::v1::EnvVar> {
+    if v.spec.as_ref().and_then(|s| s.enable_service_links) == Some(false) {
+        return vec![];
+    }
+    let ns = v.metadata.namespace.as_deref().unwrap_or_default();
+    let services = ctx.stores.vservices.state();
+    let in_ns: Vec<&k8s_openapi::api::core::v1::Service> =
+        services.iter().filter(|s| s.metadata.namespace.as_deref() == Some(ns)).map(|s| s.as_ref()).collect();
+    translate::service_links(&in_ns)
 }
 
 /// Whether the virtual pod has run on the host: only its host copy's status gives it a host IP.
@@ -152,7 +171,8 @@ async fn finalize_virtual(ctx: &Context, v: &Pod) -> Result<Action> {
 /// gates) and label or annotation changes, carried to the host copy.
 async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
     let Some(dns_ip) = ctx.dns_ip() else { return Ok(()) };
-    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip), v) {
+    // Environment variables cannot change after creation: no service links to compute here.
+    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[]), v) {
         Ok(d) => d,
         // Something added since creation (an ephemeral container) breaks the policy: it stays
         // off the host, and the tenant is told.

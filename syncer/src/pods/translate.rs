@@ -36,6 +36,10 @@ pub struct PodEnv<'a> {
     /// ClusterIP of the virtual cluster's DNS Service.
     pub dns_ip: &'a str,
     pub cluster_domain: &'a str,
+    /// The Service environment variables of the pod's virtual namespace ([`service_links`]):
+    /// the host copy runs with `enableServiceLinks: false`, so the kubelet would give it the
+    /// host namespace's instead.
+    pub service_links: &'a [EnvVar],
 }
 
 /// The host Secret holding the virtual token of service account `sa` (for `audience`, if the
@@ -228,13 +232,59 @@ fn projection(tr: &Translator, ns: &str, sa: &str, src: &mut VolumeProjection) {
     }
 }
 
+/// The variables a kubelet gives containers for the Services of their namespace (Kubernetes'
+/// `<NAME>_SERVICE_HOST`, `<NAME>_SERVICE_PORT[_<PORT>]` and the Docker-link `<NAME>_PORT...`),
+/// from the virtual Services: same ClusterIPs as on the host. Headless and ExternalName Services
+/// have none; `kubernetes` is covered by the API variables. Sorted by name (pure).
+pub fn service_links(services: &[&k8s_openapi::api::core::v1::Service]) -> Vec<EnvVar> {
+    let var = |n: String, v: String| EnvVar { name: n, value: Some(v), value_from: None };
+    let env_name = |s: &str| s.to_uppercase().replace('-', "_");
+    let mut svcs: Vec<_> = services.iter().filter(|s| s.metadata.name.as_deref() != Some("kubernetes")).collect();
+    svcs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut out = vec![];
+    for s in svcs {
+        let Some(spec) = s.spec.as_ref() else { continue };
+        let Some(ip) = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "None") else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let ports = spec.ports.clone().unwrap_or_default();
+        let Some(first) = ports.first() else { continue };
+        let name = env_name(s.metadata.name.as_deref().unwrap_or_default());
+        out.push(var(format!("{name}_SERVICE_HOST"), ip.to_string()));
+        out.push(var(format!("{name}_SERVICE_PORT"), first.port.to_string()));
+        for p in &ports {
+            if let Some(pn) = p.name.as_deref().filter(|n| !n.is_empty()) {
+                out.push(var(format!("{name}_SERVICE_PORT_{}", env_name(pn)), p.port.to_string()));
+            }
+        }
+        let proto = |p: &k8s_openapi::api::core::v1::ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+        out.push(var(format!("{name}_PORT"), format!("{}://{ip}:{}", proto(first).to_lowercase(), first.port)));
+        for p in &ports {
+            let (pr, port) = (proto(p), p.port);
+            let prefix = format!("{name}_PORT_{port}_{}", pr.to_uppercase());
+            out.push(var(prefix.clone(), format!("{}://{ip}:{port}", pr.to_lowercase())));
+            out.push(var(format!("{prefix}_PROTO"), pr.to_lowercase()));
+            out.push(var(format!("{prefix}_PORT"), port.to_string()));
+            out.push(var(format!("{prefix}_ADDR"), ip.to_string()));
+        }
+    }
+    out
+}
+
 /// Host env for every container: the API server is the virtual one, behind the proxy's Service.
-fn api_env(env: &PodEnv<'_>) -> [EnvVar; 3] {
-    let var = |n: &str, v: &str| EnvVar { name: n.into(), value: Some(v.into()), value_from: None };
-    [
-        var("KUBERNETES_SERVICE_HOST", env.api_ip),
-        var("KUBERNETES_SERVICE_PORT", "443"),
-        var("KUBERNETES_SERVICE_PORT_HTTPS", "443"),
+fn api_env(env: &PodEnv<'_>) -> Vec<EnvVar> {
+    let var = |n: &str, v: String| EnvVar { name: n.into(), value: Some(v), value_from: None };
+    let ip = env.api_ip;
+    vec![
+        var("KUBERNETES_SERVICE_HOST", ip.into()),
+        var("KUBERNETES_SERVICE_PORT", "443".into()),
+        var("KUBERNETES_SERVICE_PORT_HTTPS", "443".into()),
+        var("KUBERNETES_PORT", format!("tcp://{ip}:443")),
+        var("KUBERNETES_PORT_443_TCP", format!("tcp://{ip}:443")),
+        var("KUBERNETES_PORT_443_TCP_PROTO", "tcp".into()),
+        var("KUBERNETES_PORT_443_TCP_PORT", "443".into()),
+        var("KUBERNETES_PORT_443_TCP_ADDR", ip.into()),
     ]
 }
 
@@ -259,7 +309,8 @@ fn env_vars(
             }
         }
     }
-    for add in api_env(env) {
+    // As the kubelet does: the container's own variables win.
+    for add in api_env(env).into_iter().chain(env.service_links.iter().cloned()) {
         if !list.iter().any(|e| e.name == add.name) {
             list.push(add);
         }
@@ -349,7 +400,54 @@ mod tests {
     use crate::naming::LABEL_NAMESPACE;
 
     fn env<'a>(tr: &'a Translator, policy: &'a Policy) -> PodEnv<'a> {
-        PodEnv { translator: tr, policy, api_ip: "10.96.0.10", dns_ip: "10.96.0.53", cluster_domain: "cluster.local" }
+        PodEnv {
+            translator: tr,
+            policy,
+            api_ip: "10.96.0.10",
+            dns_ip: "10.96.0.53",
+            cluster_domain: "cluster.local",
+            service_links: &[],
+        }
+    }
+
+    #[test]
+    fn service_links_match_what_a_kubelet_sets() {
+        let svc =
+            |json: serde_json::Value| -> k8s_openapi::api::core::v1::Service { serde_json::from_value(json).unwrap() };
+        let redis = svc(serde_json::json!({"metadata": {"name": "redis-primary"},
+            "spec": {"clusterIP": "10.96.1.2", "ports": [{"name": "redis", "port": 6379}, {"port": 53, "protocol": "UDP"}]}}));
+        let headless =
+            svc(serde_json::json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 1}]}}));
+        let api = svc(
+            serde_json::json!({"metadata": {"name": "kubernetes"}, "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 443}]}}),
+        );
+        let vars: BTreeMap<String, String> =
+            service_links(&[&redis, &headless, &api]).into_iter().map(|e| (e.name, e.value.unwrap())).collect();
+        assert_eq!(vars["REDIS_PRIMARY_SERVICE_HOST"], "10.96.1.2");
+        assert_eq!(vars["REDIS_PRIMARY_SERVICE_PORT"], "6379");
+        assert_eq!(vars["REDIS_PRIMARY_SERVICE_PORT_REDIS"], "6379");
+        assert_eq!(vars["REDIS_PRIMARY_PORT"], "tcp://10.96.1.2:6379");
+        assert_eq!(vars["REDIS_PRIMARY_PORT_53_UDP"], "udp://10.96.1.2:53");
+        assert_eq!(vars["REDIS_PRIMARY_PORT_53_UDP_PROTO"], "udp");
+        assert_eq!(vars["REDIS_PRIMARY_PORT_6379_TCP_ADDR"], "10.96.1.2");
+        assert!(!vars.keys().any(|k| k.starts_with("H_") || k.starts_with("KUBERNETES_PORT")));
+
+        // A container's own variable wins.
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let links = service_links(&[&redis]);
+        let pod_env = PodEnv { service_links: &links, ..env(&tr, &policy) };
+        let spec = serde_json::json!({"containers": [{"name": "c", "env": [{"name": "REDIS_PRIMARY_SERVICE_HOST", "value": "mine"}]}]});
+        let h = host_pod(&pod_env, &vpod(spec)).unwrap();
+        let env: BTreeMap<String, String> = h.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap_or_default()))
+            .collect();
+        assert_eq!(env["REDIS_PRIMARY_SERVICE_HOST"], "mine");
+        assert_eq!(env["REDIS_PRIMARY_SERVICE_PORT"], "6379");
     }
 
     fn vpod(spec: serde_json::Value) -> Pod {
