@@ -635,6 +635,46 @@ subsets:
     let svc: Service = Api::namespaced(hclient.clone(), &hns).get(&ep).await.unwrap();
     assert_eq!(svc.spec.unwrap().selector, None, "the host copy selects nothing either");
 
+    // The modern form: an EndpointSlice the tenant manages for a selector-less Service.
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: cache}
+spec:
+  ports: [{port: 6379, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: cache-1
+  labels: {kubernetes.io/service-name: cache, endpointslice.kubernetes.io/managed-by: tenant}
+addressType: IPv4
+endpoints: [{addresses: [192.0.2.20]}]
+ports: [{port: 6379, protocol: TCP}]
+"#,
+    );
+    let slice = tr.host_name("default", "cache-1");
+    let cache = tr.host_name("default", "cache");
+    eventually(
+        "the tenant's EndpointSlice is on the host, pointing at the host Service",
+        Duration::from_secs(30),
+        || async {
+            let out = env.kubectl(&[
+                "-n",
+                &hns,
+                "get",
+                "endpointslice",
+                &slice,
+                "-o",
+                "jsonpath={.metadata.labels.kubernetes\\.io/service-name} {.endpoints[*].addresses[*]}",
+            ]);
+            let got = String::from_utf8_lossy(&out.stdout).to_string();
+            if got == format!("{cache} 192.0.2.20") { Ok(Some(())) } else { Err(got) }
+        },
+    )
+    .await;
+
     // The host scheduler's event about the host copy shows on the virtual pod, names translated.
     let scheduled = eventually("the Scheduled event is mirrored", Duration::from_secs(30), || async {
         let api: Api<Event> = Api::namespaced(vc.client().await, "default");

@@ -47,6 +47,8 @@ pub struct Stores {
     pub hsecrets: Store<Secret>,
     pub vendpoints: Store<Endpoints>,
     pub hendpoints: Store<Endpoints>,
+    pub vendpointslices: Store<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    pub hendpointslices: Store<k8s_openapi::api::discovery::v1::EndpointSlice>,
     pub vpvcs: Store<PersistentVolumeClaim>,
     pub hpvcs: Store<PersistentVolumeClaim>,
     pub vnodes: Store<Node>,
@@ -59,6 +61,7 @@ pub struct Queues {
     pub configmaps: Queue<Key>,
     pub secrets: Queue<Key>,
     pub endpoints: Queue<Key>,
+    pub endpointslices: Queue<Key>,
     pub pvcs: Queue<Key>,
     /// (namespace, service account) whose token Secret may be needed or unused.
     pub tokens: Queue<Key>,
@@ -94,6 +97,7 @@ impl Queues {
             && self.configmaps.is_idle()
             && self.secrets.is_idle()
             && self.endpoints.is_idle()
+            && self.endpointslices.is_idle()
             && self.pvcs.is_idle()
             && self.tokens.is_idle()
             && self.nodes.is_idle()

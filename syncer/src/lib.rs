@@ -15,6 +15,7 @@ pub mod configs;
 pub mod context;
 pub mod dns;
 pub mod endpoints;
+pub mod endpointslices;
 pub mod events;
 pub mod informer;
 pub mod metrics;
@@ -34,6 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Event, Node, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -86,6 +88,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let vendpoints = Informer::new("virtual endpoints", Api::<Endpoints>::all(virt.clone()), all.clone());
     let hendpoints =
         Informer::new("host endpoints", Api::<Endpoints>::namespaced(host.clone(), &host_ns), owned.clone());
+    let vslices = Informer::new("virtual endpointslices", Api::<EndpointSlice>::all(virt.clone()), all.clone());
+    let hslices =
+        Informer::new("host endpointslices", Api::<EndpointSlice>::namespaced(host.clone(), &host_ns), owned.clone());
     let vpvcs = Informer::new("virtual claims", Api::<PersistentVolumeClaim>::all(virt.clone()), all.clone());
     let hpvcs =
         Informer::new("host claims", Api::<PersistentVolumeClaim>::namespaced(host.clone(), &host_ns), owned.clone());
@@ -97,6 +102,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let (configmaps_q, configmaps_w) = queue::<Key>("ConfigMap", metrics.clone());
     let (secrets_q, secrets_w) = queue::<Key>("Secret", metrics.clone());
     let (endpoints_q, endpoints_w) = queue::<Key>("Endpoints", metrics.clone());
+    let (slices_q, slices_w) = queue::<Key>("EndpointSlice", metrics.clone());
     let (pvcs_q, pvcs_w) = queue::<Key>("PersistentVolumeClaim", metrics.clone());
     let (tokens_q, tokens_w) = queue::<Key>("ServiceAccountToken", metrics.clone());
     let (nodes_q, nodes_w) = queue::<String>("Node", metrics.clone());
@@ -119,6 +125,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
             hsecrets: hsecrets.store(),
             vendpoints: vendpoints.store(),
             hendpoints: hendpoints.store(),
+            vendpointslices: vslices.store(),
+            hendpointslices: hslices.store(),
             vpvcs: vpvcs.store(),
             hpvcs: hpvcs.store(),
             vnodes: vnodes.store(),
@@ -131,6 +139,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
             configmaps: configmaps_q,
             secrets: secrets_q,
             endpoints: endpoints_q,
+            endpointslices: slices_q,
             pvcs: pvcs_q,
             tokens: tokens_q,
             nodes: nodes_q,
@@ -166,6 +175,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     vservices.on_change(move |s, _| {
         c.queues.services.add(key_of(s));
         c.queues.endpoints.add(key_of(s));
+        // A selector added or removed changes which of its slices are the tenant's.
+        let (ns, name) = key_of(s);
+        for slice in c.stores.vendpointslices.state() {
+            let of_service =
+                slice.metadata.labels.as_ref().and_then(|l| l.get(endpointslices::LABEL_SERVICE_NAME)) == Some(&name);
+            if of_service && slice.metadata.namespace.as_deref() == Some(ns.as_str()) {
+                c.queues.endpointslices.add(key_of(slice.as_ref()));
+            }
+        }
     });
     let mut vconfigmaps = vconfigmaps;
     let c = ctx.clone();
@@ -176,6 +194,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let mut vendpoints = vendpoints;
     let c = ctx.clone();
     vendpoints.on_change(move |o, _| c.queues.endpoints.add(key_of(o)));
+    let mut vslices = vslices;
+    let c = ctx.clone();
+    vslices.on_change(move |o, _| c.queues.endpointslices.add(key_of(o)));
+    let mut hslices = hslices;
+    hslices.on_change(owner_handler(&ctx));
     let mut vpvcs = vpvcs;
     let c = ctx.clone();
     vpvcs.on_change(move |o, _| c.queues.pvcs.add(key_of(o)));
@@ -221,6 +244,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         let more = (
             s.vendpoints.wait_until_ready(),
             s.hendpoints.wait_until_ready(),
+            s.vendpointslices.wait_until_ready(),
+            s.hendpointslices.wait_until_ready(),
             s.vpvcs.wait_until_ready(),
             s.hpvcs.wait_until_ready(),
             s.vnodes.wait_until_ready(),
@@ -228,7 +253,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         );
         async move {
             let _ = futures::join!(waits.0, waits.1, waits.2, waits.3, waits.4, waits.5, waits.6, waits.7);
-            let _ = futures::join!(more.0, more.1, more.2, more.3, more.4, more.5);
+            let _ = futures::join!(more.0, more.1, more.2, more.3, more.4, more.5, more.6, more.7);
         }
     };
 
@@ -243,6 +268,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     tasks.spawn(hsecrets.run());
     tasks.spawn(vendpoints.run());
     tasks.spawn(hendpoints.run());
+    tasks.spawn(vslices.run());
+    tasks.spawn(hslices.run());
     tasks.spawn(vpvcs.run());
     tasks.spawn(hpvcs.run());
     tasks.spawn(vnodes.run());
@@ -270,6 +297,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         );
         spawn_worker(&mut workers, endpoints_w, n, c.clone(), |c, k| async move {
             mirror::reconcile::<Endpoints>(&c, k).await
+        });
+        spawn_worker(&mut workers, slices_w, n, c.clone(), |c, k| async move {
+            mirror::reconcile::<EndpointSlice>(&c, k).await
         });
         spawn_worker(&mut workers, pvcs_w, n, c.clone(), |c, k| async move {
             mirror::reconcile::<PersistentVolumeClaim>(&c, k).await
@@ -331,6 +361,7 @@ fn enqueue_owner(c: &Context, meta: &kube::api::ObjectMeta) {
         "ConfigMap" => q.configmaps.add(key),
         "Secret" => q.secrets.add(key),
         "Endpoints" => q.endpoints.add(key),
+        "EndpointSlice" => q.endpointslices.add(key),
         "PersistentVolumeClaim" => q.pvcs.add(key),
         tokens::KIND => q.tokens.add(key),
         _ => {}
@@ -345,6 +376,7 @@ fn resync(c: &Context) {
     s.vconfigmaps.state().iter().for_each(|o| c.queues.configmaps.add(key_of(o.as_ref())));
     s.vsecrets.state().iter().for_each(|o| c.queues.secrets.add(key_of(o.as_ref())));
     s.vendpoints.state().iter().for_each(|o| c.queues.endpoints.add(key_of(o.as_ref())));
+    s.vendpointslices.state().iter().for_each(|o| c.queues.endpointslices.add(key_of(o.as_ref())));
     s.vpvcs.state().iter().for_each(|o| c.queues.pvcs.add(key_of(o.as_ref())));
     s.vnodes.state().iter().for_each(|o| c.queues.nodes.add(key_of(o.as_ref()).1));
     s.hpods.state().iter().for_each(|o| enqueue_owner(c, &o.metadata));
@@ -352,5 +384,6 @@ fn resync(c: &Context) {
     s.hconfigmaps.state().iter().for_each(|o| enqueue_owner(c, &o.metadata));
     s.hsecrets.state().iter().for_each(|o| enqueue_owner(c, &o.metadata));
     s.hendpoints.state().iter().for_each(|o| enqueue_owner(c, &o.metadata));
+    s.hendpointslices.state().iter().for_each(|o| enqueue_owner(c, &o.metadata));
     s.hpvcs.state().iter().for_each(|o| enqueue_owner(c, &o.metadata));
 }
