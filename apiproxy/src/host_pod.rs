@@ -10,8 +10,7 @@ use kube::api::Api;
 
 use crate::auth::Identity;
 use crate::route::HostSubresource;
-use crate::{BoxError, Proxy, ProxyBody, headers, status, upgrade};
-use http_body_util::BodyExt;
+use crate::{Proxy, ProxyBody, headers, status, upgrade};
 
 impl Proxy {
     pub(crate) async fn host_pod(
@@ -90,15 +89,7 @@ impl Proxy {
             Err(e) => return status::bad_request(&e.to_string()),
         };
         match self.host.send(host_req).await {
-            Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match client_upgrade {
-                Some(on) => upgrade::splice(on, resp),
-                None => status::unavailable("host switched protocols unasked"),
-            },
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
-            }
+            Ok(resp) => upgrade::relay(resp, client_upgrade, "the host API server"),
             Err(e) => status::unavailable(&format!("the host API server is unreachable: {e}")),
         }
     }

@@ -287,15 +287,7 @@ impl Proxy {
         let req = Request::from_parts(parts, body);
         let client = &self.upstream;
         match client.request(req).await {
-            Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match client_upgrade {
-                Some(on) => upgrade::splice(on, resp),
-                None => status::unavailable("upstream switched protocols unasked"),
-            },
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
-            }
+            Ok(resp) => upgrade::relay(resp, client_upgrade, "the virtual API server"),
             Err(e) => {
                 tracing::warn!(error = %e, "virtual API server unreachable");
                 status::unavailable(&format!("the virtual API server is unreachable: {e}"))

@@ -7,6 +7,25 @@ use hyper_util::rt::TokioIo;
 
 use crate::ProxyBody;
 
+/// The answer to relay to the client for an upstream's `resp`: its upgrade spliced, or its body
+/// streamed back without hop-by-hop headers. `who` names the upstream in errors.
+pub fn relay<B>(resp: Response<B>, client_upgrade: Option<OnUpgrade>, who: &str) -> Response<ProxyBody>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::BoxError>,
+{
+    use http_body_util::BodyExt;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return match client_upgrade {
+            Some(on) => splice(on, resp),
+            None => crate::status::unavailable(&format!("{who} switched protocols unasked")),
+        };
+    }
+    let (mut parts, body) = resp.into_parts();
+    crate::headers::strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+}
+
 /// Builds the 101 answer from the upstream's and splices the streams once both sides upgrade.
 pub fn splice<B>(client: OnUpgrade, mut upstream: Response<B>) -> Response<ProxyBody> {
     let upstream_upgrade = hyper::upgrade::on(&mut upstream);
