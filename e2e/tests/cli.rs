@@ -266,4 +266,9 @@ async fn the_chart_path_installs_lists_pauses_and_deletes() {
     cli.ok(&["delete", "team-c", "--wait"]);
     let left = labelled_host_objects(&env, "team-c");
     assert!(left.is_empty(), "left on the host: {left:?}");
+
+    // CI that only installs: --wait=false returns once the chart is in.
+    cli.ok(&["create", "team-d", "--wait=false"]);
+    env.kubectl_ok(&["-n", "vkube-team-d", "get", "statefulset", "team-d"]);
+    cli.ok(&["delete", "team-d"]);
 }

@@ -31,8 +31,8 @@ pub struct CreateArgs {
     /// Chart values, `key=value` (chart mode).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Wait until the virtual cluster answers.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Wait until the virtual cluster answers (`--wait=false` to return once it is installed).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub wait: bool,
     /// How long to wait.
     #[arg(long, default_value = "5m", value_parser = vkube::controlplane::parse_duration)]
