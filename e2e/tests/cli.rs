@@ -145,6 +145,52 @@ async fn create_list_connect_pause_resume_delete_locally() {
     assert_eq!(cli.list(), serde_json::json!([]));
 }
 
+/// A create right after a delete of the same name finds the host namespace still terminating:
+/// it waits for it to go instead of failing on "namespace is being terminated".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_waits_for_a_terminating_namespace() {
+    let env = TestEnv::start(1).await;
+    let cli = Cli::new(&env);
+    env.kubectl_ok(&["create", "namespace", "vkube-again"]);
+    env.kubectl_ok(&["-n", "vkube-again", "create", "configmap", "held"]);
+    env.kubectl_ok(&[
+        "-n",
+        "vkube-again",
+        "patch",
+        "configmap",
+        "held",
+        "-p",
+        r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
+    ]);
+    env.kubectl_ok(&["delete", "namespace", "vkube-again", "--wait=false"]);
+
+    let mut create = Command::new(vkube_bin())
+        .args(["create", "again", "--local"])
+        .env("VKUBE_STATE", cli.state.path())
+        .env("KUBECONFIG", &cli.host_kubeconfig)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(create.try_wait().unwrap().is_none(), "create must wait while the namespace terminates");
+    env.kubectl_ok(&[
+        "-n",
+        "vkube-again",
+        "patch",
+        "configmap",
+        "held",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ]);
+    let out = tokio::task::spawn_blocking(move || create.wait_with_output().unwrap()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("is being deleted; waiting"), "progress says why it waits: {stderr}");
+    assert_eq!(cli.list()[0]["ready"], true);
+    cli.ok(&["delete", "again", "--wait"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_say_what_to_do_and_exit_non_zero() {
     let env = TestEnv::start(1).await;

@@ -284,10 +284,27 @@ impl LocalControlPlane {
     }
 }
 
+/// Creates the host namespace if missing. One still being deleted (a recent `vkube delete` of the
+/// same name) is waited for first: nothing can be created in it until it is gone.
 pub async fn ensure_namespace(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<()> {
+    const TERMINATING_WAIT: Duration = Duration::from_secs(120);
     let api: Api<Namespace> = Api::all(host.clone());
-    if api.get_opt(namespace).await?.is_some() {
-        return Ok(());
+    if let Some(existing) = api.get_opt(namespace).await? {
+        if existing.metadata.deletion_timestamp.is_none() {
+            return Ok(());
+        }
+        eprintln!("  host namespace {namespace} is being deleted; waiting until it is gone");
+        let uid = existing.metadata.uid.unwrap_or_default();
+        let gone =
+            kube::runtime::wait::await_condition(api.clone(), namespace, kube::runtime::conditions::is_deleted(&uid));
+        match tokio::time::timeout(TERMINATING_WAIT, gone).await {
+            Ok(r) => r.with_context(|| format!("waiting for host namespace {namespace} to be deleted"))?,
+            Err(_) => anyhow::bail!(
+                "host namespace {namespace} is still being deleted after {}s; see `kubectl get namespace {namespace} -o yaml` \
+                 (status.conditions say what blocks it) and retry",
+                TERMINATING_WAIT.as_secs()
+            ),
+        };
     }
     let ns = Namespace {
         metadata: ObjectMeta {
