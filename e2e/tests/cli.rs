@@ -18,13 +18,14 @@ impl Cli {
         Cli { state: tempfile::tempdir().unwrap(), host_kubeconfig: env.host.kubeconfig.clone() }
     }
 
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(vkube_bin());
+        c.args(args).env("VKUBE_STATE", self.state.path()).env("KUBECONFIG", &self.host_kubeconfig);
+        c
+    }
+
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(vkube_bin())
-            .args(args)
-            .env("VKUBE_STATE", self.state.path())
-            .env("KUBECONFIG", &self.host_kubeconfig)
-            .output()
-            .unwrap()
+        self.command(args).output().unwrap()
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -153,36 +154,16 @@ async fn create_waits_for_a_terminating_namespace() {
     let cli = Cli::new(&env);
     env.kubectl_ok(&["create", "namespace", "vkube-again"]);
     env.kubectl_ok(&["-n", "vkube-again", "create", "configmap", "held"]);
-    env.kubectl_ok(&[
-        "-n",
-        "vkube-again",
-        "patch",
-        "configmap",
-        "held",
-        "-p",
-        r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
-    ]);
+    let finalizers = |patch: &str| {
+        env.kubectl_ok(&["-n", "vkube-again", "patch", "configmap", "held", "--type=merge", "-p", patch]);
+    };
+    finalizers(r#"{"metadata":{"finalizers":["example.com/hold"]}}"#);
     env.kubectl_ok(&["delete", "namespace", "vkube-again", "--wait=false"]);
 
-    let mut create = Command::new(vkube_bin())
-        .args(["create", "again", "--local"])
-        .env("VKUBE_STATE", cli.state.path())
-        .env("KUBECONFIG", &cli.host_kubeconfig)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut create = cli.command(&["create", "again", "--local"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(create.try_wait().unwrap().is_none(), "create must wait while the namespace terminates");
-    env.kubectl_ok(&[
-        "-n",
-        "vkube-again",
-        "patch",
-        "configmap",
-        "held",
-        "--type=json",
-        "-p",
-        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
-    ]);
+    finalizers(r#"{"metadata":{"finalizers":null}}"#);
     let out = tokio::task::spawn_blocking(move || create.wait_with_output().unwrap()).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
