@@ -7,6 +7,7 @@ use kube::Client;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 
+use crate::compact::Compact;
 use crate::metrics::Metrics;
 use crate::naming::Translator;
 use crate::policy::Policy;
@@ -37,8 +38,8 @@ pub struct Options {
 }
 
 pub struct Stores {
-    pub vpods: Store<Pod>,
-    pub hpods: Store<Pod>,
+    pub vpods: Store<Compact<Pod>>,
+    pub hpods: Store<Compact<Pod>>,
     pub vservices: Store<Service>,
     pub hservices: Store<Service>,
     pub vconfigmaps: Store<ConfigMap>,
@@ -52,7 +53,7 @@ pub struct Stores {
     pub vpvcs: Store<PersistentVolumeClaim>,
     pub hpvcs: Store<PersistentVolumeClaim>,
     pub vnodes: Store<Node>,
-    pub hevents: Store<Event>,
+    pub hevents: Store<Compact<Event>>,
 }
 
 pub struct Queues {

@@ -130,7 +130,7 @@ fn owner_of(ctx: &Context, e: &Event) -> Option<Owner> {
 }
 
 pub async fn reconcile(ctx: &Context, host_event: String) -> Result<Action> {
-    let Some(e) = ctx.stores.hevents.get(&ObjectRef::new(&host_event).within(ctx.host_ns())) else {
+    let Some(e) = ctx.stores.hevents.get(&ObjectRef::new(&host_event).within(ctx.host_ns())).map(|e| e.load()) else {
         // Expired on the host; the virtual copy expires by its own TTL.
         return Ok(Action::Done);
     };

@@ -1,6 +1,7 @@
 //! Watches feeding a store and the sync queues. Handlers see every object the watch reports,
 //! including, after a relist, the objects that vanished while the watch was down (kube-runtime's
-//! reflector drops those silently), so deletions are never missed.
+//! reflector drops those silently), so deletions are never missed. Handlers see the object as
+//! watched; the store keeps it in the informer's stored form (`S`: as is, or compact).
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -14,6 +15,8 @@ use kube::runtime::{WatchStreamExt, watcher as watch};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
+use crate::compact::StoredAs;
+
 type Handler<K> = Box<dyn Fn(&K, Change) + Send + Sync>;
 
 /// What happened to an object.
@@ -26,20 +29,21 @@ pub enum Change {
     Deleted,
 }
 
-pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static> {
+pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static, S: StoredAs<K> = K> {
     name: &'static str,
     api: Api<K>,
     config: watcher::Config,
-    writer: Writer<K>,
-    store: Store<K>,
+    writer: Writer<S>,
+    store: Store<S>,
     handlers: Vec<Handler<K>>,
     /// Drops what the syncer never reads before an object is stored (memory).
     slim: Option<fn(&mut K)>,
 }
 
-impl<K> Informer<K>
+impl<K, S> Informer<K, S>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    S: StoredAs<K>,
 {
     pub fn new(name: &'static str, api: Api<K>, config: watcher::Config) -> Self {
         let writer = Writer::default();
@@ -53,7 +57,7 @@ where
         self
     }
 
-    pub fn store(&self) -> Store<K> {
+    pub fn store(&self) -> Store<S> {
         self.store.clone()
     }
 
@@ -73,7 +77,7 @@ where
             }
         });
         futures::pin_mut!(stream);
-        let mut before_relist: HashMap<ObjectRef<K>, Arc<K>> = HashMap::new();
+        let mut before_relist: HashMap<ObjectRef<S>, Arc<S>> = HashMap::new();
         let notify = |o: &K, c: Change| handlers.iter().for_each(|h| h(o, c));
         while let Some(event) = stream.next().await {
             let event = match event {
@@ -86,7 +90,14 @@ where
             if let Event::Init = event {
                 before_relist = store.state().into_iter().map(|o| (ObjectRef::from_obj(o.as_ref()), o)).collect();
             }
-            writer.apply_watcher_event(&event);
+            let stored = match &event {
+                Event::Apply(o) => Event::Apply(S::store(o.clone())),
+                Event::InitApply(o) => Event::InitApply(S::store(o.clone())),
+                Event::Delete(o) => Event::Delete(S::store(o.clone())),
+                Event::Init => Event::Init,
+                Event::InitDone => Event::InitDone,
+            };
+            writer.apply_watcher_event(&stored);
             match &event {
                 Event::Apply(o) => notify(o, Change::Applied),
                 Event::InitApply(o) => notify(o, Change::Listed),
@@ -95,7 +106,7 @@ where
                 Event::InitDone => {
                     for (key, old) in before_relist.drain() {
                         if store.get(&key).is_none() {
-                            notify(&old, Change::Deleted);
+                            notify(&old.load(), Change::Deleted);
                         }
                     }
                     tracing::debug!(watch = name, objects = store.len(), "listed");

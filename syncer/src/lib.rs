@@ -11,6 +11,7 @@
 //!   pods use), `context`, `metrics`.
 
 pub mod claims;
+pub mod compact;
 pub mod configs;
 pub mod context;
 pub mod dns;

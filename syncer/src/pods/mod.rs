@@ -7,6 +7,7 @@
 pub mod status;
 pub mod translate;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
@@ -23,8 +24,8 @@ pub const KIND: &str = "Pod";
 
 pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
     let host_name = ctx.tr.host_name(&ns, &name);
-    let v = ctx.stores.vpods.get(&ObjectRef::new(&name).within(&ns));
-    let h = sync::host_get(&ctx.stores.hpods, ctx, &host_name);
+    let v = ctx.stores.vpods.get(&ObjectRef::new(&name).within(&ns)).map(|p| Arc::new(p.load()));
+    let h = sync::host_get(&ctx.stores.hpods, ctx, &host_name).map(|p| Arc::new(p.load()));
 
     let Some(v) = v else {
         // The virtual pod is gone (force-deleted, or while we were down): so goes its copy.
