@@ -92,7 +92,7 @@ build_etcd() {
 build_kwok() {
   local v=$KWOK_VERSION out=$upstream/kwok-$KWOK_VERSION
   # Bump the layout when the files picked from the module change, so caches get rebuilt.
-  local layout=2
+  local layout=3
   if have "$out" kwok && [ "$(cat "$out/.layout" 2>/dev/null)" = "$layout" ]; then log "kwok $v: cached"; return; fi
   log "kwok $v: building"
   local mod=$cache/work/kwok-$v
@@ -108,6 +108,13 @@ build_kwok() {
   cp "$dir"/kustomize/stage/node/fast/node-initialize.yaml \
      "$dir"/kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
      "$dir"/kustomize/stage/pod/fast/pod-*.yaml "$out.tmp/stages/"
+  # Report each running container's resources as a kubelet does since in-place resize: the API
+  # server refuses to resize a pod whose running containers report none.
+  awk '!done && /startedAt: \{\{ \$now \| Quote \}\}/ {
+         print; print "        {{ with .resources }}"; print "        resources: {{ toJson . }}"; print "        {{ end }}"
+         done = 1; next } { print }' "$out.tmp/stages/pod-ready.yaml" > "$out.tmp/pod-ready.yaml"
+  grep -q 'resources: {{ toJson . }}' "$out.tmp/pod-ready.yaml" || { echo "kwok $v: pod-ready stage not patched" >&2; exit 1; }
+  mv "$out.tmp/pod-ready.yaml" "$out.tmp/stages/pod-ready.yaml"
   # The debugging CRDs let tests give one pod its own logs, exec or port-forward target.
   mkdir -p "$out.tmp/crds"
   for crd in logs clusterlogs execs clusterexecs portforwards clusterportforwards attaches clusterattaches; do

@@ -444,7 +444,7 @@ async fn two_virtual_clusters_with_the_same_names_stay_apart() {
 async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
     let env = TestEnv::start(1).await;
     let vc = env.virtual_cluster("dbg").await;
-    vc.kubectl_ok(&["run", "app", "--image=nginx"]);
+    vc.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: app, labels: {run: app}}\nspec:\n  containers: [{name: app, image: nginx, resources: {requests: {cpu: 100m}, limits: {cpu: 200m}}}]\n");
     let host_pod = tr(&vc).host_name("default", "app");
     // This pod's own log content, served by kwok only for its host copy.
     let log = env.dir().join("app.log");
@@ -484,7 +484,15 @@ async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
     // Changes Kubernetes allows after creation reach the host copy.
     vc.kubectl_ok(&["set", "image", "pod/app", "app=nginx:1.27"]);
     vc.kubectl_ok(&["label", "pod", "app", "tier=web"]);
-    eventually("the new image and label reach the host pod", Duration::from_secs(30), || async {
+    vc.kubectl_ok(&[
+        "patch",
+        "pod",
+        "app",
+        "--subresource=resize",
+        "-p",
+        r#"{"spec":{"containers":[{"name":"app","resources":{"requests":{"cpu":"150m"},"limits":{"cpu":"300m"}}}]}}"#,
+    ]);
+    eventually("the new image, label and resources reach the host pod", Duration::from_secs(30), || async {
         let out = env.kubectl(&[
             "-n",
             vc.host_namespace(),
@@ -492,10 +500,14 @@ async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
             "pod",
             &host_pod,
             "-o",
-            "jsonpath={.spec.containers[0].image} {.metadata.labels.tier}",
+            "jsonpath={.spec.containers[0].image} {.metadata.labels.tier} {.spec.containers[0].resources}",
         ]);
         let got = String::from_utf8_lossy(&out.stdout).to_string();
-        if got == "nginx:1.27 web" { Ok(Some(())) } else { Err(got) }
+        if got == r#"nginx:1.27 web {"limits":{"cpu":"300m"},"requests":{"cpu":"150m"}}"# {
+            Ok(Some(()))
+        } else {
+            Err(got)
+        }
     })
     .await;
 

@@ -189,6 +189,19 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         api.patch(name, &pp, &Patch::Strategic(patch)).await?;
         ctx.metrics.wrote(KIND, "update");
     }
+    if let Some(patch) = resize_patch(&desired, h) {
+        // In-place resize: container resources change only through their own subresource. The
+        // host may refuse what the virtual cluster accepted (its quota, its limit ranges): the
+        // tenant is told, and the host pod keeps running as it is.
+        match api.patch_subresource("resize", name, &pp, &Patch::Strategic(patch)).await {
+            Ok(_) => ctx.metrics.wrote(KIND, "resize"),
+            Err(kube::Error::Api(e)) if matches!(e.code, 403 | 422) => {
+                let note = format!("the host refused the resize: {}", e.message);
+                sync::warn(ctx, v, "ResizeRefused", &note).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     if let Some(added) = new_ephemeral_containers(&desired, h) {
         // `kubectl debug`: ephemeral containers can only be added, through their subresource.
         let patch = serde_json::json!({"spec": {"ephemeralContainers": added}});
@@ -196,6 +209,54 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         ctx.metrics.wrote(KIND, "ephemeral");
     }
     Ok(())
+}
+
+/// A patch of the `resize` subresource giving the host pod's containers the resources of
+/// `desired`'s, if any differ (pure). Requests and limits that are gone are removed.
+pub fn resize_patch(desired: &Pod, current: &Pod) -> Option<serde_json::Value> {
+    use k8s_openapi::api::core::v1::{Container, ResourceRequirements};
+    use serde_json::{Map, Value, json};
+    let quantities = |want: &Option<
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >,
+                      have: &Option<
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >| {
+        let (want, have) = (want.clone().unwrap_or_default(), have.clone().unwrap_or_default());
+        let mut m: Map<String, Value> = want.iter().map(|(k, q)| (k.clone(), json!(q.0))).collect();
+        m.extend(have.keys().filter(|k| !want.contains_key(*k)).map(|k| (k.clone(), Value::Null)));
+        Value::Object(m)
+    };
+    let changed = |want: &[Container], have: &[Container]| -> Vec<Value> {
+        want.iter()
+            .filter_map(|d| {
+                let c = have.iter().find(|c| c.name == d.name)?;
+                let (dr, cr) = (d.resources.clone().unwrap_or_default(), c.resources.clone().unwrap_or_default());
+                let same = |r: &ResourceRequirements| {
+                    (r.requests.clone().unwrap_or_default(), r.limits.clone().unwrap_or_default())
+                };
+                (same(&dr) != same(&cr)).then(|| {
+                    json!({"name": d.name, "resources": {
+                        "requests": quantities(&dr.requests, &cr.requests),
+                        "limits": quantities(&dr.limits, &cr.limits),
+                    }})
+                })
+            })
+            .collect()
+    };
+    let (ds, cs) = (desired.spec.clone().unwrap_or_default(), current.spec.clone().unwrap_or_default());
+    let mut spec = Map::new();
+    let containers = changed(&ds.containers, &cs.containers);
+    if !containers.is_empty() {
+        spec.insert("containers".into(), Value::Array(containers));
+    }
+    // Sidecars (init containers that keep running) can be resized too.
+    let init =
+        changed(ds.init_containers.as_deref().unwrap_or_default(), cs.init_containers.as_deref().unwrap_or_default());
+    if !init.is_empty() {
+        spec.insert("initContainers".into(), Value::Array(init));
+    }
+    (!spec.is_empty()).then(|| json!({"spec": spec}))
 }
 
 /// The desired ephemeral containers the host pod does not have yet (pure).
@@ -216,13 +277,14 @@ pub fn new_ephemeral_containers(
 }
 
 /// The fields of a host pod the syncer keeps in memory (the rest of the spec is the virtual
-/// pod's, translated, and never needed again): metadata, the node, container names and images,
+/// pod's, translated, and never needed again): metadata, the node, container names, images and resources,
 /// the fields that may change after creation, and the status. Applied to the host pod watch.
 pub fn slim_host_pod(p: &mut Pod) {
     if let Some(spec) = p.spec.take() {
         let slim = |c: &k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {
             name: c.name.clone(),
             image: c.image.clone(),
+            resources: c.resources.clone(),
             ..Default::default()
         };
         p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
@@ -354,6 +416,32 @@ mod tests {
 
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn resize_patch_carries_changed_resources_only() {
+        let res = |cpu: &str, mem: Option<&str>| {
+            let mut requests = serde_json::json!({"cpu": cpu});
+            if let Some(m) = mem {
+                requests["memory"] = m.into();
+            }
+            serde_json::json!({"requests": requests, "limits": {"cpu": "1"}})
+        };
+        let with = |app: serde_json::Value, side: serde_json::Value| {
+            pod(serde_json::json!({"spec": {
+                "containers": [{"name": "app", "resources": app}, {"name": "other", "resources": res("1", None)}],
+                "initContainers": [{"name": "side", "restartPolicy": "Always", "resources": side}]}}))
+        };
+        let current = with(res("100m", Some("64Mi")), res("10m", None));
+        assert_eq!(resize_patch(&current, &current), None);
+        let desired = with(res("200m", None), res("20m", None));
+        assert_eq!(
+            resize_patch(&desired, &current),
+            Some(serde_json::json!({"spec": {
+                "containers": [{"name": "app", "resources": {"requests": {"cpu": "200m", "memory": null}, "limits": {"cpu": "1"}}}],
+                "initContainers": [{"name": "side", "resources": {"requests": {"cpu": "20m"}, "limits": {"cpu": "1"}}}],
+            }}))
+        );
     }
 
     #[test]
