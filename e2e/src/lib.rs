@@ -250,6 +250,15 @@ impl VirtualCluster {
         self.cp.client().await.expect("virtual cluster client")
     }
 
+    /// A client through the proxy that authenticates with `token` only.
+    pub async fn client_with_token(&self, token: &str) -> kube::Client {
+        let mut kc = kube::config::Kubeconfig::read_from(self.kubeconfig()).expect("admin kubeconfig");
+        for user in &mut kc.auth_infos {
+            user.auth_info = Some(serde_json::from_value(serde_json::json!({"token": token})).expect("auth info"));
+        }
+        vkube_localenv::client::from_kubeconfig(kc, None).await.expect("client with a token")
+    }
+
     /// Runs the pinned kubectl against the virtual cluster, through the proxy.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         kubectl(&self.upstream, &self.kubeconfig(), args)

@@ -219,6 +219,42 @@ spec:
     .await;
 }
 
+/// A pod's service-account token is the virtual cluster's, bound to that pod: it works while the
+/// pod exists, is refused once the pod is deleted, and its host Secret goes with the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
+    use base64::Engine;
+    let env = TestEnv::start(1).await;
+    let vc = env.virtual_cluster("tok").await;
+    vc.kubectl_ok(&["run", "holder", "--image=nginx"]);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/holder", "--timeout=60s"]);
+    let secret_name = format!("{}-sa-token", tr(&vc).host_name("default", "holder"));
+    let secrets: Api<Secret> = Api::namespaced(env.client().await, vc.host_namespace());
+    let secret = secrets.get(&secret_name).await.expect("the pod's own token Secret on the host");
+    let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let claims: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    assert_eq!(claims["kubernetes.io"]["pod"]["name"], "holder", "{claims}");
+    assert_eq!(claims["kubernetes.io"]["serviceaccount"]["name"], "default", "{claims}");
+
+    let with_token = vc.client_with_token(&token).await;
+    with_token.apiserver_version().await.expect("the token works while its pod exists");
+    vc.kubectl_ok(&["delete", "pod", "holder", "--wait"]);
+    eventually("the token is refused once its pod is gone", Duration::from_secs(40), || async {
+        match with_token.apiserver_version().await {
+            Err(kube::Error::Api(s)) if s.code == 401 => Ok(Some(())),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eventually("its host Secret goes with it", Duration::from_secs(30), || async {
+        let left = secrets.get_opt(&secret_name).await.map_err(|e| e.to_string())?;
+        Ok(left.is_none().then_some(()))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_to_zero_and_deleting_leave_nothing_behind() {
     let env = TestEnv::start(2).await;

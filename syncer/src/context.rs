@@ -64,7 +64,7 @@ pub struct Queues {
     pub endpoints: Queue<Key>,
     pub endpointslices: Queue<Key>,
     pub pvcs: Queue<Key>,
-    /// (namespace, service account) whose token Secret may be needed or unused.
+    /// (namespace, pod) whose token Secrets may need renewing or removing.
     pub tokens: Queue<Key>,
     pub nodes: Queue<String>,
     /// Host event names.

@@ -85,7 +85,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let hconfigmaps =
         Informer::new("host configmaps", Api::<ConfigMap>::namespaced(host.clone(), &host_ns), owned.clone());
     let vsecrets = Informer::new("virtual secrets", Api::<Secret>::all(virt.clone()), all.clone());
-    let hsecrets = Informer::new("host secrets", Api::<Secret>::namespaced(host.clone(), &host_ns), owned.clone());
+    let hsecrets = Informer::new("host secrets", Api::<Secret>::namespaced(host.clone(), &host_ns), owned.clone())
+        .slimmed(tokens::slim_host_secret);
     let vendpoints = Informer::new("virtual endpoints", Api::<Endpoints>::all(virt.clone()), all.clone());
     let hendpoints =
         Informer::new("host endpoints", Api::<Endpoints>::namespaced(host.clone(), &host_ns), owned.clone());
@@ -157,7 +158,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     vpods.on_change(move |p, change| {
         let (ns, name) = key_of(p);
         let changed = match change {
-            Change::Deleted => c.refs.remove(&ns, &name),
+            Change::Deleted => {
+                // Its token Secrets go with it.
+                c.queues.tokens.add((ns.clone(), name.clone()));
+                c.refs.remove(&ns, &name)
+            }
             Change::Applied | Change::Listed => c.refs.update(&ns, &name, refs::pod_refs(p)),
         };
         for (kind, tns, tname) in changed {
@@ -165,7 +170,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
                 RefKind::ConfigMap => c.queues.configmaps.add((tns, tname)),
                 RefKind::Secret => c.queues.secrets.add((tns, tname)),
                 RefKind::PersistentVolumeClaim => c.queues.pvcs.add((tns, tname)),
-                RefKind::ServiceAccountToken => c.queues.tokens.add((tns, tname)),
                 RefKind::Node => c.queues.nodes.add(tname),
             }
         }

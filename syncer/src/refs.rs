@@ -12,8 +12,6 @@ pub enum RefKind {
     ConfigMap,
     Secret,
     PersistentVolumeClaim,
-    /// A service account whose token the pod mounts.
-    ServiceAccountToken,
     /// The (virtual) node the pod is bound to; cluster-scoped.
     Node,
 }
@@ -48,9 +46,6 @@ fn spec_refs(spec: &PodSpec, out: &mut BTreeSet<(RefKind, String)>) {
             }
             if let Some(s) = &src.secret {
                 out.insert((Secret, s.name.clone()));
-            }
-            if src.service_account_token.is_some() {
-                out.insert((ServiceAccountToken, service_account(spec)));
             }
         }
     }
@@ -215,7 +210,6 @@ mod tests {
             (Secret, "s-proj"),
             (Secret, "pull"),
             (PersistentVolumeClaim, "data"),
-            (ServiceAccountToken, "robot"),
             (Node, "node-1"),
         ]
         .into_iter()

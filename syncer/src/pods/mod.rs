@@ -102,10 +102,8 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
             return Ok(Action::Done);
         }
     };
-    let ns = v.metadata.namespace.as_deref().unwrap_or_default();
-    let sa = v.spec.as_ref().map(crate::refs::service_account).unwrap_or_else(|| "default".into());
     for (secret, audience) in translate::token_secrets(&ctx.tr, v) {
-        let ensured = crate::tokens::ensure(ctx, ns, &sa, &secret, audience.as_deref()).await;
+        let ensured = crate::tokens::ensure(ctx, v, &secret, audience.as_deref()).await;
         if let Err(sync::SyncError::Collision(_)) = ensured {
             let msg = format!(
                 "the host Secret {}/{secret} that would hold this pod's service-account token exists and is not managed by this virtual cluster; the pod is not started",

@@ -4,7 +4,7 @@
 //!   naming contract; label selectors in affinity and topology spread are confined to the
 //!   virtual cluster and namespace;
 //! - no host service-account token ever: `automountServiceAccountToken: false`, and each
-//!   projected service-account token becomes the virtual token kept in a host Secret;
+//!   projected service-account token becomes the virtual token bound to the pod, kept in a host Secret of its own;
 //! - in-cluster clients reach the virtual API server (`KUBERNETES_SERVICE_*`, host aliases for
 //!   `kubernetes.default.svc`) and DNS is the virtual cluster's own (`dnsPolicy: None`);
 //! - the downward API still reads virtual metadata (from our annotations);
@@ -42,10 +42,10 @@ pub struct PodEnv<'a> {
     pub service_links: &'a [EnvVar],
 }
 
-/// The host Secret holding the virtual token of service account `sa` (for `audience`, if the
-/// pod asks for a specific one).
-pub fn token_secret_name(tr: &Translator, namespace: &str, sa: &str, audience: Option<&str>) -> String {
-    let base = format!("{}-sa-token", tr.host_name(namespace, sa));
+/// The host Secret holding the virtual service-account token bound to pod `pod` (for
+/// `audience`, if the pod asks for a specific one).
+pub fn token_secret_name(tr: &Translator, namespace: &str, pod: &str, audience: Option<&str>) -> String {
+    let base = format!("{}-sa-token", tr.host_name(namespace, pod));
     match audience.filter(|a| !a.is_empty()) {
         None => base,
         Some(a) => {
@@ -104,7 +104,7 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Pod, Refusal> {
     spec.host_aliases = Some(aliases);
 
     for vol in spec.volumes.iter_mut().flatten() {
-        volume(tr, ns, &sa, vol);
+        volume(tr, ns, name, vol);
     }
     for c in spec.init_containers.iter_mut().flatten().chain(spec.containers.iter_mut()) {
         container(env, ns, c);
@@ -179,7 +179,7 @@ fn dns(env: &PodEnv<'_>, ns: &str, spec: &mut PodSpec) {
         Some(PodDNSConfig { nameservers: Some(nameservers), searches: Some(searches), options: Some(options) });
 }
 
-fn volume(tr: &Translator, ns: &str, sa: &str, vol: &mut Volume) {
+fn volume(tr: &Translator, ns: &str, pod: &str, vol: &mut Volume) {
     if let Some(cm) = vol.config_map.as_mut() {
         cm.name = tr.host_name(ns, &cm.name);
     }
@@ -203,12 +203,12 @@ fn volume(tr: &Translator, ns: &str, sa: &str, vol: &mut Volume) {
     }
     if let Some(p) = vol.projected.as_mut() {
         for src in p.sources.iter_mut().flatten() {
-            projection(tr, ns, sa, src);
+            projection(tr, ns, pod, src);
         }
     }
 }
 
-fn projection(tr: &Translator, ns: &str, sa: &str, src: &mut VolumeProjection) {
+fn projection(tr: &Translator, ns: &str, pod: &str, src: &mut VolumeProjection) {
     if let Some(cm) = src.config_map.as_mut() {
         cm.name = tr.host_name(ns, &cm.name);
     }
@@ -225,7 +225,7 @@ fn projection(tr: &Translator, ns: &str, sa: &str, src: &mut VolumeProjection) {
     if let Some(token) = src.service_account_token.take() {
         // The virtual cluster's token, never one of the host: kept by the syncer in a host Secret.
         src.secret = Some(k8s_openapi::api::core::v1::SecretProjection {
-            name: token_secret_name(tr, ns, sa, token.audience.as_deref()),
+            name: token_secret_name(tr, ns, pod, token.audience.as_deref()),
             items: Some(vec![KeyToPath { key: "token".into(), path: token.path, ..Default::default() }]),
             optional: Some(false),
         });
@@ -375,19 +375,19 @@ fn affinity_term(tr: &Translator, ns: &str, t: &mut PodAffinityTerm) {
     t.label_selector = Some(LabelSelector { ..host });
 }
 
-/// The host Secret a pod's projected service-account token points at, if it has one: the
-/// syncer must create it before the pod.
+/// The host Secrets a pod's projected service-account tokens point at, with their audiences:
+/// the syncer must create them before the pod.
 pub fn token_secrets(tr: &Translator, v: &Pod) -> Vec<(String, Option<String>)> {
     let ns = v.metadata.namespace.as_deref().unwrap_or("default");
+    let pod = v.metadata.name.as_deref().unwrap_or_default();
     let Some(spec) = &v.spec else { return vec![] };
-    let sa = crate::refs::service_account(spec);
     let mut out: Vec<(String, Option<String>)> = spec
         .volumes
         .iter()
         .flatten()
         .flat_map(|vol| vol.projected.iter().flat_map(|p| p.sources.iter().flatten()))
         .filter_map(|s| s.service_account_token.as_ref())
-        .map(|t| (token_secret_name(tr, ns, &sa, t.audience.as_deref()), t.audience.clone().filter(|a| !a.is_empty())))
+        .map(|t| (token_secret_name(tr, ns, pod, t.audience.as_deref()), t.audience.clone().filter(|a| !a.is_empty())))
         .collect();
     out.sort();
     out.dedup();
@@ -519,7 +519,7 @@ mod tests {
             spec.volumes.unwrap().into_iter().find(|v| v.name == "kube-api-access").unwrap().projected.unwrap();
         let sources = projected.sources.unwrap();
         let token = sources[0].secret.as_ref().unwrap();
-        assert_eq!(token.name, "robot-x-shop-x-team-a-sa-token");
+        assert_eq!(token.name, "web-1-x-shop-x-team-a-sa-token", "the pod's own token");
         assert_eq!(token.items.as_ref().unwrap()[0].path, "token");
         assert_eq!(sources[1].config_map.as_ref().unwrap().name, "kube-root-ca.crt-x-shop-x-team-a");
         assert_eq!(
@@ -620,8 +620,8 @@ mod tests {
             .push(serde_json::json!({"serviceAccountToken": {"path": "vault", "audience": "vault"}}));
         let secrets = token_secrets(&tr, &vpod(spec));
         assert_eq!(secrets.len(), 2);
-        assert_eq!(secrets[0], ("robot-x-shop-x-team-a-sa-token".to_string(), None));
-        assert!(secrets[1].0.starts_with("robot-x-shop-x-team-a-sa-token-"));
+        assert_eq!(secrets[0], ("web-1-x-shop-x-team-a-sa-token".to_string(), None));
+        assert!(secrets[1].0.starts_with("web-1-x-shop-x-team-a-sa-token-"));
         assert_eq!(secrets[1].1.as_deref(), Some("vault"));
     }
 }
