@@ -50,6 +50,7 @@ policy:
 sync:
   allConfigMaps: true
   allSecrets: true
+  networkPolicies: true
   concurrency: 4
   coreDNSImage: registry.example.com/mirror/coredns:v1.12.4
 quota:
@@ -379,6 +380,7 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 ("VKUBE_ALLOW_LOAD_BALANCERS", "true"),
                 ("VKUBE_SYNC_ALL_CONFIGMAPS", "true"),
                 ("VKUBE_SYNC_ALL_SECRETS", "true"),
+                ("VKUBE_SYNC_NETWORK_POLICIES", "true"),
                 ("VKUBE_SYNC_CONCURRENCY", "4"),
                 ("VKUBE_COREDNS_IMAGE", "registry.example.com/mirror/coredns:v1.12.4"),
                 ("VKUBE_LOG_FORMAT", "json"),

@@ -255,6 +255,61 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     .await;
 }
 
+/// NetworkPolicies: with the admin's `--sync-network-policies` the host copy selects the same
+/// pods and peers, confined to this cluster, and follows namespace labels; without it the tenant
+/// is told they are not enforced, and nothing reaches the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_policies_are_confined_copies_or_reported_as_not_enforced() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let env = TestEnv::start(1).await;
+    let on = env.virtual_cluster_with("netpol", &["--sync-network-policies"]).await;
+    let off = env.virtual_cluster("nonetpol").await;
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {team: ops}}\n      podSelector: {matchLabels: {role: probe}}\n";
+    for vc in [&on, &off] {
+        vc.kubectl_ok(&["create", "namespace", "ops"]);
+        vc.apply(policy);
+    }
+    let host_name = tr(&on).host_name("default", "web");
+    let api: Api<NetworkPolicy> = Api::namespaced(env.client().await, on.host_namespace());
+    let peer = |p: &NetworkPolicy| serde_json::to_value(p).unwrap()["spec"]["ingress"][0]["from"][0].clone();
+    let copy_with_namespaces = |want: serde_json::Value| {
+        let (api, host_name) = (api.clone(), host_name.clone());
+        async move {
+            let p = api.get_opt(&host_name).await.map_err(|e| e.to_string())?;
+            let got = p.as_ref().map(|p| peer(p)["podSelector"]["matchExpressions"][0]["values"].clone());
+            if got.as_ref() == Some(&want) { Ok(Some(p.unwrap())) } else { Err(format!("{got:?}")) }
+        }
+    };
+    // `ops` has no team label yet: the peer matches no namespace.
+    eventually("the host copy, its peer matching nothing yet", Duration::from_secs(30), || {
+        copy_with_namespaces(serde_json::json!([""]))
+    })
+    .await;
+    on.kubectl_ok(&["label", "namespace", "ops", "team=ops"]);
+    let copy = eventually("the copy follows the namespace's new label", Duration::from_secs(30), || {
+        copy_with_namespaces(serde_json::json!(["ops"]))
+    })
+    .await;
+    let spec = serde_json::to_value(&copy).unwrap()["spec"].clone();
+    assert_eq!(spec["podSelector"]["matchLabels"], serde_json::json!({"app": "web", LABEL_CLUSTER: "netpol"}));
+    let peer = peer(&copy);
+    assert_eq!(peer["podSelector"]["matchLabels"], serde_json::json!({"role": "probe", LABEL_CLUSTER: "netpol"}));
+    assert!(peer.get("namespaceSelector").is_none(), "never another host namespace: {peer}");
+
+    eventually("the tenant without the sync is told", Duration::from_secs(30), || async {
+        let w = warnings(&off, "default", "web").await;
+        Ok(w.iter().any(|e| e.reason.as_deref() == Some("NotEnforced")).then_some(()))
+    })
+    .await;
+    assert!(host_names::<NetworkPolicy>(&env, &off).await.is_empty(), "nothing on the host without the sync");
+
+    on.kubectl_ok(&["delete", "networkpolicy", "web"]);
+    eventually("the host copy goes with it", Duration::from_secs(30), || async {
+        Ok(host_names::<NetworkPolicy>(&env, &on).await.is_empty().then_some(()))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_to_zero_and_deleting_leave_nothing_behind() {
     let env = TestEnv::start(2).await;

@@ -2,7 +2,10 @@
 
 use std::sync::RwLock;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Event, Node, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Endpoints, Event, Namespace, Node, PersistentVolumeClaim, Pod, Secret, Service,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::Client;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
@@ -25,6 +28,9 @@ pub struct Options {
     pub sync_all_configmaps: bool,
     /// Copy every secret, not only those pods use.
     pub sync_all_secrets: bool,
+    /// Copy NetworkPolicies to the host (confined to the cluster); off, tenants are told they are
+    /// not enforced.
+    pub sync_network_policies: bool,
     /// Reconciles running at once per kind.
     pub concurrency: usize,
     /// ClusterIP of the host Service in front of the API proxy (`kubernetes.default` for pods).
@@ -53,6 +59,9 @@ pub struct Stores {
     pub vpvcs: Store<PersistentVolumeClaim>,
     pub hpvcs: Store<PersistentVolumeClaim>,
     pub vnodes: Store<Node>,
+    pub vnamespaces: Store<Namespace>,
+    pub vnetworkpolicies: Store<NetworkPolicy>,
+    pub hnetworkpolicies: Store<NetworkPolicy>,
     pub hevents: Store<Compact<Event>>,
 }
 
@@ -64,6 +73,7 @@ pub struct Queues {
     pub endpoints: Queue<Key>,
     pub endpointslices: Queue<Key>,
     pub pvcs: Queue<Key>,
+    pub networkpolicies: Queue<Key>,
     /// (namespace, pod) whose token Secrets may need renewing or removing.
     pub tokens: Queue<Key>,
     pub nodes: Queue<String>,
@@ -100,6 +110,7 @@ impl Queues {
             && self.endpoints.is_idle()
             && self.endpointslices.is_idle()
             && self.pvcs.is_idle()
+            && self.networkpolicies.is_idle()
             && self.tokens.is_idle()
             && self.nodes.is_idle()
             && self.events.is_idle()

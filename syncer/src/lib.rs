@@ -5,7 +5,8 @@
 //! - `policy`: the admin's isolation policy, enforced at the host boundary;
 //! - one module per synced kind: `pods`, `services`, `configs` (configmaps, secrets),
 //!   `endpoints`, `claims`, `tokens` (virtual service-account tokens for host pods), `nodes`
-//!   (virtual nodes), `events` (host events shown on virtual objects), `dns` (CoreDNS);
+//!   (virtual nodes), `events` (host events shown on virtual objects), `dns` (CoreDNS),
+//!   `networkpolicies` (when the admin turns them on);
 //! - the shape they share: `sync` (ownership, collisions, refusals), `mirror` (plain copies);
 //! - the machinery: `informer` (watches + stores), `queue` (keyed work queue), `refs` (what
 //!   pods use), `context`, `metrics`.
@@ -22,6 +23,7 @@ pub mod informer;
 pub mod metrics;
 pub mod mirror;
 pub mod naming;
+pub mod networkpolicies;
 pub mod nodes;
 pub mod pods;
 pub mod policy;
@@ -35,8 +37,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Event, Node, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Endpoints, Event, Namespace, Node, PersistentVolumeClaim, Pod, Secret, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -98,6 +103,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         Informer::new("host claims", Api::<PersistentVolumeClaim>::namespaced(host.clone(), &host_ns), owned.clone());
     let vnodes = Informer::new("virtual nodes", Api::<Node>::all(virt.clone()), all.clone().labels(nodes::LABEL_FAKE));
     let hevents = Informer::new("host events", Api::<Event>::namespaced(host.clone(), &host_ns), all.clone());
+    let vnamespaces = Informer::new("virtual namespaces", Api::<Namespace>::all(virt.clone()), all.clone());
+    let vnetpols = Informer::new("virtual networkpolicies", Api::<NetworkPolicy>::all(virt.clone()), all.clone());
+    let hnetpols =
+        Informer::new("host networkpolicies", Api::<NetworkPolicy>::namespaced(host.clone(), &host_ns), owned.clone());
 
     let (pods_q, pods_w) = queue::<Key>("Pod", metrics.clone());
     let (services_q, services_w) = queue::<Key>("Service", metrics.clone());
@@ -106,6 +115,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let (endpoints_q, endpoints_w) = queue::<Key>("Endpoints", metrics.clone());
     let (slices_q, slices_w) = queue::<Key>("EndpointSlice", metrics.clone());
     let (pvcs_q, pvcs_w) = queue::<Key>("PersistentVolumeClaim", metrics.clone());
+    let (netpols_q, netpols_w) = queue::<Key>("NetworkPolicy", metrics.clone());
     let (tokens_q, tokens_w) = queue::<Key>("ServiceAccountToken", metrics.clone());
     let (nodes_q, nodes_w) = queue::<String>("Node", metrics.clone());
     let (events_q, events_w) = queue::<String>("Event", metrics.clone());
@@ -133,6 +143,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
             hpvcs: hpvcs.store(),
             vnodes: vnodes.store(),
             hevents: hevents.store(),
+            vnamespaces: vnamespaces.store(),
+            vnetworkpolicies: vnetpols.store(),
+            hnetworkpolicies: hnetpols.store(),
         },
         refs: Default::default(),
         queues: Queues {
@@ -143,6 +156,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
             endpoints: endpoints_q,
             endpointslices: slices_q,
             pvcs: pvcs_q,
+            networkpolicies: netpols_q,
             tokens: tokens_q,
             nodes: nodes_q,
             events: events_q,
@@ -232,6 +246,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     hendpoints.on_change(owner_handler(&ctx));
     let mut hpvcs = hpvcs;
     hpvcs.on_change(owner_handler(&ctx));
+    let mut vnetpols = vnetpols;
+    let c = ctx.clone();
+    vnetpols.on_change(move |o, _| c.queues.networkpolicies.add(key_of(o)));
+    let mut hnetpols = hnetpols;
+    hnetpols.on_change(owner_handler(&ctx));
+    let mut vnamespaces = vnamespaces;
+    let c = ctx.clone();
+    vnamespaces.on_change(move |_, _| {
+        // Namespace labels decide what namespace selectors in policies match.
+        if c.opts.sync_network_policies {
+            c.stores.vnetworkpolicies.state().iter().for_each(|p| c.queues.networkpolicies.add(key_of(p.as_ref())));
+        }
+    });
 
     events::load_mark(&ctx).await;
     let stores_ready = {
@@ -256,9 +283,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
             s.vnodes.wait_until_ready(),
             s.hevents.wait_until_ready(),
         );
+        let policies = (
+            s.vnamespaces.wait_until_ready(),
+            s.vnetworkpolicies.wait_until_ready(),
+            s.hnetworkpolicies.wait_until_ready(),
+        );
         async move {
             let _ = futures::join!(waits.0, waits.1, waits.2, waits.3, waits.4, waits.5, waits.6, waits.7);
             let _ = futures::join!(more.0, more.1, more.2, more.3, more.4, more.5, more.6, more.7);
+            let _ = futures::join!(policies.0, policies.1, policies.2);
         }
     };
 
@@ -279,61 +312,70 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     tasks.spawn(hpvcs.run());
     tasks.spawn(vnodes.run());
     tasks.spawn(hevents.run());
+    tasks.spawn(vnamespaces.run());
+    tasks.spawn(vnetpols.run());
+    tasks.spawn(hnetpols.run());
 
     let coredns_image = cfg.coredns_image;
     let c = ctx.clone();
     let started = std::time::Instant::now();
-    let main = async move {
-        stores_ready.await;
-        tracing::info!(pods = c.stores.vpods.len(), host_pods = c.stores.hpods.len(), "caches ready; syncing");
-        let n = c.opts.concurrency;
-        let mut workers = tokio::task::JoinSet::new();
-        spawn_worker(&mut workers, pods_w, n, c.clone(), |c, k| async move { pods::reconcile(&c, k).await });
-        spawn_worker(&mut workers, services_w, n, c.clone(), |c, k| async move { services::reconcile(&c, k).await });
-        spawn_worker(&mut workers, configmaps_w, n, c.clone(), |c, k| async move {
-            mirror::reconcile::<ConfigMap>(&c, k).await
-        });
-        spawn_worker(
-            &mut workers,
-            secrets_w,
-            n,
-            c.clone(),
-            |c, k| async move { mirror::reconcile::<Secret>(&c, k).await },
-        );
-        spawn_worker(&mut workers, endpoints_w, n, c.clone(), |c, k| async move {
-            mirror::reconcile::<Endpoints>(&c, k).await
-        });
-        spawn_worker(&mut workers, slices_w, n, c.clone(), |c, k| async move {
-            mirror::reconcile::<EndpointSlice>(&c, k).await
-        });
-        spawn_worker(&mut workers, pvcs_w, n, c.clone(), |c, k| async move {
-            mirror::reconcile::<PersistentVolumeClaim>(&c, k).await
-        });
-        spawn_worker(&mut workers, tokens_w, n, c.clone(), |c, k| async move { tokens::reconcile(&c, k).await });
-        spawn_worker(&mut workers, nodes_w, n, c.clone(), |c, k| async move { nodes::reconcile(&c, k).await });
-        // Events matter less than workloads: a few at a time, so a burst's events do not hold up
-        // its pods.
-        spawn_worker(&mut workers, events_w, 2, c.clone(), |c, k| async move { events::reconcile(&c, k).await });
-        c.queues.services.add(("default".into(), "kubernetes".into()));
-        let marker = c.clone();
-        workers.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });
-        while let Err(e) = dns::ensure(&c.virt, &coredns_image, &c.opts.cluster_domain).await {
-            tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-        while !c.queues.all_idle() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let took = started.elapsed().as_secs_f64();
-        c.metrics.initial_sync_seconds.set(took);
-        tracing::info!(seconds = took, pods = c.stores.vpods.len(), "initial sync done");
-        let mut tick = tokio::time::interval(RESYNC);
-        tick.tick().await;
-        loop {
+    let main =
+        async move {
+            stores_ready.await;
+            tracing::info!(pods = c.stores.vpods.len(), host_pods = c.stores.hpods.len(), "caches ready; syncing");
+            let n = c.opts.concurrency;
+            let mut workers = tokio::task::JoinSet::new();
+            spawn_worker(&mut workers, pods_w, n, c.clone(), |c, k| async move { pods::reconcile(&c, k).await });
+            spawn_worker(
+                &mut workers,
+                services_w,
+                n,
+                c.clone(),
+                |c, k| async move { services::reconcile(&c, k).await },
+            );
+            spawn_worker(&mut workers, configmaps_w, n, c.clone(), |c, k| async move {
+                mirror::reconcile::<ConfigMap>(&c, k).await
+            });
+            spawn_worker(&mut workers, secrets_w, n, c.clone(), |c, k| async move {
+                mirror::reconcile::<Secret>(&c, k).await
+            });
+            spawn_worker(&mut workers, endpoints_w, n, c.clone(), |c, k| async move {
+                mirror::reconcile::<Endpoints>(&c, k).await
+            });
+            spawn_worker(&mut workers, slices_w, n, c.clone(), |c, k| async move {
+                mirror::reconcile::<EndpointSlice>(&c, k).await
+            });
+            spawn_worker(&mut workers, pvcs_w, n, c.clone(), |c, k| async move {
+                mirror::reconcile::<PersistentVolumeClaim>(&c, k).await
+            });
+            spawn_worker(&mut workers, netpols_w, n, c.clone(), |c, k| async move {
+                networkpolicies::reconcile(&c, k).await
+            });
+            spawn_worker(&mut workers, tokens_w, n, c.clone(), |c, k| async move { tokens::reconcile(&c, k).await });
+            spawn_worker(&mut workers, nodes_w, n, c.clone(), |c, k| async move { nodes::reconcile(&c, k).await });
+            // Events matter less than workloads: a few at a time, so a burst's events do not hold up
+            // its pods.
+            spawn_worker(&mut workers, events_w, 2, c.clone(), |c, k| async move { events::reconcile(&c, k).await });
+            c.queues.services.add(("default".into(), "kubernetes".into()));
+            let marker = c.clone();
+            workers.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });
+            while let Err(e) = dns::ensure(&c.virt, &coredns_image, &c.opts.cluster_domain).await {
+                tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            while !c.queues.all_idle() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let took = started.elapsed().as_secs_f64();
+            c.metrics.initial_sync_seconds.set(took);
+            tracing::info!(seconds = took, pods = c.stores.vpods.len(), "initial sync done");
+            let mut tick = tokio::time::interval(RESYNC);
             tick.tick().await;
-            resync(&c);
-        }
-    };
+            loop {
+                tick.tick().await;
+                resync(&c);
+            }
+        };
     tokio::select! {
         _ = main => {}
         _ = shutdown => {}
@@ -369,6 +411,7 @@ fn enqueue_owner(c: &Context, meta: &kube::api::ObjectMeta) {
         "EndpointSlice" => q.endpointslices.add(key),
         "PersistentVolumeClaim" => q.pvcs.add(key),
         tokens::KIND => q.tokens.add(key),
+        networkpolicies::KIND => q.networkpolicies.add(key),
         _ => {}
     }
 }
@@ -384,6 +427,8 @@ fn resync(c: &Context) {
     s.vendpointslices.state().iter().for_each(|o| c.queues.endpointslices.add(key_of(o.as_ref())));
     s.vpvcs.state().iter().for_each(|o| c.queues.pvcs.add(key_of(o.as_ref())));
     s.vnodes.state().iter().for_each(|o| c.queues.nodes.add(key_of(o.as_ref()).1));
+    s.vnetworkpolicies.state().iter().for_each(|o| c.queues.networkpolicies.add(key_of(o.as_ref())));
+    s.hnetworkpolicies.state().iter().for_each(|o| enqueue_owner(c, &o.metadata));
     s.hpods.state().iter().for_each(|o| enqueue_owner(c, &o.metadata));
     s.hservices.state().iter().for_each(|o| enqueue_owner(c, &o.metadata));
     s.hconfigmaps.state().iter().for_each(|o| enqueue_owner(c, &o.metadata));

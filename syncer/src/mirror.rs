@@ -1,5 +1,6 @@
 //! Kinds whose host copy is a translated copy of the virtual object, kept in step and removed
-//! when the virtual object goes or is no longer wanted: configmaps, secrets, endpoints, claims.
+//! when the virtual object goes or is no longer wanted: configmaps, secrets, endpoints, claims,
+//! network policies.
 
 use std::fmt::Debug;
 use std::future::Future;

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
 use sha2::{Digest, Sha256};
 
 pub const DOMAIN: &str = "vkube.dev";
@@ -125,6 +125,25 @@ impl Translator {
             match_labels: Some(self.host_labels(namespace, selector.match_labels.as_ref())),
             match_expressions,
         }
+    }
+
+    /// A selector of this virtual cluster's host pods that `selector` matches, in the virtual
+    /// namespaces `namespaces` (`None`: in any of the cluster's namespaces; empty: in none).
+    pub fn host_pods_selector(&self, namespaces: Option<&[String]>, selector: &LabelSelector) -> LabelSelector {
+        let mut host = self.host_label_selector("", selector);
+        if let Some(ml) = host.match_labels.as_mut() {
+            ml.remove(LABEL_NAMESPACE);
+        }
+        if let Some(list) = namespaces {
+            // No namespace at all: a value no host pod of ours has (namespace names are never empty).
+            let values = if list.is_empty() { vec![String::new()] } else { list.to_vec() };
+            host.match_expressions.get_or_insert_with(Vec::new).push(LabelSelectorRequirement {
+                key: LABEL_NAMESPACE.into(),
+                operator: "In".into(),
+                values: Some(values),
+            });
+        }
+        host
     }
 
     /// The ownership annotations of the host copy of a virtual object.

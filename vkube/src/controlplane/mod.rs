@@ -155,6 +155,10 @@ pub struct SyncArgs {
     /// Copy every secret to the host, not only those pods use.
     #[arg(long, env = "VKUBE_SYNC_ALL_SECRETS")]
     pub sync_all_secrets: bool,
+    /// Copy NetworkPolicies to the host, confined to this cluster's pods. They only add
+    /// allowances: a tenant can then open its own pods as far as its policies say.
+    #[arg(long, env = "VKUBE_SYNC_NETWORK_POLICIES")]
+    pub sync_network_policies: bool,
     #[arg(long, env = "VKUBE_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
     /// Reconciles running at once, per kind.
@@ -329,6 +333,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cluster_domain: args.sync.cluster_domain.clone(),
         sync_all_configmaps: args.sync.sync_all_configmaps,
         sync_all_secrets: args.sync.sync_all_secrets,
+        sync_network_policies: args.sync.sync_network_policies,
         concurrency: args.sync.sync_concurrency.max(1),
         api_ip: api_ip.to_string(),
         recreate_lost_pods: resuming,

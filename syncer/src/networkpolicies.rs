@@ -1,0 +1,188 @@
+//! NetworkPolicies, when the admin turns their sync on (`--sync-network-policies`): the host copy
+//! selects the same pods and peers, confined to this virtual cluster. On the host every pod of
+//! the cluster shares one namespace, so a peer's namespace selector is resolved against the
+//! virtual namespaces' labels (and the copies are updated when those change). ipBlock peers are
+//! copied as they are: NetworkPolicies only add allowances, so a tenant can open its own pods to
+//! whatever its policies allow, which is why the admin decides. Off, the tenant's policies get a
+//! Warning saying they are not enforced, instead of silently doing nothing.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicySpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use crate::context::{Context, Key};
+use crate::mirror::{self, Mirror, meta_differs};
+use crate::naming::Translator;
+use crate::policy::Refusal;
+use crate::queue::Action;
+use crate::sync::{self, Result};
+
+pub const KIND: &str = "NetworkPolicy";
+
+/// A virtual namespace's name and labels.
+pub type NamespaceLabels = (String, BTreeMap<String, String>);
+
+impl Mirror for NetworkPolicy {
+    const KIND: &'static str = KIND;
+
+    fn stores(ctx: &Context) -> (&Store<Self>, &Store<Self>) {
+        (&ctx.stores.vnetworkpolicies, &ctx.stores.hnetworkpolicies)
+    }
+
+    fn wanted(ctx: &Context, _v: &Self) -> bool {
+        ctx.opts.sync_network_policies
+    }
+
+    fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
+        let namespaces: Vec<NamespaceLabels> = ctx
+            .stores
+            .vnamespaces
+            .state()
+            .iter()
+            .map(|n| (n.metadata.name.clone().unwrap_or_default(), n.metadata.labels.clone().unwrap_or_default()))
+            .collect();
+        Ok(host_policy(&ctx.tr, v, &namespaces))
+    }
+
+    fn differs(d: &Self, c: &Self) -> bool {
+        meta_differs(d, c) || serde_json::to_value(&d.spec).ok() != serde_json::to_value(&c.spec).ok()
+    }
+}
+
+pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
+    if !ctx.opts.sync_network_policies
+        && let Some(v) = ctx.stores.vnetworkpolicies.get(&ObjectRef::new(&name).within(&ns))
+        && v.metadata.deletion_timestamp.is_none()
+    {
+        let note = "network policies are not enforced in this virtual cluster: its admin has not turned on their sync \
+                    to the host (--sync-network-policies, chart value sync.networkPolicies)";
+        sync::warn(ctx, v.as_ref(), "NotEnforced", note).await;
+    }
+    mirror::reconcile::<NetworkPolicy>(ctx, (ns, name)).await
+}
+
+/// The host copy of virtual policy `v`, given every virtual namespace with its labels (pure).
+pub fn host_policy(tr: &Translator, v: &NetworkPolicy, namespaces: &[NamespaceLabels]) -> NetworkPolicy {
+    let ns = v.metadata.namespace.clone().unwrap_or_default();
+    let vs = v.spec.clone().unwrap_or_default();
+    let own = [ns.clone()];
+    let peers = |list: Option<Vec<NetworkPolicyPeer>>| {
+        list.map(|l| l.iter().map(|p| host_peer(tr, &ns, p, namespaces)).collect::<Vec<_>>())
+    };
+    let spec = NetworkPolicySpec {
+        pod_selector: Some(tr.host_pods_selector(Some(&own), &vs.pod_selector.unwrap_or_default())),
+        policy_types: vs.policy_types,
+        ingress: vs.ingress.map(|rules| {
+            rules
+                .into_iter()
+                .map(|mut r| {
+                    r.from = peers(r.from.take());
+                    r
+                })
+                .collect()
+        }),
+        egress: vs.egress.map(|rules| {
+            rules
+                .into_iter()
+                .map(|mut r| {
+                    r.to = peers(r.to.take());
+                    r
+                })
+                .collect()
+        }),
+    };
+    NetworkPolicy { metadata: tr.host_meta(KIND, &v.metadata), spec: Some(spec) }
+}
+
+/// A peer as the host sees it: pods of this virtual cluster in the namespaces the virtual peer
+/// means (its policy's own, or those its namespace selector matches), or the same ipBlock.
+fn host_peer(tr: &Translator, ns: &str, p: &NetworkPolicyPeer, namespaces: &[NamespaceLabels]) -> NetworkPolicyPeer {
+    if p.ip_block.is_some() {
+        return p.clone();
+    }
+    let scope: Option<Vec<String>> = match &p.namespace_selector {
+        None => Some(vec![ns.to_string()]),
+        Some(sel)
+            if sel.match_labels.as_ref().is_none_or(|m| m.is_empty())
+                && sel.match_expressions.as_ref().is_none_or(|e| e.is_empty()) =>
+        {
+            None
+        }
+        // A selector the API server accepted but kube cannot read matches nothing (the safe side).
+        Some(sel) => Some(match Selector::try_from(sel.clone()) {
+            Ok(s) => namespaces.iter().filter(|(_, labels)| s.matches(labels)).map(|(n, _)| n.clone()).collect(),
+            Err(_) => vec![],
+        }),
+    };
+    let pods: LabelSelector = p.pod_selector.clone().unwrap_or_default();
+    NetworkPolicyPeer {
+        pod_selector: Some(tr.host_pods_selector(scope.as_deref(), &pods)),
+        namespace_selector: None,
+        ip_block: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn selectors_are_confined_and_namespace_selectors_resolved() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let v: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u1"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{
+                    "from": [
+                        {"podSelector": {"matchLabels": {"role": "client"}}},
+                        {"namespaceSelector": {"matchLabels": {"team": "ops"}}, "podSelector": {"matchLabels": {"role": "probe"}}},
+                        {"namespaceSelector": {"matchLabels": {"team": "nobody"}}},
+                        {"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                    "ports": [{"port": 80}]}],
+                "egress": [{"to": [{"namespaceSelector": {}}]}],
+            }
+        }))
+        .unwrap();
+        let namespaces = vec![
+            ("shop".to_string(), labels(&[("team", "shop")])),
+            ("ops".to_string(), labels(&[("team", "ops")])),
+            ("ops-2".to_string(), labels(&[("team", "ops")])),
+        ];
+        let h = serde_json::to_value(host_policy(&tr, &v, &namespaces)).unwrap();
+        assert_eq!(h["metadata"]["name"], "web-x-shop-x-team-a");
+        assert_eq!(h["metadata"]["annotations"]["vkube.dev/object-kind"], "NetworkPolicy");
+        let own = serde_json::json!([{"key": "vkube.dev/namespace", "operator": "In", "values": ["shop"]}]);
+        assert_eq!(
+            h["spec"]["podSelector"]["matchLabels"],
+            serde_json::json!({"app": "web", "vkube.dev/cluster": "team-a"})
+        );
+        assert_eq!(h["spec"]["podSelector"]["matchExpressions"], own);
+        let from = &h["spec"]["ingress"][0]["from"];
+        assert_eq!(
+            from[0]["podSelector"]["matchLabels"],
+            serde_json::json!({"role": "client", "vkube.dev/cluster": "team-a"})
+        );
+        assert_eq!(from[0]["podSelector"]["matchExpressions"], own);
+        assert_eq!(from[1]["podSelector"]["matchLabels"]["role"], "probe");
+        assert_eq!(from[1]["podSelector"]["matchExpressions"][0]["values"], serde_json::json!(["ops", "ops-2"]));
+        assert!(from[1].get("namespaceSelector").is_none(), "never another host namespace: {from}");
+        assert_eq!(from[2]["podSelector"]["matchExpressions"][0]["values"], serde_json::json!([""]), "matches nothing");
+        assert_eq!(from[3], serde_json::json!({"ipBlock": {"cidr": "10.0.0.0/8"}}));
+        assert_eq!(h["spec"]["ingress"][0]["ports"], serde_json::json!([{"port": 80}]));
+        let to = &h["spec"]["egress"][0]["to"][0];
+        assert_eq!(
+            to["podSelector"],
+            serde_json::json!({"matchLabels": {"vkube.dev/cluster": "team-a"}}),
+            "every namespace of the cluster only"
+        );
+    }
+}
