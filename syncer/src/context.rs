@@ -122,6 +122,15 @@ impl Context {
         self.tr.host_namespace()
     }
 
+    /// Every virtual namespace with its labels (what namespace selectors are matched against).
+    pub fn namespace_labels(&self) -> Vec<crate::naming::NamespaceLabels> {
+        let namespaces = self.stores.vnamespaces.state();
+        namespaces
+            .iter()
+            .map(|n| (n.metadata.name.clone().unwrap_or_default(), n.metadata.labels.clone().unwrap_or_default()))
+            .collect()
+    }
+
     pub fn dns_ip(&self) -> Option<String> {
         self.dns_ip.read().unwrap_or_else(|e| e.into_inner()).clone()
     }

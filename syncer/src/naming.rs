@@ -206,6 +206,26 @@ fn unambiguous(part: &str) -> bool {
 pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Whether a label or annotation key is in our domain.
+/// A virtual namespace's name and labels.
+pub type NamespaceLabels = (String, BTreeMap<String, String>);
+
+/// The virtual namespaces a namespace selector means: `None` for all of them (an empty
+/// selector), else those whose labels it matches. On the host every pod of the cluster shares one
+/// namespace, so namespace selectors (policy peers, affinity terms) become this list. A selector
+/// kube cannot read matches nothing (the safe side).
+pub fn namespaces_matching(selector: &LabelSelector, namespaces: &[NamespaceLabels]) -> Option<Vec<String>> {
+    use kube::core::{Selector, SelectorExt};
+    let empty = selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
+        && selector.match_expressions.as_ref().is_none_or(|e| e.is_empty());
+    if empty {
+        return None;
+    }
+    Some(match Selector::try_from(selector.clone()) {
+        Ok(s) => namespaces.iter().filter(|(_, labels)| s.matches(labels)).map(|(n, _)| n.clone()).collect(),
+        Err(_) => vec![],
+    })
+}
+
 pub fn is_reserved_key(key: &str) -> bool {
     key.split_once('/').is_some_and(|(p, _)| is_reserved_prefix(p))
 }

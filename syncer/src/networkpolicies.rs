@@ -6,24 +6,18 @@
 //! whatever its policies allow, which is why the admin decides. Off, the tenant's policies get a
 //! Warning saying they are not enforced, instead of silently doing nothing.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::core::{Selector, SelectorExt};
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::context::{Context, Key};
 use crate::mirror::{self, Mirror, meta_differs};
-use crate::naming::Translator;
+use crate::naming::{NamespaceLabels, Translator, namespaces_matching};
 use crate::policy::Refusal;
 use crate::queue::Action;
 use crate::sync::{self, Result};
 
 pub const KIND: &str = "NetworkPolicy";
-
-/// A virtual namespace's name and labels.
-pub type NamespaceLabels = (String, BTreeMap<String, String>);
 
 impl Mirror for NetworkPolicy {
     const KIND: &'static str = KIND;
@@ -37,14 +31,7 @@ impl Mirror for NetworkPolicy {
     }
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
-        let namespaces: Vec<NamespaceLabels> = ctx
-            .stores
-            .vnamespaces
-            .state()
-            .iter()
-            .map(|n| (n.metadata.name.clone().unwrap_or_default(), n.metadata.labels.clone().unwrap_or_default()))
-            .collect();
-        Ok(host_policy(&ctx.tr, v, &namespaces))
+        Ok(host_policy(&ctx.tr, v, &ctx.namespace_labels()))
     }
 
     fn differs(d: &Self, c: &Self) -> bool {
@@ -103,19 +90,9 @@ fn host_peer(tr: &Translator, ns: &str, p: &NetworkPolicyPeer, namespaces: &[Nam
     if p.ip_block.is_some() {
         return p.clone();
     }
-    let scope: Option<Vec<String>> = match &p.namespace_selector {
+    let scope = match &p.namespace_selector {
         None => Some(vec![ns.to_string()]),
-        Some(sel)
-            if sel.match_labels.as_ref().is_none_or(|m| m.is_empty())
-                && sel.match_expressions.as_ref().is_none_or(|e| e.is_empty()) =>
-        {
-            None
-        }
-        // A selector the API server accepted but kube cannot read matches nothing (the safe side).
-        Some(sel) => Some(match Selector::try_from(sel.clone()) {
-            Ok(s) => namespaces.iter().filter(|(_, labels)| s.matches(labels)).map(|(n, _)| n.clone()).collect(),
-            Err(_) => vec![],
-        }),
+        Some(sel) => namespaces_matching(sel, namespaces),
     };
     let pods: LabelSelector = p.pod_selector.clone().unwrap_or_default();
     NetworkPolicyPeer {
@@ -127,6 +104,8 @@ fn host_peer(tr: &Translator, ns: &str, p: &NetworkPolicyPeer, namespaces: &[Nam
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -95,7 +95,8 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         return Ok(Action::RequeueAfter(Duration::from_millis(500)));
     };
     let links = service_links_for(ctx, v);
-    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &links), v) {
+    let namespaces = ctx.namespace_labels();
+    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &links, &namespaces), v) {
         Ok(p) => p,
         Err(r) => {
             sync::refuse(ctx, KIND, v, &r).await;
@@ -121,6 +122,7 @@ fn pod_env<'a>(
     ctx: &'a Context,
     dns_ip: &'a str,
     service_links: &'a [k8s_openapi::api::core::v1::EnvVar],
+    namespaces: &'a [crate::naming::NamespaceLabels],
 ) -> PodEnv<'a> {
     PodEnv {
         translator: &ctx.tr,
@@ -129,6 +131,7 @@ fn pod_env<'a>(
         dns_ip,
         cluster_domain: &ctx.opts.cluster_domain,
         service_links,
+        namespaces,
     }
 }
 
@@ -171,7 +174,8 @@ async fn finalize_virtual(ctx: &Context, v: &Pod) -> Result<Action> {
 async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
     let Some(dns_ip) = ctx.dns_ip() else { return Ok(()) };
     // Environment variables cannot change after creation: no service links to compute here.
-    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[]), v) {
+    let namespaces = ctx.namespace_labels();
+    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[], &namespaces), v) {
         Ok(d) => d,
         // Something added since creation (an ephemeral container) breaks the policy: it stays
         // off the host, and the tenant is told.

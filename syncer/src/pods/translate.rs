@@ -16,9 +16,8 @@ use k8s_openapi::api::core::v1::{
     Container, EnvVar, EphemeralContainer, HostAlias, KeyToPath, ObjectFieldSelector, Pod, PodAffinityTerm,
     PodDNSConfig, PodDNSConfigOption, PodSpec, Volume, VolumeProjection,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
-use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, Translator};
+use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, NamespaceLabels, Translator};
 use crate::policy::{Policy, Refusal};
 
 /// The downward-API annotation holding the virtual pod's labels (`metadata.labels` format).
@@ -40,6 +39,9 @@ pub struct PodEnv<'a> {
     /// the host copy runs with `enableServiceLinks: false`, so the kubelet would give it the
     /// host namespace's instead.
     pub service_links: &'a [EnvVar],
+    /// Every virtual namespace with its labels: affinity terms' namespace selectors mean some
+    /// of them.
+    pub namespaces: &'a [NamespaceLabels],
 }
 
 /// The host Secret holding the virtual service-account token bound to pod `pod` (for
@@ -118,18 +120,18 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Pod, Refusal> {
     if let Some(aff) = spec.affinity.as_mut() {
         if let Some(pa) = aff.pod_affinity.as_mut() {
             for t in pa.required_during_scheduling_ignored_during_execution.iter_mut().flatten() {
-                affinity_term(tr, ns, t);
+                affinity_term(tr, ns, env.namespaces, t);
             }
             for w in pa.preferred_during_scheduling_ignored_during_execution.iter_mut().flatten() {
-                affinity_term(tr, ns, &mut w.pod_affinity_term);
+                affinity_term(tr, ns, env.namespaces, &mut w.pod_affinity_term);
             }
         }
         if let Some(pa) = aff.pod_anti_affinity.as_mut() {
             for t in pa.required_during_scheduling_ignored_during_execution.iter_mut().flatten() {
-                affinity_term(tr, ns, t);
+                affinity_term(tr, ns, env.namespaces, t);
             }
             for w in pa.preferred_during_scheduling_ignored_during_execution.iter_mut().flatten() {
-                affinity_term(tr, ns, &mut w.pod_affinity_term);
+                affinity_term(tr, ns, env.namespaces, &mut w.pod_affinity_term);
             }
         }
     }
@@ -352,27 +354,22 @@ fn field_ref(f: &mut ObjectFieldSelector) {
     }
 }
 
-/// An affinity term's selector, confined to the virtual cluster: to the pod's own namespace, or
-/// to the virtual namespaces the term lists.
-fn affinity_term(tr: &Translator, ns: &str, t: &mut PodAffinityTerm) {
-    let namespaces = t.namespaces.take().unwrap_or_default();
-    let any_namespace =
-        t.namespace_selector.take().is_some_and(|s| s.match_labels.is_none() && s.match_expressions.is_none());
-    let sel = t.label_selector.take().unwrap_or_default();
-    let mut host = tr.host_label_selector(ns, &sel);
-    if (any_namespace || !namespaces.is_empty())
-        && let Some(ml) = host.match_labels.as_mut()
-    {
-        ml.remove(naming::LABEL_NAMESPACE);
-    }
-    if !namespaces.is_empty() {
-        host.match_expressions.get_or_insert_with(Vec::new).push(LabelSelectorRequirement {
-            key: naming::LABEL_NAMESPACE.into(),
-            operator: "In".into(),
-            values: Some(namespaces),
-        });
-    }
-    t.label_selector = Some(LabelSelector { ..host });
+/// An affinity term's selector, confined to the virtual cluster and to the virtual namespaces
+/// the term means: the pod's own, or those it lists plus those its namespace selector matches.
+/// A term without a label selector matches nothing, on the host as in the virtual cluster.
+fn affinity_term(tr: &Translator, ns: &str, namespaces: &[NamespaceLabels], t: &mut PodAffinityTerm) {
+    let listed = t.namespaces.take().unwrap_or_default();
+    let scope = match t.namespace_selector.take() {
+        None if listed.is_empty() => Some(vec![ns.to_string()]),
+        None => Some(listed),
+        Some(sel) => naming::namespaces_matching(&sel, namespaces).map(|mut matched| {
+            matched.extend(listed);
+            matched.sort();
+            matched.dedup();
+            matched
+        }),
+    };
+    t.label_selector = t.label_selector.take().map(|sel| tr.host_pods_selector(scope.as_deref(), &sel));
 }
 
 /// The host Secrets a pod's projected service-account tokens point at, with their audiences:
@@ -407,6 +404,7 @@ mod tests {
             dns_ip: "10.96.0.53",
             cluster_domain: "cluster.local",
             service_links: &[],
+            namespaces: &[],
         }
     }
 
@@ -572,11 +570,18 @@ mod tests {
             "containers": [{"name": "c"}],
             "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
                 {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "web"}}},
-                {"topologyKey": "zone", "namespaces": ["a", "b"], "labelSelector": {"matchLabels": {"app": "db"}}}]}},
+                {"topologyKey": "zone", "namespaces": ["a", "b"], "labelSelector": {"matchLabels": {"app": "db"}}},
+                {"topologyKey": "zone", "namespaces": ["a"], "namespaceSelector": {"matchLabels": {"tier": "data"}},
+                    "labelSelector": {"matchLabels": {"app": "db"}}},
+                {"topologyKey": "zone", "namespaceSelector": {}, "labelSelector": {"matchLabels": {"app": "db"}}},
+                {"topologyKey": "zone"}]}},
             "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule",
                 "labelSelector": {"matchLabels": {"app": "web"}}}],
         });
-        let spec = host_pod(&env(&tr, &policy), &vpod(spec)).unwrap().spec.unwrap();
+        let labels = |tier: &str| [("tier".to_string(), tier.to_string())].into();
+        let namespaces = [("c".to_string(), labels("data")), ("d".to_string(), labels("web"))];
+        let env = PodEnv { namespaces: &namespaces, ..env(&tr, &policy) };
+        let spec = host_pod(&env, &vpod(spec)).unwrap().spec.unwrap();
         let terms = spec
             .affinity
             .unwrap()
@@ -584,16 +589,20 @@ mod tests {
             .unwrap()
             .required_during_scheduling_ignored_during_execution
             .unwrap();
-        let own = terms[0].label_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
-        assert_eq!(own[LABEL_NAMESPACE], "shop");
-        assert_eq!(own["vkube.dev/cluster"], "team-a");
-        let multi = terms[1].label_selector.as_ref().unwrap();
-        assert!(!multi.match_labels.as_ref().unwrap().contains_key(LABEL_NAMESPACE));
-        assert_eq!(
-            multi.match_expressions.as_ref().unwrap()[0].values.as_ref().unwrap(),
-            &vec!["a".to_string(), "b".to_string()]
-        );
-        assert_eq!(terms[1].namespaces, None);
+        let scope = |i: usize| {
+            let sel = terms[i].label_selector.as_ref().unwrap();
+            assert_eq!(sel.match_labels.as_ref().unwrap()["vkube.dev/cluster"], "team-a");
+            assert!(!sel.match_labels.as_ref().unwrap().contains_key(LABEL_NAMESPACE));
+            assert_eq!(terms[i].namespaces, None);
+            assert_eq!(terms[i].namespace_selector, None);
+            sel.match_expressions.iter().flatten().find(|e| e.key == LABEL_NAMESPACE).map(|e| e.values.clone().unwrap())
+        };
+        let names = |n: &[&str]| Some(n.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(scope(0), names(&["shop"]), "the pod's own namespace");
+        assert_eq!(scope(1), names(&["a", "b"]), "the listed ones");
+        assert_eq!(scope(2), names(&["a", "c"]), "listed plus those the selector matches");
+        assert_eq!(scope(3), None, "every namespace of this cluster (and only of it)");
+        assert_eq!(terms[4].label_selector, None, "no selector matches nothing, as upstream");
         let tsc = &spec.topology_spread_constraints.unwrap()[0];
         assert_eq!(tsc.label_selector.as_ref().unwrap().match_labels.as_ref().unwrap()[LABEL_NAMESPACE], "shop");
     }
