@@ -225,8 +225,9 @@ spec:
 async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     use base64::Engine;
     let env = TestEnv::start(1).await;
-    let vc = env.virtual_cluster("tok").await;
+    let mut vc = env.virtual_cluster("tok").await;
     vc.kubectl_ok(&["run", "holder", "--image=nginx"]);
+    vc.kubectl_ok(&["run", "forgotten", "--image=nginx"]);
     vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/holder", "--timeout=60s"]);
     let secret_name = format!("{}-sa-token", tr(&vc).host_name("default", "holder"));
     let secrets: Api<Secret> = Api::namespaced(env.client().await, vc.host_namespace());
@@ -250,6 +251,18 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     .await;
     eventually("its host Secret goes with it", Duration::from_secs(30), || async {
         let left = secrets.get_opt(&secret_name).await.map_err(|e| e.to_string())?;
+        Ok(left.is_none().then_some(()))
+    })
+    .await;
+
+    // A pod force-deleted while the control plane is down: the sweep at restart finds its token.
+    let forgotten = format!("{}-sa-token", tr(&vc).host_name("default", "forgotten"));
+    assert!(secrets.get_opt(&forgotten).await.unwrap().is_some(), "the second pod's token Secret");
+    vc.kill_controller();
+    vc.kubectl_direct_ok(&["delete", "pod", "forgotten", "--grace-period=0", "--force"]);
+    vc.start_controller().await;
+    eventually("the orphaned token Secret is swept", Duration::from_secs(30), || async {
+        let left = secrets.get_opt(&forgotten).await.map_err(|e| e.to_string())?;
         Ok(left.is_none().then_some(()))
     })
     .await;

@@ -74,8 +74,8 @@ pub struct Queues {
     pub endpointslices: Queue<Key>,
     pub pvcs: Queue<Key>,
     pub networkpolicies: Queue<Key>,
-    /// (namespace, pod) whose token Secrets may need renewing or removing.
-    pub tokens: Queue<Key>,
+    /// Host token Secrets that may need renewing or removing.
+    pub tokens: Queue<String>,
     pub nodes: Queue<String>,
     /// Host event names.
     pub events: Queue<String>,

@@ -90,8 +90,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let hconfigmaps =
         Informer::new("host configmaps", Api::<ConfigMap>::namespaced(host.clone(), &host_ns), owned.clone());
     let vsecrets = Informer::new("virtual secrets", Api::<Secret>::all(virt.clone()), all.clone());
-    let hsecrets = Informer::new("host secrets", Api::<Secret>::namespaced(host.clone(), &host_ns), owned.clone())
-        .slimmed(tokens::slim_host_secret);
+    // Token Secrets (one per pod) are not watched: see `tokens`.
+    let copies = watcher::Config::default()
+        .labels(&format!("{},!{}", cfg.translator.cluster_selector(), naming::LABEL_TOKEN))
+        .any_semantic();
+    let hsecrets = Informer::new("host secrets", Api::<Secret>::namespaced(host.clone(), &host_ns), copies);
     let vendpoints = Informer::new("virtual endpoints", Api::<Endpoints>::all(virt.clone()), all.clone());
     let hendpoints =
         Informer::new("host endpoints", Api::<Endpoints>::namespaced(host.clone(), &host_ns), owned.clone());
@@ -116,7 +119,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let (slices_q, slices_w) = queue::<Key>("EndpointSlice", metrics.clone());
     let (pvcs_q, pvcs_w) = queue::<Key>("PersistentVolumeClaim", metrics.clone());
     let (netpols_q, netpols_w) = queue::<Key>("NetworkPolicy", metrics.clone());
-    let (tokens_q, tokens_w) = queue::<Key>("ServiceAccountToken", metrics.clone());
+    let (tokens_q, tokens_w) = queue::<String>("ServiceAccountToken", metrics.clone());
     let (nodes_q, nodes_w) = queue::<String>("Node", metrics.clone());
     let (events_q, events_w) = queue::<String>("Event", metrics.clone());
 
@@ -174,7 +177,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         let changed = match change {
             Change::Deleted => {
                 // Its token Secrets go with it.
-                c.queues.tokens.add((ns.clone(), name.clone()));
+                for (secret, _) in pods::translate::token_secrets(&c.tr, p) {
+                    c.queues.tokens.add(secret);
+                }
                 c.refs.remove(&ns, &name)
             }
             Change::Applied | Change::Listed => c.refs.update(&ns, &name, refs::pod_refs(p)),
@@ -369,11 +374,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
             let took = started.elapsed().as_secs_f64();
             c.metrics.initial_sync_seconds.set(took);
             tracing::info!(seconds = took, pods = c.stores.vpods.len(), "initial sync done");
+            // Token Secrets orphaned while we were down.
+            tokens::sweep(&c).await;
             let mut tick = tokio::time::interval(RESYNC);
             tick.tick().await;
             loop {
                 tick.tick().await;
                 resync(&c);
+                tokens::sweep(&c).await;
             }
         };
     tokio::select! {
@@ -410,7 +418,6 @@ fn enqueue_owner(c: &Context, meta: &kube::api::ObjectMeta) {
         "Endpoints" => q.endpoints.add(key),
         "EndpointSlice" => q.endpointslices.add(key),
         "PersistentVolumeClaim" => q.pvcs.add(key),
-        tokens::KIND => q.tokens.add(key),
         networkpolicies::KIND => q.networkpolicies.add(key),
         _ => {}
     }

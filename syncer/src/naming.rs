@@ -11,6 +11,7 @@
 //!   select on it) and `vkube.dev/namespace=<ns>`, and the annotations `vkube.dev/object-kind`,
 //!   `-name`, `-namespace` and `-uid` naming the virtual object it mirrors. A host object without
 //!   them, or with another cluster's, is never modified or deleted.
+//! - A host Secret holding a pod's service-account token also carries `vkube.dev/token=true`.
 //! - User labels are copied; keys in our domain (`vkube.dev/...` or `*.vkube.dev/...`) are
 //!   reserved and rewritten by prefixing `tenant.` to the key's prefix (one level per pass, so the
 //!   rewrite is reversible and a tenant cannot forge our labels).
@@ -26,6 +27,9 @@ use sha2::{Digest, Sha256};
 pub const DOMAIN: &str = "vkube.dev";
 pub const LABEL_CLUSTER: &str = "vkube.dev/cluster";
 pub const LABEL_NAMESPACE: &str = "vkube.dev/namespace";
+/// On host Secrets holding a pod's service-account token (one per pod: kept out of the syncer's
+/// Secret watch, which would otherwise hold one per pod in memory).
+pub const LABEL_TOKEN: &str = "vkube.dev/token";
 pub const ANNOTATION_KIND: &str = "vkube.dev/object-kind";
 pub const ANNOTATION_NAME: &str = "vkube.dev/object-name";
 pub const ANNOTATION_NAMESPACE: &str = "vkube.dev/object-namespace";

@@ -2,6 +2,11 @@
 //! the virtual pod (TokenRequest on the virtual API server, so it stops working when the pod is
 //! deleted), kept in a host Secret of the pod's own that its projected volume reads. The host
 //! never issues a token to a tenant pod.
+//!
+//! There is one such Secret per pod and the syncer rarely needs them again, so they are not
+//! watched (memory): they are written before their pod, removed when the virtual pod is deleted
+//! (their names follow from its spec), and a sweep (at start, then with every resync) lists their
+//! metadata to renew tokens well before they expire and remove any whose pod is gone.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,12 +15,13 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 
-use crate::context::{Context, Key};
+use crate::context::Context;
+use crate::naming::LABEL_TOKEN;
 use crate::queue::Action;
-use crate::sync::{self, HostCopy, Result, SyncError};
+use crate::sync::{self, Result, SyncError};
 
 pub const KIND: &str = "ServiceAccountToken";
 /// When the token expires (RFC 3339), to renew it in time.
@@ -24,10 +30,12 @@ const ANNOTATION_AUDIENCE: &str = "vkube.dev/token-audience";
 /// Long, as a kubelet's tokens are with the API server's extended expiration: the binding to the
 /// pod is what ends it.
 const LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
-/// Renewed when less than this is left.
+/// Renewed when less than this is left (sweeps run every few minutes).
 const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
-/// How often tokens in use are checked for renewal.
-const RECHECK: Duration = Duration::from_secs(24 * 3600);
+
+fn api(ctx: &Context) -> Api<Secret> {
+    Api::namespaced(ctx.host.clone(), ctx.host_ns())
+}
 
 /// Makes sure the host Secret `secret_name` holds a valid token of `pod`'s virtual service
 /// account, bound to `pod`, for `audience` (None: the API server's own audience).
@@ -35,14 +43,32 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let uid = pod.metadata.uid.as_deref().unwrap_or_default();
-    let existing = sync::host_get(&ctx.stores.hsecrets, ctx, secret_name);
-    let current = match sync::classify(ctx, existing, KIND, ns, name, uid) {
-        HostCopy::Foreign(_) => return Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns()))),
-        HostCopy::Ours(s) if !expires_soon(&s) => return Ok(()),
-        // Renewed, or replaced when an earlier pod of the same name left it (its token is void).
-        HostCopy::Ours(s) | HostCopy::Stale(s) => Some(s),
-        HostCopy::Absent => None,
-    };
+    let current = api(ctx).get_metadata_opt(secret_name).await?;
+    if let Some(current) = &current {
+        match ctx.tr.owner(&current.metadata) {
+            // Ours and good; one left by an earlier pod of the same name is replaced (its token
+            // is void), and so is one that expires soon.
+            Some(o) if o.kind == KIND && o.namespace == ns && o.name == name => {
+                if o.uid == uid && !expires_soon(&current.metadata) {
+                    return Ok(());
+                }
+            }
+            _ => return Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns()))),
+        }
+    }
+    let secret = issue(ctx, pod, secret_name, audience).await?;
+    match current {
+        Some(current) => {
+            let current = Secret { metadata: current.metadata, ..Default::default() };
+            sync::replace_host(ctx, KIND, &current, secret).await
+        }
+        None => sync::create_host(ctx, KIND, &secret).await,
+    }
+}
+
+/// A fresh token Secret for `pod` (TokenRequest on the virtual API server).
+async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&str>) -> Result<Secret> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
     let sa = pod.spec.as_ref().map(crate::refs::service_account).unwrap_or_else(|| "default".into());
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
@@ -51,8 +77,8 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
-                name: Some(name.into()),
-                uid: Some(uid.into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
             }),
             ..Default::default()
         }),
@@ -71,6 +97,7 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     };
     let mut meta = ctx.tr.host_meta(KIND, &identity);
     meta.name = Some(secret_name.to_string());
+    meta.labels.get_or_insert_with(BTreeMap::new).insert(LABEL_TOKEN.into(), "true".into());
     let ann = meta.annotations.get_or_insert_with(BTreeMap::new);
     if let Some(expires) = status.expiration_timestamp {
         ann.insert(ANNOTATION_EXPIRES.into(), expires.0.to_string());
@@ -78,64 +105,81 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     if let Some(a) = audience {
         ann.insert(ANNOTATION_AUDIENCE.into(), a.to_string());
     }
-    let secret = Secret {
+    Ok(Secret {
         metadata: meta,
         data: Some([("token".to_string(), ByteString(token.into_bytes()))].into()),
         type_: Some("Opaque".into()),
         ..Default::default()
-    };
-    match current {
-        Some(current) => sync::replace_host(ctx, KIND, current.as_ref(), secret).await,
-        None => sync::create_host(ctx, KIND, &secret).await,
-    }
+    })
 }
 
-fn expires_soon(s: &Secret) -> bool {
-    let Some(at) = s.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_EXPIRES)) else { return true };
+fn expires_soon(meta: &ObjectMeta) -> bool {
+    let Some(at) = meta.annotations.as_ref().and_then(|a| a.get(ANNOTATION_EXPIRES)) else { return true };
     let Ok(at) = at.parse::<k8s_openapi::jiff::Timestamp>() else { return true };
     let left = at.duration_since(k8s_openapi::jiff::Timestamp::now());
     left.as_secs() < RENEW_BEFORE.as_secs() as i64
 }
 
-/// Renews the token Secrets of a virtual pod (well before they expire) and removes them once the
-/// pod is gone.
-pub async fn reconcile(ctx: &Context, (ns, pod): Key) -> Result<Action> {
-    let ours: Vec<_> = ctx
-        .stores
-        .hsecrets
-        .state()
-        .into_iter()
-        .filter(|s| sync::mirrors(ctx, s.as_ref(), KIND, &ns, &pod).is_some())
-        .collect();
-    if let Some(v) = ctx.stores.vpods.get(&ObjectRef::new(&pod).within(&ns)) {
-        let v = v.load();
-        let uid = v.metadata.uid.clone().unwrap_or_default();
-        // Those of an earlier pod of the same name are replaced before the new pod starts.
-        let renew = ours.iter().filter(|s| ctx.tr.owner(&s.metadata).is_some_and(|o| o.uid == uid) && expires_soon(s));
-        for s in renew {
-            let audience = s.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_AUDIENCE)).cloned();
-            let name = s.metadata.name.clone().unwrap_or_default();
-            ensure(ctx, &v, &name, audience.as_deref()).await?;
-        }
-        return Ok(if ours.is_empty() { Action::Done } else { Action::RequeueAfter(RECHECK) });
+/// The virtual pod a token Secret of ours was issued for, if it still exists.
+fn pod_of(ctx: &Context, meta: &ObjectMeta) -> Option<std::sync::Arc<crate::compact::Compact<Pod>>> {
+    let owner = ctx.tr.owner(meta).filter(|o| o.kind == KIND)?;
+    let pod = ctx.stores.vpods.get(&ObjectRef::new(&owner.name).within(&owner.namespace))?;
+    (pod.metadata.uid.as_deref() == Some(owner.uid.as_str())).then_some(pod)
+}
+
+/// Host token Secret `secret_name`: renewed if its pod still exists and it expires soon, removed
+/// if its pod is gone.
+pub async fn reconcile(ctx: &Context, secret_name: String) -> Result<Action> {
+    let Some(current) = api(ctx).get_metadata_opt(&secret_name).await? else { return Ok(Action::Done) };
+    if ctx.tr.owner(&current.metadata).is_none_or(|o| o.kind != KIND) {
+        return Ok(Action::Done);
     }
-    for s in ours {
-        sync::delete_host(ctx, KIND, s.as_ref(), None).await?;
+    if let Some(pod) = pod_of(ctx, &current.metadata) {
+        if expires_soon(&current.metadata) {
+            let audience = current.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_AUDIENCE)).cloned();
+            ensure(ctx, &pod.load(), &secret_name, audience.as_deref()).await?;
+        }
+        return Ok(Action::Done);
+    }
+    // Its pod is gone (or is a newer pod of the same name, whose own reconcile replaces the
+    // Secret): deleted only as read, so a replacement made meanwhile stays.
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: current.metadata.uid.clone(),
+            resource_version: current.metadata.resource_version.clone(),
+        }),
+        ..Default::default()
+    };
+    match api(ctx).delete(&secret_name, &dp).await {
+        Ok(_) => ctx.metrics.wrote(KIND, "delete"),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => return Err(e.into()),
     }
     Ok(Action::Done)
 }
 
-/// The key a host token Secret belongs to, if it is one of ours: its pod's.
-pub fn key_of_host(ctx: &Context, s: &Secret) -> Option<Key> {
-    ctx.tr.owner(&s.metadata).filter(|o| o.kind == KIND).map(|o| (o.namespace, o.name))
+/// Lists this virtual cluster's token Secrets (metadata only, a page at a time) and queues those
+/// whose pod is gone or whose token expires soon.
+pub async fn sweep(ctx: &Context) {
+    if let Err(e) = sweep_pages(ctx).await {
+        tracing::warn!(error = %e, "listing token Secrets failed; they are swept again at the next resync");
+    }
 }
 
-/// Drops the token itself from host token Secrets before they are stored: the syncer only reads
-/// their marks and expiry (memory: one Secret per pod).
-pub fn slim_host_secret(s: &mut Secret) {
-    let kind = s.metadata.annotations.as_ref().and_then(|a| a.get(crate::naming::ANNOTATION_KIND));
-    let is_token = kind.is_some_and(|k| k == KIND);
-    if is_token {
-        s.data = None;
+async fn sweep_pages(ctx: &Context) -> Result<()> {
+    let mut lp = ListParams::default().labels(&ctx.tr.cluster_selector()).limit(500);
+    loop {
+        let page = api(ctx).list_metadata(&lp).await?;
+        for s in &page.items {
+            let ours = ctx.tr.owner(&s.metadata).is_some_and(|o| o.kind == KIND);
+            let act = ours && (pod_of(ctx, &s.metadata).is_none() || expires_soon(&s.metadata));
+            if let (true, Some(name)) = (act, s.metadata.name.clone()) {
+                ctx.queues.tokens.add(name);
+            }
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(next) => lp = lp.continue_token(&next),
+            None => return Ok(()),
+        }
     }
 }
