@@ -258,12 +258,10 @@ impl HostCluster {
             format!("--cluster-signing-key-file={}", self.pki_path("ca.key")),
             // kwok hands out pod IPs and there is no cloud.
             "--controllers=*,-node-ipam-controller".into(),
-            // kwok renews node leases from one process on a 2-core machine: under a heavy burst it
-            // can fall behind, and the default 50 s would mark nodes NotReady and touch every pod.
-            "--node-monitor-grace-period=5m".into(),
-            // kwok renews node leases from one process on a 2-core machine: under a heavy burst it
-            // can fall behind, and the default 50 s would mark nodes NotReady and touch every pod.
-            "--node-monitor-grace-period=5m".into(),
+            // kwok renews node leases from one process on a 2-core machine: under a burst of
+            // thousands of pods it falls minutes behind (5 min was seen to run out at 10,000), and
+            // nodes marked NotReady would touch every pod. Simulated nodes never die.
+            "--node-monitor-grace-period=1h".into(),
             "--kube-api-qps=200".into(),
             "--kube-api-burst=400".into(),
             "--profiling=false".into(),
