@@ -249,11 +249,14 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
         }
     })
     .await;
-    eventually("its host Secret goes with it", Duration::from_secs(30), || async {
-        let left = secrets.get_opt(&secret_name).await.map_err(|e| e.to_string())?;
-        Ok(left.is_none().then_some(()))
-    })
-    .await;
+    let gone = |name: String| {
+        let secrets = secrets.clone();
+        async move {
+            let left = secrets.get_opt(&name).await.map_err(|e| e.to_string())?;
+            Ok(left.is_none().then_some(()))
+        }
+    };
+    eventually("its host Secret goes with it", Duration::from_secs(30), || gone(secret_name.clone())).await;
 
     // A pod force-deleted while the control plane is down: the sweep at restart finds its token.
     let forgotten = format!("{}-sa-token", tr(&vc).host_name("default", "forgotten"));
@@ -261,11 +264,7 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     vc.kill_controller();
     vc.kubectl_direct_ok(&["delete", "pod", "forgotten", "--grace-period=0", "--force"]);
     vc.start_controller().await;
-    eventually("the orphaned token Secret is swept", Duration::from_secs(30), || async {
-        let left = secrets.get_opt(&forgotten).await.map_err(|e| e.to_string())?;
-        Ok(left.is_none().then_some(()))
-    })
-    .await;
+    eventually("the orphaned token Secret is swept", Duration::from_secs(30), || gone(forgotten.clone())).await;
 }
 
 /// NetworkPolicies: with the admin's `--sync-network-policies` the host copy selects the same
@@ -570,17 +569,15 @@ async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
 
     // `kubectl debug`: the ephemeral container reaches the host copy, translated like the others.
     vc.kubectl_ok(&["debug", "app", "--image=busybox", "--container=dbg", "--profile=baseline", "--", "sleep", "1000"]);
+    let host_pod_fields = |jsonpath: &str| {
+        let out =
+            env.kubectl(&["-n", vc.host_namespace(), "get", "pod", &host_pod, "-o", &format!("jsonpath={jsonpath}")]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
     eventually("the ephemeral container reaches the host pod", Duration::from_secs(30), || async {
-        let out = env.kubectl(&[
-            "-n",
-            vc.host_namespace(),
-            "get",
-            "pod",
-            &host_pod,
-            "-o",
-            "jsonpath={.spec.ephemeralContainers[0].name} {.spec.ephemeralContainers[0].env[?(@.name==\"KUBERNETES_SERVICE_HOST\")].value}",
-        ]);
-        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        let got = host_pod_fields(
+            "{.spec.ephemeralContainers[0].name} {.spec.ephemeralContainers[0].env[?(@.name==\"KUBERNETES_SERVICE_HOST\")].value}",
+        );
         if got.starts_with("dbg 10.") { Ok(Some(())) } else { Err(got) }
     })
     .await;
@@ -597,16 +594,8 @@ async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
         r#"{"spec":{"containers":[{"name":"app","resources":{"requests":{"cpu":"150m"},"limits":{"cpu":"300m"}}}]}}"#,
     ]);
     eventually("the new image, label and resources reach the host pod", Duration::from_secs(30), || async {
-        let out = env.kubectl(&[
-            "-n",
-            vc.host_namespace(),
-            "get",
-            "pod",
-            &host_pod,
-            "-o",
-            "jsonpath={.spec.containers[0].image} {.metadata.labels.tier} {.spec.containers[0].resources}",
-        ]);
-        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        let got =
+            host_pod_fields("{.spec.containers[0].image} {.metadata.labels.tier} {.spec.containers[0].resources}");
         if got == r#"nginx:1.27 web {"limits":{"cpu":"300m"},"requests":{"cpu":"150m"}}"# {
             Ok(Some(()))
         } else {

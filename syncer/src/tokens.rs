@@ -43,26 +43,33 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let uid = pod.metadata.uid.as_deref().unwrap_or_default();
-    let current = api(ctx).get_metadata_opt(secret_name).await?;
-    if let Some(current) = &current {
-        match ctx.tr.owner(&current.metadata) {
-            // Ours and good; one left by an earlier pod of the same name is replaced (its token
-            // is void), and so is one that expires soon.
-            Some(o) if o.kind == KIND && o.namespace == ns && o.name == name => {
-                if o.uid == uid && !expires_soon(&current.metadata) {
-                    return Ok(());
-                }
-            }
-            _ => return Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns()))),
-        }
-    }
+    // Created blind: on the pod-creation path the Secret is almost always new, and a look first
+    // would be one more host request per pod.
     let secret = issue(ctx, pod, secret_name, audience).await?;
-    match current {
-        Some(current) => {
+    let pp = PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() };
+    match api(ctx).create(&pp, &secret).await {
+        Ok(_) => {
+            ctx.metrics.wrote(KIND, "create");
+            return Ok(());
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let Some(current) = api(ctx).get_metadata_opt(secret_name).await? else {
+        // Gone again in between: the next reconcile creates it.
+        return Err(SyncError::Other(format!("token Secret {secret_name} vanished while being written")));
+    };
+    match ctx.tr.owner(&current.metadata) {
+        // Ours and good; one left by an earlier pod of the same name is replaced (its token is
+        // void), and so is one that expires soon.
+        Some(o) if o.kind == KIND && o.namespace == ns && o.name == name => {
+            if o.uid == uid && !expires_soon(&current.metadata) {
+                return Ok(());
+            }
             let current = Secret { metadata: current.metadata, ..Default::default() };
             sync::replace_host(ctx, KIND, &current, secret).await
         }
-        None => sync::create_host(ctx, KIND, &secret).await,
+        _ => Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns()))),
     }
 }
 

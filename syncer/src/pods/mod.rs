@@ -173,9 +173,9 @@ async fn finalize_virtual(ctx: &Context, v: &Pod) -> Result<Action> {
 /// gates) and label or annotation changes, carried to the host copy.
 async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
     let Some(dns_ip) = ctx.dns_ip() else { return Ok(()) };
-    // Environment variables cannot change after creation: no service links to compute here.
-    let namespaces = ctx.namespace_labels();
-    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[], &namespaces), v) {
+    // Environment variables and affinity cannot change after creation: no service links or
+    // namespace labels to gather here (this runs for every pod at every resync).
+    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[], &[]), v) {
         Ok(d) => d,
         // Something added since creation (an ephemeral container) breaks the policy: it stays
         // off the host, and the tenant is told.
