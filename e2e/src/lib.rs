@@ -86,6 +86,26 @@ impl TestEnv {
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         kubectl_ok(&self.upstream, &self.host.kubeconfig, args)
     }
+
+    /// Every host object still labelled as virtual cluster `name`'s (synced) or its control
+    /// plane's, in any namespace: a sweep of every listable resource type the host serves, which
+    /// must include every kind the syncer writes (`kind::host_resources`, the list `vkube delete`
+    /// cleans up by).
+    pub fn labelled_host_objects(&self, name: &str) -> Vec<String> {
+        let types = self.kubectl_ok(&["api-resources", "--verbs=list", "-o", "name"]);
+        let types: Vec<&str> = types.lines().filter(|t| !t.is_empty()).collect();
+        for ar in vkube_syncer::kind::host_resources() {
+            let full = if ar.group.is_empty() { ar.plural.clone() } else { format!("{}.{}", ar.plural, ar.group) };
+            assert!(types.contains(&full.as_str()), "the sweep covers {full}: {types:?}");
+        }
+        let mut left = vec![];
+        for label in [vkube_syncer::naming::LABEL_CLUSTER, vkube::names::LABEL_CONTROL_PLANE] {
+            let selector = format!("{label}={name}");
+            let out = self.kubectl_ok(&["get", &types.join(","), "-A", "-l", &selector, "-o", "name"]);
+            left.extend(out.lines().filter(|l| !l.is_empty()).map(str::to_string));
+        }
+        left
+    }
 }
 
 impl Drop for TestEnv {

@@ -52,32 +52,6 @@ impl Drop for Cli {
     }
 }
 
-fn labelled_host_objects(env: &TestEnv, name: &str) -> Vec<String> {
-    let mut left = vec![];
-    for kind in [
-        "pods",
-        "services",
-        "secrets",
-        "configmaps",
-        "endpoints",
-        "persistentvolumeclaims",
-        "serviceaccounts",
-        "statefulsets",
-        "roles",
-        "rolebindings",
-    ] {
-        for label in ["vkube.dev/cluster", "vkube.dev/control-plane"] {
-            let out = env.kubectl_ok(&["get", kind, "-A", "-l", &format!("{label}={name}"), "-o", "name"]);
-            left.extend(out.lines().map(str::to_string));
-        }
-    }
-    for kind in ["namespaces", "clusterroles", "clusterrolebindings"] {
-        let out = env.kubectl_ok(&["get", kind, "-l", &format!("vkube.dev/control-plane={name}"), "-o", "name"]);
-        left.extend(out.lines().map(str::to_string));
-    }
-    left
-}
-
 fn processes_mentioning(dir: &Path) -> Vec<String> {
     let needle = dir.display().to_string();
     std::fs::read_dir("/proc")
@@ -139,7 +113,7 @@ async fn create_list_connect_pause_resume_delete_locally() {
     assert_eq!(cli.list()[0]["ready"], true);
 
     cli.ok(&["delete", "team-a", "--wait"]);
-    let left = labelled_host_objects(&env, "team-a");
+    let left = env.labelled_host_objects("team-a");
     assert!(left.is_empty(), "left on the host: {left:?}");
     let procs = processes_mentioning(cli.state.path());
     assert!(procs.is_empty(), "left running: {procs:?}");
@@ -291,11 +265,71 @@ async fn the_chart_path_installs_lists_pauses_and_deletes() {
     assert_eq!(cli.list()[0]["status"], "Paused");
 
     cli.ok(&["delete", "team-c", "--wait"]);
-    let left = labelled_host_objects(&env, "team-c");
+    let left = env.labelled_host_objects("team-c");
     assert!(left.is_empty(), "left on the host: {left:?}");
 
     // CI that only installs: --wait=false returns once the chart is in.
     cli.ok(&["create", "team-d", "--wait=false"]);
     env.kubectl_ok(&["-n", "vkube-team-d", "get", "statefulset", "team-d"]);
     cli.ok(&["delete", "team-d"]);
+}
+
+/// A cluster in a host namespace vkube did not create (so not deleted with it): `vkube delete`
+/// removes every kind the syncer wrote there, EndpointSlices and NetworkPolicies included, and
+/// leaves the namespace and what else it holds alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_in_a_shared_namespace_leaves_nothing_of_the_cluster() {
+    let env = TestEnv::start(1).await;
+    let cli = Cli::new(&env);
+    env.kubectl_ok(&["create", "namespace", "shared"]);
+    env.kubectl_ok(&["-n", "shared", "create", "configmap", "not-ours"]);
+    cli.ok(&["create", "team-e", "--local", "--namespace", "shared", "--run-arg=--sync-network-policies"]);
+    let kubeconfig = cli.state.path().join("team-e.kubeconfig");
+    std::fs::write(&kubeconfig, cli.ok(&["connect", "team-e", "--namespace", "shared", "--print"])).unwrap();
+    let up = vkube_localenv::Upstream::locate().unwrap();
+    vkube_e2e::kubectl_apply(
+        &up,
+        &kubeconfig,
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: cache}
+spec:
+  ports: [{port: 6379, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: cache-1
+  labels: {kubernetes.io/service-name: cache, endpointslice.kubernetes.io/managed-by: tenant}
+addressType: IPv4
+endpoints: [{addresses: [192.0.2.20]}]
+ports: [{port: 6379, protocol: TCP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: quiet}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+"#,
+    );
+    kubectl_ok(&up, &kubeconfig, &["run", "solo", "--image=nginx"]);
+    eventually("every kind's host copy", Duration::from_secs(60), || async {
+        let got =
+            |kind: &str| env.kubectl_ok(&["-n", "shared", "get", kind, "-l", "vkube.dev/cluster=team-e", "-o", "name"]);
+        let have = ["pods", "services", "endpointslices", "networkpolicies"].map(|k| !got(k).trim().is_empty());
+        Ok(have.iter().all(|h| *h).then_some(()))
+    })
+    .await;
+
+    cli.ok(&["delete", "team-e", "--namespace", "shared"]);
+    // What the host's own controllers made for our objects (slices of a Service, carrying its
+    // labels) goes with them through the host's garbage collector.
+    eventually("nothing of team-e on the host", Duration::from_secs(30), || async {
+        let left = env.labelled_host_objects("team-e");
+        if left.is_empty() { Ok(Some(())) } else { Err(format!("left on the host: {left:?}")) }
+    })
+    .await;
+    env.kubectl_ok(&["-n", "shared", "get", "configmap", "not-ours"]);
 }

@@ -3,7 +3,6 @@
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::Store;
 
 use crate::context::Context;
 use crate::mirror::{Mirror, meta_differs};
@@ -12,10 +11,6 @@ use crate::sync::Result;
 
 impl Mirror for PersistentVolumeClaim {
     const KIND: &'static str = "PersistentVolumeClaim";
-
-    fn stores(ctx: &Context) -> (&Store<Self>, &Store<Self>) {
-        (&ctx.stores.vpvcs, &ctx.stores.hpvcs)
-    }
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
         let ns = v.metadata.namespace.as_deref().unwrap_or_default();

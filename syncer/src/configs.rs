@@ -2,19 +2,17 @@
 //! as they change, removed from the host when nothing uses them any more.
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::runtime::reflector::Store;
+
+use kube::runtime::watcher;
 
 use crate::context::Context;
 use crate::mirror::{Mirror, meta_differs};
+use crate::naming::Translator;
 use crate::policy::Refusal;
 use crate::refs::RefKind;
 
 impl Mirror for ConfigMap {
     const KIND: &'static str = "ConfigMap";
-
-    fn stores(ctx: &Context) -> (&Store<Self>, &Store<Self>) {
-        (&ctx.stores.vconfigmaps, &ctx.stores.hconfigmaps)
-    }
 
     fn wanted(ctx: &Context, v: &Self) -> bool {
         let (ns, name) = crate::informer::key_of(v);
@@ -42,8 +40,10 @@ impl Mirror for ConfigMap {
 impl Mirror for Secret {
     const KIND: &'static str = "Secret";
 
-    fn stores(ctx: &Context) -> (&Store<Self>, &Store<Self>) {
-        (&ctx.stores.vsecrets, &ctx.stores.hsecrets)
+    /// Token Secrets (one per pod) are not watched: see `tokens`.
+    fn host_watch(tr: &Translator) -> watcher::Config {
+        let copies = format!("{},!{}", tr.cluster_selector(), crate::naming::LABEL_TOKEN);
+        watcher::Config::default().labels(&copies).any_semantic()
     }
 
     fn wanted(ctx: &Context, v: &Self) -> bool {

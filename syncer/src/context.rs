@@ -2,15 +2,13 @@
 
 use std::sync::RwLock;
 
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Endpoints, Event, Namespace, Node, PersistentVolumeClaim, Pod, Secret, Service,
-};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::core::v1::{Event, Namespace, Node};
 use kube::Client;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 
 use crate::compact::Compact;
+use crate::kind::{KindQueues, KindStores, SyncedKind};
 use crate::metrics::Metrics;
 use crate::naming::Translator;
 use crate::policy::Policy;
@@ -43,42 +41,47 @@ pub struct Options {
     pub events_mark_service: Option<String>,
 }
 
+/// Every store: the synced kinds' (by kind) and those of the loops beside them.
 pub struct Stores {
-    pub vpods: Store<Compact<Pod>>,
-    pub hpods: Store<Compact<Pod>>,
-    pub vservices: Store<Service>,
-    pub hservices: Store<Service>,
-    pub vconfigmaps: Store<ConfigMap>,
-    pub hconfigmaps: Store<ConfigMap>,
-    pub vsecrets: Store<Secret>,
-    pub hsecrets: Store<Secret>,
-    pub vendpoints: Store<Endpoints>,
-    pub hendpoints: Store<Endpoints>,
-    pub vendpointslices: Store<k8s_openapi::api::discovery::v1::EndpointSlice>,
-    pub hendpointslices: Store<k8s_openapi::api::discovery::v1::EndpointSlice>,
-    pub vpvcs: Store<PersistentVolumeClaim>,
-    pub hpvcs: Store<PersistentVolumeClaim>,
+    pub kinds: KindStores,
+    /// Virtual nodes the syncer made (`nodes`).
     pub vnodes: Store<Node>,
+    /// What namespace selectors are matched against.
     pub vnamespaces: Store<Namespace>,
-    pub vnetworkpolicies: Store<NetworkPolicy>,
-    pub hnetworkpolicies: Store<NetworkPolicy>,
+    /// Host events in the host namespace (`events`).
     pub hevents: Store<Compact<Event>>,
 }
 
+impl Stores {
+    /// The virtual objects of synced kind `K`.
+    pub fn virt<K: SyncedKind>(&self) -> &Store<K::VirtualStored> {
+        self.kinds.virt::<K>()
+    }
+
+    /// This cluster's host copies of synced kind `K`.
+    pub fn host<K: SyncedKind>(&self) -> &Store<K::HostStored> {
+        self.kinds.host::<K>()
+    }
+}
+
+/// Every work queue: the synced kinds' (by kind) and those of the loops beside them.
 pub struct Queues {
-    pub pods: Queue<Key>,
-    pub services: Queue<Key>,
-    pub configmaps: Queue<Key>,
-    pub secrets: Queue<Key>,
-    pub endpoints: Queue<Key>,
-    pub endpointslices: Queue<Key>,
-    pub pvcs: Queue<Key>,
-    pub networkpolicies: Queue<Key>,
+    pub kinds: KindQueues,
     /// Host token Secrets that may need renewing or removing.
     pub tokens: Queue<String>,
     pub nodes: Queue<String>,
     /// Host event names.
     pub events: Queue<String>,
+}
+
+impl Queues {
+    pub fn of<K: SyncedKind>(&self) -> &Queue<Key> {
+        self.kinds.of::<K>()
+    }
+
+    pub fn all_idle(&self) -> bool {
+        self.kinds.all_idle() && self.tokens.is_idle() && self.nodes.is_idle() && self.events.is_idle()
+    }
 }
 
 pub struct Context {
@@ -99,22 +102,6 @@ pub struct Context {
     /// Host events up to this time are mirrored (best effort, as events are).
     pub events_mark: RwLock<Option<k8s_openapi::jiff::Timestamp>>,
     pub metrics: Metrics,
-}
-
-impl Queues {
-    pub fn all_idle(&self) -> bool {
-        self.pods.is_idle()
-            && self.services.is_idle()
-            && self.configmaps.is_idle()
-            && self.secrets.is_idle()
-            && self.endpoints.is_idle()
-            && self.endpointslices.is_idle()
-            && self.pvcs.is_idle()
-            && self.networkpolicies.is_idle()
-            && self.tokens.is_idle()
-            && self.nodes.is_idle()
-            && self.events.is_idle()
-    }
 }
 
 impl Context {

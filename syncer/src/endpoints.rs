@@ -3,7 +3,7 @@
 //! selector get their endpoints from the host's own controllers.
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 
 use crate::context::Context;
 use crate::mirror::{Mirror, meta_differs};
@@ -12,16 +12,12 @@ use crate::policy::Refusal;
 impl Mirror for Endpoints {
     const KIND: &'static str = "Endpoints";
 
-    fn stores(ctx: &Context) -> (&Store<Self>, &Store<Self>) {
-        (&ctx.stores.vendpoints, &ctx.stores.hendpoints)
-    }
-
     fn wanted(ctx: &Context, v: &Self) -> bool {
         let (ns, name) = crate::informer::key_of(v);
         if ns == "default" && name == "kubernetes" {
             return false;
         }
-        let svc: Option<std::sync::Arc<Service>> = ctx.stores.vservices.get(&ObjectRef::new(&name).within(&ns));
+        let svc: Option<std::sync::Arc<Service>> = ctx.stores.virt::<Service>().get(&ObjectRef::new(&name).within(&ns));
         svc.is_some_and(|s| s.spec.as_ref().is_some_and(|sp| sp.selector.as_ref().is_none_or(|m| m.is_empty())))
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 
 use crate::context::Context;
 use crate::mirror::{Mirror, meta_differs};
@@ -30,14 +30,10 @@ pub fn is_tenant_slice(slice: &EndpointSlice, service: Option<&Service>) -> bool
 impl Mirror for EndpointSlice {
     const KIND: &'static str = "EndpointSlice";
 
-    fn stores(ctx: &Context) -> (&Store<Self>, &Store<Self>) {
-        (&ctx.stores.vendpointslices, &ctx.stores.hendpointslices)
-    }
-
     fn wanted(ctx: &Context, v: &Self) -> bool {
         let ns = v.metadata.namespace.clone().unwrap_or_default();
         let svc_name = v.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned().unwrap_or_default();
-        let svc = ctx.stores.vservices.get(&ObjectRef::new(&svc_name).within(&ns));
+        let svc = ctx.stores.virt::<k8s_openapi::api::core::v1::Service>().get(&ObjectRef::new(&svc_name).within(&ns));
         is_tenant_slice(v, svc.as_deref())
     }
 

@@ -118,14 +118,7 @@ pub fn virtual_event(ctx_host_ns: &str, host: &Event, owner: &Owner) -> Event {
 /// The virtual object a host event is about, if it is about one of our host copies.
 fn owner_of(ctx: &Context, e: &Event) -> Option<Owner> {
     let name = e.involved_object.name.as_deref()?;
-    let meta = match e.involved_object.kind.as_deref()? {
-        "Pod" => ctx.stores.hpods.get(&ObjectRef::new(name).within(ctx.host_ns())).map(|o| o.metadata.clone()),
-        "Service" => ctx.stores.hservices.get(&ObjectRef::new(name).within(ctx.host_ns())).map(|o| o.metadata.clone()),
-        "PersistentVolumeClaim" => {
-            ctx.stores.hpvcs.get(&ObjectRef::new(name).within(ctx.host_ns())).map(|o| o.metadata.clone())
-        }
-        _ => None,
-    }?;
+    let meta = ctx.stores.kinds.host_meta(e.involved_object.kind.as_deref()?, ctx.host_ns(), name)?;
     ctx.tr.owner(&meta)
 }
 

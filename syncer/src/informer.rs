@@ -30,7 +30,7 @@ pub enum Change {
 }
 
 pub struct Informer<K: Resource<DynamicType = ()> + Clone + 'static, S: StoredAs<K> = K> {
-    name: &'static str,
+    name: String,
     api: Api<K>,
     config: watcher::Config,
     writer: Writer<S>,
@@ -45,10 +45,10 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     S: StoredAs<K>,
 {
-    pub fn new(name: &'static str, api: Api<K>, config: watcher::Config) -> Self {
+    pub fn new(name: impl Into<String>, api: Api<K>, config: watcher::Config) -> Self {
         let writer = Writer::default();
         let store = writer.as_reader();
-        Informer { name, api, config, writer, store, handlers: vec![], slim: None }
+        Informer { name: name.into(), api, config, writer, store, handlers: vec![], slim: None }
     }
 
     /// Applies `f` to every object before it is stored and handed to handlers.
@@ -83,7 +83,7 @@ where
             let event = match event {
                 Ok(e) => e,
                 Err(e) => {
-                    tracing::warn!(watch = name, error = %e, "watch failed; retrying with backoff");
+                    tracing::warn!(watch = %name, error = %e, "watch failed; retrying with backoff");
                     continue;
                 }
             };
@@ -109,7 +109,7 @@ where
                             notify(&old.load(), Change::Deleted);
                         }
                     }
-                    tracing::debug!(watch = name, objects = store.len(), "listed");
+                    tracing::debug!(watch = %name, objects = store.len(), "listed");
                 }
             }
         }

@@ -1,17 +1,20 @@
 //! Kinds whose host copy is a translated copy of the virtual object, kept in step and removed
-//! when the virtual object goes or is no longer wanted: configmaps, secrets, endpoints, claims,
-//! network policies.
+//! when the virtual object goes or is no longer wanted: configmaps, secrets, endpoints, endpoint
+//! slices, claims, network policies. Every [`Mirror`] is a [`SyncedKind`] reconciled here.
 
 use std::fmt::Debug;
 use std::future::Future;
 
 use k8s_openapi::NamespaceResourceScope;
 use kube::Resource;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::context::{Context, Key};
+use crate::kind::SyncedKind;
+use crate::naming::Translator;
 use crate::policy::Refusal;
 use crate::queue::Action;
 use crate::sync::{self, HostCopy, Result};
@@ -28,12 +31,19 @@ pub trait Mirror:
 {
     const KIND: &'static str;
 
-    /// (virtual store, host store)
-    fn stores(ctx: &Context) -> (&Store<Self>, &Store<Self>);
+    /// Which host objects the host watch sees (see [`SyncedKind::host_watch`]).
+    fn host_watch(tr: &Translator) -> watcher::Config {
+        crate::kind::owned_by_cluster(tr)
+    }
 
     /// Whether this virtual object belongs on the host at all.
     fn wanted(_ctx: &Context, _v: &Self) -> bool {
         true
+    }
+
+    /// What the tenant is told about a live object that is not wanted on the host.
+    fn not_wanted(_ctx: &Context, _v: &Self) -> impl Future<Output = ()> + Send {
+        async {}
     }
 
     /// The host copy (pure). `Err` keeps it off the host with a Warning event.
@@ -53,12 +63,33 @@ pub trait Mirror:
     }
 }
 
-pub async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> {
-    let (vstore, hstore) = M::stores(ctx);
+impl<M: Mirror> SyncedKind for M {
+    const KIND: &'static str = <M as Mirror>::KIND;
+    type Virtual = M;
+    type VirtualStored = M;
+    type Host = M;
+    type HostStored = M;
+
+    fn host_watch(tr: &Translator) -> watcher::Config {
+        <M as Mirror>::host_watch(tr)
+    }
+
+    fn reconcile(ctx: &Context, key: Key) -> impl Future<Output = Result<Action>> + Send {
+        reconcile::<M>(ctx, key)
+    }
+}
+
+async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> {
     let host_name = ctx.tr.host_name(&ns, &name);
-    let v = vstore.get(&ObjectRef::new(&name).within(&ns));
-    let h = sync::host_get(hstore, ctx, &host_name);
-    let wanted = v.as_ref().filter(|v| v.meta().deletion_timestamp.is_none() && M::wanted(ctx, v));
+    let v = ctx.stores.virt::<M>().get(&ObjectRef::new(&name).within(&ns));
+    let h = sync::host_get(ctx.stores.host::<M>(), ctx, &host_name);
+    let live = v.as_ref().filter(|v| v.meta().deletion_timestamp.is_none());
+    if let Some(v) = live
+        && !M::wanted(ctx, v)
+    {
+        M::not_wanted(ctx, v).await;
+    }
+    let wanted = live.filter(|v| M::wanted(ctx, v));
     let Some(v) = wanted else {
         if let Some(h) = h
             && sync::mirrors(ctx, h.as_ref(), M::KIND, &ns, &name).is_some()

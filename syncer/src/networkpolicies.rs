@@ -8,13 +8,11 @@
 
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::runtime::reflector::{ObjectRef, Store};
 
-use crate::context::{Context, Key};
-use crate::mirror::{self, Mirror, meta_differs};
+use crate::context::Context;
+use crate::mirror::{Mirror, meta_differs};
 use crate::naming::{NamespaceLabels, Translator, namespaces_matching};
 use crate::policy::Refusal;
-use crate::queue::Action;
 use crate::sync::{self, Result};
 
 pub const KIND: &str = "NetworkPolicy";
@@ -22,12 +20,14 @@ pub const KIND: &str = "NetworkPolicy";
 impl Mirror for NetworkPolicy {
     const KIND: &'static str = KIND;
 
-    fn stores(ctx: &Context) -> (&Store<Self>, &Store<Self>) {
-        (&ctx.stores.vnetworkpolicies, &ctx.stores.hnetworkpolicies)
-    }
-
     fn wanted(ctx: &Context, _v: &Self) -> bool {
         ctx.opts.sync_network_policies
+    }
+
+    async fn not_wanted(ctx: &Context, v: &Self) {
+        let note = "network policies are not enforced in this virtual cluster: its admin has not turned on their sync \
+                    to the host (--sync-network-policies, chart value sync.networkPolicies)";
+        sync::warn(ctx, v, "NotEnforced", note).await;
     }
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
@@ -35,20 +35,8 @@ impl Mirror for NetworkPolicy {
     }
 
     fn differs(d: &Self, c: &Self) -> bool {
-        meta_differs(d, c) || serde_json::to_value(&d.spec).ok() != serde_json::to_value(&c.spec).ok()
+        meta_differs(d, c) || d.spec != c.spec
     }
-}
-
-pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
-    if !ctx.opts.sync_network_policies
-        && let Some(v) = ctx.stores.vnetworkpolicies.get(&ObjectRef::new(&name).within(&ns))
-        && v.metadata.deletion_timestamp.is_none()
-    {
-        let note = "network policies are not enforced in this virtual cluster: its admin has not turned on their sync \
-                    to the host (--sync-network-policies, chart value sync.networkPolicies)";
-        sync::warn(ctx, v.as_ref(), "NotEnforced", note).await;
-    }
-    mirror::reconcile::<NetworkPolicy>(ctx, (ns, name)).await
 }
 
 /// The host copy of virtual policy `v`, given every virtual namespace with its labels (pure).

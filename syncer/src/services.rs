@@ -6,11 +6,15 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Endpoints, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::context::{Context, Key};
+use crate::endpointslices::LABEL_SERVICE_NAME;
+use crate::informer::{Change, key_of};
+use crate::kind::SyncedKind;
 use crate::mirror::meta_differs;
 use crate::naming::{ANNOTATION_UID, Translator};
 use crate::policy::{Policy, Refusal};
@@ -18,6 +22,32 @@ use crate::queue::Action;
 use crate::sync::{self, HostCopy, PENDING_UID, Result};
 
 pub const KIND: &str = "Service";
+
+impl SyncedKind for Service {
+    const KIND: &'static str = KIND;
+    type Virtual = Service;
+    type VirtualStored = Service;
+    type Host = Service;
+    type HostStored = Service;
+
+    /// Its Endpoints follow it, and a selector added or removed changes which of its slices are
+    /// the tenant's.
+    fn on_virtual_change(c: &Context, s: &Service, _: Change) {
+        let (ns, name) = key_of(s);
+        c.queues.of::<Service>().add((ns.clone(), name.clone()));
+        c.queues.of::<Endpoints>().add((ns.clone(), name.clone()));
+        for slice in c.stores.virt::<EndpointSlice>().state() {
+            let of_service = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) == Some(&name);
+            if of_service && slice.metadata.namespace.as_deref() == Some(ns.as_str()) {
+                c.queues.of::<EndpointSlice>().add(key_of(slice.as_ref()));
+            }
+        }
+    }
+
+    fn reconcile(ctx: &Context, key: Key) -> impl Future<Output = Result<Action>> + Send {
+        reconcile(ctx, key)
+    }
+}
 /// When a host Service was marked pending (RFC 3339): a pending copy younger than
 /// [`PENDING_GRACE`] is being created and must not be taken for an orphan.
 pub const ANNOTATION_PENDING_SINCE: &str = "vkube.dev/pending-since";
@@ -102,8 +132,8 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
         return api_service(ctx).await;
     }
     let host_name = ctx.tr.host_name(&ns, &name);
-    let v = ctx.stores.vservices.get(&ObjectRef::new(&name).within(&ns));
-    let h = sync::host_get(&ctx.stores.hservices, ctx, &host_name);
+    let v = ctx.stores.virt::<Service>().get(&ObjectRef::new(&name).within(&ns));
+    let h = sync::host_get(ctx.stores.host::<Service>(), ctx, &host_name);
     let Some(v) = v.filter(|v| v.metadata.deletion_timestamp.is_none()) else {
         if let Some(h) = h
             && sync::mirrors(ctx, h.as_ref(), KIND, &ns, &name).is_some()
@@ -288,7 +318,7 @@ async fn report_back(ctx: &Context, v: &Service, h: &Service) -> Result<()> {
 /// of the proxy: in-cluster clients resolving `kubernetes.default` reach the virtual API server.
 async fn api_service(ctx: &Context) -> Result<Action> {
     let vapi: Api<Service> = Api::namespaced(ctx.virt.clone(), "default");
-    let current = ctx.stores.vservices.get(&ObjectRef::new("kubernetes").within("default"));
+    let current = ctx.stores.virt::<Service>().get(&ObjectRef::new("kubernetes").within("default"));
     let want = ctx.opts.api_ip.as_str();
     let Some(current) = current else {
         // The API server recreates it within seconds; then we fix its IP.

@@ -130,7 +130,7 @@ fn expires_soon(meta: &ObjectMeta) -> bool {
 /// The virtual pod a token Secret of ours was issued for, if it still exists.
 fn pod_of(ctx: &Context, meta: &ObjectMeta) -> Option<std::sync::Arc<crate::compact::Compact<Pod>>> {
     let owner = ctx.tr.owner(meta).filter(|o| o.kind == KIND)?;
-    let pod = ctx.stores.vpods.get(&ObjectRef::new(&owner.name).within(&owner.namespace))?;
+    let pod = ctx.stores.virt::<Pod>().get(&ObjectRef::new(&owner.name).within(&owner.namespace))?;
     (pod.metadata.uid.as_deref() == Some(owner.uid.as_str())).then_some(pod)
 }
 

@@ -15,17 +15,60 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 
+use crate::compact::Compact;
 use crate::context::{Context, Key};
+use crate::informer::{Change, key_of};
+use crate::kind::SyncedKind;
 use crate::queue::Action;
+use crate::refs::{self, RefKind};
 use crate::sync::{self, HostCopy, Result};
 use translate::PodEnv;
 
 pub const KIND: &str = "Pod";
 
+impl SyncedKind for Pod {
+    const KIND: &'static str = KIND;
+    type Virtual = Pod;
+    type VirtualStored = Compact<Pod>;
+    type Host = Pod;
+    type HostStored = Compact<Pod>;
+    const SLIM_HOST: Option<fn(&mut Pod)> = Some(slim_host_pod);
+
+    /// What a pod uses (configmaps, secrets, claims, its node) is synced while it is used, and
+    /// its token Secrets go with it.
+    fn on_virtual_change(c: &Context, p: &Pod, change: Change) {
+        let (ns, name) = key_of(p);
+        let changed = match change {
+            Change::Deleted => {
+                for (secret, _) in translate::token_secrets(&c.tr, p) {
+                    c.queues.tokens.add(secret);
+                }
+                c.refs.remove(&ns, &name)
+            }
+            Change::Applied | Change::Listed => c.refs.update(&ns, &name, refs::pod_refs(p)),
+        };
+        for (kind, tns, tname) in changed {
+            match kind {
+                RefKind::ConfigMap => c.queues.of::<k8s_openapi::api::core::v1::ConfigMap>().add((tns, tname)),
+                RefKind::Secret => c.queues.of::<k8s_openapi::api::core::v1::Secret>().add((tns, tname)),
+                RefKind::PersistentVolumeClaim => {
+                    c.queues.of::<k8s_openapi::api::core::v1::PersistentVolumeClaim>().add((tns, tname))
+                }
+                RefKind::Node => c.queues.nodes.add(tname),
+            }
+        }
+        c.queues.of::<Pod>().add((ns, name));
+    }
+
+    fn reconcile(ctx: &Context, key: Key) -> impl Future<Output = Result<Action>> + Send {
+        reconcile(ctx, key)
+    }
+}
+
 pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
     let host_name = ctx.tr.host_name(&ns, &name);
-    let v = ctx.stores.vpods.get(&ObjectRef::new(&name).within(&ns)).map(|p| Arc::new(p.load()));
-    let h = sync::host_get(&ctx.stores.hpods, ctx, &host_name).map(|p| Arc::new(p.load()));
+    let v = ctx.stores.virt::<Pod>().get(&ObjectRef::new(&name).within(&ns)).map(|p| Arc::new(p.load()));
+    let h = sync::host_get(ctx.stores.host::<Pod>(), ctx, &host_name).map(|p| Arc::new(p.load()));
 
     let Some(v) = v else {
         // The virtual pod is gone (force-deleted, or while we were down): so goes its copy.
@@ -142,7 +185,7 @@ fn service_links_for(ctx: &Context, v: &Pod) -> Vec<k8s_openapi::api::core::v1::
         return vec![];
     }
     let ns = v.metadata.namespace.as_deref().unwrap_or_default();
-    let services = ctx.stores.vservices.state();
+    let services = ctx.stores.virt::<k8s_openapi::api::core::v1::Service>().state();
     let in_ns: Vec<&k8s_openapi::api::core::v1::Service> =
         services.iter().filter(|s| s.metadata.namespace.as_deref() == Some(ns)).map(|s| s.as_ref()).collect();
     translate::service_links(&in_ns)

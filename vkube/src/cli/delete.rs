@@ -5,12 +5,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Endpoints, LimitRange, Namespace, PersistentVolumeClaim, Pod, ResourceQuota, Secret, Service,
-    ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
+use kube::discovery::ApiResource;
 use vkube::names;
 use vkube_syncer::naming::LABEL_CLUSTER;
 
@@ -79,20 +77,17 @@ impl DeleteArgs {
     }
 }
 
-/// Deletes every object of the cluster from the host namespace: synced workloads (labelled with
-/// the cluster) and control-plane objects (labelled as its control plane), and the cluster-wide
-/// RBAC the chart may have made.
+/// Deletes every object of the cluster from the host namespace: synced workloads (every host
+/// kind the syncer writes, labelled with the cluster) and control-plane objects (labelled as its
+/// control plane), and the cluster-wide RBAC the chart may have made.
 pub async fn remove_all(host: &kube::Client, ns: &str, name: &str) -> anyhow::Result<()> {
     let synced = ListParams::default().labels(&format!("{LABEL_CLUSTER}={name}"));
     let control = ListParams::default().labels(&format!("{}={name}", names::LABEL_CONTROL_PLANE));
     let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
-    for lp in [&synced, &control] {
-        delete_collection::<Pod>(host, ns, lp, &now).await?;
-        delete_collection::<ConfigMap>(host, ns, lp, &now).await?;
-        delete_collection::<Secret>(host, ns, lp, &now).await?;
-        delete_collection::<Endpoints>(host, ns, lp, &now).await?;
-        delete_collection::<PersistentVolumeClaim>(host, ns, lp, &now).await?;
-        delete_each::<Service>(host, ns, lp).await?;
+    for ar in vkube_syncer::kind::host_resources() {
+        for lp in [&synced, &control] {
+            delete_labelled(host, ns, &ar, lp, &now).await?;
+        }
     }
     delete_collection::<StatefulSet>(host, ns, &control, &now).await?;
     delete_collection::<ServiceAccount>(host, ns, &control, &now).await?;
@@ -117,6 +112,34 @@ pub async fn remove_all(host: &kube::Client, ns: &str, name: &str) -> anyhow::Re
     Ok(())
 }
 
+/// Deletes the objects of type `ar` that `lp` selects: as a collection, or one by one where the
+/// type has no collection delete (Services).
+async fn delete_labelled(
+    host: &kube::Client,
+    ns: &str,
+    ar: &ApiResource,
+    lp: &ListParams,
+    dp: &DeleteParams,
+) -> anyhow::Result<()> {
+    let api: Api<DynamicObject> = Api::namespaced_with(host.clone(), ns, ar);
+    let context = || format!("deleting {} in {ns}", ar.plural);
+    match api.delete_collection(dp, lp).await {
+        Ok(_) => return Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 405 => {}
+        Err(e) => return Err(e).with_context(context),
+    }
+    for o in api.list(lp).await.with_context(context)?.items {
+        let Some(name) = o.metadata.name else { continue };
+        match api.delete(&name, dp).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e).with_context(context),
+        }
+    }
+    Ok(())
+}
+
 async fn delete_collection<K>(host: &kube::Client, ns: &str, lp: &ListParams, dp: &DeleteParams) -> anyhow::Result<()>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -129,25 +152,4 @@ where
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e).with_context(|| format!("deleting {} in {ns}", K::plural(&()))),
     }
-}
-
-/// Services have no delete-collection endpoint.
-async fn delete_each<K>(host: &kube::Client, ns: &str, lp: &ListParams) -> anyhow::Result<()>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api = Api::<K>::namespaced(host.clone(), ns);
-    for o in api.list(lp).await?.items {
-        if let Some(name) = o.meta().name.clone() {
-            match api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e).with_context(|| format!("deleting {} {ns}/{name}", K::kind(&()))),
-            }
-        }
-    }
-    Ok(())
 }
