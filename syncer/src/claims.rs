@@ -2,7 +2,7 @@
 //! (bound, capacity) flows back.
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch};
 
 use crate::context::Context;
 use crate::mirror::{Mirror, meta_differs};
@@ -59,7 +59,7 @@ impl Mirror for PersistentVolumeClaim {
         let api: Api<Self> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
         api.patch_status(
             v.metadata.name.as_deref().unwrap_or_default(),
-            &PatchParams::default(),
+            &crate::sync::patch_params(),
             &Patch::Merge(serde_json::json!({ "status": want })),
         )
         .await?;

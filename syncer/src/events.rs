@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::{Event, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::context::Context;
@@ -63,7 +63,7 @@ pub async fn keep_mark(ctx: &Context, every: std::time::Duration) {
             continue;
         }
         let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_MARK: now.map(|t| t.to_string())}}});
-        match api.patch(svc, &PatchParams::default(), &Patch::Merge(patch)).await {
+        match api.patch(svc, &crate::sync::patch_params(), &Patch::Merge(patch)).await {
             Ok(_) => written = now,
             Err(e) => tracing::debug!(error = %e, "recording the events mark failed; retrying"),
         }
@@ -131,7 +131,7 @@ pub async fn reconcile(ctx: &Context, host_event: String) -> Result<Action> {
     let seen = last_seen(&e);
     let desired = virtual_event(ctx.host_ns(), &e, &owner);
     let api: Api<Event> = Api::namespaced(ctx.virt.clone(), &owner.namespace);
-    match api.create(&PostParams::default(), &desired).await {
+    match api.create(&crate::sync::post_params(), &desired).await {
         Ok(_) => ctx.metrics.wrote(KIND, "create"),
         Err(kube::Error::Api(err)) if err.code == 409 => {
             let patch = serde_json::json!({
@@ -142,7 +142,7 @@ pub async fn reconcile(ctx: &Context, host_event: String) -> Result<Action> {
             });
             api.patch(
                 desired.metadata.name.as_deref().unwrap_or_default(),
-                &PatchParams::default(),
+                &crate::sync::patch_params(),
                 &Patch::Merge(patch),
             )
             .await?;

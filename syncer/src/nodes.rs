@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::context::Context;
@@ -85,13 +85,14 @@ pub async fn ensure(ctx: &Context, name: &str) -> Result<()> {
         }
     };
     let api: Api<Node> = Api::all(ctx.virt.clone());
-    match api.create(&PostParams::default(), &virtual_node(name, host.as_ref())).await {
+    match api.create(&crate::sync::post_params(), &virtual_node(name, host.as_ref())).await {
         Ok(_) => ctx.metrics.wrote(KIND, "create"),
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
     let status = virtual_node_status(host.as_ref());
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({ "status": status }))).await?;
+    api.patch_status(name, &crate::sync::patch_params(), &Patch::Merge(serde_json::json!({ "status": status })))
+        .await?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use kube::runtime::scheduler::{ScheduleRequest, scheduler};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::metrics::{KindLabel, Metrics};
 
@@ -130,7 +131,9 @@ impl<K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static> Worker<K> {
                     }
                     loop {
                         let started = Instant::now();
-                        let result = reconcile(key.clone()).await;
+                        // Every log line of a reconcile names its kind and key.
+                        let span = tracing::info_span!("reconcile", kind, key = ?key);
+                        let result = reconcile(key.clone()).instrument(span).await;
                         let m = &queue.metrics;
                         m.reconcile_duration.get_or_create(labels).observe(started.elapsed().as_secs_f64());
                         if let Some(at) = queued_at {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::context::{Context, Key};
@@ -225,7 +225,7 @@ async fn create(ctx: &Context, v: &Service, desired: Service) -> Result<Action> 
 async fn adopt(ctx: &Context, h: &Service, uid: &str) -> Result<()> {
     let api: Api<Service> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_UID: uid, ANNOTATION_PENDING_SINCE: null}}});
-    api.patch(h.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    api.patch(h.metadata.name.as_deref().unwrap_or_default(), &sync::patch_params(), &Patch::Merge(patch)).await?;
     ctx.metrics.wrote(KIND, "adopt");
     Ok(())
 }
@@ -257,7 +257,7 @@ async fn follow_host_ip(ctx: &Context, v: &Service, h: &Service) -> Result<Actio
         s.cluster_ip = hs.cluster_ip.clone();
         s.cluster_ips = hs.cluster_ips.clone();
     }
-    vapi.create(&PostParams::default(), &next).await?;
+    vapi.create(&sync::post_params(), &next).await?;
     ctx.metrics.wrote(KIND, "recreate_virtual");
     Ok(Action::Done)
 }
@@ -267,7 +267,7 @@ pub async fn mark_pending(ctx: &Context, host_name: &str) -> Result<()> {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let patch =
         serde_json::json!({"metadata": {"annotations": {ANNOTATION_UID: PENDING_UID, ANNOTATION_PENDING_SINCE: now}}});
-    api.patch(host_name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+    api.patch(host_name, &sync::patch_params(), &Patch::Merge(patch)).await?;
     Ok(())
 }
 
@@ -296,7 +296,7 @@ async fn report_back(ctx: &Context, v: &Service, h: &Service) -> Result<()> {
         if changed {
             // A JSON merge patch replaces the list whole: exactly the ports, with host node ports.
             let patch = serde_json::json!({"spec": {"ports": ports}});
-            vapi.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+            vapi.patch(name, &sync::patch_params(), &Patch::Merge(patch)).await?;
             ctx.metrics.wrote(KIND, "update_virtual");
         }
     }
@@ -305,7 +305,7 @@ async fn report_back(ctx: &Context, v: &Service, h: &Service) -> Result<()> {
     if serde_json::to_value(&host_lb).ok() != serde_json::to_value(&virt_lb).ok() && host_lb.is_some() {
         vapi.patch_status(
             name,
-            &PatchParams::default(),
+            &sync::patch_params(),
             &Patch::Merge(serde_json::json!({"status": {"loadBalancer": host_lb}})),
         )
         .await?;
@@ -345,7 +345,7 @@ async fn api_service(ctx: &Context) -> Result<Action> {
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
-    match vapi.create(&PostParams::default(), &next).await {
+    match vapi.create(&sync::post_params(), &next).await {
         Ok(_) => ctx.metrics.wrote(KIND, "api_service"),
         // The API server recreated it first: try again.
         Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => {

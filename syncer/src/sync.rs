@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -29,8 +29,12 @@ pub enum SyncError {
     /// A host object of that name exists and is not ours (host watches only see ours).
     #[error("host object {0} exists and is not managed by this virtual cluster")]
     Collision(String),
-    #[error("{0}")]
-    Other(String),
+    /// An object changed under our feet between two requests; the retry sees it as it is now.
+    #[error("{0} changed while being written; retrying")]
+    Raced(String),
+    /// The virtual API server answered a TokenRequest without a token.
+    #[error("the TokenRequest for {0} was answered without a token")]
+    NoToken(String),
 }
 
 impl ErrorLabel for SyncError {
@@ -43,7 +47,8 @@ impl ErrorLabel for SyncError {
             SyncError::Kube(kube::Error::Api(_)) => "api",
             SyncError::Kube(_) => "transport",
             SyncError::Collision(_) => "collision",
-            SyncError::Other(_) => "other",
+            SyncError::Raced(_) => "raced",
+            SyncError::NoToken(_) => "no_token",
         }
     }
 }
@@ -96,6 +101,16 @@ pub fn mirrors<K: Resource>(ctx: &Context, h: &K, kind: &str, ns: &str, name: &s
     ctx.tr.owner(h.meta()).filter(|o| o.kind == kind && o.namespace == ns && o.name == name)
 }
 
+/// Every write of the syncer names the one field manager.
+pub fn post_params() -> PostParams {
+    PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() }
+}
+
+/// See [`post_params`].
+pub fn patch_params() -> PatchParams {
+    PatchParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() }
+}
+
 /// Deletes a host object we own (by name, with a uid precondition so nothing else is hit).
 pub async fn delete_host<K>(ctx: &Context, kind: &'static str, h: &K, grace: Option<i64>) -> Result<()>
 where
@@ -130,8 +145,7 @@ where
 {
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let name = desired.meta().name.clone().unwrap_or_default();
-    let pp = PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() };
-    match api.create(&pp, desired).await {
+    match api.create(&post_params(), desired).await {
         Ok(_) => {
             ctx.metrics.wrote(kind, "create");
             Ok(())
@@ -175,12 +189,7 @@ where
     desired.meta_mut().resource_version = current.meta().resource_version.clone();
     desired.meta_mut().uid = current.meta().uid.clone();
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    api.replace(
-        &current.name_any(),
-        &PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() },
-        &desired,
-    )
-    .await?;
+    api.replace(&current.name_any(), &post_params(), &desired).await?;
     ctx.metrics.wrote(kind, "update");
     Ok(())
 }

@@ -15,7 +15,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::context::Context;
@@ -46,7 +46,7 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     // Created blind: on the pod-creation path the Secret is almost always new, and a look first
     // would be one more host request per pod.
     let secret = issue(ctx, pod, secret_name, audience).await?;
-    let pp = PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() };
+    let pp = crate::sync::post_params();
     match api(ctx).create(&pp, &secret).await {
         Ok(_) => {
             ctx.metrics.wrote(KIND, "create");
@@ -57,7 +57,7 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     }
     let Some(current) = api(ctx).get_metadata_opt(secret_name).await? else {
         // Gone again in between: the next reconcile creates it.
-        return Err(SyncError::Other(format!("token Secret {secret_name} vanished while being written")));
+        return Err(SyncError::Raced(format!("token Secret {secret_name}")));
     };
     match ctx.tr.owner(&current.metadata) {
         // Ours and good; one left by an earlier pod of the same name is replaced (its token is
@@ -92,9 +92,9 @@ async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&st
         ..Default::default()
     };
     let sas: Api<ServiceAccount> = Api::namespaced(ctx.virt.clone(), ns);
-    let issued = sas.create_token_request(&sa, &PostParams::default(), &request).await?;
-    let status = issued.status.ok_or_else(|| SyncError::Other("TokenRequest returned no token".into()))?;
-    let token = status.token.ok_or_else(|| SyncError::Other("TokenRequest returned no token".into()))?;
+    let issued = sas.create_token_request(&sa, &crate::sync::post_params(), &request).await?;
+    let status = issued.status.ok_or_else(|| SyncError::NoToken(format!("{ns}/{sa}")))?;
+    let token = status.token.ok_or_else(|| SyncError::NoToken(format!("{ns}/{sa}")))?;
     // The pod's identity only: its labels and annotations are the pod's business, not the token's.
     let identity = ObjectMeta {
         name: pod.metadata.name.clone(),

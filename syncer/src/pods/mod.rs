@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::compact::Compact;
@@ -228,7 +228,7 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         }
     };
     let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    let pp = PatchParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() };
+    let pp = sync::patch_params();
     let name = h.metadata.name.as_deref().unwrap_or_default();
     if let Some(patch) = host_pod_patch(&desired, h) {
         api.patch(name, &pp, &Patch::Strategic(patch)).await?;
@@ -432,8 +432,7 @@ async fn bind(ctx: &Context, v: &Pod, h: &Pod) -> Result<bool> {
         },
     };
     let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), ns);
-    match api.create_subresource::<Binding, serde_json::Value>("binding", name, &PostParams::default(), &binding).await
-    {
+    match api.create_subresource::<Binding, serde_json::Value>("binding", name, &sync::post_params(), &binding).await {
         Ok(_) => ctx.metrics.wrote(KIND, "bind"),
         // Already bound (our own earlier attempt).
         Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -449,7 +448,7 @@ async fn report_status(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
     }
     let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
     let patch = serde_json::json!({ "status": desired });
-    api.patch_status(v.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(patch))
+    api.patch_status(v.metadata.name.as_deref().unwrap_or_default(), &sync::patch_params(), &Patch::Merge(patch))
         .await?;
     ctx.metrics.wrote(KIND, "status");
     Ok(())
