@@ -78,7 +78,11 @@ pub struct ProxyConfig {
     /// The control plane's own client of the host API server.
     pub host: kube::Client,
     pub serving: Arc<ServingCert>,
+    /// What else must hold for `/readyz` (the syncer running): `Err` says what does not.
+    pub ready: ReadyCheck,
 }
+
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 pub struct Proxy {
     translator: Translator,
@@ -94,6 +98,7 @@ pub struct Proxy {
     host: kube::Client,
     acceptor: TlsAcceptor,
     metrics: Metrics,
+    ready: ReadyCheck,
 }
 
 /// What is known about a connection once its TLS handshake is done.
@@ -120,6 +125,7 @@ impl Proxy {
             host: cfg.host,
             acceptor: TlsAcceptor::from(Arc::new(server)),
             metrics: Metrics::register(registry),
+            ready: cfg.ready,
         }))
     }
 
@@ -237,6 +243,9 @@ impl Proxy {
         match h {
             Health::Healthz | Health::Livez => text(StatusCode::OK, "ok".into()),
             Health::Readyz => {
+                if let Err(why) = (self.ready)() {
+                    return text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"));
+                }
                 let req = Request::get("/readyz").body(vec![]).expect("static request");
                 match self.admin.request_text(req).await {
                     Ok(_) => text(StatusCode::OK, "ok".into()),

@@ -102,6 +102,7 @@ pub struct Context {
     /// Host events up to this time are mirrored (best effort, as events are).
     pub events_mark: RwLock<Option<k8s_openapi::jiff::Timestamp>>,
     pub metrics: Metrics,
+    pub health: crate::health::Health,
 }
 
 impl Context {

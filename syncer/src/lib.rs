@@ -20,6 +20,7 @@ pub mod dns;
 pub mod endpoints;
 pub mod endpointslices;
 pub mod events;
+pub mod health;
 pub mod informer;
 pub mod kind;
 pub mod metrics;
@@ -69,13 +70,24 @@ pub struct Config {
     pub coredns_image: String,
     /// Registered by the caller (`Metrics::register`) before its registry is served.
     pub metrics: Metrics,
+    /// Told when the caches are filled and when the syncer stops.
+    pub health: health::Health,
+}
+
+/// Why the syncer stopped before it was asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum Stopped {
+    #[error("a watch or work loop ended: {0}")]
+    TaskEnded(String),
 }
 
 /// How often every object is looked at again, whatever the watches said (drift repair).
 const RESYNC: Duration = Duration::from_secs(600);
 
-/// Runs the syncer until `shutdown` resolves.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
+/// Runs the syncer until `shutdown` resolves (`Ok`) or one of its loops ends (`Err`, also told
+/// to `cfg.health`).
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Stopped> {
+    let health = cfg.health.clone();
     let metrics = cfg.metrics.clone();
     let host_ns = cfg.translator.host_namespace().to_string();
     let all = watcher::Config::default().any_semantic();
@@ -115,6 +127,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         dns_ip: Default::default(),
         events_mark: Default::default(),
         metrics,
+        health: cfg.health,
     });
 
     let mut tasks = JoinSet::new();
@@ -149,6 +162,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
     let started = std::time::Instant::now();
     let main = async move {
         futures::future::join_all(ready).await;
+        c.health.syncing();
         tracing::info!(
             pods = c.stores.virt::<k8s_openapi::api::core::v1::Pod>().len(),
             host_pods = c.stores.host::<k8s_openapi::api::core::v1::Pod>().len(),
@@ -165,8 +179,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         // its pods.
         spawn_worker(&mut running, events_w, 2, c.clone(), |c, k| async move { events::reconcile(&c, k).await });
         c.queues.of::<Service>().add(("default".into(), "kubernetes".into()));
-        let marker = c.clone();
-        running.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });
+        if c.opts.events_mark_service.is_some() {
+            let marker = c.clone();
+            running.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });
+        }
         while let Err(e) = dns::ensure(&c.virt, &coredns_image, &c.opts.cluster_domain).await {
             tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -186,16 +202,34 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) {
         let mut tick = tokio::time::interval(RESYNC);
         tick.tick().await;
         loop {
-            tick.tick().await;
-            resync.iter().for_each(|r| r(&c));
-            tokens::sweep(&c).await;
+            tokio::select! {
+                _ = tick.tick() => {
+                    resync.iter().for_each(|r| r(&c));
+                    tokens::sweep(&c).await;
+                }
+                Some(ended) = running.join_next() => return Stopped::TaskEnded(describe(ended)),
+            }
         }
     };
-    tokio::select! {
-        _ = main => {}
-        _ = shutdown => {}
-    }
+    let result = tokio::select! {
+        stopped = main => Err(stopped),
+        Some(ended) = tasks.join_next() => Err(Stopped::TaskEnded(describe(ended))),
+        _ = shutdown => Ok(()),
+    };
     tasks.abort_all();
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "the syncer stopped");
+        health.stopped(e.to_string());
+    }
+    result
+}
+
+fn describe(ended: Result<(), tokio::task::JoinError>) -> String {
+    match ended {
+        Ok(()) => "returned".into(),
+        Err(e) if e.is_panic() => "panicked (see the log above)".into(),
+        Err(e) => e.to_string(),
+    }
 }
 
 type Wire = Box<dyn FnOnce(&Arc<Context>, &mut JoinSet<()>) + Send>;

@@ -310,6 +310,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         bundle.get("apiserver.crt").unwrap_or_default(),
         bundle.get("apiserver.key").unwrap_or_default(),
     )?;
+    let health = vkube_syncer::health::Health::default();
     let proxy = Proxy::new(
         ProxyConfig {
             translator: translator.clone(),
@@ -321,6 +322,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             admin: admin.clone(),
             host: host.clone(),
             serving: serving.clone(),
+            ready: {
+                let health = health.clone();
+                Arc::new(move || health.check())
+            },
         },
         &mut registry,
     )?;
@@ -341,7 +346,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let metrics = vkube_syncer::Metrics::register(&mut registry);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let syncer = spawn_syncer(args.clone(), bundle.clone(), translator, policy, options, metrics, stop_rx)?;
+    let coredns_image = args.sync.coredns_image.clone();
+    let syncer_health = health.clone();
+    let config = move |host, virt| vkube_syncer::Config {
+        translator,
+        policy,
+        options,
+        virt,
+        host,
+        coredns_image,
+        metrics,
+        health: syncer_health,
+    };
+    let syncer = spawn_syncer(args.clone(), bundle.clone(), health, config, stop_rx)?;
     let registry = Arc::new(registry);
     proxy.serve(listener, registry, shutdown_signal()).await;
     let _ = stop_tx.send(true);
@@ -356,15 +373,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 fn spawn_syncer(
     args: RunArgs,
     bundle: Bundle,
-    translator: Translator,
-    policy: vkube_syncer::policy::Policy,
-    options: vkube_syncer::context::Options,
-    metrics: vkube_syncer::Metrics,
+    health: vkube_syncer::health::Health,
+    config: impl FnOnce(kube::Client, kube::Client) -> vkube_syncer::Config + Send + 'static,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("syncer").enable_all().build()?;
     Ok(std::thread::Builder::new().name("syncer".into()).spawn(move || {
+        // However the thread ends (a panic included), `/readyz` says so from then on.
+        struct OnExit(vkube_syncer::health::Health);
+        impl Drop for OnExit {
+            fn drop(&mut self) {
+                self.0.stopped("its thread ended");
+            }
+        }
+        let _on_exit = OnExit(health.clone());
         rt.block_on(async move {
             let clients = async {
                 let host =
@@ -376,19 +399,12 @@ fn spawn_syncer(
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "the syncer could not build its clients");
+                    health.stopped(format!("could not build its clients: {e}"));
                     return;
                 }
             };
-            let config = vkube_syncer::Config {
-                translator,
-                policy,
-                options,
-                virt,
-                host,
-                coredns_image: args.sync.coredns_image.clone(),
-                metrics,
-            };
-            vkube_syncer::run(config, async move {
+            // A stopped syncer has logged why and told `health`.
+            let _ = vkube_syncer::run(config(host, virt), async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await;

@@ -1,0 +1,59 @@
+//! Whether the syncer is doing its job, for the control plane's `/readyz`: not until its caches
+//! are filled, and never again once it has stopped (a cluster whose objects no longer reach the
+//! host is not ready, whatever its API server says).
+
+use std::sync::{Arc, RwLock};
+
+#[derive(Clone, Debug, Default)]
+pub struct Health(Arc<RwLock<State>>);
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+enum State {
+    #[default]
+    Starting,
+    Syncing,
+    Stopped(String),
+}
+
+impl Health {
+    pub(crate) fn syncing(&self) {
+        let mut s = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if *s == State::Starting {
+            *s = State::Syncing;
+        }
+    }
+
+    /// The syncer stopped for `why`; the first reason is kept.
+    pub fn stopped(&self, why: impl Into<String>) {
+        let mut s = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*s, State::Stopped(_)) {
+            *s = State::Stopped(why.into());
+        }
+    }
+
+    /// `Err` says why the syncer is not ready.
+    pub fn check(&self) -> Result<(), String> {
+        match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            State::Syncing => Ok(()),
+            State::Starting => Err("the syncer is still filling its caches".into()),
+            State::Stopped(why) => Err(format!("the syncer stopped: {why}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_while_syncing() {
+        let h = Health::default();
+        assert!(h.check().is_err());
+        h.syncing();
+        assert_eq!(h.check(), Ok(()));
+        h.stopped("a watch task ended");
+        h.syncing();
+        h.stopped("later");
+        assert_eq!(h.check(), Err("the syncer stopped: a watch task ended".into()));
+    }
+}
