@@ -123,7 +123,7 @@ async fn serve_proxy(api: SocketAddr) -> Running {
         ProxyConfig {
             translator: vkube_syncer::naming::Translator::new("vc", "host-ns"),
             policy: Default::default(),
-            // Not reached by the requests below (host-bound subresources and health only).
+            // Nothing listens there: forwarded requests find the virtual API server down.
             virtual_server: format!("https://{}", closed_port().await).parse().unwrap(),
             virtual_ca_pem: get("ca.crt"),
             front_proxy_cert_pem: get("front-proxy-client.crt"),
@@ -148,8 +148,18 @@ enum Credential {
 }
 
 impl Running {
-    /// One HTTP/1.1 request over TLS: the status and body.
     async fn get(&self, path: &str, cred: Credential, headers: &[(&str, &str)]) -> (StatusCode, serde_json::Value) {
+        self.request(http::Method::GET, path, cred, headers).await
+    }
+
+    /// One HTTP/1.1 request over TLS: the status and body.
+    async fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        cred: Credential,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, serde_json::Value) {
         let ca = self.pki.get("ca.crt").unwrap();
         let config = match cred {
             Credential::Cert => {
@@ -168,7 +178,7 @@ impl Running {
             .unwrap();
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
         tokio::spawn(conn);
-        let mut req = Request::get(path).header("host", "localhost");
+        let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
         if matches!(cred, Credential::Token) {
             req = req.header("authorization", format!("Bearer {TOKEN}"));
         }
@@ -240,4 +250,16 @@ async fn an_unreachable_reviewer_is_503_not_403() {
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert_eq!(body["reason"], "ServiceUnavailable");
     }
+}
+
+#[tokio::test]
+async fn an_unreachable_virtual_api_server_is_503() {
+    let proxy = serve_proxy(fake_api_server(Sar::Allow).await).await;
+    let (code, body) = proxy.get("/api/v1/namespaces", Credential::Cert, &[]).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["message"].as_str().unwrap().starts_with("the virtual API server is unreachable"), "{body}");
+    // Service creation starts with a dry run forwarded the same way.
+    let (code, body) =
+        proxy.request(http::Method::POST, "/api/v1/namespaces/default/services", Credential::Cert, &[]).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 }
