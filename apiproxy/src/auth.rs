@@ -12,6 +12,7 @@ use kube::api::{Api, PostParams};
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
+use crate::error::ProxyError;
 use crate::tls::ClientCerts;
 
 /// An authenticated user, as the virtual API server should see it.
@@ -105,12 +106,14 @@ impl Authenticator {
     }
 
     /// The identity a request acts as: the authenticated one, or the one it impersonates
-    /// (`Impersonate-*` headers, i.e. `kubectl --as`) if RBAC lets it. `Err` carries the 403
-    /// message.
-    pub async fn effective(&self, id: &Identity, headers: &HeaderMap) -> Result<Identity, String> {
+    /// (`Impersonate-*` headers, i.e. `kubectl --as`) if RBAC lets it: `Forbidden` if not,
+    /// `Upstream` if the virtual API server could not be asked.
+    pub async fn effective(&self, id: &Identity, headers: &HeaderMap) -> Result<Identity, ProxyError> {
         let Some(user) = header_str(headers, "impersonate-user") else {
             if headers.contains_key("impersonate-group") {
-                return Err("requested impersonation of groups without a user".into());
+                // kube-apiserver answers 500 (InternalError) here; 403 is kept: it is the client's
+                // mistake, not a server fault, and what the proxy has always answered.
+                return Err(ProxyError::Forbidden("requested impersonation of groups without a user".into()));
             }
             return Ok(id.clone());
         };
@@ -136,10 +139,10 @@ impl Authenticator {
                 ..Default::default()
             };
             if !self.allowed(id, attrs).await? {
-                return Err(format!(
+                return Err(ProxyError::Forbidden(format!(
                     "{resource} \"{name}\" is forbidden: User \"{}\" cannot impersonate resource \"{resource}\" in API group \"{group}\" at the cluster scope",
                     id.user
-                ));
+                )));
             }
         }
         let mut groups = groups;
@@ -149,8 +152,9 @@ impl Authenticator {
         Ok(Identity { user, uid, groups, extra: BTreeMap::new() })
     }
 
-    /// Asks the virtual API server whether `id` may do `attrs`.
-    pub async fn allowed(&self, id: &Identity, attrs: ResourceAttributes) -> Result<bool, String> {
+    /// Asks the virtual API server whether `id` may do `attrs`. A review that fails (unreachable,
+    /// timeout, an error answer) is `Upstream`, never a "no": the user may well be allowed.
+    pub async fn allowed(&self, id: &Identity, attrs: ResourceAttributes) -> Result<bool, ProxyError> {
         let sar = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(id.user.clone()),
@@ -163,8 +167,13 @@ impl Authenticator {
             ..Default::default()
         };
         let api: Api<SubjectAccessReview> = Api::all(self.admin.clone());
-        let review =
-            api.create(&PostParams::default(), &sar).await.map_err(|e| format!("authorization check failed: {e}"))?;
+        let review = api.create(&PostParams::default(), &sar).await.map_err(|e| {
+            ProxyError::upstream(
+                "the virtual API server could not be asked whether this is allowed (SubjectAccessReview); \
+                 try again in a moment, and check that the virtual API server is running if this persists",
+                e,
+            )
+        })?;
         Ok(review.status.is_some_and(|s| s.allowed))
     }
 }

@@ -2,15 +2,16 @@
 //! to the host API server for the host pod that mirrors the virtual one, with the control plane's
 //! own host credentials (never the client's).
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use k8s_openapi::api::authorization::v1::ResourceAttributes;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 
 use crate::auth::Identity;
+use crate::error::ProxyError;
 use crate::route::HostSubresource;
-use crate::{Proxy, ProxyBody, headers, status, upgrade};
+use crate::{Proxy, ProxyBody, headers, upgrade};
 
 impl Proxy {
     pub(crate) async fn host_pod(
@@ -20,11 +21,8 @@ impl Proxy {
         namespace: &str,
         name: &str,
         sub: HostSubresource,
-    ) -> Response<ProxyBody> {
-        let acting = match self.auth.effective(id, req.headers()).await {
-            Ok(a) => a,
-            Err(msg) => return status::forbidden(&msg),
-        };
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let acting = self.auth.effective(id, req.headers()).await?;
         let attrs = ResourceAttributes {
             namespace: Some(namespace.into()),
             verb: Some(sub.verb().into()),
@@ -34,32 +32,28 @@ impl Proxy {
             name: Some(name.into()),
             ..Default::default()
         };
-        match self.auth.allowed(&acting, attrs).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return status::forbidden(&format!(
-                    "pods \"{name}\" is forbidden: User \"{}\" cannot {} resource \"pods/{}\" in API group \"\" in the namespace \"{namespace}\"",
-                    acting.user,
-                    sub.verb(),
-                    sub.as_str()
-                ));
-            }
-            Err(msg) => return status::unavailable(&msg),
+        if !self.auth.allowed(&acting, attrs).await? {
+            return Err(ProxyError::Forbidden(format!(
+                "pods \"{name}\" is forbidden: User \"{}\" cannot {} resource \"pods/{}\" in API group \"\" in the namespace \"{namespace}\"",
+                acting.user,
+                sub.verb(),
+                sub.as_str()
+            )));
         }
 
-        let virtual_pod = match Api::<Pod>::namespaced(self.admin.clone(), namespace).get_opt(name).await {
-            Ok(Some(p)) => p,
-            Ok(None) => return status::not_found(&format!("pods \"{name}\" not found")),
-            Err(e) => return status::unavailable(&format!("looking up pod {namespace}/{name}: {e}")),
-        };
+        let virtual_pod = Api::<Pod>::namespaced(self.admin.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| ProxyError::upstream(format!("looking up pod {namespace}/{name}"), e))?
+            .ok_or_else(|| ProxyError::NotFound(format!("pods \"{name}\" not found")))?;
         // The host pod must be ours and mirror exactly this virtual pod: a colliding host pod that
         // someone else owns must never be reached.
         let host_name = self.translator.host_name(namespace, name);
         let host_ns = self.translator.host_namespace();
-        let host_pod = match Api::<Pod>::namespaced(self.host.clone(), host_ns).get_opt(&host_name).await {
-            Ok(p) => p,
-            Err(e) => return status::unavailable(&format!("looking up the host pod: {e}")),
-        };
+        let host_pod = Api::<Pod>::namespaced(self.host.clone(), host_ns)
+            .get_opt(&host_name)
+            .await
+            .map_err(|e| ProxyError::upstream("looking up the host pod", e))?;
         let mirrors = host_pod.as_ref().and_then(|p| self.translator.owner(&p.metadata)).is_some_and(|o| {
             o.kind == "Pod"
                 && o.namespace == namespace
@@ -67,11 +61,9 @@ impl Proxy {
                 && Some(&o.uid) == virtual_pod.metadata.uid.as_ref()
         });
         if !mirrors {
-            return status::status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                &format!("pod \"{name}\" is not running on the host yet; try again in a moment"),
-            );
+            return Err(ProxyError::Unavailable(format!(
+                "pod \"{name}\" is not running on the host yet; try again in a moment"
+            )));
         }
 
         let upgrade = headers::is_upgrade(req.headers());
@@ -84,13 +76,12 @@ impl Proxy {
         if let Some(h) = host_req.headers_mut() {
             *h = parts.headers;
         }
-        let host_req = match host_req.body(kube::client::Body::empty()) {
-            Ok(r) => r,
-            Err(e) => return status::bad_request(&e.to_string()),
-        };
-        match self.host.send(host_req).await {
-            Ok(resp) => upgrade::relay(resp, client_upgrade, "the host API server"),
-            Err(e) => status::unavailable(&format!("the host API server is unreachable: {e}")),
-        }
+        let host_req = host_req.body(kube::client::Body::empty()).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        let resp = self
+            .host
+            .send(host_req)
+            .await
+            .map_err(|e| ProxyError::upstream("the host API server is unreachable", e))?;
+        upgrade::relay(resp, client_upgrade, "the host API server")
     }
 }

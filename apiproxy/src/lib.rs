@@ -9,9 +9,10 @@
 //! the host API server for the translated host pod with the control plane's host credentials.
 //!
 //! Module map: `route` (which handler, pure), `auth`, `headers` (header hygiene, pure), `tls`,
-//! `host_pod`, `upgrade`, `status`, `metrics`.
+//! `host_pod`, `upgrade`, `error` (what the proxy itself answers), `status`, `metrics`.
 
 pub mod auth;
+pub mod error;
 pub mod headers;
 mod host_pod;
 pub mod metrics;
@@ -42,7 +43,8 @@ use vkube_syncer::naming::Translator;
 use vkube_syncer::policy::Policy;
 
 use crate::auth::{Authenticator, Identity};
-use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::error::ProxyError;
+use crate::metrics::{ErrorLabels, Metrics, RequestLabels, RouteLabels};
 use crate::route::{Health, Route};
 use crate::tls::{ClientCerts, ServingCert, TlsError};
 
@@ -197,13 +199,10 @@ impl Proxy {
             Route::CreateService { .. } => "create_service",
             Route::Forward => "forward",
         };
-        let response = match route {
-            Route::Health(h) => self.health(h, registry).await,
+        let result = match route {
+            Route::Health(h) => Ok(self.health(h, registry).await),
             route => match self.identify(&req, conn).await {
-                None => {
-                    self.metrics.unauthorized.inc();
-                    status::unauthorized()
-                }
+                None => Err(ProxyError::Unauthorized),
                 Some(id) => match route {
                     Route::HostPod { namespace, name, subresource } => {
                         self.host_pod(req, &id, &namespace, &name, subresource).await
@@ -213,6 +212,7 @@ impl Proxy {
                 },
             },
         };
+        let response = result.unwrap_or_else(|e| self.error_response(e));
         self.metrics
             .duration
             .get_or_create(&RouteLabels { route: route_name })
@@ -222,6 +222,19 @@ impl Proxy {
             .get_or_create(&RequestLabels { route: route_name, code: response.status().as_u16() })
             .inc();
         response
+    }
+
+    /// Counts and logs an error the proxy answers itself, and answers it.
+    fn error_response(&self, e: ProxyError) -> Response<ProxyBody> {
+        match &e {
+            ProxyError::Unauthorized => {
+                self.metrics.unauthorized.inc();
+            }
+            ProxyError::Upstream { .. } => tracing::warn!(error = %e, "an API server call failed"),
+            _ => tracing::debug!(error = %e, "request refused"),
+        }
+        self.metrics.errors.get_or_create(&ErrorLabels { kind: e.kind() }).inc();
+        e.into_response()
     }
 
     async fn identify(&self, req: &Request<Incoming>, conn: &Connection) -> Option<Identity> {
@@ -269,7 +282,7 @@ impl Proxy {
     }
 
     /// Sends a request to the virtual API server as `id`.
-    async fn forward(&self, mut req: Request<Incoming>, id: &Identity) -> Response<ProxyBody> {
+    async fn forward(&self, mut req: Request<Incoming>, id: &Identity) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -277,7 +290,12 @@ impl Proxy {
     }
 
     /// Sends a request whose body the proxy has already read (or rewritten).
-    async fn forward_parts(&self, parts: http::request::Parts, body: ProxyBody, id: &Identity) -> Response<ProxyBody> {
+    async fn forward_parts(
+        &self,
+        parts: http::request::Parts,
+        body: ProxyBody,
+        id: &Identity,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         self.send_upstream(parts, body, id, None).await
     }
 
@@ -287,7 +305,7 @@ impl Proxy {
         body: ProxyBody,
         id: &Identity,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = client_upgrade.is_some();
         headers::sanitize_request(&mut parts.headers, upgrade, true);
         headers::add_identity(&mut parts.headers, id);
@@ -295,13 +313,9 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, body);
         let client = &self.upstream;
-        match client.request(req).await {
-            Ok(resp) => upgrade::relay(resp, client_upgrade, "the virtual API server"),
-            Err(e) => {
-                tracing::warn!(error = %e, "virtual API server unreachable");
-                status::unavailable(&format!("the virtual API server is unreachable: {e}"))
-            }
-        }
+        let resp =
+            client.request(req).await.map_err(|e| ProxyError::upstream("the virtual API server is unreachable", e))?;
+        upgrade::relay(resp, client_upgrade, "the virtual API server")
     }
 
     fn upstream_uri(&self, uri: &Uri) -> Uri {

@@ -18,12 +18,22 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// `ProxyError::kind`: unauthorized | forbidden | bad_request | not_found | already_exists |
+    /// invalid | unavailable | upstream
+    pub kind: &'static str,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Time to response headers (streams and upgrades continue after).
     pub duration: Family<RouteLabels, Histogram>,
+    /// Also counted as `errors{kind="unauthorized"}`; kept for the dashboards and tests that read it.
     pub unauthorized: Counter,
+    /// Errors the proxy answered itself (answers relayed from an API server are not counted).
+    pub errors: Family<ErrorLabels, Counter>,
 }
 
 impl Metrics {
@@ -34,11 +44,13 @@ impl Metrics {
                 Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
             }),
             unauthorized: Counter::default(),
+            errors: Family::default(),
         };
         let sub = registry.sub_registry_with_prefix("vkube_proxy");
         sub.register("requests", "Requests answered, by route and HTTP status", m.requests.clone());
         sub.register("request_duration_seconds", "Time to response headers, by route", m.duration.clone());
         sub.register("unauthorized", "Requests refused with 401", m.unauthorized.clone());
+        sub.register("errors", "Errors the proxy answered itself, by kind", m.errors.clone());
         m
     }
 }

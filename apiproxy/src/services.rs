@@ -4,7 +4,7 @@
 //! validation answer exactly as they would without us; the isolation policy answers next.
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::Service;
@@ -14,7 +14,8 @@ use vkube_syncer::services::{ANNOTATION_PENDING_SINCE, host_service};
 use vkube_syncer::sync::PENDING_UID;
 
 use crate::auth::Identity;
-use crate::{Proxy, ProxyBody, full, status};
+use crate::error::ProxyError;
+use crate::{Proxy, ProxyBody, full};
 
 /// Service manifests are small; anything bigger is not a Service.
 const MAX_BODY: usize = 1 << 20;
@@ -25,12 +26,13 @@ impl Proxy {
         req: Request<Incoming>,
         id: &Identity,
         namespace: &str,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = req.into_parts();
-        let bytes = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return status::bad_request(&format!("reading the request body: {e}")),
-        };
+        let bytes = http_body_util::Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| ProxyError::BadRequest(format!("reading the request body: {e}")))?
+            .to_bytes();
         // A ClusterIP the user asked for is honoured on the host when we can read the request
         // (kubectl sends protobuf, so usually the host chooses).
         let requested: Option<Service> = serde_json::from_slice(&bytes).ok();
@@ -40,9 +42,9 @@ impl Proxy {
         // Service as JSON, whatever the request's encoding, with its final name.
         let mut dry_parts = with_dry_run(&parts);
         dry_parts.headers.insert(header::ACCEPT, "application/json".parse().expect("static header"));
-        let dry = self.forward_parts(dry_parts, full(bytes.clone()), id).await;
+        let dry = self.forward_parts(dry_parts, full(bytes.clone()), id).await?;
         if !dry.status().is_success() {
-            return dry;
+            return Ok(dry);
         }
         let dry_bytes = dry.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let Ok(mut svc) = serde_json::from_slice::<Service>(&dry_bytes) else {
@@ -61,16 +63,8 @@ impl Proxy {
             spec.cluster_ips = None;
         }
 
-        let mut desired = match host_service(&self.translator, &self.policy, &svc) {
-            Ok(d) => d,
-            Err(r) => {
-                return status::status(
-                    StatusCode::FORBIDDEN,
-                    "Forbidden",
-                    &format!("services \"{}\" is forbidden: {r}", name(&svc)),
-                );
-            }
-        };
+        let mut desired = host_service(&self.translator, &self.policy, &svc)
+            .map_err(|r| ProxyError::Forbidden(format!("services \"{}\" is forbidden: {r}", name(&svc))))?;
         let ann = desired.metadata.annotations.get_or_insert_with(Default::default);
         ann.insert(ANNOTATION_UID.into(), PENDING_UID.into());
         ann.insert(ANNOTATION_PENDING_SINCE.into(), k8s_openapi::jiff::Timestamp::now().to_string());
@@ -81,38 +75,33 @@ impl Proxy {
         {
             Ok(c) => c,
             Err(kube::Error::Api(e)) if e.code == 409 => {
-                return status::status(
-                    StatusCode::CONFLICT,
-                    "AlreadyExists",
-                    &format!(
-                        "the host copy of service \"{}\" still exists (a deletion in progress?); try again shortly",
-                        name(&svc)
-                    ),
-                );
+                return Err(ProxyError::AlreadyExists(format!(
+                    "the host copy of service \"{}\" still exists (a deletion in progress?); try again shortly",
+                    name(&svc)
+                )));
             }
             Err(kube::Error::Api(e)) if e.code == 422 => {
-                return status::status(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid",
-                    &format!("service \"{}\" cannot be created on the host: {}", name(&svc), e.message),
-                );
+                return Err(ProxyError::Invalid(format!(
+                    "service \"{}\" cannot be created on the host: {}",
+                    name(&svc),
+                    e.message
+                )));
             }
-            Err(e) => return status::unavailable(&format!("creating the host copy of the service: {e}")),
+            Err(e) => return Err(ProxyError::upstream("creating the host copy of the service", e)),
         };
         if let (Some(spec), Some(host_spec)) = (svc.spec.as_mut(), created.spec.as_ref()) {
             spec.cluster_ip = host_spec.cluster_ip.clone();
             spec.cluster_ips = host_spec.cluster_ips.clone();
         }
-        let body = match serde_json::to_vec(&svc) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => return status::bad_request(&e.to_string()),
-        };
+        let body = Bytes::from(serde_json::to_vec(&svc).map_err(|e| ProxyError::BadRequest(e.to_string()))?);
         let mut parts = parts;
         parts.headers.insert(header::CONTENT_TYPE, "application/json".parse().expect("static header"));
         parts.headers.insert(header::CONTENT_LENGTH, body.len().into());
+        // Not `?`: a create that failed to reach the virtual API server must not leave its host
+        // copy behind either.
         let resp = self.forward_parts(parts, full(body), id).await;
         let host_name = created.metadata.name.clone().unwrap_or_default();
-        if resp.status().is_success() {
+        if resp.as_ref().is_ok_and(|r| r.status().is_success()) {
             // Adopt at once rather than at the syncer's next look (it adopts if this fails).
             match self.virtual_service_uid(namespace, name(&svc)).await {
                 Some(uid) => {

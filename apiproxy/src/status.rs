@@ -21,23 +21,3 @@ pub fn status(code: StatusCode, reason: &str, message: &str) -> Response<ProxyBo
         .body(crate::full(Bytes::from(body.to_string())))
         .expect("static response")
 }
-
-pub fn unauthorized() -> Response<ProxyBody> {
-    status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
-}
-
-pub fn forbidden(message: &str) -> Response<ProxyBody> {
-    status(StatusCode::FORBIDDEN, "Forbidden", message)
-}
-
-pub fn not_found(message: &str) -> Response<ProxyBody> {
-    status(StatusCode::NOT_FOUND, "NotFound", message)
-}
-
-pub fn unavailable(message: &str) -> Response<ProxyBody> {
-    status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", message)
-}
-
-pub fn bad_request(message: &str) -> Response<ProxyBody> {
-    status(StatusCode::BAD_REQUEST, "BadRequest", message)
-}

@@ -6,10 +6,15 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::ProxyBody;
+use crate::error::ProxyError;
 
 /// The answer to relay to the client for an upstream's `resp`: its upgrade spliced, or its body
 /// streamed back without hop-by-hop headers. `who` names the upstream in errors.
-pub fn relay<B>(resp: Response<B>, client_upgrade: Option<OnUpgrade>, who: &str) -> Response<ProxyBody>
+pub fn relay<B>(
+    resp: Response<B>,
+    client_upgrade: Option<OnUpgrade>,
+    who: &str,
+) -> Result<Response<ProxyBody>, ProxyError>
 where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<crate::BoxError>,
@@ -17,13 +22,13 @@ where
     use http_body_util::BodyExt;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         return match client_upgrade {
-            Some(on) => splice(on, resp),
-            None => crate::status::unavailable(&format!("{who} switched protocols unasked")),
+            Some(on) => Ok(splice(on, resp)),
+            None => Err(ProxyError::upstream(who, "switched protocols unasked")),
         };
     }
     let (mut parts, body) = resp.into_parts();
     crate::headers::strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+    Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
 }
 
 /// Builds the 101 answer from the upstream's and splices the streams once both sides upgrade.

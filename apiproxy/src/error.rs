@@ -1,0 +1,140 @@
+//! The proxy's own errors. Each kind answers one HTTP status with one Kubernetes `Status` reason
+//! (so kubectl prints it like the API server's own) and counts under one metrics label (so a
+//! refusal can be told from an outage). Answers relayed from an upstream are not errors here.
+
+use http::{Response, StatusCode};
+
+use crate::{BoxError, ProxyBody, status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Neither a valid client certificate nor a bearer token the virtual API server accepts.
+    #[error("Unauthorized")]
+    Unauthorized,
+    /// RBAC, impersonation rules or the isolation policy say no.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The host still has an object of that name (a deletion in progress).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The host API server rejected the object.
+    #[error("{0}")]
+    Invalid(String),
+    /// Not servable yet, nothing failed (e.g. the host pod is still being created).
+    #[error("{0}")]
+    Unavailable(String),
+    /// An API server could not be reached or did not answer a call the proxy needs: retrying
+    /// may help, refusing (403) would be wrong.
+    #[error("{context}: {source}")]
+    Upstream {
+        context: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl ProxyError {
+    pub fn upstream(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        ProxyError::Upstream { context: context.into(), source: source.into() }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::AlreadyExists(_) => StatusCode::CONFLICT,
+            ProxyError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ProxyError::Unavailable(_) | ProxyError::Upstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The Kubernetes `Status` reason (`metav1.StatusReason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthorized => "Unauthorized",
+            ProxyError::Forbidden(_) => "Forbidden",
+            ProxyError::BadRequest(_) => "BadRequest",
+            ProxyError::NotFound(_) => "NotFound",
+            ProxyError::AlreadyExists(_) => "AlreadyExists",
+            ProxyError::Invalid(_) => "Invalid",
+            ProxyError::Unavailable(_) | ProxyError::Upstream { .. } => "ServiceUnavailable",
+        }
+    }
+
+    /// The `kind` label of `vkube_proxy_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NotFound(_) => "not_found",
+            ProxyError::AlreadyExists(_) => "already_exists",
+            ProxyError::Invalid(_) => "invalid",
+            ProxyError::Unavailable(_) => "unavailable",
+            ProxyError::Upstream { .. } => "upstream",
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        status::status(self.status(), self.reason(), &self.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn all() -> Vec<ProxyError> {
+        vec![
+            ProxyError::Unauthorized,
+            ProxyError::Forbidden("f".into()),
+            ProxyError::BadRequest("b".into()),
+            ProxyError::NotFound("n".into()),
+            ProxyError::AlreadyExists("a".into()),
+            ProxyError::Invalid("i".into()),
+            ProxyError::Unavailable("u".into()),
+            ProxyError::upstream("reaching x", "connection refused"),
+        ]
+    }
+
+    #[test]
+    fn each_kind_has_its_own_label() {
+        let mut kinds: Vec<_> = all().iter().map(ProxyError::kind).collect();
+        let n = kinds.len();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), n);
+    }
+
+    #[test]
+    fn failures_to_reach_an_upstream_are_503_not_403() {
+        let e = ProxyError::upstream("checking authorization", "connection refused");
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.reason(), "ServiceUnavailable");
+        assert_eq!(e.to_string(), "checking authorization: connection refused");
+    }
+
+    #[tokio::test]
+    async fn responses_are_kubernetes_status_objects() {
+        for e in all() {
+            let (code, reason, message) = (e.status(), e.reason(), e.to_string());
+            let resp = e.into_response();
+            assert_eq!(resp.status(), code);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["kind"], "Status");
+            assert_eq!(v["status"], "Failure");
+            assert_eq!(v["reason"], reason);
+            assert_eq!(v["message"], message);
+            assert_eq!(v["code"], code.as_u16());
+        }
+    }
+}
