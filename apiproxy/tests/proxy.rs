@@ -131,6 +131,7 @@ async fn serve_proxy(api: SocketAddr) -> Running {
             admin: client_of(api),
             host: client_of(api),
             serving: ServingCert::new(&get("apiserver.crt"), &get("apiserver.key")).unwrap(),
+            ready: std::sync::Arc::new(|| Ok(())),
         },
         &mut registry,
     )
