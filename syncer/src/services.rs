@@ -301,16 +301,13 @@ mod tests {
     use crate::naming::Translator;
     use crate::policy::Policy;
 
-    fn svc(json: serde_json::Value) -> Service {
-        serde_json::from_value(json).unwrap()
-    }
-
     #[test]
     fn differences_that_matter() {
         let tr = Translator::new("vc", "host-ns");
-        let v = svc(
-            serde_json::json!({"metadata": {"name": "web", "namespace": "shop"}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}),
-        );
+        let v: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}))
+        .unwrap();
         let d = host_service(&tr, &Policy::default(), &v).unwrap();
         let mut current = d.clone();
         current.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.9".into());
