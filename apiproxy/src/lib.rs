@@ -39,8 +39,8 @@ use prometheus_client::registry::Registry;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use vkube_syncer::naming::Translator;
-use vkube_syncer::policy::Policy;
+use vkube_core::naming::Translator;
+use vkube_core::policy::Policy;
 
 use crate::auth::{Authenticator, Identity};
 use crate::error::ProxyError;

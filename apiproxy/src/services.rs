@@ -9,9 +9,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use vkube_syncer::naming::ANNOTATION_UID;
-use vkube_syncer::services::{ANNOTATION_PENDING_SINCE, host_service};
-use vkube_syncer::sync::PENDING_UID;
+use vkube_core::contract::{ANNOTATION_PENDING_SINCE, ANNOTATION_UID, PENDING_UID};
+use vkube_core::services::host_service;
 
 use crate::auth::Identity;
 use crate::error::ProxyError;

@@ -121,7 +121,7 @@ async fn serve_proxy(api: SocketAddr) -> Running {
     let mut registry = Registry::default();
     let proxy = Proxy::new(
         ProxyConfig {
-            translator: vkube_syncer::naming::Translator::new("vc", "host-ns"),
+            translator: vkube_core::naming::Translator::new("vc", "host-ns"),
             policy: Default::default(),
             // Nothing listens there: forwarded requests find the virtual API server down.
             virtual_server: format!("https://{}", closed_port().await).parse().unwrap(),

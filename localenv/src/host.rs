@@ -18,6 +18,8 @@ use crate::process::{self, Lifetime, ProcessGroup, ProcessSpec, log_tail};
 use crate::upstream::Upstream;
 use crate::{Error, Progress, Result, io_err, ports, wait};
 
+pub use vkube_kubeclient::write_private;
+
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// kwok hands out pod IPs from here; it must not overlap the service range.
 pub const POD_CIDR: &str = "10.244.0.1/16";
@@ -124,7 +126,7 @@ impl HostCluster {
     }
 
     pub async fn client(&self) -> Result<Client> {
-        crate::client::from_kubeconfig_file(&self.kubeconfig, None).await
+        Ok(crate::client::from_kubeconfig_file(&self.kubeconfig, None).await?)
     }
 
     pub fn server(&self) -> String {
@@ -552,19 +554,6 @@ pub fn write_bundle(dir: &Path, bundle: &Bundle) -> Result<()> {
         write_private(&dir.join(name), text)?;
     }
     Ok(())
-}
-
-/// Writes a file that holds credentials: mode 0600.
-pub fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(format!("writing {}", path.display())))?;
-    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io_err(format!("writing {}", path.display())))
 }
 
 /// Prints the last lines of each component log to stderr (for failed tests).

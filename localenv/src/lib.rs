@@ -3,12 +3,12 @@
 //! virtual control plane. Used by the `vkube` CLI (`vkube dev up`, `vkube create --local`) and by
 //! the end-to-end test harness, so both run exactly the same environment.
 
-pub mod client;
 pub mod host;
 pub mod ports;
 pub mod process;
 pub mod upstream;
-pub mod wait;
+
+pub use vkube_kubeclient::{client, wait};
 
 pub use host::{HostCluster, HostOptions};
 pub use process::{Lifetime, Process, ProcessGroup, ProcessSpec};
@@ -30,8 +30,8 @@ pub enum Error {
     Pki(#[from] vkube_pki::Error),
     #[error("kubernetes client: {0}")]
     Kube(#[from] kube::Error),
-    #[error("kubeconfig: {0}")]
-    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error(transparent)]
+    Client(#[from] vkube_kubeclient::Error),
     #[error("state file {path}: {reason}")]
     State { path: PathBuf, reason: String },
 }

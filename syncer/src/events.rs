@@ -6,6 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch};
 use kube::runtime::reflector::ObjectRef;
+use vkube_core::contract::ANNOTATION_EVENTS_MIRRORED_UNTIL;
 
 use crate::context::Context;
 use crate::naming::Owner;
@@ -13,10 +14,6 @@ use crate::queue::Action;
 use crate::sync::Result;
 
 pub const KIND: &str = "Event";
-
-/// The annotation (on the host Service named by `Options::events_mark_service`) that keeps the
-/// time up to which host events were mirrored.
-pub const ANNOTATION_MARK: &str = "vkube.dev/events-mirrored-until";
 
 /// When the event last happened.
 pub fn last_seen(e: &Event) -> Option<Timestamp> {
@@ -47,7 +44,7 @@ pub async fn load_mark(ctx: &Context) {
         .ok()
         .flatten()
         .and_then(|s| s.metadata.annotations)
-        .and_then(|a| a.get(ANNOTATION_MARK).and_then(|v| v.parse::<Timestamp>().ok()));
+        .and_then(|a| a.get(ANNOTATION_EVENTS_MIRRORED_UNTIL).and_then(|v| v.parse::<Timestamp>().ok()));
     *ctx.events_mark.write().unwrap_or_else(|p| p.into_inner()) = mark;
 }
 
@@ -62,7 +59,7 @@ pub async fn keep_mark(ctx: &Context, every: std::time::Duration) {
         if now == written {
             continue;
         }
-        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_MARK: now.map(|t| t.to_string())}}});
+        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_EVENTS_MIRRORED_UNTIL: now.map(|t| t.to_string())}}});
         match api.patch(svc, &crate::sync::patch_params(), &Patch::Merge(patch)).await {
             Ok(_) => written = now,
             Err(e) => tracing::debug!(error = %e, "recording the events mark failed; retrying"),

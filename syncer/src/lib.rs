@@ -25,16 +25,16 @@ pub mod informer;
 pub mod kind;
 pub mod metrics;
 pub mod mirror;
-pub mod naming;
 pub mod networkpolicies;
 pub mod nodes;
 pub mod pods;
-pub mod policy;
 pub mod queue;
 pub mod refs;
 pub mod services;
 pub mod sync;
 pub mod tokens;
+
+pub use vkube_core::{naming, policy};
 
 use std::future::Future;
 use std::sync::Arc;

@@ -18,8 +18,7 @@ pub const KIND: &str = "Node";
 /// How long a new virtual node is kept even with no pod bound to it yet.
 const NEW_NODE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Marks virtual nodes the syncer made (only those are ever deleted).
-pub const LABEL_FAKE: &str = "vkube.dev/fake-node";
+pub use vkube_core::contract::LABEL_FAKE_NODE as LABEL_FAKE;
 
 /// Host node labels worth showing in the virtual cluster (placement, not host internals).
 fn visible_label(key: &str) -> bool {

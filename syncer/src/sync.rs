@@ -18,9 +18,7 @@ use crate::metrics::ErrorLabel;
 use crate::naming::Owner;
 use crate::policy::Refusal;
 
-/// The uid a host object carries while its virtual object is being created (the proxy creates
-/// the host Service first); the syncer adopts it once the virtual object exists.
-pub const PENDING_UID: &str = "pending";
+pub use vkube_core::contract::PENDING_UID;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {

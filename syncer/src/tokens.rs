@@ -17,16 +17,13 @@ use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::reflector::ObjectRef;
+use vkube_core::contract::{ANNOTATION_TOKEN_AUDIENCE, ANNOTATION_TOKEN_EXPIRES, LABEL_TOKEN};
 
 use crate::context::Context;
-use crate::naming::LABEL_TOKEN;
 use crate::queue::Action;
 use crate::sync::{self, Result, SyncError};
 
 pub const KIND: &str = "ServiceAccountToken";
-/// When the token expires (RFC 3339), to renew it in time.
-const ANNOTATION_EXPIRES: &str = "vkube.dev/token-expires";
-const ANNOTATION_AUDIENCE: &str = "vkube.dev/token-audience";
 /// Long, as a kubelet's tokens are with the API server's extended expiration: the binding to the
 /// pod is what ends it.
 const LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -107,10 +104,10 @@ async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&st
     meta.labels.get_or_insert_with(BTreeMap::new).insert(LABEL_TOKEN.into(), "true".into());
     let ann = meta.annotations.get_or_insert_with(BTreeMap::new);
     if let Some(expires) = status.expiration_timestamp {
-        ann.insert(ANNOTATION_EXPIRES.into(), expires.0.to_string());
+        ann.insert(ANNOTATION_TOKEN_EXPIRES.into(), expires.0.to_string());
     }
     if let Some(a) = audience {
-        ann.insert(ANNOTATION_AUDIENCE.into(), a.to_string());
+        ann.insert(ANNOTATION_TOKEN_AUDIENCE.into(), a.to_string());
     }
     Ok(Secret {
         metadata: meta,
@@ -121,7 +118,7 @@ async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&st
 }
 
 fn expires_soon(meta: &ObjectMeta) -> bool {
-    let Some(at) = meta.annotations.as_ref().and_then(|a| a.get(ANNOTATION_EXPIRES)) else { return true };
+    let Some(at) = meta.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TOKEN_EXPIRES)) else { return true };
     let Ok(at) = at.parse::<k8s_openapi::jiff::Timestamp>() else { return true };
     let left = at.duration_since(k8s_openapi::jiff::Timestamp::now());
     left.as_secs() < RENEW_BEFORE.as_secs() as i64
@@ -143,7 +140,8 @@ pub async fn reconcile(ctx: &Context, secret_name: String) -> Result<Action> {
     }
     if let Some(pod) = pod_of(ctx, &current.metadata) {
         if expires_soon(&current.metadata) {
-            let audience = current.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_AUDIENCE)).cloned();
+            let audience =
+                current.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TOKEN_AUDIENCE)).cloned();
             ensure(ctx, &pod.load(), &secret_name, audience.as_deref()).await?;
         }
         return Ok(Action::Done);

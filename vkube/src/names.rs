@@ -1,10 +1,9 @@
 //! Names and labels of the host objects that make up a virtual cluster's control plane (the
-//! synced workloads are named by `vkube_syncer::naming`).
+//! synced workloads are named by `vkube_core::naming`; every key is in `vkube_core::contract`).
 
 use std::collections::BTreeMap;
 
-/// Marks every control-plane object of a virtual cluster on the host.
-pub const LABEL_CONTROL_PLANE: &str = "vkube.dev/control-plane";
+pub use vkube_core::contract::{ANNOTATION_MODE, ANNOTATION_PAUSED, LABEL_CONTROL_PLANE};
 
 pub fn default_namespace(name: &str) -> String {
     format!("vkube-{name}")
@@ -29,13 +28,6 @@ pub fn labels(name: &str) -> BTreeMap<String, String> {
         ("app.kubernetes.io/managed-by".to_string(), "vkube".to_string()),
     ])
 }
-
-/// On the host Service: the cluster is paused (its host pods were removed on purpose; the next
-/// control plane recreates them rather than treating them as lost).
-pub const ANNOTATION_PAUSED: &str = "vkube.dev/paused";
-
-/// On the host Service of a control plane run as local processes: `local`.
-pub const ANNOTATION_MODE: &str = "vkube.dev/mode";
 
 /// The key of the admin kubeconfig in its Secret.
 pub const KUBECONFIG_KEY: &str = "config";

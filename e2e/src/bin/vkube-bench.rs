@@ -15,6 +15,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use vkube::local::{LocalControlPlane, LocalOptions};
+use vkube_core::contract::{ANNOTATION_NAME, LABEL_CLUSTER};
 use vkube_e2e::{TestEnv, vkube_bin};
 use vkube_localenv::Lifetime;
 
@@ -240,7 +241,7 @@ async fn main() {
     let before = cpu_of(&procs);
     let t0 = Instant::now();
     vdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
-    let host_selector = "vkube.dev/cluster=bench,app=burst";
+    let host_selector = &format!("{LABEL_CLUSTER}=bench,app=burst");
     let host_done = wait_running(&hpods, host_selector, a.pods, t0, "host pods of the virtual deployment").await;
     let virtual_done = wait_running(&vpods, "app=burst", a.pods, t0, "virtual pods").await;
     let cpu_used = cpu_seconds(vk_pid) - cpu0;
@@ -546,7 +547,7 @@ async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: 
         futures::pin_mut!(stream);
         while let Ok(Some(ev)) = stream.try_next().await {
             if let Event::Apply(p) | Event::InitApply(p) = ev {
-                let name = p.annotations().get("vkube.dev/object-name").cloned().unwrap_or_default();
+                let name = p.annotations().get(ANNOTATION_NAME).cloned().unwrap_or_default();
                 hs.0.lock().unwrap().entry(name.clone()).or_insert_with(Instant::now);
                 if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
                     hs.1.lock().unwrap().entry(name).or_insert_with(Instant::now);

@@ -16,14 +16,10 @@ use k8s_openapi::api::core::v1::{
     Container, EnvVar, EphemeralContainer, HostAlias, KeyToPath, ObjectFieldSelector, Pod, PodAffinityTerm,
     PodDNSConfig, PodDNSConfigOption, PodSpec, Volume, VolumeProjection,
 };
+use vkube_core::contract::{ANNOTATION_OBJECT_LABELS, ANNOTATION_SERVICE_ACCOUNT};
 
 use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, NamespaceLabels, Translator};
 use crate::policy::{Policy, Refusal};
-
-/// The downward-API annotation holding the virtual pod's labels (`metadata.labels` format).
-pub const ANNOTATION_LABELS: &str = "vkube.dev/object-labels";
-/// The downward-API annotation holding the virtual pod's service account.
-pub const ANNOTATION_SERVICE_ACCOUNT: &str = "vkube.dev/service-account";
 
 /// Facts about the virtual cluster that every pod translation needs.
 #[derive(Clone, Debug)]
@@ -71,7 +67,7 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Pod, Refusal> {
     let sa = crate::refs::service_account(vspec);
     let mut metadata = tr.host_meta("Pod", &v.metadata);
     let annotations = metadata.annotations.get_or_insert_with(BTreeMap::new);
-    annotations.insert(ANNOTATION_LABELS.into(), format_labels(v.metadata.labels.as_ref()));
+    annotations.insert(ANNOTATION_OBJECT_LABELS.into(), format_labels(v.metadata.labels.as_ref()));
     annotations.insert(ANNOTATION_SERVICE_ACCOUNT.into(), sa.clone());
 
     let mut spec = vspec.clone();
@@ -342,7 +338,7 @@ fn field_ref(f: &mut ObjectFieldSelector) {
         "metadata.name" => Some(format!("metadata.annotations['{ANNOTATION_NAME}']")),
         "metadata.namespace" => Some(format!("metadata.annotations['{ANNOTATION_NAMESPACE}']")),
         "metadata.uid" => Some(format!("metadata.annotations['{ANNOTATION_UID}']")),
-        "metadata.labels" => Some(format!("metadata.annotations['{ANNOTATION_LABELS}']")),
+        "metadata.labels" => Some(format!("metadata.annotations['{ANNOTATION_OBJECT_LABELS}']")),
         "spec.serviceAccountName" => Some(format!("metadata.annotations['{ANNOTATION_SERVICE_ACCOUNT}']")),
         _ => path
             .strip_prefix("metadata.labels['")

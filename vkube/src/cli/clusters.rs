@@ -132,7 +132,7 @@ async fn describe(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
 
 /// Whether the virtual cluster behind a kubeconfig answers `/readyz` within a second or two.
 pub async fn answers(kubeconfig: &std::path::Path) -> bool {
-    let Ok(client) = vkube_localenv::client::from_kubeconfig_file(kubeconfig, None).await else { return false };
+    let Ok(client) = vkube_kubeclient::client::from_kubeconfig_file(kubeconfig, None).await else { return false };
     let req = http::Request::get("/readyz").body(vec![]).expect("static request");
     matches!(tokio::time::timeout(Duration::from_secs(3), client.request_text(req)).await, Ok(Ok(_)))
 }

@@ -165,6 +165,6 @@ fn merge_into(file: &std::path::Path, kc: Kubeconfig, switch: bool) -> anyhow::R
     }
     existing.api_version.get_or_insert_with(|| "v1".into());
     existing.kind.get_or_insert_with(|| "Config".into());
-    vkube_localenv::host::write_private(file, &vkube_pki::kubeconfig::to_yaml(&existing))?;
+    vkube_kubeclient::write_private(file, &vkube_pki::kubeconfig::to_yaml(&existing))?;
     Ok(())
 }

@@ -52,5 +52,5 @@ pub fn host_kubeconfig() -> anyhow::Result<(PathBuf, Option<String>)> {
 
 pub async fn host_client() -> anyhow::Result<kube::Client> {
     let (path, context) = host_kubeconfig()?;
-    Ok(vkube_localenv::client::from_kubeconfig_file(&path, context.as_deref()).await?)
+    Ok(vkube_kubeclient::client::from_kubeconfig_file(&path, context.as_deref()).await?)
 }

@@ -84,7 +84,7 @@ impl ResumeArgs {
                 sts.patch(&cluster.name, &PatchParams::default(), &Patch::Merge(patch))
                     .await
                     .context("scaling the control plane to 1")?;
-                let ready = vkube_localenv::wait::until(self.timeout, std::time::Duration::from_secs(1), || {
+                let ready = vkube_kubeclient::wait::until(self.timeout, std::time::Duration::from_secs(1), || {
                     let sts = sts.clone();
                     let name = cluster.name.clone();
                     async move {

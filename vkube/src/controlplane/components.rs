@@ -21,7 +21,7 @@ pub struct Layout<'a> {
 /// Admission configuration of the virtual API server: Pod Security enforced by default at the
 /// admin's level, so a pod the host would refuse is refused at once, with the API server's own
 /// message (the syncer still enforces the policy at the host boundary whatever the tenant does).
-pub fn admission_config(level: vkube_syncer::policy::PodSecurityLevel) -> String {
+pub fn admission_config(level: vkube_core::policy::PodSecurityLevel) -> String {
     let l = level.as_str();
     format!(
         "apiVersion: apiserver.config.k8s.io/v1\nkind: AdmissionConfiguration\nplugins:\n- name: PodSecurity\n  configuration:\n    apiVersion: pod-security.admission.config.k8s.io/v1\n    kind: PodSecurityConfiguration\n    defaults:\n      enforce: \"{l}\"\n      enforce-version: \"latest\"\n      audit: \"{l}\"\n      audit-version: \"latest\"\n      warn: \"{l}\"\n      warn-version: \"latest\"\n    exemptions:\n      usernames: []\n      runtimeClasses: []\n      namespaces: []\n"

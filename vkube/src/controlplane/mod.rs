@@ -17,8 +17,8 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use prometheus_client::registry::Registry;
 use vkube_apiproxy::tls::ServingCert;
 use vkube_apiproxy::{Proxy, ProxyConfig};
+use vkube_core::naming::Translator;
 use vkube_pki::Bundle;
-use vkube_syncer::naming::Translator;
 
 use crate::{FIELD_MANAGER, names, pki_store};
 
@@ -94,7 +94,7 @@ pub async fn prepare_files(
     let (bundle, _) = sync_pki(host, namespace, name, cert_dir).await?;
     std::fs::write(cert_dir.join(ADMISSION_FILE), components::admission_config(policy.pod_security))
         .context("writing the admission configuration")?;
-    vkube_localenv::host::write_private(
+    vkube_kubeclient::write_private(
         &cert_dir.join(CONTROLLER_MANAGER_KUBECONFIG),
         &components::controller_manager_kubeconfig(virtual_server, &bundle),
     )?;
@@ -102,7 +102,7 @@ pub async fn prepare_files(
 }
 
 pub async fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
-    let host = vkube_localenv::client::host(args.host_kubeconfig.as_deref(), None)
+    let host = vkube_kubeclient::client::host(args.host_kubeconfig.as_deref(), None)
         .await
         .context("connecting to the host cluster")?;
     prepare_files(&host, &args.name, &args.namespace, &args.cert_dir, &args.virtual_server, &args.policy).await?;
@@ -115,7 +115,7 @@ pub async fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
 pub struct PolicyArgs {
     /// Pod Security level pods must meet to reach the host: privileged, baseline or restricted.
     #[arg(long, env = "VKUBE_POD_SECURITY", default_value = "baseline")]
-    pub pod_security: vkube_syncer::policy::PodSecurityLevel,
+    pub pod_security: vkube_core::policy::PodSecurityLevel,
     /// Let tenants create NodePort services on the host.
     #[arg(long, env = "VKUBE_ALLOW_NODE_PORTS")]
     pub allow_node_ports: bool,
@@ -125,8 +125,8 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    pub fn policy(&self) -> vkube_syncer::policy::Policy {
-        vkube_syncer::policy::Policy {
+    pub fn policy(&self) -> vkube_core::policy::Policy {
+        vkube_core::policy::Policy {
             pod_security: self.pod_security,
             allow_node_ports: self.allow_node_ports,
             allow_load_balancers: self.allow_load_balancers,
@@ -226,7 +226,7 @@ pub fn write_cert_dir(dir: &Path, bundle: &Bundle) -> anyhow::Result<bool> {
             continue;
         }
         let tmp = dir.join(format!(".{name}.tmp"));
-        vkube_localenv::host::write_private(&tmp, text)?;
+        vkube_kubeclient::write_private(&tmp, text)?;
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         changed = true;
     }
@@ -272,7 +272,7 @@ pub fn admin_kubeconfig(cluster: &str, server: &str, bundle: &Bundle) -> String 
 
 /// A privileged client of the virtual API server (the control plane's own identity).
 pub async fn virtual_admin(server: &str, bundle: &Bundle) -> anyhow::Result<kube::Client> {
-    Ok(vkube_localenv::client::from_pem(
+    Ok(vkube_kubeclient::client::from_pem(
         server,
         bundle.get("ca.crt").unwrap_or_default(),
         bundle.get("controlplane.crt").unwrap_or_default(),
@@ -282,7 +282,7 @@ pub async fn virtual_admin(server: &str, bundle: &Bundle) -> anyhow::Result<kube
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let host = vkube_localenv::client::host(args.host_kubeconfig.as_deref(), args.host_context.as_deref())
+    let host = vkube_kubeclient::client::host(args.host_kubeconfig.as_deref(), args.host_context.as_deref())
         .await
         .context("connecting to the host cluster")?;
     let (bundle, _) = sync_pki(&host, &args.namespace, &args.name, &args.cert_dir).await?;
@@ -391,7 +391,8 @@ fn spawn_syncer(
         rt.block_on(async move {
             let clients = async {
                 let host =
-                    vkube_localenv::client::host(args.host_kubeconfig.as_deref(), args.host_context.as_deref()).await?;
+                    vkube_kubeclient::client::host(args.host_kubeconfig.as_deref(), args.host_context.as_deref())
+                        .await?;
                 let virt = virtual_admin(&args.virtual_server, &bundle).await?;
                 anyhow::Ok((host, virt))
             };
@@ -414,7 +415,7 @@ fn spawn_syncer(
 
 async fn wait_virtual_ready(admin: &kube::Client) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(120);
-    vkube_localenv::wait::until(timeout, Duration::from_millis(200), || async {
+    vkube_kubeclient::wait::until(timeout, Duration::from_millis(200), || async {
         let req = http::Request::get("/readyz").body(vec![]).map_err(|e| e.to_string())?;
         admin.request_text(req).await.map(|_| Some(())).map_err(|e| e.to_string())
     })

@@ -24,16 +24,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
 use sha2::{Digest, Sha256};
 
-pub const DOMAIN: &str = "vkube.dev";
-pub const LABEL_CLUSTER: &str = "vkube.dev/cluster";
-pub const LABEL_NAMESPACE: &str = "vkube.dev/namespace";
-/// On host Secrets holding a pod's service-account token (one per pod: kept out of the syncer's
-/// Secret watch, which would otherwise hold one per pod in memory).
-pub const LABEL_TOKEN: &str = "vkube.dev/token";
-pub const ANNOTATION_KIND: &str = "vkube.dev/object-kind";
-pub const ANNOTATION_NAME: &str = "vkube.dev/object-name";
-pub const ANNOTATION_NAMESPACE: &str = "vkube.dev/object-namespace";
-pub const ANNOTATION_UID: &str = "vkube.dev/object-uid";
+pub use crate::contract::{
+    ANNOTATION_KIND, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, DOMAIN, LABEL_CLUSTER, LABEL_NAMESPACE,
+    LABEL_TOKEN,
+};
 
 const SEPARATOR: &str = "-x-";
 const MAX_NAME: usize = 63;
@@ -218,7 +212,7 @@ pub type NamespaceLabels = (String, BTreeMap<String, String>);
 /// namespace, so namespace selectors (policy peers, affinity terms) become this list. A selector
 /// kube cannot read matches nothing (the safe side).
 pub fn namespaces_matching(selector: &LabelSelector, namespaces: &[NamespaceLabels]) -> Option<Vec<String>> {
-    use kube::core::{Selector, SelectorExt};
+    use kube_core::{Selector, SelectorExt};
     let empty = selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
         && selector.match_expressions.as_ref().is_none_or(|e| e.is_empty());
     if empty {

@@ -1,0 +1,92 @@
+//! Every label and annotation key vkube writes on host or virtual objects, in one place: they are
+//! a contract with everything already running (changing one orphans the objects marked under the
+//! old key, so changes need a migration). Tenant keys in this domain are rewritten
+//! (`naming::rewrite_key`), so a tenant can never set these.
+
+/// Our domain: keys under it (or under `*.vkube.dev`) are reserved.
+pub const DOMAIN: &str = "vkube.dev";
+
+// Ownership marks on every host object of a virtual cluster (`naming`).
+
+/// The virtual cluster a host object belongs to (host watches select on it).
+pub const LABEL_CLUSTER: &str = "vkube.dev/cluster";
+/// The virtual namespace of the object a host object mirrors.
+pub const LABEL_NAMESPACE: &str = "vkube.dev/namespace";
+pub const ANNOTATION_KIND: &str = "vkube.dev/object-kind";
+pub const ANNOTATION_NAME: &str = "vkube.dev/object-name";
+pub const ANNOTATION_NAMESPACE: &str = "vkube.dev/object-namespace";
+pub const ANNOTATION_UID: &str = "vkube.dev/object-uid";
+/// The value of [`ANNOTATION_UID`] while the virtual object is being created (the proxy creates
+/// the host Service first); the syncer adopts such a host object once the virtual one exists.
+pub const PENDING_UID: &str = "pending";
+/// When a host Service was marked pending (RFC 3339): a pending copy still being created must not
+/// be taken for an orphan.
+pub const ANNOTATION_PENDING_SINCE: &str = "vkube.dev/pending-since";
+
+// Host pods.
+
+/// The downward-API annotation holding the virtual pod's labels (`metadata.labels` format).
+pub const ANNOTATION_OBJECT_LABELS: &str = "vkube.dev/object-labels";
+/// The downward-API annotation holding the virtual pod's service account.
+pub const ANNOTATION_SERVICE_ACCOUNT: &str = "vkube.dev/service-account";
+
+// Host Secrets holding a pod's virtual service-account token.
+
+/// On host Secrets holding a pod's service-account token (one per pod: kept out of the syncer's
+/// Secret watch, which would otherwise hold one per pod in memory).
+pub const LABEL_TOKEN: &str = "vkube.dev/token";
+/// When the token expires (RFC 3339), to renew it in time.
+pub const ANNOTATION_TOKEN_EXPIRES: &str = "vkube.dev/token-expires";
+/// The audience the token was requested for.
+pub const ANNOTATION_TOKEN_AUDIENCE: &str = "vkube.dev/token-audience";
+
+// Other objects the syncer marks.
+
+/// Marks virtual nodes the syncer made (only those are ever deleted).
+pub const LABEL_FAKE_NODE: &str = "vkube.dev/fake-node";
+/// On the host Service named by the syncer's `Options::events_mark_service`: the time up to which
+/// host events were mirrored.
+pub const ANNOTATION_EVENTS_MIRRORED_UNTIL: &str = "vkube.dev/events-mirrored-until";
+
+// The control plane's own host objects (`vkube/src/names.rs`).
+
+/// Marks every control-plane object of a virtual cluster on the host; the value is its name.
+pub const LABEL_CONTROL_PLANE: &str = "vkube.dev/control-plane";
+/// On the host Service: the cluster is paused (its host pods were removed on purpose; the next
+/// control plane recreates them rather than treating them as lost).
+pub const ANNOTATION_PAUSED: &str = "vkube.dev/paused";
+/// On the host Service of a control plane run as local processes: `local`.
+pub const ANNOTATION_MODE: &str = "vkube.dev/mode";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_in_our_domain_and_distinct() {
+        let keys = [
+            LABEL_CLUSTER,
+            LABEL_NAMESPACE,
+            ANNOTATION_KIND,
+            ANNOTATION_NAME,
+            ANNOTATION_NAMESPACE,
+            ANNOTATION_UID,
+            ANNOTATION_PENDING_SINCE,
+            ANNOTATION_OBJECT_LABELS,
+            ANNOTATION_SERVICE_ACCOUNT,
+            LABEL_TOKEN,
+            ANNOTATION_TOKEN_EXPIRES,
+            ANNOTATION_TOKEN_AUDIENCE,
+            LABEL_FAKE_NODE,
+            ANNOTATION_EVENTS_MIRRORED_UNTIL,
+            LABEL_CONTROL_PLANE,
+            ANNOTATION_PAUSED,
+            ANNOTATION_MODE,
+        ];
+        for k in keys {
+            assert!(crate::naming::is_reserved_key(k), "{k}");
+        }
+        let distinct: std::collections::BTreeSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len());
+    }
+}

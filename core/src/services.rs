@@ -1,0 +1,85 @@
+//! The host copy of a virtual Service. It carries the SAME ClusterIP as the virtual Service, so
+//! pods (which run on the host) reach what the tenant sees. The API proxy creates it before the
+//! virtual Service (marked [`PENDING_UID`](crate::contract::PENDING_UID)); the syncer keeps it in
+//! step afterwards.
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+
+use crate::naming::Translator;
+use crate::policy::{Policy, Refusal};
+
+pub const KIND: &str = "Service";
+
+/// The host copy of a virtual Service (pure). Node ports are left for the host to allocate.
+pub fn host_service(tr: &Translator, policy: &Policy, v: &Service) -> Result<Service, Refusal> {
+    let vs = v.spec.clone().unwrap_or_default();
+    policy.check_service(&vs)?;
+    let ns = v.metadata.namespace.as_deref().unwrap_or_default();
+    let selector = vs.selector.as_ref().filter(|s| !s.is_empty()).map(|s| tr.host_selector(ns, s));
+    let ports = vs.ports.map(|ps| ps.into_iter().map(|p| ServicePort { node_port: None, ..p }).collect());
+    let spec = ServiceSpec {
+        type_: vs.type_,
+        ports,
+        selector,
+        cluster_ip: vs.cluster_ip.clone().filter(|ip| !ip.is_empty()),
+        cluster_ips: vs.cluster_ips.clone().filter(|ips| !ips.is_empty()),
+        ip_families: vs.ip_families,
+        ip_family_policy: vs.ip_family_policy,
+        session_affinity: vs.session_affinity,
+        session_affinity_config: vs.session_affinity_config,
+        publish_not_ready_addresses: vs.publish_not_ready_addresses,
+        external_name: vs.external_name,
+        external_traffic_policy: vs.external_traffic_policy,
+        internal_traffic_policy: vs.internal_traffic_policy,
+        load_balancer_class: vs.load_balancer_class,
+        load_balancer_source_ranges: vs.load_balancer_source_ranges,
+        allocate_load_balancer_node_ports: vs.allocate_load_balancer_node_ports,
+        traffic_distribution: vs.traffic_distribution,
+        ..Default::default()
+    };
+    Ok(Service { metadata: tr.host_meta(KIND, &v.metadata), spec: Some(spec), status: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(json: serde_json::Value) -> Service {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn host_copy_keeps_the_ip_and_confines_the_selector() {
+        let tr = Translator::new("vc", "host-ns");
+        let v = svc(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u"},
+            "spec": {"clusterIP": "10.96.3.4", "selector": {"app": "web"}, "ports": [{"port": 80, "nodePort": 30001}]}}));
+        let h = host_service(&tr, &Policy::default(), &v).unwrap();
+        let s = h.spec.unwrap();
+        assert_eq!(s.cluster_ip.as_deref(), Some("10.96.3.4"));
+        let sel = s.selector.unwrap();
+        assert_eq!(sel["app"], "web");
+        assert_eq!(sel["vkube.dev/namespace"], "shop");
+        assert_eq!(sel["vkube.dev/cluster"], "vc");
+        assert_eq!(s.ports.unwrap()[0].node_port, None);
+        assert_eq!(h.metadata.name.as_deref(), Some("web-x-shop-x-vc"));
+    }
+
+    #[test]
+    fn selectorless_services_stay_selectorless() {
+        let tr = Translator::new("vc", "host-ns");
+        let v = svc(
+            serde_json::json!({"metadata": {"name": "ext", "namespace": "shop"}, "spec": {"ports": [{"port": 5432}]}}),
+        );
+        assert_eq!(host_service(&tr, &Policy::default(), &v).unwrap().spec.unwrap().selector, None);
+    }
+
+    #[test]
+    fn node_ports_are_refused_by_default() {
+        let tr = Translator::new("vc", "host-ns");
+        let v = svc(
+            serde_json::json!({"metadata": {"name": "np", "namespace": "shop"}, "spec": {"type": "NodePort", "ports": [{"port": 80}]}}),
+        );
+        assert_eq!(host_service(&tr, &Policy::default(), &v).unwrap_err().reason, "NodePortNotAllowed");
+    }
+}
