@@ -29,6 +29,8 @@ pub mod networkpolicies;
 pub mod nodes;
 pub mod pods;
 pub mod queue;
+#[cfg(test)]
+mod reconcile_tests;
 pub mod refs;
 pub mod services;
 pub mod sync;

@@ -1,0 +1,178 @@
+//! Reconcilers exercised in process against scripted API servers (kube-rs's own pattern: a
+//! `tower-test` mock service under a real `kube::Client`): every request a reconcile makes is
+//! checked, so a wrong write is caught without starting clusters. The end-to-end tests stay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher::Event;
+use tower_test::mock::{self, Handle};
+
+use crate::context::{Context, Options, Queues, Stores};
+use crate::kind::{KindQueues, KindStores, SyncedKind};
+use crate::naming::{LABEL_CLUSTER, Translator};
+use crate::queue::{Action, queue};
+
+type ApiServer = Handle<Request<Body>, Response<Body>>;
+
+/// A context with scripted virtual and host API servers, and ConfigMap stores the test fills.
+struct Harness {
+    ctx: Context,
+    virt: ApiServer,
+    host: ApiServer,
+    vconfigmaps: Writer<ConfigMap>,
+    hconfigmaps: Writer<ConfigMap>,
+}
+
+fn harness() -> Harness {
+    let (virt_svc, virt) = mock::pair::<Request<Body>, Response<Body>>();
+    let (host_svc, host) = mock::pair::<Request<Body>, Response<Body>>();
+    let virt_client = Client::new(virt_svc, "default");
+    let host_client = Client::new(host_svc, "default");
+    let (vconfigmaps, hconfigmaps) = (Writer::default(), Writer::default());
+    let mut kinds = KindStores::default();
+    kinds.insert::<ConfigMap>(vconfigmaps.as_reader(), hconfigmaps.as_reader());
+    let metrics = crate::Metrics::default();
+    let mut queues = KindQueues::default();
+    queues.insert::<ConfigMap>(queue(<ConfigMap as SyncedKind>::KIND, metrics.clone()).0);
+    let ctx = Context {
+        tr: Translator::new("vc", "host-ns"),
+        policy: Default::default(),
+        opts: Options {
+            cluster_domain: "cluster.local".into(),
+            sync_all_configmaps: true,
+            sync_all_secrets: false,
+            sync_network_policies: false,
+            concurrency: 1,
+            api_ip: "10.96.0.1".into(),
+            recreate_lost_pods: false,
+            events_mark_service: None,
+        },
+        virt: virt_client.clone(),
+        host: host_client,
+        stores: Stores {
+            kinds,
+            vnodes: Writer::default().as_reader(),
+            vnamespaces: Writer::default().as_reader(),
+            hevents: Writer::default().as_reader(),
+        },
+        refs: Default::default(),
+        queues: Queues {
+            kinds: queues,
+            tokens: queue("ServiceAccountToken", metrics.clone()).0,
+            nodes: queue("Node", metrics.clone()).0,
+            events: queue("Event", metrics.clone()).0,
+        },
+        recorder: Recorder::new(virt_client, Reporter { controller: "vkube-syncer".into(), instance: None }),
+        dns_ip: Default::default(),
+        events_mark: Default::default(),
+        metrics,
+        health: Default::default(),
+    };
+    Harness { ctx, virt, host, vconfigmaps, hconfigmaps }
+}
+
+fn configmap(ns: &str, name: &str, uid: &str, data: &[(&str, &str)]) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            uid: Some(uid.into()),
+            ..Default::default()
+        },
+        data: Some(data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        ..Default::default()
+    }
+}
+
+/// The next request the reconcile makes, answered with `status` and `body`.
+async fn expect(server: &mut ApiServer, status: u16, body: serde_json::Value) -> (Method, String, serde_json::Value) {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(5), server.next_request())
+        .await
+        .expect("a request within 5 s")
+        .expect("the client is still there");
+    let (method, uri) = (req.method().clone(), req.uri().to_string());
+    let bytes = req.into_body().collect_bytes().await.expect("request body");
+    let sent =
+        if bytes.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(&bytes).expect("JSON body") };
+    let answer = Response::builder().status(status).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap();
+    send.send_response(answer);
+    (method, uri, sent)
+}
+
+/// No further request arrives.
+async fn silent(server: &mut ApiServer) {
+    let next = tokio::time::timeout(Duration::from_millis(200), server.next_request()).await;
+    assert!(next.is_err(), "an unexpected request: {:?}", next.ok().flatten().map(|(r, _)| r.uri().to_string()));
+}
+
+#[tokio::test]
+async fn a_missing_host_copy_is_created_translated_and_marked() {
+    let Harness { ctx, mut virt, mut host, mut vconfigmaps, .. } = harness();
+    vconfigmaps.apply_watcher_event(&Event::Apply(configmap("default", "settings", "u1", &[("mode", "fast")])));
+    let ctx = Arc::new(ctx);
+    let c = ctx.clone();
+    let run = tokio::spawn(async move { ConfigMap::reconcile(&c, ("default".into(), "settings".into())).await });
+
+    let (method, uri, sent) = expect(&mut host, 201, serde_json::json!({"metadata": {"name": "x"}})).await;
+    assert_eq!(method, Method::POST);
+    assert!(uri.starts_with("/api/v1/namespaces/host-ns/configmaps?"), "{uri}");
+    assert!(uri.contains("fieldManager=vkube-syncer"), "one field manager: {uri}");
+    assert_eq!(sent["metadata"]["name"], "settings-x-default-x-vc");
+    assert_eq!(sent["metadata"]["labels"][LABEL_CLUSTER], "vc");
+    assert_eq!(sent["metadata"]["annotations"][vkube_core::contract::ANNOTATION_UID], "u1");
+    assert_eq!(sent["data"], serde_json::json!({"mode": "fast"}));
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+    silent(&mut host).await;
+    silent(&mut virt).await;
+}
+
+#[tokio::test]
+async fn a_copy_left_by_an_earlier_object_of_that_name_is_deleted_by_uid() {
+    let Harness { ctx, mut virt, mut host, mut vconfigmaps, mut hconfigmaps } = harness();
+    let v = configmap("default", "settings", "new-uid", &[]);
+    vconfigmaps.apply_watcher_event(&Event::Apply(v.clone()));
+    let mut old = ConfigMap {
+        metadata: ctx.tr.host_meta("ConfigMap", &ObjectMeta { uid: Some("old-uid".into()), ..v.metadata }),
+        ..Default::default()
+    };
+    old.metadata.uid = Some("host-uid".into());
+    hconfigmaps.apply_watcher_event(&Event::Apply(old));
+    let ctx = Arc::new(ctx);
+    let c = ctx.clone();
+    let run = tokio::spawn(async move { ConfigMap::reconcile(&c, ("default".into(), "settings".into())).await });
+
+    let (method, uri, sent) = expect(&mut host, 200, serde_json::json!({"kind": "Status", "status": "Success"})).await;
+    assert_eq!(
+        (method, uri.split('?').next().unwrap()),
+        (Method::DELETE, "/api/v1/namespaces/host-ns/configmaps/settings-x-default-x-vc")
+    );
+    assert_eq!(sent["preconditions"]["uid"], "host-uid", "only that very object is deleted");
+    assert!(matches!(run.await.unwrap(), Ok(Action::RequeueAfter(_))), "then created anew");
+    silent(&mut host).await;
+    silent(&mut virt).await;
+}
+
+#[tokio::test]
+async fn a_host_object_that_is_not_ours_is_left_alone_and_the_tenant_told() {
+    let Harness { ctx, mut virt, mut host, mut vconfigmaps, mut hconfigmaps } = harness();
+    vconfigmaps.apply_watcher_event(&Event::Apply(configmap("default", "settings", "u1", &[])));
+    hconfigmaps.apply_watcher_event(&Event::Apply(configmap("host-ns", "settings-x-default-x-vc", "foreign", &[])));
+    let ctx = Arc::new(ctx);
+    let c = ctx.clone();
+    let run = tokio::spawn(async move { ConfigMap::reconcile(&c, ("default".into(), "settings".into())).await });
+
+    let (method, uri, sent) = expect(&mut virt, 201, serde_json::json!({})).await;
+    assert_eq!(method, Method::POST);
+    assert!(uri.starts_with("/apis/events.k8s.io/v1/namespaces/default/events"), "{uri}");
+    assert_eq!(sent["reason"], "HostNameConflict");
+    assert!(matches!(run.await.unwrap(), Ok(Action::RequeueAfter(_))));
+    silent(&mut host).await;
+}
