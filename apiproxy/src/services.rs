@@ -8,9 +8,10 @@ use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use vkube_core::contract::{ANNOTATION_PENDING_SINCE, ANNOTATION_UID, PENDING_UID};
 use vkube_core::services::host_service;
+use vkube_kubeclient::delete::{Exactly, delete_exactly};
 
 use crate::auth::Identity;
 use crate::error::ProxyError;
@@ -116,15 +117,7 @@ impl Proxy {
             }
             return resp;
         }
-        let dp = DeleteParams {
-            preconditions: created
-                .metadata
-                .uid
-                .clone()
-                .map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
-            ..Default::default()
-        };
-        if let Err(e) = hosts.delete(&host_name, &dp).await {
+        if let Err(e) = delete_exactly(&hosts, &created.metadata, None, Exactly::Object).await {
             tracing::warn!(error = %e, service = host_name, "removing the host copy of a failed service create failed; the syncer will");
         }
         resp

@@ -3,6 +3,7 @@
 //! until something is true (`wait`), and credential files written readable only by the owner.
 
 pub mod client;
+pub mod delete;
 pub mod wait;
 
 use std::path::Path;

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, Patch, Preconditions};
+use kube::api::{Api, Patch};
 use kube::runtime::reflector::ObjectRef;
 use vkube_core::contract::{ANNOTATION_PENDING_SINCE, ANNOTATION_UID, PENDING_UID};
+use vkube_kubeclient::delete::{Exactly, delete_exactly};
 
 use crate::context::{Context, Key};
 use crate::endpointslices::LABEL_SERVICE_NAME;
@@ -208,15 +209,7 @@ async fn follow_host_ip(ctx: &Context, v: &Service, h: &Service) -> Result<Actio
     tracing::info!(namespace = ns, name, virtual_ip = ?cluster_ip(v), host_ip = ?cluster_ip(h), "recreating the virtual Service with the host's ClusterIP");
     mark_pending(ctx, h.metadata.name.as_deref().unwrap_or_default()).await?;
     let vapi: Api<Service> = Api::namespaced(ctx.virt.clone(), ns);
-    let dp = DeleteParams {
-        preconditions: v.metadata.uid.clone().map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
-        ..Default::default()
-    };
-    match vapi.delete(name, &dp).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
+    delete_exactly(&vapi, &v.metadata, None, Exactly::Object).await?;
     let mut next = Service { metadata: v.metadata.clone(), spec: v.spec.clone(), status: None };
     next.metadata.uid = None;
     next.metadata.resource_version = None;
@@ -271,7 +264,7 @@ async fn report_back(ctx: &Context, v: &Service, h: &Service) -> Result<()> {
     }
     let host_lb = h.status.as_ref().and_then(|s| s.load_balancer.clone());
     let virt_lb = v.status.as_ref().and_then(|s| s.load_balancer.clone());
-    if serde_json::to_value(&host_lb).ok() != serde_json::to_value(&virt_lb).ok() && host_lb.is_some() {
+    if host_lb != virt_lb && host_lb.is_some() {
         vapi.patch_status(
             name,
             &sync::patch_params(),
@@ -305,15 +298,7 @@ async fn api_service(ctx: &Context) -> Result<Action> {
         s.cluster_ip = Some(want.to_string());
         s.cluster_ips = Some(vec![want.to_string()]);
     }
-    let dp = DeleteParams {
-        preconditions: current.metadata.uid.clone().map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
-        ..Default::default()
-    };
-    match vapi.delete("kubernetes", &dp).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
+    delete_exactly(&vapi, &current.metadata, None, Exactly::Object).await?;
     match vapi.create(&sync::post_params(), &next).await {
         Ok(_) => ctx.metrics.wrote(KIND, "api_service"),
         // The API server recreated it first: try again.

@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, DeleteParams, PatchParams, PostParams};
+use kube::api::{Api, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use vkube_kubeclient::delete::{Exactly, delete_exactly};
 
 use crate::context::Context;
 use crate::metrics::ErrorLabel;
@@ -115,23 +116,11 @@ where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    let dp = DeleteParams {
-        grace_period_seconds: grace.map(|g| g.max(0) as u32),
-        preconditions: h
-            .meta()
-            .uid
-            .clone()
-            .map(|uid| kube::api::Preconditions { uid: Some(uid), resource_version: None }),
-        ..Default::default()
-    };
-    match api.delete(&h.name_any(), &dp).await {
-        Ok(_) => {
-            ctx.metrics.wrote(kind, "delete");
-            Ok(())
-        }
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+    let grace = grace.map(|g| g.max(0) as u32);
+    if delete_exactly(&api, h.meta(), grace, Exactly::Object).await? {
+        ctx.metrics.wrote(kind, "delete");
     }
+    Ok(())
 }
 
 /// Creates a host object. If one of that name exists it is checked: ours (a race with our own

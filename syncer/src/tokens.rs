@@ -15,9 +15,10 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+use kube::api::{Api, ListParams};
 use kube::runtime::reflector::ObjectRef;
 use vkube_core::contract::{ANNOTATION_TOKEN_AUDIENCE, ANNOTATION_TOKEN_EXPIRES, LABEL_TOKEN};
+use vkube_kubeclient::delete::{Exactly, delete_exactly};
 
 use crate::context::Context;
 use crate::queue::Action;
@@ -148,17 +149,8 @@ pub async fn reconcile(ctx: &Context, secret_name: String) -> Result<Action> {
     }
     // Its pod is gone (or is a newer pod of the same name, whose own reconcile replaces the
     // Secret): deleted only as read, so a replacement made meanwhile stays.
-    let dp = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: current.metadata.uid.clone(),
-            resource_version: current.metadata.resource_version.clone(),
-        }),
-        ..Default::default()
-    };
-    match api(ctx).delete(&secret_name, &dp).await {
-        Ok(_) => ctx.metrics.wrote(KIND, "delete"),
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-        Err(e) => return Err(e.into()),
+    if delete_exactly(&api(ctx), &current.metadata, None, Exactly::AsRead).await? {
+        ctx.metrics.wrote(KIND, "delete");
     }
     Ok(Action::Done)
 }

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, Patch, Preconditions};
+use kube::api::{Api, Patch};
 use kube::runtime::reflector::ObjectRef;
+use vkube_kubeclient::delete::{Exactly, delete_exactly};
 
 use crate::compact::Compact;
 use crate::context::{Context, Key};
@@ -199,15 +200,8 @@ fn ran_on_host(v: &Pod) -> bool {
 /// Deletes the virtual pod for good (grace 0), as a kubelet confirms a pod has stopped.
 async fn finalize_virtual(ctx: &Context, v: &Pod) -> Result<Action> {
     let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
-    let dp = DeleteParams {
-        grace_period_seconds: Some(0),
-        preconditions: v.metadata.uid.clone().map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
-        ..Default::default()
-    };
-    match api.delete(v.metadata.name.as_deref().unwrap_or_default(), &dp).await {
-        Ok(_) => ctx.metrics.wrote(KIND, "finalize"),
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-        Err(e) => return Err(e.into()),
+    if delete_exactly(&api, &v.metadata, Some(0), Exactly::Object).await? {
+        ctx.metrics.wrote(KIND, "finalize");
     }
     Ok(Action::Done)
 }
@@ -388,7 +382,7 @@ pub fn host_pod_patch(desired: &Pod, current: &Pod) -> Option<serde_json::Value>
     if ds.active_deadline_seconds != cs.active_deadline_seconds {
         spec.insert("activeDeadlineSeconds".into(), json!(ds.active_deadline_seconds));
     }
-    if serde_json::to_value(&ds.tolerations).ok() != serde_json::to_value(&cs.tolerations).ok() {
+    if ds.tolerations != cs.tolerations {
         spec.insert("tolerations".into(), json!(ds.tolerations.unwrap_or_default()));
     }
     let gates = |g: &Option<Vec<k8s_openapi::api::core::v1::PodSchedulingGate>>| {
