@@ -54,12 +54,10 @@ impl Proxy {
             .get_opt(&host_name)
             .await
             .map_err(|e| ProxyError::upstream("looking up the host pod", e))?;
-        let mirrors = host_pod.as_ref().and_then(|p| self.translator.owner(&p.metadata)).is_some_and(|o| {
-            o.kind == "Pod"
-                && o.namespace == namespace
-                && o.name == name
-                && Some(&o.uid) == virtual_pod.metadata.uid.as_ref()
-        });
+        let mirrors = host_pod
+            .as_ref()
+            .and_then(|p| self.translator.owner(&p.metadata))
+            .is_some_and(|o| o.is("Pod", namespace, name) && Some(&o.uid) == virtual_pod.metadata.uid.as_ref());
         if !mirrors {
             return Err(ProxyError::Unavailable(format!(
                 "pod \"{name}\" is not running on the host yet; try again in a moment"

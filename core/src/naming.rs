@@ -44,6 +44,13 @@ pub struct Owner {
     pub uid: String,
 }
 
+impl Owner {
+    /// Whether the marks name virtual object `kind` `namespace`/`name` (of any uid).
+    pub fn is(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        self.kind == kind && self.namespace == namespace && self.name == name
+    }
+}
+
 /// Translation between one virtual cluster and its host namespace.
 #[derive(Clone, Debug)]
 pub struct Translator {

@@ -84,7 +84,7 @@ pub fn classify<K: Resource>(
 ) -> HostCopy<K> {
     let Some(h) = h else { return HostCopy::Absent };
     match ctx.tr.owner(h.meta()) {
-        Some(o) if o.kind == kind && o.namespace == ns && o.name == name => {
+        Some(o) if o.is(kind, ns, name) => {
             if o.uid == uid || o.uid == PENDING_UID {
                 HostCopy::Ours(h)
             } else {
@@ -97,7 +97,7 @@ pub fn classify<K: Resource>(
 
 /// Whether a host object is ours and mirrors the virtual object `kind` `ns`/`name` (any uid).
 pub fn mirrors<K: Resource>(ctx: &Context, h: &K, kind: &str, ns: &str, name: &str) -> Option<Owner> {
-    ctx.tr.owner(h.meta()).filter(|o| o.kind == kind && o.namespace == ns && o.name == name)
+    ctx.tr.owner(h.meta()).filter(|o| o.is(kind, ns, name))
 }
 
 /// Every write of the syncer names the one field manager.
@@ -142,7 +142,7 @@ where
             let want = ctx.tr.owner(desired.meta());
             let found = existing.as_ref().and_then(|o| ctx.tr.owner(o.meta()));
             match (want, found) {
-                (Some(w), Some(o)) if w.kind == o.kind && w.namespace == o.namespace && w.name == o.name => Ok(()),
+                (Some(w), Some(o)) if o.is(&w.kind, &w.namespace, &w.name) => Ok(()),
                 // Gone again in between: the next reconcile creates it.
                 _ if existing.is_none() => Ok(()),
                 _ => Err(SyncError::Collision(format!("{}/{name}", ctx.host_ns()))),

@@ -60,7 +60,7 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     match ctx.tr.owner(&current.metadata) {
         // Ours and good; one left by an earlier pod of the same name is replaced (its token is
         // void), and so is one that expires soon.
-        Some(o) if o.kind == KIND && o.namespace == ns && o.name == name => {
+        Some(o) if o.is(KIND, ns, name) => {
             if o.uid == uid && !expires_soon(&current.metadata) {
                 return Ok(());
             }
