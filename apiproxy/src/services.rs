@@ -70,7 +70,10 @@ impl Proxy {
         ann.insert(ANNOTATION_PENDING_SINCE.into(), k8s_openapi::jiff::Timestamp::now().to_string());
         let hosts: Api<Service> = Api::namespaced(self.host.clone(), self.translator.host_namespace());
         let created = match hosts
-            .create(&PostParams { field_manager: Some("vkube".into()), ..Default::default() }, &desired)
+            .create(
+                &PostParams { field_manager: Some(vkube_core::contract::FIELD_MANAGER.into()), ..Default::default() },
+                &desired,
+            )
             .await
         {
             Ok(c) => c,

@@ -6,6 +6,9 @@
 /// Our domain: keys under it (or under `*.vkube.dev`) are reserved.
 pub const DOMAIN: &str = "vkube.dev";
 
+/// The field manager of every write vkube makes (control plane, syncer, proxy, CLI).
+pub const FIELD_MANAGER: &str = "vkube";
+
 // Ownership marks on every host object of a virtual cluster (`naming`).
 
 /// The virtual cluster a host object belongs to (host watches select on it).

@@ -60,7 +60,7 @@ use naming::Translator;
 use policy::Policy;
 use queue::{Worker, queue};
 
-pub const FIELD_MANAGER: &str = "vkube-syncer";
+pub use vkube_core::contract::FIELD_MANAGER;
 
 /// Everything the syncer is told at start.
 pub struct Config {

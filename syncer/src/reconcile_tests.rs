@@ -124,7 +124,8 @@ async fn a_missing_host_copy_is_created_translated_and_marked() {
     let (method, uri, sent) = expect(&mut host, 201, serde_json::json!({"metadata": {"name": "x"}})).await;
     assert_eq!(method, Method::POST);
     assert!(uri.starts_with("/api/v1/namespaces/host-ns/configmaps?"), "{uri}");
-    assert!(uri.contains("fieldManager=vkube-syncer"), "one field manager: {uri}");
+    let manager = uri.split(['?', '&']).find_map(|p| p.strip_prefix("fieldManager="));
+    assert_eq!(manager, Some(crate::FIELD_MANAGER), "one field manager: {uri}");
     assert_eq!(sent["metadata"]["name"], "settings-x-default-x-vc");
     assert_eq!(sent["metadata"]["labels"][LABEL_CLUSTER], "vc");
     assert_eq!(sent["metadata"]["annotations"][vkube_core::contract::ANNOTATION_UID], "u1");

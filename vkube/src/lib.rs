@@ -11,5 +11,4 @@ pub mod local;
 pub mod names;
 pub mod pki_store;
 
-/// The field manager of every write vkube makes.
-pub const FIELD_MANAGER: &str = "vkube";
+pub use vkube_core::contract::FIELD_MANAGER;

@@ -349,7 +349,8 @@ async fn main() {
             .iter()
             .filter(|p| {
                 p.metadata.managed_fields.iter().flatten().any(|m| {
-                    m.manager.as_deref() == Some("vkube-syncer") && m.time.as_ref().is_some_and(|t| t.0 >= restarted_at)
+                    m.manager.as_deref() == Some(vkube_core::contract::FIELD_MANAGER)
+                        && m.time.as_ref().is_some_and(|t| t.0 >= restarted_at)
                 })
             })
             .count();
