@@ -80,8 +80,10 @@ pub struct ProxyConfig {
     /// The control plane's own client of the host API server.
     pub host: kube::Client,
     pub serving: Arc<ServingCert>,
-    /// What else must hold for `/readyz` (the syncer running): `Err` says what does not.
+    /// What else must hold for `/readyz` (the syncer syncing): `Err` says what does not.
     pub ready: ReadyCheck,
+    /// What else must hold for `/livez` and `/healthz` (the syncer not stopped for good).
+    pub live: ReadyCheck,
 }
 
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -101,6 +103,7 @@ pub struct Proxy {
     acceptor: TlsAcceptor,
     metrics: Metrics,
     ready: ReadyCheck,
+    live: ReadyCheck,
 }
 
 /// What is known about a connection once its TLS handshake is done.
@@ -128,6 +131,7 @@ impl Proxy {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             metrics: Metrics::register(registry),
             ready: cfg.ready,
+            live: cfg.live,
         }))
     }
 
@@ -254,7 +258,10 @@ impl Proxy {
                 .expect("static response")
         };
         match h {
-            Health::Healthz | Health::Livez => text(StatusCode::OK, "ok".into()),
+            Health::Healthz | Health::Livez => match (self.live)() {
+                Ok(()) => text(StatusCode::OK, "ok".into()),
+                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not live: {why}")),
+            },
             Health::Readyz => {
                 if let Err(why) = (self.ready)() {
                     return text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"));

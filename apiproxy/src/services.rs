@@ -8,7 +8,7 @@ use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch};
 use vkube_core::contract::{ANNOTATION_PENDING_SINCE, ANNOTATION_UID, PENDING_UID};
 use vkube_core::services::host_service;
 use vkube_kubeclient::delete::{Exactly, delete_exactly};
@@ -69,13 +69,7 @@ impl Proxy {
         ann.insert(ANNOTATION_UID.into(), PENDING_UID.into());
         ann.insert(ANNOTATION_PENDING_SINCE.into(), k8s_openapi::jiff::Timestamp::now().to_string());
         let hosts: Api<Service> = Api::namespaced(self.host.clone(), self.translator.host_namespace());
-        let created = match hosts
-            .create(
-                &PostParams { field_manager: Some(vkube_core::contract::FIELD_MANAGER.into()), ..Default::default() },
-                &desired,
-            )
-            .await
-        {
+        let created = match hosts.create(&vkube_kubeclient::params::post_params(), &desired).await {
             Ok(c) => c,
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 return Err(ProxyError::AlreadyExists(format!(
@@ -109,7 +103,9 @@ impl Proxy {
             match self.virtual_service_uid(namespace, name(&svc)).await {
                 Some(uid) => {
                     let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_UID: uid, ANNOTATION_PENDING_SINCE: null}}});
-                    if let Err(e) = hosts.patch(&host_name, &PatchParams::default(), &Patch::Merge(patch)).await {
+                    if let Err(e) =
+                        hosts.patch(&host_name, &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch)).await
+                    {
                         tracing::warn!(error = %e, service = host_name, "adopting the host service failed; the syncer will");
                     }
                 }

@@ -132,6 +132,7 @@ async fn serve_proxy(api: SocketAddr) -> Running {
             host: client_of(api),
             serving: ServingCert::new(&get("apiserver.crt"), &get("apiserver.key")).unwrap(),
             ready: std::sync::Arc::new(|| Ok(())),
+            live: std::sync::Arc::new(|| Ok(())),
         },
         &mut registry,
     )

@@ -115,7 +115,8 @@ pub fn virtual_event(ctx_host_ns: &str, host: &Event, owner: &Owner) -> Event {
 /// The virtual object a host event is about, if it is about one of our host copies.
 fn owner_of(ctx: &Context, e: &Event) -> Option<Owner> {
     let name = e.involved_object.name.as_deref()?;
-    let meta = ctx.stores.kinds.host_meta(e.involved_object.kind.as_deref()?, ctx.host_ns(), name)?;
+    let o = &e.involved_object;
+    let meta = ctx.stores.kinds.host_meta(o.api_version.as_deref()?, o.kind.as_deref()?, ctx.host_ns(), name)?;
     ctx.tr.owner(&meta)
 }
 

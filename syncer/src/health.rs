@@ -1,6 +1,7 @@
-//! Whether the syncer is doing its job, for the control plane's `/readyz`: not until its caches
-//! are filled, and never again once it has stopped (a cluster whose objects no longer reach the
-//! host is not ready, whatever its API server says).
+//! Whether the syncer is doing its job, for the control plane's probes. `/readyz`: not until its
+//! caches are filled, and never again once it has stopped (a cluster whose objects no longer
+//! reach the host is not ready, whatever its API server says). `/livez`: failing once it has
+//! stopped, so the kubelet restarts the control plane rather than leave it unready for ever.
 
 use std::sync::{Arc, RwLock};
 
@@ -31,6 +32,14 @@ impl Health {
         }
     }
 
+    /// `Err` once the syncer has stopped (nothing but a restart brings it back).
+    pub fn alive(&self) -> Result<(), String> {
+        match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            State::Stopped(why) => Err(format!("the syncer stopped: {why}")),
+            _ => Ok(()),
+        }
+    }
+
     /// `Err` says why the syncer is not ready.
     pub fn check(&self) -> Result<(), String> {
         match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
@@ -49,9 +58,11 @@ mod tests {
     fn ready_only_while_syncing() {
         let h = Health::default();
         assert!(h.check().is_err());
+        assert_eq!(h.alive(), Ok(()), "starting is alive");
         h.syncing();
         assert_eq!(h.check(), Ok(()));
         h.stopped("a watch task ended");
+        assert!(h.alive().is_err());
         h.syncing();
         h.stopped("later");
         assert_eq!(h.check(), Err("the syncer stopped: a watch task ended".into()));

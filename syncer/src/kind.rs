@@ -109,7 +109,7 @@ pub fn host_resources() -> Vec<ApiResource> {
 #[derive(Default)]
 pub struct KindStores {
     by_type: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
-    /// Metadata of a host copy by its host kind, namespace and name.
+    /// Metadata of a host copy by its host API group and kind (`group/Kind`), namespace and name.
     host_meta: HashMap<String, HostMetaFn>,
 }
 
@@ -124,15 +124,17 @@ impl KindStores {
     pub(crate) fn insert<K: SyncedKind>(&mut self, virt: Store<K::VirtualStored>, host: Store<K::HostStored>) {
         let by_name = host.clone();
         self.host_meta.insert(
-            <K::Host as Resource>::kind(&()).into_owned(),
+            format!("{}/{}", <K::Host as Resource>::group(&()), <K::Host as Resource>::kind(&())),
             Box::new(move |ns, name| by_name.get(&ObjectRef::new(name).within(ns)).map(|o| o.meta().clone())),
         );
         self.by_type.insert(TypeId::of::<K>(), Box::new(StorePair::<K> { virt, host }));
     }
 
-    /// The metadata of a host copy of ours of host kind `kind` (e.g. what a host event is about).
-    pub fn host_meta(&self, kind: &str, ns: &str, name: &str) -> Option<ObjectMeta> {
-        self.host_meta.get(kind).and_then(|f| f(ns, name))
+    /// The metadata of a host copy of ours of `api_version` (`v1`, `group/v1`) and `kind` (e.g.
+    /// what a host event is about).
+    pub fn host_meta(&self, api_version: &str, kind: &str, ns: &str, name: &str) -> Option<ObjectMeta> {
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or_default();
+        self.host_meta.get(&format!("{group}/{kind}")).and_then(|f| f(ns, name))
     }
 
     fn pair<K: SyncedKind>(&self) -> &StorePair<K> {
@@ -183,6 +185,19 @@ impl KindQueues {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::runtime::reflector::store::Writer;
+
+    #[test]
+    fn host_copies_are_found_by_group_and_kind() {
+        let mut host = Writer::<NetworkPolicy>::default();
+        let meta = ObjectMeta { name: Some("p".into()), namespace: Some("h".into()), ..Default::default() };
+        host.apply_watcher_event(&watcher::Event::Apply(NetworkPolicy { metadata: meta, ..Default::default() }));
+        let mut stores = KindStores::default();
+        stores.insert::<NetworkPolicy>(Writer::default().as_reader(), host.as_reader());
+        assert!(stores.host_meta("networking.k8s.io/v1", "NetworkPolicy", "h", "p").is_some());
+        assert!(stores.host_meta("projectcalico.org/v3", "NetworkPolicy", "h", "p").is_none(), "another API's kind");
+        assert!(stores.host_meta("networking.k8s.io/v1", "NetworkPolicy", "h", "q").is_none());
+    }
 
     #[test]
     fn host_resources_are_listed_once_each() {

@@ -132,6 +132,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         health: cfg.health,
     });
 
+    // Before the host events watch starts: a relist skips what is already mirrored.
+    events::load_mark(&ctx).await;
     let mut tasks = JoinSet::new();
     for wire in start {
         wire(&ctx, &mut tasks);
@@ -158,7 +160,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     tasks.spawn(hevents.run());
     tasks.spawn(vnamespaces.run());
 
-    events::load_mark(&ctx).await;
     let coredns_image = cfg.coredns_image;
     let c = ctx.clone();
     let started = std::time::Instant::now();
@@ -185,28 +186,36 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             let marker = c.clone();
             running.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });
         }
-        while let Err(e) = dns::ensure(&c.virt, &coredns_image, &c.opts.cluster_domain).await {
-            tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");
-            tokio::time::sleep(Duration::from_secs(2)).await;
+        let initial = async {
+            while let Err(e) = dns::ensure(&c.virt, &coredns_image, &c.opts.cluster_domain).await {
+                tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            while !c.queues.all_idle() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let took = started.elapsed().as_secs_f64();
+            c.metrics.initial_sync_seconds.set(took);
+            tracing::info!(
+                seconds = took,
+                pods = c.stores.virt::<k8s_openapi::api::core::v1::Pod>().len(),
+                "initial sync done"
+            );
+            // Token Secrets orphaned while we were down.
+            tokens::sweep(&c).await;
+        };
+        // A worker that ends during the initial sync would leave its queue undrained for ever.
+        tokio::select! {
+            _ = initial => {}
+            Some(ended) = running.join_next() => return Stopped::TaskEnded(describe(ended)),
         }
-        while !c.queues.all_idle() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let took = started.elapsed().as_secs_f64();
-        c.metrics.initial_sync_seconds.set(took);
-        tracing::info!(
-            seconds = took,
-            pods = c.stores.virt::<k8s_openapi::api::core::v1::Pod>().len(),
-            "initial sync done"
-        );
-        // Token Secrets orphaned while we were down.
-        tokens::sweep(&c).await;
         let mut tick = tokio::time::interval(RESYNC);
         tick.tick().await;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     resync.iter().for_each(|r| r(&c));
+                    c.stores.vnodes.state().iter().for_each(|n| c.queues.nodes.add(key_of(n.as_ref()).1));
                     tokens::sweep(&c).await;
                 }
                 Some(ended) = running.join_next() => return Stopped::TaskEnded(describe(ended)),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Api, PatchParams, PostParams};
+use kube::api::Api;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -100,15 +100,7 @@ pub fn mirrors<K: Resource>(ctx: &Context, h: &K, kind: &str, ns: &str, name: &s
     ctx.tr.owner(h.meta()).filter(|o| o.is(kind, ns, name))
 }
 
-/// Every write of the syncer names the one field manager.
-pub fn post_params() -> PostParams {
-    PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() }
-}
-
-/// See [`post_params`].
-pub fn patch_params() -> PatchParams {
-    PatchParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() }
-}
+pub use vkube_kubeclient::params::{patch_params, post_params};
 
 /// Deletes a host object we own (by name, with a uid precondition so nothing else is hit).
 pub async fn delete_host<K>(ctx: &Context, kind: &'static str, h: &K, grace: Option<i64>) -> Result<()>

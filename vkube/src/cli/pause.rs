@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch};
 use vkube::names;
 use vkube_syncer::naming::LABEL_CLUSTER;
 
@@ -41,7 +41,8 @@ impl PauseArgs {
         // removed on purpose.
         let svc: Api<Service> = Api::namespaced(host.clone(), &ns);
         let patch = serde_json::json!({"metadata": {"annotations": {names::ANNOTATION_PAUSED: "true"}}});
-        svc.patch(&names::service(&cluster.name), &PatchParams::default(), &Patch::Merge(patch)).await?;
+        svc.patch(&names::service(&cluster.name), &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch))
+            .await?;
         eprintln!("pausing virtual cluster {}", cluster.name);
         match cluster.mode {
             Mode::Local => {
@@ -51,7 +52,7 @@ impl PauseArgs {
             Mode::Chart => {
                 let sts: Api<StatefulSet> = Api::namespaced(host.clone(), &ns);
                 let patch = serde_json::json!({"spec": {"replicas": 0}});
-                sts.patch(&cluster.name, &PatchParams::default(), &Patch::Merge(patch))
+                sts.patch(&cluster.name, &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch))
                     .await
                     .context("scaling the control plane to 0")?;
                 eprintln!("  control plane scaled to 0");
@@ -81,7 +82,7 @@ impl ResumeArgs {
             Mode::Chart => {
                 let sts: Api<StatefulSet> = Api::namespaced(host.clone(), &cluster.namespace);
                 let patch = serde_json::json!({"spec": {"replicas": 1}});
-                sts.patch(&cluster.name, &PatchParams::default(), &Patch::Merge(patch))
+                sts.patch(&cluster.name, &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch))
                     .await
                     .context("scaling the control plane to 1")?;
                 let ready = vkube_kubeclient::wait::until(self.timeout, std::time::Duration::from_secs(1), || {

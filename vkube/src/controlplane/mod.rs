@@ -194,7 +194,7 @@ async fn take_paused_mark(host: &kube::Client, namespace: &str, cluster: &str) -
     let paused = svc.and_then(|s| s.metadata.annotations).is_some_and(|a| a.contains_key(names::ANNOTATION_PAUSED));
     if paused {
         let patch = serde_json::json!({"metadata": {"annotations": {names::ANNOTATION_PAUSED: null}}});
-        api.patch(&names::service(cluster), &PatchParams::default(), &Patch::Merge(patch)).await?;
+        api.patch(&names::service(cluster), &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch)).await?;
     }
     Ok(paused)
 }
@@ -325,6 +325,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             ready: {
                 let health = health.clone();
                 Arc::new(move || health.check())
+            },
+            live: {
+                let health = health.clone();
+                Arc::new(move || health.alive())
             },
         },
         &mut registry,
