@@ -1,8 +1,8 @@
 //! The syncer: objects of a virtual cluster mirrored into one host namespace.
 //!
 //! Module map:
-//! - `naming`: the translation contract everything (and the API proxy) shares;
-//! - `policy`: the admin's isolation policy, enforced at the host boundary;
+//! - `naming`, `policy`: re-exported from `vkube-core` (the naming contract and the admin's
+//!   isolation policy, shared with the API proxy);
 //! - `kind`: the one list of synced kinds and the description each gives (`SyncedKind`);
 //! - one module per synced kind: `pods`, `services`, `configs` (configmaps, secrets),
 //!   `endpoints`, `endpointslices`, `claims`, `networkpolicies` (when the admin turns them on);
@@ -10,7 +10,7 @@
 //!   (virtual nodes), `events` (host events shown on virtual objects), `dns` (CoreDNS);
 //! - the shape they share: `sync` (ownership, collisions, refusals), `mirror` (plain copies);
 //! - the machinery: `informer` (watches + stores), `queue` (keyed work queue), `refs` (what
-//!   pods use), `context`, `metrics`.
+//!   pods use), `context`, `health` (for the control plane's probes), `metrics`.
 
 pub mod claims;
 pub mod compact;
