@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::client::Body;
@@ -29,6 +29,7 @@ struct Harness {
     host: ApiServer,
     vconfigmaps: Writer<ConfigMap>,
     hconfigmaps: Writer<ConfigMap>,
+    vservices: Writer<Service>,
 }
 
 fn harness() -> Harness {
@@ -37,11 +38,14 @@ fn harness() -> Harness {
     let virt_client = Client::new(virt_svc, "default");
     let host_client = Client::new(host_svc, "default");
     let (vconfigmaps, hconfigmaps) = (Writer::default(), Writer::default());
+    let vservices = Writer::default();
     let mut kinds = KindStores::default();
     kinds.insert::<ConfigMap>(vconfigmaps.as_reader(), hconfigmaps.as_reader());
+    kinds.insert::<Service>(vservices.as_reader(), Writer::default().as_reader());
     let metrics = crate::Metrics::default();
     let mut queues = KindQueues::default();
     queues.insert::<ConfigMap>(queue(<ConfigMap as SyncedKind>::KIND, metrics.clone()).0);
+    queues.insert::<Service>(queue(<Service as SyncedKind>::KIND, metrics.clone()).0);
     let ctx = Context {
         tr: Translator::new("vc", "host-ns"),
         policy: Default::default(),
@@ -76,7 +80,7 @@ fn harness() -> Harness {
         metrics,
         health: Default::default(),
     };
-    Harness { ctx, virt, host, vconfigmaps, hconfigmaps }
+    Harness { ctx, virt, host, vconfigmaps, hconfigmaps, vservices }
 }
 
 fn configmap(ns: &str, name: &str, uid: &str, data: &[(&str, &str)]) -> ConfigMap {
@@ -137,7 +141,7 @@ async fn a_missing_host_copy_is_created_translated_and_marked() {
 
 #[tokio::test]
 async fn a_copy_left_by_an_earlier_object_of_that_name_is_deleted_by_uid() {
-    let Harness { ctx, mut virt, mut host, mut vconfigmaps, mut hconfigmaps } = harness();
+    let Harness { ctx, mut virt, mut host, mut vconfigmaps, mut hconfigmaps, .. } = harness();
     let v = configmap("default", "settings", "new-uid", &[]);
     vconfigmaps.apply_watcher_event(&Event::Apply(v.clone()));
     let mut old = ConfigMap {
@@ -163,7 +167,7 @@ async fn a_copy_left_by_an_earlier_object_of_that_name_is_deleted_by_uid() {
 
 #[tokio::test]
 async fn a_host_object_that_is_not_ours_is_left_alone_and_the_tenant_told() {
-    let Harness { ctx, mut virt, mut host, mut vconfigmaps, mut hconfigmaps } = harness();
+    let Harness { ctx, mut virt, mut host, mut vconfigmaps, mut hconfigmaps, .. } = harness();
     vconfigmaps.apply_watcher_event(&Event::Apply(configmap("default", "settings", "u1", &[])));
     hconfigmaps.apply_watcher_event(&Event::Apply(configmap("host-ns", "settings-x-default-x-vc", "foreign", &[])));
     let ctx = Arc::new(ctx);
@@ -176,4 +180,43 @@ async fn a_host_object_that_is_not_ours_is_left_alone_and_the_tenant_told() {
     assert_eq!(sent["reason"], "HostNameConflict");
     assert!(matches!(run.await.unwrap(), Ok(Action::RequeueAfter(_))));
     silent(&mut host).await;
+}
+
+#[tokio::test]
+async fn a_service_whose_virtual_ip_is_taken_on_the_host_is_created_with_the_hosts() {
+    let Harness { ctx, mut virt, mut host, mut vservices, .. } = harness();
+    vservices.apply_watcher_event(&Event::Apply(Service {
+        metadata: ObjectMeta {
+            namespace: Some("default".into()),
+            name: Some("web".into()),
+            uid: Some("u1".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("10.96.0.50".into()),
+            cluster_ips: Some(vec!["10.96.0.50".into()]),
+            selector: Some([("app".to_string(), "web".to_string())].into()),
+            ports: Some(vec![ServicePort { port: 80, ..Default::default() }]),
+            ..Default::default()
+        }),
+        status: None,
+    }));
+    let ctx = Arc::new(ctx);
+    let c = ctx.clone();
+    let run = tokio::spawn(async move { Service::reconcile(&c, ("default".into(), "web".into())).await });
+
+    let taken = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid",
+        "code": 422, "message": "spec.clusterIPs: Invalid value: [\"10.96.0.50\"]: provided IP is already allocated"});
+    let (method, uri, first) = expect(&mut host, 422, taken).await;
+    assert_eq!(method, Method::POST);
+    assert!(uri.starts_with("/api/v1/namespaces/host-ns/services?"), "{uri}");
+    assert_eq!(first["spec"]["clusterIP"], "10.96.0.50", "the virtual IP is asked for first");
+    assert_eq!(first["spec"]["selector"][LABEL_CLUSTER], "vc", "the selector is confined to the cluster");
+    assert_eq!(first["metadata"]["name"], "web-x-default-x-vc");
+
+    let (_, _, second) = expect(&mut host, 201, serde_json::json!({"metadata": {"name": "web-x-default-x-vc"}})).await;
+    assert!(second["spec"].get("clusterIP").is_none(), "then the host chooses: {}", second["spec"]);
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+    silent(&mut host).await;
+    silent(&mut virt).await;
 }
