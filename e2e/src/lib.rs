@@ -13,6 +13,24 @@ use vkube_localenv::{HostCluster, HostOptions, Lifetime, Upstream};
 
 pub use vkube_localenv::wait::until;
 
+/// A selector-less Service `cache` and the EndpointSlice `cache-1` the tenant manages for it.
+pub const SELECTORLESS_SERVICE_WITH_SLICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: cache}
+spec:
+  ports: [{port: 6379, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: cache-1
+  labels: {kubernetes.io/service-name: cache, endpointslice.kubernetes.io/managed-by: tenant}
+addressType: IPv4
+endpoints: [{addresses: [192.0.2.20]}]
+ports: [{port: 6379, protocol: TCP}]
+"#;
+
 pub struct TestEnv {
     pub host: HostCluster,
     pub upstream: Upstream,

@@ -741,24 +741,7 @@ subsets:
     assert_eq!(svc.spec.unwrap().selector, None, "the host copy selects nothing either");
 
     // The modern form: an EndpointSlice the tenant manages for a selector-less Service.
-    vc.apply(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {name: cache}
-spec:
-  ports: [{port: 6379, protocol: TCP}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: cache-1
-  labels: {kubernetes.io/service-name: cache, endpointslice.kubernetes.io/managed-by: tenant}
-addressType: IPv4
-endpoints: [{addresses: [192.0.2.20]}]
-ports: [{port: 6379, protocol: TCP}]
-"#,
-    );
+    vc.apply(vkube_e2e::SELECTORLESS_SERVICE_WITH_SLICE);
     let slice = tr.host_name("default", "cache-1");
     let cache = tr.host_name("default", "cache");
     eventually(

@@ -89,12 +89,17 @@ pub async fn remove_all(host: &kube::Client, ns: &str, name: &str) -> anyhow::Re
             delete_labelled(host, ns, &ar, lp, &now).await?;
         }
     }
-    delete_collection::<StatefulSet>(host, ns, &control, &now).await?;
-    delete_collection::<ServiceAccount>(host, ns, &control, &now).await?;
-    delete_collection::<Role>(host, ns, &control, &now).await?;
-    delete_collection::<RoleBinding>(host, ns, &control, &now).await?;
-    delete_collection::<ResourceQuota>(host, ns, &control, &now).await?;
-    delete_collection::<LimitRange>(host, ns, &control, &now).await?;
+    let control_plane_only = [
+        ApiResource::erase::<StatefulSet>(&()),
+        ApiResource::erase::<ServiceAccount>(&()),
+        ApiResource::erase::<Role>(&()),
+        ApiResource::erase::<RoleBinding>(&()),
+        ApiResource::erase::<ResourceQuota>(&()),
+        ApiResource::erase::<LimitRange>(&()),
+    ];
+    for ar in control_plane_only {
+        delete_labelled(host, ns, &ar, &control, &now).await?;
+    }
     for name in Api::<ClusterRoleBinding>::all(host.clone())
         .list(&control)
         .await?
@@ -138,18 +143,4 @@ async fn delete_labelled(
         }
     }
     Ok(())
-}
-
-async fn delete_collection<K>(host: &kube::Client, ns: &str, lp: &ListParams, dp: &DeleteParams) -> anyhow::Result<()>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    match Api::<K>::namespaced(host.clone(), ns).delete_collection(dp, lp).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("deleting {} in {ns}", K::plural(&()))),
-    }
 }
