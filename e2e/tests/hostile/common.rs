@@ -1,0 +1,41 @@
+//! What every group of hostile cases uses: host-side views of a virtual cluster and its events.
+#![allow(dead_code)] // each group uses part of the common helpers
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{Api, ListParams};
+use kube::Resource;
+use vkube_e2e::{TestEnv, VirtualCluster, eventually};
+use vkube_syncer::naming::{LABEL_CLUSTER, Translator};
+
+pub fn tr(vc: &VirtualCluster) -> Translator {
+    Translator::new(vc.name(), vc.host_namespace())
+}
+
+/// The host objects of kind `K` the syncer made for this virtual cluster.
+pub async fn host_list<K>(env: &TestEnv, vc: &VirtualCluster) -> Vec<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(env.client().await, vc.host_namespace());
+    api.list(&ListParams::default().labels(&format!("{LABEL_CLUSTER}={}", vc.name()))).await.expect("host list").items
+}
+
+/// Waits for a Warning event on virtual object `object` in `ns` whose message contains `needle`.
+pub async fn warned(vc: &VirtualCluster, ns: &str, object: &str, needle: &str) -> Event {
+    let api: Api<Event> = Api::namespaced(vc.client().await, ns);
+    let what = format!("a Warning event on {ns}/{object} containing {needle:?}");
+    eventually(&what, Duration::from_secs(20), || async {
+        let list = api
+            .list(&ListParams::default().fields(&format!("involvedObject.name={object},type=Warning")))
+            .await
+            .map_err(|e| e.to_string())?
+            .items;
+        Ok(list.into_iter().find(|e| e.message.as_deref().is_some_and(|m| m.contains(needle))))
+    })
+    .await
+}

@@ -1,0 +1,1 @@
+//! Pods and what they carry to the host.

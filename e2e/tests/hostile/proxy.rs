@@ -1,0 +1,1 @@
+//! The API proxy: paths, headers, bodies and credentials a hostile client sends.
