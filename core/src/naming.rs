@@ -4,9 +4,10 @@
 //! - A namespaced virtual object `<name>` in virtual namespace `<ns>` of virtual cluster `<vc>`
 //!   becomes `<name>-x-<ns>-x-<vc>` in the cluster's host namespace, when that is at most 63
 //!   characters and unambiguous (neither `<name>` nor `<ns>` contains `-x-`, starts with `x-` or
-//!   ends with `-x`, so the separators can only be read one way). Otherwise it is the first 52
-//!   characters of that string (trailing `-`/`.` trimmed), `-`, and the first 10 hex digits of
-//!   SHA-256 of `<vc>/<ns>/<name>` (`/` cannot occur in any of the three).
+//!   ends with `-x`, so the separators can only be read one way). Otherwise it is the first 46
+//!   characters of that string (trailing `-`/`.` trimmed), `-`, and the first 16 hex digits (64
+//!   bits, so a tenant cannot search for a collision) of SHA-256 of `<vc>/<ns>/<name>` (`/`
+//!   cannot occur in any of the three).
 //! - Every host object carries the labels `vkube.dev/cluster=<vc>` (ownership; host watches
 //!   select on it) and `vkube.dev/namespace=<ns>`, and the annotations `vkube.dev/object-kind`,
 //!   `-name`, `-namespace` and `-uid` naming the virtual object it mirrors. A host object without
@@ -31,8 +32,8 @@ pub use crate::contract::{
 
 const SEPARATOR: &str = "-x-";
 const MAX_NAME: usize = 63;
-const HASHED_PREFIX: usize = 52;
-const HASH_HEX: usize = 10;
+const HASHED_PREFIX: usize = 46;
+const HASH_HEX: usize = 16;
 const TENANT_PREFIX: &str = "tenant.";
 
 /// The virtual object a host object mirrors, read from its marks.
@@ -277,8 +278,8 @@ mod tests {
         // Pinned values (checked independently with Python's hashlib): if these change, existing
         // host objects are orphaned.
         let long = "a-very-long-deployment-name-that-goes-on-and-on-0123456789";
-        assert_eq!(t().host_name("default", long), "a-very-long-deployment-name-that-goes-on-and-on-0123-a962a860bb");
-        assert_eq!(t().host_name("x-b", "a"), "a-x-x-b-x-team-a-57963de594");
+        assert_eq!(t().host_name("default", long), "a-very-long-deployment-name-that-goes-on-and-o-a962a860bb72ace4");
+        assert_eq!(t().host_name("x-b", "a"), "a-x-x-b-x-team-a-57963de5949613ea");
     }
 
     #[test]

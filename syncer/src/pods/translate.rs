@@ -49,7 +49,7 @@ pub fn token_secret_name(tr: &Translator, namespace: &str, pod: &str, audience: 
         Some(a) => {
             use sha2::{Digest, Sha256};
             let d = Sha256::digest(a.as_bytes());
-            format!("{base}-{}", d.iter().take(4).map(|b| format!("{b:02x}")).collect::<String>())
+            format!("{base}-{}", d.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>())
         }
     }
 }
