@@ -69,6 +69,16 @@ impl TestEnv {
 
     /// A virtual cluster whose control-plane process gets extra flags (`vkube run --help`).
     pub async fn virtual_cluster_with(&self, name: &str, run_args: &[&str]) -> VirtualCluster {
+        self.virtual_cluster_with_policy(name, Default::default(), run_args).await
+    }
+
+    /// A virtual cluster under the admin's isolation policy `policy`.
+    pub async fn virtual_cluster_with_policy(
+        &self,
+        name: &str,
+        policy: vkube::controlplane::PolicyArgs,
+        run_args: &[&str],
+    ) -> VirtualCluster {
         let opts = LocalOptions {
             name: name.into(),
             namespace: vkube::names::default_namespace(name),
@@ -77,7 +87,7 @@ impl TestEnv {
             vkube_binary: vkube_bin(),
             host_kubeconfig: self.host.kubeconfig.clone(),
             host_context: None,
-            policy: Default::default(),
+            policy,
             run_args: run_args.iter().map(|s| s.to_string()).collect(),
         };
         let progress = |step: &str| eprintln!("[virtual {name}] {step}");

@@ -6,6 +6,7 @@ use kube::api::{Api, Patch};
 
 use crate::context::Context;
 use crate::mirror::{Mirror, meta_differs};
+use crate::naming::Translator;
 use crate::policy::Refusal;
 use crate::sync::Result;
 
@@ -14,30 +15,7 @@ impl Mirror for PersistentVolumeClaim {
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
         let ns = v.metadata.namespace.as_deref().unwrap_or_default();
-        let vs = v.spec.clone().unwrap_or_default();
-        // Claims on other claims are translated; sources and selectors naming host objects are not
-        // the tenant's to choose.
-        let data_source = vs.data_source.map(|mut d| {
-            d.name = ctx.tr.host_name(ns, &d.name);
-            d
-        });
-        let data_source = data_source.filter(|d| d.kind == "PersistentVolumeClaim" && d.api_group.is_none());
-        let spec = PersistentVolumeClaimSpec {
-            access_modes: vs.access_modes,
-            resources: vs.resources,
-            storage_class_name: vs.storage_class_name,
-            volume_mode: vs.volume_mode,
-            volume_attributes_class_name: vs.volume_attributes_class_name,
-            data_source_ref: data_source.clone().map(|d| k8s_openapi::api::core::v1::TypedObjectReference {
-                api_group: d.api_group,
-                kind: d.kind,
-                name: d.name,
-                namespace: None,
-            }),
-            data_source,
-            selector: None,
-            volume_name: None,
-        };
+        let spec = host_claim_spec(&ctx.tr, ns, v.spec.clone().unwrap_or_default());
         Ok(PersistentVolumeClaim {
             metadata: ctx.tr.host_meta(Self::KIND, &v.metadata),
             spec: Some(spec),
@@ -65,5 +43,32 @@ impl Mirror for PersistentVolumeClaim {
         .await?;
         ctx.metrics.wrote(Self::KIND, "status");
         Ok(())
+    }
+}
+
+/// A virtual claim's spec as the host's (pure; ephemeral volumes' templates use it too): claims
+/// on other claims are translated; volumes and selectors naming host objects are not the
+/// tenant's to choose.
+pub fn host_claim_spec(tr: &Translator, ns: &str, vs: PersistentVolumeClaimSpec) -> PersistentVolumeClaimSpec {
+    let data_source = vs.data_source.map(|mut d| {
+        d.name = tr.host_name(ns, &d.name);
+        d
+    });
+    let data_source = data_source.filter(|d| d.kind == "PersistentVolumeClaim" && d.api_group.is_none());
+    PersistentVolumeClaimSpec {
+        access_modes: vs.access_modes,
+        resources: vs.resources,
+        storage_class_name: vs.storage_class_name,
+        volume_mode: vs.volume_mode,
+        volume_attributes_class_name: vs.volume_attributes_class_name,
+        data_source_ref: data_source.clone().map(|d| k8s_openapi::api::core::v1::TypedObjectReference {
+            api_group: d.api_group,
+            kind: d.kind,
+            name: d.name,
+            namespace: None,
+        }),
+        data_source,
+        selector: None,
+        volume_name: None,
     }
 }

@@ -57,7 +57,13 @@ pub fn virtual_node_status(host: Option<&Node>) -> NodeStatus {
         capacity: Some(hs.and_then(|s| s.capacity.clone()).unwrap_or_else(|| default_capacity.clone())),
         allocatable: Some(hs.and_then(|s| s.allocatable.clone()).unwrap_or(default_capacity)),
         addresses: hs.and_then(|s| s.addresses.clone()),
-        node_info: hs.and_then(|s| s.node_info.clone()),
+        // Versions and OS, never the machine's identity (machine ID, system UUID, boot ID).
+        node_info: hs.and_then(|s| s.node_info.clone()).map(|i| k8s_openapi::api::core::v1::NodeSystemInfo {
+            machine_id: String::new(),
+            system_uuid: String::new(),
+            boot_id: String::new(),
+            ..i
+        }),
         conditions: Some(vec![NodeCondition {
             type_: "Ready".into(),
             status: "True".into(),
@@ -133,7 +139,10 @@ mod tests {
     fn virtual_nodes_show_placement_labels_and_capacity() {
         let host: Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n1", "labels": {"kubernetes.io/hostname": "n1", "topology.kubernetes.io/zone": "z1", "secret.corp/team": "x"}},
-            "status": {"capacity": {"cpu": "4", "pods": "110"}, "allocatable": {"cpu": "3"}}
+            "status": {"capacity": {"cpu": "4", "pods": "110"}, "allocatable": {"cpu": "3"},
+                "nodeInfo": {"machineID": "m-1", "systemUUID": "u-1", "bootID": "b-1", "kernelVersion": "6.1",
+                    "osImage": "Debian", "containerRuntimeVersion": "containerd://2.1", "kubeletVersion": "v1.37.2",
+                    "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}
         }))
         .unwrap();
         let n = virtual_node("n1", Some(&host));
@@ -143,6 +152,9 @@ mod tests {
         assert!(!labels.contains_key("secret.corp/team"));
         let s = virtual_node_status(Some(&host));
         assert_eq!(s.capacity.unwrap()["cpu"].0, "4");
+        let info = s.node_info.unwrap();
+        assert_eq!((info.machine_id.as_str(), info.system_uuid.as_str(), info.boot_id.as_str()), ("", "", ""));
+        assert_eq!(info.kubelet_version, "v1.37.2");
         assert_eq!(s.conditions.unwrap()[0].status, "True");
         assert_eq!(virtual_node_status(None).allocatable.unwrap()["pods"].0, "110");
     }

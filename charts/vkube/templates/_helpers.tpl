@@ -48,3 +48,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "vkube.serviceCIDR" -}}
 {{- required "serviceCIDR is required: the host's Service IP range, e.g. --set serviceCIDR=10.96.0.0/16 (`vkube create` sets it)" .Values.serviceCIDR -}}
 {{- end -}}
+
+{{/* A map as key=value pairs, comma-separated (sorted, as range sorts map keys). */}}
+{{- define "vkube.pairs" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := . -}}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}

@@ -1,1 +1,294 @@
-//! Pods and what they carry to the host.
+//! Pods and what they carry to the host: security fields, volumes, scheduling inputs, marks.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use vkube::controlplane::PolicyArgs;
+use vkube_e2e::{TestEnv, VirtualCluster, eventually};
+
+use crate::common::{host_list, tr, warned};
+
+/// A pod manifest named `name` whose spec is `spec` merged over one plain container.
+fn pod(name: &str, meta: serde_json::Value, spec: serde_json::Value) -> serde_json::Value {
+    let mut p = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}});
+    for (k, v) in meta.as_object().cloned().unwrap_or_default() {
+        p["metadata"][k] = v;
+    }
+    for (k, v) in spec.as_object().cloned().unwrap_or_default() {
+        p["spec"][k] = v;
+    }
+    p
+}
+
+fn apply_all(vc: &VirtualCluster, ns: &str, pods: &[serde_json::Value]) {
+    let items: Vec<serde_json::Value> = pods
+        .iter()
+        .cloned()
+        .map(|mut p| {
+            p["metadata"]["namespace"] = ns.into();
+            p
+        })
+        .collect();
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    let out = vc.try_apply(&list.to_string());
+    assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The host pod mirroring virtual pod `ns/name`, once it exists.
+async fn host_pod(env: &TestEnv, vc: &VirtualCluster, ns: &str, name: &str) -> Pod {
+    let api: Api<Pod> = Api::namespaced(env.client().await, vc.host_namespace());
+    let host_name = tr(vc).host_name(ns, name);
+    eventually(&format!("host pod {host_name}"), Duration::from_secs(30), || async {
+        api.get_opt(&host_name).await.map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// Security, volume and probe cases the syncer must refuse, in a namespace whose labels turned
+/// the virtual API server's own Pod Security admission off (the tenant may do that): the
+/// syncer is the gate. Each: (pod name, spec or metadata, what the Warning event must name).
+fn refused_cases() -> Vec<(serde_json::Value, &'static str)> {
+    let none = serde_json::json!({});
+    let c = |sc: serde_json::Value| serde_json::json!({"containers": [{"name": "c", "image": "nginx", "securityContext": sc}]});
+    vec![
+        (pod("privileged", none.clone(), c(serde_json::json!({"privileged": true}))), "privileged=true"),
+        (pod("host-network", none.clone(), serde_json::json!({"hostNetwork": true})), "hostNetwork=true"),
+        (pod("host-pid", none.clone(), serde_json::json!({"hostPID": true})), "hostPID=true"),
+        (pod("host-ipc", none.clone(), serde_json::json!({"hostIPC": true})), "hostIPC=true"),
+        (
+            pod(
+                "host-path",
+                none.clone(),
+                serde_json::json!({"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}),
+            ),
+            "hostPath volume",
+        ),
+        (
+            pod(
+                "host-port",
+                none.clone(),
+                serde_json::json!({"containers": [{"name": "c", "image": "nginx", "ports": [{"containerPort": 80, "hostPort": 80}]}]}),
+            ),
+            "hostPort 80",
+        ),
+        (pod("sys-admin", none.clone(), c(serde_json::json!({"capabilities": {"add": ["SYS_ADMIN"]}}))), "SYS_ADMIN"),
+        (
+            pod("selinux-container", none.clone(), c(serde_json::json!({"seLinuxOptions": {"type": "spc_t"}}))),
+            "seLinuxOptions.type \"spc_t\"",
+        ),
+        (
+            pod(
+                "selinux-user",
+                none.clone(),
+                serde_json::json!({"securityContext": {"seLinuxOptions": {"user": "system_u"}}}),
+            ),
+            "seLinuxOptions.user",
+        ),
+        (
+            pod(
+                "apparmor",
+                serde_json::json!({"annotations": {"container.apparmor.security.beta.kubernetes.io/c": "unconfined"}}),
+                none.clone(),
+            ),
+            "container.apparmor.security.beta.kubernetes.io/c",
+        ),
+        (
+            pod(
+                "sysctl",
+                none.clone(),
+                serde_json::json!({"securityContext": {"sysctls": [{"name": "kernel.msgmax", "value": "65536"}]}}),
+            ),
+            "kernel.msgmax",
+        ),
+        (
+            pod(
+                "probe-host",
+                none.clone(),
+                serde_json::json!({"containers": [{"name": "c", "image": "nginx",
+                "livenessProbe": {"httpGet": {"host": "169.254.169.254", "path": "/latest/meta-data", "port": 80}}}]}),
+            ),
+            "livenessProbe.host \"169.254.169.254\"",
+        ),
+        (
+            pod(
+                "nfs",
+                none.clone(),
+                serde_json::json!({"volumes": [{"name": "share", "nfs": {"server": "10.0.0.2", "path": "/exports"}}]}),
+            ),
+            "volume type nfs",
+        ),
+        (
+            pod(
+                "rbd",
+                none.clone(),
+                serde_json::json!({"volumes": [{"name": "disk", "rbd": {"monitors": ["10.0.0.3:6789"], "image": "db", "secretRef": {"name": "ceph"}}}]}),
+            ),
+            "volume type rbd",
+        ),
+        (
+            pod(
+                "inline-csi",
+                none.clone(),
+                serde_json::json!({"volumes": [{"name": "disk", "csi": {"driver": "hostpath.csi.k8s.io"}}]}),
+            ),
+            "CSI driver \"hostpath.csi.k8s.io\"",
+        ),
+        (
+            pod(
+                "trust-bundle",
+                none.clone(),
+                serde_json::json!({"volumes": [{"name": "ca", "projected": {"sources": [
+                {"clusterTrustBundle": {"signerName": "example.com/host", "path": "ca.pem"}}]}}]}),
+            ),
+            "projection clusterTrustBundle",
+        ),
+        (
+            pod(
+                "ephemeral-volume-name",
+                none.clone(),
+                serde_json::json!({"volumes": [{"name": "scratch", "ephemeral": {"volumeClaimTemplate": {
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}, "volumeName": "pv-of-the-host"}}}}]}),
+            ),
+            "volumeName",
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_pods_are_refused_or_sanitised() {
+    let env = TestEnv::start(2).await;
+    let host = env.client().await;
+    let nodes: Api<Node> = Api::all(host.clone());
+    // The admin's pool, and a tainted control-plane node a tenant must not reach.
+    for n in ["kwok-node-0", "kwok-node-1"] {
+        let patch = serde_json::json!({"metadata": {"labels": {"pool": "tenants"}}});
+        nodes.patch(n, &PatchParams::default(), &Patch::Merge(patch)).await.expect("label node");
+    }
+    let cp: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "host-control-plane",
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+            "labels": {"kubernetes.io/hostname": "host-control-plane", "kubernetes.io/os": "linux",
+                "node-role.kubernetes.io/control-plane": ""}},
+        "spec": {"taints": [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]}}))
+    .unwrap();
+    nodes.create(&PostParams::default(), &cp).await.expect("control-plane node");
+
+    let policy = PolicyArgs {
+        host_node_selector: vec!["pool=tenants".into()],
+        host_tolerations: r#"[{"key":"dedicated","operator":"Equal","value":"tenants","effect":"NoSchedule"}]"#.into(),
+        ..PolicyArgs::default()
+    };
+    let vc = env.virtual_cluster_with_policy("hostile", policy, &[]).await;
+
+    // Refused: nothing reaches the host, the tenant is told which field.
+    vc.kubectl_ok(&["create", "namespace", "evil"]);
+    vc.kubectl_ok(&["label", "namespace", "evil", "pod-security.kubernetes.io/enforce=privileged"]);
+    let refused = refused_cases();
+    let pods: Vec<serde_json::Value> = refused.iter().map(|(p, _)| p.clone()).collect();
+    apply_all(&vc, "evil", &pods);
+
+    // Sanitised: the pod runs, without the tenant's node choice, and the tenant is told.
+    vc.apply("apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: unsafe-runtime}\nhandler: runc\n");
+    let none = serde_json::json!({});
+    let sanitised = vec![
+        (
+            pod("pinned", none.clone(), serde_json::json!({"nodeName": "host-control-plane"})),
+            "spec.nodeName \"host-control-plane\"",
+        ),
+        (
+            pod(
+                "selects-control-plane",
+                none.clone(),
+                serde_json::json!({"nodeSelector": {"node-role.kubernetes.io/control-plane": ""}}),
+            ),
+            "nodeSelector[\"node-role.kubernetes.io/control-plane\"]",
+        ),
+        (
+            pod("tolerates-everything", none.clone(), serde_json::json!({"tolerations": [{"operator": "Exists"}]})),
+            "(every taint)",
+        ),
+        (
+            pod(
+                "affine-to-control-plane",
+                none.clone(),
+                serde_json::json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}]}}}}),
+            ),
+            "matchExpressions key \"node-role.kubernetes.io/control-plane\"",
+        ),
+        (
+            pod("runtime", none.clone(), serde_json::json!({"runtimeClassName": "unsafe-runtime"})),
+            "runtimeClassName \"unsafe-runtime\"",
+        ),
+        (
+            pod(
+                "forged-ephemeral",
+                serde_json::json!({"labels": {"vkube.dev/cluster": "other-tenant"}}),
+                serde_json::json!({"volumes": [{"name": "scratch", "ephemeral": {"volumeClaimTemplate": {
+                "metadata": {"labels": {"vkube.dev/cluster": "other-tenant", "vkube.dev/namespace": "default"}},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}}],
+                "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}),
+            ),
+            "key \"node-role.kubernetes.io/control-plane\"",
+        ),
+    ];
+    let pods: Vec<serde_json::Value> = sanitised.iter().map(|(p, _)| p.clone()).collect();
+    apply_all(&vc, "default", &pods);
+
+    for (p, needle) in &refused {
+        let name = p["metadata"]["name"].as_str().unwrap();
+        let e = warned(&vc, "evil", name, needle).await;
+        assert!(e.message.as_deref().unwrap_or_default().contains("isolation policy"), "{name}: {:?}", e.message);
+    }
+    let host_pods: Vec<String> = host_list::<Pod>(&env, &vc).await.iter().map(|p| p.name_any()).collect();
+    for (p, _) in &refused {
+        let host_name = tr(&vc).host_name("evil", p["metadata"]["name"].as_str().unwrap());
+        assert!(!host_pods.contains(&host_name), "{host_name} reached the host: {host_pods:?}");
+    }
+
+    let admin_toleration =
+        serde_json::json!({"key": "dedicated", "operator": "Equal", "value": "tenants", "effect": "NoSchedule"});
+    for (p, needle) in &sanitised {
+        let name = p["metadata"]["name"].as_str().unwrap();
+        warned(&vc, "default", name, needle).await;
+        let hp = host_pod(&env, &vc, "default", name).await;
+        let spec = serde_json::to_value(hp.spec.as_ref().unwrap()).unwrap();
+        assert_eq!(spec["nodeSelector"], serde_json::json!({"pool": "tenants"}), "{name}: {spec}");
+        assert_eq!(spec.get("runtimeClassName"), None, "{name}");
+        assert_eq!(spec.get("affinity"), None, "{name}: no tenant node choice: {}", spec["affinity"]);
+        let tolerations = spec["tolerations"].as_array().cloned().unwrap_or_default();
+        assert!(tolerations.contains(&admin_toleration), "{name}: {tolerations:?}");
+        for t in &tolerations {
+            let key = t["key"].as_str().unwrap_or_default();
+            assert!(
+                ["dedicated", "node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"].contains(&key),
+                "{name}: a toleration the admin did not allow: {t}"
+            );
+        }
+    }
+    // The host scheduler placed them, on the admin's pool only (the ephemeral volume's claim
+    // has no provisioner on this host: that pod waits for it).
+    let api: Api<Pod> = Api::namespaced(host.clone(), vc.host_namespace());
+    for (p, _) in sanitised.iter().filter(|(p, _)| p["metadata"]["name"] != "forged-ephemeral") {
+        let host_name = tr(&vc).host_name("default", p["metadata"]["name"].as_str().unwrap());
+        let node = eventually(&format!("{host_name} scheduled"), Duration::from_secs(30), || async {
+            let p = api.get(&host_name).await.map_err(|e| e.to_string())?;
+            Ok(p.spec.and_then(|s| s.node_name))
+        })
+        .await;
+        assert!(node.starts_with("kwok-node-"), "{host_name} on {node}");
+    }
+    // Ephemeral claim templates cannot pass for another cluster's objects.
+    let hp = host_pod(&env, &vc, "default", "forged-ephemeral").await;
+    assert_eq!(hp.labels()["vkube.dev/cluster"], "hostile");
+    assert_eq!(hp.labels()["tenant.vkube.dev/cluster"], "other-tenant");
+    let template = hp.spec.unwrap().volumes.unwrap()[0].ephemeral.clone().unwrap().volume_claim_template.unwrap();
+    let labels: BTreeMap<String, String> = template.metadata.unwrap().labels.unwrap();
+    assert_eq!(labels.get("vkube.dev/cluster"), None, "{labels:?}");
+    assert_eq!(labels["tenant.vkube.dev/cluster"], "other-tenant");
+    assert_eq!(template.spec.volume_name, None);
+}

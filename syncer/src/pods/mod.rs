@@ -140,8 +140,19 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     };
     let links = service_links_for(ctx, v);
     let namespaces = ctx.namespace_labels();
-    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &links, &namespaces), v) {
-        Ok(p) => p,
+    let nodes = if pins_nodes(v) { pod_nodes(ctx) } else { Default::default() };
+    let known_node = |n: &str| nodes.contains(n);
+    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &links, &namespaces, &known_node), v) {
+        Ok(t) => {
+            if !t.dropped.is_empty() {
+                let note = format!(
+                    "not carried to the host (the platform admin decides where pods run): {}",
+                    t.dropped.join("; ")
+                );
+                sync::warn(ctx, v, "SchedulingDropped", &note).await;
+            }
+            t.pod
+        }
         Err(r) => {
             sync::refuse(ctx, KIND, v, &r).await;
             return Ok(Action::Done);
@@ -167,6 +178,7 @@ fn pod_env<'a>(
     dns_ip: &'a str,
     service_links: &'a [k8s_openapi::api::core::v1::EnvVar],
     namespaces: &'a [crate::naming::NamespaceLabels],
+    known_node: &'a (dyn Fn(&str) -> bool + Sync),
 ) -> PodEnv<'a> {
     PodEnv {
         translator: &ctx.tr,
@@ -176,7 +188,20 @@ fn pod_env<'a>(
         cluster_domain: &ctx.opts.cluster_domain,
         service_links,
         namespaces,
+        known_node,
     }
+}
+
+/// Whether the pod names host nodes (its node, or nodes in its affinity's fields).
+fn pins_nodes(v: &Pod) -> bool {
+    let Some(spec) = v.spec.as_ref() else { return false };
+    spec.node_name.is_some() || spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()).is_some()
+}
+
+/// The host nodes this cluster's pods run on, as the host says (not the virtual nodes, which the
+/// tenant can create at will).
+fn pod_nodes(ctx: &Context) -> std::collections::BTreeSet<String> {
+    ctx.stores.host::<Pod>().state().iter().filter_map(|p| p.load().spec.and_then(|s| s.node_name)).collect()
 }
 
 /// The Service variables the virtual pod gets (unless it turned service links off), from the
@@ -212,8 +237,9 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
     let Some(dns_ip) = ctx.dns_ip() else { return Ok(()) };
     // Environment variables and affinity cannot change after creation: no service links or
     // namespace labels to gather here (this runs for every pod at every resync).
-    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[], &[]), v) {
-        Ok(d) => d,
+    // Node affinity cannot change either: no nodes to look up (what is dropped was told at creation).
+    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[], &[], &|_| false), v) {
+        Ok(t) => t.pod,
         // Something added since creation (an ephemeral container) breaks the policy: it stays
         // off the host, and the tenant is told.
         Err(r) => {

@@ -8,7 +8,11 @@
 //! - in-cluster clients reach the virtual API server (`KUBERNETES_SERVICE_*`, host aliases for
 //!   `kubernetes.default.svc`) and DNS is the virtual cluster's own (`dnsPolicy: None`);
 //! - the downward API still reads virtual metadata (from our annotations);
-//! - fields that only the host admin may decide (priority class, scheduler) are dropped.
+//! - fields that only the host admin may decide (priority class, scheduler) are dropped, and the
+//!   node choice is the admin's ([`vkube_core::policy::scheduling`]): what of the tenant's is
+//!   dropped is returned, for a Warning event;
+//! - ephemeral volumes' claim templates are sanitised like claims (no host volume by name or
+//!   selector, no forged marks).
 
 use std::collections::BTreeMap;
 
@@ -22,7 +26,7 @@ use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID,
 use crate::policy::{Policy, Refusal};
 
 /// Facts about the virtual cluster that every pod translation needs.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PodEnv<'a> {
     pub translator: &'a Translator,
     pub policy: &'a Policy,
@@ -38,6 +42,15 @@ pub struct PodEnv<'a> {
     /// Every virtual namespace with its labels: affinity terms' namespace selectors mean some
     /// of them.
     pub namespaces: &'a [NamespaceLabels],
+    /// Whether the cluster's host pods run on a host node (a tenant may pin pods to those).
+    pub known_node: &'a (dyn Fn(&str) -> bool + Sync),
+}
+
+/// A host pod, and the tenant's scheduling inputs the admin's policy dropped from it.
+#[derive(Clone, Debug)]
+pub struct Translated {
+    pub pod: Pod,
+    pub dropped: Vec<String>,
 }
 
 /// The host Secret holding the virtual service-account token bound to pod `pod` (for
@@ -54,12 +67,12 @@ pub fn token_secret_name(tr: &Translator, namespace: &str, pod: &str, audience: 
     }
 }
 
-pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Pod, Refusal> {
+pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Translated, Refusal> {
     let tr = env.translator;
     let ns = v.metadata.namespace.as_deref().unwrap_or("default");
     let name = v.metadata.name.as_deref().unwrap_or_default();
     let vspec = v.spec.as_ref().ok_or_else(|| refusal("InvalidPod", "the pod has no spec".into()))?;
-    env.policy.check_pod(vspec)?;
+    env.policy.check_pod(v.metadata.annotations.as_ref(), vspec)?;
     if vspec.resource_claims.as_ref().is_some_and(|c| !c.is_empty()) {
         return Err(refusal("Unsupported", "dynamic resource claims are not supported in virtual clusters".into()));
     }
@@ -84,6 +97,7 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Pod, Refusal> {
     spec.overhead = None;
     spec.scheduler_name = None;
     spec.resource_claims = None;
+    let dropped = env.policy.scheduling.apply(&mut spec, env.known_node);
     if spec.hostname.is_none() && is_dns_label(name) {
         spec.hostname = Some(name.to_string());
     }
@@ -137,7 +151,7 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Pod, Refusal> {
         }
     }
 
-    Ok(Pod { metadata, spec: Some(spec), status: None })
+    Ok(Translated { pod: Pod { metadata, spec: Some(spec), status: None }, dropped })
 }
 
 fn refusal(reason: &'static str, message: String) -> Refusal {
@@ -188,6 +202,16 @@ fn volume(tr: &Translator, ns: &str, pod: &str, vol: &mut Volume) {
     }
     if let Some(pvc) = vol.persistent_volume_claim.as_mut() {
         pvc.claim_name = tr.host_name(ns, &pvc.claim_name);
+    }
+    if let Some(t) = vol.ephemeral.as_mut().and_then(|e| e.volume_claim_template.as_mut()) {
+        // The host makes the claim from the template: the same rules as a synced claim's, and
+        // reserved keys rewritten so the claim cannot pass for another cluster's object.
+        t.spec = crate::claims::host_claim_spec(tr, ns, std::mem::take(&mut t.spec));
+        if let Some(m) = t.metadata.as_mut() {
+            for map in [m.labels.as_mut(), m.annotations.as_mut()].into_iter().flatten() {
+                *map = std::mem::take(map).into_iter().map(|(k, v)| (naming::rewrite_key(&k), v)).collect();
+            }
+        }
     }
     if let Some(r) = vol.csi.as_mut().and_then(|c| c.node_publish_secret_ref.as_mut()) {
         r.name = tr.host_name(ns, &r.name);
@@ -401,6 +425,7 @@ mod tests {
             cluster_domain: "cluster.local",
             service_links: &[],
             namespaces: &[],
+            known_node: &|_| false,
         }
     }
 
@@ -432,7 +457,7 @@ mod tests {
         let links = service_links(&[&redis]);
         let pod_env = PodEnv { service_links: &links, ..env(&tr, &policy) };
         let spec = serde_json::json!({"containers": [{"name": "c", "env": [{"name": "REDIS_PRIMARY_SERVICE_HOST", "value": "mine"}]}]});
-        let h = host_pod(&pod_env, &vpod(spec)).unwrap();
+        let h = host_pod(&pod_env, &vpod(spec)).unwrap().pod;
         let env: BTreeMap<String, String> = h.spec.unwrap().containers[0]
             .env
             .clone()
@@ -483,7 +508,7 @@ mod tests {
     fn names_labels_and_ownership() {
         let tr = Translator::new("team-a", "vkube-team-a");
         let policy = Policy::default();
-        let h = host_pod(&env(&tr, &policy), &vpod(typical())).unwrap();
+        let h = host_pod(&env(&tr, &policy), &vpod(typical())).unwrap().pod;
         assert_eq!(h.metadata.name.as_deref(), Some("web-1-x-shop-x-team-a"));
         assert_eq!(h.metadata.namespace.as_deref(), Some("vkube-team-a"));
         let labels = h.metadata.labels.as_ref().unwrap();
@@ -503,7 +528,7 @@ mod tests {
     fn no_host_token_and_the_virtual_one_instead() {
         let tr = Translator::new("team-a", "vkube-team-a");
         let policy = Policy::default();
-        let h = host_pod(&env(&tr, &policy), &vpod(typical())).unwrap();
+        let h = host_pod(&env(&tr, &policy), &vpod(typical())).unwrap().pod;
         let spec = h.spec.unwrap();
         assert_eq!(spec.automount_service_account_token, Some(false));
         assert_eq!(spec.service_account_name, None);
@@ -526,7 +551,7 @@ mod tests {
     fn references_api_and_dns_point_at_the_virtual_cluster() {
         let tr = Translator::new("team-a", "vkube-team-a");
         let policy = Policy::default();
-        let spec = host_pod(&env(&tr, &policy), &vpod(typical())).unwrap().spec.unwrap();
+        let spec = host_pod(&env(&tr, &policy), &vpod(typical())).unwrap().pod.spec.unwrap();
         assert_eq!(spec.priority_class_name, None);
         assert_eq!(spec.priority, None);
         assert_eq!(spec.scheduler_name, None);
@@ -577,7 +602,7 @@ mod tests {
         let labels = |tier: &str| [("tier".to_string(), tier.to_string())].into();
         let namespaces = [("c".to_string(), labels("data")), ("d".to_string(), labels("web"))];
         let env = PodEnv { namespaces: &namespaces, ..env(&tr, &policy) };
-        let spec = host_pod(&env, &vpod(spec)).unwrap().spec.unwrap();
+        let spec = host_pod(&env, &vpod(spec)).unwrap().pod.spec.unwrap();
         let terms = spec
             .affinity
             .unwrap()
@@ -613,6 +638,29 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.message.contains("hostNetwork"));
+    }
+
+    #[test]
+    fn ephemeral_claims_and_node_choice_are_sanitised() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let spec = serde_json::json!({
+            "containers": [{"name": "c"}],
+            "nodeName": "control-plane",
+            "tolerations": [{"operator": "Exists"}],
+            "volumes": [{"name": "scratch", "ephemeral": {"volumeClaimTemplate": {
+                "metadata": {"labels": {"vkube.dev/cluster": "team-b", "app": "db"}},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}},
+                    "dataSource": {"kind": "PersistentVolumeClaim", "name": "seed"}}}}}]});
+        let t = host_pod(&env(&tr, &policy), &vpod(spec)).unwrap();
+        assert_eq!(t.dropped.len(), 2, "{:?}", t.dropped);
+        let spec = t.pod.spec.unwrap();
+        assert_eq!((spec.node_name, spec.tolerations, spec.affinity), (None, None, None));
+        let tmpl = spec.volumes.unwrap()[0].ephemeral.clone().unwrap().volume_claim_template.unwrap();
+        let labels = tmpl.metadata.unwrap().labels.unwrap();
+        assert_eq!(labels.get("vkube.dev/cluster"), None, "no forged mark");
+        assert_eq!(labels["tenant.vkube.dev/cluster"], "team-b");
+        assert_eq!(tmpl.spec.data_source.unwrap().name, "seed-x-shop-x-team-a");
     }
 
     #[test]

@@ -126,9 +126,7 @@ impl CreateArgs {
         let mut args: Vec<String> =
             ["upgrade", "--install", &name, &chart_path, "-n", &ns].iter().map(|s| s.to_string()).collect();
         args.push(format!("--set=serviceCIDR={cidr}"));
-        args.push(format!("--set=policy.podSecurity={}", self.policy.pod_security.as_str()));
-        args.push(format!("--set=policy.allowNodePorts={}", self.policy.allow_node_ports));
-        args.push(format!("--set=policy.allowLoadBalancers={}", self.policy.allow_load_balancers));
+        args.extend(self.policy.to_helm_sets());
         for f in &self.values {
             args.push(format!("--values={}", f.display()));
         }

@@ -111,7 +111,7 @@ pub async fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
 }
 
 /// The isolation policy: the platform admin's, never the tenant's.
-#[derive(clap::Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(clap::Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PolicyArgs {
     /// Pod Security level pods must meet to reach the host: privileged, baseline or restricted.
     #[arg(long, env = "VKUBE_POD_SECURITY", default_value = "baseline")]
@@ -122,15 +122,84 @@ pub struct PolicyArgs {
     /// Let tenants create LoadBalancer services on the host.
     #[arg(long, env = "VKUBE_ALLOW_LOAD_BALANCERS")]
     pub allow_load_balancers: bool,
+    /// Inline CSI volume drivers tenants' pods may use (comma-separated; none by default).
+    #[arg(long, env = "VKUBE_CSI_DRIVERS", value_delimiter = ',')]
+    #[serde(default)]
+    pub csi_drivers: Vec<String>,
+    /// Node labels every host pod must match (`key=value`, comma-separated).
+    #[arg(long, env = "VKUBE_HOST_NODE_SELECTOR", value_delimiter = ',')]
+    #[serde(default)]
+    pub host_node_selector: Vec<String>,
+    /// Tolerations every host pod gets, as a JSON list of Kubernetes tolerations.
+    #[arg(long, env = "VKUBE_HOST_TOLERATIONS", default_value = "[]")]
+    #[serde(default = "no_tolerations")]
+    pub host_tolerations: String,
+    /// Taint keys tenants' tolerations may name (comma-separated); the others are dropped.
+    #[arg(long, env = "VKUBE_TOLERABLE_TAINTS", value_delimiter = ',',
+        default_values_t = DEFAULT_TOLERABLE_TAINTS.map(String::from))]
+    #[serde(default = "default_tolerable_taints")]
+    pub tolerable_taints: Vec<String>,
+    /// Node label keys tenants' node selectors and node affinity may use (comma-separated).
+    #[arg(long, env = "VKUBE_TENANT_NODE_LABELS", value_delimiter = ',',
+        default_values_t = DEFAULT_TENANT_NODE_LABELS.map(String::from))]
+    #[serde(default = "default_tenant_node_labels")]
+    pub tenant_node_labels: Vec<String>,
+    /// Runtime classes tenants may ask for (comma-separated; none: the host's default).
+    #[arg(long, env = "VKUBE_RUNTIME_CLASSES", value_delimiter = ',')]
+    #[serde(default)]
+    pub runtime_classes: Vec<String>,
+}
+
+use vkube_core::policy::scheduling::{DEFAULT_TENANT_NODE_LABELS, DEFAULT_TOLERABLE_TAINTS};
+
+fn no_tolerations() -> String {
+    "[]".into()
+}
+fn default_tolerable_taints() -> Vec<String> {
+    DEFAULT_TOLERABLE_TAINTS.map(String::from).to_vec()
+}
+fn default_tenant_node_labels() -> Vec<String> {
+    DEFAULT_TENANT_NODE_LABELS.map(String::from).to_vec()
+}
+
+impl Default for PolicyArgs {
+    /// The flags' defaults (one place for them: clap's).
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            policy: PolicyArgs,
+        }
+        <Flags as clap::Parser>::parse_from(["vkube"]).policy
+    }
 }
 
 impl PolicyArgs {
-    pub fn policy(&self) -> vkube_core::policy::Policy {
-        vkube_core::policy::Policy {
+    pub fn policy(&self) -> anyhow::Result<vkube_core::policy::Policy> {
+        let list = |v: &[String]| v.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<_>>();
+        let node_selector = list(&self.host_node_selector)
+            .into_iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => Ok((k.to_string(), v.to_string())),
+                None => anyhow::bail!("--host-node-selector: {kv:?} is not key=value"),
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let tolerations = serde_json::from_str(&self.host_tolerations).with_context(|| {
+            format!("--host-tolerations: {:?} is not a JSON list of tolerations", self.host_tolerations)
+        })?;
+        Ok(vkube_core::policy::Policy {
             pod_security: self.pod_security,
             allow_node_ports: self.allow_node_ports,
             allow_load_balancers: self.allow_load_balancers,
-        }
+            csi_drivers: list(&self.csi_drivers),
+            scheduling: vkube_core::policy::Scheduling {
+                node_selector,
+                tolerations,
+                tolerable_taints: list(&self.tolerable_taints),
+                tenant_node_labels: list(&self.tenant_node_labels),
+                runtime_classes: list(&self.runtime_classes),
+            },
+        })
     }
 
     /// The same settings as `vkube run` flags.
@@ -142,7 +211,39 @@ impl PolicyArgs {
         if self.allow_load_balancers {
             args.push("--allow-load-balancers".into());
         }
+        args.push(format!("--csi-drivers={}", self.csi_drivers.join(",")));
+        args.push(format!("--host-node-selector={}", self.host_node_selector.join(",")));
+        args.push(format!("--host-tolerations={}", self.host_tolerations));
+        args.push(format!("--tolerable-taints={}", self.tolerable_taints.join(",")));
+        args.push(format!("--tenant-node-labels={}", self.tenant_node_labels.join(",")));
+        args.push(format!("--runtime-classes={}", self.runtime_classes.join(",")));
         args
+    }
+
+    /// The same settings as the chart's values.
+    pub fn to_helm_sets(&self) -> Vec<String> {
+        // JSON for lists: `--set key={}` would be a list of one empty string.
+        let list = |v: &[String]| {
+            serde_json::to_string(&v.iter().filter(|s| !s.is_empty()).collect::<Vec<_>>()).unwrap_or_default()
+        };
+        vec![
+            format!("--set=policy.podSecurity={}", self.pod_security.as_str()),
+            format!("--set=policy.allowNodePorts={}", self.allow_node_ports),
+            format!("--set=policy.allowLoadBalancers={}", self.allow_load_balancers),
+            format!("--set-json=policy.csiDrivers={}", list(&self.csi_drivers)),
+            format!("--set-json=policy.scheduling.tolerations={}", self.host_tolerations),
+            format!("--set-json=policy.scheduling.tolerableTaints={}", list(&self.tolerable_taints)),
+            format!("--set-json=policy.scheduling.tenantNodeLabels={}", list(&self.tenant_node_labels)),
+            format!("--set-json=policy.scheduling.runtimeClasses={}", list(&self.runtime_classes)),
+        ]
+        .into_iter()
+        .chain(
+            self.host_node_selector
+                .iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| format!("--set-string=policy.scheduling.nodeSelector.{}={v}", k.replace('.', "\\."))),
+        )
+        .collect()
     }
 }
 
@@ -303,7 +404,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("resuming a paused cluster: host pods are recreated for every virtual pod");
     }
     let translator = Translator::new(&args.name, &args.namespace);
-    let policy = args.policy.policy();
+    let policy = args.policy.policy()?;
 
     let mut registry = Registry::default();
     let serving = ServingCert::new(
@@ -473,5 +574,35 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    }
+
+    #[test]
+    fn policy_flags_round_trip_and_default_safe() {
+        let default = PolicyArgs::default().policy().unwrap();
+        assert_eq!(default.scheduling, vkube_core::policy::Scheduling::default());
+        assert!(default.csi_drivers.is_empty());
+        let args = PolicyArgs {
+            csi_drivers: vec!["secrets-store.csi.k8s.io".into()],
+            host_node_selector: vec!["pool=tenants".into()],
+            host_tolerations: r#"[{"key":"dedicated","operator":"Exists"}]"#.into(),
+            tolerable_taints: vec![],
+            runtime_classes: vec!["gvisor".into()],
+            ..PolicyArgs::default()
+        };
+        let flags: Vec<String> = std::iter::once("vkube".to_string()).chain(args.to_args()).collect();
+        let again = <Flags as clap::Parser>::parse_from(flags).policy.policy().unwrap();
+        assert_eq!(again.csi_drivers, ["secrets-store.csi.k8s.io"]);
+        assert_eq!(again.scheduling.node_selector["pool"], "tenants");
+        assert_eq!(again.scheduling.tolerations[0].key.as_deref(), Some("dedicated"));
+        assert!(again.scheduling.tolerable_taints.is_empty(), "an empty list stays empty, not the default");
+        assert_eq!(again.scheduling.runtime_classes, ["gvisor"]);
+        let bad = PolicyArgs { host_node_selector: vec!["pool".into()], ..PolicyArgs::default() };
+        assert!(bad.policy().unwrap_err().to_string().contains("key=value"));
     }
 }

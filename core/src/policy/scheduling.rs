@@ -1,0 +1,322 @@
+//! Where a host pod may run is the platform admin's choice, not the tenant's. The admin's node
+//! selector and tolerations go on every host pod; of the tenant's scheduling inputs only those
+//! the admin allows survive, and every one dropped is named so the tenant can be told:
+//!
+//! - `nodeName` becomes required node affinity on that node (the host scheduler still checks
+//!   taints, capacity and the admin's selector), and only for a node the cluster's pods already
+//!   run on (what its virtual nodes show, so a virtual DaemonSet still gets one pod per node);
+//! - node selector and node affinity keep label keys the admin lists and `metadata.name` fields
+//!   naming such nodes;
+//! - tolerations only for taints the admin lists as tolerable; the node-condition ones the
+//!   virtual cluster's own controllers add (DaemonSets) are dropped without a word;
+//! - runtime classes from the admin's list only (empty: the host's default).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec, Toleration,
+};
+
+/// The admin's scheduling rules for host pods.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scheduling {
+    /// Added to every host pod's node selector (wins over the tenant's).
+    pub node_selector: BTreeMap<String, String>,
+    /// Added to every host pod.
+    pub tolerations: Vec<Toleration>,
+    /// Taint keys a tenant's tolerations may name.
+    pub tolerable_taints: Vec<String>,
+    /// Node label keys a tenant's node selector and node affinity may use.
+    pub tenant_node_labels: Vec<String>,
+    /// Runtime classes a tenant may ask for.
+    pub runtime_classes: Vec<String>,
+}
+
+/// Only delay eviction from a failing node (the virtual API server adds them to every pod).
+pub const DEFAULT_TOLERABLE_TAINTS: [&str; 2] = ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"];
+/// Placement labels with no host internals in them.
+pub const DEFAULT_TENANT_NODE_LABELS: [&str; 5] = [
+    "kubernetes.io/os",
+    "kubernetes.io/arch",
+    "topology.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+    "node.kubernetes.io/instance-type",
+];
+/// Node-condition taints a DaemonSet controller tolerates for its pods: not the tenant's words.
+const CONTROLLER_TAINT_PREFIX: &str = "node.kubernetes.io/";
+
+impl Default for Scheduling {
+    fn default() -> Self {
+        Scheduling {
+            node_selector: BTreeMap::new(),
+            tolerations: vec![],
+            tolerable_taints: DEFAULT_TOLERABLE_TAINTS.map(String::from).to_vec(),
+            tenant_node_labels: DEFAULT_TENANT_NODE_LABELS.map(String::from).to_vec(),
+            runtime_classes: vec![],
+        }
+    }
+}
+
+impl Scheduling {
+    /// Rewrites a host pod spec's scheduling inputs; `known_node` says whether the cluster's pods
+    /// run on a host node. Returns what was dropped, by field.
+    pub fn apply(&self, spec: &mut PodSpec, known_node: &dyn Fn(&str) -> bool) -> Vec<String> {
+        let mut dropped = vec![];
+        if let Some(rc) = spec.runtime_class_name.take() {
+            if self.runtime_classes.contains(&rc) {
+                spec.runtime_class_name = Some(rc);
+            } else {
+                dropped.push(format!("spec.runtimeClassName {rc:?}"));
+            }
+        }
+
+        let mut selector: BTreeMap<String, String> = BTreeMap::new();
+        for (k, v) in spec.node_selector.take().unwrap_or_default() {
+            if self.tenant_node_labels.contains(&k) && !self.node_selector.contains_key(&k) {
+                selector.insert(k, v);
+            } else {
+                dropped.push(format!("spec.nodeSelector[{k:?}]"));
+            }
+        }
+        selector.extend(self.node_selector.clone());
+        spec.node_selector = (!selector.is_empty()).then_some(selector);
+
+        let affinity = spec.affinity.get_or_insert_with(Default::default);
+        let mut node_affinity = affinity.node_affinity.take().unwrap_or_default();
+        self.node_affinity(&mut node_affinity, known_node, &mut dropped);
+        if let Some(node) = spec.node_name.take() {
+            if known_node(&node) {
+                pin(&mut node_affinity, &node);
+            } else {
+                dropped.push(format!("spec.nodeName {node:?} (not a node of this virtual cluster)"));
+            }
+        }
+        let empty = node_affinity.required_during_scheduling_ignored_during_execution.is_none()
+            && node_affinity.preferred_during_scheduling_ignored_during_execution.is_none();
+        affinity.node_affinity = (!empty).then_some(node_affinity);
+        if affinity.node_affinity.is_none() && affinity.pod_affinity.is_none() && affinity.pod_anti_affinity.is_none() {
+            spec.affinity = None;
+        }
+
+        let mut tolerations = vec![];
+        for (i, t) in spec.tolerations.take().unwrap_or_default().into_iter().enumerate() {
+            let key = t.key.clone().unwrap_or_default();
+            if self.tolerable_taints.contains(&key) {
+                tolerations.push(t);
+            } else if !key.starts_with(CONTROLLER_TAINT_PREFIX) {
+                let what = if key.is_empty() { "every taint".to_string() } else { format!("key {key:?}") };
+                dropped.push(format!("spec.tolerations[{i}] ({what})"));
+            }
+        }
+        for t in &self.tolerations {
+            if !tolerations.contains(t) {
+                tolerations.push(t.clone());
+            }
+        }
+        spec.tolerations = (!tolerations.is_empty()).then_some(tolerations);
+        dropped
+    }
+
+    fn node_affinity(&self, a: &mut NodeAffinity, known_node: &dyn Fn(&str) -> bool, dropped: &mut Vec<String>) {
+        let field = "spec.affinity.nodeAffinity";
+        if let Some(required) = a.required_during_scheduling_ignored_during_execution.take() {
+            let terms: Vec<NodeSelectorTerm> = required
+                .node_selector_terms
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, t)| {
+                    self.term(t, known_node, &format!("{field}.required…nodeSelectorTerms[{i}]"), dropped)
+                })
+                .collect();
+            a.required_during_scheduling_ignored_during_execution =
+                (!terms.is_empty()).then_some(NodeSelector { node_selector_terms: terms });
+        }
+        if let Some(preferred) = a.preferred_during_scheduling_ignored_during_execution.take() {
+            let kept: Vec<_> = preferred
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, mut p)| {
+                    let at = format!("{field}.preferred…[{i}].preference");
+                    p.preference = self.term(p.preference, known_node, &at, dropped)?;
+                    Some(p)
+                })
+                .collect();
+            a.preferred_during_scheduling_ignored_during_execution = (!kept.is_empty()).then_some(kept);
+        }
+    }
+
+    /// A node selector term with what the tenant may not ask removed; none if nothing is left.
+    fn term(
+        &self,
+        t: NodeSelectorTerm,
+        known_node: &dyn Fn(&str) -> bool,
+        at: &str,
+        dropped: &mut Vec<String>,
+    ) -> Option<NodeSelectorTerm> {
+        let expressions: Vec<NodeSelectorRequirement> = t
+            .match_expressions
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| {
+                let ok = self.tenant_node_labels.contains(&e.key);
+                if !ok {
+                    dropped.push(format!("{at}.matchExpressions key {:?}", e.key));
+                }
+                ok
+            })
+            .collect();
+        let fields: Vec<NodeSelectorRequirement> = t
+            .match_fields
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| {
+                let ok = f.key == "metadata.name"
+                    && f.operator == "In"
+                    && f.values.as_ref().is_some_and(|v| !v.is_empty() && v.iter().all(|n| known_node(n)));
+                if !ok {
+                    dropped.push(format!(
+                        "{at}.matchFields {:?} {} {:?}",
+                        f.key,
+                        f.operator,
+                        f.values.clone().unwrap_or_default()
+                    ));
+                }
+                ok
+            })
+            .collect();
+        (!expressions.is_empty() || !fields.is_empty()).then(|| NodeSelectorTerm {
+            match_expressions: (!expressions.is_empty()).then_some(expressions),
+            match_fields: (!fields.is_empty()).then_some(fields),
+        })
+    }
+}
+
+/// Requires `node` in every required term (terms are ORed, so each gets it).
+fn pin(a: &mut NodeAffinity, node: &str) {
+    let req = NodeSelectorRequirement {
+        key: "metadata.name".into(),
+        operator: "In".into(),
+        values: Some(vec![node.to_string()]),
+    };
+    let required = a
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(|| NodeSelector { node_selector_terms: vec![NodeSelectorTerm::default()] });
+    for t in &mut required.node_selector_terms {
+        t.match_fields.get_or_insert_with(Vec::new).push(req.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn admin() -> Scheduling {
+        Scheduling {
+            node_selector: [("pool".to_string(), "tenants".to_string())].into(),
+            tolerations: vec![
+                serde_json::from_value(
+                    json!({"key": "dedicated", "operator": "Equal", "value": "tenants", "effect": "NoSchedule"}),
+                )
+                .unwrap(),
+            ],
+            runtime_classes: vec!["gvisor".into()],
+            ..Default::default()
+        }
+    }
+
+    fn apply(s: &Scheduling, spec: serde_json::Value) -> (serde_json::Value, Vec<String>) {
+        let mut spec: PodSpec = serde_json::from_value(spec).unwrap();
+        let dropped = s.apply(&mut spec, &|n| n == "node-1");
+        (serde_json::to_value(spec).unwrap(), dropped)
+    }
+
+    #[test]
+    fn the_admin_decides_and_the_tenant_is_told() {
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (json!({"nodeName": "control-plane"}), "spec.nodeName \"control-plane\""),
+            (
+                json!({"nodeSelector": {"node-role.kubernetes.io/control-plane": ""}}),
+                "nodeSelector[\"node-role.kubernetes.io/control-plane\"]",
+            ),
+            (json!({"nodeSelector": {"pool": "system"}}), "nodeSelector[\"pool\"]"),
+            (json!({"tolerations": [{"operator": "Exists"}]}), "tolerations[0] (every taint)"),
+            (
+                json!({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}),
+                "key \"node-role.kubernetes.io/control-plane\"",
+            ),
+            (json!({"runtimeClassName": "privileged-runc"}), "runtimeClassName \"privileged-runc\""),
+            (
+                json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}]}}}}),
+                "matchExpressions key \"node-role.kubernetes.io/control-plane\"",
+            ),
+            (
+                json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["control-plane"]}]}]}}}}),
+                "matchFields \"metadata.name\" In",
+            ),
+            (
+                json!({"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference":
+                {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["cp"]}]}}]}}}),
+                "preferred…[0].preference.matchExpressions key \"kubernetes.io/hostname\"",
+            ),
+        ];
+        for (spec, needle) in cases {
+            let mut spec = spec;
+            spec["containers"] = json!([{"name": "c"}]);
+            let (host, dropped) = apply(&admin(), spec.clone());
+            assert!(dropped.iter().any(|d| d.contains(needle)), "{needle} not in {dropped:?} for {spec}");
+            assert_eq!(host["nodeSelector"], json!({"pool": "tenants"}), "the admin's selector, alone: {host}");
+            assert_eq!(
+                host["tolerations"],
+                json!([{"key": "dedicated", "operator": "Equal", "value": "tenants", "effect": "NoSchedule"}])
+            );
+            assert_eq!(host.get("nodeName"), None);
+            assert_eq!(host.get("affinity"), None, "nothing of the tenant's node choice left: {host}");
+            assert_eq!(host.get("runtimeClassName"), None);
+        }
+    }
+
+    #[test]
+    fn what_the_admin_allows_survives() {
+        let spec = json!({"containers": [{"name": "c"}], "nodeName": "node-1",
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "runtimeClassName": "gvisor",
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                {"key": "node.kubernetes.io/disk-pressure", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]},
+                                      {"key": "secret-hw", "operator": "Exists"}]}]}}}});
+        let (host, dropped) = apply(&admin(), spec);
+        assert_eq!(
+            dropped,
+            vec![
+                "spec.affinity.nodeAffinity.required…nodeSelectorTerms[0].matchExpressions key \"secret-hw\""
+                    .to_string()
+            ],
+            "the controller's disk-pressure toleration goes quietly"
+        );
+        assert_eq!(host["nodeSelector"], json!({"kubernetes.io/os": "linux", "pool": "tenants"}));
+        assert_eq!(host["runtimeClassName"], "gvisor");
+        assert_eq!(host.get("nodeName"), None, "the host scheduler places it");
+        assert_eq!(
+            host["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+            json!([{"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}],
+                    "matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}])
+        );
+        let keys: Vec<&str> =
+            host["tolerations"].as_array().unwrap().iter().map(|t| t["key"].as_str().unwrap()).collect();
+        assert_eq!(keys, ["node.kubernetes.io/not-ready", "dedicated"]);
+    }
+
+    #[test]
+    fn a_daemonset_pod_keeps_its_node() {
+        let spec = json!({"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}]}}}});
+        let (host, dropped) = apply(&Scheduling::default(), spec.clone());
+        assert_eq!(dropped, Vec::<String>::new());
+        assert_eq!(host["affinity"], spec["affinity"]);
+    }
+}
