@@ -225,7 +225,7 @@ async fn the_chart_path_installs_lists_pauses_and_deletes() {
     let env = TestEnv::start(1).await;
     let cli = Cli::new(&env);
     let values = cli.state.path().join("values.yaml");
-    std::fs::write(&values, "quota:\n  enabled: true\nsync:\n  concurrency: 8\n").unwrap();
+    std::fs::write(&values, "quota:\n  enabled: false\nsync:\n  concurrency: 8\n").unwrap();
     let out = cli.run(&[
         "create",
         "team-c",
@@ -252,7 +252,7 @@ async fn the_chart_path_installs_lists_pauses_and_deletes() {
     ]);
     assert_eq!(sts, "2Gi", "--set reached the chart");
     let quota = env.kubectl_ok(&["-n", "vkube-team-c", "get", "resourcequota", "-o", "name"]);
-    assert!(!quota.trim().is_empty(), "-f values reached the chart");
+    assert!(quota.trim().is_empty(), "-f values reached the chart (the quota is on by default): {quota}");
     let listed = cli.list();
     let c = listed.as_array().unwrap().iter().find(|c| c["name"] == "team-c").expect("listed");
     assert_eq!(c["mode"], "chart");

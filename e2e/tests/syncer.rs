@@ -724,19 +724,32 @@ subsets:
     let hclient = env.client().await;
     let hns = vc.host_namespace().to_string();
 
-    let pvc = tr.host_name("default", "data");
-    eventually("the claim is on the host", Duration::from_secs(30), || async {
-        let out = env.kubectl(&["-n", &hns, "get", "pvc", &pvc, "-o", "jsonpath={.spec.resources.requests.storage}"]);
-        Ok((String::from_utf8_lossy(&out.stdout) == "1Gi").then_some(()))
-    })
-    .await;
-
     let ep = tr.host_name("default", "external-db");
     eventually("selector-less endpoints are on the host", Duration::from_secs(30), || async {
         let out = env.kubectl(&["-n", &hns, "get", "endpoints", &ep, "-o", "jsonpath={.subsets[*].addresses[*].ip}"]);
         Ok((String::from_utf8_lossy(&out.stdout) == "192.0.2.10 192.0.2.11").then_some(()))
     })
     .await;
+
+    // A claim no pod uses costs the host nothing; once a pod uses it, it is provisioned and kept.
+    let pvc = tr.host_name("default", "data");
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = Api::namespaced(hclient.clone(), &hns);
+    assert!(claims.get_opt(&pvc).await.unwrap().is_none(), "an unused claim reached the host");
+    vc.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: uses-data}\nspec:\n  containers: [{name: c, image: nginx}]\n  volumes: [{name: d, persistentVolumeClaim: {claimName: data}}]\n");
+    eventually("the claim is on the host once a pod uses it", Duration::from_secs(30), || async {
+        let out = env.kubectl(&["-n", &hns, "get", "pvc", &pvc, "-o", "jsonpath={.spec.resources.requests.storage}"]);
+        Ok((String::from_utf8_lossy(&out.stdout) == "1Gi").then_some(()))
+    })
+    .await;
+    vc.kubectl_ok(&["delete", "pod", "uses-data", "--wait=false"]);
+    let hpods: Api<Pod> = Api::namespaced(hclient.clone(), &hns);
+    let user = tr.host_name("default", "uses-data");
+    eventually("the claim's pod is gone from the host", Duration::from_secs(30), || async {
+        Ok(hpods.get_opt(&user).await.map_err(|e| e.to_string())?.is_none().then_some(()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(claims.get_opt(&pvc).await.unwrap().is_some(), "a used claim is kept (its data with it)");
     let svc: Service = Api::namespaced(hclient.clone(), &hns).get(&ep).await.unwrap();
     assert_eq!(svc.spec.unwrap().selector, None, "the host copy selects nothing either");
 

@@ -7,6 +7,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
 use crate::Result;
+use crate::limit::{WriteLimit, WriteRate};
 
 pub async fn from_kubeconfig_file(path: &Path, context: Option<&str>) -> Result<Client> {
     from_kubeconfig(Kubeconfig::read_from(path)?, context).await
@@ -33,16 +34,26 @@ pub async fn from_pem(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str)
 /// The host cluster client: in-cluster credentials when no kubeconfig is given and we run in a
 /// pod, else the kubeconfig (explicit path, `$KUBECONFIG`, `~/.kube/config`).
 pub async fn host(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<Client> {
-    match kubeconfig {
-        Some(path) => from_kubeconfig_file(path, context).await,
-        None => {
-            let options = KubeConfigOptions { context: context.map(str::to_string), ..Default::default() };
-            let mut config = match Config::incluster() {
-                Ok(c) if context.is_none() => c,
-                _ => Config::from_kubeconfig(&options).await?,
-            };
-            config.read_timeout = None;
-            Ok(Client::try_from(config)?)
-        }
-    }
+    Ok(Client::try_from(host_config(kubeconfig, context).await?)?)
+}
+
+/// The host client whose writes are limited to `rate` (the control plane's: one tenant's
+/// burst of objects must not starve the host API server).
+pub async fn host_limited(kubeconfig: Option<&Path>, context: Option<&str>, rate: WriteRate) -> Result<Client> {
+    let config = host_config(kubeconfig, context).await?;
+    let builder = kube::client::ClientBuilder::try_from(config)?;
+    Ok(builder.with_layer(&WriteLimit::new(rate)).build())
+}
+
+async fn host_config(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<Config> {
+    let options = KubeConfigOptions { context: context.map(str::to_string), ..Default::default() };
+    let mut config = match kubeconfig {
+        Some(path) => Config::from_custom_kubeconfig(Kubeconfig::read_from(path)?, &options).await?,
+        None => match Config::incluster() {
+            Ok(c) if context.is_none() => c,
+            _ => Config::from_kubeconfig(&options).await?,
+        },
+    };
+    config.read_timeout = None;
+    Ok(config)
 }

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod delete;
+pub mod limit;
 pub mod params;
 pub mod wait;
 

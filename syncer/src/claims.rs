@@ -8,10 +8,20 @@ use crate::context::Context;
 use crate::mirror::{Mirror, meta_differs};
 use crate::naming::Translator;
 use crate::policy::Refusal;
+use crate::refs::RefKind;
 use crate::sync::Result;
 
 impl Mirror for PersistentVolumeClaim {
     const KIND: &'static str = "PersistentVolumeClaim";
+
+    /// Host storage is provisioned once a pod uses the claim (or always, if the admin asks), and
+    /// then kept while the virtual claim exists: a StatefulSet scaled to zero keeps its data.
+    fn wanted(ctx: &Context, v: &Self) -> bool {
+        let (ns, name) = crate::informer::key_of(v);
+        ctx.opts.sync_all_claims
+            || ctx.refs.is_used(RefKind::PersistentVolumeClaim, &ns, &name)
+            || crate::sync::host_get(ctx.stores.host::<Self>(), ctx, &ctx.tr.host_name(&ns, &name)).is_some()
+    }
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
         let ns = v.metadata.namespace.as_deref().unwrap_or_default();

@@ -26,6 +26,8 @@ pub struct Options {
     pub sync_all_configmaps: bool,
     /// Copy every secret, not only those pods use.
     pub sync_all_secrets: bool,
+    /// Provision every claim on the host, not only those pods use.
+    pub sync_all_claims: bool,
     /// Copy NetworkPolicies to the host (confined to the cluster); off, tenants are told they are
     /// not enforced.
     pub sync_network_policies: bool,

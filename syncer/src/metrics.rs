@@ -25,6 +25,13 @@ pub struct ErrorLabels {
     pub error: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub kind: &'static str,
+    /// quota | webhook | forbidden | invalid
+    pub reason: &'static str,
+}
+
 /// A short, bounded name for an error, for the `error` label.
 pub trait ErrorLabel {
     fn label(&self) -> &'static str;
@@ -45,6 +52,8 @@ pub struct Metrics {
     pub queue_depth: Family<KindLabel, Gauge>,
     /// Objects kept off the host by the isolation policy.
     pub refused: Family<KindLabel, Counter>,
+    /// Host copies the host itself refused to create (its quota, limit ranges, webhooks).
+    pub host_refused: Family<RefusalLabels, Counter>,
     /// From start to the first moment every queue was empty with caches ready (the initial
     /// sync, or the resync after a restart); 0 until then.
     pub initial_sync_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -59,6 +68,7 @@ impl Default for Metrics {
             errors: Family::default(),
             queue_depth: Family::default(),
             refused: Family::default(),
+            host_refused: Family::default(),
             initial_sync_seconds: Gauge::default(),
         }
     }
@@ -78,6 +88,11 @@ impl Metrics {
         r.register("errors", "Failed reconciles, by kind and error", m.errors.clone());
         r.register("queue_depth", "Keys waiting to be reconciled, by kind", m.queue_depth.clone());
         r.register("refused", "Objects kept off the host by the isolation policy, by kind", m.refused.clone());
+        r.register(
+            "host_refused",
+            "Host copies the host refused to create, by kind and reason (quota, webhook, forbidden, invalid)",
+            m.host_refused.clone(),
+        );
         r.register(
             "initial_sync_seconds",
             "From start until caches were ready and every queue first drained (0 until then)",

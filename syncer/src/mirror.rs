@@ -111,7 +111,7 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
     };
     match sync::classify(ctx, h, M::KIND, &ns, &name, &uid) {
         HostCopy::Absent => {
-            return sync::or_collision(ctx, v.as_ref(), sync::create_host(ctx, M::KIND, &desired).await).await;
+            return sync::or_told(ctx, M::KIND, v.as_ref(), sync::create_host(ctx, M::KIND, &desired).await).await;
         }
         HostCopy::Foreign(_) => {
             sync::collision(ctx, v.as_ref(), &host_name).await;

@@ -53,6 +53,7 @@ fn harness() -> Harness {
             cluster_domain: "cluster.local".into(),
             sync_all_configmaps: true,
             sync_all_secrets: false,
+            sync_all_claims: false,
             sync_network_policies: false,
             concurrency: 1,
             api_ip: "10.96.0.1".into(),

@@ -186,9 +186,9 @@ async fn create(ctx: &Context, v: &Service, desired: Service) -> Result<Action> 
                 s.cluster_ip = None;
                 s.cluster_ips = None;
             }
-            sync::or_collision(ctx, v, sync::create_host(ctx, KIND, &any_ip).await).await
+            sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &any_ip).await).await
         }
-        Err(e) => sync::or_collision(ctx, v, Err(e)).await,
+        Err(e) => sync::or_told(ctx, KIND, v, Err(e)).await,
     }
 }
 

@@ -34,6 +34,10 @@ pub enum SyncError {
     /// The virtual API server answered a TokenRequest without a token.
     #[error("the TokenRequest for {0} was answered without a token")]
     NoToken(String),
+    /// The host refused to create the copy (its quota, limit ranges, admission webhooks): the
+    /// message is the host's, with host names replaced by virtual ones.
+    #[error("the host cluster refused it: {message}")]
+    HostRefused { reason: &'static str, message: String },
 }
 
 impl ErrorLabel for SyncError {
@@ -48,6 +52,7 @@ impl ErrorLabel for SyncError {
             SyncError::Collision(_) => "collision",
             SyncError::Raced(_) => "raced",
             SyncError::NoToken(_) => "no_token",
+            SyncError::HostRefused { .. } => "host_refused",
         }
     }
 }
@@ -140,13 +145,35 @@ where
                 _ => Err(SyncError::Collision(format!("{}/{name}", ctx.host_ns()))),
             }
         }
+        Err(kube::Error::Api(e)) if matches!(e.code, 403 | 422) => {
+            let virtual_name = ctx.tr.owner(desired.meta()).map(|o| o.name).unwrap_or_default();
+            Err(SyncError::HostRefused {
+                reason: refusal_reason(&e),
+                message: e.message.replace(&name, &virtual_name).replace(ctx.host_ns(), "(host namespace)"),
+            })
+        }
         Err(e) => Err(e.into()),
     }
 }
 
-/// Turns a collision into the tenant-visible Warning event and a slow retry.
-pub async fn or_collision<V: Resource<DynamicType = ()>>(
+/// What kind of host refusal an API error is, for the metric.
+fn refusal_reason(e: &kube::core::Status) -> &'static str {
+    if e.message.contains("exceeded quota") {
+        "quota"
+    } else if e.message.contains("admission webhook") {
+        "webhook"
+    } else if e.code == 403 {
+        "forbidden"
+    } else {
+        "invalid"
+    }
+}
+
+/// Tells the tenant why a create did not happen: a collision (Warning, slow retry) or a host
+/// refusal (Warning quoting the host, retried with the queue's backoff: the quota may free up).
+pub async fn or_told<V: Resource<DynamicType = ()>>(
     ctx: &Context,
+    kind: &'static str,
     v: &V,
     r: Result<()>,
 ) -> Result<crate::queue::Action> {
@@ -155,6 +182,11 @@ pub async fn or_collision<V: Resource<DynamicType = ()>>(
         Err(SyncError::Collision(name)) => {
             collision(ctx, v, name.rsplit('/').next().unwrap_or_default()).await;
             Ok(crate::queue::Action::RequeueAfter(std::time::Duration::from_secs(300)))
+        }
+        Err(e @ SyncError::HostRefused { reason, .. }) => {
+            ctx.metrics.host_refused.get_or_create(&crate::metrics::RefusalLabels { kind, reason }).inc();
+            warn(ctx, v, "HostRefused", &e.to_string()).await;
+            Err(e)
         }
         Err(e) => Err(e),
     }

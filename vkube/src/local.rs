@@ -118,7 +118,7 @@ impl LocalControlPlane {
         std::fs::write(dir.join("state.json"), serde_json::to_string_pretty(&state)?)?;
 
         progress("[1/6] host namespace and Service");
-        ensure_namespace(&host, &state.namespace, &state.name).await?;
+        ensure_namespace(&host, &state.namespace, &state.name, state.policy.pod_security).await?;
         ensure_local_service(&host, &state.namespace, &state.name).await?;
         let service_cidr = host_service_cidr(&host).await?;
 
@@ -286,7 +286,14 @@ impl LocalControlPlane {
 
 /// Creates the host namespace if missing. One still being deleted (a recent `vkube delete` of the
 /// same name) is waited for first: nothing can be created in it until it is gone.
-pub async fn ensure_namespace(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<()> {
+/// Creates the host namespace unless it exists, labelled as the cluster's and, as a second gate
+/// behind the syncer's own check, with the host's Pod Security admission enforcing `level`.
+pub async fn ensure_namespace(
+    host: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+    level: vkube_core::policy::PodSecurityLevel,
+) -> anyhow::Result<()> {
     const TERMINATING_WAIT: Duration = Duration::from_secs(120);
     let api: Api<Namespace> = Api::all(host.clone());
     if let Some(existing) = api.get_opt(namespace).await? {
@@ -306,12 +313,10 @@ pub async fn ensure_namespace(host: &kube::Client, namespace: &str, cluster: &st
             ),
         };
     }
+    let mut labels = names::labels(cluster);
+    labels.insert("pod-security.kubernetes.io/enforce".into(), level.as_str().into());
     let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(namespace.into()),
-            labels: Some(names::labels(cluster)),
-            ..Default::default()
-        },
+        metadata: ObjectMeta { name: Some(namespace.into()), labels: Some(labels), ..Default::default() },
         ..Default::default()
     };
     match api.create(&Default::default(), &ns).await {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ResourceQuota, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use vkube::controlplane::PolicyArgs;
@@ -55,7 +55,18 @@ fn refused_cases() -> Vec<(serde_json::Value, &'static str)> {
     let none = serde_json::json!({});
     let c = |sc: serde_json::Value| serde_json::json!({"containers": [{"name": "c", "image": "nginx", "securityContext": sc}]});
     vec![
-        (pod("privileged", none.clone(), c(serde_json::json!({"privileged": true}))), "privileged=true"),
+        (
+            // What a refused pod refers to stays off the host too.
+            pod(
+                "privileged",
+                none.clone(),
+                serde_json::json!({
+                "containers": [{"name": "c", "image": "nginx", "securityContext": {"privileged": true},
+                    "envFrom": [{"configMapRef": {"name": "evil-config"}}]}],
+                "volumes": [{"name": "s", "secret": {"secretName": "evil-secret"}}]}),
+            ),
+            "privileged=true",
+        ),
         (pod("host-network", none.clone(), serde_json::json!({"hostNetwork": true})), "hostNetwork=true"),
         (pod("host-pid", none.clone(), serde_json::json!({"hostPID": true})), "hostPID=true"),
         (pod("host-ipc", none.clone(), serde_json::json!({"hostIPC": true})), "hostIPC=true"),
@@ -183,10 +194,18 @@ async fn hostile_pods_are_refused_or_sanitised() {
         ..PolicyArgs::default()
     };
     let vc = env.virtual_cluster_with_policy("hostile", policy, &[]).await;
+    let hns: Namespace = Api::all(host.clone()).get(vc.host_namespace()).await.unwrap();
+    assert_eq!(
+        hns.labels()["pod-security.kubernetes.io/enforce"],
+        "baseline",
+        "the host's own admission is a second gate"
+    );
 
     // Refused: nothing reaches the host, the tenant is told which field.
     vc.kubectl_ok(&["create", "namespace", "evil"]);
     vc.kubectl_ok(&["label", "namespace", "evil", "pod-security.kubernetes.io/enforce=privileged"]);
+    vc.kubectl_ok(&["-n", "evil", "create", "configmap", "evil-config", "--from-literal=a=b"]);
+    vc.kubectl_ok(&["-n", "evil", "create", "secret", "generic", "evil-secret", "--from-literal=a=b"]);
     let refused = refused_cases();
     let pods: Vec<serde_json::Value> = refused.iter().map(|(p, _)| p.clone()).collect();
     apply_all(&vc, "evil", &pods);
@@ -250,6 +269,11 @@ async fn hostile_pods_are_refused_or_sanitised() {
         assert!(!host_pods.contains(&host_name), "{host_name} reached the host: {host_pods:?}");
     }
 
+    let configs: Vec<String> = host_list::<ConfigMap>(&env, &vc).await.iter().map(|c| c.name_any()).collect();
+    let secrets: Vec<String> = host_list::<Secret>(&env, &vc).await.iter().map(|c| c.name_any()).collect();
+    assert!(!configs.contains(&tr(&vc).host_name("evil", "evil-config")), "{configs:?}");
+    assert!(!secrets.contains(&tr(&vc).host_name("evil", "evil-secret")), "{secrets:?}");
+
     let admin_toleration =
         serde_json::json!({"key": "dedicated", "operator": "Equal", "value": "tenants", "effect": "NoSchedule"});
     for (p, needle) in &sanitised {
@@ -291,4 +315,35 @@ async fn hostile_pods_are_refused_or_sanitised() {
     assert_eq!(labels.get("vkube.dev/cluster"), None, "{labels:?}");
     assert_eq!(labels["tenant.vkube.dev/cluster"], "other-tenant");
     assert_eq!(template.spec.volume_name, None);
+
+    // The host's quota refuses a pod: the tenant is told, in the host's words, without host names.
+    let used = host_list::<Pod>(&env, &vc).await.len();
+    let quota: ResourceQuota = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "tight"}, "spec": {"hard": {"pods": used.to_string()}}}))
+    .unwrap();
+    Api::<ResourceQuota>::namespaced(host.clone(), vc.host_namespace())
+        .create(&PostParams::default(), &quota)
+        .await
+        .expect("host quota");
+    // The quota controller must have counted the pods before it refuses more.
+    eventually("the host quota counts the pods", Duration::from_secs(30), || async {
+        let q = Api::<ResourceQuota>::namespaced(host.clone(), vc.host_namespace())
+            .get("tight")
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(q.status.and_then(|s| s.used).and_then(|u| u.get("pods").cloned()).filter(|q| q.0 == used.to_string()))
+    })
+    .await;
+    vc.kubectl_ok(&["run", "one-too-many", "--image=nginx"]);
+    let e = warned(&vc, "default", "one-too-many", "exceeded quota").await;
+    let msg = e.message.unwrap_or_default();
+    assert!(msg.contains("the host cluster refused it"), "{msg}");
+    assert!(!msg.contains(vc.host_namespace()), "no host names: {msg}");
+    let metrics = vc.kubectl_ok(&["get", "--raw", "/metrics"]);
+    assert!(
+        metrics.lines().any(|l| l.starts_with("vkube_syncer_host_refused_total{")
+            && l.contains("kind=\"Pod\"")
+            && l.contains("reason=\"quota\"")),
+        "refusals are counted:\n{metrics}"
+    );
 }

@@ -35,8 +35,8 @@ impl SyncedKind for Pod {
     type HostStored = Compact<Pod>;
     const SLIM_HOST: Option<fn(&mut Pod)> = Some(slim_host_pod);
 
-    /// What a pod uses (configmaps, secrets, claims, its node) is synced while it is used, and
-    /// its token Secrets go with it.
+    /// What a pod uses (configmaps, secrets, claims, its node) is synced while it is used, if
+    /// the pod itself may reach the host, and its token Secrets go with it.
     fn on_virtual_change(c: &Context, p: &Pod, change: Change) {
         let (ns, name) = key_of(p);
         let changed = match change {
@@ -46,7 +46,12 @@ impl SyncedKind for Pod {
                 }
                 c.refs.remove(&ns, &name)
             }
-            Change::Applied | Change::Listed => c.refs.update(&ns, &name, refs::pod_refs(p)),
+            // A pod the policy refuses never reaches the host: neither does what it refers to.
+            Change::Applied | Change::Listed => {
+                let allowed =
+                    p.spec.as_ref().is_some_and(|s| c.policy.check_pod(p.metadata.annotations.as_ref(), s).is_ok());
+                c.refs.update(&ns, &name, if allowed { refs::pod_refs(p) } else { Default::default() })
+            }
         };
         for (kind, tns, tname) in changed {
             match kind {
@@ -170,7 +175,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         }
         ensured?;
     }
-    sync::or_collision(ctx, v, sync::create_host(ctx, KIND, &desired).await).await
+    sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &desired).await).await
 }
 
 fn pod_env<'a>(

@@ -118,7 +118,7 @@ impl CreateArgs {
         let (name, ns) = (self.target.name.clone(), self.target.namespace());
         eprintln!("creating virtual cluster {name} in host namespace {ns} (Helm chart)");
         eprintln!("  [1/3] host namespace and service range");
-        vkube::local::ensure_namespace(&host, &ns, &name).await?;
+        vkube::local::ensure_namespace(&host, &ns, &name, self.policy.pod_security).await?;
         let cidr = vkube::local::host_service_cidr(&host).await?;
         eprintln!("  [2/3] installing the chart");
         let chart = super::helm::chart()?;

@@ -6,6 +6,7 @@
 pub mod components;
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -256,6 +257,10 @@ pub struct SyncArgs {
     /// Copy every secret to the host, not only those pods use.
     #[arg(long, env = "VKUBE_SYNC_ALL_SECRETS")]
     pub sync_all_secrets: bool,
+    /// Provision every claim on the host, not only those pods use (a claim a pod has used is
+    /// kept until it is deleted either way).
+    #[arg(long, env = "VKUBE_SYNC_ALL_CLAIMS")]
+    pub sync_all_claims: bool,
     /// Copy NetworkPolicies to the host, confined to this cluster's pods. They only add
     /// allowances: a tenant can then open its own pods as far as its policies say.
     #[arg(long, env = "VKUBE_SYNC_NETWORK_POLICIES")]
@@ -265,6 +270,13 @@ pub struct SyncArgs {
     /// Reconciles running at once, per kind.
     #[arg(long, env = "VKUBE_SYNC_CONCURRENCY", default_value_t = 16)]
     pub sync_concurrency: usize,
+    /// Host writes per second this cluster may make (a token bucket: a tenant creating
+    /// thousands of objects slows itself, not the host API server).
+    #[arg(long, env = "VKUBE_HOST_QPS", default_value_t = NonZeroU32::new(100).expect("non-zero"))]
+    pub host_qps: NonZeroU32,
+    /// Host writes that may go at once after a quiet spell.
+    #[arg(long, env = "VKUBE_HOST_BURST", default_value_t = NonZeroU32::new(200).expect("non-zero"))]
+    pub host_burst: NonZeroU32,
     #[arg(long, env = "VKUBE_COREDNS_IMAGE", default_value = vkube_syncer::dns::DEFAULT_IMAGE)]
     pub coredns_image: String,
 }
@@ -383,9 +395,11 @@ pub async fn virtual_admin(server: &str, bundle: &Bundle) -> anyhow::Result<kube
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let host = vkube_kubeclient::client::host(args.host_kubeconfig.as_deref(), args.host_context.as_deref())
-        .await
-        .context("connecting to the host cluster")?;
+    let rate = vkube_kubeclient::limit::WriteRate { qps: args.sync.host_qps, burst: args.sync.host_burst };
+    let host =
+        vkube_kubeclient::client::host_limited(args.host_kubeconfig.as_deref(), args.host_context.as_deref(), rate)
+            .await
+            .context("connecting to the host cluster")?;
     let (bundle, _) = sync_pki(&host, &args.namespace, &args.name, &args.cert_dir).await?;
     publish_kubeconfig(&host, &args, &bundle).await?;
 
@@ -443,6 +457,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cluster_domain: args.sync.cluster_domain.clone(),
         sync_all_configmaps: args.sync.sync_all_configmaps,
         sync_all_secrets: args.sync.sync_all_secrets,
+        sync_all_claims: args.sync.sync_all_claims,
         sync_network_policies: args.sync.sync_network_policies,
         concurrency: args.sync.sync_concurrency.max(1),
         api_ip: api_ip.to_string(),
