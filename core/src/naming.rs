@@ -13,10 +13,15 @@
 //!   `-name`, `-namespace` and `-uid` naming the virtual object it mirrors. A host object without
 //!   them, or with another cluster's, is never modified or deleted.
 //! - A host Secret holding a pod's service-account token also carries `vkube.dev/token=true`.
-//! - User labels are copied; keys in our domain (`vkube.dev/...` or `*.vkube.dev/...`) are
-//!   reserved and rewritten by prefixing `tenant.` to the key's prefix (one level per pass, so the
-//!   rewrite is reversible and a tenant cannot forge our labels).
-//! - Label selectors keep their terms (keys rewritten the same way) and gain
+//! - Tenant label and annotation keys reach the host in the tenant domain `t.vkube.dev`, so no
+//!   host tool acting on labels or annotations (other namespaces' NetworkPolicies, CNI, service
+//!   meshes, external-dns, Prometheus, secret reflectors) reads them, and no tenant forges our
+//!   marks: `key` becomes `t.vkube.dev/key`, `prefix/key` becomes `prefix.t.vkube.dev/key`
+//!   (reversible: one suffix is stripped per pass). Keys the platform admin lists
+//!   ([`Translator::with_verbatim_keys`]: exact keys or `prefix/*`) are copied as they are,
+//!   never one in our domain. A prefix too long to extend (over 241 characters) becomes the first
+//!   16 hex digits of its SHA-256, `.t.vkube.dev` (not reversible; such a key is never read back).
+//! - Label selectors keep their terms (keys translated the same way) and gain
 //!   `vkube.dev/cluster=<vc>` and `vkube.dev/namespace=<ns>`, so they only ever match objects of
 //!   the same virtual cluster and namespace.
 
@@ -34,7 +39,10 @@ const SEPARATOR: &str = "-x-";
 const MAX_NAME: usize = 63;
 const HASHED_PREFIX: usize = 46;
 const HASH_HEX: usize = 16;
-const TENANT_PREFIX: &str = "tenant.";
+/// Where tenant label and annotation keys live on the host.
+pub const TENANT_DOMAIN: &str = "t.vkube.dev";
+/// The longest DNS subdomain a key prefix may be.
+const MAX_PREFIX: usize = 253;
 
 /// The virtual object a host object mirrors, read from its marks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,11 +65,56 @@ impl Owner {
 pub struct Translator {
     cluster: String,
     host_namespace: String,
+    /// Label and annotation keys the admin lets through as they are (exact, or `prefix/*`).
+    verbatim: std::sync::Arc<[String]>,
 }
 
 impl Translator {
     pub fn new(cluster: impl Into<String>, host_namespace: impl Into<String>) -> Self {
-        Translator { cluster: cluster.into(), host_namespace: host_namespace.into() }
+        Translator { cluster: cluster.into(), host_namespace: host_namespace.into(), verbatim: Default::default() }
+    }
+
+    /// The same, copying the label and annotation keys `keys` (exact, or `prefix/*`) verbatim.
+    pub fn with_verbatim_keys(mut self, keys: Vec<String>) -> Self {
+        self.verbatim = keys.into();
+        self
+    }
+
+    /// The host key of a tenant's label or annotation key.
+    pub fn host_key(&self, key: &str) -> String {
+        if !is_reserved_key(key) && self.is_verbatim(key) {
+            return key.to_string();
+        }
+        match key.split_once('/') {
+            None => format!("{TENANT_DOMAIN}/{key}"),
+            Some((prefix, name)) if prefix.len() + 1 + TENANT_DOMAIN.len() <= MAX_PREFIX => {
+                format!("{prefix}.{TENANT_DOMAIN}/{name}")
+            }
+            Some((prefix, name)) => {
+                let digest = Sha256::digest(prefix.as_bytes());
+                let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+                format!("{hash}.{TENANT_DOMAIN}/{name}")
+            }
+        }
+    }
+
+    /// The tenant's key a host key stands for (the inverse of [`Self::host_key`]).
+    pub fn virtual_key(&self, key: &str) -> String {
+        match key.split_once('/') {
+            Some((TENANT_DOMAIN, name)) => name.to_string(),
+            Some((prefix, name)) => match prefix.strip_suffix(TENANT_DOMAIN).and_then(|p| p.strip_suffix('.')) {
+                Some(original) => format!("{original}/{name}"),
+                None => key.to_string(),
+            },
+            None => key.to_string(),
+        }
+    }
+
+    fn is_verbatim(&self, key: &str) -> bool {
+        self.verbatim.iter().any(|k| match k.strip_suffix("/*") {
+            Some(prefix) => key.split_once('/').is_some_and(|(p, _)| p == prefix),
+            None => k == key,
+        })
     }
 
     pub fn cluster(&self) -> &str {
@@ -92,7 +145,7 @@ impl Translator {
     /// Host labels for a virtual object's labels: reserved keys rewritten, ownership added.
     pub fn host_labels(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
         let mut out: BTreeMap<String, String> =
-            labels.into_iter().flatten().map(|(k, v)| (rewrite_key(k), v.clone())).collect();
+            labels.into_iter().flatten().map(|(k, v)| (self.host_key(k), v.clone())).collect();
         out.insert(LABEL_CLUSTER.into(), self.cluster.clone());
         out.insert(LABEL_NAMESPACE.into(), namespace.into());
         out
@@ -104,7 +157,7 @@ impl Translator {
             .into_iter()
             .flatten()
             .filter(|(k, _)| k.as_str() != LABEL_CLUSTER && k.as_str() != LABEL_NAMESPACE)
-            .map(|(k, v)| (unrewrite_key(k), v.clone()))
+            .map(|(k, v)| (self.virtual_key(k), v.clone()))
             .collect()
     }
 
@@ -122,7 +175,7 @@ impl Translator {
                 .iter()
                 .map(|e| {
                     let mut e = e.clone();
-                    e.key = rewrite_key(&e.key);
+                    e.key = self.host_key(&e.key);
                     e
                 })
                 .collect()
@@ -163,8 +216,7 @@ impl Translator {
     }
 
     /// Metadata of the host copy of a virtual object: translated name, our namespace, labels
-    /// rewritten and marked, user annotations (minus our domain and kubectl's last-applied copy)
-    /// plus the ownership marks.
+    /// and annotations with their keys translated (minus kubectl's last-applied copy), our marks.
     pub fn host_meta(&self, kind: &str, meta: &ObjectMeta) -> ObjectMeta {
         let ns = meta.namespace.as_deref().unwrap_or_default();
         let name = meta.name.as_deref().unwrap_or_default();
@@ -172,8 +224,8 @@ impl Translator {
             .annotations
             .iter()
             .flatten()
-            .filter(|(k, _)| k.as_str() != LAST_APPLIED && !is_reserved_key(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .filter(|(k, _)| k.as_str() != LAST_APPLIED)
+            .map(|(k, v)| (self.host_key(k), v.clone()))
             .collect();
         annotations.extend(self.owner_annotations(kind, ns, name, meta.uid.as_deref().unwrap_or_default()));
         ObjectMeta {
@@ -238,25 +290,6 @@ pub fn is_reserved_key(key: &str) -> bool {
 
 fn is_reserved_prefix(prefix: &str) -> bool {
     prefix == DOMAIN || prefix.ends_with(&format!(".{DOMAIN}"))
-}
-
-/// Rewrites a label key in our domain so a tenant can never set our labels.
-pub fn rewrite_key(key: &str) -> String {
-    match key.split_once('/') {
-        Some((prefix, name)) if is_reserved_prefix(prefix) => format!("{TENANT_PREFIX}{prefix}/{name}"),
-        _ => key.to_string(),
-    }
-}
-
-/// The inverse of [`rewrite_key`] for keys found on host objects.
-pub fn unrewrite_key(key: &str) -> String {
-    match key.split_once('/') {
-        Some((prefix, name)) if is_reserved_prefix(prefix) => match prefix.strip_prefix(TENANT_PREFIX) {
-            Some(original) if is_reserved_prefix(original) => format!("{original}/{name}"),
-            _ => key.to_string(),
-        },
-        _ => key.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -339,17 +372,40 @@ mod tests {
         ]);
         let host = tr.host_labels("default", Some(&user));
         assert_eq!(host[LABEL_CLUSTER], "team-a", "the tenant's value must not win");
-        assert_eq!(host["tenant.vkube.dev/cluster"], "team-b");
-        assert_eq!(host["tenant.tenant.vkube.dev/x"], "1");
+        assert_eq!(host["vkube.dev.t.vkube.dev/cluster"], "team-b");
+        assert_eq!(host["tenant.vkube.dev.t.vkube.dev/x"], "1");
+        assert_eq!(host["t.vkube.dev/app"], "web");
         assert_eq!(host[LABEL_NAMESPACE], "default");
         assert_eq!(tr.virtual_labels(Some(&host)), user);
+    }
+
+    #[test]
+    fn tenant_keys_stay_in_the_tenant_domain_unless_the_admin_lets_them_through() {
+        let tr = t().with_verbatim_keys(vec!["app.kubernetes.io/*".into(), "team".into(), "vkube.dev/*".into()]);
+        let cases = [
+            ("role", "t.vkube.dev/role"),
+            ("k8s.v1.cni.cncf.io/networks", "k8s.v1.cni.cncf.io.t.vkube.dev/networks"),
+            ("sidecar.istio.io/inject", "sidecar.istio.io.t.vkube.dev/inject"),
+            ("t.vkube.dev/app", "t.vkube.dev.t.vkube.dev/app"),
+            ("app.kubernetes.io/name", "app.kubernetes.io/name"),
+            ("team", "team"),
+            ("sub.app.kubernetes.io/name", "sub.app.kubernetes.io.t.vkube.dev/name"),
+            ("vkube.dev/cluster", "vkube.dev.t.vkube.dev/cluster"),
+        ];
+        for (key, host) in cases {
+            assert_eq!(tr.host_key(key), host, "{key}");
+            assert_eq!(tr.virtual_key(host), key, "{host} reads back");
+        }
+        let long = format!("{}/k", "p".repeat(245));
+        let hashed = tr.host_key(&long);
+        assert!(hashed.ends_with(".t.vkube.dev/k") && hashed.len() < 63, "{hashed}");
     }
 
     #[test]
     fn selectors_are_confined_to_the_virtual_namespace() {
         let tr = t();
         let sel = tr.host_selector("default", &BTreeMap::from([("app".to_string(), "web".to_string())]));
-        assert_eq!(sel["app"], "web");
+        assert_eq!(sel["t.vkube.dev/app"], "web");
         assert_eq!(sel[LABEL_CLUSTER], "team-a");
         assert_eq!(sel[LABEL_NAMESPACE], "default");
 
@@ -365,7 +421,7 @@ mod tests {
         let ml = host.match_labels.unwrap();
         assert_eq!(ml[LABEL_CLUSTER], "team-a");
         assert_eq!(ml[LABEL_NAMESPACE], "prod");
-        assert_eq!(host.match_expressions.unwrap()[0].key, "tenant.vkube.dev/cluster");
+        assert_eq!(host.match_expressions.unwrap()[0].key, "vkube.dev.t.vkube.dev/cluster");
     }
 
     #[test]

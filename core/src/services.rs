@@ -58,7 +58,7 @@ mod tests {
         let s = h.spec.unwrap();
         assert_eq!(s.cluster_ip.as_deref(), Some("10.96.3.4"));
         let sel = s.selector.unwrap();
-        assert_eq!(sel["app"], "web");
+        assert_eq!(sel["t.vkube.dev/app"], "web");
         assert_eq!(sel["vkube.dev/namespace"], "shop");
         assert_eq!(sel["vkube.dev/cluster"], "vc");
         assert_eq!(s.ports.unwrap()[0].node_port, None);

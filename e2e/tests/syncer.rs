@@ -303,9 +303,15 @@ async fn network_policies_are_confined_copies_or_reported_as_not_enforced() {
     })
     .await;
     let spec = serde_json::to_value(&copy).unwrap()["spec"].clone();
-    assert_eq!(spec["podSelector"]["matchLabels"], serde_json::json!({"app": "web", LABEL_CLUSTER: "netpol"}));
+    assert_eq!(
+        spec["podSelector"]["matchLabels"],
+        serde_json::json!({"t.vkube.dev/app": "web", LABEL_CLUSTER: "netpol"})
+    );
     let peer = peer(&copy);
-    assert_eq!(peer["podSelector"]["matchLabels"], serde_json::json!({"role": "probe", LABEL_CLUSTER: "netpol"}));
+    assert_eq!(
+        peer["podSelector"]["matchLabels"],
+        serde_json::json!({"t.vkube.dev/role": "probe", LABEL_CLUSTER: "netpol"})
+    );
     assert!(peer.get("namespaceSelector").is_none(), "never another host namespace: {peer}");
 
     eventually("the tenant without the sync is told", Duration::from_secs(30), || async {
@@ -377,7 +383,13 @@ async fn a_host_object_that_is_not_ours_is_never_touched() {
         ns = vc.host_namespace(),
         cm = tr.host_name("default", "victim-config"),
     ));
-    let before: Pod = Api::namespaced(env.client().await, vc.host_namespace()).get(&host_name).await.unwrap();
+    // Once the host has scheduled and started it, only a write of ours would change it.
+    let hpods: Api<Pod> = Api::namespaced(env.client().await, vc.host_namespace());
+    let before: Pod = eventually("the foreign pod runs", Duration::from_secs(30), || async {
+        let p = hpods.get(&host_name).await.map_err(|e| e.to_string())?;
+        Ok(running_with_ip(&p).then_some(p))
+    })
+    .await;
     vc.kubectl_ok(&["create", "configmap", "victim-config", "--from-literal=owner=tenant"]);
     vc.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: victim}\nspec:\n  containers: [{name: c, image: nginx, envFrom: [{configMapRef: {name: victim-config}}]}]\n");
     eventually("the tenant is told about the collision", Duration::from_secs(30), || async {
@@ -594,8 +606,9 @@ async fn logs_exec_and_port_forward_reach_the_pods_host_copy() {
         r#"{"spec":{"containers":[{"name":"app","resources":{"requests":{"cpu":"150m"},"limits":{"cpu":"300m"}}}]}}"#,
     ]);
     eventually("the new image, label and resources reach the host pod", Duration::from_secs(30), || async {
-        let got =
-            host_pod_fields("{.spec.containers[0].image} {.metadata.labels.tier} {.spec.containers[0].resources}");
+        let got = host_pod_fields(
+            "{.spec.containers[0].image} {.metadata.labels.t\\.vkube\\.dev/tier} {.spec.containers[0].resources}",
+        );
         if got == r#"nginx:1.27 web {"limits":{"cpu":"300m"},"requests":{"cpu":"150m"}}"# {
             Ok(Some(()))
         } else {

@@ -130,16 +130,16 @@ mod tests {
         let own = serde_json::json!([{"key": "vkube.dev/namespace", "operator": "In", "values": ["shop"]}]);
         assert_eq!(
             h["spec"]["podSelector"]["matchLabels"],
-            serde_json::json!({"app": "web", "vkube.dev/cluster": "team-a"})
+            serde_json::json!({"t.vkube.dev/app": "web", "vkube.dev/cluster": "team-a"})
         );
         assert_eq!(h["spec"]["podSelector"]["matchExpressions"], own);
         let from = &h["spec"]["ingress"][0]["from"];
         assert_eq!(
             from[0]["podSelector"]["matchLabels"],
-            serde_json::json!({"role": "client", "vkube.dev/cluster": "team-a"})
+            serde_json::json!({"t.vkube.dev/role": "client", "vkube.dev/cluster": "team-a"})
         );
         assert_eq!(from[0]["podSelector"]["matchExpressions"], own);
-        assert_eq!(from[1]["podSelector"]["matchLabels"]["role"], "probe");
+        assert_eq!(from[1]["podSelector"]["matchLabels"]["t.vkube.dev/role"], "probe");
         assert_eq!(from[1]["podSelector"]["matchExpressions"][0]["values"], serde_json::json!(["ops", "ops-2"]));
         assert!(from[1].get("namespaceSelector").is_none(), "never another host namespace: {from}");
         assert_eq!(from[2]["podSelector"]["matchExpressions"][0]["values"], serde_json::json!([""]), "matches nothing");

@@ -177,8 +177,8 @@ async fn create(ctx: &Context, v: &Service, desired: Service) -> Result<Action> 
         Ok(()) => Ok(Action::Done),
         // The virtual IP is taken (or not valid) on the host: let the host choose, then the
         // virtual Service follows it.
-        Err(sync::SyncError::Kube(kube::Error::Api(e))) if e.code == 422 && cluster_ip(&desired).is_some() => {
-            tracing::info!(service = ?desired.metadata.name, reason = %e.message, "virtual ClusterIP not available on the host; taking the host's");
+        Err(sync::SyncError::HostRefused { code: 422, message, .. }) if cluster_ip(&desired).is_some() => {
+            tracing::info!(service = ?desired.metadata.name, reason = %message, "virtual ClusterIP not available on the host; taking the host's");
             let mut any_ip = desired;
             if let Some(s) = any_ip.spec.as_mut()
                 && s.cluster_ip.as_deref() != Some("None")

@@ -37,7 +37,7 @@ pub enum SyncError {
     /// The host refused to create the copy (its quota, limit ranges, admission webhooks): the
     /// message is the host's, with host names replaced by virtual ones.
     #[error("the host cluster refused it: {message}")]
-    HostRefused { reason: &'static str, message: String },
+    HostRefused { code: u16, reason: &'static str, message: String },
 }
 
 impl ErrorLabel for SyncError {
@@ -148,6 +148,7 @@ where
         Err(kube::Error::Api(e)) if matches!(e.code, 403 | 422) => {
             let virtual_name = ctx.tr.owner(desired.meta()).map(|o| o.name).unwrap_or_default();
             Err(SyncError::HostRefused {
+                code: e.code,
                 reason: refusal_reason(&e),
                 message: e.message.replace(&name, &virtual_name).replace(ctx.host_ns(), "(host namespace)"),
             })

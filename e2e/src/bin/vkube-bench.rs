@@ -241,7 +241,7 @@ async fn main() {
     let before = cpu_of(&procs);
     let t0 = Instant::now();
     vdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
-    let host_selector = &format!("{LABEL_CLUSTER}=bench,app=burst");
+    let host_selector = &format!("{LABEL_CLUSTER}=bench,{}/app=burst", vkube_syncer::naming::TENANT_DOMAIN);
     let host_done = wait_running(&hpods, host_selector, a.pods, t0, "host pods of the virtual deployment").await;
     let virtual_done = wait_running(&vpods, "app=burst", a.pods, t0, "virtual pods").await;
     let cpu_used = cpu_seconds(vk_pid) - cpu0;
@@ -544,7 +544,8 @@ async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: 
     let hs = (host_seen.clone(), host_running.clone());
     let hapi: Api<Pod> = Api::namespaced(host.clone(), host_ns);
     let htask = tokio::spawn(async move {
-        let stream = watcher::watcher(hapi, watcher::Config::default().labels("app=lat"));
+        let selector = format!("{}/app=lat", vkube_syncer::naming::TENANT_DOMAIN);
+        let stream = watcher::watcher(hapi, watcher::Config::default().labels(&selector));
         futures::pin_mut!(stream);
         while let Ok(Some(ev)) = stream.try_next().await {
             if let Event::Apply(p) | Event::InitApply(p) = ev {

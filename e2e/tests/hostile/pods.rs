@@ -309,12 +309,63 @@ async fn hostile_pods_are_refused_or_sanitised() {
     // Ephemeral claim templates cannot pass for another cluster's objects.
     let hp = host_pod(&env, &vc, "default", "forged-ephemeral").await;
     assert_eq!(hp.labels()["vkube.dev/cluster"], "hostile");
-    assert_eq!(hp.labels()["tenant.vkube.dev/cluster"], "other-tenant");
+    assert_eq!(hp.labels()["vkube.dev.t.vkube.dev/cluster"], "other-tenant");
     let template = hp.spec.unwrap().volumes.unwrap()[0].ephemeral.clone().unwrap().volume_claim_template.unwrap();
     let labels: BTreeMap<String, String> = template.metadata.unwrap().labels.unwrap();
     assert_eq!(labels.get("vkube.dev/cluster"), None, "{labels:?}");
-    assert_eq!(labels["tenant.vkube.dev/cluster"], "other-tenant");
+    assert_eq!(labels["vkube.dev.t.vkube.dev/cluster"], "other-tenant");
     assert_eq!(template.spec.volume_name, None);
+
+    // Labels and annotations that host tools act on stay in the tenant domain: no other
+    // namespace's NetworkPolicy matches `role: monitoring`, no mesh injects, no CNI attaches a
+    // host network, no Prometheus scrapes, no external-dns publishes.
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: labelled
+  labels: {role: monitoring, app.kubernetes.io/name: web}
+  annotations: {sidecar.istio.io/inject: "true", k8s.v1.cni.cncf.io/networks: host-net, prometheus.io/scrape: "true"}
+spec:
+  containers: [{name: c, image: nginx}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: published
+  annotations: {external-dns.alpha.kubernetes.io/hostname: www.example.com}
+spec:
+  selector: {role: monitoring}
+  ports: [{port: 80}]
+"#,
+    );
+    let hp = host_pod(&env, &vc, "default", "labelled").await;
+    let steering = [
+        "role",
+        "app.kubernetes.io/name",
+        "sidecar.istio.io/inject",
+        "k8s.v1.cni.cncf.io/networks",
+        "prometheus.io/scrape",
+    ];
+    for key in steering {
+        assert!(
+            !hp.labels().contains_key(key) && !hp.annotations().contains_key(key),
+            "{key} reached the host verbatim"
+        );
+    }
+    assert_eq!(hp.labels()["t.vkube.dev/role"], "monitoring");
+    assert_eq!(hp.annotations()["sidecar.istio.io.t.vkube.dev/inject"], "true");
+    let svc_name = tr(&vc).host_name("default", "published");
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(host.clone(), vc.host_namespace());
+    let svc = eventually("the host Service", Duration::from_secs(30), || async {
+        services.get_opt(&svc_name).await.map_err(|e| e.to_string())
+    })
+    .await;
+    assert!(!svc.annotations().contains_key("external-dns.alpha.kubernetes.io/hostname"), "{:?}", svc.annotations());
+    let selector = svc.spec.unwrap().selector.unwrap();
+    assert_eq!(selector.get("t.vkube.dev/role").map(String::as_str), Some("monitoring"), "{selector:?}");
+    assert!(!selector.contains_key("role"));
 
     // The host's quota refuses a pod: the tenant is told, in the host's words, without host names.
     let used = host_list::<Pod>(&env, &vc).await.len();

@@ -209,7 +209,7 @@ fn volume(tr: &Translator, ns: &str, pod: &str, vol: &mut Volume) {
         t.spec = crate::claims::host_claim_spec(tr, ns, std::mem::take(&mut t.spec));
         if let Some(m) = t.metadata.as_mut() {
             for map in [m.labels.as_mut(), m.annotations.as_mut()].into_iter().flatten() {
-                *map = std::mem::take(map).into_iter().map(|(k, v)| (naming::rewrite_key(&k), v)).collect();
+                *map = std::mem::take(map).into_iter().map(|(k, v)| (tr.host_key(&k), v)).collect();
             }
         }
     }
@@ -219,7 +219,7 @@ fn volume(tr: &Translator, ns: &str, pod: &str, vol: &mut Volume) {
     if let Some(d) = vol.downward_api.as_mut() {
         for item in d.items.iter_mut().flatten() {
             if let Some(f) = item.field_ref.as_mut() {
-                field_ref(f);
+                field_ref(tr, f);
             }
         }
     }
@@ -240,7 +240,7 @@ fn projection(tr: &Translator, ns: &str, pod: &str, src: &mut VolumeProjection) 
     if let Some(d) = src.downward_api.as_mut() {
         for item in d.items.iter_mut().flatten() {
             if let Some(f) = item.field_ref.as_mut() {
-                field_ref(f);
+                field_ref(tr, f);
             }
         }
     }
@@ -327,7 +327,7 @@ fn env_vars(
                 r.name = tr.host_name(ns, &r.name);
             }
             if let Some(f) = vf.field_ref.as_mut() {
-                field_ref(f);
+                field_ref(tr, f);
             }
         }
     }
@@ -356,7 +356,7 @@ fn ephemeral_container(env: &PodEnv<'_>, ns: &str, c: &mut EphemeralContainer) {
 }
 
 /// Downward-API field paths that must read the virtual pod, not its host copy.
-fn field_ref(f: &mut ObjectFieldSelector) {
+fn field_ref(tr: &Translator, f: &mut ObjectFieldSelector) {
     let path = f.field_path.as_str();
     let new = match path {
         "metadata.name" => Some(format!("metadata.annotations['{ANNOTATION_NAME}']")),
@@ -364,10 +364,10 @@ fn field_ref(f: &mut ObjectFieldSelector) {
         "metadata.uid" => Some(format!("metadata.annotations['{ANNOTATION_UID}']")),
         "metadata.labels" => Some(format!("metadata.annotations['{ANNOTATION_OBJECT_LABELS}']")),
         "spec.serviceAccountName" => Some(format!("metadata.annotations['{ANNOTATION_SERVICE_ACCOUNT}']")),
-        _ => path
-            .strip_prefix("metadata.labels['")
-            .and_then(|rest| rest.strip_suffix("']"))
-            .map(|key| format!("metadata.labels['{}']", naming::rewrite_key(key))),
+        _ => ["labels", "annotations"].into_iter().find_map(|field| {
+            let key = path.strip_prefix(&format!("metadata.{field}['"))?.strip_suffix("']")?;
+            Some(format!("metadata.{field}['{}']", tr.host_key(key)))
+        }),
     };
     if let Some(n) = new {
         f.field_path = n;
@@ -513,15 +513,17 @@ mod tests {
         assert_eq!(h.metadata.namespace.as_deref(), Some("vkube-team-a"));
         let labels = h.metadata.labels.as_ref().unwrap();
         assert_eq!(labels["vkube.dev/cluster"], "team-a");
-        assert_eq!(labels["tenant.vkube.dev/cluster"], "forged");
+        assert_eq!(labels["vkube.dev.t.vkube.dev/cluster"], "forged");
         let owner = tr.owner(&h.metadata).unwrap();
         assert_eq!(
             (owner.kind.as_str(), owner.namespace.as_str(), owner.name.as_str(), owner.uid.as_str()),
             ("Pod", "shop", "web-1", "u-1")
         );
         let ann = h.metadata.annotations.as_ref().unwrap();
-        assert_eq!(ann["note"], "kept");
-        assert!(!ann.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
+        assert_eq!(ann["t.vkube.dev/note"], "kept", "in the tenant domain, like labels");
+        assert_eq!(ann["vkube.dev/object-uid"], "u-1", "our mark, not the tenant's forgery");
+        assert_eq!(ann["vkube.dev.t.vkube.dev/object-uid"], "forged");
+        assert!(!ann.keys().any(|k| k.contains("last-applied-configuration")));
     }
 
     #[test]
@@ -564,7 +566,7 @@ mod tests {
         assert_eq!(env["KUBERNETES_SERVICE_PORT"].value.as_deref(), Some("443"));
         let path = |n: &str| env[n].value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path.clone();
         assert_eq!(path("POD"), "metadata.annotations['vkube.dev/object-name']");
-        assert_eq!(path("APP"), "metadata.labels['app']");
+        assert_eq!(path("APP"), "metadata.labels['t.vkube.dev/app']");
         assert_eq!(path("IP"), "status.podIP");
         assert_eq!(
             env["PASS"].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name,
@@ -659,7 +661,7 @@ mod tests {
         let tmpl = spec.volumes.unwrap()[0].ephemeral.clone().unwrap().volume_claim_template.unwrap();
         let labels = tmpl.metadata.unwrap().labels.unwrap();
         assert_eq!(labels.get("vkube.dev/cluster"), None, "no forged mark");
-        assert_eq!(labels["tenant.vkube.dev/cluster"], "team-b");
+        assert_eq!(labels["vkube.dev.t.vkube.dev/cluster"], "team-b");
         assert_eq!(tmpl.spec.data_source.unwrap().name, "seed-x-shop-x-team-a");
     }
 

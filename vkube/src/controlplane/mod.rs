@@ -149,6 +149,11 @@ pub struct PolicyArgs {
     #[arg(long, env = "VKUBE_RUNTIME_CLASSES", value_delimiter = ',')]
     #[serde(default)]
     pub runtime_classes: Vec<String>,
+    /// Label and annotation keys copied to host objects as they are (comma-separated, exact or
+    /// `prefix/*`); every other tenant key goes under the tenant domain `t.vkube.dev`.
+    #[arg(long, env = "VKUBE_VERBATIM_KEYS", value_delimiter = ',')]
+    #[serde(default)]
+    pub verbatim_keys: Vec<String>,
 }
 
 use vkube_core::policy::scheduling::{DEFAULT_TENANT_NODE_LABELS, DEFAULT_TOLERABLE_TAINTS};
@@ -218,6 +223,7 @@ impl PolicyArgs {
         args.push(format!("--tolerable-taints={}", self.tolerable_taints.join(",")));
         args.push(format!("--tenant-node-labels={}", self.tenant_node_labels.join(",")));
         args.push(format!("--runtime-classes={}", self.runtime_classes.join(",")));
+        args.push(format!("--verbatim-keys={}", self.verbatim_keys.join(",")));
         args
     }
 
@@ -236,6 +242,7 @@ impl PolicyArgs {
             format!("--set-json=policy.scheduling.tolerableTaints={}", list(&self.tolerable_taints)),
             format!("--set-json=policy.scheduling.tenantNodeLabels={}", list(&self.tenant_node_labels)),
             format!("--set-json=policy.scheduling.runtimeClasses={}", list(&self.runtime_classes)),
+            format!("--set-json=policy.verbatimKeys={}", list(&self.verbatim_keys)),
         ]
         .into_iter()
         .chain(
@@ -417,7 +424,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if resuming {
         tracing::info!("resuming a paused cluster: host pods are recreated for every virtual pod");
     }
-    let translator = Translator::new(&args.name, &args.namespace);
+    let translator = Translator::new(&args.name, &args.namespace).with_verbatim_keys(args.policy.verbatim_keys.clone());
     let policy = args.policy.policy()?;
 
     let mut registry = Registry::default();
