@@ -197,18 +197,21 @@ async fn rendered_manifests_are_accepted_by_the_host_api_server() {
     let cluster_wide = ["clusterrole", "clusterrolebinding"]
         .map(|k| format!("{k}.rbac.authorization.k8s.io/vkube:{NS}:{NAME}"))
         .to_vec();
-    let namespace_policy = ["resourcequota", "limitrange"].map(|k| format!("{k}/vkube-{NAME}")).to_vec();
+    let (quota, limits) = (format!("resourcequota/vkube-{NAME}"), format!("limitrange/vkube-{NAME}"));
+    let mut defaults = cluster_wide.clone();
+    defaults.push(quota.clone());
     let cases = [
         DryRun {
             what: "default values",
             args: vec!["--set", "serviceCIDR=10.96.0.0/16"],
-            present: cluster_wide.clone(),
-            absent: namespace_policy.clone(),
+            // The quota is on by default; limit-range defaults are the admin's choice.
+            present: defaults,
+            absent: vec![limits.clone()],
         },
         DryRun {
             what: "non-default values",
             args: vec!["-f", path_str(values.path())],
-            present: namespace_policy,
+            present: vec![quota, limits],
             absent: cluster_wide,
         },
     ];

@@ -105,6 +105,8 @@ pub struct Context {
     pub events_mark: RwLock<Option<k8s_openapi::jiff::Timestamp>>,
     pub metrics: Metrics,
     pub health: crate::health::Health,
+    /// Writes per host object per minute.
+    pub budget: crate::budget::WriteBudget,
 }
 
 impl Context {

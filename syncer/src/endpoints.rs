@@ -2,7 +2,7 @@
 //! too (the host's mirroring controller turns them into EndpointSlices). Services with a
 //! selector get their endpoints from the host's own controllers.
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::{EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::context::Context;
@@ -34,6 +34,92 @@ impl Mirror for Endpoints {
     }
 
     fn differs(d: &Self, c: &Self) -> bool {
-        meta_differs(d, c) || d.subsets != c.subsets
+        // The host stores subsets repacked (addresses merged by IP, subsets by port set): compare
+        // in that form, or a tenant's duplicates would be written back for ever.
+        meta_differs(d, c) || canonical(d.subsets.as_deref()) != canonical(c.subsets.as_deref())
+    }
+}
+
+/// Subsets as the API server repacks them (its `RepackSubsets`), in a fixed order: each address
+/// once (by IP: target refs are never copied; ready wins over not ready), grouped with the set
+/// of ports it serves (pure).
+pub fn canonical(subsets: Option<&[EndpointSubset]>) -> Vec<EndpointSubset> {
+    use std::collections::{BTreeMap, BTreeSet};
+    // Port (as JSON, sortable) -> IP -> ready; the first address seen for an IP is kept.
+    let mut by_port: BTreeMap<String, BTreeMap<String, bool>> = BTreeMap::new();
+    let mut addresses: BTreeMap<String, EndpointAddress> = BTreeMap::new();
+    for s in subsets.into_iter().flatten() {
+        let ports: Vec<Option<&EndpointPort>> = match s.ports.as_deref() {
+            Some(p) if !p.is_empty() => p.iter().map(Some).collect(),
+            _ => vec![None],
+        };
+        for port in ports {
+            let key = serde_json::to_string(&port).unwrap_or_default();
+            let ips = by_port.entry(key).or_default();
+            for (a, ready) in s
+                .addresses
+                .iter()
+                .flatten()
+                .map(|a| (a, true))
+                .chain(s.not_ready_addresses.iter().flatten().map(|a| (a, false)))
+            {
+                addresses.entry(a.ip.clone()).or_insert_with(|| a.clone());
+                let r = ips.entry(a.ip.clone()).or_insert(ready);
+                *r |= ready;
+            }
+        }
+    }
+    // Address set -> the ports it serves.
+    let mut groups: BTreeMap<Vec<(String, bool)>, BTreeSet<String>> = BTreeMap::new();
+    for (port, ips) in by_port {
+        groups.entry(ips.into_iter().collect()).or_default().insert(port);
+    }
+    groups
+        .into_iter()
+        .map(|(ips, ports)| {
+            let pick = |want: bool| -> Option<Vec<EndpointAddress>> {
+                let list: Vec<EndpointAddress> =
+                    ips.iter().filter(|(_, r)| *r == want).filter_map(|(ip, _)| addresses.get(ip).cloned()).collect();
+                (!list.is_empty()).then_some(list)
+            };
+            let ports: Vec<EndpointPort> = ports.iter().filter_map(|p| serde_json::from_str(p).ok()).collect();
+            EndpointSubset {
+                addresses: pick(true),
+                not_ready_addresses: pick(false),
+                ports: (!ports.is_empty()).then_some(ports),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subsets(json: serde_json::Value) -> Vec<EndpointSubset> {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn what_the_host_repacks_compares_equal() {
+        // Two target refs behind one IP (the refs are dropped on the way), two subsets with the
+        // same ports, an address both ready and not: the host stores one subset, one address.
+        let tenant = subsets(serde_json::json!([
+            {"addresses": [{"ip": "10.0.0.2"}, {"ip": "10.0.0.1"}, {"ip": "10.0.0.1"}], "ports": [{"port": 80, "protocol": "TCP"}]},
+            {"addresses": [{"ip": "10.0.0.3"}], "notReadyAddresses": [{"ip": "10.0.0.2"}], "ports": [{"port": 80, "protocol": "TCP"}]},
+        ]));
+        let host = subsets(serde_json::json!([
+            {"addresses": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}, {"ip": "10.0.0.3"}], "ports": [{"port": 80, "protocol": "TCP"}]},
+        ]));
+        assert_eq!(canonical(Some(&tenant)), canonical(Some(&host)));
+        let other = subsets(
+            serde_json::json!([{"addresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 80, "protocol": "TCP"}]}]),
+        );
+        assert_ne!(canonical(Some(&tenant)), canonical(Some(&other)), "a real change still differs");
+        let split = subsets(serde_json::json!([
+            {"addresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]},
+            {"addresses": [{"ip": "10.0.0.2"}], "ports": [{"port": 80, "protocol": "TCP"}]},
+        ]));
+        assert_eq!(canonical(Some(&split)).len(), 2, "different port sets stay apart");
     }
 }

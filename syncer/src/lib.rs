@@ -8,10 +8,12 @@
 //!   `endpoints`, `endpointslices`, `claims`, `networkpolicies` (when the admin turns them on);
 //! - the loops beside them: `tokens` (virtual service-account tokens for host pods), `nodes`
 //!   (virtual nodes), `events` (host events shown on virtual objects), `dns` (CoreDNS);
-//! - the shape they share: `sync` (ownership, collisions, refusals), `mirror` (plain copies);
+//! - the shape they share: `sync` (ownership, collisions, refusals), `mirror` (plain copies),
+//!   `budget` (writes per host object per minute);
 //! - the machinery: `informer` (watches + stores), `queue` (keyed work queue), `refs` (what
 //!   pods use), `context`, `health` (for the control plane's probes), `metrics`.
 
+pub mod budget;
 pub mod claims;
 pub mod compact;
 pub mod configs;
@@ -130,6 +132,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         events_mark: Default::default(),
         metrics,
         health: cfg.health,
+        budget: budget::WriteBudget::new(budget::WRITES_PER_MINUTE),
     });
 
     // Before the host events watch starts: a relist skips what is already mirrored.

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub queue_depth: Family<KindLabel, Gauge>,
     /// Objects kept off the host by the isolation policy.
     pub refused: Family<KindLabel, Counter>,
+    /// Host objects that hit the per-object write cap (once per object and minute).
+    pub write_capped: Family<KindLabel, Counter>,
     /// Host copies the host itself refused to create (its quota, limit ranges, webhooks).
     pub host_refused: Family<RefusalLabels, Counter>,
     /// From start to the first moment every queue was empty with caches ready (the initial
@@ -69,6 +71,7 @@ impl Default for Metrics {
             queue_depth: Family::default(),
             refused: Family::default(),
             host_refused: Family::default(),
+            write_capped: Family::default(),
             initial_sync_seconds: Gauge::default(),
         }
     }
@@ -88,6 +91,11 @@ impl Metrics {
         r.register("errors", "Failed reconciles, by kind and error", m.errors.clone());
         r.register("queue_depth", "Keys waiting to be reconciled, by kind", m.queue_depth.clone());
         r.register("refused", "Objects kept off the host by the isolation policy, by kind", m.refused.clone());
+        r.register(
+            "write_capped",
+            "Host objects written as often as a minute allows, by kind (a write loop, or a tenant fighting itself)",
+            m.write_capped.clone(),
+        );
         r.register(
             "host_refused",
             "Host copies the host refused to create, by kind and reason (quota, webhook, forbidden, invalid)",

@@ -119,13 +119,13 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
         }
         HostCopy::Stale(h) => {
             sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
-            return Ok(Action::RequeueAfter(std::time::Duration::from_millis(200)));
+            return Ok(Action::RequeueAfter(after_delete(h.as_ref())));
         }
         HostCopy::Ours(h) => {
             if M::differs(&desired, &h) {
                 if M::needs_recreate(&h) {
                     sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
-                    return Ok(Action::RequeueAfter(std::time::Duration::from_millis(200)));
+                    return Ok(Action::RequeueAfter(after_delete(h.as_ref())));
                 }
                 sync::replace_host(ctx, M::KIND, h.as_ref(), desired).await?;
             }
@@ -133,6 +133,16 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
         }
     }
     Ok(Action::Done)
+}
+
+/// When to look again after deleting a host copy so a new one can be made: soon, unless it was
+/// already being deleted (held by a finalizer): then its removal event brings us back.
+fn after_delete<K: Resource>(h: &K) -> std::time::Duration {
+    if h.meta().deletion_timestamp.is_some() {
+        std::time::Duration::from_secs(30)
+    } else {
+        std::time::Duration::from_millis(200)
+    }
 }
 
 /// Labels and annotations as managed on host copies.

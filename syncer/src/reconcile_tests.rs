@@ -80,6 +80,7 @@ fn harness() -> Harness {
         events_mark: Default::default(),
         metrics,
         health: Default::default(),
+        budget: crate::budget::WriteBudget::new(crate::budget::WRITES_PER_MINUTE),
     };
     Harness { ctx, virt, host, vconfigmaps, hconfigmaps, vservices }
 }

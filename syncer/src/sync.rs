@@ -34,6 +34,9 @@ pub enum SyncError {
     /// The virtual API server answered a TokenRequest without a token.
     #[error("the TokenRequest for {0} was answered without a token")]
     NoToken(String),
+    /// This host object was written as often as a minute allows ([`crate::budget`]).
+    #[error("{0} was written too often in the last minute; backing off")]
+    Throttled(String),
     /// The host refused to create the copy (its quota, limit ranges, admission webhooks): the
     /// message is the host's, with host names replaced by virtual ones.
     #[error("the host cluster refused it: {message}")]
@@ -53,6 +56,7 @@ impl ErrorLabel for SyncError {
             SyncError::Raced(_) => "raced",
             SyncError::NoToken(_) => "no_token",
             SyncError::HostRefused { .. } => "host_refused",
+            SyncError::Throttled(_) => "throttled",
         }
     }
 }
@@ -107,11 +111,30 @@ pub fn mirrors<K: Resource>(ctx: &Context, h: &K, kind: &str, ns: &str, name: &s
 
 pub use vkube_kubeclient::params::{patch_params, post_params};
 
-/// Deletes a host object we own (by name, with a uid precondition so nothing else is hit).
+/// Spends one write on host object `name` of `kind`, or says to back off.
+pub fn spend(ctx: &Context, kind: &'static str, name: &str) -> Result<()> {
+    match ctx.budget.spend(kind, name, std::time::Instant::now()) {
+        crate::budget::Spend::Allowed => Ok(()),
+        crate::budget::Spend::Capped { first } => {
+            if first {
+                ctx.metrics.write_capped.get_or_create(&crate::metrics::KindLabel { kind }).inc();
+                tracing::warn!(kind, name, "host object written too often; backing off");
+            }
+            Err(SyncError::Throttled(format!("{kind} {}/{name}", ctx.host_ns())))
+        }
+    }
+}
+
+/// Deletes a host object we own (by name, with a uid precondition so nothing else is hit). One
+/// already being deleted (held by a finalizer) is left to finish: its removal brings us back.
 pub async fn delete_host<K>(ctx: &Context, kind: &'static str, h: &K, grace: Option<i64>) -> Result<()>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
+    if h.meta().deletion_timestamp.is_some() {
+        return Ok(());
+    }
+    spend(ctx, kind, h.meta().name.as_deref().unwrap_or_default())?;
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let grace = grace.map(|g| g.max(0) as u32);
     if delete_exactly(&api, h.meta(), grace, Exactly::Object).await? {
@@ -129,6 +152,7 @@ where
 {
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let name = desired.meta().name.clone().unwrap_or_default();
+    spend(ctx, kind, &name)?;
     match api.create(&post_params(), desired).await {
         Ok(_) => {
             ctx.metrics.wrote(kind, "create");
@@ -198,6 +222,7 @@ pub async fn replace_host<K>(ctx: &Context, kind: &'static str, current: &K, mut
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
 {
+    spend(ctx, kind, &current.name_any())?;
     desired.meta_mut().resource_version = current.meta().resource_version.clone();
     desired.meta_mut().uid = current.meta().uid.clone();
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());

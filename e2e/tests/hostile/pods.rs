@@ -367,6 +367,37 @@ spec:
     assert_eq!(selector.get("t.vkube.dev/role").map(String::as_str), Some("monitoring"), "{selector:?}");
     assert!(!selector.contains_key("role"));
 
+    // A write loop the host's canonical form would start: two target refs behind one IP (the refs
+    // do not cross, so the copy has the IP twice and the host stores it once). The copy is written
+    // once, not for ever.
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: twice}
+spec:
+  ports: [{port: 5432, protocol: TCP}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: twice}
+subsets:
+- addresses:
+  - {ip: 192.0.2.30, targetRef: {kind: Pod, name: a, namespace: default, uid: "11111111-1111-1111-1111-111111111111"}}
+  - {ip: 192.0.2.30, targetRef: {kind: Pod, name: b, namespace: default, uid: "22222222-2222-2222-2222-222222222222"}}
+  ports: [{port: 5432, protocol: TCP}]
+"#,
+    );
+    let endpoints: Api<k8s_openapi::api::core::v1::Endpoints> = Api::namespaced(host.clone(), vc.host_namespace());
+    let ep_name = tr(&vc).host_name("default", "twice");
+    let first = eventually("the host Endpoints", Duration::from_secs(30), || async {
+        endpoints.get_opt(&ep_name).await.map_err(|e| e.to_string())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = endpoints.get(&ep_name).await.unwrap();
+    assert_eq!(first.metadata.resource_version, later.metadata.resource_version, "written again and again");
+
     // The host's quota refuses a pod: the tenant is told, in the host's words, without host names.
     let used = host_list::<Pod>(&env, &vc).await.len();
     let quota: ResourceQuota = serde_json::from_value(serde_json::json!({

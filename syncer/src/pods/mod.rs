@@ -256,6 +256,7 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
     let pp = sync::patch_params();
     let name = h.metadata.name.as_deref().unwrap_or_default();
     if let Some(patch) = host_pod_patch(&desired, h) {
+        sync::spend(ctx, KIND, name)?;
         api.patch(name, &pp, &Patch::Strategic(patch)).await?;
         ctx.metrics.wrote(KIND, "update");
     }
