@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Event;
-use kube::api::{Api, ListParams};
 use kube::Resource;
+use kube::api::{Api, ListParams};
 use vkube_e2e::{TestEnv, VirtualCluster, eventually};
 use vkube_syncer::naming::{LABEL_CLUSTER, Translator};
 
