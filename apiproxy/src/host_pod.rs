@@ -94,6 +94,9 @@ impl Proxy {
             .await
             .map_err(|e| ProxyError::upstream(format!("looking up pod {namespace}/{name}"), e))?
             .ok_or_else(|| ProxyError::NotFound(format!("pods \"{name}\" not found")))?;
+        let containers = container_names(&virtual_pod);
+        let query = host_query(sub, req.uri().query(), &containers)
+            .map_err(|why| ProxyError::BadRequest(format!("pods \"{name}\" {}: {why}", sub.as_str())))?;
         // The host pod must be ours and mirror exactly this virtual pod: a colliding host pod that
         // someone else owns must never be reached.
         let host_name = self.translator.host_name(namespace, name);
@@ -112,9 +115,6 @@ impl Proxy {
             )));
         }
 
-        let containers = container_names(&virtual_pod);
-        let query = host_query(sub, req.uri().query(), &containers)
-            .map_err(|why| ProxyError::BadRequest(format!("pods \"{name}\" {}: {why}", sub.as_str())))?;
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, _body) = req.into_parts();

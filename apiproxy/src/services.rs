@@ -48,7 +48,7 @@ impl Proxy {
         // passed on unchecked.
         let requested =
             parse_service(parts.headers.get(header::CONTENT_TYPE), &bytes).map_err(ProxyError::BadRequest)?;
-        let requested_ip = requested.spec.as_ref().and_then(|s| s.cluster_ip.clone());
+        let requested_ip = requested.cluster_ip.clone();
 
         // The dry run answers RBAC, validation and admission as the user, and gives us the
         // Service as JSON, whatever the request's encoding, with its final name.
@@ -176,20 +176,92 @@ fn name(s: &Service) -> &str {
     s.metadata.name.as_deref().unwrap_or_default()
 }
 
-/// A create request's Service: JSON (what kubectl sends) or YAML. `Err` names the problem.
-fn parse_service(content_type: Option<&header::HeaderValue>, body: &[u8]) -> Result<Service, String> {
+/// The ClusterIPs a create request asks for: all the proxy needs to read from its body.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Requested {
+    cluster_ip: Option<String>,
+    cluster_ips: Vec<String>,
+}
+
+impl From<Service> for Requested {
+    fn from(s: Service) -> Self {
+        let spec = s.spec.unwrap_or_default();
+        Requested { cluster_ip: spec.cluster_ip, cluster_ips: spec.cluster_ips.unwrap_or_default() }
+    }
+}
+
+/// The Kubernetes protobuf encoding (kubectl's default): the `runtime.Unknown` envelope after a
+/// magic prefix, holding a `v1.Service`; only the fields read are declared (tags from
+/// k8s.io/api/core/v1/generated.proto), the rest is skipped.
+mod pb {
+    pub const MAGIC: &[u8] = b"k8s\0";
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Unknown {
+        #[prost(message, optional, tag = "1")]
+        pub type_meta: Option<TypeMeta>,
+        #[prost(bytes = "vec", optional, tag = "2")]
+        pub raw: Option<Vec<u8>>,
+        #[prost(string, optional, tag = "3")]
+        pub content_encoding: Option<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TypeMeta {
+        #[prost(string, optional, tag = "2")]
+        pub kind: Option<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Service {
+        #[prost(message, optional, tag = "2")]
+        pub spec: Option<ServiceSpec>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ServiceSpec {
+        #[prost(string, optional, tag = "3")]
+        pub cluster_ip: Option<String>,
+        #[prost(string, repeated, tag = "18")]
+        pub cluster_ips: Vec<String>,
+    }
+}
+
+fn parse_protobuf(body: &[u8]) -> Result<Requested, String> {
+    use prost::Message;
+    let envelope = body.strip_prefix(pb::MAGIC).ok_or("no Kubernetes protobuf prefix")?;
+    let unknown = pb::Unknown::decode(envelope).map_err(|e| e.to_string())?;
+    if unknown.content_encoding.as_deref().is_some_and(|e| !e.is_empty()) {
+        return Err("encoded content is not supported".into());
+    }
+    let kind = unknown.type_meta.and_then(|t| t.kind).unwrap_or_default();
+    if kind != "Service" {
+        return Err(format!("it holds kind {kind:?}, not Service"));
+    }
+    let raw = unknown.raw.filter(|r| !r.is_empty()).ok_or("it holds no object")?;
+    let svc = pb::Service::decode(raw.as_slice()).map_err(|e| e.to_string())?;
+    let spec = svc.spec.unwrap_or_default();
+    Ok(Requested { cluster_ip: spec.cluster_ip, cluster_ips: spec.cluster_ips })
+}
+
+/// A create request's ClusterIPs, from JSON, YAML or protobuf. `Err` names the problem.
+fn parse_service(content_type: Option<&header::HeaderValue>, body: &[u8]) -> Result<Requested, String> {
     let media = content_type.and_then(|v| v.to_str().ok()).unwrap_or("application/json");
     let media = media.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     match media.as_str() {
-        "application/json" => {
-            serde_json::from_slice(body).map_err(|e| format!("the request body is not a Service in JSON: {e}"))
-        }
+        "application/json" => serde_json::from_slice::<Service>(body)
+            .map(Requested::from)
+            .map_err(|e| format!("the request body is not a Service in JSON: {e}")),
         "application/yaml" => std::str::from_utf8(body)
             .map_err(|e| e.to_string())
-            .and_then(|t| serde_saphyr::from_str(t).map_err(|e| e.to_string()))
+            .and_then(|t| serde_saphyr::from_str::<Service>(t).map_err(|e| e.to_string()))
+            .map(Requested::from)
             .map_err(|e| format!("the request body is not a Service in YAML: {e}")),
+        "application/vnd.kubernetes.protobuf" => {
+            parse_protobuf(body).map_err(|e| format!("the request body is not a Service in protobuf: {e}"))
+        }
         other => Err(format!(
-            "Service creations through this proxy must be JSON or YAML, not {other:?}: send Content-Type: application/json"
+            "Service creations through this proxy must be JSON, YAML or protobuf, not {other:?}: send Content-Type: application/json"
         )),
     }
 }
@@ -205,10 +277,9 @@ fn static_band(net: &IpNet) -> u128 {
 /// A ClusterIP the tenant chose must be in this cluster's service range and above its static
 /// band: the band holds the host's well-known addresses (and other tenants' hand-picked ones),
 /// which a tenant could otherwise take first. Addresses already in use are refused by the host.
-fn check_cluster_ips(requested: &Service, ranges: &[IpNet]) -> Result<(), String> {
-    let Some(spec) = requested.spec.as_ref() else { return Ok(()) };
-    let chosen = spec.cluster_ip.iter().map(|ip| ("spec.clusterIP".to_string(), ip));
-    let listed = spec.cluster_ips.iter().flatten().enumerate().map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip));
+fn check_cluster_ips(requested: &Requested, ranges: &[IpNet]) -> Result<(), String> {
+    let chosen = requested.cluster_ip.iter().map(|ip| ("spec.clusterIP".to_string(), ip));
+    let listed = requested.cluster_ips.iter().enumerate().map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip));
     for (field, ip) in chosen.chain(listed) {
         if ip.is_empty() || ip == "None" {
             continue;
@@ -291,7 +362,7 @@ mod tests {
             ),
             (serde_json::json!({"clusterIP": "kube-dns"}), Err("not an IP address")),
         ] {
-            let got = check_cluster_ips(&svc(serde_json::json!({"spec": spec})), &ranges);
+            let got = check_cluster_ips(&svc(serde_json::json!({"spec": spec})).into(), &ranges);
             match expected {
                 Ok(()) => assert_eq!(got, Ok(()), "{spec}"),
                 Err(needle) => assert!(got.as_ref().is_err_and(|e| e.contains(needle)), "{spec}: {got:?}"),
@@ -329,22 +400,42 @@ mod tests {
         }
     }
 
+    /// A Service `web` with clusterIP 10.96.0.10 as kube-apiserver 1.37 encodes it in protobuf,
+    /// the encoding kubectl sends (captured from a real API server; metadata and status included).
+    const KUBECTL_PROTOBUF: &[u8] = include_bytes!("../tests/data/service-create.pb");
+
+    #[test]
+    fn kubectls_protobuf_is_read() {
+        let proto = header::HeaderValue::from_static("application/vnd.kubernetes.protobuf");
+        let got = parse_service(Some(&proto), KUBECTL_PROTOBUF).unwrap();
+        assert_eq!(got.cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert_eq!(got.cluster_ips, vec!["10.96.0.10".to_string()]);
+    }
+
     #[test]
     fn bodies_the_proxy_cannot_read_are_refused() {
         let json = header::HeaderValue::from_static("application/json; charset=utf-8");
         let yaml = header::HeaderValue::from_static("application/yaml");
         let proto = header::HeaderValue::from_static("application/vnd.kubernetes.protobuf");
         let ok = br#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"x"},"spec":{"clusterIP":"10.96.0.10"}}"#;
-        assert_eq!(parse_service(Some(&json), ok).unwrap().spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert_eq!(parse_service(Some(&json), ok).unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
         assert!(parse_service(None, ok).is_ok());
         let y = b"apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.10}\n";
-        assert_eq!(parse_service(Some(&yaml), y).unwrap().spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert_eq!(parse_service(Some(&yaml), y).unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
         for (ct, body, needle) in [
             (Some(&json), &b"{not json"[..], "not a Service in JSON"),
             (Some(&json), &b""[..], "not a Service in JSON"),
             (Some(&json), &br#"{"spec": {"clusterIP": 7}}"#[..], "not a Service in JSON"),
             (Some(&yaml), &b"spec: [1"[..], "not a Service in YAML"),
-            (Some(&proto), &b"k8s\0"[..], "must be JSON or YAML"),
+            (Some(&proto), &b"k8s\0\xff\xff"[..], "not a Service in protobuf"),
+            (Some(&proto), &b"{}"[..], "no Kubernetes protobuf prefix"),
+            (Some(&proto), &b"k8s\0\n\x04\n\x02v1"[..], "holds kind \"\", not Service"),
+            (Some(&proto), &KUBECTL_PROTOBUF[..KUBECTL_PROTOBUF.len() - 40], "not a Service in protobuf"),
+            (
+                Some(&header::HeaderValue::from_static("application/cbor")),
+                &b"\xa0"[..],
+                "must be JSON, YAML or protobuf",
+            ),
         ] {
             let err = parse_service(ct, body).unwrap_err();
             assert!(err.contains(needle), "{err}");
