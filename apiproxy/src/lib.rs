@@ -282,6 +282,7 @@ impl Proxy {
                     Route::Health(_) => "health",
                     Route::HostPod { .. } => "host_pod",
                     Route::CreateService { .. } => "create_service",
+                    Route::PatchService => "patch_service",
                     Route::Refused(_) => "refused",
                     Route::Forward => "forward",
                 };
@@ -316,6 +317,7 @@ impl Proxy {
                 self.host_pod(req, &id, &namespace, &name, subresource).await
             }
             Route::CreateService { namespace } => self.create_service(req, &id, &namespace).await,
+            Route::PatchService => self.patch_service(req, &id).await,
             Route::Refused(why) => Err(ProxyError::Forbidden(why)),
             Route::Health(_) | Route::Forward => self.forward(req, &id).await,
         }

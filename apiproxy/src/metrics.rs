@@ -8,7 +8,7 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// forward | host_pod | create_service | health | refused (proxy subresources) | invalid (path)
+    /// forward | host_pod | create_service | patch_service | health | refused (proxy subresources) | invalid (path)
     pub route: &'static str,
     pub code: u16,
 }

@@ -39,6 +39,9 @@ pub enum Route {
     /// `POST /api/v1/namespaces/{ns}/services`: the host Service is created first so both share
     /// one ClusterIP.
     CreateService { namespace: String },
+    /// `PATCH /api/v1/namespaces/{ns}/services/{name}`: a server-side apply can create the
+    /// Service, so its ClusterIPs are checked like a create's.
+    PatchService,
     /// Refused (403) with this message: the API server would dial an address the tenant chose.
     Refused(String),
     /// Everything else: the virtual API server.
@@ -155,6 +158,7 @@ pub fn route(method: &Method, path: &CanonicalPath) -> Route {
         ["api", "v1", "namespaces", ns, "services"] if method == Method::POST => {
             Route::CreateService { namespace: ns.to_string() }
         }
+        ["api", "v1", "namespaces", _, "services", _] if method == Method::PATCH => Route::PatchService,
         _ => Route::Forward,
     }
 }
@@ -204,6 +208,8 @@ mod tests {
         );
         assert_eq!(r(&Method::GET, "/api/v1/namespaces/default/services"), Route::Forward);
         assert_eq!(r(&Method::PUT, "/api/v1/namespaces/default/services/x"), Route::Forward);
+        assert_eq!(r(&Method::PATCH, "/api/v1/namespaces/default/services/x"), Route::PatchService);
+        assert_eq!(r(&Method::PATCH, "/api/v1/namespaces/default/services/x/status"), Route::Forward);
     }
 
     #[test]

@@ -33,17 +33,7 @@ impl Proxy {
         namespace: &str,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = req.into_parts();
-        let bytes = http_body_util::Limited::new(body, MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
-                Some(_) => ProxyError::TooLarge(format!(
-                    "the Service manifest is over {} MiB; a Service is far smaller: check what is being sent",
-                    MAX_BODY >> 20
-                )),
-                None => ProxyError::BadRequest(format!("reading the request body: {e}")),
-            })?
-            .to_bytes();
+        let bytes = read_body(body).await?;
         // What the user asked for is what the proxy checks: a body it cannot read is refused, not
         // passed on unchecked.
         let requested =
@@ -140,6 +130,30 @@ impl Proxy {
             tracing::warn!(error = %e, service = host_name, "removing the host copy of a failed service create failed; the syncer will");
         }
         resp
+    }
+
+    /// A patch of a Service: a server-side apply (which creates the Service if it does not exist)
+    /// has its ClusterIPs checked like a create's; other patches cannot create and are forwarded.
+    pub(crate) async fn patch_service(
+        &self,
+        req: Request<Incoming>,
+        id: &Identity,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let media = media_type(req.headers().get(header::CONTENT_TYPE));
+        if !media.starts_with("application/apply-patch") {
+            return self.forward(req, id).await;
+        }
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(body).await?;
+        let requested =
+            parse_service(parts.headers.get(header::CONTENT_TYPE), &bytes).map_err(ProxyError::BadRequest)?;
+        check_cluster_ips(&requested, self.service_ranges().await?).map_err(|why| {
+            ProxyError::Invalid(format!(
+                "Service \"{}\" is invalid: {why}",
+                parts.uri.path().rsplit('/').next().unwrap_or_default()
+            ))
+        })?;
+        self.forward_parts(parts, full(bytes), id).await
     }
 
     /// This cluster's service range: the virtual API server's default ServiceCIDR, which
@@ -244,15 +258,35 @@ fn parse_protobuf(body: &[u8]) -> Result<Requested, String> {
     Ok(Requested { cluster_ip: spec.cluster_ip, cluster_ips: spec.cluster_ips })
 }
 
-/// A create request's ClusterIPs, from JSON, YAML or protobuf. `Err` names the problem.
+/// A Service manifest, at most `MAX_BODY`.
+async fn read_body(body: Incoming) -> Result<Bytes, ProxyError> {
+    let collected =
+        http_body_util::Limited::new(body, MAX_BODY).collect().await.map_err(|e| match e
+            .downcast_ref::<http_body_util::LengthLimitError>(
+        ) {
+            Some(_) => ProxyError::TooLarge(format!(
+                "the Service manifest is over {} MiB; a Service is far smaller: check what is being sent",
+                MAX_BODY >> 20
+            )),
+            None => ProxyError::BadRequest(format!("reading the request body: {e}")),
+        })?;
+    Ok(collected.to_bytes())
+}
+
+/// The media type of a Content-Type, lower case, without parameters; JSON if there is none.
+fn media_type(content_type: Option<&header::HeaderValue>) -> String {
+    let value = content_type.and_then(|v| v.to_str().ok()).unwrap_or("application/json");
+    value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
+}
+
+/// A create's or apply's ClusterIPs, from JSON, YAML or protobuf. `Err` names the problem.
 fn parse_service(content_type: Option<&header::HeaderValue>, body: &[u8]) -> Result<Requested, String> {
-    let media = content_type.and_then(|v| v.to_str().ok()).unwrap_or("application/json");
-    let media = media.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let media = media_type(content_type);
     match media.as_str() {
         "application/json" => serde_json::from_slice::<Service>(body)
             .map(Requested::from)
             .map_err(|e| format!("the request body is not a Service in JSON: {e}")),
-        "application/yaml" => std::str::from_utf8(body)
+        "application/yaml" | "application/apply-patch+yaml" => std::str::from_utf8(body)
             .map_err(|e| e.to_string())
             .and_then(|t| serde_saphyr::from_str::<Service>(t).map_err(|e| e.to_string()))
             .map(Requested::from)
@@ -261,7 +295,7 @@ fn parse_service(content_type: Option<&header::HeaderValue>, body: &[u8]) -> Res
             parse_protobuf(body).map_err(|e| format!("the request body is not a Service in protobuf: {e}"))
         }
         other => Err(format!(
-            "Service creations through this proxy must be JSON, YAML or protobuf, not {other:?}: send Content-Type: application/json"
+            "Service creations and applies through this proxy must be JSON, YAML or protobuf, not {other:?}: send Content-Type: application/json (application/apply-patch+yaml to apply)"
         )),
     }
 }
@@ -422,6 +456,8 @@ mod tests {
         assert!(parse_service(None, ok).is_ok());
         let y = b"apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.10}\n";
         assert_eq!(parse_service(Some(&yaml), y).unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+        let apply = header::HeaderValue::from_static("application/apply-patch+yaml");
+        assert_eq!(parse_service(Some(&apply), y).unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
         for (ct, body, needle) in [
             (Some(&json), &b"{not json"[..], "not a Service in JSON"),
             (Some(&json), &b""[..], "not a Service in JSON"),

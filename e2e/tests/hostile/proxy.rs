@@ -313,6 +313,20 @@ spec:
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("spec.clusterIP"), "kubectl --clusterip: {stderr}");
     assert!(host_services.get_opt(&tr.host_name("default", "squat-kubectl")).await.unwrap().is_none());
+    // A server-side apply can create a Service without a POST: checked the same way.
+    let apply = |name: &str, ip: Option<String>| {
+        let ip = ip.map(|ip| format!("clusterIP: {ip}, ")).unwrap_or_default();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{{ip}ports: [{{port: 80, protocol: TCP}}]}}\n"
+        );
+        vkube_e2e::kubectl_stdin(&env.upstream, &vc.kubeconfig(), &["apply", "--server-side", "-f", "-"], &yaml)
+    };
+    let out = apply("squat-apply", Some(nth(base, 10)));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("spec.clusterIP"), "kubectl apply --server-side: {stderr}");
+    assert!(vc.kubectl(&["get", "svc", "squat-apply"]).status.code() != Some(0), "the applied squat exists");
+    let out = apply("applied", None);
+    assert!(out.status.success(), "a plain server-side apply: {}", String::from_utf8_lossy(&out.stderr));
     let taken = Api::<Service>::namespaced(host.clone(), "other-tenant").get("taken").await.unwrap();
     assert_eq!(taken.spec.unwrap().cluster_ip.as_deref(), Some(other_ip.as_str()), "the other tenant's Service");
     // A free address above the static band is the tenant's to choose, on both sides.
