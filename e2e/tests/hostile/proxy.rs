@@ -154,15 +154,32 @@ spec:
     vc.kubectl_ok(&["patch", "node", "evil", "--subresource=status", "--type=merge", "-p", &status.to_string()]);
 
     // --- Paths: what the proxy routes on is what the API server reads.
-    let exec = "/api/v1/namespaces/default/pods/web/%65xec?command=id&container=app&stdout=true";
+    // As kubectl sends them (WebSocket upgrades), so that the virtual API server, reached, would
+    // dial the node's kubelet at once.
+    let websocket: &[(&str, &str)] = &[
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("sec-websocket-protocol", "v5.channel.k8s.io"),
+    ];
     for (case, path) in [
-        ("encoded exec is the proxy's own exec", exec),
-        ("encoded log is the proxy's own log", "/api/v1/namespaces/default/pods/web/%6cog?container=app"),
+        (
+            "encoded exec is the proxy's own exec",
+            "/api/v1/namespaces/default/pods/web/%65xec?command=id&container=app&stdout=true",
+        ),
         ("encoded attach", "/api/v1/namespaces/default/pods/web/%61ttach?container=app&stdout=true"),
+        ("encoded portforward", "/api/v1/namespaces/default/pods/web/port%66orward?ports=80"),
+        ("encoded log is the proxy's own log", "/api/v1/namespaces/default/pods/web/%6cog?container=app"),
     ] {
-        let (code, body) = raw(&admin, "POST", path, &[], vec![]).await;
-        // Whatever the host says about the pod, it never came from the virtual API server's kubelet client.
-        assert!(!body.contains("dialing backend") && !body.contains("127.0.0.1"), "{case}: {code} {body}");
+        let headers = if case.contains("log") { &[][..] } else { websocket };
+        if let Ok((code, body)) = try_raw(&admin, "GET", path, headers, vec![]).await {
+            // Whatever the host says about the pod, it never came from the virtual API server's
+            // kubelet client.
+            assert!(!body.contains("dialing backend") && !body.contains("127.0.0.1"), "{case}: {code} {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(dials.load(Ordering::SeqCst), 0, "{case}: an API server dialed the node address the tenant chose");
     }
     for (case, path) in [
         ("encoded slash", "/api/v1/namespaces/default/pods/web%2Fexec?command=id"),
