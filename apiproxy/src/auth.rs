@@ -1,9 +1,16 @@
 //! Who a request comes from: a client certificate of the virtual cluster's CA, or a bearer token
-//! the virtual API server accepts (TokenReview, briefly cached). Nothing else gets in.
+//! the virtual API server accepts (TokenReview, briefly cached, positive and negative, in a bounded
+//! cache; reviews of tokens never seen valid are rate limited). Nothing else gets in.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use moka::future::Cache;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 use http::HeaderMap;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -37,25 +44,80 @@ impl Identity {
     }
 }
 
+/// How long a review is believed: a revoked token works this much longer at most.
 const POSITIVE_TTL: Duration = Duration::from_secs(10);
-const NEGATIVE_TTL: Duration = Duration::from_secs(2);
-const CACHE_LIMIT: usize = 4096;
+/// Short: a token that was just created must not stay refused for long.
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// Reviews kept at most (a few hundred bytes each); the least used go first.
+const CACHE_CAPACITY: u64 = 10_000;
+/// How long a token that was valid stays "known", i.e. re-reviewed without the rate limit.
+const KNOWN_TTL: Duration = Duration::from_secs(3600);
 
 type TokenHash = [u8; 32];
-/// When the answer expires, and the answer (`None`: not authenticated).
-type CachedReview = (Instant, Option<Identity>);
+
+/// How many reviews of tokens never seen valid may be sent to the virtual API server.
+#[derive(Clone, Copy, Debug)]
+pub struct ReviewLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for ReviewLimit {
+    fn default() -> Self {
+        ReviewLimit { per_second: 20, burst: 40 }
+    }
+}
+
+/// Each cached review lives as long as its kind of answer is believed.
+struct ReviewExpiry;
+
+impl moka::Expiry<TokenHash, Option<Identity>> for ReviewExpiry {
+    fn expire_after_create(&self, _: &TokenHash, value: &Option<Identity>, _: std::time::Instant) -> Option<Duration> {
+        Some(if value.is_some() { POSITIVE_TTL } else { NEGATIVE_TTL })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    /// authenticated | rejected | failed
+    pub result: &'static str,
+}
+
+/// What the authenticator counts (registered by `Metrics`).
+#[derive(Clone, Default)]
+pub struct AuthMetrics {
+    /// TokenReviews sent to the virtual API server, by outcome.
+    pub reviews: Family<ReviewLabels, Counter>,
+    /// Unknown tokens refused without a review (over `ReviewLimit`).
+    pub limited: Counter,
+}
 
 /// Authenticates requests for one virtual cluster.
 pub struct Authenticator {
     certs: ClientCerts,
     /// Privileged client of the virtual API server (TokenReview, SubjectAccessReview).
     admin: kube::Client,
-    tokens: Mutex<HashMap<TokenHash, CachedReview>>,
+    /// Reviews by token hash; concurrent requests with one token share one review.
+    reviews: Cache<TokenHash, Option<Identity>>,
+    /// Tokens recently valid: their re-reviews are not rate limited, so a flood of random
+    /// tokens cannot lock out users already signed in.
+    known: Cache<TokenHash, ()>,
+    unknown_reviews: DefaultDirectRateLimiter,
+    metrics: AuthMetrics,
 }
 
 impl Authenticator {
-    pub fn new(certs: ClientCerts, admin: kube::Client) -> Self {
-        Authenticator { certs, admin, tokens: Mutex::new(HashMap::new()) }
+    pub fn new(certs: ClientCerts, admin: kube::Client, limit: ReviewLimit, metrics: AuthMetrics) -> Self {
+        let nonzero = |n: u32| NonZeroU32::new(n.max(1)).expect("at least 1");
+        let quota = Quota::per_second(nonzero(limit.per_second)).allow_burst(nonzero(limit.burst));
+        Authenticator {
+            certs,
+            admin,
+            reviews: Cache::builder().max_capacity(CACHE_CAPACITY).expire_after(ReviewExpiry).build(),
+            known: Cache::builder().max_capacity(CACHE_CAPACITY).time_to_live(KNOWN_TTL).build(),
+            unknown_reviews: RateLimiter::direct(quota),
+            metrics,
+        }
     }
 
     /// Whether a client certificate chain (end entity first) is valid for this cluster.
@@ -63,46 +125,57 @@ impl Authenticator {
         self.certs.verify(chain)
     }
 
-    /// The identity behind a bearer token, or `None` (answer 401).
-    pub async fn authenticate_token(&self, headers: &HeaderMap) -> Option<Identity> {
-        let token = bearer_token(headers)?;
+    /// The identity behind a bearer token: `Ok(None)` if there is none or it is not valid (401),
+    /// `Err` if the virtual API server could not review it (503: retrying may help).
+    pub async fn authenticate_token(&self, headers: &HeaderMap) -> Result<Option<Identity>, ProxyError> {
+        let Some(token) = bearer_token(headers) else { return Ok(None) };
         self.review_token(token).await
     }
 
-    async fn review_token(&self, token: &str) -> Option<Identity> {
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let now = Instant::now();
-        if let Some((expires, id)) = self.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
-            && *expires > now
-        {
-            return id.clone();
+    async fn review_token(&self, token: &str) -> Result<Option<Identity>, ProxyError> {
+        let key: TokenHash = Sha256::digest(token.as_bytes()).into();
+        if let Some(answer) = self.reviews.get(&key).await {
+            return Ok(answer);
         }
+        if !self.known.contains_key(&key) && self.unknown_reviews.check().is_err() {
+            self.metrics.limited.inc();
+            tracing::debug!("too many unknown bearer tokens: refused without a TokenReview");
+            return Ok(None);
+        }
+        // A failed review is not cached: a transient failure must not lock a valid token out.
+        let identity = self.reviews.try_get_with(key, self.send_review(token)).await.map_err(|e| {
+            ProxyError::upstream(
+                "the virtual API server could not review the bearer token (TokenReview); \
+                 try again in a moment, and check that the virtual API server is running if this persists",
+                e.to_string(),
+            )
+        })?;
+        if identity.is_some() {
+            self.known.insert(key, ()).await;
+        }
+        Ok(identity)
+    }
+
+    async fn send_review(&self, token: &str) -> Result<Option<Identity>, kube::Error> {
         let review =
             TokenReview { spec: TokenReviewSpec { token: token.to_string(), audiences: None }, ..Default::default() };
         let api: Api<TokenReview> = Api::all(self.admin.clone());
-        let identity = match api.create(&PostParams::default(), &review).await {
-            Ok(r) => r.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user).map(|u| Identity {
-                user: u.username.unwrap_or_default(),
-                uid: u.uid,
-                groups: u.groups.unwrap_or_default(),
-                extra: u.extra.unwrap_or_default(),
-            }),
+        let result = api.create(&PostParams::default(), &review).await;
+        let outcome = match &result {
+            Ok(r) if r.status.as_ref().is_some_and(|s| s.authenticated == Some(true)) => "authenticated",
+            Ok(_) => "rejected",
             Err(e) => {
-                // Not cached: a transient failure must not lock a valid token out.
                 tracing::warn!(error = %e, "TokenReview failed");
-                return None;
+                "failed"
             }
         };
-        let ttl = if identity.is_some() { POSITIVE_TTL } else { NEGATIVE_TTL };
-        let mut cache = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CACHE_LIMIT {
-            cache.retain(|_, (expires, _)| *expires > now);
-            if cache.len() >= CACHE_LIMIT {
-                cache.clear();
-            }
-        }
-        cache.insert(key, (now + ttl, identity.clone()));
-        identity
+        self.metrics.reviews.get_or_create(&ReviewLabels { result: outcome }).inc();
+        Ok(result?.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user).map(|u| Identity {
+            user: u.username.unwrap_or_default(),
+            uid: u.uid,
+            groups: u.groups.unwrap_or_default(),
+            extra: u.extra.unwrap_or_default(),
+        }))
     }
 
     /// The identity a request acts as: the authenticated one, or the one it impersonates

@@ -18,6 +18,9 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// A request body over what the proxy reads.
+    #[error("{0}")]
+    TooLarge(String),
     /// The host still has an object of that name (a deletion in progress).
     #[error("{0}")]
     AlreadyExists(String),
@@ -48,6 +51,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::AlreadyExists(_) => StatusCode::CONFLICT,
             ProxyError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ProxyError::Unavailable(_) | ProxyError::Upstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -61,6 +65,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => "Forbidden",
             ProxyError::BadRequest(_) => "BadRequest",
             ProxyError::NotFound(_) => "NotFound",
+            ProxyError::TooLarge(_) => "RequestEntityTooLarge",
             ProxyError::AlreadyExists(_) => "AlreadyExists",
             ProxyError::Invalid(_) => "Invalid",
             ProxyError::Unavailable(_) | ProxyError::Upstream { .. } => "ServiceUnavailable",
@@ -74,6 +79,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::NotFound(_) => "not_found",
+            ProxyError::TooLarge(_) => "too_large",
             ProxyError::AlreadyExists(_) => "already_exists",
             ProxyError::Invalid(_) => "invalid",
             ProxyError::Unavailable(_) => "unavailable",
@@ -98,6 +104,7 @@ mod tests {
             ProxyError::Forbidden("f".into()),
             ProxyError::BadRequest("b".into()),
             ProxyError::NotFound("n".into()),
+            ProxyError::TooLarge("t".into()),
             ProxyError::AlreadyExists("a".into()),
             ProxyError::Invalid("i".into()),
             ProxyError::Unavailable("u".into()),

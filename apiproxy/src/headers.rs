@@ -34,21 +34,15 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Removes what must not travel upstream: hop-by-hop headers (restoring `Connection: Upgrade`
 /// for upgrades), the client's credentials, any front-proxy headers it sent, and `Host`.
-/// `keep_impersonation` is false for requests sent to the host with our own credentials.
-pub fn sanitize_request(headers: &mut HeaderMap, upgrade: bool, keep_impersonation: bool) {
+/// `Impersonate-*` stays: the virtual API server authorizes it against the front-proxy identity.
+/// (Requests to the host are built from an allowlist instead: `for_host_subresource`.)
+pub fn sanitize_request(headers: &mut HeaderMap, upgrade: bool) {
     let upgrade_to = headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(headers);
     headers.remove(header::UPGRADE);
     headers.remove(header::HOST);
     headers.remove(header::AUTHORIZATION);
-    let drop: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| {
-            let k = k.as_str();
-            k.starts_with(REMOTE_PREFIX) || (!keep_impersonation && k.starts_with("impersonate-"))
-        })
-        .cloned()
-        .collect();
+    let drop: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with(REMOTE_PREFIX)).cloned().collect();
     for k in drop {
         headers.remove(k);
     }
@@ -56,6 +50,35 @@ pub fn sanitize_request(headers: &mut HeaderMap, upgrade: bool, keep_impersonati
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         headers.insert(header::UPGRADE, to);
     }
+}
+
+/// Request headers a pod subresource sent to the host needs (content negotiation and the
+/// SPDY/WebSocket handshake); the host request carries nothing else of the client's, so no
+/// identity, impersonation or tracing header a client invents can reach the host API server.
+const HOST_SUBRESOURCE: [&str; 7] = [
+    "accept",
+    "user-agent",
+    "x-stream-protocol-version",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+];
+
+/// The headers of a pod log/exec/attach/port-forward request to the host: the allowlist, plus
+/// `Connection: Upgrade` and `Upgrade` for an upgrade.
+pub fn for_host_subresource(from: &HeaderMap, upgrade: bool) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in HOST_SUBRESOURCE {
+        for v in from.get_all(name) {
+            out.append(HeaderName::from_static(name), v.clone());
+        }
+    }
+    if let (true, Some(to)) = (upgrade, from.get(header::UPGRADE)) {
+        out.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        out.insert(header::UPGRADE, to.clone());
+    }
+    out
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -122,13 +145,38 @@ mod tests {
             ("x-custom", "1"),
             ("transfer-encoding", "chunked"),
         ]);
-        sanitize_request(&mut h, false, true);
+        sanitize_request(&mut h, false);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, vec!["accept", "impersonate-user"]);
+    }
 
-        sanitize_request(&mut h, false, false);
-        assert!(!h.contains_key("impersonate-user"), "no impersonation on host requests");
+    #[test]
+    fn host_subresource_requests_carry_only_the_allowlist() {
+        let from = headers(&[
+            ("authorization", "Bearer secret"),
+            ("x-remote-user", "system:admin"),
+            ("x-remote-group", "system:masters"),
+            ("x-remote-extra-scopes", "x"),
+            ("impersonate-user", "system:admin"),
+            ("impersonate-group", "system:masters"),
+            ("impersonate-extra-x", "y"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("cookie", "c"),
+            ("connection", "Upgrade"),
+            ("upgrade", "SPDY/3.1"),
+            ("x-stream-protocol-version", "v5.channel.k8s.io"),
+            ("x-stream-protocol-version", "v4.channel.k8s.io"),
+            ("accept", "*/*"),
+        ]);
+        let h = for_host_subresource(&from, true);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["accept", "connection", "upgrade", "x-stream-protocol-version"]);
+        assert_eq!(h.get_all("x-stream-protocol-version").iter().count(), 2);
+        assert_eq!(h["upgrade"], "SPDY/3.1");
+        let plain = for_host_subresource(&from, false);
+        assert!(!plain.contains_key("upgrade") && !plain.contains_key("connection"));
     }
 
     #[test]
@@ -141,7 +189,7 @@ mod tests {
             ("sec-websocket-version", "13"),
         ]);
         assert!(is_upgrade(&h));
-        sanitize_request(&mut h, true, false);
+        sanitize_request(&mut h, true);
         assert_eq!(h["connection"], "Upgrade");
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["sec-websocket-protocol"], "v5.channel.k8s.io");

@@ -13,6 +13,54 @@ use crate::error::ProxyError;
 use crate::route::HostSubresource;
 use crate::{Proxy, ProxyBody, headers, upgrade};
 
+/// The query parameters each subresource takes (`PodExecOptions`, `PodAttachOptions`,
+/// `PodLogOptions`, `PodPortForwardOptions`), and of those the ones that may repeat. Anything
+/// else is dropped: e.g. `insecureSkipTLSVerifyBackend`, which would have the host API server
+/// skip verifying the kubelet.
+fn params(sub: HostSubresource) -> (&'static [&'static str], &'static [&'static str]) {
+    match sub {
+        HostSubresource::Exec => (&["command", "container", "stdin", "stdout", "stderr", "tty"], &["command"]),
+        HostSubresource::Attach => (&["container", "stdin", "stdout", "stderr", "tty"], &[]),
+        HostSubresource::Log => (
+            &["container", "follow", "previous", "sinceSeconds", "sinceTime", "timestamps", "tailLines", "limitBytes"],
+            &[],
+        ),
+        HostSubresource::PortForward => (&["ports"], &["ports"]),
+    }
+}
+
+/// The query sent to the host for `sub`: only its own parameters, each once unless it may
+/// repeat (two values are two readings a parser could pick from), and a `container` only if the
+/// virtual pod has it. `Err` says what is wrong.
+pub(crate) fn host_query(sub: HostSubresource, query: Option<&str>, containers: &[&str]) -> Result<String, String> {
+    let (allowed, repeatable) = params(sub);
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    let mut seen: Vec<String> = vec![];
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if !allowed.contains(&key.as_ref()) {
+            tracing::debug!(parameter = %key, subresource = sub.as_str(), "query parameter dropped");
+            continue;
+        }
+        if seen.iter().any(|k| *k == key) && !repeatable.contains(&key.as_ref()) {
+            return Err(format!("the query parameter {key} is given more than once"));
+        }
+        if key == "container" && !containers.contains(&value.as_ref()) {
+            return Err(format!("container {value:?} is not in the pod's spec; choose one of {containers:?}"));
+        }
+        seen.push(key.to_string());
+        out.append_pair(&key, &value);
+    }
+    Ok(out.finish())
+}
+
+/// Every container the pod's spec names: containers, init and ephemeral containers.
+fn container_names(pod: &Pod) -> Vec<&str> {
+    let Some(spec) = pod.spec.as_ref() else { return vec![] };
+    let init = spec.init_containers.iter().flatten().map(|c| c.name.as_str());
+    let ephemeral = spec.ephemeral_containers.iter().flatten().map(|c| c.name.as_str());
+    spec.containers.iter().map(|c| c.name.as_str()).chain(init).chain(ephemeral).collect()
+}
+
 impl Proxy {
     pub(crate) async fn host_pod(
         &self,
@@ -46,6 +94,9 @@ impl Proxy {
             .await
             .map_err(|e| ProxyError::upstream(format!("looking up pod {namespace}/{name}"), e))?
             .ok_or_else(|| ProxyError::NotFound(format!("pods \"{name}\" not found")))?;
+        let containers = container_names(&virtual_pod);
+        let query = host_query(sub, req.uri().query(), &containers)
+            .map_err(|why| ProxyError::BadRequest(format!("pods \"{name}\" {}: {why}", sub.as_str())))?;
         // The host pod must be ours and mirror exactly this virtual pod: a colliding host pod that
         // someone else owns must never be reached.
         let host_name = self.translator.host_name(namespace, name);
@@ -66,13 +117,12 @@ impl Proxy {
 
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, _body) = req.into_parts();
-        headers::sanitize_request(&mut parts.headers, upgrade, false);
-        let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let (parts, _body) = req.into_parts();
+        let query = if query.is_empty() { query } else { format!("?{query}") };
         let path = format!("/api/v1/namespaces/{host_ns}/pods/{host_name}/{}{query}", sub.as_str());
         let mut host_req = Request::builder().method(parts.method).uri(path);
         if let Some(h) = host_req.headers_mut() {
-            *h = parts.headers;
+            *h = headers::for_host_subresource(&parts.headers, upgrade);
         }
         let host_req = host_req.body(kube::client::Body::empty()).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         let resp = self
@@ -81,5 +131,44 @@ impl Proxy {
             .await
             .map_err(|e| ProxyError::upstream("the host API server is unreachable", e))?;
         upgrade::relay(resp, client_upgrade, "the host API server")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use HostSubresource::*;
+
+    #[test]
+    fn only_each_subresources_own_parameters_reach_the_host() {
+        let containers = ["app", "init", "debugger"];
+        for (sub, query, expected) in [
+            (
+                Exec,
+                "command=sh&command=-c&command=id&container=app&stdin=true&stdout=true&tty=true",
+                Ok("command=sh&command=-c&command=id&container=app&stdin=true&stdout=true&tty=true"),
+            ),
+            (Exec, "command=id&insecureSkipTLSVerifyBackend=true&foo=bar", Ok("command=id")),
+            (Exec, "command=id&container=debugger", Ok("command=id&container=debugger")),
+            (Exec, "command=id&container=app&container=sidecar", Err("more than once")),
+            (Exec, "command=id&container=sidecar", Err("container \"sidecar\" is not in the pod's spec")),
+            (Exec, "command=id&container=%61pp", Ok("command=id&container=app")),
+            (Attach, "container=init&stdin=true&command=id", Ok("container=init&stdin=true")),
+            (
+                Log,
+                "container=app&follow=true&tailLines=10&insecureSkipTLSVerifyBackend=true",
+                Ok("container=app&follow=true&tailLines=10"),
+            ),
+            (Log, "limitBytes=5&limitBytes=6", Err("more than once")),
+            (Log, "", Ok("")),
+            (PortForward, "ports=80&ports=8080&container=app", Ok("ports=80&ports=8080")),
+        ] {
+            let got = host_query(sub, Some(query), &containers);
+            match expected {
+                Ok(q) => assert_eq!(got.as_deref(), Ok(q), "{sub:?} {query}"),
+                Err(needle) => assert!(got.as_ref().is_err_and(|e| e.contains(needle)), "{sub:?} {query}: {got:?}"),
+            }
+        }
+        assert_eq!(host_query(Log, None, &containers).as_deref(), Ok(""));
     }
 }

@@ -25,7 +25,8 @@ mod upgrade;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -34,17 +35,18 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use vkube_core::naming::Translator;
 use vkube_core::policy::Policy;
 
-use crate::auth::{Authenticator, Identity};
+use crate::auth::{Authenticator, Identity, ReviewLimit};
 use crate::error::ProxyError;
-use crate::metrics::{ErrorLabels, Metrics, RequestLabels, RouteLabels};
+use crate::metrics::{DropLabels, ErrorLabels, Metrics, RequestLabels, RouteLabels};
 use crate::route::{Health, Route};
 use crate::tls::{ClientCerts, ServingCert, TlsError};
 
@@ -54,6 +56,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// enough for a list of thousands of pods (the default 64 KiB made 16 concurrent lists 4x slower).
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// How often an idle HTTP/2 client is pinged; one that does not answer within the header
+/// timeout is dropped.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 type UpstreamClient = HttpClient<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
@@ -84,6 +89,30 @@ pub struct ProxyConfig {
     pub ready: ReadyCheck,
     /// What else must hold for `/livez` and `/healthz` (the syncer not stopped for good).
     pub live: ReadyCheck,
+    pub limits: ProxyLimits,
+}
+
+/// What bounds the load one client can put on the proxy (and through it on the API servers).
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyLimits {
+    /// Connections served at once; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    pub tls_handshake_timeout: Duration,
+    /// For every HTTP/1 request's headers, and any connection's first request.
+    pub header_read_timeout: Duration,
+    /// Reviews of bearer tokens never seen valid.
+    pub token_reviews: ReviewLimit,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        ProxyLimits {
+            max_connections: 1024,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            token_reviews: ReviewLimit::default(),
+        }
+    }
 }
 
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -104,6 +133,9 @@ pub struct Proxy {
     metrics: Metrics,
     ready: ReadyCheck,
     live: ReadyCheck,
+    limits: ProxyLimits,
+    /// This cluster's service range, read once (`services::service_ranges`).
+    service_ranges: tokio::sync::OnceCell<Vec<ipnet::IpNet>>,
 }
 
 /// What is known about a connection once its TLS handshake is done.
@@ -120,18 +152,21 @@ impl Proxy {
         let tls = tls::client_config(&cfg.virtual_ca_pem, &cfg.front_proxy_cert_pem, &cfg.front_proxy_key_pem)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
         let upstream = HttpClient::builder(TokioExecutor::new()).build(https);
+        let metrics = Metrics::register(registry);
         Ok(Arc::new(Proxy {
             translator: cfg.translator,
             policy: cfg.policy,
             virtual_server: cfg.virtual_server,
             upstream,
-            auth: Authenticator::new(client_certs, cfg.admin.clone()),
+            auth: Authenticator::new(client_certs, cfg.admin.clone(), cfg.limits.token_reviews, metrics.auth.clone()),
             admin: cfg.admin,
             host: cfg.host,
             acceptor: TlsAcceptor::from(Arc::new(server)),
-            metrics: Metrics::register(registry),
+            metrics,
             ready: cfg.ready,
             live: cfg.live,
+            limits: cfg.limits,
+            service_ranges: Default::default(),
         }))
     }
 
@@ -143,8 +178,14 @@ impl Proxy {
         shutdown: impl Future<Output = ()>,
     ) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // Over the cap, new connections wait in the listen backlog until one closes.
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections.max(1)));
         tokio::pin!(shutdown);
         loop {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                _ = &mut shutdown => break,
+            };
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
@@ -160,11 +201,22 @@ impl Proxy {
             let proxy = self.clone();
             let registry = registry.clone();
             let watcher = graceful.watcher();
+            // One client connection: TLS within `tls_handshake_timeout`, the first request's
+            // headers within `header_read_timeout` (and every later HTTP/1 request's), then served
+            // until it ends.
             tokio::spawn(async move {
-                let tls = match proxy.acceptor.accept(tcp).await {
-                    Ok(t) => t,
-                    Err(e) => {
+                let _permit = permit;
+                let limits = proxy.limits;
+                let dropped = |reason| proxy.metrics.dropped_connections.get_or_create(&DropLabels { reason }).inc();
+                let tls = match tokio::time::timeout(limits.tls_handshake_timeout, proxy.acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        dropped("tls_handshake_timeout");
+                        tracing::debug!(%peer, "TLS handshake timed out");
                         return;
                     }
                 };
@@ -175,19 +227,45 @@ impl Proxy {
                         if proxy.auth.verify_chain(&chain) { Identity::from_cert(&chain[0]) } else { None }
                     }),
                 });
-                let service = hyper::service::service_fn(move |req| {
-                    let (proxy, conn, registry) = (proxy.clone(), conn.clone(), registry.clone());
-                    async move { Ok::<_, Infallible>(proxy.handle(req, &conn, &registry).await) }
-                });
+                let served = Arc::new(AtomicBool::new(false));
+                let service = {
+                    let (proxy, served) = (proxy.clone(), served.clone());
+                    hyper::service::service_fn(move |req| {
+                        served.store(true, Ordering::Relaxed);
+                        let (proxy, conn, registry) = (proxy.clone(), conn.clone(), registry.clone());
+                        async move { Ok::<_, Infallible>(proxy.handle(req, &conn, &registry).await) }
+                    })
+                };
+                // hyper's HTTP/1 header timeout does not cover HTTP/2, nor a connection that never sends
+                // a byte (hyper waits for one to tell the protocol): this does, for the first request.
+                let first_request = async {
+                    tokio::time::sleep(limits.header_read_timeout).await;
+                    if served.load(Ordering::Relaxed) {
+                        std::future::pending::<()>().await;
+                    }
+                };
                 let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
                 builder
                     .http2()
+                    .timer(TokioTimer::new())
                     .initial_stream_window_size(STREAM_WINDOW)
                     .initial_connection_window_size(CONNECTION_WINDOW)
-                    .max_concurrent_streams(1000);
+                    .max_concurrent_streams(1000)
+                    .keep_alive_interval(Some(H2_KEEP_ALIVE))
+                    .keep_alive_timeout(limits.header_read_timeout);
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                let result = tokio::select! {
+                    r = watcher.watch(conn.into_owned()) => Some(r),
+                    () = first_request => None,
+                };
+                match result {
+                    None => {
+                        dropped("first_request_timeout");
+                        tracing::debug!(%peer, "no request within the header timeout");
+                    }
+                    Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+                    Some(Ok(())) => {}
                 }
             });
         }
@@ -196,25 +274,20 @@ impl Proxy {
 
     async fn handle(&self, req: Request<Incoming>, conn: &Connection, registry: &Registry) -> Response<ProxyBody> {
         let started = Instant::now();
-        let route = route::route(req.method(), req.uri().path());
-        let route_name = match route {
-            Route::Health(_) => "health",
-            Route::HostPod { .. } => "host_pod",
-            Route::CreateService { .. } => "create_service",
-            Route::Forward => "forward",
-        };
-        let result = match route {
-            Route::Health(h) => Ok(self.health(h, registry).await),
-            route => match self.identify(&req, conn).await {
-                None => Err(ProxyError::Unauthorized),
-                Some(id) => match route {
-                    Route::HostPod { namespace, name, subresource } => {
-                        self.host_pod(req, &id, &namespace, &name, subresource).await
-                    }
-                    Route::CreateService { namespace } => self.create_service(req, &id, &namespace).await,
-                    _ => self.forward(req, &id).await,
-                },
-            },
+        let (route_name, result) = match canonical_request(req) {
+            Err(e) => ("invalid", Err(e)),
+            Ok((req, path)) => {
+                let route = route::route(req.method(), &path);
+                let route_name = match route {
+                    Route::Health(_) => "health",
+                    Route::HostPod { .. } => "host_pod",
+                    Route::CreateService { .. } => "create_service",
+                    Route::PatchService => "patch_service",
+                    Route::Refused(_) => "refused",
+                    Route::Forward => "forward",
+                };
+                (route_name, self.dispatch(route, req, conn, registry).await)
+            }
         };
         let response = result.unwrap_or_else(|e| self.error_response(e));
         self.metrics
@@ -226,6 +299,28 @@ impl Proxy {
             .get_or_create(&RequestLabels { route: route_name, code: response.status().as_u16() })
             .inc();
         response
+    }
+
+    async fn dispatch(
+        &self,
+        route: Route,
+        req: Request<Incoming>,
+        conn: &Connection,
+        registry: &Registry,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if let Route::Health(h) = route {
+            return Ok(self.health(h, registry).await);
+        }
+        let id = self.identify(&req, conn).await?.ok_or(ProxyError::Unauthorized)?;
+        match route {
+            Route::HostPod { namespace, name, subresource } => {
+                self.host_pod(req, &id, &namespace, &name, subresource).await
+            }
+            Route::CreateService { namespace } => self.create_service(req, &id, &namespace).await,
+            Route::PatchService => self.patch_service(req, &id).await,
+            Route::Refused(why) => Err(ProxyError::Forbidden(why)),
+            Route::Health(_) | Route::Forward => self.forward(req, &id).await,
+        }
     }
 
     /// Counts and logs an error the proxy answers itself, and answers it.
@@ -241,10 +336,11 @@ impl Proxy {
         e.into_response()
     }
 
-    async fn identify(&self, req: &Request<Incoming>, conn: &Connection) -> Option<Identity> {
+    /// `Ok(None)`: not authenticated (401); `Err`: a token could not be reviewed (503).
+    async fn identify(&self, req: &Request<Incoming>, conn: &Connection) -> Result<Option<Identity>, ProxyError> {
         match &conn.cert_identity {
             // A presented certificate decides: a bad one is not rescued by a token.
-            Some(id) => id.clone(),
+            Some(id) => Ok(id.clone()),
             None => self.auth.authenticate_token(req.headers()).await,
         }
     }
@@ -314,7 +410,7 @@ impl Proxy {
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = client_upgrade.is_some();
-        headers::sanitize_request(&mut parts.headers, upgrade, true);
+        headers::sanitize_request(&mut parts.headers, upgrade);
         headers::add_identity(&mut parts.headers, id);
         parts.uri = self.upstream_uri(&parts.uri);
         parts.version = Version::HTTP_11;
@@ -330,4 +426,21 @@ impl Proxy {
         parts.path_and_query = uri.path_and_query().cloned();
         Uri::from_parts(parts).unwrap_or_else(|_| self.virtual_server.clone())
     }
+}
+
+/// The request with its path canonicalised (`route::canonicalize`), and that path; 400 if the
+/// path is ambiguous. Everything after this sees, and forwards, only the canonical spelling.
+fn canonical_request(req: Request<Incoming>) -> Result<(Request<Incoming>, route::CanonicalPath), ProxyError> {
+    let path = route::canonicalize(req.uri().path()).map_err(ProxyError::BadRequest)?;
+    let (mut parts, body) = req.into_parts();
+    if path.path != parts.uri.path() {
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{}?{q}", path.path),
+            None => path.path.clone(),
+        };
+        let mut uri = parts.uri.clone().into_parts();
+        uri.path_and_query = Some(pq.parse().map_err(|e| ProxyError::BadRequest(format!("the request path: {e}")))?);
+        parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(format!("the request URI: {e}")))?;
+    }
+    Ok((Request::from_parts(parts, body), path))
 }

@@ -8,7 +8,7 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// forward | host_pod | create_service | health
+    /// forward | host_pod | create_service | patch_service | health | refused (proxy subresources) | invalid (path)
     pub route: &'static str,
     pub code: u16,
 }
@@ -20,7 +20,7 @@ pub struct RouteLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
-    /// `ProxyError::kind`: unauthorized | forbidden | bad_request | not_found | already_exists |
+    /// `ProxyError::kind`: unauthorized | forbidden | bad_request | not_found | too_large | already_exists |
     /// invalid | unavailable | upstream
     pub kind: &'static str,
 }
@@ -34,6 +34,15 @@ pub struct Metrics {
     pub unauthorized: Counter,
     /// Errors the proxy answered itself (answers relayed from an API server are not counted).
     pub errors: Family<ErrorLabels, Counter>,
+    pub auth: crate::auth::AuthMetrics,
+    /// Connections dropped by the proxy's own limits, by reason.
+    pub dropped_connections: Family<DropLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// tls_handshake_timeout | first_request_timeout
+    pub reason: &'static str,
 }
 
 impl Metrics {
@@ -45,12 +54,25 @@ impl Metrics {
             }),
             unauthorized: Counter::default(),
             errors: Family::default(),
+            auth: Default::default(),
+            dropped_connections: Family::default(),
         };
         let sub = registry.sub_registry_with_prefix("vkube_proxy");
         sub.register("requests", "Requests answered, by route and HTTP status", m.requests.clone());
         sub.register("request_duration_seconds", "Time to response headers, by route", m.duration.clone());
         sub.register("unauthorized", "Requests refused with 401", m.unauthorized.clone());
         sub.register("errors", "Errors the proxy answered itself, by kind", m.errors.clone());
+        sub.register("token_reviews", "TokenReviews sent to the virtual API server, by result", m.auth.reviews.clone());
+        sub.register(
+            "token_reviews_limited",
+            "Unknown bearer tokens refused without a TokenReview (rate limit)",
+            m.auth.limited.clone(),
+        );
+        sub.register(
+            "dropped_connections",
+            "Connections dropped by the proxy's timeouts, by reason",
+            m.dropped_connections.clone(),
+        );
         m
     }
 }

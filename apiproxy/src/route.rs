@@ -39,6 +39,11 @@ pub enum Route {
     /// `POST /api/v1/namespaces/{ns}/services`: the host Service is created first so both share
     /// one ClusterIP.
     CreateService { namespace: String },
+    /// `PATCH /api/v1/namespaces/{ns}/services/{name}`: a server-side apply can create the
+    /// Service, so its ClusterIPs are checked like a create's.
+    PatchService,
+    /// Refused (403) with this message: the API server would dial an address the tenant chose.
+    Refused(String),
     /// Everything else: the virtual API server.
     Forward,
 }
@@ -51,16 +56,95 @@ pub enum Health {
     Metrics,
 }
 
-pub fn route(method: &Method, path: &str) -> Route {
-    match path {
+/// A request path in the one spelling the proxy routes on and forwards, so that what the proxy
+/// matches is what the API server (which percent-decodes) will serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CanonicalPath {
+    /// What is forwarded: unreserved characters decoded, other escapes kept (upper-case hex).
+    pub path: String,
+    /// The segments fully decoded, as the API server reads them (no trailing empty segment).
+    pub segments: Vec<String>,
+}
+
+/// Canonicalises a request path, or says why it is refused (answer 400): an encoded `/`, an
+/// empty segment (`//`), a `.`/`..` segment (encoded or not), a malformed escape or non-UTF-8.
+/// These have no legitimate use against the Kubernetes API, and each could make the proxy's
+/// routing and the API server's disagree.
+pub fn canonicalize(raw: &str) -> Result<CanonicalPath, String> {
+    let rest = raw.strip_prefix('/').ok_or_else(|| format!("the request path {raw:?} must start with /"))?;
+    let parts: Vec<&str> = if rest.is_empty() { vec![] } else { rest.split('/').collect() };
+    let mut path = String::with_capacity(raw.len());
+    let mut segments = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        path.push('/');
+        if part.is_empty() {
+            if i + 1 == parts.len() {
+                break; // a trailing slash: forwarded as sent, not a segment
+            }
+            return Err(format!("the request path {raw:?} has an empty segment (//); remove it"));
+        }
+        let (kept, decoded) = decode_segment(part).map_err(|why| format!("the request path {raw:?} {why}"))?;
+        if decoded == "." || decoded == ".." {
+            return Err(format!("the request path {raw:?} has a dot segment ({decoded}); send the resolved path"));
+        }
+        path.push_str(&kept);
+        segments.push(decoded);
+    }
+    if path.is_empty() {
+        path.push('/');
+    }
+    Ok(CanonicalPath { path, segments })
+}
+
+/// One segment: (the forwarded spelling, the fully decoded text).
+fn decode_segment(seg: &str) -> Result<(String, String), String> {
+    let bytes = seg.as_bytes();
+    let (mut kept, mut decoded) = (String::with_capacity(seg.len()), Vec::with_capacity(seg.len()));
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b != b'%' {
+            kept.push(b as char);
+            decoded.push(b);
+            i += 1;
+            continue;
+        }
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        let v = hex
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .ok_or_else(|| "has a malformed percent escape".to_string())?;
+        match v {
+            b'/' => return Err("has an encoded / (%2F) in a segment".into()),
+            b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => kept.push(b as char),
+            b => kept.push_str(&format!("%{b:02X}")),
+        }
+        decoded.push(v);
+        i += 3;
+    }
+    let decoded = String::from_utf8(decoded).map_err(|_| "is not UTF-8 once decoded".to_string())?;
+    Ok((kept, decoded))
+}
+
+pub fn route(method: &Method, path: &CanonicalPath) -> Route {
+    match path.path.as_str() {
         "/healthz" => return Route::Health(Health::Healthz),
         "/livez" => return Route::Health(Health::Livez),
         "/readyz" => return Route::Health(Health::Readyz),
         "/metrics" => return Route::Health(Health::Metrics),
         _ => {}
     }
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let segments: Vec<&str> = path.segments.iter().map(String::as_str).collect();
     match segments.as_slice() {
+        // The API server would dial the pod, service endpoint or node address, all of which the
+        // tenant controls (its nodes' addresses, its EndpointSlices): no proxying at all.
+        ["api", "v1", "namespaces", _, kind @ ("pods" | "services"), name, "proxy", ..]
+        | ["api", "v1", kind @ "nodes", name, "proxy", ..] => Route::Refused(format!(
+            "{kind} \"{name}\" is forbidden: the {kind}/proxy subresource is not served by this virtual cluster \
+             (it would reach addresses the virtual cluster chooses); use kubectl port-forward or exec instead"
+        )),
+        ["api", "v1", "proxy", ..] => {
+            Route::Refused("the legacy /api/v1/proxy paths are not served by this virtual cluster".into())
+        }
         ["api", "v1", "namespaces", ns, "pods", name, sub] => {
             let subresource = match *sub {
                 "log" => HostSubresource::Log,
@@ -74,6 +158,7 @@ pub fn route(method: &Method, path: &str) -> Route {
         ["api", "v1", "namespaces", ns, "services"] if method == Method::POST => {
             Route::CreateService { namespace: ns.to_string() }
         }
+        ["api", "v1", "namespaces", _, "services", _] if method == Method::PATCH => Route::PatchService,
         _ => Route::Forward,
     }
 }
@@ -82,21 +167,22 @@ pub fn route(method: &Method, path: &str) -> Route {
 mod tests {
     use super::*;
 
+    fn r(method: &Method, path: &str) -> Route {
+        route(method, &canonicalize(path).unwrap())
+    }
+
     #[test]
     fn pod_subresources_go_to_the_host() {
         assert_eq!(
-            route(&Method::GET, "/api/v1/namespaces/default/pods/web-1/log"),
+            r(&Method::GET, "/api/v1/namespaces/default/pods/web-1/log"),
             Route::HostPod { namespace: "default".into(), name: "web-1".into(), subresource: HostSubresource::Log }
         );
         assert_eq!(
-            route(&Method::POST, "/api/v1/namespaces/a/pods/p/exec"),
+            r(&Method::POST, "/api/v1/namespaces/a/pods/p/exec"),
             Route::HostPod { namespace: "a".into(), name: "p".into(), subresource: HostSubresource::Exec }
         );
         for sub in ["attach", "portforward"] {
-            assert!(matches!(
-                route(&Method::GET, &format!("/api/v1/namespaces/a/pods/p/{sub}")),
-                Route::HostPod { .. }
-            ));
+            assert!(matches!(r(&Method::GET, &format!("/api/v1/namespaces/a/pods/p/{sub}")), Route::HostPod { .. }));
         }
     }
 
@@ -110,24 +196,89 @@ mod tests {
             "/api/v1/pods",
             "/apis/apps/v1/namespaces/a/deployments/d/scale",
         ] {
-            assert_eq!(route(&Method::GET, p), Route::Forward, "{p}");
+            assert_eq!(r(&Method::GET, p), Route::Forward, "{p}");
         }
     }
 
     #[test]
     fn only_service_creation_is_intercepted() {
         assert_eq!(
-            route(&Method::POST, "/api/v1/namespaces/default/services"),
+            r(&Method::POST, "/api/v1/namespaces/default/services"),
             Route::CreateService { namespace: "default".into() }
         );
-        assert_eq!(route(&Method::GET, "/api/v1/namespaces/default/services"), Route::Forward);
-        assert_eq!(route(&Method::PUT, "/api/v1/namespaces/default/services/x"), Route::Forward);
+        assert_eq!(r(&Method::GET, "/api/v1/namespaces/default/services"), Route::Forward);
+        assert_eq!(r(&Method::PUT, "/api/v1/namespaces/default/services/x"), Route::Forward);
+        assert_eq!(r(&Method::PATCH, "/api/v1/namespaces/default/services/x"), Route::PatchService);
+        assert_eq!(r(&Method::PATCH, "/api/v1/namespaces/default/services/x/status"), Route::Forward);
     }
 
     #[test]
     fn health_paths() {
-        assert_eq!(route(&Method::GET, "/readyz"), Route::Health(Health::Readyz));
-        assert_eq!(route(&Method::GET, "/metrics"), Route::Health(Health::Metrics));
-        assert_eq!(route(&Method::GET, "/readyz/etcd"), Route::Forward);
+        assert_eq!(r(&Method::GET, "/readyz"), Route::Health(Health::Readyz));
+        assert_eq!(r(&Method::GET, "/metrics"), Route::Health(Health::Metrics));
+        assert_eq!(r(&Method::GET, "/readyz/etcd"), Route::Forward);
+    }
+
+    #[test]
+    fn encoded_spellings_route_like_the_api_server_reads_them() {
+        for (raw, canonical) in [
+            ("/api/v1/namespaces/default/pods/web/%65xec", "/api/v1/namespaces/default/pods/web/exec"),
+            ("/api/v1/namespaces/default/pods/web/%6c%6F%67", "/api/v1/namespaces/default/pods/web/log"),
+            ("/%61pi/v1/namespaces/a/pods/p/portforward", "/api/v1/namespaces/a/pods/p/portforward"),
+            (
+                "/apis/rbac.authorization.k8s.io/v1/clusterroles/system%3aadmin",
+                "/apis/rbac.authorization.k8s.io/v1/clusterroles/system%3Aadmin",
+            ),
+            ("/api/v1/namespaces/", "/api/v1/namespaces/"),
+            ("/", "/"),
+        ] {
+            assert_eq!(canonicalize(raw).unwrap().path, canonical, "{raw}");
+        }
+        assert!(matches!(
+            r(&Method::POST, "/api/v1/namespaces/default/pods/web/%65xec"),
+            Route::HostPod { subresource: HostSubresource::Exec, .. }
+        ));
+        assert!(matches!(r(&Method::GET, "/api/v1/namespaces/a/pods/p/log/"), Route::HostPod { .. }));
+        assert_eq!(canonicalize("/apis/x/v1/clusterroles/system%3aadmin").unwrap().segments[4], "system:admin");
+    }
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        for raw in [
+            "/api/v1/namespaces/default/pods/web%2Fexec",
+            "/api/v1/namespaces/default/pods/web%2fexec",
+            "/api/v1//namespaces/default/pods",
+            "/api/v1/namespaces/default/pods/web/../../kube-system/pods",
+            "/api/v1/namespaces/default/pods/./web/exec",
+            "/api/v1/namespaces/default/pods/%2e%2e/exec",
+            "/api/v1/namespaces/default/pods/%2E/exec",
+            "/api/v1/namespaces/%zz/pods",
+            "/api/v1/namespaces/%6/pods",
+            "/api/v1/namespaces/%ff/pods",
+            "api/v1/pods",
+        ] {
+            assert!(canonicalize(raw).is_err(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn proxy_subresources_are_refused() {
+        for p in [
+            "/api/v1/namespaces/default/pods/web/proxy",
+            "/api/v1/namespaces/default/pods/web:8080/proxy/metrics",
+            "/api/v1/namespaces/default/services/https:api:443/proxy/",
+            "/api/v1/namespaces/default/services/%61pi/pr%6fxy",
+            "/api/v1/nodes/n1/proxy/configz",
+            "/api/v1/nodes/n1/proxy",
+            "/api/v1/proxy/namespaces/default/pods/web",
+        ] {
+            assert!(matches!(r(&Method::GET, p), Route::Refused(_)), "{p}");
+        }
+        assert_eq!(
+            r(&Method::GET, "/api/v1/namespaces/default/services/proxy"),
+            Route::Forward,
+            "a Service named proxy"
+        );
+        assert_eq!(r(&Method::GET, "/api/v1/nodes/proxy"), Route::Forward, "a node named proxy");
     }
 }

@@ -1,13 +1,18 @@
 //! Service creation through the proxy: the host copy is created first, so the virtual Service is
 //! born with the host's ClusterIP (the only address pods, which run on the host, can reach).
 //! The request is first dry-run against the virtual API server as the user, so RBAC and
-//! validation answer exactly as they would without us; the isolation policy answers next.
+//! validation answer exactly as they would without us; the isolation policy answers next. A
+//! server dry run (`?dryRun=All`) is checked the same way and never writes to the host.
 
 use bytes::Bytes;
 use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, Patch};
 use vkube_core::contract::{ANNOTATION_PENDING_SINCE, ANNOTATION_UID, PENDING_UID};
 use vkube_core::services::host_service;
@@ -28,15 +33,12 @@ impl Proxy {
         namespace: &str,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = req.into_parts();
-        let bytes = http_body_util::Limited::new(body, MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| ProxyError::BadRequest(format!("reading the request body: {e}")))?
-            .to_bytes();
-        // A ClusterIP the user asked for is honoured on the host when we can read the request
-        // (kubectl sends protobuf, so usually the host chooses).
-        let requested: Option<Service> = serde_json::from_slice(&bytes).ok();
-        let requested_ip = requested.as_ref().and_then(|s| s.spec.as_ref()).and_then(|s| s.cluster_ip.clone());
+        let bytes = read_body(body).await?;
+        // What the user asked for is what the proxy checks: a body it cannot read is refused, not
+        // passed on unchecked.
+        let requested =
+            parse_service(parts.headers.get(header::CONTENT_TYPE), &bytes).map_err(ProxyError::BadRequest)?;
+        let requested_ip = requested.cluster_ip.clone();
 
         // The dry run answers RBAC, validation and admission as the user, and gives us the
         // Service as JSON, whatever the request's encoding, with its final name.
@@ -47,9 +49,12 @@ impl Proxy {
             return Ok(dry);
         }
         let dry_bytes = dry.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let Ok(mut svc) = serde_json::from_slice::<Service>(&dry_bytes) else {
-            return self.forward_parts(parts, full(bytes), id).await;
-        };
+        let mut svc = serde_json::from_slice::<Service>(&dry_bytes).map_err(|e| {
+            ProxyError::upstream("the virtual API server's dry run of the Service create answered no Service", e)
+        })?;
+        let ranges = self.service_ranges().await?;
+        check_cluster_ips(&requested, ranges)
+            .map_err(|why| ProxyError::Invalid(format!("Service \"{}\" is invalid: {why}", name(&svc))))?;
         svc.metadata.namespace = Some(namespace.to_string());
         svc.metadata.generate_name = None;
         svc.metadata.uid = None;
@@ -65,6 +70,11 @@ impl Proxy {
 
         let mut desired = host_service(&self.translator, &self.policy, &svc)
             .map_err(|r| ProxyError::Forbidden(format!("services \"{}\" is forbidden: {r}", name(&svc))))?;
+        if is_dry_run(parts.uri.query()) {
+            // Checked like a real create, answered by the virtual API server's own dry run, and
+            // nothing written to the host, not even briefly.
+            return self.forward_parts(parts, full(bytes), id).await;
+        }
         let ann = desired.metadata.annotations.get_or_insert_with(Default::default);
         ann.insert(ANNOTATION_UID.into(), PENDING_UID.into());
         ann.insert(ANNOTATION_PENDING_SINCE.into(), k8s_openapi::jiff::Timestamp::now().to_string());
@@ -122,6 +132,54 @@ impl Proxy {
         resp
     }
 
+    /// A patch of a Service: a server-side apply (which creates the Service if it does not exist)
+    /// has its ClusterIPs checked like a create's; other patches cannot create and are forwarded.
+    pub(crate) async fn patch_service(
+        &self,
+        req: Request<Incoming>,
+        id: &Identity,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let media = media_type(req.headers().get(header::CONTENT_TYPE));
+        if !media.starts_with("application/apply-patch") {
+            return self.forward(req, id).await;
+        }
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(body).await?;
+        let requested =
+            parse_service(parts.headers.get(header::CONTENT_TYPE), &bytes).map_err(ProxyError::BadRequest)?;
+        check_cluster_ips(&requested, self.service_ranges().await?).map_err(|why| {
+            ProxyError::Invalid(format!(
+                "Service \"{}\" is invalid: {why}",
+                parts.uri.path().rsplit('/').next().unwrap_or_default()
+            ))
+        })?;
+        self.forward_parts(parts, full(bytes), id).await
+    }
+
+    /// This cluster's service range: the virtual API server's default ServiceCIDR, which
+    /// `vkube create` sets to the host's (immutable once made, so read once).
+    async fn service_ranges(&self) -> Result<&[IpNet], ProxyError> {
+        let ranges = self
+            .service_ranges
+            .get_or_try_init(|| async {
+                let cidr = Api::<ServiceCIDR>::all(self.admin.clone())
+                    .get("kubernetes")
+                    .await
+                    .map_err(|e| ProxyError::upstream("reading the virtual cluster's ServiceCIDR \"kubernetes\"", e))?;
+                let ranges: Vec<IpNet> =
+                    cidr.spec.iter().flat_map(|s| s.cidrs.iter().flatten()).filter_map(|c| c.parse().ok()).collect();
+                if ranges.is_empty() {
+                    return Err(ProxyError::upstream(
+                        "the virtual cluster's ServiceCIDR \"kubernetes\"",
+                        "has no CIDR",
+                    ));
+                }
+                Ok(ranges)
+            })
+            .await?;
+        Ok(ranges)
+    }
+
     async fn virtual_service_uid(&self, namespace: &str, name: &str) -> Option<String> {
         let api: Api<Service> = Api::namespaced(self.admin.clone(), namespace);
         api.get_opt(name).await.ok().flatten().and_then(|s| s.metadata.uid)
@@ -130,6 +188,164 @@ impl Proxy {
 
 fn name(s: &Service) -> &str {
     s.metadata.name.as_deref().unwrap_or_default()
+}
+
+/// The ClusterIPs a create request asks for: all the proxy needs to read from its body.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Requested {
+    cluster_ip: Option<String>,
+    cluster_ips: Vec<String>,
+}
+
+impl From<Service> for Requested {
+    fn from(s: Service) -> Self {
+        let spec = s.spec.unwrap_or_default();
+        Requested { cluster_ip: spec.cluster_ip, cluster_ips: spec.cluster_ips.unwrap_or_default() }
+    }
+}
+
+/// The Kubernetes protobuf encoding (kubectl's default): the `runtime.Unknown` envelope after a
+/// magic prefix, holding a `v1.Service`; only the fields read are declared (tags from
+/// k8s.io/api/core/v1/generated.proto), the rest is skipped.
+mod pb {
+    pub const MAGIC: &[u8] = b"k8s\0";
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Unknown {
+        #[prost(message, optional, tag = "1")]
+        pub type_meta: Option<TypeMeta>,
+        #[prost(bytes = "vec", optional, tag = "2")]
+        pub raw: Option<Vec<u8>>,
+        #[prost(string, optional, tag = "3")]
+        pub content_encoding: Option<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TypeMeta {
+        #[prost(string, optional, tag = "2")]
+        pub kind: Option<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Service {
+        #[prost(message, optional, tag = "2")]
+        pub spec: Option<ServiceSpec>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ServiceSpec {
+        #[prost(string, optional, tag = "3")]
+        pub cluster_ip: Option<String>,
+        #[prost(string, repeated, tag = "18")]
+        pub cluster_ips: Vec<String>,
+    }
+}
+
+fn parse_protobuf(body: &[u8]) -> Result<Requested, String> {
+    use prost::Message;
+    let envelope = body.strip_prefix(pb::MAGIC).ok_or("no Kubernetes protobuf prefix")?;
+    let unknown = pb::Unknown::decode(envelope).map_err(|e| e.to_string())?;
+    if unknown.content_encoding.as_deref().is_some_and(|e| !e.is_empty()) {
+        return Err("encoded content is not supported".into());
+    }
+    let kind = unknown.type_meta.and_then(|t| t.kind).unwrap_or_default();
+    if kind != "Service" {
+        return Err(format!("it holds kind {kind:?}, not Service"));
+    }
+    let raw = unknown.raw.filter(|r| !r.is_empty()).ok_or("it holds no object")?;
+    let svc = pb::Service::decode(raw.as_slice()).map_err(|e| e.to_string())?;
+    let spec = svc.spec.unwrap_or_default();
+    Ok(Requested { cluster_ip: spec.cluster_ip, cluster_ips: spec.cluster_ips })
+}
+
+/// A Service manifest, at most `MAX_BODY`.
+async fn read_body(body: Incoming) -> Result<Bytes, ProxyError> {
+    let collected =
+        http_body_util::Limited::new(body, MAX_BODY).collect().await.map_err(|e| match e
+            .downcast_ref::<http_body_util::LengthLimitError>(
+        ) {
+            Some(_) => ProxyError::TooLarge(format!(
+                "the Service manifest is over {} MiB; a Service is far smaller: check what is being sent",
+                MAX_BODY >> 20
+            )),
+            None => ProxyError::BadRequest(format!("reading the request body: {e}")),
+        })?;
+    Ok(collected.to_bytes())
+}
+
+/// The media type of a Content-Type, lower case, without parameters; JSON if there is none.
+fn media_type(content_type: Option<&header::HeaderValue>) -> String {
+    let value = content_type.and_then(|v| v.to_str().ok()).unwrap_or("application/json");
+    value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
+}
+
+/// A create's or apply's ClusterIPs, from JSON, YAML or protobuf. `Err` names the problem.
+fn parse_service(content_type: Option<&header::HeaderValue>, body: &[u8]) -> Result<Requested, String> {
+    let media = media_type(content_type);
+    match media.as_str() {
+        "application/json" => serde_json::from_slice::<Service>(body)
+            .map(Requested::from)
+            .map_err(|e| format!("the request body is not a Service in JSON: {e}")),
+        "application/yaml" | "application/apply-patch+yaml" => std::str::from_utf8(body)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_saphyr::from_str::<Service>(t).map_err(|e| e.to_string()))
+            .map(Requested::from)
+            .map_err(|e| format!("the request body is not a Service in YAML: {e}")),
+        "application/vnd.kubernetes.protobuf" => {
+            parse_protobuf(body).map_err(|e| format!("the request body is not a Service in protobuf: {e}"))
+        }
+        other => Err(format!(
+            "Service creations and applies through this proxy must be JSON, YAML or protobuf, not {other:?}: send Content-Type: application/json (application/apply-patch+yaml to apply)"
+        )),
+    }
+}
+
+/// The first addresses of a service range, which Kubernetes keeps for addresses chosen by hand
+/// (the `kubernetes` Service's, the DNS Service's): min(max(16, size/16), 256) of them.
+fn static_band(net: &IpNet) -> u128 {
+    let bits = net.max_prefix_len() - net.prefix_len();
+    let size: u128 = if bits >= 128 { u128::MAX } else { 1 << bits };
+    if size < 16 { 0 } else { (size / 16).clamp(16, 256) }
+}
+
+/// A ClusterIP the tenant chose must be in this cluster's service range and above its static
+/// band: the band holds the host's well-known addresses (and other tenants' hand-picked ones),
+/// which a tenant could otherwise take first. Addresses already in use are refused by the host.
+fn check_cluster_ips(requested: &Requested, ranges: &[IpNet]) -> Result<(), String> {
+    let chosen = requested.cluster_ip.iter().map(|ip| ("spec.clusterIP".to_string(), ip));
+    let listed = requested.cluster_ips.iter().enumerate().map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip));
+    for (field, ip) in chosen.chain(listed) {
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        let addr: IpAddr = ip.parse().map_err(|_| format!("{field}: Invalid value: {ip:?}: not an IP address"))?;
+        let Some(net) = ranges.iter().find(|n| n.contains(&addr)) else {
+            let ranges: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+            return Err(format!(
+                "{field}: Invalid value: {ip:?}: not in this cluster's service range ({}); leave it empty to get one",
+                ranges.join(", ")
+            ));
+        };
+        let offset = match (addr, net.network()) {
+            (IpAddr::V4(a), IpAddr::V4(n)) => u128::from(u32::from(a) - u32::from(n)),
+            (IpAddr::V6(a), IpAddr::V6(n)) => u128::from(a) - u128::from(n),
+            _ => 0,
+        };
+        if offset < static_band(net) {
+            return Err(format!(
+                "{field}: Invalid value: {ip:?}: the first {} addresses of {net} are reserved for the host's own \
+                 Services; choose an address above them or leave it empty to get one",
+                static_band(net)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the request asks for a dry run (any `dryRun` value: the API server refuses one it does
+/// not know, and the proxy must not write for it either).
+fn is_dry_run(query: Option<&str>) -> bool {
+    form_urlencoded::parse(query.unwrap_or_default().as_bytes()).any(|(k, _)| k == "dryRun")
 }
 
 fn with_dry_run(parts: &http::request::Parts) -> http::request::Parts {
@@ -144,4 +360,121 @@ fn with_dry_run(parts: &http::request::Parts) -> http::request::Parts {
     };
     p.uri = format!("{path}?{query}").parse().unwrap_or_else(|_| parts.uri.clone());
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(json: serde_json::Value) -> Service {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn tenant_chosen_cluster_ips_stay_out_of_the_static_band() {
+        let ranges: Vec<IpNet> = vec!["10.96.0.0/16".parse().unwrap(), "fd00:10:96::/112".parse().unwrap()];
+        for (spec, expected) in [
+            (serde_json::json!({}), Ok(())),
+            (serde_json::json!({"clusterIP": ""}), Ok(())),
+            (serde_json::json!({"clusterIP": "None"}), Ok(())),
+            (serde_json::json!({"clusterIP": "10.96.1.0"}), Ok(())),
+            (
+                serde_json::json!({"clusterIP": "10.96.200.7", "clusterIPs": ["10.96.200.7", "fd00:10:96::1000"]}),
+                Ok(()),
+            ),
+            (
+                serde_json::json!({"clusterIP": "10.96.0.10"}),
+                Err("spec.clusterIP: Invalid value: \"10.96.0.10\": the first 256"),
+            ),
+            (serde_json::json!({"clusterIP": "10.96.0.1"}), Err("spec.clusterIP: Invalid value: \"10.96.0.1\"")),
+            (serde_json::json!({"clusterIP": "10.96.0.255"}), Err("reserved")),
+            (serde_json::json!({"clusterIPs": ["10.96.5.5", "fd00:10:96::a"]}), Err("spec.clusterIPs[1]")),
+            (serde_json::json!({"clusterIPs": ["10.96.0.10"]}), Err("spec.clusterIPs[0]")),
+            (
+                serde_json::json!({"clusterIP": "10.0.0.10"}),
+                Err("not in this cluster's service range (10.96.0.0/16, fd00:10:96::/112)"),
+            ),
+            (serde_json::json!({"clusterIP": "kube-dns"}), Err("not an IP address")),
+        ] {
+            let got = check_cluster_ips(&svc(serde_json::json!({"spec": spec})).into(), &ranges);
+            match expected {
+                Ok(()) => assert_eq!(got, Ok(()), "{spec}"),
+                Err(needle) => assert!(got.as_ref().is_err_and(|e| e.contains(needle)), "{spec}: {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn static_band_follows_kubernetes() {
+        for (cidr, band) in [
+            ("10.96.0.0/16", 256),
+            ("10.96.0.0/24", 16),
+            ("10.96.0.0/20", 256),
+            ("10.96.0.0/22", 64),
+            ("10.96.0.0/29", 0),
+            ("fd00::/64", 256),
+        ] {
+            assert_eq!(static_band(&cidr.parse().unwrap()), band, "{cidr}");
+        }
+    }
+
+    #[test]
+    fn dry_runs_are_recognised_however_spelled() {
+        for (q, dry) in [
+            (None, false),
+            (Some("fieldManager=kubectl-create"), false),
+            (Some("dryRun=All"), true),
+            (Some("fieldManager=x&dryRun=All"), true),
+            (Some("dry%52un=All"), true),
+            (Some("dryRun="), true),
+            (Some("dryRun=bogus"), true),
+            (Some("dryrun=All"), false), // not a parameter the API server knows: a real create
+        ] {
+            assert_eq!(is_dry_run(q), dry, "{q:?}");
+        }
+    }
+
+    /// A Service `web` with clusterIP 10.96.0.10 as kube-apiserver 1.37 encodes it in protobuf,
+    /// the encoding kubectl sends (captured from a real API server; metadata and status included).
+    const KUBECTL_PROTOBUF: &[u8] = include_bytes!("../tests/data/service-create.pb");
+
+    #[test]
+    fn kubectls_protobuf_is_read() {
+        let proto = header::HeaderValue::from_static("application/vnd.kubernetes.protobuf");
+        let got = parse_service(Some(&proto), KUBECTL_PROTOBUF).unwrap();
+        assert_eq!(got.cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert_eq!(got.cluster_ips, vec!["10.96.0.10".to_string()]);
+    }
+
+    #[test]
+    fn bodies_the_proxy_cannot_read_are_refused() {
+        let json = header::HeaderValue::from_static("application/json; charset=utf-8");
+        let yaml = header::HeaderValue::from_static("application/yaml");
+        let proto = header::HeaderValue::from_static("application/vnd.kubernetes.protobuf");
+        let ok = br#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"x"},"spec":{"clusterIP":"10.96.0.10"}}"#;
+        assert_eq!(parse_service(Some(&json), ok).unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert!(parse_service(None, ok).is_ok());
+        let y = b"apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.10}\n";
+        assert_eq!(parse_service(Some(&yaml), y).unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+        let apply = header::HeaderValue::from_static("application/apply-patch+yaml");
+        assert_eq!(parse_service(Some(&apply), y).unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+        for (ct, body, needle) in [
+            (Some(&json), &b"{not json"[..], "not a Service in JSON"),
+            (Some(&json), &b""[..], "not a Service in JSON"),
+            (Some(&json), &br#"{"spec": {"clusterIP": 7}}"#[..], "not a Service in JSON"),
+            (Some(&yaml), &b"spec: [1"[..], "not a Service in YAML"),
+            (Some(&proto), &b"k8s\0\xff\xff"[..], "not a Service in protobuf"),
+            (Some(&proto), &b"{}"[..], "no Kubernetes protobuf prefix"),
+            (Some(&proto), &b"k8s\0\n\x04\n\x02v1"[..], "holds kind \"\", not Service"),
+            (Some(&proto), &KUBECTL_PROTOBUF[..KUBECTL_PROTOBUF.len() - 40], "not a Service in protobuf"),
+            (
+                Some(&header::HeaderValue::from_static("application/cbor")),
+                &b"\xa0"[..],
+                "must be JSON, YAML or protobuf",
+            ),
+        ] {
+            let err = parse_service(ct, body).unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
 }

@@ -4,17 +4,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use vkube_apiproxy::tls::{self, ServingCert};
-use vkube_apiproxy::{Proxy, ProxyConfig};
+use vkube_apiproxy::{Proxy, ProxyConfig, ProxyLimits};
 use vkube_pki::{Bundle, BundleSpec, LeafSpec};
 
 const TOKEN: &str = "alices-token";
@@ -116,6 +118,10 @@ struct Running {
 
 /// Serves a proxy whose virtual and host API servers are at `api`.
 async fn serve_proxy(api: SocketAddr) -> Running {
+    serve_proxy_with(api, Default::default()).await
+}
+
+async fn serve_proxy_with(api: SocketAddr, limits: ProxyLimits) -> Running {
     let pki = pki();
     let get = |f: &str| pki.get(f).unwrap().to_string();
     let mut registry = Registry::default();
@@ -133,6 +139,7 @@ async fn serve_proxy(api: SocketAddr) -> Running {
             serving: ServingCert::new(&get("apiserver.crt"), &get("apiserver.key")).unwrap(),
             ready: std::sync::Arc::new(|| Ok(())),
             live: std::sync::Arc::new(|| Ok(())),
+            limits,
         },
         &mut registry,
     )
@@ -154,7 +161,6 @@ impl Running {
         self.request(http::Method::GET, path, cred, headers).await
     }
 
-    /// One HTTP/1.1 request over TLS: the status and body.
     async fn request(
         &self,
         method: http::Method,
@@ -162,6 +168,11 @@ impl Running {
         cred: Credential,
         headers: &[(&str, &str)],
     ) -> (StatusCode, serde_json::Value) {
+        self.send(method, path, cred, headers, Bytes::new()).await
+    }
+
+    /// A TLS connection to the proxy, with alice's client certificate for `Credential::Cert`.
+    async fn connect(&self, cred: &Credential) -> tokio_rustls::client::TlsStream<TcpStream> {
         let ca = self.pki.get("ca.crt").unwrap();
         let config = match cred {
             Credential::Cert => {
@@ -174,10 +185,22 @@ impl Running {
         }
         .unwrap();
         let tcp = TcpStream::connect(self.addr).await.unwrap();
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// One HTTP/1.1 request over TLS: the status and body.
+    async fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+        cred: Credential,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> (StatusCode, serde_json::Value) {
+        let stream = self.connect(&cred).await;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
         tokio::spawn(conn);
         let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
@@ -187,7 +210,7 @@ impl Running {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = sender.send_request(req.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+        let resp = sender.send_request(req.body(Full::new(body)).unwrap()).await.unwrap();
         let code = resp.status();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let value = serde_json::from_slice(&body).unwrap_or_else(|_| String::from_utf8_lossy(&body).into());
@@ -261,7 +284,115 @@ async fn an_unreachable_virtual_api_server_is_503() {
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body["message"].as_str().unwrap().starts_with("the virtual API server is unreachable"), "{body}");
     // Service creation starts with a dry run forwarded the same way.
-    let (code, body) =
-        proxy.request(http::Method::POST, "/api/v1/namespaces/default/services", Credential::Cert, &[]).await;
+    let svc = Bytes::from_static(br#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"x"}}"#);
+    let path = "/api/v1/namespaces/default/services";
+    let (code, body) = proxy.send(http::Method::POST, path, Credential::Cert, JSON, svc).await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
+
+const JSON: &[(&str, &str)] = &[("content-type", "application/json")];
+
+#[tokio::test]
+async fn a_service_body_the_proxy_cannot_read_is_400_and_goes_nowhere() {
+    let proxy = serve_proxy(fake_api_server(Sar::Allow).await).await;
+    let path = "/api/v1/namespaces/default/services";
+    for (headers, body) in [
+        (JSON, &b"{not json"[..]),
+        (JSON, &b""[..]),
+        (&[("content-type", "application/vnd.kubernetes.protobuf")][..], &b"k8s\0\n"[..]),
+    ] {
+        let (code, answer) =
+            proxy.send(http::Method::POST, path, Credential::Cert, headers, Bytes::from_static(body)).await;
+        // 400, not the 503 of a forwarded request (nothing listens at the virtual API server).
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{answer}");
+        assert_eq!(answer["reason"], "BadRequest");
+    }
+    let big = Bytes::from(vec![b' '; 2 << 20]);
+    let (code, answer) = proxy.send(http::Method::POST, path, Credential::Cert, JSON, big).await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+}
+
+#[tokio::test]
+async fn paths_are_routed_as_the_api_server_reads_them() {
+    let proxy = serve_proxy(fake_api_server(Sar::Allow).await).await;
+    // An encoded "log" is the proxy's own log route (authorized, then the pod is looked up),
+    // never forwarded to the virtual API server's (which would 503 here: nothing listens).
+    for path in ["/api/v1/namespaces/default/pods/web/%6Cog", "/api/v1/namespaces/default/pods/w%65b/lo%67"] {
+        let (code, body) = proxy.get(path, Credential::Cert, &[]).await;
+        assert_eq!(code, StatusCode::NOT_FOUND, "{path}: {body}");
+        assert_eq!(body["message"], "pods \"web\" not found");
+    }
+    for path in [
+        "/api/v1/namespaces/default/pods/web%2Flog",
+        "/api/v1/namespaces/default/pods/x/..%2F",
+        "/api//v1",
+        "/api/v1/namespaces/default/pods/%2e%2e/log",
+    ] {
+        let (code, body) = proxy.get(path, Credential::Cert, &[]).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{path}: {body}");
+    }
+    for path in ["/api/v1/namespaces/default/pods/web/proxy/", "/api/v1/nodes/n/pr%6Fxy/metrics"] {
+        let (code, body) = proxy.get(path, Credential::Cert, &[]).await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{path}: {body}");
+        assert!(body["message"].as_str().unwrap().contains("proxy subresource is not served"), "{body}");
+        let (code, _) = proxy.get(path, Credential::None, &[]).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "refusals come after authentication");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_token_reviewer_is_503_not_401() {
+    let proxy = serve_proxy(closed_port().await).await;
+    let (code, body) = proxy.get("/api/v1/namespaces", Credential::Token, &[]).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("could not review the bearer token"), "{body}");
+    let (_, metrics) = proxy.get("/metrics", Credential::None, &[]).await;
+    assert!(metrics.as_str().unwrap().contains("vkube_proxy_token_reviews_total{result=\"failed\"} 1"), "{metrics}");
+}
+
+fn quick_limits(max_connections: usize) -> ProxyLimits {
+    ProxyLimits {
+        max_connections,
+        tls_handshake_timeout: Duration::from_secs(1),
+        header_read_timeout: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+/// Reads until the peer closes (Ok) or `within` passes (Err).
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(mut s: S, within: Duration) -> Result<(), ()> {
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(within, async { while s.read(&mut buf).await.is_ok_and(|n| n > 0) {} }).await.map_err(|_| ())
+}
+
+#[tokio::test]
+async fn silent_clients_are_dropped() {
+    let proxy = serve_proxy_with(fake_api_server(Sar::Allow).await, quick_limits(64)).await;
+    // No TLS handshake at all.
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(closed_within(tcp, Duration::from_secs(5)).await.is_ok(), "no handshake: dropped");
+    // A handshake, then nothing.
+    let tls = proxy.connect(&Credential::Cert).await;
+    assert!(closed_within(tls, Duration::from_secs(5)).await.is_ok(), "no request: dropped");
+    // Half the headers of a request, then nothing.
+    let mut tls = proxy.connect(&Credential::Cert).await;
+    tls.write_all(b"GET /api HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    assert!(closed_within(tls, Duration::from_secs(5)).await.is_ok(), "partial headers: dropped");
+    let (_, metrics) = proxy.get("/metrics", Credential::None, &[]).await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("vkube_proxy_dropped_connections_total{reason=\"tls_handshake_timeout\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_wait_for_a_free_slot() {
+    let proxy = serve_proxy_with(fake_api_server(Sar::Allow).await, quick_limits(1)).await;
+    let hog = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The one slot is taken: this request waits until the hog is dropped (its handshake
+    // timeout), then is served.
+    let started = std::time::Instant::now();
+    let (code, _) = proxy.get("/healthz", Credential::None, &[]).await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(700), "waited for the slot: {:?}", started.elapsed());
+    drop(hog);
 }

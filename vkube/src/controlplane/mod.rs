@@ -55,6 +55,33 @@ pub struct RunArgs {
     pub policy: PolicyArgs,
     #[command(flatten)]
     pub sync: SyncArgs,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+/// What bounds the API proxy's load (docs/architecture.md, "API proxy").
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// Client connections the API proxy serves at once; more wait until one closes.
+    #[arg(long, env = "VKUBE_PROXY_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub proxy_max_connections: usize,
+    /// TokenReviews per second for bearer tokens not seen valid lately (burst: twice this); over
+    /// it such tokens get 401 unreviewed, so random tokens cannot cost one review each.
+    #[arg(long, env = "VKUBE_PROXY_UNKNOWN_TOKEN_REVIEWS", default_value_t = 20)]
+    pub proxy_unknown_token_reviews: u32,
+}
+
+impl ProxyArgs {
+    pub fn limits(&self) -> vkube_apiproxy::ProxyLimits {
+        vkube_apiproxy::ProxyLimits {
+            max_connections: self.proxy_max_connections,
+            token_reviews: vkube_apiproxy::auth::ReviewLimit {
+                per_second: self.proxy_unknown_token_reviews,
+                burst: self.proxy_unknown_token_reviews.saturating_mul(2),
+            },
+            ..Default::default()
+        }
+    }
 }
 
 /// `vkube prepare`: what the upstream components need on disk before they start (the chart's
@@ -452,6 +479,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let health = health.clone();
                 Arc::new(move || health.alive())
             },
+            limits: args.proxy.limits(),
         },
         &mut registry,
     )?;
