@@ -367,6 +367,25 @@ spec:
     assert_eq!(selector.get("t.vkube.dev/role").map(String::as_str), Some("monitoring"), "{selector:?}");
     assert!(!selector.contains_key("role"));
 
+    // Secrets named like the control plane's own host Secrets cannot touch them: their copies
+    // have names of the tenant's form.
+    let host_secrets: Api<Secret> = Api::namespaced(host.clone(), vc.host_namespace());
+    let own = ["vkube-hostile-pki", "vkube-hostile-kubeconfig"];
+    let mut before = vec![];
+    for n in own {
+        before.push(host_secrets.get(n).await.expect("the control plane's Secret").metadata.resource_version);
+        vc.kubectl_ok(&["create", "secret", "generic", n, "--from-literal=ca.crt=forged"]);
+    }
+    vc.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: collider}\nspec:\n  containers: [{name: c, image: nginx}]\n  volumes: [{name: a, secret: {secretName: vkube-hostile-pki}}, {name: b, secret: {secretName: vkube-hostile-kubeconfig}}]\n");
+    for (n, rv) in own.iter().zip(before) {
+        let copy = tr(&vc).host_name("default", n);
+        eventually(&format!("the tenant's {n} as {copy}"), Duration::from_secs(30), || async {
+            host_secrets.get_opt(&copy).await.map_err(|e| e.to_string())
+        })
+        .await;
+        assert_eq!(host_secrets.get(n).await.unwrap().metadata.resource_version, rv, "{n} untouched");
+    }
+
     // A write loop the host's canonical form would start: two target refs behind one IP (the refs
     // do not cross, so the copy has the IP twice and the host stores it once). The copy is written
     // once, not for ever.

@@ -94,7 +94,6 @@ pub fn apiserver(l: &Layout<'_>) -> Vec<String> {
         format!("--proxy-client-cert-file={}", file(c, "front-proxy-client.crt")),
         format!("--proxy-client-key-file={}", file(c, "front-proxy-client.key")),
         format!("--admission-control-config-file={}", l.admission_config.display()),
-        "--enable-priority-and-fairness=false".into(),
         "--profiling=false".into(),
     ]
 }
