@@ -12,6 +12,7 @@
 //! `host_pod`, `upgrade`, `error` (what the proxy itself answers), `status`, `metrics`.
 
 pub mod auth;
+pub mod egress;
 pub mod error;
 pub mod headers;
 mod host_pod;

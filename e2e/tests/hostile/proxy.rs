@@ -386,6 +386,31 @@ spec:
     let out = vc.kubectl(&["create", "configmap", &"a".repeat(254)]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be no more than 253 characters"), "254 characters");
 
+    // A webhook whose URL is an address the tenant chose: the virtual API server's egress only
+    // reaches this cluster's own Services, so it never connects (the failure is ignored as the
+    // webhook asks, and the create goes on).
+    vc.apply(&format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: phone-home}}
+webhooks:
+- name: phone-home.example.com
+  clientConfig: {{url: "https://127.0.0.1:{port}/validate"}}
+  rules: [{{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [configmaps]}}]
+  failurePolicy: Ignore
+  sideEffects: None
+  admissionReviewVersions: [v1]
+  timeoutSeconds: 3
+"#
+    ));
+    // Webhook configurations take effect within a second or so; several creates make sure one ran.
+    for i in 0..5 {
+        vc.kubectl_ok(&["create", "configmap", &format!("after-webhook-{i}")]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    vc.kubectl_ok(&["delete", "validatingwebhookconfiguration", "phone-home"]);
+
     // The control plane is unharmed.
     assert_eq!(vc.kubectl_ok(&["get", "--raw", "/readyz"]), "ok");
     vc.kubectl_ok(&["get", "ns"]);

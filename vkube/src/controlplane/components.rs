@@ -94,6 +94,8 @@ pub fn apiserver(l: &Layout<'_>) -> Vec<String> {
         format!("--proxy-client-cert-file={}", file(c, "front-proxy-client.crt")),
         format!("--proxy-client-key-file={}", file(c, "front-proxy-client.key")),
         format!("--admission-control-config-file={}", l.admission_config.display()),
+        // Webhooks, aggregated APIs and proxies reach only this cluster's Services (`egress`).
+        format!("--egress-selector-config-file={}", file(c, super::EGRESS_FILE)),
         "--profiling=false".into(),
     ]
 }

@@ -107,6 +107,9 @@ pub struct PrepareArgs {
 
 /// File names `prepare` writes next to the certificates.
 pub const ADMISSION_FILE: &str = "admission.yaml";
+/// The virtual API server's egress configuration and the socket of the proxy it names.
+pub const EGRESS_FILE: &str = "egress.yaml";
+pub const EGRESS_SOCKET: &str = "egress.sock";
 pub const CONTROLLER_MANAGER_KUBECONFIG: &str = "controller-manager.kubeconfig";
 
 /// Writes certificates (from the host Secret, created if missing), the admission
@@ -122,6 +125,8 @@ pub async fn prepare_files(
     let (bundle, _) = sync_pki(host, namespace, name, cert_dir).await?;
     std::fs::write(cert_dir.join(ADMISSION_FILE), components::admission_config(policy.pod_security))
         .context("writing the admission configuration")?;
+    std::fs::write(cert_dir.join(EGRESS_FILE), vkube_apiproxy::egress::config(&cert_dir.join(EGRESS_SOCKET)))
+        .context("writing the egress configuration")?;
     vkube_kubeclient::write_private(
         &cert_dir.join(CONTROLLER_MANAGER_KUBECONFIG),
         &components::controller_manager_kubeconfig(virtual_server, &bundle),
@@ -488,6 +493,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, cluster = %args.name, namespace = %args.namespace, "control plane serving");
 
     let renew = tokio::spawn(renew_loop(host.clone(), args.clone(), serving));
+    let egress = tokio::spawn(serve_egress(host.clone(), args.clone()));
     let options = vkube_syncer::context::Options {
         cluster_domain: args.sync.cluster_domain.clone(),
         sync_all_configmaps: args.sync.sync_all_configmaps,
@@ -519,8 +525,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = tokio::task::spawn_blocking(move || syncer.join()).await;
     renew.abort();
+    egress.abort();
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// The virtual API server's way out (`vkube_apiproxy::egress`): only to this cluster's own host
+/// Services (their ClusterIPs and ports), as a watch of them says.
+async fn serve_egress(host: kube::Client, args: RunArgs) {
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let api: Api<Service> = Api::namespaced(host, &args.namespace);
+    let (store, writer) = reflector::store();
+    let selector = format!("{}={}", vkube_core::contract::LABEL_CLUSTER, args.name);
+    let watch = watcher(api, watcher::Config::default().labels(&selector)).default_backoff().reflect(writer);
+    tokio::spawn(futures::StreamExt::for_each(watch.applied_objects(), |_| async {}));
+    let allowed: vkube_apiproxy::egress::Allowed = Arc::new(move |addr: SocketAddr| {
+        store.state().iter().any(|s| {
+            let Some(spec) = s.spec.as_ref() else { return false };
+            let ip = addr.ip().to_string();
+            spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()).any(|c| *c == ip)
+                && spec.ports.iter().flatten().any(|p| p.port == i32::from(addr.port()))
+        })
+    });
+    let socket = args.cert_dir.join(EGRESS_SOCKET);
+    if let Err(e) = vkube_apiproxy::egress::serve(&socket, allowed).await {
+        tracing::error!(error = %e, socket = %socket.display(), "the virtual API server's egress proxy stopped: webhooks and aggregated APIs fail until a restart");
+    }
 }
 
 /// The syncer on its own runtime and threads, with its own clients: a burst of sync work never
