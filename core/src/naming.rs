@@ -20,7 +20,7 @@
 //!   (reversible: one suffix is stripped per pass). Keys the platform admin lists
 //!   ([`Translator::with_verbatim_keys`]: exact keys or `prefix/*`) are copied as they are,
 //!   never one in our domain. A prefix too long to extend (over 241 characters) becomes the first
-//!   16 hex digits of its SHA-256, `.t.vkube.dev` (not reversible; such a key is never read back).
+//!   16 hex digits of its SHA-256, `.t.vkube.dev` (not reversible: it reads back as `<hash>/key`).
 //! - Label selectors keep their terms (keys translated the same way) and gain
 //!   `vkube.dev/cluster=<vc>` and `vkube.dev/namespace=<ns>`, so they only ever match objects of
 //!   the same virtual cluster and namespace.

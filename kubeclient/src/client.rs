@@ -7,7 +7,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
 use crate::Result;
-use crate::limit::{WriteLimit, WriteRate};
+use crate::limit::WriteLimit;
 
 pub async fn from_kubeconfig_file(path: &Path, context: Option<&str>) -> Result<Client> {
     from_kubeconfig(Kubeconfig::read_from(path)?, context).await
@@ -37,12 +37,13 @@ pub async fn host(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<Cl
     Ok(Client::try_from(host_config(kubeconfig, context).await?)?)
 }
 
-/// The host client whose writes are limited to `rate` (the control plane's: one tenant's
-/// burst of objects must not starve the host API server).
-pub async fn host_limited(kubeconfig: Option<&Path>, context: Option<&str>, rate: WriteRate) -> Result<Client> {
+/// The host client whose writes draw on `limit` (the control plane's: one tenant's burst of
+/// objects must not starve the host API server). Clients given clones of one limit share its
+/// bucket. Build it on the runtime that will use it (the limit's queue runs there).
+pub async fn host_limited(kubeconfig: Option<&Path>, context: Option<&str>, limit: &WriteLimit) -> Result<Client> {
     let config = host_config(kubeconfig, context).await?;
     let builder = kube::client::ClientBuilder::try_from(config)?;
-    Ok(builder.with_layer(&WriteLimit::new(rate)).build())
+    Ok(builder.with_layer(limit).build())
 }
 
 async fn host_config(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<Config> {

@@ -448,3 +448,28 @@ subsets:
         "refusals are counted:\n{metrics}"
     );
 }
+
+/// A tenant creating objects in bulk slows its own sync, not the host: every host write of the
+/// cluster (the syncer's included) draws on one token bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_host_writes_are_rate_limited() {
+    let env = TestEnv::start(1).await;
+    let vc = env.virtual_cluster_with("slow", &["--host-qps=2", "--host-burst=2"]).await;
+    // Let CoreDNS's writes drain the burst first.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = host_list::<Pod>(&env, &vc).await.len();
+    let pods: Vec<serde_json::Value> =
+        (0..10).map(|i| pod(&format!("bulk-{i}"), serde_json::json!({}), serde_json::json!({}))).collect();
+    let started = std::time::Instant::now();
+    apply_all(&vc, "default", &pods);
+    // Each pod costs two host writes (its token Secret, then the pod): 20 writes at 2 a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let early = host_list::<Pod>(&env, &vc).await.len() - before;
+    assert!(early <= 5, "{early} of 10 host pods after 3 s at 2 writes a second");
+    eventually("all 10 host pods, in the end", Duration::from_secs(60), || async {
+        let n = host_list::<Pod>(&env, &vc).await.len() - before;
+        Ok((n == 10).then_some(()))
+    })
+    .await;
+    eprintln!("10 pods reached the host in {:.1} s at 2 writes a second", started.elapsed().as_secs_f64());
+}

@@ -434,9 +434,11 @@ pub async fn virtual_admin(server: &str, bundle: &Bundle) -> anyhow::Result<kube
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // One bucket for every host write of this cluster: the syncer's and the proxy's.
     let rate = vkube_kubeclient::limit::WriteRate { qps: args.sync.host_qps, burst: args.sync.host_burst };
+    let limit = vkube_kubeclient::limit::WriteLimit::new(rate);
     let host =
-        vkube_kubeclient::client::host_limited(args.host_kubeconfig.as_deref(), args.host_context.as_deref(), rate)
+        vkube_kubeclient::client::host_limited(args.host_kubeconfig.as_deref(), args.host_context.as_deref(), &limit)
             .await
             .context("connecting to the host cluster")?;
     let (bundle, _) = sync_pki(&host, &args.namespace, &args.name, &args.cert_dir).await?;
@@ -519,7 +521,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         health: syncer_health,
     };
-    let syncer = spawn_syncer(args.clone(), bundle.clone(), health, config, stop_rx)?;
+    let syncer = spawn_syncer(args.clone(), bundle.clone(), limit, health, config, stop_rx)?;
     let registry = Arc::new(registry);
     proxy.serve(listener, registry, shutdown_signal()).await;
     let _ = stop_tx.send(true);
@@ -558,6 +560,7 @@ async fn serve_egress(host: kube::Client, args: RunArgs) {
 fn spawn_syncer(
     args: RunArgs,
     bundle: Bundle,
+    limit: vkube_kubeclient::limit::WriteLimit,
     health: vkube_syncer::health::Health,
     config: impl FnOnce(kube::Client, kube::Client) -> vkube_syncer::Config + Send + 'static,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -575,9 +578,12 @@ fn spawn_syncer(
         let _on_exit = OnExit(health.clone());
         rt.block_on(async move {
             let clients = async {
-                let host =
-                    vkube_kubeclient::client::host(args.host_kubeconfig.as_deref(), args.host_context.as_deref())
-                        .await?;
+                let host = vkube_kubeclient::client::host_limited(
+                    args.host_kubeconfig.as_deref(),
+                    args.host_context.as_deref(),
+                    &limit,
+                )
+                .await?;
                 let virt = virtual_admin(&args.virtual_server, &bundle).await?;
                 anyhow::Ok((host, virt))
             };
