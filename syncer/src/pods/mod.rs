@@ -414,8 +414,12 @@ pub fn host_pod_patch(desired: &Pod, current: &Pod) -> Option<serde_json::Value>
     if ds.active_deadline_seconds != cs.active_deadline_seconds {
         spec.insert("activeDeadlineSeconds".into(), json!(ds.active_deadline_seconds));
     }
-    if ds.tolerations != cs.tolerations {
-        spec.insert("tolerations".into(), json!(ds.tolerations.unwrap_or_default()));
+    // Tolerations can only be added (the host refuses a removal, and its own admission may have
+    // added some): send the current list plus what is missing, if anything is.
+    let have = cs.tolerations.clone().unwrap_or_default();
+    let missing: Vec<_> = ds.tolerations.iter().flatten().filter(|t| !have.contains(t)).cloned().collect();
+    if !missing.is_empty() {
+        spec.insert("tolerations".into(), json!(have.into_iter().chain(missing).collect::<Vec<_>>()));
     }
     let gates = |g: &Option<Vec<k8s_openapi::api::core::v1::PodSchedulingGate>>| {
         g.iter().flatten().map(|g| g.name.clone()).collect::<Vec<_>>()
@@ -550,5 +554,20 @@ mod tests {
                 "spec": {"containers": [{"name": "c", "image": "nginx:2"}],
                     "schedulingGates": [{"$patch": "replace"}, {"name": "g2"}]}})
         );
+    }
+
+    #[test]
+    fn tolerations_are_only_ever_added() {
+        let t = |key: &str| serde_json::json!({"key": key, "operator": "Exists"});
+        let with = |keys: &[&str]| {
+            pod(
+                serde_json::json!({"spec": {"containers": [{"name": "c"}], "tolerations": keys.iter().map(|k| t(k)).collect::<Vec<_>>()}}),
+            )
+        };
+        // The host's admission added one (a runtime class's): nothing to send.
+        assert!(host_pod_patch(&with(&["a"]), &with(&["a", "host-added"])).is_none());
+        // A new one: the host's list plus it, never a list without the host's.
+        let patch = host_pod_patch(&with(&["a", "b"]), &with(&["a", "host-added"])).unwrap();
+        assert_eq!(patch["spec"]["tolerations"], serde_json::json!([t("a"), t("host-added"), t("b")]));
     }
 }

@@ -149,6 +149,10 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Translated, Refusal> {
         if let Some(sel) = &tsc.label_selector {
             tsc.label_selector = Some(tr.host_label_selector(ns, sel));
         }
+        // Keys the host scheduler looks up on the host pod's labels: translated like them.
+        for k in tsc.match_label_keys.iter_mut().flatten() {
+            *k = tr.host_key(k);
+        }
     }
 
     Ok(Translated { pod: Pod { metadata, spec: Some(spec), status: None }, dropped })
@@ -390,6 +394,9 @@ fn affinity_term(tr: &Translator, ns: &str, namespaces: &[NamespaceLabels], t: &
         }),
     };
     t.label_selector = t.label_selector.take().map(|sel| tr.host_pods_selector(scope.as_deref(), &sel));
+    for k in t.match_label_keys.iter_mut().chain(t.mismatch_label_keys.iter_mut()).flatten() {
+        *k = tr.host_key(k);
+    }
 }
 
 /// The host Secrets a pod's projected service-account tokens point at, with their audiences:
@@ -599,7 +606,7 @@ mod tests {
                 {"topologyKey": "zone", "namespaceSelector": {}, "labelSelector": {"matchLabels": {"app": "db"}}},
                 {"topologyKey": "zone"}]}},
             "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule",
-                "labelSelector": {"matchLabels": {"app": "web"}}}],
+                "labelSelector": {"matchLabels": {"app": "web"}}, "matchLabelKeys": ["pod-template-hash"]}],
         });
         let labels = |tier: &str| [("tier".to_string(), tier.to_string())].into();
         let namespaces = [("c".to_string(), labels("data")), ("d".to_string(), labels("web"))];
@@ -628,6 +635,7 @@ mod tests {
         assert_eq!(terms[4].label_selector, None, "no selector matches nothing, as upstream");
         let tsc = &spec.topology_spread_constraints.unwrap()[0];
         assert_eq!(tsc.label_selector.as_ref().unwrap().match_labels.as_ref().unwrap()[LABEL_NAMESPACE], "shop");
+        assert_eq!(tsc.match_label_keys.as_deref(), Some(&["t.vkube.dev/pod-template-hash".to_string()][..]));
     }
 
     #[test]
