@@ -280,6 +280,24 @@ pub struct VirtualCluster {
 }
 
 impl VirtualCluster {
+    /// How this cluster's objects are named and marked on the host.
+    pub fn translator(&self) -> vkube_syncer::naming::Translator {
+        vkube_syncer::naming::Translator::new(self.name(), self.host_namespace())
+    }
+
+    /// The host objects of kind `K` the syncer made for this cluster.
+    pub async fn host_list<K>(&self, env: &TestEnv) -> Vec<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + k8s_openapi::serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api: kube::Api<K> = kube::Api::namespaced(env.client().await, self.host_namespace());
+        let selector = format!("{}={}", vkube_syncer::naming::LABEL_CLUSTER, self.name());
+        api.list(&kube::api::ListParams::default().labels(&selector)).await.expect("host list").items
+    }
+
     pub fn name(&self) -> &str {
         &self.opts.name
     }

@@ -11,18 +11,7 @@ use vkube_e2e::{TestEnv, VirtualCluster, eventually};
 use vkube_syncer::naming::{LABEL_CLUSTER, Translator};
 
 fn tr(vc: &VirtualCluster) -> Translator {
-    Translator::new(vc.name(), vc.host_namespace())
-}
-
-async fn host_list<K>(env: &TestEnv, vc: &VirtualCluster) -> Vec<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api: Api<K> = Api::namespaced(env.client().await, vc.host_namespace());
-    api.list(&ListParams::default().labels(&format!("{LABEL_CLUSTER}={}", vc.name()))).await.expect("host list").items
+    vc.translator()
 }
 
 async fn host_names<K>(env: &TestEnv, vc: &VirtualCluster) -> BTreeSet<String>
@@ -32,7 +21,7 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    host_list::<K>(env, vc).await.into_iter().map(|o| o.name_any()).collect()
+    vc.host_list::<K>(env).await.into_iter().map(|o| o.name_any()).collect()
 }
 
 fn running_with_ip(p: &Pod) -> bool {
@@ -72,7 +61,7 @@ async fn a_deployment_and_its_service_run_on_the_host_with_the_same_addresses() 
     eprintln!("3 pods synced, Running and bound after {:.1} s", started.elapsed().as_secs_f64());
 
     let host_pods: BTreeMap<String, Pod> =
-        host_list::<Pod>(&env, &vc).await.into_iter().map(|p| (p.name_any(), p)).collect();
+        vc.host_list::<Pod>(&env).await.into_iter().map(|p| (p.name_any(), p)).collect();
     let nodes: Api<Node> = Api::all(client.clone());
     for vp in &virtual_pods {
         let host_name = tr.host_name("default", &vp.name_any());
@@ -549,7 +538,7 @@ async fn two_virtual_clusters_with_the_same_names_stay_apart() {
         // Each proxy reaches only its own pods: a name of the other cluster's host pod is not a
         // pod of this virtual cluster.
         let other_vc = if vc.name() == "alpha" { &b } else { &a };
-        let other_host_pod = host_list::<Pod>(&env, other_vc).await.into_iter().next().unwrap().name_any();
+        let other_host_pod = other_vc.host_list::<Pod>(&env).await.into_iter().next().unwrap().name_any();
         let out = vc.kubectl(&["logs", &other_host_pod]);
         assert!(!out.status.success(), "{} reached {other_host_pod}", vc.name());
     }
@@ -631,7 +620,7 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
     );
     // Let the burst get going, then kill the syncer mid-flight.
     eventually("the burst reaches the host", Duration::from_secs(60), || async {
-        let n = host_list::<Pod>(&env, &vc).await.len();
+        let n = vc.host_list::<Pod>(&env).await.len();
         Ok((n >= 40).then_some(()))
     })
     .await;
@@ -667,7 +656,7 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
         let virtual_pods =
             vpods.list(&ListParams::default().labels("app=burst")).await.map_err(|e| e.to_string())?.items;
         let want: BTreeSet<String> = virtual_pods.iter().map(|p| tr.host_name("default", &p.name_any())).collect();
-        let host = host_list::<Pod>(&env, &vc).await;
+        let host = vc.host_list::<Pod>(&env).await;
         let got: BTreeSet<String> =
             host.iter().filter(|p| p.name_any().contains("burst")).map(|p| p.name_any()).collect();
         let running = virtual_pods.iter().filter(|p| running_with_ip(p)).count();
@@ -693,7 +682,7 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
         .into_iter()
         .map(|p| (p.name_any(), p.metadata.uid.unwrap()))
         .collect();
-    for hp in host_list::<Pod>(&env, &vc).await.into_iter().filter(|p| p.name_any().contains("burst")) {
+    for hp in vc.host_list::<Pod>(&env).await.into_iter().filter(|p| p.name_any().contains("burst")) {
         let owner = tr.owner(&hp.metadata).unwrap();
         assert_eq!(
             virtual_uids.get(&owner.name),

@@ -76,6 +76,9 @@ pub struct Config {
     pub metrics: Metrics,
     /// Told when the caches are filled and when the syncer stops.
     pub health: health::Health,
+    /// Filled with the store of this cluster's host Services once it exists, for whoever else
+    /// in the process needs them (the virtual API server's egress proxy): one watch, not two.
+    pub host_services: Arc<std::sync::OnceLock<Store<k8s_openapi::api::core::v1::Service>>>,
 }
 
 /// Why the syncer stopped before it was asked to.
@@ -113,6 +116,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     kinds.wait_for(vnamespaces.store());
 
     let Kinds { stores, queues, start, ready, workers, resync, .. } = kinds;
+    let _ = cfg.host_services.set(stores.host::<k8s_openapi::api::core::v1::Service>().clone());
     let ctx = Arc::new(Context {
         tr: cfg.translator,
         policy: cfg.policy,

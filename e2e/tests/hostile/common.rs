@@ -4,25 +4,12 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Event;
-use kube::Resource;
 use kube::api::{Api, ListParams};
-use vkube_e2e::{TestEnv, VirtualCluster, eventually};
-use vkube_syncer::naming::{LABEL_CLUSTER, Translator};
+use vkube_e2e::{VirtualCluster, eventually};
+use vkube_syncer::naming::Translator;
 
 pub fn tr(vc: &VirtualCluster) -> Translator {
-    Translator::new(vc.name(), vc.host_namespace())
-}
-
-/// The host objects of kind `K` the syncer made for this virtual cluster.
-pub async fn host_list<K>(env: &TestEnv, vc: &VirtualCluster) -> Vec<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api: Api<K> = Api::namespaced(env.client().await, vc.host_namespace());
-    api.list(&ListParams::default().labels(&format!("{LABEL_CLUSTER}={}", vc.name()))).await.expect("host list").items
+    vc.translator()
 }
 
 /// Waits for a Warning event on virtual object `object` in `ns` whose message contains `needle`.

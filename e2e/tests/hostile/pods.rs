@@ -9,7 +9,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use vkube::controlplane::PolicyArgs;
 use vkube_e2e::{TestEnv, VirtualCluster, eventually};
 
-use crate::common::{host_list, tr, warned};
+use crate::common::{tr, warned};
 
 /// A pod manifest named `name` whose spec is `spec` merged over one plain container.
 fn pod(name: &str, meta: serde_json::Value, spec: serde_json::Value) -> serde_json::Value {
@@ -263,14 +263,14 @@ async fn hostile_pods_are_refused_or_sanitised() {
         let e = warned(&vc, "evil", name, needle).await;
         assert!(e.message.as_deref().unwrap_or_default().contains("isolation policy"), "{name}: {:?}", e.message);
     }
-    let host_pods: Vec<String> = host_list::<Pod>(&env, &vc).await.iter().map(|p| p.name_any()).collect();
+    let host_pods: Vec<String> = vc.host_list::<Pod>(&env).await.iter().map(|p| p.name_any()).collect();
     for (p, _) in &refused {
         let host_name = tr(&vc).host_name("evil", p["metadata"]["name"].as_str().unwrap());
         assert!(!host_pods.contains(&host_name), "{host_name} reached the host: {host_pods:?}");
     }
 
-    let configs: Vec<String> = host_list::<ConfigMap>(&env, &vc).await.iter().map(|c| c.name_any()).collect();
-    let secrets: Vec<String> = host_list::<Secret>(&env, &vc).await.iter().map(|c| c.name_any()).collect();
+    let configs: Vec<String> = vc.host_list::<ConfigMap>(&env).await.iter().map(|c| c.name_any()).collect();
+    let secrets: Vec<String> = vc.host_list::<Secret>(&env).await.iter().map(|c| c.name_any()).collect();
     assert!(!configs.contains(&tr(&vc).host_name("evil", "evil-config")), "{configs:?}");
     assert!(!secrets.contains(&tr(&vc).host_name("evil", "evil-secret")), "{secrets:?}");
 
@@ -418,7 +418,7 @@ subsets:
     assert_eq!(first.metadata.resource_version, later.metadata.resource_version, "written again and again");
 
     // The host's quota refuses a pod: the tenant is told, in the host's words, without host names.
-    let used = host_list::<Pod>(&env, &vc).await.len();
+    let used = vc.host_list::<Pod>(&env).await.len();
     let quota: ResourceQuota = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "tight"}, "spec": {"hard": {"pods": used.to_string()}}}))
     .unwrap();
@@ -457,17 +457,17 @@ async fn a_tenants_host_writes_are_rate_limited() {
     let vc = env.virtual_cluster_with("slow", &["--host-qps=2", "--host-burst=2"]).await;
     // Let CoreDNS's writes drain the burst first.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let before = host_list::<Pod>(&env, &vc).await.len();
+    let before = vc.host_list::<Pod>(&env).await.len();
     let pods: Vec<serde_json::Value> =
         (0..10).map(|i| pod(&format!("bulk-{i}"), serde_json::json!({}), serde_json::json!({}))).collect();
     let started = std::time::Instant::now();
     apply_all(&vc, "default", &pods);
     // Each pod costs two host writes (its token Secret, then the pod): 20 writes at 2 a second.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let early = host_list::<Pod>(&env, &vc).await.len() - before;
+    let early = vc.host_list::<Pod>(&env).await.len() - before;
     assert!(early <= 5, "{early} of 10 host pods after 3 s at 2 writes a second");
     eventually("all 10 host pods, in the end", Duration::from_secs(60), || async {
-        let n = host_list::<Pod>(&env, &vc).await.len() - before;
+        let n = vc.host_list::<Pod>(&env).await.len() - before;
         Ok((n == 10).then_some(()))
     })
     .await;

@@ -495,7 +495,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, cluster = %args.name, namespace = %args.namespace, "control plane serving");
 
     let renew = tokio::spawn(renew_loop(host.clone(), args.clone(), serving));
-    let egress = tokio::spawn(serve_egress(host.clone(), args.clone()));
+    let host_services = Arc::new(std::sync::OnceLock::new());
+    let egress = tokio::spawn(serve_egress(args.clone(), host_services.clone()));
     let options = vkube_syncer::context::Options {
         cluster_domain: args.sync.cluster_domain.clone(),
         sync_all_configmaps: args.sync.sync_all_configmaps,
@@ -520,6 +521,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         coredns_image,
         metrics,
         health: syncer_health,
+        host_services,
     };
     let syncer = spawn_syncer(args.clone(), bundle.clone(), limit, health, config, stop_rx)?;
     let registry = Arc::new(registry);
@@ -533,18 +535,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// The virtual API server's way out (`vkube_apiproxy::egress`): only to this cluster's own host
-/// Services (their ClusterIPs and ports), as a watch of them says.
-async fn serve_egress(host: kube::Client, args: RunArgs) {
-    use kube::runtime::{WatchStreamExt, reflector, watcher};
-    let api: Api<Service> = Api::namespaced(host, &args.namespace);
-    let (store, writer) = reflector::store();
-    let selector = format!("{}={}", vkube_core::contract::LABEL_CLUSTER, args.name);
-    let watch = watcher(api, watcher::Config::default().labels(&selector)).default_backoff().reflect(writer);
-    tokio::spawn(futures::StreamExt::for_each(watch.applied_objects(), |_| async {}));
+/// Services (their ClusterIPs and ports), as the syncer's store of them says; none until the
+/// syncer has made it.
+async fn serve_egress(args: RunArgs, services: Arc<std::sync::OnceLock<kube::runtime::reflector::Store<Service>>>) {
     let allowed: vkube_apiproxy::egress::Allowed = Arc::new(move |addr: SocketAddr| {
+        let Some(store) = services.get() else { return false };
+        let ip = addr.ip().to_string();
         store.state().iter().any(|s| {
             let Some(spec) = s.spec.as_ref() else { return false };
-            let ip = addr.ip().to_string();
             spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()).any(|c| *c == ip)
                 && spec.ports.iter().flatten().any(|p| p.port == i32::from(addr.port()))
         })
