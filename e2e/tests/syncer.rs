@@ -618,10 +618,14 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
     vc.apply(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: burst}\nspec:\n  replicas: 200\n  selector: {matchLabels: {app: burst}}\n  template:\n    metadata: {labels: {app: burst}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers: [{name: c, image: nginx}]\n",
     );
-    // Let the burst get going, then kill the syncer mid-flight.
-    eventually("the burst reaches the host", Duration::from_secs(60), || async {
+    // Let the burst get going (host copies made, some virtual pods bound to their nodes: the host
+    // write bucket may hold the rest back), then kill the syncer mid-flight.
+    let vpods: Api<Pod> = Api::namespaced(vc.client().await, "default");
+    eventually("the burst reaches the host and binds back", Duration::from_secs(60), || async {
         let n = vc.host_list::<Pod>(&env).await.len();
-        Ok((n >= 40).then_some(()))
+        let list = vpods.list(&ListParams::default().labels("app=burst")).await.map_err(|e| e.to_string())?.items;
+        let bound = list.iter().filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()).count();
+        Ok((n >= 40 && bound >= 10).then_some(()))
     })
     .await;
     vc.kill_controller();
