@@ -10,8 +10,8 @@ COPY . .
 # Cache mounts: crates and incremental builds are reused across image builds (BuildKit).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin vkube \
-    && cp target/release/vkube /vkube
+    cargo build --profile dist --locked --bin vkube \
+    && cp target/dist/vkube /vkube
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /vkube /vkube

@@ -9,7 +9,7 @@ step() { printf '\n== %s\n' "$*" >&2; }
 
 step "upstream binaries (Kubernetes, etcd, kwok, helm; first run ~12 min on 2 cores, then cached)"
 hack/build-upstream.sh
-step "vkube (release build)"
+step "vkube (release build; the image and hack/bench use the slower whole-program-optimized profile dist)"
 cargo build --release --bin vkube
 vkube=$PWD/target/release/vkube
 

@@ -22,13 +22,15 @@ use vkube_localenv::Lifetime;
 struct Args {
     pods: usize,
     big: usize,
+    /// The greedy tenant's pods in scenario 7 (0 skips it).
+    fairness: usize,
     ready_runs: usize,
     /// Only rewrite docs/benchmarks.md from target/bench/results.json (after editing the notes).
     docs_only: bool,
 }
 
 fn args() -> Args {
-    let mut a = Args { pods: 1000, big: 10_000, ready_runs: 3, docs_only: false };
+    let mut a = Args { pods: 1000, big: 10_000, fairness: 5000, ready_runs: 3, docs_only: false };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -36,15 +38,19 @@ fn args() -> Args {
         match flag.as_str() {
             "--pods" => a.pods = num(),
             "--big" => a.big = num(),
+            "--fairness" => a.fairness = num(),
             "--ready-runs" => a.ready_runs = num(),
             "--docs-only" => a.docs_only = true,
             "--quick" => {
                 a.pods = 200;
                 a.big = 1000;
+                a.fairness = 1000;
                 a.ready_runs = 1;
             }
             other => {
-                panic!("unknown flag {other}; flags: --pods N, --big N (0 skips), --ready-runs N, --quick, --docs-only")
+                panic!(
+                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --quick, --docs-only"
+                )
             }
         }
     }
@@ -298,6 +304,15 @@ async fn main() {
     step("3. sync latency: 100 pods created one at a time, 10 per second");
     sync_latency(&mut r, &direct, &host, &host_ns).await;
 
+    if a.fairness > 0 {
+        step(&format!("7. fairness: a regular tenant alone, then beside one creating {} pods at once", a.fairness));
+        vdeploy.patch("burst", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 0}}))).await.unwrap();
+        wait_running(&hpods, host_selector, 0, Instant::now(), "host pods of the scaled-down deployment").await;
+        settle(&procs).await;
+        fairness(&mut r, &env, &host, a.fairness).await;
+        settle(&procs).await;
+    }
+
     if a.big > 0 {
         step(&format!("4/6. footprint at {} pods, and the resync after a restart", a.big));
         vdeploy
@@ -536,15 +551,33 @@ async fn proxy_overhead(r: &mut Results, proxied: &Client, direct: &Client) {
     r.add("proxy_watch_p50_overhead_ms", p50[0] - p50[1], "ms", "through proxy - direct");
 }
 
-async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: &str) {
+/// Create → host pod, and host Running → virtual Running, of pods a tenant creates one at a
+/// time, in milliseconds.
+struct Paced {
+    to_host: Vec<f64>,
+    back: Vec<f64>,
+}
+
+/// Creates `count` bare pods labelled `app=<app>` in the virtual cluster behind `direct`, one
+/// every `every` (or until `until` says stop, if sooner), and times each one's way to the host
+/// (its host copy in `host_ns`) and back (virtual Running). Sorted; the pods are deleted after.
+async fn paced_pods(
+    direct: &Client,
+    host: &Client,
+    host_ns: &str,
+    app: &str,
+    count: usize,
+    every: Duration,
+    until: impl Fn() -> bool,
+) -> Paced {
     let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let host_seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let host_running: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let virtual_running: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let hs = (host_seen.clone(), host_running.clone());
     let hapi: Api<Pod> = Api::namespaced(host.clone(), host_ns);
+    let selector = format!("{}/app={app}", vkube_syncer::naming::TENANT_DOMAIN);
     let htask = tokio::spawn(async move {
-        let selector = format!("{}/app=lat", vkube_syncer::naming::TENANT_DOMAIN);
         let stream = watcher::watcher(hapi, watcher::Config::default().labels(&selector));
         futures::pin_mut!(stream);
         while let Ok(Some(ev)) = stream.try_next().await {
@@ -559,8 +592,9 @@ async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: 
     });
     let vr = virtual_running.clone();
     let vapi: Api<Pod> = Api::namespaced(direct.clone(), "default");
+    let vselector = format!("app={app}");
     let vtask = tokio::spawn(async move {
-        let stream = watcher::watcher(vapi, watcher::Config::default().labels("app=lat"));
+        let stream = watcher::watcher(vapi, watcher::Config::default().labels(&vselector));
         futures::pin_mut!(stream);
         while let Ok(Some(ev)) = stream.try_next().await {
             if let Event::Apply(p) | Event::InitApply(p) = ev
@@ -572,17 +606,20 @@ async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: 
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pods: Api<Pod> = Api::namespaced(direct.clone(), "default");
-    for i in 0..100 {
-        let name = format!("lat-{i}");
-        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": "lat"}},
+    let mut made = 0;
+    while made < count && !until() {
+        let name = format!("{app}-{made}");
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": app}},
             "spec": {"terminationGracePeriodSeconds": 0, "containers": [{"name": "c", "image": "nginx"}]}}))
         .unwrap();
+        let t = Instant::now();
         pods.create(&PostParams::default(), &pod).await.unwrap();
-        created.lock().unwrap().insert(name, Instant::now());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        created.lock().unwrap().insert(name, t);
+        made += 1;
+        tokio::time::sleep(every.saturating_sub(t.elapsed())).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while virtual_running.lock().unwrap().len() < 100 && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while virtual_running.lock().unwrap().len() < made && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     htask.abort();
@@ -592,7 +629,11 @@ async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: 
         let hs = host_seen.lock().unwrap();
         created
             .iter()
-            .filter_map(|(n, t)| hs.get(n).map(|h| h.saturating_duration_since(*t).as_secs_f64() * 1000.0))
+            .map(|(n, t)| {
+                // A pod never seen on the host counts as the longest wait there was.
+                hs.get(n).map_or(deadline.duration_since(*t), |h| h.saturating_duration_since(*t)).as_secs_f64()
+                    * 1000.0
+            })
             .collect()
     };
     let back: Vec<f64> = {
@@ -601,17 +642,139 @@ async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: 
             .filter_map(|(n, h)| vr.get(n).map(|v| v.saturating_duration_since(*h).as_secs_f64() * 1000.0))
             .collect()
     };
-    let (to_host, back) = (sorted(to_host), sorted(back));
+    let _ = pods.delete_collection(&Default::default(), &ListParams::default().labels(&format!("app={app}"))).await;
+    Paced { to_host: sorted(to_host), back: sorted(back) }
+}
+
+async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: &str) {
+    let p = paced_pods(direct, host, host_ns, "lat", 100, Duration::from_millis(100), || false).await;
     r.add(
         "sync_p50_ms",
-        percentile(&to_host, 0.5),
+        percentile(&p.to_host, 0.5),
         "ms",
-        format!("virtual create to host pod, {} pods", to_host.len()),
+        format!("virtual create to host pod, {} pods", p.to_host.len()),
     );
-    r.add("sync_p99_ms", percentile(&to_host, 0.99), "ms", "");
-    r.add("status_p50_ms", percentile(&back, 0.5), "ms", "host pod Running to virtual pod Running");
-    r.add("status_p99_ms", percentile(&back, 0.99), "ms", "");
-    let _ = pods.delete_collection(&Default::default(), &ListParams::default().labels("app=lat")).await;
+    r.add("sync_p99_ms", percentile(&p.to_host, 0.99), "ms", "");
+    r.add("status_p50_ms", percentile(&p.back, 0.5), "ms", "host pod Running to virtual pod Running");
+    r.add("status_p99_ms", percentile(&p.back, 0.99), "ms", "");
+}
+
+/// One number from a Prometheus text page: the sum of the samples of `metric` whose label set
+/// contains `labels` (empty: all of them).
+async fn scrape(client: &Client, metric: &str, labels: &str) -> f64 {
+    let text = client.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(metric).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && l.split_whitespace().next().is_some_and(|series| series.contains(labels))
+        })
+        .filter_map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Scenario 7: a regular tenant (one pod every 200 ms) alone, then beside a greedy one creating
+/// `greedy` pods at once, on the same host: the regular tenant's create → host pod latency both
+/// times, and the host requests each tenant made while the greedy one ran.
+async fn fairness(r: &mut Results, env: &TestEnv, host: &Client, greedy: usize) {
+    let regular = start_cluster(env, "regular", None).await;
+    let noisy = start_cluster(env, "greedy", None).await;
+    let (reg_direct, reg_proxied) = (client(&regular.direct_kubeconfig()).await, regular.client().await.unwrap());
+    let (noisy_direct, noisy_proxied) = (client(&noisy.direct_kubeconfig()).await, noisy.client().await.unwrap());
+    let (reg_ns, noisy_ns) = (regular.state.namespace.clone(), noisy.state.namespace.clone());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let every = Duration::from_millis(200);
+
+    println!("     the regular tenant alone: 150 pods, one every 200 ms");
+    let alone = paced_pods(&reg_direct, host, &reg_ns, "alone", 150, every, || false).await;
+    println!(
+        "       create → host pod p50 {:.0} ms, p99 {:.0} ms",
+        percentile(&alone.to_host, 0.5),
+        percentile(&alone.to_host, 0.99)
+    );
+
+    println!("     beside a greedy tenant creating {greedy} pods at once");
+    // Host reads and writes of each tenant, the greedy one's wait for its bucket, and all
+    // requests the host API server served.
+    let counters = || async {
+        let mut v = vec![];
+        for c in [&reg_proxied, &noisy_proxied] {
+            for kind in ["read", "write"] {
+                v.push(scrape(c, "vkube_host_requests_total", &format!("kind=\"{kind}\"")).await);
+            }
+        }
+        v.push(scrape(&noisy_proxied, "vkube_host_write_wait_seconds_total", "").await);
+        v.push(scrape(host, "apiserver_request_total", "").await);
+        v
+    };
+    let before = counters().await;
+    let t0 = Instant::now();
+    Api::<Deployment>::namespaced(noisy_direct.clone(), "default")
+        .create(&PostParams::default(), &deployment("greedy", greedy))
+        .await
+        .unwrap();
+    // The regular tenant goes on while the greedy one's host pods are still being made.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch_done = {
+        let (done, hpods) = (done.clone(), Api::<Pod>::namespaced(host.clone(), &noisy_ns));
+        let selector = format!("{}/app=greedy", vkube_syncer::naming::TENANT_DOMAIN);
+        tokio::spawn(async move {
+            let took = wait_running(&hpods, &selector, greedy, Instant::now(), "the greedy tenant's host pods").await;
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            took
+        })
+    };
+    let beside = {
+        let done = done.clone();
+        paced_pods(&reg_direct, host, &reg_ns, "beside", 1500, every, move || {
+            done.load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .await
+    };
+    let greedy_took = watch_done.await.unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    let after = counters().await;
+    let rate = |i: usize| (after[i] - before[i]) / secs;
+    let noisy_wait = after[4] - before[4];
+
+    r.add(
+        "fair_alone_p50_ms",
+        percentile(&alone.to_host, 0.5),
+        "ms",
+        format!("regular tenant alone: create to host pod, {} pods at 5/s", alone.to_host.len()),
+    );
+    r.add("fair_alone_p99_ms", percentile(&alone.to_host, 0.99), "ms", "");
+    r.add(
+        "fair_beside_p50_ms",
+        percentile(&beside.to_host, 0.5),
+        "ms",
+        format!("the same beside a tenant creating {greedy} pods at once ({} pods at 5/s)", beside.to_host.len()),
+    );
+    r.add("fair_beside_p99_ms", percentile(&beside.to_host, 0.99), "ms", "goal: under 1,000 ms");
+    r.add("fair_greedy_seconds", greedy_took, "s", format!("the greedy tenant's {greedy} host pods Running"));
+    r.add(
+        "fair_greedy_host_writes_per_s",
+        rate(3),
+        "1/s",
+        format!("its host reads {:.1}/s; it waited {noisy_wait:.0} s in all for its write bucket", rate(2)),
+    );
+    r.add("fair_regular_host_writes_per_s", rate(1), "1/s", format!("its host reads {:.1}/s", rate(0)));
+    r.add("fair_host_requests_per_s", rate(5), "1/s", "all requests the host API server served meanwhile");
+    let _ = Api::<Deployment>::namespaced(noisy_direct, "default").delete("greedy", &Default::default()).await;
+    drop(noisy);
+    drop(regular);
+    // The greedy tenant's host pods go with its namespace, before the next scenario starts.
+    let namespaces: Api<Namespace> = Api::all(host.clone());
+    for ns in [&noisy_ns, &reg_ns] {
+        let _ = namespaces.delete(ns, &Default::default()).await;
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(600) {
+        let left = futures::future::join_all([&noisy_ns, &reg_ns].map(|ns| namespaces.get_opt(ns))).await;
+        if left.iter().all(|n| matches!(n, Ok(None))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 fn machine() -> String {
@@ -657,6 +820,7 @@ fn write_results(r: &Results, a: &Args, took: Duration) {
     json.insert("date".into(), json!(date));
     json.insert("pods".into(), json!(a.pods));
     json.insert("big".into(), json!(a.big));
+    json.insert("fairness".into(), json!(a.fairness));
     json.insert("seconds".into(), json!(took.as_secs_f64()));
     let text = serde_json::to_string_pretty(&json).unwrap();
     std::fs::create_dir_all(results_dir()).unwrap();
@@ -672,11 +836,12 @@ fn write_docs(results: &str) {
     let mut md = String::new();
     md.push_str("# Benchmarks\n\nWritten by `hack/bench` (do not edit by hand; the analysis below the table is kept in\n`docs/benchmarks-notes.md`, and `hack/bench --docs-only` rewrites this file from the last run). Every\nfigure is measured in one run on the local dev host cluster (real etcd, kube-apiserver,\ncontroller-manager and scheduler, nodes simulated by kwok), beside its baseline from the same run.\n\n");
     md.push_str(&format!(
-        "- machine: {}\n- date: {}\n- pods: {} (scenario 2), {} (scenarios 4 and 6); the run took {:.0} s\n\n",
+        "- machine: {}\n- date: {}\n- pods: {} (scenario 2), {} (scenarios 4 and 6), {} for the greedy tenant (scenario 7); the run took {:.0} s\n\n",
         s("machine"),
         s("date"),
         s("pods"),
         s("big"),
+        s("fairness"),
         j["seconds"].as_f64().unwrap_or(0.0)
     ));
     md.push_str("| figure | value | unit | baseline / note |\n|---|---:|---|---|\n");

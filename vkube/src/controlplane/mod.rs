@@ -462,6 +462,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let policy = args.policy.policy()?;
 
     let mut registry = Registry::default();
+    limit.register(&mut registry);
     let serving = ServingCert::new(
         bundle.get("apiserver.crt").unwrap_or_default(),
         bundle.get("apiserver.key").unwrap_or_default(),
