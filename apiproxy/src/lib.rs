@@ -135,8 +135,6 @@ pub struct Proxy {
     ready: ReadyCheck,
     live: ReadyCheck,
     limits: ProxyLimits,
-    /// This cluster's service range, read once (`services::service_ranges`).
-    service_ranges: tokio::sync::OnceCell<Vec<ipnet::IpNet>>,
 }
 
 /// What is known about a connection once its TLS handshake is done.
@@ -167,7 +165,6 @@ impl Proxy {
             ready: cfg.ready,
             live: cfg.live,
             limits: cfg.limits,
-            service_ranges: Default::default(),
         }))
     }
 

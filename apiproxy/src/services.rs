@@ -8,11 +8,8 @@ use bytes::Bytes;
 use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use std::net::IpAddr;
 
-use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, Patch};
 use vkube_core::contract::{ANNOTATION_PENDING_SINCE, ANNOTATION_UID, PENDING_UID};
 use vkube_core::services::host_service;
@@ -52,8 +49,8 @@ impl Proxy {
         let mut svc = serde_json::from_slice::<Service>(&dry_bytes).map_err(|e| {
             ProxyError::upstream("the virtual API server's dry run of the Service create answered no Service", e)
         })?;
-        let ranges = self.service_ranges().await?;
-        check_cluster_ips(&requested, ranges)
+        self.policy
+            .check_cluster_ips(requested.cluster_ip.as_deref(), &requested.cluster_ips)
             .map_err(|why| ProxyError::Invalid(format!("Service \"{}\" is invalid: {why}", name(&svc))))?;
         svc.metadata.namespace = Some(namespace.to_string());
         svc.metadata.generate_name = None;
@@ -147,37 +144,13 @@ impl Proxy {
         let bytes = read_body(body).await?;
         let requested =
             parse_service(parts.headers.get(header::CONTENT_TYPE), &bytes).map_err(ProxyError::BadRequest)?;
-        check_cluster_ips(&requested, self.service_ranges().await?).map_err(|why| {
+        self.policy.check_cluster_ips(requested.cluster_ip.as_deref(), &requested.cluster_ips).map_err(|why| {
             ProxyError::Invalid(format!(
                 "Service \"{}\" is invalid: {why}",
                 parts.uri.path().rsplit('/').next().unwrap_or_default()
             ))
         })?;
         self.forward_parts(parts, full(bytes), id).await
-    }
-
-    /// This cluster's service range: the virtual API server's default ServiceCIDR, which
-    /// `vkube create` sets to the host's (immutable once made, so read once).
-    async fn service_ranges(&self) -> Result<&[IpNet], ProxyError> {
-        let ranges = self
-            .service_ranges
-            .get_or_try_init(|| async {
-                let cidr = Api::<ServiceCIDR>::all(self.admin.clone())
-                    .get("kubernetes")
-                    .await
-                    .map_err(|e| ProxyError::upstream("reading the virtual cluster's ServiceCIDR \"kubernetes\"", e))?;
-                let ranges: Vec<IpNet> =
-                    cidr.spec.iter().flat_map(|s| s.cidrs.iter().flatten()).filter_map(|c| c.parse().ok()).collect();
-                if ranges.is_empty() {
-                    return Err(ProxyError::upstream(
-                        "the virtual cluster's ServiceCIDR \"kubernetes\"",
-                        "has no CIDR",
-                    ));
-                }
-                Ok(ranges)
-            })
-            .await?;
-        Ok(ranges)
     }
 
     async fn virtual_service_uid(&self, namespace: &str, name: &str) -> Option<String> {
@@ -300,48 +273,6 @@ fn parse_service(content_type: Option<&header::HeaderValue>, body: &[u8]) -> Res
     }
 }
 
-/// The first addresses of a service range, which Kubernetes keeps for addresses chosen by hand
-/// (the `kubernetes` Service's, the DNS Service's): min(max(16, size/16), 256) of them.
-fn static_band(net: &IpNet) -> u128 {
-    let bits = net.max_prefix_len() - net.prefix_len();
-    let size: u128 = if bits >= 128 { u128::MAX } else { 1 << bits };
-    if size < 16 { 0 } else { (size / 16).clamp(16, 256) }
-}
-
-/// A ClusterIP the tenant chose must be in this cluster's service range and above its static
-/// band: the band holds the host's well-known addresses (and other tenants' hand-picked ones),
-/// which a tenant could otherwise take first. Addresses already in use are refused by the host.
-fn check_cluster_ips(requested: &Requested, ranges: &[IpNet]) -> Result<(), String> {
-    let chosen = requested.cluster_ip.iter().map(|ip| ("spec.clusterIP".to_string(), ip));
-    let listed = requested.cluster_ips.iter().enumerate().map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip));
-    for (field, ip) in chosen.chain(listed) {
-        if ip.is_empty() || ip == "None" {
-            continue;
-        }
-        let addr: IpAddr = ip.parse().map_err(|_| format!("{field}: Invalid value: {ip:?}: not an IP address"))?;
-        let Some(net) = ranges.iter().find(|n| n.contains(&addr)) else {
-            let ranges: Vec<String> = ranges.iter().map(ToString::to_string).collect();
-            return Err(format!(
-                "{field}: Invalid value: {ip:?}: not in this cluster's service range ({}); leave it empty to get one",
-                ranges.join(", ")
-            ));
-        };
-        let offset = match (addr, net.network()) {
-            (IpAddr::V4(a), IpAddr::V4(n)) => u128::from(u32::from(a) - u32::from(n)),
-            (IpAddr::V6(a), IpAddr::V6(n)) => u128::from(a) - u128::from(n),
-            _ => 0,
-        };
-        if offset < static_band(net) {
-            return Err(format!(
-                "{field}: Invalid value: {ip:?}: the first {} addresses of {net} are reserved for the host's own \
-                 Services; choose an address above them or leave it empty to get one",
-                static_band(net)
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Whether the request asks for a dry run (any `dryRun` value: the API server refuses one it does
 /// not know, and the proxy must not write for it either).
 fn is_dry_run(query: Option<&str>) -> bool {
@@ -365,58 +296,6 @@ fn with_dry_run(parts: &http::request::Parts) -> http::request::Parts {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn svc(json: serde_json::Value) -> Service {
-        serde_json::from_value(json).unwrap()
-    }
-
-    #[test]
-    fn tenant_chosen_cluster_ips_stay_out_of_the_static_band() {
-        let ranges: Vec<IpNet> = vec!["10.96.0.0/16".parse().unwrap(), "fd00:10:96::/112".parse().unwrap()];
-        for (spec, expected) in [
-            (serde_json::json!({}), Ok(())),
-            (serde_json::json!({"clusterIP": ""}), Ok(())),
-            (serde_json::json!({"clusterIP": "None"}), Ok(())),
-            (serde_json::json!({"clusterIP": "10.96.1.0"}), Ok(())),
-            (
-                serde_json::json!({"clusterIP": "10.96.200.7", "clusterIPs": ["10.96.200.7", "fd00:10:96::1000"]}),
-                Ok(()),
-            ),
-            (
-                serde_json::json!({"clusterIP": "10.96.0.10"}),
-                Err("spec.clusterIP: Invalid value: \"10.96.0.10\": the first 256"),
-            ),
-            (serde_json::json!({"clusterIP": "10.96.0.1"}), Err("spec.clusterIP: Invalid value: \"10.96.0.1\"")),
-            (serde_json::json!({"clusterIP": "10.96.0.255"}), Err("reserved")),
-            (serde_json::json!({"clusterIPs": ["10.96.5.5", "fd00:10:96::a"]}), Err("spec.clusterIPs[1]")),
-            (serde_json::json!({"clusterIPs": ["10.96.0.10"]}), Err("spec.clusterIPs[0]")),
-            (
-                serde_json::json!({"clusterIP": "10.0.0.10"}),
-                Err("not in this cluster's service range (10.96.0.0/16, fd00:10:96::/112)"),
-            ),
-            (serde_json::json!({"clusterIP": "kube-dns"}), Err("not an IP address")),
-        ] {
-            let got = check_cluster_ips(&svc(serde_json::json!({"spec": spec})).into(), &ranges);
-            match expected {
-                Ok(()) => assert_eq!(got, Ok(()), "{spec}"),
-                Err(needle) => assert!(got.as_ref().is_err_and(|e| e.contains(needle)), "{spec}: {got:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn static_band_follows_kubernetes() {
-        for (cidr, band) in [
-            ("10.96.0.0/16", 256),
-            ("10.96.0.0/24", 16),
-            ("10.96.0.0/20", 256),
-            ("10.96.0.0/22", 64),
-            ("10.96.0.0/29", 0),
-            ("fd00::/64", 256),
-        ] {
-            assert_eq!(static_band(&cidr.parse().unwrap()), band, "{cidr}");
-        }
-    }
 
     #[test]
     fn dry_runs_are_recognised_however_spelled() {

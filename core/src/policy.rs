@@ -5,8 +5,10 @@
 //! - `pod_security`: the Pod Security Standards, field by field;
 //! - `volumes`: the volume types that may reach the host (an allowlist);
 //! - `scheduling`: where host pods may run (the admin's selector and tolerations, and what of
-//!   the tenant's node choice survives).
+//!   the tenant's node choice survives);
+//! - `cluster_ips`: which hand-picked Service addresses may be taken on the host.
 
+pub mod cluster_ips;
 pub mod pod_security;
 pub mod scheduling;
 pub mod volumes;
@@ -57,6 +59,9 @@ pub struct Policy {
     /// Inline CSI volume drivers tenants may use (none unless the admin lists them).
     pub csi_drivers: Vec<String>,
     pub scheduling: Scheduling,
+    /// The host's service ranges: a tenant's hand-picked ClusterIPs must be in them, above their
+    /// static bands (none known: no hand-picked address is taken on the host).
+    pub service_ranges: Vec<ipnet::IpNet>,
 }
 
 /// Why an object is kept off the host, in words a tenant can act on.
@@ -120,6 +125,14 @@ impl Policy {
             });
         }
         Ok(())
+    }
+
+    /// Checks the ClusterIPs a tenant picked by hand (`cluster_ips::violation`).
+    pub fn check_cluster_ips(&self, cluster_ip: Option<&str>, cluster_ips: &[String]) -> Result<(), Refusal> {
+        match cluster_ips::violation(&self.service_ranges, cluster_ips::of(cluster_ip, cluster_ips)) {
+            None => Ok(()),
+            Some(why) => Err(Refusal { reason: "ClusterIPNotAllowed", message: why }),
+        }
     }
 }
 

@@ -173,23 +173,36 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
 }
 
 async fn create(ctx: &Context, v: &Service, desired: Service) -> Result<Action> {
+    // A virtual ClusterIP the proxy did not check (a Service made by a PUT, or given its address
+    // by a tenant's webhook) is taken on the host only where the policy allows: else the host
+    // chooses, the virtual Service follows, and the tenant is told why.
+    let spec = desired.spec.as_ref();
+    let (ip, ips) = (spec.and_then(|s| s.cluster_ip.as_deref()), spec.and_then(|s| s.cluster_ips.as_deref()));
+    if let Err(r) = ctx.policy.check_cluster_ips(ip, ips.unwrap_or_default()) {
+        sync::refuse(ctx, KIND, v, &r).await;
+        return sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &without_ip(desired)).await).await;
+    }
     match sync::create_host(ctx, KIND, &desired).await {
         Ok(()) => Ok(Action::Done),
         // The virtual IP is taken (or not valid) on the host: let the host choose, then the
         // virtual Service follows it.
         Err(sync::SyncError::HostRefused { code: 422, message, .. }) if cluster_ip(&desired).is_some() => {
             tracing::info!(service = ?desired.metadata.name, reason = %message, "virtual ClusterIP not available on the host; taking the host's");
-            let mut any_ip = desired;
-            if let Some(s) = any_ip.spec.as_mut()
-                && s.cluster_ip.as_deref() != Some("None")
-            {
-                s.cluster_ip = None;
-                s.cluster_ips = None;
-            }
-            sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &any_ip).await).await
+            sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &without_ip(desired)).await).await
         }
         Err(e) => sync::or_told(ctx, KIND, v, Err(e)).await,
     }
+}
+
+/// The host copy with its address left for the host to choose (headless stays headless).
+fn without_ip(mut desired: Service) -> Service {
+    if let Some(s) = desired.spec.as_mut()
+        && s.cluster_ip.as_deref() != Some("None")
+    {
+        s.cluster_ip = None;
+        s.cluster_ips = None;
+    }
+    desired
 }
 
 async fn adopt(ctx: &Context, h: &Service, uid: &str) -> Result<()> {

@@ -55,6 +55,9 @@ pub struct LocalState {
     pub policy: PolicyArgs,
     /// Extra flags for `vkube run` (beyond the policy).
     pub run_args: Vec<String>,
+    /// The host's service range (the virtual API server's too).
+    #[serde(default)]
+    pub service_cidr: String,
 }
 
 impl LocalState {
@@ -106,7 +109,9 @@ impl LocalControlPlane {
                 proxy: ports::free_port(),
             },
         };
+        let service_cidr = host_service_cidr(&host).await?;
         let state = LocalState {
+            service_cidr: service_cidr.clone(),
             name: opts.name.clone(),
             namespace: opts.namespace.clone(),
             ports,
@@ -120,7 +125,6 @@ impl LocalControlPlane {
         progress("[1/6] host namespace and Service");
         ensure_namespace(&host, &state.namespace, &state.name, state.policy.pod_security).await?;
         ensure_local_service(&host, &state.namespace, &state.name).await?;
-        let service_cidr = host_service_cidr(&host).await?;
 
         progress("[2/6] certificates (kept in a host Secret)");
         let cert_dir = dir.join("pki");
@@ -189,6 +193,7 @@ impl LocalControlPlane {
                 format!("--endpoint={}", s.endpoint()),
                 format!("--host-kubeconfig={}", s.host_kubeconfig.display()),
             ])
+            .args((!s.service_cidr.is_empty()).then(|| format!("--service-cidr={}", s.service_cidr)))
             .args(s.host_context.iter().map(|c| format!("--host-context={c}")))
             .args(s.policy.to_args())
             .args(s.run_args.iter().cloned())

@@ -14,7 +14,7 @@ use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use serde_json::json;
 use vkube_e2e::{TestEnv, VirtualCluster, eventually};
 
-use super::common::tr;
+use super::common::{tr, warned};
 
 /// One request through the proxy with `client`'s credentials: the status and the body as text.
 async fn raw(
@@ -344,6 +344,28 @@ spec:
     assert!(vc.kubectl(&["get", "svc", "squat-apply"]).status.code() != Some(0), "the applied squat exists");
     let out = apply("applied", None);
     assert!(out.status.success(), "a plain server-side apply: {}", String::from_utf8_lossy(&out.stderr));
+    // A PUT creates a Service the proxy does not read (as a tenant's mutating webhook could set
+    // its address): the syncer checks it, lets the host choose, and the virtual Service follows.
+    let squat_ip = nth(base, 10);
+    let (code, body) =
+        raw(&admin, "PUT", &format!("{SERVICES}/squat-put"), JSON, service_json("squat-put", Some(&squat_ip))).await;
+    assert_eq!(code, 201, "a create by PUT: {body}");
+    warned(&vc, "default", "squat-put", "reserved for the host's own").await;
+    let host_ip = eventually("the PUT Service's host copy", Duration::from_secs(30), || async {
+        let h = host_services.get_opt(&tr.host_name("default", "squat-put")).await.map_err(|e| e.to_string())?;
+        Ok(h.and_then(|h| h.spec?.cluster_ip))
+    })
+    .await;
+    assert_ne!(host_ip, squat_ip, "the host copy took the reserved address");
+    let virtual_ip =
+        eventually("the virtual Service following the host's address", Duration::from_secs(30), || async {
+            // Absent for a moment while it is recreated with the host's address.
+            let out = vc.kubectl(&["get", "svc", "squat-put", "-o", "jsonpath={.spec.clusterIP}"]);
+            let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            Ok((v == host_ip).then_some(v))
+        })
+        .await;
+    assert_eq!(virtual_ip, host_ip);
     let taken = Api::<Service>::namespaced(host.clone(), "other-tenant").get("taken").await.unwrap();
     assert_eq!(taken.spec.unwrap().cluster_ip.as_deref(), Some(other_ip.as_str()), "the other tenant's Service");
     // A free address above the static band is the tenant's to choose, on both sides.

@@ -48,6 +48,10 @@ pub struct RunArgs {
     pub host_kubeconfig: Option<PathBuf>,
     #[arg(long, env = "VKUBE_HOST_CONTEXT")]
     pub host_context: Option<String>,
+    /// The host's service ranges (comma-separated): where a tenant's hand-picked ClusterIPs may
+    /// be. Unset, no hand-picked address is taken on the host.
+    #[arg(long, env = "VKUBE_SERVICE_CIDR", value_delimiter = ',')]
+    pub service_cidr: Vec<ipnet::IpNet>,
     /// How often certificates are checked for renewal.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub renew_every: Duration,
@@ -237,6 +241,8 @@ impl PolicyArgs {
                 tenant_node_labels: list(&self.tenant_node_labels),
                 runtime_classes: list(&self.runtime_classes),
             },
+            // `vkube run --service-cidr`: a fact about the host, not a choice of policy.
+            service_ranges: vec![],
         })
     }
 
@@ -459,7 +465,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("resuming a paused cluster: host pods are recreated for every virtual pod");
     }
     let translator = Translator::new(&args.name, &args.namespace).with_verbatim_keys(args.policy.verbatim_keys.clone());
-    let policy = args.policy.policy()?;
+    let policy = vkube_core::policy::Policy { service_ranges: args.service_cidr.clone(), ..args.policy.policy()? };
+    if policy.service_ranges.is_empty() {
+        tracing::warn!("no --service-cidr: Services with a ClusterIP chosen by hand get one the host chooses instead");
+    }
 
     let mut registry = Registry::default();
     limit.register(&mut registry);
