@@ -1,9 +1,12 @@
 //! Virtual nodes: a virtual pod is bound to a node named like the host node its copy runs on.
 //! The node exists while pods are bound to it (created on first use, removed after the last).
+//! It shows the host node's placement labels, capacity, conditions and the taints the tenant's
+//! pods would have to tolerate there (none the admin's tolerations already cover), refreshed
+//! every few minutes; never the host's identity (machine, system and boot IDs).
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Taint, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, Patch};
@@ -17,6 +20,8 @@ use crate::sync::Result;
 pub const KIND: &str = "Node";
 /// How long a new virtual node is kept even with no pod bound to it yet.
 const NEW_NODE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often a used virtual node is brought up to date with its host node.
+const REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub use vkube_core::contract::LABEL_FAKE_NODE as LABEL_FAKE;
 
@@ -45,7 +50,29 @@ pub fn virtual_node(name: &str, host: Option<&Node>) -> Node {
     }
 }
 
-/// Its status: Ready, with the host node's capacity and addresses when known.
+/// The host node's taints a tenant's pod would meet there: those the admin's tolerations (added
+/// to every host pod) do not already tolerate. With no host node known, none: not the
+/// `not-ready` taint the API server puts on every new node, which nothing here would lift.
+pub fn virtual_taints(host: Option<&Node>, admin: &[Toleration]) -> Vec<Taint> {
+    let taints = host.and_then(|h| h.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
+    taints.into_iter().filter(|t| !admin.iter().any(|tol| tolerates(tol, t))).collect()
+}
+
+/// Whether `tol` tolerates `taint`, as the scheduler decides it.
+fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
+    let effect = tol.effect.as_deref().unwrap_or_default();
+    if !effect.is_empty() && effect != taint.effect {
+        return false;
+    }
+    let key = tol.key.as_deref().unwrap_or_default();
+    match tol.operator.as_deref().unwrap_or("Equal") {
+        "Exists" => key.is_empty() || key == taint.key,
+        _ => key == taint.key && tol.value.as_deref().unwrap_or_default() == taint.value.as_deref().unwrap_or_default(),
+    }
+}
+
+/// Its status: the host node's capacity, addresses and conditions when known (else Ready with
+/// default capacity).
 pub fn virtual_node_status(host: Option<&Node>) -> NodeStatus {
     let hs = host.and_then(|h| h.status.as_ref());
     let default_capacity: BTreeMap<String, Quantity> = [("cpu", "16"), ("memory", "64Gi"), ("pods", "110")]
@@ -64,14 +91,16 @@ pub fn virtual_node_status(host: Option<&Node>) -> NodeStatus {
             boot_id: String::new(),
             ..i
         }),
-        conditions: Some(vec![NodeCondition {
-            type_: "Ready".into(),
-            status: "True".into(),
-            reason: Some("VirtualNodeReady".into()),
-            message: Some("vkube: pods bound here run on the host node of the same name".into()),
-            last_heartbeat_time: Some(now.clone()),
-            last_transition_time: Some(now),
-        }]),
+        conditions: Some(hs.and_then(|s| s.conditions.clone()).filter(|c| !c.is_empty()).unwrap_or_else(|| {
+            vec![NodeCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: Some("VirtualNodeReady".into()),
+                message: Some("vkube: pods bound here run on the host node of the same name".into()),
+                last_heartbeat_time: Some(now.clone()),
+                last_transition_time: Some(now),
+            }]
+        })),
         ..Default::default()
     }
 }
@@ -82,22 +111,54 @@ pub async fn ensure(ctx: &Context, name: &str) -> Result<()> {
         return Ok(());
     }
     // Reading host nodes needs a ClusterRole; without it the node gets default capacity.
-    let host = match Api::<Node>::all(ctx.host.clone()).get_opt(name).await {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::debug!(node = name, error = %e, "host node not readable; using defaults");
-            None
-        }
-    };
+    let host = host_node(ctx, name).await;
     let api: Api<Node> = Api::all(ctx.virt.clone());
     match api.create(&crate::sync::post_params(), &virtual_node(name, host.as_ref())).await {
         Ok(_) => ctx.metrics.wrote(KIND, "create"),
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
-    let status = virtual_node_status(host.as_ref());
-    api.patch_status(name, &crate::sync::patch_params(), &Patch::Merge(serde_json::json!({ "status": status })))
-        .await?;
+    refresh(ctx, name, host.as_ref(), None).await
+}
+
+/// Reading host nodes needs a ClusterRole; without it the node gets defaults.
+async fn host_node(ctx: &Context, name: &str) -> Option<Node> {
+    match Api::<Node>::all(ctx.host.clone()).get_opt(name).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(node = name, error = %e, "host node not readable; using defaults");
+            None
+        }
+    }
+}
+
+/// Brings the virtual node's taints and status to what its host node shows, writing only what
+/// differs from `current` (heartbeat times aside).
+async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option<&Node>) -> Result<()> {
+    let api: Api<Node> = Api::all(ctx.virt.clone());
+    let taints = virtual_taints(host, &ctx.policy.scheduling.tolerations);
+    let have_taints = current.and_then(|n| n.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
+    if current.is_none() || have_taints != taints {
+        // The whole list, so the API server's `not-ready` taint on a new node goes.
+        api.patch(name, &crate::sync::patch_params(), &Patch::Merge(serde_json::json!({"spec": {"taints": taints}})))
+            .await?;
+        ctx.metrics.wrote(KIND, "taints");
+    }
+    let status = virtual_node_status(host);
+    // What this sets, heartbeats aside (the API server defaults other fields).
+    let unstamped = |s: Option<&NodeStatus>| {
+        let s = s.cloned().unwrap_or_default();
+        let mut conditions = s.conditions.unwrap_or_default();
+        for c in conditions.iter_mut() {
+            c.last_heartbeat_time = None;
+        }
+        serde_json::to_value((s.capacity, s.allocatable, s.addresses, s.node_info, conditions)).unwrap_or_default()
+    };
+    if current.is_none() || unstamped(current.and_then(|n| n.status.as_ref())) != unstamped(Some(&status)) {
+        api.patch_status(name, &crate::sync::patch_params(), &Patch::Merge(serde_json::json!({ "status": status })))
+            .await?;
+        ctx.metrics.wrote(KIND, "status");
+    }
     Ok(())
 }
 
@@ -126,6 +187,10 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
             }
         }
         None if used => ensure(ctx, &name).await?,
+        Some(n) if n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
+            refresh(ctx, &name, host_node(ctx, &name).await.as_ref(), Some(&n)).await?;
+            return Ok(Action::RequeueAfter(REFRESH));
+        }
         _ => {}
     }
     Ok(Action::Done)
@@ -157,5 +222,32 @@ mod tests {
         assert_eq!(info.kubelet_version, "v1.37.2");
         assert_eq!(s.conditions.unwrap()[0].status, "True");
         assert_eq!(virtual_node_status(None).allocatable.unwrap()["pods"].0, "110");
+    }
+
+    #[test]
+    fn virtual_nodes_carry_the_taints_tenant_pods_would_meet() {
+        let host: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "spec": {"taints": [
+                {"key": "pool", "value": "tenants", "effect": "NoSchedule"},
+                {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"},
+                {"key": "gpu", "value": "true", "effect": "NoSchedule"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "KubeletNotReady"}]}
+        }))
+        .unwrap();
+        let admin: Vec<Toleration> = serde_json::from_value(serde_json::json!([
+            {"key": "pool", "operator": "Equal", "value": "tenants", "effect": "NoSchedule"},
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists"}]))
+        .unwrap();
+        let keys: Vec<String> = virtual_taints(Some(&host), &admin).into_iter().map(|t| t.key).collect();
+        assert_eq!(keys, vec!["gpu"], "the admin's tolerations cover the rest");
+        assert!(virtual_taints(None, &admin).is_empty(), "no stale not-ready taint without a host node");
+        let everything: Vec<Toleration> = serde_json::from_value(serde_json::json!([{"operator": "Exists"}])).unwrap();
+        assert!(virtual_taints(Some(&host), &everything).is_empty());
+        let wrong_value: Vec<Toleration> =
+            serde_json::from_value(serde_json::json!([{"key": "gpu", "value": "false"}])).unwrap();
+        assert_eq!(virtual_taints(Some(&host), &wrong_value).len(), 3);
+        let conditions = virtual_node_status(Some(&host)).conditions.unwrap();
+        assert_eq!((conditions[0].type_.as_str(), conditions[0].status.as_str()), ("Ready", "False"), "the host's");
     }
 }

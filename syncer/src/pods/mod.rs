@@ -279,6 +279,15 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         api.patch_subresource("ephemeralcontainers", name, &pp, &Patch::Strategic(patch)).await?;
         ctx.metrics.wrote(KIND, "ephemeral");
     }
+    let gates = status::gates_down(v, h);
+    if !gates.is_empty() {
+        // Readiness gates: the tenant's conditions go to the host copy, whose kubelet counts them
+        // (a strategic merge: the kubelet's own conditions stay).
+        sync::spend(ctx, KIND, name)?;
+        let patch = serde_json::json!({"status": {"conditions": gates}});
+        api.patch_status(name, &pp, &Patch::Strategic(patch)).await?;
+        ctx.metrics.wrote(KIND, "gates");
+    }
     Ok(())
 }
 
@@ -477,7 +486,12 @@ async fn report_status(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         return Ok(());
     }
     let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
-    let patch = serde_json::json!({ "status": desired });
+    let mut patch = serde_json::json!({ "status": desired });
+    if !status::gate_types(v).is_empty() {
+        // The whole condition list is replaced: a gate condition the tenant set since this pod
+        // was read must not be lost (a conflict brings a retry with the fresh pod).
+        patch["metadata"] = serde_json::json!({"resourceVersion": v.metadata.resource_version});
+    }
     api.patch_status(v.metadata.name.as_deref().unwrap_or_default(), &sync::patch_params(), &Patch::Merge(patch))
         .await?;
     ctx.metrics.wrote(KIND, "status");

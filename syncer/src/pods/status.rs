@@ -1,6 +1,6 @@
 //! What flows back from the host pod to the virtual one (pure).
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition, PodStatus};
 
 /// The status the virtual pod should show for its host copy: the host's, restricted to the
 /// virtual pod's containers, without what only makes sense on the host.
@@ -20,7 +20,36 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod) -> PodStatus {
     s.ephemeral_container_statuses = keep(s.ephemeral_container_statuses.take(), &ephemeral);
     s.nominated_node_name = None;
     s.resource_claim_statuses = None;
+    // The virtual pod's own class, which its API server fixed at creation (immutable): the host
+    // copy's may differ when a host LimitRange gave it requests the tenant did not write.
+    s.qos_class = virtual_pod.status.as_ref().and_then(|v| v.qos_class.clone());
+    // Readiness-gate conditions are the tenant's: kept as the tenant set them.
+    let gates = gate_types(virtual_pod);
+    let own = virtual_pod.status.as_ref().and_then(|v| v.conditions.as_ref());
+    let mut conditions: Vec<PodCondition> =
+        s.conditions.take().unwrap_or_default().into_iter().filter(|c| !gates.contains(&c.type_)).collect();
+    conditions.extend(own.into_iter().flatten().filter(|c| gates.contains(&c.type_)).cloned());
+    s.conditions = (!conditions.is_empty()).then_some(conditions);
     s
+}
+
+/// The condition types a pod's readiness gates name: set by the tenant's controllers on the
+/// virtual pod, carried to the host copy so the host's kubelet counts them.
+pub fn gate_types(pod: &Pod) -> Vec<String> {
+    pod.spec.iter().flat_map(|s| s.readiness_gates.iter().flatten()).map(|g| g.condition_type.clone()).collect()
+}
+
+/// The gate conditions the host copy lacks or has otherwise than the virtual pod (timestamps
+/// aside), for a patch of the host copy's status; empty when they agree.
+pub fn gates_down(virtual_pod: &Pod, host: &Pod) -> Vec<PodCondition> {
+    let gates = gate_types(virtual_pod);
+    let conditions = |p: &Pod| p.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+    let on_host = conditions(host);
+    conditions(virtual_pod)
+        .into_iter()
+        .filter(|c| gates.contains(&c.type_))
+        .filter(|c| !on_host.iter().any(|h| h.type_ == c.type_ && h.status == c.status && h.reason == c.reason))
+        .collect()
 }
 
 /// Whether the virtual pod's status differs from what it should be in substance: condition
@@ -77,5 +106,32 @@ mod tests {
         assert!(!differs(Some(&earlier), &later), "timestamps alone are no difference");
         later.conditions = Some(vec![cond("2026-01-01T00:00:01Z", "False")]);
         assert!(differs(Some(&earlier), &later));
+    }
+
+    #[test]
+    fn the_virtual_pods_qos_class_and_gate_conditions_are_its_own() {
+        let host: Pod = serde_json::from_value(serde_json::json!({
+            "status": {"phase": "Running", "qosClass": "Burstable", "conditions": [
+                {"type": "Ready", "status": "False"},
+                {"type": "example.com/lb", "status": "False", "reason": "NotYet"}]}
+        }))
+        .unwrap();
+        let virtual_pod: Pod = serde_json::from_value(serde_json::json!({
+            "spec": {"containers": [{"name": "app"}], "readinessGates": [{"conditionType": "example.com/lb"}]},
+            "status": {"phase": "Pending", "qosClass": "BestEffort", "conditions": [
+                {"type": "example.com/lb", "status": "True"}, {"type": "PodScheduled", "status": "True"}]}
+        }))
+        .unwrap();
+        let s = virtual_status(&host, &virtual_pod);
+        assert_eq!(s.qos_class.as_deref(), Some("BestEffort"), "immutable on the virtual pod");
+        let conds: Vec<(&str, &str)> =
+            s.conditions.iter().flatten().map(|c| (c.type_.as_str(), c.status.as_str())).collect();
+        assert_eq!(conds, vec![("Ready", "False"), ("example.com/lb", "True")]);
+        let down = gates_down(&virtual_pod, &host);
+        assert_eq!(down.len(), 1);
+        assert_eq!((down[0].type_.as_str(), down[0].status.as_str()), ("example.com/lb", "True"));
+        let mut synced = host.clone();
+        synced.status.as_mut().unwrap().conditions = Some(down);
+        assert!(gates_down(&virtual_pod, &synced).is_empty());
     }
 }

@@ -335,12 +335,17 @@ fn env_vars(
             }
         }
     }
-    // As the kubelet does: the container's own variables win.
-    for add in api_env(env).into_iter().chain(env.service_links.iter().cloned()) {
-        if !list.iter().any(|e| e.name == add.name) {
-            list.push(add);
-        }
-    }
+    // As the kubelet does: the container's own variables win, and come after the Service ones,
+    // so `$(WEB_SERVICE_HOST)` in one of them expands (a variable sees only those before it).
+    // One difference: an `envFrom` key named like a Service variable loses to it here.
+    let own = std::mem::take(list);
+    list.extend(
+        api_env(env)
+            .into_iter()
+            .chain(env.service_links.iter().cloned())
+            .filter(|a| !own.iter().any(|e| e.name == a.name)),
+    );
+    list.extend(own);
     for f in from.iter_mut().flatten() {
         if let Some(r) = f.config_map_ref.as_mut() {
             r.name = tr.host_name(ns, &r.name);
@@ -474,6 +479,17 @@ mod tests {
             .collect();
         assert_eq!(env["REDIS_PRIMARY_SERVICE_HOST"], "mine");
         assert_eq!(env["REDIS_PRIMARY_SERVICE_PORT"], "6379");
+
+        // The container's own variables come after the Service ones, so references expand.
+        let spec = serde_json::json!({"containers": [{"name": "c", "env": [
+            {"name": "URL", "value": "$(REDIS_PRIMARY_SERVICE_HOST):$(REDIS_PRIMARY_SERVICE_PORT)"},
+            {"name": "LITERAL", "value": "$$(REDIS_PRIMARY_SERVICE_HOST)"}]}]});
+        let h = host_pod(&pod_env, &vpod(spec)).unwrap().pod;
+        let names: Vec<String> =
+            h.spec.unwrap().containers[0].env.clone().unwrap().into_iter().map(|e| e.name).collect();
+        let at = |n: &str| names.iter().position(|e| e == n).unwrap_or_else(|| panic!("{n} in {names:?}"));
+        assert!(at("REDIS_PRIMARY_SERVICE_HOST") < at("URL") && at("REDIS_PRIMARY_SERVICE_PORT") < at("URL"));
+        assert!(at("KUBERNETES_SERVICE_HOST") < at("URL") && at("URL") < at("LITERAL"), "{names:?}");
     }
 
     fn vpod(spec: serde_json::Value) -> Pod {

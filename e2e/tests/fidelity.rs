@@ -1,0 +1,116 @@
+//! Fidelity: a tenant's cluster behaves like a cluster of its own, also when the host has
+//! opinions (a host LimitRange, taints, conditions the tenant's controllers own).
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use vkube_e2e::{TestEnv, eventually};
+
+fn phase(p: &Pod) -> Option<&str> {
+    p.status.as_ref().and_then(|s| s.phase.as_deref())
+}
+
+fn condition<'a>(p: &'a Pod, type_: &str) -> Option<&'a str> {
+    p.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == type_).map(|c| c.status.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_sees_its_own_qos_gates_variables_and_schedulable_nodes() {
+    let env = TestEnv::start(2).await;
+    let vc = env.virtual_cluster("fidelity").await;
+    let tr = vc.translator();
+    let host = env.client().await;
+    let host_pods: Api<Pod> = Api::namespaced(host.clone(), vc.host_namespace());
+    let vpods: Api<Pod> = Api::namespaced(vc.client().await, "default");
+
+    // A host admin's LimitRange with defaults: a BestEffort virtual pod's host copy is Burstable.
+    env.apply(&format!(
+        "apiVersion: v1\nkind: LimitRange\nmetadata: {{name: defaults, namespace: {}}}\nspec:\n  limits:\n  - type: Container\n    default: {{cpu: 200m, memory: 128Mi}}\n    defaultRequest: {{cpu: 100m, memory: 64Mi}}\n",
+        vc.host_namespace()
+    ));
+    vc.kubectl_ok(&["create", "service", "clusterip", "my-svc", "--tcp=8080"]);
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: plain}
+spec:
+  readinessGates: [{conditionType: example.com/load-balancer}]
+  containers:
+  - name: app
+    image: nginx
+    env:
+    - {name: URL, value: "$(MY_SVC_SERVICE_HOST):$(MY_SVC_SERVICE_PORT)"}
+    - {name: LITERAL, value: "$$(MY_SVC_SERVICE_HOST)"}
+"#,
+    );
+    let host_name = tr.host_name("default", "plain");
+    let running = eventually("the virtual BestEffort pod Running", Duration::from_secs(30), || async {
+        let p = vpods.get("plain").await.map_err(|e| e.to_string())?;
+        Ok((phase(&p) == Some("Running")).then_some(p))
+    })
+    .await;
+    assert_eq!(running.status.as_ref().and_then(|s| s.qos_class.as_deref()), Some("BestEffort"));
+    let h = host_pods.get(&host_name).await.unwrap();
+    assert_eq!(
+        h.status.as_ref().and_then(|s| s.qos_class.as_deref()),
+        Some("Burstable"),
+        "the host's LimitRange applied to the host copy"
+    );
+
+    // Service variables come before the container's own, so the kubelet expands references.
+    let names: Vec<String> =
+        h.spec.as_ref().unwrap().containers[0].env.iter().flatten().map(|e| e.name.clone()).collect();
+    let at = |n: &str| names.iter().position(|e| e == n).unwrap_or_else(|| panic!("{n} not in {names:?}"));
+    assert!(at("MY_SVC_SERVICE_HOST") < at("URL") && at("MY_SVC_SERVICE_PORT") < at("URL"), "{names:?}");
+    assert!(at("URL") < at("LITERAL"), "{names:?}");
+
+    // A readiness gate's condition, set by the tenant's controller, reaches the host copy and
+    // stays on the virtual pod.
+    vpods
+        .patch_status(
+            "plain",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"status": {"conditions": [
+                {"type": "example.com/load-balancer", "status": "True", "reason": "Programmed"}]}})),
+        )
+        .await
+        .unwrap();
+    eventually("the gate condition on the host copy", Duration::from_secs(30), || async {
+        let h = host_pods.get(&host_name).await.map_err(|e| e.to_string())?;
+        Ok((condition(&h, "example.com/load-balancer") == Some("True")).then_some(()))
+    })
+    .await;
+    // Status keeps flowing back (a host-side change) without losing the tenant's condition.
+    host_pods
+        .patch_status(
+            &host_name,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"status": {"conditions": [{"type": "example.com/host-side", "status": "True"}]}})),
+        )
+        .await
+        .unwrap();
+    let back = eventually("the host's condition back on the virtual pod", Duration::from_secs(30), || async {
+        let p = vpods.get("plain").await.map_err(|e| e.to_string())?;
+        Ok((condition(&p, "example.com/host-side") == Some("True")).then_some(p))
+    })
+    .await;
+    assert_eq!(condition(&back, "example.com/load-balancer"), Some("True"), "the tenant's condition stays");
+
+    // The virtual node: the host node's conditions, and no stale not-ready taint.
+    let node_name = running.spec.as_ref().and_then(|s| s.node_name.clone()).expect("bound");
+    let nodes: Api<Node> = Api::all(vc.client().await);
+    let node = eventually("the virtual node without a not-ready taint", Duration::from_secs(30), || async {
+        let n = nodes.get(&node_name).await.map_err(|e| e.to_string())?;
+        let taints = n.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+        Ok(taints.is_empty().then_some(n))
+    })
+    .await;
+    let ready =
+        node.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    assert_eq!(ready.map(|c| c.status.as_str()), Some("True"));
+    let out = vc.kubectl_ok(&["get", "nodes", "-o", "jsonpath={.items[*].spec.unschedulable}{.items[*].spec.taints}"]);
+    assert_eq!(out.trim(), "", "schedulable, untainted virtual nodes");
+}
