@@ -64,6 +64,8 @@ impl Proxy {
             spec.cluster_ip = requested_ip.filter(|ip| !ip.is_empty());
             spec.cluster_ips = None;
         }
+        // Node ports as asked for: the dry run's are the virtual API server's choice, not the host's.
+        set_node_ports(&mut svc, &requested.node_ports, requested.health_check_node_port);
 
         let mut desired = host_service(&self.translator, &self.policy, &svc)
             .map_err(|r| ProxyError::Forbidden(format!("services \"{}\" is forbidden: {r}", name(&svc))))?;
@@ -97,6 +99,9 @@ impl Proxy {
             spec.cluster_ip = host_spec.cluster_ip.clone();
             spec.cluster_ips = host_spec.cluster_ips.clone();
         }
+        // The same node ports on both sides: the host's.
+        let host_ports: Requested = created.clone().into();
+        set_node_ports(&mut svc, &host_ports.node_ports, host_ports.health_check_node_port);
         let body = Bytes::from(serde_json::to_vec(&svc).map_err(|e| ProxyError::BadRequest(e.to_string()))?);
         let mut parts = parts;
         parts.headers.insert(header::CONTENT_TYPE, "application/json".parse().expect("static header"));
@@ -168,12 +173,41 @@ fn name(s: &Service) -> &str {
 struct Requested {
     cluster_ip: Option<String>,
     cluster_ips: Vec<String>,
+    /// Node ports asked for by hand, as (port, protocol, node port).
+    node_ports: Vec<(i32, String, i32)>,
+    health_check_node_port: Option<i32>,
 }
 
 impl From<Service> for Requested {
     fn from(s: Service) -> Self {
         let spec = s.spec.unwrap_or_default();
-        Requested { cluster_ip: spec.cluster_ip, cluster_ips: spec.cluster_ips.unwrap_or_default() }
+        let node_ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                let np = p.node_port.filter(|np| *np != 0)?;
+                Some((p.port, p.protocol.clone().unwrap_or_else(|| "TCP".into()), np))
+            })
+            .collect();
+        Requested {
+            cluster_ip: spec.cluster_ip,
+            cluster_ips: spec.cluster_ips.unwrap_or_default(),
+            node_ports,
+            health_check_node_port: spec.health_check_node_port.filter(|p| *p != 0),
+        }
+    }
+}
+
+/// Gives `svc` the node ports of `from` (by port and protocol; `None` where it has none) and
+/// its health-check node port.
+fn set_node_ports(svc: &mut Service, from: &[(i32, String, i32)], health_check: Option<i32>) {
+    if let Some(spec) = svc.spec.as_mut() {
+        for p in spec.ports.iter_mut().flatten() {
+            let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+            p.node_port = from.iter().find(|(port, proto, _)| *port == p.port && *proto == protocol).map(|n| n.2);
+        }
+        spec.health_check_node_port = health_check;
     }
 }
 
@@ -207,10 +241,24 @@ mod pb {
 
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct ServiceSpec {
+        #[prost(message, repeated, tag = "1")]
+        pub ports: Vec<ServicePort>,
         #[prost(string, optional, tag = "3")]
         pub cluster_ip: Option<String>,
+        #[prost(int32, optional, tag = "12")]
+        pub health_check_node_port: Option<i32>,
         #[prost(string, repeated, tag = "18")]
         pub cluster_ips: Vec<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ServicePort {
+        #[prost(string, optional, tag = "2")]
+        pub protocol: Option<String>,
+        #[prost(int32, optional, tag = "3")]
+        pub port: Option<i32>,
+        #[prost(int32, optional, tag = "5")]
+        pub node_port: Option<i32>,
     }
 }
 
@@ -228,7 +276,20 @@ fn parse_protobuf(body: &[u8]) -> Result<Requested, String> {
     let raw = unknown.raw.filter(|r| !r.is_empty()).ok_or("it holds no object")?;
     let svc = pb::Service::decode(raw.as_slice()).map_err(|e| e.to_string())?;
     let spec = svc.spec.unwrap_or_default();
-    Ok(Requested { cluster_ip: spec.cluster_ip, cluster_ips: spec.cluster_ips })
+    let node_ports = spec
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let np = p.node_port.filter(|np| *np != 0)?;
+            Some((p.port.unwrap_or_default(), p.protocol.clone().unwrap_or_else(|| "TCP".into()), np))
+        })
+        .collect();
+    Ok(Requested {
+        cluster_ip: spec.cluster_ip,
+        cluster_ips: spec.cluster_ips,
+        node_ports,
+        health_check_node_port: spec.health_check_node_port.filter(|p| *p != 0),
+    })
 }
 
 /// A Service manifest, at most `MAX_BODY`.
@@ -296,6 +357,25 @@ fn with_dry_run(parts: &http::request::Parts) -> http::request::Parts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ports_asked_for_are_kept_and_the_dry_runs_dropped() {
+        let json = header::HeaderValue::from_static("application/json");
+        let body = br#"{"kind":"Service","spec":{"type":"NodePort","healthCheckNodePort":31000,"ports":[
+            {"port":80,"nodePort":30555},{"port":53,"protocol":"UDP"},{"port":53,"protocol":"TCP","nodePort":30553}]}}"#;
+        let asked = parse_service(Some(&json), body).unwrap();
+        assert_eq!(asked.node_ports, vec![(80, "TCP".into(), 30555), (53, "TCP".into(), 30553)]);
+        assert_eq!(asked.health_check_node_port, Some(31000));
+        // What the dry run answered: placeholders everywhere.
+        let mut dry: Service = serde_json::from_value(serde_json::json!({"spec": {"healthCheckNodePort": 32770,
+            "ports": [{"port": 80, "nodePort": 32769}, {"port": 53, "protocol": "UDP", "nodePort": 32771},
+                      {"port": 53, "protocol": "TCP", "nodePort": 32772}]}}))
+        .unwrap();
+        set_node_ports(&mut dry, &asked.node_ports, asked.health_check_node_port);
+        let got: Vec<Option<i32>> = dry.spec.as_ref().unwrap().ports.iter().flatten().map(|p| p.node_port).collect();
+        assert_eq!(got, vec![Some(30555), None, Some(30553)]);
+        assert_eq!(dry.spec.unwrap().health_check_node_port, Some(31000));
+    }
 
     #[test]
     fn dry_runs_are_recognised_however_spelled() {

@@ -3,24 +3,25 @@
 //! virtual Service (marked [`PENDING_UID`](crate::contract::PENDING_UID)); the syncer keeps it in
 //! step afterwards.
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use crate::naming::Translator;
 use crate::policy::{Policy, Refusal};
 
 pub const KIND: &str = "Service";
 
-/// The host copy of a virtual Service (pure). Node ports are left for the host to allocate.
+/// The host copy of a virtual Service (pure). Node ports and the health-check node port are the
+/// virtual Service's (the proxy gives it the host's; a port taken on the host is refused there).
 pub fn host_service(tr: &Translator, policy: &Policy, v: &Service) -> Result<Service, Refusal> {
     let vs = v.spec.clone().unwrap_or_default();
     policy.check_service(&vs)?;
     let ns = v.metadata.namespace.as_deref().unwrap_or_default();
     let selector = vs.selector.as_ref().filter(|s| !s.is_empty()).map(|s| tr.host_selector(ns, s));
-    let ports = vs.ports.map(|ps| ps.into_iter().map(|p| ServicePort { node_port: None, ..p }).collect());
     let spec = ServiceSpec {
         type_: vs.type_,
-        ports,
+        ports: vs.ports,
         selector,
+        health_check_node_port: vs.health_check_node_port,
         cluster_ip: vs.cluster_ip.clone().filter(|ip| !ip.is_empty()),
         cluster_ips: vs.cluster_ips.clone().filter(|ips| !ips.is_empty()),
         ip_families: vs.ip_families,
@@ -61,7 +62,7 @@ mod tests {
         assert_eq!(sel["t.vkube.dev/app"], "web");
         assert_eq!(sel["vkube.dev/namespace"], "shop");
         assert_eq!(sel["vkube.dev/cluster"], "vc");
-        assert_eq!(s.ports.unwrap()[0].node_port, None);
+        assert_eq!(s.ports.unwrap()[0].node_port, Some(30001), "the same node port on both sides");
         assert_eq!(h.metadata.name.as_deref(), Some("web-x-shop-x-vc"));
     }
 

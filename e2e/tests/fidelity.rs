@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use vkube_e2e::{TestEnv, eventually};
@@ -16,10 +16,19 @@ fn condition<'a>(p: &'a Pod, type_: &str) -> Option<&'a str> {
     p.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == type_).map(|c| c.status.as_str())
 }
 
+/// (port, nodePort) of each port, and the health-check node port.
+fn node_ports(s: &Service) -> (Vec<(i32, i32)>, i32) {
+    let spec = s.spec.clone().unwrap_or_default();
+    let ports = spec.ports.iter().flatten().map(|p| (p.port, p.node_port.unwrap_or_default())).collect();
+    (ports, spec.health_check_node_port.unwrap_or_default())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_tenant_sees_its_own_qos_gates_variables_and_schedulable_nodes() {
+async fn the_tenant_sees_its_own_qos_gates_variables_nodes_and_node_ports() {
     let env = TestEnv::start(2).await;
-    let vc = env.virtual_cluster("fidelity").await;
+    let policy =
+        vkube::controlplane::PolicyArgs { allow_node_ports: true, allow_load_balancers: true, ..Default::default() };
+    let vc = env.virtual_cluster_with_policy("fidelity", policy, &[]).await;
     let tr = vc.translator();
     let host = env.client().await;
     let host_pods: Api<Pod> = Api::namespaced(host.clone(), vc.host_namespace());
@@ -113,4 +122,42 @@ spec:
     assert_eq!(ready.map(|c| c.status.as_str()), Some("True"));
     let out = vc.kubectl_ok(&["get", "nodes", "-o", "jsonpath={.items[*].spec.unschedulable}{.items[*].spec.taints}"]);
     assert_eq!(out.trim(), "", "schedulable, untainted virtual nodes");
+
+    // Node ports (allowed here): the same on both sides, as asked for when asked for, and a port
+    // the host has given away refused with the host's reason.
+    let host_services: Api<Service> = Api::namespaced(host.clone(), vc.host_namespace());
+    let vservices: Api<Service> = Api::namespaced(vc.client().await, "default");
+    vc.kubectl_ok(&["create", "service", "nodeport", "np", "--tcp=80:8080"]);
+    vc.kubectl_ok(&["create", "service", "nodeport", "np-chosen", "--tcp=80", "--node-port=30555"]);
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports: [{name: http, port: 80, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]
+"#,
+    );
+    for name in ["np", "np-chosen", "lb"] {
+        let v = vservices.get(name).await.unwrap();
+        let h = host_services.get(&tr.host_name("default", name)).await.unwrap();
+        let (vports, vcheck) = node_ports(&v);
+        assert!(vports.iter().all(|(_, np)| (30000..=32767).contains(np)), "{name}: {vports:?}");
+        assert_eq!((vports.clone(), vcheck), node_ports(&h), "{name}: virtual and host node ports");
+        if name == "np-chosen" {
+            assert_eq!(vports, vec![(80, 30555)], "the node port asked for");
+        }
+        if name == "lb" {
+            assert_ne!(vcheck, 0, "a health-check node port for externalTrafficPolicy Local");
+        }
+    }
+    env.kubectl_ok(&["create", "namespace", "host-apps"]);
+    env.kubectl_ok(&["create", "service", "nodeport", "taken", "-n", "host-apps", "--tcp=80", "--node-port=30556"]);
+    let out = vc.kubectl(&["create", "service", "nodeport", "np-taken", "--tcp=80", "--node-port=30556"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("30556") && stderr.contains("allocated"), "{stderr}");
+    assert!(vc.kubectl(&["get", "svc", "np-taken"]).status.code() != Some(0), "the refused Service exists");
 }

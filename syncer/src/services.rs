@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Endpoints, Service, ServiceSpec};
+use k8s_openapi::api::core::v1::{Endpoints, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch};
 use kube::runtime::reflector::ObjectRef;
@@ -58,6 +58,18 @@ pub const DNS_SERVICE: (&str, &str) = ("kube-system", "kube-dns");
 
 fn cluster_ip(s: &Service) -> Option<&str> {
     s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()).filter(|ip| !ip.is_empty())
+}
+
+fn health_check_node_port(s: &Service) -> Option<i32> {
+    s.spec.as_ref().and_then(|s| s.health_check_node_port).filter(|p| *p != 0)
+}
+
+/// Whether a host copy asks for an address or node port of its own (else the host chooses all).
+fn asks_for_ports(s: &Service) -> bool {
+    let spec = s.spec.as_ref();
+    cluster_ip(s).is_some_and(|ip| ip != "None")
+        || health_check_node_port(s).is_some()
+        || spec.iter().flat_map(|s| s.ports.iter().flatten()).any(|p| p.node_port.is_some_and(|np| np != 0))
 }
 
 /// Whether the managed part of the host copy differs (ClusterIP is immutable and handled apart).
@@ -142,7 +154,10 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
             {
                 adopt(ctx, &h, &uid).await?;
             }
-            if cluster_ip(&h) != cluster_ip(&v) {
+            // Both immutable on the virtual side: a virtual Service that differs is recreated.
+            if cluster_ip(&h) != cluster_ip(&v)
+                || (health_check_node_port(&h).is_some() && health_check_node_port(&h) != health_check_node_port(&v))
+            {
                 return follow_host_ip(ctx, &v, &h).await;
             }
             if differs(&desired, &h) {
@@ -180,27 +195,32 @@ async fn create(ctx: &Context, v: &Service, desired: Service) -> Result<Action> 
     let (ip, ips) = (spec.and_then(|s| s.cluster_ip.as_deref()), spec.and_then(|s| s.cluster_ips.as_deref()));
     if let Err(r) = ctx.policy.check_cluster_ips(ip, ips.unwrap_or_default()) {
         sync::refuse(ctx, KIND, v, &r).await;
-        return sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &without_ip(desired)).await).await;
+        return sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &host_chooses(desired)).await).await;
     }
     match sync::create_host(ctx, KIND, &desired).await {
         Ok(()) => Ok(Action::Done),
-        // The virtual IP is taken (or not valid) on the host: let the host choose, then the
-        // virtual Service follows it.
-        Err(sync::SyncError::HostRefused { code: 422, message, .. }) if cluster_ip(&desired).is_some() => {
+        // The virtual IP or a node port is taken (or not valid) on the host: let the host
+        // choose, then the virtual Service follows it.
+        Err(sync::SyncError::HostRefused { code: 422, message, .. }) if asks_for_ports(&desired) => {
             tracing::info!(service = ?desired.metadata.name, reason = %message, "virtual ClusterIP not available on the host; taking the host's");
-            sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &without_ip(desired)).await).await
+            sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &host_chooses(desired)).await).await
         }
         Err(e) => sync::or_told(ctx, KIND, v, Err(e)).await,
     }
 }
 
-/// The host copy with its address left for the host to choose (headless stays headless).
-fn without_ip(mut desired: Service) -> Service {
-    if let Some(s) = desired.spec.as_mut()
-        && s.cluster_ip.as_deref() != Some("None")
-    {
-        s.cluster_ip = None;
-        s.cluster_ips = None;
+/// The host copy with its address and node ports left for the host to choose (headless stays
+/// headless).
+fn host_chooses(mut desired: Service) -> Service {
+    if let Some(s) = desired.spec.as_mut() {
+        if s.cluster_ip.as_deref() != Some("None") {
+            s.cluster_ip = None;
+            s.cluster_ips = None;
+        }
+        s.health_check_node_port = None;
+        for p in s.ports.iter_mut().flatten() {
+            p.node_port = None;
+        }
     }
     desired
 }
@@ -213,7 +233,8 @@ async fn adopt(ctx: &Context, h: &Service, uid: &str) -> Result<()> {
     Ok(())
 }
 
-/// Recreates the virtual Service with the host copy's ClusterIP (the only one pods can reach).
+/// Recreates the virtual Service with the host copy's ClusterIP (the only one pods can reach)
+/// and node ports.
 /// The host copy is marked pending first, so the brief absence of the virtual object is not
 /// taken for a deletion.
 async fn follow_host_ip(ctx: &Context, v: &Service, h: &Service) -> Result<Action> {
@@ -231,6 +252,12 @@ async fn follow_host_ip(ctx: &Context, v: &Service, h: &Service) -> Result<Actio
     if let (Some(s), Some(hs)) = (next.spec.as_mut(), h.spec.as_ref()) {
         s.cluster_ip = hs.cluster_ip.clone();
         s.cluster_ips = hs.cluster_ips.clone();
+        s.health_check_node_port = hs.health_check_node_port;
+        s.ports = hs.ports.clone().map(|ports| {
+            // The host copy's ports with the tenant's names and targets (the same list, in order).
+            let own = s.ports.clone().unwrap_or_default();
+            ports.into_iter().zip(own).map(|(h, v)| ServicePort { node_port: h.node_port, ..v }).collect()
+        });
     }
     vapi.create(&sync::post_params(), &next).await?;
     ctx.metrics.wrote(KIND, "recreate_virtual");
