@@ -123,6 +123,46 @@ spec:
     let out = vc.kubectl_ok(&["get", "nodes", "-o", "jsonpath={.items[*].spec.unschedulable}{.items[*].spec.taints}"]);
     assert_eq!(out.trim(), "", "schedulable, untainted virtual nodes");
 
+    // A ConfigMap whose host name a host object not ours holds: the pod reading it never starts.
+    let foreign = tr.host_name("default", "settings");
+    env.apply(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {foreign}, namespace: {}}}\ndata: {{owner: host-admin}}\n",
+        vc.host_namespace()
+    ));
+    vc.kubectl_ok(&["create", "configmap", "settings", "--from-literal=owner=tenant"]);
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: reader}
+spec:
+  containers: [{name: app, image: nginx, envFrom: [{configMapRef: {name: settings}}]}]
+"#,
+    );
+    let warned = eventually("a HostNameConflict Warning on the pod", Duration::from_secs(30), || async {
+        let events = vc.kubectl_ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=reader,reason=HostNameConflict",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ]);
+        Ok((!events.trim().is_empty()).then_some(events))
+    })
+    .await;
+    assert!(warned.contains("settings") && warned.contains("not started"), "{warned}");
+    assert!(
+        host_pods.get_opt(&tr.host_name("default", "reader")).await.unwrap().is_none(),
+        "the pod started on the host"
+    );
+    assert_eq!(phase(&vpods.get("reader").await.unwrap()), Some("Pending"));
+    let kept = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(host.clone(), vc.host_namespace())
+        .get(&foreign)
+        .await
+        .unwrap();
+    assert_eq!(kept.data.unwrap()["owner"], "host-admin", "the foreign object is left alone");
+
     // Node ports (allowed here): the same on both sides, as asked for when asked for, and a port
     // the host has given away refused with the host's reason.
     let host_services: Api<Service> = Api::namespaced(host.clone(), vc.host_namespace());

@@ -163,6 +163,13 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
             return Ok(Action::Done);
         }
     };
+    if let Some(conflict) = foreign_reference(ctx, v).await? {
+        let msg = format!(
+            "{conflict}; the pod is not started until it is (its data would be what the pod reads): rename the object in this cluster, or ask the host admin"
+        );
+        sync::warn(ctx, v, "HostNameConflict", &msg).await;
+        return Ok(Action::RequeueAfter(Duration::from_secs(60)));
+    }
     for (secret, audience) in translate::token_secrets(&ctx.tr, v) {
         let ensured = crate::tokens::ensure(ctx, v, &secret, audience.as_deref()).await;
         if let Err(sync::SyncError::Collision(_)) = ensured {
@@ -176,6 +183,38 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         ensured?;
     }
     sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &desired).await).await
+}
+
+/// A ConfigMap or Secret the pod refers to whose host name a host object not of this cluster
+/// holds (the host's kubelet would give the pod that object's data), described; `None` when
+/// every reference is ours or not on the host yet. Only names not in our stores are looked up,
+/// and only their metadata is read.
+async fn foreign_reference(ctx: &Context, v: &Pod) -> Result<Option<String>> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let ns = v.metadata.namespace.as_deref().unwrap_or_default();
+    for (kind, name) in refs::pod_refs(v) {
+        let host_name = ctx.tr.host_name(ns, &name);
+        let (kind, found) = match kind {
+            RefKind::ConfigMap if sync::host_get(ctx.stores.host::<ConfigMap>(), ctx, &host_name).is_none() => {
+                let api: Api<ConfigMap> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+                (<ConfigMap as SyncedKind>::KIND, api.get_metadata_opt(&host_name).await?.map(|m| m.metadata))
+            }
+            RefKind::Secret if sync::host_get(ctx.stores.host::<Secret>(), ctx, &host_name).is_none() => {
+                let api: Api<Secret> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+                (<Secret as SyncedKind>::KIND, api.get_metadata_opt(&host_name).await?.map(|m| m.metadata))
+            }
+            _ => continue,
+        };
+        if let Some(meta) = found
+            && ctx.tr.owner(&meta).filter(|o| o.is(kind, ns, &name)).is_none()
+        {
+            return Ok(Some(format!(
+                "{kind} {name:?}: the host {kind} {}/{host_name} is not managed by this virtual cluster",
+                ctx.host_ns()
+            )));
+        }
+    }
+    Ok(None)
 }
 
 fn pod_env<'a>(
