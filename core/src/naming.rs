@@ -110,6 +110,27 @@ impl Translator {
         }
     }
 
+    /// Whether a host label or annotation key is one the syncer writes (its own contract, the
+    /// tenant domain, the admin's verbatim keys); any other was added on the host (an admission
+    /// webhook, a controller) and is left there.
+    pub fn writes_key(&self, key: &str) -> bool {
+        is_reserved_key(key) || self.is_verbatim(key)
+    }
+
+    /// Gives `desired` the labels and annotations of `current` the syncer does not write, so an
+    /// update keeps what the host's own machinery added instead of fighting it.
+    pub fn keep_host_keys(&self, desired: &mut ObjectMeta, current: &ObjectMeta) {
+        for (want, have) in [(&mut desired.labels, &current.labels), (&mut desired.annotations, &current.annotations)] {
+            let added: Vec<(&String, &String)> = have.iter().flatten().filter(|(k, _)| !self.writes_key(k)).collect();
+            if !added.is_empty() {
+                let want = want.get_or_insert_with(Default::default);
+                for (k, v) in added {
+                    want.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+    }
+
     fn is_verbatim(&self, key: &str) -> bool {
         self.verbatim.iter().any(|k| match k.strip_suffix("/*") {
             Some(prefix) => key.split_once('/').is_some_and(|(p, _)| p == prefix),
@@ -294,6 +315,24 @@ fn is_reserved_prefix(prefix: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn keys_the_host_added_are_kept_and_ours_follow_the_tenant() {
+        let tr = Translator::new("vc", "host-ns").with_verbatim_keys(vec!["team".into()]);
+        let meta = |labels: serde_json::Value| -> ObjectMeta {
+            serde_json::from_value(serde_json::json!({"labels": labels})).unwrap()
+        };
+        let current = meta(serde_json::json!({
+            "vkube.dev/cluster": "vc", "t.vkube.dev/app": "old", "team": "a",
+            "sidecar.istio.io/inject": "true", "webhook.corp/added": "yes"}));
+        let mut desired = meta(serde_json::json!({"vkube.dev/cluster": "vc", "t.vkube.dev/app": "new"}));
+        tr.keep_host_keys(&mut desired, &current);
+        let got = desired.labels.unwrap();
+        assert_eq!(got["t.vkube.dev/app"], "new", "ours follow the tenant");
+        assert_eq!(got["webhook.corp/added"], "yes", "the host's stay");
+        assert_eq!(got["sidecar.istio.io/inject"], "true");
+        assert!(!got.contains_key("team"), "a verbatim key is ours: the tenant removed it");
+    }
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 

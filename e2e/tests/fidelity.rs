@@ -108,6 +108,43 @@ spec:
     .await;
     assert_eq!(condition(&back, "example.com/load-balancer"), Some("True"), "the tenant's condition stays");
 
+    // Labels and annotations the host's machinery adds (a host-side patch standing in for a
+    // mutating webhook) stay on the host copies when the tenant changes its own.
+    let added =
+        json!({"metadata": {"labels": {"webhook.corp/added": "yes"}, "annotations": {"webhook.corp/note": "kept"}}});
+    let svc_host_name = tr.host_name("default", "my-svc");
+    let host_svcs: Api<Service> = Api::namespaced(host.clone(), vc.host_namespace());
+    host_pods.patch(&host_name, &PatchParams::default(), &Patch::Merge(&added)).await.unwrap();
+    host_svcs.patch(&svc_host_name, &PatchParams::default(), &Patch::Merge(&added)).await.unwrap();
+    vc.kubectl_ok(&["label", "pod", "plain", "extra=1"]);
+    vc.kubectl_ok(&["label", "service", "my-svc", "extra=1"]);
+    let kept = |meta: &kube::api::ObjectMeta| {
+        let (l, a) = (meta.labels.clone().unwrap_or_default(), meta.annotations.clone().unwrap_or_default());
+        l.get("webhook.corp/added").map(String::as_str) == Some("yes")
+            && a.get("webhook.corp/note").map(String::as_str) == Some("kept")
+    };
+    let tenant =
+        |meta: &kube::api::ObjectMeta| meta.labels.as_ref().is_some_and(|l| l.contains_key("t.vkube.dev/extra"));
+    eventually("the tenant's new label on the host pod, the host's kept", Duration::from_secs(30), || async {
+        let h = host_pods.get(&host_name).await.map_err(|e| e.to_string())?;
+        if tenant(&h.metadata) && !kept(&h.metadata) {
+            return Err(format!("the host's keys were removed: {:?}", h.metadata.labels));
+        }
+        Ok(tenant(&h.metadata).then_some(()))
+    })
+    .await;
+    eventually("the tenant's new label on the host Service, the host's kept", Duration::from_secs(30), || async {
+        let h = host_svcs.get(&svc_host_name).await.map_err(|e| e.to_string())?;
+        if tenant(&h.metadata) && !kept(&h.metadata) {
+            return Err(format!("the host's keys were removed: {:?}", h.metadata.labels));
+        }
+        Ok(tenant(&h.metadata).then_some(()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(kept(&host_pods.get(&host_name).await.unwrap().metadata), "the host pod's added keys");
+    assert!(kept(&host_svcs.get(&svc_host_name).await.unwrap().metadata), "the host Service's added keys");
+
     // The virtual node: the host node's conditions, and no stale not-ready taint.
     let node_name = running.spec.as_ref().and_then(|s| s.node_name.clone()).expect("bound");
     let nodes: Api<Node> = Api::all(vc.client().await);

@@ -122,6 +122,8 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
             return Ok(Action::RequeueAfter(after_delete(h.as_ref())));
         }
         HostCopy::Ours(h) => {
+            let mut desired = desired;
+            ctx.tr.keep_host_keys(desired.meta_mut(), h.meta());
             if M::differs(&desired, &h) {
                 if M::needs_recreate(&h) {
                     sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;

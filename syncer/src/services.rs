@@ -160,6 +160,8 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
             {
                 return follow_host_ip(ctx, &v, &h).await;
             }
+            let mut desired = desired;
+            ctx.tr.keep_host_keys(&mut desired.metadata, &h.metadata);
             if differs(&desired, &h) {
                 let mut next = desired;
                 // Keep what the host allocated.

@@ -282,7 +282,7 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
     // Environment variables and affinity cannot change after creation: no service links or
     // namespace labels to gather here (this runs for every pod at every resync).
     // Node affinity cannot change either: no nodes to look up (what is dropped was told at creation).
-    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[], &[], &|_| false), v) {
+    let mut desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[], &[], &|_| false), v) {
         Ok(t) => t.pod,
         // Something added since creation (an ephemeral container) breaks the policy: it stays
         // off the host, and the tenant is told.
@@ -291,6 +291,8 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
             return Ok(());
         }
     };
+    // What the host's own machinery added stays (no fight with its webhooks and controllers).
+    ctx.tr.keep_host_keys(&mut desired.metadata, &h.metadata);
     let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let pp = sync::patch_params();
     let name = h.metadata.name.as_deref().unwrap_or_default();
