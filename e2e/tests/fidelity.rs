@@ -36,7 +36,7 @@ async fn the_tenant_sees_its_own_qos_gates_variables_nodes_and_node_ports() {
 
     // A host admin's LimitRange with defaults: a BestEffort virtual pod's host copy is Burstable.
     env.apply(&format!(
-        "apiVersion: v1\nkind: LimitRange\nmetadata: {{name: defaults, namespace: {}}}\nspec:\n  limits:\n  - type: Container\n    default: {{cpu: 200m, memory: 128Mi}}\n    defaultRequest: {{cpu: 100m, memory: 64Mi}}\n",
+        "apiVersion: v1\nkind: LimitRange\nmetadata: {{name: defaults, namespace: {}}}\nspec:\n  limits:\n  - type: Container\n    default: {{cpu: 200m, memory: 128Mi}}\n    defaultRequest: {{cpu: 100m, memory: 64Mi}}\n    max: {{memory: 1Gi}}\n",
         vc.host_namespace()
     ));
     vc.kubectl_ok(&["create", "service", "clusterip", "my-svc", "--tcp=8080"]);
@@ -200,6 +200,35 @@ spec:
         .unwrap();
     assert_eq!(kept.data.unwrap()["owner"], "host-admin", "the foreign object is left alone");
 
+    // A pod the host refuses (over its LimitRange's max): the tenant is told the host's reason,
+    // and the refusal is counted.
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: big}
+spec:
+  containers: [{name: app, image: nginx, resources: {limits: {memory: 2Gi}}}]
+"#,
+    );
+    let refused = eventually("a HostRefused Warning on the pod", Duration::from_secs(30), || async {
+        let events = vc.kubectl_ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=big,reason=HostRefused",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ]);
+        Ok((!events.trim().is_empty()).then_some(events))
+    })
+    .await;
+    assert!(refused.contains("maximum memory usage per Container is 1Gi"), "the host's reason: {refused}");
+    assert!(!refused.contains(vc.host_namespace()), "no host names: {refused}");
+    let metrics = vc.client().await.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap();
+    assert!(metrics.contains(r#"host_refused_total{kind="Pod",reason="forbidden"}"#), "{metrics}");
+    assert!(host_pods.get_opt(&tr.host_name("default", "big")).await.unwrap().is_none());
+
     // Node ports (allowed here): the same on both sides, as asked for when asked for, and a port
     // the host has given away refused with the host's reason.
     let host_services: Api<Service> = Api::namespaced(host.clone(), vc.host_namespace());
@@ -231,6 +260,21 @@ spec:
             assert_ne!(vcheck, 0, "a health-check node port for externalTrafficPolicy Local");
         }
     }
+    // A load balancer's address, given by the host's controller, shows on the virtual Service.
+    let lb_host = tr.host_name("default", "lb");
+    host_services
+        .patch_status(
+            &lb_host,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}})),
+        )
+        .await
+        .unwrap();
+    eventually("the load balancer's address on the virtual Service", Duration::from_secs(30), || async {
+        let out = vc.kubectl_ok(&["get", "svc", "lb", "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"]);
+        Ok((out.trim() == "203.0.113.7").then_some(()))
+    })
+    .await;
     env.kubectl_ok(&["create", "namespace", "host-apps"]);
     env.kubectl_ok(&["create", "service", "nodeport", "taken", "-n", "host-apps", "--tcp=80", "--node-port=30556"]);
     let out = vc.kubectl(&["create", "service", "nodeport", "np-taken", "--tcp=80", "--node-port=30556"]);
