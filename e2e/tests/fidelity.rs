@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 use vkube_e2e::{TestEnv, eventually};
 
@@ -28,9 +29,35 @@ async fn the_tenant_sees_its_own_qos_gates_variables_nodes_and_node_ports() {
     let env = TestEnv::start(2).await;
     let policy =
         vkube::controlplane::PolicyArgs { allow_node_ports: true, allow_load_balancers: true, ..Default::default() };
-    let vc = env.virtual_cluster_with_policy("fidelity", policy, &[]).await;
+    let vc = env.virtual_cluster_with_policy("fidelity", policy, &["--sync-all-nodes"]).await;
     let tr = vc.translator();
     let host = env.client().await;
+
+    // With --sync-all-nodes the host nodes show from the start, before any pod lands.
+    let host_nodes: Vec<String> = Api::<Node>::all(host.clone())
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
+    let vnodes: Api<Node> = Api::all(vc.client().await);
+    eventually("every host node as a virtual node, before any pod", Duration::from_secs(30), || async {
+        let mut names: Vec<String> = vnodes
+            .list(&Default::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .iter()
+            .map(|n| n.name_any())
+            .collect();
+        names.sort();
+        let mut want = host_nodes.clone();
+        want.sort();
+        Ok((names == want).then_some(()))
+    })
+    .await;
     let host_pods: Api<Pod> = Api::namespaced(host.clone(), vc.host_namespace());
     let vpods: Api<Pod> = Api::namespaced(vc.client().await, "default");
 
@@ -281,4 +308,32 @@ spec:
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("30556") && stderr.contains("allocated"), "{stderr}");
     assert!(vc.kubectl(&["get", "svc", "np-taken"]).status.code() != Some(0), "the refused Service exists");
+
+    // A DaemonSet gets a pod on every node it sees, each on that host node.
+    vc.apply(
+        r#"
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec: {containers: [{name: agent, image: nginx}]}
+"#,
+    );
+    let placed = eventually("a DaemonSet pod on each host node", Duration::from_secs(60), || async {
+        let list = host_pods
+            .list(&ListParams::default().labels("t.vkube.dev/app=agent"))
+            .await
+            .map_err(|e| e.to_string())?
+            .items;
+        let mut nodes: Vec<String> = list.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+        nodes.sort();
+        let mut want = host_nodes.clone();
+        want.sort();
+        Ok((nodes == want).then_some(nodes))
+    })
+    .await;
+    assert_eq!(placed.len(), host_nodes.len());
 }

@@ -31,6 +31,9 @@ pub struct Options {
     /// Copy NetworkPolicies to the host (confined to the cluster); off, tenants are told they are
     /// not enforced.
     pub sync_network_policies: bool,
+    /// Show every host node the admin's node selector allows as a virtual node from the start,
+    /// not only those running this cluster's pods.
+    pub sync_all_nodes: bool,
     /// Reconciles running at once per kind.
     pub concurrency: usize,
     /// ClusterIP of the host Service in front of the API proxy (`kubernetes.default` for pods).
@@ -101,6 +104,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// ClusterIP of the virtual cluster's DNS Service, once it is synced.
     pub dns_ip: RwLock<Option<String>>,
+    /// With `sync_all_nodes`: the host nodes the admin's node selector allows, as last listed.
+    pub host_nodes: RwLock<std::collections::BTreeSet<String>>,
     /// Host events up to this time are mirrored (best effort, as events are).
     pub events_mark: RwLock<Option<k8s_openapi::jiff::Timestamp>>,
     pub metrics: Metrics,

@@ -133,6 +133,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         queues: Queues { kinds: queues, tokens: tokens_q, nodes: nodes_q, events: events_q },
         recorder: Recorder::new(virt.clone(), Reporter { controller: "vkube-syncer".into(), instance: None }),
         dns_ip: Default::default(),
+        host_nodes: Default::default(),
         events_mark: Default::default(),
         metrics,
         health: cfg.health,
@@ -189,6 +190,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         // its pods.
         spawn_worker(&mut running, events_w, 2, c.clone(), |c, k| async move { events::reconcile(&c, k).await });
         c.queues.of::<Service>().add(("default".into(), "kubernetes".into()));
+        if c.opts.sync_all_nodes {
+            let lister = c.clone();
+            running.spawn(async move { nodes::list_host_nodes(&lister, Duration::from_secs(60)).await });
+        }
         if c.opts.events_mark_service.is_some() {
             let marker = c.clone();
             running.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });

@@ -162,10 +162,41 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option
     Ok(())
 }
 
-/// Removes a virtual node no pod is bound to any more (only nodes the syncer made).
+/// With `--sync-all-nodes`: every `every`, the host nodes the admin's node selector allows
+/// become `ctx.host_nodes`, and those that came or went are reconciled (a virtual node each).
+/// Never returns; a failed list is logged and tried again.
+pub async fn list_host_nodes(ctx: &Context, every: std::time::Duration) {
+    let selector: Vec<String> = ctx.policy.scheduling.node_selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let params = kube::api::ListParams::default().labels(&selector.join(","));
+    let api: Api<Node> = Api::all(ctx.host.clone());
+    loop {
+        match api.list_metadata(&params).await {
+            Ok(list) => {
+                let now: std::collections::BTreeSet<String> =
+                    list.items.into_iter().filter_map(|n| n.metadata.name).collect();
+                let before =
+                    std::mem::replace(&mut *ctx.host_nodes.write().unwrap_or_else(|e| e.into_inner()), now.clone());
+                for name in now.symmetric_difference(&before) {
+                    ctx.queues.nodes.add(name.clone());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "listing host nodes failed (--sync-all-nodes needs list on nodes); retrying")
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Whether a virtual node should exist: pods are bound to it, or it is a host node shown to all.
+fn wanted(ctx: &Context, name: &str) -> bool {
+    ctx.refs.is_used(RefKind::Node, "", name) || ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).contains(name)
+}
+
+/// Removes a virtual node no longer wanted (only nodes the syncer made).
 pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
     let node = ctx.stores.vnodes.get(&ObjectRef::new(&name));
-    let used = ctx.refs.is_used(RefKind::Node, "", &name);
+    let used = wanted(ctx, &name);
     match node {
         Some(n) if !used && n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
             // A node is made just before the first pod is bound to it: give the binding time to

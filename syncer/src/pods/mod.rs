@@ -243,9 +243,12 @@ fn pins_nodes(v: &Pod) -> bool {
 }
 
 /// The host nodes this cluster's pods run on, as the host says (not the virtual nodes, which the
-/// tenant can create at will).
+/// tenant can create at will), and with `--sync-all-nodes` those the admin's selector allows.
 fn pod_nodes(ctx: &Context) -> std::collections::BTreeSet<String> {
-    ctx.stores.host::<Pod>().state().iter().filter_map(|p| p.load().spec.and_then(|s| s.node_name)).collect()
+    let mut nodes: std::collections::BTreeSet<String> =
+        ctx.stores.host::<Pod>().state().iter().filter_map(|p| p.load().spec.and_then(|s| s.node_name)).collect();
+    nodes.extend(ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+    nodes
 }
 
 /// The Service variables the virtual pod gets (unless it turned service links off), from the

@@ -310,6 +310,11 @@ pub struct SyncArgs {
     /// allowances: a tenant can then open its own pods as far as its policies say.
     #[arg(long, env = "VKUBE_SYNC_NETWORK_POLICIES")]
     pub sync_network_policies: bool,
+    /// Show every host node the admin's node selector allows as a virtual node from the start
+    /// (names, placement labels, capacity, conditions), not only those running this cluster's
+    /// pods; DaemonSets then get a pod on each. Needs `list` on host nodes.
+    #[arg(long, env = "VKUBE_SYNC_ALL_NODES")]
+    pub sync_all_nodes: bool,
     #[arg(long, env = "VKUBE_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
     /// Reconciles running at once, per kind.
@@ -513,6 +518,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         sync_all_secrets: args.sync.sync_all_secrets,
         sync_all_claims: args.sync.sync_all_claims,
         sync_network_policies: args.sync.sync_network_policies,
+        sync_all_nodes: args.sync.sync_all_nodes,
         concurrency: args.sync.sync_concurrency.max(1),
         api_ip: api_ip.to_string(),
         recreate_lost_pods: resuming,
