@@ -64,6 +64,16 @@ impl Proxy {
             spec.cluster_ip = requested_ip.filter(|ip| !ip.is_empty());
             spec.cluster_ips = None;
         }
+        if !self.policy.allow_node_port_choice
+            && (!requested.node_ports.is_empty() || requested.health_check_node_port.is_some())
+        {
+            return Err(ProxyError::Invalid(format!(
+                "Service \"{}\" is invalid: spec.ports[*].nodePort, spec.healthCheckNodePort: Forbidden: node ports \
+                 are chosen by the host in this virtual cluster; leave them empty (the platform admin can let tenants \
+                 choose them: policy.allowNodePortChoice)",
+                name(&svc)
+            )));
+        }
         // Node ports as asked for: the dry run's are the virtual API server's choice, not the host's.
         set_node_ports(&mut svc, &requested.node_ports, requested.health_check_node_port);
 

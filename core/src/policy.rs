@@ -56,6 +56,9 @@ pub struct Policy {
     pub pod_security: PodSecurityLevel,
     pub allow_node_ports: bool,
     pub allow_load_balancers: bool,
+    /// Let tenants choose their node ports (and health-check node ports) by hand; else the host
+    /// chooses, so no tenant can take a port the host's admin or another team counts on.
+    pub allow_node_port_choice: bool,
     /// Inline CSI volume drivers tenants may use (none unless the admin lists them).
     pub csi_drivers: Vec<String>,
     pub scheduling: Scheduling,

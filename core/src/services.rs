@@ -3,7 +3,7 @@
 //! virtual Service (marked [`PENDING_UID`](crate::contract::PENDING_UID)); the syncer keeps it in
 //! step afterwards.
 
-use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 
 use crate::naming::Translator;
 use crate::policy::{Policy, Refusal};
@@ -11,7 +11,8 @@ use crate::policy::{Policy, Refusal};
 pub const KIND: &str = "Service";
 
 /// The host copy of a virtual Service (pure). Node ports and the health-check node port are the
-/// virtual Service's (the proxy gives it the host's; a port taken on the host is refused there).
+/// virtual Service's where the policy lets tenants choose them (a port taken on the host is
+/// refused there), else left for the host to choose.
 pub fn host_service(tr: &Translator, policy: &Policy, v: &Service) -> Result<Service, Refusal> {
     let vs = v.spec.clone().unwrap_or_default();
     policy.check_service(&vs)?;
@@ -19,9 +20,13 @@ pub fn host_service(tr: &Translator, policy: &Policy, v: &Service) -> Result<Ser
     let selector = vs.selector.as_ref().filter(|s| !s.is_empty()).map(|s| tr.host_selector(ns, s));
     let spec = ServiceSpec {
         type_: vs.type_,
-        ports: vs.ports,
+        ports: vs.ports.map(|ps| {
+            ps.into_iter()
+                .map(|p| ServicePort { node_port: p.node_port.filter(|_| policy.allow_node_port_choice), ..p })
+                .collect()
+        }),
         selector,
-        health_check_node_port: vs.health_check_node_port,
+        health_check_node_port: vs.health_check_node_port.filter(|_| policy.allow_node_port_choice),
         cluster_ip: vs.cluster_ip.clone().filter(|ip| !ip.is_empty()),
         cluster_ips: vs.cluster_ips.clone().filter(|ips| !ips.is_empty()),
         ip_families: vs.ip_families,
@@ -55,14 +60,17 @@ mod tests {
         let v = svc(serde_json::json!({
             "metadata": {"name": "web", "namespace": "shop", "uid": "u"},
             "spec": {"clusterIP": "10.96.3.4", "selector": {"app": "web"}, "ports": [{"port": 80, "nodePort": 30001}]}}));
-        let h = host_service(&tr, &Policy::default(), &v).unwrap();
+        let chooser = Policy { allow_node_port_choice: true, ..Default::default() };
+        let h = host_service(&tr, &chooser, &v).unwrap();
         let s = h.spec.unwrap();
         assert_eq!(s.cluster_ip.as_deref(), Some("10.96.3.4"));
         let sel = s.selector.unwrap();
         assert_eq!(sel["t.vkube.dev/app"], "web");
         assert_eq!(sel["vkube.dev/namespace"], "shop");
         assert_eq!(sel["vkube.dev/cluster"], "vc");
-        assert_eq!(s.ports.unwrap()[0].node_port, Some(30001), "the same node port on both sides");
+        assert_eq!(s.ports.unwrap()[0].node_port, Some(30001), "the node port chosen, where allowed");
+        let host_chooses = host_service(&tr, &Policy::default(), &v).unwrap().spec.unwrap();
+        assert_eq!(host_chooses.ports.unwrap()[0].node_port, None, "else the host chooses");
         assert_eq!(h.metadata.name.as_deref(), Some("web-x-shop-x-vc"));
     }
 

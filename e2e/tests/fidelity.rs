@@ -27,8 +27,12 @@ fn node_ports(s: &Service) -> (Vec<(i32, i32)>, i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tenant_sees_its_own_qos_gates_variables_nodes_and_node_ports() {
     let env = TestEnv::start(2).await;
-    let policy =
-        vkube::controlplane::PolicyArgs { allow_node_ports: true, allow_load_balancers: true, ..Default::default() };
+    let policy = vkube::controlplane::PolicyArgs {
+        allow_node_ports: true,
+        allow_load_balancers: true,
+        allow_node_port_choice: true,
+        ..Default::default()
+    };
     let vc = env.virtual_cluster_with_policy("fidelity", policy, &["--sync-all-nodes"]).await;
     let tr = vc.translator();
     let host = env.client().await;

@@ -106,6 +106,8 @@ pub struct Context {
     pub dns_ip: RwLock<Option<String>>,
     /// With `sync_all_nodes`: the host nodes the admin's node selector allows, as last listed.
     pub host_nodes: RwLock<std::collections::BTreeSet<String>>,
+    /// When each virtual node was last brought up to date with its host node.
+    pub node_refreshed: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Host events up to this time are mirrored (best effort, as events are).
     pub events_mark: RwLock<Option<k8s_openapi::jiff::Timestamp>>,
     pub metrics: Metrics,

@@ -134,6 +134,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         recorder: Recorder::new(virt.clone(), Reporter { controller: "vkube-syncer".into(), instance: None }),
         dns_ip: Default::default(),
         host_nodes: Default::default(),
+        node_refreshed: Default::default(),
         events_mark: Default::default(),
         metrics,
         health: cfg.health,
@@ -179,6 +180,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             host_pods = c.stores.host::<k8s_openapi::api::core::v1::Pod>().len(),
             "caches ready; syncing"
         );
+        if c.opts.sync_all_nodes {
+            nodes::list_host_nodes_once(&c).await;
+        }
         let n = c.opts.concurrency;
         let mut running = JoinSet::new();
         for spawn in workers {

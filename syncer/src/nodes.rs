@@ -151,6 +151,7 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option
         let mut conditions = s.conditions.unwrap_or_default();
         for c in conditions.iter_mut() {
             c.last_heartbeat_time = None;
+            c.last_transition_time = None;
         }
         serde_json::to_value((s.capacity, s.allocatable, s.addresses, s.node_info, conditions)).unwrap_or_default()
     };
@@ -166,25 +167,30 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option
 /// become `ctx.host_nodes`, and those that came or went are reconciled (a virtual node each).
 /// Never returns; a failed list is logged and tried again.
 pub async fn list_host_nodes(ctx: &Context, every: std::time::Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        list_host_nodes_once(ctx).await;
+    }
+}
+
+/// One listing of the host nodes the admin's node selector allows (see [`list_host_nodes`]);
+/// also run before the pod workers start, so pods pinned to those nodes keep their pins.
+pub async fn list_host_nodes_once(ctx: &Context) {
     let selector: Vec<String> = ctx.policy.scheduling.node_selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let params = kube::api::ListParams::default().labels(&selector.join(","));
-    let api: Api<Node> = Api::all(ctx.host.clone());
-    loop {
-        match api.list_metadata(&params).await {
-            Ok(list) => {
-                let now: std::collections::BTreeSet<String> =
-                    list.items.into_iter().filter_map(|n| n.metadata.name).collect();
-                let before =
-                    std::mem::replace(&mut *ctx.host_nodes.write().unwrap_or_else(|e| e.into_inner()), now.clone());
-                for name in now.symmetric_difference(&before) {
-                    ctx.queues.nodes.add(name.clone());
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "listing host nodes failed (--sync-all-nodes needs list on nodes); retrying")
+    match Api::<Node>::all(ctx.host.clone()).list_metadata(&params).await {
+        Ok(list) => {
+            let now: std::collections::BTreeSet<String> =
+                list.items.into_iter().filter_map(|n| n.metadata.name).collect();
+            let before =
+                std::mem::replace(&mut *ctx.host_nodes.write().unwrap_or_else(|e| e.into_inner()), now.clone());
+            for name in now.symmetric_difference(&before) {
+                ctx.queues.nodes.add(name.clone());
             }
         }
-        tokio::time::sleep(every).await;
+        Err(e) => {
+            tracing::warn!(error = %e, "listing host nodes failed (--sync-all-nodes needs list on nodes); retrying")
+        }
     }
 }
 
@@ -219,7 +225,20 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
         }
         None if used => ensure(ctx, &name).await?,
         Some(n) if n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
-            refresh(ctx, &name, host_node(ctx, &name).await.as_ref(), Some(&n)).await?;
+            // At most once per REFRESH per node, however often the tenant edits it (each refresh
+            // reads the host node).
+            let due = {
+                let mut last = ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner());
+                let now = std::time::Instant::now();
+                let due = last.get(&name).is_none_or(|t| now.duration_since(*t) >= REFRESH);
+                if due {
+                    last.insert(name.clone(), now);
+                }
+                due
+            };
+            if due {
+                refresh(ctx, &name, host_node(ctx, &name).await.as_ref(), Some(&n)).await?;
+            }
             return Ok(Action::RequeueAfter(REFRESH));
         }
         _ => {}

@@ -79,6 +79,7 @@ fn harness() -> Harness {
         recorder: Recorder::new(virt_client, Reporter { controller: "vkube-syncer".into(), instance: None }),
         dns_ip: Default::default(),
         host_nodes: Default::default(),
+        node_refreshed: Default::default(),
         events_mark: Default::default(),
         metrics,
         health: Default::default(),

@@ -94,6 +94,7 @@ fn differs(desired: &Service, current: &Service) -> bool {
             .zip(&ports_c)
             .any(|(a, b)| a.0 != b.0 || a.1 != b.1 || a.3 != b.3 || (a.2.is_some() && a.2 != b.2))
         || d.type_.as_deref().unwrap_or("ClusterIP") != c.type_.as_deref().unwrap_or("ClusterIP")
+        || (d.external_traffic_policy.is_some() && d.external_traffic_policy != c.external_traffic_policy)
 }
 
 /// Whether a pending host copy is still within its creation window.
@@ -154,9 +155,10 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
             {
                 adopt(ctx, &h, &uid).await?;
             }
-            // Both immutable on the virtual side: a virtual Service that differs is recreated.
-            if cluster_ip(&h) != cluster_ip(&v)
-                || (health_check_node_port(&h).is_some() && health_check_node_port(&h) != health_check_node_port(&v))
+            // Neither can change on the virtual side: a virtual Service whose address, or whose
+            // health-check node port (both set), differs from its host copy's is recreated.
+            let (hc_host, hc_virtual) = (health_check_node_port(&h), health_check_node_port(&v));
+            if cluster_ip(&h) != cluster_ip(&v) || (hc_host.is_some() && hc_virtual.is_some() && hc_host != hc_virtual)
             {
                 return follow_host_ip(ctx, &v, &h).await;
             }
@@ -168,7 +170,10 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
                 if let (Some(n), Some(c)) = (next.spec.as_mut(), h.spec.as_ref()) {
                     n.cluster_ip = c.cluster_ip.clone();
                     n.cluster_ips = c.cluster_ips.clone();
-                    n.health_check_node_port = c.health_check_node_port;
+                    // The host's health-check node port while the tenant's Service needs one.
+                    let local = n.external_traffic_policy.as_deref() == Some("Local")
+                        && n.type_.as_deref() == Some("LoadBalancer");
+                    n.health_check_node_port = c.health_check_node_port.filter(|_| local);
                     for p in n.ports.iter_mut().flatten() {
                         p.node_port = c
                             .ports
@@ -204,8 +209,10 @@ async fn create(ctx: &Context, v: &Service, desired: Service) -> Result<Action> 
         // The virtual IP or a node port is taken (or not valid) on the host: let the host
         // choose, then the virtual Service follows it.
         Err(sync::SyncError::HostRefused { code: 422, message, .. }) if asks_for_ports(&desired) => {
-            tracing::info!(service = ?desired.metadata.name, reason = %message, "virtual ClusterIP not available on the host; taking the host's");
-            sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &host_chooses(desired)).await).await
+            tracing::info!(service = ?desired.metadata.name, reason = %message, "virtual ClusterIP or node port not available on the host; taking the host's");
+            // A node port in the way keeps the address (the virtual Service need not be recreated).
+            let retry = if message.contains("odePort") { ports_to_host(desired) } else { host_chooses(desired) };
+            sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &retry).await).await
         }
         Err(e) => sync::or_told(ctx, KIND, v, Err(e)).await,
     }
@@ -213,12 +220,20 @@ async fn create(ctx: &Context, v: &Service, desired: Service) -> Result<Action> 
 
 /// The host copy with its address and node ports left for the host to choose (headless stays
 /// headless).
-fn host_chooses(mut desired: Service) -> Service {
+fn host_chooses(desired: Service) -> Service {
+    let mut desired = ports_to_host(desired);
+    if let Some(s) = desired.spec.as_mut()
+        && s.cluster_ip.as_deref() != Some("None")
+    {
+        s.cluster_ip = None;
+        s.cluster_ips = None;
+    }
+    desired
+}
+
+/// The host copy with its node ports left for the host to choose.
+fn ports_to_host(mut desired: Service) -> Service {
     if let Some(s) = desired.spec.as_mut() {
-        if s.cluster_ip.as_deref() != Some("None") {
-            s.cluster_ip = None;
-            s.cluster_ips = None;
-        }
         s.health_check_node_port = None;
         for p in s.ports.iter_mut().flatten() {
             p.node_port = None;
@@ -255,11 +270,12 @@ async fn follow_host_ip(ctx: &Context, v: &Service, h: &Service) -> Result<Actio
         s.cluster_ip = hs.cluster_ip.clone();
         s.cluster_ips = hs.cluster_ips.clone();
         s.health_check_node_port = hs.health_check_node_port;
-        s.ports = hs.ports.clone().map(|ports| {
-            // The host copy's ports with the tenant's names and targets (the same list, in order).
-            let own = s.ports.clone().unwrap_or_default();
-            ports.into_iter().zip(own).map(|(h, v)| ServicePort { node_port: h.node_port, ..v }).collect()
-        });
+        // The tenant's ports, each with its host copy's node port (matched by port and protocol).
+        let proto = |p: &ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+        for p in s.ports.iter_mut().flatten() {
+            p.node_port =
+                hs.ports.iter().flatten().find(|h| h.port == p.port && proto(h) == proto(p)).and_then(|h| h.node_port);
+        }
     }
     vapi.create(&sync::post_params(), &next).await?;
     ctx.metrics.wrote(KIND, "recreate_virtual");

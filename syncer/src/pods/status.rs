@@ -33,10 +33,29 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod) -> PodStatus {
     s
 }
 
+/// Condition types the host's kubelet and controllers own: a readiness gate naming one (the API
+/// server allows it) is not the tenant's to set on the host copy, where it would fight the
+/// kubelet and make a pod that is not ready look ready.
+const HOST_OWNED_CONDITIONS: &[&str] = &[
+    "Ready",
+    "ContainersReady",
+    "Initialized",
+    "PodScheduled",
+    "PodReadyToStartContainers",
+    "DisruptionTarget",
+    "PodResizePending",
+    "PodResizeInProgress",
+];
+
 /// The condition types a pod's readiness gates name: set by the tenant's controllers on the
 /// virtual pod, carried to the host copy so the host's kubelet counts them.
 pub fn gate_types(pod: &Pod) -> Vec<String> {
-    pod.spec.iter().flat_map(|s| s.readiness_gates.iter().flatten()).map(|g| g.condition_type.clone()).collect()
+    pod.spec
+        .iter()
+        .flat_map(|s| s.readiness_gates.iter().flatten())
+        .map(|g| g.condition_type.clone())
+        .filter(|t| !HOST_OWNED_CONDITIONS.contains(&t.as_str()))
+        .collect()
 }
 
 /// The gate conditions the host copy lacks or has otherwise than the virtual pod (timestamps
@@ -133,5 +152,15 @@ mod tests {
         let mut synced = host.clone();
         synced.status.as_mut().unwrap().conditions = Some(down);
         assert!(gates_down(&virtual_pod, &synced).is_empty());
+
+        // A gate on a condition the kubelet owns is not the tenant's to set on the host.
+        let spoof: Pod = serde_json::from_value(serde_json::json!({
+            "spec": {"containers": [{"name": "app"}], "readinessGates": [{"conditionType": "Ready"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        assert!(gates_down(&spoof, &host).is_empty());
+        let s = virtual_status(&host, &spoof);
+        assert_eq!(s.conditions.unwrap()[0].status, "False", "the host's Ready, not the tenant's");
     }
 }

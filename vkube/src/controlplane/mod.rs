@@ -159,6 +159,10 @@ pub struct PolicyArgs {
     /// Let tenants create LoadBalancer services on the host.
     #[arg(long, env = "VKUBE_ALLOW_LOAD_BALANCERS")]
     pub allow_load_balancers: bool,
+    /// Let tenants choose their node ports by hand (else the host chooses every one).
+    #[arg(long, env = "VKUBE_ALLOW_NODE_PORT_CHOICE")]
+    #[serde(default)]
+    pub allow_node_port_choice: bool,
     /// Inline CSI volume drivers tenants' pods may use (comma-separated; none by default).
     #[arg(long, env = "VKUBE_CSI_DRIVERS", value_delimiter = ',')]
     #[serde(default)]
@@ -233,6 +237,7 @@ impl PolicyArgs {
             pod_security: self.pod_security,
             allow_node_ports: self.allow_node_ports,
             allow_load_balancers: self.allow_load_balancers,
+            allow_node_port_choice: self.allow_node_port_choice,
             csi_drivers: list(&self.csi_drivers),
             scheduling: vkube_core::policy::Scheduling {
                 node_selector,
@@ -251,6 +256,9 @@ impl PolicyArgs {
         let mut args = vec![format!("--pod-security={}", self.pod_security.as_str())];
         if self.allow_node_ports {
             args.push("--allow-node-ports".into());
+        }
+        if self.allow_node_port_choice {
+            args.push("--allow-node-port-choice".into());
         }
         if self.allow_load_balancers {
             args.push("--allow-load-balancers".into());
@@ -275,6 +283,7 @@ impl PolicyArgs {
             format!("--set=policy.podSecurity={}", self.pod_security.as_str()),
             format!("--set=policy.allowNodePorts={}", self.allow_node_ports),
             format!("--set=policy.allowLoadBalancers={}", self.allow_load_balancers),
+            format!("--set=policy.allowNodePortChoice={}", self.allow_node_port_choice),
             format!("--set-json=policy.csiDrivers={}", list(&self.csi_drivers)),
             format!("--set-json=policy.scheduling.tolerations={}", self.host_tolerations),
             format!("--set-json=policy.scheduling.tolerableTaints={}", list(&self.tolerable_taints)),
