@@ -280,6 +280,7 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
             etcd_peer_port: ETCD_PEER,
             apiserver_port: APISERVER,
             service_cidr: CIDR,
+            node_port_range: vkube::controlplane::components::DEFAULT_NODE_PORT_RANGE,
             admission_config: &admission,
             durable: true,
         };

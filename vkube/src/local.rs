@@ -147,6 +147,7 @@ impl LocalControlPlane {
             etcd_peer_port: state.ports.etcd_peer,
             apiserver_port: state.ports.apiserver,
             service_cidr: &service_cidr,
+            node_port_range: components::DEFAULT_NODE_PORT_RANGE,
             admission_config: &admission,
             durable: false,
         };

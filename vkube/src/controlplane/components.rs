@@ -3,6 +3,10 @@
 
 use std::path::Path;
 
+/// Kubernetes' default node-port range (the dev host's; a host with another sets the chart's
+/// `serviceNodePortRange`).
+pub const DEFAULT_NODE_PORT_RANGE: &str = "30000-32767";
+
 /// Where the components listen and keep their data.
 pub struct Layout<'a> {
     pub cert_dir: &'a Path,
@@ -11,6 +15,8 @@ pub struct Layout<'a> {
     pub etcd_peer_port: u16,
     pub apiserver_port: u16,
     pub service_cidr: &'a str,
+    /// The host's node-port range, so a virtual Service can carry its host copy's node ports.
+    pub node_port_range: &'a str,
     /// The admission configuration (Pod Security defaults), see [`admission_config`].
     pub admission_config: &'a Path,
     /// Whether etcd syncs its writes to disk. Off for local control planes (dev and CI
@@ -83,6 +89,7 @@ pub fn apiserver(l: &Layout<'_>) -> Vec<String> {
         format!("--service-account-signing-key-file={}", file(c, "sa.key")),
         // The host's range, so a virtual Service can carry its host copy's ClusterIP.
         format!("--service-cluster-ip-range={}", l.service_cidr),
+        format!("--service-node-port-range={}", l.node_port_range),
         // The tenant may ask for anything; the syncer decides what reaches the host.
         "--allow-privileged=true".into(),
         format!("--requestheader-client-ca-file={}", file(c, "front-proxy-ca.crt")),
