@@ -195,10 +195,7 @@ impl From<Service> for Requested {
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                let np = p.node_port.filter(|np| *np != 0)?;
-                Some((p.port, p.protocol.clone().unwrap_or_else(|| "TCP".into()), np))
-            })
+            .filter_map(|p| asked_port(p.port, p.protocol.as_deref(), p.node_port))
             .collect();
         Requested {
             cluster_ip: spec.cluster_ip,
@@ -207,6 +204,11 @@ impl From<Service> for Requested {
             health_check_node_port: spec.health_check_node_port.filter(|p| *p != 0),
         }
     }
+}
+
+/// A port's node port, if one is asked for, as (port, protocol, node port).
+fn asked_port(port: i32, protocol: Option<&str>, node_port: Option<i32>) -> Option<(i32, String, i32)> {
+    Some((port, protocol.unwrap_or("TCP").to_string(), node_port.filter(|np| *np != 0)?))
 }
 
 /// Gives `svc` the node ports of `from` (by port and protocol; `None` where it has none) and
@@ -289,10 +291,7 @@ fn parse_protobuf(body: &[u8]) -> Result<Requested, String> {
     let node_ports = spec
         .ports
         .iter()
-        .filter_map(|p| {
-            let np = p.node_port.filter(|np| *np != 0)?;
-            Some((p.port.unwrap_or_default(), p.protocol.clone().unwrap_or_else(|| "TCP".into()), np))
-        })
+        .filter_map(|p| asked_port(p.port.unwrap_or_default(), p.protocol.as_deref(), p.node_port))
         .collect();
     Ok(Requested {
         cluster_ip: spec.cluster_ip,

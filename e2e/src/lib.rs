@@ -280,6 +280,23 @@ pub struct VirtualCluster {
 }
 
 impl VirtualCluster {
+    /// Waits for a Warning event on virtual object `object` in `ns` whose message contains
+    /// `needle`.
+    pub async fn warned(&self, ns: &str, object: &str, needle: &str) -> k8s_openapi::api::core::v1::Event {
+        use kube::api::{Api, ListParams};
+        let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(self.client().await, ns);
+        let what = format!("a Warning event on {ns}/{object} containing {needle:?}");
+        eventually(&what, Duration::from_secs(20), || async {
+            let list = api
+                .list(&ListParams::default().fields(&format!("involvedObject.name={object},type=Warning")))
+                .await
+                .map_err(|e| e.to_string())?
+                .items;
+            Ok(list.into_iter().find(|e| e.message.as_deref().is_some_and(|m| m.contains(needle))))
+        })
+        .await
+    }
+
     /// How this cluster's objects are named and marked on the host.
     pub fn translator(&self) -> vkube_syncer::naming::Translator {
         vkube_syncer::naming::Translator::new(self.name(), self.host_namespace())

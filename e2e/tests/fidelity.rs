@@ -207,18 +207,9 @@ spec:
   containers: [{name: app, image: nginx, envFrom: [{configMapRef: {name: settings}}]}]
 "#,
     );
-    let warned = eventually("a HostNameConflict Warning on the pod", Duration::from_secs(30), || async {
-        let events = vc.kubectl_ok(&[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.name=reader,reason=HostNameConflict",
-            "-o",
-            "jsonpath={.items[*].message}",
-        ]);
-        Ok((!events.trim().is_empty()).then_some(events))
-    })
-    .await;
+    let warned = vc.warned("default", "reader", "not started").await;
+    assert_eq!(warned.reason.as_deref(), Some("HostNameConflict"));
+    let warned = warned.message.unwrap_or_default();
     assert!(warned.contains("settings") && warned.contains("not started"), "{warned}");
     assert!(
         host_pods.get_opt(&tr.host_name("default", "reader")).await.unwrap().is_none(),
@@ -242,18 +233,9 @@ spec:
   containers: [{name: app, image: nginx, resources: {limits: {memory: 2Gi}}}]
 "#,
     );
-    let refused = eventually("a HostRefused Warning on the pod", Duration::from_secs(30), || async {
-        let events = vc.kubectl_ok(&[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.name=big,reason=HostRefused",
-            "-o",
-            "jsonpath={.items[*].message}",
-        ]);
-        Ok((!events.trim().is_empty()).then_some(events))
-    })
-    .await;
+    let refused = vc.warned("default", "big", "maximum memory usage").await;
+    assert_eq!(refused.reason.as_deref(), Some("HostRefused"));
+    let refused = refused.message.unwrap_or_default();
     assert!(refused.contains("maximum memory usage per Container is 1Gi"), "the host's reason: {refused}");
     assert!(!refused.contains(vc.host_namespace()), "no host names: {refused}");
     let metrics = vc.client().await.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap();
