@@ -119,7 +119,7 @@ affinity:
 // helm lint and the schema
 
 #[test]
-fn helm_lint_passes_and_requires_the_service_cidr() {
+fn helm_lint_passes_with_the_defaults_and_template_asks_for_the_service_cidr() {
     let up = upstream();
     let values = values_file(NON_DEFAULT_VALUES);
     for extra in [vec!["--set", "serviceCIDR=10.96.0.0/16"], vec!["-f", path_str(values.path())]] {
@@ -130,9 +130,13 @@ fn helm_lint_passes_and_requires_the_service_cidr() {
         eprintln!("helm lint {extra:?}: {:.2} s", started.elapsed().as_secs_f64());
     }
 
-    let out = helm(&up, &["lint", &chart_str()]);
-    assert!(!out.status.success(), "lint without serviceCIDR must fail:\n{}", text(&out));
-    assert!(text(&out).contains("missing property 'serviceCIDR'"), "the schema's message: {}", text(&out));
+    // The defaults lint: the service range is looked up at install time.
+    let out = helm(&up, &["lint", "--strict", &chart_str()]);
+    assert!(out.status.success(), "helm lint with the defaults failed:\n{}", text(&out));
+    // `helm template` cannot look it up: a clear error that says how to give it.
+    let out = template_out(&up, NAME, &[]);
+    assert!(!out.status.success(), "helm template without serviceCIDR must fail:\n{}", text(&out));
+    assert!(text(&out).contains("--set serviceCIDR="), "the error says what to do: {}", text(&out));
 }
 
 #[test]
@@ -243,6 +247,26 @@ async fn rendered_manifests_are_accepted_by_the_host_api_server() {
             assert!(!stdout.contains(a.as_str()), "{what}: {a} must not be rendered:\n{stdout}");
         }
     }
+
+    // A plain `helm install` with no values: the service range is the host's, looked up.
+    let cidr = vkube::local::host_service_cidr(&env.client().await).await.expect("host service range");
+    let (release, ns) = ("team-a", "vkube-team-a");
+    let kubeconfig = path_str(&env.host.kubeconfig);
+    let install = ["install", release, &chart_str(), "-n", ns, "--create-namespace", "--kubeconfig", kubeconfig];
+    let out = helm(up, &install);
+    assert!(out.status.success(), "plain helm install failed:\n{}", text(&out));
+    let args = env.kubectl_ok(&[
+        "get",
+        "statefulset",
+        release,
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[*].args}",
+    ]);
+    assert!(args.contains(&format!("--service-cluster-ip-range={cidr}")), "the host's range {cidr} in: {args}");
+    let out = helm(up, &["uninstall", release, "-n", ns, "--kubeconfig", kubeconfig]);
+    assert!(out.status.success(), "helm uninstall failed:\n{}", text(&out));
 }
 
 /// A rendering and the objects it must and must not contain.

@@ -45,8 +45,37 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/* Where `vkube prepare` writes certificates, admission.yaml and controller-manager.kubeconfig. */}}
 {{- define "vkube.certDir" -}}/pki{{- end -}}
 
+{{/*
+The host's Service IP range: the value if given, else the first IPv4 range of the host's
+ServiceCIDR objects ("kubernetes" first), looked up at install time with the installer's own
+credentials. `helm lint` cannot look up (and sets neither IsInstall nor IsUpgrade): it renders a
+placeholder. `helm template` cannot either: it fails and says how to give the value.
+*/}}
 {{- define "vkube.serviceCIDR" -}}
-{{- required "serviceCIDR is required: the host's Service IP range, e.g. --set serviceCIDR=10.96.0.0/16 (`vkube create` sets it)" .Values.serviceCIDR -}}
+{{- if .Values.serviceCIDR -}}
+{{- .Values.serviceCIDR -}}
+{{- else -}}
+{{- $found := "" -}}
+{{- $list := lookup "networking.k8s.io/v1" "ServiceCIDR" "" "" -}}
+{{- range $pass := list "kubernetes" "" -}}
+{{- range ($list.items | default list) -}}
+{{- if and (not $found) (or (eq $pass "") (eq .metadata.name $pass)) -}}
+{{- range (.spec.cidrs | default list) -}}
+{{- if and (not $found) (not (contains ":" .)) -}}
+{{- $found = . -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $found -}}
+{{- $found -}}
+{{- else if or .Release.IsInstall .Release.IsUpgrade -}}
+{{- fail "serviceCIDR: the host's Service IP range could not be looked up (no IPv4 ServiceCIDR object readable on the host, or `helm template` / --dry-run=client, which cannot look up): give it, e.g. --set serviceCIDR=$(kubectl get servicecidr kubernetes -o jsonpath='{.spec.cidrs[0]}')" -}}
+{{- else -}}
+looked-up-at-install
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* A map as key=value pairs, comma-separated (sorted, as range sorts map keys). */}}
