@@ -213,6 +213,12 @@ async fn connect_through_a_port_forward() {
         server.contains("https://127.0.0.1:") && !server.contains(&format!(":{proxy_port}")),
         "the kubeconfig goes through the forward"
     );
+
+    // With a command: the forward serves it and stops with it.
+    let kubectl_bin = up.kubectl().display().to_string();
+    let out = cli.run(&["connect", "far", "--port-forward", "--", &kubectl_bin, "get", "ns", "default", "-o", "name"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "namespace/default");
     cli.ok(&["delete", "far"]);
 }
 
@@ -257,6 +263,22 @@ async fn the_chart_path_installs_lists_pauses_and_deletes() {
     let c = listed.as_array().unwrap().iter().find(|c| c["name"] == "team-c").expect("listed");
     assert_eq!(c["mode"], "chart");
     assert_eq!(c["endpoint"], "https://team-c.vkube-team-c.svc:443");
+    let k8s = vkube_localenv::upstream::versions().kubernetes;
+    assert_eq!(c["kubernetes_version"], k8s.as_str(), "the API server image's tag");
+
+    // describe reads the chart's pod: its containers, their images' tags, the policy from env.
+    let d: serde_json::Value = serde_json::from_str(&cli.ok(&["describe", "team-c", "-o", "json"])).unwrap();
+    let components: Vec<(String, String)> = d["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap().to_string(), c["version"].as_str().unwrap_or("-").to_string()))
+        .collect();
+    let names: Vec<&str> = components.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["etcd", "kube-apiserver", "kube-controller-manager", "vkube"], "{d}");
+    assert!(components.contains(&("kube-apiserver".into(), k8s.clone())), "{components:?}");
+    assert_eq!(d["policy"]["sync-concurrency"], "8", "-f values reached the pod: {}", d["policy"]);
+    assert_eq!(d["certificates"], serde_json::json!([]), "nothing ran `vkube prepare`");
 
     cli.ok(&["pause", "team-c"]);
     let replicas =
@@ -313,4 +335,227 @@ spec:
     let left = env.labelled_host_objects("team-e");
     assert!(left.is_empty(), "left on the host: {left:?}");
     env.kubectl_ok(&["-n", "shared", "get", "configmap", "not-ours"]);
+}
+
+/// The day-to-day commands on one local cluster: list by label with version and age, describe,
+/// version, logs, connect with a command, `--context`, certificate check and rotation (leaves
+/// keep every client working; new CAs need the kubeconfig fetched again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_logs_version_connect_and_certs_locally() {
+    let env = TestEnv::start(1).await;
+    let cli = Cli::new(&env);
+    let up = vkube_localenv::Upstream::locate().unwrap();
+    let k8s = vkube_localenv::upstream::versions().kubernetes;
+    cli.ok(&["create", "ops", "--local", "--label", "team=a", "--label", "tier=gold"]);
+
+    // list: by label, with version, age and labels.
+    let listed: serde_json::Value = serde_json::from_str(&cli.ok(&["list", "-l", "team=a", "-o", "json"])).unwrap();
+    let ops = &listed[0];
+    assert_eq!(ops["name"], "ops", "{listed}");
+    assert_eq!(ops["kubernetes_version"], k8s.as_str());
+    assert_eq!(ops["labels"], serde_json::json!({"team": "a", "tier": "gold"}));
+    assert!(ops["age_seconds"].as_u64().is_some(), "{ops}");
+    assert_eq!(cli.ok(&["list", "-l", "team=b", "-o", "json"]).trim(), "[]");
+    let table = cli.ok(&["list"]);
+    assert!(table.contains("VERSION") && table.contains(&k8s) && table.contains("team=a,tier=gold"), "{table}");
+    let out = cli.run(&["create", "x", "--local", "--label", "vkube.dev/cluster=evil"]);
+    assert_eq!(out.status.code(), Some(2), "a reserved label is a usage error");
+
+    // Workloads with requests, for describe's host resources.
+    let kubeconfig = cli.state.path().join("ops.kubeconfig");
+    std::fs::write(&kubeconfig, cli.ok(&["connect", "ops", "--print"])).unwrap();
+    // What CoreDNS holds already.
+    let base: serde_json::Value = serde_json::from_str(&cli.ok(&["describe", "ops", "-o", "json"])).unwrap();
+    let base = |key: &str| base["host"][key].as_u64().unwrap();
+    let (pods0, cpu0, mem0) = (base("pods"), base("cpu_requests_millicores"), base("memory_requests_bytes"));
+    kubectl_ok(&up, &kubeconfig, &["create", "deployment", "web", "--image=nginx", "--replicas=2"]);
+    kubectl_ok(&up, &kubeconfig, &["set", "resources", "deployment/web", "--requests=cpu=100m,memory=64Mi"]);
+    let described = eventually("two host pods with requests", Duration::from_secs(60), || async {
+        let d: serde_json::Value = serde_json::from_str(&cli.ok(&["describe", "ops", "-o", "json"])).unwrap();
+        let h = &d["host"];
+        if h["pods"] == pods0 + 2 && h["running_pods"] == pods0 + 2 && h["cpu_requests_millicores"] == cpu0 + 200 {
+            return Ok(Some(d));
+        }
+        Err(format!("host: {h}"))
+    })
+    .await;
+    assert_eq!(described["host"]["memory_requests_bytes"], mem0 + 2 * 64 * 1024 * 1024, "{described}");
+    let components = described["components"].as_array().unwrap();
+    let names: Vec<&str> = components.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for want in ["etcd", "kube-apiserver", "kube-controller-manager", "vkube"] {
+        let c = components.iter().find(|c| c["name"] == want).unwrap_or_else(|| panic!("{want} in {names:?}"));
+        assert_eq!(c["healthy"], true, "{c}");
+    }
+    let version_of = |name: &str| components.iter().find(|c| c["name"] == name).unwrap()["version"].clone();
+    assert_eq!(version_of("kube-apiserver"), k8s.as_str());
+    assert_eq!(version_of("etcd"), vkube_localenv::upstream::versions().etcd.as_str());
+    assert_eq!(version_of("vkube"), format!("v{}", env!("CARGO_PKG_VERSION")).as_str());
+    assert_eq!(described["policy"]["pod-security"], "baseline", "{}", described["policy"]);
+    let certs = described["certificates"].as_array().unwrap();
+    for want in ["ca", "apiserver", "admin"] {
+        let c = certs.iter().find(|c| c["name"] == want).unwrap_or_else(|| panic!("{want} in {certs:?}"));
+        assert!(c["days_left"].as_i64().unwrap() > 300, "{c}");
+    }
+    let yaml = cli.ok(&["describe", "ops", "-o", "yaml"]);
+    assert!(yaml.lines().any(|l| l == "name: ops"), "{yaml}");
+    let text = cli.ok(&["describe", "ops"]);
+    assert!(text.contains("kube-apiserver") && text.contains(&format!("cpu {}m", cpu0 + 200)), "{text}");
+
+    // version, client and server.
+    let v: serde_json::Value = serde_json::from_str(&cli.ok(&["version", "ops", "-o", "json"])).unwrap();
+    assert_eq!(v["client"]["kubernetes"], k8s.as_str());
+    assert!(
+        v["server"].as_array().unwrap().iter().any(|c| c["name"] == "kube-apiserver" && c["version"] == k8s.as_str())
+    );
+
+    // logs: tail, a component, follow, a wrong component.
+    let tail = cli.ok(&["logs", "ops", "--tail", "3"]);
+    assert_eq!(tail.lines().count(), 3, "{tail}");
+    let apiserver = cli.ok(&["logs", "ops", "kube-apiserver"]);
+    assert!(apiserver.lines().count() > 10, "{apiserver}");
+    let out = cli.run(&["logs", "ops", "kube-scheduler"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kube-controller-manager"), "lists the components");
+    let mut follow =
+        cli.command(&["logs", "ops", "-f", "--tail", "1"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(follow.try_wait().unwrap().is_none(), "-f keeps following");
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    // connect -- CMD: the cluster's kubeconfig for one command, its exit code passed on.
+    let kubectl_bin = up.kubectl().display().to_string();
+    let ns = cli.ok(&["connect", "ops", "--", &kubectl_bin, "get", "namespaces", "-o", "name"]);
+    assert!(ns.contains("namespace/kube-system"), "{ns}");
+    let out = cli.run(&["connect", "ops", "--", "sh", "-c", "test -f \"$KUBECONFIG\" && exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "the command's exit code");
+
+    // --context: a host kubeconfig with several contexts, the current one broken.
+    let several = cli.state.path().join("several.kubeconfig");
+    let mut kc = kube::config::Kubeconfig::read_from(&cli.host_kubeconfig).unwrap();
+    let mut broken = kc.clone();
+    let good = kc.current_context.clone().unwrap();
+    for c in broken.clusters.iter_mut() {
+        c.name = "broken".into();
+        c.cluster.as_mut().unwrap().server = Some("https://127.0.0.1:1".into());
+    }
+    for c in broken.contexts.iter_mut() {
+        c.name = "broken".into();
+        c.context.as_mut().unwrap().cluster = "broken".into();
+    }
+    kc.clusters.extend(broken.clusters);
+    kc.contexts.extend(broken.contexts);
+    kc.current_context = Some("broken".into());
+    std::fs::write(&several, serde_json::to_string(&kc).unwrap()).unwrap();
+    let with = |args: &[&str]| {
+        let mut c = cli.command(args);
+        c.env("KUBECONFIG", &several);
+        c.output().unwrap()
+    };
+    assert!(!with(&["list"]).status.success(), "the current context is broken");
+    let out = with(&["--context", &good, "connect", "ops", "--", &kubectl_bin, "get", "ns", "default", "-o", "name"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = with(&["--context", "nope", "list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no context nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // certs check: exit 0, or 3 with advice when something expires within the window.
+    let checked: serde_json::Value = serde_json::from_str(&cli.ok(&["certs", "check", "ops", "-o", "json"])).unwrap();
+    assert!(checked.as_array().unwrap().iter().any(|c| c["name"] == "front-proxy-ca"), "{checked}");
+    let out = cli.run(&["certs", "check", "ops", "--warn-within", "3650d"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vkube certs rotate ops"));
+
+    // certs rotate: new leaves, applied by the running control plane at once; old and new
+    // kubeconfigs both work.
+    let serving = || serving_serial(&state_port(&cli, "ops"));
+    let before = serving();
+    cli.ok(&["certs", "rotate", "ops"]);
+    eventually("the proxy serves the new certificate", Duration::from_secs(30), || async {
+        Ok((serving() != before).then_some(()))
+    })
+    .await;
+    kubectl_ok(&up, &kubeconfig, &["get", "namespaces"]);
+    let fresh = cli.state.path().join("fresh.kubeconfig");
+    std::fs::write(&fresh, cli.ok(&["connect", "ops", "--print"])).unwrap();
+    assert_ne!(std::fs::read_to_string(&fresh).unwrap(), std::fs::read_to_string(&kubeconfig).unwrap());
+    kubectl_ok(&up, &fresh, &["get", "namespaces"]);
+
+    // certs rotate --ca: the old kubeconfig is refused, a fetched one works, workloads stay.
+    let out = cli.run(&["certs", "rotate", "ops", "--ca"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("vkube connect ops"), "says which kubeconfig to fetch again: {stderr}");
+    assert!(!kubectl(&up, &fresh, &["get", "namespaces"]).status.success(), "the old CA is no longer trusted");
+    std::fs::write(&fresh, cli.ok(&["connect", "ops", "--print"])).unwrap();
+    let pods = kubectl_ok(&up, &fresh, &["get", "pods", "-o", "name"]);
+    assert_eq!(pods.lines().count(), 2, "{pods}");
+
+    cli.ok(&["delete", "ops", "--wait"]);
+}
+
+/// The proxy's port from the local cluster's state.
+fn state_port(cli: &Cli, name: &str) -> String {
+    let path = cli.state.path().join(format!("local/vkube-{name}/{name}/state.json"));
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    state["ports"]["proxy"].to_string()
+}
+
+/// The serial number of the certificate served on a loopback port (openssl, as an admin would).
+fn serving_serial(port: &str) -> String {
+    let script =
+        format!("openssl s_client -connect 127.0.0.1:{port} </dev/null 2>/dev/null | openssl x509 -noout -serial");
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Help that teaches: the newcomer's commands with no arguments, examples on every command, and
+/// completion scripts that load.
+#[test]
+fn help_examples_and_completion() {
+    let out = Command::new(vkube_bin()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Start here") && text.contains("vkube create team-a --local"), "{text}");
+    for sub in [
+        vec!["create"],
+        vec!["connect"],
+        vec!["list"],
+        vec!["describe"],
+        vec!["logs"],
+        vec!["certs", "check"],
+        vec!["certs", "rotate"],
+        vec!["version"],
+        vec!["completion"],
+        vec!["delete"],
+        vec!["pause"],
+        vec!["resume"],
+        vec!["dev", "up"],
+        vec!["dev", "down"],
+        vec!["dev", "env"],
+        vec!["run"],
+        vec!["prepare"],
+    ] {
+        let out = Command::new(vkube_bin()).args(&sub).arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && help.contains("Example"), "vkube {sub:?} --help has no example:\n{help}");
+    }
+    let script = Command::new(vkube_bin()).args(["completion", "bash"]).output().unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &script.stdout).unwrap();
+    let check = format!(
+        "source {} && complete -p vkube >/dev/null && COMP_WORDS=(vkube de) && COMP_CWORD=1 && _vkube vkube de vkube && echo \"${{COMPREPLY[@]}}\"",
+        file.path().display()
+    );
+    let out = Command::new("bash").args(["-c", &check]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the bash completion loads: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("describe") && said.contains("delete"), "completes subcommands: {said}");
+    for shell in ["zsh", "fish"] {
+        let out = Command::new(vkube_bin()).args(["completion", shell]).output().unwrap();
+        assert!(out.status.success() && out.stdout.len() > 500, "{shell}");
+    }
 }

@@ -10,15 +10,18 @@ use vkube_localenv::{HostCluster, HostOptions, Lifetime, Upstream, process, upst
 #[derive(Subcommand)]
 pub enum DevCommand {
     /// Start the dev host cluster (harmless when it already runs).
+    #[command(after_help = "Examples:\n  vkube dev up\n  vkube dev up --nodes 10 && eval \"$(vkube dev env)\"")]
     Up {
         /// Number of simulated nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
     /// Stop the dev host cluster and every local virtual cluster; no process is left behind.
+    #[command(after_help = "Example:\n  vkube dev down")]
     Down,
     /// Print shell exports: KUBECONFIG for the dev host, the pinned kubectl and helm first on PATH.
     /// Use as `eval "$(vkube dev env)"`.
+    #[command(after_help = "Example:\n  eval \"$(vkube dev env)\"; kubectl get nodes")]
     Env,
 }
 

@@ -3,11 +3,30 @@
 mod cli;
 mod dev;
 
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+const START_HERE: &str = "Start here:
+  vkube dev up && eval \"$(vkube dev env)\"  # a local host cluster (or use your own in KUBECONFIG)
+  vkube create team-a --local                # a virtual cluster on it (the Helm chart without --local)
+  vkube connect team-a -- kubectl get ns     # kubectl against the virtual cluster
+
+Exit codes: 0 success, 1 error (the message says what to do next), 2 usage error,
+3 `vkube certs check` found a certificate that expires soon; `vkube connect -- CMD` exits with CMD's code.";
 
 #[derive(Parser)]
-#[command(name = "vkube", version, about = "Virtual Kubernetes clusters inside one namespace of a host cluster")]
+#[command(
+    name = "vkube",
+    version,
+    about = "Virtual Kubernetes clusters inside one namespace of a host cluster",
+    arg_required_else_help = true,
+    after_help = START_HERE
+)]
 struct Cli {
+    /// The host kubeconfig's context to use (default: its current context).
+    #[arg(long, global = true, value_name = "CONTEXT")]
+    context: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,6 +39,20 @@ enum Command {
     Connect(cli::connect::ConnectArgs),
     /// List the virtual clusters on the host.
     List(cli::list::ListArgs),
+    /// Show one virtual cluster in full: components, policy, host resources, certificates.
+    Describe(cli::describe::DescribeArgs),
+    /// Print the control plane's logs (local files or the chart pod's containers).
+    Logs(cli::logs::LogsArgs),
+    /// Check or rotate a virtual cluster's certificates.
+    #[command(subcommand)]
+    Certs(cli::certs::CertsCommand),
+    /// Print the client's version, and with a NAME the cluster's components' versions.
+    Version(cli::version::VersionArgs),
+    /// Print a shell completion script (`source <(vkube completion bash)`).
+    #[command(
+        after_help = "Examples:\n  source <(vkube completion bash)\n  vkube completion zsh > \"${fpath[1]}/_vkube\""
+    )]
+    Completion { shell: clap_complete::Shell },
     /// Delete a virtual cluster and everything it put on the host.
     Delete(cli::delete::DeleteArgs),
     /// Stop a virtual cluster's control plane and remove its host pods (its state is kept).
@@ -35,8 +68,11 @@ enum Command {
     Prepare(vkube::controlplane::PrepareArgs),
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(c) = cli.context.clone() {
+        let _ = cli::HOST_CONTEXT.set(c);
+    }
     // The control-plane process logs what it does; CLI commands show their own progress and only
     // warnings from below.
     init_tracing(if matches!(cli.command, Command::Run(_) | Command::Prepare(_)) { "info" } else { "warn" });
@@ -46,27 +82,36 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
+    let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Create(a) => a.run().await,
+            Command::Create(a) => ok(a.run().await),
             Command::Connect(a) => a.run().await,
-            Command::List(a) => a.run().await,
-            Command::Delete(a) => a.run().await,
-            Command::Pause(a) => a.run().await,
-            Command::Resume(a) => a.run().await,
-            Command::Dev(cmd) => cmd.run().await,
-            Command::Run(a) => vkube::controlplane::run(*a).await,
-            Command::Prepare(a) => vkube::controlplane::prepare(a).await,
+            Command::List(a) => ok(a.run().await),
+            Command::Describe(a) => ok(a.run().await),
+            Command::Logs(a) => ok(a.run().await),
+            Command::Certs(cmd) => cmd.run().await,
+            Command::Version(a) => ok(a.run().await),
+            Command::Completion { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "vkube", &mut std::io::stdout());
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Delete(a) => ok(a.run().await),
+            Command::Pause(a) => ok(a.run().await),
+            Command::Resume(a) => ok(a.run().await),
+            Command::Dev(cmd) => ok(cmd.run().await),
+            Command::Run(a) => ok(vkube::controlplane::run(*a).await),
+            Command::Prepare(a) => ok(vkube::controlplane::prepare(a).await),
         }
     });
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

@@ -55,6 +55,18 @@ pub enum PkiStoreError {
     Contended { namespace: String, name: String },
 }
 
+/// The bundle as its host Secret holds it (None: the cluster has no certificates yet).
+pub async fn load(host: &kube::Client, namespace: &str, cluster: &str) -> Result<Option<Bundle>, PkiStoreError> {
+    let name = names::pki_secret(cluster);
+    let api: Api<Secret> = Api::namespaced(host.clone(), namespace);
+    let secret = api.get_opt(&name).await.map_err(|source| PkiStoreError::Kube {
+        namespace: namespace.into(),
+        name: name.clone(),
+        source,
+    })?;
+    Ok(secret.as_ref().map(bundle_of))
+}
+
 /// Loads the bundle from its host Secret, creates or renews what `spec` needs, and saves it back
 /// (optimistically: a concurrent writer makes us reload and retry, so two starters agree).
 pub async fn ensure(
@@ -63,12 +75,53 @@ pub async fn ensure(
     cluster: &str,
     spec: &BundleSpec,
 ) -> Result<(Bundle, Changes), PkiStoreError> {
+    update(host, namespace, cluster, spec, |_| ()).await
+}
+
+/// What `vkube certs rotate` replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rotation {
+    /// Every leaf, issued again by the same CAs: every client keeps working.
+    Leaves,
+    /// The CAs and every leaf (the service-account key stays, so tokens stay valid).
+    CertificateAuthorities,
+}
+
+/// Issues again what `rotation` names and saves it; a running control plane applies it at once.
+pub async fn rotate(
+    host: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+    spec: &BundleSpec,
+    rotation: Rotation,
+) -> Result<(Bundle, Changes), PkiStoreError> {
+    let mut names: Vec<&str> = spec.leaves.iter().map(|l| l.name.as_str()).collect();
+    if rotation == Rotation::CertificateAuthorities {
+        names.extend(spec.cas.iter().map(|(n, _)| n.as_str()));
+    }
+    update(host, namespace, cluster, spec, |bundle| {
+        for n in &names {
+            bundle.files.remove(&format!("{n}.crt"));
+            bundle.files.remove(&format!("{n}.key"));
+        }
+    })
+    .await
+}
+
+async fn update(
+    host: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+    spec: &BundleSpec,
+    edit: impl Fn(&mut Bundle),
+) -> Result<(Bundle, Changes), PkiStoreError> {
     let name = names::pki_secret(cluster);
     let api: Api<Secret> = Api::namespaced(host.clone(), namespace);
     let kube_err = |source| PkiStoreError::Kube { namespace: namespace.into(), name: name.clone(), source };
     for _ in 0..5 {
         let existing = api.get_opt(&name).await.map_err(kube_err)?;
         let mut bundle = existing.as_ref().map(bundle_of).unwrap_or_default();
+        edit(&mut bundle);
         let changes = bundle.ensure(spec, Validity::default(), time::OffsetDateTime::now_utc())?;
         if changes.is_empty() {
             return Ok((bundle, changes));

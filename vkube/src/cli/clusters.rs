@@ -1,5 +1,6 @@
 //! Finding virtual clusters on a host: each has a Service labelled `vkube.dev/control-plane`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -10,6 +11,8 @@ use serde::Serialize;
 use vkube::local::LocalState;
 use vkube::names;
 use vkube_localenv::process::{is_alive, read_recorded};
+
+use anyhow::Context;
 
 use super::Target;
 
@@ -40,21 +43,39 @@ pub struct Cluster {
     pub ready: bool,
     pub endpoint: Option<String>,
     pub created: Option<String>,
+    /// Seconds since it was created.
+    pub age_seconds: Option<u64>,
+    /// The virtual API server's version: what it answers when ready (local), or its image's tag
+    /// (chart).
+    pub kubernetes_version: Option<String>,
+    /// The labels the admin gave at `vkube create --label`.
+    pub labels: BTreeMap<String, String>,
 }
 
-pub async fn list(host: &kube::Client, namespace: Option<&str>) -> anyhow::Result<Vec<Cluster>> {
+/// Clusters in `namespace` (default: all), only those whose labels match `selector` if given.
+pub async fn list(
+    host: &kube::Client,
+    namespace: Option<&str>,
+    selector: Option<&str>,
+) -> anyhow::Result<Vec<Cluster>> {
     let api: Api<Service> = match namespace {
         Some(ns) => Api::namespaced(host.clone(), ns),
         None => Api::all(host.clone()),
     };
-    let services = api.list(&ListParams::default().labels(names::LABEL_CONTROL_PLANE)).await?;
+    let labels = match selector {
+        Some(s) => format!("{},{s}", names::LABEL_CONTROL_PLANE),
+        None => names::LABEL_CONTROL_PLANE.to_string(),
+    };
+    let services = api.list(&ListParams::default().labels(&labels)).await.with_context(|| {
+        format!("listing the virtual clusters{}", selector.map(|s| format!(" with labels {s}")).unwrap_or_default())
+    })?;
     let mut out = vec![];
     for svc in services.items {
         let name = svc.labels().get(names::LABEL_CONTROL_PLANE).cloned().unwrap_or_default();
         if svc.name_any() != names::service(&name) {
             continue;
         }
-        out.push(describe(host, &svc, &name).await);
+        out.push(status_of(host, &svc, &name).await);
     }
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     Ok(out)
@@ -64,7 +85,7 @@ pub async fn get(host: &kube::Client, target: &Target) -> anyhow::Result<Option<
     let ns = target.namespace();
     let svc = Api::<Service>::namespaced(host.clone(), &ns).get_opt(&names::service(&target.name)).await?;
     Ok(match svc {
-        Some(s) if s.labels().contains_key(names::LABEL_CONTROL_PLANE) => Some(describe(host, &s, &target.name).await),
+        Some(s) if s.labels().contains_key(names::LABEL_CONTROL_PLANE) => Some(status_of(host, &s, &target.name).await),
         _ => None,
     })
 }
@@ -80,7 +101,7 @@ pub async fn require(host: &kube::Client, target: &Target) -> anyhow::Result<Clu
     })
 }
 
-async fn describe(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
+async fn status_of(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
     let namespace = svc.namespace().unwrap_or_default();
     let annotations = svc.annotations();
     let mode = if annotations.get(names::ANNOTATION_MODE).map(String::as_str) == Some("local") {
@@ -90,24 +111,27 @@ async fn describe(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
     };
     let paused = annotations.contains_key(names::ANNOTATION_PAUSED);
     let target = Target { name: name.to_string(), namespace: Some(namespace.clone()) };
-    let (status, endpoint) = match mode {
+    let (status, endpoint, kubernetes_version) = match mode {
         Mode::Local => {
             let dir = target.local_dir();
             let endpoint = LocalState::read(&dir).ok().flatten().map(|s| s.endpoint());
             let recorded = read_recorded(&dir).unwrap_or_default();
+            let mut version = None;
             let status = if paused {
                 Status::Paused
             } else if recorded.is_empty() || !recorded.iter().all(is_alive) {
                 Status::Stopped
-            } else if answers(&dir.join("kubeconfig")).await {
+            } else if let Some(v) = server_version(&dir.join("kubeconfig")).await {
+                version = Some(v);
                 Status::Ready
             } else {
                 Status::NotReady
             };
-            (status, endpoint)
+            (status, endpoint, version)
         }
         Mode::Chart => {
             let sts = Api::<StatefulSet>::namespaced(host.clone(), &namespace).get_opt(name).await.ok().flatten();
+            let version = sts.as_ref().and_then(|s| image_tag(s, "kube-apiserver"));
             let ready = sts.and_then(|s| s.status).and_then(|s| s.ready_replicas).unwrap_or(0) > 0;
             let status = if paused {
                 Status::Paused
@@ -116,9 +140,10 @@ async fn describe(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
             } else {
                 Status::NotReady
             };
-            (status, Some(format!("https://{}.{namespace}.svc:443", names::service(name))))
+            (status, Some(format!("https://{}.{namespace}.svc:443", names::service(name))), version)
         }
     };
+    let created = svc.metadata.creation_timestamp.as_ref();
     Cluster {
         name: name.to_string(),
         namespace,
@@ -126,13 +151,59 @@ async fn describe(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
         ready: status == Status::Ready,
         status,
         endpoint,
-        created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+        created: created.map(|t| t.0.to_string()),
+        age_seconds: created.map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).as_secs().max(0) as u64),
+        kubernetes_version,
+        labels: admin_labels(svc),
     }
 }
 
-/// Whether the virtual cluster behind a kubeconfig answers `/readyz` within a second or two.
-pub async fn answers(kubeconfig: &std::path::Path) -> bool {
-    let Ok(client) = vkube_kubeclient::client::from_kubeconfig_file(kubeconfig, None).await else { return false };
-    let req = http::Request::get("/readyz").body(vec![]).expect("static request");
-    matches!(tokio::time::timeout(Duration::from_secs(3), client.request_text(req)).await, Ok(Ok(_)))
+/// The labels of the control-plane Service that the admin set (not vkube's or Helm's own).
+fn admin_labels(svc: &Service) -> BTreeMap<String, String> {
+    let ours =
+        |k: &str| k == names::LABEL_CONTROL_PLANE || k.starts_with("app.kubernetes.io/") || k.starts_with("helm.sh/");
+    svc.labels().iter().filter(|(k, _)| !ours(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The tag of a container's image in the StatefulSet's pod template.
+pub fn image_tag(sts: &StatefulSet, container: &str) -> Option<String> {
+    let spec = sts.spec.template.spec.as_ref()?;
+    let image = spec.containers.iter().find(|c| c.name == container)?.image.as_deref()?;
+    image.rsplit_once(':').map(|(_, tag)| tag.to_string()).filter(|t| !t.contains('/'))
+}
+
+/// "3d4h", "5m": an age as kubectl prints it.
+pub fn human_age(seconds: u64) -> String {
+    let (d, h, m) = (seconds / 86_400, seconds % 86_400 / 3_600, seconds % 3_600 / 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{seconds}s"),
+        (0, 0, m) => format!("{m}m"),
+        (0, h, m) => format!("{h}h{m}m"),
+        (d, h, _) => format!("{d}d{h}h"),
+    }
+}
+
+/// The virtual API server's version, if the cluster behind a kubeconfig is ready (answers
+/// `/readyz`) within a few seconds.
+pub async fn server_version(kubeconfig: &std::path::Path) -> Option<String> {
+    let client = vkube_kubeclient::client::from_kubeconfig_file(kubeconfig, None).await.ok()?;
+    let work = async {
+        let ready = http::Request::get("/readyz").body(vec![]).ok()?;
+        client.request_text(ready).await.ok()?;
+        client.apiserver_version().await.ok().map(|v| v.git_version)
+    };
+    tokio::time::timeout(Duration::from_secs(3), work).await.ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_like_kubectls() {
+        assert_eq!(human_age(42), "42s");
+        assert_eq!(human_age(5 * 60 + 3), "5m");
+        assert_eq!(human_age(2 * 3600 + 7 * 60), "2h7m");
+        assert_eq!(human_age(3 * 86_400 + 4 * 3600 + 59), "3d4h");
+    }
 }

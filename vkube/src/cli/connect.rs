@@ -14,6 +14,14 @@ use vkube::names;
 use super::Target;
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  vkube connect team-a                          # a context vkube-team-a in your kubeconfig
+  vkube connect team-a -- kubectl get pods -A   # one command with the cluster's kubeconfig
+  vkube connect team-a --port-forward -- helm list -A
+  vkube connect team-a --print > team-a.kubeconfig
+
+With a command after --, its exit code is vkube's; nothing is added to your kubeconfig and a
+port-forward started for it stops with it.")]
 pub struct ConnectArgs {
     #[command(flatten)]
     pub target: Target,
@@ -32,31 +40,75 @@ pub struct ConnectArgs {
     /// Make the new context the current one.
     #[arg(long)]
     pub switch: bool,
+    /// Run this command with KUBECONFIG set to the cluster's (a private temporary file).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 impl ConnectArgs {
-    pub async fn run(self) -> anyhow::Result<()> {
+    pub async fn run(self) -> anyhow::Result<std::process::ExitCode> {
         let host = super::host_client().await?;
         let mut kc = admin_kubeconfig(&host, &self.target).await?;
         let context = format!("vkube-{}", self.target.name);
         rename(&mut kc, &context);
-        if self.port_forward {
-            return self.forward(host, kc).await;
+        let forwarding = if self.port_forward {
+            let (forwarded, listener) = self.forward(host, kc).await?;
+            kc = forwarded;
+            Some(listener)
+        } else {
+            None
+        };
+        if !self.command.is_empty() {
+            let code = self.run_command(&kc).await;
+            if let Some(f) = forwarding {
+                f.abort();
+            }
+            return code;
         }
         if self.print {
             print!("{}", vkube_pki::kubeconfig::to_yaml(&kc));
-            return Ok(());
+        } else {
+            let file = self.kubeconfig_file.clone().map(Ok).unwrap_or_else(default_kubeconfig_file)?;
+            merge_into(&file, kc, self.switch)?;
+            let how = if forwarding.is_some() { " (through this port-forward)" } else { "" };
+            eprintln!("added context {context} to {}{how}", file.display());
+            if !self.switch {
+                eprintln!("  kubectl --context {context} get namespaces");
+            }
         }
-        let file = self.kubeconfig_file.clone().map(Ok).unwrap_or_else(default_kubeconfig_file)?;
-        merge_into(&file, kc, self.switch)?;
-        eprintln!("added context {context} to {}", file.display());
-        if !self.switch {
-            eprintln!("  kubectl --context {context} get namespaces");
+        if let Some(f) = forwarding {
+            eprintln!("Ctrl-C to stop the port-forward");
+            tokio::select! {
+                _ = f => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
         }
-        Ok(())
+        Ok(std::process::ExitCode::SUCCESS)
     }
 
-    async fn forward(&self, host: kube::Client, mut kc: Kubeconfig) -> anyhow::Result<()> {
+    /// Runs `command` with the kubeconfig in a private file that goes when it ends; its exit code.
+    async fn run_command(&self, kc: &Kubeconfig) -> anyhow::Result<std::process::ExitCode> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("kubeconfig");
+        vkube_kubeclient::write_private(&file, &vkube_pki::kubeconfig::to_yaml(kc))?;
+        let status = tokio::process::Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .env("KUBECONFIG", &file)
+            .status()
+            .await
+            .with_context(|| format!("running {:?} (is it installed and on PATH?)", self.command[0]))?;
+        use std::os::unix::process::ExitStatusExt;
+        let code = status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1);
+        Ok(std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)))
+    }
+
+    /// Listens on a local port that forwards to the control-plane pod; the kubeconfig that goes
+    /// through it, and the task that serves it.
+    async fn forward(
+        &self,
+        host: kube::Client,
+        mut kc: Kubeconfig,
+    ) -> anyhow::Result<(Kubeconfig, tokio::task::JoinHandle<()>)> {
         let ns = self.target.namespace();
         let pods: Api<Pod> = Api::namespaced(host, &ns);
         let pod = pods
@@ -74,35 +126,26 @@ impl ConnectArgs {
             c.server = Some(format!("https://127.0.0.1:{port}"));
             c.tls_server_name = Some(format!("{}.{ns}.svc", names::service(&self.target.name)));
         }
-        let yaml = vkube_pki::kubeconfig::to_yaml(&kc);
-        if self.print {
-            print!("{yaml}");
-        } else {
-            let file = self.kubeconfig_file.clone().map(Ok).unwrap_or_else(default_kubeconfig_file)?;
-            merge_into(&file, kc, self.switch)?;
-            eprintln!("added context vkube-{} to {} (through this port-forward)", self.target.name, file.display());
-        }
-        eprintln!("forwarding 127.0.0.1:{port} -> {ns}/{pod}:8443; Ctrl-C to stop");
-        loop {
-            let (mut conn, _) = tokio::select! {
-                a = listener.accept() => a?,
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-            };
-            let (pods, pod) = (pods.clone(), pod.clone());
-            tokio::spawn(async move {
-                let mut fwd = match pods.portforward(&pod, &[8443]).await {
-                    Ok(f) => f,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "port-forward failed");
-                        return;
+        eprintln!("forwarding 127.0.0.1:{port} -> {ns}/{pod}:8443");
+        let serve = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (pods, pod) = (pods.clone(), pod.clone());
+                tokio::spawn(async move {
+                    let mut fwd = match pods.portforward(&pod, &[8443]).await {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "port-forward failed");
+                            return;
+                        }
+                    };
+                    if let Some(mut upstream) = fwd.take_stream(8443) {
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
                     }
-                };
-                if let Some(mut upstream) = fwd.take_stream(8443) {
-                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
-                }
-                drop(fwd);
-            });
-        }
+                    drop(fwd);
+                });
+            }
+        });
+        Ok((kc, serve))
     }
 }
 

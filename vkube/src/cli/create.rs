@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::{Api, Patch};
 use vkube::local::{LocalControlPlane, LocalOptions};
 use vkube::names;
 use vkube_localenv::Lifetime;
@@ -16,6 +16,10 @@ use vkube_localenv::process::{is_alive, read_recorded, stop_all_recorded};
 use super::Target;
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  vkube create team-a --local              # local processes, e.g. on `vkube dev up`
+  vkube create team-a --label team=a       # the Helm chart, in host namespace vkube-team-a
+  vkube create ci-42 --wait=false -f values.yaml")]
 pub struct CreateArgs {
     #[command(flatten)]
     pub target: Target,
@@ -40,6 +44,19 @@ pub struct CreateArgs {
     /// Extra flags for the control-plane process in local mode (`vkube run --help`).
     #[arg(long = "run-arg", value_name = "FLAG")]
     pub run_args: Vec<String>,
+    /// A label of the cluster (`team=a`), for `vkube list -l team=a`; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE, e.g. team=a"))?;
+    let domain = vkube_core::contract::DOMAIN;
+    let prefix = k.split_once('/').map(|(p, _)| p).unwrap_or_default();
+    if prefix == domain || prefix.ends_with(&format!(".{domain}")) || prefix == "app.kubernetes.io" {
+        return Err(format!("{k:?}: labels under {domain}/ and app.kubernetes.io/ are vkube's own"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 impl CreateArgs {
@@ -79,6 +96,7 @@ impl CreateArgs {
             wait: true,
             timeout,
             run_args: state.run_args,
+            labels: vec![],
         };
         tokio::time::timeout(timeout, args.create_local()).await.map_err(|_| anyhow::anyhow!("timed out"))?
     }
@@ -110,6 +128,21 @@ impl CreateArgs {
             .await
             .with_context(|| format!("logs are in {}", opts.dir.join("logs").display()))?;
         cp.detach();
+        self.label(&super::host_client().await?).await
+    }
+
+    /// Puts the admin's labels on the control-plane Service, which `vkube list` selects by.
+    async fn label(&self, host: &kube::Client) -> anyhow::Result<()> {
+        if self.labels.is_empty() {
+            return Ok(());
+        }
+        let labels: serde_json::Map<String, serde_json::Value> =
+            self.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+        let patch = serde_json::json!({"metadata": {"labels": labels}});
+        Api::<Service>::namespaced(host.clone(), &self.target.namespace())
+            .patch(&names::service(&self.target.name), &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch))
+            .await
+            .context("labelling the cluster (its control-plane Service)")?;
         Ok(())
     }
 
@@ -135,6 +168,7 @@ impl CreateArgs {
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         super::helm::run(&refs)?;
+        self.label(&host).await?;
         if !self.wait {
             return Ok(());
         }

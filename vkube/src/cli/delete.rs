@@ -16,6 +16,7 @@ use super::Target;
 use super::clusters::{self, Mode};
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  vkube delete team-a --wait\n  vkube delete ci-42 -n ci")]
 pub struct DeleteArgs {
     #[command(flatten)]
     pub target: Target,

@@ -1,18 +1,19 @@
 //! `vkube list`.
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-}
+use super::Output;
+use super::clusters::human_age;
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  vkube list\n  vkube list -l team=a -o json")]
 pub struct ListArgs {
     /// Only this host namespace (default: all).
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
+    /// Only clusters whose labels (`vkube create --label`) match this selector, e.g. `team=a`.
+    #[arg(long, short = 'l')]
+    pub selector: Option<String>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
 }
@@ -20,27 +21,32 @@ pub struct ListArgs {
 impl ListArgs {
     pub async fn run(self) -> anyhow::Result<()> {
         let host = super::host_client().await?;
-        let clusters = super::clusters::list(&host, self.namespace.as_deref()).await?;
-        match self.output {
-            Output::Json => println!("{}", serde_json::to_string_pretty(&clusters)?),
-            Output::Table => {
-                println!("{:<20} {:<24} {:<6} {:<9} ENDPOINT", "NAME", "NAMESPACE", "MODE", "STATUS");
-                for c in &clusters {
-                    let mode = serde_json::to_value(c.mode)?.as_str().unwrap_or_default().to_string();
-                    let status = serde_json::to_value(c.status)?.as_str().unwrap_or_default().to_string();
-                    println!(
-                        "{:<20} {:<24} {:<6} {:<9} {}",
-                        c.name,
-                        c.namespace,
-                        mode,
-                        status,
-                        c.endpoint.as_deref().unwrap_or("-")
-                    );
-                }
-                if clusters.is_empty() {
-                    eprintln!("no virtual clusters (create one with `vkube create NAME`)");
-                }
-            }
+        let clusters = super::clusters::list(&host, self.namespace.as_deref(), self.selector.as_deref()).await?;
+        if self.output.print(&clusters)? {
+            return Ok(());
+        }
+        println!(
+            "{:<20} {:<24} {:<6} {:<9} {:<8} {:<7} {:<32} LABELS",
+            "NAME", "NAMESPACE", "MODE", "STATUS", "VERSION", "AGE", "ENDPOINT"
+        );
+        for c in &clusters {
+            let mode = serde_json::to_value(c.mode)?.as_str().unwrap_or_default().to_string();
+            let status = serde_json::to_value(c.status)?.as_str().unwrap_or_default().to_string();
+            let labels: Vec<String> = c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "{:<20} {:<24} {:<6} {:<9} {:<8} {:<7} {:<32} {}",
+                c.name,
+                c.namespace,
+                mode,
+                status,
+                c.kubernetes_version.as_deref().unwrap_or("-"),
+                c.age_seconds.map(human_age).unwrap_or_else(|| "-".into()),
+                c.endpoint.as_deref().unwrap_or("-"),
+                if labels.is_empty() { "-".to_string() } else { labels.join(",") }
+            );
+        }
+        if clusters.is_empty() {
+            eprintln!("no virtual clusters (create one with `vkube create NAME`)");
         }
         Ok(())
     }

@@ -1,17 +1,46 @@
 //! The CLI commands an admin or CI runs against a host cluster.
 
+pub mod certs;
 pub mod clusters;
 pub mod connect;
 pub mod create;
 pub mod delete;
+pub mod describe;
 pub mod helm;
 pub mod list;
+pub mod logs;
 pub mod pause;
+pub mod version;
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
 use vkube::names;
+
+/// How a command that prints data prints it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+impl Output {
+    /// Prints `data` as JSON or YAML and returns true; false for a table, which the caller prints.
+    pub fn print<T: Serialize>(self, data: &T) -> anyhow::Result<bool> {
+        match self {
+            Output::Json => println!("{}", serde_json::to_string_pretty(data)?),
+            Output::Yaml => print!("{}", serde_saphyr::to_string(data)?),
+            Output::Table => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+/// The host kubeconfig context chosen with `--context` (default: the file's current context).
+pub static HOST_CONTEXT: OnceLock<String> = OnceLock::new();
 
 /// Which virtual cluster a command is about.
 #[derive(Args, Debug, Clone)]
@@ -47,7 +76,12 @@ pub fn host_kubeconfig() -> anyhow::Result<(PathBuf, Option<String>)> {
         .ok_or_else(|| anyhow::anyhow!("no host kubeconfig: set KUBECONFIG (e.g. eval \"$(vkube dev env)\")"))?;
     let kc = kube::config::Kubeconfig::read_from(&path)
         .map_err(|e| anyhow::anyhow!("reading the host kubeconfig {}: {e}", path.display()))?;
-    Ok((path, kc.current_context))
+    let Some(chosen) = HOST_CONTEXT.get() else { return Ok((path, kc.current_context)) };
+    if !kc.contexts.iter().any(|c| &c.name == chosen) {
+        let known: Vec<&str> = kc.contexts.iter().map(|c| c.name.as_str()).collect();
+        anyhow::bail!("no context {chosen} in {} (it has: {})", path.display(), known.join(", "));
+    }
+    Ok((path, Some(chosen.clone())))
 }
 
 pub async fn host_client() -> anyhow::Result<kube::Client> {

@@ -14,12 +14,14 @@ use super::Target;
 use super::clusters::{self, Mode, Status};
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  vkube pause team-a\n  vkube resume team-a")]
 pub struct PauseArgs {
     #[command(flatten)]
     pub target: Target,
 }
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  vkube resume team-a\n  vkube resume team-a --timeout 10m")]
 pub struct ResumeArgs {
     #[command(flatten)]
     pub target: Target,

@@ -24,6 +24,9 @@ use vkube_pki::Bundle;
 use crate::{FIELD_MANAGER, names, pki_store};
 
 #[derive(clap::Args, Debug, Clone)]
+#[command(
+    after_help = "Run by the chart's pod and by `vkube create --local`, not by hand. Example:\n  vkube run --name team-a --namespace vkube-team-a --virtual-server https://127.0.0.1:6443 --cert-dir /pki"
+)]
 pub struct RunArgs {
     /// The virtual cluster's name.
     #[arg(long, env = "VKUBE_NAME")]
@@ -91,6 +94,9 @@ impl ProxyArgs {
 /// `vkube prepare`: what the upstream components need on disk before they start (the chart's
 /// init container; `vkube create --local` does the same in-process).
 #[derive(clap::Args, Debug, Clone)]
+#[command(
+    after_help = "Run by the chart's init container, not by hand. Example:\n  vkube prepare --name team-a --namespace vkube-team-a --cert-dir /pki"
+)]
 pub struct PrepareArgs {
     #[arg(long, env = "VKUBE_NAME")]
     pub name: String,
@@ -342,18 +348,23 @@ pub struct SyncArgs {
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 5m, 1h"))?;
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 5m, 1h, 7d"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("invalid duration {s:?}: use e.g. 30s, 5m, 1h")),
+        "d" => Ok(Duration::from_secs(n * 86_400)),
+        _ => Err(format!("invalid duration {s:?}: use e.g. 30s, 5m, 1h, 7d")),
     }
 }
 
 /// Certificates for the host Service's ClusterIP are only known once that Service exists.
-async fn service_ip(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<Option<std::net::IpAddr>> {
+pub async fn service_ip(
+    host: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+) -> anyhow::Result<Option<std::net::IpAddr>> {
     let svc = Api::<Service>::namespaced(host.clone(), namespace).get_opt(&names::service(cluster)).await?;
     Ok(svc.and_then(|s| s.spec).and_then(|s| s.cluster_ip).and_then(|ip| ip.parse().ok()))
 }
@@ -637,13 +648,27 @@ async fn wait_virtual_ready(admin: &kube::Client) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("the virtual API server did not become ready within {} s: {e}", timeout.as_secs()))
 }
 
-/// Renews certificates well before they expire; the API server reloads its files, the proxy
-/// swaps its serving certificate, the kubeconfig Secret is republished.
+/// Renews certificates well before they expire, and applies at once what `vkube certs rotate`
+/// writes to the PKI Secret (watched by name): the API server reloads its files, the proxy swaps
+/// its serving certificate, the kubeconfig Secret is republished.
 async fn renew_loop(host: kube::Client, args: RunArgs, serving: Arc<ServingCert>) {
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
     let mut tick = tokio::time::interval(args.renew_every);
     tick.tick().await;
+    let secrets: Api<Secret> = Api::namespaced(host.clone(), &args.namespace);
+    let by_name =
+        kube::runtime::watcher::Config::default().fields(&format!("metadata.name={}", names::pki_secret(&args.name)));
+    // Every change of the Secret (and the watch's first list, which the start already applied).
+    let mut changed = kube::runtime::watcher(secrets, by_name)
+        .default_backoff()
+        .filter(|e| std::future::ready(matches!(e, Ok(kube::runtime::watcher::Event::Apply(_)))))
+        .boxed();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(_) = changed.next() => {}
+        }
         match sync_pki(&host, &args.namespace, &args.name, &args.cert_dir).await {
             Ok((bundle, true)) => {
                 if let Err(e) = serving.replace(
@@ -681,6 +706,7 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());
     }

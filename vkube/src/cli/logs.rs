@@ -1,0 +1,115 @@
+//! `vkube logs NAME [COMPONENT] [-f]`: the control plane's own logs: the log files of a local
+//! control plane, the containers of the chart's pod.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use futures::{AsyncBufReadExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, LogParams};
+use vkube::names;
+
+use super::Target;
+use super::clusters::{self, Mode};
+
+/// The control plane's components, as processes (local) and containers (chart) are named.
+pub const COMPONENTS: [&str; 4] = ["vkube", "kube-apiserver", "kube-controller-manager", "etcd"];
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  vkube logs team-a                      # the vkube process (proxy and syncer)
+  vkube logs team-a kube-apiserver --tail 50
+  vkube logs team-a -f")]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// vkube (default), kube-apiserver, kube-controller-manager or etcd.
+    #[arg(default_value = "vkube", value_parser = clap::builder::PossibleValuesParser::new(COMPONENTS))]
+    pub component: String,
+    /// Keep printing what is logged.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only the last N lines.
+    #[arg(long)]
+    pub tail: Option<usize>,
+}
+
+impl LogsArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let host = super::host_client().await?;
+        let cluster = clusters::require(&host, &self.target).await?;
+        match cluster.mode {
+            Mode::Local => self.local().await,
+            Mode::Chart => self.chart(&host, &cluster.namespace).await,
+        }
+    }
+
+    async fn local(&self) -> anyhow::Result<()> {
+        let path = self.target.local_dir().join("logs").join(format!("{}.log", self.component));
+        let mut file = std::fs::File::open(&path).with_context(|| {
+            format!("opening {}: the logs of a local cluster are on the machine that created it", path.display())
+        })?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        let lines: Vec<&str> = text.lines().collect();
+        let from = self.tail.map(|n| lines.len().saturating_sub(n)).unwrap_or(0);
+        let mut out = std::io::stdout().lock();
+        for l in &lines[from..] {
+            writeln!(out, "{l}")?;
+        }
+        out.flush()?;
+        drop(out);
+        if !self.follow {
+            return Ok(());
+        }
+        // Follow by size, as `tail -f`: a restarted process truncates or recreates its file.
+        let mut pos = file.stream_position()?;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+            let mut file = std::fs::File::open(&path)?;
+            let len = file.metadata()?.len();
+            if len < pos {
+                pos = 0;
+            }
+            if len > pos {
+                file.seek(SeekFrom::Start(pos))?;
+                let mut chunk = vec![];
+                file.read_to_end(&mut chunk)?;
+                pos += chunk.len() as u64;
+                std::io::stdout().write_all(&chunk)?;
+                std::io::stdout().flush()?;
+            }
+        }
+    }
+
+    async fn chart(&self, host: &kube::Client, ns: &str) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(host.clone(), ns);
+        let lp = ListParams::default().labels(&format!("{}={}", names::LABEL_CONTROL_PLANE, self.target.name));
+        let pod = pods.list(&lp).await?.items.into_iter().next().and_then(|p| p.metadata.name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no control-plane pod of {} in {ns} (paused? `vkube list` shows its state)",
+                self.target.name
+            )
+        })?;
+        let params = LogParams {
+            container: Some(self.component.clone()),
+            follow: self.follow,
+            tail_lines: self.tail.map(|n| n as i64),
+            ..Default::default()
+        };
+        let mut lines =
+            pods.log_stream(&pod, &params).await.with_context(|| format!("reading the logs of {ns}/{pod}"))?.lines();
+        while let Some(line) = tokio::select! {
+            l = lines.try_next() => l?,
+            _ = tokio::signal::ctrl_c() => None,
+        } {
+            println!("{line}");
+        }
+        Ok(())
+    }
+}
