@@ -3,14 +3,17 @@
 # a cache outside the clone, keyed by version. Idempotent: a component whose binaries are already
 # in the cache is skipped, so a second run takes well under a second.
 #
+#   hack/build-upstream.sh [all|kubernetes|etcd|kwok|helm]
 #   VKUBE_CACHE   cache root (default ~/.cache/vkube)
 #
 # Layout: $VKUBE_CACHE/upstream/<component>-<version>/<binary>; the Go module and build caches
-# live under $VKUBE_CACHE/go so a fresh clone reuses them.
+# live under $VKUBE_CACHE/go so a fresh clone reuses them. Missing components build at the same
+# time, each logging to $VKUBE_CACHE/work/logs/<component>.log; this prints one line per component
+# when it starts and ends, and every minute which ones are still building.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=versions.env
+# shellcheck source=hack/versions.env
 source "$here/versions.env"
 
 cache=${VKUBE_CACHE:-$HOME/.cache/vkube}
@@ -20,9 +23,12 @@ export GOCACHE=$cache/go/build
 export GOFLAGS=-buildvcs=false
 export CGO_ENABLED=0
 export GOTOOLCHAIN=local
-mkdir -p "$upstream" "$GOMODCACHE" "$GOCACHE"
+logs=$cache/work/logs
+mkdir -p "$upstream" "$GOMODCACHE" "$GOCACHE" "$logs"
 
 log() { printf '[build-upstream %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# dur SECONDS: 1m42s
+dur() { if [ "$1" -ge 60 ]; then printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); else printf '%ds' "$1"; fi; }
 
 command -v go >/dev/null || { echo "go is required (Go 1.26): install it and run again" >&2; exit 1; }
 
@@ -39,15 +45,35 @@ new_module() {
   (cd "$1" && go mod init "$2" >/dev/null 2>&1)
 }
 
+# Per component: its version, whether the cache already has it (the fast path: file tests only),
+# and how to build it. The build functions run in a background subshell with output to a log.
+kubernetes_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# Bump a layout when the files picked from the module or the build change, so caches get rebuilt.
+kwok_layout=3
+helm_layout=2
+version_of() {
+  case $1 in
+    kubernetes) echo "$KUBERNETES_VERSION" ;; etcd) echo "$ETCD_VERSION" ;;
+    kwok) echo "$KWOK_VERSION" ;; helm) echo "$HELM_VERSION" ;;
+  esac
+}
+cached() {
+  local out
+  out=$upstream/$1-$(version_of "$1")
+  case $1 in
+    kubernetes) have "$out" "${kubernetes_bins[@]}" ;;
+    etcd) have "$out" etcd ;;
+    kwok) have "$out" kwok && [ "$(cat "$out/.layout" 2>/dev/null)" = "$kwok_layout" ] ;;
+    helm) have "$out" helm && [ "$(cat "$out/.layout" 2>/dev/null)" = "$helm_layout" ] ;;
+  esac
+}
+
 build_kubernetes() {
   local v=$KUBERNETES_VERSION out=$upstream/kubernetes-$KUBERNETES_VERSION
-  local bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-  if have "$out" "${bins[@]}"; then log "kubernetes $v: cached"; return; fi
-  log "kubernetes $v: building ${bins[*]} (cold: tens of minutes on 2 cores)"
+  local bins=("${kubernetes_bins[@]}")
   local mod=$cache/work/kubernetes-$v
   new_module "$mod" vkube.local/upstream-kubernetes
   cd "$mod"
-  go mod download -json "k8s.io/kubernetes@$v" >/dev/null
   # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with local paths,
   # which a dependent module ignores: replace each with its tagged release (v1.X.Y -> v0.X.Y).
   local staging_v=v0.${v#v1.}
@@ -58,7 +84,10 @@ build_kubernetes() {
     < <(grep -E '=> \./staging/src/' "$gomod" | awk '{print $1}')
   [ ${#args[@]} -gt 20 ] || { echo "could not read the staging modules from $gomod" >&2; exit 1; }
   go mod edit "${args[@]}"
-  for b in "${bins[@]}"; do go get -tool "k8s.io/kubernetes/cmd/$b@$v" >/dev/null 2>&1 || go get -tool "k8s.io/kubernetes/cmd/$b@$v"; done
+  # One go get for the four commands: each call loads the whole module graph again.
+  local pkgs=() tools=()
+  for b in "${bins[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); tools+=("k8s.io/kubernetes/cmd/$b@$v"); done
+  go get -tool "${tools[@]}"
   local major=1 minor date
   minor=$(echo "$v" | cut -d. -f2)
   date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -67,38 +96,28 @@ build_kubernetes() {
     ld+=" -X $p.gitVersion=$v -X $p.gitMajor=$major -X $p.gitMinor=$minor"
     ld+=" -X $p.gitTreeState=clean -X $p.buildDate=$date"
   done
-  mkdir -p "$out.tmp"
-  local pkgs=()
-  for b in "${bins[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
   go build -trimpath -ldflags "$ld" -o "$out.tmp/" "${pkgs[@]}"
   rm -rf "$out"; mv "$out.tmp" "$out"
-  log "kubernetes $v: done"
 }
 
 build_etcd() {
   local v=$ETCD_VERSION out=$upstream/etcd-$ETCD_VERSION
-  if have "$out" etcd; then log "etcd $v: cached"; return; fi
-  log "etcd $v: building"
   local mod=$cache/work/etcd-$v
   new_module "$mod" vkube.local/upstream-etcd
   cd "$mod"
-  go get -tool "go.etcd.io/etcd/server/v3@$v" >/dev/null 2>&1 || go get -tool "go.etcd.io/etcd/server/v3@$v"
-  mkdir -p "$out.tmp"
+  go get -tool "go.etcd.io/etcd/server/v3@$v"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
   go build -trimpath -ldflags "-s -w" -o "$out.tmp/etcd" go.etcd.io/etcd/server/v3
   rm -rf "$out"; mv "$out.tmp" "$out"
-  log "etcd $v: done"
 }
 
 build_kwok() {
   local v=$KWOK_VERSION out=$upstream/kwok-$KWOK_VERSION
-  # Bump the layout when the files picked from the module change, so caches get rebuilt.
-  local layout=3
-  if have "$out" kwok && [ "$(cat "$out/.layout" 2>/dev/null)" = "$layout" ]; then log "kwok $v: cached"; return; fi
-  log "kwok $v: building"
   local mod=$cache/work/kwok-$v
   new_module "$mod" vkube.local/upstream-kwok
   cd "$mod"
-  go get -tool "sigs.k8s.io/kwok/cmd/kwok@$v" >/dev/null 2>&1 || go get -tool "sigs.k8s.io/kwok/cmd/kwok@$v"
+  go get -tool "sigs.k8s.io/kwok/cmd/kwok@$v"
   rm -rf "$out.tmp"; mkdir -p "$out.tmp/stages"
   go build -trimpath -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" -o "$out.tmp/kwok" sigs.k8s.io/kwok/cmd/kwok
   # kwok exits with "no stages found" without stage configs: keep the module's own stages,
@@ -121,21 +140,16 @@ build_kwok() {
     cp "$dir/kustomize/crd/bases/kwok.x-k8s.io_$crd.yaml" "$out.tmp/crds/"
   done
   chmod -R u+w "$out.tmp"
-  echo "$layout" > "$out.tmp/.layout"
+  echo "$kwok_layout" > "$out.tmp/.layout"
   rm -rf "$out"; mv "$out.tmp" "$out"
-  log "kwok $v: done"
 }
 
 build_helm() {
   local v=$HELM_VERSION out=$upstream/helm-$HELM_VERSION
-  # Bump the layout when the build changes, so caches get rebuilt.
-  local layout=2
-  if have "$out" helm && [ "$(cat "$out/.layout" 2>/dev/null)" = "$layout" ]; then log "helm $v: cached"; return; fi
-  log "helm $v: building"
   local mod=$cache/work/helm-$v
   new_module "$mod" vkube.local/upstream-helm
   cd "$mod"
-  go get -tool "helm.sh/helm/v3/cmd/helm@$v" >/dev/null 2>&1 || go get -tool "helm.sh/helm/v3/cmd/helm@$v"
+  go get -tool "helm.sh/helm/v3/cmd/helm@$v"
   rm -rf "$out.tmp"; mkdir -p "$out.tmp"
   # Without these, `helm template` and `helm lint` assume Kubernetes v1.20.
   local minor
@@ -145,16 +159,68 @@ build_helm() {
     ld+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$minor"
   done
   go build -trimpath -ldflags "$ld" -o "$out.tmp/helm" helm.sh/helm/v3/cmd/helm
-  echo "$layout" > "$out.tmp/.layout"
+  echo "$helm_layout" > "$out.tmp/.layout"
   rm -rf "$out"; mv "$out.tmp" "$out"
-  log "helm $v: done"
 }
 
 only=${1:-all}
-start=$SECONDS
 case $only in
-  all) build_etcd; build_kwok; build_helm; build_kubernetes ;;
-  kubernetes|etcd|kwok|helm) "build_$only" ;;
+  # Kubernetes first: it is the longest, so its downloads should start at once.
+  all) comps=(kubernetes etcd kwok helm) ;;
+  kubernetes|etcd|kwok|helm) comps=("$only") ;;
   *) echo "usage: $0 [all|kubernetes|etcd|kwok|helm]" >&2; exit 2 ;;
 esac
-log "all upstream binaries ready under $upstream ($((SECONDS - start)) s)"
+start=$SECONDS
+
+# Every job gets its own process group (job control), so a failure or Ctrl-C can stop the whole
+# go build under it, not just the subshell.
+set -m
+declare -A pid=() began=()
+stop_all() {
+  local c
+  for c in "${!pid[@]}"; do kill -TERM -- "-${pid[$c]}" 2>/dev/null || true; done
+  # Reaped here, quietly: job control would otherwise report each one as "Terminated".
+  for c in "${!pid[@]}"; do wait "${pid[$c]}" 2>/dev/null || true; done
+}
+trap 'stop_all' EXIT
+trap 'stop_all; exit 130' INT TERM
+
+for c in "${comps[@]}"; do
+  v=$(version_of "$c")
+  if cached "$c"; then log "$c $v: cached"; continue; fi
+  # Kubernetes is the critical path: the others yield the CPU to it and fill the gaps left by its
+  # downloads and links (2 cores; Go builds each use them all).
+  prio=10; [ "$c" = kubernetes ] && prio=0
+  (renice -n "$prio" "$BASHPID" >/dev/null; "build_$c") > "$logs/$c.log" 2>&1 &
+  pid[$c]=$!; began[$c]=$SECONDS
+  log "$c $v: building (log: $logs/$c.log)"
+done
+
+# Poll rather than `wait -n`: it has no timeout, and the minute lines need one.
+last_note=$SECONDS
+while [ ${#pid[@]} -gt 0 ]; do
+  sleep 1
+  for c in "${!pid[@]}"; do
+    kill -0 "${pid[$c]}" 2>/dev/null && continue
+    rc=0; wait "${pid[$c]}" || rc=$?
+    unset "pid[$c]"
+    v=$(version_of "$c")
+    if [ "$rc" -ne 0 ]; then
+      log "$c $v: FAILED (exit $rc) after $(dur $((SECONDS - began[$c]))); last lines of $logs/$c.log:"
+      tail -n 40 "$logs/$c.log" >&2
+      [ ${#pid[@]} -eq 0 ] || log "stopping the others: ${!pid[*]}"
+      stop_all
+      exit 1
+    fi
+    log "$c $v: done in $(dur $((SECONDS - began[$c])))"
+  done
+  if [ ${#pid[@]} -gt 0 ] && [ $((SECONDS - last_note)) -ge 60 ]; then
+    last_note=$SECONDS
+    still=()
+    for c in "${comps[@]}"; do [ -n "${pid[$c]:-}" ] && still+=("$c ($(dur $((SECONDS - began[$c]))))"); done
+    printf -v line '%s, ' "${still[@]}"
+    log "still building: ${line%, }"
+  fi
+done
+trap - EXIT
+log "all upstream binaries ready under $upstream ($(dur $((SECONDS - start))))"
