@@ -99,9 +99,10 @@ pub struct Authenticator {
     admin: kube::Client,
     /// Reviews by token hash; concurrent requests with one token share one review.
     reviews: Cache<TokenHash, Option<Identity>>,
-    /// Tokens recently valid: their re-reviews are not rate limited, so a flood of random
-    /// tokens cannot lock out users already signed in.
-    known: Cache<TokenHash, ()>,
+    /// Tokens recently valid, with their user: their re-reviews are not rate limited, so a flood
+    /// of random tokens cannot lock out users already signed in; and a sleeping cluster can tell
+    /// whose request it is without its API server (sleep mode).
+    known: Cache<TokenHash, String>,
     unknown_reviews: DefaultDirectRateLimiter,
     metrics: AuthMetrics,
 }
@@ -132,6 +133,13 @@ impl Authenticator {
         self.review_token(token).await
     }
 
+    /// The user of a bearer token seen valid in the last hour, without asking anyone.
+    pub async fn known_user(&self, headers: &HeaderMap) -> Option<String> {
+        let token = bearer_token(headers)?;
+        let key: TokenHash = Sha256::digest(token.as_bytes()).into();
+        self.known.get(&key).await
+    }
+
     async fn review_token(&self, token: &str) -> Result<Option<Identity>, ProxyError> {
         let key: TokenHash = Sha256::digest(token.as_bytes()).into();
         if let Some(answer) = self.reviews.get(&key).await {
@@ -150,8 +158,8 @@ impl Authenticator {
                 e.to_string(),
             )
         })?;
-        if identity.is_some() {
-            self.known.insert(key, ()).await;
+        if let Some(id) = &identity {
+            self.known.insert(key, id.user.clone()).await;
         }
         Ok(identity)
     }

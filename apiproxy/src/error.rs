@@ -6,6 +6,9 @@ use http::{Response, StatusCode};
 
 use crate::{BoxError, ProxyBody, status};
 
+/// Seconds a client is told to wait before asking a sleeping cluster again.
+const RETRY_ASLEEP: &str = "5";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// Neither a valid client certificate nor a bearer token the virtual API server accepts.
@@ -30,6 +33,10 @@ pub enum ProxyError {
     /// Not servable yet, nothing failed (e.g. the host pod is still being created).
     #[error("{0}")]
     Unavailable(String),
+    /// The cluster sleeps and this request does not wake it (a watch, a service account), or
+    /// it did not wake in time: answered with `Retry-After`.
+    #[error("{0}")]
+    Asleep(String),
     /// An API server could not be reached or did not answer a call the proxy needs: retrying
     /// may help, refusing (403) would be wrong.
     #[error("{context}: {source}")]
@@ -54,7 +61,9 @@ impl ProxyError {
             ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::AlreadyExists(_) => StatusCode::CONFLICT,
             ProxyError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ProxyError::Unavailable(_) | ProxyError::Upstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Unavailable(_) | ProxyError::Asleep(_) | ProxyError::Upstream { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -68,7 +77,7 @@ impl ProxyError {
             ProxyError::TooLarge(_) => "RequestEntityTooLarge",
             ProxyError::AlreadyExists(_) => "AlreadyExists",
             ProxyError::Invalid(_) => "Invalid",
-            ProxyError::Unavailable(_) | ProxyError::Upstream { .. } => "ServiceUnavailable",
+            ProxyError::Unavailable(_) | ProxyError::Asleep(_) | ProxyError::Upstream { .. } => "ServiceUnavailable",
         }
     }
 
@@ -83,12 +92,17 @@ impl ProxyError {
             ProxyError::AlreadyExists(_) => "already_exists",
             ProxyError::Invalid(_) => "invalid",
             ProxyError::Unavailable(_) => "unavailable",
+            ProxyError::Asleep(_) => "asleep",
             ProxyError::Upstream { .. } => "upstream",
         }
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
-        status::status(self.status(), self.reason(), &self.to_string())
+        let mut resp = status::status(self.status(), self.reason(), &self.to_string());
+        if matches!(self, ProxyError::Asleep(_)) {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static(RETRY_ASLEEP));
+        }
+        resp
     }
 }
 
@@ -108,6 +122,7 @@ mod tests {
             ProxyError::AlreadyExists("a".into()),
             ProxyError::Invalid("i".into()),
             ProxyError::Unavailable("u".into()),
+            ProxyError::Asleep("s".into()),
             ProxyError::upstream("reaching x", "connection refused"),
         ]
     }
@@ -119,6 +134,13 @@ mod tests {
         kinds.sort_unstable();
         kinds.dedup();
         assert_eq!(kinds.len(), n);
+    }
+
+    #[test]
+    fn asleep_says_when_to_retry() {
+        let resp = ProxyError::Asleep("zzz".into()).into_response();
+        assert_eq!(resp.headers()[http::header::RETRY_AFTER], RETRY_ASLEEP);
+        assert!(!ProxyError::Unavailable("u".into()).into_response().headers().contains_key(http::header::RETRY_AFTER));
     }
 
     #[test]

@@ -8,9 +8,12 @@ use k8s_openapi::api::authorization::v1::ResourceAttributes;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 
+use std::sync::Arc;
+
 use crate::auth::Identity;
 use crate::error::ProxyError;
 use crate::route::HostSubresource;
+use crate::sleep::Activity;
 use crate::{Proxy, ProxyBody, headers, upgrade};
 
 /// The query parameters each subresource takes (`PodExecOptions`, `PodAttachOptions`,
@@ -69,6 +72,7 @@ impl Proxy {
         namespace: &str,
         name: &str,
         sub: HostSubresource,
+        session: Option<Arc<Activity>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let acting = self.auth.effective(id, req.headers()).await?;
         let attrs = ResourceAttributes {
@@ -130,7 +134,7 @@ impl Proxy {
             .send(host_req)
             .await
             .map_err(|e| ProxyError::upstream("the host API server is unreachable", e))?;
-        upgrade::relay(resp, client_upgrade, "the host API server")
+        upgrade::relay(resp, client_upgrade, "the host API server", session)
     }
 }
 

@@ -19,6 +19,7 @@ mod host_pod;
 pub mod metrics;
 pub mod route;
 mod services;
+pub mod sleep;
 pub mod status;
 pub mod tls;
 mod upgrade;
@@ -91,6 +92,8 @@ pub struct ProxyConfig {
     /// What else must hold for `/livez` and `/healthz` (the syncer not stopped for good).
     pub live: ReadyCheck,
     pub limits: ProxyLimits,
+    /// Sleep mode: what counts as activity, and waking on it (`Sleep::always_running` without).
+    pub sleep: sleep::Sleep,
 }
 
 /// What bounds the load one client can put on the proxy (and through it on the API servers).
@@ -135,6 +138,7 @@ pub struct Proxy {
     ready: ReadyCheck,
     live: ReadyCheck,
     limits: ProxyLimits,
+    sleep: sleep::Sleep,
 }
 
 /// What is known about a connection once its TLS handshake is done.
@@ -152,6 +156,11 @@ impl Proxy {
         let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
         let upstream = HttpClient::builder(TokioExecutor::new()).build(https);
         let metrics = Metrics::register(registry);
+        registry.register(
+            "vkube_activity",
+            "Requests that counted as activity (sleep mode), by user (bounded) and verb",
+            cfg.sleep.activity.counted.clone(),
+        );
         Ok(Arc::new(Proxy {
             translator: cfg.translator,
             policy: cfg.policy,
@@ -165,6 +174,7 @@ impl Proxy {
             ready: cfg.ready,
             live: cfg.live,
             limits: cfg.limits,
+            sleep: cfg.sleep,
         }))
     }
 
@@ -309,16 +319,56 @@ impl Proxy {
         if let Route::Health(h) = route {
             return Ok(self.health(h, registry).await);
         }
+        let background = sleep::background(req.uri(), req.headers());
+        if self.sleep.power() != sleep::Power::Running {
+            self.wake_for(&req, conn, background).await?;
+        }
         let id = self.identify(&req, conn).await?.ok_or(ProxyError::Unauthorized)?;
+        let counted = background.is_none() && self.sleep.counts_user(&id.user);
+        if counted {
+            self.sleep.activity.record(&id.user, sleep::verb(req.method()));
+        }
         match route {
             Route::HostPod { namespace, name, subresource } => {
-                self.host_pod(req, &id, &namespace, &name, subresource).await
+                let session = counted.then(|| self.sleep.activity.clone());
+                self.host_pod(req, &id, &namespace, &name, subresource, session).await
             }
             Route::CreateService { namespace } => self.create_service(req, &id, &namespace).await,
             Route::PatchService => self.patch_service(req, &id).await,
             Route::Refused(why) => Err(ProxyError::Forbidden(why)),
             Route::Health(_) | Route::Forward => self.forward(req, &id).await,
         }
+    }
+
+    /// A request finding the cluster asleep: one that counts wakes it and is held until it runs;
+    /// the others (background, service accounts, tokens not seen lately, which cannot be reviewed
+    /// while the API server sleeps) get 503 with `Retry-After`, and do not wake it.
+    async fn wake_for(
+        &self,
+        req: &Request<Incoming>,
+        conn: &Connection,
+        background: Option<&'static str>,
+    ) -> Result<(), ProxyError> {
+        let user = match &conn.cert_identity {
+            Some(id) => id.as_ref().map(|i| i.user.clone()),
+            None => self.auth.known_user(req.headers()).await,
+        };
+        let why_not = match (background, user) {
+            (Some(why), _) => why,
+            (None, None) => "unknown credentials",
+            (None, Some(u)) if !self.sleep.counts_user(&u) => "a service account or system user",
+            (None, Some(u)) => {
+                tracing::info!(user = %u, path = %req.uri().path(), "a request wakes the virtual cluster");
+                return self.sleep.wake_and_wait().await;
+            }
+        };
+        Err(ProxyError::Asleep(match self.sleep.power() {
+            sleep::Power::Waking => format!("the virtual cluster is starting; retry shortly ({why_not})"),
+            _ => format!(
+                "the virtual cluster is asleep and this request does not wake it ({why_not}); \
+                 any other request of a user, or `vkube wake`, wakes it"
+            ),
+        }))
     }
 
     /// Counts and logs an error the proxy answers itself, and answers it.
@@ -356,6 +406,13 @@ impl Proxy {
                 Ok(()) => text(StatusCode::OK, "ok".into()),
                 Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not live: {why}")),
             },
+            // Asleep, the proxy is what must be reachable (to be woken): ready. Waking, not yet.
+            Health::Readyz if self.sleep.power() == sleep::Power::Sleeping => {
+                text(StatusCode::OK, "ok (Sleeping)".into())
+            }
+            Health::Readyz if self.sleep.power() != sleep::Power::Running => {
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}", self.sleep.power().as_str()))
+            }
             Health::Readyz => {
                 if let Err(why) = (self.ready)() {
                     return text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"));
@@ -416,7 +473,7 @@ impl Proxy {
         let client = &self.upstream;
         let resp =
             client.request(req).await.map_err(|e| ProxyError::upstream("the virtual API server is unreachable", e))?;
-        upgrade::relay(resp, client_upgrade, "the virtual API server")
+        upgrade::relay(resp, client_upgrade, "the virtual API server", None)
     }
 
     fn upstream_uri(&self, uri: &Uri) -> Uri {

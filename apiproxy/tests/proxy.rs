@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use vkube_apiproxy::sleep::{Power, Sleep};
 use vkube_apiproxy::tls::{self, ServingCert};
 use vkube_apiproxy::{Proxy, ProxyConfig, ProxyLimits};
 use vkube_pki::{Bundle, BundleSpec, LeafSpec};
@@ -122,6 +123,10 @@ async fn serve_proxy(api: SocketAddr) -> Running {
 }
 
 async fn serve_proxy_with(api: SocketAddr, limits: ProxyLimits) -> Running {
+    serve_sleepy_proxy(api, limits, Sleep::always_running()).await
+}
+
+async fn serve_sleepy_proxy(api: SocketAddr, limits: ProxyLimits, sleep: Sleep) -> Running {
     let pki = pki();
     let get = |f: &str| pki.get(f).unwrap().to_string();
     let mut registry = Registry::default();
@@ -140,6 +145,7 @@ async fn serve_proxy_with(api: SocketAddr, limits: ProxyLimits) -> Running {
             ready: std::sync::Arc::new(|| Ok(())),
             live: std::sync::Arc::new(|| Ok(())),
             limits,
+            sleep,
         },
         &mut registry,
     )
@@ -395,4 +401,46 @@ async fn connections_over_the_cap_wait_for_a_free_slot() {
     assert_eq!(code, StatusCode::OK);
     assert!(started.elapsed() >= Duration::from_millis(700), "waited for the slot: {:?}", started.elapsed());
     drop(hog);
+}
+
+#[tokio::test]
+async fn a_sleeping_cluster_wakes_for_a_user_and_not_for_background_requests() {
+    let (sleep, ctl) = Sleep::new(Power::Sleeping, vec![], Duration::from_secs(5));
+    let proxy = serve_sleepy_proxy(fake_api_server(Sar::Allow).await, Default::default(), sleep).await;
+    // Reachable while asleep: that is how it gets woken.
+    let (code, body) = proxy.get("/readyz", Credential::None, &[]).await;
+    assert_eq!((code, body.as_str()), (StatusCode::OK, Some("ok (Sleeping)")));
+    let asleep = |code: StatusCode, body: &serde_json::Value| {
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body["message"].as_str().unwrap().contains("is asleep and this request does not wake it"), "{body}");
+    };
+    let (code, body) = proxy.get("/api/v1/pods?watch=true", Credential::Cert, &[]).await;
+    asleep(code, &body);
+    let (code, body) = proxy.get("/api/v1/pods", Credential::Cert, &[("x-vkube-sleep-ignore", "1")]).await;
+    asleep(code, &body);
+    // A token never reviewed cannot be told from a random one without the API server.
+    let (code, body) = proxy.get("/api/v1/pods", Credential::Token, &[]).await;
+    asleep(code, &body);
+    assert_eq!(*ctl.power.borrow(), Power::Sleeping, "nothing above woke it");
+    assert!(ctl.activity.last().is_none());
+
+    let woken = tokio::spawn(async move {
+        ctl.wake.notified().await;
+        ctl.power.send_replace(Power::Waking);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ctl.power.send_replace(Power::Running);
+        ctl
+    });
+    let started = std::time::Instant::now();
+    // Held until it runs, then forwarded (to a virtual API server that is not there: 503 of another kind).
+    let (code, body) = proxy.get("/api/v1/namespaces", Credential::Cert, &[]).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["message"].as_str().unwrap().starts_with("the virtual API server is unreachable"), "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(300), "held while waking: {:?}", started.elapsed());
+    let ctl = woken.await.unwrap();
+    assert_eq!(ctl.activity.last().unwrap().1, "alice");
+    let (_, metrics) = proxy.get("/metrics", Credential::None, &[]).await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("vkube_activity_total{user=\"alice\",verb=\"get\"} 1"), "{metrics}");
+    assert!(metrics.contains("vkube_proxy_errors_total{kind=\"asleep\"} 3"), "{metrics}");
 }

@@ -61,6 +61,18 @@ pub const ANNOTATION_PAUSED: &str = "vkube.dev/paused";
 /// On the host Service of a control plane run as local processes: `local`.
 pub const ANNOTATION_MODE: &str = "vkube.dev/mode";
 
+// Sleep mode, on the control plane's host Service: what `vkube run` persists and what the CLI asks.
+
+/// `Running` or `Sleeping`: what the control plane was last (a restarted one comes back so).
+pub const ANNOTATION_POWER: &str = "vkube.dev/power";
+/// Since when (RFC 3339) the cluster is in its [`ANNOTATION_POWER`] state.
+pub const ANNOTATION_POWER_SINCE: &str = "vkube.dev/power-since";
+/// The last request that counted as activity: when (RFC 3339) and by whom.
+pub const ANNOTATION_LAST_ACTIVITY: &str = "vkube.dev/last-activity";
+pub const ANNOTATION_LAST_ACTIVITY_BY: &str = "vkube.dev/last-activity-by";
+/// Set by `vkube sleep` / `vkube wake` (`sleep` or `wake`); the control plane acts and removes it.
+pub const ANNOTATION_POWER_REQUEST: &str = "vkube.dev/power-request";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +97,11 @@ mod tests {
             LABEL_CONTROL_PLANE,
             ANNOTATION_PAUSED,
             ANNOTATION_MODE,
+            ANNOTATION_POWER,
+            ANNOTATION_POWER_SINCE,
+            ANNOTATION_LAST_ACTIVITY,
+            ANNOTATION_LAST_ACTIVITY_BY,
+            ANNOTATION_POWER_REQUEST,
         ];
         for k in keys {
             assert!(crate::naming::is_reserved_key(k), "{k}");

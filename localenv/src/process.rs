@@ -262,6 +262,24 @@ pub fn stop_strays(dir: &Path, grace: Duration) -> usize {
 }
 
 const RECORDED: &str = "processes.json";
+/// Children a recorded process supervises (`vkube run --supervise` writes it, same shape): left
+/// running only if their supervisor was killed, and stopped after it.
+const SUPERVISED: &str = "supervised.json";
+
+/// The children a supervised control plane in `dir` has running.
+pub fn read_supervised(dir: &Path) -> Vec<Recorded> {
+    std::fs::read_to_string(dir.join(SUPERVISED)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+}
+
+/// Stops whatever a killed supervisor left of its children in `dir`. Returns their names.
+fn stop_supervised(dir: &Path) -> Vec<String> {
+    read_supervised(dir)
+        .iter()
+        .rev()
+        .filter(|r| stop_recorded(r, Duration::from_secs(10)))
+        .map(|r| r.name.clone())
+        .collect()
+}
 
 /// The detached processes recorded in `dir`.
 pub fn read_recorded(dir: &Path) -> Result<Vec<Recorded>> {
@@ -290,6 +308,7 @@ pub fn stop_all_recorded(dir: &Path) -> Result<Vec<String>> {
     if !recorded.is_empty() {
         write_recorded(dir, &[])?;
     }
+    stopped.extend(stop_supervised(dir));
     Ok(stopped)
 }
 
@@ -367,6 +386,7 @@ impl ProcessGroup {
             p.stop(Duration::from_secs(5));
         }
         let _ = self.write();
+        stop_supervised(&self.dir);
     }
 }
 

@@ -32,6 +32,11 @@ impl Health {
         }
     }
 
+    /// A new run of the syncer begins (the cluster woke): starting again, whatever came before.
+    pub fn restart(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = State::Starting;
+    }
+
     /// `Err` once the syncer has stopped (nothing but a restart brings it back).
     pub fn alive(&self) -> Result<(), String> {
         match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {

@@ -78,8 +78,12 @@ pub struct Config {
     pub health: health::Health,
     /// Filled with the store of this cluster's host Services once it exists, for whoever else
     /// in the process needs them (the virtual API server's egress proxy): one watch, not two.
-    pub host_services: Arc<std::sync::OnceLock<Store<k8s_openapi::api::core::v1::Service>>>,
+    /// Replaced by each run of the syncer (a cluster that slept and woke runs it again).
+    pub host_services: SharedStore<k8s_openapi::api::core::v1::Service>,
 }
+
+/// A store the syncer fills for others in the process, the current run's.
+pub type SharedStore<K> = Arc<std::sync::RwLock<Option<Store<K>>>>;
 
 /// Why the syncer stopped before it was asked to.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +120,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     kinds.wait_for(vnamespaces.store());
 
     let Kinds { stores, queues, start, ready, workers, resync, .. } = kinds;
-    let _ = cfg.host_services.set(stores.host::<k8s_openapi::api::core::v1::Service>().clone());
+    *cfg.host_services.write().unwrap_or_else(|e| e.into_inner()) =
+        Some(stores.host::<k8s_openapi::api::core::v1::Service>().clone());
     let ctx = Arc::new(Context {
         tr: cfg.translator,
         policy: cfg.policy,

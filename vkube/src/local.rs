@@ -16,7 +16,6 @@ use vkube_localenv::process::ProcessGroup;
 use vkube_localenv::{Lifetime, ProcessSpec, Progress, Upstream, ports};
 
 use crate::controlplane::PolicyArgs;
-use crate::controlplane::components::{self, Layout};
 use crate::{FIELD_MANAGER, names};
 
 #[derive(Clone, Debug)]
@@ -80,6 +79,7 @@ pub struct LocalControlPlane {
     pub dir: PathBuf,
     group: ProcessGroup,
     vkube_binary: PathBuf,
+    upstream: Upstream,
 }
 
 const CONTROLLER: &str = "vkube";
@@ -122,11 +122,11 @@ impl LocalControlPlane {
         };
         std::fs::write(dir.join("state.json"), serde_json::to_string_pretty(&state)?)?;
 
-        progress("[1/6] host namespace and Service");
+        progress("[1/4] host namespace and Service");
         ensure_namespace(&host, &state.namespace, &state.name, state.policy.pod_security).await?;
         ensure_local_service(&host, &state.namespace, &state.name).await?;
 
-        progress("[2/6] certificates (kept in a host Secret)");
+        progress("[2/4] certificates (kept in a host Secret)");
         let cert_dir = dir.join("pki");
         let apiserver_url = format!("https://127.0.0.1:{}", state.ports.apiserver);
         let bundle = crate::controlplane::prepare_files(
@@ -138,45 +138,18 @@ impl LocalControlPlane {
             &opts.policy,
         )
         .await?;
-        let kcm_kubeconfig = cert_dir.join(crate::controlplane::CONTROLLER_MANAGER_KUBECONFIG);
-        let admission = cert_dir.join(crate::controlplane::ADMISSION_FILE);
-        let layout = Layout {
-            cert_dir: &cert_dir,
-            data_dir: &dir.join("etcd"),
-            etcd_client_port: state.ports.etcd_client,
-            etcd_peer_port: state.ports.etcd_peer,
-            apiserver_port: state.ports.apiserver,
-            service_cidr: &service_cidr,
-            node_port_range: components::DEFAULT_NODE_PORT_RANGE,
-            admission_config: &admission,
-            durable: false,
-        };
-        let logs = dir.join("logs");
-        let mut group = ProcessGroup::new(dir, opts.lifetime);
-        progress("[3/6] etcd");
-        group.spawn(ProcessSpec::new("etcd", up.etcd(), &logs).args(components::etcd(&layout)))?;
-        progress("[4/6] kube-apiserver");
-        group.spawn(
-            ProcessSpec::new("kube-apiserver", up.kube_apiserver(), &logs).args(components::apiserver(&layout)),
-        )?;
-        let admin = crate::controlplane::virtual_admin(&apiserver_url, &bundle).await?;
-        vkube_localenv::host::wait_api_ready(&admin, &mut group, "kube-apiserver", &logs, Duration::from_secs(120))
-            .await?;
-        progress("[5/6] kube-controller-manager");
-        group.spawn(
-            ProcessSpec::new("kube-controller-manager", up.kube_controller_manager(), &logs)
-                .args(components::controller_manager(&kcm_kubeconfig, &layout)),
-        )?;
-
+        let group = ProcessGroup::new(dir, opts.lifetime);
         let admin_kubeconfig = crate::controlplane::admin_kubeconfig(&state.name, &state.endpoint(), &bundle);
         vkube_localenv::host::write_private(&dir.join("kubeconfig"), &admin_kubeconfig)?;
         // Straight to the virtual API server, bypassing the proxy: for benchmarks' baselines and
         // for tests that act while the control-plane process is down.
         let direct = crate::controlplane::admin_kubeconfig(&state.name, &apiserver_url, &bundle);
         vkube_localenv::host::write_private(&dir.join("direct.kubeconfig"), &direct)?;
-        let mut cp = LocalControlPlane { state, dir: dir.clone(), group, vkube_binary: opts.vkube_binary.clone() };
-        progress("[6/6] vkube control plane (proxy and syncer)");
+        let mut cp =
+            LocalControlPlane { state, dir: dir.clone(), group, vkube_binary: opts.vkube_binary.clone(), upstream: up };
+        progress("[3/4] vkube run: etcd, kube-apiserver, kube-controller-manager, the proxy and the syncer");
         cp.start_controller().await?;
+        progress("[4/4] the default service account");
         cp.wait_default_service_account().await?;
         Ok(cp)
     }
@@ -193,6 +166,14 @@ impl LocalControlPlane {
                 format!("--cert-dir={}", self.dir.join("pki").display()),
                 format!("--endpoint={}", s.endpoint()),
                 format!("--host-kubeconfig={}", s.host_kubeconfig.display()),
+                // The upstream components are its children (sleep mode stops and starts them).
+                "--supervise".to_string(),
+                format!("--state-dir={}", self.dir.display()),
+                format!("--etcd-binary={}", self.upstream.etcd().display()),
+                format!("--apiserver-binary={}", self.upstream.kube_apiserver().display()),
+                format!("--controller-manager-binary={}", self.upstream.kube_controller_manager().display()),
+                format!("--etcd-client-port={}", s.ports.etcd_client),
+                format!("--etcd-peer-port={}", s.ports.etcd_peer),
             ])
             .args((!s.service_cidr.is_empty()).then(|| format!("--service-cidr={}", s.service_cidr)))
             .args(s.host_context.iter().map(|c| format!("--host-context={c}")))
@@ -201,11 +182,12 @@ impl LocalControlPlane {
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
     }
 
-    /// Starts `vkube run` and waits until the proxy answers an authenticated request.
+    /// Starts `vkube run` and waits until its proxy says it is ready.
     pub async fn start_controller(&mut self) -> anyhow::Result<()> {
         self.group.spawn(self.controller_spec())?;
         let client = self.client().await?;
-        let timeout = Duration::from_secs(60);
+        // It starts etcd and the virtual API server first: minutes on a loaded 2-core machine.
+        let timeout = Duration::from_secs(180);
         let group = &mut self.group;
         let res = vkube_localenv::wait::until(timeout, Duration::from_millis(100), || {
             let failed = group.check_running().err();
@@ -214,7 +196,10 @@ impl LocalControlPlane {
                 if let Some(e) = failed {
                     return Err(e.to_string());
                 }
-                client.apiserver_version().await.map(|_| Some(())).map_err(|e| e.to_string())
+                // Ready when awake and synced, or when asleep (nothing else to wait for); asking
+                // anything else would wake a sleeping cluster.
+                let ready = http::Request::get("/readyz").body(vec![]).map_err(|e| e.to_string())?;
+                client.request_text(ready).await.map(|_| Some(())).map_err(|e| e.to_string())
             }
         })
         .await;
@@ -247,7 +232,8 @@ impl LocalControlPlane {
         })
     }
 
-    /// Kills the control-plane process at once (crash tests); the upstream components stay up.
+    /// Kills the control-plane process at once (crash tests); the upstream components it started
+    /// stay up until the next one replaces them.
     pub fn kill_controller(&mut self) {
         self.group.stop(CONTROLLER, true);
     }
@@ -264,7 +250,11 @@ impl LocalControlPlane {
     /// The pid of one of its processes (`etcd`, `kube-apiserver`, `kube-controller-manager`,
     /// `vkube`).
     pub fn pid(&self, name: &str) -> Option<u32> {
-        self.group.pid(name)
+        if name == CONTROLLER {
+            return self.group.pid(name);
+        }
+        let children = vkube_localenv::process::read_supervised(&self.dir);
+        children.iter().find(|r| r.name == name).filter(|r| vkube_localenv::process::is_alive(r)).map(|r| r.pid)
     }
 
     /// The admin kubeconfig (through the proxy).
@@ -281,8 +271,11 @@ impl LocalControlPlane {
         Ok(vkube_localenv::client::from_kubeconfig_file(&self.kubeconfig(), None).await?)
     }
 
+    /// Its processes' logs: `vkube run`'s and its children's.
     pub fn logs(&self) -> Vec<(String, PathBuf)> {
-        self.group.logs()
+        let children = ["etcd", "kube-apiserver", "kube-controller-manager"];
+        let children = children.map(|c| (c.to_string(), self.dir.join("logs").join(format!("{c}.log"))));
+        children.into_iter().chain(self.group.logs()).collect()
     }
 
     pub fn detach(self) {

@@ -59,6 +59,11 @@ enum Command {
     Pause(cli::pause::PauseArgs),
     /// Start a paused virtual cluster again; its workloads come back.
     Resume(cli::pause::ResumeArgs),
+    /// Put a virtual cluster to sleep now: host pods and upstream components stop, its proxy
+    /// stays and the first request that counts wakes it (local clusters).
+    Sleep(cli::sleep::PowerArgs),
+    /// Wake a sleeping virtual cluster and wait until it answers.
+    Wake(cli::sleep::PowerArgs),
     /// The local dev host cluster (real upstream processes, nodes simulated by kwok).
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -102,6 +107,8 @@ fn main() -> ExitCode {
             Command::Delete(a) => ok(a.run().await),
             Command::Pause(a) => ok(a.run().await),
             Command::Resume(a) => ok(a.run().await),
+            Command::Sleep(a) => ok(a.sleep().await),
+            Command::Wake(a) => ok(a.wake().await),
             Command::Dev(cmd) => ok(cmd.run().await),
             Command::Run(a) => ok(vkube::controlplane::run(*a).await),
             Command::Prepare(a) => ok(vkube::controlplane::prepare(a).await),

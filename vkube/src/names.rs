@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-pub use vkube_core::contract::{ANNOTATION_MODE, ANNOTATION_PAUSED, LABEL_CONTROL_PLANE};
+pub use vkube_core::contract::{
+    ANNOTATION_LAST_ACTIVITY, ANNOTATION_LAST_ACTIVITY_BY, ANNOTATION_MODE, ANNOTATION_PAUSED, ANNOTATION_POWER,
+    ANNOTATION_POWER_REQUEST, ANNOTATION_POWER_SINCE, LABEL_CONTROL_PLANE,
+};
 
 pub fn default_namespace(name: &str) -> String {
     format!("vkube-{name}")

@@ -28,6 +28,8 @@ pub enum Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Status {
     Ready,
+    /// Sleep mode: its workloads and upstream components stopped; a request wakes it.
+    Sleeping,
     Paused,
     NotReady,
     /// Local processes that do not run (on this machine).
@@ -50,6 +52,11 @@ pub struct Cluster {
     pub kubernetes_version: Option<String>,
     /// The labels the admin gave at `vkube create --label`.
     pub labels: BTreeMap<String, String>,
+    /// Sleep mode: since when (RFC 3339) it is Running or Sleeping, as its control plane wrote.
+    pub power_since: Option<String>,
+    /// The last request that counted as activity (sleep mode): when (RFC 3339) and by whom.
+    pub last_activity: Option<String>,
+    pub last_activity_by: Option<String>,
 }
 
 /// Clusters in `namespace` (default: all), only those whose labels match `selector` if given.
@@ -110,6 +117,7 @@ async fn status_of(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
         Mode::Chart
     };
     let paused = annotations.contains_key(names::ANNOTATION_PAUSED);
+    let sleeping = annotations.get(names::ANNOTATION_POWER).is_some_and(|p| p == "Sleeping");
     let target = Target { name: name.to_string(), namespace: Some(namespace.clone()) };
     let (status, endpoint, kubernetes_version) = match mode {
         Mode::Local => {
@@ -121,6 +129,8 @@ async fn status_of(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
                 Status::Paused
             } else if recorded.is_empty() || !recorded.iter().all(is_alive) {
                 Status::Stopped
+            } else if sleeping {
+                Status::Sleeping
             } else if let Some(v) = server_version(&dir.join("kubeconfig")).await {
                 version = Some(v);
                 Status::Ready
@@ -155,6 +165,9 @@ async fn status_of(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
         age_seconds: created.map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).as_secs().max(0) as u64),
         kubernetes_version,
         labels: admin_labels(svc),
+        power_since: annotations.get(names::ANNOTATION_POWER_SINCE).cloned(),
+        last_activity: annotations.get(names::ANNOTATION_LAST_ACTIVITY).cloned(),
+        last_activity_by: annotations.get(names::ANNOTATION_LAST_ACTIVITY_BY).cloned(),
     }
 }
 
@@ -184,13 +197,16 @@ pub fn human_age(seconds: u64) -> String {
 }
 
 /// The virtual API server's version, if the cluster behind a kubeconfig is ready (answers
-/// `/readyz`) within a few seconds.
+/// `/readyz`) within a few seconds. Marked as no activity: looking does not wake a cluster.
 pub async fn server_version(kubeconfig: &std::path::Path) -> Option<String> {
     let client = vkube_kubeclient::client::from_kubeconfig_file(kubeconfig, None).await.ok()?;
     let work = async {
         let ready = http::Request::get("/readyz").body(vec![]).ok()?;
         client.request_text(ready).await.ok()?;
-        client.apiserver_version().await.ok().map(|v| v.git_version)
+        let version =
+            http::Request::get("/version").header(vkube_apiproxy::sleep::IGNORE_HEADER, "1").body(vec![]).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&client.request_text(version).await.ok()?).ok()?;
+        v["gitVersion"].as_str().map(String::from)
     };
     tokio::time::timeout(Duration::from_secs(3), work).await.ok().flatten()
 }

@@ -44,6 +44,14 @@ pub struct CreateArgs {
     /// Extra flags for the control-plane process in local mode (`vkube run --help`).
     #[arg(long = "run-arg", value_name = "FLAG")]
     pub run_args: Vec<String>,
+    /// Sleep mode (local clusters): put the cluster to sleep after this long without activity,
+    /// e.g. 30m; a request wakes it. Off by default.
+    #[arg(long, value_parser = vkube::controlplane::parse_duration)]
+    pub sleep_after: Option<Duration>,
+    /// Sleep mode (local clusters): sleep when a window starts, `DAYS HH:MM-HH:MM [ZONE]`, e.g.
+    /// "Mon-Fri 19:00-08:00 Europe/Berlin".
+    #[arg(long)]
+    pub sleep_schedule: Option<vkube::controlplane::schedule::Schedule>,
     /// A label of the cluster (`team=a`), for `vkube list -l team=a`; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
@@ -97,6 +105,8 @@ impl CreateArgs {
             timeout,
             run_args: state.run_args,
             labels: vec![],
+            sleep_after: None,
+            sleep_schedule: None,
         };
         tokio::time::timeout(timeout, args.create_local()).await.map_err(|_| anyhow::anyhow!("timed out"))?
     }
@@ -120,7 +130,7 @@ impl CreateArgs {
             host_kubeconfig: std::fs::canonicalize(&host_kubeconfig).unwrap_or(host_kubeconfig),
             host_context,
             policy: self.policy.clone(),
-            run_args: self.run_args.clone(),
+            run_args: self.run_args.iter().cloned().chain(self.sleep_args()).collect(),
         };
         eprintln!("creating virtual cluster {} in host namespace {} (local processes)", opts.name, opts.namespace);
         let progress = |step: &str| eprintln!("  {step}");
@@ -146,7 +156,19 @@ impl CreateArgs {
         Ok(())
     }
 
+    /// `vkube run`'s sleep-mode flags for what was asked.
+    fn sleep_args(&self) -> Vec<String> {
+        let after = self.sleep_after.map(|d| format!("--sleep-after={}s", d.as_secs()));
+        let schedule = self.sleep_schedule.as_ref().map(|s| format!("--sleep-schedule={s}"));
+        after.into_iter().chain(schedule).collect()
+    }
+
     async fn create_chart(&self) -> anyhow::Result<()> {
+        if !self.sleep_args().is_empty() {
+            anyhow::bail!(
+                "--sleep-after and --sleep-schedule need a control plane that supervises its components: local clusters only for now (add --local), or use `vkube pause` for a chart cluster"
+            );
+        }
         let host = super::host_client().await?;
         let (name, ns) = (self.target.name.clone(), self.target.namespace());
         eprintln!("creating virtual cluster {name} in host namespace {ns} (Helm chart)");

@@ -3,7 +3,18 @@
 use clap::Args;
 
 use super::Output;
-use super::clusters::human_age;
+use super::clusters::{Status, human_age};
+
+/// "5m ago" for an RFC 3339 time.
+fn ago(at: &str) -> String {
+    match at.parse::<k8s_openapi::jiff::Timestamp>() {
+        Ok(t) => {
+            let secs = k8s_openapi::jiff::Timestamp::now().duration_since(t).as_secs().max(0) as u64;
+            format!("{} ago", human_age(secs))
+        }
+        Err(_) => at.to_string(),
+    }
+}
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  vkube list\n  vkube list -l team=a -o json")]
@@ -26,21 +37,30 @@ impl ListArgs {
             return Ok(());
         }
         println!(
-            "{:<20} {:<24} {:<6} {:<9} {:<8} {:<7} {:<32} LABELS",
-            "NAME", "NAMESPACE", "MODE", "STATUS", "VERSION", "AGE", "ENDPOINT"
+            "{:<20} {:<24} {:<6} {:<18} {:<8} {:<7} {:<24} {:<32} LABELS",
+            "NAME", "NAMESPACE", "MODE", "STATUS", "VERSION", "AGE", "LAST ACTIVITY", "ENDPOINT"
         );
         for c in &clusters {
             let mode = serde_json::to_value(c.mode)?.as_str().unwrap_or_default().to_string();
             let status = serde_json::to_value(c.status)?.as_str().unwrap_or_default().to_string();
             let labels: Vec<String> = c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let status = match (&c.power_since, c.status) {
+                (Some(since), Status::Sleeping) => format!("{status} {}", ago(since)),
+                _ => status,
+            };
+            let activity = match (&c.last_activity, &c.last_activity_by) {
+                (Some(at), Some(by)) => format!("{} ({by})", ago(at)),
+                _ => "-".into(),
+            };
             println!(
-                "{:<20} {:<24} {:<6} {:<9} {:<8} {:<7} {:<32} {}",
+                "{:<20} {:<24} {:<6} {:<18} {:<8} {:<7} {:<24} {:<32} {}",
                 c.name,
                 c.namespace,
                 mode,
                 status,
                 c.kubernetes_version.as_deref().unwrap_or("-"),
                 c.age_seconds.map(human_age).unwrap_or_else(|| "-".into()),
+                activity,
                 c.endpoint.as_deref().unwrap_or("-"),
                 if labels.is_empty() { "-".to_string() } else { labels.join(",") }
             );

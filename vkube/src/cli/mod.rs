@@ -10,6 +10,7 @@ pub mod helm;
 pub mod list;
 pub mod logs;
 pub mod pause;
+pub mod sleep;
 pub mod version;
 
 use std::path::PathBuf;

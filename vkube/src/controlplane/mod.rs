@@ -4,6 +4,9 @@
 //! (`vkube create --local`).
 
 pub mod components;
+pub mod power;
+pub mod schedule;
+pub mod supervisor;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -15,7 +18,9 @@ use anyhow::Context;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use power::SyncerRunner as _;
 use prometheus_client::registry::Registry;
+use vkube_apiproxy::sleep::Power;
 use vkube_apiproxy::tls::ServingCert;
 use vkube_apiproxy::{Proxy, ProxyConfig};
 use vkube_core::naming::Translator;
@@ -64,6 +69,10 @@ pub struct RunArgs {
     pub sync: SyncArgs,
     #[command(flatten)]
     pub proxy: ProxyArgs,
+    #[command(flatten)]
+    pub supervise: supervisor::SuperviseArgs,
+    #[command(flatten)]
+    pub sleep: power::SleepArgs,
 }
 
 /// What bounds the API proxy's load (docs/architecture.md, "API proxy").
@@ -465,6 +474,17 @@ pub async fn virtual_admin(server: &str, bundle: &Bundle) -> anyhow::Result<kube
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let sleep_mode = args.sleep.sleep_after.is_some() || args.sleep.sleep_schedule.is_some();
+    if sleep_mode && !args.supervise.supervise {
+        anyhow::bail!(
+            "--sleep-after and --sleep-schedule need --supervise: only a control plane that runs its upstream components can stop them"
+        );
+    }
+    if args.supervise.supervise && args.service_cidr.is_empty() {
+        anyhow::bail!(
+            "--supervise needs --service-cidr (the host's service range, which the virtual API server allocates from)"
+        );
+    }
     // One bucket for every host write of this cluster: the syncer's and the proxy's.
     let rate = vkube_kubeclient::limit::WriteRate { qps: args.sync.host_qps, burst: args.sync.host_burst };
     let limit = vkube_kubeclient::limit::WriteLimit::new(rate);
@@ -472,12 +492,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         vkube_kubeclient::client::host_limited(args.host_kubeconfig.as_deref(), args.host_context.as_deref(), &limit)
             .await
             .context("connecting to the host cluster")?;
-    let (bundle, _) = sync_pki(&host, &args.namespace, &args.name, &args.cert_dir).await?;
+    let bundle = if args.supervise.supervise {
+        // Everything the children read, written here: nobody else prepares for them.
+        prepare_files(&host, &args.name, &args.namespace, &args.cert_dir, &args.virtual_server, &args.policy).await?
+    } else {
+        sync_pki(&host, &args.namespace, &args.name, &args.cert_dir).await?.0
+    };
     publish_kubeconfig(&host, &args, &bundle).await?;
 
     let admin = virtual_admin(&args.virtual_server, &bundle).await?;
-    wait_virtual_ready(&admin).await?;
-
     let api_ip = service_ip(&host, &args.namespace, &args.name).await?.ok_or_else(|| {
         anyhow::anyhow!(
             "the host Service {}/{} in front of the proxy does not exist or has no ClusterIP; create the cluster with `vkube create`",
@@ -502,6 +525,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         bundle.get("apiserver.key").unwrap_or_default(),
     )?;
     let health = vkube_syncer::health::Health::default();
+    // Supervised, requests are held until the components it starts answer.
+    let initial = if args.supervise.supervise { Power::Waking } else { Power::Running };
+    let (sleep, sleep_control) =
+        vkube_apiproxy::sleep::Sleep::new(initial, args.sleep.sleep_counted_users.clone(), args.sleep.wake_timeout);
     let proxy = Proxy::new(
         ProxyConfig {
             translator: translator.clone(),
@@ -522,6 +549,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Arc::new(move || health.alive())
             },
             limits: args.proxy.limits(),
+            sleep,
         },
         &mut registry,
     )?;
@@ -530,7 +558,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, cluster = %args.name, namespace = %args.namespace, "control plane serving");
 
     let renew = tokio::spawn(renew_loop(host.clone(), args.clone(), serving));
-    let host_services = Arc::new(std::sync::OnceLock::new());
+    let host_services: vkube_syncer::SharedStore<Service> = Default::default();
     let egress = tokio::spawn(serve_egress(args.clone(), host_services.clone()));
     let options = vkube_syncer::context::Options {
         cluster_domain: args.sync.cluster_domain.clone(),
@@ -545,37 +573,82 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         events_mark_service: Some(names::service(&args.name)),
     };
     let metrics = vkube_syncer::Metrics::register(&mut registry);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let coredns_image = args.sync.coredns_image.clone();
     let syncer_health = health.clone();
-    let config = move |host, virt| vkube_syncer::Config {
-        translator,
-        policy,
-        options,
+    let config: ConfigFactory = Arc::new(move |host, virt, recreate_lost_pods| vkube_syncer::Config {
+        translator: translator.clone(),
+        policy: policy.clone(),
+        options: vkube_syncer::context::Options { recreate_lost_pods, ..options.clone() },
         virt,
         host,
-        coredns_image,
-        metrics,
-        health: syncer_health,
-        host_services,
+        coredns_image: coredns_image.clone(),
+        metrics: metrics.clone(),
+        health: syncer_health.clone(),
+        host_services: host_services.clone(),
+    });
+    let mut syncer = SpawnedSyncer { args: args.clone(), bundle: bundle.clone(), limit, health, config, running: None };
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut controlled = if args.supervise.supervise {
+        let supervisor = supervisor::Supervisor::new(
+            &args.supervise.state_dir,
+            supervisor::SupervisorMetrics::register(&mut registry),
+        )?;
+        let cidr = args.service_cidr.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        let apiserver_port = args.virtual_server.parse::<http::Uri>().ok().and_then(|u| u.port_u16()).unwrap_or(6443);
+        let controller = power::PowerController {
+            host: host.clone(),
+            admin: admin.clone(),
+            name: args.name.clone(),
+            namespace: args.namespace.clone(),
+            ctl: sleep_control,
+            supervisor,
+            children: supervisor::children(&args.supervise, &args.cert_dir, apiserver_port, &cidr),
+            syncer,
+            args: args.sleep.clone(),
+            metrics: power::PowerMetrics::register(&mut registry),
+        };
+        let initial = controller.persisted().await?;
+        tokio::spawn(controller.run(initial, resuming, shutdown_rx))
+    } else {
+        drop(sleep_control);
+        wait_virtual_ready(&admin, Duration::from_millis(200)).await?;
+        syncer.start(resuming)?;
+        tokio::spawn(async move {
+            let mut shutdown = shutdown_rx;
+            let _ = shutdown.wait_for(|s| *s).await;
+            syncer.stop().await;
+            Ok(())
+        })
     };
-    let syncer = spawn_syncer(args.clone(), bundle.clone(), limit, health, config, stop_rx)?;
     let registry = Arc::new(registry);
-    proxy.serve(listener, registry, shutdown_signal()).await;
-    let _ = stop_tx.send(true);
-    let _ = tokio::task::spawn_blocking(move || syncer.join()).await;
+    let failed = tokio::select! {
+        _ = proxy.serve(listener, registry, shutdown_signal()) => None,
+        ended = &mut controlled => Some(ended),
+    };
+    let _ = shutdown_tx.send(true);
+    let ended = match failed {
+        Some(ended) => ended,
+        None => controlled.await,
+    };
     renew.abort();
     egress.abort();
-    tracing::info!("control plane stopped");
-    Ok(())
+    match ended {
+        Ok(Ok(())) => {
+            tracing::info!("control plane stopped");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.context("the control plane's components failed")),
+        Err(e) => Err(anyhow::anyhow!("the control plane's supervisor task failed: {e}")),
+    }
 }
 
 /// The virtual API server's way out (`vkube_apiproxy::egress`): only to this cluster's own host
 /// Services (their ClusterIPs and ports), as the syncer's store of them says; none until the
 /// syncer has made it.
-async fn serve_egress(args: RunArgs, services: Arc<std::sync::OnceLock<kube::runtime::reflector::Store<Service>>>) {
+async fn serve_egress(args: RunArgs, services: vkube_syncer::SharedStore<Service>) {
     let allowed: vkube_apiproxy::egress::Allowed = Arc::new(move |addr: SocketAddr| {
-        let Some(store) = services.get() else { return false };
+        let services = services.read().unwrap_or_else(|e| e.into_inner());
+        let Some(store) = services.as_ref() else { return false };
         let ip = addr.ip().to_string();
         store.state().iter().any(|s| {
             let Some(spec) = s.spec.as_ref() else { return false };
@@ -589,58 +662,82 @@ async fn serve_egress(args: RunArgs, services: Arc<std::sync::OnceLock<kube::run
     }
 }
 
+/// The syncer's configuration for a run (its clients, and whether it recreates lost host pods).
+type ConfigFactory = Arc<dyn Fn(kube::Client, kube::Client, bool) -> vkube_syncer::Config + Send + Sync>;
+
 /// The syncer on its own runtime and threads, with its own clients: a burst of sync work never
-/// delays the proxy's requests (the OS shares the cores between the two fairly).
-fn spawn_syncer(
+/// delays the proxy's requests (the OS shares the cores between the two fairly). Stopped and
+/// started again around a sleep.
+struct SpawnedSyncer {
     args: RunArgs,
     bundle: Bundle,
     limit: vkube_kubeclient::limit::WriteLimit,
     health: vkube_syncer::health::Health,
-    config: impl FnOnce(kube::Client, kube::Client) -> vkube_syncer::Config + Send + 'static,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("syncer").enable_all().build()?;
-    Ok(std::thread::Builder::new().name("syncer".into()).spawn(move || {
-        // However the thread ends (a panic included), `/readyz` says so from then on.
-        struct OnExit(vkube_syncer::health::Health);
-        impl Drop for OnExit {
-            fn drop(&mut self) {
-                self.0.stopped("its thread ended");
-            }
-        }
-        let _on_exit = OnExit(health.clone());
-        rt.block_on(async move {
-            let clients = async {
-                let host = vkube_kubeclient::client::host_limited(
-                    args.host_kubeconfig.as_deref(),
-                    args.host_context.as_deref(),
-                    &limit,
-                )
-                .await?;
-                let virt = virtual_admin(&args.virtual_server, &bundle).await?;
-                anyhow::Ok((host, virt))
-            };
-            let (host, virt) = match clients.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "the syncer could not build its clients");
-                    health.stopped(format!("could not build its clients: {e}"));
-                    return;
-                }
-            };
-            // A stopped syncer has logged why and told `health`.
-            let _ = vkube_syncer::run(config(host, virt), async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        })
-    })?)
+    config: ConfigFactory,
+    running: Option<(tokio::sync::watch::Sender<bool>, std::thread::JoinHandle<()>)>,
 }
 
-async fn wait_virtual_ready(admin: &kube::Client) -> anyhow::Result<()> {
+impl power::SyncerRunner for SpawnedSyncer {
+    fn start(&mut self, recreate_lost_pods: bool) -> anyhow::Result<()> {
+        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("syncer").enable_all().build()?;
+        let (args, bundle, limit, health, config) =
+            (self.args.clone(), self.bundle.clone(), self.limit.clone(), self.health.clone(), self.config.clone());
+        health.restart();
+        let thread = std::thread::Builder::new().name("syncer".into()).spawn(move || {
+            // However the thread ends unasked (a panic included), `/readyz` says so from then on.
+            struct OnExit(vkube_syncer::health::Health, tokio::sync::watch::Receiver<bool>);
+            impl Drop for OnExit {
+                fn drop(&mut self) {
+                    if !*self.1.borrow() {
+                        self.0.stopped("its thread ended");
+                    }
+                }
+            }
+            let _on_exit = OnExit(health.clone(), stop.clone());
+            rt.block_on(async move {
+                let clients = async {
+                    let host = vkube_kubeclient::client::host_limited(
+                        args.host_kubeconfig.as_deref(),
+                        args.host_context.as_deref(),
+                        &limit,
+                    )
+                    .await?;
+                    let virt = virtual_admin(&args.virtual_server, &bundle).await?;
+                    anyhow::Ok((host, virt))
+                };
+                let (host, virt) = match clients.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the syncer could not build its clients");
+                        health.stopped(format!("could not build its clients: {e}"));
+                        return;
+                    }
+                };
+                // A stopped syncer has logged why and told `health`.
+                let _ = vkube_syncer::run(config(host, virt, recreate_lost_pods), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            })
+        })?;
+        self.running = Some((stop_tx, thread));
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        if let Some((stop, thread)) = self.running.take() {
+            let _ = stop.send(true);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Waits (polling `every`) until the virtual API server answers its `/readyz`.
+async fn wait_virtual_ready(admin: &kube::Client, every: Duration) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(120);
-    vkube_kubeclient::wait::until(timeout, Duration::from_millis(200), || async {
+    vkube_kubeclient::wait::until(timeout, every, || async {
         let req = http::Request::get("/readyz").body(vec![]).map_err(|e| e.to_string())?;
         admin.request_text(req).await.map(|_| Some(())).map_err(|e| e.to_string())
     })

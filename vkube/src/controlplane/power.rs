@@ -1,0 +1,343 @@
+//! Sleep mode in `vkube run --supervise`: the cluster goes to sleep after `--sleep-after` without
+//! activity, in a `--sleep-schedule` window, or on `vkube sleep`; asleep, its host pods are gone
+//! and etcd, kube-apiserver and kube-controller-manager are stopped, while this process keeps
+//! serving the proxy's port. A request that counts as activity (or `vkube wake`) wakes it: the
+//! components start, the request is held until the virtual API server answers, and the syncer
+//! recreates the host pods. The state, the last activity and the CLI's requests live as
+//! annotations on the control plane's host Service, so a restart comes back as it was.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use vkube_apiproxy::sleep::{Power, SleepControl};
+use vkube_core::contract::{
+    ANNOTATION_LAST_ACTIVITY, ANNOTATION_LAST_ACTIVITY_BY, ANNOTATION_POWER, ANNOTATION_POWER_REQUEST,
+    ANNOTATION_POWER_SINCE, LABEL_CLUSTER,
+};
+
+use super::schedule::Schedule;
+use super::supervisor::{Child, Supervisor};
+use crate::names;
+
+/// `vkube run`'s sleep-mode flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SleepArgs {
+    /// Put the cluster to sleep after this long without activity (e.g. 30m). Off when unset.
+    /// Needs --supervise.
+    #[arg(long, env = "VKUBE_SLEEP_AFTER", value_parser = super::parse_duration)]
+    pub sleep_after: Option<Duration>,
+    /// Put the cluster to sleep when a window starts: `DAYS HH:MM-HH:MM [ZONE]`, e.g.
+    /// "Mon-Fri 19:00-08:00 Europe/Berlin". A request still wakes it. Needs --supervise.
+    #[arg(long, env = "VKUBE_SLEEP_SCHEDULE")]
+    pub sleep_schedule: Option<Schedule>,
+    /// Users whose requests count as activity although they are service accounts or `system:`
+    /// users (comma-separated; e.g. an in-cluster CI runner).
+    #[arg(long, env = "VKUBE_SLEEP_COUNTED_USERS", value_delimiter = ',')]
+    pub sleep_counted_users: Vec<String>,
+    /// How long a request that wakes the cluster is held before it gets 503 (Retry-After).
+    #[arg(long, env = "VKUBE_WAKE_TIMEOUT", default_value = "60s", value_parser = super::parse_duration)]
+    pub wake_timeout: Duration,
+}
+
+/// What sleep mode tells Prometheus.
+#[derive(Clone)]
+pub struct PowerMetrics {
+    sleeps: Counter,
+    wake_seconds: Histogram,
+    asleep: Gauge,
+}
+
+impl PowerMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = PowerMetrics {
+            sleeps: Counter::default(),
+            wake_seconds: Histogram::new([0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0]),
+            asleep: Gauge::default(),
+        };
+        registry.register("vkube_sleeps", "Times the virtual cluster went to sleep", m.sleeps.clone());
+        registry.register(
+            "vkube_wake_seconds",
+            "From the decision to wake to the virtual API server answering",
+            m.wake_seconds.clone(),
+        );
+        registry.register("vkube_asleep", "1 while the virtual cluster sleeps", m.asleep.clone());
+        m
+    }
+}
+
+/// Starts and stops the syncer (on its own runtime thread); `recreate` on wake.
+pub trait SyncerRunner: Send {
+    fn start(&mut self, recreate_lost_pods: bool) -> anyhow::Result<()>;
+    fn stop(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+pub struct PowerController<S: SyncerRunner> {
+    pub host: kube::Client,
+    pub admin: kube::Client,
+    pub name: String,
+    pub namespace: String,
+    pub ctl: SleepControl,
+    pub supervisor: Supervisor,
+    pub children: (Child, Child, Child),
+    pub syncer: S,
+    pub args: SleepArgs,
+    pub metrics: PowerMetrics,
+}
+
+/// How often the idle time and the schedule are checked, and the activity persisted if it changed.
+const TICK: Duration = Duration::from_secs(1);
+const PERSIST_EVERY: Duration = Duration::from_secs(10);
+
+impl<S: SyncerRunner> PowerController<S> {
+    /// What the last control plane left: asleep or not, and the last activity (restored).
+    pub async fn persisted(&self) -> anyhow::Result<Power> {
+        let svc = self.services().get_opt(&names::service(&self.name)).await?;
+        let annotations = svc.map(|s| s.metadata.annotations.unwrap_or_default()).unwrap_or_default();
+        if let (Some(at), Some(by)) =
+            (annotations.get(ANNOTATION_LAST_ACTIVITY), annotations.get(ANNOTATION_LAST_ACTIVITY_BY))
+            && let Ok(t) = at.parse::<jiff::Timestamp>()
+        {
+            self.ctl.activity.restore(SystemTime::from(t), by.clone());
+        }
+        Ok(match annotations.get(ANNOTATION_POWER).map(String::as_str) {
+            Some("Sleeping" | "GoingToSleep") => Power::Sleeping,
+            _ => Power::Running,
+        })
+    }
+
+    /// Brings the cluster to `initial` (what was persisted) and then keeps deciding.
+    /// Stops the syncer and the components when `shutdown` says so (the state stays persisted).
+    pub async fn run(
+        mut self,
+        initial: Power,
+        resuming: bool,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        match initial {
+            Power::Sleeping => {
+                // It was asleep, or going to sleep when the last process died: finish the job.
+                self.ctl.power.send_replace(Power::GoingToSleep);
+                self.remove_host_pods().await;
+                self.ctl.power.send_replace(Power::Sleeping);
+                self.metrics.asleep.set(1);
+                tracing::info!("the virtual cluster sleeps; a request that counts as activity wakes it");
+            }
+            _ => {
+                let started = tokio::select! {
+                    r = self.start_components() => r,
+                    _ = shutdown.wait_for(|s| *s) => Ok(()),
+                };
+                if let Err(e) = started {
+                    self.supervisor.stop_all().await;
+                    return Err(e);
+                }
+                self.syncer.start(resuming)?;
+                self.ctl.power.send_replace(Power::Running);
+            }
+        }
+        let decided = tokio::select! {
+            r = self.decide() => r,
+            _ = shutdown.wait_for(|s| *s) => Ok(()),
+        };
+        self.syncer.stop().await;
+        self.supervisor.stop_all().await;
+        decided
+    }
+
+    async fn decide(&mut self) -> anyhow::Result<()> {
+        let mut awake_since = Instant::now();
+        let mut persisted_activity = self.ctl.activity.last();
+        let mut last_persist = Instant::now();
+        let mut slept_window = self.args.sleep_schedule.as_ref().and_then(|s| s.window_at(jiff::Timestamp::now()));
+        let mut requests = self.requests();
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            let mut wake_asked = false;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.ctl.wake.notified() => wake_asked = true,
+                Some(request) = requests.next() => {
+                    self.clear_request().await;
+                    match request.as_str() {
+                        "sleep" => self.sleep("requested with `vkube sleep`").await,
+                        "wake" => self.wake("requested with `vkube wake`").await?,
+                        other => tracing::warn!(request = other, "unknown power request ignored (expected sleep or wake)"),
+                    }
+                    awake_since = Instant::now();
+                    continue;
+                }
+            }
+            let power = *self.ctl.power.borrow();
+            if power == Power::Sleeping {
+                // Only a request that counts wakes it; the proxy notified `wake`, or nothing did.
+                if wake_asked {
+                    self.wake("a request that counts as activity").await?;
+                    awake_since = Instant::now();
+                }
+                continue;
+            }
+            let now = SystemTime::now();
+            let last = self.ctl.activity.last();
+            if last != persisted_activity && last_persist.elapsed() >= PERSIST_EVERY {
+                if let Some((at, by)) = &last {
+                    self.persist_activity(*at, by).await;
+                }
+                persisted_activity = last.clone();
+                last_persist = Instant::now();
+            }
+            if let Some(schedule) = &self.args.sleep_schedule {
+                let window = schedule.window_at(jiff::Timestamp::now());
+                if window.is_some() && window != slept_window {
+                    slept_window = window;
+                    self.sleep(&format!("its schedule ({schedule})")).await;
+                    continue;
+                }
+            }
+            if let Some(after) = self.args.sleep_after {
+                let since_activity = last.and_then(|(at, _)| now.duration_since(at).ok()).unwrap_or(Duration::MAX);
+                let idle = since_activity.min(awake_since.elapsed());
+                if idle >= after {
+                    self.sleep(&format!("no activity for {} s", idle.as_secs())).await;
+                }
+            }
+        }
+    }
+
+    async fn start_components(&mut self) -> anyhow::Result<()> {
+        let (etcd, apiserver, kcm) = self.children.clone();
+        self.supervisor.start(etcd);
+        self.supervisor.start(apiserver);
+        super::wait_virtual_ready(&self.admin, Duration::from_millis(50)).await?;
+        self.supervisor.start(kcm);
+        Ok(())
+    }
+
+    /// Host pods removed, syncer and components stopped; the proxy answers for the cluster.
+    async fn sleep(&mut self, why: &str) {
+        tracing::info!(why, "the virtual cluster goes to sleep");
+        self.ctl.power.send_replace(Power::GoingToSleep);
+        // Written first: a process that dies from here on comes back asleep and finishes.
+        self.persist_power("GoingToSleep").await;
+        self.syncer.stop().await;
+        self.remove_host_pods().await;
+        self.supervisor.stop_all().await;
+        self.ctl.power.send_replace(Power::Sleeping);
+        self.persist_power("Sleeping").await;
+        self.metrics.sleeps.inc();
+        self.metrics.asleep.set(1);
+        self.event("Sleeping", &format!("went to sleep: {why}; its workloads' host pods were removed")).await;
+    }
+
+    async fn wake(&mut self, why: &str) -> anyhow::Result<()> {
+        if *self.ctl.power.borrow() == Power::Running {
+            return Ok(());
+        }
+        let started = Instant::now();
+        tracing::info!(why, "the virtual cluster wakes");
+        self.ctl.power.send_replace(Power::Waking);
+        if let Err(e) = self.start_components().await {
+            // Back to sleep rather than half awake: the next request tries again.
+            tracing::error!(error = %e, "waking failed; the cluster stays asleep");
+            self.supervisor.stop_all().await;
+            self.ctl.power.send_replace(Power::Sleeping);
+            self.event("WakeFailed", &format!("could not wake: {e}")).await;
+            return Ok(());
+        }
+        self.syncer.start(true)?;
+        self.ctl.power.send_replace(Power::Running);
+        let took = started.elapsed().as_secs_f64();
+        self.metrics.wake_seconds.observe(took);
+        self.metrics.asleep.set(0);
+        tracing::info!(seconds = took, "the virtual cluster is awake");
+        self.persist_power("Running").await;
+        self.event("Woken", &format!("woke in {took:.1} s: {why}; its host pods are being recreated")).await;
+        Ok(())
+    }
+
+    async fn remove_host_pods(&self) {
+        let pods: Api<Pod> = Api::namespaced(self.host.clone(), &self.namespace);
+        let lp = ListParams::default().labels(&format!("{LABEL_CLUSTER}={}", self.name));
+        if let Err(e) = pods.delete_collection(&DeleteParams::default(), &lp).await {
+            tracing::error!(error = %e, "removing the host pods of a sleeping cluster failed; they keep running until it wakes");
+        }
+    }
+
+    fn services(&self) -> Api<Service> {
+        Api::namespaced(self.host.clone(), &self.namespace)
+    }
+
+    async fn patch_annotations(&self, annotations: serde_json::Value) {
+        let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+        let svc = names::service(&self.name);
+        if let Err(e) =
+            self.services().patch(&svc, &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch)).await
+        {
+            tracing::warn!(error = %e, service = svc, "could not write the sleep state on the host Service");
+        }
+    }
+
+    async fn persist_power(&self, power: &str) {
+        self.patch_annotations(serde_json::json!({
+            ANNOTATION_POWER: power,
+            ANNOTATION_POWER_SINCE: jiff::Timestamp::now().to_string(),
+        }))
+        .await;
+    }
+
+    async fn persist_activity(&self, at: SystemTime, by: &str) {
+        let at = jiff::Timestamp::try_from(at).unwrap_or_else(|_| jiff::Timestamp::now());
+        self.patch_annotations(serde_json::json!({
+            ANNOTATION_LAST_ACTIVITY: at.to_string(),
+            ANNOTATION_LAST_ACTIVITY_BY: by,
+        }))
+        .await;
+    }
+
+    async fn clear_request(&self) {
+        self.patch_annotations(serde_json::json!({ ANNOTATION_POWER_REQUEST: null })).await;
+    }
+
+    /// `vkube sleep` / `vkube wake`: the request annotation on the host Service, watched by name.
+    fn requests(&self) -> futures::stream::BoxStream<'static, String> {
+        use kube::runtime::WatchStreamExt;
+        let by_name =
+            kube::runtime::watcher::Config::default().fields(&format!("metadata.name={}", names::service(&self.name)));
+        kube::runtime::watcher(self.services(), by_name)
+            .default_backoff()
+            .applied_objects()
+            .filter_map(|svc| {
+                std::future::ready(
+                    svc.ok().and_then(|s| s.metadata.annotations.and_then(|mut a| a.remove(ANNOTATION_POWER_REQUEST))),
+                )
+            })
+            .boxed()
+    }
+
+    /// A host Event on the control plane's Service (the virtual cluster may be asleep).
+    async fn event(&self, reason: &str, note: &str) {
+        let recorder = Recorder::new(self.host.clone(), Reporter { controller: "vkube".into(), instance: None });
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            name: Some(names::service(&self.name)),
+            namespace: Some(self.namespace.clone()),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: if reason == "WakeFailed" { EventType::Warning } else { EventType::Normal },
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: "Power".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason, "could not record a host event");
+        }
+    }
+}

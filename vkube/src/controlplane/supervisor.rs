@@ -1,0 +1,383 @@
+//! `vkube run --supervise`: the upstream components (etcd, kube-apiserver,
+//! kube-controller-manager) as children of the control-plane process, so it can stop them while
+//! the cluster sleeps and start them again on the first request. Each child is restarted when it
+//! dies (backoff 1 s doubling to 30 s; reset after a minute of running) and stopped with SIGTERM,
+//! then SIGKILL.
+//!
+//! The children run in their own process groups and survive a crash of `vkube run` (the virtual
+//! API server keeps answering); the next `vkube run` finds them in `supervised.json` (same shape as
+//! the local mode's `processes.json`) and replaces them with its own.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::components;
+
+/// The file in the state directory listing the running children.
+pub const RECORD_FILE: &str = "supervised.json";
+const STOP_GRACE: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A child that ran this long before dying is restarted at once, not after the grown backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// Where the upstream components come from and where they keep their data (`vkube run`'s flags).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SuperviseArgs {
+    /// Run etcd, kube-apiserver and kube-controller-manager as children of this process (needed
+    /// for sleep mode). Without it they run beside it (the chart's containers).
+    #[arg(long, env = "VKUBE_SUPERVISE")]
+    pub supervise: bool,
+    /// Logs (`logs/NAME.log`), etcd's data (`etcd/`) and the record of the children.
+    #[arg(long, env = "VKUBE_STATE_DIR", default_value = "/var/lib/vkube")]
+    pub state_dir: PathBuf,
+    #[arg(long, env = "VKUBE_ETCD_BINARY", default_value = "etcd")]
+    pub etcd_binary: PathBuf,
+    #[arg(long, env = "VKUBE_APISERVER_BINARY", default_value = "kube-apiserver")]
+    pub apiserver_binary: PathBuf,
+    #[arg(long, env = "VKUBE_CONTROLLER_MANAGER_BINARY", default_value = "kube-controller-manager")]
+    pub controller_manager_binary: PathBuf,
+    #[arg(long, env = "VKUBE_ETCD_CLIENT_PORT", default_value_t = 2379)]
+    pub etcd_client_port: u16,
+    #[arg(long, env = "VKUBE_ETCD_PEER_PORT", default_value_t = 2380)]
+    pub etcd_peer_port: u16,
+    /// The host's node-port range, given to the virtual API server.
+    #[arg(long, env = "VKUBE_SERVICE_NODE_PORT_RANGE", default_value = components::DEFAULT_NODE_PORT_RANGE)]
+    pub service_node_port_range: String,
+    /// etcd syncs every write to disk (off for throwaway local clusters).
+    #[arg(long, env = "VKUBE_ETCD_DURABLE")]
+    pub etcd_durable: bool,
+}
+
+/// One child's command line.
+#[derive(Clone, Debug)]
+pub struct Child {
+    pub name: &'static str,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// What is written down about a running child (localenv's `Recorded`, which `vkube pause`,
+/// `delete` and `dev down` read to stop leftovers of a crashed `vkube run`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Recorded {
+    pub name: String,
+    pub pid: u32,
+    pub program: PathBuf,
+    pub log: PathBuf,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ComponentLabel {
+    component: &'static str,
+}
+
+#[derive(Clone, Default)]
+pub struct SupervisorMetrics {
+    restarts: Family<ComponentLabel, Counter>,
+}
+
+impl SupervisorMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = SupervisorMetrics::default();
+        registry.register(
+            "vkube_component_restarts",
+            "Upstream components restarted after they died (supervised control planes)",
+            m.restarts.clone(),
+        );
+        m
+    }
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+pub struct Supervisor {
+    state_dir: PathBuf,
+    metrics: SupervisorMetrics,
+    records: Arc<Mutex<BTreeMap<&'static str, Recorded>>>,
+    /// Started children, oldest first (stopped newest first).
+    running: Vec<(&'static str, Running)>,
+}
+
+impl Supervisor {
+    /// Stops what a previous `vkube run` left running from `state_dir` (it crashed or was killed).
+    pub fn new(state_dir: &Path, metrics: SupervisorMetrics) -> anyhow::Result<Supervisor> {
+        std::fs::create_dir_all(state_dir.join("logs"))
+            .with_context(|| format!("creating {}", state_dir.join("logs").display()))?;
+        for old in read_records(state_dir) {
+            if is_alive(&old) {
+                tracing::info!(component = %old.name, pid = old.pid, "stopping a child of a previous control-plane process");
+                stop_pid(old.pid, STOP_GRACE);
+            }
+        }
+        let s = Supervisor { state_dir: state_dir.into(), metrics, records: Default::default(), running: vec![] };
+        s.write_records();
+        Ok(s)
+    }
+
+    /// Starts `child` and keeps it running until [`Supervisor::stop_all`].
+    pub fn start(&mut self, child: Child) {
+        let (stop, stopped) = watch::channel(false);
+        let log = self.state_dir.join("logs").join(format!("{}.log", child.name));
+        let records = self.records.clone();
+        let state_dir = self.state_dir.clone();
+        let restarts = self.metrics.restarts.get_or_create(&ComponentLabel { component: child.name }).clone();
+        let name = child.name;
+        let task = tokio::spawn(keep_running(child, log, stopped, restarts, move |rec| {
+            let mut all = records.lock().unwrap_or_else(|e| e.into_inner());
+            match rec {
+                Some(r) => all.insert(name, r),
+                None => all.remove(name),
+            };
+            write_records_to(&state_dir, &all);
+        }));
+        self.running.push((name, Running { stop, task }));
+    }
+
+    /// Whether any child is running or restarting.
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Stops every child, newest first, each waited for before the next.
+    pub async fn stop_all(&mut self) {
+        while let Some((name, r)) = self.running.pop() {
+            let _ = r.stop.send(true);
+            if let Err(e) = r.task.await {
+                tracing::warn!(component = name, error = %e, "its supervisor task failed");
+            }
+        }
+    }
+
+    /// The pid of a running child.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).get(name).map(|r| r.pid)
+    }
+
+    fn write_records(&self) {
+        write_records_to(&self.state_dir, &self.records.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// The child's life: started, restarted with backoff when it dies, stopped when asked.
+async fn keep_running(
+    child: Child,
+    log: PathBuf,
+    mut stop: watch::Receiver<bool>,
+    restarts: Counter,
+    record: impl Fn(Option<Recorded>),
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        let mut proc = match spawn(&child, &log) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(component = child.name, error = %e, "could not start; retrying");
+                if wait_or_stop(&mut stop, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let pid = proc.id().unwrap_or_default();
+        tracing::info!(component = child.name, pid, "started");
+        record(Some(Recorded { name: child.name.into(), pid, program: child.program.clone(), log: log.clone() }));
+        let exited = tokio::select! {
+            status = proc.wait() => Some(status),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        match exited {
+            Some(status) => {
+                record(None);
+                if started.elapsed() >= HEALTHY_RUN {
+                    backoff = Duration::from_secs(1);
+                }
+                tracing::warn!(
+                    component = child.name, status = ?status.ok(), log = %log.display(),
+                    restart_in_seconds = backoff.as_secs(), "exited; restarting it"
+                );
+                restarts.inc();
+                if wait_or_stop(&mut stop, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            None => {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                if tokio::time::timeout(STOP_GRACE, proc.wait()).await.is_err() {
+                    tracing::warn!(component = child.name, pid, "did not stop within its grace period; killing it");
+                    let _ = proc.kill().await;
+                }
+                record(None);
+                tracing::info!(component = child.name, "stopped");
+                return;
+            }
+        }
+    }
+}
+
+/// Waits `d`; true if asked to stop meanwhile.
+async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    stopped || *stop.borrow()
+}
+
+fn spawn(child: &Child, log: &Path) -> std::io::Result<tokio::process::Child> {
+    let out = std::fs::File::options().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    tokio::process::Command::new(&child.program)
+        .args(&child.args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Its own group: a signal meant for the control-plane process is not its children's.
+        .process_group(0)
+        .spawn()
+}
+
+fn read_records(dir: &Path) -> Vec<Recorded> {
+    std::fs::read_to_string(dir.join(RECORD_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+}
+
+fn write_records_to(dir: &Path, records: &BTreeMap<&'static str, Recorded>) {
+    let list: Vec<&Recorded> = records.values().collect();
+    let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
+    let written = serde_json::to_vec_pretty(&list)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(RECORD_FILE)));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, dir = %dir.display(), "could not record the running children");
+    }
+}
+
+/// Whether `rec`'s pid still runs its program (a pid reused by another program is not ours).
+fn is_alive(rec: &Recorded) -> bool {
+    let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", rec.pid)) else { return false };
+    let exe = exe.to_string_lossy();
+    let running = Path::new(exe.trim_end_matches(" (deleted)"));
+    // The program may have been given by name (found on PATH) or through a symlink.
+    running == rec.program
+        || std::fs::canonicalize(&rec.program).is_ok_and(|p| p == running)
+        || (rec.program.components().count() == 1 && running.file_name() == rec.program.file_name())
+}
+
+fn stop_pid(pid: u32, grace: Duration) {
+    let pid = Pid::from_raw(pid as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if kill(pid, None).is_err() || is_zombie(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+}
+
+fn is_zombie(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// The three children of a supervised control plane, with the flags `components` writes.
+pub fn children(
+    args: &SuperviseArgs,
+    cert_dir: &Path,
+    apiserver_port: u16,
+    service_cidr: &str,
+) -> (Child, Child, Child) {
+    let data_dir = args.state_dir.join("etcd");
+    let admission = cert_dir.join(super::ADMISSION_FILE);
+    let layout = components::Layout {
+        cert_dir,
+        data_dir: &data_dir,
+        etcd_client_port: args.etcd_client_port,
+        etcd_peer_port: args.etcd_peer_port,
+        apiserver_port,
+        service_cidr,
+        node_port_range: &args.service_node_port_range,
+        admission_config: &admission,
+        durable: args.etcd_durable,
+    };
+    let kubeconfig = cert_dir.join(super::CONTROLLER_MANAGER_KUBECONFIG);
+    (
+        Child { name: "etcd", program: args.etcd_binary.clone(), args: components::etcd(&layout) },
+        Child { name: "kube-apiserver", program: args.apiserver_binary.clone(), args: components::apiserver(&layout) },
+        Child {
+            name: "kube-controller-manager",
+            program: args.controller_manager_binary.clone(),
+            args: components::controller_manager(&kubeconfig, &layout),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(name: &'static str, script: &str) -> Child {
+        Child { name, program: "/bin/sh".into(), args: vec!["-c".into(), script.into()] }
+    }
+
+    #[tokio::test]
+    async fn children_are_restarted_recorded_and_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = SupervisorMetrics::register(&mut registry);
+        let mut s = Supervisor::new(dir.path(), metrics.clone()).unwrap();
+        // One that dies at once (restarted), one that runs until stopped (and ignores nothing).
+        s.start(sh("flaky", "echo ran >> runs; exit 3"));
+        s.start(sh("steady", "sleep 600; true"));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let runs = std::fs::read_to_string(dir.path().join("logs/flaky.log")).unwrap_or_default();
+        let steady = s.pid("steady").expect("recorded while running");
+        let recorded = read_records(dir.path());
+        assert!(recorded.iter().any(|r| r.pid == steady && r.name == "steady"), "{recorded:?}");
+        assert!(is_alive(&recorded.iter().find(|r| r.name == "steady").unwrap().clone()));
+        let restarts = metrics.restarts.get_or_create(&ComponentLabel { component: "flaky" }).get();
+        assert!(restarts >= 1, "restarted after exiting: {restarts}, log {runs:?}");
+        s.stop_all().await;
+        assert!(s.is_empty());
+        assert!(kill(Pid::from_raw(steady as i32), None).is_err(), "stopped and reaped");
+        assert!(read_records(dir.path()).is_empty(), "nothing recorded once stopped");
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_a_crashed_process_are_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let stray = std::process::Command::new("/bin/sleep").arg("600").spawn().unwrap();
+        let rec = Recorded { name: "etcd".into(), pid: stray.id(), program: "/bin/sleep".into(), log: PathBuf::new() };
+        std::fs::write(dir.path().join(RECORD_FILE), serde_json::to_string(&[&rec]).unwrap()).unwrap();
+        // Reaped by this thread so the pid goes once killed.
+        let reaper = std::thread::spawn(move || {
+            let mut stray = stray;
+            stray.wait()
+        });
+        let _s = Supervisor::new(dir.path(), SupervisorMetrics::default()).unwrap();
+        reaper.join().unwrap().unwrap();
+        assert!(!is_alive(&rec));
+    }
+}
