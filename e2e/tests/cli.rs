@@ -112,6 +112,24 @@ async fn create_list_connect_pause_resume_delete_locally() {
     .await;
     assert_eq!(cli.list()[0]["ready"], true);
 
+    // Sleep mode by hand: the host pods go, the proxy stays; `wake` brings everything back.
+    cli.ok(&["sleep", "team-a"]);
+    assert!(host_pods().is_empty(), "sleep removes the host pods: {:?}", host_pods());
+    let asleep = cli.list();
+    assert_eq!(asleep[0]["status"], "Sleeping", "{asleep}");
+    assert!(asleep[0]["power_since"].is_string(), "{asleep}");
+    assert!(cli.run(&["sleep", "team-a"]).status.success(), "a second sleep is harmless");
+    cli.ok(&["wake", "team-a"]);
+    eventually("the workloads come back after a sleep, the bare pod too", Duration::from_secs(60), || async {
+        let pods = host_pods();
+        Ok((pods.len() == 3 && pods.iter().any(|p| p.contains("solo-x-default"))).then_some(()))
+    })
+    .await;
+    let awake = cli.list();
+    assert_eq!(awake[0]["status"], "Ready", "{awake}");
+    let table = cli.ok(&["list"]);
+    assert!(table.contains("LAST ACTIVITY"), "{table}");
+
     cli.ok(&["delete", "team-a", "--wait"]);
     let left = env.labelled_host_objects("team-a");
     assert!(left.is_empty(), "left on the host: {left:?}");

@@ -146,6 +146,15 @@ async fn an_idle_cluster_sleeps_and_the_first_kubectl_request_wakes_it() {
     assert!(m.contains("vkube_activity_total{user=\"vkube-admin\""), "the admin's requests counted: {m}");
     assert!(!m.contains("system:serviceaccount:default:poller"), "the service account did not count: {m}");
 
+    // An open exec session carrying data keeps it awake past its 20 idle seconds.
+    let pod = pods.lines().next().unwrap().trim_start_matches("pod/").to_string();
+    let session = Instant::now();
+    let out = vc.kubectl_ok(&["exec", &pod, "--", "sh", "-c", "for i in $(seq 16); do echo tick; sleep 2; done"]);
+    assert_eq!(out.lines().count(), 16, "{out}");
+    assert!(session.elapsed() >= Duration::from_secs(30));
+    assert_eq!(power(&env, &vc).await.as_deref(), Some("Running"), "it slept during an exec session carrying data");
+    assert!(metrics(&vc).await.contains("vkube_sleeps_total 1"), "no second sleep during the session");
+
     // The host saw it happen.
     let events: Api<Event> = Api::namespaced(env.client().await, vc.host_namespace());
     let reasons: Vec<String> = events

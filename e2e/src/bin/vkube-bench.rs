@@ -25,12 +25,25 @@ struct Args {
     /// The greedy tenant's pods in scenario 7 (0 skips it).
     fairness: usize,
     ready_runs: usize,
+    /// Clusters put to sleep side by side in scenario 8 (0 skips it).
+    sleepers: usize,
+    /// Only scenario 8 (sleep mode), printed and written to target/bench/sleep.json; the docs
+    /// are left alone.
+    sleep_only: bool,
     /// Only rewrite docs/benchmarks.md from target/bench/results.json (after editing the notes).
     docs_only: bool,
 }
 
 fn args() -> Args {
-    let mut a = Args { pods: 1000, big: 10_000, fairness: 5000, ready_runs: 3, docs_only: false };
+    let mut a = Args {
+        pods: 1000,
+        big: 10_000,
+        fairness: 5000,
+        ready_runs: 3,
+        sleepers: 20,
+        sleep_only: false,
+        docs_only: false,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -40,16 +53,19 @@ fn args() -> Args {
             "--big" => a.big = num(),
             "--fairness" => a.fairness = num(),
             "--ready-runs" => a.ready_runs = num(),
+            "--sleepers" => a.sleepers = num(),
+            "--sleep-only" => a.sleep_only = true,
             "--docs-only" => a.docs_only = true,
             "--quick" => {
                 a.pods = 200;
                 a.big = 1000;
                 a.fairness = 1000;
                 a.ready_runs = 1;
+                a.sleepers = 5;
             }
             other => {
                 panic!(
-                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --quick, --docs-only"
+                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --quick, --docs-only"
                 )
             }
         }
@@ -189,6 +205,20 @@ async fn main() {
     step("host cluster (etcd, kube-apiserver, controller-manager, scheduler, kwok with 3 nodes)");
     let env = TestEnv::start(3).await;
     let host = env.client().await;
+    if a.sleep_only {
+        step(&format!("8. sleep mode: sleeping footprint, wake, and {} clusters asleep side by side", a.sleepers));
+        sleep_mode(&mut r, &env, &host, a.sleepers).await;
+        let rows: serde_json::Map<String, serde_json::Value> =
+            r.rows.iter().map(|(k, v, u, n)| (k.clone(), json!({"value": v, "unit": u, "note": n}))).collect();
+        std::fs::create_dir_all(results_dir()).unwrap();
+        std::fs::write(results_dir().join("sleep.json"), serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+        println!(
+            "
+wrote target/bench/sleep.json ({:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+        return;
+    }
 
     step(&format!("1. ready: `vkube create --local` to the first request through the proxy ({} runs)", a.ready_runs));
     let mut readies = vec![];
@@ -392,7 +422,132 @@ async fn main() {
     }
 
     drop(cp);
+    if a.sleepers > 0 {
+        step(&format!("8. sleep mode: sleeping footprint, wake, and {} clusters asleep side by side", a.sleepers));
+        sleep_mode(&mut r, &env, &host, a.sleepers).await;
+    }
     write_results(&r, &a, started.elapsed());
+}
+
+/// Asks a cluster's control plane to sleep or wake (what `vkube sleep`/`wake` do) and waits until
+/// its host Service says it did; returns the seconds taken.
+async fn power(host: &Client, cp: &LocalControlPlane, request: &str, want: &str) -> f64 {
+    let svcs: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(host.clone(), &cp.state.namespace);
+    let name = cp.state.name.clone();
+    let since = |s: &k8s_openapi::api::core::v1::Service| {
+        let a = s.metadata.annotations.clone().unwrap_or_default();
+        (a.get("vkube.dev/power").cloned(), a.get("vkube.dev/power-since").cloned())
+    };
+    let before = since(&svcs.get(&name).await.unwrap()).1;
+    let t0 = Instant::now();
+    let patch = json!({"metadata": {"annotations": {"vkube.dev/power-request": request}}});
+    svcs.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    loop {
+        let (p, s) = since(&svcs.get(&name).await.unwrap());
+        if p.as_deref() == Some(want) && s != before {
+            return t0.elapsed().as_secs_f64();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "{name}: not {want} after 120 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Scenario 8: what a sleeping cluster still holds, how fast the first request wakes it (and
+/// how fast its 20-pod Deployment is back), and how many sleeping clusters fit beside each other.
+async fn sleep_mode(r: &mut Results, env: &TestEnv, host: &Client, sleepers: usize) {
+    let cp = start_cluster(env, "sleeper", None).await;
+    let proxied = cp.client().await.unwrap();
+    let vdeploy: Api<Deployment> = Api::namespaced(proxied.clone(), "default");
+    vdeploy.create(&PostParams::default(), &deployment("web", 20)).await.unwrap();
+    let hpods: Api<Pod> = Api::namespaced(host.clone(), &cp.state.namespace);
+    let selector = format!("{LABEL_CLUSTER}=sleeper,{}/app=web", vkube_syncer::naming::TENANT_DOMAIN);
+    wait_running(&hpods, &selector, 20, Instant::now(), "host pods before sleeping").await;
+    let awake_total: f64 = ["etcd", "kube-apiserver", "kube-controller-manager", "vkube"]
+        .iter()
+        .filter_map(|c| cp.pid(c))
+        .map(rss_mib)
+        .sum();
+    let vkube = cp.controller_pid().expect("vkube pid");
+    let (mut wakes, mut backs, mut server, mut asleep_rss, mut to_sleep) = (vec![], vec![], vec![], vec![], vec![]);
+    let wake_sum = || async {
+        let text = proxied.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with("vkube_wake_seconds_sum"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    for i in 0..3 {
+        to_sleep.push(power(host, &cp, "sleep", "Sleeping").await);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let children: Vec<u32> =
+            ["etcd", "kube-apiserver", "kube-controller-manager"].iter().filter_map(|c| cp.pid(c)).collect();
+        assert!(children.is_empty(), "a sleeping cluster still runs {children:?}");
+        asleep_rss.push(rss_mib(vkube));
+        let before = wake_sum().await;
+        let t0 = Instant::now();
+        Api::<Pod>::namespaced(proxied.clone(), "default").list(&ListParams::default()).await.unwrap();
+        let wake = t0.elapsed().as_secs_f64();
+        let back = wait_running(&hpods, &selector, 20, t0, "host pods after waking").await;
+        server.push(wake_sum().await - before);
+        println!(
+            "     cycle {i}: asleep {:.1} MiB, first request answered in {wake:.2} s, 20 pods Running in {back:.2} s",
+            asleep_rss[i]
+        );
+        wakes.push(wake);
+        backs.push(back);
+    }
+    let med = |v: Vec<f64>| percentile(&sorted(v), 0.5);
+    let asleep = med(asleep_rss);
+    r.add(
+        "sleep_seconds",
+        med(to_sleep),
+        "s",
+        "`vkube sleep` asked to Sleeping written (20 host pods removed, components stopped), median of 3",
+    );
+    r.add("footprint_mib_asleep", asleep, "MiB", format!("everything a sleeping cluster runs (the vkube process); awake {awake_total:.0} MiB (etcd, API server, controller manager, vkube)"));
+    r.add("wake_seconds", med(wakes), "s", format!("first kubectl-style request on a sleeping cluster to its answer, median of 3; of which components started and API server ready {:.2} s", med(server)));
+    r.add(
+        "wake_pods_running_seconds",
+        med(backs),
+        "s",
+        "same request to the 20-pod Deployment's host pods Running again, median of 3",
+    );
+    drop(cp);
+
+    if sleepers == 0 {
+        return;
+    }
+    // Clusters started one at a time and put to sleep at once: what they hold side by side.
+    let mut asleep_cps = vec![];
+    let t0 = Instant::now();
+    for i in 0..sleepers {
+        let cp = start_cluster(env, &format!("nap-{i}"), None).await;
+        power(host, &cp, "sleep", "Sleeping").await;
+        asleep_cps.push(cp);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let total: f64 = asleep_cps.iter().filter_map(|cp| cp.controller_pid()).map(rss_mib).sum();
+    let per = total / sleepers as f64;
+    let mem_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN);
+    r.add(
+        "sleeping_clusters_rss_mib_each",
+        per,
+        "MiB",
+        format!(
+            "{sleepers} clusters asleep side by side ({total:.0} MiB in all; started and slept in {:.0} s)",
+            t0.elapsed().as_secs_f64()
+        ),
+    );
+    r.add("density_sleeping_per_24gib", 24.0 * 1024.0 / per, "clusters", format!("24 GiB / the per-cluster figure above (this machine: {mem_mib:.0} MiB); awake clusters hold about {awake_total:.0} MiB each"));
 }
 
 /// Waits until the vkube process's pod and event queues are empty (its /metrics; other queues

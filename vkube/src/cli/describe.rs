@@ -11,7 +11,7 @@ use kube::api::{Api, ListParams};
 use serde::Serialize;
 use vkube::local::LocalState;
 use vkube::names;
-use vkube_localenv::process::{is_alive, read_recorded};
+use vkube_localenv::process::{is_alive, read_recorded, read_supervised};
 use vkube_syncer::naming::LABEL_CLUSTER;
 
 use super::clusters::{self, Cluster, Mode, human_age};
@@ -119,10 +119,11 @@ pub async fn describe(host: &kube::Client, target: &Target) -> anyhow::Result<De
     Ok(Description { cluster, components, policy, host: host_resources, certificates })
 }
 
-/// The recorded processes of a local control plane and the flags `vkube run` got.
+/// The recorded processes of a local control plane (`vkube run` and the children it supervises;
+/// none while it sleeps) and the flags `vkube run` got.
 async fn local_components(target: &Target) -> (Vec<Component>, BTreeMap<String, String>) {
     let dir = target.local_dir();
-    let recorded = read_recorded(&dir).unwrap_or_default();
+    let recorded: Vec<_> = read_supervised(&dir).into_iter().chain(read_recorded(&dir).unwrap_or_default()).collect();
     let proxy_version = clusters::server_version(&dir.join("kubeconfig")).await;
     let direct_version = clusters::server_version(&dir.join("direct.kubeconfig")).await;
     let mut components = vec![];

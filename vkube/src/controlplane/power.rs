@@ -124,6 +124,8 @@ impl<S: SyncerRunner> PowerController<S> {
                 // It was asleep, or going to sleep when the last process died: finish the job.
                 self.ctl.power.send_replace(Power::GoingToSleep);
                 self.remove_host_pods().await;
+                // What the last process left running (it died while going to sleep or waking).
+                self.supervisor.stop_all().await;
                 self.ctl.power.send_replace(Power::Sleeping);
                 self.metrics.asleep.set(1);
                 tracing::info!("the virtual cluster sleeps; a request that counts as activity wakes it");

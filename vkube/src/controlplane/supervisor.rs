@@ -4,9 +4,11 @@
 //! dies (backoff 1 s doubling to 30 s; reset after a minute of running) and stopped with SIGTERM,
 //! then SIGKILL.
 //!
-//! The children run in their own process groups and survive a crash of `vkube run` (the virtual
-//! API server keeps answering); the next `vkube run` finds them in `supervised.json` (same shape as
-//! the local mode's `processes.json`) and replaces them with its own.
+//! The children run in their own process groups and survive a crash or restart of `vkube run` (the
+//! virtual API server keeps answering); the next `vkube run` finds them in `supervised.json` (same
+//! shape as the local mode's `processes.json`) and adopts each one whose command line is the one it
+//! would start, so an upgrade or crash of the control-plane process does not restart its API
+//! server. Any other leftover is stopped.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -112,33 +114,59 @@ pub struct Supervisor {
     records: Arc<Mutex<BTreeMap<&'static str, Recorded>>>,
     /// Started children, oldest first (stopped newest first).
     running: Vec<(&'static str, Running)>,
+    /// What a previous `vkube run` left running: adopted by `start` if it matches, else stopped.
+    leftovers: Vec<Recorded>,
 }
 
 impl Supervisor {
-    /// Stops what a previous `vkube run` left running from `state_dir` (it crashed or was killed).
+    /// Reads what a previous `vkube run` left running from `state_dir` (it crashed, was killed
+    /// or upgraded).
     pub fn new(state_dir: &Path, metrics: SupervisorMetrics) -> anyhow::Result<Supervisor> {
         std::fs::create_dir_all(state_dir.join("logs"))
             .with_context(|| format!("creating {}", state_dir.join("logs").display()))?;
-        for old in read_records(state_dir) {
-            if is_alive(&old) {
-                tracing::info!(component = %old.name, pid = old.pid, "stopping a child of a previous control-plane process");
-                stop_pid(old.pid, STOP_GRACE);
-            }
-        }
-        let s = Supervisor { state_dir: state_dir.into(), metrics, records: Default::default(), running: vec![] };
-        s.write_records();
-        Ok(s)
+        let leftovers: Vec<Recorded> = read_records(state_dir).into_iter().filter(is_alive).collect();
+        let records = leftovers.iter().filter_map(|r| Some((leak_name(&r.name)?, r.clone()))).collect();
+        Ok(Supervisor {
+            state_dir: state_dir.into(),
+            metrics,
+            records: Arc::new(Mutex::new(records)),
+            running: vec![],
+            leftovers,
+        })
     }
 
-    /// Starts `child` and keeps it running until [`Supervisor::stop_all`].
+    /// Starts `child` (or adopts the previous run's, if it runs this very command line) and keeps
+    /// it running until [`Supervisor::stop_all`].
     pub fn start(&mut self, child: Child) {
+        let adopted = match self.leftovers.iter().position(|r| r.name == child.name) {
+            Some(i) => {
+                let old = self.leftovers.remove(i);
+                if runs(&old, &child) {
+                    tracing::info!(
+                        component = child.name,
+                        pid = old.pid,
+                        "adopted from the previous control-plane process"
+                    );
+                    Some(old.pid)
+                } else {
+                    tracing::info!(
+                        component = child.name,
+                        pid = old.pid,
+                        "stopping the previous control-plane process's, which runs other flags"
+                    );
+                    stop_pid(old.pid, STOP_GRACE);
+                    None
+                }
+            }
+            None => None,
+        };
         let (stop, stopped) = watch::channel(false);
         let log = self.state_dir.join("logs").join(format!("{}.log", child.name));
         let records = self.records.clone();
         let state_dir = self.state_dir.clone();
         let restarts = self.metrics.restarts.get_or_create(&ComponentLabel { component: child.name }).clone();
         let name = child.name;
-        let task = tokio::spawn(keep_running(child, log, stopped, restarts, move |rec| {
+        let task = tokio::spawn(keep_running(child, adopted, log, stopped, restarts, move |rec| {
             let mut all = records.lock().unwrap_or_else(|e| e.into_inner());
             match rec {
                 Some(r) => all.insert(name, r),
@@ -154,7 +182,8 @@ impl Supervisor {
         self.running.is_empty()
     }
 
-    /// Stops every child, newest first, each waited for before the next.
+    /// Stops every child, newest first, each waited for before the next, and whatever the
+    /// previous run left that was not adopted.
     pub async fn stop_all(&mut self) {
         while let Some((name, r)) = self.running.pop() {
             let _ = r.stop.send(true);
@@ -162,6 +191,13 @@ impl Supervisor {
                 tracing::warn!(component = name, error = %e, "its supervisor task failed");
             }
         }
+        for old in std::mem::take(&mut self.leftovers).into_iter().rev() {
+            tracing::info!(component = %old.name, pid = old.pid, "stopping a child of the previous control-plane process");
+            let pid = old.pid;
+            let _ = tokio::task::spawn_blocking(move || stop_pid(pid, STOP_GRACE)).await;
+            self.records.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, r| r.pid != old.pid);
+        }
+        self.write_records();
     }
 
     /// The pid of a running child.
@@ -170,13 +206,56 @@ impl Supervisor {
     }
 
     fn write_records(&self) {
+        // Recorded: what runs now, adopted leftovers included (a kill before they are adopted
+        // or stopped leaves them findable).
         write_records_to(&self.state_dir, &self.records.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
-/// The child's life: started, restarted with backoff when it dies, stopped when asked.
+/// A running child: spawned by this process, or adopted from the previous one (not our child:
+/// watched through /proc).
+enum Proc {
+    Spawned(tokio::process::Child),
+    Adopted(u32),
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        match self {
+            Proc::Spawned(c) => c.id().unwrap_or_default(),
+            Proc::Adopted(pid) => *pid,
+        }
+    }
+
+    /// Until it exits.
+    async fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        match self {
+            Proc::Spawned(c) => c.wait().await.ok(),
+            Proc::Adopted(pid) => {
+                while kill(Pid::from_raw(*pid as i32), None).is_ok() && !is_zombie(Pid::from_raw(*pid as i32)) {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                None
+            }
+        }
+    }
+
+    /// SIGTERM, SIGKILL after the grace period.
+    async fn stop(&mut self, name: &str) {
+        let pid = Pid::from_raw(self.pid() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        if tokio::time::timeout(STOP_GRACE, self.wait()).await.is_err() {
+            tracing::warn!(component = name, %pid, "did not stop within its grace period; killing it");
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = self.wait().await;
+        }
+    }
+}
+
+/// The child's life: started (or adopted), restarted with backoff when it dies, stopped when asked.
 async fn keep_running(
     child: Child,
+    mut adopted: Option<u32>,
     log: PathBuf,
     mut stop: watch::Receiver<bool>,
     restarts: Counter,
@@ -185,7 +264,11 @@ async fn keep_running(
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
-        let mut proc = match spawn(&child, &log) {
+        let spawned = match adopted.take() {
+            Some(pid) => Ok(Proc::Adopted(pid)),
+            None => spawn(&child, &log).map(Proc::Spawned),
+        };
+        let mut proc = match spawned {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(component = child.name, error = %e, "could not start; retrying");
@@ -196,8 +279,10 @@ async fn keep_running(
                 continue;
             }
         };
-        let pid = proc.id().unwrap_or_default();
-        tracing::info!(component = child.name, pid, "started");
+        let pid = proc.pid();
+        if matches!(proc, Proc::Spawned(_)) {
+            tracing::info!(component = child.name, pid, "started");
+        }
         record(Some(Recorded { name: child.name.into(), pid, program: child.program.clone(), log: log.clone() }));
         let exited = tokio::select! {
             status = proc.wait() => Some(status),
@@ -210,7 +295,7 @@ async fn keep_running(
                     backoff = Duration::from_secs(1);
                 }
                 tracing::warn!(
-                    component = child.name, status = ?status.ok(), log = %log.display(),
+                    component = child.name, status = ?status, log = %log.display(),
                     restart_in_seconds = backoff.as_secs(), "exited; restarting it"
                 );
                 restarts.inc();
@@ -220,17 +305,27 @@ async fn keep_running(
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             None => {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-                if tokio::time::timeout(STOP_GRACE, proc.wait()).await.is_err() {
-                    tracing::warn!(component = child.name, pid, "did not stop within its grace period; killing it");
-                    let _ = proc.kill().await;
-                }
+                proc.stop(child.name).await;
                 record(None);
                 tracing::info!(component = child.name, "stopped");
                 return;
             }
         }
     }
+}
+
+/// Whether the recorded process runs exactly `child`'s command line.
+fn runs(rec: &Recorded, child: &Child) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{}/cmdline", rec.pid)) else { return false };
+    let argv: Vec<String> =
+        cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    rec.program == child.program && argv.get(1..) == Some(child.args.as_slice())
+}
+
+/// The component names are the supervisor's own static strings; a record naming another is not
+/// adopted.
+fn leak_name(name: &str) -> Option<&'static str> {
+    ["etcd", "kube-apiserver", "kube-controller-manager"].into_iter().find(|n| *n == name)
 }
 
 /// Waits `d`; true if asked to stop meanwhile.
@@ -349,7 +444,7 @@ mod tests {
         let metrics = SupervisorMetrics::register(&mut registry);
         let mut s = Supervisor::new(dir.path(), metrics.clone()).unwrap();
         // One that dies at once (restarted), one that runs until stopped (and ignores nothing).
-        s.start(sh("flaky", "echo ran >> runs; exit 3"));
+        s.start(sh("flaky", "echo ran; exit 3"));
         s.start(sh("steady", "sleep 600; true"));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let runs = std::fs::read_to_string(dir.path().join("logs/flaky.log")).unwrap_or_default();
@@ -365,19 +460,40 @@ mod tests {
         assert!(read_records(dir.path()).is_empty(), "nothing recorded once stopped");
     }
 
+    /// A process of ours, reaped by a thread of this test once it exits.
+    fn stray(program: &str, args: &[&str]) -> (u32, std::thread::JoinHandle<()>) {
+        let mut child = std::process::Command::new(program).args(args).spawn().unwrap();
+        let pid = child.id();
+        (pid, std::thread::spawn(move || drop(child.wait())))
+    }
+
     #[tokio::test]
-    async fn leftovers_of_a_crashed_process_are_stopped() {
+    async fn a_previous_runs_children_are_adopted_if_they_match_else_stopped() {
         let dir = tempfile::tempdir().unwrap();
-        let stray = std::process::Command::new("/bin/sleep").arg("600").spawn().unwrap();
-        let rec = Recorded { name: "etcd".into(), pid: stray.id(), program: "/bin/sleep".into(), log: PathBuf::new() };
-        std::fs::write(dir.path().join(RECORD_FILE), serde_json::to_string(&[&rec]).unwrap()).unwrap();
-        // Reaped by this thread so the pid goes once killed.
-        let reaper = std::thread::spawn(move || {
-            let mut stray = stray;
-            stray.wait()
-        });
-        let _s = Supervisor::new(dir.path(), SupervisorMetrics::default()).unwrap();
-        reaper.join().unwrap().unwrap();
-        assert!(!is_alive(&rec));
+        let (same, same_reaper) = stray("/bin/sleep", &["600"]);
+        let (other, other_reaper) = stray("/bin/sleep", &["599"]);
+        let (unused, unused_reaper) = stray("/bin/sleep", &["598"]);
+        let rec =
+            |name: &str, pid| Recorded { name: name.into(), pid, program: "/bin/sleep".into(), log: PathBuf::new() };
+        let old = [rec("etcd", same), rec("kube-apiserver", other), rec("kube-controller-manager", unused)];
+        std::fs::write(dir.path().join(RECORD_FILE), serde_json::to_string(&old).unwrap()).unwrap();
+        let sleep = |name, arg: &str| Child { name, program: "/bin/sleep".into(), args: vec![arg.into()] };
+
+        let mut s = Supervisor::new(dir.path(), SupervisorMetrics::default()).unwrap();
+        s.start(sleep("etcd", "600"));
+        s.start(sleep("kube-apiserver", "600"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.pid("etcd"), Some(same), "the same command line is adopted, not restarted");
+        other_reaper.join().unwrap();
+        assert!(!is_alive(&rec("x", other)), "one with other flags is replaced");
+        let replaced = s.pid("kube-apiserver").unwrap();
+        assert_ne!(replaced, other);
+        assert!(is_alive(&rec("x", unused)), "not yet decided");
+        s.stop_all().await;
+        same_reaper.join().unwrap();
+        unused_reaper.join().unwrap();
+        assert!(!is_alive(&rec("x", same)) && !is_alive(&rec("x", unused)), "stopped, adopted or not");
+        assert!(!is_alive(&rec("x", replaced)));
+        assert!(read_records(dir.path()).is_empty());
     }
 }
