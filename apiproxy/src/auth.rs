@@ -158,8 +158,10 @@ impl Authenticator {
                 e.to_string(),
             )
         })?;
-        if let Some(id) = &identity {
-            self.known.insert(key, id.user.clone()).await;
+        match &identity {
+            Some(id) => self.known.insert(key, id.user.clone()).await,
+            // Revoked or expired: no longer known (nor able to wake a sleeping cluster).
+            None => self.known.invalidate(&key).await,
         }
         Ok(identity)
     }

@@ -350,12 +350,17 @@ impl Proxy {
         background: Option<&'static str>,
     ) -> Result<(), ProxyError> {
         let user = match &conn.cert_identity {
-            Some(id) => id.as_ref().map(|i| i.user.clone()),
+            // A certificate not of this cluster's CA: as unauthorized as when awake.
+            Some(None) => return Err(ProxyError::Unauthorized),
+            Some(Some(id)) => Some(id.user.clone()),
             None => self.auth.known_user(req.headers()).await,
         };
         let why_not = match (background, user) {
             (Some(why), _) => why,
-            (None, None) => "unknown credentials",
+            (None, None) => {
+                "credentials it cannot check while asleep: a bearer token is checked by the API server, \
+                 so only one used in the last hour wakes it; use a client certificate or `vkube wake`"
+            }
             (None, Some(u)) if !self.sleep.counts_user(&u) => "a service account or system user",
             (None, Some(u)) => {
                 tracing::info!(user = %u, path = %req.uri().path(), "a request wakes the virtual cluster");
@@ -366,7 +371,7 @@ impl Proxy {
             sleep::Power::Waking => format!("the virtual cluster is starting; retry shortly ({why_not})"),
             _ => format!(
                 "the virtual cluster is asleep and this request does not wake it ({why_not}); \
-                 any other request of a user, or `vkube wake`, wakes it"
+                 a request of a user, or `vkube wake`, wakes it"
             ),
         }))
     }

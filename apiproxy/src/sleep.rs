@@ -170,9 +170,15 @@ pub fn background(uri: &Uri, headers: &HeaderMap) -> Option<&'static str> {
     if headers.contains_key(IGNORE_HEADER) {
         return Some("ignored");
     }
+    // The legacy watch paths: /api/v1/watch/..., /apis/GROUP/VERSION/watch/...
+    let path = uri.path();
+    if path.starts_with("/api/v1/watch/") || path == "/api/v1/watch" || path.split('/').nth(4) == Some("watch") {
+        return Some("watch");
+    }
+    // As the API server reads these booleans: anything but "0" and "false" is true.
     let query = uri.query().unwrap_or_default();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        let on = v == "true" || v == "1";
+        let on = v != "0" && !v.eq_ignore_ascii_case("false");
         match &*k {
             "watch" if on => return Some("watch"),
             "follow" if on => return Some("follow"),
@@ -213,6 +219,12 @@ mod tests {
         assert_eq!(bg("/api/v1/namespaces/a/pods?watch=true&resourceVersion=1", false), Some("watch"));
         assert_eq!(bg("/api/v1/pods?watch=1", false), Some("watch"));
         assert_eq!(bg("/api/v1/pods?watch=false", false), None);
+        assert_eq!(bg("/api/v1/pods?watch=0", false), None);
+        assert_eq!(bg("/api/v1/pods?watch=True", false), Some("watch"));
+        assert_eq!(bg("/api/v1/pods?watch=", false), Some("watch"));
+        assert_eq!(bg("/api/v1/watch/namespaces/a/pods", false), Some("watch"));
+        assert_eq!(bg("/apis/apps/v1/watch/deployments", false), Some("watch"));
+        assert_eq!(bg("/apis/apps/v1/namespaces/watch/deployments", false), None, "a namespace named watch");
         assert_eq!(bg("/api/v1/namespaces/a/pods/p/log?follow=true", false), Some("follow"));
         assert_eq!(bg("/api/v1/pods", true), Some("ignored"));
     }

@@ -72,6 +72,9 @@ pub const ANNOTATION_LAST_ACTIVITY: &str = "vkube.dev/last-activity";
 pub const ANNOTATION_LAST_ACTIVITY_BY: &str = "vkube.dev/last-activity-by";
 /// Set by `vkube sleep` / `vkube wake` (`sleep` or `wake`); the control plane acts and removes it.
 pub const ANNOTATION_POWER_REQUEST: &str = "vkube.dev/power-request";
+/// The host pods were removed on purpose (going to sleep; RFC 3339): the next syncers recreate
+/// them, until one has done its initial sync, which removes the mark.
+pub const ANNOTATION_PODS_REMOVED: &str = "vkube.dev/pods-removed";
 
 #[cfg(test)]
 mod tests {
@@ -102,6 +105,7 @@ mod tests {
             ANNOTATION_LAST_ACTIVITY,
             ANNOTATION_LAST_ACTIVITY_BY,
             ANNOTATION_POWER_REQUEST,
+            ANNOTATION_PODS_REMOVED,
         ];
         for k in keys {
             assert!(crate::naming::is_reserved_key(k), "{k}");

@@ -12,7 +12,10 @@ pub struct Health(Arc<RwLock<State>>);
 enum State {
     #[default]
     Starting,
+    /// Caches filled, the initial sync under way.
     Syncing,
+    /// The initial sync is done (every object looked at once).
+    Synced,
     Stopped(String),
 }
 
@@ -22,6 +25,18 @@ impl Health {
         if *s == State::Starting {
             *s = State::Syncing;
         }
+    }
+
+    pub(crate) fn synced(&self) {
+        let mut s = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if *s == State::Syncing {
+            *s = State::Synced;
+        }
+    }
+
+    /// Whether this run of the syncer has looked at every object once.
+    pub fn initial_sync_done(&self) -> bool {
+        *self.0.read().unwrap_or_else(|e| e.into_inner()) == State::Synced
     }
 
     /// The syncer stopped for `why`; the first reason is kept.
@@ -48,7 +63,7 @@ impl Health {
     /// `Err` says why the syncer is not ready.
     pub fn check(&self) -> Result<(), String> {
         match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
-            State::Syncing => Ok(()),
+            State::Syncing | State::Synced => Ok(()),
             State::Starting => Err("the syncer is still filling its caches".into()),
             State::Stopped(why) => Err(format!("the syncer stopped: {why}")),
         }
@@ -66,6 +81,9 @@ mod tests {
         assert_eq!(h.alive(), Ok(()), "starting is alive");
         h.syncing();
         assert_eq!(h.check(), Ok(()));
+        assert!(!h.initial_sync_done());
+        h.synced();
+        assert!(h.initial_sync_done() && h.check().is_ok());
         h.stopped("a watch task ended");
         assert!(h.alive().is_err());
         h.syncing();

@@ -217,6 +217,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             }
             let took = started.elapsed().as_secs_f64();
             c.metrics.initial_sync_seconds.set(took);
+            c.health.synced();
             tracing::info!(
                 seconds = took,
                 pods = c.stores.virt::<k8s_openapi::api::core::v1::Pod>().len(),

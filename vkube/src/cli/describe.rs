@@ -75,6 +75,11 @@ impl DescribeArgs {
         println!("Kubernetes:  {}", c.kubernetes_version.as_deref().unwrap_or("-"));
         println!("Endpoint:    {}", c.endpoint.as_deref().unwrap_or("-"));
         println!("Age:         {}", c.age_seconds.map(human_age).unwrap_or_else(|| "-".into()));
+        if let Some(since) = &c.power_since {
+            println!("Power since: {since}");
+        }
+        let by = c.last_activity_by.as_deref().map(|u| format!(" by {u}")).unwrap_or_default();
+        println!("Activity:    {}{by}", c.last_activity.as_deref().unwrap_or("-"));
         let labels: Vec<String> = c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("Labels:      {}", if labels.is_empty() { "-".to_string() } else { labels.join(",") });
         println!("Components:");

@@ -575,6 +575,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = vkube_syncer::Metrics::register(&mut registry);
     let coredns_image = args.sync.coredns_image.clone();
     let syncer_health = health.clone();
+    let power_health = health.clone();
     let config: ConfigFactory = Arc::new(move |host, virt, recreate_lost_pods| vkube_syncer::Config {
         translator: translator.clone(),
         policy: policy.clone(),
@@ -588,7 +589,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let mut syncer = SpawnedSyncer { args: args.clone(), bundle: bundle.clone(), limit, health, config, running: None };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let mut controlled = if args.supervise.supervise {
+    let controlled = if args.supervise.supervise {
         let supervisor = supervisor::Supervisor::new(
             &args.supervise.state_dir,
             supervisor::SupervisorMetrics::register(&mut registry),
@@ -606,6 +607,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             syncer,
             args: args.sleep.clone(),
             metrics: power::PowerMetrics::register(&mut registry),
+            syncer_health: power_health,
+            ports: vec![
+                (args.supervise.etcd_client_port, "etcd clients"),
+                (args.supervise.etcd_peer_port, "etcd peers"),
+                (apiserver_port, "kube-apiserver"),
+            ],
+            pods_removed: false,
         };
         let initial = controller.persisted().await?;
         tokio::spawn(controller.run(initial, resuming, shutdown_rx))
@@ -621,15 +629,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
     };
     let registry = Arc::new(registry);
-    let failed = tokio::select! {
-        _ = proxy.serve(listener, registry, shutdown_signal()) => None,
-        ended = &mut controlled => Some(ended),
-    };
+    // SIGTERM reaches the components at once: open watches and exec sessions, which the proxy's
+    // drain waits for, must not keep them from stopping.
+    let signalled = shutdown_tx.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = signalled.send(true);
+    });
+    let mut draining = shutdown_tx.subscribe();
+    let serving = tokio::spawn(proxy.serve(listener, registry, async move {
+        let _ = draining.wait_for(|s| *s).await;
+    }));
+    let ended = controlled.await;
     let _ = shutdown_tx.send(true);
-    let ended = match failed {
-        Some(ended) => ended,
-        None => controlled.await,
-    };
+    if tokio::time::timeout(Duration::from_secs(5), serving).await.is_err() {
+        tracing::info!("connections still open 5 s after shutdown; closing them");
+    }
     renew.abort();
     egress.abort();
     match ended {

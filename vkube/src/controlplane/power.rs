@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch};
@@ -17,8 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use vkube_apiproxy::sleep::{Power, SleepControl};
 use vkube_core::contract::{
-    ANNOTATION_LAST_ACTIVITY, ANNOTATION_LAST_ACTIVITY_BY, ANNOTATION_POWER, ANNOTATION_POWER_REQUEST,
-    ANNOTATION_POWER_SINCE, LABEL_CLUSTER,
+    ANNOTATION_LAST_ACTIVITY, ANNOTATION_LAST_ACTIVITY_BY, ANNOTATION_PODS_REMOVED, ANNOTATION_POWER,
+    ANNOTATION_POWER_REQUEST, ANNOTATION_POWER_SINCE, LABEL_CLUSTER,
 };
 
 use super::schedule::Schedule;
@@ -88,6 +89,20 @@ pub struct PowerController<S: SyncerRunner> {
     pub syncer: S,
     pub args: SleepArgs,
     pub metrics: PowerMetrics,
+    /// The syncer's health: its initial sync done, host pods a sleep removed are all back.
+    pub syncer_health: vkube_syncer::health::Health,
+    /// The loopback ports the components listen on, with what listens there.
+    pub ports: Vec<(u16, &'static str)>,
+    /// Host pods were removed by a sleep and are not all back yet (`ANNOTATION_PODS_REMOVED`).
+    pub pods_removed: bool,
+}
+
+/// What a previous control plane left on the host Service.
+pub struct Persisted {
+    pub power: Power,
+    /// It died going to sleep (`GoingToSleep`).
+    pub half_asleep: bool,
+    pub pods_removed: bool,
 }
 
 /// How often the idle time and the schedule are checked, and the activity persisted if it changed.
@@ -95,9 +110,13 @@ const TICK: Duration = Duration::from_secs(1);
 const PERSIST_EVERY: Duration = Duration::from_secs(10);
 
 impl<S: SyncerRunner> PowerController<S> {
-    /// What the last control plane left: asleep or not, and the last activity (restored).
-    pub async fn persisted(&self) -> anyhow::Result<Power> {
-        let svc = self.services().get_opt(&names::service(&self.name)).await?;
+    /// What the last control plane left: asleep or not (and whether it had finished going to
+    /// sleep), whether host pods it removed are still to be recreated, and the last activity
+    /// (restored).
+    pub async fn persisted(&self) -> anyhow::Result<Persisted> {
+        let svc = self.services().get_opt(&names::service(&self.name)).await.with_context(|| {
+            format!("reading the sleep state on the host Service {}/{}", self.namespace, names::service(&self.name))
+        })?;
         let annotations = svc.map(|s| s.metadata.annotations.unwrap_or_default()).unwrap_or_default();
         if let (Some(at), Some(by)) =
             (annotations.get(ANNOTATION_LAST_ACTIVITY), annotations.get(ANNOTATION_LAST_ACTIVITY_BY))
@@ -105,9 +124,11 @@ impl<S: SyncerRunner> PowerController<S> {
         {
             self.ctl.activity.restore(SystemTime::from(t), by.clone());
         }
-        Ok(match annotations.get(ANNOTATION_POWER).map(String::as_str) {
-            Some("Sleeping" | "GoingToSleep") => Power::Sleeping,
-            _ => Power::Running,
+        let power = annotations.get(ANNOTATION_POWER).map(String::as_str);
+        Ok(Persisted {
+            power: if matches!(power, Some("Sleeping" | "GoingToSleep")) { Power::Sleeping } else { Power::Running },
+            half_asleep: power == Some("GoingToSleep"),
+            pods_removed: annotations.contains_key(ANNOTATION_PODS_REMOVED),
         })
     }
 
@@ -115,11 +136,12 @@ impl<S: SyncerRunner> PowerController<S> {
     /// Stops the syncer and the components when `shutdown` says so (the state stays persisted).
     pub async fn run(
         mut self,
-        initial: Power,
+        initial: Persisted,
         resuming: bool,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
-        match initial {
+        self.pods_removed = initial.pods_removed;
+        match initial.power {
             Power::Sleeping => {
                 // It was asleep, or going to sleep when the last process died: finish the job.
                 self.ctl.power.send_replace(Power::GoingToSleep);
@@ -128,18 +150,33 @@ impl<S: SyncerRunner> PowerController<S> {
                 self.supervisor.stop_all().await;
                 self.ctl.power.send_replace(Power::Sleeping);
                 self.metrics.asleep.set(1);
+                if initial.half_asleep {
+                    self.persist_power("Sleeping").await;
+                    self.event("Sleeping", "went to sleep (finished after a restart of the control plane)").await;
+                }
                 tracing::info!("the virtual cluster sleeps; a request that counts as activity wakes it");
             }
             _ => {
                 let started = tokio::select! {
-                    r = self.start_components() => r,
-                    _ = shutdown.wait_for(|s| *s) => Ok(()),
+                    r = self.start_components() => r.map(Some),
+                    _ = shutdown.wait_for(|s| *s) => Ok(None),
                 };
-                if let Err(e) = started {
+                match started {
+                    Ok(Some(())) => {}
+                    Ok(None) => {
+                        self.supervisor.stop_all().await;
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        self.supervisor.stop_all().await;
+                        return Err(e);
+                    }
+                }
+                // Host pods a sleep removed are recreated, even if the last wake was cut short.
+                if let Err(e) = self.syncer.start(resuming || self.pods_removed) {
                     self.supervisor.stop_all().await;
                     return Err(e);
                 }
-                self.syncer.start(resuming)?;
                 self.ctl.power.send_replace(Power::Running);
             }
         }
@@ -166,7 +203,9 @@ impl<S: SyncerRunner> PowerController<S> {
                 _ = self.ctl.wake.notified() => wake_asked = true,
                 Some(request) = requests.next() => {
                     self.clear_request().await;
+                    let asleep = *self.ctl.power.borrow() == Power::Sleeping;
                     match request.as_str() {
+                        "sleep" if asleep => {}
                         "sleep" => self.sleep("requested with `vkube sleep`").await,
                         "wake" => self.wake("requested with `vkube wake`").await?,
                         other => tracing::warn!(request = other, "unknown power request ignored (expected sleep or wake)"),
@@ -174,6 +213,15 @@ impl<S: SyncerRunner> PowerController<S> {
                     awake_since = Instant::now();
                     continue;
                 }
+            }
+            // The window now, whatever the state: a cluster woken inside a window stays awake
+            // until the next one starts.
+            let window = self.args.sleep_schedule.as_ref().and_then(|s| s.window_at(jiff::Timestamp::now()));
+            let new_window = window.is_some() && window != slept_window;
+            slept_window = window;
+            if self.pods_removed && self.syncer_health.initial_sync_done() {
+                self.patch_annotations(serde_json::json!({ ANNOTATION_PODS_REMOVED: null })).await;
+                self.pods_removed = false;
             }
             let power = *self.ctl.power.borrow();
             if power == Power::Sleeping {
@@ -193,13 +241,10 @@ impl<S: SyncerRunner> PowerController<S> {
                 persisted_activity = last.clone();
                 last_persist = Instant::now();
             }
-            if let Some(schedule) = &self.args.sleep_schedule {
-                let window = schedule.window_at(jiff::Timestamp::now());
-                if window.is_some() && window != slept_window {
-                    slept_window = window;
-                    self.sleep(&format!("its schedule ({schedule})")).await;
-                    continue;
-                }
+            if new_window && let Some(schedule) = &self.args.sleep_schedule {
+                let why = format!("its schedule ({schedule})");
+                self.sleep(&why).await;
+                continue;
             }
             if let Some(after) = self.args.sleep_after {
                 let since_activity = last.and_then(|(at, _)| now.duration_since(at).ok()).unwrap_or(Duration::MAX);
@@ -213,10 +258,31 @@ impl<S: SyncerRunner> PowerController<S> {
 
     async fn start_components(&mut self) -> anyhow::Result<()> {
         let (etcd, apiserver, kcm) = self.children.clone();
-        self.supervisor.start(etcd);
-        self.supervisor.start(apiserver);
-        super::wait_virtual_ready(&self.admin, Duration::from_millis(50)).await?;
-        self.supervisor.start(kcm);
+        self.supervisor.start(etcd).await;
+        self.supervisor.start(apiserver).await;
+        super::wait_virtual_ready(&self.admin, Duration::from_millis(50)).await.with_context(|| {
+            format!(
+                "see {} and {} (`vkube logs {} kube-apiserver`)",
+                self.supervisor.log_path("kube-apiserver").display(),
+                self.supervisor.log_path("etcd").display(),
+                self.name
+            )
+        })?;
+        self.supervisor.start(kcm).await;
+        Ok(())
+    }
+
+    /// Asleep, its ports are free and any process may take one: waking then must not start a
+    /// component that cannot listen (or an API server that would talk to someone else's etcd).
+    fn ports_free(&self) -> anyhow::Result<()> {
+        for (port, what) in &self.ports {
+            if std::net::TcpListener::bind(("127.0.0.1", *port)).is_err() {
+                anyhow::bail!(
+                    "port {port} ({what}) on 127.0.0.1 is taken by another process (`ss -ltnp 'sport = :{port}'` names it); \
+                     the cluster wakes once it is free"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -224,8 +290,15 @@ impl<S: SyncerRunner> PowerController<S> {
     async fn sleep(&mut self, why: &str) {
         tracing::info!(why, "the virtual cluster goes to sleep");
         self.ctl.power.send_replace(Power::GoingToSleep);
-        // Written first: a process that dies from here on comes back asleep and finishes.
-        self.persist_power("GoingToSleep").await;
+        // Written first: a process that dies from here on comes back asleep and finishes, and
+        // the syncers after it recreate the host pods until one has looked at every pod.
+        self.pods_removed = true;
+        self.patch_annotations(serde_json::json!({
+            ANNOTATION_POWER: "GoingToSleep",
+            ANNOTATION_POWER_SINCE: jiff::Timestamp::now().to_string(),
+            ANNOTATION_PODS_REMOVED: jiff::Timestamp::now().to_string(),
+        }))
+        .await;
         self.syncer.stop().await;
         self.remove_host_pods().await;
         self.supervisor.stop_all().await;
@@ -243,12 +316,16 @@ impl<S: SyncerRunner> PowerController<S> {
         let started = Instant::now();
         tracing::info!(why, "the virtual cluster wakes");
         self.ctl.power.send_replace(Power::Waking);
-        if let Err(e) = self.start_components().await {
+        let components = match self.ports_free() {
+            Ok(()) => self.start_components().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = components {
             // Back to sleep rather than half awake: the next request tries again.
             tracing::error!(error = %e, "waking failed; the cluster stays asleep");
             self.supervisor.stop_all().await;
             self.ctl.power.send_replace(Power::Sleeping);
-            self.event("WakeFailed", &format!("could not wake: {e}")).await;
+            self.event("WakeFailed", &format!("could not wake: {e:#}")).await;
             return Ok(());
         }
         self.syncer.start(true)?;

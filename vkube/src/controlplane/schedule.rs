@@ -1,4 +1,4 @@
-//! Sleep windows (`vkube run --sleep-schedule`, chart `sleep.schedule`): `DAYS HH:MM-HH:MM [ZONE]`,
+//! Sleep windows (`vkube run --sleep-schedule`, `vkube create --sleep-schedule`): `DAYS HH:MM-HH:MM [ZONE]`,
 //! e.g. `Mon-Fri 19:00-08:00 Europe/Berlin` (a window may run past midnight: it belongs to the day
 //! it starts on), `Sat,Sun 00:00-24:00`, `* 22:00-06:00 UTC`. The zone defaults to UTC.
 
@@ -30,8 +30,10 @@ const DAYS: [(&str, Weekday); 7] = [
 
 fn day(s: &str) -> Result<usize, String> {
     let s = s.to_ascii_lowercase();
+    let full = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"];
     DAYS.iter()
-        .position(|(n, _)| s.starts_with(n))
+        .zip(full)
+        .position(|((short, _), long)| s == *short || s == long)
         .ok_or_else(|| format!("{s:?} is not a day (use Mon, Tue, ..., Sun)"))
 }
 
@@ -77,6 +79,9 @@ impl FromStr for Schedule {
         }
         let (a, b) = window.split_once('-').ok_or_else(|| err(format!("{window:?} is not HH:MM-HH:MM")))?;
         let (a, b) = (hhmm(a).map_err(err)?, hhmm(b).map_err(err)?);
+        if a == 1440 {
+            return Err(err("a window cannot start at 24:00 (use 00:00)".into()));
+        }
         let minutes = if b > a { b - a } else { b + 1440 - a };
         let zone = TimeZone::get(zone).map_err(|e| err(format!("time zone {zone:?}: {e}")))?;
         let start = Time::new((a / 60) as i8 % 24, (a % 60) as i8, 0, 0).map_err(|e| err(e.to_string()))?;
@@ -146,7 +151,15 @@ mod tests {
 
     #[test]
     fn bad_schedules_say_how_to_write_one() {
-        for bad in ["", "Mon-Fri", "Someday 19:00-08:00", "Mon 25:00-08:00", "Mon 19:00-08:00 Mars/Olympus"] {
+        for bad in [
+            "",
+            "Mon-Fri",
+            "Someday 19:00-08:00",
+            "Month 19:00-20:00",
+            "Mon 24:00-08:00",
+            "Mon 25:00-08:00",
+            "Mon 19:00-08:00 Mars/Olympus",
+        ] {
             let e = bad.parse::<Schedule>().unwrap_err();
             assert!(e.contains("DAYS HH:MM-HH:MM"), "{bad}: {e}");
         }

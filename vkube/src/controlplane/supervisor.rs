@@ -63,12 +63,37 @@ pub struct SuperviseArgs {
     pub etcd_durable: bool,
 }
 
+/// The components, in the order they start.
+pub const COMPONENTS: [&str; 3] = ["etcd", "kube-apiserver", "kube-controller-manager"];
+
 /// One child's command line.
 #[derive(Clone, Debug)]
 pub struct Child {
     pub name: &'static str,
     pub program: PathBuf,
     pub args: Vec<String>,
+}
+
+impl Child {
+    /// What the child runs: its command line and the contents of the files it names (the
+    /// admission configuration, kubeconfigs), so a child started under other settings is never
+    /// adopted for this one.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for a in std::iter::once(self.program.display().to_string()).chain(self.args.iter().cloned()) {
+            h.update(a.as_bytes());
+            h.update([0]);
+            if let Some((_, path)) = a.split_once('=')
+                && path.starts_with('/')
+                && let Ok(bytes) = std::fs::read(path)
+            {
+                h.update(&bytes);
+            }
+            h.update([0]);
+        }
+        format!("{:x}", h.finalize())
+    }
 }
 
 /// What is written down about a running child (localenv's `Recorded`, which `vkube pause`,
@@ -79,6 +104,9 @@ pub struct Recorded {
     pub pid: u32,
     pub program: PathBuf,
     pub log: PathBuf,
+    /// [`Child::fingerprint`] of what it was started as.
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,13 +163,14 @@ impl Supervisor {
         })
     }
 
-    /// Starts `child` (or adopts the previous run's, if it runs this very command line) and keeps
-    /// it running until [`Supervisor::stop_all`].
-    pub fn start(&mut self, child: Child) {
+    /// Starts `child` (or adopts the previous run's, if it runs this very command line with the
+    /// same files) and keeps it running until [`Supervisor::stop_all`].
+    pub async fn start(&mut self, child: Child) {
+        let fingerprint = child.fingerprint();
         let adopted = match self.leftovers.iter().position(|r| r.name == child.name) {
             Some(i) => {
                 let old = self.leftovers.remove(i);
-                if runs(&old, &child) {
+                if runs(&old, &child) && old.fingerprint == fingerprint {
                     tracing::info!(
                         component = child.name,
                         pid = old.pid,
@@ -152,21 +181,21 @@ impl Supervisor {
                     tracing::info!(
                         component = child.name,
                         pid = old.pid,
-                        "stopping the previous control-plane process's, which runs other flags"
+                        "stopping the previous control-plane process's, started with other settings"
                     );
-                    stop_pid(old.pid, STOP_GRACE);
+                    let _ = tokio::task::spawn_blocking(move || stop_pid(old.pid, STOP_GRACE)).await;
                     None
                 }
             }
             None => None,
         };
         let (stop, stopped) = watch::channel(false);
-        let log = self.state_dir.join("logs").join(format!("{}.log", child.name));
+        let log = self.log_path(child.name);
         let records = self.records.clone();
         let state_dir = self.state_dir.clone();
         let restarts = self.metrics.restarts.get_or_create(&ComponentLabel { component: child.name }).clone();
         let name = child.name;
-        let task = tokio::spawn(keep_running(child, adopted, log, stopped, restarts, move |rec| {
+        let task = tokio::spawn(keep_running(child, fingerprint, adopted, log, stopped, restarts, move |rec| {
             let mut all = records.lock().unwrap_or_else(|e| e.into_inner());
             match rec {
                 Some(r) => all.insert(name, r),
@@ -200,6 +229,11 @@ impl Supervisor {
         self.write_records();
     }
 
+    /// Where a child's output goes.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.state_dir.join("logs").join(format!("{name}.log"))
+    }
+
     /// The pid of a running child.
     pub fn pid(&self, name: &str) -> Option<u32> {
         self.records.lock().unwrap_or_else(|e| e.into_inner()).get(name).map(|r| r.pid)
@@ -220,6 +254,7 @@ enum Proc {
 }
 
 impl Proc {
+    /// Its pid; 0 once a spawned child was reaped (never signalled: 0 is our own group).
     fn pid(&self) -> u32 {
         match self {
             Proc::Spawned(c) => c.id().unwrap_or_default(),
@@ -242,6 +277,9 @@ impl Proc {
 
     /// SIGTERM, SIGKILL after the grace period.
     async fn stop(&mut self, name: &str) {
+        if self.pid() == 0 {
+            return;
+        }
         let pid = Pid::from_raw(self.pid() as i32);
         let _ = kill(pid, Signal::SIGTERM);
         if tokio::time::timeout(STOP_GRACE, self.wait()).await.is_err() {
@@ -255,6 +293,7 @@ impl Proc {
 /// The child's life: started (or adopted), restarted with backoff when it dies, stopped when asked.
 async fn keep_running(
     child: Child,
+    fingerprint: String,
     mut adopted: Option<u32>,
     log: PathBuf,
     mut stop: watch::Receiver<bool>,
@@ -283,7 +322,13 @@ async fn keep_running(
         if matches!(proc, Proc::Spawned(_)) {
             tracing::info!(component = child.name, pid, "started");
         }
-        record(Some(Recorded { name: child.name.into(), pid, program: child.program.clone(), log: log.clone() }));
+        record(Some(Recorded {
+            name: child.name.into(),
+            pid,
+            program: child.program.clone(),
+            log: log.clone(),
+            fingerprint: fingerprint.clone(),
+        }));
         let exited = tokio::select! {
             status = proc.wait() => Some(status),
             _ = stop.wait_for(|s| *s) => None,
@@ -325,7 +370,7 @@ fn runs(rec: &Recorded, child: &Child) -> bool {
 /// The component names are the supervisor's own static strings; a record naming another is not
 /// adopted.
 fn leak_name(name: &str) -> Option<&'static str> {
-    ["etcd", "kube-apiserver", "kube-controller-manager"].into_iter().find(|n| *n == name)
+    COMPONENTS.into_iter().find(|n| *n == name)
 }
 
 /// Waits `d`; true if asked to stop meanwhile.
@@ -444,8 +489,8 @@ mod tests {
         let metrics = SupervisorMetrics::register(&mut registry);
         let mut s = Supervisor::new(dir.path(), metrics.clone()).unwrap();
         // One that dies at once (restarted), one that runs until stopped (and ignores nothing).
-        s.start(sh("flaky", "echo ran; exit 3"));
-        s.start(sh("steady", "sleep 600; true"));
+        s.start(sh("flaky", "echo ran; exit 3")).await;
+        s.start(sh("steady", "sleep 600; true")).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let runs = std::fs::read_to_string(dir.path().join("logs/flaky.log")).unwrap_or_default();
         let steady = s.pid("steady").expect("recorded while running");
@@ -473,15 +518,20 @@ mod tests {
         let (same, same_reaper) = stray("/bin/sleep", &["600"]);
         let (other, other_reaper) = stray("/bin/sleep", &["599"]);
         let (unused, unused_reaper) = stray("/bin/sleep", &["598"]);
-        let rec =
-            |name: &str, pid| Recorded { name: name.into(), pid, program: "/bin/sleep".into(), log: PathBuf::new() };
+        let sleep = |name, arg: &str| Child { name, program: "/bin/sleep".into(), args: vec![arg.into()] };
+        let rec = |name: &str, pid| Recorded {
+            name: name.into(),
+            pid,
+            program: "/bin/sleep".into(),
+            log: PathBuf::new(),
+            fingerprint: sleep("etcd", "600").fingerprint(),
+        };
         let old = [rec("etcd", same), rec("kube-apiserver", other), rec("kube-controller-manager", unused)];
         std::fs::write(dir.path().join(RECORD_FILE), serde_json::to_string(&old).unwrap()).unwrap();
-        let sleep = |name, arg: &str| Child { name, program: "/bin/sleep".into(), args: vec![arg.into()] };
 
         let mut s = Supervisor::new(dir.path(), SupervisorMetrics::default()).unwrap();
-        s.start(sleep("etcd", "600"));
-        s.start(sleep("kube-apiserver", "600"));
+        s.start(sleep("etcd", "600")).await;
+        s.start(sleep("kube-apiserver", "600")).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(s.pid("etcd"), Some(same), "the same command line is adopted, not restarted");
         other_reaper.join().unwrap();
@@ -495,5 +545,21 @@ mod tests {
         assert!(!is_alive(&rec("x", same)) && !is_alive(&rec("x", unused)), "stopped, adopted or not");
         assert!(!is_alive(&rec("x", replaced)));
         assert!(read_records(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_files_a_child_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("admission.yaml");
+        std::fs::write(&conf, "level: baseline").unwrap();
+        let child = Child {
+            name: "kube-apiserver",
+            program: "/bin/true".into(),
+            args: vec![format!("--admission-control-config-file={}", conf.display())],
+        };
+        let before = child.fingerprint();
+        assert_eq!(child.fingerprint(), before);
+        std::fs::write(&conf, "level: restricted").unwrap();
+        assert_ne!(child.fingerprint(), before, "a restart with a stricter policy must not adopt the old API server");
     }
 }
