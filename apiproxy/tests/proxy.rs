@@ -444,3 +444,24 @@ async fn a_sleeping_cluster_wakes_for_a_user_and_not_for_background_requests() {
     assert!(metrics.contains("vkube_activity_total{user=\"alice\",verb=\"get\"} 1"), "{metrics}");
     assert!(metrics.contains("vkube_proxy_errors_total{kind=\"asleep\"} 3"), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_token_seen_while_awake_wakes_a_sleeping_cluster() {
+    let (sleep, ctl) = Sleep::new(Power::Running, vec![], Duration::from_secs(5));
+    let proxy = serve_sleepy_proxy(fake_api_server(Sar::Allow).await, Default::default(), sleep).await;
+    // Awake, the token is reviewed (alice's) and its request forwarded.
+    let (_, body) = proxy.get("/api/v1/namespaces", Credential::Token, &[]).await;
+    assert!(body["message"].as_str().unwrap().starts_with("the virtual API server is unreachable"), "{body}");
+    ctl.power.send_replace(Power::Sleeping);
+    let woken = tokio::spawn(async move {
+        ctl.wake.notified().await;
+        ctl.power.send_replace(Power::Running);
+        ctl
+    });
+    // Asleep, the same token still names a user who counts: it wakes the cluster and is served.
+    let (code, body) = proxy.get("/api/v1/namespaces", Credential::Token, &[]).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["message"].as_str().unwrap().starts_with("the virtual API server is unreachable"), "{body}");
+    let ctl = tokio::time::timeout(Duration::from_secs(5), woken).await.expect("woken").unwrap();
+    assert_eq!(*ctl.power.borrow(), Power::Running);
+}
