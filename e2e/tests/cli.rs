@@ -114,7 +114,12 @@ async fn create_list_connect_pause_resume_delete_locally() {
 
     // Sleep mode by hand: the host pods go, the proxy stays; `wake` brings everything back.
     cli.ok(&["sleep", "team-a"]);
-    assert!(host_pods().is_empty(), "sleep removes the host pods: {:?}", host_pods());
+    // Deleted with their grace periods: gone moments later.
+    eventually("sleep removes the host pods", Duration::from_secs(30), || async {
+        let left = host_pods();
+        Ok(left.is_empty().then_some(()).ok_or(format!("{left:?}")).ok())
+    })
+    .await;
     let asleep = cli.list();
     assert_eq!(asleep[0]["status"], "Sleeping", "{asleep}");
     assert!(asleep[0]["power_since"].is_string(), "{asleep}");
