@@ -129,15 +129,8 @@ impl LocalControlPlane {
         progress("[2/4] certificates (kept in a host Secret)");
         let cert_dir = dir.join("pki");
         let apiserver_url = format!("https://127.0.0.1:{}", state.ports.apiserver);
-        let bundle = crate::controlplane::prepare_files(
-            &host,
-            &state.name,
-            &state.namespace,
-            &cert_dir,
-            &apiserver_url,
-            &opts.policy,
-        )
-        .await?;
+        // The rest of what the components read, `vkube run --supervise` writes.
+        let (bundle, _) = crate::controlplane::sync_pki(&host, &state.namespace, &state.name, &cert_dir).await?;
         let group = ProcessGroup::new(dir, opts.lifetime);
         let admin_kubeconfig = crate::controlplane::admin_kubeconfig(&state.name, &state.endpoint(), &bundle);
         vkube_localenv::host::write_private(&dir.join("kubeconfig"), &admin_kubeconfig)?;

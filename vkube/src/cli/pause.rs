@@ -5,10 +5,9 @@
 use anyhow::Context;
 use clap::Args;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, DeleteParams, ListParams, Patch};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DeleteParams, Patch};
 use vkube::names;
-use vkube_syncer::naming::LABEL_CLUSTER;
 
 use super::Target;
 use super::clusters::{self, Mode, Status};
@@ -60,10 +59,8 @@ impl PauseArgs {
                 eprintln!("  control plane scaled to 0");
             }
         }
-        let pods: Api<Pod> = Api::namespaced(host, &ns);
-        let lp = ListParams::default().labels(&format!("{LABEL_CLUSTER}={}", cluster.name));
-        let n = pods.list(&lp).await?.items.len();
-        pods.delete_collection(&DeleteParams { grace_period_seconds: Some(0), ..Default::default() }, &lp).await?;
+        let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+        let n = vkube::controlplane::remove_host_pods(&host, &ns, &cluster.name, &now).await?;
         eprintln!(
             "  removed {n} host pod(s); virtual cluster {} paused (`vkube resume {}` restores it)",
             cluster.name, cluster.name

@@ -378,6 +378,20 @@ pub async fn service_ip(
     Ok(svc.and_then(|s| s.spec).and_then(|s| s.cluster_ip).and_then(|ip| ip.parse().ok()))
 }
 
+/// Deletes every host pod of the cluster (`vkube pause`, going to sleep); the next syncer
+/// recreates them from the virtual pods. Returns how many there were.
+pub async fn remove_host_pods(
+    host: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+    params: &kube::api::DeleteParams,
+) -> kube::Result<usize> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(host.clone(), namespace);
+    let selector = Translator::new(cluster, namespace).cluster_selector();
+    let deleted = pods.delete_collection(params, &kube::api::ListParams::default().labels(&selector)).await?;
+    Ok(deleted.left().map(|l| l.items.len()).unwrap_or_default())
+}
+
 /// Whether the cluster is being resumed after `vkube pause` (and clears the mark, so a later
 /// restart is an ordinary one).
 async fn take_paused_mark(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<bool> {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
-use kube::api::{Api, DeleteParams, ListParams, Patch};
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use kube::api::{Api, DeleteParams, Patch};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use vkube_apiproxy::sleep::{Power, SleepControl};
 use vkube_core::contract::{
     ANNOTATION_LAST_ACTIVITY, ANNOTATION_LAST_ACTIVITY_BY, ANNOTATION_PODS_REMOVED, ANNOTATION_POWER,
-    ANNOTATION_POWER_REQUEST, ANNOTATION_POWER_SINCE, LABEL_CLUSTER,
+    ANNOTATION_POWER_REQUEST, ANNOTATION_POWER_SINCE,
 };
 
 use super::schedule::Schedule;
@@ -340,9 +340,8 @@ impl<S: SyncerRunner> PowerController<S> {
     }
 
     async fn remove_host_pods(&self) {
-        let pods: Api<Pod> = Api::namespaced(self.host.clone(), &self.namespace);
-        let lp = ListParams::default().labels(&format!("{LABEL_CLUSTER}={}", self.name));
-        if let Err(e) = pods.delete_collection(&DeleteParams::default(), &lp).await {
+        let removed = super::remove_host_pods(&self.host, &self.namespace, &self.name, &DeleteParams::default()).await;
+        if let Err(e) = removed {
             tracing::error!(error = %e, "removing the host pods of a sleeping cluster failed; they keep running until it wakes");
         }
     }
