@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Builds the pinned upstream binaries (Kubernetes, etcd, kwok, helm) from their Go modules into
+# Builds the pinned upstream binaries (Kubernetes, etcd, kwok, helm, and for a real node kubelet,
+# kube-proxy, pause, containerd and CoreDNS) from their Go modules into
 # a cache outside the clone, keyed by version. Idempotent: a component whose binaries are already
 # in the cache is skipped, so a second run takes well under a second.
 #
-#   hack/build-upstream.sh [all|kubernetes|etcd|kwok|helm]
+#   hack/build-upstream.sh [all|host|COMPONENT...]   (host: what a kwok-only dev host needs)
+#   components: kubernetes etcd kwok helm node containerd coredns
 #   VKUBE_CACHE   cache root (default ~/.cache/vkube)
 #
 # Layout: $VKUBE_CACHE/upstream/<component>-<version>/<binary>; the Go module and build caches
@@ -48,6 +50,9 @@ new_module() {
 # Per component: its version, whether the cache already has it (the fast path: file tests only),
 # and how to build it. The build functions run in a background subshell with output to a log.
 kubernetes_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# The real node's Kubernetes side; pause is compiled from the module's C source (gcc).
+node_bins=(kubelet kube-proxy pause)
+containerd_bins=(containerd containerd-shim-runc-v2 ctr)
 # Bump a layout when the files picked from the module or the build change, so caches get rebuilt.
 kwok_layout=3
 helm_layout=2
@@ -55,6 +60,8 @@ version_of() {
   case $1 in
     kubernetes) echo "$KUBERNETES_VERSION" ;; etcd) echo "$ETCD_VERSION" ;;
     kwok) echo "$KWOK_VERSION" ;; helm) echo "$HELM_VERSION" ;;
+    node) echo "$KUBERNETES_VERSION" ;; containerd) echo "$CONTAINERD_VERSION" ;;
+    coredns) echo "$COREDNS_VERSION" ;;
   esac
 }
 cached() {
@@ -65,15 +72,17 @@ cached() {
     etcd) have "$out" etcd ;;
     kwok) have "$out" kwok && [ "$(cat "$out/.layout" 2>/dev/null)" = "$kwok_layout" ] ;;
     helm) have "$out" helm && [ "$(cat "$out/.layout" 2>/dev/null)" = "$helm_layout" ] ;;
+    node) have "$out" "${node_bins[@]}" ;;
+    containerd) have "$out" "${containerd_bins[@]}" ;;
+    coredns) have "$out" coredns ;;
   esac
 }
 
-build_kubernetes() {
-  local v=$KUBERNETES_VERSION out=$upstream/kubernetes-$KUBERNETES_VERSION
-  local bins=("${kubernetes_bins[@]}")
-  local mod=$cache/work/kubernetes-$v
-  new_module "$mod" vkube.local/upstream-kubernetes
-  cd "$mod"
+# kubernetes_module DIR: a wrapper module requiring k8s.io/kubernetes at the pinned version.
+kubernetes_module() {
+  local v=$KUBERNETES_VERSION
+  new_module "$1" vkube.local/upstream-kubernetes
+  cd "$1"
   # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with local paths,
   # which a dependent module ignores: replace each with its tagged release (v1.X.Y -> v0.X.Y).
   local staging_v=v0.${v#v1.}
@@ -84,9 +93,14 @@ build_kubernetes() {
     < <(grep -E '=> \./staging/src/' "$gomod" | awk '{print $1}')
   [ ${#args[@]} -gt 20 ] || { echo "could not read the staging modules from $gomod" >&2; exit 1; }
   go mod edit "${args[@]}"
-  # One go get for the four commands: each call loads the whole module graph again.
+}
+
+# kubernetes_build OUT BIN...: builds k8s.io/kubernetes/cmd/BIN into OUT with version stamps.
+kubernetes_build() {
+  local v=$KUBERNETES_VERSION out=$1; shift
+  # One go get for all commands: each call loads the whole module graph again.
   local pkgs=() tools=()
-  for b in "${bins[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); tools+=("k8s.io/kubernetes/cmd/$b@$v"); done
+  for b in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); tools+=("k8s.io/kubernetes/cmd/$b@$v"); done
   go get -tool "${tools[@]}"
   local major=1 minor date
   minor=$(echo "$v" | cut -d. -f2)
@@ -96,8 +110,50 @@ build_kubernetes() {
     ld+=" -X $p.gitVersion=$v -X $p.gitMajor=$major -X $p.gitMinor=$minor"
     ld+=" -X $p.gitTreeState=clean -X $p.buildDate=$date"
   done
+  go build -trimpath -ldflags "$ld" -o "$out/" "${pkgs[@]}"
+}
+
+build_kubernetes() {
+  local out=$upstream/kubernetes-$KUBERNETES_VERSION
+  kubernetes_module "$cache/work/kubernetes-$KUBERNETES_VERSION"
   rm -rf "$out.tmp"; mkdir -p "$out.tmp"
-  go build -trimpath -ldflags "$ld" -o "$out.tmp/" "${pkgs[@]}"
+  kubernetes_build "$out.tmp" "${kubernetes_bins[@]}"
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+build_node() {
+  local out=$upstream/node-$KUBERNETES_VERSION
+  kubernetes_module "$cache/work/node-$KUBERNETES_VERSION"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  kubernetes_build "$out.tmp" kubelet kube-proxy
+  # The sandbox image's process: upstream's pause, a static C program that reaps children.
+  local dir
+  dir=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  command -v gcc >/dev/null || { echo "gcc is required to build pause" >&2; exit 1; }
+  gcc -Os -static -Wall -DVERSION="$KUBERNETES_VERSION" -o "$out.tmp/pause" "$dir/build/pause/linux/pause.c"
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+build_containerd() {
+  local v=$CONTAINERD_VERSION out=$upstream/containerd-$CONTAINERD_VERSION
+  new_module "$cache/work/containerd-$v" vkube.local/upstream-containerd
+  cd "$cache/work/containerd-$v"
+  local m=github.com/containerd/containerd/v2
+  go get -tool "$m/cmd/containerd@$v" "$m/cmd/containerd-shim-runc-v2@$v" "$m/cmd/ctr@$v"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  go build -trimpath -tags "no_btrfs no_devmapper no_zfs no_aufs urfave_cli_no_docs" \
+    -ldflags "-s -w -X $m/version.Version=$v" -o "$out.tmp/" \
+    "$m/cmd/containerd" "$m/cmd/containerd-shim-runc-v2" "$m/cmd/ctr"
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+build_coredns() {
+  local v=$COREDNS_VERSION out=$upstream/coredns-$COREDNS_VERSION
+  new_module "$cache/work/coredns-$v" vkube.local/upstream-coredns
+  cd "$cache/work/coredns-$v"
+  go get -tool "github.com/coredns/coredns@$v"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  go build -trimpath -ldflags "-s -w" -o "$out.tmp/coredns" github.com/coredns/coredns
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
@@ -163,13 +219,16 @@ build_helm() {
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
-only=${1:-all}
-case $only in
-  # Kubernetes first: it is the longest, so its downloads should start at once.
-  all) comps=(kubernetes etcd kwok helm) ;;
-  kubernetes|etcd|kwok|helm) comps=("$only") ;;
-  *) echo "usage: $0 [all|kubernetes|etcd|kwok|helm]" >&2; exit 2 ;;
-esac
+comps=()
+for arg in "${@:-all}"; do
+  case $arg in
+    # Kubernetes first: it is the longest, so its downloads should start at once.
+    all) comps+=(kubernetes etcd kwok helm node containerd coredns) ;;
+    host) comps+=(kubernetes etcd kwok helm) ;;
+    kubernetes|etcd|kwok|helm|node|containerd|coredns) comps+=("$arg") ;;
+    *) echo "usage: $0 [all|host|kubernetes|etcd|kwok|helm|node|containerd|coredns]..." >&2; exit 2 ;;
+  esac
+done
 start=$SECONDS
 
 # Every job gets its own process group (job control), so a failure or Ctrl-C can stop the whole

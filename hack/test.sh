@@ -6,8 +6,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
-step "upstream binaries (cached under ${VKUBE_CACHE:-~/.cache/vkube})"
+step "upstream binaries (cached under ${VKUBE_CACHE:-~/.cache/vkube}) and the real node's Debian packages"
 hack/build-upstream.sh
+hack/node-deps.sh
 
 step "build"
 cargo build --workspace --bins --tests

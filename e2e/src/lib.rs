@@ -40,10 +40,14 @@ pub struct TestEnv {
 impl TestEnv {
     /// A host cluster with `nodes` simulated nodes.
     pub async fn start(nodes: usize) -> TestEnv {
+        Self::start_with(HostOptions { nodes, ..Default::default() }).await
+    }
+
+    /// A host cluster with `opts.nodes` simulated nodes and `opts.real_nodes` real ones.
+    pub async fn start_with(opts: HostOptions) -> TestEnv {
         let upstream = Upstream::locate().expect("upstream binaries");
         let dir = tempfile::Builder::new().prefix("vkube-e2e-").tempdir().expect("temp dir");
         let progress = |step: &str| eprintln!("[{}] {step}", dir_name(dir.path()));
-        let opts = HostOptions { nodes, lifetime: Lifetime::Attached };
         let host = match HostCluster::start(dir.path(), &opts, &progress).await {
             Ok(h) => h,
             Err(e) => {
@@ -224,12 +228,14 @@ pub fn vkube_bin() -> PathBuf {
     })
 }
 
-/// Runs `kubectl port-forward <target> :<port>` and checks that bytes sent through the forward
-/// come back (kwok's default rule echoes them), proving the stream reaches the pod end to end.
-pub fn port_forward_echoes(up: &Upstream, kubeconfig: &Path, target: &str, port: u16, payload: &[u8]) {
-    use std::io::{Read, Write};
+/// Runs `kubectl port-forward <target...> :<port>` (e.g. `["-n", "ns", "deploy/web"]`) and
+/// returns it with the local port it chose.
+pub fn port_forward(up: &Upstream, kubeconfig: &Path, target: &[&str], port: u16) -> (std::process::Child, u16) {
+    use std::io::Read;
     let mut pf = Command::new(up.kubectl())
-        .args(["port-forward", target, &format!(":{port}")])
+        .arg("port-forward")
+        .args(target)
+        .arg(format!(":{port}"))
         .env("KUBECONFIG", kubeconfig)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -250,6 +256,16 @@ pub fn port_forward_echoes(up: &Upstream, kubeconfig: &Path, target: &str, port:
         .and_then(|s| s.split_whitespace().next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("unexpected kubectl output: {first}"));
+    // kubectl prints a line per connection: a closed pipe would end it.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    (pf, local)
+}
+
+/// Checks that bytes sent through `kubectl port-forward` come back (kwok's default rule echoes
+/// them), proving the stream reaches the pod end to end.
+pub fn port_forward_echoes(up: &Upstream, kubeconfig: &Path, target: &str, port: u16, payload: &[u8]) {
+    use std::io::{Read, Write};
+    let (mut pf, local) = port_forward(up, kubeconfig, &[target], port);
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", local)).expect("connecting to the forward");
     conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     conn.write_all(payload).expect("writing");
@@ -260,7 +276,6 @@ pub fn port_forward_echoes(up: &Upstream, kubeconfig: &Path, target: &str, port:
     let _ = pf.wait();
 }
 
-/// Polls `f` until it returns `Some`, panicking with the last message after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -391,5 +406,51 @@ impl Drop for VirtualCluster {
         if std::thread::panicking() {
             dump_logs(&self.cp.logs(), 80);
         }
+    }
+}
+
+/// The CLI with its own state directory and the host's kubeconfig; whatever it leaves running
+/// is stopped when the test ends, pass or fail.
+pub struct Cli {
+    pub state: tempfile::TempDir,
+    pub host_kubeconfig: PathBuf,
+}
+
+impl Cli {
+    pub fn new(env: &TestEnv) -> Self {
+        Cli { state: tempfile::tempdir().unwrap(), host_kubeconfig: env.host.kubeconfig.clone() }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(vkube_bin());
+        c.args(args).env("VKUBE_STATE", self.state.path()).env("KUBECONFIG", &self.host_kubeconfig);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vkube {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn list(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["list", "-o", "json"])).unwrap()
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        vkube_localenv::process::stop_strays(self.state.path(), Duration::from_secs(5));
     }
 }

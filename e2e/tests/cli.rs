@@ -1,56 +1,10 @@
 //! The `vkube` CLI as an admin or CI uses it, against the dev host cluster (real processes).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use vkube_e2e::{TestEnv, eventually, kubectl, kubectl_ok, vkube_bin};
-
-/// The CLI with its own state directory and the host's kubeconfig; whatever it leaves running
-/// is stopped when the test ends, pass or fail.
-struct Cli {
-    state: tempfile::TempDir,
-    host_kubeconfig: PathBuf,
-}
-
-impl Cli {
-    fn new(env: &TestEnv) -> Self {
-        Cli { state: tempfile::tempdir().unwrap(), host_kubeconfig: env.host.kubeconfig.clone() }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(vkube_bin());
-        c.args(args).env("VKUBE_STATE", self.state.path()).env("KUBECONFIG", &self.host_kubeconfig);
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "vkube {} failed ({}):\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn list(&self) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["list", "-o", "json"])).unwrap()
-    }
-}
-
-impl Drop for Cli {
-    fn drop(&mut self) {
-        vkube_localenv::process::stop_strays(self.state.path(), Duration::from_secs(5));
-    }
-}
+use vkube_e2e::{Cli, TestEnv, eventually, kubectl, kubectl_ok, vkube_bin};
 
 fn processes_mentioning(dir: &Path) -> Vec<String> {
     let needle = dir.display().to_string();

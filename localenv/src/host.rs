@@ -14,6 +14,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde::{Deserialize, Serialize};
 use vkube_pki::{Bundle, BundleSpec, LeafSpec, Validity, kubeconfig};
 
+use crate::node::{self, RealNode};
 use crate::process::{self, Lifetime, ProcessGroup, ProcessSpec, log_tail};
 use crate::upstream::Upstream;
 use crate::{Error, Progress, Result, io_err, ports, wait};
@@ -27,13 +28,16 @@ const FIELD_MANAGER: &str = "vkube-dev";
 
 #[derive(Clone, Debug)]
 pub struct HostOptions {
+    /// Simulated (kwok) nodes.
     pub nodes: usize,
+    /// Real nodes (0 or 1: the node's bridge and cgroups are the machine's).
+    pub real_nodes: usize,
     pub lifetime: Lifetime,
 }
 
 impl Default for HostOptions {
     fn default() -> Self {
-        HostOptions { nodes: 3, lifetime: Lifetime::Attached }
+        HostOptions { nodes: 3, real_nodes: 0, lifetime: Lifetime::Attached }
     }
 }
 
@@ -70,6 +74,9 @@ impl HostPorts {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostState {
     pub ports: HostPorts,
+    /// Whether it has a real node: pods then reach the machine at the node's address.
+    #[serde(default)]
+    pub real_node: bool,
 }
 
 pub struct HostCluster {
@@ -77,6 +84,10 @@ pub struct HostCluster {
     pub ports: HostPorts,
     /// Admin kubeconfig.
     pub kubeconfig: PathBuf,
+    /// Whether it has a real node (started last).
+    real_node: bool,
+    /// Dropped before `processes`: it is torn down while the API server still answers.
+    node: Option<RealNode>,
     processes: ProcessGroup,
 }
 
@@ -85,6 +96,16 @@ impl HostCluster {
     /// an earlier run in the same directory are reused, so kubeconfigs stay valid.
     pub async fn start(dir: &Path, opts: &HostOptions, progress: Progress<'_>) -> Result<Self> {
         let up = Upstream::locate()?;
+        if opts.real_nodes > 1 {
+            return Err(Error::Node(format!(
+                "{} real nodes asked for; one machine holds one (its bridge {} and cgroups are the machine's)",
+                opts.real_nodes,
+                node::BRIDGE
+            )));
+        }
+        if opts.real_nodes > 0 {
+            up.check_node()?;
+        }
         for sub in ["pki", "logs", "etcd", "kwok"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io_err(format!("creating {}", dir.display())))?;
         }
@@ -96,10 +117,12 @@ impl HostCluster {
             dir: dir.to_path_buf(),
             kubeconfig: dir.join("kubeconfig"),
             ports,
+            real_node: opts.real_nodes > 0,
+            node: None,
             processes: ProcessGroup::new(dir, opts.lifetime),
         };
-        host.write_state()?;
-        let total = 7;
+        host.write_state(opts.real_nodes > 0)?;
+        let total = if opts.real_nodes > 0 { 8 } else { 7 };
         progress(&format!("[1/{total}] certificates and kubeconfigs"));
         let pki = host.write_pki()?;
         progress(&format!("[2/{total}] etcd"));
@@ -131,8 +154,66 @@ impl HostCluster {
         }
         progress(&format!("[7/{total}] default service account"));
         host.wait_default_service_account(&client).await?;
-        drop(pki);
+        if opts.real_nodes > 0 {
+            progress(&format!(
+                "[8/{total}] a real node: containerd, kubelet and kube-proxy on bridge {} ({})",
+                node::BRIDGE,
+                node::ADDRESS
+            ));
+            host.start_real_node(&up, &pki, &client, opts.lifetime).await?;
+        }
         Ok(host)
+    }
+
+    async fn start_real_node(
+        &mut self,
+        up: &Upstream,
+        pki: &Bundle,
+        client: &Client,
+        lifetime: Lifetime,
+    ) -> Result<()> {
+        let get = |f: &str| pki.get(f).unwrap_or_default();
+        let access = node::HostAccess {
+            server: self.server(),
+            ca_pem: get("ca.crt"),
+            node_cert: (get("node.crt"), get("node.key")),
+            proxy_cert: (get("kube-proxy.crt"), get("kube-proxy.key")),
+            serving_cert: (get("kubelet.crt"), get("kubelet.key")),
+        };
+        let dir = self.dir.join("node");
+        let started = tokio::task::block_in_place(|| RealNode::start(&dir, up, &access, lifetime))?;
+        node::ensure_volumes(client, &dir).await?;
+        let real = self.node.insert(started);
+        let nodes: Api<Node> = Api::all(client.clone());
+        let timeout = Duration::from_secs(90);
+        let res = wait::until(timeout, Duration::from_millis(200), || {
+            let failed = real.check_running().err();
+            let nodes = nodes.clone();
+            async move {
+                if let Some(e) = failed {
+                    return Err(e.to_string());
+                }
+                let node = nodes.get_opt(node::NAME).await.map_err(|e| e.to_string())?;
+                match node {
+                    Some(n) if node_ready(&n) => Ok(Some(())),
+                    Some(_) => Err(format!("node {} registered, not Ready yet", node::NAME)),
+                    None => Err(format!("node {} not registered yet", node::NAME)),
+                }
+            }
+        })
+        .await;
+        res.map_err(|detail| Error::NotReady {
+            component: "kubelet".into(),
+            seconds: timeout.as_secs(),
+            detail,
+            log: dir.join("logs/kubelet.log").display().to_string(),
+        })
+    }
+
+    /// Imports images into the real node's containerd (an error without a real node).
+    pub fn import_images(&self, specs: &[crate::image::ImageSpec]) -> Result<()> {
+        let node = self.node.as_ref().ok_or_else(|| Error::Node("this host has no real node".into()))?;
+        tokio::task::block_in_place(|| node.import_images(&Upstream::locate()?, specs))
     }
 
     pub async fn client(&self) -> Result<Client> {
@@ -149,12 +230,23 @@ impl HostCluster {
 
     /// The log file of every component, by name.
     pub fn logs(&self) -> Vec<(String, PathBuf)> {
-        self.processes.logs()
+        let node = self.node.iter().flat_map(RealNode::logs);
+        self.processes.logs().into_iter().chain(node).collect()
     }
 
-    /// Leaves a detached cluster running (its processes are recorded in `processes.json`).
+    /// Leaves a detached cluster running (its processes are recorded in `processes.json`, its
+    /// real node's in `node/`).
     pub fn detach(self) {
+        if let Some(node) = self.node {
+            node.detach();
+        }
         self.processes.detach();
+    }
+
+    /// Undoes a detached cluster's real node in `dir` (`vkube dev down`); the rest is stopped
+    /// by `process::stop_all_recorded`.
+    pub fn teardown_real_node(dir: &Path) -> Result<Vec<String>> {
+        node::teardown(&dir.join("node"))
     }
 
     /// Whether an already started cluster in `dir` is running and answering.
@@ -169,8 +261,8 @@ impl HostCluster {
         }
     }
 
-    fn write_state(&self) -> Result<()> {
-        write_json(&self.dir.join("state.json"), &HostState { ports: self.ports.clone() })
+    fn write_state(&self, real_node: bool) -> Result<()> {
+        write_json(&self.dir.join("state.json"), &HostState { ports: self.ports.clone(), real_node })
     }
 
     fn pki_path(&self, file: &str) -> String {
@@ -224,10 +316,16 @@ impl HostCluster {
         let p = &self.ports;
         ProcessSpec::new("kube-apiserver", up.kube_apiserver(), &self.dir.join("logs")).args([
             format!("--etcd-servers=http://127.0.0.1:{}", p.etcd_client),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            // Loopback cannot be a Service endpoint; the dev host has no pods that need one.
-            "--endpoint-reconciler-type=none".into(),
+        ])
+        .args(if self.real_node {
+            // Pods on the real node reach it through the `kubernetes` Service, whose endpoint is
+            // the node's address (the bridge is made later: it listens on every address).
+            ["--bind-address=0.0.0.0".to_string(), format!("--advertise-address={}", node::ADDRESS), "--endpoint-reconciler-type=lease".into()]
+        } else {
+            // Loopback cannot be a Service endpoint; simulated nodes have no pods that need one.
+            ["--bind-address=127.0.0.1".to_string(), "--advertise-address=127.0.0.1".into(), "--endpoint-reconciler-type=none".into()]
+        })
+        .args([
             format!("--secure-port={}", p.apiserver),
             format!("--tls-cert-file={}", self.pki_path("apiserver.crt")),
             format!("--tls-private-key-file={}", self.pki_path("apiserver.key")),
@@ -246,6 +344,10 @@ impl HostCluster {
             format!("--proxy-client-cert-file={}", self.pki_path("front-proxy-client.crt")),
             format!("--proxy-client-key-file={}", self.pki_path("front-proxy-client.key")),
             format!("--kubelet-certificate-authority={}", self.pki_path("ca.crt")),
+            // A real kubelet authenticates the API server for logs, exec and port-forward.
+            format!("--kubelet-client-certificate={}", self.pki_path("apiserver-kubelet-client.crt")),
+            format!("--kubelet-client-key={}", self.pki_path("apiserver-kubelet-client.key")),
+            "--enable-admission-plugins=NodeRestriction".into(),
             "--kubelet-preferred-address-types=InternalIP".into(),
             "--enable-priority-and-fairness=false".into(),
             "--max-requests-inflight=0".into(),
@@ -410,6 +512,12 @@ fn host_pki_spec() -> BundleSpec {
             LeafSpec::client("controller-manager", "ca", "system:kube-controller-manager", None),
             LeafSpec::client("scheduler", "ca", "system:kube-scheduler", None),
             LeafSpec::client("front-proxy-client", "front-proxy-ca", "front-proxy-client", None),
+            // The real node's: the API server's client identity at the kubelet, the kubelet's
+            // and kube-proxy's at the API server, the kubelet's serving certificate.
+            LeafSpec::client("apiserver-kubelet-client", "ca", "kube-apiserver-kubelet-client", Some("system:masters")),
+            LeafSpec::client("node", "ca", &format!("system:node:{}", node::NAME), Some("system:nodes")),
+            LeafSpec::client("kube-proxy", "ca", "system:kube-proxy", None),
+            LeafSpec::server("kubelet", "ca", &[node::NAME.to_string()], &[node::ADDRESS.parse().expect("ip")]),
         ],
         key_pairs: vec!["sa".into()],
     }

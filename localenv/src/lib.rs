@@ -4,6 +4,8 @@
 //! the end-to-end test harness, so both run exactly the same environment.
 
 pub mod host;
+pub mod image;
+pub mod node;
 pub mod ports;
 pub mod process;
 pub mod upstream;
@@ -32,6 +34,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Client(#[from] vkube_kubeclient::Error),
+    #[error("real node: {0}")]
+    Node(String),
     #[error("state file {path}: {reason}")]
     State { path: PathBuf, reason: String },
 }

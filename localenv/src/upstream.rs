@@ -15,6 +15,8 @@ pub struct Versions {
     pub etcd: String,
     pub kwok: String,
     pub helm: String,
+    pub containerd: String,
+    pub coredns: String,
 }
 
 pub fn versions() -> Versions {
@@ -31,6 +33,8 @@ pub fn versions() -> Versions {
         etcd: get("ETCD_VERSION"),
         kwok: get("KWOK_VERSION"),
         helm: get("HELM_VERSION"),
+        containerd: get("CONTAINERD_VERSION"),
+        coredns: get("COREDNS_VERSION"),
     }
 }
 
@@ -61,6 +65,9 @@ pub struct Upstream {
     etcd: PathBuf,
     kwok: PathBuf,
     helm: PathBuf,
+    node: PathBuf,
+    containerd: PathBuf,
+    coredns: PathBuf,
 }
 
 impl Upstream {
@@ -73,6 +80,9 @@ impl Upstream {
             etcd: root.join(format!("etcd-{}", v.etcd)),
             kwok: root.join(format!("kwok-{}", v.kwok)),
             helm: root.join(format!("helm-{}", v.helm)),
+            node: root.join(format!("node-{}", v.kubernetes)),
+            containerd: root.join(format!("containerd-{}", v.containerd)),
+            coredns: root.join(format!("coredns-{}", v.coredns)),
         };
         for bin in [
             up.kube_apiserver(),
@@ -110,6 +120,36 @@ impl Upstream {
     }
     pub fn helm(&self) -> PathBuf {
         self.helm.join("helm")
+    }
+    /// Whether the real node's binaries are built (a kwok-only host does not need them).
+    pub fn check_node(&self) -> Result<()> {
+        let bins = [self.kubelet(), self.kube_proxy(), self.pause(), self.containerd(), self.ctr(), self.coredns()];
+        match bins.into_iter().find(|b| !b.is_file()) {
+            Some(missing) => Err(Error::MissingBinary(missing)),
+            None => Ok(()),
+        }
+    }
+    pub fn kubelet(&self) -> PathBuf {
+        self.node.join("kubelet")
+    }
+    pub fn kube_proxy(&self) -> PathBuf {
+        self.node.join("kube-proxy")
+    }
+    pub fn pause(&self) -> PathBuf {
+        self.node.join("pause")
+    }
+    /// Where containerd and its shim are (containerd finds the shim on PATH).
+    pub fn containerd_dir(&self) -> &Path {
+        &self.containerd
+    }
+    pub fn containerd(&self) -> PathBuf {
+        self.containerd.join("containerd")
+    }
+    pub fn ctr(&self) -> PathBuf {
+        self.containerd.join("ctr")
+    }
+    pub fn coredns(&self) -> PathBuf {
+        self.coredns.join("coredns")
     }
     /// kwok's stage configurations (node and pod lifecycles).
     pub fn kwok_stages(&self) -> PathBuf {

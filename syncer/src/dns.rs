@@ -7,8 +7,9 @@ use kube::core::{ApiResource, GroupVersionKind};
 
 use crate::sync::Result;
 
-/// The CoreDNS image; the chart's values can override it.
-pub const DEFAULT_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.12.4";
+/// The CoreDNS image; the chart's values can override it. Its tag is `COREDNS_VERSION` of
+/// hack/versions.env, the version the dev host's real node builds and imports under this name.
+pub const DEFAULT_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.15.0";
 
 fn manifests(image: &str, cluster_domain: &str) -> Vec<serde_json::Value> {
     let corefile = format!(
@@ -81,5 +82,14 @@ mod tests {
         );
         assert!(m[3]["data"]["Corefile"].as_str().unwrap().contains("kubernetes cluster.local"));
         assert_eq!(m[5]["metadata"]["name"], "kube-dns");
+    }
+
+    #[test]
+    fn default_image_is_the_pinned_coredns() {
+        let pinned = include_str!("../../hack/versions.env")
+            .lines()
+            .find_map(|l| l.strip_prefix("COREDNS_VERSION="))
+            .expect("hack/versions.env pins CoreDNS");
+        assert_eq!(DEFAULT_IMAGE, format!("registry.k8s.io/coredns/coredns:{}", pinned.trim()));
     }
 }

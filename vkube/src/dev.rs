@@ -10,11 +10,18 @@ use vkube_localenv::{HostCluster, HostOptions, Lifetime, Upstream, process, upst
 #[derive(Subcommand)]
 pub enum DevCommand {
     /// Start the dev host cluster (harmless when it already runs).
-    #[command(after_help = "Examples:\n  vkube dev up\n  vkube dev up --nodes 10 && eval \"$(vkube dev env)\"")]
+    #[command(
+        after_help = "Examples:\n  vkube dev up\n  vkube dev up --nodes 10 && eval \"$(vkube dev env)\"\n  vkube dev up --real-nodes 1   # pods really run (root; hack/node-deps.sh)"
+    )]
     Up {
         /// Number of simulated nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Real nodes (0 or 1): containerd, kubelet and kube-proxy on this machine, so pods
+        /// really run. Needs root and hack/node-deps.sh; adds the bridge vkube0 (10.88.0.1/16),
+        /// iptables chains, cgroups and sysctls, all undone by `vkube dev down`.
+        #[arg(long, default_value_t = 0)]
+        real_nodes: usize,
     },
     /// Stop the dev host cluster and every local virtual cluster; no process is left behind.
     #[command(after_help = "Example:\n  vkube dev down")]
@@ -33,14 +40,14 @@ pub fn host_dir() -> PathBuf {
 impl DevCommand {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
-            DevCommand::Up { nodes } => up(nodes).await,
+            DevCommand::Up { nodes, real_nodes } => up(nodes, real_nodes).await,
             DevCommand::Down => down(),
             DevCommand::Env => env(),
         }
     }
 }
 
-async fn up(nodes: usize) -> anyhow::Result<()> {
+async fn up(nodes: usize, real_nodes: usize) -> anyhow::Result<()> {
     let dir = host_dir();
     if HostCluster::is_up(&dir).await {
         eprintln!("dev host cluster already running ({})", dir.display());
@@ -48,13 +55,21 @@ async fn up(nodes: usize) -> anyhow::Result<()> {
     }
     // Whatever is left of an earlier run (a crashed component) goes first; data and certificates
     // stay, so existing kubeconfigs keep working.
+    HostCluster::teardown_real_node(&dir)?;
     process::stop_all_recorded(&dir)?;
     let start = Instant::now();
     eprintln!("starting the dev host cluster in {}", dir.display());
     let progress = |step: &str| eprintln!("  {step}");
-    let host = HostCluster::start(&dir, &HostOptions { nodes, lifetime: Lifetime::Detached }, &progress)
+    let host = HostCluster::start(&dir, &HostOptions { nodes, real_nodes, lifetime: Lifetime::Detached }, &progress)
         .await
         .context("starting the dev host cluster (logs are in the directory above, under logs/)")?;
+    if real_nodes > 0 {
+        // The chart's pod can run on it: `vkube create NAME` (chart mode) works on this host.
+        eprintln!("  images of the chart's control plane (vkube as this binary)");
+        let exe = std::env::current_exe().context("locating the vkube binary")?;
+        let name = vkube_localenv::node::vkube_image_name(env!("CARGO_PKG_VERSION"));
+        host.import_images(&vkube_localenv::node::control_plane_images(&Upstream::locate()?, (&name, &exe))?)?;
+    }
     let kubeconfig = host.kubeconfig.clone();
     host.detach();
     eprintln!(
@@ -73,6 +88,9 @@ fn down() -> anyhow::Result<()> {
             stopped.extend(process::stop_all_recorded(&cluster.path())?);
         }
     }
+    // The real node before the API server: its teardown stops its processes and undoes what it
+    // changed on the machine.
+    stopped.extend(HostCluster::teardown_real_node(&host_dir())?);
     stopped.extend(process::stop_all_recorded(&host_dir())?);
     // Whatever else still runs from our state (a start that crashed before recording it).
     let strays = process::stop_strays(&upstream::state_root(), Duration::from_secs(10));

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 use vkube_localenv::process::ProcessGroup;
 use vkube_localenv::{Lifetime, ProcessSpec, Progress, Upstream, ports};
@@ -57,6 +58,10 @@ pub struct LocalState {
     /// The host's service range (the virtual API server's too).
     #[serde(default)]
     pub service_cidr: String,
+    /// Where pods on the host reach this machine (a real node of the dev host runs here: its
+    /// bridge address); None when no pod can (kwok nodes only).
+    #[serde(default)]
+    pub pod_address: Option<String>,
 }
 
 impl LocalState {
@@ -112,6 +117,7 @@ impl LocalControlPlane {
         let service_cidr = host_service_cidr(&host).await?;
         let state = LocalState {
             service_cidr: service_cidr.clone(),
+            pod_address: local_node_address(&host).await?,
             name: opts.name.clone(),
             namespace: opts.namespace.clone(),
             ports,
@@ -124,7 +130,8 @@ impl LocalControlPlane {
 
         progress("[1/4] host namespace and Service");
         ensure_namespace(&host, &state.namespace, &state.name, state.policy.pod_security).await?;
-        ensure_local_service(&host, &state.namespace, &state.name).await?;
+        let pod_endpoint = state.pod_address.as_deref().map(|a| (a, state.ports.proxy));
+        ensure_local_service(&host, &state.namespace, &state.name, pod_endpoint).await?;
 
         progress("[2/4] certificates (kept in a host Secret)");
         let cert_dir = dir.join("pki");
@@ -155,7 +162,8 @@ impl LocalControlPlane {
                 format!("--name={}", s.name),
                 format!("--namespace={}", s.namespace),
                 format!("--virtual-server=https://127.0.0.1:{}", s.ports.apiserver),
-                format!("--listen=127.0.0.1:{}", s.ports.proxy),
+                // Pods on a real node reach it at the node's address (the host Service's endpoint).
+                format!("--listen={}:{}", if s.pod_address.is_some() { "0.0.0.0" } else { "127.0.0.1" }, s.ports.proxy),
                 format!("--cert-dir={}", self.dir.join("pki").display()),
                 format!("--endpoint={}", s.endpoint()),
                 format!("--host-kubeconfig={}", s.host_kubeconfig.display()),
@@ -318,9 +326,28 @@ pub async fn ensure_namespace(
     }
 }
 
-/// The host Service in front of the proxy. Locally there is no pod to select (loopback cannot be
-/// an endpoint), but its ClusterIP is still what synced pods are told the API server is.
-async fn ensure_local_service(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<()> {
+/// The address of a real node of the dev host, which runs on this machine
+/// (`vkube dev up --real-nodes 1`): pods reach the machine there.
+async fn local_node_address(host: &kube::Client) -> anyhow::Result<Option<String>> {
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(host.clone())
+        .list(&ListParams::default().labels(&format!("{}=true", vkube_localenv::node::NODE_LABEL)))
+        .await
+        .context("listing the host's nodes")?;
+    Ok(nodes.items.iter().find_map(|n| {
+        let addresses = n.status.as_ref()?.addresses.as_ref()?;
+        addresses.iter().find(|a| a.type_ == "InternalIP").map(|a| a.address.clone())
+    }))
+}
+
+/// The host Service in front of the proxy. Locally there is no pod to select, but its ClusterIP
+/// is still what synced pods are told the API server is. With a real node, an EndpointSlice
+/// sends it to the proxy at the node's address (`pod_endpoint`); loopback cannot be an endpoint.
+async fn ensure_local_service(
+    host: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+    pod_endpoint: Option<(&str, u16)>,
+) -> anyhow::Result<()> {
     let svc = Service {
         metadata: ObjectMeta {
             name: Some(names::service(cluster)),
@@ -333,7 +360,7 @@ async fn ensure_local_service(host: &kube::Client, namespace: &str, cluster: &st
             ports: Some(vec![ServicePort {
                 name: Some("https".into()),
                 port: 443,
-                target_port: Some(IntOrString::Int(8443)),
+                target_port: Some(IntOrString::Int(pod_endpoint.map_or(8443, |(_, port)| i32::from(port)))),
                 protocol: Some("TCP".into()),
                 ..Default::default()
             }]),
@@ -346,6 +373,30 @@ async fn ensure_local_service(host: &kube::Client, namespace: &str, cluster: &st
         .patch(&names::service(cluster), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc))
         .await
         .context("creating the host Service of the control plane")?;
+    let Some((address, port)) = pod_endpoint else { return Ok(()) };
+    let mut labels = names::labels(cluster);
+    labels.insert("kubernetes.io/service-name".into(), names::service(cluster));
+    labels.insert("endpointslice.kubernetes.io/managed-by".into(), "vkube.dev".into());
+    let slice = EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{}-local", names::service(cluster))),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Some(vec![Endpoint { addresses: vec![address.to_string()], ..Default::default() }]),
+        ports: Some(vec![EndpointPort {
+            name: Some("https".into()),
+            port: Some(i32::from(port)),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    };
+    let name = slice.metadata.name.clone().unwrap_or_default();
+    Api::<EndpointSlice>::namespaced(host.clone(), namespace)
+        .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&slice))
+        .await
+        .context("creating the EndpointSlice of the control plane's host Service")?;
     Ok(())
 }
 

@@ -1,0 +1,308 @@
+//! Real containers: a dev host with a real node (containerd, kubelet, kube-proxy on this machine),
+//! virtual clusters on it, and tenant pods that really run. One real node per machine, so the
+//! tests here take turns.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use vkube_e2e::{Cli, TestEnv, VirtualCluster, kubectl_stdin, port_forward, vkube_bin};
+use vkube_localenv::{HostOptions, node};
+
+static ONE_REAL_NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn real_node_host() -> TestEnv {
+    TestEnv::start_with(HostOptions { nodes: 0, real_nodes: 1, ..Default::default() }).await
+}
+
+fn wait_ready(vc: &VirtualCluster, ns: &str, what: &[&str]) {
+    let mut args = vec!["wait", "-n", ns, "--for=condition=Ready", "--timeout=120s"];
+    args.extend(what);
+    vc.kubectl_ok(&args);
+}
+
+/// `kubectl exec` in the virtual cluster: (success, stdout + stderr).
+fn exec(vc: &VirtualCluster, pod: &str, cmd: &[&str]) -> (bool, String) {
+    let mut args = vec!["exec", pod, "--"];
+    args.extend(cmd);
+    let out = vc.kubectl(&args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn exec_ok(vc: &VirtualCluster, pod: &str, cmd: &[&str]) -> String {
+    let (ok, out) = exec(vc, pod, cmd);
+    assert!(ok, "exec {cmd:?} in {pod} failed: {out}");
+    out
+}
+
+/// The first `n` lines a long-running kubectl command (`logs -f`, `attach`) prints.
+fn first_lines(vc: &VirtualCluster, args: &[&str], n: usize) -> Vec<String> {
+    let mut child = Command::new(vkube_localenv::Upstream::locate().expect("upstream").kubectl())
+        .args(args)
+        .env("KUBECONFIG", vc.kubeconfig())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl");
+    let lines: Vec<String> =
+        BufReader::new(child.stdout.take().expect("stdout")).lines().take(n).map(|l| l.expect("a line")).collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
+const TENANT_A: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: other}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: web
+        image: docker.io/library/busybox:1.36
+        command: [sh, -c, "echo served-by-web > /www/index.html; exec httpd -f -p 8080 -h /www"]
+        ports: [{containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: other}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: reader}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: reader-views}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}
+subjects: [{kind: ServiceAccount, name: reader, namespace: default}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  serviceAccountName: reader
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: docker.io/library/busybox:1.36
+    stdin: true
+    command: [sh, -c, "i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_pods_really_run_and_reach_their_own_cluster() {
+    let _turn = ONE_REAL_NODE.lock().await;
+    let sysctls_before = node::sysctls();
+    let env = real_node_host().await;
+    let node_dir = env.dir().join("node");
+    let a = env.virtual_cluster("rn-a").await;
+    let b = env.virtual_cluster("rn-b").await;
+    b.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: hidden}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: secret, namespace: hidden}\nspec:\n  ports: [{port: 80}]\n");
+    a.apply(TENANT_A);
+    wait_ready(&a, "default", &["pod/client"]);
+    wait_ready(&a, "other", &["pod", "-l", "app=web"]);
+    wait_ready(&a, "kube-system", &["pod", "-l", "k8s-app=kube-dns"]);
+
+    // Its token is the virtual cluster's: in-cluster kubectl reaches the virtual API server
+    // through `kubernetes.default` and sees the virtual namespaces and names, not the host's.
+    assert_eq!(exec_ok(&a, "client", &["cat", "/var/run/secrets/kubernetes.io/serviceaccount/namespace"]), "default");
+    let whoami = exec_ok(&a, "client", &["kubectl", "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    assert_eq!(whoami, "system:serviceaccount:default:reader");
+    let pods = exec_ok(&a, "client", &["kubectl", "get", "pods", "-n", "other", "-o", "name"]);
+    assert!(pods.starts_with("pod/web-") && !pods.contains("-x-"), "virtual names: {pods}");
+    let namespaces = exec_ok(&a, "client", &["kubectl", "get", "namespaces", "-o", "name"]);
+    assert!(namespaces.contains("namespace/other"), "{namespaces}");
+    assert!(!namespaces.contains("hidden") && !namespaces.contains("vkube-"), "{namespaces}");
+
+    // The virtual CoreDNS answers with the virtual Service's ClusterIP, which routes on the host.
+    let ip = a.kubectl_ok(&["get", "svc", "web", "-n", "other", "-o", "jsonpath={.spec.clusterIP}"]);
+    let answer = exec_ok(&a, "client", &["nslookup", "web.other.svc.cluster.local"]);
+    assert!(answer.contains(&format!("Address: {ip}")), "{answer}");
+    assert_eq!(exec_ok(&a, "client", &["wget", "-qO-", "http://web.other.svc.cluster.local/"]), "served-by-web\n");
+    // The other tenant's names do not resolve here.
+    let (resolved, answer) = exec(&a, "client", &["nslookup", "secret.hidden.svc.cluster.local"]);
+    assert!(!resolved || answer.contains("NXDOMAIN"), "another tenant's Service resolved: {answer}");
+
+    // logs -f, exec -i, cp, attach and port-forward reach the real container through the proxy.
+    let lines = first_lines(&a, &["logs", "-f", "client"], 2);
+    assert!(lines.iter().all(|l| l.starts_with("tick ")), "{lines:?}");
+    let out = kubectl_stdin(
+        &env.upstream,
+        &a.kubeconfig(),
+        &["exec", "-i", "client", "--", "sh", "-c", "read x; echo got:$x"],
+        "hello\n",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got:hello\n", "{}", String::from_utf8_lossy(&out.stderr));
+    let local = env.dir().join("copied.txt");
+    std::fs::write(&local, "copied through the proxy\n").expect("writing a file");
+    a.kubectl_ok(&["cp", &local.display().to_string(), "client:/tmp/copied.txt"]);
+    assert_eq!(exec_ok(&a, "client", &["cat", "/tmp/copied.txt"]), "copied through the proxy\n");
+    let attached = first_lines(&a, &["attach", "client"], 1);
+    assert!(attached.first().is_some_and(|l| l.starts_with("tick ")), "{attached:?}");
+    let (mut pf, port) = port_forward(&env.upstream, &a.kubeconfig(), &["-n", "other", "deploy/web"], 8080);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the forward");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("request");
+    let mut response = String::new();
+    let _ = conn.read_to_string(&mut response);
+    assert!(response.contains("served-by-web"), "{response}");
+    let _ = pf.kill();
+    let _ = pf.wait();
+
+    // Everything the node changed on the machine is undone when the environment goes.
+    drop(a);
+    drop(b);
+    drop(env);
+    assert_eq!(node::leftovers(&node_dir), Vec::<String>::new());
+    assert_eq!(node::sysctls(), sysctls_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_failures_show_the_hosts_truth() {
+    let _turn = ONE_REAL_NODE.lock().await;
+    let env = real_node_host().await;
+    let a = env.virtual_cluster("rn-fail").await;
+    a.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: hog}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: hog
+    image: docker.io/library/busybox:1.36
+    # tail keeps a newline-free stream in memory until the limit kills it.
+    command: [sh, -c, "head -c 200000000 /dev/zero | tail"]
+    resources: {limits: {memory: 32Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unready}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: docker.io/library/busybox:1.36
+    command: [sleep, "3600"]
+    readinessProbe: {exec: {command: ["false"]}, periodSeconds: 1}
+"#,
+    );
+    let client = a.client().await;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, "default");
+    let hog = vkube_e2e::eventually(
+        "the hog OOMKilled and restarted in the virtual pod",
+        Duration::from_secs(120),
+        || async {
+            let p = pods.get("hog").await.map_err(|e| e.to_string())?;
+            let cs = p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first().cloned());
+            Ok(cs.filter(|c| {
+                c.restart_count >= 1
+                    && c.last_state
+                        .as_ref()
+                        .and_then(|s| s.terminated.as_ref())
+                        .is_some_and(|t| t.reason.as_deref() == Some("OOMKilled"))
+            }))
+        },
+    )
+    .await;
+    assert_eq!(hog.last_state.and_then(|s| s.terminated).map(|t| t.exit_code), Some(137));
+    let unready = vkube_e2e::eventually("the unready pod Running but not Ready", Duration::from_secs(60), || async {
+        let p = pods.get("unready").await.map_err(|e| e.to_string())?;
+        let status = p.status.unwrap_or_default();
+        let running = status.phase.as_deref() == Some("Running");
+        let ready = status.conditions.unwrap_or_default().into_iter().find(|c| c.type_ == "Ready");
+        Ok(ready.filter(|r| running && r.status == "False" && r.reason.as_deref() == Some("ContainersNotReady")))
+    })
+    .await;
+    assert_eq!(unready.status, "False");
+}
+
+/// The chart path for real: `vkube create NAME` installs the chart, its StatefulSet pod (vkube
+/// prepare, etcd, kube-apiserver, kube-controller-manager, vkube run as containers) becomes
+/// Ready, and the cluster is reached through `vkube connect --port-forward` and, from a host pod,
+/// through the proxy's Service; its workloads run on the node; pause, resume (the data kept on
+/// its volume) and delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_runs_for_real() {
+    let _turn = ONE_REAL_NODE.lock().await;
+    let env = real_node_host().await;
+    let up = vkube_localenv::Upstream::locate().expect("upstream");
+    let vkube_image = node::vkube_image_name(env!("CARGO_PKG_VERSION"));
+    env.host
+        .import_images(&node::control_plane_images(&up, (&vkube_image, &vkube_bin())).expect("image specs"))
+        .expect("importing the control plane's images");
+    let cli = Cli::new(&env);
+    cli.ok(&["create", "team-r", "--timeout", "180s"]);
+    let ns = "vkube-team-r";
+    let pod = env.kubectl_ok(&["get", "pod", "-n", ns, "team-r-0", "-o", "jsonpath={.status.phase} {.spec.nodeName}"]);
+    assert_eq!(pod, format!("Running {}", node::NAME));
+
+    let kubectl_bin = up.kubectl().display().to_string();
+    let through_forward = |args: &[&str]| {
+        let mut all = vec!["connect", "team-r", "--port-forward", "--", &kubectl_bin];
+        all.extend(args);
+        cli.ok(&all)
+    };
+    assert_eq!(through_forward(&["get", "ns", "default", "-o", "name"]).trim(), "namespace/default");
+    through_forward(&["create", "deployment", "web", "--image=docker.io/library/busybox:1.36", "--", "sleep", "3600"]);
+    through_forward(&["rollout", "status", "deployment/web", "--timeout=120s"]);
+    let host_pods = env.kubectl_ok(&["get", "pods", "-n", ns, "-o", "jsonpath={range .items[*]}{.metadata.name} {.status.phase}{\"\\n\"}{end}"]);
+    assert!(host_pods.lines().any(|l| l.starts_with("web-") && l.ends_with("-x-default-x-team-r Running")), "{host_pods}");
+
+    // From a host pod, with the admin kubeconfig the chart publishes, through the Service.
+    let service_ip = env.kubectl_ok(&["get", "svc", "-n", ns, "team-r", "-o", "jsonpath={.spec.clusterIP}"]);
+    env.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: admin-shell, namespace: {ns}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  automountServiceAccountToken: false
+  containers:
+  - name: c
+    image: docker.io/library/busybox:1.36
+    command: [sleep, "3600"]
+    volumeMounts: [{{name: kc, mountPath: /kc, readOnly: true}}]
+  volumes: [{{name: kc, secret: {{secretName: vkube-team-r-kubeconfig}}}}]
+"#
+    ));
+    env.kubectl_ok(&["wait", "-n", ns, "--for=condition=Ready", "pod/admin-shell", "--timeout=60s"]);
+    let server = format!("--server=https://{service_ip}:443");
+    let seen = env.kubectl_ok(&[
+        "exec", "-n", ns, "admin-shell", "--", "kubectl", "--kubeconfig=/kc/config", &server, "get", "deployments", "-o", "name",
+    ]);
+    assert_eq!(seen.trim(), "deployment.apps/web");
+    env.kubectl_ok(&["delete", "pod", "-n", ns, "admin-shell", "--wait=false"]);
+
+    // Pause stops the pod and the workloads; resume brings both back with the data on the volume.
+    cli.ok(&["pause", "team-r"]);
+    vkube_e2e::eventually("no pods left in the host namespace", Duration::from_secs(120), || async {
+        let out = env.kubectl_ok(&["get", "pods", "-n", ns, "-o", "name"]);
+        Ok(out.trim().is_empty().then_some(()))
+    })
+    .await;
+    cli.ok(&["resume", "team-r"]);
+    assert_eq!(through_forward(&["get", "deployments", "-o", "name"]).trim(), "deployment.apps/web");
+    through_forward(&["rollout", "status", "deployment/web", "--timeout=120s"]);
+
+    cli.ok(&["delete", "team-r", "--wait"]);
+    let left = env.kubectl(&["get", "namespace", ns, "-o", "name"]);
+    assert!(!left.status.success() || String::from_utf8_lossy(&left.stdout).trim().is_empty(), "the host namespace is gone");
+}
