@@ -262,8 +262,18 @@ async fn the_chart_runs_for_real() {
     assert_eq!(through_forward(&["get", "ns", "default", "-o", "name"]).trim(), "namespace/default");
     through_forward(&["create", "deployment", "web", "--image=docker.io/library/busybox:1.36", "--", "sleep", "3600"]);
     through_forward(&["rollout", "status", "deployment/web", "--timeout=120s"]);
-    let host_pods = env.kubectl_ok(&["get", "pods", "-n", ns, "-o", "jsonpath={range .items[*]}{.metadata.name} {.status.phase}{\"\\n\"}{end}"]);
-    assert!(host_pods.lines().any(|l| l.starts_with("web-") && l.ends_with("-x-default-x-team-r Running")), "{host_pods}");
+    let host_pods = env.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.phase}{\"\\n\"}{end}",
+    ]);
+    assert!(
+        host_pods.lines().any(|l| l.starts_with("web-") && l.ends_with("-x-default-x-team-r Running")),
+        "{host_pods}"
+    );
 
     // From a host pod, with the admin kubeconfig the chart publishes, through the Service.
     let service_ip = env.kubectl_ok(&["get", "svc", "-n", ns, "team-r", "-o", "jsonpath={.spec.clusterIP}"]);
@@ -286,7 +296,18 @@ spec:
     env.kubectl_ok(&["wait", "-n", ns, "--for=condition=Ready", "pod/admin-shell", "--timeout=60s"]);
     let server = format!("--server=https://{service_ip}:443");
     let seen = env.kubectl_ok(&[
-        "exec", "-n", ns, "admin-shell", "--", "kubectl", "--kubeconfig=/kc/config", &server, "get", "deployments", "-o", "name",
+        "exec",
+        "-n",
+        ns,
+        "admin-shell",
+        "--",
+        "kubectl",
+        "--kubeconfig=/kc/config",
+        &server,
+        "get",
+        "deployments",
+        "-o",
+        "name",
     ]);
     assert_eq!(seen.trim(), "deployment.apps/web");
     env.kubectl_ok(&["delete", "pod", "-n", ns, "admin-shell", "--wait=false"]);
@@ -304,5 +325,8 @@ spec:
 
     cli.ok(&["delete", "team-r", "--wait"]);
     let left = env.kubectl(&["get", "namespace", ns, "-o", "name"]);
-    assert!(!left.status.success() || String::from_utf8_lossy(&left.stdout).trim().is_empty(), "the host namespace is gone");
+    assert!(
+        !left.status.success() || String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "the host namespace is gone"
+    );
 }

@@ -314,46 +314,53 @@ impl HostCluster {
 
     fn apiserver(&self, up: &Upstream) -> ProcessSpec {
         let p = &self.ports;
-        ProcessSpec::new("kube-apiserver", up.kube_apiserver(), &self.dir.join("logs")).args([
-            format!("--etcd-servers=http://127.0.0.1:{}", p.etcd_client),
-        ])
-        .args(if self.real_node {
-            // Pods on the real node reach it through the `kubernetes` Service, whose endpoint is
-            // the node's address (the bridge is made later: it listens on every address).
-            ["--bind-address=0.0.0.0".to_string(), format!("--advertise-address={}", node::ADDRESS), "--endpoint-reconciler-type=lease".into()]
-        } else {
-            // Loopback cannot be a Service endpoint; simulated nodes have no pods that need one.
-            ["--bind-address=127.0.0.1".to_string(), "--advertise-address=127.0.0.1".into(), "--endpoint-reconciler-type=none".into()]
-        })
-        .args([
-            format!("--secure-port={}", p.apiserver),
-            format!("--tls-cert-file={}", self.pki_path("apiserver.crt")),
-            format!("--tls-private-key-file={}", self.pki_path("apiserver.key")),
-            format!("--client-ca-file={}", self.pki_path("ca.crt")),
-            "--authorization-mode=Node,RBAC".into(),
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            format!("--service-account-key-file={}", self.pki_path("sa.pub")),
-            format!("--service-account-signing-key-file={}", self.pki_path("sa.key")),
-            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-            "--allow-privileged=true".into(),
-            format!("--requestheader-client-ca-file={}", self.pki_path("front-proxy-ca.crt")),
-            "--requestheader-allowed-names=front-proxy-client".into(),
-            "--requestheader-username-headers=X-Remote-User".into(),
-            "--requestheader-group-headers=X-Remote-Group".into(),
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
-            format!("--proxy-client-cert-file={}", self.pki_path("front-proxy-client.crt")),
-            format!("--proxy-client-key-file={}", self.pki_path("front-proxy-client.key")),
-            format!("--kubelet-certificate-authority={}", self.pki_path("ca.crt")),
-            // A real kubelet authenticates the API server for logs, exec and port-forward.
-            format!("--kubelet-client-certificate={}", self.pki_path("apiserver-kubelet-client.crt")),
-            format!("--kubelet-client-key={}", self.pki_path("apiserver-kubelet-client.key")),
-            "--enable-admission-plugins=NodeRestriction".into(),
-            "--kubelet-preferred-address-types=InternalIP".into(),
-            "--enable-priority-and-fairness=false".into(),
-            "--max-requests-inflight=0".into(),
-            "--max-mutating-requests-inflight=0".into(),
-            "--profiling=false".into(),
-        ])
+        ProcessSpec::new("kube-apiserver", up.kube_apiserver(), &self.dir.join("logs"))
+            .args([format!("--etcd-servers=http://127.0.0.1:{}", p.etcd_client)])
+            .args(if self.real_node {
+                // Pods on the real node reach it through the `kubernetes` Service, whose endpoint is
+                // the node's address (the bridge is made later: it listens on every address).
+                [
+                    "--bind-address=0.0.0.0".to_string(),
+                    format!("--advertise-address={}", node::ADDRESS),
+                    "--endpoint-reconciler-type=lease".into(),
+                ]
+            } else {
+                // Loopback cannot be a Service endpoint; simulated nodes have no pods that need one.
+                [
+                    "--bind-address=127.0.0.1".to_string(),
+                    "--advertise-address=127.0.0.1".into(),
+                    "--endpoint-reconciler-type=none".into(),
+                ]
+            })
+            .args([
+                format!("--secure-port={}", p.apiserver),
+                format!("--tls-cert-file={}", self.pki_path("apiserver.crt")),
+                format!("--tls-private-key-file={}", self.pki_path("apiserver.key")),
+                format!("--client-ca-file={}", self.pki_path("ca.crt")),
+                "--authorization-mode=Node,RBAC".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", self.pki_path("sa.pub")),
+                format!("--service-account-signing-key-file={}", self.pki_path("sa.key")),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                "--allow-privileged=true".into(),
+                format!("--requestheader-client-ca-file={}", self.pki_path("front-proxy-ca.crt")),
+                "--requestheader-allowed-names=front-proxy-client".into(),
+                "--requestheader-username-headers=X-Remote-User".into(),
+                "--requestheader-group-headers=X-Remote-Group".into(),
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+                format!("--proxy-client-cert-file={}", self.pki_path("front-proxy-client.crt")),
+                format!("--proxy-client-key-file={}", self.pki_path("front-proxy-client.key")),
+                format!("--kubelet-certificate-authority={}", self.pki_path("ca.crt")),
+                // A real kubelet authenticates the API server for logs, exec and port-forward.
+                format!("--kubelet-client-certificate={}", self.pki_path("apiserver-kubelet-client.crt")),
+                format!("--kubelet-client-key={}", self.pki_path("apiserver-kubelet-client.key")),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                "--enable-priority-and-fairness=false".into(),
+                "--max-requests-inflight=0".into(),
+                "--max-mutating-requests-inflight=0".into(),
+                "--profiling=false".into(),
+            ])
     }
 
     fn controller_manager(&self, up: &Upstream) -> ProcessSpec {

@@ -5,12 +5,17 @@
 use anyhow::Context;
 use clap::Args;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, DeleteParams, Patch};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch};
 use vkube::names;
 
 use super::Target;
 use super::clusters::{self, Mode, Status};
+
+/// How long a paused chart control plane may take to stop (its grace period is 30 s).
+const CONTROL_PLANE_STOP: Duration = Duration::from_secs(120);
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  vkube pause team-a\n  vkube resume team-a")]
@@ -56,7 +61,27 @@ impl PauseArgs {
                 sts.patch(&cluster.name, &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch))
                     .await
                     .context("scaling the control plane to 0")?;
-                eprintln!("  control plane scaled to 0");
+                eprintln!("  control plane scaled to 0; waiting for its pod to stop");
+                // Its syncer would recreate the host pods removed below while it shuts down.
+                let pods: Api<Pod> = Api::namespaced(host.clone(), &ns);
+                let selector =
+                    ListParams::default().labels(&format!("{}={}", names::LABEL_CONTROL_PLANE, cluster.name));
+                vkube_kubeclient::wait::until(CONTROL_PLANE_STOP, Duration::from_secs(1), || {
+                    let pods = pods.clone();
+                    let selector = selector.clone();
+                    async move {
+                        let left = pods.list(&selector).await.map_err(|e| e.to_string())?.items.len();
+                        if left == 0 { Ok(Some(())) } else { Err(format!("{left} control-plane pod(s) still there")) }
+                    }
+                })
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "the control plane did not stop within {} s ({e}); `kubectl -n {ns} get pods` shows why; run `vkube pause {}` again",
+                        CONTROL_PLANE_STOP.as_secs(),
+                        cluster.name
+                    )
+                })?;
             }
         }
         let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
