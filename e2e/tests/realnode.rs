@@ -138,7 +138,22 @@ async fn tenant_pods_really_run_and_reach_their_own_cluster() {
     let (resolved, answer) = exec(&a, "client", &["nslookup", "secret.hidden.svc.cluster.local"]);
     assert!(!resolved || answer.contains("NXDOMAIN"), "another tenant's Service resolved: {answer}");
 
-    // logs -f, exec -i, cp, attach and port-forward reach the real container through the proxy.
+    // logs -f, exec -i and -it (a terminal: script(1) gives kubectl a pty), cp, attach and
+    // port-forward reach the real container through the proxy.
+    let interactive =
+        format!("{} exec -it client -- sh", vkube_localenv::Upstream::locate().expect("upstream").kubectl().display());
+    let mut tty = Command::new("script")
+        .args(["-qec", &interactive, "/dev/null"])
+        .env("KUBECONFIG", a.kubeconfig())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script");
+    tty.stdin.take().expect("stdin").write_all(b"tty; echo sum=$((6*7)); exit\n").expect("typing");
+    let session = tty.wait_with_output().expect("the terminal session");
+    let shown = String::from_utf8_lossy(&session.stdout);
+    assert!(shown.contains("sum=42") && shown.contains("/dev/pts/"), "a terminal in the container: {shown}");
     let lines = first_lines(&a, &["logs", "-f", "client"], 2);
     assert!(lines.iter().all(|l| l.starts_with("tick ")), "{lines:?}");
     let out = kubectl_stdin(
