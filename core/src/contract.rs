@@ -60,6 +60,9 @@ pub const LABEL_CONTROL_PLANE: &str = "vkube.dev/control-plane";
 pub const ANNOTATION_PAUSED: &str = "vkube.dev/paused";
 /// On the host Service of a control plane run as local processes: `local`.
 pub const ANNOTATION_MODE: &str = "vkube.dev/mode";
+/// On the chart's pod template: the upstream versions its image runs (charts/vkube/Chart.yaml).
+pub const ANNOTATION_KUBERNETES_VERSION: &str = "vkube.dev/kubernetes-version";
+pub const ANNOTATION_ETCD_VERSION: &str = "vkube.dev/etcd-version";
 
 // Sleep mode, on the control plane's host Service: what `vkube run` persists and what the CLI asks.
 
@@ -100,6 +103,8 @@ mod tests {
             LABEL_CONTROL_PLANE,
             ANNOTATION_PAUSED,
             ANNOTATION_MODE,
+            ANNOTATION_KUBERNETES_VERSION,
+            ANNOTATION_ETCD_VERSION,
             ANNOTATION_POWER,
             ANNOTATION_POWER_SINCE,
             ANNOTATION_LAST_ACTIVITY,

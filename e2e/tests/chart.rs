@@ -4,8 +4,8 @@
 //! and env vars `vkube run`/`vkube prepare` understand, and its pod, run as local processes
 //! with the chart's own ServiceAccount, is a working virtual cluster (so the Role holds enough).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use serde_json::Value;
-use vkube::controlplane::components::{self, Layout};
-use vkube::controlplane::{ADMISSION_FILE, CONTROLLER_MANAGER_KUBECONFIG};
 use vkube::names;
 use vkube_e2e::{TestEnv, eventually, kubectl, kubectl_ok, kubectl_stdin, vkube_bin};
 use vkube_localenv::host::dump_logs;
@@ -27,18 +25,9 @@ const CIDR: &str = "10.96.0.0/16";
 
 /// The chart's layout inside the pod (charts/vkube/templates/statefulset.yaml).
 const CERT_DIR: &str = "/pki";
-const DATA_DIR: &str = "/data/etcd";
-const ETCD_CLIENT: u16 = 2379;
-const ETCD_PEER: u16 = 2380;
-const ETCD_METRICS: u16 = 2381;
+const STATE_DIR: &str = "/data";
 const APISERVER: u16 = 6443;
 const PROXY: u16 = 8443;
-
-/// Flags the chart adds to components.rs' (and why): none may silently replace one of them.
-const CHART_ONLY_ETCD_ARGS: [&str; 1] = [
-    // Health endpoints on the pod IP for the kubelet's probes (etcd serves clients on loopback).
-    "--listen-metrics-urls=http://0.0.0.0:2381",
-];
 
 /// Every setting changed from its default.
 const NON_DEFAULT_VALUES: &str = r#"
@@ -86,15 +75,12 @@ images:
 imagePullSecrets:
   - name: regcred
 resources:
-  kubeApiserver:
-    requests: {cpu: 500m, memory: 1Gi}
-    limits: {cpu: 2, memory: 3Gi}
-  etcd:
-    requests: {cpu: 200m, memory: 256Mi}
-    limits: {memory: 2Gi}
-  vkube:
-    requests: {cpu: 200m, memory: 128Mi}
-    limits: {memory: 1Gi}
+  requests: {cpu: 1, memory: 1Gi}
+  limits: {cpu: 2, memory: 3Gi}
+sleep:
+  after: 30m
+  schedule: Mon-Fri 19:00-08:00 Europe/Berlin
+serviceNodePortRange: 31000-31999
 logFilter: debug
 logFormat: json
 podAnnotations:
@@ -160,7 +146,8 @@ fn the_schema_refuses_invalid_values() {
         (&["--set", "sync.concurrency=many"], "at '/sync/concurrency': got string, want integer"),
         (&["--set", "quota.hard.pods=lots"], "at '/quota/hard/pods'"),
         (&["--set", "persistence.size=big"], "at '/persistence/size'"),
-        (&["--set", "resources.etcd.limits.memory=1GB"], "at '/resources/etcd/limits/memory'"),
+        (&["--set", "resources.limits.memory=1GB"], "at '/resources/limits/memory'"),
+        (&["--set", "sleep.after=half an hour"], "at '/sleep/after'"),
         (&["--set", "limitRange.limits[0].type=Namespace"], "at '/limitRange/limits/0/type'"),
         (&["--set", "images.pullPolicy=Sometimes"], "at '/images/pullPolicy'"),
         (&["--set", "logFormat=xml"], "at '/logFormat'"),
@@ -255,16 +242,16 @@ async fn rendered_manifests_are_accepted_by_the_host_api_server() {
     let install = ["install", release, &chart_str(), "-n", ns, "--create-namespace", "--kubeconfig", kubeconfig];
     let out = helm(up, &install);
     assert!(out.status.success(), "plain helm install failed:\n{}", text(&out));
-    let args = env.kubectl_ok(&[
+    let range = env.kubectl_ok(&[
         "get",
         "statefulset",
         release,
         "-n",
         ns,
         "-o",
-        "jsonpath={.spec.template.spec.containers[*].args}",
+        "jsonpath={.spec.template.spec.containers[0].env[?(@.name=='VKUBE_SERVICE_CIDR')].value}",
     ]);
-    assert!(args.contains(&format!("--service-cluster-ip-range={cidr}")), "the host's range {cidr} in: {args}");
+    assert_eq!(range, cidr, "the host's range looked up at install");
     let out = helm(up, &["uninstall", release, "-n", ns, "--kubeconfig", kubeconfig]);
     assert!(out.status.success(), "helm uninstall failed:\n{}", text(&out));
 }
@@ -285,7 +272,6 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
     let up = upstream();
     let values = values_file(NON_DEFAULT_VALUES);
     let run_help = help(&["run", "--help"]);
-    let prepare_help = help(&["prepare", "--help"]);
     for (what, args) in [
         ("default values", vec!["--set", "serviceCIDR=10.96.0.0/16"]),
         ("non-default values", vec!["-f", path_str(values.path())]),
@@ -294,88 +280,38 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
         let sts = find(&objects, "StatefulSet", NAME);
         let pod = &sts["spec"]["template"]["spec"];
 
-        // Upstream components: exactly components.rs' flags for the chart's layout.
-        let admission = Path::new(CERT_DIR).join(ADMISSION_FILE);
-        let kubeconfig = Path::new(CERT_DIR).join(CONTROLLER_MANAGER_KUBECONFIG);
-        let layout = Layout {
-            cert_dir: Path::new(CERT_DIR),
-            data_dir: Path::new(DATA_DIR),
-            etcd_client_port: ETCD_CLIENT,
-            etcd_peer_port: ETCD_PEER,
-            apiserver_port: APISERVER,
-            service_cidr: CIDR,
-            node_port_range: vkube::controlplane::components::DEFAULT_NODE_PORT_RANGE,
-            admission_config: &admission,
-            durable: true,
-        };
-        let mut etcd_want = components::etcd(&layout);
-        etcd_want.extend(CHART_ONLY_ETCD_ARGS.map(String::from));
-        for (container, command, want) in [
-            ("etcd", "etcd", etcd_want),
-            ("kube-apiserver", "kube-apiserver", components::apiserver(&layout)),
-            (
-                "kube-controller-manager",
-                "kube-controller-manager",
-                components::controller_manager(&kubeconfig, &layout),
-            ),
-        ] {
-            let c = container_of(pod, container);
-            assert_eq!(strings(&c["command"]), vec![command.to_string()], "{what}: {container} command");
-            let got = strings(&c["args"]);
-            let got_set: BTreeSet<&String> = got.iter().collect();
-            assert_eq!(got_set.len(), got.len(), "{what}: {container} repeats a flag: {got:#?}");
-            let want_set: BTreeSet<&String> = want.iter().collect();
-            let missing: Vec<_> = want_set.difference(&got_set).collect();
-            let extra: Vec<_> = got_set.difference(&want_set).collect();
-            assert!(
-                missing.is_empty() && extra.is_empty(),
-                "{what}: the chart's {container} flags differ from vkube/src/controlplane/components.rs\n  missing in the chart: {missing:#?}\n  only in the chart: {extra:#?}"
-            );
+        // One container: `vkube run --supervise` runs the upstream components with
+        // components.rs' flags, so the chart names none of them.
+        let containers = pod["containers"].as_array().expect("containers");
+        assert_eq!(containers.len(), 1, "{what}: one container");
+        assert!(pod["initContainers"].is_null(), "{what}: no init containers");
+        let vkube = container_of(pod, "vkube");
+        assert_eq!(strings(&vkube["command"]), vec!["/vkube".to_string()]);
+        assert_eq!(strings(&vkube["args"]), vec!["run".to_string()]);
+        for dir in [CERT_DIR, STATE_DIR] {
+            assert!(mounts(vkube).contains(&dir.to_string()), "{what}: vkube mounts {dir}");
         }
+        let data_mount = vkube["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == STATE_DIR);
+        assert_eq!(data_mount.map(|m| &m["name"]), Some(&Value::from("etcd-data")), "{what}: state on the volume");
 
-        // The pinned versions (hack/versions.env).
-        let v = vkube_localenv::upstream::versions();
-        assert_eq!(
-            container_of(pod, "etcd")["image"],
-            format!("registry.k8s.io/etcd:{}-0", v.etcd.trim_start_matches('v'))
-        );
-        for c in ["kube-apiserver", "kube-controller-manager"] {
-            assert_eq!(container_of(pod, c)["image"], format!("registry.k8s.io/{c}:{}", v.kubernetes), "{what}");
+        // vkube run: env vars it declares, values it accepts, the layout.
+        let run = env_of(vkube);
+        // VKUBE_LOG_FORMAT is read by the binary's logging set-up, not an argument.
+        for k in run.keys().filter(|k| k.starts_with("VKUBE_") && *k != "VKUBE_LOG_FORMAT") {
+            assert!(run_help.contains(&format!("[env: {k}=")), "{what}: `vkube run` has no env var {k}");
         }
-
-        // Every file a component reads from the cert dir is on a mount of that container.
-        for c in ["kube-apiserver", "kube-controller-manager"] {
-            let c = container_of(pod, c);
-            assert!(mounts(c).contains(&CERT_DIR.to_string()), "{what}: {} mounts {CERT_DIR}", c["name"]);
-        }
-        assert!(
-            mounts(container_of(pod, "etcd")).iter().any(|m| DATA_DIR.starts_with(m.as_str())),
-            "{what}: etcd data"
-        );
-        for c in ["prepare", "vkube"] {
-            assert!(mounts(container_of(pod, c)).contains(&CERT_DIR.to_string()), "{what}: {c} mounts {CERT_DIR}");
-        }
-        assert_eq!(pod["initContainers"][0]["name"], "prepare", "{what}: prepare runs first");
-        assert_eq!(container_of(pod, "etcd")["restartPolicy"], "Always", "{what}: etcd is a sidecar");
-
-        // vkube prepare / vkube run: env vars they declare, values they accept, the layout.
-        let prepare = env_of(container_of(pod, "prepare"));
-        let run = env_of(container_of(pod, "vkube"));
-        for (env, help, sub) in [(&prepare, &prepare_help, "prepare"), (&run, &run_help, "run")] {
-            // VKUBE_LOG_FORMAT is read by the binary's logging set-up, not an argument.
-            for k in env.keys().filter(|k| k.starts_with("VKUBE_") && *k != "VKUBE_LOG_FORMAT") {
-                assert!(help.contains(&format!("[env: {k}=")), "{what}: `vkube {sub}` has no env var {k}");
-            }
-            assert_eq!(env["VKUBE_NAME"], NAME);
-            assert_eq!(env["VKUBE_NAMESPACE"], NS);
-            assert_eq!(env["VKUBE_CERT_DIR"], CERT_DIR);
-            assert_eq!(env["VKUBE_VIRTUAL_SERVER"], format!("https://127.0.0.1:{APISERVER}"));
-            assert_parses(sub, env);
-        }
+        assert_eq!(run["VKUBE_NAME"], NAME);
+        assert_eq!(run["VKUBE_NAMESPACE"], NS);
+        assert_eq!(run["VKUBE_CERT_DIR"], CERT_DIR);
+        assert_eq!(run["VKUBE_VIRTUAL_SERVER"], format!("https://127.0.0.1:{APISERVER}"));
+        assert_eq!(run["VKUBE_SUPERVISE"], "true");
+        assert_eq!(run["VKUBE_STATE_DIR"], STATE_DIR);
+        assert_eq!(run["VKUBE_ETCD_DURABLE"], "true", "{what}: the datastore syncs its writes");
+        assert_eq!(run["VKUBE_SERVICE_CIDR"], CIDR);
+        assert_parses("run", &run);
         assert_eq!(run["VKUBE_LISTEN"], format!("0.0.0.0:{PROXY}"));
         assert_eq!(run["VKUBE_ENDPOINT"], format!("https://{}.{NS}.svc:443", names::service(NAME)));
-        assert_eq!(prepare["VKUBE_POD_SECURITY"], run["VKUBE_POD_SECURITY"], "one policy for admission and syncer");
-        let port = &container_of(pod, "vkube")["ports"][0];
+        let port = &vkube["ports"][0];
         assert_eq!((port["name"].as_str(), port["containerPort"].as_u64()), (Some("https"), Some(PROXY as u64)));
 
         // The Service kubectl and in-cluster clients reach.
@@ -401,6 +337,10 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
             assert_eq!(run["VKUBE_COREDNS_IMAGE"], vkube_syncer::dns::DEFAULT_IMAGE, "the chart's default CoreDNS");
             assert_eq!(run["VKUBE_POD_SECURITY"], "baseline");
             assert_eq!(run["VKUBE_ALLOW_NODE_PORTS"], "false");
+            assert!(
+                !run.contains_key("VKUBE_SLEEP_AFTER") && !run.contains_key("VKUBE_SLEEP_SCHEDULE"),
+                "sleep is off"
+            );
         } else {
             let want = [
                 ("VKUBE_POD_SECURITY", "restricted"),
@@ -413,6 +353,9 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 ("VKUBE_COREDNS_IMAGE", "registry.example.com/mirror/coredns:v1.12.4"),
                 ("VKUBE_LOG_FORMAT", "json"),
                 ("RUST_LOG", "debug"),
+                ("VKUBE_SLEEP_AFTER", "30m"),
+                ("VKUBE_SLEEP_SCHEDULE", "Mon-Fri 19:00-08:00 Europe/Berlin"),
+                ("VKUBE_SERVICE_NODE_PORT_RANGE", "31000-31999"),
             ];
             for (k, v) in want {
                 assert_eq!(run.get(k).map(String::as_str), Some(v), "{what}: {k}");
@@ -420,12 +363,36 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
             let claim = &sts["spec"]["volumeClaimTemplates"][0]["spec"];
             assert_eq!(claim["storageClassName"], "fast-ssd");
             assert_eq!(claim["resources"]["requests"]["storage"], "20Gi");
-            assert_eq!(container_of(pod, "kube-apiserver")["resources"]["limits"]["memory"], "3Gi");
+            assert_eq!(container_of(pod, "vkube")["resources"]["limits"]["memory"], "3Gi");
             assert_eq!(container_of(pod, "vkube")["image"], "registry.example.com/vkube:dev");
             assert_eq!(svc["spec"]["type"], "LoadBalancer");
             assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
         }
     }
+}
+
+/// The image the chart runs carries the upstream components at the versions pinned in
+/// hack/versions.env (the Dockerfile's ARGs).
+#[test]
+fn the_image_carries_the_pinned_upstream_versions() {
+    let dockerfile = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Dockerfile")).unwrap();
+    let arg = |k: &str| {
+        dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("ARG {k}=")))
+            .unwrap_or_else(|| panic!("the Dockerfile has no ARG {k}"))
+            .to_string()
+    };
+    let v = vkube_localenv::upstream::versions();
+    assert_eq!(arg("KUBERNETES_VERSION"), v.kubernetes);
+    assert_eq!(arg("ETCD_TAG"), format!("{}-0", v.etcd.trim_start_matches('v')));
+    for bin in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+        assert!(dockerfile.contains(&format!("/usr/local/bin/{bin} /usr/local/bin/{bin}")), "the image has {bin}");
+    }
+    // The chart says what its image runs (`vkube list` shows it).
+    let chart = std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap();
+    assert!(chart.contains(&format!("vkube.dev/kubernetes-version: {}", v.kubernetes)), "{chart}");
+    assert!(chart.contains(&format!("vkube.dev/etcd-version: {}", v.etcd)), "{chart}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -479,65 +446,29 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
     let sa_kubeconfig = service_account_kubeconfig(&env, &sa, &dir);
     let remap = Remap {
         pki: pki.clone(),
-        data: dir.join("etcd"),
-        ports: [ETCD_CLIENT, ETCD_PEER, ETCD_METRICS, APISERVER, PROXY].map(|p| (p, ports::free_port())).to_vec(),
+        data: dir.join("data"),
+        ports: [APISERVER, PROXY].map(|p| (p, ports::free_port())).to_vec(),
     };
     let mut group = PodProcesses { group: ProcessGroup::new(&dir, Lifetime::Attached) };
     let started = Instant::now();
 
-    // Init: vkube prepare, as the ServiceAccount.
-    let prepare = container_of(&pod, "prepare");
-    let out = Command::new(vkube_bin())
-        .args(strings(&prepare["args"]))
-        .env_clear()
-        .envs(env_of(prepare).iter().map(|(k, v)| (k.clone(), remap.apply(v))))
-        .env("VKUBE_HOST_KUBECONFIG", &sa_kubeconfig)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "vkube prepare as {sa} failed:\n{}", text(&out));
-    // Everything the components read from the cert dir is there.
-    for c in ["kube-apiserver", "kube-controller-manager"] {
-        for arg in strings(&container_of(&pod, c)["args"]) {
-            if let Some((_, path)) = arg.split_once(&format!("={CERT_DIR}/")) {
-                assert!(pki.join(path).is_file(), "{c} reads {arg}, which vkube prepare did not write");
-            }
-        }
-    }
-
-    // The etcd sidecar, ready by its own startup probe's path.
-    let etcd = container_of(&pod, "etcd");
-    group.spawn(ProcessSpec::new("etcd", up.etcd(), &logs).args(strings(&etcd["args"]).iter().map(|a| remap.apply(a))));
-    let metrics = remap.port(ETCD_METRICS);
-    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
-        let path = etcd[probe]["httpGet"]["path"].as_str().expect("probe path").to_string();
-        eventually(&format!("etcd {probe} {path}"), Duration::from_secs(30), || {
-            let path = path.clone();
-            async move { Ok(http_get(metrics, &path).filter(|s| *s == 200).map(|_| ())) }
-        })
-        .await;
-    }
-
-    // The API server, then the controller-manager and vkube run, as the kubelet would start them.
-    let args =
-        |c: &str| -> Vec<String> { strings(&container_of(&pod, c)["args"]).iter().map(|a| remap.apply(a)).collect() };
-    group.spawn(ProcessSpec::new("kube-apiserver", up.kube_apiserver(), &logs).args(args("kube-apiserver")));
-    let direct = direct_kubeconfig(&up, &pki, remap.port(APISERVER), &dir);
-    eventually("the virtual API server is ready", Duration::from_secs(90), || {
-        let ok = kubectl(&up, &direct, &["get", "--raw", "/readyz"]).status.success();
-        let failed = group.check();
-        async move { failed.map(|_| ok.then_some(())) }
-    })
-    .await;
-    group.spawn(
-        ProcessSpec::new("kube-controller-manager", up.kube_controller_manager(), &logs)
-            .args(args("kube-controller-manager")),
-    );
+    // The one container, as the ServiceAccount: `vkube run` with the chart's env, its upstream
+    // components found where the image has them (here: the cache), etcd on free ports (the pod's
+    // loopback is its own; this machine's is shared).
     let vkube = container_of(&pod, "vkube");
+    assert!(pod["initContainers"].is_null(), "one container, no init containers");
     let mut spec = ProcessSpec::new("vkube", vkube_bin(), &logs).args(strings(&vkube["args"]));
     for (k, v) in env_of(vkube) {
         spec = spec.env(&k, remap.apply(&v));
     }
-    group.spawn(spec.env("VKUBE_HOST_KUBECONFIG", path_str(&sa_kubeconfig)));
+    let spec = spec
+        .env("VKUBE_HOST_KUBECONFIG", path_str(&sa_kubeconfig))
+        .env("VKUBE_ETCD_BINARY", path_str(&up.etcd()))
+        .env("VKUBE_APISERVER_BINARY", path_str(&up.kube_apiserver()))
+        .env("VKUBE_CONTROLLER_MANAGER_BINARY", path_str(&up.kube_controller_manager()))
+        .env("VKUBE_ETCD_CLIENT_PORT", ports::free_port().to_string())
+        .env("VKUBE_ETCD_PEER_PORT", ports::free_port().to_string());
+    group.spawn(spec);
 
     // The admin kubeconfig it publishes, pointed at the proxy on this machine.
     let proxy = dir.join("proxy.kubeconfig");
@@ -769,9 +700,12 @@ impl Remap {
         if s == CERT_DIR {
             return self.pki.display().to_string();
         }
+        if s == STATE_DIR {
+            return self.data.display().to_string();
+        }
         let mut s = s
             .replace(&format!("={CERT_DIR}/"), &format!("={}/", self.pki.display()))
-            .replace(DATA_DIR, &self.data.display().to_string())
+            .replace(STATE_DIR, &self.data.display().to_string())
             .replace("0.0.0.0:", "127.0.0.1:");
         for (pod, local) in &self.ports {
             s = s.replace(&format!(":{pod}"), &format!(":{local}")).replace(&format!("={pod}"), &format!("={local}"));
@@ -818,49 +752,4 @@ fn service_account_kubeconfig(env: &TestEnv, sa: &str, dir: &Path) -> PathBuf {
     let who = kubectl_ok(up, &path, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
     assert_eq!(who, format!("system:serviceaccount:{NS}:{sa}"));
     path
-}
-
-/// An admin kubeconfig straight to the virtual API server (to wait for it, as the pod's kubelet
-/// cannot: it listens on loopback).
-fn direct_kubeconfig(up: &Upstream, pki: &Path, port: u16, dir: &Path) -> PathBuf {
-    let path = dir.join("direct.kubeconfig");
-    let p = |f: &str| pki.join(f).display().to_string();
-    for args in [
-        vec![
-            "config".to_string(),
-            "set-cluster".into(),
-            "virtual".into(),
-            format!("--server=https://127.0.0.1:{port}"),
-            format!("--certificate-authority={}", p("ca.crt")),
-        ],
-        vec![
-            "config".into(),
-            "set-credentials".into(),
-            "admin".into(),
-            format!("--client-certificate={}", p("admin.crt")),
-            format!("--client-key={}", p("admin.key")),
-        ],
-        vec![
-            "config".into(),
-            "set-context".into(),
-            "virtual".into(),
-            "--cluster=virtual".into(),
-            "--user=admin".into(),
-        ],
-        vec!["config".into(), "use-context".into(), "virtual".into()],
-    ] {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        kubectl_ok(up, &path, &args);
-    }
-    path
-}
-
-/// The status code of a plain HTTP GET on loopback.
-fn http_get(port: u16, path: &str) -> Option<u16> {
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
-    let mut response = String::new();
-    conn.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
 }

@@ -248,11 +248,11 @@ spec:
     assert_eq!(unready.status, "False");
 }
 
-/// The chart path for real: `vkube create NAME` installs the chart, its StatefulSet pod (vkube
-/// prepare, etcd, kube-apiserver, kube-controller-manager, vkube run as containers) becomes
-/// Ready, and the cluster is reached through `vkube connect --port-forward` and, from a host pod,
-/// through the proxy's Service; its workloads run on the node; pause, resume (the data kept on
-/// its volume) and delete.
+/// The chart path for real: `vkube create NAME` installs the chart, its StatefulSet pod (one
+/// container: `vkube run --supervise` with etcd, kube-apiserver and kube-controller-manager as
+/// its children) becomes Ready, and the cluster is reached through `vkube connect --port-forward`
+/// and, from a host pod, through the proxy's Service; its workloads run on the node; it sleeps
+/// and a request wakes it; pause, resume (the data kept on its volume) and delete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_runs_for_real() {
     let _turn = ONE_REAL_NODE.lock().await;
@@ -260,7 +260,7 @@ async fn the_chart_runs_for_real() {
     let up = vkube_localenv::Upstream::locate().expect("upstream");
     let vkube_image = node::vkube_image_name(env!("CARGO_PKG_VERSION"));
     env.host
-        .import_images(&node::control_plane_images(&up, (&vkube_image, &vkube_bin())).expect("image specs"))
+        .import_images(&[node::control_plane_image(&up, (&vkube_image, &vkube_bin())).expect("image spec")])
         .expect("importing the control plane's images");
     let cli = Cli::new(&env);
     cli.ok(&["create", "team-r", "--timeout", "180s"]);
@@ -326,6 +326,24 @@ spec:
     ]);
     assert_eq!(seen.trim(), "deployment.apps/web");
     env.kubectl_ok(&["delete", "pod", "-n", ns, "admin-shell", "--wait=false"]);
+
+    // Sleep mode in the chart's one container: its workloads and upstream components stop, the
+    // pod stays (its proxy waits for a request); the first kubectl request wakes it.
+    cli.ok(&["sleep", "team-r"]);
+    let others = || {
+        let out = env.kubectl_ok(&["get", "pods", "-n", ns, "-o", "name"]);
+        out.lines().filter(|l| *l != "pod/team-r-0").map(str::to_string).collect::<Vec<_>>()
+    };
+    vkube_e2e::eventually("the workloads gone while asleep", Duration::from_secs(60), || async {
+        Ok(others().is_empty().then_some(()))
+    })
+    .await;
+    let phase = env.kubectl_ok(&["get", "pod", "-n", ns, "team-r-0", "-o", "jsonpath={.status.phase}"]);
+    assert_eq!(phase, "Running", "the control-plane pod stays while asleep");
+    let logged = cli.ok(&["logs", "team-r", "kube-apiserver", "--tail", "3"]);
+    assert_eq!(logged.lines().count(), 3, "the API server's log, read in the pod: {logged}");
+    assert_eq!(through_forward(&["get", "deployments", "-o", "name"]).trim(), "deployment.apps/web", "woken");
+    through_forward(&["rollout", "status", "deployment/web", "--timeout=120s"]);
 
     // Pause stops the pod and the workloads; resume brings both back with the data on the volume.
     cli.ok(&["pause", "team-r"]);

@@ -370,26 +370,10 @@ pub fn vkube_image_name(version: &str) -> String {
     format!("docker.io/library/vkube:{version}")
 }
 
-/// The images of the chart's control-plane pod, under the names its values give: etcd,
-/// kube-apiserver and kube-controller-manager (each binary alone), and vkube (`vkube` is
-/// (image name, binary): the binary, stripped, with the shared libraries it links).
-pub fn control_plane_images(up: &Upstream, vkube: (&str, &Path)) -> Result<Vec<ImageSpec>> {
-    let v = versions();
-    let single = |name: String, bin: PathBuf, file: &str| {
-        let mut spec = ImageSpec::new(&name);
-        spec.files.push((format!("/usr/local/bin/{file}"), bin));
-        spec.dirs.push("/tmp".into());
-        spec
-    };
-    let mut specs = vec![
-        single(format!("registry.k8s.io/etcd:{}-0", v.etcd.trim_start_matches('v')), up.etcd(), "etcd"),
-        single(format!("registry.k8s.io/kube-apiserver:{}", v.kubernetes), up.kube_apiserver(), "kube-apiserver"),
-        single(
-            format!("registry.k8s.io/kube-controller-manager:{}", v.kubernetes),
-            up.kube_controller_manager(),
-            "kube-controller-manager",
-        ),
-    ];
+/// The image of the chart's control-plane pod, as the Dockerfile makes it: vkube (`vkube` is
+/// (image name, binary): the binary, stripped, with the shared libraries it links) and the
+/// upstream components it runs, etcd, kube-apiserver and kube-controller-manager, on its PATH.
+pub fn control_plane_image(up: &Upstream, vkube: (&str, &Path)) -> Result<ImageSpec> {
     let (name, binary) = vkube;
     let stripped = cache_root().join("images/vkube.stripped");
     std::fs::create_dir_all(cache_root().join("images")).map_err(io_err("creating the image cache"))?;
@@ -397,10 +381,16 @@ pub fn control_plane_images(up: &Upstream, vkube: (&str, &Path)) -> Result<Vec<I
     let mut image = ImageSpec::new(name);
     image.files.push(("/vkube".into(), stripped));
     image.files.extend(shared_libraries(binary)?.into_iter().map(|lib| (lib.display().to_string(), lib)));
+    for (file, bin) in [
+        ("etcd", up.etcd()),
+        ("kube-apiserver", up.kube_apiserver()),
+        ("kube-controller-manager", up.kube_controller_manager()),
+    ] {
+        image.files.push((format!("/usr/local/bin/{file}"), bin));
+    }
     image.dirs.push("/tmp".into());
     image.entrypoint = vec!["/vkube".into()];
-    specs.push(image);
-    Ok(specs)
+    Ok(image)
 }
 
 /// The shared libraries a binary links, and its loader (from `ldd`).

@@ -65,10 +65,10 @@ async fn up(nodes: usize, real_nodes: usize) -> anyhow::Result<()> {
         .context("starting the dev host cluster (logs are in the directory above, under logs/)")?;
     if real_nodes > 0 {
         // The chart's pod can run on it: `vkube create NAME` (chart mode) works on this host.
-        eprintln!("  images of the chart's control plane (vkube as this binary)");
+        eprintln!("  the image of the chart's control plane (vkube as this binary)");
         let exe = std::env::current_exe().context("locating the vkube binary")?;
         let name = vkube_localenv::node::vkube_image_name(env!("CARGO_PKG_VERSION"));
-        host.import_images(&vkube_localenv::node::control_plane_images(&Upstream::locate()?, (&name, &exe))?)?;
+        host.import_images(&[vkube_localenv::node::control_plane_image(&Upstream::locate()?, (&name, &exe))?])?;
     }
     let kubeconfig = host.kubeconfig.clone();
     host.detach();

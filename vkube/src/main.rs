@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create a virtual cluster (or start an existing one) and wait until it answers.
-    Create(cli::create::CreateArgs),
+    Create(Box<cli::create::CreateArgs>),
     /// Add a kubeconfig context for a virtual cluster, or print its kubeconfig.
     Connect(cli::connect::ConnectArgs),
     /// List the virtual clusters on the host.
@@ -69,8 +69,6 @@ enum Command {
     Dev(dev::DevCommand),
     /// Run the control-plane process (proxy and syncer) of one virtual cluster.
     Run(Box<vkube::controlplane::RunArgs>),
-    /// Write what the upstream components need before they start (the chart's init container).
-    Prepare(vkube::controlplane::PrepareArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,7 +78,7 @@ fn main() -> ExitCode {
     }
     // The control-plane process logs what it does; CLI commands show their own progress and only
     // warnings from below.
-    init_tracing(if matches!(cli.command, Command::Run(_) | Command::Prepare(_)) { "info" } else { "warn" });
+    init_tracing(if matches!(cli.command, Command::Run(_)) { "info" } else { "warn" });
     // One crypto provider for every TLS user in the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -93,7 +91,7 @@ fn main() -> ExitCode {
     let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Create(a) => ok(a.run().await),
+            Command::Create(a) => ok((*a).run().await),
             Command::Connect(a) => a.run().await,
             Command::List(a) => ok(a.run().await),
             Command::Describe(a) => ok(a.run().await),
@@ -111,7 +109,6 @@ fn main() -> ExitCode {
             Command::Wake(a) => ok(a.wake().await),
             Command::Dev(cmd) => ok(cmd.run().await),
             Command::Run(a) => ok(vkube::controlplane::run(*a).await),
-            Command::Prepare(a) => ok(vkube::controlplane::prepare(a).await),
         }
     });
     match result {

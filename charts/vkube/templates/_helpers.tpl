@@ -42,7 +42,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .repository (toString .tag) -}}
 {{- end -}}
 
-{{/* Where `vkube prepare` writes certificates, admission.yaml and controller-manager.kubeconfig. */}}
+{{/* Where `vkube run` writes certificates, admission.yaml and controller-manager.kubeconfig. */}}
 {{- define "vkube.certDir" -}}/pki{{- end -}}
 
 {{/*

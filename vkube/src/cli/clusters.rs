@@ -141,7 +141,7 @@ async fn status_of(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
         }
         Mode::Chart => {
             let sts = Api::<StatefulSet>::namespaced(host.clone(), &namespace).get_opt(name).await.ok().flatten();
-            let version = sts.as_ref().and_then(|s| image_tag(s, "kube-apiserver"));
+            let version = sts.as_ref().and_then(|s| template_annotation(s, names::ANNOTATION_KUBERNETES_VERSION));
             let ready = sts.and_then(|s| s.status).and_then(|s| s.ready_replicas).unwrap_or(0) > 0;
             let status = if paused {
                 Status::Paused
@@ -178,11 +178,10 @@ fn admin_labels(svc: &Service) -> BTreeMap<String, String> {
     svc.labels().iter().filter(|(k, _)| !ours(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// The tag of a container's image in the StatefulSet's pod template.
-pub fn image_tag(sts: &StatefulSet, container: &str) -> Option<String> {
-    let spec = sts.spec.template.spec.as_ref()?;
-    let image = spec.containers.iter().find(|c| c.name == container)?.image.as_deref()?;
-    image.rsplit_once(':').map(|(_, tag)| tag.to_string()).filter(|t| !t.contains('/'))
+/// An annotation of the StatefulSet's pod template (the chart writes the upstream versions its
+/// image runs there).
+pub fn template_annotation(sts: &StatefulSet, key: &str) -> Option<String> {
+    sts.spec.template.metadata.as_ref()?.annotations.as_ref()?.get(key).cloned()
 }
 
 /// "3d4h", "5m": an age as kubectl prints it.

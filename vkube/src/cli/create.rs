@@ -44,11 +44,11 @@ pub struct CreateArgs {
     /// Extra flags for the control-plane process in local mode (`vkube run --help`).
     #[arg(long = "run-arg", value_name = "FLAG")]
     pub run_args: Vec<String>,
-    /// Sleep mode (local clusters): put the cluster to sleep after this long without activity,
-    /// e.g. 30m; a request wakes it. Off by default.
+    /// Sleep mode: put the cluster to sleep after this long without activity, e.g. 30m; a
+    /// request wakes it. Off by default.
     #[arg(long, value_parser = vkube::controlplane::parse_duration)]
     pub sleep_after: Option<Duration>,
-    /// Sleep mode (local clusters): sleep when a window starts, `DAYS HH:MM-HH:MM [ZONE]`, e.g.
+    /// Sleep mode: sleep when a window starts, `DAYS HH:MM-HH:MM [ZONE]`, e.g.
     /// "Mon-Fri 19:00-08:00 Europe/Berlin".
     #[arg(long)]
     pub sleep_schedule: Option<vkube::controlplane::schedule::Schedule>,
@@ -163,12 +163,15 @@ impl CreateArgs {
         after.into_iter().chain(schedule).collect()
     }
 
+    /// The chart's sleep-mode values for what was asked.
+    fn sleep_sets(&self) -> Vec<String> {
+        let after = self.sleep_after.map(|d| format!("--set=sleep.after={}s", d.as_secs()));
+        // --set-string: a schedule has commas and spaces that --set would split.
+        let schedule = self.sleep_schedule.as_ref().map(|s| format!("--set-string=sleep.schedule={s}"));
+        after.into_iter().chain(schedule).collect()
+    }
+
     async fn create_chart(&self) -> anyhow::Result<()> {
-        if !self.sleep_args().is_empty() {
-            anyhow::bail!(
-                "--sleep-after and --sleep-schedule need a control plane that supervises its components: local clusters only for now (add --local), or use `vkube pause` for a chart cluster"
-            );
-        }
         let host = super::host_client().await?;
         let (name, ns) = (self.target.name.clone(), self.target.namespace());
         eprintln!("creating virtual cluster {name} in host namespace {ns} (Helm chart)");
@@ -182,6 +185,7 @@ impl CreateArgs {
             ["upgrade", "--install", &name, &chart_path, "-n", &ns].iter().map(|s| s.to_string()).collect();
         args.push(format!("--set=serviceCIDR={cidr}"));
         args.extend(self.policy.to_helm_sets());
+        args.extend(self.sleep_sets());
         for f in &self.values {
             args.push(format!("--values={}", f.display()));
         }

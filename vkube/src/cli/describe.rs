@@ -195,19 +195,15 @@ async fn chart_components(
     let spec = sts.as_ref().and_then(|s| s.spec.template.spec.as_ref());
     let mut components = vec![];
     let mut policy = BTreeMap::new();
-    // Sidecars (etcd) are init containers that keep running; `prepare` runs once and is not one.
-    let containers = spec.iter().flat_map(|s| {
-        let sidecars = s.init_containers.iter().flatten().filter(|c| c.restart_policy.as_deref() == Some("Always"));
-        sidecars.chain(s.containers.iter())
-    });
-    for c in containers {
+    for c in spec.iter().flat_map(|s| s.containers.iter()) {
         let status = statuses.iter().find(|s| s.name == c.name);
         let running = status.and_then(|s| s.state.as_ref()).is_some_and(|s| s.running.is_some());
+        let healthy = running && status.is_some_and(|s| s.ready);
         components.push(Component {
             name: c.name.clone(),
             version: c.image.as_deref().and_then(|i| i.rsplit_once(':')).map(|(_, t)| t.to_string()),
             running,
-            healthy: running && status.is_some_and(|s| s.ready),
+            healthy,
             restarts: status.map(|s| s.restart_count),
         });
         if c.name == "vkube" {
@@ -216,15 +212,36 @@ async fn chart_components(
                     policy.insert(key, v.clone());
                 }
             }
+            // Its children, at the versions its image runs (the chart says which); its readiness
+            // is the virtual API server's own (through the proxy). Their restarts are in its
+            // metrics (`vkube_component_restarts_total`), not visible from here.
+            let annotation = |key: &str| sts.as_ref().and_then(|s| super::clusters::template_annotation(s, key));
+            for (child, key) in [
+                ("etcd", names::ANNOTATION_ETCD_VERSION),
+                ("kube-apiserver", names::ANNOTATION_KUBERNETES_VERSION),
+                ("kube-controller-manager", names::ANNOTATION_KUBERNETES_VERSION),
+            ] {
+                components.push(Component {
+                    name: child.into(),
+                    version: annotation(key),
+                    running,
+                    healthy,
+                    restarts: None,
+                });
+            }
         }
     }
+    components.sort_by(|a, b| a.name.cmp(&b.name));
     Ok((components, policy))
 }
 
 /// `VKUBE_POD_SECURITY` → `pod-security`: the flag an env var of `vkube run` stands for, for the
 /// settings that are policy (not where things are or how to log).
 fn policy_env(var: &str) -> Option<String> {
-    const NOT_POLICY: [&str; 9] = [
+    const NOT_POLICY: [&str; 12] = [
+        "SUPERVISE",
+        "STATE_DIR",
+        "ETCD_DURABLE",
         "NAME",
         "NAMESPACE",
         "CERT_DIR",

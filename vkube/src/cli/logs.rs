@@ -1,14 +1,16 @@
 //! `vkube logs NAME [COMPONENT] [-f]`: the control plane's own logs: the log files of a local
-//! control plane, the containers of the chart's pod.
+//! control plane; in chart mode the vkube container's log, and the log files of the components
+//! it supervises, printed by the pod's own vkube through exec.
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use futures::{AsyncBufReadExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, LogParams};
+use kube::api::{Api, AttachParams, ListParams, LogParams};
 use vkube::names;
 
 use super::Target;
@@ -34,10 +36,17 @@ pub struct LogsArgs {
     /// Only the last N lines.
     #[arg(long)]
     pub tail: Option<usize>,
+    /// Read this file instead (what the chart's pod runs, through exec, for the upstream
+    /// components `vkube run` supervises: their logs are files on its volume).
+    #[arg(long, hide = true)]
+    pub file: Option<PathBuf>,
 }
 
 impl LogsArgs {
     pub async fn run(self) -> anyhow::Result<()> {
+        if let Some(file) = &self.file {
+            return self.print_file(file).await;
+        }
         let host = super::host_client().await?;
         let cluster = clusters::require(&host, &self.target).await?;
         match cluster.mode {
@@ -48,9 +57,18 @@ impl LogsArgs {
 
     async fn local(&self) -> anyhow::Result<()> {
         let path = self.target.local_dir().join("logs").join(format!("{}.log", self.component));
-        let mut file = std::fs::File::open(&path).with_context(|| {
-            format!("opening {}: the logs of a local cluster are on the machine that created it", path.display())
-        })?;
+        if !path.exists() {
+            anyhow::bail!(
+                "{} is missing: the logs of a local cluster are on the machine that created it",
+                path.display()
+            );
+        }
+        self.print_file(&path).await
+    }
+
+    /// Prints a log file (its last `tail` lines), then follows it as `tail -f` does.
+    async fn print_file(&self, path: &Path) -> anyhow::Result<()> {
+        let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let mut text = String::new();
         file.read_to_string(&mut text)?;
         let lines: Vec<&str> = text.lines().collect();
@@ -71,7 +89,7 @@ impl LogsArgs {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = tokio::signal::ctrl_c() => return Ok(()),
             }
-            let mut file = std::fs::File::open(&path)?;
+            let mut file = std::fs::File::open(path)?;
             let len = file.metadata()?.len();
             if len < pos {
                 pos = 0;
@@ -96,6 +114,9 @@ impl LogsArgs {
                 self.target.name
             )
         })?;
+        if self.component != "vkube" {
+            return self.supervised(&pods, &pod).await;
+        }
         let params = LogParams {
             container: Some(self.component.clone()),
             follow: self.follow,
@@ -112,4 +133,26 @@ impl LogsArgs {
         }
         Ok(())
     }
+
+    /// A supervised component's log file in the chart's pod, printed by the pod's own vkube
+    /// (`--file`) through exec: the image has no shell.
+    async fn supervised(&self, pods: &Api<Pod>, pod: &str) -> anyhow::Result<()> {
+        let file = format!("{CHART_STATE_DIR}/logs/{}.log", self.component);
+        let mut command = vec!["/vkube".to_string(), "logs".into(), self.target.name.clone(), "--file".into(), file];
+        command.extend(self.tail.map(|n| format!("--tail={n}")));
+        command.extend(self.follow.then(|| "--follow".to_string()));
+        let params = AttachParams::default().container("vkube").stdin(false).stdout(true).stderr(true);
+        let mut attached =
+            pods.exec(pod, command, &params).await.with_context(|| format!("running vkube logs in the pod {pod}"))?;
+        let mut output = attached.stdout().context("the exec's output")?;
+        let mut stdout = tokio::io::stdout();
+        tokio::select! {
+            r = tokio::io::copy(&mut output, &mut stdout) => { r?; }
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        Ok(())
+    }
 }
+
+/// Where the chart's `vkube run --supervise` keeps its state (`VKUBE_STATE_DIR`, the volume).
+const CHART_STATE_DIR: &str = "/data";

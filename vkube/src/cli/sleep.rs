@@ -9,7 +9,7 @@ use kube::api::{Api, Patch};
 use vkube::names;
 
 use super::Target;
-use super::clusters::{self, Mode, Status};
+use super::clusters::{self, Status};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  vkube sleep team-a\n  vkube wake team-a --timeout 2m")]
@@ -33,12 +33,6 @@ impl PowerArgs {
     async fn request(self, request: &str, want: &str) -> anyhow::Result<()> {
         let host = super::host_client().await?;
         let cluster = clusters::require(&host, &self.target).await?;
-        if cluster.mode == Mode::Chart {
-            anyhow::bail!(
-                "virtual cluster {} runs from the Helm chart, whose control plane does not supervise its components yet: sleep mode is for local clusters (`vkube create --local`); use `vkube pause`",
-                cluster.name
-            );
-        }
         if matches!(cluster.status, Status::Stopped | Status::Paused) {
             anyhow::bail!(
                 "virtual cluster {} is {:?}: start it with `vkube resume {}` first",

@@ -100,31 +100,7 @@ impl ProxyArgs {
     }
 }
 
-/// `vkube prepare`: what the upstream components need on disk before they start (the chart's
-/// init container; `vkube create --local` does the same in-process).
-#[derive(clap::Args, Debug, Clone)]
-#[command(
-    after_help = "Run by the chart's init container, not by hand. Example:\n  vkube prepare --name team-a --namespace vkube-team-a --cert-dir /pki"
-)]
-pub struct PrepareArgs {
-    #[arg(long, env = "VKUBE_NAME")]
-    pub name: String,
-    #[arg(long, env = "VKUBE_NAMESPACE")]
-    pub namespace: String,
-    /// Where certificates, the admission configuration and the controller-manager's kubeconfig
-    /// are written.
-    #[arg(long, env = "VKUBE_CERT_DIR", default_value = "/var/lib/vkube/pki")]
-    pub cert_dir: PathBuf,
-    /// The virtual API server as the controller-manager reaches it.
-    #[arg(long, env = "VKUBE_VIRTUAL_SERVER", default_value = "https://127.0.0.1:6443")]
-    pub virtual_server: String,
-    #[arg(long, env = "VKUBE_HOST_KUBECONFIG")]
-    pub host_kubeconfig: Option<PathBuf>,
-    #[command(flatten)]
-    pub policy: PolicyArgs,
-}
-
-/// File names `prepare` writes next to the certificates.
+/// File names `prepare_files` writes next to the certificates.
 pub const ADMISSION_FILE: &str = "admission.yaml";
 /// The virtual API server's egress configuration and the socket of the proxy it names.
 pub const EGRESS_FILE: &str = "egress.yaml";
@@ -151,15 +127,6 @@ pub async fn prepare_files(
         &components::controller_manager_kubeconfig(virtual_server, &bundle),
     )?;
     Ok(bundle)
-}
-
-pub async fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
-    let host = vkube_kubeclient::client::host(args.host_kubeconfig.as_deref(), None)
-        .await
-        .context("connecting to the host cluster")?;
-    prepare_files(&host, &args.name, &args.namespace, &args.cert_dir, &args.virtual_server, &args.policy).await?;
-    tracing::info!(dir = %args.cert_dir.display(), "control-plane files ready");
-    Ok(())
 }
 
 /// The isolation policy: the platform admin's, never the tenant's.
