@@ -382,11 +382,25 @@ async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     stopped || *stop.borrow()
 }
 
+/// What of this process's environment its children get: where programs are, and the Go
+/// runtime's settings (GOGC, GOMEMLIMIT, GOMAXPROCS, GODEBUG). Never the host's in-cluster
+/// variables (`KUBERNETES_SERVICE_*`, beside the host token in the chart's container: a child
+/// that fell back to in-cluster configuration would act on the host as the control plane) nor
+/// vkube's own settings.
+fn child_env<K: AsRef<std::ffi::OsStr>, V>(vars: impl Iterator<Item = (K, V)>) -> impl Iterator<Item = (K, V)> {
+    vars.filter(|(k, _)| {
+        let k = k.as_ref().to_string_lossy();
+        matches!(k.as_ref(), "PATH" | "HOME" | "TZ" | "LANG") || k.starts_with("GO")
+    })
+}
+
 fn spawn(child: &Child, log: &Path) -> std::io::Result<tokio::process::Child> {
     let out = std::fs::File::options().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     tokio::process::Command::new(&child.program)
         .args(&child.args)
+        .env_clear()
+        .envs(child_env(std::env::vars_os()))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -480,6 +494,15 @@ mod tests {
 
     fn sh(name: &'static str, script: &str) -> Child {
         Child { name, program: "/bin/sh".into(), args: vec!["-c".into(), script.into()] }
+    }
+
+    #[test]
+    fn children_get_no_host_credentials_or_vkube_settings() {
+        let env =
+            ["KUBERNETES_SERVICE_HOST", "KUBERNETES_PORT", "VKUBE_HOST_KUBECONFIG", "GOMEMLIMIT", "PATH", "RUST_LOG"]
+                .map(|k| (k, "x"));
+        let keys: Vec<&str> = child_env(env.into_iter()).map(|(k, _)| k).collect();
+        assert_eq!(keys, ["GOMEMLIMIT", "PATH"]);
     }
 
     #[tokio::test]
