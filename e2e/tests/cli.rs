@@ -514,7 +514,8 @@ fn help_examples_and_completion() {
         vec!["dev", "down"],
         vec!["dev", "env"],
         vec!["run"],
-        vec!["prepare"],
+        vec!["sleep"],
+        vec!["wake"],
     ] {
         let out = Command::new(vkube_bin()).args(&sub).arg("--help").output().unwrap();
         let help = String::from_utf8_lossy(&out.stdout);

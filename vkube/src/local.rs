@@ -329,10 +329,13 @@ pub async fn ensure_namespace(
 /// The address of a real node of the dev host, which runs on this machine
 /// (`vkube dev up --real-nodes 1`): pods reach the machine there.
 async fn local_node_address(host: &kube::Client) -> anyhow::Result<Option<String>> {
-    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(host.clone())
-        .list(&ListParams::default().labels(&format!("{}=true", vkube_localenv::node::NODE_LABEL)))
-        .await
-        .context("listing the host's nodes")?;
+    let selector = ListParams::default().labels(&format!("{}=true", vkube_localenv::node::NODE_LABEL));
+    let nodes = match Api::<k8s_openapi::api::core::v1::Node>::all(host.clone()).list(&selector).await {
+        Ok(nodes) => nodes,
+        // A host kubeconfig that may not list nodes: no real node of ours to look for.
+        Err(kube::Error::Api(e)) if e.code == 403 => return Ok(None),
+        Err(e) => return Err(e).context("listing the host's nodes"),
+    };
     Ok(nodes.items.iter().find_map(|n| {
         let addresses = n.status.as_ref()?.addresses.as_ref()?;
         addresses.iter().find(|a| a.type_ == "InternalIP").map(|a| a.address.clone())
