@@ -1,8 +1,9 @@
 //! The Helm chart (charts/vkube) with the pinned helm and kubectl: it lints, its schema refuses
 //! bad values, what it renders (default and non-default values) is accepted by a real host API
-//! server, its containers run exactly the command lines of `vkube::controlplane::components`
-//! and env vars `vkube run`/`vkube prepare` understand, and its pod, run as local processes
-//! with the chart's own ServiceAccount, is a working virtual cluster (so the Role holds enough).
+//! server, its one container runs `vkube run --supervise` with env vars it understands, its image
+//! carries the pinned upstream versions, and its pod, run as a local process with the chart's
+//! own ServiceAccount, is a working virtual cluster (so the Role holds enough). The pod run by a
+//! real kubelet is tested in realnode.rs.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -398,8 +399,8 @@ fn the_image_carries_the_pinned_upstream_versions() {
 // ---------------------------------------------------------------------------------------------
 // The chart's pod, minus the container runtime
 
-/// The pod's containers as local processes with the rendered command lines and env (paths and
-/// ports moved to this machine), `vkube prepare` and `vkube run` with the token of the chart's
+/// The pod's one container as a local process with the rendered command line and env (paths and
+/// ports moved to this machine), `vkube run --supervise` with the token of the chart's
 /// ServiceAccount: a pod created through the proxy runs on the host, its logs and exec work, a
 /// Service is created with its host copy, and the virtual node shows its host node's capacity.
 /// Fails if the Role or ClusterRole lacks anything the control plane needs.

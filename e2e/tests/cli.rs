@@ -255,7 +255,7 @@ async fn the_chart_path_installs_lists_pauses_and_deletes() {
     assert_eq!(names, ["etcd", "kube-apiserver", "kube-controller-manager", "vkube"], "{d}");
     assert!(components.contains(&("kube-apiserver".into(), k8s.clone())), "{components:?}");
     assert_eq!(d["policy"]["sync-concurrency"], "8", "-f values reached the pod: {}", d["policy"]);
-    assert_eq!(d["certificates"], serde_json::json!([]), "nothing ran `vkube prepare`");
+    assert_eq!(d["certificates"], serde_json::json!([]), "no control plane ran to write them");
 
     cli.ok(&["pause", "team-c"]);
     let replicas =
