@@ -88,6 +88,14 @@ impl ImageSpec {
         tar.into_inner().and_then(|mut f| f.flush()).map_err(&w)?;
         std::fs::remove_file(&layer_path).map_err(&w)?;
         std::fs::rename(&tmp, &out).map_err(io_err(format!("renaming {}", tmp.display())))?;
+        // Older tarballs of the same image (a rebuilt vkube is a new one of a few hundred MB).
+        let prefix = format!("{}-", sanitize(&self.name));
+        for e in std::fs::read_dir(cache).into_iter().flatten().filter_map(|e| e.ok()) {
+            let file = e.file_name().to_string_lossy().into_owned();
+            if file.starts_with(&prefix) && file.ends_with(".tar") && e.path() != out {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Ok(out)
     }
 
@@ -190,6 +198,13 @@ mod tests {
         let path = spec.build(&dir.path().join("cache")).unwrap();
         // Unchanged inputs: the same file, not written again.
         assert_eq!(spec.build(&dir.path().join("cache")).unwrap(), path);
+        // Changed inputs: a new file, and the old one goes.
+        let mut changed = spec.clone();
+        changed.cmd = vec!["again".into()];
+        let newer = changed.build(&dir.path().join("cache")).unwrap();
+        assert_ne!(newer, path);
+        assert!(newer.exists() && !path.exists());
+        let path = spec.build(&dir.path().join("cache")).unwrap();
 
         let mut archive = tar::Archive::new(std::fs::File::open(&path).unwrap());
         let mut files = std::collections::BTreeMap::new();
