@@ -683,19 +683,12 @@ fn kill_cgroup_processes() -> usize {
     }
     // They go once the kernel has reaped them; the cgroups can be removed after.
     for _ in 0..100 {
-        if pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p)) {
+        if pids.iter().all(|p| process::is_zombie(p.unsigned_abs())) {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     pids.len()
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
-        .unwrap_or(true)
 }
 
 fn remove_cgroups() -> usize {

@@ -192,7 +192,8 @@ pub fn is_alive(rec: &Recorded) -> bool {
     runs_program && !is_zombie(rec.pid)
 }
 
-fn is_zombie(pid: u32) -> bool {
+/// Whether `pid` is a zombie or gone.
+pub(crate) fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
