@@ -24,6 +24,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /vkube /vkube
 COPY --from=etcd /usr/local/bin/etcd /usr/local/bin/etcd
+# `vkube restore` and `vkube reset` make etcd's data directory from a snapshot with it.
+COPY --from=etcd /usr/local/bin/etcdutl /usr/local/bin/etcdutl
 COPY --from=kube-apiserver /usr/local/bin/kube-apiserver /usr/local/bin/kube-apiserver
 COPY --from=kube-controller-manager /usr/local/bin/kube-controller-manager /usr/local/bin/kube-controller-manager
 # 65532, as the chart's pod security context.

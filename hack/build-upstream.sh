@@ -69,7 +69,7 @@ cached() {
   out=$upstream/$1-$(version_of "$1")
   case $1 in
     kubernetes) have "$out" "${kubernetes_bins[@]}" ;;
-    etcd) have "$out" etcd ;;
+    etcd) have "$out" etcd etcdutl ;;
     kwok) have "$out" kwok && [ "$(cat "$out/.layout" 2>/dev/null)" = "$kwok_layout" ] ;;
     helm) have "$out" helm && [ "$(cat "$out/.layout" 2>/dev/null)" = "$helm_layout" ] ;;
     node) have "$out" "${node_bins[@]}" ;;
@@ -162,9 +162,11 @@ build_etcd() {
   local mod=$cache/work/etcd-$v
   new_module "$mod" vkube.local/upstream-etcd
   cd "$mod"
-  go get -tool "go.etcd.io/etcd/server/v3@$v"
+  go get -tool "go.etcd.io/etcd/server/v3@$v" "go.etcd.io/etcd/etcdutl/v3@$v"
   rm -rf "$out.tmp"; mkdir -p "$out.tmp"
   go build -trimpath -ldflags "-s -w" -o "$out.tmp/etcd" go.etcd.io/etcd/server/v3
+  # etcdutl: `vkube restore` and `vkube reset` turn a snapshot into etcd's data directory.
+  go build -trimpath -ldflags "-s -w" -o "$out.tmp/etcdutl" go.etcd.io/etcd/etcdutl/v3
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 

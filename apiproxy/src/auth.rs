@@ -14,7 +14,9 @@ use prometheus_client::metrics::family::Family;
 
 use http::HeaderMap;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    NonResourceAttributes, ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
 use kube::api::{Api, PostParams};
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
@@ -238,14 +240,23 @@ impl Authenticator {
     /// Asks the virtual API server whether `id` may do `attrs`. A review that fails (unreachable,
     /// timeout, an error answer) is `Upstream`, never a "no": the user may well be allowed.
     pub async fn allowed(&self, id: &Identity, attrs: ResourceAttributes) -> Result<bool, ProxyError> {
+        self.review(id, SubjectAccessReviewSpec { resource_attributes: Some(attrs), ..Default::default() }).await
+    }
+
+    /// Whether `id` may `verb` the non-resource URL `path` (as `allowed`).
+    pub async fn allowed_path(&self, id: &Identity, path: &str, verb: &str) -> Result<bool, ProxyError> {
+        let attrs = NonResourceAttributes { path: Some(path.into()), verb: Some(verb.into()) };
+        self.review(id, SubjectAccessReviewSpec { non_resource_attributes: Some(attrs), ..Default::default() }).await
+    }
+
+    async fn review(&self, id: &Identity, what: SubjectAccessReviewSpec) -> Result<bool, ProxyError> {
         let sar = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(id.user.clone()),
                 uid: id.uid.clone(),
                 groups: Some(id.groups.clone()),
                 extra: (!id.extra.is_empty()).then(|| id.extra.clone()),
-                resource_attributes: Some(attrs),
-                ..Default::default()
+                ..what
             },
             ..Default::default()
         };

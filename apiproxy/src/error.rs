@@ -37,6 +37,9 @@ pub enum ProxyError {
     /// it did not wake in time: answered with `Retry-After`.
     #[error("{0}")]
     Asleep(String),
+    /// The control plane tried and failed (e.g. a restore of etcd's data): 500.
+    #[error("{0}")]
+    Failed(String),
     /// An API server could not be reached or did not answer a call the proxy needs: retrying
     /// may help, refusing (403) would be wrong.
     #[error("{context}: {source}")]
@@ -61,6 +64,7 @@ impl ProxyError {
             ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::AlreadyExists(_) => StatusCode::CONFLICT,
             ProxyError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ProxyError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Unavailable(_) | ProxyError::Asleep(_) | ProxyError::Upstream { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -77,6 +81,7 @@ impl ProxyError {
             ProxyError::TooLarge(_) => "RequestEntityTooLarge",
             ProxyError::AlreadyExists(_) => "AlreadyExists",
             ProxyError::Invalid(_) => "Invalid",
+            ProxyError::Failed(_) => "InternalError",
             ProxyError::Unavailable(_) | ProxyError::Asleep(_) | ProxyError::Upstream { .. } => "ServiceUnavailable",
         }
     }
@@ -91,6 +96,7 @@ impl ProxyError {
             ProxyError::TooLarge(_) => "too_large",
             ProxyError::AlreadyExists(_) => "already_exists",
             ProxyError::Invalid(_) => "invalid",
+            ProxyError::Failed(_) => "failed",
             ProxyError::Unavailable(_) => "unavailable",
             ProxyError::Asleep(_) => "asleep",
             ProxyError::Upstream { .. } => "upstream",
@@ -121,6 +127,7 @@ mod tests {
             ProxyError::TooLarge("t".into()),
             ProxyError::AlreadyExists("a".into()),
             ProxyError::Invalid("i".into()),
+            ProxyError::Failed("x".into()),
             ProxyError::Unavailable("u".into()),
             ProxyError::Asleep("s".into()),
             ProxyError::upstream("reaching x", "connection refused"),

@@ -94,7 +94,19 @@ pub struct ProxyConfig {
     pub limits: ProxyLimits,
     /// Sleep mode: what counts as activity, and waking on it (`Sleep::always_running` without).
     pub sleep: sleep::Sleep,
+    /// What serves vkube's own operations once authorized (none: they answer 404).
+    pub operations: Option<Operations>,
 }
+
+/// Serves one of vkube's own operations (`route::Operation`) that the proxy has authorized.
+pub type Operations = Arc<
+    dyn Fn(
+            route::Operation,
+            Request<Incoming>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// What bounds the load one client can put on the proxy (and through it on the API servers).
 #[derive(Clone, Copy, Debug)]
@@ -139,6 +151,7 @@ pub struct Proxy {
     live: ReadyCheck,
     limits: ProxyLimits,
     sleep: sleep::Sleep,
+    operations: Option<Operations>,
 }
 
 /// What is known about a connection once its TLS handshake is done.
@@ -175,6 +188,7 @@ impl Proxy {
             live: cfg.live,
             limits: cfg.limits,
             sleep: cfg.sleep,
+            operations: cfg.operations,
         }))
     }
 
@@ -292,6 +306,7 @@ impl Proxy {
                     Route::CreateService { .. } => "create_service",
                     Route::PatchService => "patch_service",
                     Route::Refused(_) => "refused",
+                    Route::Operation(_) => "operation",
                     Route::Forward => "forward",
                 };
                 (route_name, self.dispatch(route, req, conn, registry).await)
@@ -319,6 +334,9 @@ impl Proxy {
         if let Route::Health(h) = route {
             return Ok(self.health(h, registry).await);
         }
+        if let Route::Operation(op) = route {
+            return self.operation(op, req, conn).await;
+        }
         let background = sleep::background(req.uri(), req.headers());
         if self.sleep.power() != sleep::Power::Running {
             self.wake_for(&req, conn, background).await?;
@@ -336,8 +354,56 @@ impl Proxy {
             Route::CreateService { namespace } => self.create_service(req, &id, &namespace).await,
             Route::PatchService => self.patch_service(req, &id).await,
             Route::Refused(why) => Err(ProxyError::Forbidden(why)),
-            Route::Health(_) | Route::Forward => self.forward(req, &id).await,
+            Route::Health(_) | Route::Operation(_) | Route::Forward => self.forward(req, &id).await,
         }
+    }
+
+    /// vkube's own operations, for the cluster's admins: authorized by the virtual API server
+    /// (RBAC on the path: `cluster-admin` may, others only if a role names it), never counted as
+    /// activity and never waking the cluster. Asleep, there is no API server to ask: only a
+    /// client certificate of the group `system:masters` (which the API server allows everything,
+    /// whatever RBAC says) gets through.
+    async fn operation(
+        &self,
+        op: route::Operation,
+        req: Request<Incoming>,
+        conn: &Connection,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Some(serve) = self.operations.clone() else {
+            return Err(ProxyError::NotFound(format!(
+                "{} is served only by a control plane that runs its own components (vkube run --supervise)",
+                op.path()
+            )));
+        };
+        let user = if self.sleep.power() == sleep::Power::Running {
+            let id = self.identify(&req, conn).await?.ok_or(ProxyError::Unauthorized)?;
+            let acting = self.auth.effective(&id, req.headers()).await?;
+            if !self.auth.allowed_path(&acting, op.path(), op.verb()).await? {
+                return Err(ProxyError::Forbidden(format!(
+                    "forbidden: User \"{}\" cannot {} path \"{}\"",
+                    acting.user,
+                    op.verb(),
+                    op.path()
+                )));
+            }
+            acting.user
+        } else {
+            let impersonating = req.headers().keys().any(|k| k.as_str().starts_with("impersonate-"));
+            match &conn.cert_identity {
+                Some(None) => return Err(ProxyError::Unauthorized),
+                Some(Some(id)) if !impersonating && id.groups.iter().any(|g| g == "system:masters") => id.user.clone(),
+                _ => {
+                    return Err(ProxyError::Asleep(format!(
+                        "the virtual cluster is {}: only the admin kubeconfig's client certificate (group system:masters) \
+                         may call {} until it runs; use it, or `vkube wake` first",
+                        self.sleep.power().as_str(),
+                        op.path()
+                    )));
+                }
+            }
+        };
+        tracing::info!(user = %user, operation = op.path(), "serving a vkube operation");
+        serve(op, req).await
     }
 
     /// A request finding the cluster asleep: one that counts wakes it and is held until it runs;

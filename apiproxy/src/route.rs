@@ -30,6 +30,46 @@ impl HostSubresource {
     }
 }
 
+/// vkube's own endpoints under `/vkube/v1/` (a prefix the API server does not serve), for the
+/// cluster's admins: what `vkube snapshot`, `vkube restore` and `vkube reset` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// `GET /vkube/v1/snapshot[?pki=true]`: the cluster's snapshot file.
+    Snapshot,
+    /// `POST /vkube/v1/restore[?fork=true]`, a snapshot file as the body.
+    Restore,
+    /// `POST /vkube/v1/reset`: back to a freshly created cluster.
+    Reset,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 3] = [Operation::Snapshot, Operation::Restore, Operation::Reset];
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Operation::Snapshot => "/vkube/v1/snapshot",
+            Operation::Restore => "/vkube/v1/restore",
+            Operation::Reset => "/vkube/v1/reset",
+        }
+    }
+
+    pub fn method(self) -> Method {
+        match self {
+            Operation::Snapshot => Method::GET,
+            Operation::Restore | Operation::Reset => Method::POST,
+        }
+    }
+
+    /// The verb RBAC checks on the path (a non-resource URL): what `cluster-admin` may do,
+    /// granted to others only by a ClusterRole naming the path.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Operation::Snapshot => "get",
+            Operation::Restore | Operation::Reset => "create",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
     /// Served by the proxy itself, unauthenticated.
@@ -44,6 +84,8 @@ pub enum Route {
     PatchService,
     /// Refused (403) with this message: the API server would dial an address the tenant chose.
     Refused(String),
+    /// vkube's own operation, served by the control plane.
+    Operation(Operation),
     /// Everything else: the virtual API server.
     Forward,
 }
@@ -131,6 +173,13 @@ pub fn route(method: &Method, path: &CanonicalPath) -> Route {
         "/livez" => return Route::Health(Health::Livez),
         "/readyz" => return Route::Health(Health::Readyz),
         "/metrics" => return Route::Health(Health::Metrics),
+        p if p.starts_with("/vkube/") => {
+            return match Operation::ALL.into_iter().find(|o| o.path() == p) {
+                Some(op) if op.method() == method => Route::Operation(op),
+                Some(op) => Route::Refused(format!("{p} answers {} only", op.method())),
+                None => Route::Refused(format!("{p} is not one of vkube's endpoints")),
+            };
+        }
         _ => {}
     }
     let segments: Vec<&str> = path.segments.iter().map(String::as_str).collect();
@@ -210,6 +259,16 @@ mod tests {
         assert_eq!(r(&Method::PUT, "/api/v1/namespaces/default/services/x"), Route::Forward);
         assert_eq!(r(&Method::PATCH, "/api/v1/namespaces/default/services/x"), Route::PatchService);
         assert_eq!(r(&Method::PATCH, "/api/v1/namespaces/default/services/x/status"), Route::Forward);
+    }
+
+    #[test]
+    fn vkube_operations() {
+        assert_eq!(r(&Method::GET, "/vkube/v1/snapshot"), Route::Operation(Operation::Snapshot));
+        assert_eq!(r(&Method::POST, "/vkube/v1/restore"), Route::Operation(Operation::Restore));
+        assert_eq!(r(&Method::POST, "/vkube/v1/%72eset"), Route::Operation(Operation::Reset));
+        assert!(matches!(r(&Method::POST, "/vkube/v1/snapshot"), Route::Refused(_)));
+        assert!(matches!(r(&Method::GET, "/vkube/v1/other"), Route::Refused(_)));
+        assert_eq!(r(&Method::GET, "/apis/vkube/v1/snapshot"), Route::Forward);
     }
 
     #[test]

@@ -146,6 +146,7 @@ async fn serve_sleepy_proxy(api: SocketAddr, limits: ProxyLimits, sleep: Sleep) 
             live: std::sync::Arc::new(|| Ok(())),
             limits,
             sleep,
+            operations: None,
         },
         &mut registry,
     )

@@ -372,7 +372,8 @@ pub fn vkube_image_name(version: &str) -> String {
 
 /// The image of the chart's control-plane pod, as the Dockerfile makes it: vkube (`vkube` is
 /// (image name, binary): the binary, stripped, with the shared libraries it links) and the
-/// upstream components it runs, etcd, kube-apiserver and kube-controller-manager, on its PATH.
+/// upstream components it runs, etcd (and etcdutl, for restores), kube-apiserver and
+/// kube-controller-manager, on its PATH.
 pub fn control_plane_image(up: &Upstream, vkube: (&str, &Path)) -> Result<ImageSpec> {
     let (name, binary) = vkube;
     let stripped = cache_root().join("images/vkube.stripped");
@@ -383,6 +384,7 @@ pub fn control_plane_image(up: &Upstream, vkube: (&str, &Path)) -> Result<ImageS
     image.files.extend(shared_libraries(binary)?.into_iter().map(|lib| (lib.display().to_string(), lib)));
     for (file, bin) in [
         ("etcd", up.etcd()),
+        ("etcdutl", up.etcdutl()),
         ("kube-apiserver", up.kube_apiserver()),
         ("kube-controller-manager", up.kube_controller_manager()),
     ] {

@@ -90,6 +90,7 @@ impl Upstream {
             up.kube_scheduler(),
             up.kubectl(),
             up.etcd(),
+            up.etcdutl(),
             up.kwok(),
             up.helm(),
         ] {
@@ -114,6 +115,9 @@ impl Upstream {
     }
     pub fn etcd(&self) -> PathBuf {
         self.etcd.join("etcd")
+    }
+    pub fn etcdutl(&self) -> PathBuf {
+        self.etcd.join("etcdutl")
     }
     pub fn kwok(&self) -> PathBuf {
         self.kwok.join("kwok")

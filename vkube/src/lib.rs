@@ -5,10 +5,12 @@
 //!   command lines (shared by local processes and the Helm chart's containers).
 //! - `local`: a virtual control plane as local processes against any host cluster.
 //! - `names`: the host objects that make up one virtual cluster.
+//! - `snapshot`: the snapshot file format (`vkube snapshot`, `restore`, `create --from-snapshot`).
 
 pub mod controlplane;
 pub mod local;
 pub mod names;
 pub mod pki_store;
+pub mod snapshot;
 
 pub use vkube_core::contract::FIELD_MANAGER;

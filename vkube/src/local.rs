@@ -171,6 +171,7 @@ impl LocalControlPlane {
                 "--supervise".to_string(),
                 format!("--state-dir={}", self.dir.display()),
                 format!("--etcd-binary={}", self.upstream.etcd().display()),
+                format!("--etcdutl-binary={}", self.upstream.etcdutl().display()),
                 format!("--apiserver-binary={}", self.upstream.kube_apiserver().display()),
                 format!("--controller-manager-binary={}", self.upstream.kube_controller_manager().display()),
                 format!("--etcd-client-port={}", s.ports.etcd_client),

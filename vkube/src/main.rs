@@ -64,6 +64,12 @@ enum Command {
     Sleep(cli::sleep::PowerArgs),
     /// Wake a sleeping virtual cluster and wait until it answers.
     Wake(cli::sleep::PowerArgs),
+    /// Save a virtual cluster's state to a file (running or asleep).
+    Snapshot(cli::snapshot::SnapshotArgs),
+    /// Make a virtual cluster's state a snapshot's again.
+    Restore(cli::snapshot::RestoreArgs),
+    /// Empty a virtual cluster: as freshly created, with the same name and credentials.
+    Reset(cli::snapshot::ResetArgs),
     /// The local dev host cluster (real upstream processes, nodes simulated by kwok).
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -107,6 +113,9 @@ fn main() -> ExitCode {
             Command::Resume(a) => ok(a.run().await),
             Command::Sleep(a) => ok(a.sleep().await),
             Command::Wake(a) => ok(a.wake().await),
+            Command::Snapshot(a) => ok(a.run().await),
+            Command::Restore(a) => ok(a.run().await),
+            Command::Reset(a) => ok(a.run().await),
             Command::Dev(cmd) => ok(cmd.run().await),
             Command::Run(a) => ok(vkube::controlplane::run(*a).await),
         }

@@ -52,7 +52,7 @@ impl ConnectArgs {
         let context = format!("vkube-{}", self.target.name);
         rename(&mut kc, &context);
         let forwarding = if self.port_forward {
-            let (forwarded, listener) = self.forward(host, kc).await?;
+            let (forwarded, listener) = port_forward(host, &self.target, kc, self.local_port).await?;
             kc = forwarded;
             Some(listener)
         } else {
@@ -101,52 +101,53 @@ impl ConnectArgs {
         let code = status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1);
         Ok(std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)))
     }
+}
 
-    /// Listens on a local port that forwards to the control-plane pod; the kubeconfig that goes
-    /// through it, and the task that serves it.
-    async fn forward(
-        &self,
-        host: kube::Client,
-        mut kc: Kubeconfig,
-    ) -> anyhow::Result<(Kubeconfig, tokio::task::JoinHandle<()>)> {
-        let ns = self.target.namespace();
-        let pods: Api<Pod> = Api::namespaced(host, &ns);
-        let pod = pods
-            .list(&ListParams::default().labels(&format!("{}={}", names::LABEL_CONTROL_PLANE, self.target.name)))
-            .await?
-            .items
-            .into_iter()
-            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-            .and_then(|p| p.metadata.name)
-            .ok_or_else(|| anyhow::anyhow!("no running control-plane pod of {} in {ns}", self.target.name))?;
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.local_port)).await?;
-        let port = listener.local_addr()?.port();
-        // The serving certificate names the in-cluster Service: keep verifying against that name.
-        for c in kc.clusters.iter_mut().filter_map(|c| c.cluster.as_mut()) {
-            c.server = Some(format!("https://127.0.0.1:{port}"));
-            c.tls_server_name = Some(format!("{}.{ns}.svc", names::service(&self.target.name)));
-        }
-        eprintln!("forwarding 127.0.0.1:{port} -> {ns}/{pod}:8443");
-        let serve = tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let (pods, pod) = (pods.clone(), pod.clone());
-                tokio::spawn(async move {
-                    let mut fwd = match pods.portforward(&pod, &[8443]).await {
-                        Ok(f) => f,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "port-forward failed");
-                            return;
-                        }
-                    };
-                    if let Some(mut upstream) = fwd.take_stream(8443) {
-                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
-                    }
-                    drop(fwd);
-                });
-            }
-        });
-        Ok((kc, serve))
+/// Listens on a local port that forwards to the control-plane pod; the kubeconfig that goes
+/// through it, and the task that serves it.
+pub async fn port_forward(
+    host: kube::Client,
+    target: &Target,
+    mut kc: Kubeconfig,
+    local_port: u16,
+) -> anyhow::Result<(Kubeconfig, tokio::task::JoinHandle<()>)> {
+    let ns = target.namespace();
+    let pods: Api<Pod> = Api::namespaced(host, &ns);
+    let pod = pods
+        .list(&ListParams::default().labels(&format!("{}={}", names::LABEL_CONTROL_PLANE, target.name)))
+        .await?
+        .items
+        .into_iter()
+        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .and_then(|p| p.metadata.name)
+        .ok_or_else(|| anyhow::anyhow!("no running control-plane pod of {} in {ns}", target.name))?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", local_port)).await?;
+    let port = listener.local_addr()?.port();
+    // The serving certificate names the in-cluster Service: keep verifying against that name.
+    for c in kc.clusters.iter_mut().filter_map(|c| c.cluster.as_mut()) {
+        c.server = Some(format!("https://127.0.0.1:{port}"));
+        c.tls_server_name = Some(format!("{}.{ns}.svc", names::service(&target.name)));
     }
+    eprintln!("forwarding 127.0.0.1:{port} -> {ns}/{pod}:8443");
+    let serve = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (pods, pod) = (pods.clone(), pod.clone());
+            tokio::spawn(async move {
+                let mut fwd = match pods.portforward(&pod, &[8443]).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "port-forward failed");
+                        return;
+                    }
+                };
+                if let Some(mut upstream) = fwd.take_stream(8443) {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+                }
+                drop(fwd);
+            });
+        }
+    });
+    Ok((kc, serve))
 }
 
 /// The admin kubeconfig a control plane published in its host Secret.

@@ -19,7 +19,8 @@ use super::Target;
 #[command(after_help = "Examples:
   vkube create team-a --local              # local processes, e.g. on `vkube dev up`
   vkube create team-a --label team=a       # the Helm chart, in host namespace vkube-team-a
-  vkube create ci-42 --wait=false -f values.yaml")]
+  vkube create ci-42 --wait=false -f values.yaml
+  vkube create ci-43 --local --from-snapshot golden.snapshot   # a fork of a snapshot's state")]
 pub struct CreateArgs {
     #[command(flatten)]
     pub target: Target,
@@ -52,6 +53,10 @@ pub struct CreateArgs {
     /// "Mon-Fri 19:00-08:00 Europe/Berlin".
     #[arg(long)]
     pub sleep_schedule: Option<vkube::controlplane::schedule::Schedule>,
+    /// Start with the state of this snapshot (`vkube snapshot`, of any cluster): a fork with its
+    /// own identity (certificates, service-account keys, host names; pods get fresh tokens).
+    #[arg(long, value_name = "FILE")]
+    pub from_snapshot: Option<PathBuf>,
     /// A label of the cluster (`team=a`), for `vkube list -l team=a`; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
@@ -70,7 +75,20 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 impl CreateArgs {
     pub async fn run(self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let work = async { if self.local { self.create_local().await } else { self.create_chart().await } };
+        if let Some(file) = &self.from_snapshot {
+            if !self.wait {
+                anyhow::bail!("--from-snapshot needs --wait: the snapshot is restored once the cluster answers");
+            }
+            let f = std::fs::File::open(file).with_context(|| format!("opening the snapshot {}", file.display()))?;
+            vkube::snapshot::read_manifest(f)?.check_for(&self.target.name, true)?;
+        }
+        let work = async {
+            if self.local { self.create_local().await } else { self.create_chart().await }?;
+            if let Some(file) = &self.from_snapshot {
+                super::snapshot::restore(&self.target, file, true).await?;
+            }
+            anyhow::Ok(())
+        };
         tokio::time::timeout(self.timeout, work).await.map_err(|_| {
             anyhow::anyhow!(
                 "virtual cluster {} did not become ready within {} s; `vkube list` shows its state, `vkube delete {}` removes it",
@@ -105,6 +123,7 @@ impl CreateArgs {
             timeout,
             run_args: state.run_args,
             labels: vec![],
+            from_snapshot: None,
             sleep_after: None,
             sleep_schedule: None,
         };

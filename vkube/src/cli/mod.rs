@@ -11,6 +11,7 @@ pub mod list;
 pub mod logs;
 pub mod pause;
 pub mod sleep;
+pub mod snapshot;
 pub mod version;
 
 use std::path::PathBuf;

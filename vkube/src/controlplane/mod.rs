@@ -4,6 +4,8 @@
 //! (`vkube create --local`).
 
 pub mod components;
+pub mod etcd;
+pub mod operations;
 pub mod power;
 pub mod schedule;
 pub mod supervisor;
@@ -510,6 +512,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let initial = if args.supervise.supervise { Power::Waking } else { Power::Running };
     let (sleep, sleep_control) =
         vkube_apiproxy::sleep::Sleep::new(initial, args.sleep.sleep_counted_users.clone(), args.sleep.wake_timeout);
+    // `vkube snapshot`, `restore` and `reset` through the proxy, done by the power controller.
+    let (ops_tx, ops_rx) = tokio::sync::mpsc::channel(4);
+    let operations = args.supervise.supervise.then(|| {
+        operations::Operations {
+            ops: ops_tx,
+            dir: args.supervise.state_dir.join("snapshots"),
+            name: args.name.clone(),
+            namespace: args.namespace.clone(),
+            host: host.clone(),
+        }
+        .handler()
+    });
     let proxy = Proxy::new(
         ProxyConfig {
             translator: translator.clone(),
@@ -531,6 +545,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             limits: args.proxy.limits(),
             sleep,
+            operations,
         },
         &mut registry,
     )?;
@@ -577,6 +592,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )?;
         let cidr = args.service_cidr.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
         let apiserver_port = args.virtual_server.parse::<http::Uri>().ok().and_then(|u| u.port_u16()).unwrap_or(6443);
+        let etcd = etcd::EtcdData {
+            data_dir: supervisor::etcd_data_dir(&args.supervise),
+            etcdutl: args.supervise.etcdutl_binary.clone(),
+            client_port: args.supervise.etcd_client_port,
+            peer_port: args.supervise.etcd_peer_port,
+        };
+        etcd.recover()?;
         let controller = power::PowerController {
             host: host.clone(),
             admin: admin.clone(),
@@ -595,6 +617,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 (apiserver_port, "kube-apiserver"),
             ],
             pods_removed: false,
+            etcd,
+            ops: ops_rx,
         };
         let initial = controller.persisted().await?;
         tokio::spawn(controller.run(initial, resuming, shutdown_rx))

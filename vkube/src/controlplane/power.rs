@@ -6,6 +6,7 @@
 //! recreates the host pods. The state, the last activity and the CLI's requests live as
 //! annotations on the control plane's host Service, so a restart comes back as it was.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -16,12 +17,14 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::{mpsc, oneshot};
 use vkube_apiproxy::sleep::{Power, SleepControl};
 use vkube_core::contract::{
     ANNOTATION_LAST_ACTIVITY, ANNOTATION_LAST_ACTIVITY_BY, ANNOTATION_PODS_REMOVED, ANNOTATION_POWER,
     ANNOTATION_POWER_REQUEST, ANNOTATION_POWER_SINCE,
 };
 
+use super::etcd;
 use super::schedule::Schedule;
 use super::supervisor::{Child, Supervisor};
 use crate::names;
@@ -72,6 +75,18 @@ impl PowerMetrics {
     }
 }
 
+/// What vkube's operations (`vkube snapshot`, `restore`, `reset`, served through the proxy) ask
+/// of the controller, which alone starts and stops the components.
+pub enum Op {
+    /// etcd's snapshot into this file; a sleeping cluster's etcd runs alone for it, its
+    /// workloads stay asleep.
+    Snapshot { to: PathBuf, reply: oneshot::Sender<anyhow::Result<etcd::Saved>> },
+    /// etcd's data made from this snapshot (`None`: emptied, a reset) with the syncer and the
+    /// components stopped; a running cluster then starts again and the syncer makes the host
+    /// match (lost host pods recreated, host copies of objects that are gone removed).
+    Restore { db: Option<PathBuf>, reply: oneshot::Sender<anyhow::Result<()>> },
+}
+
 /// Starts and stops the syncer (on its own runtime thread); `recreate` on wake.
 pub trait SyncerRunner: Send {
     fn start(&mut self, recreate_lost_pods: bool) -> anyhow::Result<()>;
@@ -95,6 +110,8 @@ pub struct PowerController<S: SyncerRunner> {
     pub ports: Vec<(u16, &'static str)>,
     /// Host pods were removed by a sleep and are not all back yet (`ANNOTATION_PODS_REMOVED`).
     pub pods_removed: bool,
+    pub etcd: etcd::EtcdData,
+    pub ops: mpsc::Receiver<Op>,
 }
 
 /// What a previous control plane left on the host Service.
@@ -201,6 +218,11 @@ impl<S: SyncerRunner> PowerController<S> {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = self.ctl.wake.notified() => wake_asked = true,
+                Some(op) = self.ops.recv() => {
+                    self.operate(op).await?;
+                    awake_since = Instant::now();
+                    continue;
+                }
                 Some(request) = requests.next() => {
                     self.clear_request().await;
                     let asleep = *self.ctl.power.borrow() == Power::Sleeping;
@@ -252,6 +274,86 @@ impl<S: SyncerRunner> PowerController<S> {
                 if idle >= after {
                     self.sleep(&format!("no activity for {} s", idle.as_secs())).await;
                 }
+            }
+        }
+    }
+
+    async fn operate(&mut self, op: Op) -> anyhow::Result<()> {
+        match op {
+            Op::Snapshot { to, reply } => {
+                let _ = reply.send(self.snapshot(&to).await);
+            }
+            Op::Restore { db, reply } => {
+                let (restored, running) = self.restore(db.as_deref()).await;
+                let what = if db.is_some() { "Restored" } else { "Reset" };
+                match &restored {
+                    Ok(()) => {
+                        self.event(
+                            what,
+                            &format!(
+                                "etcd's data {}",
+                                if db.is_some() {
+                                    "restored from a snapshot"
+                                } else {
+                                    "emptied: the cluster is new again"
+                                }
+                            ),
+                        )
+                        .await
+                    }
+                    Err(e) => self.event("RestoreFailed", &format!("{e:#}")).await,
+                }
+                let _ = reply.send(restored);
+                running?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, to: &Path) -> anyhow::Result<etcd::Saved> {
+        if *self.ctl.power.borrow() == Power::Running {
+            return self.etcd.save(to).await;
+        }
+        self.ports_free()?;
+        self.supervisor.start(self.children.0.clone()).await;
+        let saved = match self.etcd.wait_healthy(Duration::from_secs(60)).await {
+            Ok(()) => self.etcd.save(to).await,
+            Err(e) => Err(e),
+        };
+        self.supervisor.stop_all().await;
+        saved
+    }
+
+    /// Replaces etcd's data (the old stays if that fails): (what the client is told, and whether
+    /// a running cluster runs again; an error there ends the control plane, which restarts).
+    async fn restore(&mut self, db: Option<&Path>) -> (anyhow::Result<()>, anyhow::Result<()>) {
+        let running = *self.ctl.power.borrow() == Power::Running;
+        if running {
+            // Requests that count are held meanwhile, as during a wake.
+            self.ctl.power.send_replace(Power::Waking);
+            self.syncer.stop().await;
+            self.supervisor.stop_all().await;
+        }
+        let replaced = match db {
+            Some(db) => self.etcd.restore(db).await,
+            None => self.etcd.reset(),
+        };
+        if !running {
+            return (replaced, Ok(()));
+        }
+        let again = async {
+            self.start_components().await?;
+            self.syncer.start(true)?;
+            anyhow::Ok(())
+        };
+        match again.await {
+            Ok(()) => {
+                self.ctl.power.send_replace(Power::Running);
+                (replaced, Ok(()))
+            }
+            Err(e) => {
+                let e = e.context("starting the components again after replacing etcd's data");
+                (Err(anyhow::anyhow!("{e:#}")), Err(e))
             }
         }
     }
@@ -408,7 +510,7 @@ impl<S: SyncerRunner> PowerController<S> {
             ..Default::default()
         };
         let event = Event {
-            type_: if reason == "WakeFailed" { EventType::Warning } else { EventType::Normal },
+            type_: if reason.ends_with("Failed") { EventType::Warning } else { EventType::Normal },
             reason: reason.into(),
             note: Some(note.into()),
             action: "Power".into(),

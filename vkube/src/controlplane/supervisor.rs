@@ -47,6 +47,9 @@ pub struct SuperviseArgs {
     pub state_dir: PathBuf,
     #[arg(long, env = "VKUBE_ETCD_BINARY", default_value = "etcd")]
     pub etcd_binary: PathBuf,
+    /// Makes etcd's data directory from a snapshot (`vkube restore`, `vkube reset`).
+    #[arg(long, env = "VKUBE_ETCDUTL_BINARY", default_value = "etcdutl")]
+    pub etcdutl_binary: PathBuf,
     #[arg(long, env = "VKUBE_APISERVER_BINARY", default_value = "kube-apiserver")]
     pub apiserver_binary: PathBuf,
     #[arg(long, env = "VKUBE_CONTROLLER_MANAGER_BINARY", default_value = "kube-controller-manager")]
@@ -457,13 +460,18 @@ fn is_zombie(pid: Pid) -> bool {
 }
 
 /// The three children of a supervised control plane, with the flags `components` writes.
+/// etcd's data directory, in the state directory.
+pub fn etcd_data_dir(args: &SuperviseArgs) -> PathBuf {
+    args.state_dir.join("etcd")
+}
+
 pub fn children(
     args: &SuperviseArgs,
     cert_dir: &Path,
     apiserver_port: u16,
     service_cidr: &str,
 ) -> (Child, Child, Child) {
-    let data_dir = args.state_dir.join("etcd");
+    let data_dir = etcd_data_dir(args);
     let admission = cert_dir.join(super::ADMISSION_FILE);
     let layout = components::Layout {
         cert_dir,

@@ -1,0 +1,246 @@
+//! Snapshots end to end, with the real CLI, kubectl, etcd and etcdutl: `vkube snapshot` of a
+//! running and of a sleeping cluster, `vkube restore` (the virtual state and the host both go
+//! back: nothing orphaned, nothing duplicated), refusals that change nothing, `vkube create
+//! --from-snapshot` (a fork with its own host objects beside the original) and `vkube reset`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::Api;
+use vkube_e2e::{Cli, TestEnv, eventually, kubectl, kubectl_ok};
+use vkube_localenv::Upstream;
+
+const SEED: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: app}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: seed, namespace: app}
+data: {v: "1"}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: app}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: c, image: nginx}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: app}
+spec:
+  selector: {app: web}
+  ports: [{port: 80}]
+"#;
+
+const WIDGET: &str =
+    "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w1, namespace: app}\nspec: {size: 3}\n";
+
+/// The host pods of cluster `name` (in host namespace vkube-NAME) for virtual namespace `app`:
+/// (running ones, all not being deleted).
+async fn host_pods(host: &kube::Client, name: &str) -> (usize, usize) {
+    let pods: Api<Pod> = Api::namespaced(host.clone(), &format!("vkube-{name}"));
+    let list = pods.list(&Default::default()).await.unwrap().items;
+    let app: Vec<&Pod> = list
+        .iter()
+        .filter(|p| p.metadata.labels.as_ref().and_then(|l| l.get("vkube.dev/namespace")).is_some_and(|n| n == "app"))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    let running = app.iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).count();
+    (running, app.len())
+}
+
+async fn wait_host_pods(host: &kube::Client, name: &str, want: usize) {
+    eventually(
+        &format!("{want} host pods of {name}'s namespace app, all Running"),
+        Duration::from_secs(90),
+        || async {
+            let (running, all) = host_pods(host, name).await;
+            Ok((running == want && all == want).then_some(()).ok_or(format!("{running} running of {all}")).ok())
+        },
+    )
+    .await;
+}
+
+fn names(up: &Upstream, kc: &Path, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "name"]);
+    let mut v: Vec<String> = kubectl_ok(up, kc, &all).lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+fn fails_saying(out: std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(needle), "expected a failure saying {needle:?}, got {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_fork_and_reset() {
+    let env = TestEnv::start(1).await;
+    let up = Upstream::locate().unwrap();
+    let host = env.client().await;
+    let cli = Cli::new(&env);
+    let dir = cli.state.path().to_path_buf();
+    cli.ok(&["create", "golden", "--local"]);
+    let kc = dir.join("golden.kubeconfig");
+    std::fs::write(&kc, cli.ok(&["connect", "golden", "--print"])).unwrap();
+    vkube_e2e::kubectl_apply(&up, &kc, SEED);
+    kubectl_ok(&up, &kc, &["wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=60s"]);
+    vkube_e2e::kubectl_apply(&up, &kc, WIDGET);
+    wait_host_pods(&host, "golden", 2).await;
+
+    // Taken while it runs; the file says what it is, without keys unless asked.
+    let file = dir.join("golden.snapshot");
+    cli.ok(&["snapshot", "golden", "-o", file.to_str().unwrap()]);
+    let manifest = vkube::snapshot::read_manifest(std::fs::File::open(&file).unwrap()).unwrap();
+    assert_eq!(manifest.cluster, "golden");
+    assert!(!manifest.has_pki(), "{manifest:?}");
+    let with_keys = cli.command(&["snapshot", "golden", "-o", "-", "--include-pki"]).output().unwrap();
+    assert!(with_keys.status.success(), "{}", String::from_utf8_lossy(&with_keys.stderr));
+    let keyed = vkube::snapshot::read_manifest(with_keys.stdout.as_slice()).unwrap();
+    assert!(keyed.parts.iter().any(|p| p.name == "pki/ca.key"), "{keyed:?}");
+
+    // Only the cluster's admins may: a service account with the view role is refused.
+    kubectl_ok(&up, &kc, &["create", "serviceaccount", "viewer"]);
+    kubectl_ok(
+        &up,
+        &kc,
+        &["create", "clusterrolebinding", "viewer", "--clusterrole=view", "--serviceaccount=default:viewer"],
+    );
+    let token = kubectl_ok(&up, &kc, &["create", "token", "viewer"]);
+    let viewer = dir.join("viewer.kubeconfig");
+    let ca = kubectl_ok(
+        &up,
+        &kc,
+        &["config", "view", "--raw", "--minify", "-o", "jsonpath={.clusters[0].cluster.certificate-authority-data}"],
+    );
+    std::fs::write(
+        &viewer,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{}', certificate-authority-data: {ca}}}}}]\nusers: [{{name: u, user: {{token: {}}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: u}}}}]\ncurrent-context: c\n",
+            server_of(&up, &kc),
+            token.trim()
+        ),
+    )
+    .unwrap();
+    kubectl_ok(&up, &viewer, &["get", "configmaps", "-n", "app"]);
+    fails_saying(
+        kubectl(&up, &viewer, &["get", "--raw", "/vkube/v1/snapshot"]),
+        "cannot get path \"/vkube/v1/snapshot\"",
+    );
+
+    // Changes after the snapshot: one deleted, one added, a scale-up, a bare pod.
+    let before = names(&up, &kc, &["configmaps,deployments,services,widgets", "-n", "app"]);
+    kubectl_ok(&up, &kc, &["delete", "configmap", "seed", "-n", "app"]);
+    kubectl_ok(&up, &kc, &["create", "configmap", "later", "-n", "app"]);
+    kubectl_ok(&up, &kc, &["scale", "deployment", "web", "-n", "app", "--replicas=3"]);
+    kubectl_ok(&up, &kc, &["run", "extra", "-n", "app", "--image=nginx"]);
+    wait_host_pods(&host, "golden", 4).await;
+
+    // Refused, and nothing changes: a damaged file, and another cluster's snapshot.
+    let damaged = dir.join("damaged.snapshot");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&damaged, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let out = cli.run(&["restore", "golden", "--from", damaged.to_str().unwrap()]);
+    assert!(!out.status.success(), "a cut-off snapshot restored");
+    kubectl_ok(&up, &kc, &["get", "configmap", "later", "-n", "app"]);
+
+    let restore_started = Instant::now();
+    let result: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["restore", "golden", "--from", file.to_str().unwrap(), "-o", "json"])).unwrap();
+    let restore_took = restore_started.elapsed();
+    assert_eq!(result["cluster"], "golden", "{result}");
+    assert_eq!(names(&up, &kc, &["configmaps,deployments,services,widgets", "-n", "app"]), before);
+    assert_eq!(kubectl_ok(&up, &kc, &["get", "configmap", "seed", "-n", "app", "-o", "jsonpath={.data.v}"]), "1");
+    assert_eq!(kubectl_ok(&up, &kc, &["get", "widget", "w1", "-n", "app", "-o", "jsonpath={.spec.size}"]), "3");
+    // The host follows: the pods of the snapshot run, the bare pod and the third replica are gone.
+    wait_host_pods(&host, "golden", 2).await;
+    eventually("exactly the snapshot's pods, virtual and host", Duration::from_secs(60), || async {
+        let virt = names(&up, &kc, &["pods", "-n", "app"]);
+        let (_, on_host) = host_pods(&host, "golden").await;
+        let ok = virt.len() == 2 && on_host == 2 && !virt.iter().any(|p| p.ends_with("/extra"));
+        Ok(ok.then_some(()).ok_or(format!("virtual {virt:?}, {on_host} on the host")).ok())
+    })
+    .await;
+
+    // A fork: a new cluster with the snapshot's state and its own host objects and identity.
+    let fork_started = Instant::now();
+    cli.ok(&["create", "fork1", "--local", "--from-snapshot", file.to_str().unwrap()]);
+    let fork_took = fork_started.elapsed();
+    let fkc = dir.join("fork1.kubeconfig");
+    std::fs::write(&fkc, cli.ok(&["connect", "fork1", "--print"])).unwrap();
+    assert_eq!(names(&up, &fkc, &["configmaps,deployments,services,widgets", "-n", "app"]), before);
+    wait_host_pods(&host, "fork1", 2).await;
+    wait_host_pods(&host, "golden", 2).await;
+    // Its Service got an address of its own on the host, and the virtual Service follows it.
+    eventually("the fork's Service web with its host copy's ClusterIP", Duration::from_secs(60), || async {
+        let virt = kubectl_ok(&up, &fkc, &["get", "service", "web", "-n", "app", "-o", "jsonpath={.spec.clusterIP}"]);
+        let hosts: Api<Service> = Api::namespaced(host.clone(), "vkube-fork1");
+        let on_host = hosts.list(&Default::default()).await.map_err(|e| e.to_string())?.items;
+        let same = on_host.iter().any(|s| {
+            s.metadata.annotations.as_ref().and_then(|a| a.get("vkube.dev/object-name")).is_some_and(|n| n == "web")
+                && s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some(virt.as_str())
+        });
+        Ok(same.then_some(()))
+    })
+    .await;
+    let golden_ip = kubectl_ok(&up, &kc, &["get", "service", "web", "-n", "app", "-o", "jsonpath={.spec.clusterIP}"]);
+    let fork_ip = kubectl_ok(&up, &fkc, &["get", "service", "web", "-n", "app", "-o", "jsonpath={.spec.clusterIP}"]);
+    assert_ne!(golden_ip, fork_ip, "two clusters' Services on one host cannot share an address");
+    // Its own identity: the golden cluster's admin credentials are not the fork's.
+    assert!(!kubectl(&up, &kc, &["--server", &server_of(&up, &fkc), "get", "ns"]).status.success());
+    // The snapshot is golden's: restoring it into the fork (not a fork) is refused.
+    fails_saying(cli.run(&["restore", "fork1", "--from", file.to_str().unwrap()]), "not \"fork1\"");
+
+    // A reset: the fork is empty again, its workloads leave the host; golden is untouched.
+    cli.ok(&["reset", "fork1"]);
+    assert!(!kubectl(&up, &fkc, &["get", "namespace", "app"]).status.success(), "namespace app is gone");
+    kubectl_ok(&up, &fkc, &["get", "namespace", "default"]);
+    wait_host_pods(&host, "fork1", 0).await;
+    wait_host_pods(&host, "golden", 2).await;
+
+    // From a sleeping cluster: the snapshot is taken without waking it.
+    cli.ok(&["sleep", "golden"]);
+    let asleep = dir.join("asleep.snapshot");
+    cli.ok(&["snapshot", "golden", "-o", asleep.to_str().unwrap()]);
+    let svc = Api::<Service>::namespaced(host.clone(), "vkube-golden").get("golden").await.unwrap();
+    let power = svc.metadata.annotations.unwrap_or_default().get("vkube.dev/power").cloned();
+    assert_eq!(power.as_deref(), Some("Sleeping"), "the snapshot woke it");
+    assert_eq!(host_pods(&host, "golden").await.1, 0, "its workloads stayed asleep");
+    // And restored while asleep: it wakes with that state.
+    cli.ok(&["restore", "golden", "--from", asleep.to_str().unwrap()]);
+    cli.ok(&["wake", "golden"]);
+    assert_eq!(names(&up, &kc, &["configmaps,deployments,services,widgets", "-n", "app"]), before);
+    wait_host_pods(&host, "golden", 2).await;
+    eprintln!(
+        "restore took {:.1} s, a fork (create --from-snapshot) {:.1} s",
+        restore_took.as_secs_f64(),
+        fork_took.as_secs_f64()
+    );
+}
+
+fn server_of(up: &Upstream, kc: &Path) -> String {
+    kubectl_ok(up, kc, &["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"])
+}

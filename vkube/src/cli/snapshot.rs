@@ -1,0 +1,245 @@
+//! `vkube snapshot NAME -o FILE`, `vkube restore NAME --from FILE`, `vkube reset NAME`: a virtual
+//! cluster's state saved, put back, or emptied. They call the cluster's API proxy with its admin
+//! kubeconfig (`/vkube/v1/...`, authorized by the virtual API server's RBAC), directly for a
+//! local cluster and through a port-forward to the control-plane pod for a chart's.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Args;
+use futures::TryStreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use kube::client::ConfigExt;
+use tokio::io::AsyncWriteExt;
+use vkube_apiproxy::ProxyBody;
+use vkube_apiproxy::route::Operation;
+
+use super::clusters::{self, Mode};
+use super::{Output, Target, connect};
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  vkube snapshot team-a -o team-a.snapshot
+  vkube snapshot team-a -o - > team-a.snapshot
+  vkube snapshot team-a -o team-a-with-keys.snapshot --include-pki
+
+Taken from a running or a sleeping cluster (its workloads stay asleep). Restore it with
+`vkube restore team-a --from team-a.snapshot`, or make a new cluster from it with
+`vkube create NEW --from-snapshot team-a.snapshot`.")]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The file to write (`-`: standard output).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: String,
+    /// Include the cluster's certificates and keys (whoever holds the file can then act as the
+    /// cluster's admin: keep it as safe as the admin kubeconfig).
+    #[arg(long)]
+    pub include_pki: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  vkube restore team-a --from team-a.snapshot
+
+The cluster's state becomes the snapshot's: its control plane stops, etcd's data is replaced and it
+starts again; the host follows (pods recreated, host copies of objects that are gone removed). A
+snapshot of another cluster, of a newer vkube or Kubernetes, or damaged, is refused and nothing
+changes.")]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The snapshot file (`vkube snapshot`).
+    #[arg(long = "from", value_name = "FILE")]
+    pub from: PathBuf,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  vkube reset team-a
+
+Everything in the virtual cluster is deleted: it is as freshly created (same name, certificates and
+kubeconfig), and its workloads' host objects are removed. Take a snapshot first to keep it.")]
+pub struct ResetArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+impl SnapshotArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let proxy = ProxyClient::connect(&self.target).await?;
+        eprintln!("taking a snapshot of virtual cluster {}", self.target.name);
+        let path = format!("{}{}", Operation::Snapshot.path(), if self.include_pki { "?pki=true" } else { "" });
+        let resp = proxy.call(Operation::Snapshot.method(), &path, vkube_apiproxy::empty(), None).await?;
+        let summary: serde_json::Value = resp
+            .headers()
+            .get("x-vkube-snapshot")
+            .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
+            .unwrap_or_default();
+        let mut body = resp.into_body();
+        let to_stdout = self.output == "-";
+        let partial = PathBuf::from(format!("{}.partial", self.output));
+        let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if to_stdout {
+            Box::new(tokio::io::stdout())
+        } else {
+            Box::new(
+                tokio::fs::File::create(&partial).await.with_context(|| format!("creating {}", partial.display()))?,
+            )
+        };
+        let mut bytes = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| anyhow::anyhow!("the snapshot stream broke off: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data).await?;
+                bytes += data.len() as u64;
+            }
+        }
+        out.flush().await?;
+        drop(out);
+        if !to_stdout {
+            std::fs::rename(&partial, &self.output).with_context(|| format!("writing {}", self.output))?;
+        }
+        eprintln!(
+            "snapshot of {} taken in {:.1} s: {} bytes ({} bytes of etcd data{}){}",
+            self.target.name,
+            started.elapsed().as_secs_f64(),
+            bytes,
+            summary["etcdBytes"],
+            if self.include_pki { ", with its certificates and keys" } else { "" },
+            if to_stdout { String::new() } else { format!(" -> {}", self.output) }
+        );
+        Ok(())
+    }
+}
+
+impl RestoreArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let result = restore(&self.target, &self.from, false).await?;
+        if !self.output.print(&result)? {
+            eprintln!(
+                "virtual cluster {} restored from its snapshot of {} in {:.1} s",
+                self.target.name,
+                result["created"],
+                result["seconds"].as_f64().unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl ResetArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let proxy = ProxyClient::connect(&self.target).await?;
+        eprintln!("resetting virtual cluster {}: everything in it is deleted", self.target.name);
+        let resp =
+            proxy.call(Operation::Reset.method(), Operation::Reset.path(), vkube_apiproxy::empty(), None).await?;
+        let result = json_of(resp).await?;
+        if !self.output.print(&result)? {
+            eprintln!(
+                "virtual cluster {} reset in {:.1} s",
+                self.target.name,
+                result["seconds"].as_f64().unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Makes `target`'s state the snapshot's (`fork`: a snapshot of another cluster, for a new one).
+pub async fn restore(target: &Target, file: &Path, fork: bool) -> anyhow::Result<serde_json::Value> {
+    // The manifest first: a file that is not a snapshot, or of another cluster, fails here.
+    let manifest = vkube::snapshot::read_manifest(
+        std::fs::File::open(file).with_context(|| format!("opening the snapshot {}", file.display()))?,
+    )?;
+    manifest.check_for(&target.name, fork)?;
+    let proxy = ProxyClient::connect(target).await?;
+    eprintln!(
+        "restoring virtual cluster {} from the snapshot of {} taken {}",
+        target.name, manifest.cluster, manifest.created
+    );
+    let f = tokio::fs::File::open(file).await?;
+    let len = f.metadata().await?.len();
+    let frames = tokio_util::io::ReaderStream::new(f).map_ok(Frame::data).map_err(vkube_apiproxy::BoxError::from);
+    let path = format!("{}{}", Operation::Restore.path(), if fork { "?fork=true" } else { "" });
+    let resp =
+        proxy.call(Operation::Restore.method(), &path, StreamBody::new(frames).boxed_unsync(), Some(len)).await?;
+    json_of(resp).await
+}
+
+async fn json_of(resp: http::Response<hyper::body::Incoming>) -> anyhow::Result<serde_json::Value> {
+    let body = resp.into_body().collect().await?.to_bytes();
+    serde_json::from_slice(&body).context("the control plane's answer is not JSON")
+}
+
+/// An HTTPS client of the cluster's API proxy with its admin credentials.
+struct ProxyClient {
+    base: String,
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        ProxyBody,
+    >,
+    /// The port-forward it goes through (a chart's cluster), stopped with it.
+    forward: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for ProxyClient {
+    fn drop(&mut self) {
+        if let Some(f) = self.forward.take() {
+            f.abort();
+        }
+    }
+}
+
+impl ProxyClient {
+    async fn connect(target: &Target) -> anyhow::Result<Self> {
+        let host = super::host_client().await?;
+        let cluster = clusters::require(&host, target).await?;
+        let kc = connect::admin_kubeconfig(&host, target).await?;
+        let (kc, forward) = match cluster.mode {
+            Mode::Local => (kc, None),
+            Mode::Chart => {
+                let (kc, task) = connect::port_forward(host, target, kc, 0).await?;
+                (kc, Some(task))
+            }
+        };
+        let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .context("the cluster's admin kubeconfig")?;
+        let connector = config.rustls_https_connector().context("the cluster's admin kubeconfig")?;
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        Ok(ProxyClient { base: config.cluster_url.to_string().trim_end_matches('/').to_string(), client, forward })
+    }
+
+    /// Sends one request; a refusal is an error with the control plane's message.
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: ProxyBody,
+        len: Option<u64>,
+    ) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
+        let mut req = http::Request::builder().method(method).uri(format!("{}{path}", self.base));
+        if let Some(len) = len {
+            req = req.header(http::header::CONTENT_LENGTH, len).header(http::header::CONTENT_TYPE, "application/gzip");
+        }
+        let resp = self.client.request(req.body(body)?).await.context("reaching the cluster's API proxy")?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_else(|_| Bytes::new());
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        bail!("{message} ({status})")
+    }
+}
