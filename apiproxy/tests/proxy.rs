@@ -105,6 +105,7 @@ fn pki() -> Bundle {
             LeafSpec::server("apiserver", "ca", &["localhost".into()], &["127.0.0.1".parse().unwrap()]),
             LeafSpec::client("front-proxy-client", "ca", "front-proxy-client", None),
             LeafSpec::client("alice", "ca", "alice", Some("dev")),
+            LeafSpec::client("root", "ca", "root", Some("system:masters")),
         ],
         key_pairs: vec![],
     };
@@ -127,6 +128,15 @@ async fn serve_proxy_with(api: SocketAddr, limits: ProxyLimits) -> Running {
 }
 
 async fn serve_sleepy_proxy(api: SocketAddr, limits: ProxyLimits, sleep: Sleep) -> Running {
+    serve_proxy_serving(api, limits, sleep, None).await
+}
+
+async fn serve_proxy_serving(
+    api: SocketAddr,
+    limits: ProxyLimits,
+    sleep: Sleep,
+    operations: Option<vkube_apiproxy::Operations>,
+) -> Running {
     let pki = pki();
     let get = |f: &str| pki.get(f).unwrap().to_string();
     let mut registry = Registry::default();
@@ -146,7 +156,7 @@ async fn serve_sleepy_proxy(api: SocketAddr, limits: ProxyLimits, sleep: Sleep) 
             live: std::sync::Arc::new(|| Ok(())),
             limits,
             sleep,
-            operations: None,
+            operations,
         },
         &mut registry,
     )
@@ -161,6 +171,8 @@ enum Credential {
     None,
     Token,
     Cert,
+    /// A client certificate in the group system:masters (the admin kubeconfig's).
+    Masters,
 }
 
 impl Running {
@@ -184,6 +196,9 @@ impl Running {
         let config = match cred {
             Credential::Cert => {
                 tls::client_config(ca, self.pki.get("alice.crt").unwrap(), self.pki.get("alice.key").unwrap())
+            }
+            Credential::Masters => {
+                tls::client_config(ca, self.pki.get("root.crt").unwrap(), self.pki.get("root.key").unwrap())
             }
             _ => rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
@@ -465,4 +480,62 @@ async fn a_token_seen_while_awake_wakes_a_sleeping_cluster() {
     assert!(body["message"].as_str().unwrap().starts_with("the virtual API server is unreachable"), "{body}");
     let ctl = tokio::time::timeout(Duration::from_secs(5), woken).await.expect("woken").unwrap();
     assert_eq!(*ctl.power.borrow(), Power::Running);
+}
+
+/// Operations that answer 200 and count their calls.
+fn counted_operations() -> (vkube_apiproxy::Operations, Arc<std::sync::atomic::AtomicUsize>) {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let ops: vkube_apiproxy::Operations = Arc::new(move |op, _req| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move { Ok(Response::new(vkube_apiproxy::full(Bytes::from(format!("\"{}\"", op.path()))))) })
+    });
+    (ops, calls)
+}
+
+#[tokio::test]
+async fn vkube_operations_need_rbac_on_their_path_and_never_wake_the_cluster() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (ops, calls) = counted_operations();
+    let allowed =
+        serve_proxy_serving(fake_api_server(Sar::Allow).await, Default::default(), Sleep::always_running(), Some(ops))
+            .await;
+    let (code, body) = allowed.get("/vkube/v1/snapshot", Credential::Token, &[]).await;
+    assert_eq!((code, body.as_str()), (StatusCode::OK, Some("/vkube/v1/snapshot")));
+    let (code, _) = allowed.get("/vkube/v1/restore", Credential::Token, &[]).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "restore is a POST");
+    assert_eq!(calls.load(SeqCst), 1);
+
+    let (ops, calls) = counted_operations();
+    let denied =
+        serve_proxy_serving(fake_api_server(Sar::Deny).await, Default::default(), Sleep::always_running(), Some(ops))
+            .await;
+    for cred in [Credential::Token, Credential::Cert] {
+        let (code, body) = denied.request(http::Method::POST, "/vkube/v1/reset", cred, &[]).await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+        assert!(body["message"].as_str().unwrap().contains("cannot create path \"/vkube/v1/reset\""), "{body}");
+    }
+    let (code, _) = denied.get("/vkube/v1/snapshot", Credential::None, &[]).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    assert_eq!(calls.load(SeqCst), 0, "nothing refused reached the operation");
+
+    // Asleep, nothing can ask RBAC: only the admin's system:masters certificate, unimpersonated.
+    let (ops, calls) = counted_operations();
+    let (sleep, ctl) = Sleep::new(Power::Sleeping, vec![], Duration::from_secs(5));
+    let asleep = serve_proxy_serving(fake_api_server(Sar::Allow).await, Default::default(), sleep, Some(ops)).await;
+    for (cred, headers) in [(Credential::Token, &[][..]), (Credential::Cert, &[]), (Credential::Masters, AS_BOB)] {
+        let (code, body) = asleep.get("/vkube/v1/snapshot", cred, headers).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body["message"].as_str().unwrap().contains("system:masters"), "{body}");
+    }
+    let (code, _) = asleep.get("/vkube/v1/snapshot", Credential::Masters, &[]).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(calls.load(SeqCst), 1);
+    assert_eq!(*ctl.power.borrow(), Power::Sleeping, "an operation never wakes it");
+    assert!(ctl.activity.last().is_none(), "nor counts as activity");
+
+    // A control plane that serves none answers 404.
+    let none = serve_proxy(fake_api_server(Sar::Allow).await).await;
+    let (code, _) = none.get("/vkube/v1/snapshot", Credential::Token, &[]).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
 }
