@@ -34,28 +34,32 @@ impl HostSubresource {
 /// cluster's admins: what `vkube snapshot`, `vkube restore` and `vkube reset` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
-    /// `GET /vkube/v1/snapshot[?pki=true]`: the cluster's snapshot file.
+    /// `GET /vkube/v1/snapshot[?pki=true | ?from=SCHEDULED]`: a snapshot file, new or kept.
     Snapshot,
-    /// `POST /vkube/v1/restore[?fork=true]`, a snapshot file as the body.
+    /// `POST /vkube/v1/restore[?fork=true]`, a snapshot file as the body, or
+    /// `?from=SCHEDULED` for one the control plane keeps.
     Restore,
     /// `POST /vkube/v1/reset`: back to a freshly created cluster.
     Reset,
+    /// `GET /vkube/v1/snapshots`: the scheduled snapshots the control plane keeps.
+    List,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 3] = [Operation::Snapshot, Operation::Restore, Operation::Reset];
+    pub const ALL: [Operation; 4] = [Operation::Snapshot, Operation::Restore, Operation::Reset, Operation::List];
 
     pub fn path(self) -> &'static str {
         match self {
             Operation::Snapshot => "/vkube/v1/snapshot",
             Operation::Restore => "/vkube/v1/restore",
             Operation::Reset => "/vkube/v1/reset",
+            Operation::List => "/vkube/v1/snapshots",
         }
     }
 
     pub fn method(self) -> Method {
         match self {
-            Operation::Snapshot => Method::GET,
+            Operation::Snapshot | Operation::List => Method::GET,
             Operation::Restore | Operation::Reset => Method::POST,
         }
     }
@@ -64,7 +68,7 @@ impl Operation {
     /// granted to others only by a ClusterRole naming the path.
     pub fn verb(self) -> &'static str {
         match self {
-            Operation::Snapshot => "get",
+            Operation::Snapshot | Operation::List => "get",
             Operation::Restore | Operation::Reset => "create",
         }
     }

@@ -81,6 +81,9 @@ resources:
 sleep:
   after: 30m
   schedule: Mon-Fri 19:00-08:00 Europe/Berlin
+snapshots:
+  schedule: 6h
+  keep: 3
 serviceNodePortRange: 31000-31999
 logFilter: debug
 logFormat: json
@@ -342,6 +345,7 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 !run.contains_key("VKUBE_SLEEP_AFTER") && !run.contains_key("VKUBE_SLEEP_SCHEDULE"),
                 "sleep is off"
             );
+            assert!(!run.contains_key("VKUBE_SNAPSHOT_SCHEDULE"), "scheduled snapshots are off");
         } else {
             let want = [
                 ("VKUBE_POD_SECURITY", "restricted"),
@@ -356,6 +360,8 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 ("RUST_LOG", "debug"),
                 ("VKUBE_SLEEP_AFTER", "30m"),
                 ("VKUBE_SLEEP_SCHEDULE", "Mon-Fri 19:00-08:00 Europe/Berlin"),
+                ("VKUBE_SNAPSHOT_SCHEDULE", "6h"),
+                ("VKUBE_SNAPSHOT_KEEP", "3"),
                 ("VKUBE_SERVICE_NODE_PORT_RANGE", "31000-31999"),
             ];
             for (k, v) in want {

@@ -252,7 +252,8 @@ spec:
 /// container: `vkube run --supervise` with etcd, kube-apiserver and kube-controller-manager as
 /// its children) becomes Ready, and the cluster is reached through `vkube connect --port-forward`
 /// and, from a host pod, through the proxy's Service; its workloads run on the node; it sleeps
-/// and a request wakes it; pause, resume (the data kept on its volume) and delete.
+/// and a request wakes it; a snapshot of it asleep restored awake; pause, resume (the data kept on
+/// its volume) and delete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_runs_for_real() {
     let _turn = ONE_REAL_NODE.lock().await;
@@ -342,7 +343,17 @@ spec:
     assert_eq!(phase, "Running", "the control-plane pod stays while asleep");
     let logged = cli.ok(&["logs", "team-r", "kube-apiserver", "--tail", "3"]);
     assert_eq!(logged.lines().count(), 3, "the API server's log, read in the pod: {logged}");
+    // A snapshot through a port-forward, of the sleeping cluster (its etcd alone runs for it).
+    let snapshot = cli.state.path().join("team-r.snapshot");
+    cli.ok(&["snapshot", "team-r", "-o", snapshot.to_str().unwrap()]);
+    assert!(others().is_empty(), "the snapshot woke the workloads");
     assert_eq!(through_forward(&["get", "deployments", "-o", "name"]).trim(), "deployment.apps/web", "woken");
+    through_forward(&["rollout", "status", "deployment/web", "--timeout=120s"]);
+    // Restored in the pod (etcdutl from the image): what came after the snapshot is gone.
+    through_forward(&["create", "configmap", "later"]);
+    cli.ok(&["restore", "team-r", "--from", snapshot.to_str().unwrap()]);
+    let later = cli.run(&["connect", "team-r", "--port-forward", "--", &kubectl_bin, "get", "configmap", "later"]);
+    assert!(!later.status.success(), "the ConfigMap made after the snapshot survived the restore");
     through_forward(&["rollout", "status", "deployment/web", "--timeout=120s"]);
 
     // Pause stops the pod and the workloads; resume brings both back with the data on the volume.

@@ -1,7 +1,8 @@
 //! Snapshots end to end, with the real CLI, kubectl, etcd and etcdutl: `vkube snapshot` of a
 //! running and of a sleeping cluster, `vkube restore` (the virtual state and the host both go
 //! back: nothing orphaned, nothing duplicated), refusals that change nothing, `vkube create
-//! --from-snapshot` (a fork with its own host objects beside the original) and `vkube reset`.
+//! --from-snapshot` (a fork with its own host objects beside the original), scheduled snapshots
+//! (kept, listed, restored by name) and `vkube reset`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -187,7 +188,8 @@ async fn snapshot_restore_fork_and_reset() {
 
     // A fork: a new cluster with the snapshot's state and its own host objects and identity.
     let fork_started = Instant::now();
-    cli.ok(&["create", "fork1", "--local", "--from-snapshot", file.to_str().unwrap()]);
+    let file_arg = file.to_str().unwrap();
+    cli.ok(&["create", "fork1", "--local", "--from-snapshot", file_arg, "--snapshot-schedule=3s", "--snapshot-keep=2"]);
     let fork_took = fork_started.elapsed();
     let fkc = dir.join("fork1.kubeconfig");
     std::fs::write(&fkc, cli.ok(&["connect", "fork1", "--print"])).unwrap();
@@ -213,6 +215,36 @@ async fn snapshot_restore_fork_and_reset() {
     assert!(!kubectl(&up, &kc, &["--server", &server_of(&up, &fkc), "get", "ns"]).status.success());
     // The snapshot is golden's: restoring it into the fork (not a fork) is refused.
     fails_saying(cli.run(&["restore", "fork1", "--from", file.to_str().unwrap()]), "not \"fork1\"");
+
+    // Scheduled snapshots: taken every 3 s while it runs, the newest 2 kept, listed, downloaded
+    // and restored by name.
+    let kept = eventually("two scheduled snapshots of fork1, and a third taken since", Duration::from_secs(60), || {
+        let cli = &cli;
+        async move {
+            let list: serde_json::Value = serde_json::from_str(&cli.ok(&["snapshots", "fork1", "-o", "json"])).unwrap();
+            let names: Vec<String> =
+                list.as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap().into()).collect();
+            assert!(names.len() <= 2, "more kept than --snapshot-keep: {names:?}");
+            Ok((names.len() == 2).then_some(names))
+        }
+    })
+    .await;
+    assert!(kept.iter().all(|n| n.starts_with("fork1-") && n.ends_with(".snapshot")), "{kept:?}");
+    eventually("the oldest kept snapshot replaced by a newer one", Duration::from_secs(60), || async {
+        let list: serde_json::Value = serde_json::from_str(&cli.ok(&["snapshots", "fork1", "-o", "json"])).unwrap();
+        let now: Vec<&str> = list.as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+        Ok((!now.contains(&kept[1].as_str())).then_some(()))
+    })
+    .await;
+    let list: serde_json::Value = serde_json::from_str(&cli.ok(&["snapshots", "fork1", "-o", "json"])).unwrap();
+    let newest = list[0]["name"].as_str().unwrap().to_string();
+    let downloaded = dir.join("kept.snapshot");
+    cli.ok(&["snapshot", "fork1", "--scheduled", &newest, "-o", downloaded.to_str().unwrap()]);
+    assert_eq!(vkube::snapshot::read_manifest(std::fs::File::open(&downloaded).unwrap()).unwrap().cluster, "fork1");
+    kubectl_ok(&up, &fkc, &["create", "configmap", "after-kept", "-n", "app"]);
+    cli.ok(&["restore", "fork1", "--scheduled", &newest]);
+    assert!(!kubectl(&up, &fkc, &["get", "configmap", "after-kept", "-n", "app"]).status.success());
+    fails_saying(cli.run(&["restore", "fork1", "--scheduled", "nosuch.snapshot"]), "no kept snapshot");
 
     // A reset: the fork is empty again, its workloads leave the host; golden is untouched.
     cli.ok(&["reset", "fork1"]);

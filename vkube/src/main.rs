@@ -66,6 +66,8 @@ enum Command {
     Wake(cli::sleep::PowerArgs),
     /// Save a virtual cluster's state to a file (running or asleep).
     Snapshot(cli::snapshot::SnapshotArgs),
+    /// List the scheduled snapshots a virtual cluster's control plane keeps.
+    Snapshots(cli::snapshot::ListArgs),
     /// Make a virtual cluster's state a snapshot's again.
     Restore(cli::snapshot::RestoreArgs),
     /// Empty a virtual cluster: as freshly created, with the same name and credentials.
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
             Command::Sleep(a) => ok(a.sleep().await),
             Command::Wake(a) => ok(a.wake().await),
             Command::Snapshot(a) => ok(a.run().await),
+            Command::Snapshots(a) => ok(a.run().await),
             Command::Restore(a) => ok(a.run().await),
             Command::Reset(a) => ok(a.run().await),
             Command::Dev(cmd) => ok(cmd.run().await),

@@ -30,6 +30,8 @@ struct Args {
     /// Only scenarios 1 (ready) and 8 (sleep mode), printed and written to
     /// target/bench/sleep.json; the docs are left alone.
     sleep_only: bool,
+    /// Only scenarios 1 (ready) and 9 (forks), printed and written to target/bench/forks.json.
+    forks_only: bool,
     /// Only rewrite docs/benchmarks.md from target/bench/results.json (after editing the notes).
     docs_only: bool,
 }
@@ -42,6 +44,7 @@ fn args() -> Args {
         ready_runs: 3,
         sleepers: 20,
         sleep_only: false,
+        forks_only: false,
         docs_only: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -55,6 +58,7 @@ fn args() -> Args {
             "--ready-runs" => a.ready_runs = num(),
             "--sleepers" => a.sleepers = num(),
             "--sleep-only" => a.sleep_only = true,
+            "--forks-only" => a.forks_only = true,
             "--docs-only" => a.docs_only = true,
             "--quick" => {
                 a.pods = 200;
@@ -65,7 +69,7 @@ fn args() -> Args {
             }
             other => {
                 panic!(
-                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --quick, --docs-only"
+                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --quick, --docs-only"
                 )
             }
         }
@@ -239,18 +243,21 @@ async fn main() {
         );
     }
 
-    if a.sleep_only {
-        step(&format!("8. sleep mode: sleeping footprint, wake, and {} clusters asleep side by side", a.sleepers));
-        sleep_mode(&mut r, &env, &host, a.sleepers).await;
+    if a.sleep_only || a.forks_only {
+        let file = if a.sleep_only {
+            step(&format!("8. sleep mode: sleeping footprint, wake, and {} clusters asleep side by side", a.sleepers));
+            sleep_mode(&mut r, &env, &host, a.sleepers).await;
+            "sleep.json"
+        } else {
+            step(FORKS_STEP);
+            forks(&mut r, &env, &host).await;
+            "forks.json"
+        };
         let rows: serde_json::Map<String, serde_json::Value> =
             r.rows.iter().map(|(k, v, u, n)| (k.clone(), json!({"value": v, "unit": u, "note": n}))).collect();
         std::fs::create_dir_all(results_dir()).unwrap();
-        std::fs::write(results_dir().join("sleep.json"), serde_json::to_string_pretty(&rows).unwrap()).unwrap();
-        println!(
-            "
-wrote target/bench/sleep.json ({:.0} s)",
-            started.elapsed().as_secs_f64()
-        );
+        std::fs::write(results_dir().join(file), serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+        println!("\nwrote target/bench/{file} ({:.0} s)", started.elapsed().as_secs_f64());
         return;
     }
 
@@ -426,7 +433,76 @@ wrote target/bench/sleep.json ({:.0} s)",
         step(&format!("8. sleep mode: sleeping footprint, wake, and {} clusters asleep side by side", a.sleepers));
         sleep_mode(&mut r, &env, &host, a.sleepers).await;
     }
+    step(FORKS_STEP);
+    forks(&mut r, &env, &host).await;
     write_results(&r, &a, started.elapsed());
+}
+
+const FORKS_STEP: &str = "9. forks: a CI cluster from a golden snapshot, against setting it up from scratch";
+/// The golden cluster's seed: ConfigMaps, and a Deployment of this many pods.
+const SEED_CONFIGMAPS: usize = 300;
+const SEED_PODS: usize = 20;
+
+/// Applies the seed (as CI would, object by object) and waits until its pods run on the host.
+async fn seed(cp: &LocalControlPlane, host: &Client, t0: Instant) -> f64 {
+    let proxied = cp.client().await.unwrap();
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(proxied.clone(), "default");
+    for i in 0..SEED_CONFIGMAPS {
+        let cm =
+            serde_json::from_value(json!({"metadata": {"name": format!("seed-{i}")}, "data": {"v": "x".repeat(512)}}))
+                .unwrap();
+        cms.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    Api::<Deployment>::namespaced(proxied, "default")
+        .create(&PostParams::default(), &deployment("golden", SEED_PODS))
+        .await
+        .unwrap();
+    wait_forked(cp, host, t0).await
+}
+
+/// Waits until the seed's pods run on the host; seconds since `t0`.
+async fn wait_forked(cp: &LocalControlPlane, host: &Client, t0: Instant) -> f64 {
+    let hpods: Api<Pod> = Api::namespaced(host.clone(), &cp.state.namespace);
+    let selector = format!("{LABEL_CLUSTER}={},{}/app=golden", cp.state.name, vkube_syncer::naming::TENANT_DOMAIN);
+    wait_running(&hpods, &selector, SEED_PODS, t0, "the seed's host pods").await
+}
+
+/// Scenario 9: a golden cluster set up from scratch (created, seeded object by object, its pods
+/// running) against a fork of its snapshot (created, restored, its pods running): the CI path.
+async fn forks(r: &mut Results, env: &TestEnv, host: &Client) {
+    let t0 = Instant::now();
+    let golden = start_cluster(env, "golden", None).await;
+    let scratch = seed(&golden, host, t0).await;
+    let admin = golden.client().await.unwrap();
+    let t1 = Instant::now();
+    let resp =
+        admin.send(http::Request::get("/vkube/v1/snapshot").body(kube::client::Body::empty()).unwrap()).await.unwrap();
+    assert!(resp.status().is_success(), "snapshot: {}", resp.status());
+    let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    let snapshot_seconds = t1.elapsed().as_secs_f64();
+    drop(golden);
+    let mut forks = vec![];
+    for i in 0..3 {
+        let t2 = Instant::now();
+        let fork = start_cluster(env, &format!("fork-{i}"), None).await;
+        let created = t2.elapsed().as_secs_f64();
+        let req =
+            http::Request::post("/vkube/v1/restore?fork=true").body(kube::client::Body::from(bytes.to_vec())).unwrap();
+        let resp = fork.client().await.unwrap().send(req).await.unwrap();
+        assert!(resp.status().is_success(), "restore: {}", resp.status());
+        let running = wait_forked(&fork, host, t2).await;
+        println!("     fork {i}: created {created:.2} s, its {SEED_PODS} pods Running {running:.2} s");
+        forks.push(running);
+    }
+    r.add(
+        "fork_seconds",
+        percentile(&sorted(forks), 0.5),
+        "s",
+        format!(
+            "a new cluster from a golden snapshot ({SEED_CONFIGMAPS} ConfigMaps, a {SEED_PODS}-pod Deployment) until its pods run, median of 3; from scratch (create, apply, pods running) {scratch:.1} s"
+        ),
+    );
+    r.add("snapshot_seconds", snapshot_seconds, "s", format!("that golden cluster's snapshot, {} bytes", bytes.len()));
 }
 
 /// Asks a cluster's control plane to sleep or wake (what `vkube sleep`/`wake` do) and waits until

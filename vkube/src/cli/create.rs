@@ -57,6 +57,13 @@ pub struct CreateArgs {
     /// own identity (certificates, service-account keys, host names; pods get fresh tokens).
     #[arg(long, value_name = "FILE")]
     pub from_snapshot: Option<PathBuf>,
+    /// Scheduled snapshots: take one this often while the cluster runs (e.g. 6h), kept by its
+    /// control plane (`vkube snapshots NAME`).
+    #[arg(long, value_parser = vkube::controlplane::parse_duration)]
+    pub snapshot_schedule: Option<Duration>,
+    /// Scheduled snapshots: how many are kept (the newest).
+    #[arg(long, default_value_t = 7)]
+    pub snapshot_keep: usize,
     /// A label of the cluster (`team=a`), for `vkube list -l team=a`; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
@@ -124,6 +131,8 @@ impl CreateArgs {
             run_args: state.run_args,
             labels: vec![],
             from_snapshot: None,
+            snapshot_schedule: None,
+            snapshot_keep: 7,
             sleep_after: None,
             sleep_schedule: None,
         };
@@ -175,19 +184,34 @@ impl CreateArgs {
         Ok(())
     }
 
-    /// `vkube run`'s sleep-mode flags for what was asked.
+    /// `vkube run`'s sleep-mode and scheduled-snapshot flags for what was asked.
     fn sleep_args(&self) -> Vec<String> {
-        let after = self.sleep_after.map(|d| format!("--sleep-after={}s", d.as_secs()));
-        let schedule = self.sleep_schedule.as_ref().map(|s| format!("--sleep-schedule={s}"));
-        after.into_iter().chain(schedule).collect()
+        let mut args = vec![];
+        if let Some(d) = self.sleep_after {
+            args.push(format!("--sleep-after={}s", d.as_secs()));
+        }
+        if let Some(s) = &self.sleep_schedule {
+            args.push(format!("--sleep-schedule={s}"));
+        }
+        if let Some(d) = self.snapshot_schedule {
+            args.push(format!("--snapshot-schedule={}s", d.as_secs()));
+            args.push(format!("--snapshot-keep={}", self.snapshot_keep));
+        }
+        args
     }
 
-    /// The chart's sleep-mode values for what was asked.
+    /// The chart's sleep-mode and scheduled-snapshot values for what was asked.
     fn sleep_sets(&self) -> Vec<String> {
         let after = self.sleep_after.map(|d| format!("--set=sleep.after={}s", d.as_secs()));
         // --set-string: a schedule has commas and spaces that --set would split.
         let schedule = self.sleep_schedule.as_ref().map(|s| format!("--set-string=sleep.schedule={s}"));
-        after.into_iter().chain(schedule).collect()
+        let snapshots = self.snapshot_schedule.map(|d| {
+            [
+                format!("--set=snapshots.schedule={}s", d.as_secs()),
+                format!("--set=snapshots.keep={}", self.snapshot_keep),
+            ]
+        });
+        after.into_iter().chain(schedule).chain(snapshots.into_iter().flatten()).collect()
     }
 
     async fn create_chart(&self) -> anyhow::Result<()> {

@@ -37,8 +37,26 @@ pub struct SnapshotArgs {
     pub output: String,
     /// Include the cluster's certificates and keys (whoever holds the file can then act as the
     /// cluster's admin: keep it as safe as the admin kubeconfig).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "scheduled")]
     pub include_pki: bool,
+    /// Download a scheduled snapshot the control plane keeps (`vkube snapshots NAME`) instead.
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub scheduled: Option<String>,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  vkube snapshots team-a
+  vkube restore team-a --scheduled team-a-20261203T020000Z.snapshot
+
+Scheduled snapshots are taken by the control plane while the cluster runs (`vkube create
+--snapshot-schedule 6h --snapshot-keep 7`, chart values snapshots.schedule and snapshots.keep) and
+kept in its state directory (the chart's volume).")]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    pub output: Output,
 }
 
 #[derive(Args, Debug)]
@@ -53,8 +71,11 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub target: Target,
     /// The snapshot file (`vkube snapshot`).
-    #[arg(long = "from", value_name = "FILE")]
-    pub from: PathBuf,
+    #[arg(long = "from", value_name = "FILE", required_unless_present = "scheduled", conflicts_with = "scheduled")]
+    pub from: Option<PathBuf>,
+    /// A scheduled snapshot the control plane keeps (`vkube snapshots NAME`).
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub scheduled: Option<String>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
 }
@@ -77,7 +98,12 @@ impl SnapshotArgs {
         let started = Instant::now();
         let proxy = ProxyClient::connect(&self.target).await?;
         eprintln!("taking a snapshot of virtual cluster {}", self.target.name);
-        let path = format!("{}{}", Operation::Snapshot.path(), if self.include_pki { "?pki=true" } else { "" });
+        let query = match (&self.scheduled, self.include_pki) {
+            (Some(kept), _) => format!("?from={}", encode(kept)),
+            (None, true) => "?pki=true".into(),
+            (None, false) => String::new(),
+        };
+        let path = format!("{}{query}", Operation::Snapshot.path());
         let resp = proxy.call(Operation::Snapshot.method(), &path, vkube_apiproxy::empty(), None).await?;
         let summary: serde_json::Value = resp
             .headers()
@@ -122,7 +148,16 @@ impl SnapshotArgs {
 
 impl RestoreArgs {
     pub async fn run(self) -> anyhow::Result<()> {
-        let result = restore(&self.target, &self.from, false).await?;
+        let result = match (&self.from, &self.scheduled) {
+            (Some(file), _) => restore(&self.target, file, false).await?,
+            (None, Some(kept)) => {
+                let proxy = ProxyClient::connect(&self.target).await?;
+                eprintln!("restoring virtual cluster {} from its kept snapshot {kept}", self.target.name);
+                let path = format!("{}?from={}", Operation::Restore.path(), encode(kept));
+                json_of(proxy.call(Operation::Restore.method(), &path, vkube_apiproxy::empty(), None).await?).await?
+            }
+            (None, None) => bail!("say what to restore: --from FILE or --scheduled SNAPSHOT"),
+        };
         if !self.output.print(&result)? {
             eprintln!(
                 "virtual cluster {} restored from its snapshot of {} in {:.1} s",
@@ -133,6 +168,33 @@ impl RestoreArgs {
         }
         Ok(())
     }
+}
+
+impl ListArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let proxy = ProxyClient::connect(&self.target).await?;
+        let resp = proxy.call(Operation::List.method(), Operation::List.path(), vkube_apiproxy::empty(), None).await?;
+        let kept: Vec<vkube::controlplane::operations::Kept> = serde_json::from_value(json_of(resp).await?)?;
+        if self.output.print(&kept)? {
+            return Ok(());
+        }
+        if kept.is_empty() {
+            eprintln!(
+                "virtual cluster {} keeps no scheduled snapshots (`vkube create --snapshot-schedule 6h` takes them)",
+                self.target.name
+            );
+            return Ok(());
+        }
+        println!("{:<48} {:>12}  CREATED", "NAME", "BYTES");
+        for k in kept {
+            println!("{:<48} {:>12}  {}", k.name, k.bytes, k.created);
+        }
+        Ok(())
+    }
+}
+
+fn encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 impl ResetArgs {

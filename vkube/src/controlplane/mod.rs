@@ -75,6 +75,8 @@ pub struct RunArgs {
     pub supervise: supervisor::SuperviseArgs,
     #[command(flatten)]
     pub sleep: power::SleepArgs,
+    #[command(flatten)]
+    pub snapshots: operations::ScheduleArgs,
 }
 
 /// What bounds the API proxy's load (docs/architecture.md, "API proxy").
@@ -515,15 +517,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // `vkube snapshot`, `restore` and `reset` through the proxy, done by the power controller.
     let (ops_tx, ops_rx) = tokio::sync::mpsc::channel(4);
     let operations = args.supervise.supervise.then(|| {
-        operations::Operations {
+        Arc::new(operations::Operations {
             ops: ops_tx,
             dir: args.supervise.state_dir.join("snapshots"),
             name: args.name.clone(),
             namespace: args.namespace.clone(),
             host: host.clone(),
-        }
-        .handler()
+        })
     });
+    if let (Some(ops), Some(every)) = (&operations, args.snapshots.snapshot_schedule) {
+        tokio::spawn(ops.clone().schedule(every, args.snapshots.snapshot_keep, sleep_control.power.subscribe()));
+    } else if args.snapshots.snapshot_schedule.is_some() {
+        anyhow::bail!("--snapshot-schedule needs --supervise: only a control plane that runs etcd can snapshot it");
+    }
     let proxy = Proxy::new(
         ProxyConfig {
             translator: translator.clone(),
@@ -545,7 +551,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             limits: args.proxy.limits(),
             sleep,
-            operations,
+            operations: operations.as_ref().map(operations::Operations::handler),
         },
         &mut registry,
     )?;

@@ -1,11 +1,13 @@
 //! vkube's own operations behind the API proxy (`vkube_apiproxy::route::Operation`), served once
 //! the proxy has authorized them: a snapshot file streamed out, a snapshot file taken in and
-//! restored (or forked), a reset. Files are spooled in the state directory, never held in memory;
-//! the power controller does what needs the components stopped (`power::Op`).
+//! restored (or forked), a reset, and the scheduled snapshots kept in the state directory (taken
+//! every `--snapshot-schedule` while the cluster runs, the newest `--snapshot-keep`). Files are
+//! spooled in the state directory, never held in memory; the power controller does what needs
+//! the components stopped (`power::Op`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -23,6 +25,29 @@ use crate::snapshot::{self, Manifest, Source};
 
 /// The largest snapshot file a restore takes (etcd's own quota is 2 GiB, compressed less).
 const MAX_UPLOAD: u64 = 4 << 30;
+/// Where scheduled snapshots are kept, under `Operations::dir`.
+const SCHEDULED: &str = "scheduled";
+
+/// `vkube run`'s scheduled snapshots.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScheduleArgs {
+    /// Take a snapshot this often while the cluster runs (e.g. 6h), kept in
+    /// STATE_DIR/snapshots/scheduled (`vkube snapshots NAME` lists them). Off when unset.
+    #[arg(long, env = "VKUBE_SNAPSHOT_SCHEDULE", value_parser = super::parse_duration)]
+    pub snapshot_schedule: Option<Duration>,
+    /// How many scheduled snapshots are kept: the newest.
+    #[arg(long, env = "VKUBE_SNAPSHOT_KEEP", default_value_t = 7)]
+    pub snapshot_keep: usize,
+}
+
+/// A kept snapshot, as `vkube snapshots` lists it.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+pub struct Kept {
+    pub name: String,
+    pub bytes: u64,
+    /// RFC 3339.
+    pub created: String,
+}
 
 pub struct Operations {
     pub ops: mpsc::Sender<Op>,
@@ -34,12 +59,86 @@ pub struct Operations {
 }
 
 impl Operations {
-    pub fn handler(self) -> vkube_apiproxy::Operations {
-        let this = Arc::new(self);
+    pub fn handler(self: &Arc<Self>) -> vkube_apiproxy::Operations {
+        let this = self.clone();
         Arc::new(move |op, req| {
             let this = this.clone();
             Box::pin(async move { this.serve(op, req).await })
         })
+    }
+
+    fn scheduled_dir(&self) -> PathBuf {
+        self.dir.join(SCHEDULED)
+    }
+
+    /// The kept snapshots, newest first.
+    pub fn kept(&self) -> Vec<Kept> {
+        let entries = std::fs::read_dir(self.scheduled_dir()).into_iter().flatten().flatten();
+        let mut kept: Vec<(SystemTime, Kept)> = entries
+            .filter_map(|e| {
+                let meta = e.metadata().ok().filter(|m| m.is_file())?;
+                let name = e.file_name().to_str()?.to_string();
+                let modified = meta.modified().ok()?;
+                let created = jiff::Timestamp::try_from(modified).ok()?.to_string();
+                name.ends_with(".snapshot").then_some((modified, Kept { name, bytes: meta.len(), created }))
+            })
+            .collect();
+        kept.sort_by_key(|k| std::cmp::Reverse(k.0));
+        kept.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// The path of a kept snapshot by its name, if there is one.
+    fn kept_path(&self, name: &str) -> Result<PathBuf, ProxyError> {
+        if !self.kept().iter().any(|k| k.name == name) {
+            return Err(ProxyError::NotFound(format!(
+                "no kept snapshot {name:?} (`vkube snapshots {}` lists them)",
+                self.name
+            )));
+        }
+        Ok(self.scheduled_dir().join(name))
+    }
+
+    /// Takes a snapshot every `every` while `power` says the cluster runs (asleep nothing
+    /// changes), counting from the newest kept one, and keeps the newest `keep`.
+    pub async fn schedule(
+        self: Arc<Self>,
+        every: Duration,
+        keep: usize,
+        power: tokio::sync::watch::Receiver<vkube_apiproxy::sleep::Power>,
+    ) {
+        loop {
+            let newest = std::fs::metadata(
+                self.scheduled_dir().join(self.kept().first().map(|k| k.name.as_str()).unwrap_or("-")),
+            )
+            .and_then(|m| m.modified())
+            .ok();
+            let due = newest.map(|t| t + every).unwrap_or(SystemTime::now());
+            let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
+            if SystemTime::now() < due || *power.borrow() != vkube_apiproxy::sleep::Power::Running {
+                continue;
+            }
+            match self.keep_one(keep).await {
+                Ok(name) => tracing::info!(snapshot = name, "scheduled snapshot taken"),
+                Err(e) => {
+                    tracing::error!(error = %e, "a scheduled snapshot failed; trying again in a minute");
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            }
+        }
+    }
+
+    async fn keep_one(&self, keep: usize) -> Result<String, ProxyError> {
+        let (_work, archive, _) = self.take(false).await?;
+        let dir = self.scheduled_dir();
+        std::fs::create_dir_all(&dir).map_err(failed("creating the scheduled snapshots' directory"))?;
+        let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
+        let name = format!("{}-{stamp}.snapshot", self.name);
+        std::fs::rename(&archive, dir.join(&name)).map_err(failed("keeping the snapshot"))?;
+        for old in self.kept().into_iter().skip(keep.max(1)) {
+            let _ = std::fs::remove_file(dir.join(&old.name));
+        }
+        Ok(name)
     }
 
     async fn serve(&self, op: Operation, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
@@ -48,11 +147,21 @@ impl Operations {
                 .any(|(k, v)| k == name && (v.is_empty() || v == "true"))
         };
         std::fs::create_dir_all(&self.dir).map_err(failed("creating the snapshot directory"))?;
+        let from = form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+            .find(|(k, _)| k == "from")
+            .map(|(_, v)| v.into_owned());
         match op {
-            Operation::Snapshot => self.snapshot(flag("pki")).await,
+            Operation::Snapshot => match from {
+                Some(name) => stream_file(&self.kept_path(&name)?, None).await,
+                None => self.snapshot(flag("pki")).await,
+            },
             Operation::Restore => {
                 let fork = flag("fork");
-                self.restore(req.into_body(), fork).await
+                let stored = from.map(|name| self.kept_path(&name)).transpose()?;
+                self.restore(req.into_body(), stored, fork).await
+            }
+            Operation::List => {
+                Ok(json(serde_json::to_value(self.kept()).map_err(|e| ProxyError::Failed(e.to_string()))?))
             }
             Operation::Reset => {
                 let started = Instant::now();
@@ -64,6 +173,15 @@ impl Operations {
     }
 
     async fn snapshot(&self, pki: bool) -> Result<Response<ProxyBody>, ProxyError> {
+        let (work, archive, manifest) = self.take(pki).await?;
+        let response = stream_file(&archive, Some(&manifest)).await;
+        // The open file stays readable once its directory is gone.
+        drop(work);
+        response
+    }
+
+    /// A new snapshot file (in a work directory that goes when it is dropped), and its manifest.
+    async fn take(&self, pki: bool) -> Result<(tempfile::TempDir, PathBuf, Manifest), ProxyError> {
         let work = tempfile::tempdir_in(&self.dir).map_err(failed("creating a work directory"))?;
         let db = work.path().join(snapshot::ETCD_DB);
         let (reply, answer) = oneshot::channel();
@@ -94,37 +212,41 @@ impl Operations {
             .map_err(|e| ProxyError::Failed(format!("writing the snapshot: {e}")))?
             .map_err(|e| ProxyError::Failed(format!("writing the snapshot: {e:#}")))?
         };
-        let file = tokio::fs::File::open(&archive).await.map_err(failed("opening the snapshot"))?;
-        let len = file.metadata().await.map_err(failed("opening the snapshot"))?.len();
-        // The open file stays readable once its directory is gone.
-        drop(work);
-        tracing::info!(etcd_bytes = saved.bytes, file_bytes = len, pki, "snapshot taken");
-        let frames = tokio_util::io::ReaderStream::new(file).map_ok(Frame::data).map_err(BoxError::from);
-        Response::builder()
-            .header(http::header::CONTENT_TYPE, "application/gzip")
-            .header(http::header::CONTENT_LENGTH, len)
-            .header("x-vkube-snapshot", serde_json::to_string(&summary(&written)).unwrap_or_default())
-            .body(StreamBody::new(frames).boxed_unsync())
-            .map_err(|e| ProxyError::Failed(e.to_string()))
+        let _ = std::fs::remove_file(work.path().join(snapshot::ETCD_DB));
+        tracing::info!(etcd_bytes = saved.bytes, pki, "snapshot taken");
+        Ok((work, archive, written))
     }
 
-    async fn restore(&self, mut body: Incoming, fork: bool) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn restore(
+        &self,
+        mut body: Incoming,
+        stored: Option<PathBuf>,
+        fork: bool,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
         let work = tempfile::tempdir_in(&self.dir).map_err(failed("creating a work directory"))?;
-        let upload = work.path().join("upload.tar.gz");
-        let mut file = tokio::fs::File::create(&upload).await.map_err(failed("spooling the snapshot"))?;
-        let mut size = 0u64;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ProxyError::BadRequest(format!("reading the snapshot sent: {e}")))?;
-            if let Ok(data) = frame.into_data() {
-                size += data.len() as u64;
-                if size > MAX_UPLOAD {
-                    return Err(ProxyError::TooLarge(format!("a snapshot file may be at most {MAX_UPLOAD} bytes")));
+        let upload = match stored {
+            Some(path) => path,
+            None => {
+                let upload = work.path().join("upload.tar.gz");
+                let mut file = tokio::fs::File::create(&upload).await.map_err(failed("spooling the snapshot"))?;
+                let mut size = 0u64;
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| ProxyError::BadRequest(format!("reading the snapshot sent: {e}")))?;
+                    if let Ok(data) = frame.into_data() {
+                        size += data.len() as u64;
+                        if size > MAX_UPLOAD {
+                            return Err(ProxyError::TooLarge(format!(
+                                "a snapshot file may be at most {MAX_UPLOAD} bytes"
+                            )));
+                        }
+                        file.write_all(&data).await.map_err(failed("spooling the snapshot"))?;
+                    }
                 }
-                file.write_all(&data).await.map_err(failed("spooling the snapshot"))?;
+                file.flush().await.map_err(failed("spooling the snapshot"))?;
+                upload
             }
-        }
-        file.flush().await.map_err(failed("spooling the snapshot"))?;
+        };
         let parts = work.path().join("parts");
         let manifest = tokio::task::spawn_blocking({
             let parts = parts.clone();
@@ -151,6 +273,20 @@ impl Operations {
     async fn send(&self, op: Op) -> Result<(), ProxyError> {
         self.ops.send(op).await.map_err(|_| stopping())
     }
+}
+
+/// A file as the response body, streamed (with what it is, for a new snapshot).
+async fn stream_file(path: &Path, manifest: Option<&Manifest>) -> Result<Response<ProxyBody>, ProxyError> {
+    let file = tokio::fs::File::open(path).await.map_err(failed("opening the snapshot"))?;
+    let len = file.metadata().await.map_err(failed("opening the snapshot"))?.len();
+    let frames = tokio_util::io::ReaderStream::new(file).map_ok(Frame::data).map_err(BoxError::from);
+    let mut resp = Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/gzip")
+        .header(http::header::CONTENT_LENGTH, len);
+    if let Some(m) = manifest {
+        resp = resp.header("x-vkube-snapshot", serde_json::to_string(&summary(m)).unwrap_or_default());
+    }
+    resp.body(StreamBody::new(frames).boxed_unsync()).map_err(|e| ProxyError::Failed(e.to_string()))
 }
 
 /// What a snapshot is, for the CLI: the manifest without its checksums.
