@@ -2,7 +2,8 @@
 //! running and of a sleeping cluster, `vkube restore` (the virtual state and the host both go
 //! back: nothing orphaned, nothing duplicated), refusals that change nothing, `vkube create
 //! --from-snapshot` (a fork with its own host objects beside the original), scheduled snapshots
-//! (kept, listed, restored by name) and `vkube reset`.
+//! (kept, listed, restored by name), a restore that puts the cluster's keys back, and `vkube
+//! reset`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -122,6 +123,12 @@ async fn snapshot_restore_fork_and_reset() {
     assert!(with_keys.status.success(), "{}", String::from_utf8_lossy(&with_keys.stderr));
     let keyed = vkube::snapshot::read_manifest(with_keys.stdout.as_slice()).unwrap();
     assert!(keyed.parts.iter().any(|p| p.name == "pki/ca.key"), "{keyed:?}");
+    let keys_file = dir.join("keys.snapshot");
+    std::fs::write(&keys_file, &with_keys.stdout).unwrap();
+    fails_saying(
+        cli.run(&["restore", "golden", "--from", file.to_str().unwrap(), "--include-pki"]),
+        "taken without --include-pki",
+    );
 
     // Only the cluster's admins may: a service account with the view role is refused.
     kubectl_ok(&up, &kc, &["create", "serviceaccount", "viewer"]);
@@ -265,6 +272,16 @@ async fn snapshot_restore_fork_and_reset() {
     cli.ok(&["restore", "golden", "--from", asleep.to_str().unwrap()]);
     cli.ok(&["wake", "golden"]);
     assert_eq!(names(&up, &kc, &["configmaps,deployments,services,widgets", "-n", "app"]), before);
+    wait_host_pods(&host, "golden", 2).await;
+    // Its identity back: after new CAs the old kubeconfig is refused; the keys of the snapshot
+    // make it work again (and the cluster's state is the snapshot's).
+    cli.ok(&["certs", "rotate", "golden", "--ca"]);
+    assert!(!kubectl(&up, &kc, &["get", "ns", "default"]).status.success(), "the old CA still works");
+    cli.ok(&["restore", "golden", "--from", keys_file.to_str().unwrap(), "--include-pki"]);
+    eventually("the snapshot-time kubeconfig accepted again", Duration::from_secs(60), || async {
+        Ok(kubectl(&up, &kc, &["get", "configmap", "seed", "-n", "app"]).status.success().then_some(()))
+    })
+    .await;
     wait_host_pods(&host, "golden", 2).await;
     eprintln!(
         "restore took {:.1} s, a fork (create --from-snapshot) {:.1} s",

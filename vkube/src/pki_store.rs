@@ -108,6 +108,19 @@ pub async fn rotate(
     .await
 }
 
+/// Puts back the files a snapshot kept (`vkube restore --include-pki`): the same CAs, keys and
+/// certificates as then; what the spec needs and they lack, or what has expired since, is issued
+/// from those CAs.
+pub async fn replace(
+    host: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+    spec: &BundleSpec,
+    files: std::collections::BTreeMap<String, String>,
+) -> Result<(Bundle, Changes), PkiStoreError> {
+    update(host, namespace, cluster, spec, |bundle| bundle.files = files.clone()).await
+}
+
 async fn update(
     host: &kube::Client,
     namespace: &str,
@@ -121,9 +134,10 @@ async fn update(
     for _ in 0..5 {
         let existing = api.get_opt(&name).await.map_err(kube_err)?;
         let mut bundle = existing.as_ref().map(bundle_of).unwrap_or_default();
+        let before = bundle.files.clone();
         edit(&mut bundle);
         let changes = bundle.ensure(spec, Validity::default(), time::OffsetDateTime::now_utc())?;
-        if changes.is_empty() {
+        if changes.is_empty() && bundle.files == before {
             return Ok((bundle, changes));
         }
         let mut secret = existing.clone().unwrap_or_else(|| Secret {

@@ -151,12 +151,12 @@ impl RotateArgs {
         } else if self.ca {
             // The proxy and the controller manager read their CAs at start.
             eprintln!("restarting the control plane with the new certificate authorities");
-            self.restart(&host, &cluster).await?;
+            restart(&host, &self.target, &cluster, self.timeout).await?;
         }
         if running {
             eprintln!("waiting for the control plane to publish the new admin kubeconfig");
             let want = bundle.get("admin.crt").unwrap_or_default().to_string();
-            self.wait_published(&host, &ns, &want).await?;
+            wait_published(&host, &self.target, &want, self.timeout).await?;
         }
         if self.ca {
             eprintln!(
@@ -170,63 +170,72 @@ impl RotateArgs {
         }
         Ok(())
     }
+}
 
-    async fn restart(&self, host: &kube::Client, cluster: &clusters::Cluster) -> anyhow::Result<()> {
-        match cluster.mode {
-            Mode::Local => {
-                vkube_localenv::process::stop_all_recorded(&self.target.local_dir())?;
-                super::create::CreateArgs::resume_local(&self.target, self.timeout).await
-            }
-            Mode::Chart => {
-                let pods: Api<Pod> = Api::namespaced(host.clone(), &cluster.namespace);
-                let lp = ListParams::default().labels(&format!("{}={}", names::LABEL_CONTROL_PLANE, cluster.name));
-                pods.delete_collection(&DeleteParams::default(), &lp)
-                    .await
-                    .context("restarting the control-plane pod")?;
-                let sts: Api<StatefulSet> = Api::namespaced(host.clone(), &cluster.namespace);
-                vkube_kubeclient::wait::until(self.timeout, Duration::from_secs(1), || {
-                    let (sts, name) = (sts.clone(), cluster.name.clone());
-                    async move {
-                        let s = sts.get(&name).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
-                        let fresh = s.updated_replicas.unwrap_or(0) > 0 || s.current_revision == s.update_revision;
-                        Ok((s.ready_replicas.unwrap_or(0) > 0 && fresh).then_some(()))
-                    }
-                })
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("the control plane did not come back within {} s: {e}", self.timeout.as_secs())
-                })
-            }
+/// Restarts a cluster's control plane (it reads its CAs at start) and waits until it is back.
+pub async fn restart(
+    host: &kube::Client,
+    target: &Target,
+    cluster: &clusters::Cluster,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    match cluster.mode {
+        Mode::Local => {
+            vkube_localenv::process::stop_all_recorded(&target.local_dir())?;
+            super::create::CreateArgs::resume_local(target, timeout).await
+        }
+        Mode::Chart => {
+            let pods: Api<Pod> = Api::namespaced(host.clone(), &cluster.namespace);
+            let lp = ListParams::default().labels(&format!("{}={}", names::LABEL_CONTROL_PLANE, cluster.name));
+            pods.delete_collection(&DeleteParams::default(), &lp).await.context("restarting the control-plane pod")?;
+            let sts: Api<StatefulSet> = Api::namespaced(host.clone(), &cluster.namespace);
+            vkube_kubeclient::wait::until(timeout, Duration::from_secs(1), || {
+                let (sts, name) = (sts.clone(), cluster.name.clone());
+                async move {
+                    let s = sts.get(&name).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+                    let fresh = s.updated_replicas.unwrap_or(0) > 0 || s.current_revision == s.update_revision;
+                    Ok((s.ready_replicas.unwrap_or(0) > 0 && fresh).then_some(()))
+                }
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("the control plane did not come back within {} s: {e}", timeout.as_secs()))
         }
     }
+}
 
-    /// Until the admin kubeconfig Secret carries `admin_crt`: the control plane has the new files.
-    async fn wait_published(&self, host: &kube::Client, ns: &str, admin_crt: &str) -> anyhow::Result<()> {
-        let secrets: Api<Secret> = Api::namespaced(host.clone(), ns);
-        let name = names::kubeconfig_secret(&self.target.name);
-        vkube_kubeclient::wait::until(self.timeout, Duration::from_millis(500), || {
-            let (secrets, name) = (secrets.clone(), name.clone());
-            async move {
-                let Some(secret) = secrets.get_opt(&name).await.map_err(|e| e.to_string())? else { return Ok(None) };
-                let yaml = secret.data.and_then(|d| d.get(names::KUBECONFIG_KEY).cloned()).unwrap_or_default();
-                let kc = kube::config::Kubeconfig::from_yaml(&String::from_utf8_lossy(&yaml.0)).map_err(|e| e.to_string())?;
-                let published = kc
-                    .auth_infos
-                    .iter()
-                    .filter_map(|a| a.auth_info.as_ref()?.client_certificate_data.clone())
-                    .any(|b64| decode_base64(&b64).is_some_and(|pem| pem == admin_crt));
-                Ok(published.then_some(()))
-            }
-        })
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "the control plane did not apply the new certificates within {} s ({e}); `vkube logs {} vkube` shows why",
-                self.timeout.as_secs(),
-                self.target.name
-            )
-        })
-    }
+/// Until the admin kubeconfig Secret carries `admin_crt`: the control plane has the new files.
+pub async fn wait_published(
+    host: &kube::Client,
+    target: &Target,
+    admin_crt: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let ns = &target.namespace();
+    let secrets: Api<Secret> = Api::namespaced(host.clone(), ns);
+    let name = names::kubeconfig_secret(&target.name);
+    vkube_kubeclient::wait::until(timeout, Duration::from_millis(500), || {
+        let (secrets, name) = (secrets.clone(), name.clone());
+        async move {
+            let Some(secret) = secrets.get_opt(&name).await.map_err(|e| e.to_string())? else { return Ok(None) };
+            let yaml = secret.data.and_then(|d| d.get(names::KUBECONFIG_KEY).cloned()).unwrap_or_default();
+            let kc =
+                kube::config::Kubeconfig::from_yaml(&String::from_utf8_lossy(&yaml.0)).map_err(|e| e.to_string())?;
+            let published = kc
+                .auth_infos
+                .iter()
+                .filter_map(|a| a.auth_info.as_ref()?.client_certificate_data.clone())
+                .any(|b64| decode_base64(&b64).is_some_and(|pem| pem == admin_crt));
+            Ok(published.then_some(()))
+        }
+    })
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "the control plane did not apply the new certificates within {} s ({e}); `vkube logs {} vkube` shows why",
+            timeout.as_secs(),
+            target.name
+        )
+    })
 }
 
 fn decode_base64(s: &str) -> Option<String> {

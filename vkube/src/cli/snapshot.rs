@@ -62,11 +62,12 @@ pub struct ListArgs {
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   vkube restore team-a --from team-a.snapshot
+  vkube restore team-a --from team-a-with-keys.snapshot --include-pki
 
 The cluster's state becomes the snapshot's: its control plane stops, etcd's data is replaced and it
 starts again; the host follows (pods recreated, host copies of objects that are gone removed). A
 snapshot of another cluster, of a newer vkube or Kubernetes, or damaged, is refused and nothing
-changes.")]
+changes. The cluster keeps its current certificates unless --include-pki puts back the file's.")]
 pub struct RestoreArgs {
     #[command(flatten)]
     pub target: Target,
@@ -76,6 +77,13 @@ pub struct RestoreArgs {
     /// A scheduled snapshot the control plane keeps (`vkube snapshots NAME`).
     #[arg(long, value_name = "SNAPSHOT")]
     pub scheduled: Option<String>,
+    /// Put back the certificates and keys the file holds (`vkube snapshot --include-pki`) too:
+    /// kubeconfigs and tokens of that time work again, later ones stop. The control plane restarts.
+    #[arg(long, conflicts_with = "scheduled")]
+    pub include_pki: bool,
+    /// How long to wait for the control plane to come back with them.
+    #[arg(long, default_value = "5m", value_parser = vkube::controlplane::parse_duration)]
+    pub timeout: std::time::Duration,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
 }
@@ -148,6 +156,10 @@ impl SnapshotArgs {
 
 impl RestoreArgs {
     pub async fn run(self) -> anyhow::Result<()> {
+        let pki = match (&self.from, self.include_pki) {
+            (Some(file), true) => Some(pki_of(&self.target, file)?),
+            _ => None,
+        };
         let result = match (&self.from, &self.scheduled) {
             (Some(file), _) => restore(&self.target, file, false).await?,
             (None, Some(kept)) => {
@@ -158,6 +170,9 @@ impl RestoreArgs {
             }
             (None, None) => bail!("say what to restore: --from FILE or --scheduled SNAPSHOT"),
         };
+        if let Some(files) = pki {
+            put_back_pki(&self.target, files, self.timeout).await?;
+        }
         if !self.output.print(&result)? {
             eprintln!(
                 "virtual cluster {} restored from its snapshot of {} in {:.1} s",
@@ -213,6 +228,47 @@ impl ResetArgs {
         }
         Ok(())
     }
+}
+
+/// The certificates and keys a snapshot of `target` holds (the whole file is read and checked).
+fn pki_of(target: &Target, file: &Path) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let dir = tempfile::tempdir()?;
+    let f = std::fs::File::open(file).with_context(|| format!("opening the snapshot {}", file.display()))?;
+    let manifest = vkube::snapshot::read(std::io::BufReader::new(f), dir.path())?;
+    manifest.check_for(&target.name, false)?;
+    if !manifest.has_pki() {
+        bail!("{} holds no certificates and keys: it was taken without --include-pki", file.display());
+    }
+    let pki = dir.path().join(vkube::snapshot::PKI_PREFIX);
+    let mut files = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&pki)? {
+        let entry = entry?;
+        files.insert(entry.file_name().to_string_lossy().into_owned(), std::fs::read_to_string(entry.path())?);
+    }
+    Ok(files)
+}
+
+/// Writes a snapshot's certificates and keys into the cluster's PKI Secret and restarts its control
+/// plane with them (it reads its CAs at start), waiting until it publishes the admin kubeconfig.
+async fn put_back_pki(
+    target: &Target,
+    files: std::collections::BTreeMap<String, String>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let host = super::host_client().await?;
+    let cluster = clusters::require(&host, target).await?;
+    let ns = target.namespace();
+    let ip = vkube::controlplane::service_ip(&host, &ns, &target.name).await?;
+    let spec = vkube::pki_store::spec(&target.name, &ns, ip);
+    let (bundle, _) = vkube::pki_store::replace(&host, &ns, &target.name, &spec, files).await?;
+    eprintln!("put back its certificates and keys; restarting the control plane with them");
+    super::certs::restart(&host, target, &cluster, timeout).await?;
+    super::certs::wait_published(&host, target, bundle.get("admin.crt").unwrap_or_default(), timeout).await?;
+    eprintln!(
+        "kubeconfigs of the snapshot's time work again, later ones do not: fetch it again with `vkube connect {}`",
+        target.name
+    );
+    Ok(())
 }
 
 /// Makes `target`'s state the snapshot's (`fork`: a snapshot of another cluster, for a new one).
