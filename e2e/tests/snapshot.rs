@@ -138,21 +138,7 @@ async fn snapshot_restore_fork_and_reset() {
         &["create", "clusterrolebinding", "viewer", "--clusterrole=view", "--serviceaccount=default:viewer"],
     );
     let token = kubectl_ok(&up, &kc, &["create", "token", "viewer"]);
-    let viewer = dir.join("viewer.kubeconfig");
-    let ca = kubectl_ok(
-        &up,
-        &kc,
-        &["config", "view", "--raw", "--minify", "-o", "jsonpath={.clusters[0].cluster.certificate-authority-data}"],
-    );
-    std::fs::write(
-        &viewer,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{}', certificate-authority-data: {ca}}}}}]\nusers: [{{name: u, user: {{token: {}}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: u}}}}]\ncurrent-context: c\n",
-            server_of(&up, &kc),
-            token.trim()
-        ),
-    )
-    .unwrap();
+    let viewer = token_kubeconfig(&up, &kc, token.trim(), &dir.join("viewer.kubeconfig"));
     kubectl_ok(&up, &viewer, &["get", "configmaps", "-n", "app"]);
     fails_saying(
         kubectl(&up, &viewer, &["get", "--raw", "/vkube/v1/snapshot"]),
@@ -215,6 +201,18 @@ async fn snapshot_restore_fork_and_reset() {
         Ok(same.then_some(()))
     })
     .await;
+    // Fresh tokens: the ones the syncer gave the fork's host pods are signed with the fork's keys.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(host.clone(), "vkube-fork1");
+    let tokens = secrets.list(&kube::api::ListParams::default().labels("vkube.dev/token=true")).await.unwrap().items;
+    let token = tokens
+        .iter()
+        .find_map(|s| s.data.as_ref()?.get("token").map(|t| String::from_utf8_lossy(&t.0).into_owned()))
+        .expect("a token Secret for the fork's pods");
+    let as_pod = token_kubeconfig(&up, &fkc, &token, &dir.join("fork-pod.kubeconfig"));
+    let who = kubectl_ok(&up, &as_pod, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    assert!(who.starts_with("system:serviceaccount:"), "{who}");
+    let at_golden = token_kubeconfig(&up, &kc, &token, &dir.join("golden-pod.kubeconfig"));
+    assert!(!kubectl(&up, &at_golden, &["auth", "whoami"]).status.success(), "a fork's token works in golden");
     let golden_ip = kubectl_ok(&up, &kc, &["get", "service", "web", "-n", "app", "-o", "jsonpath={.spec.clusterIP}"]);
     let fork_ip = kubectl_ok(&up, &fkc, &["get", "service", "web", "-n", "app", "-o", "jsonpath={.spec.clusterIP}"]);
     assert_ne!(golden_ip, fork_ip, "two clusters' Services on one host cannot share an address");
@@ -288,6 +286,24 @@ async fn snapshot_restore_fork_and_reset() {
         restore_took.as_secs_f64(),
         fork_took.as_secs_f64()
     );
+}
+
+/// A kubeconfig for the cluster `kc` reaches (its server and CA) that authenticates with `token`.
+fn token_kubeconfig(up: &Upstream, kc: &Path, token: &str, path: &Path) -> std::path::PathBuf {
+    let ca = kubectl_ok(
+        up,
+        kc,
+        &["config", "view", "--raw", "--minify", "-o", "jsonpath={.clusters[0].cluster.certificate-authority-data}"],
+    );
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{}', certificate-authority-data: {ca}}}}}]\nusers: [{{name: u, user: {{token: {token}}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: u}}}}]\ncurrent-context: c\n",
+            server_of(up, kc),
+        ),
+    )
+    .unwrap();
+    path.to_path_buf()
 }
 
 fn server_of(up: &Upstream, kc: &Path) -> String {
