@@ -90,11 +90,16 @@ impl CreateArgs {
             vkube::snapshot::read_manifest(f)?.check_for(&self.target.name, true)?;
         }
         let work = async {
-            if self.local { self.create_local().await } else { self.create_chart().await }?;
-            if let Some(file) = &self.from_snapshot {
-                super::snapshot::restore(&self.target, file, true).await?;
+            if self.local {
+                // Restored before the components first start (`vkube run --initial-snapshot`).
+                self.create_local().await
+            } else {
+                self.create_chart().await?;
+                match &self.from_snapshot {
+                    Some(file) => super::snapshot::restore(&self.target, file, true).await.map(drop),
+                    None => Ok(()),
+                }
             }
-            anyhow::Ok(())
         };
         tokio::time::timeout(self.timeout, work).await.map_err(|_| {
             anyhow::anyhow!(
@@ -158,7 +163,7 @@ impl CreateArgs {
             host_kubeconfig: std::fs::canonicalize(&host_kubeconfig).unwrap_or(host_kubeconfig),
             host_context,
             policy: self.policy.clone(),
-            run_args: self.run_args.iter().cloned().chain(self.sleep_args()).collect(),
+            run_args: self.run_args.iter().cloned().chain(self.sleep_args()).chain(self.initial_snapshot()?).collect(),
         };
         eprintln!("creating virtual cluster {} in host namespace {} (local processes)", opts.name, opts.namespace);
         let progress = |step: &str| eprintln!("  {step}");
@@ -198,6 +203,13 @@ impl CreateArgs {
             args.push(format!("--snapshot-keep={}", self.snapshot_keep));
         }
         args
+    }
+
+    /// `vkube run --initial-snapshot` for `--from-snapshot` (an absolute path: it runs elsewhere).
+    fn initial_snapshot(&self) -> anyhow::Result<Option<String>> {
+        let Some(file) = &self.from_snapshot else { return Ok(None) };
+        let abs = std::fs::canonicalize(file).with_context(|| format!("the snapshot {}", file.display()))?;
+        Ok(Some(format!("--initial-snapshot={}", abs.display())))
     }
 
     /// The chart's sleep-mode and scheduled-snapshot values for what was asked.

@@ -523,6 +523,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             name: args.name.clone(),
             namespace: args.namespace.clone(),
             host: host.clone(),
+            uploads: tokio::sync::Semaphore::new(1),
         })
     });
     if let (Some(ops), Some(every)) = (&operations, args.snapshots.snapshot_schedule) {
@@ -605,6 +606,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             peer_port: args.supervise.etcd_peer_port,
         };
         etcd.recover()?;
+        // Once only: a later reset leaves the data directory empty again, and must stay a reset.
+        let consumed = args.supervise.state_dir.join("initial-snapshot.done");
+        let forked = match &args.supervise.initial_snapshot {
+            Some(file) if !consumed.exists() && !etcd.data_dir.join("member").exists() => {
+                operations::initial_state(&etcd, file, &args.name, &args.supervise.state_dir).await?;
+                std::fs::write(&consumed, file.display().to_string()).context("recording the initial snapshot")?;
+                true
+            }
+            _ => false,
+        };
         let controller = power::PowerController {
             host: host.clone(),
             admin: admin.clone(),
@@ -627,7 +638,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             ops: ops_rx,
         };
         let initial = controller.persisted().await?;
-        tokio::spawn(controller.run(initial, resuming, shutdown_rx))
+        // A forked cluster's virtual pods have no host pods yet: made, as after a pause.
+        tokio::spawn(controller.run(initial, resuming || forked, shutdown_rx))
     } else {
         drop(sleep_control);
         wait_virtual_ready(&admin, Duration::from_millis(200)).await?;

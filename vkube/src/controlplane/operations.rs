@@ -56,6 +56,8 @@ pub struct Operations {
     pub name: String,
     pub namespace: String,
     pub host: kube::Client,
+    /// One restore spooled at a time: a tenant's admin cannot fill the disk with parallel uploads.
+    pub uploads: tokio::sync::Semaphore,
 }
 
 impl Operations {
@@ -182,6 +184,7 @@ impl Operations {
 
     /// A new snapshot file (in a work directory that goes when it is dropped), and its manifest.
     async fn take(&self, pki: bool) -> Result<(tempfile::TempDir, PathBuf, Manifest), ProxyError> {
+        std::fs::create_dir_all(&self.dir).map_err(failed("creating the snapshot directory"))?;
         let work = tempfile::tempdir_in(&self.dir).map_err(failed("creating a work directory"))?;
         let db = work.path().join(snapshot::ETCD_DB);
         let (reply, answer) = oneshot::channel();
@@ -224,6 +227,7 @@ impl Operations {
         fork: bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
+        let _one_at_a_time = self.uploads.acquire().await.map_err(|_| stopping())?;
         let work = tempfile::tempdir_in(&self.dir).map_err(failed("creating a work directory"))?;
         let upload = match stored {
             Some(path) => path,
@@ -273,6 +277,31 @@ impl Operations {
     async fn send(&self, op: Op) -> Result<(), ProxyError> {
         self.ops.send(op).await.map_err(|_| stopping())
     }
+}
+
+/// Restores a new cluster's etcd data from a snapshot file before etcd first starts (a fork made
+/// at creation: the components start once, with the snapshot's state).
+pub async fn initial_state(
+    etcd: &super::etcd::EtcdData,
+    file: &Path,
+    cluster: &str,
+    state_dir: &Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(state_dir)?;
+    let work = tempfile::tempdir_in(state_dir)?;
+    let manifest = tokio::task::spawn_blocking({
+        let (file, dir) = (file.to_path_buf(), work.path().to_path_buf());
+        move || {
+            let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+            snapshot::read(std::io::BufReader::new(f), &dir)
+        }
+    })
+    .await??;
+    manifest.check_for(cluster, true)?;
+    etcd.restore(&work.path().join(snapshot::ETCD_DB)).await?;
+    tracing::info!(from = %manifest.cluster, taken = %manifest.created, "a new cluster starts from a snapshot");
+    Ok(())
 }
 
 /// A file as the response body, streamed (with what it is, for a new snapshot).

@@ -61,6 +61,10 @@ pub struct SuperviseArgs {
     /// The host's node-port range, given to the virtual API server.
     #[arg(long, env = "VKUBE_SERVICE_NODE_PORT_RANGE", default_value = components::DEFAULT_NODE_PORT_RANGE)]
     pub service_node_port_range: String,
+    /// A new cluster starts with this snapshot's state (`vkube create --local --from-snapshot`):
+    /// restored into etcd's empty data directory before etcd first starts; ignored once it has data.
+    #[arg(long, env = "VKUBE_INITIAL_SNAPSHOT")]
+    pub initial_snapshot: Option<PathBuf>,
     /// etcd syncs every write to disk (off for throwaway local clusters).
     #[arg(long, env = "VKUBE_ETCD_DURABLE")]
     pub etcd_durable: bool,
