@@ -378,12 +378,11 @@ impl Proxy {
         let user = if self.sleep.power() == sleep::Power::Running {
             let id = self.identify(&req, conn).await?.ok_or(ProxyError::Unauthorized)?;
             let acting = self.auth.effective(&id, req.headers()).await?;
-            if !self.auth.allowed_path(&acting, op.path(), op.verb()).await? {
+            let (path, verb) = op.authorization(req.uri().query());
+            if !self.auth.allowed_path(&acting, path, verb).await? {
                 return Err(ProxyError::Forbidden(format!(
-                    "forbidden: User \"{}\" cannot {} path \"{}\"",
-                    acting.user,
-                    op.verb(),
-                    op.path()
+                    "forbidden: User \"{}\" cannot {verb} path \"{path}\"",
+                    acting.user
                 )));
             }
             acting.user

@@ -64,6 +64,18 @@ impl Operation {
         }
     }
 
+    /// What RBAC checks for a request with this query: (non-resource path, verb). A snapshot
+    /// with the cluster's keys (`pki=true`, its CA and service-account keys: whoever has them is
+    /// the cluster's admin) needs `create` on `/vkube/v1/snapshot/pki`, more than a `get` on
+    /// every path.
+    pub fn authorization(self, query: Option<&str>) -> (&'static str, &'static str) {
+        let pki = form_urlencoded::parse(query.unwrap_or_default().as_bytes()).any(|(k, _)| k == "pki");
+        match self {
+            Operation::Snapshot if pki => ("/vkube/v1/snapshot/pki", "create"),
+            _ => (self.path(), self.verb()),
+        }
+    }
+
     /// The verb RBAC checks on the path (a non-resource URL): what `cluster-admin` may do,
     /// granted to others only by a ClusterRole naming the path.
     pub fn verb(self) -> &'static str {

@@ -515,6 +515,9 @@ async fn vkube_operations_need_rbac_on_their_path_and_never_wake_the_cluster() {
         assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
         assert!(body["message"].as_str().unwrap().contains("cannot create path \"/vkube/v1/reset\""), "{body}");
     }
+    let (code, body) = denied.get("/vkube/v1/snapshot?pki=true", Credential::Token, &[]).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("cannot create path \"/vkube/v1/snapshot/pki\""), "{body}");
     let (code, _) = denied.get("/vkube/v1/snapshot", Credential::None, &[]).await;
     assert_eq!(code, StatusCode::UNAUTHORIZED);
     assert_eq!(calls.load(SeqCst), 0, "nothing refused reached the operation");

@@ -259,6 +259,7 @@ async fn snapshot_restore_fork_and_reset() {
     wait_host_pods(&host, "golden", 2).await;
 
     // From a sleeping cluster: the snapshot is taken without waking it.
+    kubectl_ok(&up, &kc, &["create", "configmap", "pre-sleep", "-n", "app"]);
     cli.ok(&["sleep", "golden"]);
     let asleep = dir.join("asleep.snapshot");
     cli.ok(&["snapshot", "golden", "-o", asleep.to_str().unwrap()]);
@@ -266,11 +267,14 @@ async fn snapshot_restore_fork_and_reset() {
     let power = svc.metadata.annotations.unwrap_or_default().get("vkube.dev/power").cloned();
     assert_eq!(power.as_deref(), Some("Sleeping"), "the snapshot woke it");
     assert_eq!(host_pods(&host, "golden").await.1, 0, "its workloads stayed asleep");
-    // And restored while asleep: it wakes with that state.
-    cli.ok(&["restore", "golden", "--from", asleep.to_str().unwrap()]);
+    // Restored while asleep (the first snapshot, without pre-sleep): it wakes with that state.
+    cli.ok(&["restore", "golden", "--from", file.to_str().unwrap()]);
     cli.ok(&["wake", "golden"]);
     assert_eq!(names(&up, &kc, &["configmaps,deployments,services,widgets", "-n", "app"]), before);
     wait_host_pods(&host, "golden", 2).await;
+    // And the snapshot taken asleep holds what was there when it slept.
+    cli.ok(&["restore", "golden", "--from", asleep.to_str().unwrap()]);
+    kubectl_ok(&up, &kc, &["get", "configmap", "pre-sleep", "-n", "app"]);
     // Its identity back: after new CAs the old kubeconfig is refused; the keys of the snapshot
     // make it work again (and the cluster's state is the snapshot's).
     cli.ok(&["certs", "rotate", "golden", "--ca"]);

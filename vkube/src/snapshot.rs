@@ -157,7 +157,12 @@ pub fn read(input: impl Read, dir: &Path) -> anyhow::Result<Manifest> {
             .create_new(true)
             .open(&target)
             .with_context(|| format!("writing {}", target.display()))?;
-        let (size, sha256) = hash_copy(entry, file)?;
+        // The header and the manifest must agree, and neither may claim more than a part can
+        // hold: a small file must not unpack into a full disk.
+        if entry.header().size()? != part.size || part.size > max_size(&name) {
+            bail!("the snapshot is damaged or forged: {name} is larger than its manifest or vkube allows");
+        }
+        let (size, sha256) = hash_copy(entry.take(part.size), file)?;
         if size != part.size || sha256 != part.sha256 {
             bail!("the snapshot is damaged: {name} does not match its checksum in the manifest");
         }
@@ -199,6 +204,12 @@ fn manifest_of<R: Read>(entries: &mut tar::Entries<'_, R>) -> anyhow::Result<Man
         );
     }
     Ok(manifest)
+}
+
+/// The most a part may hold: etcd's data within twice its backend quota (2 GiB), a PEM file a
+/// few KiB.
+fn max_size(name: &str) -> u64 {
+    if name == ETCD_DB { 4 << 30 } else { 64 << 10 }
 }
 
 /// The relative path a part is written to: `etcd.db` or `pki/NAME` with a plain file name.
@@ -286,6 +297,14 @@ mod tests {
         assert!(err(b"plain text").contains("not a vkube snapshot"));
         let future = raw_archive(&Manifest { format: FORMAT + 1, ..manifest.clone() }, &[]);
         assert!(err(&future).contains("newer than this vkube reads"), "{}", err(&future));
+        // More bytes than the manifest says (a small file that would unpack into a full disk).
+        let bomb = raw_archive(&manifest, &[(ETCD_DB, &[0u8; 4096])]);
+        assert!(err(&bomb).contains("larger than its manifest"), "{}", err(&bomb));
+        let big_key = vec![b'k'; 100 << 10];
+        let mut forged = manifest.clone();
+        forged.parts.push(Part { name: "pki/ca.key".into(), size: big_key.len() as u64, sha256: String::new() });
+        let forged = raw_archive(&forged, &[(ETCD_DB, b"etcd data"), ("pki/ca.key", &big_key)]);
+        assert!(err(&forged).contains("larger than its manifest or vkube allows"), "{}", err(&forged));
         let extra = raw_archive(&manifest, &[(ETCD_DB, b"etcd data"), ("pki/extra.key", b"x")]);
         assert!(err(&extra).contains("does not list"), "{}", err(&extra));
         assert!(part_path("pki/../../etc/passwd").is_err() && part_path("other").is_err());

@@ -124,9 +124,16 @@ impl SnapshotArgs {
         let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if to_stdout {
             Box::new(tokio::io::stdout())
         } else {
-            Box::new(
-                tokio::fs::File::create(&partial).await.with_context(|| format!("creating {}", partial.display()))?,
-            )
+            // Owner-only: a snapshot holds every Secret of the cluster (and with --include-pki its keys).
+            let file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&partial)
+                .await
+                .with_context(|| format!("creating {}", partial.display()))?;
+            Box::new(file)
         };
         let mut bytes = 0u64;
         while let Some(frame) = body.frame().await {

@@ -145,7 +145,10 @@ impl EtcdData {
 
     /// Makes the data directory from `db` (etcd must be stopped). On failure the old data stays.
     pub async fn restore(&self, db: &Path) -> anyhow::Result<()> {
-        let staged = self.sibling("restore");
+        // Written under another name and renamed once complete: `recover` may promote a staged
+        // directory, so a half-written one must never carry that name.
+        let (writing, staged) = (self.sibling("restore.tmp"), self.sibling("restore"));
+        let _ = std::fs::remove_dir_all(&writing);
         let _ = std::fs::remove_dir_all(&staged);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         // The member's name and peer URL are etcd's own flags' (components::etcd).
@@ -153,7 +156,7 @@ impl EtcdData {
             .arg("snapshot")
             .arg("restore")
             .arg(db)
-            .arg(format!("--data-dir={}", staged.display()))
+            .arg(format!("--data-dir={}", writing.display()))
             .args(["--name=vkube", &format!("--initial-cluster=vkube={peer}")])
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .args([&format!("--bump-revision={BUMP_REVISION}"), "--mark-compacted"])
@@ -161,11 +164,12 @@ impl EtcdData {
             .await
             .with_context(|| format!("running {} (is etcdutl installed?)", self.etcdutl.display()))?;
         if !out.status.success() {
-            let _ = std::fs::remove_dir_all(&staged);
+            let _ = std::fs::remove_dir_all(&writing);
             let stderr = String::from_utf8_lossy(&out.stderr);
             let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
             bail!("etcdutl could not restore the snapshot ({}): {last}", out.status);
         }
+        std::fs::rename(&writing, &staged).context("staging etcd's new data")?;
         self.swap_in(&staged)
     }
 
@@ -190,10 +194,11 @@ impl EtcdData {
         Ok(())
     }
 
-    /// Finishes a swap a crash cut short (the new data was complete once staged), or removes
-    /// what a restore cut short left.
+    /// Finishes a swap a crash cut short (a staged directory is complete: etcdutl writes under
+    /// another name), or removes what a restore cut short left.
     pub fn recover(&self) -> anyhow::Result<()> {
         let (staged, old) = (self.sibling("restore"), self.sibling("old"));
+        let _ = std::fs::remove_dir_all(self.sibling("restore.tmp"));
         if !self.data_dir.exists() {
             if staged.exists() {
                 tracing::warn!("finishing a restore of etcd's data that a restart cut short");
@@ -231,8 +236,13 @@ mod tests {
         d.recover().unwrap();
         assert_eq!(mark_of(), "new");
         assert!(!d.sibling("old").exists() && !d.sibling("restore").exists());
-        // Cut while staging: the old data stays.
-        mark(&d.sibling("restore"), "half");
+        // Cut while etcdutl wrote: the old data stays, the half-written directory goes.
+        mark(&d.sibling("restore.tmp"), "half");
+        d.recover().unwrap();
+        assert_eq!(mark_of(), "new");
+        assert!(!d.sibling("restore.tmp").exists());
+        // Cut after staging, before the swap began: the old data stays too.
+        mark(&d.sibling("restore"), "staged");
         d.recover().unwrap();
         assert_eq!(mark_of(), "new");
         assert!(!d.sibling("restore").exists());

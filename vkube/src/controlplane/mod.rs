@@ -524,6 +524,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             namespace: args.namespace.clone(),
             host: host.clone(),
             uploads: tokio::sync::Semaphore::new(1),
+            downloads: Arc::new(tokio::sync::Semaphore::new(2)),
         })
     });
     if let (Some(ops), Some(every)) = (&operations, args.snapshots.snapshot_schedule) {
@@ -606,6 +607,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             peer_port: args.supervise.etcd_peer_port,
         };
         etcd.recover()?;
+        operations::remove_leftovers(&args.supervise.state_dir.join("snapshots"));
         // Once only: a later reset leaves the data directory empty again, and must stay a reset.
         let consumed = args.supervise.state_dir.join("initial-snapshot.done");
         let forked = match &args.supervise.initial_snapshot {
@@ -637,9 +639,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             etcd,
             ops: ops_rx,
         };
+        let mut controller = controller;
+        if forked {
+            // Its virtual pods have no host pods yet: made, as after a sleep, until a syncer has
+            // seen them all (a crash before that must not take them for lost).
+            controller.mark_pods_removed().await;
+        }
         let initial = controller.persisted().await?;
-        // A forked cluster's virtual pods have no host pods yet: made, as after a pause.
-        tokio::spawn(controller.run(initial, resuming || forked, shutdown_rx))
+        tokio::spawn(controller.run(initial, resuming, shutdown_rx))
     } else {
         drop(sleep_control);
         wait_virtual_ready(&admin, Duration::from_millis(200)).await?;

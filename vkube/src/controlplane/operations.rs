@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use http::{Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -58,6 +58,17 @@ pub struct Operations {
     pub host: kube::Client,
     /// One restore spooled at a time: a tenant's admin cannot fill the disk with parallel uploads.
     pub uploads: tokio::sync::Semaphore,
+    /// Snapshot files being taken or streamed out at once (each is on disk until it is read).
+    pub downloads: Arc<tokio::sync::Semaphore>,
+}
+
+/// Removes the work directories of requests a crash cut short (`tempdir_in` names them `.tmp*`).
+pub fn remove_leftovers(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".tmp") {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 impl Operations {
@@ -153,10 +164,13 @@ impl Operations {
             .find(|(k, _)| k == "from")
             .map(|(_, v)| v.into_owned());
         match op {
-            Operation::Snapshot => match from {
-                Some(name) => stream_file(&self.kept_path(&name)?, None).await,
-                None => self.snapshot(flag("pki")).await,
-            },
+            Operation::Snapshot => {
+                let permit = self.downloads.clone().acquire_owned().await.map_err(|_| stopping())?;
+                match from {
+                    Some(name) => stream_file(&self.kept_path(&name)?, None, permit).await,
+                    None => self.snapshot(flag("pki"), permit).await,
+                }
+            }
             Operation::Restore => {
                 let fork = flag("fork");
                 let stored = from.map(|name| self.kept_path(&name)).transpose()?;
@@ -167,16 +181,20 @@ impl Operations {
             }
             Operation::Reset => {
                 let started = Instant::now();
-                self.replace(None).await?;
+                self.replace(None, None).await?;
                 tracing::info!("the virtual cluster was reset");
                 Ok(json(serde_json::json!({"cluster": self.name, "seconds": started.elapsed().as_secs_f64()})))
             }
         }
     }
 
-    async fn snapshot(&self, pki: bool) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn snapshot(
+        &self,
+        pki: bool,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (work, archive, manifest) = self.take(pki).await?;
-        let response = stream_file(&archive, Some(&manifest)).await;
+        let response = stream_file(&archive, Some(&manifest), permit).await;
         // The open file stays readable once its directory is gone.
         drop(work);
         response
@@ -260,7 +278,7 @@ impl Operations {
         .map_err(|e| ProxyError::Failed(format!("reading the snapshot: {e}")))?
         .map_err(|e| ProxyError::BadRequest(format!("{e:#}")))?;
         manifest.check_for(&self.name, fork).map_err(|e| ProxyError::BadRequest(format!("{e:#}")))?;
-        self.replace(Some(parts.join(snapshot::ETCD_DB))).await?;
+        self.replace(Some(parts.join(snapshot::ETCD_DB)), Some(work)).await?;
         tracing::info!(from = %manifest.cluster, taken = %manifest.created, fork, "restored from a snapshot");
         let mut out = summary(&manifest);
         out["seconds"] = started.elapsed().as_secs_f64().into();
@@ -268,9 +286,9 @@ impl Operations {
     }
 
     /// etcd's data replaced (from `db`, or emptied) by the power controller.
-    async fn replace(&self, db: Option<PathBuf>) -> Result<(), ProxyError> {
+    async fn replace(&self, db: Option<PathBuf>, work: Option<tempfile::TempDir>) -> Result<(), ProxyError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Op::Restore { db, reply }).await?;
+        self.send(Op::Restore { db, work, reply }).await?;
         answer.await.map_err(|_| stopping())?.map_err(|e| ProxyError::Failed(format!("{e:#}")))
     }
 
@@ -305,10 +323,18 @@ pub async fn initial_state(
 }
 
 /// A file as the response body, streamed (with what it is, for a new snapshot).
-async fn stream_file(path: &Path, manifest: Option<&Manifest>) -> Result<Response<ProxyBody>, ProxyError> {
+/// `permit` is held until the body has been read (or dropped).
+async fn stream_file(
+    path: &Path,
+    manifest: Option<&Manifest>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let file = tokio::fs::File::open(path).await.map_err(failed("opening the snapshot"))?;
     let len = file.metadata().await.map_err(failed("opening the snapshot"))?.len();
-    let frames = tokio_util::io::ReaderStream::new(file).map_ok(Frame::data).map_err(BoxError::from);
+    let frames = tokio_util::io::ReaderStream::new(file).map_ok(Frame::data).map_err(BoxError::from).map(move |f| {
+        let _held = &permit;
+        f
+    });
     let mut resp = Response::builder()
         .header(http::header::CONTENT_TYPE, "application/gzip")
         .header(http::header::CONTENT_LENGTH, len);

@@ -84,7 +84,8 @@ pub enum Op {
     /// etcd's data made from this snapshot (`None`: emptied, a reset) with the syncer and the
     /// components stopped; a running cluster then starts again and the syncer makes the host
     /// match (lost host pods recreated, host copies of objects that are gone removed).
-    Restore { db: Option<PathBuf>, reply: oneshot::Sender<anyhow::Result<()>> },
+    /// `work` holds `db` (its directory goes when the op is done, not when the client leaves).
+    Restore { db: Option<PathBuf>, work: Option<tempfile::TempDir>, reply: oneshot::Sender<anyhow::Result<()>> },
 }
 
 /// Starts and stops the syncer (on its own runtime thread); `recreate` on wake.
@@ -283,8 +284,12 @@ impl<S: SyncerRunner> PowerController<S> {
             Op::Snapshot { to, reply } => {
                 let _ = reply.send(self.snapshot(&to).await);
             }
-            Op::Restore { db, reply } => {
+            Op::Restore { db, work, reply } => {
+                if reply.is_closed() {
+                    return Ok(()); // the client left before its turn: nothing is stopped for it
+                }
                 let (restored, running) = self.restore(db.as_deref()).await;
+                drop(work);
                 let what = if db.is_some() { "Restored" } else { "Reset" };
                 match &restored {
                     Ok(()) => {
@@ -328,6 +333,9 @@ impl<S: SyncerRunner> PowerController<S> {
     /// a running cluster runs again; an error there ends the control plane, which restarts).
     async fn restore(&mut self, db: Option<&Path>) -> (anyhow::Result<()>, anyhow::Result<()>) {
         let running = *self.ctl.power.borrow() == Power::Running;
+        // Written first: whatever happens from here, the next syncers recreate the host pods of the
+        // restored virtual pods rather than take their absence for a loss.
+        self.mark_pods_removed().await;
         if running {
             // Requests that count are held meanwhile, as during a wake.
             self.ctl.power.send_replace(Power::Waking);
@@ -356,6 +364,14 @@ impl<S: SyncerRunner> PowerController<S> {
                 (Err(anyhow::anyhow!("{e:#}")), Err(e))
             }
         }
+    }
+
+    /// Host pods must be made for every virtual pod (`ANNOTATION_PODS_REMOVED`), until a syncer
+    /// has finished its initial sync: after a sleep, a restore, a fork.
+    pub async fn mark_pods_removed(&mut self) {
+        self.pods_removed = true;
+        self.patch_annotations(serde_json::json!({ ANNOTATION_PODS_REMOVED: jiff::Timestamp::now().to_string() }))
+            .await;
     }
 
     async fn start_components(&mut self) -> anyhow::Result<()> {
