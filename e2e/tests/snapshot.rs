@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
 use vkube_e2e::{Cli, TestEnv, eventually, kubectl, kubectl_ok};
+
 use vkube_localenv::Upstream;
 
 const SEED: &str = r#"
@@ -312,4 +313,66 @@ fn token_kubeconfig(up: &Upstream, kc: &Path, token: &str, path: &Path) -> std::
 
 fn server_of(up: &Upstream, kc: &Path) -> String {
     kubectl_ok(up, kc, &["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"])
+}
+
+/// The control-plane process killed at three points of a restore: the cluster comes back at the
+/// old state or at the snapshot's, never a mix, and the host converges (its pods exactly the
+/// virtual ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_cut_short_by_a_crash_ends_old_or_new_and_converges() {
+    let env = TestEnv::start(1).await;
+    let mut vc = env.virtual_cluster("crashy").await;
+    vc.apply(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: default}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: c, image: nginx}]\n",
+    );
+    vc.kubectl_ok(&["create", "configmap", "in-snapshot"]);
+    let admin = vc.client().await;
+    let resp = admin.send(http::Request::get("/vkube/v1/snapshot").body(kube::client::Body::empty()).unwrap()).await;
+    let resp = resp.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes().to_vec();
+    for (i, cut_after) in [300, 1500, 3000].map(Duration::from_millis).into_iter().enumerate() {
+        let marker = format!("after-snapshot-{i}");
+        vc.kubectl_ok(&["create", "configmap", &marker]);
+        let client = vc.client().await;
+        let body = bytes.clone();
+        let restore = tokio::spawn(async move {
+            let req = http::Request::post("/vkube/v1/restore").body(kube::client::Body::from(body)).unwrap();
+            client.send(req).await
+        });
+        tokio::time::sleep(cut_after).await;
+        vc.kill_controller();
+        let _ = restore.await;
+        vc.start_controller().await;
+        let has = |name: &str| vc.kubectl(&["get", "configmap", name]).status.success();
+        assert!(has("in-snapshot"), "cut after {cut_after:?}: the snapshot's ConfigMap is gone");
+        let restored = !has(&marker);
+        eprintln!(
+            "cut after {cut_after:?}: the cluster is at the {} state",
+            if restored { "snapshot's" } else { "old" }
+        );
+        eventually("host pods exactly the virtual ones", Duration::from_secs(90), || async {
+            let virt: Vec<Pod> = Api::<Pod>::namespaced(vc.client().await, "default")
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items;
+            let hosts: Vec<Pod> = vc.host_list(&env).await;
+            let running = hosts
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| {
+                    p.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("vkube.dev/namespace"))
+                        .is_some_and(|n| n == "default")
+                })
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            let live = virt.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).count();
+            Ok((live == 2 && running == 2).then_some(()).ok_or(format!("{live} virtual, {running} host Running")).ok())
+        })
+        .await;
+    }
 }
