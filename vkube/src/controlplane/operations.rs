@@ -117,9 +117,13 @@ impl Operations {
         self: Arc<Self>,
         every: Duration,
         keep: usize,
-        power: tokio::sync::watch::Receiver<vkube_apiproxy::sleep::Power>,
+        mut power: tokio::sync::watch::Receiver<vkube_apiproxy::sleep::Power>,
     ) {
         loop {
+            // Asleep (or starting), wait for it to run rather than poll: a sleeping cluster idles.
+            if power.wait_for(|p| *p == vkube_apiproxy::sleep::Power::Running).await.is_err() {
+                return;
+            }
             let newest = std::fs::metadata(
                 self.scheduled_dir().join(self.kept().first().map(|k| k.name.as_str()).unwrap_or("-")),
             )
