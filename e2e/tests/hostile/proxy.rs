@@ -17,6 +17,8 @@ use vkube_e2e::{TestEnv, VirtualCluster, eventually};
 use super::common::{tr, warned};
 
 /// One request through the proxy with `client`'s credentials: the status and the body as text.
+/// A GET is sent again once if its connection fails: the client's pool may hand out a connection
+/// the server closed after refusing an earlier upload before reading it (hyper's IncompleteMessage).
 async fn raw(
     client: &kube::Client,
     method: &str,
@@ -24,7 +26,13 @@ async fn raw(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> (u16, String) {
-    try_raw(client, method, path, headers, body).await.expect("a request to the proxy")
+    match try_raw(client, method, path, headers, body.clone()).await {
+        Err(e) if method == "GET" => {
+            eprintln!("GET {path}: {e}; sending it again on a new connection");
+            try_raw(client, method, path, headers, body).await.expect("a request to the proxy")
+        }
+        result => result.expect("a request to the proxy"),
+    }
 }
 
 /// [`raw`], where the connection may be closed before the whole body is sent (refused early).
