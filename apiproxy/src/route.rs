@@ -34,19 +34,23 @@ impl HostSubresource {
 /// cluster's admins: what `vkube snapshot`, `vkube restore` and `vkube reset` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
-    /// `GET /vkube/v1/snapshot[?pki=true | ?from=SCHEDULED]`: a snapshot file, new or kept.
+    /// `GET /vkube/v1/snapshot[?pki=true | ?from=KEPT]`: a snapshot file, new or kept.
     Snapshot,
     /// `POST /vkube/v1/restore[?fork=true]`, a snapshot file as the body, or
-    /// `?from=SCHEDULED` for one the control plane keeps.
+    /// `?from=KEPT` for one the control plane keeps.
     Restore,
     /// `POST /vkube/v1/reset`: back to a freshly created cluster.
     Reset,
-    /// `GET /vkube/v1/snapshots`: the scheduled snapshots the control plane keeps.
+    /// `GET /vkube/v1/snapshots`: the snapshots the control plane keeps (scheduled and taken).
     List,
+    /// `POST /vkube/v1/keep[?label=LABEL]`: a snapshot taken now and kept by the control plane
+    /// (`vkube snapshot --keep`, and before `vkube upgrade`), not downloaded.
+    Keep,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 4] = [Operation::Snapshot, Operation::Restore, Operation::Reset, Operation::List];
+    pub const ALL: [Operation; 5] =
+        [Operation::Snapshot, Operation::Restore, Operation::Reset, Operation::List, Operation::Keep];
 
     pub fn path(self) -> &'static str {
         match self {
@@ -54,13 +58,14 @@ impl Operation {
             Operation::Restore => "/vkube/v1/restore",
             Operation::Reset => "/vkube/v1/reset",
             Operation::List => "/vkube/v1/snapshots",
+            Operation::Keep => "/vkube/v1/keep",
         }
     }
 
     pub fn method(self) -> Method {
         match self {
             Operation::Snapshot | Operation::List => Method::GET,
-            Operation::Restore | Operation::Reset => Method::POST,
+            Operation::Restore | Operation::Reset | Operation::Keep => Method::POST,
         }
     }
 
@@ -81,7 +86,7 @@ impl Operation {
     pub fn verb(self) -> &'static str {
         match self {
             Operation::Snapshot | Operation::List => "get",
-            Operation::Restore | Operation::Reset => "create",
+            Operation::Restore | Operation::Reset | Operation::Keep => "create",
         }
     }
 }
@@ -282,6 +287,8 @@ mod tests {
         assert_eq!(r(&Method::GET, "/vkube/v1/snapshot"), Route::Operation(Operation::Snapshot));
         assert_eq!(r(&Method::POST, "/vkube/v1/restore"), Route::Operation(Operation::Restore));
         assert_eq!(r(&Method::POST, "/vkube/v1/%72eset"), Route::Operation(Operation::Reset));
+        assert_eq!(r(&Method::POST, "/vkube/v1/keep"), Route::Operation(Operation::Keep));
+        assert!(matches!(r(&Method::GET, "/vkube/v1/keep"), Route::Refused(_)));
         assert!(matches!(r(&Method::POST, "/vkube/v1/snapshot"), Route::Refused(_)));
         assert!(matches!(r(&Method::GET, "/vkube/v1/other"), Route::Refused(_)));
         assert_eq!(r(&Method::GET, "/apis/vkube/v1/snapshot"), Route::Forward);

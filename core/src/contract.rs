@@ -78,6 +78,9 @@ pub const ANNOTATION_POWER_REQUEST: &str = "vkube.dev/power-request";
 /// The host pods were removed on purpose (going to sleep; RFC 3339): the next syncers recreate
 /// them, until one has done its initial sync, which removes the mark.
 pub const ANNOTATION_PODS_REMOVED: &str = "vkube.dev/pods-removed";
+/// On the host Service of a chart's cluster: the last `vkube upgrade` (JSON: the snapshot taken
+/// before it, the versions, the Helm revision to go back to), until `--rollback` or the next one.
+pub const ANNOTATION_UPGRADE: &str = "vkube.dev/upgrade";
 
 #[cfg(test)]
 mod tests {
@@ -111,6 +114,7 @@ mod tests {
             ANNOTATION_LAST_ACTIVITY_BY,
             ANNOTATION_POWER_REQUEST,
             ANNOTATION_PODS_REMOVED,
+            ANNOTATION_UPGRADE,
         ];
         for k in keys {
             assert!(crate::naming::is_reserved_key(k), "{k}");

@@ -422,7 +422,12 @@ impl Cli {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(vkube_bin());
+        self.command_of(&vkube_bin(), args)
+    }
+
+    /// [`Cli::command`] with another vkube binary (an older version, for an upgrade).
+    pub fn command_of(&self, binary: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(binary);
         c.args(args).env("VKUBE_STATE", self.state.path()).env("KUBECONFIG", &self.host_kubeconfig);
         c
     }

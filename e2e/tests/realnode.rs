@@ -253,7 +253,7 @@ spec:
 /// its children) becomes Ready, and the cluster is reached through `vkube connect --port-forward`
 /// and, from a host pod, through the proxy's Service; its workloads run on the node; it sleeps
 /// and a request wakes it; a snapshot of it asleep restored awake; pause, resume (the data kept on
-/// its volume) and delete.
+/// its volume), an upgrade with a changed value and its rollback, and delete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_runs_for_real() {
     let _turn = ONE_REAL_NODE.lock().await;
@@ -365,6 +365,37 @@ spec:
     .await;
     cli.ok(&["resume", "team-r"]);
     assert_eq!(through_forward(&["get", "deployments", "-o", "name"]).trim(), "deployment.apps/web");
+    through_forward(&["rollout", "status", "deployment/web", "--timeout=120s"]);
+
+    // An upgrade with a changed value (helm upgrade, values kept): a snapshot kept first; the
+    // rollback puts back the previous revision and the state of before.
+    let qps = || {
+        let env_json = env.kubectl_ok(&[
+            "get",
+            "statefulset",
+            "-n",
+            ns,
+            "team-r",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[?(@.name==\"vkube\")].env}",
+        ]);
+        let vars: Vec<serde_json::Value> = serde_json::from_str(&env_json).unwrap();
+        vars.iter().find(|v| v["name"] == "VKUBE_HOST_QPS").map(|v| v["value"].as_str().unwrap().to_string())
+    };
+    let before = qps();
+    let record: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["upgrade", "team-r", "--set", "sync.hostQPS=40", "-o", "json"])).unwrap();
+    assert_eq!(record["finished"], true, "{record}");
+    assert!(record["helmRevision"].as_u64().is_some(), "{record}");
+    assert_eq!(qps().as_deref(), Some("40"));
+    let kept = cli.ok(&["snapshots", "team-r"]);
+    assert!(kept.contains(record["snapshot"].as_str().unwrap()), "{kept}");
+    through_forward(&["create", "configmap", "after-upgrade"]);
+    cli.ok(&["upgrade", "team-r", "--rollback"]);
+    assert_eq!(qps(), before, "the rollback put back the previous values");
+    let after =
+        cli.run(&["connect", "team-r", "--port-forward", "--", &kubectl_bin, "get", "configmap", "after-upgrade"]);
+    assert!(!after.status.success(), "the ConfigMap made after the upgrade survived the rollback");
     through_forward(&["rollout", "status", "deployment/web", "--timeout=120s"]);
 
     cli.ok(&["delete", "team-r", "--wait"]);

@@ -219,6 +219,26 @@ async fn snapshot_restore_fork_and_reset() {
     assert_ne!(golden_ip, fork_ip, "two clusters' Services on one host cannot share an address");
     // Its own identity: the golden cluster's admin credentials are not the fork's.
     assert!(!kubectl(&up, &kc, &["--server", &server_of(&up, &fkc), "get", "ns"]).status.success());
+    // A second fork of the same file runs beside the first, with host objects and credentials of
+    // its own: each refuses the other's and the original's admin credentials.
+    cli.ok(&["create", "fork2", "--local", "--from-snapshot", file_arg]);
+    let f2kc = dir.join("fork2.kubeconfig");
+    std::fs::write(&f2kc, cli.ok(&["connect", "fork2", "--print"])).unwrap();
+    assert_eq!(names(&up, &f2kc, &["configmaps,deployments,services,widgets", "-n", "app"]), before);
+    wait_host_pods(&host, "fork2", 2).await;
+    wait_host_pods(&host, "fork1", 2).await;
+    for (creds, at) in [(&kc, &f2kc), (&fkc, &f2kc), (&f2kc, &fkc), (&f2kc, &kc)] {
+        refused_at(&up, creds, at, &dir.join("mixed.kubeconfig"));
+    }
+    eventually("fork2's Service web with an address of its own", Duration::from_secs(60), || async {
+        let ip = kubectl_ok(&up, &f2kc, &["get", "service", "web", "-n", "app", "-o", "jsonpath={.spec.clusterIP}"]);
+        let fork1 = kubectl_ok(&up, &fkc, &["get", "service", "web", "-n", "app", "-o", "jsonpath={.spec.clusterIP}"]);
+        Ok((ip != fork1 && ip != golden_ip).then_some(()))
+    })
+    .await;
+    cli.ok(&["delete", "fork2"]);
+    wait_host_pods(&host, "fork1", 2).await;
+
     // The snapshot is golden's: restoring it into the fork (not a fork) is refused.
     fails_saying(cli.run(&["restore", "fork1", "--from", file.to_str().unwrap()]), "not \"fork1\"");
 
@@ -311,6 +331,26 @@ fn token_kubeconfig(up: &Upstream, kc: &Path, token: &str, path: &Path) -> std::
     path.to_path_buf()
 }
 
+/// The admin client certificate of `creds`, presented to the cluster `at` (trusting its CA):
+/// authenticated as nobody (401), not merely a TLS failure.
+fn refused_at(up: &Upstream, creds: &Path, at: &Path, path: &Path) {
+    let view = |kc: &Path, field: &str| {
+        kubectl_ok(up, kc, &["config", "view", "--raw", "--minify", "-o", &format!("jsonpath={{{field}}}")])
+    };
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{}', certificate-authority-data: {}}}}}]\nusers: [{{name: u, user: {{client-certificate-data: {}, client-key-data: {}}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: u}}}}]\ncurrent-context: c\n",
+            server_of(up, at),
+            view(at, ".clusters[0].cluster.certificate-authority-data"),
+            view(creds, ".users[0].user.client-certificate-data"),
+            view(creds, ".users[0].user.client-key-data"),
+        ),
+    )
+    .unwrap();
+    fails_saying(kubectl(up, path, &["get", "ns"]), "Unauthorized");
+}
+
 fn server_of(up: &Upstream, kc: &Path) -> String {
     kubectl_ok(up, kc, &["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"])
 }
@@ -375,4 +415,82 @@ async fn a_restore_cut_short_by_a_crash_ends_old_or_new_and_converges() {
         })
         .await;
     }
+}
+
+/// The pid and program of the `vkube run` a local cluster records.
+fn running_vkube(cli: &Cli, name: &str) -> std::path::PathBuf {
+    let dir = cli.state.path().join("local").join(format!("vkube-{name}")).join(name);
+    let recorded = vkube_localenv::process::read_recorded(&dir).unwrap();
+    let vkube = recorded.iter().find(|r| r.name == "vkube").expect("a recorded vkube process");
+    assert!(vkube_localenv::process::is_alive(vkube), "{vkube:?} is not running");
+    std::fs::read_link(format!("/proc/{}/exe", vkube.pid)).unwrap()
+}
+
+/// `vkube upgrade` of a local cluster from another binary (standing for an older version): a
+/// snapshot kept first, the control plane restarted with this binary; an upgrade cut short goes
+/// on with its first record; `--rollback` runs the old binary again with the state of before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_keeps_a_snapshot_and_rollback_puts_back_the_version_and_the_state() {
+    let env = TestEnv::start(1).await;
+    let up = Upstream::locate().unwrap();
+    let cli = Cli::new(&env);
+    let dir = cli.state.path().to_path_buf();
+    let old = dir.join("old").join("vkube");
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    std::fs::copy(vkube_e2e::vkube_bin(), &old).unwrap();
+    let created = cli.command_of(&old, &["create", "up", "--local"]).output().unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    assert_eq!(running_vkube(&cli, "up"), old);
+    let kc = dir.join("up.kubeconfig");
+    std::fs::write(&kc, cli.ok(&["connect", "up", "--print"])).unwrap();
+    kubectl_ok(&up, &kc, &["create", "configmap", "before"]);
+
+    // Nothing to roll back yet; a label that is not plain is refused, by the CLI and the endpoint.
+    fails_saying(cli.run(&["upgrade", "up", "--rollback"]), "no upgrade of up is recorded");
+    fails_saying(cli.run(&["snapshot", "up", "--keep", "--label", "../x"]), "snapshot label");
+    fails_saying(
+        kubectl(&up, &kc, &["create", "--raw", "/vkube/v1/keep?label=..%2Fx", "-f", "/dev/null"]),
+        "snapshot label",
+    );
+
+    let record: serde_json::Value = serde_json::from_str(&cli.ok(&["upgrade", "up", "-o", "json"])).unwrap();
+    assert_eq!(record["finished"], true, "{record}");
+    let snapshot = record["snapshot"].as_str().unwrap().to_string();
+    assert!(snapshot.starts_with("up-before-upgrade-"), "{record}");
+    assert_eq!(running_vkube(&cli, "up"), vkube_e2e::vkube_bin(), "the control plane runs the new binary");
+    let kept: serde_json::Value = serde_json::from_str(&cli.ok(&["snapshots", "up", "-o", "json"])).unwrap();
+    assert!(
+        kept.as_array().unwrap().iter().any(|k| k["name"] == snapshot.as_str() && k["scheduled"] == false),
+        "{kept}"
+    );
+    kubectl_ok(&up, &kc, &["get", "configmap", "before"]);
+    kubectl_ok(&up, &kc, &["create", "configmap", "after"]);
+
+    // Cut short (the record says unfinished): run again, it goes on with the same snapshot.
+    let local = dir.join("local/vkube-up/up");
+    let mut unfinished: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(local.join("upgrade.json")).unwrap()).unwrap();
+    unfinished["finished"] = false.into();
+    std::fs::write(local.join("upgrade.json"), unfinished.to_string()).unwrap();
+    let again: serde_json::Value = serde_json::from_str(&cli.ok(&["upgrade", "up", "-o", "json"])).unwrap();
+    assert_eq!(again["snapshot"], snapshot.as_str(), "{again}");
+    assert_eq!(again["finished"], true, "{again}");
+    let kept: serde_json::Value = serde_json::from_str(&cli.ok(&["snapshots", "up", "-o", "json"])).unwrap();
+    assert_eq!(kept.as_array().unwrap().len(), 1, "a second snapshot was taken: {kept}");
+
+    // A snapshot kept on request is listed beside it and left alone by the rollback.
+    let manual = cli.ok(&["snapshot", "up", "--keep"]).trim().to_string();
+    assert!(manual.starts_with("up-manual-"), "{manual}");
+
+    let back: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["upgrade", "up", "--rollback", "-o", "json"])).unwrap();
+    assert_eq!(back["rolledBack"], true, "{back}");
+    assert_eq!(running_vkube(&cli, "up"), local.join("before-upgrade/vkube"), "the old binary runs again");
+    kubectl_ok(&up, &kc, &["get", "configmap", "before"]);
+    assert!(!kubectl(&up, &kc, &["get", "configmap", "after"]).status.success(), "a change since the upgrade stayed");
+    assert!(!local.join("upgrade.json").exists(), "the record outlived its rollback");
+    fails_saying(cli.run(&["upgrade", "up", "--rollback"]), "no upgrade of up is recorded");
+    let kept: serde_json::Value = serde_json::from_str(&cli.ok(&["snapshots", "up", "-o", "json"])).unwrap();
+    assert!(kept.as_array().unwrap().iter().any(|k| k["name"] == manual.as_str()), "{kept}");
+    cli.ok(&["delete", "up"]);
 }

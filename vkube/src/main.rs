@@ -66,12 +66,14 @@ enum Command {
     Wake(cli::sleep::PowerArgs),
     /// Save a virtual cluster's state to a file (running or asleep).
     Snapshot(cli::snapshot::SnapshotArgs),
-    /// List the scheduled snapshots a virtual cluster's control plane keeps.
+    /// List the snapshots a virtual cluster's control plane keeps (scheduled and taken on request).
     Snapshots(cli::snapshot::ListArgs),
     /// Make a virtual cluster's state a snapshot's again.
     Restore(cli::snapshot::RestoreArgs),
     /// Empty a virtual cluster: as freshly created, with the same name and credentials.
     Reset(cli::snapshot::ResetArgs),
+    /// Move a virtual cluster to this vkube's version after a snapshot; `--rollback` undoes it.
+    Upgrade(Box<cli::upgrade::UpgradeArgs>),
     /// The local dev host cluster (real upstream processes, nodes simulated by kwok).
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -119,6 +121,7 @@ fn main() -> ExitCode {
             Command::Snapshots(a) => ok(a.run().await),
             Command::Restore(a) => ok(a.run().await),
             Command::Reset(a) => ok(a.run().await),
+            Command::Upgrade(a) => ok((*a).run().await),
             Command::Dev(cmd) => ok(cmd.run().await),
             Command::Run(a) => ok(vkube::controlplane::run(*a).await),
         }

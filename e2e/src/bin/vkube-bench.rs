@@ -448,24 +448,55 @@ async fn main() {
 }
 
 const FORKS_STEP: &str = "9. forks: a CI cluster from a golden snapshot, against setting it up from scratch";
-/// The golden cluster's seed: ConfigMaps, and a Deployment of this many pods.
-const SEED_CONFIGMAPS: usize = 300;
-const SEED_PODS: usize = 20;
+/// The golden cluster's seed, the goal size: CRDs with custom resources spread over them,
+/// ConfigMaps, and a Deployment of this many pods.
+const SEED_CRDS: usize = 50;
+const SEED_CUSTOM_RESOURCES: usize = 1_000;
+const SEED_CONFIGMAPS: usize = 500;
+const SEED_PODS: usize = 1_000;
 
-/// Applies the seed (as CI would, object by object) and waits until its pods run on the host.
-async fn seed(cp: &LocalControlPlane, host: &Client, t0: Instant) -> f64 {
-    let proxied = cp.client().await.unwrap();
-    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(proxied.clone(), "default");
-    for i in 0..SEED_CONFIGMAPS {
-        let cm =
-            serde_json::from_value(json!({"metadata": {"name": format!("seed-{i}")}, "data": {"v": "x".repeat(512)}}))
-                .unwrap();
-        cms.create(&PostParams::default(), &cm).await.unwrap();
+/// Applies the seed as CI would (`kubectl apply` of manifests: the CRDs, once they are
+/// established the rest) and waits until its pods run on the host.
+async fn seed(cp: &LocalControlPlane, host: &Client, t0: Instant, dir: &std::path::Path) -> f64 {
+    let crd = |i: usize| {
+        format!(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: widget{i}s.seed.example.com}}\nspec:\n  group: seed.example.com\n  scope: Namespaced\n  names: {{plural: widget{i}s, singular: widget{i}, kind: Widget{i}}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}\n"
+        )
+    };
+    let crds: Vec<String> = (0..SEED_CRDS).map(crd).collect();
+    let mut rest: Vec<String> = (0..SEED_CUSTOM_RESOURCES)
+        .map(|i| {
+            format!(
+                "apiVersion: seed.example.com/v1\nkind: Widget{}\nmetadata: {{name: w{i}, namespace: default}}\nspec: {{size: {i}}}\n",
+                i % SEED_CRDS
+            )
+        })
+        .collect();
+    rest.extend((0..SEED_CONFIGMAPS).map(|i| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: seed-{i}, namespace: default}}\ndata: {{v: {}}}\n",
+            "x".repeat(512)
+        )
+    }));
+    rest.push(serde_json::to_string(&deployment("golden", SEED_PODS)).unwrap());
+    let up = vkube_localenv::Upstream::locate().unwrap();
+    let kubectl = |args: &[&str]| {
+        let out = std::process::Command::new(up.kubectl())
+            .arg("--kubeconfig")
+            .arg(cp.kubeconfig())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    for (name, docs) in [("crds", &crds), ("objects", &rest)] {
+        let file = dir.join(format!("seed-{name}.yaml"));
+        std::fs::write(&file, docs.join("---\n")).unwrap();
+        kubectl(&["apply", "-f", file.to_str().unwrap()]);
+        if name == "crds" {
+            kubectl(&["wait", "--for=condition=Established", "crd", "--all", "--timeout=120s"]);
+        }
     }
-    Api::<Deployment>::namespaced(proxied, "default")
-        .create(&PostParams::default(), &deployment("golden", SEED_PODS))
-        .await
-        .unwrap();
     wait_forked(cp, host, t0).await
 }
 
@@ -481,7 +512,7 @@ async fn wait_forked(cp: &LocalControlPlane, host: &Client, t0: Instant) -> f64 
 async fn forks(r: &mut Results, env: &TestEnv, host: &Client) {
     let t0 = Instant::now();
     let golden = start_cluster(env, "golden", None).await;
-    let scratch = seed(&golden, host, t0).await;
+    let scratch = seed(&golden, host, t0, env.dir()).await;
     let admin = golden.client().await.unwrap();
     let t1 = Instant::now();
     let resp =
@@ -514,12 +545,13 @@ async fn forks(r: &mut Results, env: &TestEnv, host: &Client) {
     let resp = fork.client().await.unwrap().send(req).await.unwrap();
     assert!(resp.status().is_success(), "restore: {}", resp.status());
     let restore_seconds = t3.elapsed().as_secs_f64();
+    let fork_seconds = percentile(&sorted(forks), 0.5);
     r.add(
         "fork_seconds",
-        percentile(&sorted(forks), 0.5),
+        fork_seconds,
         "s",
         format!(
-            "`create --local --from-snapshot` of a golden cluster ({SEED_CONFIGMAPS} ConfigMaps, a {SEED_PODS}-pod Deployment) until its pods run, median of 3; from scratch (create, apply, pods running) {scratch:.1} s"
+            "`create --local --from-snapshot` of a golden cluster ({SEED_CRDS} CRDs, {SEED_CUSTOM_RESOURCES} custom resources, {SEED_CONFIGMAPS} ConfigMaps, a {SEED_PODS}-pod Deployment) until its pods run, median of 3; from scratch (create, kubectl apply, pods running) {scratch:.1} s ({:.1}x)", scratch / fork_seconds
         ),
     );
     r.add("restore_seconds", restore_seconds, "s", "that snapshot restored into a running cluster, to the answer");

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::api::{Api, Patch};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch};
 use vkube::local::{LocalControlPlane, LocalOptions};
 use vkube::names;
 use vkube_localenv::Lifetime;
@@ -254,21 +255,48 @@ impl CreateArgs {
             return Ok(());
         }
         eprintln!("  [3/3] waiting for the control plane (StatefulSet {name}) and its kubeconfig");
-        let sts: Api<StatefulSet> = Api::namespaced(host.clone(), &ns);
-        let secrets: Api<Secret> = Api::namespaced(host.clone(), &ns);
-        let mut last = String::new();
-        loop {
-            let ready = sts.get_opt(&name).await?.and_then(|s| s.status).and_then(|s| s.ready_replicas).unwrap_or(0);
-            let kubeconfig = secrets.get_opt(&names::kubeconfig_secret(&name)).await?.is_some();
-            let now = format!("control plane ready: {}, kubeconfig published: {}", ready > 0, kubeconfig);
-            if now != last {
-                eprintln!("    {now}");
-                last = now;
-            }
-            if ready > 0 && kubeconfig {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        wait_chart_ready(&host, &self.target).await
+    }
+}
+
+/// Waits until the chart's control plane runs its StatefulSet's current spec, is ready, and has
+/// published its admin kubeconfig, printing what changes. A pod of an older revision that is not
+/// ready is deleted: the StatefulSet controller waits for it forever instead of replacing it (a
+/// rollback from a broken version).
+pub async fn wait_chart_ready(host: &kube::Client, target: &Target) -> anyhow::Result<()> {
+    let (name, ns) = (target.name.clone(), target.namespace());
+    let sts: Api<StatefulSet> = Api::namespaced(host.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(host.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(host.clone(), &ns);
+    let selector = ListParams::default().labels(&format!("{}={name}", names::LABEL_CONTROL_PLANE));
+    let mut last = String::new();
+    loop {
+        let set = sts.get_opt(&name).await?.ok_or_else(|| anyhow::anyhow!("StatefulSet {ns}/{name} is gone"))?;
+        let status = set.status.clone().unwrap_or_default();
+        let observed = status.observed_generation >= set.metadata.generation;
+        let updated = observed && status.update_revision.is_some() && status.current_revision == status.update_revision;
+        let ready = status.ready_replicas.unwrap_or(0) > 0;
+        let kubeconfig = secrets.get_opt(&names::kubeconfig_secret(&name)).await?.is_some();
+        let now = format!("control plane updated: {updated}, ready: {ready}, kubeconfig published: {kubeconfig}");
+        if now != last {
+            eprintln!("    {now}");
+            last = now;
         }
+        if updated && ready && kubeconfig {
+            return Ok(());
+        }
+        for pod in pods.list(&selector).await?.items {
+            let revision = pod.labels().get("controller-revision-hash").cloned();
+            let pod_ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if observed && !pod_ready && revision.is_some() && revision != status.update_revision {
+                eprintln!("    replacing pod {} of an older revision that is not ready", pod.name_any());
+                pods.delete(&pod.name_any(), &Default::default()).await?;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

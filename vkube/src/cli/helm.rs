@@ -13,8 +13,13 @@ fn binary() -> PathBuf {
     vkube_localenv::Upstream::locate().map(|u| u.helm()).unwrap_or_else(|_| PathBuf::from("helm"))
 }
 
-/// Runs helm with `args`; its output goes to our stderr; a failure carries helm's message.
+/// Runs helm with `args`; a failure carries helm's message.
 pub fn run(args: &[&str]) -> anyhow::Result<()> {
+    output(args).map(drop)
+}
+
+/// Runs helm with `args` and returns what it printed.
+pub fn output(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(binary())
         .args(args)
         .output()
@@ -22,7 +27,7 @@ pub fn run(args: &[&str]) -> anyhow::Result<()> {
     if !out.status.success() {
         anyhow::bail!("helm {} failed: {}", args.first().unwrap_or(&""), String::from_utf8_lossy(&out.stderr).trim());
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The built-in chart, written to a temporary directory for helm to read.

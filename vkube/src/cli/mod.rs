@@ -12,6 +12,7 @@ pub mod logs;
 pub mod pause;
 pub mod sleep;
 pub mod snapshot;
+pub mod upgrade;
 pub mod version;
 
 use std::path::PathBuf;

@@ -109,24 +109,15 @@ impl ResumeArgs {
                 sts.patch(&cluster.name, &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch))
                     .await
                     .context("scaling the control plane to 1")?;
-                let ready = vkube_kubeclient::wait::until(self.timeout, std::time::Duration::from_secs(1), || {
-                    let sts = sts.clone();
-                    let name = cluster.name.clone();
-                    async move {
-                        let r = sts
-                            .get(&name)
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .status
-                            .and_then(|s| s.ready_replicas)
-                            .unwrap_or(0);
-                        Ok((r > 0).then_some(()))
-                    }
-                })
-                .await;
-                ready.map_err(|e| {
-                    anyhow::anyhow!("the control plane did not become ready within {} s: {e}", self.timeout.as_secs())
-                })?;
+                tokio::time::timeout(self.timeout, super::create::wait_chart_ready(&host, &self.target))
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "the control plane did not become ready within {} s; `vkube describe {}` shows why",
+                            self.timeout.as_secs(),
+                            cluster.name
+                        )
+                    })??;
             }
         }
         eprintln!("virtual cluster {} resumed", cluster.name);

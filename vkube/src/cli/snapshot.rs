@@ -17,6 +17,8 @@ use tokio::io::AsyncWriteExt;
 use vkube_apiproxy::ProxyBody;
 use vkube_apiproxy::route::Operation;
 
+use vkube::controlplane::operations::Kept;
+
 use super::clusters::{self, Mode};
 use super::{Output, Target, connect};
 
@@ -25,6 +27,7 @@ use super::{Output, Target, connect};
   vkube snapshot team-a -o team-a.snapshot
   vkube snapshot team-a -o - > team-a.snapshot
   vkube snapshot team-a -o team-a-with-keys.snapshot --include-pki
+  vkube snapshot team-a --keep --label before-experiment   # kept by the control plane
 
 Taken from a running or a sleeping cluster (its workloads stay asleep). Restore it with
 `vkube restore team-a --from team-a.snapshot`, or make a new cluster from it with
@@ -33,25 +36,33 @@ pub struct SnapshotArgs {
     #[command(flatten)]
     pub target: Target,
     /// The file to write (`-`: standard output).
-    #[arg(long, short = 'o', value_name = "FILE")]
-    pub output: String,
+    #[arg(long, short = 'o', value_name = "FILE", required_unless_present = "keep")]
+    pub output: Option<String>,
     /// Include the cluster's certificates and keys (whoever holds the file can then act as the
     /// cluster's admin: keep it as safe as the admin kubeconfig).
-    #[arg(long, conflicts_with = "scheduled")]
+    #[arg(long, conflicts_with_all = ["kept", "keep"])]
     pub include_pki: bool,
-    /// Download a scheduled snapshot the control plane keeps (`vkube snapshots NAME`) instead.
-    #[arg(long, value_name = "SNAPSHOT")]
-    pub scheduled: Option<String>,
+    /// Download a snapshot the control plane keeps (`vkube snapshots NAME`) instead.
+    #[arg(long, value_name = "SNAPSHOT", alias = "scheduled")]
+    pub kept: Option<String>,
+    /// Have the control plane take one and keep it (in its state directory, the chart's volume)
+    /// instead of downloading it; prints its name. `vkube restore NAME --kept SNAPSHOT` puts it back.
+    #[arg(long, conflicts_with_all = ["output", "kept"])]
+    pub keep: bool,
+    /// With --keep: a label for it (part of its name); the newest 5 of each label are kept.
+    #[arg(long, requires = "keep", default_value = vkube::controlplane::operations::DEFAULT_LABEL)]
+    pub label: String,
 }
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   vkube snapshots team-a
-  vkube restore team-a --scheduled team-a-20261203T020000Z.snapshot
+  vkube restore team-a --kept team-a-20261203T020000Z.snapshot
 
-Scheduled snapshots are taken by the control plane while the cluster runs (`vkube create
---snapshot-schedule 6h --snapshot-keep 7`, chart values snapshots.schedule and snapshots.keep) and
-kept in its state directory (the chart's volume).")]
+The control plane keeps scheduled snapshots, taken while the cluster runs (`vkube create
+--snapshot-schedule 6h --snapshot-keep 7`, chart values snapshots.schedule and snapshots.keep), and
+snapshots taken on request (`vkube snapshot NAME --keep`, `vkube upgrade`), in its state directory
+(the chart's volume).")]
 pub struct ListArgs {
     #[command(flatten)]
     pub target: Target,
@@ -72,14 +83,14 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub target: Target,
     /// The snapshot file (`vkube snapshot`).
-    #[arg(long = "from", value_name = "FILE", required_unless_present = "scheduled", conflicts_with = "scheduled")]
+    #[arg(long = "from", value_name = "FILE", required_unless_present = "kept", conflicts_with = "kept")]
     pub from: Option<PathBuf>,
-    /// A scheduled snapshot the control plane keeps (`vkube snapshots NAME`).
-    #[arg(long, value_name = "SNAPSHOT")]
-    pub scheduled: Option<String>,
+    /// A snapshot the control plane keeps (`vkube snapshots NAME`).
+    #[arg(long, value_name = "SNAPSHOT", alias = "scheduled")]
+    pub kept: Option<String>,
     /// Put back the certificates and keys the file holds (`vkube snapshot --include-pki`) too:
     /// kubeconfigs and tokens of that time work again, later ones stop. The control plane restarts.
-    #[arg(long, conflicts_with = "scheduled")]
+    #[arg(long, conflicts_with = "kept")]
     pub include_pki: bool,
     /// How long to wait for the control plane to come back with them.
     #[arg(long, default_value = "5m", value_parser = vkube::controlplane::parse_duration)]
@@ -104,9 +115,23 @@ pub struct ResetArgs {
 impl SnapshotArgs {
     pub async fn run(self) -> anyhow::Result<()> {
         let started = Instant::now();
+        if self.keep {
+            let kept = keep(&self.target, &self.label).await?;
+            eprintln!(
+                "snapshot of {} taken and kept in {:.1} s: {} bytes; `vkube restore {} --kept {}` puts it back",
+                self.target.name,
+                started.elapsed().as_secs_f64(),
+                kept.bytes,
+                self.target.name,
+                kept.name
+            );
+            println!("{}", kept.name);
+            return Ok(());
+        }
+        let output = self.output.clone().unwrap_or_default();
         let proxy = ProxyClient::connect(&self.target).await?;
         eprintln!("taking a snapshot of virtual cluster {}", self.target.name);
-        let query = match (&self.scheduled, self.include_pki) {
+        let query = match (&self.kept, self.include_pki) {
             (Some(kept), _) => format!("?from={}", encode(kept)),
             (None, true) => "?pki=true".into(),
             (None, false) => String::new(),
@@ -119,8 +144,8 @@ impl SnapshotArgs {
             .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
             .unwrap_or_default();
         let mut body = resp.into_body();
-        let to_stdout = self.output == "-";
-        let partial = PathBuf::from(format!("{}.partial", self.output));
+        let to_stdout = output == "-";
+        let partial = PathBuf::from(format!("{output}.partial"));
         let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if to_stdout {
             Box::new(tokio::io::stdout())
         } else {
@@ -146,7 +171,7 @@ impl SnapshotArgs {
         out.flush().await?;
         drop(out);
         if !to_stdout {
-            std::fs::rename(&partial, &self.output).with_context(|| format!("writing {}", self.output))?;
+            std::fs::rename(&partial, &output).with_context(|| format!("writing {output}"))?;
         }
         eprintln!(
             "snapshot of {} taken in {:.1} s: {} bytes ({} bytes of etcd data{}){}",
@@ -155,7 +180,7 @@ impl SnapshotArgs {
             bytes,
             summary["etcdBytes"],
             if self.include_pki { ", with its certificates and keys" } else { "" },
-            if to_stdout { String::new() } else { format!(" -> {}", self.output) }
+            if to_stdout { String::new() } else { format!(" -> {output}") }
         );
         Ok(())
     }
@@ -167,15 +192,10 @@ impl RestoreArgs {
             (Some(file), true) => Some(pki_of(&self.target, file)?),
             _ => None,
         };
-        let result = match (&self.from, &self.scheduled) {
+        let result = match (&self.from, &self.kept) {
             (Some(file), _) => restore(&self.target, file, false).await?,
-            (None, Some(kept)) => {
-                let proxy = ProxyClient::connect(&self.target).await?;
-                eprintln!("restoring virtual cluster {} from its kept snapshot {kept}", self.target.name);
-                let path = format!("{}?from={}", Operation::Restore.path(), encode(kept));
-                json_of(proxy.call(Operation::Restore.method(), &path, vkube_apiproxy::empty(), None).await?).await?
-            }
-            (None, None) => bail!("say what to restore: --from FILE or --scheduled SNAPSHOT"),
+            (None, Some(kept)) => restore_kept(&self.target, kept).await?,
+            (None, None) => bail!("say what to restore: --from FILE or --kept SNAPSHOT"),
         };
         if let Some(files) = pki {
             put_back_pki(&self.target, files, self.timeout).await?;
@@ -194,25 +214,50 @@ impl RestoreArgs {
 
 impl ListArgs {
     pub async fn run(self) -> anyhow::Result<()> {
-        let proxy = ProxyClient::connect(&self.target).await?;
-        let resp = proxy.call(Operation::List.method(), Operation::List.path(), vkube_apiproxy::empty(), None).await?;
-        let kept: Vec<vkube::controlplane::operations::Kept> = serde_json::from_value(json_of(resp).await?)?;
+        let kept = kept(&self.target).await?;
         if self.output.print(&kept)? {
             return Ok(());
         }
         if kept.is_empty() {
             eprintln!(
-                "virtual cluster {} keeps no scheduled snapshots (`vkube create --snapshot-schedule 6h` takes them)",
-                self.target.name
+                "virtual cluster {} keeps no snapshots (`vkube create --snapshot-schedule 6h` takes them on a schedule, `vkube snapshot {} --keep` now)",
+                self.target.name, self.target.name
             );
             return Ok(());
         }
-        println!("{:<48} {:>12}  CREATED", "NAME", "BYTES");
+        println!("{:<56} {:<10} {:>12}  CREATED", "NAME", "TAKEN", "BYTES");
         for k in kept {
-            println!("{:<48} {:>12}  {}", k.name, k.bytes, k.created);
+            let taken = if k.scheduled { "scheduled" } else { "on request" };
+            println!("{:<56} {:<10} {:>12}  {}", k.name, taken, k.bytes, k.created);
         }
         Ok(())
     }
+}
+
+/// The snapshots `target`'s control plane keeps, newest first.
+pub async fn kept(target: &Target) -> anyhow::Result<Vec<Kept>> {
+    let proxy = ProxyClient::connect(target).await?;
+    let resp = proxy.call(Operation::List.method(), Operation::List.path(), vkube_apiproxy::empty(), None).await?;
+    Ok(serde_json::from_value(json_of(resp).await?)?)
+}
+
+/// Has `target`'s control plane take a snapshot and keep it under `label`.
+pub async fn keep(target: &Target, label: &str) -> anyhow::Result<Kept> {
+    vkube::controlplane::operations::check_label(label).map_err(anyhow::Error::msg)?;
+    let proxy = ProxyClient::connect(target).await?;
+    eprintln!("taking a snapshot of virtual cluster {} for its control plane to keep", target.name);
+    let path = format!("{}?label={}", Operation::Keep.path(), encode(label));
+    Ok(serde_json::from_value(
+        json_of(proxy.call(Operation::Keep.method(), &path, vkube_apiproxy::empty(), None).await?).await?,
+    )?)
+}
+
+/// Makes `target`'s state that of a snapshot its control plane keeps.
+pub async fn restore_kept(target: &Target, kept: &str) -> anyhow::Result<serde_json::Value> {
+    let proxy = ProxyClient::connect(target).await?;
+    eprintln!("restoring virtual cluster {} from its kept snapshot {kept}", target.name);
+    let path = format!("{}?from={}", Operation::Restore.path(), encode(kept));
+    json_of(proxy.call(Operation::Restore.method(), &path, vkube_apiproxy::empty(), None).await?).await
 }
 
 fn encode(s: &str) -> String {

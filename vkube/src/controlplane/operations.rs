@@ -1,7 +1,8 @@
 //! vkube's own operations behind the API proxy (`vkube_apiproxy::route::Operation`), served once
 //! the proxy has authorized them: a snapshot file streamed out, a snapshot file taken in and
-//! restored (or forked), a reset, and the scheduled snapshots kept in the state directory (taken
-//! every `--snapshot-schedule` while the cluster runs, the newest `--snapshot-keep`). Files are
+//! restored (or forked), a reset, and the snapshots kept in the state directory: scheduled ones
+//! (taken every `--snapshot-schedule` while the cluster runs, the newest `--snapshot-keep`) and
+//! ones taken on request (`POST /vkube/v1/keep?label=L`, before an upgrade). Files are
 //! spooled in the state directory, never held in memory; the power controller does what needs
 //! the components stopped (`power::Op`).
 
@@ -27,6 +28,14 @@ use crate::snapshot::{self, Manifest, Source};
 const MAX_UPLOAD: u64 = 4 << 30;
 /// Where scheduled snapshots are kept, under `Operations::dir`.
 const SCHEDULED: &str = "scheduled";
+/// Where snapshots taken on request are kept, under `Operations::dir`.
+const TAKEN: &str = "taken";
+/// Snapshots taken on request kept per label (the newest), and in all: a tenant's admin asking
+/// again and again cannot fill the host's disk.
+const TAKEN_KEEP_PER_LABEL: usize = 5;
+const TAKEN_KEEP: usize = 20;
+/// The label of a snapshot taken on request without one.
+pub const DEFAULT_LABEL: &str = "manual";
 
 /// `vkube run`'s scheduled snapshots.
 #[derive(clap::Args, Debug, Clone)]
@@ -47,6 +56,25 @@ pub struct Kept {
     pub bytes: u64,
     /// RFC 3339.
     pub created: String,
+    /// Taken by the schedule (else on request: `vkube snapshot --keep`, `vkube upgrade`); a
+    /// control plane older than snapshots on request lists only scheduled ones.
+    #[serde(default = "scheduled_by_default")]
+    pub scheduled: bool,
+}
+
+fn scheduled_by_default() -> bool {
+    true
+}
+
+/// A label for a snapshot taken on request: part of its file name, so plain and short.
+pub fn check_label(label: &str) -> Result<(), String> {
+    let plain = label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if label.is_empty() || label.len() > 20 || !plain || label.starts_with('-') {
+        return Err(format!(
+            "snapshot label {label:?}: 1 to 20 of a-z, 0-9 and '-', not starting with '-' (e.g. before-upgrade)"
+        ));
+    }
+    Ok(())
 }
 
 pub struct Operations {
@@ -80,35 +108,39 @@ impl Operations {
         })
     }
 
-    fn scheduled_dir(&self) -> PathBuf {
-        self.dir.join(SCHEDULED)
+    fn kept_dir(&self, scheduled: bool) -> PathBuf {
+        self.dir.join(if scheduled { SCHEDULED } else { TAKEN })
     }
 
-    /// The kept snapshots, newest first.
+    /// The kept snapshots, scheduled and taken on request, newest first.
     pub fn kept(&self) -> Vec<Kept> {
-        let entries = std::fs::read_dir(self.scheduled_dir()).into_iter().flatten().flatten();
-        let mut kept: Vec<(SystemTime, Kept)> = entries
-            .filter_map(|e| {
-                let meta = e.metadata().ok().filter(|m| m.is_file())?;
-                let name = e.file_name().to_str()?.to_string();
-                let modified = meta.modified().ok()?;
-                let created = jiff::Timestamp::try_from(modified).ok()?.to_string();
-                name.ends_with(".snapshot").then_some((modified, Kept { name, bytes: meta.len(), created }))
+        let mut kept: Vec<(SystemTime, Kept)> = [true, false]
+            .into_iter()
+            .flat_map(|scheduled| {
+                let entries = std::fs::read_dir(self.kept_dir(scheduled)).into_iter().flatten().flatten();
+                entries.filter_map(move |e| {
+                    let meta = e.metadata().ok().filter(|m| m.is_file())?;
+                    let name = e.file_name().to_str()?.to_string();
+                    let modified = meta.modified().ok()?;
+                    let created = jiff::Timestamp::try_from(modified).ok()?.to_string();
+                    let kept = Kept { name, bytes: meta.len(), created, scheduled };
+                    kept.name.ends_with(".snapshot").then_some((modified, kept))
+                })
             })
             .collect();
-        kept.sort_by_key(|k| std::cmp::Reverse(k.0));
+        kept.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.name.cmp(&a.1.name)));
         kept.into_iter().map(|(_, k)| k).collect()
     }
 
     /// The path of a kept snapshot by its name, if there is one.
     fn kept_path(&self, name: &str) -> Result<PathBuf, ProxyError> {
-        if !self.kept().iter().any(|k| k.name == name) {
-            return Err(ProxyError::NotFound(format!(
+        match self.kept().into_iter().find(|k| k.name == name) {
+            Some(k) => Ok(self.kept_dir(k.scheduled).join(name)),
+            None => Err(ProxyError::NotFound(format!(
                 "no kept snapshot {name:?} (`vkube snapshots {}` lists them)",
                 self.name
-            )));
+            ))),
         }
-        Ok(self.scheduled_dir().join(name))
     }
 
     /// Takes a snapshot every `every` while `power` says the cluster runs (asleep nothing
@@ -124,19 +156,18 @@ impl Operations {
             if power.wait_for(|p| *p == vkube_apiproxy::sleep::Power::Running).await.is_err() {
                 return;
             }
-            let newest = std::fs::metadata(
-                self.scheduled_dir().join(self.kept().first().map(|k| k.name.as_str()).unwrap_or("-")),
-            )
-            .and_then(|m| m.modified())
-            .ok();
+            let newest = self.kept().into_iter().find(|k| k.scheduled);
+            let newest = std::fs::metadata(self.kept_dir(true).join(newest.map(|k| k.name).unwrap_or_default()))
+                .and_then(|m| m.modified())
+                .ok();
             let due = newest.map(|t| t + every).unwrap_or(SystemTime::now());
             let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
             tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
             if SystemTime::now() < due || *power.borrow() != vkube_apiproxy::sleep::Power::Running {
                 continue;
             }
-            match self.keep_one(keep).await {
-                Ok(name) => tracing::info!(snapshot = name, "scheduled snapshot taken"),
+            match self.keep_one(None, keep).await {
+                Ok(kept) => tracing::info!(snapshot = kept.name, "scheduled snapshot taken"),
                 Err(e) => {
                     tracing::error!(error = %e, "a scheduled snapshot failed; trying again in a minute");
                     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -145,17 +176,42 @@ impl Operations {
         }
     }
 
-    async fn keep_one(&self, keep: usize) -> Result<String, ProxyError> {
+    /// Takes a snapshot and keeps it: scheduled (`label` None, the newest `keep` of them stay)
+    /// or on request (its label's newest few stay, and a bounded number in all).
+    async fn keep_one(&self, label: Option<&str>, keep: usize) -> Result<Kept, ProxyError> {
         let (_work, archive, _) = self.take(false).await?;
-        let dir = self.scheduled_dir();
-        std::fs::create_dir_all(&dir).map_err(failed("creating the scheduled snapshots' directory"))?;
+        let dir = self.kept_dir(label.is_none());
+        std::fs::create_dir_all(&dir).map_err(failed("creating the kept snapshots' directory"))?;
         let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
-        let name = format!("{}-{stamp}.snapshot", self.name);
-        std::fs::rename(&archive, dir.join(&name)).map_err(failed("keeping the snapshot"))?;
-        for old in self.kept().into_iter().skip(keep.max(1)) {
-            let _ = std::fs::remove_file(dir.join(&old.name));
+        let stem = match label {
+            Some(label) => format!("{}-{label}-{stamp}", self.name),
+            None => format!("{}-{stamp}", self.name),
+        };
+        // A link, not a rename: two taken in one second get their own names, neither replaced.
+        let mut name = format!("{stem}.snapshot");
+        for n in 2.. {
+            match std::fs::hard_link(&archive, dir.join(&name)) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => {
+                    name = format!("{stem}-{n}.snapshot")
+                }
+                done => {
+                    done.map_err(failed("keeping the snapshot"))?;
+                    break;
+                }
+            }
         }
-        Ok(name)
+        let same: Vec<Kept> = self.kept().into_iter().filter(|k| k.scheduled == label.is_none()).collect();
+        let old = match label {
+            None => same.into_iter().skip(keep.max(1)).collect(),
+            Some(label) => rotated(same, &format!("{}-{label}-", self.name)),
+        };
+        for k in old {
+            let _ = std::fs::remove_file(dir.join(&k.name));
+        }
+        self.kept()
+            .into_iter()
+            .find(|k| k.name == name)
+            .ok_or_else(|| ProxyError::Failed("the kept snapshot went".into()))
     }
 
     async fn serve(&self, op: Operation, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
@@ -182,6 +238,17 @@ impl Operations {
             }
             Operation::List => {
                 Ok(json(serde_json::to_value(self.kept()).map_err(|e| ProxyError::Failed(e.to_string()))?))
+            }
+            Operation::Keep => {
+                let label = form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+                    .find(|(k, _)| k == "label")
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_else(|| DEFAULT_LABEL.into());
+                check_label(&label).map_err(ProxyError::BadRequest)?;
+                let _permit = self.downloads.clone().acquire_owned().await.map_err(|_| stopping())?;
+                let kept = self.keep_one(Some(&label), 0).await?;
+                tracing::info!(snapshot = kept.name, "snapshot taken and kept on request");
+                Ok(json(serde_json::to_value(kept).map_err(|e| ProxyError::Failed(e.to_string()))?))
             }
             Operation::Reset => {
                 let started = Instant::now();
@@ -301,6 +368,17 @@ impl Operations {
     }
 }
 
+/// Which snapshots taken on request go once one named `prefix...` was added to `kept` (newest
+/// first): all but the newest few of its label, then all but the newest of every label.
+fn rotated(kept: Vec<Kept>, prefix: &str) -> Vec<Kept> {
+    let (this, others): (Vec<Kept>, Vec<Kept>) = kept.into_iter().partition(|k| k.name.starts_with(prefix));
+    let mut old: Vec<Kept> = this.iter().skip(TAKEN_KEEP_PER_LABEL).cloned().collect();
+    let mut left: Vec<Kept> = this.into_iter().take(TAKEN_KEEP_PER_LABEL).chain(others).collect();
+    left.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.name.cmp(&a.name)));
+    old.extend(left.into_iter().skip(TAKEN_KEEP));
+    old
+}
+
 /// Restores a new cluster's etcd data from a snapshot file before etcd first starts (a fork made
 /// at creation: the components start once, with the snapshot's state).
 pub async fn initial_state(
@@ -372,4 +450,36 @@ fn stopping() -> ProxyError {
 
 fn failed(what: &'static str) -> impl Fn(std::io::Error) -> ProxyError {
     move |e| ProxyError::Failed(format!("{what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(name: &str, second: u32) -> Kept {
+        Kept { name: name.into(), bytes: 1, created: format!("2026-12-04T10:00:{second:02}Z"), scheduled: false }
+    }
+
+    #[test]
+    fn labels_are_plain_and_short() {
+        for ok in ["manual", "before-upgrade", "a", "x1-2"] {
+            assert_eq!(check_label(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "-x", "A", "a/b", "../x", "a.b", "a b", &"x".repeat(21)] {
+            assert!(check_label(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_of_a_label_and_a_bound_in_all() {
+        // Seven of one label, newest first: the two oldest go, other labels stay.
+        let mut all: Vec<Kept> = (0..7).rev().map(|i| kept(&format!("c-up-{i}.snapshot"), i)).collect();
+        all.push(kept("c-manual-0.snapshot", 0));
+        let gone: Vec<String> = rotated(all, "c-up-").into_iter().map(|k| k.name).collect();
+        assert_eq!(gone, ["c-up-1.snapshot", "c-up-0.snapshot"]);
+        // Across labels, no more than TAKEN_KEEP in all: the oldest go first.
+        let all: Vec<Kept> = (0..25).rev().map(|i| kept(&format!("c-l{i}-0.snapshot"), i)).collect();
+        let gone: Vec<String> = rotated(all, "c-l24-").into_iter().map(|k| k.name).collect();
+        assert_eq!(gone, (0..5).rev().map(|i| format!("c-l{i}-0.snapshot")).collect::<Vec<_>>());
+    }
 }
