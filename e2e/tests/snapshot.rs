@@ -265,12 +265,12 @@ async fn snapshot_restore_fork_and_reset() {
     let list: serde_json::Value = serde_json::from_str(&cli.ok(&["snapshots", "fork1", "-o", "json"])).unwrap();
     let newest = list[0]["name"].as_str().unwrap().to_string();
     let downloaded = dir.join("kept.snapshot");
-    cli.ok(&["snapshot", "fork1", "--scheduled", &newest, "-o", downloaded.to_str().unwrap()]);
+    cli.ok(&["snapshot", "fork1", "--kept", &newest, "-o", downloaded.to_str().unwrap()]);
     assert_eq!(vkube::snapshot::read_manifest(std::fs::File::open(&downloaded).unwrap()).unwrap().cluster, "fork1");
     kubectl_ok(&up, &fkc, &["create", "configmap", "after-kept", "-n", "app"]);
-    cli.ok(&["restore", "fork1", "--scheduled", &newest]);
+    cli.ok(&["restore", "fork1", "--kept", &newest]);
     assert!(!kubectl(&up, &fkc, &["get", "configmap", "after-kept", "-n", "app"]).status.success());
-    fails_saying(cli.run(&["restore", "fork1", "--scheduled", "nosuch.snapshot"]), "no kept snapshot");
+    fails_saying(cli.run(&["restore", "fork1", "--kept", "nosuch.snapshot"]), "no kept snapshot");
 
     // A reset: the fork is empty again, its workloads leave the host; golden is untouched.
     cli.ok(&["reset", "fork1"]);
