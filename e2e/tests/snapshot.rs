@@ -466,12 +466,15 @@ async fn upgrade_keeps_a_snapshot_and_rollback_puts_back_the_version_and_the_sta
     kubectl_ok(&up, &kc, &["get", "configmap", "before"]);
     kubectl_ok(&up, &kc, &["create", "configmap", "after"]);
 
-    // Cut short (the record says unfinished): run again, it goes on with the same snapshot.
+    // Cut short after the control plane stopped (the record says unfinished, nothing runs): run
+    // again, it goes on with the same snapshot and starts it.
     let local = dir.join("local/vkube-up/up");
     let mut unfinished: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(local.join("upgrade.json")).unwrap()).unwrap();
     unfinished["finished"] = false.into();
     std::fs::write(local.join("upgrade.json"), unfinished.to_string()).unwrap();
+    vkube_localenv::process::stop_all_recorded(&local).unwrap();
+    assert!(!kubectl(&up, &kc, &["get", "ns", "default"]).status.success(), "it still answers");
     let again: serde_json::Value = serde_json::from_str(&cli.ok(&["upgrade", "up", "-o", "json"])).unwrap();
     assert_eq!(again["snapshot"], snapshot.as_str(), "{again}");
     assert_eq!(again["finished"], true, "{again}");
@@ -485,7 +488,8 @@ async fn upgrade_keeps_a_snapshot_and_rollback_puts_back_the_version_and_the_sta
     let back: serde_json::Value =
         serde_json::from_str(&cli.ok(&["upgrade", "up", "--rollback", "-o", "json"])).unwrap();
     assert_eq!(back["rolledBack"], true, "{back}");
-    assert_eq!(running_vkube(&cli, "up"), local.join("before-upgrade/vkube"), "the old binary runs again");
+    let kept_binary = local.join("upgrades").join(snapshot.trim_end_matches(".snapshot")).join("vkube");
+    assert_eq!(running_vkube(&cli, "up"), kept_binary, "the old binary runs again");
     kubectl_ok(&up, &kc, &["get", "configmap", "before"]);
     assert!(!kubectl(&up, &kc, &["get", "configmap", "after"]).status.success(), "a change since the upgrade stayed");
     assert!(!local.join("upgrade.json").exists(), "the record outlived its rollback");

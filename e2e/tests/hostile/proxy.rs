@@ -27,7 +27,7 @@ async fn raw(
     body: Vec<u8>,
 ) -> (u16, String) {
     match try_raw(client, method, path, headers, body.clone()).await {
-        Err(e) if method == "GET" => {
+        Err(e) if method == "GET" && format!("{e:?}").contains("IncompleteMessage") => {
             eprintln!("GET {path}: {e}; sending it again on a new connection");
             try_raw(client, method, path, headers, body).await.expect("a request to the proxy")
         }

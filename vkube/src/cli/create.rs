@@ -242,12 +242,7 @@ impl CreateArgs {
         args.push(format!("--set=serviceCIDR={cidr}"));
         args.extend(self.policy.to_helm_sets());
         args.extend(self.sleep_sets());
-        for f in &self.values {
-            args.push(format!("--values={}", f.display()));
-        }
-        for s in &self.set {
-            args.push(format!("--set={s}"));
-        }
+        args.extend(super::helm::value_args(&self.values, &self.set));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         super::helm::run(&refs)?;
         self.label(&host).await?;

@@ -166,7 +166,7 @@ fn version_of_cache_dir(program: &std::path::Path) -> Option<String> {
     dir.rsplit_once("-v").map(|(_, v)| format!("v{v}"))
 }
 
-pub fn vkube_version(program: &std::path::Path) -> Option<String> {
+fn vkube_version(program: &std::path::Path) -> Option<String> {
     let out = std::process::Command::new(program).arg("--version").output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace().nth(1).map(|v| format!("v{v}"))

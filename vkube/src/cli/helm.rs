@@ -1,7 +1,7 @@
 //! Helm, for installing the chart on a real host: the pinned binary from the cache when there,
 //! else `helm` on PATH. The chart is built into this binary, so `vkube` works from anywhere.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
@@ -35,4 +35,10 @@ pub fn chart() -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::Builder::new().prefix("vkube-chart-").tempdir()?;
     CHART.extract(dir.path()).context("writing the built-in chart")?;
     Ok(dir)
+}
+
+/// `--values=FILE` and `--set=KEY=VALUE` flags for helm.
+pub fn value_args(files: &[impl AsRef<Path>], sets: &[String]) -> Vec<String> {
+    let files = files.iter().map(|f| format!("--values={}", f.as_ref().display()));
+    files.chain(sets.iter().map(|s| format!("--set={s}"))).collect()
 }

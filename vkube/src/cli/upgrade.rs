@@ -13,19 +13,19 @@ use clap::Args;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch};
 use serde::{Deserialize, Serialize};
+use vkube::controlplane::operations::UPGRADE_LABEL;
 use vkube::names;
 use vkube_localenv::process::{is_alive, read_recorded, stop_all_recorded};
 
 use super::clusters::{self, Cluster, Mode};
 use super::{Output, Target};
 
-/// The label of the snapshot taken before an upgrade.
-const SNAPSHOT_LABEL: &str = "before-upgrade";
 /// A local cluster's record, in its state directory.
 const LOCAL_RECORD: &str = "upgrade.json";
-/// Where a local cluster's previous `vkube` binary is kept for a rollback (named `vkube`, as
-/// every vkube binary: tools that find the cluster's processes by name find it too).
-const LOCAL_BINARY: &str = "before-upgrade/vkube";
+/// Where a local cluster's previous `vkube` binaries are kept for a rollback, one directory per
+/// upgrade (`upgrades/SNAPSHOT/vkube`: named `vkube` as every vkube binary, so tools that find
+/// the cluster's processes by name find it too).
+const LOCAL_BINARIES: &str = "upgrades";
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
@@ -208,6 +208,9 @@ impl UpgradeArgs {
         })??;
         record.finished = true;
         store.save(Some(&record)).await?;
+        if cluster.mode == Mode::Local {
+            remove_binaries_but(&self.target.local_dir(), record.binary.as_deref());
+        }
         Ok(record)
     }
 
@@ -216,13 +219,13 @@ impl UpgradeArgs {
         eprintln!("upgrading virtual cluster {}", cluster.name);
         let components = super::describe::describe(host, &self.target).await?.components;
         let from_version = components.iter().find(|c| c.name == "vkube").and_then(|c| c.version.clone());
-        let kept = super::snapshot::keep(&self.target, SNAPSHOT_LABEL)
+        let kept = super::snapshot::keep(&self.target, UPGRADE_LABEL)
             .await
             .context("taking the snapshot an upgrade starts with (a paused cluster: `vkube resume` it first)")?;
         eprintln!("  snapshot {} kept by the control plane", kept.name);
         let (helm_revision, binary) = match cluster.mode {
             Mode::Chart => (Some(helm_revision(cluster)?), None),
-            Mode::Local => (None, Some(keep_running_binary(&self.target.local_dir())?)),
+            Mode::Local => (None, Some(keep_running_binary(&self.target.local_dir(), &kept.name)?)),
         };
         let record = UpgradeRecord {
             snapshot: kept.name,
@@ -246,8 +249,7 @@ impl UpgradeArgs {
             ["upgrade", &name, &chart.path().display().to_string(), "-n", &ns].iter().map(|s| s.to_string()).collect();
         // The new chart's defaults, under the values the cluster was given (and these).
         args.push("--reset-then-reuse-values".into());
-        args.extend(self.values.iter().map(|f| format!("--values={}", f.display())));
-        args.extend(self.set.iter().map(|s| format!("--set={s}")));
+        args.extend(super::helm::value_args(&self.values, &self.set));
         super::helm::run(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
@@ -255,14 +257,17 @@ impl UpgradeArgs {
         let Some(record) = store.load().await? else {
             bail!("no upgrade of {} is recorded: nothing to roll back", cluster.name);
         };
-        // The snapshot first: without it a rollback would put back the version and not the state.
-        let kept = super::snapshot::kept(&self.target).await?;
-        if !kept.iter().any(|k| k.name == record.snapshot) {
-            bail!(
+        // The snapshot first, if the control plane answers: without it a rollback would put back
+        // the version and not the state. One that does not answer (the new version does not
+        // start) is what a rollback is for: the version goes back first.
+        match super::snapshot::kept(&self.target).await {
+            Ok(kept) if !kept.iter().any(|k| k.name == record.snapshot) => bail!(
                 "the snapshot taken before the upgrade ({}) is gone from the control plane; nothing changed (`vkube snapshots {}` lists what it keeps)",
                 record.snapshot,
                 cluster.name
-            );
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("  the control plane does not answer ({e:#}): the previous version first"),
         }
         eprintln!(
             "rolling virtual cluster {} back to {}",
@@ -296,7 +301,12 @@ impl UpgradeArgs {
             )
         })??;
         eprintln!("  restoring the snapshot {}", record.snapshot);
-        super::snapshot::restore_kept(&self.target, &record.snapshot).await?;
+        super::snapshot::restore_kept(&self.target, &record.snapshot).await.with_context(|| {
+            format!(
+                "the previous version runs again, but the state of before the upgrade was not put back; run `vkube upgrade {} --rollback` again",
+                cluster.name
+            )
+        })?;
         store.save(None).await?;
         Ok(record)
     }
@@ -325,8 +335,8 @@ fn helm_revision(cluster: &Cluster) -> anyhow::Result<u64> {
 }
 
 /// A copy of the `vkube` binary a local control plane runs (from its process: the file may have
-/// been replaced since), for a rollback to start again.
-fn keep_running_binary(dir: &Path) -> anyhow::Result<PathBuf> {
+/// been replaced since), for the rollback of the upgrade that kept `snapshot` to start again.
+fn keep_running_binary(dir: &Path, snapshot: &str) -> anyhow::Result<PathBuf> {
     let recorded = read_recorded(dir)?;
     let vkube = recorded
         .iter()
@@ -334,11 +344,19 @@ fn keep_running_binary(dir: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no vkube process recorded in {}: `vkube resume` the cluster first", dir.display()))?;
     let source =
         if is_alive(vkube) { PathBuf::from(format!("/proc/{}/exe", vkube.pid)) } else { vkube.program.clone() };
-    let kept = dir.join(LOCAL_BINARY);
+    let kept = dir.join(LOCAL_BINARIES).join(snapshot.trim_end_matches(".snapshot")).join("vkube");
     std::fs::create_dir_all(kept.parent().unwrap_or(dir))?;
-    // Copied beside and renamed: the file may be the one a rolled-back cluster runs (busy).
     let tmp = kept.with_extension("tmp");
     std::fs::copy(&source, &tmp).with_context(|| format!("keeping a copy of {}", source.display()))?;
     std::fs::rename(&tmp, &kept)?;
     Ok(kept)
+}
+
+/// Removes the kept binaries of earlier upgrades (the cluster now runs this one's new version).
+fn remove_binaries_but(dir: &Path, keep: Option<&Path>) {
+    for entry in std::fs::read_dir(dir.join(LOCAL_BINARIES)).into_iter().flatten().flatten() {
+        if keep.is_none_or(|k| !k.starts_with(entry.path())) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }

@@ -36,6 +36,11 @@ const TAKEN_KEEP_PER_LABEL: usize = 5;
 const TAKEN_KEEP: usize = 20;
 /// The label of a snapshot taken on request without one.
 pub const DEFAULT_LABEL: &str = "manual";
+/// The label `vkube upgrade` keeps its snapshot under: only the newest of it is kept, and it is
+/// outside the bound in all, so snapshots of other labels never rotate it away.
+pub const UPGRADE_LABEL: &str = "before-upgrade";
+/// A snapshot taken on request is not kept if its volume would be fuller than this afterwards.
+const MAX_FULL_PERCENT: u64 = 90;
 
 /// `vkube run`'s scheduled snapshots.
 #[derive(clap::Args, Debug, Clone)]
@@ -179,7 +184,12 @@ impl Operations {
     /// Takes a snapshot and keeps it: scheduled (`label` None, the newest `keep` of them stay)
     /// or on request (its label's newest few stay, and a bounded number in all).
     async fn keep_one(&self, label: Option<&str>, keep: usize) -> Result<Kept, ProxyError> {
+        let _permit = self.downloads.clone().acquire_owned().await.map_err(|_| stopping())?;
         let (_work, archive, _) = self.take(false).await?;
+        if label.is_some() {
+            // Taken, it already holds its space: refused, it goes with its work directory.
+            check_space(&self.dir)?;
+        }
         let dir = self.kept_dir(label.is_none());
         std::fs::create_dir_all(&dir).map_err(failed("creating the kept snapshots' directory"))?;
         let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
@@ -203,7 +213,7 @@ impl Operations {
         let same: Vec<Kept> = self.kept().into_iter().filter(|k| k.scheduled == label.is_none()).collect();
         let old = match label {
             None => same.into_iter().skip(keep.max(1)).collect(),
-            Some(label) => rotated(same, &format!("{}-{label}-", self.name)),
+            Some(_) => rotated(same, &self.name),
         };
         for k in old {
             let _ = std::fs::remove_file(dir.join(&k.name));
@@ -245,7 +255,6 @@ impl Operations {
                     .map(|(_, v)| v.into_owned())
                     .unwrap_or_else(|| DEFAULT_LABEL.into());
                 check_label(&label).map_err(ProxyError::BadRequest)?;
-                let _permit = self.downloads.clone().acquire_owned().await.map_err(|_| stopping())?;
                 let kept = self.keep_one(Some(&label), 0).await?;
                 tracing::info!(snapshot = kept.name, "snapshot taken and kept on request");
                 Ok(json(serde_json::to_value(kept).map_err(|e| ProxyError::Failed(e.to_string()))?))
@@ -368,15 +377,53 @@ impl Operations {
     }
 }
 
-/// Which snapshots taken on request go once one named `prefix...` was added to `kept` (newest
-/// first): all but the newest few of its label, then all but the newest of every label.
-fn rotated(kept: Vec<Kept>, prefix: &str) -> Vec<Kept> {
-    let (this, others): (Vec<Kept>, Vec<Kept>) = kept.into_iter().partition(|k| k.name.starts_with(prefix));
-    let mut old: Vec<Kept> = this.iter().skip(TAKEN_KEEP_PER_LABEL).cloned().collect();
-    let mut left: Vec<Kept> = this.into_iter().take(TAKEN_KEEP_PER_LABEL).chain(others).collect();
-    left.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.name.cmp(&a.name)));
-    old.extend(left.into_iter().skip(TAKEN_KEEP));
-    old
+/// Which of `cluster`'s snapshots taken on request (`kept`, newest first) go: beyond the newest
+/// few of each label (the upgrade's: beyond its newest), then beyond the newest in all (the
+/// upgrade's not counted).
+fn rotated(kept: Vec<Kept>, cluster: &str) -> Vec<Kept> {
+    let mut per_label = std::collections::HashMap::new();
+    let mut in_all = 0;
+    kept.into_iter()
+        .filter(|k| {
+            let label = label_of(&k.name, cluster).map(str::to_string);
+            let pinned = label.as_deref() == Some(UPGRADE_LABEL);
+            let seen = per_label.entry(label).or_insert(0);
+            *seen += 1;
+            if pinned {
+                return *seen > 1;
+            }
+            in_all += 1;
+            *seen > TAKEN_KEEP_PER_LABEL || in_all > TAKEN_KEEP
+        })
+        .collect()
+}
+
+/// The label in a kept snapshot's name, `CLUSTER-LABEL-YYYYMMDDTHHMMSSZ[-N].snapshot`.
+fn label_of<'a>(name: &'a str, cluster: &str) -> Option<&'a str> {
+    let rest = name.strip_prefix(cluster)?.strip_prefix('-')?.strip_suffix(".snapshot")?;
+    let rest = match rest.rsplit_once('-') {
+        Some((head, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => head,
+        _ => rest,
+    };
+    let (label, stamp) = rest.rsplit_once('-')?;
+    (stamp.len() == 16 && stamp.ends_with('Z') && stamp.as_bytes()[8] == b'T').then_some(label)
+}
+
+/// Refuses when the snapshots' volume is fuller than [`MAX_FULL_PERCENT`]: kept snapshots share it
+/// with etcd's data (the chart's volume) or the host's disk.
+fn check_space(dir: &Path) -> Result<(), ProxyError> {
+    let fs = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| ProxyError::Failed(format!("reading the free space of {}: {e}", dir.display())))?;
+    let total = fs.blocks() * fs.fragment_size();
+    let free = fs.blocks_available() * fs.fragment_size();
+    if total > 0 && (total - free.min(total)) * 100 > total * MAX_FULL_PERCENT {
+        return Err(ProxyError::Unavailable(format!(
+            "the control plane's volume would be more than {MAX_FULL_PERCENT}% full with this snapshot kept ({} MiB free of {} MiB); snapshots of a label beyond its newest {TAKEN_KEEP_PER_LABEL} are removed: keep under a label used before, or ask the platform admin for space",
+            free >> 20,
+            total >> 20
+        )));
+    }
+    Ok(())
 }
 
 /// Restores a new cluster's etcd data from a snapshot file before etcd first starts (a fork made
@@ -456,8 +503,13 @@ fn failed(what: &'static str) -> impl Fn(std::io::Error) -> ProxyError {
 mod tests {
     use super::*;
 
-    fn kept(name: &str, second: u32) -> Kept {
-        Kept { name: name.into(), bytes: 1, created: format!("2026-12-04T10:00:{second:02}Z"), scheduled: false }
+    fn kept(label: &str, second: u32) -> Kept {
+        let name = format!("c-{label}-20261204T1000{second:02}Z.snapshot");
+        Kept { name, bytes: 1, created: format!("2026-12-04T10:00:{second:02}Z"), scheduled: false }
+    }
+
+    fn names(v: Vec<Kept>) -> Vec<String> {
+        v.into_iter().map(|k| k.name).collect()
     }
 
     #[test]
@@ -471,15 +523,25 @@ mod tests {
     }
 
     #[test]
+    fn labels_are_read_back_from_names() {
+        assert_eq!(label_of("c-up-20261204T100000Z.snapshot", "c"), Some("up"));
+        assert_eq!(label_of("c-before-upgrade-20261204T100000Z-3.snapshot", "c"), Some("before-upgrade"));
+        assert_eq!(label_of("c-20261204T100000Z.snapshot", "c"), None, "a scheduled one has no label");
+        assert_eq!(label_of("other-up-20261204T100000Z.snapshot", "c"), None);
+    }
+
+    #[test]
     fn rotation_keeps_the_newest_of_a_label_and_a_bound_in_all() {
-        // Seven of one label, newest first: the two oldest go, other labels stay.
-        let mut all: Vec<Kept> = (0..7).rev().map(|i| kept(&format!("c-up-{i}.snapshot"), i)).collect();
-        all.push(kept("c-manual-0.snapshot", 0));
-        let gone: Vec<String> = rotated(all, "c-up-").into_iter().map(|k| k.name).collect();
-        assert_eq!(gone, ["c-up-1.snapshot", "c-up-0.snapshot"]);
+        // Seven of label "up", newest first, and "up-x" beside: the two oldest "up" go, only them.
+        let mut all: Vec<Kept> = (0..7).rev().map(|i| kept("up", i)).collect();
+        all.push(kept("up-x", 0));
+        assert_eq!(names(rotated(all, "c")), [kept("up", 1).name, kept("up", 0).name]);
         // Across labels, no more than TAKEN_KEEP in all: the oldest go first.
-        let all: Vec<Kept> = (0..25).rev().map(|i| kept(&format!("c-l{i}-0.snapshot"), i)).collect();
-        let gone: Vec<String> = rotated(all, "c-l24-").into_iter().map(|k| k.name).collect();
-        assert_eq!(gone, (0..5).rev().map(|i| format!("c-l{i}-0.snapshot")).collect::<Vec<_>>());
+        let all: Vec<Kept> = (0..25).rev().map(|i| kept(&format!("l{i}"), i)).collect();
+        assert_eq!(names(rotated(all, "c")), names((0..5).rev().map(|i| kept(&format!("l{i}"), i)).collect()));
+        // The upgrade's: only its newest stays, and it does not count in all.
+        let mut all: Vec<Kept> = vec![kept(UPGRADE_LABEL, 59), kept(UPGRADE_LABEL, 58)];
+        all.extend((0..20).rev().map(|i| kept(&format!("l{i}"), i)));
+        assert_eq!(names(rotated(all, "c")), [kept(UPGRADE_LABEL, 58).name]);
     }
 }
