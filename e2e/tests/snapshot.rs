@@ -37,6 +37,11 @@ kind: ConfigMap
 metadata: {name: seed, namespace: app}
 data: {v: "1"}
 ---
+apiVersion: v1
+kind: Secret
+metadata: {name: seed, namespace: app}
+stringData: {password: s3cret}
+---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: web, namespace: app}
@@ -94,6 +99,27 @@ fn names(up: &Upstream, kc: &Path, args: &[&str]) -> Vec<String> {
     v
 }
 
+/// `name=uid` of each object `args` selects, sorted.
+fn uids(up: &Upstream, kc: &Path, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.metadata.uid}{\"\\n\"}{end}"]);
+    let mut v: Vec<String> = kubectl_ok(up, kc, &all).lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+/// `file`'s contents in a snapshot that says it has a format newer than this vkube reads.
+fn newer_format(file: &Path, to: &Path) -> std::path::PathBuf {
+    let parts = tempfile::tempdir().unwrap();
+    let manifest = vkube::snapshot::read(std::fs::File::open(file).unwrap(), parts.path()).unwrap();
+    let newer = vkube::snapshot::Manifest { format: vkube::snapshot::FORMAT + 1, ..manifest };
+    let db = vkube::snapshot::Source::File(parts.path().join(vkube::snapshot::ETCD_DB));
+    vkube::snapshot::write(std::fs::File::create(to).unwrap(), newer, vec![(vkube::snapshot::ETCD_DB.into(), db)])
+        .unwrap();
+    to.to_path_buf()
+}
+
 fn fails_saying(out: std::process::Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains(needle), "expected a failure saying {needle:?}, got {stderr}");
@@ -146,36 +172,49 @@ async fn snapshot_restore_fork_and_reset() {
         "cannot get path \"/vkube/v1/snapshot\"",
     );
 
-    // Changes after the snapshot: one deleted, one added, a scale-up, a bare pod.
-    let before = names(&up, &kc, &["configmaps,deployments,services,widgets", "-n", "app"]);
-    kubectl_ok(&up, &kc, &["delete", "configmap", "seed", "-n", "app"]);
-    kubectl_ok(&up, &kc, &["create", "configmap", "later", "-n", "app"]);
-    kubectl_ok(&up, &kc, &["scale", "deployment", "web", "-n", "app", "--replicas=3"]);
-    kubectl_ok(&up, &kc, &["run", "extra", "-n", "app", "--image=nginx"]);
-    wait_host_pods(&host, "golden", 4).await;
+    // After the snapshot everything goes: the namespace (its Deployment, Service, ConfigMap,
+    // Secret, widgets and pods) and the CRD; something new is added.
+    const OBJECTS: &str = "configmaps,secrets,deployments,services,widgets";
+    let before = names(&up, &kc, &[OBJECTS, "-n", "app"]);
+    let uids_before = uids(&up, &kc, &[OBJECTS, "-n", "app"]);
+    assert!(before.iter().any(|n| n == "secret/seed"), "{before:?}");
+    kubectl_ok(&up, &kc, &["delete", "namespace", "app", "--timeout=120s"]);
+    kubectl_ok(&up, &kc, &["delete", "crd", "widgets.example.com"]);
+    kubectl_ok(&up, &kc, &["create", "configmap", "later"]);
+    wait_host_pods(&host, "golden", 0).await;
 
-    // Refused, and nothing changes: a damaged file, and another cluster's snapshot.
+    // Refused, and nothing changes: a damaged file, and one of a newer format.
     let damaged = dir.join("damaged.snapshot");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&damaged, &bytes[..bytes.len() * 2 / 3]).unwrap();
     let out = cli.run(&["restore", "golden", "--from", damaged.to_str().unwrap()]);
     assert!(!out.status.success(), "a cut-off snapshot restored");
-    kubectl_ok(&up, &kc, &["get", "configmap", "later", "-n", "app"]);
+    let newer = newer_format(&file, &dir.join("newer.snapshot"));
+    fails_saying(cli.run(&["restore", "golden", "--from", newer.to_str().unwrap()]), "use a newer vkube");
+    kubectl_ok(&up, &kc, &["get", "configmap", "later"]);
 
     let restore_started = Instant::now();
     let result: serde_json::Value =
         serde_json::from_str(&cli.ok(&["restore", "golden", "--from", file.to_str().unwrap(), "-o", "json"])).unwrap();
     let restore_took = restore_started.elapsed();
     assert_eq!(result["cluster"], "golden", "{result}");
-    assert_eq!(names(&up, &kc, &["configmaps,deployments,services,widgets", "-n", "app"]), before);
+    // Everything is back, the same objects (uids), once the restored CRD is served again.
+    eventually("the snapshot's objects, with their uids", Duration::from_secs(60), || async {
+        let out = kubectl(&up, &kc, &["get", OBJECTS, "-n", "app", "-o", "name"]);
+        Ok(out.status.success().then_some(()))
+    })
+    .await;
+    assert_eq!(names(&up, &kc, &[OBJECTS, "-n", "app"]), before);
+    assert_eq!(uids(&up, &kc, &[OBJECTS, "-n", "app"]), uids_before);
+    assert!(!kubectl(&up, &kc, &["get", "configmap", "later"]).status.success(), "what came after stayed");
     assert_eq!(kubectl_ok(&up, &kc, &["get", "configmap", "seed", "-n", "app", "-o", "jsonpath={.data.v}"]), "1");
     assert_eq!(kubectl_ok(&up, &kc, &["get", "widget", "w1", "-n", "app", "-o", "jsonpath={.spec.size}"]), "3");
-    // The host follows: the pods of the snapshot run, the bare pod and the third replica are gone.
+    // The host follows: the snapshot's pods run again there, and nothing more.
     wait_host_pods(&host, "golden", 2).await;
     eventually("exactly the snapshot's pods, virtual and host", Duration::from_secs(60), || async {
         let virt = names(&up, &kc, &["pods", "-n", "app"]);
         let (_, on_host) = host_pods(&host, "golden").await;
-        let ok = virt.len() == 2 && on_host == 2 && !virt.iter().any(|p| p.ends_with("/extra"));
+        let ok = virt.len() == 2 && on_host == 2;
         Ok(ok.then_some(()).ok_or(format!("virtual {virt:?}, {on_host} on the host")).ok())
     })
     .await;
@@ -187,7 +226,7 @@ async fn snapshot_restore_fork_and_reset() {
     let fork_took = fork_started.elapsed();
     let fkc = dir.join("fork1.kubeconfig");
     std::fs::write(&fkc, cli.ok(&["connect", "fork1", "--print"])).unwrap();
-    assert_eq!(names(&up, &fkc, &["configmaps,deployments,services,widgets", "-n", "app"]), before);
+    assert_eq!(names(&up, &fkc, &[OBJECTS, "-n", "app"]), before);
     wait_host_pods(&host, "fork1", 2).await;
     wait_host_pods(&host, "golden", 2).await;
     // Its Service got an address of its own on the host, and the virtual Service follows it.
@@ -224,7 +263,7 @@ async fn snapshot_restore_fork_and_reset() {
     cli.ok(&["create", "fork2", "--local", "--from-snapshot", file_arg]);
     let f2kc = dir.join("fork2.kubeconfig");
     std::fs::write(&f2kc, cli.ok(&["connect", "fork2", "--print"])).unwrap();
-    assert_eq!(names(&up, &f2kc, &["configmaps,deployments,services,widgets", "-n", "app"]), before);
+    assert_eq!(names(&up, &f2kc, &[OBJECTS, "-n", "app"]), before);
     wait_host_pods(&host, "fork2", 2).await;
     wait_host_pods(&host, "fork1", 2).await;
     for (creds, at) in [(&kc, &f2kc), (&fkc, &f2kc), (&f2kc, &fkc), (&f2kc, &kc)] {
@@ -291,7 +330,7 @@ async fn snapshot_restore_fork_and_reset() {
     // Restored while asleep (the first snapshot, without pre-sleep): it wakes with that state.
     cli.ok(&["restore", "golden", "--from", file.to_str().unwrap()]);
     cli.ok(&["wake", "golden"]);
-    assert_eq!(names(&up, &kc, &["configmaps,deployments,services,widgets", "-n", "app"]), before);
+    assert_eq!(names(&up, &kc, &[OBJECTS, "-n", "app"]), before);
     wait_host_pods(&host, "golden", 2).await;
     // And the snapshot taken asleep holds what was there when it slept.
     cli.ok(&["restore", "golden", "--from", asleep.to_str().unwrap()]);
