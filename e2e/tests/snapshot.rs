@@ -90,23 +90,23 @@ async fn wait_host_pods(host: &kube::Client, name: &str, want: usize) {
     .await;
 }
 
-fn names(up: &Upstream, kc: &Path, args: &[&str]) -> Vec<String> {
+/// `kubectl get ARGS -o OUTPUT`, one line per object, sorted.
+fn listed(up: &Upstream, kc: &Path, args: &[&str], output: &str) -> Vec<String> {
     let mut all = vec!["get"];
     all.extend_from_slice(args);
-    all.extend_from_slice(&["-o", "name"]);
+    all.extend_from_slice(&["-o", output]);
     let mut v: Vec<String> = kubectl_ok(up, kc, &all).lines().map(str::to_string).collect();
     v.sort();
     v
 }
 
-/// `name=uid` of each object `args` selects, sorted.
+fn names(up: &Upstream, kc: &Path, args: &[&str]) -> Vec<String> {
+    listed(up, kc, args, "name")
+}
+
+/// `Kind/name=uid` of each object `args` selects, sorted.
 fn uids(up: &Upstream, kc: &Path, args: &[&str]) -> Vec<String> {
-    let mut all = vec!["get"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["-o", "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.metadata.uid}{\"\\n\"}{end}"]);
-    let mut v: Vec<String> = kubectl_ok(up, kc, &all).lines().map(str::to_string).collect();
-    v.sort();
-    v
+    listed(up, kc, args, "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.metadata.uid}{\"\\n\"}{end}")
 }
 
 /// `file`'s contents in a snapshot that says it has a format newer than this vkube reads.
