@@ -32,6 +32,10 @@ struct Args {
     sleep_only: bool,
     /// Only scenarios 1 (ready) and 9 (forks), printed and written to target/bench/forks.json.
     forks_only: bool,
+    /// Only scenarios 1 (ready) and 10 (idle footprint of `idle` clusters side by side), written
+    /// to target/bench/idle.json; run it with GOGC/GOMEMLIMIT set to measure those settings.
+    idle_only: bool,
+    idle: usize,
     /// Only rewrite docs/benchmarks.md from target/bench/results.json (after editing the notes).
     docs_only: bool,
 }
@@ -45,6 +49,8 @@ fn args() -> Args {
         sleepers: 20,
         sleep_only: false,
         forks_only: false,
+        idle_only: false,
+        idle: 10,
         docs_only: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -59,6 +65,8 @@ fn args() -> Args {
             "--sleepers" => a.sleepers = num(),
             "--sleep-only" => a.sleep_only = true,
             "--forks-only" => a.forks_only = true,
+            "--idle-only" => a.idle_only = true,
+            "--idle" => a.idle = num(),
             "--docs-only" => a.docs_only = true,
             "--quick" => {
                 a.pods = 200;
@@ -69,7 +77,7 @@ fn args() -> Args {
             }
             other => {
                 panic!(
-                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --quick, --docs-only"
+                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --idle-only, --idle N, --quick, --docs-only"
                 )
             }
         }
@@ -252,11 +260,15 @@ async fn main() {
         );
     }
 
-    if a.sleep_only || a.forks_only {
+    if a.sleep_only || a.forks_only || a.idle_only {
         let file = if a.sleep_only {
             step(&format!("8. sleep mode: sleeping footprint, wake, and {} clusters asleep side by side", a.sleepers));
             sleep_mode(&mut r, &env, &host, a.sleepers).await;
             "sleep.json"
+        } else if a.idle_only {
+            step(&format!("10. idle footprint: {} empty clusters side by side, per component", a.idle));
+            idle(&mut r, &env, a.idle).await;
+            "idle.json"
         } else {
             step(FORKS_STEP);
             forks(&mut r, &env, &host).await;
@@ -699,6 +711,68 @@ async fn wait_queues_drained(client: &kube::Client) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// (Rss, Pss, Anonymous) of a process in MiB, from /proc/PID/smaps_rollup: what it holds, its
+/// share of pages shared with others (the same binaries' code), and what is its alone.
+fn memory_mib(pid: u32) -> [f64; 3] {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    ["Rss:", "Pss:", "Anonymous:"].map(|key| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    })
+}
+
+/// Scenario 10: `n` empty clusters started side by side and left idle: memory per cluster and per
+/// component (resident, proportional, anonymous), idle CPU, and how many fit in 24 GiB. The Go
+/// runtime settings in the environment (GOGC, GOMEMLIMIT) reach the upstream components.
+async fn idle(r: &mut Results, env: &TestEnv, n: usize) {
+    const COMPONENTS: [&str; 4] = ["kube-apiserver", "kube-controller-manager", "etcd", "vkube"];
+    let mut clusters = vec![];
+    for i in 0..n {
+        clusters.push(start_cluster(env, &format!("idle-{i}"), None).await);
+        println!("     {} of {n} running", i + 1);
+    }
+    let procs: Vec<(String, u32)> = clusters
+        .iter()
+        .flat_map(|cp| COMPONENTS.iter().filter_map(move |c| cp.pid(c).map(|pid| (c.to_string(), pid))))
+        .collect();
+    assert_eq!(procs.len(), n * COMPONENTS.len(), "every component of every cluster runs");
+    // Started, settled, then a minute more: what a cluster holds once nobody uses it.
+    settle(&procs).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let window = Duration::from_secs(30);
+    let before = cpu_of(&procs);
+    tokio::time::sleep(window).await;
+    let used: f64 = diff(&before, &cpu_of(&procs)).iter().map(|x| x.1).sum();
+    let millicores = used / window.as_secs_f64() * 1000.0 / n as f64;
+    let mem: Vec<(String, [f64; 3])> = procs.iter().map(|(c, pid)| (c.clone(), memory_mib(*pid))).collect();
+    let per_cluster = |i: usize| mem.iter().map(|(_, m)| m[i]).sum::<f64>() / n as f64;
+    let settings: Vec<String> = ["GOGC", "GOMEMLIMIT"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+        .collect();
+    let settings = if settings.is_empty() { "Go defaults".to_string() } else { settings.join(" ") };
+    let (rss, pss, anon) = (per_cluster(0), per_cluster(1), per_cluster(2));
+    r.add("idle_rss_mib_per_cluster", rss, "MiB", format!("mean of {n} empty clusters side by side, {settings}"));
+    r.add("idle_pss_mib_per_cluster", pss, "MiB", "proportional: pages shared between clusters (code) counted once");
+    r.add("idle_anon_mib_per_cluster", anon, "MiB", "anonymous memory: heap and stacks, the cluster's alone");
+    for c in COMPONENTS {
+        let of = |i: usize| {
+            let v: Vec<f64> = mem.iter().filter(|(n, _)| n == c).map(|(_, m)| m[i]).collect();
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        r.add(
+            &format!("idle_rss_mib_{}", c.replace('-', "_")),
+            of(0),
+            "MiB",
+            format!("mean; PSS {:.1} MiB, anonymous {:.1} MiB", of(1), of(2)),
+        );
+    }
+    r.add("idle_millicores_per_cluster", millicores, "m", format!("CPU of all four components over {} s", window.as_secs()));
+    r.add("idle_clusters_per_24gib", (24.0 * 1024.0 / pss).floor(), "", "24 GiB / PSS per cluster (memory only)");
 }
 
 /// Waits until the processes are nearly idle (on average under 2.5% of a core each over 2 s), at
