@@ -750,10 +750,8 @@ async fn idle(r: &mut Results, env: &TestEnv, n: usize) {
     let millicores = used / window.as_secs_f64() * 1000.0 / n as f64;
     let mem: Vec<(String, [f64; 3])> = procs.iter().map(|(c, pid)| (c.clone(), memory_mib(*pid))).collect();
     let per_cluster = |i: usize| mem.iter().map(|(_, m)| m[i]).sum::<f64>() / n as f64;
-    let settings: Vec<String> = ["GOGC", "GOMEMLIMIT"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
-        .collect();
+    let settings: Vec<String> =
+        ["GOGC", "GOMEMLIMIT"].iter().filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}"))).collect();
     let settings = if settings.is_empty() { "Go defaults".to_string() } else { settings.join(" ") };
     let (rss, pss, anon) = (per_cluster(0), per_cluster(1), per_cluster(2));
     r.add("idle_rss_mib_per_cluster", rss, "MiB", format!("mean of {n} empty clusters side by side, {settings}"));
@@ -771,7 +769,12 @@ async fn idle(r: &mut Results, env: &TestEnv, n: usize) {
             format!("mean; PSS {:.1} MiB, anonymous {:.1} MiB", of(1), of(2)),
         );
     }
-    r.add("idle_millicores_per_cluster", millicores, "m", format!("CPU of all four components over {} s", window.as_secs()));
+    r.add(
+        "idle_millicores_per_cluster",
+        millicores,
+        "m",
+        format!("CPU of all four components over {} s", window.as_secs()),
+    );
     r.add("idle_clusters_per_24gib", (24.0 * 1024.0 / pss).floor(), "", "24 GiB / PSS per cluster (memory only)");
 }
 
