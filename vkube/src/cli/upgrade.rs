@@ -289,7 +289,7 @@ impl UpgradeArgs {
                     }
                     eprintln!("  restarting the control plane with {}", binary.display());
                     stop_all_recorded(&self.target.local_dir())?;
-                    self.resume_with(&binary)
+                    self.resume_with(&binary).await
                 }
             }
         };
@@ -312,14 +312,16 @@ impl UpgradeArgs {
     }
 
     /// `vkube resume` run by another vkube binary, on the same host and state.
-    fn resume_with(&self, binary: &Path) -> anyhow::Result<()> {
-        let mut cmd = std::process::Command::new(binary);
+    async fn resume_with(&self, binary: &Path) -> anyhow::Result<()> {
+        // Awaited, not blocking: the rollback's timeout can fire while it runs (and kills it).
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.kill_on_drop(true);
         if let Some(context) = super::HOST_CONTEXT.get() {
             cmd.args(["--context", context]);
         }
         let timeout = format!("{}s", self.timeout.as_secs());
         cmd.args(["resume", &self.target.name, "-n", &self.target.namespace(), "--timeout", &timeout]);
-        let status = cmd.status().with_context(|| format!("running {}", binary.display()))?;
+        let status = cmd.status().await.with_context(|| format!("running {}", binary.display()))?;
         if !status.success() {
             bail!("{} resume {} failed ({status})", binary.display(), self.target.name);
         }

@@ -225,14 +225,12 @@ impl Operations {
     }
 
     async fn serve(&self, op: Operation, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
-        let flag = |name: &str| {
-            form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
-                .any(|(k, v)| k == name && (v.is_empty() || v == "true"))
-        };
+        let query: Vec<(String, String)> =
+            form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes()).into_owned().collect();
+        let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let flag = |name: &str| param(name).is_some_and(|v| v.is_empty() || v == "true");
         std::fs::create_dir_all(&self.dir).map_err(failed("creating the snapshot directory"))?;
-        let from = form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
-            .find(|(k, _)| k == "from")
-            .map(|(_, v)| v.into_owned());
+        let from = param("from");
         match op {
             Operation::Snapshot => {
                 let permit = self.downloads.clone().acquire_owned().await.map_err(|_| stopping())?;
@@ -250,10 +248,7 @@ impl Operations {
                 Ok(json(serde_json::to_value(self.kept()).map_err(|e| ProxyError::Failed(e.to_string()))?))
             }
             Operation::Keep => {
-                let label = form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
-                    .find(|(k, _)| k == "label")
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_else(|| DEFAULT_LABEL.into());
+                let label = param("label").unwrap_or_else(|| DEFAULT_LABEL.into());
                 check_label(&label).map_err(ProxyError::BadRequest)?;
                 let kept = self.keep_one(Some(&label), 0).await?;
                 tracing::info!(snapshot = kept.name, "snapshot taken and kept on request");
