@@ -540,10 +540,17 @@ mod tests {
         assert!(read_records(dir.path()).is_empty(), "nothing recorded once stopped");
     }
 
-    /// A process of ours, reaped by a thread of this test once it exits.
+    /// A process of ours, reaped by a thread of this test once it exits. Returned once its
+    /// command line shows: `spawn` returns as soon as the exec has begun, before the kernel sets
+    /// the new program's arguments (an empty `/proc/PID/cmdline` would not be adopted).
     fn stray(program: &str, args: &[&str]) -> (u32, std::thread::JoinHandle<()>) {
         let mut child = std::process::Command::new(program).args(args).spawn().unwrap();
         let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default().is_empty() {
+            assert!(Instant::now() < deadline, "{program} never showed its command line");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         (pid, std::thread::spawn(move || drop(child.wait())))
     }
 
