@@ -2,7 +2,7 @@
 //! activity), which wake a sleeping cluster and are held until it is back, and which get `503`
 //! with `Retry-After` instead. The state itself is driven by `vkube run` (`SleepControl`).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -49,11 +49,12 @@ pub struct ActivityLabels {
 }
 
 /// The requests that counted as activity: the last one (when, by whom), and a count per user
-/// and verb.
+/// (and per user and verb, for Prometheus).
 #[derive(Default)]
 pub struct Activity {
     last: Mutex<Option<(SystemTime, String)>>,
-    users: Mutex<HashSet<String>>,
+    /// Per user since this process started; the first [`MAX_USERS`] by name, later ones as `other`.
+    by_user: Mutex<HashMap<String, u64>>,
     pub counted: Family<ActivityLabels, Counter>,
     /// Signalled on every counted request (the persister writes the last one down, throttled).
     pub changed: Notify,
@@ -63,13 +64,10 @@ impl Activity {
     pub fn record(&self, user: &str, verb: &'static str) {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((SystemTime::now(), user.to_string()));
         let label = {
-            let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-            if users.contains(user) || users.len() < MAX_USERS {
-                users.insert(user.to_string());
-                user.to_string()
-            } else {
-                "other".to_string()
-            }
+            let mut users = self.by_user.lock().unwrap_or_else(|e| e.into_inner());
+            let label = if users.contains_key(user) || users.len() < MAX_USERS { user } else { "other" };
+            *users.entry(label.to_string()).or_default() += 1;
+            label.to_string()
         };
         self.counted.get_or_create(&ActivityLabels { user: label, verb }).inc();
         self.changed.notify_one();
@@ -81,6 +79,11 @@ impl Activity {
         if let Some((at, _)) = self.last.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             *at = SystemTime::now();
         }
+    }
+
+    /// Requests counted per user since this process started.
+    pub fn by_user(&self) -> HashMap<String, u64> {
+        self.by_user.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn last(&self) -> Option<(SystemTime, String)> {

@@ -81,6 +81,9 @@ pub const ANNOTATION_PODS_REMOVED: &str = "vkube.dev/pods-removed";
 /// On the host Service of a chart's cluster: the last `vkube upgrade` (JSON: the snapshot taken
 /// before it, the versions, the Helm revision to go back to), until `--rollback` or the next one.
 pub const ANNOTATION_UPGRADE: &str = "vkube.dev/upgrade";
+/// On the host Service: what the cluster used, per UTC day (JSON, `vkube::usage::Ledger`),
+/// written by its control plane and read by `vkube usage`.
+pub const ANNOTATION_USAGE: &str = "vkube.dev/usage";
 
 #[cfg(test)]
 mod tests {
@@ -115,6 +118,7 @@ mod tests {
             ANNOTATION_POWER_REQUEST,
             ANNOTATION_PODS_REMOVED,
             ANNOTATION_UPGRADE,
+            ANNOTATION_USAGE,
         ];
         for k in keys {
             assert!(crate::naming::is_reserved_key(k), "{k}");

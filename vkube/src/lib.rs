@@ -6,11 +6,13 @@
 //! - `local`: a virtual control plane as local processes against any host cluster.
 //! - `names`: the host objects that make up one virtual cluster.
 //! - `snapshot`: the snapshot file format (`vkube snapshot`, `restore`, `create --from-snapshot`).
+//! - `usage`: what a cluster uses of its host, as its control plane accounts it (`vkube usage`).
 
 pub mod controlplane;
 pub mod local;
 pub mod names;
 pub mod pki_store;
 pub mod snapshot;
+pub mod usage;
 
 pub use vkube_core::contract::FIELD_MANAGER;

@@ -39,6 +39,9 @@ enum Command {
     Connect(cli::connect::ConnectArgs),
     /// List the virtual clusters on the host.
     List(cli::list::ListArgs),
+    /// What each virtual cluster used of the host (requests over time, sleep, activity) and
+    /// what it cost at the given prices.
+    Usage(cli::usage::UsageArgs),
     /// Show one virtual cluster in full: components, policy, host resources, certificates.
     Describe(cli::describe::DescribeArgs),
     /// Print the control plane's logs (local files or the chart pod's containers).
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
             Command::Create(a) => ok((*a).run().await),
             Command::Connect(a) => a.run().await,
             Command::List(a) => ok(a.run().await),
+            Command::Usage(a) => ok(a.run().await),
             Command::Describe(a) => ok(a.run().await),
             Command::Logs(a) => ok(a.run().await),
             Command::Certs(cmd) => cmd.run().await,

@@ -57,6 +57,9 @@ pub struct Cluster {
     /// The last request that counted as activity (sleep mode): when (RFC 3339) and by whom.
     pub last_activity: Option<String>,
     pub last_activity_by: Option<String>,
+    /// What it used, per day (`vkube usage`).
+    #[serde(skip)]
+    pub usage: vkube::usage::Ledger,
 }
 
 /// Clusters in `namespace` (default: all), only those whose labels match `selector` if given.
@@ -168,6 +171,7 @@ async fn status_of(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
         power_since: annotations.get(names::ANNOTATION_POWER_SINCE).cloned(),
         last_activity: annotations.get(names::ANNOTATION_LAST_ACTIVITY).cloned(),
         last_activity_by: annotations.get(names::ANNOTATION_LAST_ACTIVITY_BY).cloned(),
+        usage: vkube::usage::Ledger::from_annotations(Some(annotations)),
     }
 }
 

@@ -55,7 +55,7 @@ pub struct HostResources {
     pub pods: usize,
     pub running_pods: usize,
     pub services: usize,
-    /// Sum of the host pods' container requests.
+    /// Sum of what the host pods that have not finished request (as the scheduler counts it).
     pub cpu_requests_millicores: u64,
     pub memory_requests_bytes: u64,
 }
@@ -238,7 +238,7 @@ async fn chart_components(
 /// `VKUBE_POD_SECURITY` → `pod-security`: the flag an env var of `vkube run` stands for, for the
 /// settings that are policy (not where things are or how to log).
 fn policy_env(var: &str) -> Option<String> {
-    const NOT_POLICY: [&str; 12] = [
+    const NOT_POLICY: [&str; 13] = [
         "SUPERVISE",
         "STATE_DIR",
         "ETCD_DURABLE",
@@ -251,6 +251,7 @@ fn policy_env(var: &str) -> Option<String> {
         "LOG_FORMAT",
         "HOST_KUBECONFIG",
         "HOST_CONTEXT",
+        "USAGE_PERSIST_EVERY",
     ];
     let rest = var.strip_prefix("VKUBE_")?;
     (!NOT_POLICY.contains(&rest)).then(|| rest.to_lowercase().replace('_', "-"))
@@ -265,58 +266,18 @@ async fn host_resources(host: &kube::Client, ns: &str, cluster: &str) -> anyhow:
         if pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
             r.running_pods += 1;
         }
-        for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
-            let requests = c.resources.as_ref().and_then(|r| r.requests.as_ref());
-            if let Some(q) = requests.and_then(|r| r.get("cpu")) {
-                r.cpu_requests_millicores += (quantity(&q.0).unwrap_or(0.0) * 1000.0).round() as u64;
-            }
-            if let Some(q) = requests.and_then(|r| r.get("memory")) {
-                r.memory_requests_bytes += quantity(&q.0).unwrap_or(0.0).round() as u64;
-            }
+        if vkube::usage::holds_resources(pod) {
+            let held = vkube::usage::PodResources::of_pod(pod);
+            r.cpu_requests_millicores += (held.cpu * 1000.0).round() as u64;
+            r.memory_requests_bytes += held.memory.round() as u64;
         }
     }
     Ok(r)
 }
 
-/// A Kubernetes quantity as a number (`250m` → 0.25, `1Gi` → 1073741824, `1e3` → 1000).
-fn quantity(q: &str) -> Option<f64> {
-    let q = q.trim();
-    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+')).unwrap_or(q.len());
-    let (number, suffix) = q.split_at(split);
-    let n: f64 = number.parse().ok()?;
-    let factor = match suffix {
-        "" => 1.0,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        e if e.starts_with(['e', 'E']) => 10f64.powi(e[1..].parse().ok()?),
-        _ => return None,
-    };
-    Some(n * factor)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantities() {
-        assert_eq!(quantity("250m"), Some(0.25));
-        assert_eq!(quantity("2"), Some(2.0));
-        assert_eq!(quantity("1Gi"), Some(1073741824.0));
-        assert_eq!(quantity("128Mi"), Some(134217728.0));
-        assert_eq!(quantity("1e3"), Some(1000.0));
-        assert_eq!(quantity("1.5k"), Some(1500.0));
-        assert_eq!(quantity("12Qi"), None);
-    }
 
     #[test]
     fn policy_flags_from_both_forms() {

@@ -13,6 +13,7 @@ pub mod pause;
 pub mod sleep;
 pub mod snapshot;
 pub mod upgrade;
+pub mod usage;
 pub mod version;
 
 use std::path::PathBuf;

@@ -9,6 +9,7 @@ pub mod operations;
 pub mod power;
 pub mod schedule;
 pub mod supervisor;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -77,6 +78,8 @@ pub struct RunArgs {
     pub sleep: power::SleepArgs,
     #[command(flatten)]
     pub snapshots: operations::ScheduleArgs,
+    #[command(flatten)]
+    pub usage: usage::UsageArgs,
 }
 
 /// What bounds the API proxy's load (docs/architecture.md, "API proxy").
@@ -593,6 +596,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let mut syncer = SpawnedSyncer { args: args.clone(), bundle: bundle.clone(), limit, health, config, running: None };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let accounting = tokio::spawn(
+        usage::Tracker {
+            host: host.clone(),
+            name: args.name.clone(),
+            namespace: args.namespace.clone(),
+            power: sleep_control.power.subscribe(),
+            activity: sleep_control.activity.clone(),
+            metrics: usage::UsageMetrics::register(&mut registry),
+            args: args.usage.clone(),
+        }
+        .run(shutdown_tx.subscribe()),
+    );
     let controlled = if args.supervise.supervise {
         let supervisor = supervisor::Supervisor::new(
             &args.supervise.state_dir,
@@ -674,6 +689,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     if tokio::time::timeout(Duration::from_secs(5), serving).await.is_err() {
         tracing::info!("connections still open 5 s after shutdown; closing them");
+    }
+    if tokio::time::timeout(Duration::from_secs(5), accounting).await.is_err() {
+        tracing::warn!("the usage ledger could not be written within 5 s of shutdown");
     }
     renew.abort();
     egress.abort();
