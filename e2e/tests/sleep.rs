@@ -224,3 +224,182 @@ async fn restarts_while_asleep_or_waking_converge_without_duplicates() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(workload_pods(&env, &vc).await.len(), 2);
 }
+
+/// The usage ledger the cluster's control plane last wrote on its host Service.
+async fn ledger(env: &TestEnv, vc: &VirtualCluster) -> vkube::usage::Ledger {
+    let svc = Api::<Service>::namespaced(env.client().await, vc.host_namespace()).get(vc.name()).await.unwrap();
+    vkube::usage::Ledger::from_annotations(svc.metadata.annotations.as_ref())
+}
+
+/// What the test sees the cluster hold on the host at one moment: its host pods' container
+/// requests (no init containers in these pods) and whether it is asleep.
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    at: f64,
+    cpu: f64,
+    memory_gib: f64,
+    cpu_limit: f64,
+    pods: f64,
+    asleep: bool,
+}
+
+/// What `pods` hold (not finished) and whether the Service's power annotation says asleep.
+fn seen_of(at: f64, pods: &[Pod], svc: &Service) -> Seen {
+    let annotations = svc.metadata.annotations.as_ref();
+    let asleep = annotations.and_then(|a| a.get("vkube.dev/power")).is_some_and(|p| p == "Sleeping");
+    let mut s = Seen { at, asleep, ..Default::default() };
+    let finished = |p: &Pod| matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
+    for c in pods.iter().filter(|p| !finished(p)).flat_map(|p| p.spec.iter().flat_map(|s| s.containers.iter())) {
+        let r = c.resources.as_ref();
+        let get = |limits: bool, key: &str| {
+            let m = r.and_then(|r| if limits { r.limits.as_ref() } else { r.requests.as_ref() });
+            m.and_then(|m| m.get(key)).and_then(|v| vkube::usage::quantity(&v.0)).unwrap_or(0.0)
+        };
+        s.cpu += get(false, "cpu");
+        s.memory_gib += get(false, "memory") / 1024f64.powi(3);
+        s.cpu_limit += get(true, "cpu");
+    }
+    s.pods = pods.iter().filter(|p| !finished(p)).count() as f64;
+    s
+}
+
+/// [`seen_of`] now, read from the host.
+async fn seen(pods: &Api<Pod>, services: &Api<Service>, cluster: &str) -> Seen {
+    let at = unix_seconds(k8s_openapi::jiff::Timestamp::now());
+    let listed = pods.list(&ListParams::default().labels(&format!("vkube.dev/cluster={cluster}"))).await.unwrap();
+    seen_of(at, &listed.items, &services.get(cluster).await.unwrap())
+}
+
+fn unix_seconds(t: k8s_openapi::jiff::Timestamp) -> f64 {
+    t.as_nanosecond() as f64 / 1e9
+}
+
+/// The integral of what was seen from `from` to `to` (unix seconds), between samples the mean
+/// of the two ends: (core-seconds, GiB-seconds, limit core-seconds, pod-seconds).
+fn integral(samples: &[Seen], from: f64, to: f64) -> (f64, f64, f64, f64) {
+    let mut sum = (0.0, 0.0, 0.0, 0.0);
+    for w in samples.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let dt = b.at.min(to) - a.at.max(from);
+        if dt > 0.0 {
+            sum.0 += (a.cpu + b.cpu) / 2.0 * dt;
+            sum.1 += (a.memory_gib + b.memory_gib) / 2.0 * dt;
+            sum.2 += (a.cpu_limit + b.cpu_limit) / 2.0 * dt;
+            sum.3 += (a.pods + b.pods) / 2.0 * dt;
+        }
+    }
+    sum
+}
+
+fn within(what: &str, got: f64, want: f64, tolerance: f64) {
+    assert!(
+        (got - want).abs() <= tolerance * want.abs(),
+        "{what}: accounted {got:.3}, measured {want:.3} ({:+.1} %)",
+        (got - want) / want * 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_accounted_to_the_second_through_sleep_and_read_by_vkube_usage() {
+    let env = TestEnv::start(1).await;
+    let vc = env.virtual_cluster_with("metered", &["--usage-persist-every=2s"]).await;
+    vc.apply(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: default}\nspec:\n  replicas: 3\n  \
+         selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      \
+         containers: [{name: c, image: nginx, resources: {requests: {cpu: 250m, memory: 128Mi}, limits: {cpu: 500m}}}]\n",
+    );
+    wait_running(&env, &vc, 3, Duration::from_secs(60)).await;
+
+    // The test's own measure: what the host holds, sampled every 100 ms by a task of its own.
+    let pods: Api<Pod> = Api::namespaced(env.client().await, vc.host_namespace());
+    let services: Api<Service> = Api::namespaced(env.client().await, vc.host_namespace());
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (pods, services, sampling) = (pods.clone(), services.clone(), sampling.clone());
+        tokio::spawn(async move {
+            let mut out = vec![];
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                out.push(seen(&pods, &services, "metered").await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            out
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = ledger(&env, &vc).await;
+    let held_awake = seen(&pods, &services, "metered").await;
+    assert!(held_awake.cpu >= 0.75, "3 pods of 250m and the cluster's own: {held_awake:?}");
+
+    // Awake with its pods, a few requests that count, then asleep for a while, then woken.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    for _ in 0..3 {
+        vc.kubectl_ok(&["get", "pods"]);
+    }
+    request_power(&env, &vc, "sleep").await;
+    let fell_asleep = eventually("asleep", Duration::from_secs(60), || async {
+        let s = seen(&pods, &services, "metered").await;
+        Ok(s.asleep.then_some(s.at).ok_or("awake").ok())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let woken_at = unix_seconds(k8s_openapi::jiff::Timestamp::now());
+    vc.kubectl_ok(&["get", "pods"]);
+    wait_running(&env, &vc, 3, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    // The ledger written after this moment covers it all.
+    let asked = unix_seconds(k8s_openapi::jiff::Timestamp::now());
+    let after = eventually("the ledger written again", Duration::from_secs(20), || async {
+        let l = ledger(&env, &vc).await;
+        let until = l.accounted_until.as_deref().and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+        Ok(until.is_some_and(|t| unix_seconds(t) > asked).then_some(l).ok_or("not yet").ok())
+    })
+    .await;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.await.unwrap();
+    let until = |l: &vkube::usage::Ledger| unix_seconds(l.accounted_until.as_deref().unwrap().parse().unwrap());
+    let (from, to) = (until(&before), until(&after));
+    assert!(samples.first().unwrap().at < from && samples.last().unwrap().at > to, "sampled the whole period");
+    let (b, a) = (before.total(), after.total());
+    let (cpu, memory, cpu_limit, pods) = integral(&samples, from, to);
+    eprintln!(
+        "usage over {:.1} s: accounted {:.2} core-s, measured {cpu:.2}",
+        to - from,
+        a.cpu_core_seconds - b.cpu_core_seconds
+    );
+    within("CPU requested", a.cpu_core_seconds - b.cpu_core_seconds, cpu, 0.05);
+    within("memory requested", a.memory_gib_seconds - b.memory_gib_seconds, memory, 0.05);
+    within("CPU limits", a.cpu_limit_core_seconds - b.cpu_limit_core_seconds, cpu_limit, 0.05);
+    within("pod-seconds", a.pod_seconds - b.pod_seconds, pods, 0.05);
+    let asleep = woken_at - fell_asleep;
+    within("seconds asleep", a.asleep_seconds - b.asleep_seconds, asleep, 0.05);
+    within("seconds awake", a.awake_seconds - b.awake_seconds, to - from - asleep, 0.05);
+    within("CPU saved by sleeping", a.saved_cpu_core_seconds - b.saved_cpu_core_seconds, held_awake.cpu * asleep, 0.05);
+    assert!(a.requests >= b.requests + 4, "the kubectl requests counted: {} then {}", b.requests, a.requests);
+    assert!(a.requests_by_user.keys().any(|u| u != "other"), "{:?}", a.requests_by_user);
+
+    // `vkube usage`, from the host alone: the same ledger, per day and priced.
+    let cli = vkube_e2e::Cli::new(&env);
+    let ns = vc.host_namespace().to_string();
+    let rows: serde_json::Value = serde_json::from_str(&cli.ok(&[
+        "usage",
+        "metered",
+        "-n",
+        &ns,
+        "--since",
+        "1d",
+        "--cpu-price",
+        "2",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let rows = rows.as_array().unwrap();
+    let sum = |k: &str| rows.iter().map(|r| r[k].as_f64().unwrap()).sum::<f64>();
+    let persisted = ledger(&env, &vc).await.total();
+    within("core-hours printed", sum("coreHours"), persisted.cpu_core_seconds / 3600.0, 0.05);
+    within("cost printed", sum("cost"), 2.0 * persisted.cpu_core_seconds / 3600.0, 0.05);
+    assert!(rows.iter().all(|r| r["day"].is_string() && r["name"] == "metered"), "{rows:?}");
+    let all = cli.ok(&["usage", "-o", "csv"]);
+    assert!(all.lines().any(|l| l.starts_with(&format!("metered,{ns},,"))), "{all}");
+}

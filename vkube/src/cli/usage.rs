@@ -310,7 +310,10 @@ mod tests {
         let mut lines = text.lines();
         assert_eq!(lines.next(), Some(CSV_HEADER));
         let cells = lines.next().unwrap();
-        assert!(cells.starts_with("a,vkube-a,,Sleeping,2026-12-03T12:00:00Z,\"dev, \"\"x\"\"\",1.500000,6.000000,"), "{cells}");
+        assert!(
+            cells.starts_with("a,vkube-a,,Sleeping,2026-12-03T12:00:00Z,\"dev, \"\"x\"\"\",1.500000,6.000000,"),
+            "{cells}"
+        );
         assert_eq!(CSV_HEADER.split(',').count(), 19);
         assert!(table(&all, false).lines().nth(1).unwrap().starts_with("a "));
     }

@@ -74,11 +74,7 @@ impl UsageMetrics {
         reg("vkube_usage_pod_seconds", "Host pods that held resources, over time", &m.pods);
         reg("vkube_usage_storage_gib_seconds", "Storage its host claims requested, over time", &m.storage);
         reg("vkube_usage_saved_cpu_core_seconds", "CPU requests released by sleeping, over time", &m.saved_cpu);
-        reg(
-            "vkube_usage_saved_memory_gib_seconds",
-            "Memory requests released by sleeping, over time",
-            &m.saved_memory,
-        );
+        reg("vkube_usage_saved_memory_gib_seconds", "Memory requests released by sleeping, over time", &m.saved_memory);
         registry.register("vkube_usage_requests", "Requests that counted as activity", m.requests.clone());
         m
     }
@@ -294,7 +290,10 @@ impl Tracker {
                     books.advance(now, &self.metrics, &self.name);
                     books.count_activity(&self.activity, now, &self.metrics, &self.name);
                 }
-                _ = persist.tick() => self.persist(&mut books).await,
+                _ = persist.tick() => {
+                    books.advance(jiff::Timestamp::now(), &self.metrics, &self.name);
+                    self.persist(&mut books).await;
+                }
                 changed = power.changed(), if power_open => {
                     books.advance(jiff::Timestamp::now(), &self.metrics, &self.name);
                     match changed {
