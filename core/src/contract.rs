@@ -84,6 +84,11 @@ pub const ANNOTATION_UPGRADE: &str = "vkube.dev/upgrade";
 /// On the host Service: what the cluster used, per UTC day (JSON, `vkube::usage::Ledger`),
 /// written by its control plane and read by `vkube usage`.
 pub const ANNOTATION_USAGE: &str = "vkube.dev/usage";
+/// On the host Service: when (RFC 3339) the cluster is deleted (`vkube create --ttl`).
+pub const ANNOTATION_EXPIRES_AT: &str = "vkube.dev/expires-at";
+/// On the host Service: seconds without activity after which the cluster is deleted
+/// (`vkube create --delete-after-inactivity`).
+pub const ANNOTATION_DELETE_AFTER_INACTIVITY: &str = "vkube.dev/delete-after-inactivity";
 
 #[cfg(test)]
 mod tests {
@@ -119,6 +124,8 @@ mod tests {
             ANNOTATION_PODS_REMOVED,
             ANNOTATION_UPGRADE,
             ANNOTATION_USAGE,
+            ANNOTATION_EXPIRES_AT,
+            ANNOTATION_DELETE_AFTER_INACTIVITY,
         ];
         for k in keys {
             assert!(crate::naming::is_reserved_key(k), "{k}");

@@ -537,3 +537,88 @@ fn help_examples_and_completion() {
         assert!(out.status.success() && out.stdout.len() > 500, "{shell}");
     }
 }
+
+/// TTL and inactivity: `vkube list` shows the time left, and `vkube platform` deletes the
+/// cluster whose TTL ended and the one nobody used for its allowed time, not before, with
+/// everything they had on the host, while a cluster in use stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platform_deletes_expired_clusters_and_keeps_those_in_use() {
+    let env = TestEnv::start(1).await;
+    let cli = Cli::new(&env);
+    let brief_created = std::time::Instant::now();
+    cli.ok(&["create", "brief", "--local", "--ttl", "40s"]);
+    cli.ok(&["create", "busy", "--local", "--delete-after-inactivity", "30s"]);
+    // Someone works on `busy`: a request every 3 s.
+    let kubeconfig = cli.state.path().join("busy.kubeconfig");
+    std::fs::write(&kubeconfig, cli.ok(&["connect", "busy", "--print"])).unwrap();
+    let working = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let worker = {
+        let (working, kubeconfig) = (working.clone(), kubeconfig.clone());
+        std::thread::spawn(move || {
+            let up = vkube_localenv::Upstream::locate().unwrap();
+            while working.load(std::sync::atomic::Ordering::Relaxed) {
+                kubectl(&up, &kubeconfig, &["get", "pods"]);
+                std::thread::sleep(Duration::from_secs(3));
+            }
+        })
+    };
+    let idle_created = std::time::Instant::now();
+    cli.ok(&["create", "idle", "--local", "--delete-after-inactivity", "30s"]);
+
+    let listed = cli.list();
+    let find = |name: &str| listed.as_array().unwrap().iter().find(|c| c["name"] == name).cloned().unwrap();
+    let brief = find("brief");
+    assert_eq!(brief["expiry_reason"], "ttl", "{brief}");
+    let left = brief["expires_in_seconds"].as_i64().unwrap();
+    assert!(left > 0 && left <= 40, "{brief}");
+    assert_eq!(find("idle")["expiry_reason"], "inactivity");
+    assert!(cli.ok(&["list"]).contains("EXPIRES"));
+
+    let out = cli.state.path().join("platform.out");
+    let mut platform = cli
+        .command(&["platform", "--interval", "2s", "-o", "json"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(cli.state.path().join("platform.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let listed_names = || -> Vec<String> {
+        cli.list().as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect()
+    };
+    let mut gone = std::collections::BTreeMap::new();
+    eventually("brief and idle deleted", Duration::from_secs(120), || {
+        let names = listed_names();
+        for (name, created) in [("brief", brief_created), ("idle", idle_created)] {
+            if !names.iter().any(|n| n == name) {
+                gone.entry(name).or_insert(created.elapsed());
+            }
+        }
+        let done = gone.len() == 2;
+        async move { Ok(done.then_some(()).ok_or(format!("listed: {names:?}")).ok()) }
+    })
+    .await;
+    eprintln!("deleted after: {gone:?}");
+    assert!(gone["brief"] >= Duration::from_secs(40), "brief went before its TTL: {gone:?}");
+    assert!(gone["idle"] >= Duration::from_secs(30), "idle went before its inactivity time: {gone:?}");
+    assert_eq!(listed_names(), ["busy"], "the cluster in use stays");
+    for name in ["brief", "idle"] {
+        // Its namespace (vkube's) terminates in the background.
+        eventually(&format!("nothing of {name} on the host"), Duration::from_secs(60), || async {
+            let left = env.labelled_host_objects(name);
+            Ok(left.is_empty().then_some(()).ok_or(format!("{left:?}")).ok())
+        })
+        .await;
+        assert!(!cli.state.path().join("local").join(format!("vkube-{name}")).join(name).exists());
+    }
+    let _ = platform.kill();
+    let _ = platform.wait();
+    let text = std::fs::read_to_string(&out).unwrap();
+    let reported: Vec<serde_json::Value> =
+        serde_json::Deserializer::from_str(&text).into_iter().collect::<Result<_, _>>().unwrap();
+    let outcome =
+        |name: &str| reported.iter().find(|r| r["name"] == name).map(|r| (r["reason"].clone(), r["outcome"].clone()));
+    assert_eq!(outcome("brief"), Some(("ttl".into(), "deleted".into())), "{reported:?}");
+    assert_eq!(outcome("idle"), Some(("inactivity".into(), "deleted".into())), "{reported:?}");
+    working.store(false, std::sync::atomic::Ordering::Relaxed);
+    worker.join().unwrap();
+    cli.ok(&["delete", "busy"]);
+}

@@ -302,7 +302,7 @@ fn within(what: &str, got: f64, want: f64, tolerance: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_is_accounted_to_the_second_through_sleep_and_read_by_vkube_usage() {
     let env = TestEnv::start(1).await;
-    let vc = env.virtual_cluster_with("metered", &["--usage-persist-every=2s"]).await;
+    let mut vc = env.virtual_cluster_with("metered", &["--usage-persist-every=2s"]).await;
     vc.apply(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: default}\nspec:\n  replicas: 3\n  \
          selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      \
@@ -325,7 +325,7 @@ async fn usage_is_accounted_to_the_second_through_sleep_and_read_by_vkube_usage(
             out
         })
     };
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let before = ledger(&env, &vc).await;
     let held_awake = seen(&pods, &services, "metered").await;
     assert!(held_awake.cpu >= 0.75, "3 pods of 250m and the cluster's own: {held_awake:?}");
@@ -355,13 +355,15 @@ async fn usage_is_accounted_to_the_second_through_sleep_and_read_by_vkube_usage(
         Ok(until.is_some_and(|t| unix_seconds(t) > asked).then_some(l).ok_or("not yet").ok())
     })
     .await;
+    // Samples on both sides of the period.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
     let samples = sampler.await.unwrap();
     let until = |l: &vkube::usage::Ledger| unix_seconds(l.accounted_until.as_deref().unwrap().parse().unwrap());
     let (from, to) = (until(&before), until(&after));
     assert!(samples.first().unwrap().at < from && samples.last().unwrap().at > to, "sampled the whole period");
     let (b, a) = (before.total(), after.total());
-    let (cpu, memory, cpu_limit, pods) = integral(&samples, from, to);
+    let (cpu, memory, cpu_limit, pod_seconds) = integral(&samples, from, to);
     eprintln!(
         "usage over {:.1} s: accounted {:.2} core-s, measured {cpu:.2}",
         to - from,
@@ -370,7 +372,7 @@ async fn usage_is_accounted_to_the_second_through_sleep_and_read_by_vkube_usage(
     within("CPU requested", a.cpu_core_seconds - b.cpu_core_seconds, cpu, 0.05);
     within("memory requested", a.memory_gib_seconds - b.memory_gib_seconds, memory, 0.05);
     within("CPU limits", a.cpu_limit_core_seconds - b.cpu_limit_core_seconds, cpu_limit, 0.05);
-    within("pod-seconds", a.pod_seconds - b.pod_seconds, pods, 0.05);
+    within("pod-seconds", a.pod_seconds - b.pod_seconds, pod_seconds, 0.05);
     let asleep = woken_at - fell_asleep;
     within("seconds asleep", a.asleep_seconds - b.asleep_seconds, asleep, 0.05);
     within("seconds awake", a.awake_seconds - b.awake_seconds, to - from - asleep, 0.05);
@@ -402,4 +404,38 @@ async fn usage_is_accounted_to_the_second_through_sleep_and_read_by_vkube_usage(
     assert!(rows.iter().all(|r| r["day"].is_string() && r["name"] == "metered"), "{rows:?}");
     let all = cli.ok(&["usage", "-o", "csv"]);
     assert!(all.lines().any(|l| l.starts_with(&format!("metered,{ns},,"))), "{all}");
+
+    // A crash: the pods that ran while no control plane counted are counted by the next one,
+    // back to the last account, and its counters start from the ledger.
+    let last = ledger(&env, &vc).await;
+    let steady = seen(&pods, &services, "metered").await;
+    vc.kill_controller();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    vc.start_controller().await;
+    let restarted = unix_seconds(k8s_openapi::jiff::Timestamp::now());
+    let next = eventually("the ledger written by the new process", Duration::from_secs(20), || async {
+        let l = ledger(&env, &vc).await;
+        Ok((l.accounted_until.is_some() && until(&l) > restarted).then_some(l).ok_or("not yet").ok())
+    })
+    .await;
+    let (l, n) = (last.total(), next.total());
+    within(
+        "pod-seconds across a crash",
+        n.pod_seconds - l.pod_seconds,
+        steady.pods * (until(&next) - until(&last)),
+        0.05,
+    );
+    within(
+        "CPU across a crash",
+        n.cpu_core_seconds - l.cpu_core_seconds,
+        steady.cpu * (until(&next) - until(&last)),
+        0.05,
+    );
+    let m = metrics(&vc).await;
+    let counter = m
+        .lines()
+        .find(|l| l.starts_with("vkube_usage_pod_seconds_total{cluster=\"metered\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no pod-seconds counter: {m}"));
+    assert!(counter >= l.pod_seconds, "the counter starts from the ledger: {counter} < {}", l.pod_seconds);
 }

@@ -6,9 +6,11 @@
 //! - `local`: a virtual control plane as local processes against any host cluster.
 //! - `names`: the host objects that make up one virtual cluster.
 //! - `snapshot`: the snapshot file format (`vkube snapshot`, `restore`, `create --from-snapshot`).
+//! - `expiry`: when a cluster deletes itself (TTL, inactivity).
 //! - `usage`: what a cluster uses of its host, as its control plane accounts it (`vkube usage`).
 
 pub mod controlplane;
+pub mod expiry;
 pub mod local;
 pub mod names;
 pub mod pki_store;

@@ -57,6 +57,11 @@ pub struct Cluster {
     /// The last request that counted as activity (sleep mode): when (RFC 3339) and by whom.
     pub last_activity: Option<String>,
     pub last_activity_by: Option<String>,
+    /// When it is deleted by itself (`vkube create --ttl`, `--delete-after-inactivity`), why,
+    /// and the seconds left (negative: due, `vkube platform` deletes it).
+    pub expires_at: Option<String>,
+    pub expiry_reason: Option<vkube::expiry::Reason>,
+    pub expires_in_seconds: Option<i64>,
     /// What it used, per day (`vkube usage`).
     #[serde(skip)]
     pub usage: vkube::usage::Ledger,
@@ -157,6 +162,7 @@ async fn status_of(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
         }
     };
     let created = svc.metadata.creation_timestamp.as_ref();
+    let expiry = vkube::expiry::Expiry::of(annotations, created.map(|t| t.0));
     Cluster {
         name: name.to_string(),
         namespace,
@@ -171,6 +177,9 @@ async fn status_of(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
         power_since: annotations.get(names::ANNOTATION_POWER_SINCE).cloned(),
         last_activity: annotations.get(names::ANNOTATION_LAST_ACTIVITY).cloned(),
         last_activity_by: annotations.get(names::ANNOTATION_LAST_ACTIVITY_BY).cloned(),
+        expires_at: expiry.map(|e| e.at.to_string()),
+        expiry_reason: expiry.map(|e| e.reason),
+        expires_in_seconds: expiry.map(|e| e.seconds_left(k8s_openapi::jiff::Timestamp::now())),
         usage: vkube::usage::Ledger::from_annotations(Some(annotations)),
     }
 }

@@ -68,6 +68,14 @@ pub struct CreateArgs {
     /// A label of the cluster (`team=a`), for `vkube list -l team=a`; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Delete the cluster this long from now (e.g. 2h), with everything it has on the host;
+    /// `vkube list` shows the time left, `vkube platform` deletes it.
+    #[arg(long, value_parser = vkube::controlplane::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Delete the cluster after this long without activity (e.g. 7d; activity as sleep mode
+    /// counts it).
+    #[arg(long, value_parser = vkube::controlplane::parse_duration)]
+    pub delete_after_inactivity: Option<Duration>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -136,6 +144,8 @@ impl CreateArgs {
             timeout,
             run_args: state.run_args,
             labels: vec![],
+            ttl: None,
+            delete_after_inactivity: None,
             from_snapshot: None,
             snapshot_schedule: None,
             snapshot_keep: 7,
@@ -175,14 +185,20 @@ impl CreateArgs {
         self.label(&super::host_client().await?).await
     }
 
-    /// Puts the admin's labels on the control-plane Service, which `vkube list` selects by.
+    /// Puts the admin's labels (which `vkube list` selects by) and the expiry on the
+    /// control-plane Service.
     async fn label(&self, host: &kube::Client) -> anyhow::Result<()> {
-        if self.labels.is_empty() {
+        let expiry = vkube::expiry::Expiry::annotations(
+            k8s_openapi::jiff::Timestamp::now(),
+            self.ttl,
+            self.delete_after_inactivity,
+        )?;
+        if self.labels.is_empty() && expiry.is_empty() {
             return Ok(());
         }
         let labels: serde_json::Map<String, serde_json::Value> =
             self.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
-        let patch = serde_json::json!({"metadata": {"labels": labels}});
+        let patch = serde_json::json!({"metadata": {"labels": labels, "annotations": expiry}});
         Api::<Service>::namespaced(host.clone(), &self.target.namespace())
             .patch(&names::service(&self.target.name), &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch))
             .await

@@ -29,53 +29,60 @@ impl DeleteArgs {
     pub async fn run(self) -> anyhow::Result<()> {
         let host = super::host_client().await?;
         let cluster = clusters::require(&host, &self.target).await?;
-        let ns = cluster.namespace.clone();
-        eprintln!("deleting virtual cluster {} from host namespace {ns}", cluster.name);
-        match cluster.mode {
-            Mode::Local => {
-                let stopped = vkube_localenv::process::stop_all_recorded(&self.target.local_dir())?;
-                eprintln!(
-                    "  stopped {}",
-                    if stopped.is_empty() { "nothing (not running)".into() } else { stopped.join(", ") }
-                );
-            }
-            Mode::Chart => {
-                eprintln!("  uninstalling the Helm release");
-                super::helm::run(&["uninstall", &cluster.name, "-n", &ns, "--wait", "--ignore-not-found"])?;
-            }
-        }
-        eprintln!("  removing synced workloads and control-plane objects");
-        remove_all(&host, &ns, &cluster.name).await?;
-        let ns_api: Api<Namespace> = Api::all(host.clone());
-        let ours = ns_api
-            .get_opt(&ns)
-            .await?
-            .and_then(|n| n.metadata.labels)
-            .is_some_and(|l| l.get(names::LABEL_CONTROL_PLANE) == Some(&cluster.name));
-        if ours {
-            eprintln!("  deleting host namespace {ns} (vkube created it)");
-            match ns_api.delete(&ns, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e).context("deleting the host namespace"),
-            }
-            if self.wait {
-                vkube_localenv::wait::until(Duration::from_secs(120), Duration::from_millis(500), || {
-                    let ns_api = ns_api.clone();
-                    let ns = ns.clone();
-                    async move { ns_api.get_opt(&ns).await.map(|n| n.is_none().then_some(())).map_err(|e| e.to_string()) }
-                })
-                .await
-                .map_err(|e| anyhow::anyhow!("host namespace {ns} still exists after 120 s: {e}"))?;
-            }
-        }
-        let dir = self.target.local_dir();
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-        eprintln!("virtual cluster {} deleted", cluster.name);
-        Ok(())
+        delete(&host, &cluster, self.wait).await
     }
+}
+
+/// Stops or uninstalls `cluster`'s control plane and removes everything it has on the host (its
+/// namespace too if vkube created it; with `wait`, until that is gone) and its local state.
+pub async fn delete(host: &kube::Client, cluster: &clusters::Cluster, wait: bool) -> anyhow::Result<()> {
+    let target = Target { name: cluster.name.clone(), namespace: Some(cluster.namespace.clone()) };
+    let ns = cluster.namespace.clone();
+    eprintln!("deleting virtual cluster {} from host namespace {ns}", cluster.name);
+    match cluster.mode {
+        Mode::Local => {
+            let stopped = vkube_localenv::process::stop_all_recorded(&target.local_dir())?;
+            eprintln!(
+                "  stopped {}",
+                if stopped.is_empty() { "nothing (not running)".into() } else { stopped.join(", ") }
+            );
+        }
+        Mode::Chart => {
+            eprintln!("  uninstalling the Helm release");
+            super::helm::run(&["uninstall", &cluster.name, "-n", &ns, "--wait", "--ignore-not-found"])?;
+        }
+    }
+    eprintln!("  removing synced workloads and control-plane objects");
+    remove_all(host, &ns, &cluster.name).await?;
+    let ns_api: Api<Namespace> = Api::all(host.clone());
+    let ours = ns_api
+        .get_opt(&ns)
+        .await?
+        .and_then(|n| n.metadata.labels)
+        .is_some_and(|l| l.get(names::LABEL_CONTROL_PLANE) == Some(&cluster.name));
+    if ours {
+        eprintln!("  deleting host namespace {ns} (vkube created it)");
+        match ns_api.delete(&ns, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e).context("deleting the host namespace"),
+        }
+        if wait {
+            vkube_localenv::wait::until(Duration::from_secs(120), Duration::from_millis(500), || {
+                let ns_api = ns_api.clone();
+                let ns = ns.clone();
+                async move { ns_api.get_opt(&ns).await.map(|n| n.is_none().then_some(())).map_err(|e| e.to_string()) }
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("host namespace {ns} still exists after 120 s: {e}"))?;
+        }
+    }
+    let dir = target.local_dir();
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    eprintln!("virtual cluster {} deleted", cluster.name);
+    Ok(())
 }
 
 /// Deletes every object of the cluster from the host namespace: synced workloads (every host

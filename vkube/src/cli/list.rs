@@ -37,8 +37,8 @@ impl ListArgs {
             return Ok(());
         }
         println!(
-            "{:<20} {:<24} {:<6} {:<18} {:<8} {:<7} {:<24} {:<32} LABELS",
-            "NAME", "NAMESPACE", "MODE", "STATUS", "VERSION", "AGE", "LAST ACTIVITY", "ENDPOINT"
+            "{:<20} {:<24} {:<6} {:<18} {:<8} {:<7} {:<24} {:<10} {:<32} LABELS",
+            "NAME", "NAMESPACE", "MODE", "STATUS", "VERSION", "AGE", "LAST ACTIVITY", "EXPIRES", "ENDPOINT"
         );
         for c in &clusters {
             let mode = serde_json::to_value(c.mode)?.as_str().unwrap_or_default().to_string();
@@ -52,8 +52,13 @@ impl ListArgs {
                 (Some(at), Some(by)) => format!("{} ({by})", ago(at)),
                 _ => "-".into(),
             };
+            let expires = match c.expires_in_seconds {
+                Some(s) if s <= 0 => "due".to_string(),
+                Some(s) => format!("in {}", human_age(s as u64)),
+                None => "-".into(),
+            };
             println!(
-                "{:<20} {:<24} {:<6} {:<18} {:<8} {:<7} {:<24} {:<32} {}",
+                "{:<20} {:<24} {:<6} {:<18} {:<8} {:<7} {:<24} {:<10} {:<32} {}",
                 c.name,
                 c.namespace,
                 mode,
@@ -61,6 +66,7 @@ impl ListArgs {
                 c.kubernetes_version.as_deref().unwrap_or("-"),
                 c.age_seconds.map(human_age).unwrap_or_else(|| "-".into()),
                 activity,
+                expires,
                 c.endpoint.as_deref().unwrap_or("-"),
                 if labels.is_empty() { "-".to_string() } else { labels.join(",") }
             );

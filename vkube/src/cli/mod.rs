@@ -10,6 +10,7 @@ pub mod helm;
 pub mod list;
 pub mod logs;
 pub mod pause;
+pub mod platform;
 pub mod sleep;
 pub mod snapshot;
 pub mod upgrade;

@@ -290,6 +290,9 @@ mod tests {
             power_since: None,
             last_activity: Some("2026-12-03T12:00:00Z".into()),
             last_activity_by: Some("dev, \"x\"".into()),
+            expires_at: None,
+            expiry_reason: None,
+            expires_in_seconds: None,
             usage,
         }
     }

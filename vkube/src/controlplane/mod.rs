@@ -366,6 +366,38 @@ pub async fn remove_host_pods(
     Ok(deleted.left().map(|l| l.items.len()).unwrap_or_default())
 }
 
+/// A host Event on a cluster's control-plane Service, from `reporter` (a Warning when the
+/// reason ends in `Failed`); a failure to record it is only logged.
+pub async fn service_event(
+    host: &kube::Client,
+    reporter: &str,
+    namespace: &str,
+    cluster: &str,
+    action: &str,
+    reason: &str,
+    note: &str,
+) {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder = Recorder::new(host.clone(), Reporter { controller: reporter.into(), instance: None });
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        name: Some(names::service(cluster)),
+        namespace: Some(namespace.into()),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: if reason.ends_with("Failed") { EventType::Warning } else { EventType::Normal },
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        tracing::warn!(error = %e, reason, cluster, "could not record a host event");
+    }
+}
+
 /// Whether the cluster is being resumed after `vkube pause` (and clears the mark, so a later
 /// restart is an ordinary one).
 async fn take_paused_mark(host: &kube::Client, namespace: &str, cluster: &str) -> anyhow::Result<bool> {

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -517,23 +516,6 @@ impl<S: SyncerRunner> PowerController<S> {
 
     /// A host Event on the control plane's Service (the virtual cluster may be asleep).
     async fn event(&self, reason: &str, note: &str) {
-        let recorder = Recorder::new(self.host.clone(), Reporter { controller: "vkube".into(), instance: None });
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Service".into()),
-            name: Some(names::service(&self.name)),
-            namespace: Some(self.namespace.clone()),
-            ..Default::default()
-        };
-        let event = Event {
-            type_: if reason.ends_with("Failed") { EventType::Warning } else { EventType::Normal },
-            reason: reason.into(),
-            note: Some(note.into()),
-            action: "Power".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, reason, "could not record a host event");
-        }
+        super::service_event(&self.host, "vkube", &self.namespace, &self.name, "Power", reason, note).await;
     }
 }
