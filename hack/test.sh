@@ -8,7 +8,7 @@ step() { printf '\n== %s\n' "$*" >&2; }
 
 step "upstream binaries (cached under ${VKUBE_CACHE:-~/.cache/vkube}) and the real node's Debian packages"
 hack/build-upstream.sh
-hack/node-deps.sh
+hack/debian-deps.sh
 
 step "build"
 cargo build --workspace --bins --tests

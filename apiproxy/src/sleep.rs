@@ -53,7 +53,7 @@ pub struct ActivityLabels {
 #[derive(Default)]
 pub struct Activity {
     last: Mutex<Option<(SystemTime, String)>>,
-    /// Per user since this process started; the first [`MAX_USERS`] by name, later ones as `other`.
+    /// Per user since this process started: the first [`MAX_USERS`] users seen by name, later ones as `other`.
     by_user: Mutex<HashMap<String, u64>>,
     pub counted: Family<ActivityLabels, Counter>,
     /// Signalled on every counted request (the persister writes the last one down, throttled).

@@ -81,9 +81,6 @@ pub const ANNOTATION_PODS_REMOVED: &str = "vkube.dev/pods-removed";
 /// On the host Service of a chart's cluster: the last `vkube upgrade` (JSON: the snapshot taken
 /// before it, the versions, the Helm revision to go back to), until `--rollback` or the next one.
 pub const ANNOTATION_UPGRADE: &str = "vkube.dev/upgrade";
-/// On the host Service: what the cluster used, per UTC day (JSON, `vkube::usage::Ledger`),
-/// written by its control plane and read by `vkube usage`.
-pub const ANNOTATION_USAGE: &str = "vkube.dev/usage";
 /// On the host Service: when (RFC 3339) the cluster is deleted (`vkube create --ttl`).
 pub const ANNOTATION_EXPIRES_AT: &str = "vkube.dev/expires-at";
 /// On the host Service: seconds without activity after which the cluster is deleted
@@ -123,7 +120,6 @@ mod tests {
             ANNOTATION_POWER_REQUEST,
             ANNOTATION_PODS_REMOVED,
             ANNOTATION_UPGRADE,
-            ANNOTATION_USAGE,
             ANNOTATION_EXPIRES_AT,
             ANNOTATION_DELETE_AFTER_INACTIVITY,
         ];

@@ -545,25 +545,26 @@ fn help_examples_and_completion() {
 async fn the_platform_deletes_expired_clusters_and_keeps_those_in_use() {
     let env = TestEnv::start(1).await;
     let cli = Cli::new(&env);
-    let brief_created = std::time::Instant::now();
-    cli.ok(&["create", "brief", "--local", "--ttl", "40s"]);
     cli.ok(&["create", "busy", "--local", "--delete-after-inactivity", "30s"]);
     // Someone works on `busy`: a request every 3 s.
     let kubeconfig = cli.state.path().join("busy.kubeconfig");
     std::fs::write(&kubeconfig, cli.ok(&["connect", "busy", "--print"])).unwrap();
-    let working = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let worker = {
-        let (working, kubeconfig) = (working.clone(), kubeconfig.clone());
+    let working = StopOnDrop(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)));
+    {
+        let (working, kubeconfig) = (working.0.clone(), kubeconfig.clone());
         std::thread::spawn(move || {
             let up = vkube_localenv::Upstream::locate().unwrap();
             while working.load(std::sync::atomic::Ordering::Relaxed) {
                 kubectl(&up, &kubeconfig, &["get", "pods"]);
                 std::thread::sleep(Duration::from_secs(3));
             }
-        })
-    };
+        });
+    }
     let idle_created = std::time::Instant::now();
     cli.ok(&["create", "idle", "--local", "--delete-after-inactivity", "30s"]);
+    // Made last, and its time left read at once: creates take longer on a loaded machine.
+    let brief_created = std::time::Instant::now();
+    cli.ok(&["create", "brief", "--local", "--ttl", "40s"]);
 
     let listed = cli.list();
     let find = |name: &str| listed.as_array().unwrap().iter().find(|c| c["name"] == name).cloned().unwrap();
@@ -575,12 +576,13 @@ async fn the_platform_deletes_expired_clusters_and_keeps_those_in_use() {
     assert!(cli.ok(&["list"]).contains("EXPIRES"));
 
     let out = cli.state.path().join("platform.out");
-    let mut platform = cli
-        .command(&["platform", "--interval", "2s", "-o", "json"])
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(cli.state.path().join("platform.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let platform = KillOnDrop(
+        cli.command(&["platform", "--interval", "2s", "-o", "json"])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(cli.state.path().join("platform.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let listed_names = || -> Vec<String> {
         cli.list().as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect()
     };
@@ -609,8 +611,7 @@ async fn the_platform_deletes_expired_clusters_and_keeps_those_in_use() {
         .await;
         assert!(!cli.state.path().join("local").join(format!("vkube-{name}")).join(name).exists());
     }
-    let _ = platform.kill();
-    let _ = platform.wait();
+    drop(platform);
     let text = std::fs::read_to_string(&out).unwrap();
     let reported: Vec<serde_json::Value> =
         serde_json::Deserializer::from_str(&text).into_iter().collect::<Result<_, _>>().unwrap();
@@ -618,7 +619,154 @@ async fn the_platform_deletes_expired_clusters_and_keeps_those_in_use() {
         |name: &str| reported.iter().find(|r| r["name"] == name).map(|r| (r["reason"].clone(), r["outcome"].clone()));
     assert_eq!(outcome("brief"), Some(("ttl".into(), "deleted".into())), "{reported:?}");
     assert_eq!(outcome("idle"), Some(("inactivity".into(), "deleted".into())), "{reported:?}");
-    working.store(false, std::sync::atomic::Ordering::Relaxed);
-    worker.join().unwrap();
+    drop(working);
     cli.ok(&["delete", "busy"]);
+}
+
+/// A child process killed when the test ends, pass or fail.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loop's flag, lowered when the test ends, pass or fail.
+struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Headless Chromium (Debian's `chromium-headless-shell`, installed by hack/debian-deps.sh).
+fn chromium() -> std::path::PathBuf {
+    let path: Vec<std::path::PathBuf> = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
+    ["chromium-headless-shell", "chromium"]
+        .iter()
+        .flat_map(|b| path.iter().map(move |d| d.join(b)))
+        .chain(["/usr/lib/chromium/chromium-headless-shell".into(), "/usr/lib/chromium/chromium".into()])
+        .find(|p| p.is_file())
+        .expect("headless Chromium (hack/debian-deps.sh installs chromium-headless-shell)")
+}
+
+/// Chromium loads `url` with a profile of its own (its cookies) and prints the DOM, or with
+/// `screenshot` saves a PNG.
+fn browse(profile: &Path, url: &str, screenshot: Option<&Path>) -> String {
+    let mut c = Command::new(chromium());
+    c.args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1280,800"])
+        .arg(format!("--user-data-dir={}", profile.display()));
+    match screenshot {
+        Some(file) => c.arg(format!("--screenshot={}", file.display())),
+        None => c.arg("--dump-dom"),
+    };
+    let out = c.arg(url).output().unwrap();
+    assert!(out.status.success(), "chromium {url}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A GET with an optional bearer token: (status, body).
+fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// The dashboard shows every cluster with its state, labels and charts to its admin only:
+/// `vkube dashboard` behind its run's key (loaded in headless Chromium, its structure checked),
+/// `vkube platform --dashboard-listen` behind the viewer's own host token and RBAC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_every_cluster_to_the_admin_only() {
+    let env = TestEnv::start(1).await;
+    let cli = Cli::new(&env);
+    cli.ok(&["create", "shown", "--local", "--label", "team=a", "--ttl", "30m"]);
+    cli.ok(&["create", "napping", "--local"]);
+    cli.ok(&["sleep", "napping"]);
+
+    let mut dashboard = KillOnDrop(
+        cli.command(&["dashboard", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut url = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(dashboard.0.stdout.take().unwrap()), &mut url).unwrap();
+    let url = url.trim().to_string();
+    let base = url.split("/?key=").next().unwrap().to_string();
+
+    // Its admin, with the URL it printed: the key becomes a cookie, the page lists both.
+    let profile = tempfile::tempdir().unwrap();
+    let dom = browse(profile.path(), &url, None);
+    assert!(dom.contains(r#"data-cluster="vkube-shown/shown" data-state="Running" data-expiring="true""#), "{dom}");
+    assert!(dom.contains(r#"data-cluster="vkube-napping/napping" data-state="Sleeping""#), "{dom}");
+    assert!(dom.contains("team=a") && dom.contains("2 clusters: 1 running, 1 sleeping"), "{dom}");
+    // Its structure, not its pixels: one row per cluster, 8 cells, two charts of 14 days each.
+    for row in dom.split("<tr data-cluster=").skip(1).map(|r| r.split("</tr>").next().unwrap()) {
+        assert_eq!(row.matches("<td").count(), 8, "{row}");
+        assert_eq!(row.matches("<svg class=\"chart\"").count(), 2, "{row}");
+        assert_eq!(row.matches("<rect class=\"cpu\"").count(), 14, "{row}");
+    }
+    assert!(!dom.contains("<script"), "no script on the page");
+    // The same profile keeps the cookie: the cluster's own page, without the key.
+    let one = browse(profile.path(), &format!("{base}/clusters/vkube-shown/shown"), None);
+    assert!(one.contains(r#"<h1 data-cluster="vkube-shown/shown""#) && one.contains("id=\"days\""), "{one}");
+    let png = cli.state.path().join("dashboard.png");
+    browse(profile.path(), &format!("{base}/"), Some(&png));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let size = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    assert_eq!((size(16), size(20)), (1280, 800), "rendered at the window's size");
+
+    // Anyone else: refused, with what to do.
+    let stranger = tempfile::tempdir().unwrap();
+    let refused = browse(stranger.path(), &format!("{base}/"), None);
+    assert!(refused.contains("id=\"refused\"") && !refused.contains("data-cluster"), "{refused}");
+    let wrong = browse(stranger.path(), &format!("{base}/?key=0123"), None);
+    assert!(!wrong.contains("data-cluster"), "{wrong}");
+    let addr = base.trim_start_matches("http://").to_string();
+    assert_eq!(http_get(&addr, "/", None).0, 401);
+    drop(dashboard);
+
+    // Host-wide: the viewer's own host token, reviewed by the host, and its RBAC.
+    env.kubectl_ok(&["create", "serviceaccount", "viewer", "-n", "default"]);
+    env.kubectl_ok(&["create", "serviceaccount", "nobody", "-n", "default"]);
+    env.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "viewer",
+        "--clusterrole=view",
+        "--serviceaccount=default:viewer",
+    ]);
+    let viewer = env.kubectl_ok(&["create", "token", "viewer", "-n", "default"]).trim().to_string();
+    let nobody = env.kubectl_ok(&["create", "token", "nobody", "-n", "default"]).trim().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let _platform = KillOnDrop(
+        cli.command(&["platform", "--interval", "60s", "--dashboard-listen", &addr])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the platform's dashboard listening", Duration::from_secs(30), || async {
+        Ok(std::net::TcpStream::connect(&addr).is_ok().then_some(()))
+    })
+    .await;
+    let (status, page) = http_get(&addr, "/", Some(&viewer));
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains(r#"data-cluster="vkube-shown/shown""#), "{page}");
+    assert_eq!(http_get(&addr, "/", Some(&nobody)).0, 403, "a host user that may not list Services");
+    assert_eq!(http_get(&addr, "/", Some("not-a-token")).0, 401);
+    let (status, login) = http_get(&addr, "/", None);
+    assert_eq!(status, 401);
+    assert!(login.contains("<form method=\"post\" action=\"/login\">"), "{login}");
 }

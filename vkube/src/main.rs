@@ -45,6 +45,9 @@ enum Command {
     /// The host-wide housekeeper: deletes the clusters whose TTL ended or that sat unused for
     /// the time they were given.
     Platform(cli::platform::PlatformArgs),
+    /// Serve a web page of every virtual cluster (state, activity, use, savings, expiry) on
+    /// this machine, with the host kubeconfig's credentials.
+    Dashboard(cli::dashboard::DashboardArgs),
     /// Show one virtual cluster in full: components, policy, host resources, certificates.
     Describe(cli::describe::DescribeArgs),
     /// Print the control plane's logs (local files or the chart pod's containers).
@@ -94,7 +97,11 @@ fn main() -> ExitCode {
     }
     // The control-plane process logs what it does; CLI commands show their own progress and only
     // warnings from below.
-    init_tracing(if matches!(cli.command, Command::Run(_) | Command::Platform(_)) { "info" } else { "warn" });
+    init_tracing(if matches!(cli.command, Command::Run(_) | Command::Platform(_) | Command::Dashboard(_)) {
+        "info"
+    } else {
+        "warn"
+    });
     // One crypto provider for every TLS user in the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -112,6 +119,7 @@ fn main() -> ExitCode {
             Command::List(a) => ok(a.run().await),
             Command::Usage(a) => ok(a.run().await),
             Command::Platform(a) => ok(a.run().await),
+            Command::Dashboard(a) => ok(a.run().await),
             Command::Describe(a) => ok(a.run().await),
             Command::Logs(a) => ok(a.run().await),
             Command::Certs(cmd) => cmd.run().await,

@@ -21,6 +21,12 @@ pub fn kubeconfig_secret(name: &str) -> String {
     format!("vkube-{name}-kubeconfig")
 }
 
+/// The ConfigMap of the cluster's usage ledger (`vkube::usage`): its own object, not an
+/// annotation of the Service, which every kube-proxy watches.
+pub fn usage_configmap(name: &str) -> String {
+    format!("vkube-{name}-usage")
+}
+
 /// The host Service in front of the proxy (kubectl in the host cluster, in-cluster clients).
 pub fn service(name: &str) -> String {
     name.to_string()

@@ -62,7 +62,7 @@ pub struct Cluster {
     pub expires_at: Option<String>,
     pub expiry_reason: Option<vkube::expiry::Reason>,
     pub expires_in_seconds: Option<i64>,
-    /// What it used, per day (`vkube usage`).
+    /// What it used, per day (`vkube usage`, the dashboard), from [`with_usage`].
     #[serde(skip)]
     pub usage: vkube::usage::Ledger,
 }
@@ -94,6 +94,27 @@ pub async fn list(
     }
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     Ok(out)
+}
+
+/// Reads each cluster's usage ledger (its ConfigMap) into `clusters`: one list per namespace
+/// asked, or one for the whole host.
+pub async fn with_usage(host: &kube::Client, namespace: Option<&str>, clusters: &mut [Cluster]) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = match namespace {
+        Some(ns) => Api::namespaced(host.clone(), ns),
+        None => Api::all(host.clone()),
+    };
+    let lp = ListParams::default().labels(names::LABEL_CONTROL_PLANE);
+    let ledgers = api.list(&lp).await.context("reading the clusters' usage ledgers")?;
+    for c in clusters.iter_mut() {
+        let wanted = names::usage_configmap(&c.name);
+        if let Some(cm) =
+            ledgers.items.iter().find(|cm| cm.name_any() == wanted && cm.namespace().as_deref() == Some(&c.namespace))
+        {
+            c.usage = vkube::usage::Ledger::from_data(cm.data.as_ref());
+        }
+    }
+    Ok(())
 }
 
 pub async fn get(host: &kube::Client, target: &Target) -> anyhow::Result<Option<Cluster>> {
@@ -180,7 +201,7 @@ async fn status_of(host: &kube::Client, svc: &Service, name: &str) -> Cluster {
         expires_at: expiry.map(|e| e.at.to_string()),
         expiry_reason: expiry.map(|e| e.reason),
         expires_in_seconds: expiry.map(|e| e.seconds_left(k8s_openapi::jiff::Timestamp::now())),
-        usage: vkube::usage::Ledger::from_annotations(Some(annotations)),
+        usage: Default::default(),
     }
 }
 
@@ -195,6 +216,11 @@ fn admin_labels(svc: &Service) -> BTreeMap<String, String> {
 /// image runs there).
 pub fn template_annotation(sts: &StatefulSet, key: &str) -> Option<String> {
     sts.spec.template.metadata.as_ref()?.annotations.as_ref()?.get(key).cloned()
+}
+
+/// A text a tenant chose (a user name), safe to print on a terminal: control characters escaped.
+pub fn printable(s: &str) -> String {
+    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
 }
 
 /// "3d4h", "5m": an age as kubectl prints it.

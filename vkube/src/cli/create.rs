@@ -91,6 +91,12 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 impl CreateArgs {
     pub async fn run(self) -> anyhow::Result<()> {
         let started = Instant::now();
+        // Refused before anything is made.
+        vkube::expiry::Expiry::annotations(
+            k8s_openapi::jiff::Timestamp::now(),
+            self.ttl,
+            self.delete_after_inactivity,
+        )?;
         if let Some(file) = &self.from_snapshot {
             if !self.wait {
                 anyhow::bail!("--from-snapshot needs --wait: the snapshot is restored once the cluster answers");

@@ -49,7 +49,7 @@ impl ListArgs {
                 _ => status,
             };
             let activity = match (&c.last_activity, &c.last_activity_by) {
-                (Some(at), Some(by)) => format!("{} ({by})", ago(at)),
+                (Some(at), Some(by)) => format!("{} ({})", ago(at), super::clusters::printable(by)),
                 _ => "-".into(),
             };
             let expires = match c.expires_in_seconds {

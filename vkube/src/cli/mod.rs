@@ -4,6 +4,7 @@ pub mod certs;
 pub mod clusters;
 pub mod connect;
 pub mod create;
+pub mod dashboard;
 pub mod delete;
 pub mod describe;
 pub mod helm;
@@ -89,7 +90,15 @@ pub fn host_kubeconfig() -> anyhow::Result<(PathBuf, Option<String>)> {
     Ok((path, Some(chosen.clone())))
 }
 
+/// A client of the host: the kubeconfig's, or inside a pod of the host without one (`vkube
+/// platform` as a Deployment) its ServiceAccount's.
 pub async fn host_client() -> anyhow::Result<kube::Client> {
+    let no_kubeconfig = std::env::var_os("KUBECONFIG").is_none()
+        && std::env::var_os("HOME").is_none_or(|h| !PathBuf::from(h).join(".kube/config").exists());
+    if no_kubeconfig && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        let config = kube::Config::incluster().map_err(|e| anyhow::anyhow!("the pod's in-cluster credentials: {e}"))?;
+        return Ok(kube::Client::try_from(config)?);
+    }
     let (path, context) = host_kubeconfig()?;
     Ok(vkube_kubeclient::client::from_kubeconfig_file(&path, context.as_deref()).await?)
 }

@@ -31,7 +31,7 @@ pub struct UsageArgs {
     /// Only clusters whose labels (`vkube create --label`) match this selector, e.g. `team=a`.
     #[arg(long, short = 'l')]
     pub selector: Option<String>,
-    /// How far back, in whole UTC days (the ledger keeps 92).
+    /// How far back: the UTC days from the one this long ago to today (the ledger keeps 92).
     #[arg(long, default_value = "30d", value_parser = vkube::controlplane::parse_duration)]
     pub since: Duration,
     /// Price of one requested core for an hour.
@@ -164,13 +164,18 @@ impl UsageArgs {
     pub async fn run(self) -> anyhow::Result<()> {
         let prices = self.prices()?;
         let host = super::host_client().await?;
-        let clusters = match &self.name {
+        let mut clusters = match &self.name {
             Some(name) => {
                 let target = super::Target { name: name.clone(), namespace: self.namespace.clone() };
                 vec![super::clusters::require(&host, &target).await?]
             }
             None => super::clusters::list(&host, self.namespace.as_deref(), self.selector.as_deref()).await?,
         };
+        let one_namespace = match &self.name {
+            Some(_) => clusters.first().map(|c| c.namespace.clone()),
+            None => self.namespace.clone(),
+        };
+        super::clusters::with_usage(&host, one_namespace.as_deref(), &mut clusters).await?;
         let since = jiff::SignedDuration::try_from(self.since).context("--since")?;
         let first = vkube::usage::day_of(jiff::Timestamp::now().checked_sub(since).context("--since is too long")?);
         let rows = rows(&clusters, &first, self.name.is_some(), prices);
@@ -193,8 +198,11 @@ cpuLimitCoreHours,memoryLimitGibHours,podHours,storageGibHours,hoursAwake,hoursA
 savedGibHours,requests,cost,savedCost";
 
 fn csv(rows: &[Row]) -> String {
+    // Quoted when needed; a cell a spreadsheet would take for a formula starts with `'` (user
+    // names are the tenant's choice).
     let field = |s: &str| {
-        if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+        let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{s}") } else { s.to_string() };
+        if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
     };
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
     let mut out = format!("{CSV_HEADER}\n");
@@ -243,7 +251,7 @@ fn table(rows: &[Row], per_day: bool) -> String {
     );
     for r in rows {
         let activity = match (&r.last_activity, &r.last_activity_by) {
-            (Some(at), Some(by)) => format!("{at} ({by})"),
+            (Some(at), Some(by)) => format!("{at} ({})", super::clusters::printable(by)),
             _ => "-".into(),
         };
         out.push_str(&format!(
@@ -319,6 +327,10 @@ mod tests {
         );
         assert_eq!(CSV_HEADER.split(',').count(), 19);
         assert!(table(&all, false).lines().nth(1).unwrap().starts_with("a "));
+        let mut hostile = cluster("b");
+        hostile.last_activity_by = Some("=HYPERLINK(\"x\")\r".into());
+        let line = csv(&rows(&[hostile], "2026-12-01", false, None));
+        assert!(line.contains(",\"'=HYPERLINK(\"\"x\"\")\r\","), "{line}");
     }
 
     #[test]

@@ -342,6 +342,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// [`parse_duration`], more than zero (how often something runs).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?} is no interval: give more than 0, e.g. 30s"));
+    }
+    Ok(d)
+}
+
 /// Certificates for the host Service's ClusterIP are only known once that Service exists.
 pub async fn service_ip(
     host: &kube::Client,

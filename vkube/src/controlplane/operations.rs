@@ -409,9 +409,12 @@ fn label_of<'a>(name: &'a str, cluster: &str) -> Option<&'a str> {
 fn check_space(dir: &Path) -> Result<(), ProxyError> {
     let fs = nix::sys::statvfs::statvfs(dir)
         .map_err(|e| ProxyError::Failed(format!("reading the free space of {}: {e}", dir.display())))?;
-    let total = fs.blocks() * fs.fragment_size();
-    let free = fs.blocks_available() * fs.fragment_size();
-    if total > 0 && (total - free.min(total)) * 100 > total * MAX_FULL_PERCENT {
+    let block = fs.fragment_size();
+    let (used, free) = ((fs.blocks() - fs.blocks_free().min(fs.blocks())) * block, fs.blocks_available() * block);
+    // As `df` counts: of what this process could use (used + available to it), not of blocks
+    // reserved for others (root's reserve, a quota) that it never could.
+    let total = used + free;
+    if total > 0 && used * 100 > total * MAX_FULL_PERCENT {
         return Err(ProxyError::Unavailable(format!(
             "the control plane's volume would be more than {MAX_FULL_PERCENT}% full with this snapshot kept ({} MiB free of {} MiB); snapshots of a label beyond its newest {TAKEN_KEEP_PER_LABEL} are removed: keep under a label used before, or ask the platform admin for space",
             free >> 20,

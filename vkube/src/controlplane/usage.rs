@@ -1,37 +1,36 @@
 //! Usage accounting in `vkube run`: what the cluster's host pods request (and their limits), its
 //! host claims' storage, time awake and asleep, what sleeping saved, and the requests that
-//! counted as activity, integrated over time into the per-day [`Ledger`] on the control plane's
-//! host Service (`vkube usage` reads it there, even while the cluster is paused or gone) and
+//! counted as activity, integrated over time into the per-day [`Ledger`] in the cluster's usage
+//! ConfigMap on the host (`vkube usage` reads it there, even while the cluster is paused) and
 //! into `vkube_usage_*` counters on `/metrics`.
 //!
-//! The figures follow the host's watch events: a pod counts from the moment it appears until it
-//! finishes or is deleted, to the event. A restarted control plane goes on from the ledger's
-//! `accountedUntil` (pods that ran meanwhile are counted; time awake is not).
+//! The figures follow the host's watch events: a pod counts from the moment it is bound to a
+//! node until it finishes or is deleted, to the event. A restarted control plane goes on from the
+//! ledger's `accountedUntil` (pods that ran meanwhile are counted; time awake is not).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
-use kube::api::{Api, Patch};
-use kube::runtime::watcher;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 use vkube_apiproxy::sleep::{Activity, Power};
-use vkube_core::contract::ANNOTATION_USAGE;
 
 use crate::names;
-use crate::usage::{Day, Ledger, PodResources, claim_bytes, holds_resources};
+use crate::usage::{Day, LEDGER_KEY, Ledger, MAX_LEDGER_BYTES, PodResources, by_day, claim_bytes, holds_resources};
 
 /// `vkube run`'s accounting flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct UsageArgs {
     /// How often the usage ledger is written to the host Service (and at shutdown). A crash
     /// loses at most this much of time awake and of activity.
-    #[arg(long, env = "VKUBE_USAGE_PERSIST_EVERY", default_value = "60s", value_parser = super::parse_duration)]
+    #[arg(long, env = "VKUBE_USAGE_PERSIST_EVERY", default_value = "60s", value_parser = super::parse_positive_duration)]
     pub usage_persist_every: Duration,
 }
 
@@ -139,30 +138,38 @@ struct Books {
     /// What its pods requested the last time it ran awake (what sleeping saves).
     before_sleep: PodResources,
     counted: HashMap<String, u64>,
+    /// Both first lists are counted back: until then the ledger stays accounted until where the
+    /// last process left it.
+    counted_back: bool,
 }
 
 impl Books {
-    /// Adds what was held from `last` to `now`, in `now`'s day.
+    /// Adds what was held from `last` to `now`, each part in its own day.
     fn advance(&mut self, now: jiff::Timestamp, metrics: &UsageMetrics, cluster: &str) {
-        let seconds = now.duration_since(self.last).as_secs_f64();
-        if seconds <= 0.0 {
+        if now <= self.last {
             return;
         }
-        self.last = now;
         let held = self.held.pods_total();
-        let mut d = Day::default();
-        d.hold(held, self.held.pods.len() as f64, self.held.storage(), seconds);
-        if self.power == Power::Sleeping {
-            d.asleep(self.before_sleep, seconds);
-        } else {
-            d.awake_seconds = seconds;
+        for (at, seconds) in by_day(self.last, now) {
+            let mut d = Day::default();
+            d.hold(held, self.held.pods.len() as f64, self.held.storage(), seconds);
+            if self.power == Power::Sleeping {
+                d.asleep(self.before_sleep, seconds);
+            } else {
+                d.awake_seconds = seconds;
+            }
+            self.add(at, &d, metrics, cluster);
         }
+        self.last = now;
         if self.power == Power::Running {
             self.before_sleep = held;
         }
-        metrics.add(cluster, &d);
-        let day = self.ledger.day(now);
-        *day = day.plus(&d);
+    }
+
+    fn add(&mut self, at: jiff::Timestamp, d: &Day, metrics: &UsageMetrics, cluster: &str) {
+        metrics.add(cluster, d);
+        let day = self.ledger.day(at);
+        *day = day.plus(d);
     }
 
     /// Requests counted since the last look.
@@ -175,9 +182,7 @@ impl Books {
             }
         }
         if d.requests > 0 {
-            metrics.add(cluster, &d);
-            let day = self.ledger.day(now);
-            *day = day.plus(&d);
+            self.add(now, &d, metrics, cluster);
         }
     }
 }
@@ -216,6 +221,7 @@ fn changes<K: Clone + Send + 'static>(
     pods: bool,
 ) -> futures::stream::BoxStream<'static, Change> {
     events
+        .default_backoff()
         .filter_map(move |e| {
             std::future::ready(match e {
                 Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => change(&o, false),
@@ -223,7 +229,7 @@ fn changes<K: Clone + Send + 'static>(
                 Ok(watcher::Event::Init) => Some(Change::Relist(pods)),
                 Ok(watcher::Event::InitDone) => Some(Change::Listed(pods)),
                 Err(e) => {
-                    tracing::debug!(error = %e, "usage watch failed; retrying");
+                    tracing::warn!(error = %e, "the usage accounting's watch failed; retrying with backoff");
                     None
                 }
             })
@@ -232,33 +238,46 @@ fn changes<K: Clone + Send + 'static>(
 }
 
 impl Tracker {
-    fn services(&self) -> Api<Service> {
+    fn configmaps(&self) -> Api<ConfigMap> {
         Api::namespaced(self.host.clone(), &self.namespace)
+    }
+
+    /// The ledger the last process wrote, read again until the host answers (a ledger started
+    /// afresh would overwrite the history); `None` if asked to stop meanwhile.
+    async fn read_ledger(&self, shutdown: &mut watch::Receiver<bool>) -> Option<Ledger> {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            match self.configmaps().get_opt(&names::usage_configmap(&self.name)).await {
+                Ok(cm) => return Some(Ledger::from_data(cm.as_ref().and_then(|c| c.data.as_ref()))),
+                Err(e) => tracing::warn!(error = %e, "could not read the usage ledger; trying again"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = async { drop(shutdown.wait_for(|s| *s).await) } => return None,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
     }
 
     /// Accounts until `shutdown`, then writes the ledger a last time.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let svc = self.services().get_opt(&names::service(&self.name)).await;
-        let ledger = match svc {
-            Ok(s) => Ledger::from_annotations(s.as_ref().and_then(|s| s.metadata.annotations.as_ref())),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the usage ledger; accounting starts afresh");
-                Ledger::default()
-            }
-        };
+        let Some(ledger) = self.read_ledger(&mut shutdown).await else { return };
         let started = jiff::Timestamp::now();
         // Pods that ran while no control plane counted are counted from the last account; a new
         // ledger starts now.
         let from = ledger.accounted_until.as_deref().and_then(|t| t.parse().ok()).unwrap_or(started);
         let total = ledger.total();
         self.metrics.add(&self.name, &total);
+        let before_sleep =
+            PodResources { cpu: ledger.before_sleep_cpu, memory: ledger.before_sleep_memory, ..Default::default() };
         let mut books = Books {
             ledger,
             held: Held::default(),
             last: started,
             power: *self.power.borrow(),
-            before_sleep: PodResources::default(),
+            before_sleep,
             counted: HashMap::new(),
+            counted_back: false,
         };
         let selector = vkube_core::naming::Translator::new(&self.name, &self.namespace).cluster_selector();
         let config = watcher::Config::default().labels(&selector);
@@ -335,6 +354,7 @@ impl Tracker {
                             };
                         }
                     }
+                    books.counted_back = !first_pods && !first_claims;
                 }
             }
         }
@@ -348,28 +368,44 @@ impl Tracker {
     fn count_back(&self, books: &mut Books, from: jiff::Timestamp, listed: &Held) {
         let until = books.last;
         let since = |created: &Option<jiff::Timestamp>| created.map_or(from, |c| c.max(from));
-        let seconds = |created| until.duration_since(since(created)).as_secs_f64().max(0.0);
-        let mut d = Day::default();
         for (r, created) in listed.pods.values() {
-            d.hold(*r, 1.0, 0.0, seconds(created));
+            for (at, seconds) in by_day(since(created), until) {
+                let mut d = Day::default();
+                d.hold(*r, 1.0, 0.0, seconds);
+                books.add(at, &d, &self.metrics, &self.name);
+            }
         }
         for (bytes, created) in listed.claims.values() {
-            d.hold(PodResources::default(), 0.0, *bytes, seconds(created));
+            for (at, seconds) in by_day(since(created), until) {
+                let mut d = Day::default();
+                d.hold(PodResources::default(), 0.0, *bytes, seconds);
+                books.add(at, &d, &self.metrics, &self.name);
+            }
         }
-        self.metrics.add(&self.name, &d);
-        let day = books.ledger.day(until);
-        *day = day.plus(&d);
     }
 
     async fn persist(&self, books: &mut Books) {
-        books.ledger.accounted_until = Some(books.last.to_string());
-        let Ok(ledger) = serde_json::to_string(&books.ledger) else { return };
-        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_USAGE: ledger}}});
-        let svc = names::service(&self.name);
-        if let Err(e) =
-            self.services().patch(&svc, &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch)).await
-        {
-            tracing::warn!(error = %e, service = svc, "could not write the usage ledger on the host Service");
+        // Until the first lists are counted back, the time since the last account is still owed.
+        if books.counted_back {
+            books.ledger.accounted_until = Some(books.last.to_string());
+        }
+        books.ledger.before_sleep_cpu = books.before_sleep.cpu;
+        books.ledger.before_sleep_memory = books.before_sleep.memory;
+        let ledger = books.ledger.to_json_within(MAX_LEDGER_BYTES);
+        let name = names::usage_configmap(&self.name);
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(names::labels(&self.name)),
+                ..Default::default()
+            },
+            data: Some([(LEDGER_KEY.to_string(), ledger)].into()),
+            ..Default::default()
+        };
+        let apply = PatchParams::apply(crate::FIELD_MANAGER).force();
+        if let Err(e) = self.configmaps().patch(&name, &apply, &Patch::Apply(&cm)).await {
+            tracing::warn!(error = %e, configmap = name, "could not write the usage ledger");
         }
     }
 }
