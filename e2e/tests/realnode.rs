@@ -399,10 +399,52 @@ spec:
     assert!(said.contains("NotFound"), "the ConfigMap made after the upgrade survived the rollback: {said}");
     through_forward(&["rollout", "status", "deployment/web", "--timeout=120s"]);
 
-    cli.ok(&["delete", "team-r", "--wait"]);
-    let left = env.kubectl(&["get", "namespace", ns, "-o", "name"]);
-    assert!(
-        !left.status.success() || String::from_utf8_lossy(&left.stdout).trim().is_empty(),
-        "the host namespace is gone"
-    );
+    // The platform as a Deployment of its own chart, in the same image (no Helm in it): its
+    // dashboard shows team-r to a host user that may list Services, and once team-r's TTL has
+    // passed it deletes it with everything it had on the host.
+    env.kubectl_ok(&["create", "namespace", "vkube-system"]);
+    let (repository, tag) = vkube_image.rsplit_once(':').unwrap();
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/vkube-platform");
+    let installed = Command::new(up.helm())
+        .args(["install", "platform", chart, "-n", "vkube-system", "--wait", "--timeout=120s"])
+        .args(["--set", &format!("image.repository={repository}"), "--set", &format!("image.tag={tag}")])
+        .args(["--set", "interval=2s"])
+        .env("KUBECONFIG", &env.host.kubeconfig)
+        .output()
+        .unwrap();
+    assert!(installed.status.success(), "helm install: {}", String::from_utf8_lossy(&installed.stderr));
+    env.kubectl_ok(&["create", "serviceaccount", "viewer", "-n", "default"]);
+    env.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "viewer",
+        "--clusterrole=view",
+        "--serviceaccount=default:viewer",
+    ]);
+    let token = env.kubectl_ok(&["create", "token", "viewer", "-n", "default"]).trim().to_string();
+    let (mut forward, port) = port_forward(&up, &env.host.kubeconfig, &["-n", "vkube-system", "svc/platform"], 8080);
+    let page = {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut page = String::new();
+        s.read_to_string(&mut page).unwrap();
+        page
+    };
+    let _ = forward.kill();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains(r#"data-cluster="vkube-team-r/team-r" data-state="Running""#), "{page}");
+    let past = "2026-01-01T00:00:00Z";
+    env.kubectl_ok(&["annotate", "service", "-n", ns, "team-r", &format!("vkube.dev/expires-at={past}")]);
+    vkube_e2e::eventually("team-r deleted by the platform", Duration::from_secs(180), || async {
+        let left = env.kubectl(&["get", "namespace", ns, "-o", "name"]);
+        let gone = !left.status.success() || String::from_utf8_lossy(&left.stdout).trim().is_empty();
+        Ok(gone.then_some(()))
+    })
+    .await;
+    let leftovers = env.labelled_host_objects("team-r");
+    assert!(leftovers.is_empty(), "left on the host: {leftovers:?}");
+    let logged = env.kubectl_ok(&["logs", "-n", "vkube-system", "deploy/platform"]);
+    assert!(logged.contains("deleting an expired virtual cluster") && logged.contains("team-r"), "{logged}");
+    let releases = env.kubectl_ok(&["get", "secrets", "-A", "-l", "owner=helm,name=team-r", "-o", "name"]);
+    assert!(releases.trim().is_empty(), "the Helm release's records are gone: {releases}");
 }

@@ -47,13 +47,23 @@ pub async fn delete(host: &kube::Client, cluster: &clusters::Cluster, wait: bool
                 if stopped.is_empty() { "nothing (not running)".into() } else { stopped.join(", ") }
             );
         }
-        Mode::Chart => {
+        Mode::Chart if super::helm::available() => {
             eprintln!("  uninstalling the Helm release");
             super::helm::run(&["uninstall", &cluster.name, "-n", &ns, "--wait", "--ignore-not-found"])?;
+        }
+        Mode::Chart => {
+            eprintln!("  no Helm here: stopping the control plane, then removing the release's records");
+            stop_chart_control_plane(host, &ns, &cluster.name).await?;
         }
     }
     eprintln!("  removing synced workloads and control-plane objects");
     remove_all(host, &ns, &cluster.name).await?;
+    if cluster.mode == Mode::Chart {
+        // What `helm uninstall` would have removed (gone already if it ran).
+        let release = ListParams::default().labels(&format!("owner=helm,name={}", cluster.name));
+        let secrets = ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&());
+        delete_labelled(host, &ns, &secrets, &release, &DeleteParams::default()).await?;
+    }
     let ns_api: Api<Namespace> = Api::all(host.clone());
     let ours = ns_api
         .get_opt(&ns)
@@ -83,6 +93,24 @@ pub async fn delete(host: &kube::Client, cluster: &clusters::Cluster, wait: bool
     }
     eprintln!("virtual cluster {} deleted", cluster.name);
     Ok(())
+}
+
+/// Deletes a chart's StatefulSet and waits until its pod is gone: a syncer still running would
+/// recreate what is removed next.
+async fn stop_chart_control_plane(host: &kube::Client, ns: &str, name: &str) -> anyhow::Result<()> {
+    let control = ListParams::default().labels(&format!("{}={name}", names::LABEL_CONTROL_PLANE));
+    match Api::<StatefulSet>::namespaced(host.clone(), ns).delete(name, &DeleteParams::foreground()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e).context("deleting the control plane's StatefulSet"),
+    }
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(host.clone(), ns);
+    vkube_localenv::wait::until(Duration::from_secs(120), Duration::from_millis(500), || {
+        let (pods, control) = (pods.clone(), control.clone());
+        async move { pods.list(&control).await.map(|l| l.items.is_empty().then_some(())).map_err(|e| e.to_string()) }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the control plane's pod in {ns} is still there after 120 s: {e}"))
 }
 
 /// Deletes every object of the cluster from the host namespace: synced workloads (every host

@@ -13,6 +13,15 @@ fn binary() -> PathBuf {
     vkube_localenv::Upstream::locate().map(|u| u.helm()).unwrap_or_else(|_| PathBuf::from("helm"))
 }
 
+/// Whether there is a Helm to run (none in the platform's image: it deletes without it).
+pub fn available() -> bool {
+    let b = binary();
+    if b.components().count() > 1 {
+        return b.is_file();
+    }
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(&b).is_file()))
+}
+
 /// Runs helm with `args`; a failure carries helm's message.
 pub fn run(args: &[&str]) -> anyhow::Result<()> {
     output(args).map(drop)
