@@ -261,6 +261,19 @@ pub fn port_forward(up: &Upstream, kubeconfig: &Path, target: &[&str], port: u16
     (pf, local)
 }
 
+/// A plain-HTTP GET of `path` from `addr` (`host:port`), with a bearer token if given: the
+/// status code and the whole response.
+pub fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting");
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").expect("sending");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("reading");
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
 /// Checks that bytes sent through `kubectl port-forward` come back (kwok's default rule echoes
 /// them), proving the stream reaches the pod end to end.
 pub fn port_forward_echoes(up: &Upstream, kubeconfig: &Path, target: &str, port: u16, payload: &[u8]) {

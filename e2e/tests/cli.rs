@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use vkube_e2e::{Cli, TestEnv, eventually, kubectl, kubectl_ok, vkube_bin};
+use vkube_e2e::{Cli, TestEnv, eventually, http_get, kubectl, kubectl_ok, vkube_bin};
 
 fn processes_mentioning(dir: &Path) -> Vec<String> {
     let needle = dir.display().to_string();
@@ -666,18 +666,6 @@ fn browse(profile: &Path, url: &str, screenshot: Option<&Path>) -> String {
     let out = c.arg(url).output().unwrap();
     assert!(out.status.success(), "chromium {url}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A GET with an optional bearer token: (status, body).
-fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, text)
 }
 
 /// The dashboard shows every cluster with its state, labels and charts to its admin only:

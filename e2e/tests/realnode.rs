@@ -423,15 +423,9 @@ spec:
     ]);
     let token = env.kubectl_ok(&["create", "token", "viewer", "-n", "default"]).trim().to_string();
     let (mut forward, port) = port_forward(&up, &env.host.kubeconfig, &["-n", "vkube-system", "svc/platform"], 8080);
-    let page = {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(s, "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
-        let mut page = String::new();
-        s.read_to_string(&mut page).unwrap();
-        page
-    };
+    let (status, page) = vkube_e2e::http_get(&format!("127.0.0.1:{port}"), "/", Some(&token));
     let _ = forward.kill();
-    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert_eq!(status, 200, "{page}");
     assert!(page.contains(r#"data-cluster="vkube-team-r/team-r" data-state="Running""#), "{page}");
     let past = "2026-01-01T00:00:00Z";
     env.kubectl_ok(&["annotate", "service", "-n", ns, "team-r", &format!("vkube.dev/expires-at={past}")]);
