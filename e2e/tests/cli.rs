@@ -675,7 +675,7 @@ fn browse(profile: &Path, url: &str, screenshot: Option<&Path>) -> String {
 async fn the_dashboard_shows_every_cluster_to_the_admin_only() {
     let env = TestEnv::start(1).await;
     let cli = Cli::new(&env);
-    cli.ok(&["create", "shown", "--local", "--label", "team=a", "--ttl", "30m"]);
+    cli.ok(&["create", "shown", "--local", "--label", "team=a", "--ttl", "30m", "--run-arg=--usage-persist-every=1s"]);
     cli.ok(&["create", "napping", "--local"]);
     cli.ok(&["sleep", "napping"]);
 
@@ -691,6 +691,12 @@ async fn the_dashboard_shows_every_cluster_to_the_admin_only() {
     let url = url.trim().to_string();
     let base = url.split("/?key=").next().unwrap().to_string();
 
+    // Its usage ledger written (every second here), so the page has figures to draw.
+    eventually("shown's usage ledger", Duration::from_secs(30), || async {
+        let got = env.kubectl(&["get", "configmap", "-n", "vkube-shown", "vkube-shown-usage"]);
+        Ok(got.status.success().then_some(()))
+    })
+    .await;
     // Its admin, with the URL it printed: the key becomes a cookie, the page lists both.
     let profile = tempfile::tempdir().unwrap();
     let dom = browse(profile.path(), &url, None);
@@ -704,6 +710,10 @@ async fn the_dashboard_shows_every_cluster_to_the_admin_only() {
         assert_eq!(row.matches("<rect class=\"cpu\"").count(), 14, "{row}");
     }
     assert!(!dom.contains("<script"), "no script on the page");
+    // Drawn from the ledger: today's bar of time awake is the chart's tallest.
+    let shown = dom.split(r#"<tr data-cluster="vkube-shown/shown""#).nth(1).unwrap().split("</tr>").next().unwrap();
+    let today = vkube::usage::day_of(k8s_openapi::jiff::Timestamp::now());
+    assert!(shown.contains(&format!(r#"height="58.0"><title>{today}: "#)), "{shown}");
     // The same profile keeps the cookie: the cluster's own page, without the key.
     let one = browse(profile.path(), &format!("{base}/clusters/vkube-shown/shown"), None);
     assert!(one.contains(r#"<h1 data-cluster="vkube-shown/shown""#) && one.contains("id=\"days\""), "{one}");

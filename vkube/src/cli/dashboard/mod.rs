@@ -72,7 +72,9 @@ impl Dashboard {
         {
             return Ok(clusters.clone());
         }
-        let clusters = Arc::new(clusters::list(&self.host, None, None).await?);
+        let mut listed_now = clusters::list(&self.host, None, None).await?;
+        clusters::with_usage(&self.host, None, &mut listed_now).await?;
+        let clusters = Arc::new(listed_now);
         *listed = Some((Instant::now(), clusters.clone()));
         Ok(clusters)
     }
