@@ -80,7 +80,10 @@ metadata: {name: web, namespace: other}
 spec:
   selector: {app: web}
   ports: [{port: 80, targetPort: 8080}]
----
+"#;
+
+/// A pod `client` of service account `reader`, who may view the cluster; it prints a tick a second.
+const READER_CLIENT: &str = r#"
 apiVersion: v1
 kind: ServiceAccount
 metadata: {name: reader}
@@ -114,6 +117,7 @@ async fn tenant_pods_really_run_and_reach_their_own_cluster() {
     let b = env.virtual_cluster("rn-b").await;
     b.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: hidden}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: secret, namespace: hidden}\nspec:\n  ports: [{port: 80}]\n");
     a.apply(TENANT_A);
+    a.apply(READER_CLIENT);
     wait_ready(&a, "default", &["pod/client"]);
     wait_ready(&a, "other", &["pod", "-l", "app=web"]);
     wait_ready(&a, "kube-system", &["pod", "-l", "k8s-app=kube-dns"]);
@@ -246,6 +250,44 @@ spec:
     })
     .await;
     assert_eq!(unready.status, "False");
+}
+
+/// The claims of a JWT: (issued at, expires at).
+fn token_times(token: &str) -> (i64, i64) {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT has a payload");
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url claims");
+    let claims: serde_json::Value = serde_json::from_slice(&claims).expect("JSON claims");
+    (claims["iat"].as_i64().expect("iat"), claims["exp"].as_i64().expect("exp"))
+}
+
+/// A pod's virtual token is renewed before it expires: with the shortest lifetime the API server
+/// allows (10 minutes) and renewal when less than 570 s is left, the container reads a new token
+/// within a few minutes (the kubelet refreshes the projected file), which the virtual API server
+/// accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_token_is_renewed_before_it_expires() {
+    let _turn = ONE_REAL_NODE.lock().await;
+    let env = real_node_host().await;
+    let a = env.virtual_cluster_with("rn-tok", &["--token-lifetime=10m", "--token-renew-before=570s"]).await;
+    a.apply(READER_CLIENT);
+    wait_ready(&a, "default", &["pod/client"]);
+    let path = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+    let first = exec_ok(&a, "client", &["cat", path]);
+    let (iat, exp) = token_times(&first);
+    assert_eq!(exp - iat, 600, "the token lives as --token-lifetime says");
+    let renewed = vkube_e2e::eventually("a renewed token in the container", Duration::from_secs(240), || async {
+        // A look every few seconds: each is a kubectl exec through the proxy.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = exec_ok(&a, "client", &["cat", path]);
+        Ok((now != first).then_some(now))
+    })
+    .await;
+    let (iat2, exp2) = token_times(&renewed);
+    assert!(iat2 > iat && exp2 > exp, "the new token is a later one: {iat}/{exp} then {iat2}/{exp2}");
+    // A fresh in-cluster kubectl reads the renewed file, and the virtual API server takes it.
+    let whoami = exec_ok(&a, "client", &["kubectl", "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    assert_eq!(whoami, "system:serviceaccount:default:reader");
 }
 
 /// The chart path for real: `vkube create NAME` installs the chart, its StatefulSet pod (one

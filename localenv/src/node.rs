@@ -1,5 +1,5 @@
 //! A real node beside the kwok ones: containerd, the kubelet and kube-proxy as local processes,
-//! runc and the CNI plugins from Debian (`hack/node-deps.sh`), images built from local files
+//! runc and the CNI plugins from Debian (`hack/debian-deps.sh`), images built from local files
 //! (`image.rs`). Pods on it really run: tokens are mounted, DNS answers, Services route.
 //!
 //! It changes the machine, and `teardown` undoes every change, from what `node.json` recorded at
@@ -336,32 +336,46 @@ impl Drop for RealNode {
 /// The images every real node has: pause, CoreDNS as the virtual cluster's DNS names it, and the
 /// test image.
 pub fn images(up: &Upstream) -> Result<Vec<ImageSpec>> {
-    let mut pause = ImageSpec::new(PAUSE_IMAGE);
-    pause.files.push(("/pause".into(), up.pause()));
-    pause.entrypoint = vec!["/pause".into()];
+    let pause = pause_image(up, PAUSE_IMAGE);
 
     let mut coredns = ImageSpec::new(&format!("registry.k8s.io/coredns/coredns:{}", versions().coredns));
     coredns.files.push(("/coredns".into(), up.coredns()));
     coredns.entrypoint = vec!["/coredns".into()];
 
-    let busybox = which("busybox").filter(|p| is_static(p)).ok_or_else(|| {
-        Error::Node("a static busybox is missing: run hack/node-deps.sh (Debian's busybox-static)".into())
-    })?;
-    let mut test = ImageSpec::new(TEST_IMAGE);
-    test.files.push(("/bin/busybox".into(), busybox.clone()));
+    let mut test = busybox_image(TEST_IMAGE)?;
     test.files.push(("/usr/local/bin/kubectl".into(), up.kubectl()));
+    test.dirs.push("/www".into());
+    Ok(vec![pause, coredns, test])
+}
+
+/// Upstream's pause, named `name`.
+pub fn pause_image(up: &Upstream, name: &str) -> ImageSpec {
+    let mut pause = ImageSpec::new(name);
+    pause.files.push(("/pause".into(), up.pause()));
+    pause.entrypoint = vec!["/pause".into()];
+    pause
+}
+
+/// An image of Debian's static busybox with every applet on the PATH, root and nobody users, and
+/// `/tmp` and `/root`; it starts `sh`.
+pub fn busybox_image(name: &str) -> Result<ImageSpec> {
+    let busybox = which("busybox").filter(|p| is_static(p)).ok_or_else(|| {
+        Error::Node("a static busybox is missing: run hack/debian-deps.sh (Debian's busybox-static)".into())
+    })?;
+    let mut image = ImageSpec::new(name);
+    image.files.push(("/bin/busybox".into(), busybox.clone()));
     let applets = Command::new(&busybox).arg("--list").output().map_err(io_err("running busybox --list"))?;
     for applet in String::from_utf8_lossy(&applets.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox") {
-        test.symlinks.push((format!("/bin/{applet}"), "busybox".into()));
+        image.symlinks.push((format!("/bin/{applet}"), "busybox".into()));
     }
-    test.texts.push((
+    image.texts.push((
         "/etc/passwd".into(),
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n".into(),
     ));
-    test.texts.push(("/etc/group".into(), "root:x:0:\nnogroup:x:65534:\n".into()));
-    test.dirs.extend(["/tmp".into(), "/root".into(), "/www".into()]);
-    test.cmd = vec!["sh".into()];
-    Ok(vec![pause, coredns, test])
+    image.texts.push(("/etc/group".into(), "root:x:0:\nnogroup:x:65534:\n".into()));
+    image.dirs.extend(["/tmp".into(), "/root".into()]);
+    image.cmd = vec!["sh".into()];
+    Ok(image)
 }
 
 /// The vkube image as the chart names it by default (`images.vkube.repository` `vkube`, tag the
@@ -512,7 +526,7 @@ fn preflight() -> Result<()> {
         )
         .collect();
     if !missing.is_empty() {
-        return Err(Error::Node(format!("{} missing: run hack/node-deps.sh", missing.join(", "))));
+        return Err(Error::Node(format!("{} missing: run hack/debian-deps.sh", missing.join(", "))));
     }
     Ok(())
 }

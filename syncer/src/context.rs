@@ -44,6 +44,27 @@ pub struct Options {
     /// A host Service of ours (the proxy's) that keeps how far host events have been mirrored,
     /// so a restart does not mirror them all again.
     pub events_mark_service: Option<String>,
+    /// How long the tokens given to host pods live and when they are renewed.
+    pub tokens: TokenLifetime,
+}
+
+/// The lifetime of the virtual service-account tokens host pods get: long, as a kubelet's are
+/// with the API server's extended expiration (the binding to the pod is what ends a token), and
+/// renewed when less than `renew_before` is left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenLifetime {
+    pub lifetime: std::time::Duration,
+    pub renew_before: std::time::Duration,
+}
+
+impl Default for TokenLifetime {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        TokenLifetime {
+            lifetime: std::time::Duration::from_secs(365 * DAY),
+            renew_before: std::time::Duration::from_secs(30 * DAY),
+        }
+    }
 }
 
 /// Every store: the synced kinds' (by kind) and those of the loops beside them.

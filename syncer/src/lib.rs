@@ -93,7 +93,7 @@ pub enum Stopped {
 }
 
 /// How often every object is looked at again, whatever the watches said (drift repair).
-const RESYNC: Duration = Duration::from_secs(600);
+pub(crate) const RESYNC: Duration = Duration::from_secs(600);
 
 /// Runs the syncer until `shutdown` resolves (`Ok`) or one of its loops ends (`Err`, also told
 /// to `cfg.health`).

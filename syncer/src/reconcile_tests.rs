@@ -60,6 +60,7 @@ fn harness() -> Harness {
             api_ip: "10.96.0.1".into(),
             recreate_lost_pods: false,
             events_mark_service: None,
+            tokens: Default::default(),
         },
         virt: virt_client.clone(),
         host: host_client,

@@ -6,7 +6,8 @@
 //! There is one such Secret per pod and the syncer rarely needs them again, so they are not
 //! watched (memory): they are written before their pod, removed when the virtual pod is deleted
 //! (their names follow from its spec), and a sweep (at start, then with every resync) lists their
-//! metadata to renew tokens well before they expire and remove any whose pod is gone.
+//! metadata to renew tokens well before they expire and remove any whose pod is gone. A token
+//! due for renewal before the next sweep (short lifetimes) has its renewal queued for that time.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -25,12 +26,6 @@ use crate::queue::Action;
 use crate::sync::{self, Result, SyncError};
 
 pub const KIND: &str = "ServiceAccountToken";
-/// Long, as a kubelet's tokens are with the API server's extended expiration: the binding to the
-/// pod is what ends it.
-const LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
-/// Renewed when less than this is left (sweeps run every few minutes).
-const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
-
 fn api(ctx: &Context) -> Api<Secret> {
     Api::namespaced(ctx.host.clone(), ctx.host_ns())
 }
@@ -48,6 +43,7 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     match api(ctx).create(&pp, &secret).await {
         Ok(_) => {
             ctx.metrics.wrote(KIND, "create");
+            schedule_renewal(ctx, &secret.metadata);
             return Ok(());
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -61,11 +57,15 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
         // Ours and good; one left by an earlier pod of the same name is replaced (its token is
         // void), and so is one that expires soon.
         Some(o) if o.is(KIND, ns, name) => {
-            if o.uid == uid && !expires_soon(&current.metadata) {
+            if o.uid == uid && !expires_soon(ctx, &current.metadata) {
+                schedule_renewal(ctx, &current.metadata);
                 return Ok(());
             }
             let current = Secret { metadata: current.metadata, ..Default::default() };
-            sync::replace_host(ctx, KIND, &current, secret).await
+            let meta = secret.metadata.clone();
+            sync::replace_host(ctx, KIND, &current, secret).await?;
+            schedule_renewal(ctx, &meta);
+            Ok(())
         }
         _ => Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns()))),
     }
@@ -78,7 +78,7 @@ async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&st
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             audiences: audience.map(|a| vec![a.to_string()]),
-            expiration_seconds: Some(LIFETIME.as_secs() as i64),
+            expiration_seconds: Some(ctx.opts.tokens.lifetime.as_secs() as i64),
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
@@ -118,11 +118,27 @@ async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&st
     })
 }
 
-fn expires_soon(meta: &ObjectMeta) -> bool {
-    let Some(at) = meta.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TOKEN_EXPIRES)) else { return true };
-    let Ok(at) = at.parse::<k8s_openapi::jiff::Timestamp>() else { return true };
-    let left = at.duration_since(k8s_openapi::jiff::Timestamp::now());
-    left.as_secs() < RENEW_BEFORE.as_secs() as i64
+/// How long until the token of this Secret is due for renewal (zero: now, or unknown).
+fn renewal_due_in(ctx: &Context, meta: &ObjectMeta) -> Duration {
+    let Some(at) = meta.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TOKEN_EXPIRES)) else {
+        return Duration::ZERO;
+    };
+    let Ok(at) = at.parse::<k8s_openapi::jiff::Timestamp>() else { return Duration::ZERO };
+    let left = at.duration_since(k8s_openapi::jiff::Timestamp::now()).as_secs();
+    Duration::from_secs(left.max(0) as u64).saturating_sub(ctx.opts.tokens.renew_before)
+}
+
+fn expires_soon(ctx: &Context, meta: &ObjectMeta) -> bool {
+    renewal_due_in(ctx, meta).is_zero()
+}
+
+/// Queues the renewal of a token due before the next sweep would find it (short lifetimes); the
+/// sweep finds the others, so the default year-long tokens hold no timer each.
+fn schedule_renewal(ctx: &Context, meta: &ObjectMeta) {
+    let due = renewal_due_in(ctx, meta);
+    if let (true, Some(name)) = (due < crate::RESYNC, meta.name.clone()) {
+        ctx.queues.tokens.add_after(name, due);
+    }
 }
 
 /// The virtual pod a token Secret of ours was issued for, if it still exists.
@@ -140,10 +156,12 @@ pub async fn reconcile(ctx: &Context, secret_name: String) -> Result<Action> {
         return Ok(Action::Done);
     }
     if let Some(pod) = pod_of(ctx, &current.metadata) {
-        if expires_soon(&current.metadata) {
+        if expires_soon(ctx, &current.metadata) {
             let audience =
                 current.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TOKEN_AUDIENCE)).cloned();
             ensure(ctx, &pod.load(), &secret_name, audience.as_deref()).await?;
+        } else {
+            schedule_renewal(ctx, &current.metadata);
         }
         return Ok(Action::Done);
     }
@@ -169,7 +187,7 @@ async fn sweep_pages(ctx: &Context) -> Result<()> {
         let page = api(ctx).list_metadata(&lp).await?;
         for s in &page.items {
             let ours = ctx.tr.owner(&s.metadata).is_some_and(|o| o.kind == KIND);
-            let act = ours && (pod_of(ctx, &s.metadata).is_none() || expires_soon(&s.metadata));
+            let act = ours && (pod_of(ctx, &s.metadata).is_none() || expires_soon(ctx, &s.metadata));
             if let (true, Some(name)) = (act, s.metadata.name.clone()) {
                 ctx.queues.tokens.add(name);
             }

@@ -11,14 +11,14 @@ use vkube_localenv::{HostCluster, HostOptions, Lifetime, Upstream, process, upst
 pub enum DevCommand {
     /// Start the dev host cluster (harmless when it already runs).
     #[command(
-        after_help = "Examples:\n  vkube dev up\n  vkube dev up --nodes 10 && eval \"$(vkube dev env)\"\n  vkube dev up --real-nodes 1   # pods really run (root; hack/node-deps.sh)"
+        after_help = "Examples:\n  vkube dev up\n  vkube dev up --nodes 10 && eval \"$(vkube dev env)\"\n  vkube dev up --real-nodes 1   # pods really run (root; hack/debian-deps.sh)"
     )]
     Up {
         /// Number of simulated nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
         /// Real nodes (0 or 1): containerd, kubelet and kube-proxy on this machine, so pods
-        /// really run. Needs root and hack/node-deps.sh; adds the bridge vkube0 (10.88.0.1/16),
+        /// really run. Needs root and hack/debian-deps.sh; adds the bridge vkube0 (10.88.0.1/16),
         /// iptables chains, cgroups and sysctls, all undone by `vkube dev down`.
         #[arg(long, default_value_t = 0)]
         real_nodes: usize,

@@ -327,6 +327,29 @@ pub struct SyncArgs {
     pub host_burst: NonZeroU32,
     #[arg(long, env = "VKUBE_COREDNS_IMAGE", default_value = vkube_syncer::dns::DEFAULT_IMAGE)]
     pub coredns_image: String,
+    /// Lifetime of the virtual service-account tokens pods get (at least 10m, the API server's
+    /// minimum). Long by default, as a kubelet's are: deleting the pod is what voids its token.
+    #[arg(long, env = "VKUBE_TOKEN_LIFETIME", default_value = "365d", value_parser = parse_positive_duration)]
+    pub token_lifetime: Duration,
+    /// A pod's token is renewed when less than this is left of its lifetime.
+    #[arg(long, env = "VKUBE_TOKEN_RENEW_BEFORE", default_value = "30d", value_parser = parse_positive_duration)]
+    pub token_renew_before: Duration,
+}
+
+impl SyncArgs {
+    /// The token settings, checked against each other and the API server's minimum.
+    pub fn token_lifetime(&self) -> anyhow::Result<vkube_syncer::context::TokenLifetime> {
+        let (lifetime, renew_before) = (self.token_lifetime, self.token_renew_before);
+        anyhow::ensure!(
+            lifetime >= Duration::from_secs(600),
+            "--token-lifetime must be at least 10m (the API server refuses shorter tokens)"
+        );
+        anyhow::ensure!(
+            renew_before < lifetime,
+            "--token-renew-before must be shorter than --token-lifetime, or every token would be renewed at once"
+        );
+        Ok(vkube_syncer::context::TokenLifetime { lifetime, renew_before })
+    }
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -503,6 +526,7 @@ pub async fn virtual_admin(server: &str, bundle: &Bundle) -> anyhow::Result<kube
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let tokens = args.sync.token_lifetime()?;
     let sleep_mode = args.sleep.sleep_after.is_some() || args.sleep.sleep_schedule.is_some();
     if sleep_mode && !args.supervise.supervise {
         anyhow::bail!(
@@ -619,6 +643,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         api_ip: api_ip.to_string(),
         recreate_lost_pods: resuming,
         events_mark_service: Some(names::service(&args.name)),
+        tokens,
     };
     let metrics = vkube_syncer::Metrics::register(&mut registry);
     let coredns_image = args.sync.coredns_image.clone();
