@@ -5,7 +5,8 @@
 # in the cache is skipped, so a second run takes well under a second.
 #
 #   hack/build-upstream.sh [all|host|COMPONENT...]   (host: what a kwok-only dev host needs)
-#   components: kubernetes etcd kwok helm node containerd coredns
+#   components: kubernetes etcd kwok helm node containerd coredns, and conformance (not in all:
+#   e2e.test, ginkgo and agnhost for hack/conformance)
 #   VKUBE_CACHE   cache root (default ~/.cache/vkube)
 #
 # Layout: $VKUBE_CACHE/upstream/<component>-<version>/<binary>; the Go module and build caches
@@ -53,6 +54,9 @@ kubernetes_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 # The real node's Kubernetes side; pause is compiled from the module's C source (gcc).
 node_bins=(kubelet kube-proxy pause)
 containerd_bins=(containerd containerd-shim-runc-v2 ctr)
+# hack/conformance: the suite, its runner and agnhost (the test image most specs run), with the
+# certificate pair agnhost's image carries (specs fetch /localhost.crt from its web server).
+conformance_bins=(e2e.test ginkgo agnhost localhost.crt localhost.key)
 # Bump a layout when the files picked from the module or the build change, so caches get rebuilt.
 kwok_layout=3
 helm_layout=2
@@ -61,7 +65,7 @@ version_of() {
     kubernetes) echo "$KUBERNETES_VERSION" ;; etcd) echo "$ETCD_VERSION" ;;
     kwok) echo "$KWOK_VERSION" ;; helm) echo "$HELM_VERSION" ;;
     node) echo "$KUBERNETES_VERSION" ;; containerd) echo "$CONTAINERD_VERSION" ;;
-    coredns) echo "$COREDNS_VERSION" ;;
+    coredns) echo "$COREDNS_VERSION" ;; conformance) echo "$KUBERNETES_VERSION" ;;
   esac
 }
 cached() {
@@ -75,6 +79,7 @@ cached() {
     node) have "$out" "${node_bins[@]}" ;;
     containerd) have "$out" "${containerd_bins[@]}" ;;
     coredns) have "$out" coredns ;;
+    conformance) have "$out" "${conformance_bins[@]}" ;;
   esac
 }
 
@@ -131,6 +136,28 @@ build_node() {
   dir=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
   command -v gcc >/dev/null || { echo "gcc is required to build pause" >&2; exit 1; }
   gcc -Os -static -Wall -DVERSION="$KUBERNETES_VERSION" -o "$out.tmp/pause" "$dir/build/pause/linux/pause.c"
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+build_conformance() {
+  local v=$KUBERNETES_VERSION out=$upstream/conformance-$KUBERNETES_VERSION
+  kubernetes_module "$cache/work/conformance-$v"
+  # -t: the suite is a test package, its test-only requirements must be in the build list too.
+  go get -t "k8s.io/kubernetes/test/e2e@$v" "k8s.io/kubernetes/test/images/agnhost@$v"
+  local ginkgo
+  ginkgo=$(go list -m -f '{{.Version}}' github.com/onsi/ginkgo/v2)
+  go get -tool "github.com/onsi/ginkgo/v2/ginkgo@$ginkgo"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  local p ld="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$(echo "$v" | cut -d. -f2) -X $p.gitTreeState=clean"
+  done
+  go test -c -trimpath -ldflags "$ld" -o "$out.tmp/e2e.test" k8s.io/kubernetes/test/e2e
+  go build -trimpath -ldflags "-s -w" -o "$out.tmp/ginkgo" github.com/onsi/ginkgo/v2/ginkgo
+  go build -trimpath -ldflags "-s -w" -o "$out.tmp/agnhost" k8s.io/kubernetes/test/images/agnhost
+  local dir
+  dir=$(go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  install -m 0755 "$dir"/test/images/agnhost/porter/localhost.{crt,key} "$out.tmp/"
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
@@ -227,8 +254,8 @@ for arg in "${@:-all}"; do
     # Kubernetes first: it is the longest, so its downloads should start at once.
     all) comps+=(kubernetes etcd kwok helm node containerd coredns) ;;
     host) comps+=(kubernetes etcd kwok helm) ;;
-    kubernetes|etcd|kwok|helm|node|containerd|coredns) comps+=("$arg") ;;
-    *) echo "usage: $0 [all|host|kubernetes|etcd|kwok|helm|node|containerd|coredns]..." >&2; exit 2 ;;
+    kubernetes|etcd|kwok|helm|node|containerd|coredns|conformance) comps+=("$arg") ;;
+    *) echo "usage: $0 [all|host|kubernetes|etcd|kwok|helm|node|containerd|coredns|conformance]..." >&2; exit 2 ;;
   esac
 done
 start=$SECONDS

@@ -8,8 +8,9 @@
 #   busybox-static               the root filesystem of the test image
 #   iproute2 util-linux          the node's bridge and mounts
 #   chromium-headless-shell      loads the dashboard's pages in the e2e tests
+# and the packages named as arguments (hack/conformance: bash-static).
 set -euo pipefail
-pkgs=(runc containernetworking-plugins iptables nftables busybox-static iproute2 util-linux chromium-headless-shell)
+pkgs=(runc containernetworking-plugins iptables nftables busybox-static iproute2 util-linux chromium-headless-shell "$@")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -3,6 +3,7 @@
 //! virtual control plane. Used by the `vkube` CLI (`vkube dev up`, `vkube create --local`) and by
 //! the end-to-end test harness, so both run exactly the same environment.
 
+pub mod conformance;
 pub mod host;
 pub mod image;
 pub mod node;
