@@ -442,6 +442,9 @@ impl Cli {
     pub fn command_of(&self, binary: &Path, args: &[&str]) -> Command {
         let mut c = Command::new(binary);
         c.args(args).env("VKUBE_STATE", self.state.path()).env("KUBECONFIG", &self.host_kubeconfig);
+        // Local clusters keep snapshots on this machine's disk, which other work shares: the
+        // tests' snapshots are small, and a disk filled by builds must not refuse them.
+        c.env("VKUBE_SNAPSHOT_MAX_FULL_PERCENT", "99");
         c
     }
 

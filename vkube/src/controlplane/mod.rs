@@ -593,6 +593,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             host: host.clone(),
             uploads: tokio::sync::Semaphore::new(1),
             downloads: Arc::new(tokio::sync::Semaphore::new(2)),
+            max_full_percent: args.snapshots.snapshot_max_full_percent,
         })
     });
     if let (Some(ops), Some(every)) = (&operations, args.snapshots.snapshot_schedule) {

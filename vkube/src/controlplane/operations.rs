@@ -39,10 +39,7 @@ pub const DEFAULT_LABEL: &str = "manual";
 /// The label `vkube upgrade` keeps its snapshot under: only the newest of it is kept, and it is
 /// outside the bound in all, so snapshots of other labels never rotate it away.
 pub const UPGRADE_LABEL: &str = "before-upgrade";
-/// A snapshot taken on request is not kept if its volume would be fuller than this afterwards.
-const MAX_FULL_PERCENT: u64 = 90;
-
-/// `vkube run`'s scheduled snapshots.
+/// `vkube run`'s scheduled snapshots and the room kept ones may take.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ScheduleArgs {
     /// Take a snapshot this often while the cluster runs (e.g. 6h), kept in
@@ -52,6 +49,11 @@ pub struct ScheduleArgs {
     /// How many scheduled snapshots are kept: the newest.
     #[arg(long, env = "VKUBE_SNAPSHOT_KEEP", default_value_t = 7)]
     pub snapshot_keep: usize,
+    /// A snapshot taken on request is not kept if its volume (the chart's, or the machine's
+    /// disk for a local cluster) would be fuller than this, in percent, afterwards.
+    #[arg(long, env = "VKUBE_SNAPSHOT_MAX_FULL_PERCENT", default_value_t = 90,
+          value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub snapshot_max_full_percent: u64,
 }
 
 /// A kept snapshot, as `vkube snapshots` lists it.
@@ -93,6 +95,8 @@ pub struct Operations {
     pub uploads: tokio::sync::Semaphore,
     /// Snapshot files being taken or streamed out at once (each is on disk until it is read).
     pub downloads: Arc<tokio::sync::Semaphore>,
+    /// `--snapshot-max-full-percent`.
+    pub max_full_percent: u64,
 }
 
 /// Removes the work directories of requests a crash cut short (`tempdir_in` names them `.tmp*`).
@@ -188,7 +192,7 @@ impl Operations {
         let (_work, archive, _) = self.take(false).await?;
         if label.is_some() {
             // Taken, it already holds its space: refused, it goes with its work directory.
-            check_space(&self.dir)?;
+            check_space(&self.dir, self.max_full_percent)?;
         }
         let dir = self.kept_dir(label.is_none());
         std::fs::create_dir_all(&dir).map_err(failed("creating the kept snapshots' directory"))?;
@@ -404,9 +408,9 @@ fn label_of<'a>(name: &'a str, cluster: &str) -> Option<&'a str> {
     (stamp.len() == 16 && stamp.ends_with('Z') && stamp.as_bytes()[8] == b'T').then_some(label)
 }
 
-/// Refuses when the snapshots' volume is fuller than [`MAX_FULL_PERCENT`]: kept snapshots share it
+/// Refuses when the snapshots' volume is fuller than `max_full_percent`: kept snapshots share it
 /// with etcd's data (the chart's volume) or the host's disk.
-fn check_space(dir: &Path) -> Result<(), ProxyError> {
+fn check_space(dir: &Path, max_full_percent: u64) -> Result<(), ProxyError> {
     let fs = nix::sys::statvfs::statvfs(dir)
         .map_err(|e| ProxyError::Failed(format!("reading the free space of {}: {e}", dir.display())))?;
     let block = fs.fragment_size();
@@ -414,9 +418,9 @@ fn check_space(dir: &Path) -> Result<(), ProxyError> {
     // As `df` counts: of what this process could use (used + available to it), not of blocks
     // reserved for others (root's reserve, a quota) that it never could.
     let total = used + free;
-    if total > 0 && used * 100 > total * MAX_FULL_PERCENT {
+    if total > 0 && used * 100 > total * max_full_percent {
         return Err(ProxyError::Unavailable(format!(
-            "the control plane's volume would be more than {MAX_FULL_PERCENT}% full with this snapshot kept ({} MiB free of {} MiB); snapshots of a label beyond its newest {TAKEN_KEEP_PER_LABEL} are removed: keep under a label used before, or ask the platform admin for space",
+            "the control plane's volume would be more than {max_full_percent}% full with this snapshot kept ({} MiB free of {} MiB); snapshots of a label beyond its newest {TAKEN_KEEP_PER_LABEL} are removed: keep under a label used before, or ask the platform admin for space",
             free >> 20,
             total >> 20
         )));
