@@ -261,17 +261,72 @@ fn token_times(token: &str) -> (i64, i64) {
     (claims["iat"].as_i64().expect("iat"), claims["exp"].as_i64().expect("exp"))
 }
 
-/// A pod's virtual token is renewed before it expires: with the shortest lifetime the API server
-/// allows (10 minutes) and renewal when less than 570 s is left, the container reads a new token
-/// within a few minutes (the kubelet refreshes the projected file), which the virtual API server
-/// accepts.
+/// A pod's own credentials come from its virtual cluster. Its token is renewed before it expires:
+/// with the shortest lifetime the API server allows (10 minutes) and renewal when less than
+/// 570 s is left, the container reads a new token within a few minutes (the kubelet refreshes
+/// the projected file), which the virtual API server accepts. Its projected trust bundles are the
+/// virtual cluster's ClusterTrustBundles, selected by signer and labels; a required projection
+/// that matches nothing keeps the pod from starting, as a kubelet would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pods_token_is_renewed_before_it_expires() {
+async fn a_pods_token_is_renewed_and_its_trust_bundles_are_its_clusters() {
     let _turn = ONE_REAL_NODE.lock().await;
     let env = real_node_host().await;
     let a = env.virtual_cluster_with("rn-tok", &["--token-lifetime=10m", "--token-renew-before=570s"]).await;
+    // Certificates to put in bundles: the CAs of the virtual cluster and of the host.
+    let ca_of = |kubectl: &dyn Fn(&[&str]) -> String| -> String {
+        use base64::Engine;
+        let data =
+            kubectl(&["config", "view", "--raw", "-o", "jsonpath={.clusters[0].cluster.certificate-authority-data}"]);
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data.trim()).expect("base64 CA"))
+            .expect("PEM")
+    };
+    let (ca, host_ca) = (ca_of(&|args| a.kubectl_ok(args)), ca_of(&|args| env.kubectl_ok(args)));
+    let bundle = |name: &str, team: &str, pem: &str| {
+        let indented: String = pem.lines().map(|l| format!("    {l}\n")).collect();
+        format!(
+            "apiVersion: certificates.k8s.io/v1\nkind: ClusterTrustBundle\n\
+             metadata: {{name: \"example.com:signer:{name}\", labels: {{team: {team}}}}}\n\
+             spec:\n  signerName: example.com/signer\n  trustBundle: |\n{indented}"
+        )
+    };
+    a.apply(&format!("{}---\n{}", bundle("one", "a", &ca), bundle("other", "b", &host_ca)));
+    // A pod `name` whose volume projects `sources` (items of a YAML flow sequence).
+    let bundle_pod = |name: &str, sources: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: c, image: docker.io/library/busybox:1.36, command: [sleep, "3600"], volumeMounts: [{{name: b, mountPath: /bundles}}]}}
+  volumes: [{{name: b, projected: {{sources: [{sources}]}}}}]
+"#
+        )
+    };
+    a.apply(&bundle_pod(
+        "bundles",
+        "{clusterTrustBundle: {signerName: example.com/signer, labelSelector: {matchLabels: {team: a}}, path: team-a.pem}}, \
+         {clusterTrustBundle: {name: nothing-here, optional: true, path: none.pem}}",
+    ));
+    a.apply(&bundle_pod("unmounted", "{clusterTrustBundle: {name: nothing-here, path: none.pem}}"));
     a.apply(READER_CLIENT);
-    wait_ready(&a, "default", &["pod/client"]);
+    wait_ready(&a, "default", &["pod/client", "pod/bundles"]);
+    let squeeze = |s: &str| s.split_whitespace().collect::<String>();
+    assert_eq!(squeeze(&exec_ok(&a, "bundles", &["cat", "/bundles/team-a.pem"])), squeeze(&ca), "the virtual bundle");
+    assert_eq!(exec_ok(&a, "bundles", &["cat", "/bundles/none.pem"]), "", "optional and missing: empty");
+    let client = a.client().await;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, "default");
+    vkube_e2e::eventually("the pod of a missing required bundle told why", Duration::from_secs(60), || async {
+        let p = pods.get("unmounted").await.map_err(|e| e.to_string())?;
+        let ready = p.status.and_then(|s| s.conditions).unwrap_or_default().into_iter().find(|c| c.type_ == "Ready");
+        Ok(ready.filter(|r| r.status == "False" && r.reason.as_deref() == Some("ContainersNotReady")))
+    })
+    .await;
+    let phase = pods.get("unmounted").await.expect("the pod").status.and_then(|s| s.phase);
+    assert_eq!(phase.as_deref(), Some("Pending"), "a required bundle that is missing: not started");
+
     let path = "/var/run/secrets/kubernetes.io/serviceaccount/token";
     let first = exec_ok(&a, "client", &["cat", path]);
     let (iat, exp) = token_times(&first);

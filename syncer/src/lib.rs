@@ -37,6 +37,7 @@ pub mod refs;
 pub mod services;
 pub mod sync;
 pub mod tokens;
+pub mod trust_bundles;
 
 pub use vkube_core::{naming, policy};
 

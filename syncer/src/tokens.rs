@@ -8,6 +8,8 @@
 //! (their names follow from its spec), and a sweep (at start, then with every resync) lists their
 //! metadata to renew tokens well before they expire and remove any whose pod is gone. A token
 //! due for renewal before the next sweep (short lifetimes) has its renewal queued for that time.
+//! A pod's trust-bundle Secret (`trust_bundles`) is swept with them: refreshed, or removed with
+//! its pod.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -93,16 +95,7 @@ async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&st
     let issued = sas.create_token_request(&sa, &crate::sync::post_params(), &request).await?;
     let status = issued.status.ok_or_else(|| SyncError::NoToken(format!("{ns}/{sa}")))?;
     let token = status.token.ok_or_else(|| SyncError::NoToken(format!("{ns}/{sa}")))?;
-    // The pod's identity only: its labels and annotations are the pod's business, not the token's.
-    let identity = ObjectMeta {
-        name: pod.metadata.name.clone(),
-        namespace: pod.metadata.namespace.clone(),
-        uid: pod.metadata.uid.clone(),
-        ..Default::default()
-    };
-    let mut meta = ctx.tr.host_meta(KIND, &identity);
-    meta.name = Some(secret_name.to_string());
-    meta.labels.get_or_insert_with(BTreeMap::new).insert(LABEL_TOKEN.into(), "true".into());
+    let mut meta = pods_secret_meta(ctx, KIND, pod, secret_name);
     let ann = meta.annotations.get_or_insert_with(BTreeMap::new);
     if let Some(expires) = status.expiration_timestamp {
         ann.insert(ANNOTATION_TOKEN_EXPIRES.into(), expires.0.to_string());
@@ -128,6 +121,22 @@ fn renewal_due_in(ctx: &Context, meta: &ObjectMeta) -> Duration {
     Duration::from_secs(left.max(0) as u64).saturating_sub(ctx.opts.tokens.renew_before)
 }
 
+/// The metadata of a pod's own host Secret `secret_name` (owner kind `kind`): marked with the
+/// pod's identity only (its labels and annotations are the pod's business, not the Secret's), and
+/// labelled so the Secret mirror leaves it alone and the sweep here finds it.
+pub(crate) fn pods_secret_meta(ctx: &Context, kind: &str, pod: &Pod, secret_name: &str) -> ObjectMeta {
+    let identity = ObjectMeta {
+        name: pod.metadata.name.clone(),
+        namespace: pod.metadata.namespace.clone(),
+        uid: pod.metadata.uid.clone(),
+        ..Default::default()
+    };
+    let mut meta = ctx.tr.host_meta(kind, &identity);
+    meta.name = Some(secret_name.to_string());
+    meta.labels.get_or_insert_with(BTreeMap::new).insert(LABEL_TOKEN.into(), "true".into());
+    meta
+}
+
 fn expires_soon(ctx: &Context, meta: &ObjectMeta) -> bool {
     renewal_due_in(ctx, meta).is_zero()
 }
@@ -141,22 +150,29 @@ fn schedule_renewal(ctx: &Context, meta: &ObjectMeta) {
     }
 }
 
-/// The virtual pod a token Secret of ours was issued for, if it still exists.
+/// The owner kinds of a pod's own Secrets, swept here.
+fn is_pods_own(kind: &str) -> bool {
+    kind == KIND || kind == crate::trust_bundles::KIND
+}
+
+/// The virtual pod a pod's Secret of ours was written for, if it still exists.
 fn pod_of(ctx: &Context, meta: &ObjectMeta) -> Option<std::sync::Arc<crate::compact::Compact<Pod>>> {
-    let owner = ctx.tr.owner(meta).filter(|o| o.kind == KIND)?;
+    let owner = ctx.tr.owner(meta).filter(|o| is_pods_own(&o.kind))?;
     let pod = ctx.stores.virt::<Pod>().get(&ObjectRef::new(&owner.name).within(&owner.namespace))?;
     (pod.metadata.uid.as_deref() == Some(owner.uid.as_str())).then_some(pod)
 }
 
-/// Host token Secret `secret_name`: renewed if its pod still exists and it expires soon, removed
-/// if its pod is gone.
+/// A pod's host Secret `secret_name`: a token renewed if it expires soon, trust bundles
+/// refreshed, while the pod exists; removed if its pod is gone.
 pub async fn reconcile(ctx: &Context, secret_name: String) -> Result<Action> {
     let Some(current) = api(ctx).get_metadata_opt(&secret_name).await? else { return Ok(Action::Done) };
-    if ctx.tr.owner(&current.metadata).is_none_or(|o| o.kind != KIND) {
+    let Some(owner) = ctx.tr.owner(&current.metadata).filter(|o| is_pods_own(&o.kind)) else {
         return Ok(Action::Done);
-    }
+    };
     if let Some(pod) = pod_of(ctx, &current.metadata) {
-        if expires_soon(ctx, &current.metadata) {
+        if owner.kind == crate::trust_bundles::KIND {
+            crate::trust_bundles::ensure(ctx, &pod.load()).await?;
+        } else if expires_soon(ctx, &current.metadata) {
             let audience =
                 current.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TOKEN_AUDIENCE)).cloned();
             ensure(ctx, &pod.load(), &secret_name, audience.as_deref()).await?;
@@ -173,8 +189,8 @@ pub async fn reconcile(ctx: &Context, secret_name: String) -> Result<Action> {
     Ok(Action::Done)
 }
 
-/// Lists this virtual cluster's token Secrets (metadata only, a page at a time) and queues those
-/// whose pod is gone or whose token expires soon.
+/// Lists this virtual cluster's pods' Secrets (metadata only, a page at a time) and queues those
+/// whose pod is gone, whose token expires soon, or that hold trust bundles (looked at again).
 pub async fn sweep(ctx: &Context) {
     if let Err(e) = sweep_pages(ctx).await {
         tracing::warn!(error = %e, "listing token Secrets failed; they are swept again at the next resync");
@@ -186,8 +202,8 @@ async fn sweep_pages(ctx: &Context) -> Result<()> {
     loop {
         let page = api(ctx).list_metadata(&lp).await?;
         for s in &page.items {
-            let ours = ctx.tr.owner(&s.metadata).is_some_and(|o| o.kind == KIND);
-            let act = ours && (pod_of(ctx, &s.metadata).is_none() || expires_soon(ctx, &s.metadata));
+            let Some(owner) = ctx.tr.owner(&s.metadata).filter(|o| is_pods_own(&o.kind)) else { continue };
+            let act = owner.kind != KIND || pod_of(ctx, &s.metadata).is_none() || expires_soon(ctx, &s.metadata);
             if let (true, Some(name)) = (act, s.metadata.name.clone()) {
                 ctx.queues.tokens.add(name);
             }

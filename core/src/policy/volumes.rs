@@ -1,7 +1,7 @@
 //! Which volumes may reach the host: an allowlist, whatever the Pod Security level. A volume type
 //! not on it (nfs, iscsi, rbd, cephfs, flexVolume, cinder, azureFile, ...) reaches storage or
-//! credentials of the host's, and projections such as clusterTrustBundle or podCertificate would
-//! be answered by the host's API server, not the virtual one.
+//! credentials of the host's, and a projection the syncer does not answer from the virtual cluster
+//! (podCertificate) would be answered by the host's API server and signers.
 
 use k8s_openapi::api::core::v1::{PodSpec, Volume};
 
@@ -18,8 +18,9 @@ const ALLOWED: [&str; 9] = [
     "csi",
 ];
 
-/// Projected sources the syncer translates (a service-account token becomes the virtual one).
-const PROJECTIONS: [&str; 4] = ["configMap", "secret", "downwardAPI", "serviceAccountToken"];
+/// Projected sources the syncer translates (a service-account token becomes the virtual one,
+/// trust bundles the virtual cluster's).
+const PROJECTIONS: [&str; 5] = ["configMap", "secret", "downwardAPI", "serviceAccountToken", "clusterTrustBundle"];
 
 /// The type keys a volume sets (normally one).
 pub fn types(vol: &Volume) -> Vec<String> {
@@ -89,7 +90,7 @@ mod tests {
             {"name": "c", "emptyDir": {}},
             {"name": "d", "downwardAPI": {"items": []}},
             {"name": "e", "persistentVolumeClaim": {"claimName": "x"}},
-            {"name": "f", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}, {"configMap": {"name": "x"}}]}},
+            {"name": "f", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}, {"configMap": {"name": "x"}}, {"clusterTrustBundle": {"path": "b", "name": "x"}}]}},
             {"name": "g", "image": {"reference": "busybox"}},
             {"name": "h", "ephemeral": {"volumeClaimTemplate": {"spec": {"accessModes": ["ReadWriteOnce"]}}}},
             {"name": "i", "csi": {"driver": "secrets-store.csi.k8s.io"}},
@@ -109,10 +110,6 @@ mod tests {
             (json!({"name": "v", "azureFile": {"secretName": "s", "shareName": "x"}}), "volume type azureFile"),
             (json!({"name": "v", "hostPath": {"path": "/"}}), "volume type hostPath"),
             (json!({"name": "v", "csi": {"driver": "hostpath.csi.k8s.io"}}), "CSI driver \"hostpath.csi.k8s.io\""),
-            (
-                json!({"name": "v", "projected": {"sources": [{"clusterTrustBundle": {"path": "b", "name": "x"}}]}}),
-                "projection clusterTrustBundle",
-            ),
             (
                 json!({"name": "v", "projected": {"sources": [{"podCertificate": {"signerName": "x/y", "keyType": "ED25519", "credentialBundlePath": "c"}}]}}),
                 "projection podCertificate",

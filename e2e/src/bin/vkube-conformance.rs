@@ -1,6 +1,6 @@
 //! `hack/conformance`: the upstream Kubernetes conformance suite (`e2e.test` of the pinned
-//! version) against the dev host itself and against a virtual cluster on it, in one run, on a
-//! host with a real node. Writes each side's junit and JSON reports and a summary
+//! version) against the dev host itself and against a virtual cluster on it, side by side in one
+//! run, on a host with a real node. Writes each side's junit and JSON reports and a summary
 //! (`summary.json`, `summary.md`): passed, failed and skipped per side, and the specs that pass on
 //! the host but not on the virtual cluster, each with its failure message.
 
@@ -32,6 +32,9 @@ struct Args {
     /// Only the virtual side, a cluster of this name.
     #[arg(long = "virtual", value_name = "NAME")]
     virtual_name: Option<String>,
+    /// Run the host side first and the virtual side after it, not both at once.
+    #[arg(long)]
+    one_at_a_time: bool,
     /// Specs run at once per side (ginkgo processes); [Serial] specs run alone at the end.
     #[arg(long, default_value_t = 4)]
     procs: usize,
@@ -95,20 +98,42 @@ async fn main() -> anyhow::Result<()> {
     );
     env.host.import_images(&images)?;
 
-    let mut sides = vec![];
-    if args.virtual_name.is_none() {
-        sides.push(run_side(&args, &out, "host", &env.host.kubeconfig, &e2e_test, &ginkgo).await?);
-    }
-    if !args.host {
-        let name = args.virtual_name.clone().unwrap_or_else(|| "conformance".into());
-        // The suite waits for schedulable nodes before its first spec: show the host's from the
-        // start, not only once a pod runs on one.
-        let mut run_args: Vec<&str> = vec!["--sync-all-nodes"];
-        run_args.extend(args.run_args.iter().map(String::as_str));
-        eprintln!("[conformance] starting virtual cluster {name} ({})", run_args.join(" "));
-        let vc = env.virtual_cluster_with(&name, &run_args).await;
-        sides.push(run_side(&args, &out, &format!("virtual-{name}"), &vc.kubeconfig(), &e2e_test, &ginkgo).await?);
-    }
+    let vc = match (args.host, &args.virtual_name) {
+        (true, _) => None,
+        (false, name) => {
+            let name = name.clone().unwrap_or_else(|| "conformance".into());
+            // The suite waits for schedulable nodes before its first spec: show the host's from
+            // the start, not only once a pod runs on one.
+            let mut run_args: Vec<&str> = vec!["--sync-all-nodes"];
+            run_args.extend(args.run_args.iter().map(String::as_str));
+            eprintln!("[conformance] starting virtual cluster {name} ({})", run_args.join(" "));
+            Some(env.virtual_cluster_with(&name, &run_args).await)
+        }
+    };
+    let host_side = async {
+        match args.virtual_name {
+            None => Some(run_side(&args, &out, "host", &env.host.kubeconfig, &e2e_test, &ginkgo).await).transpose(),
+            Some(_) => Ok(None),
+        }
+    };
+    let virtual_side = async {
+        match &vc {
+            Some(vc) => {
+                let side = format!("virtual-{}", vc.name());
+                Some(run_side(&args, &out, &side, &vc.kubeconfig(), &e2e_test, &ginkgo).await).transpose()
+            }
+            None => Ok(None),
+        }
+    };
+    // Side by side unless asked otherwise: most specs wait rather than compute, and both sides
+    // then see the same machine at the same time.
+    let (host_side, virtual_side) = if args.one_at_a_time {
+        let h = host_side.await;
+        (h, virtual_side.await)
+    } else {
+        tokio::join!(host_side, virtual_side)
+    };
+    let sides: Vec<Side> = [host_side?, virtual_side?].into_iter().flatten().collect();
 
     let summary = summarize(&args, &sides, &not_made, started.elapsed());
     std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;

@@ -150,12 +150,12 @@ fn refused_cases() -> Vec<(serde_json::Value, &'static str)> {
         ),
         (
             pod(
-                "trust-bundle",
+                "pod-certificate",
                 none.clone(),
                 serde_json::json!({"volumes": [{"name": "ca", "projected": {"sources": [
-                {"clusterTrustBundle": {"signerName": "example.com/host", "path": "ca.pem"}}]}}]}),
+                {"podCertificate": {"signerName": "example.com/host", "keyType": "ED25519", "credentialBundlePath": "c.pem"}}]}}]}),
             ),
-            "projection clusterTrustBundle",
+            "projection podCertificate",
         ),
         (
             pod(

@@ -44,6 +44,9 @@ impl SyncedKind for Pod {
                 for (secret, _) in translate::token_secrets(&c.tr, p) {
                     c.queues.tokens.add(secret);
                 }
+                if !crate::trust_bundles::projections(p).is_empty() {
+                    c.queues.tokens.add(crate::trust_bundles::secret_name(&c.tr, &ns, &name));
+                }
                 c.refs.remove(&ns, &name)
             }
             // A pod the policy refuses never reaches the host: neither does what it refers to.
@@ -172,17 +175,39 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     }
     for (secret, audience) in translate::token_secrets(&ctx.tr, v) {
         let ensured = crate::tokens::ensure(ctx, v, &secret, audience.as_deref()).await;
-        if let Err(sync::SyncError::Collision(_)) = ensured {
+        if let Some(later) = held_by_another(ctx, v, &secret, "service-account token", ensured).await? {
+            return Ok(later);
+        }
+    }
+    let ns = v.metadata.namespace.as_deref().unwrap_or("default");
+    let secret = crate::trust_bundles::secret_name(&ctx.tr, ns, v.metadata.name.as_deref().unwrap_or_default());
+    let ensured = crate::trust_bundles::ensure(ctx, v).await;
+    if let Some(later) = held_by_another(ctx, v, &secret, "projected trust bundles", ensured).await? {
+        return Ok(later);
+    }
+    sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &desired).await).await
+}
+
+/// When the host Secret `secret` that would hold the pod's own data (`holds`) is another's, the
+/// pod is not started and its tenant is told; the reconcile looks again later.
+async fn held_by_another(
+    ctx: &Context,
+    v: &Pod,
+    secret: &str,
+    holds: &str,
+    ensured: Result<()>,
+) -> Result<Option<Action>> {
+    match ensured {
+        Err(sync::SyncError::Collision(_)) => {
             let msg = format!(
-                "the host Secret {}/{secret} that would hold this pod's service-account token exists and is not managed by this virtual cluster; the pod is not started",
+                "the host Secret {}/{secret} that would hold this pod's {holds} exists and is not managed by this virtual cluster; the pod is not started",
                 ctx.host_ns()
             );
             sync::warn(ctx, v, "HostNameConflict", &msg).await;
-            return Ok(Action::RequeueAfter(Duration::from_secs(300)));
+            Ok(Some(Action::RequeueAfter(Duration::from_secs(300))))
         }
-        ensured?;
+        other => other.map(|()| None),
     }
-    sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &desired).await).await
 }
 
 /// A ConfigMap or Secret the pod refers to whose host name a host object not of this cluster

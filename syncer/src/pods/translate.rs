@@ -248,6 +248,18 @@ fn projection(tr: &Translator, ns: &str, pod: &str, src: &mut VolumeProjection) 
             }
         }
     }
+    if let Some(bundle) = src.cluster_trust_bundle.take() {
+        // The virtual cluster's bundles, never the host's: kept by the syncer in a host Secret.
+        src.secret = Some(k8s_openapi::api::core::v1::SecretProjection {
+            name: crate::trust_bundles::secret_name(tr, ns, pod),
+            items: Some(vec![KeyToPath {
+                key: crate::trust_bundles::key(&bundle),
+                path: bundle.path,
+                ..Default::default()
+            }]),
+            optional: Some(false),
+        });
+    }
     if let Some(token) = src.service_account_token.take() {
         // The virtual cluster's token, never one of the host: kept by the syncer in a host Secret.
         src.secret = Some(k8s_openapi::api::core::v1::SecretProjection {
@@ -547,6 +559,28 @@ mod tests {
         assert_eq!(ann["vkube.dev/object-uid"], "u-1", "our mark, not the tenant's forgery");
         assert_eq!(ann["vkube.dev.t.vkube.dev/object-uid"], "forged");
         assert!(!ann.keys().any(|k| k.contains("last-applied-configuration")));
+    }
+
+    #[test]
+    fn trust_bundles_come_from_the_pods_own_secret() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let mut spec = typical();
+        let ctb = serde_json::json!({"path": "ca.pem", "signerName": "example.com/s", "labelSelector": {}});
+        spec["volumes"][2]["projected"]["sources"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"clusterTrustBundle": ctb}));
+        let h = host_pod(&env(&tr, &policy), &vpod(spec)).unwrap().pod;
+        let json = serde_json::to_string(&h).unwrap();
+        assert!(!json.contains("clusterTrustBundle"), "the host's bundles are never asked for: {json}");
+        let projected = h.spec.unwrap().volumes.unwrap().into_iter().find(|v| v.name == "kube-api-access").unwrap();
+        let sources = projected.projected.unwrap().sources.unwrap();
+        let bundle = sources.last().unwrap().secret.as_ref().unwrap();
+        assert_eq!(bundle.name, "web-1-x-shop-x-team-a-ctb");
+        let item = &bundle.items.as_ref().unwrap()[0];
+        assert_eq!((item.path.as_str(), bundle.optional), ("ca.pem", Some(false)));
+        assert_eq!(item.key, crate::trust_bundles::key(&serde_json::from_value(ctb).unwrap()));
     }
 
     #[test]
