@@ -362,3 +362,40 @@ fn shorten(text: &str, max: usize) -> String {
 fn minutes(d: Duration) -> String {
     format!("{}m{:02}s", d.as_secs() / 60, d.as_secs() % 60)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str, state: &str, failure: Option<&str>) -> Value {
+        json!({"ContainerHierarchyTexts": ["[sig-x] Thing"], "LeafNodeText": text, "LeafNodeType": "It",
+               "State": state, "RunTime": 2_000_000_000u64, "Failure": {"Message": failure.unwrap_or("")}})
+    }
+
+    #[test]
+    fn the_summary_lists_what_passes_on_the_host_only() {
+        let host = json!([{"SpecReports": [
+            spec("works", "passed", None), spec("breaks here", "passed", None), spec("broken everywhere", "failed", Some("x")),
+            spec("not selected", "skipped", None),
+            {"LeafNodeType": "SynchronizedBeforeSuite", "State": "passed"},
+        ]}]);
+        let virt = json!([{"SpecReports": [
+            spec("works", "passed", None), spec("breaks here", "failed", Some("timed out waiting")),
+            spec("broken everywhere", "passed", None), spec("not selected", "skipped", None),
+        ]}]);
+        let mut sides = vec![parse_report(&host), parse_report(&virt)];
+        sides[0].name = "host".into();
+        sides[1].name = "virtual-v".into();
+        assert_eq!(sides[0].specs.len(), 3, "specs the focus left out are not counted");
+        let args = Args::parse_from(["hack/conformance"]);
+        let s = summarize(&args, &sides, &[], Duration::from_secs(60));
+        assert_eq!(s["sides"][0]["passed"], 2);
+        assert_eq!(s["ratio_passed_virtual_to_host"], 1.0);
+        let only_host = s["pass_on_host_not_on_virtual"].as_array().unwrap();
+        assert_eq!(only_host.len(), 1);
+        assert_eq!(only_host[0]["spec"], "[sig-x] Thing breaks here");
+        assert_eq!(only_host[0]["message"], "timed out waiting");
+        assert_eq!(s["pass_on_virtual_not_on_host"][0]["spec"], "[sig-x] Thing broken everywhere");
+        assert!(markdown(&s).contains("| virtual-v | 2 | 1 | 0 |"));
+    }
+}
