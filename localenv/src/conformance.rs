@@ -5,12 +5,13 @@
 //! Most specs run agnhost, the suite's test binary; it is built from the module and put in an
 //! image with busybox's tools (its shell commands). The web servers some specs only need to
 //! serve on port 80 (nginx, kitten, nautilus) are agnhost's `test-webserver`, as kitten and
-//! nautilus are upstream. What cannot be made from local files is reported, not faked.
+//! nautilus are upstream; glibc-dns-testing is the busybox image, whose `dig` and `getent` are
+//! Debian's, linked with glibc. What cannot be made from local files is reported, not faked.
 
 use std::path::{Path, PathBuf};
 
 use crate::image::ImageSpec;
-use crate::node::{busybox_image, pause_image};
+use crate::node::{busybox_image, pause_image, shared_libraries};
 use crate::upstream::{Upstream, cache_root, versions};
 use crate::{Error, Result};
 
@@ -70,23 +71,38 @@ fn stand_in(up: &Upstream, name: &str, agnhost: &Path) -> Result<Option<ImageSpe
     Ok(match last {
         "agnhost" => Some(agnhost_image("pause")?),
         "kitten" | "nautilus" | "nginx" => Some(agnhost_image("test-webserver")?),
-        "busybox" => Some(shell_image(name)?),
+        "busybox" | "glibc-dns-testing" => Some(shell_image(name)?),
         "pause" => Some(pause_image(up, name)),
         _ => None,
     })
 }
 
-/// busybox with bash as `sh`: busybox 1.35's shell (Debian's) drops environment variables whose
-/// names are no shell identifiers (`data-1`), which specs set and read back with `sh -c env`.
+/// The Debian packages the images take files from (`hack/conformance` installs them).
+pub const DEBIAN_PACKAGES: [&str; 2] = ["bash-static", "bind9-dnsutils"];
+
+/// busybox with bash as `sh` (busybox 1.35's shell, Debian's, drops environment variables whose
+/// names are no shell identifiers, such as `data-1`, which specs set and read back with
+/// `sh -c env`), and the DNS specs' probes: `dig` (with the libraries it links) and glibc's
+/// `getent`, as upstream's agnhost and glibc-dns-testing images have.
 fn shell_image(name: &str) -> Result<ImageSpec> {
+    let missing = || Error::Node(format!("run `hack/debian-deps.sh {}`", DEBIAN_PACKAGES.join(" ")));
     let bash = PathBuf::from("/bin/bash-static");
-    if !bash.is_file() {
-        return Err(Error::Node("/bin/bash-static is missing: run `hack/debian-deps.sh bash-static`".into()));
+    let (dig, getent) = (PathBuf::from("/usr/bin/dig"), PathBuf::from("/usr/bin/getent"));
+    if !bash.is_file() || !dig.is_file() || !getent.is_file() {
+        return Err(missing());
     }
     let mut image = busybox_image(name)?;
     image.symlinks.retain(|(link, _)| link != "/bin/sh");
     image.files.push(("/bin/bash".into(), bash));
     image.symlinks.push(("/bin/sh".into(), "bash".into()));
+    for tool in [&dig, &getent] {
+        image.files.push((tool.display().to_string(), tool.clone()));
+        for lib in shared_libraries(tool)? {
+            if !image.files.iter().any(|(path, _)| *path == lib.display().to_string()) {
+                image.files.push((lib.display().to_string(), lib));
+            }
+        }
+    }
     Ok(image)
 }
 

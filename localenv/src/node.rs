@@ -410,7 +410,7 @@ pub fn control_plane_image(up: &Upstream, vkube: (&str, &Path)) -> Result<ImageS
 }
 
 /// The shared libraries a binary links, and its loader (from `ldd`).
-fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(binary).output().map_err(io_err("running ldd"))?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -124,13 +124,13 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
                 // Evicted or deleted on the host: the virtual pod follows once the copy is gone.
                 return Ok(Action::Done);
             }
-            update_host(ctx, &v, &h).await?;
+            let host_current = !update_host(ctx, &v, &h).await?;
             if bind(ctx, &v, &h).await? {
                 // The binding changes the virtual pod; its watch event brings us back to compare
                 // the status with the fresh object.
                 return Ok(Action::Done);
             }
-            report_status(ctx, &v, &h).await?;
+            report_status(ctx, &v, &h, host_current).await?;
             Ok(Action::Done)
         }
     }
@@ -304,9 +304,10 @@ async fn finalize_virtual(ctx: &Context, v: &Pod) -> Result<Action> {
 }
 
 /// Spec changes Kubernetes allows after creation (images, deadlines, tolerations, scheduling
-/// gates) and label or annotation changes, carried to the host copy.
-async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
-    let Some(dns_ip) = ctx.dns_ip() else { return Ok(()) };
+/// gates) and label or annotation changes, carried to the host copy; says whether the copy in
+/// hand may not carry the virtual spec (just written, refused, or not compared yet).
+async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<bool> {
+    let Some(dns_ip) = ctx.dns_ip() else { return Ok(true) };
     // Environment variables and affinity cannot change after creation: no service links or
     // namespace labels to gather here (this runs for every pod at every resync).
     // Node affinity cannot change either: no nodes to look up (what is dropped was told at creation).
@@ -316,9 +317,10 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         // off the host, and the tenant is told.
         Err(r) => {
             sync::refuse(ctx, KIND, v, &r).await;
-            return Ok(());
+            return Ok(true);
         }
     };
+    let mut behind = false;
     // What the host's own machinery added stays (no fight with its webhooks and controllers).
     ctx.tr.keep_host_keys(&mut desired.metadata, &h.metadata);
     let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
@@ -328,16 +330,21 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         sync::spend(ctx, KIND, name)?;
         api.patch(name, &pp, &Patch::Strategic(patch)).await?;
         ctx.metrics.wrote(KIND, "update");
+        behind = true;
     }
     if let Some(patch) = resize_patch(&desired, h) {
         // In-place resize: container resources change only through their own subresource. The
         // host may refuse what the virtual cluster accepted (its quota, its limit ranges): the
         // tenant is told, and the host pod keeps running as it is.
         match api.patch_subresource("resize", name, &pp, &Patch::Strategic(patch)).await {
-            Ok(_) => ctx.metrics.wrote(KIND, "resize"),
+            Ok(_) => {
+                ctx.metrics.wrote(KIND, "resize");
+                behind = true;
+            }
             Err(kube::Error::Api(e)) if matches!(e.code, 403 | 422) => {
                 let note = format!("the host refused the resize: {}", e.message);
                 sync::warn(ctx, v, "ResizeRefused", &note).await;
+                behind = true;
             }
             Err(e) => return Err(e.into()),
         }
@@ -347,6 +354,7 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         let patch = serde_json::json!({"spec": {"ephemeralContainers": added}});
         api.patch_subresource("ephemeralcontainers", name, &pp, &Patch::Strategic(patch)).await?;
         ctx.metrics.wrote(KIND, "ephemeral");
+        behind = true;
     }
     let gates = status::gates_down(v, h);
     if !gates.is_empty() {
@@ -357,7 +365,7 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
         api.patch_status(name, &pp, &Patch::Strategic(patch)).await?;
         ctx.metrics.wrote(KIND, "gates");
     }
-    Ok(())
+    Ok(behind)
 }
 
 /// A patch of the `resize` subresource giving the host pod's containers the resources of
@@ -549,8 +557,8 @@ async fn bind(ctx: &Context, v: &Pod, h: &Pod) -> Result<bool> {
     Ok(true)
 }
 
-async fn report_status(ctx: &Context, v: &Pod, h: &Pod) -> Result<()> {
-    let desired = status::virtual_status(h, v);
+async fn report_status(ctx: &Context, v: &Pod, h: &Pod, host_current: bool) -> Result<()> {
+    let desired = status::virtual_status(h, v, host_current);
     if !status::differs(v.status.as_ref(), &desired) {
         return Ok(());
     }

@@ -3,9 +3,24 @@
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition, PodStatus};
 
 /// The status the virtual pod should show for its host copy: the host's, restricted to the
-/// virtual pod's containers, without what only makes sense on the host.
-pub fn virtual_status(host: &Pod, virtual_pod: &Pod) -> PodStatus {
+/// virtual pod's containers, without what only makes sense on the host. `host_current` says the
+/// host copy already carries the virtual pod's spec (nothing was written to it just now).
+pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodStatus {
     let mut s = host.status.clone().unwrap_or_default();
+    // Generations are each object's own: the host kubelet observing the host copy's current
+    // generation means the virtual pod's current one is observed, if the copy carries its spec;
+    // otherwise what the virtual pod showed stays.
+    let observed = |g: Option<i64>| -> Option<i64> {
+        let caught_up = host_current && g.is_some() && g >= host.metadata.generation;
+        if caught_up { virtual_pod.metadata.generation } else { None }
+    };
+    let shown = virtual_pod.status.as_ref().and_then(|v| v.observed_generation);
+    s.observed_generation = observed(s.observed_generation).or(shown);
+    for c in s.conditions.iter_mut().flatten() {
+        if c.observed_generation.is_some() {
+            c.observed_generation = observed(c.observed_generation).or(shown);
+        }
+    }
     let spec = virtual_pod.spec.as_ref();
     let names = |list: Option<Vec<String>>| list.unwrap_or_default();
     let containers = names(spec.map(|s| s.containers.iter().map(|c| c.name.clone()).collect()));
@@ -105,7 +120,7 @@ mod tests {
         .unwrap();
         let virtual_pod: Pod =
             serde_json::from_value(serde_json::json!({"spec": {"containers": [{"name": "app"}]}})).unwrap();
-        let s = virtual_status(&host, &virtual_pod);
+        let s = virtual_status(&host, &virtual_pod, true);
         assert_eq!(s.phase.as_deref(), Some("Running"));
         assert_eq!(s.pod_ip.as_deref(), Some("10.244.0.5"));
         assert_eq!(s.nominated_node_name, None);
@@ -128,6 +143,27 @@ mod tests {
     }
 
     #[test]
+    fn generations_observed_are_the_virtual_pods() {
+        let host: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"generation": 5},
+            "status": {"observedGeneration": 5, "conditions": [{"type": "Ready", "status": "True", "observedGeneration": 5}]}
+        }))
+        .unwrap();
+        let virtual_pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"generation": 2}, "spec": {"containers": []}, "status": {"observedGeneration": 1}
+        }))
+        .unwrap();
+        let s = virtual_status(&host, &virtual_pod, true);
+        assert_eq!(s.observed_generation, Some(2), "the host copy is current and observed");
+        assert_eq!(s.conditions.unwrap()[0].observed_generation, Some(2));
+        // Just patched (the host copy in hand is older), or the kubelet is behind: not yet.
+        assert_eq!(virtual_status(&host, &virtual_pod, false).observed_generation, Some(1));
+        let mut behind = host.clone();
+        behind.metadata.generation = Some(6);
+        assert_eq!(virtual_status(&behind, &virtual_pod, true).observed_generation, Some(1));
+    }
+
+    #[test]
     fn the_virtual_pods_qos_class_and_gate_conditions_are_its_own() {
         let host: Pod = serde_json::from_value(serde_json::json!({
             "status": {"phase": "Running", "qosClass": "Burstable", "conditions": [
@@ -141,7 +177,7 @@ mod tests {
                 {"type": "example.com/lb", "status": "True"}, {"type": "PodScheduled", "status": "True"}]}
         }))
         .unwrap();
-        let s = virtual_status(&host, &virtual_pod);
+        let s = virtual_status(&host, &virtual_pod, true);
         assert_eq!(s.qos_class.as_deref(), Some("BestEffort"), "immutable on the virtual pod");
         let conds: Vec<(&str, &str)> =
             s.conditions.iter().flatten().map(|c| (c.type_.as_str(), c.status.as_str())).collect();
@@ -160,7 +196,7 @@ mod tests {
         }))
         .unwrap();
         assert!(gates_down(&spoof, &host).is_empty());
-        let s = virtual_status(&host, &spoof);
+        let s = virtual_status(&host, &spoof, true);
         assert_eq!(s.conditions.unwrap()[0].status, "False", "the host's Ready, not the tenant's");
     }
 }
