@@ -254,32 +254,39 @@ fn summarize(args: &Args, sides: &[Side], not_made: &[String], took: Duration) -
             })
         })
         .collect();
-    let (mut only_host, mut only_virtual) = (vec![], vec![]);
+    let (mut only_host, mut only_virtual, mut not_reached) = (vec![], vec![], vec![]);
+    let mut compared = (0usize, 0usize, 0usize);
     if let [host, virt] = sides {
         for (spec, h) in &host.specs {
-            let v = virt.specs.get(spec);
-            let v_passed = v.is_some_and(|v| v.state == "passed");
-            if h.state == "passed" && !v_passed {
+            let Some(v) = virt.specs.get(spec) else {
+                // Not reached on the virtual side (its timeout): no comparison, only a count.
+                not_reached.push(spec.clone());
+                continue;
+            };
+            compared.0 += 1;
+            compared.1 += usize::from(h.state == "passed");
+            compared.2 += usize::from(v.state == "passed");
+            if h.state == "passed" && v.state != "passed" {
                 only_host.push(json!({
                     "spec": spec,
-                    "virtual_state": v.map_or("not run", |v| v.state.as_str()),
-                    "message": v.and_then(|v| v.failure.clone()).map(|m| shorten(&m, 600)),
+                    "virtual_state": v.state,
+                    "message": v.failure.clone().map(|m| shorten(&m, 600)),
                     "host_seconds": h.seconds.round(),
                 }));
-            } else if h.state == "failed" && v_passed {
+            } else if h.state == "failed" && v.state == "passed" {
                 only_virtual.push(json!({"spec": spec, "message": h.failure.clone().map(|m| shorten(&m, 600))}));
             }
         }
     }
-    let ratio = match sides {
-        [host, virt] if host.count("passed") > 0 => Some(virt.count("passed") as f64 / host.count("passed") as f64),
-        _ => None,
-    };
+    // Over the specs both sides ran: a side stopped by its timeout is not counted as failing.
+    let ratio = (compared.1 > 0).then(|| compared.2 as f64 / compared.1 as f64);
     json!({
         "kubernetes": vkube_localenv::upstream::versions().kubernetes,
         "focus": args.focus, "skip": args.skip, "procs": args.procs, "run_args": args.run_args,
         "minutes": (took.as_secs_f64() / 60.0 * 10.0).round() / 10.0,
         "sides": per_side, "ratio_passed_virtual_to_host": ratio,
+        "compared": {"specs": compared.0, "passed_host": compared.1, "passed_virtual": compared.2},
+        "not_reached_on_virtual": not_reached,
         "pass_on_host_not_on_virtual": only_host, "pass_on_virtual_not_on_host": only_virtual,
         "images_not_made": not_made,
     })
@@ -306,7 +313,15 @@ fn markdown(s: &Value) -> String {
         ));
     }
     if let Some(r) = s["ratio_passed_virtual_to_host"].as_f64() {
-        md.push_str(&format!("\nRatio passed (virtual / host): {r:.3}\n"));
+        let c = &s["compared"];
+        md.push_str(&format!(
+            "\nOf the {} specs both sides ran, {} passed on the host and {} on the virtual cluster: ratio {r:.3}.\n",
+            c["specs"], c["passed_host"], c["passed_virtual"]
+        ));
+    }
+    let not_reached = s["not_reached_on_virtual"].as_array().map_or(0, Vec::len);
+    if not_reached > 0 {
+        md.push_str(&format!("{not_reached} specs the host ran were not reached on the virtual cluster before its timeout (listed in summary.json).\n"));
     }
     for side in s["sides"].as_array().into_iter().flatten() {
         for f in side["suite_failures"].as_array().into_iter().flatten() {
@@ -391,6 +406,7 @@ mod tests {
         let s = summarize(&args, &sides, &[], Duration::from_secs(60));
         assert_eq!(s["sides"][0]["passed"], 2);
         assert_eq!(s["ratio_passed_virtual_to_host"], 1.0);
+        assert_eq!(s["compared"]["specs"], 3);
         let only_host = s["pass_on_host_not_on_virtual"].as_array().unwrap();
         assert_eq!(only_host.len(), 1);
         assert_eq!(only_host[0]["spec"], "[sig-x] Thing breaks here");
