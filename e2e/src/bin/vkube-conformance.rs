@@ -38,9 +38,13 @@ struct Args {
     /// Specs run at once per side (ginkgo processes); [Serial] specs run alone at the end.
     #[arg(long, default_value_t = 4)]
     procs: usize,
-    /// Extra `vkube run` flags for the virtual cluster (a documented policy setting), repeatable.
+    /// Extra `vkube run` flags for the virtual cluster (not the policy's, below), repeatable.
     #[arg(long = "run-arg", value_name = "FLAG")]
     run_args: Vec<String>,
+    /// The virtual cluster's isolation policy, as `vkube run` takes it (e.g. --pod-security
+    /// privileged, --allow-node-ports): to show which specs a documented setting lets pass.
+    #[command(flatten)]
+    policy: vkube::controlplane::PolicyArgs,
     /// Where the reports go.
     #[arg(long, default_value = "target/conformance")]
     out: PathBuf,
@@ -106,8 +110,12 @@ async fn main() -> anyhow::Result<()> {
             // the start, not only once a pod runs on one.
             let mut run_args: Vec<&str> = vec!["--sync-all-nodes"];
             run_args.extend(args.run_args.iter().map(String::as_str));
-            eprintln!("[conformance] starting virtual cluster {name} ({})", run_args.join(" "));
-            Some(env.virtual_cluster_with(&name, &run_args).await)
+            eprintln!(
+                "[conformance] starting virtual cluster {name} ({}, policy {:?})",
+                run_args.join(" "),
+                args.policy
+            );
+            Some(env.virtual_cluster_with_policy(&name, args.policy.clone(), &run_args).await)
         }
     };
     let host_side = async {
@@ -283,6 +291,7 @@ fn summarize(args: &Args, sides: &[Side], not_made: &[String], took: Duration) -
     json!({
         "kubernetes": vkube_localenv::upstream::versions().kubernetes,
         "focus": args.focus, "skip": args.skip, "procs": args.procs, "run_args": args.run_args,
+        "policy": format!("{:?}", args.policy),
         "minutes": (took.as_secs_f64() / 60.0 * 10.0).round() / 10.0,
         "sides": per_side, "ratio_passed_virtual_to_host": ratio,
         "compared": {"specs": compared.0, "passed_host": compared.1, "passed_virtual": compared.2},
