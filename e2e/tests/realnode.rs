@@ -263,7 +263,7 @@ fn token_times(token: &str) -> (i64, i64) {
 
 /// A pod's own credentials come from its virtual cluster. Its token is renewed before it expires:
 /// with the shortest lifetime the API server allows (10 minutes) and renewal when less than
-/// 570 s is left, the container reads a new token within a few minutes (the kubelet refreshes
+/// 540 s is left, the container reads a new token within a few minutes (the kubelet refreshes
 /// the projected file), which the virtual API server accepts. Its projected trust bundles are the
 /// virtual cluster's ClusterTrustBundles, selected by signer and labels; a required projection
 /// that matches nothing keeps the pod from starting, as a kubelet would.
@@ -271,7 +271,7 @@ fn token_times(token: &str) -> (i64, i64) {
 async fn a_pods_token_is_renewed_and_its_trust_bundles_are_its_clusters() {
     let _turn = ONE_REAL_NODE.lock().await;
     let env = real_node_host().await;
-    let a = env.virtual_cluster_with("rn-tok", &["--token-lifetime=10m", "--token-renew-before=570s"]).await;
+    let a = env.virtual_cluster_with("rn-tok", &["--token-lifetime=10m", "--token-renew-before=540s"]).await;
     // Certificates to put in bundles: the CAs of the virtual cluster and of the host.
     let ca_of = |kubectl: &dyn Fn(&[&str]) -> String| -> String {
         use base64::Engine;

@@ -24,7 +24,7 @@ pub fn dir() -> PathBuf {
 pub fn binaries() -> Result<(PathBuf, PathBuf, PathBuf)> {
     let d = dir();
     let bins = (d.join("e2e.test"), d.join("ginkgo"), d.join("agnhost"));
-    for b in [&bins.0, &bins.1, &bins.2] {
+    for b in [&bins.0, &bins.1, &bins.2, &d.join("localhost.crt"), &d.join("localhost.key")] {
         if !b.is_file() {
             return Err(Error::Node(format!("{} is missing: run `hack/build-upstream.sh conformance`", b.display())));
         }

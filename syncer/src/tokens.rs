@@ -142,11 +142,14 @@ fn expires_soon(ctx: &Context, meta: &ObjectMeta) -> bool {
 }
 
 /// Queues the renewal of a token due before the next sweep would find it (short lifetimes); the
-/// sweep finds the others, so the default year-long tokens hold no timer each.
+/// sweep finds the others, so the default year-long tokens hold no timer each. Never sooner than
+/// a minute: a token the API server issued shorter than asked (its maximum expiration) would
+/// otherwise be renewed in a loop.
 fn schedule_renewal(ctx: &Context, meta: &ObjectMeta) {
+    const SOONEST: Duration = Duration::from_secs(60);
     let due = renewal_due_in(ctx, meta);
     if let (true, Some(name)) = (due < crate::RESYNC, meta.name.clone()) {
-        ctx.queues.tokens.add_after(name, due);
+        ctx.queues.tokens.add_after(name, due.max(SOONEST));
     }
 }
 
@@ -204,8 +207,11 @@ async fn sweep_pages(ctx: &Context) -> Result<()> {
         for s in &page.items {
             let Some(owner) = ctx.tr.owner(&s.metadata).filter(|o| is_pods_own(&o.kind)) else { continue };
             let act = owner.kind != KIND || pod_of(ctx, &s.metadata).is_none() || expires_soon(ctx, &s.metadata);
-            if let (true, Some(name)) = (act, s.metadata.name.clone()) {
-                ctx.queues.tokens.add(name);
+            match (act, s.metadata.name.clone()) {
+                (true, Some(name)) => ctx.queues.tokens.add(name),
+                // A token due before the next sweep (a restart lost its timer): queued for its time.
+                (false, Some(_)) => schedule_renewal(ctx, &s.metadata),
+                _ => {}
             }
         }
         match page.metadata.continue_.filter(|c| !c.is_empty()) {

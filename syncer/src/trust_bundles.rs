@@ -101,11 +101,15 @@ pub async fn ensure(ctx: &Context, pod: &Pod) -> Result<()> {
         Secret { metadata: meta, data: Some(data(pod, &bundles)), type_: Some("Opaque".into()), ..Default::default() };
     let api: Api<Secret> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     match api.get_opt(&secret_name).await? {
-        None => {
-            api.create(&sync::post_params(), &desired).await?;
-            ctx.metrics.wrote(KIND, "create");
-            Ok(())
-        }
+        None => match api.create(&sync::post_params(), &desired).await {
+            Ok(_) => {
+                ctx.metrics.wrote(KIND, "create");
+                Ok(())
+            }
+            // Written meanwhile (the sweep and the pod's reconcile): compared again on the retry.
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(SyncError::Raced(format!("trust bundles {secret_name}"))),
+            Err(e) => Err(e.into()),
+        },
         Some(current) => match ctx.tr.owner(&current.metadata) {
             Some(o) if o.is(KIND, ns, name) => {
                 if o.uid == pod.metadata.uid.clone().unwrap_or_default() && current.data == desired.data {

@@ -85,6 +85,11 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
 
     let listed = Command::new(&e2e_test).arg("--list-images").output().context("running e2e.test --list-images")?;
+    anyhow::ensure!(
+        listed.status.success(),
+        "e2e.test --list-images failed: {} (rebuild it: hack/build-upstream.sh conformance)",
+        String::from_utf8_lossy(&listed.stderr).trim()
+    );
     let names: Vec<String> = String::from_utf8_lossy(&listed.stdout)
         .lines()
         .map(str::trim)
@@ -136,7 +141,8 @@ async fn main() -> anyhow::Result<()> {
     // Side by side unless asked otherwise: most specs wait rather than compute, and both sides
     // then see the same machine at the same time.
     let (host_side, virtual_side) = if args.one_at_a_time {
-        let h = host_side.await;
+        // An interrupted host side stops the run before the virtual side starts.
+        let h = Ok(host_side.await?);
         (h, virtual_side.await)
     } else {
         tokio::join!(host_side, virtual_side)

@@ -16,9 +16,14 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
     };
     let shown = virtual_pod.status.as_ref().and_then(|v| v.observed_generation);
     s.observed_generation = observed(s.observed_generation).or(shown);
+    // Each condition as its own writer observed it: one not refreshed keeps what it showed.
+    let shown_for = |t: &str| {
+        let own = virtual_pod.status.as_ref().and_then(|v| v.conditions.as_ref());
+        own.into_iter().flatten().find(|c| c.type_ == t).and_then(|c| c.observed_generation)
+    };
     for c in s.conditions.iter_mut().flatten() {
         if c.observed_generation.is_some() {
-            c.observed_generation = observed(c.observed_generation).or(shown);
+            c.observed_generation = observed(c.observed_generation).or_else(|| shown_for(&c.type_));
         }
     }
     let spec = virtual_pod.spec.as_ref();
@@ -161,6 +166,17 @@ mod tests {
         let mut behind = host.clone();
         behind.metadata.generation = Some(6);
         assert_eq!(virtual_status(&behind, &virtual_pod, true).observed_generation, Some(1));
+        // A condition its writer has not refreshed keeps its own, not the pod's.
+        let mut stale = host.clone();
+        stale.metadata.generation = Some(6);
+        stale.status.as_mut().unwrap().observed_generation = Some(6);
+        let mut shown = virtual_pod.clone();
+        shown.status.as_mut().unwrap().conditions = Some(vec![
+            serde_json::from_value(serde_json::json!({"type": "Ready", "status": "True", "observedGeneration": 1}))
+                .unwrap(),
+        ]);
+        let s = virtual_status(&stale, &shown, true);
+        assert_eq!((s.observed_generation, s.conditions.unwrap()[0].observed_generation), (Some(2), Some(1)));
     }
 
     #[test]

@@ -345,8 +345,8 @@ impl SyncArgs {
             "--token-lifetime must be at least 10m (the API server refuses shorter tokens)"
         );
         anyhow::ensure!(
-            renew_before < lifetime,
-            "--token-renew-before must be shorter than --token-lifetime, or every token would be renewed at once"
+            renew_before + Duration::from_secs(60) <= lifetime,
+            "--token-renew-before must be at least a minute shorter than --token-lifetime, or tokens would be renewed as soon as they are issued"
         );
         Ok(vkube_syncer::context::TokenLifetime { lifetime, renew_before })
     }
