@@ -6,6 +6,7 @@ pub mod client;
 pub mod delete;
 pub mod limit;
 pub mod params;
+pub mod patch;
 pub mod wait;
 
 use std::path::Path;

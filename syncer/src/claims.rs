@@ -40,15 +40,15 @@ impl Mirror for PersistentVolumeClaim {
     }
 
     async fn back(ctx: &Context, v: &Self, h: &Self) -> Result<()> {
-        let want = serde_json::to_value(&h.status).unwrap_or_default();
-        if serde_json::to_value(&v.status).unwrap_or_default() == want {
+        if v.status == h.status {
             return Ok(());
         }
+        let patch = Self { status: h.status.clone(), ..Default::default() };
         let api: Api<Self> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
         api.patch_status(
             v.metadata.name.as_deref().unwrap_or_default(),
             &crate::sync::patch_params(),
-            &Patch::Merge(serde_json::json!({ "status": want })),
+            &Patch::Merge(&patch),
         )
         .await?;
         ctx.metrics.wrote(Self::KIND, "status");

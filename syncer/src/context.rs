@@ -105,6 +105,10 @@ impl Queues {
         self.kinds.of::<K>()
     }
 
+    pub fn upward<K: SyncedKind>(&self) -> &Queue<Key> {
+        self.kinds.upward::<K>()
+    }
+
     pub fn all_idle(&self) -> bool {
         self.kinds.all_idle() && self.tokens.is_idle() && self.nodes.is_idle() && self.events.is_idle()
     }
@@ -121,6 +125,8 @@ pub struct Context {
     pub stores: Stores,
     pub refs: RefIndex,
     pub queues: Queues,
+    /// What each pod's host copy carries of it, as the downward path last saw.
+    pub carried: crate::pods::CarriedIndex,
     /// Events on virtual objects (refusals, collisions).
     pub recorder: Recorder,
     /// ClusterIP of the virtual cluster's DNS Service, once it is synced.

@@ -59,8 +59,11 @@ pub async fn keep_mark(ctx: &Context, every: std::time::Duration) {
         if now == written {
             continue;
         }
-        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_EVENTS_MIRRORED_UNTIL: now.map(|t| t.to_string())}}});
-        match api.patch(svc, &crate::sync::patch_params(), &Patch::Merge(patch)).await {
+        let patch = vkube_kubeclient::patch::MetadataPatch::annotations([(
+            ANNOTATION_EVENTS_MIRRORED_UNTIL,
+            now.map(|t| t.to_string()),
+        )]);
+        match api.patch(svc, &crate::sync::patch_params(), &Patch::Merge(&patch)).await {
             Ok(_) => written = now,
             Err(e) => tracing::debug!(error = %e, "recording the events mark failed; retrying"),
         }

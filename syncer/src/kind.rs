@@ -62,8 +62,20 @@ pub trait SyncedKind: Sized + Send + Sync + 'static {
         ctx.queues.of::<Self>().add(key_of(v));
     }
 
-    /// Brings the host copy of the virtual object `key` in line with it (and its state back).
+    /// Brings the host copy of the virtual object `key` in line with it (virtual → host), and,
+    /// for kinds without an upward path, the host copy's state back.
     fn reconcile(ctx: &Context, key: Key) -> impl Future<Output = Result<Action>> + Send;
+
+    /// The queue of the upward path (host → virtual), for kinds whose host copies' state flows
+    /// back: host events run [`SyncedKind::reflect`] from it instead of `reconcile`, so a status
+    /// change on the host does not translate the virtual object again. `None`: host events run
+    /// `reconcile`, which repairs a copy that drifted.
+    const UPWARD_QUEUE: Option<&'static str> = None;
+
+    /// Brings the host copy's state back to the virtual object `key` (upward path).
+    fn reflect(_ctx: &Context, _key: Key) -> impl Future<Output = Result<Action>> + Send {
+        async { Ok(Action::Done) }
+    }
 }
 
 /// A watch of the host objects this cluster owns.
@@ -155,30 +167,50 @@ impl KindStores {
     }
 }
 
-/// The work queue of every synced kind, by kind and by owner kind name.
+/// The work queues of every synced kind (downward, and upward for those that have one), by kind
+/// and by owner kind name.
 #[derive(Default)]
 pub struct KindQueues {
-    by_type: HashMap<TypeId, Queue<Key>>,
-    by_name: HashMap<&'static str, Queue<Key>>,
+    by_type: HashMap<TypeId, KindQueue>,
+    by_name: HashMap<&'static str, KindQueue>,
+}
+
+#[derive(Clone)]
+struct KindQueue {
+    down: Queue<Key>,
+    up: Option<Queue<Key>>,
 }
 
 impl KindQueues {
-    pub(crate) fn insert<K: SyncedKind>(&mut self, q: Queue<Key>) {
+    pub(crate) fn insert<K: SyncedKind>(&mut self, down: Queue<Key>, up: Option<Queue<Key>>) {
+        let q = KindQueue { down, up };
         self.by_type.insert(TypeId::of::<K>(), q.clone());
         self.by_name.insert(K::KIND, q);
     }
 
-    pub fn of<K: SyncedKind>(&self) -> &Queue<Key> {
+    fn get<K: SyncedKind>(&self) -> &KindQueue {
         self.by_type.get(&TypeId::of::<K>()).unwrap_or_else(|| panic!("{} is not in kind::each_kind", K::KIND))
     }
 
-    /// The queue of the kind a host object's owner mark names, if it is a synced kind.
-    pub fn by_owner_kind(&self, kind: &str) -> Option<&Queue<Key>> {
-        self.by_name.get(kind)
+    /// The downward queue of kind `K`: its virtual objects to bring to the host.
+    pub fn of<K: SyncedKind>(&self) -> &Queue<Key> {
+        &self.get::<K>().down
+    }
+
+    /// The upward queue of kind `K` (its downward one for kinds without an upward path).
+    pub fn upward<K: SyncedKind>(&self) -> &Queue<Key> {
+        let q = self.get::<K>();
+        q.up.as_ref().unwrap_or(&q.down)
+    }
+
+    /// The queue a change of a host object whose owner mark names `kind` goes to, if that is a
+    /// synced kind: its upward one, or its downward one for kinds without.
+    pub fn for_host_change(&self, kind: &str) -> Option<&Queue<Key>> {
+        self.by_name.get(kind).map(|q| q.up.as_ref().unwrap_or(&q.down))
     }
 
     pub fn all_idle(&self) -> bool {
-        self.by_name.values().all(Queue::is_idle)
+        self.by_name.values().all(|q| q.down.is_idle() && q.up.as_ref().is_none_or(Queue::is_idle))
     }
 }
 

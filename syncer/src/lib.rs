@@ -46,7 +46,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{Event, Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
@@ -55,13 +55,14 @@ use kube::runtime::watcher;
 use kube::{Client, Resource};
 use tokio::task::JoinSet;
 
+use compact::Compact;
 use context::{Context, Key, Options, Queues, Stores};
 use informer::{Change, Informer, key_of};
 use kind::{KindQueues, KindStores, KindVisitor, SyncedKind};
 pub use metrics::Metrics;
 use naming::Translator;
 use policy::Policy;
-use queue::{Worker, queue};
+use queue::{Queue, Worker, queue};
 
 pub use vkube_core::contract::FIELD_MANAGER;
 
@@ -97,32 +98,17 @@ pub enum Stopped {
 pub(crate) const RESYNC: Duration = Duration::from_secs(600);
 
 /// Runs the syncer until `shutdown` resolves (`Ok`) or one of its loops ends (`Err`, also told
-/// to `cfg.health`).
+/// to `cfg.health`). Wiring only: the synced kinds' informers and queues ([`Kinds`]), the loops
+/// beside them ([`Sides`]), the context they share, then [`sync_forever`].
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Stopped> {
     let health = cfg.health.clone();
-    let metrics = cfg.metrics.clone();
-    let host_ns = cfg.translator.host_namespace().to_string();
-    let all = watcher::Config::default().any_semantic();
     let (virt, host) = (cfg.virt.clone(), cfg.host.clone());
-
-    let mut kinds = Kinds::new(&virt, &host, &cfg.translator, &metrics);
+    let mut kinds = Kinds::new(&virt, &host, &cfg.translator, &cfg.metrics);
     kind::each_kind(&mut kinds);
-
-    // The loops beside the synced kinds.
-    let mut vnodes =
-        Informer::new("virtual nodes", Api::<Node>::all(virt.clone()), all.clone().labels(nodes::LABEL_FAKE));
-    let mut hevents = Informer::new("host events", Api::<Event>::namespaced(host.clone(), &host_ns), all.clone());
-    let mut vnamespaces = Informer::new("virtual namespaces", Api::<Namespace>::all(virt.clone()), all.clone());
-    let (tokens_q, tokens_w) = queue::<String>("ServiceAccountToken", metrics.clone());
-    let (nodes_q, nodes_w) = queue::<String>("Node", metrics.clone());
-    let (events_q, events_w) = queue::<String>("Event", metrics.clone());
-    kinds.wait_for(vnodes.store());
-    kinds.wait_for(hevents.store());
-    kinds.wait_for(vnamespaces.store());
+    let sides = Sides::new(&virt, &host, cfg.translator.host_namespace(), &cfg.metrics, &mut kinds);
 
     let Kinds { stores, queues, start, ready, workers, resync, .. } = kinds;
-    *cfg.host_services.write().unwrap_or_else(|e| e.into_inner()) =
-        Some(stores.host::<k8s_openapi::api::core::v1::Service>().clone());
+    *cfg.host_services.write().unwrap_or_else(|e| e.into_inner()) = Some(stores.host::<Service>().clone());
     let ctx = Arc::new(Context {
         tr: cfg.translator,
         policy: cfg.policy,
@@ -131,18 +117,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         host,
         stores: Stores {
             kinds: stores,
-            vnodes: vnodes.store(),
-            vnamespaces: vnamespaces.store(),
-            hevents: hevents.store(),
+            vnodes: sides.vnodes.store(),
+            vnamespaces: sides.vnamespaces.store(),
+            hevents: sides.hevents.store(),
         },
         refs: Default::default(),
-        queues: Queues { kinds: queues, tokens: tokens_q, nodes: nodes_q, events: events_q },
-        recorder: Recorder::new(virt.clone(), Reporter { controller: "vkube-syncer".into(), instance: None }),
+        carried: Default::default(),
+        queues: sides.queues(queues),
+        recorder: Recorder::new(virt, Reporter { controller: "vkube-syncer".into(), instance: None }),
         dns_ip: Default::default(),
         host_nodes: Default::default(),
         node_refreshed: Default::default(),
         events_mark: Default::default(),
-        metrics,
+        metrics: cfg.metrics,
         health: cfg.health,
         budget: budget::WriteBudget::new(budget::WRITES_PER_MINUTE),
     });
@@ -153,100 +140,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     for wire in start {
         wire(&ctx, &mut tasks);
     }
-    let c = ctx.clone();
-    vnodes.on_change(move |o, _| c.queues.nodes.add(key_of(o).1));
-    let c = ctx.clone();
-    hevents.on_change(move |o, change| {
-        // A relist brings every event the host still keeps; those already mirrored (up to the
-        // recorded mark) would cost two requests each for nothing.
-        if change == Change::Applied || (change == Change::Listed && events::after_mark(&c, o)) {
-            c.queues.events.add(key_of(o).1);
-        }
-    });
-    let c = ctx.clone();
-    vnamespaces.on_change(move |_, _| {
-        // Namespace labels decide what namespace selectors in policies match.
-        if c.opts.sync_network_policies {
-            let q = c.queues.of::<NetworkPolicy>();
-            c.stores.virt::<NetworkPolicy>().state().iter().for_each(|p| q.add(key_of(p.as_ref())));
-        }
-    });
-    tasks.spawn(vnodes.run());
-    tasks.spawn(hevents.run());
-    tasks.spawn(vnamespaces.run());
-
-    let coredns_image = cfg.coredns_image;
-    let c = ctx.clone();
-    let started = std::time::Instant::now();
-    let main = async move {
-        futures::future::join_all(ready).await;
-        c.health.syncing();
-        tracing::info!(
-            pods = c.stores.virt::<k8s_openapi::api::core::v1::Pod>().len(),
-            host_pods = c.stores.host::<k8s_openapi::api::core::v1::Pod>().len(),
-            "caches ready; syncing"
-        );
-        if c.opts.sync_all_nodes {
-            nodes::list_host_nodes_once(&c).await;
-        }
-        let n = c.opts.concurrency;
-        let mut running = JoinSet::new();
-        for spawn in workers {
-            spawn(c.clone(), n, &mut running);
-        }
-        spawn_worker(&mut running, tokens_w, n, c.clone(), |c, k| async move { tokens::reconcile(&c, k).await });
-        spawn_worker(&mut running, nodes_w, n, c.clone(), |c, k| async move { nodes::reconcile(&c, k).await });
-        // Events matter less than workloads: a few at a time, so a burst's events do not hold up
-        // its pods.
-        spawn_worker(&mut running, events_w, 2, c.clone(), |c, k| async move { events::reconcile(&c, k).await });
-        c.queues.of::<Service>().add(("default".into(), "kubernetes".into()));
-        if c.opts.sync_all_nodes {
-            let lister = c.clone();
-            running.spawn(async move { nodes::list_host_nodes(&lister, Duration::from_secs(60)).await });
-        }
-        if c.opts.events_mark_service.is_some() {
-            let marker = c.clone();
-            running.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });
-        }
-        let initial = async {
-            while let Err(e) = dns::ensure(&c.virt, &coredns_image, &c.opts.cluster_domain).await {
-                tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            while !c.queues.all_idle() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let took = started.elapsed().as_secs_f64();
-            c.metrics.initial_sync_seconds.set(took);
-            c.health.synced();
-            tracing::info!(
-                seconds = took,
-                pods = c.stores.virt::<k8s_openapi::api::core::v1::Pod>().len(),
-                "initial sync done"
-            );
-            // Token Secrets orphaned while we were down.
-            tokens::sweep(&c).await;
-        };
-        // A worker that ends during the initial sync would leave its queue undrained for ever.
-        tokio::select! {
-            _ = initial => {}
-            Some(ended) = running.join_next() => return Stopped::TaskEnded(describe(ended)),
-        }
-        let mut tick = tokio::time::interval(RESYNC);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    resync.iter().for_each(|r| r(&c));
-                    c.stores.vnodes.state().iter().for_each(|n| c.queues.nodes.add(key_of(n.as_ref()).1));
-                    tokens::sweep(&c).await;
-                }
-                Some(ended) = running.join_next() => return Stopped::TaskEnded(describe(ended)),
-            }
-        }
-    };
+    let side_workers = sides.start(&ctx, &mut tasks);
+    let work = sync_forever(ctx, ready, workers, side_workers, resync, cfg.coredns_image);
     let result = tokio::select! {
-        stopped = main => Err(stopped),
+        stopped = work => Err(stopped),
         Some(ended) = tasks.join_next() => Err(Stopped::TaskEnded(describe(ended))),
         _ = shutdown => Ok(()),
     };
@@ -256,6 +153,163 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         health.stopped(e.to_string());
     }
     result
+}
+
+/// Once the caches are filled: the workers, the initial sync (CoreDNS installed, every queue
+/// drained once, orphaned tokens swept), then the resync every [`RESYNC`]. Returns only if a
+/// worker or loop ends.
+async fn sync_forever(
+    c: Arc<Context>,
+    ready: Vec<BoxFuture<'static, ()>>,
+    workers: Vec<SpawnWorkers>,
+    side_workers: SideWorkers,
+    resync: Vec<fn(&Context)>,
+    coredns_image: String,
+) -> Stopped {
+    let started = std::time::Instant::now();
+    futures::future::join_all(ready).await;
+    c.health.syncing();
+    tracing::info!(
+        pods = c.stores.virt::<Pod>().len(),
+        host_pods = c.stores.host::<Pod>().len(),
+        "caches ready; syncing"
+    );
+    if c.opts.sync_all_nodes {
+        nodes::list_host_nodes_once(&c).await;
+    }
+    let n = c.opts.concurrency;
+    let mut running = JoinSet::new();
+    for spawn in workers {
+        spawn(c.clone(), n, &mut running);
+    }
+    side_workers.spawn(&c, &mut running);
+    c.queues.upward::<Service>().add((services::API_SERVICE.0.into(), services::API_SERVICE.1.into()));
+    let initial = async {
+        while let Err(e) = dns::ensure(&c.virt, &coredns_image, &c.opts.cluster_domain).await {
+            tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        while !c.queues.all_idle() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let took = started.elapsed().as_secs_f64();
+        c.metrics.initial_sync_seconds.set(took);
+        c.health.synced();
+        tracing::info!(seconds = took, pods = c.stores.virt::<Pod>().len(), "initial sync done");
+        // Token Secrets orphaned while we were down.
+        tokens::sweep(&c).await;
+    };
+    // A worker that ends during the initial sync would leave its queue undrained for ever.
+    tokio::select! {
+        _ = initial => {}
+        Some(ended) = running.join_next() => return Stopped::TaskEnded(describe(ended)),
+    }
+    let mut tick = tokio::time::interval(RESYNC);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                resync.iter().for_each(|r| r(&c));
+                c.stores.vnodes.state().iter().for_each(|n| c.queues.nodes.add(key_of(n.as_ref()).1));
+                tokens::sweep(&c).await;
+            }
+            Some(ended) = running.join_next() => return Stopped::TaskEnded(describe(ended)),
+        }
+    }
+}
+
+/// The loops beside the synced kinds: virtual nodes, host events, virtual namespaces (watched
+/// for namespace selectors), tokens.
+struct Sides {
+    vnodes: Informer<Node>,
+    hevents: Informer<Event, Compact<Event>>,
+    vnamespaces: Informer<Namespace>,
+    queues: (Queue<String>, Queue<String>, Queue<String>),
+    workers: SideWorkers,
+}
+
+struct SideWorkers {
+    tokens: Worker<String>,
+    nodes: Worker<String>,
+    events: Worker<String>,
+}
+
+impl Sides {
+    /// The informers (their stores counted in `kinds`' readiness) and queues.
+    fn new(
+        virt: &Client,
+        host: &Client,
+        host_ns: &str,
+        metrics: &Metrics,
+        kinds: &mut Kinds,
+    ) -> Self {
+        let all = watcher::Config::default().any_semantic();
+        let vnodes =
+            Informer::new("virtual nodes", Api::<Node>::all(virt.clone()), all.clone().labels(nodes::LABEL_FAKE));
+        let hevents = Informer::new("host events", Api::<Event>::namespaced(host.clone(), host_ns), all.clone());
+        let vnamespaces = Informer::new("virtual namespaces", Api::<Namespace>::all(virt.clone()), all);
+        let (tokens_q, tokens) = queue::<String>("ServiceAccountToken", metrics.clone());
+        let (nodes_q, nodes) = queue::<String>("Node", metrics.clone());
+        let (events_q, events) = queue::<String>("Event", metrics.clone());
+        kinds.wait_for(vnodes.store());
+        kinds.wait_for(hevents.store());
+        kinds.wait_for(vnamespaces.store());
+        let workers = SideWorkers { tokens, nodes, events };
+        Sides { vnodes, hevents, vnamespaces, queues: (tokens_q, nodes_q, events_q), workers }
+    }
+
+    /// Every queue: the synced kinds' and these loops'.
+    fn queues(&self, kinds: KindQueues) -> Queues {
+        let (tokens, nodes, events) = self.queues.clone();
+        Queues { kinds, tokens, nodes, events }
+    }
+
+    /// Attaches the handlers and starts the watches.
+    fn start(self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>) -> SideWorkers {
+        let Sides { mut vnodes, mut hevents, mut vnamespaces, workers, .. } = self;
+        let c = ctx.clone();
+        vnodes.on_change(move |o, _| c.queues.nodes.add(key_of(o).1));
+        let c = ctx.clone();
+        hevents.on_change(move |o, change| {
+            // A relist brings every event the host still keeps; those already mirrored (up to the
+            // recorded mark) would cost two requests each for nothing.
+            if change == Change::Applied || (change == Change::Listed && events::after_mark(&c, o)) {
+                c.queues.events.add(key_of(o).1);
+            }
+        });
+        let c = ctx.clone();
+        vnamespaces.on_change(move |_, _| {
+            // Namespace labels decide what namespace selectors in policies match.
+            if c.opts.sync_network_policies {
+                let q = c.queues.of::<NetworkPolicy>();
+                c.stores.virt::<NetworkPolicy>().state().iter().for_each(|p| q.add(key_of(p.as_ref())));
+            }
+        });
+        tasks.spawn(vnodes.run());
+        tasks.spawn(hevents.run());
+        tasks.spawn(vnamespaces.run());
+        workers
+    }
+}
+
+impl SideWorkers {
+    fn spawn(self, c: &Arc<Context>, running: &mut JoinSet<()>) {
+        let n = c.opts.concurrency;
+        let SideWorkers { tokens, nodes, events } = self;
+        spawn_worker(running, tokens, n, c.clone(), |c, k| async move { tokens::reconcile(&c, k).await });
+        spawn_worker(running, nodes, n, c.clone(), |c, k| async move { nodes::reconcile(&c, k).await });
+        // Events matter less than workloads: a few at a time, so a burst's events do not hold up
+        // its pods.
+        spawn_worker(running, events, 2, c.clone(), |c, k| async move { events::reconcile(&c, k).await });
+        if c.opts.sync_all_nodes {
+            let lister = c.clone();
+            running.spawn(async move { nodes::list_host_nodes(&lister, Duration::from_secs(60)).await });
+        }
+        if c.opts.events_mark_service.is_some() {
+            let marker = c.clone();
+            running.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });
+        }
+    }
 }
 
 fn describe(ended: Result<(), tokio::task::JoinError>) -> String {
@@ -321,8 +375,9 @@ impl KindVisitor for Kinds<'_> {
             host = host.slimmed(slim);
         }
         let (q, w) = queue::<Key>(K::KIND, self.metrics.clone());
+        let (up_q, up_w) = K::UPWARD_QUEUE.map(|name| queue::<Key>(name, self.metrics.clone())).unzip();
         self.stores.insert::<K>(virt.store(), host.store());
-        self.queues.insert::<K>(q);
+        self.queues.insert::<K>(q, up_q);
         self.wait_for(virt.store());
         self.wait_for(host.store());
         self.start.push(Box::new(move |ctx, tasks| {
@@ -334,6 +389,9 @@ impl KindVisitor for Kinds<'_> {
             tasks.spawn(host.run());
         }));
         self.workers.push(Box::new(move |ctx, n, set| {
+            if let Some(up_w) = up_w {
+                spawn_worker(set, up_w, n, ctx.clone(), |c, k| async move { K::reflect(&c, k).await });
+            }
             spawn_worker(set, w, n, ctx, |c, k| async move { K::reconcile(&c, k).await })
         }));
         self.resync.push(resync::<K>);
@@ -349,15 +407,15 @@ where
     set.spawn(async move { w.run(n, move |k| f(ctx.clone(), k)).await });
 }
 
-/// Queues the virtual object a host object of ours mirrors.
+/// Queues the virtual object a host object of ours mirrors (on its kind's upward path).
 fn enqueue_owner(c: &Context, meta: &kube::api::ObjectMeta) {
     let Some(o) = c.tr.owner(meta) else { return };
-    if let Some(q) = c.queues.kinds.by_owner_kind(&o.kind) {
+    if let Some(q) = c.queues.kinds.for_host_change(&o.kind) {
         q.add((o.namespace, o.name));
     }
 }
 
-/// Every object of kind `K` looked at again, and every host copy's owner.
+/// Every object of kind `K` looked at again (downward), and every host copy's owner (upward).
 fn resync<K: SyncedKind>(c: &Context) {
     let q = c.queues.of::<K>();
     c.stores.virt::<K>().state().iter().for_each(|o| q.add(key_of(o.as_ref())));

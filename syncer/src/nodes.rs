@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus, Taint, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, Patch};
@@ -140,8 +140,8 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option
     let have_taints = current.and_then(|n| n.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
     if current.is_none() || have_taints != taints {
         // The whole list, so the API server's `not-ready` taint on a new node goes.
-        api.patch(name, &crate::sync::patch_params(), &Patch::Merge(serde_json::json!({"spec": {"taints": taints}})))
-            .await?;
+        let patch = Node { spec: Some(NodeSpec { taints: Some(taints), ..Default::default() }), ..Default::default() };
+        api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
         ctx.metrics.wrote(KIND, "taints");
     }
     let status = virtual_node_status(host);
@@ -153,11 +153,11 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option
             c.last_heartbeat_time = None;
             c.last_transition_time = None;
         }
-        serde_json::to_value((s.capacity, s.allocatable, s.addresses, s.node_info, conditions)).unwrap_or_default()
+        (s.capacity, s.allocatable, s.addresses, s.node_info, conditions)
     };
     if current.is_none() || unstamped(current.and_then(|n| n.status.as_ref())) != unstamped(Some(&status)) {
-        api.patch_status(name, &crate::sync::patch_params(), &Patch::Merge(serde_json::json!({ "status": status })))
-            .await?;
+        let patch = Node { status: Some(status), ..Default::default() };
+        api.patch_status(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
         ctx.metrics.wrote(KIND, "status");
     }
     Ok(())

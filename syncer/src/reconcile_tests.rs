@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response};
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::client::Body;
@@ -15,14 +15,16 @@ use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher::Event;
 use tower_test::mock::{self, Handle};
 
+use crate::compact::Compact;
 use crate::context::{Context, Options, Queues, Stores};
+use crate::informer::Change;
 use crate::kind::{KindQueues, KindStores, SyncedKind};
 use crate::naming::{LABEL_CLUSTER, Translator};
 use crate::queue::{Action, queue};
 
 type ApiServer = Handle<Request<Body>, Response<Body>>;
 
-/// A context with scripted virtual and host API servers, and ConfigMap stores the test fills.
+/// A context with scripted virtual and host API servers, and stores the test fills.
 struct Harness {
     ctx: Context,
     virt: ApiServer,
@@ -30,6 +32,8 @@ struct Harness {
     vconfigmaps: Writer<ConfigMap>,
     hconfigmaps: Writer<ConfigMap>,
     vservices: Writer<Service>,
+    vpods: Writer<Compact<Pod>>,
+    hpods: Writer<Compact<Pod>>,
 }
 
 fn harness() -> Harness {
@@ -39,13 +43,16 @@ fn harness() -> Harness {
     let host_client = Client::new(host_svc, "default");
     let (vconfigmaps, hconfigmaps) = (Writer::default(), Writer::default());
     let vservices = Writer::default();
+    let (vpods, hpods) = (Writer::default(), Writer::default());
     let mut kinds = KindStores::default();
+    kinds.insert::<Pod>(vpods.as_reader(), hpods.as_reader());
     kinds.insert::<ConfigMap>(vconfigmaps.as_reader(), hconfigmaps.as_reader());
     kinds.insert::<Service>(vservices.as_reader(), Writer::default().as_reader());
     let metrics = crate::Metrics::default();
     let mut queues = KindQueues::default();
-    queues.insert::<ConfigMap>(queue(<ConfigMap as SyncedKind>::KIND, metrics.clone()).0);
-    queues.insert::<Service>(queue(<Service as SyncedKind>::KIND, metrics.clone()).0);
+    queues.insert::<ConfigMap>(queue(<ConfigMap as SyncedKind>::KIND, metrics.clone()).0, None);
+    queues.insert::<Service>(queue(<Service as SyncedKind>::KIND, metrics.clone()).0, None);
+    queues.insert::<Pod>(queue("Pod", metrics.clone()).0, Some(queue("PodStatus", metrics.clone()).0));
     let ctx = Context {
         tr: Translator::new("vc", "host-ns"),
         policy: crate::policy::Policy { service_ranges: vec!["10.96.0.0/16".parse().unwrap()], ..Default::default() },
@@ -71,6 +78,7 @@ fn harness() -> Harness {
             hevents: Writer::default().as_reader(),
         },
         refs: Default::default(),
+        carried: Default::default(),
         queues: Queues {
             kinds: queues,
             tokens: queue("ServiceAccountToken", metrics.clone()).0,
@@ -86,7 +94,7 @@ fn harness() -> Harness {
         health: Default::default(),
         budget: crate::budget::WriteBudget::new(crate::budget::WRITES_PER_MINUTE),
     };
-    Harness { ctx, virt, host, vconfigmaps, hconfigmaps, vservices }
+    Harness { ctx, virt, host, vconfigmaps, hconfigmaps, vservices, vpods, hpods }
 }
 
 fn configmap(ns: &str, name: &str, uid: &str, data: &[(&str, &str)]) -> ConfigMap {
@@ -265,4 +273,120 @@ async fn a_virtual_ip_in_the_hosts_static_band_is_not_asked_for() {
     assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
     silent(&mut host).await;
     silent(&mut virt).await;
+}
+
+/// A virtual pod at `generation` running `image`, and its host copy as the downward path made it
+/// (translated, marked), scheduled on `node-1` and running.
+fn pod_pair(ctx: &Context, generation: i64, image: &str) -> (Pod, Pod) {
+    let v: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "default", "name": "web", "uid": "p1", "generation": generation,
+            "resourceVersion": "10", "labels": {"app": "web"}},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": image}]},
+    }))
+    .unwrap();
+    let env = crate::pods::translate::PodEnv {
+        translator: &ctx.tr,
+        policy: &ctx.policy,
+        api_ip: "10.96.0.1",
+        dns_ip: "10.96.0.10",
+        cluster_domain: "cluster.local",
+        service_links: &[],
+        namespaces: &[],
+        known_node: &|_| false,
+    };
+    let mut h = crate::pods::translate::host_pod(&env, &v).unwrap().pod;
+    h.metadata.generation = Some(1);
+    h.metadata.resource_version = Some("20".into());
+    h.spec.as_mut().unwrap().node_name = Some("node-1".into());
+    h.status = serde_json::from_value(serde_json::json!({
+        "phase": "Running", "podIP": "10.244.0.7", "hostIP": "192.168.0.2", "observedGeneration": 1,
+        "containerStatuses": [{"name": "c", "image": image, "imageID": "", "ready": true, "restartCount": 0}],
+    }))
+    .unwrap();
+    crate::pods::slim_host_pod(&mut h);
+    (v, h)
+}
+
+#[tokio::test]
+async fn a_host_status_change_goes_up_without_a_host_request_and_claims_only_a_carried_generation() {
+    let Harness { ctx, mut virt, mut host, mut vpods, mut hpods, .. } = harness();
+    let (v, h) = pod_pair(&ctx, 2, "nginx:1");
+    vpods.apply_watcher_event(&Event::Apply(Compact::new(v.clone())));
+    hpods.apply_watcher_event(&Event::Apply(Compact::new(h.clone())));
+    let ctx = Arc::new(ctx);
+    let key: crate::context::Key = ("default".into(), "web".into());
+    let reflect = |ctx: &Arc<Context>| {
+        let (c, k) = (ctx.clone(), key.clone());
+        tokio::spawn(async move { Pod::reflect(&c, k).await })
+    };
+
+    // Nothing says the copy carries generation 2: its status is shown, its generation is not.
+    let run = reflect(&ctx);
+    let (method, uri, sent) = expect(&mut virt, 200, serde_json::to_value(&v).unwrap()).await;
+    assert_eq!((method, uri.split('?').next().unwrap()), (Method::PATCH, "/api/v1/namespaces/default/pods/web/status"));
+    assert_eq!(sent["status"]["phase"], "Running");
+    assert_eq!(sent["status"]["podIP"], "10.244.0.7");
+    assert!(sent["status"].get("observedGeneration").is_none(), "{sent}");
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+    silent(&mut host).await;
+
+    // The downward path saw the copy carry generation 2 from host generation 1: observed.
+    let carried = crate::pods::Carried {
+        fingerprint: crate::pods::fingerprint(&v),
+        generation: Some(2),
+        host_generation: Some(1),
+    };
+    ctx.carried.record(&key, carried);
+    let run = reflect(&ctx);
+    let (_, _, sent) = expect(&mut virt, 200, serde_json::to_value(&v).unwrap()).await;
+    assert_eq!(sent["status"]["observedGeneration"], 2, "{sent}");
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+
+    // Carried from a later host generation than the host has observed: not yet.
+    ctx.carried.record(&key, crate::pods::Carried { host_generation: Some(2), ..carried });
+    let run = reflect(&ctx);
+    let (_, _, sent) = expect(&mut virt, 200, serde_json::to_value(&v).unwrap()).await;
+    assert!(sent["status"].get("observedGeneration").is_none(), "{sent}");
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+    silent(&mut host).await;
+    silent(&mut virt).await;
+}
+
+#[tokio::test]
+async fn a_new_image_goes_down_as_one_patch_and_its_echo_does_not() {
+    let Harness { ctx, mut virt, mut host, mut vpods, mut hpods, .. } = harness();
+    *ctx.dns_ip.write().unwrap() = Some("10.96.0.10".into());
+    let (_, h) = pod_pair(&ctx, 1, "nginx:1");
+    let (v, _) = pod_pair(&ctx, 2, "nginx:2");
+    vpods.apply_watcher_event(&Event::Apply(Compact::new(v.clone())));
+    hpods.apply_watcher_event(&Event::Apply(Compact::new(h.clone())));
+    let ctx = Arc::new(ctx);
+    let key: crate::context::Key = ("default".into(), "web".into());
+    let c = ctx.clone();
+    let run = tokio::spawn(async move { Pod::reconcile(&c, ("default".into(), "web".into())).await });
+
+    let mut patched = h.clone();
+    patched.metadata.generation = Some(2);
+    let (method, uri, sent) = expect(&mut host, 200, serde_json::to_value(&patched).unwrap()).await;
+    assert_eq!(method, Method::PATCH);
+    assert!(uri.starts_with("/api/v1/namespaces/host-ns/pods/web-x-default-x-vc?"), "{uri}");
+    assert_eq!(sent, serde_json::json!({"spec": {"containers": [{"name": "c", "image": "nginx:2"}]}}));
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+    silent(&mut host).await;
+    silent(&mut virt).await;
+    let carried = ctx.carried.get(&key).expect("recorded");
+    assert_eq!((carried.generation, carried.host_generation), (Some(2), Some(2)));
+    assert!(!ctx.queues.upward::<Pod>().is_idle(), "the status is looked at again");
+
+    // The echo of a status write (same generation, labels, annotations) is not sent down again;
+    // a label change is.
+    let mut echo = v.clone();
+    echo.status = Some(Default::default());
+    echo.metadata.resource_version = Some("11".into());
+    <Pod as SyncedKind>::on_virtual_change(&ctx, &echo, Change::Applied);
+    assert!(ctx.queues.of::<Pod>().is_idle(), "an echo went down");
+    let mut relabelled = echo.clone();
+    relabelled.metadata.labels = Some([("app".to_string(), "api".to_string())].into());
+    <Pod as SyncedKind>::on_virtual_change(&ctx, &relabelled, Change::Applied);
+    assert!(!ctx.queues.of::<Pod>().is_idle(), "a label change did not go down");
 }

@@ -99,7 +99,7 @@ pub fn differs(current: Option<&PodStatus>, desired: &PodStatus) -> bool {
     normalized(current.cloned().unwrap_or_default()) != normalized(desired.clone())
 }
 
-fn normalized(mut s: PodStatus) -> serde_json::Value {
+fn normalized(mut s: PodStatus) -> PodStatus {
     for c in s.conditions.iter_mut().flatten() {
         c.last_probe_time = None;
         c.last_transition_time = None;
@@ -107,7 +107,7 @@ fn normalized(mut s: PodStatus) -> serde_json::Value {
     if let Some(cs) = s.conditions.as_mut() {
         cs.sort_by(|a, b| a.type_.cmp(&b.type_));
     }
-    serde_json::to_value(s).unwrap_or_default()
+    s
 }
 
 #[cfg(test)]

@@ -202,11 +202,10 @@ impl CreateArgs {
         if self.labels.is_empty() && expiry.is_empty() {
             return Ok(());
         }
-        let labels: serde_json::Map<String, serde_json::Value> =
-            self.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
-        let patch = serde_json::json!({"metadata": {"labels": labels, "annotations": expiry}});
+        let patch = vkube_kubeclient::patch::MetadataPatch::annotations(expiry.into_iter().map(|(k, v)| (k, Some(v))))
+            .with_labels(self.labels.iter().map(|(k, v)| (k.clone(), Some(v.clone()))));
         Api::<Service>::namespaced(host.clone(), &self.target.namespace())
-            .patch(&names::service(&self.target.name), &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch))
+            .patch(&names::service(&self.target.name), &vkube_kubeclient::params::patch_params(), &Patch::Merge(&patch))
             .await
             .context("labelling the cluster (its control-plane Service)")?;
         Ok(())

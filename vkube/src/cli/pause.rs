@@ -46,8 +46,8 @@ impl PauseArgs {
         // Marked first: whatever happens next, the next control plane knows the host pods were
         // removed on purpose.
         let svc: Api<Service> = Api::namespaced(host.clone(), &ns);
-        let patch = serde_json::json!({"metadata": {"annotations": {names::ANNOTATION_PAUSED: "true"}}});
-        svc.patch(&names::service(&cluster.name), &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch))
+        let patch = vkube_kubeclient::patch::MetadataPatch::annotations([(names::ANNOTATION_PAUSED, Some("true"))]);
+        svc.patch(&names::service(&cluster.name), &vkube_kubeclient::params::patch_params(), &Patch::Merge(&patch))
             .await?;
         eprintln!("pausing virtual cluster {}", cluster.name);
         match cluster.mode {

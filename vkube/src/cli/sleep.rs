@@ -51,8 +51,9 @@ impl PowerArgs {
             eprintln!("virtual cluster {} is already {}", cluster.name, want.to_lowercase());
             return Ok(());
         }
-        let patch = serde_json::json!({"metadata": {"annotations": {names::ANNOTATION_POWER_REQUEST: request}}});
-        svc.patch(&name, &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch)).await?;
+        let patch =
+            vkube_kubeclient::patch::MetadataPatch::annotations([(names::ANNOTATION_POWER_REQUEST, Some(request))]);
+        svc.patch(&name, &vkube_kubeclient::params::patch_params(), &Patch::Merge(&patch)).await?;
         eprintln!("asked virtual cluster {} to {request}; waiting (up to {} s)", cluster.name, self.timeout.as_secs());
         let started = Instant::now();
         let old_since = since(&before);

@@ -112,9 +112,9 @@ impl Store {
         match self {
             Store::Chart { services, name } => {
                 let value = record.map(serde_json::to_string).transpose()?;
-                let patch = serde_json::json!({"metadata": {"annotations": {names::ANNOTATION_UPGRADE: value}}});
+                let patch = vkube_kubeclient::patch::MetadataPatch::annotations([(names::ANNOTATION_UPGRADE, value)]);
                 services
-                    .patch(name, &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch))
+                    .patch(name, &vkube_kubeclient::params::patch_params(), &Patch::Merge(&patch))
                     .await
                     .context("recording the upgrade on the cluster's host Service")?;
             }

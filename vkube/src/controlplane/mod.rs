@@ -437,8 +437,8 @@ async fn take_paused_mark(host: &kube::Client, namespace: &str, cluster: &str) -
     let svc = api.get_opt(&names::service(cluster)).await?;
     let paused = svc.and_then(|s| s.metadata.annotations).is_some_and(|a| a.contains_key(names::ANNOTATION_PAUSED));
     if paused {
-        let patch = serde_json::json!({"metadata": {"annotations": {names::ANNOTATION_PAUSED: null}}});
-        api.patch(&names::service(cluster), &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch)).await?;
+        let patch = vkube_kubeclient::patch::MetadataPatch::annotations([(names::ANNOTATION_PAUSED, None::<String>)]);
+        api.patch(&names::service(cluster), &vkube_kubeclient::params::patch_params(), &Patch::Merge(&patch)).await?;
     }
     Ok(paused)
 }

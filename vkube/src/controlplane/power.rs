@@ -242,7 +242,7 @@ impl<S: SyncerRunner> PowerController<S> {
             let new_window = window.is_some() && window != slept_window;
             slept_window = window;
             if self.pods_removed && self.syncer_health.initial_sync_done() {
-                self.patch_annotations(serde_json::json!({ ANNOTATION_PODS_REMOVED: null })).await;
+                self.patch_annotations([(ANNOTATION_PODS_REMOVED, None)]).await;
                 self.pods_removed = false;
             }
             let power = *self.ctl.power.borrow();
@@ -369,8 +369,7 @@ impl<S: SyncerRunner> PowerController<S> {
     /// has finished its initial sync: after a sleep, a restore, a fork.
     pub async fn mark_pods_removed(&mut self) {
         self.pods_removed = true;
-        self.patch_annotations(serde_json::json!({ ANNOTATION_PODS_REMOVED: jiff::Timestamp::now().to_string() }))
-            .await;
+        self.patch_annotations([(ANNOTATION_PODS_REMOVED, Some(jiff::Timestamp::now().to_string()))]).await;
     }
 
     async fn start_components(&mut self) -> anyhow::Result<()> {
@@ -410,11 +409,12 @@ impl<S: SyncerRunner> PowerController<S> {
         // Written first: a process that dies from here on comes back asleep and finishes, and
         // the syncers after it recreate the host pods until one has looked at every pod.
         self.pods_removed = true;
-        self.patch_annotations(serde_json::json!({
-            ANNOTATION_POWER: "GoingToSleep",
-            ANNOTATION_POWER_SINCE: jiff::Timestamp::now().to_string(),
-            ANNOTATION_PODS_REMOVED: jiff::Timestamp::now().to_string(),
-        }))
+        let now = jiff::Timestamp::now().to_string();
+        self.patch_annotations([
+            (ANNOTATION_POWER, Some("GoingToSleep".into())),
+            (ANNOTATION_POWER_SINCE, Some(now.clone())),
+            (ANNOTATION_PODS_REMOVED, Some(now)),
+        ])
         .await;
         self.syncer.stop().await;
         self.remove_host_pods().await;
@@ -467,35 +467,36 @@ impl<S: SyncerRunner> PowerController<S> {
         Api::namespaced(self.host.clone(), &self.namespace)
     }
 
-    async fn patch_annotations(&self, annotations: serde_json::Value) {
-        let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+    /// Sets (`Some`) or removes (`None`) annotations of the host Service.
+    async fn patch_annotations<const N: usize>(&self, annotations: [(&str, Option<String>); N]) {
+        let patch = vkube_kubeclient::patch::MetadataPatch::annotations(annotations);
         let svc = names::service(&self.name);
         if let Err(e) =
-            self.services().patch(&svc, &vkube_kubeclient::params::patch_params(), &Patch::Merge(patch)).await
+            self.services().patch(&svc, &vkube_kubeclient::params::patch_params(), &Patch::Merge(&patch)).await
         {
             tracing::warn!(error = %e, service = svc, "could not write the sleep state on the host Service");
         }
     }
 
     async fn persist_power(&self, power: &str) {
-        self.patch_annotations(serde_json::json!({
-            ANNOTATION_POWER: power,
-            ANNOTATION_POWER_SINCE: jiff::Timestamp::now().to_string(),
-        }))
+        self.patch_annotations([
+            (ANNOTATION_POWER, Some(power.to_string())),
+            (ANNOTATION_POWER_SINCE, Some(jiff::Timestamp::now().to_string())),
+        ])
         .await;
     }
 
     async fn persist_activity(&self, at: SystemTime, by: &str) {
         let at = jiff::Timestamp::try_from(at).unwrap_or_else(|_| jiff::Timestamp::now());
-        self.patch_annotations(serde_json::json!({
-            ANNOTATION_LAST_ACTIVITY: at.to_string(),
-            ANNOTATION_LAST_ACTIVITY_BY: by,
-        }))
+        self.patch_annotations([
+            (ANNOTATION_LAST_ACTIVITY, Some(at.to_string())),
+            (ANNOTATION_LAST_ACTIVITY_BY, Some(by.to_string())),
+        ])
         .await;
     }
 
     async fn clear_request(&self) {
-        self.patch_annotations(serde_json::json!({ ANNOTATION_POWER_REQUEST: null })).await;
+        self.patch_annotations([(ANNOTATION_POWER_REQUEST, None)]).await;
     }
 
     /// `vkube sleep` / `vkube wake`: the request annotation on the host Service, watched by name.

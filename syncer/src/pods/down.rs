@@ -1,0 +1,318 @@
+//! The downward path of a pod (virtual → host): its host copy created, kept in line, deleted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch};
+use kube::runtime::reflector::ObjectRef;
+
+use super::{Carried, KIND, fingerprint, patch, status, translate, up};
+use crate::context::{Context, Key};
+use crate::informer::key_of;
+use crate::kind::SyncedKind;
+use crate::queue::Action;
+use crate::refs::{self, RefKind};
+use crate::sync::{self, HostCopy, Result};
+use translate::PodEnv;
+
+pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
+    let host_name = ctx.tr.host_name(&ns, &name);
+    let v = ctx.stores.virt::<Pod>().get(&ObjectRef::new(&name).within(&ns)).map(|p| Arc::new(p.load()));
+    let h = sync::host_get(ctx.stores.host::<Pod>(), ctx, &host_name).map(|p| Arc::new(p.load()));
+
+    let Some(v) = v else {
+        // The virtual pod is gone (force-deleted, or while we were down): so goes its copy.
+        if let Some(h) = h
+            && sync::mirrors(ctx, h.as_ref(), KIND, &ns, &name).is_some()
+            && h.metadata.deletion_timestamp.is_none()
+        {
+            sync::delete_host(ctx, KIND, h.as_ref(), None).await?;
+        }
+        return Ok(Action::Done);
+    };
+    let uid = v.metadata.uid.clone().unwrap_or_default();
+    let copy = sync::classify(ctx, h, KIND, &ns, &name, &uid);
+    let key = (ns, name);
+    if !matches!(copy, HostCopy::Ours(_)) {
+        ctx.carried.forget(&key);
+    }
+
+    if v.metadata.deletion_timestamp.is_some() {
+        return match copy {
+            HostCopy::Ours(h) => {
+                if h.metadata.deletion_timestamp.is_none() {
+                    sync::delete_host(ctx, KIND, h.as_ref(), v.metadata.deletion_grace_period_seconds).await?;
+                }
+                // The host pod's disappearance brings us back; this is a safety net.
+                Ok(Action::RequeueAfter(Duration::from_secs(30)))
+            }
+            // Nothing (of ours) runs it: finish the deletion as a kubelet would.
+            _ => up::finalize(ctx, &v).await,
+        };
+    }
+
+    match copy {
+        HostCopy::Foreign(_) => {
+            sync::collision(ctx, v.as_ref(), &host_name).await;
+            Ok(Action::RequeueAfter(Duration::from_secs(300)))
+        }
+        HostCopy::Stale(h) => {
+            // Left by an earlier pod of the same name: it goes before the new one starts.
+            if h.metadata.deletion_timestamp.is_none() {
+                sync::delete_host(ctx, KIND, h.as_ref(), Some(0)).await?;
+            }
+            Ok(Action::RequeueAfter(Duration::from_millis(500)))
+        }
+        HostCopy::Absent => create(ctx, &v).await,
+        HostCopy::Ours(h) => {
+            if h.metadata.deletion_timestamp.is_some() {
+                // Evicted or deleted on the host: the virtual pod follows once the copy is gone.
+                return Ok(Action::Done);
+            }
+            if let Some(host_generation) = update_host(ctx, &v, &h).await? {
+                let carried =
+                    Carried { fingerprint: fingerprint(&v), generation: v.metadata.generation, host_generation };
+                if ctx.carried.record(&key, carried) {
+                    // What the virtual pod's status may say of its generation changed.
+                    ctx.queues.upward::<Pod>().add(key);
+                }
+            }
+            Ok(Action::Done)
+        }
+    }
+}
+
+async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
+    if ran_on_host(v) && !ctx.opts.recreate_lost_pods {
+        // Its host copy ran and is gone (evicted, deleted on the host, lost while we were down):
+        // the virtual pod goes too and its controller makes a new one, as on a real node loss.
+        return up::finalize(ctx, v).await;
+    }
+    let Some(dns_ip) = ctx.dns_ip() else {
+        // Pods are told the virtual DNS address; it exists moments after start.
+        return Ok(Action::RequeueAfter(Duration::from_millis(500)));
+    };
+    let links = service_links_for(ctx, v);
+    let namespaces = ctx.namespace_labels();
+    let nodes = if pins_nodes(v) { pod_nodes(ctx) } else { Default::default() };
+    let known_node = |n: &str| nodes.contains(n);
+    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &links, &namespaces, &known_node), v) {
+        Ok(t) => {
+            if !t.dropped.is_empty() {
+                let note = format!(
+                    "not carried to the host (the platform admin decides where pods run): {}",
+                    t.dropped.join("; ")
+                );
+                sync::warn(ctx, v, "SchedulingDropped", &note).await;
+            }
+            t.pod
+        }
+        Err(r) => {
+            sync::refuse(ctx, KIND, v, &r).await;
+            return Ok(Action::Done);
+        }
+    };
+    if let Some(conflict) = foreign_reference(ctx, v).await? {
+        let msg = format!(
+            "{conflict}; the pod is not started until it is (its data would be what the pod reads): rename the object in this cluster, or ask the host admin"
+        );
+        sync::warn(ctx, v, "HostNameConflict", &msg).await;
+        return Ok(Action::RequeueAfter(Duration::from_secs(60)));
+    }
+    for (secret, audience) in translate::token_secrets(&ctx.tr, v) {
+        let ensured = crate::tokens::ensure(ctx, v, &secret, audience.as_deref()).await;
+        if let Some(later) = held_by_another(ctx, v, &secret, "service-account token", ensured).await? {
+            return Ok(later);
+        }
+    }
+    let ns = v.metadata.namespace.as_deref().unwrap_or("default");
+    let secret = crate::trust_bundles::secret_name(&ctx.tr, ns, v.metadata.name.as_deref().unwrap_or_default());
+    let ensured = crate::trust_bundles::ensure(ctx, v).await;
+    if let Some(later) = held_by_another(ctx, v, &secret, "projected trust bundles", ensured).await? {
+        return Ok(later);
+    }
+    let created = sync::create_host(ctx, KIND, &desired).await;
+    if created.is_ok() {
+        // A new host copy is at generation 1 and carries this pod.
+        let carried =
+            Carried { fingerprint: fingerprint(v), generation: v.metadata.generation, host_generation: Some(1) };
+        ctx.carried.record(&key_of(v), carried);
+    }
+    sync::or_told(ctx, KIND, v, created).await
+}
+
+/// When the host Secret `secret` that would hold the pod's own data (`holds`) is another's, the
+/// pod is not started and its tenant is told; the reconcile looks again later.
+async fn held_by_another(
+    ctx: &Context,
+    v: &Pod,
+    secret: &str,
+    holds: &str,
+    ensured: Result<()>,
+) -> Result<Option<Action>> {
+    match ensured {
+        Err(sync::SyncError::Collision(_)) => {
+            let msg = format!(
+                "the host Secret {}/{secret} that would hold this pod's {holds} exists and is not managed by this virtual cluster; the pod is not started",
+                ctx.host_ns()
+            );
+            sync::warn(ctx, v, "HostNameConflict", &msg).await;
+            Ok(Some(Action::RequeueAfter(Duration::from_secs(300))))
+        }
+        other => other.map(|()| None),
+    }
+}
+
+/// A ConfigMap or Secret the pod refers to whose host name a host object not of this cluster
+/// holds (the host's kubelet would give the pod that object's data), described; `None` when
+/// every reference is ours or not on the host yet. Only names not in our stores are looked up,
+/// and only their metadata is read.
+async fn foreign_reference(ctx: &Context, v: &Pod) -> Result<Option<String>> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let ns = v.metadata.namespace.as_deref().unwrap_or_default();
+    for (kind, name) in refs::pod_refs(v) {
+        let host_name = ctx.tr.host_name(ns, &name);
+        let (kind, found) = match kind {
+            RefKind::ConfigMap if sync::host_get(ctx.stores.host::<ConfigMap>(), ctx, &host_name).is_none() => {
+                let api: Api<ConfigMap> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+                (<ConfigMap as SyncedKind>::KIND, api.get_metadata_opt(&host_name).await?.map(|m| m.metadata))
+            }
+            RefKind::Secret if sync::host_get(ctx.stores.host::<Secret>(), ctx, &host_name).is_none() => {
+                let api: Api<Secret> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+                (<Secret as SyncedKind>::KIND, api.get_metadata_opt(&host_name).await?.map(|m| m.metadata))
+            }
+            _ => continue,
+        };
+        if let Some(meta) = found
+            && ctx.tr.owner(&meta).filter(|o| o.is(kind, ns, &name)).is_none()
+        {
+            return Ok(Some(format!(
+                "{kind} {name:?}: the host {kind} {}/{host_name} is not managed by this virtual cluster",
+                ctx.host_ns()
+            )));
+        }
+    }
+    Ok(None)
+}
+
+fn pod_env<'a>(
+    ctx: &'a Context,
+    dns_ip: &'a str,
+    service_links: &'a [k8s_openapi::api::core::v1::EnvVar],
+    namespaces: &'a [crate::naming::NamespaceLabels],
+    known_node: &'a (dyn Fn(&str) -> bool + Sync),
+) -> PodEnv<'a> {
+    PodEnv {
+        translator: &ctx.tr,
+        policy: &ctx.policy,
+        api_ip: &ctx.opts.api_ip,
+        dns_ip,
+        cluster_domain: &ctx.opts.cluster_domain,
+        service_links,
+        namespaces,
+        known_node,
+    }
+}
+
+/// Whether the pod names host nodes (its node, or nodes in its affinity's fields).
+fn pins_nodes(v: &Pod) -> bool {
+    let Some(spec) = v.spec.as_ref() else { return false };
+    spec.node_name.is_some() || spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()).is_some()
+}
+
+/// The host nodes this cluster's pods run on, as the host says (not the virtual nodes, which the
+/// tenant can create at will), and with `--sync-all-nodes` those the admin's selector allows.
+fn pod_nodes(ctx: &Context) -> std::collections::BTreeSet<String> {
+    let mut nodes: std::collections::BTreeSet<String> =
+        ctx.stores.host::<Pod>().state().iter().filter_map(|p| p.load().spec.and_then(|s| s.node_name)).collect();
+    nodes.extend(ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+    nodes
+}
+
+/// The Service variables the virtual pod gets (unless it turned service links off), from the
+/// Services of its namespace that exist now, as a kubelet computes them when starting it.
+fn service_links_for(ctx: &Context, v: &Pod) -> Vec<k8s_openapi::api::core::v1::EnvVar> {
+    if v.spec.as_ref().and_then(|s| s.enable_service_links) == Some(false) {
+        return vec![];
+    }
+    let ns = v.metadata.namespace.as_deref().unwrap_or_default();
+    let services = ctx.stores.virt::<k8s_openapi::api::core::v1::Service>().state();
+    let in_ns: Vec<&k8s_openapi::api::core::v1::Service> =
+        services.iter().filter(|s| s.metadata.namespace.as_deref() == Some(ns)).map(|s| s.as_ref()).collect();
+    translate::service_links(&in_ns)
+}
+
+/// Whether the virtual pod has run on the host: only its host copy's status gives it a host IP.
+fn ran_on_host(v: &Pod) -> bool {
+    v.status.as_ref().and_then(|s| s.host_ip.as_ref()).is_some_and(|ip| !ip.is_empty())
+}
+
+/// Spec changes Kubernetes allows after creation (images, deadlines, tolerations, scheduling
+/// gates, resources, ephemeral containers), label or annotation changes and the tenant's
+/// readiness-gate conditions, carried to the host copy. Returns the host copy's generation from
+/// which it carries the virtual pod, or `None` if it does not (refused, or not compared yet).
+async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<Option<Option<i64>>> {
+    let Some(dns_ip) = ctx.dns_ip() else { return Ok(None) };
+    // Environment variables and affinity cannot change after creation: no service links or
+    // namespace labels to gather here (this runs for every pod at every resync).
+    // Node affinity cannot change either: no nodes to look up (what is dropped was told at creation).
+    let mut desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[], &[], &|_| false), v) {
+        Ok(t) => t.pod,
+        // Something added since creation (an ephemeral container) breaks the policy: it stays
+        // off the host, and the tenant is told.
+        Err(r) => {
+            sync::refuse(ctx, KIND, v, &r).await;
+            return Ok(None);
+        }
+    };
+    // What the host's own machinery added stays (no fight with its webhooks and controllers).
+    ctx.tr.keep_host_keys(&mut desired.metadata, &h.metadata);
+    let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let pp = sync::patch_params();
+    let name = h.metadata.name.as_deref().unwrap_or_default();
+    let mut carries = true;
+    // Each write answers with the host copy, whose generation it may have moved on.
+    let mut generation = h.metadata.generation;
+    let mut wrote = |p: Pod| generation = generation.max(p.metadata.generation);
+    if let Some(patch) = patch::host_pod_patch(&desired, h) {
+        sync::spend(ctx, KIND, name)?;
+        wrote(api.patch(name, &pp, &Patch::Strategic(&patch)).await?);
+        ctx.metrics.wrote(KIND, "update");
+    }
+    if let Some(patch) = patch::resize_patch(&desired, h) {
+        // In-place resize: container resources change only through their own subresource. The
+        // host may refuse what the virtual cluster accepted (its quota, its limit ranges): the
+        // tenant is told, and the host pod keeps running as it is.
+        match api.patch_subresource("resize", name, &pp, &Patch::Strategic(&patch)).await {
+            Ok(p) => {
+                wrote(p);
+                ctx.metrics.wrote(KIND, "resize");
+            }
+            Err(kube::Error::Api(e)) if matches!(e.code, 403 | 422) => {
+                let note = format!("the host refused the resize: {}", e.message);
+                sync::warn(ctx, v, "ResizeRefused", &note).await;
+                carries = false;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(patch) = patch::ephemeral_patch(&desired, h) {
+        // `kubectl debug`: ephemeral containers can only be added, through their subresource.
+        wrote(api.patch_subresource("ephemeralcontainers", name, &pp, &Patch::Strategic(&patch)).await?);
+        ctx.metrics.wrote(KIND, "ephemeral");
+    }
+    let gates = status::gates_down(v, h);
+    if !gates.is_empty() {
+        // Readiness gates: the tenant's conditions go to the host copy, whose kubelet counts them
+        // (a strategic merge: the kubelet's own conditions stay).
+        sync::spend(ctx, KIND, name)?;
+        let patch = Pod {
+            status: Some(k8s_openapi::api::core::v1::PodStatus { conditions: Some(gates), ..Default::default() }),
+            ..Default::default()
+        };
+        api.patch_status(name, &pp, &Patch::Strategic(&patch)).await?;
+        ctx.metrics.wrote(KIND, "gates");
+    }
+    Ok(carries.then_some(generation))
+}

@@ -1,0 +1,101 @@
+//! The upward path of a pod (host → virtual): bound to its host copy's node, its status shown,
+//! its deletion finished once the copy is gone, as a kubelet does.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch};
+use kube::runtime::reflector::ObjectRef;
+use vkube_kubeclient::delete::{Exactly, delete_exactly};
+
+use super::{KIND, status};
+use crate::context::{Context, Key};
+use crate::queue::Action;
+use crate::sync::{self, HostCopy, Result};
+
+pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
+    let host_name = ctx.tr.host_name(&ns, &name);
+    let v = ctx.stores.virt::<Pod>().get(&ObjectRef::new(&name).within(&ns)).map(|p| Arc::new(p.load()));
+    let h = sync::host_get(ctx.stores.host::<Pod>(), ctx, &host_name).map(|p| Arc::new(p.load()));
+    let key = (ns, name);
+    let uid = v.as_ref().and_then(|v| v.metadata.uid.clone()).unwrap_or_default();
+    let (Some(v), HostCopy::Ours(h)) = (v, sync::classify(ctx, h, KIND, &key.0, &key.1, &uid)) else {
+        // A copy gone, left behind or never made: the downward path deals with it (a copy lost
+        // on the host makes the virtual pod go, as on a node loss).
+        ctx.queues.of::<Pod>().add(key);
+        return Ok(Action::Done);
+    };
+    if v.metadata.deletion_timestamp.is_some() || h.metadata.deletion_timestamp.is_some() {
+        // Being deleted: the copy's disappearance brings the downward path to finish it.
+        return Ok(Action::Done);
+    }
+    if bind(ctx, &v, &h).await? {
+        // The binding changes the virtual pod; its watch event brings us back to compare the
+        // status with the fresh object.
+        return Ok(Action::Done);
+    }
+    // Generations are each object's own: the host copy's tells of the virtual pod's only when
+    // the downward path knows the copy carries the pod's current spec.
+    let carried = ctx
+        .carried
+        .get(&key)
+        .filter(|c| c.generation == v.metadata.generation && h.metadata.generation >= c.host_generation);
+    report_status(ctx, &v, &h, carried.is_some()).await?;
+    Ok(Action::Done)
+}
+
+/// Deletes the virtual pod for good (grace 0), as a kubelet confirms a pod has stopped.
+pub(super) async fn finalize(ctx: &Context, v: &Pod) -> Result<Action> {
+    let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
+    if delete_exactly(&api, &v.metadata, Some(0), Exactly::Object).await? {
+        ctx.metrics.wrote(KIND, "finalize");
+    }
+    Ok(Action::Done)
+}
+
+/// Binds the virtual pod to the virtual node named like its host copy's node. True if it bound.
+async fn bind(ctx: &Context, v: &Pod, h: &Pod) -> Result<bool> {
+    let Some(node) = h.spec.as_ref().and_then(|s| s.node_name.clone()) else { return Ok(false) };
+    if v.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
+        return Ok(false);
+    }
+    crate::nodes::ensure(ctx, &node).await?;
+    let ns = v.metadata.namespace.as_deref().unwrap_or_default();
+    let name = v.metadata.name.as_deref().unwrap_or_default();
+    let binding = Binding {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some(ns.into()), ..Default::default() },
+        target: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(node),
+            ..Default::default()
+        },
+    };
+    let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), ns);
+    match api.create_subresource::<Binding, serde_json::Value>("binding", name, &sync::post_params(), &binding).await {
+        Ok(_) => ctx.metrics.wrote(KIND, "bind"),
+        // Already bound (our own earlier attempt).
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(true)
+}
+
+async fn report_status(ctx: &Context, v: &Pod, h: &Pod, host_current: bool) -> Result<()> {
+    let desired = status::virtual_status(h, v, host_current);
+    if !status::differs(v.status.as_ref(), &desired) {
+        return Ok(());
+    }
+    let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
+    let mut patch = Pod { status: Some(desired), ..Default::default() };
+    if !status::gate_types(v).is_empty() {
+        // The whole condition list is replaced: a gate condition the tenant set since this pod
+        // was read must not be lost (a conflict brings a retry with the fresh pod).
+        patch.metadata.resource_version = v.metadata.resource_version.clone();
+    }
+    api.patch_status(v.metadata.name.as_deref().unwrap_or_default(), &sync::patch_params(), &Patch::Merge(&patch))
+        .await?;
+    ctx.metrics.wrote(KIND, "status");
+    Ok(())
+}

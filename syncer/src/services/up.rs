@@ -1,0 +1,163 @@
+//! The upward path of a Service (host → virtual): what the host allocated for the host copy
+//! (its address, node ports, load-balancer status) shown on the virtual Service.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec, ServiceStatus};
+use kube::api::{Api, Patch};
+use kube::runtime::reflector::ObjectRef;
+use vkube_kubeclient::delete::{Exactly, delete_exactly};
+
+use super::{DNS_SERVICE, KIND, cluster_ip};
+use crate::context::{Context, Key};
+use crate::queue::Action;
+use crate::sync::{self, HostCopy, Result};
+use vkube_core::contract::{ANNOTATION_PENDING_SINCE, ANNOTATION_UID, PENDING_UID};
+use vkube_kubeclient::patch::MetadataPatch;
+
+pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
+    if (ns.as_str(), name.as_str()) == super::API_SERVICE {
+        return api_service(ctx).await;
+    }
+    let host_name = ctx.tr.host_name(&ns, &name);
+    let v = ctx.stores.virt::<Service>().get(&ObjectRef::new(&name).within(&ns));
+    let h = sync::host_get(ctx.stores.host::<Service>(), ctx, &host_name);
+    let uid = v.as_ref().and_then(|v| v.metadata.uid.clone()).unwrap_or_default();
+    let (Some(v), HostCopy::Ours(h)) = (v, sync::classify(ctx, h, KIND, &ns, &name, &uid)) else {
+        // A copy gone, left behind, pending adoption or never made: the downward path deals with it.
+        ctx.queues.of::<Service>().add((ns, name));
+        return Ok(Action::Done);
+    };
+    if v.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::Done);
+    }
+    if super::allocation_differs(&v, &h) {
+        return follow_host_ip(ctx, &v, &h).await;
+    }
+    report_back(ctx, &v, &h).await?;
+    if (ns.as_str(), name.as_str()) == DNS_SERVICE {
+        *ctx.dns_ip.write().unwrap_or_else(|e| e.into_inner()) = cluster_ip(&h).map(str::to_string);
+    }
+    Ok(Action::Done)
+}
+
+/// Recreates the virtual Service with the host copy's ClusterIP (the only one pods can reach)
+/// and node ports.
+/// The host copy is marked pending first, so the brief absence of the virtual object is not
+/// taken for a deletion.
+async fn follow_host_ip(ctx: &Context, v: &Service, h: &Service) -> Result<Action> {
+    let (ns, name) =
+        (v.metadata.namespace.as_deref().unwrap_or_default(), v.metadata.name.as_deref().unwrap_or_default());
+    tracing::info!(namespace = ns, name, virtual_ip = ?cluster_ip(v), host_ip = ?cluster_ip(h), "recreating the virtual Service with the host's ClusterIP");
+    mark_pending(ctx, h.metadata.name.as_deref().unwrap_or_default()).await?;
+    let vapi: Api<Service> = Api::namespaced(ctx.virt.clone(), ns);
+    delete_exactly(&vapi, &v.metadata, None, Exactly::Object).await?;
+    let mut next = Service { metadata: v.metadata.clone(), spec: v.spec.clone(), status: None };
+    next.metadata.uid = None;
+    next.metadata.resource_version = None;
+    next.metadata.creation_timestamp = None;
+    next.metadata.managed_fields = None;
+    if let (Some(s), Some(hs)) = (next.spec.as_mut(), h.spec.as_ref()) {
+        s.cluster_ip = hs.cluster_ip.clone();
+        s.cluster_ips = hs.cluster_ips.clone();
+        s.health_check_node_port = hs.health_check_node_port;
+        // The tenant's ports, each with its host copy's node port (matched by port and protocol).
+        let proto = |p: &ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+        for p in s.ports.iter_mut().flatten() {
+            p.node_port =
+                hs.ports.iter().flatten().find(|h| h.port == p.port && proto(h) == proto(p)).and_then(|h| h.node_port);
+        }
+    }
+    vapi.create(&sync::post_params(), &next).await?;
+    ctx.metrics.wrote(KIND, "recreate_virtual");
+    Ok(Action::Done)
+}
+
+/// Node ports and load-balancer addresses come from the host.
+async fn report_back(ctx: &Context, v: &Service, h: &Service) -> Result<()> {
+    let vapi: Api<Service> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
+    let name = v.metadata.name.as_deref().unwrap_or_default();
+    let host_ports: BTreeMap<(i32, String), i32> = h
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter_map(|p| p.node_port.map(|np| ((p.port, p.protocol.clone().unwrap_or("TCP".into())), np)))
+        .collect();
+    if !host_ports.is_empty()
+        && let Some(vs) = v.spec.as_ref()
+    {
+        let mut ports = vs.ports.clone().unwrap_or_default();
+        let mut changed = false;
+        for p in ports.iter_mut() {
+            let want = host_ports.get(&(p.port, p.protocol.clone().unwrap_or("TCP".into()))).copied();
+            if want.is_some() && p.node_port != want {
+                p.node_port = want;
+                changed = true;
+            }
+        }
+        if changed {
+            // A JSON merge patch replaces the list whole: exactly the ports, with host node ports.
+            let patch =
+                Service { spec: Some(ServiceSpec { ports: Some(ports), ..Default::default() }), ..Default::default() };
+            vapi.patch(name, &sync::patch_params(), &Patch::Merge(&patch)).await?;
+            ctx.metrics.wrote(KIND, "update_virtual");
+        }
+    }
+    let host_lb = h.status.as_ref().and_then(|s| s.load_balancer.clone());
+    let virt_lb = v.status.as_ref().and_then(|s| s.load_balancer.clone());
+    if host_lb != virt_lb && host_lb.is_some() {
+        let patch = Service {
+            status: Some(ServiceStatus { load_balancer: host_lb, ..Default::default() }),
+            ..Default::default()
+        };
+        vapi.patch_status(name, &sync::patch_params(), &Patch::Merge(&patch)).await?;
+        ctx.metrics.wrote(KIND, "status");
+    }
+    Ok(())
+}
+
+/// The virtual `default/kubernetes` Service must carry the ClusterIP of the host Service in front
+/// of the proxy: in-cluster clients resolving `kubernetes.default` reach the virtual API server.
+async fn api_service(ctx: &Context) -> Result<Action> {
+    let vapi: Api<Service> = Api::namespaced(ctx.virt.clone(), "default");
+    let current = ctx.stores.virt::<Service>().get(&ObjectRef::new("kubernetes").within("default"));
+    let want = ctx.opts.api_ip.as_str();
+    let Some(current) = current else {
+        // The API server recreates it within seconds; then we fix its IP.
+        return Ok(Action::RequeueAfter(Duration::from_secs(2)));
+    };
+    if cluster_ip(&current) == Some(want) {
+        return Ok(Action::Done);
+    }
+    let mut next = Service { metadata: current.metadata.clone(), spec: current.spec.clone(), status: None };
+    next.metadata.uid = None;
+    next.metadata.resource_version = None;
+    next.metadata.creation_timestamp = None;
+    next.metadata.managed_fields = None;
+    if let Some(s) = next.spec.as_mut() {
+        s.cluster_ip = Some(want.to_string());
+        s.cluster_ips = Some(vec![want.to_string()]);
+    }
+    delete_exactly(&vapi, &current.metadata, None, Exactly::Object).await?;
+    match vapi.create(&sync::post_params(), &next).await {
+        Ok(_) => ctx.metrics.wrote(KIND, "api_service"),
+        // The API server recreated it first: try again.
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => {
+            return Ok(Action::RequeueAfter(Duration::from_millis(500)));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::Done)
+}
+
+pub async fn mark_pending(ctx: &Context, host_name: &str) -> Result<()> {
+    let api: Api<Service> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = MetadataPatch::annotations([
+        (ANNOTATION_UID, Some(PENDING_UID.to_string())),
+        (ANNOTATION_PENDING_SINCE, Some(now)),
+    ]);
+    api.patch(host_name, &sync::patch_params(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
