@@ -65,20 +65,48 @@ const HOST_SUBRESOURCE: [&str; 7] = [
     "sec-websocket-extensions",
 ];
 
+/// What a request through a pod's or Service's `proxy` subresource carries to its target besides:
+/// its content and the usual negotiation and conditional headers (still nothing that names or
+/// proves an identity).
+const HOST_PROXY: [&str; 10] = [
+    "content-type",
+    "content-encoding",
+    "accept-encoding",
+    "accept-language",
+    "cache-control",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "range",
+];
+
 /// The headers of a pod log/exec/attach/port-forward request to the host: the allowlist, plus
 /// `Connection: Upgrade` and `Upgrade` for an upgrade.
 pub fn for_host_subresource(from: &HeaderMap, upgrade: bool) -> HeaderMap {
     let mut out = HeaderMap::new();
-    for name in HOST_SUBRESOURCE {
-        for v in from.get_all(name) {
-            out.append(HeaderName::from_static(name), v.clone());
-        }
-    }
+    copy(from, &mut out, &HOST_SUBRESOURCE);
     if let (true, Some(to)) = (upgrade, from.get(header::UPGRADE)) {
         out.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         out.insert(header::UPGRADE, to.clone());
     }
     out
+}
+
+/// The headers of a `proxy` subresource request to the host: those of [`for_host_subresource`]
+/// and [`HOST_PROXY`].
+pub fn for_host_proxy(from: &HeaderMap, upgrade: bool) -> HeaderMap {
+    let mut out = for_host_subresource(from, upgrade);
+    copy(from, &mut out, &HOST_PROXY);
+    out
+}
+
+fn copy(from: &HeaderMap, to: &mut HeaderMap, names: &[&'static str]) {
+    for name in names {
+        for v in from.get_all(*name) {
+            to.append(HeaderName::from_static(name), v.clone());
+        }
+    }
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

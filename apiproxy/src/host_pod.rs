@@ -6,6 +6,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use k8s_openapi::api::authorization::v1::ResourceAttributes;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 
 use std::sync::Arc;
@@ -65,6 +66,67 @@ fn container_names(pod: &Pod) -> Vec<&str> {
 }
 
 impl Proxy {
+    /// Asks the virtual cluster whether the acting identity of `id` may `verb` the `subresource`
+    /// of `resource` `name` in `namespace`; `Forbidden` in the API server's words if not.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn authorize_subresource(
+        &self,
+        id: &Identity,
+        headers: &http::HeaderMap,
+        namespace: &str,
+        resource: &str,
+        subresource: &str,
+        name: &str,
+        verb: &str,
+    ) -> Result<(), ProxyError> {
+        let acting = self.auth.effective(id, headers).await?;
+        let attrs = ResourceAttributes {
+            namespace: Some(namespace.into()),
+            verb: Some(verb.into()),
+            group: Some(String::new()),
+            resource: Some(resource.into()),
+            subresource: Some(subresource.into()),
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        if !self.auth.allowed(&acting, attrs).await? {
+            return Err(ProxyError::Forbidden(format!(
+                "{resource} \"{name}\" is forbidden: User \"{}\" cannot {verb} resource \"{resource}/{subresource}\" in API group \"\" in the namespace \"{namespace}\"",
+                acting.user,
+            )));
+        }
+        Ok(())
+    }
+
+    /// The host copy of the virtual object `of` (of `kind`), read from the host, if it is ours
+    /// and mirrors exactly that object: a colliding host object that someone else owns, or one
+    /// left by an earlier object of the same name, is never reached.
+    pub(crate) async fn host_copy<K>(&self, kind: &str, of: &ObjectMeta) -> Result<K, ProxyError>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + k8s_openapi::serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let (namespace, name) = (of.namespace.as_deref().unwrap_or_default(), of.name.as_deref().unwrap_or_default());
+        let host_name = self.translator.host_name(namespace, name);
+        let copy = Api::<K>::namespaced(self.host.clone(), self.translator.host_namespace())
+            .get_opt(&host_name)
+            .await
+            .map_err(|e| ProxyError::upstream(format!("looking up the host copy of {kind} {namespace}/{name}"), e))?;
+        copy.filter(|c| {
+            self.translator
+                .owner(c.meta())
+                .is_some_and(|o| o.is(kind, namespace, name) && Some(&o.uid) == of.uid.as_ref())
+        })
+        .ok_or_else(|| {
+            ProxyError::Unavailable(format!(
+                "{} \"{name}\" is not running on the host yet; try again in a moment",
+                kind.to_lowercase()
+            ))
+        })
+    }
+
     pub(crate) async fn host_pod(
         &self,
         mut req: Request<Incoming>,
@@ -74,25 +136,7 @@ impl Proxy {
         sub: HostSubresource,
         session: Option<Arc<Activity>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let acting = self.auth.effective(id, req.headers()).await?;
-        let attrs = ResourceAttributes {
-            namespace: Some(namespace.into()),
-            verb: Some(sub.verb().into()),
-            group: Some(String::new()),
-            resource: Some("pods".into()),
-            subresource: Some(sub.as_str().into()),
-            name: Some(name.into()),
-            ..Default::default()
-        };
-        if !self.auth.allowed(&acting, attrs).await? {
-            return Err(ProxyError::Forbidden(format!(
-                "pods \"{name}\" is forbidden: User \"{}\" cannot {} resource \"pods/{}\" in API group \"\" in the namespace \"{namespace}\"",
-                acting.user,
-                sub.verb(),
-                sub.as_str()
-            )));
-        }
-
+        self.authorize_subresource(id, req.headers(), namespace, "pods", sub.as_str(), name, sub.verb()).await?;
         let virtual_pod = Api::<Pod>::namespaced(self.admin.clone(), namespace)
             .get_opt(name)
             .await
@@ -101,23 +145,8 @@ impl Proxy {
         let containers = container_names(&virtual_pod);
         let query = host_query(sub, req.uri().query(), &containers)
             .map_err(|why| ProxyError::BadRequest(format!("pods \"{name}\" {}: {why}", sub.as_str())))?;
-        // The host pod must be ours and mirror exactly this virtual pod: a colliding host pod that
-        // someone else owns must never be reached.
-        let host_name = self.translator.host_name(namespace, name);
-        let host_ns = self.translator.host_namespace();
-        let host_pod = Api::<Pod>::namespaced(self.host.clone(), host_ns)
-            .get_opt(&host_name)
-            .await
-            .map_err(|e| ProxyError::upstream("looking up the host pod", e))?;
-        let mirrors = host_pod
-            .as_ref()
-            .and_then(|p| self.translator.owner(&p.metadata))
-            .is_some_and(|o| o.is("Pod", namespace, name) && Some(&o.uid) == virtual_pod.metadata.uid.as_ref());
-        if !mirrors {
-            return Err(ProxyError::Unavailable(format!(
-                "pod \"{name}\" is not running on the host yet; try again in a moment"
-            )));
-        }
+        let host_pod: Pod = self.host_copy("Pod", &virtual_pod.metadata).await?;
+        let (host_ns, host_name) = (self.translator.host_namespace(), host_pod.metadata.name.unwrap_or_default());
 
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

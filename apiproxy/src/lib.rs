@@ -16,6 +16,7 @@ pub mod egress;
 pub mod error;
 pub mod headers;
 mod host_pod;
+mod host_proxy;
 pub mod metrics;
 pub mod route;
 mod services;
@@ -70,6 +71,25 @@ pub fn full(bytes: Bytes) -> ProxyBody {
 
 pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A request body read whole, at most `max` bytes; `what` names it and `advice` says what to do
+/// when it is larger (413).
+pub(crate) async fn read_limited(
+    body: hyper::body::Incoming,
+    max: usize,
+    what: &str,
+    advice: &str,
+) -> Result<bytes::Bytes, ProxyError> {
+    use http_body_util::BodyExt;
+    let collected =
+        http_body_util::Limited::new(body, max).collect().await.map_err(|e| match e
+            .downcast_ref::<http_body_util::LengthLimitError>()
+        {
+            Some(_) => ProxyError::TooLarge(format!("{what} is over {} MiB; {advice}", max >> 20)),
+            None => ProxyError::BadRequest(format!("reading the request body: {e}")),
+        })?;
+    Ok(collected.to_bytes())
 }
 
 /// What the proxy needs to know. PEM strings come from the control plane's PKI bundle.
@@ -303,6 +323,7 @@ impl Proxy {
                 let route_name = match route {
                     Route::Health(_) => "health",
                     Route::HostPod { .. } => "host_pod",
+                    Route::HostProxy { .. } => "host_proxy",
                     Route::CreateService { .. } => "create_service",
                     Route::PatchService => "patch_service",
                     Route::Refused(_) => "refused",
@@ -350,6 +371,9 @@ impl Proxy {
             Route::HostPod { namespace, name, subresource } => {
                 let session = counted.then(|| self.sleep.activity.clone());
                 self.host_pod(req, &id, &namespace, &name, subresource, session).await
+            }
+            Route::HostProxy { namespace, target, name, rest } => {
+                self.host_proxy(req, &id, &namespace, target, &name, &rest).await
             }
             Route::CreateService { namespace } => self.create_service(req, &id, &namespace).await,
             Route::PatchService => self.patch_service(req, &id).await,

@@ -30,6 +30,78 @@ impl HostSubresource {
     }
 }
 
+/// What a `proxy` subresource reaches: a pod, or a Service's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyTarget {
+    Pod,
+    Service,
+}
+
+impl ProxyTarget {
+    pub fn resource(self) -> &'static str {
+        match self {
+            ProxyTarget::Pod => "pods",
+            ProxyTarget::Service => "services",
+        }
+    }
+
+    pub fn kind(self) -> &'static str {
+        match self {
+            ProxyTarget::Pod => "Pod",
+            ProxyTarget::Service => "Service",
+        }
+    }
+}
+
+/// The name segment of a `proxy` subresource: `[scheme:]name[:port]`, as the API server reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyName {
+    /// `http` or `https`, if given.
+    pub scheme: Option<String>,
+    pub name: String,
+    /// A port number or name, if given.
+    pub port: Option<String>,
+}
+
+impl ProxyName {
+    /// Parses the segment; `Err` says what is wrong.
+    pub fn parse(segment: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = segment.split(':').collect();
+        let (scheme, name, port) = match parts.as_slice() {
+            [name] => (None, *name, None),
+            [name, port] => (None, *name, Some(*port)),
+            [scheme, name, port] => (Some(*scheme), *name, Some(*port)),
+            _ => return Err(format!("{segment:?} is not [scheme:]name[:port]")),
+        };
+        if let Some(s) = scheme.filter(|s| !s.is_empty() && !matches!(*s, "http" | "https")) {
+            return Err(format!("the scheme {s:?} is not http or https"));
+        }
+        if name.is_empty() {
+            return Err(format!("{segment:?} names no object"));
+        }
+        let filled = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_string);
+        Ok(ProxyName { scheme: filled(scheme), name: name.to_string(), port: filled(port) })
+    }
+
+    /// The segment again, for the object named `name` (the host copy's).
+    pub fn with_name(&self, name: &str) -> String {
+        let scheme = self.scheme.as_ref().map(|s| format!("{s}:")).unwrap_or_default();
+        let port = self.port.as_ref().map(|p| format!(":{p}")).unwrap_or_default();
+        format!("{scheme}{name}{port}")
+    }
+}
+
+/// The RBAC verb of a `proxy` request, as the API server derives it from the method.
+pub fn proxy_verb(method: &Method) -> &'static str {
+    match *method {
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => "get",
+    }
+}
+
 /// vkube's own endpoints under `/vkube/v1/` (a prefix the API server does not serve), for the
 /// cluster's admins: what `vkube snapshot`, `vkube restore` and `vkube reset` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +169,9 @@ pub enum Route {
     Health(Health),
     /// `/api/v1/namespaces/{ns}/pods/{name}/{log|exec|attach|portforward}`.
     HostPod { namespace: String, name: String, subresource: HostSubresource },
+    /// `/api/v1/namespaces/{ns}/{pods|services}/{[scheme:]name[:port]}/proxy{rest}`: through the
+    /// host API server to the host copy, which the host dials, never an address the tenant chose.
+    HostProxy { namespace: String, target: ProxyTarget, name: ProxyName, rest: String },
     /// `POST /api/v1/namespaces/{ns}/services`: the host Service is created first so both share
     /// one ClusterIP.
     CreateService { namespace: String },
@@ -205,12 +280,23 @@ pub fn route(method: &Method, path: &CanonicalPath) -> Route {
     }
     let segments: Vec<&str> = path.segments.iter().map(String::as_str).collect();
     match segments.as_slice() {
-        // The API server would dial the pod, service endpoint or node address, all of which the
-        // tenant controls (its nodes' addresses, its EndpointSlices): no proxying at all.
-        ["api", "v1", "namespaces", _, kind @ ("pods" | "services"), name, "proxy", ..]
-        | ["api", "v1", kind @ "nodes", name, "proxy", ..] => Route::Refused(format!(
+        // The virtual API server would dial the pod, service endpoint or node address, all of
+        // which the tenant controls (its nodes' addresses, its EndpointSlices): pods and Services
+        // are proxied by the host API server to their host copies instead, nodes not at all.
+        ["api", "v1", "namespaces", ns, kind @ ("pods" | "services"), name, "proxy", ..] => {
+            let target = if *kind == "pods" { ProxyTarget::Pod } else { ProxyTarget::Service };
+            match ProxyName::parse(name) {
+                Ok(name) => {
+                    // What follows `/proxy` as sent (a trailing slash included): the path on the target.
+                    let rest = path.path.splitn(9, '/').nth(8).map(|r| format!("/{r}")).unwrap_or_default();
+                    Route::HostProxy { namespace: ns.to_string(), target, name, rest }
+                }
+                Err(why) => Route::Refused(format!("{kind}/proxy: {why}")),
+            }
+        }
+        ["api", "v1", kind @ "nodes", name, "proxy", ..] => Route::Refused(format!(
             "{kind} \"{name}\" is forbidden: the {kind}/proxy subresource is not served by this virtual cluster \
-             (it would reach addresses the virtual cluster chooses); use kubectl port-forward or exec instead"
+             (it would reach the node address the virtual cluster chooses); use kubectl port-forward or exec instead"
         )),
         ["api", "v1", "proxy", ..] => {
             Route::Refused("the legacy /api/v1/proxy paths are not served by this virtual cluster".into())
@@ -344,16 +430,39 @@ mod tests {
     }
 
     #[test]
-    fn proxy_subresources_are_refused() {
-        for p in [
-            "/api/v1/namespaces/default/pods/web/proxy",
-            "/api/v1/namespaces/default/pods/web:8080/proxy/metrics",
-            "/api/v1/namespaces/default/services/https:api:443/proxy/",
-            "/api/v1/namespaces/default/services/%61pi/pr%6fxy",
-            "/api/v1/nodes/n1/proxy/configz",
-            "/api/v1/nodes/n1/proxy",
-            "/api/v1/proxy/namespaces/default/pods/web",
-        ] {
+    fn pod_and_service_proxies_go_to_the_host_with_their_path() {
+        let host = |p: &str| match r(&Method::GET, p) {
+            Route::HostProxy { namespace, target, name, rest } => (namespace, target, name.with_name("x"), rest),
+            other => panic!("{p}: {other:?}"),
+        };
+        let s = String::from;
+        assert_eq!(host("/api/v1/namespaces/default/pods/web/proxy"), (s("default"), ProxyTarget::Pod, s("x"), s("")));
+        assert_eq!(
+            host("/api/v1/namespaces/a/pods/web:8080/proxy/metrics"),
+            (s("a"), ProxyTarget::Pod, s("x:8080"), s("/metrics"))
+        );
+        assert_eq!(
+            host("/api/v1/namespaces/default/services/https:api:443/proxy/"),
+            (s("default"), ProxyTarget::Service, s("https:x:443"), s("/"))
+        );
+        assert_eq!(
+            host("/api/v1/namespaces/default/services/%61pi/pr%6fxy/a%20b/c"),
+            (s("default"), ProxyTarget::Service, s("x"), s("/a%20b/c")),
+            "encoded spellings are the same route, the rest as forwarded"
+        );
+        assert_eq!(host("/api/v1/namespaces/d/services/http:web:/proxy").2, "http:x", "an empty port is none");
+        for bad in ["/api/v1/namespaces/d/pods/file:web:80/proxy", "/api/v1/namespaces/d/pods/a:b:c:d/proxy"] {
+            assert!(matches!(r(&Method::GET, bad), Route::Refused(_)), "{bad}");
+        }
+        assert_eq!(proxy_verb(&Method::POST), "create");
+        assert_eq!(proxy_verb(&Method::HEAD), "get");
+    }
+
+    #[test]
+    fn node_and_legacy_proxies_are_refused() {
+        for p in
+            ["/api/v1/nodes/n1/proxy/configz", "/api/v1/nodes/n1/proxy", "/api/v1/proxy/namespaces/default/pods/web"]
+        {
             assert!(matches!(r(&Method::GET, p), Route::Refused(_)), "{p}");
         }
         assert_eq!(

@@ -303,17 +303,8 @@ fn parse_protobuf(body: &[u8]) -> Result<Requested, String> {
 
 /// A Service manifest, at most `MAX_BODY`.
 async fn read_body(body: Incoming) -> Result<Bytes, ProxyError> {
-    let collected =
-        http_body_util::Limited::new(body, MAX_BODY).collect().await.map_err(|e| match e
-            .downcast_ref::<http_body_util::LengthLimitError>(
-        ) {
-            Some(_) => ProxyError::TooLarge(format!(
-                "the Service manifest is over {} MiB; a Service is far smaller: check what is being sent",
-                MAX_BODY >> 20
-            )),
-            None => ProxyError::BadRequest(format!("reading the request body: {e}")),
-        })?;
-    Ok(collected.to_bytes())
+    crate::read_limited(body, MAX_BODY, "the Service manifest", "a Service is far smaller: check what is being sent")
+        .await
 }
 
 /// The media type of a Content-Type, lower case, without parameters; JSON if there is none.

@@ -64,7 +64,68 @@ fn fake_answer(sar: Sar, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "metadata": {}, "spec": {}, "status": {"allowed": matches!(sar, Sar::Allow)}}),
             ),
         },
-        _ => kube_status(StatusCode::NOT_FOUND, "NotFound"),
+        path => proxy_objects(req, path).unwrap_or_else(|| kube_status(StatusCode::NOT_FOUND, "NotFound")),
+    }
+}
+
+/// The host copy's metadata of virtual `kind` `name` (namespace default, uid `u-NAME`).
+fn host_meta(kind: &str, name: &str) -> serde_json::Value {
+    let tr = vkube_core::naming::Translator::new("vc", "host-ns");
+    serde_json::to_value(tr.host_meta(
+        kind,
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            uid: Some(format!("u-{name}")),
+            ..Default::default()
+        },
+    ))
+    .unwrap()
+}
+
+/// What the proxy subresources look up and reach: virtual pods `site` and `net` (whose host copy is
+/// on the host's network), Services `site` (a selector) and `manual` (none), their host copies, and
+/// the host API server's proxy paths, answered with what was asked of them.
+fn proxy_objects(req: &Request<Incoming>, path: &str) -> Option<Response<Full<Bytes>>> {
+    let meta = |name: &str| serde_json::json!({"name": name, "namespace": "default", "uid": format!("u-{name}")});
+    let ok = |v| Some(json(StatusCode::OK, v));
+    match path {
+        "/api/v1/namespaces/default/pods/site" | "/api/v1/namespaces/default/pods/net" => {
+            let name = path.rsplit('/').next().unwrap();
+            ok(
+                serde_json::json!({"kind": "Pod", "apiVersion": "v1", "metadata": meta(name), "spec": {"containers": [{"name": "c"}]}}),
+            )
+        }
+        "/api/v1/namespaces/host-ns/pods/site-x-default-x-vc" => ok(
+            serde_json::json!({"kind": "Pod", "apiVersion": "v1", "metadata": host_meta("Pod", "site"), "spec": {"containers": [{"name": "c"}]}}),
+        ),
+        "/api/v1/namespaces/host-ns/pods/net-x-default-x-vc" => {
+            ok(serde_json::json!({"kind": "Pod", "apiVersion": "v1",
+            "metadata": host_meta("Pod", "net"), "spec": {"hostNetwork": true, "containers": [{"name": "c"}]}}))
+        }
+        "/api/v1/namespaces/default/services/site" => ok(serde_json::json!({"kind": "Service", "apiVersion": "v1",
+            "metadata": meta("site"), "spec": {"selector": {"app": "web"}}})),
+        "/api/v1/namespaces/default/services/manual" => {
+            ok(serde_json::json!({"kind": "Service", "apiVersion": "v1", "metadata": meta("manual"), "spec": {}}))
+        }
+        "/api/v1/namespaces/host-ns/services/site-x-default-x-vc" => {
+            ok(serde_json::json!({"kind": "Service", "apiVersion": "v1", "metadata": host_meta("Service", "site")}))
+        }
+        p if p.starts_with("/api/v1/namespaces/host-ns/") && p.contains("/proxy") => {
+            let mut headers: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
+            headers.sort();
+            let mut resp = json(
+                StatusCode::OK,
+                serde_json::json!({"method": req.method().as_str(), "path": p, "query": req.uri().query(), "headers": headers}),
+            );
+            if p.ends_with("/redirect") {
+                let to = p.replace("/redirect", "/elsewhere");
+                *resp.status_mut() = StatusCode::FOUND;
+                resp.headers_mut().insert("location", to.parse().unwrap());
+            }
+            Some(resp)
+        }
+        _ => None,
     }
 }
 
@@ -353,10 +414,10 @@ async fn paths_are_routed_as_the_api_server_reads_them() {
         let (code, body) = proxy.get(path, Credential::Cert, &[]).await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{path}: {body}");
     }
-    for path in ["/api/v1/namespaces/default/pods/web/proxy/", "/api/v1/nodes/n/pr%6Fxy/metrics"] {
+    for path in ["/api/v1/nodes/n/pr%6Fxy/metrics", "/api/v1/proxy/namespaces/default/pods/web"] {
         let (code, body) = proxy.get(path, Credential::Cert, &[]).await;
         assert_eq!(code, StatusCode::FORBIDDEN, "{path}: {body}");
-        assert!(body["message"].as_str().unwrap().contains("proxy subresource is not served"), "{body}");
+        assert!(body["message"].as_str().unwrap().contains("not served"), "{body}");
         let (code, _) = proxy.get(path, Credential::None, &[]).await;
         assert_eq!(code, StatusCode::UNAUTHORIZED, "refusals come after authentication");
     }
@@ -541,4 +602,61 @@ async fn vkube_operations_need_rbac_on_their_path_and_never_wake_the_cluster() {
     let none = serve_proxy(fake_api_server(Sar::Allow).await).await;
     let (code, _) = none.get("/vkube/v1/snapshot", Credential::Token, &[]).await;
     assert_eq!(code, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn pod_and_service_proxies_reach_only_the_host_copy_with_the_hosts_credentials() {
+    let proxy = serve_proxy(fake_api_server(Sar::Allow).await).await;
+    let headers =
+        &[("impersonate-user", "bob"), ("x-remote-user", "root"), ("content-type", "text/plain"), ("x-custom", "1")];
+    let (code, body) = proxy
+        .send(
+            http::Method::POST,
+            "/api/v1/namespaces/default/pods/site:8080/proxy/a/b?q=1",
+            Credential::Token,
+            headers,
+            Bytes::from("payload"),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["method"], "POST");
+    assert_eq!(body["path"], "/api/v1/namespaces/host-ns/pods/site-x-default-x-vc:8080/proxy/a/b");
+    assert_eq!(body["query"], "q=1");
+    let sent: Vec<&str> = body["headers"].as_array().unwrap().iter().map(|h| h.as_str().unwrap()).collect();
+    assert!(sent.contains(&"content-type"), "{sent:?}");
+    for never in ["authorization", "impersonate-user", "x-remote-user", "x-custom"] {
+        assert!(!sent.contains(&never), "{never} reached the host: {sent:?}");
+    }
+
+    let (code, body) =
+        proxy.get("/api/v1/namespaces/default/services/https:site:443/proxy/", Credential::Cert, &[]).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["path"], "/api/v1/namespaces/host-ns/services/https:site-x-default-x-vc:443/proxy/");
+
+    // A redirect the host wrote for its own path comes back with the virtual one.
+    let stream = proxy.connect(&Credential::Cert).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("/api/v1/namespaces/default/pods/site/proxy/redirect")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    assert_eq!(resp.headers()["location"], "/api/v1/namespaces/default/pods/site/proxy/elsewhere");
+
+    for (path, why) in [
+        ("/api/v1/namespaces/default/pods/net/proxy/", "host's network"),
+        ("/api/v1/namespaces/default/services/manual/proxy/", "only Services with a selector"),
+        ("/api/v1/namespaces/default/pods/gone/proxy/", "not found"),
+    ] {
+        let (code, body) = proxy.get(path, Credential::Cert, &[]).await;
+        assert!(matches!(code, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND), "{path}: {code} {body}");
+        assert!(body["message"].as_str().unwrap().contains(why), "{path}: {body}");
+    }
+    let denied = serve_proxy(fake_api_server(Sar::Deny).await).await;
+    let (code, body) = denied.get("/api/v1/namespaces/default/pods/site/proxy/", Credential::Cert, &[]).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("cannot get resource \"pods/proxy\""), "{body}");
 }

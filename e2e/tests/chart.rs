@@ -429,6 +429,10 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
     for (verb, resource, ns, allowed) in [
         ("create", "pods", NS, true),
         ("create", "pods/exec", NS, true),
+        ("delete", "pods/proxy", NS, true),
+        ("get", "services/proxy", NS, true),
+        ("get", "services/proxy", "default", false),
+        ("get", "nodes/proxy", "", false),
         ("patch", "secrets", NS, true),
         ("deletecollection", "pods", NS, true),
         ("create", "events.events.k8s.io", NS, true),

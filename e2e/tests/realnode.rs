@@ -183,6 +183,29 @@ async fn tenant_pods_really_run_and_reach_their_own_cluster() {
     let _ = pf.kill();
     let _ = pf.wait();
 
+    // pods/proxy and services/proxy reach the real container through the host API server, for
+    // who may use them; a selector-less Service's (addresses the tenant wrote) are refused.
+    let web = a.kubectl_ok(&["get", "pod", "-n", "other", "-l", "app=web", "-o", "jsonpath={.items[0].metadata.name}"]);
+    for path in [
+        format!("/api/v1/namespaces/other/pods/{web}:8080/proxy/"),
+        "/api/v1/namespaces/other/services/web:80/proxy/index.html".to_string(),
+        "/api/v1/namespaces/other/services/http:web:/proxy/".to_string(),
+    ] {
+        assert_eq!(a.kubectl_ok(&["get", "--raw", &path]), "served-by-web\n", "{path}");
+    }
+    let as_reader = a.kubectl(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/other/services/web:80/proxy/",
+        "--as=system:serviceaccount:default:reader",
+    ]);
+    assert!(String::from_utf8_lossy(&as_reader.stderr).contains("forbidden"), "{as_reader:?}");
+    a.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: manual, namespace: other}\nspec:\n  ports: [{port: 80}]\n",
+    );
+    let manual = a.kubectl(&["get", "--raw", "/api/v1/namespaces/other/services/manual:80/proxy/"]);
+    assert!(String::from_utf8_lossy(&manual.stderr).contains("only Services with a selector"), "{manual:?}");
+
     // Everything the node changed on the machine is undone when the environment goes.
     drop(a);
     drop(b);

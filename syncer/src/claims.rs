@@ -40,7 +40,8 @@ impl Mirror for PersistentVolumeClaim {
     }
 
     async fn back(ctx: &Context, v: &Self, h: &Self) -> Result<()> {
-        if v.status == h.status {
+        // A host claim without a status yet has nothing to say.
+        if v.status == h.status || h.status.is_none() {
             return Ok(());
         }
         let patch = Self { status: h.status.clone(), ..Default::default() };

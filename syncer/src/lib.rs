@@ -236,13 +236,7 @@ struct SideWorkers {
 
 impl Sides {
     /// The informers (their stores counted in `kinds`' readiness) and queues.
-    fn new(
-        virt: &Client,
-        host: &Client,
-        host_ns: &str,
-        metrics: &Metrics,
-        kinds: &mut Kinds,
-    ) -> Self {
+    fn new(virt: &Client, host: &Client, host_ns: &str, metrics: &Metrics, kinds: &mut Kinds) -> Self {
         let all = watcher::Config::default().any_semantic();
         let vnodes =
             Informer::new("virtual nodes", Api::<Node>::all(virt.clone()), all.clone().labels(nodes::LABEL_FAKE));

@@ -143,10 +143,11 @@ where
     Ok(())
 }
 
-/// Creates a host object. If one of that name exists it is checked: ours (a race with our own
-/// earlier write) is fine, the host watch brings it; anything else is a [`SyncError::Collision`]
-/// (host watches select our objects only, so a foreign one is first met here).
-pub async fn create_host<K>(ctx: &Context, kind: &'static str, desired: &K) -> Result<()>
+/// Creates a host object; says whether this call created it. If one of that name exists it is
+/// checked: ours (a race with our own earlier write) is fine, the host watch brings it; anything
+/// else is a [`SyncError::Collision`] (host watches select our objects only, so a foreign one is
+/// first met here).
+pub async fn create_host<K>(ctx: &Context, kind: &'static str, desired: &K) -> Result<bool>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
 {
@@ -156,16 +157,16 @@ where
     match api.create(&post_params(), desired).await {
         Ok(_) => {
             ctx.metrics.wrote(kind, "create");
-            Ok(())
+            Ok(true)
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let existing = api.get_opt(&name).await?;
             let want = ctx.tr.owner(desired.meta());
             let found = existing.as_ref().and_then(|o| ctx.tr.owner(o.meta()));
             match (want, found) {
-                (Some(w), Some(o)) if o.is(&w.kind, &w.namespace, &w.name) => Ok(()),
+                (Some(w), Some(o)) if o.is(&w.kind, &w.namespace, &w.name) => Ok(false),
                 // Gone again in between: the next reconcile creates it.
-                _ if existing.is_none() => Ok(()),
+                _ if existing.is_none() => Ok(false),
                 _ => Err(SyncError::Collision(format!("{}/{name}", ctx.host_ns()))),
             }
         }
@@ -196,14 +197,14 @@ fn refusal_reason(e: &kube::core::Status) -> &'static str {
 
 /// Tells the tenant why a create did not happen: a collision (Warning, slow retry) or a host
 /// refusal (Warning quoting the host, retried with the queue's backoff: the quota may free up).
-pub async fn or_told<V: Resource<DynamicType = ()>>(
+pub async fn or_told<V: Resource<DynamicType = ()>, T>(
     ctx: &Context,
     kind: &'static str,
     v: &V,
-    r: Result<()>,
+    r: Result<T>,
 ) -> Result<crate::queue::Action> {
     match r {
-        Ok(()) => Ok(crate::queue::Action::Done),
+        Ok(_) => Ok(crate::queue::Action::Done),
         Err(SyncError::Collision(name)) => {
             collision(ctx, v, name.rsplit('/').next().unwrap_or_default()).await;
             Ok(crate::queue::Action::RequeueAfter(std::time::Duration::from_secs(300)))

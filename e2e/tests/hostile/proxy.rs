@@ -197,14 +197,23 @@ spec:
     ] {
         assert_status(case, &raw(&admin, "GET", path, &[], vec![]).await, 400, "request path");
     }
-    for (case, path) in [
-        ("node proxy", "/api/v1/nodes/evil/proxy/configz"),
-        ("node proxy, encoded", "/api/v1/nodes/evil/pr%6Fxy/pods"),
-        ("pod proxy", "/api/v1/namespaces/default/pods/web/proxy/"),
-        ("pod proxy with a port", "/api/v1/namespaces/default/pods/web:8080/proxy/metrics"),
-        ("service proxy", &format!("/api/v1/namespaces/default/services/cache:{port}/proxy/")),
-    ] {
+    for (case, path) in
+        [("node proxy", "/api/v1/nodes/evil/proxy/configz"), ("node proxy, encoded", "/api/v1/nodes/evil/pr%6Fxy/pods")]
+    {
         assert_status(case, &raw(&admin, "GET", path, &[], vec![]).await, 403, "proxy subresource is not served");
+    }
+    // A selector-less Service's endpoints are addresses the tenant wrote: never proxied.
+    let service_proxy = format!("/api/v1/namespaces/default/services/cache:{port}/proxy/");
+    assert_status("service proxy", &raw(&admin, "GET", &service_proxy, &[], vec![]).await, 403, "with a selector");
+    // A pod is proxied by the host API server to its host copy's address (the host's choice),
+    // never to the node address or pod status the tenant wrote.
+    for (case, path) in [
+        ("pod proxy", "/api/v1/namespaces/default/pods/web/proxy/"),
+        ("pod proxy with a port", &format!("/api/v1/namespaces/default/pods/web:{port}/proxy/metrics")),
+    ] {
+        if let Ok((code, body)) = try_raw(&admin, "GET", path, &[], vec![]).await {
+            assert!(!(200..300).contains(&code), "{case}: {code} {body}");
+        }
     }
     let kubectl_proxy = vc.kubectl(&["get", "--raw", "/api/v1/nodes/evil/proxy/healthz"]);
     assert!(!kubectl_proxy.status.success(), "kubectl get --raw node proxy");

@@ -23,6 +23,7 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
 
     let Some(v) = v else {
         // The virtual pod is gone (force-deleted, or while we were down): so goes its copy.
+        ctx.carried.forget(&(ns.clone(), name.clone()));
         if let Some(h) = h
             && sync::mirrors(ctx, h.as_ref(), KIND, &ns, &name).is_some()
             && h.metadata.deletion_timestamp.is_none()
@@ -70,7 +71,11 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
                 // Evicted or deleted on the host: the virtual pod follows once the copy is gone.
                 return Ok(Action::Done);
             }
-            if let Some(host_generation) = update_host(ctx, &v, &h).await? {
+            let Some(dns_ip) = ctx.dns_ip() else {
+                // Known moments after start (the DNS Service's upward path).
+                return Ok(Action::RequeueAfter(Duration::from_millis(500)));
+            };
+            if let Some(host_generation) = update_host(ctx, &v, &h, &dns_ip).await? {
                 let carried =
                     Carried { fingerprint: fingerprint(&v), generation: v.metadata.generation, host_generation };
                 if ctx.carried.record(&key, carried) {
@@ -133,6 +138,10 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         return Ok(later);
     }
     let created = sync::create_host(ctx, KIND, &desired).await;
+    if let Ok(false) = created {
+        // One of ours was there already (the host watch had not brought it): compared once it has.
+        return Ok(Action::RequeueAfter(Duration::from_secs(1)));
+    }
     if created.is_ok() {
         // A new host copy is at generation 1 and carries this pod.
         let carried =
@@ -251,13 +260,12 @@ fn ran_on_host(v: &Pod) -> bool {
 /// Spec changes Kubernetes allows after creation (images, deadlines, tolerations, scheduling
 /// gates, resources, ephemeral containers), label or annotation changes and the tenant's
 /// readiness-gate conditions, carried to the host copy. Returns the host copy's generation from
-/// which it carries the virtual pod, or `None` if it does not (refused, or not compared yet).
-async fn update_host(ctx: &Context, v: &Pod, h: &Pod) -> Result<Option<Option<i64>>> {
-    let Some(dns_ip) = ctx.dns_ip() else { return Ok(None) };
+/// which it carries the virtual pod, or `None` if it does not (refused).
+async fn update_host(ctx: &Context, v: &Pod, h: &Pod, dns_ip: &str) -> Result<Option<Option<i64>>> {
     // Environment variables and affinity cannot change after creation: no service links or
     // namespace labels to gather here (this runs for every pod at every resync).
     // Node affinity cannot change either: no nodes to look up (what is dropped was told at creation).
-    let mut desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &[], &[], &|_| false), v) {
+    let mut desired = match translate::host_pod(&pod_env(ctx, dns_ip, &[], &[], &|_| false), v) {
         Ok(t) => t.pod,
         // Something added since creation (an ephemeral container) breaks the policy: it stays
         // off the host, and the tenant is told.

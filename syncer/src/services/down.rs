@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use kube::api::{Api, Patch};
 use kube::runtime::reflector::ObjectRef;
 use vkube_core::contract::{ANNOTATION_PENDING_SINCE, ANNOTATION_UID, PENDING_UID};
+use vkube_kubeclient::delete::{Exactly, delete_exactly};
 use vkube_kubeclient::patch::MetadataPatch;
 
-use super::{KIND, PENDING_GRACE, asks_for_ports, differs, host_service, pending_fresh};
+use super::{KIND, PENDING_GRACE, asks_for_ports, cluster_ip, differs, host_service, pending_fresh};
 use crate::context::{Context, Key};
 use crate::queue::Action;
 use crate::sync::{self, HostCopy, Result};
@@ -62,9 +63,7 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
                 adopt(ctx, &h, &uid).await?;
             }
             if super::allocation_differs(&v, &h) {
-                // The virtual Service follows the host's allocation (upward).
-                ctx.queues.upward::<Service>().add((ns, name));
-                return Ok(Action::Done);
+                return follow_host_ip(ctx, &v, &h).await;
             }
             let mut desired = desired;
             ctx.tr.keep_host_keys(&mut desired.metadata, &h.metadata);
@@ -105,7 +104,7 @@ async fn create(ctx: &Context, v: &Service, desired: Service) -> Result<Action> 
         return sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &host_chooses(desired)).await).await;
     }
     match sync::create_host(ctx, KIND, &desired).await {
-        Ok(()) => Ok(Action::Done),
+        Ok(_) => Ok(Action::Done),
         // The virtual IP or a node port is taken (or not valid) on the host: let the host
         // choose, then the virtual Service follows it.
         Err(sync::SyncError::HostRefused { code: 422, message, .. }) if asks_for_ports(&desired) => {
@@ -114,7 +113,7 @@ async fn create(ctx: &Context, v: &Service, desired: Service) -> Result<Action> 
             let retry = if message.contains("odePort") { ports_to_host(desired) } else { host_chooses(desired) };
             sync::or_told(ctx, KIND, v, sync::create_host(ctx, KIND, &retry).await).await
         }
-        Err(e) => sync::or_told(ctx, KIND, v, Err(e)).await,
+        Err(e) => sync::or_told(ctx, KIND, v, Err::<(), _>(e)).await,
     }
 }
 
@@ -147,5 +146,48 @@ async fn adopt(ctx: &Context, h: &Service, uid: &str) -> Result<()> {
     let patch = MetadataPatch::annotations([(ANNOTATION_UID, Some(uid)), (ANNOTATION_PENDING_SINCE, None)]);
     api.patch(h.metadata.name.as_deref().unwrap_or_default(), &sync::patch_params(), &Patch::Merge(&patch)).await?;
     ctx.metrics.wrote(KIND, "adopt");
+    Ok(())
+}
+
+/// Recreates the virtual Service with the host copy's ClusterIP (the only one pods can reach)
+/// and node ports.
+/// The host copy is marked pending first, so the brief absence of the virtual object is not
+/// taken for a deletion.
+async fn follow_host_ip(ctx: &Context, v: &Service, h: &Service) -> Result<Action> {
+    let (ns, name) =
+        (v.metadata.namespace.as_deref().unwrap_or_default(), v.metadata.name.as_deref().unwrap_or_default());
+    tracing::info!(namespace = ns, name, virtual_ip = ?cluster_ip(v), host_ip = ?cluster_ip(h), "recreating the virtual Service with the host's ClusterIP");
+    mark_pending(ctx, h.metadata.name.as_deref().unwrap_or_default()).await?;
+    let vapi: Api<Service> = Api::namespaced(ctx.virt.clone(), ns);
+    delete_exactly(&vapi, &v.metadata, None, Exactly::Object).await?;
+    let mut next = Service { metadata: v.metadata.clone(), spec: v.spec.clone(), status: None };
+    next.metadata.uid = None;
+    next.metadata.resource_version = None;
+    next.metadata.creation_timestamp = None;
+    next.metadata.managed_fields = None;
+    if let (Some(s), Some(hs)) = (next.spec.as_mut(), h.spec.as_ref()) {
+        s.cluster_ip = hs.cluster_ip.clone();
+        s.cluster_ips = hs.cluster_ips.clone();
+        s.health_check_node_port = hs.health_check_node_port;
+        // The tenant's ports, each with its host copy's node port (matched by port and protocol).
+        let proto = |p: &ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+        for p in s.ports.iter_mut().flatten() {
+            p.node_port =
+                hs.ports.iter().flatten().find(|h| h.port == p.port && proto(h) == proto(p)).and_then(|h| h.node_port);
+        }
+    }
+    vapi.create(&sync::post_params(), &next).await?;
+    ctx.metrics.wrote(KIND, "recreate_virtual");
+    Ok(Action::Done)
+}
+
+pub async fn mark_pending(ctx: &Context, host_name: &str) -> Result<()> {
+    let api: Api<Service> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = MetadataPatch::annotations([
+        (ANNOTATION_UID, Some(PENDING_UID.to_string())),
+        (ANNOTATION_PENDING_SINCE, Some(now)),
+    ]);
+    api.patch(host_name, &sync::patch_params(), &Patch::Merge(&patch)).await?;
     Ok(())
 }

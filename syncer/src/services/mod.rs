@@ -4,8 +4,9 @@
 //! given that IP away, the virtual Service is recreated with the host's.
 //!
 //! Two paths: downward ([`down`], on virtual changes) creates, updates and deletes the host
-//! copy; upward ([`up`], on host changes) brings back what the host allocated (address, node
-//! ports, load-balancer status).
+//! copy, and recreates the virtual Service when the host gave its copy another address; upward
+//! ([`up`], on host changes) brings back node ports and load-balancer status, and sends the
+//! downward path any host change (a drift is repaired as before).
 
 mod down;
 mod up;

@@ -1,10 +1,12 @@
 //! The upward path of a Service (host → virtual): what the host allocated for the host copy
-//! (its address, node ports, load-balancer status) shown on the virtual Service.
+//! (its node ports, load-balancer status) shown on the virtual Service, the DNS Service's address
+//! told to the pods' path, and the virtual `default/kubernetes` kept on the proxy's address. An
+//! address that differs is the downward path's to follow (it recreates the virtual Service).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec, ServiceStatus};
+use k8s_openapi::api::core::v1::{Service, ServiceSpec, ServiceStatus};
 use kube::api::{Api, Patch};
 use kube::runtime::reflector::ObjectRef;
 use vkube_kubeclient::delete::{Exactly, delete_exactly};
@@ -13,8 +15,6 @@ use super::{DNS_SERVICE, KIND, cluster_ip};
 use crate::context::{Context, Key};
 use crate::queue::Action;
 use crate::sync::{self, HostCopy, Result};
-use vkube_core::contract::{ANNOTATION_PENDING_SINCE, ANNOTATION_UID, PENDING_UID};
-use vkube_kubeclient::patch::MetadataPatch;
 
 pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
     if (ns.as_str(), name.as_str()) == super::API_SERVICE {
@@ -33,44 +33,18 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
         return Ok(Action::Done);
     }
     if super::allocation_differs(&v, &h) {
-        return follow_host_ip(ctx, &v, &h).await;
+        // The virtual Service is recreated with the host's allocation: the downward path does it,
+        // so the deletion's own event is handled after it, not alongside.
+        ctx.queues.of::<Service>().add((ns, name));
+        return Ok(Action::Done);
     }
     report_back(ctx, &v, &h).await?;
     if (ns.as_str(), name.as_str()) == DNS_SERVICE {
         *ctx.dns_ip.write().unwrap_or_else(|e| e.into_inner()) = cluster_ip(&h).map(str::to_string);
     }
-    Ok(Action::Done)
-}
-
-/// Recreates the virtual Service with the host copy's ClusterIP (the only one pods can reach)
-/// and node ports.
-/// The host copy is marked pending first, so the brief absence of the virtual object is not
-/// taken for a deletion.
-async fn follow_host_ip(ctx: &Context, v: &Service, h: &Service) -> Result<Action> {
-    let (ns, name) =
-        (v.metadata.namespace.as_deref().unwrap_or_default(), v.metadata.name.as_deref().unwrap_or_default());
-    tracing::info!(namespace = ns, name, virtual_ip = ?cluster_ip(v), host_ip = ?cluster_ip(h), "recreating the virtual Service with the host's ClusterIP");
-    mark_pending(ctx, h.metadata.name.as_deref().unwrap_or_default()).await?;
-    let vapi: Api<Service> = Api::namespaced(ctx.virt.clone(), ns);
-    delete_exactly(&vapi, &v.metadata, None, Exactly::Object).await?;
-    let mut next = Service { metadata: v.metadata.clone(), spec: v.spec.clone(), status: None };
-    next.metadata.uid = None;
-    next.metadata.resource_version = None;
-    next.metadata.creation_timestamp = None;
-    next.metadata.managed_fields = None;
-    if let (Some(s), Some(hs)) = (next.spec.as_mut(), h.spec.as_ref()) {
-        s.cluster_ip = hs.cluster_ip.clone();
-        s.cluster_ips = hs.cluster_ips.clone();
-        s.health_check_node_port = hs.health_check_node_port;
-        // The tenant's ports, each with its host copy's node port (matched by port and protocol).
-        let proto = |p: &ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
-        for p in s.ports.iter_mut().flatten() {
-            p.node_port =
-                hs.ports.iter().flatten().find(|h| h.port == p.port && proto(h) == proto(p)).and_then(|h| h.node_port);
-        }
-    }
-    vapi.create(&sync::post_params(), &next).await?;
-    ctx.metrics.wrote(KIND, "recreate_virtual");
+    // A host change may also be a drift of the copy (edited on the host): the downward path
+    // compares it (a Service's translation is cheap, and host changes of Services are rare).
+    ctx.queues.of::<Service>().add((ns, name));
     Ok(Action::Done)
 }
 
@@ -149,15 +123,4 @@ async fn api_service(ctx: &Context) -> Result<Action> {
         Err(e) => return Err(e.into()),
     }
     Ok(Action::Done)
-}
-
-pub async fn mark_pending(ctx: &Context, host_name: &str) -> Result<()> {
-    let api: Api<Service> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let patch = MetadataPatch::annotations([
-        (ANNOTATION_UID, Some(PENDING_UID.to_string())),
-        (ANNOTATION_PENDING_SINCE, Some(now)),
-    ]);
-    api.patch(host_name, &sync::patch_params(), &Patch::Merge(&patch)).await?;
-    Ok(())
 }

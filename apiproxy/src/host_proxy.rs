@@ -1,0 +1,111 @@
+//! `pods/{name}/proxy` and `services/{name}/proxy`: authorized against the virtual cluster, then
+//! sent to the host API server for the host copy, with the control plane's host credentials. The
+//! host API server dials the host pod's address, or the endpoints the host made for the host
+//! Service from its selector: never an address the tenant wrote (a virtual pod's status, a
+//! selector-less Service's EndpointSlices), which is why the virtual API server does not serve
+//! these.
+
+use http::{HeaderValue, Request, Response, header};
+use hyper::body::Incoming;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::Api;
+
+use crate::auth::Identity;
+use crate::error::ProxyError;
+use crate::route::{ProxyName, ProxyTarget, proxy_verb};
+use crate::{Proxy, ProxyBody, headers, upgrade};
+
+/// The largest request body sent through a proxy subresource (read whole: the host client takes
+/// a body in one piece).
+const MAX_BODY: usize = 4 << 20;
+
+impl Proxy {
+    pub(crate) async fn host_proxy(
+        &self,
+        mut req: Request<Incoming>,
+        id: &Identity,
+        namespace: &str,
+        target: ProxyTarget,
+        name: &ProxyName,
+        rest: &str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (resource, object) = (target.resource(), name.name.as_str());
+        let verb = proxy_verb(req.method());
+        self.authorize_subresource(id, req.headers(), namespace, resource, "proxy", object, verb).await?;
+        let host_name = match target {
+            ProxyTarget::Pod => self.proxied_pod(namespace, object).await?,
+            ProxyTarget::Service => self.proxied_service(namespace, object).await?,
+        };
+
+        let upgrade = headers::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let body = crate::read_limited(
+            body,
+            MAX_BODY,
+            "a request through a proxy subresource",
+            "use kubectl port-forward for more",
+        )
+        .await?;
+        let host_ns = self.translator.host_namespace();
+        let host_prefix = format!("/api/v1/namespaces/{host_ns}/{resource}/{}/proxy", name.with_name(&host_name));
+        let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let mut host_req = Request::builder().method(parts.method).uri(format!("{host_prefix}{rest}{query}"));
+        if let Some(h) = host_req.headers_mut() {
+            *h = headers::for_host_proxy(&parts.headers, upgrade);
+        }
+        let host_req =
+            host_req.body(kube::client::Body::from(body)).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        let mut resp = self
+            .host
+            .send(host_req)
+            .await
+            .map_err(|e| ProxyError::upstream("the host API server is unreachable", e))?;
+        // A redirect the host API server rewrote to its own path is given back the virtual one.
+        let virtual_prefix = format!("/api/v1/namespaces/{namespace}/{resource}/{}/proxy", name.with_name(object));
+        if let Some(location) = resp.headers().get(header::LOCATION).and_then(|l| l.to_str().ok())
+            && let Some(after) = location.strip_prefix(&host_prefix)
+            && let Ok(v) = HeaderValue::from_str(&format!("{virtual_prefix}{after}"))
+        {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        upgrade::relay(resp, client_upgrade, "the host API server", None)
+    }
+
+    /// The host name of the host copy of pod `namespace/name`, if the host may dial it: not a
+    /// pod on the host's network (its address is the node's, and every port of the node would be
+    /// reachable).
+    async fn proxied_pod(&self, namespace: &str, name: &str) -> Result<String, ProxyError> {
+        let virtual_pod = Api::<Pod>::namespaced(self.admin.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| ProxyError::upstream(format!("looking up pod {namespace}/{name}"), e))?
+            .ok_or_else(|| ProxyError::NotFound(format!("pods \"{name}\" not found")))?;
+        let host: Pod = self.host_copy("Pod", &virtual_pod.metadata).await?;
+        if host.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            return Err(ProxyError::Forbidden(format!(
+                "pods \"{name}\" is forbidden: pods/proxy does not reach a pod on the host's network; use kubectl port-forward"
+            )));
+        }
+        Ok(host.metadata.name.unwrap_or_default())
+    }
+
+    /// The host name of the host copy of Service `namespace/name`, if the host may dial its
+    /// endpoints: only a Service with a selector, whose endpoints the host finds among this
+    /// cluster's pods (a selector-less Service's are the tenant's own addresses).
+    async fn proxied_service(&self, namespace: &str, name: &str) -> Result<String, ProxyError> {
+        let virtual_svc = Api::<Service>::namespaced(self.admin.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| ProxyError::upstream(format!("looking up service {namespace}/{name}"), e))?
+            .ok_or_else(|| ProxyError::NotFound(format!("services \"{name}\" not found")))?;
+        let has_selector = virtual_svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty());
+        if !has_selector {
+            return Err(ProxyError::Forbidden(format!(
+                "services \"{name}\" is forbidden: services/proxy reaches only Services with a selector (this one's endpoints are addresses written in the virtual cluster); use kubectl port-forward to one of its pods"
+            )));
+        }
+        let host: Service = self.host_copy("Service", &virtual_svc.metadata).await?;
+        Ok(host.metadata.name.unwrap_or_default())
+    }
+}
