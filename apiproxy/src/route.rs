@@ -83,11 +83,15 @@ impl ProxyName {
         Ok(ProxyName { scheme: filled(scheme), name: name.to_string(), port: filled(port) })
     }
 
-    /// The segment again, for the object named `name` (the host copy's).
+    /// The segment again, for the object named `name` (the host copy's). With a scheme, the port
+    /// is always written, empty if none (`http:name` would read as name `http`, port `name`).
     pub fn with_name(&self, name: &str) -> String {
-        let scheme = self.scheme.as_ref().map(|s| format!("{s}:")).unwrap_or_default();
-        let port = self.port.as_ref().map(|p| format!(":{p}")).unwrap_or_default();
-        format!("{scheme}{name}{port}")
+        let port = self.port.as_deref().unwrap_or_default();
+        match (&self.scheme, &self.port) {
+            (Some(scheme), _) => format!("{scheme}:{name}:{port}"),
+            (None, Some(_)) => format!("{name}:{port}"),
+            (None, None) => name.to_string(),
+        }
     }
 }
 
@@ -450,7 +454,7 @@ mod tests {
             (s("default"), ProxyTarget::Service, s("x"), s("/a%20b/c")),
             "encoded spellings are the same route, the rest as forwarded"
         );
-        assert_eq!(host("/api/v1/namespaces/d/services/http:web:/proxy").2, "http:x", "an empty port is none");
+        assert_eq!(host("/api/v1/namespaces/d/services/http:web:/proxy").2, "http:x:", "an empty port stays empty");
         for bad in ["/api/v1/namespaces/d/pods/file:web:80/proxy", "/api/v1/namespaces/d/pods/a:b:c:d/proxy"] {
             assert!(matches!(r(&Method::GET, bad), Route::Refused(_)), "{bad}");
         }

@@ -115,6 +115,17 @@ pub fn virtual_event(ctx_host_ns: &str, host: &Event, owner: &Owner) -> Event {
     }
 }
 
+/// What changes when an event recurs (a merge patch of the mirrored event: each field set, or
+/// removed where the host's has none).
+#[derive(serde::Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct Recurrence<'a> {
+    count: Option<i32>,
+    last_timestamp: &'a Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    message: &'a Option<String>,
+    series: &'a Option<k8s_openapi::api::core::v1::EventSeries>,
+}
+
 /// The virtual object a host event is about, if it is about one of our host copies.
 fn owner_of(ctx: &Context, e: &Event) -> Option<Owner> {
     let name = e.involved_object.name.as_deref()?;
@@ -135,16 +146,16 @@ pub async fn reconcile(ctx: &Context, host_event: String) -> Result<Action> {
     match api.create(&crate::sync::post_params(), &desired).await {
         Ok(_) => ctx.metrics.wrote(KIND, "create"),
         Err(kube::Error::Api(err)) if err.code == 409 => {
-            let patch = serde_json::json!({
-                "count": desired.count,
-                "lastTimestamp": desired.last_timestamp,
-                "message": desired.message,
-                "series": desired.series,
-            });
+            let patch = Recurrence {
+                count: desired.count,
+                last_timestamp: &desired.last_timestamp,
+                message: &desired.message,
+                series: &desired.series,
+            };
             api.patch(
                 desired.metadata.name.as_deref().unwrap_or_default(),
                 &crate::sync::patch_params(),
-                &Patch::Merge(patch),
+                &Patch::Merge(&patch),
             )
             .await?;
             ctx.metrics.wrote(KIND, "update");
