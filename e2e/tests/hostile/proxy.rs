@@ -211,7 +211,10 @@ spec:
         ("pod proxy", "/api/v1/namespaces/default/pods/web/proxy/"),
         ("pod proxy with a port", &format!("/api/v1/namespaces/default/pods/web:{port}/proxy/metrics")),
     ] {
-        if let Ok((code, body)) = try_raw(&admin, "GET", path, &[], vec![]).await {
+        // Simulated nodes run no container: the host API server may wait a long time for the
+        // host pod's address to answer; what matters is who it dials.
+        let asked = tokio::time::timeout(Duration::from_secs(10), try_raw(&admin, "GET", path, &[], vec![])).await;
+        if let Ok(Ok((code, body))) = asked {
             assert!(!(200..300).contains(&code), "{case}: {code} {body}");
         }
     }
