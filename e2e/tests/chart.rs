@@ -446,12 +446,16 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
         ("delete", "namespaces", "", false),
         ("create", "statefulsets.apps", NS, false),
     ] {
+        // `pods/exec` is the subresource (kubectl would read `pods/NAME`).
+        let (resource, sub) = resource.split_once('/').map_or((resource, None), |(r, s)| (r, Some(s)));
+        let subresource = sub.map(|s| format!("--subresource={s}"));
         let mut args = vec!["auth", "can-i", verb, resource, who.as_str()];
+        args.extend(subresource.as_deref());
         if !ns.is_empty() {
             args.extend(["-n", ns]);
         }
         let answer = String::from_utf8_lossy(&env.kubectl(&args).stdout).trim().to_string();
-        assert_eq!(answer, if allowed { "yes" } else { "no" }, "{sa} can {verb} {resource} in {ns:?}");
+        assert_eq!(answer, if allowed { "yes" } else { "no" }, "{sa} can {verb} {resource} {sub:?} in {ns:?}");
     }
 
     let dir = env.dir().join("chart-pod");
