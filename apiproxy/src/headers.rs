@@ -68,10 +68,11 @@ const HOST_SUBRESOURCE: [&str; 7] = [
 /// What a request through a pod's or Service's `proxy` subresource carries to its target besides:
 /// its content and the usual negotiation and conditional headers (still nothing that names or
 /// proves an identity).
-const HOST_PROXY: [&str; 10] = [
+/// (Not `accept-encoding`: an HTML page must come back uncompressed, for its links to be given
+/// back the virtual path.)
+const HOST_PROXY: [&str; 9] = [
     "content-type",
     "content-encoding",
-    "accept-encoding",
     "accept-language",
     "cache-control",
     "if-match",

@@ -6,6 +6,7 @@
 //! these.
 
 use http::{HeaderValue, Request, Response, header};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
@@ -14,6 +15,20 @@ use crate::auth::Identity;
 use crate::error::ProxyError;
 use crate::route::{ProxyName, ProxyTarget, proxy_verb};
 use crate::{Proxy, ProxyBody, headers, upgrade};
+
+/// An HTML page uncompressed, whose links the host API server rewrote: `text/html`, no content
+/// encoding.
+fn is_plain_html(h: &http::HeaderMap) -> bool {
+    let html = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.trim_start().to_ascii_lowercase().starts_with("text/html"));
+    let encoded = h.get(header::CONTENT_ENCODING).is_some_and(|e| e.as_bytes() != b"identity");
+    html && !encoded
+}
+
+/// The largest HTML page whose links are given back the virtual path.
+const MAX_HTML: usize = 16 << 20;
 
 /// The largest request body sent through a proxy subresource (read whole: the host client takes
 /// a body in one piece).
@@ -69,7 +84,21 @@ impl Proxy {
         {
             resp.headers_mut().insert(header::LOCATION, v);
         }
-        upgrade::relay(resp, client_upgrade, "the host API server", None)
+        if !is_plain_html(resp.headers()) {
+            return upgrade::relay(resp, client_upgrade, "the host API server", None);
+        }
+        // So are the links the host API server rewrote in an HTML page (it prefixes them with its
+        // own path, as a browser going through the proxy needs).
+        let (mut parts, body) = resp.into_parts();
+        let page = http_body_util::Limited::new(body, MAX_HTML)
+            .collect()
+            .await
+            .map_err(|e| ProxyError::upstream("reading an HTML page from the host API server", e))?
+            .to_bytes();
+        let page = String::from_utf8_lossy(&page).replace(&host_prefix, &virtual_prefix);
+        crate::headers::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Ok(Response::from_parts(parts, crate::full(page.into())))
     }
 
     /// The host name of the host copy of pod `namespace/name`, if the host may dial it: not a

@@ -118,6 +118,14 @@ fn proxy_objects(req: &Request<Incoming>, path: &str) -> Option<Response<Full<By
                 StatusCode::OK,
                 serde_json::json!({"method": req.method().as_str(), "path": p, "query": req.uri().query(), "headers": headers}),
             );
+            if let Some(base) = p.strip_suffix("/page") {
+                return Some(
+                    Response::builder()
+                        .header("content-type", "text/html; charset=utf-8")
+                        .body(Full::new(Bytes::from(format!("<a href=\"{base}/next\">next</a>"))))
+                        .unwrap(),
+                );
+            }
             if p.ends_with("/redirect") {
                 let to = p.replace("/redirect", "/elsewhere");
                 *resp.status_mut() = StatusCode::FOUND;
@@ -645,6 +653,12 @@ async fn pod_and_service_proxies_reach_only_the_host_copy_with_the_hosts_credent
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::FOUND);
     assert_eq!(resp.headers()["location"], "/api/v1/namespaces/default/pods/site/proxy/elsewhere");
+
+    // So are the links the host wrote into an HTML page.
+    let (code, page) =
+        proxy.get("/api/v1/namespaces/default/pods/http:site:80/proxy/page", Credential::Cert, &[]).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(page, r#"<a href="/api/v1/namespaces/default/pods/http:site:80/proxy/next">next</a>"#);
 
     for (path, why) in [
         ("/api/v1/namespaces/default/pods/net/proxy/", "host's network"),
