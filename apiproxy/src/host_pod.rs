@@ -98,6 +98,22 @@ impl Proxy {
         Ok(())
     }
 
+    /// The virtual object `name` of `resource` (`pods`, `services`) in `namespace`, read as the
+    /// control plane; `NotFound` in the API server's words if there is none.
+    pub(crate) async fn virtual_object<K>(&self, resource: &str, namespace: &str, name: &str) -> Result<K, ProxyError>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + k8s_openapi::serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::<K>::namespaced(self.admin.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| ProxyError::upstream(format!("looking up {resource} {namespace}/{name}"), e))?
+            .ok_or_else(|| ProxyError::NotFound(format!("{resource} \"{name}\" not found")))
+    }
+
     /// The host copy of the virtual object `of` (of `kind`), read from the host, if it is ours
     /// and mirrors exactly that object: a colliding host object that someone else owns, or one
     /// left by an earlier object of the same name, is never reached.
@@ -137,11 +153,7 @@ impl Proxy {
         session: Option<Arc<Activity>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.authorize_subresource(id, req.headers(), namespace, "pods", sub.as_str(), name, sub.verb()).await?;
-        let virtual_pod = Api::<Pod>::namespaced(self.admin.clone(), namespace)
-            .get_opt(name)
-            .await
-            .map_err(|e| ProxyError::upstream(format!("looking up pod {namespace}/{name}"), e))?
-            .ok_or_else(|| ProxyError::NotFound(format!("pods \"{name}\" not found")))?;
+        let virtual_pod: Pod = self.virtual_object("pods", namespace, name).await?;
         let containers = container_names(&virtual_pod);
         let query = host_query(sub, req.uri().query(), &containers)
             .map_err(|why| ProxyError::BadRequest(format!("pods \"{name}\" {}: {why}", sub.as_str())))?;

@@ -9,7 +9,6 @@ use http::{HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::Api;
 
 use crate::auth::Identity;
 use crate::error::ProxyError;
@@ -105,11 +104,7 @@ impl Proxy {
     /// pod on the host's network (its address is the node's, and every port of the node would be
     /// reachable).
     async fn proxied_pod(&self, namespace: &str, name: &str) -> Result<String, ProxyError> {
-        let virtual_pod = Api::<Pod>::namespaced(self.admin.clone(), namespace)
-            .get_opt(name)
-            .await
-            .map_err(|e| ProxyError::upstream(format!("looking up pod {namespace}/{name}"), e))?
-            .ok_or_else(|| ProxyError::NotFound(format!("pods \"{name}\" not found")))?;
+        let virtual_pod: Pod = self.virtual_object("pods", namespace, name).await?;
         let host: Pod = self.host_copy("Pod", &virtual_pod.metadata).await?;
         if host.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
             return Err(ProxyError::Forbidden(format!(
@@ -123,11 +118,7 @@ impl Proxy {
     /// endpoints: only a Service with a selector, whose endpoints the host finds among this
     /// cluster's pods (a selector-less Service's are the tenant's own addresses).
     async fn proxied_service(&self, namespace: &str, name: &str) -> Result<String, ProxyError> {
-        let virtual_svc = Api::<Service>::namespaced(self.admin.clone(), namespace)
-            .get_opt(name)
-            .await
-            .map_err(|e| ProxyError::upstream(format!("looking up service {namespace}/{name}"), e))?
-            .ok_or_else(|| ProxyError::NotFound(format!("services \"{name}\" not found")))?;
+        let virtual_svc: Service = self.virtual_object("services", namespace, name).await?;
         let has_selector = virtual_svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty());
         if !has_selector {
             return Err(ProxyError::Forbidden(format!(

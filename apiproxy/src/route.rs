@@ -44,13 +44,6 @@ impl ProxyTarget {
             ProxyTarget::Service => "services",
         }
     }
-
-    pub fn kind(self) -> &'static str {
-        match self {
-            ProxyTarget::Pod => "Pod",
-            ProxyTarget::Service => "Service",
-        }
-    }
 }
 
 /// The name segment of a `proxy` subresource: `[scheme:]name[:port]`, as the API server reads it.
