@@ -38,7 +38,6 @@ pub use crate::contract::{
 const SEPARATOR: &str = "-x-";
 const MAX_NAME: usize = 63;
 const HASHED_PREFIX: usize = 46;
-const HASH_HEX: usize = 16;
 /// Where tenant label and annotation keys live on the host.
 pub const TENANT_DOMAIN: &str = "t.vkube.dev";
 /// The longest DNS subdomain a key prefix may be.
@@ -91,9 +90,7 @@ impl Translator {
                 format!("{prefix}.{TENANT_DOMAIN}/{name}")
             }
             Some((prefix, name)) => {
-                let digest = Sha256::digest(prefix.as_bytes());
-                let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-                format!("{hash}.{TENANT_DOMAIN}/{name}")
+                format!("{}.{TENANT_DOMAIN}/{name}", short_hash(prefix))
             }
         }
     }
@@ -152,10 +149,8 @@ impl Translator {
         if readable.len() <= MAX_NAME && unambiguous(name) && unambiguous(namespace) {
             return readable;
         }
-        let digest = Sha256::digest(format!("{}/{namespace}/{name}", self.cluster).as_bytes());
-        let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         let prefix = readable[..readable.len().min(HASHED_PREFIX)].trim_end_matches(['-', '.']);
-        format!("{prefix}-{}", &hash[..HASH_HEX])
+        format!("{prefix}-{}", short_hash(&format!("{}/{namespace}/{name}", self.cluster)))
     }
 
     /// The label selector (string form) that matches every host object of this virtual cluster.
@@ -313,6 +308,12 @@ fn is_reserved_prefix(prefix: &str) -> bool {
     prefix == DOMAIN || prefix.ends_with(&format!(".{DOMAIN}"))
 }
 
+/// The first 8 bytes of `text`'s SHA-256, as 16 hex digits: 64 bits keep names that must be short
+/// (host names, keys) apart.
+pub fn short_hash(text: &str) -> String {
+    Sha256::digest(text.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -338,6 +339,16 @@ mod tests {
 
     fn t() -> Translator {
         Translator::new("team-a", "vkube-team-a")
+    }
+
+    /// Hashed names are part of the contract with host objects already written: a change here
+    /// would orphan them on an upgrade.
+    #[test]
+    fn hashed_names_and_keys_stay_as_written() {
+        let long = "a".repeat(60);
+        assert_eq!(t().host_name("default", &long), format!("{}-3ae7f5b767ffdc61", "a".repeat(46)));
+        let prefix = format!("{}.example.com", "x".repeat(250));
+        assert_eq!(t().host_key(&format!("{prefix}/k")), format!("0fdd8e874c03e2aa.{TENANT_DOMAIN}/k"));
     }
 
     #[test]

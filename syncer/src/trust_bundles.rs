@@ -30,10 +30,8 @@ pub fn secret_name(tr: &Translator, namespace: &str, pod: &str) -> String {
 
 /// The key one projection's bundle is kept under in that Secret: the same query, the same key.
 pub fn key(src: &ClusterTrustBundleProjection) -> String {
-    use sha2::{Digest, Sha256};
     let query = serde_json::json!([src.name, src.signer_name, src.label_selector, src.optional]);
-    let d = Sha256::digest(query.to_string().as_bytes());
-    format!("bundle-{}", d.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>())
+    format!("bundle-{}", vkube_core::naming::short_hash(&query.to_string()))
 }
 
 /// The pod's trust-bundle projections.

@@ -47,7 +47,7 @@ pub enum Source {
 impl Manifest {
     /// A manifest of this vkube and its pinned upstream versions, without parts yet.
     pub fn new(cluster: &str, namespace: &str) -> Self {
-        let v = vkube_localenv::upstream::versions();
+        let v = vkube_core::versions::versions();
         Manifest {
             format: FORMAT,
             cluster: cluster.into(),
@@ -75,7 +75,7 @@ impl Manifest {
                 self.cluster
             );
         }
-        let ours = vkube_localenv::upstream::versions().kubernetes;
+        let ours = vkube_core::versions::versions().kubernetes;
         if minor(&self.kubernetes_version) > minor(&ours) {
             bail!(
                 "this snapshot was taken with Kubernetes {}, newer than this cluster's {ours}: restore it with a vkube of that version",

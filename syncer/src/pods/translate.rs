@@ -59,11 +59,7 @@ pub fn token_secret_name(tr: &Translator, namespace: &str, pod: &str, audience: 
     let base = format!("{}-sa-token", tr.host_name(namespace, pod));
     match audience.filter(|a| !a.is_empty()) {
         None => base,
-        Some(a) => {
-            use sha2::{Digest, Sha256};
-            let d = Sha256::digest(a.as_bytes());
-            format!("{base}-{}", d.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>())
-        }
+        Some(a) => format!("{base}-{}", vkube_core::naming::short_hash(a)),
     }
 }
 

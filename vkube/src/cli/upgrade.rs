@@ -233,7 +233,7 @@ impl UpgradeArgs {
             from_version,
             from_kubernetes: cluster.kubernetes_version.clone(),
             to_version: format!("v{}", env!("CARGO_PKG_VERSION")),
-            to_kubernetes: vkube_localenv::upstream::versions().kubernetes,
+            to_kubernetes: vkube_core::versions::versions().kubernetes,
             helm_revision,
             binary,
             finished: false,

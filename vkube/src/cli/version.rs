@@ -36,7 +36,7 @@ struct ClientVersions {
 
 impl VersionArgs {
     pub async fn run(self) -> anyhow::Result<()> {
-        let pinned = vkube_localenv::upstream::versions();
+        let pinned = vkube_core::versions::versions();
         let client = ClientVersions {
             vkube: format!("v{}", env!("CARGO_PKG_VERSION")),
             kubernetes: pinned.kubernetes,
