@@ -98,14 +98,33 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let (images, not_made) = conformance::images(&up, &names)?;
 
+    // A Ctrl-C while the host starts is held until it has started, so that it is torn down
+    // (mounts, the bridge, the node's processes) rather than left behind by a default SIGINT.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let setup_interrupt = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            interrupted().await;
+            eprintln!("[conformance] interrupted: the host is torn down once its start is over");
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let stopped = || {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            anyhow::bail!("interrupted while starting: the host is torn down");
+        }
+        Ok(())
+    };
     eprintln!("[conformance] starting a dev host with a real node");
     let env = TestEnv::start_with(HostOptions { nodes: 0, real_nodes: 1, ..Default::default() }).await;
+    stopped()?;
     eprintln!(
         "[conformance] importing {} images ({} named by the suite are not made here)",
         images.len(),
         not_made.len()
     );
     env.host.import_images(&images)?;
+    stopped()?;
 
     let vc = match (args.host, &args.virtual_name) {
         (true, _) => None,
@@ -123,6 +142,9 @@ async fn main() -> anyhow::Result<()> {
             Some(env.virtual_cluster_with_policy(&name, args.policy.clone(), &run_args).await)
         }
     };
+    stopped()?;
+    // From here each side listens for the signal itself.
+    setup_interrupt.abort();
     let host_side = async {
         match args.virtual_name {
             None => Some(run_side(&args, &out, "host", &env.host.kubeconfig, &e2e_test, &ginkgo).await).transpose(),
