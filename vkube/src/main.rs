@@ -7,6 +7,12 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+/// glibc's allocator keeps what a burst freed (a wake's new threads, a restart's initial lists)
+/// in per-thread arenas for good; jemalloc's background threads return freed pages to the system
+/// within seconds.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const START_HERE: &str = "Start here:
   vkube dev up && eval \"$(vkube dev env)\"  # a local host cluster (or use your own in KUBECONFIG)
   vkube create team-a --local                # a virtual cluster on it (the Helm chart without --local)

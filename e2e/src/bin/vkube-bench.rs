@@ -284,7 +284,6 @@ async fn main() {
 
     step("the benchmark virtual cluster");
     let mut cp = start_cluster(&env, "bench", None).await;
-    let proxied = cp.client().await.unwrap();
     let direct = client(&cp.direct_kubeconfig()).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let vk_pid = cp.controller_pid().expect("vkube pid");
@@ -355,6 +354,20 @@ async fn main() {
         }
     }
 
+    let after = restart(&mut cp, &hpods, host_selector).await;
+    r.add(
+        &format!("rss_mib_after_restart_{}", a.pods),
+        after.rss,
+        "MiB",
+        format!(
+            "vkube process after a kill -9 and resync of {} pods, 10 s later (goal: within 10 % of the above)",
+            a.pods
+        ),
+    );
+    // A new process: new pids, and the old client's pooled connections are gone.
+    let procs = processes(&env, &cp);
+    let proxied = cp.client().await.unwrap();
+
     settle(&procs).await;
     step("5. proxy overhead: the same requests through the proxy and straight to the virtual API server");
     proxy_overhead(&mut r, &proxied, &direct).await;
@@ -386,67 +399,30 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(10)).await;
         r.add(
             &format!("rss_mib_{}", a.big),
-            rss_mib(vk_pid),
+            rss_mib(cp.controller_pid().expect("vkube pid")),
             "MiB",
             format!("vkube process with {} synced pods", a.big),
         );
-        cp.kill_controller();
-        let restarted_at = k8s_openapi::jiff::Timestamp::now();
-        let t0 = Instant::now();
-        cp.start_controller().await.unwrap();
-        let proxied = cp.client().await.unwrap();
-        let resync = loop {
-            let text =
-                proxied.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap_or_default();
-            let v = text
-                .lines()
-                .find(|l| l.starts_with("vkube_syncer_initial_sync_seconds"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0);
-            if v > 0.0 {
-                break v;
-            }
-            if t0.elapsed() > Duration::from_secs(600) {
-                panic!("no initial sync after 600 s");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        let wall = t0.elapsed().as_secs_f64();
-        // Host pods the restarted syncer wrote to (its managed-fields entries say when).
-        let touched = hpods
-            .list(&ListParams::default().labels(host_selector))
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .filter(|p| {
-                p.metadata.managed_fields.iter().flatten().any(|m| {
-                    m.manager.as_deref() == Some(vkube_core::contract::FIELD_MANAGER)
-                        && m.time.as_ref().is_some_and(|t| t.0 >= restarted_at)
-                })
-            })
-            .count();
+        let after = restart(&mut cp, &hpods, host_selector).await;
         r.add(
             &format!("resync_{}_seconds", a.big),
-            resync,
+            after.resync,
             "s",
             format!(
-                "syncer start to every queue drained; {wall:.1} s from process start; host pods it wrote to: {touched}"
+                "syncer start to every queue drained; {:.1} s from process start; host pods it wrote to: {}",
+                after.wall, after.touched
             ),
         );
-        r.extra.insert("resync_host_pods_modified".into(), json!(touched));
-        // The restarted process beside the one it replaced (rss_mib_<big> above): what a
-        // restart leaves resident once the resync is done (issue: it used to hold twice as much).
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        if let Some(pid) = cp.controller_pid() {
-            r.add(
-                &format!("rss_mib_{}_restarted", a.big),
-                rss_mib(pid),
-                "MiB",
-                format!("vkube process after a kill -9 and resync of {} pods, 10 s later", a.big),
-            );
-        }
+        r.extra.insert("resync_host_pods_modified".into(), json!(after.touched));
+        r.add(
+            &format!("rss_mib_after_restart_{}", a.big),
+            after.rss,
+            "MiB",
+            format!(
+                "vkube process after a kill -9 and resync of {} pods, 10 s later (goal: within 10 % of the above)",
+                a.big
+            ),
+        );
     }
 
     drop(cp);
@@ -668,8 +644,12 @@ async fn sleep_mode(r: &mut Results, env: &TestEnv, host: &Client, sleepers: usi
         asleep_cps.push(cp);
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let total: f64 = asleep_cps.iter().filter_map(|cp| cp.controller_pid()).map(rss_mib).sum();
-    let per = total / sleepers as f64;
+    let sums = asleep_cps
+        .iter()
+        .filter_map(|cp| cp.controller_pid())
+        .map(memory_mib)
+        .fold([0.0; 3], |acc, m| [acc[0] + m[0], acc[1] + m[1], acc[2] + m[2]]);
+    let [rss, pss, anon] = sums.map(|total| total / sleepers as f64);
     let mem_mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -681,14 +661,21 @@ async fn sleep_mode(r: &mut Results, env: &TestEnv, host: &Client, sleepers: usi
         .unwrap_or(f64::NAN);
     r.add(
         "sleeping_clusters_rss_mib_each",
-        per,
+        rss,
         "MiB",
         format!(
-            "{sleepers} clusters asleep side by side ({total:.0} MiB in all; started and slept in {:.0} s)",
+            "{sleepers} clusters asleep side by side ({:.0} MiB in all; started and slept in {:.0} s)",
+            sums[0],
             t0.elapsed().as_secs_f64()
         ),
     );
-    r.add("density_sleeping_per_24gib", 24.0 * 1024.0 / per, "clusters", format!("24 GiB / the per-cluster figure above (this machine: {mem_mib:.0} MiB); awake clusters hold about {awake_total:.0} MiB each"));
+    r.add(
+        "sleeping_clusters_pss_mib_each",
+        pss,
+        "MiB",
+        format!("the same, each process's share of pages shared with the others (the binary's code); {anon:.1} MiB anonymous (its own heap and stacks)"),
+    );
+    r.add("density_sleeping_per_24gib", 24.0 * 1024.0 / pss, "clusters", format!("24 GiB / the PSS figure above (this machine: {mem_mib:.0} MiB); awake clusters hold about {awake_total:.0} MiB each"));
 }
 
 /// Waits until the vkube process's pod and event queues are empty (its /metrics; other queues
@@ -776,6 +763,60 @@ async fn idle(r: &mut Results, env: &TestEnv, n: usize) {
         format!("CPU of all four components over {} s", window.as_secs()),
     );
     r.add("idle_clusters_per_24gib", (24.0 * 1024.0 / pss).floor(), "", "24 GiB / PSS per cluster (memory only)");
+}
+
+/// What a restart of the control-plane process costs once it has resynced.
+struct Restart {
+    /// The syncer's own figure: its start to every queue drained.
+    resync: f64,
+    /// Process start to the same.
+    wall: f64,
+    /// Host pods the restarted syncer wrote to (a settled state needs none).
+    touched: usize,
+    /// The new process's resident memory 10 s after the resync.
+    rss: f64,
+}
+
+/// Kills the vkube process (kill -9), starts it again and waits for its initial sync.
+async fn restart(cp: &mut LocalControlPlane, hpods: &Api<Pod>, host_selector: &str) -> Restart {
+    cp.kill_controller();
+    let restarted_at = k8s_openapi::jiff::Timestamp::now();
+    let t0 = Instant::now();
+    cp.start_controller().await.unwrap();
+    let proxied = cp.client().await.unwrap();
+    let resync = loop {
+        let text = proxied.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap_or_default();
+        let v = text
+            .lines()
+            .find(|l| l.starts_with("vkube_syncer_initial_sync_seconds"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if v > 0.0 {
+            break v;
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            panic!("no initial sync after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    // Host pods the restarted syncer wrote to (its managed-fields entries say when).
+    let touched = hpods
+        .list(&ListParams::default().labels(host_selector))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| {
+            p.metadata.managed_fields.iter().flatten().any(|m| {
+                m.manager.as_deref() == Some(vkube_core::contract::FIELD_MANAGER)
+                    && m.time.as_ref().is_some_and(|t| t.0 >= restarted_at)
+            })
+        })
+        .count();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    Restart { resync, wall, touched, rss: rss_mib(cp.controller_pid().expect("vkube pid")) }
 }
 
 /// Waits until the processes are nearly idle (on average under 2.5% of a core each over 2 s), at
