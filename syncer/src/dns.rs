@@ -86,10 +86,7 @@ mod tests {
 
     #[test]
     fn default_image_is_the_pinned_coredns() {
-        let pinned = include_str!("../../hack/versions.env")
-            .lines()
-            .find_map(|l| l.strip_prefix("COREDNS_VERSION="))
-            .expect("hack/versions.env pins CoreDNS");
-        assert_eq!(DEFAULT_IMAGE, format!("registry.k8s.io/coredns/coredns:{}", pinned.trim()));
+        let pinned = vkube_core::versions::versions().coredns;
+        assert_eq!(DEFAULT_IMAGE, format!("registry.k8s.io/coredns/coredns:{pinned}"));
     }
 }

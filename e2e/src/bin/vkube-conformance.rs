@@ -98,19 +98,19 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let (images, not_made) = conformance::images(&up, &names)?;
 
-    // A Ctrl-C while the host starts is held until it has started, so that it is torn down
-    // (mounts, the bridge, the node's processes) rather than left behind by a default SIGINT.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let setup_interrupt = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            interrupted().await;
-            eprintln!("[conformance] interrupted: the host is torn down once its start is over");
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
+    // One listener for the whole run. A first Ctrl-C (or SIGTERM) stops the run at the next step
+    // and tears the host down (mounts, the bridge, the node's processes); one while the host
+    // starts is acted on once the start is over. A second one exits at once.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        interrupted().await;
+        eprintln!("[conformance] interrupted: stopping and tearing the host down (again to exit at once, leaving it)");
+        let _ = stop_tx.send(true);
+        interrupted().await;
+        std::process::exit(130);
     });
     let stopped = || {
-        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        if *stop.borrow() {
             anyhow::bail!("interrupted while starting: the host is torn down");
         }
         Ok(())
@@ -143,11 +143,10 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     stopped()?;
-    // From here each side listens for the signal itself.
-    setup_interrupt.abort();
     let host_side = async {
         match args.virtual_name {
-            None => Some(run_side(&args, &out, "host", &env.host.kubeconfig, &e2e_test, &ginkgo).await).transpose(),
+            None => Some(run_side(&args, &out, "host", &env.host.kubeconfig, &e2e_test, &ginkgo, stop.clone()).await)
+                .transpose(),
             Some(_) => Ok(None),
         }
     };
@@ -155,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
         match &vc {
             Some(vc) => {
                 let side = format!("virtual-{}", vc.name());
-                Some(run_side(&args, &out, &side, &vc.kubeconfig(), &e2e_test, &ginkgo).await).transpose()
+                Some(run_side(&args, &out, &side, &vc.kubeconfig(), &e2e_test, &ginkgo, stop.clone()).await).transpose()
             }
             None => Ok(None),
         }
@@ -188,6 +187,7 @@ async fn run_side(
     kubeconfig: &Path,
     e2e_test: &Path,
     ginkgo: &Path,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Side> {
     let dir = out.join(side);
     let _ = std::fs::remove_dir_all(&dir);
@@ -221,8 +221,6 @@ async fn run_side(
         .spawn()
         .context("starting ginkgo")?;
     let mut last_note = Instant::now();
-    let stop = interrupted();
-    tokio::pin!(stop);
     loop {
         if let Some(status) = child.try_wait()? {
             eprintln!("[conformance] {side}: ginkgo exited with {status} after {}", minutes(started.elapsed()));
@@ -230,7 +228,7 @@ async fn run_side(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = &mut stop => {
+            _ = stop.wait_for(|stopped| *stopped) => {
                 let _ = Command::new("kill").args(["-TERM", "--", &format!("-{}", child.id())]).status();
                 let _ = child.wait();
                 anyhow::bail!("interrupted: the {side} side stopped, the host is torn down");
@@ -394,7 +392,7 @@ fn markdown(s: &Value) -> String {
     md
 }
 
-/// Ctrl-C or SIGTERM.
+/// The next Ctrl-C or SIGTERM.
 async fn interrupted() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
