@@ -310,7 +310,14 @@ pub async fn wait_chart_ready(host: &kube::Client, target: &Target) -> anyhow::R
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
             if observed && !pod_ready && revision.is_some() && revision != status.update_revision {
                 eprintln!("    replacing pod {} of an older revision that is not ready", pod.name_any());
-                pods.delete(&pod.name_any(), &Default::default()).await?;
+                // The StatefulSet controller may replace it first: then this one is gone already.
+                vkube_kubeclient::delete::delete_exactly(
+                    &pods,
+                    &pod.metadata,
+                    None,
+                    vkube_kubeclient::delete::Exactly::Object,
+                )
+                .await?;
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
