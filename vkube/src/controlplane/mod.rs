@@ -3,6 +3,7 @@
 //! kube-controller-manager: as containers of one pod (the Helm chart) or local processes
 //! (`vkube create --local`).
 
+pub mod code_pages;
 pub mod components;
 pub mod etcd;
 pub mod operations;

@@ -172,6 +172,7 @@ impl<S: SyncerRunner> PowerController<S> {
                     self.event("Sleeping", "went to sleep (finished after a restart of the control plane)").await;
                 }
                 tracing::info!("the virtual cluster sleeps; a request that counts as activity wakes it");
+                give_back_code_pages();
             }
             _ => {
                 let started = tokio::select! {
@@ -424,6 +425,7 @@ impl<S: SyncerRunner> PowerController<S> {
         self.metrics.sleeps.inc();
         self.metrics.asleep.set(1);
         self.event("Sleeping", &format!("went to sleep: {why}; its workloads' host pods were removed")).await;
+        give_back_code_pages();
     }
 
     async fn wake(&mut self, why: &str) -> anyhow::Result<()> {
@@ -518,5 +520,16 @@ impl<S: SyncerRunner> PowerController<S> {
     /// A host Event on the control plane's Service (the virtual cluster may be asleep).
     async fn event(&self, reason: &str, note: &str) {
         super::service_event(&self.host, "vkube", &self.namespace, &self.name, "Power", reason, note).await;
+    }
+}
+
+/// Asleep, the process runs little of its code: the pages it ran while awake leave its resident
+/// memory (`code_pages`).
+fn give_back_code_pages() {
+    match super::code_pages::give_back() {
+        Ok(kib) => tracing::info!(mib = kib as f64 / 1024.0, "code pages given back while asleep"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not give the code pages back; the sleeping process keeps them resident")
+        }
     }
 }

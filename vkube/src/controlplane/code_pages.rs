@@ -1,0 +1,149 @@
+//! Gives the executable's code pages back when the cluster goes to sleep. A sleeping control
+//! plane runs little of its code (the proxy's accept loop, a few timers, its host connection),
+//! yet it kept mapped every page it ran while awake: about 21 of its 26 MiB resident
+//! (docs/benchmarks-notes.md "Sleep mode"). Dropped, the pages stay in the page cache, shared with
+//! every other vkube process (and the kernel may reclaim them), and what the process runs again
+//! is mapped back on first touch, a minor fault, as any page of code is the first time.
+
+use std::ops::Range;
+use std::ptr::NonNull;
+
+/// One mapping of /proc/self/smaps, what deciding needs of it.
+#[derive(Debug, PartialEq)]
+struct Mapping {
+    range: Range<usize>,
+    writable: bool,
+    /// Device and inode: which file is mapped (inode 0: anonymous memory).
+    file: (String, u64),
+    rss_kib: u64,
+    /// Pages of the mapping the process has its own copy of (copied on write), in memory or in swap.
+    private_copies_kib: u64,
+}
+
+fn mappings(smaps: &str) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = vec![];
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16))
+        {
+            let perms = fields.next().unwrap_or_default();
+            let (_offset, dev, inode) = (fields.next(), fields.next().unwrap_or_default(), fields.next());
+            out.push(Mapping {
+                range: start..end,
+                writable: perms.as_bytes().get(1) != Some(&b'-'),
+                file: (dev.to_string(), inode.and_then(|i| i.parse().ok()).unwrap_or(0)),
+                rss_kib: 0,
+                private_copies_kib: 0,
+            });
+            continue;
+        }
+        let (Some(m), Some(kib)) = (out.last_mut(), fields.next().and_then(|v| v.parse::<u64>().ok())) else {
+            continue;
+        };
+        match first {
+            "Rss:" => m.rss_kib = kib,
+            "Anonymous:" | "Swap:" => m.private_copies_kib += kib,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The mappings that can be dropped without losing a byte: those of the file holding the code
+/// at `code` (our executable), not writable, with no page of their own (every resident page is
+/// the file's, so the next touch maps the same bytes again), and resident at all.
+fn droppable(smaps: &str, code: usize) -> Vec<Mapping> {
+    let all = mappings(smaps);
+    let Some(own) = all.iter().find(|m| m.range.contains(&code) && m.file.1 != 0).map(|m| m.file.clone()) else {
+        return vec![];
+    };
+    all.into_iter().filter(|m| m.file == own && !m.writable && m.private_copies_kib == 0 && m.rss_kib > 0).collect()
+}
+
+/// Drops this process's resident pages of its own executable that are the file's, and returns
+/// how many KiB were resident in them. Errors are the /proc read's or madvise's.
+pub fn give_back() -> std::io::Result<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut kib = 0;
+    for m in droppable(&smaps, give_back as fn() -> std::io::Result<u64> as usize) {
+        drop_pages(&m.range)?;
+        kib += m.rss_kib;
+    }
+    Ok(kib)
+}
+
+/// The workspace's one `unsafe` block.
+#[allow(unsafe_code)]
+fn drop_pages(range: &Range<usize>) -> std::io::Result<()> {
+    let Some(start) = NonNull::new(range.start as *mut std::ffi::c_void) else { return Ok(()) };
+    // SAFETY: `range` is a whole mapping of our own executable, read-only and without a private
+    // page (`droppable`, from /proc/self/smaps read just before; nothing in this process makes
+    // these mappings writable). MADV_DONTNEED on a private file mapping unmaps its pages and the
+    // next touch maps the file's page again: the memory reads the same before and after, so no
+    // reference Rust holds into it (code, constants) sees a change.
+    unsafe { nix::sys::mman::madvise(start, range.end - range.start, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }
+        .map_err(std::io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+5653630000-5653640000 r--p 00000000 fe:00 5310615                    /opt/vkube
+Rss:                2144 kB
+Anonymous:             0 kB
+Swap:                  0 kB
+5653640000-5653650000 r-xp 0044a000 fe:00 5310615                    /opt/vkube
+Rss:               18928 kB
+Anonymous:             0 kB
+Swap:                  0 kB
+5653650000-5653660000 r--p 01a8b000 fe:00 5310615                    /opt/vkube
+Rss:                 464 kB
+Anonymous:           464 kB
+Swap:                  0 kB
+5653660000-5653670000 rw-p 01afe000 fe:00 5310615                    /opt/vkube
+Rss:                  20 kB
+Anonymous:            20 kB
+5653670000-5653680000 r-xp 00000000 fe:00 99                         /usr/lib/libc.so.6
+Rss:                1252 kB
+Anonymous:             0 kB
+5653680000-5653690000 rw-p 00000000 00:00 0
+Rss:                3096 kB
+Anonymous:          3096 kB
+";
+
+    #[test]
+    fn only_the_executables_unmodified_read_only_mappings_are_dropped() {
+        let ranges: Vec<_> = droppable(SMAPS, 0x5653641234).into_iter().map(|m| (m.range, m.rss_kib)).collect();
+        // Not the relocated read-only data (its pages are private copies), not the writable data,
+        // not libc's code, not the heap.
+        assert_eq!(ranges, [(0x5653630000..0x5653640000, 2144), (0x5653640000..0x5653650000, 18928)]);
+        // An address outside any file mapping finds nothing to drop.
+        assert!(droppable(SMAPS, 0x5653681234).is_empty());
+        assert!(droppable(SMAPS, 0x1).is_empty());
+    }
+
+    #[test]
+    fn a_swapped_out_private_copy_keeps_its_mapping() {
+        let smaps = "7f00-8f00 r--p 00000000 fe:00 7 /opt/vkube\nRss: 8 kB\nAnonymous: 0 kB\nSwap: 4 kB\n";
+        assert!(droppable(smaps, 0x7f10).is_empty());
+    }
+
+    /// The real thing on this test binary: its code pages leave its resident memory, and it
+    /// goes on running (the assertions after it run code that was just dropped).
+    #[test]
+    fn the_test_binarys_code_pages_leave_its_resident_memory() {
+        let resident = || {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            droppable(&smaps, give_back as fn() -> std::io::Result<u64> as usize).iter().map(|m| m.rss_kib).sum::<u64>()
+        };
+        let before = resident();
+        let given = give_back().unwrap();
+        let after = resident();
+        assert!(given >= before / 2 && given > 0, "gave back {given} KiB of {before} KiB");
+        assert!(after < before / 2, "{after} KiB of code still resident after giving back (was {before} KiB)");
+    }
+}
