@@ -359,7 +359,9 @@ impl HostCluster {
                 "--enable-priority-and-fairness=false".into(),
                 "--max-requests-inflight=0".into(),
                 "--max-mutating-requests-inflight=0".into(),
-                "--profiling=false".into(),
+                // /debug/pprof for the host's admin: what a tenant costs the host API server is
+                // profiled there (docs/benchmarks-notes.md, "Host load").
+                "--profiling=true".into(),
             ])
     }
 

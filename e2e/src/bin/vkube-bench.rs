@@ -105,12 +105,15 @@ fn step(msg: &str) {
 }
 
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A memory field of /proc/PID/status (kB there) in MiB; NaN if the process is gone.
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// User + system CPU seconds a process has used.
@@ -288,11 +291,19 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let vk_pid = cp.controller_pid().expect("vkube pid");
     r.add("rss_mib_idle", rss_mib(vk_pid), "MiB", "vkube process, empty cluster, after 10 s");
+    let mut idle_total = rss_mib(vk_pid);
     for c in ["etcd", "kube-apiserver", "kube-controller-manager"] {
         if let Some(pid) = cp.pid(c) {
+            idle_total += rss_mib(pid);
             r.add(&format!("rss_mib_idle_{}", c.replace('-', "_")), rss_mib(pid), "MiB", "upstream, for context");
         }
     }
+    r.add(
+        "footprint_mib_idle_total",
+        idle_total,
+        "MiB",
+        "the four processes above summed (RSS: each counts the code it shares with other clusters; scenario 10 splits it)",
+    );
 
     step(&format!("2. sync throughput: a Deployment of {} pods, virtual vs directly on the host", a.pods));
     let vdeploy: Api<Deployment> = Api::namespaced(direct.clone(), "default");
@@ -302,6 +313,7 @@ async fn main() {
     let cpu0 = cpu_seconds(vk_pid);
     let procs = processes(&env, &cp);
     let before = cpu_of(&procs);
+    let requests_before = host_requests(&host).await;
     let t0 = Instant::now();
     vdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
     let host_selector = &format!("{LABEL_CLUSTER}=bench,{}/app=burst", vkube_syncer::naming::TENANT_DOMAIN);
@@ -320,6 +332,7 @@ async fn main() {
     // The baseline starts only once the virtual run's work (statuses, events) is done, so
     // neither run slows the other.
     settle(&procs).await;
+    let virtual_requests = per_pod(&requests_before, &host_requests(&host).await, a.pods);
     let direct_ns: Api<Namespace> = Api::all(host.clone());
     direct_ns
         .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "bench-direct"}})).unwrap())
@@ -329,10 +342,14 @@ async fn main() {
     let hdeploy: Api<Deployment> = Api::namespaced(host.clone(), "bench-direct");
     let dpods: Api<Pod> = Api::namespaced(host.clone(), "bench-direct");
     let before = cpu_of(&procs);
+    let requests_before = host_requests(&host).await;
     let t0 = Instant::now();
     hdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
     let direct_total = wait_running(&dpods, "app=burst", a.pods, t0, "pods directly on the host").await;
+    // Counted to the same point as the virtual run: everything the Deployment caused is done.
+    settle(&procs).await;
     let direct_cpu = diff(&before, &cpu_of(&procs));
+    let direct_requests = per_pod(&requests_before, &host_requests(&host).await, a.pods);
     println!("     CPU seconds per process (virtual run / direct run):");
     let mut split = serde_json::Map::new();
     for ((name, v), (_, d)) in virtual_cpu.iter().zip(&direct_cpu) {
@@ -345,6 +362,29 @@ async fn main() {
     r.add("sync_1000_direct_seconds", direct_total, "s", "same Deployment directly in a host namespace");
     r.add("sync_1000_ratio", virtual_total / direct_total, "x", "virtual / direct");
     r.add("cpu_seconds_sync_1000", cpu_used, "s", "CPU the vkube process used for scenario 2");
+    let cpu = |run: &[(String, f64)], name: &str| run.iter().find(|(n, _)| n == name).map_or(f64::NAN, |x| x.1);
+    for (key, process) in [("host_apiserver_cpu_ratio", "host kube-apiserver"), ("host_etcd_cpu_ratio", "host etcd")] {
+        let (v, d) = (cpu(&virtual_cpu, process), cpu(&direct_cpu, process));
+        r.add(key, v / d, "x", format!("{process} CPU: {v:.2} s for the virtual run / {d:.2} s for the direct run"));
+    }
+    println!("     host API server requests per pod (virtual run / direct run):");
+    let mut table = serde_json::Map::new();
+    for key in virtual_requests.keys().chain(direct_requests.keys()).collect::<std::collections::BTreeSet<_>>() {
+        let (v, d) =
+            (virtual_requests.get(key).copied().unwrap_or(0.0), direct_requests.get(key).copied().unwrap_or(0.0));
+        if v >= 0.005 || d >= 0.005 {
+            println!("       {key:<40} {v:>6.2} / {d:>6.2}");
+            table.insert(key.clone(), json!({"virtual_run": v, "direct_run": d}));
+        }
+    }
+    r.extra.insert("host_requests_per_pod".into(), serde_json::Value::Object(table));
+    let (v, d): (f64, f64) = (virtual_requests.values().sum(), direct_requests.values().sum());
+    r.add(
+        "host_requests_per_pod",
+        v,
+        "1/pod",
+        format!("every request the host API server served during the virtual run, per pod; direct run {d:.2}, and a real node's kubelet would add 1 (the pod's token) that kwok does not make"),
+    );
     hdeploy.delete("burst", &Default::default()).await.unwrap();
     tokio::time::sleep(Duration::from_secs(10)).await;
     r.add("rss_mib_1000", rss_mib(vk_pid), "MiB", format!("vkube process with {} synced pods", a.pods));
@@ -361,8 +401,8 @@ async fn main() {
             rss,
             "MiB",
             format!(
-                "vkube process after a kill -9 and resync of {} pods, 10 s later (goal: within 10 % of rss_mib_1000)",
-                a.pods
+                "vkube process after a kill -9 and resync of {} pods: {} (goal: within 10 % of rss_mib_1000)",
+                a.pods, after.rss_note
             ),
         );
     }
@@ -422,8 +462,8 @@ async fn main() {
                 rss,
                 "MiB",
                 format!(
-                    "vkube process after a kill -9 and resync of {} pods, 10 s later (goal: within 10 % of rss_mib_{})",
-                    a.big, a.big
+                    "vkube process after a kill -9 and resync of {} pods: {} (goal: within 10 % of rss_mib_{})",
+                    a.big, after.rss_note, a.big
                 ),
             );
         }
@@ -575,6 +615,11 @@ async fn power(host: &Client, cp: &LocalControlPlane, request: &str, want: &str)
 
 /// Scenario 8: what a sleeping cluster still holds, how fast the first request wakes it (and
 /// how fast its 20-pod Deployment is back), and how many sleeping clusters fit beside each other.
+/// How long a cluster sleeps before its memory is read: its periodic work (power and usage
+/// ticks, state persisted every 10 s, the connections' 30 s keep-alives) has run at least once,
+/// so the code it runs asleep is resident again after the pages given back at sleep.
+const ASLEEP_SETTLE: Duration = Duration::from_secs(35);
+
 async fn sleep_mode(r: &mut Results, env: &TestEnv, host: &Client, sleepers: usize) {
     let cp = start_cluster(env, "sleeper", None).await;
     let proxied = cp.client().await.unwrap();
@@ -600,7 +645,7 @@ async fn sleep_mode(r: &mut Results, env: &TestEnv, host: &Client, sleepers: usi
     };
     for i in 0..3 {
         to_sleep.push(power(host, &cp, "sleep", "Sleeping").await);
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(ASLEEP_SETTLE).await;
         let children: Vec<u32> =
             ["etcd", "kube-apiserver", "kube-controller-manager"].iter().filter_map(|c| cp.pid(c)).collect();
         assert!(children.is_empty(), "a sleeping cluster still runs {children:?}");
@@ -647,7 +692,7 @@ async fn sleep_mode(r: &mut Results, env: &TestEnv, host: &Client, sleepers: usi
         power(host, &cp, "sleep", "Sleeping").await;
         asleep_cps.push(cp);
     }
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(ASLEEP_SETTLE).await;
     let sums = asleep_cps
         .iter()
         .filter_map(|cp| cp.controller_pid())
@@ -777,8 +822,10 @@ struct Restart {
     wall: f64,
     /// Host pods the restarted syncer wrote to (a settled state needs none).
     touched: usize,
-    /// The new process's resident memory 10 s after the resync (none if it is gone by then).
+    /// The new process's resident memory once it settled after the resync (none if it is gone).
     rss: Option<f64>,
+    /// How it got there: 10 s after the resync, when it settled, and its peak (VmHWM).
+    rss_note: String,
 }
 
 /// Kills the vkube process (kill -9), starts it again and waits for its initial sync.
@@ -819,8 +866,30 @@ async fn restart(cp: &mut LocalControlPlane, hpods: &Api<Pod>, host_selector: &s
             })
         })
         .count();
+    // Memory a restart leaves is what the process keeps, not the burst of its initial lists
+    // while they are being freed: read 10 s after the resync, then every 5 s until it moves by
+    // less than 1 % (at most 2 minutes more). The peak is reported beside it.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    Restart { resync, wall, touched, rss: cp.controller_pid().map(rss_mib) }
+    let Some(pid) = cp.controller_pid() else {
+        return Restart { resync, wall, touched, rss: None, rss_note: "the process is gone".into() };
+    };
+    let first = rss_mib(pid);
+    let (mut last, settle_start) = (first, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = rss_mib(pid);
+        let moved = (now - last).abs();
+        last = now;
+        if moved < 0.01 * now || settle_start.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+    }
+    let rss_note = format!(
+        "{first:.1} MiB 10 s after the resync, settled {:.0} s later; peak {:.1} MiB",
+        settle_start.elapsed().as_secs_f64(),
+        status_mib(pid, "VmHWM:")
+    );
+    Restart { resync, wall, touched, rss: Some(last), rss_note }
 }
 
 /// Waits until the processes are nearly idle (on average under 2.5% of a core each over 2 s), at
@@ -1078,6 +1147,30 @@ async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: 
 
 /// One number from a Prometheus text page: the sum of the samples of `metric` whose label set
 /// contains `labels` (empty: all of them).
+/// The host API server's `apiserver_request_total` by verb and resource (`VERB resource/sub`).
+async fn host_requests(host: &Client) -> BTreeMap<String, f64> {
+    let text = host.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some((labels, value)) = line.strip_prefix("apiserver_request_total{").and_then(|l| l.rsplit_once("} "))
+        else {
+            continue;
+        };
+        let label = |key: &str| {
+            labels.split(',').find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\"")?.strip_suffix('"')).unwrap_or("")
+        };
+        let sub = label("subresource");
+        let key = format!("{} {}{}{sub}", label("verb"), label("resource"), if sub.is_empty() { "" } else { "/" });
+        *out.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    out
+}
+
+/// What each key grew by from `before` to `after`, per pod.
+fn per_pod(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, pods: usize) -> BTreeMap<String, f64> {
+    after.iter().map(|(k, a)| (k.clone(), (a - before.get(k).copied().unwrap_or(0.0)) / pods as f64)).collect()
+}
+
 async fn scrape(client: &Client, metric: &str, labels: &str) -> f64 {
     let text = client.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap_or_default();
     text.lines()
@@ -1271,14 +1364,18 @@ fn write_docs(results: &str) {
             row["note"].as_str().unwrap_or_default()
         ));
     }
-    if let Some(cpu) = j["sync_cpu_seconds_by_process"].as_object() {
-        md.push_str("\nCPU seconds per process during scenario 2 (virtual run / direct run):\n\n| process | virtual run | direct run |\n|---|---:|---:|\n");
-        for (name, v) in cpu {
-            md.push_str(&format!(
-                "| {name} | {:.2} | {:.2} |\n",
-                v["virtual_run"].as_f64().unwrap_or(0.0),
-                v["direct_run"].as_f64().unwrap_or(0.0)
-            ));
+    // Scenario 2's side-by-side tables: (key in results.json, caption, first column).
+    for (key, caption, first) in [
+        ("sync_cpu_seconds_by_process", "CPU seconds per process", "process"),
+        ("host_requests_per_pod", "Host API server requests per pod, by verb and resource,", "request"),
+    ] {
+        let Some(rows) = j[key].as_object() else { continue };
+        md.push_str(&format!(
+            "\n{caption} during scenario 2 (virtual run / direct run):\n\n| {first} | virtual run | direct run |\n|---|---:|---:|\n"
+        ));
+        for (name, v) in rows {
+            let side = |k: &str| v[k].as_f64().unwrap_or(0.0);
+            md.push_str(&format!("| {name} | {:.2} | {:.2} |\n", side("virtual_run"), side("direct_run")));
         }
     }
     if let Ok(notes) = std::fs::read_to_string(root.join("docs/benchmarks-notes.md")) {
