@@ -344,8 +344,6 @@ async fn main() {
     // second of CPU, charged to whichever run took longer. Its pods are Ready only once their
     // host copies run (their status comes from there).
     let virtual_total = wait_deployment_ready(&vdeploy, "burst", a.pods, t0, "the virtual deployment").await;
-    let cpu_used = cpu_seconds(vk_pid) - cpu0;
-    let virtual_cpu = diff(&before, &cpu_of(&procs));
     r.add(
         "sync_1000_virtual_seconds",
         virtual_total,
@@ -356,6 +354,10 @@ async fn main() {
     // The baseline starts only once the virtual run's work (statuses, events) is done, so
     // neither run slows the other.
     settle(&procs).await;
+    // CPU and requests counted to the same point in both runs: once what the Deployment caused
+    // (statuses, events) is done.
+    let cpu_used = cpu_seconds(vk_pid) - cpu0;
+    let virtual_cpu = diff(&before, &cpu_of(&procs));
     let virtual_requests = per_pod(&requests_before, &host_requests(&host).await, a.pods);
     let direct_ns: Api<Namespace> = Api::all(host.clone());
     direct_ns
@@ -370,7 +372,6 @@ async fn main() {
     hdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
     let direct_total =
         wait_deployment_ready(&hdeploy, "burst", a.pods, t0, "the Deployment directly on the host").await;
-    // Counted to the same point as the virtual run: everything the Deployment caused is done.
     settle(&procs).await;
     let direct_cpu = diff(&before, &cpu_of(&procs));
     let direct_requests = per_pod(&requests_before, &host_requests(&host).await, a.pods);
@@ -637,13 +638,13 @@ async fn power(host: &Client, cp: &LocalControlPlane, request: &str, want: &str)
     }
 }
 
-/// Scenario 8: what a sleeping cluster still holds, how fast the first request wakes it (and
-/// how fast its 20-pod Deployment is back), and how many sleeping clusters fit beside each other.
 /// How long a cluster sleeps before its memory is read: its periodic work (power and usage
 /// ticks, state persisted every 10 s, the connections' 30 s keep-alives) has run at least once,
 /// so the code it runs asleep is resident again after the pages given back at sleep.
 const ASLEEP_SETTLE: Duration = Duration::from_secs(35);
 
+/// Scenario 8: what a sleeping cluster still holds, how fast the first request wakes it (and
+/// how fast its 20-pod Deployment is back), and how many sleeping clusters fit beside each other.
 async fn sleep_mode(r: &mut Results, env: &TestEnv, host: &Client, sleepers: usize) {
     let cp = start_cluster(env, "sleeper", None).await;
     let proxied = cp.client().await.unwrap();
@@ -891,26 +892,31 @@ async fn restart(cp: &mut LocalControlPlane, hpods: &Api<Pod>, host_selector: &s
         })
         .count();
     // Memory a restart leaves is what the process keeps, not the burst of its initial lists
-    // while they are being freed: read 10 s after the resync, then every 5 s until it moves by
-    // less than 1 % (at most 2 minutes more). The peak is reported beside it.
+    // while they are being freed: read 10 s after the resync, then every 5 s until the last 30 s
+    // of readings lie within 1 % (at most 3 minutes more). The peak is reported beside it.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let Some(pid) = cp.controller_pid() else {
         return Restart { resync, wall, touched, rss: None, rss_note: "the process is gone".into() };
     };
     let first = rss_mib(pid);
-    let (mut last, settle_start) = (first, Instant::now());
-    loop {
+    let (mut window, settle_start) = (vec![first], Instant::now());
+    let settled = loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let now = rss_mib(pid);
-        let moved = (now - last).abs();
-        last = now;
-        if moved < 0.01 * now || settle_start.elapsed() > Duration::from_secs(120) {
-            break;
+        window.push(rss_mib(pid));
+        let recent = &window[window.len().saturating_sub(7)..];
+        let (lo, hi) = recent.iter().fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        if recent.len() == 7 && hi - lo < 0.01 * hi {
+            break true;
         }
-    }
+        if settle_start.elapsed() > Duration::from_secs(180) {
+            break false;
+        }
+    };
+    let last = *window.last().unwrap_or(&first);
     let rss_note = format!(
-        "{first:.1} MiB 10 s after the resync, settled {:.0} s later; peak {:.1} MiB",
+        "{first:.1} MiB 10 s after the resync, {last:.1} MiB {:.0} s later ({}); peak {:.1} MiB",
         settle_start.elapsed().as_secs_f64(),
+        if settled { "steady over its last 30 s" } else { "still moving" },
         status_mib(pid, "VmHWM:")
     );
     Restart { resync, wall, touched, rss: Some(last), rss_note }
@@ -1169,8 +1175,6 @@ async fn sync_latency(r: &mut Results, direct: &Client, host: &Client, host_ns: 
     r.add("status_p99_ms", percentile(&p.back, 0.99), "ms", "");
 }
 
-/// One number from a Prometheus text page: the sum of the samples of `metric` whose label set
-/// contains `labels` (empty: all of them).
 /// The host API server's `apiserver_request_total` by verb and resource (`VERB resource/sub`).
 async fn host_requests(host: &Client) -> BTreeMap<String, f64> {
     let text = host.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap_or_default();
@@ -1195,6 +1199,8 @@ fn per_pod(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, pods: 
     after.iter().map(|(k, a)| (k.clone(), (a - before.get(k).copied().unwrap_or(0.0)) / pods as f64)).collect()
 }
 
+/// One number from a Prometheus text page: the sum of the samples of `metric` whose label set
+/// contains `labels` (empty: all of them).
 async fn scrape(client: &Client, metric: &str, labels: &str) -> f64 {
     let text = client.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap_or_default();
     text.lines()
