@@ -107,9 +107,10 @@ fn drop_pages(range: &Range<usize>) -> std::io::Result<()> {
     // SAFETY: `range` is a whole mapping the loader made of our own executable, read-only and
     // without a private page (`droppable`, from /proc/self/smaps read just before). These
     // mappings live as long as the process (nothing unmaps the executable's segments, so the
-    // range cannot be reused by another mapping), and nothing in this process makes them writable. MADV_DONTNEED on a private file mapping unmaps its pages and the
-    // next touch maps the file's page again: the memory reads the same before and after, so no
-    // reference Rust holds into it (code, constants) sees a change.
+    // range cannot be reused by another mapping), and nothing in this process makes them
+    // writable. MADV_DONTNEED on a private file mapping unmaps its pages and the next touch maps
+    // the file's page again: the memory reads the same before and after, so no reference Rust
+    // holds into it (code, constants) sees a change.
     unsafe { nix::sys::mman::madvise(start, range.end - range.start, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }
         .map_err(std::io::Error::from)
 }
