@@ -32,13 +32,19 @@ pub const ANNOTATION_PENDING_SINCE: &str = "vkube.dev/pending-since";
 pub const ANNOTATION_OBJECT_LABELS: &str = "vkube.dev/object-labels";
 /// The downward-API annotation holding the virtual pod's service account.
 pub const ANNOTATION_SERVICE_ACCOUNT: &str = "vkube.dev/service-account";
+/// With tokens delivered in annotations (`--token-delivery=annotation`): the downward-API
+/// annotation holding the pod's virtual service-account token for the API server's own audience;
+/// `<this>-<short hash of the audience>` holds one for another audience. The pod's
+/// `vkube.dev/token-expires` says when the first of them expires.
+pub const ANNOTATION_POD_TOKEN: &str = "vkube.dev/sa-token";
 
 // Host Secrets holding a pod's virtual service-account token.
 
 /// On host Secrets holding a pod's service-account token (one per pod: kept out of the syncer's
 /// Secret watch, which would otherwise hold one per pod in memory).
 pub const LABEL_TOKEN: &str = "vkube.dev/token";
-/// When the token expires (RFC 3339), to renew it in time.
+/// When the token expires (RFC 3339), to renew it in time (on a host pod whose tokens are in its
+/// annotations: when the first of them expires).
 pub const ANNOTATION_TOKEN_EXPIRES: &str = "vkube.dev/token-expires";
 /// The audience the token was requested for.
 pub const ANNOTATION_TOKEN_AUDIENCE: &str = "vkube.dev/token-audience";

@@ -287,14 +287,18 @@ fn token_times(token: &str) -> (i64, i64) {
 /// A pod's own credentials come from its virtual cluster. Its token is renewed before it expires:
 /// with the shortest lifetime the API server allows (10 minutes) and renewal when less than
 /// 540 s is left, the container reads a new token within a few minutes (the kubelet refreshes
-/// the projected file), which the virtual API server accepts. Its projected trust bundles are the
+/// the projected file), which the virtual API server accepts; so does a pod of a cluster whose
+/// tokens are delivered in host pod annotations (the kubelet refreshes the downward API file). Its projected trust bundles are the
 /// virtual cluster's ClusterTrustBundles, selected by signer and labels; a required projection
 /// that matches nothing keeps the pod from starting, as a kubelet would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_token_is_renewed_and_its_trust_bundles_are_its_clusters() {
     let _turn = ONE_REAL_NODE.lock().await;
     let env = real_node_host().await;
-    let a = env.virtual_cluster_with("rn-tok", &["--token-lifetime=10m", "--token-renew-before=540s"]).await;
+    let short = ["--token-lifetime=10m", "--token-renew-before=540s"];
+    let a = env.virtual_cluster_with("rn-tok", &short).await;
+    let b = env.virtual_cluster_with("rn-tok-ann", &[&short[..], &["--token-delivery=annotation"]].concat()).await;
+    b.apply(READER_CLIENT);
     // Certificates to put in bundles: the CAs of the virtual cluster and of the host.
     let ca_of = |kubectl: &dyn Fn(&[&str]) -> String| -> String {
         use base64::Engine;
@@ -350,22 +354,32 @@ spec:
     let phase = pods.get("unmounted").await.expect("the pod").status.and_then(|s| s.phase);
     assert_eq!(phase.as_deref(), Some("Pending"), "a required bundle that is missing: not started");
 
+    wait_ready(&b, "default", &["pod/client"]);
     let path = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-    let first = exec_ok(&a, "client", &["cat", path]);
-    let (iat, exp) = token_times(&first);
-    assert_eq!(exp - iat, 600, "the token lives as --token-lifetime says");
-    let renewed = vkube_e2e::eventually("a renewed token in the container", Duration::from_secs(240), || async {
+    let first = [&a, &b].map(|vc| exec_ok(vc, "client", &["cat", path]));
+    for token in &first {
+        let (iat, exp) = token_times(token);
+        assert_eq!(exp - iat, 600, "the token lives as --token-lifetime says");
+    }
+    let renewed = vkube_e2e::eventually("renewed tokens in the containers", Duration::from_secs(240), || async {
         // A look every few seconds: each is a kubectl exec through the proxy.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let now = exec_ok(&a, "client", &["cat", path]);
-        Ok((now != first).then_some(now))
+        let now = [&a, &b].map(|vc| exec_ok(vc, "client", &["cat", path]));
+        Ok((now[0] != first[0] && now[1] != first[1]).then_some(now))
     })
     .await;
-    let (iat2, exp2) = token_times(&renewed);
-    assert!(iat2 > iat && exp2 > exp, "the new token is a later one: {iat}/{exp} then {iat2}/{exp2}");
-    // A fresh in-cluster kubectl reads the renewed file, and the virtual API server takes it.
-    let whoami = exec_ok(&a, "client", &["kubectl", "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
-    assert_eq!(whoami, "system:serviceaccount:default:reader");
+    for ((vc, first), renewed) in [&a, &b].into_iter().zip(&first).zip(&renewed) {
+        let ((iat, exp), (iat2, exp2)) = (token_times(first), token_times(renewed));
+        assert!(iat2 > iat && exp2 > exp, "the new token is a later one: {iat}/{exp} then {iat2}/{exp2}");
+        // A fresh in-cluster kubectl reads the renewed file, and the virtual API server takes it.
+        let whoami =
+            exec_ok(vc, "client", &["kubectl", "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+        assert_eq!(whoami, "system:serviceaccount:default:reader");
+    }
+    let host_pod = b.translator().host_name("default", "client");
+    let annotation =
+        env.kubectl_ok(&["get", "pod", "-n", b.host_namespace(), &host_pod, "-o", "jsonpath={.metadata.annotations}"]);
+    assert!(annotation.contains(&renewed[1]), "the container's token is its host pod's annotation");
 }
 
 /// The chart path for real: `vkube create NAME` installs the chart, its StatefulSet pod (one

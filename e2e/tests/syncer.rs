@@ -212,7 +212,6 @@ spec:
 /// pod exists, is refused once the pod is deleted, and its host Secret goes with the pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
-    use base64::Engine;
     let env = TestEnv::start(1).await;
     let mut vc = env.virtual_cluster("tok").await;
     vc.kubectl_ok(&["run", "holder", "--image=nginx"]);
@@ -222,22 +221,14 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     let secrets: Api<Secret> = Api::namespaced(env.client().await, vc.host_namespace());
     let secret = secrets.get(&secret_name).await.expect("the pod's own token Secret on the host");
     let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
-    let payload = token.split('.').nth(1).expect("a JWT");
-    let claims: serde_json::Value =
-        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    let claims = claims(&token);
     assert_eq!(claims["kubernetes.io"]["pod"]["name"], "holder", "{claims}");
     assert_eq!(claims["kubernetes.io"]["serviceaccount"]["name"], "default", "{claims}");
 
     let with_token = vc.client_with_token(&token).await;
     with_token.apiserver_version().await.expect("the token works while its pod exists");
     vc.kubectl_ok(&["delete", "pod", "holder", "--wait"]);
-    eventually("the token is refused once its pod is gone", Duration::from_secs(40), || async {
-        match with_token.apiserver_version().await {
-            Err(kube::Error::Api(s)) if s.code == 401 => Ok(Some(())),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    refused_once_its_pod_is_gone(&with_token).await;
     let gone = |name: String| {
         let secrets = secrets.clone();
         async move {
@@ -254,6 +245,75 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     vc.kubectl_direct_ok(&["delete", "pod", "forgotten", "--grace-period=0", "--force"]);
     vc.start_controller().await;
     eventually("the orphaned token Secret is swept", Duration::from_secs(30), || gone(forgotten.clone())).await;
+}
+
+/// Waits until the virtual API server refuses a client's token (401).
+async fn refused_once_its_pod_is_gone(client: &kube::Client) {
+    eventually("the token is refused once its pod is gone", Duration::from_secs(40), || async {
+        match client.apiserver_version().await {
+            Err(kube::Error::Api(s)) if s.code == 401 => Ok(Some(())),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+/// The claims of a JWT.
+fn claims(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT");
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+/// With the admin's `--token-delivery=annotation` a pod's token is an annotation of its host pod,
+/// which its projected volume reads through the downward API, and there is no host Secret for it:
+/// bound to the pod, kept through the pod's other updates, renewed in place before it expires
+/// (10 minutes, renewed with less than 540 s left: a minute after it was issued), never one the
+/// tenant wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_annotation_delivery_a_pods_token_is_its_host_pods_annotation() {
+    const TOKEN: &str = "vkube.dev/sa-token";
+    let env = TestEnv::start(1).await;
+    let args = ["--token-delivery=annotation", "--token-lifetime=10m", "--token-renew-before=540s"];
+    let vc = env.virtual_cluster_with("tokann", &args).await;
+    vc.kubectl_ok(&["run", "holder", "--image=nginx", &format!("--annotations={TOKEN}=forged")]);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/holder", "--timeout=60s"]);
+    let host_name = tr(&vc).host_name("default", "holder");
+    let pods: Api<Pod> = Api::namespaced(env.client().await, vc.host_namespace());
+    let token_of = |p: &Pod| p.annotations().get(TOKEN).cloned().unwrap_or_default();
+    let h = pods.get(&host_name).await.expect("the host pod");
+    let token = token_of(&h);
+    assert_eq!(claims(&token)["kubernetes.io"]["pod"]["name"], "holder", "the virtual token, bound to the pod");
+    assert_eq!(h.annotations()["vkube.dev.t.vkube.dev/sa-token"], "forged", "the tenant's own key stays its own");
+    let volume = h.spec.unwrap().volumes.unwrap().into_iter().find(|v| v.name.starts_with("kube-api-access"));
+    let sources = volume.and_then(|v| v.projected).and_then(|p| p.sources).expect("the projected volume");
+    let read = sources[0].downward_api.as_ref().and_then(|d| d.items.clone()).expect("a downward API item");
+    assert_eq!(read[0].field_ref.as_ref().unwrap().field_path, format!("metadata.annotations['{TOKEN}']"));
+    let secrets: Api<Secret> = Api::namespaced(env.client().await, vc.host_namespace());
+    assert!(secrets.get_opt(&format!("{host_name}-sa-token")).await.unwrap().is_none(), "no token Secret");
+    vc.client_with_token(&token).await.apiserver_version().await.expect("the token works while its pod exists");
+
+    // An update of the pod (its labels) leaves the token as it is.
+    vc.kubectl_ok(&["label", "pod", "holder", "team=a"]);
+    let labelled = eventually("the label on the host pod", Duration::from_secs(30), || async {
+        let p = pods.get(&host_name).await.map_err(|e| e.to_string())?;
+        Ok(p.labels().contains_key("t.vkube.dev/team").then_some(p))
+    })
+    .await;
+    assert_eq!(token_of(&labelled), token, "the update kept the token");
+
+    let renewed = eventually("the token renewed in place", Duration::from_secs(150), || async {
+        let now = token_of(&pods.get(&host_name).await.map_err(|e| e.to_string())?);
+        Ok((now != token).then_some(now))
+    })
+    .await;
+    let (first, second) = (claims(&token), claims(&renewed));
+    assert!(second["exp"].as_i64() > first["exp"].as_i64(), "a later token: {first} then {second}");
+    assert_eq!(second["exp"].as_i64().unwrap() - second["iat"].as_i64().unwrap(), 600);
+    let renewed_client = vc.client_with_token(&renewed).await;
+    renewed_client.apiserver_version().await.expect("the renewed token works");
+    vc.kubectl_ok(&["delete", "pod", "holder", "--wait"]);
+    refused_once_its_pod_is_gone(&renewed_client).await;
 }
 
 /// NetworkPolicies: with the admin's `--sync-network-policies` the host copy selects the same

@@ -46,6 +46,33 @@ pub struct Options {
     pub events_mark_service: Option<String>,
     /// How long the tokens given to host pods live and when they are renewed.
     pub tokens: TokenLifetime,
+    /// Where host pods read their tokens from.
+    pub token_delivery: TokenDelivery,
+}
+
+/// Where a host pod reads its virtual service-account tokens from (the platform admin's choice).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TokenDelivery {
+    /// A host Secret of the pod's own, which its projected volume reads: only those who can read
+    /// Secrets in the host namespace can read the token. Two host writes per pod.
+    #[default]
+    Secret,
+    /// Annotations of the host pod, which its projected volume reads through the downward API:
+    /// one host write per pod, no host Secret, but whoever can read pods in the host namespace
+    /// can read the tokens.
+    Annotation,
+}
+
+impl std::str::FromStr for TokenDelivery {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "secret" => Ok(TokenDelivery::Secret),
+            "annotation" => Ok(TokenDelivery::Annotation),
+            other => Err(format!("{other:?}: token delivery is `secret` or `annotation`")),
+        }
+    }
 }
 
 /// The lifetime of the virtual service-account tokens host pods get: long, as a kubelet's are

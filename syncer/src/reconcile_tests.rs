@@ -68,6 +68,7 @@ fn harness() -> Harness {
             recreate_lost_pods: false,
             events_mark_service: None,
             tokens: Default::default(),
+            token_delivery: Default::default(),
         },
         virt: virt_client.clone(),
         host: host_client,
@@ -293,6 +294,7 @@ fn pod_pair(ctx: &Context, generation: i64, image: &str) -> (Pod, Pod) {
         service_links: &[],
         namespaces: &[],
         known_node: &|_| false,
+        token_delivery: Default::default(),
     };
     let mut h = crate::pods::translate::host_pod(&env, &v).unwrap().pod;
     h.metadata.generation = Some(1);

@@ -3,6 +3,11 @@
 //! deleted), kept in a host Secret of the pod's own that its projected volume reads. The host
 //! never issues a token to a tenant pod.
 //!
+//! With `--token-delivery=annotation` the tokens are annotations of the host pod instead (its
+//! projected volume reads them through the downward API): written with the pod, one host write
+//! fewer per pod and no Secret, renewed by the pod's own update (which looks at every pod at
+//! every resync), gone with the pod. Their values are not kept in the host pod store.
+//!
 //! There is one such Secret per pod and the syncer rarely needs them again, so they are not
 //! watched (memory): they are written before their pod, removed when the virtual pod is deleted
 //! (their names follow from its spec), and a sweep (at start, then with every resync) lists their
@@ -18,12 +23,14 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::ObjectRef;
-use vkube_core::contract::{ANNOTATION_TOKEN_AUDIENCE, ANNOTATION_TOKEN_EXPIRES, LABEL_TOKEN};
+use vkube_core::contract::{ANNOTATION_POD_TOKEN, ANNOTATION_TOKEN_AUDIENCE, ANNOTATION_TOKEN_EXPIRES, LABEL_TOKEN};
 use vkube_kubeclient::delete::{Exactly, delete_exactly};
 
 use crate::context::Context;
+use crate::pods::translate;
 use crate::queue::Action;
 use crate::sync::{self, Result, SyncError};
 
@@ -73,8 +80,28 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     }
 }
 
-/// A fresh token Secret for `pod` (TokenRequest on the virtual API server).
+/// A fresh token Secret for `pod`.
 async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&str>) -> Result<Secret> {
+    let (token, expires) = request(ctx, pod, audience).await?;
+    let mut meta = pods_secret_meta(ctx, KIND, pod, secret_name);
+    let ann = meta.annotations.get_or_insert_with(BTreeMap::new);
+    if let Some(expires) = expires {
+        ann.insert(ANNOTATION_TOKEN_EXPIRES.into(), expires.to_string());
+    }
+    if let Some(a) = audience {
+        ann.insert(ANNOTATION_TOKEN_AUDIENCE.into(), a.to_string());
+    }
+    Ok(Secret {
+        metadata: meta,
+        data: Some([("token".to_string(), ByteString(token.into_bytes()))].into()),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    })
+}
+
+/// A token of `pod`'s virtual service account bound to `pod`, for `audience` (TokenRequest on
+/// the virtual API server), and when it expires.
+async fn request(ctx: &Context, pod: &Pod, audience: Option<&str>) -> Result<(String, Option<Timestamp>)> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
     let sa = pod.spec.as_ref().map(crate::refs::service_account).unwrap_or_else(|| "default".into());
     let request = TokenRequest {
@@ -95,29 +122,74 @@ async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&st
     let issued = sas.create_token_request(&sa, &crate::sync::post_params(), &request).await?;
     let status = issued.status.ok_or_else(|| SyncError::NoToken(format!("{ns}/{sa}")))?;
     let token = status.token.ok_or_else(|| SyncError::NoToken(format!("{ns}/{sa}")))?;
-    let mut meta = pods_secret_meta(ctx, KIND, pod, secret_name);
-    let ann = meta.annotations.get_or_insert_with(BTreeMap::new);
-    if let Some(expires) = status.expiration_timestamp {
-        ann.insert(ANNOTATION_TOKEN_EXPIRES.into(), expires.0.to_string());
-    }
-    if let Some(a) = audience {
-        ann.insert(ANNOTATION_TOKEN_AUDIENCE.into(), a.to_string());
-    }
-    Ok(Secret {
-        metadata: meta,
-        data: Some([("token".to_string(), ByteString(token.into_bytes()))].into()),
-        type_: Some("Opaque".into()),
-        ..Default::default()
-    })
+    Ok((token, status.expiration_timestamp.map(|t| t.0)))
 }
 
-/// How long until the token of this Secret is due for renewal (zero: now, or unknown).
-fn renewal_due_in(ctx: &Context, meta: &ObjectMeta) -> Duration {
-    let Some(at) = meta.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TOKEN_EXPIRES)) else {
+/// Tokens delivered in annotations: the host pod annotations that give `pod` a fresh token per
+/// audience its projections ask for, and when the first expires. Empty if it asks for none.
+pub async fn pod_annotations(ctx: &Context, pod: &Pod) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut first: Option<Timestamp> = None;
+    for audience in translate::token_audiences(pod) {
+        let (token, expires) = request(ctx, pod, audience.as_deref()).await?;
+        out.insert(translate::token_annotation(audience.as_deref()), token);
+        first = match (first, expires) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    if let (Some(at), false) = (first, out.is_empty()) {
+        out.insert(ANNOTATION_TOKEN_EXPIRES.into(), at.to_string());
+    }
+    Ok(out)
+}
+
+/// A host pod's tokens in annotations, as an update of the host pod must carry them: what the
+/// host pod has (the update leaves them as they are), or fresh ones if they expire soon. Pods
+/// whose tokens are in Secrets have none. A renewal due before the next resync is queued.
+pub async fn carry_pod_annotations(ctx: &Context, v: &Pod, h: &ObjectMeta, desired: &mut ObjectMeta) -> Result<()> {
+    let Some(have) = h.annotations.as_ref().filter(|a| a.contains_key(ANNOTATION_TOKEN_EXPIRES)) else {
+        return Ok(());
+    };
+    let want = desired.annotations.get_or_insert_with(BTreeMap::new);
+    if expires_soon(ctx, h) {
+        let fresh = pod_annotations(ctx, v).await?;
+        schedule_pod_renewal(ctx, v, &fresh);
+        want.extend(fresh);
+    } else {
+        // The store holds no token values (`slim_host_pod`): only the expiry is there to keep.
+        want.extend(have.iter().filter(|(k, _)| is_pod_token_key(k)).map(|(k, v)| (k.clone(), v.clone())));
+        schedule_pod_renewal(ctx, v, have);
+    }
+    Ok(())
+}
+
+/// Whether a host pod annotation is one of the token annotations (values or expiry).
+pub fn is_pod_token_key(key: &str) -> bool {
+    key == ANNOTATION_TOKEN_EXPIRES
+        || key.strip_prefix(ANNOTATION_POD_TOKEN).is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+}
+
+/// Queues the pod's reconcile for the renewal of its annotation tokens if due before the next
+/// resync (which looks at every pod).
+pub fn schedule_pod_renewal(ctx: &Context, v: &Pod, annotations: &BTreeMap<String, String>) {
+    if !annotations.contains_key(ANNOTATION_TOKEN_EXPIRES) {
+        return;
+    }
+    let due = renewal_due_in(ctx, Some(annotations));
+    if due < crate::RESYNC {
+        ctx.queues.of::<Pod>().add_after(crate::informer::key_of(v), due.max(SOONEST_RENEWAL));
+    }
+}
+
+/// How long until the token of this Secret (or the first of this host pod's annotation tokens)
+/// is due for renewal (zero: now, or unknown).
+fn renewal_due_in(ctx: &Context, annotations: Option<&BTreeMap<String, String>>) -> Duration {
+    let Some(at) = annotations.and_then(|a| a.get(ANNOTATION_TOKEN_EXPIRES)) else {
         return Duration::ZERO;
     };
-    let Ok(at) = at.parse::<k8s_openapi::jiff::Timestamp>() else { return Duration::ZERO };
-    let left = at.duration_since(k8s_openapi::jiff::Timestamp::now()).as_secs();
+    let Ok(at) = at.parse::<Timestamp>() else { return Duration::ZERO };
+    let left = at.duration_since(Timestamp::now()).as_secs();
     Duration::from_secs(left.max(0) as u64).saturating_sub(ctx.opts.tokens.renew_before)
 }
 
@@ -138,7 +210,7 @@ pub(crate) fn pods_secret_meta(ctx: &Context, kind: &str, pod: &Pod, secret_name
 }
 
 fn expires_soon(ctx: &Context, meta: &ObjectMeta) -> bool {
-    renewal_due_in(ctx, meta).is_zero()
+    renewal_due_in(ctx, meta.annotations.as_ref()).is_zero()
 }
 
 /// Queues the renewal of a token due before the next sweep would find it (short lifetimes); the
@@ -146,12 +218,13 @@ fn expires_soon(ctx: &Context, meta: &ObjectMeta) -> bool {
 /// a minute: a token the API server issued shorter than asked (its maximum expiration) would
 /// otherwise be renewed in a loop.
 fn schedule_renewal(ctx: &Context, meta: &ObjectMeta) {
-    const SOONEST: Duration = Duration::from_secs(60);
-    let due = renewal_due_in(ctx, meta);
+    let due = renewal_due_in(ctx, meta.annotations.as_ref());
     if let (true, Some(name)) = (due < crate::RESYNC, meta.name.clone()) {
-        ctx.queues.tokens.add_after(name, due.max(SOONEST));
+        ctx.queues.tokens.add_after(name, due.max(SOONEST_RENEWAL));
     }
 }
+
+const SOONEST_RENEWAL: Duration = Duration::from_secs(60);
 
 /// The owner kinds of a pod's own Secrets, swept here.
 fn is_pods_own(kind: &str) -> bool {

@@ -38,6 +38,9 @@ struct Args {
     idle: usize,
     /// Only rewrite docs/benchmarks.md from target/bench/results.json (after editing the notes).
     docs_only: bool,
+    /// Extra `vkube run` arguments of scenario 2's cluster, to measure a setting against the
+    /// same direct run (e.g. `--run-arg=--token-delivery=annotation`).
+    run_args: Vec<String>,
 }
 
 fn args() -> Args {
@@ -52,6 +55,7 @@ fn args() -> Args {
         idle_only: false,
         idle: 10,
         docs_only: false,
+        run_args: vec![],
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -68,6 +72,7 @@ fn args() -> Args {
             "--idle-only" => a.idle_only = true,
             "--idle" => a.idle = num(),
             "--docs-only" => a.docs_only = true,
+            f if f.starts_with("--run-arg=") => a.run_args.push(f["--run-arg=".len()..].to_string()),
             "--quick" => {
                 a.pods = 200;
                 a.big = 1000;
@@ -77,7 +82,7 @@ fn args() -> Args {
             }
             other => {
                 panic!(
-                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --idle-only, --idle N, --quick, --docs-only"
+                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --idle-only, --idle N, --quick, --docs-only, --run-arg=ARG"
                 )
             }
         }
@@ -308,7 +313,7 @@ async fn main() {
     }
 
     step("the benchmark virtual cluster");
-    let mut cp = start_cluster(&env, "bench", None).await;
+    let mut cp = start_cluster_with(&env, "bench", None, a.run_args.clone()).await;
     let direct = client(&cp.direct_kubeconfig()).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let vk_pid = cp.controller_pid().expect("vkube pid");

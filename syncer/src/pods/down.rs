@@ -8,7 +8,7 @@ use kube::api::{Api, Patch};
 use kube::runtime::reflector::ObjectRef;
 
 use super::{Carried, KIND, fingerprint, patch, status, translate, up};
-use crate::context::{Context, Key};
+use crate::context::{Context, Key, TokenDelivery};
 use crate::informer::key_of;
 use crate::kind::SyncedKind;
 use crate::queue::Action;
@@ -102,7 +102,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     let namespaces = ctx.namespace_labels();
     let nodes = if pins_nodes(v) { pod_nodes(ctx) } else { Default::default() };
     let known_node = |n: &str| nodes.contains(n);
-    let desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &links, &namespaces, &known_node), v) {
+    let mut desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &links, &namespaces, &known_node), v) {
         Ok(t) => {
             if !t.dropped.is_empty() {
                 let note = format!(
@@ -125,10 +125,19 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         sync::warn(ctx, v, "HostNameConflict", &msg).await;
         return Ok(Action::RequeueAfter(Duration::from_secs(60)));
     }
-    for (secret, audience) in translate::token_secrets(&ctx.tr, v) {
-        let ensured = crate::tokens::ensure(ctx, v, &secret, audience.as_deref()).await;
-        if let Some(later) = held_by_another(ctx, v, &secret, "service-account token", ensured).await? {
-            return Ok(later);
+    match ctx.opts.token_delivery {
+        TokenDelivery::Secret => {
+            for (secret, audience) in translate::token_secrets(&ctx.tr, v) {
+                let ensured = crate::tokens::ensure(ctx, v, &secret, audience.as_deref()).await;
+                if let Some(later) = held_by_another(ctx, v, &secret, "service-account token", ensured).await? {
+                    return Ok(later);
+                }
+            }
+        }
+        TokenDelivery::Annotation => {
+            let tokens = crate::tokens::pod_annotations(ctx, v).await?;
+            crate::tokens::schedule_pod_renewal(ctx, v, &tokens);
+            desired.metadata.annotations.get_or_insert_with(Default::default).extend(tokens);
         }
     }
     let ns = v.metadata.namespace.as_deref().unwrap_or("default");
@@ -221,6 +230,7 @@ fn pod_env<'a>(
         service_links,
         namespaces,
         known_node,
+        token_delivery: ctx.opts.token_delivery,
     }
 }
 
@@ -276,6 +286,7 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod, dns_ip: &str) -> Result<Op
     };
     // What the host's own machinery added stays (no fight with its webhooks and controllers).
     ctx.tr.keep_host_keys(&mut desired.metadata, &h.metadata);
+    crate::tokens::carry_pod_annotations(ctx, v, &h.metadata, &mut desired.metadata).await?;
     let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let pp = sync::patch_params();
     let name = h.metadata.name.as_deref().unwrap_or_default();

@@ -21,8 +21,10 @@ use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Pod;
 
+use vkube_core::contract::ANNOTATION_TOKEN_EXPIRES;
+
 use crate::compact::Compact;
-use crate::context::{Context, Key};
+use crate::context::{Context, Key, TokenDelivery};
 use crate::informer::{Change, key_of};
 use crate::kind::SyncedKind;
 use crate::queue::Action;
@@ -48,8 +50,12 @@ impl SyncedKind for Pod {
         let (ns, name) = key_of(p);
         let changed = match change {
             Change::Deleted => {
-                for (secret, _) in translate::token_secrets(&c.tr, p) {
-                    c.queues.tokens.add(secret);
+                // (Tokens in annotations go with the host pod; Secrets left from before the
+                // admin switched to them are found by the sweep.)
+                if c.opts.token_delivery == TokenDelivery::Secret {
+                    for (secret, _) in translate::token_secrets(&c.tr, p) {
+                        c.queues.tokens.add(secret);
+                    }
                 }
                 if !crate::trust_bundles::projections(p).is_empty() {
                     c.queues.tokens.add(crate::trust_bundles::secret_name(&c.tr, &ns, &name));
@@ -142,6 +148,11 @@ pub fn fingerprint(p: &Pod) -> u64 {
 /// pod's, translated, and never needed again): metadata, the node, container names, images and resources,
 /// the fields that may change after creation, and the status. Applied to the host pod watch.
 pub fn slim_host_pod(p: &mut Pod) {
+    // Token values (tokens delivered in annotations): a kilobyte per pod the syncer never reads
+    // back, and which an update then cannot write back stale. Their expiry stays.
+    if let Some(a) = p.metadata.annotations.as_mut() {
+        a.retain(|k, _| k == ANNOTATION_TOKEN_EXPIRES || !crate::tokens::is_pod_token_key(k));
+    }
     if let Some(spec) = p.spec.take() {
         let slim = |c: &k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {
             name: c.name.clone(),
@@ -163,5 +174,22 @@ pub fn slim_host_pod(p: &mut Pod) {
             }),
             ..Default::default()
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_keeps_no_token_value_but_its_expiry() {
+        let mut p: Pod = serde_json::from_value(serde_json::json!({"metadata": {"annotations": {
+            "vkube.dev/sa-token": "jwt", "vkube.dev/sa-token-0123456789abcdef": "jwt2",
+            "vkube.dev/token-expires": "2027-01-01T00:00:00Z", "vkube.dev/sa-tokens": "not ours to drop",
+            "vkube.dev.t.vkube.dev/sa-token": "the tenant's own"}}}))
+        .unwrap();
+        slim_host_pod(&mut p);
+        let kept: Vec<&str> = p.metadata.annotations.as_ref().unwrap().keys().map(|k| k.as_str()).collect();
+        assert_eq!(kept, ["vkube.dev.t.vkube.dev/sa-token", "vkube.dev/sa-tokens", "vkube.dev/token-expires"]);
     }
 }

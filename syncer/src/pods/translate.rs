@@ -4,7 +4,8 @@
 //!   naming contract; label selectors in affinity and topology spread are confined to the
 //!   virtual cluster and namespace;
 //! - no host service-account token ever: `automountServiceAccountToken: false`, and each
-//!   projected service-account token becomes the virtual token bound to the pod, kept in a host Secret of its own;
+//!   projected service-account token becomes the virtual token bound to the pod, kept in a host
+//!   Secret of its own or (the admin's choice) in an annotation of the host pod;
 //! - in-cluster clients reach the virtual API server (`KUBERNETES_SERVICE_*`, host aliases for
 //!   `kubernetes.default.svc`) and DNS is the virtual cluster's own (`dnsPolicy: None`);
 //! - the downward API still reads virtual metadata (from our annotations);
@@ -20,8 +21,9 @@ use k8s_openapi::api::core::v1::{
     Container, EnvVar, EphemeralContainer, HostAlias, KeyToPath, ObjectFieldSelector, Pod, PodAffinityTerm,
     PodDNSConfig, PodDNSConfigOption, PodSpec, Volume, VolumeProjection,
 };
-use vkube_core::contract::{ANNOTATION_OBJECT_LABELS, ANNOTATION_SERVICE_ACCOUNT};
+use vkube_core::contract::{ANNOTATION_OBJECT_LABELS, ANNOTATION_POD_TOKEN, ANNOTATION_SERVICE_ACCOUNT};
 
+use crate::context::TokenDelivery;
 use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, NamespaceLabels, Translator};
 use crate::policy::{Policy, Refusal};
 
@@ -44,6 +46,8 @@ pub struct PodEnv<'a> {
     pub namespaces: &'a [NamespaceLabels],
     /// Whether the cluster's host pods run on a host node (a tenant may pin pods to those).
     pub known_node: &'a (dyn Fn(&str) -> bool + Sync),
+    /// Where the host pod reads its tokens from.
+    pub token_delivery: TokenDelivery,
 }
 
 /// A host pod, and the tenant's scheduling inputs the admin's policy dropped from it.
@@ -56,7 +60,16 @@ pub struct Translated {
 /// The host Secret holding the virtual service-account token bound to pod `pod` (for
 /// `audience`, if the pod asks for a specific one).
 pub fn token_secret_name(tr: &Translator, namespace: &str, pod: &str, audience: Option<&str>) -> String {
-    let base = format!("{}-sa-token", tr.host_name(namespace, pod));
+    with_audience(format!("{}-sa-token", tr.host_name(namespace, pod)), audience)
+}
+
+/// The host pod annotation holding the pod's virtual service-account token for `audience`, with
+/// tokens delivered in annotations.
+pub fn token_annotation(audience: Option<&str>) -> String {
+    with_audience(ANNOTATION_POD_TOKEN.to_string(), audience)
+}
+
+fn with_audience(base: String, audience: Option<&str>) -> String {
     match audience.filter(|a| !a.is_empty()) {
         None => base,
         Some(a) => format!("{base}-{}", vkube_core::naming::short_hash(a)),
@@ -112,7 +125,7 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Translated, Refusal> {
     spec.host_aliases = Some(aliases);
 
     for vol in spec.volumes.iter_mut().flatten() {
-        volume(tr, ns, name, vol);
+        volume(env, ns, name, vol);
     }
     for c in spec.init_containers.iter_mut().flatten().chain(spec.containers.iter_mut()) {
         container(env, ns, c);
@@ -191,7 +204,8 @@ fn dns(env: &PodEnv<'_>, ns: &str, spec: &mut PodSpec) {
         Some(PodDNSConfig { nameservers: Some(nameservers), searches: Some(searches), options: Some(options) });
 }
 
-fn volume(tr: &Translator, ns: &str, pod: &str, vol: &mut Volume) {
+fn volume(env: &PodEnv<'_>, ns: &str, pod: &str, vol: &mut Volume) {
+    let tr = env.translator;
     if let Some(cm) = vol.config_map.as_mut() {
         cm.name = tr.host_name(ns, &cm.name);
     }
@@ -225,12 +239,12 @@ fn volume(tr: &Translator, ns: &str, pod: &str, vol: &mut Volume) {
     }
     if let Some(p) = vol.projected.as_mut() {
         for src in p.sources.iter_mut().flatten() {
-            projection(tr, ns, pod, src);
+            projection(tr, env.token_delivery, ns, pod, src);
         }
     }
 }
 
-fn projection(tr: &Translator, ns: &str, pod: &str, src: &mut VolumeProjection) {
+fn projection(tr: &Translator, delivery: TokenDelivery, ns: &str, pod: &str, src: &mut VolumeProjection) {
     if let Some(cm) = src.config_map.as_mut() {
         cm.name = tr.host_name(ns, &cm.name);
     }
@@ -257,12 +271,28 @@ fn projection(tr: &Translator, ns: &str, pod: &str, src: &mut VolumeProjection) 
         });
     }
     if let Some(token) = src.service_account_token.take() {
-        // The virtual cluster's token, never one of the host: kept by the syncer in a host Secret.
-        src.secret = Some(k8s_openapi::api::core::v1::SecretProjection {
-            name: token_secret_name(tr, ns, pod, token.audience.as_deref()),
-            items: Some(vec![KeyToPath { key: "token".into(), path: token.path, ..Default::default() }]),
-            optional: Some(false),
-        });
+        // The virtual cluster's token, never one of the host: kept by the syncer in a host Secret
+        // or in an annotation of the host pod.
+        let audience = token.audience.as_deref();
+        match delivery {
+            TokenDelivery::Secret => {
+                src.secret = Some(k8s_openapi::api::core::v1::SecretProjection {
+                    name: token_secret_name(tr, ns, pod, audience),
+                    items: Some(vec![KeyToPath { key: "token".into(), path: token.path, ..Default::default() }]),
+                    optional: Some(false),
+                })
+            }
+            TokenDelivery::Annotation => {
+                let field_path = format!("metadata.annotations['{}']", token_annotation(audience));
+                src.downward_api = Some(k8s_openapi::api::core::v1::DownwardAPIProjection {
+                    items: Some(vec![k8s_openapi::api::core::v1::DownwardAPIVolumeFile {
+                        path: token.path,
+                        field_ref: Some(ObjectFieldSelector { field_path, api_version: Some("v1".into()) }),
+                        ..Default::default()
+                    }]),
+                })
+            }
+        }
     }
 }
 
@@ -413,18 +443,24 @@ fn affinity_term(tr: &Translator, ns: &str, namespaces: &[NamespaceLabels], t: &
 }
 
 /// The host Secrets a pod's projected service-account tokens point at, with their audiences:
-/// the syncer must create them before the pod.
+/// the syncer must create them before the pod (tokens delivered in Secrets).
 pub fn token_secrets(tr: &Translator, v: &Pod) -> Vec<(String, Option<String>)> {
     let ns = v.metadata.namespace.as_deref().unwrap_or("default");
     let pod = v.metadata.name.as_deref().unwrap_or_default();
+    token_audiences(v).into_iter().map(|a| (token_secret_name(tr, ns, pod, a.as_deref()), a)).collect()
+}
+
+/// The audiences of a pod's projected service-account tokens (`None`: the API server's own),
+/// each once.
+pub fn token_audiences(v: &Pod) -> Vec<Option<String>> {
     let Some(spec) = &v.spec else { return vec![] };
-    let mut out: Vec<(String, Option<String>)> = spec
+    let mut out: Vec<Option<String>> = spec
         .volumes
         .iter()
         .flatten()
         .flat_map(|vol| vol.projected.iter().flat_map(|p| p.sources.iter().flatten()))
         .filter_map(|s| s.service_account_token.as_ref())
-        .map(|t| (token_secret_name(tr, ns, pod, t.audience.as_deref()), t.audience.clone().filter(|a| !a.is_empty())))
+        .map(|t| t.audience.clone().filter(|a| !a.is_empty()))
         .collect();
     out.sort();
     out.dedup();
@@ -446,6 +482,7 @@ mod tests {
             service_links: &[],
             namespaces: &[],
             known_node: &|_| false,
+            token_delivery: Default::default(),
         }
     }
 
@@ -600,6 +637,34 @@ mod tests {
             sources[2].downward_api.as_ref().unwrap().items.as_ref().unwrap()[0].field_ref.as_ref().unwrap().field_path,
             "metadata.annotations['vkube.dev/object-namespace']"
         );
+    }
+
+    #[test]
+    fn tokens_delivered_in_annotations_are_read_through_the_downward_api() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let mut spec = typical();
+        spec["volumes"][2]["projected"]["sources"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"serviceAccountToken": {"path": "vault", "audience": "vault"}}));
+        let env = PodEnv { token_delivery: TokenDelivery::Annotation, ..env(&tr, &policy) };
+        let spec = host_pod(&env, &vpod(spec)).unwrap().pod.spec.unwrap();
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(!json.contains("serviceAccountToken") && !json.contains("sa-token\""), "no token Secret: {json}");
+        let projected =
+            spec.volumes.unwrap().into_iter().find(|v| v.name == "kube-api-access").unwrap().projected.unwrap();
+        let sources = projected.sources.unwrap();
+        let item = |i: usize| sources[i].downward_api.as_ref().unwrap().items.as_ref().unwrap()[0].clone();
+        assert_eq!(item(0).path, "token");
+        assert_eq!(item(0).field_ref.unwrap().field_path, "metadata.annotations['vkube.dev/sa-token']");
+        assert_eq!(item(3).path, "vault");
+        let vault = item(3).field_ref.unwrap().field_path;
+        assert_eq!(
+            vault,
+            format!("metadata.annotations['vkube.dev/sa-token-{}']", vkube_core::naming::short_hash("vault"))
+        );
+        assert_eq!(token_annotation(Some("vault")), vault["metadata.annotations['".len()..vault.len() - 2]);
     }
 
     #[test]

@@ -335,6 +335,12 @@ pub struct SyncArgs {
     /// A pod's token is renewed when less than this is left of its lifetime.
     #[arg(long, env = "VKUBE_TOKEN_RENEW_BEFORE", default_value = "30d", value_parser = parse_positive_duration)]
     pub token_renew_before: Duration,
+    /// Where host pods read their tokens from: `secret` (a host Secret per pod, readable by
+    /// whoever reads Secrets in the host namespace) or `annotation` (annotations of the host pod,
+    /// read through the downward API: half the host writes per pod, but readable by whoever can
+    /// read pods in the host namespace).
+    #[arg(long, env = "VKUBE_TOKEN_DELIVERY", default_value = "secret")]
+    pub token_delivery: vkube_syncer::context::TokenDelivery,
 }
 
 impl SyncArgs {
@@ -646,6 +652,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         recreate_lost_pods: resuming,
         events_mark_service: Some(names::service(&args.name)),
         tokens,
+        token_delivery: args.sync.token_delivery,
     };
     let metrics = vkube_syncer::Metrics::register(&mut registry);
     let coredns_image = args.sync.coredns_image.clone();
