@@ -30,6 +30,9 @@ pub const ANNOTATION_PENDING_SINCE: &str = "vkube.dev/pending-since";
 
 /// The downward-API annotation holding the virtual pod's labels (`metadata.labels` format).
 pub const ANNOTATION_OBJECT_LABELS: &str = "vkube.dev/object-labels";
+/// The downward-API annotation holding the virtual pod's annotations (`metadata.annotations`
+/// format), on host pods whose downward-API volumes read them all.
+pub const ANNOTATION_OBJECT_ANNOTATIONS: &str = "vkube.dev/object-annotations";
 /// The downward-API annotation holding the virtual pod's service account.
 pub const ANNOTATION_SERVICE_ACCOUNT: &str = "vkube.dev/service-account";
 /// With tokens delivered in annotations (`--token-delivery=annotation`): the downward-API

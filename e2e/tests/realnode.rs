@@ -96,7 +96,7 @@ subjects: [{kind: ServiceAccount, name: reader, namespace: default}]
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: client}
+metadata: {name: client, labels: {app: client}, annotations: {team: a}}
 spec:
   serviceAccountName: reader
   terminationGracePeriodSeconds: 1
@@ -105,6 +105,13 @@ spec:
     image: docker.io/library/busybox:1.36
     stdin: true
     command: [sh, -c, "i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]
+    volumeMounts: [{name: info, mountPath: /info}]
+  volumes:
+  - name: info
+    downwardAPI:
+      items:
+      - {path: labels, fieldRef: {fieldPath: metadata.labels}}
+      - {path: annotations, fieldRef: {fieldPath: metadata.annotations}}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,10 +383,22 @@ spec:
             exec_ok(vc, "client", &["kubectl", "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
         assert_eq!(whoami, "system:serviceaccount:default:reader");
     }
+    // The downward API reads the virtual pod's labels and annotations, not the host pod's (and
+    // so not its tokens).
+    assert_eq!(exec_ok(&b, "client", &["cat", "/info/labels"]), "app=\"client\"");
+    let annotations = exec_ok(&b, "client", &["cat", "/info/annotations"]);
+    assert!(annotations.contains("team=\"a\"") && !annotations.contains("vkube.dev"), "{annotations}");
+    // What the container reads is its host pod's annotation (renewed every minute here: looked
+    // at until the kubelet's copy and the annotation are the same token).
     let host_pod = b.translator().host_name("default", "client");
-    let annotation =
-        env.kubectl_ok(&["get", "pod", "-n", b.host_namespace(), &host_pod, "-o", "jsonpath={.metadata.annotations}"]);
-    assert!(annotation.contains(&renewed[1]), "the container's token is its host pod's annotation");
+    let jsonpath = "jsonpath={.metadata.annotations.vkube\\.dev/sa-token}";
+    vkube_e2e::eventually("the file is the host pod's annotation", Duration::from_secs(120), || async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let annotation = env.kubectl_ok(&["get", "pod", "-n", b.host_namespace(), &host_pod, "-o", jsonpath]);
+        let file = exec_ok(&b, "client", &["cat", path]);
+        Ok((!annotation.is_empty() && annotation.trim() == file.trim()).then_some(()))
+    })
+    .await;
 }
 
 /// The chart path for real: `vkube create NAME` installs the chart, its StatefulSet pod (one

@@ -293,14 +293,14 @@ async fn with_annotation_delivery_a_pods_token_is_its_host_pods_annotation() {
     assert!(secrets.get_opt(&format!("{host_name}-sa-token")).await.unwrap().is_none(), "no token Secret");
     vc.client_with_token(&token).await.apiserver_version().await.expect("the token works while its pod exists");
 
-    // An update of the pod (its labels) leaves the token as it is.
-    vc.kubectl_ok(&["label", "pod", "holder", "team=a"]);
-    let labelled = eventually("the label on the host pod", Duration::from_secs(30), || async {
+    // An update of the pod's annotations (a patch of them all) leaves the token as it is.
+    vc.kubectl_ok(&["annotate", "pod", "holder", "team=a"]);
+    let annotated = eventually("the annotation on the host pod", Duration::from_secs(30), || async {
         let p = pods.get(&host_name).await.map_err(|e| e.to_string())?;
-        Ok(p.labels().contains_key("t.vkube.dev/team").then_some(p))
+        Ok(p.annotations().contains_key("t.vkube.dev/team").then_some(p))
     })
     .await;
-    assert_eq!(token_of(&labelled), token, "the update kept the token");
+    assert_eq!(token_of(&annotated), token, "the update kept the token");
 
     let renewed = eventually("the token renewed in place", Duration::from_secs(150), || async {
         let now = token_of(&pods.get(&host_name).await.map_err(|e| e.to_string())?);

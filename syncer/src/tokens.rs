@@ -5,8 +5,9 @@
 //!
 //! With `--token-delivery=annotation` the tokens are annotations of the host pod instead (its
 //! projected volume reads them through the downward API): written with the pod, one host write
-//! fewer per pod and no Secret, renewed by the pod's own update (which looks at every pod at
-//! every resync), gone with the pod. Their values are not kept in the host pod store.
+//! fewer per pod and no Secret, renewed by a metadata patch when the pod is reconciled (every pod
+//! is at every resync; a renewal due sooner is queued), gone with the pod. Their values are not
+//! kept in the host pod store.
 //!
 //! There is one such Secret per pod and the syncer rarely needs them again, so they are not
 //! watched (memory): they are written before their pod, removed when the virtual pod is deleted
@@ -24,10 +25,13 @@ use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, T
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use std::sync::Arc;
+
+use kube::api::{Api, ListParams, Patch};
 use kube::runtime::reflector::ObjectRef;
 use vkube_core::contract::{ANNOTATION_POD_TOKEN, ANNOTATION_TOKEN_AUDIENCE, ANNOTATION_TOKEN_EXPIRES, LABEL_TOKEN};
 use vkube_kubeclient::delete::{Exactly, delete_exactly};
+use vkube_kubeclient::patch::MetadataPatch;
 
 use crate::context::Context;
 use crate::pods::translate;
@@ -144,24 +148,53 @@ pub async fn pod_annotations(ctx: &Context, pod: &Pod) -> Result<BTreeMap<String
     Ok(out)
 }
 
-/// A host pod's tokens in annotations, as an update of the host pod must carry them: what the
-/// host pod has (the update leaves them as they are), or fresh ones if they expire soon. Pods
-/// whose tokens are in Secrets have none. A renewal due before the next resync is queued.
-pub async fn carry_pod_annotations(ctx: &Context, v: &Pod, h: &ObjectMeta, desired: &mut ObjectMeta) -> Result<()> {
-    let Some(have) = h.annotations.as_ref().filter(|a| a.contains_key(ANNOTATION_TOKEN_EXPIRES)) else {
-        return Ok(());
+/// Tokens delivered in annotations, renewed if they expire soon: by a metadata patch of the host
+/// pod of its own, so neither the pod's other updates (which the host may refuse) nor a refused or
+/// terminating pod hold it up. Returns the host pod as it now is. A renewal that fails is told on
+/// the virtual pod and tried again in a minute; one due before the next resync is queued. Pods
+/// whose tokens are in Secrets have nothing to renew here.
+pub async fn renew_pod_annotations(ctx: &Context, v: &Pod, h: Arc<Pod>) -> Arc<Pod> {
+    let Some(have) = h.metadata.annotations.as_ref().filter(|a| a.contains_key(ANNOTATION_TOKEN_EXPIRES)) else {
+        return h;
     };
-    let want = desired.annotations.get_or_insert_with(BTreeMap::new);
-    if expires_soon(ctx, h) {
-        let fresh = pod_annotations(ctx, v).await?;
-        schedule_pod_renewal(ctx, v, &fresh);
-        want.extend(fresh);
-    } else {
-        // The store holds no token values (`slim_host_pod`): only the expiry is there to keep.
-        want.extend(have.iter().filter(|(k, _)| is_pod_token_key(k)).map(|(k, v)| (k.clone(), v.clone())));
+    if !expires_soon(ctx, &h.metadata) {
         schedule_pod_renewal(ctx, v, have);
+        return h;
     }
-    Ok(())
+    match renew_in_annotations(ctx, v, &h).await {
+        Ok(renewed) => {
+            if let Some(a) = renewed.metadata.annotations.as_ref() {
+                schedule_pod_renewal(ctx, v, a);
+            }
+            Arc::new(renewed)
+        }
+        Err(e) => {
+            let note = format!("the pod's service-account token could not be renewed (tried again in a minute): {e}");
+            sync::warn(ctx, v, "TokenNotRenewed", &note).await;
+            ctx.queues.of::<Pod>().add_after(crate::informer::key_of(v), SOONEST_RENEWAL);
+            h
+        }
+    }
+}
+
+async fn renew_in_annotations(ctx: &Context, v: &Pod, h: &Pod) -> Result<Pod> {
+    let fresh = pod_annotations(ctx, v).await?;
+    let name = h.metadata.name.as_deref().unwrap_or_default();
+    sync::spend(ctx, crate::pods::KIND, name)?;
+    let patch = MetadataPatch::annotations(fresh.iter().map(|(k, v)| (k.as_str(), Some(v.as_str()))));
+    let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let mut renewed = api.patch(name, &sync::patch_params(), &Patch::Merge(&patch)).await?;
+    ctx.metrics.wrote(KIND, "renew");
+    crate::pods::slim_host_pod(&mut renewed);
+    Ok(renewed)
+}
+
+/// Gives the desired host pod the token annotations the host pod has, so its update leaves them
+/// as they are (`renew_pod_annotations` renews them). The store holds their expiry, not their
+/// values (`slim_host_pod`); a value it did hold would be kept as it is, never removed.
+pub fn keep_pod_annotations(h: &ObjectMeta, desired: &mut ObjectMeta) {
+    let kept = h.annotations.iter().flatten().filter(|(k, _)| is_pod_token_key(k));
+    desired.annotations.get_or_insert_with(BTreeMap::new).extend(kept.map(|(k, v)| (k.clone(), v.clone())));
 }
 
 /// Whether a host pod annotation is one of the token annotations (values or expiry).

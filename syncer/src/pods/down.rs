@@ -33,7 +33,11 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
         return Ok(Action::Done);
     };
     let uid = v.metadata.uid.clone().unwrap_or_default();
-    let copy = sync::classify(ctx, h, KIND, &ns, &name, &uid);
+    let mut copy = sync::classify(ctx, h, KIND, &ns, &name, &uid);
+    if let HostCopy::Ours(h) = copy {
+        // Whatever else happens to the pod (refused, terminating), its tokens stay valid.
+        copy = HostCopy::Ours(crate::tokens::renew_pod_annotations(ctx, &v, h).await);
+    }
     let key = (ns, name);
     if !matches!(copy, HostCopy::Ours(_)) {
         ctx.carried.forget(&key);
@@ -286,7 +290,7 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod, dns_ip: &str) -> Result<Op
     };
     // What the host's own machinery added stays (no fight with its webhooks and controllers).
     ctx.tr.keep_host_keys(&mut desired.metadata, &h.metadata);
-    crate::tokens::carry_pod_annotations(ctx, v, &h.metadata, &mut desired.metadata).await?;
+    crate::tokens::keep_pod_annotations(&h.metadata, &mut desired.metadata);
     let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let pp = sync::patch_params();
     let name = h.metadata.name.as_deref().unwrap_or_default();

@@ -192,4 +192,22 @@ mod tests {
         let kept: Vec<&str> = p.metadata.annotations.as_ref().unwrap().keys().map(|k| k.as_str()).collect();
         assert_eq!(kept, ["vkube.dev.t.vkube.dev/sa-token", "vkube.dev/sa-tokens", "vkube.dev/token-expires"]);
     }
+
+    /// An update of a host pod whose tokens are annotations (as the store holds it: no values)
+    /// leaves its tokens alone, even when the annotations' patch sends every wanted entry.
+    #[test]
+    fn an_update_neither_removes_nor_rewrites_the_tokens() {
+        let ann =
+            |entries: &[(&str, &str)]| Some(entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        let expiry = ("vkube.dev/token-expires", "2027-01-01T00:00:00Z");
+        let mut h = Pod::default();
+        h.metadata.annotations = ann(&[("t.vkube.dev/a", "1"), expiry, ("vkube.dev/sa-token", "jwt")]);
+        slim_host_pod(&mut h);
+        let mut desired = Pod::default();
+        desired.metadata.annotations = ann(&[("t.vkube.dev/a", "1"), ("t.vkube.dev/new", "2")]);
+        crate::tokens::keep_pod_annotations(&h.metadata, &mut desired.metadata);
+        let patch = patch::host_pod_patch(&desired, &h).expect("the new annotation");
+        let sent = serde_json::to_value(patch.metadata.unwrap().annotations.unwrap()).unwrap();
+        assert_eq!(sent, serde_json::json!({"t.vkube.dev/a": "1", "t.vkube.dev/new": "2", expiry.0: expiry.1}));
+    }
 }

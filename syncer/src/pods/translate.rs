@@ -8,7 +8,8 @@
 //!   Secret of its own or (the admin's choice) in an annotation of the host pod;
 //! - in-cluster clients reach the virtual API server (`KUBERNETES_SERVICE_*`, host aliases for
 //!   `kubernetes.default.svc`) and DNS is the virtual cluster's own (`dnsPolicy: None`);
-//! - the downward API still reads virtual metadata (from our annotations);
+//! - the downward API still reads virtual metadata (from our annotations; all the virtual
+//!   annotations only on pods whose volumes read them all);
 //! - fields that only the host admin may decide (priority class, scheduler) are dropped, and the
 //!   node choice is the admin's ([`vkube_core::policy::scheduling`]): what of the tenant's is
 //!   dropped is returned, for a Warning event;
@@ -21,7 +22,9 @@ use k8s_openapi::api::core::v1::{
     Container, EnvVar, EphemeralContainer, HostAlias, KeyToPath, ObjectFieldSelector, Pod, PodAffinityTerm,
     PodDNSConfig, PodDNSConfigOption, PodSpec, Volume, VolumeProjection,
 };
-use vkube_core::contract::{ANNOTATION_OBJECT_LABELS, ANNOTATION_POD_TOKEN, ANNOTATION_SERVICE_ACCOUNT};
+use vkube_core::contract::{
+    ANNOTATION_OBJECT_ANNOTATIONS, ANNOTATION_OBJECT_LABELS, ANNOTATION_POD_TOKEN, ANNOTATION_SERVICE_ACCOUNT,
+};
 
 use crate::context::TokenDelivery;
 use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, NamespaceLabels, Translator};
@@ -91,6 +94,10 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Translated, Refusal> {
     let annotations = metadata.annotations.get_or_insert_with(BTreeMap::new);
     annotations.insert(ANNOTATION_OBJECT_LABELS.into(), format_labels(v.metadata.labels.as_ref()));
     annotations.insert(ANNOTATION_SERVICE_ACCOUNT.into(), sa.clone());
+    if reads_all_annotations(vspec) {
+        // Only then: the host pod's own annotations are the translated ones, with ours beside.
+        annotations.insert(ANNOTATION_OBJECT_ANNOTATIONS.into(), format_labels(v.metadata.annotations.as_ref()));
+    }
 
     let mut spec = vspec.clone();
     spec.service_account_name = None;
@@ -179,7 +186,17 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// Labels in the downward API's `metadata.labels` file format.
+/// Whether a downward-API volume (or projection) of the pod reads all its annotations.
+fn reads_all_annotations(spec: &PodSpec) -> bool {
+    let volumes = spec.volumes.iter().flatten();
+    let projected = volumes.clone().flat_map(|v| v.projected.iter().flat_map(|p| p.sources.iter().flatten()));
+    let items = volumes
+        .filter_map(|v| v.downward_api.as_ref().and_then(|d| d.items.as_ref()))
+        .chain(projected.filter_map(|s| s.downward_api.as_ref().and_then(|d| d.items.as_ref())));
+    items.flatten().any(|i| i.field_ref.as_ref().is_some_and(|f| f.field_path == "metadata.annotations"))
+}
+
+/// Labels (or annotations) in the downward API's `metadata.labels` file format.
 fn format_labels(labels: Option<&BTreeMap<String, String>>) -> String {
     labels.into_iter().flatten().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join("\n")
 }
@@ -410,6 +427,7 @@ fn field_ref(tr: &Translator, f: &mut ObjectFieldSelector) {
         "metadata.namespace" => Some(format!("metadata.annotations['{ANNOTATION_NAMESPACE}']")),
         "metadata.uid" => Some(format!("metadata.annotations['{ANNOTATION_UID}']")),
         "metadata.labels" => Some(format!("metadata.annotations['{ANNOTATION_OBJECT_LABELS}']")),
+        "metadata.annotations" => Some(format!("metadata.annotations['{ANNOTATION_OBJECT_ANNOTATIONS}']")),
         "spec.serviceAccountName" => Some(format!("metadata.annotations['{ANNOTATION_SERVICE_ACCOUNT}']")),
         _ => ["labels", "annotations"].into_iter().find_map(|field| {
             let key = path.strip_prefix(&format!("metadata.{field}['"))?.strip_suffix("']")?;
@@ -665,6 +683,26 @@ mod tests {
             format!("metadata.annotations['vkube.dev/sa-token-{}']", vkube_core::naming::short_hash("vault"))
         );
         assert_eq!(token_annotation(Some("vault")), vault["metadata.annotations['".len()..vault.len() - 2]);
+    }
+
+    #[test]
+    fn a_volume_reading_all_annotations_reads_the_virtual_ones() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let plain = host_pod(&env(&tr, &policy), &vpod(typical())).unwrap().pod;
+        assert!(!plain.metadata.annotations.unwrap().contains_key(ANNOTATION_OBJECT_ANNOTATIONS), "only when read");
+        let mut spec = typical();
+        let all = serde_json::json!({"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}});
+        spec["volumes"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"name": "info", "downwardAPI": {"items": [all]}}));
+        let h = host_pod(&env(&tr, &policy), &vpod(spec)).unwrap().pod;
+        let file = &h.metadata.annotations.unwrap()[ANNOTATION_OBJECT_ANNOTATIONS];
+        assert!(file.contains("note=\"kept\"") && file.contains("vkube.dev/object-uid=\"forged\""), "{file}");
+        let info = h.spec.unwrap().volumes.unwrap().into_iter().find(|v| v.name == "info").unwrap();
+        let path = &info.downward_api.unwrap().items.unwrap()[0].field_ref.clone().unwrap().field_path;
+        assert_eq!(path, "metadata.annotations['vkube.dev/object-annotations']");
     }
 
     #[test]
