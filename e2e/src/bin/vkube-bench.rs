@@ -341,6 +341,7 @@ async fn main() {
     let procs = processes(&env, &cp);
     let before = cpu_of(&procs);
     let requests_before = host_requests(&host).await;
+    let virtual_requests_before = host_requests(&direct).await;
     let t0 = Instant::now();
     vdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
     let host_selector = &format!("{LABEL_CLUSTER}=bench,{}/app=burst", vkube_syncer::naming::TENANT_DOMAIN);
@@ -364,6 +365,8 @@ async fn main() {
     let cpu_used = cpu_seconds(vk_pid) - cpu0;
     let virtual_cpu = diff(&before, &cpu_of(&procs));
     let virtual_requests = per_pod(&requests_before, &host_requests(&host).await, a.pods);
+    // The virtual API server does the work the host's does in the direct run, and more.
+    let virtual_api_requests = per_pod(&virtual_requests_before, &host_requests(&direct).await, a.pods);
     let direct_ns: Api<Namespace> = Api::all(host.clone());
     direct_ns
         .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "bench-direct"}})).unwrap())
@@ -397,17 +400,17 @@ async fn main() {
         let (v, d) = (cpu(&virtual_cpu, process), cpu(&direct_cpu, process));
         r.add(key, v / d, "x", format!("{process} CPU: {v:.2} s for the virtual run / {d:.2} s for the direct run"));
     }
-    println!("     host API server requests per pod (virtual run / direct run):");
-    let mut table = serde_json::Map::new();
-    for key in virtual_requests.keys().chain(direct_requests.keys()).collect::<std::collections::BTreeSet<_>>() {
-        let (v, d) =
-            (virtual_requests.get(key).copied().unwrap_or(0.0), direct_requests.get(key).copied().unwrap_or(0.0));
-        if v >= 0.005 || d >= 0.005 {
-            println!("       {key:<40} {v:>6.2} / {d:>6.2}");
-            table.insert(key.clone(), json!({"virtual_run": v, "direct_run": d}));
-        }
+    for (key, caption, virtual_side) in [
+        ("host_requests_per_pod", "host API server requests per pod (virtual run / direct run)", &virtual_requests),
+        (
+            "virtual_requests_per_pod",
+            "virtual API server requests per pod in the virtual run / host API server's in the direct run",
+            &virtual_api_requests,
+        ),
+    ] {
+        println!("     {caption}:");
+        r.extra.insert(key.into(), side_by_side(virtual_side, &direct_requests));
     }
-    r.extra.insert("host_requests_per_pod".into(), serde_json::Value::Object(table));
     let (v, d): (f64, f64) = (virtual_requests.values().sum(), direct_requests.values().sum());
     r.add(
         "host_requests_per_pod",
@@ -417,7 +420,8 @@ async fn main() {
     );
     hdeploy.delete("burst", &Default::default()).await.unwrap();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    r.add("rss_mib_1000", rss_mib(vk_pid), "MiB", format!("vkube process with {} synced pods", a.pods));
+    let allocator = allocator_note(&cp.client().await.unwrap()).await;
+    r.add("rss_mib_1000", rss_mib(vk_pid), "MiB", format!("vkube process with {} synced pods; {allocator}", a.pods));
     for c in ["etcd", "kube-apiserver", "kube-controller-manager"] {
         if let Some(pid) = cp.pid(c) {
             r.add(&format!("rss_mib_1000_{}", c.replace('-', "_")), rss_mib(pid), "MiB", "upstream, for context");
@@ -919,12 +923,23 @@ async fn restart(cp: &mut LocalControlPlane, hpods: &Api<Pod>, host_selector: &s
     };
     let last = *window.last().unwrap_or(&first);
     let rss_note = format!(
-        "{first:.1} MiB 10 s after the resync, {last:.1} MiB {:.0} s later ({}); peak {:.1} MiB",
+        "{first:.1} MiB 10 s after the resync, {last:.1} MiB {:.0} s later ({}); peak {:.1} MiB; {}",
         settle_start.elapsed().as_secs_f64(),
         if settled { "steady over its last 30 s" } else { "still moving" },
-        status_mib(pid, "VmHWM:")
+        status_mib(pid, "VmHWM:"),
+        allocator_note(&proxied).await
     );
     Restart { resync, wall, touched, rss: Some(last), rss_note }
+}
+
+/// The vkube process's allocator figures (`/metrics`): live objects, their pages, all it holds.
+async fn allocator_note(proxied: &Client) -> String {
+    let mut figures = vec![];
+    for name in ["allocated", "active", "resident"] {
+        let bytes = scrape(proxied, &format!("vkube_allocator_{name}_bytes"), "").await;
+        figures.push(format!("{:.1} MiB {name}", bytes / (1024.0 * 1024.0)));
+    }
+    format!("allocator: {}", figures.join(", "))
 }
 
 /// Waits until the processes are nearly idle (on average under 2.5% of a core each over 2 s), at
@@ -1199,6 +1214,19 @@ async fn host_requests(host: &Client) -> BTreeMap<String, f64> {
     out
 }
 
+/// Requests per pod of two runs as a table (printed too): those of either at 0.005 or more.
+fn side_by_side(virtual_run: &BTreeMap<String, f64>, direct_run: &BTreeMap<String, f64>) -> serde_json::Value {
+    let mut table = serde_json::Map::new();
+    for key in virtual_run.keys().chain(direct_run.keys()).collect::<std::collections::BTreeSet<_>>() {
+        let (v, d) = (virtual_run.get(key).copied().unwrap_or(0.0), direct_run.get(key).copied().unwrap_or(0.0));
+        if v >= 0.005 || d >= 0.005 {
+            println!("       {key:<40} {v:>6.2} / {d:>6.2}");
+            table.insert(key.clone(), json!({"virtual_run": v, "direct_run": d}));
+        }
+    }
+    serde_json::Value::Object(table)
+}
+
 /// What each key grew by from `before` to `after`, per pod.
 fn per_pod(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, pods: usize) -> BTreeMap<String, f64> {
     after.iter().map(|(k, a)| (k.clone(), (a - before.get(k).copied().unwrap_or(0.0)) / pods as f64)).collect()
@@ -1401,13 +1429,24 @@ fn write_docs(results: &str) {
     }
     // Scenario 2's side-by-side tables: (key in results.json, caption, first column).
     for (key, caption, first) in [
-        ("sync_cpu_seconds_by_process", "CPU seconds per process", "process"),
-        ("host_requests_per_pod", "Host API server requests per pod, by verb and resource,", "request"),
+        (
+            "sync_cpu_seconds_by_process",
+            "CPU seconds per process during scenario 2 (virtual run / direct run)",
+            "process",
+        ),
+        (
+            "host_requests_per_pod",
+            "Host API server requests per pod, by verb and resource, during scenario 2 (virtual run / direct run)",
+            "request",
+        ),
+        (
+            "virtual_requests_per_pod",
+            "Virtual API server requests per pod during scenario 2's virtual run, beside the host API server's in the direct run (the same Deployment served by one API server)",
+            "request",
+        ),
     ] {
         let Some(rows) = j[key].as_object() else { continue };
-        md.push_str(&format!(
-            "\n{caption} during scenario 2 (virtual run / direct run):\n\n| {first} | virtual run | direct run |\n|---|---:|---:|\n"
-        ));
+        md.push_str(&format!("\n{caption}:\n\n| {first} | virtual run | direct run |\n|---|---:|---:|\n"));
         for (name, v) in rows {
             let side = |k: &str| v[k].as_f64().unwrap_or(0.0);
             md.push_str(&format!("| {name} | {:.2} | {:.2} |\n", side("virtual_run"), side("direct_run")));

@@ -3,6 +3,7 @@
 //! kube-controller-manager: as containers of one pod (the Helm chart) or local processes
 //! (`vkube create --local`).
 
+pub mod allocator;
 pub mod code_pages;
 pub mod components;
 pub mod etcd;
@@ -580,6 +581,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     limit.register(&mut registry);
+    registry.register_collector(Box::new(allocator::AllocatorStats));
     let serving = ServingCert::new(
         bundle.get("apiserver.crt").unwrap_or_default(),
         bundle.get("apiserver.key").unwrap_or_default(),
