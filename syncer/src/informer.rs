@@ -69,70 +69,68 @@ where
     /// Drives the watch forever (with kube-runtime's backoff on errors).
     pub async fn run(self) {
         let Informer { name, api, config, mut writer, store, handlers, slim } = self;
-        let stream = watch(api, config).default_backoff().modify(move |o: &mut K| {
-            o.managed_fields_mut().clear();
-            o.annotations_mut().remove(crate::naming::LAST_APPLIED);
-            if let Some(f) = slim {
-                f(o);
-            }
-        });
-        futures::pin_mut!(stream);
         let mut before_relist: HashMap<ObjectRef<S>, Arc<S>> = HashMap::new();
         let notify = |o: &K, c: Change| handlers.iter().for_each(|h| h(o, c));
-        while let Some(event) = stream.next().await {
-            let event = match event {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(watch = %name, error = %e, "watch failed; retrying with backoff");
-                    continue;
+        loop {
+            let stream = watch(api.clone(), config.clone()).default_backoff().modify(move |o: &mut K| {
+                o.managed_fields_mut().clear();
+                o.annotations_mut().remove(crate::naming::LAST_APPLIED);
+                if let Some(f) = slim {
+                    f(o);
                 }
-            };
-            if let Event::Init = event {
-                before_relist = store.state().into_iter().map(|o| (ObjectRef::from_obj(o.as_ref()), o)).collect();
-            }
-            let stored = match &event {
-                Event::Apply(o) => Event::Apply(S::store(o.clone())),
-                Event::InitApply(o) => Event::InitApply(S::store(o.clone())),
-                Event::Delete(o) => Event::Delete(S::store(o.clone())),
-                Event::Init => Event::Init,
-                Event::InitDone => Event::InitDone,
-            };
-            writer.apply_watcher_event(&stored);
-            match &event {
-                Event::Apply(o) => notify(o, Change::Applied),
-                Event::InitApply(o) => notify(o, Change::Listed),
-                Event::Delete(o) => notify(o, Change::Deleted),
-                Event::Init => {}
-                Event::InitDone => {
-                    for (key, old) in before_relist.drain() {
-                        if store.get(&key).is_none() {
-                            notify(&old.load(), Change::Deleted);
-                        }
+            });
+            futures::pin_mut!(stream);
+            // An error while the initial state arrives: streamed, the watch goes on without the
+            // object it could not read, which must not pass for gone (its host copy would be
+            // deleted), so that state is not taken and is asked for again.
+            let (mut initial, mut incomplete) = (false, false);
+            while let Some(event) = stream.next().await {
+                let event = match event {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(watch = %name, error = %e, "watch failed; retrying with backoff");
+                        incomplete |= initial;
+                        continue;
                     }
-                    tracing::debug!(watch = %name, objects = store.len(), "listed");
+                };
+                if let Event::Init = event {
+                    (initial, incomplete) = (true, false);
+                    before_relist = store.state().into_iter().map(|o| (ObjectRef::from_obj(o.as_ref()), o)).collect();
+                }
+                if let (Event::InitDone, true) = (&event, incomplete) {
+                    break;
+                }
+                let stored = match &event {
+                    Event::Apply(o) => Event::Apply(S::store(o.clone())),
+                    Event::InitApply(o) => Event::InitApply(S::store(o.clone())),
+                    Event::Delete(o) => Event::Delete(S::store(o.clone())),
+                    Event::Init => Event::Init,
+                    Event::InitDone => Event::InitDone,
+                };
+                writer.apply_watcher_event(&stored);
+                match &event {
+                    Event::Apply(o) => notify(o, Change::Applied),
+                    Event::InitApply(o) => notify(o, Change::Listed),
+                    Event::Delete(o) => notify(o, Change::Deleted),
+                    Event::Init => {}
+                    Event::InitDone => {
+                        initial = false;
+                        for (key, old) in before_relist.drain() {
+                            if store.get(&key).is_none() {
+                                notify(&old.load(), Change::Deleted);
+                            }
+                        }
+                        tracing::debug!(watch = %name, objects = store.len(), "listed");
+                    }
                 }
             }
+            tracing::warn!(watch = %name, "the initial state came with errors (or the watch ended); asking again in 5 s");
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
         }
     }
 }
 
-/// How each side's informers get their initial state (at start and after a watch is lost).
-#[derive(Clone, Copy, Debug)]
-pub struct InitialLists {
-    pub virt: bool,
-    pub host: bool,
-}
-
-impl InitialLists {
-    /// Asks both API servers once whether they stream it ([`streams_lists`]).
-    pub async fn ask(virt: &kube::Client, host: &kube::Client, host_ns: &str) -> Self {
-        let (v, h) = tokio::join!(streams_lists(virt, "default"), streams_lists(host, host_ns));
-        tracing::info!(virtual_side = v, host_side = h, "initial lists streamed in watches (else listed in pages)");
-        InitialLists { virt: v, host: h }
-    }
-}
-
-/// `config`, streaming its initial state if the API server does.
+/// `config`, streaming its initial state if `streamed`.
 pub fn initial(config: watcher::Config, streamed: bool) -> watcher::Config {
     if streamed { config.streaming_lists() } else { config }
 }
@@ -143,6 +141,11 @@ pub fn initial(config: watcher::Config, streamed: bool) -> watcher::Config {
 /// state arrives one object at a time instead of in pages of 500 decoded at once: a restart's
 /// burst of memory is half as high and what it leaves behind is not fragmented (at 1,000 pods,
 /// 40 MiB resident after a restart against 65 MiB with paged lists, the steady state being 43).
+///
+/// Only the virtual API server's informers stream: kube-runtime asks for the streamed state at
+/// resource version 0, which a host API server (one of several, behind a load balancer) may
+/// serve from a cache behind what was seen before, and a host upgraded to a release with the
+/// feature off would refuse it for good; the virtual API server is ours, one, and pinned.
 pub async fn streams_lists(client: &kube::Client, namespace: &str) -> bool {
     use kube::api::{WatchEvent, WatchParams};
     let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), namespace);

@@ -103,8 +103,9 @@ pub(crate) const RESYNC: Duration = Duration::from_secs(600);
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Stopped> {
     let health = cfg.health.clone();
     let (virt, host) = (cfg.virt.clone(), cfg.host.clone());
-    let lists = informer::InitialLists::ask(&virt, &host, cfg.translator.host_namespace()).await;
-    let mut kinds = Kinds::new(&virt, &host, &cfg.translator, &cfg.metrics, lists);
+    let streamed = informer::streams_lists(&virt, "default").await;
+    tracing::info!(streamed, "the virtual informers' initial state: streamed in their watches, else listed in pages");
+    let mut kinds = Kinds::new(&virt, &host, &cfg.translator, &cfg.metrics, streamed);
     kind::each_kind(&mut kinds);
     let sides = Sides::new(&virt, &host, cfg.translator.host_namespace(), &cfg.metrics, &mut kinds);
 
@@ -239,10 +240,10 @@ impl Sides {
     /// The informers (their stores counted in `kinds`' readiness) and queues.
     fn new(virt: &Client, host: &Client, host_ns: &str, metrics: &Metrics, kinds: &mut Kinds) -> Self {
         let all = watcher::Config::default().any_semantic();
-        let (v, h) = (|c| informer::initial(c, kinds.lists.virt), |c| informer::initial(c, kinds.lists.host));
+        let v = |c| informer::initial(c, kinds.virt_streamed);
         let vnodes =
             Informer::new("virtual nodes", Api::<Node>::all(virt.clone()), v(all.clone().labels(nodes::LABEL_FAKE)));
-        let hevents = Informer::new("host events", Api::<Event>::namespaced(host.clone(), host_ns), h(all.clone()));
+        let hevents = Informer::new("host events", Api::<Event>::namespaced(host.clone(), host_ns), all.clone());
         let vnamespaces = Informer::new("virtual namespaces", Api::<Namespace>::all(virt.clone()), v(all));
         let (tokens_q, tokens) = queue::<String>("ServiceAccountToken", metrics.clone());
         let (nodes_q, nodes) = queue::<String>("Node", metrics.clone());
@@ -326,7 +327,8 @@ struct Kinds<'a> {
     host: &'a Client,
     tr: &'a Translator,
     metrics: &'a Metrics,
-    lists: informer::InitialLists,
+    /// Whether the virtual informers' initial state is streamed ([`informer::streams_lists`]).
+    virt_streamed: bool,
     stores: KindStores,
     queues: KindQueues,
     /// Attaches a kind's handlers and starts its watches.
@@ -338,19 +340,13 @@ struct Kinds<'a> {
 }
 
 impl<'a> Kinds<'a> {
-    fn new(
-        virt: &'a Client,
-        host: &'a Client,
-        tr: &'a Translator,
-        metrics: &'a Metrics,
-        lists: informer::InitialLists,
-    ) -> Self {
+    fn new(virt: &'a Client, host: &'a Client, tr: &'a Translator, metrics: &'a Metrics, virt_streamed: bool) -> Self {
         Kinds {
             virt,
             host,
             tr,
             metrics,
-            lists,
+            virt_streamed,
             stores: Default::default(),
             queues: Default::default(),
             start: vec![],
@@ -369,13 +365,12 @@ impl<'a> Kinds<'a> {
 
 impl KindVisitor for Kinds<'_> {
     fn visit<K: SyncedKind>(&mut self) {
-        let all = informer::initial(watcher::Config::default().any_semantic(), self.lists.virt);
+        let all = informer::initial(watcher::Config::default().any_semantic(), self.virt_streamed);
         let mut virt: Informer<K::Virtual, K::VirtualStored> =
             Informer::new(format!("virtual {}", K::KIND), Api::all(self.virt.clone()), all);
         let host_api = Api::namespaced(self.host.clone(), self.tr.host_namespace());
-        let host_watch = informer::initial(K::host_watch(self.tr), self.lists.host);
         let mut host: Informer<K::Host, K::HostStored> =
-            Informer::new(format!("host {}", K::KIND), host_api, host_watch);
+            Informer::new(format!("host {}", K::KIND), host_api, K::host_watch(self.tr));
         if let Some(slim) = K::SLIM_HOST {
             host = host.slimmed(slim);
         }

@@ -25,7 +25,7 @@ impl Collector for AllocatorStats {
             ("vkube_allocator_active_bytes", "Bytes of the allocator's pages with live objects", stats::active::read),
             (
                 "vkube_allocator_resident_bytes",
-                "Bytes the allocator holds resident (its pages, metadata included)",
+                "Bytes the allocator holds resident, at most (its pages, metadata included)",
                 stats::resident::read,
             ),
         ];
