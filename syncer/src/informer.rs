@@ -135,6 +135,16 @@ pub fn initial(config: watcher::Config, streamed: bool) -> watcher::Config {
     if streamed { config.streaming_lists() } else { config }
 }
 
+/// Objects per page of a host informer's (consistent, paged) initial list. kube-runtime's 500
+/// decoded at once leave fragmented pages behind after a restart (1,000 pods: 65 MiB resident,
+/// 17 of it allocated, against 43 steady); pages of 100 keep the burst small.
+const HOST_PAGE: u32 = 100;
+
+/// `config` for a host informer: paged in [`HOST_PAGE`]s (never streamed: see [`streams_lists`]).
+pub fn host(config: watcher::Config) -> watcher::Config {
+    config.page_size(HOST_PAGE)
+}
+
 /// Whether the API server streams a watch's initial state (`sendInitialEvents`, the WatchList
 /// feature: on by default in Kubernetes 1.32 and from 1.34, off in 1.33 and before 1.32), asked
 /// with a watch of ConfigMaps in `namespace` that matches none. Streamed, an informer's initial
@@ -164,4 +174,81 @@ pub async fn streams_lists(client: &kube::Client, namespace: &str) -> bool {
 /// The (namespace, name) of an object, the key every queue uses.
 pub fn key_of<K: Resource>(o: &K) -> (String, String) {
     (o.namespace().unwrap_or_default(), o.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::client::Body;
+    use tokio::sync::mpsc;
+    use tower_test::mock::{self, Handle};
+
+    use super::*;
+
+    type ApiServer = Handle<Request<Body>, Response<Body>>;
+
+    fn added(name: &str, data: serde_json::Value) -> serde_json::Value {
+        let meta = serde_json::json!({"name": name, "namespace": "ns", "resourceVersion": "1"});
+        serde_json::json!({"type": "ADDED", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}})
+    }
+
+    fn initial_end() -> serde_json::Value {
+        let meta = serde_json::json!({"resourceVersion": "2", "annotations": {"k8s.io/initial-events-end": "true"}});
+        serde_json::json!({"type": "BOOKMARK", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}})
+    }
+
+    /// Answers the next request, a watch streaming its initial state, with `events`.
+    async fn stream(server: &mut ApiServer, events: &[serde_json::Value]) {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(60), server.next_request())
+            .await
+            .expect("a watch within 60 s")
+            .expect("the informer is still there");
+        let uri = req.uri().to_string();
+        assert!(uri.contains("watch=true") && uri.contains("sendInitialEvents=true"), "{uri}");
+        let body: Vec<u8> =
+            events.iter().flat_map(|e| serde_json::to_vec(e).unwrap().into_iter().chain([b'\n'])).collect();
+        send.send_response(Response::builder().body(Body::from(body)).unwrap());
+    }
+
+    /// Changes the handler saw, up to and including `last`.
+    async fn changes_until(
+        seen: &mut mpsc::UnboundedReceiver<(String, Change)>,
+        last: (&str, Change),
+    ) -> Vec<(String, Change)> {
+        let mut got = vec![];
+        while got.last().map(|(n, c): &(String, Change)| (n.as_str(), *c)) != Some(last) {
+            let next = tokio::time::timeout(Duration::from_secs(60), seen.recv()).await;
+            got.push(next.expect("a change within 60 s").expect("the informer is running"));
+        }
+        got
+    }
+
+    /// A streamed initial state in which one object cannot be read goes on without it; that
+    /// object must not be reported deleted (its host copy or virtual object would be deleted).
+    #[tokio::test(start_paused = true)]
+    async fn an_initial_state_that_came_with_errors_is_not_taken_for_the_truth() {
+        let (svc, mut server) = mock::pair::<Request<Body>, Response<Body>>();
+        let api = Api::<ConfigMap>::namespaced(kube::Client::new(svc, "default"), "ns");
+        let mut informer = Informer::<ConfigMap>::new("test", api, initial(watcher::Config::default(), true));
+        let (tx, mut seen) = mpsc::unbounded_channel();
+        informer.on_change(move |o, c| drop(tx.send((o.name_any(), c))));
+        let store = informer.store();
+        tokio::spawn(informer.run());
+        let ok = serde_json::json!({"k": "v"});
+        let gone = serde_json::json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status",
+            "status": "Failure", "reason": "Expired", "message": "too old resource version", "code": 410}});
+
+        // Both objects listed; then the watch expires, so the state is asked for again.
+        stream(&mut server, &[added("a", ok.clone()), added("b", ok.clone()), initial_end(), gone]).await;
+        changes_until(&mut seen, ("b", Change::Listed)).await;
+        // This time "b" cannot be decoded: the state is dropped and asked for again.
+        stream(&mut server, &[added("a", ok.clone()), added("b", serde_json::json!("not a map")), initial_end()]).await;
+        stream(&mut server, &[added("a", ok.clone()), added("b", ok), initial_end()]).await;
+        let changes = changes_until(&mut seen, ("b", Change::Listed)).await;
+        assert!(!changes.iter().any(|(_, c)| *c == Change::Deleted), "nothing reported deleted: {changes:?}");
+        assert_eq!(store.len(), 2);
+    }
 }

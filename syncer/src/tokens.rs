@@ -18,6 +18,7 @@
 //! its pod.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
@@ -25,8 +26,6 @@ use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, T
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use std::sync::Arc;
-
 use kube::api::{Api, ListParams, Patch};
 use kube::runtime::reflector::ObjectRef;
 use vkube_core::contract::{ANNOTATION_POD_TOKEN, ANNOTATION_TOKEN_AUDIENCE, ANNOTATION_TOKEN_EXPIRES, LABEL_TOKEN};
