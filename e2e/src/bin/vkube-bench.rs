@@ -41,6 +41,10 @@ struct Args {
     /// Extra `vkube run` arguments of scenario 2's cluster, to measure a setting against the
     /// same direct run (e.g. `--run-arg=--token-delivery=annotation`).
     run_args: Vec<String>,
+    /// Seconds of a CPU profile of the host API server from the start of each of scenario 2's
+    /// runs (0: none), written to target/bench/host-apiserver-{virtual,direct}.pprof, to see where
+    /// the virtual run's extra host CPU goes (`go tool pprof -top -diff_base DIRECT VIRTUAL`).
+    profile_host: u64,
 }
 
 fn args() -> Args {
@@ -56,6 +60,7 @@ fn args() -> Args {
         idle: 10,
         docs_only: false,
         run_args: vec![],
+        profile_host: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -72,6 +77,7 @@ fn args() -> Args {
             "--idle-only" => a.idle_only = true,
             "--idle" => a.idle = num(),
             "--docs-only" => a.docs_only = true,
+            "--profile-host" => a.profile_host = num() as u64,
             f if f.starts_with("--run-arg=") => a.run_args.push(f["--run-arg=".len()..].to_string()),
             "--quick" => {
                 a.pods = 200;
@@ -82,7 +88,7 @@ fn args() -> Args {
             }
             other => {
                 panic!(
-                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --idle-only, --idle N, --quick, --docs-only, --run-arg=ARG"
+                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --idle-only, --idle N, --quick, --docs-only, --run-arg=ARG, --profile-host SECONDS"
                 )
             }
         }
@@ -342,6 +348,7 @@ async fn main() {
     let before = cpu_of(&procs);
     let requests_before = host_requests(&host).await;
     let virtual_requests_before = host_requests(&direct).await;
+    let profile = profile_host(&host, "virtual", a.profile_host);
     let t0 = Instant::now();
     vdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
     let host_selector = &format!("{LABEL_CLUSTER}=bench,{}/app=burst", vkube_syncer::naming::TENANT_DOMAIN);
@@ -360,6 +367,7 @@ async fn main() {
     // The baseline starts only once the virtual run's work (statuses, events) is done, so
     // neither run slows the other.
     settle(&procs).await;
+    profile.await;
     // CPU and requests counted to the same point in both runs: once what the Deployment caused
     // (statuses, events) is done.
     let cpu_used = cpu_seconds(vk_pid) - cpu0;
@@ -376,11 +384,13 @@ async fn main() {
     let hdeploy: Api<Deployment> = Api::namespaced(host.clone(), "bench-direct");
     let before = cpu_of(&procs);
     let requests_before = host_requests(&host).await;
+    let profile = profile_host(&host, "direct", a.profile_host);
     let t0 = Instant::now();
     hdeploy.create(&PostParams::default(), &deployment("burst", a.pods)).await.unwrap();
     let direct_total =
         wait_deployment_ready(&hdeploy, "burst", a.pods, t0, "the Deployment directly on the host").await;
     settle(&procs).await;
+    profile.await;
     let direct_cpu = diff(&before, &cpu_of(&procs));
     let direct_requests = per_pod(&requests_before, &host_requests(&host).await, a.pods);
     println!("     CPU seconds per process (virtual run / direct run):");
@@ -1366,6 +1376,29 @@ fn machine() -> String {
         .map(|kb| kb / 1024.0 / 1024.0)
         .unwrap_or(0.0);
     format!("{cores} cores ({cpu}), {mem:.0} GiB")
+}
+
+/// A CPU profile of the host API server over the next `seconds` (none if 0), written to
+/// target/bench/host-apiserver-`run`.pprof when it is done.
+fn profile_host(host: &Client, run: &str, seconds: u64) -> impl Future<Output = ()> + use<> {
+    let (host, path) = (host.clone(), results_dir().join(format!("host-apiserver-{run}.pprof")));
+    let task = tokio::spawn(async move {
+        if seconds == 0 {
+            return;
+        }
+        let uri = format!("/debug/pprof/profile?seconds={seconds}");
+        let request = http::Request::get(uri).body(kube::client::Body::empty()).unwrap();
+        let got = async { host.send(request).await?.into_body().collect_bytes().await };
+        match got.await {
+            Ok(bytes) => {
+                std::fs::create_dir_all(results_dir()).unwrap();
+                std::fs::write(&path, bytes).unwrap();
+                println!("     wrote {}", path.display());
+            }
+            Err(e) => println!("     no host API server profile: {e}"),
+        }
+    });
+    async move { task.await.unwrap() }
 }
 
 fn results_dir() -> PathBuf {
