@@ -280,7 +280,8 @@ async fn main() {
         if let Some(last) = marks.last() {
             split.push((last.0.clone(), t0.elapsed().as_secs_f64() - last.1.duration_since(t0).as_secs_f64()));
         }
-        println!("     run {i}: {total:.2} s");
+        let steps: Vec<String> = split.iter().map(|(_, secs)| format!("{secs:.2}")).collect();
+        println!("     run {i}: {total:.2} s (steps: {})", steps.join(" + "));
         splits.push(split);
         drop(cp);
     }

@@ -534,6 +534,8 @@ pub async fn virtual_admin(server: &str, bundle: &Bundle) -> anyhow::Result<kube
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    tracing::info!(cluster = %args.name, namespace = %args.namespace, "starting: files and certificates from the host");
     let tokens = args.sync.token_lifetime()?;
     let sleep_mode = args.sleep.sleep_after.is_some() || args.sleep.sleep_schedule.is_some();
     if sleep_mode && !args.supervise.supervise {
@@ -637,7 +639,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, cluster = %args.name, namespace = %args.namespace, "control plane serving");
+    tracing::info!(
+        listen = %args.listen,
+        cluster = %args.name,
+        namespace = %args.namespace,
+        after_seconds = started.elapsed().as_secs_f64(),
+        "control plane serving"
+    );
 
     let renew = tokio::spawn(renew_loop(host.clone(), args.clone(), serving));
     let host_services: vkube_syncer::SharedStore<Service> = Default::default();
