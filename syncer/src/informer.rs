@@ -135,27 +135,29 @@ pub fn initial(config: watcher::Config, streamed: bool) -> watcher::Config {
     if streamed { config.streaming_lists() } else { config }
 }
 
-/// Objects per page of a host informer's (consistent, paged) initial list. kube-runtime's 500
-/// decoded at once leave fragmented pages behind after a restart (1,000 pods: 65 MiB resident,
-/// 17 of it allocated, against 43 steady); pages of 100 keep the burst small.
-const HOST_PAGE: u32 = 100;
+/// Objects per page of a consistent list: kube-runtime's 500 decoded at once leave fragmented
+/// pages behind after a restart; 100 keep the burst small. The syncer's own informers do not page:
+/// they list at resource version 0 (`any_semantic`), which the API server answers whole from its
+/// watch cache, whatever the limit.
+const PAGE: u32 = 100;
 
-/// `config` for a host informer: paged in [`HOST_PAGE`]s (never streamed: see [`streams_lists`]).
-pub fn host(config: watcher::Config) -> watcher::Config {
-    config.page_size(HOST_PAGE)
+/// `config` listing consistently (the most recent state, read through), in [`PAGE`]s: for the
+/// usage meter's host watches, which count what runs and must not miss a pod.
+pub fn consistent_paged(config: watcher::Config) -> watcher::Config {
+    config.list_semantic(watcher::ListSemantic::MostRecent).page_size(PAGE)
 }
 
 /// Whether the API server streams a watch's initial state (`sendInitialEvents`, the WatchList
 /// feature: on by default in Kubernetes 1.32 and from 1.34, off in 1.33 and before 1.32), asked
 /// with a watch of ConfigMaps in `namespace` that matches none. Streamed, an informer's initial
-/// state arrives one object at a time instead of in pages of 500 decoded at once: a restart's
+/// state arrives one object at a time instead of in a whole list decoded at once: a restart's
 /// burst of memory is half as high and what it leaves behind is not fragmented (at 1,000 pods,
-/// 40 MiB resident after a restart against 65 MiB with paged lists, the steady state being 43).
+/// 40 MiB resident after a restart against 65 MiB with lists, the steady state being 43).
 ///
-/// Only the virtual API server's informers stream: kube-runtime asks for the streamed state at
-/// resource version 0, which a host API server (one of several, behind a load balancer) may
-/// serve from a cache behind what was seen before, and a host upgraded to a release with the
-/// feature off would refuse it for good; the virtual API server is ours, one, and pinned.
+/// Only the virtual API server's informers stream: a host upgraded to a release with the feature
+/// off would refuse it for good (this is asked once, at start); the virtual API server is ours,
+/// one, and pinned. (A streamed state is asked at resource version 0, as the syncer's lists are:
+/// both are answered from the API server's watch cache.)
 pub async fn streams_lists(client: &kube::Client, namespace: &str) -> bool {
     use kube::api::{WatchEvent, WatchParams};
     let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), namespace);
@@ -200,14 +202,21 @@ mod tests {
         serde_json::json!({"type": "BOOKMARK", "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}})
     }
 
-    /// Answers the next request, a watch streaming its initial state, with `events`.
-    async fn stream(server: &mut ApiServer, events: &[serde_json::Value]) {
+    /// The next request: a watch.
+    async fn next_watch(server: &mut ApiServer) -> (String, mock::SendResponse<Response<Body>>) {
         let (req, send) = tokio::time::timeout(Duration::from_secs(60), server.next_request())
             .await
             .expect("a watch within 60 s")
             .expect("the informer is still there");
         let uri = req.uri().to_string();
-        assert!(uri.contains("watch=true") && uri.contains("sendInitialEvents=true"), "{uri}");
+        assert!(uri.contains("watch=true"), "{uri}");
+        (uri, send)
+    }
+
+    /// Answers the next request, a watch streaming its initial state, with `events`.
+    async fn stream(server: &mut ApiServer, events: &[serde_json::Value]) {
+        let (uri, send) = next_watch(server).await;
+        assert!(uri.contains("sendInitialEvents=true"), "{uri}");
         let body: Vec<u8> =
             events.iter().flat_map(|e| serde_json::to_vec(e).unwrap().into_iter().chain([b'\n'])).collect();
         send.send_response(Response::builder().body(Body::from(body)).unwrap());
@@ -247,7 +256,11 @@ mod tests {
         // This time "b" cannot be decoded: the state is dropped and asked for again.
         stream(&mut server, &[added("a", ok.clone()), added("b", serde_json::json!("not a map")), initial_end()]).await;
         stream(&mut server, &[added("a", ok.clone()), added("b", ok), initial_end()]).await;
-        let changes = changes_until(&mut seen, ("b", Change::Listed)).await;
+        let mut changes = changes_until(&mut seen, ("b", Change::Listed)).await;
+        // That state taken whole, the watch goes on from it: every change of it has been seen.
+        let (uri, _held) = next_watch(&mut server).await;
+        assert!(uri.contains("resourceVersion=2") && !uri.contains("sendInitialEvents"), "{uri}");
+        changes.extend(std::iter::from_fn(|| seen.try_recv().ok()));
         assert!(!changes.iter().any(|(_, c)| *c == Change::Deleted), "nothing reported deleted: {changes:?}");
         assert_eq!(store.len(), 2);
     }

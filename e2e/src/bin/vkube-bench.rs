@@ -280,8 +280,11 @@ async fn main() {
         if let Some(last) = marks.last() {
             split.push((last.0.clone(), t0.elapsed().as_secs_f64() - last.1.duration_since(t0).as_secs_f64()));
         }
-        let steps: Vec<String> = split.iter().map(|(_, secs)| format!("{secs:.2}")).collect();
-        println!("     run {i}: {total:.2} s (steps: {})", steps.join(" + "));
+        // From the start: the time before the first step (host client, service range) too.
+        let lead = marks.first().map_or(0.0, |m| m.1.duration_since(t0).as_secs_f64());
+        let steps: Vec<String> =
+            std::iter::once(lead).chain(split.iter().map(|x| x.1)).map(|s| format!("{s:.2}")).collect();
+        println!("     run {i}: {total:.2} s (before the steps, then each: {})", steps.join(" + "));
         splits.push(split);
         drop(cp);
     }
@@ -368,7 +371,6 @@ async fn main() {
     // The baseline starts only once the virtual run's work (statuses, events) is done, so
     // neither run slows the other.
     settle(&procs).await;
-    profile.await;
     // CPU and requests counted to the same point in both runs: once what the Deployment caused
     // (statuses, events) is done.
     let cpu_used = cpu_seconds(vk_pid) - cpu0;
@@ -376,6 +378,8 @@ async fn main() {
     let virtual_requests = per_pod(&requests_before, &host_requests(&host).await, a.pods);
     // The virtual API server does the work the host's does in the direct run, and more.
     let virtual_api_requests = per_pod(&virtual_requests_before, &host_requests(&direct).await, a.pods);
+    // The direct run starts once the profile is done, so that it is not in it.
+    profile.await;
     let direct_ns: Api<Namespace> = Api::all(host.clone());
     direct_ns
         .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "bench-direct"}})).unwrap())
@@ -391,9 +395,9 @@ async fn main() {
     let direct_total =
         wait_deployment_ready(&hdeploy, "burst", a.pods, t0, "the Deployment directly on the host").await;
     settle(&procs).await;
-    profile.await;
     let direct_cpu = diff(&before, &cpu_of(&procs));
     let direct_requests = per_pod(&requests_before, &host_requests(&host).await, a.pods);
+    profile.await;
     println!("     CPU seconds per process (virtual run / direct run):");
     let mut split = serde_json::Map::new();
     for ((name, v), (_, d)) in virtual_cpu.iter().zip(&direct_cpu) {
@@ -1380,7 +1384,8 @@ fn machine() -> String {
 }
 
 /// A CPU profile of the host API server over the next `seconds` (none if 0), written to
-/// target/bench/host-apiserver-`run`.pprof when it is done.
+/// target/bench/host-apiserver-`run`.pprof when it is done. The bench waits for it after the
+/// run's figures are read and before the next run starts: give it at least the run's length.
 fn profile_host(host: &Client, run: &str, seconds: u64) -> impl Future<Output = ()> + use<> {
     let (host, path) = (host.clone(), results_dir().join(format!("host-apiserver-{run}.pprof")));
     let task = tokio::spawn(async move {
@@ -1389,7 +1394,12 @@ fn profile_host(host: &Client, run: &str, seconds: u64) -> impl Future<Output = 
         }
         let uri = format!("/debug/pprof/profile?seconds={seconds}");
         let request = http::Request::get(uri).body(kube::client::Body::empty()).unwrap();
-        let got = async { host.send(request).await?.into_body().collect_bytes().await };
+        let got = async {
+            let response = host.send(request).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body = response.into_body().collect_bytes().await.map_err(|e| e.to_string())?;
+            if status.is_success() { Ok(body) } else { Err(format!("{status}: {}", String::from_utf8_lossy(&body))) }
+        };
         match got.await {
             Ok(bytes) => {
                 std::fs::create_dir_all(results_dir()).unwrap();

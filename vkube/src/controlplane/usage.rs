@@ -280,8 +280,8 @@ impl Tracker {
             counted_back: false,
         };
         let selector = vkube_core::naming::Translator::new(&self.name, &self.namespace).cluster_selector();
-        // Paged like the syncer's host informers (a restart's burst of decoded pods kept small).
-        let config = vkube_syncer::informer::host(watcher::Config::default().labels(&selector));
+        // Consistent lists in small pages (a restart's burst of decoded pods kept small).
+        let config = vkube_syncer::informer::consistent_paged(watcher::Config::default().labels(&selector));
         let pods = changes(
             watcher(Api::<Pod>::namespaced(self.host.clone(), &self.namespace), config.clone()),
             pod_change,
