@@ -104,7 +104,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let health = cfg.health.clone();
     let (virt, host) = (cfg.virt.clone(), cfg.host.clone());
     let streamed = informer::streams_lists(&virt, "default").await;
-    tracing::info!(streamed, "the virtual informers' initial state: streamed in their watches, else listed in pages");
+    tracing::info!(streamed, "the virtual informers' initial state: streamed in their watches, else listed whole");
     let mut kinds = Kinds::new(&virt, &host, &cfg.translator, &cfg.metrics, streamed);
     kind::each_kind(&mut kinds);
     let sides = Sides::new(&virt, &host, cfg.translator.host_namespace(), &cfg.metrics, &mut kinds);
