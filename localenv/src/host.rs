@@ -160,7 +160,7 @@ impl HostCluster {
                 node::BRIDGE,
                 node::ADDRESS
             ));
-            host.start_real_node(&up, &pki, &client, opts.lifetime).await?;
+            host.start_real_node(&up, &pki, &client, opts.lifetime, progress).await?;
         }
         Ok(host)
     }
@@ -171,6 +171,7 @@ impl HostCluster {
         pki: &Bundle,
         client: &Client,
         lifetime: Lifetime,
+        progress: Progress<'_>,
     ) -> Result<()> {
         let get = |f: &str| pki.get(f).unwrap_or_default();
         let access = node::HostAccess {
@@ -181,7 +182,7 @@ impl HostCluster {
             serving_cert: (get("kubelet.crt"), get("kubelet.key")),
         };
         let dir = self.dir.join("node");
-        let started = tokio::task::block_in_place(|| RealNode::start(&dir, up, &access, lifetime))?;
+        let started = tokio::task::block_in_place(|| RealNode::start(&dir, up, &access, lifetime, progress))?;
         node::ensure_volumes(client, &dir).await?;
         let real = self.node.insert(started);
         let nodes: Api<Node> = Api::all(client.clone());

@@ -8,7 +8,9 @@
 //! the CNI plugins' `CNI-*`), cgroups under `kubepods`, mounts under the node's directory,
 //! sysctls the kubelet, kube-proxy and the bridge plugin set, and machine paths they create.
 //! One real node per machine: the bridge, its address and the kubelet's cgroups are the
-//! machine's.
+//! machine's. A process that runs one holds the machine's lock (`MACHINE_LOCK`), so a second
+//! process (another test run) waits for it rather than failing on the bridge or tearing down the
+//! first's chains.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::image::ImageSpec;
 use crate::process::{self, Lifetime, ProcessGroup, ProcessSpec};
 use crate::upstream::{Upstream, cache_root, versions};
-use crate::{Error, Result, io_err, ports};
+use crate::{Error, Progress, Result, io_err, ports};
 
 pub const NAME: &str = "real-node-0";
 pub const BRIDGE: &str = "vkube0";
@@ -29,6 +31,9 @@ pub const BRIDGE: &str = "vkube0";
 pub const ADDRESS: &str = "10.88.0.1";
 pub const POD_SUBNET: &str = "10.88.0.0/16";
 const KUBELET_PORT: u16 = 10250;
+/// Locked (flock) by the process whose real node runs, for the node's lifetime; the kernel
+/// releases it when that process exits, so a killed run never leaves it taken.
+const MACHINE_LOCK: &str = "/run/vkube-real-node.lock";
 /// The label a real node carries (`vkube create --local` finds its address by it).
 pub const NODE_LABEL: &str = "vkube.dev/real-node";
 
@@ -66,6 +71,8 @@ struct MachineRecord {
 pub struct RealNode {
     dir: PathBuf,
     processes: Option<ProcessGroup>,
+    /// The machine's lock (`MACHINE_LOCK`), held while this process runs the node.
+    _machine: std::fs::File,
 }
 
 /// What the node needs from its host cluster.
@@ -79,9 +86,17 @@ pub struct HostAccess<'a> {
 
 impl RealNode {
     /// Prepares the machine and starts containerd, the kubelet and kube-proxy in `dir`, and
-    /// imports the local images. The caller waits for the Node to be Ready.
-    pub fn start(dir: &Path, up: &Upstream, host: &HostAccess<'_>, lifetime: Lifetime) -> Result<Self> {
+    /// imports the local images. The caller waits for the Node to be Ready. Waits first while
+    /// another process runs a real node on this machine.
+    pub fn start(
+        dir: &Path,
+        up: &Upstream,
+        host: &HostAccess<'_>,
+        lifetime: Lifetime,
+        progress: Progress<'_>,
+    ) -> Result<Self> {
         preflight()?;
+        let machine = claim_machine(Path::new(MACHINE_LOCK), progress)?;
         for sub in ["logs", "containerd", "kubelet", "pod-logs", "cni/net.d", "cni/ipam", "pki"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io_err(format!("creating {}", dir.display())))?;
         }
@@ -89,7 +104,8 @@ impl RealNode {
         // Leftovers of a run that was killed go first (idempotent).
         teardown(&dir)?;
         record_machine(&dir)?;
-        let mut node = RealNode { dir: dir.clone(), processes: Some(ProcessGroup::new(&dir, lifetime)) };
+        let mut node =
+            RealNode { dir: dir.clone(), processes: Some(ProcessGroup::new(&dir, lifetime)), _machine: machine };
         node.write_files(host)?;
         create_bridge()?;
         let spec = node.containerd(up);
@@ -552,6 +568,29 @@ fn record_machine(dir: &Path) -> Result<()> {
     crate::host::write_json(&record_path(dir), &MachineRecord { sysctls, created, nft_tables: nft_tables() })
 }
 
+/// Takes the machine's real-node lock (`lock`), waiting (with a word on progress) while another process
+/// holds it. A node left running by a process that exited (`vkube dev up`) holds no lock: the
+/// bridge check in `create_bridge` refuses to start beside it.
+fn claim_machine(lock: &Path, progress: Progress<'_>) -> Result<std::fs::File> {
+    let shown = lock.display();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock)
+        .map_err(io_err(format!("opening {shown}")))?;
+    match file.try_lock() {
+        Ok(()) => return Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {}
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(format!("locking {shown}"))(e)),
+    }
+    progress(&format!(
+        "another process runs a real node on this machine (one per machine): waiting for it to stop ({shown})"
+    ));
+    file.lock().map_err(io_err(format!("locking {shown}")))?;
+    Ok(file)
+}
+
 fn create_bridge() -> Result<()> {
     if Path::new("/sys/class/net").join(BRIDGE).exists() {
         return Err(Error::Node(format!(
@@ -854,6 +893,28 @@ pub fn leftovers(dir: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_real_node_waits_for_the_first_to_stop() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let lock = dir.path().join("real-node.lock");
+        let first = claim_machine(&lock, &|_| panic!("the machine is free: no wait")).expect("the first claim");
+        let (told, told_rx) = std::sync::mpsc::channel();
+        let told = std::sync::Mutex::new(told);
+        let second = std::thread::spawn({
+            let lock = lock.clone();
+            move || {
+                let progress = move |m: &str| told.lock().expect("sender").send(m.to_string()).expect("send");
+                claim_machine(&lock, &progress).map(drop)
+            }
+        });
+        let message = told_rx.recv_timeout(Duration::from_secs(10)).expect("the second claim says it waits");
+        assert!(message.contains("waiting for it to stop"), "{message}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!second.is_finished(), "the second claim waits while the first holds the machine");
+        drop(first);
+        second.join().expect("the second claim's thread").expect("the second claim, once the first let go");
+    }
 
     #[test]
     fn iptables_rules_split_like_a_shell_would() {
