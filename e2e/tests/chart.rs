@@ -78,6 +78,7 @@ imagePullSecrets:
 resources:
   requests: {cpu: 1, memory: 1Gi}
   limits: {cpu: 2, memory: 3Gi}
+goRuntime: {GOGC: "100", GOMAXPROCS: "2"}
 sleep:
   after: 30m
   schedule: Mon-Fri 19:00-08:00 Europe/Berlin
@@ -155,6 +156,8 @@ fn the_schema_refuses_invalid_values() {
         (&["--set", "limitRange.limits[0].type=Namespace"], "at '/limitRange/limits/0/type'"),
         (&["--set", "images.pullPolicy=Sometimes"], "at '/images/pullPolicy'"),
         (&["--set", "logFormat=xml"], "at '/logFormat'"),
+        // Only Go runtime settings reach the components through goRuntime.
+        (&["--set", "goRuntime.VKUBE_NAME=other"], "'VKUBE_NAME' does not match pattern '^GO[A-Z]+$'"),
         // A misspelt key is not silently ignored.
         (&["--set", "policy.podsecurity=restricted"], "at '/policy': additional properties 'podsecurity' not allowed"),
         (&["--set", "polcy.podSecurity=restricted"], "additional properties 'polcy' not allowed"),
@@ -346,8 +349,11 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 "sleep is off"
             );
             assert!(!run.contains_key("VKUBE_SNAPSHOT_SCHEDULE"), "scheduled snapshots are off");
+            assert!(!run.keys().any(|k| k.starts_with("GO")), "the components' own Go defaults");
         } else {
             let want = [
+                ("GOGC", "100"),
+                ("GOMAXPROCS", "2"),
                 ("VKUBE_POD_SECURITY", "restricted"),
                 ("VKUBE_ALLOW_NODE_PORTS", "true"),
                 ("VKUBE_ALLOW_LOAD_BALANCERS", "true"),

@@ -30,6 +30,20 @@ async fn kubectl_works_through_the_proxy() {
     let server = vc.kubectl_ok(&["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"]);
     assert_eq!(server, vc.cp.state.endpoint(), "the admin kubeconfig points at the proxy");
 
+    // The API server runs with its Go defaults (`components::go_defaults`) unless this process's
+    // environment sets them; the controller manager with Go's own.
+    let environ = |name: &str| -> Vec<String> {
+        let children = vkube_localenv::process::read_supervised(&vc.cp.dir);
+        let child = children.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} supervised"));
+        let raw = std::fs::read(format!("/proc/{}/environ", child.pid)).expect("its environment");
+        raw.split(|b| *b == 0).filter(|v| !v.is_empty()).map(|v| String::from_utf8_lossy(v).into_owned()).collect()
+    };
+    let gogc = format!("GOGC={}", std::env::var("GOGC").unwrap_or_else(|_| "50".into()));
+    let apiserver = environ("kube-apiserver");
+    assert!(apiserver.contains(&gogc), "want {gogc} in the API server's environment: {apiserver:?}");
+    let kcm = environ("kube-controller-manager");
+    assert_eq!(kcm.iter().any(|v| v.starts_with("GOGC=")), std::env::var("GOGC").is_ok(), "{kcm:?}");
+
     let namespaces = vc.kubectl_ok(&["get", "namespaces", "-o", "name"]);
     for ns in ["default", "kube-system", "kube-public"] {
         assert!(namespaces.lines().any(|l| l == format!("namespace/{ns}")), "{ns} missing: {namespaces}");

@@ -389,16 +389,22 @@ async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     stopped || *stop.borrow()
 }
 
-/// What of this process's environment its children get: where programs are, and the Go
+/// A child's environment: its component's Go defaults (`components::go_defaults`), then what of
+/// this process's environment it gets, which takes precedence: where programs are, and the Go
 /// runtime's settings (GOGC, GOMEMLIMIT, GOMAXPROCS, GODEBUG). Never the host's in-cluster
 /// variables (`KUBERNETES_SERVICE_*`, beside the host token in the chart's container: a child
 /// that fell back to in-cluster configuration would act on the host as the control plane) nor
 /// vkube's own settings.
-fn child_env<K: AsRef<std::ffi::OsStr>, V>(vars: impl Iterator<Item = (K, V)>) -> impl Iterator<Item = (K, V)> {
-    vars.filter(|(k, _)| {
-        let k = k.as_ref().to_string_lossy();
+fn child_env(
+    component: &str,
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> BTreeMap<std::ffi::OsString, std::ffi::OsString> {
+    let defaults = components::go_defaults(component).iter().map(|(k, v)| (k.into(), v.into()));
+    let inherited = vars.filter(|(k, _)| {
+        let k = k.to_string_lossy();
         matches!(k.as_ref(), "PATH" | "HOME" | "TZ" | "LANG") || k.starts_with("GO")
-    })
+    });
+    defaults.chain(inherited).collect()
 }
 
 fn spawn(child: &Child, log: &Path) -> std::io::Result<tokio::process::Child> {
@@ -407,7 +413,7 @@ fn spawn(child: &Child, log: &Path) -> std::io::Result<tokio::process::Child> {
     tokio::process::Command::new(&child.program)
         .args(&child.args)
         .env_clear()
-        .envs(child_env(std::env::vars_os()))
+        .envs(child_env(child.name, std::env::vars_os()))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -508,13 +514,29 @@ mod tests {
         Child { name, program: "/bin/sh".into(), args: vec!["-c".into(), script.into()] }
     }
 
+    fn env_of(component: &str, vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        let vars = vars.iter().map(|(k, v)| (k.into(), v.into()));
+        child_env(component, vars)
+            .into_iter()
+            .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+            .collect()
+    }
+
     #[test]
     fn children_get_no_host_credentials_or_vkube_settings() {
         let env =
             ["KUBERNETES_SERVICE_HOST", "KUBERNETES_PORT", "VKUBE_HOST_KUBECONFIG", "GOMEMLIMIT", "PATH", "RUST_LOG"]
                 .map(|k| (k, "x"));
-        let keys: Vec<&str> = child_env(env.into_iter()).map(|(k, _)| k).collect();
+        let keys: Vec<String> = env_of("etcd", &env).into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["GOMEMLIMIT", "PATH"]);
+    }
+
+    #[test]
+    fn the_api_server_starts_with_its_go_defaults_unless_the_operator_sets_them() {
+        let own = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(env_of("kube-apiserver", &[("PATH", "/bin")]), [own("GOGC", "50"), own("PATH", "/bin")]);
+        assert_eq!(env_of("kube-apiserver", &[("GOGC", "200")]), [own("GOGC", "200")]);
+        assert_eq!(env_of("kube-controller-manager", &[("PATH", "/bin")]), [own("PATH", "/bin")]);
     }
 
     #[tokio::test]
