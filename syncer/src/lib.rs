@@ -243,7 +243,11 @@ impl Sides {
         let v = |c| informer::initial(c, kinds.virt_streamed);
         let vnodes =
             Informer::new("virtual nodes", Api::<Node>::all(virt.clone()), v(all.clone().labels(nodes::LABEL_FAKE)));
-        let hevents = Informer::new("host events", Api::<Event>::namespaced(host.clone(), host_ns), all.clone());
+        let hevents = Informer::new(
+            "host events",
+            Api::<Event>::namespaced(host.clone(), host_ns),
+            informer::host_paged(all.clone()),
+        );
         let vnamespaces = Informer::new("virtual namespaces", Api::<Namespace>::all(virt.clone()), v(all));
         let (tokens_q, tokens) = queue::<String>("ServiceAccountToken", metrics.clone());
         let (nodes_q, nodes) = queue::<String>("Node", metrics.clone());
@@ -370,7 +374,7 @@ impl KindVisitor for Kinds<'_> {
             Informer::new(format!("virtual {}", K::KIND), Api::all(self.virt.clone()), all);
         let host_api = Api::namespaced(self.host.clone(), self.tr.host_namespace());
         let mut host: Informer<K::Host, K::HostStored> =
-            Informer::new(format!("host {}", K::KIND), host_api, K::host_watch(self.tr));
+            Informer::new(format!("host {}", K::KIND), host_api, informer::host_paged(K::host_watch(self.tr)));
         if let Some(slim) = K::SLIM_HOST {
             host = host.slimmed(slim);
         }
