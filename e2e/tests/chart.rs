@@ -158,6 +158,8 @@ fn the_schema_refuses_invalid_values() {
         (&["--set", "logFormat=xml"], "at '/logFormat'"),
         // Only Go runtime settings reach the components through goRuntime.
         (&["--set", "goRuntime.VKUBE_NAME=other"], "'VKUBE_NAME' does not match pattern '^GO[A-Z]+$'"),
+        // A number would be rendered as a float ("1e+09"), which the Go runtime misreads.
+        (&["--set", "goRuntime.GOMEMLIMIT=1073741824"], "at '/goRuntime/GOMEMLIMIT': got number, want string"),
         // A misspelt key is not silently ignored.
         (&["--set", "policy.podsecurity=restricted"], "at '/policy': additional properties 'podsecurity' not allowed"),
         (&["--set", "polcy.podSecurity=restricted"], "additional properties 'polcy' not allowed"),

@@ -103,6 +103,9 @@ impl RealNode {
         let dir = std::fs::canonicalize(dir).map_err(io_err(format!("resolving {}", dir.display())))?;
         // Leftovers of a run that was killed go first (idempotent).
         teardown(&dir)?;
+        // What is left then is another node's (one left by `vkube dev up`): refused before
+        // anything is recorded, so that this node's teardown never touches it.
+        bridge_free()?;
         record_machine(&dir)?;
         let mut node =
             RealNode { dir: dir.clone(), processes: Some(ProcessGroup::new(&dir, lifetime)), _machine: machine };
@@ -591,12 +594,17 @@ fn claim_machine(lock: &Path, progress: Progress<'_>) -> Result<std::fs::File> {
     Ok(file)
 }
 
-fn create_bridge() -> Result<()> {
+fn bridge_free() -> Result<()> {
     if Path::new("/sys/class/net").join(BRIDGE).exists() {
         return Err(Error::Node(format!(
             "network device {BRIDGE} exists: another real node runs on this machine (stop it with `vkube dev down`), or delete it with `ip link del {BRIDGE}`"
         )));
     }
+    Ok(())
+}
+
+fn create_bridge() -> Result<()> {
+    bridge_free()?;
     run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
     run("ip", &["addr", "add", &format!("{ADDRESS}/16"), "dev", BRIDGE])?;
     run("ip", &["link", "set", BRIDGE, "up"])

@@ -143,7 +143,7 @@ const PAGE: u32 = 100;
 /// Events are read from etcd in pages of the limit (the API server keeps no watch cache for
 /// Events: upstream's `DefaultWatchCacheSizes`); the other kinds' come whole from the watch
 /// cache whatever the limit (checked), and yet a restart with 1,000 pods held 45.6-46.4 MiB
-/// after its resync with pages of 100 against 52.7-53.9 with 500 (43 steady; A/B runs of
+/// after its resync with pages of 100 against 53.1-53.3 with 500 (43 steady; A/B runs of
 /// otherwise identical binaries, docs/benchmarks-notes.md): kept for that, the mechanism is
 /// not found.
 pub fn host_paged(config: watcher::Config) -> watcher::Config {

@@ -82,12 +82,18 @@ pub struct Child {
 }
 
 impl Child {
-    /// What the child runs: its command line and the contents of the files it names (the
-    /// admission configuration, kubeconfigs), so a child started under other settings is never
-    /// adopted for this one.
+    /// What the child runs: its command line, the contents of the files it names (the
+    /// admission configuration, kubeconfigs) and its environment (`child_env`: Go settings), so
+    /// a child started under other settings is never adopted for this one.
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
+        for (k, v) in child_env(self.name, std::env::vars_os()) {
+            h.update(k.as_encoded_bytes());
+            h.update([b'=']);
+            h.update(v.as_encoded_bytes());
+            h.update([0]);
+        }
         for a in std::iter::once(self.program.display().to_string()).chain(self.args.iter().cloned()) {
             h.update(a.as_bytes());
             h.update([0]);
