@@ -247,7 +247,7 @@ impl HostCluster {
     /// Undoes a detached cluster's real node in `dir` (`vkube dev down`); the rest is stopped
     /// by `process::stop_all_recorded`.
     pub fn teardown_real_node(dir: &Path) -> Result<Vec<String>> {
-        node::teardown(&dir.join("node"))
+        node::teardown_detached(&dir.join("node"))
     }
 
     /// Whether an already started cluster in `dir` is running and answering.

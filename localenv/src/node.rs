@@ -571,27 +571,60 @@ fn record_machine(dir: &Path) -> Result<()> {
     crate::host::write_json(&record_path(dir), &MachineRecord { sysctls, created, nft_tables: nft_tables() })
 }
 
-/// Takes the machine's real-node lock (`lock`), waiting (with a word on progress) while another process
-/// holds it. A node left running by a process that exited (`vkube dev up`) holds no lock: the
-/// bridge check in `create_bridge` refuses to start beside it.
+/// Takes the machine's real-node lock (`lock`), waiting (with a word on progress) while another
+/// process holds it. A node left running by a process that exited (`vkube dev up`) holds no
+/// lock: `bridge_free` refuses to start beside it.
 fn claim_machine(lock: &Path, progress: Progress<'_>) -> Result<std::fs::File> {
-    let shown = lock.display();
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock)
-        .map_err(io_err(format!("opening {shown}")))?;
-    match file.try_lock() {
-        Ok(()) => return Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => {}
-        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(format!("locking {shown}"))(e)),
+    let file = open_lock(lock)?;
+    if try_claim(&file, lock)? {
+        return Ok(file);
     }
+    let shown = lock.display();
     progress(&format!(
         "another process runs a real node on this machine (one per machine): waiting for it to stop ({shown})"
     ));
     file.lock().map_err(io_err(format!("locking {shown}")))?;
     Ok(file)
+}
+
+fn open_lock(lock: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock)
+        .map_err(io_err(format!("opening {}", lock.display())))
+}
+
+/// Whether the lock was free (and is now `file`'s).
+fn try_claim(file: &std::fs::File, lock: &Path) -> Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(format!("locking {}", lock.display()))(e)),
+    }
+}
+
+/// `teardown` of a node no process runs any more (`vkube dev down`, `vkube dev up` clearing
+/// leftovers), refused while another process runs a real node on this machine: teardown's
+/// machine-wide steps (chains, bridge, `kubepods` cgroups) would remove that node's.
+pub fn teardown_detached(dir: &Path) -> Result<Vec<String>> {
+    teardown_detached_with(Path::new(MACHINE_LOCK), dir)
+}
+
+fn teardown_detached_with(lock: &Path, dir: &Path) -> Result<Vec<String>> {
+    if !record_path(dir).exists() {
+        return Ok(vec![]);
+    }
+    let file = open_lock(lock)?;
+    if !try_claim(&file, lock)? {
+        return Err(Error::Node(format!(
+            "another process runs a real node on this machine (a test run?), and undoing the one in {} would undo its too: run this again once it has stopped ({})",
+            dir.display(),
+            lock.display()
+        )));
+    }
+    teardown(dir)
 }
 
 fn bridge_free() -> Result<()> {
@@ -901,6 +934,21 @@ pub fn leftovers(dir: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_detached_node_is_not_undone_while_another_process_runs_one() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let lock = dir.path().join("real-node.lock");
+        let node = dir.path().join("node");
+        std::fs::create_dir_all(&node).expect("the node's directory");
+        let _running = claim_machine(&lock, &|_| {}).expect("another node's claim");
+        // Nothing recorded there: nothing to undo, whoever runs a node.
+        assert_eq!(teardown_detached_with(&lock, &node).expect("nothing to undo"), Vec::<String>::new());
+        crate::host::write_json(&record_path(&node), &MachineRecord::default()).expect("a record");
+        let refused = teardown_detached_with(&lock, &node).expect_err("refused while another node runs");
+        assert!(refused.to_string().contains("another process runs a real node"), "{refused}");
+        assert!(record_path(&node).exists(), "the record is kept for a later teardown");
+    }
 
     #[test]
     fn a_second_real_node_waits_for_the_first_to_stop() {
