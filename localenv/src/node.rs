@@ -636,8 +636,8 @@ fn bridge_free() -> Result<()> {
     Ok(())
 }
 
+/// Called once `bridge_free` has said no other node's bridge is there.
 fn create_bridge() -> Result<()> {
-    bridge_free()?;
     run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
     run("ip", &["addr", "add", &format!("{ADDRESS}/16"), "dev", BRIDGE])?;
     run("ip", &["link", "set", BRIDGE, "up"])
