@@ -1,16 +1,25 @@
 # syntax=docker/dockerfile:1
 # The vkube image: one static-ish binary (glibc, rustls; no OpenSSL) on distroless, non-root,
 # with the upstream components it runs as its children (`vkube run --supervise`, the Helm chart's
-# one container): etcd, kube-apiserver and kube-controller-manager at the versions pinned in
-# hack/versions.env (the ARGs below; a test keeps them in step).
+# one container): etcd, and kube-control-plane (kube-apiserver and kube-controller-manager in one
+# process, hack/kube-control-plane) at the versions pinned in hack/versions.env (the ARGs below;
+# a test keeps them in step).
 #
 #   docker build -t REGISTRY/vkube:TAG .
 ARG KUBERNETES_VERSION=v1.37.2
 ARG ETCD_TAG=3.6.16-0
 
 FROM registry.k8s.io/etcd:${ETCD_TAG} AS etcd
-FROM registry.k8s.io/kube-apiserver:${KUBERNETES_VERSION} AS kube-apiserver
-FROM registry.k8s.io/kube-controller-manager:${KUBERNETES_VERSION} AS kube-controller-manager
+
+# Built as hack/build-upstream.sh builds it for local clusters: the pinned k8s.io/kubernetes
+# module and our small main.
+FROM golang:1.26-bookworm AS kube
+ARG KUBERNETES_VERSION
+WORKDIR /src
+COPY hack/ hack/
+RUN --mount=type=cache,target=/cache \
+    VKUBE_CACHE=/cache bash hack/build-upstream.sh kubernetes \
+    && install -D /cache/upstream/kubernetes-${KUBERNETES_VERSION}/kube-control-plane /usr/local/bin/kube-control-plane
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
@@ -26,8 +35,7 @@ COPY --from=build /vkube /vkube
 COPY --from=etcd /usr/local/bin/etcd /usr/local/bin/etcd
 # `vkube restore` and `vkube reset` make etcd's data directory from a snapshot with it.
 COPY --from=etcd /usr/local/bin/etcdutl /usr/local/bin/etcdutl
-COPY --from=kube-apiserver /usr/local/bin/kube-apiserver /usr/local/bin/kube-apiserver
-COPY --from=kube-controller-manager /usr/local/bin/kube-controller-manager /usr/local/bin/kube-controller-manager
+COPY --from=kube /usr/local/bin/kube-control-plane /usr/local/bin/kube-control-plane
 # 65532, as the chart's pod security context.
 USER nonroot:nonroot
 ENTRYPOINT ["/vkube"]

@@ -50,7 +50,11 @@ new_module() {
 
 # Per component: its version, whether the cache already has it (the fast path: file tests only),
 # and how to build it. The build functions run in a background subshell with output to a log.
-kubernetes_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+kubernetes_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl kube-control-plane)
+# A virtual cluster's kube-apiserver and kube-controller-manager in one process: our own small
+# main (hack/kube-control-plane/main.go) built in the same module; its hash is the layout, so
+# a change to it rebuilds the component (the Go build cache makes that a relink).
+kubernetes_layout=$(sha256sum "$here/kube-control-plane/main.go" | cut -c1-16)
 # The real node's Kubernetes side; pause is compiled from the module's C source (gcc).
 node_bins=(kubelet kube-proxy pause)
 containerd_bins=(containerd containerd-shim-runc-v2 ctr)
@@ -72,7 +76,7 @@ cached() {
   local out
   out=$upstream/$1-$(version_of "$1")
   case $1 in
-    kubernetes) have "$out" "${kubernetes_bins[@]}" ;;
+    kubernetes) have "$out" "${kubernetes_bins[@]}" && [ "$(cat "$out/.layout" 2>/dev/null)" = "$kubernetes_layout" ] ;;
     etcd) have "$out" etcd etcdutl ;;
     kwok) have "$out" kwok && [ "$(cat "$out/.layout" 2>/dev/null)" = "$kwok_layout" ] ;;
     helm) have "$out" helm && [ "$(cat "$out/.layout" 2>/dev/null)" = "$helm_layout" ] ;;
@@ -100,12 +104,21 @@ kubernetes_module() {
   go mod edit "${args[@]}"
 }
 
-# kubernetes_build OUT BIN...: builds k8s.io/kubernetes/cmd/BIN into OUT with version stamps.
+# kubernetes_build OUT BIN...: builds k8s.io/kubernetes/cmd/BIN into OUT with version stamps;
+# kube-control-plane is the wrapper module's own ./cmd/kube-control-plane.
 kubernetes_build() {
   local v=$KUBERNETES_VERSION out=$1; shift
   # One go get for all commands: each call loads the whole module graph again.
   local pkgs=() tools=()
-  for b in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); tools+=("k8s.io/kubernetes/cmd/$b@$v"); done
+  for b in "$@"; do
+    if [ "$b" = kube-control-plane ]; then
+      mkdir -p cmd/kube-control-plane
+      cp "$here/kube-control-plane/main.go" cmd/kube-control-plane/
+      pkgs+=(./cmd/kube-control-plane)
+    else
+      pkgs+=("k8s.io/kubernetes/cmd/$b"); tools+=("k8s.io/kubernetes/cmd/$b@$v")
+    fi
+  done
   go get -tool "${tools[@]}"
   local major=1 minor date
   minor=$(echo "$v" | cut -d. -f2)
@@ -123,6 +136,7 @@ build_kubernetes() {
   kubernetes_module "$cache/work/kubernetes-$KUBERNETES_VERSION"
   rm -rf "$out.tmp"; mkdir -p "$out.tmp"
   kubernetes_build "$out.tmp" "${kubernetes_bins[@]}"
+  echo "$kubernetes_layout" > "$out.tmp/.layout"
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 

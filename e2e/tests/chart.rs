@@ -401,7 +401,7 @@ fn the_image_carries_the_pinned_upstream_versions() {
     let v = vkube_localenv::upstream::versions();
     assert_eq!(arg("KUBERNETES_VERSION"), v.kubernetes);
     assert_eq!(arg("ETCD_TAG"), format!("{}-0", v.etcd.trim_start_matches('v')));
-    for bin in ["etcd", "etcdutl", "kube-apiserver", "kube-controller-manager"] {
+    for bin in ["etcd", "etcdutl", "kube-control-plane"] {
         assert!(dockerfile.contains(&format!("/usr/local/bin/{bin} /usr/local/bin/{bin}")), "the image has {bin}");
     }
     // The chart says what its image runs (`vkube list` shows it).
@@ -491,8 +491,7 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
         .env("VKUBE_HOST_KUBECONFIG", path_str(&sa_kubeconfig))
         .env("VKUBE_ETCD_BINARY", path_str(&up.etcd()))
         .env("VKUBE_ETCDUTL_BINARY", path_str(&up.etcdutl()))
-        .env("VKUBE_APISERVER_BINARY", path_str(&up.kube_apiserver()))
-        .env("VKUBE_CONTROLLER_MANAGER_BINARY", path_str(&up.kube_controller_manager()))
+        .env("VKUBE_CONTROL_PLANE_BINARY", path_str(&up.kube_control_plane()))
         .env("VKUBE_ETCD_CLIENT_PORT", ports::free_port().to_string())
         .env("VKUBE_ETCD_PEER_PORT", ports::free_port().to_string());
     group.spawn(spec);

@@ -252,8 +252,8 @@ async fn the_chart_path_installs_lists_pauses_and_deletes() {
         .map(|c| (c["name"].as_str().unwrap().to_string(), c["version"].as_str().unwrap_or("-").to_string()))
         .collect();
     let names: Vec<&str> = components.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["etcd", "kube-apiserver", "kube-controller-manager", "vkube"], "{d}");
-    assert!(components.contains(&("kube-apiserver".into(), k8s.clone())), "{components:?}");
+    assert_eq!(names, ["etcd", "kube-control-plane", "vkube"], "{d}");
+    assert!(components.contains(&("kube-control-plane".into(), k8s.clone())), "{components:?}");
     assert_eq!(d["policy"]["sync-concurrency"], "8", "-f values reached the pod: {}", d["policy"]);
     assert_eq!(d["certificates"], serde_json::json!([]), "no control plane ran to write them");
 
@@ -359,12 +359,12 @@ async fn describe_logs_version_connect_and_certs_locally() {
     assert_eq!(described["host"]["memory_requests_bytes"], mem0 + 2 * 64 * 1024 * 1024, "{described}");
     let components = described["components"].as_array().unwrap();
     let names: Vec<&str> = components.iter().map(|c| c["name"].as_str().unwrap()).collect();
-    for want in ["etcd", "kube-apiserver", "kube-controller-manager", "vkube"] {
+    for want in ["etcd", "kube-control-plane", "vkube"] {
         let c = components.iter().find(|c| c["name"] == want).unwrap_or_else(|| panic!("{want} in {names:?}"));
         assert_eq!(c["healthy"], true, "{c}");
     }
     let version_of = |name: &str| components.iter().find(|c| c["name"] == name).unwrap()["version"].clone();
-    assert_eq!(version_of("kube-apiserver"), k8s.as_str());
+    assert_eq!(version_of("kube-control-plane"), k8s.as_str());
     assert_eq!(version_of("etcd"), vkube_localenv::upstream::versions().etcd.as_str());
     assert_eq!(version_of("vkube"), format!("v{}", env!("CARGO_PKG_VERSION")).as_str());
     assert_eq!(described["policy"]["pod-security"], "baseline", "{}", described["policy"]);
@@ -376,23 +376,27 @@ async fn describe_logs_version_connect_and_certs_locally() {
     let yaml = cli.ok(&["describe", "ops", "-o", "yaml"]);
     assert!(yaml.lines().any(|l| l == "name: ops"), "{yaml}");
     let text = cli.ok(&["describe", "ops"]);
-    assert!(text.contains("kube-apiserver") && text.contains(&format!("cpu {}m", cpu0 + 200)), "{text}");
+    assert!(text.contains("kube-control-plane") && text.contains(&format!("cpu {}m", cpu0 + 200)), "{text}");
 
     // version, client and server.
     let v: serde_json::Value = serde_json::from_str(&cli.ok(&["version", "ops", "-o", "json"])).unwrap();
     assert_eq!(v["client"]["kubernetes"], k8s.as_str());
     assert!(
-        v["server"].as_array().unwrap().iter().any(|c| c["name"] == "kube-apiserver" && c["version"] == k8s.as_str())
+        v["server"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "kube-control-plane" && c["version"] == k8s.as_str())
     );
 
     // logs: tail, a component, follow, a wrong component.
     let tail = cli.ok(&["logs", "ops", "--tail", "3"]);
     assert_eq!(tail.lines().count(), 3, "{tail}");
-    let apiserver = cli.ok(&["logs", "ops", "kube-apiserver"]);
+    let apiserver = cli.ok(&["logs", "ops", "kube-control-plane"]);
     assert!(apiserver.lines().count() > 10, "{apiserver}");
     let out = cli.run(&["logs", "ops", "kube-scheduler"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("kube-controller-manager"), "lists the components");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kube-control-plane"), "lists the components");
     let mut follow =
         cli.command(&["logs", "ops", "-f", "--tail", "1"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(2));

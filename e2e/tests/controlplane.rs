@@ -30,8 +30,8 @@ async fn kubectl_works_through_the_proxy() {
     let server = vc.kubectl_ok(&["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"]);
     assert_eq!(server, vc.cp.state.endpoint(), "the admin kubeconfig points at the proxy");
 
-    // The API server runs with its Go defaults (`components::go_defaults`) unless this process's
-    // environment sets them; the controller manager with Go's own.
+    // kube-apiserver and kube-controller-manager run in one process, with its Go defaults
+    // (`components::go_defaults`) unless this process's environment sets them; etcd with Go's own.
     let environ = |name: &str| -> Vec<String> {
         let children = vkube_localenv::process::read_supervised(&vc.cp.dir);
         let child = children.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} supervised"));
@@ -39,10 +39,10 @@ async fn kubectl_works_through_the_proxy() {
         raw.split(|b| *b == 0).filter(|v| !v.is_empty()).map(|v| String::from_utf8_lossy(v).into_owned()).collect()
     };
     let gogc = format!("GOGC={}", std::env::var("GOGC").unwrap_or_else(|_| "50".into()));
-    let apiserver = environ("kube-apiserver");
-    assert!(apiserver.contains(&gogc), "want {gogc} in the API server's environment: {apiserver:?}");
-    let kcm = environ("kube-controller-manager");
-    assert_eq!(kcm.iter().any(|v| v.starts_with("GOGC=")), std::env::var("GOGC").is_ok(), "{kcm:?}");
+    let control_plane = environ("kube-control-plane");
+    assert!(control_plane.contains(&gogc), "want {gogc} in kube-control-plane's environment: {control_plane:?}");
+    let etcd = environ("etcd");
+    assert_eq!(etcd.iter().any(|v| v.starts_with("GOGC=")), std::env::var("GOGC").is_ok(), "{etcd:?}");
 
     let namespaces = vc.kubectl_ok(&["get", "namespaces", "-o", "name"]);
     for ns in ["default", "kube-system", "kube-public"] {
@@ -363,6 +363,26 @@ async fn a_restarted_control_plane_keeps_its_objects_and_the_same_kubeconfig_sti
         kubectl_ok_at(up, &saved, &["get", "configmaps", "-n", "keep", "-o", "name", "--sort-by=.metadata.name"]);
     let ours: Vec<&str> = listed.lines().filter(|l| *l != "configmap/kube-root-ca.crt").collect();
     assert_eq!(ours, vec!["configmap/after-restart", "configmap/settings"], "{listed}");
+
+    // kube-control-plane killed: the supervisor starts it again, its API server and then its
+    // controller manager (which makes a new namespace's `default` service account).
+    let killed = vc.cp.pid("kube-control-plane").expect("kube-control-plane runs");
+    assert!(Command::new("kill").args(["-9", &killed.to_string()]).status().unwrap().success());
+    eventually("kube-control-plane started again", Duration::from_secs(60), || async {
+        Ok(vc.cp.pid("kube-control-plane").filter(|p| *p != killed).map(|_| ()))
+    })
+    .await;
+    let answers = |args: &'static [&'static str]| {
+        let saved = saved.clone();
+        move || {
+            let out = kubectl(up, &saved, args);
+            async move { if out.status.success() { Ok(Some(())) } else { Err(text(&out)) } }
+        }
+    };
+    eventually("the API server answering again", Duration::from_secs(120), answers(&["get", "namespaces"])).await;
+    kubectl_ok_at(up, &saved, &["create", "namespace", "after-crash"]);
+    let sa = answers(&["get", "serviceaccount", "default", "-n", "after-crash"]);
+    eventually("the controller manager's default service account", Duration::from_secs(60), sa).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -494,7 +494,7 @@ spec:
     .await;
     let phase = env.kubectl_ok(&["get", "pod", "-n", ns, "team-r-0", "-o", "jsonpath={.status.phase}"]);
     assert_eq!(phase, "Running", "the control-plane pod stays while asleep");
-    let logged = cli.ok(&["logs", "team-r", "kube-apiserver", "--tail", "3"]);
+    let logged = cli.ok(&["logs", "team-r", "kube-control-plane", "--tail", "3"]);
     assert_eq!(logged.lines().count(), 3, "the API server's log, read in the pod: {logged}");
     // A snapshot through a port-forward, of the sleeping cluster (its etcd alone runs for it).
     let snapshot = cli.state.path().join("team-r.snapshot");

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use vkube_e2e::{TestEnv, VirtualCluster, eventually};
 
-const COMPONENTS: [&str; 3] = ["etcd", "kube-apiserver", "kube-controller-manager"];
+const COMPONENTS: [&str; 2] = ["etcd", "kube-control-plane"];
 
 fn deployment(name: &str, replicas: u32) -> String {
     format!(
@@ -198,10 +198,10 @@ async fn restarts_while_asleep_or_waking_converge_without_duplicates() {
     // the half-started components gone, and a request wakes it as usual.
     request_power(&env, &vc, "wake").await;
     eventually("the API server started by the wake", Duration::from_secs(30), || async {
-        Ok(vc.cp.pid("kube-apiserver").map(|_| ()))
+        Ok(vc.cp.pid("kube-control-plane").map(|_| ()))
     })
     .await;
-    let half_started = vc.cp.pid("kube-apiserver").unwrap();
+    let half_started = vc.cp.pid("kube-control-plane").unwrap();
     vc.kill_controller();
     // Usually killed mid-wake (still persisted asleep); on a slow machine the wake may have
     // finished first (persisted awake): either way the next process must agree with the record.

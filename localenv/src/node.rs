@@ -405,8 +405,8 @@ pub fn vkube_image_name(version: &str) -> String {
 
 /// The image of the chart's control-plane pod, as the Dockerfile makes it: vkube (`vkube` is
 /// (image name, binary): the binary, stripped, with the shared libraries it links) and the
-/// upstream components it runs, etcd (and etcdutl, for restores), kube-apiserver and
-/// kube-controller-manager, on its PATH.
+/// upstream components it runs, etcd (and etcdutl, for restores) and kube-control-plane
+/// (kube-apiserver and kube-controller-manager in one process), on its PATH.
 pub fn control_plane_image(up: &Upstream, vkube: (&str, &Path)) -> Result<ImageSpec> {
     let (name, binary) = vkube;
     let stripped = cache_root().join("images/vkube.stripped");
@@ -415,12 +415,8 @@ pub fn control_plane_image(up: &Upstream, vkube: (&str, &Path)) -> Result<ImageS
     let mut image = ImageSpec::new(name);
     image.files.push(("/vkube".into(), stripped));
     image.files.extend(shared_libraries(binary)?.into_iter().map(|lib| (lib.display().to_string(), lib)));
-    for (file, bin) in [
-        ("etcd", up.etcd()),
-        ("etcdutl", up.etcdutl()),
-        ("kube-apiserver", up.kube_apiserver()),
-        ("kube-controller-manager", up.kube_controller_manager()),
-    ] {
+    for (file, bin) in [("etcd", up.etcd()), ("etcdutl", up.etcdutl()), ("kube-control-plane", up.kube_control_plane())]
+    {
         image.files.push((format!("/usr/local/bin/{file}"), bin));
     }
     image.dirs.push("/tmp".into());

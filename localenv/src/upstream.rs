@@ -57,6 +57,7 @@ impl Upstream {
         for bin in [
             up.kube_apiserver(),
             up.kube_controller_manager(),
+            up.kube_control_plane(),
             up.kube_scheduler(),
             up.kubectl(),
             up.etcd(),
@@ -76,6 +77,11 @@ impl Upstream {
     }
     pub fn kube_controller_manager(&self) -> PathBuf {
         self.kubernetes.join("kube-controller-manager")
+    }
+    /// A virtual cluster's kube-apiserver and kube-controller-manager in one process
+    /// (hack/kube-control-plane).
+    pub fn kube_control_plane(&self) -> PathBuf {
+        self.kubernetes.join("kube-control-plane")
     }
     pub fn kube_scheduler(&self) -> PathBuf {
         self.kubernetes.join("kube-scheduler")

@@ -1,6 +1,6 @@
-//! A virtual control plane as local processes (etcd, kube-apiserver, kube-controller-manager and
-//! `vkube run`) against a host cluster whose pods cannot run it (the dev host; CI). The same
-//! pieces the Helm chart runs as containers of one pod.
+//! A virtual control plane as local processes (`vkube run` and its children: etcd, and
+//! kube-apiserver with kube-controller-manager in one process) against a host cluster whose pods
+//! cannot run it (the dev host; CI). The same pieces the Helm chart runs in its pod.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use vkube_localenv::process::ProcessGroup;
 use vkube_localenv::{Lifetime, ProcessSpec, Progress, Upstream, ports};
 
 use crate::controlplane::PolicyArgs;
+use crate::controlplane::components::CONTROL_PLANE;
 use crate::{FIELD_MANAGER, names};
 
 #[derive(Clone, Debug)]
@@ -147,7 +148,7 @@ impl LocalControlPlane {
         vkube_localenv::host::write_private(&dir.join("direct.kubeconfig"), &direct)?;
         let mut cp =
             LocalControlPlane { state, dir: dir.clone(), group, vkube_binary: opts.vkube_binary.clone(), upstream: up };
-        progress("[3/4] vkube run: etcd, kube-apiserver, kube-controller-manager, the proxy and the syncer");
+        progress("[3/4] vkube run: etcd, kube-apiserver and kube-controller-manager, the proxy and the syncer");
         cp.start_controller().await?;
         progress("[4/4] the default service account");
         cp.wait_default_service_account().await?;
@@ -172,8 +173,7 @@ impl LocalControlPlane {
                 format!("--state-dir={}", self.dir.display()),
                 format!("--etcd-binary={}", self.upstream.etcd().display()),
                 format!("--etcdutl-binary={}", self.upstream.etcdutl().display()),
-                format!("--apiserver-binary={}", self.upstream.kube_apiserver().display()),
-                format!("--controller-manager-binary={}", self.upstream.kube_controller_manager().display()),
+                format!("--control-plane-binary={}", self.upstream.kube_control_plane().display()),
                 format!("--etcd-client-port={}", s.ports.etcd_client),
                 format!("--etcd-peer-port={}", s.ports.etcd_peer),
             ])
@@ -229,7 +229,7 @@ impl LocalControlPlane {
             anyhow::anyhow!(
                 "the default service account did not appear within {} s: {e} (log: {})",
                 timeout.as_secs(),
-                self.dir.join("logs/kube-controller-manager.log").display()
+                self.dir.join(format!("logs/{CONTROL_PLANE}.log")).display()
             )
         })
     }
@@ -249,8 +249,7 @@ impl LocalControlPlane {
         self.group.pid(CONTROLLER)
     }
 
-    /// The pid of one of its processes (`etcd`, `kube-apiserver`, `kube-controller-manager`,
-    /// `vkube`).
+    /// The pid of one of its processes (`etcd`, `kube-control-plane`, `vkube`).
     pub fn pid(&self, name: &str) -> Option<u32> {
         if name == CONTROLLER {
             return self.group.pid(name);
@@ -275,7 +274,7 @@ impl LocalControlPlane {
 
     /// Its processes' logs: `vkube run`'s and its children's.
     pub fn logs(&self) -> Vec<(String, PathBuf)> {
-        let children = ["etcd", "kube-apiserver", "kube-controller-manager"];
+        let children = crate::controlplane::supervisor::COMPONENTS;
         let children = children.map(|c| (c.to_string(), self.dir.join("logs").join(format!("{c}.log"))));
         children.into_iter().chain(self.group.logs()).collect()
     }

@@ -14,6 +14,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use vkube::controlplane::supervisor::COMPONENTS as CHILDREN;
 use vkube::local::{LocalControlPlane, LocalOptions};
 use vkube_core::contract::{ANNOTATION_NAME, LABEL_CLUSTER};
 use vkube_e2e::{TestEnv, vkube_bin};
@@ -329,7 +330,7 @@ async fn main() {
     let vk_pid = cp.controller_pid().expect("vkube pid");
     r.add("rss_mib_idle", rss_mib(vk_pid), "MiB", "vkube process, empty cluster, after 10 s");
     let mut idle_total = rss_mib(vk_pid);
-    for c in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+    for c in CHILDREN {
         if let Some(pid) = cp.pid(c) {
             idle_total += rss_mib(pid);
             r.add(&format!("rss_mib_idle_{}", c.replace('-', "_")), rss_mib(pid), "MiB", "upstream, for context");
@@ -339,7 +340,7 @@ async fn main() {
         "footprint_mib_idle_total",
         idle_total,
         "MiB",
-        "the four processes above summed (RSS: each counts the code it shares with other clusters; scenario 10 splits it)",
+        "the three processes above summed (RSS: each counts the code it shares with other clusters; scenario 10 splits it)",
     );
 
     step(&format!("2. sync throughput: a Deployment of {} pods, virtual vs directly on the host", a.pods));
@@ -437,7 +438,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let allocator = allocator_note(&cp.client().await.unwrap()).await;
     r.add("rss_mib_1000", rss_mib(vk_pid), "MiB", format!("vkube process with {} synced pods; {allocator}", a.pods));
-    for c in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+    for c in CHILDREN {
         if let Some(pid) = cp.pid(c) {
             r.add(&format!("rss_mib_1000_{}", c.replace('-', "_")), rss_mib(pid), "MiB", "upstream, for context");
         }
@@ -677,11 +678,7 @@ async fn sleep_mode(r: &mut Results, env: &TestEnv, host: &Client, sleepers: usi
     let hpods: Api<Pod> = Api::namespaced(host.clone(), &cp.state.namespace);
     let selector = format!("{LABEL_CLUSTER}=sleeper,{}/app=web", vkube_syncer::naming::TENANT_DOMAIN);
     wait_running(&hpods, &selector, 20, Instant::now(), "host pods before sleeping").await;
-    let awake_total: f64 = ["etcd", "kube-apiserver", "kube-controller-manager", "vkube"]
-        .iter()
-        .filter_map(|c| cp.pid(c))
-        .map(rss_mib)
-        .sum();
+    let awake_total: f64 = CHILDREN.iter().chain(&["vkube"]).filter_map(|c| cp.pid(c)).map(rss_mib).sum();
     let vkube = cp.controller_pid().expect("vkube pid");
     let (mut wakes, mut backs, mut server, mut asleep_rss, mut to_sleep) = (vec![], vec![], vec![], vec![], vec![]);
     let wake_sum = || async {
@@ -695,8 +692,7 @@ async fn sleep_mode(r: &mut Results, env: &TestEnv, host: &Client, sleepers: usi
     for i in 0..3 {
         to_sleep.push(power(host, &cp, "sleep", "Sleeping").await);
         tokio::time::sleep(ASLEEP_SETTLE).await;
-        let children: Vec<u32> =
-            ["etcd", "kube-apiserver", "kube-controller-manager"].iter().filter_map(|c| cp.pid(c)).collect();
+        let children: Vec<u32> = CHILDREN.iter().filter_map(|c| cp.pid(c)).collect();
         assert!(children.is_empty(), "a sleeping cluster still runs {children:?}");
         asleep_rss.push(rss_mib(vkube));
         let before = wake_sum().await;
@@ -814,7 +810,7 @@ fn memory_mib(pid: u32) -> [f64; 3] {
 /// component (resident, proportional, anonymous), idle CPU, and how many fit in 24 GiB. The Go
 /// runtime settings in the environment (GOGC, GOMEMLIMIT) reach the upstream components.
 async fn idle(r: &mut Results, env: &TestEnv, n: usize) {
-    const COMPONENTS: [&str; 4] = ["kube-apiserver", "kube-controller-manager", "etcd", "vkube"];
+    const COMPONENTS: [&str; 3] = [CHILDREN[1], CHILDREN[0], "vkube"];
     let mut clusters = vec![];
     for i in 0..n {
         clusters.push(start_cluster(env, &format!("idle-{i}"), None).await);
@@ -858,7 +854,7 @@ async fn idle(r: &mut Results, env: &TestEnv, n: usize) {
         "idle_millicores_per_cluster",
         millicores,
         "m",
-        format!("CPU of all four components over {} s", window.as_secs()),
+        format!("CPU of all three processes over {} s", window.as_secs()),
     );
     r.add("idle_clusters_per_24gib", (24.0 * 1024.0 / pss).floor(), "", "24 GiB / PSS per cluster (memory only)");
 }
@@ -980,7 +976,7 @@ fn processes(env: &TestEnv, cp: &LocalControlPlane) -> Vec<(String, u32)> {
             out.push((format!("host {c}"), pid));
         }
     }
-    for c in ["etcd", "kube-apiserver", "kube-controller-manager", "vkube"] {
+    for c in CHILDREN.iter().chain(&["vkube"]) {
         if let Some(pid) = cp.pid(c) {
             out.push((format!("virtual {c}"), pid));
         }

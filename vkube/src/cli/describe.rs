@@ -9,6 +9,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Service};
 use kube::api::{Api, ListParams};
 use serde::Serialize;
+use vkube::controlplane::components::CONTROL_PLANE;
 use vkube::local::LocalState;
 use vkube::names;
 use vkube_localenv::process::{is_alive, read_recorded, read_supervised};
@@ -135,7 +136,7 @@ async fn local_components(target: &Target) -> (Vec<Component>, BTreeMap<String, 
     for rec in &recorded {
         let running = is_alive(rec);
         let (version, healthy) = match rec.name.as_str() {
-            "kube-apiserver" => (direct_version.clone(), running && direct_version.is_some()),
+            CONTROL_PLANE => (direct_version.clone(), running && direct_version.is_some()),
             // The API server's /readyz checks etcd.
             "etcd" => (version_of_cache_dir(&rec.program), running && direct_version.is_some()),
             "vkube" => (vkube_version(&rec.program), running && proxy_version.is_some()),
@@ -216,11 +217,9 @@ async fn chart_components(
             // is the virtual API server's own (through the proxy). Their restarts are in its
             // metrics (`vkube_component_restarts_total`), not visible from here.
             let annotation = |key: &str| sts.as_ref().and_then(|s| super::clusters::template_annotation(s, key));
-            for (child, key) in [
-                ("etcd", names::ANNOTATION_ETCD_VERSION),
-                ("kube-apiserver", names::ANNOTATION_KUBERNETES_VERSION),
-                ("kube-controller-manager", names::ANNOTATION_KUBERNETES_VERSION),
-            ] {
+            for (child, key) in
+                [("etcd", names::ANNOTATION_ETCD_VERSION), (CONTROL_PLANE, names::ANNOTATION_KUBERNETES_VERSION)]
+            {
                 components.push(Component {
                     name: child.into(),
                     version: annotation(key),
@@ -290,7 +289,7 @@ mod tests {
 
     #[test]
     fn upstream_versions_from_the_cache_layout() {
-        let p = std::path::Path::new("/c/upstream/kubernetes-v1.37.2/kube-controller-manager");
+        let p = std::path::Path::new("/c/upstream/kubernetes-v1.37.2/kube-control-plane");
         assert_eq!(version_of_cache_dir(p).as_deref(), Some("v1.37.2"));
         let p = std::path::Path::new("/c/upstream/etcd-v3.6.16/etcd");
         assert_eq!(version_of_cache_dir(p).as_deref(), Some("v3.6.16"));

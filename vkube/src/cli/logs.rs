@@ -16,18 +16,19 @@ use vkube::names;
 use super::Target;
 use super::clusters::{self, Mode};
 
-/// The control plane's components, as processes (local) and containers (chart) are named.
-pub const COMPONENTS: [&str; 4] = ["vkube", "kube-apiserver", "kube-controller-manager", "etcd"];
+/// The control plane's processes: vkube and its children (kube-control-plane is kube-apiserver
+/// and kube-controller-manager in one process, so one log).
+pub const COMPONENTS: [&str; 3] = ["vkube", vkube::controlplane::components::CONTROL_PLANE, "etcd"];
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   vkube logs team-a                      # the vkube process (proxy and syncer)
-  vkube logs team-a kube-apiserver --tail 50
+  vkube logs team-a kube-control-plane --tail 50   # kube-apiserver and kube-controller-manager
   vkube logs team-a -f")]
 pub struct LogsArgs {
     #[command(flatten)]
     pub target: Target,
-    /// vkube (default), kube-apiserver, kube-controller-manager or etcd.
+    /// vkube (default), kube-control-plane (kube-apiserver and kube-controller-manager) or etcd.
     #[arg(default_value = "vkube", value_parser = clap::builder::PossibleValuesParser::new(COMPONENTS))]
     pub component: String,
     /// Keep printing what is logged.

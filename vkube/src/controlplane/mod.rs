@@ -1,7 +1,7 @@
 //! The control-plane process (`vkube run`): certificates kept valid, the API proxy, the syncer,
-//! `/metrics`. It runs next to the virtual cluster's etcd, kube-apiserver and
-//! kube-controller-manager: as containers of one pod (the Helm chart) or local processes
-//! (`vkube create --local`).
+//! `/metrics`. It runs the virtual cluster's etcd, and kube-apiserver with kube-controller-manager
+//! in one process (`kube-control-plane`), as its children (`supervisor`), in the Helm chart's pod
+//! or as local processes (`vkube create --local`).
 
 pub mod allocator;
 pub mod code_pages;

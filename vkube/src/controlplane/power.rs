@@ -1,6 +1,6 @@
 //! Sleep mode in `vkube run --supervise`: the cluster goes to sleep after `--sleep-after` without
 //! activity, in a `--sleep-schedule` window, or on `vkube sleep`; asleep, its host pods are gone
-//! and etcd, kube-apiserver and kube-controller-manager are stopped, while this process keeps
+//! and etcd and kube-control-plane (API server and controller manager) are stopped, while it keeps
 //! serving the proxy's port. A request that counts as activity (or `vkube wake`) wakes it: the
 //! components start, the request is held until the virtual API server answers, and the syncer
 //! recreates the host pods. The state, the last activity and the CLI's requests live as
@@ -100,7 +100,7 @@ pub struct PowerController<S: SyncerRunner> {
     pub namespace: String,
     pub ctl: SleepControl,
     pub supervisor: Supervisor,
-    pub children: (Child, Child, Child),
+    pub children: (Child, Child),
     pub syncer: S,
     pub args: SleepArgs,
     pub metrics: PowerMetrics,
@@ -374,19 +374,19 @@ impl<S: SyncerRunner> PowerController<S> {
     }
 
     async fn start_components(&mut self) -> anyhow::Result<()> {
-        let (etcd, apiserver, kcm) = self.children.clone();
+        let (etcd, control_plane) = self.children.clone();
+        let cp = control_plane.name;
         self.supervisor.start(etcd).await;
-        self.supervisor.start(apiserver).await;
+        // Its controller manager starts once its API server answers (hack/kube-control-plane).
+        self.supervisor.start(control_plane).await;
         super::wait_virtual_ready(&self.admin, Duration::from_millis(50)).await.with_context(|| {
             format!(
-                "see {} and {} (`vkube logs {} kube-apiserver`)",
-                self.supervisor.log_path("kube-apiserver").display(),
+                "see {} and {} (`vkube logs {} {cp}`)",
+                self.supervisor.log_path(cp).display(),
                 self.supervisor.log_path("etcd").display(),
                 self.name
             )
-        })?;
-        self.supervisor.start(kcm).await;
-        Ok(())
+        })
     }
 
     /// Asleep, its ports are free and any process may take one: waking then must not start a

@@ -1,8 +1,8 @@
-//! `vkube run --supervise`: the upstream components (etcd, kube-apiserver,
-//! kube-controller-manager) as children of the control-plane process, so it can stop them while
-//! the cluster sleeps and start them again on the first request. Each child is restarted when it
-//! dies (backoff 1 s doubling to 30 s; reset after a minute of running) and stopped with SIGTERM,
-//! then SIGKILL.
+//! `vkube run --supervise`: the upstream components (etcd, and kube-apiserver with
+//! kube-controller-manager in one process, `kube-control-plane`) as children of the control-plane
+//! process, so it can stop them while the cluster sleeps and start them again on the first
+//! request. Each child is restarted when it dies (backoff 1 s doubling to 30 s; reset after a
+//! minute of running) and stopped with SIGTERM, then SIGKILL.
 //!
 //! The children run in their own process groups and survive a crash or restart of `vkube run` (the
 //! virtual API server keeps answering); the next `vkube run` finds them in `supervised.json` (same
@@ -38,8 +38,8 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// Where the upstream components come from and where they keep their data (`vkube run`'s flags).
 #[derive(clap::Args, Debug, Clone)]
 pub struct SuperviseArgs {
-    /// Run etcd, kube-apiserver and kube-controller-manager as children of this process (needed
-    /// for sleep mode). Without it they run beside it (the chart's containers).
+    /// Run etcd and kube-control-plane (kube-apiserver and kube-controller-manager) as children
+    /// of this process (needed for sleep mode). Without it they run beside it.
     #[arg(long, env = "VKUBE_SUPERVISE")]
     pub supervise: bool,
     /// Logs (`logs/NAME.log`), etcd's data (`etcd/`) and the record of the children.
@@ -50,10 +50,9 @@ pub struct SuperviseArgs {
     /// Makes etcd's data directory from a snapshot (`vkube restore`, `vkube reset`).
     #[arg(long, env = "VKUBE_ETCDUTL_BINARY", default_value = "etcdutl")]
     pub etcdutl_binary: PathBuf,
-    #[arg(long, env = "VKUBE_APISERVER_BINARY", default_value = "kube-apiserver")]
-    pub apiserver_binary: PathBuf,
-    #[arg(long, env = "VKUBE_CONTROLLER_MANAGER_BINARY", default_value = "kube-controller-manager")]
-    pub controller_manager_binary: PathBuf,
+    /// kube-apiserver and kube-controller-manager in one process (hack/kube-control-plane).
+    #[arg(long, env = "VKUBE_CONTROL_PLANE_BINARY", default_value = components::CONTROL_PLANE)]
+    pub control_plane_binary: PathBuf,
     #[arg(long, env = "VKUBE_ETCD_CLIENT_PORT", default_value_t = 2379)]
     pub etcd_client_port: u16,
     #[arg(long, env = "VKUBE_ETCD_PEER_PORT", default_value_t = 2380)]
@@ -71,7 +70,7 @@ pub struct SuperviseArgs {
 }
 
 /// The components, in the order they start.
-pub const COMPONENTS: [&str; 3] = ["etcd", "kube-apiserver", "kube-controller-manager"];
+pub const COMPONENTS: [&str; 2] = ["etcd", components::CONTROL_PLANE];
 
 /// One child's command line.
 #[derive(Clone, Debug)]
@@ -165,7 +164,14 @@ impl Supervisor {
     pub fn new(state_dir: &Path, metrics: SupervisorMetrics) -> anyhow::Result<Supervisor> {
         std::fs::create_dir_all(state_dir.join("logs"))
             .with_context(|| format!("creating {}", state_dir.join("logs").display()))?;
-        let leftovers: Vec<Recorded> = read_records(state_dir).into_iter().filter(is_alive).collect();
+        let (leftovers, unknown): (Vec<Recorded>, Vec<Recorded>) =
+            read_records(state_dir).into_iter().filter(is_alive).partition(|r| leak_name(&r.name).is_some());
+        // A component of an older version (kube-apiserver and kube-controller-manager ran apart
+        // before kube-control-plane): nothing will adopt it, and it holds the ports.
+        for old in unknown {
+            tracing::info!(component = old.name, pid = old.pid, "stopping the previous version's component");
+            stop_pid(old.pid, STOP_GRACE);
+        }
         let records = leftovers.iter().filter_map(|r| Some((leak_name(&r.name)?, r.clone()))).collect();
         Ok(Supervisor {
             state_dir: state_dir.into(),
@@ -475,18 +481,14 @@ fn is_zombie(pid: Pid) -> bool {
         .unwrap_or(true)
 }
 
-/// The three children of a supervised control plane, with the flags `components` writes.
 /// etcd's data directory, in the state directory.
 pub fn etcd_data_dir(args: &SuperviseArgs) -> PathBuf {
     args.state_dir.join("etcd")
 }
 
-pub fn children(
-    args: &SuperviseArgs,
-    cert_dir: &Path,
-    apiserver_port: u16,
-    service_cidr: &str,
-) -> (Child, Child, Child) {
+/// The two children of a supervised control plane, etcd and kube-control-plane, with the flags
+/// `components` writes.
+pub fn children(args: &SuperviseArgs, cert_dir: &Path, apiserver_port: u16, service_cidr: &str) -> (Child, Child) {
     let data_dir = etcd_data_dir(args);
     let admission = cert_dir.join(super::ADMISSION_FILE);
     let layout = components::Layout {
@@ -503,11 +505,10 @@ pub fn children(
     let kubeconfig = cert_dir.join(super::CONTROLLER_MANAGER_KUBECONFIG);
     (
         Child { name: "etcd", program: args.etcd_binary.clone(), args: components::etcd(&layout) },
-        Child { name: "kube-apiserver", program: args.apiserver_binary.clone(), args: components::apiserver(&layout) },
         Child {
-            name: "kube-controller-manager",
-            program: args.controller_manager_binary.clone(),
-            args: components::controller_manager(&kubeconfig, &layout),
+            name: components::CONTROL_PLANE,
+            program: args.control_plane_binary.clone(),
+            args: components::control_plane(&kubeconfig, &layout),
         },
     )
 }
@@ -540,9 +541,10 @@ mod tests {
     #[test]
     fn the_api_server_starts_with_its_go_defaults_unless_the_operator_sets_them() {
         let own = |k: &str, v: &str| (k.to_string(), v.to_string());
-        assert_eq!(env_of("kube-apiserver", &[("PATH", "/bin")]), [own("GOGC", "50"), own("PATH", "/bin")]);
-        assert_eq!(env_of("kube-apiserver", &[("GOGC", "200")]), [own("GOGC", "200")]);
-        assert_eq!(env_of("kube-controller-manager", &[("PATH", "/bin")]), [own("PATH", "/bin")]);
+        let cp = components::CONTROL_PLANE;
+        assert_eq!(env_of(cp, &[("PATH", "/bin")]), [own("GOGC", "50"), own("PATH", "/bin")]);
+        assert_eq!(env_of(cp, &[("GOGC", "200")]), [own("GOGC", "200")]);
+        assert_eq!(env_of("etcd", &[("PATH", "/bin")]), [own("PATH", "/bin")]);
     }
 
     #[tokio::test]
@@ -587,7 +589,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (same, same_reaper) = stray("/bin/sleep", &["600"]);
         let (other, other_reaper) = stray("/bin/sleep", &["599"]);
-        let (unused, unused_reaper) = stray("/bin/sleep", &["598"]);
+        let (older, older_reaper) = stray("/bin/sleep", &["598"]);
         let sleep = |name, arg: &str| Child { name, program: "/bin/sleep".into(), args: vec![arg.into()] };
         let rec = |name: &str, pid| Recorded {
             name: name.into(),
@@ -596,23 +598,26 @@ mod tests {
             log: PathBuf::new(),
             fingerprint: sleep("etcd", "600").fingerprint(),
         };
-        let old = [rec("etcd", same), rec("kube-apiserver", other), rec("kube-controller-manager", unused)];
+        // etcd as it would start, the control plane with other flags, and a component an older
+        // version ran apart (kube-apiserver, now inside kube-control-plane).
+        let cp = components::CONTROL_PLANE;
+        let old = [rec("etcd", same), rec(cp, other), rec("kube-apiserver", older)];
         std::fs::write(dir.path().join(RECORD_FILE), serde_json::to_string(&old).unwrap()).unwrap();
 
         let mut s = Supervisor::new(dir.path(), SupervisorMetrics::default()).unwrap();
+        older_reaper.join().unwrap();
+        assert!(!is_alive(&rec("x", older)), "the older version's component is stopped at once: it holds the ports");
         s.start(sleep("etcd", "600")).await;
-        s.start(sleep("kube-apiserver", "600")).await;
+        s.start(sleep(cp, "600")).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(s.pid("etcd"), Some(same), "the same command line is adopted, not restarted");
         other_reaper.join().unwrap();
         assert!(!is_alive(&rec("x", other)), "one with other flags is replaced");
-        let replaced = s.pid("kube-apiserver").unwrap();
+        let replaced = s.pid(cp).unwrap();
         assert_ne!(replaced, other);
-        assert!(is_alive(&rec("x", unused)), "not yet decided");
         s.stop_all().await;
         same_reaper.join().unwrap();
-        unused_reaper.join().unwrap();
-        assert!(!is_alive(&rec("x", same)) && !is_alive(&rec("x", unused)), "stopped, adopted or not");
+        assert!(!is_alive(&rec("x", same)), "stopped once adopted");
         assert!(!is_alive(&rec("x", replaced)));
         assert!(read_records(dir.path()).is_empty());
     }
@@ -623,7 +628,7 @@ mod tests {
         let conf = dir.path().join("admission.yaml");
         std::fs::write(&conf, "level: baseline").unwrap();
         let child = Child {
-            name: "kube-apiserver",
+            name: components::CONTROL_PLANE,
             program: "/bin/true".into(),
             args: vec![format!("--admission-control-config-file={}", conf.display())],
         };
