@@ -8,7 +8,9 @@
 //
 // The controller manager starts once the API server answers /healthz (on its own it gives up
 // after 10 s, which would end the API server too). Either command ending ends the process, so
-// the supervisor restarts both; SIGTERM shuts the API server down gracefully and then the process.
+// the supervisor restarts both. On SIGTERM the API server starts its graceful shutdown, which
+// would wait its full minute for the watches of the controller manager beside it (two processes
+// stopped that one first): the process gives requests in flight stopGrace, then exits.
 package main
 
 import (
@@ -16,7 +18,9 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"k8s.io/client-go/kubernetes"
@@ -26,6 +30,8 @@ import (
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 )
 
+const stopGrace = 2 * time.Second
+
 func main() {
 	apiArgs, cmArgs, ok := split(os.Args[1:])
 	if !ok {
@@ -34,6 +40,14 @@ func main() {
 	}
 	// Both commands apply the same logging configuration; the second time must not be an error.
 	logsapi.ReapplyHandling = logsapi.ReapplyHandlingIgnoreUnchanged
+
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		<-stop
+		time.Sleep(stopGrace)
+		os.Exit(0)
+	}()
 
 	done := make(chan error, 2)
 	a := apiserver.NewAPIServerCommand()

@@ -18,7 +18,7 @@ use vkube::controlplane::supervisor::COMPONENTS as CHILDREN;
 use vkube::local::{LocalControlPlane, LocalOptions};
 use vkube_core::contract::{ANNOTATION_NAME, LABEL_CLUSTER};
 use vkube_e2e::{TestEnv, vkube_bin};
-use vkube_localenv::Lifetime;
+use vkube_localenv::{HostOptions, Lifetime};
 
 struct Args {
     pods: usize,
@@ -37,6 +37,10 @@ struct Args {
     /// to target/bench/idle.json; run it with GOGC/GOMEMLIMIT set to measure those settings.
     idle_only: bool,
     idle: usize,
+    /// Only scenario 11 (sync throughput on a host whose node is real, `real_pods` pods),
+    /// written to target/bench/realnode.json.
+    real_node_only: bool,
+    real_pods: usize,
     /// Only rewrite docs/benchmarks.md from target/bench/results.json (after editing the notes).
     docs_only: bool,
     /// Extra `vkube run` arguments of scenario 2's cluster, to measure a setting against the
@@ -59,6 +63,8 @@ fn args() -> Args {
         forks_only: false,
         idle_only: false,
         idle: 10,
+        real_node_only: false,
+        real_pods: 100,
         docs_only: false,
         run_args: vec![],
         profile_host: 0,
@@ -77,6 +83,8 @@ fn args() -> Args {
             "--forks-only" => a.forks_only = true,
             "--idle-only" => a.idle_only = true,
             "--idle" => a.idle = num(),
+            "--real-node-only" => a.real_node_only = true,
+            "--real-pods" => a.real_pods = num(),
             "--docs-only" => a.docs_only = true,
             "--profile-host" => a.profile_host = num() as u64,
             f if f.starts_with("--run-arg=") => a.run_args.push(f["--run-arg=".len()..].to_string()),
@@ -89,7 +97,7 @@ fn args() -> Args {
             }
             other => {
                 panic!(
-                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --idle-only, --idle N, --quick, --docs-only, --run-arg=ARG, --profile-host SECONDS"
+                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --idle-only, --idle N, --real-node-only, --real-pods N, --quick, --docs-only, --run-arg=ARG, --profile-host SECONDS"
                 )
             }
         }
@@ -152,12 +160,16 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
 }
 
 fn deployment(name: &str, replicas: usize) -> Deployment {
+    deployment_of(name, replicas, "nginx")
+}
+
+fn deployment_of(name: &str, replicas: usize, image: &str) -> Deployment {
     serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name},
         "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
             "template": {"metadata": {"labels": {"app": name}},
-                "spec": {"terminationGracePeriodSeconds": 0, "containers": [{"name": "c", "image": "nginx"}]}}}
+                "spec": {"terminationGracePeriodSeconds": 0, "containers": [{"name": "c", "image": image}]}}}
     }))
     .expect("deployment")
 }
@@ -260,6 +272,15 @@ async fn main() {
     }
     let mut r = Results::default();
     let started = Instant::now();
+    if a.real_node_only {
+        step("host cluster with one real node (containerd, runc, CNI, kubelet, kube-proxy on this machine)");
+        let env = TestEnv::start_with(HostOptions { nodes: 0, real_nodes: 1, ..Default::default() }).await;
+        let host = env.client().await;
+        step(&format!("11. sync throughput on a real node: {} pods, virtual vs directly on the host", a.real_pods));
+        real_node_sync(&mut r, &env, &host, a.real_pods).await;
+        write_only(&r, "realnode.json", started);
+        return;
+    }
     step("host cluster (etcd, kube-apiserver, controller-manager, scheduler, kwok with 3 nodes)");
     let env = TestEnv::start(3).await;
     let host = env.client().await;
@@ -315,11 +336,7 @@ async fn main() {
             forks(&mut r, &env, &host).await;
             "forks.json"
         };
-        let rows: serde_json::Map<String, serde_json::Value> =
-            r.rows.iter().map(|(k, v, u, n)| (k.clone(), json!({"value": v, "unit": u, "note": n}))).collect();
-        std::fs::create_dir_all(results_dir()).unwrap();
-        std::fs::write(results_dir().join(file), serde_json::to_string_pretty(&rows).unwrap()).unwrap();
-        println!("\nwrote target/bench/{file} ({:.0} s)", started.elapsed().as_secs_f64());
+        write_only(&r, file, started);
         return;
     }
 
@@ -951,6 +968,78 @@ async fn allocator_note(proxied: &Client) -> String {
         figures.push(format!("{:.1} MiB {name}", bytes / (1024.0 * 1024.0)));
     }
     format!("allocator: {}", figures.join(", "))
+}
+
+/// The results of a partial run (`--sleep-only` and the like) in target/bench/`file`; the docs are
+/// left alone.
+fn write_only(r: &Results, file: &str, started: Instant) {
+    let rows: serde_json::Map<String, serde_json::Value> =
+        r.rows.iter().map(|(k, v, u, n)| (k.clone(), json!({"value": v, "unit": u, "note": n}))).collect();
+    std::fs::create_dir_all(results_dir()).unwrap();
+    std::fs::write(results_dir().join(file), serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    println!("\nwrote target/bench/{file} ({:.0} s)", started.elapsed().as_secs_f64());
+}
+
+/// Scenario 11: scenario 2's comparison on a host whose node is real, so the kubelet's own pace
+/// (sandboxes, CNI, containers) is in both runs: a Deployment of `n` pause containers in a virtual
+/// cluster, then directly in a host namespace (the first one's pods gone by then, so the node runs
+/// one at a time), each timed to all its pods Ready.
+async fn real_node_sync(r: &mut Results, env: &TestEnv, host: &Client, n: usize) {
+    let cp = start_cluster(env, "bench-rn", None).await;
+    let direct = client(&cp.direct_kubeconfig()).await;
+    let procs = processes(env, &cp);
+    let image = vkube_localenv::node::PAUSE_IMAGE;
+    settle(&procs).await;
+
+    let vdeploy: Api<Deployment> = Api::namespaced(direct.clone(), "default");
+    let before = cpu_of(&procs);
+    let t0 = Instant::now();
+    vdeploy.create(&PostParams::default(), &deployment_of("burst", n, image)).await.unwrap();
+    let virtual_total = wait_deployment_ready(&vdeploy, "burst", n, t0, "the virtual deployment").await;
+    settle(&procs).await;
+    let virtual_cpu = diff(&before, &cpu_of(&procs));
+    vdeploy.delete("burst", &Default::default()).await.unwrap();
+    let hpods: Api<Pod> = Api::namespaced(host.clone(), &cp.state.namespace);
+    let selector = format!("{LABEL_CLUSTER}=bench-rn,{}/app=burst", vkube_syncer::naming::TENANT_DOMAIN);
+    let gone = Instant::now();
+    while count_running(&hpods, &selector).await.0 > 0 {
+        assert!(gone.elapsed() < Duration::from_secs(600), "the virtual run's host pods still there after 600 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("     the virtual run's host pods gone after {:.0} s", gone.elapsed().as_secs_f64());
+    settle(&procs).await;
+
+    let namespaces: Api<Namespace> = Api::all(host.clone());
+    let ns = serde_json::from_value(json!({"metadata": {"name": "bench-direct-rn"}})).unwrap();
+    namespaces.create(&PostParams::default(), &ns).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let hdeploy: Api<Deployment> = Api::namespaced(host.clone(), "bench-direct-rn");
+    let before = cpu_of(&procs);
+    let t0 = Instant::now();
+    hdeploy.create(&PostParams::default(), &deployment_of("burst", n, image)).await.unwrap();
+    let direct_total = wait_deployment_ready(&hdeploy, "burst", n, t0, "the Deployment directly on the host").await;
+    settle(&procs).await;
+    let direct_cpu = diff(&before, &cpu_of(&procs));
+
+    let what = format!("{n} pause containers on one real node");
+    r.add("sync_real_node_virtual_seconds", virtual_total, "s", format!("{what}: the virtual Deployment Ready"));
+    r.add(
+        "sync_real_node_direct_seconds",
+        direct_total,
+        "s",
+        format!("{what}: the same Deployment directly on the host"),
+    );
+    r.add("sync_real_node_ratio", virtual_total / direct_total, "x", "virtual / direct (goal of sync_1000_ratio: 1.6)");
+    let cpu = |run: &[(String, f64)], name: &str| run.iter().find(|(p, _)| p == name).map_or(f64::NAN, |x| x.1);
+    let (v, d) = (cpu(&virtual_cpu, "host kube-apiserver"), cpu(&direct_cpu, "host kube-apiserver"));
+    r.add(
+        "host_apiserver_cpu_ratio_real_node",
+        v / d,
+        "x",
+        format!(
+            "host kube-apiserver CPU: {v:.2} s for the virtual run / {d:.2} s for the direct run (kubelet included)"
+        ),
+    );
 }
 
 /// Waits until the processes are nearly idle (on average under 2.5% of a core each over 2 s), at
