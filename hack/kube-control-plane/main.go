@@ -1,7 +1,7 @@
 // kube-control-plane runs a virtual cluster's kube-apiserver and kube-controller-manager in one
 // process: upstream's own commands, unchanged, sharing one Go runtime, one copy of their code and
-// of the libraries' state. Against two processes it holds about 80 MiB less resident memory per
-// cluster (docs/benchmarks-notes.md, "One process"). hack/build-upstream.sh builds it from the
+// of the libraries' state. Against two processes it holds about 100 MiB less resident memory per
+// idle cluster (docs/benchmarks-notes.md, "One process"). hack/build-upstream.sh builds it from the
 // pinned k8s.io/kubernetes module; vkube's supervisor runs it.
 //
 //	kube-control-plane APISERVER-FLAGS... --- CONTROLLER-MANAGER-FLAGS...
@@ -10,7 +10,8 @@
 // after 10 s, which would end the API server too). Either command ending ends the process, so
 // the supervisor restarts both. On SIGTERM the API server starts its graceful shutdown, which
 // would wait its full minute for the watches of the controller manager beside it (two processes
-// stopped that one first): the process gives requests in flight stopGrace, then exits.
+// stopped that one first): the process gives requests in flight stopGrace, enough for short
+// ones (watches are cut either way), then exits.
 package main
 
 import (
@@ -30,7 +31,7 @@ import (
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 )
 
-const stopGrace = 2 * time.Second
+const stopGrace = 500 * time.Millisecond
 
 func main() {
 	apiArgs, cmArgs, ok := split(os.Args[1:])
