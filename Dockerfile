@@ -13,12 +13,13 @@ FROM registry.k8s.io/etcd:${ETCD_TAG} AS etcd
 
 # Built as hack/build-upstream.sh builds it for local clusters: the pinned k8s.io/kubernetes
 # module and our small main.
+# (It builds hack/versions.env's version, which the ARG above must match: a test checks.)
 FROM golang:1.26-bookworm AS kube
-ARG KUBERNETES_VERSION
 WORKDIR /src
 COPY hack/ hack/
 RUN --mount=type=cache,target=/cache \
     VKUBE_CACHE=/cache bash hack/build-upstream.sh kubernetes \
+    && . hack/versions.env \
     && install -D /cache/upstream/kubernetes-${KUBERNETES_VERSION}/kube-control-plane /usr/local/bin/kube-control-plane
 
 FROM rust:1.95-bookworm AS build

@@ -402,8 +402,8 @@ spec:
 }
 
 /// The chart path for real: `vkube create NAME` installs the chart, its StatefulSet pod (one
-/// container: `vkube run --supervise` with etcd, kube-apiserver and kube-controller-manager as
-/// its children) becomes Ready, and the cluster is reached through `vkube connect --port-forward`
+/// container: `vkube run --supervise` with etcd and kube-control-plane as its children) becomes
+/// Ready, and the cluster is reached through `vkube connect --port-forward`
 /// and, from a host pod, through the proxy's Service; its workloads run on the node; it sleeps
 /// and a request wakes it; a snapshot of it asleep restored awake; pause, resume (the data kept on
 /// its volume), an upgrade with a changed value and its rollback, and delete.

@@ -12,6 +12,11 @@
 // would wait its full minute for the watches of the controller manager beside it (two processes
 // stopped that one first): the process gives requests in flight stopGrace, enough for short
 // ones (watches are cut either way), then exits.
+//
+// At a Kubernetes bump, check that the controller manager still leaves signals alone: with the
+// gate ControllerManagerReleaseLeaderElectionLockOnExit on (alpha, off in v1.37) it calls
+// genericapiserver.SetupSignalContext, which the API server's command already called, and a
+// second call panics.
 package main
 
 import (
@@ -99,10 +104,14 @@ func kubeconfigOf(args []string) string {
 // waitHealthy polls the API server's /healthz as the controller manager will reach it, with no
 // deadline: the API server's own start may take minutes on a loaded machine.
 func waitHealthy(kubeconfig string) error {
+	if kubeconfig == "" {
+		return fmt.Errorf("no --kubeconfig=PATH among the controller manager's flags")
+	}
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
 		return err
 	}
+	cfg.Timeout = 5 * time.Second // a hung connection must not stall the wait
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return err

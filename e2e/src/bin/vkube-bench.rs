@@ -1005,14 +1005,16 @@ async fn real_node_sync(r: &mut Results, env: &TestEnv, host: &Client, n: usize)
     let hpods: Api<Pod> = Api::namespaced(host.clone(), &cp.state.namespace);
     let selector = format!("{LABEL_CLUSTER}=bench-rn,{}/app=burst", vkube_syncer::naming::TENANT_DOMAIN);
     let gone = Instant::now();
-    while count_running(&hpods, &selector).await.0 > 0 {
+    // (A failed list is not an empty one.)
+    while hpods.list_metadata(&ListParams::default().labels(&selector)).await.map_or(true, |l| !l.items.is_empty()) {
         assert!(gone.elapsed() < Duration::from_secs(600), "the virtual run's host pods still there after 600 s");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // And their sandboxes, one containerd shim each: until their number holds for 5 s (the node's
     // own pods, CoreDNS, keep theirs).
     let (mut shims, mut since) = (count_processes("containerd-shim"), Instant::now());
-    while since.elapsed() < Duration::from_secs(5) && gone.elapsed() < Duration::from_secs(600) {
+    while since.elapsed() < Duration::from_secs(5) {
+        assert!(gone.elapsed() < Duration::from_secs(600), "the virtual run's sandboxes still going after 600 s");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = count_processes("containerd-shim");
         if now != shims {

@@ -1,6 +1,6 @@
 //! Command lines of a virtual cluster's upstream components: etcd, and kube-apiserver with
 //! kube-controller-manager in one process (`kube-control-plane`, hack/kube-control-plane: upstream's
-//! two commands sharing one Go runtime and one copy of their code, ~80 MiB less resident memory).
+//! two commands sharing one Go runtime and one copy of their code, ~100 MiB less resident memory).
 
 use std::path::Path;
 

@@ -164,10 +164,12 @@ impl Supervisor {
     pub fn new(state_dir: &Path, metrics: SupervisorMetrics) -> anyhow::Result<Supervisor> {
         std::fs::create_dir_all(state_dir.join("logs"))
             .with_context(|| format!("creating {}", state_dir.join("logs").display()))?;
-        let (leftovers, unknown): (Vec<Recorded>, Vec<Recorded>) =
+        let (leftovers, mut unknown): (Vec<Recorded>, Vec<Recorded>) =
             read_records(state_dir).into_iter().filter(is_alive).partition(|r| leak_name(&r.name).is_some());
         // A component of an older version (kube-apiserver and kube-controller-manager ran apart
-        // before kube-control-plane): nothing will adopt it, and it holds the ports.
+        // before kube-control-plane): nothing will adopt it, and it holds the ports. The
+        // controller manager first: its watches would hold the API server's graceful shutdown.
+        unknown.sort_by_key(|r| !r.name.contains("controller-manager"));
         for old in unknown {
             tracing::info!(component = old.name, pid = old.pid, "stopping the previous version's component");
             stop_pid(old.pid, STOP_GRACE);
@@ -472,6 +474,11 @@ fn stop_pid(pid: u32, grace: Duration) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = kill(pid, Signal::SIGKILL);
+    // Gone (or a zombie, which holds no port) before a successor starts.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && kill(pid, None).is_ok() && !is_zombie(pid) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn is_zombie(pid: Pid) -> bool {
@@ -605,8 +612,12 @@ mod tests {
         std::fs::write(dir.path().join(RECORD_FILE), serde_json::to_string(&old).unwrap()).unwrap();
 
         let mut s = Supervisor::new(dir.path(), SupervisorMetrics::default()).unwrap();
-        older_reaper.join().unwrap();
-        assert!(!is_alive(&rec("x", older)), "the older version's component is stopped at once: it holds the ports");
+        // Exited (its reaper thread ends) by the time `new` returns: it holds the ports.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !older_reaper.is_finished() {
+            assert!(Instant::now() < deadline, "the older version's component is stopped at once");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         s.start(sleep("etcd", "600")).await;
         s.start(sleep(cp, "600")).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
