@@ -15,6 +15,8 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use vkube::controlplane::supervisor::COMPONENTS as CHILDREN;
+/// Every process of a virtual cluster: its supervised children and vkube.
+const PROCESSES: [&str; 3] = [CHILDREN[0], CHILDREN[1], "vkube"];
 use vkube::local::{LocalControlPlane, LocalOptions};
 use vkube_core::contract::{ANNOTATION_NAME, LABEL_CLUSTER};
 use vkube_e2e::{TestEnv, vkube_bin};
@@ -695,7 +697,7 @@ async fn sleep_mode(r: &mut Results, env: &TestEnv, host: &Client, sleepers: usi
     let hpods: Api<Pod> = Api::namespaced(host.clone(), &cp.state.namespace);
     let selector = format!("{LABEL_CLUSTER}=sleeper,{}/app=web", vkube_syncer::naming::TENANT_DOMAIN);
     wait_running(&hpods, &selector, 20, Instant::now(), "host pods before sleeping").await;
-    let awake_total: f64 = CHILDREN.iter().chain(&["vkube"]).filter_map(|c| cp.pid(c)).map(rss_mib).sum();
+    let awake_total: f64 = PROCESSES.iter().filter_map(|c| cp.pid(c)).map(rss_mib).sum();
     let vkube = cp.controller_pid().expect("vkube pid");
     let (mut wakes, mut backs, mut server, mut asleep_rss, mut to_sleep) = (vec![], vec![], vec![], vec![], vec![]);
     let wake_sum = || async {
@@ -827,7 +829,6 @@ fn memory_mib(pid: u32) -> [f64; 3] {
 /// component (resident, proportional, anonymous), idle CPU, and how many fit in 24 GiB. The Go
 /// runtime settings in the environment (GOGC, GOMEMLIMIT) reach the upstream components.
 async fn idle(r: &mut Results, env: &TestEnv, n: usize) {
-    const COMPONENTS: [&str; 3] = [CHILDREN[1], CHILDREN[0], "vkube"];
     let mut clusters = vec![];
     for i in 0..n {
         clusters.push(start_cluster(env, &format!("idle-{i}"), None).await);
@@ -835,9 +836,9 @@ async fn idle(r: &mut Results, env: &TestEnv, n: usize) {
     }
     let procs: Vec<(String, u32)> = clusters
         .iter()
-        .flat_map(|cp| COMPONENTS.iter().filter_map(move |c| cp.pid(c).map(|pid| (c.to_string(), pid))))
+        .flat_map(|cp| PROCESSES.iter().filter_map(move |c| cp.pid(c).map(|pid| (c.to_string(), pid))))
         .collect();
-    assert_eq!(procs.len(), n * COMPONENTS.len(), "every component of every cluster runs");
+    assert_eq!(procs.len(), n * PROCESSES.len(), "every component of every cluster runs");
     // Started, settled, then a minute more: what a cluster holds once nobody uses it.
     settle(&procs).await;
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -855,7 +856,7 @@ async fn idle(r: &mut Results, env: &TestEnv, n: usize) {
     r.add("idle_rss_mib_per_cluster", rss, "MiB", format!("mean of {n} empty clusters side by side, {settings}"));
     r.add("idle_pss_mib_per_cluster", pss, "MiB", "proportional: pages shared between clusters (code) counted once");
     r.add("idle_anon_mib_per_cluster", anon, "MiB", "anonymous memory: heap and stacks, the cluster's alone");
-    for c in COMPONENTS {
+    for c in PROCESSES {
         let of = |i: usize| {
             let v: Vec<f64> = mem.iter().filter(|(n, _)| n == c).map(|(_, m)| m[i]).collect();
             v.iter().sum::<f64>() / v.len() as f64
@@ -994,14 +995,21 @@ async fn real_node_sync(r: &mut Results, env: &TestEnv, host: &Client, n: usize)
     let image = vkube_localenv::node::PAUSE_IMAGE;
     settle(&procs).await;
 
-    let vdeploy: Api<Deployment> = Api::namespaced(direct.clone(), "default");
-    let before = cpu_of(&procs);
-    let t0 = Instant::now();
-    vdeploy.create(&PostParams::default(), &deployment_of("burst", n, image)).await.unwrap();
-    let virtual_total = wait_deployment_ready(&vdeploy, "burst", n, t0, "the virtual deployment").await;
-    settle(&procs).await;
-    let virtual_cpu = diff(&before, &cpu_of(&procs));
-    vdeploy.delete("burst", &Default::default()).await.unwrap();
+    // One run: the Deployment made, timed to Ready, and the CPU its processes used until settled.
+    let run = |api: Api<Deployment>, what: &'static str| {
+        let procs = procs.clone();
+        async move {
+            let before = cpu_of(&procs);
+            let t0 = Instant::now();
+            api.create(&PostParams::default(), &deployment_of("burst", n, image)).await.unwrap();
+            let total = wait_deployment_ready(&api, "burst", n, t0, what).await;
+            settle(&procs).await;
+            let cpu = diff(&before, &cpu_of(&procs));
+            api.delete("burst", &Default::default()).await.unwrap();
+            (total, cpu)
+        }
+    };
+    let (virtual_total, virtual_cpu) = run(Api::namespaced(direct.clone(), "default"), "the virtual deployment").await;
     let hpods: Api<Pod> = Api::namespaced(host.clone(), &cp.state.namespace);
     let selector = format!("{LABEL_CLUSTER}=bench-rn,{}/app=burst", vkube_syncer::naming::TENANT_DOMAIN);
     let gone = Instant::now();
@@ -1028,15 +1036,8 @@ async fn real_node_sync(r: &mut Results, env: &TestEnv, host: &Client, n: usize)
     let ns = serde_json::from_value(json!({"metadata": {"name": "bench-direct-rn"}})).unwrap();
     namespaces.create(&PostParams::default(), &ns).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let hdeploy: Api<Deployment> = Api::namespaced(host.clone(), "bench-direct-rn");
-    let before = cpu_of(&procs);
-    let t0 = Instant::now();
-    hdeploy.create(&PostParams::default(), &deployment_of("burst", n, image)).await.unwrap();
-    let direct_total = wait_deployment_ready(&hdeploy, "burst", n, t0, "the Deployment directly on the host").await;
-    settle(&procs).await;
-    let direct_cpu = diff(&before, &cpu_of(&procs));
-
-    hdeploy.delete("burst", &Default::default()).await.unwrap();
+    let (direct_total, direct_cpu) =
+        run(Api::namespaced(host.clone(), "bench-direct-rn"), "the Deployment directly on the host").await;
     let what = format!("{n} pause containers on one real node");
     r.add("sync_real_node_virtual_seconds", virtual_total, "s", format!("{what}: the virtual Deployment Ready"));
     r.add(
@@ -1102,7 +1103,7 @@ fn processes(env: &TestEnv, cp: &LocalControlPlane) -> Vec<(String, u32)> {
             out.push((format!("host {c}"), pid));
         }
     }
-    for c in CHILDREN.iter().chain(&["vkube"]) {
+    for c in PROCESSES {
         if let Some(pid) = cp.pid(c) {
             out.push((format!("virtual {c}"), pid));
         }

@@ -466,17 +466,22 @@ fn is_alive(rec: &Recorded) -> bool {
 fn stop_pid(pid: u32, grace: Duration) {
     let pid = Pid::from_raw(pid as i32);
     let _ = kill(pid, Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if kill(pid, None).is_err() || is_zombie(pid) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if !exits_within(pid, grace) {
+        let _ = kill(pid, Signal::SIGKILL);
+        // Gone (or a zombie, which holds no port) before a successor starts.
+        exits_within(pid, Duration::from_secs(2));
     }
-    let _ = kill(pid, Signal::SIGKILL);
-    // Gone (or a zombie, which holds no port) before a successor starts.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline && kill(pid, None).is_ok() && !is_zombie(pid) {
+}
+
+fn exits_within(pid: Pid, d: Duration) -> bool {
+    let deadline = Instant::now() + d;
+    loop {
+        if kill(pid, None).is_err() || is_zombie(pid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
