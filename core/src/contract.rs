@@ -51,6 +51,9 @@ pub const LABEL_TOKEN: &str = "vkube.dev/token";
 pub const ANNOTATION_TOKEN_EXPIRES: &str = "vkube.dev/token-expires";
 /// The audience the token was requested for.
 pub const ANNOTATION_TOKEN_AUDIENCE: &str = "vkube.dev/token-audience";
+/// On a pod's host Secret of projected certificates: when each is due for refresh (a JSON object
+/// of RFC 3339 times by projection key).
+pub const ANNOTATION_CERTIFICATES_REFRESH: &str = "vkube.dev/certificates-refresh";
 
 // Other objects the syncer marks.
 

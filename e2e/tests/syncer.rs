@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use k8s_openapi::api::certificates::v1::{PodCertificateRequest, PodCertificateRequestStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Secret, Service};
 use kube::api::{Api, ListParams};
 use kube::{Resource, ResourceExt};
@@ -245,6 +246,190 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     vc.kubectl_direct_ok(&["delete", "pod", "forgotten", "--grace-period=0", "--force"]);
     vc.start_controller().await;
     eventually("the orphaned token Secret is swept", Duration::from_secs(30), || gone(forgotten.clone())).await;
+}
+
+/// A signer of the tenant's: issues (or denies) the virtual cluster's PodCertificateRequests of
+/// its signer name that are not answered yet, as a signer controller would: certificates of an
+/// hour, due for refresh after half of it. Returns those it answered.
+async fn sign_requests(
+    api: &Api<PodCertificateRequest>,
+    ca: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    signer: &str,
+) -> Vec<PodCertificateRequest> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    let mut answered = vec![];
+    for mut pcr in api.list(&ListParams::default()).await.expect("the requests").items {
+        if pcr.spec.signer_name != signer || pcr.status.as_ref().is_some_and(|s| s.conditions.is_some()) {
+            continue;
+        }
+        // Whole seconds, as the certificate encodes them.
+        let not_before = vkube_pki::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let at = |offset: i64| {
+            Time(k8s_openapi::jiff::Timestamp::from_second(not_before.unix_timestamp() + offset).unwrap())
+        };
+        let condition = |type_: &str| Condition {
+            type_: type_.into(),
+            status: "True".into(),
+            reason: "ByTheTest".into(),
+            message: format!("{type_} by the test's signer"),
+            last_transition_time: at(0),
+            observed_generation: None,
+        };
+        let status = if signer.ends_with("/deny") {
+            PodCertificateRequestStatus { conditions: Some(vec![condition("Denied")]), ..Default::default() }
+        } else {
+            let mut csr =
+                rcgen::CertificateSigningRequestParams::from_der(&pcr.spec.stub_pkc_s10_request.0.clone().into())
+                    .expect("a valid stub request");
+            csr.params.not_before = not_before;
+            csr.params.not_after = not_before + vkube_pki::Duration::hours(1);
+            PodCertificateRequestStatus {
+                conditions: Some(vec![condition("Issued")]),
+                certificate_chain: Some(csr.signed_by(ca).expect("signed").pem()),
+                not_before: Some(at(0)),
+                begin_refresh_at: Some(at(1800)),
+                not_after: Some(at(3600)),
+            }
+        };
+        pcr.status = Some(status);
+        let name = pcr.metadata.name.clone().unwrap_or_default();
+        let done = api.replace_status(&name, &Default::default(), &pcr).await.expect("the request answered");
+        answered.push(done);
+    }
+    answered
+}
+
+/// The projection key the certificate Secret records a refresh time for (it has one projection).
+async fn projection_key(secrets: &Api<Secret>, name: &str) -> String {
+    let s = secrets.get(name).await.unwrap();
+    let recorded = &s.metadata.annotations.unwrap()["vkube.dev/certificates-refresh"];
+    let times: BTreeMap<String, String> = serde_json::from_str(recorded).unwrap();
+    times.into_keys().next().expect("one projection")
+}
+
+/// A pod's podCertificate projection is answered by the VIRTUAL cluster's signer, as a kubelet
+/// asks its own: once the pod is bound, a request naming the pod, its service account and its
+/// node, with a key of its own whose private half and issued chain reach the host pod in a Secret
+/// of the pod's own (key, chain, and both as the credential bundle); renewed with a new key from
+/// `beginRefreshAt` on; a denied request is told on the pod; nothing is asked of the host; the
+/// Secret goes with the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_certificates_come_from_the_virtual_clusters_signer() {
+    let env = TestEnv::start(1).await;
+    let mut vc = env.virtual_cluster("pcert").await;
+    let pod = |name: &str, signer: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  containers: [{{name: c, image: nginx, volumeMounts: [{{name: tls, mountPath: /tls}}]}}]
+  volumes:
+  - name: tls
+    projected:
+      sources:
+      - podCertificate: {{signerName: {signer}, keyType: ECDSAP256, maxExpirationSeconds: 3600,
+          credentialBundlePath: bundle.pem, keyPath: key.pem, certificateChainPath: chain.pem,
+          userAnnotations: {{example.com/path: /custom}}}}
+"#
+        )
+    };
+    vc.apply(&pod("certs", "example.com/pods"));
+    vc.apply(&pod("denied", "example.com/deny"));
+    let client = vc.client().await;
+    let requests: Api<PodCertificateRequest> = Api::namespaced(client.clone(), "default");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let sign = |signer: &'static str| {
+        let (requests, ca) = (&requests, &ca);
+        move || async move { Ok(sign_requests(requests, ca, signer).await.into_iter().next()) }
+    };
+    let first = eventually("a request for the bound pod", Duration::from_secs(60), sign("example.com/pods")).await;
+    let v = Api::<Pod>::namespaced(client.clone(), "default").get("certs").await.unwrap();
+    let node = v.spec.as_ref().and_then(|s| s.node_name.clone()).expect("bound before its request");
+    let node_uid = Api::<Node>::all(client.clone()).get(&node).await.unwrap().metadata.uid;
+    let sa_uid = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), "default")
+        .get("default")
+        .await
+        .unwrap()
+        .metadata
+        .uid;
+    let spec = &first.spec;
+    assert_eq!((spec.pod_name.as_str(), Some(&spec.pod_uid)), ("certs", v.metadata.uid.as_ref()));
+    assert_eq!((spec.node_name.as_str(), Some(&spec.node_uid)), (node.as_str(), node_uid.as_ref()));
+    assert_eq!((spec.service_account_name.as_str(), Some(&spec.service_account_uid)), ("default", sa_uid.as_ref()));
+    assert_eq!(spec.max_expiration_seconds, Some(3600));
+    assert_eq!(spec.unverified_user_annotations.as_ref().unwrap()["example.com/path"], "/custom");
+    let owner = &first.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), &owner.uid), ("Pod", v.metadata.uid.as_ref().unwrap()));
+
+    // The host Secret: the key whose public half the request carries, the chain issued.
+    let secrets: Api<Secret> = Api::namespaced(env.client().await, vc.host_namespace());
+    let secret_name = format!("{}-pcert", tr(&vc).host_name("default", "certs"));
+    let files = |pcr: PodCertificateRequest| {
+        let (secrets, secret_name) = (secrets.clone(), secret_name.clone());
+        move || {
+            let (secrets, secret_name, pcr) = (secrets.clone(), secret_name.clone(), pcr.clone());
+            async move {
+                let Some(s) = secrets.get_opt(&secret_name).await.map_err(|e| e.to_string())? else { return Ok(None) };
+                let data = s.data.unwrap_or_default();
+                let text = |suffix: &str| {
+                    data.iter().find(|(k, _)| k.ends_with(suffix)).map(|(_, v)| String::from_utf8(v.0.clone()).unwrap())
+                };
+                let (Some(key), Some(chain), Some(bundle)) = (text(".key"), text(".chain"), text(".bundle")) else {
+                    return Ok(None);
+                };
+                if Some(&chain) != pcr.status.as_ref().and_then(|s| s.certificate_chain.as_ref()) {
+                    return Ok(None);
+                }
+                Ok(Some((key, chain, bundle)))
+            }
+        }
+    };
+    let (key, chain, bundle) =
+        eventually("the issued credentials on the host", Duration::from_secs(30), files(first.clone())).await;
+    assert_eq!(bundle, format!("{key}{chain}"), "the credential bundle: key, then chain");
+    let requested =
+        rcgen::CertificateSigningRequestParams::from_der(&first.spec.stub_pkc_s10_request.0.clone().into()).unwrap();
+    use rcgen::PublicKeyData;
+    assert_eq!(rcgen::KeyPair::from_pem(&key).unwrap().der_bytes(), requested.public_key.der_bytes());
+    let host_pod =
+        vc.host_list::<Pod>(&env).await.into_iter().find(|p| p.name_any() == tr(&vc).host_name("default", "certs"));
+    let host_json = serde_json::to_string(&host_pod.expect("the host pod")).unwrap();
+    assert!(!host_json.contains("podCertificate") && host_json.contains(&secret_name), "{host_json}");
+
+    // Refreshed with a new key once due (the API server wants 10 minutes at least before a
+    // refresh: the time the Secret records is moved instead), and from what the Secret records
+    // after a restart; the old credentials stay until the new ones are issued.
+    vc.kill_controller();
+    let refresh = serde_json::json!({"metadata": {"annotations": {"vkube.dev/certificates-refresh":
+        serde_json::json!({projection_key(&secrets, &secret_name).await: "2020-01-01T00:00:00Z"}).to_string()}}});
+    secrets.patch(&secret_name, &Default::default(), &kube::api::Patch::Merge(&refresh)).await.unwrap();
+    vc.start_controller().await;
+    let second = eventually("a refresh request", Duration::from_secs(60), sign("example.com/pods")).await;
+    assert_ne!(second.metadata.name, first.metadata.name);
+    assert_ne!(second.spec.stub_pkc_s10_request, first.spec.stub_pkc_s10_request, "a new key");
+    let (key2, _, _) =
+        eventually("the refreshed credentials on the host", Duration::from_secs(30), files(second)).await;
+    assert_ne!(key2, key);
+
+    // Denied: told on the pod, no credentials.
+    eventually("the other request", Duration::from_secs(30), sign("example.com/deny")).await;
+    vc.warned("default", "denied", "was denied").await;
+    let denied_secret = format!("{}-pcert", tr(&vc).host_name("default", "denied"));
+    assert!(secrets.get_opt(&denied_secret).await.unwrap().is_none());
+
+    // The host's signers are never asked; the Secret goes with its pod.
+    let host_requests: Api<PodCertificateRequest> = Api::all(env.client().await);
+    assert!(host_requests.list(&ListParams::default()).await.unwrap().items.is_empty(), "no request on the host");
+    vc.kubectl_ok(&["delete", "pod", "certs", "--wait"]);
+    eventually("the Secret goes with its pod", Duration::from_secs(30), || async {
+        Ok(secrets.get_opt(&secret_name).await.map_err(|e| e.to_string())?.is_none().then_some(()))
+    })
+    .await;
 }
 
 /// Waits until the virtual API server refuses a client's token (401).

@@ -7,6 +7,9 @@
 //! running it at every start is how certificates are kept valid.
 
 pub mod kubeconfig;
+mod pod_key;
+
+pub use pod_key::pod_key;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

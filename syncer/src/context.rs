@@ -154,6 +154,8 @@ pub struct Context {
     pub queues: Queues,
     /// What each pod's host copy carries of it, as the downward path last saw.
     pub carried: crate::pods::CarriedIndex,
+    /// Pod certificates asked for and not answered yet, and until when those issued are fresh.
+    pub pod_certificates: crate::pod_certificates::Requests,
     /// Events on virtual objects (refusals, collisions).
     pub recorder: Recorder,
     /// ClusterIP of the virtual cluster's DNS Service, once it is synced.

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod networkpolicies;
 pub mod nodes;
+pub mod pod_certificates;
 pub mod pods;
 pub mod queue;
 #[cfg(test)]
@@ -125,6 +126,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         },
         refs: Default::default(),
         carried: Default::default(),
+        pod_certificates: Default::default(),
         queues: sides.queues(queues),
         recorder: Recorder::new(virt, Reporter { controller: "vkube-syncer".into(), instance: None }),
         dns_ip: Default::default(),

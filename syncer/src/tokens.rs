@@ -14,8 +14,8 @@
 //! (their names follow from its spec), and a sweep (at start, then with every resync) lists their
 //! metadata to renew tokens well before they expire and remove any whose pod is gone. A token
 //! due for renewal before the next sweep (short lifetimes) has its renewal queued for that time.
-//! A pod's trust-bundle Secret (`trust_bundles`) is swept with them: refreshed, or removed with
-//! its pod.
+//! A pod's trust-bundle Secret (`trust_bundles`) and certificate Secret (`pod_certificates`) are
+//! swept with them: refreshed, or removed with their pod.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -260,7 +260,7 @@ const SOONEST_RENEWAL: Duration = Duration::from_secs(60);
 
 /// The owner kinds of a pod's own Secrets, swept here.
 fn is_pods_own(kind: &str) -> bool {
-    kind == KIND || kind == crate::trust_bundles::KIND
+    [KIND, crate::trust_bundles::KIND, crate::pod_certificates::KIND].contains(&kind)
 }
 
 /// The virtual pod a pod's Secret of ours was written for, if it still exists.
@@ -280,6 +280,9 @@ pub async fn reconcile(ctx: &Context, secret_name: String) -> Result<Action> {
     if let Some(pod) = pod_of(ctx, &current.metadata) {
         if owner.kind == crate::trust_bundles::KIND {
             crate::trust_bundles::ensure(ctx, &pod.load()).await?;
+        } else if owner.kind == crate::pod_certificates::KIND {
+            // Refreshed on the pod's upward path, which knows whether it is due.
+            ctx.queues.upward::<Pod>().add((owner.namespace, owner.name));
         } else if expires_soon(ctx, &current.metadata) {
             let audience =
                 current.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TOKEN_AUDIENCE)).cloned();

@@ -1,7 +1,7 @@
 //! Which volumes may reach the host: an allowlist, whatever the Pod Security level. A volume type
 //! not on it (nfs, iscsi, rbd, cephfs, flexVolume, cinder, azureFile, ...) reaches storage or
 //! credentials of the host's, and a projection the syncer does not answer from the virtual cluster
-//! (podCertificate) would be answered by the host's API server and signers.
+//! would be answered by the host's API server and signers.
 
 use k8s_openapi::api::core::v1::{PodSpec, Volume};
 
@@ -19,8 +19,12 @@ const ALLOWED: [&str; 9] = [
 ];
 
 /// Projected sources the syncer translates (a service-account token becomes the virtual one,
-/// trust bundles the virtual cluster's).
-const PROJECTIONS: [&str; 5] = ["configMap", "secret", "downwardAPI", "serviceAccountToken", "clusterTrustBundle"];
+/// trust bundles and pod certificates the virtual cluster's).
+const PROJECTIONS: [&str; 6] =
+    ["configMap", "secret", "downwardAPI", "serviceAccountToken", "clusterTrustBundle", "podCertificate"];
+
+/// The podCertificate key types the syncer makes keys of (the RSA ones and ECDSAP521 are not yet).
+pub const POD_CERTIFICATE_KEY_TYPES: [&str; 3] = ["ECDSAP256", "ECDSAP384", "ED25519"];
 
 /// The type keys a volume sets (normally one).
 pub fn types(vol: &Volume) -> Vec<String> {
@@ -56,6 +60,15 @@ pub fn violations(spec: &PodSpec, host_path: bool, csi_drivers: &[String]) -> Ve
                     v.push(format!("{field}.projected.sources[{j}]: projection {t} is not allowed"));
                 }
             }
+            if let Some(c) = &src.pod_certificate
+                && !POD_CERTIFICATE_KEY_TYPES.contains(&c.key_type.as_str())
+            {
+                v.push(format!(
+                    "{field}.projected.sources[{j}].podCertificate.keyType: {:?} is not supported yet (supported: {})",
+                    c.key_type,
+                    POD_CERTIFICATE_KEY_TYPES.join(", ")
+                ));
+            }
         }
         if let Some(e) = vol.ephemeral.as_ref().and_then(|e| e.volume_claim_template.as_ref()) {
             if e.spec.volume_name.as_deref().is_some_and(|n| !n.is_empty()) {
@@ -90,7 +103,7 @@ mod tests {
             {"name": "c", "emptyDir": {}},
             {"name": "d", "downwardAPI": {"items": []}},
             {"name": "e", "persistentVolumeClaim": {"claimName": "x"}},
-            {"name": "f", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}, {"configMap": {"name": "x"}}, {"clusterTrustBundle": {"path": "b", "name": "x"}}]}},
+            {"name": "f", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}, {"configMap": {"name": "x"}}, {"clusterTrustBundle": {"path": "b", "name": "x"}}, {"podCertificate": {"signerName": "x/y", "keyType": "ECDSAP256", "credentialBundlePath": "c"}}]}},
             {"name": "g", "image": {"reference": "busybox"}},
             {"name": "h", "ephemeral": {"volumeClaimTemplate": {"spec": {"accessModes": ["ReadWriteOnce"]}}}},
             {"name": "i", "csi": {"driver": "secrets-store.csi.k8s.io"}},
@@ -111,8 +124,8 @@ mod tests {
             (json!({"name": "v", "hostPath": {"path": "/"}}), "volume type hostPath"),
             (json!({"name": "v", "csi": {"driver": "hostpath.csi.k8s.io"}}), "CSI driver \"hostpath.csi.k8s.io\""),
             (
-                json!({"name": "v", "projected": {"sources": [{"podCertificate": {"signerName": "x/y", "keyType": "ED25519", "credentialBundlePath": "c"}}]}}),
-                "projection podCertificate",
+                json!({"name": "v", "projected": {"sources": [{"podCertificate": {"signerName": "x/y", "keyType": "RSA3072", "credentialBundlePath": "c"}}]}}),
+                "podCertificate.keyType: \"RSA3072\" is not supported",
             ),
             (
                 json!({"name": "v", "ephemeral": {"volumeClaimTemplate": {"spec": {"volumeName": "pv-of-another-tenant"}}}}),

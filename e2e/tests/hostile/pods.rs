@@ -153,9 +153,9 @@ fn refused_cases() -> Vec<(serde_json::Value, &'static str)> {
                 "pod-certificate",
                 none.clone(),
                 serde_json::json!({"volumes": [{"name": "ca", "projected": {"sources": [
-                {"podCertificate": {"signerName": "example.com/host", "keyType": "ED25519", "credentialBundlePath": "c.pem"}}]}}]}),
+                {"podCertificate": {"signerName": "example.com/host", "keyType": "RSA3072", "credentialBundlePath": "c.pem"}}]}}]}),
             ),
-            "projection podCertificate",
+            "podCertificate.keyType: \"RSA3072\" is not supported yet",
         ),
         (
             pod(

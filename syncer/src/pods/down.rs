@@ -150,6 +150,13 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     if let Some(later) = held_by_another(ctx, v, &secret, "projected trust bundles", ensured).await? {
         return Ok(later);
     }
+    // Pod certificates are written once the pod is bound (the upward path); the name must be free
+    // or ours before the pod may mount it.
+    let secret = crate::pod_certificates::secret_name(&ctx.tr, ns, v.metadata.name.as_deref().unwrap_or_default());
+    let free = crate::pod_certificates::name_free(ctx, v).await;
+    if let Some(later) = held_by_another(ctx, v, &secret, "pod certificates", free).await? {
+        return Ok(later);
+    }
     let created = sync::create_host(ctx, KIND, &desired).await;
     if let Ok(false) = created {
         // One of ours was there already (the host watch had not brought it): compared once it has.
@@ -166,7 +173,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
 
 /// When the host Secret `secret` that would hold the pod's own data (`holds`) is another's, the
 /// pod is not started and its tenant is told; the reconcile looks again later.
-async fn held_by_another(
+pub(super) async fn held_by_another(
     ctx: &Context,
     v: &Pod,
     secret: &str,

@@ -60,6 +60,10 @@ impl SyncedKind for Pod {
                 if !crate::trust_bundles::projections(p).is_empty() {
                     c.queues.tokens.add(crate::trust_bundles::secret_name(&c.tr, &ns, &name));
                 }
+                if !crate::pod_certificates::projections(p).is_empty() {
+                    c.queues.tokens.add(crate::pod_certificates::secret_name(&c.tr, &ns, &name));
+                    c.pod_certificates.forget(p.metadata.uid.as_deref().unwrap_or_default());
+                }
                 c.carried.forget(&(ns.clone(), name.clone()));
                 c.refs.remove(&ns, &name)
             }

@@ -255,13 +255,20 @@ fn volume(env: &PodEnv<'_>, ns: &str, pod: &str, vol: &mut Volume) {
         }
     }
     if let Some(p) = vol.projected.as_mut() {
-        for src in p.sources.iter_mut().flatten() {
-            projection(tr, env.token_delivery, ns, pod, src);
+        for (index, src) in p.sources.iter_mut().flatten().enumerate() {
+            projection(tr, env.token_delivery, (ns, pod), (&vol.name, index), src);
         }
     }
 }
 
-fn projection(tr: &Translator, delivery: TokenDelivery, ns: &str, pod: &str, src: &mut VolumeProjection) {
+/// One projected source of the pod `(ns, pod)`, the `index`th of volume `volume`.
+fn projection(
+    tr: &Translator,
+    delivery: TokenDelivery,
+    (ns, pod): (&str, &str),
+    (volume, index): (&str, usize),
+    src: &mut VolumeProjection,
+) {
     if let Some(cm) = src.config_map.as_mut() {
         cm.name = tr.host_name(ns, &cm.name);
     }
@@ -284,6 +291,26 @@ fn projection(tr: &Translator, delivery: TokenDelivery, ns: &str, pod: &str, src
                 path: bundle.path,
                 ..Default::default()
             }]),
+            optional: Some(false),
+        });
+    }
+    if let Some(cert) = src.pod_certificate.take() {
+        // The virtual cluster's signer, never the host's: the syncer asks for the certificate in
+        // the virtual cluster and keeps key and chain in a host Secret.
+        use crate::pod_certificates as pc;
+        let key = pc::key(volume, index);
+        let files = [
+            (cert.credential_bundle_path, pc::bundle_key(&key)),
+            (cert.key_path, pc::private_key_key(&key)),
+            (cert.certificate_chain_path, pc::chain_key(&key)),
+        ];
+        let items = files
+            .into_iter()
+            .filter_map(|(path, key)| Some(KeyToPath { key, path: path?, user: cert.user, ..Default::default() }))
+            .collect();
+        src.secret = Some(k8s_openapi::api::core::v1::SecretProjection {
+            name: pc::secret_name(tr, ns, pod),
+            items: Some(items),
             optional: Some(false),
         });
     }
@@ -610,6 +637,35 @@ mod tests {
         assert_eq!(ann["vkube.dev/object-uid"], "u-1", "our mark, not the tenant's forgery");
         assert_eq!(ann["vkube.dev.t.vkube.dev/object-uid"], "forged");
         assert!(!ann.keys().any(|k| k.contains("last-applied-configuration")));
+    }
+
+    #[test]
+    fn pod_certificates_come_from_the_pods_own_secret() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let mut spec = typical();
+        let cert = serde_json::json!({"signerName": "example.com/s", "keyType": "ECDSAP256", "user": 1000,
+            "credentialBundlePath": "bundle.pem", "certificateChainPath": "chain.pem"});
+        let sources = spec["volumes"][2]["projected"]["sources"].as_array_mut().unwrap();
+        sources.push(serde_json::json!({"podCertificate": cert}));
+        let index = sources.len() - 1;
+        let h = host_pod(&env(&tr, &policy), &vpod(spec)).unwrap().pod;
+        let json = serde_json::to_string(&h).unwrap();
+        assert!(!json.contains("podCertificate"), "the host's signers are never asked: {json}");
+        let projected = h.spec.unwrap().volumes.unwrap().into_iter().find(|v| v.name == "kube-api-access").unwrap();
+        let secret = projected.projected.unwrap().sources.unwrap()[index].secret.clone().unwrap();
+        assert_eq!((secret.name.as_str(), secret.optional), ("web-1-x-shop-x-team-a-pcert", Some(false)));
+        let key = crate::pod_certificates::key("kube-api-access", index);
+        let items: Vec<(String, String, Option<i64>)> =
+            secret.items.unwrap().into_iter().map(|i| (i.key, i.path, i.user)).collect();
+        assert_eq!(
+            items,
+            [
+                (crate::pod_certificates::bundle_key(&key), "bundle.pem".to_string(), Some(1000)),
+                (crate::pod_certificates::chain_key(&key), "chain.pem".to_string(), Some(1000)),
+            ],
+            "a file per path the projection names, no key file"
+        );
     }
 
     #[test]

@@ -42,7 +42,15 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
         .get(&key)
         .filter(|c| c.generation == v.metadata.generation && h.metadata.generation >= c.host_generation);
     report_status(ctx, &v, &h, carried.is_some()).await?;
-    Ok(Action::Done)
+    // Bound now: its pod certificates can be asked for, naming its node as a kubelet's do.
+    match crate::pod_certificates::ensure(ctx, &v).await {
+        Ok(look_again) => Ok(look_again.map_or(Action::Done, Action::RequeueAfter)),
+        Err(e) => {
+            let secret = crate::pod_certificates::secret_name(&ctx.tr, &key.0, &key.1);
+            let told = super::down::held_by_another(ctx, &v, &secret, "pod certificates", Err(e)).await?;
+            Ok(told.unwrap_or(Action::Done))
+        }
+    }
 }
 
 /// Deletes the virtual pod for good (grace 0), as a kubelet confirms a pod has stopped.
