@@ -11,20 +11,20 @@
 //! the syncer makes a new request. A request denied or failed is told on the pod and not made
 //! again (the pod does not start, as on a kubelet).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::{PodCertificateRequest, PodCertificateRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, PodCertificateProjection, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod, PodCertificateProjection, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use vkube_core::contract::ANNOTATION_CERTIFICATES_REFRESH;
 
-use crate::context::Context;
+use crate::context::{Context, Key};
 use crate::naming::Translator;
 use crate::sync::{self, Result, SyncError};
 
@@ -44,39 +44,36 @@ pub struct Projection<'a> {
 }
 
 impl Projection<'_> {
-    /// The prefix of this projection's keys in the Secret (a kubelet, too, keys its credentials
-    /// by volume and source index).
     pub fn key(&self) -> String {
         key(self.volume, self.index)
     }
 }
 
+/// The prefix of a projection's keys in the Secret, from its volume and its place among the
+/// volume's sources (as a kubelet keys its credentials).
 pub fn key(volume: &str, index: usize) -> String {
     format!("pcert-{}", vkube_core::naming::short_hash(&format!("{volume}/{index}")))
 }
 
-/// The Secret's keys for one projection: the private key, the chain, and both in one file (the
-/// credential bundle), as a kubelet writes them.
+/// The Secret's key holding a projection's private key (PKCS#8 PEM).
 pub fn private_key_key(key: &str) -> String {
     format!("{key}.key")
 }
+
+/// The Secret's key holding a projection's certificate chain (PEM, leaf first).
 pub fn chain_key(key: &str) -> String {
     format!("{key}.chain")
 }
+
+/// The Secret's key holding a projection's credential bundle: the private key, then the chain.
 pub fn bundle_key(key: &str) -> String {
     format!("{key}.bundle")
 }
 
 /// The pod's podCertificate projections.
 pub fn projections(v: &Pod) -> Vec<Projection<'_>> {
-    let volumes = v.spec.iter().flat_map(|s| s.volumes.iter().flatten());
-    volumes
-        .flat_map(|vol| {
-            let sources = vol.projected.iter().flat_map(|p| p.sources.iter().flatten()).enumerate();
-            sources.filter_map(|(index, s)| {
-                Some(Projection { volume: vol.name.as_str(), index, source: s.pod_certificate.as_ref()? })
-            })
-        })
+    crate::pods::projected_sources(v)
+        .filter_map(|(volume, index, s)| Some(Projection { volume, index, source: s.pod_certificate.as_ref()? }))
         .collect()
 }
 
@@ -84,143 +81,190 @@ pub fn projections(v: &Pod) -> Vec<Projection<'_>> {
 #[derive(Default)]
 pub struct Requests(Mutex<HashMap<String, PodState>>);
 
-#[derive(Default)]
 struct PodState {
-    /// Until when the Secret's credentials need nothing (its first `beginRefreshAt`).
-    fresh_until: Option<Timestamp>,
-    /// Requests made and not answered yet, by projection key.
+    pod: Key,
+    /// When each projection the Secret holds is due for refresh; None until the Secret is read.
+    held: Option<BTreeMap<String, Timestamp>>,
+    /// Requests made and not answered (or refused), by projection key.
     waiting: HashMap<String, Waiting>,
 }
 
 #[derive(Clone)]
 struct Waiting {
-    /// The PodCertificateRequest's name, and the private key it is for (PEM), or None once it
-    /// was denied or failed (not asked again).
+    /// The PodCertificateRequest's name and the private key it is for (PEM); None once it was
+    /// denied or failed, or could not be made (not asked again).
     request: Option<(String, String)>,
     since: Instant,
 }
 
 impl Requests {
-    fn with<T>(&self, uid: &str, f: impl FnOnce(&mut PodState) -> T) -> T {
-        f(self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(uid.to_string()).or_default())
+    fn with<T>(&self, uid: &str, pod: &Key, f: impl FnOnce(&mut PodState) -> T) -> T {
+        let mut pods = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let state = pods.entry(uid.to_string()).or_insert_with(|| PodState {
+            pod: pod.clone(),
+            held: None,
+            waiting: HashMap::new(),
+        });
+        f(state)
     }
 
     /// Forgets a pod that is gone.
     pub fn forget(&self, uid: &str) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
     }
+
+    /// After a sweep of the pods' Secrets: forgets the pods that are gone, and what it held of the
+    /// Secrets the sweep did not find (deleted on the host: written again). Returns the pods to
+    /// look at again.
+    pub fn prune(&self, alive: impl Fn(&Key, &str) -> bool, seen: &HashSet<String>) -> Vec<Key> {
+        let mut pods = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        pods.retain(|uid, s| alive(&s.pod, uid));
+        let lost =
+            pods.iter_mut().filter(|(uid, s)| !seen.contains(*uid) && s.held.as_ref().is_some_and(|h| !h.is_empty()));
+        lost.map(|(_, s)| {
+            s.held = None;
+            s.pod.clone()
+        })
+        .collect()
+    }
+}
+
+/// A projection's credentials, issued.
+struct Issued {
+    key: String,
+    private_key: String,
+    chain: String,
+    refresh_at: Timestamp,
 }
 
 /// What became of one projection this round.
 enum Step {
-    /// Asked, not answered yet.
+    /// Asked, not answered yet: look again after this long.
     Waiting(Duration),
-    Issued {
-        private_key: String,
-        chain: String,
-        refresh_at: Timestamp,
-    },
-    /// Denied or failed (told on the pod): nothing more to do.
+    Issued(Issued),
+    /// Denied, failed or not askable (told on the pod): nothing more to do.
     Refused,
 }
 
 /// Makes sure the pod's certificate Secret holds credentials for each of its podCertificate
 /// projections once it is bound to a node. Returns when to look again (a request waits for its
-/// signer, or a refresh is due before the next resync).
+/// signer, or a refresh is due before the next resync). The host Secret is read once per pod
+/// (then what it holds is remembered) and written when credentials were issued.
 pub async fn ensure(ctx: &Context, v: &Pod) -> Result<Option<Duration>> {
     let projections = projections(v);
     let Some(node) = v.spec.as_ref().and_then(|s| s.node_name.clone()) else { return Ok(None) };
     if projections.is_empty() {
         return Ok(None);
     }
-    let uid = v.metadata.uid.clone().unwrap_or_default();
-    let now = Timestamp::now();
-    if let Some(until) = ctx.pod_certificates.with(&uid, |s| s.fresh_until).filter(|t| *t > now) {
-        return Ok(Some(until.duration_since(now).unsigned_abs()).filter(|d| *d < crate::RESYNC));
-    }
-    let ns = v.metadata.namespace.as_deref().unwrap_or("default");
-    let name = v.metadata.name.as_deref().unwrap_or_default();
-    let secret_name = secret_name(&ctx.tr, ns, name);
-    let api: Api<Secret> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    let existing = api.get_opt(&secret_name).await?;
-    // One left by an earlier pod of the same name holds nothing of this one's.
-    let ours = match existing.as_ref().map(|s| ctx.tr.owner(&s.metadata)) {
-        None => None,
-        Some(Some(o)) if o.is(KIND, ns, name) => existing.as_ref().filter(|_| o.uid == uid),
-        Some(_) => return Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns()))),
-    };
-    let mut data = ours.and_then(|s| s.data.clone()).unwrap_or_default();
-    let mut refresh = ours.map(refresh_times).unwrap_or_default();
-    let mut changed = false;
-    let mut look_again: Option<Duration> = None;
-    for p in &projections {
-        let key = p.key();
-        let due = refresh.get(&key).is_none_or(|at| *at <= now) || !data.contains_key(&private_key_key(&key));
-        if !due {
-            continue;
+    let (uid, pod) = (v.metadata.uid.clone().unwrap_or_default(), crate::informer::key_of(v));
+    let held = match ctx.pod_certificates.with(&uid, &pod, |s| s.held.clone()) {
+        Some(held) => held,
+        None => {
+            let held = current(ctx, v).await?.map(|s| refresh_times(&s)).unwrap_or_default();
+            ctx.pod_certificates.with(&uid, &pod, |s| s.held = Some(held.clone()));
+            held
         }
+    };
+    let now = Timestamp::now();
+    let mut issued = vec![];
+    let mut look_again = next_refresh(&held, now);
+    for p in projections.iter().filter(|p| held.get(&p.key()).is_none_or(|at| *at <= now)) {
         match step(ctx, v, &node, p).await? {
             Step::Waiting(after) => look_again = Some(look_again.map_or(after, |d| d.min(after))),
-            Step::Issued { private_key, chain, refresh_at } => {
-                let bundle = format!("{private_key}{chain}");
-                for (k, value) in
-                    [(private_key_key(&key), private_key), (chain_key(&key), chain), (bundle_key(&key), bundle)]
-                {
-                    data.insert(k, ByteString(value.into_bytes()));
-                }
-                refresh.insert(key, refresh_at);
-                changed = true;
-            }
+            Step::Issued(credentials) => issued.push(credentials),
             Step::Refused => {}
         }
     }
-    if changed {
-        let mut meta = crate::tokens::pods_secret_meta(ctx, KIND, v, &secret_name);
-        let times: BTreeMap<&String, String> = refresh.iter().map(|(k, t)| (k, t.to_string())).collect();
-        meta.annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert(ANNOTATION_CERTIFICATES_REFRESH.into(), serde_json::to_string(&times).unwrap_or_default());
-        let desired = Secret { metadata: meta, data: Some(data), type_: Some("Opaque".into()), ..Default::default() };
-        match existing {
-            None => match api.create(&sync::post_params(), &desired).await {
-                Ok(_) => ctx.metrics.wrote(KIND, "create"),
-                // Written meanwhile: this round's credentials are asked for again.
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    return Err(SyncError::Raced(format!("certificates {secret_name}")));
-                }
-                Err(e) => return Err(e.into()),
-            },
-            Some(current) => sync::replace_host(ctx, KIND, &current, desired).await?,
-        }
-    }
-    // Fresh until the first refresh, once nothing is waiting (a refused projection has none).
-    let first = refresh.values().min().copied();
-    if look_again.is_none() && projections.iter().all(|p| refresh.contains_key(&p.key())) {
-        ctx.pod_certificates.with(&uid, |s| s.fresh_until = first);
-        if let Some(at) = first {
-            let left = at.duration_since(Timestamp::now()).unsigned_abs();
-            return Ok(Some(left.max(Duration::from_secs(1))).filter(|d| *d < crate::RESYNC));
-        }
+    if !issued.is_empty() {
+        write(ctx, v, &issued).await?;
+        // Only now are the requests answered: a failed write asks the signer for nothing new.
+        let held = ctx.pod_certificates.with(&uid, &pod, |s| {
+            let held = s.held.get_or_insert_with(BTreeMap::new);
+            for i in &issued {
+                s.waiting.remove(&i.key);
+                held.insert(i.key.clone(), i.refresh_at);
+            }
+            held.clone()
+        });
+        let refresh = next_refresh(&held, Timestamp::now());
+        look_again = look_again.into_iter().chain(refresh).min();
     }
     Ok(look_again)
 }
 
-/// Whether the pod's certificate Secret may be written: absent, or ours (a host object of another
-/// would be what the pod mounts). Looked up only for pods with podCertificate projections.
+/// How long until the first refresh, if before the next resync (which looks at every pod).
+fn next_refresh(held: &BTreeMap<String, Timestamp>, now: Timestamp) -> Option<Duration> {
+    let first = held.values().min()?;
+    let left = first.duration_since(now).unsigned_abs().max(Duration::from_secs(1));
+    (left < crate::RESYNC).then_some(left)
+}
+
+/// Whether a host Secret under the pod's certificate Secret name is this pod's (`false`: an
+/// earlier pod's of the same name, which holds nothing of this one's); a collision if another
+/// owner's (a host object of another would be what the pod mounts).
+fn is_this_pods(ctx: &Context, v: &Pod, meta: &ObjectMeta) -> Result<bool> {
+    let (ns, name) = crate::informer::key_of(v);
+    match ctx.tr.owner(meta) {
+        Some(o) if o.is(KIND, &ns, &name) => Ok(Some(&o.uid) == v.metadata.uid.as_ref()),
+        _ => Err(SyncError::Collision(format!("{}/{}", ctx.host_ns(), secret_name(&ctx.tr, &ns, &name)))),
+    }
+}
+
+fn secrets(ctx: &Context) -> Api<Secret> {
+    Api::namespaced(ctx.host.clone(), ctx.host_ns())
+}
+
+fn secret_of(ctx: &Context, v: &Pod) -> String {
+    let (ns, name) = crate::informer::key_of(v);
+    secret_name(&ctx.tr, &ns, &name)
+}
+
+/// The pod's certificate Secret as the host has it, if it is this pod's.
+async fn current(ctx: &Context, v: &Pod) -> Result<Option<Secret>> {
+    let existing = secrets(ctx).get_opt(&secret_of(ctx, v)).await?;
+    Ok(match existing {
+        Some(s) => is_this_pods(ctx, v, &s.metadata)?.then_some(s),
+        None => None,
+    })
+}
+
+/// Writes the issued credentials into the pod's Secret, beside those it holds.
+async fn write(ctx: &Context, v: &Pod, issued: &[Issued]) -> Result<()> {
+    let secret_name = secret_of(ctx, v);
+    let existing = secrets(ctx).get_opt(&secret_name).await?;
+    let ours = match &existing {
+        Some(s) => is_this_pods(ctx, v, &s.metadata)?.then_some(s),
+        None => None,
+    };
+    let mut data = ours.and_then(|s| s.data.clone()).unwrap_or_default();
+    let mut refresh = ours.map(refresh_times).unwrap_or_default();
+    for i in issued {
+        let bundle = format!("{}{}", i.private_key, i.chain);
+        let files =
+            [(private_key_key(&i.key), &i.private_key), (chain_key(&i.key), &i.chain), (bundle_key(&i.key), &bundle)];
+        for (k, value) in files {
+            data.insert(k, ByteString(value.clone().into_bytes()));
+        }
+        refresh.insert(i.key.clone(), i.refresh_at);
+    }
+    let mut meta = crate::tokens::pods_secret_meta(ctx, KIND, v, &secret_name);
+    let times: BTreeMap<&String, String> = refresh.iter().map(|(k, t)| (k, t.to_string())).collect();
+    let times = serde_json::to_string(&times).unwrap_or_default();
+    meta.annotations.get_or_insert_with(BTreeMap::new).insert(ANNOTATION_CERTIFICATES_REFRESH.into(), times);
+    let desired = Secret { metadata: meta, data: Some(data), type_: Some("Opaque".into()), ..Default::default() };
+    crate::tokens::write_pods_secret(ctx, KIND, existing, desired).await
+}
+
+/// Whether the pod's certificate Secret may be written: absent, or ours. Looked up (metadata only)
+/// before the pod is created, and only for pods with podCertificate projections.
 pub async fn name_free(ctx: &Context, v: &Pod) -> Result<()> {
     if projections(v).is_empty() {
         return Ok(());
     }
-    let ns = v.metadata.namespace.as_deref().unwrap_or("default");
-    let name = v.metadata.name.as_deref().unwrap_or_default();
-    let secret_name = secret_name(&ctx.tr, ns, name);
-    let api: Api<Secret> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    match api.get_metadata_opt(&secret_name).await? {
-        Some(s) if !ctx.tr.owner(&s.metadata).is_some_and(|o| o.is(KIND, ns, name)) => {
-            Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns())))
-        }
-        _ => Ok(()),
+    if let Some(s) = secrets(ctx).get_metadata_opt(&secret_of(ctx, v)).await? {
+        is_this_pods(ctx, v, &s.metadata)?;
     }
+    Ok(())
 }
 
 /// The refresh times the Secret records, by projection key.
@@ -232,97 +276,105 @@ fn refresh_times(s: &Secret) -> BTreeMap<String, Timestamp> {
 
 /// One projection's request: made if there is none, else looked at.
 async fn step(ctx: &Context, v: &Pod, node: &str, p: &Projection<'_>) -> Result<Step> {
-    let uid = v.metadata.uid.clone().unwrap_or_default();
-    let ns = v.metadata.namespace.as_deref().unwrap_or("default");
+    let (uid, pod) = (v.metadata.uid.clone().unwrap_or_default(), crate::informer::key_of(v));
     let key = p.key();
-    let waiting = ctx.pod_certificates.with(&uid, |s| s.waiting.get(&key).cloned());
-    let requests: Api<PodCertificateRequest> = Api::namespaced(ctx.virt.clone(), ns);
+    let waiting = ctx.pod_certificates.with(&uid, &pod, |s| s.waiting.get(&key).cloned());
     let Some(Waiting { request, since }) = waiting else {
-        let request = match request(ctx, v, node, p).await? {
-            Ok(made) => Some(made),
-            Err(why) => {
-                sync::warn(ctx, v, "PodCertificateNotRequested", &why).await;
-                None
-            }
-        };
-        let refused = request.is_none();
-        ctx.pod_certificates.with(&uid, |s| s.waiting.insert(key, Waiting { request, since: Instant::now() }));
-        return Ok(if refused { Step::Refused } else { Step::Waiting(Duration::from_millis(500)) });
+        let made = request(ctx, v, node, p).await?;
+        if let Err(why) = &made {
+            sync::warn(ctx, v, "PodCertificateNotRequested", why).await;
+        }
+        let request = made.ok();
+        let asked = request.is_some();
+        ctx.pod_certificates.with(&uid, &pod, |s| s.waiting.insert(key, Waiting { request, since: Instant::now() }));
+        return Ok(if asked { Step::Waiting(poll_after(Duration::ZERO)) } else { Step::Refused });
     };
     let Some((pcr_name, private_key)) = request else { return Ok(Step::Refused) };
+    let requests: Api<PodCertificateRequest> = Api::namespaced(ctx.virt.clone(), &pod.0);
     let Some(pcr) = requests.get_opt(&pcr_name).await? else {
         // Deleted by someone: asked again.
-        ctx.pod_certificates.with(&uid, |s| s.waiting.remove(&key));
-        return Ok(Step::Waiting(Duration::from_millis(500)));
+        ctx.pod_certificates.with(&uid, &pod, |s| s.waiting.remove(&key));
+        return Ok(Step::Waiting(poll_after(Duration::ZERO)));
     };
     let status = pcr.status.unwrap_or_default();
     for c in status.conditions.iter().flatten().filter(|c| c.status == "True") {
         match c.type_.as_str() {
             "Issued" => {
-                let (Some(chain), Some(refresh_at)) =
-                    (status.certificate_chain.as_deref(), status.begin_refresh_at.as_ref())
-                else {
+                let (Some(chain), Some(begin_refresh)) = (&status.certificate_chain, &status.begin_refresh_at) else {
                     continue;
                 };
-                ctx.pod_certificates.with(&uid, |s| s.waiting.remove(&key));
-                return Ok(Step::Issued { private_key, chain: clean_chain(chain), refresh_at: refresh_at.0 });
+                let refresh_at = begin_refresh.0 + jitter(&uid, &key);
+                return Ok(Step::Issued(Issued { key, private_key, chain: clean_chain(chain), refresh_at }));
             }
             "Denied" | "Failed" => {
+                let verb = if c.type_ == "Denied" { "was denied" } else { "failed" };
                 let why = format!(
-                    "PodCertificateRequest {ns}/{pcr_name} was {}: reason={:?}, message={:?}",
-                    c.type_.to_lowercase(),
-                    c.reason,
-                    c.message
+                    "PodCertificateRequest {}/{pcr_name} {verb}, reason={:?}, message={:?}",
+                    pod.0, c.reason, c.message
                 );
                 sync::warn(ctx, v, &c.type_, &why).await;
-                ctx.pod_certificates.with(&uid, |s| s.waiting.insert(key, Waiting { request: None, since }));
+                ctx.pod_certificates.with(&uid, &pod, |s| s.waiting.insert(key, Waiting { request: None, since }));
                 return Ok(Step::Refused);
             }
             _ => {}
         }
     }
-    // Signers answer in moments or not for a while: looked at less often as the wait goes on.
-    let waited = since.elapsed();
-    let after = if waited < Duration::from_secs(5) {
-        Duration::from_millis(500)
-    } else if waited < Duration::from_secs(60) {
-        Duration::from_secs(2)
-    } else {
-        Duration::from_secs(15)
-    };
-    Ok(Step::Waiting(after))
+    Ok(Step::Waiting(poll_after(since.elapsed())))
+}
+
+/// How soon to look at a request again after waiting `waited` for its signer: signers answer in
+/// moments, or not for a while.
+fn poll_after(waited: Duration) -> Duration {
+    match waited.as_secs() {
+        0..5 => Duration::from_millis(500),
+        5..60 => Duration::from_secs(2),
+        _ => Duration::from_secs(15),
+    }
+}
+
+/// Up to 5 minutes past `beginRefreshAt`, as a kubelet waits (so a Deployment's pods do not all
+/// refresh at once); fixed per pod and projection, so a restart keeps it.
+fn jitter(uid: &str, key: &str) -> k8s_openapi::jiff::SignedDuration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (uid, key).hash(&mut h);
+    k8s_openapi::jiff::SignedDuration::from_secs((h.finish() % 300) as i64)
 }
 
 /// Makes a PodCertificateRequest for one projection: (its name, the private key, PEM). The inner
-/// error is what to tell the tenant (a request the virtual API server refuses, a key type not
-/// made here).
+/// error is what to tell the tenant: the virtual API server refused the request, or its key type
+/// is not made here.
 async fn request(
     ctx: &Context,
     v: &Pod,
     node: &str,
     p: &Projection<'_>,
 ) -> Result<std::result::Result<(String, String), String>> {
-    let ns = v.metadata.namespace.as_deref().unwrap_or("default");
-    let pod = v.metadata.name.clone().unwrap_or_default();
+    let (ns, pod) = crate::informer::key_of(v);
     let pod_uid = v.metadata.uid.clone().unwrap_or_default();
     let sa = v.spec.as_ref().map(crate::refs::service_account).unwrap_or_else(|| "default".into());
-    let sa_uid = Api::<ServiceAccount>::namespaced(ctx.virt.clone(), ns).get(&sa).await?.metadata.uid;
-    let node_uid = ctx.stores.vnodes.get(&ObjectRef::new(node)).and_then(|n| n.metadata.uid.clone());
+    let sa_uid = Api::<ServiceAccount>::namespaced(ctx.virt.clone(), &ns).get(&sa).await?.metadata.uid;
+    // The node was made just before the binding: the watch may not have brought it yet.
+    let node_uid = match ctx.stores.vnodes.get(&ObjectRef::new(node)) {
+        Some(n) => n.metadata.uid.clone(),
+        None => Api::<Node>::all(ctx.virt.clone()).get(node).await?.metadata.uid,
+    };
     let (private_key, stub) = match vkube_pki::pod_key(&p.source.key_type) {
         Ok(made) => made,
         Err(e) => return Ok(Err(format!("no key for the podCertificate projection of volume {:?}: {e}", p.volume))),
     };
+    let owner = OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: pod.clone(),
+        uid: pod_uid.clone(),
+        ..Default::default()
+    };
     let pcr = PodCertificateRequest {
         metadata: ObjectMeta {
             generate_name: Some("req-".into()),
-            namespace: Some(ns.into()),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "v1".into(),
-                kind: "Pod".into(),
-                name: pod.clone(),
-                uid: pod_uid.clone(),
-                ..Default::default()
-            }]),
+            namespace: Some(ns.clone()),
+            owner_references: Some(vec![owner]),
             ..Default::default()
         },
         spec: PodCertificateRequestSpec {
@@ -339,9 +391,10 @@ async fn request(
         },
         status: None,
     };
-    let api: Api<PodCertificateRequest> = Api::namespaced(ctx.virt.clone(), ns);
+    let api: Api<PodCertificateRequest> = Api::namespaced(ctx.virt.clone(), &ns);
     match api.create(&sync::post_params(), &pcr).await {
         Ok(made) => Ok(Ok((made.metadata.name.unwrap_or_default(), private_key))),
+        // A request the API server will never take (its admission or validation).
         Err(kube::Error::Api(e)) if matches!(e.code, 400 | 403 | 422) => {
             Ok(Err(format!("the PodCertificateRequest for volume {:?} was refused: {}", p.volume, e.message)))
         }

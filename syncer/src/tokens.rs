@@ -241,6 +241,30 @@ pub(crate) fn pods_secret_meta(ctx: &Context, kind: &str, pod: &Pod, secret_name
     meta
 }
 
+/// Writes a pod's own host Secret of owner kind `kind` (trust bundles, certificates): created if
+/// there is no `current` one, else replaced (the caller checked `current` is ours).
+pub(crate) async fn write_pods_secret(
+    ctx: &Context,
+    kind: &'static str,
+    current: Option<Secret>,
+    desired: Secret,
+) -> Result<()> {
+    let Some(current) = current else {
+        return match api(ctx).create(&sync::post_params(), &desired).await {
+            Ok(_) => {
+                ctx.metrics.wrote(kind, "create");
+                Ok(())
+            }
+            // Written meanwhile (the sweep and the pod's reconcile): compared again on the retry.
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                Err(SyncError::Raced(format!("{kind} Secret {}", desired.metadata.name.unwrap_or_default())))
+            }
+            Err(e) => Err(e.into()),
+        };
+    };
+    sync::replace_host(ctx, kind, &current, desired).await
+}
+
 fn expires_soon(ctx: &Context, meta: &ObjectMeta) -> bool {
     renewal_due_in(ctx, meta.annotations.as_ref()).is_zero()
 }
@@ -310,10 +334,18 @@ pub async fn sweep(ctx: &Context) {
 
 async fn sweep_pages(ctx: &Context) -> Result<()> {
     let mut lp = ListParams::default().labels(&ctx.tr.cluster_selector()).limit(500);
+    // The pods whose certificate Secrets are there.
+    let mut certified = std::collections::HashSet::new();
     loop {
         let page = api(ctx).list_metadata(&lp).await?;
         for s in &page.items {
             let Some(owner) = ctx.tr.owner(&s.metadata).filter(|o| is_pods_own(&o.kind)) else { continue };
+            if owner.kind == crate::pod_certificates::KIND && pod_of(ctx, &s.metadata).is_some() {
+                // Refreshed on the pod's upward path, which knows what is due.
+                certified.insert(owner.uid.clone());
+                ctx.queues.upward::<Pod>().add((owner.namespace, owner.name));
+                continue;
+            }
             let act = owner.kind != KIND || pod_of(ctx, &s.metadata).is_none() || expires_soon(ctx, &s.metadata);
             match (act, s.metadata.name.clone()) {
                 (true, Some(name)) => ctx.queues.tokens.add(name),
@@ -324,7 +356,15 @@ async fn sweep_pages(ctx: &Context) -> Result<()> {
         }
         match page.metadata.continue_.filter(|c| !c.is_empty()) {
             Some(next) => lp = lp.continue_token(&next),
-            None => return Ok(()),
+            None => break,
         }
     }
+    let pods = ctx.stores.virt::<Pod>();
+    let alive = |(ns, name): &crate::context::Key, uid: &str| {
+        pods.get(&ObjectRef::new(name).within(ns)).is_some_and(|p| p.metadata.uid.as_deref() == Some(uid))
+    };
+    for lost in ctx.pod_certificates.prune(alive, &certified) {
+        ctx.queues.upward::<Pod>().add(lost);
+    }
+    Ok(())
 }

@@ -18,7 +18,7 @@ use kube::api::{Api, ListParams};
 
 use crate::context::Context;
 use crate::naming::Translator;
-use crate::sync::{self, Result, SyncError};
+use crate::sync::{Result, SyncError};
 
 /// The owner kind our marks give a pod's trust-bundle Secret.
 pub const KIND: &str = "ClusterTrustBundle";
@@ -36,12 +36,7 @@ pub fn key(src: &ClusterTrustBundleProjection) -> String {
 
 /// The pod's trust-bundle projections.
 pub fn projections(v: &Pod) -> Vec<&ClusterTrustBundleProjection> {
-    v.spec
-        .iter()
-        .flat_map(|s| s.volumes.iter().flatten())
-        .flat_map(|vol| vol.projected.iter().flat_map(|p| p.sources.iter().flatten()))
-        .filter_map(|s| s.cluster_trust_bundle.as_ref())
-        .collect()
+    crate::pods::projected_sources(v).filter_map(|(_, _, s)| s.cluster_trust_bundle.as_ref()).collect()
 }
 
 /// What a kubelet writes for `src` given the cluster's `bundles`: None when the pod must not
@@ -98,26 +93,18 @@ pub async fn ensure(ctx: &Context, pod: &Pod) -> Result<()> {
     let desired =
         Secret { metadata: meta, data: Some(data(pod, &bundles)), type_: Some("Opaque".into()), ..Default::default() };
     let api: Api<Secret> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    match api.get_opt(&secret_name).await? {
-        None => match api.create(&sync::post_params(), &desired).await {
-            Ok(_) => {
-                ctx.metrics.wrote(KIND, "create");
-                Ok(())
-            }
-            // Written meanwhile (the sweep and the pod's reconcile): compared again on the retry.
-            Err(kube::Error::Api(e)) if e.code == 409 => Err(SyncError::Raced(format!("trust bundles {secret_name}"))),
-            Err(e) => Err(e.into()),
-        },
-        Some(current) => match ctx.tr.owner(&current.metadata) {
+    let current = api.get_opt(&secret_name).await?;
+    if let Some(c) = &current {
+        match ctx.tr.owner(&c.metadata) {
             Some(o) if o.is(KIND, ns, name) => {
-                if o.uid == pod.metadata.uid.clone().unwrap_or_default() && current.data == desired.data {
+                if o.uid == pod.metadata.uid.clone().unwrap_or_default() && c.data == desired.data {
                     return Ok(());
                 }
-                sync::replace_host(ctx, KIND, &current, desired).await
             }
-            _ => Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns()))),
-        },
+            _ => return Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns()))),
+        }
     }
+    crate::tokens::write_pods_secret(ctx, KIND, current, desired).await
 }
 
 #[cfg(test)]

@@ -173,7 +173,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
 
 /// When the host Secret `secret` that would hold the pod's own data (`holds`) is another's, the
 /// pod is not started and its tenant is told; the reconcile looks again later.
-pub(super) async fn held_by_another(
+async fn held_by_another(
     ctx: &Context,
     v: &Pod,
     secret: &str,

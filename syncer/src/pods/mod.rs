@@ -103,6 +103,18 @@ impl SyncedKind for Pod {
     }
 }
 
+/// Every projected volume source of a pod: (its volume's name, its place among the volume's
+/// sources, the source).
+pub fn projected_sources(
+    v: &Pod,
+) -> impl Iterator<Item = (&str, usize, &k8s_openapi::api::core::v1::VolumeProjection)> {
+    let volumes = v.spec.iter().flat_map(|s| s.volumes.iter().flatten());
+    volumes.flat_map(|vol| {
+        let sources = vol.projected.iter().flat_map(|p| p.sources.iter().flatten());
+        sources.enumerate().map(|(index, s)| (vol.name.as_str(), index, s))
+    })
+}
+
 /// What the downward path last found or made a host copy carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Carried {

@@ -131,8 +131,9 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Translated, Refusal> {
     });
     spec.host_aliases = Some(aliases);
 
+    let fs_group = spec.security_context.as_ref().and_then(|s| s.fs_group);
     for vol in spec.volumes.iter_mut().flatten() {
-        volume(env, ns, name, vol);
+        volume(env, ns, name, vol, fs_group);
     }
     for c in spec.init_containers.iter_mut().flatten().chain(spec.containers.iter_mut()) {
         container(env, ns, c);
@@ -221,7 +222,7 @@ fn dns(env: &PodEnv<'_>, ns: &str, spec: &mut PodSpec) {
         Some(PodDNSConfig { nameservers: Some(nameservers), searches: Some(searches), options: Some(options) });
 }
 
-fn volume(env: &PodEnv<'_>, ns: &str, pod: &str, vol: &mut Volume) {
+fn volume(env: &PodEnv<'_>, ns: &str, pod: &str, vol: &mut Volume, fs_group: Option<i64>) {
     let tr = env.translator;
     if let Some(cm) = vol.config_map.as_mut() {
         cm.name = tr.host_name(ns, &cm.name);
@@ -255,8 +256,10 @@ fn volume(env: &PodEnv<'_>, ns: &str, pod: &str, vol: &mut Volume) {
         }
     }
     if let Some(p) = vol.projected.as_mut() {
+        // As the kubelet: credentials with an owner of their own are readable by it only.
+        let private = fs_group.is_some() || p.default_user.is_some();
         for (index, src) in p.sources.iter_mut().flatten().enumerate() {
-            projection(tr, env.token_delivery, (ns, pod), (&vol.name, index), src);
+            projection(tr, env.token_delivery, (ns, pod), (&vol.name, index, private), src);
         }
     }
 }
@@ -266,7 +269,7 @@ fn projection(
     tr: &Translator,
     delivery: TokenDelivery,
     (ns, pod): (&str, &str),
-    (volume, index): (&str, usize),
+    (volume, index, private): (&str, usize, bool),
     src: &mut VolumeProjection,
 ) {
     if let Some(cm) = src.config_map.as_mut() {
@@ -304,9 +307,10 @@ fn projection(
             (cert.key_path, pc::private_key_key(&key)),
             (cert.certificate_chain_path, pc::chain_key(&key)),
         ];
+        let mode = (private || cert.user.is_some()).then_some(0o600);
         let items = files
             .into_iter()
-            .filter_map(|(path, key)| Some(KeyToPath { key, path: path?, user: cert.user, ..Default::default() }))
+            .filter_map(|(path, key)| Some(KeyToPath { key, path: path?, user: cert.user, mode }))
             .collect();
         src.secret = Some(k8s_openapi::api::core::v1::SecretProjection {
             name: pc::secret_name(tr, ns, pod),
@@ -656,15 +660,15 @@ mod tests {
         let secret = projected.projected.unwrap().sources.unwrap()[index].secret.clone().unwrap();
         assert_eq!((secret.name.as_str(), secret.optional), ("web-1-x-shop-x-team-a-pcert", Some(false)));
         let key = crate::pod_certificates::key("kube-api-access", index);
-        let items: Vec<(String, String, Option<i64>)> =
-            secret.items.unwrap().into_iter().map(|i| (i.key, i.path, i.user)).collect();
+        let items: Vec<(String, String, Option<i64>, Option<i32>)> =
+            secret.items.unwrap().into_iter().map(|i| (i.key, i.path, i.user, i.mode)).collect();
         assert_eq!(
             items,
             [
-                (crate::pod_certificates::bundle_key(&key), "bundle.pem".to_string(), Some(1000)),
-                (crate::pod_certificates::chain_key(&key), "chain.pem".to_string(), Some(1000)),
+                (crate::pod_certificates::bundle_key(&key), "bundle.pem".to_string(), Some(1000), Some(0o600)),
+                (crate::pod_certificates::chain_key(&key), "chain.pem".to_string(), Some(1000), Some(0o600)),
             ],
-            "a file per path the projection names, no key file"
+            "a file per path the projection names, no key file; the user's alone, as the kubelet writes them"
         );
     }
 

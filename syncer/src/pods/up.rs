@@ -45,11 +45,14 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
     // Bound now: its pod certificates can be asked for, naming its node as a kubelet's do.
     match crate::pod_certificates::ensure(ctx, &v).await {
         Ok(look_again) => Ok(look_again.map_or(Action::Done, Action::RequeueAfter)),
-        Err(e) => {
-            let secret = crate::pod_certificates::secret_name(&ctx.tr, &key.0, &key.1);
-            let told = super::down::held_by_another(ctx, &v, &secret, "pod certificates", Err(e)).await?;
-            Ok(told.unwrap_or(Action::Done))
+        Err(sync::SyncError::Collision(secret)) => {
+            let msg = format!(
+                "the host Secret {secret} that holds this pod's certificates is not managed by this virtual cluster (made since the pod started): its certificates are not written or renewed"
+            );
+            sync::warn(ctx, v.as_ref(), "HostNameConflict", &msg).await;
+            Ok(Action::RequeueAfter(std::time::Duration::from_secs(300)))
         }
+        Err(e) => Err(e),
     }
 }
 
