@@ -59,7 +59,7 @@ pub const ANNOTATION_CERTIFICATES_REFRESH: &str = "vkube.dev/certificates-refres
 
 /// Marks virtual nodes the syncer made (only those are ever deleted).
 pub const LABEL_FAKE_NODE: &str = "vkube.dev/fake-node";
-/// On the host Service named by the syncer's `Options::events_mark_service`: the time up to which
+/// On the host Service named by the syncer's `Options::proxy_service`: the time up to which
 /// host events were mirrored.
 pub const ANNOTATION_EVENTS_MIRRORED_UNTIL: &str = "vkube.dev/events-mirrored-until";
 

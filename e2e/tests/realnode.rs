@@ -140,6 +140,38 @@ async fn tenant_pods_really_run_and_reach_their_own_cluster() {
     assert!(namespaces.contains("namespace/other"), "{namespaces}");
     assert!(!namespaces.contains("hidden") && !namespaces.contains("vkube-"), "{namespaces}");
 
+    // `kubernetes.default` has Endpoints, and the EndpointSlice mirrored from them, where the
+    // proxy is served, as a cluster's API servers publish themselves.
+    let host_slices = env.kubectl_ok(&[
+        "get",
+        "endpointslices",
+        "-n",
+        a.host_namespace(),
+        "-l",
+        "kubernetes.io/service-name=rn-a",
+        "-o",
+        "jsonpath={.items[*].endpoints[*].addresses[*]}",
+    ]);
+    assert!(!host_slices.trim().is_empty(), "the proxy's host endpoints");
+    vkube_e2e::eventually("kubernetes.default's Endpoints and EndpointSlice", Duration::from_secs(30), || async {
+        let ep = a.kubectl_ok(&["get", "endpoints", "kubernetes", "-o", "jsonpath={.subsets[*].addresses[*].ip}"]);
+        let sl = a.kubectl_ok(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=kubernetes",
+            "-o",
+            "jsonpath={.items[*].endpoints[*].addresses[*]}",
+        ]);
+        let (ep, sl) = (ep.trim().to_string(), sl.trim().to_string());
+        if ep == host_slices.trim() && sl == ep {
+            Ok(Some(()))
+        } else {
+            Err(format!("endpoints {ep:?}, slices {sl:?}"))
+        }
+    })
+    .await;
+
     // The virtual CoreDNS answers with the virtual Service's ClusterIP, which routes on the host.
     let ip = a.kubectl_ok(&["get", "svc", "web", "-n", "other", "-o", "jsonpath={.spec.clusterIP}"]);
     let answer = exec_ok(&a, "client", &["nslookup", "web.other.svc.cluster.local"]);

@@ -41,9 +41,10 @@ pub struct Options {
     /// Recreate host copies of pods that ran and are gone, instead of deleting the virtual pod
     /// (after `vkube pause` removed them on purpose).
     pub recreate_lost_pods: bool,
-    /// A host Service of ours (the proxy's) that keeps how far host events have been mirrored,
-    /// so a restart does not mirror them all again.
-    pub events_mark_service: Option<String>,
+    /// The host Service in front of the proxy (ours): where the virtual API is served (the
+    /// virtual `default/kubernetes` Endpoints show its addresses), and where how far host events
+    /// have been mirrored is kept, so a restart does not mirror them all again.
+    pub proxy_service: Option<String>,
     /// How long the tokens given to host pods live and when they are renewed.
     pub tokens: TokenLifetime,
     /// Where host pods read their tokens from.

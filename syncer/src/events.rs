@@ -36,7 +36,7 @@ pub fn after_mark(ctx: &Context, e: &Event) -> bool {
 
 /// Reads the mark at start.
 pub async fn load_mark(ctx: &Context) {
-    let Some(svc) = &ctx.opts.events_mark_service else { return };
+    let Some(svc) = &ctx.opts.proxy_service else { return };
     let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let mark = api
         .get_opt(svc)
@@ -50,7 +50,7 @@ pub async fn load_mark(ctx: &Context) {
 
 /// Writes the mark down every `every` while it moves.
 pub async fn keep_mark(ctx: &Context, every: std::time::Duration) {
-    let Some(svc) = &ctx.opts.events_mark_service else { return };
+    let Some(svc) = &ctx.opts.proxy_service else { return };
     let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let mut written = *ctx.events_mark.read().unwrap_or_else(|p| p.into_inner());
     loop {

@@ -308,7 +308,7 @@ impl SideWorkers {
             let lister = c.clone();
             running.spawn(async move { nodes::list_host_nodes(&lister, Duration::from_secs(60)).await });
         }
-        if c.opts.events_mark_service.is_some() {
+        if c.opts.proxy_service.is_some() {
             let marker = c.clone();
             running.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });
         }

@@ -66,7 +66,7 @@ fn harness() -> Harness {
             concurrency: 1,
             api_ip: "10.96.0.1".into(),
             recreate_lost_pods: false,
-            events_mark_service: None,
+            proxy_service: None,
             tokens: Default::default(),
             token_delivery: Default::default(),
         },

@@ -1,9 +1,10 @@
 //! The upward path of a Service (host → virtual): what the host allocated for the host copy
 //! (its node ports, load-balancer status) shown on the virtual Service, the DNS Service's address
-//! told to the pods' path, and the virtual `default/kubernetes` kept on the proxy's address. An
-//! address that differs is the downward path's to follow (it recreates the virtual Service).
+//! told to the pods' path, and the virtual `default/kubernetes` kept on the proxy's address, its
+//! Endpoints on the proxy's host endpoints. An address that differs is the downward path's to
+//! follow (it recreates the virtual Service).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec, ServiceStatus};
@@ -102,7 +103,7 @@ async fn api_service(ctx: &Context) -> Result<Action> {
         return Ok(Action::RequeueAfter(Duration::from_secs(2)));
     };
     if cluster_ip(&current) == Some(want) {
-        return Ok(Action::Done);
+        return api_endpoints(ctx).await;
     }
     let mut next = Service { metadata: current.metadata.clone(), spec: current.spec.clone(), status: None };
     next.metadata.uid = None;
@@ -122,5 +123,59 @@ async fn api_service(ctx: &Context) -> Result<Action> {
         }
         Err(e) => return Err(e.into()),
     }
-    Ok(Action::Done)
+    api_endpoints(ctx).await
+}
+
+/// The virtual `default/kubernetes` Endpoints, as a cluster's API servers publish themselves:
+/// where the API is served, the addresses and port of the host Service in front of the proxy
+/// (its API server publishes none: `--endpoint-reconciler-type=none`). The virtual controller
+/// manager mirrors them into an EndpointSlice.
+async fn api_endpoints(ctx: &Context) -> Result<Action> {
+    use k8s_openapi::api::core::v1::{EndpointAddress, EndpointPort, EndpointSubset, Endpoints};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let Some(proxy) = &ctx.opts.proxy_service else { return Ok(Action::Done) };
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
+    let lp = kube::api::ListParams::default().labels(&format!("kubernetes.io/service-name={proxy}"));
+    let (mut ready, mut not_ready, mut port) = (BTreeSet::new(), BTreeSet::new(), None);
+    for s in slices.list(&lp).await?.items.into_iter().filter(|s| s.address_type == "IPv4") {
+        for e in s.endpoints.into_iter().flatten() {
+            let is_ready = e.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+            (if is_ready { &mut ready } else { &mut not_ready }).extend(e.addresses);
+        }
+        port = port.or(s.ports.iter().flatten().find_map(|p| p.port));
+    }
+    // None on a host whose pods cannot reach the proxy (simulated nodes): looked at again at
+    // the next resync.
+    let Some(port) = port.filter(|_| !ready.is_empty() || !not_ready.is_empty()) else { return Ok(Action::Done) };
+    let addresses =
+        |ips: BTreeSet<String>| Some(ips.into_iter().map(|ip| EndpointAddress { ip, ..Default::default() }).collect());
+    // The proxy's pod not ready yet (vkube starts in it): shown as such, and looked at again soon.
+    let again = if not_ready.is_empty() { Action::Done } else { Action::RequeueAfter(Duration::from_secs(5)) };
+    let subsets = vec![EndpointSubset {
+        addresses: addresses(ready),
+        not_ready_addresses: addresses(not_ready),
+        ports: Some(vec![EndpointPort {
+            name: Some("https".into()),
+            port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    }];
+    let current = ctx.stores.virt::<Endpoints>().get(&ObjectRef::new("kubernetes").within("default"));
+    let have = current.as_ref().and_then(|c| c.subsets.as_deref());
+    if crate::endpoints::canonical(have) == crate::endpoints::canonical(Some(&subsets)) {
+        return Ok(again);
+    }
+    let desired = Endpoints {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("kubernetes".into()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        subsets: Some(subsets),
+    };
+    let api: Api<Endpoints> = Api::namespaced(ctx.virt.clone(), "default");
+    api.patch("kubernetes", &kube::api::PatchParams::apply("vkube").force(), &Patch::Apply(&desired)).await?;
+    ctx.metrics.wrote(KIND, "api_endpoints");
+    Ok(again)
 }

@@ -660,7 +660,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.sync.sync_concurrency.max(1),
         api_ip: api_ip.to_string(),
         recreate_lost_pods: resuming,
-        events_mark_service: Some(names::service(&args.name)),
+        proxy_service: Some(names::service(&args.name)),
         tokens,
         token_delivery: args.sync.token_delivery,
     };
