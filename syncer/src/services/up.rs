@@ -137,20 +137,29 @@ async fn api_endpoints(ctx: &Context) -> Result<Action> {
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let lp = kube::api::ListParams::default().labels(&format!("kubernetes.io/service-name={proxy}"));
     let (mut ready, mut not_ready, mut port) = (BTreeSet::new(), BTreeSet::new(), None);
-    for s in slices.list(&lp).await?.items.into_iter().filter(|s| s.address_type == "IPv4") {
+    let slices = slices.list(&lp).await?.items;
+    if slices.is_empty() {
+        // A host whose pods cannot reach the proxy (simulated nodes) has none: looked at again
+        // at the next resync.
+        return Ok(Action::Done);
+    }
+    for s in slices.into_iter().filter(|s| s.address_type == "IPv4") {
         for e in s.endpoints.into_iter().flatten() {
             let is_ready = e.conditions.as_ref().and_then(|c| c.ready) != Some(false);
             (if is_ready { &mut ready } else { &mut not_ready }).extend(e.addresses);
         }
         port = port.or(s.ports.iter().flatten().find_map(|p| p.port));
     }
-    // None on a host whose pods cannot reach the proxy (simulated nodes): looked at again at
-    // the next resync.
-    let Some(port) = port.filter(|_| !ready.is_empty() || !not_ready.is_empty()) else { return Ok(Action::Done) };
+    // The proxy's pod not ready yet (vkube starts in it) or its slice not filled yet: shown as it
+    // is, and looked at again in a while.
+    let again = if ready.is_empty() || !not_ready.is_empty() {
+        Action::RequeueAfter(Duration::from_secs(30))
+    } else {
+        Action::Done
+    };
+    let Some(port) = port.filter(|_| !ready.is_empty() || !not_ready.is_empty()) else { return Ok(again) };
     let addresses =
         |ips: BTreeSet<String>| Some(ips.into_iter().map(|ip| EndpointAddress { ip, ..Default::default() }).collect());
-    // The proxy's pod not ready yet (vkube starts in it): shown as such, and looked at again soon.
-    let again = if not_ready.is_empty() { Action::Done } else { Action::RequeueAfter(Duration::from_secs(5)) };
     let subsets = vec![EndpointSubset {
         addresses: addresses(ready),
         not_ready_addresses: addresses(not_ready),
@@ -175,7 +184,8 @@ async fn api_endpoints(ctx: &Context) -> Result<Action> {
         subsets: Some(subsets),
     };
     let api: Api<Endpoints> = Api::namespaced(ctx.virt.clone(), "default");
-    api.patch("kubernetes", &kube::api::PatchParams::apply("vkube").force(), &Patch::Apply(&desired)).await?;
+    api.patch("kubernetes", &kube::api::PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(&desired))
+        .await?;
     ctx.metrics.wrote(KIND, "api_endpoints");
     Ok(again)
 }
