@@ -160,7 +160,8 @@ pub async fn ensure(ctx: &Context, v: &Pod) -> Result<Option<Duration>> {
     let held = match ctx.pod_certificates.with(&uid, &pod, |s| s.held.clone()) {
         Some(held) => held,
         None => {
-            let held = current(ctx, v).await?.map(|s| refresh_times(&s)).unwrap_or_default();
+            let existing = crate::tokens::api(ctx).get_opt(&secret_of(ctx, v)).await?;
+            let held = ours(ctx, v, existing.as_ref())?.map(refresh_times).unwrap_or_default();
             ctx.pod_certificates.with(&uid, &pod, |s| s.held = Some(held.clone()));
             held
         }
@@ -192,10 +193,11 @@ pub async fn ensure(ctx: &Context, v: &Pod) -> Result<Option<Duration>> {
     Ok(look_again)
 }
 
-/// How long until the first refresh, if before the next resync (which looks at every pod).
+/// How long until the next refresh falls due, if before the next resync (which looks at every pod).
 fn next_refresh(held: &BTreeMap<String, Timestamp>, now: Timestamp) -> Option<Duration> {
-    let first = held.values().min()?;
-    let left = first.duration_since(now).unsigned_abs().max(Duration::from_secs(1));
+    // Those already due are waiting for their signer (polled) or were refused (not asked again).
+    let first = held.values().filter(|at| **at > now).min()?;
+    let left = Duration::try_from(first.duration_since(now)).unwrap_or_default().max(Duration::from_secs(1));
     (left < crate::RESYNC).then_some(left)
 }
 
@@ -210,32 +212,24 @@ fn is_this_pods(ctx: &Context, v: &Pod, meta: &ObjectMeta) -> Result<bool> {
     }
 }
 
-fn secrets(ctx: &Context) -> Api<Secret> {
-    Api::namespaced(ctx.host.clone(), ctx.host_ns())
-}
-
 fn secret_of(ctx: &Context, v: &Pod) -> String {
     let (ns, name) = crate::informer::key_of(v);
     secret_name(&ctx.tr, &ns, &name)
 }
 
-/// The pod's certificate Secret as the host has it, if it is this pod's.
-async fn current(ctx: &Context, v: &Pod) -> Result<Option<Secret>> {
-    let existing = secrets(ctx).get_opt(&secret_of(ctx, v)).await?;
-    Ok(match existing {
-        Some(s) => is_this_pods(ctx, v, &s.metadata)?.then_some(s),
-        None => None,
-    })
+/// The pod's certificate Secret as the host has it (`existing`), if it is this pod's.
+fn ours<'a>(ctx: &Context, v: &Pod, existing: Option<&'a Secret>) -> Result<Option<&'a Secret>> {
+    match existing {
+        Some(s) => Ok(is_this_pods(ctx, v, &s.metadata)?.then_some(s)),
+        None => Ok(None),
+    }
 }
 
 /// Writes the issued credentials into the pod's Secret, beside those it holds.
 async fn write(ctx: &Context, v: &Pod, issued: &[Issued]) -> Result<()> {
     let secret_name = secret_of(ctx, v);
-    let existing = secrets(ctx).get_opt(&secret_name).await?;
-    let ours = match &existing {
-        Some(s) => is_this_pods(ctx, v, &s.metadata)?.then_some(s),
-        None => None,
-    };
+    let existing = crate::tokens::api(ctx).get_opt(&secret_name).await?;
+    let ours = ours(ctx, v, existing.as_ref())?;
     let mut data = ours.and_then(|s| s.data.clone()).unwrap_or_default();
     let mut refresh = ours.map(refresh_times).unwrap_or_default();
     for i in issued {
@@ -261,7 +255,7 @@ pub async fn name_free(ctx: &Context, v: &Pod) -> Result<()> {
     if projections(v).is_empty() {
         return Ok(());
     }
-    if let Some(s) = secrets(ctx).get_metadata_opt(&secret_of(ctx, v)).await? {
+    if let Some(s) = crate::tokens::api(ctx).get_metadata_opt(&secret_of(ctx, v)).await? {
         is_this_pods(ctx, v, &s.metadata)?;
     }
     Ok(())

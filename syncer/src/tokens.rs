@@ -38,7 +38,8 @@ use crate::queue::Action;
 use crate::sync::{self, Result, SyncError};
 
 pub const KIND: &str = "ServiceAccountToken";
-fn api(ctx: &Context) -> Api<Secret> {
+/// The host namespace's Secrets, where pods' own Secrets are.
+pub(crate) fn api(ctx: &Context) -> Api<Secret> {
     Api::namespaced(ctx.host.clone(), ctx.host_ns())
 }
 
