@@ -1,8 +1,10 @@
 //! Where the virtual API server may connect. Its "cluster" and "controlplane" egress (admission
 //! webhooks, aggregated APIs, service and node proxies, kubelets) goes through this HTTP CONNECT
-//! proxy on a unix socket, which opens only connections to addresses the caller allows (this cluster's own
-//! host Services): a tenant's webhook URL or APIService cannot make the control plane call the
-//! host's API server, a cloud metadata service or another tenant.
+//! proxy on a unix socket, which opens only connections to addresses the caller allows (this
+//! cluster's own host Services): a tenant's webhook URL or APIService cannot make the control
+//! plane call the host's API server, a cloud metadata service or another tenant. Connections to
+//! the kubelet port of any other address (the virtual nodes' addresses, which the host's nodes
+//! give) never reach the network: vkube serves them itself (`kubelet`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,11 +15,13 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 
+use crate::kubelet::{self, Kubelet};
+
 /// Whether the virtual API server may connect to an address.
 pub type Allowed = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
 
 /// Serves CONNECT on the unix socket `path` (replacing a stale one) until the task is dropped.
-pub async fn serve(path: &Path, allowed: Allowed) -> std::io::Result<()> {
+pub async fn serve(path: &Path, allowed: Allowed, kubelet: Arc<Kubelet>) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -25,9 +29,9 @@ pub async fn serve(path: &Path, allowed: Allowed) -> std::io::Result<()> {
     let listener = tokio::net::UnixListener::bind(path)?;
     loop {
         let (stream, _) = listener.accept().await?;
-        let allowed = allowed.clone();
+        let (allowed, kubelet) = (allowed.clone(), kubelet.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| connect(req, allowed.clone()));
+            let service = hyper::service::service_fn(move |req| connect(req, allowed.clone(), kubelet.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
@@ -44,14 +48,33 @@ fn answer(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
     r
 }
 
-async fn connect(req: Request<Incoming>, allowed: Allowed) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+async fn connect(
+    req: Request<Incoming>,
+    allowed: Allowed,
+    kubelet: Arc<Kubelet>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     if req.method() != Method::CONNECT {
         return Ok(answer(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT"));
     }
     // Only literal addresses: the API server resolves Services to their ClusterIPs itself, and a
     // name would be resolved here, where the tenant does not choose the resolver's answers.
     let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
-    let Some(target) = target.filter(|t| allowed(*t)) else {
+    let service = target.filter(|t| allowed(*t));
+    let kubelet_host = req
+        .uri()
+        .authority()
+        .filter(|a| service.is_none() && a.port_u16() == Some(kubelet::PORT))
+        .map(|a| a.host().trim_start_matches('[').trim_end_matches(']').to_string());
+    if let Some(host) = kubelet_host {
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => kubelet.serve(TokioIo::new(upgraded), host).await,
+                Err(e) => tracing::debug!(error = %e, "egress upgrade failed"),
+            }
+        });
+        return Ok(answer(StatusCode::OK, ""));
+    }
+    let Some(target) = service else {
         tracing::warn!(target = ?req.uri().authority().map(|a| a.as_str()), "egress refused: not one of this cluster's Services");
         return Ok(answer(StatusCode::FORBIDDEN, "not one of this virtual cluster's Services"));
     };

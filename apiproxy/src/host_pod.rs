@@ -1,6 +1,7 @@
-//! Pod logs, exec, attach and port-forward: authorized against the virtual cluster, then sent
-//! to the host API server for the host pod that mirrors the virtual one, with the control plane's
-//! own host credentials (never the client's).
+//! Pod logs, exec, attach and port-forward: sent to the host API server for the host pod that
+//! mirrors the virtual one, with the control plane's own host credentials (never the client's).
+//! Logs are authorized here against the virtual cluster; exec, attach and port-forward reach here
+//! from the virtual API server (`kubelet`), after its own authorization and admission.
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -143,19 +144,35 @@ impl Proxy {
         })
     }
 
-    pub(crate) async fn host_pod(
+    /// Pod logs, for a user of the virtual cluster: authorized there, then read from the host.
+    pub(crate) async fn pod_log(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         id: &Identity,
         namespace: &str,
         name: &str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let sub = HostSubresource::Log;
+        self.authorize_subresource(id, req.headers(), namespace, "pods", sub.as_str(), name, sub.verb()).await?;
+        let query = req.uri().query().map(str::to_string);
+        self.pod_on_host(req, namespace, name, sub, query.as_deref(), None).await
+    }
+
+    /// Sends `sub` of the virtual pod `namespace/name` (with `query`, the subresource's own
+    /// parameters) to the host API server for its host copy, upgrades relayed; whoever calls has
+    /// authorized it.
+    pub(crate) async fn pod_on_host(
+        &self,
+        mut req: Request<Incoming>,
+        namespace: &str,
+        name: &str,
         sub: HostSubresource,
+        query: Option<&str>,
         session: Option<Arc<Activity>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.authorize_subresource(id, req.headers(), namespace, "pods", sub.as_str(), name, sub.verb()).await?;
         let virtual_pod: Pod = self.virtual_object("pods", namespace, name).await?;
         let containers = container_names(&virtual_pod);
-        let query = host_query(sub, req.uri().query(), &containers)
+        let query = host_query(sub, query, &containers)
             .map_err(|why| ProxyError::BadRequest(format!("pods \"{name}\" {}: {why}", sub.as_str())))?;
         let host_pod: Pod = self.host_copy("Pod", &virtual_pod.metadata).await?;
         let (host_ns, host_name) = (self.translator.host_namespace(), host_pod.metadata.name.unwrap_or_default());

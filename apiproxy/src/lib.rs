@@ -17,6 +17,7 @@ pub mod error;
 pub mod headers;
 mod host_pod;
 mod host_proxy;
+pub mod kubelet;
 pub mod metrics;
 pub mod route;
 mod services;
@@ -322,7 +323,8 @@ impl Proxy {
                 let route = route::route(req.method(), &path);
                 let route_name = match route {
                     Route::Health(_) => "health",
-                    Route::HostPod { .. } => "host_pod",
+                    Route::PodLog { .. } => "pod_log",
+                    Route::PodSession => "pod_session",
                     Route::HostProxy { .. } => "host_proxy",
                     Route::CreateService { .. } => "create_service",
                     Route::PatchService => "patch_service",
@@ -368,9 +370,10 @@ impl Proxy {
             self.sleep.activity.record(&id.user, sleep::verb(req.method()));
         }
         match route {
-            Route::HostPod { namespace, name, subresource } => {
+            Route::PodLog { namespace, name } => self.pod_log(req, &id, &namespace, &name).await,
+            Route::PodSession => {
                 let session = counted.then(|| self.sleep.activity.clone());
-                self.host_pod(req, &id, &namespace, &name, subresource, session).await
+                self.forward(req, &id, session).await
             }
             Route::HostProxy { namespace, target, name, rest } => {
                 self.host_proxy(req, &id, &namespace, target, &name, &rest).await
@@ -378,7 +381,7 @@ impl Proxy {
             Route::CreateService { namespace } => self.create_service(req, &id, &namespace).await,
             Route::PatchService => self.patch_service(req, &id).await,
             Route::Refused(why) => Err(ProxyError::Forbidden(why)),
-            Route::Health(_) | Route::Operation(_) | Route::Forward => self.forward(req, &id).await,
+            Route::Health(_) | Route::Operation(_) | Route::Forward => self.forward(req, &id, None).await,
         }
     }
 
@@ -533,12 +536,18 @@ impl Proxy {
         }
     }
 
-    /// Sends a request to the virtual API server as `id`.
-    async fn forward(&self, mut req: Request<Incoming>, id: &Identity) -> Result<Response<ProxyBody>, ProxyError> {
+    /// Sends a request to the virtual API server as `id`; data on an upgraded stream counts
+    /// toward `session`'s activity when given.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        id: &Identity,
+        session: Option<Arc<sleep::Activity>>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        self.send_upstream(parts, body.map_err(BoxError::from).boxed_unsync(), id, client_upgrade).await
+        self.send_upstream(parts, body.map_err(BoxError::from).boxed_unsync(), id, client_upgrade, session).await
     }
 
     /// Sends a request whose body the proxy has already read (or rewritten).
@@ -548,7 +557,7 @@ impl Proxy {
         body: ProxyBody,
         id: &Identity,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.send_upstream(parts, body, id, None).await
+        self.send_upstream(parts, body, id, None, None).await
     }
 
     async fn send_upstream(
@@ -557,6 +566,7 @@ impl Proxy {
         body: ProxyBody,
         id: &Identity,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        session: Option<Arc<sleep::Activity>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = client_upgrade.is_some();
         headers::sanitize_request(&mut parts.headers, upgrade);
@@ -567,7 +577,7 @@ impl Proxy {
         let client = &self.upstream;
         let resp =
             client.request(req).await.map_err(|e| ProxyError::upstream("the virtual API server is unreachable", e))?;
-        upgrade::relay(resp, client_upgrade, "the virtual API server", None)
+        upgrade::relay(resp, client_upgrade, "the virtual API server", session)
     }
 
     fn upstream_uri(&self, uri: &Uri) -> Uri {

@@ -164,8 +164,12 @@ impl Operation {
 pub enum Route {
     /// Served by the proxy itself, unauthenticated.
     Health(Health),
-    /// `/api/v1/namespaces/{ns}/pods/{name}/{log|exec|attach|portforward}`.
-    HostPod { namespace: String, name: String, subresource: HostSubresource },
+    /// `/api/v1/namespaces/{ns}/pods/{name}/log`: read from the host copy.
+    PodLog { namespace: String, name: String },
+    /// `/api/v1/namespaces/{ns}/pods/{name}/{exec|attach|portforward}`: to the virtual API server
+    /// (its authorization and admission), which reaches the host copy through vkube's kubelet
+    /// (`kubelet`); the stream's data counts as activity (sleep mode).
+    PodSession,
     /// `/api/v1/namespaces/{ns}/{pods|services}/{[scheme:]name[:port]}/proxy{rest}`: through the
     /// host API server to the host copy, which the host dials, never an address the tenant chose.
     HostProxy { namespace: String, target: ProxyTarget, name: ProxyName, rest: String },
@@ -298,16 +302,10 @@ pub fn route(method: &Method, path: &CanonicalPath) -> Route {
         ["api", "v1", "proxy", ..] => {
             Route::Refused("the legacy /api/v1/proxy paths are not served by this virtual cluster".into())
         }
-        ["api", "v1", "namespaces", ns, "pods", name, sub] => {
-            let subresource = match *sub {
-                "log" => HostSubresource::Log,
-                "exec" => HostSubresource::Exec,
-                "attach" => HostSubresource::Attach,
-                "portforward" => HostSubresource::PortForward,
-                _ => return Route::Forward,
-            };
-            Route::HostPod { namespace: ns.to_string(), name: name.to_string(), subresource }
+        ["api", "v1", "namespaces", ns, "pods", name, "log"] => {
+            Route::PodLog { namespace: ns.to_string(), name: name.to_string() }
         }
+        ["api", "v1", "namespaces", _, "pods", _, "exec" | "attach" | "portforward"] => Route::PodSession,
         ["api", "v1", "namespaces", ns, "services"] if method == Method::POST => {
             Route::CreateService { namespace: ns.to_string() }
         }
@@ -325,17 +323,15 @@ mod tests {
     }
 
     #[test]
-    fn pod_subresources_go_to_the_host() {
+    fn pod_logs_go_to_the_host_and_sessions_to_the_virtual_api_server() {
         assert_eq!(
             r(&Method::GET, "/api/v1/namespaces/default/pods/web-1/log"),
-            Route::HostPod { namespace: "default".into(), name: "web-1".into(), subresource: HostSubresource::Log }
+            Route::PodLog { namespace: "default".into(), name: "web-1".into() }
         );
-        assert_eq!(
-            r(&Method::POST, "/api/v1/namespaces/a/pods/p/exec"),
-            Route::HostPod { namespace: "a".into(), name: "p".into(), subresource: HostSubresource::Exec }
-        );
-        for sub in ["attach", "portforward"] {
-            assert!(matches!(r(&Method::GET, &format!("/api/v1/namespaces/a/pods/p/{sub}")), Route::HostPod { .. }));
+        for sub in ["exec", "attach", "portforward"] {
+            for method in [Method::GET, Method::POST] {
+                assert_eq!(r(&method, &format!("/api/v1/namespaces/a/pods/p/{sub}")), Route::PodSession);
+            }
         }
     }
 
@@ -399,11 +395,8 @@ mod tests {
         ] {
             assert_eq!(canonicalize(raw).unwrap().path, canonical, "{raw}");
         }
-        assert!(matches!(
-            r(&Method::POST, "/api/v1/namespaces/default/pods/web/%65xec"),
-            Route::HostPod { subresource: HostSubresource::Exec, .. }
-        ));
-        assert!(matches!(r(&Method::GET, "/api/v1/namespaces/a/pods/p/log/"), Route::HostPod { .. }));
+        assert_eq!(r(&Method::POST, "/api/v1/namespaces/default/pods/web/%65xec"), Route::PodSession);
+        assert!(matches!(r(&Method::GET, "/api/v1/namespaces/a/pods/p/%6cog/"), Route::PodLog { .. }));
         assert_eq!(canonicalize("/apis/x/v1/clusterroles/system%3aadmin").unwrap().segments[4], "system:admin");
     }
 

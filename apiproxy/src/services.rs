@@ -153,7 +153,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let media = media_type(req.headers().get(header::CONTENT_TYPE));
         if !media.starts_with("application/apply-patch") {
-            return self.forward(req, id).await;
+            return self.forward(req, id, None).await;
         }
         let (parts, body) = req.into_parts();
         let bytes = read_body(body).await?;

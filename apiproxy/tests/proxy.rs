@@ -111,7 +111,7 @@ fn proxy_objects(req: &Request<Incoming>, path: &str) -> Option<Response<Full<By
         "/api/v1/namespaces/host-ns/services/site-x-default-x-vc" => {
             ok(serde_json::json!({"kind": "Service", "apiVersion": "v1", "metadata": host_meta("Service", "site")}))
         }
-        p if p.starts_with("/api/v1/namespaces/host-ns/") && p.contains("/proxy") => {
+        p if p.starts_with("/api/v1/namespaces/host-ns/") && (p.contains("/proxy") || p.ends_with("/exec")) => {
             let mut headers: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
             headers.sort();
             let mut resp = json(
@@ -175,6 +175,7 @@ fn pki() -> Bundle {
             LeafSpec::client("front-proxy-client", "ca", "front-proxy-client", None),
             LeafSpec::client("alice", "ca", "alice", Some("dev")),
             LeafSpec::client("root", "ca", "root", Some("system:masters")),
+            LeafSpec::client("kubelet-client", "ca", vkube_apiproxy::kubelet::CLIENT_USER, None),
         ],
         key_pairs: vec![],
     };
@@ -185,6 +186,7 @@ fn pki() -> Bundle {
 struct Running {
     addr: SocketAddr,
     pki: Bundle,
+    proxy: Arc<Proxy>,
 }
 
 /// Serves a proxy whose virtual and host API servers are at `api`.
@@ -232,8 +234,8 @@ async fn serve_proxy_serving(
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(proxy.serve(listener, Arc::new(registry), std::future::pending()));
-    Running { addr, pki }
+    tokio::spawn(proxy.clone().serve(listener, Arc::new(registry), std::future::pending()));
+    Running { addr, pki, proxy }
 }
 
 enum Credential {
@@ -673,4 +675,119 @@ async fn pod_and_service_proxies_reach_only_the_host_copy_with_the_hosts_credent
     let (code, body) = denied.get("/api/v1/namespaces/default/pods/site/proxy/", Credential::Cert, &[]).await;
     assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
     assert!(body["message"].as_str().unwrap().contains("cannot get resource \"pods/proxy\""), "{body}");
+}
+
+/// The virtual nodes' kubelet behind the egress socket: a CONNECT to the kubelet port of any
+/// address is served in-process over TLS (a certificate for that address, from the virtual
+/// cluster's CA), only to the API server's kubelet-client certificate, and only exec, attach and
+/// port-forward, which go to the host copy's subresource; other ports of addresses that are not
+/// this cluster's Services are refused.
+#[tokio::test]
+async fn the_virtual_nodes_kubelet_serves_only_the_api_server() {
+    use vkube_apiproxy::kubelet::{self, Kubelet};
+    let running = serve_proxy(fake_api_server(Sar::Allow).await).await;
+    let pki = &running.pki;
+    let kubelet = Kubelet::new(running.proxy.clone(), pki.get("ca.crt").unwrap(), pki.get("ca.key").unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("vkube-kubelet-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("egress.sock");
+    tokio::spawn({
+        let socket = socket.clone();
+        async move { vkube_apiproxy::egress::serve(&socket, Arc::new(|_| false), kubelet).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    /// CONNECT through the egress socket: its status line, and the stream if it was 200.
+    async fn connect(socket: &std::path::Path, target: &str) -> (String, tokio::net::UnixStream) {
+        let mut unix = tokio::net::UnixStream::connect(socket).await.unwrap();
+        unix.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if unix.read(&mut byte).await.unwrap() == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let status = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
+        (status, unix)
+    }
+    /// A TLS session to the kubelet at 10.9.8.7 (its certificate checked for that address).
+    async fn tls(
+        socket: &std::path::Path,
+        pki: &Bundle,
+        client: Option<&str>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::UnixStream>> {
+        let (status, unix) = connect(socket, &format!("10.9.8.7:{}", kubelet::PORT)).await;
+        assert!(status.contains(" 200"), "{status}");
+        let ca = pki.get("ca.crt").unwrap();
+        let config = match client {
+            Some(name) => tls::client_config(
+                ca,
+                pki.get(&format!("{name}.crt")).unwrap(),
+                pki.get(&format!("{name}.key")).unwrap(),
+            )
+            .unwrap(),
+            None => rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(tls::root_store(ca).unwrap())
+                .with_no_client_auth(),
+        };
+        let ip: std::net::IpAddr = "10.9.8.7".parse().unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(ip.into()), unix).await
+    }
+    async fn ask(
+        stream: tokio_rustls::client::TlsStream<tokio::net::UnixStream>,
+        method: &str,
+        path: &str,
+    ) -> Result<(StatusCode, serde_json::Value), hyper::Error> {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder().method(method).uri(path).header("host", "10.9.8.7").body(Full::new(Bytes::new()));
+        let resp = sender.send_request(req.unwrap()).await?;
+        let code = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Ok((code, serde_json::from_slice(&body).unwrap_or_else(|_| String::from_utf8_lossy(&body).into())))
+    }
+
+    let (code, body) = ask(
+        tls(&socket, pki, Some("kubelet-client")).await.unwrap(),
+        "POST",
+        "/exec/default/site/c?command=id&output=1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["path"], "/api/v1/namespaces/host-ns/pods/site-x-default-x-vc/exec",
+        "the host copy's exec: {body}"
+    );
+    assert_eq!(body["query"], "container=c&command=id&stdout=true", "{body}");
+    let (code, body) =
+        ask(tls(&socket, pki, Some("kubelet-client")).await.unwrap(), "GET", "/containerLogs/default/site/c")
+            .await
+            .unwrap();
+    assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
+    assert!(body.to_string().contains("serves exec, attach and portForward only"), "{body}");
+    let (code, body) =
+        ask(tls(&socket, pki, Some("kubelet-client")).await.unwrap(), "POST", "/exec/default/site/other?command=id")
+            .await
+            .unwrap();
+    assert_eq!(code, StatusCode::BAD_REQUEST, "a container the virtual pod lacks: {body}");
+
+    // Another certificate of the same CA (a user's) gets no answer; none at all, no handshake.
+    if let Ok(stream) = tls(&socket, pki, Some("alice")).await {
+        assert!(ask(stream, "POST", "/exec/default/site/c?command=id").await.is_err(), "alice was served");
+    }
+    let anonymous = match tls(&socket, pki, None).await {
+        Ok(stream) => ask(stream, "POST", "/exec/default/site/c?command=id").await.is_err(),
+        Err(_) => true,
+    };
+    assert!(anonymous, "a client without a certificate was served");
+
+    // Any other port of an address that is not one of this cluster's Services: refused.
+    let (status, _) = connect(&socket, "10.9.8.7:8080").await;
+    assert!(status.contains(" 403"), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -59,6 +59,9 @@ pub const ANNOTATION_CERTIFICATES_REFRESH: &str = "vkube.dev/certificates-refres
 
 /// Marks virtual nodes the syncer made (only those are ever deleted).
 pub const LABEL_FAKE_NODE: &str = "vkube.dev/fake-node";
+/// The kubelet port virtual nodes advertise: the virtual API server's connections to it go
+/// through vkube's egress proxy, which serves them itself (`vkube_apiproxy::kubelet`).
+pub const KUBELET_PORT: u16 = 10250;
 /// On the host Service named by the syncer's `Options::proxy_service`: the time up to which
 /// host events were mirrored.
 pub const ANNOTATION_EVENTS_MIRRORED_UNTIL: &str = "vkube.dev/events-mirrored-until";

@@ -495,6 +495,19 @@ async fn logs_exec_and_port_forward_reach_the_host_pod_that_mirrors_the_virtual_
     assert_eq!(through_proxy.status.code(), on_host.status.code(), "{} vs {}", text(&through_proxy), text(&on_host));
     assert!(stderr(&through_proxy).contains("exit status 3"), "{}", text(&through_proxy));
 
+    // Exec goes through the virtual API server, so the tenant's own admission decides, as on any
+    // cluster: a ValidatingAdmissionPolicy on CONNECT pods/exec refuses one command, not others.
+    vc.apply(NO_FORBIDDEN_EXEC);
+    eventually("the tenant's exec policy refuses the command it names", Duration::from_secs(30), || async {
+        let out = vc.kubectl(&["exec", "web", "--", "echo", "forbidden"]);
+        let refused = !out.status.success() && stderr(&out).contains("the tenant's policy refuses this command");
+        if refused { Ok(Some(())) } else { Err(text(&out)) }
+    })
+    .await;
+    let out = vc.kubectl(&["exec", "web", "--", "echo", "forbidden"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("forbidden"), "it never ran: {}", text(&out));
+    assert_eq!(vc.kubectl_ok(&["exec", "web", "--", "echo", "allowed"]), "allowed\n");
+
     // Port-forward: kubectl refuses pods that are not Running, and without a syncer nothing sets
     // the virtual pod's status, so set it as the syncer would.
     vc.kubectl_ok(&[
@@ -587,14 +600,20 @@ async fn pod_subresources_never_reach_host_pods_vkube_does_not_own_nor_serve_use
             "kubectl logs {pod}: {}",
             text(&out)
         );
+        // None of them is bound to a node (no host pod of ours was scheduled), so the virtual API
+        // server has no kubelet to send an exec to.
         let out = vc.kubectl(&["exec", "-n", ns, pod, "--", "echo", "reached"]);
         assert!(!out.status.success(), "kubectl exec {pod} worked: {}", text(&out));
         assert!(!String::from_utf8_lossy(&out.stdout).contains("reached"), "{}", text(&out));
-        assert!(stderr(&out).contains("is not running on the host yet"), "kubectl exec {pod}: {}", text(&out));
+        assert!(
+            stderr(&out).contains(&format!("pod {pod} does not have a host assigned")),
+            "kubectl exec {pod}: {}",
+            text(&out)
+        );
     }
 
     // RBAC: nobody may not even read the pod; a user who may read pods but not their logs or
-    // exec into them is refused by the proxy's own check.
+    // exec into them is refused (logs by the proxy's own check, exec by the virtual API server).
     assert_forbidden(&vc.kubectl(&["--as=nobody", "logs", "web"]), r#"User "nobody" cannot"#);
     vc.kubectl_ok(&["create", "role", "pod-reader", "--verb=get,list", "--resource=pods"]);
     vc.kubectl_ok(&["create", "rolebinding", "reader", "--role=pod-reader", "--user=reader"]);
@@ -627,6 +646,32 @@ async fn pod_subresources_never_reach_host_pods_vkube_does_not_own_nor_serve_use
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
+
+/// The tenant's admission policy on exec: refuses any command with the word `forbidden`.
+const NO_FORBIDDEN_EXEC: &str = r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: no-forbidden-exec
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [""]
+      apiVersions: ["v1"]
+      operations: ["CONNECT"]
+      resources: ["pods/exec"]
+  validations:
+  - expression: "!object.command.exists(c, c == 'forbidden')"
+    message: "the tenant's policy refuses this command"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: no-forbidden-exec
+spec:
+  policyName: no-forbidden-exec
+  validationActions: [Deny]
+"#;
 
 const WIDGET_CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition

@@ -176,7 +176,9 @@ impl Bundle {
         Ok(changes)
     }
 
-    fn issue(&self, leaf: &LeafSpec, validity: Validity, now: OffsetDateTime) -> Result<(String, String)> {
+    /// A new certificate and key (PEM) for `leaf`, signed by its issuer in this bundle, valid from
+    /// `now` for `validity.leaf`; the bundle itself is left as it is.
+    pub fn issue(&self, leaf: &LeafSpec, validity: Validity, now: OffsetDateTime) -> Result<(String, String)> {
         let err = |source| Error::Generate { name: leaf.name.clone(), source };
         let corrupt = |reason: &str| Error::Corrupt { name: leaf.issuer.clone(), reason: reason.into() };
         let ca_cert = self.get(&crt(&leaf.issuer)).ok_or_else(|| corrupt("CA certificate missing"))?;

@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus, Taint, Toleration};
+use k8s_openapi::api::core::v1::{
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus, Taint, Toleration,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, Patch};
@@ -72,8 +74,9 @@ fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
 }
 
 /// Its status: the host node's capacity, addresses and conditions when known (else Ready with
-/// default capacity).
-pub fn virtual_node_status(host: Option<&Node>) -> NodeStatus {
+/// default capacity, and its name as its address). Its kubelet is vkube's (`KUBELET_PORT`),
+/// whatever address the virtual API server dials.
+pub fn virtual_node_status(name: &str, host: Option<&Node>) -> NodeStatus {
     let hs = host.and_then(|h| h.status.as_ref());
     let default_capacity: BTreeMap<String, Quantity> = [("cpu", "16"), ("memory", "64Gi"), ("pods", "110")]
         .into_iter()
@@ -83,7 +86,14 @@ pub fn virtual_node_status(host: Option<&Node>) -> NodeStatus {
     NodeStatus {
         capacity: Some(hs.and_then(|s| s.capacity.clone()).unwrap_or_else(|| default_capacity.clone())),
         allocatable: Some(hs.and_then(|s| s.allocatable.clone()).unwrap_or(default_capacity)),
-        addresses: hs.and_then(|s| s.addresses.clone()),
+        addresses: Some(
+            hs.and_then(|s| s.addresses.clone())
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| vec![NodeAddress { type_: "Hostname".into(), address: name.into() }]),
+        ),
+        daemon_endpoints: Some(NodeDaemonEndpoints {
+            kubelet_endpoint: Some(DaemonEndpoint { port: i32::from(vkube_core::contract::KUBELET_PORT) }),
+        }),
         // Versions and OS, never the machine's identity (machine ID, system UUID, boot ID).
         node_info: hs.and_then(|s| s.node_info.clone()).map(|i| k8s_openapi::api::core::v1::NodeSystemInfo {
             machine_id: String::new(),
@@ -144,7 +154,7 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option
         api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
         ctx.metrics.wrote(KIND, "taints");
     }
-    let status = virtual_node_status(host);
+    let status = virtual_node_status(name, host);
     // What this sets, heartbeats aside (the API server defaults other fields).
     let unstamped = |s: Option<&NodeStatus>| {
         let s = s.cloned().unwrap_or_default();
@@ -153,7 +163,7 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option
             c.last_heartbeat_time = None;
             c.last_transition_time = None;
         }
-        (s.capacity, s.allocatable, s.addresses, s.node_info, conditions)
+        (s.capacity, s.allocatable, s.addresses, s.daemon_endpoints, s.node_info, conditions)
     };
     if current.is_none() || unstamped(current.and_then(|n| n.status.as_ref())) != unstamped(Some(&status)) {
         let patch = Node { status: Some(status), ..Default::default() };
@@ -265,13 +275,18 @@ mod tests {
         assert_eq!(labels["topology.kubernetes.io/zone"], "z1");
         assert_eq!(labels[LABEL_FAKE], "true");
         assert!(!labels.contains_key("secret.corp/team"));
-        let s = virtual_node_status(Some(&host));
+        let s = virtual_node_status("n1", Some(&host));
         assert_eq!(s.capacity.unwrap()["cpu"].0, "4");
+        let kubelet = s.daemon_endpoints.and_then(|d| d.kubelet_endpoint).map(|k| k.port);
+        assert_eq!(kubelet, Some(10250), "the port vkube's egress proxy serves as the kubelet");
         let info = s.node_info.unwrap();
         assert_eq!((info.machine_id.as_str(), info.system_uuid.as_str(), info.boot_id.as_str()), ("", "", ""));
         assert_eq!(info.kubelet_version, "v1.37.2");
         assert_eq!(s.conditions.unwrap()[0].status, "True");
-        assert_eq!(virtual_node_status(None).allocatable.unwrap()["pods"].0, "110");
+        let unknown = virtual_node_status("n2", None);
+        assert_eq!(unknown.allocatable.unwrap()["pods"].0, "110");
+        let address = &unknown.addresses.unwrap()[0];
+        assert_eq!((address.type_.as_str(), address.address.as_str()), ("Hostname", "n2"), "one to dial");
     }
 
     #[test]
@@ -297,7 +312,7 @@ mod tests {
         let wrong_value: Vec<Toleration> =
             serde_json::from_value(serde_json::json!([{"key": "gpu", "value": "false"}])).unwrap();
         assert_eq!(virtual_taints(Some(&host), &wrong_value).len(), 3);
-        let conditions = virtual_node_status(Some(&host)).conditions.unwrap();
+        let conditions = virtual_node_status("n1", Some(&host)).conditions.unwrap();
         assert_eq!((conditions[0].type_.as_str(), conditions[0].status.as_str()), ("Ready", "False"), "the host's");
     }
 }

@@ -15,6 +15,7 @@ use crate::names;
 pub const ADMIN_USER: &str = "vkube-admin";
 pub const CONTROLPLANE_USER: &str = "vkube:controlplane";
 pub const FRONT_PROXY_USER: &str = "front-proxy-client";
+pub use vkube_apiproxy::kubelet::CLIENT_USER as KUBELET_CLIENT_USER;
 
 /// The certificates a virtual cluster needs. `service_ip` is the ClusterIP of the host Service
 /// in front of the proxy, which in-cluster clients use as `kubernetes.default`.
@@ -40,6 +41,7 @@ pub fn spec(name: &str, namespace: &str, service_ip: Option<IpAddr>) -> BundleSp
             LeafSpec::client("controlplane", "ca", CONTROLPLANE_USER, Some("system:masters")),
             LeafSpec::client("controller-manager", "ca", "system:kube-controller-manager", None),
             LeafSpec::client(FRONT_PROXY_USER, "front-proxy-ca", FRONT_PROXY_USER, None),
+            LeafSpec::client("kubelet-client", "ca", KUBELET_CLIENT_USER, None),
         ],
         key_pairs: vec!["sa".into()],
     }

@@ -173,7 +173,7 @@ spec:
     ];
     for (case, path) in [
         (
-            "encoded exec is the proxy's own exec",
+            "encoded exec is the virtual API server's exec",
             "/api/v1/namespaces/default/pods/web/%65xec?command=id&container=app&stdout=true",
         ),
         ("encoded attach", "/api/v1/namespaces/default/pods/web/%61ttach?container=app&stdout=true"),
@@ -181,11 +181,10 @@ spec:
         ("encoded log is the proxy's own log", "/api/v1/namespaces/default/pods/web/%6cog?container=app"),
     ] {
         let headers = if case.contains("log") { &[][..] } else { websocket };
-        if let Ok((code, body)) = try_raw(&admin, "GET", path, headers, vec![]).await {
-            // Whatever the host says about the pod, it never came from the virtual API server's
-            // kubelet client.
-            assert!(!body.contains("dialing backend") && !body.contains("127.0.0.1"), "{case}: {code} {body}");
-        }
+        // Exec, attach and port-forward go to the virtual API server, which dials the node's
+        // kubelet through the egress proxy: only its own kubelet port is served (by vkube), any
+        // other address the tenant gave is refused there. Logs are the proxy's own.
+        let _ = try_raw(&admin, "GET", path, headers, vec![]).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(dials.load(Ordering::SeqCst), 0, "{case}: an API server dialed the node address the tenant chose");
     }
@@ -226,7 +225,7 @@ spec:
         &raw(&admin, "POST", "/api/v1/namespaces/default/pods/web/exec?command=id&container=sidecar", &[], vec![])
             .await,
         400,
-        r#"container \"sidecar\" is not in the pod's spec"#,
+        "container sidecar is not valid for pod web",
     );
     assert_status(
         "two containers in one request",

@@ -126,6 +126,11 @@ fn apiserver(l: &Layout<'_>) -> Vec<String> {
         format!("--proxy-client-cert-file={}", file(c, "front-proxy-client.crt")),
         format!("--proxy-client-key-file={}", file(c, "front-proxy-client.key")),
         format!("--admission-control-config-file={}", l.admission_config.display()),
+        // Exec, attach and port-forward reach the virtual nodes' kubelet, which vkube serves
+        // behind the egress proxy (`vkube_apiproxy::kubelet`).
+        format!("--kubelet-client-certificate={}", file(c, "kubelet-client.crt")),
+        format!("--kubelet-client-key={}", file(c, "kubelet-client.key")),
+        format!("--kubelet-certificate-authority={}", file(c, "ca.crt")),
         // Webhooks, aggregated APIs and proxies reach only this cluster's Services (`egress`).
         format!("--egress-selector-config-file={}", file(c, super::EGRESS_FILE)),
         "--profiling=false".into(),

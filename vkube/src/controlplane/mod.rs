@@ -649,7 +649,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let renew = tokio::spawn(renew_loop(host.clone(), args.clone(), serving));
     let host_services: vkube_syncer::SharedStore<Service> = Default::default();
-    let egress = tokio::spawn(serve_egress(args.clone(), host_services.clone()));
+    let kubelet = vkube_apiproxy::kubelet::Kubelet::new(
+        proxy.clone(),
+        bundle.get("ca.crt").unwrap_or_default(),
+        bundle.get("ca.key").unwrap_or_default(),
+    )?;
+    let egress = tokio::spawn(serve_egress(args.clone(), host_services.clone(), kubelet));
     let options = vkube_syncer::context::Options {
         cluster_domain: args.sync.cluster_domain.clone(),
         sync_all_configmaps: args.sync.sync_all_configmaps,
@@ -791,9 +796,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// The virtual API server's way out (`vkube_apiproxy::egress`): only to this cluster's own host
-/// Services (their ClusterIPs and ports), as the syncer's store of them says; none until the
-/// syncer has made it.
-async fn serve_egress(args: RunArgs, services: vkube_syncer::SharedStore<Service>) {
+/// Services (their ClusterIPs and ports), as the syncer's store of them says (none until the
+/// syncer has made it), and to the virtual nodes' kubelet, which `kubelet` serves.
+async fn serve_egress(
+    args: RunArgs,
+    services: vkube_syncer::SharedStore<Service>,
+    kubelet: Arc<vkube_apiproxy::kubelet::Kubelet>,
+) {
     let allowed: vkube_apiproxy::egress::Allowed = Arc::new(move |addr: SocketAddr| {
         let services = services.read().unwrap_or_else(|e| e.into_inner());
         let Some(store) = services.as_ref() else { return false };
@@ -805,8 +814,8 @@ async fn serve_egress(args: RunArgs, services: vkube_syncer::SharedStore<Service
         })
     });
     let socket = args.cert_dir.join(EGRESS_SOCKET);
-    if let Err(e) = vkube_apiproxy::egress::serve(&socket, allowed).await {
-        tracing::error!(error = %e, socket = %socket.display(), "the virtual API server's egress proxy stopped: webhooks and aggregated APIs fail until a restart");
+    if let Err(e) = vkube_apiproxy::egress::serve(&socket, allowed, kubelet).await {
+        tracing::error!(error = %e, socket = %socket.display(), "the virtual API server's egress proxy stopped: webhooks, aggregated APIs, exec and port-forward fail until a restart");
     }
 }
 
