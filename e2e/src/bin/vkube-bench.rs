@@ -482,6 +482,7 @@ async fn main() {
     settle(&procs).await;
     step("5. proxy overhead: the same requests through the proxy and straight to the virtual API server");
     proxy_overhead(&mut r, &proxied, &direct).await;
+    exec_overhead(&mut r, &env, &cp, &proxied, &host_ns).await;
 
     step("3. sync latency: 100 pods created one at a time, 10 per second");
     sync_latency(&mut r, &direct, &host, &host_ns).await;
@@ -1223,6 +1224,53 @@ async fn proxy_overhead(r: &mut Results, proxied: &Client, direct: &Client) {
         format!("update to watch event, through the proxy; direct {:.3} ms", p50[1]),
     );
     r.add("proxy_watch_p50_overhead_ms", p50[0] - p50[1], "ms", "through proxy - direct");
+}
+
+/// `kubectl exec` of one virtual pod through the proxy (the virtual API server, vkube's kubelet,
+/// the host API server), beside the same command on its host copy straight at the host API
+/// server (where the proxy sent exec before it went through the virtual API server): medians of
+/// 20, alternating, each kubectl process's own start included on both sides.
+async fn exec_overhead(r: &mut Results, env: &TestEnv, cp: &LocalControlPlane, proxied: &Client, host_ns: &str) {
+    let pods = Api::<Pod>::namespaced(proxied.clone(), "default").list(&ListParams::default()).await.expect("pods");
+    let Some(pod) = pods.items.iter().find(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some())) else {
+        eprintln!("no bound virtual pod: exec not measured");
+        return;
+    };
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let host_name = vkube_syncer::naming::Translator::new(&cp.state.name, host_ns).host_name("default", &name);
+    let up = vkube_localenv::Upstream::locate().unwrap();
+    let exec = |kubeconfig: &Path, namespace: &str, pod: &str| {
+        let t = Instant::now();
+        let out = std::process::Command::new(up.kubectl())
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["exec", "-n", namespace, pod, "--", "echo", "exec-probe"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "exec-probe",
+            "kubectl exec {pod}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    let (virt, host) = (cp.kubeconfig(), env.host.kubeconfig.clone());
+    let (mut through, mut straight) = (vec![], vec![]);
+    for i in 0..23 {
+        let (v, h) = (exec(&virt, "default", &name), exec(&host, host_ns, &host_name));
+        if i >= 3 {
+            through.push(v);
+            straight.push(h);
+        }
+    }
+    let (v, h) = (percentile(&sorted(through), 0.5), percentile(&sorted(straight), 0.5));
+    r.add(
+        "exec_p50_ms",
+        v,
+        "ms",
+        format!("kubectl exec (echo) through the proxy, the virtual API server and vkube's kubelet; on the host copy straight at the host API server {h:.1} ms"),
+    );
+    r.add("exec_p50_overhead_ms", v - h, "ms", "through the virtual cluster - on the host copy directly");
 }
 
 /// Create → host pod, and host Running → virtual Running, of pods a tenant creates one at a

@@ -322,11 +322,15 @@ fn projection(
         // The virtual cluster's token, never one of the host: kept by the syncer in a host Secret
         // or in an annotation of the host pod.
         let audience = token.audience.as_deref();
+        // 0600 where the kubelet writes the token for an owner: with an fsGroup it becomes 0640.
+        // Not for a runAsUser alone: the kubelet then makes that user the file's owner, which a
+        // file from a Secret cannot get, so 0600 would leave the token unreadable.
+        let mode = private.then_some(0o600);
         match delivery {
             TokenDelivery::Secret => {
                 src.secret = Some(k8s_openapi::api::core::v1::SecretProjection {
                     name: token_secret_name(tr, ns, pod, audience),
-                    items: Some(vec![KeyToPath { key: "token".into(), path: token.path, ..Default::default() }]),
+                    items: Some(vec![KeyToPath { key: "token".into(), path: token.path, mode, ..Default::default() }]),
                     optional: Some(false),
                 })
             }
@@ -336,6 +340,7 @@ fn projection(
                     items: Some(vec![k8s_openapi::api::core::v1::DownwardAPIVolumeFile {
                         path: token.path,
                         field_ref: Some(ObjectFieldSelector { field_path, api_version: Some("v1".into()) }),
+                        mode,
                         ..Default::default()
                     }]),
                 })
@@ -710,11 +715,31 @@ mod tests {
         let token = sources[0].secret.as_ref().unwrap();
         assert_eq!(token.name, "web-1-x-shop-x-team-a-sa-token", "the pod's own token");
         assert_eq!(token.items.as_ref().unwrap()[0].path, "token");
+        assert_eq!(token.items.as_ref().unwrap()[0].mode, None, "the volume's default mode, as the kubelet's");
         assert_eq!(sources[1].config_map.as_ref().unwrap().name, "kube-root-ca.crt-x-shop-x-team-a");
         assert_eq!(
             sources[2].downward_api.as_ref().unwrap().items.as_ref().unwrap()[0].field_ref.as_ref().unwrap().field_path,
             "metadata.annotations['vkube.dev/object-namespace']"
         );
+    }
+
+    #[test]
+    fn tokens_of_pods_with_an_fs_group_are_private_files_as_the_kubelet_writes_them() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let policy = Policy::default();
+        let mut spec = typical();
+        spec["securityContext"] = serde_json::json!({"fsGroup": 10000, "runAsUser": 1000});
+        for delivery in [TokenDelivery::Secret, TokenDelivery::Annotation] {
+            let env = PodEnv { token_delivery: delivery, ..env(&tr, &policy) };
+            let h = host_pod(&env, &vpod(spec.clone())).unwrap().pod.spec.unwrap();
+            let projected = h.volumes.unwrap().into_iter().find(|v| v.name == "kube-api-access").unwrap();
+            let token = &projected.projected.unwrap().sources.unwrap()[0];
+            let mode = match delivery {
+                TokenDelivery::Secret => token.secret.as_ref().unwrap().items.as_ref().unwrap()[0].mode,
+                TokenDelivery::Annotation => token.downward_api.as_ref().unwrap().items.as_ref().unwrap()[0].mode,
+            };
+            assert_eq!(mode, Some(0o600), "{delivery:?}: the kubelet's 0600, made 0640 by the fsGroup");
+        }
     }
 
     #[test]
