@@ -49,6 +49,10 @@ pub const LABEL_TOKEN: &str = "vkube.dev/token";
 /// When the token expires (RFC 3339), to renew it in time (on a host pod whose tokens are in its
 /// annotations: when the first of them expires).
 pub const ANNOTATION_TOKEN_EXPIRES: &str = "vkube.dev/token-expires";
+/// When the token is due for renewal (RFC 3339; on a host pod: the first of them): as a
+/// kubelet, at 80 % of a short token's life, else `--token-renew-before` before it expires. Tokens
+/// written without it are renewed by their expiry.
+pub const ANNOTATION_TOKEN_RENEW_AT: &str = "vkube.dev/token-renew-at";
 /// The audience the token was requested for.
 pub const ANNOTATION_TOKEN_AUDIENCE: &str = "vkube.dev/token-audience";
 /// On a pod's host Secret of projected certificates: when each is due for refresh (a JSON object
@@ -120,6 +124,7 @@ mod tests {
             ANNOTATION_SERVICE_ACCOUNT,
             LABEL_TOKEN,
             ANNOTATION_TOKEN_EXPIRES,
+            ANNOTATION_TOKEN_RENEW_AT,
             ANNOTATION_TOKEN_AUDIENCE,
             LABEL_FAKE_NODE,
             ANNOTATION_EVENTS_MIRRORED_UNTIL,

@@ -222,9 +222,24 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     let secrets: Api<Secret> = Api::namespaced(env.client().await, vc.host_namespace());
     let secret = secrets.get(&secret_name).await.expect("the pod's own token Secret on the host");
     let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
-    let claims = claims(&token);
-    assert_eq!(claims["kubernetes.io"]["pod"]["name"], "holder", "{claims}");
-    assert_eq!(claims["kubernetes.io"]["serviceaccount"]["name"], "default", "{claims}");
+    let holder = claims(&token);
+    assert_eq!(holder["kubernetes.io"]["pod"]["name"], "holder", "{holder}");
+    assert_eq!(holder["kubernetes.io"]["serviceaccount"]["name"], "default", "{holder}");
+
+    let life = |c: &serde_json::Value| c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap();
+    assert_eq!(life(&holder), 365 * 86_400, "the default projection's token: --token-lifetime, {holder}");
+
+    // A projection asking for a short token gets one that short, renewed at 80 % of its life.
+    vc.apply(SHORT_TOKEN_POD);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/short", "--timeout=60s"]);
+    let short_name = vkube_syncer::pods::translate::token_secret_name(&tr(&vc), "default", "short", Some("vault"));
+    let short = secrets.get(&short_name).await.expect("the vault audience's token Secret");
+    let short_claims = claims(&String::from_utf8(short.data.clone().unwrap()["token"].0.clone()).unwrap());
+    assert_eq!(short_claims["aud"], serde_json::json!(["vault"]), "{short_claims}");
+    assert_eq!(life(&short_claims), 600, "as the projection asked: {short_claims}");
+    let at = |key: &str| short.annotations()[key].parse::<k8s_openapi::jiff::Timestamp>().unwrap();
+    let before_end = at("vkube.dev/token-expires").duration_since(at("vkube.dev/token-renew-at")).as_secs();
+    assert_eq!(before_end, 120, "renewed with a fifth of its life left");
 
     let with_token = vc.client_with_token(&token).await;
     with_token.apiserver_version().await.expect("the token works while its pod exists");
@@ -247,6 +262,20 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     vc.start_controller().await;
     eventually("the orphaned token Secret is swept", Duration::from_secs(30), || gone(forgotten.clone())).await;
 }
+
+/// A pod whose projection asks for a 10-minute token for the audience `vault`.
+const SHORT_TOKEN_POD: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: short
+spec:
+  containers: [{name: app, image: nginx, volumeMounts: [{name: vault, mountPath: /var/run/vault}]}]
+  volumes:
+  - name: vault
+    projected:
+      sources:
+      - serviceAccountToken: {path: token, audience: vault, expirationSeconds: 600}
+"#;
 
 /// A signer of the tenant's: issues (or denies) the virtual cluster's PodCertificateRequests of
 /// its signer name that are not answered yet, as a signer controller would: certificates of an

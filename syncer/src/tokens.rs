@@ -28,11 +28,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch};
 use kube::runtime::reflector::ObjectRef;
-use vkube_core::contract::{ANNOTATION_POD_TOKEN, ANNOTATION_TOKEN_AUDIENCE, ANNOTATION_TOKEN_EXPIRES, LABEL_TOKEN};
+use vkube_core::contract::{
+    ANNOTATION_POD_TOKEN, ANNOTATION_TOKEN_AUDIENCE, ANNOTATION_TOKEN_EXPIRES, ANNOTATION_TOKEN_RENEW_AT, LABEL_TOKEN,
+};
 use vkube_kubeclient::delete::{Exactly, delete_exactly};
 use vkube_kubeclient::patch::MetadataPatch;
 
-use crate::context::Context;
+use crate::context::{Context, TokenLifetime};
 use crate::pods::translate;
 use crate::queue::Action;
 use crate::sync::{self, Result, SyncError};
@@ -86,32 +88,67 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
 
 /// A fresh token Secret for `pod`.
 async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&str>) -> Result<Secret> {
-    let (token, expires) = request(ctx, pod, audience).await?;
+    let issued = request(ctx, pod, audience).await?;
     let mut meta = pods_secret_meta(ctx, KIND, pod, secret_name);
     let ann = meta.annotations.get_or_insert_with(BTreeMap::new);
-    if let Some(expires) = expires {
+    if let Some((expires, renew_at)) = issued.expires {
         ann.insert(ANNOTATION_TOKEN_EXPIRES.into(), expires.to_string());
+        ann.insert(ANNOTATION_TOKEN_RENEW_AT.into(), renew_at.to_string());
     }
     if let Some(a) = audience {
         ann.insert(ANNOTATION_TOKEN_AUDIENCE.into(), a.to_string());
     }
     Ok(Secret {
         metadata: meta,
-        data: Some([("token".to_string(), ByteString(token.into_bytes()))].into()),
+        data: Some([("token".to_string(), ByteString(issued.token.into_bytes()))].into()),
         type_: Some("Opaque".into()),
         ..Default::default()
     })
 }
 
+/// A token as issued, and when it expires and is due for renewal.
+struct Issued {
+    token: String,
+    expires: Option<(Timestamp, Timestamp)>,
+}
+
+/// How long a token for `audience` lives: what the pod's projections of it ask for (the shortest
+/// `expirationSeconds`), within `--token-lifetime`. The default projection's 3607 s for the API
+/// server's own audience, which the API server extends to a year, gets the whole lifetime.
+fn lifetime(limits: &TokenLifetime, pod: &Pod, audience: Option<&str>) -> Duration {
+    let asked = translate::token_expirations(pod, audience)
+        .into_iter()
+        .filter(|s| audience.is_some() || *s != EXTENDED_EXPIRATION_SECONDS)
+        .min();
+    asked.map_or(limits.lifetime, |s| limits.lifetime.min(Duration::from_secs(s.max(0) as u64)))
+}
+
+/// The `expirationSeconds` the API server extends to a year for its own audience (the
+/// ServiceAccount admission plugin's default projection).
+const EXTENDED_EXPIRATION_SECONDS: i64 = 3607;
+
+/// When a token issued at `now` expiring at `expires` is due for renewal: `--token-renew-before`
+/// before its end if it lives `--token-lifetime`; a shorter one (its projection asked for less, or
+/// the API server gave less) at 80 % of its life, as a kubelet renews.
+fn renew_at(limits: &TokenLifetime, now: Timestamp, expires: Timestamp) -> Timestamp {
+    // Whole seconds, as the API server counts them (its expiry is its issue second + the life).
+    let life = Duration::from_secs((expires.as_second() - now.as_second()).max(0) as u64);
+    // A minute's slack: the API server counts the lifetime from its own clock.
+    let full = life + Duration::from_secs(60) >= limits.lifetime;
+    let before = if full { limits.renew_before } else { life / 5 };
+    expires - k8s_openapi::jiff::SignedDuration::from_secs(before.as_secs() as i64)
+}
+
 /// A token of `pod`'s virtual service account bound to `pod`, for `audience` (TokenRequest on
-/// the virtual API server), and when it expires.
-async fn request(ctx: &Context, pod: &Pod, audience: Option<&str>) -> Result<(String, Option<Timestamp>)> {
+/// the virtual API server), and when it expires and is due for renewal.
+async fn request(ctx: &Context, pod: &Pod, audience: Option<&str>) -> Result<Issued> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
     let sa = pod.spec.as_ref().map(crate::refs::service_account).unwrap_or_else(|| "default".into());
+    let now = Timestamp::now();
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             audiences: audience.map(|a| vec![a.to_string()]),
-            expiration_seconds: Some(ctx.opts.tokens.lifetime.as_secs() as i64),
+            expiration_seconds: Some(lifetime(&ctx.opts.tokens, pod, audience).as_secs() as i64),
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
@@ -126,24 +163,26 @@ async fn request(ctx: &Context, pod: &Pod, audience: Option<&str>) -> Result<(St
     let issued = sas.create_token_request(&sa, &crate::sync::post_params(), &request).await?;
     let status = issued.status.ok_or_else(|| SyncError::NoToken(format!("{ns}/{sa}")))?;
     let token = status.token.ok_or_else(|| SyncError::NoToken(format!("{ns}/{sa}")))?;
-    Ok((token, status.expiration_timestamp.map(|t| t.0)))
+    let expires = status.expiration_timestamp.map(|t| (t.0, renew_at(&ctx.opts.tokens, now, t.0)));
+    Ok(Issued { token, expires })
 }
 
 /// Tokens delivered in annotations: the host pod annotations that give `pod` a fresh token per
 /// audience its projections ask for, and when the first expires. Empty if it asks for none.
 pub async fn pod_annotations(ctx: &Context, pod: &Pod) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    let mut first: Option<Timestamp> = None;
+    let mut first: Option<(Timestamp, Timestamp)> = None;
     for audience in translate::token_audiences(pod) {
-        let (token, expires) = request(ctx, pod, audience.as_deref()).await?;
-        out.insert(translate::token_annotation(audience.as_deref()), token);
-        first = match (first, expires) {
-            (Some(a), Some(b)) => Some(a.min(b)),
+        let issued = request(ctx, pod, audience.as_deref()).await?;
+        out.insert(translate::token_annotation(audience.as_deref()), issued.token);
+        first = match (first, issued.expires) {
+            (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.min(b.1))),
             (a, b) => a.or(b),
         };
     }
-    if let (Some(at), false) = (first, out.is_empty()) {
-        out.insert(ANNOTATION_TOKEN_EXPIRES.into(), at.to_string());
+    if let (Some((expires, renew_at)), false) = (first, out.is_empty()) {
+        out.insert(ANNOTATION_TOKEN_EXPIRES.into(), expires.to_string());
+        out.insert(ANNOTATION_TOKEN_RENEW_AT.into(), renew_at.to_string());
     }
     Ok(out)
 }
@@ -200,6 +239,7 @@ pub fn keep_pod_annotations(h: &ObjectMeta, desired: &mut ObjectMeta) {
 /// Whether a host pod annotation is one of the token annotations (values or expiry).
 pub fn is_pod_token_key(key: &str) -> bool {
     key == ANNOTATION_TOKEN_EXPIRES
+        || key == ANNOTATION_TOKEN_RENEW_AT
         || key.strip_prefix(ANNOTATION_POD_TOKEN).is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
 }
 
@@ -216,14 +256,16 @@ pub fn schedule_pod_renewal(ctx: &Context, v: &Pod, annotations: &BTreeMap<Strin
 }
 
 /// How long until the token of this Secret (or the first of this host pod's annotation tokens)
-/// is due for renewal (zero: now, or unknown).
+/// is due for renewal (zero: now, or unknown): its renewal time, or for a token written without
+/// one, `--token-renew-before` before its expiry.
 fn renewal_due_in(ctx: &Context, annotations: Option<&BTreeMap<String, String>>) -> Duration {
-    let Some(at) = annotations.and_then(|a| a.get(ANNOTATION_TOKEN_EXPIRES)) else {
-        return Duration::ZERO;
-    };
-    let Ok(at) = at.parse::<Timestamp>() else { return Duration::ZERO };
-    let left = at.duration_since(Timestamp::now()).as_secs();
-    Duration::from_secs(left.max(0) as u64).saturating_sub(ctx.opts.tokens.renew_before)
+    let at = |key: &str| annotations.and_then(|a| a.get(key)).and_then(|t| t.parse::<Timestamp>().ok());
+    let left = |t: Timestamp| Duration::from_secs(t.duration_since(Timestamp::now()).as_secs().max(0) as u64);
+    match (at(ANNOTATION_TOKEN_RENEW_AT), at(ANNOTATION_TOKEN_EXPIRES)) {
+        (Some(renew), _) => left(renew),
+        (None, Some(expires)) => left(expires).saturating_sub(ctx.opts.tokens.renew_before),
+        (None, None) => Duration::ZERO,
+    }
 }
 
 /// The metadata of a pod's own host Secret `secret_name` (owner kind `kind`): marked with the
@@ -368,4 +410,55 @@ async fn sweep_pages(ctx: &Context) -> Result<()> {
         ctx.queues.upward::<Pod>().add(lost);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: u64 = 86_400;
+
+    fn limits() -> TokenLifetime {
+        TokenLifetime { lifetime: Duration::from_secs(365 * DAY), renew_before: Duration::from_secs(30 * DAY) }
+    }
+
+    fn pod(projections: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "namespace": "n"}, "spec": {
+            "containers": [{"name": "c"}],
+            "volumes": [{"name": "v", "projected": {"sources": projections}}]}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn tokens_live_as_long_as_their_projections_ask_within_the_lifetime() {
+        let p = pod(serde_json::json!([
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"serviceAccountToken": {"path": "vault", "audience": "vault", "expirationSeconds": 900}},
+            {"serviceAccountToken": {"path": "vault-2", "audience": "vault", "expirationSeconds": 600}},
+            {"serviceAccountToken": {"path": "other", "audience": "other"}},
+        ]));
+        let l = limits();
+        assert_eq!(lifetime(&l, &p, None), l.lifetime, "the default projection: a year, as the API server extends it");
+        assert_eq!(lifetime(&l, &p, Some("vault")), Duration::from_secs(600), "the shortest asked");
+        assert_eq!(lifetime(&l, &p, Some("other")), l.lifetime, "none asked");
+        let own = pod(serde_json::json!([{"serviceAccountToken": {"path": "t", "expirationSeconds": 1200}}]));
+        assert_eq!(lifetime(&l, &own, None), Duration::from_secs(1200), "not the extended default: as asked");
+        let long = pod(
+            serde_json::json!([{"serviceAccountToken": {"path": "t", "audience": "a", "expirationSeconds": 999_999_999}}]),
+        );
+        assert_eq!(lifetime(&l, &long, Some("a")), l.lifetime, "never beyond --token-lifetime");
+    }
+
+    #[test]
+    fn short_tokens_are_renewed_at_80_percent_of_their_life_long_ones_a_margin_before_the_end() {
+        let l = limits();
+        let now: Timestamp = "2026-12-06T00:00:00Z".parse().unwrap();
+        let at = |secs: i64| now + k8s_openapi::jiff::SignedDuration::from_secs(secs);
+        assert_eq!(renew_at(&l, now, at(600)), at(480));
+        assert_eq!(renew_at(&l, now, at(3600)), at(2880));
+        assert_eq!(renew_at(&l, now, at(365 * DAY as i64)), at(335 * DAY as i64), "30 days before a year's end");
+        assert_eq!(renew_at(&l, now, now), now, "an expired one: now");
+        let admin = TokenLifetime { lifetime: Duration::from_secs(600), renew_before: Duration::from_secs(540) };
+        assert_eq!(renew_at(&admin, now, at(599)), at(59), "the admin's --token-renew-before for the full lifetime");
+    }
 }

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use vkube_core::contract::ANNOTATION_TOKEN_EXPIRES;
+use vkube_core::contract::{ANNOTATION_TOKEN_EXPIRES, ANNOTATION_TOKEN_RENEW_AT};
 
 use crate::compact::Compact;
 use crate::context::{Context, Key, TokenDelivery};
@@ -165,9 +165,11 @@ pub fn fingerprint(p: &Pod) -> u64 {
 /// the fields that may change after creation, and the status. Applied to the host pod watch.
 pub fn slim_host_pod(p: &mut Pod) {
     // Token values (tokens delivered in annotations): a kilobyte per pod the syncer never reads
-    // back, and which an update then cannot write back stale. Their expiry stays.
+    // back, and which an update then cannot write back stale. Their expiry and renewal time stay.
     if let Some(a) = p.metadata.annotations.as_mut() {
-        a.retain(|k, _| k == ANNOTATION_TOKEN_EXPIRES || !crate::tokens::is_pod_token_key(k));
+        a.retain(|k, _| {
+            k == ANNOTATION_TOKEN_EXPIRES || k == ANNOTATION_TOKEN_RENEW_AT || !crate::tokens::is_pod_token_key(k)
+        });
     }
     if let Some(spec) = p.spec.take() {
         let slim = |c: &k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {

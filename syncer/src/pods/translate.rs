@@ -504,6 +504,19 @@ pub fn token_secrets(tr: &Translator, v: &Pod) -> Vec<(String, Option<String>)> 
     token_audiences(v).into_iter().map(|a| (token_secret_name(tr, ns, pod, a.as_deref()), a)).collect()
 }
 
+/// The `expirationSeconds` of `v`'s token projections for `audience` (None: the API server's).
+pub fn token_expirations(v: &Pod, audience: Option<&str>) -> Vec<i64> {
+    let Some(spec) = &v.spec else { return vec![] };
+    spec.volumes
+        .iter()
+        .flatten()
+        .flat_map(|vol| vol.projected.iter().flat_map(|p| p.sources.iter().flatten()))
+        .filter_map(|s| s.service_account_token.as_ref())
+        .filter(|t| t.audience.as_deref().filter(|a| !a.is_empty()) == audience)
+        .filter_map(|t| t.expiration_seconds)
+        .collect()
+}
+
 /// The audiences of a pod's projected service-account tokens (`None`: the API server's own),
 /// each once.
 pub fn token_audiences(v: &Pod) -> Vec<Option<String>> {
