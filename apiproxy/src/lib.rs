@@ -187,7 +187,16 @@ impl Proxy {
         let server = tls::server_config(cfg.serving.clone(), &client_certs)?;
         // hyper-rustls sets ALPN from the enabled versions: HTTP/1.1 only.
         let tls = tls::client_config(&cfg.virtual_ca_pem, &cfg.front_proxy_cert_pem, &cfg.front_proxy_key_pem)?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
+        // No Nagle delay: exec, attach and port-forward sessions travel on these connections in
+        // small writes, which would otherwise wait for the delayed ACK of the previous one.
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
         let upstream = HttpClient::builder(TokioExecutor::new()).build(https);
         let metrics = Metrics::register(registry);
         registry.register(
