@@ -2,10 +2,11 @@
 //! `pods/portforward` to the kubelet of the pod's node once its own authorization and admission
 //! have passed (a tenant's webhook or policy on these connects is asked, as on any cluster). Its
 //! connection to `<node address>:10250` goes through the egress proxy, which hands it here instead
-//! of to the network: TLS with a certificate for the address dialled, signed by the virtual
-//! cluster's CA (which the virtual API server trusts for kubelets), and only the API server's
-//! kubelet-client certificate gets a request served. Each request goes on, as the control plane,
-//! to the host API server for the pod's host copy.
+//! of to the network: TLS with a certificate for the address dialled, signed by the cluster's
+//! kubelet CA (which the virtual API server trusts for kubelets, and which signs nothing a tenant
+//! can ask for: its CSRs are signed with the cluster CA), and only the API server's kubelet-client
+//! certificate of that CA gets a request served. Each request goes on, as the control plane, to
+//! the host API server for the pod's host copy.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -34,8 +35,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Kubelet {
     proxy: Arc<Proxy>,
-    /// The virtual cluster's CA (`ca.crt`, `ca.key`), which signs a serving certificate for each
-    /// address dialled.
+    /// The kubelet CA (as `ca.crt`, `ca.key`), which signs a serving certificate for each address
+    /// dialled.
     ca: Bundle,
     clients: Arc<dyn ClientCertVerifier>,
 }
@@ -57,7 +58,7 @@ impl Kubelet {
     }
 
     /// The TLS configuration for a connection to `host` (an IP address or a name): a fresh
-    /// certificate for it, client certificates of the virtual cluster's CA required.
+    /// certificate for it, client certificates of the kubelet CA required.
     fn server_config(&self, host: &str) -> Result<rustls::ServerConfig, String> {
         let leaf = match host.parse::<std::net::IpAddr>() {
             Ok(ip) => LeafSpec::server("kubelet", "ca", &[], &[ip]),

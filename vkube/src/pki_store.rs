@@ -34,6 +34,9 @@ pub fn spec(name: &str, namespace: &str, service_ip: Option<IpAddr>) -> BundleSp
         cas: vec![
             ("ca".into(), format!("vkube-{name}-ca")),
             ("front-proxy-ca".into(), format!("vkube-{name}-front-proxy-ca")),
+            // The virtual nodes' kubelet and the API server's client of it: a CA of their own,
+            // which the controller manager never signs with (the tenant's CSRs get `ca`).
+            ("kubelet-ca".into(), format!("vkube-{name}-kubelet-ca")),
         ],
         leaves: vec![
             LeafSpec::server("apiserver", "ca", &dns, &ips),
@@ -41,7 +44,7 @@ pub fn spec(name: &str, namespace: &str, service_ip: Option<IpAddr>) -> BundleSp
             LeafSpec::client("controlplane", "ca", CONTROLPLANE_USER, Some("system:masters")),
             LeafSpec::client("controller-manager", "ca", "system:kube-controller-manager", None),
             LeafSpec::client(FRONT_PROXY_USER, "front-proxy-ca", FRONT_PROXY_USER, None),
-            LeafSpec::client("kubelet-client", "ca", KUBELET_CLIENT_USER, None),
+            LeafSpec::client("kubelet-client", "kubelet-ca", KUBELET_CLIENT_USER, None),
         ],
         key_pairs: vec!["sa".into()],
     }

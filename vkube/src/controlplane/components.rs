@@ -127,10 +127,11 @@ fn apiserver(l: &Layout<'_>) -> Vec<String> {
         format!("--proxy-client-key-file={}", file(c, "front-proxy-client.key")),
         format!("--admission-control-config-file={}", l.admission_config.display()),
         // Exec, attach and port-forward reach the virtual nodes' kubelet, which vkube serves
-        // behind the egress proxy (`vkube_apiproxy::kubelet`).
+        // behind the egress proxy (`vkube_apiproxy::kubelet`), with certificates of a CA the
+        // tenant's CSRs never get: a Node the tenant points at its own Service is not trusted.
         format!("--kubelet-client-certificate={}", file(c, "kubelet-client.crt")),
         format!("--kubelet-client-key={}", file(c, "kubelet-client.key")),
-        format!("--kubelet-certificate-authority={}", file(c, "ca.crt")),
+        format!("--kubelet-certificate-authority={}", file(c, "kubelet-ca.crt")),
         // Webhooks, aggregated APIs and proxies reach only this cluster's Services (`egress`).
         format!("--egress-selector-config-file={}", file(c, super::EGRESS_FILE)),
         "--profiling=false".into(),

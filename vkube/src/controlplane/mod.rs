@@ -649,10 +649,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let renew = tokio::spawn(renew_loop(host.clone(), args.clone(), serving));
     let host_services: vkube_syncer::SharedStore<Service> = Default::default();
+    let kubelet_ca = |file: &str| {
+        bundle.get(file).ok_or_else(|| {
+            anyhow::anyhow!("the certificates have no {file} (made at start: restart the control plane)")
+        })
+    };
     let kubelet = vkube_apiproxy::kubelet::Kubelet::new(
         proxy.clone(),
-        bundle.get("ca.crt").unwrap_or_default(),
-        bundle.get("ca.key").unwrap_or_default(),
+        kubelet_ca("kubelet-ca.crt")?,
+        kubelet_ca("kubelet-ca.key")?,
     )?;
     let egress = tokio::spawn(serve_egress(args.clone(), host_services.clone(), kubelet));
     let options = vkube_syncer::context::Options {
