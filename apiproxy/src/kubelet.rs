@@ -28,17 +28,24 @@ use crate::{Proxy, ProxyBody};
 
 /// The user of the virtual API server's client certificate for kubelets.
 pub const CLIENT_USER: &str = "kube-apiserver-kubelet-client";
+/// The file stem of the kubelet CA in the cluster's certificates (`kubelet-ca.crt`, `.key`).
+pub const CA: &str = "kubelet-ca";
 pub use vkube_core::contract::KUBELET_PORT as PORT;
 
 /// How long the virtual API server has for its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a serving certificate is made for, and kept for reuse (half of it).
+const SERVING_VALIDITY_DAYS: i64 = 1;
+const SERVING_REUSE: Duration = Duration::from_secs(12 * 3600);
 
 pub struct Kubelet {
     proxy: Arc<Proxy>,
-    /// The kubelet CA (as `ca.crt`, `ca.key`), which signs a serving certificate for each address
-    /// dialled.
+    /// The kubelet CA, which signs a serving certificate for each address dialled.
     ca: Bundle,
     clients: Arc<dyn ClientCertVerifier>,
+    /// The TLS configuration per address dialled, made once (a key and a signature) and reused:
+    /// the API server opens a connection per session.
+    configs: moka::future::Cache<String, Arc<rustls::ServerConfig>>,
 }
 
 impl Kubelet {
@@ -49,22 +56,23 @@ impl Kubelet {
         )
         .build()?;
         let ca = Bundle {
-            files: [("ca.crt", ca_cert_pem), ("ca.key", ca_key_pem)]
+            files: [(format!("{CA}.crt"), ca_cert_pem), (format!("{CA}.key"), ca_key_pem)]
                 .into_iter()
-                .map(|(f, pem)| (f.to_string(), pem.to_string()))
+                .map(|(f, pem)| (f, pem.to_string()))
                 .collect(),
         };
-        Ok(Arc::new(Kubelet { proxy, ca, clients }))
+        let configs = moka::future::Cache::builder().max_capacity(256).time_to_live(SERVING_REUSE).build();
+        Ok(Arc::new(Kubelet { proxy, ca, clients, configs }))
     }
 
     /// The TLS configuration for a connection to `host` (an IP address or a name): a fresh
     /// certificate for it, client certificates of the kubelet CA required.
     fn server_config(&self, host: &str) -> Result<rustls::ServerConfig, String> {
         let leaf = match host.parse::<std::net::IpAddr>() {
-            Ok(ip) => LeafSpec::server("kubelet", "ca", &[], &[ip]),
-            Err(_) => LeafSpec::server("kubelet", "ca", &[host.to_string()], &[]),
+            Ok(ip) => LeafSpec::server("kubelet", CA, &[], &[ip]),
+            Err(_) => LeafSpec::server("kubelet", CA, &[host.to_string()], &[]),
         };
-        let validity = Validity { leaf: vkube_pki::Duration::days(1), ..Validity::default() };
+        let validity = Validity { leaf: vkube_pki::Duration::days(SERVING_VALIDITY_DAYS), ..Validity::default() };
         let (cert, key) =
             self.ca.issue(&leaf, validity, vkube_pki::OffsetDateTime::now_utc()).map_err(|e| e.to_string())?;
         let (certs, key) = (tls::certs_from_pem(&cert), tls::key_from_pem(&key));
@@ -83,14 +91,15 @@ impl Kubelet {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let config = match self.server_config(&host) {
+        let config = self.configs.try_get_with(host.clone(), async { self.server_config(&host).map(Arc::new) }).await;
+        let config = match config {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, %host, "no serving certificate for the virtual nodes' kubelet");
                 return;
             }
         };
-        let accept = tokio_rustls::TlsAcceptor::from(Arc::new(config)).accept(io);
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(io);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {

@@ -15,7 +15,7 @@ use crate::names;
 pub const ADMIN_USER: &str = "vkube-admin";
 pub const CONTROLPLANE_USER: &str = "vkube:controlplane";
 pub const FRONT_PROXY_USER: &str = "front-proxy-client";
-pub use vkube_apiproxy::kubelet::CLIENT_USER as KUBELET_CLIENT_USER;
+pub use vkube_apiproxy::kubelet::{CA as KUBELET_CA, CLIENT_USER as KUBELET_CLIENT_USER};
 
 /// The certificates a virtual cluster needs. `service_ip` is the ClusterIP of the host Service
 /// in front of the proxy, which in-cluster clients use as `kubernetes.default`.
@@ -36,7 +36,7 @@ pub fn spec(name: &str, namespace: &str, service_ip: Option<IpAddr>) -> BundleSp
             ("front-proxy-ca".into(), format!("vkube-{name}-front-proxy-ca")),
             // The virtual nodes' kubelet and the API server's client of it: a CA of their own,
             // which the controller manager never signs with (the tenant's CSRs get `ca`).
-            ("kubelet-ca".into(), format!("vkube-{name}-kubelet-ca")),
+            (KUBELET_CA.into(), format!("vkube-{name}-{KUBELET_CA}")),
         ],
         leaves: vec![
             LeafSpec::server("apiserver", "ca", &dns, &ips),
@@ -44,7 +44,7 @@ pub fn spec(name: &str, namespace: &str, service_ip: Option<IpAddr>) -> BundleSp
             LeafSpec::client("controlplane", "ca", CONTROLPLANE_USER, Some("system:masters")),
             LeafSpec::client("controller-manager", "ca", "system:kube-controller-manager", None),
             LeafSpec::client(FRONT_PROXY_USER, "front-proxy-ca", FRONT_PROXY_USER, None),
-            LeafSpec::client("kubelet-client", "kubelet-ca", KUBELET_CLIENT_USER, None),
+            LeafSpec::client("kubelet-client", KUBELET_CA, KUBELET_CLIENT_USER, None),
         ],
         key_pairs: vec!["sa".into()],
     }

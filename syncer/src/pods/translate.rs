@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Container, EnvVar, EphemeralContainer, HostAlias, KeyToPath, ObjectFieldSelector, Pod, PodAffinityTerm,
-    PodDNSConfig, PodDNSConfigOption, PodSpec, Volume, VolumeProjection,
+    PodDNSConfig, PodDNSConfigOption, PodSpec, ServiceAccountTokenProjection, Volume, VolumeProjection,
 };
 use vkube_core::contract::{
     ANNOTATION_OBJECT_ANNOTATIONS, ANNOTATION_OBJECT_LABELS, ANNOTATION_POD_TOKEN, ANNOTATION_SERVICE_ACCOUNT,
@@ -504,31 +504,25 @@ pub fn token_secrets(tr: &Translator, v: &Pod) -> Vec<(String, Option<String>)> 
     token_audiences(v).into_iter().map(|a| (token_secret_name(tr, ns, pod, a.as_deref()), a)).collect()
 }
 
-/// The `expirationSeconds` of `v`'s token projections for `audience` (None: the API server's).
-pub fn token_expirations(v: &Pod, audience: Option<&str>) -> Vec<i64> {
-    let Some(spec) = &v.spec else { return vec![] };
-    spec.volumes
+/// A pod's projected service-account tokens, each with its audience (`None`: the API server's).
+fn token_projections(v: &Pod) -> impl Iterator<Item = (Option<&str>, &ServiceAccountTokenProjection)> {
+    v.spec
         .iter()
-        .flatten()
+        .flat_map(|spec| spec.volumes.iter().flatten())
         .flat_map(|vol| vol.projected.iter().flat_map(|p| p.sources.iter().flatten()))
         .filter_map(|s| s.service_account_token.as_ref())
-        .filter(|t| t.audience.as_deref().filter(|a| !a.is_empty()) == audience)
-        .filter_map(|t| t.expiration_seconds)
-        .collect()
+        .map(|t| (t.audience.as_deref().filter(|a| !a.is_empty()), t))
+}
+
+/// The `expirationSeconds` of `v`'s token projections for `audience` (None: the API server's).
+pub fn token_expirations(v: &Pod, audience: Option<&str>) -> Vec<i64> {
+    token_projections(v).filter(|(a, _)| *a == audience).filter_map(|(_, t)| t.expiration_seconds).collect()
 }
 
 /// The audiences of a pod's projected service-account tokens (`None`: the API server's own),
 /// each once.
 pub fn token_audiences(v: &Pod) -> Vec<Option<String>> {
-    let Some(spec) = &v.spec else { return vec![] };
-    let mut out: Vec<Option<String>> = spec
-        .volumes
-        .iter()
-        .flatten()
-        .flat_map(|vol| vol.projected.iter().flat_map(|p| p.sources.iter().flatten()))
-        .filter_map(|s| s.service_account_token.as_ref())
-        .map(|t| t.audience.clone().filter(|a| !a.is_empty()))
-        .collect();
+    let mut out: Vec<Option<String>> = token_projections(v).map(|(a, _)| a.map(str::to_string)).collect();
     out.sort();
     out.dedup();
     out

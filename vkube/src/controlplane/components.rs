@@ -131,7 +131,7 @@ fn apiserver(l: &Layout<'_>) -> Vec<String> {
         // tenant's CSRs never get: a Node the tenant points at its own Service is not trusted.
         format!("--kubelet-client-certificate={}", file(c, "kubelet-client.crt")),
         format!("--kubelet-client-key={}", file(c, "kubelet-client.key")),
-        format!("--kubelet-certificate-authority={}", file(c, "kubelet-ca.crt")),
+        format!("--kubelet-certificate-authority={}", file(c, &format!("{}.crt", crate::pki_store::KUBELET_CA))),
         // Webhooks, aggregated APIs and proxies reach only this cluster's Services (`egress`).
         format!("--egress-selector-config-file={}", file(c, super::EGRESS_FILE)),
         "--profiling=false".into(),

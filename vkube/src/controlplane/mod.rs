@@ -654,10 +654,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             anyhow::anyhow!("the certificates have no {file} (made at start: restart the control plane)")
         })
     };
+    let ca = crate::pki_store::KUBELET_CA;
     let kubelet = vkube_apiproxy::kubelet::Kubelet::new(
         proxy.clone(),
-        kubelet_ca("kubelet-ca.crt")?,
-        kubelet_ca("kubelet-ca.key")?,
+        kubelet_ca(&format!("{ca}.crt"))?,
+        kubelet_ca(&format!("{ca}.key"))?,
     )?;
     let egress = tokio::spawn(serve_egress(args.clone(), host_services.clone(), kubelet));
     let options = vkube_syncer::context::Options {
