@@ -257,10 +257,28 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     // A pod force-deleted while the control plane is down: the sweep at restart finds its token.
     let forgotten = format!("{}-sa-token", tr(&vc).host_name("default", "forgotten"));
     assert!(secrets.get_opt(&forgotten).await.unwrap().is_some(), "the second pod's token Secret");
+    // The short token as a vkube before renewal times wrote it: a year long, no renewal time. The
+    // sweep at restart renews it once to what its projection asks.
+    let year_ahead = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(24 * 300);
+    let as_before = serde_json::json!({"metadata": {"annotations": {
+        "vkube.dev/token-renew-at": null, "vkube.dev/token-expires": year_ahead.to_string()}}});
+    let pp = kube::api::PatchParams::default();
+    secrets.patch(&short_name, &pp, &kube::api::Patch::Merge(&as_before)).await.expect("the short token's Secret");
     vc.kill_controller();
     vc.kubectl_direct_ok(&["delete", "pod", "forgotten", "--grace-period=0", "--force"]);
     vc.start_controller().await;
     eventually("the orphaned token Secret is swept", Duration::from_secs(30), || gone(forgotten.clone())).await;
+    let renewed = || {
+        let secrets = secrets.clone();
+        let name = short_name.clone();
+        async move {
+            let s = secrets.get(&name).await.map_err(|e| e.to_string())?;
+            Ok(s.annotations().contains_key("vkube.dev/token-renew-at").then_some(s))
+        }
+    };
+    let again = eventually("the year-long short token is renewed", Duration::from_secs(30), renewed).await;
+    let again_claims = claims(&String::from_utf8(again.data.unwrap()["token"].0.clone()).unwrap());
+    assert_eq!(life(&again_claims), 600, "as the projection asks: {again_claims}");
 }
 
 /// A pod whose projection asks for a 10-minute token for the audience `vault`.

@@ -72,7 +72,7 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
         // Ours and good; one left by an earlier pod of the same name is replaced (its token is
         // void), and so is one that expires soon.
         Some(o) if o.is(KIND, ns, name) => {
-            if o.uid == uid && !expires_soon(ctx, &current.metadata) {
+            if o.uid == uid && !expires_soon(ctx, &current.metadata, || pod.clone()) {
                 schedule_renewal(ctx, &current.metadata);
                 return Ok(());
             }
@@ -196,7 +196,7 @@ pub async fn renew_pod_annotations(ctx: &Context, v: &Pod, h: Arc<Pod>) -> Arc<P
     let Some(have) = h.metadata.annotations.as_ref().filter(|a| a.contains_key(ANNOTATION_TOKEN_EXPIRES)) else {
         return h;
     };
-    if !expires_soon(ctx, &h.metadata) {
+    if !expires_soon(ctx, &h.metadata, || v.clone()) {
         schedule_pod_renewal(ctx, v, have);
         return h;
     }
@@ -249,7 +249,7 @@ pub fn schedule_pod_renewal(ctx: &Context, v: &Pod, annotations: &BTreeMap<Strin
     if !annotations.contains_key(ANNOTATION_TOKEN_EXPIRES) {
         return;
     }
-    let due = renewal_due_in(ctx, Some(annotations));
+    let due = renewal_due_in(&ctx.opts.tokens, Some(annotations));
     if due < crate::RESYNC {
         ctx.queues.of::<Pod>().add_after(crate::informer::key_of(v), due.max(SOONEST_RENEWAL));
     }
@@ -258,12 +258,12 @@ pub fn schedule_pod_renewal(ctx: &Context, v: &Pod, annotations: &BTreeMap<Strin
 /// How long until the token of this Secret (or the first of this host pod's annotation tokens)
 /// is due for renewal (zero: now, or unknown): its renewal time, or for a token written without
 /// one, `--token-renew-before` before its expiry.
-fn renewal_due_in(ctx: &Context, annotations: Option<&BTreeMap<String, String>>) -> Duration {
+fn renewal_due_in(limits: &TokenLifetime, annotations: Option<&BTreeMap<String, String>>) -> Duration {
     let at = |key: &str| annotations.and_then(|a| a.get(key)).and_then(|t| t.parse::<Timestamp>().ok());
     let left = |t: Timestamp| Duration::from_secs(t.duration_since(Timestamp::now()).as_secs().max(0) as u64);
     match (at(ANNOTATION_TOKEN_RENEW_AT), at(ANNOTATION_TOKEN_EXPIRES)) {
         (Some(renew), _) => left(renew),
-        (None, Some(expires)) => left(expires).saturating_sub(ctx.opts.tokens.renew_before),
+        (None, Some(expires)) => left(expires).saturating_sub(limits.renew_before),
         (None, None) => Duration::ZERO,
     }
 }
@@ -308,8 +308,23 @@ pub(crate) async fn write_pods_secret(
     sync::replace_host(ctx, kind, &current, desired).await
 }
 
-fn expires_soon(ctx: &Context, meta: &ObjectMeta) -> bool {
-    renewal_due_in(ctx, meta.annotations.as_ref()).is_zero()
+/// Whether the token(s) written with `meta` are due for renewal now. Those written before tokens
+/// had a renewal time all lived `--token-lifetime`, whatever their pod asked: renewed once if it
+/// asks for shorter ones (`pod` is read only for those).
+fn expires_soon(ctx: &Context, meta: &ObjectMeta, pod: impl FnOnce() -> Pod) -> bool {
+    due_now(&ctx.opts.tokens, meta.annotations.as_ref(), pod)
+}
+
+fn due_now(limits: &TokenLifetime, annotations: Option<&BTreeMap<String, String>>, pod: impl FnOnce() -> Pod) -> bool {
+    let written_before_renewal_times = annotations
+        .is_some_and(|a| a.contains_key(ANNOTATION_TOKEN_EXPIRES) && !a.contains_key(ANNOTATION_TOKEN_RENEW_AT));
+    renewal_due_in(limits, annotations).is_zero()
+        || written_before_renewal_times && asks_for_short_tokens(limits, &pod())
+}
+
+/// Whether any of `pod`'s token projections asks for less than `--token-lifetime`.
+fn asks_for_short_tokens(limits: &TokenLifetime, pod: &Pod) -> bool {
+    translate::token_audiences(pod).iter().any(|a| lifetime(limits, pod, a.as_deref()) < limits.lifetime)
 }
 
 /// Queues the renewal of a token due before the next sweep would find it (short lifetimes); the
@@ -317,7 +332,7 @@ fn expires_soon(ctx: &Context, meta: &ObjectMeta) -> bool {
 /// a minute: a token the API server issued shorter than asked (its maximum expiration) would
 /// otherwise be renewed in a loop.
 fn schedule_renewal(ctx: &Context, meta: &ObjectMeta) {
-    let due = renewal_due_in(ctx, meta.annotations.as_ref());
+    let due = renewal_due_in(&ctx.opts.tokens, meta.annotations.as_ref());
     if let (true, Some(name)) = (due < crate::RESYNC, meta.name.clone()) {
         ctx.queues.tokens.add_after(name, due.max(SOONEST_RENEWAL));
     }
@@ -350,7 +365,7 @@ pub async fn reconcile(ctx: &Context, secret_name: String) -> Result<Action> {
         } else if owner.kind == crate::pod_certificates::KIND {
             // Refreshed on the pod's upward path, which knows whether it is due.
             ctx.queues.upward::<Pod>().add((owner.namespace, owner.name));
-        } else if expires_soon(ctx, &current.metadata) {
+        } else if expires_soon(ctx, &current.metadata, || pod.load()) {
             let audience =
                 current.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TOKEN_AUDIENCE)).cloned();
             ensure(ctx, &pod.load(), &secret_name, audience.as_deref()).await?;
@@ -389,7 +404,8 @@ async fn sweep_pages(ctx: &Context) -> Result<()> {
                 ctx.queues.upward::<Pod>().add((owner.namespace, owner.name));
                 continue;
             }
-            let act = owner.kind != KIND || pod_of(ctx, &s.metadata).is_none() || expires_soon(ctx, &s.metadata);
+            let act = owner.kind != KIND
+                || pod_of(ctx, &s.metadata).is_none_or(|p| expires_soon(ctx, &s.metadata, || p.load()));
             match (act, s.metadata.name.clone()) {
                 (true, Some(name)) => ctx.queues.tokens.add(name),
                 // A token due before the next sweep (a restart lost its timer): queued for its time.
@@ -460,5 +476,27 @@ mod tests {
         assert_eq!(renew_at(&l, now, now), now, "an expired one: now");
         let admin = TokenLifetime { lifetime: Duration::from_secs(600), renew_before: Duration::from_secs(540) };
         assert_eq!(renew_at(&admin, now, at(599)), at(59), "the admin's --token-renew-before for the full lifetime");
+    }
+
+    #[test]
+    fn tokens_written_before_renewal_times_are_renewed_once_if_their_pod_asks_for_shorter_ones() {
+        let l = limits();
+        let in_days = |d: i64| (Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(24 * d)).to_string();
+        let default_only =
+            || pod(serde_json::json!([{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]));
+        let short = || {
+            pod(serde_json::json!([
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                {"serviceAccountToken": {"path": "vault", "audience": "vault", "expirationSeconds": 600}},
+            ]))
+        };
+        let old: BTreeMap<String, String> = [(ANNOTATION_TOKEN_EXPIRES.to_string(), in_days(300))].into();
+        assert!(due_now(&l, Some(&old), short), "a year-long token where the pod asks for 10 minutes");
+        assert!(!due_now(&l, Some(&old), default_only), "the default projection's token: its year is what it asks");
+        let mut current = old.clone();
+        current.insert(ANNOTATION_TOKEN_RENEW_AT.into(), in_days(1));
+        assert!(!due_now(&l, Some(&current), || panic!("the pod is not read for a token with its renewal time")));
+        let ending: BTreeMap<String, String> = [(ANNOTATION_TOKEN_EXPIRES.to_string(), in_days(10))].into();
+        assert!(due_now(&l, Some(&ending), default_only), "within --token-renew-before of its end, as before");
     }
 }
