@@ -263,8 +263,8 @@ async fn a_pods_token_is_bound_to_it_and_goes_with_it() {
     let as_before = serde_json::json!({"metadata": {"annotations": {
         "vkube.dev/token-renew-at": null, "vkube.dev/token-expires": year_ahead.to_string()}}});
     let pp = kube::api::PatchParams::default();
-    secrets.patch(&short_name, &pp, &kube::api::Patch::Merge(&as_before)).await.expect("the short token's Secret");
     vc.kill_controller();
+    secrets.patch(&short_name, &pp, &kube::api::Patch::Merge(&as_before)).await.expect("the short token's Secret");
     vc.kubectl_direct_ok(&["delete", "pod", "forgotten", "--grace-period=0", "--force"]);
     vc.start_controller().await;
     eventually("the orphaned token Secret is swept", Duration::from_secs(30), || gone(forgotten.clone())).await;

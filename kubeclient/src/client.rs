@@ -71,10 +71,16 @@ async fn host_config(kubeconfig: Option<&Path>, context: Option<&str>) -> Result
 type GenericService = BoxService<http::Request<Body>, Response<Box<DynBody>>, BoxError>;
 
 /// kube's own client stack (kube-client's `ClientBuilder::try_from`: TLS, timeouts, retries of
-/// server errors, authentication, extra headers; without its debug spans) on connections with
-/// TCP_NODELAY. Without it a small write that follows another waits for the peer's delayed ACK
-/// (up to 40 ms on Linux): every frame of an exec, attach or port-forward session vkube relays.
+/// server errors, authentication, extra headers) on connections with TCP_NODELAY. Without it a
+/// small write that follows another waits for the peer's delayed ACK (up to 40 ms on Linux):
+/// every frame of an exec, attach or port-forward session vkube relays. Left out: kube's trace
+/// layer (vkube logs a failure where it handles it), the expiry of an exec plugin's client
+/// certificate (`Client::valid_until`, which nothing here reads), compression (kube's `gzip` is
+/// off). A kubeconfig with a proxy gets kube's own stack, which says the proxy is not supported.
 fn builder(config: Config) -> Result<ClientBuilder<GenericService>> {
+    if config.proxy_url.is_some() {
+        return Ok(ClientBuilder::try_from(config)?);
+    }
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);

@@ -308,23 +308,32 @@ pub(crate) async fn write_pods_secret(
     sync::replace_host(ctx, kind, &current, desired).await
 }
 
-/// Whether the token(s) written with `meta` are due for renewal now. Those written before tokens
-/// had a renewal time all lived `--token-lifetime`, whatever their pod asked: renewed once if it
-/// asks for shorter ones (`pod` is read only for those).
+/// Whether the token(s) written with `meta` (a token Secret's, or a host pod's with annotation
+/// delivery) are due for renewal now. Those written before tokens had a renewal time all lived
+/// `--token-lifetime`, whatever their pod asked: renewed once if it asks for a shorter one (the
+/// Secret's audience; any of the pod's for annotations, which hold them all). `pod` is read only
+/// for those.
 fn expires_soon(ctx: &Context, meta: &ObjectMeta, pod: impl FnOnce() -> Pod) -> bool {
-    due_now(&ctx.opts.tokens, meta.annotations.as_ref(), pod)
+    due_now(&ctx.opts.tokens, meta, pod)
 }
 
-fn due_now(limits: &TokenLifetime, annotations: Option<&BTreeMap<String, String>>, pod: impl FnOnce() -> Pod) -> bool {
+fn due_now(limits: &TokenLifetime, meta: &ObjectMeta, pod: impl FnOnce() -> Pod) -> bool {
+    let annotations = meta.annotations.as_ref();
     let written_before_renewal_times = annotations
         .is_some_and(|a| a.contains_key(ANNOTATION_TOKEN_EXPIRES) && !a.contains_key(ANNOTATION_TOKEN_RENEW_AT));
-    renewal_due_in(limits, annotations).is_zero()
-        || written_before_renewal_times && asks_for_short_tokens(limits, &pod())
-}
-
-/// Whether any of `pod`'s token projections asks for less than `--token-lifetime`.
-fn asks_for_short_tokens(limits: &TokenLifetime, pod: &Pod) -> bool {
-    translate::token_audiences(pod).iter().any(|a| lifetime(limits, pod, a.as_deref()) < limits.lifetime)
+    if renewal_due_in(limits, annotations).is_zero() {
+        return true;
+    }
+    if !written_before_renewal_times {
+        return false;
+    }
+    let pod = pod();
+    let shorter = |audience: Option<&str>| lifetime(limits, &pod, audience) < limits.lifetime;
+    if meta.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_TOKEN)) {
+        shorter(annotations.and_then(|a| a.get(ANNOTATION_TOKEN_AUDIENCE)).map(String::as_str))
+    } else {
+        translate::token_audiences(&pod).iter().any(|a| shorter(a.as_deref()))
+    }
 }
 
 /// Queues the renewal of a token due before the next sweep would find it (short lifetimes); the
@@ -490,13 +499,22 @@ mod tests {
                 {"serviceAccountToken": {"path": "vault", "audience": "vault", "expirationSeconds": 600}},
             ]))
         };
-        let old: BTreeMap<String, String> = [(ANNOTATION_TOKEN_EXPIRES.to_string(), in_days(300))].into();
-        assert!(due_now(&l, Some(&old), short), "a year-long token where the pod asks for 10 minutes");
-        assert!(!due_now(&l, Some(&old), default_only), "the default projection's token: its year is what it asks");
-        let mut current = old.clone();
-        current.insert(ANNOTATION_TOKEN_RENEW_AT.into(), in_days(1));
-        assert!(!due_now(&l, Some(&current), || panic!("the pod is not read for a token with its renewal time")));
-        let ending: BTreeMap<String, String> = [(ANNOTATION_TOKEN_EXPIRES.to_string(), in_days(10))].into();
-        assert!(due_now(&l, Some(&ending), default_only), "within --token-renew-before of its end, as before");
+        let meta = |pairs: &[(&str, String)], secret: bool| ObjectMeta {
+            annotations: Some(pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()),
+            labels: secret.then(|| [(LABEL_TOKEN.to_string(), "true".to_string())].into()),
+            ..Default::default()
+        };
+        let old = [(ANNOTATION_TOKEN_EXPIRES, in_days(300))];
+        let vault = [(ANNOTATION_TOKEN_EXPIRES, in_days(300)), (ANNOTATION_TOKEN_AUDIENCE, "vault".into())];
+        assert!(due_now(&l, &meta(&vault, true), short), "a year-long vault token where the pod asks for 10 minutes");
+        assert!(!due_now(&l, &meta(&old, true), short), "that pod's default token: its year is what it asks");
+        assert!(due_now(&l, &meta(&old, false), short), "annotations hold every audience's token");
+        assert!(!due_now(&l, &meta(&old, false), default_only), "the default projection's token alone");
+        let current = [(ANNOTATION_TOKEN_EXPIRES, in_days(300)), (ANNOTATION_TOKEN_RENEW_AT, in_days(1))];
+        assert!(!due_now(&l, &meta(&current, false), || panic!(
+            "the pod is read only for tokens without a renewal time"
+        )));
+        let ending = [(ANNOTATION_TOKEN_EXPIRES, in_days(10))];
+        assert!(due_now(&l, &meta(&ending, true), default_only), "within --token-renew-before of its end, as before");
     }
 }

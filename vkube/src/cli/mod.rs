@@ -96,8 +96,9 @@ pub async fn host_client() -> anyhow::Result<kube::Client> {
     let no_kubeconfig = std::env::var_os("KUBECONFIG").is_none()
         && std::env::var_os("HOME").is_none_or(|h| !PathBuf::from(h).join(".kube/config").exists());
     if no_kubeconfig && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-        let config = kube::Config::incluster().map_err(|e| anyhow::anyhow!("the pod's in-cluster credentials: {e}"))?;
-        return Ok(kube::Client::try_from(config)?);
+        return vkube_kubeclient::client::host(None, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("the pod's in-cluster credentials: {e}"));
     }
     let (path, context) = host_kubeconfig()?;
     Ok(vkube_kubeclient::client::from_kubeconfig_file(&path, context.as_deref()).await?)
