@@ -191,6 +191,20 @@ spec:
     let out = vc.kubectl_ok(&["get", "nodes", "-o", "jsonpath={.items[*].spec.unschedulable}{.items[*].spec.taints}"]);
     assert_eq!(out.trim(), "", "schedulable, untainted virtual nodes");
 
+    // A node label of the tenant's own: a pod selecting it runs on that node (the host never sees
+    // the label: the pod is pinned there), as on a cluster of its own.
+    vc.kubectl_ok(&["label", "node", &node_name, "disk=ssd"]);
+    vc.kubectl_ok(&["run", "on-ssd", "--image=nginx", "--overrides={\"spec\":{\"nodeSelector\":{\"disk\":\"ssd\"}}}"]);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/on-ssd", "--timeout=60s"]);
+    let on_ssd = host_pods.get(&tr.host_name("default", "on-ssd")).await.unwrap();
+    let spec = serde_json::to_value(on_ssd.spec.unwrap()).unwrap();
+    assert_eq!(spec["nodeName"], node_name.as_str());
+    assert_eq!(spec["nodeSelector"].get("disk"), None, "{spec}");
+    assert_eq!(
+        spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+        serde_json::json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node_name]}]}])
+    );
+
     // A ConfigMap whose host name a host object not ours holds: the pod reading it never starts.
     let foreign = tr.host_name("default", "settings");
     env.apply(&format!(

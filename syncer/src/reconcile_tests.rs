@@ -294,7 +294,7 @@ fn pod_pair(ctx: &Context, generation: i64, image: &str) -> (Pod, Pod) {
         cluster_domain: "cluster.local",
         service_links: &[],
         namespaces: &[],
-        known_node: &|_| false,
+        nodes: crate::pods::translate::NO_NODES,
         token_delivery: Default::default(),
     };
     let mut h = crate::pods::translate::host_pod(&env, &v).unwrap().pod;

@@ -6,7 +6,9 @@
 //!   taints, capacity and the admin's selector), and only for a node the cluster's pods already
 //!   run on (what its virtual nodes show, so a virtual DaemonSet still gets one pod per node);
 //! - node selector and node affinity keep label keys the admin lists and `metadata.name` fields
-//!   naming such nodes;
+//!   naming such nodes; a node selector's other keys are matched against the virtual cluster's
+//!   nodes (which the tenant may label), among those its pods may be pinned to: the pod is pinned
+//!   to the nodes that match, or is unschedulable if none does, as on a cluster of its own;
 //! - tolerations only for taints the admin lists as tolerable; the node-condition ones the
 //!   virtual cluster's own controllers add (DaemonSets) are dropped without a word;
 //! - runtime classes from the admin's list only (empty: the host's default).
@@ -57,11 +59,30 @@ impl Default for Scheduling {
     }
 }
 
+/// The nodes a tenant's pod may be pinned to, as the syncer knows them.
+#[derive(Clone, Copy)]
+pub struct Nodes<'a> {
+    /// Whether the cluster's pods run on (or may be pinned to) this host node.
+    pub known: &'a (dyn Fn(&str) -> bool + Sync),
+    /// The known nodes whose virtual nodes carry every label of this selector.
+    pub labelled: &'a (dyn Fn(&BTreeMap<String, String>) -> Vec<String> + Sync),
+}
+
+/// What became of a tenant's scheduling inputs.
+#[derive(Debug, Default, PartialEq)]
+pub struct Placement {
+    /// What was dropped, by field, for the tenant to be told.
+    pub dropped: Vec<String>,
+    /// Why no node can take the pod (its node selector matches none), as a scheduler says it.
+    pub unschedulable: Option<String>,
+}
+
 impl Scheduling {
-    /// Rewrites a host pod spec's scheduling inputs; `known_node` says whether the cluster's pods
-    /// run on a host node. Returns what was dropped, by field.
-    pub fn apply(&self, spec: &mut PodSpec, known_node: &dyn Fn(&str) -> bool) -> Vec<String> {
+    /// Rewrites a host pod spec's scheduling inputs against the nodes the pod may be pinned to.
+    pub fn apply(&self, spec: &mut PodSpec, nodes: &Nodes<'_>) -> Placement {
+        let known_node = nodes.known;
         let mut dropped = vec![];
+        let mut unschedulable = None;
         if let Some(rc) = spec.runtime_class_name.take() {
             if self.runtime_classes.contains(&rc) {
                 spec.runtime_class_name = Some(rc);
@@ -71,25 +92,36 @@ impl Scheduling {
         }
 
         let mut selector: BTreeMap<String, String> = BTreeMap::new();
+        let mut virtual_only: BTreeMap<String, String> = BTreeMap::new();
         for (k, v) in spec.node_selector.take().unwrap_or_default() {
             if self.tenant_node_labels.contains(&k) && !self.node_selector.contains_key(&k) {
                 selector.insert(k, v);
             } else {
-                dropped.push(format!("spec.nodeSelector[{k:?}]"));
+                virtual_only.insert(k, v);
             }
         }
         selector.extend(self.node_selector.clone());
         spec.node_selector = (!selector.is_empty()).then_some(selector);
+        let matching = (!virtual_only.is_empty()).then(|| (nodes.labelled)(&virtual_only));
+        if matching.as_ref().is_some_and(Vec::is_empty) {
+            let keys: Vec<&String> = virtual_only.keys().collect();
+            unschedulable = Some(format!(
+                "0 nodes are available: no node of this cluster matches the pod's node selector {keys:?} (keys the host does not show, matched against this cluster's nodes)"
+            ));
+        }
 
         let affinity = spec.affinity.get_or_insert_with(Default::default);
         let mut node_affinity = affinity.node_affinity.take().unwrap_or_default();
         self.node_affinity(&mut node_affinity, known_node, &mut dropped);
         if let Some(node) = spec.node_name.take() {
             if known_node(&node) {
-                pin(&mut node_affinity, &node);
+                pin(&mut node_affinity, std::slice::from_ref(&node));
             } else {
                 dropped.push(format!("spec.nodeName {node:?} (not a node of this virtual cluster)"));
             }
+        }
+        if let Some(nodes) = matching.filter(|m| !m.is_empty()) {
+            pin(&mut node_affinity, &nodes);
         }
         let empty = node_affinity.required_during_scheduling_ignored_during_execution.is_none()
             && node_affinity.preferred_during_scheduling_ignored_during_execution.is_none();
@@ -114,7 +146,7 @@ impl Scheduling {
             }
         }
         spec.tolerations = (!tolerations.is_empty()).then_some(tolerations);
-        dropped
+        Placement { dropped, unschedulable }
     }
 
     fn node_affinity(&self, a: &mut NodeAffinity, known_node: &dyn Fn(&str) -> bool, dropped: &mut Vec<String>) {
@@ -191,13 +223,10 @@ impl Scheduling {
     }
 }
 
-/// Requires `node` in every required term (terms are ORed, so each gets it).
-fn pin(a: &mut NodeAffinity, node: &str) {
-    let req = NodeSelectorRequirement {
-        key: "metadata.name".into(),
-        operator: "In".into(),
-        values: Some(vec![node.to_string()]),
-    };
+/// Requires one of `nodes` in every required term (terms are ORed, so each gets it).
+fn pin(a: &mut NodeAffinity, nodes: &[String]) {
+    let req =
+        NodeSelectorRequirement { key: "metadata.name".into(), operator: "In".into(), values: Some(nodes.to_vec()) };
     let required = a
         .required_during_scheduling_ignored_during_execution
         .get_or_insert_with(|| NodeSelector { node_selector_terms: vec![NodeSelectorTerm::default()] });
@@ -225,21 +254,33 @@ mod tests {
         }
     }
 
-    fn apply(s: &Scheduling, spec: serde_json::Value) -> (serde_json::Value, Vec<String>) {
+    /// Against nodes `node-1` (labelled `disk=ssd` in the virtual cluster) and `node-2`.
+    fn placed(s: &Scheduling, spec: serde_json::Value) -> (serde_json::Value, Placement) {
         let mut spec: PodSpec = serde_json::from_value(spec).unwrap();
-        let dropped = s.apply(&mut spec, &|n| n == "node-1");
-        (serde_json::to_value(spec).unwrap(), dropped)
+        let labels = |n: &str| -> BTreeMap<String, String> {
+            if n == "node-1" { [("disk".to_string(), "ssd".to_string())].into() } else { BTreeMap::new() }
+        };
+        let labelled = |sel: &BTreeMap<String, String>| -> Vec<String> {
+            ["node-1", "node-2"]
+                .into_iter()
+                .filter(|n| sel.iter().all(|(k, v)| labels(n).get(k) == Some(v)))
+                .map(String::from)
+                .collect()
+        };
+        let placement = s.apply(&mut spec, &Nodes { known: &|n| n == "node-1" || n == "node-2", labelled: &labelled });
+        (serde_json::to_value(spec).unwrap(), placement)
+    }
+
+    fn apply(s: &Scheduling, spec: serde_json::Value) -> (serde_json::Value, Vec<String>) {
+        let (host, placement) = placed(s, spec);
+        assert_eq!(placement.unschedulable, None);
+        (host, placement.dropped)
     }
 
     #[test]
     fn the_admin_decides_and_the_tenant_is_told() {
         let cases: Vec<(serde_json::Value, &str)> = vec![
             (json!({"nodeName": "control-plane"}), "spec.nodeName \"control-plane\""),
-            (
-                json!({"nodeSelector": {"node-role.kubernetes.io/control-plane": ""}}),
-                "nodeSelector[\"node-role.kubernetes.io/control-plane\"]",
-            ),
-            (json!({"nodeSelector": {"pool": "system"}}), "nodeSelector[\"pool\"]"),
             (json!({"tolerations": [{"operator": "Exists"}]}), "tolerations[0] (every taint)"),
             (
                 json!({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}),
@@ -309,6 +350,27 @@ mod tests {
         let keys: Vec<&str> =
             host["tolerations"].as_array().unwrap().iter().map(|t| t["key"].as_str().unwrap()).collect();
         assert_eq!(keys, ["node.kubernetes.io/not-ready", "dedicated"]);
+    }
+
+    #[test]
+    fn a_node_selector_the_host_does_not_show_is_matched_against_the_clusters_nodes() {
+        let (host, placement) =
+            placed(&admin(), json!({"containers": [{"name": "c"}], "nodeSelector": {"disk": "ssd"}}));
+        assert_eq!(placement, Placement::default());
+        assert_eq!(host["nodeSelector"], json!({"pool": "tenants"}), "the tenant's key never reaches the host");
+        assert_eq!(
+            host["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}]),
+            "pinned to the node labelled so"
+        );
+        for selector in
+            [json!({"disk": "hdd"}), json!({"pool": "system"}), json!({"node-role.kubernetes.io/control-plane": ""})]
+        {
+            let (host, placement) = placed(&admin(), json!({"containers": [{"name": "c"}], "nodeSelector": selector}));
+            let why = placement.unschedulable.expect("no node matches");
+            assert!(why.starts_with("0 nodes are available"), "{why}");
+            assert_eq!(host["nodeSelector"], json!({"pool": "tenants"}), "the admin's selector, alone: {host}");
+        }
     }
 
     #[test]

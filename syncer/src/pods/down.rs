@@ -1,5 +1,6 @@
 //! The downward path of a pod (virtual → host): its host copy created, kept in line, deleted.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,9 +105,15 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     };
     let links = service_links_for(ctx, v);
     let namespaces = ctx.namespace_labels();
-    let nodes = if pins_nodes(v) { pod_nodes(ctx) } else { Default::default() };
-    let known_node = |n: &str| nodes.contains(n);
-    let mut desired = match translate::host_pod(&pod_env(ctx, &dns_ip, &links, &namespaces, &known_node), v) {
+    // Looked up only for pods that name nodes or node labels the host does not show.
+    let nodes = std::sync::OnceLock::new();
+    let nodes = || nodes.get_or_init(|| pod_nodes(ctx));
+    let known = |n: &str| nodes().contains(n);
+    let labelled = |selector: &BTreeMap<String, String>| -> Vec<String> {
+        nodes().iter().filter(|n| virtual_node_matches(ctx, n, selector)).cloned().collect()
+    };
+    let env = pod_env(ctx, &dns_ip, &links, &namespaces, translate::Nodes { known: &known, labelled: &labelled });
+    let mut desired = match translate::host_pod(&env, v) {
         Ok(t) => {
             if !t.dropped.is_empty() {
                 let note = format!(
@@ -114,6 +121,9 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
                     t.dropped.join("; ")
                 );
                 sync::warn(ctx, v, "SchedulingDropped", &note).await;
+            }
+            if let Some(why) = t.unschedulable {
+                return unschedulable(ctx, v, &why).await;
             }
             t.pod
         }
@@ -230,7 +240,7 @@ fn pod_env<'a>(
     dns_ip: &'a str,
     service_links: &'a [k8s_openapi::api::core::v1::EnvVar],
     namespaces: &'a [crate::naming::NamespaceLabels],
-    known_node: &'a (dyn Fn(&str) -> bool + Sync),
+    nodes: translate::Nodes<'a>,
 ) -> PodEnv<'a> {
     PodEnv {
         translator: &ctx.tr,
@@ -240,15 +250,39 @@ fn pod_env<'a>(
         cluster_domain: &ctx.opts.cluster_domain,
         service_links,
         namespaces,
-        known_node,
+        nodes,
         token_delivery: ctx.opts.token_delivery,
     }
 }
 
-/// Whether the pod names host nodes (its node, or nodes in its affinity's fields).
-fn pins_nodes(v: &Pod) -> bool {
-    let Some(spec) = v.spec.as_ref() else { return false };
-    spec.node_name.is_some() || spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()).is_some()
+/// Whether the virtual node `name` carries every label of `selector` (the tenant may label it).
+fn virtual_node_matches(ctx: &Context, name: &str, selector: &BTreeMap<String, String>) -> bool {
+    let Some(node) = ctx.stores.vnodes.get(&ObjectRef::new(name)) else { return false };
+    let labels = node.metadata.labels.as_ref();
+    selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+/// How soon a pod no node can take is looked at again (the tenant may label a node meanwhile).
+const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(30);
+
+/// A pod no node of the cluster can take stays pending with nothing on the host, told as a
+/// scheduler tells it: `PodScheduled` false (reason `Unschedulable`) and a `FailedScheduling`
+/// Warning event; looked at again later.
+async fn unschedulable(ctx: &Context, v: &Pod, why: &str) -> Result<Action> {
+    let told = v.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
+        c.iter().any(|c| c.type_ == "PodScheduled" && c.status == "False" && c.message.as_deref() == Some(why))
+    });
+    if !told {
+        let condition = serde_json::json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": why, "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()});
+        let patch = serde_json::json!({"status": {"conditions": [condition]}});
+        let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
+        let name = v.metadata.name.as_deref().unwrap_or_default();
+        api.patch_status(name, &sync::patch_params(), &Patch::Strategic(&patch)).await?;
+        ctx.metrics.wrote(KIND, "unschedulable");
+        sync::warn(ctx, v, "FailedScheduling", why).await;
+    }
+    Ok(Action::RequeueAfter(UNSCHEDULABLE_RETRY))
 }
 
 /// The host nodes this cluster's pods run on, as the host says (not the virtual nodes, which the
@@ -286,7 +320,7 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod, dns_ip: &str) -> Result<Op
     // Environment variables and affinity cannot change after creation: no service links or
     // namespace labels to gather here (this runs for every pod at every resync).
     // Node affinity cannot change either: no nodes to look up (what is dropped was told at creation).
-    let mut desired = match translate::host_pod(&pod_env(ctx, dns_ip, &[], &[], &|_| false), v) {
+    let mut desired = match translate::host_pod(&pod_env(ctx, dns_ip, &[], &[], translate::NO_NODES), v) {
         Ok(t) => t.pod,
         // Something added since creation (an ephemeral container) breaks the policy: it stays
         // off the host, and the tenant is told.

@@ -29,6 +29,10 @@ use vkube_core::contract::{
 use crate::context::TokenDelivery;
 use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, NamespaceLabels, Translator};
 use crate::policy::{Policy, Refusal};
+pub use vkube_core::policy::scheduling::Nodes;
+
+/// No node to pin a pod to (a pod's node choice cannot change after creation: updates need none).
+pub const NO_NODES: Nodes<'static> = Nodes { known: &|_| false, labelled: &|_| Vec::new() };
 
 /// Facts about the virtual cluster that every pod translation needs.
 #[derive(Clone)]
@@ -47,17 +51,20 @@ pub struct PodEnv<'a> {
     /// Every virtual namespace with its labels: affinity terms' namespace selectors mean some
     /// of them.
     pub namespaces: &'a [NamespaceLabels],
-    /// Whether the cluster's host pods run on a host node (a tenant may pin pods to those).
-    pub known_node: &'a (dyn Fn(&str) -> bool + Sync),
+    /// The host nodes the cluster's pods run on (a tenant may pin pods to those), with their
+    /// virtual nodes' labels.
+    pub nodes: Nodes<'a>,
     /// Where the host pod reads its tokens from.
     pub token_delivery: TokenDelivery,
 }
 
-/// A host pod, and the tenant's scheduling inputs the admin's policy dropped from it.
+/// A host pod, the tenant's scheduling inputs the admin's policy dropped from it, and why no node
+/// can take it, if none can.
 #[derive(Clone, Debug)]
 pub struct Translated {
     pub pod: Pod,
     pub dropped: Vec<String>,
+    pub unschedulable: Option<String>,
 }
 
 /// The host Secret holding the virtual service-account token bound to pod `pod` (for
@@ -113,7 +120,7 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Translated, Refusal> {
     spec.overhead = None;
     spec.scheduler_name = None;
     spec.resource_claims = None;
-    let dropped = env.policy.scheduling.apply(&mut spec, env.known_node);
+    let placement = env.policy.scheduling.apply(&mut spec, &env.nodes);
     if spec.hostname.is_none() && is_dns_label(name) {
         spec.hostname = Some(name.to_string());
     }
@@ -172,7 +179,11 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Translated, Refusal> {
         }
     }
 
-    Ok(Translated { pod: Pod { metadata, spec: Some(spec), status: None }, dropped })
+    Ok(Translated {
+        pod: Pod { metadata, spec: Some(spec), status: None },
+        dropped: placement.dropped,
+        unschedulable: placement.unschedulable,
+    })
 }
 
 fn refusal(reason: &'static str, message: String) -> Refusal {
@@ -542,7 +553,7 @@ mod tests {
             cluster_domain: "cluster.local",
             service_links: &[],
             namespaces: &[],
-            known_node: &|_| false,
+            nodes: NO_NODES,
             token_delivery: Default::default(),
         }
     }
