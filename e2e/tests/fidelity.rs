@@ -191,10 +191,18 @@ spec:
     let out = vc.kubectl_ok(&["get", "nodes", "-o", "jsonpath={.items[*].spec.unschedulable}{.items[*].spec.taints}"]);
     assert_eq!(out.trim(), "", "schedulable, untainted virtual nodes");
 
-    // A node label of the tenant's own: a pod selecting it runs on that node (the host never sees
-    // the label: the pod is pinned there), as on a cluster of its own.
-    vc.kubectl_ok(&["label", "node", &node_name, "disk=ssd"]);
+    // A node label of the tenant's own: a pod selecting it waits until a node carries it, then runs
+    // on that node (the host never sees the label: the pod is pinned there), as on a cluster of
+    // its own.
     vc.kubectl_ok(&["run", "on-ssd", "--image=nginx", "--overrides={\"spec\":{\"nodeSelector\":{\"disk\":\"ssd\"}}}"]);
+    let waiting = vc.warned("default", "on-ssd", "0 nodes are available").await;
+    assert_eq!(waiting.reason.as_deref(), Some("FailedScheduling"));
+    assert!(
+        host_pods.get_opt(&tr.host_name("default", "on-ssd")).await.unwrap().is_none(),
+        "pending: nothing on the host"
+    );
+    vc.kubectl_ok(&["label", "node", &node_name, "disk=ssd"]);
+    // Brought back by the node's change (the fallback look is minutes away).
     vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/on-ssd", "--timeout=60s"]);
     let on_ssd = host_pods.get(&tr.host_name("default", "on-ssd")).await.unwrap();
     let spec = serde_json::to_value(on_ssd.spec.unwrap()).unwrap();

@@ -155,6 +155,9 @@ pub struct Context {
     pub queues: Queues,
     /// What each pod's host copy carries of it, as the downward path last saw.
     pub carried: crate::pods::CarriedIndex,
+    /// Pods no node of the cluster can take (their node selector): looked at again when a
+    /// virtual node changes (the tenant labels one, or one comes).
+    pub unschedulable: std::sync::Mutex<std::collections::BTreeSet<Key>>,
     /// Pod certificates asked for and not answered yet, and until when those issued are fresh.
     pub pod_certificates: crate::pod_certificates::Requests,
     /// Events on virtual objects (refusals, collisions).

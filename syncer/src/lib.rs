@@ -126,6 +126,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         },
         refs: Default::default(),
         carried: Default::default(),
+        unschedulable: Default::default(),
         pod_certificates: Default::default(),
         queues: sides.queues(queues),
         recorder: Recorder::new(virt, Reporter { controller: "vkube-syncer".into(), instance: None }),
@@ -271,7 +272,11 @@ impl Sides {
     fn start(self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>) -> SideWorkers {
         let Sides { mut vnodes, mut hevents, mut vnamespaces, workers, .. } = self;
         let c = ctx.clone();
-        vnodes.on_change(move |o, _| c.queues.nodes.add(key_of(o).1));
+        vnodes.on_change(move |o, _| {
+            c.queues.nodes.add(key_of(o).1);
+            let waiting = std::mem::take(&mut *c.unschedulable.lock().unwrap_or_else(|e| e.into_inner()));
+            waiting.into_iter().for_each(|k| c.queues.of::<k8s_openapi::api::core::v1::Pod>().add(k));
+        });
         let c = ctx.clone();
         hevents.on_change(move |o, change| {
             // A relist brings every event the host still keeps; those already mirrored (up to the

@@ -80,6 +80,7 @@ fn harness() -> Harness {
         },
         refs: Default::default(),
         carried: Default::default(),
+        unschedulable: Default::default(),
         pod_certificates: Default::default(),
         queues: Queues {
             kinds: queues,

@@ -94,6 +94,10 @@ impl Scheduling {
         let mut selector: BTreeMap<String, String> = BTreeMap::new();
         let mut virtual_only: BTreeMap<String, String> = BTreeMap::new();
         for (k, v) in spec.node_selector.take().unwrap_or_default() {
+            if self.node_selector.get(&k) == Some(&v) {
+                // The admin's own: every host pod asks for it.
+                continue;
+            }
             if self.tenant_node_labels.contains(&k) && !self.node_selector.contains_key(&k) {
                 selector.insert(k, v);
             } else {
@@ -102,11 +106,16 @@ impl Scheduling {
         }
         selector.extend(self.node_selector.clone());
         spec.node_selector = (!selector.is_empty()).then_some(selector);
-        let matching = (!virtual_only.is_empty()).then(|| (nodes.labelled)(&virtual_only));
+        let mut matching = (!virtual_only.is_empty()).then(|| (nodes.labelled)(&virtual_only));
+        let bound = spec.node_name.is_some();
+        if let (Some(m), Some(node)) = (matching.as_mut(), spec.node_name.as_ref()) {
+            // Bound by the tenant: that node or none, as its kubelet would admit it.
+            m.retain(|n| n == node);
+        }
         if matching.as_ref().is_some_and(Vec::is_empty) {
             let keys: Vec<&String> = virtual_only.keys().collect();
             unschedulable = Some(format!(
-                "0 nodes are available: no node of this cluster matches the pod's node selector {keys:?} (keys the host does not show, matched against this cluster's nodes)"
+                "0 nodes are available: no node of this cluster matches the pod's node selector on {keys:?} (labels the host's nodes do not show: label a node of this cluster, or ask the platform admin to allow the key)"
             ));
         }
 
@@ -120,7 +129,7 @@ impl Scheduling {
                 dropped.push(format!("spec.nodeName {node:?} (not a node of this virtual cluster)"));
             }
         }
-        if let Some(nodes) = matching.filter(|m| !m.is_empty()) {
+        if let Some(nodes) = matching.filter(|m| !m.is_empty() && !bound) {
             pin(&mut node_affinity, &nodes);
         }
         let empty = node_affinity.required_during_scheduling_ignored_during_execution.is_none()
@@ -362,6 +371,21 @@ mod tests {
             host["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
             json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}]),
             "pinned to the node labelled so"
+        );
+        let (host, placement) =
+            placed(&admin(), json!({"containers": [{"name": "c"}], "nodeSelector": {"pool": "tenants"}}));
+        assert_eq!(placement, Placement::default(), "the admin's own key and value: every host pod has it");
+        assert_eq!(host.get("affinity"), None);
+        let bound = json!({"containers": [{"name": "c"}], "nodeName": "node-2", "nodeSelector": {"disk": "ssd"}});
+        let (_, placement) = placed(&admin(), bound);
+        assert!(placement.unschedulable.is_some(), "bound to a node the selector does not match");
+        let bound = json!({"containers": [{"name": "c"}], "nodeName": "node-1", "nodeSelector": {"disk": "ssd"}});
+        let (host, placement) = placed(&admin(), bound);
+        assert_eq!(placement, Placement::default());
+        assert_eq!(
+            host["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}]),
+            "pinned once"
         );
         for selector in
             [json!({"disk": "hdd"}), json!({"pool": "system"}), json!({"node-role.kubernetes.io/control-plane": ""})]

@@ -115,15 +115,15 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     let env = pod_env(ctx, &dns_ip, &links, &namespaces, translate::Nodes { known: &known, labelled: &labelled });
     let mut desired = match translate::host_pod(&env, v) {
         Ok(t) => {
+            if let Some(why) = t.unschedulable {
+                return unschedulable(ctx, v, &why).await;
+            }
             if !t.dropped.is_empty() {
                 let note = format!(
                     "not carried to the host (the platform admin decides where pods run): {}",
                     t.dropped.join("; ")
                 );
                 sync::warn(ctx, v, "SchedulingDropped", &note).await;
-            }
-            if let Some(why) = t.unschedulable {
-                return unschedulable(ctx, v, &why).await;
             }
             t.pod
         }
@@ -262,13 +262,15 @@ fn virtual_node_matches(ctx: &Context, name: &str, selector: &BTreeMap<String, S
     selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
-/// How soon a pod no node can take is looked at again (the tenant may label a node meanwhile).
-const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(30);
+/// How soon a pod no node can take is looked at again at the latest; a change of a virtual node
+/// (the tenant labels one, or one comes) brings it back at once.
+const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(300);
 
 /// A pod no node of the cluster can take stays pending with nothing on the host, told as a
 /// scheduler tells it: `PodScheduled` false (reason `Unschedulable`) and a `FailedScheduling`
-/// Warning event; looked at again later.
+/// Warning event; looked at again when a virtual node changes.
 async fn unschedulable(ctx: &Context, v: &Pod, why: &str) -> Result<Action> {
+    ctx.unschedulable.lock().unwrap_or_else(|e| e.into_inner()).insert(key_of(v));
     let told = v.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
         c.iter().any(|c| c.type_ == "PodScheduled" && c.status == "False" && c.message.as_deref() == Some(why))
     });
