@@ -63,6 +63,9 @@ pub const ANNOTATION_CERTIFICATES_REFRESH: &str = "vkube.dev/certificates-refres
 
 /// Marks virtual nodes the syncer made (only those are ever deleted).
 pub const LABEL_FAKE_NODE: &str = "vkube.dev/fake-node";
+/// On a virtual node: the host node's taints its last refresh put there (`key:effect`,
+/// comma-separated); the node's other taints are the tenant's own, and stay.
+pub const ANNOTATION_HOST_TAINTS: &str = "vkube.dev/host-taints";
 /// The kubelet port virtual nodes advertise: the virtual API server's connections to it go
 /// through vkube's egress proxy, which serves them itself (`vkube_apiproxy::kubelet`).
 pub const KUBELET_PORT: u16 = 10250;

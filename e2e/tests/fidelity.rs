@@ -33,7 +33,7 @@ async fn the_tenant_sees_its_own_qos_gates_variables_nodes_and_node_ports() {
         allow_node_port_choice: true,
         ..Default::default()
     };
-    let vc = env.virtual_cluster_with_policy("fidelity", policy, &["--sync-all-nodes"]).await;
+    let mut vc = env.virtual_cluster_with_policy("fidelity", policy, &["--sync-all-nodes"]).await;
     let tr = vc.translator();
     let host = env.client().await;
 
@@ -344,4 +344,62 @@ spec:
     })
     .await;
     assert_eq!(placed.len(), host_nodes.len());
+
+    // A NoExecute taint of the tenant's own on a virtual node evicts the pods that do not
+    // tolerate it, as on a cluster of its own (the virtual controller manager's taint eviction),
+    // and the DaemonSet keeps off that node; the taint survives the syncer's refresh of the node.
+    let agents_on = || async {
+        let list = host_pods.list(&ListParams::default().labels("t.vkube.dev/app=agent")).await;
+        let mut nodes: Vec<String> =
+            list.map_err(|e| e.to_string())?.items.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+        nodes.sort();
+        Ok::<_, String>(nodes)
+    };
+    let (drained, others) = (placed[0].clone(), placed[1..].to_vec());
+    for (pod, tolerations) in
+        [("plain-on-drained", "[]"), ("tolerant", r#"[{"key": "e2e.vkube.dev/drain", "operator": "Exists"}]"#)]
+    {
+        let spec = format!(
+            r#"{{"spec": {{"nodeSelector": {{"kubernetes.io/hostname": "{drained}"}}, "tolerations": {tolerations}}}}}"#
+        );
+        vc.kubectl_ok(&["run", pod, "--image=nginx", &format!("--overrides={spec}")]);
+        vc.kubectl_ok(&["wait", "--for=condition=Ready", &format!("pod/{pod}"), "--timeout=60s"]);
+    }
+    vc.kubectl_ok(&["taint", "node", &drained, "e2e.vkube.dev/drain=now:NoExecute"]);
+    eventually("the DaemonSet's pod evicted from the tainted node", Duration::from_secs(60), || async {
+        let nodes = agents_on().await?;
+        Ok((nodes == others).then_some(()))
+    })
+    .await;
+    eventually("the pod without a toleration evicted, from the host too", Duration::from_secs(60), || async {
+        let gone = vpods.get_opt("plain-on-drained").await.map_err(|e| e.to_string())?.is_none();
+        let host_gone =
+            host_pods.get_opt(&tr.host_name("default", "plain-on-drained")).await.map_err(|e| e.to_string())?.is_none();
+        Ok((gone && host_gone).then_some(()))
+    })
+    .await;
+    assert!(
+        host_pods.get_opt(&tr.host_name("default", "tolerant")).await.unwrap().is_some(),
+        "the tolerating pod stays"
+    );
+    // The refresh after a restart rewrites the node's record of the host's taints: made stale
+    // here, so that its rewrite shows the refresh has run.
+    vc.kubectl_ok(&["annotate", "--overwrite", "node", &drained, "vkube.dev/host-taints=stale:NoSchedule"]);
+    vc.kill_controller();
+    vc.start_controller().await;
+    let refreshed = eventually("the node refreshed after the restart", Duration::from_secs(60), || async {
+        let n = vnodes.get(&drained).await.map_err(|e| e.to_string())?;
+        let record = n.annotations().get("vkube.dev/host-taints").cloned();
+        Ok((record.as_deref() != Some("stale:NoSchedule")).then_some(n))
+    })
+    .await;
+    let taints: Vec<String> =
+        refreshed.spec.and_then(|s| s.taints).unwrap_or_default().into_iter().map(|t| t.key).collect();
+    assert_eq!(taints, ["e2e.vkube.dev/drain"], "the tenant's taint stays through the refresh");
+    assert_eq!(agents_on().await.unwrap(), others, "no DaemonSet pod back on the tainted node");
+    vc.kubectl_ok(&["taint", "node", &drained, "e2e.vkube.dev/drain=now:NoExecute-"]);
+    eventually("the DaemonSet's pod back once the taint is gone", Duration::from_secs(60), || async {
+        Ok((agents_on().await? == placed).then_some(()))
+    })
+    .await;
 }

@@ -2,7 +2,8 @@
 //! The node exists while pods are bound to it (created on first use, removed after the last).
 //! It shows the host node's placement labels, capacity, conditions and the taints the tenant's
 //! pods would have to tolerate there (none the admin's tolerations already cover), refreshed
-//! every few minutes; never the host's identity (machine, system and boot IDs).
+//! every few minutes; never the host's identity (machine, system and boot IDs). Taints the
+//! tenant puts on it stay (the virtual controller manager evicts for its NoExecute ones).
 
 use std::collections::BTreeMap;
 
@@ -25,6 +26,7 @@ const NEW_NODE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often a used virtual node is brought up to date with its host node.
 const REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
 
+use vkube_core::contract::ANNOTATION_HOST_TAINTS;
 pub use vkube_core::contract::LABEL_FAKE_NODE as LABEL_FAKE;
 
 /// Host node labels worth showing in the virtual cluster (placement, not host internals).
@@ -58,6 +60,29 @@ pub fn virtual_node(name: &str, host: Option<&Node>) -> Node {
 pub fn virtual_taints(host: Option<&Node>, admin: &[Toleration]) -> Vec<Taint> {
     let taints = host.and_then(|h| h.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
     taints.into_iter().filter(|t| !admin.iter().any(|tol| tolerates(tol, t))).collect()
+}
+
+/// A taint's identity on a node (the API server allows one per key and effect).
+fn taint_id(t: &Taint) -> String {
+    format!("{}:{}", t.key, t.effect)
+}
+
+/// The taints a virtual node should carry, and the annotation that records which of them came
+/// from the host: the host's (`host`, from [`virtual_taints`]) and the tenant's own, which are
+/// those on the node now (`current`) that the last refresh did not put there (`mirrored`, the
+/// node's `ANNOTATION_HOST_TAINTS`; none on a node of a vkube that kept no tenant taints, whose
+/// taints all came from the host). A host taint that went from the host goes; one of the
+/// tenant's with a host taint's key and effect gives way to it.
+pub fn merged_taints(host: Vec<Taint>, current: &[Taint], mirrored: Option<&str>) -> (Vec<Taint>, String) {
+    let record = host.iter().map(taint_id).collect::<Vec<_>>().join(",");
+    let from_host: std::collections::BTreeSet<String> = host.iter().map(taint_id).collect();
+    let tenants = current.iter().filter(|t| {
+        let id = taint_id(t);
+        mirrored.is_some_and(|m| !m.split(',').any(|m| m == id)) && !from_host.contains(&id)
+    });
+    let mut taints = host.clone();
+    taints.extend(tenants.cloned());
+    (taints, record)
 }
 
 /// Whether `tol` tolerates `taint`, as the scheduler decides it.
@@ -143,14 +168,30 @@ async fn host_node(ctx: &Context, name: &str) -> Option<Node> {
 }
 
 /// Brings the virtual node's taints and status to what its host node shows, writing only what
-/// differs from `current` (heartbeat times aside).
+/// differs from `current` (heartbeat times aside); the tenant's own taints stay.
 async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option<&Node>) -> Result<()> {
     let api: Api<Node> = Api::all(ctx.virt.clone());
-    let taints = virtual_taints(host, &ctx.policy.scheduling.tolerations);
     let have_taints = current.and_then(|n| n.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
-    if current.is_none() || have_taints != taints {
-        // The whole list, so the API server's `not-ready` taint on a new node goes.
-        let patch = Node { spec: Some(NodeSpec { taints: Some(taints), ..Default::default() }), ..Default::default() };
+    let have_record =
+        current.and_then(|n| n.metadata.annotations.as_ref()).and_then(|a| a.get(ANNOTATION_HOST_TAINTS)).cloned();
+    // A new node's taints are the API server's `not-ready` one: none of the tenant's yet.
+    let (taints, record) = merged_taints(
+        virtual_taints(host, &ctx.policy.scheduling.tolerations),
+        if current.is_some() { &have_taints } else { &[] },
+        have_record.as_deref(),
+    );
+    if current.is_none() || have_taints != taints || have_record.as_ref() != Some(&record) {
+        // The whole list, at the version read (a taint the tenant adds meanwhile is not lost:
+        // the conflict brings the node back with it).
+        let patch = Node {
+            metadata: ObjectMeta {
+                annotations: Some([(ANNOTATION_HOST_TAINTS.to_string(), record)].into()),
+                resource_version: current.and_then(|n| n.metadata.resource_version.clone()),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec { taints: Some(taints), ..Default::default() }),
+            ..Default::default()
+        };
         api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
         ctx.metrics.wrote(KIND, "taints");
     }
@@ -246,8 +287,10 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
                 }
                 due
             };
-            if due {
-                refresh(ctx, &name, host_node(ctx, &name).await.as_ref(), Some(&n)).await?;
+            if due && let Err(e) = refresh(ctx, &name, host_node(ctx, &name).await.as_ref(), Some(&n)).await {
+                // Due again at the retry (a conflict with the tenant's own edit, say).
+                ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                return Err(e);
             }
             return Ok(Action::RequeueAfter(REFRESH));
         }
@@ -314,5 +357,31 @@ mod tests {
         assert_eq!(virtual_taints(Some(&host), &wrong_value).len(), 3);
         let conditions = virtual_node_status("n1", Some(&host)).conditions.unwrap();
         assert_eq!((conditions[0].type_.as_str(), conditions[0].status.as_str()), ("Ready", "False"), "the host's");
+    }
+
+    #[test]
+    fn the_tenants_own_taints_stay_through_a_refresh_and_the_hosts_follow_the_host() {
+        let taint = |key: &str, effect: &str| Taint { key: key.into(), effect: effect.into(), ..Default::default() };
+        let ids = |t: &[Taint]| t.iter().map(taint_id).collect::<Vec<_>>();
+        // The last refresh put gpu:NoSchedule; the tenant added evict:NoExecute since.
+        let current = [taint("gpu", "NoSchedule"), taint("evict", "NoExecute")];
+        let (taints, record) = merged_taints(vec![taint("gpu", "NoSchedule")], &current, Some("gpu:NoSchedule"));
+        assert_eq!(ids(&taints), ["gpu:NoSchedule", "evict:NoExecute"]);
+        assert_eq!(record, "gpu:NoSchedule");
+        // The host lifted gpu and added disk: gpu goes, disk comes, the tenant's stays.
+        let (taints, record) = merged_taints(vec![taint("disk", "NoSchedule")], &current, Some("gpu:NoSchedule"));
+        assert_eq!(ids(&taints), ["disk:NoSchedule", "evict:NoExecute"]);
+        assert_eq!(record, "disk:NoSchedule");
+        // A node of an older vkube (no record): every taint it carries came from the host.
+        let (taints, record) = merged_taints(vec![taint("disk", "NoSchedule")], &current, None);
+        assert_eq!((ids(&taints), record.as_str()), (vec!["disk:NoSchedule".to_string()], "disk:NoSchedule"));
+        // The tenant's taint with a host taint's key and effect: the host's, once.
+        let mut theirs = taint("gpu", "NoSchedule");
+        theirs.value = Some("mine".into());
+        let (taints, _) = merged_taints(vec![taint("gpu", "NoSchedule")], &[theirs], Some(""));
+        assert_eq!(ids(&taints), ["gpu:NoSchedule"]);
+        assert_eq!(taints[0].value, None);
+        // No host taints and nothing of the tenant's: none, and an empty record.
+        assert_eq!(merged_taints(vec![], &[], None), (vec![], String::new()));
     }
 }

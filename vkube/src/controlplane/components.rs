@@ -36,11 +36,12 @@ pub fn admission_config(level: vkube_core::policy::PodSecurityLevel) -> String {
 }
 
 /// Controllers that make no sense without real nodes or volumes behind the virtual cluster: the
-/// syncer creates the virtual nodes and copies volume state from the host.
-pub const DISABLED_CONTROLLERS: [&str; 8] = [
+/// syncer creates the virtual nodes and copies volume state from the host. (Taint eviction
+/// runs: it evicts for the NoExecute taints a tenant puts on its virtual nodes, and for the
+/// host's shown there, as the host does for the host copies.)
+pub const DISABLED_CONTROLLERS: [&str; 7] = [
     "node-ipam-controller",
     "node-lifecycle-controller",
-    "taint-eviction-controller",
     "device-taint-eviction-controller",
     "persistentvolume-binder-controller",
     "persistentvolume-attach-detach-controller",
