@@ -382,6 +382,31 @@ spec:
         host_pods.get_opt(&tr.host_name("default", "tolerant")).await.unwrap().is_some(),
         "the tolerating pod stays"
     );
+    // New pods keep off the tainted node, and off a cordoned one; with every node closed a pod
+    // waits (nothing on the host) until one opens.
+    vc.kubectl_ok(&["run", "elsewhere", "--image=nginx"]);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/elsewhere", "--timeout=60s"]);
+    let elsewhere = host_pods.get(&tr.host_name("default", "elsewhere")).await.unwrap();
+    let spec = serde_json::to_value(elsewhere.spec.unwrap()).unwrap();
+    assert_ne!(spec["nodeName"], drained.as_str());
+    assert_eq!(
+        spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+        json!([{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": [drained]}]}])
+    );
+    for other in &others {
+        vc.kubectl_ok(&["cordon", other]);
+    }
+    vc.kubectl_ok(&["run", "nowhere", "--image=nginx"]);
+    let waiting = vc.warned("default", "nowhere", "every node of this cluster is cordoned").await;
+    assert_eq!(waiting.reason.as_deref(), Some("FailedScheduling"));
+    assert!(
+        host_pods.get_opt(&tr.host_name("default", "nowhere")).await.unwrap().is_none(),
+        "pending: nothing on the host"
+    );
+    vc.kubectl_ok(&["uncordon", &others[0]]);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/nowhere", "--timeout=60s"]);
+    let nowhere = host_pods.get(&tr.host_name("default", "nowhere")).await.unwrap();
+    assert_eq!(nowhere.spec.and_then(|s| s.node_name).as_ref(), Some(&others[0]));
     // The refresh after a restart rewrites the node's record of the host's taints: made stale
     // here, so that its rewrite shows the refresh has run.
     vc.kubectl_ok(&["annotate", "--overwrite", "node", &drained, "vkube.dev/host-taints=stale:NoSchedule"]);

@@ -85,6 +85,30 @@ pub fn merged_taints(host: Vec<Taint>, current: &[Taint], mirrored: Option<&str>
     (taints, record)
 }
 
+/// The taint a cordoned node carries for the scheduler (its node lifecycle controller's).
+const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
+
+/// Whether the tenant closed this virtual node to a pod with `tolerations`: cordoned it, or put
+/// a NoSchedule or NoExecute taint of its own on it that they do not tolerate. (The host's taints
+/// shown there are the host scheduler's to enforce, on what it sees now.)
+pub fn closed_to(node: &Node, tolerations: &[Toleration]) -> bool {
+    let tolerated = |t: &Taint| tolerations.iter().any(|tol| tolerates(tol, t));
+    let spec = node.spec.as_ref();
+    let cordon = Taint { key: UNSCHEDULABLE_TAINT.into(), effect: "NoSchedule".into(), ..Default::default() };
+    if spec.and_then(|s| s.unschedulable) == Some(true) && !tolerated(&cordon) {
+        return true;
+    }
+    let Some(mirrored) = node.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_HOST_TAINTS)) else {
+        // Not refreshed by this vkube yet: every taint on it is the host's.
+        return false;
+    };
+    let taints = spec.and_then(|s| s.taints.as_deref()).unwrap_or_default();
+    taints.iter().any(|t| {
+        let id = taint_id(t);
+        t.effect != "PreferNoSchedule" && !mirrored.split(',').any(|m| m == id) && !tolerated(t)
+    })
+}
+
 /// Whether `tol` tolerates `taint`, as the scheduler decides it.
 fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
     let effect = tol.effect.as_deref().unwrap_or_default();
@@ -357,6 +381,41 @@ mod tests {
         assert_eq!(virtual_taints(Some(&host), &wrong_value).len(), 3);
         let conditions = virtual_node_status("n1", Some(&host)).conditions.unwrap();
         assert_eq!((conditions[0].type_.as_str(), conditions[0].status.as_str()), ("Ready", "False"), "the host's");
+    }
+
+    #[test]
+    fn a_node_the_tenant_cordoned_or_tainted_is_closed_to_pods_that_do_not_tolerate_it() {
+        let node = |spec: serde_json::Value, record: Option<&str>| -> Node {
+            let mut n: Node =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": "n1"}, "spec": spec})).unwrap();
+            if let Some(r) = record {
+                n.metadata.annotations = Some([(ANNOTATION_HOST_TAINTS.to_string(), r.to_string())].into());
+            }
+            n
+        };
+        let tolerations = |v: serde_json::Value| -> Vec<Toleration> { serde_json::from_value(v).unwrap() };
+        let none = tolerations(serde_json::json!([]));
+        assert!(!closed_to(&node(serde_json::json!({}), Some("")), &none));
+        let cordoned = node(serde_json::json!({"unschedulable": true}), None);
+        assert!(closed_to(&cordoned, &none));
+        let daemon = tolerations(
+            serde_json::json!([{"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"}]),
+        );
+        assert!(!closed_to(&cordoned, &daemon), "a DaemonSet's pods tolerate the cordon");
+        let taints = |effect: &str| serde_json::json!({"taints": [{"key": "gpu", "effect": "NoSchedule"}, {"key": "drain", "value": "now", "effect": effect}]});
+        let tainted = |effect: &str| node(taints(effect), Some("gpu:NoSchedule"));
+        assert!(closed_to(&tainted("NoSchedule"), &none));
+        assert!(closed_to(&tainted("NoExecute"), &none));
+        assert!(!closed_to(&tainted("PreferNoSchedule"), &none), "a preference only");
+        assert!(!closed_to(&tainted("NoExecute"), &tolerations(serde_json::json!([{"key": "drain", "value": "now"}]))));
+        assert!(closed_to(
+            &tainted("NoExecute"),
+            &tolerations(serde_json::json!([{"key": "drain", "value": "later"}]))
+        ));
+        let host_only =
+            node(serde_json::json!({"taints": [{"key": "gpu", "effect": "NoSchedule"}]}), Some("gpu:NoSchedule"));
+        assert!(!closed_to(&host_only, &none), "the host's taint: the host scheduler's to enforce");
+        assert!(!closed_to(&node(taints("NoSchedule"), None), &none), "not refreshed yet: all the host's");
     }
 
     #[test]

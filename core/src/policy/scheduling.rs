@@ -9,6 +9,10 @@
 //!   naming such nodes; a node selector's other keys are matched against the virtual cluster's
 //!   nodes (which the tenant may label), among those its pods may be pinned to: the pod is pinned
 //!   to the nodes that match, or is unschedulable if none does, as on a cluster of its own;
+//! - virtual nodes the tenant cordoned, or tainted (NoSchedule, NoExecute) with a taint the pod
+//!   does not tolerate, are kept from the pod (`metadata.name NotIn`), unschedulable if they are
+//!   all the nodes it may go to; a pod the tenant bound by `nodeName` goes there regardless, as a
+//!   kubelet admits it;
 //! - tolerations only for taints the admin lists as tolerable; the node-condition ones the
 //!   virtual cluster's own controllers add (DaemonSets) are dropped without a word;
 //! - runtime classes from the admin's list only (empty: the host's default).
@@ -66,6 +70,17 @@ pub struct Nodes<'a> {
     pub known: &'a (dyn Fn(&str) -> bool + Sync),
     /// The known nodes whose virtual nodes carry every label of this selector.
     pub labelled: &'a (dyn Fn(&BTreeMap<String, String>) -> Vec<String> + Sync),
+    /// The known nodes closed to a pod with these tolerations (see [`Closed`]).
+    pub closed: &'a (dyn Fn(&[Toleration]) -> Closed + Sync),
+}
+
+/// The known nodes a pod may not go to: cordoned by the tenant, or carrying a NoSchedule or
+/// NoExecute taint of the tenant's the pod does not tolerate.
+#[derive(Debug, Default, PartialEq)]
+pub struct Closed {
+    pub nodes: Vec<String>,
+    /// Whether they are every node the cluster's pods may go to.
+    pub every_known: bool,
 }
 
 /// What became of a tenant's scheduling inputs.
@@ -112,10 +127,22 @@ impl Scheduling {
             // Bound by the tenant: that node or none, as its kubelet would admit it.
             m.retain(|n| n == node);
         }
+        // Bound by the tenant: its kubelet admits it whatever the node's cordon and taints.
+        let closed =
+            if bound { Closed::default() } else { (nodes.closed)(spec.tolerations.as_deref().unwrap_or_default()) };
+        if let Some(m) = matching.as_mut() {
+            m.retain(|n| !closed.nodes.contains(n));
+        }
         if matching.as_ref().is_some_and(Vec::is_empty) {
             let keys: Vec<&String> = virtual_only.keys().collect();
+            let also = if closed.nodes.is_empty() { "" } else { " that is not cordoned or tainted against it" };
             unschedulable = Some(format!(
-                "0 nodes are available: no node of this cluster matches the pod's node selector on {keys:?} (labels the host's nodes do not show: label a node of this cluster, or ask the platform admin to allow the key)"
+                "0 nodes are available: no node of this cluster{also} matches the pod's node selector on {keys:?} (labels the host's nodes do not show: label a node of this cluster, or ask the platform admin to allow the key)"
+            ));
+        } else if closed.every_known {
+            unschedulable = Some(format!(
+                "0 nodes are available: every node of this cluster is cordoned or has a taint the pod does not tolerate ({}): uncordon or untaint one, or add a toleration",
+                closed.nodes.join(", ")
             ));
         }
 
@@ -124,13 +151,15 @@ impl Scheduling {
         self.node_affinity(&mut node_affinity, known_node, &mut dropped);
         if let Some(node) = spec.node_name.take() {
             if known_node(&node) {
-                pin(&mut node_affinity, std::slice::from_ref(&node));
+                pin(&mut node_affinity, "In", std::slice::from_ref(&node));
             } else {
                 dropped.push(format!("spec.nodeName {node:?} (not a node of this virtual cluster)"));
             }
         }
         if let Some(nodes) = matching.filter(|m| !m.is_empty() && !bound) {
-            pin(&mut node_affinity, &nodes);
+            pin(&mut node_affinity, "In", &nodes);
+        } else if !closed.nodes.is_empty() {
+            pin(&mut node_affinity, "NotIn", &closed.nodes);
         }
         let empty = node_affinity.required_during_scheduling_ignored_during_execution.is_none()
             && node_affinity.preferred_during_scheduling_ignored_during_execution.is_none();
@@ -232,10 +261,14 @@ impl Scheduling {
     }
 }
 
-/// Requires one of `nodes` in every required term (terms are ORed, so each gets it).
-fn pin(a: &mut NodeAffinity, nodes: &[String]) {
-    let req =
-        NodeSelectorRequirement { key: "metadata.name".into(), operator: "In".into(), values: Some(nodes.to_vec()) };
+/// Requires one of `nodes` (`In`) or none of them (`NotIn`) in every required term (terms are
+/// ORed, so each gets it).
+fn pin(a: &mut NodeAffinity, operator: &str, nodes: &[String]) {
+    let req = NodeSelectorRequirement {
+        key: "metadata.name".into(),
+        operator: operator.into(),
+        values: Some(nodes.to_vec()),
+    };
     let required = a
         .required_during_scheduling_ignored_during_execution
         .get_or_insert_with(|| NodeSelector { node_selector_terms: vec![NodeSelectorTerm::default()] });
@@ -265,6 +298,12 @@ mod tests {
 
     /// Against nodes `node-1` (labelled `disk=ssd` in the virtual cluster) and `node-2`.
     fn placed(s: &Scheduling, spec: serde_json::Value) -> (serde_json::Value, Placement) {
+        placed_closing(s, spec, &[])
+    }
+
+    /// Like [`placed`], with `closed` cordoned or tainted by the tenant (`drain`), which a pod
+    /// tolerating `drain` may still go to.
+    fn placed_closing(s: &Scheduling, spec: serde_json::Value, closed: &[&str]) -> (serde_json::Value, Placement) {
         let mut spec: PodSpec = serde_json::from_value(spec).unwrap();
         let labels = |n: &str| -> BTreeMap<String, String> {
             if n == "node-1" { [("disk".to_string(), "ssd".to_string())].into() } else { BTreeMap::new() }
@@ -276,7 +315,14 @@ mod tests {
                 .map(String::from)
                 .collect()
         };
-        let placement = s.apply(&mut spec, &Nodes { known: &|n| n == "node-1" || n == "node-2", labelled: &labelled });
+        let closed = |tolerations: &[Toleration]| {
+            if tolerations.iter().any(|t| t.key.as_deref() == Some("drain")) {
+                return Closed::default();
+            }
+            Closed { nodes: closed.iter().map(|n| n.to_string()).collect(), every_known: closed.len() == 2 }
+        };
+        let known = |n: &str| n == "node-1" || n == "node-2";
+        let placement = s.apply(&mut spec, &Nodes { known: &known, labelled: &labelled, closed: &closed });
         (serde_json::to_value(spec).unwrap(), placement)
     }
 
@@ -395,6 +441,53 @@ mod tests {
             assert!(why.starts_with("0 nodes are available"), "{why}");
             assert_eq!(host["nodeSelector"], json!({"pool": "tenants"}), "the admin's selector, alone: {host}");
         }
+    }
+
+    #[test]
+    fn nodes_the_tenant_cordoned_or_tainted_are_kept_from_pods_that_do_not_tolerate_it() {
+        let required = |host: &serde_json::Value| {
+            host["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+                .clone()
+        };
+        let plain = json!({"containers": [{"name": "c"}]});
+        let (host, placement) = placed_closing(&admin(), plain.clone(), &["node-2"]);
+        assert_eq!(placement, Placement::default());
+        assert_eq!(
+            required(&host),
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["node-2"]}]}])
+        );
+        let (host, placement) = placed_closing(&admin(), plain.clone(), &["node-1", "node-2"]);
+        let why = placement.unschedulable.expect("every node closed");
+        assert!(why.starts_with("0 nodes are available: every node") && why.contains("node-1, node-2"), "{why}");
+        assert_eq!(
+            required(&host),
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["node-1", "node-2"]}]}])
+        );
+        // A toleration of the tenant's taint opens them (and is dropped from the host pod: only
+        // the virtual cluster knows the taint).
+        let tolerant = json!({"containers": [{"name": "c"}], "tolerations": [{"key": "drain", "operator": "Exists"}]});
+        let (host, placement) = placed_closing(&admin(), tolerant, &["node-1", "node-2"]);
+        assert_eq!(placement.unschedulable, None);
+        assert_eq!(host.get("affinity"), None);
+        // A node selector matched against the open nodes only.
+        let ssd = json!({"containers": [{"name": "c"}], "nodeSelector": {"disk": "ssd"}});
+        let (_, placement) = placed_closing(&admin(), ssd.clone(), &["node-1"]);
+        let why = placement.unschedulable.expect("the one ssd node is closed");
+        assert!(why.contains("not cordoned or tainted"), "{why}");
+        let (host, placement) = placed_closing(&admin(), ssd, &["node-2"]);
+        assert_eq!(placement, Placement::default());
+        assert_eq!(
+            required(&host),
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}])
+        );
+        // Bound by the tenant: there, as a kubelet admits it.
+        let bound = json!({"containers": [{"name": "c"}], "nodeName": "node-2"});
+        let (host, placement) = placed_closing(&admin(), bound, &["node-1", "node-2"]);
+        assert_eq!(placement, Placement::default());
+        assert_eq!(
+            required(&host),
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-2"]}]}])
+        );
     }
 
     #[test]

@@ -112,7 +112,30 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     let labelled = |selector: &BTreeMap<String, String>| -> Vec<String> {
         nodes().iter().filter(|n| virtual_node_matches(ctx, n, selector)).cloned().collect()
     };
-    let env = pod_env(ctx, &dns_ip, &links, &namespaces, translate::Nodes { known: &known, labelled: &labelled });
+    let closed = |tolerations: &[k8s_openapi::api::core::v1::Toleration]| {
+        // The virtual nodes first (a few): the host pods are scanned only if one is closed.
+        let mut closed: Vec<String> = ctx
+            .stores
+            .vnodes
+            .state()
+            .iter()
+            .filter(|n| crate::nodes::closed_to(n, tolerations))
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        if closed.is_empty() {
+            return translate::Closed::default();
+        }
+        closed.retain(|n| known(n));
+        let every_known = !closed.is_empty() && nodes().iter().all(|n| closed.contains(n));
+        translate::Closed { nodes: closed, every_known }
+    };
+    let env = pod_env(
+        ctx,
+        &dns_ip,
+        &links,
+        &namespaces,
+        translate::Nodes { known: &known, labelled: &labelled, closed: &closed },
+    );
     let mut desired = match translate::host_pod(&env, v) {
         Ok(t) => {
             if let Some(why) = t.unschedulable {

@@ -29,10 +29,14 @@ use vkube_core::contract::{
 use crate::context::TokenDelivery;
 use crate::naming::{self, ANNOTATION_NAME, ANNOTATION_NAMESPACE, ANNOTATION_UID, NamespaceLabels, Translator};
 use crate::policy::{Policy, Refusal};
-pub use vkube_core::policy::scheduling::Nodes;
+pub use vkube_core::policy::scheduling::{Closed, Nodes};
 
 /// No node to pin a pod to (a pod's node choice cannot change after creation: updates need none).
-pub const NO_NODES: Nodes<'static> = Nodes { known: &|_| false, labelled: &|_| Vec::new() };
+pub const NO_NODES: Nodes<'static> = Nodes {
+    known: &|_| false,
+    labelled: &|_| Vec::new(),
+    closed: &|_| Closed { nodes: Vec::new(), every_known: false },
+};
 
 /// Facts about the virtual cluster that every pod translation needs.
 #[derive(Clone)]
