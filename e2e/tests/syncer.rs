@@ -552,6 +552,44 @@ async fn with_annotation_delivery_a_pods_token_is_its_host_pods_annotation() {
     refused_once_its_pod_is_gone(&renewed_client).await;
 }
 
+/// With the admin's `--token-delivery=bound-secret` a pod's token Secret is written once the pod
+/// is bound, so its token names the node, as a kubelet's does (the conformance spec on mounted
+/// tokens checks it through a TokenReview); a token Secret's name another host object holds
+/// keeps the pod off the host, as with `secret` delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_bound_secret_delivery_a_pods_token_names_its_node() {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let env = TestEnv::start(1).await;
+    let vc = env.virtual_cluster_with("tokbound", &["--token-delivery=bound-secret"]).await;
+    vc.kubectl_ok(&["run", "holder", "--image=nginx"]);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/holder", "--timeout=60s"]);
+    let node = vc.kubectl_ok(&["get", "pod", "holder", "-o", "jsonpath={.spec.nodeName}"]);
+    let host_name = tr(&vc).host_name("default", "holder");
+    let secrets: Api<Secret> = Api::namespaced(env.client().await, vc.host_namespace());
+    let secret = secrets.get(&format!("{host_name}-sa-token")).await.expect("the token Secret");
+    let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+    assert_eq!(claims(&token)["kubernetes.io"]["node"]["name"], node.as_str(), "{}", claims(&token));
+    let review = TokenReview { spec: TokenReviewSpec { token, ..Default::default() }, ..Default::default() };
+    let reviewed = Api::<TokenReview>::all(vc.client().await).create(&Default::default(), &review).await.unwrap();
+    let user = reviewed.status.and_then(|s| s.user).expect("authenticated");
+    let extra = user.extra.unwrap_or_default();
+    assert_eq!(extra.get("authentication.kubernetes.io/node-name"), Some(&vec![node.clone()]), "{extra:?}");
+    assert_eq!(extra.get("authentication.kubernetes.io/pod-name"), Some(&vec!["holder".to_string()]));
+
+    let foreign = format!("{}-sa-token", tr(&vc).host_name("default", "taken"));
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {foreign}, namespace: {}}}\nstringData: {{token: host-admins}}\n",
+        vc.host_namespace()
+    ));
+    vc.kubectl_ok(&["run", "taken", "--image=nginx"]);
+    let warned = vc.warned("default", "taken", "is not managed by this virtual cluster").await;
+    assert_eq!(warned.reason.as_deref(), Some("HostNameConflict"));
+    let pods: Api<Pod> = Api::namespaced(env.client().await, vc.host_namespace());
+    assert!(pods.get_opt(&tr(&vc).host_name("default", "taken")).await.unwrap().is_none(), "the pod on the host");
+    let kept = secrets.get(&foreign).await.unwrap();
+    assert_eq!(kept.data.unwrap()["token"].0, b"host-admins", "the foreign Secret is left alone");
+}
+
 /// NetworkPolicies: with the admin's `--sync-network-policies` the host copy selects the same
 /// pods and peers, confined to this cluster, and follows namespace labels; without it the tenant
 /// is told they are not enforced, and nothing reaches the host.

@@ -62,6 +62,18 @@ pub enum TokenDelivery {
     /// one host write per pod, no host Secret, but whoever can read pods in the host namespace
     /// can read the tokens.
     Annotation,
+    /// A host Secret of the pod's own, as `Secret`, written once the pod is bound to a node: its
+    /// tokens name the node (`authentication.kubernetes.io/node-name`), as a kubelet's do. The
+    /// pod starts once its host kubelet retries the mount (about half a second later, with a
+    /// `FailedMount` event on the host), and the name is looked up before the pod is created.
+    BoundSecret,
+}
+
+impl TokenDelivery {
+    /// Whether tokens are kept in host Secrets of the pods' own.
+    pub fn in_secrets(self) -> bool {
+        matches!(self, TokenDelivery::Secret | TokenDelivery::BoundSecret)
+    }
 }
 
 impl std::str::FromStr for TokenDelivery {
@@ -71,7 +83,8 @@ impl std::str::FromStr for TokenDelivery {
         match s {
             "secret" => Ok(TokenDelivery::Secret),
             "annotation" => Ok(TokenDelivery::Annotation),
-            other => Err(format!("{other:?}: token delivery is `secret` or `annotation`")),
+            "bound-secret" => Ok(TokenDelivery::BoundSecret),
+            other => Err(format!("{other:?}: token delivery is `secret`, `bound-secret` or `annotation`")),
         }
     }
 }
@@ -158,6 +171,9 @@ pub struct Context {
     /// Pods no node of the cluster can take (their node selector): looked at again when a
     /// virtual node changes (the tenant labels one, or one comes).
     pub unschedulable: std::sync::Mutex<std::collections::BTreeSet<Key>>,
+    /// With `TokenDelivery::BoundSecret`: uids of the bound pods whose token Secrets this run
+    /// has written or found.
+    pub bound_tokens: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Pod certificates asked for and not answered yet, and until when those issued are fresh.
     pub pod_certificates: crate::pod_certificates::Requests,
     /// Events on virtual objects (refusals, collisions).

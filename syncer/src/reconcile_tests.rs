@@ -81,6 +81,7 @@ fn harness() -> Harness {
         refs: Default::default(),
         carried: Default::default(),
         unschedulable: Default::default(),
+        bound_tokens: Default::default(),
         pod_certificates: Default::default(),
         queues: Queues {
             kinds: queues,

@@ -86,6 +86,37 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     }
 }
 
+/// Whether the host Secret `secret_name` may hold `pod`'s token: absent, or ours for a pod of
+/// this name (one of an earlier pod is replaced). Metadata only, read before the pod is created.
+pub async fn name_free(ctx: &Context, pod: &Pod, secret_name: &str) -> Result<()> {
+    let (ns, name) = crate::informer::key_of(pod);
+    match api(ctx).get_metadata_opt(secret_name).await? {
+        Some(s) if !ctx.tr.owner(&s.metadata).is_some_and(|o| o.is(KIND, &ns, &name)) => {
+            Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns())))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// With `TokenDelivery::BoundSecret`: once `pod` is bound, and until its host copy `host` has
+/// started (its kubelet waits for them), its token Secrets are written, or found, once per run.
+pub async fn ensure_bound(ctx: &Context, pod: &Pod, host: &Pod) -> Result<()> {
+    let bound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+    let waiting = host.status.as_ref().and_then(|s| s.phase.as_deref()).is_none_or(|p| p == "Pending");
+    if ctx.opts.token_delivery != crate::context::TokenDelivery::BoundSecret || !bound || !waiting {
+        return Ok(());
+    }
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    if ctx.bound_tokens.lock().unwrap_or_else(|e| e.into_inner()).contains(&uid) {
+        return Ok(());
+    }
+    for (secret, audience) in crate::pods::translate::token_secrets(&ctx.tr, pod) {
+        ensure(ctx, pod, &secret, audience.as_deref()).await?;
+    }
+    ctx.bound_tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(uid);
+    Ok(())
+}
+
 /// A fresh token Secret for `pod`.
 async fn issue(ctx: &Context, pod: &Pod, secret_name: &str, audience: Option<&str>) -> Result<Secret> {
     let issued = request(ctx, pod, audience).await?;

@@ -171,6 +171,15 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
                 }
             }
         }
+        TokenDelivery::BoundSecret => {
+            // Written once the pod is bound (the upward path); the names must be free or ours.
+            for (secret, _) in translate::token_secrets(&ctx.tr, v) {
+                let free = crate::tokens::name_free(ctx, v, &secret).await;
+                if let Some(later) = held_by_another(ctx, v, &secret, "service-account token", free).await? {
+                    return Ok(later);
+                }
+            }
+        }
         TokenDelivery::Annotation => {
             let tokens = crate::tokens::pod_annotations(ctx, v).await?;
             crate::tokens::schedule_pod_renewal(ctx, v, &tokens);

@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::Pod;
 use vkube_core::contract::{ANNOTATION_TOKEN_EXPIRES, ANNOTATION_TOKEN_RENEW_AT};
 
 use crate::compact::Compact;
-use crate::context::{Context, Key, TokenDelivery};
+use crate::context::{Context, Key};
 use crate::informer::{Change, key_of};
 use crate::kind::SyncedKind;
 use crate::queue::Action;
@@ -52,10 +52,14 @@ impl SyncedKind for Pod {
             Change::Deleted => {
                 // (Tokens in annotations go with the host pod; Secrets left from before the
                 // admin switched to them are found by the sweep.)
-                if c.opts.token_delivery == TokenDelivery::Secret {
+                if c.opts.token_delivery.in_secrets() {
                     for (secret, _) in translate::token_secrets(&c.tr, p) {
                         c.queues.tokens.add(secret);
                     }
+                    c.bound_tokens
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(p.metadata.uid.as_deref().unwrap_or_default());
                 }
                 if !crate::trust_bundles::projections(p).is_empty() {
                     c.queues.tokens.add(crate::trust_bundles::secret_name(&c.tr, &ns, &name));

@@ -342,7 +342,7 @@ fn projection(
         // file from a Secret cannot get, so 0600 would leave the token unreadable.
         let mode = private.then_some(0o600);
         match delivery {
-            TokenDelivery::Secret => {
+            TokenDelivery::Secret | TokenDelivery::BoundSecret => {
                 src.secret = Some(k8s_openapi::api::core::v1::SecretProjection {
                     name: token_secret_name(tr, ns, pod, audience),
                     items: Some(vec![KeyToPath { key: "token".into(), path: token.path, mode, ..Default::default() }]),
@@ -751,13 +751,15 @@ mod tests {
         let policy = Policy::default();
         let mut spec = typical();
         spec["securityContext"] = serde_json::json!({"fsGroup": 10000, "runAsUser": 1000});
-        for delivery in [TokenDelivery::Secret, TokenDelivery::Annotation] {
+        for delivery in [TokenDelivery::Secret, TokenDelivery::BoundSecret, TokenDelivery::Annotation] {
             let env = PodEnv { token_delivery: delivery, ..env(&tr, &policy) };
             let h = host_pod(&env, &vpod(spec.clone())).unwrap().pod.spec.unwrap();
             let projected = h.volumes.unwrap().into_iter().find(|v| v.name == "kube-api-access").unwrap();
             let token = &projected.projected.unwrap().sources.unwrap()[0];
             let mode = match delivery {
-                TokenDelivery::Secret => token.secret.as_ref().unwrap().items.as_ref().unwrap()[0].mode,
+                TokenDelivery::Secret | TokenDelivery::BoundSecret => {
+                    token.secret.as_ref().unwrap().items.as_ref().unwrap()[0].mode
+                }
                 TokenDelivery::Annotation => token.downward_api.as_ref().unwrap().items.as_ref().unwrap()[0].mode,
             };
             assert_eq!(mode, Some(0o600), "{delivery:?}: the kubelet's 0600, made 0640 by the fsGroup");

@@ -42,6 +42,8 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
         .get(&key)
         .filter(|c| c.generation == v.metadata.generation && h.metadata.generation >= c.host_generation);
     report_status(ctx, &v, &h, carried.is_some()).await?;
+    // Bound now: with `bound-secret` delivery its tokens can be issued, naming its node.
+    crate::tokens::ensure_bound(ctx, &v, &h).await?;
     // Bound now: its pod certificates can be asked for, naming its node as a kubelet's do.
     match crate::pod_certificates::ensure(ctx, &v).await {
         Ok(look_again) => Ok(look_again.map_or(Action::Done, Action::RequeueAfter)),
