@@ -378,10 +378,13 @@ spec:
         Ok((gone && host_gone).then_some(()))
     })
     .await;
-    assert!(
-        host_pods.get_opt(&tr.host_name("default", "tolerant")).await.unwrap().is_some(),
-        "the tolerating pod stays"
-    );
+    for (what, pod) in [
+        ("virtual", vpods.get_opt("tolerant").await.unwrap()),
+        ("host", host_pods.get_opt(&tr.host_name("default", "tolerant")).await.unwrap()),
+    ] {
+        let pod = pod.unwrap_or_else(|| panic!("the tolerating pod's {what} copy is gone"));
+        assert!(pod.metadata.deletion_timestamp.is_none(), "the tolerating pod's {what} copy is being deleted");
+    }
     // New pods keep off the tainted node, and off a cordoned one; with every node closed a pod
     // waits (nothing on the host) until one opens.
     vc.kubectl_ok(&["run", "elsewhere", "--image=nginx"]);
@@ -396,6 +399,8 @@ spec:
     for other in &others {
         vc.kubectl_ok(&["cordon", other]);
     }
+    // (The syncer's copy of the nodes is a watch away.)
+    tokio::time::sleep(Duration::from_secs(2)).await;
     vc.kubectl_ok(&["run", "nowhere", "--image=nginx"]);
     let waiting = vc.warned("default", "nowhere", "every node of this cluster is cordoned").await;
     assert_eq!(waiting.reason.as_deref(), Some("FailedScheduling"));

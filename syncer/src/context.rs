@@ -171,6 +171,9 @@ pub struct Context {
     /// Pods no node of the cluster can take (their node selector): looked at again when a
     /// virtual node changes (the tenant labels one, or one comes).
     pub unschedulable: std::sync::Mutex<std::collections::BTreeSet<Key>>,
+    /// The host nodes this cluster's pods may be pinned to, and when they were read from the
+    /// host pods (kept a moment: many pods created at once need them alike).
+    pub pod_nodes: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<std::collections::BTreeSet<String>>)>>,
     /// With `TokenDelivery::BoundSecret`: uids of the bound pods whose token Secrets this run
     /// has written or found.
     pub bound_tokens: std::sync::Mutex<std::collections::HashSet<String>>,

@@ -25,6 +25,8 @@ pub const KIND: &str = "Node";
 const NEW_NODE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often a used virtual node is brought up to date with its host node.
 const REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
+/// How soon a refresh that failed is due again.
+const REFRESH_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 use vkube_core::contract::ANNOTATION_HOST_TAINTS;
 pub use vkube_core::contract::LABEL_FAKE_NODE as LABEL_FAKE;
@@ -57,9 +59,23 @@ pub fn virtual_node(name: &str, host: Option<&Node>) -> Node {
 /// The host node's taints a tenant's pod would meet there: those the admin's tolerations (added
 /// to every host pod) do not already tolerate. With no host node known, none: not the
 /// `not-ready` taint the API server puts on every new node, which nothing here would lift.
+/// NoExecute ones are shown as NoSchedule: the host evicts its copies itself (and the virtual
+/// pods go with them), while the virtual taint eviction would act on a view up to a refresh old
+/// and without what else lets host pods stay (a host webhook's tolerations).
 pub fn virtual_taints(host: Option<&Node>, admin: &[Toleration]) -> Vec<Taint> {
     let taints = host.and_then(|h| h.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
-    taints.into_iter().filter(|t| !admin.iter().any(|tol| tolerates(tol, t))).collect()
+    let mut shown: Vec<Taint> = vec![];
+    for mut t in taints.into_iter().filter(|t| !admin.iter().any(|tol| tolerates(tol, t))) {
+        if t.effect == "NoExecute" {
+            t.effect = "NoSchedule".into();
+            t.time_added = None;
+        }
+        // Once per key and effect, as the API server wants them.
+        if !shown.iter().any(|s| taint_id(s) == taint_id(&t)) {
+            shown.push(t);
+        }
+    }
+    shown
 }
 
 /// A taint's identity on a node (the API server allows one per key and effect).
@@ -93,20 +109,30 @@ const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
 /// shown there are the host scheduler's to enforce, on what it sees now.)
 pub fn closed_to(node: &Node, tolerations: &[Toleration]) -> bool {
     let tolerated = |t: &Taint| tolerations.iter().any(|tol| tolerates(tol, t));
-    let spec = node.spec.as_ref();
     let cordon = Taint { key: UNSCHEDULABLE_TAINT.into(), effect: "NoSchedule".into(), ..Default::default() };
-    if spec.and_then(|s| s.unschedulable) == Some(true) && !tolerated(&cordon) {
+    if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) && !tolerated(&cordon) {
         return true;
     }
-    let Some(mirrored) = node.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_HOST_TAINTS)) else {
-        // Not refreshed by this vkube yet: every taint on it is the host's.
-        return false;
+    tenant_taints(node).any(|t| t.effect != "PreferNoSchedule" && !tolerated(t))
+}
+
+/// The taints the tenant put on a virtual node: those its last refresh did not (none before the
+/// first refresh of this vkube: every taint is then the host's).
+fn tenant_taints(node: &Node) -> impl Iterator<Item = &Taint> {
+    let mirrored = node.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_HOST_TAINTS));
+    let mirrored: std::collections::HashSet<&str> = mirrored.map(|m| m.split(',').collect()).unwrap_or_default();
+    let taints = if node.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_HOST_TAINTS)) {
+        node.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or_default()
+    } else {
+        &[]
     };
-    let taints = spec.and_then(|s| s.taints.as_deref()).unwrap_or_default();
-    taints.iter().any(|t| {
-        let id = taint_id(t);
-        t.effect != "PreferNoSchedule" && !mirrored.split(',').any(|m| m == id) && !tolerated(t)
-    })
+    taints.iter().filter(move |t| !mirrored.contains(taint_id(t).as_str()))
+}
+
+/// Whether the tenant cordoned or tainted this virtual node: kept while it does, pods or not,
+/// so a drained node stays closed.
+fn marked_by_tenant(node: &Node) -> bool {
+    node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) || tenant_taints(node).next().is_some()
 }
 
 /// Whether `tol` tolerates `taint`, as the scheduler decides it.
@@ -173,11 +199,17 @@ pub async fn ensure(ctx: &Context, name: &str) -> Result<()> {
     let host = host_node(ctx, name).await;
     let api: Api<Node> = Api::all(ctx.virt.clone());
     match api.create(&crate::sync::post_params(), &virtual_node(name, host.as_ref())).await {
-        Ok(_) => ctx.metrics.wrote(KIND, "create"),
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e.into()),
+        Ok(_) => {
+            ctx.metrics.wrote(KIND, "create");
+            refresh(ctx, name, host.as_ref(), None).await
+        }
+        // There already (the store is behind): refreshed as it is, the tenant's taints kept.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let current = api.get_opt(name).await?;
+            refresh(ctx, name, host.as_ref(), current.as_ref()).await
+        }
+        Err(e) => Err(e.into()),
     }
-    refresh(ctx, name, host.as_ref(), None).await
 }
 
 /// Reading host nodes needs a ClusterRole; without it the node gets defaults.
@@ -277,7 +309,7 @@ fn wanted(ctx: &Context, name: &str) -> bool {
 /// Removes a virtual node no longer wanted (only nodes the syncer made).
 pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
     let node = ctx.stores.vnodes.get(&ObjectRef::new(&name));
-    let used = wanted(ctx, &name);
+    let used = wanted(ctx, &name) || node.as_deref().is_some_and(marked_by_tenant);
     match node {
         Some(n) if !used && n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
             // A node is made just before the first pod is bound to it: give the binding time to
@@ -312,8 +344,12 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
                 due
             };
             if due && let Err(e) = refresh(ctx, &name, host_node(ctx, &name).await.as_ref(), Some(&n)).await {
-                // Due again at the retry (a conflict with the tenant's own edit, say).
-                ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                // Due again REFRESH_RETRY later (a conflict with the tenant's own edit, say), not
+                // at once: the tenant must not be able to drive host reads by failing them.
+                let again = std::time::Instant::now().checked_sub(REFRESH - REFRESH_RETRY);
+                if let Some(at) = again {
+                    ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), at);
+                }
                 return Err(e);
             }
             return Ok(Action::RequeueAfter(REFRESH));
@@ -378,7 +414,9 @@ mod tests {
         assert!(virtual_taints(Some(&host), &everything).is_empty());
         let wrong_value: Vec<Toleration> =
             serde_json::from_value(serde_json::json!([{"key": "gpu", "value": "false"}])).unwrap();
-        assert_eq!(virtual_taints(Some(&host), &wrong_value).len(), 3);
+        let shown = virtual_taints(Some(&host), &wrong_value);
+        assert_eq!(shown.len(), 3);
+        assert_eq!(shown[1].effect, "NoSchedule", "the host evicts its copies itself: no virtual eviction for it");
         let conditions = virtual_node_status("n1", Some(&host)).conditions.unwrap();
         assert_eq!((conditions[0].type_.as_str(), conditions[0].status.as_str()), ("Ready", "False"), "the host's");
     }

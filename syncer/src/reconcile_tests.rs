@@ -82,6 +82,7 @@ fn harness() -> Harness {
         carried: Default::default(),
         unschedulable: Default::default(),
         bound_tokens: Default::default(),
+        pod_nodes: Default::default(),
         pod_certificates: Default::default(),
         queues: Queues {
             kinds: queues,

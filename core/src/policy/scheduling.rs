@@ -10,9 +10,9 @@
 //!   nodes (which the tenant may label), among those its pods may be pinned to: the pod is pinned
 //!   to the nodes that match, or is unschedulable if none does, as on a cluster of its own;
 //! - virtual nodes the tenant cordoned, or tainted (NoSchedule, NoExecute) with a taint the pod
-//!   does not tolerate, are kept from the pod (`metadata.name NotIn`), unschedulable if they are
-//!   all the nodes it may go to; a pod the tenant bound by `nodeName` goes there regardless, as a
-//!   kubelet admits it;
+//!   does not tolerate, are kept from the pod (`metadata.name NotIn`, and out of the nodes it is
+//!   pinned to), unschedulable if they are all the nodes it may go to; a pod the tenant bound by
+//!   `nodeName` goes there regardless (a NoExecute taint then evicts it);
 //! - tolerations only for taints the admin lists as tolerable; the node-condition ones the
 //!   virtual cluster's own controllers add (DaemonSets) are dropped without a word;
 //! - runtime classes from the admin's list only (empty: the host's default).
@@ -159,6 +159,14 @@ impl Scheduling {
         if let Some(nodes) = matching.filter(|m| !m.is_empty() && !bound) {
             pin(&mut node_affinity, "In", &nodes);
         } else if !closed.nodes.is_empty() {
+            // A term pinned to closed nodes only (a DaemonSet's pod, the tenant's own node
+            // field) can never be met: without it, and unschedulable if no term is left.
+            if !unpin(&mut node_affinity, &closed.nodes) && unschedulable.is_none() {
+                unschedulable = Some(format!(
+                    "0 nodes are available: the nodes the pod's node affinity names are cordoned or have a taint the pod does not tolerate ({}): uncordon or untaint one, or add a toleration",
+                    closed.nodes.join(", ")
+                ));
+            }
             pin(&mut node_affinity, "NotIn", &closed.nodes);
         }
         let empty = node_affinity.required_during_scheduling_ignored_during_execution.is_none()
@@ -259,6 +267,20 @@ impl Scheduling {
             match_fields: (!fields.is_empty()).then_some(fields),
         })
     }
+}
+
+/// Takes `closed` out of the required terms' `metadata.name In` lists, and drops the terms left
+/// with none. False if terms were required and none is left.
+fn unpin(a: &mut NodeAffinity, closed: &[String]) -> bool {
+    let Some(required) = a.required_during_scheduling_ignored_during_execution.as_mut() else { return true };
+    required.node_selector_terms.retain_mut(|t| {
+        t.match_fields.iter_mut().flatten().filter(|f| f.key == "metadata.name" && f.operator == "In").all(|f| {
+            let values = f.values.get_or_insert_with(Vec::new);
+            values.retain(|n| !closed.contains(n));
+            !values.is_empty()
+        })
+    });
+    !required.node_selector_terms.is_empty()
 }
 
 /// Requires one of `nodes` (`In`) or none of them (`NotIn`) in every required term (terms are
@@ -479,6 +501,22 @@ mod tests {
         assert_eq!(
             required(&host),
             json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}])
+        );
+        // A DaemonSet's pod (pinned by node affinity) for a closed node waits, with no term that
+        // cannot be met on the host; one for an open node keeps its pin.
+        let daemon = |node: &str| {
+            json!({"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}]}}}})
+        };
+        let (_, placement) = placed_closing(&admin(), daemon("node-2"), &["node-2"]);
+        let why = placement.unschedulable.expect("its node is closed");
+        assert!(why.contains("node affinity names"), "{why}");
+        let (host, placement) = placed_closing(&admin(), daemon("node-1"), &["node-2"]);
+        assert_eq!(placement, Placement::default());
+        assert_eq!(
+            required(&host),
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]},
+                                    {"key": "metadata.name", "operator": "NotIn", "values": ["node-2"]}]}])
         );
         // Bound by the tenant: there, as a kubelet admits it.
         let bound = json!({"containers": [{"name": "c"}], "nodeName": "node-2"});

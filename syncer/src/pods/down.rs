@@ -114,7 +114,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     };
     let closed = |tolerations: &[k8s_openapi::api::core::v1::Toleration]| {
         // The virtual nodes first (a few): the host pods are scanned only if one is closed.
-        let mut closed: Vec<String> = ctx
+        let closed: std::collections::BTreeSet<String> = ctx
             .stores
             .vnodes
             .state()
@@ -125,9 +125,10 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         if closed.is_empty() {
             return translate::Closed::default();
         }
-        closed.retain(|n| known(n));
-        let every_known = !closed.is_empty() && nodes().iter().all(|n| closed.contains(n));
-        translate::Closed { nodes: closed, every_known }
+        // Closed nodes the cluster's pods no longer run on stay in the list (a drained node):
+        // keeping a pod off a node only narrows where the host puts it.
+        let every_known = !nodes().is_empty() && nodes().is_subset(&closed);
+        translate::Closed { nodes: closed.into_iter().collect(), every_known }
     };
     let env = pod_env(
         ctx,
@@ -321,10 +322,18 @@ async fn unschedulable(ctx: &Context, v: &Pod, why: &str) -> Result<Action> {
 
 /// The host nodes this cluster's pods run on, as the host says (not the virtual nodes, which the
 /// tenant can create at will), and with `--sync-all-nodes` those the admin's selector allows.
-fn pod_nodes(ctx: &Context) -> std::collections::BTreeSet<String> {
+/// Read from every host pod at most every `POD_NODES_FOR` (a scale-up asks for them per pod).
+fn pod_nodes(ctx: &Context) -> std::sync::Arc<std::collections::BTreeSet<String>> {
+    const POD_NODES_FOR: Duration = Duration::from_secs(2);
+    let mut cached = ctx.pod_nodes.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, nodes)) = cached.as_ref().filter(|(at, _)| at.elapsed() < POD_NODES_FOR) {
+        return nodes.clone();
+    }
     let mut nodes: std::collections::BTreeSet<String> =
         ctx.stores.host::<Pod>().state().iter().filter_map(|p| p.load().spec.and_then(|s| s.node_name)).collect();
     nodes.extend(ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+    let nodes = std::sync::Arc::new(nodes);
+    *cached = Some((std::time::Instant::now(), nodes.clone()));
     nodes
 }
 
