@@ -212,6 +212,29 @@ spec:
         spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
         serde_json::json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node_name]}]}])
     );
+    // Node affinity on the tenant's label, likewise.
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: affine-ssd}
+spec:
+  containers: [{name: app, image: nginx}]
+  affinity:
+    nodeAffinity:
+      requiredDuringSchedulingIgnoredDuringExecution:
+        nodeSelectorTerms: [{matchExpressions: [{key: disk, operator: In, values: [ssd, nvme]}]}]
+"#,
+    );
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/affine-ssd", "--timeout=60s"]);
+    let affine = host_pods.get(&tr.host_name("default", "affine-ssd")).await.unwrap();
+    let spec = serde_json::to_value(affine.spec.unwrap()).unwrap();
+    assert_eq!(spec["nodeName"], node_name.as_str());
+    assert_eq!(
+        spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+        serde_json::json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node_name]}]}]),
+        "the tenant's key never reaches the host"
+    );
 
     // A ConfigMap whose host name a host object not ours holds: the pod reading it never starts.
     let foreign = tr.host_name("default", "settings");

@@ -6,9 +6,11 @@
 //!   taints, capacity and the admin's selector), and only for a node the cluster's pods already
 //!   run on (what its virtual nodes show, so a virtual DaemonSet still gets one pod per node);
 //! - node selector and node affinity keep label keys the admin lists and `metadata.name` fields
-//!   naming such nodes; a node selector's other keys are matched against the virtual cluster's
-//!   nodes (which the tenant may label), among those its pods may be pinned to: the pod is pinned
-//!   to the nodes that match, or is unschedulable if none does, as on a cluster of its own;
+//!   naming such nodes; their other keys are matched against the virtual cluster's nodes (which
+//!   the tenant may label), among those its pods may be pinned to: a node selector or affinity
+//!   term is pinned to the nodes that match (kept off those that do not, for a term that only
+//!   asks for labels to be absent), a term no node matches is dropped, and a pod whose required
+//!   terms all go is unschedulable, as on a cluster of its own;
 //! - virtual nodes the tenant cordoned, or tainted (NoSchedule, NoExecute) with a taint the pod
 //!   does not tolerate, are kept from the pod (`metadata.name NotIn`, and out of the nodes it is
 //!   pinned to), unschedulable if they are all the nodes it may go to; a pod the tenant bound by
@@ -68,8 +70,9 @@ impl Default for Scheduling {
 pub struct Nodes<'a> {
     /// Whether the cluster's pods run on (or may be pinned to) this host node.
     pub known: &'a (dyn Fn(&str) -> bool + Sync),
-    /// The known nodes whose virtual nodes carry every label of this selector.
-    pub labelled: &'a (dyn Fn(&BTreeMap<String, String>) -> Vec<String> + Sync),
+    /// The known nodes whose virtual nodes' labels satisfy this predicate.
+    #[allow(clippy::type_complexity)] // a test of labels in, node names out
+    pub labelled: &'a (dyn Fn(&dyn Fn(&BTreeMap<String, String>) -> bool) -> Vec<String> + Sync),
     /// The known nodes closed to a pod with these tolerations (see [`Closed`]).
     pub closed: &'a (dyn Fn(&[Toleration]) -> Closed + Sync),
 }
@@ -121,7 +124,11 @@ impl Scheduling {
         }
         selector.extend(self.node_selector.clone());
         spec.node_selector = (!selector.is_empty()).then_some(selector);
-        let mut matching = (!virtual_only.is_empty()).then(|| (nodes.labelled)(&virtual_only));
+        let mut matching = (!virtual_only.is_empty()).then(|| {
+            (nodes.labelled)(&|labels: &BTreeMap<String, String>| {
+                virtual_only.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+        });
         let bound = spec.node_name.is_some();
         if let (Some(m), Some(node)) = (matching.as_mut(), spec.node_name.as_ref()) {
             // Bound by the tenant: that node or none, as its kubelet would admit it.
@@ -148,7 +155,11 @@ impl Scheduling {
 
         let affinity = spec.affinity.get_or_insert_with(Default::default);
         let mut node_affinity = affinity.node_affinity.take().unwrap_or_default();
-        self.node_affinity(&mut node_affinity, known_node, &mut dropped);
+        if !self.node_affinity(&mut node_affinity, nodes, &mut dropped) && unschedulable.is_none() {
+            unschedulable = Some(
+                "0 nodes are available: no node of this cluster matches the pod's required node affinity (on labels the host's nodes do not show: label a node of this cluster, or ask the platform admin to allow the key)".to_string(),
+            );
+        }
         if let Some(node) = spec.node_name.take() {
             if known_node(&node) {
                 pin(&mut node_affinity, "In", std::slice::from_ref(&node));
@@ -195,17 +206,29 @@ impl Scheduling {
         Placement { dropped, unschedulable }
     }
 
-    fn node_affinity(&self, a: &mut NodeAffinity, known_node: &dyn Fn(&str) -> bool, dropped: &mut Vec<String>) {
+    /// The tenant's node affinity, rewritten (see the module's notes). False if it had required
+    /// terms and no node of the cluster can meet any of them.
+    fn node_affinity(&self, a: &mut NodeAffinity, nodes: &Nodes<'_>, dropped: &mut Vec<String>) -> bool {
         let field = "spec.affinity.nodeAffinity";
+        let mut satisfiable = true;
         if let Some(required) = a.required_during_scheduling_ignored_during_execution.take() {
+            let mut unmatched = false;
             let terms: Vec<NodeSelectorTerm> = required
                 .node_selector_terms
                 .into_iter()
                 .enumerate()
                 .filter_map(|(i, t)| {
-                    self.term(t, known_node, &format!("{field}.required…nodeSelectorTerms[{i}]"), dropped)
+                    match self.term(t, nodes, &format!("{field}.required…nodeSelectorTerms[{i}]"), dropped) {
+                        Term::Kept(t) => Some(t),
+                        Term::Empty => None,
+                        Term::Unmatched => {
+                            unmatched = true;
+                            None
+                        }
+                    }
                 })
                 .collect();
+            satisfiable = !(terms.is_empty() && unmatched);
             a.required_during_scheduling_ignored_during_execution =
                 (!terms.is_empty()).then_some(NodeSelector { node_selector_terms: terms });
         }
@@ -215,42 +238,31 @@ impl Scheduling {
                 .enumerate()
                 .filter_map(|(i, mut p)| {
                     let at = format!("{field}.preferred…[{i}].preference");
-                    p.preference = self.term(p.preference, known_node, &at, dropped)?;
+                    match self.term(p.preference, nodes, &at, dropped) {
+                        Term::Kept(t) => p.preference = t,
+                        Term::Empty | Term::Unmatched => return None,
+                    }
                     Some(p)
                 })
                 .collect();
             a.preferred_during_scheduling_ignored_during_execution = (!kept.is_empty()).then_some(kept);
         }
+        satisfiable
     }
 
-    /// A node selector term with what the tenant may not ask removed; none if nothing is left.
-    fn term(
-        &self,
-        t: NodeSelectorTerm,
-        known_node: &dyn Fn(&str) -> bool,
-        at: &str,
-        dropped: &mut Vec<String>,
-    ) -> Option<NodeSelectorTerm> {
-        let expressions: Vec<NodeSelectorRequirement> = t
-            .match_expressions
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|e| {
-                let ok = self.tenant_node_labels.contains(&e.key);
-                if !ok {
-                    dropped.push(format!("{at}.matchExpressions key {:?}", e.key));
-                }
-                ok
-            })
-            .collect();
-        let fields: Vec<NodeSelectorRequirement> = t
+    /// A node selector term with what the tenant may not ask removed, and its expressions on
+    /// labels the host does not show matched against the cluster's nodes.
+    fn term(&self, t: NodeSelectorTerm, nodes: &Nodes<'_>, at: &str, dropped: &mut Vec<String>) -> Term {
+        let (expressions, virtual_only): (Vec<NodeSelectorRequirement>, Vec<NodeSelectorRequirement>) =
+            t.match_expressions.unwrap_or_default().into_iter().partition(|e| self.tenant_node_labels.contains(&e.key));
+        let mut fields: Vec<NodeSelectorRequirement> = t
             .match_fields
             .unwrap_or_default()
             .into_iter()
             .filter(|f| {
                 let ok = f.key == "metadata.name"
                     && f.operator == "In"
-                    && f.values.as_ref().is_some_and(|v| !v.is_empty() && v.iter().all(|n| known_node(n)));
+                    && f.values.as_ref().is_some_and(|v| !v.is_empty() && v.iter().all(|n| (nodes.known)(n)));
                 if !ok {
                     dropped.push(format!(
                         "{at}.matchFields {:?} {} {:?}",
@@ -262,11 +274,62 @@ impl Scheduling {
                 ok
             })
             .collect();
-        (!expressions.is_empty() || !fields.is_empty()).then(|| NodeSelectorTerm {
+        if !virtual_only.is_empty() {
+            let meets = |labels: &BTreeMap<String, String>| virtual_only.iter().all(|r| satisfies(labels, r));
+            if virtual_only.iter().all(|r| r.operator == "NotIn" || r.operator == "DoesNotExist") {
+                // Only asks for labels to be absent: kept off the nodes that have them, free to
+                // go to nodes the cluster has not seen.
+                let excluded = (nodes.labelled)(&|labels: &BTreeMap<String, String>| !meets(labels));
+                if !excluded.is_empty() {
+                    fields.push(name_requirement("NotIn", &excluded));
+                }
+            } else {
+                let matching = (nodes.labelled)(&meets);
+                if matching.is_empty() {
+                    return Term::Unmatched;
+                }
+                fields.push(name_requirement("In", &matching));
+            }
+        }
+        if expressions.is_empty() && fields.is_empty() {
+            return Term::Empty;
+        }
+        Term::Kept(NodeSelectorTerm {
             match_expressions: (!expressions.is_empty()).then_some(expressions),
             match_fields: (!fields.is_empty()).then_some(fields),
         })
     }
+}
+
+/// What became of a node selector term.
+enum Term {
+    Kept(NodeSelectorTerm),
+    /// Nothing the host may be asked was left in it.
+    Empty,
+    /// Its expressions on labels the host does not show match no node of the cluster.
+    Unmatched,
+}
+
+/// Whether node labels satisfy a requirement, as the scheduler evaluates it.
+fn satisfies(labels: &BTreeMap<String, String>, r: &NodeSelectorRequirement) -> bool {
+    let values = r.values.as_deref().unwrap_or_default();
+    let label = labels.get(&r.key);
+    let number = |s: &String| s.parse::<i64>().ok();
+    match r.operator.as_str() {
+        "In" => label.is_some_and(|l| values.contains(l)),
+        "NotIn" => label.is_none_or(|l| !values.contains(l)),
+        "Exists" => label.is_some(),
+        "DoesNotExist" => label.is_none(),
+        "Gt" | "Lt" => match (label.and_then(number), values.first().and_then(number)) {
+            (Some(l), Some(v)) => (r.operator == "Gt" && l > v) || (r.operator == "Lt" && l < v),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn name_requirement(operator: &str, nodes: &[String]) -> NodeSelectorRequirement {
+    NodeSelectorRequirement { key: "metadata.name".into(), operator: operator.into(), values: Some(nodes.to_vec()) }
 }
 
 /// Takes `closed` out of the required terms' `metadata.name In` lists, and drops the terms left
@@ -286,11 +349,7 @@ fn unpin(a: &mut NodeAffinity, closed: &[String]) -> bool {
 /// Requires one of `nodes` (`In`) or none of them (`NotIn`) in every required term (terms are
 /// ORed, so each gets it).
 fn pin(a: &mut NodeAffinity, operator: &str, nodes: &[String]) {
-    let req = NodeSelectorRequirement {
-        key: "metadata.name".into(),
-        operator: operator.into(),
-        values: Some(nodes.to_vec()),
-    };
+    let req = name_requirement(operator, nodes);
     let required = a
         .required_during_scheduling_ignored_during_execution
         .get_or_insert_with(|| NodeSelector { node_selector_terms: vec![NodeSelectorTerm::default()] });
@@ -330,12 +389,8 @@ mod tests {
         let labels = |n: &str| -> BTreeMap<String, String> {
             if n == "node-1" { [("disk".to_string(), "ssd".to_string())].into() } else { BTreeMap::new() }
         };
-        let labelled = |sel: &BTreeMap<String, String>| -> Vec<String> {
-            ["node-1", "node-2"]
-                .into_iter()
-                .filter(|n| sel.iter().all(|(k, v)| labels(n).get(k) == Some(v)))
-                .map(String::from)
-                .collect()
+        let labelled = |meets: &dyn Fn(&BTreeMap<String, String>) -> bool| -> Vec<String> {
+            ["node-1", "node-2"].into_iter().filter(|n| meets(&labels(n))).map(String::from).collect()
         };
         let closed = |tolerations: &[Toleration]| {
             if tolerations.iter().any(|t| t.key.as_deref() == Some("drain")) {
@@ -366,18 +421,13 @@ mod tests {
             (json!({"runtimeClassName": "privileged-runc"}), "runtimeClassName \"privileged-runc\""),
             (
                 json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                {"matchExpressions": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}]}}}}),
-                "matchExpressions key \"node-role.kubernetes.io/control-plane\"",
-            ),
-            (
-                json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                 {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["control-plane"]}]}]}}}}),
                 "matchFields \"metadata.name\" In",
             ),
             (
                 json!({"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference":
-                {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["cp"]}]}}]}}}),
-                "preferred…[0].preference.matchExpressions key \"kubernetes.io/hostname\"",
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["cp"]}]}}]}}}),
+                "preferred…[0].preference.matchFields \"metadata.name\" In [\"cp\"]",
             ),
         ];
         for (spec, needle) in cases {
@@ -406,16 +456,9 @@ mod tests {
                 {"key": "node.kubernetes.io/disk-pressure", "operator": "Exists", "effect": "NoSchedule"}],
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                 {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]},
-                                      {"key": "secret-hw", "operator": "Exists"}]}]}}}});
+                                      {"key": "secret-hw", "operator": "DoesNotExist"}]}]}}}});
         let (host, dropped) = apply(&admin(), spec);
-        assert_eq!(
-            dropped,
-            vec![
-                "spec.affinity.nodeAffinity.required…nodeSelectorTerms[0].matchExpressions key \"secret-hw\""
-                    .to_string()
-            ],
-            "the controller's disk-pressure toleration goes quietly"
-        );
+        assert_eq!(dropped, Vec::<String>::new(), "the controller's disk-pressure toleration goes quietly");
         assert_eq!(host["nodeSelector"], json!({"kubernetes.io/os": "linux", "pool": "tenants"}));
         assert_eq!(host["runtimeClassName"], "gvisor");
         assert_eq!(host.get("nodeName"), None, "the host scheduler places it");
@@ -526,6 +569,75 @@ mod tests {
             required(&host),
             json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-2"]}]}])
         );
+    }
+
+    #[test]
+    fn node_affinity_on_labels_the_host_does_not_show_is_matched_against_the_clusters_nodes() {
+        let affinity = |kind: &str, terms: serde_json::Value| {
+            let spec = if kind == "required" {
+                json!({"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}})
+            } else {
+                json!({"preferredDuringSchedulingIgnoredDuringExecution": terms})
+            };
+            json!({"containers": [{"name": "c"}], "affinity": {"nodeAffinity": spec}})
+        };
+        let required = |host: &serde_json::Value| {
+            host["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+                .clone()
+        };
+        let ssd = json!([{"matchExpressions": [{"key": "disk", "operator": "In", "values": ["ssd"]}]}]);
+        let (host, placement) = placed(&admin(), affinity("required", ssd));
+        assert_eq!(placement, Placement::default(), "matched, not dropped");
+        assert_eq!(
+            required(&host),
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}])
+        );
+        // Terms are ORed: one no node meets goes, the others stay.
+        let either = json!([{"matchExpressions": [{"key": "disk", "operator": "In", "values": ["hdd"]}]},
+                            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]);
+        let (host, placement) = placed(&admin(), affinity("required", either));
+        assert_eq!(placement, Placement::default());
+        assert_eq!(
+            required(&host),
+            json!([{"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}])
+        );
+        let control_plane =
+            json!([{"matchExpressions": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}]);
+        let (host, placement) = placed(&admin(), affinity("required", control_plane));
+        let why = placement.unschedulable.expect("no node of the cluster is a control-plane node");
+        assert!(why.contains("required node affinity"), "{why}");
+        assert_eq!(host.get("affinity"), None);
+        // Asking for a label to be absent keeps the pod off the nodes that have it, and no more.
+        let not_ssd = json!([{"matchExpressions": [{"key": "disk", "operator": "DoesNotExist"}]}]);
+        let (host, placement) = placed(&admin(), affinity("required", not_ssd));
+        assert_eq!(placement, Placement::default());
+        assert_eq!(
+            required(&host),
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["node-1"]}]}])
+        );
+        // Preferences: matched the same way; one no node meets goes, without a word.
+        let prefer = |key: &str, value: &str| json!([{"weight": 5, "preference": {"matchExpressions": [{"key": key, "operator": "In", "values": [value]}]}}]);
+        let (host, placement) = placed(&admin(), affinity("preferred", prefer("disk", "ssd")));
+        assert_eq!(placement, Placement::default());
+        assert_eq!(
+            host["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"],
+            json!([{"weight": 5, "preference": {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}}])
+        );
+        let (host, placement) = placed(&admin(), affinity("preferred", prefer("kubernetes.io/hostname", "cp")));
+        assert_eq!(placement, Placement::default());
+        assert_eq!(host.get("affinity"), None);
+        // Operators as the scheduler reads them.
+        let labels: BTreeMap<String, String> =
+            [("cores".to_string(), "8".to_string()), ("disk".to_string(), "ssd".to_string())].into();
+        let r = |key: &str, operator: &str, values: &[&str]| NodeSelectorRequirement {
+            key: key.into(),
+            operator: operator.into(),
+            values: Some(values.iter().map(|v| v.to_string()).collect()),
+        };
+        assert!(satisfies(&labels, &r("cores", "Gt", &["4"])) && !satisfies(&labels, &r("cores", "Lt", &["4"])));
+        assert!(!satisfies(&labels, &r("disk", "Gt", &["4"])), "not a number");
+        assert!(satisfies(&labels, &r("disk", "NotIn", &["hdd"])) && satisfies(&labels, &r("gpu", "NotIn", &["a100"])));
+        assert!(!satisfies(&labels, &r("disk", "Bogus", &[])));
     }
 
     #[test]

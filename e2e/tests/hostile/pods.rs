@@ -223,15 +223,6 @@ async fn hostile_pods_are_refused_or_sanitised() {
             "(every taint)",
         ),
         (
-            pod(
-                "affine-to-control-plane",
-                none.clone(),
-                serde_json::json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                {"matchExpressions": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}]}}}}),
-            ),
-            "matchExpressions key \"node-role.kubernetes.io/control-plane\"",
-        ),
-        (
             pod("runtime", none.clone(), serde_json::json!({"runtimeClassName": "unsafe-runtime"})),
             "runtimeClassName \"unsafe-runtime\"",
         ),
@@ -249,9 +240,12 @@ async fn hostile_pods_are_refused_or_sanitised() {
     ];
     let mut pods: Vec<serde_json::Value> = sanitised.iter().map(|(p, _)| p.clone()).collect();
     // A node label the host does not show is matched against the virtual cluster's nodes: none
-    // carries the control-plane label, so the pod stays pending, as on a cluster of its own.
+    // carries the control-plane label, so the pods stay pending, as on a cluster of its own.
     let selects = serde_json::json!({"nodeSelector": {"node-role.kubernetes.io/control-plane": ""}});
     pods.push(pod("selects-control-plane", none.clone(), selects));
+    let affine = serde_json::json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}]}}}});
+    pods.push(pod("affine-to-control-plane", none.clone(), affine));
     apply_all(&vc, "default", &pods);
 
     for (p, needle) in &refused {
@@ -270,14 +264,16 @@ async fn hostile_pods_are_refused_or_sanitised() {
     assert!(!configs.contains(&tr(&vc).host_name("evil", "evil-config")), "{configs:?}");
     assert!(!secrets.contains(&tr(&vc).host_name("evil", "evil-secret")), "{secrets:?}");
 
-    let e = warned(&vc, "default", "selects-control-plane", "0 nodes are available").await;
-    assert_eq!(e.reason.as_deref(), Some("FailedScheduling"), "{e:?}");
-    let pending: Pod = Api::namespaced(vc.client().await, "default").get("selects-control-plane").await.unwrap();
-    let scheduled = pending.status.and_then(|s| s.conditions).unwrap_or_default();
-    let scheduled = scheduled.iter().find(|c| c.type_ == "PodScheduled").expect("a PodScheduled condition");
-    assert_eq!((scheduled.status.as_str(), scheduled.reason.as_deref()), ("False", Some("Unschedulable")));
-    let host_pods: Vec<String> = vc.host_list::<Pod>(&env).await.iter().map(|p| p.name_any()).collect();
-    assert!(!host_pods.contains(&tr(&vc).host_name("default", "selects-control-plane")), "{host_pods:?}");
+    for name in ["selects-control-plane", "affine-to-control-plane"] {
+        let e = warned(&vc, "default", name, "0 nodes are available").await;
+        assert_eq!(e.reason.as_deref(), Some("FailedScheduling"), "{e:?}");
+        let pending: Pod = Api::namespaced(vc.client().await, "default").get(name).await.unwrap();
+        let scheduled = pending.status.and_then(|s| s.conditions).unwrap_or_default();
+        let scheduled = scheduled.iter().find(|c| c.type_ == "PodScheduled").expect("a PodScheduled condition");
+        assert_eq!((scheduled.status.as_str(), scheduled.reason.as_deref()), ("False", Some("Unschedulable")));
+        let host_pods: Vec<String> = vc.host_list::<Pod>(&env).await.iter().map(|p| p.name_any()).collect();
+        assert!(!host_pods.contains(&tr(&vc).host_name("default", name)), "{name}: {host_pods:?}");
+    }
 
     let admin_toleration =
         serde_json::json!({"key": "dedicated", "operator": "Equal", "value": "tenants", "effect": "NoSchedule"});

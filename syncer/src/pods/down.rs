@@ -109,8 +109,8 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     let nodes = std::sync::OnceLock::new();
     let nodes = || nodes.get_or_init(|| pod_nodes(ctx));
     let known = |n: &str| nodes().contains(n);
-    let labelled = |selector: &BTreeMap<String, String>| -> Vec<String> {
-        nodes().iter().filter(|n| virtual_node_matches(ctx, n, selector)).cloned().collect()
+    let labelled = |meets: &dyn Fn(&BTreeMap<String, String>) -> bool| -> Vec<String> {
+        nodes().iter().filter(|n| virtual_node_labels_meet(ctx, n, meets)).cloned().collect()
     };
     let closed = |tolerations: &[k8s_openapi::api::core::v1::Toleration]| {
         // The virtual nodes first (a few): the host pods are scanned only if one is closed.
@@ -289,10 +289,9 @@ fn pod_env<'a>(
 }
 
 /// Whether the virtual node `name` carries every label of `selector` (the tenant may label it).
-fn virtual_node_matches(ctx: &Context, name: &str, selector: &BTreeMap<String, String>) -> bool {
+fn virtual_node_labels_meet(ctx: &Context, name: &str, meets: &dyn Fn(&BTreeMap<String, String>) -> bool) -> bool {
     let Some(node) = ctx.stores.vnodes.get(&ObjectRef::new(name)) else { return false };
-    let labels = node.metadata.labels.as_ref();
-    selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+    meets(node.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
 }
 
 /// How soon a pod no node can take is looked at again at the latest; a change of a virtual node
