@@ -287,6 +287,29 @@ spec:
     assert!(metrics.contains(r#"host_refused_total{kind="Pod",reason="forbidden"}"#), "{metrics}");
     assert!(host_pods.get_opt(&tr.host_name("default", "big")).await.unwrap().is_none());
 
+    // A pod no host node has room for: the host scheduler's reason, without how many host nodes
+    // there are (its condition and its mirrored event alike).
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: widgets}
+spec:
+  containers: [{name: app, image: nginx, resources: {requests: {example.com/widgets: "1"}, limits: {example.com/widgets: "1"}}}]
+"#,
+    );
+    let told = "0 nodes are available: Insufficient example.com/widgets.";
+    let waiting = eventually("the host scheduler's reason on the virtual pod", Duration::from_secs(30), || async {
+        let p = vpods.get("widgets").await.map_err(|e| e.to_string())?;
+        let scheduled =
+            p.status.and_then(|s| s.conditions).unwrap_or_default().into_iter().find(|c| c.type_ == "PodScheduled");
+        Ok(scheduled.filter(|c| c.status == "False"))
+    })
+    .await;
+    assert_eq!(waiting.message.as_deref(), Some(told));
+    let event = vc.warned("default", "widgets", "Insufficient example.com/widgets").await;
+    assert_eq!((event.reason.as_deref(), event.message.as_deref()), (Some("FailedScheduling"), Some(told)));
+
     // Node ports (allowed here): the same on both sides, as asked for when asked for, and a port
     // the host has given away refused with the host's reason.
     let host_services: Api<Service> = Api::namespaced(host.clone(), vc.host_namespace());

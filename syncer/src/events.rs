@@ -100,7 +100,13 @@ pub fn virtual_event(ctx_host_ns: &str, host: &Event, owner: &Owner) -> Event {
             ..Default::default()
         },
         reason: host.reason.clone(),
-        message: host.message.as_deref().map(translate),
+        // The host scheduler's reasons, without the host's node counts and taints.
+        message: match host.reason.as_deref() {
+            Some("FailedScheduling") => {
+                host.message.as_deref().map(vkube_core::policy::scheduling::host_scheduling_message)
+            }
+            _ => host.message.as_deref().map(translate),
+        },
         type_: host.type_.clone(),
         count: host.count,
         first_timestamp: host.first_timestamp.clone(),
@@ -193,5 +199,14 @@ mod tests {
         assert_eq!(v.message.as_deref(), Some("Successfully assigned shop/web to kwok-node-0"));
         assert_eq!(v.involved_object.uid.as_deref(), Some("u1"));
         assert_eq!(v.involved_object.name.as_deref(), Some("web"));
+        let failed: Event = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-x-shop-x-vc.187a2c", "namespace": "vkube-vc"},
+            "involvedObject": {"kind": "Pod", "name": "web-x-shop-x-vc", "namespace": "vkube-vc", "apiVersion": "v1"},
+            "reason": "FailedScheduling", "type": "Warning",
+            "message": "0/4 nodes are available: 4 node(s) had untolerated taint {corp/pool: finance}. preemption: 0/4 nodes are available: 4 Preemption is not helpful for scheduling."
+        }))
+        .unwrap();
+        let v = virtual_event("vkube-vc", &failed, &owner);
+        assert_eq!(v.message.as_deref(), Some("0 nodes are available: node(s) had a taint the pod does not tolerate."));
     }
 }

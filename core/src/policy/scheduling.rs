@@ -332,6 +332,51 @@ fn name_requirement(operator: &str, nodes: &[String]) -> NodeSelectorRequirement
     NodeSelectorRequirement { key: "metadata.name".into(), operator: operator.into(), values: Some(nodes.to_vec()) }
 }
 
+/// Why the host scheduler keeps nodes from a pod, as the tenant may see it: the reasons it
+/// gives that say nothing of the host (resources, ports, the pod's own affinity), without how
+/// many host nodes there are or which taints they carry; its preemption part goes (nothing of
+/// a tenant's preempts on the host). Anything else is summed up in a word.
+pub fn host_scheduling_message(message: &str) -> String {
+    /// Reasons of the upstream scheduler's filter plugins that tell nothing of the host.
+    const SHOWN: [&str; 11] = [
+        "node(s) didn't match Pod's node affinity/selector",
+        "node(s) didn't have free ports for the requested pod ports",
+        "node(s) didn't match pod affinity rules",
+        "node(s) didn't match pod anti-affinity rules",
+        "node(s) didn't satisfy existing pods anti-affinity rules",
+        "node(s) didn't match pod topology spread constraints",
+        "node(s) had volume node affinity conflict",
+        "node(s) didn't find available persistent volumes to bind",
+        "node(s) were unschedulable",
+        "node(s) exceed max volume count",
+        "Too many pods",
+    ];
+    let filters = message.split(". preemption:").next().unwrap_or_default();
+    let Some((_, reasons)) = filters.split_once(" nodes are available: ") else {
+        return "the host cannot place the pod now".to_string();
+    };
+    let mut shown: Vec<String> = vec![];
+    for reason in reasons.trim_end_matches('.').split(", ") {
+        // "3 Insufficient cpu": the count is the host's.
+        let reason = reason.split_once(' ').filter(|(n, _)| n.parse::<u32>().is_ok()).map_or(reason, |(_, r)| r);
+        let said = if reason.starts_with("node(s) had untolerated taint") {
+            "node(s) had a taint the pod does not tolerate".to_string()
+        } else if SHOWN.contains(&reason)
+            || reason
+                .strip_prefix("Insufficient ")
+                .is_some_and(|r| r.chars().all(|c| c.is_ascii_alphanumeric() || "./-_".contains(c)))
+        {
+            reason.to_string()
+        } else {
+            "other constraints of the host".to_string()
+        };
+        if !shown.contains(&said) {
+            shown.push(said);
+        }
+    }
+    format!("0 nodes are available: {}.", shown.join(", "))
+}
+
 /// Takes `closed` out of the required terms' `metadata.name In` lists, and drops the terms left
 /// with none. False if terms were required and none is left.
 fn unpin(a: &mut NodeAffinity, closed: &[String]) -> bool {
@@ -638,6 +683,26 @@ mod tests {
         assert!(!satisfies(&labels, &r("disk", "Gt", &["4"])), "not a number");
         assert!(satisfies(&labels, &r("disk", "NotIn", &["hdd"])) && satisfies(&labels, &r("gpu", "NotIn", &["a100"])));
         assert!(!satisfies(&labels, &r("disk", "Bogus", &[])));
+    }
+
+    #[test]
+    fn the_host_schedulers_reasons_reach_the_tenant_without_the_hosts_details() {
+        let host = "0/5 nodes are available: 1 Insufficient cpu, 1 Insufficient nvidia.com/gpu, 2 node(s) had untolerated taint {node-role.kubernetes.io/control-plane: }, 1 node(s) had untolerated taint {corp/secret-pool: finance}. preemption: 0/5 nodes are available: 5 Preemption is not helpful for scheduling.";
+        assert_eq!(
+            host_scheduling_message(host),
+            "0 nodes are available: Insufficient cpu, Insufficient nvidia.com/gpu, node(s) had a taint the pod does not tolerate."
+        );
+        let ports = "0/1 nodes are available: 1 node(s) didn't have free ports for the requested pod ports.";
+        assert_eq!(
+            host_scheduling_message(ports),
+            "0 nodes are available: node(s) didn't have free ports for the requested pod ports."
+        );
+        let plugin = "0/3 nodes are available: 3 node(s) were rejected by corp-placement plugin on rack r12.";
+        assert_eq!(host_scheduling_message(plugin), "0 nodes are available: other constraints of the host.");
+        assert_eq!(
+            host_scheduling_message("running PreBind plugin \"VolumeBinding\": binding volumes: pv-7 on node n-3"),
+            "the host cannot place the pod now"
+        );
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
         if c.observed_generation.is_some() {
             c.observed_generation = observed(c.observed_generation).or_else(|| shown_for(&c.type_));
         }
+        // Why the host scheduler does not place it, without the host's node counts and taints.
+        if c.type_ == "PodScheduled" && c.status == "False" {
+            c.message = c.message.as_deref().map(vkube_core::policy::scheduling::host_scheduling_message);
+        }
     }
     let spec = virtual_pod.spec.as_ref();
     let names = |list: Option<Vec<String>>| list.unwrap_or_default();
@@ -131,6 +135,12 @@ mod tests {
         assert_eq!(s.nominated_node_name, None);
         let names: Vec<&str> = s.container_statuses.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, vec!["app"]);
+        let pending: Pod = serde_json::from_value(serde_json::json!({"status": {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/9 nodes are available: 9 Insufficient memory. preemption: 0/9 nodes are available: 9 No preemption victims found for incoming pod."}]}}))
+        .unwrap();
+        let why = virtual_status(&pending, &virtual_pod, true).conditions.unwrap()[0].message.clone();
+        assert_eq!(why.as_deref(), Some("0 nodes are available: Insufficient memory."), "no host node count");
         assert!(differs(None, &s));
         assert!(!differs(Some(&s), &s));
         let cond = |t: &str, status: &str| {
