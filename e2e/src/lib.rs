@@ -300,6 +300,17 @@ where
     }
 }
 
+/// The names of the objects `api` lists, sorted (an error as text, for [`eventually`]).
+pub async fn sorted_names<K>(api: &kube::Api<K>) -> Result<Vec<String>, String>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + k8s_openapi::serde::de::DeserializeOwned,
+{
+    let list = api.list(&Default::default()).await.map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = list.items.iter().map(kube::ResourceExt::name_any).collect();
+    names.sort();
+    Ok(names)
+}
+
 /// A virtual cluster started by the harness.
 pub struct VirtualCluster {
     pub cp: LocalControlPlane,

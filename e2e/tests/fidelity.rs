@@ -48,15 +48,7 @@ async fn the_tenant_sees_its_own_qos_gates_variables_nodes_and_node_ports() {
         .collect();
     let vnodes: Api<Node> = Api::all(vc.client().await);
     eventually("every host node as a virtual node, before any pod", Duration::from_secs(30), || async {
-        let mut names: Vec<String> = vnodes
-            .list(&Default::default())
-            .await
-            .map_err(|e| e.to_string())?
-            .items
-            .iter()
-            .map(|n| n.name_any())
-            .collect();
-        names.sort();
+        let names = vkube_e2e::sorted_names(&vnodes).await?;
         let mut want = host_nodes.clone();
         want.sort();
         Ok((names == want).then_some(()))

@@ -694,6 +694,43 @@ async fn scaling_to_zero_and_deleting_leave_nothing_behind() {
     .await;
 }
 
+/// A virtual node the tenant labelled (or tainted, or cordoned) stays once its pods are gone, as a
+/// node of its own would, so a Deployment scaled to zero and back still finds it; the others go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_the_tenant_labelled_stays_without_pods() {
+    let env = TestEnv::start(2).await;
+    let vc = env.virtual_cluster("keep").await;
+    vc.kubectl_ok(&["-n", "kube-system", "scale", "deployment", "coredns", "--replicas=0"]);
+    vc.kubectl_ok(&["create", "deployment", "web", "--image=nginx", "--replicas=2"]);
+    vc.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let node = vc.kubectl_ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[0].spec.nodeName}"]);
+    vc.kubectl_ok(&["label", "node", &node, "disk=ssd"]);
+    vc.kubectl_ok(&["scale", "deployment", "web", "--replicas=0"]);
+    let nodes: Api<Node> = Api::all(vc.client().await);
+    eventually("the nodes without pods or marks gone, the labelled one kept", Duration::from_secs(90), || async {
+        let names = vkube_e2e::sorted_names(&nodes).await?;
+        if names == [node.clone()] { Ok(Some(())) } else { Err(format!("{names:?}")) }
+    })
+    .await;
+    // Past the grace a new node gets (30 s from its creation): a node without marks would go now.
+    let created = nodes.get(&node).await.unwrap().metadata.creation_timestamp.unwrap().0;
+    let age = Duration::try_from(k8s_openapi::jiff::Timestamp::now().duration_since(created)).unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(35).saturating_sub(age) + Duration::from_secs(3)).await;
+    let kept = nodes.get_opt(&node).await.unwrap().expect("the labelled node stays");
+    assert_eq!(kept.labels().get("disk").map(String::as_str), Some("ssd"));
+    vc.kubectl_ok(&["run", "on-ssd", "--image=nginx", "--overrides={\"spec\":{\"nodeSelector\":{\"disk\":\"ssd\"}}}"]);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/on-ssd", "--timeout=60s"]);
+    let on = vc.kubectl_ok(&["get", "pod", "on-ssd", "-o", "jsonpath={.spec.nodeName}"]);
+    assert_eq!(on, node, "the selecting pod runs on the labelled node");
+    // Unmarked and unused again: it goes.
+    vc.kubectl_ok(&["delete", "pod", "on-ssd", "--wait"]);
+    vc.kubectl_ok(&["label", "node", &node, "disk-"]);
+    eventually("the node goes once unmarked and unused", Duration::from_secs(60), || async {
+        Ok(nodes.get_opt(&node).await.map_err(|e| e.to_string())?.is_none().then_some(()))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_object_that_is_not_ours_is_never_touched() {
     let env = TestEnv::start(1).await;

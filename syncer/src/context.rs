@@ -185,6 +185,10 @@ pub struct Context {
     pub dns_ip: RwLock<Option<String>>,
     /// With `sync_all_nodes`: the host nodes the admin's node selector allows, as last listed.
     pub host_nodes: RwLock<std::collections::BTreeSet<String>>,
+    /// Host nodes this run's pods have used (verified on the host, as pods ran there): their
+    /// virtual nodes stay without pods while the tenant has marked them (its own labels or
+    /// taints, a cordon), and pods may still be pinned to them meanwhile.
+    pub nodes_used: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// When each virtual node was last brought up to date with its host node.
     pub node_refreshed: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Host events up to this time are mirrored (best effort, as events are).

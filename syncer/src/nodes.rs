@@ -1,5 +1,6 @@
 //! Virtual nodes: a virtual pod is bound to a node named like the host node its copy runs on.
-//! The node exists while pods are bound to it (created on first use, removed after the last).
+//! The node exists while pods are bound to it (created on first use, removed after the last,
+//! unless the tenant labelled, tainted or cordoned it).
 //! It shows the host node's placement labels, capacity, conditions and the taints the tenant's
 //! pods would have to tolerate there (none the admin's tolerations already cover), refreshed
 //! every few minutes; never the host's identity (machine, system and boot IDs). Taints the
@@ -129,10 +130,12 @@ fn tenant_taints(node: &Node) -> impl Iterator<Item = &Taint> {
     taints.iter().filter(move |t| !mirrored.contains(taint_id(t).as_str()))
 }
 
-/// Whether the tenant cordoned or tainted this virtual node: kept while it does, pods or not,
-/// so a drained node stays closed.
+/// Whether the tenant cordoned, tainted or labelled this virtual node (a label the host's are not
+/// shown under): kept while it does, pods or not, so a drained node stays closed and a node the
+/// tenant labelled for its selectors keeps the label.
 fn marked_by_tenant(node: &Node) -> bool {
-    node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) || tenant_taints(node).next().is_some()
+    let labelled = node.metadata.labels.iter().flatten().any(|(k, _)| !visible_label(k) && k != LABEL_FAKE);
+    labelled || node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) || tenant_taints(node).next().is_some()
 }
 
 /// Whether `tol` tolerates `taint`, as the scheduler decides it.
@@ -306,10 +309,33 @@ fn wanted(ctx: &Context, name: &str) -> bool {
     ctx.refs.is_used(RefKind::Node, "", name) || ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).contains(name)
 }
 
+async fn delete(ctx: &Context, name: &str) -> Result<()> {
+    match Api::<Node>::all(ctx.virt.clone()).delete(name, &DeleteParams::default()).await {
+        Ok(_) => ctx.metrics.wrote(KIND, "delete"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
 /// Removes a virtual node no longer wanted (only nodes the syncer made).
 pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
     let node = ctx.stores.vnodes.get(&ObjectRef::new(&name));
-    let used = wanted(ctx, &name) || node.as_deref().is_some_and(marked_by_tenant);
+    let used = {
+        let mut used_before = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner());
+        let used = if wanted(ctx, &name) {
+            used_before.insert(name.clone());
+            true
+        } else {
+            // Kept only for nodes this run has seen used: a Node the tenant makes and marks is
+            // not a host node its pods may be pinned to.
+            used_before.contains(&name) && node.as_deref().is_some_and(marked_by_tenant)
+        };
+        if !used {
+            used_before.remove(&name);
+        }
+        used
+    };
     match node {
         Some(n) if !used && n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
             // A node is made just before the first pod is bound to it: give the binding time to
@@ -323,12 +349,7 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
             if age < NEW_NODE_GRACE.as_secs() as i64 {
                 return Ok(Action::RequeueAfter(NEW_NODE_GRACE));
             }
-            let api: Api<Node> = Api::all(ctx.virt.clone());
-            match api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => ctx.metrics.wrote(KIND, "delete"),
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete(ctx, &name).await?;
         }
         None if used => ensure(ctx, &name).await?,
         Some(n) if n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
@@ -343,7 +364,14 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
                 }
                 due
             };
-            if due && let Err(e) = refresh(ctx, &name, host_node(ctx, &name).await.as_ref(), Some(&n)).await {
+            let host = if due { host_node(ctx, &name).await } else { None };
+            if due && host.is_none() && !wanted(ctx, &name) {
+                // Kept for the tenant's marks, but its host node is gone (or no longer readable).
+                ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                delete(ctx, &name).await?;
+                return Ok(Action::Done);
+            }
+            if due && let Err(e) = refresh(ctx, &name, host.as_ref(), Some(&n)).await {
                 // Due again REFRESH_RETRY later (a conflict with the tenant's own edit, say), not
                 // at once: the tenant must not be able to drive host reads by failing them.
                 let again = std::time::Instant::now().checked_sub(REFRESH - REFRESH_RETRY);

@@ -83,6 +83,7 @@ fn harness() -> Harness {
         unschedulable: Default::default(),
         bound_tokens: Default::default(),
         pod_nodes: Default::default(),
+        nodes_used: Default::default(),
         pod_certificates: Default::default(),
         queues: Queues {
             kinds: queues,

@@ -320,7 +320,8 @@ async fn unschedulable(ctx: &Context, v: &Pod, why: &str) -> Result<Action> {
 }
 
 /// The host nodes this cluster's pods run on, as the host says (not the virtual nodes, which the
-/// tenant can create at will), and with `--sync-all-nodes` those the admin's selector allows.
+/// tenant can create at will), those they ran on in this run whose virtual nodes the tenant
+/// keeps, and with `--sync-all-nodes` those the admin's selector allows.
 /// Read from every host pod at most every `POD_NODES_FOR` (a scale-up asks for them per pod).
 fn pod_nodes(ctx: &Context) -> std::sync::Arc<std::collections::BTreeSet<String>> {
     const POD_NODES_FOR: Duration = Duration::from_secs(2);
@@ -331,6 +332,9 @@ fn pod_nodes(ctx: &Context) -> std::sync::Arc<std::collections::BTreeSet<String>
     let mut nodes: std::collections::BTreeSet<String> =
         ctx.stores.host::<Pod>().state().iter().filter_map(|p| p.load().spec.and_then(|s| s.node_name)).collect();
     nodes.extend(ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+    // Nodes this run's pods used whose virtual node stays (the tenant marked it).
+    let used = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    nodes.extend(used.into_iter().filter(|n| ctx.stores.vnodes.get(&ObjectRef::new(n)).is_some()));
     let nodes = std::sync::Arc::new(nodes);
     *cached = Some((std::time::Instant::now(), nodes.clone()));
     nodes
