@@ -465,7 +465,29 @@ spec:
         refreshed.spec.and_then(|s| s.taints).unwrap_or_default().into_iter().map(|t| t.key).collect();
     assert_eq!(taints, ["e2e.vkube.dev/drain"], "the tenant's taint stays through the refresh");
     assert_eq!(agents_on().await.unwrap(), others, "no DaemonSet pod back on the tainted node");
+    // A pod the host cannot place yet (the host admin cordoned the other node) while kept off the
+    // tainted one: once the tenant lifts its taint, the copy, which never ran, is made again and
+    // placed there, as a scheduler would look again.
+    for other in &others {
+        env.kubectl_ok(&["cordon", other]);
+    }
+    vc.kubectl_ok(&["run", "stuck", "--image=nginx"]);
+    let stuck = tr.host_name("default", "stuck");
+    eventually("the copy waiting on the host, kept off the tainted node", Duration::from_secs(30), || async {
+        let h = host_pods.get_opt(&stuck).await.map_err(|e| e.to_string())?;
+        let spec = h.and_then(|h| h.spec).map(|s| serde_json::to_value(s).unwrap()).unwrap_or_default();
+        let kept_off = &spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0]["matchFields"][0];
+        Ok((kept_off["operator"] == "NotIn" && spec["nodeName"].is_null()).then_some(()))
+    })
+    .await;
     vc.kubectl_ok(&["taint", "node", &drained, "e2e.vkube.dev/drain=now:NoExecute-"]);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/stuck", "--timeout=60s"]);
+    let placed_now = host_pods.get(&stuck).await.unwrap().spec.and_then(|s| s.node_name);
+    assert_eq!(placed_now.as_ref(), Some(&drained), "placed on the reopened node");
+    for other in &others {
+        env.kubectl_ok(&["uncordon", other]);
+    }
     eventually("the DaemonSet's pod back once the taint is gone", Duration::from_secs(60), || async {
         Ok((agents_on().await? == placed).then_some(()))
     })

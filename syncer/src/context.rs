@@ -168,8 +168,9 @@ pub struct Context {
     pub queues: Queues,
     /// What each pod's host copy carries of it, as the downward path last saw.
     pub carried: crate::pods::CarriedIndex,
-    /// Pods no node of the cluster can take (their node selector): looked at again when a
-    /// virtual node changes (the tenant labels one, or one comes).
+    /// Pods whose placement hangs on the virtual nodes: those no node of the cluster can take
+    /// (no host copy), and those whose host copy, not yet placed, is kept off nodes the tenant
+    /// closed; looked at again when a virtual node changes (labelled, reopened, one comes).
     pub unschedulable: std::sync::Mutex<std::collections::BTreeSet<Key>>,
     /// The host nodes this cluster's pods may be pinned to, and when they were read from the
     /// host pods (kept a moment: many pods created at once need them alike).

@@ -80,6 +80,12 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
                 // Known moments after start (the DNS Service's upward path).
                 return Ok(Action::RequeueAfter(Duration::from_millis(500)));
             };
+            if placement_stale(ctx, &v, &h) {
+                // Kept off a node the tenant has reopened since (or not off one it closed): a
+                // copy that never ran is made again, as a scheduler would look again.
+                sync::delete_host(ctx, KIND, h.as_ref(), Some(0)).await?;
+                return Ok(Action::RequeueAfter(Duration::from_millis(500)));
+            }
             if let Some(host_generation) = update_host(ctx, &v, &h, &dns_ip).await? {
                 let carried =
                     Carried { fingerprint: fingerprint(&v), generation: v.metadata.generation, host_generation };
@@ -114,14 +120,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     };
     let closed = |tolerations: &[k8s_openapi::api::core::v1::Toleration]| {
         // The virtual nodes first (a few): the host pods are scanned only if one is closed.
-        let closed: std::collections::BTreeSet<String> = ctx
-            .stores
-            .vnodes
-            .state()
-            .iter()
-            .filter(|n| crate::nodes::closed_to(n, tolerations))
-            .filter_map(|n| n.metadata.name.clone())
-            .collect();
+        let closed = closed_nodes(ctx, tolerations);
         if closed.is_empty() {
             return translate::Closed::default();
         }
@@ -199,6 +198,10 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     let free = crate::pod_certificates::name_free(ctx, v).await;
     if let Some(later) = held_by_another(ctx, v, &secret, "pod certificates", free).await? {
         return Ok(later);
+    }
+    if kept_off(&desired).is_some() {
+        // Kept off nodes the tenant closed: looked at again if one reopens before it is placed.
+        ctx.unschedulable.lock().unwrap_or_else(|e| e.into_inner()).insert(key_of(v));
     }
     let created = sync::create_host(ctx, KIND, &desired).await;
     if let Ok(false) = created {
@@ -292,6 +295,41 @@ fn pod_env<'a>(
 fn virtual_node_labels_meet(ctx: &Context, name: &str, meets: &dyn Fn(&BTreeMap<String, String>) -> bool) -> bool {
     let Some(node) = ctx.stores.vnodes.get(&ObjectRef::new(name)) else { return false };
     meets(node.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
+}
+
+/// The virtual nodes the tenant closed to a pod with `tolerations` (see `nodes::closed_to`).
+fn closed_nodes(
+    ctx: &Context,
+    tolerations: &[k8s_openapi::api::core::v1::Toleration],
+) -> std::collections::BTreeSet<String> {
+    let nodes = ctx.stores.vnodes.state();
+    nodes.iter().filter(|n| crate::nodes::closed_to(n, tolerations)).filter_map(|n| n.metadata.name.clone()).collect()
+}
+
+/// The nodes a host copy not placed yet was kept off (`metadata.name NotIn`), if any.
+fn kept_off(h: &Pod) -> Option<std::collections::BTreeSet<String>> {
+    if h.spec.as_ref().is_none_or(|s| s.node_name.is_some()) {
+        return None;
+    }
+    let affinity = h.spec.as_ref()?.affinity.as_ref()?.node_affinity.as_ref()?;
+    let terms = &affinity.required_during_scheduling_ignored_during_execution.as_ref()?.node_selector_terms;
+    let fields = terms.first()?.match_fields.iter().flatten();
+    let not_in = fields.filter(|f| f.key == "metadata.name" && f.operator == "NotIn");
+    Some(not_in.flat_map(|f| f.values.iter().flatten().cloned()).collect())
+        .filter(|s: &std::collections::BTreeSet<String>| !s.is_empty())
+}
+
+/// Whether a host copy still waiting for a node was kept off nodes other than those the tenant
+/// has closed to it now (its affinity cannot change: it is made again). Pods whose copy waits so
+/// are looked at again when a virtual node changes.
+fn placement_stale(ctx: &Context, v: &Pod, h: &Pod) -> bool {
+    let Some(kept_off) = kept_off(h) else { return false };
+    if v.spec.as_ref().is_some_and(|s| s.node_name.is_some()) {
+        return false;
+    }
+    ctx.unschedulable.lock().unwrap_or_else(|e| e.into_inner()).insert(key_of(v));
+    let tolerations = v.spec.as_ref().and_then(|s| s.tolerations.as_deref()).unwrap_or_default();
+    kept_off != closed_nodes(ctx, tolerations)
 }
 
 /// How soon a pod no node can take is looked at again at the latest; a change of a virtual node
