@@ -63,6 +63,9 @@ pub const ANNOTATION_CERTIFICATES_REFRESH: &str = "vkube.dev/certificates-refres
 
 /// Marks virtual nodes the syncer made (only those are ever deleted).
 pub const LABEL_FAKE_NODE: &str = "vkube.dev/fake-node";
+/// On a host pod: the nodes it was kept off because the tenant closed them (cordon, taints),
+/// comma-separated: a copy not placed yet is made again when that list is stale.
+pub const ANNOTATION_KEPT_OFF: &str = "vkube.dev/kept-off";
 /// On a virtual node: the host node's taints its last refresh put there (`key:effect`,
 /// comma-separated); the node's other taints are the tenant's own, and stay.
 pub const ANNOTATION_HOST_TAINTS: &str = "vkube.dev/host-taints";

@@ -712,7 +712,8 @@ async fn a_node_the_tenant_labelled_stays_without_pods() {
         if names == [node.clone()] { Ok(Some(())) } else { Err(format!("{names:?}")) }
     })
     .await;
-    // Past the grace a new node gets (30 s from its creation): a node without marks would go now.
+    // Past the grace a new node gets (30 s from its creation, looked at again when it ends): a
+    // node without marks is gone by now.
     let created = nodes.get(&node).await.unwrap().metadata.creation_timestamp.unwrap().0;
     let age = Duration::try_from(k8s_openapi::jiff::Timestamp::now().duration_since(created)).unwrap_or_default();
     tokio::time::sleep(Duration::from_secs(35).saturating_sub(age) + Duration::from_secs(3)).await;

@@ -64,7 +64,7 @@ pub enum TokenDelivery {
     Annotation,
     /// A host Secret of the pod's own, as `Secret`, written once the pod is bound to a node: its
     /// tokens name the node (`authentication.kubernetes.io/node-name`), as a kubelet's do. The
-    /// pod starts once its host kubelet retries the mount (about half a second later, with a
+    /// pod starts once its host kubelet retries the mount (typically half a second later, with a
     /// `FailedMount` event on the host), and the name is looked up before the pod is created.
     BoundSecret,
 }

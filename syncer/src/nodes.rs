@@ -193,13 +193,32 @@ pub fn virtual_node_status(name: &str, host: Option<&Node>) -> NodeStatus {
     }
 }
 
+/// Whether the host shows this cluster's pods may run on host node `name`: one of its host pods
+/// runs there, or it is a host node shown to all (`--sync-all-nodes`). Not a virtual pod's
+/// `nodeName`, which the tenant writes.
+pub fn host_runs_ours_on(ctx: &Context, name: &str) -> bool {
+    ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).contains(name)
+        || ctx
+            .stores
+            .host::<k8s_openapi::api::core::v1::Pod>()
+            .state()
+            .iter()
+            .any(|p| p.load().spec.and_then(|s| s.node_name).as_deref() == Some(name))
+}
+
 /// Makes sure the virtual node exists before a pod is bound to it.
 pub async fn ensure(ctx: &Context, name: &str) -> Result<()> {
     if ctx.stores.vnodes.get(&ObjectRef::new(name)).is_some() {
         return Ok(());
     }
-    // Reading host nodes needs a ClusterRole; without it the node gets default capacity.
-    let host = host_node(ctx, name).await;
+    // Only a host node the host shows this cluster's pods on is read (a tenant's pod may name any
+    // node): others get defaults, and nothing of the host. Reading host nodes needs a
+    // ClusterRole; without it the node gets default capacity.
+    let verified = host_runs_ours_on(ctx, name);
+    if verified {
+        ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
+    }
+    let host = if verified { host_node(ctx, name).await.ok().flatten() } else { None };
     let api: Api<Node> = Api::all(ctx.virt.clone());
     match api.create(&crate::sync::post_params(), &virtual_node(name, host.as_ref())).await {
         Ok(_) => {
@@ -215,15 +234,12 @@ pub async fn ensure(ctx: &Context, name: &str) -> Result<()> {
     }
 }
 
-/// Reading host nodes needs a ClusterRole; without it the node gets defaults.
-async fn host_node(ctx: &Context, name: &str) -> Option<Node> {
-    match Api::<Node>::all(ctx.host.clone()).get_opt(name).await {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::debug!(node = name, error = %e, "host node not readable; using defaults");
-            None
-        }
-    }
+/// The host node, if the host says (`Err`: not readable, for now or without the ClusterRole;
+/// the node then gets defaults).
+async fn host_node(ctx: &Context, name: &str) -> std::result::Result<Option<Node>, ()> {
+    Api::<Node>::all(ctx.host.clone()).get_opt(name).await.map_err(|e| {
+        tracing::debug!(node = name, error = %e, "host node not readable; using defaults");
+    })
 }
 
 /// Brings the virtual node's taints and status to what its host node shows, writing only what
@@ -321,21 +337,23 @@ async fn delete(ctx: &Context, name: &str) -> Result<()> {
 /// Removes a virtual node no longer wanted (only nodes the syncer made).
 pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
     let node = ctx.stores.vnodes.get(&ObjectRef::new(&name));
-    let used = {
+    let used = wanted(ctx, &name) || {
+        // Kept only for nodes the host showed this run's pods on (`ensure`, below): a Node the
+        // tenant makes and marks, or names in a pod's nodeName, is not one its pods may be
+        // pinned to.
         let mut used_before = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner());
-        let used = if wanted(ctx, &name) {
-            used_before.insert(name.clone());
-            true
-        } else {
-            // Kept only for nodes this run has seen used: a Node the tenant makes and marks is
-            // not a host node its pods may be pinned to.
-            used_before.contains(&name) && node.as_deref().is_some_and(marked_by_tenant)
-        };
-        if !used {
+        let kept = used_before.contains(&name) && node.as_deref().is_some_and(marked_by_tenant);
+        if !kept {
             used_before.remove(&name);
         }
-        used
+        kept
     };
+    if used
+        && !ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name)
+        && host_runs_ours_on(ctx, &name)
+    {
+        ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
+    }
     match node {
         Some(n) if !used && n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
             // A node is made just before the first pod is bound to it: give the binding time to
@@ -347,7 +365,8 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
                 .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).as_secs())
                 .unwrap_or(i64::MAX);
             if age < NEW_NODE_GRACE.as_secs() as i64 {
-                return Ok(Action::RequeueAfter(NEW_NODE_GRACE));
+                let left = NEW_NODE_GRACE.as_secs() as i64 - age;
+                return Ok(Action::RequeueAfter(std::time::Duration::from_secs(left.max(1) as u64)));
             }
             delete(ctx, &name).await?;
         }
@@ -364,13 +383,19 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
                 }
                 due
             };
-            let host = if due { host_node(ctx, &name).await } else { None };
-            if due && host.is_none() && !wanted(ctx, &name) {
-                // Kept for the tenant's marks, but its host node is gone (or no longer readable).
+            // Only a node the host showed this cluster's pods on is read: a tenant's pod may
+            // name any node, and its virtual node then shows defaults, nothing of the host.
+            let verified = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name)
+                || host_runs_ours_on(ctx, &name);
+            let host = if due && verified { host_node(ctx, &name).await } else { Ok(None) };
+            if due && matches!(host, Ok(None)) && verified && !wanted(ctx, &name) {
+                // Kept for the tenant's marks, but its host node is gone.
                 ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
                 delete(ctx, &name).await?;
                 return Ok(Action::Done);
             }
+            // Not readable now: what the node shows stays (defaults are for a node made so).
+            let Ok(host) = host else { return Ok(Action::RequeueAfter(REFRESH)) };
             if due && let Err(e) = refresh(ctx, &name, host.as_ref(), Some(&n)).await {
                 // Due again REFRESH_RETRY later (a conflict with the tenant's own edit, say), not
                 // at once: the tenant must not be able to drive host reads by failing them.

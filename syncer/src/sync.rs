@@ -131,13 +131,27 @@ pub async fn delete_host<K>(ctx: &Context, kind: &'static str, h: &K, grace: Opt
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
+    delete_host_exactly(ctx, kind, h, grace, Exactly::Object).await
+}
+
+/// Like [`delete_host`], with `Exactly::AsRead`: not if it changed since it was read.
+pub async fn delete_host_exactly<K>(
+    ctx: &Context,
+    kind: &'static str,
+    h: &K,
+    grace: Option<i64>,
+    exactly: Exactly,
+) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
     if h.meta().deletion_timestamp.is_some() {
         return Ok(());
     }
     spend(ctx, kind, h.meta().name.as_deref().unwrap_or_default())?;
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let grace = grace.map(|g| g.max(0) as u32);
-    if delete_exactly(&api, h.meta(), grace, Exactly::Object).await? {
+    if delete_exactly(&api, h.meta(), grace, exactly).await? {
         ctx.metrics.wrote(kind, "delete");
     }
     Ok(())

@@ -86,24 +86,36 @@ pub async fn ensure(ctx: &Context, pod: &Pod, secret_name: &str, audience: Optio
     }
 }
 
-/// Whether the host Secret `secret_name` may hold `pod`'s token: absent, or ours for a pod of
-/// this name (one of an earlier pod is replaced). Metadata only, read before the pod is created.
-pub async fn name_free(ctx: &Context, pod: &Pod, secret_name: &str) -> Result<()> {
+/// Makes the host Secret `secret_name` free for `pod`'s token before its host copy is created:
+/// absent, or this pod's; one left by an earlier pod of the same name is deleted (as read), so
+/// the kubelet waits for the new token rather than mounting a void one; anyone else's is a
+/// [`SyncError::Collision`]. Metadata only.
+pub async fn clear_for(ctx: &Context, pod: &Pod, secret_name: &str) -> Result<()> {
     let (ns, name) = crate::informer::key_of(pod);
-    match api(ctx).get_metadata_opt(secret_name).await? {
-        Some(s) if !ctx.tr.owner(&s.metadata).is_some_and(|o| o.is(KIND, &ns, &name)) => {
-            Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns())))
+    let Some(s) = api(ctx).get_metadata_opt(secret_name).await? else { return Ok(()) };
+    match ctx.tr.owner(&s.metadata) {
+        Some(o) if o.is(KIND, &ns, &name) => {
+            if Some(&o.uid) != pod.metadata.uid.as_ref()
+                && delete_exactly(&api(ctx), &s.metadata, None, Exactly::AsRead).await?
+            {
+                ctx.metrics.wrote(KIND, "delete");
+            }
+            Ok(())
         }
-        _ => Ok(()),
+        _ => Err(SyncError::Collision(format!("{}/{secret_name}", ctx.host_ns()))),
     }
 }
 
-/// With `TokenDelivery::BoundSecret`: once `pod` is bound, and until its host copy `host` has
-/// started (its kubelet waits for them), its token Secrets are written, or found, once per run.
+/// With `TokenDelivery::BoundSecret`: once `pod` is bound, and while it or its host copy `host`
+/// has not started (the host kubelet waits for them), its token Secrets are written, or found,
+/// once per run.
 pub async fn ensure_bound(ctx: &Context, pod: &Pod, host: &Pod) -> Result<()> {
     let bound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
-    let waiting = host.status.as_ref().and_then(|s| s.phase.as_deref()).is_none_or(|p| p == "Pending");
-    if ctx.opts.token_delivery != crate::context::TokenDelivery::BoundSecret || !bound || !waiting {
+    let pending = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()).is_none_or(|p| p == "Pending");
+    if ctx.opts.token_delivery != crate::context::TokenDelivery::BoundSecret
+        || !bound
+        || !(pending(pod) || pending(host))
+    {
         return Ok(());
     }
     let uid = pod.metadata.uid.clone().unwrap_or_default();

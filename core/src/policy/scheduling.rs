@@ -93,6 +93,8 @@ pub struct Placement {
     pub dropped: Vec<String>,
     /// Why no node can take the pod (its node selector matches none), as a scheduler says it.
     pub unschedulable: Option<String>,
+    /// The nodes the pod is kept off because the tenant closed them (`metadata.name NotIn`).
+    pub kept_off: Vec<String>,
 }
 
 impl Scheduling {
@@ -101,6 +103,7 @@ impl Scheduling {
         let known_node = nodes.known;
         let mut dropped = vec![];
         let mut unschedulable = None;
+        let mut kept_off = vec![];
         if let Some(rc) = spec.runtime_class_name.take() {
             if self.runtime_classes.contains(&rc) {
                 spec.runtime_class_name = Some(rc);
@@ -179,6 +182,7 @@ impl Scheduling {
                 ));
             }
             pin(&mut node_affinity, "NotIn", &closed.nodes);
+            kept_off = closed.nodes.clone();
         }
         let empty = node_affinity.required_during_scheduling_ignored_during_execution.is_none()
             && node_affinity.preferred_during_scheduling_ignored_during_execution.is_none();
@@ -203,7 +207,7 @@ impl Scheduling {
             }
         }
         spec.tolerations = (!tolerations.is_empty()).then_some(tolerations);
-        Placement { dropped, unschedulable }
+        Placement { dropped, unschedulable, kept_off }
     }
 
     /// The tenant's node affinity, rewritten (see the module's notes). False if it had required
@@ -212,7 +216,7 @@ impl Scheduling {
         let field = "spec.affinity.nodeAffinity";
         let mut satisfiable = true;
         if let Some(required) = a.required_during_scheduling_ignored_during_execution.take() {
-            let mut unmatched = false;
+            let (mut unmatched, mut any) = (false, false);
             let terms: Vec<NodeSelectorTerm> = required
                 .node_selector_terms
                 .into_iter()
@@ -221,6 +225,10 @@ impl Scheduling {
                     match self.term(t, nodes, &format!("{field}.required…nodeSelectorTerms[{i}]"), dropped) {
                         Term::Kept(t) => Some(t),
                         Term::Empty => None,
+                        Term::Any => {
+                            any = true;
+                            None
+                        }
                         Term::Unmatched => {
                             unmatched = true;
                             None
@@ -228,9 +236,10 @@ impl Scheduling {
                     }
                 })
                 .collect();
-            satisfiable = !(terms.is_empty() && unmatched);
+            satisfiable = any || !(terms.is_empty() && unmatched);
+            // Terms are ORed: one every node meets makes the whole requirement moot.
             a.required_during_scheduling_ignored_during_execution =
-                (!terms.is_empty()).then_some(NodeSelector { node_selector_terms: terms });
+                (!terms.is_empty() && !any).then_some(NodeSelector { node_selector_terms: terms });
         }
         if let Some(preferred) = a.preferred_during_scheduling_ignored_during_execution.take() {
             let kept: Vec<_> = preferred
@@ -240,7 +249,8 @@ impl Scheduling {
                     let at = format!("{field}.preferred…[{i}].preference");
                     match self.term(p.preference, nodes, &at, dropped) {
                         Term::Kept(t) => p.preference = t,
-                        Term::Empty | Term::Unmatched => return None,
+                        // (One every node meets weighs on none.)
+                        Term::Empty | Term::Any | Term::Unmatched => return None,
                     }
                     Some(p)
                 })
@@ -280,6 +290,9 @@ impl Scheduling {
                 // Only asks for labels to be absent: kept off the nodes that have them, free to
                 // go to nodes the cluster has not seen.
                 let excluded = (nodes.labelled)(&|labels: &BTreeMap<String, String>| !meets(labels));
+                if excluded.is_empty() && expressions.is_empty() && fields.is_empty() {
+                    return Term::Any;
+                }
                 if !excluded.is_empty() {
                     fields.push(name_requirement("NotIn", &excluded));
                 }
@@ -306,6 +319,8 @@ enum Term {
     Kept(NodeSelectorTerm),
     /// Nothing the host may be asked was left in it.
     Empty,
+    /// Every node meets it (it asks only for labels no node of the cluster has to be absent).
+    Any,
     /// Its expressions on labels the host does not show match no node of the cluster.
     Unmatched,
 }
@@ -338,7 +353,9 @@ fn name_requirement(operator: &str, nodes: &[String]) -> NodeSelectorRequirement
 /// a tenant's preempts on the host). Anything else is summed up in a word.
 pub fn host_scheduling_message(message: &str) -> String {
     /// Reasons of the upstream scheduler's filter plugins that tell nothing of the host.
-    const SHOWN: [&str; 11] = [
+    const SHOWN: [&str; 13] = [
+        "pod has unbound immediate PersistentVolumeClaims",
+        "node(s) had no available volume zone",
         "node(s) didn't match Pod's node affinity/selector",
         "node(s) didn't have free ports for the requested pod ports",
         "node(s) didn't match pod affinity rules",
@@ -561,7 +578,7 @@ mod tests {
         };
         let plain = json!({"containers": [{"name": "c"}]});
         let (host, placement) = placed_closing(&admin(), plain.clone(), &["node-2"]);
-        assert_eq!(placement, Placement::default());
+        assert_eq!(placement, Placement { kept_off: vec!["node-2".into()], ..Default::default() });
         assert_eq!(
             required(&host),
             json!([{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["node-2"]}]}])
@@ -600,7 +617,7 @@ mod tests {
         let why = placement.unschedulable.expect("its node is closed");
         assert!(why.contains("node affinity names"), "{why}");
         let (host, placement) = placed_closing(&admin(), daemon("node-1"), &["node-2"]);
-        assert_eq!(placement, Placement::default());
+        assert_eq!(placement, Placement { kept_off: vec!["node-2".into()], ..Default::default() });
         assert_eq!(
             required(&host),
             json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]},
@@ -660,6 +677,12 @@ mod tests {
             required(&host),
             json!([{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["node-1"]}]}])
         );
+        // A term every node meets (no node has hdd) makes the ORed requirement moot.
+        let either = json!([{"matchExpressions": [{"key": "disk", "operator": "NotIn", "values": ["hdd"]}]},
+                            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]);
+        let (host, placement) = placed(&admin(), affinity("required", either));
+        assert_eq!(placement, Placement::default());
+        assert_eq!(host.get("affinity"), None, "{host}");
         // Preferences: matched the same way; one no node meets goes, without a word.
         let prefer = |key: &str, value: &str| json!([{"weight": 5, "preference": {"matchExpressions": [{"key": key, "operator": "In", "values": [value]}]}}]);
         let (host, placement) = placed(&admin(), affinity("preferred", prefer("disk", "ssd")));

@@ -83,7 +83,9 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
             if placement_stale(ctx, &v, &h) {
                 // Kept off a node the tenant has reopened since (or not off one it closed): a
                 // copy that never ran is made again, as a scheduler would look again.
-                sync::delete_host(ctx, KIND, h.as_ref(), Some(0)).await?;
+                // As read: not if the host placed it meanwhile.
+                let as_read = vkube_kubeclient::delete::Exactly::AsRead;
+                sync::delete_host_exactly(ctx, KIND, h.as_ref(), Some(0), as_read).await?;
                 return Ok(Action::RequeueAfter(Duration::from_millis(500)));
             }
             if let Some(host_generation) = update_host(ctx, &v, &h, &dns_ip).await? {
@@ -124,8 +126,6 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         if closed.is_empty() {
             return translate::Closed::default();
         }
-        // Closed nodes the cluster's pods no longer run on stay in the list (a drained node):
-        // keeping a pod off a node only narrows where the host puts it.
         let every_known = !nodes().is_empty() && nodes().is_subset(&closed);
         translate::Closed { nodes: closed.into_iter().collect(), every_known }
     };
@@ -148,7 +148,13 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
                 );
                 sync::warn(ctx, v, "SchedulingDropped", &note).await;
             }
-            t.pod
+            let mut pod = t.pod;
+            if !t.kept_off.is_empty() {
+                // Recorded so that a copy not placed yet can be made again if the list goes stale.
+                let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
+                annotations.insert(vkube_core::contract::ANNOTATION_KEPT_OFF.into(), t.kept_off.join(","));
+            }
+            pod
         }
         Err(r) => {
             sync::refuse(ctx, KIND, v, &r).await;
@@ -174,7 +180,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         TokenDelivery::BoundSecret => {
             // Written once the pod is bound (the upward path); the names must be free or ours.
             for (secret, _) in translate::token_secrets(&ctx.tr, v) {
-                let free = crate::tokens::name_free(ctx, v, &secret).await;
+                let free = crate::tokens::clear_for(ctx, v, &secret).await;
                 if let Some(later) = held_by_another(ctx, v, &secret, "service-account token", free).await? {
                     return Ok(later);
                 }
@@ -297,26 +303,31 @@ fn virtual_node_labels_meet(ctx: &Context, name: &str, meets: &dyn Fn(&BTreeMap<
     meets(node.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
 }
 
-/// The virtual nodes the tenant closed to a pod with `tolerations` (see `nodes::closed_to`).
+/// The nodes the tenant closed to a pod with `tolerations` (see `nodes::closed_to`), among those
+/// its pods may go to (a drained node the tenant keeps is one; a Node it makes is not, so the
+/// list a host pod carries stays bounded by the host's nodes).
 fn closed_nodes(
     ctx: &Context,
     tolerations: &[k8s_openapi::api::core::v1::Toleration],
 ) -> std::collections::BTreeSet<String> {
     let nodes = ctx.stores.vnodes.state();
-    nodes.iter().filter(|n| crate::nodes::closed_to(n, tolerations)).filter_map(|n| n.metadata.name.clone()).collect()
+    let closed =
+        nodes.iter().filter(|n| crate::nodes::closed_to(n, tolerations)).filter_map(|n| n.metadata.name.clone());
+    let closed: std::collections::BTreeSet<String> = closed.collect();
+    if closed.is_empty() {
+        return closed;
+    }
+    let known = pod_nodes(ctx);
+    closed.into_iter().filter(|n| known.contains(n)).collect()
 }
 
-/// The nodes a host copy not placed yet was kept off (`metadata.name NotIn`), if any.
+/// The nodes a host copy not placed yet was kept off because the tenant closed them, if any.
 fn kept_off(h: &Pod) -> Option<std::collections::BTreeSet<String>> {
     if h.spec.as_ref().is_none_or(|s| s.node_name.is_some()) {
         return None;
     }
-    let affinity = h.spec.as_ref()?.affinity.as_ref()?.node_affinity.as_ref()?;
-    let terms = &affinity.required_during_scheduling_ignored_during_execution.as_ref()?.node_selector_terms;
-    let fields = terms.first()?.match_fields.iter().flatten();
-    let not_in = fields.filter(|f| f.key == "metadata.name" && f.operator == "NotIn");
-    Some(not_in.flat_map(|f| f.values.iter().flatten().cloned()).collect())
-        .filter(|s: &std::collections::BTreeSet<String>| !s.is_empty())
+    let list = h.metadata.annotations.as_ref()?.get(vkube_core::contract::ANNOTATION_KEPT_OFF)?;
+    Some(list.split(',').filter(|n| !n.is_empty()).map(String::from).collect())
 }
 
 /// Whether a host copy still waiting for a node was kept off nodes other than those the tenant
@@ -416,6 +427,11 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod, dns_ip: &str) -> Result<Op
     // What the host's own machinery added stays (no fight with its webhooks and controllers).
     ctx.tr.keep_host_keys(&mut desired.metadata, &h.metadata);
     crate::tokens::keep_pod_annotations(&h.metadata, &mut desired.metadata);
+    // Made at creation, with the placement (which an update does not compute).
+    let kept_off = vkube_core::contract::ANNOTATION_KEPT_OFF;
+    if let Some(list) = h.metadata.annotations.as_ref().and_then(|a| a.get(kept_off)) {
+        desired.metadata.annotations.get_or_insert_with(Default::default).insert(kept_off.into(), list.clone());
+    }
     let api: Api<Pod> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
     let pp = sync::patch_params();
     let name = h.metadata.name.as_deref().unwrap_or_default();

@@ -182,11 +182,7 @@ pub fn slim_host_pod(p: &mut Pod) {
             resources: c.resources.clone(),
             ..Default::default()
         };
-        // A copy not placed yet keeps the nodes it was kept off (`down::kept_off`): it is made
-        // again if the tenant reopens one.
-        let affinity = if spec.node_name.is_none() { kept_off_only(spec.affinity) } else { None };
         p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-            affinity,
             node_name: spec.node_name,
             containers: spec.containers.iter().map(slim).collect(),
             init_containers: spec.init_containers.map(|cs| cs.iter().map(slim).collect()),
@@ -203,51 +199,9 @@ pub fn slim_host_pod(p: &mut Pod) {
     }
 }
 
-/// Of a host pod's affinity, the `metadata.name NotIn` requirements of its first required node
-/// term (the same in every term, see `Scheduling::apply`), if any.
-fn kept_off_only(
-    affinity: Option<k8s_openapi::api::core::v1::Affinity>,
-) -> Option<k8s_openapi::api::core::v1::Affinity> {
-    use k8s_openapi::api::core::v1::{Affinity, NodeAffinity, NodeSelector, NodeSelectorTerm};
-    let required = affinity?.node_affinity?.required_during_scheduling_ignored_during_execution?;
-    let fields = required.node_selector_terms.into_iter().next()?.match_fields?;
-    let kept_off: Vec<_> = fields.into_iter().filter(|f| f.key == "metadata.name" && f.operator == "NotIn").collect();
-    (!kept_off.is_empty()).then(|| Affinity {
-        node_affinity: Some(NodeAffinity {
-            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
-                node_selector_terms: vec![NodeSelectorTerm { match_fields: Some(kept_off), ..Default::default() }],
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_copy_waiting_for_a_node_keeps_the_nodes_it_is_kept_off_and_no_more() {
-        let pod = |node_name: Option<&str>| -> Pod {
-            serde_json::from_value(serde_json::json!({"spec": {"nodeName": node_name, "containers": [{"name": "c"}],
-                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}],
-                     "matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1", "n2"]},
-                                     {"key": "metadata.name", "operator": "NotIn", "values": ["n2"]}]}]}}}}}))
-            .unwrap()
-        };
-        let mut waiting = pod(None);
-        slim_host_pod(&mut waiting);
-        let kept = serde_json::to_value(waiting.spec.unwrap().affinity).unwrap();
-        assert_eq!(
-            kept["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
-            serde_json::json!([{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["n2"]}]}])
-        );
-        let mut placed = pod(Some("n1"));
-        slim_host_pod(&mut placed);
-        assert_eq!(placed.spec.unwrap().affinity, None, "placed: nothing to look at again");
-    }
 
     #[test]
     fn the_store_keeps_no_token_value_but_its_expiry() {

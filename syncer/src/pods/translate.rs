@@ -69,6 +69,8 @@ pub struct Translated {
     pub pod: Pod,
     pub dropped: Vec<String>,
     pub unschedulable: Option<String>,
+    /// The nodes the tenant closed that the pod is kept off (see `Placement::kept_off`).
+    pub kept_off: Vec<String>,
 }
 
 /// The host Secret holding the virtual service-account token bound to pod `pod` (for
@@ -187,6 +189,7 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Translated, Refusal> {
         pod: Pod { metadata, spec: Some(spec), status: None },
         dropped: placement.dropped,
         unschedulable: placement.unschedulable,
+        kept_off: placement.kept_off,
     })
 }
 

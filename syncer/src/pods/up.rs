@@ -41,9 +41,17 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
         .carried
         .get(&key)
         .filter(|c| c.generation == v.metadata.generation && h.metadata.generation >= c.host_generation);
+    // Bound now: with `bound-secret` delivery its tokens can be issued, naming its node (before
+    // its status is shown: `v` is still the pod as it was, not started).
+    if let Err(e) = crate::tokens::ensure_bound(ctx, &v, &h).await {
+        let sync::SyncError::Collision(secret) = e else { return Err(e) };
+        let msg = format!(
+            "the host Secret {secret} that holds this pod's service-account token is not managed by this virtual cluster (made since the pod was created): its token is not written"
+        );
+        sync::warn(ctx, v.as_ref(), "HostNameConflict", &msg).await;
+        return Ok(Action::RequeueAfter(std::time::Duration::from_secs(300)));
+    }
     report_status(ctx, &v, &h, carried.is_some()).await?;
-    // Bound now: with `bound-secret` delivery its tokens can be issued, naming its node.
-    crate::tokens::ensure_bound(ctx, &v, &h).await?;
     // Bound now: its pod certificates can be asked for, naming its node as a kubelet's do.
     match crate::pod_certificates::ensure(ctx, &v).await {
         Ok(look_again) => Ok(look_again.map_or(Action::Done, Action::RequeueAfter)),

@@ -340,7 +340,7 @@ pub struct SyncArgs {
     /// whoever reads Secrets in the host namespace) or `annotation` (annotations of the host pod,
     /// read through the downward API: half the host writes per pod, but readable by whoever can
     /// read pods in the host namespace) or `bound-secret` (a host Secret per pod written once the
-    /// pod is bound: its tokens name its node, as a kubelet's do; the pod starts ~0.5 s later).
+    /// pod is bound: its tokens name its node, as a kubelet's do; the pod starts typically 0.5 s later).
     #[arg(long, env = "VKUBE_TOKEN_DELIVERY", default_value = "secret")]
     pub token_delivery: vkube_syncer::context::TokenDelivery,
 }
