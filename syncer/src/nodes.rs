@@ -57,6 +57,24 @@ pub fn virtual_node(name: &str, host: Option<&Node>) -> Node {
     }
 }
 
+/// The merge patch of a virtual node's labels that makes its host-shown keys the host node's
+/// (a value to set, or null to remove), the hostname and the tenant's own keys aside.
+fn visible_labels_change(host: &Node, current: &Node) -> BTreeMap<String, Option<String>> {
+    let want = virtual_node("", Some(host)).metadata.labels.unwrap_or_default();
+    let have = current.metadata.labels.clone().unwrap_or_default();
+    let shown = |k: &String| visible_label(k) && k != "kubernetes.io/hostname";
+    let mut change: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for (k, v) in want.iter().filter(|(k, _)| shown(k)) {
+        if have.get(k) != Some(v) {
+            change.insert(k.clone(), Some(v.clone()));
+        }
+    }
+    for k in have.keys().filter(|k| shown(k) && !want.contains_key(*k)) {
+        change.insert(k.clone(), None);
+    }
+    change
+}
+
 /// The host node's taints a tenant's pod would meet there: those the admin's tolerations (added
 /// to every host pod) do not already tolerate. With no host node known, none: not the
 /// `not-ready` taint the API server puts on every new node, which nothing here would lift.
@@ -194,29 +212,26 @@ pub fn virtual_node_status(name: &str, host: Option<&Node>) -> NodeStatus {
 }
 
 /// Whether the host shows this cluster's pods may run on host node `name`: one of its host pods
-/// runs there, or it is a host node shown to all (`--sync-all-nodes`). Not a virtual pod's
-/// `nodeName`, which the tenant writes.
-pub fn host_runs_ours_on(ctx: &Context, name: &str) -> bool {
-    ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).contains(name)
-        || ctx
-            .stores
-            .host::<k8s_openapi::api::core::v1::Pod>()
-            .state()
-            .iter()
-            .any(|p| p.load().spec.and_then(|s| s.node_name).as_deref() == Some(name))
+/// runs there, or it is a host node shown to all (`--sync-all-nodes`), as the pinnable nodes
+/// were read at most 2 s ago (`pods::down::pod_nodes`). Not a virtual pod's `nodeName`, which
+/// the tenant writes.
+fn host_runs_ours_on(ctx: &Context, name: &str) -> bool {
+    crate::pods::down::pod_nodes(ctx).contains(name)
 }
 
-/// Makes sure the virtual node exists before a pod is bound to it.
-pub async fn ensure(ctx: &Context, name: &str) -> Result<()> {
+/// Makes sure the virtual node exists before a pod is bound to it. `verified`: the host shows
+/// this cluster's pods on that host node (a pod's host copy placed there); only then is the host
+/// node read (a tenant's pod may name any node): others get defaults, and nothing of the host.
+/// Reading host nodes needs a ClusterRole; without it the node gets default capacity.
+pub async fn ensure(ctx: &Context, name: &str, verified: bool) -> Result<()> {
+    let first_evidence = verified && ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
     if ctx.stores.vnodes.get(&ObjectRef::new(name)).is_some() {
+        if first_evidence {
+            // Made with defaults (a tenant's pod named it first): refreshed from the host now.
+            ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+            ctx.queues.nodes.add(name.to_string());
+        }
         return Ok(());
-    }
-    // Only a host node the host shows this cluster's pods on is read (a tenant's pod may name any
-    // node): others get defaults, and nothing of the host. Reading host nodes needs a
-    // ClusterRole; without it the node gets default capacity.
-    let verified = host_runs_ours_on(ctx, name);
-    if verified {
-        ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
     }
     let host = if verified { host_node(ctx, name).await.ok().flatten() } else { None };
     let api: Api<Node> = Api::all(ctx.virt.clone());
@@ -246,6 +261,16 @@ async fn host_node(ctx: &Context, name: &str) -> std::result::Result<Option<Node
 /// differs from `current` (heartbeat times aside); the tenant's own taints stay.
 async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option<&Node>) -> Result<()> {
     let api: Api<Node> = Api::all(ctx.virt.clone());
+    // The host's placement labels (a node first made with defaults gets them once the host shows
+    // our pods there); the tenant's own keys are left alone.
+    if let (Some(h), Some(c)) = (host, current) {
+        let change = visible_labels_change(h, c);
+        if !change.is_empty() {
+            let patch = serde_json::json!({"metadata": {"labels": change}});
+            api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
+            ctx.metrics.wrote(KIND, "labels");
+        }
+    }
     let have_taints = current.and_then(|n| n.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
     let have_record =
         current.and_then(|n| n.metadata.annotations.as_ref()).and_then(|a| a.get(ANNOTATION_HOST_TAINTS)).cloned();
@@ -348,10 +373,9 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
         }
         kept
     };
-    if used
-        && !ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name)
-        && host_runs_ours_on(ctx, &name)
-    {
+    // (Each lock in a statement of its own: `host_runs_ours_on` takes it too.)
+    let seen = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name);
+    if used && !seen && host_runs_ours_on(ctx, &name) {
         ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
     }
     match node {
@@ -370,7 +394,10 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
             }
             delete(ctx, &name).await?;
         }
-        None if used => ensure(ctx, &name).await?,
+        None if used => {
+            let verified = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name);
+            ensure(ctx, &name, verified).await?
+        }
         Some(n) if n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
             // At most once per REFRESH per node, however often the tenant edits it (each refresh
             // reads the host node).
@@ -385,8 +412,8 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
             };
             // Only a node the host showed this cluster's pods on is read: a tenant's pod may
             // name any node, and its virtual node then shows defaults, nothing of the host.
-            let verified = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name)
-                || host_runs_ours_on(ctx, &name);
+            // (A used node with host evidence was added to `nodes_used` above.)
+            let verified = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name);
             let host = if due && verified { host_node(ctx, &name).await } else { Ok(None) };
             if due && matches!(host, Ok(None)) && verified && !wanted(ctx, &name) {
                 // Kept for the tenant's marks, but its host node is gone.
@@ -443,6 +470,28 @@ mod tests {
         assert_eq!(unknown.allocatable.unwrap()["pods"].0, "110");
         let address = &unknown.addresses.unwrap()[0];
         assert_eq!((address.type_.as_str(), address.address.as_str()), ("Hostname", "n2"), "one to dial");
+    }
+
+    #[test]
+    fn a_node_made_with_defaults_gets_the_hosts_placement_labels_and_keeps_the_tenants() {
+        let node = |labels: serde_json::Value| -> Node {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n1", "labels": labels}})).unwrap()
+        };
+        let host = node(serde_json::json!({"kubernetes.io/hostname": "n1", "kubernetes.io/os": "linux",
+            "topology.kubernetes.io/zone": "z1", "corp/secret": "x"}));
+        let made = node(serde_json::json!({"kubernetes.io/hostname": "n1", LABEL_FAKE: "true", "disk": "ssd",
+            "topology.kubernetes.io/region": "gone"}));
+        let change = visible_labels_change(&host, &made);
+        let want: BTreeMap<String, Option<String>> = [
+            ("kubernetes.io/os".to_string(), Some("linux".to_string())),
+            ("topology.kubernetes.io/region".to_string(), None),
+            ("topology.kubernetes.io/zone".to_string(), Some("z1".to_string())),
+        ]
+        .into();
+        assert_eq!(change, want, "the host's placement labels, not its others, not the tenant's disk");
+        let up_to_date = node(serde_json::json!({"kubernetes.io/hostname": "n1", "kubernetes.io/os": "linux",
+            "topology.kubernetes.io/zone": "z1", "disk": "ssd"}));
+        assert!(visible_labels_change(&host, &up_to_date).is_empty());
     }
 
     #[test]

@@ -372,7 +372,7 @@ async fn unschedulable(ctx: &Context, v: &Pod, why: &str) -> Result<Action> {
 /// tenant can create at will), those they ran on in this run whose virtual nodes the tenant
 /// keeps, and with `--sync-all-nodes` those the admin's selector allows.
 /// Read from every host pod at most every `POD_NODES_FOR` (a scale-up asks for them per pod).
-fn pod_nodes(ctx: &Context) -> std::sync::Arc<std::collections::BTreeSet<String>> {
+pub(crate) fn pod_nodes(ctx: &Context) -> std::sync::Arc<std::collections::BTreeSet<String>> {
     const POD_NODES_FOR: Duration = Duration::from_secs(2);
     let mut cached = ctx.pod_nodes.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, nodes)) = cached.as_ref().filter(|(at, _)| at.elapsed() < POD_NODES_FOR) {

@@ -26,7 +26,8 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
             c.observed_generation = observed(c.observed_generation).or_else(|| shown_for(&c.type_));
         }
         // Why the host scheduler does not place it, without the host's node counts and taints.
-        if c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable") {
+        // (A scheduling gate is the tenant's own; any other reason is the host scheduler's.)
+        if c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() != Some("SchedulingGated") {
             c.message = c.message.as_deref().map(vkube_core::policy::scheduling::host_scheduling_message);
         }
     }

@@ -43,7 +43,10 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
         .filter(|c| c.generation == v.metadata.generation && h.metadata.generation >= c.host_generation);
     // Bound now: with `bound-secret` delivery its tokens can be issued, naming its node (before
     // its status is shown: `v` is still the pod as it was, not started).
-    if let Err(e) = crate::tokens::ensure_bound(ctx, &v, &h).await {
+    let tokens = crate::tokens::ensure_bound(ctx, &v, &h).await;
+    // Shown whatever became of the tokens (a copy that failed must not stay hidden).
+    report_status(ctx, &v, &h, carried.is_some()).await?;
+    if let Err(e) = tokens {
         let sync::SyncError::Collision(secret) = e else { return Err(e) };
         let msg = format!(
             "the host Secret {secret} that holds this pod's service-account token is not managed by this virtual cluster (made since the pod was created): its token is not written"
@@ -51,7 +54,6 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
         sync::warn(ctx, v.as_ref(), "HostNameConflict", &msg).await;
         return Ok(Action::RequeueAfter(std::time::Duration::from_secs(300)));
     }
-    report_status(ctx, &v, &h, carried.is_some()).await?;
     // Bound now: its pod certificates can be asked for, naming its node as a kubelet's do.
     match crate::pod_certificates::ensure(ctx, &v).await {
         Ok(look_again) => Ok(look_again.map_or(Action::Done, Action::RequeueAfter)),
@@ -81,7 +83,8 @@ async fn bind(ctx: &Context, v: &Pod, h: &Pod) -> Result<bool> {
     if v.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
         return Ok(false);
     }
-    crate::nodes::ensure(ctx, &node).await?;
+    // `h`, our host copy, runs there: the host's word for that node.
+    crate::nodes::ensure(ctx, &node, true).await?;
     let ns = v.metadata.namespace.as_deref().unwrap_or_default();
     let name = v.metadata.name.as_deref().unwrap_or_default();
     let binding = Binding {
