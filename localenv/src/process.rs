@@ -320,11 +320,13 @@ pub struct ProcessGroup {
     dir: PathBuf,
     lifetime: Lifetime,
     processes: Vec<Process>,
+    /// Left running on purpose (`detach`): dropping the group stops nothing.
+    detached: bool,
 }
 
 impl ProcessGroup {
     pub fn new(dir: &Path, lifetime: Lifetime) -> Self {
-        ProcessGroup { dir: dir.to_path_buf(), lifetime, processes: vec![] }
+        ProcessGroup { dir: dir.to_path_buf(), lifetime, processes: vec![], detached: false }
     }
 
     pub fn lifetime(&self) -> Lifetime {
@@ -368,6 +370,7 @@ impl ProcessGroup {
         for p in std::mem::take(&mut self.processes) {
             p.detach();
         }
+        self.detached = true;
         // The record stays as written by the last spawn: dropping an empty group leaves it alone.
     }
 
@@ -378,15 +381,19 @@ impl ProcessGroup {
 }
 
 impl ProcessGroup {
-    /// Stops every process, newest first.
+    /// Stops every process, newest first, and what a supervisor among them left of its children
+    /// (also when the supervisor was killed already: a test that fails between killing it and
+    /// starting it again must not leave its etcd and API server running).
     pub fn stop_all(&mut self) {
-        if self.processes.is_empty() {
+        if self.detached {
             return;
         }
-        while let Some(mut p) = self.processes.pop() {
-            p.stop(Duration::from_secs(5));
+        if !self.processes.is_empty() {
+            while let Some(mut p) = self.processes.pop() {
+                p.stop(Duration::from_secs(5));
+            }
+            let _ = self.write();
         }
-        let _ = self.write();
         stop_supervised(&self.dir);
     }
 }
@@ -394,5 +401,36 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for a supervisor's child: a process recorded in `supervised.json`.
+    fn supervised_child(dir: &Path) -> (std::process::Child, Recorded) {
+        let child = std::process::Command::new("sleep").arg("60").spawn().expect("sleep");
+        let program = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
+        let rec = Recorded { name: "etcd".into(), pid: child.id(), program, log: PathBuf::new() };
+        std::fs::write(dir.join(SUPERVISED), serde_json::to_string(&[&rec]).unwrap()).unwrap();
+        (child, rec)
+    }
+
+    #[test]
+    fn a_killed_supervisors_children_go_with_the_group_unless_it_was_detached() {
+        let dir = tempfile::tempdir().unwrap();
+        // The supervisor was killed (no process left in the group): its child still goes.
+        let (mut child, rec) = supervised_child(dir.path());
+        assert!(is_alive(&rec));
+        drop(ProcessGroup::new(dir.path(), Lifetime::Attached));
+        let _ = child.wait();
+        assert!(!is_alive(&rec), "the supervised child outlived its group");
+        // Detached on purpose: left running.
+        let (mut child, rec) = supervised_child(dir.path());
+        ProcessGroup::new(dir.path(), Lifetime::Detached).detach();
+        assert!(is_alive(&rec), "a detached group's children stay");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
