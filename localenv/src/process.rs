@@ -320,13 +320,14 @@ pub struct ProcessGroup {
     dir: PathBuf,
     lifetime: Lifetime,
     processes: Vec<Process>,
-    /// Left running on purpose (`detach`): dropping the group stops nothing.
-    detached: bool,
+    /// Nothing left to stop: left running on purpose (`detach`), or stopped already (`stop_all`;
+    /// the directory's record may by then name a newer group's children).
+    finished: bool,
 }
 
 impl ProcessGroup {
     pub fn new(dir: &Path, lifetime: Lifetime) -> Self {
-        ProcessGroup { dir: dir.to_path_buf(), lifetime, processes: vec![], detached: false }
+        ProcessGroup { dir: dir.to_path_buf(), lifetime, processes: vec![], finished: false }
     }
 
     pub fn lifetime(&self) -> Lifetime {
@@ -339,6 +340,8 @@ impl ProcessGroup {
         std::thread::sleep(Duration::from_millis(50));
         p.check_running()?;
         self.processes.push(p);
+        // Started again after a stop: its processes are stopped with it again.
+        self.finished = false;
         self.write()
     }
 
@@ -370,7 +373,7 @@ impl ProcessGroup {
         for p in std::mem::take(&mut self.processes) {
             p.detach();
         }
-        self.detached = true;
+        self.finished = true;
         // The record stays as written by the last spawn: dropping an empty group leaves it alone.
     }
 
@@ -385,7 +388,7 @@ impl ProcessGroup {
     /// (also when the supervisor was killed already: a test that fails between killing it and
     /// starting it again must not leave its etcd and API server running).
     pub fn stop_all(&mut self) {
-        if self.detached {
+        if self.finished {
             return;
         }
         if !self.processes.is_empty() {
@@ -395,6 +398,7 @@ impl ProcessGroup {
             let _ = self.write();
         }
         stop_supervised(&self.dir);
+        self.finished = true;
     }
 }
 
@@ -426,6 +430,15 @@ mod tests {
         drop(ProcessGroup::new(dir.path(), Lifetime::Attached));
         let _ = child.wait();
         assert!(!is_alive(&rec), "the supervised child outlived its group");
+        // Stopped once (a restart), then dropped after a new group started in the same directory:
+        // the new group's children stay.
+        let mut stopped = ProcessGroup::new(dir.path(), Lifetime::Attached);
+        stopped.stop_all();
+        let (mut child, rec) = supervised_child(dir.path());
+        drop(stopped);
+        assert!(is_alive(&rec), "a group stopped already stops nothing more");
+        let _ = child.kill();
+        let _ = child.wait();
         // Detached on purpose: left running.
         let (mut child, rec) = supervised_child(dir.path());
         ProcessGroup::new(dir.path(), Lifetime::Detached).detach();
