@@ -297,7 +297,7 @@ fn pod_env<'a>(
     }
 }
 
-/// Whether the virtual node `name` carries every label of `selector` (the tenant may label it).
+/// Whether the labels of virtual node `name` (which the tenant may label) pass `meets`.
 fn virtual_node_labels_meet(ctx: &Context, name: &str, meets: &dyn Fn(&BTreeMap<String, String>) -> bool) -> bool {
     let Some(node) = ctx.stores.vnodes.get(&ObjectRef::new(name)) else { return false };
     meets(node.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
