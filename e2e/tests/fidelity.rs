@@ -434,6 +434,22 @@ spec:
         spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
         json!([{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": [drained]}]}])
     );
+    // A toleration of the tenant's own taint is honoured here and has no host taint to be for:
+    // the host pod goes without it and the tenant is not told it was dropped (it was, with a
+    // Warning, for the pod made before the taint existed, when it was for no taint at all).
+    vc.kubectl_ok(&[
+        "run",
+        "tolerant-later",
+        "--image=nginx",
+        r#"--overrides={"spec": {"tolerations": [{"key": "e2e.vkube.dev/drain", "operator": "Exists"}]}}"#,
+    ]);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/tolerant-later", "--timeout=60s"]);
+    let dropped_warning = |pod: &str| {
+        let selector = format!("--field-selector=involvedObject.name={pod},reason=SchedulingDropped");
+        !vc.kubectl_ok(&["get", "events", &selector, "-o", "name"]).trim().is_empty()
+    };
+    assert!(dropped_warning("tolerant"), "the toleration made before the taint: dropped, with a word");
+    assert!(!dropped_warning("tolerant-later"), "a toleration of the tenant's taint: no warning");
     for other in &others {
         vc.kubectl_ok(&["cordon", other]);
     }

@@ -135,6 +135,25 @@ pub fn closed_to(node: &Node, tolerations: &[Toleration]) -> bool {
     tenant_taints(node).any(|t| t.effect != "PreferNoSchedule" && !tolerated(t))
 }
 
+/// Whether `tol` names a taint key only the tenant's own taints carry on its virtual nodes (and
+/// at least one does): the virtual cluster honours it (`closed_to`) and the host has no taint it
+/// could be for, so the host pod goes without it and nothing is lost. Not a toleration without a
+/// key (it tolerates the host's taints too).
+pub fn for_tenant_taints_only<'a>(nodes: impl IntoIterator<Item = &'a Node>, tol: &Toleration) -> bool {
+    let Some(key) = tol.key.as_deref().filter(|k| !k.is_empty()) else { return false };
+    let mut tenants = false;
+    for n in nodes {
+        let own: std::collections::HashSet<String> = tenant_taints(n).map(taint_id).collect();
+        for t in n.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or_default().iter().filter(|t| t.key == key) {
+            if !own.contains(&taint_id(t)) {
+                return false;
+            }
+            tenants = true;
+        }
+    }
+    tenants
+}
+
 /// The taints the tenant put on a virtual node: those its last refresh did not (none before the
 /// first refresh of this vkube: every taint is then the host's).
 fn tenant_taints(node: &Node) -> impl Iterator<Item = &Taint> {
@@ -556,6 +575,21 @@ mod tests {
             node(serde_json::json!({"taints": [{"key": "gpu", "effect": "NoSchedule"}]}), Some("gpu:NoSchedule"));
         assert!(!closed_to(&host_only, &none), "the host's taint: the host scheduler's to enforce");
         assert!(!closed_to(&node(taints("NoSchedule"), None), &none), "not refreshed yet: all the host's");
+
+        let nodes = [tainted("NoSchedule"), host_only.clone()];
+        let only = |t: serde_json::Value| for_tenant_taints_only(&nodes, &serde_json::from_value(t).unwrap());
+        assert!(only(serde_json::json!({"key": "drain", "operator": "Exists"})), "for the tenant's taint");
+        assert!(!only(serde_json::json!({"key": "gpu", "operator": "Exists"})), "for the host's");
+        assert!(!only(serde_json::json!({"key": "other", "operator": "Exists"})), "for no taint at all");
+        assert!(!only(serde_json::json!({"operator": "Exists"})), "every taint, the host's too");
+        let both = [
+            tainted("NoSchedule"),
+            node(serde_json::json!({"taints": [{"key": "drain", "effect": "NoSchedule"}]}), Some("drain:NoSchedule")),
+        ];
+        assert!(
+            !for_tenant_taints_only(&both, &serde_json::from_value(serde_json::json!({"key": "drain"})).unwrap()),
+            "a key the host taints a node with too"
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!   pinned to), unschedulable if they are all the nodes it may go to; a pod the tenant bound by
 //!   `nodeName` goes there regardless (a NoExecute taint then evicts it);
 //! - tolerations only for taints the admin lists as tolerable; the node-condition ones the
-//!   virtual cluster's own controllers add (DaemonSets) are dropped without a word;
+//!   virtual cluster's own controllers add (DaemonSets), and those for taints only the tenant put
+//!   on its virtual nodes (honoured above), are dropped without a word;
 //! - runtime classes from the admin's list only (empty: the host's default).
 
 use std::collections::BTreeMap;
@@ -75,6 +76,9 @@ pub struct Nodes<'a> {
     pub labelled: &'a (dyn Fn(&dyn Fn(&BTreeMap<String, String>) -> bool) -> Vec<String> + Sync),
     /// The known nodes closed to a pod with these tolerations (see [`Closed`]).
     pub closed: &'a (dyn Fn(&[Toleration]) -> Closed + Sync),
+    /// Whether a toleration is for taints only the tenant put on its virtual nodes: honoured
+    /// there (`closed`), with no host taint it could be for, so it is dropped without a word.
+    pub for_tenant_taints: &'a (dyn Fn(&Toleration) -> bool + Sync),
 }
 
 /// The known nodes a pod may not go to: cordoned by the tenant, or carrying a NoSchedule or
@@ -196,7 +200,7 @@ impl Scheduling {
             let key = t.key.clone().unwrap_or_default();
             if self.tolerable_taints.contains(&key) {
                 tolerations.push(t);
-            } else if !key.starts_with(CONTROLLER_TAINT_PREFIX) {
+            } else if !key.starts_with(CONTROLLER_TAINT_PREFIX) && !(nodes.for_tenant_taints)(&t) {
                 let what = if key.is_empty() { "every taint".to_string() } else { format!("key {key:?}") };
                 dropped.push(format!("spec.tolerations[{i}] ({what})"));
             }
@@ -461,7 +465,10 @@ mod tests {
             Closed { nodes: closed.iter().map(|n| n.to_string()).collect(), every_known: closed.len() == 2 }
         };
         let known = |n: &str| n == "node-1" || n == "node-2";
-        let placement = s.apply(&mut spec, &Nodes { known: &known, labelled: &labelled, closed: &closed });
+        let for_tenant_taints = |t: &Toleration| t.key.as_deref() == Some("drain");
+        let nodes =
+            Nodes { known: &known, labelled: &labelled, closed: &closed, for_tenant_taints: &for_tenant_taints };
+        let placement = s.apply(&mut spec, &nodes);
         (serde_json::to_value(spec).unwrap(), placement)
     }
 
@@ -596,6 +603,10 @@ mod tests {
         let (host, placement) = placed_closing(&admin(), tolerant, &["node-1", "node-2"]);
         assert_eq!(placement.unschedulable, None);
         assert_eq!(host.get("affinity"), None);
+        assert_eq!(placement.dropped, Vec::<String>::new(), "honoured in the virtual cluster: no word");
+        let other = json!({"containers": [{"name": "c"}], "tolerations": [{"key": "dedicated", "operator": "Exists"}]});
+        let (_, placement) = placed_closing(&admin(), other, &[]);
+        assert_eq!(placement.dropped, ["spec.tolerations[0] (key \"dedicated\")"]);
         // A node selector matched against the open nodes only.
         let ssd = json!({"containers": [{"name": "c"}], "nodeSelector": {"disk": "ssd"}});
         let (_, placement) = placed_closing(&admin(), ssd.clone(), &["node-1"]);

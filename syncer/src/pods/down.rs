@@ -129,12 +129,15 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         let every_known = !nodes().is_empty() && nodes().is_subset(&closed);
         translate::Closed { nodes: closed.into_iter().collect(), every_known }
     };
+    let for_tenant_taints = |t: &k8s_openapi::api::core::v1::Toleration| {
+        crate::nodes::for_tenant_taints_only(ctx.stores.vnodes.state().iter().map(|n| n.as_ref()), t)
+    };
     let env = pod_env(
         ctx,
         &dns_ip,
         &links,
         &namespaces,
-        translate::Nodes { known: &known, labelled: &labelled, closed: &closed },
+        translate::Nodes { known: &known, labelled: &labelled, closed: &closed, for_tenant_taints: &for_tenant_taints },
     );
     let mut desired = match translate::host_pod(&env, v) {
         Ok(t) => {
