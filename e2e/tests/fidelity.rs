@@ -31,6 +31,7 @@ async fn the_tenant_sees_its_own_qos_gates_variables_nodes_and_node_ports() {
         allow_node_ports: true,
         allow_load_balancers: true,
         allow_node_port_choice: true,
+        bind_node_name: true,
         ..Default::default()
     };
     let mut vc = env.virtual_cluster_with_policy("fidelity", policy, &["--sync-all-nodes"]).await;
@@ -508,4 +509,33 @@ spec:
         Ok((agents_on().await? == placed).then_some(()))
     })
     .await;
+
+    // The admin lets bound pods stay bound (bind_node_name): a pod the tenant binds by nodeName
+    // goes to that node directly, its kubelet to admit it or not; to a node the host admin has
+    // cordoned, the host scheduler's way (node affinity), where it waits.
+    let target = &placed[0];
+    let bind = |pod: &str| {
+        let spec = format!(r#"--overrides={{"spec": {{"nodeName": "{target}"}}}}"#);
+        vc.kubectl_ok(&["run", pod, "--image=nginx", &spec]);
+    };
+    bind("bound");
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/bound", "--timeout=60s"]);
+    let spec = serde_json::to_value(host_pods.get(&tr.host_name("default", "bound")).await.unwrap().spec).unwrap();
+    assert_eq!((&spec["nodeName"], &spec["affinity"]), (&json!(target), &json!(null)), "bound directly");
+    env.kubectl_ok(&["cordon", target]);
+    bind("bound-to-cordoned");
+    let waiting =
+        eventually("the copy for a cordoned node, left to the host scheduler", Duration::from_secs(30), || async {
+            let h =
+                host_pods.get_opt(&tr.host_name("default", "bound-to-cordoned")).await.map_err(|e| e.to_string())?;
+            Ok(h.and_then(|h| h.spec).map(|s| serde_json::to_value(s).unwrap()))
+        })
+        .await;
+    assert_eq!(waiting["nodeName"], json!(null), "not placed on the cordoned node");
+    assert_eq!(
+        waiting["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+        json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [target]}]}])
+    );
+    env.kubectl_ok(&["uncordon", target]);
+    vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/bound-to-cordoned", "--timeout=60s"]);
 }

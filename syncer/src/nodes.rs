@@ -276,6 +276,25 @@ async fn host_node(ctx: &Context, name: &str) -> std::result::Result<Option<Node
     })
 }
 
+/// Whether the host node may take a pod the tenant bound to it, directly (the admin's
+/// `Scheduling::bind_node_name`): the host has not cordoned it, and the admin's tolerations
+/// (every host pod carries them) tolerate each of its NoSchedule and NoExecute taints. Read at
+/// that moment (a cordon counts at once); a node not readable takes none.
+pub async fn takes_bound_pods(ctx: &Context, name: &str) -> bool {
+    let Ok(Some(node)) = host_node(ctx, name).await else { return false };
+    open_to(&node, &ctx.policy.scheduling.tolerations)
+}
+
+fn open_to(node: &Node, tolerations: &[Toleration]) -> bool {
+    let spec = node.spec.as_ref();
+    let taints = spec.and_then(|s| s.taints.as_deref()).unwrap_or_default();
+    spec.and_then(|s| s.unschedulable) != Some(true)
+        && taints
+            .iter()
+            .filter(|t| t.effect != "PreferNoSchedule")
+            .all(|t| tolerations.iter().any(|tol| tolerates(tol, t)))
+}
+
 /// Brings the virtual node's taints and status to what its host node shows, writing only what
 /// differs from `current` (heartbeat times aside); the tenant's own taints stay.
 async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option<&Node>) -> Result<()> {
@@ -590,6 +609,26 @@ mod tests {
             !for_tenant_taints_only(&both, &serde_json::from_value(serde_json::json!({"key": "drain"})).unwrap()),
             "a key the host taints a node with too"
         );
+    }
+
+    #[test]
+    fn a_bound_pod_goes_straight_only_to_a_host_node_open_to_it() {
+        let node = |spec: serde_json::Value| -> Node {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n1"}, "spec": spec})).unwrap()
+        };
+        let admin: Vec<Toleration> =
+            serde_json::from_value(serde_json::json!([{"key": "pool", "value": "tenants", "effect": "NoSchedule"}]))
+                .unwrap();
+        assert!(open_to(&node(serde_json::json!({})), &[]));
+        assert!(!open_to(&node(serde_json::json!({"unschedulable": true})), &admin), "cordoned by the host");
+        let tainted = |key: &str, effect: &str| {
+            node(serde_json::json!({"taints": [{"key": key, "value": "tenants", "effect": effect}]}))
+        };
+        assert!(!open_to(&tainted("gpu", "NoSchedule"), &admin));
+        assert!(!open_to(&tainted("gpu", "NoExecute"), &admin));
+        assert!(open_to(&tainted("gpu", "PreferNoSchedule"), &admin), "a preference only");
+        assert!(open_to(&tainted("pool", "NoSchedule"), &admin), "the admin's tolerations cover it");
+        assert!(!open_to(&tainted("pool", "NoSchedule"), &[]));
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! - `nodeName` becomes required node affinity on that node (the host scheduler still checks
 //!   taints, capacity and the admin's selector), and only for a node the cluster's pods already
 //!   run on (what its virtual nodes show, so a virtual DaemonSet still gets one pod per node);
+//!   where the admin allows it (`bind_node_name`) it stays `nodeName` on such a node that the host
+//!   has not cordoned or tainted against the admin's tolerations, and the host's kubelet admits or
+//!   rejects the pod (ports, resources, the admin's selector) as a tenant's own kubelet would;
 //! - node selector and node affinity keep label keys the admin lists and `metadata.name` fields
 //!   naming such nodes; their other keys are matched against the virtual cluster's nodes (which
 //!   the tenant may label), among those its pods may be pinned to: a node selector or affinity
@@ -39,6 +42,9 @@ pub struct Scheduling {
     pub tenant_node_labels: Vec<String>,
     /// Runtime classes a tenant may ask for.
     pub runtime_classes: Vec<String>,
+    /// Whether a pod the tenant binds by `nodeName` keeps it on the host, bypassing the host
+    /// scheduler, where [`Nodes::bindable`] says the node may take it.
+    pub bind_node_name: bool,
 }
 
 /// Only delay eviction from a failing node (the virtual API server adds them to every pod).
@@ -62,6 +68,7 @@ impl Default for Scheduling {
             tolerable_taints: DEFAULT_TOLERABLE_TAINTS.map(String::from).to_vec(),
             tenant_node_labels: DEFAULT_TENANT_NODE_LABELS.map(String::from).to_vec(),
             runtime_classes: vec![],
+            bind_node_name: false,
         }
     }
 }
@@ -79,6 +86,9 @@ pub struct Nodes<'a> {
     /// Whether a toleration is for taints only the tenant put on its virtual nodes: honoured
     /// there (`closed`), with no host taint it could be for, so it is dropped without a word.
     pub for_tenant_taints: &'a (dyn Fn(&Toleration) -> bool + Sync),
+    /// Whether a pod may be bound to this node directly: the cluster's pods run there and the
+    /// host has neither cordoned it nor tainted it against the admin's tolerations.
+    pub bindable: &'a (dyn Fn(&str) -> bool + Sync),
 }
 
 /// The known nodes a pod may not go to: cordoned by the tenant, or carrying a NoSchedule or
@@ -168,7 +178,10 @@ impl Scheduling {
             );
         }
         if let Some(node) = spec.node_name.take() {
-            if known_node(&node) {
+            if self.bind_node_name && (nodes.bindable)(&node) {
+                // Its kubelet admits it or not, as the tenant's own would.
+                spec.node_name = Some(node);
+            } else if known_node(&node) {
                 pin(&mut node_affinity, "In", std::slice::from_ref(&node));
             } else {
                 dropped.push(format!("spec.nodeName {node:?} (not a node of this virtual cluster)"));
@@ -466,8 +479,15 @@ mod tests {
         };
         let known = |n: &str| n == "node-1" || n == "node-2";
         let for_tenant_taints = |t: &Toleration| t.key.as_deref() == Some("drain");
-        let nodes =
-            Nodes { known: &known, labelled: &labelled, closed: &closed, for_tenant_taints: &for_tenant_taints };
+        // node-2: the host cordoned it, or tainted it against the admin's tolerations.
+        let bindable = |n: &str| n == "node-1";
+        let nodes = Nodes {
+            known: &known,
+            labelled: &labelled,
+            closed: &closed,
+            for_tenant_taints: &for_tenant_taints,
+            bindable: &bindable,
+        };
         let placement = s.apply(&mut spec, &nodes);
         (serde_json::to_value(spec).unwrap(), placement)
     }
@@ -539,6 +559,30 @@ mod tests {
         let keys: Vec<&str> =
             host["tolerations"].as_array().unwrap().iter().map(|t| t["key"].as_str().unwrap()).collect();
         assert_eq!(keys, ["node.kubernetes.io/not-ready", "dedicated"]);
+    }
+
+    #[test]
+    fn where_the_admin_allows_it_a_bound_pod_stays_bound_to_a_node_that_may_take_it() {
+        let bound = |node: &str| json!({"containers": [{"name": "c"}], "nodeName": node});
+        let admin = Scheduling { bind_node_name: true, ..admin() };
+        let (host, placement) = placed(&admin, bound("node-1"));
+        assert_eq!(placement, Placement::default());
+        assert_eq!(host["nodeName"], "node-1", "its kubelet admits it or not");
+        assert_eq!(host.get("affinity"), None);
+        assert_eq!(host["nodeSelector"], json!({"pool": "tenants"}), "which the kubelet checks too");
+        // A node the host cordoned or tainted: the host scheduler's, as without the setting.
+        let (host, _) = placed(&admin, bound("node-2"));
+        assert_eq!(host.get("nodeName"), None);
+        assert_eq!(
+            host["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-2"]}]}])
+        );
+        let (host, placement) = placed(&admin, bound("elsewhere"));
+        assert_eq!((host.get("nodeName"), host.get("affinity")), (None, None));
+        assert_eq!(placement.dropped, ["spec.nodeName \"elsewhere\" (not a node of this virtual cluster)"]);
+        // Without the setting, never.
+        let (host, _) = placed(&Scheduling { bind_node_name: false, ..admin }, bound("node-1"));
+        assert_eq!(host.get("nodeName"), None);
     }
 
     #[test]

@@ -129,6 +129,15 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         let every_known = !nodes().is_empty() && nodes().is_subset(&closed);
         translate::Closed { nodes: closed.into_iter().collect(), every_known }
     };
+    // Read from the host only for a pod the tenant bound, where the admin lets it stay bound.
+    let bound_to = v.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    let bound_open = match bound_to {
+        Some(node) if ctx.policy.scheduling.bind_node_name && known(node) => {
+            crate::nodes::takes_bound_pods(ctx, node).await
+        }
+        _ => false,
+    };
+    let bindable = |n: &str| bound_open && bound_to == Some(n);
     let for_tenant_taints = |t: &k8s_openapi::api::core::v1::Toleration| {
         crate::nodes::for_tenant_taints_only(ctx.stores.vnodes.state().iter().map(|n| n.as_ref()), t)
     };
@@ -137,7 +146,13 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         &dns_ip,
         &links,
         &namespaces,
-        translate::Nodes { known: &known, labelled: &labelled, closed: &closed, for_tenant_taints: &for_tenant_taints },
+        translate::Nodes {
+            known: &known,
+            labelled: &labelled,
+            closed: &closed,
+            for_tenant_taints: &for_tenant_taints,
+            bindable: &bindable,
+        },
     );
     let mut desired = match translate::host_pod(&env, v) {
         Ok(t) => {

@@ -37,6 +37,7 @@ pub const NO_NODES: Nodes<'static> = Nodes {
     labelled: &|_| Vec::new(),
     closed: &|_| Closed { nodes: Vec::new(), every_known: false },
     for_tenant_taints: &|_| false,
+    bindable: &|_| false,
 };
 
 /// Facts about the virtual cluster that every pod translation needs.

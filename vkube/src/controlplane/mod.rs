@@ -180,6 +180,13 @@ pub struct PolicyArgs {
     #[arg(long, env = "VKUBE_RUNTIME_CLASSES", value_delimiter = ',')]
     #[serde(default)]
     pub runtime_classes: Vec<String>,
+    /// Let a pod the tenant binds by nodeName go to that node directly, as on a cluster of its
+    /// own (the host kubelet admits or rejects it), where the cluster's pods run and the host has
+    /// not cordoned it or tainted it against the admin's tolerations; else the host scheduler
+    /// places it there (node affinity).
+    #[arg(long, env = "VKUBE_BIND_NODE_NAME")]
+    #[serde(default)]
+    pub bind_node_name: bool,
     /// Label and annotation keys copied to host objects as they are (comma-separated, exact or
     /// `prefix/*`); every other tenant key goes under the tenant domain `t.vkube.dev`.
     #[arg(long, env = "VKUBE_VERBATIM_KEYS", value_delimiter = ',')]
@@ -236,6 +243,7 @@ impl PolicyArgs {
                 tolerable_taints: list(&self.tolerable_taints),
                 tenant_node_labels: list(&self.tenant_node_labels),
                 runtime_classes: list(&self.runtime_classes),
+                bind_node_name: self.bind_node_name,
             },
             // `vkube run --service-cidr`: a fact about the host, not a choice of policy.
             service_ranges: vec![],
@@ -253,6 +261,9 @@ impl PolicyArgs {
         }
         if self.allow_load_balancers {
             args.push("--allow-load-balancers".into());
+        }
+        if self.bind_node_name {
+            args.push("--bind-node-name".into());
         }
         args.push(format!("--csi-drivers={}", self.csi_drivers.join(",")));
         args.push(format!("--host-node-selector={}", self.host_node_selector.join(",")));
@@ -280,6 +291,7 @@ impl PolicyArgs {
             format!("--set-json=policy.scheduling.tolerableTaints={}", list(&self.tolerable_taints)),
             format!("--set-json=policy.scheduling.tenantNodeLabels={}", list(&self.tenant_node_labels)),
             format!("--set-json=policy.scheduling.runtimeClasses={}", list(&self.runtime_classes)),
+            format!("--set=policy.scheduling.bindNodeName={}", self.bind_node_name),
             format!("--set-json=policy.verbatimKeys={}", list(&self.verbatim_keys)),
         ]
         .into_iter()
@@ -989,6 +1001,7 @@ mod tests {
             host_tolerations: r#"[{"key":"dedicated","operator":"Exists"}]"#.into(),
             tolerable_taints: vec![],
             runtime_classes: vec!["gvisor".into()],
+            bind_node_name: true,
             ..PolicyArgs::default()
         };
         let flags: Vec<String> = std::iter::once("vkube".to_string()).chain(args.to_args()).collect();
@@ -996,6 +1009,7 @@ mod tests {
         assert_eq!(again.csi_drivers, ["secrets-store.csi.k8s.io"]);
         assert_eq!(again.scheduling.node_selector["pool"], "tenants");
         assert_eq!(again.scheduling.tolerations[0].key.as_deref(), Some("dedicated"));
+        assert!(again.scheduling.bind_node_name);
         assert!(again.scheduling.tolerable_taints.is_empty(), "an empty list stays empty, not the default");
         assert_eq!(again.scheduling.runtime_classes, ["gvisor"]);
         let bad = PolicyArgs { host_node_selector: vec!["pool".into()], ..PolicyArgs::default() };
