@@ -105,7 +105,8 @@ pub fn virtual_event(ctx_host_ns: &str, host: &Event, owner: &Owner) -> Event {
             Some("FailedScheduling") => {
                 host.message.as_deref().map(vkube_core::policy::scheduling::host_scheduling_message)
             }
-            _ => host.message.as_deref().map(translate),
+            // The host kubelet's refusals (OutOfcpu and the like), without the node's figures.
+            _ => host.message.as_deref().map(|m| vkube_core::policy::scheduling::host_admission_message(&translate(m))),
         },
         type_: host.type_.clone(),
         count: host.count,

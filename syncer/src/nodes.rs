@@ -629,6 +629,12 @@ mod tests {
         assert!(open_to(&tainted("gpu", "PreferNoSchedule"), &admin), "a preference only");
         assert!(open_to(&tainted("pool", "NoSchedule"), &admin), "the admin's tolerations cover it");
         assert!(!open_to(&tainted("pool", "NoSchedule"), &[]));
+        let every: Vec<Toleration> = serde_json::from_value(serde_json::json!([{"operator": "Exists"}])).unwrap();
+        assert!(open_to(&tainted("gpu", "NoExecute"), &every), "an admin's toleration of every taint");
+        let no_schedule: Vec<Toleration> =
+            serde_json::from_value(serde_json::json!([{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]))
+                .unwrap();
+        assert!(!open_to(&tainted("gpu", "NoExecute"), &no_schedule), "another effect");
     }
 
     #[test]

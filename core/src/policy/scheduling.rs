@@ -178,7 +178,7 @@ impl Scheduling {
             );
         }
         if let Some(node) = spec.node_name.take() {
-            if self.bind_node_name && (nodes.bindable)(&node) {
+            if self.bind_node_name && known_node(&node) && (nodes.bindable)(&node) {
                 // Its kubelet admits it or not, as the tenant's own would.
                 spec.node_name = Some(node);
             } else if known_node(&node) {
@@ -409,6 +409,23 @@ pub fn host_scheduling_message(message: &str) -> String {
         }
     }
     format!("0 nodes are available: {}.", shown.join(", "))
+}
+
+/// Why the host kubelet refused a pod bound to its node, as the tenant may see it (a pod's
+/// status message, the kubelet's event): which resource ran short, without the node's capacity
+/// and what the other tenants' pods there use; taints unnamed. Any other message is as it was.
+pub fn host_admission_message(message: &str) -> String {
+    const SHORT: &str = "Node didn't have enough resource: ";
+    const TAINT: &str = "node(s) had untolerated taint";
+    if let Some(at) = message.find(SHORT) {
+        let rest = &message[at + SHORT.len()..];
+        let resource = rest.split(',').next().unwrap_or_default();
+        return format!("{}{SHORT}{resource}", &message[..at]);
+    }
+    if let Some(at) = message.find(TAINT) {
+        return format!("{}node(s) had a taint the pod does not tolerate", &message[..at]);
+    }
+    message.to_string()
 }
 
 /// Takes `closed` out of the required terms' `metadata.name In` lists, and drops the terms left
@@ -777,6 +794,27 @@ mod tests {
         );
         let plugin = "0/3 nodes are available: 3 node(s) were rejected by corp-placement plugin on rack r12.";
         assert_eq!(host_scheduling_message(plugin), "0 nodes are available: other constraints of the host.");
+        assert_eq!(
+            host_admission_message(
+                "Pod was rejected: Node didn't have enough resource: cpu, requested: 1500, used: 1900, capacity: 2000"
+            ),
+            "Pod was rejected: Node didn't have enough resource: cpu"
+        );
+        assert_eq!(
+            host_admission_message(
+                "Node didn't have enough resource: example.com/gpu, requested: 1, used: 3, capacity: 4"
+            ),
+            "Node didn't have enough resource: example.com/gpu"
+        );
+        assert_eq!(
+            host_admission_message(
+                "Pod was rejected: Predicate TaintToleration failed: node(s) had untolerated taint {team-b: gpu}"
+            ),
+            "Pod was rejected: Predicate TaintToleration failed: node(s) had a taint the pod does not tolerate"
+        );
+        let ports =
+            "Pod was rejected: Predicate NodePorts failed: node(s) didn't have free ports for the requested pod ports";
+        assert_eq!(host_admission_message(ports), ports);
         assert_eq!(
             host_scheduling_message("running PreBind plugin \"VolumeBinding\": binding volumes: pv-7 on node n-3"),
             "the host cannot place the pod now"

@@ -129,15 +129,10 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         let every_known = !nodes().is_empty() && nodes().is_subset(&closed);
         translate::Closed { nodes: closed.into_iter().collect(), every_known }
     };
-    // Read from the host only for a pod the tenant bound, where the admin lets it stay bound.
+    // Set once the host node a pod is bound to was read and may take it (below).
+    let bound_open = std::sync::atomic::AtomicBool::new(false);
     let bound_to = v.spec.as_ref().and_then(|s| s.node_name.as_deref());
-    let bound_open = match bound_to {
-        Some(node) if ctx.policy.scheduling.bind_node_name && known(node) => {
-            crate::nodes::takes_bound_pods(ctx, node).await
-        }
-        _ => false,
-    };
-    let bindable = |n: &str| bound_open && bound_to == Some(n);
+    let bindable = |n: &str| bound_open.load(std::sync::atomic::Ordering::Relaxed) && bound_to == Some(n);
     let for_tenant_taints = |t: &k8s_openapi::api::core::v1::Toleration| {
         crate::nodes::for_tenant_taints_only(ctx.stores.vnodes.state().iter().map(|n| n.as_ref()), t)
     };
@@ -154,7 +149,20 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
             bindable: &bindable,
         },
     );
-    let mut desired = match translate::host_pod(&env, v) {
+    let mut translated = translate::host_pod(&env, v);
+    // Bound by the tenant where the admin lets it stay bound: the host node is read only for a
+    // pod otherwise ready to go (one that waits costs the host nothing), and if it may take the
+    // pod, the pod is translated again, bound.
+    if let (Ok(t), Some(node)) = (&translated, bound_to)
+        && t.unschedulable.is_none()
+        && ctx.policy.scheduling.bind_node_name
+        && known(node)
+        && crate::nodes::takes_bound_pods(ctx, node).await
+    {
+        bound_open.store(true, std::sync::atomic::Ordering::Relaxed);
+        translated = translate::host_pod(&env, v);
+    }
+    let mut desired = match translated {
         Ok(t) => {
             if let Some(why) = t.unschedulable {
                 return unschedulable(ctx, v, &why).await;

@@ -31,6 +31,8 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
             c.message = c.message.as_deref().map(vkube_core::policy::scheduling::host_scheduling_message);
         }
     }
+    // Why the host kubelet refused it (a pod bound to its node), without the node's figures.
+    s.message = s.message.as_deref().map(vkube_core::policy::scheduling::host_admission_message);
     let spec = virtual_pod.spec.as_ref();
     let names = |list: Option<Vec<String>>| list.unwrap_or_default();
     let containers = names(spec.map(|s| s.containers.iter().map(|c| c.name.clone()).collect()));
@@ -156,6 +158,17 @@ mod tests {
         assert!(!differs(Some(&earlier), &later), "timestamps alone are no difference");
         later.conditions = Some(vec![cond("2026-01-01T00:00:01Z", "False")]);
         assert!(differs(Some(&earlier), &later));
+    }
+
+    #[test]
+    fn a_kubelet_refusal_names_the_resource_not_the_nodes_figures() {
+        let host: Pod = serde_json::from_value(serde_json::json!({"status": {"phase": "Failed", "reason": "OutOfcpu",
+            "message": "Pod was rejected: Node didn't have enough resource: cpu, requested: 1500, used: 1900, capacity: 2000"}}))
+        .unwrap();
+        let virtual_pod: Pod = serde_json::from_value(serde_json::json!({"spec": {"containers": []}})).unwrap();
+        let s = virtual_status(&host, &virtual_pod, true);
+        assert_eq!((s.phase.as_deref(), s.reason.as_deref()), (Some("Failed"), Some("OutOfcpu")));
+        assert_eq!(s.message.as_deref(), Some("Pod was rejected: Node didn't have enough resource: cpu"));
     }
 
     #[test]
