@@ -676,6 +676,28 @@ async fn scaling_to_zero_and_deleting_leave_nothing_behind() {
     })
     .await;
 
+    // A Job's pod evicted here, whose pod failure policy ignores disruptions, is replaced: once
+    // its host copy is gone the syncer gives it a terminal phase, as a kubelet gives a pod it
+    // stopped, which the Job controller waits for before it lets the pod go.
+    vc.apply("apiVersion: batch/v1\nkind: Job\nmetadata: {name: batch, namespace: shop}\nspec:\n  backoffLimit: 0\n  podFailurePolicy:\n    rules: [{action: Ignore, onPodConditions: [{type: DisruptionTarget}]}]\n  template:\n    spec:\n      restartPolicy: Never\n      containers: [{name: c, image: busybox}]\n");
+    let vpods: Api<Pod> = Api::namespaced(vc.client().await, "shop");
+    let job_pods = || async {
+        let list = vpods.list(&ListParams::default().labels("job-name=batch")).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(list.items)
+    };
+    let first = eventually("the Job's pod running", Duration::from_secs(30), || async {
+        let pods = job_pods().await?;
+        Ok(pods.into_iter().find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")))
+    })
+    .await
+    .name_any();
+    vpods.evict(&first, &Default::default()).await.unwrap();
+    eventually("the evicted pod gone and replaced", Duration::from_secs(60), || async {
+        let names: Vec<String> = job_pods().await?.iter().map(|p| p.name_any()).collect();
+        if !names.contains(&first) && !names.is_empty() { Ok(Some(())) } else { Err(format!("{names:?}")) }
+    })
+    .await;
+
     vc.kubectl_ok(&["delete", "namespace", "shop", "--timeout=90s"]);
     eventually("nothing of shop is left on the host", Duration::from_secs(60), || async {
         let mut left = in_shop(host_names::<Pod>(&env, &vc).await);

@@ -1,6 +1,8 @@
 //! What flows back from the host pod to the virtual one (pure).
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition, PodStatus};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodCondition, PodStatus,
+};
 
 /// The status the virtual pod should show for its host copy: the host's, restricted to the
 /// virtual pod's containers, without what only makes sense on the host. `host_current` says the
@@ -58,6 +60,45 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
     conditions.extend(own.into_iter().flatten().filter(|c| gates.contains(&c.type_)).cloned());
     s.conditions = (!conditions.is_empty()).then_some(conditions);
     s
+}
+
+/// The status a bound pod gets when its host copy is gone while it is being deleted or lost, as a
+/// kubelet gives a pod it stopped: a terminal phase, so the controllers counting it (a Job with a
+/// pod failure policy waits for one) can let it go. None if it has one already. The containers'
+/// last states are not known here: those not terminated read as a kubelet reads a container it
+/// cannot find.
+pub fn stopped(virtual_pod: &Pod) -> Option<PodStatus> {
+    let status = virtual_pod.status.clone().unwrap_or_default();
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let unknown = || ContainerStateTerminated {
+        exit_code: 137,
+        reason: Some("ContainerStatusUnknown".into()),
+        message: Some("The container could not be located when the pod was terminated".into()),
+        ..Default::default()
+    };
+    let stop = |list: Option<Vec<ContainerStatus>>| {
+        list.map(|l| {
+            l.into_iter()
+                .map(|mut c| {
+                    if c.state.as_ref().is_none_or(|s| s.terminated.is_none()) {
+                        c.last_state = c.state.take().filter(|s| s.running.is_some()).or(c.last_state);
+                        c.state = Some(ContainerState { terminated: Some(unknown()), ..Default::default() });
+                    }
+                    c.ready = false;
+                    c.started = Some(false);
+                    c
+                })
+                .collect()
+        })
+    };
+    Some(PodStatus {
+        phase: Some("Failed".into()),
+        container_statuses: stop(status.container_statuses),
+        init_container_statuses: stop(status.init_container_statuses),
+        ..Default::default()
+    })
 }
 
 /// Condition types the host's kubelet and controllers own: a readiness gate naming one (the API
@@ -169,6 +210,27 @@ mod tests {
         let s = virtual_status(&host, &virtual_pod, true);
         assert_eq!((s.phase.as_deref(), s.reason.as_deref()), (Some("Failed"), Some("OutOfcpu")));
         assert_eq!(s.message.as_deref(), Some("Pod was rejected: Node didn't have enough resource: cpu"));
+    }
+
+    #[test]
+    fn a_pod_stopped_without_its_copy_gets_a_terminal_phase() {
+        let pod = |phase: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({"status": {"phase": phase, "containerStatuses": [
+                {"name": "app", "ready": true, "restartCount": 0, "image": "x", "imageID": "", "started": true,
+                 "state": {"running": {"startedAt": "2026-12-06T09:00:00Z"}}},
+                {"name": "done", "ready": false, "restartCount": 0, "image": "x", "imageID": "",
+                 "state": {"terminated": {"exitCode": 0}}}]}}))
+            .unwrap()
+        };
+        let s = stopped(&pod("Running")).expect("not terminal yet");
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        let cs = s.container_statuses.unwrap();
+        let app = cs[0].state.as_ref().and_then(|s| s.terminated.as_ref()).unwrap();
+        assert_eq!((app.exit_code, app.reason.as_deref()), (137, Some("ContainerStatusUnknown")));
+        assert!(cs[0].last_state.as_ref().is_some_and(|s| s.running.is_some()) && !cs[0].ready);
+        assert_eq!(cs[1].state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code), Some(0));
+        assert_eq!(stopped(&pod("Failed")), None);
+        assert_eq!(stopped(&pod("Succeeded")), None);
     }
 
     #[test]

@@ -68,9 +68,27 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
     }
 }
 
-/// Deletes the virtual pod for good (grace 0), as a kubelet confirms a pod has stopped.
+/// Deletes the virtual pod for good (grace 0), as a kubelet confirms a pod has stopped. A bound
+/// pod a finalizer still holds (a Job's tracking) first gets a terminal phase, as a kubelet gives
+/// one (`status::stopped`): its controller may wait for it before it lets the pod go.
 pub(super) async fn finalize(ctx: &Context, v: &Pod) -> Result<Action> {
     let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
+    let bound = v.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+    let held = v.metadata.finalizers.as_ref().is_some_and(|f| !f.is_empty());
+    if bound
+        && held
+        && let Some(stopped) = status::stopped(v)
+    {
+        // A merge patch: the container lists are replaced whole, each state with it (merged,
+        // a running state would stay beside the terminated one).
+        let patch = Pod { status: Some(stopped), ..Default::default() };
+        let name = v.metadata.name.as_deref().unwrap_or_default();
+        match api.patch_status(name, &sync::patch_params(), &Patch::Merge(&patch)).await {
+            Ok(_) => ctx.metrics.wrote(KIND, "status"),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::Done),
+            Err(e) => return Err(e.into()),
+        }
+    }
     if delete_exactly(&api, &v.metadata, Some(0), Exactly::Object).await? {
         ctx.metrics.wrote(KIND, "finalize");
     }
