@@ -58,6 +58,12 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
     let mut conditions: Vec<PodCondition> =
         s.conditions.take().unwrap_or_default().into_iter().filter(|c| !gates.contains(&c.type_)).collect();
     conditions.extend(own.into_iter().flatten().filter(|c| gates.contains(&c.type_)).cloned());
+    // A disruption the virtual cluster's control plane recorded (an eviction through its API, its
+    // taint manager) stays unless the host records one of its own: a Job's pod failure policy
+    // reads it once the pod has failed.
+    if !conditions.iter().any(|c| c.type_ == DISRUPTION_TARGET) {
+        conditions.extend(own.into_iter().flatten().filter(|c| c.type_ == DISRUPTION_TARGET).cloned());
+    }
     s.conditions = (!conditions.is_empty()).then_some(conditions);
     s
 }
@@ -101,6 +107,8 @@ pub fn stopped(virtual_pod: &Pod) -> Option<PodStatus> {
     })
 }
 
+const DISRUPTION_TARGET: &str = "DisruptionTarget";
+
 /// Condition types the host's kubelet and controllers own: a readiness gate naming one (the API
 /// server allows it) is not the tenant's to set on the host copy, where it would fight the
 /// kubelet and make a pod that is not ready look ready.
@@ -110,7 +118,7 @@ const HOST_OWNED_CONDITIONS: &[&str] = &[
     "Initialized",
     "PodScheduled",
     "PodReadyToStartContainers",
-    "DisruptionTarget",
+    DISRUPTION_TARGET,
     "PodResizePending",
     "PodResizeInProgress",
 ];
@@ -210,6 +218,29 @@ mod tests {
         let s = virtual_status(&host, &virtual_pod, true);
         assert_eq!((s.phase.as_deref(), s.reason.as_deref()), (Some("Failed"), Some("OutOfcpu")));
         assert_eq!(s.message.as_deref(), Some("Pod was rejected: Node didn't have enough resource: cpu"));
+    }
+
+    #[test]
+    fn a_disruption_recorded_in_the_virtual_cluster_stays() {
+        let pod = |conditions: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({"spec": {"containers": []},
+                "status": {"phase": "Running", "conditions": conditions}}))
+            .unwrap()
+        };
+        let evicted = pod(serde_json::json!([{"type": "Ready", "status": "True"},
+            {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]));
+        let host = pod(serde_json::json!([{"type": "Ready", "status": "True"}]));
+        let s = virtual_status(&host, &evicted, true);
+        let reasons: Vec<_> = s.conditions.unwrap().into_iter().map(|c| (c.type_, c.reason)).collect();
+        assert_eq!(
+            reasons,
+            [("Ready".into(), None), ("DisruptionTarget".into(), Some("EvictionByEvictionAPI".into()))]
+        );
+        let host_own =
+            pod(serde_json::json!([{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}]));
+        let s = virtual_status(&host_own, &evicted, true);
+        let reasons: Vec<_> = s.conditions.unwrap().into_iter().map(|c| c.reason.unwrap_or_default()).collect();
+        assert_eq!(reasons, ["TerminationByKubelet"], "the host's own, when it records one");
     }
 
     #[test]
