@@ -106,7 +106,7 @@ pub fn virtual_event(ctx_host_ns: &str, host: &Event, owner: &Owner) -> Event {
                 host.message.as_deref().map(vkube_core::policy::scheduling::host_scheduling_message)
             }
             // The host kubelet's refusals (OutOfcpu and the like), without the node's figures.
-            _ => host.message.as_deref().map(|m| vkube_core::policy::scheduling::host_admission_message(&translate(m))),
+            _ => host.message.as_deref().map(|m| vkube_core::policy::scheduling::host_kubelet_message(&translate(m))),
         },
         type_: host.type_.clone(),
         count: host.count,

@@ -411,12 +411,16 @@ pub fn host_scheduling_message(message: &str) -> String {
     format!("0 nodes are available: {}.", shown.join(", "))
 }
 
-/// Why the host kubelet refused a pod bound to its node, as the tenant may see it (a pod's
-/// status message, the kubelet's event): which resource ran short, without the node's capacity
-/// and what the other tenants' pods there use; taints unnamed. Any other message is as it was.
-pub fn host_admission_message(message: &str) -> String {
+/// What the host kubelet says of a pod (why it refused one bound to its node, why it evicted
+/// one), as the tenant may see it (a pod's status message and conditions, the kubelet's events):
+/// which resource ran short, without the node's capacity, threshold and what is left of it after
+/// the other tenants' pods; taints unnamed. Any other message is as it was.
+pub fn host_kubelet_message(message: &str) -> String {
     const SHORT: &str = "Node didn't have enough resource: ";
     const TAINT: &str = "node(s) had untolerated taint";
+    // An eviction for node pressure: "The node was low on resource: memory. Threshold quantity:
+    // 100Mi, available: 50Mi. Container app was using 200Mi, ..." (the pod's own use stays).
+    const THRESHOLD: &str = "Threshold quantity: ";
     if let Some(at) = message.find(SHORT) {
         let rest = &message[at + SHORT.len()..];
         let resource = rest.split(',').next().unwrap_or_default();
@@ -424,6 +428,15 @@ pub fn host_admission_message(message: &str) -> String {
     }
     if let Some(at) = message.find(TAINT) {
         return format!("{}node(s) had a taint the pod does not tolerate", &message[..at]);
+    }
+    if let Some(at) = message.find(THRESHOLD) {
+        let rest = &message[at..];
+        // The figures end with the sentence after "available: ".
+        let end = rest.find("available: ").and_then(|a| rest[a..].find(". ").map(|e| a + e + 2));
+        return match end {
+            Some(end) => format!("{}{}", &message[..at], &rest[end..]),
+            None => message[..at].trim_end().to_string(),
+        };
     }
     message.to_string()
 }
@@ -795,26 +808,38 @@ mod tests {
         let plugin = "0/3 nodes are available: 3 node(s) were rejected by corp-placement plugin on rack r12.";
         assert_eq!(host_scheduling_message(plugin), "0 nodes are available: other constraints of the host.");
         assert_eq!(
-            host_admission_message(
+            host_kubelet_message(
                 "Pod was rejected: Node didn't have enough resource: cpu, requested: 1500, used: 1900, capacity: 2000"
             ),
             "Pod was rejected: Node didn't have enough resource: cpu"
         );
         assert_eq!(
-            host_admission_message(
+            host_kubelet_message(
                 "Node didn't have enough resource: example.com/gpu, requested: 1, used: 3, capacity: 4"
             ),
             "Node didn't have enough resource: example.com/gpu"
         );
         assert_eq!(
-            host_admission_message(
+            host_kubelet_message(
                 "Pod was rejected: Predicate TaintToleration failed: node(s) had untolerated taint {team-b: gpu}"
             ),
             "Pod was rejected: Predicate TaintToleration failed: node(s) had a taint the pod does not tolerate"
         );
+        assert_eq!(
+            host_kubelet_message(
+                "The node was low on resource: memory. Threshold quantity: 100Mi, available: 51200Ki. Container app was using 200Mi, request is 0, has larger consumption of memory. "
+            ),
+            "The node was low on resource: memory. Container app was using 200Mi, request is 0, has larger consumption of memory. "
+        );
+        assert_eq!(
+            host_kubelet_message(
+                "The node was low on resource: ephemeral-storage. Threshold quantity: 1Gi, available: 10Mi."
+            ),
+            "The node was low on resource: ephemeral-storage."
+        );
         let ports =
             "Pod was rejected: Predicate NodePorts failed: node(s) didn't have free ports for the requested pod ports";
-        assert_eq!(host_admission_message(ports), ports);
+        assert_eq!(host_kubelet_message(ports), ports);
         assert_eq!(
             host_scheduling_message("running PreBind plugin \"VolumeBinding\": binding volumes: pv-7 on node n-3"),
             "the host cannot place the pod now"

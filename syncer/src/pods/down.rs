@@ -54,7 +54,7 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
                 Ok(Action::RequeueAfter(Duration::from_secs(30)))
             }
             // Nothing (of ours) runs it: finish the deletion as a kubelet would.
-            _ => up::finalize(ctx, &v).await,
+            _ => up::finalize(ctx, &v, false).await,
         };
     }
 
@@ -105,7 +105,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     if ran_on_host(v) && !ctx.opts.recreate_lost_pods {
         // Its host copy ran and is gone (evicted, deleted on the host, lost while we were down):
         // the virtual pod goes too and its controller makes a new one, as on a real node loss.
-        return up::finalize(ctx, v).await;
+        return up::finalize(ctx, v, true).await;
     }
     let Some(dns_ip) = ctx.dns_ip() else {
         // Pods are told the virtual DNS address; it exists moments after start.

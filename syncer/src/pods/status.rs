@@ -3,6 +3,7 @@
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodCondition, PodStatus,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// The status the virtual pod should show for its host copy: the host's, restricted to the
 /// virtual pod's containers, without what only makes sense on the host. `host_current` says the
@@ -32,9 +33,14 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
         if c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() != Some("SchedulingGated") {
             c.message = c.message.as_deref().map(vkube_core::policy::scheduling::host_scheduling_message);
         }
+        // Why the host kubelet evicted it, without the node's figures.
+        if c.type_ == DISRUPTION_TARGET {
+            c.message = c.message.as_deref().map(vkube_core::policy::scheduling::host_kubelet_message);
+        }
     }
-    // Why the host kubelet refused it (a pod bound to its node), without the node's figures.
-    s.message = s.message.as_deref().map(vkube_core::policy::scheduling::host_admission_message);
+    // Why the host kubelet refused (a pod bound to its node) or evicted it, without the node's
+    // figures.
+    s.message = s.message.as_deref().map(vkube_core::policy::scheduling::host_kubelet_message);
     let spec = virtual_pod.spec.as_ref();
     let names = |list: Option<Vec<String>>| list.unwrap_or_default();
     let containers = names(spec.map(|s| s.containers.iter().map(|c| c.name.clone()).collect()));
@@ -68,43 +74,77 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
     s
 }
 
-/// The status a bound pod gets when its host copy is gone while it is being deleted or lost, as a
-/// kubelet gives a pod it stopped: a terminal phase, so the controllers counting it (a Job with a
-/// pod failure policy waits for one) can let it go. None if it has one already. The containers'
-/// last states are not known here: those not terminated read as a kubelet reads a container it
-/// cannot find.
-pub fn stopped(virtual_pod: &Pod) -> Option<PodStatus> {
-    let status = virtual_pod.status.clone().unwrap_or_default();
+/// The status a bound pod gets when its host copy is gone while it is being deleted or lost: a
+/// terminal phase, so the controllers counting it (a Job with a pod failure policy waits for one)
+/// can let it go. None if it has one already.
+/// - Deleted (`lost` false): as a kubelet gives a pod it stopped (`TerminatePod`): containers not
+///   known to have terminated read as a kubelet reads a container it cannot find (once the pod
+///   has initialized), and so do init containers up to the last one that started.
+/// - Lost (the copy went while the virtual pod was not deleted: evicted or deleted on the host,
+///   its status not seen): as pod GC gives a pod whose node is gone, with a DisruptionTarget
+///   condition (a Job's pod failure policy may ignore disruptions).
+pub fn stopped(virtual_pod: &Pod, lost: bool) -> Option<PodStatus> {
+    let mut status = virtual_pod.status.clone().unwrap_or_default();
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
-    let unknown = || ContainerStateTerminated {
-        exit_code: 137,
-        reason: Some("ContainerStatusUnknown".into()),
-        message: Some("The container could not be located when the pod was terminated".into()),
+    status.phase = Some("Failed".into());
+    if lost {
+        let conditions = status.conditions.get_or_insert_with(Vec::new);
+        // One it showed (the host's eviction, mirrored before the copy went) says more.
+        if conditions.iter().any(|c| c.type_ == DISRUPTION_TARGET && c.status == "True") {
+            return Some(status);
+        }
+        conditions.retain(|c| c.type_ != DISRUPTION_TARGET);
+        conditions.push(PodCondition {
+            type_: DISRUPTION_TARGET.into(),
+            status: "True".into(),
+            reason: Some("DeletionByPodGC".into()),
+            message: Some("PodGC: the pod's copy on the host no longer exists".into()),
+            last_transition_time: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+            ..Default::default()
+        });
+        return Some(status);
+    }
+    let unknown = || ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: 137,
+            reason: Some("ContainerStatusUnknown".into()),
+            message: Some("The container could not be located when the pod was terminated".into()),
+            ..Default::default()
+        }),
         ..Default::default()
     };
-    let stop = |list: Option<Vec<ContainerStatus>>| {
-        list.map(|l| {
-            l.into_iter()
-                .map(|mut c| {
-                    if c.state.as_ref().is_none_or(|s| s.terminated.is_none()) {
-                        c.last_state = c.state.take().filter(|s| s.running.is_some()).or(c.last_state);
-                        c.state = Some(ContainerState { terminated: Some(unknown()), ..Default::default() });
-                    }
-                    c.ready = false;
-                    c.started = Some(false);
-                    c
-                })
-                .collect()
-        })
-    };
-    Some(PodStatus {
-        phase: Some("Failed".into()),
-        container_statuses: stop(status.container_statuses),
-        init_container_statuses: stop(status.init_container_statuses),
-        ..Default::default()
-    })
+    let terminated = |c: &ContainerStatus| c.state.as_ref().is_some_and(|s| s.terminated.is_some());
+    let waiting = |c: &ContainerStatus| c.state.as_ref().is_some_and(|s| s.waiting.is_some());
+    let ever_ended = |c: &ContainerStatus| c.last_state.as_ref().is_some_and(|s| s.terminated.is_some());
+    let init_specs = virtual_pod.spec.as_ref().and_then(|s| s.init_containers.as_deref()).unwrap_or_default();
+    let inits = status.init_container_statuses.as_deref().unwrap_or_default();
+    // Initialized: no init containers, a container out of waiting, or the last init container
+    // done (a restartable one started).
+    let last_init_done = inits.last().is_some_and(|c| {
+        let restartable = init_specs.iter().any(|s| s.name == c.name && s.restart_policy.as_deref() == Some("Always"));
+        let state = c.state.as_ref();
+        if restartable {
+            c.started == Some(true) && state.is_some_and(|s| s.running.is_some())
+        } else {
+            state.and_then(|s| s.terminated.as_ref()).is_some_and(|t| t.exit_code == 0)
+        }
+    });
+    let initialized = init_specs.is_empty()
+        || status.container_statuses.iter().flatten().any(|c| !waiting(c) || ever_ended(c))
+        || last_init_done;
+    if initialized {
+        for c in status.container_statuses.iter_mut().flatten().filter(|c| !terminated(c)) {
+            c.state = Some(unknown());
+        }
+    }
+    // All init containers up to the last one with evidence of a start (at least the first).
+    let started = inits.iter().rposition(|c| !waiting(c) || ever_ended(c)).unwrap_or(0);
+    for c in status.init_container_statuses.iter_mut().flatten().take(started + 1).filter(|c| !terminated(c)) {
+        c.state = Some(unknown());
+    }
+    Some(status)
 }
 
 const DISRUPTION_TARGET: &str = "DisruptionTarget";
@@ -253,15 +293,46 @@ mod tests {
                  "state": {"terminated": {"exitCode": 0}}}]}}))
             .unwrap()
         };
-        let s = stopped(&pod("Running")).expect("not terminal yet");
+        let s = stopped(&pod("Running"), false).expect("not terminal yet");
         assert_eq!(s.phase.as_deref(), Some("Failed"));
+        assert!(s.conditions.is_none(), "a deletion is no disruption");
         let cs = s.container_statuses.unwrap();
         let app = cs[0].state.as_ref().and_then(|s| s.terminated.as_ref()).unwrap();
         assert_eq!((app.exit_code, app.reason.as_deref()), (137, Some("ContainerStatusUnknown")));
-        assert!(cs[0].last_state.as_ref().is_some_and(|s| s.running.is_some()) && !cs[0].ready);
         assert_eq!(cs[1].state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code), Some(0));
-        assert_eq!(stopped(&pod("Failed")), None);
-        assert_eq!(stopped(&pod("Succeeded")), None);
+        assert_eq!(stopped(&pod("Failed"), false), None);
+        assert_eq!(stopped(&pod("Succeeded"), true), None);
+
+        // Lost: as pod GC marks a pod whose node is gone, its containers as they were.
+        let s = stopped(&pod("Running"), true).expect("not terminal yet");
+        let c = &s.conditions.as_ref().unwrap()[0];
+        assert_eq!((c.type_.as_str(), c.reason.as_deref()), ("DisruptionTarget", Some("DeletionByPodGC")));
+        assert_eq!(
+            (s.phase.as_deref(), s.container_statuses),
+            (Some("Failed"), pod("x").status.unwrap().container_statuses)
+        );
+
+        // Not initialized: its containers never started and are left as they are; the init
+        // containers up to the last that started read as stopped.
+        let initializing: Pod = serde_json::from_value(serde_json::json!({
+            "spec": {"containers": [], "initContainers": [{"name": "a"}, {"name": "b"}, {"name": "c"}]},
+            "status": {"phase": "Pending",
+                "initContainerStatuses": [
+                    {"name": "a", "ready": false, "restartCount": 0, "image": "x", "imageID": "", "state": {"terminated": {"exitCode": 0}}},
+                    {"name": "b", "ready": false, "restartCount": 0, "image": "x", "imageID": "", "state": {"running": {}}},
+                    {"name": "c", "ready": false, "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {}}}],
+                "containerStatuses": [
+                    {"name": "app", "ready": false, "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {"reason": "PodInitializing"}}}]}}))
+        .unwrap();
+        let s = stopped(&initializing, false).unwrap();
+        let exit = |l: &Option<Vec<ContainerStatus>>| -> Vec<Option<i32>> {
+            l.iter()
+                .flatten()
+                .map(|c| c.state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code))
+                .collect()
+        };
+        assert_eq!(exit(&s.init_container_statuses), [Some(0), Some(137), None]);
+        assert_eq!(exit(&s.container_statuses), [None]);
     }
 
     #[test]

@@ -26,8 +26,17 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
         ctx.queues.of::<Pod>().add(key);
         return Ok(Action::Done);
     };
+    // Generations are each object's own: the host copy's tells of the virtual pod's only when
+    // the downward path knows the copy carries the pod's current spec.
+    let carried = ctx
+        .carried
+        .get(&key)
+        .filter(|c| c.generation == v.metadata.generation && h.metadata.generation >= c.host_generation);
     if v.metadata.deletion_timestamp.is_some() || h.metadata.deletion_timestamp.is_some() {
-        // Being deleted: the copy's disappearance brings the downward path to finish it.
+        // Being deleted here or on the host (evicted, drained): the host kubelet's last words (a
+        // terminal phase, exit codes, the host's DisruptionTarget) are shown, as a kubelet reports
+        // them before a pod goes; the copy's disappearance brings the downward path to finish it.
+        report_status(ctx, &v, &h, carried.is_some()).await?;
         return Ok(Action::Done);
     }
     if bind(ctx, &v, &h).await? {
@@ -35,12 +44,6 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
         // status with the fresh object.
         return Ok(Action::Done);
     }
-    // Generations are each object's own: the host copy's tells of the virtual pod's only when
-    // the downward path knows the copy carries the pod's current spec.
-    let carried = ctx
-        .carried
-        .get(&key)
-        .filter(|c| c.generation == v.metadata.generation && h.metadata.generation >= c.host_generation);
     // Bound now: with `bound-secret` delivery its tokens can be issued, naming its node (before
     // its status is shown: `v` is still the pod as it was, not started).
     let tokens = crate::tokens::ensure_bound(ctx, &v, &h).await;
@@ -69,19 +72,22 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
 }
 
 /// Deletes the virtual pod for good (grace 0), as a kubelet confirms a pod has stopped. A bound
-/// pod a finalizer still holds (a Job's tracking) first gets a terminal phase, as a kubelet gives
-/// one (`status::stopped`): its controller may wait for it before it lets the pod go.
-pub(super) async fn finalize(ctx: &Context, v: &Pod) -> Result<Action> {
+/// pod a finalizer still holds (a Job's tracking) first gets a terminal phase (`status::stopped`,
+/// with a DisruptionTarget when the copy was `lost`, not deleted with it): its controller may wait
+/// for one before it lets the pod go.
+pub(super) async fn finalize(ctx: &Context, v: &Pod, lost: bool) -> Result<Action> {
     let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
     let bound = v.spec.as_ref().is_some_and(|s| s.node_name.is_some());
     let held = v.metadata.finalizers.as_ref().is_some_and(|f| !f.is_empty());
     if bound
         && held
-        && let Some(stopped) = status::stopped(v)
+        && let Some(stopped) = status::stopped(v, lost)
     {
-        // A merge patch: the container lists are replaced whole, each state with it (merged,
-        // a running state would stay beside the terminated one).
-        let patch = Pod { status: Some(stopped), ..Default::default() };
+        // A merge patch: lists are replaced whole, each state with them (merged, a running state
+        // would stay beside the terminated one). Of the pod as read (a newer status, or a new pod
+        // of the same name, is a conflict: looked at again).
+        let mut patch = Pod { status: Some(stopped), ..Default::default() };
+        patch.metadata.resource_version = v.metadata.resource_version.clone();
         let name = v.metadata.name.as_deref().unwrap_or_default();
         match api.patch_status(name, &sync::patch_params(), &Patch::Merge(&patch)).await {
             Ok(_) => ctx.metrics.wrote(KIND, "status"),
@@ -136,8 +142,14 @@ async fn report_status(ctx: &Context, v: &Pod, h: &Pod, host_current: bool) -> R
         // was read must not be lost (a conflict brings a retry with the fresh pod).
         patch.metadata.resource_version = v.metadata.resource_version.clone();
     }
-    api.patch_status(v.metadata.name.as_deref().unwrap_or_default(), &sync::patch_params(), &Patch::Merge(&patch))
-        .await?;
-    ctx.metrics.wrote(KIND, "status");
+    match api
+        .patch_status(v.metadata.name.as_deref().unwrap_or_default(), &sync::patch_params(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => ctx.metrics.wrote(KIND, "status"),
+        // Finalized meanwhile (its copy gone).
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
     Ok(())
 }
