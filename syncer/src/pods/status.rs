@@ -128,7 +128,9 @@ pub fn stopped(virtual_pod: &Pod, lost: bool) -> Option<PodStatus> {
         if restartable {
             c.started == Some(true) && state.is_some_and(|s| s.running.is_some())
         } else {
-            state.and_then(|s| s.terminated.as_ref()).is_some_and(|t| t.exit_code == 0)
+            let succeeded =
+                |s: Option<&ContainerState>| s.and_then(|s| s.terminated.as_ref()).is_some_and(|t| t.exit_code == 0);
+            succeeded(state) || succeeded(c.last_state.as_ref())
         }
     });
     let initialized = init_specs.is_empty()
@@ -138,6 +140,15 @@ pub fn stopped(virtual_pod: &Pod, lost: bool) -> Option<PodStatus> {
         for c in status.container_statuses.iter_mut().flatten().filter(|c| !terminated(c)) {
             c.state = Some(unknown());
         }
+    }
+    // What it showed may be older than the kubelet's last word (which a kubelet writes first).
+    for c in status.container_statuses.iter_mut().flatten() {
+        c.ready = false;
+        c.started = c.started.map(|_| false);
+    }
+    for c in status.conditions.iter_mut().flatten().filter(|c| c.type_ == "Ready" || c.type_ == "ContainersReady") {
+        c.status = "False".into();
+        c.reason = Some("PodCompleted".into());
     }
     // All init containers up to the last one with evidence of a start (at least the first).
     let started = inits.iter().rposition(|c| !waiting(c) || ever_ended(c)).unwrap_or(0);

@@ -32,11 +32,17 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
         .carried
         .get(&key)
         .filter(|c| c.generation == v.metadata.generation && h.metadata.generation >= c.host_generation);
-    if v.metadata.deletion_timestamp.is_some() || h.metadata.deletion_timestamp.is_some() {
+    let deleting = v.metadata.deletion_timestamp.is_some();
+    if deleting || h.metadata.deletion_timestamp.is_some() {
         // Being deleted here or on the host (evicted, drained): the host kubelet's last words (a
         // terminal phase, exit codes, the host's DisruptionTarget) are shown, as a kubelet reports
         // them before a pod goes; the copy's disappearance brings the downward path to finish it.
-        report_status(ctx, &v, &h, carried.is_some()).await?;
+        // Not to a pod never bound (it has shown nothing of a node), nor when a lost copy is made
+        // again (after a wake: the copy sleep deleted is not the pod's end).
+        let bound = v.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+        if bound && (deleting || !ctx.opts.recreate_lost_pods) {
+            report_status(ctx, &v, &h, carried.is_some()).await?;
+        }
         return Ok(Action::Done);
     }
     if bind(ctx, &v, &h).await? {
@@ -92,6 +98,10 @@ pub(super) async fn finalize(ctx: &Context, v: &Pod, lost: bool) -> Result<Actio
         match api.patch_status(name, &sync::patch_params(), &Patch::Merge(&patch)).await {
             Ok(_) => ctx.metrics.wrote(KIND, "status"),
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::Done),
+            // Changed since it was read: its watch event brings it back.
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                return Ok(Action::RequeueAfter(std::time::Duration::from_secs(1)));
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -137,9 +147,11 @@ async fn report_status(ctx: &Context, v: &Pod, h: &Pod, host_current: bool) -> R
     }
     let api: Api<Pod> = Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
     let mut patch = Pod { status: Some(desired), ..Default::default() };
-    if !status::gate_types(v).is_empty() {
+    let ending = v.metadata.deletion_timestamp.is_some() || h.metadata.deletion_timestamp.is_some();
+    if ending || !status::gate_types(v).is_empty() {
         // The whole condition list is replaced: a gate condition the tenant set since this pod
-        // was read must not be lost (a conflict brings a retry with the fresh pod).
+        // was read must not be lost, nor, once the pod is ending, a DisruptionTarget or the
+        // terminal phase `finalize` wrote meanwhile (a conflict brings a retry with the fresh pod).
         patch.metadata.resource_version = v.metadata.resource_version.clone();
     }
     match api
