@@ -539,3 +539,75 @@ spec:
     env.kubectl_ok(&["uncordon", target]);
     vc.kubectl_ok(&["wait", "--for=condition=Ready", "pod/bound-to-cordoned", "--timeout=60s"]);
 }
+
+/// With the admin's virtual scheduler the tenant's own kube-scheduler places its pods on the
+/// virtual nodes (every host node the admin allows), with the tenant's priorities, preemption and
+/// the extended resources it gave its nodes; a pod reaches the host only once bound, and keeps
+/// its node there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
+    let env = TestEnv::start(2).await;
+    let policy = vkube::controlplane::PolicyArgs { virtual_scheduler: true, ..Default::default() };
+    let vc = env.virtual_cluster_with_policy("vsched", policy, &[]).await;
+    let tr = vc.translator();
+    let host_pods: Api<Pod> = Api::namespaced(env.client().await, vc.host_namespace());
+    let vnodes: Api<Node> = Api::all(vc.client().await);
+    let node = eventually("the host nodes shown before any pod", Duration::from_secs(30), || async {
+        let names = vkube_e2e::sorted_names(&vnodes).await?;
+        Ok((names.len() == 2).then(|| names[0].clone()))
+    })
+    .await;
+    // One slot of a resource only the tenant knows, on one node, as the preemption conformance
+    // specs give their nodes.
+    let slots = json!({"status": {"capacity": {"example.com/slots": "1"}, "allocatable": {"example.com/slots": "1"}}});
+    vnodes.patch_status(&node, &PatchParams::default(), &Patch::Merge(&slots)).await.unwrap();
+    vc.apply("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: low}\nvalue: 1\n---\napiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: high}\nvalue: 1000\n");
+    let pod = |name: &str, class: &str, slots: u32| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  priorityClassName: {class}\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: c, image: nginx, resources: {{requests: {{example.com/slots: \"{slots}\"}}, limits: {{example.com/slots: \"{slots}\"}}}}}}]\n"
+        )
+    };
+    let vpods: Api<Pod> = Api::namespaced(vc.client().await, "default");
+    let running_on = |name: &'static str| {
+        let (vpods, host_pods, tr) = (&vpods, &host_pods, &tr);
+        async move {
+            eventually(&format!("{name} running"), Duration::from_secs(60), || async {
+                let p = vpods.get(name).await.map_err(|e| e.to_string())?;
+                let h = host_pods.get_opt(&tr.host_name("default", name)).await.map_err(|e| e.to_string())?;
+                Ok((phase(&p) == Some("Running")).then(|| (p, h.expect("its host copy"))))
+            })
+            .await
+        }
+    };
+
+    vc.apply(&pod("low", "low", 1));
+    let (low, host_low) = running_on("low").await;
+    let bound = low.spec.as_ref().and_then(|s| s.node_name.clone());
+    assert_eq!(bound.as_deref(), Some(node.as_str()), "the only node with a slot");
+    let spec = serde_json::to_value(host_low.spec).unwrap();
+    assert_eq!((&spec["nodeName"], &spec["affinity"]), (&json!(node), &json!(null)), "bound on the host too");
+    assert_eq!(spec["containers"][0]["resources"], json!({}), "the tenant's own resource not asked of the host");
+
+    // No slot left: a pod as low waits, unscheduled, with nothing on the host.
+    vc.apply(&pod("waits", "low", 1));
+    eventually("a pod without a slot unschedulable", Duration::from_secs(30), || async {
+        let p = vpods.get("waits").await.map_err(|e| e.to_string())?;
+        Ok((condition(&p, "PodScheduled") == Some("False")).then_some(()))
+    })
+    .await;
+    assert!(host_pods.get_opt(&tr.host_name("default", "waits")).await.unwrap().is_none(), "not on the host");
+
+    // A higher priority takes the slot: the low pod is preempted, in the virtual cluster and on
+    // the host.
+    vc.apply(&pod("high", "high", 1));
+    let (high, _) = running_on("high").await;
+    assert_eq!(high.spec.and_then(|s| s.node_name).as_deref(), Some(node.as_str()));
+    eventually("the preempted pod gone, here and on the host", Duration::from_secs(30), || async {
+        let here = vpods.get_opt("low").await.map_err(|e| e.to_string())?;
+        let there = host_pods.get_opt(&tr.host_name("default", "low")).await.map_err(|e| e.to_string())?;
+        Ok((here.is_none() && there.is_none()).then_some(()))
+    })
+    .await;
+    let waits = vpods.get("waits").await.unwrap();
+    assert_eq!(waits.spec.and_then(|s| s.node_name), None, "still waiting");
+}

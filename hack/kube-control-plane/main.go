@@ -1,12 +1,12 @@
-// kube-control-plane runs a virtual cluster's kube-apiserver and kube-controller-manager in one
-// process: upstream's own commands, unchanged, sharing one Go runtime, one copy of their code and
-// of the libraries' state. Against two processes it holds about 100 MiB less resident memory per
+// kube-control-plane runs a virtual cluster's kube-apiserver and kube-controller-manager (and,
+// where the admin asks for a virtual scheduler, kube-scheduler) in one process: upstream's own
+// commands, unchanged, sharing one Go runtime, one copy of their code and of the libraries' state. Against two processes it holds about 100 MiB less resident memory per
 // idle cluster (docs/benchmarks-notes.md, "One process"). hack/build-upstream.sh builds it from the
 // pinned k8s.io/kubernetes module; vkube's supervisor runs it.
 //
-//	kube-control-plane APISERVER-FLAGS... --- CONTROLLER-MANAGER-FLAGS...
+//	kube-control-plane APISERVER-FLAGS... --- CONTROLLER-MANAGER-FLAGS... [--- SCHEDULER-FLAGS...]
 //
-// The controller manager starts once the API server answers /healthz (on its own it gives up
+// The controller manager (and the scheduler) start once the API server answers /healthz (on its own it gives up
 // after 10 s, which would end the API server too). Either command ending ends the process, so
 // the supervisor restarts both. On SIGTERM the API server starts its graceful shutdown, which
 // would wait its full minute for the watches of the controller manager beside it (two processes
@@ -16,7 +16,8 @@
 // At a Kubernetes bump, check that the controller manager still leaves signals alone: with the
 // gate ControllerManagerReleaseLeaderElectionLockOnExit on (alpha, off in v1.37) it calls
 // genericapiserver.SetupSignalContext, which the API server's command already called, and a
-// second call panics.
+// second call panics. For that reason the scheduler is not run through its cobra command (which
+// sets up a signal handler) but through the app package's Setup and Run, as the command does.
 package main
 
 import (
@@ -33,7 +34,11 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	logsapi "k8s.io/component-base/logs/api/v1"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
+	"github.com/spf13/pflag"
+	"k8s.io/client-go/tools/cache"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	scheduleroptions "k8s.io/kubernetes/cmd/kube-scheduler/app/options"
 )
 
 const stopGrace = 500 * time.Millisecond
@@ -42,12 +47,13 @@ const stopGrace = 500 * time.Millisecond
 const healthPoll = 100 * time.Millisecond
 
 func main() {
-	apiArgs, cmArgs, ok := split(os.Args[1:])
-	if !ok {
-		fmt.Fprintln(os.Stderr, "usage: kube-control-plane APISERVER-FLAGS... --- CONTROLLER-MANAGER-FLAGS...")
+	sections := split(os.Args[1:])
+	if len(sections) < 2 || len(sections) > 3 {
+		fmt.Fprintln(os.Stderr, "usage: kube-control-plane APISERVER-FLAGS... --- CONTROLLER-MANAGER-FLAGS... [--- SCHEDULER-FLAGS...]")
 		os.Exit(2)
 	}
-	// Both commands apply the same logging configuration; the second time must not be an error.
+	apiArgs, cmArgs := sections[0], sections[1]
+	// The commands apply the same logging configuration; the second time must not be an error.
 	logsapi.ReapplyHandling = logsapi.ReapplyHandlingIgnoreUnchanged
 
 	stop := make(chan os.Signal, 1)
@@ -58,7 +64,7 @@ func main() {
 		os.Exit(0)
 	}()
 
-	done := make(chan error, 2)
+	done := make(chan error, 3)
 	a := apiserver.NewAPIServerCommand()
 	a.SetArgs(apiArgs)
 	go func() { done <- wrap("kube-apiserver", a.Execute()) }()
@@ -73,19 +79,59 @@ func main() {
 		done <- wrap("kube-controller-manager", c.Execute())
 	}()
 
+	if len(sections) == 3 {
+		go func() {
+			if err := waitHealthy(kubeconfigOf(sections[2])); err != nil {
+				done <- wrap("kube-scheduler", err)
+				return
+			}
+			done <- wrap("kube-scheduler", runScheduler(sections[2]))
+		}()
+	}
+
 	if err := <-done; err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 }
 
-func split(args []string) ([]string, []string, bool) {
-	for i, a := range args {
-		if a == "---" {
-			return args[:i], args[i+1:], true
-		}
+// runScheduler does what kube-scheduler's command does, without its signal handler (see above).
+func runScheduler(args []string) error {
+	opts := scheduleroptions.NewOptions()
+	fs := pflag.NewFlagSet("kube-scheduler", pflag.ContinueOnError)
+	for _, f := range opts.Flags.FlagSets {
+		fs.AddFlagSet(f)
 	}
-	return nil, nil, false
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := opts.ComponentGlobalsRegistry.Set(); err != nil {
+		return err
+	}
+	name, err := cache.NewInformerName("kube-scheduler")
+	if err != nil {
+		return err
+	}
+	opts.InformerName = name
+	ctx := context.Background()
+	cc, sched, err := scheduler.Setup(ctx, opts)
+	if err != nil {
+		return err
+	}
+	return scheduler.Run(ctx, cc, sched)
+}
+
+// split cuts the arguments at each "---".
+func split(args []string) [][]string {
+	sections := [][]string{{}}
+	for _, a := range args {
+		if a == "---" {
+			sections = append(sections, []string{})
+			continue
+		}
+		sections[len(sections)-1] = append(sections[len(sections)-1], a)
+	}
+	return sections
 }
 
 func wrap(name string, err error) error {
@@ -104,13 +150,13 @@ func kubeconfigOf(args []string) string {
 	return ""
 }
 
-// waitHealthy polls the API server's /healthz as the controller manager will reach it, with no
+// waitHealthy polls the API server's /healthz as a component will reach it, with no
 // deadline: the API server's own start may take minutes on a loaded machine. Often: a cluster is
 // ready once the controller manager has made the default service account, so each poll interval
 // would add half of itself to every start on average (a second: 0.5 s of a 3 s start).
 func waitHealthy(kubeconfig string) error {
 	if kubeconfig == "" {
-		return fmt.Errorf("no --kubeconfig=PATH among the controller manager's flags")
+		return fmt.Errorf("no --kubeconfig=PATH among a component's flags")
 	}
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {

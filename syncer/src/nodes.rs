@@ -279,10 +279,10 @@ async fn host_node(ctx: &Context, name: &str) -> std::result::Result<Option<Node
 /// Whether the host node may take a pod the tenant bound to it, directly (the admin's
 /// `Scheduling::bind_node_name`): the host has not cordoned it, and the admin's tolerations
 /// (every host pod carries them) tolerate each of its NoSchedule and NoExecute taints. Read at
-/// that moment (a cordon counts at once); a node not readable takes none.
-pub async fn takes_bound_pods(ctx: &Context, name: &str) -> bool {
-    let Ok(Some(node)) = host_node(ctx, name).await else { return false };
-    open_to(&node, &ctx.policy.scheduling.tolerations)
+/// that moment (a cordon counts at once); a node not readable takes none. The node, if it does.
+pub async fn takes_bound_pods(ctx: &Context, name: &str) -> Option<Node> {
+    let Ok(Some(node)) = host_node(ctx, name).await else { return None };
+    open_to(&node, &ctx.policy.scheduling.tolerations).then_some(node)
 }
 
 fn open_to(node: &Node, tolerations: &[Toleration]) -> bool {

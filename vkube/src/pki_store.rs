@@ -43,6 +43,7 @@ pub fn spec(name: &str, namespace: &str, service_ip: Option<IpAddr>) -> BundleSp
             LeafSpec::client("admin", "ca", ADMIN_USER, Some("system:masters")),
             LeafSpec::client("controlplane", "ca", CONTROLPLANE_USER, Some("system:masters")),
             LeafSpec::client("controller-manager", "ca", "system:kube-controller-manager", None),
+            LeafSpec::client("scheduler", "ca", "system:kube-scheduler", None),
             LeafSpec::client(FRONT_PROXY_USER, "front-proxy-ca", FRONT_PROXY_USER, None),
             LeafSpec::client("kubelet-client", KUBELET_CA, KUBELET_CLIENT_USER, None),
         ],

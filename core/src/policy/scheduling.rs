@@ -45,6 +45,10 @@ pub struct Scheduling {
     /// Whether a pod the tenant binds by `nodeName` keeps it on the host, bypassing the host
     /// scheduler, where [`Nodes::bindable`] says the node may take it.
     pub bind_node_name: bool,
+    /// Whether the virtual cluster schedules its pods itself (its own kube-scheduler, on virtual
+    /// nodes that show every host node the admin's selector allows): a pod reaches the host only
+    /// once bound, as a pod reaches a kubelet, and keeps its node there as with `bind_node_name`.
+    pub virtual_scheduler: bool,
 }
 
 /// Only delay eviction from a failing node (the virtual API server adds them to every pod).
@@ -69,6 +73,7 @@ impl Default for Scheduling {
             tenant_node_labels: DEFAULT_TENANT_NODE_LABELS.map(String::from).to_vec(),
             runtime_classes: vec![],
             bind_node_name: false,
+            virtual_scheduler: false,
         }
     }
 }
@@ -178,7 +183,8 @@ impl Scheduling {
             );
         }
         if let Some(node) = spec.node_name.take() {
-            if self.bind_node_name && known_node(&node) && (nodes.bindable)(&node) {
+            let keeps = self.bind_node_name || self.virtual_scheduler;
+            if keeps && known_node(&node) && (nodes.bindable)(&node) {
                 // Its kubelet admits it or not, as the tenant's own would.
                 spec.node_name = Some(node);
             } else if known_node(&node) {

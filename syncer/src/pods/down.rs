@@ -107,6 +107,12 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         // the virtual pod goes too and its controller makes a new one, as on a real node loss.
         return up::finalize(ctx, v, true).await;
     }
+    let scheduling = &ctx.policy.scheduling;
+    if scheduling.virtual_scheduler && v.spec.as_ref().is_none_or(|s| s.node_name.is_none()) {
+        // Scheduled in the virtual cluster: it reaches the host once bound, as a pod reaches its
+        // kubelet (the binding brings it back).
+        return Ok(Action::Done);
+    }
     let Some(dns_ip) = ctx.dns_ip() else {
         // Pods are told the virtual DNS address; it exists moments after start.
         return Ok(Action::RequeueAfter(Duration::from_millis(500)));
@@ -155,12 +161,19 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     // pod, the pod is translated again, bound.
     if let (Ok(t), Some(node)) = (&translated, bound_to)
         && t.unschedulable.is_none()
-        && ctx.policy.scheduling.bind_node_name
+        && (scheduling.bind_node_name || scheduling.virtual_scheduler)
         && known(node)
-        && crate::nodes::takes_bound_pods(ctx, node).await
+        && let Some(host_node) = crate::nodes::takes_bound_pods(ctx, node).await
     {
         bound_open.store(true, std::sync::atomic::Ordering::Relaxed);
         translated = translate::host_pod(&env, v);
+        if scheduling.virtual_scheduler
+            && let Ok(t) = translated.as_mut()
+        {
+            // Placed by the virtual scheduler, which counted them on the virtual node the tenant
+            // gave them to: resources the host node does not have are the tenant's own.
+            translate::drop_resources_not_on(&mut t.pod, &host_node);
+        }
     }
     let mut desired = match translated {
         Ok(t) => {

@@ -516,6 +516,28 @@ fn affinity_term(tr: &Translator, ns: &str, namespaces: &[NamespaceLabels], t: &
     }
 }
 
+/// Takes out of a host pod's requests and limits (containers', init containers', the pod's own)
+/// the resources `host` (the node it is bound to) does not have: extended resources a tenant
+/// gave its virtual node, which its virtual scheduler counted; the host kubelet would refuse
+/// the pod for them (a kubelet admits what its node object shows, so on a cluster of its own the
+/// pod would run). cpu, memory and ephemeral storage always stay.
+pub fn drop_resources_not_on(pod: &mut Pod, host: &k8s_openapi::api::core::v1::Node) {
+    let allocatable = host.status.as_ref().and_then(|s| s.allocatable.as_ref());
+    let keep = |name: &str| {
+        matches!(name, "cpu" | "memory" | "ephemeral-storage") || allocatable.is_some_and(|a| a.contains_key(name))
+    };
+    let trim = |r: &mut k8s_openapi::api::core::v1::ResourceRequirements| {
+        for list in [r.requests.as_mut(), r.limits.as_mut()].into_iter().flatten() {
+            list.retain(|name, _| keep(name));
+        }
+    };
+    let Some(spec) = pod.spec.as_mut() else { return };
+    for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+        c.resources.as_mut().map(trim);
+    }
+    spec.resources.as_mut().map(trim);
+}
+
 /// The host Secrets a pod's projected service-account tokens point at, with their audiences:
 /// the syncer must create them before the pod (tokens delivered in Secrets).
 pub fn token_secrets(tr: &Translator, v: &Pod) -> Vec<(String, Option<String>)> {
@@ -949,5 +971,27 @@ mod tests {
         assert_eq!(secrets[0], ("web-1-x-shop-x-team-a-sa-token".to_string(), None));
         assert!(secrets[1].0.starts_with("web-1-x-shop-x-team-a-sa-token-"));
         assert_eq!(secrets[1].1.as_deref(), Some("vault"));
+    }
+
+    #[test]
+    fn resources_the_host_node_lacks_are_taken_out() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({"spec": {
+            "containers": [{"name": "c", "resources": {
+                "requests": {"cpu": "1", "scheduling.k8s.io/foo": "2", "example.com/gpu": "1"},
+                "limits": {"scheduling.k8s.io/foo": "2", "memory": "1Gi"}}}],
+            "initContainers": [{"name": "i", "resources": {"requests": {"scheduling.k8s.io/foo": "1"}}}]}}))
+        .unwrap();
+        let host: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "status": {"allocatable": {"cpu": "4", "pods": "110", "example.com/gpu": "2"}}}))
+        .unwrap();
+        drop_resources_not_on(&mut pod, &host);
+        let spec = pod.spec.unwrap();
+        let r = spec.containers[0].resources.clone().unwrap();
+        let keys = |m: Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>| {
+            m.unwrap_or_default().into_keys().collect::<Vec<_>>()
+        };
+        assert_eq!(keys(r.requests), ["cpu", "example.com/gpu"]);
+        assert_eq!(keys(r.limits), ["memory"]);
+        assert!(keys(spec.init_containers.unwrap()[0].resources.clone().unwrap().requests).is_empty());
     }
 }

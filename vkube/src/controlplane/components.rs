@@ -90,12 +90,34 @@ pub fn etcd(l: &Layout<'_>) -> Vec<String> {
 /// The process running kube-apiserver and kube-controller-manager.
 pub const CONTROL_PLANE: &str = "kube-control-plane";
 
-/// `kube-control-plane APISERVER-FLAGS... --- CONTROLLER-MANAGER-FLAGS...`
-pub fn control_plane(controller_manager_kubeconfig: &Path, l: &Layout<'_>) -> Vec<String> {
+/// `kube-control-plane APISERVER-FLAGS... --- CONTROLLER-MANAGER-FLAGS... [--- SCHEDULER-FLAGS...]`
+/// (the scheduler with its kubeconfig, for a virtual scheduler).
+pub fn control_plane(
+    controller_manager_kubeconfig: &Path,
+    scheduler_kubeconfig: Option<&Path>,
+    l: &Layout<'_>,
+) -> Vec<String> {
     let mut args = apiserver(l);
     args.push("---".into());
     args.extend(controller_manager(controller_manager_kubeconfig, l));
+    if let Some(kubeconfig) = scheduler_kubeconfig {
+        args.push("---".into());
+        args.extend(scheduler(kubeconfig));
+    }
     args
+}
+
+fn scheduler(kubeconfig: &Path) -> Vec<String> {
+    vec![
+        format!("--kubeconfig={}", kubeconfig.display()),
+        "--leader-elect=false".into(),
+        // Nothing to serve: its health is the process's.
+        "--secure-port=0".into(),
+        "--profiling=false".into(),
+        // Its API server is its own (as the controller manager's).
+        "--kube-api-qps=200".into(),
+        "--kube-api-burst=400".into(),
+    ]
 }
 
 fn apiserver(l: &Layout<'_>) -> Vec<String> {
@@ -162,15 +184,15 @@ fn controller_manager(kubeconfig: &Path, l: &Layout<'_>) -> Vec<String> {
     ]
 }
 
-/// The controller-manager's kubeconfig (its own client certificate).
-pub fn controller_manager_kubeconfig(server: &str, bundle: &vkube_pki::Bundle) -> String {
+/// A component's kubeconfig: its own client certificate (`LEAF.crt`, `LEAF.key` in the bundle).
+pub fn component_kubeconfig(server: &str, bundle: &vkube_pki::Bundle, leaf: &str) -> String {
     let kc = vkube_pki::kubeconfig::with_client_cert(
         "virtual",
         server,
         bundle.get("ca.crt").unwrap_or_default(),
         vkube_pki::kubeconfig::ClientCert {
-            cert_pem: bundle.get("controller-manager.crt").unwrap_or_default(),
-            key_pem: bundle.get("controller-manager.key").unwrap_or_default(),
+            cert_pem: bundle.get(&format!("{leaf}.crt")).unwrap_or_default(),
+            key_pem: bundle.get(&format!("{leaf}.key")).unwrap_or_default(),
         },
     );
     vkube_pki::kubeconfig::to_yaml(&kc)

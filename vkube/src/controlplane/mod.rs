@@ -115,9 +115,11 @@ pub const ADMISSION_FILE: &str = "admission.yaml";
 pub const EGRESS_FILE: &str = "egress.yaml";
 pub const EGRESS_SOCKET: &str = "egress.sock";
 pub const CONTROLLER_MANAGER_KUBECONFIG: &str = "controller-manager.kubeconfig";
+/// The virtual scheduler's (`PolicyArgs::virtual_scheduler`).
+pub const SCHEDULER_KUBECONFIG: &str = "scheduler.kubeconfig";
 
 /// Writes certificates (from the host Secret, created if missing), the admission
-/// configuration and the controller-manager's kubeconfig into `cert_dir`.
+/// configuration and the kubeconfigs of the controller manager and the scheduler into `cert_dir`.
 pub async fn prepare_files(
     host: &kube::Client,
     name: &str,
@@ -133,7 +135,11 @@ pub async fn prepare_files(
         .context("writing the egress configuration")?;
     vkube_kubeclient::write_private(
         &cert_dir.join(CONTROLLER_MANAGER_KUBECONFIG),
-        &components::controller_manager_kubeconfig(virtual_server, &bundle),
+        &components::component_kubeconfig(virtual_server, &bundle, "controller-manager"),
+    )?;
+    vkube_kubeclient::write_private(
+        &cert_dir.join(SCHEDULER_KUBECONFIG),
+        &components::component_kubeconfig(virtual_server, &bundle, "scheduler"),
     )?;
     Ok(bundle)
 }
@@ -187,6 +193,14 @@ pub struct PolicyArgs {
     #[arg(long, env = "VKUBE_BIND_NODE_NAME")]
     #[serde(default)]
     pub bind_node_name: bool,
+    /// Schedule the tenant's pods in the virtual cluster (its own kube-scheduler, on virtual nodes
+    /// showing every host node the host node selector allows), not by the host scheduler: pods
+    /// reach the host bound to their node (as with --bind-node-name), and the tenant's priority
+    /// classes, preemption and scheduler settings apply among its own pods. Needs `list` on host
+    /// nodes.
+    #[arg(long, env = "VKUBE_VIRTUAL_SCHEDULER")]
+    #[serde(default)]
+    pub virtual_scheduler: bool,
     /// Label and annotation keys copied to host objects as they are (comma-separated, exact or
     /// `prefix/*`); every other tenant key goes under the tenant domain `t.vkube.dev`.
     #[arg(long, env = "VKUBE_VERBATIM_KEYS", value_delimiter = ',')]
@@ -244,6 +258,7 @@ impl PolicyArgs {
                 tenant_node_labels: list(&self.tenant_node_labels),
                 runtime_classes: list(&self.runtime_classes),
                 bind_node_name: self.bind_node_name,
+                virtual_scheduler: self.virtual_scheduler,
             },
             // `vkube run --service-cidr`: a fact about the host, not a choice of policy.
             service_ranges: vec![],
@@ -264,6 +279,9 @@ impl PolicyArgs {
         }
         if self.bind_node_name {
             args.push("--bind-node-name".into());
+        }
+        if self.virtual_scheduler {
+            args.push("--virtual-scheduler".into());
         }
         args.push(format!("--csi-drivers={}", self.csi_drivers.join(",")));
         args.push(format!("--host-node-selector={}", self.host_node_selector.join(",")));
@@ -292,6 +310,7 @@ impl PolicyArgs {
             format!("--set-json=policy.scheduling.tenantNodeLabels={}", list(&self.tenant_node_labels)),
             format!("--set-json=policy.scheduling.runtimeClasses={}", list(&self.runtime_classes)),
             format!("--set=policy.scheduling.bindNodeName={}", self.bind_node_name),
+            format!("--set=policy.scheduling.virtualScheduler={}", self.virtual_scheduler),
             format!("--set-json=policy.verbatimKeys={}", list(&self.verbatim_keys)),
         ]
         .into_iter()
@@ -680,7 +699,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         sync_all_secrets: args.sync.sync_all_secrets,
         sync_all_claims: args.sync.sync_all_claims,
         sync_network_policies: args.sync.sync_network_policies,
-        sync_all_nodes: args.sync.sync_all_nodes,
+        // The virtual scheduler places pods on the nodes it is shown.
+        sync_all_nodes: args.sync.sync_all_nodes || args.policy.virtual_scheduler,
         concurrency: args.sync.sync_concurrency.max(1),
         api_ip: api_ip.to_string(),
         recreate_lost_pods: resuming,
@@ -749,7 +769,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             namespace: args.namespace.clone(),
             ctl: sleep_control,
             supervisor,
-            children: supervisor::children(&args.supervise, &args.cert_dir, apiserver_port, &cidr),
+            children: supervisor::children(
+                &args.supervise,
+                &args.cert_dir,
+                apiserver_port,
+                &cidr,
+                args.policy.virtual_scheduler,
+            ),
             syncer,
             args: args.sleep.clone(),
             metrics: power::PowerMetrics::register(&mut registry),
@@ -1002,6 +1028,7 @@ mod tests {
             tolerable_taints: vec![],
             runtime_classes: vec!["gvisor".into()],
             bind_node_name: true,
+            virtual_scheduler: true,
             ..PolicyArgs::default()
         };
         let flags: Vec<String> = std::iter::once("vkube".to_string()).chain(args.to_args()).collect();
@@ -1009,7 +1036,7 @@ mod tests {
         assert_eq!(again.csi_drivers, ["secrets-store.csi.k8s.io"]);
         assert_eq!(again.scheduling.node_selector["pool"], "tenants");
         assert_eq!(again.scheduling.tolerations[0].key.as_deref(), Some("dedicated"));
-        assert!(again.scheduling.bind_node_name);
+        assert!(again.scheduling.bind_node_name && again.scheduling.virtual_scheduler);
         assert!(again.scheduling.tolerable_taints.is_empty(), "an empty list stays empty, not the default");
         assert_eq!(again.scheduling.runtime_classes, ["gvisor"]);
         let bad = PolicyArgs { host_node_selector: vec!["pool".into()], ..PolicyArgs::default() };

@@ -500,7 +500,13 @@ pub fn etcd_data_dir(args: &SuperviseArgs) -> PathBuf {
 
 /// The two children of a supervised control plane, etcd and kube-control-plane, with the flags
 /// `components` writes.
-pub fn children(args: &SuperviseArgs, cert_dir: &Path, apiserver_port: u16, service_cidr: &str) -> (Child, Child) {
+pub fn children(
+    args: &SuperviseArgs,
+    cert_dir: &Path,
+    apiserver_port: u16,
+    service_cidr: &str,
+    virtual_scheduler: bool,
+) -> (Child, Child) {
     let data_dir = etcd_data_dir(args);
     let admission = cert_dir.join(super::ADMISSION_FILE);
     let layout = components::Layout {
@@ -515,12 +521,13 @@ pub fn children(args: &SuperviseArgs, cert_dir: &Path, apiserver_port: u16, serv
         durable: args.etcd_durable,
     };
     let kubeconfig = cert_dir.join(super::CONTROLLER_MANAGER_KUBECONFIG);
+    let scheduler = virtual_scheduler.then(|| cert_dir.join(super::SCHEDULER_KUBECONFIG));
     (
         Child { name: "etcd", program: args.etcd_binary.clone(), args: components::etcd(&layout) },
         Child {
             name: components::CONTROL_PLANE,
             program: args.control_plane_binary.clone(),
-            args: components::control_plane(&kubeconfig, &layout),
+            args: components::control_plane(&kubeconfig, scheduler.as_deref(), &layout),
         },
     )
 }
