@@ -24,6 +24,14 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
         let own = virtual_pod.status.as_ref().and_then(|v| v.conditions.as_ref());
         own.into_iter().flatten().find(|c| c.type_ == t).and_then(|c| c.observed_generation)
     };
+    // The host kubelet's words, without the node's figures, and naming the pod as the tenant
+    // knows it (an eviction for node pressure names the pod: "Pod <host name> was using ...").
+    let host_name = host.metadata.name.as_deref().unwrap_or_default();
+    let own_name = virtual_pod.metadata.name.as_deref().unwrap_or_default();
+    let kubelet_words = |m: &str| {
+        let m = if host_name.is_empty() { m.to_string() } else { m.replace(host_name, own_name) };
+        vkube_core::policy::scheduling::host_kubelet_message(&m)
+    };
     for c in s.conditions.iter_mut().flatten() {
         if c.observed_generation.is_some() {
             c.observed_generation = observed(c.observed_generation).or_else(|| shown_for(&c.type_));
@@ -35,12 +43,12 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
         }
         // Why the host kubelet evicted it, without the node's figures.
         if c.type_ == DISRUPTION_TARGET {
-            c.message = c.message.as_deref().map(vkube_core::policy::scheduling::host_kubelet_message);
+            c.message = c.message.as_deref().map(kubelet_words);
         }
     }
     // Why the host kubelet refused (a pod bound to its node) or evicted it, without the node's
     // figures.
-    s.message = s.message.as_deref().map(vkube_core::policy::scheduling::host_kubelet_message);
+    s.message = s.message.as_deref().map(kubelet_words);
     let spec = virtual_pod.spec.as_ref();
     let names = |list: Option<Vec<String>>| list.unwrap_or_default();
     let containers = names(spec.map(|s| s.containers.iter().map(|c| c.name.clone()).collect()));
@@ -269,6 +277,23 @@ mod tests {
         let s = virtual_status(&host, &virtual_pod, true);
         assert_eq!((s.phase.as_deref(), s.reason.as_deref()), (Some("Failed"), Some("OutOfcpu")));
         assert_eq!(s.message.as_deref(), Some("Pod was rejected: Node didn't have enough resource: cpu"));
+
+        let evicted: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "web-1-x-shop-x-team"},
+            "status": {"phase": "Failed", "reason": "Evicted",
+                "message": "The node was low on resource: memory. Threshold quantity: 100Mi, available: 50Mi. Pod web-1-x-shop-x-team was using 200Mi, request is 0, has larger consumption of memory. ",
+                "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+                    "message": "The node was low on resource: memory. Threshold quantity: 100Mi, available: 50Mi. "}]}}))
+        .unwrap();
+        let mut own = virtual_pod.clone();
+        own.metadata.name = Some("web-1".into());
+        let s = virtual_status(&evicted, &own, true);
+        assert_eq!(
+            s.message.as_deref(),
+            Some(
+                "The node was low on resource: memory. Pod web-1 was using 200Mi, request is 0, has larger consumption of memory. "
+            )
+        );
+        assert_eq!(s.conditions.unwrap()[0].message.as_deref(), Some("The node was low on resource: memory. "));
     }
 
     #[test]
