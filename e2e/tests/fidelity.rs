@@ -610,4 +610,20 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     .await;
     let waits = vpods.get("waits").await.unwrap();
     assert_eq!(waits.spec.and_then(|s| s.node_name), None, "still waiting");
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(vc.client().await, "default");
+    let refused = events.list(&ListParams::default().fields("reason=ResizeRefused")).await.unwrap().items;
+    assert!(refused.is_empty(), "the trimmed resources are no resize: {refused:?}");
+
+    // Bound to a node the host admin has cordoned since: the pod waits, told why, with nothing on
+    // the host, and runs there once the node is open again.
+    env.kubectl_ok(&["cordon", &node]);
+    // (A host node read for pods bound to it is kept 2 s.)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let bound = format!(r#"--overrides={{"spec": {{"nodeName": "{node}"}}}}"#);
+    vc.kubectl_ok(&["run", "late", "--image=nginx", &bound]);
+    vc.warned("default", "late", "does not take pods now").await;
+    assert!(host_pods.get_opt(&tr.host_name("default", "late")).await.unwrap().is_none(), "not on the host");
+    env.kubectl_ok(&["uncordon", &node]);
+    let (_, host_late) = running_on("late").await;
+    assert_eq!(host_late.spec.and_then(|s| s.node_name).as_deref(), Some(node.as_str()));
 }

@@ -1,17 +1,18 @@
 // kube-control-plane runs a virtual cluster's kube-apiserver and kube-controller-manager (and,
 // where the admin asks for a virtual scheduler, kube-scheduler) in one process: upstream's own
-// commands, unchanged, sharing one Go runtime, one copy of their code and of the libraries' state. Against two processes it holds about 100 MiB less resident memory per
-// idle cluster (docs/benchmarks-notes.md, "One process"). hack/build-upstream.sh builds it from the
-// pinned k8s.io/kubernetes module; vkube's supervisor runs it.
+// commands, unchanged, sharing one Go runtime, one copy of their code and of the libraries'
+// state. Against two processes it holds about 100 MiB less resident memory per idle cluster
+// (docs/benchmarks-notes.md, "One process"). hack/build-upstream.sh builds it from the pinned
+// k8s.io/kubernetes module; vkube's supervisor runs it.
 //
 //	kube-control-plane APISERVER-FLAGS... --- CONTROLLER-MANAGER-FLAGS... [--- SCHEDULER-FLAGS...]
 //
-// The controller manager (and the scheduler) start once the API server answers /healthz (on its own it gives up
-// after 10 s, which would end the API server too). Either command ending ends the process, so
-// the supervisor restarts both. On SIGTERM the API server starts its graceful shutdown, which
-// would wait its full minute for the watches of the controller manager beside it (two processes
-// stopped that one first): the process gives requests in flight stopGrace, enough for short
-// ones (watches are cut either way), then exits.
+// The controller manager (and the scheduler) start once the API server answers /healthz (on its
+// own the controller manager gives up after 10 s, which would end the API server too). Any
+// command ending ends the process, so the supervisor restarts them all. On SIGTERM the API server
+// starts its graceful shutdown, which would wait its full minute for the watches of the
+// components beside it (separate processes stopped those first): the process gives requests in
+// flight stopGrace, enough for short ones (watches are cut either way), then exits.
 //
 // At a Kubernetes bump, check that the controller manager still leaves signals alone: with the
 // gate ControllerManagerReleaseLeaderElectionLockOnExit on (alpha, off in v1.37) it calls
@@ -30,12 +31,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spf13/pflag"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 	logsapi "k8s.io/component-base/logs/api/v1"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
-	"github.com/spf13/pflag"
-	"k8s.io/client-go/tools/cache"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
 	scheduleroptions "k8s.io/kubernetes/cmd/kube-scheduler/app/options"
@@ -95,7 +96,8 @@ func main() {
 	}
 }
 
-// runScheduler does what kube-scheduler's command does, without its signal handler (see above).
+// runScheduler does what kube-scheduler's command does, without its signal handler (see above)
+// and without applying its logging flags (the API server's command applied the process's).
 func runScheduler(args []string) error {
 	opts := scheduleroptions.NewOptions()
 	fs := pflag.NewFlagSet("kube-scheduler", pflag.ContinueOnError)

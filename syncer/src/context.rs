@@ -192,6 +192,11 @@ pub struct Context {
     pub nodes_used: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// When each virtual node was last brought up to date with its host node.
     pub node_refreshed: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Host nodes as read for pods bound to them (`nodes::takes_bound_pods`), and when: kept a
+    /// moment, so a burst of pods bound to a node costs one read, not one each.
+    pub bound_node_reads: std::sync::Mutex<
+        std::collections::HashMap<String, (std::time::Instant, Option<k8s_openapi::api::core::v1::Node>)>,
+    >,
     /// Host events up to this time are mirrored (best effort, as events are).
     pub events_mark: RwLock<Option<k8s_openapi::jiff::Timestamp>>,
     pub metrics: Metrics,

@@ -279,10 +279,25 @@ async fn host_node(ctx: &Context, name: &str) -> std::result::Result<Option<Node
 /// Whether the host node may take a pod the tenant bound to it, directly (the admin's
 /// `Scheduling::bind_node_name`): the host has not cordoned it, and the admin's tolerations
 /// (every host pod carries them) tolerate each of its NoSchedule and NoExecute taints. Read at
-/// that moment (a cordon counts at once); a node not readable takes none. The node, if it does.
+/// that moment (at most 2 s before: a burst of pods bound to one node costs one read; a cordon
+/// counts at once after that); a node not readable takes none. The node, if it does.
 pub async fn takes_bound_pods(ctx: &Context, name: &str) -> Option<Node> {
-    let Ok(Some(node)) = host_node(ctx, name).await else { return None };
-    open_to(&node, &ctx.policy.scheduling.tolerations).then_some(node)
+    const READ_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+    let cached = {
+        let mut reads = ctx.bound_node_reads.lock().unwrap_or_else(|e| e.into_inner());
+        reads.retain(|_, (at, _)| at.elapsed() < READ_FOR);
+        reads.get(name).map(|(_, node)| node.clone())
+    };
+    let node = match cached {
+        Some(node) => node,
+        None => {
+            let node = host_node(ctx, name).await.ok().flatten();
+            let mut reads = ctx.bound_node_reads.lock().unwrap_or_else(|e| e.into_inner());
+            reads.insert(name.to_string(), (std::time::Instant::now(), node.clone()));
+            node
+        }
+    };
+    node.filter(|n| open_to(n, &ctx.policy.scheduling.tolerations))
 }
 
 fn open_to(node: &Node, tolerations: &[Toleration]) -> bool {

@@ -95,6 +95,7 @@ fn harness() -> Harness {
         dns_ip: Default::default(),
         host_nodes: Default::default(),
         node_refreshed: Default::default(),
+        bound_node_reads: Default::default(),
         events_mark: Default::default(),
         metrics,
         health: Default::default(),

@@ -159,20 +159,35 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     // Bound by the tenant where the admin lets it stay bound: the host node is read only for a
     // pod otherwise ready to go (one that waits costs the host nothing), and if it may take the
     // pod, the pod is translated again, bound.
+    let keeps_node = scheduling.bind_node_name || scheduling.virtual_scheduler;
     if let (Ok(t), Some(node)) = (&translated, bound_to)
         && t.unschedulable.is_none()
-        && (scheduling.bind_node_name || scheduling.virtual_scheduler)
-        && known(node)
-        && let Some(host_node) = crate::nodes::takes_bound_pods(ctx, node).await
+        && keeps_node
     {
-        bound_open.store(true, std::sync::atomic::Ordering::Relaxed);
-        translated = translate::host_pod(&env, v);
-        if scheduling.virtual_scheduler
-            && let Ok(t) = translated.as_mut()
-        {
-            // Placed by the virtual scheduler, which counted them on the virtual node the tenant
-            // gave them to: resources the host node does not have are the tenant's own.
-            translate::drop_resources_not_on(&mut t.pod, &host_node);
+        let open = if known(node) { crate::nodes::takes_bound_pods(ctx, node).await } else { None };
+        match open {
+            Some(host_node) => {
+                bound_open.store(true, std::sync::atomic::Ordering::Relaxed);
+                translated = translate::host_pod(&env, v);
+                if scheduling.virtual_scheduler
+                    && let Ok(t) = translated.as_mut()
+                {
+                    // Placed by the virtual scheduler, which counted them on the virtual node the
+                    // tenant gave them to: resources the host node does not have are its own.
+                    translate::drop_resources_not_on(&mut t.pod, &host_node);
+                }
+            }
+            None if scheduling.virtual_scheduler => {
+                // Bound by the virtual scheduler to a node the host does not offer now: it
+                // waits, as a pod bound to a node whose kubelet is away; looked at again.
+                let msg = format!(
+                    "the host node {node} does not take pods now (cordoned, tainted against the platform's tolerations, gone or not readable on the host): the pod waits for it; delete it to have it scheduled again"
+                );
+                sync::warn(ctx, v, "HostNodeUnavailable", &msg).await;
+                return Ok(Action::RequeueAfter(Duration::from_secs(30)));
+            }
+            // The host scheduler's way (below): node affinity on a known node, else dropped.
+            None => {}
         }
     }
     let mut desired = match translated {

@@ -146,14 +146,22 @@ pub fn host_pod_patch(desired: &Pod, current: &Pod) -> Option<PodPatch> {
     (meta.is_some() || spec.is_some()).then_some(PodPatch { metadata: meta, spec })
 }
 
-/// Gives the host pod's containers the resources of `desired`'s, if any differ. Requests and
-/// limits that are gone are removed.
+/// Gives the host pod's containers the cpu and memory of `desired`'s, if any differ (the only
+/// resources a resize may change; others the host copy may lack on purpose: resources its node
+/// does not have, taken out at creation). Requests and limits that are gone are removed.
 pub fn resize_patch(desired: &Pod, current: &Pod) -> Option<ResizePatch> {
+    let resizable = |r: Option<&ResourceRequirements>| {
+        let mut r = r.cloned().unwrap_or_default();
+        for list in [r.requests.as_mut(), r.limits.as_mut()].into_iter().flatten() {
+            list.retain(|name, _| name == "cpu" || name == "memory");
+        }
+        r
+    };
     let changed = |want: &[Container], have: &[Container]| -> Vec<ResourcesPatch> {
         want.iter()
             .filter_map(|d| {
                 let c = have.iter().find(|c| c.name == d.name)?;
-                let (dr, cr) = (d.resources.clone().unwrap_or_default(), c.resources.clone().unwrap_or_default());
+                let (dr, cr) = (resizable(d.resources.as_ref()), resizable(c.resources.as_ref()));
                 let both = |r: &ResourceRequirements| {
                     (r.requests.clone().unwrap_or_default(), r.limits.clone().unwrap_or_default())
                 };
@@ -222,6 +230,9 @@ mod tests {
         };
         let current = with(res("100m", Some("64Mi")), res("10m", None));
         assert_eq!(resize_patch(&current, &current).map(to_json), None);
+        let mut extended = res("100m", Some("64Mi"));
+        extended["requests"]["example.com/slots"] = "1".into();
+        assert_eq!(resize_patch(&with(extended, res("10m", None)), &current).map(to_json), None, "not resizable");
         let desired = with(res("200m", None), res("20m", None));
         assert_eq!(
             resize_patch(&desired, &current).map(to_json),
