@@ -523,6 +523,8 @@ spec:
     let spec = serde_json::to_value(host_pods.get(&tr.host_name("default", "bound")).await.unwrap().spec).unwrap();
     assert_eq!((&spec["nodeName"], &spec["affinity"]), (&json!(target), &json!(null)), "bound directly");
     env.kubectl_ok(&["cordon", target]);
+    // (A host node read for pods bound to it is kept 2 s.)
+    tokio::time::sleep(Duration::from_secs(3)).await;
     bind("bound-to-cordoned");
     let waiting =
         eventually("the copy for a cordoned node, left to the host scheduler", Duration::from_secs(30), || async {
