@@ -331,7 +331,7 @@ async fn main() {
             "sleep.json"
         } else if a.idle_only {
             step(&format!("10. idle footprint: {} empty clusters side by side, per component", a.idle));
-            idle(&mut r, &env, a.idle).await;
+            idle(&mut r, &env, a.idle, &a.run_args).await;
             "idle.json"
         } else {
             step(FORKS_STEP);
@@ -828,11 +828,12 @@ fn memory_mib(pid: u32) -> [f64; 3] {
 
 /// Scenario 10: `n` empty clusters started side by side and left idle: memory per cluster and per
 /// component (resident, proportional, anonymous), idle CPU, and how many fit in 24 GiB. The Go
-/// runtime settings in the environment (GOGC, GOMEMLIMIT) reach the upstream components.
-async fn idle(r: &mut Results, env: &TestEnv, n: usize) {
+/// runtime settings in the environment (GOGC, GOMEMLIMIT) reach the upstream components, and so
+/// do `--run-arg`s (a setting's cost: `--run-arg=--virtual-scheduler`).
+async fn idle(r: &mut Results, env: &TestEnv, n: usize, run_args: &[String]) {
     let mut clusters = vec![];
     for i in 0..n {
-        clusters.push(start_cluster(env, &format!("idle-{i}"), None).await);
+        clusters.push(start_cluster_with(env, &format!("idle-{i}"), None, run_args.to_vec()).await);
         println!("     {} of {n} running", i + 1);
     }
     let procs: Vec<(String, u32)> = clusters
