@@ -308,6 +308,15 @@ fn is_reserved_prefix(prefix: &str) -> bool {
     prefix == DOMAIN || prefix.ends_with(&format!(".{DOMAIN}"))
 }
 
+/// Host text (an event's or a kubelet's message) with a host object's name, alone or as
+/// `namespace/name`, given back as the tenant knows the object.
+pub fn names_back(text: &str, host_ns: &str, host_name: &str, ns: &str, name: &str) -> String {
+    if host_name.is_empty() {
+        return text.to_string();
+    }
+    text.replace(&format!("{host_ns}/{host_name}"), &format!("{ns}/{name}")).replace(host_name, name)
+}
+
 /// The first 8 bytes of `text`'s SHA-256, as 16 hex digits: 64 bits keep names that must be short
 /// (host names, keys) apart.
 pub fn short_hash(text: &str) -> String {

@@ -80,10 +80,7 @@ pub fn virtual_event(ctx_host_ns: &str, host: &Event, owner: &Owner) -> Event {
         .and_then(|n| n.strip_prefix(&format!("{host_obj}.")))
         .map(str::to_string)
         .unwrap_or_else(|| host.metadata.uid.clone().unwrap_or_default());
-    let translate = |s: &str| {
-        s.replace(&format!("{ctx_host_ns}/{host_obj}"), &format!("{}/{}", owner.namespace, owner.name))
-            .replace(&host_obj, &owner.name)
-    };
+    let translate = |s: &str| vkube_core::naming::names_back(s, ctx_host_ns, &host_obj, &owner.namespace, &owner.name);
     Event {
         metadata: ObjectMeta {
             name: Some(format!("{}.{suffix}", owner.name)),

@@ -152,9 +152,7 @@ pub fn host_pod_patch(desired: &Pod, current: &Pod) -> Option<PodPatch> {
 pub fn resize_patch(desired: &Pod, current: &Pod) -> Option<ResizePatch> {
     let resizable = |r: Option<&ResourceRequirements>| {
         let mut r = r.cloned().unwrap_or_default();
-        for list in [r.requests.as_mut(), r.limits.as_mut()].into_iter().flatten() {
-            list.retain(|name, _| name == "cpu" || name == "memory");
-        }
+        super::translate::keep_resources(&mut r, |name| name == "cpu" || name == "memory");
         r
     };
     let changed = |want: &[Container], have: &[Container]| -> Vec<ResourcesPatch> {

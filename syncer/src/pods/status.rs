@@ -26,10 +26,16 @@ pub fn virtual_status(host: &Pod, virtual_pod: &Pod, host_current: bool) -> PodS
     };
     // The host kubelet's words, without the node's figures, and naming the pod as the tenant
     // knows it (an eviction for node pressure names the pod: "Pod <host name> was using ...").
-    let host_name = host.metadata.name.as_deref().unwrap_or_default();
-    let own_name = virtual_pod.metadata.name.as_deref().unwrap_or_default();
+    let (hm, vm) = (&host.metadata, &virtual_pod.metadata);
     let kubelet_words = |m: &str| {
-        let m = if host_name.is_empty() { m.to_string() } else { m.replace(host_name, own_name) };
+        let name = |o: &Option<String>| o.clone().unwrap_or_default();
+        let m = vkube_core::naming::names_back(
+            m,
+            &name(&hm.namespace),
+            &name(&hm.name),
+            &name(&vm.namespace),
+            &name(&vm.name),
+        );
         vkube_core::policy::scheduling::host_kubelet_message(&m)
     };
     for c in s.conditions.iter_mut().flatten() {

@@ -526,16 +526,18 @@ pub fn drop_resources_not_on(pod: &mut Pod, host: &k8s_openapi::api::core::v1::N
     let keep = |name: &str| {
         matches!(name, "cpu" | "memory" | "ephemeral-storage") || allocatable.is_some_and(|a| a.contains_key(name))
     };
-    let trim = |r: &mut k8s_openapi::api::core::v1::ResourceRequirements| {
-        for list in [r.requests.as_mut(), r.limits.as_mut()].into_iter().flatten() {
-            list.retain(|name, _| keep(name));
-        }
-    };
     let Some(spec) = pod.spec.as_mut() else { return };
-    for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
-        c.resources.as_mut().map(trim);
+    let containers = spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten());
+    for r in containers.filter_map(|c| c.resources.as_mut()).chain(spec.resources.as_mut()) {
+        keep_resources(r, keep);
     }
-    spec.resources.as_mut().map(trim);
+}
+
+/// Keeps the requests and limits of `r` whose resource name `keep` accepts.
+pub fn keep_resources(r: &mut k8s_openapi::api::core::v1::ResourceRequirements, keep: impl Fn(&str) -> bool) {
+    for list in [r.requests.as_mut(), r.limits.as_mut()].into_iter().flatten() {
+        list.retain(|name, _| keep(name));
+    }
 }
 
 /// The host Secrets a pod's projected service-account tokens point at, with their audiences:
