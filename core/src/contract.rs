@@ -69,6 +69,10 @@ pub const ANNOTATION_KEPT_OFF: &str = "vkube.dev/kept-off";
 /// On a virtual node: the host node's taints its last refresh put there (`key:effect`,
 /// comma-separated); the node's other taints are the tenant's own, and stay.
 pub const ANNOTATION_HOST_TAINTS: &str = "vkube.dev/host-taints";
+/// On a virtual node: the resources (capacity, allocatable) its last refresh took from the host
+/// node, comma-separated; the node's other resources are the tenant's own (an extended resource
+/// it gave the node for its virtual scheduler), and stay.
+pub const ANNOTATION_HOST_RESOURCES: &str = "vkube.dev/host-resources";
 /// The kubelet port virtual nodes advertise: the virtual API server's connections to it go
 /// through vkube's egress proxy, which serves them itself (`vkube_apiproxy::kubelet`).
 pub const KUBELET_PORT: u16 = 10250;

@@ -559,6 +559,19 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
         Ok((names.len() == 2).then(|| names[0].clone()))
     })
     .await;
+    // A device the host node offers (as a device plugin would show it) reaches the virtual node
+    // within a listing of the host nodes.
+    let device = r#"{"status": {"capacity": {"example.com/dev": "2"}, "allocatable": {"example.com/dev": "2"}}}"#;
+    env.kubectl_ok(&["patch", "node", &node, "--subresource=status", "--type=merge", "-p", device]);
+    let shown = |n: &Node, resource: &str| {
+        let allocatable = n.status.as_ref().and_then(|s| s.allocatable.clone()).unwrap_or_default();
+        allocatable.get(resource).map(|q| q.0.clone())
+    };
+    eventually("the host's device shown", Duration::from_secs(90), || async {
+        let n = vnodes.get(&node).await.map_err(|e| e.to_string())?;
+        Ok(shown(&n, "example.com/dev").map(drop))
+    })
+    .await;
     // One slot of a resource only the tenant knows, on one node, as the preemption conformance
     // specs give their nodes.
     let slots = json!({"status": {"capacity": {"example.com/slots": "1"}, "allocatable": {"example.com/slots": "1"}}});
@@ -628,4 +641,60 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     env.kubectl_ok(&["uncordon", &node]);
     let (_, host_late) = running_on("late").await;
     assert_eq!(host_late.spec.and_then(|s| s.node_name).as_deref(), Some(node.as_str()));
+
+    // The host admin cordons one node (and its device goes) and removes the other, where a pod of
+    // the tenant is bound: within a listing both virtual nodes are closed to the virtual
+    // scheduler (the host's cordon taint; the taint of a node out of touch, not Ready), and a new
+    // pod waits, with nothing on the host. The device is gone from the virtual node, the
+    // tenant's own resource stays.
+    let other = vkube_e2e::sorted_names(&vnodes).await.unwrap().into_iter().find(|n| *n != node).unwrap();
+    // (Held by a finalizer of its own: the host's pod GC removes the copy of a pod on a node that
+    // is gone, the virtual pod goes with it, and then its virtual node.)
+    let pinned = format!(
+        r#"--overrides={{"metadata": {{"finalizers": ["example.com/hold"]}}, "spec": {{"nodeName": "{other}"}}}}"#
+    );
+    vc.kubectl_ok(&["run", "pinned", "--image=nginx", &pinned]);
+    running_on("pinned").await;
+    env.kubectl_ok(&["cordon", &node]);
+    let no_device = r#"[{"op": "remove", "path": "/status/capacity/example.com~1dev"}, {"op": "remove", "path": "/status/allocatable/example.com~1dev"}]"#;
+    env.kubectl_ok(&["patch", "node", &node, "--subresource=status", "--type=json", "-p", no_device]);
+    env.kubectl_ok(&["delete", "node", &other, "--wait=false"]);
+    let taint_keys = |n: &Node| -> Vec<String> {
+        n.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default().into_iter().map(|t| t.key).collect()
+    };
+    eventually("both virtual nodes closed", Duration::from_secs(100), || async {
+        let cordoned = vnodes.get(&node).await.map_err(|e| e.to_string())?;
+        let gone = vnodes.get(&other).await.map_err(|e| e.to_string())?;
+        let ready = gone.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+        let ready = ready.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone());
+        let device = shown(&cordoned, "example.com/dev");
+        let closed = taint_keys(&cordoned).contains(&"node.kubernetes.io/unschedulable".to_string())
+            && taint_keys(&gone).contains(&"node.kubernetes.io/unreachable".to_string())
+            && ready.as_deref() == Some("Unknown")
+            && device.is_none();
+        let seen = format!(
+            "taints {:?} and {:?}, ready {ready:?}, device {device:?}",
+            taint_keys(&cordoned),
+            taint_keys(&gone)
+        );
+        if closed { Ok(Some(())) } else { Err(seen) }
+    })
+    .await;
+    let cordoned = vnodes.get(&node).await.unwrap();
+    assert_eq!(shown(&cordoned, "example.com/slots").as_deref(), Some("1"), "the tenant's, kept");
+    vc.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: after, namespace: default}\nspec:\n  containers: [{name: c, image: nginx}]\n");
+    eventually("a new pod unschedulable", Duration::from_secs(30), || async {
+        let p = vpods.get("after").await.map_err(|e| e.to_string())?;
+        Ok((condition(&p, "PodScheduled") == Some("False")).then_some(()))
+    })
+    .await;
+    assert!(host_pods.get_opt(&tr.host_name("default", "after")).await.unwrap().is_none(), "not on the host");
+    vc.kubectl_ok(&[
+        "patch",
+        "pod",
+        "pinned",
+        "--type=json",
+        "-p",
+        r#"[{"op": "remove", "path": "/metadata/finalizers"}]"#,
+    ]);
 }

@@ -184,8 +184,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// ClusterIP of the virtual cluster's DNS Service, once it is synced.
     pub dns_ip: RwLock<Option<String>>,
-    /// With `sync_all_nodes`: the host nodes the admin's node selector allows, as last listed.
-    pub host_nodes: RwLock<std::collections::BTreeSet<String>>,
+    /// With `sync_all_nodes`: the host nodes the admin's node selector allows, as last listed
+    /// (name to resourceVersion).
+    pub host_nodes: RwLock<std::collections::BTreeMap<String, String>>,
     /// Host nodes this run's pods have used (verified on the host, as pods ran there): their
     /// virtual nodes stay without pods while the tenant has marked them (its own labels or
     /// taints, a cordon), and pods may still be pinned to them meanwhile.

@@ -29,8 +29,8 @@ const REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
 /// How soon a refresh that failed is due again.
 const REFRESH_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
-use vkube_core::contract::ANNOTATION_HOST_TAINTS;
 pub use vkube_core::contract::LABEL_FAKE_NODE as LABEL_FAKE;
+use vkube_core::contract::{ANNOTATION_HOST_RESOURCES, ANNOTATION_HOST_TAINTS};
 
 /// Host node labels worth showing in the virtual cluster (placement, not host internals).
 fn visible_label(key: &str) -> bool {
@@ -123,6 +123,51 @@ pub fn merged_taints(host: Vec<Taint>, current: &[Taint], mirrored: Option<&str>
 /// The taint a cordoned node carries for the scheduler (its node lifecycle controller's).
 const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
 
+/// What a virtual node shows while its host node is gone and pods are still bound to it: the
+/// taint and Ready condition a node lifecycle controller gives a node it lost touch with, so
+/// neither the virtual scheduler nor a DaemonSet places anything there. Recorded as the host's
+/// taint: the refresh after the host node is back takes it off.
+fn gone_taint() -> Taint {
+    Taint { key: "node.kubernetes.io/unreachable".into(), effect: "NoSchedule".into(), ..Default::default() }
+}
+
+/// A virtual node's Ready condition of vkube's own making (no host node's to show).
+fn ready(status: &str, reason: &str, message: &str) -> Vec<NodeCondition> {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    vec![NodeCondition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(format!("vkube: {message}")),
+        last_heartbeat_time: Some(now.clone()),
+        last_transition_time: Some(now),
+    }]
+}
+
+/// The resources (capacity or allocatable) of a node's status, by name.
+fn resource_names(status: Option<&NodeStatus>) -> std::collections::BTreeSet<String> {
+    let maps = status.into_iter().flat_map(|s| [s.capacity.as_ref(), s.allocatable.as_ref()]);
+    maps.flatten().flat_map(|m| m.keys().cloned()).collect()
+}
+
+/// The resources the last refresh took from the host (`ANNOTATION_HOST_RESOURCES`; `None` on a
+/// node no refresh of this kind has recorded yet).
+fn host_resources(node: &Node) -> Option<std::collections::BTreeSet<String>> {
+    let record = node.metadata.annotations.as_ref()?.get(ANNOTATION_HOST_RESOURCES)?;
+    Some(record.split(',').filter(|r| !r.is_empty()).map(String::from).collect())
+}
+
+/// The resources the tenant gave a virtual node itself (an extended resource for its virtual
+/// scheduler): those its last refresh did not take from the host (every one on a node without
+/// the record, made by an older vkube).
+pub fn tenant_resources(node: &Node) -> std::collections::BTreeSet<String> {
+    let shown = resource_names(node.status.as_ref());
+    match host_resources(node) {
+        Some(host) => shown.difference(&host).cloned().collect(),
+        None => shown,
+    }
+}
+
 /// Whether the tenant closed this virtual node to a pod with `tolerations`: cordoned it, or put
 /// a NoSchedule or NoExecute taint of its own on it that they do not tolerate. (The host's taints
 /// shown there are the host scheduler's to enforce, on what it sees now.)
@@ -197,7 +242,6 @@ pub fn virtual_node_status(name: &str, host: Option<&Node>) -> NodeStatus {
         .into_iter()
         .map(|(k, v)| (k.into(), Quantity(v.into())))
         .collect();
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
     NodeStatus {
         capacity: Some(hs.and_then(|s| s.capacity.clone()).unwrap_or_else(|| default_capacity.clone())),
         allocatable: Some(hs.and_then(|s| s.allocatable.clone()).unwrap_or(default_capacity)),
@@ -217,14 +261,7 @@ pub fn virtual_node_status(name: &str, host: Option<&Node>) -> NodeStatus {
             ..i
         }),
         conditions: Some(hs.and_then(|s| s.conditions.clone()).filter(|c| !c.is_empty()).unwrap_or_else(|| {
-            vec![NodeCondition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                reason: Some("VirtualNodeReady".into()),
-                message: Some("vkube: pods bound here run on the host node of the same name".into()),
-                last_heartbeat_time: Some(now.clone()),
-                last_transition_time: Some(now),
-            }]
+            ready("True", "VirtualNodeReady", "pods bound here run on the host node of the same name")
         })),
         ..Default::default()
     }
@@ -257,12 +294,12 @@ pub async fn ensure(ctx: &Context, name: &str, verified: bool) -> Result<()> {
     match api.create(&crate::sync::post_params(), &virtual_node(name, host.as_ref())).await {
         Ok(_) => {
             ctx.metrics.wrote(KIND, "create");
-            refresh(ctx, name, host.as_ref(), None).await
+            refresh(ctx, name, host.as_ref(), false, None).await
         }
         // There already (the store is behind): refreshed as it is, the tenant's taints kept.
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let current = api.get_opt(name).await?;
-            refresh(ctx, name, host.as_ref(), current.as_ref()).await
+            refresh(ctx, name, host.as_ref(), false, current.as_ref()).await
         }
         Err(e) => Err(e.into()),
     }
@@ -311,8 +348,9 @@ fn open_to(node: &Node, tolerations: &[Toleration]) -> bool {
 }
 
 /// Brings the virtual node's taints and status to what its host node shows, writing only what
-/// differs from `current` (heartbeat times aside); the tenant's own taints stay.
-async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option<&Node>) -> Result<()> {
+/// differs from `current` (heartbeat times aside); the tenant's own taints and resources stay.
+/// `gone`: the host says its node is no more (pods are still bound to the virtual one).
+async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, gone: bool, current: Option<&Node>) -> Result<()> {
     let api: Api<Node> = Api::all(ctx.virt.clone());
     // The host's placement labels (a node first made with defaults gets them once the host shows
     // our pods there); the tenant's own keys are left alone.
@@ -327,18 +365,36 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option
     let have_taints = current.and_then(|n| n.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
     let have_record =
         current.and_then(|n| n.metadata.annotations.as_ref()).and_then(|a| a.get(ANNOTATION_HOST_TAINTS)).cloned();
+    let mut host_taints = virtual_taints(host, &ctx.policy.scheduling.tolerations);
+    let mut status = virtual_node_status(name, host);
+    if gone {
+        host_taints.push(gone_taint());
+        status.conditions = Some(ready("Unknown", "HostNodeGone", "the host node is gone; pods bound here do not run"));
+    }
+    // The record of the host's resources never names fewer than the status holds (else one the
+    // host dropped would pass for the tenant's and stay): before the status, the names it had
+    // and those it gets; after, those it has.
+    let had = current.and_then(host_resources).unwrap_or_default();
+    let host_now = resource_names(Some(&status));
+    let owned: std::collections::BTreeSet<String> = had.union(&host_now).cloned().collect();
+    let joined = |names: &std::collections::BTreeSet<String>| names.iter().cloned().collect::<Vec<_>>().join(",");
+    let have_resources =
+        current.and_then(|n| n.metadata.annotations.as_ref()).and_then(|a| a.get(ANNOTATION_HOST_RESOURCES)).cloned();
     // A new node's taints are the API server's `not-ready` one: none of the tenant's yet.
-    let (taints, record) = merged_taints(
-        virtual_taints(host, &ctx.policy.scheduling.tolerations),
-        if current.is_some() { &have_taints } else { &[] },
-        have_record.as_deref(),
-    );
-    if current.is_none() || have_taints != taints || have_record.as_ref() != Some(&record) {
+    let (taints, record) =
+        merged_taints(host_taints, if current.is_some() { &have_taints } else { &[] }, have_record.as_deref());
+    if current.is_none()
+        || have_taints != taints
+        || have_record.as_ref() != Some(&record)
+        || have_resources.as_ref() != Some(&joined(&owned))
+    {
         // The whole list, at the version read (a taint the tenant adds meanwhile is not lost:
         // the conflict brings the node back with it).
+        let annotations =
+            [(ANNOTATION_HOST_TAINTS.to_string(), record), (ANNOTATION_HOST_RESOURCES.to_string(), joined(&owned))];
         let patch = Node {
             metadata: ObjectMeta {
-                annotations: Some([(ANNOTATION_HOST_TAINTS.to_string(), record)].into()),
+                annotations: Some(annotations.into()),
                 resource_version: current.and_then(|n| n.metadata.resource_version.clone()),
                 ..Default::default()
             },
@@ -348,8 +404,8 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option
         api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
         ctx.metrics.wrote(KIND, "taints");
     }
-    let status = virtual_node_status(name, host);
-    // What this sets, heartbeats aside (the API server defaults other fields).
+    // What this sets, heartbeats and the tenant's own resources aside (the API server defaults
+    // other fields).
     let unstamped = |s: Option<&NodeStatus>| {
         let s = s.cloned().unwrap_or_default();
         let mut conditions = s.conditions.unwrap_or_default();
@@ -357,18 +413,33 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, current: Option
             c.last_heartbeat_time = None;
             c.last_transition_time = None;
         }
-        (s.capacity, s.allocatable, s.addresses, s.daemon_endpoints, s.node_info, conditions)
+        let hosts = |m: Option<BTreeMap<String, Quantity>>| {
+            m.map(|m| m.into_iter().filter(|(k, _)| owned.contains(k)).collect::<BTreeMap<_, _>>())
+        };
+        (hosts(s.capacity), hosts(s.allocatable), s.addresses, s.daemon_endpoints, s.node_info, conditions)
     };
     if current.is_none() || unstamped(current.and_then(|n| n.status.as_ref())) != unstamped(Some(&status)) {
-        let patch = Node { status: Some(status), ..Default::default() };
+        // A merge patch: the tenant's resources stay; those the host no longer has go (null).
+        let mut patch = serde_json::json!({"status": status});
+        for dropped in owned.difference(&host_now) {
+            patch["status"]["capacity"][dropped.as_str()] = serde_json::Value::Null;
+            patch["status"]["allocatable"][dropped.as_str()] = serde_json::Value::Null;
+        }
         api.patch_status(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
         ctx.metrics.wrote(KIND, "status");
+    }
+    if owned != host_now {
+        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_HOST_RESOURCES: joined(&host_now)}}});
+        api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
+        ctx.metrics.wrote(KIND, "resources");
     }
     Ok(())
 }
 
 /// With `--sync-all-nodes`: every `every`, the host nodes the admin's node selector allows
-/// become `ctx.host_nodes`, and those that came or went are reconciled (a virtual node each).
+/// become `ctx.host_nodes`, and those that came, went or changed are reconciled (a virtual node
+/// each), a refresh due at once: a host node's cordon, taints, capacity or its going reach the
+/// virtual scheduler within a listing, not a refresh period.
 /// Never returns; a failed list is logged and tried again.
 pub async fn list_host_nodes(ctx: &Context, every: std::time::Duration) {
     loop {
@@ -384,12 +455,16 @@ pub async fn list_host_nodes_once(ctx: &Context) {
     let params = kube::api::ListParams::default().labels(&selector.join(","));
     match Api::<Node>::all(ctx.host.clone()).list_metadata(&params).await {
         Ok(list) => {
-            let now: std::collections::BTreeSet<String> =
-                list.items.into_iter().filter_map(|n| n.metadata.name).collect();
+            let now: BTreeMap<String, String> = list
+                .items
+                .into_iter()
+                .filter_map(|n| Some((n.metadata.name?, n.metadata.resource_version.unwrap_or_default())))
+                .collect();
             let before =
                 std::mem::replace(&mut *ctx.host_nodes.write().unwrap_or_else(|e| e.into_inner()), now.clone());
-            for name in now.symmetric_difference(&before) {
-                ctx.queues.nodes.add(name.clone());
+            for name in changed_nodes(&before, &now) {
+                ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                ctx.queues.nodes.add(name);
             }
         }
         Err(e) => {
@@ -398,9 +473,18 @@ pub async fn list_host_nodes_once(ctx: &Context) {
     }
 }
 
+/// The host nodes that came, went or changed (another resourceVersion) between two listings
+/// (name to resourceVersion).
+fn changed_nodes(before: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+    let came_or_changed = now.iter().filter(|(name, version)| before.get(*name) != Some(version)).map(|(n, _)| n);
+    let went = before.keys().filter(|name| !now.contains_key(*name));
+    came_or_changed.chain(went).cloned().collect()
+}
+
 /// Whether a virtual node should exist: pods are bound to it, or it is a host node shown to all.
 fn wanted(ctx: &Context, name: &str) -> bool {
-    ctx.refs.is_used(RefKind::Node, "", name) || ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).contains(name)
+    ctx.refs.is_used(RefKind::Node, "", name)
+        || ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).contains_key(name)
 }
 
 async fn delete(ctx: &Context, name: &str) -> Result<()> {
@@ -468,7 +552,8 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
             // (A used node with host evidence was added to `nodes_used` above.)
             let verified = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name);
             let host = if due && verified { host_node(ctx, &name).await } else { Ok(None) };
-            if due && matches!(host, Ok(None)) && verified && !wanted(ctx, &name) {
+            let gone = due && matches!(host, Ok(None)) && verified;
+            if gone && !wanted(ctx, &name) {
                 // Kept for the tenant's marks, but its host node is gone.
                 ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
                 delete(ctx, &name).await?;
@@ -476,7 +561,7 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
             }
             // Not readable now: what the node shows stays (defaults are for a node made so).
             let Ok(host) = host else { return Ok(Action::RequeueAfter(REFRESH)) };
-            if due && let Err(e) = refresh(ctx, &name, host.as_ref(), Some(&n)).await {
+            if due && let Err(e) = refresh(ctx, &name, host.as_ref(), gone, Some(&n)).await {
                 // Due again REFRESH_RETRY later (a conflict with the tenant's own edit, say), not
                 // at once: the tenant must not be able to drive host reads by failing them.
                 let again = std::time::Instant::now().checked_sub(REFRESH - REFRESH_RETRY);
@@ -650,6 +735,39 @@ mod tests {
             serde_json::from_value(serde_json::json!([{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]))
                 .unwrap();
         assert!(!open_to(&tainted("gpu", "NoExecute"), &no_schedule), "another effect");
+    }
+
+    #[test]
+    fn a_listing_names_the_host_nodes_that_came_went_or_changed() {
+        let listing = |nodes: &[(&str, &str)]| -> BTreeMap<String, String> {
+            nodes.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+        };
+        let before = listing(&[("a", "1"), ("b", "5"), ("c", "7")]);
+        let now = listing(&[("a", "1"), ("b", "6"), ("d", "2")]);
+        assert_eq!(changed_nodes(&before, &now), ["b", "d", "c"], "b cordoned, d came, c went");
+        assert!(changed_nodes(&now, &now).is_empty());
+    }
+
+    #[test]
+    fn the_tenants_resources_are_those_no_refresh_took_from_the_host() {
+        let node = |record: Option<&str>| -> Node {
+            let mut n: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "n1"}, "status": {
+                "capacity": {"cpu": "4", "example.com/slots": "1"},
+                "allocatable": {"cpu": "4", "nvidia.com/gpu": "1", "example.com/slots": "1"}}}))
+            .unwrap();
+            if let Some(r) = record {
+                n.metadata.annotations = Some([(ANNOTATION_HOST_RESOURCES.to_string(), r.to_string())].into());
+            }
+            n
+        };
+        let names = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<std::collections::BTreeSet<_>>();
+        assert_eq!(tenant_resources(&node(Some("cpu,nvidia.com/gpu"))), names(&["example.com/slots"]));
+        assert_eq!(
+            tenant_resources(&node(None)),
+            names(&["cpu", "example.com/slots", "nvidia.com/gpu"]),
+            "no record: any of them"
+        );
+        assert_eq!(resource_names(node(None).status.as_ref()).len(), 3);
     }
 
     #[test]

@@ -174,7 +174,9 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
                 {
                     // Placed by the virtual scheduler, which counted them on the virtual node the
                     // tenant gave them to: resources the host node does not have are its own.
-                    translate::drop_resources_not_on(&mut t.pod, &host_node);
+                    let vnode = ctx.stores.vnodes.get(&ObjectRef::new(node));
+                    let tenants = vnode.map(|n| crate::nodes::tenant_resources(&n)).unwrap_or_default();
+                    translate::drop_tenant_resources(&mut t.pod, &host_node, &tenants);
                 }
             }
             None if scheduling.virtual_scheduler => {
@@ -434,7 +436,7 @@ pub(crate) fn pod_nodes(ctx: &Context) -> std::sync::Arc<std::collections::BTree
     }
     let mut nodes: std::collections::BTreeSet<String> =
         ctx.stores.host::<Pod>().state().iter().filter_map(|p| p.load().spec.and_then(|s| s.node_name)).collect();
-    nodes.extend(ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+    nodes.extend(ctx.host_nodes.read().unwrap_or_else(|e| e.into_inner()).keys().cloned());
     // Nodes this run's pods used whose virtual node stays (the tenant marked it).
     let used = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).clone();
     nodes.extend(used.into_iter().filter(|n| ctx.stores.vnodes.get(&ObjectRef::new(n)).is_some()));

@@ -517,14 +517,22 @@ fn affinity_term(tr: &Translator, ns: &str, namespaces: &[NamespaceLabels], t: &
 }
 
 /// Takes out of a host pod's requests and limits (containers', init containers', the pod's own)
-/// the resources `host` (the node it is bound to) does not have: extended resources a tenant
-/// gave its virtual node, which its virtual scheduler counted; the host kubelet would refuse
-/// the pod for them (a kubelet admits what its node object shows, so on a cluster of its own the
-/// pod would run). cpu, memory and ephemeral storage always stay.
-pub fn drop_resources_not_on(pod: &mut Pod, host: &k8s_openapi::api::core::v1::Node) {
+/// the resources the tenant gave its virtual node (`tenants`, `nodes::tenant_resources`), which
+/// its virtual scheduler counted, unless `host` (the node it is bound to) has them too: the host
+/// kubelet would refuse the pod for them (a kubelet admits what its node object shows, so on a
+/// cluster of its own the pod would run). Any other stays, one the host node stopped offering
+/// too (a device plugin down): the host kubelet refuses the pod for it, which the tenant sees,
+/// rather than running it without. cpu, memory and ephemeral storage always stay.
+pub fn drop_tenant_resources(
+    pod: &mut Pod,
+    host: &k8s_openapi::api::core::v1::Node,
+    tenants: &std::collections::BTreeSet<String>,
+) {
     let allocatable = host.status.as_ref().and_then(|s| s.allocatable.as_ref());
     let keep = |name: &str| {
-        matches!(name, "cpu" | "memory" | "ephemeral-storage") || allocatable.is_some_and(|a| a.contains_key(name))
+        matches!(name, "cpu" | "memory" | "ephemeral-storage")
+            || !tenants.contains(name)
+            || allocatable.is_some_and(|a| a.contains_key(name))
     };
     let Some(spec) = pod.spec.as_mut() else { return };
     let containers = spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten());
@@ -976,7 +984,7 @@ mod tests {
     }
 
     #[test]
-    fn resources_the_host_node_lacks_are_taken_out() {
+    fn resources_the_tenant_gave_its_node_and_the_host_node_lacks_are_taken_out() {
         let mut pod: Pod = serde_json::from_value(serde_json::json!({"spec": {
             "containers": [{"name": "c", "resources": {
                 "requests": {"cpu": "1", "scheduling.k8s.io/foo": "2", "example.com/gpu": "1"},
@@ -986,14 +994,25 @@ mod tests {
         let host: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
             "status": {"allocatable": {"cpu": "4", "pods": "110", "example.com/gpu": "2"}}}))
         .unwrap();
-        drop_resources_not_on(&mut pod, &host);
+        // The tenant gave its virtual node foo and gpu; nvidia.com/gpu was the host's.
+        let tenants = ["scheduling.k8s.io/foo", "example.com/gpu", "cpu"].map(String::from).into();
+        let mut with_host_device = pod.clone();
+        drop_tenant_resources(&mut pod, &host, &tenants);
         let spec = pod.spec.unwrap();
         let r = spec.containers[0].resources.clone().unwrap();
         let keys = |m: Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>| {
             m.unwrap_or_default().into_keys().collect::<Vec<_>>()
         };
-        assert_eq!(keys(r.requests), ["cpu", "example.com/gpu"]);
+        assert_eq!(keys(r.requests), ["cpu", "example.com/gpu"], "the host node has a gpu too");
         assert_eq!(keys(r.limits), ["memory"]);
         assert!(keys(spec.init_containers.unwrap()[0].resources.clone().unwrap().requests).is_empty());
+        // A resource the host node offered (not the tenant's) and no longer does: asked of it
+        // still, for its kubelet to refuse, not dropped silently.
+        let device = k8s_openapi::apimachinery::pkg::api::resource::Quantity("1".into());
+        let c = &mut with_host_device.spec.as_mut().unwrap().containers[0];
+        c.resources.as_mut().unwrap().limits.as_mut().unwrap().insert("nvidia.com/gpu".into(), device);
+        drop_tenant_resources(&mut with_host_device, &host, &tenants);
+        let r = with_host_device.spec.unwrap().containers[0].resources.clone().unwrap();
+        assert_eq!(keys(r.limits), ["memory", "nvidia.com/gpu"]);
     }
 }
