@@ -148,7 +148,10 @@ impl LocalControlPlane {
         vkube_localenv::host::write_private(&dir.join("direct.kubeconfig"), &direct)?;
         let mut cp =
             LocalControlPlane { state, dir: dir.clone(), group, vkube_binary: opts.vkube_binary.clone(), upstream: up };
-        progress("[3/4] vkube run: etcd, kube-apiserver and kube-controller-manager, the proxy and the syncer");
+        let scheduler = if cp.state.policy.virtual_scheduler { ", kube-scheduler" } else { "" };
+        progress(&format!(
+            "[3/4] vkube run: etcd, kube-apiserver, kube-controller-manager{scheduler}, the proxy and the syncer"
+        ));
         cp.start_controller().await?;
         progress("[4/4] the default service account");
         cp.wait_default_service_account().await?;
