@@ -25,9 +25,9 @@ pub const KIND: &str = "Node";
 /// How long a new virtual node is kept even with no pod bound to it yet.
 const NEW_NODE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often a used virtual node is brought up to date with its host node.
-const REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
+pub(crate) const REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
 /// How soon a refresh that failed is due again.
-const REFRESH_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const REFRESH_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub use vkube_core::contract::LABEL_FAKE_NODE as LABEL_FAKE;
 use vkube_core::contract::{ANNOTATION_HOST_RESOURCES, ANNOTATION_HOST_TAINTS};
@@ -307,10 +307,18 @@ pub async fn ensure(ctx: &Context, name: &str, verified: bool) -> Result<()> {
 
 /// The host node, if the host says (`Err`: not readable, for now or without the ClusterRole;
 /// the node then gets defaults).
-async fn host_node(ctx: &Context, name: &str) -> std::result::Result<Option<Node>, ()> {
-    Api::<Node>::all(ctx.host.clone()).get_opt(name).await.map_err(|e| {
+async fn host_node(ctx: &Context, name: &str) -> std::result::Result<Option<Node>, kube::Error> {
+    Api::<Node>::all(ctx.host.clone()).get_opt(name).await.inspect_err(|e| {
         tracing::debug!(node = name, error = %e, "host node not readable; using defaults");
     })
+}
+
+/// Makes a node's refresh due again `REFRESH_RETRY` from now (after a failure), not at once:
+/// the tenant must not be able to drive host reads by failing them.
+fn refresh_again_soon(ctx: &Context, name: &str) {
+    if let Some(at) = std::time::Instant::now().checked_sub(REFRESH - REFRESH_RETRY) {
+        ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), at);
+    }
 }
 
 /// Whether the host node may take a pod the tenant bound to it, directly (the admin's
@@ -559,15 +567,20 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
                 delete(ctx, &name).await?;
                 return Ok(Action::Done);
             }
-            // Not readable now: what the node shows stays (defaults are for a node made so).
-            let Ok(host) = host else { return Ok(Action::RequeueAfter(REFRESH)) };
-            if due && let Err(e) = refresh(ctx, &name, host.as_ref(), gone, Some(&n)).await {
-                // Due again REFRESH_RETRY later (a conflict with the tenant's own edit, say), not
-                // at once: the tenant must not be able to drive host reads by failing them.
-                let again = std::time::Instant::now().checked_sub(REFRESH - REFRESH_RETRY);
-                if let Some(at) = again {
-                    ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), at);
+            // Not readable now: what the node shows stays (defaults are for a node made so),
+            // read again soon; not before the next refresh if the host forbids it (no
+            // ClusterRole: asking again changes nothing).
+            let host = match host {
+                Ok(host) => host,
+                Err(kube::Error::Api(e)) if e.code == 403 => return Ok(Action::RequeueAfter(REFRESH)),
+                Err(_) => {
+                    refresh_again_soon(ctx, &name);
+                    return Ok(Action::RequeueAfter(REFRESH_RETRY));
                 }
+            };
+            if due && let Err(e) = refresh(ctx, &name, host.as_ref(), gone, Some(&n)).await {
+                // A conflict with the tenant's own edit, say.
+                refresh_again_soon(ctx, &name);
                 return Err(e);
             }
             return Ok(Action::RequeueAfter(REFRESH));

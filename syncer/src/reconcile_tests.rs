@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::client::Body;
@@ -34,6 +34,7 @@ struct Harness {
     vservices: Writer<Service>,
     vpods: Writer<Compact<Pod>>,
     hpods: Writer<Compact<Pod>>,
+    vnodes: Writer<Node>,
 }
 
 fn harness() -> Harness {
@@ -44,6 +45,7 @@ fn harness() -> Harness {
     let (vconfigmaps, hconfigmaps) = (Writer::default(), Writer::default());
     let vservices = Writer::default();
     let (vpods, hpods) = (Writer::default(), Writer::default());
+    let vnodes = Writer::default();
     let mut kinds = KindStores::default();
     kinds.insert::<Pod>(vpods.as_reader(), hpods.as_reader());
     kinds.insert::<ConfigMap>(vconfigmaps.as_reader(), hconfigmaps.as_reader());
@@ -74,7 +76,7 @@ fn harness() -> Harness {
         host: host_client,
         stores: Stores {
             kinds,
-            vnodes: Writer::default().as_reader(),
+            vnodes: vnodes.as_reader(),
             vnamespaces: Writer::default().as_reader(),
             hevents: Writer::default().as_reader(),
         },
@@ -101,7 +103,7 @@ fn harness() -> Harness {
         health: Default::default(),
         budget: crate::budget::WriteBudget::new(crate::budget::WRITES_PER_MINUTE),
     };
-    Harness { ctx, virt, host, vconfigmaps, hconfigmaps, vservices, vpods, hpods }
+    Harness { ctx, virt, host, vconfigmaps, hconfigmaps, vservices, vpods, hpods, vnodes }
 }
 
 fn configmap(ns: &str, name: &str, uid: &str, data: &[(&str, &str)]) -> ConfigMap {
@@ -397,4 +399,76 @@ async fn a_new_image_goes_down_as_one_patch_and_its_echo_does_not() {
     relabelled.metadata.labels = Some([("app".to_string(), "api".to_string())].into());
     <Pod as SyncedKind>::on_virtual_change(&ctx, &relabelled, Change::Applied);
     assert!(!ctx.queues.of::<Pod>().is_idle(), "a label change did not go down");
+}
+
+/// A Status body, as an API server answers an error.
+fn status_body(code: u16, reason: &str) -> serde_json::Value {
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason, "message": reason})
+}
+
+#[tokio::test]
+async fn a_used_node_whose_host_node_is_gone_is_closed_and_one_not_readable_is_read_again_soon() {
+    use vkube_core::contract::{ANNOTATION_HOST_RESOURCES, ANNOTATION_HOST_TAINTS, LABEL_FAKE_NODE};
+    let Harness { ctx, mut virt, mut host, mut vnodes, .. } = harness();
+    // Last refreshed with a host device; the tenant gave it slots of its own since.
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "n1", "resourceVersion": "7", "labels": {LABEL_FAKE_NODE: "true"},
+            "annotations": {ANNOTATION_HOST_RESOURCES: "cpu,example.com/dev,pods", ANNOTATION_HOST_TAINTS: ""}},
+        "status": {"capacity": {"cpu": "4", "pods": "110", "example.com/dev": "1", "example.com/slots": "1"},
+            "allocatable": {"cpu": "4", "pods": "110", "example.com/dev": "1", "example.com/slots": "1"}}}))
+    .unwrap();
+    vnodes.apply_watcher_event(&Event::Apply(node.clone()));
+    ctx.nodes_used.lock().unwrap().insert("n1".into());
+    ctx.refs.update("default", "p", [(crate::refs::RefKind::Node, "n1".to_string())].into());
+    let ctx = Arc::new(ctx);
+    let reconcile = || {
+        let c = ctx.clone();
+        tokio::spawn(async move { crate::nodes::reconcile(&c, "n1".into()).await })
+    };
+    let requeue = |a: Action| match a {
+        Action::RequeueAfter(d) => d,
+        other => panic!("not a requeue: {other:?}"),
+    };
+
+    // The host API server fails: read again within the retry period, nothing written.
+    let run = reconcile();
+    let (method, uri, _) = expect(&mut host, 500, status_body(500, "InternalError")).await;
+    assert_eq!((method, uri.as_str()), (Method::GET, "/api/v1/nodes/n1"));
+    assert_eq!(requeue(run.await.unwrap().unwrap()), crate::nodes::REFRESH_RETRY);
+    silent(&mut virt).await;
+
+    // Forbidden (no ClusterRole): not before the next refresh.
+    ctx.node_refreshed.lock().unwrap().clear();
+    let run = reconcile();
+    expect(&mut host, 403, status_body(403, "Forbidden")).await;
+    assert_eq!(requeue(run.await.unwrap().unwrap()), crate::nodes::REFRESH);
+    silent(&mut virt).await;
+
+    // Gone, with a pod still bound: closed, not Ready, the host's device removed (recorded
+    // before the status, and the record then brought down to what the host has), the tenant's
+    // slots left alone.
+    ctx.node_refreshed.lock().unwrap().clear();
+    let run = reconcile();
+    expect(&mut host, 404, status_body(404, "NotFound")).await;
+    let answer = serde_json::to_value(&node).unwrap();
+    let (method, _, sent) = expect(&mut virt, 200, answer.clone()).await;
+    assert_eq!(method, Method::PATCH);
+    assert_eq!(
+        sent["spec"]["taints"],
+        serde_json::json!([{"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}])
+    );
+    assert_eq!(sent["metadata"]["resourceVersion"], "7");
+    assert_eq!(sent["metadata"]["annotations"][ANNOTATION_HOST_RESOURCES], "cpu,example.com/dev,memory,pods");
+    let (_, uri, sent) = expect(&mut virt, 200, answer.clone()).await;
+    assert!(uri.starts_with("/api/v1/nodes/n1/status?"), "{uri}");
+    assert_eq!(sent["status"]["conditions"][0]["status"], "Unknown");
+    assert_eq!(sent["status"]["conditions"][0]["reason"], "HostNodeGone");
+    assert_eq!(sent["status"]["capacity"]["example.com/dev"], serde_json::Value::Null);
+    assert!(sent["status"]["capacity"].as_object().unwrap().contains_key("example.com/dev"), "removed: null");
+    assert!(!sent["status"]["allocatable"].as_object().unwrap().contains_key("example.com/slots"), "the tenant's");
+    let (_, _, sent) = expect(&mut virt, 200, answer).await;
+    assert_eq!(sent, serde_json::json!({"metadata": {"annotations": {ANNOTATION_HOST_RESOURCES: "cpu,memory,pods"}}}));
+    assert_eq!(requeue(run.await.unwrap().unwrap()), crate::nodes::REFRESH);
+    silent(&mut virt).await;
+    silent(&mut host).await;
 }
