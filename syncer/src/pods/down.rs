@@ -80,9 +80,11 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
                 // Known moments after start (the DNS Service's upward path).
                 return Ok(Action::RequeueAfter(Duration::from_millis(500)));
             };
-            if placement_stale(ctx, &v, &h) {
-                // Kept off a node the tenant has reopened since (or not off one it closed): a
-                // copy that never ran is made again, as a scheduler would look again.
+            if placement_stale(ctx, &v, &h) || unplaced_but_bound(ctx.policy.scheduling.virtual_scheduler, &v, &h) {
+                // Kept off a node the tenant has reopened since (or not off one it closed), or
+                // waiting for the host's scheduler while the virtual one has placed the pod (the
+                // setting turned on meanwhile): a copy that never ran is made again, as a
+                // scheduler would look again, or bound where the virtual cluster placed it.
                 // As read: not if the host placed it meanwhile.
                 let as_read = vkube_kubeclient::delete::Exactly::AsRead;
                 sync::delete_host_exactly(ctx, KIND, h.as_ref(), Some(0), as_read).await?;
@@ -399,6 +401,13 @@ fn placement_stale(ctx: &Context, v: &Pod, h: &Pod) -> bool {
     kept_off != closed_nodes(ctx, tolerations)
 }
 
+/// Whether the host copy waits for the host's scheduler while the virtual scheduler has bound the
+/// virtual pod: a copy made before the admin turned the virtual scheduler on.
+fn unplaced_but_bound(virtual_scheduler: bool, v: &Pod, h: &Pod) -> bool {
+    let bound = |p: &Pod| p.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+    virtual_scheduler && bound(v) && !bound(h)
+}
+
 /// How soon a pod no node can take is looked at again at the latest; a change of a virtual node
 /// (the tenant labels one, or one comes) brings it back at once.
 const UNSCHEDULABLE_RETRY: Duration = Duration::from_secs(300);
@@ -535,4 +544,20 @@ async fn update_host(ctx: &Context, v: &Pod, h: &Pod, dns_ip: &str) -> Result<Op
         ctx.metrics.wrote(KIND, "gates");
     }
     Ok(carries.then_some(generation))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_waiting_for_the_host_scheduler_goes_once_the_virtual_one_bound_the_pod() {
+        let pod = |node: Option<&str>| -> Pod {
+            serde_json::from_value(serde_json::json!({"spec": {"containers": [], "nodeName": node}})).unwrap()
+        };
+        assert!(unplaced_but_bound(true, &pod(Some("n1")), &pod(None)));
+        assert!(!unplaced_but_bound(false, &pod(Some("n1")), &pod(None)), "the host's scheduler places it");
+        assert!(!unplaced_but_bound(true, &pod(Some("n1")), &pod(Some("n1"))), "placed");
+        assert!(!unplaced_but_bound(true, &pod(None), &pod(None)), "not bound here yet");
+    }
 }
