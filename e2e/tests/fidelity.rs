@@ -567,7 +567,7 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
         let allocatable = n.status.as_ref().and_then(|s| s.allocatable.clone()).unwrap_or_default();
         allocatable.get(resource).map(|q| q.0.clone())
     };
-    eventually("the host's device shown", Duration::from_secs(90), || async {
+    eventually("the host's device shown", Duration::from_secs(150), || async {
         let n = vnodes.get(&node).await.map_err(|e| e.to_string())?;
         Ok(shown(&n, "example.com/dev").map(drop))
     })
@@ -662,7 +662,7 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     let taint_keys = |n: &Node| -> Vec<String> {
         n.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default().into_iter().map(|t| t.key).collect()
     };
-    eventually("both virtual nodes closed", Duration::from_secs(100), || async {
+    eventually("both virtual nodes closed", Duration::from_secs(150), || async {
         let cordoned = vnodes.get(&node).await.map_err(|e| e.to_string())?;
         let gone = vnodes.get(&other).await.map_err(|e| e.to_string())?;
         let ready = gone.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();

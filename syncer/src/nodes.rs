@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus, Taint, Toleration,
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeStatus, Taint, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -127,8 +127,8 @@ const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
 /// taint and Ready condition a node lifecycle controller gives a node it lost touch with, so
 /// neither the virtual scheduler nor a DaemonSet places anything there. Recorded as the host's
 /// taint: the refresh after the host node is back takes it off.
-fn gone_taint() -> Taint {
-    Taint { key: "node.kubernetes.io/unreachable".into(), effect: "NoSchedule".into(), ..Default::default() }
+fn gone_taint(effect: &str) -> Taint {
+    Taint { key: "node.kubernetes.io/unreachable".into(), effect: effect.into(), ..Default::default() }
 }
 
 /// A virtual node's Ready condition of vkube's own making (no host node's to show).
@@ -289,17 +289,18 @@ pub async fn ensure(ctx: &Context, name: &str, verified: bool) -> Result<()> {
         }
         return Ok(());
     }
-    let host = if verified { host_node(ctx, name).await.ok().flatten() } else { None };
+    let read = if verified { host_node(ctx, name).await.ok() } else { None };
+    let (host, gone) = (read.clone().flatten(), matches!(read, Some(None)));
     let api: Api<Node> = Api::all(ctx.virt.clone());
     match api.create(&crate::sync::post_params(), &virtual_node(name, host.as_ref())).await {
         Ok(_) => {
             ctx.metrics.wrote(KIND, "create");
-            refresh(ctx, name, host.as_ref(), false, None).await
+            refresh(ctx, name, host.as_ref(), gone, None).await
         }
         // There already (the store is behind): refreshed as it is, the tenant's taints kept.
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let current = api.get_opt(name).await?;
-            refresh(ctx, name, host.as_ref(), false, current.as_ref()).await
+            refresh(ctx, name, host.as_ref(), gone, current.as_ref()).await
         }
         Err(e) => Err(e.into()),
     }
@@ -355,61 +356,70 @@ fn open_to(node: &Node, tolerations: &[Toleration]) -> bool {
             .all(|t| tolerations.iter().any(|tol| tolerates(tol, t)))
 }
 
-/// Brings the virtual node's taints and status to what its host node shows, writing only what
-/// differs from `current` (heartbeat times aside); the tenant's own taints and resources stay.
-/// `gone`: the host says its node is no more (pods are still bound to the virtual one).
+/// Brings the virtual node's labels, taints and status to what its host node shows, writing only
+/// what differs from `current` (heartbeat times aside); the tenant's own labels, taints and
+/// resources stay. `gone`: the host says its node is no more while pods are still bound to the
+/// virtual one, which then keeps what it showed, closed and not Ready.
 async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, gone: bool, current: Option<&Node>) -> Result<()> {
     let api: Api<Node> = Api::all(ctx.virt.clone());
-    // The host's placement labels (a node first made with defaults gets them once the host shows
-    // our pods there); the tenant's own keys are left alone.
-    if let (Some(h), Some(c)) = (host, current) {
-        let change = visible_labels_change(h, c);
-        if !change.is_empty() {
-            let patch = serde_json::json!({"metadata": {"labels": change}});
-            api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
-            ctx.metrics.wrote(KIND, "labels");
-        }
-    }
-    let have_taints = current.and_then(|n| n.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
-    let have_record =
-        current.and_then(|n| n.metadata.annotations.as_ref()).and_then(|a| a.get(ANNOTATION_HOST_TAINTS)).cloned();
+    // The resources the last refresh took from the host; on a node of an older vkube (no
+    // record), all it shows, once: a resource the host dropped then goes, rather than passing
+    // for the tenant's for good (and being taken out of pods silently).
+    let had =
+        current.map(|c| host_resources(c).unwrap_or_else(|| resource_names(c.status.as_ref()))).unwrap_or_default();
     let mut host_taints = virtual_taints(host, &ctx.policy.scheduling.tolerations);
-    let mut status = virtual_node_status(name, host);
-    if gone {
-        host_taints.push(gone_taint());
+    let status = if gone {
+        // As a node lifecycle controller shows a node it lost touch with: the virtual taint
+        // eviction moves pods bound there after their toleration (the host's copies are gone).
+        host_taints.extend([gone_taint("NoSchedule"), gone_taint("NoExecute")]);
+        let mut status = current.and_then(|c| c.status.clone()).unwrap_or_default();
+        for resources in [status.capacity.as_mut(), status.allocatable.as_mut()].into_iter().flatten() {
+            resources.retain(|name, _| had.contains(name));
+        }
         status.conditions = Some(ready("Unknown", "HostNodeGone", "the host node is gone; pods bound here do not run"));
-    }
-    // The record of the host's resources never names fewer than the status holds (else one the
-    // host dropped would pass for the tenant's and stay): before the status, the names it had
-    // and those it gets; after, those it has.
-    let had = current.and_then(host_resources).unwrap_or_default();
+        status
+    } else {
+        virtual_node_status(name, host)
+    };
     let host_now = resource_names(Some(&status));
+    // The record never names fewer than the status holds of the host's: before the status, the
+    // names it had and those it gets; after, those it has.
     let owned: std::collections::BTreeSet<String> = had.union(&host_now).cloned().collect();
     let joined = |names: &std::collections::BTreeSet<String>| names.iter().cloned().collect::<Vec<_>>().join(",");
-    let have_resources =
-        current.and_then(|n| n.metadata.annotations.as_ref()).and_then(|a| a.get(ANNOTATION_HOST_RESOURCES)).cloned();
+    let annotation =
+        |key: &str| current.and_then(|n| n.metadata.annotations.as_ref()).and_then(|a| a.get(key)).cloned();
+    let (have_record, have_resources) = (annotation(ANNOTATION_HOST_TAINTS), annotation(ANNOTATION_HOST_RESOURCES));
+    // The host's placement labels (a node first made with defaults gets them once the host shows
+    // our pods there); the tenant's own keys are left alone.
+    let labels = match (host, current) {
+        (Some(h), Some(c)) => visible_labels_change(h, c),
+        _ => BTreeMap::new(),
+    };
+    let have_taints = current.and_then(|n| n.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
     // A new node's taints are the API server's `not-ready` one: none of the tenant's yet.
     let (taints, record) =
         merged_taints(host_taints, if current.is_some() { &have_taints } else { &[] }, have_record.as_deref());
+    // The version each write is made at: every write below answers with the node it left.
+    let mut version = current.and_then(|n| n.metadata.resource_version.clone());
     if current.is_none()
+        || !labels.is_empty()
         || have_taints != taints
         || have_record.as_ref() != Some(&record)
         || have_resources.as_ref() != Some(&joined(&owned))
     {
-        // The whole list, at the version read (a taint the tenant adds meanwhile is not lost:
-        // the conflict brings the node back with it).
-        let annotations =
-            [(ANNOTATION_HOST_TAINTS.to_string(), record), (ANNOTATION_HOST_RESOURCES.to_string(), joined(&owned))];
-        let patch = Node {
-            metadata: ObjectMeta {
-                annotations: Some(annotations.into()),
-                resource_version: current.and_then(|n| n.metadata.resource_version.clone()),
-                ..Default::default()
+        // One patch at the version read: the whole taint list (a taint the tenant adds
+        // meanwhile is not lost: the conflict brings the node back with it), the records, the
+        // labels that changed.
+        let mut patch = serde_json::json!({
+            "metadata": {
+                "labels": labels,
+                "annotations": {ANNOTATION_HOST_TAINTS: record, ANNOTATION_HOST_RESOURCES: joined(&owned)},
             },
-            spec: Some(NodeSpec { taints: Some(taints), ..Default::default() }),
-            ..Default::default()
-        };
-        api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
+            "spec": {"taints": taints},
+        });
+        at_version(&mut patch, version.as_deref());
+        let node = api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
+        version = node.metadata.resource_version;
         ctx.metrics.wrote(KIND, "taints");
     }
     // What this sets, heartbeats and the tenant's own resources aside (the API server defaults
@@ -433,15 +443,30 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, gone: bool, cur
             patch["status"]["capacity"][dropped.as_str()] = serde_json::Value::Null;
             patch["status"]["allocatable"][dropped.as_str()] = serde_json::Value::Null;
         }
-        api.patch_status(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
+        let node = api.patch_status(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
+        version = node.metadata.resource_version;
         ctx.metrics.wrote(KIND, "status");
     }
     if owned != host_now {
-        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_HOST_RESOURCES: joined(&host_now)}}});
-        api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
-        ctx.metrics.wrote(KIND, "resources");
+        // At the version the status was written at: if anything came between, the wider record
+        // stays (safe) and the next refresh narrows it.
+        let mut patch =
+            serde_json::json!({"metadata": {"annotations": {ANNOTATION_HOST_RESOURCES: joined(&host_now)}}});
+        at_version(&mut patch, version.as_deref());
+        match api.patch(name, &crate::sync::patch_params(), &Patch::Merge(&patch)).await {
+            Ok(_) => ctx.metrics.wrote(KIND, "resources"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
+}
+
+/// Makes a merge patch apply only to the object at `version` (a precondition), if known.
+fn at_version(patch: &mut serde_json::Value, version: Option<&str>) {
+    if let Some(v) = version {
+        patch["metadata"]["resourceVersion"] = v.into();
+    }
 }
 
 /// With `--sync-all-nodes`: every `every`, the host nodes the admin's node selector allows
@@ -559,8 +584,13 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
             // name any node, and its virtual node then shows defaults, nothing of the host.
             // (A used node with host evidence was added to `nodes_used` above.)
             let verified = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name);
-            let host = if due && verified { host_node(ctx, &name).await } else { Ok(None) };
-            let gone = due && matches!(host, Ok(None)) && verified;
+            if !verified {
+                // Made with defaults, or shown from the host before a restart (this run has no
+                // evidence of it yet): what it shows stays.
+                return Ok(Action::RequeueAfter(REFRESH));
+            }
+            let host = if due { host_node(ctx, &name).await } else { Ok(None) };
+            let gone = due && matches!(host, Ok(None));
             if gone && !wanted(ctx, &name) {
                 // Kept for the tenant's marks, but its host node is gone.
                 ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
@@ -569,10 +599,10 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
             }
             // Not readable now: what the node shows stays (defaults are for a node made so),
             // read again soon; not before the next refresh if the host forbids it (no
-            // ClusterRole: asking again changes nothing).
+            // ClusterRole: asking again changes nothing) or asks for less (429).
             let host = match host {
                 Ok(host) => host,
-                Err(kube::Error::Api(e)) if e.code == 403 => return Ok(Action::RequeueAfter(REFRESH)),
+                Err(kube::Error::Api(e)) if matches!(e.code, 403 | 429) => return Ok(Action::RequeueAfter(REFRESH)),
                 Err(_) => {
                     refresh_again_soon(ctx, &name);
                     return Ok(Action::RequeueAfter(REFRESH_RETRY));

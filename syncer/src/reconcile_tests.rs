@@ -407,7 +407,7 @@ fn status_body(code: u16, reason: &str) -> serde_json::Value {
 }
 
 #[tokio::test]
-async fn a_used_node_whose_host_node_is_gone_is_closed_and_one_not_readable_is_read_again_soon() {
+async fn a_used_node_follows_its_host_node_gone_or_not_readable() {
     use vkube_core::contract::{ANNOTATION_HOST_RESOURCES, ANNOTATION_HOST_TAINTS, LABEL_FAKE_NODE};
     let Harness { ctx, mut virt, mut host, mut vnodes, .. } = harness();
     // Last refreshed with a host device; the tenant gave it slots of its own since.
@@ -444,30 +444,41 @@ async fn a_used_node_whose_host_node_is_gone_is_closed_and_one_not_readable_is_r
     assert_eq!(requeue(run.await.unwrap().unwrap()), crate::nodes::REFRESH);
     silent(&mut virt).await;
 
-    // Gone, with a pod still bound: closed, not Ready, the host's device removed (recorded
-    // before the status, and the record then brought down to what the host has), the tenant's
-    // slots left alone.
+    // The host dropped its device: removed (null) from the status, the tenant's slots left
+    // alone, then the record narrowed at the version the status write left.
     ctx.node_refreshed.lock().unwrap().clear();
     let run = reconcile();
-    expect(&mut host, 404, status_body(404, "NotFound")).await;
-    let answer = serde_json::to_value(&node).unwrap();
-    let (method, _, sent) = expect(&mut virt, 200, answer.clone()).await;
-    assert_eq!(method, Method::PATCH);
-    assert_eq!(
-        sent["spec"]["taints"],
-        serde_json::json!([{"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}])
-    );
-    assert_eq!(sent["metadata"]["resourceVersion"], "7");
-    assert_eq!(sent["metadata"]["annotations"][ANNOTATION_HOST_RESOURCES], "cpu,example.com/dev,memory,pods");
+    let host_node = serde_json::json!({"metadata": {"name": "n1"},
+        "status": {"capacity": {"cpu": "4", "pods": "110"}, "allocatable": {"cpu": "4", "pods": "110"}}});
+    expect(&mut host, 200, host_node).await;
+    let mut answer = serde_json::to_value(&node).unwrap();
+    answer["metadata"]["resourceVersion"] = "8".into();
     let (_, uri, sent) = expect(&mut virt, 200, answer.clone()).await;
     assert!(uri.starts_with("/api/v1/nodes/n1/status?"), "{uri}");
-    assert_eq!(sent["status"]["conditions"][0]["status"], "Unknown");
-    assert_eq!(sent["status"]["conditions"][0]["reason"], "HostNodeGone");
     assert_eq!(sent["status"]["capacity"]["example.com/dev"], serde_json::Value::Null);
     assert!(sent["status"]["capacity"].as_object().unwrap().contains_key("example.com/dev"), "removed: null");
     assert!(!sent["status"]["allocatable"].as_object().unwrap().contains_key("example.com/slots"), "the tenant's");
-    let (_, _, sent) = expect(&mut virt, 200, answer).await;
-    assert_eq!(sent, serde_json::json!({"metadata": {"annotations": {ANNOTATION_HOST_RESOURCES: "cpu,memory,pods"}}}));
+    let (_, _, sent) = expect(&mut virt, 200, answer.clone()).await;
+    let narrowed = serde_json::json!({"metadata": {"resourceVersion": "8", "annotations": {ANNOTATION_HOST_RESOURCES: "cpu,pods"}}});
+    assert_eq!(sent, narrowed);
+    assert_eq!(requeue(run.await.unwrap().unwrap()), crate::nodes::REFRESH);
+    silent(&mut virt).await;
+
+    // Gone, with a pod still bound: closed (NoExecute too: the virtual taint eviction moves
+    // the pods bound there), not Ready, what it showed kept.
+    ctx.node_refreshed.lock().unwrap().clear();
+    let run = reconcile();
+    expect(&mut host, 404, status_body(404, "NotFound")).await;
+    let (method, _, sent) = expect(&mut virt, 200, answer.clone()).await;
+    assert_eq!(method, Method::PATCH);
+    let unreachable = |effect: &str| serde_json::json!({"key": "node.kubernetes.io/unreachable", "effect": effect});
+    assert_eq!(sent["spec"]["taints"], serde_json::json!([unreachable("NoSchedule"), unreachable("NoExecute")]));
+    assert_eq!(sent["metadata"]["resourceVersion"], "7");
+    let (_, uri, sent) = expect(&mut virt, 200, answer).await;
+    assert!(uri.starts_with("/api/v1/nodes/n1/status?"), "{uri}");
+    assert_eq!(sent["status"]["conditions"][0]["status"], "Unknown");
+    assert_eq!(sent["status"]["conditions"][0]["reason"], "HostNodeGone");
+    assert_eq!(sent["status"]["capacity"]["example.com/dev"], "1", "as it showed");
     assert_eq!(requeue(run.await.unwrap().unwrap()), crate::nodes::REFRESH);
     silent(&mut virt).await;
     silent(&mut host).await;
