@@ -532,17 +532,17 @@ async fn delete(ctx: &Context, name: &str) -> Result<()> {
 /// Removes a virtual node no longer wanted (only nodes the syncer made).
 pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
     let node = ctx.stores.vnodes.get(&ObjectRef::new(&name));
-    let used = wanted(ctx, &name) || {
-        // Kept only for nodes the host showed this run's pods on (`ensure`, below): a Node the
-        // tenant makes and marks, or names in a pod's nodeName, is not one its pods may be
-        // pinned to.
-        let mut used_before = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner());
-        let kept = used_before.contains(&name) && node.as_deref().is_some_and(marked_by_tenant);
-        if !kept {
-            used_before.remove(&name);
-        }
-        kept
-    };
+    // Kept only for nodes the host showed this run's pods on (`ensure`, below): a Node the
+    // tenant makes and marks, or names in a pod's nodeName, is not one its pods may be pinned to.
+    let used = wanted(ctx, &name)
+        || (ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name)
+            && node.as_deref().is_some_and(marked_by_tenant));
+    let ours = |n: &Node| n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE));
+    if !used && !node.as_deref().is_some_and(ours) {
+        // The host's evidence is forgotten with the node it was for (not while a new node waits
+        // out its grace before its first pod shows: its evidence then stays).
+        ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+    }
     // (Each lock in a statement of its own: `host_runs_ours_on` takes it too.)
     let seen = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name);
     if used && !seen && host_runs_ours_on(ctx, &name) {
@@ -562,6 +562,7 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
                 let left = NEW_NODE_GRACE.as_secs() as i64 - age;
                 return Ok(Action::RequeueAfter(std::time::Duration::from_secs(left.max(1) as u64)));
             }
+            ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
             delete(ctx, &name).await?;
         }
         None if used => {
