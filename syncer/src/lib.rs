@@ -184,7 +184,7 @@ async fn sync_forever(
         "caches ready; syncing"
     );
     if c.opts.sync_all_nodes {
-        nodes::list_host_nodes_once(&c).await;
+        nodes::list_host_nodes_once(&c, None).await;
     }
     let n = c.opts.concurrency;
     let mut running = JoinSet::new();

@@ -475,17 +475,25 @@ fn at_version(patch: &mut serde_json::Value, version: Option<&str>) {
 /// virtual scheduler within a listing, not a refresh period.
 /// Never returns; a failed list is logged and tried again.
 pub async fn list_host_nodes(ctx: &Context, every: std::time::Duration) {
+    let mut last = None;
     loop {
         tokio::time::sleep(every).await;
-        list_host_nodes_once(ctx).await;
+        last = list_host_nodes_once(ctx, last.as_deref()).await.or(last);
     }
 }
 
 /// One listing of the host nodes the admin's node selector allows (see [`list_host_nodes`]);
-/// also run before the pod workers start, so pods pinned to those nodes keep their pins.
-pub async fn list_host_nodes_once(ctx: &Context) {
+/// also run before the pod workers start, so pods pinned to those nodes keep their pins. After
+/// a listing at `after` (its resourceVersion, returned), the next is served from the host API
+/// server's watch cache, never older than that one (a node that is there is not taken for gone
+/// by a stale cache of another API server); the first reads the most recent state.
+pub async fn list_host_nodes_once(ctx: &Context, after: Option<&str>) -> Option<String> {
     let selector: Vec<String> = ctx.policy.scheduling.node_selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let params = kube::api::ListParams::default().labels(&selector.join(","));
+    let params = match after {
+        Some(version) => params.matching(kube::api::VersionMatch::NotOlderThan).at(version),
+        None => params,
+    };
     match Api::<Node>::all(ctx.host.clone()).list_metadata(&params).await {
         Ok(list) => {
             let now: BTreeMap<String, String> = list
@@ -499,9 +507,11 @@ pub async fn list_host_nodes_once(ctx: &Context) {
                 ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
                 ctx.queues.nodes.add(name);
             }
+            list.metadata.resource_version
         }
         Err(e) => {
-            tracing::warn!(error = %e, "listing host nodes failed (--sync-all-nodes needs list on nodes); retrying")
+            tracing::warn!(error = %e, "listing host nodes failed (--sync-all-nodes needs list on nodes); retrying");
+            None
         }
     }
 }
@@ -537,6 +547,7 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
     let used = wanted(ctx, &name)
         || (ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name)
             && node.as_deref().is_some_and(marked_by_tenant));
+    // Made by the syncer (the tenant's own Nodes are left alone).
     let ours = |n: &Node| n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE));
     if !used && !node.as_deref().is_some_and(ours) {
         // The host's evidence is forgotten with the node it was for (not while a new node waits
@@ -549,7 +560,7 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
         ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
     }
     match node {
-        Some(n) if !used && n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
+        Some(n) if !used && ours(&n) => {
             // A node is made just before the first pod is bound to it: give the binding time to
             // show in the pod watch before taking the node for unused.
             let age = n
@@ -569,7 +580,7 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
             let verified = ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name);
             ensure(ctx, &name, verified).await?
         }
-        Some(n) if n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE)) => {
+        Some(n) if ours(&n) => {
             // At most once per REFRESH per node, however often the tenant edits it (each refresh
             // reads the host node).
             let due = {

@@ -483,3 +483,56 @@ async fn a_used_node_follows_its_host_node_gone_or_not_readable() {
     silent(&mut virt).await;
     silent(&mut host).await;
 }
+
+#[tokio::test]
+async fn host_node_listings_after_the_first_come_from_the_watch_cache() {
+    let Harness { ctx, mut host, .. } = harness();
+    let ctx = Arc::new(ctx);
+    let list = |version: &str, nodes: &[(&str, &str)]| {
+        let items: Vec<_> = nodes
+            .iter()
+            .map(|(n, v)| {
+                serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                "metadata": {"name": n, "resourceVersion": v}})
+            })
+            .collect();
+        serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+            "metadata": {"resourceVersion": version}, "items": items})
+    };
+    let listing = |after: Option<&'static str>| {
+        let c = ctx.clone();
+        tokio::spawn(async move { crate::nodes::list_host_nodes_once(&c, after).await })
+    };
+    let refreshed = |names: &[&str]| {
+        let now = std::time::Instant::now();
+        *ctx.node_refreshed.lock().unwrap() = names.iter().map(|n| (n.to_string(), now)).collect();
+    };
+
+    // The first: the most recent state (no resourceVersion).
+    refreshed(&["n1", "n2"]);
+    let run = listing(None);
+    let (_, uri, _) = expect(&mut host, 200, list("100", &[("n1", "5"), ("n2", "6")])).await;
+    assert!(uri.starts_with("/api/v1/nodes?") && !uri.contains("resourceVersion"), "{uri}");
+    assert_eq!(run.await.unwrap().as_deref(), Some("100"));
+    assert!(ctx.node_refreshed.lock().unwrap().is_empty(), "both came: refreshed at once");
+
+    // The next: from the cache, not older than the first; only the node that changed is due.
+    refreshed(&["n1", "n2"]);
+    let run = listing(Some("100"));
+    let (_, uri, _) = expect(&mut host, 200, list("120", &[("n1", "5"), ("n2", "9")])).await;
+    assert!(uri.contains("resourceVersion=100") && uri.contains("resourceVersionMatch=NotOlderThan"), "{uri}");
+    assert_eq!(run.await.unwrap().as_deref(), Some("120"));
+    let due: Vec<String> = ["n1", "n2"]
+        .into_iter()
+        .filter(|n| !ctx.node_refreshed.lock().unwrap().contains_key(*n))
+        .map(String::from)
+        .collect();
+    assert_eq!(due, ["n2"]);
+    assert_eq!(ctx.host_nodes.read().unwrap()["n2"], "9");
+
+    // A failed listing keeps what was listed, and says no version to list after.
+    let run = listing(Some("120"));
+    expect(&mut host, 500, status_body(500, "InternalError")).await;
+    assert_eq!(run.await.unwrap(), None);
+    assert_eq!(ctx.host_nodes.read().unwrap().len(), 2);
+}
