@@ -193,6 +193,8 @@ pub struct Context {
     pub nodes_used: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// When each virtual node was last brought up to date with its host node.
     pub node_refreshed: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Failed refreshes in a row per virtual node (each waits longer: `nodes::refresh_again_soon`).
+    pub node_failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// Host nodes as read for pods bound to them (`nodes::takes_bound_pods`), and when: kept a
     /// moment, so a burst of pods bound to a node costs one read, not one each.
     pub bound_node_reads: std::sync::Mutex<

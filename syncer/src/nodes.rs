@@ -314,12 +314,26 @@ async fn host_node(ctx: &Context, name: &str) -> std::result::Result<Option<Node
     })
 }
 
-/// Makes a node's refresh due again `REFRESH_RETRY` from now (after a failure), not at once:
-/// the tenant must not be able to drive host reads by failing them.
-fn refresh_again_soon(ctx: &Context, name: &str) {
-    if let Some(at) = std::time::Instant::now().checked_sub(REFRESH - REFRESH_RETRY) {
+/// Makes a node's refresh due again after a failure, not at once (the tenant must not be able to
+/// drive host reads by failing them): [`REFRESH_RETRY`] after the first, twice as long after each
+/// failure in a row, up to [`REFRESH`] (a failing host is not read harder). The delay.
+fn refresh_again_soon(ctx: &Context, name: &str) -> std::time::Duration {
+    let failures = {
+        let mut failures = ctx.node_failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(name.to_string()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = retry_delay(failures);
+    if let Some(at) = std::time::Instant::now().checked_sub(REFRESH - delay) {
         ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), at);
     }
+    delay
+}
+
+/// How long a node's refresh waits after `failures` failures in a row (at least one).
+fn retry_delay(failures: u32) -> std::time::Duration {
+    REFRESH_RETRY.saturating_mul(1 << failures.saturating_sub(1).min(4)).min(REFRESH)
 }
 
 /// Whether the host node may take a pod the tenant bound to it, directly (the admin's
@@ -531,6 +545,7 @@ fn wanted(ctx: &Context, name: &str) -> bool {
 }
 
 async fn delete(ctx: &Context, name: &str) -> Result<()> {
+    ctx.node_failures.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
     match Api::<Node>::all(ctx.virt.clone()).delete(name, &DeleteParams::default()).await {
         Ok(_) => ctx.metrics.wrote(KIND, "delete"),
         Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -615,15 +630,15 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
             let host = match host {
                 Ok(host) => host,
                 Err(kube::Error::Api(e)) if matches!(e.code, 403 | 429) => return Ok(Action::RequeueAfter(REFRESH)),
-                Err(_) => {
-                    refresh_again_soon(ctx, &name);
-                    return Ok(Action::RequeueAfter(REFRESH_RETRY));
-                }
+                Err(_) => return Ok(Action::RequeueAfter(refresh_again_soon(ctx, &name))),
             };
-            if due && let Err(e) = refresh(ctx, &name, host.as_ref(), gone, Some(&n)).await {
-                // A conflict with the tenant's own edit, say.
-                refresh_again_soon(ctx, &name);
-                return Err(e);
+            if due {
+                if let Err(e) = refresh(ctx, &name, host.as_ref(), gone, Some(&n)).await {
+                    // A conflict with the tenant's own edit, say.
+                    refresh_again_soon(ctx, &name);
+                    return Err(e);
+                }
+                ctx.node_failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
             }
             return Ok(Action::RequeueAfter(REFRESH));
         }
@@ -790,6 +805,13 @@ mod tests {
             serde_json::from_value(serde_json::json!([{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]))
                 .unwrap();
         assert!(!open_to(&tainted("gpu", "NoExecute"), &no_schedule), "another effect");
+    }
+
+    #[test]
+    fn failed_refreshes_in_a_row_wait_twice_as_long_each_up_to_the_refresh_period() {
+        let delays: Vec<u64> = (1..=7).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [30, 60, 120, 240, 300, 300, 300]);
+        assert_eq!(retry_delay(u32::MAX), REFRESH);
     }
 
     #[test]

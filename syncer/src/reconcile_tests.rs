@@ -97,6 +97,7 @@ fn harness() -> Harness {
         dns_ip: Default::default(),
         host_nodes: Default::default(),
         node_refreshed: Default::default(),
+        node_failures: Default::default(),
         bound_node_reads: Default::default(),
         events_mark: Default::default(),
         metrics,
@@ -436,6 +437,12 @@ async fn a_used_node_follows_its_host_node_gone_or_not_readable() {
     assert_eq!((method, uri.as_str()), (Method::GET, "/api/v1/nodes/n1"));
     assert_eq!(requeue(run.await.unwrap().unwrap()), crate::nodes::REFRESH_RETRY);
     silent(&mut virt).await;
+    // Again, once due: twice as long (a failing host is not read harder).
+    ctx.node_refreshed.lock().unwrap().clear();
+    let run = reconcile();
+    expect(&mut host, 503, status_body(503, "ServiceUnavailable")).await;
+    assert_eq!(requeue(run.await.unwrap().unwrap()), 2 * crate::nodes::REFRESH_RETRY);
+    silent(&mut virt).await;
 
     // Forbidden (no ClusterRole): not before the next refresh.
     ctx.node_refreshed.lock().unwrap().clear();
@@ -462,6 +469,7 @@ async fn a_used_node_follows_its_host_node_gone_or_not_readable() {
     let narrowed = serde_json::json!({"metadata": {"resourceVersion": "8", "annotations": {ANNOTATION_HOST_RESOURCES: "cpu,pods"}}});
     assert_eq!(sent, narrowed);
     assert_eq!(requeue(run.await.unwrap().unwrap()), crate::nodes::REFRESH);
+    assert!(ctx.node_failures.lock().unwrap().is_empty(), "refreshed: the next failure waits 30 s again");
     silent(&mut virt).await;
 
     // Gone, with a pod still bound: closed (NoExecute too: the virtual taint eviction moves
