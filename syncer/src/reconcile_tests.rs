@@ -84,6 +84,7 @@ fn harness() -> Harness {
         carried: Default::default(),
         unschedulable: Default::default(),
         bound_tokens: Default::default(),
+        bindings_sent: Default::default(),
         pod_nodes: Default::default(),
         nodes_used: Default::default(),
         pod_certificates: Default::default(),
@@ -543,4 +544,46 @@ async fn host_node_listings_after_the_first_come_from_the_watch_cache() {
     expect(&mut host, 500, status_body(500, "InternalError")).await;
     assert_eq!(run.await.unwrap(), None);
     assert_eq!(ctx.host_nodes.read().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_pod_is_bound_once_while_its_watch_has_not_shown_the_binding() {
+    let Harness { ctx, mut virt, mut host, mut vpods, mut hpods, mut vnodes, .. } = harness();
+    let (mut v, h) = pod_pair(&ctx, 1, "nginx:1");
+    v.spec.as_mut().unwrap().node_name = None;
+    vpods.apply_watcher_event(&Event::Apply(Compact::new(v.clone())));
+    hpods.apply_watcher_event(&Event::Apply(Compact::new(h.clone())));
+    let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "node-1"}})).unwrap();
+    vnodes.apply_watcher_event(&Event::Apply(node));
+    ctx.nodes_used.lock().unwrap().insert("node-1".into());
+    let ctx = Arc::new(ctx);
+    let reflect = |ctx: &Arc<Context>| {
+        let c = ctx.clone();
+        tokio::spawn(async move { Pod::reflect(&c, ("default".into(), "web".into())).await })
+    };
+    let created = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201});
+
+    let run = reflect(&ctx);
+    let (method, uri, sent) = expect(&mut virt, 201, created.clone()).await;
+    assert_eq!((method, uri.split('?').next().unwrap()), (Method::POST, "/api/v1/namespaces/default/pods/web/binding"));
+    assert_eq!(sent["target"]["name"], "node-1");
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+
+    // The host copy changes again before the virtual pod's watch shows the binding: not sent again.
+    let run = reflect(&ctx);
+    silent(&mut virt).await;
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+
+    // A new pod of the same name (another uid) and its copy: bound.
+    v.metadata.uid = Some("p2".into());
+    vpods.apply_watcher_event(&Event::Apply(Compact::new(v.clone())));
+    let mut h2 = h.clone();
+    h2.metadata.annotations.as_mut().unwrap().insert(vkube_core::contract::ANNOTATION_UID.into(), "p2".into());
+    hpods.apply_watcher_event(&Event::Apply(Compact::new(h2)));
+    let run = reflect(&ctx);
+    let (method, _, _) = expect(&mut virt, 201, created).await;
+    assert_eq!(method, Method::POST);
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+    silent(&mut virt).await;
+    silent(&mut host).await;
 }
