@@ -178,8 +178,11 @@ pub struct Context {
     /// With `TokenDelivery::BoundSecret`: uids of the bound pods whose token Secrets this run
     /// has written or found.
     pub bound_tokens: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Virtual pods bound by this syncer, their watch not showing it yet (no second binding).
-    pub bindings_sent: crate::pods::up::BindingsSent,
+    /// Virtual pods this syncer bound, their watch not showing it yet (no second binding).
+    pub bindings_unseen: crate::unseen::Unseen,
+    /// Virtual pods whose host copy this syncer made, the host watch not showing it yet (no
+    /// second copy, token or Secret).
+    pub copies_unseen: crate::unseen::Unseen,
     /// Pod certificates asked for and not answered yet, and until when those issued are fresh.
     pub pod_certificates: crate::pod_certificates::Requests,
     /// Events on virtual objects (refusals, collisions).

@@ -39,6 +39,7 @@ pub mod services;
 pub mod sync;
 pub mod tokens;
 pub mod trust_bundles;
+pub mod unseen;
 
 pub use vkube_core::{naming, policy};
 
@@ -128,7 +129,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         carried: Default::default(),
         unschedulable: Default::default(),
         bound_tokens: Default::default(),
-        bindings_sent: Default::default(),
+        bindings_unseen: Default::default(),
+        copies_unseen: Default::default(),
         pod_nodes: Default::default(),
         nodes_used: Default::default(),
         pod_certificates: Default::default(),

@@ -84,7 +84,8 @@ fn harness() -> Harness {
         carried: Default::default(),
         unschedulable: Default::default(),
         bound_tokens: Default::default(),
-        bindings_sent: Default::default(),
+        bindings_unseen: Default::default(),
+        copies_unseen: Default::default(),
         pod_nodes: Default::default(),
         nodes_used: Default::default(),
         pod_certificates: Default::default(),
@@ -586,4 +587,41 @@ async fn a_pod_is_bound_once_while_its_watch_has_not_shown_the_binding() {
     assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
     silent(&mut virt).await;
     silent(&mut host).await;
+}
+
+#[tokio::test]
+async fn a_host_copy_is_made_once_while_the_host_watch_has_not_shown_it() {
+    let Harness { ctx, mut virt, mut host, mut vpods, .. } = harness();
+    *ctx.dns_ip.write().unwrap() = Some("10.96.0.10".into());
+    let (mut v, _) = pod_pair(&ctx, 1, "nginx:1");
+    let spec = v.spec.as_mut().unwrap();
+    spec.node_name = None;
+    spec.automount_service_account_token = Some(false);
+    vpods.apply_watcher_event(&Event::Apply(Compact::new(v.clone())));
+    let ctx = Arc::new(ctx);
+    let reconcile = |ctx: &Arc<Context>| {
+        let c = ctx.clone();
+        tokio::spawn(async move { Pod::reconcile(&c, ("default".into(), "web".into())).await })
+    };
+
+    let run = reconcile(&ctx);
+    let (method, uri, sent) = expect(&mut host, 201, serde_json::json!({})).await;
+    assert_eq!((method, uri.split('?').next().unwrap()), (Method::POST, "/api/v1/namespaces/host-ns/pods"));
+    let copy: Pod = serde_json::from_value(sent).unwrap();
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+
+    // Queued again before the host watch brings the copy (the upward path found none): nothing
+    // is sent, looked at again in a moment.
+    let run = reconcile(&ctx);
+    silent(&mut host).await;
+    assert!(matches!(run.await.unwrap(), Ok(Action::RequeueAfter(_))));
+
+    // Once the watch showed it and it went (evicted, deleted on the host): made again.
+    ctx.copies_unseen.seen(v.metadata.uid.as_deref().unwrap());
+    let run = reconcile(&ctx);
+    let (method, _, _) = expect(&mut host, 201, serde_json::to_value(&copy).unwrap()).await;
+    assert_eq!(method, Method::POST);
+    assert!(matches!(run.await.unwrap(), Ok(Action::Done)));
+    silent(&mut host).await;
+    silent(&mut virt).await;
 }

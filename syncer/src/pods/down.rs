@@ -43,6 +43,9 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
     if !matches!(copy, HostCopy::Ours(_)) {
         ctx.carried.forget(&key);
     }
+    if !matches!(copy, HostCopy::Absent) {
+        ctx.copies_unseen.seen(&uid);
+    }
 
     if v.metadata.deletion_timestamp.is_some() {
         return match copy {
@@ -70,6 +73,8 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
             }
             Ok(Action::RequeueAfter(Duration::from_millis(500)))
         }
+        // Made moments ago, the host watch not showing it yet: looked at once it has.
+        HostCopy::Absent if ctx.copies_unseen.pending(&uid) => Ok(Action::RequeueAfter(Duration::from_secs(1))),
         HostCopy::Absent => create(ctx, &v).await,
         HostCopy::Ours(h) => {
             if h.metadata.deletion_timestamp.is_some() {
@@ -273,6 +278,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         return Ok(Action::RequeueAfter(Duration::from_secs(1)));
     }
     if created.is_ok() {
+        ctx.copies_unseen.sent(v.metadata.uid.clone().unwrap_or_default());
         // A new host copy is at generation 1 and carries this pod.
         let carried =
             Carried { fingerprint: fingerprint(v), generation: v.metadata.generation, host_generation: Some(1) };

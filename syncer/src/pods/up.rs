@@ -115,11 +115,11 @@ pub(super) async fn finalize(ctx: &Context, v: &Pod, lost: bool) -> Result<Actio
 async fn bind(ctx: &Context, v: &Pod, h: &Pod) -> Result<bool> {
     let Some(node) = h.spec.as_ref().and_then(|s| s.node_name.clone()) else { return Ok(false) };
     if v.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
-        ctx.bindings_sent.shown(v.metadata.uid.as_deref().unwrap_or_default());
+        ctx.bindings_unseen.seen(v.metadata.uid.as_deref().unwrap_or_default());
         return Ok(false);
     }
     let uid = v.metadata.uid.clone().unwrap_or_default();
-    if ctx.bindings_sent.pending(&uid) {
+    if ctx.bindings_unseen.pending(&uid) {
         // Bound by us already, the virtual pod's watch not showing it yet: that event brings us
         // back (another binding would be refused, 409, a request each; a tenth of a burst's pods).
         return Ok(true);
@@ -144,36 +144,8 @@ async fn bind(ctx: &Context, v: &Pod, h: &Pod) -> Result<bool> {
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
-    ctx.bindings_sent.sent(uid);
+    ctx.bindings_unseen.sent(uid);
     Ok(true)
-}
-
-/// The virtual pods (by uid) this syncer bound whose watch did not show it yet, and when.
-#[derive(Default)]
-pub struct BindingsSent(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
-
-impl BindingsSent {
-    /// How long a binding sent counts for pending: its watch event comes within moments; after
-    /// this, one more binding is tried (refused if it landed: 409).
-    const PENDING: std::time::Duration = std::time::Duration::from_secs(10);
-
-    fn pending(&self, uid: &str) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(uid).is_some_and(|at| at.elapsed() < Self::PENDING)
-    }
-
-    fn sent(&self, uid: String) {
-        let mut sent = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        // Pods deleted before their watch showed the binding leave nothing behind for long.
-        sent.retain(|_, at| at.elapsed() < Self::PENDING);
-        sent.insert(uid, std::time::Instant::now());
-    }
-
-    fn shown(&self, uid: &str) {
-        let mut sent = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if !sent.is_empty() {
-            sent.remove(uid);
-        }
-    }
 }
 
 async fn report_status(ctx: &Context, v: &Pod, h: &Pod, host_current: bool) -> Result<()> {
