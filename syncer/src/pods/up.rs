@@ -26,6 +26,8 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
         ctx.queues.of::<Pod>().add(key);
         return Ok(Action::Done);
     };
+    // The host watch shows the copy: should it go, the downward path acts at once.
+    ctx.copies_unseen.seen(&uid);
     // Generations are each object's own: the host copy's tells of the virtual pod's only when
     // the downward path knows the copy carries the pod's current spec.
     let carried = ctx
