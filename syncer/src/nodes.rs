@@ -492,7 +492,9 @@ pub async fn list_host_nodes(ctx: &Context, every: std::time::Duration) {
     let mut last = None;
     loop {
         tokio::time::sleep(every).await;
-        last = list_host_nodes_once(ctx, last.as_deref()).await.or(last);
+        // After a failure, the most recent state (the host may no longer serve that version:
+        // its etcd restored from a backup, say).
+        last = list_host_nodes_once(ctx, last.as_deref()).await;
     }
 }
 
@@ -521,7 +523,7 @@ pub async fn list_host_nodes_once(ctx: &Context, after: Option<&str>) -> Option<
                 ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
                 ctx.queues.nodes.add(name);
             }
-            list.metadata.resource_version
+            list.metadata.resource_version.filter(|v| !v.is_empty())
         }
         Err(e) => {
             tracing::warn!(error = %e, "listing host nodes failed (--sync-all-nodes needs list on nodes); retrying");
@@ -598,15 +600,20 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
         Some(n) if ours(&n) => {
             // At most once per REFRESH per node, however often the tenant edits it (each refresh
             // reads the host node).
-            let due = {
+            // (`until_due`: how long until it is, so a retry after a failed one is not put off
+            // to the next period.)
+            let until_due = {
                 let mut last = ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner());
                 let now = std::time::Instant::now();
-                let due = last.get(&name).is_none_or(|t| now.duration_since(*t) >= REFRESH);
-                if due {
+                let until_due = last
+                    .get(&name)
+                    .map_or(std::time::Duration::ZERO, |t| REFRESH.saturating_sub(now.duration_since(*t)));
+                if until_due.is_zero() {
                     last.insert(name.clone(), now);
                 }
-                due
+                until_due
             };
+            let due = until_due.is_zero();
             // Only a node the host showed this cluster's pods on is read: a tenant's pod may
             // name any node, and its virtual node then shows defaults, nothing of the host.
             // (A used node with host evidence was added to `nodes_used` above.)
@@ -640,7 +647,7 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
                 }
                 ctx.node_failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
             }
-            return Ok(Action::RequeueAfter(REFRESH));
+            return Ok(Action::RequeueAfter(if due { REFRESH } else { until_due }));
         }
         _ => {}
     }

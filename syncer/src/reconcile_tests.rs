@@ -472,6 +472,21 @@ async fn a_used_node_follows_its_host_node_gone_or_not_readable() {
     assert_eq!(sent, narrowed);
     assert_eq!(requeue(run.await.unwrap().unwrap()), crate::nodes::REFRESH);
     assert!(ctx.node_failures.lock().unwrap().is_empty(), "refreshed: the next failure waits 30 s again");
+
+    // A refresh whose write conflicts (the tenant's edit): tried again in 30 s, not at the next
+    // period (the queue's quick retry finds it not due yet and says when it is).
+    ctx.node_refreshed.lock().unwrap().clear();
+    let run = reconcile();
+    let wider = serde_json::json!({"metadata": {"name": "n1"},
+        "status": {"capacity": {"cpu": "8", "pods": "110"}, "allocatable": {"cpu": "8", "pods": "110"}}});
+    expect(&mut host, 200, wider).await;
+    expect(&mut virt, 409, status_body(409, "Conflict")).await;
+    assert!(run.await.unwrap().is_err());
+    let run = reconcile();
+    silent(&mut host).await;
+    let wait = requeue(run.await.unwrap().unwrap());
+    assert!(wait <= crate::nodes::REFRESH_RETRY && wait > crate::nodes::REFRESH_RETRY / 2, "{wait:?}");
+    silent(&mut virt).await;
     silent(&mut virt).await;
 
     // Gone, with a pod still bound: closed (NoExecute too: the virtual taint eviction moves
@@ -539,6 +554,11 @@ async fn host_node_listings_after_the_first_come_from_the_watch_cache() {
         .collect();
     assert_eq!(due, ["n2"]);
     assert_eq!(ctx.host_nodes.read().unwrap()["n2"], "9");
+
+    // A listing without a version says none to list after.
+    let run = listing(Some("120"));
+    expect(&mut host, 200, list("", &[("n1", "5"), ("n2", "9")])).await;
+    assert_eq!(run.await.unwrap(), None);
 
     // A failed listing keeps what was listed, and says no version to list after.
     let run = listing(Some("120"));
@@ -615,6 +635,7 @@ async fn a_host_copy_is_made_once_while_the_host_watch_has_not_shown_it() {
     let run = reconcile(&ctx);
     silent(&mut host).await;
     assert!(matches!(run.await.unwrap(), Ok(Action::RequeueAfter(_))));
+    assert!(ctx.carried.get(&("default".into(), "web".into())).is_some(), "what the copy carries stays known");
 
     // Once the watch showed it and it went (evicted, deleted on the host): made again.
     ctx.copies_unseen.seen(v.metadata.uid.as_deref().unwrap());

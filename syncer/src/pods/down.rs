@@ -40,11 +40,12 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
         copy = HostCopy::Ours(crate::tokens::renew_pod_annotations(ctx, &v, h).await);
     }
     let key = (ns, name);
-    if !matches!(copy, HostCopy::Ours(_)) {
-        ctx.carried.forget(&key);
-    }
-    if !matches!(copy, HostCopy::Absent) {
-        ctx.copies_unseen.seen(&uid);
+    // Made moments ago, the host watch not showing it yet (what `create` recorded of it stays).
+    let unseen = matches!(copy, HostCopy::Absent) && ctx.copies_unseen.pending(&uid);
+    match copy {
+        HostCopy::Ours(_) => ctx.copies_unseen.seen(&uid),
+        _ if !unseen => ctx.carried.forget(&key),
+        _ => {}
     }
 
     if v.metadata.deletion_timestamp.is_some() {
@@ -73,8 +74,8 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
             }
             Ok(Action::RequeueAfter(Duration::from_millis(500)))
         }
-        // Made moments ago, the host watch not showing it yet: looked at once it has.
-        HostCopy::Absent if ctx.copies_unseen.pending(&uid) => Ok(Action::RequeueAfter(Duration::from_secs(1))),
+        // Looked at once the host watch shows it.
+        HostCopy::Absent if unseen => Ok(Action::RequeueAfter(Duration::from_secs(1))),
         HostCopy::Absent => create(ctx, &v).await,
         HostCopy::Ours(h) => {
             if h.metadata.deletion_timestamp.is_some() {
