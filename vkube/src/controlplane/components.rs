@@ -57,7 +57,8 @@ pub fn go_defaults(component: &str) -> &'static [(&'static str, &'static str)] {
         // Most of an idle cluster's own memory is the API server's heap; a collector that runs
         // at half the heap's growth holds 40 MiB less idle and 70 MiB less with 1,000 pods.
         // (The controller manager in the same process: its heap is 35 MiB, 1.4 MiB less.)
-        CONTROL_PLANE => &[("GOGC", "50")],
+        // etcd: 2-4 MiB less idle and 9-12 MiB less with 1,000 pods, for 5 % more of its CPU.
+        CONTROL_PLANE | ETCD => &[("GOGC", "50")],
         _ => &[],
     }
 }
@@ -86,6 +87,9 @@ pub fn etcd(l: &Layout<'_>) -> Vec<String> {
     .chain((!l.durable).then(|| "--unsafe-no-fsync".to_string()))
     .collect()
 }
+
+/// The virtual cluster's datastore.
+pub const ETCD: &str = "etcd";
 
 /// The process running kube-apiserver and kube-controller-manager.
 pub const CONTROL_PLANE: &str = "kube-control-plane";

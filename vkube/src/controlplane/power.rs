@@ -383,7 +383,7 @@ impl<S: SyncerRunner> PowerController<S> {
             format!(
                 "see {} and {} (`vkube logs {} {cp}`)",
                 self.supervisor.log_path(cp).display(),
-                self.supervisor.log_path("etcd").display(),
+                self.supervisor.log_path(super::components::ETCD).display(),
                 self.name
             )
         })

@@ -70,7 +70,7 @@ pub struct SuperviseArgs {
 }
 
 /// The components, in the order they start.
-pub const COMPONENTS: [&str; 2] = ["etcd", components::CONTROL_PLANE];
+pub const COMPONENTS: [&str; 2] = [components::ETCD, components::CONTROL_PLANE];
 
 /// One child's command line.
 #[derive(Clone, Debug)]
@@ -523,7 +523,7 @@ pub fn children(
     let kubeconfig = cert_dir.join(super::CONTROLLER_MANAGER_KUBECONFIG);
     let scheduler = virtual_scheduler.then(|| cert_dir.join(super::SCHEDULER_KUBECONFIG));
     (
-        Child { name: "etcd", program: args.etcd_binary.clone(), args: components::etcd(&layout) },
+        Child { name: components::ETCD, program: args.etcd_binary.clone(), args: components::etcd(&layout) },
         Child {
             name: components::CONTROL_PLANE,
             program: args.control_plane_binary.clone(),
@@ -554,16 +554,16 @@ mod tests {
             ["KUBERNETES_SERVICE_HOST", "KUBERNETES_PORT", "VKUBE_HOST_KUBECONFIG", "GOMEMLIMIT", "PATH", "RUST_LOG"]
                 .map(|k| (k, "x"));
         let keys: Vec<String> = env_of("etcd", &env).into_iter().map(|(k, _)| k).collect();
-        assert_eq!(keys, ["GOMEMLIMIT", "PATH"]);
+        assert_eq!(keys, ["GOGC", "GOMEMLIMIT", "PATH"]);
     }
 
     #[test]
-    fn the_api_server_starts_with_its_go_defaults_unless_the_operator_sets_them() {
+    fn components_start_with_their_go_defaults_unless_the_operator_sets_them() {
         let own = |k: &str, v: &str| (k.to_string(), v.to_string());
-        let cp = components::CONTROL_PLANE;
-        assert_eq!(env_of(cp, &[("PATH", "/bin")]), [own("GOGC", "50"), own("PATH", "/bin")]);
-        assert_eq!(env_of(cp, &[("GOGC", "200")]), [own("GOGC", "200")]);
-        assert_eq!(env_of("etcd", &[("PATH", "/bin")]), [own("PATH", "/bin")]);
+        for component in COMPONENTS {
+            assert_eq!(env_of(component, &[("PATH", "/bin")]), [own("GOGC", "50"), own("PATH", "/bin")]);
+            assert_eq!(env_of(component, &[("GOGC", "200")]), [own("GOGC", "200")]);
+        }
     }
 
     #[tokio::test]
