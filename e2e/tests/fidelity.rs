@@ -509,6 +509,45 @@ spec:
         Ok((agents_on().await? == placed).then_some(()))
     })
     .await;
+    // A DaemonSet's pod the host cannot place yet (the host admin cordoned its node), made while
+    // the tenant had closed another node to it (a taint it does not tolerate; it tolerates a
+    // cordon): reopening that one cannot change where it may go, so its copy stays as it is (it
+    // used to be made again at every change of the closed nodes).
+    let own = others[0].clone();
+    env.kubectl_ok(&["cordon", &own]);
+    vc.kubectl_ok(&["taint", "node", &drained, "e2e.vkube.dev/keep=out:NoSchedule"]);
+    tokio::time::sleep(Duration::from_secs(2)).await; // the syncer's copy of the nodes
+    let agent = vpods
+        .list(&ListParams::default().labels("app=agent"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(own.as_str()));
+    vc.kubectl_ok(&["delete", "pod", &agent.expect("the agent on its node").name_any()]);
+    let waiting = eventually("the agent's new copy waiting on the host", Duration::from_secs(30), || async {
+        let list = host_pods.list(&ListParams::default().labels("t.vkube.dev/app=agent")).await;
+        let waiting = list.map_err(|e| e.to_string())?.items.into_iter().find(|p| {
+            p.spec.as_ref().is_some_and(|s| s.node_name.is_none()) && p.metadata.deletion_timestamp.is_none()
+        });
+        Ok(waiting)
+    })
+    .await;
+    let required = serde_json::to_value(waiting.spec.as_ref().unwrap()).unwrap()["affinity"]["nodeAffinity"]
+        ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        .clone();
+    assert_eq!(required, json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [own]}]}]));
+    assert_eq!(waiting.annotations().get("vkube.dev/kept-off").map(String::as_str), Some(""), "recorded, empty");
+    vc.kubectl_ok(&["taint", "node", &drained, "e2e.vkube.dev/keep=out:NoSchedule-"]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = host_pods.get_opt(&waiting.name_any()).await.unwrap().expect("the waiting copy stays");
+    assert_eq!(after.metadata.uid, waiting.metadata.uid, "not made again for another node's cordon");
+    assert!(after.metadata.deletion_timestamp.is_none(), "not being deleted");
+    env.kubectl_ok(&["uncordon", &own]);
+    eventually("the agent placed once its node opens", Duration::from_secs(60), || async {
+        Ok((agents_on().await? == placed).then_some(()))
+    })
+    .await;
 
     // The admin lets bound pods stay bound (bind_node_name): a pod the tenant binds by nodeName
     // goes to that node directly, its kubelet to admit it or not; to a node the host admin has

@@ -23,7 +23,7 @@
 //!   on its virtual nodes (honoured above), are dropped without a word;
 //! - runtime classes from the admin's list only (empty: the host's default).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec, Toleration,
@@ -112,8 +112,9 @@ pub struct Placement {
     pub dropped: Vec<String>,
     /// Why no node can take the pod (its node selector matches none), as a scheduler says it.
     pub unschedulable: Option<String>,
-    /// The nodes the pod is kept off because the tenant closed them (`metadata.name NotIn`).
-    pub kept_off: Vec<String>,
+    /// The nodes the pod is kept off because the tenant closed them (`metadata.name NotIn`), if
+    /// the tenant had closed any that could matter (the copy records it: see `closed_for`).
+    pub kept_off: Option<Vec<String>>,
 }
 
 impl Scheduling {
@@ -122,7 +123,8 @@ impl Scheduling {
         let known_node = nodes.known;
         let mut dropped = vec![];
         let mut unschedulable = None;
-        let mut kept_off = vec![];
+        let mut kept_off = None;
+        let pinned = pinned_names(spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()));
         if let Some(rc) = spec.runtime_class_name.take() {
             if self.runtime_classes.contains(&rc) {
                 spec.runtime_class_name = Some(rc);
@@ -204,8 +206,11 @@ impl Scheduling {
                     closed.nodes.join(", ")
                 ));
             }
-            pin(&mut node_affinity, "NotIn", &closed.nodes);
-            kept_off = closed.nodes.clone();
+            let kept: Vec<String> = closed_for(pinned.as_ref(), closed.nodes).into_iter().collect();
+            if !kept.is_empty() {
+                pin(&mut node_affinity, "NotIn", &kept);
+            }
+            kept_off = Some(kept);
         }
         let empty = node_affinity.required_during_scheduling_ignored_during_execution.is_none()
             && node_affinity.preferred_during_scheduling_ignored_during_execution.is_none();
@@ -461,6 +466,26 @@ fn unpin(a: &mut NodeAffinity, closed: &[String]) -> bool {
     !required.node_selector_terms.is_empty()
 }
 
+/// The nodes a pod is pinned to by name (`metadata.name In`) if every required term of its node
+/// affinity pins it so (a DaemonSet's pod), all terms' names together.
+pub fn pinned_names(a: Option<&NodeAffinity>) -> Option<BTreeSet<String>> {
+    let terms = &a?.required_during_scheduling_ignored_during_execution.as_ref()?.node_selector_terms;
+    let mut names = BTreeSet::new();
+    for t in terms {
+        let mut pins = t.match_fields.iter().flatten().filter(|f| f.key == "metadata.name" && f.operator == "In");
+        let first = pins.next()?;
+        // Requirements of one term are ANDed: any one pin bounds where the term lets it go.
+        names.extend(first.values.iter().flatten().cloned());
+    }
+    (!terms.is_empty()).then_some(names)
+}
+
+/// Of the closed nodes, those that can matter to a pod pinned to `pinned` by name: closing any
+/// other leaves where it may go as it was, so its copy is not made again for it.
+pub fn closed_for(pinned: Option<&BTreeSet<String>>, closed: impl IntoIterator<Item = String>) -> BTreeSet<String> {
+    closed.into_iter().filter(|n| pinned.is_none_or(|p| p.contains(n))).collect()
+}
+
 /// Requires one of `nodes` (`In`) or none of them (`NotIn`) in every required term (terms are
 /// ORed, so each gets it).
 fn pin(a: &mut NodeAffinity, operator: &str, nodes: &[String]) {
@@ -665,7 +690,7 @@ mod tests {
         };
         let plain = json!({"containers": [{"name": "c"}]});
         let (host, placement) = placed_closing(&admin(), plain.clone(), &["node-2"]);
-        assert_eq!(placement, Placement { kept_off: vec!["node-2".into()], ..Default::default() });
+        assert_eq!(placement, Placement { kept_off: Some(vec!["node-2".into()]), ..Default::default() });
         assert_eq!(
             required(&host),
             json!([{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["node-2"]}]}])
@@ -707,12 +732,13 @@ mod tests {
         let (_, placement) = placed_closing(&admin(), daemon("node-2"), &["node-2"]);
         let why = placement.unschedulable.expect("its node is closed");
         assert!(why.contains("node affinity names"), "{why}");
+        // Another node closed cannot matter to it: no NotIn, and an empty record (its copy is
+        // made again only if its own node closes before the host places it).
         let (host, placement) = placed_closing(&admin(), daemon("node-1"), &["node-2"]);
-        assert_eq!(placement, Placement { kept_off: vec!["node-2".into()], ..Default::default() });
+        assert_eq!(placement, Placement { kept_off: Some(vec![]), ..Default::default() });
         assert_eq!(
             required(&host),
-            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]},
-                                    {"key": "metadata.name", "operator": "NotIn", "values": ["node-2"]}]}])
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}])
         );
         // Bound by the tenant: there, as a kubelet admits it.
         let bound = json!({"containers": [{"name": "c"}], "nodeName": "node-2"});
@@ -722,6 +748,35 @@ mod tests {
             required(&host),
             json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-2"]}]}])
         );
+    }
+
+    #[test]
+    fn only_the_closed_nodes_a_pod_pinned_by_name_may_go_to_matter_to_it() {
+        let affinity = |terms: serde_json::Value| -> NodeAffinity {
+            serde_json::from_value(
+                json!({"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}),
+            )
+            .unwrap()
+        };
+        let name_in =
+            |nodes: &[&str]| json!({"matchFields": [{"key": "metadata.name", "operator": "In", "values": nodes}]});
+        let closed = || ["node-1".to_string(), "node-2".to_string(), "node-3".to_string()];
+        let set = |nodes: &[&str]| nodes.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+
+        let daemon = affinity(json!([name_in(&["node-2"])]));
+        assert_eq!(pinned_names(Some(&daemon)), Some(set(&["node-2"])));
+        assert_eq!(closed_for(pinned_names(Some(&daemon)).as_ref(), closed()), set(&["node-2"]));
+        // Terms are ORed: the names of all of them.
+        let either = affinity(json!([name_in(&["node-1"]), name_in(&["node-3"])]));
+        assert_eq!(closed_for(pinned_names(Some(&either)).as_ref(), closed()), set(&["node-1", "node-3"]));
+        // A term that does not pin by name may go anywhere: every closed node matters.
+        let labels = json!({"matchExpressions": [{"key": "disk", "operator": "In", "values": ["ssd"]}]});
+        for unpinned in [affinity(json!([name_in(&["node-1"]), labels])), affinity(json!([])), NodeAffinity::default()]
+        {
+            assert_eq!(pinned_names(Some(&unpinned)), None, "{unpinned:?}");
+            assert_eq!(closed_for(None, closed()), set(&["node-1", "node-2", "node-3"]));
+        }
+        assert_eq!(pinned_names(None), None);
     }
 
     #[test]

@@ -213,10 +213,10 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
                 sync::warn(ctx, v, "SchedulingDropped", &note).await;
             }
             let mut pod = t.pod;
-            if !t.kept_off.is_empty() {
+            if let Some(kept_off) = t.kept_off {
                 // Recorded so that a copy not placed yet can be made again if the list goes stale.
                 let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
-                annotations.insert(vkube_core::contract::ANNOTATION_KEPT_OFF.into(), t.kept_off.join(","));
+                annotations.insert(vkube_core::contract::ANNOTATION_KEPT_OFF.into(), kept_off.join(","));
             }
             pod
         }
@@ -396,16 +396,17 @@ fn kept_off(h: &Pod) -> Option<std::collections::BTreeSet<String>> {
 }
 
 /// Whether a host copy still waiting for a node was kept off nodes other than those the tenant
-/// has closed to it now (its affinity cannot change: it is made again). Pods whose copy waits so
-/// are looked at again when a virtual node changes.
+/// has closed to it now, of those that can matter to it (`scheduling::closed_for`: a DaemonSet's
+/// pod only minds its own node); its affinity cannot change: it is made again. Pods whose copy
+/// waits so are looked at again when a virtual node changes.
 fn placement_stale(ctx: &Context, v: &Pod, h: &Pod) -> bool {
     let Some(kept_off) = kept_off(h) else { return false };
-    if v.spec.as_ref().is_some_and(|s| s.node_name.is_some()) {
-        return false;
-    }
+    let Some(spec) = v.spec.as_ref().filter(|s| s.node_name.is_none()) else { return false };
     ctx.unschedulable.lock().unwrap_or_else(|e| e.into_inner()).insert(key_of(v));
-    let tolerations = v.spec.as_ref().and_then(|s| s.tolerations.as_deref()).unwrap_or_default();
-    kept_off != closed_nodes(ctx, tolerations)
+    let tolerations = spec.tolerations.as_deref().unwrap_or_default();
+    let pinned =
+        vkube_core::policy::scheduling::pinned_names(spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()));
+    kept_off != vkube_core::policy::scheduling::closed_for(pinned.as_ref(), closed_nodes(ctx, tolerations))
 }
 
 /// Whether the host copy waits for the host's scheduler while the virtual scheduler has bound the

@@ -72,7 +72,7 @@ pub struct Translated {
     pub dropped: Vec<String>,
     pub unschedulable: Option<String>,
     /// The nodes the tenant closed that the pod is kept off (see `Placement::kept_off`).
-    pub kept_off: Vec<String>,
+    pub kept_off: Option<Vec<String>>,
 }
 
 /// The host Secret holding the virtual service-account token bound to pod `pod` (for
