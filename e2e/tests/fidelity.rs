@@ -516,7 +516,15 @@ spec:
     let own = others[0].clone();
     env.kubectl_ok(&["cordon", &own]);
     vc.kubectl_ok(&["taint", "node", &drained, "e2e.vkube.dev/keep=out:NoSchedule"]);
-    tokio::time::sleep(Duration::from_secs(2)).await; // the syncer's copy of the nodes
+    // The syncer has the taint once a new pod's copy is kept off that node.
+    vc.kubectl_ok(&["run", "probe", "--image=nginx"]);
+    eventually("a new copy kept off the tainted node", Duration::from_secs(30), || async {
+        let h = host_pods.get_opt(&tr.host_name("default", "probe")).await.map_err(|e| e.to_string())?;
+        let kept_off = h.and_then(|h| h.annotations().get("vkube.dev/kept-off").cloned()).unwrap_or_default();
+        Ok(kept_off.split(',').any(|n| n == drained).then_some(()))
+    })
+    .await;
+    vc.kubectl_ok(&["delete", "pod", "probe", "--wait=false"]);
     let agent = vpods
         .list(&ListParams::default().labels("app=agent"))
         .await

@@ -112,8 +112,9 @@ pub struct Placement {
     pub dropped: Vec<String>,
     /// Why no node can take the pod (its node selector matches none), as a scheduler says it.
     pub unschedulable: Option<String>,
-    /// The nodes the pod is kept off because the tenant closed them (`metadata.name NotIn`), if
-    /// the tenant had closed any that could matter (the copy records it: see `closed_for`).
+    /// The nodes the pod is kept off because the tenant closed them (`metadata.name NotIn`), of
+    /// those that matter to it (`closed_for`; empty if none does), when the tenant had closed
+    /// any and the pod is left to the host's scheduler; the copy records it.
     pub kept_off: Option<Vec<String>>,
 }
 
@@ -124,7 +125,7 @@ impl Scheduling {
         let mut dropped = vec![];
         let mut unschedulable = None;
         let mut kept_off = None;
-        let pinned = pinned_names(spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()));
+        let pinned = pinned_names(spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()), known_node);
         if let Some(rc) = spec.runtime_class_name.take() {
             if self.runtime_classes.contains(&rc) {
                 spec.runtime_class_name = Some(rc);
@@ -467,15 +468,20 @@ fn unpin(a: &mut NodeAffinity, closed: &[String]) -> bool {
 }
 
 /// The nodes a pod is pinned to by name (`metadata.name In`) if every required term of its node
-/// affinity pins it so (a DaemonSet's pod), all terms' names together.
-pub fn pinned_names(a: Option<&NodeAffinity>) -> Option<BTreeSet<String>> {
+/// affinity pins it so (a DaemonSet's pod), all terms' names together. Only pins the host copy
+/// keeps count: those naming `known` nodes only (`Scheduling::term` drops the others).
+pub fn pinned_names(a: Option<&NodeAffinity>, known: &dyn Fn(&str) -> bool) -> Option<BTreeSet<String>> {
     let terms = &a?.required_during_scheduling_ignored_during_execution.as_ref()?.node_selector_terms;
     let mut names = BTreeSet::new();
     for t in terms {
-        let mut pins = t.match_fields.iter().flatten().filter(|f| f.key == "metadata.name" && f.operator == "In");
-        let first = pins.next()?;
+        let kept = |f: &&NodeSelectorRequirement| {
+            f.key == "metadata.name"
+                && f.operator == "In"
+                && f.values.as_ref().is_some_and(|v| !v.is_empty() && v.iter().all(|n| known(n)))
+        };
         // Requirements of one term are ANDed: any one pin bounds where the term lets it go.
-        names.extend(first.values.iter().flatten().cloned());
+        let pin = t.match_fields.iter().flatten().find(kept)?;
+        names.extend(pin.values.iter().flatten().cloned());
     }
     (!terms.is_empty()).then_some(names)
 }
@@ -733,12 +739,33 @@ mod tests {
         let why = placement.unschedulable.expect("its node is closed");
         assert!(why.contains("node affinity names"), "{why}");
         // Another node closed cannot matter to it: no NotIn, and an empty record (its copy is
-        // made again only if its own node closes before the host places it).
+        // made again if its own node closes before the host places it; a copy made while no
+        // node was closed has no record, as any pod's).
         let (host, placement) = placed_closing(&admin(), daemon("node-1"), &["node-2"]);
         assert_eq!(placement, Placement { kept_off: Some(vec![]), ..Default::default() });
         assert_eq!(
             required(&host),
             json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}])
+        );
+        // Pinned to either node, one closed: the closed one's term goes, and it matters (its
+        // reopening would let the pod go there again).
+        let either = json!({"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]},
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-2"]}]}]}}}});
+        let (host, placement) = placed_closing(&admin(), either, &["node-2"]);
+        assert_eq!(placement.kept_off, Some(vec!["node-2".into()]));
+        assert_eq!(
+            required(&host),
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]},
+                                    {"key": "metadata.name", "operator": "NotIn", "values": ["node-2"]}]}])
+        );
+        // Pinned to a node the cluster's pods cannot go to: the pin goes (with a word), and the
+        // pod, free to go anywhere, is kept off every closed node.
+        let (host, placement) = placed_closing(&admin(), daemon("ghost"), &["node-2"]);
+        assert_eq!(placement.kept_off, Some(vec!["node-2".into()]));
+        assert_eq!(
+            required(&host),
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["node-2"]}]}])
         );
         // Bound by the tenant: there, as a kubelet admits it.
         let bound = json!({"containers": [{"name": "c"}], "nodeName": "node-2"});
@@ -763,20 +790,28 @@ mod tests {
         let closed = || ["node-1".to_string(), "node-2".to_string(), "node-3".to_string()];
         let set = |nodes: &[&str]| nodes.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
 
+        let known = |n: &str| n != "ghost";
+        let pinned = |a: &NodeAffinity| pinned_names(Some(a), &known);
         let daemon = affinity(json!([name_in(&["node-2"])]));
-        assert_eq!(pinned_names(Some(&daemon)), Some(set(&["node-2"])));
-        assert_eq!(closed_for(pinned_names(Some(&daemon)).as_ref(), closed()), set(&["node-2"]));
+        assert_eq!(pinned(&daemon), Some(set(&["node-2"])));
+        assert_eq!(closed_for(pinned(&daemon).as_ref(), closed()), set(&["node-2"]));
         // Terms are ORed: the names of all of them.
         let either = affinity(json!([name_in(&["node-1"]), name_in(&["node-3"])]));
-        assert_eq!(closed_for(pinned_names(Some(&either)).as_ref(), closed()), set(&["node-1", "node-3"]));
-        // A term that does not pin by name may go anywhere: every closed node matters.
+        assert_eq!(closed_for(pinned(&either).as_ref(), closed()), set(&["node-1", "node-3"]));
+        // A term that does not pin by name, or only to a node the copy cannot be pinned to (the
+        // host copy goes without that pin), may go anywhere: every closed node matters.
         let labels = json!({"matchExpressions": [{"key": "disk", "operator": "In", "values": ["ssd"]}]});
-        for unpinned in [affinity(json!([name_in(&["node-1"]), labels])), affinity(json!([])), NodeAffinity::default()]
-        {
-            assert_eq!(pinned_names(Some(&unpinned)), None, "{unpinned:?}");
-            assert_eq!(closed_for(None, closed()), set(&["node-1", "node-2", "node-3"]));
+        for unpinned in [
+            affinity(json!([name_in(&["node-1"]), labels])),
+            affinity(json!([name_in(&["ghost"])])),
+            affinity(json!([name_in(&["node-1", "ghost"])])),
+            affinity(json!([])),
+            NodeAffinity::default(),
+        ] {
+            assert_eq!(pinned(&unpinned), None, "{unpinned:?}");
+            assert_eq!(closed_for(pinned(&unpinned).as_ref(), closed()), set(&["node-1", "node-2", "node-3"]));
         }
-        assert_eq!(pinned_names(None), None);
+        assert_eq!(pinned_names(None, &known), None);
     }
 
     #[test]

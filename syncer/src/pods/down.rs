@@ -404,8 +404,10 @@ fn placement_stale(ctx: &Context, v: &Pod, h: &Pod) -> bool {
     let Some(spec) = v.spec.as_ref().filter(|s| s.node_name.is_none()) else { return false };
     ctx.unschedulable.lock().unwrap_or_else(|e| e.into_inner()).insert(key_of(v));
     let tolerations = spec.tolerations.as_deref().unwrap_or_default();
-    let pinned =
-        vkube_core::policy::scheduling::pinned_names(spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()));
+    let nodes = pod_nodes(ctx);
+    let known = |n: &str| nodes.contains(n);
+    let affinity = spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref());
+    let pinned = vkube_core::policy::scheduling::pinned_names(affinity, &known);
     kept_off != vkube_core::policy::scheduling::closed_for(pinned.as_ref(), closed_nodes(ctx, tolerations))
 }
 
