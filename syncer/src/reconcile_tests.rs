@@ -487,7 +487,6 @@ async fn a_used_node_follows_its_host_node_gone_or_not_readable() {
     let wait = requeue(run.await.unwrap().unwrap());
     assert!(wait <= crate::nodes::REFRESH_RETRY && wait > crate::nodes::REFRESH_RETRY / 2, "{wait:?}");
     silent(&mut virt).await;
-    silent(&mut virt).await;
 
     // Gone, with a pod still bound: closed (NoExecute too: the virtual taint eviction moves
     // the pods bound there), not Ready, what it showed kept.
