@@ -38,6 +38,7 @@ struct Args {
     /// Only scenarios 1 (ready) and 10 (idle footprint of `idle` clusters side by side), written
     /// to target/bench/idle.json; run it with GOGC/GOMEMLIMIT set to measure those settings.
     idle_only: bool,
+    /// Empty clusters started side by side in scenario 10 (0 skips it).
     idle: usize,
     /// Only scenario 11 (sync throughput on a host whose node is real, `real_pods` pods),
     /// written to target/bench/realnode.json.
@@ -64,7 +65,7 @@ fn args() -> Args {
         sleep_only: false,
         forks_only: false,
         idle_only: false,
-        idle: 10,
+        idle: 20,
         real_node_only: false,
         real_pods: 100,
         docs_only: false,
@@ -96,10 +97,11 @@ fn args() -> Args {
                 a.fairness = 1000;
                 a.ready_runs = 1;
                 a.sleepers = 5;
+                a.idle = 5;
             }
             other => {
                 panic!(
-                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --idle-only, --idle N, --real-node-only, --real-pods N, --quick, --docs-only, --run-arg=ARG, --profile-host SECONDS"
+                    "unknown flag {other}; flags: --pods N, --big N (0 skips), --fairness N (0 skips), --ready-runs N, --sleepers N (0 skips), --sleep-only, --forks-only, --idle-only, --idle N (0 skips), --real-node-only, --real-pods N, --quick, --docs-only, --run-arg=ARG, --profile-host SECONDS"
                 )
             }
         }
@@ -544,6 +546,10 @@ async fn main() {
         step(&format!("8. sleep mode: sleeping footprint, wake, and {} clusters asleep side by side", a.sleepers));
         sleep_mode(&mut r, &env, &host, a.sleepers).await;
     }
+    if a.idle > 0 {
+        step(&format!("10. idle footprint: {} empty clusters side by side, per component", a.idle));
+        idle(&mut r, &env, a.idle, &a.run_args).await;
+    }
     step(FORKS_STEP);
     forks(&mut r, &env, &host).await;
     write_results(&r, &a, started.elapsed());
@@ -853,7 +859,9 @@ async fn idle(r: &mut Results, env: &TestEnv, n: usize, run_args: &[String]) {
     let per_cluster = |i: usize| mem.iter().map(|(_, m)| m[i]).sum::<f64>() / n as f64;
     let settings: Vec<String> =
         ["GOGC", "GOMEMLIMIT"].iter().filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}"))).collect();
-    let settings = if settings.is_empty() { "Go defaults".to_string() } else { settings.join(" ") };
+    // Unset, each component runs with its own default (`vkube run`'s: GOGC=50 for etcd and the
+    // control plane).
+    let settings = if settings.is_empty() { "the components' Go defaults".to_string() } else { settings.join(" ") };
     let (rss, pss, anon) = (per_cluster(0), per_cluster(1), per_cluster(2));
     r.add("idle_rss_mib_per_cluster", rss, "MiB", format!("mean of {n} empty clusters side by side, {settings}"));
     r.add("idle_pss_mib_per_cluster", pss, "MiB", "proportional: pages shared between clusters (code) counted once");
@@ -876,7 +884,7 @@ async fn idle(r: &mut Results, env: &TestEnv, n: usize, run_args: &[String]) {
         "m",
         format!("CPU of all three processes over {} s", window.as_secs()),
     );
-    r.add("idle_clusters_per_24gib", (24.0 * 1024.0 / pss).floor(), "", "24 GiB / PSS per cluster (memory only)");
+    r.add("density_idle_per_24gib", 24.0 * 1024.0 / pss, "clusters", "24 GiB / PSS per cluster (memory only)");
 }
 
 /// What a restart of the control-plane process costs once it has resynced.
