@@ -6,9 +6,11 @@
 //! - `volumes`: the volume types that may reach the host (an allowlist);
 //! - `scheduling`: where host pods may run (the admin's selector and tolerations, and what of
 //!   the tenant's node choice survives);
-//! - `cluster_ips`: which hand-picked Service addresses may be taken on the host.
+//! - `cluster_ips`: which hand-picked Service addresses may be taken on the host;
+//! - `ingresses`: which ingress classes and host names tenants' Ingresses may use.
 
 pub mod cluster_ips;
+pub mod ingresses;
 pub mod pod_security;
 pub mod scheduling;
 pub mod volumes;
@@ -65,6 +67,7 @@ pub struct Policy {
     /// The host's service ranges: a tenant's hand-picked ClusterIPs must be in them, above their
     /// static bands (none known: no hand-picked address is taken on the host).
     pub service_ranges: Vec<ipnet::IpNet>,
+    pub ingresses: ingresses::Ingresses,
 }
 
 /// Why an object is kept off the host, in words a tenant can act on.

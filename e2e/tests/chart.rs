@@ -37,6 +37,9 @@ policy:
   podSecurity: restricted
   allowNodePorts: true
   allowLoadBalancers: true
+  ingress:
+    classes: [web, internal]
+    hosts: ["*.team-a.example.com", shop.example.com]
 sync:
   allConfigMaps: true
   allSecrets: true
@@ -162,6 +165,7 @@ fn the_schema_refuses_invalid_values() {
         (&["--set", "goRuntime.GOMEMLIMIT=1073741824"], "at '/goRuntime/GOMEMLIMIT': got number, want string"),
         // A misspelt key is not silently ignored.
         (&["--set", "policy.podsecurity=restricted"], "at '/policy': additional properties 'podsecurity' not allowed"),
+        (&["--set-json", "policy.ingress.hosts=[\"*\"]"], "at '/policy/ingress/hosts/0'"),
         (&["--set", "polcy.podSecurity=restricted"], "additional properties 'polcy' not allowed"),
     ];
     for (args, want) in cases {
@@ -362,6 +366,8 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 ("VKUBE_SYNC_ALL_CONFIGMAPS", "true"),
                 ("VKUBE_SYNC_ALL_SECRETS", "true"),
                 ("VKUBE_SYNC_NETWORK_POLICIES", "true"),
+                ("VKUBE_INGRESS_CLASSES", "web,internal"),
+                ("VKUBE_INGRESS_HOSTS", "*.team-a.example.com,shop.example.com"),
                 ("VKUBE_SYNC_CONCURRENCY", "4"),
                 ("VKUBE_COREDNS_IMAGE", "registry.example.com/mirror/coredns:v1.12.4"),
                 ("VKUBE_LOG_FORMAT", "json"),

@@ -282,7 +282,16 @@ async fn delete_in_a_shared_namespace_leaves_nothing_of_the_cluster() {
     let cli = Cli::new(&env);
     env.kubectl_ok(&["create", "namespace", "shared"]);
     env.kubectl_ok(&["-n", "shared", "create", "configmap", "not-ours"]);
-    cli.ok(&["create", "team-e", "--local", "--namespace", "shared", "--run-arg=--sync-network-policies"]);
+    cli.ok(&[
+        "create",
+        "team-e",
+        "--local",
+        "--namespace",
+        "shared",
+        "--run-arg=--sync-network-policies",
+        "--ingress-classes=web",
+        "--ingress-hosts=*.team-e.example.com",
+    ]);
     let kubeconfig = cli.state.path().join("team-e.kubeconfig");
     std::fs::write(&kubeconfig, cli.ok(&["connect", "team-e", "--namespace", "shared", "--print"])).unwrap();
     let up = vkube_localenv::Upstream::locate().unwrap();
@@ -297,13 +306,22 @@ metadata: {name: quiet}
 spec:
   podSelector: {}
   policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: solo}
+spec:
+  rules:
+  - host: solo.team-e.example.com
+    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: solo, port: {number: 80}}}}]}
 "#,
     );
-    kubectl_ok(&up, &kubeconfig, &["run", "solo", "--image=nginx"]);
+    kubectl_ok(&up, &kubeconfig, &["run", "solo", "--image=nginx", "--expose", "--port=80"]);
     eventually("every kind's host copy", Duration::from_secs(60), || async {
         let got =
             |kind: &str| env.kubectl_ok(&["-n", "shared", "get", kind, "-l", "vkube.dev/cluster=team-e", "-o", "name"]);
-        let have = ["pods", "services", "endpointslices", "networkpolicies"].map(|k| !got(k).trim().is_empty());
+        let have =
+            ["pods", "services", "endpointslices", "networkpolicies", "ingresses"].map(|k| !got(k).trim().is_empty());
         Ok(have.iter().all(|h| *h).then_some(()))
     })
     .await;

@@ -651,6 +651,125 @@ async fn network_policies_are_confined_copies_or_reported_as_not_enforced() {
     .await;
 }
 
+/// Ingresses: with the admin's classes and host names, the host copy routes to the host copies
+/// of the tenant's Service under an allowed class, carries its TLS Secret and only the
+/// annotations the admin made verbatim, and the controller's address flows back; a host name,
+/// class or catch-all outside the policy is refused by field, and without classes the tenant is
+/// told nothing serves its Ingress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names() {
+    use k8s_openapi::api::networking::v1::Ingress;
+    let env = TestEnv::start(1).await;
+    let on = env
+        .virtual_cluster_with(
+            "ingress",
+            &[
+                "--ingress-classes=web,internal",
+                "--ingress-hosts=*.team-a.example.com",
+                "--verbatim-keys=nginx.ingress.kubernetes.io/rewrite-target",
+            ],
+        )
+        .await;
+    let off = env.virtual_cluster("noingress").await;
+    let tr = tr(&on);
+    let ingress = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    nginx.ingress.kubernetes.io/rewrite-target: /\n    nginx.ingress.kubernetes.io/configuration-snippet: 'return 200 owned;'\nspec:\n{spec}"
+        )
+    };
+    let web = "  tls: [{hosts: [api.team-a.example.com], secretName: api-tls}]\n  rules:\n  - host: api.team-a.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}]}\n";
+    on.kubectl_ok(&["create", "service", "clusterip", "api", "--tcp=80:8080"]);
+    on.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: api-tls, namespace: default}\ntype: kubernetes.io/tls\nstringData: {tls.crt: cert, tls.key: key}\n");
+    on.apply(&ingress("web", web));
+    off.apply(&ingress("web", web));
+
+    let host = env.client().await;
+    let api: Api<Ingress> = Api::namespaced(host.clone(), on.host_namespace());
+    let copy = eventually("the host copy of the Ingress", Duration::from_secs(30), || async {
+        api.get_opt(&tr.host_name("default", "web")).await.map_err(|e| e.to_string())
+    })
+    .await;
+    let spec = serde_json::to_value(&copy).unwrap()["spec"].clone();
+    assert_eq!(spec["ingressClassName"], "web", "the admin's first class, none being named");
+    let backend = &spec["rules"][0]["http"]["paths"][0]["backend"]["service"];
+    assert_eq!(backend["name"], tr.host_name("default", "api"), "the host copy of the Service");
+    assert_eq!(spec["tls"][0]["secretName"], tr.host_name("default", "api-tls"));
+    let annotations = copy.annotations();
+    assert_eq!(annotations["nginx.ingress.kubernetes.io/rewrite-target"], "/", "a verbatim key");
+    assert!(
+        !annotations.contains_key("nginx.ingress.kubernetes.io/configuration-snippet"),
+        "no other key reaches the controller: {annotations:?}"
+    );
+    let inert = tr.host_key("nginx.ingress.kubernetes.io/configuration-snippet");
+    assert!(
+        inert.contains("t.vkube.dev/") && annotations.contains_key(&inert),
+        "under the tenant domain: {annotations:?}"
+    );
+    let secrets: Api<Secret> = Api::namespaced(host.clone(), on.host_namespace());
+    eventually("the TLS Secret on the host, the Ingress using it", Duration::from_secs(30), || async {
+        secrets.get_opt(&tr.host_name("default", "api-tls")).await.map_err(|e| e.to_string())
+    })
+    .await;
+
+    // The host's ingress controller gives the copy an address: the tenant sees it.
+    let status = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}});
+    let pp = kube::api::PatchParams::default();
+    api.patch_status(&copy.name_any(), &pp, &kube::api::Patch::Merge(&status)).await.unwrap();
+    let vingresses: Api<Ingress> = Api::namespaced(on.client().await, "default");
+    eventually("the address in the virtual Ingress's status", Duration::from_secs(30), || async {
+        let v = vingresses.get("web").await.map_err(|e| e.to_string())?;
+        let lb = v.status.and_then(|s| s.load_balancer).and_then(|l| l.ingress).unwrap_or_default();
+        Ok(lb.first().and_then(|i| i.ip.clone()).filter(|ip| ip == "192.0.2.10"))
+    })
+    .await;
+
+    // The controller's address goes: so does the tenant's.
+    let gone = serde_json::json!({"status": {"loadBalancer": {"ingress": null}}});
+    api.patch_status(&copy.name_any(), &pp, &kube::api::Patch::Merge(&gone)).await.unwrap();
+    eventually("the address cleared from the virtual Ingress", Duration::from_secs(30), || async {
+        let v = vingresses.get("web").await.map_err(|e| e.to_string())?;
+        let lb = v.status.and_then(|s| s.load_balancer).and_then(|l| l.ingress).unwrap_or_default();
+        Ok(lb.is_empty().then_some(()))
+    })
+    .await;
+
+    // Outside the policy: refused by field, nothing on the host.
+    on.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: elsewhere, namespace: default}\nspec: {ports: [{port: 80}]}\n",
+    );
+    let sneak = "  tls: [{secretName: api-tls}]\n  rules:\n  - host: b.team-a.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: elsewhere, port: {number: 80}}}}]}\n";
+    on.apply(&ingress("sneak", sneak));
+    let steal = "  rules:\n  - host: login.team-b.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}]}\n";
+    on.apply(&ingress("steal", steal));
+    let catch_all = "  ingressClassName: public\n  defaultBackend: {service: {name: api, port: {number: 80}}}\n";
+    on.apply(&ingress("catch-all", catch_all));
+    let warned = on.warned("default", "steal", "spec.rules[0].host: \"login.team-b.example.com\"").await;
+    assert_eq!(warned.reason.as_deref(), Some("IngressNotAllowed"));
+    let warned = on.warned("default", "catch-all", "spec.defaultBackend").await;
+    assert!(warned.message.unwrap_or_default().contains("spec.ingressClassName: \"public\""));
+    on.warned("default", "sneak", "spec.tls[0].hosts: required here").await;
+    // Within the policy but for its backend: a Service whose addresses the tenant writes.
+    on.apply(&ingress("sneak", &sneak.replace("  tls: [{secretName: api-tls}]\n", "")));
+    let warned = on.warned("default", "sneak", "Service default/elsewhere has no selector").await;
+    assert_eq!(warned.reason.as_deref(), Some("BackendNotAllowed"));
+    eventually("the tenant without ingress classes is told", Duration::from_secs(30), || async {
+        let w = warnings(&off, "default", "web").await;
+        Ok(w.iter().any(|e| e.reason.as_deref() == Some("NotServed")).then_some(()))
+    })
+    .await;
+    assert!(host_names::<Ingress>(&env, &off).await.is_empty(), "nothing on the host without classes");
+    let names = host_names::<Ingress>(&env, &on).await;
+    assert_eq!(names, [tr.host_name("default", "web")].into(), "only the allowed Ingress");
+
+    on.kubectl_ok(&["delete", "ingress", "web"]);
+    eventually("the copy and its TLS Secret go with it", Duration::from_secs(30), || async {
+        let gone = host_names::<Ingress>(&env, &on).await.is_empty()
+            && secrets.get_opt(&tr.host_name("default", "api-tls")).await.map_err(|e| e.to_string())?.is_none();
+        Ok(gone.then_some(()))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_to_zero_and_deleting_leave_nothing_behind() {
     let env = TestEnv::start(2).await;

@@ -1,4 +1,5 @@
-//! ConfigMaps and Secrets: copied while a pod uses them (or always, if the admin asks), updated
+//! ConfigMaps and Secrets: copied while a pod (or an Ingress's TLS) uses them (or always, if the
+//! admin asks), updated
 //! as they change, removed from the host when nothing uses them any more.
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};

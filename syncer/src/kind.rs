@@ -12,7 +12,7 @@ use std::future::Future;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::discovery::ApiResource;
@@ -98,6 +98,7 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<EndpointSlice>();
     v.visit::<PersistentVolumeClaim>();
     v.visit::<NetworkPolicy>();
+    v.visit::<Ingress>();
 }
 
 /// Every host resource type the syncer writes (each once): what a cluster's cleanup deletes
@@ -244,7 +245,8 @@ mod tests {
                 "endpoints",
                 "endpointslices",
                 "persistentvolumeclaims",
-                "networkpolicies"
+                "networkpolicies",
+                "ingresses"
             ]
         );
     }

@@ -5,13 +5,14 @@
 //!   isolation policy, shared with the API proxy);
 //! - `kind`: the one list of synced kinds and the description each gives (`SyncedKind`);
 //! - one module per synced kind: `pods`, `services`, `configs` (configmaps, secrets),
-//!   `endpoints`, `endpointslices`, `claims`, `networkpolicies` (when the admin turns them on);
+//!   `endpoints`, `endpointslices`, `claims`, `networkpolicies` and `ingresses` (when the admin
+//!   turns them on);
 //! - the loops beside them: `tokens` (virtual service-account tokens for host pods), `nodes`
 //!   (virtual nodes), `events` (host events shown on virtual objects), `dns` (CoreDNS);
 //! - the shape they share: `sync` (ownership, collisions, refusals), `mirror` (plain copies),
 //!   `budget` (writes per host object per minute);
 //! - the machinery: `informer` (watches + stores), `queue` (keyed work queue), `refs` (what
-//!   pods use), `context`, `health` (for the control plane's probes), `metrics`.
+//!   pods and Ingresses use), `context`, `health` (for the control plane's probes), `metrics`.
 
 pub mod budget;
 pub mod claims;
@@ -24,6 +25,7 @@ pub mod endpointslices;
 pub mod events;
 pub mod health;
 pub mod informer;
+pub mod ingresses;
 pub mod kind;
 pub mod metrics;
 pub mod mirror;

@@ -1,6 +1,6 @@
 //! Kinds whose host copy is a translated copy of the virtual object, kept in step and removed
 //! when the virtual object goes or is no longer wanted: configmaps, secrets, endpoints, endpoint
-//! slices, claims, network policies. Every [`Mirror`] is a [`SyncedKind`] reconciled here.
+//! slices, claims, network policies, ingresses. Every [`Mirror`] is a [`SyncedKind`] reconciled here.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::context::{Context, Key};
+use crate::informer::Change;
 use crate::kind::SyncedKind;
 use crate::naming::Translator;
 use crate::policy::Refusal;
@@ -34,6 +35,11 @@ pub trait Mirror:
     /// Which host objects the host watch sees (see [`SyncedKind::host_watch`]).
     fn host_watch(tr: &Translator) -> watcher::Config {
         crate::kind::owned_by_cluster(tr)
+    }
+
+    /// What a change of a virtual object enqueues (see [`SyncedKind::on_virtual_change`]).
+    fn on_virtual_change(ctx: &Context, v: &Self, _change: Change) {
+        ctx.queues.of::<Self>().add(crate::informer::key_of(v));
     }
 
     /// Whether this virtual object belongs on the host at all.
@@ -72,6 +78,10 @@ impl<M: Mirror> SyncedKind for M {
 
     fn host_watch(tr: &Translator) -> watcher::Config {
         <M as Mirror>::host_watch(tr)
+    }
+
+    fn on_virtual_change(ctx: &Context, v: &M, change: Change) {
+        <M as Mirror>::on_virtual_change(ctx, v, change)
     }
 
     fn reconcile(ctx: &Context, key: Key) -> impl Future<Output = Result<Action>> + Send {

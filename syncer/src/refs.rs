@@ -1,5 +1,6 @@
 //! What a pod refers to (configmaps, secrets, claims, its service account, its node), and an
 //! index of those references, so "is this configmap used?" is a lookup, not a scan of all pods.
+//! Ingresses' TLS Secrets are in it too, under users named `ingress:NAME` (`ingresses`).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::RwLock;

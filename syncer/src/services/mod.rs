@@ -35,12 +35,14 @@ impl SyncedKind for Service {
     type HostStored = Service;
 
     /// Its Endpoints follow it, and a selector added or removed changes which of its slices are
-    /// the tenant's. What the host allocated is compared again too (the tenant may have edited it).
+    /// the tenant's and which Ingresses may route to it. What the host allocated is compared again too (the tenant may have edited it).
     fn on_virtual_change(c: &Context, s: &Service, _: Change) {
         let (ns, name) = key_of(s);
         c.queues.of::<Service>().add((ns.clone(), name.clone()));
         c.queues.upward::<Service>().add((ns.clone(), name.clone()));
         c.queues.of::<Endpoints>().add((ns.clone(), name.clone()));
+        let ingresses = c.queues.of::<k8s_openapi::api::networking::v1::Ingress>();
+        crate::ingresses::using_service(c, &ns, &name).into_iter().for_each(|k| ingresses.add(k));
         for slice in c.stores.virt::<EndpointSlice>().state() {
             let of_service = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) == Some(&name);
             if of_service && slice.metadata.namespace.as_deref() == Some(ns.as_str()) {

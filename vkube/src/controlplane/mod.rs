@@ -206,6 +206,16 @@ pub struct PolicyArgs {
     #[arg(long, env = "VKUBE_VERBATIM_KEYS", value_delimiter = ',')]
     #[serde(default)]
     pub verbatim_keys: Vec<String>,
+    /// Ingress classes tenants' Ingresses may use (comma-separated; the first is given to one
+    /// naming none); none: Ingresses are not synced.
+    #[arg(long, env = "VKUBE_INGRESS_CLASSES", value_delimiter = ',')]
+    #[serde(default)]
+    pub ingress_classes: Vec<String>,
+    /// Host names tenants' Ingresses may claim (comma-separated; exact, or `*.suffix` for any
+    /// name under it).
+    #[arg(long, env = "VKUBE_INGRESS_HOSTS", value_delimiter = ',')]
+    #[serde(default)]
+    pub ingress_hosts: Vec<String>,
 }
 
 use vkube_core::policy::scheduling::{DEFAULT_TENANT_NODE_LABELS, DEFAULT_TOLERABLE_TAINTS};
@@ -242,6 +252,10 @@ impl PolicyArgs {
                 None => anyhow::bail!("--host-node-selector: {kv:?} is not key=value"),
             })
             .collect::<anyhow::Result<_>>()?;
+        let ingress_hosts = list(&self.ingress_hosts);
+        if let Some(bad) = ingress_hosts.iter().find(|h| !vkube_core::policy::ingresses::is_host_pattern(h)) {
+            anyhow::bail!("--ingress-hosts: {bad:?} is neither a host name nor *.suffix (e.g. *.team-a.example.com)");
+        }
         let tolerations = serde_json::from_str(&self.host_tolerations).with_context(|| {
             format!("--host-tolerations: {:?} is not a JSON list of tolerations", self.host_tolerations)
         })?;
@@ -262,6 +276,10 @@ impl PolicyArgs {
             },
             // `vkube run --service-cidr`: a fact about the host, not a choice of policy.
             service_ranges: vec![],
+            ingresses: vkube_core::policy::ingresses::Ingresses {
+                classes: list(&self.ingress_classes),
+                hosts: ingress_hosts,
+            },
         })
     }
 
@@ -290,6 +308,8 @@ impl PolicyArgs {
         args.push(format!("--tenant-node-labels={}", self.tenant_node_labels.join(",")));
         args.push(format!("--runtime-classes={}", self.runtime_classes.join(",")));
         args.push(format!("--verbatim-keys={}", self.verbatim_keys.join(",")));
+        args.push(format!("--ingress-classes={}", self.ingress_classes.join(",")));
+        args.push(format!("--ingress-hosts={}", self.ingress_hosts.join(",")));
         args
     }
 
@@ -312,6 +332,8 @@ impl PolicyArgs {
             format!("--set=policy.scheduling.bindNodeName={}", self.bind_node_name),
             format!("--set=policy.scheduling.virtualScheduler={}", self.virtual_scheduler),
             format!("--set-json=policy.verbatimKeys={}", list(&self.verbatim_keys)),
+            format!("--set-json=policy.ingress.classes={}", list(&self.ingress_classes)),
+            format!("--set-json=policy.ingress.hosts={}", list(&self.ingress_hosts)),
         ]
         .into_iter()
         .chain(
@@ -1029,6 +1051,8 @@ mod tests {
             runtime_classes: vec!["gvisor".into()],
             bind_node_name: true,
             virtual_scheduler: true,
+            ingress_classes: vec!["web".into()],
+            ingress_hosts: vec!["*.team-a.example.com".into(), "shop.example.com".into()],
             ..PolicyArgs::default()
         };
         let flags: Vec<String> = std::iter::once("vkube".to_string()).chain(args.to_args()).collect();
@@ -1039,7 +1063,12 @@ mod tests {
         assert!(again.scheduling.bind_node_name && again.scheduling.virtual_scheduler);
         assert!(again.scheduling.tolerable_taints.is_empty(), "an empty list stays empty, not the default");
         assert_eq!(again.scheduling.runtime_classes, ["gvisor"]);
+        assert_eq!(again.ingresses.classes, ["web"]);
+        assert_eq!(again.ingresses.hosts, ["*.team-a.example.com", "shop.example.com"]);
+        assert!(!default.ingresses.enabled(), "no ingress reaches the host unless the admin says so");
         let bad = PolicyArgs { host_node_selector: vec!["pool".into()], ..PolicyArgs::default() };
         assert!(bad.policy().unwrap_err().to_string().contains("key=value"));
+        let everything = PolicyArgs { ingress_hosts: vec!["*".into()], ..PolicyArgs::default() };
+        assert!(everything.policy().unwrap_err().to_string().contains("--ingress-hosts: \"*\""));
     }
 }
