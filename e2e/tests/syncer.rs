@@ -666,7 +666,8 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
             &[
                 "--ingress-classes=web,internal",
                 "--ingress-hosts=*.team-a.example.com",
-                "--verbatim-keys=nginx.ingress.kubernetes.io/rewrite-target",
+                // The class annotation made verbatim by mistake: the class is still the spec's.
+                "--verbatim-keys=nginx.ingress.kubernetes.io/rewrite-target,kubernetes.io/ingress.class",
             ],
         )
         .await;
@@ -674,7 +675,7 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
     let tr = tr(&on);
     let ingress = |name: &str, spec: &str| {
         format!(
-            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    nginx.ingress.kubernetes.io/rewrite-target: /\n    nginx.ingress.kubernetes.io/configuration-snippet: 'return 200 owned;'\nspec:\n{spec}"
+            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    nginx.ingress.kubernetes.io/rewrite-target: /\n    nginx.ingress.kubernetes.io/configuration-snippet: 'return 200 owned;'\n    kubernetes.io/ingress.class: public\nspec:\n{spec}"
         )
     };
     let web = "  tls: [{hosts: [api.team-a.example.com], secretName: api-tls}]\n  rules:\n  - host: api.team-a.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}]}\n";
@@ -705,6 +706,7 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
         inert.contains("t.vkube.dev/") && annotations.contains_key(&inert),
         "under the tenant domain: {annotations:?}"
     );
+    assert!(!annotations.contains_key("kubernetes.io/ingress.class"), "never a class but the spec's: {annotations:?}");
     let secrets: Api<Secret> = Api::namespaced(host.clone(), on.host_namespace());
     eventually("the TLS Secret on the host, the Ingress using it", Duration::from_secs(30), || async {
         secrets.get_opt(&tr.host_name("default", "api-tls")).await.map_err(|e| e.to_string())
