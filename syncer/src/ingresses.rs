@@ -16,6 +16,7 @@ use crate::informer::{Change, key_of};
 use crate::mirror::{Mirror, meta_differs};
 use crate::naming::Translator;
 use crate::policy::Refusal;
+use crate::policy::ingresses::Ingresses;
 use crate::refs::RefKind;
 use crate::sync::{self, Result};
 
@@ -41,8 +42,8 @@ impl Mirror for Ingress {
         let changed = match change {
             Change::Deleted => ctx.refs.remove(&ns, &user),
             Change::Applied | Change::Listed => {
-                let allowed = ctx.policy.ingresses.enabled()
-                    && v.spec.as_ref().is_some_and(|s| ctx.policy.ingresses.check(s).is_ok());
+                // (With no class allowed, every Ingress fails the check.)
+                let allowed = v.spec.as_ref().is_some_and(|s| ctx.policy.ingresses.check(s).is_ok());
                 ctx.refs.update(&ns, &user, if allowed { tls_secrets(v) } else { BTreeSet::new() })
             }
         };
@@ -63,11 +64,7 @@ impl Mirror for Ingress {
         metadata.annotations.iter_mut().for_each(|a| {
             a.remove(CLASS_ANNOTATION);
         });
-        Ok(Ingress {
-            metadata,
-            spec: Some(host_spec(&ctx.tr, ns, spec, ctx.policy.ingresses.class(None))),
-            status: None,
-        })
+        Ok(Ingress { metadata, spec: Some(host_spec(&ctx.tr, ns, spec, &ctx.policy.ingresses)), status: None })
     }
 
     fn differs(d: &Self, c: &Self) -> bool {
@@ -103,24 +100,20 @@ pub fn backend_violation(
     ns: &str,
     service: impl Fn(&str) -> Option<std::sync::Arc<Service>>,
 ) -> Result<(), Refusal> {
-    let rules = spec.rules.iter().flatten().enumerate();
-    for (i, rule) in rules {
-        for (j, path) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
-            let Some(name) = path.backend.service.as_ref().map(|s| s.name.as_str()) else { continue };
-            let field = format!("spec.rules[{i}].http.paths[{j}].backend.service.name");
-            let message = match service(name).as_ref().and_then(|s| s.spec.as_ref()) {
-                None => format!("{field}: Service {ns}/{name} not found: the Ingress reaches the host once it exists"),
-                Some(s) if s.type_.as_deref() == Some("ExternalName") => {
-                    format!("{field}: Service {ns}/{name} is an ExternalName: not allowed behind an Ingress here")
-                }
-                Some(s) if s.selector.as_ref().is_none_or(|sel| sel.is_empty()) => format!(
-                    "{field}: Service {ns}/{name} has no selector: its addresses are the tenant's choice, not \
-                     allowed behind an Ingress here"
-                ),
-                Some(_) => continue,
-            };
-            return Err(Refusal { reason: "BackendNotAllowed", message });
-        }
+    for ((i, j), name) in service_backends(spec) {
+        let field = format!("spec.rules[{i}].http.paths[{j}].backend.service.name");
+        let message = match service(name).as_ref().and_then(|s| s.spec.as_ref()) {
+            None => format!("{field}: Service {ns}/{name} not found: the Ingress reaches the host once it exists"),
+            Some(s) if s.type_.as_deref() == Some("ExternalName") => {
+                format!("{field}: Service {ns}/{name} is an ExternalName: not allowed behind an Ingress here")
+            }
+            Some(s) if s.selector.as_ref().is_none_or(|sel| sel.is_empty()) => format!(
+                "{field}: Service {ns}/{name} has no selector: its addresses are the tenant's choice, not \
+                 allowed behind an Ingress here"
+            ),
+            Some(_) => continue,
+        };
+        return Err(Refusal { reason: "BackendNotAllowed", message });
     }
     Ok(())
 }
@@ -128,12 +121,18 @@ pub fn backend_violation(
 /// The Ingresses of namespace `ns` with a backend named `service`: looked at again when it
 /// changes (a backend may appear, lose its selector, become an ExternalName).
 pub fn using_service(ctx: &Context, ns: &str, service: &str) -> Vec<(String, String)> {
-    let names = |i: &Ingress| {
-        let paths = i.spec.iter().flat_map(|s| s.rules.iter().flatten()).flat_map(|r| r.http.iter());
-        paths.flat_map(|h| h.paths.iter()).any(|p| p.backend.service.as_ref().is_some_and(|s| s.name == service))
-    };
+    let names = |i: &Ingress| i.spec.as_ref().is_some_and(|s| service_backends(s).any(|(_, n)| n == service));
     let all = ctx.stores.virt::<Ingress>().state();
     all.iter().filter(|i| i.metadata.namespace.as_deref() == Some(ns) && names(i)).map(|i| key_of(i.as_ref())).collect()
+}
+
+/// The Services an Ingress's paths send to, each with its (rule, path) index.
+fn service_backends(spec: &IngressSpec) -> impl Iterator<Item = ((usize, usize), &str)> {
+    let rules = spec.rules.iter().flatten().enumerate();
+    rules.flat_map(|(i, r)| {
+        let paths = r.http.iter().flat_map(|h| h.paths.iter()).enumerate();
+        paths.filter_map(move |(j, p)| p.backend.service.as_ref().map(|s| ((i, j), s.name.as_str())))
+    })
 }
 
 /// The reference index's user key of an Ingress: no pod has a name with a colon.
@@ -147,12 +146,10 @@ pub fn tls_secrets(v: &Ingress) -> BTreeSet<(RefKind, String)> {
     tls.filter_map(|t| t.secret_name.clone()).filter(|s| !s.is_empty()).map(|s| (RefKind::Secret, s)).collect()
 }
 
-/// A checked virtual spec as the host's (pure): the class given when none is named, and every
-/// Service and Secret named by its host copy's name.
-pub fn host_spec(tr: &Translator, ns: &str, mut spec: IngressSpec, default_class: Option<String>) -> IngressSpec {
-    if spec.ingress_class_name.is_none() {
-        spec.ingress_class_name = default_class;
-    }
+/// A checked virtual spec as the host's (pure): the class the policy gives it, and every Service
+/// and Secret named by its host copy's name.
+pub fn host_spec(tr: &Translator, ns: &str, mut spec: IngressSpec, policy: &Ingresses) -> IngressSpec {
+    spec.ingress_class_name = policy.class(spec.ingress_class_name.as_deref());
     for path in spec.rules.iter_mut().flatten().flat_map(|r| r.http.iter_mut()).flat_map(|h| h.paths.iter_mut()) {
         if let Some(s) = path.backend.service.as_mut() {
             s.name = tr.host_name(ns, &s.name);
@@ -214,7 +211,8 @@ mod tests {
             },
         }))
         .unwrap();
-        let h = host_spec(&tr, "shop", v.spec.clone().unwrap(), Some("web".into()));
+        let policy = Ingresses { classes: vec!["web".into(), "internal".into()], hosts: vec![] };
+        let h = host_spec(&tr, "shop", v.spec.clone().unwrap(), &policy);
         assert_eq!(h.ingress_class_name.as_deref(), Some("web"));
         let backend = &h.rules.as_ref().unwrap()[0].http.as_ref().unwrap().paths[0].backend;
         assert_eq!(backend.service.as_ref().unwrap().name, "api-x-shop-x-team-a");
@@ -223,6 +221,6 @@ mod tests {
         assert_eq!(tls[1].secret_name, None, "the controller's default certificate");
         assert_eq!(tls_secrets(&v), [(RefKind::Secret, "api-tls".to_string())].into());
         let named = IngressSpec { ingress_class_name: Some("internal".into()), ..Default::default() };
-        assert_eq!(host_spec(&tr, "shop", named, Some("web".into())).ingress_class_name.as_deref(), Some("internal"));
+        assert_eq!(host_spec(&tr, "shop", named, &policy).ingress_class_name.as_deref(), Some("internal"));
     }
 }

@@ -1,6 +1,7 @@
 //! Kinds whose host copy is a translated copy of the virtual object, kept in step and removed
 //! when the virtual object goes or is no longer wanted: configmaps, secrets, endpoints, endpoint
-//! slices, claims, network policies, ingresses. Every [`Mirror`] is a [`SyncedKind`] reconciled here.
+//! slices, claims, network policies, ingresses. Every [`Mirror`] is a [`SyncedKind`] reconciled
+//! here.
 
 use std::fmt::Debug;
 use std::future::Future;

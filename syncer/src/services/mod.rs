@@ -35,7 +35,8 @@ impl SyncedKind for Service {
     type HostStored = Service;
 
     /// Its Endpoints follow it, and a selector added or removed changes which of its slices are
-    /// the tenant's and which Ingresses may route to it. What the host allocated is compared again too (the tenant may have edited it).
+    /// the tenant's and which Ingresses may route to it. What the host allocated is compared
+    /// again too (the tenant may have edited it).
     fn on_virtual_change(c: &Context, s: &Service, _: Change) {
         let (ns, name) = key_of(s);
         c.queues.of::<Service>().add((ns.clone(), name.clone()));
