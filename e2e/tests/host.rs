@@ -24,16 +24,23 @@ async fn simulated_nodes_are_ready_and_a_deployment_runs_with_logs_exec_and_port
     let pods: Vec<String> = eventually("3 pods Running with IPs", Duration::from_secs(30), || async {
         let out = env.kubectl(&["get", "pods", "-l", "app=web", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-        let running: Vec<String> = v["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        let running: Vec<String> = items
+            .iter()
             .filter(|p| {
                 p["status"]["phase"] == "Running" && p["status"]["podIP"].as_str().is_some_and(|ip| !ip.is_empty())
             })
             .map(|p| p["metadata"]["name"].as_str().unwrap_or_default().to_string())
             .collect();
-        Ok((running.len() == 3).then_some(running))
+        if running.len() == 3 {
+            return Ok(Some(running));
+        }
+        // What a timeout reports: each pod's phase and node.
+        let seen: Vec<String> = items
+            .iter()
+            .map(|p| format!("{} {} on {}", p["metadata"]["name"], p["status"]["phase"], p["spec"]["nodeName"]))
+            .collect();
+        Err(format!("{} pods: {seen:?}", items.len()))
     })
     .await;
     eprintln!("3 pods Running with IPs after {:.1} s", started.elapsed().as_secs_f64());

@@ -476,15 +476,28 @@ impl HostCluster {
         .map_err(|d| self.not_ready("kwok", timeout, d))
     }
 
-    async fn wait_default_service_account(&self, client: &Client) -> Result<()> {
+    /// The controller manager makes it: a manager that exited is reported at once, with its log.
+    async fn wait_default_service_account(&mut self, client: &Client) -> Result<()> {
         let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
         let timeout = Duration::from_secs(60);
-        wait::until(timeout, Duration::from_millis(200), || {
+        let processes = &mut self.processes;
+        let mut exited = None;
+        let res = wait::until(timeout, Duration::from_millis(200), || {
             let sas = sas.clone();
-            async move { sas.get_opt("default").await.map(|o| o.map(|_| ())).map_err(|e| e.to_string()) }
+            exited = processes.check_running().err();
+            let stop = exited.is_some();
+            async move {
+                if stop {
+                    return Ok(Some(()));
+                }
+                sas.get_opt("default").await.map(|o| o.map(|_| ())).map_err(|e| e.to_string())
+            }
         })
-        .await
-        .map_err(|d| self.not_ready("kube-controller-manager", timeout, d))
+        .await;
+        match exited {
+            Some(e) => Err(e),
+            None => res.map_err(|d| self.not_ready("kube-controller-manager", timeout, d)),
+        }
     }
 
     fn not_ready(&self, component: &str, timeout: Duration, detail: String) -> Error {
