@@ -148,6 +148,13 @@ impl Sleep {
         !user.starts_with("system:") || self.counted_users.iter().any(|u| u == user)
     }
 
+    /// A request for the host name of one of the cluster's sleeping Ingresses: activity (of
+    /// `ingress:HOST`) that wakes the cluster, without waiting for it.
+    pub fn wake_from_ingress(&self, host: &str) {
+        self.activity.record(&format!("ingress:{host}"), "get");
+        self.wake.notify_one();
+    }
+
     /// Wakes the cluster if it sleeps and waits until it runs (held, not refused); `Asleep`
     /// if it is not back within the wake timeout.
     pub async fn wake_and_wait(&self) -> Result<(), ProxyError> {

@@ -29,6 +29,8 @@ const CERT_DIR: &str = "/pki";
 const STATE_DIR: &str = "/data";
 const APISERVER: u16 = 6443;
 const PROXY: u16 = 8443;
+/// The chart's ports must be the ones the code names (`ingress_wake`).
+const WAKE: u16 = vkube::controlplane::ingress_wake::POD_PORT as u16;
 
 /// Every setting changed from its default.
 const NON_DEFAULT_VALUES: &str = r#"
@@ -324,13 +326,32 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
         assert_parses("run", &run);
         assert_eq!(run["VKUBE_LISTEN"], format!("0.0.0.0:{PROXY}"));
         assert_eq!(run["VKUBE_ENDPOINT"], format!("https://{}.{NS}.svc:443", names::service(NAME)));
-        let port = &vkube["ports"][0];
-        assert_eq!((port["name"].as_str(), port["containerPort"].as_u64()), (Some("https"), Some(PROXY as u64)));
+        assert_eq!(run["VKUBE_WAKE_LISTEN"], format!("0.0.0.0:{WAKE}"));
+        let pod_ports: Vec<(Option<&str>, Option<u64>)> = vkube["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["name"].as_str(), p["containerPort"].as_u64()))
+            .collect();
+        assert_eq!(pod_ports, [(Some("https"), Some(PROXY as u64)), (Some("wake"), Some(WAKE as u64))], "{what}");
 
-        // The Service kubectl and in-cluster clients reach.
+        // The Service kubectl and in-cluster clients reach, and sleeping Ingresses lead to.
+        use vkube::controlplane::ingress_wake as wake;
         let svc = find(&objects, "Service", &names::service(NAME));
-        let sp = &svc["spec"]["ports"][0];
-        assert_eq!((sp["port"].as_u64(), sp["targetPort"].as_str()), (Some(443), Some("https")), "{what}");
+        let service_ports: Vec<(Option<&str>, Option<u64>, Option<&str>)> = svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["name"].as_str(), p["port"].as_u64(), p["targetPort"].as_str()))
+            .collect();
+        assert_eq!(
+            service_ports,
+            [
+                (Some("https"), Some(443), Some("https")),
+                (Some(wake::PORT_NAME), Some(wake::SERVICE_PORT as u64), Some("wake"))
+            ],
+            "{what}"
+        );
         let selector = svc["spec"]["selector"].as_object().expect("selector");
         let pod_labels = sts["spec"]["template"]["metadata"]["labels"].as_object().expect("pod labels");
         for (k, v) in selector {
@@ -479,7 +500,7 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
     let remap = Remap {
         pki: pki.clone(),
         data: dir.join("data"),
-        ports: [APISERVER, PROXY].map(|p| (p, ports::free_port())).to_vec(),
+        ports: [APISERVER, PROXY, WAKE].map(|p| (p, ports::free_port())).to_vec(),
     };
     let mut group = PodProcesses { group: ProcessGroup::new(&dir, Lifetime::Attached) };
     let started = Instant::now();

@@ -462,3 +462,91 @@ async fn usage_is_accounted_to_the_second_through_sleep_and_read_by_vkube_usage(
         .unwrap_or_else(|| panic!("no pod-seconds counter: {m}"));
     assert!(counter >= l.pod_seconds, "the counter starts from the ledger: {counter} < {}", l.pod_seconds);
 }
+
+/// A plain-HTTP GET of `/` at `port` on loopback with `host` as its Host header: the status,
+/// the headers and body as text.
+fn get_with_host(port: u16, host: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the wake listener");
+    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("sending");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("reading");
+    (text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_through_a_sleeping_clusters_ingress_wakes_it() {
+    use k8s_openapi::api::networking::v1::Ingress;
+    let env = TestEnv::start(1).await;
+    let vc =
+        env.virtual_cluster_with("inwake", &["--ingress-classes=web", "--ingress-hosts=*.team-a.example.com"]).await;
+    let tr = vc.translator();
+    vc.apply(&deployment("web", 1));
+    vc.kubectl_ok(&["create", "service", "clusterip", "web", "--tcp=80:8080"]);
+    vc.apply("apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: shop, namespace: default}\nspec:\n  tls: [{hosts: [shop.team-a.example.com], secretName: shop-tls}]\n  rules:\n  - host: shop.team-a.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}, {path: /api, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}]}\n");
+    wait_running(&env, &vc, 1, Duration::from_secs(60)).await;
+    let ingresses: Api<Ingress> = Api::namespaced(env.client().await, vc.host_namespace());
+    let host_name = tr.host_name("default", "shop");
+    // (service, port name, port number) of every path's backend.
+    let backends = |ing: &Ingress| -> Vec<(String, Option<String>, Option<i32>)> {
+        let rules = ing.spec.as_ref().and_then(|s| s.rules.clone()).unwrap_or_default();
+        rules
+            .iter()
+            .flat_map(|r| r.http.iter().flat_map(|h| h.paths.iter()))
+            .filter_map(|p| p.backend.service.as_ref())
+            .map(|s| {
+                (s.name.clone(), s.port.as_ref().and_then(|p| p.name.clone()), s.port.as_ref().and_then(|p| p.number))
+            })
+            .collect()
+    };
+    let awake_backends = vec![(tr.host_name("default", "web"), None, Some(80)); 2];
+    let host_backends = || async {
+        let ing = ingresses.get_opt(&host_name).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(ing.map(|i| (backends(&i), i)))
+    };
+    eventually("the host Ingress leading to the tenant's Service", Duration::from_secs(30), || async {
+        let seen = host_backends().await?;
+        Ok(seen.filter(|(b, _)| *b == awake_backends).map(|_| ()))
+    })
+    .await;
+
+    request_power(&env, &vc, "sleep").await;
+    wait_asleep(&env, &vc, Duration::from_secs(60)).await;
+    // Asleep, every path leads to the control plane's wake port; the rest is the tenant's.
+    let (asleep_backends, asleep) = host_backends().await.unwrap().expect("the host Ingress stays while asleep");
+    assert_eq!(asleep_backends, vec![(vc.name().to_string(), Some("wake".to_string()), None); 2]);
+    let spec = asleep.spec.as_ref().unwrap();
+    assert_eq!(spec.ingress_class_name.as_deref(), Some("web"));
+    assert_eq!(spec.tls.as_ref().unwrap()[0].secret_name, Some(tr.host_name("default", "shop-tls")));
+
+    let port = vc.cp.state.ports.wake.expect("local mode listens for ingress traffic");
+    // A host name no Ingress of the cluster has: refused, and it sleeps on.
+    let (status, text) = get_with_host(port, "other.example.com");
+    assert_eq!(status, 404, "{text}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(power(&env, &vc).await.as_deref(), Some("Sleeping"), "an unknown host name woke it");
+
+    // The Ingress's host name (as a controller sends it, with a port): a page that retries, and
+    // the cluster wakes.
+    let (status, text) = get_with_host(port, "shop.team-a.example.com:80");
+    assert_eq!(status, 503, "{text}");
+    assert!(text.to_ascii_lowercase().contains("retry-after: 5"), "{text}");
+    assert!(text.contains("waking up"), "{text}");
+    eventually("the cluster awake", Duration::from_secs(60), || async {
+        let p = power(&env, &vc).await;
+        Ok((p.as_deref() == Some("Running")).then_some(()).ok_or(format!("power {p:?}")).ok())
+    })
+    .await;
+    // The syncer puts the tenant's backends back and recreates the pod.
+    eventually("the host Ingress leading to the tenant's Service again", Duration::from_secs(60), || async {
+        let seen = host_backends().await?;
+        match seen {
+            Some((b, _)) if b == awake_backends => Ok(Some(())),
+            other => Err(format!("backends {:?}", other.map(|(b, _)| b))),
+        }
+    })
+    .await;
+    wait_running(&env, &vc, 1, Duration::from_secs(60)).await;
+    let m = metrics(&vc).await;
+    assert!(m.contains("user=\"ingress:shop.team-a.example.com\""), "counted as activity: {m}");
+}

@@ -18,6 +18,7 @@ use vkube_localenv::{Lifetime, ProcessSpec, Progress, Upstream, ports};
 
 use crate::controlplane::PolicyArgs;
 use crate::controlplane::components::CONTROL_PLANE;
+use crate::controlplane::ingress_wake;
 use crate::{FIELD_MANAGER, names};
 
 #[derive(Clone, Debug)]
@@ -42,6 +43,9 @@ pub struct LocalPorts {
     pub etcd_peer: u16,
     pub apiserver: u16,
     pub proxy: u16,
+    /// Ingress traffic for a sleeping cluster (`--wake-listen`); none in older state files.
+    #[serde(default)]
+    pub wake: Option<u16>,
 }
 
 /// What `state.json` records: enough to restart the same cluster on the same ports, so
@@ -104,6 +108,7 @@ impl LocalControlPlane {
             Some(s)
                 if [s.ports.etcd_client, s.ports.etcd_peer, s.ports.apiserver, s.ports.proxy]
                     .into_iter()
+                    .chain(s.ports.wake)
                     .all(ports::is_free) =>
             {
                 s.ports
@@ -113,6 +118,7 @@ impl LocalControlPlane {
                 etcd_peer: ports::free_port(),
                 apiserver: ports::free_port(),
                 proxy: ports::free_port(),
+                wake: Some(ports::free_port()),
             },
         };
         let service_cidr = host_service_cidr(&host).await?;
@@ -131,8 +137,7 @@ impl LocalControlPlane {
 
         progress("[1/4] host namespace and Service");
         ensure_namespace(&host, &state.namespace, &state.name, state.policy.pod_security).await?;
-        let pod_endpoint = state.pod_address.as_deref().map(|a| (a, state.ports.proxy));
-        ensure_local_service(&host, &state.namespace, &state.name, pod_endpoint).await?;
+        ensure_local_service(&host, &state).await?;
 
         progress("[2/4] certificates (kept in a host Secret)");
         let cert_dir = dir.join("pki");
@@ -158,6 +163,11 @@ impl LocalControlPlane {
         Ok(cp)
     }
 
+    /// Pods on a real node reach the proxy at the node's address (the host Service's endpoint).
+    fn listen_address(&self) -> &'static str {
+        if self.state.pod_address.is_some() { "0.0.0.0" } else { "127.0.0.1" }
+    }
+
     fn controller_spec(&self) -> ProcessSpec {
         let s = &self.state;
         ProcessSpec::new(CONTROLLER, &self.vkube_binary, &self.dir.join("logs"))
@@ -166,8 +176,7 @@ impl LocalControlPlane {
                 format!("--name={}", s.name),
                 format!("--namespace={}", s.namespace),
                 format!("--virtual-server=https://127.0.0.1:{}", s.ports.apiserver),
-                // Pods on a real node reach it at the node's address (the host Service's endpoint).
-                format!("--listen={}:{}", if s.pod_address.is_some() { "0.0.0.0" } else { "127.0.0.1" }, s.ports.proxy),
+                format!("--listen={}:{}", self.listen_address(), s.ports.proxy),
                 format!("--cert-dir={}", self.dir.join("pki").display()),
                 format!("--endpoint={}", s.endpoint()),
                 format!("--host-kubeconfig={}", s.host_kubeconfig.display()),
@@ -180,6 +189,7 @@ impl LocalControlPlane {
                 format!("--etcd-client-port={}", s.ports.etcd_client),
                 format!("--etcd-peer-port={}", s.ports.etcd_peer),
             ])
+            .args(s.ports.wake.map(|p| format!("--wake-listen={}:{p}", self.listen_address())))
             .args((!s.service_cidr.is_empty()).then(|| format!("--service-cidr={}", s.service_cidr)))
             .args(s.host_context.iter().map(|c| format!("--host-context={c}")))
             .args(s.policy.to_args())
@@ -345,15 +355,20 @@ async fn local_node_address(host: &kube::Client) -> anyhow::Result<Option<String
     }))
 }
 
-/// The host Service in front of the proxy. Locally there is no pod to select, but its ClusterIP
-/// is still what synced pods are told the API server is. With a real node, an EndpointSlice
-/// sends it to the proxy at the node's address (`pod_endpoint`); loopback cannot be an endpoint.
-async fn ensure_local_service(
-    host: &kube::Client,
-    namespace: &str,
-    cluster: &str,
-    pod_endpoint: Option<(&str, u16)>,
-) -> anyhow::Result<()> {
+/// The host Service in front of the proxy (and of the wake listener, for Ingresses while the
+/// cluster sleeps). Locally there is no pod to select, but its ClusterIP is still what synced
+/// pods are told the API server is. With a real node, an EndpointSlice sends it to the proxy at
+/// the node's address (`pod_address`); loopback cannot be an endpoint.
+async fn ensure_local_service(host: &kube::Client, state: &LocalState) -> anyhow::Result<()> {
+    let (namespace, cluster) = (&state.namespace, &state.name);
+    // (name, Service port, the chart pod's port, where this process listens)
+    let ports = [
+        ("https", 443, 8443, Some(state.ports.proxy)),
+        (ingress_wake::PORT_NAME, ingress_wake::SERVICE_PORT, ingress_wake::POD_PORT, state.ports.wake),
+    ];
+    let ports = ports.into_iter().filter_map(|(name, port, pod, local)| Some((name, port, pod, local?)));
+    // Without an endpoint the target port is only what the chart's pod would listen on.
+    let targets = state.pod_address.is_some();
     let svc = Service {
         metadata: ObjectMeta {
             name: Some(names::service(cluster)),
@@ -363,13 +378,18 @@ async fn ensure_local_service(
         },
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
-            ports: Some(vec![ServicePort {
-                name: Some("https".into()),
-                port: 443,
-                target_port: Some(IntOrString::Int(pod_endpoint.map_or(8443, |(_, port)| i32::from(port)))),
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            }]),
+            ports: Some(
+                ports
+                    .clone()
+                    .map(|(name, port, pod, local)| ServicePort {
+                        name: Some(name.into()),
+                        port,
+                        target_port: Some(IntOrString::Int(if targets { i32::from(local) } else { pod })),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
             selector: None::<BTreeMap<String, String>>,
             ..Default::default()
         }),
@@ -379,7 +399,7 @@ async fn ensure_local_service(
         .patch(&names::service(cluster), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&svc))
         .await
         .context("creating the host Service of the control plane")?;
-    let Some((address, port)) = pod_endpoint else { return Ok(()) };
+    let Some(address) = state.pod_address.as_deref() else { return Ok(()) };
     let mut labels = names::labels(cluster);
     labels.insert("kubernetes.io/service-name".into(), names::service(cluster));
     labels.insert("endpointslice.kubernetes.io/managed-by".into(), "vkube.dev".into());
@@ -391,12 +411,16 @@ async fn ensure_local_service(
         },
         address_type: "IPv4".into(),
         endpoints: Some(vec![Endpoint { addresses: vec![address.to_string()], ..Default::default() }]),
-        ports: Some(vec![EndpointPort {
-            name: Some("https".into()),
-            port: Some(i32::from(port)),
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
+        ports: Some(
+            ports
+                .map(|(name, _, _, local)| EndpointPort {
+                    name: Some(name.into()),
+                    port: Some(i32::from(local)),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
     };
     let name = slice.metadata.name.clone().unwrap_or_default();
     Api::<EndpointSlice>::namespaced(host.clone(), namespace)

@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod code_pages;
 pub mod components;
 pub mod etcd;
+pub mod ingress_wake;
 pub mod operations;
 pub mod power;
 pub mod schedule;
@@ -647,6 +648,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let initial = if args.supervise.supervise { Power::Waking } else { Power::Running };
     let (sleep, sleep_control) =
         vkube_apiproxy::sleep::Sleep::new(initial, args.sleep.sleep_counted_users.clone(), args.sleep.wake_timeout);
+    let sleeping_hosts = match args.sleep.wake_listen {
+        Some(addr) if args.supervise.supervise => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr} (--wake-listen)"))?;
+            let hosts = ingress_wake::SleepingHosts::default();
+            tokio::spawn(ingress_wake::serve(listener, sleep.clone(), hosts.clone(), args.name.clone()));
+            Some(hosts)
+        }
+        Some(_) => anyhow::bail!("--wake-listen needs --supervise: only a control plane that can sleep can wake"),
+        None => None,
+    };
     // `vkube snapshot`, `restore` and `reset` through the proxy, done by the power controller.
     let (ops_tx, ops_rx) = tokio::sync::mpsc::channel(4);
     let operations = args.supervise.supervise.then(|| {
@@ -810,6 +823,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             pods_removed: false,
             etcd,
             ops: ops_rx,
+            sleeping_hosts,
         };
         let mut controller = controller;
         if forked {

@@ -23,9 +23,9 @@ use vkube_core::contract::{
     ANNOTATION_POWER_REQUEST, ANNOTATION_POWER_SINCE,
 };
 
-use super::etcd;
 use super::schedule::Schedule;
 use super::supervisor::{Child, Supervisor};
+use super::{etcd, ingress_wake};
 use crate::names;
 
 /// `vkube run`'s sleep-mode flags.
@@ -46,6 +46,11 @@ pub struct SleepArgs {
     /// How long a request that wakes the cluster is held before it gets 503 (Retry-After).
     #[arg(long, env = "VKUBE_WAKE_TIMEOUT", default_value = "60s", value_parser = super::parse_duration)]
     pub wake_timeout: Duration,
+    /// Where ingress traffic reaches a sleeping cluster (plain HTTP, the control plane Service's
+    /// `wake` port): asleep, its host Ingresses point here and a request for one of their host
+    /// names wakes it. Off when unset.
+    #[arg(long, env = "VKUBE_WAKE_LISTEN")]
+    pub wake_listen: Option<std::net::SocketAddr>,
 }
 
 /// What sleep mode tells Prometheus.
@@ -112,6 +117,9 @@ pub struct PowerController<S: SyncerRunner> {
     pub pods_removed: bool,
     pub etcd: etcd::EtcdData,
     pub ops: mpsc::Receiver<Op>,
+    /// With `--wake-listen`: the host names its wake listener answers for, set when the host
+    /// Ingresses are pointed at it.
+    pub sleeping_hosts: Option<ingress_wake::SleepingHosts>,
 }
 
 /// What a previous control plane left on the host Service.
@@ -163,6 +171,7 @@ impl<S: SyncerRunner> PowerController<S> {
                 // It was asleep, or going to sleep when the last process died: finish the job.
                 self.ctl.power.send_replace(Power::GoingToSleep);
                 self.remove_host_pods().await;
+                self.redirect_ingresses().await;
                 // What the last process left running (it died while going to sleep or waking).
                 self.supervisor.stop_all().await;
                 self.ctl.power.send_replace(Power::Sleeping);
@@ -419,6 +428,7 @@ impl<S: SyncerRunner> PowerController<S> {
         .await;
         self.syncer.stop().await;
         self.remove_host_pods().await;
+        self.redirect_ingresses().await;
         self.supervisor.stop_all().await;
         self.ctl.power.send_replace(Power::Sleeping);
         self.persist_power("Sleeping").await;
@@ -462,6 +472,21 @@ impl<S: SyncerRunner> PowerController<S> {
         let removed = super::remove_host_pods(&self.host, &self.namespace, &self.name, &DeleteParams::default()).await;
         if let Err(e) = removed {
             tracing::error!(error = %e, "removing the host pods of a sleeping cluster failed; they keep running until it wakes");
+        }
+    }
+
+    /// With `--wake-listen`, the host Ingresses lead to it while the cluster sleeps (the syncer
+    /// puts their backends back when it wakes).
+    async fn redirect_ingresses(&self) {
+        let Some(hosts) = &self.sleeping_hosts else { return };
+        match ingress_wake::redirect(&self.host, &self.namespace, &self.name).await {
+            Ok(names) => {
+                tracing::info!(hosts = ?names, "host Ingresses point at the wake listener while asleep");
+                *hosts.write().unwrap_or_else(|e| e.into_inner()) = names;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not point the host Ingresses at the wake listener; ingress traffic does not wake the cluster")
+            }
         }
     }
 
