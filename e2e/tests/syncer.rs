@@ -750,10 +750,16 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
     let warned = on.warned("default", "catch-all", "spec.defaultBackend").await;
     assert!(warned.message.unwrap_or_default().contains("spec.ingressClassName: \"public\""));
     on.warned("default", "sneak", "spec.tls[0].hosts: required here").await;
-    // Within the policy but for its backend: a Service whose addresses the tenant writes.
-    on.apply(&ingress("sneak", &sneak.replace("  tls: [{secretName: api-tls}]\n", "")));
+    // Within the policy but for its backend: a Service whose addresses the tenant writes. Its TLS
+    // Secret is not copied for nothing.
+    on.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: sneak-tls, namespace: default}\ntype: kubernetes.io/tls\nstringData: {tls.crt: cert, tls.key: key}\n");
+    let sneak_tls = "  tls: [{hosts: [b.team-a.example.com], secretName: sneak-tls}]\n";
+    on.apply(&ingress("sneak", &sneak.replace("  tls: [{secretName: api-tls}]\n", sneak_tls)));
     let warned = on.warned("default", "sneak", "Service default/elsewhere has no selector").await;
     assert_eq!(warned.reason.as_deref(), Some("BackendNotAllowed"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sneak_secret = tr.host_name("default", "sneak-tls");
+    assert!(secrets.get_opt(&sneak_secret).await.unwrap().is_none(), "no TLS Secret for a refused Ingress");
     eventually("the tenant without ingress classes is told", Duration::from_secs(30), || async {
         let w = warnings(&off, "default", "web").await;
         Ok(w.iter().any(|e| e.reason.as_deref() == Some("NotServed")).then_some(()))
@@ -762,10 +768,18 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
     assert!(host_names::<Ingress>(&env, &off).await.is_empty(), "nothing on the host without classes");
     let names = host_names::<Ingress>(&env, &on).await;
     assert_eq!(names, [tr.host_name("default", "web")].into(), "only the allowed Ingress");
+    // Its backend becomes a Service that selects pods: the Ingress and its Secret reach the host.
+    on.kubectl_ok(&["patch", "service", "elsewhere", "-p", r#"{"spec":{"selector":{"app":"b"}}}"#]);
+    eventually("the Ingress whose backend became allowed, with its TLS Secret", Duration::from_secs(30), || async {
+        let there = host_names::<Ingress>(&env, &on).await.contains(&tr.host_name("default", "sneak"))
+            && secrets.get_opt(&sneak_secret).await.map_err(|e| e.to_string())?.is_some();
+        Ok(there.then_some(()))
+    })
+    .await;
 
     on.kubectl_ok(&["delete", "ingress", "web"]);
     eventually("the copy and its TLS Secret go with it", Duration::from_secs(30), || async {
-        let gone = host_names::<Ingress>(&env, &on).await.is_empty()
+        let gone = !host_names::<Ingress>(&env, &on).await.contains(&tr.host_name("default", "web"))
             && secrets.get_opt(&tr.host_name("default", "api-tls")).await.map_err(|e| e.to_string())?.is_none();
         Ok(gone.then_some(()))
     })

@@ -35,7 +35,9 @@ impl Mirror for Ingress {
         sync::warn(ctx, v, "NotServed", note).await;
     }
 
-    /// Its TLS Secrets are copied while an Ingress the policy allows uses them.
+    /// Its TLS Secrets are copied while an Ingress that reaches the host uses them (the policy
+    /// allows it and its backends are Services it may lead to: the Services' changes come here
+    /// too, through [`backends_changed`]).
     fn on_virtual_change(ctx: &Context, v: &Self, change: Change) {
         let (ns, name) = key_of(v);
         let user = user_key(&name);
@@ -43,8 +45,11 @@ impl Mirror for Ingress {
             Change::Deleted => ctx.refs.remove(&ns, &user),
             Change::Applied | Change::Listed => {
                 // (With no class allowed, every Ingress fails the check.)
-                let allowed = v.spec.as_ref().is_some_and(|s| ctx.policy.ingresses.check(s).is_ok());
-                ctx.refs.update(&ns, &user, if allowed { tls_secrets(v) } else { BTreeSet::new() })
+                let reaches_host = v.spec.as_ref().is_some_and(|s| {
+                    let service = |name: &str| ctx.stores.virt::<Service>().get(&ObjectRef::new(name).within(&ns));
+                    ctx.policy.ingresses.check(s).is_ok() && backend_violation(s, &ns, service).is_ok()
+                });
+                ctx.refs.update(&ns, &user, if reaches_host { tls_secrets(v) } else { BTreeSet::new() })
             }
         };
         for (_, tns, tname) in changed {
@@ -118,12 +123,15 @@ pub fn backend_violation(
     Ok(())
 }
 
-/// The Ingresses of namespace `ns` with a backend named `service`: looked at again when it
-/// changes (a backend may appear, lose its selector, become an ExternalName).
-pub fn using_service(ctx: &Context, ns: &str, service: &str) -> Vec<(String, String)> {
+/// Service `service` of namespace `ns` changed: the Ingresses with a backend of that name are
+/// looked at again, their TLS Secrets included (a backend may appear, lose its selector, become
+/// an ExternalName).
+pub fn backends_changed(ctx: &Context, ns: &str, service: &str) {
     let names = |i: &Ingress| i.spec.as_ref().is_some_and(|s| service_backends(s).any(|(_, n)| n == service));
     let all = ctx.stores.virt::<Ingress>().state();
-    all.iter().filter(|i| i.metadata.namespace.as_deref() == Some(ns) && names(i)).map(|i| key_of(i.as_ref())).collect()
+    for i in all.iter().filter(|i| i.metadata.namespace.as_deref() == Some(ns) && names(i)) {
+        <Ingress as Mirror>::on_virtual_change(ctx, i, Change::Applied);
+    }
 }
 
 /// The Services an Ingress's paths send to, each with its (rule, path) index.

@@ -42,8 +42,7 @@ impl SyncedKind for Service {
         c.queues.of::<Service>().add((ns.clone(), name.clone()));
         c.queues.upward::<Service>().add((ns.clone(), name.clone()));
         c.queues.of::<Endpoints>().add((ns.clone(), name.clone()));
-        let ingresses = c.queues.of::<k8s_openapi::api::networking::v1::Ingress>();
-        crate::ingresses::using_service(c, &ns, &name).into_iter().for_each(|k| ingresses.add(k));
+        crate::ingresses::backends_changed(c, &ns, &name);
         for slice in c.stores.virt::<EndpointSlice>().state() {
             let of_service = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) == Some(&name);
             if of_service && slice.metadata.namespace.as_deref() == Some(ns.as_str()) {
