@@ -41,7 +41,7 @@ policy:
   allowLoadBalancers: true
   ingress:
     classes: [web, internal]
-    hosts: ["*.team-a.example.com", shop.example.com]
+    hosts: ["*.team-a.example.com", internal=shop.example.com]
 sync:
   allConfigMaps: true
   allSecrets: true
@@ -168,6 +168,7 @@ fn the_schema_refuses_invalid_values() {
         // A misspelt key is not silently ignored.
         (&["--set", "policy.podsecurity=restricted"], "at '/policy': additional properties 'podsecurity' not allowed"),
         (&["--set-json", "policy.ingress.hosts=[\"*\"]"], "at '/policy/ingress/hosts/0'"),
+        (&["--set-json", "policy.ingress.hosts=[\"web=*\"]"], "at '/policy/ingress/hosts/0'"),
         (&["--set", "polcy.podSecurity=restricted"], "additional properties 'polcy' not allowed"),
     ];
     for (args, want) in cases {
@@ -388,7 +389,7 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 ("VKUBE_SYNC_ALL_SECRETS", "true"),
                 ("VKUBE_SYNC_NETWORK_POLICIES", "true"),
                 ("VKUBE_INGRESS_CLASSES", "web,internal"),
-                ("VKUBE_INGRESS_HOSTS", "*.team-a.example.com,shop.example.com"),
+                ("VKUBE_INGRESS_HOSTS", "*.team-a.example.com,internal=shop.example.com"),
                 ("VKUBE_SYNC_CONCURRENCY", "4"),
                 ("VKUBE_COREDNS_IMAGE", "registry.example.com/mirror/coredns:v1.12.4"),
                 ("VKUBE_LOG_FORMAT", "json"),

@@ -665,7 +665,7 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
             "ingress",
             &[
                 "--ingress-classes=web,internal",
-                "--ingress-hosts=*.team-a.example.com",
+                "--ingress-hosts=*.team-a.example.com,internal=*.corp.example.com",
                 // The class annotation made verbatim by mistake: the class is still the spec's.
                 "--verbatim-keys=nginx.ingress.kubernetes.io/rewrite-target,kubernetes.io/ingress.class",
             ],
@@ -745,11 +745,15 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
     on.apply(&ingress("steal", steal));
     let catch_all = "  ingressClassName: public\n  defaultBackend: {service: {name: api, port: {number: 80}}}\n";
     on.apply(&ingress("catch-all", catch_all));
+    // A name the admin holds for the internal class, asked for on the default (public) one.
+    let publish = "  rules:\n  - host: wiki.corp.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}]}\n";
+    on.apply(&ingress("publish", publish));
     let warned = on.warned("default", "steal", "spec.rules[0].host: \"login.team-b.example.com\"").await;
     assert_eq!(warned.reason.as_deref(), Some("IngressNotAllowed"));
     let warned = on.warned("default", "catch-all", "spec.defaultBackend").await;
     assert!(warned.message.unwrap_or_default().contains("spec.ingressClassName: \"public\""));
     on.warned("default", "sneak", "spec.tls[0].hosts: required here").await;
+    on.warned("default", "publish", "spec.rules[0].host: \"wiki.corp.example.com\" is not among").await;
     // Within the policy but for its backend: a Service whose addresses the tenant writes. Its TLS
     // Secret is not copied for nothing.
     on.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: sneak-tls, namespace: default}\ntype: kubernetes.io/tls\nstringData: {tls.crt: cert, tls.key: key}\n");

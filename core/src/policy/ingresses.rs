@@ -14,7 +14,8 @@ pub struct Ingresses {
     /// Ingresses do not reach the host.
     pub classes: Vec<String>,
     /// Host names tenants may claim: exact (`shop.example.com`) or `*.suffix`, which allows any
-    /// name under the suffix, wildcard hosts (`*.a.suffix`, `*.suffix`) included.
+    /// name under the suffix, wildcard hosts (`*.a.suffix`, `*.suffix`) included; `CLASS=` in
+    /// front (`internal=*.corp.example.com`) allows them under that class only.
     pub hosts: Vec<String>,
 }
 
@@ -28,18 +29,27 @@ impl Ingresses {
         class.or(self.classes.first().map(String::as_str)).map(str::to_string)
     }
 
-    /// Whether a tenant may claim host name `host`.
-    pub fn host_allowed(&self, host: &str) -> bool {
+    /// Whether a tenant may claim host name `host` under ingress class `class`.
+    pub fn host_allowed(&self, class: &str, host: &str) -> bool {
         let host = host.to_ascii_lowercase();
-        self.hosts.iter().map(|p| p.to_ascii_lowercase()).any(|p| match p.strip_prefix("*.") {
+        self.hosts_for(class).map(str::to_ascii_lowercase).any(|p| match p.strip_prefix("*.") {
             Some(suffix) => host.strip_suffix(suffix).is_some_and(|head| head.len() > 1 && head.ends_with('.')),
             None => host == p,
+        })
+    }
+
+    /// The host patterns allowed under `class`: those for every class and those for it.
+    fn hosts_for<'a>(&'a self, class: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.hosts.iter().filter_map(move |entry| match entry.split_once('=') {
+            Some((only, pattern)) => (only == class).then_some(pattern),
+            None => Some(entry.as_str()),
         })
     }
 
     /// Every rule the spec breaks, each naming its field.
     pub fn violations(&self, spec: &IngressSpec) -> Vec<String> {
         let mut out = vec![];
+        let class = self.class(spec.ingress_class_name.as_deref()).unwrap_or_default();
         match self.class(spec.ingress_class_name.as_deref()) {
             Some(c) if self.classes.contains(&c) => {}
             Some(c) => out.push(format!(
@@ -54,11 +64,14 @@ impl Ingresses {
                     .into(),
             );
         }
-        let hosts = || if self.hosts.is_empty() { "none".to_string() } else { self.hosts.join(", ") };
+        let hosts = || {
+            let allowed: Vec<&str> = self.hosts_for(&class).collect();
+            if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }
+        };
         for (i, rule) in spec.rules.iter().flatten().enumerate() {
             match rule.host.as_deref().filter(|h| !h.is_empty()) {
                 None => out.push(format!("spec.rules[{i}].host: required here: a rule without a host would catch every host name of the class")),
-                Some(h) if !self.host_allowed(h) => {
+                Some(h) if !self.host_allowed(&class, h) => {
                     out.push(format!("spec.rules[{i}].host: {h:?} is not among the host names allowed here ({})", hosts()))
                 }
                 Some(_) => {}
@@ -84,7 +97,7 @@ impl Ingresses {
                 ));
             }
             for (j, h) in tls.hosts.iter().flatten().enumerate() {
-                if !self.host_allowed(h) {
+                if !self.host_allowed(&class, h) {
                     out.push(format!(
                         "spec.tls[{i}].hosts[{j}]: {h:?} is not among the host names allowed here ({})",
                         hosts()
@@ -114,9 +127,19 @@ fn is_plain_path(p: &str) -> bool {
     p.starts_with('/') && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._~-".contains(&b))
 }
 
-/// Whether `p` is a host name or `*.` and one (what the admin may allow; a bare `*` is not).
+/// Whether `p` is a host name or `*.` and one, with an ingress class and `=` in front or not
+/// (what the admin may allow; a bare `*` is not).
 pub fn is_host_pattern(p: &str) -> bool {
-    let name = p.strip_prefix("*.").unwrap_or(p);
+    let p = match p.split_once('=') {
+        Some((class, pattern)) if is_dns_name(class) => pattern,
+        Some(_) => return false,
+        None => p,
+    };
+    is_dns_name(p.strip_prefix("*.").unwrap_or(p))
+}
+
+/// A DNS subdomain name (host names, ingress class names), any case.
+fn is_dns_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|l| {
@@ -154,7 +177,7 @@ mod tests {
             "shop.example.com",
             "Shop.Example.com",
         ] {
-            assert!(p.host_allowed(ok), "{ok}");
+            assert!(p.host_allowed("web", ok), "{ok}");
         }
         for no in [
             "team-a.example.com",
@@ -165,15 +188,32 @@ mod tests {
             "example.com",
             "",
         ] {
-            assert!(!p.host_allowed(no), "{no}");
+            assert!(!p.host_allowed("web", no), "{no}");
         }
-        assert!(!Ingresses::default().host_allowed("a.example.com"), "nothing unless the admin says so");
-        for p in ["shop.example.com", "*.team-a.example.com", "localhost"] {
+        assert!(!Ingresses::default().host_allowed("web", "a.example.com"), "nothing unless the admin says so");
+        for p in ["shop.example.com", "*.team-a.example.com", "localhost", "internal=*.corp.example.com"] {
             assert!(is_host_pattern(p), "{p}");
         }
-        for p in ["*", "*.", "a..b", "-a.example.com", "a.*.example.com", "a/b", ""] {
+        for p in ["*", "*.", "a..b", "-a.example.com", "a.*.example.com", "a/b", "", "=a.example.com", "a b=x.example.com", "web=*"] {
             assert!(!is_host_pattern(p), "{p}");
         }
+    }
+
+    #[test]
+    fn a_host_pattern_with_a_class_in_front_holds_for_that_class_only() {
+        let p = Ingresses {
+            classes: vec!["web".into(), "internal".into()],
+            hosts: vec!["*.team-a.example.com".into(), "internal=*.corp.example.com".into()],
+        };
+        assert!(p.host_allowed("internal", "wiki.corp.example.com"));
+        assert!(!p.host_allowed("web", "wiki.corp.example.com"), "not published on another class");
+        assert!(p.host_allowed("web", "shop.team-a.example.com") && p.host_allowed("internal", "x.team-a.example.com"));
+        let public = spec(serde_json::json!({"ingressClassName": "web", "rules": [{"host": "wiki.corp.example.com"}]}));
+        let v = p.violations(&public);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("not among the host names allowed here (*.team-a.example.com)"), "{v:?}");
+        let internal = spec(serde_json::json!({"ingressClassName": "internal", "rules": [{"host": "wiki.corp.example.com"}]}));
+        assert_eq!(p.check(&internal), Ok(()));
     }
 
     #[test]

@@ -213,7 +213,7 @@ pub struct PolicyArgs {
     #[serde(default)]
     pub ingress_classes: Vec<String>,
     /// Host names tenants' Ingresses may claim (comma-separated; exact, or `*.suffix` for any
-    /// name under it).
+    /// name under it; `CLASS=` in front allows it under that ingress class only).
     #[arg(long, env = "VKUBE_INGRESS_HOSTS", value_delimiter = ',')]
     #[serde(default)]
     pub ingress_hosts: Vec<String>,
@@ -255,7 +255,10 @@ impl PolicyArgs {
             .collect::<anyhow::Result<_>>()?;
         let ingress_hosts = list(&self.ingress_hosts);
         if let Some(bad) = ingress_hosts.iter().find(|h| !vkube_core::policy::ingresses::is_host_pattern(h)) {
-            anyhow::bail!("--ingress-hosts: {bad:?} is neither a host name nor *.suffix (e.g. *.team-a.example.com)");
+            anyhow::bail!(
+                "--ingress-hosts: {bad:?} is neither a host name nor *.suffix, with CLASS= in front or not \
+                 (e.g. *.team-a.example.com, internal=*.corp.example.com)"
+            );
         }
         let tolerations = serde_json::from_str(&self.host_tolerations).with_context(|| {
             format!("--host-tolerations: {:?} is not a JSON list of tolerations", self.host_tolerations)
@@ -1066,7 +1069,7 @@ mod tests {
             bind_node_name: true,
             virtual_scheduler: true,
             ingress_classes: vec!["web".into()],
-            ingress_hosts: vec!["*.team-a.example.com".into(), "shop.example.com".into()],
+            ingress_hosts: vec!["*.team-a.example.com".into(), "internal=shop.example.com".into()],
             ..PolicyArgs::default()
         };
         let flags: Vec<String> = std::iter::once("vkube".to_string()).chain(args.to_args()).collect();
@@ -1078,7 +1081,7 @@ mod tests {
         assert!(again.scheduling.tolerable_taints.is_empty(), "an empty list stays empty, not the default");
         assert_eq!(again.scheduling.runtime_classes, ["gvisor"]);
         assert_eq!(again.ingresses.classes, ["web"]);
-        assert_eq!(again.ingresses.hosts, ["*.team-a.example.com", "shop.example.com"]);
+        assert_eq!(again.ingresses.hosts, ["*.team-a.example.com", "internal=shop.example.com"]);
         assert!(!default.ingresses.enabled(), "no ingress reaches the host unless the admin says so");
         let bad = PolicyArgs { host_node_selector: vec!["pool".into()], ..PolicyArgs::default() };
         assert!(bad.policy().unwrap_err().to_string().contains("key=value"));
