@@ -148,10 +148,10 @@ impl Sleep {
         !user.starts_with("system:") || self.counted_users.iter().any(|u| u == user)
     }
 
-    /// A request for the host name of one of the cluster's sleeping Ingresses: activity (of
-    /// `ingress:HOST`) that wakes the cluster, without waiting for it.
-    pub fn wake_from_ingress(&self, host: &str) {
-        self.activity.record(&format!("ingress:{host}"), "get");
+    /// A request for a host name of one of the cluster's sleeping Ingresses (`entry`, as their
+    /// rule has it): activity (of `ingress:ENTRY`) that wakes the cluster, without waiting.
+    pub fn wake_from_ingress(&self, entry: &str) {
+        self.activity.record(&format!("ingress:{entry}"), "get");
         self.wake.notify_one();
     }
 

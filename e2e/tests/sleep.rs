@@ -519,6 +519,17 @@ async fn a_request_through_a_sleeping_clusters_ingress_wakes_it() {
     assert_eq!(spec.ingress_class_name.as_deref(), Some("web"));
     assert_eq!(spec.tls.as_ref().unwrap()[0].secret_name, Some(tr.host_name("default", "shop-tls")));
 
+    // The Service port the Ingresses name exists.
+    let svc = Api::<Service>::namespaced(env.client().await, vc.host_namespace()).get(vc.name()).await.unwrap();
+    let svc_ports = svc.spec.and_then(|s| s.ports).unwrap_or_default();
+    assert!(svc_ports.iter().any(|p| p.name.as_deref() == Some("wake") && p.port == 80), "{svc_ports:?}");
+
+    // A restart while asleep (a crash, an upgrade) listens again for the same host names.
+    let mut vc = vc;
+    vc.kill_controller();
+    vc.start_controller().await;
+    assert_eq!(power(&env, &vc).await.as_deref(), Some("Sleeping"), "the restart woke it");
+
     let port = vc.cp.state.ports.wake.expect("local mode listens for ingress traffic");
     // A host name no Ingress of the cluster has: refused, and it sleeps on.
     let (status, text) = get_with_host(port, "other.example.com");

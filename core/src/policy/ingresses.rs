@@ -194,7 +194,18 @@ mod tests {
         for p in ["shop.example.com", "*.team-a.example.com", "localhost", "internal=*.corp.example.com"] {
             assert!(is_host_pattern(p), "{p}");
         }
-        for p in ["*", "*.", "a..b", "-a.example.com", "a.*.example.com", "a/b", "", "=a.example.com", "a b=x.example.com", "web=*"] {
+        for p in [
+            "*",
+            "*.",
+            "a..b",
+            "-a.example.com",
+            "a.*.example.com",
+            "a/b",
+            "",
+            "=a.example.com",
+            "a b=x.example.com",
+            "web=*",
+        ] {
             assert!(!is_host_pattern(p), "{p}");
         }
     }
@@ -212,7 +223,8 @@ mod tests {
         let v = p.violations(&public);
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].contains("not among the host names allowed here (*.team-a.example.com)"), "{v:?}");
-        let internal = spec(serde_json::json!({"ingressClassName": "internal", "rules": [{"host": "wiki.corp.example.com"}]}));
+        let internal =
+            spec(serde_json::json!({"ingressClassName": "internal", "rules": [{"host": "wiki.corp.example.com"}]}));
         assert_eq!(p.check(&internal), Ok(()));
     }
 

@@ -27,29 +27,54 @@ pub const PORT_NAME: &str = "wake";
 pub const SERVICE_PORT: i32 = 80;
 pub const POD_PORT: i32 = 8080;
 
-/// The host names of the cluster's sleeping Ingresses, which the wake listener answers for.
+/// The host names (lowercase; exact or `*.suffix`) of the cluster's sleeping Ingresses, which
+/// the wake listener answers for.
 pub type SleepingHosts = Arc<RwLock<Vec<String>>>;
 
-/// Points every backend of the cluster's host Ingresses at the wake port of its control plane's
-/// Service and returns their host names. Idempotent (a restart while asleep does it again).
-pub async fn redirect(host: &kube::Client, namespace: &str, cluster: &str) -> kube::Result<Vec<String>> {
+/// Points every backend of the cluster's host Ingresses (its own copies only) at the wake port
+/// of its control plane's Service. Returns the host names of them all, and the first failure if
+/// one could not be pointed (each is tried; a conflict with the ingress controller's status
+/// write is read again). Idempotent: done again after a restart while asleep, and retried.
+pub async fn redirect(host: &kube::Client, namespace: &str, cluster: &str) -> (Vec<String>, Option<kube::Error>) {
     let api: Api<Ingress> = Api::namespaced(host.clone(), namespace);
-    let selector = Translator::new(cluster, namespace).cluster_selector();
-    let mut hosts = vec![];
-    for ing in api.list(&ListParams::default().labels(&selector)).await?.items {
-        let Some(spec) = ing.spec.as_ref() else { continue };
-        hosts.extend(rule_hosts(spec));
-        let asleep = asleep_spec(spec, &names::service(cluster));
-        if *spec != asleep {
-            // A replace, as the syncer writes its copies (the Role grants no patch of Ingresses).
-            let name = ing.metadata.name.clone().unwrap_or_default();
-            let replaced = Ingress { spec: Some(asleep), status: None, ..ing };
-            api.replace(&name, &Default::default(), &replaced).await?;
+    let tr = Translator::new(cluster, namespace);
+    let listed = match api.list(&ListParams::default().labels(&tr.cluster_selector())).await {
+        Ok(l) => l.items,
+        Err(e) => return (vec![], Some(e)),
+    };
+    let (mut hosts, mut failed) = (vec![], None);
+    for ing in listed.into_iter().filter(|i| tr.owner(&i.metadata).is_some()) {
+        hosts.extend(ing.spec.iter().flat_map(rule_hosts).map(|h| h.to_ascii_lowercase()));
+        if let Err(e) = point_at_wake(&api, ing, &names::service(cluster)).await {
+            failed.get_or_insert(e);
         }
     }
     hosts.sort();
     hosts.dedup();
-    Ok(hosts)
+    (hosts, failed)
+}
+
+async fn point_at_wake(api: &Api<Ingress>, mut ing: Ingress, service: &str) -> kube::Result<()> {
+    let name = ing.metadata.name.clone().unwrap_or_default();
+    for _ in 0..3 {
+        let spec = ing.spec.clone().unwrap_or_default();
+        let asleep = asleep_spec(&spec, service);
+        if spec == asleep {
+            return Ok(());
+        }
+        // A replace, as the syncer writes its copies (the Role grants no patch of Ingresses).
+        let replaced = Ingress { spec: Some(asleep), status: None, ..ing.clone() };
+        match api.replace(&name, &Default::default(), &replaced).await {
+            Err(kube::Error::Api(s)) if s.code == 409 => match api.get_opt(&name).await? {
+                Some(fresh) => ing = fresh,
+                None => return Ok(()),
+            },
+            other => return other.map(drop),
+        }
+    }
+    Err(kube::Error::Api(
+        kube::core::Status::failure(&format!("Ingress {name} kept changing"), "Conflict").with_code(409).boxed(),
+    ))
 }
 
 /// The spec with every path's backend replaced by the control plane's wake port (pure).
@@ -75,76 +100,87 @@ fn rule_hosts(spec: &IngressSpec) -> impl Iterator<Item = String> + '_ {
     spec.rules.iter().flatten().filter_map(|r| r.host.clone()).filter(|h| !h.is_empty())
 }
 
-/// Whether `host` (a request's Host, without its port) is one of `hosts`, whose `*.suffix`
-/// entries match one more label, as an Ingress rule's wildcard does.
-pub fn serves(hosts: &[String], host: &str) -> bool {
+/// Which of `hosts` (lowercase) serves `host` (a request's Host, without its port): an exact
+/// name, or a `*.suffix` one more DNS label under it, as an Ingress rule's wildcard matches.
+pub fn served_by<'a>(hosts: &'a [String], host: &str) -> Option<&'a str> {
     let host = host.to_ascii_lowercase();
-    hosts.iter().map(|h| h.to_ascii_lowercase()).any(|h| match h.strip_prefix("*.") {
-        Some(suffix) => host
-            .strip_suffix(suffix)
+    let under = |suffix: &str| {
+        host.strip_suffix(suffix)
             .and_then(|head| head.strip_suffix('.'))
-            .is_some_and(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')),
-        None => host == h,
+            .is_some_and(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    };
+    hosts.iter().map(String::as_str).find(|h| match h.strip_prefix("*.") {
+        Some(suffix) => under(suffix),
+        None => host == *h,
     })
 }
 
-/// Serves the wake port: asleep, a request for a sleeping Ingress's host name wakes the cluster
-/// (counted as activity by `ingress`); every request gets 503 with `Retry-After` and a page that
-/// reloads itself, or 404 for a host name none of its Ingresses has.
-pub async fn serve(listener: tokio::net::TcpListener, sleep: Sleep, hosts: SleepingHosts, cluster: String) {
+/// Connections served at once (each lives at most [`HEADER_TIMEOUT`] without a request): the
+/// port needs no credentials, so a flood must not exhaust the control plane's memory or files.
+const MAX_CONNECTIONS: usize = 256;
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves the wake port: a request for a sleeping Ingress's host name wakes the cluster if it
+/// sleeps or is going to (counted as activity of `ingress:` and the matching host entry) and
+/// gets 503 with `Retry-After` and a page that reloads itself; another host name gets 404. The
+/// answers name neither the cluster nor its state: public users of the Ingress see them.
+pub async fn serve(listener: tokio::net::TcpListener, sleep: Sleep, hosts: SleepingHosts) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let (sleep, hosts, cluster) = (sleep.clone(), hosts.clone(), cluster.clone());
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: not a busy loop meanwhile.
+                tracing::debug!(error = %e, "accepting on the wake port failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (sleep, hosts) = (sleep.clone(), hosts.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let answer = answer(&sleep, &hosts, &cluster, req.headers());
+                let answer = answer(&sleep, &hosts, req.headers());
                 async move { Ok::<_, Infallible>(answer) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }
 
-fn answer(
-    sleep: &Sleep,
-    hosts: &SleepingHosts,
-    cluster: &str,
-    headers: &http::HeaderMap,
-) -> http::Response<Full<Bytes>> {
+fn answer(sleep: &Sleep, hosts: &SleepingHosts, headers: &http::HeaderMap) -> http::Response<Full<Bytes>> {
     let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
     let host = host.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()).map_or(host, |(h, _)| h);
-    let known = serves(&hosts.read().unwrap_or_else(|e| e.into_inner()), host);
+    let matched = served_by(&hosts.read().unwrap_or_else(|e| e.into_inner()), host).map(str::to_string);
     let respond = |status: http::StatusCode, content_type: &'static str, body: String| {
         let mut res = http::Response::new(Full::new(Bytes::from(body)));
         *res.status_mut() = status;
-        res.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
-        res.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+        let headers = res.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+        headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+        headers.insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
         res
     };
-    if !known {
-        return respond(
-            http::StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            format!("no Ingress of virtual cluster {cluster} serves the host name {host:?}\n"),
-        );
+    let Some(entry) = matched else {
+        let body = "no sleeping Ingress here serves this host name\n".to_string();
+        return respond(http::StatusCode::NOT_FOUND, "text/plain; charset=utf-8", body);
+    };
+    if matches!(sleep.power(), Power::Sleeping | Power::GoingToSleep) {
+        // The entry, not the Host as sent: a wildcard's names must not fill the activity labels.
+        sleep.wake_from_ingress(&entry);
     }
-    let power = sleep.power();
-    if power == Power::Sleeping {
-        sleep.wake_from_ingress(host);
-    }
-    let host = html_escape::encode_text(host);
     let mut res = respond(
         http::StatusCode::SERVICE_UNAVAILABLE,
         "text/html; charset=utf-8",
         format!(
             "<!doctype html><meta http-equiv=\"refresh\" content=\"5\"><title>Waking up</title>\
-             <p>{host} is served by virtual cluster {cluster}, which was asleep and is waking up \
-             ({}). This page reloads itself.</p>\n",
-            power.as_str()
+             <p>{} was asleep and is waking up. This page reloads itself.</p>\n",
+            html_escape::encode_text(host)
         ),
     );
     res.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("5"));
@@ -201,14 +237,35 @@ mod tests {
 
     #[test]
     fn host_names_match_exactly_or_one_label_under_a_wildcard() {
-        let hosts = vec!["shop.example.com".to_string(), "*.apps.example.com".to_string()];
-        assert!(serves(&hosts, "shop.example.com"));
-        assert!(serves(&hosts, "SHOP.example.com"));
-        assert!(serves(&hosts, "a.apps.example.com"));
-        assert!(!serves(&hosts, "b.a.apps.example.com"), "a wildcard matches one label");
-        assert!(!serves(&hosts, "apps.example.com"));
-        assert!(!serves(&hosts, "other.example.com"));
-        assert!(!serves(&hosts, ""));
-        assert!(!serves(&hosts, "<b>x.apps.example.com"), "only a host name's characters under a wildcard");
+        let hosts = vec!["*.apps.example.com".to_string(), "shop.example.com".to_string()];
+        assert_eq!(served_by(&hosts, "shop.example.com"), Some("shop.example.com"));
+        assert_eq!(served_by(&hosts, "SHOP.example.com"), Some("shop.example.com"));
+        assert_eq!(served_by(&hosts, "a.apps.example.com"), Some("*.apps.example.com"), "the entry, not the name");
+        assert_eq!(served_by(&hosts, "b.a.apps.example.com"), None, "a wildcard matches one label");
+        for no in ["apps.example.com", "other.example.com", "", "<b>x.apps.example.com"] {
+            assert_eq!(served_by(&hosts, no), None, "{no}");
+        }
+    }
+
+    #[test]
+    fn a_known_host_name_wakes_a_sleeping_cluster_and_others_do_not() {
+        let hosts: SleepingHosts = Arc::new(RwLock::new(vec!["*.apps.example.com".into()]));
+        let (sleep, ctl) = Sleep::new(Power::Sleeping, vec![], std::time::Duration::from_secs(1));
+        let ask = |host: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::HOST, host.parse().unwrap());
+            answer(&sleep, &hosts, &h)
+        };
+        let res = ask("elsewhere.example.com:80");
+        assert_eq!(res.status(), http::StatusCode::NOT_FOUND);
+        assert!(ctl.activity.last().is_none(), "an unknown host name is no activity");
+        let res = ask("Shop.apps.example.com:80");
+        assert_eq!(res.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[http::header::RETRY_AFTER], "5");
+        assert_eq!(ctl.activity.last().map(|(_, by)| by).as_deref(), Some("ingress:*.apps.example.com"));
+        ctl.power.send_replace(Power::Running);
+        let before = ctl.activity.last();
+        assert_eq!(ask("shop.apps.example.com").status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ctl.activity.last(), before, "awake, nothing to wake");
     }
 }

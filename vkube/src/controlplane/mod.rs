@@ -652,12 +652,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (sleep, sleep_control) =
         vkube_apiproxy::sleep::Sleep::new(initial, args.sleep.sleep_counted_users.clone(), args.sleep.wake_timeout);
     let sleeping_hosts = match args.sleep.wake_listen {
+        // Nothing to wake for where no Ingress reaches the host.
+        Some(_) if !policy.ingresses.enabled() => None,
         Some(addr) if args.supervise.supervise => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("listening on {addr} (--wake-listen)"))?;
             let hosts = ingress_wake::SleepingHosts::default();
-            tokio::spawn(ingress_wake::serve(listener, sleep.clone(), hosts.clone(), args.name.clone()));
+            tokio::spawn(ingress_wake::serve(listener, sleep.clone(), hosts.clone()));
             Some(hosts)
         }
         Some(_) => anyhow::bail!("--wake-listen needs --supervise: only a control plane that can sleep can wake"),
@@ -827,6 +829,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             etcd,
             ops: ops_rx,
             sleeping_hosts,
+            redirect_retry: None,
         };
         let mut controller = controller;
         if forked {

@@ -48,7 +48,7 @@ pub struct SleepArgs {
     pub wake_timeout: Duration,
     /// Where ingress traffic reaches a sleeping cluster (plain HTTP, the control plane Service's
     /// `wake` port): asleep, its host Ingresses point here and a request for one of their host
-    /// names wakes it. Off when unset.
+    /// names wakes it. Off when unset, and where no ingress class is allowed.
     #[arg(long, env = "VKUBE_WAKE_LISTEN")]
     pub wake_listen: Option<std::net::SocketAddr>,
 }
@@ -120,6 +120,8 @@ pub struct PowerController<S: SyncerRunner> {
     /// With `--wake-listen`: the host names its wake listener answers for, set when the host
     /// Ingresses are pointed at it.
     pub sleeping_hosts: Option<ingress_wake::SleepingHosts>,
+    /// When to point the host Ingresses at the wake listener again (the last try failed).
+    pub redirect_retry: Option<Instant>,
 }
 
 /// What a previous control plane left on the host Service.
@@ -133,6 +135,7 @@ pub struct Persisted {
 /// How often the idle time and the schedule are checked, and the activity persisted if it changed.
 const TICK: Duration = Duration::from_secs(1);
 const PERSIST_EVERY: Duration = Duration::from_secs(10);
+const REDIRECT_RETRY: Duration = Duration::from_secs(10);
 
 impl<S: SyncerRunner> PowerController<S> {
     /// What the last control plane left: asleep or not (and whether it had finished going to
@@ -261,6 +264,8 @@ impl<S: SyncerRunner> PowerController<S> {
                 if wake_asked {
                     self.wake("a request that counts as activity").await?;
                     awake_since = Instant::now();
+                } else if self.redirect_retry.is_some_and(|at| Instant::now() >= at) {
+                    self.redirect_ingresses().await;
                 }
                 continue;
             }
@@ -459,6 +464,7 @@ impl<S: SyncerRunner> PowerController<S> {
         }
         self.syncer.start(true)?;
         self.ctl.power.send_replace(Power::Running);
+        self.redirect_retry = None;
         let took = started.elapsed().as_secs_f64();
         self.metrics.wake_seconds.observe(took);
         self.metrics.asleep.set(0);
@@ -476,18 +482,17 @@ impl<S: SyncerRunner> PowerController<S> {
     }
 
     /// With `--wake-listen`, the host Ingresses lead to it while the cluster sleeps (the syncer
-    /// puts their backends back when it wakes).
-    async fn redirect_ingresses(&self) {
+    /// puts their backends back when it wakes). One that could not be pointed there is tried
+    /// again while the cluster sleeps (`decide`).
+    async fn redirect_ingresses(&mut self) {
         let Some(hosts) = &self.sleeping_hosts else { return };
-        match ingress_wake::redirect(&self.host, &self.namespace, &self.name).await {
-            Ok(names) => {
-                tracing::info!(hosts = ?names, "host Ingresses point at the wake listener while asleep");
-                *hosts.write().unwrap_or_else(|e| e.into_inner()) = names;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not point the host Ingresses at the wake listener; ingress traffic does not wake the cluster")
-            }
-        }
+        let (names, failed) = ingress_wake::redirect(&self.host, &self.namespace, &self.name).await;
+        tracing::info!(hosts = ?names, "host Ingresses point at the wake listener while asleep");
+        *hosts.write().unwrap_or_else(|e| e.into_inner()) = names;
+        self.redirect_retry = failed.map(|e| {
+            tracing::warn!(error = %e, "could not point every host Ingress at the wake listener; trying again in 10 s");
+            Instant::now() + REDIRECT_RETRY
+        });
     }
 
     fn services(&self) -> Api<Service> {
