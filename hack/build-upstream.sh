@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds the pinned upstream binaries (Kubernetes, etcd, kwok, helm, and for a real node kubelet,
-# kube-proxy, pause, containerd and CoreDNS) from their Go modules into
+# kube-proxy, pause, containerd, CoreDNS and the ingress controller traefik) from their Go modules into
 # a cache outside the clone, keyed by version. Idempotent: a component whose binaries are already
 # in the cache is skipped, so a second run takes well under a second.
 #
 #   hack/build-upstream.sh [all|host|COMPONENT...]   (host: what a kwok-only dev host needs)
-#   components: kubernetes etcd kwok helm node containerd coredns, and conformance (not in all:
+#   components: kubernetes etcd kwok helm node containerd coredns traefik, and conformance (not in all:
 #   e2e.test, ginkgo and agnhost for hack/conformance)
 #   VKUBE_CACHE   cache root (default ~/.cache/vkube)
 #
@@ -70,6 +70,7 @@ version_of() {
     kwok) echo "$KWOK_VERSION" ;; helm) echo "$HELM_VERSION" ;;
     node) echo "$KUBERNETES_VERSION" ;; containerd) echo "$CONTAINERD_VERSION" ;;
     coredns) echo "$COREDNS_VERSION" ;; conformance) echo "$KUBERNETES_VERSION" ;;
+    traefik) echo "$TRAEFIK_VERSION" ;;
   esac
 }
 cached() {
@@ -83,6 +84,7 @@ cached() {
     node) have "$out" "${node_bins[@]}" ;;
     containerd) have "$out" "${containerd_bins[@]}" ;;
     coredns) have "$out" coredns ;;
+    traefik) have "$out" traefik ;;
     conformance) have "$out" "${conformance_bins[@]}" ;;
   esac
 }
@@ -198,6 +200,20 @@ build_coredns() {
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
+build_traefik() {
+  local v=$TRAEFIK_VERSION out=$upstream/traefik-$TRAEFIK_VERSION
+  local src=$cache/work/traefik-$v dir
+  # Its go.mod replaces modules with its own forks, which only a build of the module itself
+  # honours (not a wrapper's, not `go install`): built in a copy of the module.
+  dir=$(go mod download -json "github.com/traefik/traefik/v3@$v" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  rm -rf "$src"; cp -r "$dir" "$src"; chmod -R u+w "$src"
+  cd "$src"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  go build -trimpath -ldflags "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$v" -o "$out.tmp/traefik" ./cmd/traefik
+  cd /; rm -rf "$src"
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
 build_etcd() {
   local v=$ETCD_VERSION out=$upstream/etcd-$ETCD_VERSION
   local mod=$cache/work/etcd-$v
@@ -266,10 +282,10 @@ comps=()
 for arg in "${@:-all}"; do
   case $arg in
     # Kubernetes first: it is the longest, so its downloads should start at once.
-    all) comps+=(kubernetes etcd kwok helm node containerd coredns) ;;
+    all) comps+=(kubernetes etcd kwok helm node containerd coredns traefik) ;;
     host) comps+=(kubernetes etcd kwok helm) ;;
-    kubernetes|etcd|kwok|helm|node|containerd|coredns|conformance) comps+=("$arg") ;;
-    *) echo "usage: $0 [all|host|kubernetes|etcd|kwok|helm|node|containerd|coredns|conformance]..." >&2; exit 2 ;;
+    kubernetes|etcd|kwok|helm|node|containerd|coredns|traefik|conformance) comps+=("$arg") ;;
+    *) echo "usage: $0 [all|host|kubernetes|etcd|kwok|helm|node|containerd|coredns|traefik|conformance]..." >&2; exit 2 ;;
   esac
 done
 start=$SECONDS

@@ -13,6 +13,7 @@ pub struct Versions {
     pub helm: String,
     pub containerd: String,
     pub coredns: String,
+    pub traefik: String,
 }
 
 pub fn versions() -> Versions {
@@ -31,5 +32,6 @@ pub fn versions() -> Versions {
         helm: get("HELM_VERSION"),
         containerd: get("CONTAINERD_VERSION"),
         coredns: get("COREDNS_VERSION"),
+        traefik: get("TRAEFIK_VERSION"),
     }
 }

@@ -264,10 +264,15 @@ pub fn port_forward(up: &Upstream, kubeconfig: &Path, target: &[&str], port: u16
 /// A plain-HTTP GET of `path` from `addr` (`host:port`), with a bearer token if given: the
 /// status code and the whole response.
 pub fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    http_get_host(addr, addr, path, bearer)
+}
+
+/// [`http_get`] with `host` as the Host header (a name-based virtual host: an Ingress's).
+pub fn http_get_host(addr: &str, host: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connecting");
     let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").expect("sending");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n").expect("sending");
     let mut text = String::new();
     s.read_to_string(&mut text).expect("reading");
     let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);

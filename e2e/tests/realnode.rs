@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vkube_e2e::{Cli, TestEnv, VirtualCluster, kubectl_stdin, port_forward, vkube_bin};
 use vkube_localenv::{HostOptions, node};
@@ -251,6 +251,74 @@ async fn tenant_pods_really_run_and_reach_their_own_cluster() {
     drop(env);
     assert_eq!(node::leftovers(&node_dir), Vec::<String>::new());
     assert_eq!(node::sysctls(), sysctls_before);
+}
+
+/// An Ingress in namespace `other` sending `host` to Service `web`.
+fn ingress(name: &str, host: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, namespace: other}}\nspec:\n  rules:\n  - host: {host}\n    http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}]}}\n"
+    )
+}
+
+/// A tenant's Ingress served by a real ingress controller (the dev host's traefik): requests for
+/// its host name reach its pod, a name the admin did not allow reaches nothing; asleep, a request
+/// through the controller wakes the cluster and its pod answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_traffic_reaches_the_tenants_pod_and_wakes_its_sleeping_cluster() {
+    let _turn = ONE_REAL_NODE.lock().await;
+    let env = real_node_host().await;
+    let vc = env
+        .virtual_cluster_with(
+            "rn-ing",
+            &[&format!("--ingress-classes={}", vkube_localenv::ingress::CLASS), "--ingress-hosts=*.team-a.example.com"],
+        )
+        .await;
+    vc.apply(TENANT_A);
+    vc.apply(&ingress("shop", "shop.team-a.example.com"));
+    vc.apply(&ingress("steal", "login.team-b.example.com"));
+    wait_ready(&vc, "other", &["pod", "-l", "app=web"]);
+    let controller = format!("127.0.0.1:{}", env.host.ports.ingress);
+    let get = |host: &str| vkube_e2e::http_get_host(&controller, host, "/", None);
+    let served = |(status, text): &(u16, String)| *status == 200 && text.ends_with("served-by-web\n");
+    vkube_e2e::eventually("the tenant's pod through the ingress controller", Duration::from_secs(60), || async {
+        let answer = get("shop.team-a.example.com");
+        served(&answer).then_some(Some(())).ok_or(answer.1)
+    })
+    .await;
+    let (status, text) = get("login.team-b.example.com");
+    assert_eq!(status, 404, "a host name the admin did not allow is not routed: {text}");
+
+    // Asleep, its pod is gone; a request through the controller reaches the wake port.
+    env.kubectl_ok(&["annotate", "service", "rn-ing", "-n", vc.host_namespace(), "vkube.dev/power-request=sleep"]);
+    let power = || {
+        env.kubectl_ok(&[
+            "get",
+            "service",
+            "rn-ing",
+            "-n",
+            vc.host_namespace(),
+            "-o",
+            "jsonpath={.metadata.annotations.vkube\\.dev/power}",
+        ])
+    };
+    vkube_e2e::eventually("the cluster asleep", Duration::from_secs(60), || async {
+        let p = power();
+        (p == "Sleeping").then_some(Some(())).ok_or(p)
+    })
+    .await;
+    let asked = Instant::now();
+    vkube_e2e::eventually("the waking page, through the controller", Duration::from_secs(30), || async {
+        let (status, text) = get("shop.team-a.example.com");
+        (status == 503 && text.contains("waking up")).then_some(Some(())).ok_or(format!("{status}: {text}"))
+    })
+    .await;
+    vkube_e2e::eventually("the tenant's pod through the controller again", Duration::from_secs(90), || async {
+        let answer = get("shop.team-a.example.com");
+        served(&answer).then_some(Some(())).ok_or(answer.1)
+    })
+    .await;
+    eprintln!("served again {:.1} s after the first request to the sleeping cluster", asked.elapsed().as_secs_f64());
+    assert_eq!(power(), "Running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -463,15 +463,8 @@ async fn usage_is_accounted_to_the_second_through_sleep_and_read_by_vkube_usage(
     assert!(counter >= l.pod_seconds, "the counter starts from the ledger: {counter} < {}", l.pod_seconds);
 }
 
-/// A plain-HTTP GET of `/` at `port` on loopback with `host` as its Host header: the status,
-/// the headers and body as text.
 fn get_with_host(port: u16, host: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the wake listener");
-    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("sending");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("reading");
-    (text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), text)
+    vkube_e2e::http_get_host(&format!("127.0.0.1:{port}"), host, "/", None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use vkube_pki::{Bundle, BundleSpec, LeafSpec, Validity, kubeconfig};
 use crate::node::{self, RealNode};
 use crate::process::{self, Lifetime, ProcessGroup, ProcessSpec, log_tail};
 use crate::upstream::Upstream;
-use crate::{Error, Progress, Result, io_err, ports, wait};
+use crate::{Error, Progress, Result, ingress, io_err, ports, wait};
 
 pub use vkube_kubeclient::write_private;
 
@@ -49,6 +49,9 @@ pub struct HostPorts {
     pub scheduler: u16,
     pub controller_manager: u16,
     pub kwok: u16,
+    /// The ingress controller's HTTP port, with a real node (none in older state files).
+    #[serde(default)]
+    pub ingress: u16,
 }
 
 impl HostPorts {
@@ -60,12 +63,14 @@ impl HostPorts {
             scheduler: ports::free_port(),
             controller_manager: ports::free_port(),
             kwok: ports::free_port(),
+            ingress: ports::free_port(),
         }
     }
 
     fn all_free(&self) -> bool {
         [self.etcd_client, self.etcd_peer, self.apiserver, self.scheduler, self.controller_manager, self.kwok]
             .into_iter()
+            .chain((self.ingress != 0).then_some(self.ingress))
             .all(ports::is_free)
     }
 }
@@ -109,10 +114,13 @@ impl HostCluster {
         for sub in ["pki", "logs", "etcd", "kwok"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io_err(format!("creating {}", dir.display())))?;
         }
-        let ports = match read_state(dir)? {
+        let mut ports = match read_state(dir)? {
             Some(state) if state.ports.all_free() => state.ports,
             _ => HostPorts::allocate(),
         };
+        if ports.ingress == 0 {
+            ports.ingress = ports::free_port();
+        }
         let mut host = HostCluster {
             dir: dir.to_path_buf(),
             kubeconfig: dir.join("kubeconfig"),
@@ -156,11 +164,15 @@ impl HostCluster {
         host.wait_default_service_account(&client).await?;
         if opts.real_nodes > 0 {
             progress(&format!(
-                "[8/{total}] a real node: containerd, kubelet and kube-proxy on bridge {} ({})",
+                "[8/{total}] a real node: containerd, kubelet and kube-proxy on bridge {} ({}), and traefik serving \
+                 ingress class {} on http://127.0.0.1:{}",
                 node::BRIDGE,
-                node::ADDRESS
+                node::ADDRESS,
+                ingress::CLASS,
+                host.ports.ingress
             ));
             host.start_real_node(&up, &pki, &client, opts.lifetime, progress).await?;
+            host.start_ingress(&up, &client).await?;
         }
         Ok(host)
     }
@@ -209,6 +221,30 @@ impl HostCluster {
             detail,
             log: dir.join("logs/kubelet.log").display().to_string(),
         })
+    }
+
+    /// The ingress controller, once the node can run what it routes to: it must listen.
+    async fn start_ingress(&mut self, up: &Upstream, client: &Client) -> Result<()> {
+        let token = ingress::install(client).await?;
+        let ca = self.dir.join("pki/ca.crt");
+        let port = self.ports.ingress;
+        self.processes.spawn(ingress::spec(up, &self.dir, port, &self.server(), &ca, &token)?)?;
+        let timeout = Duration::from_secs(30);
+        let processes = &mut self.processes;
+        let listening = wait::until(timeout, Duration::from_millis(100), || {
+            let exited = processes.check_running().err();
+            async move {
+                match exited {
+                    Some(e) => Ok(Some(Err(e))),
+                    None => Ok(std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| Ok(()))),
+                }
+            }
+        })
+        .await;
+        match listening {
+            Ok(res) => res,
+            Err(detail) => Err(self.not_ready("traefik", timeout, detail)),
+        }
     }
 
     /// Imports images into the real node's containerd (an error without a real node).

@@ -6,6 +6,7 @@
 pub mod conformance;
 pub mod host;
 pub mod image;
+pub mod ingress;
 pub mod node;
 pub mod ports;
 pub mod process;

@@ -38,6 +38,7 @@ pub struct Upstream {
     node: PathBuf,
     containerd: PathBuf,
     coredns: PathBuf,
+    traefik: PathBuf,
 }
 
 impl Upstream {
@@ -53,6 +54,7 @@ impl Upstream {
             node: root.join(format!("node-{}", v.kubernetes)),
             containerd: root.join(format!("containerd-{}", v.containerd)),
             coredns: root.join(format!("coredns-{}", v.coredns)),
+            traefik: root.join(format!("traefik-{}", v.traefik)),
         };
         for bin in [
             up.kube_apiserver(),
@@ -103,7 +105,15 @@ impl Upstream {
     }
     /// Whether the real node's binaries are built (a kwok-only host does not need them).
     pub fn check_node(&self) -> Result<()> {
-        let bins = [self.kubelet(), self.kube_proxy(), self.pause(), self.containerd(), self.ctr(), self.coredns()];
+        let bins = [
+            self.kubelet(),
+            self.kube_proxy(),
+            self.pause(),
+            self.containerd(),
+            self.ctr(),
+            self.coredns(),
+            self.traefik(),
+        ];
         match bins.into_iter().find(|b| !b.is_file()) {
             Some(missing) => Err(Error::MissingBinary(missing)),
             None => Ok(()),
@@ -130,6 +140,10 @@ impl Upstream {
     }
     pub fn coredns(&self) -> PathBuf {
         self.coredns.join("coredns")
+    }
+    /// The real node's ingress controller.
+    pub fn traefik(&self) -> PathBuf {
+        self.traefik.join("traefik")
     }
     /// kwok's stage configurations (node and pod lifecycles).
     pub fn kwok_stages(&self) -> PathBuf {

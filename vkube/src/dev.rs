@@ -71,11 +71,19 @@ async fn up(nodes: usize, real_nodes: usize) -> anyhow::Result<()> {
         host.import_images(&[vkube_localenv::node::control_plane_image(&Upstream::locate()?, (&name, &exe))?])?;
     }
     let kubeconfig = host.kubeconfig.clone();
+    let ingress = (real_nodes > 0).then(|| {
+        format!(
+            "\n  Ingresses of class {} (vkube create NAME --ingress-classes={0} --ingress-hosts=...): curl -H 'Host: NAME' http://127.0.0.1:{}/",
+            vkube_localenv::ingress::CLASS,
+            host.ports.ingress
+        )
+    });
     host.detach();
     eprintln!(
-        "dev host cluster ready in {:.1} s\n  export KUBECONFIG={}\n  or: eval \"$(vkube dev env)\"",
+        "dev host cluster ready in {:.1} s\n  export KUBECONFIG={}\n  or: eval \"$(vkube dev env)\"{}",
         start.elapsed().as_secs_f64(),
-        kubeconfig.display()
+        kubeconfig.display(),
+        ingress.unwrap_or_default()
     );
     Ok(())
 }

@@ -1,0 +1,133 @@
+//! The dev host's ingress controller, with a real node: traefik as a local process (like the
+//! node's own components), serving the host's Ingresses of class [`CLASS`] on a loopback port,
+//! so a tenant's Ingress really routes to its pods (and a sleeping cluster's to its wake port).
+//! It reads the host API with a service account of its own, as in-cluster controllers do.
+
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::discovery::ApiResource;
+
+use crate::process::ProcessSpec;
+use crate::upstream::Upstream;
+use crate::{Error, Result, wait};
+
+/// The host's ingress class that traefik serves.
+pub const CLASS: &str = "traefik";
+const NAMESPACE: &str = "vkube-ingress";
+
+/// What traefik needs on the host: its class, a service account that may read what it routes by
+/// (and write Ingresses' status), and a long-lived token of it (the dev host lives for days).
+const OBJECTS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: traefik}
+spec: {controller: traefik.io/ingress-controller}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: vkube-ingress}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: traefik, namespace: vkube-ingress}
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: traefik-token
+  namespace: vkube-ingress
+  annotations: {kubernetes.io/service-account.name: traefik}
+type: kubernetes.io/service-account-token
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: vkube-dev-traefik}
+rules:
+- apiGroups: [""]
+  resources: [services, secrets, nodes, endpoints]
+  verbs: [get, list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+- apiGroups: [networking.k8s.io]
+  resources: [ingresses, ingressclasses]
+  verbs: [get, list, watch]
+- apiGroups: [networking.k8s.io]
+  resources: [ingresses/status]
+  verbs: [update]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: vkube-dev-traefik}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vkube-dev-traefik}
+subjects: [{kind: ServiceAccount, name: traefik, namespace: vkube-ingress}]
+"#;
+
+/// Makes traefik's objects on the host and returns its token (filled in by the controller
+/// manager's token controller).
+pub async fn install(client: &kube::Client) -> Result<String> {
+    for doc in OBJECTS.split("\n---\n") {
+        let obj: DynamicObject =
+            serde_saphyr::from_str(doc).map_err(|e| Error::Node(format!("traefik's objects: {e}")))?;
+        let kind = obj.types.as_ref().map(|t| t.kind.as_str()).unwrap_or_default();
+        let ar = resource(kind).ok_or_else(|| Error::Node(format!("traefik's objects: unexpected kind {kind:?}")))?;
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+            None => Api::all_with(client.clone(), &ar),
+        };
+        api.patch(&name, &PatchParams::apply("vkube-dev").force(), &Patch::Apply(&obj)).await?;
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let token = wait::until(Duration::from_secs(60), Duration::from_millis(200), || {
+        let secrets = secrets.clone();
+        async move {
+            let s = secrets.get("traefik-token").await.map_err(|e| e.to_string())?;
+            let token = s.data.and_then(|d| d.get("token").cloned());
+            Ok(token.map(|t| String::from_utf8_lossy(&t.0).to_string()))
+        }
+    })
+    .await
+    .map_err(|d| Error::Node(format!("traefik's service account token was not filled in: {d}")))?;
+    Ok(token)
+}
+
+/// The API resource of each kind in [`OBJECTS`].
+fn resource(kind: &str) -> Option<ApiResource> {
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use k8s_openapi::api::networking::v1::IngressClass;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    Some(match kind {
+        "IngressClass" => ApiResource::erase::<IngressClass>(&()),
+        "Namespace" => ApiResource::erase::<Namespace>(&()),
+        "ServiceAccount" => ApiResource::erase::<ServiceAccount>(&()),
+        "Secret" => ApiResource::erase::<Secret>(&()),
+        "ClusterRole" => ApiResource::erase::<ClusterRole>(&()),
+        "ClusterRoleBinding" => ApiResource::erase::<ClusterRoleBinding>(&()),
+        _ => return None,
+    })
+}
+
+/// traefik serving Ingresses of class [`CLASS`] on `127.0.0.1:port` (plain HTTP), reading the
+/// host API at `server` with `token`, from a static configuration in `dir` (private: it holds
+/// the token, which traefik takes from no other source once it has any flag). No dashboard,
+/// API, ping or metrics port.
+pub fn spec(up: &Upstream, dir: &Path, port: u16, server: &str, ca: &Path, token: &str) -> Result<ProcessSpec> {
+    let config = serde_json::json!({
+        "entryPoints": {"web": {"address": format!("127.0.0.1:{port}")}},
+        "providers": {"kubernetesIngress": {
+            "endpoint": server,
+            "certAuthFilePath": ca.display().to_string(),
+            "token": token,
+        }},
+        "log": {"level": "INFO", "noColor": true},
+        "global": {"checkNewVersion": false, "sendAnonymousUsage": false},
+    });
+    // YAML is a superset of JSON: traefik reads it by its name.
+    let file = dir.join("traefik.yaml");
+    crate::host::write_private(&file, &config.to_string())?;
+    Ok(ProcessSpec::new("traefik", up.traefik(), &dir.join("logs")).arg(format!("--configFile={}", file.display())))
+}
