@@ -9,6 +9,10 @@ pub const DOMAIN: &str = "vkube.dev";
 /// The field manager of every write vkube makes (control plane, syncer, proxy, CLI).
 pub const FIELD_MANAGER: &str = "vkube";
 
+/// The control plane Service's port that a sleeping cluster's host Ingresses lead to (plain
+/// HTTP: a request wakes it).
+pub const WAKE_PORT_NAME: &str = "wake";
+
 // Ownership marks on every host object of a virtual cluster (`naming`).
 
 /// The virtual cluster a host object belongs to (host watches select on it).

@@ -6,12 +6,14 @@
 
 use std::collections::BTreeSet;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressSpec};
 use kube::api::{Api, Patch};
 use kube::runtime::reflector::ObjectRef;
 
 use crate::context::Context;
+use crate::endpointslices::LABEL_SERVICE_NAME;
 use crate::informer::{Change, key_of};
 use crate::mirror::{Mirror, meta_differs};
 use crate::naming::Translator;
@@ -19,6 +21,7 @@ use crate::policy::Refusal;
 use crate::policy::ingresses::Ingresses;
 use crate::refs::RefKind;
 use crate::sync::{self, Result};
+use vkube_core::contract::WAKE_PORT_NAME;
 
 pub const KIND: &str = "Ingress";
 
@@ -76,6 +79,16 @@ impl Mirror for Ingress {
         meta_differs(d, c) || d.spec != c.spec
     }
 
+    /// A host copy a sleep pointed at the control plane's wake port stays so after the wake
+    /// until every Service it leads to has an endpoint whose host pod is ready: the waking page
+    /// answers meanwhile, not the controller's error for a backend without pods. (The virtual
+    /// EndpointSlices alone would not do: they keep the pods of before the sleep ready until
+    /// their new host pods' status flows back.)
+    fn hold(ctx: &Context, v: &Self, current: &Self) -> bool {
+        let Some(proxy) = ctx.opts.proxy_service.as_deref() else { return false };
+        let asleep = current.spec.as_ref().is_some_and(|s| leads_only_to(s, proxy, WAKE_PORT_NAME));
+        asleep && v.spec.as_ref().is_some_and(|s| !service_backends(s).all(|(_, name)| has_ready_pod(ctx, v, name)))
+    }
     async fn back(ctx: &Context, v: &Self, h: &Self) -> Result<()> {
         let addresses =
             |i: &Self| i.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.clone());
@@ -132,6 +145,40 @@ pub fn backends_changed(ctx: &Context, ns: &str, service: &str) {
     for i in all.iter().filter(|i| i.metadata.namespace.as_deref() == Some(ns) && names(i)) {
         <Ingress as Mirror>::on_virtual_change(ctx, i, Change::Applied);
     }
+}
+
+/// Whether Service `service` of the Ingress's namespace has an endpoint whose host pod is ready.
+fn has_ready_pod(ctx: &Context, v: &Ingress, service: &str) -> bool {
+    let ns = v.metadata.namespace.as_deref().unwrap_or_default();
+    let slices = ctx.stores.virt::<EndpointSlice>().state();
+    let of_service = slices.iter().filter(|s| {
+        s.metadata.namespace.as_deref() == Some(ns)
+            && s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).map(String::as_str) == Some(service)
+    });
+    let endpoints = of_service.flat_map(|s| s.endpoints.iter().flatten());
+    let mut pods = endpoints.filter_map(|e| e.target_ref.as_ref().and_then(|t| t.name.as_deref()));
+    pods.any(|pod| {
+        let host = sync::host_get(ctx.stores.host::<Pod>(), ctx, &ctx.tr.host_name(ns, pod)).map(|p| p.load());
+        host.is_some_and(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status
+                    .iter()
+                    .flat_map(|s| s.conditions.iter().flatten())
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    })
+}
+
+/// Whether every path of a spec leads to port `port` of Service `service` (and there is one).
+fn leads_only_to(spec: &IngressSpec, service: &str, port: &str) -> bool {
+    let paths: Vec<_> = spec.rules.iter().flatten().flat_map(|r| r.http.iter().flat_map(|h| h.paths.iter())).collect();
+    !paths.is_empty()
+        && paths.iter().all(|p| {
+            p.backend
+                .service
+                .as_ref()
+                .is_some_and(|s| s.name == service && s.port.as_ref().and_then(|p| p.name.as_deref()) == Some(port))
+        })
 }
 
 /// The Services an Ingress's paths send to, each with its (rule, path) index.
@@ -204,6 +251,22 @@ mod tests {
         let external =
             svc(serde_json::json!({"spec": {"type": "ExternalName", "externalName": "api.vkube-team-b.svc"}}));
         assert!(why(external).contains("is an ExternalName"));
+    }
+
+    #[test]
+    fn a_spec_leads_only_to_the_wake_port_when_every_path_does() {
+        let spec = |backends: &[(&str, &str)]| -> IngressSpec {
+            let paths: Vec<_> = backends
+                .iter()
+                .map(|(svc, port)| serde_json::json!({"path": "/", "pathType": "Prefix", "backend": {"service": {"name": svc, "port": {"name": port}}}}))
+                .collect();
+            serde_json::from_value(serde_json::json!({"rules": [{"host": "a.example.com", "http": {"paths": paths}}]}))
+                .unwrap()
+        };
+        assert!(leads_only_to(&spec(&[("team-a", "wake"), ("team-a", "wake")]), "team-a", "wake"));
+        assert!(!leads_only_to(&spec(&[("team-a", "wake"), ("web-x-shop-x-team-a", "http")]), "team-a", "wake"));
+        assert!(!leads_only_to(&spec(&[("team-a", "https")]), "team-a", "wake"));
+        assert!(!leads_only_to(&spec(&[]), "team-a", "wake"), "no path leads anywhere");
     }
 
     #[test]

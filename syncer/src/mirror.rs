@@ -59,6 +59,12 @@ pub trait Mirror:
     /// Whether the current host copy differs from the desired one in what we manage.
     fn differs(desired: &Self, current: &Self) -> bool;
 
+    /// Whether the current host copy, though it differs, stays as it is for now: looked at
+    /// again in a second.
+    fn hold(_ctx: &Context, _v: &Self, _current: &Self) -> bool {
+        false
+    }
+
     /// Whether a difference can only be fixed by deleting and recreating (immutable objects).
     fn needs_recreate(_current: &Self) -> bool {
         false
@@ -136,6 +142,9 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
             let mut desired = desired;
             ctx.tr.keep_host_keys(desired.meta_mut(), h.meta());
             if M::differs(&desired, &h) {
+                if M::hold(ctx, v, &h) {
+                    return Ok(Action::RequeueAfter(std::time::Duration::from_secs(1)));
+                }
                 if M::needs_recreate(&h) {
                     sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
                     return Ok(Action::RequeueAfter(after_delete(h.as_ref())));

@@ -22,7 +22,7 @@ use vkube_syncer::naming::Translator;
 use crate::names;
 
 /// The control plane Service's port that ingress traffic reaches while the cluster sleeps.
-pub const PORT_NAME: &str = "wake";
+pub const PORT_NAME: &str = vkube_core::contract::WAKE_PORT_NAME;
 /// The port number on that Service (the chart's and local mode's), and the chart pod's port.
 pub const SERVICE_PORT: i32 = 80;
 pub const POD_PORT: i32 = 8080;
