@@ -211,6 +211,8 @@ pub struct Context {
     pub health: crate::health::Health,
     /// Writes per host object per minute.
     pub budget: crate::budget::WriteBudget,
+    /// When this syncer started (a wake starts one).
+    pub started: std::time::Instant,
 }
 
 impl Context {

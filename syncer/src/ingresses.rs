@@ -85,6 +85,10 @@ impl Mirror for Ingress {
     /// EndpointSlices alone would not do: they keep the pods of before the sleep ready until
     /// their new host pods' status flows back.)
     fn hold(ctx: &Context, v: &Self, current: &Self) -> bool {
+        // Not for ever: a backend the tenant scaled to zero must not keep the waking page.
+        if ctx.started.elapsed() > WAKE_HOLD_MAX {
+            return false;
+        }
         let Some(proxy) = ctx.opts.proxy_service.as_deref() else { return false };
         let asleep = current.spec.as_ref().is_some_and(|s| leads_only_to(s, proxy, WAKE_PORT_NAME));
         asleep && v.spec.as_ref().is_some_and(|s| !service_backends(s).all(|(_, name)| has_ready_pod(ctx, v, name)))
@@ -105,6 +109,9 @@ impl Mirror for Ingress {
         Ok(())
     }
 }
+
+/// How long after the syncer starts (a wake) a sleeping host Ingress may wait for its pods.
+const WAKE_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The deprecated way to name a class, which controllers still read.
 const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";

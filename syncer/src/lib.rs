@@ -147,6 +147,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         metrics: cfg.metrics,
         health: cfg.health,
         budget: budget::WriteBudget::new(budget::WRITES_PER_MINUTE),
+        started: std::time::Instant::now(),
     });
 
     // Before the host events watch starts: a relist skips what is already mirrored.

@@ -105,6 +105,7 @@ fn harness() -> Harness {
         metrics,
         health: Default::default(),
         budget: crate::budget::WriteBudget::new(crate::budget::WRITES_PER_MINUTE),
+        started: std::time::Instant::now(),
     };
     Harness { ctx, virt, host, vconfigmaps, hconfigmaps, vservices, vpods, hpods, vnodes }
 }
