@@ -205,6 +205,8 @@ build_traefik() {
   local src=$cache/work/traefik-$v dir
   # Its go.mod replaces modules with its own forks, which only a build of the module itself
   # honours (not a wrapper's, not `go install`): built in a copy of the module.
+  # Outside any module the caller may be in (its go line would decide the toolchain).
+  cd "$cache/work"
   dir=$(go mod download -json "github.com/traefik/traefik/v3@$v" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
   rm -rf "$src"; cp -r "$dir" "$src"; chmod -R u+w "$src"
   cd "$src"

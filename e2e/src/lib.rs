@@ -271,6 +271,8 @@ pub fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
 pub fn http_get_host(addr: &str, host: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connecting");
+    // A stalled answer fails the test here rather than outlasting an `eventually`'s deadline.
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
     let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n").expect("sending");
     let mut text = String::new();

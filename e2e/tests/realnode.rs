@@ -285,8 +285,23 @@ async fn ingress_traffic_reaches_the_tenants_pod_and_wakes_its_sleeping_cluster(
         served(&answer).then_some(Some(())).ok_or(answer.1)
     })
     .await;
+    vc.warned("other", "steal", "spec.rules[0].host: \"login.team-b.example.com\" is not among").await;
     let (status, text) = get("login.team-b.example.com");
     assert_eq!(status, 404, "a host name the admin did not allow is not routed: {text}");
+    // The controller's address reaches the tenant's Ingress.
+    vkube_e2e::eventually("the controller's address in the tenant's Ingress", Duration::from_secs(30), || async {
+        let ip = vc.kubectl_ok(&[
+            "get",
+            "ingress",
+            "shop",
+            "-n",
+            "other",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ]);
+        (ip == "127.0.0.1").then_some(Some(())).ok_or(format!("status address {ip:?}"))
+    })
+    .await;
 
     // Asleep, its pod is gone; a request through the controller reaches the wake port.
     env.kubectl_ok(&["annotate", "service", "rn-ing", "-n", vc.host_namespace(), "vkube.dev/power-request=sleep"]);
@@ -327,6 +342,23 @@ async fn ingress_traffic_reaches_the_tenants_pod_and_wakes_its_sleeping_cluster(
     eprintln!("served again {:.1} s after the first request to the sleeping cluster", asked.elapsed().as_secs_f64());
     assert_eq!(others.into_inner().unwrap(), vec![], "answers neither the waking page nor the pod's");
     assert_eq!(power(), "Running");
+    // The request through the controller is what woke it (persisted within 10 s).
+    let by = || {
+        env.kubectl_ok(&[
+            "get",
+            "service",
+            "rn-ing",
+            "-n",
+            vc.host_namespace(),
+            "-o",
+            "jsonpath={.metadata.annotations.vkube\\.dev/last-activity-by}",
+        ])
+    };
+    vkube_e2e::eventually("the wake's activity recorded", Duration::from_secs(30), || async {
+        let b = by();
+        (b == "ingress:shop.team-a.example.com").then_some(Some(())).ok_or(b)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

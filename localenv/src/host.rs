@@ -70,7 +70,6 @@ impl HostPorts {
     fn all_free(&self) -> bool {
         [self.etcd_client, self.etcd_peer, self.apiserver, self.scheduler, self.controller_manager, self.kwok]
             .into_iter()
-            .chain((self.ingress != 0).then_some(self.ingress))
             .all(ports::is_free)
     }
 }
@@ -118,7 +117,9 @@ impl HostCluster {
             Some(state) if state.ports.all_free() => state.ports,
             _ => HostPorts::allocate(),
         };
-        if ports.ingress == 0 {
+        // Only a real node's ingress controller listens there: re-picked alone if taken, so
+        // the API server's port (in every kubeconfig handed out) stays.
+        if opts.real_nodes > 0 && (ports.ingress == 0 || !ports::is_free(ports.ingress)) {
             ports.ingress = ports::free_port();
         }
         let mut host = HostCluster {
@@ -242,7 +243,12 @@ impl HostCluster {
         })
         .await;
         match listening {
-            Ok(res) => res,
+            // Listening, and still running a moment later (not someone else on its port).
+            Ok(Ok(())) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                self.processes.check_running()
+            }
+            Ok(Err(e)) => Err(e),
             Err(detail) => Err(self.not_ready("traefik", timeout, detail)),
         }
     }

@@ -16,7 +16,8 @@ use crate::{Error, Result, wait};
 
 /// The host's ingress class that traefik serves.
 pub const CLASS: &str = "traefik";
-const NAMESPACE: &str = "vkube-ingress";
+/// Not `vkube-*`: that is where virtual clusters live (`vkube create ingress` would take it).
+const NAMESPACE: &str = "traefik";
 
 /// What traefik needs on the host: its class, a service account that may read what it routes by
 /// (and write Ingresses' status), and a long-lived token of it (the dev host lives for days).
@@ -28,17 +29,17 @@ spec: {controller: traefik.io/ingress-controller}
 ---
 apiVersion: v1
 kind: Namespace
-metadata: {name: vkube-ingress}
+metadata: {name: traefik}
 ---
 apiVersion: v1
 kind: ServiceAccount
-metadata: {name: traefik, namespace: vkube-ingress}
+metadata: {name: traefik, namespace: traefik}
 ---
 apiVersion: v1
 kind: Secret
 metadata:
   name: traefik-token
-  namespace: vkube-ingress
+  namespace: traefik
   annotations: {kubernetes.io/service-account.name: traefik}
 type: kubernetes.io/service-account-token
 ---
@@ -63,7 +64,7 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
 metadata: {name: vkube-dev-traefik}
 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: vkube-dev-traefik}
-subjects: [{kind: ServiceAccount, name: traefik, namespace: vkube-ingress}]
+subjects: [{kind: ServiceAccount, name: traefik, namespace: traefik}]
 "#;
 
 /// Makes traefik's objects on the host and returns its token (filled in by the controller
@@ -122,6 +123,9 @@ pub fn spec(up: &Upstream, dir: &Path, port: u16, server: &str, ca: &Path, token
             "endpoint": server,
             "certAuthFilePath": ca.display().to_string(),
             "token": token,
+            // Its class only; the address it writes in the Ingresses' status is where it listens.
+            "ingressClass": CLASS,
+            "ingressEndpoint": {"ip": "127.0.0.1"},
         }},
         "log": {"level": "INFO", "noColor": true},
         "global": {"checkNewVersion": false, "sendAnonymousUsage": false},

@@ -91,7 +91,11 @@ impl Mirror for Ingress {
         }
         let Some(proxy) = ctx.opts.proxy_service.as_deref() else { return false };
         let asleep = current.spec.as_ref().is_some_and(|s| leads_only_to(s, proxy, WAKE_PORT_NAME));
-        asleep && v.spec.as_ref().is_some_and(|s| !service_backends(s).all(|(_, name)| has_ready_pod(ctx, v, name)))
+        if !asleep {
+            return false;
+        }
+        let services: BTreeSet<&str> = v.spec.iter().flat_map(|s| service_backends(s).map(|(_, name)| name)).collect();
+        !services.into_iter().all(|name| back_or_none_coming(ctx, v, name))
     }
     async fn back(ctx: &Context, v: &Self, h: &Self) -> Result<()> {
         let addresses =
@@ -154,26 +158,30 @@ pub fn backends_changed(ctx: &Context, ns: &str, service: &str) {
     }
 }
 
-/// Whether Service `service` of the Ingress's namespace has an endpoint whose host pod is ready.
-fn has_ready_pod(ctx: &Context, v: &Ingress, service: &str) -> bool {
+/// Whether Service `service` of the Ingress's namespace has an endpoint whose host pod is
+/// Ready, or no endpoint at all (scaled to zero: nothing is coming back to wait for).
+fn back_or_none_coming(ctx: &Context, v: &Ingress, service: &str) -> bool {
     let ns = v.metadata.namespace.as_deref().unwrap_or_default();
     let slices = ctx.stores.virt::<EndpointSlice>().state();
     let of_service = slices.iter().filter(|s| {
         s.metadata.namespace.as_deref() == Some(ns)
             && s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).map(String::as_str) == Some(service)
     });
-    let endpoints = of_service.flat_map(|s| s.endpoints.iter().flatten());
-    let mut pods = endpoints.filter_map(|e| e.target_ref.as_ref().and_then(|t| t.name.as_deref()));
-    pods.any(|pod| {
-        let host = sync::host_get(ctx.stores.host::<Pod>(), ctx, &ctx.tr.host_name(ns, pod)).map(|p| p.load());
-        host.is_some_and(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && p.status
-                    .iter()
-                    .flat_map(|s| s.conditions.iter().flatten())
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
+    let pods: BTreeSet<&str> = of_service
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .filter_map(|e| e.target_ref.as_ref().and_then(|t| t.name.as_deref()))
+        .collect();
+    pods.is_empty()
+        || pods.into_iter().any(|pod| {
+            let host = sync::host_get(ctx.stores.host::<Pod>(), ctx, &ctx.tr.host_name(ns, pod)).map(|p| p.load());
+            host.is_some_and(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.status
+                        .iter()
+                        .flat_map(|s| s.conditions.iter().flatten())
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
         })
-    })
 }
 
 /// Whether every path of a spec leads to port `port` of Service `service` (and there is one).

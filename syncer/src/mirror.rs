@@ -60,7 +60,7 @@ pub trait Mirror:
     fn differs(desired: &Self, current: &Self) -> bool;
 
     /// Whether the current host copy, though it differs, stays as it is for now: looked at
-    /// again in a second.
+    /// again in a second (not counted as pending work).
     fn hold(_ctx: &Context, _v: &Self, _current: &Self) -> bool {
         false
     }
@@ -143,7 +143,14 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
             ctx.tr.keep_host_keys(desired.meta_mut(), h.meta());
             if M::differs(&desired, &h) {
                 if M::hold(ctx, v, &h) {
-                    return Ok(Action::RequeueAfter(std::time::Duration::from_secs(1)));
+                    // Looked at again in a second from outside the queue: a held object is not
+                    // work still to do, which the initial sync (and the health behind it) waits for.
+                    let (queue, key) = (ctx.queues.of::<M>().clone(), (ns, name));
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        queue.add(key);
+                    });
+                    return Ok(Action::Done);
                 }
                 if M::needs_recreate(&h) {
                     sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;

@@ -37,13 +37,12 @@ pub type SleepingHosts = Arc<RwLock<Vec<String>>>;
 /// write is read again). Idempotent: done again after a restart while asleep, and retried.
 pub async fn redirect(host: &kube::Client, namespace: &str, cluster: &str) -> (Vec<String>, Option<kube::Error>) {
     let api: Api<Ingress> = Api::namespaced(host.clone(), namespace);
-    let tr = Translator::new(cluster, namespace);
-    let listed = match api.list(&ListParams::default().labels(&tr.cluster_selector())).await {
-        Ok(l) => l.items,
+    let listed = match owned(&api, namespace, cluster).await {
+        Ok(l) => l,
         Err(e) => return (vec![], Some(e)),
     };
     let (mut hosts, mut failed) = (vec![], None);
-    for ing in listed.into_iter().filter(|i| tr.owner(&i.metadata).is_some()) {
+    for ing in listed {
         hosts.extend(ing.spec.iter().flat_map(rule_hosts).map(|h| h.to_ascii_lowercase()));
         if let Err(e) = point_at_wake(&api, ing, &names::service(cluster)).await {
             failed.get_or_insert(e);
@@ -52,6 +51,31 @@ pub async fn redirect(host: &kube::Client, namespace: &str, cluster: &str) -> (V
     hosts.sort();
     hosts.dedup();
     (hosts, failed)
+}
+
+/// The host names of the cluster's host Ingresses that still lead to the wake port: after a
+/// restart while the syncer holds them (a wake moments ago), the listener answers for them.
+pub async fn still_leading_here(host: &kube::Client, namespace: &str, cluster: &str) -> kube::Result<Vec<String>> {
+    let api: Api<Ingress> = Api::namespaced(host.clone(), namespace);
+    let service = names::service(cluster);
+    let asleep = |spec: &IngressSpec| asleep_spec(spec, &service) == *spec;
+    let listed = owned(&api, namespace, cluster).await?;
+    let mut hosts: Vec<String> = listed
+        .iter()
+        .filter_map(|i| i.spec.as_ref().filter(|s| asleep(s)))
+        .flat_map(rule_hosts)
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    Ok(hosts)
+}
+
+/// The cluster's own host Ingresses (its label and ownership annotations).
+async fn owned(api: &Api<Ingress>, namespace: &str, cluster: &str) -> kube::Result<Vec<Ingress>> {
+    let tr = Translator::new(cluster, namespace);
+    let listed = api.list(&ListParams::default().labels(&tr.cluster_selector())).await?;
+    Ok(listed.items.into_iter().filter(|i| tr.owner(&i.metadata).is_some()).collect())
 }
 
 async fn point_at_wake(api: &Api<Ingress>, mut ing: Ingress, service: &str) -> kube::Result<()> {

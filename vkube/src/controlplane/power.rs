@@ -202,6 +202,15 @@ impl<S: SyncerRunner> PowerController<S> {
                         return Err(e);
                     }
                 }
+                if let Some(hosts) = &self.sleeping_hosts {
+                    // Woken moments before a restart, the syncer may still hold Ingresses here.
+                    match ingress_wake::still_leading_here(&self.host, &self.namespace, &self.name).await {
+                        Ok(names) => *hosts.write().unwrap_or_else(|e| e.into_inner()) = names,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not read which host Ingresses lead to the wake listener")
+                        }
+                    }
+                }
                 // Host pods a sleep removed are recreated, even if the last wake was cut short.
                 if let Err(e) = self.syncer.start(resuming || self.pods_removed) {
                     self.supervisor.stop_all().await;
