@@ -305,17 +305,12 @@ async fn ingress_traffic_reaches_the_tenants_pod_and_wakes_its_sleeping_cluster(
 
     // Asleep, its pod is gone; a request through the controller reaches the wake port.
     env.kubectl_ok(&["annotate", "service", "rn-ing", "-n", vc.host_namespace(), "vkube.dev/power-request=sleep"]);
-    let power = || {
-        env.kubectl_ok(&[
-            "get",
-            "service",
-            "rn-ing",
-            "-n",
-            vc.host_namespace(),
-            "-o",
-            "jsonpath={.metadata.annotations.vkube\\.dev/power}",
-        ])
+    // An annotation of the cluster's host Service (where sleep mode keeps its state).
+    let annotation = |key: &str| {
+        let path = format!("jsonpath={{.metadata.annotations.{}}}", key.replace('.', "\\."));
+        env.kubectl_ok(&["get", "service", "rn-ing", "-n", vc.host_namespace(), "-o", &path])
     };
+    let power = || annotation("vkube.dev/power");
     vkube_e2e::eventually("the cluster asleep", Duration::from_secs(60), || async {
         let p = power();
         (p == "Sleeping").then_some(Some(())).ok_or(p)
@@ -343,19 +338,8 @@ async fn ingress_traffic_reaches_the_tenants_pod_and_wakes_its_sleeping_cluster(
     assert_eq!(others.into_inner().unwrap(), vec![], "answers neither the waking page nor the pod's");
     assert_eq!(power(), "Running");
     // The request through the controller is what woke it (persisted within 10 s).
-    let by = || {
-        env.kubectl_ok(&[
-            "get",
-            "service",
-            "rn-ing",
-            "-n",
-            vc.host_namespace(),
-            "-o",
-            "jsonpath={.metadata.annotations.vkube\\.dev/last-activity-by}",
-        ])
-    };
     vkube_e2e::eventually("the wake's activity recorded", Duration::from_secs(30), || async {
-        let b = by();
+        let b = annotation("vkube.dev/last-activity-by");
         (b == "ingress:shop.team-a.example.com").then_some(Some(())).ok_or(b)
     })
     .await;
