@@ -50,7 +50,9 @@ impl DevCommand {
 async fn up(nodes: usize, real_nodes: usize) -> anyhow::Result<()> {
     let dir = host_dir();
     if HostCluster::is_up(&dir).await {
-        eprintln!("dev host cluster already running ({})", dir.display());
+        let state = vkube_localenv::host::read_state(&dir).ok().flatten();
+        let ingress = state.filter(|s| s.real_node).map(|s| ingress_line(s.ports.ingress)).unwrap_or_default();
+        eprintln!("dev host cluster already running ({}){ingress}", dir.display());
         return Ok(());
     }
     // Whatever is left of an earlier run (a crashed component) goes first; data and certificates
@@ -71,13 +73,7 @@ async fn up(nodes: usize, real_nodes: usize) -> anyhow::Result<()> {
         host.import_images(&[vkube_localenv::node::control_plane_image(&Upstream::locate()?, (&name, &exe))?])?;
     }
     let kubeconfig = host.kubeconfig.clone();
-    let ingress = (real_nodes > 0).then(|| {
-        format!(
-            "\n  Ingresses of class {} (vkube create NAME --ingress-classes={0} --ingress-hosts=...): curl -H 'Host: NAME' http://127.0.0.1:{}/",
-            vkube_localenv::ingress::CLASS,
-            host.ports.ingress
-        )
-    });
+    let ingress = (real_nodes > 0).then(|| ingress_line(host.ports.ingress));
     host.detach();
     eprintln!(
         "dev host cluster ready in {:.1} s\n  export KUBECONFIG={}\n  or: eval \"$(vkube dev env)\"{}",
@@ -86,6 +82,14 @@ async fn up(nodes: usize, real_nodes: usize) -> anyhow::Result<()> {
         ingress.unwrap_or_default()
     );
     Ok(())
+}
+
+/// How to reach the real node's ingress controller.
+fn ingress_line(port: u16) -> String {
+    format!(
+        "\n  Ingresses of class {} (vkube create NAME --ingress-classes={0} --ingress-hosts=...): curl -H 'Host: NAME' http://127.0.0.1:{port}/",
+        vkube_localenv::ingress::CLASS
+    )
 }
 
 fn down() -> anyhow::Result<()> {
