@@ -230,27 +230,35 @@ impl HostCluster {
         let ca = self.dir.join("pki/ca.crt");
         let port = self.ports.ingress;
         self.processes.spawn(ingress::spec(up, &self.dir, port, &self.server(), &ca, &token)?)?;
-        let timeout = Duration::from_secs(30);
+        self.wait_running("traefik", Duration::from_secs(30), || async move {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop))
+        })
+        .await?;
+        // Still running a moment later (not someone else on its port).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.processes.check_running()
+    }
+
+    /// Waits for `check` while every host process runs: one that exits is reported at once,
+    /// with its log, rather than as `component` timing out.
+    async fn wait_running<T, F, Fut>(&mut self, component: &str, timeout: Duration, mut check: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Option<T>, String>>,
+    {
         let processes = &mut self.processes;
-        let listening = wait::until(timeout, Duration::from_millis(100), || {
+        let waited = wait::until(timeout, Duration::from_millis(200), || {
             let exited = processes.check_running().err();
+            let checked = check();
             async move {
                 match exited {
                     Some(e) => Ok(Some(Err(e))),
-                    None => Ok(std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| Ok(()))),
+                    None => checked.await.map(|found| found.map(Ok)),
                 }
             }
         })
         .await;
-        match listening {
-            // Listening, and still running a moment later (not someone else on its port).
-            Ok(Ok(())) => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                self.processes.check_running()
-            }
-            Ok(Err(e)) => Err(e),
-            Err(detail) => Err(self.not_ready("traefik", timeout, detail)),
-        }
+        waited.unwrap_or_else(|detail| Err(self.not_ready(component, timeout, detail)))
     }
 
     /// Imports images into the real node's containerd (an error without a real node).
@@ -518,28 +526,14 @@ impl HostCluster {
         .map_err(|d| self.not_ready("kwok", timeout, d))
     }
 
-    /// The controller manager makes it: a manager that exited is reported at once, with its log.
+    /// The controller manager makes it.
     async fn wait_default_service_account(&mut self, client: &Client) -> Result<()> {
         let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-        let timeout = Duration::from_secs(60);
-        let processes = &mut self.processes;
-        let mut exited = None;
-        let res = wait::until(timeout, Duration::from_millis(200), || {
+        self.wait_running("kube-controller-manager", Duration::from_secs(60), || {
             let sas = sas.clone();
-            exited = processes.check_running().err();
-            let stop = exited.is_some();
-            async move {
-                if stop {
-                    return Ok(Some(()));
-                }
-                sas.get_opt("default").await.map(|o| o.map(|_| ())).map_err(|e| e.to_string())
-            }
+            async move { sas.get_opt("default").await.map(|o| o.map(drop)).map_err(|e| e.to_string()) }
         })
-        .await;
-        match exited {
-            Some(e) => Err(e),
-            None => res.map_err(|d| self.not_ready("kube-controller-manager", timeout, d)),
-        }
+        .await
     }
 
     fn not_ready(&self, component: &str, timeout: Duration, detail: String) -> Error {

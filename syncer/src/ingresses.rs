@@ -48,10 +48,7 @@ impl Mirror for Ingress {
             Change::Deleted => ctx.refs.remove(&ns, &user),
             Change::Applied | Change::Listed => {
                 // (With no class allowed, every Ingress fails the check.)
-                let reaches_host = v.spec.as_ref().is_some_and(|s| {
-                    let service = |name: &str| ctx.stores.virt::<Service>().get(&ObjectRef::new(name).within(&ns));
-                    ctx.policy.ingresses.check(s).is_ok() && backend_violation(s, &ns, service).is_ok()
-                });
+                let reaches_host = refusal(ctx, v).is_ok();
                 ctx.refs.update(&ns, &user, if reaches_host { tls_secrets(v) } else { BTreeSet::new() })
             }
         };
@@ -62,11 +59,9 @@ impl Mirror for Ingress {
     }
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
+        refusal(ctx, v)?;
         let spec = v.spec.clone().unwrap_or_default();
-        ctx.policy.ingresses.check(&spec)?;
         let ns = v.metadata.namespace.as_deref().unwrap_or_default();
-        let service = |name: &str| ctx.stores.virt::<Service>().get(&ObjectRef::new(name).within(ns));
-        backend_violation(&spec, ns, service)?;
         let mut metadata = ctx.tr.host_meta(KIND, &v.metadata);
         // The class is the spec's, checked: never an annotation the admin made verbatim.
         metadata.annotations.iter_mut().for_each(|a| {
@@ -97,6 +92,7 @@ impl Mirror for Ingress {
         let services: BTreeSet<&str> = v.spec.iter().flat_map(|s| service_backends(s).map(|(_, name)| name)).collect();
         !services.into_iter().all(|name| back_or_none_coming(ctx, v, name))
     }
+
     async fn back(ctx: &Context, v: &Self, h: &Self) -> Result<()> {
         let addresses =
             |i: &Self| i.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.clone());
@@ -112,6 +108,15 @@ impl Mirror for Ingress {
         ctx.metrics.wrote(KIND, "status");
         Ok(())
     }
+}
+
+/// Why an Ingress does not reach the host, if it does not: the policy, then its backends.
+fn refusal(ctx: &Context, v: &Ingress) -> Result<(), Refusal> {
+    let spec = v.spec.clone().unwrap_or_default();
+    ctx.policy.ingresses.check(&spec)?;
+    let ns = v.metadata.namespace.as_deref().unwrap_or_default();
+    let service = |name: &str| ctx.stores.virt::<Service>().get(&ObjectRef::new(name).within(ns));
+    backend_violation(&spec, ns, service)
 }
 
 /// How long after the syncer starts (a wake) a sleeping host Ingress may wait for its pods.
@@ -185,7 +190,7 @@ fn back_or_none_coming(ctx: &Context, v: &Ingress, service: &str) -> bool {
 }
 
 /// Whether every path of a spec leads to port `port` of Service `service` (and there is one).
-fn leads_only_to(spec: &IngressSpec, service: &str, port: &str) -> bool {
+pub fn leads_only_to(spec: &IngressSpec, service: &str, port: &str) -> bool {
     let paths: Vec<_> = spec.rules.iter().flatten().flat_map(|r| r.http.iter().flat_map(|h| h.paths.iter())).collect();
     !paths.is_empty()
         && paths.iter().all(|p| {

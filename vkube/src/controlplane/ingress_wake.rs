@@ -17,6 +17,7 @@ use k8s_openapi::api::networking::v1::{
 };
 use kube::api::{Api, ListParams};
 use vkube_apiproxy::sleep::{Power, Sleep};
+use vkube_syncer::ingresses::leads_only_to;
 use vkube_syncer::naming::Translator;
 
 use crate::names;
@@ -41,15 +42,13 @@ pub async fn redirect(host: &kube::Client, namespace: &str, cluster: &str) -> (V
         Ok(l) => l,
         Err(e) => return (vec![], Some(e)),
     };
-    let (mut hosts, mut failed) = (vec![], None);
+    let hosts = host_names(listed.iter().filter_map(|i| i.spec.as_ref()));
+    let mut failed = None;
     for ing in listed {
-        hosts.extend(ing.spec.iter().flat_map(rule_hosts).map(|h| h.to_ascii_lowercase()));
         if let Err(e) = point_at_wake(&api, ing, &names::service(cluster)).await {
             failed.get_or_insert(e);
         }
     }
-    hosts.sort();
-    hosts.dedup();
     (hosts, failed)
 }
 
@@ -58,17 +57,17 @@ pub async fn redirect(host: &kube::Client, namespace: &str, cluster: &str) -> (V
 pub async fn still_leading_here(host: &kube::Client, namespace: &str, cluster: &str) -> kube::Result<Vec<String>> {
     let api: Api<Ingress> = Api::namespaced(host.clone(), namespace);
     let service = names::service(cluster);
-    let asleep = |spec: &IngressSpec| asleep_spec(spec, &service) == *spec;
     let listed = owned(&api, namespace, cluster).await?;
-    let mut hosts: Vec<String> = listed
-        .iter()
-        .filter_map(|i| i.spec.as_ref().filter(|s| asleep(s)))
-        .flat_map(rule_hosts)
-        .map(|h| h.to_ascii_lowercase())
-        .collect();
-    hosts.sort();
-    hosts.dedup();
-    Ok(hosts)
+    let held = listed.iter().filter_map(|i| i.spec.as_ref()).filter(|s| leads_only_to(s, &service, PORT_NAME));
+    Ok(host_names(held))
+}
+
+/// The rules' host names, lowercase, each once.
+fn host_names<'a>(specs: impl Iterator<Item = &'a IngressSpec>) -> Vec<String> {
+    let rules = specs.flat_map(|s| s.rules.iter().flatten());
+    let names: std::collections::BTreeSet<String> =
+        rules.filter_map(|r| r.host.as_deref()).filter(|h| !h.is_empty()).map(str::to_ascii_lowercase).collect();
+    names.into_iter().collect()
 }
 
 /// The cluster's own host Ingresses (its label and ownership annotations).
@@ -118,10 +117,6 @@ pub fn asleep_spec(spec: &IngressSpec, service: &str) -> IngressSpec {
         }
     }
     spec
-}
-
-fn rule_hosts(spec: &IngressSpec) -> impl Iterator<Item = String> + '_ {
-    spec.rules.iter().flatten().filter_map(|r| r.host.clone()).filter(|h| !h.is_empty())
 }
 
 /// Which of `hosts` (lowercase) serves `host` (a request's Host, without its port): an exact
@@ -256,7 +251,8 @@ mod tests {
         }
         assert_eq!((&asleep.ingress_class_name, &asleep.tls), (&spec.ingress_class_name, &spec.tls));
         assert_eq!(asleep_spec(&asleep, "a"), asleep, "idempotent");
-        assert_eq!(rule_hosts(&spec).collect::<Vec<_>>(), ["shop.team-a.example.com"]);
+        assert_eq!(host_names([&spec, &asleep].into_iter()), ["shop.team-a.example.com"]);
+        assert!(leads_only_to(&asleep, "a", PORT_NAME) && !leads_only_to(&spec, "a", PORT_NAME));
     }
 
     #[test]
