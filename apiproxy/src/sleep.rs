@@ -151,8 +151,15 @@ impl Sleep {
     /// A request for a host name of one of the cluster's sleeping Ingresses (`entry`, as their
     /// rule has it): activity (of `ingress:ENTRY`) that wakes the cluster, without waiting.
     pub fn wake_from_ingress(&self, entry: &str) {
-        self.activity.record(&format!("ingress:{entry}"), "get");
+        self.activity.record(&ingress_user(entry), "get");
         self.wake.notify_one();
+    }
+
+    /// Requests through one of the cluster's Ingresses while it is awake, seen in the ingress
+    /// controller's metrics (`entry` as for [`Sleep::wake_from_ingress`]): activity of the same
+    /// user, counted once per reading that saw some.
+    pub fn ingress_traffic(&self, entry: &str) {
+        self.activity.record(&ingress_user(entry), "traffic");
     }
 
     /// Wakes the cluster if it sleeps and waits until it runs (held, not refused); `Asleep`
@@ -171,6 +178,11 @@ impl Sleep {
             ))),
         }
     }
+}
+
+/// Whose activity ingress traffic is: `ingress:` and the Ingress rule's host entry.
+fn ingress_user(entry: &str) -> String {
+    format!("ingress:{entry}")
 }
 
 /// Why a request is background noise rather than activity, whoever sends it: watches and log

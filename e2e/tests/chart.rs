@@ -87,6 +87,7 @@ goRuntime: {GOGC: "100", GOMAXPROCS: "2"}
 sleep:
   after: 30m
   schedule: Mon-Fri 19:00-08:00 Europe/Berlin
+  ingressMetrics: http://traefik-metrics.traefik:9100/metrics
 snapshots:
   schedule: 6h
   keep: 3
@@ -158,6 +159,7 @@ fn the_schema_refuses_invalid_values() {
         (&["--set", "persistence.size=big"], "at '/persistence/size'"),
         (&["--set", "resources.limits.memory=1GB"], "at '/resources/limits/memory'"),
         (&["--set", "sleep.after=half an hour"], "at '/sleep/after'"),
+        (&["--set", "sleep.ingressMetrics=https://traefik:9100/metrics"], "at '/sleep/ingressMetrics'"),
         (&["--set", "limitRange.limits[0].type=Namespace"], "at '/limitRange/limits/0/type'"),
         (&["--set", "images.pullPolicy=Sometimes"], "at '/images/pullPolicy'"),
         (&["--set", "logFormat=xml"], "at '/logFormat'"),
@@ -372,7 +374,9 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
             assert_eq!(run["VKUBE_POD_SECURITY"], "baseline");
             assert_eq!(run["VKUBE_ALLOW_NODE_PORTS"], "false");
             assert!(
-                !run.contains_key("VKUBE_SLEEP_AFTER") && !run.contains_key("VKUBE_SLEEP_SCHEDULE"),
+                ["VKUBE_SLEEP_AFTER", "VKUBE_SLEEP_SCHEDULE", "VKUBE_INGRESS_METRICS"]
+                    .iter()
+                    .all(|k| !run.contains_key(*k)),
                 "sleep is off"
             );
             assert!(!run.contains_key("VKUBE_SNAPSHOT_SCHEDULE"), "scheduled snapshots are off");
@@ -395,6 +399,7 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 ("RUST_LOG", "debug"),
                 ("VKUBE_SLEEP_AFTER", "30m"),
                 ("VKUBE_SLEEP_SCHEDULE", "Mon-Fri 19:00-08:00 Europe/Berlin"),
+                ("VKUBE_INGRESS_METRICS", "http://traefik-metrics.traefik:9100/metrics"),
                 ("VKUBE_SNAPSHOT_SCHEDULE", "6h"),
                 ("VKUBE_SNAPSHOT_KEEP", "3"),
                 ("VKUBE_SERVICE_NODE_PORT_RANGE", "31000-31999"),

@@ -261,16 +261,23 @@ fn ingress(name: &str, host: &str) -> String {
 }
 
 /// A tenant's Ingress served by a real ingress controller (the dev host's traefik): requests for
-/// its host name reach its pod, a name the admin did not allow reaches nothing; asleep, a request
-/// through the controller wakes the cluster and its pod answers again.
+/// its host name reach its pod, a name the admin did not allow reaches nothing; requests through
+/// the controller keep the cluster awake (its metrics), and once they stop it goes to sleep;
+/// asleep, a request through the controller wakes the cluster and its pod answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingress_traffic_reaches_the_tenants_pod_and_wakes_its_sleeping_cluster() {
+async fn ingress_traffic_reaches_the_tenants_pod_keeps_it_awake_and_wakes_its_sleeping_cluster() {
     let _turn = ONE_REAL_NODE.lock().await;
     let env = real_node_host().await;
+    let sleep_after = Duration::from_secs(20);
     let vc = env
         .virtual_cluster_with(
             "rn-ing",
-            &[&format!("--ingress-classes={}", vkube_localenv::ingress::CLASS), "--ingress-hosts=*.team-a.example.com"],
+            &[
+                &format!("--ingress-classes={}", vkube_localenv::ingress::CLASS),
+                "--ingress-hosts=*.team-a.example.com",
+                &format!("--sleep-after={}s", sleep_after.as_secs()),
+                &format!("--ingress-metrics=http://127.0.0.1:{}/metrics", env.host.ports.ingress_metrics),
+            ],
         )
         .await;
     vc.apply(TENANT_A);
@@ -303,19 +310,39 @@ async fn ingress_traffic_reaches_the_tenants_pod_and_wakes_its_sleeping_cluster(
     })
     .await;
 
-    // Asleep, its pod is gone; a request through the controller reaches the wake port.
-    env.kubectl_ok(&["annotate", "service", "rn-ing", "-n", vc.host_namespace(), "vkube.dev/power-request=sleep"]);
     // An annotation of the cluster's host Service (where sleep mode keeps its state).
     let annotation = |key: &str| {
         let path = format!("jsonpath={{.metadata.annotations.{}}}", key.replace('.', "\\."));
         env.kubectl_ok(&["get", "service", "rn-ing", "-n", vc.host_namespace(), "-o", &path])
     };
     let power = || annotation("vkube.dev/power");
-    vkube_e2e::eventually("the cluster asleep", Duration::from_secs(60), || async {
+
+    // Nothing through the virtual cluster from here on (kubectl would count): only web traffic,
+    // for more than twice the idle time, keeps it awake.
+    let visited = Instant::now();
+    let mut last_visit = visited;
+    while visited.elapsed() < sleep_after * 2 + Duration::from_secs(5) {
+        let answer = get("shop.team-a.example.com");
+        last_visit = Instant::now();
+        assert!(served(&answer), "{answer:?}");
+        // Never slept yet: no state written, or Running.
+        let p = power();
+        assert!(p.is_empty() || p == "Running", "{p} under its visitors after {:?}", visited.elapsed());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    vkube_e2e::eventually("the traffic's activity recorded", Duration::from_secs(30), || async {
+        let b = annotation("vkube.dev/last-activity-by");
+        (b == "ingress:shop.team-a.example.com").then_some(Some(())).ok_or(b)
+    })
+    .await;
+    // Without visitors it sleeps after its idle time; its pod goes, and a request through the
+    // controller reaches the wake port.
+    vkube_e2e::eventually("the cluster asleep", sleep_after * 3, || async {
         let p = power();
         (p == "Sleeping").then_some(Some(())).ok_or(p)
     })
     .await;
+    assert!(last_visit.elapsed() >= sleep_after, "asleep {:?} after the last visit", last_visit.elapsed());
     let asked = Instant::now();
     vkube_e2e::eventually("the waking page, through the controller", Duration::from_secs(30), || async {
         let (status, text) = get("shop.team-a.example.com");

@@ -52,6 +52,9 @@ pub struct HostPorts {
     /// The ingress controller's HTTP port, with a real node (none in older state files).
     #[serde(default)]
     pub ingress: u16,
+    /// Its Prometheus metrics (`/metrics`, plain HTTP), with a real node.
+    #[serde(default)]
+    pub ingress_metrics: u16,
 }
 
 impl HostPorts {
@@ -64,6 +67,7 @@ impl HostPorts {
             controller_manager: ports::free_port(),
             kwok: ports::free_port(),
             ingress: ports::free_port(),
+            ingress_metrics: ports::free_port(),
         }
     }
 
@@ -119,8 +123,12 @@ impl HostCluster {
         };
         // Only a real node's ingress controller listens there: re-picked alone if taken, so
         // the API server's port (in every kubeconfig handed out) stays.
-        if opts.real_nodes > 0 && (ports.ingress == 0 || !ports::is_free(ports.ingress)) {
-            ports.ingress = ports::free_port();
+        if opts.real_nodes > 0 {
+            for port in [&mut ports.ingress, &mut ports.ingress_metrics] {
+                if *port == 0 || !ports::is_free(*port) {
+                    *port = ports::free_port();
+                }
+            }
         }
         let mut host = HostCluster {
             dir: dir.to_path_buf(),
@@ -228,10 +236,11 @@ impl HostCluster {
     async fn start_ingress(&mut self, up: &Upstream, client: &Client) -> Result<()> {
         let token = ingress::install(client).await?;
         let ca = self.dir.join("pki/ca.crt");
-        let port = self.ports.ingress;
-        self.processes.spawn(ingress::spec(up, &self.dir, port, &self.server(), &ca, &token)?)?;
+        let (port, metrics) = (self.ports.ingress, self.ports.ingress_metrics);
+        self.processes.spawn(ingress::spec(up, &self.dir, (port, metrics), &self.server(), &ca, &token)?)?;
         self.wait_running("traefik", Duration::from_secs(30), || async move {
-            Ok(std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop))
+            let listening = |p: u16| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok();
+            Ok((listening(port) && listening(metrics)).then_some(()))
         })
         .await?;
         // Still running a moment later (not someone else on its port).

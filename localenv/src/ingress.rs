@@ -112,13 +112,26 @@ fn resource(kind: &str) -> Option<ApiResource> {
     })
 }
 
-/// traefik serving Ingresses of class [`CLASS`] on `127.0.0.1:port` (plain HTTP), reading the
-/// host API at `server` with `token`, from a static configuration in `dir` (private: it holds
-/// the token, which traefik takes from no other source once it has any flag). No dashboard,
-/// API, ping or metrics port.
-pub fn spec(up: &Upstream, dir: &Path, port: u16, server: &str, ca: &Path, token: &str) -> Result<ProcessSpec> {
+/// traefik serving Ingresses of class [`CLASS`] on `127.0.0.1:port` (plain HTTP) and its
+/// Prometheus metrics on `127.0.0.1:metrics` (`/metrics`, what `vkube run --ingress-metrics`
+/// reads), reading the host API at `server` with `token`, from a static configuration in `dir`
+/// (private: it holds the token, which traefik takes from no other source once it has any flag).
+/// No dashboard, API or ping.
+pub fn spec(
+    up: &Upstream,
+    dir: &Path,
+    (port, metrics): (u16, u16),
+    server: &str,
+    ca: &Path,
+    token: &str,
+) -> Result<ProcessSpec> {
     let config = serde_json::json!({
-        "entryPoints": {"web": {"address": format!("127.0.0.1:{port}")}},
+        "entryPoints": {
+            // The Ingresses' routers use the default entry point only, never the metrics one.
+            "web": {"address": format!("127.0.0.1:{port}"), "asDefault": true},
+            "metrics": {"address": format!("127.0.0.1:{metrics}")},
+        },
+        "metrics": {"prometheus": {"entryPoint": "metrics"}},
         "providers": {"kubernetesIngress": {
             "endpoint": server,
             "certAuthFilePath": ca.display().to_string(),

@@ -51,7 +51,7 @@ async fn up(nodes: usize, real_nodes: usize) -> anyhow::Result<()> {
     let dir = host_dir();
     if HostCluster::is_up(&dir).await {
         let state = vkube_localenv::host::read_state(&dir).ok().flatten();
-        let ingress = state.filter(|s| s.real_node).map(|s| ingress_line(s.ports.ingress)).unwrap_or_default();
+        let ingress = state.filter(|s| s.real_node).map(|s| ingress_line(&s.ports)).unwrap_or_default();
         eprintln!("dev host cluster already running ({}){ingress}", dir.display());
         return Ok(());
     }
@@ -73,7 +73,7 @@ async fn up(nodes: usize, real_nodes: usize) -> anyhow::Result<()> {
         host.import_images(&[vkube_localenv::node::control_plane_image(&Upstream::locate()?, (&name, &exe))?])?;
     }
     let kubeconfig = host.kubeconfig.clone();
-    let ingress = (real_nodes > 0).then(|| ingress_line(host.ports.ingress));
+    let ingress = (real_nodes > 0).then(|| ingress_line(&host.ports));
     host.detach();
     eprintln!(
         "dev host cluster ready in {:.1} s\n  export KUBECONFIG={}\n  or: eval \"$(vkube dev env)\"{}",
@@ -85,10 +85,13 @@ async fn up(nodes: usize, real_nodes: usize) -> anyhow::Result<()> {
 }
 
 /// How to reach the real node's ingress controller.
-fn ingress_line(port: u16) -> String {
+fn ingress_line(ports: &vkube_localenv::host::HostPorts) -> String {
     format!(
-        "\n  Ingresses of class {} (vkube create NAME --ingress-classes={0} --ingress-hosts=...): curl -H 'Host: NAME' http://127.0.0.1:{port}/",
-        vkube_localenv::ingress::CLASS
+        "\n  Ingresses of class {} (vkube create NAME --ingress-classes={0} --ingress-hosts=... \
+         --ingress-metrics=http://127.0.0.1:{}/metrics): curl -H 'Host: NAME' http://127.0.0.1:{}/",
+        vkube_localenv::ingress::CLASS,
+        ports.ingress_metrics,
+        ports.ingress
     )
 }
 

@@ -54,6 +54,11 @@ pub struct CreateArgs {
     /// "Mon-Fri 19:00-08:00 Europe/Berlin".
     #[arg(long)]
     pub sleep_schedule: Option<vkube::controlplane::schedule::Schedule>,
+    /// Sleep mode: the host ingress controller's Prometheus metrics (traefik or ingress-nginx,
+    /// plain HTTP), e.g. http://traefik-metrics.traefik:9100/metrics: requests through the
+    /// cluster's Ingresses count as activity while it is awake.
+    #[arg(long, value_name = "URL", value_parser = vkube::controlplane::ingress_activity::parse_url)]
+    pub ingress_metrics: Option<http::Uri>,
     /// Start with the state of this snapshot (`vkube snapshot`, of any cluster): a fork with its
     /// own identity (certificates, service-account keys, host names; pods get fresh tokens).
     #[arg(long, value_name = "FILE")]
@@ -157,6 +162,7 @@ impl CreateArgs {
             snapshot_keep: 7,
             sleep_after: None,
             sleep_schedule: None,
+            ingress_metrics: None,
         };
         tokio::time::timeout(timeout, args.create_local()).await.map_err(|_| anyhow::anyhow!("timed out"))?
     }
@@ -220,6 +226,9 @@ impl CreateArgs {
         if let Some(s) = &self.sleep_schedule {
             args.push(format!("--sleep-schedule={s}"));
         }
+        if let Some(url) = &self.ingress_metrics {
+            args.push(format!("--ingress-metrics={url}"));
+        }
         if let Some(d) = self.snapshot_schedule {
             args.push(format!("--snapshot-schedule={}s", d.as_secs()));
             args.push(format!("--snapshot-keep={}", self.snapshot_keep));
@@ -239,13 +248,14 @@ impl CreateArgs {
         let after = self.sleep_after.map(|d| format!("--set=sleep.after={}s", d.as_secs()));
         // --set-string: a schedule has commas and spaces that --set would split.
         let schedule = self.sleep_schedule.as_ref().map(|s| format!("--set-string=sleep.schedule={s}"));
+        let metrics = self.ingress_metrics.as_ref().map(|url| format!("--set-string=sleep.ingressMetrics={url}"));
         let snapshots = self.snapshot_schedule.map(|d| {
             [
                 format!("--set=snapshots.schedule={}s", d.as_secs()),
                 format!("--set=snapshots.keep={}", self.snapshot_keep),
             ]
         });
-        after.into_iter().chain(schedule).chain(snapshots.into_iter().flatten()).collect()
+        after.into_iter().chain(schedule).chain(metrics).chain(snapshots.into_iter().flatten()).collect()
     }
 
     async fn create_chart(&self) -> anyhow::Result<()> {

@@ -71,7 +71,7 @@ fn host_names<'a>(specs: impl Iterator<Item = &'a IngressSpec>) -> Vec<String> {
 }
 
 /// The cluster's own host Ingresses (its label and ownership annotations).
-async fn owned(api: &Api<Ingress>, namespace: &str, cluster: &str) -> kube::Result<Vec<Ingress>> {
+pub(super) async fn owned(api: &Api<Ingress>, namespace: &str, cluster: &str) -> kube::Result<Vec<Ingress>> {
     let tr = Translator::new(cluster, namespace);
     let listed = api.list(&ListParams::default().labels(&tr.cluster_selector())).await?;
     Ok(listed.items.into_iter().filter(|i| tr.owner(&i.metadata).is_some()).collect())

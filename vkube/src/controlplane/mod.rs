@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod code_pages;
 pub mod components;
 pub mod etcd;
+pub mod ingress_activity;
 pub mod ingress_wake;
 pub mod operations;
 pub mod power;
@@ -665,6 +666,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(_) => anyhow::bail!("--wake-listen needs --supervise: only a control plane that can sleep can wake"),
         None => None,
     };
+    match &args.sleep.ingress_metrics {
+        Some(_) if !policy.ingresses.enabled() => {}
+        Some(url) if args.supervise.supervise => {
+            let every = ingress_activity::every(args.sleep.sleep_after);
+            let (namespace, name) = (args.namespace.clone(), args.name.clone());
+            tokio::spawn(ingress_activity::count(url.clone(), every, host.clone(), namespace, name, sleep.clone()));
+        }
+        Some(_) => anyhow::bail!(
+            "--ingress-metrics needs --supervise: activity matters only to a control plane that can sleep"
+        ),
+        None => {}
+    }
     // `vkube snapshot`, `restore` and `reset` through the proxy, done by the power controller.
     let (ops_tx, ops_rx) = tokio::sync::mpsc::channel(4);
     let operations = args.supervise.supervise.then(|| {
