@@ -474,7 +474,7 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
         ("get", "services/proxy", "default", false),
         ("get", "nodes/proxy", "", false),
         ("patch", "secrets", NS, true),
-        ("deletecollection", "pods", NS, true),
+        ("deletecollection", "pods", NS, false),
         ("create", "events.events.k8s.io", NS, true),
         ("deletecollection", "secrets", NS, false),
         ("list", "secrets", "default", false),

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Event, Pod, Service};
+use kube::ResourceExt as _;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use vkube_e2e::{TestEnv, VirtualCluster, eventually};
 
@@ -55,7 +56,9 @@ async fn power(env: &TestEnv, vc: &VirtualCluster) -> Option<String> {
 async fn wait_asleep(env: &TestEnv, vc: &VirtualCluster, timeout: Duration) {
     eventually("the cluster asleep: Sleeping, no host pods, no upstream process", timeout, || async {
         let p = power(env, vc).await;
-        let pods = vc.host_list::<Pod>(env).await.len();
+        // Its own copies (a pod the host's admin labelled alike is not its to remove).
+        let owned = |pod: &Pod| pod.annotations().contains_key("vkube.dev/object-uid");
+        let pods = vc.host_list::<Pod>(env).await.iter().filter(|p| owned(p)).count();
         let up: Vec<&str> = COMPONENTS.into_iter().filter(|c| vc.cp.pid(c).is_some()).collect();
         let asleep = p.as_deref() == Some("Sleeping") && pods == 0 && up.is_empty();
         Ok(asleep.then_some(()).ok_or(format!("power {p:?}, {pods} host pods, running {up:?}")).ok())
@@ -82,6 +85,12 @@ async fn an_idle_cluster_sleeps_and_the_first_kubectl_request_wakes_it() {
     let vc = env.virtual_cluster_with("sleepy", &["--sleep-after=20s"]).await;
     vc.apply(&deployment("web", 3));
     wait_running(&env, &vc, 3, Duration::from_secs(60)).await;
+    // A host pod with the cluster's label that is not its copy (no ownership annotations): the
+    // host admin's, which going to sleep must leave alone.
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: admins-own, namespace: {}, labels: {{vkube.dev/cluster: sleepy}}}}\nspec: {{containers: [{{name: c, image: busybox}}]}}\n",
+        vc.host_namespace()
+    ));
 
     // Background that must not keep it awake: a watch left open, and an in-cluster
     // controller's service account polling every 2 s.
@@ -116,6 +125,9 @@ async fn an_idle_cluster_sleeps_and_the_first_kubectl_request_wakes_it() {
     // Asleep, the poller and the watch (which reconnects) do not wake it.
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(power(&env, &vc).await.as_deref(), Some("Sleeping"), "background requests woke it");
+    let host_pods: Api<Pod> = Api::namespaced(env.client().await, vc.host_namespace());
+    let kept = host_pods.get_opt("admins-own").await.unwrap();
+    assert!(kept.is_some_and(|p| p.metadata.deletion_timestamp.is_none()), "the admin's pod was deleted");
     let m = metrics(&vc).await;
     assert!(m.contains("vkube_asleep 1"), "{m}");
     assert!(m.contains("vkube_sleeps_total 1"), "{m}");

@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, DeleteParams, ListParams, Patch};
+use kube::api::{Api, ListParams, Patch};
 use vkube::names;
 
 use super::Target;
@@ -84,8 +84,7 @@ impl PauseArgs {
                 })?;
             }
         }
-        let now = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
-        let n = vkube::controlplane::remove_host_pods(&host, &ns, &cluster.name, &now).await?;
+        let n = vkube::controlplane::remove_host_pods(&host, &ns, &cluster.name, Some(0)).await?;
         eprintln!(
             "  removed {n} host pod(s); virtual cluster {} paused (`vkube resume {}` restores it)",
             cluster.name, cluster.name

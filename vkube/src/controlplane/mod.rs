@@ -451,18 +451,32 @@ pub async fn service_ip(
     Ok(svc.and_then(|s| s.spec).and_then(|s| s.cluster_ip).and_then(|ip| ip.parse().ok()))
 }
 
-/// Deletes every host pod of the cluster (`vkube pause`, going to sleep); the next syncer
-/// recreates them from the virtual pods. Returns how many there were.
+/// Deletes every host pod of the cluster (`vkube pause`, going to sleep), with `grace` seconds
+/// if given; the next syncer recreates them from the virtual pods. Only its own copies (label and
+/// ownership annotations), each the very pod listed: a pod the host's admin labelled alike stays.
+/// Returns how many it deleted.
 pub async fn remove_host_pods(
     host: &kube::Client,
     namespace: &str,
     cluster: &str,
-    params: &kube::api::DeleteParams,
+    grace: Option<u32>,
 ) -> kube::Result<usize> {
+    use futures::{StreamExt as _, TryStreamExt as _};
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(host.clone(), namespace);
-    let selector = Translator::new(cluster, namespace).cluster_selector();
-    let deleted = pods.delete_collection(params, &kube::api::ListParams::default().labels(&selector)).await?;
-    Ok(deleted.left().map(|l| l.items.len()).unwrap_or_default())
+    let tr = Translator::new(cluster, namespace);
+    let listed = pods.list_metadata(&kube::api::ListParams::default().labels(&tr.cluster_selector())).await?;
+    let owned = listed.items.into_iter().filter(|p| tr.owner(&p.metadata).is_some_and(|o| o.kind == "Pod"));
+    let exactly = vkube_kubeclient::delete::Exactly::Object;
+    let deleted: Vec<bool> = futures::stream::iter(owned)
+        .map(|p| {
+            let pods = pods.clone();
+            async move { vkube_kubeclient::delete::delete_exactly(&pods, &p.metadata, grace, exactly).await }
+        })
+        // The host write budget paces them; more at once would only queue there.
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    Ok(deleted.into_iter().filter(|d| *d).count())
 }
 
 /// A host Event on a cluster's control-plane Service, from `reporter` (a Warning when the

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, DeleteParams, Patch};
+use kube::api::{Api, Patch};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -490,7 +490,7 @@ impl<S: SyncerRunner> PowerController<S> {
     }
 
     async fn remove_host_pods(&self) {
-        let removed = super::remove_host_pods(&self.host, &self.namespace, &self.name, &DeleteParams::default()).await;
+        let removed = super::remove_host_pods(&self.host, &self.namespace, &self.name, None).await;
         if let Err(e) = removed {
             tracing::error!(error = %e, "removing the host pods of a sleeping cluster failed; they keep running until it wakes");
         }
