@@ -142,6 +142,11 @@ impl Sleep {
         *self.power.borrow()
     }
 
+    /// The power as it changes (every transition marks it changed, even one back to the same).
+    pub fn power_changes(&self) -> watch::Receiver<Power> {
+        self.power.clone()
+    }
+
     /// Whether requests of `user` count: people and outside tools do; the cluster's own service
     /// accounts and `system:` users do not, unless the admin listed them.
     pub fn counts_user(&self, user: &str) -> bool {

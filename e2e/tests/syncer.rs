@@ -678,8 +678,9 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
             "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    nginx.ingress.kubernetes.io/rewrite-target: /\n    nginx.ingress.kubernetes.io/configuration-snippet: 'return 200 owned;'\n    kubernetes.io/ingress.class: public\nspec:\n{spec}"
         )
     };
-    let web = "  tls: [{hosts: [api.team-a.example.com], secretName: api-tls}]\n  rules:\n  - host: api.team-a.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}]}\n";
-    on.kubectl_ok(&["create", "service", "clusterip", "api", "--tcp=80:8080"]);
+    // The port by name: the host copy names it by number.
+    let web = "  tls: [{hosts: [api.team-a.example.com], secretName: api-tls}]\n  rules:\n  - host: api.team-a.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: api, port: {name: http}}}}]}\n";
+    on.apply("apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: default}\nspec:\n  selector: {app: api}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n");
     on.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: api-tls, namespace: default}\ntype: kubernetes.io/tls\nstringData: {tls.crt: cert, tls.key: key}\n");
     on.apply(&ingress("web", web));
     off.apply(&ingress("web", web));
@@ -694,6 +695,7 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
     assert_eq!(spec["ingressClassName"], "web", "the admin's first class, none being named");
     let backend = &spec["rules"][0]["http"]["paths"][0]["backend"]["service"];
     assert_eq!(backend["name"], tr.host_name("default", "api"), "the host copy of the Service");
+    assert_eq!(backend["port"], serde_json::json!({"number": 80}), "by number, never a tenant's port name");
     assert_eq!(spec["tls"][0]["secretName"], tr.host_name("default", "api-tls"));
     let annotations = copy.annotations();
     assert_eq!(annotations["nginx.ingress.kubernetes.io/rewrite-target"], "/", "a verbatim key");
@@ -754,6 +756,10 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
     assert!(warned.message.unwrap_or_default().contains("spec.ingressClassName: \"public\""));
     on.warned("default", "sneak", "spec.tls[0].hosts: required here").await;
     on.warned("default", "publish", "spec.rules[0].host: \"wiki.corp.example.com\" is not among").await;
+    let unknown_port = "  rules:\n  - host: c.team-a.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: api, port: {name: nope}}}}]}\n";
+    on.apply(&ingress("unknown-port", unknown_port));
+    on.warned("default", "unknown-port", "backend.service.port.name: Service default/api has no port named \"nope\"")
+        .await;
     // Within the policy but for its backend: a Service whose addresses the tenant writes. Its TLS
     // Secret is not copied for nothing.
     on.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: sneak-tls, namespace: default}\ntype: kubernetes.io/tls\nstringData: {tls.crt: cert, tls.key: key}\n");

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::{Ingress, IngressSpec};
+use k8s_openapi::api::networking::v1::{Ingress, IngressServiceBackend, IngressSpec, ServiceBackendPort};
 use kube::api::{Api, Patch};
 use kube::runtime::reflector::ObjectRef;
 
@@ -67,7 +67,8 @@ impl Mirror for Ingress {
         metadata.annotations.iter_mut().for_each(|a| {
             a.remove(CLASS_ANNOTATION);
         });
-        Ok(Ingress { metadata, spec: Some(host_spec(&ctx.tr, ns, spec, &ctx.policy.ingresses)), status: None })
+        let spec = host_spec(&ctx.tr, ns, spec, &ctx.policy.ingresses, virtual_service(ctx, ns));
+        Ok(Ingress { metadata, spec: Some(spec), status: None })
     }
 
     fn differs(d: &Self, c: &Self) -> bool {
@@ -89,7 +90,8 @@ impl Mirror for Ingress {
         if !asleep {
             return false;
         }
-        let services: BTreeSet<&str> = v.spec.iter().flat_map(|s| service_backends(s).map(|(_, name)| name)).collect();
+        let services: BTreeSet<&str> =
+            v.spec.iter().flat_map(|s| service_backends(s).map(|(_, b)| b.name.as_str())).collect();
         !services.into_iter().all(|name| back_or_none_coming(ctx, v, name))
     }
 
@@ -115,8 +117,12 @@ fn refusal(ctx: &Context, v: &Ingress) -> Result<(), Refusal> {
     let spec = v.spec.clone().unwrap_or_default();
     ctx.policy.ingresses.check(&spec)?;
     let ns = v.metadata.namespace.as_deref().unwrap_or_default();
-    let service = |name: &str| ctx.stores.virt::<Service>().get(&ObjectRef::new(name).within(ns));
-    backend_violation(&spec, ns, service)
+    backend_violation(&spec, ns, virtual_service(ctx, ns))
+}
+
+/// The virtual Services of namespace `ns`, by name.
+fn virtual_service<'a>(ctx: &'a Context, ns: &'a str) -> impl Fn(&str) -> Option<std::sync::Arc<Service>> + 'a {
+    move |name: &str| ctx.stores.virt::<Service>().get(&ObjectRef::new(name).within(ns))
 }
 
 /// How long after the syncer starts (a wake) a sleeping host Ingress may wait for its pods.
@@ -126,17 +132,28 @@ const WAKE_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
 
 /// A backend the host's controller must not be sent to, given the virtual Services of the
-/// Ingress's namespace: one not there yet (it could come without a selector), and one whose
+/// Ingress's namespace: one not there yet (it could come without a selector), one whose
 /// addresses the tenant chooses (no selector: Endpoints it writes; ExternalName: any DNS name),
-/// which the controller would reach from where it runs on the host.
+/// which the controller would reach from where it runs on the host, and a port name the Service
+/// does not have (the host copy names the port by number, see [`host_spec`]).
 pub fn backend_violation(
     spec: &IngressSpec,
     ns: &str,
     service: impl Fn(&str) -> Option<std::sync::Arc<Service>>,
 ) -> Result<(), Refusal> {
-    for ((i, j), name) in service_backends(spec) {
+    for ((i, j), backend) in service_backends(spec) {
+        let name = backend.name.as_str();
         let field = format!("spec.rules[{i}].http.paths[{j}].backend.service.name");
-        let message = match service(name).as_ref().and_then(|s| s.spec.as_ref()) {
+        let found = service(name);
+        if let (Some(svc), Some(port)) = (&found, port_name(backend))
+            && port_number(svc, port).is_none()
+        {
+            let message = format!(
+                "spec.rules[{i}].http.paths[{j}].backend.service.port.name: Service {ns}/{name} has no port named {port:?}"
+            );
+            return Err(Refusal { reason: "BackendNotAllowed", message });
+        }
+        let message = match found.as_ref().and_then(|s| s.spec.as_ref()) {
             None => format!("{field}: Service {ns}/{name} not found: the Ingress reaches the host once it exists"),
             Some(s) if s.type_.as_deref() == Some("ExternalName") => {
                 format!("{field}: Service {ns}/{name} is an ExternalName: not allowed behind an Ingress here")
@@ -156,7 +173,7 @@ pub fn backend_violation(
 /// looked at again, their TLS Secrets included (a backend may appear, lose its selector, become
 /// an ExternalName).
 pub fn backends_changed(ctx: &Context, ns: &str, service: &str) {
-    let names = |i: &Ingress| i.spec.as_ref().is_some_and(|s| service_backends(s).any(|(_, n)| n == service));
+    let names = |i: &Ingress| i.spec.as_ref().is_some_and(|s| service_backends(s).any(|(_, b)| b.name == service));
     let all = ctx.stores.virt::<Ingress>().state();
     for i in all.iter().filter(|i| i.metadata.namespace.as_deref() == Some(ns) && names(i)) {
         <Ingress as Mirror>::on_virtual_change(ctx, i, Change::Applied);
@@ -202,12 +219,23 @@ pub fn leads_only_to(spec: &IngressSpec, service: &str, port: &str) -> bool {
 }
 
 /// The Services an Ingress's paths send to, each with its (rule, path) index.
-fn service_backends(spec: &IngressSpec) -> impl Iterator<Item = ((usize, usize), &str)> {
+fn service_backends(spec: &IngressSpec) -> impl Iterator<Item = ((usize, usize), &IngressServiceBackend)> {
     let rules = spec.rules.iter().flatten().enumerate();
     rules.flat_map(|(i, r)| {
         let paths = r.http.iter().flat_map(|h| h.paths.iter()).enumerate();
-        paths.filter_map(move |(j, p)| p.backend.service.as_ref().map(|s| ((i, j), s.name.as_str())))
+        paths.filter_map(move |(j, p)| p.backend.service.as_ref().map(|s| ((i, j), s)))
     })
+}
+
+/// The port a backend names by name, if it does.
+fn port_name(backend: &IngressServiceBackend) -> Option<&str> {
+    backend.port.as_ref().and_then(|p| p.name.as_deref()).filter(|n| !n.is_empty())
+}
+
+/// The number of Service `svc`'s port named `name`.
+fn port_number(svc: &Service, name: &str) -> Option<i32> {
+    let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten());
+    ports.clone().find(|p| p.name.as_deref() == Some(name)).map(|p| p.port)
 }
 
 /// The reference index's user key of an Ingress: no pod has a name with a colon.
@@ -223,10 +251,23 @@ pub fn tls_secrets(v: &Ingress) -> BTreeSet<(RefKind, String)> {
 
 /// A checked virtual spec as the host's (pure): the class the policy gives it, and every Service
 /// and Secret named by its host copy's name.
-pub fn host_spec(tr: &Translator, ns: &str, mut spec: IngressSpec, policy: &Ingresses) -> IngressSpec {
+pub fn host_spec(
+    tr: &Translator,
+    ns: &str,
+    mut spec: IngressSpec,
+    policy: &Ingresses,
+    service: impl Fn(&str) -> Option<std::sync::Arc<Service>>,
+) -> IngressSpec {
     spec.ingress_class_name = policy.class(spec.ingress_class_name.as_deref());
     for path in spec.rules.iter_mut().flatten().flat_map(|r| r.http.iter_mut()).flat_map(|h| h.paths.iter_mut()) {
         if let Some(s) = path.backend.service.as_mut() {
+            // By number: traefik names a backend `NAMESPACE-SERVICE-PORT` with no separator of
+            // its own, and a port name of the tenant's (`a-80`) could complete another cluster's
+            // Service name into the same string, taking its traffic (and its activity).
+            let number = port_name(s).and_then(|p| service(&s.name).and_then(|svc| port_number(&svc, p)));
+            if let Some(number) = number {
+                s.port = Some(ServiceBackendPort { number: Some(number), name: None });
+            }
             s.name = tr.host_name(ns, &s.name);
         }
     }
@@ -303,15 +344,31 @@ mod tests {
         }))
         .unwrap();
         let policy = Ingresses { classes: vec!["web".into(), "internal".into()], hosts: vec![] };
-        let h = host_spec(&tr, "shop", v.spec.clone().unwrap(), &policy);
+        let api: Service = serde_json::from_value(serde_json::json!({"spec": {"selector": {"app": "api"}, "ports": [
+            {"name": "metrics", "port": 9100}, {"name": "http", "port": 8080},
+        ]}}))
+        .unwrap();
+        let api = Arc::new(api);
+        let services = |name: &str| (name == "api").then(|| api.clone());
+        let h = host_spec(&tr, "shop", v.spec.clone().unwrap(), &policy, services);
         assert_eq!(h.ingress_class_name.as_deref(), Some("web"));
         let backend = &h.rules.as_ref().unwrap()[0].http.as_ref().unwrap().paths[0].backend;
         assert_eq!(backend.service.as_ref().unwrap().name, "api-x-shop-x-team-a");
+        let port = backend.service.as_ref().unwrap().port.clone().unwrap();
+        assert_eq!((port.number, port.name), (Some(8080), None), "a named port by its number");
+        assert_eq!(backend_violation(v.spec.as_ref().unwrap(), "shop", services), Ok(()));
+        let unknown =
+            serde_json::to_string(v.spec.as_ref().unwrap()).unwrap().replace(r#""name":"http""#, r#""name":"nope""#);
+        let why = backend_violation(&serde_json::from_str(&unknown).unwrap(), "shop", services).unwrap_err().message;
+        assert_eq!(
+            why,
+            "spec.rules[0].http.paths[0].backend.service.port.name: Service shop/api has no port named \"nope\""
+        );
         let tls = h.tls.as_ref().unwrap();
         assert_eq!(tls[0].secret_name.as_deref(), Some("api-tls-x-shop-x-team-a"));
         assert_eq!(tls[1].secret_name, None, "the controller's default certificate");
         assert_eq!(tls_secrets(&v), [(RefKind::Secret, "api-tls".to_string())].into());
         let named = IngressSpec { ingress_class_name: Some("internal".into()), ..Default::default() };
-        assert_eq!(host_spec(&tr, "shop", named, &policy).ingress_class_name.as_deref(), Some("internal"));
+        assert_eq!(host_spec(&tr, "shop", named, &policy, services).ingress_class_name.as_deref(), Some("internal"));
     }
 }

@@ -102,6 +102,11 @@ impl CreateArgs {
             self.ttl,
             self.delete_after_inactivity,
         )?;
+        if self.ingress_metrics.is_some() && self.policy.ingress_classes.is_empty() {
+            anyhow::bail!(
+                "--ingress-metrics needs --ingress-classes: only Ingresses that reach the host have traffic to count"
+            );
+        }
         if let Some(file) = &self.from_snapshot {
             if !self.wait {
                 anyhow::bail!("--from-snapshot needs --wait: the snapshot is restored once the cluster answers");

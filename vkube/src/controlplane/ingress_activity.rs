@@ -3,11 +3,12 @@
 //! past everything vkube sees, so a web app in use would go to sleep under its visitors. The
 //! controller's own Prometheus metrics count the requests per backend: read every few seconds
 //! while the cluster runs, a count that grew for one of the cluster's own host Ingresses is
-//! activity of `ingress:HOST` (its first rule's host, as a request that wakes it is counted).
+//! activity of `ingress:HOST` (its first rule's host).
 //!
 //! Controllers understood, by the metric each serves (whichever the text holds):
-//! - traefik: `traefik_service_requests_total`, label `service` = `NS-SERVICE-PORT@kubernetes`
-//!   (its Ingress provider's name for a path's backend: the port's name, else its number);
+//! - traefik (its `kubernetesIngress` provider): `traefik_service_requests_total`, label
+//!   `service` = `NS-SERVICE-PORT@kubernetes` (its name for a path's backend: the port's name,
+//!   else its number; the syncer writes numbers);
 //! - ingress-nginx: `nginx_ingress_controller_requests`, labels `namespace` and `ingress`.
 //!
 //! A default backend is not attributed (traefik names it `default-backend` whatever the Ingress).
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::Api;
 use vkube_apiproxy::sleep::{Power, Sleep};
@@ -27,8 +28,8 @@ const NGINX: &str = "nginx_ingress_controller_requests";
 
 /// A scrape that takes longer is given up (and tried at the next look).
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The metrics of a large host's controller run to megabytes; more is not metrics.
-const MAX_BYTES: usize = 64 << 20;
+/// A sample line is short; a longer one is not metrics (and would grow without bound).
+const MAX_LINE: usize = 64 << 10;
 
 /// How often the metrics are read: a quarter of `--sleep-after` (so traffic is seen well before
 /// the cluster would sleep), within 2 to 30 seconds; every 30 s without it (activity still
@@ -47,8 +48,10 @@ pub fn parse_url(s: &str) -> Result<http::Uri, String> {
 }
 
 /// Reads the controller's metrics every `every` while the cluster runs, and counts the requests
-/// through the cluster's host Ingresses as activity. The first reading after a start or a wake
-/// (and after a counter went down: the controller restarted) is only a baseline.
+/// through the cluster's host Ingresses as activity. The URL's host name is resolved each time
+/// and every address it has is read (a headless Service: each replica of the controller, whose
+/// counters are its own). The first reading of an address after a start, a wake or any change
+/// of power (and after a counter went down: the controller restarted) is only a baseline.
 pub async fn count(
     url: http::Uri,
     every: Duration,
@@ -59,38 +62,49 @@ pub async fn count(
 ) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let ingresses: Api<Ingress> = Api::namespaced(host, &namespace);
-    let mut before: HashMap<String, f64> = HashMap::new();
+    let mut power = sleep.power_changes();
+    let mut before: Totals = HashMap::new();
     let mut failing = false;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if sleep.power() != Power::Running {
+        if power.has_changed().unwrap_or(true) {
             before.clear();
+        }
+        if *power.borrow_and_update() != Power::Running {
             continue;
         }
         let read = async {
             let listed = super::ingress_wake::owned(&ingresses, &namespace, &cluster)
                 .await
                 .context("listing the host Ingresses")?;
-            let text = scrape(&client, &url).await?;
-            anyhow::Ok(totals(
-                &text,
-                &namespace,
-                &listed.iter().map(|i| Counted::of(&namespace, i)).collect::<Vec<_>>(),
-            ))
+            let counted: Vec<Counted> = listed.iter().map(|i| Counted::of(&namespace, i)).collect();
+            let mut now = Totals::new();
+            for addr in addresses(&url).await? {
+                let lines = scrape(&client, &url, addr).await?;
+                for (ingress, total) in totals(&lines, &namespace, &counted) {
+                    now.insert((addr, ingress), total);
+                }
+            }
+            anyhow::Ok((now, counted))
         };
-        match read.await {
-            Ok(now) => {
+        let read = read.await;
+        // Asleep or woken meanwhile: what was read may span the change.
+        if power.has_changed().unwrap_or(true) {
+            continue;
+        }
+        match read {
+            Ok((now, counted)) => {
                 if std::mem::take(&mut failing) {
                     tracing::info!(url = %url, "reading the ingress controller's metrics again");
                 }
-                for (ingress, (entry, total)) in &now {
-                    if before.get(ingress).is_some_and(|b| total > b) {
-                        sleep.ingress_traffic(entry);
+                for i in grown(&before, &now) {
+                    if let Some(c) = counted.iter().find(|c| c.name == i) {
+                        sleep.ingress_traffic(&c.entry);
                     }
                 }
-                before = now.into_iter().map(|(name, (_, total))| (name, total)).collect();
+                before = now;
             }
             Err(e) if !failing => {
                 failing = true;
@@ -101,26 +115,69 @@ pub async fn count(
     }
 }
 
+/// Requests counted per controller address and host Ingress (by name).
+type Totals = HashMap<(std::net::SocketAddr, String), f64>;
+
+/// The host Ingresses whose requests grew between two readings, each once: at an address read
+/// both times (a new address, or one whose counter went down, is a baseline).
+fn grown(before: &Totals, now: &Totals) -> BTreeSet<String> {
+    now.iter()
+        .filter(|(k, total)| before.get(*k).is_some_and(|b| *total > b))
+        .map(|((_, name), _)| name.clone())
+        .collect()
+}
+
+/// Every address the URL's host name has now.
+async fn addresses(url: &http::Uri) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    let host = url.host().unwrap_or_default();
+    let port = url.port_u16().unwrap_or(80);
+    let found: BTreeSet<std::net::SocketAddr> =
+        tokio::net::lookup_host((host.trim_start_matches('[').trim_end_matches(']'), port))
+            .await
+            .with_context(|| format!("resolving {host}"))?
+            .collect();
+    anyhow::ensure!(!found.is_empty(), "{host} has no address");
+    Ok(found.into_iter().collect())
+}
+
+/// The lines of the metrics at `addr` (the URL's path, its Host header) that [`totals`] reads,
+/// kept as they stream in: a large page is never held whole.
 async fn scrape(
     client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
     url: &http::Uri,
+    addr: std::net::SocketAddr,
 ) -> anyhow::Result<String> {
-    let req = http::Request::get(url.clone())
+    let path = url.path_and_query().map_or("/", |p| p.as_str());
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .header(http::header::HOST, url.authority().map_or("", |a| a.as_str()))
         // The text format (not protobuf or OpenMetrics, which a controller may prefer).
         .header(http::header::ACCEPT, "text/plain; version=0.0.4")
         .body(Empty::new())?;
     let work = async {
         let res = client.request(req).await?;
-        anyhow::ensure!(res.status().is_success(), "{url} answered {}", res.status());
-        let body = Limited::new(res.into_body(), MAX_BYTES)
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("reading {url}: {e} (at most {MAX_BYTES} bytes)"))?;
-        Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+        anyhow::ensure!(res.status().is_success(), "{url} at {addr} answered {}", res.status());
+        let mut body = res.into_body();
+        let (mut kept, mut partial) = (String::new(), Vec::<u8>::new());
+        let mut keep = |line: &[u8]| {
+            if line.starts_with(TRAEFIK.as_bytes()) || line.starts_with(NGINX.as_bytes()) {
+                kept.push_str(&String::from_utf8_lossy(line));
+                kept.push('\n');
+            }
+        };
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else { continue };
+            partial.extend_from_slice(&data);
+            let complete = partial.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            partial[..complete].split(|b| *b == b'\n').for_each(&mut keep);
+            partial.drain(..complete);
+            anyhow::ensure!(partial.len() <= MAX_LINE, "{url} at {addr}: a line longer than {MAX_LINE} bytes");
+        }
+        keep(&partial);
+        Ok(kept)
     };
     tokio::time::timeout(SCRAPE_TIMEOUT, work)
         .await
-        .map_err(|_| anyhow::anyhow!("{url} did not answer within {SCRAPE_TIMEOUT:?}"))?
+        .map_err(|_| anyhow::anyhow!("{url} at {addr} did not answer within {SCRAPE_TIMEOUT:?}"))?
 }
 
 /// What one host Ingress's requests are counted by.
@@ -173,23 +230,24 @@ fn traefik_normalize(name: &str) -> String {
     name.split(|c: char| !c.is_alphanumeric()).filter(|s| !s.is_empty()).collect::<Vec<_>>().join("-")
 }
 
-/// Requests counted so far per host Ingress (by name), with its entry: the sum of its series.
-/// An Ingress without any series counts 0.
-fn totals(text: &str, namespace: &str, counted: &[Counted]) -> HashMap<String, (String, f64)> {
-    let mut out: HashMap<String, (String, f64)> =
-        counted.iter().map(|c| (c.name.clone(), (c.entry.clone(), 0.0))).collect();
-    for line in text.lines() {
-        if !(line.starts_with(TRAEFIK) || line.starts_with(NGINX)) {
-            continue;
+/// Requests counted so far per host Ingress (by name): the sum of its series. An Ingress without
+/// any series counts 0.
+fn totals(text: &str, namespace: &str, counted: &[Counted]) -> HashMap<String, f64> {
+    let mut out: HashMap<String, f64> = counted.iter().map(|c| (c.name.clone(), 0.0)).collect();
+    let mut by_service: HashMap<&str, Vec<&str>> = HashMap::new();
+    for c in counted {
+        for service in &c.traefik_services {
+            by_service.entry(service.as_str()).or_default().push(c.name.as_str());
         }
-        let Some(s) = sample(line) else { continue };
-        for c in counted {
-            let counts = match s.name {
-                TRAEFIK => s.label("service").is_some_and(|name| c.traefik_services.contains(name)),
-                NGINX => s.label("namespace") == Some(namespace) && s.label("ingress") == Some(c.name.as_str()),
-                _ => false,
-            };
-            if counts && let Some((_, total)) = out.get_mut(&c.name) {
+    }
+    for s in text.lines().filter_map(sample) {
+        let names = match s.name {
+            TRAEFIK => s.label("service").and_then(|service| by_service.get(service)).cloned().unwrap_or_default(),
+            NGINX if s.label("namespace") == Some(namespace) => s.label("ingress").into_iter().collect(),
+            _ => vec![],
+        };
+        for name in names {
+            if let Some(total) = out.get_mut(name) {
                 *total += s.value;
             }
         }
@@ -370,9 +428,61 @@ nginx_ingress_controller_requests{namespace="vkube-b",ingress="front-x-shop-x-a"
 nginx_ingress_controller_requests_total{namespace="vkube-a",ingress="front-x-shop-x-a"} 100
 "#;
         let t = totals(text, "vkube-a", &counted);
-        assert_eq!(t["front-x-shop-x-a"], ("shop.example.com".to_string(), 11.0));
-        assert_eq!(t["idle-x-shop-x-a"], ("idle.example.com".to_string(), 0.0));
+        assert_eq!(t["front-x-shop-x-a"], 11.0);
+        assert_eq!(t["idle-x-shop-x-a"], 0.0);
         assert_eq!(t.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_page_is_read_as_it_streams_keeping_only_the_lines_counted() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let page = format!(
+            "# TYPE x counter\n{}\ntraefik_service_requests_total{{service=\"ns-web-80@kubernetes\"}} 3\nother 1\nnginx_ingress_controller_requests{{ingress=\"a\"}} 2",
+            "filler 1\n".repeat(20_000)
+        );
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 4096];
+            let n = conn.read(&mut request).await.unwrap();
+            let request = String::from_utf8_lossy(&request[..n]).to_string();
+            conn.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await.unwrap();
+            // Chunks of 7 bytes: lines split across frames.
+            for chunk in page.as_bytes().chunks(7) {
+                conn.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.unwrap();
+                conn.write_all(chunk).await.unwrap();
+                conn.write_all(b"\r\n").await.unwrap();
+            }
+            conn.write_all(b"0\r\n\r\n").await.unwrap();
+            request
+        });
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let url = parse_url("http://metrics.example:9100/metrics").unwrap();
+        let kept = scrape(&client, &url, addr).await.unwrap();
+        assert_eq!(
+            kept,
+            "traefik_service_requests_total{service=\"ns-web-80@kubernetes\"} 3\nnginx_ingress_controller_requests{ingress=\"a\"} 2\n"
+        );
+        let request = server.await.unwrap().to_ascii_lowercase();
+        assert!(
+            request.starts_with("get /metrics http/1.1") && request.contains("host: metrics.example:9100"),
+            "{request}"
+        );
+    }
+
+    #[test]
+    fn growth_counts_only_against_an_earlier_reading_of_the_same_address() {
+        let (a, b): (std::net::SocketAddr, std::net::SocketAddr) =
+            ("10.0.0.1:9100".parse().unwrap(), "10.0.0.2:9100".parse().unwrap());
+        let reading = |values: &[(std::net::SocketAddr, &str, f64)]| -> Totals {
+            values.iter().map(|(addr, name, v)| ((*addr, name.to_string()), *v)).collect()
+        };
+        let before = reading(&[(a, "web", 5.0), (a, "api", 7.0), (b, "web", 3.0)]);
+        let now = reading(&[(a, "web", 5.0), (a, "api", 2.0), (b, "web", 4.0), (a, "new", 9.0)]);
+        // web grew at b; api went down at a (the controller restarted: a baseline); new is new.
+        assert_eq!(grown(&before, &now), ["web".to_string()].into());
+        assert!(grown(&Totals::new(), &now).is_empty(), "the first reading is a baseline");
     }
 
     #[test]

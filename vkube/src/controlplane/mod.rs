@@ -681,7 +681,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     match &args.sleep.ingress_metrics {
-        Some(_) if !policy.ingresses.enabled() => {}
+        Some(_) if !policy.ingresses.enabled() => {
+            tracing::warn!("--ingress-metrics is ignored: no ingress class is allowed (--ingress-classes)")
+        }
         Some(url) if args.supervise.supervise => {
             let every = ingress_activity::every(args.sleep.sleep_after);
             let (namespace, name) = (args.namespace.clone(), args.name.clone());

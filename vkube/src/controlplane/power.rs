@@ -51,10 +51,11 @@ pub struct SleepArgs {
     /// names wakes it. Off when unset, and where no ingress class is allowed.
     #[arg(long, env = "VKUBE_WAKE_LISTEN")]
     pub wake_listen: Option<std::net::SocketAddr>,
-    /// The host ingress controller's Prometheus metrics (traefik or ingress-nginx; plain HTTP),
-    /// read every few seconds while the cluster is awake: requests through its host Ingresses
-    /// count as activity, so a web app in use does not go to sleep. Off when unset, and where no
-    /// ingress class is allowed.
+    /// The host ingress controller's Prometheus metrics (traefik's kubernetesIngress provider or
+    /// ingress-nginx; plain HTTP), read every few seconds while the cluster is awake: requests
+    /// through its host Ingresses count as activity, so a web app in use does not go to sleep.
+    /// Every address the host name has is read (a headless Service: each replica). Off when
+    /// unset, and where no ingress class is allowed.
     #[arg(long, env = "VKUBE_INGRESS_METRICS", value_parser = super::ingress_activity::parse_url)]
     pub ingress_metrics: Option<http::Uri>,
 }
