@@ -3,10 +3,11 @@
 //! cache; reviews of tokens never seen valid are rate limited). Nothing else gets in.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use moka::future::Cache;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -57,16 +58,34 @@ const KNOWN_TTL: Duration = Duration::from_secs(3600);
 
 type TokenHash = [u8; 32];
 
-/// How many reviews of tokens never seen valid may be sent to the virtual API server.
+/// How many reviews of tokens never seen valid may be sent to the virtual API server: in all,
+/// and for the requests of one client address (an IPv6 /64), so that a flood from one place
+/// does not take every review a newly issued token needs (burst: twice the rate).
 #[derive(Clone, Copy, Debug)]
 pub struct ReviewLimit {
     pub per_second: u32,
     pub burst: u32,
+    pub per_address_per_second: u32,
 }
 
 impl Default for ReviewLimit {
     fn default() -> Self {
-        ReviewLimit { per_second: 20, burst: 40 }
+        ReviewLimit { per_second: 20, burst: 40, per_address_per_second: 5 }
+    }
+}
+
+/// Client addresses the per-address limit remembers before it forgets the idle ones.
+const ADDRESSES_KEPT: usize = 4096;
+
+/// The key of a client address for the per-address limit: IPv4 as it is, IPv6 by its /64 (one
+/// host holds a whole /64, and could spread a flood over it).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
+        },
+        v4 => v4,
     }
 }
 
@@ -105,20 +124,44 @@ pub struct Authenticator {
     /// of random tokens cannot lock out users already signed in; and a sleeping cluster can tell
     /// whose request it is without its API server (sleep mode).
     known: Cache<TokenHash, String>,
-    unknown_reviews: DefaultDirectRateLimiter,
+    unknown_reviews: UnknownReviews,
     metrics: AuthMetrics,
+}
+
+/// Which reviews of tokens never seen valid may be sent now ([`ReviewLimit`]).
+struct UnknownReviews {
+    all: DefaultDirectRateLimiter,
+    by_address: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl UnknownReviews {
+    fn new(limit: ReviewLimit) -> Self {
+        let nonzero = |n: u32| NonZeroU32::new(n.max(1)).expect("at least 1");
+        let quota = |rate: u32, burst: u32| Quota::per_second(nonzero(rate)).allow_burst(nonzero(burst));
+        let per_address = limit.per_address_per_second;
+        UnknownReviews {
+            all: RateLimiter::direct(quota(limit.per_second, limit.burst)),
+            by_address: RateLimiter::keyed(quota(per_address, per_address.saturating_mul(2))),
+        }
+    }
+
+    /// Whether one from `peer` may go: within its address's share, then within the limit for all.
+    fn allow(&self, peer: IpAddr) -> bool {
+        if self.by_address.len() > ADDRESSES_KEPT {
+            self.by_address.retain_recent();
+        }
+        self.by_address.check_key(&address_key(peer)).is_ok() && self.all.check().is_ok()
+    }
 }
 
 impl Authenticator {
     pub fn new(certs: ClientCerts, admin: kube::Client, limit: ReviewLimit, metrics: AuthMetrics) -> Self {
-        let nonzero = |n: u32| NonZeroU32::new(n.max(1)).expect("at least 1");
-        let quota = Quota::per_second(nonzero(limit.per_second)).allow_burst(nonzero(limit.burst));
         Authenticator {
             certs,
             admin,
             reviews: Cache::builder().max_capacity(CACHE_CAPACITY).expire_after(ReviewExpiry).build(),
             known: Cache::builder().max_capacity(CACHE_CAPACITY).time_to_live(KNOWN_TTL).build(),
-            unknown_reviews: RateLimiter::direct(quota),
+            unknown_reviews: UnknownReviews::new(limit),
             metrics,
         }
     }
@@ -128,11 +171,13 @@ impl Authenticator {
         self.certs.verify(chain)
     }
 
-    /// The identity behind a bearer token: `Ok(None)` if there is none or it is not valid (401),
-    /// `Err` if the virtual API server could not review it (503: retrying may help).
-    pub async fn authenticate_token(&self, headers: &HeaderMap) -> Result<Option<Identity>, ProxyError> {
+    /// The identity behind a bearer token sent from `peer`: `Ok(None)` if there is none or it is
+    /// not valid (401), `Err` if it could not be reviewed: over the limit of reviews of unknown
+    /// tokens (429, `Retry-After`: it was not judged, so clients ask again) or the virtual API
+    /// server failed (503: retrying may help).
+    pub async fn authenticate_token(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Option<Identity>, ProxyError> {
         let Some(token) = bearer_token(headers) else { return Ok(None) };
-        self.review_token(token).await
+        self.review_token(token, peer).await
     }
 
     /// The user of a bearer token seen valid in the last hour, without asking anyone.
@@ -142,15 +187,15 @@ impl Authenticator {
         self.known.get(&key).await
     }
 
-    async fn review_token(&self, token: &str) -> Result<Option<Identity>, ProxyError> {
+    async fn review_token(&self, token: &str, peer: IpAddr) -> Result<Option<Identity>, ProxyError> {
         let key: TokenHash = Sha256::digest(token.as_bytes()).into();
         if let Some(answer) = self.reviews.get(&key).await {
             return Ok(answer);
         }
-        if !self.known.contains_key(&key) && self.unknown_reviews.check().is_err() {
+        if !self.known.contains_key(&key) && !self.unknown_reviews.allow(peer) {
             self.metrics.limited.inc();
-            tracing::debug!("too many unknown bearer tokens: refused without a TokenReview");
-            return Ok(None);
+            tracing::debug!(%peer, "too many unknown bearer tokens: not reviewed (429)");
+            return Err(ProxyError::Throttled("too many bearer tokens to review at once; retry in a moment".into()));
         }
         // A failed review is not cached: a transient failure must not lock a valid token out.
         let identity = self.reviews.try_get_with(key, self.send_review(token)).await.map_err(|e| {
@@ -285,6 +330,22 @@ fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_address_cannot_take_every_review_of_unknown_tokens() {
+        let reviews = UnknownReviews::new(ReviewLimit { per_second: 1, burst: 8, per_address_per_second: 2 });
+        let flood: IpAddr = "192.0.2.1".parse().unwrap();
+        let allowed = (0..100).filter(|_| reviews.allow(flood)).count();
+        assert_eq!(allowed, 4, "one address gets its burst (twice its rate), no more");
+        assert!(reviews.allow("192.0.2.2".parse().unwrap()), "another address still gets a review");
+        // IPv6: a /64 is one address; another /64 is another.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(address_key(v6("2001:db8:1:2:aaaa::1")), address_key(v6("2001:db8:1:2:bbbb::2")));
+        assert_ne!(address_key(v6("2001:db8:1:2::1")), address_key(v6("2001:db8:1:3::1")));
+        assert_eq!(address_key(v6("::ffff:192.0.2.1")), flood, "an IPv4 client on a dual-stack socket");
+        let spread = (0..100).filter(|i| reviews.allow(v6(&format!("2001:db8:1:2::{i:x}")))).count();
+        assert_eq!(spread, 3, "what the limit for all has left, whatever the /64's addresses");
+    }
 
     #[test]
     fn bearer_tokens_are_parsed_strictly() {

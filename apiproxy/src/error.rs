@@ -8,6 +8,8 @@ use crate::{BoxError, ProxyBody, status};
 
 /// Seconds a client is told to wait before asking a sleeping cluster again.
 const RETRY_ASLEEP: &str = "5";
+/// Seconds a client over a rate is told to wait.
+const RETRY_THROTTLED: &str = "1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -37,6 +39,10 @@ pub enum ProxyError {
     /// it did not wake in time: answered with `Retry-After`.
     #[error("{0}")]
     Asleep(String),
+    /// Over a rate the proxy keeps (reviews of unknown tokens): 429 with `Retry-After`, which
+    /// clients honour by asking again.
+    #[error("{0}")]
+    Throttled(String),
     /// The control plane tried and failed (e.g. a restore of etcd's data): 500.
     #[error("{0}")]
     Failed(String),
@@ -65,6 +71,7 @@ impl ProxyError {
             ProxyError::AlreadyExists(_) => StatusCode::CONFLICT,
             ProxyError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ProxyError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Unavailable(_) | ProxyError::Asleep(_) | ProxyError::Upstream { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -82,6 +89,7 @@ impl ProxyError {
             ProxyError::AlreadyExists(_) => "AlreadyExists",
             ProxyError::Invalid(_) => "Invalid",
             ProxyError::Failed(_) => "InternalError",
+            ProxyError::Throttled(_) => "TooManyRequests",
             ProxyError::Unavailable(_) | ProxyError::Asleep(_) | ProxyError::Upstream { .. } => "ServiceUnavailable",
         }
     }
@@ -97,6 +105,7 @@ impl ProxyError {
             ProxyError::AlreadyExists(_) => "already_exists",
             ProxyError::Invalid(_) => "invalid",
             ProxyError::Failed(_) => "failed",
+            ProxyError::Throttled(_) => "throttled",
             ProxyError::Unavailable(_) => "unavailable",
             ProxyError::Asleep(_) => "asleep",
             ProxyError::Upstream { .. } => "upstream",
@@ -105,8 +114,13 @@ impl ProxyError {
 
     pub fn into_response(self) -> Response<ProxyBody> {
         let mut resp = status::status(self.status(), self.reason(), &self.to_string());
-        if matches!(self, ProxyError::Asleep(_)) {
-            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static(RETRY_ASLEEP));
+        let retry_after = match self {
+            ProxyError::Asleep(_) => Some(RETRY_ASLEEP),
+            ProxyError::Throttled(_) => Some(RETRY_THROTTLED),
+            _ => None,
+        };
+        if let Some(after) = retry_after {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static(after));
         }
         resp
     }
@@ -128,6 +142,7 @@ mod tests {
             ProxyError::AlreadyExists("a".into()),
             ProxyError::Invalid("i".into()),
             ProxyError::Failed("x".into()),
+            ProxyError::Throttled("t".into()),
             ProxyError::Unavailable("u".into()),
             ProxyError::Asleep("s".into()),
             ProxyError::upstream("reaching x", "connection refused"),

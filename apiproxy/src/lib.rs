@@ -179,6 +179,7 @@ pub struct Proxy {
 struct Connection {
     /// The verified client-certificate identity; `Some(None)` for a certificate that failed.
     cert_identity: Option<Option<Identity>>,
+    peer: std::net::IpAddr,
 }
 
 impl Proxy {
@@ -278,6 +279,7 @@ impl Proxy {
                     cert_identity: certs.filter(|c| !c.is_empty()).map(|chain| {
                         if proxy.auth.verify_chain(&chain) { Identity::from_cert(&chain[0]) } else { None }
                     }),
+                    peer: peer.ip(),
                 });
                 let served = Arc::new(AtomicBool::new(false));
                 let service = {
@@ -495,7 +497,7 @@ impl Proxy {
         match &conn.cert_identity {
             // A presented certificate decides: a bad one is not rescued by a token.
             Some(id) => Ok(id.clone()),
-            None => self.auth.authenticate_token(req.headers()).await,
+            None => self.auth.authenticate_token(req.headers(), conn.peer).await,
         }
     }
 

@@ -93,9 +93,14 @@ pub struct ProxyArgs {
     #[arg(long, env = "VKUBE_PROXY_MAX_CONNECTIONS", default_value_t = 1024)]
     pub proxy_max_connections: usize,
     /// TokenReviews per second for bearer tokens not seen valid lately (burst: twice this); over
-    /// it such tokens get 401 unreviewed, so random tokens cannot cost one review each.
+    /// it such tokens get 429 unreviewed (clients ask again), so random tokens cannot cost one
+    /// review each.
     #[arg(long, env = "VKUBE_PROXY_UNKNOWN_TOKEN_REVIEWS", default_value_t = 20)]
     pub proxy_unknown_token_reviews: u32,
+    /// The same for the requests of one client address (an IPv6 /64): a flood from one place
+    /// leaves the rest to everyone else's new tokens.
+    #[arg(long, env = "VKUBE_PROXY_UNKNOWN_TOKEN_REVIEWS_PER_ADDRESS", default_value_t = 5)]
+    pub proxy_unknown_token_reviews_per_address: u32,
 }
 
 impl ProxyArgs {
@@ -105,6 +110,7 @@ impl ProxyArgs {
             token_reviews: vkube_apiproxy::auth::ReviewLimit {
                 per_second: self.proxy_unknown_token_reviews,
                 burst: self.proxy_unknown_token_reviews.saturating_mul(2),
+                per_address_per_second: self.proxy_unknown_token_reviews_per_address,
             },
             ..Default::default()
         }
