@@ -74,9 +74,6 @@ impl Default for ReviewLimit {
     }
 }
 
-/// Client addresses the per-address limit remembers before it forgets the idle ones.
-const ADDRESSES_KEPT: usize = 4096;
-
 /// The key of a client address for the per-address limit: IPv4 as it is, IPv6 by its /64 (one
 /// host holds a whole /64, and could spread a flood over it).
 fn address_key(ip: IpAddr) -> IpAddr {
@@ -128,10 +125,19 @@ pub struct Authenticator {
     metrics: AuthMetrics,
 }
 
+/// Why a review has no answer.
+enum ReviewFailed {
+    /// Not sent: over [`ReviewLimit`].
+    Throttled,
+    Upstream(kube::Error),
+}
+
 /// Which reviews of tokens never seen valid may be sent now ([`ReviewLimit`]).
 struct UnknownReviews {
     all: DefaultDirectRateLimiter,
     by_address: DefaultKeyedRateLimiter<IpAddr>,
+    /// When addresses idle long enough to have a full bucket again were last forgotten.
+    forgotten: std::sync::Mutex<std::time::Instant>,
 }
 
 impl UnknownReviews {
@@ -142,15 +148,25 @@ impl UnknownReviews {
         UnknownReviews {
             all: RateLimiter::direct(quota(limit.per_second, limit.burst)),
             by_address: RateLimiter::keyed(quota(per_address, per_address.saturating_mul(2))),
+            forgotten: std::sync::Mutex::new(std::time::Instant::now()),
         }
     }
 
-    /// Whether one from `peer` may go: within its address's share, then within the limit for all.
+    /// Whether one from `peer` may go: within its address's share, then within the limit for all
+    /// (in that order: a flooding address's refusals must not spend the others' reviews).
     fn allow(&self, peer: IpAddr) -> bool {
-        if self.by_address.len() > ADDRESSES_KEPT {
+        self.forget_idle();
+        self.by_address.check_key(&address_key(peer)).is_ok() && self.all.check().is_ok()
+    }
+
+    /// At most once a second: the addresses whose bucket is full again are forgotten, so the
+    /// map holds only those seen in the last few seconds.
+    fn forget_idle(&self) {
+        let mut last = self.forgotten.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() >= Duration::from_secs(1) {
+            *last = std::time::Instant::now();
             self.by_address.retain_recent();
         }
-        self.by_address.check_key(&address_key(peer)).is_ok() && self.all.check().is_ok()
     }
 }
 
@@ -192,18 +208,25 @@ impl Authenticator {
         if let Some(answer) = self.reviews.get(&key).await {
             return Ok(answer);
         }
-        if !self.known.contains_key(&key) && !self.unknown_reviews.allow(peer) {
-            self.metrics.limited.inc();
-            tracing::debug!(%peer, "too many unknown bearer tokens: not reviewed (429)");
-            return Err(ProxyError::Throttled("too many bearer tokens to review at once; retry in a moment".into()));
-        }
-        // A failed review is not cached: a transient failure must not lock a valid token out.
-        let identity = self.reviews.try_get_with(key, self.send_review(token)).await.map_err(|e| {
-            ProxyError::upstream(
+        // Limited per review sent, not per request: requests with one token share its review.
+        // Neither a refusal nor a failure is cached: a valid token must not stay locked out.
+        let review = async {
+            if !self.known.contains_key(&key) && !self.unknown_reviews.allow(peer) {
+                self.metrics.limited.inc();
+                tracing::debug!(%peer, "too many unknown bearer tokens: not reviewed (429)");
+                return Err(ReviewFailed::Throttled);
+            }
+            self.send_review(token).await.map_err(ReviewFailed::Upstream)
+        };
+        let identity = self.reviews.try_get_with(key, review).await.map_err(|e| match &*e {
+            ReviewFailed::Throttled => {
+                ProxyError::Throttled("too many bearer tokens to review at once; retry in a moment".into())
+            }
+            ReviewFailed::Upstream(e) => ProxyError::upstream(
                 "the virtual API server could not review the bearer token (TokenReview); \
                  try again in a moment, and check that the virtual API server is running if this persists",
                 e.to_string(),
-            )
+            ),
         })?;
         match &identity {
             Some(id) => self.known.insert(key, id.user.clone()).await,
@@ -333,7 +356,7 @@ mod tests {
 
     #[test]
     fn one_address_cannot_take_every_review_of_unknown_tokens() {
-        let reviews = UnknownReviews::new(ReviewLimit { per_second: 1, burst: 8, per_address_per_second: 2 });
+        let reviews = UnknownReviews::new(ReviewLimit { per_second: 1, burst: 100, per_address_per_second: 2 });
         let flood: IpAddr = "192.0.2.1".parse().unwrap();
         let allowed = (0..100).filter(|_| reviews.allow(flood)).count();
         assert_eq!(allowed, 4, "one address gets its burst (twice its rate), no more");
@@ -344,7 +367,10 @@ mod tests {
         assert_ne!(address_key(v6("2001:db8:1:2::1")), address_key(v6("2001:db8:1:3::1")));
         assert_eq!(address_key(v6("::ffff:192.0.2.1")), flood, "an IPv4 client on a dual-stack socket");
         let spread = (0..100).filter(|i| reviews.allow(v6(&format!("2001:db8:1:2::{i:x}")))).count();
-        assert_eq!(spread, 3, "what the limit for all has left, whatever the /64's addresses");
+        assert_eq!(spread, 4, "one /64 gets one address's share, whatever its addresses");
+        let tight = UnknownReviews::new(ReviewLimit { per_second: 1, burst: 3, per_address_per_second: 2 });
+        let from = |i: u8| IpAddr::from([192, 0, 2, i]);
+        assert_eq!((0..10).filter(|i| tight.allow(from(*i))).count(), 3, "and all addresses the limit for all");
     }
 
     #[test]

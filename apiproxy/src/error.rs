@@ -162,6 +162,12 @@ mod tests {
     fn asleep_says_when_to_retry() {
         let resp = ProxyError::Asleep("zzz".into()).into_response();
         assert_eq!(resp.headers()[http::header::RETRY_AFTER], RETRY_ASLEEP);
+        // client-go asks again on a 429 with Retry-After.
+        let resp = ProxyError::Throttled("t".into()).into_response();
+        assert_eq!(
+            (resp.status(), &resp.headers()[http::header::RETRY_AFTER]),
+            (StatusCode::TOO_MANY_REQUESTS, &http::HeaderValue::from_static("1"))
+        );
         assert!(!ProxyError::Unavailable("u".into()).into_response().headers().contains_key(http::header::RETRY_AFTER));
     }
 

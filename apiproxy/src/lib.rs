@@ -492,7 +492,8 @@ impl Proxy {
         e.into_response()
     }
 
-    /// `Ok(None)`: not authenticated (401); `Err`: a token could not be reviewed (503).
+    /// `Ok(None)`: not authenticated (401); `Err`: a token could not be reviewed (429 over the
+    /// limit of reviews, 503 when the review failed).
     async fn identify(&self, req: &Request<Incoming>, conn: &Connection) -> Result<Option<Identity>, ProxyError> {
         match &conn.cert_identity {
             // A presented certificate decides: a bad one is not rescued by a token.

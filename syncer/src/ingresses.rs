@@ -67,7 +67,7 @@ impl Mirror for Ingress {
         metadata.annotations.iter_mut().for_each(|a| {
             a.remove(CLASS_ANNOTATION);
         });
-        let spec = host_spec(&ctx.tr, ns, spec, &ctx.policy.ingresses, virtual_service(ctx, ns));
+        let spec = host_spec(&ctx.tr, ns, spec, &ctx.policy.ingresses, virtual_service(ctx, ns))?;
         Ok(Ingress { metadata, spec: Some(spec), status: None })
     }
 
@@ -148,10 +148,7 @@ pub fn backend_violation(
         if let (Some(svc), Some(port)) = (&found, port_name(backend))
             && port_number(svc, port).is_none()
         {
-            let message = format!(
-                "spec.rules[{i}].http.paths[{j}].backend.service.port.name: Service {ns}/{name} has no port named {port:?}"
-            );
-            return Err(Refusal { reason: "BackendNotAllowed", message });
+            return Err(unknown_port((i, j), ns, name, port));
         }
         let message = match found.as_ref().and_then(|s| s.spec.as_ref()) {
             None => format!("{field}: Service {ns}/{name} not found: the Ingress reaches the host once it exists"),
@@ -249,23 +246,26 @@ pub fn tls_secrets(v: &Ingress) -> BTreeSet<(RefKind, String)> {
     tls.filter_map(|t| t.secret_name.clone()).filter(|s| !s.is_empty()).map(|s| (RefKind::Secret, s)).collect()
 }
 
-/// A checked virtual spec as the host's (pure): the class the policy gives it, and every Service
-/// and Secret named by its host copy's name.
+/// A checked virtual spec as the host's (pure): the class the policy gives it, every Service and
+/// Secret named by its host copy's name, and every port by its number (given the virtual
+/// Services of namespace `ns`): a port name that does not resolve is refused, never passed on.
 pub fn host_spec(
     tr: &Translator,
     ns: &str,
     mut spec: IngressSpec,
     policy: &Ingresses,
     service: impl Fn(&str) -> Option<std::sync::Arc<Service>>,
-) -> IngressSpec {
+) -> Result<IngressSpec, Refusal> {
     spec.ingress_class_name = policy.class(spec.ingress_class_name.as_deref());
-    for path in spec.rules.iter_mut().flatten().flat_map(|r| r.http.iter_mut()).flat_map(|h| h.paths.iter_mut()) {
-        if let Some(s) = path.backend.service.as_mut() {
-            // By number: traefik names a backend `NAMESPACE-SERVICE-PORT` with no separator of
-            // its own, and a port name of the tenant's (`a-80`) could complete another cluster's
-            // Service name into the same string, taking its traffic (and its activity).
-            let number = port_name(s).and_then(|p| service(&s.name).and_then(|svc| port_number(&svc, p)));
-            if let Some(number) = number {
+    for (i, rule) in spec.rules.iter_mut().flatten().enumerate() {
+        for (j, path) in rule.http.iter_mut().flat_map(|h| h.paths.iter_mut()).enumerate() {
+            let Some(s) = path.backend.service.as_mut() else { continue };
+            // By number: traefik and ingress-nginx name a backend `NAMESPACE-SERVICE-PORT` with
+            // no separator of their own, and a port name of the tenant's (`a-80`) could complete
+            // another cluster's Service name into the same string, taking its traffic.
+            if let Some(name) = port_name(s) {
+                let number = service(&s.name).and_then(|svc| port_number(&svc, name));
+                let number = number.ok_or_else(|| unknown_port((i, j), ns, &s.name, name))?;
                 s.port = Some(ServiceBackendPort { number: Some(number), name: None });
             }
             s.name = tr.host_name(ns, &s.name);
@@ -276,7 +276,17 @@ pub fn host_spec(
             *s = tr.host_name(ns, s);
         }
     }
-    spec
+    Ok(spec)
+}
+
+/// Path `(i, j)` names a port `port` that Service `ns/service` does not have.
+fn unknown_port((i, j): (usize, usize), ns: &str, service: &str, port: &str) -> Refusal {
+    Refusal {
+        reason: "BackendNotAllowed",
+        message: format!(
+            "spec.rules[{i}].http.paths[{j}].backend.service.port.name: Service {ns}/{service} has no port named {port:?}"
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -350,7 +360,7 @@ mod tests {
         .unwrap();
         let api = Arc::new(api);
         let services = |name: &str| (name == "api").then(|| api.clone());
-        let h = host_spec(&tr, "shop", v.spec.clone().unwrap(), &policy, services);
+        let h = host_spec(&tr, "shop", v.spec.clone().unwrap(), &policy, services).unwrap();
         assert_eq!(h.ingress_class_name.as_deref(), Some("web"));
         let backend = &h.rules.as_ref().unwrap()[0].http.as_ref().unwrap().paths[0].backend;
         assert_eq!(backend.service.as_ref().unwrap().name, "api-x-shop-x-team-a");
@@ -359,16 +369,22 @@ mod tests {
         assert_eq!(backend_violation(v.spec.as_ref().unwrap(), "shop", services), Ok(()));
         let unknown =
             serde_json::to_string(v.spec.as_ref().unwrap()).unwrap().replace(r#""name":"http""#, r#""name":"nope""#);
-        let why = backend_violation(&serde_json::from_str(&unknown).unwrap(), "shop", services).unwrap_err().message;
+        let unknown: IngressSpec = serde_json::from_str(&unknown).unwrap();
+        let why = backend_violation(&unknown, "shop", services).unwrap_err().message;
         assert_eq!(
             why,
             "spec.rules[0].http.paths[0].backend.service.port.name: Service shop/api has no port named \"nope\""
         );
+        let passed_on = host_spec(&tr, "shop", unknown, &policy, services);
+        assert_eq!(passed_on.unwrap_err().message, why, "never the tenant's port name on the host");
         let tls = h.tls.as_ref().unwrap();
         assert_eq!(tls[0].secret_name.as_deref(), Some("api-tls-x-shop-x-team-a"));
         assert_eq!(tls[1].secret_name, None, "the controller's default certificate");
         assert_eq!(tls_secrets(&v), [(RefKind::Secret, "api-tls".to_string())].into());
         let named = IngressSpec { ingress_class_name: Some("internal".into()), ..Default::default() };
-        assert_eq!(host_spec(&tr, "shop", named, &policy, services).ingress_class_name.as_deref(), Some("internal"));
+        assert_eq!(
+            host_spec(&tr, "shop", named, &policy, services).unwrap().ingress_class_name.as_deref(),
+            Some("internal")
+        );
     }
 }

@@ -39,7 +39,9 @@ impl PauseArgs {
         let host = super::host_client().await?;
         let cluster = clusters::require(&host, &self.target).await?;
         if cluster.status == Status::Paused {
-            eprintln!("virtual cluster {} is already paused", cluster.name);
+            // A pause cut short (the host busy) may have left host pods: they go now.
+            let n = vkube::controlplane::remove_host_pods(&host, &cluster.namespace, &cluster.name, Some(0)).await?;
+            eprintln!("virtual cluster {} is already paused (removed {n} host pod(s) left behind)", cluster.name);
             return Ok(());
         }
         let ns = cluster.namespace.clone();

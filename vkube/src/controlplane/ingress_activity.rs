@@ -41,7 +41,8 @@ pub fn every(sleep_after: Option<Duration>) -> Duration {
 /// `--ingress-metrics`: plain HTTP (a controller serves its metrics in the cluster, unencrypted).
 pub fn parse_url(s: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+    let userinfo = uri.authority().is_some_and(|a| a.as_str().contains('@'));
+    if uri.scheme_str() != Some("http") || uri.host().is_none() || userinfo {
         return Err(format!("{s:?}: expected http://HOST:PORT/PATH, e.g. http://traefik-metrics.traefik:9100/metrics"));
     }
     Ok(uri)
@@ -80,12 +81,24 @@ pub async fn count(
                 .await
                 .context("listing the host Ingresses")?;
             let counted: Vec<Counted> = listed.iter().map(|i| Counted::of(&namespace, i)).collect();
+            // Each address on its own: one replica that does not answer leaves the others'.
+            let addrs = addresses(&url).await?;
+            let pages = futures::future::join_all(addrs.iter().map(|a| scrape(&client, &url, *a, &namespace))).await;
             let mut now = Totals::new();
-            for addr in addresses(&url).await? {
-                let lines = scrape(&client, &url, addr).await?;
-                for (ingress, total) in totals(&lines, &namespace, &counted) {
-                    now.insert((addr, ingress), total);
+            let mut failed = vec![];
+            for (addr, page) in addrs.into_iter().zip(pages) {
+                match page {
+                    Ok(lines) => {
+                        now.extend(totals(&lines, &namespace, &counted).into_iter().map(|(i, t)| ((addr, i), t)))
+                    }
+                    Err(e) => failed.push(format!("{e:#}")),
                 }
+            }
+            if now.is_empty() && !failed.is_empty() {
+                anyhow::bail!("{}", failed.join("; "));
+            }
+            if !failed.is_empty() {
+                tracing::debug!(failed = failed.join("; "), "some of the ingress controller's replicas did not answer");
             }
             anyhow::Ok((now, counted))
         };
@@ -140,13 +153,16 @@ async fn addresses(url: &http::Uri) -> anyhow::Result<Vec<std::net::SocketAddr>>
     Ok(found.into_iter().collect())
 }
 
-/// The lines of the metrics at `addr` (the URL's path, its Host header) that [`totals`] reads,
-/// kept as they stream in: a large page is never held whole.
+/// The lines of the metrics at `addr` (the URL's path, its Host header) that [`totals`] reads
+/// for host namespace `namespace`, kept as they stream in: a large page is never held whole, nor
+/// the other namespaces' lines.
 async fn scrape(
     client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
     url: &http::Uri,
     addr: std::net::SocketAddr,
+    namespace: &str,
 ) -> anyhow::Result<String> {
+    let ours = [format!("service=\"{namespace}-"), format!("namespace=\"{namespace}\"")];
     let path = url.path_and_query().map_or("/", |p| p.as_str());
     let req = http::Request::get(format!("http://{addr}{path}"))
         .header(http::header::HOST, url.authority().map_or("", |a| a.as_str()))
@@ -159,8 +175,12 @@ async fn scrape(
         let mut body = res.into_body();
         let (mut kept, mut partial) = (String::new(), Vec::<u8>::new());
         let mut keep = |line: &[u8]| {
-            if line.starts_with(TRAEFIK.as_bytes()) || line.starts_with(NGINX.as_bytes()) {
-                kept.push_str(&String::from_utf8_lossy(line));
+            if !(line.starts_with(TRAEFIK.as_bytes()) || line.starts_with(NGINX.as_bytes())) {
+                return;
+            }
+            let line = String::from_utf8_lossy(line);
+            if ours.iter().any(|o| line.contains(o.as_str())) {
+                kept.push_str(&line);
                 kept.push('\n');
             }
         };
@@ -439,7 +459,7 @@ nginx_ingress_controller_requests_total{namespace="vkube-a",ingress="front-x-sho
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let page = format!(
-            "# TYPE x counter\n{}\ntraefik_service_requests_total{{service=\"ns-web-80@kubernetes\"}} 3\nother 1\nnginx_ingress_controller_requests{{ingress=\"a\"}} 2",
+            "# TYPE x counter\n{}\ntraefik_service_requests_total{{service=\"ns-web-80@kubernetes\"}} 3\nother 1\ntraefik_service_requests_total{{service=\"ns2-web-80@kubernetes\"}} 5\nnginx_ingress_controller_requests{{namespace=\"ns2\",ingress=\"a\"}} 4\nnginx_ingress_controller_requests{{namespace=\"ns\",ingress=\"a\"}} 2",
             "filler 1\n".repeat(20_000)
         );
         let server = tokio::spawn(async move {
@@ -459,10 +479,11 @@ nginx_ingress_controller_requests_total{namespace="vkube-a",ingress="front-x-sho
         });
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
         let url = parse_url("http://metrics.example:9100/metrics").unwrap();
-        let kept = scrape(&client, &url, addr).await.unwrap();
+        let kept = scrape(&client, &url, addr, "ns").await.unwrap();
         assert_eq!(
             kept,
-            "traefik_service_requests_total{service=\"ns-web-80@kubernetes\"} 3\nnginx_ingress_controller_requests{ingress=\"a\"} 2\n"
+            "traefik_service_requests_total{service=\"ns-web-80@kubernetes\"} 3\nnginx_ingress_controller_requests{namespace=\"ns\",ingress=\"a\"} 2\n",
+            "the lines of the cluster's namespace only"
         );
         let request = server.await.unwrap().to_ascii_lowercase();
         assert!(
@@ -492,7 +513,7 @@ nginx_ingress_controller_requests_total{namespace="vkube-a",ingress="front-x-sho
         assert_eq!(every(Some(Duration::from_secs(1))), Duration::from_secs(2));
         assert_eq!(every(None), Duration::from_secs(30));
         assert!(parse_url("http://traefik.traefik:9100/metrics").is_ok());
-        for bad in ["https://x/metrics", "x:9100", "/metrics"] {
+        for bad in ["https://x/metrics", "x:9100", "/metrics", "http://user:secret@x:9100/metrics"] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
     }

@@ -460,29 +460,57 @@ pub async fn service_ip(
 /// Deletes every host pod of the cluster (`vkube pause`, going to sleep), with `grace` seconds
 /// if given; the next syncer recreates them from the virtual pods. Only its own copies (label and
 /// ownership annotations), each the very pod listed: a pod the host's admin labelled alike stays.
-/// Returns how many it deleted.
+/// A delete that fails (the host busy) is tried again, twice, after the others; the first error
+/// is returned once every pod had its tries. Returns how many it deleted.
 pub async fn remove_host_pods(
     host: &kube::Client,
     namespace: &str,
     cluster: &str,
     grace: Option<u32>,
 ) -> kube::Result<usize> {
-    use futures::{StreamExt as _, TryStreamExt as _};
+    use futures::StreamExt as _;
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(host.clone(), namespace);
     let tr = Translator::new(cluster, namespace);
     let listed = pods.list_metadata(&kube::api::ListParams::default().labels(&tr.cluster_selector())).await?;
-    let owned = listed.items.into_iter().filter(|p| tr.owner(&p.metadata).is_some_and(|o| o.kind == "Pod"));
-    let exactly = vkube_kubeclient::delete::Exactly::Object;
-    let deleted: Vec<bool> = futures::stream::iter(owned)
-        .map(|p| {
-            let pods = pods.clone();
-            async move { vkube_kubeclient::delete::delete_exactly(&pods, &p.metadata, grace, exactly).await }
-        })
-        // The host write budget paces them; more at once would only queue there.
-        .buffer_unordered(16)
-        .try_collect()
-        .await?;
-    Ok(deleted.into_iter().filter(|d| *d).count())
+    let mut left = own_pods(&tr, listed.items.into_iter().map(|p| p.metadata));
+    let (mut deleted, mut error) = (0, None);
+    for round in 0..3 {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let exactly = vkube_kubeclient::delete::Exactly::Object;
+        let results: Vec<_> = futures::stream::iter(left)
+            .map(|meta| {
+                let pods = pods.clone();
+                async move {
+                    let result = vkube_kubeclient::delete::delete_exactly(&pods, &meta, grace, exactly).await;
+                    (meta, result)
+                }
+            })
+            // The host write budget paces them; more at once would only queue there.
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        left = vec![];
+        for (meta, result) in results {
+            match result {
+                Ok(gone) => deleted += usize::from(gone),
+                Err(e) => {
+                    error = Some(e);
+                    left.push(meta);
+                }
+            }
+        }
+        if left.is_empty() {
+            return Ok(deleted);
+        }
+    }
+    Err(error.expect("a failed delete left a pod"))
+}
+
+/// The cluster's own host pods among `listed` (its label and ownership annotations, of a Pod).
+fn own_pods(tr: &Translator, listed: impl Iterator<Item = ObjectMeta>) -> Vec<ObjectMeta> {
+    listed.filter(|meta| tr.owner(meta).is_some_and(|o| o.kind == "Pod")).collect()
 }
 
 /// A host Event on a cluster's control-plane Service, from `reporter` (a Warning when the
@@ -1085,6 +1113,36 @@ mod tests {
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn only_the_clusters_own_pods_are_removed() {
+        let tr = Translator::new("a", "vkube-a");
+        let copy = |name: &str| ObjectMeta {
+            name: Some(name.into()),
+            ..tr.host_meta(
+                "Pod",
+                &ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some("default".into()),
+                    uid: Some("u".into()),
+                    ..Default::default()
+                },
+            )
+        };
+        let labelled_only = ObjectMeta { name: Some("admins".into()), labels: copy("x").labels, ..Default::default() };
+        let other_kind = ObjectMeta { annotations: tr.host_meta("ConfigMap", &copy("y")).annotations, ..copy("y") };
+        let other_cluster = Translator::new("b", "vkube-a").host_meta(
+            "Pod",
+            &ObjectMeta {
+                name: Some("z".into()),
+                namespace: Some("default".into()),
+                uid: Some("u".into()),
+                ..Default::default()
+            },
+        );
+        let own = own_pods(&tr, [copy("web"), labelled_only, other_kind, other_cluster].into_iter());
+        assert_eq!(own.iter().map(|m| m.name.as_deref().unwrap_or_default()).collect::<Vec<_>>(), ["web"]);
     }
 
     #[derive(clap::Parser)]
