@@ -283,11 +283,14 @@ async fn ingress_traffic_reaches_the_tenants_pod_keeps_it_awake_and_wakes_its_sl
     vc.apply(TENANT_A);
     vc.apply(&ingress("shop", "shop.team-a.example.com"));
     vc.apply(&ingress("steal", "login.team-b.example.com"));
-    wait_ready(&vc, "other", &["pod", "-l", "app=web"]);
+    // Until the web traffic starts, requests that count keep it awake (`kubectl wait` is a
+    // watch, which does not count, and the pod may take longer than the idle time to start).
+    let touch = || vc.kubectl_ok(&["get", "namespace", "other", "-o", "name"]);
     let controller = format!("127.0.0.1:{}", env.host.ports.ingress);
     let get = |host: &str| vkube_e2e::http_get_host(&controller, host, "/", None);
     let served = |(status, text): &(u16, String)| *status == 200 && text.ends_with("served-by-web\n");
-    vkube_e2e::eventually("the tenant's pod through the ingress controller", Duration::from_secs(60), || async {
+    vkube_e2e::eventually("the tenant's pod through the ingress controller", Duration::from_secs(120), || async {
+        touch();
         let answer = get("shop.team-a.example.com");
         served(&answer).then_some(Some(())).ok_or(answer.1)
     })

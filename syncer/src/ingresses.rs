@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressServiceBackend, IngressSpec, ServiceBackendPort};
 use kube::api::{Api, Patch};
@@ -76,10 +76,10 @@ impl Mirror for Ingress {
     }
 
     /// A host copy a sleep pointed at the control plane's wake port stays so after the wake
-    /// until every Service it leads to has an endpoint whose host pod is ready: the waking page
-    /// answers meanwhile, not the controller's error for a backend without pods. (The virtual
-    /// EndpointSlices alone would not do: they keep the pods of before the sleep ready until
-    /// their new host pods' status flows back.)
+    /// until the host's EndpointSlices of every Service it leads to list a ready endpoint (what
+    /// the controller routes by): the waking page answers meanwhile, not the controller's error
+    /// for a backend without endpoints. (The virtual EndpointSlices would not do: they keep the
+    /// pods of before the sleep ready until their new host pods' status flows back.)
     fn hold(ctx: &Context, v: &Self, current: &Self) -> bool {
         // Not for ever: a backend the tenant scaled to zero must not keep the waking page.
         if ctx.started.elapsed() > WAKE_HOLD_MAX {
@@ -177,30 +177,27 @@ pub fn backends_changed(ctx: &Context, ns: &str, service: &str) {
     }
 }
 
-/// Whether Service `service` of the Ingress's namespace has an endpoint whose host pod is
-/// Ready, or no endpoint at all (scaled to zero: nothing is coming back to wait for).
+/// Whether Service `service` of the Ingress's namespace can be routed to again: the host's
+/// EndpointSlices of its host copy (what ingress controllers route by) list a ready endpoint, or
+/// its virtual ones list none at all (scaled to zero: nothing is coming back to wait for).
 fn back_or_none_coming(ctx: &Context, v: &Ingress, service: &str) -> bool {
     let ns = v.metadata.namespace.as_deref().unwrap_or_default();
-    let slices = ctx.stores.virt::<EndpointSlice>().state();
-    let of_service = slices.iter().filter(|s| {
-        s.metadata.namespace.as_deref() == Some(ns)
-            && s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).map(String::as_str) == Some(service)
-    });
-    let pods: BTreeSet<&str> = of_service
+    let of = |slices: &[std::sync::Arc<EndpointSlice>], ns: &str, name: &str| -> Vec<std::sync::Arc<EndpointSlice>> {
+        let named = |s: &EndpointSlice| {
+            s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).map(String::as_str) == Some(name)
+        };
+        slices.iter().filter(|s| s.metadata.namespace.as_deref() == Some(ns) && named(s)).cloned().collect()
+    };
+    let virtual_slices = of(&ctx.stores.virt::<EndpointSlice>().state(), ns, service);
+    if virtual_slices.iter().all(|s| s.endpoints.as_ref().is_none_or(|e| e.is_empty())) {
+        return true;
+    }
+    let host_slices =
+        of(&ctx.stores.host::<EndpointSlice>().state(), ctx.tr.host_namespace(), &ctx.tr.host_name(ns, service));
+    host_slices
+        .iter()
         .flat_map(|s| s.endpoints.iter().flatten())
-        .filter_map(|e| e.target_ref.as_ref().and_then(|t| t.name.as_deref()))
-        .collect();
-    pods.is_empty()
-        || pods.into_iter().any(|pod| {
-            let host = sync::host_get(ctx.stores.host::<Pod>(), ctx, &ctx.tr.host_name(ns, pod)).map(|p| p.load());
-            host.is_some_and(|p| {
-                p.metadata.deletion_timestamp.is_none()
-                    && p.status
-                        .iter()
-                        .flat_map(|s| s.conditions.iter().flatten())
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-            })
-        })
+        .any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
 }
 
 /// Whether every path of a spec leads to port `port` of Service `service` (and there is one).
