@@ -373,6 +373,14 @@ async fn ingress_traffic_reaches_the_tenants_pod_keeps_it_awake_and_wakes_its_sl
         (b == "ingress:shop.team-a.example.com").then_some(Some(())).ok_or(b)
     })
     .await;
+    // The readings of the controller's metrics, and what they counted, show in vkube's own.
+    let metrics = vc.client().await.request_text(http::Request::get("/metrics").body(vec![]).unwrap()).await.unwrap();
+    for want in [
+        "vkube_ingress_metrics_reads_total{result=\"ok\"}",
+        "vkube_activity_total{user=\"ingress:shop.team-a.example.com\",verb=\"traffic\"}",
+    ] {
+        assert!(metrics.lines().any(|l| l.starts_with(want)), "{want} in:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

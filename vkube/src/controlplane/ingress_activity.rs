@@ -48,6 +48,33 @@ pub fn parse_url(s: &str) -> Result<http::Uri, String> {
     Ok(uri)
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReadLabels {
+    /// ok | failed
+    result: &'static str,
+}
+
+/// What the readings tell Prometheus: `vkube_ingress_metrics_reads_total{result}`, so a URL
+/// that stopped answering (and traffic that no longer keeps the cluster awake) shows.
+#[derive(Clone, Default)]
+pub struct Reads(prometheus_client::metrics::family::Family<ReadLabels, prometheus_client::metrics::counter::Counter>);
+
+impl Reads {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let reads = Reads::default();
+        registry.register(
+            "vkube_ingress_metrics_reads",
+            "Readings of the ingress controller's metrics (--ingress-metrics), by result",
+            reads.0.clone(),
+        );
+        reads
+    }
+
+    fn record(&self, ok: bool) {
+        self.0.get_or_create(&ReadLabels { result: if ok { "ok" } else { "failed" } }).inc();
+    }
+}
+
 /// Reads the controller's metrics every `every` while the cluster runs, and counts the requests
 /// through the cluster's host Ingresses as activity. The URL's host name is resolved each time
 /// and every address it has is read (a headless Service: each replica of the controller, whose
@@ -60,6 +87,7 @@ pub async fn count(
     namespace: String,
     cluster: String,
     sleep: Sleep,
+    reads: Reads,
 ) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let ingresses: Api<Ingress> = Api::namespaced(host, &namespace);
@@ -84,17 +112,17 @@ pub async fn count(
             // Each address on its own: one replica that does not answer leaves the others'.
             let addrs = addresses(&url).await?;
             let pages = futures::future::join_all(addrs.iter().map(|a| scrape(&client, &url, *a, &namespace))).await;
-            let mut now = Totals::new();
-            let mut failed = vec![];
+            let (mut now, mut read, mut failed) = (Totals::new(), 0, vec![]);
             for (addr, page) in addrs.into_iter().zip(pages) {
                 match page {
                     Ok(lines) => {
+                        read += 1;
                         now.extend(totals(&lines, &namespace, &counted).into_iter().map(|(i, t)| ((addr, i), t)))
                     }
                     Err(e) => failed.push(format!("{e:#}")),
                 }
             }
-            if now.is_empty() && !failed.is_empty() {
+            if read == 0 {
                 anyhow::bail!("{}", failed.join("; "));
             }
             if !failed.is_empty() {
@@ -107,6 +135,7 @@ pub async fn count(
         if power.has_changed().unwrap_or(true) {
             continue;
         }
+        reads.record(read.is_ok());
         match read {
             Ok((now, counted)) => {
                 if std::mem::take(&mut failing) {

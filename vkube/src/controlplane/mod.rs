@@ -721,7 +721,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(url) if args.supervise.supervise => {
             let every = ingress_activity::every(args.sleep.sleep_after);
             let (namespace, name) = (args.namespace.clone(), args.name.clone());
-            tokio::spawn(ingress_activity::count(url.clone(), every, host.clone(), namespace, name, sleep.clone()));
+            let reads = ingress_activity::Reads::register(&mut registry);
+            let counting =
+                ingress_activity::count(url.clone(), every, host.clone(), namespace, name, sleep.clone(), reads);
+            tokio::spawn(counting);
         }
         Some(_) => anyhow::bail!(
             "--ingress-metrics needs --supervise: activity matters only to a control plane that can sleep"
