@@ -7,9 +7,11 @@
 //! - `scheduling`: where host pods may run (the admin's selector and tolerations, and what of
 //!   the tenant's node choice survives);
 //! - `cluster_ips`: which hand-picked Service addresses may be taken on the host;
+//! - `endpoints`: which addresses a selector-less Service's endpoints may name on the host;
 //! - `ingresses`: which ingress classes and host names tenants' Ingresses may use.
 
 pub mod cluster_ips;
+pub mod endpoints;
 pub mod ingresses;
 pub mod pod_security;
 pub mod scheduling;
@@ -67,6 +69,9 @@ pub struct Policy {
     /// The host's service ranges: a tenant's hand-picked ClusterIPs must be in them, above their
     /// static bands (none known: no hand-picked address is taken on the host).
     pub service_ranges: Vec<ipnet::IpNet>,
+    /// Ranges the endpoints of selector-less Services may name besides the cluster's own pods
+    /// (none unless the admin lists them).
+    pub endpoint_ranges: Vec<ipnet::IpNet>,
     pub ingresses: ingresses::Ingresses,
 }
 
@@ -131,6 +136,22 @@ impl Policy {
             });
         }
         Ok(())
+    }
+
+    /// Checks the addresses `(field, ip)` a selector-less Service's endpoints name
+    /// (`endpoints::violation`); `own_pod` says whether an address is one of the cluster's pods.
+    pub fn check_endpoint_addresses<'a>(
+        &self,
+        own_pod: impl Fn(&std::net::IpAddr) -> bool,
+        addresses: impl IntoIterator<Item = (String, &'a str)>,
+    ) -> Result<(), Refusal> {
+        match endpoints::violation(&self.endpoint_ranges, own_pod, addresses) {
+            None => Ok(()),
+            Some(why) => Err(Refusal {
+                reason: "EndpointNotAllowed",
+                message: format!("refused by the host's isolation policy: {why}"),
+            }),
+        }
     }
 
     /// Checks the ClusterIPs a tenant picked by hand (`cluster_ips::violation`).

@@ -39,6 +39,7 @@ policy:
   podSecurity: restricted
   allowNodePorts: true
   allowLoadBalancers: true
+  endpointCIDRs: [192.0.2.0/24, "2001:db8::/64"]
   ingress:
     classes: [web, internal]
     hosts: ["*.team-a.example.com", internal=shop.example.com]
@@ -170,6 +171,7 @@ fn the_schema_refuses_invalid_values() {
         // A misspelt key is not silently ignored.
         (&["--set", "policy.podsecurity=restricted"], "at '/policy': additional properties 'podsecurity' not allowed"),
         (&["--set-json", "policy.ingress.hosts=[\"*\"]"], "at '/policy/ingress/hosts/0'"),
+        (&["--set-json", "policy.endpointCIDRs=[\"192.0.2.10\"]"], "at '/policy/endpointCIDRs/0'"),
         (&["--set-json", "policy.ingress.hosts=[\"web=*\"]"], "at '/policy/ingress/hosts/0'"),
         (&["--set", "polcy.podSecurity=restricted"], "additional properties 'polcy' not allowed"),
     ];
@@ -393,6 +395,7 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 ("VKUBE_SYNC_NETWORK_POLICIES", "true"),
                 ("VKUBE_INGRESS_CLASSES", "web,internal"),
                 ("VKUBE_INGRESS_HOSTS", "*.team-a.example.com,internal=shop.example.com"),
+                ("VKUBE_ENDPOINT_CIDRS", "192.0.2.0/24,2001:db8::/64"),
                 ("VKUBE_SYNC_CONCURRENCY", "4"),
                 ("VKUBE_COREDNS_IMAGE", "registry.example.com/mirror/coredns:v1.12.4"),
                 ("VKUBE_LOG_FORMAT", "json"),

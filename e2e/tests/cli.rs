@@ -291,6 +291,7 @@ async fn delete_in_a_shared_namespace_leaves_nothing_of_the_cluster() {
         "--run-arg=--sync-network-policies",
         "--ingress-classes=web",
         "--ingress-hosts=*.team-e.example.com",
+        "--endpoint-cidrs=192.0.2.0/24",
     ]);
     let kubeconfig = cli.state.path().join("team-e.kubeconfig");
     std::fs::write(&kubeconfig, cli.ok(&["connect", "team-e", "--namespace", "shared", "--print"])).unwrap();

@@ -1257,11 +1257,13 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
     }
 }
 
-/// Claims, endpoints of selector-less Services, host events and the syncer's metrics.
+/// Claims, endpoints of selector-less Services (addresses in the admin's range or of the
+/// cluster's own pods cross, others are refused), host events and the syncer's metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_selectorless_endpoints_events_and_metrics() {
     let env = TestEnv::start(1).await;
-    let vc = env.virtual_cluster("kinds").await;
+    let policy = vkube::controlplane::PolicyArgs { endpoint_cidrs: vec!["192.0.2.0/24".into()], ..Default::default() };
+    let vc = env.virtual_cluster_with_policy("kinds", policy, &[]).await;
     let tr = tr(&vc);
     vc.apply(
         r#"
@@ -1352,6 +1354,89 @@ subsets:
     .await;
     let message = scheduled.message.unwrap_or_default();
     assert!(message.contains("default/web") && !message.contains("-x-"), "{message}");
+
+    // Addresses outside the admin's range that are no pod of the cluster (another tenant's pods,
+    // the host's nodes) are refused, whole, with the field named; a slice of FQDNs too.
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: elsewhere}
+spec:
+  ports: [{port: 443, protocol: TCP}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: elsewhere}
+subsets:
+- addresses: [{ip: 192.0.2.12}]
+  notReadyAddresses: [{ip: 198.51.100.7}]
+  ports: [{port: 443, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: elsewhere-1
+  labels: {kubernetes.io/service-name: elsewhere, endpointslice.kubernetes.io/managed-by: tenant}
+addressType: IPv4
+endpoints: [{addresses: [192.0.2.13]}, {addresses: [198.51.100.8]}]
+ports: [{port: 443, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: elsewhere-2
+  labels: {kubernetes.io/service-name: elsewhere, endpointslice.kubernetes.io/managed-by: tenant}
+addressType: FQDN
+endpoints: [{addresses: [kubernetes.default.svc.cluster.local]}]
+ports: [{port: 443, protocol: TCP}]
+"#,
+    );
+    vc.warned("default", "elsewhere", "subsets[0].notReadyAddresses[0].ip: Invalid value: \"198.51.100.7\"").await;
+    vc.warned("default", "elsewhere-1", "endpoints[1].addresses[0]: Invalid value: \"198.51.100.8\"").await;
+    vc.warned("default", "elsewhere-2", "addressType: Unsupported value: \"FQDN\"").await;
+    for (kind, name) in [("endpoints", "elsewhere"), ("endpointslice", "elsewhere-1"), ("endpointslice", "elsewhere-2")]
+    {
+        let host_name = tr.host_name("default", name);
+        let out = env.kubectl(&["-n", &hns, "get", kind, &host_name, "--ignore-not-found", "-o", "name"]);
+        assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "{kind} {name} reached the host");
+    }
+
+    // One of the cluster's own pods, as the host reports it, crosses; once that pod is gone, the
+    // address is nobody's of this cluster and the host copy goes.
+    let web_ip = eventually("the pod's address", Duration::from_secs(30), || async {
+        let p: Pod = Api::namespaced(vc.client().await, "default").get("web").await.map_err(|e| e.to_string())?;
+        Ok(p.status.and_then(|s| s.pod_ip))
+    })
+    .await;
+    vc.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: to-web}}\nspec:\n  ports: [{{port: 80, protocol: TCP}}]\n---\n\
+         apiVersion: v1\nkind: Endpoints\nmetadata: {{name: to-web}}\nsubsets:\n- addresses: [{{ip: {web_ip}}}]\n  \
+         ports: [{{port: 80, protocol: TCP}}]\n"
+    ));
+    let to_web = tr.host_name("default", "to-web");
+    let endpoints_ip = || {
+        env.kubectl(&[
+            "-n",
+            &hns,
+            "get",
+            "endpoints",
+            &to_web,
+            "--ignore-not-found",
+            "-o",
+            "jsonpath={.subsets[*].addresses[*].ip}",
+        ])
+    };
+    eventually("an own pod's address crosses", Duration::from_secs(30), || async {
+        Ok((String::from_utf8_lossy(&endpoints_ip().stdout) == web_ip).then_some(()))
+    })
+    .await;
+    vc.kubectl_ok(&["delete", "pod", "web", "--wait=false"]);
+    eventually("the endpoints of a pod gone leave the host", Duration::from_secs(30), || async {
+        Ok(endpoints_ip().stdout.is_empty().then_some(()))
+    })
+    .await;
+    vc.warned("default", "to-web", &format!("Invalid value: \"{web_ip}\"")).await;
 
     let metrics = vc.kubectl_ok(&["get", "--raw", "/metrics"]);
     let created = metrics

@@ -185,6 +185,8 @@ pub struct Context {
     pub copies_unseen: crate::unseen::Unseen,
     /// Pod certificates asked for and not answered yet, and until when those issued are fresh.
     pub pod_certificates: crate::pod_certificates::Requests,
+    /// The addresses of the cluster's host pods (what selector-less Services' endpoints may name).
+    pub pod_ips: crate::pod_ips::PodIps,
     /// Events on virtual objects (refusals, collisions).
     pub recorder: Recorder,
     /// ClusterIP of the virtual cluster's DNS Service, once it is synced.

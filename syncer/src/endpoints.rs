@@ -1,6 +1,7 @@
 //! Endpoints of selector-less Services: the tenant lists the addresses, so the host needs them
 //! too (the host's mirroring controller turns them into EndpointSlices). Services with a
-//! selector get their endpoints from the host's own controllers.
+//! selector get their endpoints from the host's own controllers. An address crosses only if it
+//! is one of the cluster's pods or in the admin's ranges (`policy::endpoints`).
 
 use k8s_openapi::api::core::v1::{EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service};
 use kube::runtime::reflector::ObjectRef;
@@ -22,6 +23,13 @@ impl Mirror for Endpoints {
     }
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
+        let addresses = v.subsets.iter().flatten().enumerate().flat_map(|(i, s)| {
+            let ready = s.addresses.iter().flatten().enumerate().map(move |(j, a)| (i, "addresses", j, a));
+            let not_ready =
+                s.not_ready_addresses.iter().flatten().enumerate().map(move |(j, a)| (i, "notReadyAddresses", j, a));
+            ready.chain(not_ready).map(|(i, list, j, a)| (format!("subsets[{i}].{list}[{j}].ip"), a.ip.as_str()))
+        });
+        ctx.policy.check_endpoint_addresses(|ip| ctx.pod_ips.contains(ip), addresses)?;
         let mut subsets = v.subsets.clone();
         for s in subsets.iter_mut().flatten() {
             for a in s.addresses.iter_mut().flatten().chain(s.not_ready_addresses.iter_mut().flatten()) {
@@ -37,6 +45,24 @@ impl Mirror for Endpoints {
         // The host stores subsets repacked (addresses merged by IP, subsets by port set): compare
         // in that form, or a tenant's duplicates would be written back for ever.
         meta_differs(d, c) || canonical(d.subsets.as_deref()) != canonical(c.subsets.as_deref())
+    }
+}
+
+/// Queues the Endpoints and EndpointSlices the tenant writes for selector-less Services in
+/// virtual namespace `ns`: an address they name may have become, or stopped being, one of the
+/// cluster's pods.
+pub fn recheck(ctx: &Context, ns: &str) {
+    let in_ns = |m: &kube::api::ObjectMeta| m.namespace.as_deref() == Some(ns);
+    for e in ctx.stores.virt::<Endpoints>().state() {
+        if in_ns(&e.metadata) && <Endpoints as Mirror>::wanted(ctx, &e) {
+            ctx.queues.of::<Endpoints>().add(crate::informer::key_of(e.as_ref()));
+        }
+    }
+    type Slice = k8s_openapi::api::discovery::v1::EndpointSlice;
+    for e in ctx.stores.virt::<Slice>().state() {
+        if in_ns(&e.metadata) && <Slice as Mirror>::wanted(ctx, &e) {
+            ctx.queues.of::<Slice>().add(crate::informer::key_of(e.as_ref()));
+        }
     }
 }
 

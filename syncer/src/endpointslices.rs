@@ -1,7 +1,9 @@
 //! EndpointSlices the tenant manages for selector-less Services (the modern form of Endpoints):
 //! copied to the host with the Service name translated, so the host's proxies route to them.
 //! Slices made by the virtual cluster's own controllers are not copied: the host's controllers
-//! make those (from the host Service's selector, or by mirroring the copied Endpoints).
+//! make those (from the host Service's selector, or by mirroring the copied Endpoints). Their
+//! addresses are held to the same rule as Endpoints' (`policy::endpoints`); FQDN slices (which
+//! the host's proxies do not route, and a controller might resolve anywhere) do not cross.
 
 use std::collections::BTreeMap;
 
@@ -38,6 +40,16 @@ impl Mirror for EndpointSlice {
     }
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
+        if v.address_type == "FQDN" {
+            return Err(Refusal {
+                reason: "EndpointNotAllowed",
+                message: "refused by the host's isolation policy: addressType: Unsupported value: \"FQDN\": only IPv4 and IPv6 slices reach the host".into(),
+            });
+        }
+        let addresses = v.endpoints.iter().flatten().enumerate().flat_map(|(i, e)| {
+            e.addresses.iter().enumerate().map(move |(j, a)| (format!("endpoints[{i}].addresses[{j}]"), a.as_str()))
+        });
+        ctx.policy.check_endpoint_addresses(|ip| ctx.pod_ips.contains(ip), addresses)?;
         let ns = v.metadata.namespace.clone().unwrap_or_default();
         let mut metadata = ctx.tr.host_meta(Self::KIND, &v.metadata);
         // The host's proxies find slices by the (host) Service name.

@@ -62,6 +62,11 @@ pub trait SyncedKind: Sized + Send + Sync + 'static {
         ctx.queues.of::<Self>().add(key_of(v));
     }
 
+    /// What a change of a host copy enqueues: the virtual object it mirrors.
+    fn on_host_change(ctx: &Context, h: &Self::Host, _change: Change) {
+        enqueue_owner(ctx, h.meta());
+    }
+
     /// Brings the host copy of the virtual object `key` in line with it (virtual → host), and,
     /// for kinds without an upward path, the host copy's state back.
     fn reconcile(ctx: &Context, key: Key) -> impl Future<Output = Result<Action>> + Send;
@@ -75,6 +80,14 @@ pub trait SyncedKind: Sized + Send + Sync + 'static {
     /// Brings the host copy's state back to the virtual object `key` (upward path).
     fn reflect(_ctx: &Context, _key: Key) -> impl Future<Output = Result<Action>> + Send {
         async { Ok(Action::Done) }
+    }
+}
+
+/// Queues the virtual object a host object of ours mirrors (on its kind's upward path).
+pub fn enqueue_owner(c: &Context, meta: &ObjectMeta) {
+    let Some(o) = c.tr.owner(meta) else { return };
+    if let Some(q) = c.queues.kinds.for_host_change(&o.kind) {
+        q.add((o.namespace, o.name));
     }
 }
 

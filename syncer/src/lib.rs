@@ -32,6 +32,7 @@ pub mod mirror;
 pub mod networkpolicies;
 pub mod nodes;
 pub mod pod_certificates;
+pub mod pod_ips;
 pub mod pods;
 pub mod queue;
 #[cfg(test)]
@@ -136,6 +137,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         pod_nodes: Default::default(),
         nodes_used: Default::default(),
         pod_certificates: Default::default(),
+        pod_ips: Default::default(),
         queues: sides.queues(queues),
         recorder: Recorder::new(virt, Reporter { controller: "vkube-syncer".into(), instance: None }),
         dns_ip: Default::default(),
@@ -406,7 +408,7 @@ impl KindVisitor for Kinds<'_> {
             let c = ctx.clone();
             virt.on_change(move |o, change| K::on_virtual_change(&c, o, change));
             let c = ctx.clone();
-            host.on_change(move |o, _| enqueue_owner(&c, o.meta()));
+            host.on_change(move |o, change| K::on_host_change(&c, o, change));
             tasks.spawn(virt.run());
             tasks.spawn(host.run());
         }));
@@ -429,17 +431,9 @@ where
     set.spawn(async move { w.run(n, move |k| f(ctx.clone(), k)).await });
 }
 
-/// Queues the virtual object a host object of ours mirrors (on its kind's upward path).
-fn enqueue_owner(c: &Context, meta: &kube::api::ObjectMeta) {
-    let Some(o) = c.tr.owner(meta) else { return };
-    if let Some(q) = c.queues.kinds.for_host_change(&o.kind) {
-        q.add((o.namespace, o.name));
-    }
-}
-
 /// Every object of kind `K` looked at again (downward), and every host copy's owner (upward).
 fn resync<K: SyncedKind>(c: &Context) {
     let q = c.queues.of::<K>();
     c.stores.virt::<K>().state().iter().for_each(|o| q.add(key_of(o.as_ref())));
-    c.stores.host::<K>().state().iter().for_each(|o| enqueue_owner(c, o.meta()));
+    c.stores.host::<K>().state().iter().for_each(|o| kind::enqueue_owner(c, o.meta()));
 }

@@ -89,6 +89,7 @@ fn harness() -> Harness {
         pod_nodes: Default::default(),
         nodes_used: Default::default(),
         pod_certificates: Default::default(),
+        pod_ips: Default::default(),
         queues: Queues {
             kinds: queues,
             tokens: queue("ServiceAccountToken", metrics.clone()).0,

@@ -191,6 +191,7 @@ async fn hostile_pods_are_refused_or_sanitised() {
     let policy = PolicyArgs {
         host_node_selector: vec!["pool=tenants".into()],
         host_tolerations: r#"[{"key":"dedicated","operator":"Equal","value":"tenants","effect":"NoSchedule"}]"#.into(),
+        endpoint_cidrs: vec!["192.0.2.0/24".into()],
         ..PolicyArgs::default()
     };
     let vc = env.virtual_cluster_with_policy("hostile", policy, &[]).await;

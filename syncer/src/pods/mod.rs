@@ -42,6 +42,18 @@ impl SyncedKind for Pod {
     const SLIM_HOST: Option<fn(&mut Pod)> = Some(slim_host_pod);
     const UPWARD_QUEUE: Option<&'static str> = Some("PodStatus");
 
+    /// The copy's addresses are kept (`pod_ips`): when they change, the endpoints of the pod's
+    /// namespace that name addresses by hand are looked at again.
+    fn on_host_change(c: &Context, h: &Pod, change: Change) {
+        if let Some(owner) = c.tr.owner(&h.metadata).filter(|o| o.kind == KIND) {
+            let ips = if change == Change::Deleted { vec![] } else { crate::pod_ips::of(h) };
+            if c.pod_ips.set(h.metadata.name.as_deref().unwrap_or_default(), ips) {
+                crate::endpoints::recheck(c, &owner.namespace);
+            }
+        }
+        crate::kind::enqueue_owner(c, &h.metadata);
+    }
+
     /// What a pod uses (configmaps, secrets, claims, its node) is synced while it is used, if
     /// the pod itself may reach the host, and its token Secrets go with it. The pod goes down
     /// unless its host copy already carries this state, and up (its binding and status are
@@ -184,6 +196,8 @@ pub fn slim_host_pod(p: &mut Pod) {
         };
         p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
             node_name: spec.node_name,
+            // Its addresses are the node's then (`pod_ips`).
+            host_network: spec.host_network,
             containers: spec.containers.iter().map(slim).collect(),
             init_containers: spec.init_containers.map(|cs| cs.iter().map(slim).collect()),
             active_deadline_seconds: spec.active_deadline_seconds,

@@ -214,6 +214,12 @@ pub struct PolicyArgs {
     #[arg(long, env = "VKUBE_VERBATIM_KEYS", value_delimiter = ',')]
     #[serde(default)]
     pub verbatim_keys: Vec<String>,
+    /// Address ranges (CIDRs, comma-separated) that the endpoints tenants write for selector-less
+    /// Services may name besides the cluster's own pods, e.g. a database outside the cluster;
+    /// none by default.
+    #[arg(long, env = "VKUBE_ENDPOINT_CIDRS", value_delimiter = ',')]
+    #[serde(default)]
+    pub endpoint_cidrs: Vec<String>,
     /// Ingress classes tenants' Ingresses may use (comma-separated; the first is given to one
     /// naming none); none: Ingresses are not synced.
     #[arg(long, env = "VKUBE_INGRESS_CLASSES", value_delimiter = ',')]
@@ -267,6 +273,12 @@ impl PolicyArgs {
                  (e.g. *.team-a.example.com, internal=*.corp.example.com)"
             );
         }
+        let endpoint_ranges = list(&self.endpoint_cidrs)
+            .iter()
+            .map(|c| {
+                c.parse().map_err(|_| anyhow::anyhow!("--endpoint-cidrs: {c:?} is not a CIDR (e.g. 192.0.2.0/24)"))
+            })
+            .collect::<anyhow::Result<_>>()?;
         let tolerations = serde_json::from_str(&self.host_tolerations).with_context(|| {
             format!("--host-tolerations: {:?} is not a JSON list of tolerations", self.host_tolerations)
         })?;
@@ -287,6 +299,7 @@ impl PolicyArgs {
             },
             // `vkube run --service-cidr`: a fact about the host, not a choice of policy.
             service_ranges: vec![],
+            endpoint_ranges,
             ingresses: vkube_core::policy::ingresses::Ingresses {
                 classes: list(&self.ingress_classes),
                 hosts: ingress_hosts,
@@ -319,6 +332,7 @@ impl PolicyArgs {
         args.push(format!("--tenant-node-labels={}", self.tenant_node_labels.join(",")));
         args.push(format!("--runtime-classes={}", self.runtime_classes.join(",")));
         args.push(format!("--verbatim-keys={}", self.verbatim_keys.join(",")));
+        args.push(format!("--endpoint-cidrs={}", self.endpoint_cidrs.join(",")));
         args.push(format!("--ingress-classes={}", self.ingress_classes.join(",")));
         args.push(format!("--ingress-hosts={}", self.ingress_hosts.join(",")));
         args
@@ -343,6 +357,7 @@ impl PolicyArgs {
             format!("--set=policy.scheduling.bindNodeName={}", self.bind_node_name),
             format!("--set=policy.scheduling.virtualScheduler={}", self.virtual_scheduler),
             format!("--set-json=policy.verbatimKeys={}", list(&self.verbatim_keys)),
+            format!("--set-json=policy.endpointCIDRs={}", list(&self.endpoint_cidrs)),
             format!("--set-json=policy.ingress.classes={}", list(&self.ingress_classes)),
             format!("--set-json=policy.ingress.hosts={}", list(&self.ingress_hosts)),
         ]
@@ -1169,6 +1184,7 @@ mod tests {
             virtual_scheduler: true,
             ingress_classes: vec!["web".into()],
             ingress_hosts: vec!["*.team-a.example.com".into(), "internal=shop.example.com".into()],
+            endpoint_cidrs: vec!["192.0.2.0/24".into()],
             ..PolicyArgs::default()
         };
         let flags: Vec<String> = std::iter::once("vkube".to_string()).chain(args.to_args()).collect();
@@ -1182,6 +1198,10 @@ mod tests {
         assert_eq!(again.ingresses.classes, ["web"]);
         assert_eq!(again.ingresses.hosts, ["*.team-a.example.com", "internal=shop.example.com"]);
         assert!(!default.ingresses.enabled(), "no ingress reaches the host unless the admin says so");
+        assert_eq!(again.endpoint_ranges, ["192.0.2.0/24".parse::<ipnet::IpNet>().unwrap()]);
+        assert!(default.endpoint_ranges.is_empty(), "no address by hand reaches the host unless the admin says so");
+        let cidr = PolicyArgs { endpoint_cidrs: vec!["192.0.2.0".into()], ..PolicyArgs::default() };
+        assert!(cidr.policy().unwrap_err().to_string().contains("--endpoint-cidrs"));
         let bad = PolicyArgs { host_node_selector: vec!["pool".into()], ..PolicyArgs::default() };
         assert!(bad.policy().unwrap_err().to_string().contains("key=value"));
         let everything = PolicyArgs { ingress_hosts: vec!["*".into()], ..PolicyArgs::default() };
