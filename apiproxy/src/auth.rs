@@ -76,7 +76,7 @@ impl Default for ReviewLimit {
 
 /// The key of a client address for the per-address limit: IPv4 as it is, IPv6 by its /64 (one
 /// host holds a whole /64, and could spread a flood over it).
-fn address_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),

@@ -12,6 +12,7 @@
 //! `host_pod`, `upgrade`, `error` (what the proxy itself answers), `status`, `metrics`.
 
 pub mod auth;
+mod connections;
 pub mod egress;
 pub mod error;
 pub mod headers;
@@ -134,6 +135,8 @@ pub type Operations = Arc<
 pub struct ProxyLimits {
     /// Connections served at once; more wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// Connections one client address (an IPv6 /64) may hold at once; more are closed at once.
+    pub max_connections_per_address: usize,
     pub tls_handshake_timeout: Duration,
     /// For every HTTP/1 request's headers, and any connection's first request.
     pub header_read_timeout: Duration,
@@ -145,6 +148,7 @@ impl Default for ProxyLimits {
     fn default() -> Self {
         ProxyLimits {
             max_connections: 1024,
+            max_connections_per_address: 256,
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             token_reviews: ReviewLimit::default(),
@@ -233,6 +237,7 @@ impl Proxy {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         // Over the cap, new connections wait in the listen backlog until one closes.
         let slots = Arc::new(Semaphore::new(self.limits.max_connections.max(1)));
+        let per_address = connections::PerAddress::new(self.limits.max_connections_per_address);
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
@@ -250,6 +255,11 @@ impl Proxy {
                 },
                 _ = &mut shutdown => break,
             };
+            let Some(held) = per_address.try_hold(peer.ip()) else {
+                self.metrics.dropped_connections.get_or_create(&DropLabels { reason: "per_address_limit" }).inc();
+                tracing::debug!(%peer, "the address holds its share of connections: closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let proxy = self.clone();
             let registry = registry.clone();
@@ -258,7 +268,7 @@ impl Proxy {
             // headers within `header_read_timeout` (and every later HTTP/1 request's), then served
             // until it ends.
             tokio::spawn(async move {
-                let _permit = permit;
+                let _slots = (permit, held);
                 let limits = proxy.limits;
                 let dropped = |reason| proxy.metrics.dropped_connections.get_or_create(&DropLabels { reason }).inc();
                 let tls = match tokio::time::timeout(limits.tls_handshake_timeout, proxy.acceptor.accept(tcp)).await {

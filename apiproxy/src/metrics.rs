@@ -41,7 +41,7 @@ pub struct Metrics {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropLabels {
-    /// tls_handshake_timeout | first_request_timeout
+    /// tls_handshake_timeout | first_request_timeout | per_address_limit
     pub reason: &'static str,
 }
 

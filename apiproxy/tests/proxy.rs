@@ -490,6 +490,33 @@ async fn connections_over_the_cap_wait_for_a_free_slot() {
     drop(hog);
 }
 
+/// A TCP connection to the proxy from `source` (another loopback address is another client).
+async fn tcp_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+#[tokio::test]
+async fn one_address_holds_only_its_share_of_the_connections() {
+    let limits = ProxyLimits { max_connections_per_address: 2, ..Default::default() };
+    let proxy = serve_proxy_with(fake_api_server(Sar::Allow).await, limits).await;
+    // Two idle connections (a TLS handshake is waited for 10 s) take 127.0.0.2's share.
+    let hogs = [tcp_from("127.0.0.2", proxy.addr).await, tcp_from("127.0.0.2", proxy.addr).await];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let third = tcp_from("127.0.0.2", proxy.addr).await;
+    assert!(closed_within(third, Duration::from_millis(500)).await.is_ok(), "over its share: closed at once");
+    let (code, _) = proxy.get("/healthz", Credential::None, &[]).await;
+    assert_eq!(code, StatusCode::OK, "another address is served meanwhile");
+    drop(hogs);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let again = tcp_from("127.0.0.2", proxy.addr).await;
+    assert!(closed_within(again, Duration::from_millis(500)).await.is_err(), "its share back once they closed");
+    let (_, metrics) = proxy.get("/metrics", Credential::None, &[]).await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("vkube_proxy_dropped_connections_total{reason=\"per_address_limit\"} 1"), "{metrics}");
+}
+
 #[tokio::test]
 async fn a_sleeping_cluster_wakes_for_a_user_and_not_for_background_requests() {
     let (sleep, ctl) = Sleep::new(Power::Sleeping, vec![], Duration::from_secs(5));

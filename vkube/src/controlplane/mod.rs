@@ -92,6 +92,10 @@ pub struct ProxyArgs {
     /// Client connections the API proxy serves at once; more wait until one closes.
     #[arg(long, env = "VKUBE_PROXY_MAX_CONNECTIONS", default_value_t = 1024)]
     pub proxy_max_connections: usize,
+    /// Of those, connections one client address (an IPv6 /64) may hold at once; more are closed
+    /// at once, so one client's idle connections cannot keep everyone else waiting.
+    #[arg(long, env = "VKUBE_PROXY_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256)]
+    pub proxy_max_connections_per_address: usize,
     /// TokenReviews per second for bearer tokens not seen valid lately (burst: twice this); over
     /// it such tokens get 429 unreviewed (clients ask again), so random tokens cannot cost one
     /// review each.
@@ -107,6 +111,7 @@ impl ProxyArgs {
     pub fn limits(&self) -> vkube_apiproxy::ProxyLimits {
         vkube_apiproxy::ProxyLimits {
             max_connections: self.proxy_max_connections,
+            max_connections_per_address: self.proxy_max_connections_per_address,
             token_reviews: vkube_apiproxy::auth::ReviewLimit {
                 per_second: self.proxy_unknown_token_reviews,
                 burst: self.proxy_unknown_token_reviews.saturating_mul(2),
