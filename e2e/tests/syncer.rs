@@ -1402,19 +1402,21 @@ ports: [{port: 443, protocol: TCP}]
         assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "{kind} {name} reached the host");
     }
 
-    // One of the cluster's own pods, as the host reports it, crosses; once that pod is gone, the
-    // address is nobody's of this cluster and the host copy goes.
+    // One of the cluster's own pods, as the host reports it, crosses (named from another
+    // namespace too); once that pod is gone, the address is nobody's of this cluster and the
+    // host copy goes.
     let web_ip = eventually("the pod's address", Duration::from_secs(30), || async {
         let p: Pod = Api::namespaced(vc.client().await, "default").get("web").await.map_err(|e| e.to_string())?;
         Ok(p.status.and_then(|s| s.pod_ip))
     })
     .await;
     vc.apply(&format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: to-web}}\nspec:\n  ports: [{{port: 80, protocol: TCP}}]\n---\n\
-         apiVersion: v1\nkind: Endpoints\nmetadata: {{name: to-web}}\nsubsets:\n- addresses: [{{ip: {web_ip}}}]\n  \
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: other}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: to-web, namespace: other}}\nspec:\n  ports: [{{port: 80, protocol: TCP}}]\n---\n\
+         apiVersion: v1\nkind: Endpoints\nmetadata: {{name: to-web, namespace: other}}\nsubsets:\n- addresses: [{{ip: {web_ip}}}]\n  \
          ports: [{{port: 80, protocol: TCP}}]\n"
     ));
-    let to_web = tr.host_name("default", "to-web");
+    let to_web = tr.host_name("other", "to-web");
     let endpoints_ip = || {
         env.kubectl(&[
             "-n",
@@ -1436,7 +1438,7 @@ ports: [{port: 443, protocol: TCP}]
         Ok(endpoints_ip().stdout.is_empty().then_some(()))
     })
     .await;
-    vc.warned("default", "to-web", &format!("Invalid value: \"{web_ip}\"")).await;
+    vc.warned("other", "to-web", &format!("Invalid value: \"{web_ip}\"")).await;
 
     let metrics = vc.kubectl_ok(&["get", "--raw", "/metrics"]);
     let created = metrics

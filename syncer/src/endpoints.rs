@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{EndpointAddress, EndpointPort, EndpointSubset, 
 use kube::runtime::reflector::ObjectRef;
 
 use crate::context::Context;
+use crate::informer::Change;
 use crate::mirror::{Mirror, meta_differs};
 use crate::policy::Refusal;
 
@@ -22,14 +23,14 @@ impl Mirror for Endpoints {
         svc.is_some_and(|s| s.spec.as_ref().is_some_and(|sp| sp.selector.as_ref().is_none_or(|m| m.is_empty())))
     }
 
+    /// What it names is kept (`pod_ips`), so that it is looked at again when one of those
+    /// addresses becomes or stops being a pod's.
+    fn on_virtual_change(ctx: &Context, v: &Self, change: Change) {
+        note_and_queue(ctx, v, change, addresses(v));
+    }
+
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
-        let addresses = v.subsets.iter().flatten().enumerate().flat_map(|(i, s)| {
-            let ready = s.addresses.iter().flatten().enumerate().map(move |(j, a)| (i, "addresses", j, a));
-            let not_ready =
-                s.not_ready_addresses.iter().flatten().enumerate().map(move |(j, a)| (i, "notReadyAddresses", j, a));
-            ready.chain(not_ready).map(|(i, list, j, a)| (format!("subsets[{i}].{list}[{j}].ip"), a.ip.as_str()))
-        });
-        ctx.policy.check_endpoint_addresses(|ip| ctx.pod_ips.contains(ip), addresses)?;
+        ctx.policy.check_endpoint_addresses(|ip| ctx.pod_ips.contains(ip), addresses(v))?;
         let mut subsets = v.subsets.clone();
         for s in subsets.iter_mut().flatten() {
             for a in s.addresses.iter_mut().flatten().chain(s.not_ready_addresses.iter_mut().flatten()) {
@@ -48,22 +49,42 @@ impl Mirror for Endpoints {
     }
 }
 
-/// Queues the Endpoints and EndpointSlices the tenant writes for selector-less Services in
-/// virtual namespace `ns`: an address they name may have become, or stopped being, one of the
-/// cluster's pods.
-pub fn recheck(ctx: &Context, ns: &str) {
-    let in_ns = |m: &kube::api::ObjectMeta| m.namespace.as_deref() == Some(ns);
-    for e in ctx.stores.virt::<Endpoints>().state() {
-        if in_ns(&e.metadata) && <Endpoints as Mirror>::wanted(ctx, &e) {
-            ctx.queues.of::<Endpoints>().add(crate::informer::key_of(e.as_ref()));
+/// Queues `objects` (Endpoints and EndpointSlices, from `pod_ips`): an address they name became,
+/// or stopped being, one of the cluster's pods.
+pub fn requeue(ctx: &Context, objects: std::collections::BTreeSet<crate::pod_ips::Naming>) {
+    for (kind, key) in objects {
+        match kind {
+            <Endpoints as Mirror>::KIND => ctx.queues.of::<Endpoints>().add(key),
+            _ => ctx.queues.of::<k8s_openapi::api::discovery::v1::EndpointSlice>().add(key),
         }
     }
-    type Slice = k8s_openapi::api::discovery::v1::EndpointSlice;
-    for e in ctx.stores.virt::<Slice>().state() {
-        if in_ns(&e.metadata) && <Slice as Mirror>::wanted(ctx, &e) {
-            ctx.queues.of::<Slice>().add(crate::informer::key_of(e.as_ref()));
-        }
-    }
+}
+
+/// Records the addresses a tenant's endpoint object names (`pod_ips`; none once it is deleted),
+/// and queues it.
+pub fn note_and_queue<'a, M: Mirror>(
+    ctx: &Context,
+    v: &M,
+    change: Change,
+    named: impl Iterator<Item = (String, &'a str)>,
+) {
+    let key = crate::informer::key_of(v);
+    let ips = match change {
+        Change::Deleted => vec![],
+        _ => named.filter_map(|(_, ip)| crate::pod_ips::parse(ip)).collect(),
+    };
+    ctx.pod_ips.named((M::KIND, key.clone()), ips);
+    ctx.queues.of::<M>().add(key);
+}
+
+/// The addresses an Endpoints names, each with its field.
+fn addresses(v: &Endpoints) -> impl Iterator<Item = (String, &str)> {
+    v.subsets.iter().flatten().enumerate().flat_map(|(i, s)| {
+        let ready = s.addresses.iter().flatten().enumerate().map(move |(j, a)| (i, "addresses", j, a));
+        let not_ready =
+            s.not_ready_addresses.iter().flatten().enumerate().map(move |(j, a)| (i, "notReadyAddresses", j, a));
+        ready.chain(not_ready).map(|(i, list, j, a)| (format!("subsets[{i}].{list}[{j}].ip"), a.ip.as_str()))
+    })
 }
 
 /// Subsets as the API server repacks them (its `RepackSubsets`), in a fixed order: each address

@@ -12,6 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::ObjectRef;
 
 use crate::context::Context;
+use crate::informer::Change;
 use crate::mirror::{Mirror, meta_differs};
 use crate::policy::Refusal;
 
@@ -32,6 +33,12 @@ pub fn is_tenant_slice(slice: &EndpointSlice, service: Option<&Service>) -> bool
 impl Mirror for EndpointSlice {
     const KIND: &'static str = "EndpointSlice";
 
+    /// What it names is kept (`pod_ips`), so that it is looked at again when one of those
+    /// addresses becomes or stops being a pod's.
+    fn on_virtual_change(ctx: &Context, v: &Self, change: Change) {
+        crate::endpoints::note_and_queue(ctx, v, change, addresses(v));
+    }
+
     fn wanted(ctx: &Context, v: &Self) -> bool {
         let ns = v.metadata.namespace.clone().unwrap_or_default();
         let svc_name = v.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned().unwrap_or_default();
@@ -46,10 +53,7 @@ impl Mirror for EndpointSlice {
                 message: "refused by the host's isolation policy: addressType: Unsupported value: \"FQDN\": only IPv4 and IPv6 slices reach the host".into(),
             });
         }
-        let addresses = v.endpoints.iter().flatten().enumerate().flat_map(|(i, e)| {
-            e.addresses.iter().enumerate().map(move |(j, a)| (format!("endpoints[{i}].addresses[{j}]"), a.as_str()))
-        });
-        ctx.policy.check_endpoint_addresses(|ip| ctx.pod_ips.contains(ip), addresses)?;
+        ctx.policy.check_endpoint_addresses(|ip| ctx.pod_ips.contains(ip), addresses(v))?;
         let ns = v.metadata.namespace.clone().unwrap_or_default();
         let mut metadata = ctx.tr.host_meta(Self::KIND, &v.metadata);
         // The host's proxies find slices by the (host) Service name.
@@ -69,6 +73,13 @@ impl Mirror for EndpointSlice {
     fn differs(d: &Self, c: &Self) -> bool {
         meta_differs(d, c) || d.endpoints != c.endpoints || d.ports != c.ports || d.address_type != c.address_type
     }
+}
+
+/// The addresses a slice names, each with its field.
+fn addresses(v: &EndpointSlice) -> impl Iterator<Item = (String, &str)> {
+    v.endpoints.iter().flatten().enumerate().flat_map(|(i, e)| {
+        e.addresses.iter().enumerate().map(move |(j, a)| (format!("endpoints[{i}].addresses[{j}]"), a.as_str()))
+    })
 }
 
 #[cfg(test)]

@@ -228,6 +228,8 @@ async fn sync_forever(
         tokio::select! {
             _ = tick.tick() => {
                 resync.iter().for_each(|r| r(&c));
+                let host_pods = c.stores.host::<Pod>();
+                c.pod_ips.retain_pods(|name| host_pods.get(&kube::runtime::reflector::ObjectRef::new(name).within(c.host_ns())).is_some());
                 c.stores.vnodes.state().iter().for_each(|n| c.queues.nodes.add(key_of(n.as_ref()).1));
                 tokens::sweep(&c).await;
             }

@@ -22,7 +22,9 @@ pub fn violation<'a>(
 ) -> Option<String> {
     let bad: Vec<String> = addresses
         .into_iter()
-        .filter_map(|(field, ip)| match ip.parse::<IpAddr>() {
+        // An IPv4-mapped IPv6 address is the IPv4 one to the host (Go reads it so), so it is
+        // judged as that: a range of IPv6 addresses must not let IPv4 ones through.
+        .filter_map(|(field, ip)| match ip.parse::<IpAddr>().map(|a| a.to_canonical()) {
             Err(_) => Some(format!("{field}: Invalid value: {ip:?}: not an IP address")),
             Ok(a) if own_pod(&a) || ranges.iter().any(|n| n.contains(&a)) => None,
             Ok(_) => Some(format!("{field}: Invalid value: {ip:?}")),
@@ -64,6 +66,10 @@ mod tests {
         assert!(other.starts_with("subsets[0].addresses[0].ip: Invalid value: \"10.244.0.8\""), "{other}");
         assert!(other.contains("192.0.2.0/24, 2001:db8::/64"), "{other}");
         assert!(one("no-ip").unwrap().contains("not an IP address"));
+        let everything_v6: Vec<IpNet> = vec!["::/0".parse().unwrap()];
+        let mapped = [("a".to_string(), "::ffff:10.0.0.1")];
+        assert!(violation(&everything_v6, pods, mapped).is_some(), "an IPv4 address in IPv6 dress");
+        assert_eq!(violation(&ranges, pods, [("a".to_string(), "::ffff:192.0.2.10")]), None);
         let none = violation(&[], pods, [("endpoints[0].addresses[0]".to_string(), "192.0.2.10")]).unwrap();
         assert!(none.contains("policy.endpointCIDRs: none"), "{none}");
     }

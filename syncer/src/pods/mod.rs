@@ -42,15 +42,12 @@ impl SyncedKind for Pod {
     const SLIM_HOST: Option<fn(&mut Pod)> = Some(slim_host_pod);
     const UPWARD_QUEUE: Option<&'static str> = Some("PodStatus");
 
-    /// The copy's addresses are kept (`pod_ips`): when they change, the endpoints of the pod's
-    /// namespace that name addresses by hand are looked at again.
+    /// The copy's addresses are kept (`pod_ips`): when one is taken or given up, the tenant's
+    /// Endpoints and EndpointSlices naming it are looked at again.
     fn on_host_change(c: &Context, h: &Pod, change: Change) {
-        if let Some(owner) = c.tr.owner(&h.metadata).filter(|o| o.kind == KIND) {
-            let ips = if change == Change::Deleted { vec![] } else { crate::pod_ips::of(h) };
-            if c.pod_ips.set(h.metadata.name.as_deref().unwrap_or_default(), ips) {
-                crate::endpoints::recheck(c, &owner.namespace);
-            }
-        }
+        let ours = c.tr.owner(&h.metadata).is_some_and(|o| o.kind == KIND);
+        let ips = if ours && change != Change::Deleted { crate::pod_ips::of(h) } else { vec![] };
+        crate::endpoints::requeue(c, c.pod_ips.set(h.metadata.name.as_deref().unwrap_or_default(), ips));
         crate::kind::enqueue_owner(c, &h.metadata);
     }
 
