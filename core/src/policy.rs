@@ -8,13 +8,17 @@
 //!   the tenant's node choice survives);
 //! - `cluster_ips`: which hand-picked Service addresses may be taken on the host;
 //! - `endpoints`: which addresses a selector-less Service's endpoints may name on the host;
+//! - `egress`: which address ranges tenants' NetworkPolicies may open egress to;
+//! - `storage`: which storage classes and volumes a claim may ask of the host;
 //! - `ingresses`: which ingress classes and host names tenants' Ingresses may use.
 
 pub mod cluster_ips;
+pub mod egress;
 pub mod endpoints;
 pub mod ingresses;
 pub mod pod_security;
 pub mod scheduling;
+pub mod storage;
 pub mod volumes;
 
 use std::collections::BTreeMap;
@@ -22,6 +26,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{PodSpec, ServiceSpec};
 
 pub use scheduling::Scheduling;
+pub use storage::Storage;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,6 +59,12 @@ impl PodSecurityLevel {
     }
 }
 
+/// What an admin's list allows, as a refusal names it: `a, b`, or `none`.
+pub(crate) fn listed<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let all: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
+    if all.is_empty() { "none".into() } else { all.join(", ") }
+}
+
 /// What the platform admin allows; set on the control-plane process, never by the tenant.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
@@ -65,6 +76,8 @@ pub struct Policy {
     pub allow_node_port_choice: bool,
     /// Inline CSI volume drivers tenants may use (none unless the admin lists them).
     pub csi_drivers: Vec<String>,
+    /// The storage classes tenants' claims may name.
+    pub storage: Storage,
     pub scheduling: Scheduling,
     /// The host's service ranges: a tenant's hand-picked ClusterIPs must be in them, above their
     /// static bands (none known: no hand-picked address is taken on the host).
@@ -72,6 +85,9 @@ pub struct Policy {
     /// Ranges the endpoints of selector-less Services may name besides the cluster's own pods
     /// (none unless the admin lists them).
     pub endpoint_ranges: Vec<ipnet::IpNet>,
+    /// Ranges tenants' NetworkPolicies may open their pods' egress to besides the cluster's
+    /// pods and control plane (none unless the admin lists them).
+    pub egress_ranges: Vec<ipnet::IpNet>,
     pub ingresses: ingresses::Ingresses,
 }
 
@@ -104,7 +120,8 @@ impl Policy {
                 ),
             });
         }
-        let volumes = volumes::violations(spec, level == PodSecurityLevel::Privileged, &self.csi_drivers);
+        let volumes =
+            volumes::violations(spec, level == PodSecurityLevel::Privileged, &self.csi_drivers, &self.storage);
         if !volumes.is_empty() {
             return Err(Refusal {
                 reason: "VolumeNotAllowed",
@@ -138,6 +155,18 @@ impl Policy {
         Ok(())
     }
 
+    /// Checks a claim's spec against the storage the admin allows (`storage::Storage`).
+    pub fn check_claim(&self, spec: &k8s_openapi::api::core::v1::PersistentVolumeClaimSpec) -> Result<(), Refusal> {
+        let violations = self.storage.violations("spec", spec);
+        if violations.is_empty() {
+            return Ok(());
+        }
+        Err(Refusal {
+            reason: "StorageNotAllowed",
+            message: format!("refused by the host's isolation policy: {}", violations.join("; ")),
+        })
+    }
+
     /// Checks the addresses `(field, ip)` a selector-less Service's endpoints name
     /// (`endpoints::violation`); `own_pod` says whether an address is one of the cluster's pods.
     pub fn check_endpoint_addresses<'a>(
@@ -149,6 +178,17 @@ impl Policy {
             None => Ok(()),
             Some(why) => Err(Refusal {
                 reason: "EndpointNotAllowed",
+                message: format!("refused by the host's isolation policy: {why}"),
+            }),
+        }
+    }
+
+    /// Checks the egress ipBlocks `(field, cidr)` of a NetworkPolicy (`egress::violation`).
+    pub fn check_egress_blocks<'a>(&self, blocks: impl IntoIterator<Item = (String, &'a str)>) -> Result<(), Refusal> {
+        match egress::violation(&self.egress_ranges, blocks) {
+            None => Ok(()),
+            Some(why) => Err(Refusal {
+                reason: "EgressNotAllowed",
                 message: format!("refused by the host's isolation policy: {why}"),
             }),
         }

@@ -40,6 +40,8 @@ policy:
   allowNodePorts: true
   allowLoadBalancers: true
   endpointCIDRs: [192.0.2.0/24, "2001:db8::/64"]
+  storageClasses: [fast-ssd]
+  egressCIDRs: [203.0.113.0/24]
   ingress:
     classes: [web, internal]
     hosts: ["*.team-a.example.com", internal=shop.example.com]
@@ -396,6 +398,8 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 ("VKUBE_INGRESS_CLASSES", "web,internal"),
                 ("VKUBE_INGRESS_HOSTS", "*.team-a.example.com,internal=shop.example.com"),
                 ("VKUBE_ENDPOINT_CIDRS", "192.0.2.0/24,2001:db8::/64"),
+                ("VKUBE_STORAGE_CLASSES", "fast-ssd"),
+                ("VKUBE_EGRESS_CIDRS", "203.0.113.0/24"),
                 ("VKUBE_SYNC_CONCURRENCY", "4"),
                 ("VKUBE_COREDNS_IMAGE", "registry.example.com/mirror/coredns:v1.12.4"),
                 ("VKUBE_LOG_FORMAT", "json"),

@@ -597,7 +597,8 @@ async fn with_bound_secret_delivery_a_pods_token_names_its_node() {
 async fn network_policies_are_confined_copies_or_reported_as_not_enforced() {
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     let env = TestEnv::start(1).await;
-    let on = env.virtual_cluster_with("netpol", &["--sync-network-policies"]).await;
+    let admin = vkube::controlplane::PolicyArgs { egress_cidrs: vec!["203.0.113.0/24".into()], ..Default::default() };
+    let on = env.virtual_cluster_with_policy("netpol", admin, &["--sync-network-policies"]).await;
     let off = env.virtual_cluster("nonetpol").await;
     let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {team: ops}}\n      podSelector: {matchLabels: {role: probe}}\n";
     for vc in [&on, &off] {
@@ -636,6 +637,53 @@ async fn network_policies_are_confined_copies_or_reported_as_not_enforced() {
         serde_json::json!({"t.vkube.dev/role": "probe", LABEL_CLUSTER: "netpol"})
     );
     assert!(peer.get("namespaceSelector").is_none(), "never another host namespace: {peer}");
+
+    // Egress: a range outside the admin's is refused by field (it would override the admin's own
+    // egress policies for these pods); a rule to every destination means the cluster's pods, its
+    // control plane and the admin's ranges.
+    on.apply(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: anywhere, namespace: default}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 0.0.0.0/0}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: out, namespace: default}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - {}
+  - to: [{ipBlock: {cidr: 203.0.113.0/28}}]
+"#,
+    );
+    on.warned("default", "anywhere", "spec.egress[0].to[0].ipBlock.cidr: Invalid value: \"0.0.0.0/0\"").await;
+    assert!(
+        api.get_opt(&tr(&on).host_name("default", "anywhere")).await.unwrap().is_none(),
+        "refused, not on the host"
+    );
+    let out = eventually("the egress policy's host copy", Duration::from_secs(30), || async {
+        api.get_opt(&tr(&on).host_name("default", "out")).await.map_err(|e| e.to_string())
+    })
+    .await;
+    let egress = serde_json::to_value(&out).unwrap()["spec"]["egress"].clone();
+    assert_eq!(
+        egress[0]["to"],
+        serde_json::json!([
+            {"podSelector": {"matchLabels": {LABEL_CLUSTER: "netpol"}}},
+            {"podSelector": {"matchLabels": {"vkube.dev/control-plane": "netpol"}}},
+            {"ipBlock": {"cidr": "203.0.113.0/24"}},
+        ]),
+        "every destination: what the cluster may reach"
+    );
+    assert_eq!(egress[1]["to"], serde_json::json!([{"ipBlock": {"cidr": "203.0.113.0/28"}}]));
+    on.kubectl_ok(&["delete", "networkpolicy", "anywhere", "out"]);
 
     eventually("the tenant without the sync is told", Duration::from_secs(30), || async {
         let w = warnings(&off, "default", "web").await;
@@ -1320,6 +1368,43 @@ subsets:
     assert!(claims.get_opt(&pvc).await.unwrap().is_some(), "a used claim is kept (its data with it)");
     let svc: Service = Api::namespaced(hclient.clone(), &hns).get(&ep).await.unwrap();
     assert_eq!(svc.spec.unwrap().selector, None, "the host copy selects nothing either");
+
+    // A claim binds any free volume of its class: one naming no class (volumes made by hand) or a
+    // class the admin did not list is refused by field, and its pod's claim is not made.
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: by-hand}
+spec:
+  storageClassName: ""
+  accessModes: [ReadWriteMany]
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: premium}
+spec:
+  storageClassName: premium-ssd
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: uses-others}
+spec:
+  containers: [{name: c, image: nginx}]
+  volumes:
+  - {name: a, persistentVolumeClaim: {claimName: by-hand}}
+  - {name: b, persistentVolumeClaim: {claimName: premium}}
+"#,
+    );
+    vc.warned("default", "by-hand", "spec.storageClassName: \"\" (no class)").await;
+    vc.warned("default", "premium", "spec.storageClassName: \"premium-ssd\" is not one the platform admin allows")
+        .await;
+    for name in ["by-hand", "premium"] {
+        assert!(claims.get_opt(&tr.host_name("default", name)).await.unwrap().is_none(), "{name} reached the host");
+    }
 
     // The modern form: an EndpointSlice the tenant manages for a selector-less Service.
     vc.apply(vkube_e2e::SELECTORLESS_SERVICE_WITH_SLICE);

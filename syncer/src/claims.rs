@@ -1,5 +1,5 @@
-//! PersistentVolumeClaims: the claim is made on the host, where the storage is; its status
-//! (bound, capacity) flows back.
+//! PersistentVolumeClaims: the claim is made on the host, where the storage is, if it asks only
+//! for storage the admin allows (`policy::storage`); its status (bound, capacity) flows back.
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec};
 use kube::api::{Api, Patch};
@@ -25,7 +25,9 @@ impl Mirror for PersistentVolumeClaim {
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
         let ns = v.metadata.namespace.as_deref().unwrap_or_default();
-        let spec = host_claim_spec(&ctx.tr, ns, v.spec.clone().unwrap_or_default());
+        let spec = v.spec.clone().unwrap_or_default();
+        ctx.policy.check_claim(&spec)?;
+        let spec = host_claim_spec(&ctx.tr, ns, spec);
         Ok(PersistentVolumeClaim {
             metadata: ctx.tr.host_meta(Self::KIND, &v.metadata),
             spec: Some(spec),

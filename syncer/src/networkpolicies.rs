@@ -1,12 +1,14 @@
 //! NetworkPolicies, when the admin turns their sync on (`--sync-network-policies`): the host copy
 //! selects the same pods and peers, confined to this virtual cluster. On the host every pod of
 //! the cluster shares one namespace, so a peer's namespace selector is resolved against the
-//! virtual namespaces' labels (and the copies are updated when those change). ipBlock peers are
-//! copied as they are: NetworkPolicies only add allowances, so a tenant can open its own pods to
-//! whatever its policies allow, which is why the admin decides. Off, the tenant's policies get a
-//! Warning saying they are not enforced, instead of silently doing nothing.
+//! virtual namespaces' labels (and the copies are updated when those change). NetworkPolicies only
+//! add allowances, so egress is held to what the admin allows (`policy::egress`): an ipBlock only
+//! inside the admin's ranges, and a rule to every destination means the cluster's pods, its
+//! control plane and those ranges. Ingress ipBlocks are copied as they are (they open only the
+//! tenant's own pods). Off, the tenant's policies get a Warning saying they are not enforced,
+//! instead of silently doing nothing.
 
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicySpec};
+use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::context::Context;
@@ -31,7 +33,14 @@ impl Mirror for NetworkPolicy {
     }
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
-        Ok(host_policy(&ctx.tr, v, &ctx.namespace_labels()))
+        let rules = v.spec.iter().flat_map(|s| s.egress.iter().flatten()).enumerate();
+        let blocks = rules.flat_map(|(i, r)| {
+            r.to.iter().flatten().enumerate().filter_map(move |(j, p)| {
+                p.ip_block.as_ref().map(|b| (format!("spec.egress[{i}].to[{j}].ipBlock.cidr"), b.cidr.as_str()))
+            })
+        });
+        ctx.policy.check_egress_blocks(blocks)?;
+        Ok(host_policy(&ctx.tr, v, &ctx.namespace_labels(), &ctx.policy.egress_ranges))
     }
 
     fn differs(d: &Self, c: &Self) -> bool {
@@ -39,8 +48,14 @@ impl Mirror for NetworkPolicy {
     }
 }
 
-/// The host copy of virtual policy `v`, given every virtual namespace with its labels (pure).
-pub fn host_policy(tr: &Translator, v: &NetworkPolicy, namespaces: &[NamespaceLabels]) -> NetworkPolicy {
+/// The host copy of virtual policy `v`, given every virtual namespace with its labels and the
+/// ranges the admin lets egress reach (pure).
+pub fn host_policy(
+    tr: &Translator,
+    v: &NetworkPolicy,
+    namespaces: &[NamespaceLabels],
+    egress_ranges: &[ipnet::IpNet],
+) -> NetworkPolicy {
     let ns = v.metadata.namespace.clone().unwrap_or_default();
     let vs = v.spec.clone().unwrap_or_default();
     let own = [ns.clone()];
@@ -63,13 +78,33 @@ pub fn host_policy(tr: &Translator, v: &NetworkPolicy, namespaces: &[NamespaceLa
             rules
                 .into_iter()
                 .map(|mut r| {
-                    r.to = peers(r.to.take());
+                    r.to = match r.to.take() {
+                        // Every destination: every one the cluster may reach.
+                        Some(to) if !to.is_empty() => peers(Some(to)),
+                        _ => Some(reachable(tr, egress_ranges)),
+                    };
                     r
                 })
                 .collect()
         }),
     };
     NetworkPolicy { metadata: tr.host_meta(KIND, &v.metadata), spec: Some(spec) }
+}
+
+/// What the cluster's pods may reach on the host: its pods, its control plane (the virtual API
+/// server, in the chart's pod) and the admin's ranges.
+fn reachable(tr: &Translator, ranges: &[ipnet::IpNet]) -> Vec<NetworkPolicyPeer> {
+    let selector = |k: &str| LabelSelector {
+        match_labels: Some([(k.to_string(), tr.cluster().to_string())].into()),
+        ..Default::default()
+    };
+    let pods = [crate::naming::LABEL_CLUSTER, vkube_core::contract::LABEL_CONTROL_PLANE]
+        .map(|k| NetworkPolicyPeer { pod_selector: Some(selector(k)), ..Default::default() });
+    let blocks = ranges.iter().map(|r| NetworkPolicyPeer {
+        ip_block: Some(IPBlock { cidr: r.to_string(), except: None }),
+        ..Default::default()
+    });
+    pods.into_iter().chain(blocks).collect()
 }
 
 /// A peer as the host sees it: pods of this virtual cluster in the namespaces the virtual peer
@@ -124,7 +159,7 @@ mod tests {
             ("ops".to_string(), labels(&[("team", "ops")])),
             ("ops-2".to_string(), labels(&[("team", "ops")])),
         ];
-        let h = serde_json::to_value(host_policy(&tr, &v, &namespaces)).unwrap();
+        let h = serde_json::to_value(host_policy(&tr, &v, &namespaces, &[])).unwrap();
         assert_eq!(h["metadata"]["name"], "web-x-shop-x-team-a");
         assert_eq!(h["metadata"]["annotations"]["vkube.dev/object-kind"], "NetworkPolicy");
         let own = serde_json::json!([{"key": "vkube.dev/namespace", "operator": "In", "values": ["shop"]}]);
@@ -151,5 +186,26 @@ mod tests {
             serde_json::json!({"matchLabels": {"vkube.dev/cluster": "team-a"}}),
             "every namespace of the cluster only"
         );
+    }
+
+    #[test]
+    fn egress_to_everything_is_what_the_cluster_may_reach() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let v: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "out", "namespace": "shop"},
+            "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                "egress": [{}, {"to": [], "ports": [{"port": 53, "protocol": "UDP"}]}]}
+        }))
+        .unwrap();
+        let ranges = ["203.0.113.0/24".parse().unwrap()];
+        let h = serde_json::to_value(host_policy(&tr, &v, &[], &ranges)).unwrap();
+        let want = serde_json::json!([
+            {"podSelector": {"matchLabels": {"vkube.dev/cluster": "team-a"}}},
+            {"podSelector": {"matchLabels": {"vkube.dev/control-plane": "team-a"}}},
+            {"ipBlock": {"cidr": "203.0.113.0/24"}},
+        ]);
+        assert_eq!(h["spec"]["egress"][0]["to"], want, "no `to`: not every destination on the host");
+        assert_eq!(h["spec"]["egress"][1]["to"], want, "an empty `to` alike");
+        assert_eq!(h["spec"]["egress"][1]["ports"], serde_json::json!([{"port": 53, "protocol": "UDP"}]));
     }
 }

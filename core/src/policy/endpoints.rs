@@ -34,11 +34,7 @@ pub fn violation<'a>(
         return None;
     }
     let more = bad.len().saturating_sub(NAMED);
-    let ranges = if ranges.is_empty() {
-        "none".to_string()
-    } else {
-        ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-    };
+    let ranges = super::listed(ranges);
     Some(format!(
         "{}{}: an endpoint address must be one of this cluster's pods or in the ranges the platform admin \
          allows (policy.endpointCIDRs: {ranges}); give the Service a selector, or ask the admin to add the range",

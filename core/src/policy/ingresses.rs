@@ -64,10 +64,7 @@ impl Ingresses {
                     .into(),
             );
         }
-        let hosts = || {
-            let allowed: Vec<&str> = self.hosts_for(&class).collect();
-            if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }
-        };
+        let hosts = || super::listed(self.hosts_for(&class));
         for (i, rule) in spec.rules.iter().flatten().enumerate() {
             match rule.host.as_deref().filter(|h| !h.is_empty()) {
                 None => out.push(format!("spec.rules[{i}].host: required here: a rule without a host would catch every host name of the class")),

@@ -5,6 +5,8 @@
 
 use k8s_openapi::api::core::v1::{PodSpec, Volume};
 
+use super::Storage;
+
 /// Volume types every tenant may use (the syncer translates what each refers to).
 const ALLOWED: [&str; 9] = [
     "configMap",
@@ -36,8 +38,9 @@ fn keys(json: &serde_json::Value, skip: &[&str]) -> Vec<String> {
 }
 
 /// Every volume the allowlist refuses, naming its field. `host_path` says whether hostPath is
-/// allowed (the privileged level); `csi_drivers` are the inline CSI drivers the admin lists.
-pub fn violations(spec: &PodSpec, host_path: bool, csi_drivers: &[String]) -> Vec<String> {
+/// allowed (the privileged level); `csi_drivers` are the inline CSI drivers the admin lists;
+/// ephemeral volumes' claims are held to `storage`.
+pub fn violations(spec: &PodSpec, host_path: bool, csi_drivers: &[String], storage: &Storage) -> Vec<String> {
     let mut v = vec![];
     for (i, vol) in spec.volumes.iter().flatten().enumerate() {
         let field = format!("spec.volumes[{i}] ({:?})", vol.name);
@@ -71,14 +74,7 @@ pub fn violations(spec: &PodSpec, host_path: bool, csi_drivers: &[String]) -> Ve
             }
         }
         if let Some(e) = vol.ephemeral.as_ref().and_then(|e| e.volume_claim_template.as_ref()) {
-            if e.spec.volume_name.as_deref().is_some_and(|n| !n.is_empty()) {
-                v.push(format!("{field}.ephemeral.volumeClaimTemplate.spec.volumeName: binding a host volume by name is not allowed"));
-            }
-            if e.spec.selector.is_some() {
-                v.push(format!(
-                    "{field}.ephemeral.volumeClaimTemplate.spec.selector: selecting host volumes is not allowed"
-                ));
-            }
+            v.extend(storage.violations(&format!("{field}.ephemeral.volumeClaimTemplate.spec"), &e.spec));
         }
     }
     v
@@ -92,7 +88,7 @@ mod tests {
     fn check(volumes: serde_json::Value, csi: &[&str]) -> Vec<String> {
         let spec: PodSpec = serde_json::from_value(json!({"containers": [{"name": "c"}], "volumes": volumes})).unwrap();
         let csi: Vec<String> = csi.iter().map(|s| s.to_string()).collect();
-        violations(&spec, false, &csi)
+        violations(&spec, false, &csi, &Storage::default())
     }
 
     #[test]

@@ -166,6 +166,15 @@ fn refused_cases() -> Vec<(serde_json::Value, &'static str)> {
             ),
             "volumeName",
         ),
+        (
+            pod(
+                "ephemeral-static-class",
+                none.clone(),
+                serde_json::json!({"volumes": [{"name": "scratch", "ephemeral": {"volumeClaimTemplate": {
+                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}, "storageClassName": ""}}}}]}),
+            ),
+            "ephemeral.volumeClaimTemplate.spec.storageClassName: \"\" (no class)",
+        ),
     ]
 }
 

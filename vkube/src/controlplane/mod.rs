@@ -177,6 +177,15 @@ pub struct PolicyArgs {
     #[arg(long, env = "VKUBE_CSI_DRIVERS", value_delimiter = ',')]
     #[serde(default)]
     pub csi_drivers: Vec<String>,
+    /// StorageClasses tenants' claims may name (comma-separated; none: a claim names no class
+    /// and gets the host's default).
+    #[arg(long, env = "VKUBE_STORAGE_CLASSES", value_delimiter = ',')]
+    #[serde(default)]
+    pub storage_classes: Vec<String>,
+    /// VolumeAttributesClasses tenants' claims may name (comma-separated; none by default).
+    #[arg(long, env = "VKUBE_VOLUME_ATTRIBUTES_CLASSES", value_delimiter = ',')]
+    #[serde(default)]
+    pub volume_attributes_classes: Vec<String>,
     /// Node labels every host pod must match (`key=value`, comma-separated).
     #[arg(long, env = "VKUBE_HOST_NODE_SELECTOR", value_delimiter = ',')]
     #[serde(default)]
@@ -225,6 +234,12 @@ pub struct PolicyArgs {
     #[arg(long, env = "VKUBE_ENDPOINT_CIDRS", value_delimiter = ',')]
     #[serde(default)]
     pub endpoint_cidrs: Vec<String>,
+    /// Address ranges (CIDRs, comma-separated) tenants' NetworkPolicies may open their pods'
+    /// egress to besides the cluster's pods and control plane (with --sync-network-policies); none
+    /// by default.
+    #[arg(long, env = "VKUBE_EGRESS_CIDRS", value_delimiter = ',')]
+    #[serde(default)]
+    pub egress_cidrs: Vec<String>,
     /// Ingress classes tenants' Ingresses may use (comma-separated; the first is given to one
     /// naming none); none: Ingresses are not synced.
     #[arg(long, env = "VKUBE_INGRESS_CLASSES", value_delimiter = ',')]
@@ -278,12 +293,14 @@ impl PolicyArgs {
                  (e.g. *.team-a.example.com, internal=*.corp.example.com)"
             );
         }
-        let endpoint_ranges = list(&self.endpoint_cidrs)
-            .iter()
-            .map(|c| {
-                c.parse().map_err(|_| anyhow::anyhow!("--endpoint-cidrs: {c:?} is not a CIDR (e.g. 192.0.2.0/24)"))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let cidrs = |flag: &str, v: &[String]| {
+            list(v)
+                .iter()
+                .map(|c| c.parse().map_err(|_| anyhow::anyhow!("--{flag}: {c:?} is not a CIDR (e.g. 192.0.2.0/24)")))
+                .collect::<anyhow::Result<Vec<ipnet::IpNet>>>()
+        };
+        let endpoint_ranges = cidrs("endpoint-cidrs", &self.endpoint_cidrs)?;
+        let egress_ranges = cidrs("egress-cidrs", &self.egress_cidrs)?;
         let tolerations = serde_json::from_str(&self.host_tolerations).with_context(|| {
             format!("--host-tolerations: {:?} is not a JSON list of tolerations", self.host_tolerations)
         })?;
@@ -293,6 +310,10 @@ impl PolicyArgs {
             allow_load_balancers: self.allow_load_balancers,
             allow_node_port_choice: self.allow_node_port_choice,
             csi_drivers: list(&self.csi_drivers),
+            storage: vkube_core::policy::Storage {
+                classes: list(&self.storage_classes),
+                attributes_classes: list(&self.volume_attributes_classes),
+            },
             scheduling: vkube_core::policy::Scheduling {
                 node_selector,
                 tolerations,
@@ -305,6 +326,7 @@ impl PolicyArgs {
             // `vkube run --service-cidr`: a fact about the host, not a choice of policy.
             service_ranges: vec![],
             endpoint_ranges,
+            egress_ranges,
             ingresses: vkube_core::policy::ingresses::Ingresses {
                 classes: list(&self.ingress_classes),
                 hosts: ingress_hosts,
@@ -331,6 +353,8 @@ impl PolicyArgs {
             args.push("--virtual-scheduler".into());
         }
         args.push(format!("--csi-drivers={}", self.csi_drivers.join(",")));
+        args.push(format!("--storage-classes={}", self.storage_classes.join(",")));
+        args.push(format!("--volume-attributes-classes={}", self.volume_attributes_classes.join(",")));
         args.push(format!("--host-node-selector={}", self.host_node_selector.join(",")));
         args.push(format!("--host-tolerations={}", self.host_tolerations));
         args.push(format!("--tolerable-taints={}", self.tolerable_taints.join(",")));
@@ -338,6 +362,7 @@ impl PolicyArgs {
         args.push(format!("--runtime-classes={}", self.runtime_classes.join(",")));
         args.push(format!("--verbatim-keys={}", self.verbatim_keys.join(",")));
         args.push(format!("--endpoint-cidrs={}", self.endpoint_cidrs.join(",")));
+        args.push(format!("--egress-cidrs={}", self.egress_cidrs.join(",")));
         args.push(format!("--ingress-classes={}", self.ingress_classes.join(",")));
         args.push(format!("--ingress-hosts={}", self.ingress_hosts.join(",")));
         args
@@ -355,6 +380,8 @@ impl PolicyArgs {
             format!("--set=policy.allowLoadBalancers={}", self.allow_load_balancers),
             format!("--set=policy.allowNodePortChoice={}", self.allow_node_port_choice),
             format!("--set-json=policy.csiDrivers={}", list(&self.csi_drivers)),
+            format!("--set-json=policy.storageClasses={}", list(&self.storage_classes)),
+            format!("--set-json=policy.volumeAttributesClasses={}", list(&self.volume_attributes_classes)),
             format!("--set-json=policy.scheduling.tolerations={}", self.host_tolerations),
             format!("--set-json=policy.scheduling.tolerableTaints={}", list(&self.tolerable_taints)),
             format!("--set-json=policy.scheduling.tenantNodeLabels={}", list(&self.tenant_node_labels)),
@@ -363,6 +390,7 @@ impl PolicyArgs {
             format!("--set=policy.scheduling.virtualScheduler={}", self.virtual_scheduler),
             format!("--set-json=policy.verbatimKeys={}", list(&self.verbatim_keys)),
             format!("--set-json=policy.endpointCIDRs={}", list(&self.endpoint_cidrs)),
+            format!("--set-json=policy.egressCIDRs={}", list(&self.egress_cidrs)),
             format!("--set-json=policy.ingress.classes={}", list(&self.ingress_classes)),
             format!("--set-json=policy.ingress.hosts={}", list(&self.ingress_hosts)),
         ]
@@ -1190,6 +1218,9 @@ mod tests {
             ingress_classes: vec!["web".into()],
             ingress_hosts: vec!["*.team-a.example.com".into(), "internal=shop.example.com".into()],
             endpoint_cidrs: vec!["192.0.2.0/24".into()],
+            egress_cidrs: vec!["203.0.113.0/24".into()],
+            storage_classes: vec!["fast".into()],
+            volume_attributes_classes: vec!["gold".into()],
             ..PolicyArgs::default()
         };
         let flags: Vec<String> = std::iter::once("vkube".to_string()).chain(args.to_args()).collect();
@@ -1203,10 +1234,18 @@ mod tests {
         assert_eq!(again.ingresses.classes, ["web"]);
         assert_eq!(again.ingresses.hosts, ["*.team-a.example.com", "internal=shop.example.com"]);
         assert!(!default.ingresses.enabled(), "no ingress reaches the host unless the admin says so");
+        assert_eq!(
+            again.storage,
+            vkube_core::policy::Storage { classes: vec!["fast".into()], attributes_classes: vec!["gold".into()] }
+        );
+        assert_eq!(default.storage, vkube_core::policy::Storage::default(), "the host's default class only");
         assert_eq!(again.endpoint_ranges, ["192.0.2.0/24".parse::<ipnet::IpNet>().unwrap()]);
         assert!(default.endpoint_ranges.is_empty(), "no address by hand reaches the host unless the admin says so");
         let cidr = PolicyArgs { endpoint_cidrs: vec!["192.0.2.0".into()], ..PolicyArgs::default() };
         assert!(cidr.policy().unwrap_err().to_string().contains("--endpoint-cidrs"));
+        assert_eq!(again.egress_ranges, ["203.0.113.0/24".parse::<ipnet::IpNet>().unwrap()]);
+        let cidr = PolicyArgs { egress_cidrs: vec!["0.0.0.0".into()], ..PolicyArgs::default() };
+        assert!(cidr.policy().unwrap_err().to_string().contains("--egress-cidrs"));
         let bad = PolicyArgs { host_node_selector: vec!["pool".into()], ..PolicyArgs::default() };
         assert!(bad.policy().unwrap_err().to_string().contains("key=value"));
         let everything = PolicyArgs { ingress_hosts: vec!["*".into()], ..PolicyArgs::default() };

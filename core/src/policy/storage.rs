@@ -1,0 +1,79 @@
+//! What a tenant's claim (a PersistentVolumeClaim, or a pod's ephemeral volume template) may ask
+//! of the host's storage. A claim binds any available volume of its class: with a class the admin
+//! did not mean for tenants (one of volumes made by hand, an empty class) it could take a volume
+//! made for someone else (another team's share, a node's local disk). So a claim names no class
+//! (the host's default) or one the admin lists, binds no volume by name or by selector, and asks
+//! for a volume attributes class (a storage tier) only if the admin lists it.
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaimSpec;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Storage {
+    /// StorageClasses tenants' claims may name; a claim naming none gets the host's default.
+    pub classes: Vec<String>,
+    /// VolumeAttributesClasses tenants' claims may name.
+    pub attributes_classes: Vec<String>,
+}
+
+impl Storage {
+    /// Every field of a claim spec at `field` (e.g. `spec`) the host must not take, named (pure).
+    pub fn violations(&self, field: &str, spec: &PersistentVolumeClaimSpec) -> Vec<String> {
+        let mut v = vec![];
+        if spec.volume_name.as_deref().is_some_and(|n| !n.is_empty()) {
+            v.push(format!("{field}.volumeName: binding a host volume by name is not allowed"));
+        }
+        if spec.selector.is_some() {
+            v.push(format!("{field}.selector: selecting host volumes is not allowed"));
+        }
+        match spec.storage_class_name.as_deref() {
+            None => {}
+            Some("") => v.push(format!(
+                "{field}.storageClassName: \"\" (no class) binds volumes made by hand, which are not this cluster's; \
+                 leave it out for the host's default class"
+            )),
+            Some(c) if self.classes.iter().any(|a| a == c) => {}
+            Some(c) => v.push(format!(
+                "{field}.storageClassName: {c:?} is not one the platform admin allows (policy.storageClasses: {}); \
+                 leave it out for the host's default class",
+                super::listed(&self.classes)
+            )),
+        }
+        if let Some(c) = spec.volume_attributes_class_name.as_deref().filter(|c| !c.is_empty())
+            && !self.attributes_classes.iter().any(|a| a == c)
+        {
+            v.push(format!(
+                "{field}.volumeAttributesClassName: {c:?} is not one the platform admin allows \
+                 (policy.volumeAttributesClasses: {})",
+                super::listed(&self.attributes_classes)
+            ));
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(v: serde_json::Value) -> PersistentVolumeClaimSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_default_class_or_one_the_admin_lists() {
+        let storage = Storage { classes: vec!["fast".into()], attributes_classes: vec!["gold".into()] };
+        let ok = |v: serde_json::Value| storage.violations("spec", &spec(v));
+        assert!(ok(serde_json::json!({"accessModes": ["ReadWriteOnce"]})).is_empty(), "the host's default");
+        assert!(ok(serde_json::json!({"storageClassName": "fast", "volumeAttributesClassName": "gold"})).is_empty());
+        let none = ok(serde_json::json!({"storageClassName": ""}));
+        assert!(none[0].starts_with("spec.storageClassName: \"\" (no class)"), "{none:?}");
+        let other = ok(serde_json::json!({"storageClassName": "nfs-static"}));
+        assert!(other[0].contains("\"nfs-static\" is not one the platform admin allows (policy.storageClasses: fast)"));
+        let tier = ok(serde_json::json!({"volumeAttributesClassName": "platinum"}));
+        assert!(tier[0].starts_with("spec.volumeAttributesClassName: \"platinum\""), "{tier:?}");
+        let bound = ok(serde_json::json!({"volumeName": "pv-1", "selector": {"matchLabels": {"a": "b"}}}));
+        assert_eq!(bound.len(), 2, "{bound:?}");
+        let nothing = Storage::default().violations("x", &spec(serde_json::json!({"storageClassName": "fast"})));
+        assert!(nothing[0].contains("(policy.storageClasses: none)"), "{nothing:?}");
+    }
+}
