@@ -71,6 +71,9 @@ pub struct Policy {
     pub pod_security: PodSecurityLevel,
     pub allow_node_ports: bool,
     pub allow_load_balancers: bool,
+    /// Load balancer classes tenants' LoadBalancer Services may name (none: the host's default
+    /// load balancer only).
+    pub load_balancer_classes: Vec<String>,
     /// Let tenants choose their node ports (and health-check node ports) by hand; else the host
     /// chooses, so no tenant can take a port the host's admin or another team counts on.
     pub allow_node_port_choice: bool,
@@ -144,6 +147,18 @@ impl Policy {
             return Err(Refusal {
                 reason: "LoadBalancerNotAllowed",
                 message: "refused by the host's isolation policy: LoadBalancer services are not allowed in this virtual cluster (ask the platform admin to enable them, or use type ClusterIP)".into(),
+            });
+        }
+        if let Some(class) = spec.load_balancer_class.as_deref()
+            && !self.load_balancer_classes.iter().any(|c| c == class)
+        {
+            return Err(Refusal {
+                reason: "LoadBalancerNotAllowed",
+                message: format!(
+                    "refused by the host's isolation policy: spec.loadBalancerClass: {class:?} is not one the platform \
+                     admin allows (policy.loadBalancerClasses: {}); leave it out for the host's default load balancer",
+                    listed(&self.load_balancer_classes)
+                ),
             });
         }
         if spec.external_ips.as_ref().is_some_and(|ips| !ips.is_empty()) {
@@ -237,6 +252,16 @@ mod tests {
         assert_eq!(allowed.check_service(&np), Ok(()));
         let lb: ServiceSpec = serde_json::from_value(serde_json::json!({"type": "LoadBalancer"})).unwrap();
         assert_eq!(baseline().check_service(&lb).unwrap_err().reason, "LoadBalancerNotAllowed");
+        let classed: ServiceSpec = serde_json::from_value(
+            serde_json::json!({"type": "LoadBalancer", "loadBalancerClass": "example.com/public"}),
+        )
+        .unwrap();
+        let lbs = Policy { allow_load_balancers: true, ..Default::default() };
+        assert!(
+            lbs.check_service(&classed).unwrap_err().message.contains("spec.loadBalancerClass: \"example.com/public\"")
+        );
+        let listed = Policy { load_balancer_classes: vec!["example.com/public".into()], ..lbs };
+        assert_eq!(listed.check_service(&classed), Ok(()));
         let ext: ServiceSpec = serde_json::from_value(serde_json::json!({"externalIPs": ["1.2.3.4"]})).unwrap();
         assert_eq!(baseline().check_service(&ext).unwrap_err().reason, "ExternalIPsNotAllowed");
         let cip: ServiceSpec = serde_json::from_value(serde_json::json!({"ports": [{"port": 80}]})).unwrap();

@@ -41,6 +41,7 @@ policy:
   allowLoadBalancers: true
   endpointCIDRs: [192.0.2.0/24, "2001:db8::/64"]
   storageClasses: [fast-ssd]
+  loadBalancerClasses: [example.com/internal]
   egressCIDRs: [203.0.113.0/24]
   ingress:
     classes: [web, internal]
@@ -399,6 +400,7 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 ("VKUBE_INGRESS_HOSTS", "*.team-a.example.com,internal=shop.example.com"),
                 ("VKUBE_ENDPOINT_CIDRS", "192.0.2.0/24,2001:db8::/64"),
                 ("VKUBE_STORAGE_CLASSES", "fast-ssd"),
+                ("VKUBE_LOAD_BALANCER_CLASSES", "example.com/internal"),
                 ("VKUBE_EGRESS_CIDRS", "203.0.113.0/24"),
                 ("VKUBE_SYNC_CONCURRENCY", "4"),
                 ("VKUBE_COREDNS_IMAGE", "registry.example.com/mirror/coredns:v1.12.4"),

@@ -321,6 +321,14 @@ spec:
   ports: [{name: http, port: 80, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]
 "#,
     );
+    // A load balancer class the admin did not list (a public one, say) is refused by field.
+    let public = vc.try_apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lb-public}\nspec:\n  type: LoadBalancer\n  \
+         loadBalancerClass: example.com/public\n  selector: {app: web}\n  ports: [{port: 80}]\n",
+    );
+    let told = String::from_utf8_lossy(&public.stderr);
+    assert!(!public.status.success() && told.contains("spec.loadBalancerClass: \"example.com/public\""), "{told}");
+    assert!(host_services.get_opt(&tr.host_name("default", "lb-public")).await.unwrap().is_none());
     for name in ["np", "np-chosen", "lb"] {
         let v = vservices.get(name).await.unwrap();
         let h = host_services.get(&tr.host_name("default", name)).await.unwrap();

@@ -169,6 +169,11 @@ pub struct PolicyArgs {
     /// Let tenants create LoadBalancer services on the host.
     #[arg(long, env = "VKUBE_ALLOW_LOAD_BALANCERS")]
     pub allow_load_balancers: bool,
+    /// Load balancer classes tenants' LoadBalancer Services may name (comma-separated; none: the
+    /// host's default load balancer only).
+    #[arg(long, env = "VKUBE_LOAD_BALANCER_CLASSES", value_delimiter = ',')]
+    #[serde(default)]
+    pub load_balancer_classes: Vec<String>,
     /// Let tenants choose their node ports by hand (else the host chooses every one).
     #[arg(long, env = "VKUBE_ALLOW_NODE_PORT_CHOICE")]
     #[serde(default)]
@@ -308,6 +313,7 @@ impl PolicyArgs {
             pod_security: self.pod_security,
             allow_node_ports: self.allow_node_ports,
             allow_load_balancers: self.allow_load_balancers,
+            load_balancer_classes: list(&self.load_balancer_classes),
             allow_node_port_choice: self.allow_node_port_choice,
             csi_drivers: list(&self.csi_drivers),
             storage: vkube_core::policy::Storage {
@@ -352,6 +358,7 @@ impl PolicyArgs {
         if self.virtual_scheduler {
             args.push("--virtual-scheduler".into());
         }
+        args.push(format!("--load-balancer-classes={}", self.load_balancer_classes.join(",")));
         args.push(format!("--csi-drivers={}", self.csi_drivers.join(",")));
         args.push(format!("--storage-classes={}", self.storage_classes.join(",")));
         args.push(format!("--volume-attributes-classes={}", self.volume_attributes_classes.join(",")));
@@ -379,6 +386,7 @@ impl PolicyArgs {
             format!("--set=policy.allowNodePorts={}", self.allow_node_ports),
             format!("--set=policy.allowLoadBalancers={}", self.allow_load_balancers),
             format!("--set=policy.allowNodePortChoice={}", self.allow_node_port_choice),
+            format!("--set-json=policy.loadBalancerClasses={}", list(&self.load_balancer_classes)),
             format!("--set-json=policy.csiDrivers={}", list(&self.csi_drivers)),
             format!("--set-json=policy.storageClasses={}", list(&self.storage_classes)),
             format!("--set-json=policy.volumeAttributesClasses={}", list(&self.volume_attributes_classes)),
@@ -1219,6 +1227,7 @@ mod tests {
             ingress_hosts: vec!["*.team-a.example.com".into(), "internal=shop.example.com".into()],
             endpoint_cidrs: vec!["192.0.2.0/24".into()],
             egress_cidrs: vec!["203.0.113.0/24".into()],
+            load_balancer_classes: vec!["example.com/internal".into()],
             storage_classes: vec!["fast".into()],
             volume_attributes_classes: vec!["gold".into()],
             ..PolicyArgs::default()
@@ -1243,6 +1252,7 @@ mod tests {
         assert!(default.endpoint_ranges.is_empty(), "no address by hand reaches the host unless the admin says so");
         let cidr = PolicyArgs { endpoint_cidrs: vec!["192.0.2.0".into()], ..PolicyArgs::default() };
         assert!(cidr.policy().unwrap_err().to_string().contains("--endpoint-cidrs"));
+        assert_eq!(again.load_balancer_classes, ["example.com/internal"]);
         assert_eq!(again.egress_ranges, ["203.0.113.0/24".parse::<ipnet::IpNet>().unwrap()]);
         let cidr = PolicyArgs { egress_cidrs: vec!["0.0.0.0".into()], ..PolicyArgs::default() };
         assert!(cidr.policy().unwrap_err().to_string().contains("--egress-cidrs"));
