@@ -14,6 +14,10 @@ use crate::sync::Result;
 impl Mirror for PersistentVolumeClaim {
     const KIND: &'static str = "PersistentVolumeClaim";
 
+    /// A claim refused after it crossed (the admin took its class off the list, the tenant
+    /// changed it) keeps its host copy: deleting it would delete the tenant's data.
+    const KEEPS_A_REFUSED_COPY: bool = true;
+
     /// Host storage is provisioned once a pod uses the claim (or always, if the admin asks), and
     /// then kept while the virtual claim exists: a StatefulSet scaled to zero keeps its data.
     fn wanted(ctx: &Context, v: &Self) -> bool {

@@ -53,8 +53,13 @@ pub trait Mirror:
         async {}
     }
 
-    /// The host copy (pure). `Err` keeps it off the host with a Warning event.
+    /// The host copy (pure). `Err` keeps it off the host with a Warning event (and removes a copy
+    /// made before, unless [`Mirror::KEEPS_A_REFUSED_COPY`]).
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal>;
+
+    /// Whether a host copy made before stays, as it is, when the object is refused now: the
+    /// copy holds something of the tenant's that deleting would destroy (a claim's volume).
+    const KEEPS_A_REFUSED_COPY: bool = false;
 
     /// Whether the current host copy differs from the desired one in what we manage.
     fn differs(desired: &Self, current: &Self) -> bool;
@@ -119,8 +124,10 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
     let desired = match M::host_copy(ctx, v) {
         Ok(d) => d,
         Err(r) => {
-            if let HostCopy::Ours(h) | HostCopy::Stale(h) = sync::classify(ctx, h, M::KIND, &ns, &name, &uid) {
-                sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
+            match sync::classify(ctx, h, M::KIND, &ns, &name, &uid) {
+                HostCopy::Ours(h) if M::KEEPS_A_REFUSED_COPY => M::back(ctx, v, &h).await?,
+                HostCopy::Ours(h) | HostCopy::Stale(h) => sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?,
+                HostCopy::Absent | HostCopy::Foreign(_) => {}
             }
             sync::refuse(ctx, M::KIND, v.as_ref(), &r).await;
             return Ok(Action::Done);

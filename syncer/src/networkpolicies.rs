@@ -33,14 +33,26 @@ impl Mirror for NetworkPolicy {
     }
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
+        Ok(host_policy(&ctx.tr, v, &ctx.namespace_labels(), &ctx.policy.egress_ranges))
+    }
+
+    /// The tenant is told of egress ranges left out (the rest of its policy applies: refusing
+    /// it whole would drop its ingress rules too).
+    async fn back(ctx: &Context, v: &Self, _h: &Self) -> Result<()> {
         let rules = v.spec.iter().flat_map(|s| s.egress.iter().flatten()).enumerate();
         let blocks = rules.flat_map(|(i, r)| {
             r.to.iter().flatten().enumerate().filter_map(move |(j, p)| {
                 p.ip_block.as_ref().map(|b| (format!("spec.egress[{i}].to[{j}].ipBlock.cidr"), b.cidr.as_str()))
             })
         });
-        ctx.policy.check_egress_blocks(blocks)?;
-        Ok(host_policy(&ctx.tr, v, &ctx.namespace_labels(), &ctx.policy.egress_ranges))
+        if let Err(r) = ctx.policy.check_egress_blocks(blocks) {
+            let note = format!(
+                "{}; the host's copy allows only what of it the admin's ranges hold (the rest of the policy applies)",
+                r.message
+            );
+            sync::warn(ctx, v, r.reason, &note).await;
+        }
+        Ok(())
     }
 
     fn differs(d: &Self, c: &Self) -> bool {
@@ -77,18 +89,40 @@ pub fn host_policy(
         egress: vs.egress.map(|rules| {
             rules
                 .into_iter()
-                .map(|mut r| {
+                .filter_map(|mut r| {
                     r.to = match r.to.take() {
+                        Some(to) if !to.is_empty() => {
+                            // A range is narrowed to what of it the admin allows; a rule left
+                            // without a peer goes (with no `to` it would allow every destination).
+                            let to: Vec<NetworkPolicyPeer> =
+                                to.into_iter().flat_map(|p| narrowed(p, egress_ranges)).collect();
+                            if to.is_empty() {
+                                return None;
+                            }
+                            peers(Some(to))
+                        }
                         // Every destination: every one the cluster may reach.
-                        Some(to) if !to.is_empty() => peers(Some(to)),
                         _ => Some(reachable(tr, egress_ranges)),
                     };
-                    r
+                    Some(r)
                 })
                 .collect()
         }),
     };
     NetworkPolicy { metadata: tr.host_meta(KIND, &v.metadata), spec: Some(spec) }
+}
+
+/// An egress peer within the admin's ranges: as it is, or its range's part the admin allows.
+fn narrowed(p: NetworkPolicyPeer, ranges: &[ipnet::IpNet]) -> Vec<NetworkPolicyPeer> {
+    let Some(block) = &p.ip_block else { return vec![p] };
+    let except = block.except.clone().unwrap_or_default();
+    vkube_core::policy::egress::within(ranges, &block.cidr, &except)
+        .into_iter()
+        .map(|(cidr, except)| NetworkPolicyPeer {
+            ip_block: Some(IPBlock { cidr: cidr.to_string(), except: (!except.is_empty()).then_some(except) }),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// What the cluster's pods may reach on the host: its pods, its control plane (the virtual API
@@ -194,7 +228,9 @@ mod tests {
         let v: NetworkPolicy = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "out", "namespace": "shop"},
             "spec": {"podSelector": {}, "policyTypes": ["Egress"],
-                "egress": [{}, {"to": [], "ports": [{"port": 53, "protocol": "UDP"}]}]}
+                "egress": [{}, {"to": [], "ports": [{"port": 53, "protocol": "UDP"}]},
+                    {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]}}]},
+                    {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "203.0.113.16/28"}}]}]}
         }))
         .unwrap();
         let ranges = ["203.0.113.0/24".parse().unwrap()];
@@ -207,5 +243,13 @@ mod tests {
         assert_eq!(h["spec"]["egress"][0]["to"], want, "no `to`: not every destination on the host");
         assert_eq!(h["spec"]["egress"][1]["to"], want, "an empty `to` alike");
         assert_eq!(h["spec"]["egress"][1]["ports"], serde_json::json!([{"port": 53, "protocol": "UDP"}]));
+        let narrowed = serde_json::json!([{"ipBlock": {"cidr": "203.0.113.0/24"}}]);
+        assert_eq!(h["spec"]["egress"][2]["to"], narrowed, "the internet narrowed to the admin's range");
+        assert_eq!(
+            h["spec"]["egress"][3]["to"],
+            serde_json::json!([{"ipBlock": {"cidr": "203.0.113.0/24"}}, {"ipBlock": {"cidr": "203.0.113.16/28"}}])
+        );
+        let none = host_policy(&tr, &v, &[], &[]);
+        assert_eq!(none.spec.unwrap().egress.unwrap().len(), 2, "rules left with no peer go, not to everything");
     }
 }

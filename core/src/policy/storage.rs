@@ -2,8 +2,9 @@
 //! of the host's storage. A claim binds any available volume of its class: with a class the admin
 //! did not mean for tenants (one of volumes made by hand, an empty class) it could take a volume
 //! made for someone else (another team's share, a node's local disk). So a claim names no class
-//! (the host's default) or one the admin lists, binds no volume by name or by selector, and asks
-//! for a volume attributes class (a storage tier) only if the admin lists it.
+//! (the host's default) or one the admin lists, and asks for a volume attributes class (a storage
+//! tier) only if the admin lists it. (A volume by name or selector never crosses: claims drop
+//! them, ephemeral volumes are refused with them, `volumes`.)
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaimSpec;
 
@@ -19,12 +20,6 @@ impl Storage {
     /// Every field of a claim spec at `field` (e.g. `spec`) the host must not take, named (pure).
     pub fn violations(&self, field: &str, spec: &PersistentVolumeClaimSpec) -> Vec<String> {
         let mut v = vec![];
-        if spec.volume_name.as_deref().is_some_and(|n| !n.is_empty()) {
-            v.push(format!("{field}.volumeName: binding a host volume by name is not allowed"));
-        }
-        if spec.selector.is_some() {
-            v.push(format!("{field}.selector: selecting host volumes is not allowed"));
-        }
         match spec.storage_class_name.as_deref() {
             None => {}
             Some("") => v.push(format!(
@@ -34,7 +29,8 @@ impl Storage {
             Some(c) if self.classes.iter().any(|a| a == c) => {}
             Some(c) => v.push(format!(
                 "{field}.storageClassName: {c:?} is not one the platform admin allows (policy.storageClasses: {}); \
-                 leave it out for the host's default class",
+                 leave it out for the host's default class (a default StorageClass of the virtual cluster's own \
+                 fills it in: unmark it as default)",
                 super::listed(&self.classes)
             )),
         }
@@ -71,8 +67,6 @@ mod tests {
         assert!(other[0].contains("\"nfs-static\" is not one the platform admin allows (policy.storageClasses: fast)"));
         let tier = ok(serde_json::json!({"volumeAttributesClassName": "platinum"}));
         assert!(tier[0].starts_with("spec.volumeAttributesClassName: \"platinum\""), "{tier:?}");
-        let bound = ok(serde_json::json!({"volumeName": "pv-1", "selector": {"matchLabels": {"a": "b"}}}));
-        assert_eq!(bound.len(), 2, "{bound:?}");
         let nothing = Storage::default().violations("x", &spec(serde_json::json!({"storageClassName": "fast"})));
         assert!(nothing[0].contains("(policy.storageClasses: none)"), "{nothing:?}");
     }

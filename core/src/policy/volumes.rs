@@ -74,6 +74,14 @@ pub fn violations(spec: &PodSpec, host_path: bool, csi_drivers: &[String], stora
             }
         }
         if let Some(e) = vol.ephemeral.as_ref().and_then(|e| e.volume_claim_template.as_ref()) {
+            if e.spec.volume_name.as_deref().is_some_and(|n| !n.is_empty()) {
+                v.push(format!("{field}.ephemeral.volumeClaimTemplate.spec.volumeName: binding a host volume by name is not allowed"));
+            }
+            if e.spec.selector.is_some() {
+                v.push(format!(
+                    "{field}.ephemeral.volumeClaimTemplate.spec.selector: selecting host volumes is not allowed"
+                ));
+            }
             v.extend(storage.violations(&format!("{field}.ephemeral.volumeClaimTemplate.spec"), &e.spec));
         }
     }
