@@ -11,6 +11,17 @@ pub struct PerAddress {
     held: Mutex<HashMap<IpAddr, usize>>,
 }
 
+/// A connection's slots (of all, and of its address), held while anything of it is open: the
+/// connection, and any stream upgraded from it (exec, attach, port-forward).
+#[derive(Clone)]
+pub struct Slots(#[allow(dead_code)] Arc<(tokio::sync::OwnedSemaphorePermit, Held)>);
+
+impl Slots {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit, held: Held) -> Self {
+        Slots(Arc::new((permit, held)))
+    }
+}
+
 /// One connection counted against its address until dropped.
 pub struct Held {
     by: Arc<PerAddress>,

@@ -178,7 +178,7 @@ impl Proxy {
         let (host_ns, host_name) = (self.translator.host_namespace(), host_pod.metadata.name.unwrap_or_default());
 
         let upgrade = headers::is_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.then(|| upgrade::client(&mut req));
         let (parts, _body) = req.into_parts();
         let query = if query.is_empty() { query } else { format!("?{query}") };
         let path = format!("/api/v1/namespaces/{host_ns}/pods/{host_name}/{}{query}", sub.as_str());

@@ -52,7 +52,7 @@ impl Proxy {
         };
 
         let upgrade = headers::is_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.then(|| upgrade::client(&mut req));
         let (parts, body) = req.into_parts();
         let body = crate::read_limited(
             body,

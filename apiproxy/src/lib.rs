@@ -267,8 +267,8 @@ impl Proxy {
             // One client connection: TLS within `tls_handshake_timeout`, the first request's
             // headers within `header_read_timeout` (and every later HTTP/1 request's), then served
             // until it ends.
+            let slots = connections::Slots::new(permit, held);
             tokio::spawn(async move {
-                let _slots = (permit, held);
                 let limits = proxy.limits;
                 let dropped = |reason| proxy.metrics.dropped_connections.get_or_create(&DropLabels { reason }).inc();
                 let tls = match tokio::time::timeout(limits.tls_handshake_timeout, proxy.acceptor.accept(tcp)).await {
@@ -294,8 +294,10 @@ impl Proxy {
                 let served = Arc::new(AtomicBool::new(false));
                 let service = {
                     let (proxy, served) = (proxy.clone(), served.clone());
-                    hyper::service::service_fn(move |req| {
+                    let slots = slots.clone();
+                    hyper::service::service_fn(move |mut req: Request<Incoming>| {
                         served.store(true, Ordering::Relaxed);
+                        req.extensions_mut().insert(slots.clone());
                         let (proxy, conn, registry) = (proxy.clone(), conn.clone(), registry.clone());
                         async move { Ok::<_, Infallible>(proxy.handle(req, &conn, &registry).await) }
                     })
@@ -567,7 +569,7 @@ impl Proxy {
         session: Option<Arc<sleep::Activity>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = headers::is_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.then(|| upgrade::client(&mut req));
         let (parts, body) = req.into_parts();
         self.send_upstream(parts, body.map_err(BoxError::from).boxed_unsync(), id, client_upgrade, session).await
     }
@@ -587,7 +589,7 @@ impl Proxy {
         mut parts: http::request::Parts,
         body: ProxyBody,
         id: &Identity,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        client_upgrade: Option<upgrade::ClientUpgrade>,
         session: Option<Arc<sleep::Activity>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = client_upgrade.is_some();

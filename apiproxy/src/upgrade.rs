@@ -15,13 +15,26 @@ use crate::ProxyBody;
 use crate::error::ProxyError;
 use crate::sleep::Activity;
 
+/// A client's side of an upgrade, with the connection slots its stream goes on holding once the
+/// connection it came on hands it over (hyper ends that connection then).
+pub struct ClientUpgrade {
+    on: OnUpgrade,
+    _slots: Option<crate::connections::Slots>,
+}
+
+/// The upgrade `req` asks for, holding its connection's slots.
+pub fn client(req: &mut http::Request<hyper::body::Incoming>) -> ClientUpgrade {
+    let slots = req.extensions().get::<crate::connections::Slots>().cloned();
+    ClientUpgrade { on: hyper::upgrade::on(req), _slots: slots }
+}
+
 /// The answer to relay to the client for an upstream's `resp`: its upgrade spliced, or its body
 /// streamed back without hop-by-hop headers. `who` names the upstream in errors.
 /// Data on a spliced stream counts toward `session`'s activity when given (sleep mode: an open
 /// exec session carrying data keeps the cluster awake).
 pub fn relay<B>(
     resp: Response<B>,
-    client_upgrade: Option<OnUpgrade>,
+    client_upgrade: Option<ClientUpgrade>,
     who: &str,
     session: Option<Arc<Activity>>,
 ) -> Result<Response<ProxyBody>, ProxyError>
@@ -42,13 +55,18 @@ where
 }
 
 /// Builds the 101 answer from the upstream's and splices the streams once both sides upgrade.
-pub fn splice<B>(client: OnUpgrade, mut upstream: Response<B>, session: Option<Arc<Activity>>) -> Response<ProxyBody> {
+pub fn splice<B>(
+    client: ClientUpgrade,
+    mut upstream: Response<B>,
+    session: Option<Arc<Activity>>,
+) -> Response<ProxyBody> {
     let upstream_upgrade = hyper::upgrade::on(&mut upstream);
     let mut answer = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
     if let Some(h) = answer.headers_mut() {
         *h = upstream.headers().clone();
     }
     tokio::spawn(async move {
+        let ClientUpgrade { on: client, _slots } = client;
         let (client, upstream) = tokio::join!(client, upstream_upgrade);
         match (client, upstream) {
             (Ok(c), Ok(u)) => {

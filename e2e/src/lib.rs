@@ -375,6 +375,13 @@ impl VirtualCluster {
         self.cp.kubeconfig()
     }
 
+    /// The API proxy's `host:port`, as the admin kubeconfig names it.
+    pub fn proxy_address(&self) -> String {
+        let kc = kube::config::Kubeconfig::read_from(self.kubeconfig()).expect("admin kubeconfig");
+        let server = kc.clusters[0].cluster.as_ref().and_then(|c| c.server.clone()).expect("a server");
+        server.trim_start_matches("https://").trim_end_matches('/').to_string()
+    }
+
     pub async fn client(&self) -> kube::Client {
         self.cp.client().await.expect("virtual cluster client")
     }

@@ -420,7 +420,7 @@ async fn two_virtual_clusters_on_one_host_see_only_their_own_objects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_exec_and_port_forward_reach_the_host_pod_that_mirrors_the_virtual_pod() {
     let env = TestEnv::start(1).await;
-    let vc = env.virtual_cluster("pods").await;
+    let vc = env.virtual_cluster_with("pods", &["--proxy-max-connections-per-address=12"]).await;
     let host = env.client().await;
     let tr = Translator::new(vc.name(), vc.host_namespace());
     let files = scratch(&env, "pods");
@@ -538,6 +538,32 @@ async fn logs_exec_and_port_forward_reach_the_host_pod_that_mirrors_the_virtual_
     })
     .await;
     assert!(pf.is_running(), "kubectl port-forward survived its connections");
+
+    // The port-forward's stream holds its connection's slot (of the 12 this address may hold)
+    // while it is open, though hyper handed the stream over from the connection: kubectl holds
+    // two (its keep-alive connection, which read the pod, and the stream), given back once it
+    // ends (one, were the stream not counted).
+    let proxy = vc.proxy_address();
+    let while_forwarding = slots_left(&proxy).await;
+    drop(pf);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(slots_left(&proxy).await, while_forwarding + 2, "the upgraded stream held a slot");
+}
+
+/// How many more connections this address may open to the proxy before one is closed at once
+/// (those opened to find out are closed again).
+async fn slots_left(proxy: &str) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut held = vec![];
+    loop {
+        let mut tcp = tokio::net::TcpStream::connect(proxy).await.expect("connecting to the proxy");
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(300), tcp.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => return held.len(),
+            _ => held.push(tcp),
+        }
+        assert!(held.len() < 64, "no cap within 64 connections");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

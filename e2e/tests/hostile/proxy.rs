@@ -87,7 +87,7 @@ impl ClientFrom {
             .enable_http1()
             .wrap_connector(http);
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
-        ClientFrom { client, server: proxy_address(vc) }
+        ClientFrom { client, server: vc.proxy_address() }
     }
 
     async fn get(&self, path: &str, token: &str) -> u16 {
@@ -98,13 +98,6 @@ impl ClientFrom {
         let res = self.client.request(req).await.expect("a request to the proxy");
         res.status().as_u16()
     }
-}
-
-/// The proxy's host:port, from the admin kubeconfig.
-fn proxy_address(vc: &VirtualCluster) -> String {
-    let kc = kube::config::Kubeconfig::read_from(vc.kubeconfig()).expect("admin kubeconfig");
-    let server = kc.clusters[0].cluster.as_ref().and_then(|c| c.server.clone()).expect("a server");
-    server.trim_start_matches("https://").trim_end_matches('/').to_string()
 }
 
 /// A ServiceAccount `name` in `default` bound to `view` (no secrets), and a token for it.
@@ -607,7 +600,7 @@ async fn random_tokens_and_silent_clients_cost_the_api_servers_little() {
 
     // Silent clients: connected, never a byte (slowloris): dropped after the handshake timeout,
     // while kubectl keeps working.
-    let server = proxy_address(&vc);
+    let server = vc.proxy_address();
     let silent: Vec<tokio::net::TcpStream> =
         futures::future::join_all((0..100).map(|_| tokio::net::TcpStream::connect(server.as_str())))
             .await
