@@ -170,9 +170,10 @@ impl Policy {
         Ok(())
     }
 
-    /// Checks a claim's spec against the storage the admin allows (`storage::Storage`).
-    pub fn check_claim(&self, spec: &k8s_openapi::api::core::v1::PersistentVolumeClaimSpec) -> Result<(), Refusal> {
-        let violations = self.storage.violations("spec", spec);
+    /// Checks a claim against the storage the admin allows (`storage::Storage`).
+    pub fn check_claim(&self, claim: &k8s_openapi::api::core::v1::PersistentVolumeClaim) -> Result<(), Refusal> {
+        let spec = claim.spec.clone().unwrap_or_default();
+        let violations = self.storage.violations("spec", claim.metadata.annotations.as_ref(), &spec);
         if violations.is_empty() {
             return Ok(());
         }

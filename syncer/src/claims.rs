@@ -29,9 +29,8 @@ impl Mirror for PersistentVolumeClaim {
 
     fn host_copy(ctx: &Context, v: &Self) -> Result<Self, Refusal> {
         let ns = v.metadata.namespace.as_deref().unwrap_or_default();
-        let spec = v.spec.clone().unwrap_or_default();
-        ctx.policy.check_claim(&spec)?;
-        let spec = host_claim_spec(&ctx.tr, ns, spec);
+        ctx.policy.check_claim(v)?;
+        let spec = host_claim_spec(&ctx.tr, ns, v.spec.clone().unwrap_or_default());
         Ok(PersistentVolumeClaim {
             metadata: ctx.tr.host_meta(Self::KIND, &v.metadata),
             spec: Some(spec),

@@ -6,7 +6,12 @@
 //! tier) only if the admin lists it. (A volume by name or selector never crosses: claims drop
 //! them, ephemeral volumes are refused with them, `volumes`.)
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::PersistentVolumeClaimSpec;
+
+/// The deprecated annotation naming a claim's class (read by the host before the spec's field).
+const BETA_CLASS: &str = "volume.beta.kubernetes.io/storage-class";
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Storage {
@@ -17,22 +22,20 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Every field of a claim spec at `field` (e.g. `spec`) the host must not take, named (pure).
-    pub fn violations(&self, field: &str, spec: &PersistentVolumeClaimSpec) -> Vec<String> {
+    /// Every field of a claim spec at `field` (e.g. `spec`) the host must not take, named; the
+    /// class the deprecated annotation names is held to the same list, as the host reads it first
+    /// should the admin copy it verbatim (pure).
+    pub fn violations(
+        &self,
+        field: &str,
+        annotations: Option<&BTreeMap<String, String>>,
+        spec: &PersistentVolumeClaimSpec,
+    ) -> Vec<String> {
         let mut v = vec![];
-        match spec.storage_class_name.as_deref() {
-            None => {}
-            Some("") => v.push(format!(
-                "{field}.storageClassName: \"\" (no class) binds volumes made by hand, which are not this cluster's; \
-                 leave it out for the host's default class"
-            )),
-            Some(c) if self.classes.iter().any(|a| a == c) => {}
-            Some(c) => v.push(format!(
-                "{field}.storageClassName: {c:?} is not one the platform admin allows (policy.storageClasses: {}); \
-                 leave it out for the host's default class (a default StorageClass of the virtual cluster's own \
-                 fills it in: unmark it as default)",
-                super::listed(&self.classes)
-            )),
+        let annotated = annotations.and_then(|a| a.get(BETA_CLASS)).map(|c| (format!("annotation {BETA_CLASS}"), c));
+        let named = spec.storage_class_name.as_ref().map(|c| (format!("{field}.storageClassName"), c));
+        for (what, class) in named.into_iter().chain(annotated) {
+            v.extend(self.class_violation(&what, class));
         }
         if let Some(c) = spec.volume_attributes_class_name.as_deref().filter(|c| !c.is_empty())
             && !self.attributes_classes.iter().any(|a| a == c)
@@ -44,6 +47,22 @@ impl Storage {
             ));
         }
         v
+    }
+
+    fn class_violation(&self, field: &str, class: &str) -> Option<String> {
+        match class {
+            "" => Some(format!(
+                "{field}: \"\" (no class) binds volumes made by hand, which are not this cluster's; \
+                 leave it out for the host's default class"
+            )),
+            c if self.classes.iter().any(|a| a == c) => None,
+            c => Some(format!(
+                "{field}: {c:?} is not one the platform admin allows (policy.storageClasses: {}); \
+                 leave it out for the host's default class (a default StorageClass of the virtual cluster's own \
+                 fills it in: unmark it as default)",
+                super::listed(&self.classes)
+            )),
+        }
     }
 }
 
@@ -58,7 +77,7 @@ mod tests {
     #[test]
     fn the_default_class_or_one_the_admin_lists() {
         let storage = Storage { classes: vec!["fast".into()], attributes_classes: vec!["gold".into()] };
-        let ok = |v: serde_json::Value| storage.violations("spec", &spec(v));
+        let ok = |v: serde_json::Value| storage.violations("spec", None, &spec(v));
         assert!(ok(serde_json::json!({"accessModes": ["ReadWriteOnce"]})).is_empty(), "the host's default");
         assert!(ok(serde_json::json!({"storageClassName": "fast", "volumeAttributesClassName": "gold"})).is_empty());
         let none = ok(serde_json::json!({"storageClassName": ""}));
@@ -67,7 +86,10 @@ mod tests {
         assert!(other[0].contains("\"nfs-static\" is not one the platform admin allows (policy.storageClasses: fast)"));
         let tier = ok(serde_json::json!({"volumeAttributesClassName": "platinum"}));
         assert!(tier[0].starts_with("spec.volumeAttributesClassName: \"platinum\""), "{tier:?}");
-        let nothing = Storage::default().violations("x", &spec(serde_json::json!({"storageClassName": "fast"})));
+        let nothing = Storage::default().violations("x", None, &spec(serde_json::json!({"storageClassName": "fast"})));
         assert!(nothing[0].contains("(policy.storageClasses: none)"), "{nothing:?}");
+        let beta = BTreeMap::from([(BETA_CLASS.to_string(), "nfs-static".to_string())]);
+        let annotated = storage.violations("spec", Some(&beta), &spec(serde_json::json!({})));
+        assert!(annotated[0].starts_with("annotation volume.beta.kubernetes.io/storage-class: \"nfs-static\""));
     }
 }

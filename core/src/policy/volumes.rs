@@ -82,7 +82,8 @@ pub fn violations(spec: &PodSpec, host_path: bool, csi_drivers: &[String], stora
                     "{field}.ephemeral.volumeClaimTemplate.spec.selector: selecting host volumes is not allowed"
                 ));
             }
-            v.extend(storage.violations(&format!("{field}.ephemeral.volumeClaimTemplate.spec"), &e.spec));
+            let annotations = e.metadata.as_ref().and_then(|m| m.annotations.as_ref());
+            v.extend(storage.violations(&format!("{field}.ephemeral.volumeClaimTemplate.spec"), annotations, &e.spec));
         }
     }
     v
