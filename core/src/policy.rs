@@ -199,17 +199,6 @@ impl Policy {
         }
     }
 
-    /// Checks the egress ipBlocks `(field, cidr)` of a NetworkPolicy (`egress::violation`).
-    pub fn check_egress_blocks<'a>(&self, blocks: impl IntoIterator<Item = (String, &'a str)>) -> Result<(), Refusal> {
-        match egress::violation(&self.egress_ranges, blocks) {
-            None => Ok(()),
-            Some(why) => Err(Refusal {
-                reason: "EgressNotAllowed",
-                message: format!("refused by the host's isolation policy: {why}"),
-            }),
-        }
-    }
-
     /// Checks the ClusterIPs a tenant picked by hand (`cluster_ips::violation`).
     pub fn check_cluster_ips(&self, cluster_ip: Option<&str>, cluster_ips: &[String]) -> Result<(), Refusal> {
         match cluster_ips::violation(&self.service_ranges, cluster_ips::of(cluster_ip, cluster_ips)) {

@@ -41,6 +41,7 @@ policy:
   allowLoadBalancers: true
   endpointCIDRs: [192.0.2.0/24, "2001:db8::/64"]
   storageClasses: [fast-ssd]
+  volumeAttributesClasses: [gold]
   loadBalancerClasses: [example.com/internal]
   egressCIDRs: [203.0.113.0/24]
   ingress:
@@ -175,6 +176,7 @@ fn the_schema_refuses_invalid_values() {
         (&["--set", "policy.podsecurity=restricted"], "at '/policy': additional properties 'podsecurity' not allowed"),
         (&["--set-json", "policy.ingress.hosts=[\"*\"]"], "at '/policy/ingress/hosts/0'"),
         (&["--set-json", "policy.endpointCIDRs=[\"192.0.2.10\"]"], "at '/policy/endpointCIDRs/0'"),
+        (&["--set-json", "policy.egressCIDRs=[\"0.0.0.0\"]"], "at '/policy/egressCIDRs/0'"),
         (&["--set-json", "policy.ingress.hosts=[\"web=*\"]"], "at '/policy/ingress/hosts/0'"),
         (&["--set", "polcy.podSecurity=restricted"], "additional properties 'polcy' not allowed"),
     ];
@@ -400,6 +402,7 @@ fn the_chart_runs_the_command_lines_and_settings_of_the_rust_code() {
                 ("VKUBE_INGRESS_HOSTS", "*.team-a.example.com,internal=shop.example.com"),
                 ("VKUBE_ENDPOINT_CIDRS", "192.0.2.0/24,2001:db8::/64"),
                 ("VKUBE_STORAGE_CLASSES", "fast-ssd"),
+                ("VKUBE_VOLUME_ATTRIBUTES_CLASSES", "gold"),
                 ("VKUBE_LOAD_BALANCER_CLASSES", "example.com/internal"),
                 ("VKUBE_EGRESS_CIDRS", "203.0.113.0/24"),
                 ("VKUBE_SYNC_CONCURRENCY", "4"),

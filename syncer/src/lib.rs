@@ -227,9 +227,12 @@ async fn sync_forever(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                resync.iter().for_each(|r| r(&c));
                 let host_pods = c.stores.host::<Pod>();
-                c.pod_ips.retain_pods(|name| host_pods.get(&kube::runtime::reflector::ObjectRef::new(name).within(c.host_ns())).is_some());
+                let forgotten = c.pod_ips.retain_pods(|name| {
+                    host_pods.get(&kube::runtime::reflector::ObjectRef::new(name).within(c.host_ns())).is_some()
+                });
+                endpoints::requeue(&c, forgotten);
+                resync.iter().for_each(|r| r(&c));
                 c.stores.vnodes.state().iter().for_each(|n| c.queues.nodes.add(key_of(n.as_ref()).1));
                 tokens::sweep(&c).await;
             }

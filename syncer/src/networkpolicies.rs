@@ -45,12 +45,12 @@ impl Mirror for NetworkPolicy {
                 p.ip_block.as_ref().map(|b| (format!("spec.egress[{i}].to[{j}].ipBlock.cidr"), b.cidr.as_str()))
             })
         });
-        if let Err(r) = ctx.policy.check_egress_blocks(blocks) {
+        if let Some(why) = vkube_core::policy::egress::violation(&ctx.policy.egress_ranges, blocks) {
             let note = format!(
-                "{}; the host's copy allows only what of it the admin's ranges hold (the rest of the policy applies)",
-                r.message
+                "narrowed by the host's isolation policy: {why}; the host's copy allows only what of it the admin's \
+                 ranges hold (the rest of the policy applies)"
             );
-            sync::warn(ctx, v, r.reason, &note).await;
+            sync::warn(ctx, v, "EgressNotAllowed", &note).await;
         }
         Ok(())
     }

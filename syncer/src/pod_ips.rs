@@ -28,12 +28,11 @@ struct Inner {
     named_by: HashMap<IpAddr, BTreeSet<Naming>>,
 }
 
-impl PodIps {
+impl Inner {
     /// Records the addresses host pod `pod` holds (none once it is gone); the endpoint objects
     /// naming an address it took or gave up.
-    pub fn set(&self, pod: &str, ips: Vec<IpAddr>) -> BTreeSet<Naming> {
-        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let Inner { by_pod, held, named_by, .. } = &mut *inner;
+    fn set(&mut self, pod: &str, ips: Vec<IpAddr>) -> BTreeSet<Naming> {
+        let Inner { by_pod, held, named_by, .. } = self;
         let before = if ips.is_empty() { by_pod.remove(pod) } else { by_pod.insert(pod.to_string(), ips.clone()) };
         let before = before.unwrap_or_default();
         if before == ips {
@@ -58,17 +57,26 @@ impl PodIps {
         }
         changed.iter().filter_map(|ip| named_by.get(ip)).flatten().cloned().collect()
     }
+}
+
+impl PodIps {
+    /// Records the addresses host pod `pod` holds (none once it is gone); the endpoint objects
+    /// naming an address it took or gave up.
+    pub fn set(&self, pod: &str, ips: Vec<IpAddr>) -> BTreeSet<Naming> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).set(pod, ips)
+    }
 
     /// Forgets the pods `keep` says are gone (an initial list that failed part way reports pods
-    /// it never reports gone).
-    pub fn retain_pods(&self, keep: impl Fn(&str) -> bool) {
-        let gone: Vec<String> = {
-            let inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            inner.by_pod.keys().filter(|p| !keep(p)).cloned().collect()
-        };
+    /// it never reports gone); the endpoint objects naming an address given up. `keep` is asked
+    /// under the lock, so a pod recreated meanwhile under the same name is not forgotten.
+    pub fn retain_pods(&self, keep: impl Fn(&str) -> bool) -> BTreeSet<Naming> {
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<String> = inner.by_pod.keys().filter(|p| !keep(p)).cloned().collect();
+        let mut naming = BTreeSet::new();
         for pod in gone {
-            self.set(&pod, vec![]);
+            naming.extend(inner.set(&pod, vec![]));
         }
+        naming
     }
 
     pub fn contains(&self, ip: &IpAddr) -> bool {
