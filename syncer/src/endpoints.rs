@@ -61,7 +61,10 @@ pub fn requeue(ctx: &Context, objects: std::collections::BTreeSet<crate::pod_ips
 }
 
 /// Records the addresses a tenant's endpoint object names (`pod_ips`; none once it is deleted),
-/// and queues it.
+/// and queues it. Only objects that may cross are kept: the virtual controllers' Endpoints and
+/// slices change with every pod of a Service and never reach the host. (One whose Service loses
+/// its selector is kept from its next change; its reconcile, which that Service change queues,
+/// checks it meanwhile.)
 pub fn note_and_queue<'a, M: Mirror>(
     ctx: &Context,
     v: &M,
@@ -69,9 +72,10 @@ pub fn note_and_queue<'a, M: Mirror>(
     named: impl Iterator<Item = (String, &'a str)>,
 ) {
     let key = crate::informer::key_of(v);
-    let ips = match change {
-        Change::Deleted => vec![],
-        _ => named.filter_map(|(_, ip)| crate::pod_ips::parse(ip)).collect(),
+    let ips = if change == Change::Deleted || !M::wanted(ctx, v) {
+        vec![]
+    } else {
+        named.filter_map(|(_, ip)| vkube_core::policy::endpoints::parse(ip)).collect()
     };
     ctx.pod_ips.named((M::KIND, key.clone()), ips);
     ctx.queues.of::<M>().add(key);

@@ -128,12 +128,12 @@ fn narrowed(p: NetworkPolicyPeer, ranges: &[ipnet::IpNet]) -> Vec<NetworkPolicyP
 /// What the cluster's pods may reach on the host: its pods, its control plane (the virtual API
 /// server, in the chart's pod) and the admin's ranges.
 fn reachable(tr: &Translator, ranges: &[ipnet::IpNet]) -> Vec<NetworkPolicyPeer> {
-    let selector = |k: &str| LabelSelector {
-        match_labels: Some([(k.to_string(), tr.cluster().to_string())].into()),
+    let control_plane = LabelSelector {
+        match_labels: Some([(vkube_core::contract::LABEL_CONTROL_PLANE.to_string(), tr.cluster().to_string())].into()),
         ..Default::default()
     };
-    let pods = [crate::naming::LABEL_CLUSTER, vkube_core::contract::LABEL_CONTROL_PLANE]
-        .map(|k| NetworkPolicyPeer { pod_selector: Some(selector(k)), ..Default::default() });
+    let pods = [tr.host_pods_selector(None, &LabelSelector::default()), control_plane]
+        .map(|s| NetworkPolicyPeer { pod_selector: Some(s), ..Default::default() });
     let blocks = ranges.iter().map(|r| NetworkPolicyPeer {
         ip_block: Some(IPBlock { cidr: r.to_string(), except: None }),
         ..Default::default()

@@ -115,15 +115,11 @@ pub fn of(p: &Pod) -> Vec<IpAddr> {
         return vec![];
     }
     let listed = status.pod_ips.iter().flatten().map(|i| i.ip.as_str());
-    let mut ips: Vec<IpAddr> = status.pod_ip.as_deref().into_iter().chain(listed).filter_map(parse).collect();
+    let mut ips: Vec<IpAddr> =
+        status.pod_ip.as_deref().into_iter().chain(listed).filter_map(vkube_core::policy::endpoints::parse).collect();
     ips.sort();
     ips.dedup();
     ips
-}
-
-/// An address as the host's Go code reads it: an IPv4-mapped IPv6 address is the IPv4 one.
-pub fn parse(s: &str) -> Option<IpAddr> {
-    s.parse::<IpAddr>().ok().map(|a| a.to_canonical())
 }
 
 #[cfg(test)]
@@ -148,7 +144,8 @@ mod tests {
             "status": {"phase": "Running", "podIP": "172.18.0.2"}}));
         assert!(of(&node).is_empty(), "the node's address is not the pod's");
         assert!(of(&pod(serde_json::json!({}))).is_empty());
-        assert_eq!(parse("::ffff:10.0.0.1"), parse("10.0.0.1"), "read as Go reads it");
+        let mapped = pod(serde_json::json!({"status": {"phase": "Running", "podIP": "::ffff:10.244.0.9"}}));
+        assert_eq!(of(&mapped), ["10.244.0.9".parse::<IpAddr>().unwrap()], "read as Go reads it");
     }
 
     #[test]

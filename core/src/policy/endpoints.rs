@@ -13,6 +13,12 @@ use ipnet::IpNet;
 /// At most this many addresses named in one refusal (an event's message has a limit).
 const NAMED: usize = 5;
 
+/// An address as the host's Go code reads it: an IPv4-mapped IPv6 address is the IPv4 one, so
+/// it is judged as that (a range of IPv6 addresses must not let IPv4 ones through).
+pub fn parse(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>().ok().map(|a| a.to_canonical())
+}
+
 /// Why the addresses `(field, ip)` may not reach the host, if any may not: each one that is
 /// neither `own_pod` nor in `ranges`, in the API server's words (pure).
 pub fn violation<'a>(
@@ -22,12 +28,10 @@ pub fn violation<'a>(
 ) -> Option<String> {
     let bad: Vec<String> = addresses
         .into_iter()
-        // An IPv4-mapped IPv6 address is the IPv4 one to the host (Go reads it so), so it is
-        // judged as that: a range of IPv6 addresses must not let IPv4 ones through.
-        .filter_map(|(field, ip)| match ip.parse::<IpAddr>().map(|a| a.to_canonical()) {
-            Err(_) => Some(format!("{field}: Invalid value: {ip:?}: not an IP address")),
-            Ok(a) if own_pod(&a) || ranges.iter().any(|n| n.contains(&a)) => None,
-            Ok(_) => Some(format!("{field}: Invalid value: {ip:?}")),
+        .filter_map(|(field, ip)| match parse(ip) {
+            None => Some(format!("{field}: Invalid value: {ip:?}: not an IP address")),
+            Some(a) if own_pod(&a) || ranges.iter().any(|n| n.contains(&a)) => None,
+            Some(_) => Some(format!("{field}: Invalid value: {ip:?}")),
         })
         .collect();
     if bad.is_empty() {
