@@ -67,6 +67,9 @@ pub const ANNOTATION_CERTIFICATES_REFRESH: &str = "vkube.dev/certificates-refres
 
 /// Marks virtual nodes the syncer made (only those are ever deleted).
 pub const LABEL_FAKE_NODE: &str = "vkube.dev/fake-node";
+/// Marks the virtual copies of host StorageClasses the syncer made (only those are ever changed
+/// or deleted).
+pub const LABEL_FROM_HOST: &str = "vkube.dev/from-host";
 /// On a host pod: the nodes it was kept off because the tenant closed them (cordon, taints),
 /// comma-separated: a copy not placed yet is made again when that list is stale.
 pub const ANNOTATION_KEPT_OFF: &str = "vkube.dev/kept-off";

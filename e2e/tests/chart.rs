@@ -227,8 +227,9 @@ async fn rendered_manifests_are_accepted_by_the_host_api_server() {
         DryRun {
             what: "non-default values",
             args: vec!["-f", path_str(values.path())],
-            present: vec![quota, limits],
-            absent: cluster_wide,
+            // No node reads, but `get` on the listed StorageClass.
+            present: [vec![quota, limits], cluster_wide].concat(),
+            absent: vec![],
         },
     ];
     for DryRun { what, args, present, absent } in cases {
@@ -259,6 +260,14 @@ async fn rendered_manifests_are_accepted_by_the_host_api_server() {
             assert!(!stdout.contains(a.as_str()), "{what}: {a} must not be rendered:\n{stdout}");
         }
     }
+
+    let objects = to_json(up, &template(up, &["-f", path_str(values.path())]));
+    let rules = &find(&objects, "ClusterRole", &format!("vkube:{NS}:{NAME}"))["rules"];
+    assert_eq!(
+        rules,
+        &serde_json::json!([{"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "resourceNames": ["fast-ssd"], "verbs": ["get"]}]),
+        "readHostNodes off: only the listed StorageClasses"
+    );
 
     // A plain `helm install` with no values: the service range is the host's, looked up.
     let cidr = vkube::local::host_service_cidr(&env.client().await).await.expect("host service range");
@@ -469,7 +478,16 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
     let host = env.client().await;
     let cidr = vkube::local::host_service_cidr(&host).await.expect("host service range");
     env.kubectl_ok(&["create", "namespace", NS]);
-    let yaml = template(&up, &["--set", &format!("serviceCIDR={cidr}")]);
+    // One host StorageClass tenants may name, and one they may not.
+    for class in ["standard", "unlisted"] {
+        env.apply(&format!(
+            "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {{name: {class}}}\nprovisioner: example.com/disk\n"
+        ));
+    }
+    let yaml = template(
+        &up,
+        &["--set", &format!("serviceCIDR={cidr}"), "--set-json", r#"policy.storageClasses=["standard"]"#],
+    );
     env.apply(&yaml);
     let objects = to_json(&up, &yaml);
     let sts = find(&objects, "StatefulSet", NAME);
@@ -508,6 +526,17 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
         }
         let answer = String::from_utf8_lossy(&env.kubectl(&args).stdout).trim().to_string();
         assert_eq!(answer, if allowed { "yes" } else { "no" }, "{sa} can {verb} {resource} {sub:?} in {ns:?}");
+    }
+    // The listed StorageClass and no other.
+    for (class, allowed) in [
+        ("storageclasses.storage.k8s.io/standard", "yes"),
+        ("storageclasses.storage.k8s.io/unlisted", "no"),
+        ("storageclasses.storage.k8s.io", "no"),
+    ] {
+        let answer = String::from_utf8_lossy(&env.kubectl(&["auth", "can-i", "get", class, who.as_str()]).stdout)
+            .trim()
+            .to_string();
+        assert_eq!(answer, allowed, "{sa} can get {class}");
     }
 
     let dir = env.dir().join("chart-pod");
@@ -623,6 +652,12 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
         capacity(kubectl_ok(&up, &proxy, &["get", "node", &node, "-o", "jsonpath={.status.capacity}"]));
     assert!(host_capacity.is_object(), "host node capacity: {host_capacity}");
     assert_eq!(virtual_capacity, host_capacity, "the virtual node {node} shows its host node's capacity");
+    // And the virtual cluster shows the StorageClass tenants may name.
+    eventually("the listed StorageClass is shown", Duration::from_secs(30), || {
+        let out = vk(&["get", "storageclass", "-o", "jsonpath={.items[*].metadata.name}"]);
+        async move { Ok((String::from_utf8_lossy(&out.stdout) == "standard").then_some(())) }
+    })
+    .await;
 
     group.check().expect("every process still runs");
     eprintln!("workload checks done in {:.1} s", started.elapsed().as_secs_f64());

@@ -1312,7 +1312,32 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_selectorless_endpoints_events_and_metrics() {
     let env = TestEnv::start(1).await;
-    let policy = vkube::controlplane::PolicyArgs { endpoint_cidrs: vec!["192.0.2.0/24".into()], ..Default::default() };
+    // A host class of volumes that can grow, one volume of it, and a listed class the host lacks.
+    env.apply(
+        r#"
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: grow}
+provisioner: kubernetes.io/no-provisioner
+volumeBindingMode: Immediate
+allowVolumeExpansion: true
+parameters: {secret-name: host-only}
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: grow-1}
+spec:
+  storageClassName: grow
+  capacity: {storage: 5Gi}
+  accessModes: [ReadWriteOnce]
+  hostPath: {path: /tmp/grow-1}
+"#,
+    );
+    let policy = vkube::controlplane::PolicyArgs {
+        endpoint_cidrs: vec!["192.0.2.0/24".into()],
+        storage_classes: vec!["grow".into(), "absent".into()],
+        ..Default::default()
+    };
     let vc = env.virtual_cluster_with_policy("kinds", policy, &[]).await;
     let tr = tr(&vc);
     vc.apply(
@@ -1407,6 +1432,61 @@ spec:
     for name in ["by-hand", "premium"] {
         assert!(claims.get_opt(&tr.host_name("default", name)).await.unwrap().is_none(), "{name} reached the host");
     }
+
+    // The listed classes the host has are shown in the virtual cluster, without their parameters.
+    eventually("the host's class is shown", Duration::from_secs(30), || async {
+        let out = vc.kubectl(&[
+            "get",
+            "storageclass",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.provisioner} {.allowVolumeExpansion} {.parameters};{end}",
+        ]);
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if got == "grow kubernetes.io/no-provisioner true ;" { Ok(Some(())) } else { Err(got) }
+    })
+    .await;
+    // A claim bound on the host (which filled in its volume) follows the tenant's label, and
+    // grows: the virtual API server allows it since its copy of the class does.
+    vc.apply(
+        r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: grows}
+spec:
+  storageClassName: grow
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: uses-grows}
+spec:
+  containers: [{name: c, image: nginx}]
+  volumes: [{name: d, persistentVolumeClaim: {claimName: grows}}]
+"#,
+    );
+    let grows = tr.host_name("default", "grows");
+    let host_claim = |path: &str| {
+        let out =
+            env.kubectl(&["-n", &hns, "get", "pvc", &grows, "--ignore-not-found", "-o", &format!("jsonpath={path}")]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    eventually("the claim is bound on the host and in the virtual cluster", Duration::from_secs(60), || async {
+        let virtual_phase = vc.kubectl(&["get", "pvc", "grows", "-o", "jsonpath={.status.phase}"]);
+        let got = (
+            host_claim("{.spec.volumeName} {.status.phase}"),
+            String::from_utf8_lossy(&virtual_phase.stdout).to_string(),
+        );
+        if got == ("grow-1 Bound".into(), "Bound".into()) { Ok(Some(())) } else { Err(format!("{got:?}")) }
+    })
+    .await;
+    vc.kubectl_ok(&["label", "pvc", "grows", "tier=gold"]);
+    vc.kubectl_ok(&["patch", "pvc", "grows", "-p", r#"{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}"#]);
+    eventually("the bound host claim is labelled and grown", Duration::from_secs(30), || async {
+        let got = host_claim("{.metadata.labels} {.spec.resources.requests.storage}");
+        if got.contains("gold") && got.ends_with(" 2Gi") { Ok(Some(())) } else { Err(got) }
+    })
+    .await;
 
     // The modern form: an EndpointSlice the tenant manages for a selector-less Service.
     vc.apply(vkube_e2e::SELECTORLESS_SERVICE_WITH_SLICE);

@@ -39,9 +39,20 @@ impl Mirror for PersistentVolumeClaim {
     }
 
     fn differs(d: &Self, c: &Self) -> bool {
-        // The spec is immutable but for the requested size; labels and annotations follow.
-        let size = |p: &Self| p.spec.as_ref().and_then(|s| s.resources.as_ref()).and_then(|r| r.requests.clone());
-        meta_differs(d, c) || size(d) != size(c)
+        // The spec is immutable but for the requested size and the attributes class (a storage
+        // tier); labels and annotations follow.
+        let (d_spec, c_spec) = (mutable_spec(d), mutable_spec(c));
+        meta_differs(d, c) || d_spec != c_spec
+    }
+
+    /// The host filled in what the tenant left out (its default class, the volume bound), and
+    /// the API server refuses any change to it: only what may change is carried over.
+    fn update(desired: Self, current: &Self) -> Self {
+        let (requests, attributes_class) = mutable_spec(&desired);
+        let mut spec = current.spec.clone().unwrap_or_default();
+        spec.resources.get_or_insert_default().requests = requests;
+        spec.volume_attributes_class_name = attributes_class;
+        PersistentVolumeClaim { metadata: desired.metadata, spec: Some(spec), status: None }
     }
 
     async fn back(ctx: &Context, v: &Self, h: &Self) -> Result<()> {
@@ -60,6 +71,20 @@ impl Mirror for PersistentVolumeClaim {
         ctx.metrics.wrote(Self::KIND, "status");
         Ok(())
     }
+}
+
+/// What of a claim's spec may change once it is made: the requested size, the attributes class.
+type MutableSpec = (
+    Option<std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+    Option<String>,
+);
+
+fn mutable_spec(c: &PersistentVolumeClaim) -> MutableSpec {
+    let spec = c.spec.as_ref();
+    (
+        spec.and_then(|s| s.resources.as_ref()).and_then(|r| r.requests.clone()),
+        spec.and_then(|s| s.volume_attributes_class_name.clone()),
+    )
 }
 
 /// A virtual claim's spec as the host's (pure; ephemeral volumes' templates use it too): claims

@@ -75,6 +75,13 @@ pub trait Mirror:
         false
     }
 
+    /// The update sent for a copy that differs: by default the desired copy whole; a kind whose
+    /// host copy holds what the host filled in and will not let go (a claim's volume and class)
+    /// carries the desired changes onto the current copy instead.
+    fn update(desired: Self, _current: &Self) -> Self {
+        desired
+    }
+
     /// What flows back to the virtual object once the host copy exists.
     fn back(_ctx: &Context, _v: &Self, _h: &Self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
@@ -163,7 +170,7 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
                     sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
                     return Ok(Action::RequeueAfter(after_delete(h.as_ref())));
                 }
-                sync::replace_host(ctx, M::KIND, h.as_ref(), desired).await?;
+                sync::replace_host(ctx, M::KIND, h.as_ref(), M::update(desired, &h)).await?;
             }
             M::back(ctx, v, &h).await?;
         }
