@@ -268,6 +268,19 @@ async fn rendered_manifests_are_accepted_by_the_host_api_server() {
         &serde_json::json!([{"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "resourceNames": ["fast-ssd"], "verbs": ["get"]}]),
         "readHostNodes off: only the listed StorageClasses"
     );
+    let objects = to_json(
+        up,
+        &template(up, &["--set", "serviceCIDR=10.96.0.0/16", "--set", "policy.scheduling.virtualScheduler=true"]),
+    );
+    let rules = &find(&objects, "ClusterRole", &format!("vkube:{NS}:{NAME}"))["rules"];
+    assert_eq!(
+        rules,
+        &serde_json::json!([
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]},
+            {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["get"]},
+        ]),
+        "a virtual scheduler lists nodes and reads the node affinity of volumes"
+    );
 
     // A plain `helm install` with no values: the service range is the host's, looked up.
     let cidr = vkube::local::host_service_cidr(&env.client().await).await.expect("host service range");

@@ -604,16 +604,42 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     let env = TestEnv::start(2).await;
-    let policy = vkube::controlplane::PolicyArgs { virtual_scheduler: true, ..Default::default() };
+    let policy = vkube::controlplane::PolicyArgs {
+        virtual_scheduler: true,
+        storage_classes: vec!["local".into()],
+        ..Default::default()
+    };
     let vc = env.virtual_cluster_with_policy("vsched", policy, &[]).await;
     let tr = vc.translator();
     let host_pods: Api<Pod> = Api::namespaced(env.client().await, vc.host_namespace());
     let vnodes: Api<Node> = Api::all(vc.client().await);
-    let node = eventually("the host nodes shown before any pod", Duration::from_secs(30), || async {
+    let (node, other) = eventually("the host nodes shown before any pod", Duration::from_secs(30), || async {
         let names = vkube_e2e::sorted_names(&vnodes).await?;
-        Ok((names.len() == 2).then(|| names[0].clone()))
+        Ok((names.len() == 2).then(|| (names[0].clone(), names[1].clone())))
     })
     .await;
+
+    // A claim the host binds to a volume of one node: bound in the virtual cluster to its view,
+    // which carries the volume's node affinity, so the virtual scheduler places its pod there
+    // (a claim not bound in the virtual cluster kept its pod unscheduled for ever).
+    env.apply(&format!(
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {{name: local}}\nprovisioner: kubernetes.io/no-provisioner\nvolumeBindingMode: Immediate\n---\n\
+         apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: local-1}}\nspec:\n  storageClassName: local\n  capacity: {{storage: 1Gi}}\n  \
+         accessModes: [ReadWriteOnce]\n  local: {{path: /mnt/disk}}\n  nodeAffinity: {{required: {{nodeSelectorTerms: [{{matchExpressions: \
+         [{{key: kubernetes.io/hostname, operator: In, values: [{other}]}}]}}]}}}}\n"
+    ));
+    vc.apply(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: disk}\nspec:\n  storageClassName: local\n  accessModes: [ReadWriteOnce]\n  resources: {requests: {storage: 1Gi}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: uses-disk}\nspec:\n  containers: [{name: c, image: nginx}]\n  volumes: [{name: d, persistentVolumeClaim: {claimName: disk}}]\n",
+    );
+    let vpods: Api<Pod> = Api::namespaced(vc.client().await, "default");
+    let placed = eventually("the claim's pod placed and running", Duration::from_secs(60), || async {
+        let p = vpods.get("uses-disk").await.map_err(|e| e.to_string())?;
+        Ok((phase(&p) == Some("Running")).then(|| p.spec.and_then(|s| s.node_name)))
+    })
+    .await;
+    assert_eq!(placed.as_deref(), Some(other.as_str()), "on the volume's node");
+    vc.kubectl_ok(&["delete", "pod", "uses-disk", "--wait=false"]);
     // A device the host node offers (as a device plugin would show it) reaches the virtual node
     // within a listing of the host nodes.
     let device = r#"{"status": {"capacity": {"example.com/dev": "2"}, "allocatable": {"example.com/dev": "2"}}}"#;
@@ -637,7 +663,6 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  priorityClassName: {class}\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: c, image: nginx, resources: {{requests: {{example.com/slots: \"{slots}\"}}, limits: {{example.com/slots: \"{slots}\"}}}}}}]\n"
         )
     };
-    let vpods: Api<Pod> = Api::namespaced(vc.client().await, "default");
     let running_on = |name: &'static str| {
         let (vpods, host_pods, tr) = (&vpods, &host_pods, &tr);
         async move {

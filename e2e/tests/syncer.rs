@@ -1480,11 +1480,36 @@ spec:
         if got == ("grow-1 Bound".into(), "Bound".into()) { Ok(Some(())) } else { Err(format!("{got:?}")) }
     })
     .await;
+    // Bound in the virtual cluster too, to a view of the host volume (no source of it shown).
+    eventually("the virtual claim is bound to the host volume's view", Duration::from_secs(30), || async {
+        let out = vc.kubectl(&["get", "pvc", "grows", "-o", "jsonpath={.spec.volumeName}"]);
+        Ok((String::from_utf8_lossy(&out.stdout) == "grow-1").then_some(()))
+    })
+    .await;
+    let view = vc.kubectl_ok(&[
+        "get",
+        "pv",
+        "grow-1",
+        "-o",
+        "jsonpath={.status.phase} {.spec.capacity.storage} {.spec.claimRef.namespace}/{.spec.claimRef.name} {.spec.csi.driver} {.spec.hostPath}",
+    ]);
+    assert_eq!(view, "Bound 5Gi default/grows host.vkube.dev ", "the view of the host volume");
     vc.kubectl_ok(&["label", "pvc", "grows", "tier=gold"]);
     vc.kubectl_ok(&["patch", "pvc", "grows", "-p", r#"{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}"#]);
     eventually("the bound host claim is labelled and grown", Duration::from_secs(30), || async {
         let got = host_claim("{.metadata.labels} {.spec.resources.requests.storage}");
         if got.contains("gold") && got.ends_with(" 2Gi") { Ok(Some(())) } else { Err(got) }
+    })
+    .await;
+    let annotations = host_claim("{.metadata.annotations}");
+    assert!(!annotations.contains("t.vkube.dev/bind-completed"), "the virtual binding marks stay there: {annotations}");
+    // The view goes with its claim.
+    vc.kubectl_ok(&["delete", "pod", "uses-grows", "--wait=false"]);
+    vc.kubectl_ok(&["delete", "pvc", "grows", "--wait=false"]);
+    eventually("the view is gone with its claim", Duration::from_secs(30), || async {
+        let out = vc.kubectl(&["get", "pv", "-o", "name"]);
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if got.is_empty() { Ok(Some(())) } else { Err(got) }
     })
     .await;
 

@@ -1,8 +1,20 @@
 //! PersistentVolumeClaims: the claim is made on the host, where the storage is, if it asks only
-//! for storage the admin allows (`policy::storage`); its status (bound, capacity) flows back.
+//! for storage the admin allows (`policy::storage`); its status (bound, capacity) flows back, and
+//! once the host has bound it the virtual claim is bound too, to a view of its host volume: a
+//! virtual PersistentVolume of the same name (capacity, modes, class, node affinity; no source
+//! but a placeholder), which `kubectl get pvc` shows and the virtual scheduler needs (a pod whose
+//! claim is not bound there is never placed). The virtual scheduler's choice of node for a claim
+//! waiting for its first consumer (`volume.kubernetes.io/selected-node`) reaches the host claim,
+//! so the host provisions the volume where the pod will run.
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec};
-use kube::api::{Api, Patch};
+use k8s_openapi::api::core::v1::{
+    CSIPersistentVolumeSource, ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeSpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch};
+use serde_json::json;
 
 use crate::context::Context;
 use crate::mirror::{Mirror, meta_differs};
@@ -31,11 +43,18 @@ impl Mirror for PersistentVolumeClaim {
         let ns = v.metadata.namespace.as_deref().unwrap_or_default();
         ctx.policy.check_claim(v)?;
         let spec = host_claim_spec(&ctx.tr, ns, v.spec.clone().unwrap_or_default());
-        Ok(PersistentVolumeClaim {
-            metadata: ctx.tr.host_meta(Self::KIND, &v.metadata),
-            spec: Some(spec),
-            status: None,
-        })
+        // The binding marks are ours (below), the node the virtual scheduler chose is the host's.
+        let mut meta = v.metadata.clone();
+        let marks = meta.annotations.as_mut().map(|a| {
+            a.remove(BIND_COMPLETED);
+            a.remove(BOUND_BY_CONTROLLER);
+            a.remove(SELECTED_NODE)
+        });
+        let mut metadata = ctx.tr.host_meta(Self::KIND, &meta);
+        if let Some(node) = marks.flatten().filter(|n| selectable(ctx, n)) {
+            metadata.annotations.get_or_insert_default().insert(SELECTED_NODE.into(), node);
+        }
+        Ok(PersistentVolumeClaim { metadata, spec: Some(spec), status: None })
     }
 
     fn differs(d: &Self, c: &Self) -> bool {
@@ -55,7 +74,13 @@ impl Mirror for PersistentVolumeClaim {
         PersistentVolumeClaim { metadata: desired.metadata, spec: Some(spec), status: None }
     }
 
+    /// Its volume's view goes with it.
+    async fn gone(ctx: &Context) -> Result<()> {
+        Ok(sweep_views(ctx).await?)
+    }
+
     async fn back(ctx: &Context, v: &Self, h: &Self) -> Result<()> {
+        bind(ctx, v, h).await?;
         // A host claim without a status yet has nothing to say.
         if v.status == h.status || h.status.is_none() {
             return Ok(());
@@ -70,6 +95,143 @@ impl Mirror for PersistentVolumeClaim {
         .await?;
         ctx.metrics.wrote(Self::KIND, "status");
         Ok(())
+    }
+}
+
+/// The marks of a claim bound by the persistent-volume controller, which the virtual scheduler
+/// reads (the virtual cluster runs none: its claims are bound here).
+const BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
+const BOUND_BY_CONTROLLER: &str = "pv.kubernetes.io/bound-by-controller";
+/// The node a scheduler chose for a claim waiting for its first consumer.
+const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+/// The placeholder driver of the virtual views of host volumes: nothing mounts them.
+pub const VIEW_DRIVER: &str = "host.vkube.dev";
+
+/// Whether the virtual scheduler may choose this node for a claim: it places pods only on the
+/// host nodes the admin allows, and nothing else names a node for a host claim.
+fn selectable(ctx: &Context, node: &str) -> bool {
+    ctx.policy.scheduling.virtual_scheduler && crate::pods::down::pod_nodes(ctx).contains(node)
+}
+
+/// Binds the virtual claim once the host has bound its copy (see the module's doc); once: a
+/// claim's volume never changes.
+async fn bind(ctx: &Context, v: &PersistentVolumeClaim, h: &PersistentVolumeClaim) -> Result<()> {
+    let Some(volume) = h.spec.as_ref().and_then(|s| s.volume_name.clone()).filter(|n| !n.is_empty()) else {
+        return Ok(());
+    };
+    let bound_to = v.spec.as_ref().and_then(|s| s.volume_name.as_deref()).unwrap_or_default();
+    if !bound_to.is_empty() && (bound_to != volume || v.annotations().contains_key(BIND_COMPLETED)) {
+        return Ok(());
+    }
+    let volumes: Api<PersistentVolume> = Api::all(ctx.virt.clone());
+    match volumes.get_opt(&volume).await? {
+        Some(pv) if !is_view(&pv) => {
+            let msg = format!(
+                "the host bound this claim to volume {volume}, but a PersistentVolume of that name made in this cluster is in the way: the claim is shown unbound here (delete that PersistentVolume to have it bound)"
+            );
+            crate::sync::warn(ctx, v, "VolumeNameConflict", &msg).await;
+            return Ok(());
+        }
+        Some(pv) if pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") => {}
+        found => {
+            if found.is_none() {
+                // The host volume's node affinity, if the control plane may read it (the chart
+                // grants it with the virtual scheduler, the one reader of it here).
+                let host = Api::<PersistentVolume>::all(ctx.host.clone()).get_opt(&volume).await.ok().flatten();
+                volumes.create(&crate::sync::post_params(), &volume_view(&volume, v, h, host.as_ref())).await?;
+                ctx.metrics.wrote("PersistentVolume", "create");
+            }
+            let bound = json!({"status": {"phase": "Bound"}});
+            volumes.patch_status(&volume, &crate::sync::patch_params(), &Patch::Merge(&bound)).await?;
+        }
+    }
+    let patch = json!({
+        "metadata": {"annotations": {BIND_COMPLETED: "yes", BOUND_BY_CONTROLLER: "yes"}},
+        "spec": {"volumeName": volume},
+    });
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.virt.clone(), v.metadata.namespace.as_deref().unwrap_or_default());
+    api.patch(&v.name_any(), &crate::sync::patch_params(), &Patch::Merge(&patch)).await?;
+    ctx.metrics.wrote(<PersistentVolumeClaim as Mirror>::KIND, "bind");
+    Ok(())
+}
+
+/// Whether a virtual PersistentVolume is a view the syncer made.
+fn is_view(pv: &PersistentVolume) -> bool {
+    pv.labels().get(vkube_core::contract::LABEL_FROM_HOST).is_some_and(|v| v == "true")
+}
+
+/// The virtual view of the host volume a claim is bound to (pure): what the tenant and the
+/// virtual scheduler read of it, nothing of its source.
+pub fn volume_view(
+    name: &str,
+    v: &PersistentVolumeClaim,
+    h: &PersistentVolumeClaim,
+    host: Option<&PersistentVolume>,
+) -> PersistentVolume {
+    let (hs, status) = (h.spec.clone().unwrap_or_default(), h.status.clone().unwrap_or_default());
+    let host_spec = host.and_then(|p| p.spec.clone()).unwrap_or_default();
+    PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some([(vkube_core::contract::LABEL_FROM_HOST.to_string(), "true".to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            capacity: host_spec.capacity.or(status.capacity),
+            access_modes: host_spec.access_modes.or(status.access_modes),
+            storage_class_name: hs.storage_class_name,
+            volume_mode: hs.volume_mode,
+            volume_attributes_class_name: hs.volume_attributes_class_name,
+            persistent_volume_reclaim_policy: host_spec.persistent_volume_reclaim_policy,
+            node_affinity: host_spec.node_affinity,
+            claim_ref: Some(ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("PersistentVolumeClaim".into()),
+                namespace: v.metadata.namespace.clone(),
+                name: v.metadata.name.clone(),
+                uid: v.metadata.uid.clone(),
+                ..Default::default()
+            }),
+            csi: Some(CSIPersistentVolumeSource {
+                driver: VIEW_DRIVER.into(),
+                volume_handle: name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// Deletes the views whose claim is gone (or is another claim of the same name now): when a
+/// claim is deleted, and at every pass of the storage loop for those missed meanwhile.
+pub async fn sweep_views(ctx: &Context) -> kube::Result<()> {
+    let volumes: Api<PersistentVolume> = Api::all(ctx.virt.clone());
+    let label = format!("{}=true", vkube_core::contract::LABEL_FROM_HOST);
+    let claims = ctx.stores.virt::<PersistentVolumeClaim>();
+    for pv in volumes.list(&kube::api::ListParams::default().labels(&label)).await?.items {
+        let claim = pv.spec.as_ref().and_then(|s| s.claim_ref.clone()).unwrap_or_default();
+        let (ns, name) = (claim.namespace.unwrap_or_default(), claim.name.unwrap_or_default());
+        let current = claims.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns));
+        let kept = current.is_some_and(|c| c.metadata.uid == claim.uid);
+        if !kept {
+            delete_view(&volumes, &pv).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes a view, which the virtual API server holds while it is Bound (`pv-protection`).
+async fn delete_view(volumes: &Api<PersistentVolume>, pv: &PersistentVolume) -> kube::Result<()> {
+    let name = pv.name_any();
+    if !pv.finalizers().is_empty() {
+        let none = json!({"metadata": {"finalizers": null, "resourceVersion": pv.resource_version()}});
+        volumes.patch(&name, &crate::sync::patch_params(), &Patch::Merge(&none)).await?;
+    }
+    match volumes.delete(&name, &DeleteParams::default()).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other.map(drop),
     }
 }
 
@@ -111,5 +273,46 @@ pub fn host_claim_spec(tr: &Translator, ns: &str, vs: PersistentVolumeClaimSpec)
         data_source,
         selector: None,
         volume_name: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_view_of_a_host_volume_shows_its_placement_and_size_not_its_source() {
+        let claim = |v: serde_json::Value| -> PersistentVolumeClaim { serde_json::from_value(v).unwrap() };
+        let v = claim(serde_json::json!({"metadata": {"name": "data", "namespace": "db", "uid": "u-1"}}));
+        let h = claim(serde_json::json!({
+            "metadata": {"name": "data-x-db-x-team"},
+            "spec": {"storageClassName": "fast", "volumeMode": "Filesystem", "volumeName": "pvc-9"},
+            "status": {"phase": "Bound", "capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"]},
+        }));
+        let host: PersistentVolume = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "pvc-9"},
+            "spec": {"capacity": {"storage": "3Gi"}, "nfs": {"server": "10.0.0.9", "path": "/exports/team"},
+                     "persistentVolumeReclaimPolicy": "Retain",
+                     "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions":
+                         [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["z1"]}]}]}}},
+        }))
+        .unwrap();
+        let view = serde_json::to_value(volume_view("pvc-9", &v, &h, Some(&host))).unwrap();
+        let spec = &view["spec"];
+        assert_eq!(spec["capacity"]["storage"], "3Gi", "the volume's own size");
+        assert_eq!(spec["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0], "z1");
+        assert_eq!(spec["claimRef"]["uid"], "u-1");
+        assert_eq!(
+            (&spec["storageClassName"], &spec["persistentVolumeReclaimPolicy"]),
+            (&"fast".into(), &"Retain".into())
+        );
+        assert_eq!(spec["csi"]["driver"], VIEW_DRIVER);
+        assert!(spec.get("nfs").is_none() && !view.to_string().contains("10.0.0.9"), "nothing of the source: {view}");
+        // Unreadable host volume: what the claim says of it.
+        let view = serde_json::to_value(volume_view("pvc-9", &v, &h, None)).unwrap();
+        assert_eq!(
+            (&view["spec"]["capacity"]["storage"], &view["spec"]["accessModes"][0]),
+            (&"2Gi".into(), &"ReadWriteOnce".into())
+        );
     }
 }

@@ -39,7 +39,7 @@ pub mod queue;
 mod reconcile_tests;
 pub mod refs;
 pub mod services;
-pub mod storage_classes;
+pub mod storage;
 pub mod sync;
 pub mod tokens;
 pub mod trust_bundles;
@@ -332,8 +332,8 @@ impl SideWorkers {
             let lister = c.clone();
             running.spawn(async move { nodes::list_host_nodes(&lister, Duration::from_secs(60)).await });
         }
-        let classes = c.clone();
-        running.spawn(async move { storage_classes::keep_in_step(&classes, Duration::from_secs(60)).await });
+        let storage = c.clone();
+        running.spawn(async move { storage::keep_in_step(&storage, Duration::from_secs(60)).await });
         if c.opts.proxy_service.is_some() {
             let marker = c.clone();
             running.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });

@@ -82,6 +82,12 @@ pub trait Mirror:
         desired
     }
 
+    /// What goes with a virtual object deleted, besides its host copy (once it is gone from the
+    /// virtual store; not after a restart: what the kind keeps must be swept otherwise too).
+    fn gone(_ctx: &Context) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+
     /// What flows back to the virtual object once the host copy exists.
     fn back(_ctx: &Context, _v: &Self, _h: &Self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
@@ -120,6 +126,9 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
     }
     let wanted = live.filter(|v| M::wanted(ctx, v));
     let Some(v) = wanted else {
+        if v.is_none() {
+            M::gone(ctx).await?;
+        }
         if let Some(h) = h
             && sync::mirrors(ctx, h.as_ref(), M::KIND, &ns, &name).is_some()
         {

@@ -1,14 +1,16 @@
-//! The StorageClasses the platform admin lets claims name (`--storage-classes`), shown in the
-//! virtual cluster as the host has them: tenants see what they may use, a claim naming no class
-//! gets the class the host would give it (the host's default, marked default here too when the
-//! admin lists it), and a claim can grow where the host class allows it (the virtual API server
-//! checks that against its own copy of the class).
+//! What the virtual cluster shows of the host's storage, kept in step every minute: the
+//! StorageClasses the platform admin lets claims name (`--storage-classes`), as the host has
+//! them, and the views of host volumes bound to claims (`claims`), swept once their claim is
+//! gone.
 //!
-//! The copies are read-only views, made again from the host at every pass: parameters and
-//! allowed topologies are left out (parameters may name the host's Secrets), a tenant's edit is
-//! undone, a copy whose class left the list or the host is deleted, and a class of the tenant's
-//! own under a listed name is left alone. A class the control plane may not read (the chart
-//! grants `get` on the listed ones) keeps the copy it has.
+//! Classes: tenants see what they may use, a claim naming no class gets the class the host would
+//! give it (the host's default, marked default here too when the admin lists it), and a claim
+//! can grow where the host class allows it (the virtual API server checks that against its own
+//! copy of the class). The copies are read-only views, made again from the host at every pass:
+//! parameters and allowed topologies are left out (parameters may name the host's Secrets), a
+//! tenant's edit is undone, a copy whose class left the list or the host is deleted, and a class
+//! of the tenant's own under a listed name is left alone. A class the control plane may not read
+//! (the chart grants `get` on the listed ones) keeps the copy it has.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -25,17 +27,20 @@ use vkube_core::contract::LABEL_FROM_HOST;
 const DEFAULT_CLASS: [&str; 2] =
     ["storageclass.kubernetes.io/is-default-class", "storageclass.beta.kubernetes.io/is-default-class"];
 
-/// Keeps the virtual copies in step with the host every `every`, from the start; never returns.
+/// Keeps the views in step with the host every `every`, from the start; never returns.
 pub async fn keep_in_step(ctx: &Context, every: Duration) {
     loop {
-        if let Err(e) = pass(ctx).await {
+        if let Err(e) = classes(ctx).await {
             tracing::warn!(error = %e, "showing the host's StorageClasses in the virtual cluster failed; retrying");
+        }
+        if let Err(e) = crate::claims::sweep_views(ctx).await {
+            tracing::warn!(error = %e, "deleting the views of volumes whose claim is gone failed; retrying");
         }
         tokio::time::sleep(every).await;
     }
 }
 
-async fn pass(ctx: &Context) -> kube::Result<()> {
+async fn classes(ctx: &Context) -> kube::Result<()> {
     let host: Api<StorageClass> = Api::all(ctx.host.clone());
     let virt: Api<StorageClass> = Api::all(ctx.virt.clone());
     let mut desired = BTreeMap::new();
