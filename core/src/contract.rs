@@ -67,8 +67,8 @@ pub const ANNOTATION_CERTIFICATES_REFRESH: &str = "vkube.dev/certificates-refres
 
 /// Marks virtual nodes the syncer made (only those are ever deleted).
 pub const LABEL_FAKE_NODE: &str = "vkube.dev/fake-node";
-/// Marks the virtual copies of host StorageClasses the syncer made (only those are ever changed
-/// or deleted).
+/// Marks what the syncer shows in the virtual cluster of the host's storage: copies of host
+/// StorageClasses, views of host volumes bound to claims (only those are ever changed or deleted).
 pub const LABEL_FROM_HOST: &str = "vkube.dev/from-host";
 /// On a host pod: the nodes it was kept off because the tenant closed them (cordon, taints),
 /// comma-separated: a copy not placed yet is made again when that list is stale.

@@ -1501,6 +1501,26 @@ spec:
         if got.contains("gold") && got.ends_with(" 2Gi") { Ok(Some(())) } else { Err(got) }
     })
     .await;
+    // An update the host refuses (its quota on storage) is told to the tenant.
+    env.apply(&format!(
+        "apiVersion: v1\nkind: ResourceQuota\nmetadata: {{name: storage, namespace: {hns}}}\nspec:\n  hard: {{requests.storage: 3Gi}}\n"
+    ));
+    eventually("the host quota counts the claims", Duration::from_secs(30), || async {
+        let out = env.kubectl(&[
+            "-n",
+            &hns,
+            "get",
+            "resourcequota",
+            "storage",
+            "-o",
+            "jsonpath={.status.used.requests\\.storage}",
+        ]);
+        Ok((String::from_utf8_lossy(&out.stdout) == "3Gi").then_some(()))
+    })
+    .await;
+    vc.kubectl_ok(&["patch", "pvc", "grows", "-p", r#"{"spec":{"resources":{"requests":{"storage":"4Gi"}}}}"#]);
+    vc.warned("default", "grows", "exceeded quota").await;
+    assert_eq!(host_claim("{.spec.resources.requests.storage}"), "2Gi");
     let annotations = host_claim("{.metadata.annotations}");
     assert!(!annotations.contains("t.vkube.dev/bind-completed"), "the virtual binding marks stay there: {annotations}");
     // The view goes with its claim.

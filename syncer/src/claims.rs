@@ -75,8 +75,10 @@ impl Mirror for PersistentVolumeClaim {
     }
 
     /// Its volume's view goes with it.
-    async fn gone(ctx: &Context) -> Result<()> {
-        Ok(sweep_views(ctx).await?)
+    async fn gone(ctx: &Context, ns: &str, name: &str, host: Option<&Self>) {
+        if let Err(e) = drop_view(ctx, ns, name, host).await {
+            tracing::warn!(namespace = ns, name, error = %e, "deleting the view of a deleted claim's volume failed; the storage loop sweeps it");
+        }
     }
 
     async fn back(ctx: &Context, v: &Self, h: &Self) -> Result<()> {
@@ -113,18 +115,30 @@ fn selectable(ctx: &Context, node: &str) -> bool {
     ctx.policy.scheduling.virtual_scheduler && crate::pods::down::pod_nodes(ctx).contains(node)
 }
 
-/// Binds the virtual claim once the host has bound its copy (see the module's doc); once: a
-/// claim's volume never changes.
+/// Binds the virtual claim once the host has bound its copy (see the module's doc), and keeps
+/// its view's size in step (a claim grown). The claim is bound once: a claim's volume never
+/// changes. Costs nothing once done, until the host copy's size changes.
 async fn bind(ctx: &Context, v: &PersistentVolumeClaim, h: &PersistentVolumeClaim) -> Result<()> {
-    let Some(volume) = h.spec.as_ref().and_then(|s| s.volume_name.clone()).filter(|n| !n.is_empty()) else {
+    let bound_on_host = h.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+    let Some(volume) = h.spec.as_ref().and_then(|s| s.volume_name.clone()).filter(|n| !n.is_empty() && bound_on_host)
+    else {
         return Ok(());
     };
     let bound_to = v.spec.as_ref().and_then(|s| s.volume_name.as_deref()).unwrap_or_default();
-    if !bound_to.is_empty() && (bound_to != volume || v.annotations().contains_key(BIND_COMPLETED)) {
+    if !bound_to.is_empty() && bound_to != volume {
+        let msg = format!(
+            "the claim names volume {bound_to} (written before: a restored or forked cluster), but the host bound it to {volume}: it runs on {volume}; recreate the claim to see that here"
+        );
+        crate::sync::warn(ctx, v, "VolumeNameConflict", &msg).await;
+        return Ok(());
+    }
+    let done = bound_to == volume && v.annotations().contains_key(BIND_COMPLETED);
+    let capacity = |c: &PersistentVolumeClaim| c.status.as_ref().and_then(|s| s.capacity.clone());
+    if done && capacity(v) == capacity(h) {
         return Ok(());
     }
     let volumes: Api<PersistentVolume> = Api::all(ctx.virt.clone());
-    match volumes.get_opt(&volume).await? {
+    let phase = match volumes.get_opt(&volume).await? {
         Some(pv) if !is_view(&pv) => {
             let msg = format!(
                 "the host bound this claim to volume {volume}, but a PersistentVolume of that name made in this cluster is in the way: the claim is shown unbound here (delete that PersistentVolume to have it bound)"
@@ -132,21 +146,42 @@ async fn bind(ctx: &Context, v: &PersistentVolumeClaim, h: &PersistentVolumeClai
             crate::sync::warn(ctx, v, "VolumeNameConflict", &msg).await;
             return Ok(());
         }
-        Some(pv) if pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") => {}
-        found => {
-            if found.is_none() {
-                // The host volume's node affinity, if the control plane may read it (the chart
-                // grants it with the virtual scheduler, the one reader of it here).
-                let host = Api::<PersistentVolume>::all(ctx.host.clone()).get_opt(&volume).await.ok().flatten();
-                volumes.create(&crate::sync::post_params(), &volume_view(&volume, v, h, host.as_ref())).await?;
-                ctx.metrics.wrote("PersistentVolume", "create");
+        Some(pv) => {
+            let want = capacity(h);
+            if want.is_some() && pv.spec.as_ref().and_then(|s| s.capacity.clone()) != want {
+                let grown = json!({"spec": {"capacity": want}});
+                volumes.patch(&volume, &crate::sync::patch_params(), &Patch::Merge(&grown)).await?;
             }
-            let bound = json!({"status": {"phase": "Bound"}});
-            volumes.patch_status(&volume, &crate::sync::patch_params(), &Patch::Merge(&bound)).await?;
+            pv.status.and_then(|s| s.phase)
         }
+        None => {
+            // The host volume's node affinity, if the control plane may read it (the chart
+            // grants it with the virtual scheduler, the one reader of it here); a failed read is
+            // tried again rather than leaving a view without it.
+            let host = match Api::<PersistentVolume>::all(ctx.host.clone()).get_opt(&volume).await {
+                Ok(pv) => pv,
+                Err(kube::Error::Api(e)) if e.code == 403 => None,
+                Err(e) => return Err(e.into()),
+            };
+            volumes.create(&crate::sync::post_params(), &volume_view(&volume, v, h, host.as_ref())).await?;
+            ctx.metrics.wrote("PersistentVolume", "create");
+            None
+        }
+    };
+    if phase.as_deref() != Some("Bound") {
+        let bound = json!({"status": {"phase": "Bound"}});
+        volumes.patch_status(&volume, &crate::sync::patch_params(), &Patch::Merge(&bound)).await?;
     }
+    if done {
+        return Ok(());
+    }
+    // Preconditions: a claim recreated under this name meanwhile is not bound to this volume.
     let patch = json!({
-        "metadata": {"annotations": {BIND_COMPLETED: "yes", BOUND_BY_CONTROLLER: "yes"}},
+        "metadata": {
+            "uid": v.metadata.uid,
+            "resourceVersion": v.metadata.resource_version,
+            "annotations": {BIND_COMPLETED: "yes", BOUND_BY_CONTROLLER: "yes"},
+        },
         "spec": {"volumeName": volume},
     });
     let api: Api<PersistentVolumeClaim> =
@@ -178,8 +213,8 @@ pub fn volume_view(
             ..Default::default()
         },
         spec: Some(PersistentVolumeSpec {
-            capacity: host_spec.capacity.or(status.capacity),
-            access_modes: host_spec.access_modes.or(status.access_modes),
+            capacity: status.capacity.or(host_spec.capacity),
+            access_modes: status.access_modes.or(host_spec.access_modes),
             storage_class_name: hs.storage_class_name,
             volume_mode: hs.volume_mode,
             volume_attributes_class_name: hs.volume_attributes_class_name,
@@ -204,35 +239,63 @@ pub fn volume_view(
     }
 }
 
-/// Deletes the views whose claim is gone (or is another claim of the same name now): when a
-/// claim is deleted, and at every pass of the storage loop for those missed meanwhile.
+/// Deletes the view of a deleted claim's volume (the host copy names it).
+async fn drop_view(ctx: &Context, ns: &str, name: &str, h: Option<&PersistentVolumeClaim>) -> kube::Result<()> {
+    let volumes: Api<PersistentVolume> = Api::all(ctx.virt.clone());
+    let claim = (ns.to_string(), name.to_string());
+    let candidates = match h.and_then(|h| h.spec.as_ref()).and_then(|s| s.volume_name.clone()) {
+        Some(volume) => volumes.get_opt(&volume).await?.into_iter().collect(),
+        // The host copy went first (held by its pods until they were gone).
+        None => volumes.list(&views()).await?.items,
+    };
+    for pv in candidates.iter().filter(|pv| is_view(pv) && claim_of(pv) == claim) {
+        delete_view(&volumes, pv).await?;
+    }
+    Ok(())
+}
+
+/// Selects the views.
+fn views() -> kube::api::ListParams {
+    kube::api::ListParams::default().labels(&format!("{}=true", vkube_core::contract::LABEL_FROM_HOST))
+}
+
+/// The claim a view was made for: (namespace, name).
+fn claim_of(pv: &PersistentVolume) -> (String, String) {
+    let claim = pv.spec.as_ref().and_then(|s| s.claim_ref.clone()).unwrap_or_default();
+    (claim.namespace.unwrap_or_default(), claim.name.unwrap_or_default())
+}
+
+/// Deletes the views whose claim is gone (or is another claim of the same name now), for those
+/// [`drop_view`] missed (deleted while the syncer was down); run by the storage loop.
 pub async fn sweep_views(ctx: &Context) -> kube::Result<()> {
     let volumes: Api<PersistentVolume> = Api::all(ctx.virt.clone());
-    let label = format!("{}=true", vkube_core::contract::LABEL_FROM_HOST);
     let claims = ctx.stores.virt::<PersistentVolumeClaim>();
-    for pv in volumes.list(&kube::api::ListParams::default().labels(&label)).await?.items {
-        let claim = pv.spec.as_ref().and_then(|s| s.claim_ref.clone()).unwrap_or_default();
-        let (ns, name) = (claim.namespace.unwrap_or_default(), claim.name.unwrap_or_default());
+    for pv in volumes.list(&views()).await?.items {
+        let (ns, name) = claim_of(&pv);
+        let uid = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()).and_then(|c| c.uid.clone());
         let current = claims.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns));
-        let kept = current.is_some_and(|c| c.metadata.uid == claim.uid);
-        if !kept {
-            delete_view(&volumes, &pv).await?;
+        if current.is_none_or(|c| c.metadata.uid != uid)
+            && let Err(e) = delete_view(&volumes, &pv).await
+        {
+            tracing::warn!(volume = %pv.name_any(), error = %e, "deleting the view of a volume whose claim is gone failed; retried at the next pass");
         }
     }
     Ok(())
 }
 
-/// Deletes a view, which the virtual API server holds while it is Bound (`pv-protection`).
+/// Deletes a view, which the virtual API server holds while it is Bound (`pv-protection`);
+/// already gone is done.
 async fn delete_view(volumes: &Api<PersistentVolume>, pv: &PersistentVolume) -> kube::Result<()> {
     let name = pv.name_any();
-    if !pv.finalizers().is_empty() {
-        let none = json!({"metadata": {"finalizers": null, "resourceVersion": pv.resource_version()}});
-        volumes.patch(&name, &crate::sync::patch_params(), &Patch::Merge(&none)).await?;
-    }
-    match volumes.delete(&name, &DeleteParams::default()).await {
+    let gone = |r: kube::Result<()>| match r {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        other => other.map(drop),
+        other => other,
+    };
+    if !pv.finalizers().is_empty() {
+        let none = json!({"metadata": {"finalizers": null}});
+        gone(volumes.patch(&name, &crate::sync::patch_params(), &Patch::Merge(&none)).await.map(drop))?;
     }
+    gone(volumes.delete(&name, &DeleteParams::default()).await.map(drop))
 }
 
 /// What of a claim's spec may change once it is made: the requested size, the attributes class.
@@ -299,7 +362,7 @@ mod tests {
         .unwrap();
         let view = serde_json::to_value(volume_view("pvc-9", &v, &h, Some(&host))).unwrap();
         let spec = &view["spec"];
-        assert_eq!(spec["capacity"]["storage"], "3Gi", "the volume's own size");
+        assert_eq!(spec["capacity"]["storage"], "2Gi", "the size the host claim shows (which follows it as it grows)");
         assert_eq!(spec["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0], "z1");
         assert_eq!(spec["claimRef"]["uid"], "u-1");
         assert_eq!(

@@ -82,10 +82,11 @@ pub trait Mirror:
         desired
     }
 
-    /// What goes with a virtual object deleted, besides its host copy (once it is gone from the
-    /// virtual store; not after a restart: what the kind keeps must be swept otherwise too).
-    fn gone(_ctx: &Context) -> impl Future<Output = Result<()>> + Send {
-        async { Ok(()) }
+    /// What goes with a virtual object deleted, besides its host copy (`host`, if it was still
+    /// there): best effort, what the kind keeps must be swept otherwise too (deleted while the
+    /// syncer was down).
+    fn gone(_ctx: &Context, _ns: &str, _name: &str, _host: Option<&Self>) -> impl Future<Output = ()> + Send {
+        async {}
     }
 
     /// What flows back to the virtual object once the host copy exists.
@@ -126,13 +127,12 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
     }
     let wanted = live.filter(|v| M::wanted(ctx, v));
     let Some(v) = wanted else {
-        if v.is_none() {
-            M::gone(ctx).await?;
-        }
-        if let Some(h) = h
-            && sync::mirrors(ctx, h.as_ref(), M::KIND, &ns, &name).is_some()
-        {
+        let ours = h.filter(|h| sync::mirrors(ctx, h.as_ref(), M::KIND, &ns, &name).is_some());
+        if let Some(h) = &ours {
             sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
+        }
+        if v.is_none() {
+            M::gone(ctx, &ns, &name, ours.as_deref()).await;
         }
         return Ok(Action::Done);
     };
@@ -179,7 +179,11 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
                     sync::delete_host(ctx, M::KIND, h.as_ref(), None).await?;
                     return Ok(Action::RequeueAfter(after_delete(h.as_ref())));
                 }
-                sync::replace_host(ctx, M::KIND, h.as_ref(), M::update(desired, &h)).await?;
+                let updated = sync::replace_host(ctx, M::KIND, h.as_ref(), M::update(desired, &h)).await;
+                // A refused update is told and retried; the copy's state still flows back.
+                let told = sync::or_told(ctx, M::KIND, v.as_ref(), updated).await;
+                M::back(ctx, v, &h).await?;
+                return told;
             }
             M::back(ctx, v, &h).await?;
         }

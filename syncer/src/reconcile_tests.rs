@@ -647,3 +647,33 @@ async fn a_host_copy_is_made_once_while_the_host_watch_has_not_shown_it() {
     silent(&mut host).await;
     silent(&mut virt).await;
 }
+
+#[tokio::test]
+async fn an_update_keeps_what_the_host_holds_its_copy_by_and_a_refused_one_is_told() {
+    let Harness { ctx, mut virt, mut host, mut vconfigmaps, mut hconfigmaps, .. } = harness();
+    let v = configmap("default", "settings", "u1", &[("mode", "slow")]);
+    vconfigmaps.apply_watcher_event(&Event::Apply(v.clone()));
+    let mut current = ConfigMap { metadata: ctx.tr.host_meta("ConfigMap", &v.metadata), ..Default::default() };
+    current.metadata.uid = Some("host-uid".into());
+    current.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    hconfigmaps.apply_watcher_event(&Event::Apply(current));
+    let ctx = Arc::new(ctx);
+    let c = ctx.clone();
+    let run = tokio::spawn(async move { ConfigMap::reconcile(&c, ("default".into(), "settings".into())).await });
+
+    let refused = serde_json::json!({"kind": "Status", "status": "Failure", "code": 422, "reason": "Invalid",
+        "message": "ConfigMap \"settings-x-default-x-vc\" is invalid: data: Too long"});
+    let (method, _, sent) = expect(&mut host, 422, refused).await;
+    assert_eq!(method, Method::PUT);
+    assert_eq!(sent["metadata"]["finalizers"], serde_json::json!(["example.com/hold"]), "the host's finalizer stays");
+    assert_eq!(sent["data"], serde_json::json!({"mode": "slow"}));
+    let (method, uri, event) = expect(&mut virt, 201, serde_json::json!({})).await;
+    assert_eq!(method, Method::POST, "{uri}");
+    assert_eq!((&event["reason"], &event["type"]), (&"HostRefused".into(), &"Warning".into()));
+    assert!(
+        event["note"].as_str().unwrap().contains("ConfigMap \"settings\" is invalid"),
+        "in the tenant's names: {event}"
+    );
+    assert!(run.await.unwrap().is_err(), "retried with the queue's backoff");
+    silent(&mut host).await;
+}

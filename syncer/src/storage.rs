@@ -7,7 +7,8 @@
 //! give it (the host's default, marked default here too when the admin lists it), and a claim
 //! can grow where the host class allows it (the virtual API server checks that against its own
 //! copy of the class). The copies are read-only views, made again from the host at every pass:
-//! parameters and allowed topologies are left out (parameters may name the host's Secrets), a
+//! parameters are left out (they may name the host's Secrets; allowed topologies, node labels
+//! a virtual scheduler needs, stay), a
 //! tenant's edit is undone, a copy whose class left the list or the host is deleted, and a class
 //! of the tenant's own under a listed name is left alone. A class the control plane may not read
 //! (the chart grants `get` on the listed ones) keeps the copy it has.
@@ -107,7 +108,7 @@ pub fn view(h: &StorageClass) -> StorageClass {
         allow_volume_expansion: h.allow_volume_expansion,
         mount_options: h.mount_options.clone(),
         parameters: None,
-        allowed_topologies: None,
+        allowed_topologies: h.allowed_topologies.clone(),
     }
 }
 
@@ -127,7 +128,7 @@ fn fixed_differs(d: &StorageClass, c: &StorageClass) -> bool {
         || d.reclaim_policy != c.reclaim_policy
         || d.volume_binding_mode != c.volume_binding_mode
         || d.parameters.as_ref().is_some_and(|p| !p.is_empty()) != c.parameters.as_ref().is_some_and(|p| !p.is_empty())
-        || c.allowed_topologies.as_ref().is_some_and(|t| !t.is_empty())
+        || d.allowed_topologies != c.allowed_topologies
 }
 
 #[cfg(test)]

@@ -184,15 +184,28 @@ where
                 _ => Err(SyncError::Collision(format!("{}/{name}", ctx.host_ns()))),
             }
         }
-        Err(kube::Error::Api(e)) if matches!(e.code, 403 | 422) => {
-            let virtual_name = ctx.tr.owner(desired.meta()).map(|o| o.name).unwrap_or_default();
-            Err(SyncError::HostRefused {
+        Err(e) => Err(refused_or(ctx, desired.meta(), e)),
+    }
+}
+
+/// A host refusal of a write (forbidden: quota, admission, webhook; invalid) as
+/// [`SyncError::HostRefused`], in the tenant's names; other errors as they are.
+fn refused_or(
+    ctx: &Context,
+    desired: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    e: kube::Error,
+) -> SyncError {
+    match e {
+        kube::Error::Api(e) if matches!(e.code, 403 | 422) => {
+            let name = desired.name.as_deref().unwrap_or_default();
+            let virtual_name = ctx.tr.owner(desired).map(|o| o.name).unwrap_or_default();
+            SyncError::HostRefused {
                 code: e.code,
                 reason: refusal_reason(&e),
-                message: e.message.replace(&name, &virtual_name).replace(ctx.host_ns(), "(host namespace)"),
-            })
+                message: e.message.replace(name, &virtual_name).replace(ctx.host_ns(), "(host namespace)"),
+            }
         }
-        Err(e) => Err(e.into()),
+        e => e.into(),
     }
 }
 
@@ -209,8 +222,9 @@ fn refusal_reason(e: &kube::core::Status) -> &'static str {
     }
 }
 
-/// Tells the tenant why a create did not happen: a collision (Warning, slow retry) or a host
-/// refusal (Warning quoting the host, retried with the queue's backoff: the quota may free up).
+/// Tells the tenant why a create or an update did not happen: a collision (Warning, slow retry)
+/// or a host refusal (Warning quoting the host, retried with the queue's backoff: the quota may
+/// free up).
 pub async fn or_told<V: Resource<DynamicType = ()>, T>(
     ctx: &Context,
     kind: &'static str,
@@ -238,10 +252,15 @@ where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
 {
     spend(ctx, kind, &current.name_any())?;
-    desired.meta_mut().resource_version = current.meta().resource_version.clone();
-    desired.meta_mut().uid = current.meta().uid.clone();
+    let (meta, have) = (desired.meta_mut(), current.meta());
+    meta.resource_version = have.resource_version.clone();
+    meta.uid = have.uid.clone();
+    // What the host's machinery holds it by (a claim's `pvc-protection`, which keeps its volume
+    // while a pod uses it) stays: the syncer never sets either.
+    meta.finalizers = have.finalizers.clone();
+    meta.owner_references = have.owner_references.clone();
     let api: Api<K> = Api::namespaced(ctx.host.clone(), ctx.host_ns());
-    api.replace(&current.name_any(), &post_params(), &desired).await?;
+    api.replace(&current.name_any(), &post_params(), &desired).await.map_err(|e| refused_or(ctx, desired.meta(), e))?;
     ctx.metrics.wrote(kind, "update");
     Ok(())
 }
