@@ -606,9 +606,11 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     let env = TestEnv::start(2).await;
     let policy = vkube::controlplane::PolicyArgs {
         virtual_scheduler: true,
-        storage_classes: vec!["local".into()],
+        storage_classes: vec!["local".into(), "later".into()],
         ..Default::default()
     };
+    // A class whose volumes are made for their first consumer (used below).
+    env.apply("apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: later}\nprovisioner: example.com/disks\nvolumeBindingMode: WaitForFirstConsumer\n");
     let vc = env.virtual_cluster_with_policy("vsched", policy, &[]).await;
     let tr = vc.translator();
     let host_pods: Api<Pod> = Api::namespaced(env.client().await, vc.host_namespace());
@@ -640,6 +642,35 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     .await;
     assert_eq!(placed.as_deref(), Some(other.as_str()), "on the volume's node");
     vc.kubectl_ok(&["delete", "pod", "uses-disk", "--wait=false"]);
+
+    // A class whose volumes are made for their first consumer: the virtual scheduler chooses the
+    // node, the host claim is told it, the host's provisioner (the test, here) makes the volume
+    // there, and the pod is placed once its claim is bound in the virtual cluster.
+    let provisioner = tokio::spawn(provision_on_selected_nodes(env.client().await, vc.host_namespace().to_string()));
+    eventually("the class shown", Duration::from_secs(30), || async {
+        let out = vc.kubectl(&["get", "storageclass", "later", "-o", "jsonpath={.volumeBindingMode}"]);
+        Ok((String::from_utf8_lossy(&out.stdout) == "WaitForFirstConsumer").then_some(()))
+    })
+    .await;
+    vc.apply(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: later}\nspec:\n  storageClassName: later\n  accessModes: [ReadWriteOnce]\n  resources: {requests: {storage: 1Gi}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: uses-later}\nspec:\n  containers: [{name: c, image: nginx}]\n  volumes: [{name: d, persistentVolumeClaim: {claimName: later}}]\n",
+    );
+    let placed = eventually("the first consumer placed and running", Duration::from_secs(60), || async {
+        let p = vpods.get("uses-later").await.map_err(|e| e.to_string())?;
+        Ok((phase(&p) == Some("Running")).then(|| p.spec.and_then(|s| s.node_name)))
+    })
+    .await;
+    let selected = vc.kubectl_ok(&[
+        "get",
+        "pvc",
+        "later",
+        "-o",
+        "jsonpath={.metadata.annotations.volume\\.kubernetes\\.io/selected-node} {.spec.volumeName}",
+    ]);
+    assert_eq!(selected, format!("{} later-{}", placed.unwrap_or_default(), tr.host_name("default", "later")));
+    provisioner.abort();
+    vc.kubectl_ok(&["delete", "pod", "uses-later", "--wait=false"]);
     // A device the host node offers (as a device plugin would show it) reaches the virtual node
     // within a listing of the host nodes.
     let device = r#"{"status": {"capacity": {"example.com/dev": "2"}, "allocatable": {"example.com/dev": "2"}}}"#;
@@ -777,4 +808,34 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
         "-p",
         r#"[{"op": "remove", "path": "/metadata/finalizers"}]"#,
     ]);
+}
+
+/// A host provisioner for class `later`, as an external one works: a claim told its node
+/// (`volume.kubernetes.io/selected-node`) gets a volume on that node, bound to it.
+async fn provision_on_selected_nodes(host: kube::Client, ns: String) {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(host.clone(), &ns);
+    let volumes: Api<PersistentVolume> = Api::all(host);
+    loop {
+        for c in claims.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default() {
+            let spec = c.spec.clone().unwrap_or_default();
+            let node = c.annotations().get("volume.kubernetes.io/selected-node").cloned();
+            let (Some(node), None, Some("later")) = (node, spec.volume_name, spec.storage_class_name.as_deref()) else {
+                continue;
+            };
+            let pv: PersistentVolume = serde_json::from_value(json!({
+                "metadata": {"name": format!("later-{}", c.name_any())},
+                "spec": {
+                    "storageClassName": "later", "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                    "local": {"path": "/mnt/later"},
+                    "claimRef": {"namespace": ns, "name": c.name_any(), "uid": c.uid()},
+                    "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions":
+                        [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
+                },
+            }))
+            .unwrap();
+            let _ = volumes.create(&Default::default(), &pv).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
