@@ -1495,6 +1495,8 @@ spec:
     ]);
     assert_eq!(view, "Bound 5Gi default/grows host.vkube.dev ", "the view of the host volume");
     vc.kubectl_ok(&["label", "pvc", "grows", "tier=gold"]);
+    // Only a virtual scheduler's choice of node reaches the host (this cluster has none).
+    vc.kubectl_ok(&["annotate", "pvc", "grows", "volume.kubernetes.io/selected-node=elsewhere"]);
     vc.kubectl_ok(&["patch", "pvc", "grows", "-p", r#"{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}"#]);
     eventually("the bound host claim is labelled and grown", Duration::from_secs(30), || async {
         let got = host_claim("{.metadata.labels} {.spec.resources.requests.storage}");
@@ -1523,6 +1525,7 @@ spec:
     assert_eq!(host_claim("{.spec.resources.requests.storage}"), "2Gi");
     let annotations = host_claim("{.metadata.annotations}");
     assert!(!annotations.contains("t.vkube.dev/bind-completed"), "the virtual binding marks stay there: {annotations}");
+    assert!(!annotations.contains("elsewhere"), "a node named by the tenant stays there: {annotations}");
     // The view goes with its claim.
     vc.kubectl_ok(&["delete", "pod", "uses-grows", "--wait=false"]);
     vc.kubectl_ok(&["delete", "pvc", "grows", "--wait=false"]);
