@@ -669,8 +669,24 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
         "jsonpath={.metadata.annotations.volume\\.kubernetes\\.io/selected-node} {.spec.volumeName}",
     ]);
     assert_eq!(selected, format!("{} later-{}", placed.unwrap_or_default(), tr.host_name("default", "later")));
+    // A generic ephemeral volume: the claim the virtual cluster makes for it is the one synced,
+    // bound, and used by the host pod.
+    vc.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: scratch}\nspec:\n  containers: [{name: c, image: nginx}]\n  volumes:\n  \
+         - name: tmp\n    ephemeral: {volumeClaimTemplate: {spec: {storageClassName: later, accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}}}\n",
+    );
+    eventually("the pod with an ephemeral volume running", Duration::from_secs(60), || async {
+        let p = vpods.get("scratch").await.map_err(|e| e.to_string())?;
+        Ok((phase(&p) == Some("Running")).then_some(()))
+    })
+    .await;
+    let bound = vc.kubectl_ok(&["get", "pvc", "scratch-tmp", "-o", "jsonpath={.status.phase} {.spec.volumeName}"]);
+    assert_eq!(bound, format!("Bound later-{}", tr.host_name("default", "scratch-tmp")));
+    let host_scratch = host_pods.get(&tr.host_name("default", "scratch")).await.unwrap();
+    let volume = serde_json::to_value(&host_scratch.spec.unwrap().volumes.unwrap()[0]).unwrap();
+    assert_eq!(volume["persistentVolumeClaim"]["claimName"], json!(tr.host_name("default", "scratch-tmp")), "{volume}");
     provisioner.abort();
-    vc.kubectl_ok(&["delete", "pod", "uses-later", "--wait=false"]);
+    vc.kubectl_ok(&["delete", "pod", "uses-later", "scratch", "--wait=false"]);
     // A device the host node offers (as a device plugin would show it) reaches the virtual node
     // within a listing of the host nodes.
     let device = r#"{"status": {"capacity": {"example.com/dev": "2"}, "allocatable": {"example.com/dev": "2"}}}"#;

@@ -82,7 +82,7 @@ impl Mirror for PersistentVolumeClaim {
     }
 
     async fn back(ctx: &Context, v: &Self, h: &Self) -> Result<()> {
-        bind(ctx, v, h).await?;
+        bind(ctx, v, h, false).await?;
         // A host claim without a status yet has nothing to say.
         if v.status == h.status || h.status.is_none() {
             return Ok(());
@@ -117,8 +117,9 @@ fn selectable(ctx: &Context, node: &str) -> bool {
 
 /// Binds the virtual claim once the host has bound its copy (see the module's doc), and keeps
 /// its view's size in step (a claim grown). The claim is bound once: a claim's volume never
-/// changes. Costs nothing once done, until the host copy's size changes.
-async fn bind(ctx: &Context, v: &PersistentVolumeClaim, h: &PersistentVolumeClaim) -> Result<()> {
+/// changes. Costs nothing once done, until the host copy's size changes, unless `recheck` (the
+/// view may be gone).
+async fn bind(ctx: &Context, v: &PersistentVolumeClaim, h: &PersistentVolumeClaim, recheck: bool) -> Result<()> {
     let bound_on_host = h.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
     let Some(volume) = h.spec.as_ref().and_then(|s| s.volume_name.clone()).filter(|n| !n.is_empty() && bound_on_host)
     else {
@@ -134,7 +135,7 @@ async fn bind(ctx: &Context, v: &PersistentVolumeClaim, h: &PersistentVolumeClai
     }
     let done = bound_to == volume && v.annotations().contains_key(BIND_COMPLETED);
     let capacity = |c: &PersistentVolumeClaim| c.status.as_ref().and_then(|s| s.capacity.clone());
-    if done && capacity(v) == capacity(h) {
+    if done && capacity(v) == capacity(h) && !recheck {
         return Ok(());
     }
     let volumes: Api<PersistentVolume> = Api::all(ctx.virt.clone());
@@ -270,7 +271,23 @@ fn claim_of(pv: &PersistentVolume) -> (String, String) {
 pub async fn sweep_views(ctx: &Context) -> kube::Result<()> {
     let volumes: Api<PersistentVolume> = Api::all(ctx.virt.clone());
     let claims = ctx.stores.virt::<PersistentVolumeClaim>();
-    for pv in volumes.list(&views()).await?.items {
+    let all = volumes.list(&kube::api::ListParams::default()).await?.items;
+    // A bound claim whose view went (the tenant deleted it): made again.
+    let names: std::collections::BTreeSet<String> = all.iter().map(|pv| pv.name_any()).collect();
+    for v in claims.state() {
+        let volume = v.spec.as_ref().and_then(|s| s.volume_name.clone()).unwrap_or_default();
+        let host = crate::sync::host_get(
+            ctx.stores.host::<PersistentVolumeClaim>(),
+            ctx,
+            &ctx.tr.host_name(&v.namespace().unwrap_or_default(), &v.name_any()),
+        );
+        if let Some(h) = host.filter(|_| v.annotations().contains_key(BIND_COMPLETED) && !names.contains(&volume))
+            && let Err(e) = bind(ctx, &v, &h, true).await
+        {
+            tracing::warn!(volume, error = %e, "making again the view of a bound claim's volume failed; retried at the next pass");
+        }
+    }
+    for pv in all.into_iter().filter(is_view) {
         let (ns, name) = claim_of(&pv);
         let uid = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()).and_then(|c| c.uid.clone());
         let current = claims.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns));
@@ -291,11 +308,11 @@ async fn delete_view(volumes: &Api<PersistentVolume>, pv: &PersistentVolume) -> 
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other,
     };
-    if !pv.finalizers().is_empty() {
-        let none = json!({"metadata": {"finalizers": null}});
-        gone(volumes.patch(&name, &crate::sync::patch_params(), &Patch::Merge(&none)).await.map(drop))?;
-    }
-    gone(volumes.delete(&name, &DeleteParams::default()).await.map(drop))
+    // Deleted first: an object being deleted gains no finalizer (the protection controller would
+    // add its own again between a release and the deletion).
+    gone(volumes.delete(&name, &DeleteParams::default()).await.map(drop))?;
+    let none = json!({"metadata": {"finalizers": null}});
+    gone(volumes.patch(&name, &crate::sync::patch_params(), &Patch::Merge(&none)).await.map(drop))
 }
 
 /// What of a claim's spec may change once it is made: the requested size, the attributes class.

@@ -180,8 +180,8 @@ async fn reconcile<M: Mirror>(ctx: &Context, (ns, name): Key) -> Result<Action> 
                     return Ok(Action::RequeueAfter(after_delete(h.as_ref())));
                 }
                 let updated = sync::replace_host(ctx, M::KIND, h.as_ref(), M::update(desired, &h)).await;
-                // A refused update is told and retried; the copy's state still flows back.
-                let told = sync::or_told(ctx, M::KIND, v.as_ref(), updated).await;
+                // A refused update is told and tried again later; the copy's state still flows back.
+                let told = sync::or_told_update(ctx, M::KIND, v.as_ref(), updated).await;
                 M::back(ctx, v, &h).await?;
                 return told;
             }

@@ -26,6 +26,14 @@ pub fn pod_refs(pod: &Pod) -> BTreeSet<(RefKind, String)> {
     out
 }
 
+/// The claims the virtual cluster makes for a pod's generic ephemeral volumes (`POD-VOLUME`, as
+/// the ephemeral-volume controller names them).
+pub fn ephemeral_claims(pod: &Pod) -> impl Iterator<Item = String> + '_ {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let volumes = pod.spec.iter().flat_map(|s| s.volumes.iter().flatten());
+    volumes.filter(|v| v.ephemeral.is_some()).map(move |v| format!("{name}-{}", v.name))
+}
+
 fn spec_refs(spec: &PodSpec, out: &mut BTreeSet<(RefKind, String)>) {
     use RefKind::*;
     for vol in spec.volumes.iter().flatten() {

@@ -222,9 +222,8 @@ fn refusal_reason(e: &kube::core::Status) -> &'static str {
     }
 }
 
-/// Tells the tenant why a create or an update did not happen: a collision (Warning, slow retry)
-/// or a host refusal (Warning quoting the host, retried with the queue's backoff: the quota may
-/// free up).
+/// Tells the tenant why a create did not happen: a collision (Warning, slow retry) or a host
+/// refusal (Warning quoting the host, retried with the queue's backoff: the quota may free up).
 pub async fn or_told<V: Resource<DynamicType = ()>, T>(
     ctx: &Context,
     kind: &'static str,
@@ -237,13 +236,38 @@ pub async fn or_told<V: Resource<DynamicType = ()>, T>(
             collision(ctx, v, name.rsplit('/').next().unwrap_or_default()).await;
             Ok(crate::queue::Action::RequeueAfter(std::time::Duration::from_secs(300)))
         }
-        Err(e @ SyncError::HostRefused { reason, .. }) => {
-            ctx.metrics.host_refused.get_or_create(&crate::metrics::RefusalLabels { kind, reason }).inc();
-            warn(ctx, v, "HostRefused", &e.to_string()).await;
+        Err(e @ SyncError::HostRefused { .. }) => {
+            told_refused(ctx, kind, v, &e).await;
             Err(e)
         }
         Err(e) => Err(e),
     }
+}
+
+/// Tells the tenant why an update of a host copy did not happen: a host refusal is told and
+/// tried again in 5 minutes (the tenant often cannot take the change back: a claim does not
+/// shrink), not at the backoff's pace, which would repeat the write and the Warning twice a
+/// minute for good.
+pub async fn or_told_update<V: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    kind: &'static str,
+    v: &V,
+    r: Result<()>,
+) -> Result<crate::queue::Action> {
+    match r {
+        Err(e @ SyncError::HostRefused { .. }) => {
+            told_refused(ctx, kind, v, &e).await;
+            Ok(crate::queue::Action::RequeueAfter(std::time::Duration::from_secs(300)))
+        }
+        other => other.map(|_| crate::queue::Action::Done),
+    }
+}
+
+async fn told_refused<V: Resource<DynamicType = ()>>(ctx: &Context, kind: &'static str, v: &V, e: &SyncError) {
+    if let SyncError::HostRefused { reason, .. } = e {
+        ctx.metrics.host_refused.get_or_create(&crate::metrics::RefusalLabels { kind, reason }).inc();
+    }
+    warn(ctx, v, "HostRefused", &e.to_string()).await;
 }
 
 /// Replaces a host object we own with `desired` (carrying the current resourceVersion).

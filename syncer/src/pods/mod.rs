@@ -84,7 +84,13 @@ impl SyncedKind for Pod {
             Change::Applied | Change::Listed => {
                 let allowed =
                     p.spec.as_ref().is_some_and(|s| c.policy.check_pod(p.metadata.annotations.as_ref(), s).is_ok());
-                c.refs.update(&ns, &name, if allowed { refs::pod_refs(p) } else { Default::default() })
+                let mut used = if allowed { refs::pod_refs(p) } else { Default::default() };
+                if allowed && c.policy.scheduling.virtual_scheduler {
+                    // Placed here, its ephemeral volumes are the virtual cluster's claims (see
+                    // `translate::volume`).
+                    used.extend(refs::ephemeral_claims(p).map(|n| (RefKind::PersistentVolumeClaim, n)));
+                }
+                c.refs.update(&ns, &name, used)
             }
         };
         for (kind, tns, tname) in changed {

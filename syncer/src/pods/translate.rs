@@ -19,8 +19,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EphemeralContainer, HostAlias, KeyToPath, ObjectFieldSelector, Pod, PodAffinityTerm,
-    PodDNSConfig, PodDNSConfigOption, PodSpec, ServiceAccountTokenProjection, Volume, VolumeProjection,
+    Container, EnvVar, EphemeralContainer, HostAlias, KeyToPath, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodDNSConfig, PodDNSConfigOption, PodSpec,
+    ServiceAccountTokenProjection, Volume, VolumeProjection,
 };
 use vkube_core::contract::{
     ANNOTATION_OBJECT_ANNOTATIONS, ANNOTATION_OBJECT_LABELS, ANNOTATION_POD_TOKEN, ANNOTATION_SERVICE_ACCOUNT,
@@ -254,6 +255,15 @@ fn volume(env: &PodEnv<'_>, ns: &str, pod: &str, vol: &mut Volume, fs_group: Opt
     }
     if let Some(pvc) = vol.persistent_volume_claim.as_mut() {
         pvc.claim_name = tr.host_name(ns, &pvc.claim_name);
+    }
+    if env.policy.scheduling.virtual_scheduler && vol.ephemeral.is_some() {
+        // The virtual scheduler placed the pod once the claim the virtual cluster made for this
+        // volume was bound (on the host, where that claim is synced): the host pod uses that
+        // claim, not one the host would make anew from the template.
+        vol.ephemeral = None;
+        let claim_name = tr.host_name(ns, &format!("{pod}-{}", vol.name));
+        vol.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource { claim_name, read_only: None });
+        return;
     }
     if let Some(t) = vol.ephemeral.as_mut().and_then(|e| e.volume_claim_template.as_mut()) {
         // The host makes the claim from the template: the same rules as a synced claim's, and
