@@ -267,7 +267,8 @@ fn claim_of(pv: &PersistentVolume) -> (String, String) {
 }
 
 /// Deletes the views whose claim is gone (or is another claim of the same name now), for those
-/// [`drop_view`] missed (deleted while the syncer was down); run by the storage loop.
+/// [`drop_view`] missed (deleted while the syncer was down), and makes again those of bound
+/// claims that the tenant deleted; run by the storage loop.
 pub async fn sweep_views(ctx: &Context) -> kube::Result<()> {
     let volumes: Api<PersistentVolume> = Api::all(ctx.virt.clone());
     let claims = ctx.stores.virt::<PersistentVolumeClaim>();
@@ -276,12 +277,14 @@ pub async fn sweep_views(ctx: &Context) -> kube::Result<()> {
     let names: std::collections::BTreeSet<String> = all.iter().map(|pv| pv.name_any()).collect();
     for v in claims.state() {
         let volume = v.spec.as_ref().and_then(|s| s.volume_name.clone()).unwrap_or_default();
-        let host = crate::sync::host_get(
-            ctx.stores.host::<PersistentVolumeClaim>(),
-            ctx,
-            &ctx.tr.host_name(&v.namespace().unwrap_or_default(), &v.name_any()),
-        );
-        if let Some(h) = host.filter(|_| v.annotations().contains_key(BIND_COMPLETED) && !names.contains(&volume))
+        if !v.annotations().contains_key(BIND_COMPLETED) || volume.is_empty() || names.contains(&volume) {
+            continue;
+        }
+        let host_name = ctx.tr.host_name(&v.namespace().unwrap_or_default(), &v.name_any());
+        let host = crate::sync::host_get(ctx.stores.host::<PersistentVolumeClaim>(), ctx, &host_name);
+        // Only where the host bound it to that volume (not a claim restored with its old name).
+        let host_volume = |h: &PersistentVolumeClaim| h.spec.as_ref().and_then(|s| s.volume_name.clone());
+        if let Some(h) = host.filter(|h| host_volume(h).as_deref() == Some(volume.as_str()))
             && let Err(e) = bind(ctx, &v, &h, true).await
         {
             tracing::warn!(volume, error = %e, "making again the view of a bound claim's volume failed; retried at the next pass");
