@@ -1494,6 +1494,15 @@ spec:
         "jsonpath={.status.phase} {.spec.capacity.storage} {.spec.claimRef.namespace}/{.spec.claimRef.name} {.spec.csi.driver} {.spec.hostPath}",
     ]);
     assert_eq!(view, "Bound 5Gi default/grows host.vkube.dev ", "the view of the host volume");
+    // A view the tenant deletes comes back at the storage loop's next pass (every minute).
+    vc.kubectl_ok(&["delete", "pv", "grow-1", "--wait=false"]);
+    // (Held by pv-protection while Bound; gone at once if not.)
+    vc.kubectl(&["patch", "pv", "grow-1", "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#]);
+    eventually("the deleted view made again", Duration::from_secs(130), || async {
+        let out = vc.kubectl(&["get", "pv", "grow-1", "-o", "jsonpath={.status.phase} {.metadata.deletionTimestamp}"]);
+        Ok((String::from_utf8_lossy(&out.stdout) == "Bound ").then_some(()))
+    })
+    .await;
     vc.kubectl_ok(&["label", "pvc", "grows", "tier=gold"]);
     // Only a virtual scheduler's choice of node reaches the host (this cluster has none).
     vc.kubectl_ok(&["annotate", "pvc", "grows", "volume.kubernetes.io/selected-node=elsewhere"]);
