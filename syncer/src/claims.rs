@@ -194,7 +194,7 @@ async fn bind(ctx: &Context, v: &PersistentVolumeClaim, h: &PersistentVolumeClai
 
 /// Whether a virtual PersistentVolume is a view the syncer made.
 fn is_view(pv: &PersistentVolume) -> bool {
-    pv.labels().get(vkube_core::contract::LABEL_FROM_HOST).is_some_and(|v| v == "true")
+    crate::storage::is_from_host(pv.labels())
 }
 
 /// The virtual view of the host volume a claim is bound to (pure): what the tenant and the
@@ -210,7 +210,7 @@ pub fn volume_view(
     PersistentVolume {
         metadata: ObjectMeta {
             name: Some(name.into()),
-            labels: Some([(vkube_core::contract::LABEL_FROM_HOST.to_string(), "true".to_string())].into()),
+            labels: Some(crate::storage::from_host_labels()),
             ..Default::default()
         },
         spec: Some(PersistentVolumeSpec {

@@ -19,10 +19,20 @@ use std::time::Duration;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams};
 
 use crate::context::Context;
 use vkube_core::contract::LABEL_FROM_HOST;
+
+/// The labels of what the syncer shows of the host's storage (class copies, volume views).
+pub fn from_host_labels() -> std::collections::BTreeMap<String, String> {
+    [(LABEL_FROM_HOST.to_string(), "true".to_string())].into()
+}
+
+/// Whether the syncer made this object (only those are changed or deleted).
+pub fn is_from_host(labels: &std::collections::BTreeMap<String, String>) -> bool {
+    labels.get(LABEL_FROM_HOST).is_some_and(|v| v == "true")
+}
 
 /// The annotations that make a class the default (the beta one is still read by the API server).
 const DEFAULT_CLASS: [&str; 2] =
@@ -59,10 +69,10 @@ async fn classes(ctx: &Context) -> kube::Result<()> {
             }
         }
     }
-    let pp = PostParams { field_manager: Some(vkube_core::contract::FIELD_MANAGER.into()), ..Default::default() };
+    let pp = crate::sync::post_params();
     for current in virt.list(&ListParams::default()).await?.items {
         let name = current.name_any();
-        let ours = current.labels().get(LABEL_FROM_HOST).is_some_and(|v| v == "true");
+        let ours = is_from_host(current.labels());
         match desired.remove(&name) {
             Some(_) if !ours => {
                 tracing::info!(class = %name, "the tenant has a StorageClass of this name; left as it is")
@@ -98,7 +108,7 @@ pub fn view(h: &StorageClass) -> StorageClass {
     StorageClass {
         metadata: ObjectMeta {
             name: h.metadata.name.clone(),
-            labels: Some([(LABEL_FROM_HOST.to_string(), "true".to_string())].into()),
+            labels: Some(from_host_labels()),
             annotations: default.then(|| [(DEFAULT_CLASS[0].to_string(), "true".to_string())].into()),
             ..Default::default()
         },
@@ -161,6 +171,7 @@ mod tests {
         assert_eq!(v.parameters, None, "parameters may name the host's Secrets");
         assert_eq!(v.metadata.annotations, None, "the host's own annotations stay there");
         assert_eq!(v.metadata.labels, Some([(LABEL_FROM_HOST.to_string(), "true".to_string())].into()));
+        assert!(is_from_host(v.labels()));
     }
 
     #[test]
