@@ -4,7 +4,8 @@
 //! cluster's own host Services): a tenant's webhook URL or APIService cannot make the control
 //! plane call the host's API server, a cloud metadata service or another tenant. Connections to
 //! the kubelet port of any other address (the virtual nodes' addresses, which the host's nodes
-//! give) never reach the network: vkube serves them itself (`kubelet`).
+//! give) never reach the network: vkube serves them itself (`kubelet`), as it serves the resource
+//! metrics API's name (`resource_metrics`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,12 +17,20 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 
 use crate::kubelet::{self, Kubelet};
+use crate::resource_metrics::{self, ResourceMetrics};
+
+/// What vkube answers itself on the virtual API server's way out.
+#[derive(Clone)]
+pub struct InProcess {
+    pub kubelet: Arc<Kubelet>,
+    pub metrics: Arc<ResourceMetrics>,
+}
 
 /// Whether the virtual API server may connect to an address.
 pub type Allowed = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
 
 /// Serves CONNECT on the unix socket `path` (replacing a stale one) until the task is dropped.
-pub async fn serve(path: &Path, allowed: Allowed, kubelet: Arc<Kubelet>) -> std::io::Result<()> {
+pub async fn serve(path: &Path, allowed: Allowed, in_process: InProcess) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -29,9 +38,9 @@ pub async fn serve(path: &Path, allowed: Allowed, kubelet: Arc<Kubelet>) -> std:
     let listener = tokio::net::UnixListener::bind(path)?;
     loop {
         let (stream, _) = listener.accept().await?;
-        let (allowed, kubelet) = (allowed.clone(), kubelet.clone());
+        let (allowed, in_process) = (allowed.clone(), in_process.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| connect(req, allowed.clone(), kubelet.clone()));
+            let service = hyper::service::service_fn(move |req| connect(req, allowed.clone(), in_process.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
@@ -51,10 +60,22 @@ fn answer(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
 async fn connect(
     req: Request<Incoming>,
     allowed: Allowed,
-    kubelet: Arc<Kubelet>,
+    in_process: InProcess,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     if req.method() != Method::CONNECT {
         return Ok(answer(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT"));
+    }
+    let metrics = req.uri().authority().is_some_and(|a| {
+        a.host() == resource_metrics::HOST && a.port_u16() == Some(vkube_core::contract::RESOURCE_METRICS_PORT)
+    });
+    if metrics {
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => in_process.metrics.serve(TokioIo::new(upgraded)).await,
+                Err(e) => tracing::debug!(error = %e, "egress upgrade failed"),
+            }
+        });
+        return Ok(answer(StatusCode::OK, ""));
     }
     // Only literal addresses: the API server resolves Services to their ClusterIPs itself, and a
     // name would be resolved here, where the tenant does not choose the resolver's answers.
@@ -68,7 +89,7 @@ async fn connect(
     if let Some(host) = kubelet_host {
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
-                Ok(upgraded) => kubelet.serve(TokioIo::new(upgraded), host).await,
+                Ok(upgraded) => in_process.kubelet.serve(TokioIo::new(upgraded), host).await,
                 Err(e) => tracing::debug!(error = %e, "egress upgrade failed"),
             }
         });

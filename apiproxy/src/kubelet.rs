@@ -8,19 +8,16 @@
 //! certificate of that CA gets a request served. Each request goes on, as the control plane, to
 //! the host API server for the pod's host copy.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 use tokio::io::{AsyncRead, AsyncWrite};
 use vkube_pki::{Bundle, LeafSpec, Validity};
 
-use crate::auth::Identity;
 use crate::error::ProxyError;
 use crate::route::HostSubresource;
 use crate::tls::{self, TlsError};
@@ -32,8 +29,6 @@ pub const CLIENT_USER: &str = "kube-apiserver-kubelet-client";
 pub const CA: &str = "kubelet-ca";
 pub use vkube_core::contract::KUBELET_PORT as PORT;
 
-/// How long the virtual API server has for its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a serving certificate is made for, and kept for reuse (half of it).
 const SERVING_VALIDITY_DAYS: i64 = 1;
 const SERVING_REUSE: Duration = Duration::from_secs(12 * 3600);
@@ -99,32 +94,11 @@ impl Kubelet {
                 return;
             }
         };
-        let accept = tokio_rustls::TlsAcceptor::from(config).accept(io);
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, %host, "kubelet connection refused: TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(%host, "kubelet connection refused: no TLS handshake in time");
-                return;
-            }
-        };
-        let user = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(Identity::from_cert);
-        if user.as_ref().map(|u| u.user.as_str()) != Some(CLIENT_USER) {
-            tracing::warn!(user = ?user.map(|u| u.user), %host, "kubelet connection refused: not the virtual API server");
-            return;
-        }
-        let service = hyper::service::service_fn(move |req| {
+        tls::serve_in_process(io, config, CLIENT_USER, "kubelet", move |req| {
             let kubelet = self.clone();
-            async move { Ok::<_, Infallible>(kubelet.handle(req).await) }
-        });
-        let conn =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).with_upgrades();
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "kubelet connection ended");
-        }
+            async move { kubelet.handle(req).await }
+        })
+        .await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {

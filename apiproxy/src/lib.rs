@@ -19,6 +19,7 @@ pub mod headers;
 mod host_pod;
 mod host_proxy;
 pub mod kubelet;
+pub mod resource_metrics;
 pub mod metrics;
 pub mod route;
 mod services;

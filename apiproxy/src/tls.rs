@@ -23,6 +23,8 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("no certificate in PEM")]
     Empty,
+    #[error("issuing a certificate: {0}")]
+    Issue(String),
 }
 
 pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -164,4 +166,46 @@ pub fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<rust
         .with_safe_default_protocol_versions()?
         .with_root_certificates(root_store(ca_pem)?)
         .with_client_auth_cert(certs_from_pem(cert_pem)?, key_from_pem(key_pem)?)?)
+}
+
+/// How long the virtual API server has for its TLS handshake with what vkube serves it itself.
+const IN_PROCESS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves one connection the virtual API server opened through the egress proxy to something
+/// vkube answers itself (`what`, for the logs): TLS with `config`, and a request served only for
+/// the client certificate of `user` (the verifier of `config` has checked its CA).
+pub async fn serve_in_process<IO, F, Fut>(io: IO, config: Arc<rustls::ServerConfig>, user: &str, what: &str, handle: F)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<crate::ProxyBody>> + Send + 'static,
+{
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(io);
+    let tls = match tokio::time::timeout(IN_PROCESS_HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "{what} connection refused: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("{what} connection refused: no TLS handshake in time");
+            return;
+        }
+    };
+    let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(crate::auth::Identity::from_cert);
+    if peer.as_ref().map(|u| u.user.as_str()) != Some(user) {
+        tracing::warn!(user = ?peer.map(|u| u.user), "{what} connection refused: not the virtual API server");
+        return;
+    }
+    let handle = Arc::new(handle);
+    let service = hyper::service::service_fn(move |req| {
+        let handle = handle.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "{what} connection ended");
+    }
 }

@@ -715,12 +715,15 @@ async fn the_virtual_nodes_kubelet_serves_only_the_api_server() {
     let running = serve_proxy(fake_api_server(Sar::Allow).await).await;
     let pki = &running.pki;
     let kubelet = Kubelet::new(running.proxy.clone(), pki.get("ca.crt").unwrap(), pki.get("ca.key").unwrap()).unwrap();
+    let (ca_crt, ca_key) = (pki.get("ca.crt").unwrap(), pki.get("ca.key").unwrap());
+    let metrics = vkube_apiproxy::resource_metrics::ResourceMetrics::new(running.proxy.clone(), ca_crt, ca_key, ca_crt);
+    let in_process = vkube_apiproxy::egress::InProcess { kubelet, metrics: metrics.unwrap() };
     let dir = std::env::temp_dir().join(format!("vkube-kubelet-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("egress.sock");
     tokio::spawn({
         let socket = socket.clone();
-        async move { vkube_apiproxy::egress::serve(&socket, Arc::new(|_| false), kubelet).await }
+        async move { vkube_apiproxy::egress::serve(&socket, Arc::new(|_| false), in_process).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -745,7 +748,17 @@ async fn the_virtual_nodes_kubelet_serves_only_the_api_server() {
         pki: &Bundle,
         client: Option<&str>,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::UnixStream>> {
-        let (status, unix) = connect(socket, &format!("10.9.8.7:{}", kubelet::PORT)).await;
+        let ip: std::net::IpAddr = "10.9.8.7".parse().unwrap();
+        tls_to(socket, pki, client, &format!("{ip}:{}", kubelet::PORT), ServerName::IpAddress(ip.into())).await
+    }
+    async fn tls_to(
+        socket: &std::path::Path,
+        pki: &Bundle,
+        client: Option<&str>,
+        target: &str,
+        server: ServerName<'static>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::UnixStream>> {
+        let (status, unix) = connect(socket, target).await;
         assert!(status.contains(" 200"), "{status}");
         let ca = pki.get("ca.crt").unwrap();
         let config = match client {
@@ -761,8 +774,7 @@ async fn the_virtual_nodes_kubelet_serves_only_the_api_server() {
                 .with_root_certificates(tls::root_store(ca).unwrap())
                 .with_no_client_auth(),
         };
-        let ip: std::net::IpAddr = "10.9.8.7".parse().unwrap();
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(ip.into()), unix).await
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(server, unix).await
     }
     async fn ask(
         stream: tokio_rustls::client::TlsStream<tokio::net::UnixStream>,
@@ -815,6 +827,25 @@ async fn the_virtual_nodes_kubelet_serves_only_the_api_server() {
 
     // Any other port of an address that is not one of this cluster's Services: refused.
     let (status, _) = connect(&socket, "10.9.8.7:8080").await;
+    assert!(status.contains(" 403"), "{status}");
+
+    // The resource metrics API's name: served in-process with a certificate for its Service's
+    // name, to the front-proxy client certificate only (the aggregator's), never to the kubelet
+    // client's; any other port of that name is refused (names are never dialled).
+    let target = format!("{}:443", vkube_apiproxy::resource_metrics::HOST);
+    let metrics = |client| {
+        let server = ServerName::try_from("vkube-metrics.kube-system.svc").unwrap();
+        tls_to(&socket, pki, client, &target, server)
+    };
+    let (code, body) =
+        ask(metrics(Some("front-proxy-client")).await.unwrap(), "GET", "/apis/metrics.k8s.io/v1beta1").await.unwrap();
+    assert_eq!((code, &body["groupVersion"]), (StatusCode::OK, &serde_json::json!("metrics.k8s.io/v1beta1")), "{body}");
+    let (code, _) = ask(metrics(Some("front-proxy-client")).await.unwrap(), "GET", "/apis").await.unwrap();
+    assert_eq!(code, StatusCode::NOT_FOUND, "aggregated discovery: the aggregator falls back to the version's");
+    if let Ok(stream) = metrics(Some("kubelet-client")).await {
+        assert!(ask(stream, "GET", "/apis/metrics.k8s.io/v1beta1").await.is_err(), "the kubelet client was served");
+    }
+    let (status, _) = connect(&socket, &format!("{}:8443", vkube_apiproxy::resource_metrics::HOST)).await;
     assert!(status.contains(" 403"), "{status}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -83,6 +83,13 @@ pub const ANNOTATION_HOST_RESOURCES: &str = "vkube.dev/host-resources";
 /// The kubelet port virtual nodes advertise: the virtual API server's connections to it go
 /// through vkube's egress proxy, which serves them itself (`vkube_apiproxy::kubelet`).
 pub const KUBELET_PORT: u16 = 10250;
+/// The virtual cluster's resource metrics API (`metrics.k8s.io`) is an APIService of this
+/// ExternalName Service (never copied to the host), whose name the virtual API server dials
+/// through vkube's egress proxy, which serves it itself (`vkube_apiproxy::resource_metrics`).
+/// `.invalid` never resolves anywhere else.
+pub const RESOURCE_METRICS_SERVICE: (&str, &str) = ("kube-system", "vkube-metrics");
+pub const RESOURCE_METRICS_HOST: &str = "resource-metrics.vkube.invalid";
+pub const RESOURCE_METRICS_PORT: u16 = 443;
 /// On the host Service named by the syncer's `Options::proxy_service`: the time up to which
 /// host events were mirrored.
 pub const ANNOTATION_EVENTS_MIRRORED_UNTIL: &str = "vkube.dev/events-mirrored-until";

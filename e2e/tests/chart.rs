@@ -277,6 +277,7 @@ async fn rendered_manifests_are_accepted_by_the_host_api_server() {
         rules,
         &serde_json::json!([
             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]},
+            {"apiGroups": ["metrics.k8s.io"], "resources": ["nodes"], "verbs": ["get"]},
             {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["get"]},
         ]),
         "a virtual scheduler lists nodes and reads the node affinity of volumes"
@@ -539,6 +540,26 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
         }
         let answer = String::from_utf8_lossy(&env.kubectl(&args).stdout).trim().to_string();
         assert_eq!(answer, if allowed { "yes" } else { "no" }, "{sa} can {verb} {resource} {sub:?} in {ns:?}");
+    }
+    // The host's resource metrics: its own namespace's pods', and nodes' by name (asked of the
+    // authorizer directly: kubectl cannot name a group this host does not serve).
+    let client = env.client().await;
+    let reviews: kube::Api<k8s_openapi::api::authorization::v1::SubjectAccessReview> = kube::Api::all(client);
+    for (verb, resource, ns, allowed) in [
+        ("list", "pods", NS, true),
+        ("list", "pods", "default", false),
+        ("get", "nodes", "", true),
+        ("list", "nodes", "", false),
+    ] {
+        let review = serde_json::from_value(serde_json::json!({
+            "spec": {"user": format!("system:serviceaccount:{NS}:{sa}"),
+                "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{NS}"), "system:authenticated"],
+                "resourceAttributes": {"group": "metrics.k8s.io", "resource": resource, "verb": verb, "namespace": ns}}
+        }))
+        .unwrap();
+        let answer = reviews.create(&Default::default(), &review).await.expect("a SubjectAccessReview");
+        let got = answer.status.map(|s| s.allowed);
+        assert_eq!(got, Some(allowed), "{sa} can {verb} {resource}.metrics.k8s.io in {ns:?}");
     }
     // The listed StorageClass and no other.
     for (class, allowed) in [

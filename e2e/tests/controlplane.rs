@@ -668,6 +668,23 @@ async fn pod_subresources_never_reach_host_pods_vkube_does_not_own_nor_serve_use
         }
     })
     .await;
+
+    // The resource metrics API is the virtual cluster's own (served by vkube from the host's):
+    // its RBAC decides, and a host without metrics-server (this kwok host) is said plainly.
+    assert_forbidden(
+        &vc.kubectl(&["--as=reader", "top", "pod", "web"]),
+        r#"User "reader" cannot get resource "pods" in API group "metrics.k8s.io""#,
+    );
+    eventually("kubectl top says the host has no metrics API", Duration::from_secs(30), || async {
+        let out = vc.kubectl(&["top", "pod", "web"]);
+        let said = stderr(&out);
+        if !out.status.success() && said.contains("the host cluster serves no resource metrics API") {
+            Ok(Some(()))
+        } else {
+            Err(text(&out))
+        }
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,16 +2,11 @@
 //! virtual API server. Its pods are synced to the host like any workload; its Service's
 //! ClusterIP (the same on both sides) is the nameserver of every synced pod.
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
-
-use crate::sync::Result;
-
 /// The CoreDNS image; the chart's values can override it. Its tag is `COREDNS_VERSION` of
 /// hack/versions.env, the version the dev host's real node builds and imports under this name.
 pub const DEFAULT_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.15.0";
 
-fn manifests(image: &str, cluster_domain: &str) -> Vec<serde_json::Value> {
+pub fn manifests(image: &str, cluster_domain: &str) -> Vec<serde_json::Value> {
     let corefile = format!(
         ".:53 {{\n    errors\n    health {{\n        lameduck 5s\n    }}\n    ready\n    kubernetes {cluster_domain} in-addr.arpa ip6.arpa {{\n        pods insecure\n        fallthrough in-addr.arpa ip6.arpa\n        ttl 30\n    }}\n    forward . /etc/resolv.conf\n    cache 30\n    loop\n    reload\n    loadbalance\n}}\n"
     );
@@ -46,26 +41,6 @@ fn manifests(image: &str, cluster_domain: &str) -> Vec<serde_json::Value> {
                 {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
                 {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}]}}),
     ]
-}
-
-/// Applies CoreDNS in the virtual cluster (server-side apply: repeatable, and it repairs what
-/// the tenant may have broken).
-pub async fn ensure(virt: &kube::Client, image: &str, cluster_domain: &str) -> Result<()> {
-    for m in manifests(image, cluster_domain) {
-        let (group, version) = match m["apiVersion"].as_str().unwrap_or("v1").split_once('/') {
-            Some((g, v)) => (g.to_string(), v.to_string()),
-            None => (String::new(), m["apiVersion"].as_str().unwrap_or("v1").to_string()),
-        };
-        let kind = m["kind"].as_str().unwrap_or_default();
-        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(&group, &version, kind));
-        let name = m["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        let api: Api<DynamicObject> = match m["metadata"]["namespace"].as_str() {
-            Some(ns) => Api::namespaced_with(virt.clone(), ns, &ar),
-            None => Api::all_with(virt.clone(), &ar),
-        };
-        api.patch(&name, &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(&m)).await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

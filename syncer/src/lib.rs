@@ -15,6 +15,7 @@
 //!   pods and Ingresses use), `context`, `health` (for the control plane's probes), `metrics`.
 
 pub mod budget;
+pub mod builtin;
 pub mod claims;
 pub mod compact;
 pub mod configs;
@@ -80,6 +81,9 @@ pub struct Config {
     pub virt: Client,
     pub host: Client,
     pub coredns_image: String,
+    /// The CA certificate (PEM) that signs the resource metrics API's serving certificate: the
+    /// `caBundle` of its APIService.
+    pub resource_metrics_ca: String,
     /// Registered by the caller (`Metrics::register`) before its registry is served.
     pub metrics: Metrics,
     /// Told when the caches are filled and when the syncer stops.
@@ -160,7 +164,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         wire(&ctx, &mut tasks);
     }
     let side_workers = sides.start(&ctx, &mut tasks);
-    let work = sync_forever(ctx, ready, workers, side_workers, resync, cfg.coredns_image);
+    let builtin = builtin::manifests(&cfg.coredns_image, &ctx.opts.cluster_domain, &cfg.resource_metrics_ca);
+    let work = sync_forever(ctx, ready, workers, side_workers, resync, builtin);
     let result = tokio::select! {
         stopped = work => Err(stopped),
         Some(ended) = tasks.join_next() => Err(Stopped::TaskEnded(describe(ended))),
@@ -183,7 +188,7 @@ async fn sync_forever(
     workers: Vec<SpawnWorkers>,
     side_workers: SideWorkers,
     resync: Vec<fn(&Context)>,
-    coredns_image: String,
+    builtin: Vec<serde_json::Value>,
 ) -> Stopped {
     let started = std::time::Instant::now();
     futures::future::join_all(ready).await;
@@ -204,8 +209,8 @@ async fn sync_forever(
     side_workers.spawn(&c, &mut running);
     c.queues.upward::<Service>().add((services::API_SERVICE.0.into(), services::API_SERVICE.1.into()));
     let initial = async {
-        while let Err(e) = dns::ensure(&c.virt, &coredns_image, &c.opts.cluster_domain).await {
-            tracing::warn!(error = %e, "installing CoreDNS in the virtual cluster failed; retrying");
+        while let Err(e) = builtin::ensure(&c.virt, &builtin).await {
+            tracing::warn!(error = %e, "installing CoreDNS and the resource metrics API in the virtual cluster failed; retrying");
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
         while !c.queues.all_idle() {

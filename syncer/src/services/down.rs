@@ -21,6 +21,9 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
         ctx.queues.upward::<Service>().add((ns, name));
         return Ok(Action::Done);
     }
+    if super::not_synced(&ns, &name) {
+        return Ok(Action::Done);
+    }
     let host_name = ctx.tr.host_name(&ns, &name);
     let v = ctx.stores.virt::<Service>().get(&ObjectRef::new(&name).within(&ns));
     let h = sync::host_get(ctx.stores.host::<Service>(), ctx, &host_name);

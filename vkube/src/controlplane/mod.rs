@@ -854,7 +854,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         kubelet_ca(&format!("{ca}.crt"))?,
         kubelet_ca(&format!("{ca}.key"))?,
     )?;
-    let egress = tokio::spawn(serve_egress(args.clone(), host_services.clone(), kubelet));
+    let metrics_api = vkube_apiproxy::resource_metrics::ResourceMetrics::new(
+        proxy.clone(),
+        kubelet_ca(&format!("{ca}.crt"))?,
+        kubelet_ca(&format!("{ca}.key"))?,
+        kubelet_ca("front-proxy-ca.crt")?,
+    )?;
+    let in_process = vkube_apiproxy::egress::InProcess { kubelet, metrics: metrics_api };
+    let egress = tokio::spawn(serve_egress(args.clone(), host_services.clone(), in_process));
     let options = vkube_syncer::context::Options {
         cluster_domain: args.sync.cluster_domain.clone(),
         sync_all_configmaps: args.sync.sync_all_configmaps,
@@ -872,6 +879,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let metrics = vkube_syncer::Metrics::register(&mut registry);
     let coredns_image = args.sync.coredns_image.clone();
+    let resource_metrics_ca = kubelet_ca(&format!("{ca}.crt"))?.to_string();
     let syncer_health = health.clone();
     let power_health = health.clone();
     let config: ConfigFactory = Arc::new(move |host, virt, recreate_lost_pods| vkube_syncer::Config {
@@ -881,6 +889,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         virt,
         host,
         coredns_image: coredns_image.clone(),
+        resource_metrics_ca: resource_metrics_ca.clone(),
         metrics: metrics.clone(),
         health: syncer_health.clone(),
         host_services: host_services.clone(),
@@ -1006,11 +1015,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// The virtual API server's way out (`vkube_apiproxy::egress`): only to this cluster's own host
 /// Services (their ClusterIPs and ports), as the syncer's store of them says (none until the
-/// syncer has made it), and to the virtual nodes' kubelet, which `kubelet` serves.
+/// syncer has made it), and to the virtual nodes' kubelet and the resource metrics API, which
+/// vkube serves itself.
 async fn serve_egress(
     args: RunArgs,
     services: vkube_syncer::SharedStore<Service>,
-    kubelet: Arc<vkube_apiproxy::kubelet::Kubelet>,
+    in_process: vkube_apiproxy::egress::InProcess,
 ) {
     let allowed: vkube_apiproxy::egress::Allowed = Arc::new(move |addr: SocketAddr| {
         let services = services.read().unwrap_or_else(|e| e.into_inner());
@@ -1023,7 +1033,7 @@ async fn serve_egress(
         })
     });
     let socket = args.cert_dir.join(EGRESS_SOCKET);
-    if let Err(e) = vkube_apiproxy::egress::serve(&socket, allowed, kubelet).await {
+    if let Err(e) = vkube_apiproxy::egress::serve(&socket, allowed, in_process).await {
         tracing::error!(error = %e, socket = %socket.display(), "the virtual API server's egress proxy stopped: webhooks, aggregated APIs, exec and port-forward fail until a restart");
     }
 }
