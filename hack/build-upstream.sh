@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds the pinned upstream binaries (Kubernetes, etcd, kwok, helm, and for a real node kubelet,
-# kube-proxy, pause, containerd, CoreDNS and the ingress controller traefik) from their Go modules into
-# a cache outside the clone, keyed by version. Idempotent: a component whose binaries are already
-# in the cache is skipped, so a second run takes well under a second.
+# kube-proxy, pause, containerd, CoreDNS, the ingress controller traefik and metrics-server) from
+# their Go modules into a cache outside the clone, keyed by version. Idempotent: a component whose
+# binaries are already in the cache is skipped, so a second run takes well under a second.
 #
 #   hack/build-upstream.sh [all|host|COMPONENT...]   (host: what a kwok-only dev host needs)
-#   components: kubernetes etcd kwok helm node containerd coredns traefik, and conformance (not in all:
-#   e2e.test, ginkgo and agnhost for hack/conformance)
+#   components: kubernetes etcd kwok helm node containerd coredns traefik metrics-server, and
+#   conformance (not in all: e2e.test, ginkgo and agnhost for hack/conformance)
 #   VKUBE_CACHE   cache root (default ~/.cache/vkube)
 #
 # Layout: $VKUBE_CACHE/upstream/<component>-<version>/<binary>; the Go module and build caches
@@ -70,7 +70,7 @@ version_of() {
     kwok) echo "$KWOK_VERSION" ;; helm) echo "$HELM_VERSION" ;;
     node) echo "$KUBERNETES_VERSION" ;; containerd) echo "$CONTAINERD_VERSION" ;;
     coredns) echo "$COREDNS_VERSION" ;; conformance) echo "$KUBERNETES_VERSION" ;;
-    traefik) echo "$TRAEFIK_VERSION" ;;
+    traefik) echo "$TRAEFIK_VERSION" ;; metrics-server) echo "$METRICS_SERVER_VERSION" ;;
   esac
 }
 cached() {
@@ -85,6 +85,7 @@ cached() {
     containerd) have "$out" "${containerd_bins[@]}" ;;
     coredns) have "$out" coredns ;;
     traefik) have "$out" traefik ;;
+    metrics-server) have "$out" metrics-server ;;
     conformance) have "$out" "${conformance_bins[@]}" ;;
   esac
 }
@@ -216,6 +217,19 @@ build_traefik() {
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
+build_metrics_server() {
+  local v=$METRICS_SERVER_VERSION out=$upstream/metrics-server-$METRICS_SERVER_VERSION
+  new_module "$cache/work/metrics-server-$v" vkube.local/upstream-metrics-server
+  cd "$cache/work/metrics-server-$v"
+  go get -tool "sigs.k8s.io/metrics-server/cmd/metrics-server@$v"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  # Its Makefile's version stamps (what `metrics-server --version` and its /version say).
+  local p=k8s.io/client-go/pkg/version
+  go build -trimpath -ldflags "-s -w -X $p.gitVersion=$v -X $p.gitTreeState=clean -X $p.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    -o "$out.tmp/metrics-server" sigs.k8s.io/metrics-server/cmd/metrics-server
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
 build_etcd() {
   local v=$ETCD_VERSION out=$upstream/etcd-$ETCD_VERSION
   local mod=$cache/work/etcd-$v
@@ -284,10 +298,11 @@ comps=()
 for arg in "${@:-all}"; do
   case $arg in
     # Kubernetes first: it is the longest, so its downloads should start at once.
-    all) comps+=(kubernetes etcd kwok helm node containerd coredns traefik) ;;
+    all) comps+=(kubernetes etcd kwok helm node containerd coredns traefik metrics-server) ;;
     host) comps+=(kubernetes etcd kwok helm) ;;
-    kubernetes|etcd|kwok|helm|node|containerd|coredns|traefik|conformance) comps+=("$arg") ;;
-    *) echo "usage: $0 [all|host|kubernetes|etcd|kwok|helm|node|containerd|coredns|traefik|conformance]..." >&2; exit 2 ;;
+    kubernetes|etcd|kwok|helm|node|containerd|coredns|traefik|metrics-server|conformance) comps+=("$arg") ;;
+    *) echo "usage: $0 [all|host|kubernetes|etcd|kwok|helm|node|containerd|coredns|traefik|metrics-server|conformance]..." >&2
+       exit 2 ;;
   esac
 done
 start=$SECONDS
@@ -311,7 +326,8 @@ for c in "${comps[@]}"; do
   # Kubernetes is the critical path: the others yield the CPU to it and fill the gaps left by its
   # downloads and links (2 cores; Go builds each use them all).
   prio=10; [ "$c" = kubernetes ] && prio=0
-  (renice -n "$prio" "$BASHPID" >/dev/null; "build_$c") > "$logs/$c.log" 2>&1 &
+  # A function name has no hyphen: build_metrics_server for metrics-server.
+  (renice -n "$prio" "$BASHPID" >/dev/null; "build_${c//-/_}") > "$logs/$c.log" 2>&1 &
   pid[$c]=$!; began[$c]=$SECONDS
   log "$c $v: building (log: $logs/$c.log)"
 done

@@ -9,7 +9,9 @@
 //! the host API server for the translated host pod with the control plane's host credentials.
 //!
 //! Module map: `route` (which handler, pure), `auth`, `headers` (header hygiene, pure), `tls`,
-//! `host_pod`, `upgrade`, `error` (what the proxy itself answers), `status`, `metrics`.
+//! `host_pod`, `upgrade`, `error` (what the proxy itself answers), `status`, `metrics`; and the
+//! virtual API server's way out, `egress`, with what it answers in-process: `kubelet` and
+//! `resource_metrics` (the virtual cluster's `metrics.k8s.io`).
 
 pub mod auth;
 mod connections;
@@ -19,8 +21,8 @@ pub mod headers;
 mod host_pod;
 mod host_proxy;
 pub mod kubelet;
-pub mod resource_metrics;
 pub mod metrics;
+pub mod resource_metrics;
 pub mod route;
 mod services;
 pub mod sleep;

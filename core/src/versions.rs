@@ -14,6 +14,7 @@ pub struct Versions {
     pub containerd: String,
     pub coredns: String,
     pub traefik: String,
+    pub metrics_server: String,
 }
 
 pub fn versions() -> Versions {
@@ -33,5 +34,6 @@ pub fn versions() -> Versions {
         containerd: get("CONTAINERD_VERSION"),
         coredns: get("COREDNS_VERSION"),
         traefik: get("TRAEFIK_VERSION"),
+        metrics_server: get("METRICS_SERVER_VERSION"),
     }
 }

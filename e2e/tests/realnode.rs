@@ -444,6 +444,91 @@ spec:
     assert_eq!(unready.status, "False");
 }
 
+/// The resource metrics API from the host's metrics-server: `kubectl top` in the virtual
+/// cluster shows the tenant's pods under their virtual names (and their node), and a
+/// HorizontalPodAutoscaler on CPU scales a Deployment whose pods are busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_top_and_an_autoscaler_see_the_hosts_resource_metrics() {
+    let _turn = ONE_REAL_NODE.lock().await;
+    let env = real_node_host().await;
+    let a = env.virtual_cluster("rn-top").await;
+    a.apply(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: busy}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: busy}}
+  template:
+    metadata: {labels: {app: busy}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: spin
+        image: docker.io/library/busybox:1.36
+        command: [sh, -c, "while :; do :; done"]
+        # Capped at a tenth of a core: twice its request, however fast the machine.
+        resources: {requests: {cpu: 50m}, limits: {cpu: 100m}}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: busy}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: busy}
+  minReplicas: 1
+  maxReplicas: 2
+  metrics:
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}
+"#,
+    );
+    wait_ready(&a, "default", &["pod", "-l", "app=busy"]);
+    let top = vkube_e2e::eventually("kubectl top pod shows the busy pod's CPU", Duration::from_secs(150), || async {
+        let out = a.kubectl(&["top", "pod", "-l", "app=busy", "--no-headers"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        // `busy-…   97m   1Mi`: a pod of the virtual name using CPU.
+        let busy = text.lines().find(|l| l.starts_with("busy-")).map(str::to_string);
+        Ok(busy.filter(|l| l.split_whitespace().nth(1).is_some_and(|cpu| cpu != "0m")))
+    })
+    .await;
+    assert!(!top.contains("-x-"), "a virtual name: {top}");
+    let raw = a.kubectl_ok(&["get", "--raw", "/apis/metrics.k8s.io/v1beta1/namespaces/default/pods"]);
+    let list: serde_json::Value = serde_json::from_str(&raw).expect("a PodMetricsList");
+    let items = list["items"].as_array().expect("items");
+    assert!(!items.is_empty() && items.iter().all(|i| i["metadata"]["namespace"] == "default"), "{raw}");
+    assert!(items.iter().all(|i| i["metadata"]["labels"]["app"] == "busy"), "the virtual pod's labels: {raw}");
+    assert!(items.iter().all(|i| i["containers"][0]["name"] == "spin"), "{raw}");
+    let nodes = a.kubectl_ok(&["top", "node", "--no-headers"]);
+    assert!(!nodes.trim().is_empty(), "kubectl top node: {nodes}");
+    // Reading it is part of `view`, as with metrics-server's own roles.
+    a.kubectl_ok(&["create", "clusterrolebinding", "viewer", "--clusterrole=view", "--user=viewer"]);
+    vkube_e2e::eventually("a viewer may run kubectl top", Duration::from_secs(30), || async {
+        let out = a.kubectl(&["--as=viewer", "top", "pod", "-l", "app=busy", "--no-headers"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.starts_with("busy-") { Ok(Some(())) } else { Err(text) }
+    })
+    .await;
+
+    // The autoscaler of the virtual cluster's controller manager reads the same API: the pod uses
+    // twice its request against a target of half of it, so it adds a replica.
+    let client = a.client().await;
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> = kube::Api::namespaced(client, "default");
+    vkube_e2e::eventually("the autoscaler scales busy to 2", Duration::from_secs(120), || async {
+        let d = deployments.get("busy").await.map_err(|e| e.to_string())?;
+        Ok(d.spec.replicas.filter(|r| *r == 2))
+    })
+    .await;
+    let hpa = a.kubectl_ok(&[
+        "get",
+        "hpa",
+        "busy",
+        "-o",
+        "jsonpath={.status.currentMetrics[0].resource.current.averageUtilization}",
+    ]);
+    assert!(hpa.parse::<u32>().is_ok_and(|u| u > 50), "the utilization it saw: {hpa}");
+}
+
 /// The claims of a JWT: (issued at, expires at).
 fn token_times(token: &str) -> (i64, i64) {
     use base64::Engine;
@@ -642,6 +727,16 @@ spec:
     ]);
     assert_eq!(seen.trim(), "deployment.apps/web");
     env.kubectl_ok(&["delete", "pod", "-n", ns, "admin-shell", "--wait=false"]);
+
+    // The resource metrics API with the chart's own host rights (its Role).
+    vkube_e2e::eventually("kubectl top pod through the chart's pod", Duration::from_secs(120), || async {
+        let mut all = vec!["connect", "team-r", "--port-forward", "--", kubectl_bin.as_str()];
+        all.extend(["top", "pod", "-l", "app=web", "--no-headers"]);
+        let out = cli.run(&all);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if out.status.success() && text.starts_with("web-") { Ok(Some(())) } else { Err(text) }
+    })
+    .await;
 
     // Sleep mode in the chart's one container: its workloads and upstream components stop, the
     // pod stays (its proxy waits for a request); the first kubectl request wakes it.

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
@@ -17,7 +17,7 @@ use vkube_pki::{Bundle, BundleSpec, LeafSpec, Validity, kubeconfig};
 use crate::node::{self, RealNode};
 use crate::process::{self, Lifetime, ProcessGroup, ProcessSpec, log_tail};
 use crate::upstream::Upstream;
-use crate::{Error, Progress, Result, ingress, io_err, ports, wait};
+use crate::{Error, Progress, Result, ingress, io_err, metrics_server, ports, wait};
 
 pub use vkube_kubeclient::write_private;
 
@@ -55,6 +55,9 @@ pub struct HostPorts {
     /// Its Prometheus metrics (`/metrics`, plain HTTP), with a real node.
     #[serde(default)]
     pub ingress_metrics: u16,
+    /// metrics-server's HTTPS port on the node's address, with a real node.
+    #[serde(default)]
+    pub metrics_server: u16,
 }
 
 impl HostPorts {
@@ -68,6 +71,7 @@ impl HostPorts {
             kwok: ports::free_port(),
             ingress: ports::free_port(),
             ingress_metrics: ports::free_port(),
+            metrics_server: ports::free_port(),
         }
     }
 
@@ -121,10 +125,10 @@ impl HostCluster {
             Some(state) if state.ports.all_free() => state.ports,
             _ => HostPorts::allocate(),
         };
-        // Only a real node's ingress controller listens there: re-picked alone if taken, so
-        // the API server's port (in every kubeconfig handed out) stays.
+        // Only a real node's ingress controller and metrics-server listen there: re-picked alone
+        // if taken, so the API server's port (in every kubeconfig handed out) stays.
         if opts.real_nodes > 0 {
-            for port in [&mut ports.ingress, &mut ports.ingress_metrics] {
+            for port in [&mut ports.ingress, &mut ports.ingress_metrics, &mut ports.metrics_server] {
                 if *port == 0 || !ports::is_free(*port) {
                     *port = ports::free_port();
                 }
@@ -149,6 +153,8 @@ impl HostCluster {
         let client = host.client().await?;
         wait_api_ready(&client, &mut host.processes, "kube-apiserver", &dir.join("logs"), Duration::from_secs(90))
             .await?;
+        // An earlier run's, whose metrics-server does not run (yet): it would fail discovery.
+        metrics_server::remove_api_service(&client).await?;
         progress(&format!("[4/{total}] kube-controller-manager and kube-scheduler"));
         host.processes.spawn(host.controller_manager(&up))?;
         host.processes.spawn(host.scheduler(&up))?;
@@ -173,8 +179,8 @@ impl HostCluster {
         host.wait_default_service_account(&client).await?;
         if opts.real_nodes > 0 {
             progress(&format!(
-                "[8/{total}] a real node: containerd, kubelet and kube-proxy on bridge {} ({}), and traefik serving \
-                 ingress class {} on http://127.0.0.1:{}",
+                "[8/{total}] a real node: containerd, kubelet and kube-proxy on bridge {} ({}), traefik serving \
+                 ingress class {} on http://127.0.0.1:{}, and metrics-server (metrics.k8s.io, kubectl top)",
                 node::BRIDGE,
                 node::ADDRESS,
                 ingress::CLASS,
@@ -182,6 +188,7 @@ impl HostCluster {
             ));
             host.start_real_node(&up, &pki, &client, opts.lifetime, progress).await?;
             host.start_ingress(&up, &client).await?;
+            host.start_metrics_server(&up, &client).await?;
         }
         Ok(host)
     }
@@ -246,6 +253,28 @@ impl HostCluster {
         // Still running a moment later (not someone else on its port).
         tokio::time::sleep(Duration::from_millis(500)).await;
         self.processes.check_running()
+    }
+
+    /// metrics-server, once the node's kubelet serves what it scrapes: the host API server must
+    /// answer `metrics.k8s.io` through it.
+    async fn start_metrics_server(&mut self, up: &Upstream, client: &Client) -> Result<()> {
+        let port = self.ports.metrics_server;
+        let token = metrics_server::install(client, port).await?;
+        let ca = self.dir.join("pki/ca.crt");
+        self.processes.spawn(metrics_server::spec(up, &self.dir, port, &self.server(), &ca, &token)?)?;
+        self.wait_running("metrics-server", Duration::from_secs(90), || {
+            let client = client.clone();
+            async move {
+                metrics_server::api_service_available(&client).await?;
+                let req = http::Request::get(metrics_server::NODES_PATH).body(vec![]).map_err(|e| e.to_string())?;
+                client
+                    .request_text(req)
+                    .await
+                    .map(|_| Some(()))
+                    .map_err(|e| format!("GET {}: {e}", metrics_server::NODES_PATH))
+            }
+        })
+        .await
     }
 
     /// Waits for `check` while every host process runs: one that exits is reported at once,
@@ -379,14 +408,17 @@ impl HostCluster {
             .args(if self.real_node {
                 // Pods on the real node reach it through the `kubernetes` Service, whose endpoint is
                 // the node's address (the bridge is made later: it listens on every address).
-                [
+                vec![
                     "--bind-address=0.0.0.0".to_string(),
                     format!("--advertise-address={}", node::ADDRESS),
                     "--endpoint-reconciler-type=lease".into(),
+                    // Aggregated APIs (metrics-server) reached at their EndpointSlice's address,
+                    // not through a ClusterIP kube-proxy would have to program first.
+                    "--enable-aggregator-routing=true".into(),
                 ]
             } else {
                 // Loopback cannot be a Service endpoint; simulated nodes have no pods that need one.
-                [
+                vec![
                     "--bind-address=127.0.0.1".to_string(),
                     "--advertise-address=127.0.0.1".into(),
                     "--endpoint-reconciler-type=none".into(),
@@ -553,6 +585,66 @@ impl HostCluster {
             log: self.dir.join("logs").join(format!("{component}.log")).display().to_string(),
         }
     }
+}
+
+/// Applies YAML documents (`---`-separated, each of a kind [`resource`] knows) on the host,
+/// server-side, as [`FIELD_MANAGER`]; `what` names them in errors.
+pub(crate) async fn apply_objects(client: &Client, what: &str, docs: &str) -> Result<()> {
+    for doc in docs.split("\n---\n") {
+        let obj: DynamicObject = serde_saphyr::from_str(doc).map_err(|e| Error::Node(format!("{what}: {e}")))?;
+        let kind = obj.types.as_ref().map(|t| t.kind.as_str()).unwrap_or_default();
+        let ar = resource(kind).ok_or_else(|| Error::Node(format!("{what}: unexpected kind {kind:?}")))?;
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+            None => Api::all_with(client.clone(), &ar),
+        };
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj)).await?;
+    }
+    Ok(())
+}
+
+/// The API resource of each kind the host's own components' objects use ([`apply_objects`]).
+pub(crate) fn resource(kind: &str) -> Option<ApiResource> {
+    use k8s_openapi::api::core::v1::{Namespace, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use k8s_openapi::api::networking::v1::IngressClass;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+    use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
+    Some(match kind {
+        "IngressClass" => ApiResource::erase::<IngressClass>(&()),
+        "Namespace" => ApiResource::erase::<Namespace>(&()),
+        "ServiceAccount" => ApiResource::erase::<ServiceAccount>(&()),
+        "Secret" => ApiResource::erase::<Secret>(&()),
+        "Service" => ApiResource::erase::<Service>(&()),
+        "EndpointSlice" => ApiResource::erase::<EndpointSlice>(&()),
+        "ClusterRole" => ApiResource::erase::<ClusterRole>(&()),
+        "ClusterRoleBinding" => ApiResource::erase::<ClusterRoleBinding>(&()),
+        "RoleBinding" => ApiResource::erase::<RoleBinding>(&()),
+        "APIService" => ApiResource::erase::<APIService>(&()),
+        _ => return None,
+    })
+}
+
+/// The token of a service account's long-lived token Secret `namespace/secret`, once the
+/// controller manager's token controller has filled it in; `whose` names it in errors.
+pub(crate) async fn service_account_token(
+    client: &Client,
+    namespace: &str,
+    secret: &str,
+    whose: &str,
+) -> Result<String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    wait::until(Duration::from_secs(60), Duration::from_millis(200), || {
+        let secrets = secrets.clone();
+        async move {
+            let s = secrets.get(secret).await.map_err(|e| e.to_string())?;
+            let token = s.data.and_then(|d| d.get("token").cloned());
+            Ok(token.map(|t| String::from_utf8_lossy(&t.0).to_string()))
+        }
+    })
+    .await
+    .map_err(|d| Error::Node(format!("{whose} service account token was not filled in: {d}")))
 }
 
 const KWOK_DEBUG_KINDS: [&str; 8] =

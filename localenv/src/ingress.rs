@@ -4,15 +4,10 @@
 //! It reads the host API with a service account of its own, as in-cluster controllers do.
 
 use std::path::Path;
-use std::time::Duration;
-
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::discovery::ApiResource;
 
 use crate::process::ProcessSpec;
 use crate::upstream::Upstream;
-use crate::{Error, Result, wait};
+use crate::{Result, host};
 
 /// The host's ingress class that traefik serves.
 pub const CLASS: &str = "traefik";
@@ -70,46 +65,8 @@ subjects: [{kind: ServiceAccount, name: traefik, namespace: traefik}]
 /// Makes traefik's objects on the host and returns its token (filled in by the controller
 /// manager's token controller).
 pub async fn install(client: &kube::Client) -> Result<String> {
-    for doc in OBJECTS.split("\n---\n") {
-        let obj: DynamicObject =
-            serde_saphyr::from_str(doc).map_err(|e| Error::Node(format!("traefik's objects: {e}")))?;
-        let kind = obj.types.as_ref().map(|t| t.kind.as_str()).unwrap_or_default();
-        let ar = resource(kind).ok_or_else(|| Error::Node(format!("traefik's objects: unexpected kind {kind:?}")))?;
-        let name = obj.metadata.name.clone().unwrap_or_default();
-        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-            None => Api::all_with(client.clone(), &ar),
-        };
-        api.patch(&name, &PatchParams::apply("vkube-dev").force(), &Patch::Apply(&obj)).await?;
-    }
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
-    let token = wait::until(Duration::from_secs(60), Duration::from_millis(200), || {
-        let secrets = secrets.clone();
-        async move {
-            let s = secrets.get("traefik-token").await.map_err(|e| e.to_string())?;
-            let token = s.data.and_then(|d| d.get("token").cloned());
-            Ok(token.map(|t| String::from_utf8_lossy(&t.0).to_string()))
-        }
-    })
-    .await
-    .map_err(|d| Error::Node(format!("traefik's service account token was not filled in: {d}")))?;
-    Ok(token)
-}
-
-/// The API resource of each kind in [`OBJECTS`].
-fn resource(kind: &str) -> Option<ApiResource> {
-    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-    use k8s_openapi::api::networking::v1::IngressClass;
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-    Some(match kind {
-        "IngressClass" => ApiResource::erase::<IngressClass>(&()),
-        "Namespace" => ApiResource::erase::<Namespace>(&()),
-        "ServiceAccount" => ApiResource::erase::<ServiceAccount>(&()),
-        "Secret" => ApiResource::erase::<Secret>(&()),
-        "ClusterRole" => ApiResource::erase::<ClusterRole>(&()),
-        "ClusterRoleBinding" => ApiResource::erase::<ClusterRoleBinding>(&()),
-        _ => return None,
-    })
+    host::apply_objects(client, "traefik's objects", OBJECTS).await?;
+    host::service_account_token(client, NAMESPACE, "traefik-token", "traefik's").await
 }
 
 /// traefik serving Ingresses of class [`CLASS`] on `127.0.0.1:port` (plain HTTP) and its
@@ -145,6 +102,6 @@ pub fn spec(
     });
     // YAML is a superset of JSON: traefik reads it by its name.
     let file = dir.join("traefik.yaml");
-    crate::host::write_private(&file, &config.to_string())?;
+    host::write_private(&file, &config.to_string())?;
     Ok(ProcessSpec::new("traefik", up.traefik(), &dir.join("logs")).arg(format!("--configFile={}", file.display())))
 }

@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod host;
 pub mod image;
 pub mod ingress;
+pub mod metrics_server;
 pub mod node;
 pub mod ports;
 pub mod process;

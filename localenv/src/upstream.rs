@@ -39,6 +39,7 @@ pub struct Upstream {
     containerd: PathBuf,
     coredns: PathBuf,
     traefik: PathBuf,
+    metrics_server: PathBuf,
 }
 
 impl Upstream {
@@ -55,6 +56,7 @@ impl Upstream {
             containerd: root.join(format!("containerd-{}", v.containerd)),
             coredns: root.join(format!("coredns-{}", v.coredns)),
             traefik: root.join(format!("traefik-{}", v.traefik)),
+            metrics_server: root.join(format!("metrics-server-{}", v.metrics_server)),
         };
         for bin in [
             up.kube_apiserver(),
@@ -113,6 +115,7 @@ impl Upstream {
             self.ctr(),
             self.coredns(),
             self.traefik(),
+            self.metrics_server(),
         ];
         match bins.into_iter().find(|b| !b.is_file()) {
             Some(missing) => Err(Error::MissingBinary(missing)),
@@ -144,6 +147,10 @@ impl Upstream {
     /// The real node's ingress controller.
     pub fn traefik(&self) -> PathBuf {
         self.traefik.join("traefik")
+    }
+    /// The real node's resource metrics (metrics.k8s.io, what `kubectl top` reads).
+    pub fn metrics_server(&self) -> PathBuf {
+        self.metrics_server.join("metrics-server")
     }
     /// kwok's stage configurations (node and pod lifecycles).
     pub fn kwok_stages(&self) -> PathBuf {

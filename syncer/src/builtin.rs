@@ -19,7 +19,8 @@ pub fn manifests(image: &str, cluster_domain: &str, metrics_ca_pem: &str) -> Vec
 }
 
 /// `metrics.k8s.io/v1beta1` as an aggregated API of an ExternalName Service (no address of its
-/// own, never copied to the host) whose name vkube's egress proxy answers.
+/// own, never copied to the host) whose name vkube's egress proxy answers; and, as
+/// metrics-server's own manifests do, reading it is part of the `view`, `edit` and `admin` roles.
 fn resource_metrics(ca_pem: &str) -> Vec<Value> {
     let (ns, name) = RESOURCE_METRICS_SERVICE;
     let port = i32::from(RESOURCE_METRICS_PORT);
@@ -31,6 +32,12 @@ fn resource_metrics(ca_pem: &str) -> Vec<Value> {
             "spec": {"group": "metrics.k8s.io", "version": "v1beta1", "groupPriorityMinimum": 100, "versionPriority": 100,
                 "service": {"name": name, "namespace": ns, "port": port},
                 "caBundle": base64::engine::general_purpose::STANDARD.encode(ca_pem)}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "system:aggregated-metrics-reader", "labels": {
+                "rbac.authorization.k8s.io/aggregate-to-view": "true",
+                "rbac.authorization.k8s.io/aggregate-to-edit": "true",
+                "rbac.authorization.k8s.io/aggregate-to-admin": "true"}},
+            "rules": [{"apiGroups": ["metrics.k8s.io"], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]}]}),
     ]
 }
 
