@@ -13,8 +13,9 @@
 //! node of its name). Nothing else of the host shows: a host pod that is not a copy of a pod
 //! the tenant has, or a node the virtual cluster does not show, is never answered.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use http::{Method, Request, Response};
@@ -22,6 +23,7 @@ use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 use vkube_core::contract::{LABEL_NAMESPACE, RESOURCE_METRICS_SERVICE};
@@ -38,13 +40,31 @@ use crate::{Proxy, ProxyBody};
 /// presents to the APIs it proxies.
 pub const CLIENT_USER: &str = "front-proxy-client";
 const GROUP_VERSION: &str = "metrics.k8s.io/v1beta1";
-/// Host reads of node metrics at once (one GET per virtual node: the control plane may get a
-/// host node's metrics by name, not list them all).
+/// Host reads of node metrics at once (one GET per node: the control plane may get a host
+/// node's metrics by name, not list them all).
 const NODE_READS: usize = 8;
+/// How long a host answer is reused: metrics-server scrapes every 15 s by default, and each of
+/// the virtual cluster's autoscalers asks every 15 s.
+const HOST_REUSE: Duration = Duration::from_secs(10);
+/// The serving certificate's life, and how long it is reused (half of it).
+const SERVING_VALIDITY_DAYS: i64 = 1;
+const SERVING_REUSE: Duration = Duration::from_secs(12 * 3600);
+
+/// The host nodes the virtual cluster may show (those the host ran its pods on; with
+/// `sync_all_nodes`, those the admin allows): a tenant's own Node of another name is answered
+/// nothing of the host.
+pub type ShownNodes = Arc<dyn Fn() -> BTreeSet<String> + Send + Sync>;
 
 pub struct ResourceMetrics {
     proxy: Arc<Proxy>,
-    tls: Arc<rustls::ServerConfig>,
+    /// The kubelet CA, which signs the serving certificate.
+    ca: Bundle,
+    clients: Arc<dyn ClientCertVerifier>,
+    tls: moka::future::Cache<(), Arc<rustls::ServerConfig>>,
+    shown_nodes: ShownNodes,
+    /// Host answers by virtual namespace (`None`: all), and by node.
+    pods: moka::future::Cache<Option<String>, Arc<BTreeMap<String, Value>>>,
+    nodes: moka::future::Cache<String, Option<Value>>,
 }
 
 impl ResourceMetrics {
@@ -55,6 +75,7 @@ impl ResourceMetrics {
         ca_cert_pem: &str,
         ca_key_pem: &str,
         front_proxy_ca_pem: &str,
+        shown_nodes: ShownNodes,
     ) -> Result<Arc<Self>, TlsError> {
         let clients = WebPkiClientVerifier::builder_with_provider(
             Arc::new(tls::root_store(front_proxy_ca_pem)?),
@@ -67,17 +88,33 @@ impl ResourceMetrics {
                 .map(|(f, pem)| (f.to_string(), pem.to_string()))
                 .collect(),
         };
+        let this = ResourceMetrics {
+            proxy,
+            ca,
+            clients,
+            tls: cache(SERVING_REUSE),
+            shown_nodes,
+            pods: cache(HOST_REUSE),
+            nodes: cache(HOST_REUSE),
+        };
+        this.server_config()?;
+        Ok(Arc::new(this))
+    }
+
+    /// A fresh serving certificate for the Service's name, client certificates of the front
+    /// proxy's CA required.
+    fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
         let (ns, name) = RESOURCE_METRICS_SERVICE;
         let leaf = LeafSpec::server("vkube-resource-metrics", "ca", &[format!("{name}.{ns}.svc")], &[]);
-        // Made at every start: as long as the control plane's own serving certificate.
-        let (cert, key) = ca
-            .issue(&leaf, Validity::default(), vkube_pki::OffsetDateTime::now_utc())
+        let validity = Validity { leaf: vkube_pki::Duration::days(SERVING_VALIDITY_DAYS), ..Validity::default() };
+        let (cert, key) = self
+            .ca
+            .issue(&leaf, validity, vkube_pki::OffsetDateTime::now_utc())
             .map_err(|e| TlsError::Issue(format!("the resource metrics API's: {e}")))?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        Ok(rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(clients)
-            .with_single_cert(tls::certs_from_pem(&cert)?, tls::key_from_pem(&key)?)?;
-        Ok(Arc::new(ResourceMetrics { proxy, tls: Arc::new(config) }))
+            .with_client_cert_verifier(self.clients.clone())
+            .with_single_cert(tls::certs_from_pem(&cert)?, tls::key_from_pem(&key)?)?)
     }
 
     /// Serves one connection the virtual API server opened to [`HOST`].
@@ -85,7 +122,13 @@ impl ResourceMetrics {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let config = self.tls.clone();
+        let config = match self.tls.try_get_with((), async { self.server_config().map(Arc::new) }).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "no serving certificate for the resource metrics API");
+                return;
+            }
+        };
         tls::serve_in_process(io, config, CLIENT_USER, "resource metrics", move |req| {
             let this = self.clone();
             async move { this.handle(req).await }
@@ -94,9 +137,9 @@ impl ResourceMetrics {
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let answer = match Asked::parse(req.method(), req.uri().path()) {
-            Ok(asked) => self.answer(asked, Selectors::parse(req.uri().query())).await,
-            Err(e) => Err(e),
+        let answer = match (Asked::parse(req.method(), req.uri().path()), Selectors::parse(req.uri().query())) {
+            (Ok(asked), Ok(sel)) => self.answer(asked, sel).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
         };
         match answer {
             Ok(body) => {
@@ -117,12 +160,15 @@ impl ResourceMetrics {
             Asked::Discovery => Ok(discovery()),
             Asked::Pods { namespace, name } => {
                 let pods = self.virtual_pods(namespace.as_deref(), name.as_deref(), &sel).await?;
-                let host = self.host_pod_metrics(namespace.as_deref()).await?;
+                // No pod selected, nothing to ask the host.
+                let host = if pods.is_empty() { Default::default() } else { self.host_pod_metrics(namespace).await? };
                 let items = pod_metrics(&self.proxy.translator, &pods, &host);
                 one_or_list(items, name, "PodMetrics", "pods")
             }
             Asked::Nodes { name } => {
-                let nodes = self.virtual_nodes(name.as_deref(), &sel).await?;
+                let mut nodes = self.virtual_nodes(name.as_deref(), &sel).await?;
+                let shown = (self.shown_nodes)();
+                nodes.retain(|n| n.metadata.name.as_ref().is_some_and(|n| shown.contains(n)));
                 let names: Vec<String> = nodes.iter().map(|n| n.metadata.name.clone().unwrap_or_default()).collect();
                 let host = futures::stream::iter(names)
                     .map(|n| self.host_node_metrics(n))
@@ -164,33 +210,32 @@ impl ResourceMetrics {
     }
 
     /// This cluster's host pods' metrics (of one virtual namespace's, or all), by host name.
-    async fn host_pod_metrics(&self, namespace: Option<&str>) -> Result<BTreeMap<String, Value>, ProxyError> {
-        let tr = &self.proxy.translator;
-        let mut selector = tr.cluster_selector();
-        if let Some(ns) = namespace {
-            selector.push_str(&format!(",{LABEL_NAMESPACE}={ns}"));
-        }
-        let query = form_urlencoded::Serializer::new(String::new()).append_pair("labelSelector", &selector).finish();
-        let path = format!("/apis/{GROUP_VERSION}/namespaces/{}/pods?{query}", tr.host_namespace());
-        let list = self.host_get(&path, None).await?.unwrap_or_default();
-        Ok(list["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| Some((i["metadata"]["name"].as_str()?.to_string(), i.clone())))
-            .collect())
+    async fn host_pod_metrics(&self, namespace: Option<String>) -> Result<Arc<BTreeMap<String, Value>>, ProxyError> {
+        let read = async {
+            let tr = &self.proxy.translator;
+            let mut selector = tr.cluster_selector();
+            if let Some(ns) = &namespace {
+                selector.push_str(&format!(",{LABEL_NAMESPACE}={ns}"));
+            }
+            let query =
+                form_urlencoded::Serializer::new(String::new()).append_pair("labelSelector", &selector).finish();
+            let path = format!("/apis/{GROUP_VERSION}/namespaces/{}/pods?{query}", tr.host_namespace());
+            let list = self.host_get(&path, None).await?.unwrap_or_default();
+            let by_name = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| Some((i["metadata"]["name"].as_str()?.to_string(), i.clone())))
+                .collect();
+            Ok(Arc::new(by_name))
+        };
+        self.pods.try_get_with(namespace.clone(), read).await.map_err(unshared)
     }
 
-    /// The host's metrics of the node a virtual node stands for (`None`: none yet, or not one the
-    /// control plane may read).
+    /// The host's metrics of a node (`None`: none yet).
     async fn host_node_metrics(&self, name: String) -> Result<Option<Value>, ProxyError> {
-        match self.host_get(&format!("/apis/{GROUP_VERSION}/nodes/{name}"), Some(&name)).await {
-            Err(ProxyError::Forbidden(why)) => {
-                tracing::debug!(node = %name, %why, "no metrics of this node");
-                Ok(None)
-            }
-            other => other,
-        }
+        let path = format!("/apis/{GROUP_VERSION}/nodes/{name}");
+        self.nodes.try_get_with(name.clone(), self.host_get(&path, Some(&name))).await.map_err(unshared)
     }
 
     /// A GET of the host's metrics API (of the object `name`, or a list): `None` when that
@@ -212,11 +257,32 @@ impl ResourceMetrics {
             ))),
             Err(kube::Error::Api(e)) if e.code == 403 => Err(ProxyError::Forbidden(format!(
                 "the control plane may not read the host's resource metrics ({}); the host's admin grants it (the \
-                 chart's Role does)",
+                 chart's Role for pods; its ClusterRole, with rbac.readHostNodes, for nodes)",
                 e.message
             ))),
             Err(e) => Err(ProxyError::upstream("reading the host's resource metrics", e)),
         }
+    }
+}
+
+fn cache<K, V>(ttl: Duration) -> moka::future::Cache<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    moka::future::Cache::builder().max_capacity(1024).time_to_live(ttl).build()
+}
+
+/// A cached load's error, for this request (moka shares one among the requests that waited).
+fn unshared(e: Arc<ProxyError>) -> ProxyError {
+    match Arc::try_unwrap(e) {
+        Ok(e) => e,
+        Err(shared) => match shared.as_ref() {
+            ProxyError::Unavailable(m) => ProxyError::Unavailable(m.clone()),
+            ProxyError::Forbidden(m) => ProxyError::Forbidden(m.clone()),
+            ProxyError::BadRequest(m) => ProxyError::BadRequest(m.clone()),
+            other => ProxyError::upstream("reading the host's resource metrics", other.to_string()),
+        },
     }
 }
 
@@ -259,7 +325,9 @@ impl Asked {
     }
 }
 
-/// The label and field selectors of a list, applied to the virtual objects.
+/// The label and field selectors of a list, applied to the virtual objects. Fields as
+/// metrics-server takes them: the object's name and namespace only (the virtual list is the
+/// control plane's: any other field would tell a user who may read metrics what the pods hold).
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Selectors {
     labels: Option<String>,
@@ -267,16 +335,31 @@ struct Selectors {
 }
 
 impl Selectors {
-    fn parse(query: Option<&str>) -> Self {
+    fn parse(query: Option<&str>) -> Result<Self, ProxyError> {
         let mut s = Selectors::default();
         for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
             match k.as_ref() {
                 "labelSelector" if !v.is_empty() => s.labels = Some(v.into_owned()),
-                "fieldSelector" if !v.is_empty() => s.fields = Some(v.into_owned()),
+                "fieldSelector" if !v.is_empty() => {
+                    for term in v.split(',') {
+                        let key = term.split(['=', '!']).next().unwrap_or_default().trim();
+                        if key != "metadata.name" && key != "metadata.namespace" {
+                            return Err(ProxyError::BadRequest(format!(
+                                "field label not supported: {key} (metadata.name and metadata.namespace are)"
+                            )));
+                        }
+                    }
+                    s.fields = Some(v.into_owned());
+                }
+                "watch" if v == "true" || v == "1" => {
+                    return Err(ProxyError::BadRequest(
+                        "the resource metrics API serves get and list, not watch".into(),
+                    ));
+                }
                 _ => {}
             }
         }
-        s
+        Ok(s)
     }
 
     fn list_params(&self) -> ListParams {
@@ -398,8 +481,16 @@ mod tests {
 
     #[test]
     fn selectors_go_to_the_virtual_list() {
-        let s = Selectors::parse(Some("labelSelector=app%3Dweb&fieldSelector=&limit=5"));
+        let s = Selectors::parse(Some("labelSelector=app%3Dweb&fieldSelector=&limit=5")).unwrap();
         assert_eq!(s, Selectors { labels: Some("app=web".into()), fields: None });
+        let s = Selectors::parse(Some("fieldSelector=metadata.name%3Da,metadata.namespace!%3Db")).unwrap();
+        assert_eq!(s.fields.as_deref(), Some("metadata.name=a,metadata.namespace!=b"));
+        for query in
+            ["fieldSelector=status.podIP%3D10.0.0.1", "fieldSelector=metadata.name%3Da,spec.nodeName%3Dn", "watch=true"]
+        {
+            let e = Selectors::parse(Some(query)).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{query}");
+        }
     }
 
     fn pod(ns: &str, name: &str, containers: &[&str]) -> Pod {

@@ -716,7 +716,13 @@ async fn the_virtual_nodes_kubelet_serves_only_the_api_server() {
     let pki = &running.pki;
     let kubelet = Kubelet::new(running.proxy.clone(), pki.get("ca.crt").unwrap(), pki.get("ca.key").unwrap()).unwrap();
     let (ca_crt, ca_key) = (pki.get("ca.crt").unwrap(), pki.get("ca.key").unwrap());
-    let metrics = vkube_apiproxy::resource_metrics::ResourceMetrics::new(running.proxy.clone(), ca_crt, ca_key, ca_crt);
+    let metrics = vkube_apiproxy::resource_metrics::ResourceMetrics::new(
+        running.proxy.clone(),
+        ca_crt,
+        ca_key,
+        ca_crt,
+        Arc::new(std::collections::BTreeSet::new),
+    );
     let in_process = vkube_apiproxy::egress::InProcess { kubelet, metrics: metrics.unwrap() };
     let dir = std::env::temp_dir().join(format!("vkube-kubelet-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -501,6 +501,21 @@ spec:
     assert!(items.iter().all(|i| i["containers"][0]["name"] == "spin"), "{raw}");
     let nodes = a.kubectl_ok(&["top", "node", "--no-headers"]);
     assert!(!nodes.trim().is_empty(), "kubectl top node: {nodes}");
+    // A cluster with no pods there (its DNS scaled to none, the virtual node it had gone with
+    // it) gets nothing of the node, even with a Node of its name.
+    let b = env.virtual_cluster("rn-top-b").await;
+    b.kubectl_ok(&["scale", "deployment", "coredns", "-n", "kube-system", "--replicas=0"]);
+    vkube_e2e::eventually("rn-top-b's virtual node gone with its last pod", Duration::from_secs(120), || async {
+        let out = b.kubectl(&["get", "node", node::NAME]);
+        if String::from_utf8_lossy(&out.stderr).contains("NotFound") { Ok(Some(())) } else { Err(String::new()) }
+    })
+    .await;
+    b.apply(&format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\n", node::NAME));
+    let path = "/apis/metrics.k8s.io/v1beta1/nodes";
+    let listed: serde_json::Value = serde_json::from_str(&b.kubectl_ok(&["get", "--raw", path])).expect("a list");
+    assert_eq!(listed["items"], serde_json::json!([]), "{listed}");
+    let one = b.kubectl(&["get", "--raw", &format!("{path}/{}", node::NAME)]);
+    assert!(String::from_utf8_lossy(&one.stderr).contains("NotFound"), "{}", String::from_utf8_lossy(&one.stderr));
     // Reading it is part of `view`, as with metrics-server's own roles.
     a.kubectl_ok(&["create", "clusterrolebinding", "viewer", "--clusterrole=view", "--user=viewer"]);
     vkube_e2e::eventually("a viewer may run kubectl top", Duration::from_secs(30), || async {

@@ -193,11 +193,11 @@ pub struct Context {
     pub dns_ip: RwLock<Option<String>>,
     /// With `sync_all_nodes`: the host nodes the admin's node selector allows, as last listed
     /// (name to resourceVersion).
-    pub host_nodes: RwLock<std::collections::BTreeMap<String, String>>,
+    pub host_nodes: std::sync::Arc<RwLock<std::collections::BTreeMap<String, String>>>,
     /// Host nodes this run's pods have used (verified on the host, as pods ran there): their
     /// virtual nodes stay without pods while the tenant has marked them (its own labels or
     /// taints, a cordon), and pods may still be pinned to them meanwhile.
-    pub nodes_used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    pub nodes_used: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// When each virtual node was last brought up to date with its host node.
     pub node_refreshed: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Failed refreshes in a row per virtual node (each waits longer: `nodes::refresh_again_soon`).

@@ -92,7 +92,29 @@ pub struct Config {
     /// in the process needs them (the virtual API server's egress proxy): one watch, not two.
     /// Replaced by each run of the syncer (a cluster that slept and woke runs it again).
     pub host_services: SharedStore<k8s_openapi::api::core::v1::Service>,
+    /// Filled, like `host_services`, with what the current run knows of the host nodes the
+    /// virtual cluster may show (the resource metrics API answers for those only).
+    pub shown_nodes: SharedNodes,
 }
+
+/// The host nodes a run of the syncer may show the tenant: those the host showed this run's
+/// pods on, and with `sync_all_nodes` those the admin's node selector allows.
+#[derive(Clone, Default)]
+pub struct ShownNodes {
+    used: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    listed: Arc<std::sync::RwLock<std::collections::BTreeMap<String, String>>>,
+}
+
+impl ShownNodes {
+    pub fn names(&self) -> std::collections::BTreeSet<String> {
+        let mut names = self.used.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        names.extend(self.listed.read().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+        names
+    }
+}
+
+/// The current run's [`ShownNodes`] (none before a run has started).
+pub type SharedNodes = Arc<std::sync::RwLock<Option<ShownNodes>>>;
 
 /// A store the syncer fills for others in the process, the current run's.
 pub type SharedStore<K> = Arc<std::sync::RwLock<Option<Store<K>>>>;
@@ -121,6 +143,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     let Kinds { stores, queues, start, ready, workers, resync, .. } = kinds;
     *cfg.host_services.write().unwrap_or_else(|e| e.into_inner()) = Some(stores.host::<Service>().clone());
+    let shown = ShownNodes::default();
+    *cfg.shown_nodes.write().unwrap_or_else(|e| e.into_inner()) = Some(shown.clone());
     let ctx = Arc::new(Context {
         tr: cfg.translator,
         policy: cfg.policy,
@@ -140,13 +164,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         bindings_unseen: Default::default(),
         copies_unseen: Default::default(),
         pod_nodes: Default::default(),
-        nodes_used: Default::default(),
+        nodes_used: shown.used,
         pod_certificates: Default::default(),
         pod_ips: Default::default(),
         queues: sides.queues(queues),
         recorder: Recorder::new(virt, Reporter { controller: "vkube-syncer".into(), instance: None }),
         dns_ip: Default::default(),
-        host_nodes: Default::default(),
+        host_nodes: shown.listed,
         node_refreshed: Default::default(),
         node_failures: Default::default(),
         bound_node_reads: Default::default(),

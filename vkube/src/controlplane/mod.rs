@@ -854,11 +854,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         kubelet_ca(&format!("{ca}.crt"))?,
         kubelet_ca(&format!("{ca}.key"))?,
     )?;
+    let shown_nodes: vkube_syncer::SharedNodes = Default::default();
     let metrics_api = vkube_apiproxy::resource_metrics::ResourceMetrics::new(
         proxy.clone(),
         kubelet_ca(&format!("{ca}.crt"))?,
         kubelet_ca(&format!("{ca}.key"))?,
         kubelet_ca("front-proxy-ca.crt")?,
+        {
+            let shown = shown_nodes.clone();
+            Arc::new(move || {
+                shown.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.names()).unwrap_or_default()
+            })
+        },
     )?;
     let in_process = vkube_apiproxy::egress::InProcess { kubelet, metrics: metrics_api };
     let egress = tokio::spawn(serve_egress(args.clone(), host_services.clone(), in_process));
@@ -893,6 +900,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         health: syncer_health.clone(),
         host_services: host_services.clone(),
+        shown_nodes: shown_nodes.clone(),
     });
     let mut syncer = SpawnedSyncer { args: args.clone(), bundle: bundle.clone(), limit, health, config, running: None };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
