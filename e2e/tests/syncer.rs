@@ -701,6 +701,79 @@ spec:
     .await;
 }
 
+/// The host copy of a cluster's one `db` pod (label `app=db`), once it runs.
+async fn db_host_pod(vc: &VirtualCluster, host: &kube::Client) -> String {
+    eventually("the db pod's host copy running", Duration::from_secs(60), || async {
+        let vpods: Api<Pod> = Api::namespaced(vc.client().await, "default");
+        let list = vpods.list(&ListParams::default().labels("app=db")).await.map_err(|e| e.to_string())?;
+        let Some(name) = list.items.first().map(|p| p.name_any()) else { return Ok(None) };
+        let hpods: Api<Pod> = Api::namespaced(host.clone(), vc.host_namespace());
+        let h = hpods.get_opt(&tr(vc).host_name("default", &name)).await.map_err(|e| e.to_string())?;
+        Ok(h.filter(running_with_ip).map(|h| h.name_any()))
+    })
+    .await
+}
+
+/// PodDisruptionBudgets: with the admin's `--sync-pod-disruption-budgets` the host copy guards
+/// the host copies of the tenant's pods, so a host eviction (a drain) that would break the budget
+/// is refused; without it the tenant is told, nothing reaches the host and the eviction goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disruption_budgets_guard_host_evictions_or_are_reported_as_not_enforced() {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let env = TestEnv::start(1).await;
+    let on = env.virtual_cluster_with("pdb", &["--sync-pod-disruption-budgets"]).await;
+    let off = env.virtual_cluster("nopdb").await;
+    let yaml = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: db}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n    spec: {containers: [{name: db, image: postgres}]}\n---\napiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: db}\nspec:\n  minAvailable: 1\n  selector: {matchLabels: {app: db}}\n";
+    for vc in [&on, &off] {
+        vc.apply(yaml);
+    }
+    let host = env.client().await;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(host.clone(), on.host_namespace());
+    let host_name = tr(&on).host_name("default", "db");
+    let copy = eventually("the host budget counts the pod", Duration::from_secs(60), || async {
+        let b = budgets.get_opt(&host_name).await.map_err(|e| e.to_string())?;
+        Ok(b.filter(|b| {
+            b.status.as_ref().is_some_and(|s| s.current_healthy == Some(1) && s.disruptions_allowed == Some(0))
+        }))
+    })
+    .await;
+    let selector = serde_json::to_value(&copy.spec.unwrap().selector).unwrap();
+    assert_eq!(selector["matchLabels"], serde_json::json!({"t.vkube.dev/app": "db", LABEL_CLUSTER: "pdb"}));
+
+    // A drain's eviction: refused on the host while the tenant's budget would break.
+    let on_pod = db_host_pod(&on, &host).await;
+    // (kubectl: the kube-rs client asks again after every 429, for minutes.)
+    let evict = |ns: &str, pod: &str| {
+        let eviction = serde_json::json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": ns}});
+        let path = format!("/api/v1/namespaces/{ns}/pods/{pod}/eviction");
+        let out = vkube_e2e::kubectl_stdin(
+            &env.upstream,
+            &env.host.kubeconfig,
+            &["create", "--raw", &path, "-f", "-"],
+            &eviction.to_string(),
+        );
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (evicted, said) = evict(on.host_namespace(), &on_pod);
+    assert!(!evicted && said.contains("disruption budget"), "the eviction of {on_pod}: {said}");
+
+    eventually("the tenant without the sync is told", Duration::from_secs(30), || async {
+        let w = warnings(&off, "default", "db").await;
+        Ok(w.iter().any(|e| e.reason.as_deref() == Some("NotEnforced")).then_some(()))
+    })
+    .await;
+    assert!(host_names::<PodDisruptionBudget>(&env, &off).await.is_empty(), "nothing on the host without the sync");
+    let off_pod = db_host_pod(&off, &host).await;
+    let (evicted, said) = evict(off.host_namespace(), &off_pod);
+    assert!(evicted, "no budget on the host, the eviction goes on: {said}");
+
+    on.kubectl_ok(&["delete", "pdb", "db"]);
+    eventually("the host copy goes with it", Duration::from_secs(30), || async {
+        Ok(host_names::<PodDisruptionBudget>(&env, &on).await.is_empty().then_some(()))
+    })
+    .await;
+}
+
 /// Ingresses: with the admin's classes and host names, the host copy routes to the host copies
 /// of the tenant's Service under an allowed class, carries its TLS Secret and only the
 /// annotations the admin made verbatim, and the controller's address flows back; a host name,

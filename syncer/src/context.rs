@@ -31,6 +31,8 @@ pub struct Options {
     /// Copy NetworkPolicies to the host (confined to the cluster); off, tenants are told they are
     /// not enforced.
     pub sync_network_policies: bool,
+    /// Copy PodDisruptionBudgets to the host (`disruption_budgets`).
+    pub sync_pod_disruption_budgets: bool,
     /// Show every host node the admin's node selector allows as a virtual node from the start,
     /// not only those running this cluster's pods.
     pub sync_all_nodes: bool,

@@ -13,6 +13,7 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::discovery::ApiResource;
@@ -112,6 +113,7 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<PersistentVolumeClaim>();
     v.visit::<NetworkPolicy>();
     v.visit::<Ingress>();
+    v.visit::<PodDisruptionBudget>();
 }
 
 /// Every host resource type the syncer writes (each once): what a cluster's cleanup deletes
@@ -259,7 +261,8 @@ mod tests {
                 "endpointslices",
                 "persistentvolumeclaims",
                 "networkpolicies",
-                "ingresses"
+                "ingresses",
+                "poddisruptionbudgets"
             ]
         );
     }

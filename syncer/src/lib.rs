@@ -20,6 +20,7 @@ pub mod claims;
 pub mod compact;
 pub mod configs;
 pub mod context;
+pub mod disruption_budgets;
 pub mod dns;
 pub mod endpoints;
 pub mod endpointslices;

@@ -64,6 +64,7 @@ fn harness() -> Harness {
             sync_all_secrets: false,
             sync_all_claims: false,
             sync_network_policies: false,
+            sync_pod_disruption_budgets: false,
             sync_all_nodes: false,
             concurrency: 1,
             api_ip: "10.96.0.1".into(),

@@ -430,6 +430,11 @@ pub struct SyncArgs {
     /// allowances: a tenant can then open its own pods as far as its policies say.
     #[arg(long, env = "VKUBE_SYNC_NETWORK_POLICIES")]
     pub sync_network_policies: bool,
+    /// Copy PodDisruptionBudgets to the host, over this cluster's pods: the host's evictions
+    /// (node drains, upgrades, autoscaler scale-downs) then respect them, and a budget allowing
+    /// no disruption holds a drain up as long as it stands.
+    #[arg(long, env = "VKUBE_SYNC_POD_DISRUPTION_BUDGETS")]
+    pub sync_pod_disruption_budgets: bool,
     /// Show every host node the admin's node selector allows as a virtual node from the start
     /// (names, placement labels, capacity, conditions), not only those running this cluster's
     /// pods; DaemonSets then get a pod on each. Needs `list` on host nodes.
@@ -875,6 +880,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         sync_all_secrets: args.sync.sync_all_secrets,
         sync_all_claims: args.sync.sync_all_claims,
         sync_network_policies: args.sync.sync_network_policies,
+        sync_pod_disruption_budgets: args.sync.sync_pod_disruption_budgets,
         // The virtual scheduler places pods on the nodes it is shown.
         sync_all_nodes: args.sync.sync_all_nodes || args.policy.virtual_scheduler,
         concurrency: args.sync.sync_concurrency.max(1),
