@@ -9,14 +9,10 @@
 //! the host API server for the pod's host copy.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
-use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::ClientCertVerifier;
 use tokio::io::{AsyncRead, AsyncWrite};
-use vkube_pki::{Bundle, LeafSpec, Validity};
 
 use crate::error::ProxyError;
 use crate::route::HostSubresource;
@@ -29,56 +25,17 @@ pub const CLIENT_USER: &str = "kube-apiserver-kubelet-client";
 pub const CA: &str = "kubelet-ca";
 pub use vkube_core::contract::KUBELET_PORT as PORT;
 
-/// How long a serving certificate is made for, and kept for reuse (half of it).
-const SERVING_VALIDITY_DAYS: i64 = 1;
-const SERVING_REUSE: Duration = Duration::from_secs(12 * 3600);
-
 pub struct Kubelet {
     proxy: Arc<Proxy>,
-    /// The kubelet CA, which signs a serving certificate for each address dialled.
-    ca: Bundle,
-    clients: Arc<dyn ClientCertVerifier>,
-    /// The TLS configuration per address dialled, made once (a key and a signature) and reused:
-    /// the API server opens a connection per session.
-    configs: moka::future::Cache<String, Arc<rustls::ServerConfig>>,
+    /// A certificate of the kubelet CA for each address dialled (the API server opens a
+    /// connection per session); only the API server's kubelet-client certificate served.
+    tls: tls::InProcessServer,
 }
 
 impl Kubelet {
     pub fn new(proxy: Arc<Proxy>, ca_cert_pem: &str, ca_key_pem: &str) -> Result<Arc<Self>, TlsError> {
-        let clients = WebPkiClientVerifier::builder_with_provider(
-            Arc::new(tls::root_store(ca_cert_pem)?),
-            Arc::new(rustls::crypto::ring::default_provider()),
-        )
-        .build()?;
-        let ca = Bundle {
-            files: [(format!("{CA}.crt"), ca_cert_pem), (format!("{CA}.key"), ca_key_pem)]
-                .into_iter()
-                .map(|(f, pem)| (f, pem.to_string()))
-                .collect(),
-        };
-        let configs = moka::future::Cache::builder().max_capacity(256).time_to_live(SERVING_REUSE).build();
-        Ok(Arc::new(Kubelet { proxy, ca, clients, configs }))
-    }
-
-    /// The TLS configuration for a connection to `host` (an IP address or a name): a fresh
-    /// certificate for it, client certificates of the kubelet CA required.
-    fn server_config(&self, host: &str) -> Result<rustls::ServerConfig, String> {
-        let leaf = match host.parse::<std::net::IpAddr>() {
-            Ok(ip) => LeafSpec::server("kubelet", CA, &[], &[ip]),
-            Err(_) => LeafSpec::server("kubelet", CA, &[host.to_string()], &[]),
-        };
-        let validity = Validity { leaf: vkube_pki::Duration::days(SERVING_VALIDITY_DAYS), ..Validity::default() };
-        let (cert, key) =
-            self.ca.issue(&leaf, validity, vkube_pki::OffsetDateTime::now_utc()).map_err(|e| e.to_string())?;
-        let (certs, key) = (tls::certs_from_pem(&cert), tls::key_from_pem(&key));
-        let (certs, key) = (certs.map_err(|e| e.to_string())?, key.map_err(|e| e.to_string())?);
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(self.clients.clone())
-            .with_single_cert(certs, key)
-            .map_err(|e| e.to_string())?;
-        Ok(config)
+        let tls = tls::InProcessServer::new(ca_cert_pem, ca_key_pem, ca_cert_pem, CLIENT_USER, "kubelet")?;
+        Ok(Arc::new(Kubelet { proxy, tls }))
     }
 
     /// Serves one connection the virtual API server opened to `host` (a node's address).
@@ -86,19 +43,13 @@ impl Kubelet {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let config = self.configs.try_get_with(host.clone(), async { self.server_config(&host).map(Arc::new) }).await;
-        let config = match config {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, %host, "no serving certificate for the virtual nodes' kubelet");
-                return;
-            }
-        };
-        tls::serve_in_process(io, config, CLIENT_USER, "kubelet", move |req| {
-            let kubelet = self.clone();
-            async move { kubelet.handle(req).await }
-        })
-        .await;
+        let this = self.clone();
+        self.tls
+            .serve(io, &host, move |req| {
+                let kubelet = this.clone();
+                async move { kubelet.handle(req).await }
+            })
+            .await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {

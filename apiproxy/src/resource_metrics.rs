@@ -22,13 +22,10 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
-use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::ClientCertVerifier;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 use vkube_core::contract::{LABEL_NAMESPACE, RESOURCE_METRICS_SERVICE};
 use vkube_core::naming::Translator;
-use vkube_pki::{Bundle, LeafSpec, Validity};
 
 pub use vkube_core::contract::RESOURCE_METRICS_HOST as HOST;
 
@@ -46,9 +43,6 @@ const NODE_READS: usize = 8;
 /// How long a host answer is reused: metrics-server scrapes every 15 s by default, and each of
 /// the virtual cluster's autoscalers asks every 15 s.
 const HOST_REUSE: Duration = Duration::from_secs(10);
-/// The serving certificate's life, and how long it is reused (half of it).
-const SERVING_VALIDITY_DAYS: i64 = 1;
-const SERVING_REUSE: Duration = Duration::from_secs(12 * 3600);
 
 /// The host nodes the virtual cluster may show (those the host ran its pods on; with
 /// `sync_all_nodes`, those the admin allows): a tenant's own Node of another name is answered
@@ -57,10 +51,8 @@ pub type ShownNodes = Arc<dyn Fn() -> BTreeSet<String> + Send + Sync>;
 
 pub struct ResourceMetrics {
     proxy: Arc<Proxy>,
-    /// The kubelet CA, which signs the serving certificate.
-    ca: Bundle,
-    clients: Arc<dyn ClientCertVerifier>,
-    tls: moka::future::Cache<(), Arc<rustls::ServerConfig>>,
+    /// A certificate of the kubelet CA for the Service's name; only the aggregator served.
+    tls: tls::InProcessServer,
     shown_nodes: ShownNodes,
     /// Host answers by virtual namespace (`None`: all), and by node.
     pods: moka::future::Cache<Option<String>, Arc<BTreeMap<String, Value>>>,
@@ -77,44 +69,11 @@ impl ResourceMetrics {
         front_proxy_ca_pem: &str,
         shown_nodes: ShownNodes,
     ) -> Result<Arc<Self>, TlsError> {
-        let clients = WebPkiClientVerifier::builder_with_provider(
-            Arc::new(tls::root_store(front_proxy_ca_pem)?),
-            Arc::new(rustls::crypto::ring::default_provider()),
-        )
-        .build()?;
-        let ca = Bundle {
-            files: [("ca.crt", ca_cert_pem), ("ca.key", ca_key_pem)]
-                .into_iter()
-                .map(|(f, pem)| (f.to_string(), pem.to_string()))
-                .collect(),
-        };
-        let this = ResourceMetrics {
-            proxy,
-            ca,
-            clients,
-            tls: cache(SERVING_REUSE),
-            shown_nodes,
-            pods: cache(HOST_REUSE),
-            nodes: cache(HOST_REUSE),
-        };
-        this.server_config()?;
-        Ok(Arc::new(this))
-    }
-
-    /// A fresh serving certificate for the Service's name, client certificates of the front
-    /// proxy's CA required.
-    fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
-        let (ns, name) = RESOURCE_METRICS_SERVICE;
-        let leaf = LeafSpec::server("vkube-resource-metrics", "ca", &[format!("{name}.{ns}.svc")], &[]);
-        let validity = Validity { leaf: vkube_pki::Duration::days(SERVING_VALIDITY_DAYS), ..Validity::default() };
-        let (cert, key) = self
-            .ca
-            .issue(&leaf, validity, vkube_pki::OffsetDateTime::now_utc())
-            .map_err(|e| TlsError::Issue(format!("the resource metrics API's: {e}")))?;
-        Ok(rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(self.clients.clone())
-            .with_single_cert(tls::certs_from_pem(&cert)?, tls::key_from_pem(&key)?)?)
+        let tls =
+            tls::InProcessServer::new(ca_cert_pem, ca_key_pem, front_proxy_ca_pem, CLIENT_USER, "resource metrics")?;
+        // Made now: a CA that cannot sign fails the start, not each request.
+        tls.config(&service_host())?;
+        Ok(Arc::new(ResourceMetrics { proxy, tls, shown_nodes, pods: cache(HOST_REUSE), nodes: cache(HOST_REUSE) }))
     }
 
     /// Serves one connection the virtual API server opened to [`HOST`].
@@ -122,18 +81,13 @@ impl ResourceMetrics {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let config = match self.tls.try_get_with((), async { self.server_config().map(Arc::new) }).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "no serving certificate for the resource metrics API");
-                return;
-            }
-        };
-        tls::serve_in_process(io, config, CLIENT_USER, "resource metrics", move |req| {
-            let this = self.clone();
-            async move { this.handle(req).await }
-        })
-        .await;
+        let this = self.clone();
+        self.tls
+            .serve(io, &service_host(), move |req| {
+                let this = this.clone();
+                async move { this.handle(req).await }
+            })
+            .await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -271,6 +225,12 @@ where
     V: Clone + Send + Sync + 'static,
 {
     moka::future::Cache::builder().max_capacity(1024).time_to_live(ttl).build()
+}
+
+/// The name the aggregator checks the serving certificate for: the Service's.
+fn service_host() -> String {
+    let (ns, name) = RESOURCE_METRICS_SERVICE;
+    format!("{name}.{ns}.svc")
 }
 
 /// A cached load's error, for this request (moka shares one among the requests that waited).

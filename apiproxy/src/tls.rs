@@ -170,11 +170,83 @@ pub fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<rust
 
 /// How long the virtual API server has for its TLS handshake with what vkube serves it itself.
 const IN_PROCESS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an in-process serving certificate is made for, and kept for reuse (half of it).
+const IN_PROCESS_VALIDITY_DAYS: i64 = 1;
+const IN_PROCESS_REUSE: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
-/// Serves one connection the virtual API server opened through the egress proxy to something
-/// vkube answers itself (`what`, for the logs): TLS with `config`, and a request served only for
-/// the client certificate of `user` (the verifier of `config` has checked its CA).
-pub async fn serve_in_process<IO, F, Fut>(io: IO, config: Arc<rustls::ServerConfig>, user: &str, what: &str, handle: F)
+/// TLS for something vkube answers itself on the virtual API server's way out (`kubelet`,
+/// `resource_metrics`): a serving certificate for the name or address dialled, signed by a CA
+/// the virtual API server trusts for it, made once per name (a key and a signature) and reused
+/// for half its day; and a request served only for the client certificate of one user of
+/// another CA.
+pub struct InProcessServer {
+    ca: vkube_pki::Bundle,
+    clients: Arc<dyn ClientCertVerifier>,
+    configs: moka::future::Cache<String, Arc<rustls::ServerConfig>>,
+    /// The client certificate's user served, and what is served (for certificates and logs).
+    user: &'static str,
+    what: &'static str,
+}
+
+impl InProcessServer {
+    pub fn new(
+        ca_cert_pem: &str,
+        ca_key_pem: &str,
+        client_ca_pem: &str,
+        user: &'static str,
+        what: &'static str,
+    ) -> Result<Self, TlsError> {
+        let clients = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(root_store(client_ca_pem)?),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()?;
+        let ca = vkube_pki::Bundle {
+            files: [("ca.crt", ca_cert_pem), ("ca.key", ca_key_pem)]
+                .into_iter()
+                .map(|(f, pem)| (f.to_string(), pem.to_string()))
+                .collect(),
+        };
+        let configs = moka::future::Cache::builder().max_capacity(256).time_to_live(IN_PROCESS_REUSE).build();
+        Ok(InProcessServer { ca, clients, configs, user, what })
+    }
+
+    /// A fresh certificate for `host` (an IP address or a name).
+    pub fn config(&self, host: &str) -> Result<rustls::ServerConfig, TlsError> {
+        let leaf = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vkube_pki::LeafSpec::server(self.what, "ca", &[], &[ip]),
+            Err(_) => vkube_pki::LeafSpec::server(self.what, "ca", &[host.to_string()], &[]),
+        };
+        let validity =
+            vkube_pki::Validity { leaf: vkube_pki::Duration::days(IN_PROCESS_VALIDITY_DAYS), ..Default::default() };
+        let (cert, key) = self
+            .ca
+            .issue(&leaf, validity, vkube_pki::OffsetDateTime::now_utc())
+            .map_err(|e| TlsError::Issue(format!("{}'s for {host}: {e}", self.what)))?;
+        Ok(rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(self.clients.clone())
+            .with_single_cert(certs_from_pem(&cert)?, key_from_pem(&key)?)?)
+    }
+
+    /// Serves one connection the virtual API server opened to `host` with `handle`.
+    pub async fn serve<IO, F, Fut>(&self, io: IO, host: &str, handle: F)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = http::Response<crate::ProxyBody>> + Send + 'static,
+    {
+        let config = self.configs.try_get_with(host.to_string(), async { self.config(host).map(Arc::new) }).await;
+        match config {
+            Ok(config) => serve_in_process(io, config, self.user, self.what, handle).await,
+            Err(e) => tracing::error!(error = %e, %host, "no serving certificate for the {}", self.what),
+        }
+    }
+}
+
+/// Serves one connection with `config`, a request served only for the client certificate of
+/// `user` (the verifier of `config` has checked its CA).
+async fn serve_in_process<IO, F, Fut>(io: IO, config: Arc<rustls::ServerConfig>, user: &str, what: &str, handle: F)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Send + Sync + 'static,
