@@ -44,6 +44,8 @@ policy:
   volumeAttributesClasses: [gold]
   loadBalancerClasses: [example.com/internal]
   egressCIDRs: [203.0.113.0/24]
+  scheduling:
+    priorityClasses: [batch]
   ingress:
     classes: [web, internal]
     hosts: ["*.team-a.example.com", internal=shop.example.com]
@@ -177,6 +179,11 @@ fn the_schema_refuses_invalid_values() {
         (&["--set-json", "policy.ingress.hosts=[\"*\"]"], "at '/policy/ingress/hosts/0'"),
         (&["--set-json", "policy.endpointCIDRs=[\"192.0.2.10\"]"], "at '/policy/endpointCIDRs/0'"),
         (&["--set-json", "policy.egressCIDRs=[\"0.0.0.0\"]"], "at '/policy/egressCIDRs/0'"),
+        // The host admits the built-in classes in its kube-system only.
+        (
+            &["--set-json", "policy.scheduling.priorityClasses=[\"system-node-critical\"]"],
+            "at '/policy/scheduling/priorityClasses/0'",
+        ),
         (&["--set-json", "policy.ingress.hosts=[\"web=*\"]"], "at '/policy/ingress/hosts/0'"),
         (&["--set", "polcy.podSecurity=restricted"], "additional properties 'polcy' not allowed"),
     ];
@@ -265,8 +272,11 @@ async fn rendered_manifests_are_accepted_by_the_host_api_server() {
     let rules = &find(&objects, "ClusterRole", &format!("vkube:{NS}:{NAME}"))["rules"];
     assert_eq!(
         rules,
-        &serde_json::json!([{"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "resourceNames": ["fast-ssd"], "verbs": ["get"]}]),
-        "readHostNodes off: only the listed StorageClasses"
+        &serde_json::json!([
+            {"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "resourceNames": ["fast-ssd"], "verbs": ["get"]},
+            {"apiGroups": ["scheduling.k8s.io"], "resources": ["priorityclasses"], "resourceNames": ["batch"], "verbs": ["get"]},
+        ]),
+        "readHostNodes off: only the listed StorageClasses and PriorityClasses"
     );
     let objects = to_json(
         up,
@@ -492,15 +502,25 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
     let host = env.client().await;
     let cidr = vkube::local::host_service_cidr(&host).await.expect("host service range");
     env.kubectl_ok(&["create", "namespace", NS]);
-    // One host StorageClass tenants may name, and one they may not.
+    // One host StorageClass and PriorityClass tenants may name, and one of each they may not.
     for class in ["standard", "unlisted"] {
         env.apply(&format!(
             "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {{name: {class}}}\nprovisioner: example.com/disk\n"
         ));
     }
+    for class in ["batch", "unlisted"] {
+        env.kubectl_ok(&["create", "priorityclass", class, "--value=1000"]);
+    }
     let yaml = template(
         &up,
-        &["--set", &format!("serviceCIDR={cidr}"), "--set-json", r#"policy.storageClasses=["standard"]"#],
+        &[
+            "--set",
+            &format!("serviceCIDR={cidr}"),
+            "--set-json",
+            r#"policy.storageClasses=["standard"]"#,
+            "--set-json",
+            r#"policy.scheduling.priorityClasses=["batch"]"#,
+        ],
     );
     env.apply(&yaml);
     let objects = to_json(&up, &yaml);
@@ -561,11 +581,14 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
         let got = answer.status.map(|s| s.allowed);
         assert_eq!(got, Some(allowed), "{sa} can {verb} {resource}.metrics.k8s.io in {ns:?}");
     }
-    // The listed StorageClass and no other.
+    // The listed StorageClass and PriorityClass and no other.
     for (class, allowed) in [
         ("storageclasses.storage.k8s.io/standard", "yes"),
         ("storageclasses.storage.k8s.io/unlisted", "no"),
         ("storageclasses.storage.k8s.io", "no"),
+        ("priorityclasses.scheduling.k8s.io/batch", "yes"),
+        ("priorityclasses.scheduling.k8s.io/system-node-critical", "no"),
+        ("priorityclasses.scheduling.k8s.io", "no"),
     ] {
         let answer = String::from_utf8_lossy(&env.kubectl(&["auth", "can-i", "get", class, who.as_str()]).stdout)
             .trim()
@@ -686,12 +709,15 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
         capacity(kubectl_ok(&up, &proxy, &["get", "node", &node, "-o", "jsonpath={.status.capacity}"]));
     assert!(host_capacity.is_object(), "host node capacity: {host_capacity}");
     assert_eq!(virtual_capacity, host_capacity, "the virtual node {node} shows its host node's capacity");
-    // And the virtual cluster shows the StorageClass tenants may name.
+    // And the virtual cluster shows the StorageClass and PriorityClass tenants may name.
     eventually("the listed StorageClass is shown", Duration::from_secs(30), || {
         let out = vk(&["get", "storageclass", "-o", "jsonpath={.items[*].metadata.name}"]);
         async move { Ok((String::from_utf8_lossy(&out.stdout) == "standard").then_some(())) }
     })
     .await;
+    let selector = format!("--selector={}=true", vkube_core::contract::LABEL_FROM_HOST);
+    let shown = vk(&["get", "priorityclass", &selector, "-o", "jsonpath={.items[*].metadata.name}"]);
+    assert_eq!(String::from_utf8_lossy(&shown.stdout), "batch", "the listed PriorityClass is shown");
 
     group.check().expect("every process still runs");
     eprintln!("workload checks done in {:.1} s", started.elapsed().as_secs_f64());

@@ -1381,10 +1381,16 @@ async fn a_crash_during_a_burst_converges_with_no_orphans_and_no_duplicates() {
 }
 
 /// Claims, endpoints of selector-less Services (addresses in the admin's range or of the
-/// cluster's own pods cross, others are refused), host events and the syncer's metrics.
+/// cluster's own pods cross, others are refused), the host classes the admin lists (storage,
+/// priority), host events and the syncer's metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_selectorless_endpoints_events_and_metrics() {
+async fn claims_selectorless_endpoints_classes_events_and_metrics() {
     let env = TestEnv::start(1).await;
+    // A priority the admin offers tenants, and a higher one it does not.
+    env.apply(
+        "apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: batch, labels: {team: platform}}\nvalue: 1000\npreemptionPolicy: Never\ndescription: batch jobs\n---\n\
+         apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: unlisted}\nvalue: 900000\n",
+    );
     // A host class of volumes that can grow, one volume of it, and a listed class the host lacks.
     env.apply(
         r#"
@@ -1409,6 +1415,7 @@ spec:
     let policy = vkube::controlplane::PolicyArgs {
         endpoint_cidrs: vec!["192.0.2.0/24".into()],
         storage_classes: vec!["grow".into(), "absent".into()],
+        priority_classes: vec!["batch".into(), "absent".into()],
         ..Default::default()
     };
     let vc = env.virtual_cluster_with_policy("kinds", policy, &[]).await;
@@ -1518,6 +1525,44 @@ spec:
         if got == "grow kubernetes.io/no-provisioner true ;" { Ok(Some(())) } else { Err(got) }
     })
     .await;
+    // The listed PriorityClass the host has is shown, never as the default. A pod naming it gets
+    // the host's priority there; a pod naming a class of the tenant's own that has the name of
+    // an unlisted host class runs at the host's default, and the tenant is told.
+    eventually("the listed host PriorityClass is shown", Duration::from_secs(30), || async {
+        let out = vc.kubectl(&[
+            "get",
+            "priorityclass",
+            &format!("--selector={}=true", vkube_core::contract::LABEL_FROM_HOST),
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.value} {.preemptionPolicy} {.globalDefault} {.description};{end}",
+        ]);
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if got == "batch 1000 Never  batch jobs;" { Ok(Some(())) } else { Err(got) }
+    })
+    .await;
+    vc.apply(
+        "apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: unlisted}\nvalue: 1000000000\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: batch-job}\nspec:\n  priorityClassName: batch\n  containers: [{name: c, image: nginx}]\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: sneaky}\nspec:\n  priorityClassName: unlisted\n  containers: [{name: c, image: nginx}]\n",
+    );
+    let priority = |pod: &'static str| {
+        let name = tr.host_name("default", pod);
+        let hpods = &hpods;
+        async move {
+            eventually(&format!("{pod} on the host"), Duration::from_secs(30), || async {
+                let p = hpods.get_opt(&name).await.map_err(|e| e.to_string())?;
+                Ok(p.and_then(|p| p.spec).map(|s| (s.priority_class_name, s.priority, s.preemption_policy)))
+            })
+            .await
+        }
+    };
+    assert_eq!(priority("batch-job").await, (Some("batch".into()), Some(1000), Some("Never".into())));
+    assert_eq!(priority("sneaky").await, (None, Some(0), Some("PreemptLowerPriority".into())));
+    vc.warned("default", "sneaky", "spec.priorityClassName \"unlisted\" (the host runs the pod at its default priority; classes the platform admin offers: batch, absent)").await;
+    // The tenant's copy is not changed by the syncer (only what it made is), and the copy the
+    // tenant deletes comes back with the volume view below.
+    vc.kubectl_ok(&["delete", "priorityclass", "batch"]);
+
     // A claim bound on the host (which filled in its volume) follows the tenant's label, and
     // grows: the virtual API server allows it since its copy of the class does.
     vc.apply(
@@ -1567,7 +1612,7 @@ spec:
         "jsonpath={.status.phase} {.spec.capacity.storage} {.spec.claimRef.namespace}/{.spec.claimRef.name} {.spec.csi.driver} {.spec.hostPath}",
     ]);
     assert_eq!(view, "Bound 5Gi default/grows host.vkube.dev ", "the view of the host volume");
-    // A view the tenant deletes comes back at the storage loop's next pass (every minute).
+    // A view the tenant deletes comes back at the from_host loop's next pass (every minute).
     vc.kubectl_ok(&["delete", "pv", "grow-1", "--wait=false"]);
     // (Held by pv-protection while Bound; gone at once if not.)
     vc.kubectl(&["patch", "pv", "grow-1", "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#]);
@@ -1576,6 +1621,15 @@ spec:
         Ok((String::from_utf8_lossy(&out.stdout) == "Bound ").then_some(()))
     })
     .await;
+    let classes = vc.kubectl_ok(&[
+        "get",
+        "priorityclass",
+        "batch",
+        "unlisted",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.value};{end}",
+    ]);
+    assert_eq!(classes, "batch 1000;unlisted 1000000000;", "the deleted copy made again, the tenant's own untouched");
     vc.kubectl_ok(&["label", "pvc", "grows", "tier=gold"]);
     // Only a virtual scheduler's choice of node reaches the host (this cluster has none).
     vc.kubectl_ok(&["annotate", "pvc", "grows", "volume.kubernetes.io/selected-node=elsewhere"]);

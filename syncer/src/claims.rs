@@ -77,7 +77,7 @@ impl Mirror for PersistentVolumeClaim {
     /// Its volume's view goes with it.
     async fn gone(ctx: &Context, ns: &str, name: &str, host: Option<&Self>) {
         if let Err(e) = drop_view(ctx, ns, name, host).await {
-            tracing::warn!(namespace = ns, name, error = %e, "deleting the view of a deleted claim's volume failed; the storage loop sweeps it");
+            tracing::warn!(namespace = ns, name, error = %e, "deleting the view of a deleted claim's volume failed; the from_host loop sweeps it");
         }
     }
 
@@ -194,7 +194,7 @@ async fn bind(ctx: &Context, v: &PersistentVolumeClaim, h: &PersistentVolumeClai
 
 /// Whether a virtual PersistentVolume is a view the syncer made.
 fn is_view(pv: &PersistentVolume) -> bool {
-    crate::storage::is_from_host(pv.labels())
+    crate::from_host::is_from_host(pv.labels())
 }
 
 /// The virtual view of the host volume a claim is bound to (pure): what the tenant and the
@@ -210,7 +210,7 @@ pub fn volume_view(
     PersistentVolume {
         metadata: ObjectMeta {
             name: Some(name.into()),
-            labels: Some(crate::storage::from_host_labels()),
+            labels: Some(crate::from_host::labels()),
             ..Default::default()
         },
         spec: Some(PersistentVolumeSpec {
@@ -268,7 +268,7 @@ fn claim_of(pv: &PersistentVolume) -> (String, String) {
 
 /// Deletes the views whose claim is gone (or is another claim of the same name now), for those
 /// [`drop_view`] missed (deleted while the syncer was down), and makes again those of bound
-/// claims that the tenant deleted; run by the storage loop.
+/// claims that the tenant deleted; run by the from_host loop.
 pub async fn sweep_views(ctx: &Context) -> kube::Result<()> {
     let volumes: Api<PersistentVolume> = Api::all(ctx.virt.clone());
     let claims = ctx.stores.virt::<PersistentVolumeClaim>();

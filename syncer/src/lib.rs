@@ -25,6 +25,7 @@ pub mod dns;
 pub mod endpoints;
 pub mod endpointslices;
 pub mod events;
+pub mod from_host;
 pub mod health;
 pub mod informer;
 pub mod ingresses;
@@ -36,6 +37,7 @@ pub mod nodes;
 pub mod pod_certificates;
 pub mod pod_ips;
 pub mod pods;
+pub mod priority_classes;
 pub mod queue;
 #[cfg(test)]
 mod reconcile_tests;
@@ -362,8 +364,8 @@ impl SideWorkers {
             let lister = c.clone();
             running.spawn(async move { nodes::list_host_nodes(&lister, Duration::from_secs(60)).await });
         }
-        let storage = c.clone();
-        running.spawn(async move { storage::keep_in_step(&storage, Duration::from_secs(60)).await });
+        let shown = c.clone();
+        running.spawn(async move { from_host::keep_in_step(&shown, Duration::from_secs(60)).await });
         if c.opts.proxy_service.is_some() {
             let marker = c.clone();
             running.spawn(async move { events::keep_mark(&marker, Duration::from_secs(5)).await });

@@ -21,7 +21,11 @@
 //! - tolerations only for taints the admin lists as tolerable; the node-condition ones the
 //!   virtual cluster's own controllers add (DaemonSets), and those for taints only the tenant put
 //!   on its virtual nodes (honoured above), are dropped without a word;
-//! - runtime classes from the admin's list only (empty: the host's default).
+//! - runtime classes from the admin's list only (empty: the host's default);
+//! - priority classes from the admin's list of host classes only (empty: the host's default
+//!   priority); another class is dropped and told, unless it only orders the tenant's pods among
+//!   themselves (a virtual scheduler's) or is a built-in `system-` class the host admits in its
+//!   own `kube-system` only.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -42,6 +46,8 @@ pub struct Scheduling {
     pub tenant_node_labels: Vec<String>,
     /// Runtime classes a tenant may ask for.
     pub runtime_classes: Vec<String>,
+    /// Host PriorityClasses a tenant's pods may name (the virtual cluster shows them).
+    pub priority_classes: Vec<String>,
     /// Whether a pod the tenant binds by `nodeName` keeps it on the host, bypassing the host
     /// scheduler, where [`Nodes::bindable`] says the node may take it.
     pub bind_node_name: bool,
@@ -61,6 +67,9 @@ pub const DEFAULT_TENANT_NODE_LABELS: [&str; 5] = [
     "topology.kubernetes.io/region",
     "node.kubernetes.io/instance-type",
 ];
+/// The built-in priority classes (`system-cluster-critical`, `system-node-critical`): every
+/// cluster has them, and a host admits them in its `kube-system` only.
+pub const SYSTEM_PRIORITY_PREFIX: &str = "system-";
 /// Node-condition taints a DaemonSet controller tolerates for its pods: not the tenant's words.
 const CONTROLLER_TAINT_PREFIX: &str = "node.kubernetes.io/";
 
@@ -72,6 +81,7 @@ impl Default for Scheduling {
             tolerable_taints: DEFAULT_TOLERABLE_TAINTS.map(String::from).to_vec(),
             tenant_node_labels: DEFAULT_TENANT_NODE_LABELS.map(String::from).to_vec(),
             runtime_classes: vec![],
+            priority_classes: vec![],
             bind_node_name: false,
             virtual_scheduler: false,
         }
@@ -131,6 +141,17 @@ impl Scheduling {
                 spec.runtime_class_name = Some(rc);
             } else {
                 dropped.push(format!("spec.runtimeClassName {rc:?}"));
+            }
+        }
+        if let Some(pc) = spec.priority_class_name.take() {
+            if self.priority_classes.contains(&pc) {
+                // The host's admission gives the pod that class's priority and preemption policy.
+                spec.priority_class_name = Some(pc);
+            } else if !self.virtual_scheduler && !pc.starts_with(SYSTEM_PRIORITY_PREFIX) {
+                dropped.push(format!(
+                    "spec.priorityClassName {pc:?} (the host runs the pod at its default priority; classes the platform admin offers: {})",
+                    super::listed(&self.priority_classes)
+                ));
             }
         }
 
@@ -519,6 +540,7 @@ mod tests {
                 .unwrap(),
             ],
             runtime_classes: vec!["gvisor".into()],
+            priority_classes: vec!["batch".into()],
             ..Default::default()
         }
     }
@@ -576,6 +598,10 @@ mod tests {
             ),
             (json!({"runtimeClassName": "privileged-runc"}), "runtimeClassName \"privileged-runc\""),
             (
+                json!({"priorityClassName": "critical"}),
+                "priorityClassName \"critical\" (the host runs the pod at its default priority; classes the platform admin offers: batch)",
+            ),
+            (
                 json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                 {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["control-plane"]}]}]}}}}),
                 "matchFields \"metadata.name\" In",
@@ -599,7 +625,24 @@ mod tests {
             assert_eq!(host.get("nodeName"), None);
             assert_eq!(host.get("affinity"), None, "nothing of the tenant's node choice left: {host}");
             assert_eq!(host.get("runtimeClassName"), None);
+            assert_eq!(host.get("priorityClassName"), None);
         }
+    }
+
+    #[test]
+    fn a_priority_class_crosses_only_from_the_admins_list_and_goes_quietly_where_it_means_nothing_to_the_host() {
+        let spec = |class: &str| json!({"containers": [{"name": "c"}], "priorityClassName": class});
+        let (host, dropped) = apply(&admin(), spec("batch"));
+        assert_eq!((host["priorityClassName"].as_str(), dropped), (Some("batch"), vec![]));
+        // Built in everywhere (a tenant's CoreDNS names it); the host admits it in kube-system only.
+        let (host, dropped) = apply(&admin(), spec("system-cluster-critical"));
+        assert_eq!((host.get("priorityClassName"), dropped), (None, vec![]));
+        // With a virtual scheduler the tenant's own classes order its pods in the virtual cluster.
+        let virtual_scheduler = Scheduling { virtual_scheduler: true, ..admin() };
+        let (host, dropped) = apply(&virtual_scheduler, spec("tenants-own"));
+        assert_eq!((host.get("priorityClassName"), dropped), (None, vec![]));
+        let (host, _) = apply(&virtual_scheduler, spec("batch"));
+        assert_eq!(host["priorityClassName"], "batch");
     }
 
     #[test]

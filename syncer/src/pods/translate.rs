@@ -10,9 +10,10 @@
 //!   `kubernetes.default.svc`) and DNS is the virtual cluster's own (`dnsPolicy: None`);
 //! - the downward API still reads virtual metadata (from our annotations; all the virtual
 //!   annotations only on pods whose volumes read them all);
-//! - fields that only the host admin may decide (priority class, scheduler) are dropped, and the
-//!   node choice is the admin's ([`vkube_core::policy::scheduling`]): what of the tenant's is
-//!   dropped is returned, for a Warning event;
+//! - fields that only the host admin may decide (scheduler, priority and preemption policy: the
+//!   host's admission sets them from a priority class the admin lists) are dropped, and the node
+//!   choice and priority class are the admin's ([`vkube_core::policy::scheduling`]): what of the
+//!   tenant's is dropped is returned, for a Warning event;
 //! - ephemeral volumes' claim templates are sanitised like claims (no host volume by name or
 //!   selector, no forged marks).
 
@@ -123,7 +124,6 @@ pub fn host_pod(env: &PodEnv<'_>, v: &Pod) -> Result<Translated, Refusal> {
     }
     spec.automount_service_account_token = Some(false);
     spec.enable_service_links = Some(false);
-    spec.priority_class_name = None;
     spec.priority = None;
     spec.preemption_policy = None;
     spec.overhead = None;

@@ -213,6 +213,12 @@ pub struct PolicyArgs {
     #[arg(long, env = "VKUBE_RUNTIME_CLASSES", value_delimiter = ',')]
     #[serde(default)]
     pub runtime_classes: Vec<String>,
+    /// Host PriorityClasses tenants' pods may name (comma-separated; the virtual cluster shows
+    /// them, the host gives their pods that priority); none: the host's default priority. Not the
+    /// built-in `system-` classes (the host admits those in its kube-system only).
+    #[arg(long, env = "VKUBE_PRIORITY_CLASSES", value_delimiter = ',')]
+    #[serde(default)]
+    pub priority_classes: Vec<String>,
     /// Let a pod the tenant binds by nodeName go to that node directly, as on a cluster of its
     /// own (the host kubelet admits or rejects it), where the cluster's pods run and the host has
     /// not cordoned it or tainted it against the admin's tolerations; else the host scheduler
@@ -304,6 +310,15 @@ impl PolicyArgs {
                 .map(|c| c.parse().map_err(|_| anyhow::anyhow!("--{flag}: {c:?} is not a CIDR (e.g. 192.0.2.0/24)")))
                 .collect::<anyhow::Result<Vec<ipnet::IpNet>>>()
         };
+        let priority_classes = list(&self.priority_classes);
+        if let Some(system) =
+            priority_classes.iter().find(|c| c.starts_with(vkube_core::policy::scheduling::SYSTEM_PRIORITY_PREFIX))
+        {
+            anyhow::bail!(
+                "--priority-classes: {system:?} is a built-in class the host admits in its kube-system namespace only; \
+                 list classes of your own (kubectl create priorityclass NAME --value=N)"
+            );
+        }
         let endpoint_ranges = cidrs("endpoint-cidrs", &self.endpoint_cidrs)?;
         let egress_ranges = cidrs("egress-cidrs", &self.egress_cidrs)?;
         let tolerations = serde_json::from_str(&self.host_tolerations).with_context(|| {
@@ -326,6 +341,7 @@ impl PolicyArgs {
                 tolerable_taints: list(&self.tolerable_taints),
                 tenant_node_labels: list(&self.tenant_node_labels),
                 runtime_classes: list(&self.runtime_classes),
+                priority_classes,
                 bind_node_name: self.bind_node_name,
                 virtual_scheduler: self.virtual_scheduler,
             },
@@ -367,6 +383,7 @@ impl PolicyArgs {
         args.push(format!("--tolerable-taints={}", self.tolerable_taints.join(",")));
         args.push(format!("--tenant-node-labels={}", self.tenant_node_labels.join(",")));
         args.push(format!("--runtime-classes={}", self.runtime_classes.join(",")));
+        args.push(format!("--priority-classes={}", self.priority_classes.join(",")));
         args.push(format!("--verbatim-keys={}", self.verbatim_keys.join(",")));
         args.push(format!("--endpoint-cidrs={}", self.endpoint_cidrs.join(",")));
         args.push(format!("--egress-cidrs={}", self.egress_cidrs.join(",")));
@@ -394,6 +411,7 @@ impl PolicyArgs {
             format!("--set-json=policy.scheduling.tolerableTaints={}", list(&self.tolerable_taints)),
             format!("--set-json=policy.scheduling.tenantNodeLabels={}", list(&self.tenant_node_labels)),
             format!("--set-json=policy.scheduling.runtimeClasses={}", list(&self.runtime_classes)),
+            format!("--set-json=policy.scheduling.priorityClasses={}", list(&self.priority_classes)),
             format!("--set=policy.scheduling.bindNodeName={}", self.bind_node_name),
             format!("--set=policy.scheduling.virtualScheduler={}", self.virtual_scheduler),
             format!("--set-json=policy.verbatimKeys={}", list(&self.verbatim_keys)),
@@ -1245,6 +1263,7 @@ mod tests {
             host_tolerations: r#"[{"key":"dedicated","operator":"Exists"}]"#.into(),
             tolerable_taints: vec![],
             runtime_classes: vec!["gvisor".into()],
+            priority_classes: vec!["batch".into()],
             bind_node_name: true,
             virtual_scheduler: true,
             ingress_classes: vec!["web".into()],
@@ -1264,6 +1283,9 @@ mod tests {
         assert!(again.scheduling.bind_node_name && again.scheduling.virtual_scheduler);
         assert!(again.scheduling.tolerable_taints.is_empty(), "an empty list stays empty, not the default");
         assert_eq!(again.scheduling.runtime_classes, ["gvisor"]);
+        assert_eq!(again.scheduling.priority_classes, ["batch"]);
+        let system = PolicyArgs { priority_classes: vec!["system-node-critical".into()], ..PolicyArgs::default() };
+        assert!(system.policy().unwrap_err().to_string().contains("--priority-classes: \"system-node-critical\""));
         assert_eq!(again.ingresses.classes, ["web"]);
         assert_eq!(again.ingresses.hosts, ["*.team-a.example.com", "internal=shop.example.com"]);
         assert!(!default.ingresses.enabled(), "no ingress reaches the host unless the admin says so");

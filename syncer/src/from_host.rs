@@ -1,0 +1,125 @@
+//! What the virtual cluster shows of the host's cluster-wide classes the platform admin lists
+//! (StorageClasses `--storage-classes`, PriorityClasses `--priority-classes`), as the host has
+//! them, kept in step every minute with the views of host volumes bound to claims (`claims`).
+//!
+//! Tenants see what they may use, and the virtual API server checks what names them against
+//! its own copy (a claim's growth, a pod's priority). The copies are read-only views, made again
+//! from the host at every pass ([`HostView::view`] leaves out what names the host's internals):
+//! a tenant's edit is undone, a copy whose class left the list or the host is deleted, and an
+//! object of the tenant's own under a listed name is left alone. A class the control plane may
+//! not read (the chart grants `get` on the listed ones) keeps the copy it has.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::time::Duration;
+
+use k8s_openapi::ClusterResourceScope;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::context::Context;
+use vkube_core::contract::LABEL_FROM_HOST;
+
+/// The labels of what the syncer shows of the host (class copies, volume views).
+pub fn labels() -> BTreeMap<String, String> {
+    [(LABEL_FROM_HOST.to_string(), "true".to_string())].into()
+}
+
+/// Whether the syncer made this object (only those are changed or deleted).
+pub fn is_from_host(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(LABEL_FROM_HOST).is_some_and(|v| v == "true")
+}
+
+/// A cluster-wide host kind the virtual cluster shows by name.
+pub trait HostView:
+    kube::Resource<Scope = ClusterResourceScope, DynamicType = ()>
+    + k8s_openapi::Resource
+    + Clone
+    + Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    /// Where the admin lists the names, for the log (the flag and the chart value).
+    const LISTED_BY: &'static str;
+    /// The virtual copy of a host object (pure), labelled with [`labels`].
+    fn view(host: &Self) -> Self;
+    /// Whether the current copy differs from the desired one in what the view holds.
+    fn differs(desired: &Self, current: &Self) -> bool;
+    /// Whether they differ in what the API server does not let change (made again to change it).
+    fn fixed_differs(desired: &Self, current: &Self) -> bool;
+}
+
+/// Keeps the views in step with the host every `every`, from the start; never returns.
+pub async fn keep_in_step(ctx: &Context, every: Duration) {
+    loop {
+        if let Err(e) = show::<k8s_openapi::api::storage::v1::StorageClass>(ctx, &ctx.policy.storage.classes).await {
+            tracing::warn!(error = %e, "showing the host's StorageClasses in the virtual cluster failed; retrying");
+        }
+        let priority = &ctx.policy.scheduling.priority_classes;
+        if let Err(e) = show::<k8s_openapi::api::scheduling::v1::PriorityClass>(ctx, priority).await {
+            tracing::warn!(error = %e, "showing the host's PriorityClasses in the virtual cluster failed; retrying");
+        }
+        if let Err(e) = crate::claims::sweep_views(ctx).await {
+            tracing::warn!(error = %e, "deleting the views of volumes whose claim is gone failed; retrying");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Makes the virtual copies of the listed host objects match the host's, and deletes the
+/// copies of those no longer listed or on the host.
+async fn show<K: HostView>(ctx: &Context, listed: &[String]) -> kube::Result<()> {
+    let kind = K::KIND;
+    let host: Api<K> = Api::all(ctx.host.clone());
+    let virt: Api<K> = Api::all(ctx.virt.clone());
+    let mut desired = BTreeMap::new();
+    let mut unread = BTreeSet::new();
+    for name in listed {
+        match host.get_opt(name).await {
+            Ok(Some(h)) => {
+                desired.insert(name.clone(), K::view(&h));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(kind, name = %name, error = %e, listed_by = K::LISTED_BY,
+                    "reading a listed host object failed (the control plane needs get on it; the chart grants it for the names listed)");
+                unread.insert(name.clone());
+            }
+        }
+    }
+    let pp = crate::sync::post_params();
+    for current in virt.list(&ListParams::default()).await?.items {
+        let name = current.name_any();
+        let ours = is_from_host(current.labels());
+        match desired.remove(&name) {
+            Some(_) if !ours => {
+                tracing::info!(kind, name = %name, "the tenant has one of this name; left as it is")
+            }
+            Some(mut d) if K::differs(&d, &current) => {
+                if K::fixed_differs(&d, &current) {
+                    virt.delete(&name, &DeleteParams::default()).await?;
+                    virt.create(&pp, &d).await?;
+                } else {
+                    d.meta_mut().resource_version = current.meta().resource_version.clone();
+                    virt.replace(&name, &pp, &d).await?;
+                }
+                tracing::info!(kind, name = %name, "virtual copy of a host object updated");
+            }
+            Some(_) => {}
+            None if ours && !unread.contains(&name) => {
+                virt.delete(&name, &DeleteParams::default()).await?;
+                tracing::info!(kind, name = %name, "virtual copy of a host object no longer listed or on the host deleted");
+            }
+            None => {}
+        }
+    }
+    for d in desired.into_values() {
+        virt.create(&pp, &d).await?;
+        tracing::info!(kind, name = %d.name_any(), "host object shown in the virtual cluster");
+    }
+    Ok(())
+}
