@@ -275,8 +275,9 @@ async fn rendered_manifests_are_accepted_by_the_host_api_server() {
         &serde_json::json!([
             {"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "resourceNames": ["fast-ssd"], "verbs": ["get"]},
             {"apiGroups": ["scheduling.k8s.io"], "resources": ["priorityclasses"], "resourceNames": ["batch"], "verbs": ["get"]},
+            {"apiGroups": ["networking.k8s.io"], "resources": ["ingressclasses"], "resourceNames": ["web", "internal"], "verbs": ["get"]},
         ]),
-        "readHostNodes off: only the listed StorageClasses and PriorityClasses"
+        "readHostNodes off: only the listed classes"
     );
     let objects = to_json(
         up,

@@ -783,6 +783,13 @@ async fn disruption_budgets_guard_host_evictions_or_are_reported_as_not_enforced
 async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names() {
     use k8s_openapi::api::networking::v1::Ingress;
     let env = TestEnv::start(1).await;
+    // The host's classes: two the admin lists (the host's default not first) and one it does not.
+    env.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: internal, annotations: {ingressclass.kubernetes.io/is-default-class: \"true\"}}\n\
+         spec: {controller: example.com/internal, parameters: {apiGroup: example.com, kind: Settings, name: host-only}}\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: web}\nspec: {controller: example.com/web}\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: public}\nspec: {controller: example.com/public}\n",
+    );
     let on = env
         .virtual_cluster_with(
             "ingress",
@@ -816,6 +823,25 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
     .await;
     let spec = serde_json::to_value(&copy).unwrap()["spec"].clone();
     assert_eq!(spec["ingressClassName"], "web", "the admin's first class, none being named");
+    // The listed classes the host has are shown, without parameters, the admin's first as the
+    // default: the virtual API server gives it to an Ingress naming none, as its host copy gets.
+    eventually("the listed host IngressClasses shown", Duration::from_secs(30), || async {
+        let out = on.kubectl(&[
+            "get",
+            "ingressclass",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.controller} {.spec.parameters} {.metadata.annotations.ingressclass\\.kubernetes\\.io/is-default-class};{end}",
+        ]);
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if got == "internal example.com/internal  ;web example.com/web  true;" { Ok(Some(())) } else { Err(got) }
+    })
+    .await;
+    assert_eq!(off.kubectl_ok(&["get", "ingressclass", "-o", "name"]), "", "none listed, none shown");
+    let plain = "  rules:\n  - host: plain.example.org\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}]}\n";
+    on.apply(&ingress("plain", plain));
+    let class = on.kubectl_ok(&["get", "ingress", "plain", "-o", "jsonpath={.spec.ingressClassName}"]);
+    assert_eq!(class, "web", "the virtual default is the class the host copy would get");
+    on.warned("default", "plain", "spec.rules[0].host: \"plain.example.org\" is not among").await;
     let backend = &spec["rules"][0]["http"]["paths"][0]["backend"]["service"];
     assert_eq!(backend["name"], tr.host_name("default", "api"), "the host copy of the Service");
     assert_eq!(backend["port"], serde_json::json!({"number": 80}), "by number, never a tenant's port name");

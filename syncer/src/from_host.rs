@@ -1,6 +1,7 @@
 //! What the virtual cluster shows of the host's cluster-wide classes the platform admin lists
-//! (StorageClasses `--storage-classes`, PriorityClasses `--priority-classes`), as the host has
-//! them, kept in step every minute with the views of host volumes bound to claims (`claims`).
+//! (StorageClasses `--storage-classes`, PriorityClasses `--priority-classes`, IngressClasses
+//! `--ingress-classes`), as the host has them, kept in step every minute with the views of host
+//! volumes bound to claims (`claims`).
 //!
 //! Tenants see what they may use, and the virtual API server checks what names them against
 //! its own copy (a claim's growth, a pod's priority). The copies are read-only views, made again
@@ -45,8 +46,9 @@ pub trait HostView:
 {
     /// Where the admin lists the names, for the log (the flag and the chart value).
     const LISTED_BY: &'static str;
-    /// The virtual copy of a host object (pure), labelled with [`labels`].
-    fn view(host: &Self) -> Self;
+    /// The virtual copy of a host object (pure), labelled with [`labels`]; `listed` is the
+    /// admin's list it is in.
+    fn view(host: &Self, listed: &[String]) -> Self;
     /// Whether the current copy differs from the desired one in what the view holds.
     fn differs(desired: &Self, current: &Self) -> bool;
     /// Whether they differ in what the API server does not let change (made again to change it).
@@ -62,6 +64,10 @@ pub async fn keep_in_step(ctx: &Context, every: Duration) {
         let priority = &ctx.policy.scheduling.priority_classes;
         if let Err(e) = show::<k8s_openapi::api::scheduling::v1::PriorityClass>(ctx, priority).await {
             tracing::warn!(error = %e, "showing the host's PriorityClasses in the virtual cluster failed; retrying");
+        }
+        let ingress = &ctx.policy.ingresses.classes;
+        if let Err(e) = show::<k8s_openapi::api::networking::v1::IngressClass>(ctx, ingress).await {
+            tracing::warn!(error = %e, "showing the host's IngressClasses in the virtual cluster failed; retrying");
         }
         if let Err(e) = crate::claims::sweep_views(ctx).await {
             tracing::warn!(error = %e, "deleting the views of volumes whose claim is gone failed; retrying");
@@ -81,7 +87,7 @@ async fn show<K: HostView>(ctx: &Context, listed: &[String]) -> kube::Result<()>
     for name in listed {
         match host.get_opt(name).await {
             Ok(Some(h)) => {
-                desired.insert(name.clone(), K::view(&h));
+                desired.insert(name.clone(), K::view(&h, listed));
             }
             Ok(None) => {}
             Err(e) => {

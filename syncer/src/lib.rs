@@ -28,6 +28,7 @@ pub mod events;
 pub mod from_host;
 pub mod health;
 pub mod informer;
+pub mod ingress_classes;
 pub mod ingresses;
 pub mod kind;
 pub mod metrics;

@@ -13,7 +13,7 @@ use crate::from_host::{HostView, labels};
 impl HostView for PriorityClass {
     const LISTED_BY: &'static str = "--priority-classes, policy.scheduling.priorityClasses";
 
-    fn view(h: &Self) -> Self {
+    fn view(h: &Self, _listed: &[String]) -> Self {
         PriorityClass {
             metadata: ObjectMeta { name: h.metadata.name.clone(), labels: Some(labels()), ..Default::default() },
             value: h.value,
@@ -49,7 +49,7 @@ mod tests {
             "value": 1000, "preemptionPolicy": "Never", "globalDefault": true, "description": "batch jobs"
         }))
         .unwrap();
-        let v = PriorityClass::view(&host);
+        let v = PriorityClass::view(&host, &[]);
         assert_eq!((v.value, v.preemption_policy.as_deref()), (Some(1000), Some("Never")));
         assert_eq!(v.global_default, None);
         assert_eq!(v.description.as_deref(), Some("batch jobs"));
