@@ -10,6 +10,14 @@ use crate::policy::{Policy, Refusal};
 
 pub const KIND: &str = "Service";
 
+/// Whether a virtual Service gets a host copy: not an ExternalName, a DNS alias the virtual
+/// cluster's own DNS answers for its pods, which a copy would only publish in the host's DNS, under
+/// a name of the tenant's choosing (nothing of the tenant's reads it there: Ingress backends may
+/// not be ExternalNames, pods resolve through the virtual DNS).
+pub fn has_host_copy(v: &Service) -> bool {
+    v.spec.as_ref().and_then(|s| s.type_.as_deref()) != Some("ExternalName")
+}
+
 /// The host copy of a virtual Service (pure). Node ports and the health-check node port are the
 /// virtual Service's where the policy lets tenants choose them (a port taken on the host is
 /// refused there), else left for the host to choose.
@@ -34,7 +42,6 @@ pub fn host_service(tr: &Translator, policy: &Policy, v: &Service) -> Result<Ser
         session_affinity: vs.session_affinity,
         session_affinity_config: vs.session_affinity_config,
         publish_not_ready_addresses: vs.publish_not_ready_addresses,
-        external_name: vs.external_name,
         external_traffic_policy: vs.external_traffic_policy,
         internal_traffic_policy: vs.internal_traffic_policy,
         load_balancer_class: vs.load_balancer_class,
@@ -49,6 +56,14 @@ pub fn host_service(tr: &Translator, policy: &Policy, v: &Service) -> Result<Ser
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_external_name_stays_in_the_virtual_cluster() {
+        let external = svc(serde_json::json!({"spec": {"type": "ExternalName", "externalName": "db.example.com"}}));
+        assert!(!has_host_copy(&external));
+        assert!(has_host_copy(&svc(serde_json::json!({"spec": {"type": "ClusterIP"}}))));
+        assert!(has_host_copy(&svc(serde_json::json!({"spec": {}}))), "ClusterIP by default");
+    }
 
     fn svc(json: serde_json::Value) -> Service {
         serde_json::from_value(json).unwrap()

@@ -135,6 +135,36 @@ async fn a_deployment_and_its_service_run_on_the_host_with_the_same_addresses() 
     })
     .await;
     assert_eq!(web_host, vip, "WEB_SERVICE_HOST is the Service's ClusterIP");
+
+    // An ExternalName is the virtual DNS's alone: no host copy to publish the tenant's name in
+    // the host's DNS. Made a ClusterIP Service, it gets one with its address; made an
+    // ExternalName again, the copy goes.
+    vc.kubectl_ok(&["create", "service", "externalname", "db", "--external-name=db.example.com"]);
+    vc.kubectl_ok(&["create", "service", "clusterip", "after", "--tcp=80"]);
+    let host_services: Api<Service> = Api::namespaced(env.client().await, vc.host_namespace());
+    let (db, after) = (tr.host_name("default", "db"), tr.host_name("default", "after"));
+    eventually("the Service made after the ExternalName on the host", Duration::from_secs(30), || async {
+        Ok(host_services.get_opt(&after).await.map_err(|e| e.to_string())?.map(drop))
+    })
+    .await;
+    assert!(host_services.get_opt(&db).await.unwrap().is_none(), "no host copy of an ExternalName");
+    let to_cluster_ip = r#"{"spec":{"type":"ClusterIP","externalName":null,"ports":[{"port":5432}]}}"#;
+    vc.kubectl_ok(&["patch", "service", "db", "-p", to_cluster_ip]);
+    let vip = vc.kubectl_ok(&["get", "service", "db", "-o", "jsonpath={.spec.clusterIP}"]);
+    let host_ip = eventually("a host copy once it is a ClusterIP Service", Duration::from_secs(30), || async {
+        let h = host_services.get_opt(&db).await.map_err(|e| e.to_string())?;
+        Ok(h.and_then(|h| h.spec).and_then(|s| s.cluster_ip))
+    })
+    .await;
+    // (Where the host had given that address away, the virtual Service is made again with the host's.)
+    let vip_now = vc.kubectl_ok(&["get", "service", "db", "-o", "jsonpath={.spec.clusterIP}"]);
+    assert!(host_ip == vip || host_ip == vip_now, "the same address: host {host_ip}, virtual {vip} / {vip_now}");
+    let to_external = r#"{"spec":{"type":"ExternalName","externalName":"db.example.com","clusterIP":null,"clusterIPs":null,"ports":null}}"#;
+    vc.kubectl_ok(&["patch", "service", "db", "-p", to_external]);
+    eventually("the host copy gone once it is an ExternalName again", Duration::from_secs(30), || async {
+        Ok(host_services.get_opt(&db).await.map_err(|e| e.to_string())?.is_none().then_some(()))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

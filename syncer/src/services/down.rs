@@ -39,6 +39,13 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
         return Ok(Action::Done);
     };
     let uid = v.metadata.uid.clone().unwrap_or_default();
+    if !vkube_core::services::has_host_copy(&v) {
+        // An ExternalName (made so, or changed to it since): none on the host.
+        if let HostCopy::Ours(h) | HostCopy::Stale(h) = sync::classify(ctx, h, KIND, &ns, &name, &uid) {
+            sync::delete_host(ctx, KIND, h.as_ref(), None).await?;
+        }
+        return Ok(Action::Done);
+    }
     let desired = match host_service(&ctx.tr, &ctx.policy, &v) {
         Ok(d) => d,
         Err(r) => {
