@@ -867,8 +867,11 @@ async fn ingresses_reach_the_host_only_within_the_admins_classes_and_host_names(
     })
     .await;
     assert_eq!(off.kubectl_ok(&["get", "ingressclass", "-o", "name"]), "", "none listed, none shown");
-    let plain = "  rules:\n  - host: plain.example.org\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}]}\n";
-    on.apply(&ingress("plain", plain));
+    // (Without the legacy class annotation, which the virtual API server would take as a class.)
+    on.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: plain, namespace: default}\nspec:\n  rules:\n  - host: plain.example.org\n    \
+         http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}]}\n",
+    );
     let class = on.kubectl_ok(&["get", "ingress", "plain", "-o", "jsonpath={.spec.ingressClassName}"]);
     assert_eq!(class, "web", "the virtual default is the class the host copy would get");
     on.warned("default", "plain", "spec.rules[0].host: \"plain.example.org\" is not among").await;
