@@ -46,6 +46,7 @@ policy:
   egressCIDRs: [203.0.113.0/24]
   scheduling:
     priorityClasses: [batch]
+    runtimeClasses: [gvisor]
   ingress:
     classes: [web, internal]
     hosts: ["*.team-a.example.com", internal=shop.example.com]
@@ -275,6 +276,7 @@ async fn rendered_manifests_are_accepted_by_the_host_api_server() {
         &serde_json::json!([
             {"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "resourceNames": ["fast-ssd"], "verbs": ["get"]},
             {"apiGroups": ["scheduling.k8s.io"], "resources": ["priorityclasses"], "resourceNames": ["batch"], "verbs": ["get"]},
+            {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "resourceNames": ["gvisor"], "verbs": ["get"]},
             {"apiGroups": ["networking.k8s.io"], "resources": ["ingressclasses"], "resourceNames": ["web", "internal"], "verbs": ["get"]},
         ]),
         "readHostNodes off: only the listed classes"
@@ -717,8 +719,11 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
     })
     .await;
     let selector = format!("--selector={}=true", vkube_core::contract::LABEL_FROM_HOST);
-    let shown = vk(&["get", "priorityclass", &selector, "-o", "jsonpath={.items[*].metadata.name}"]);
-    assert_eq!(String::from_utf8_lossy(&shown.stdout), "batch", "the listed PriorityClass is shown");
+    eventually("the listed PriorityClass is shown", Duration::from_secs(30), || {
+        let out = vk(&["get", "priorityclass", &selector, "-o", "jsonpath={.items[*].metadata.name}"]);
+        async move { Ok((String::from_utf8_lossy(&out.stdout) == "batch").then_some(())) }
+    })
+    .await;
 
     group.check().expect("every process still runs");
     eprintln!("workload checks done in {:.1} s", started.elapsed().as_secs_f64());

@@ -1448,7 +1448,9 @@ async fn claims_selectorless_endpoints_classes_events_and_metrics() {
     // A priority the admin offers tenants, and a higher one it does not.
     env.apply(
         "apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: batch, labels: {team: platform}}\nvalue: 1000\npreemptionPolicy: Never\ndescription: batch jobs\n---\n\
-         apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: unlisted}\nvalue: 900000\n",
+         apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: unlisted}\nvalue: 900000\n---\n\
+         apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: gvisor}\nhandler: runsc\noverhead: {podFixed: {memory: 64Mi}}\n\
+         scheduling: {nodeSelector: {sandbox.example.com/runsc: \"true\"}}\n",
     );
     // A host class of volumes that can grow, one volume of it, and a listed class the host lacks.
     env.apply(
@@ -1475,6 +1477,7 @@ spec:
         endpoint_cidrs: vec!["192.0.2.0/24".into()],
         storage_classes: vec!["grow".into(), "absent".into()],
         priority_classes: vec!["batch".into(), "absent".into()],
+        runtime_classes: vec!["gvisor".into()],
         ..Default::default()
     };
     let vc = env.virtual_cluster_with_policy("kinds", policy, &[]).await;
@@ -1599,9 +1602,22 @@ spec:
         if got == "batch 1000 Never  batch jobs;" { Ok(Some(())) } else { Err(got) }
     })
     .await;
+    // The listed RuntimeClass is shown without its node scheduling (the host adds that to the host
+    // copy), so a pod asking for it is admitted here.
+    eventually("the listed host RuntimeClass is shown", Duration::from_secs(30), || async {
+        let out = vc.kubectl(&[
+            "get",
+            "runtimeclass",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.handler} {.overhead.podFixed.memory} {.scheduling};{end}",
+        ]);
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if got == "gvisor runsc 64Mi ;" { Ok(Some(())) } else { Err(got) }
+    })
+    .await;
     vc.apply(
         "apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: unlisted}\nvalue: 1000000000\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {name: batch-job}\nspec:\n  priorityClassName: batch\n  containers: [{name: c, image: nginx}]\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: batch-job}\nspec:\n  priorityClassName: batch\n  runtimeClassName: gvisor\n  containers: [{name: c, image: nginx}]\n---\n\
          apiVersion: v1\nkind: Pod\nmetadata: {name: sneaky}\nspec:\n  priorityClassName: unlisted\n  containers: [{name: c, image: nginx}]\n",
     );
     let priority = |pod: &'static str| {
@@ -1616,6 +1632,17 @@ spec:
         }
     };
     assert_eq!(priority("batch-job").await, (Some("batch".into()), Some(1000), Some("Never".into())));
+    // It runs under the listed RuntimeClass there, with the host class's node scheduling.
+    let host_job = env.kubectl_ok(&[
+        "-n",
+        &hns,
+        "get",
+        "pod",
+        &tr.host_name("default", "batch-job"),
+        "-o",
+        "jsonpath={.spec.runtimeClassName} {.spec.overhead.memory} {.spec.nodeSelector}",
+    ]);
+    assert_eq!(host_job, r#"gvisor 64Mi {"sandbox.example.com/runsc":"true"}"#);
     assert_eq!(priority("sneaky").await, (None, Some(0), Some("PreemptLowerPriority".into())));
     vc.warned("default", "sneaky", "spec.priorityClassName \"unlisted\" (the host runs the pod at its default priority; classes the platform admin offers: batch, absent)").await;
     // The tenant's copy is not changed by the syncer (only what it made is), and the copy the

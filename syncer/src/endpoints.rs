@@ -20,7 +20,11 @@ impl Mirror for Endpoints {
             return false;
         }
         let svc: Option<std::sync::Arc<Service>> = ctx.stores.virt::<Service>().get(&ObjectRef::new(&name).within(&ns));
-        svc.is_some_and(|s| s.spec.as_ref().is_some_and(|sp| sp.selector.as_ref().is_none_or(|m| m.is_empty())))
+        // (An ExternalName has no selector, and no host Service either.)
+        svc.is_some_and(|s| {
+            vkube_core::services::has_host_copy(&s)
+                && s.spec.as_ref().is_some_and(|sp| sp.selector.as_ref().is_none_or(|m| m.is_empty()))
+        })
     }
 
     /// What it names is kept (`pod_ips`), so that it is looked at again when one of those

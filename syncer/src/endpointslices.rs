@@ -25,8 +25,11 @@ const CONTROLLERS: [&str; 2] = ["endpointslice-controller.k8s.io", "endpointslic
 pub fn is_tenant_slice(slice: &EndpointSlice, service: Option<&Service>) -> bool {
     let labels = slice.metadata.labels.clone().unwrap_or_default();
     let managed_by = labels.get(LABEL_MANAGED_BY).map(String::as_str).unwrap_or_default();
-    let selectorless =
-        service.and_then(|s| s.spec.as_ref()).is_some_and(|sp| sp.selector.as_ref().is_none_or(|m| m.is_empty()));
+    // (An ExternalName has no selector, and no host Service either.)
+    let selectorless = service
+        .filter(|s| vkube_core::services::has_host_copy(s))
+        .and_then(|s| s.spec.as_ref())
+        .is_some_and(|sp| sp.selector.as_ref().is_none_or(|m| m.is_empty()));
     labels.contains_key(LABEL_SERVICE_NAME) && !CONTROLLERS.contains(&managed_by) && selectorless
 }
 

@@ -1,6 +1,6 @@
 //! What the virtual cluster shows of the host's cluster-wide classes the platform admin lists
-//! (StorageClasses `--storage-classes`, PriorityClasses `--priority-classes`, IngressClasses
-//! `--ingress-classes`), as the host has them, kept in step every minute with the views of host
+//! (StorageClasses `--storage-classes`, PriorityClasses `--priority-classes`, RuntimeClasses
+//! `--runtime-classes`, IngressClasses `--ingress-classes`), as the host has them, kept in step every minute with the views of host
 //! volumes bound to claims (`claims`).
 //!
 //! Tenants see what they may use, and the virtual API server checks what names them against
@@ -57,18 +57,14 @@ pub trait HostView:
 
 /// Keeps the views in step with the host every `every`, from the start; never returns.
 pub async fn keep_in_step(ctx: &Context, every: Duration) {
+    use k8s_openapi::api::{networking::v1::IngressClass, node::v1::RuntimeClass};
+    use k8s_openapi::api::{scheduling::v1::PriorityClass, storage::v1::StorageClass};
+    let policy = &ctx.policy;
     loop {
-        if let Err(e) = show::<k8s_openapi::api::storage::v1::StorageClass>(ctx, &ctx.policy.storage.classes).await {
-            tracing::warn!(error = %e, "showing the host's StorageClasses in the virtual cluster failed; retrying");
-        }
-        let priority = &ctx.policy.scheduling.priority_classes;
-        if let Err(e) = show::<k8s_openapi::api::scheduling::v1::PriorityClass>(ctx, priority).await {
-            tracing::warn!(error = %e, "showing the host's PriorityClasses in the virtual cluster failed; retrying");
-        }
-        let ingress = &ctx.policy.ingresses.classes;
-        if let Err(e) = show::<k8s_openapi::api::networking::v1::IngressClass>(ctx, ingress).await {
-            tracing::warn!(error = %e, "showing the host's IngressClasses in the virtual cluster failed; retrying");
-        }
+        show::<StorageClass>(ctx, &policy.storage.classes).await;
+        show::<PriorityClass>(ctx, &policy.scheduling.priority_classes).await;
+        show::<RuntimeClass>(ctx, &policy.scheduling.runtime_classes).await;
+        show::<IngressClass>(ctx, &policy.ingresses.classes).await;
         if let Err(e) = crate::claims::sweep_views(ctx).await {
             tracing::warn!(error = %e, "deleting the views of volumes whose claim is gone failed; retrying");
         }
@@ -76,9 +72,16 @@ pub async fn keep_in_step(ctx: &Context, every: Duration) {
     }
 }
 
+/// [`try_show`], a failure logged (tried again at the next pass).
+async fn show<K: HostView>(ctx: &Context, listed: &[String]) {
+    if let Err(e) = try_show::<K>(ctx, listed).await {
+        tracing::warn!(kind = K::KIND, error = %e, "showing the listed host objects in the virtual cluster failed; retrying");
+    }
+}
+
 /// Makes the virtual copies of the listed host objects match the host's, and deletes the
 /// copies of those no longer listed or on the host.
-async fn show<K: HostView>(ctx: &Context, listed: &[String]) -> kube::Result<()> {
+async fn try_show<K: HostView>(ctx: &Context, listed: &[String]) -> kube::Result<()> {
     let kind = K::KIND;
     let host: Api<K> = Api::all(ctx.host.clone());
     let virt: Api<K> = Api::all(ctx.virt.clone());

@@ -43,6 +43,7 @@ pub mod queue;
 #[cfg(test)]
 mod reconcile_tests;
 pub mod refs;
+pub mod runtime_classes;
 pub mod services;
 pub mod storage;
 pub mod sync;

@@ -207,7 +207,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
             }
             if !t.dropped.is_empty() {
                 let note = format!(
-                    "not carried to the host (the platform admin decides where pods run): {}",
+                    "not carried to the host (the platform admin decides where and how pods run): {}",
                     t.dropped.join("; ")
                 );
                 sync::warn(ctx, v, "SchedulingDropped", &note).await;

@@ -862,6 +862,25 @@ mod tests {
     }
 
     #[test]
+    fn a_listed_priority_class_crosses_and_the_host_computes_priority_and_preemption() {
+        let tr = Translator::new("team-a", "vkube-team-a");
+        let mut policy = Policy::default();
+        policy.scheduling.priority_classes = vec!["batch".into()];
+        let mut spec = typical();
+        spec["priorityClassName"] = "batch".into();
+        spec["priority"] = 1000.into();
+        spec["preemptionPolicy"] = "Never".into();
+        let t = host_pod(&env(&tr, &policy), &vpod(spec)).unwrap();
+        let host = t.pod.spec.unwrap();
+        // The host's admission refuses a pod whose priority or policy differs from its class's.
+        assert_eq!(
+            (host.priority_class_name.as_deref(), host.priority, host.preemption_policy),
+            (Some("batch"), None, None)
+        );
+        assert!(!t.dropped.iter().any(|d| d.contains("priorityClassName")), "{:?}", t.dropped);
+    }
+
+    #[test]
     fn references_api_and_dns_point_at_the_virtual_cluster() {
         let tr = Translator::new("team-a", "vkube-team-a");
         let policy = Policy::default();
