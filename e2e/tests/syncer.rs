@@ -1618,7 +1618,9 @@ spec:
     vc.apply(
         "apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: unlisted}\nvalue: 1000000000\n---\n\
          apiVersion: v1\nkind: Pod\nmetadata: {name: batch-job}\nspec:\n  priorityClassName: batch\n  runtimeClassName: gvisor\n  containers: [{name: c, image: nginx}]\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {name: sneaky}\nspec:\n  priorityClassName: unlisted\n  containers: [{name: c, image: nginx}]\n",
+         apiVersion: v1\nkind: Pod\nmetadata: {name: sneaky}\nspec:\n  priorityClassName: unlisted\n  containers: [{name: c, image: nginx}]\n---\n\
+         apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: absent}\nvalue: 5\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: listed-but-absent}\nspec:\n  priorityClassName: absent\n  containers: [{name: c, image: nginx}]\n",
     );
     let priority = |pod: &'static str| {
         let name = tr.host_name("default", pod);
@@ -1644,6 +1646,14 @@ spec:
     ]);
     assert_eq!(host_job, r#"gvisor 64Mi {"sandbox.example.com/runsc":"true"}"#);
     assert_eq!(priority("sneaky").await, (None, Some(0), Some("PreemptLowerPriority".into())));
+    // Listed, but the host has no such class (it would refuse the pod): dropped, and told.
+    assert_eq!(priority("listed-but-absent").await, (None, Some(0), Some("PreemptLowerPriority".into())));
+    vc.warned(
+        "default",
+        "listed-but-absent",
+        "spec.priorityClassName \"absent\" (listed by the platform admin, but the host has no such class)",
+    )
+    .await;
     vc.warned("default", "sneaky", "spec.priorityClassName \"unlisted\" (the host runs the pod at its default priority; classes the platform admin offers: batch, absent)").await;
     // The tenant's copy is not changed by the syncer (only what it made is), and the copy the
     // tenant deletes comes back with the volume view below.

@@ -100,6 +100,12 @@ async fn try_show<K: HostView>(ctx: &Context, listed: &[String]) -> kube::Result
             }
         }
     }
+    {
+        let mut absent = ctx.absent_classes.write().unwrap_or_else(|e| e.into_inner());
+        absent.retain(|(k, _)| *k != kind);
+        let missing = listed.iter().filter(|n| !desired.contains_key(*n) && !unread.contains(*n));
+        absent.extend(missing.map(|n| (kind, n.clone())));
+    }
     let pp = crate::sync::post_params();
     for current in virt.list(&ListParams::default()).await?.items {
         let name = current.name_any();

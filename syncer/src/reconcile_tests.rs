@@ -104,6 +104,7 @@ fn harness() -> Harness {
         node_failures: Default::default(),
         bound_node_reads: Default::default(),
         events_mark: Default::default(),
+        absent_classes: Default::default(),
         metrics,
         health: Default::default(),
         budget: crate::budget::WriteBudget::new(crate::budget::WRITES_PER_MINUTE),

@@ -201,9 +201,15 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         }
     }
     let mut desired = match translated {
-        Ok(t) => {
+        Ok(mut t) => {
             if let Some(why) = t.unschedulable {
                 return unschedulable(ctx, v, &why).await;
+            }
+            if let Some(spec) = t.pod.spec.as_mut() {
+                let absent = ctx.absent_classes.read().unwrap_or_else(|e| e.into_inner());
+                t.dropped.extend(translate::drop_absent_classes(spec, |kind, name| {
+                    absent.contains(&(kind, name.to_string()))
+                }));
             }
             if !t.dropped.is_empty() {
                 let note = format!(

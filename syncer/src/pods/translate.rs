@@ -526,6 +526,22 @@ fn affinity_term(tr: &Translator, ns: &str, namespaces: &[NamespaceLabels], t: &
     }
 }
 
+/// Drops from a host pod the classes the admin lists that the host does not have (`absent`, by
+/// kind and name: the host would refuse the pod), saying what was dropped.
+pub fn drop_absent_classes(spec: &mut PodSpec, absent: impl Fn(&str, &str) -> bool) -> Vec<String> {
+    let mut dropped = vec![];
+    let fields = [
+        ("PriorityClass", "spec.priorityClassName", &mut spec.priority_class_name),
+        ("RuntimeClass", "spec.runtimeClassName", &mut spec.runtime_class_name),
+    ];
+    for (kind, field, value) in fields {
+        if let Some(name) = value.take_if(|n| absent(kind, n)) {
+            dropped.push(format!("{field} {name:?} (listed by the platform admin, but the host has no such class)"));
+        }
+    }
+    dropped
+}
+
 /// Takes out of a host pod's requests and limits (containers', init containers', the pod's own)
 /// the resources the tenant gave its virtual node (`tenants`, `nodes::tenant_resources`), which
 /// its virtual scheduler counted, unless `host` (the node it is bound to) has them too: the host
@@ -859,6 +875,20 @@ mod tests {
         let info = h.spec.unwrap().volumes.unwrap().into_iter().find(|v| v.name == "info").unwrap();
         let path = &info.downward_api.unwrap().items.unwrap()[0].field_ref.clone().unwrap().field_path;
         assert_eq!(path, "metadata.annotations['vkube.dev/object-annotations']");
+    }
+
+    #[test]
+    fn a_listed_class_the_host_lacks_is_dropped_and_told() {
+        let mut spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "c"}], "priorityClassName": "gone", "runtimeClassName": "gvisor"
+        }))
+        .unwrap();
+        let dropped = drop_absent_classes(&mut spec, |kind, name| (kind, name) == ("PriorityClass", "gone"));
+        assert_eq!((spec.priority_class_name, spec.runtime_class_name.as_deref()), (None, Some("gvisor")));
+        assert_eq!(
+            dropped,
+            ["spec.priorityClassName \"gone\" (listed by the platform admin, but the host has no such class)"]
+        );
     }
 
     #[test]
