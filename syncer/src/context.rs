@@ -212,7 +212,8 @@ pub struct Context {
     /// Host events up to this time are mirrored (best effort, as events are).
     pub events_mark: RwLock<Option<k8s_openapi::jiff::Timestamp>>,
     /// Classes the admin lists that the host does not have, as (kind, name), from the last
-    /// `from_host` pass: a pod is not given one on the host, which would refuse it.
+    /// `from_host` pass: a pod is not given such a PriorityClass on the host (checked again
+    /// then), which would refuse it.
     pub absent_classes: RwLock<std::collections::BTreeSet<(&'static str, String)>>,
     pub metrics: Metrics,
     pub health: crate::health::Health,

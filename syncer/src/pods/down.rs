@@ -205,11 +205,11 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
             if let Some(why) = t.unschedulable {
                 return unschedulable(ctx, v, &why).await;
             }
-            if let Some(spec) = t.pod.spec.as_mut() {
-                let absent = ctx.absent_classes.read().unwrap_or_else(|e| e.into_inner());
-                t.dropped.extend(translate::drop_absent_classes(spec, |kind, name| {
-                    absent.contains(&(kind, name.to_string()))
-                }));
+            if let Some(spec) = t.pod.spec.as_mut()
+                && let Some(class) = spec.priority_class_name.clone()
+                && host_lacks_priority_class(ctx, &class).await?
+            {
+                t.dropped.push(translate::drop_absent_priority_class(spec));
             }
             if !t.dropped.is_empty() {
                 let note = format!(
@@ -481,6 +481,23 @@ fn service_links_for(ctx: &Context, v: &Pod) -> Vec<k8s_openapi::api::core::v1::
     let in_ns: Vec<&k8s_openapi::api::core::v1::Service> =
         services.iter().filter(|s| s.metadata.namespace.as_deref() == Some(ns)).map(|s| s.as_ref()).collect();
     translate::service_links(&in_ns)
+}
+
+/// Whether the host lacks a PriorityClass the admin lists (it would refuse the pod): the last
+/// `from_host` pass found none, and the host still has none now (a pod's class cannot be given
+/// back once it runs without it).
+async fn host_lacks_priority_class(ctx: &Context, class: &str) -> Result<bool> {
+    const KIND: &str = "PriorityClass";
+    let key = (KIND, class.to_string());
+    if !ctx.absent_classes.read().unwrap_or_else(|e| e.into_inner()).contains(&key) {
+        return Ok(false);
+    }
+    let host: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(ctx.host.clone());
+    let lacks = host.get_opt(class).await?.is_none();
+    if !lacks {
+        ctx.absent_classes.write().unwrap_or_else(|e| e.into_inner()).remove(&key);
+    }
+    Ok(lacks)
 }
 
 /// Whether the virtual pod has run on the host: only its host copy's status gives it a host IP.

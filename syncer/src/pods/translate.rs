@@ -526,20 +526,12 @@ fn affinity_term(tr: &Translator, ns: &str, namespaces: &[NamespaceLabels], t: &
     }
 }
 
-/// Drops from a host pod the classes the admin lists that the host does not have (`absent`, by
-/// kind and name: the host would refuse the pod), saying what was dropped.
-pub fn drop_absent_classes(spec: &mut PodSpec, absent: impl Fn(&str, &str) -> bool) -> Vec<String> {
-    let mut dropped = vec![];
-    let fields = [
-        ("PriorityClass", "spec.priorityClassName", &mut spec.priority_class_name),
-        ("RuntimeClass", "spec.runtimeClassName", &mut spec.runtime_class_name),
-    ];
-    for (kind, field, value) in fields {
-        if let Some(name) = value.take_if(|n| absent(kind, n)) {
-            dropped.push(format!("{field} {name:?} (listed by the platform admin, but the host has no such class)"));
-        }
-    }
-    dropped
+/// Drops from a host pod a PriorityClass the admin lists that the host does not have (the host
+/// would refuse the pod; it runs at the host's default priority instead), saying so. (A missing
+/// RuntimeClass stays: the host refuses the pod rather than run it without the sandbox it asked for.)
+pub fn drop_absent_priority_class(spec: &mut PodSpec) -> String {
+    let name = spec.priority_class_name.take().unwrap_or_default();
+    format!("spec.priorityClassName {name:?} (listed by the platform admin, but the host has no such class)")
 }
 
 /// Takes out of a host pod's requests and limits (containers', init containers', the pod's own)
@@ -878,16 +870,16 @@ mod tests {
     }
 
     #[test]
-    fn a_listed_class_the_host_lacks_is_dropped_and_told() {
+    fn a_listed_priority_class_the_host_lacks_is_dropped_and_told() {
         let mut spec: PodSpec = serde_json::from_value(serde_json::json!({
             "containers": [{"name": "c"}], "priorityClassName": "gone", "runtimeClassName": "gvisor"
         }))
         .unwrap();
-        let dropped = drop_absent_classes(&mut spec, |kind, name| (kind, name) == ("PriorityClass", "gone"));
+        let dropped = drop_absent_priority_class(&mut spec);
         assert_eq!((spec.priority_class_name, spec.runtime_class_name.as_deref()), (None, Some("gvisor")));
         assert_eq!(
             dropped,
-            ["spec.priorityClassName \"gone\" (listed by the platform admin, but the host has no such class)"]
+            "spec.priorityClassName \"gone\" (listed by the platform admin, but the host has no such class)"
         );
     }
 
