@@ -77,9 +77,7 @@ impl Proxy {
         // Node ports as asked for: the dry run's are the virtual API server's choice, not the host's.
         set_node_ports(&mut svc, &requested.node_ports, requested.health_check_node_port);
 
-        if (namespace, name(&svc)) == vkube_core::contract::RESOURCE_METRICS_SERVICE
-            || !vkube_core::services::has_host_copy(&svc)
-        {
+        if !vkube_core::services::has_host_copy(&svc) {
             // An ExternalName, the resource metrics API's (the tenant made it again) among them:
             // never copied to the host, so nothing to make there first.
             return self.forward_parts(parts, full(bytes), id).await;

@@ -13,9 +13,13 @@ pub const KIND: &str = "Service";
 /// Whether a virtual Service gets a host copy: not an ExternalName, a DNS alias the virtual
 /// cluster's own DNS answers for its pods, which a copy would only publish in the host's DNS, under
 /// a name of the tenant's choosing (nothing of the tenant's reads it there: Ingress backends may
-/// not be ExternalNames, pods resolve through the virtual DNS).
+/// not be ExternalNames, pods resolve through the virtual DNS); and not the resource metrics
+/// API's, whose name only the virtual API server's egress proxy answers (made again by the tenant
+/// as another type, it still has nothing on the host to reach).
 pub fn has_host_copy(v: &Service) -> bool {
+    let at = (v.metadata.namespace.as_deref().unwrap_or_default(), v.metadata.name.as_deref().unwrap_or_default());
     v.spec.as_ref().and_then(|s| s.type_.as_deref()) != Some("ExternalName")
+        && at != crate::contract::RESOURCE_METRICS_SERVICE
 }
 
 /// The host copy of a virtual Service (pure). Node ports and the health-check node port are the
@@ -63,6 +67,12 @@ mod tests {
         assert!(!has_host_copy(&external));
         assert!(has_host_copy(&svc(serde_json::json!({"spec": {"type": "ClusterIP"}}))));
         assert!(has_host_copy(&svc(serde_json::json!({"spec": {}}))), "ClusterIP by default");
+        let (ns, name) = crate::contract::RESOURCE_METRICS_SERVICE;
+        let metrics =
+            svc(serde_json::json!({"metadata": {"namespace": ns, "name": name}, "spec": {"type": "ClusterIP"}}));
+        assert!(!has_host_copy(&metrics), "the resource metrics API's, whatever its type");
+        let elsewhere = svc(serde_json::json!({"metadata": {"namespace": "default", "name": name}, "spec": {}}));
+        assert!(has_host_copy(&elsewhere));
     }
 
     fn svc(json: serde_json::Value) -> Service {

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use vkube_e2e::{TestEnv, VirtualCluster, eventually, kubectl};
@@ -685,6 +685,19 @@ async fn pod_subresources_never_reach_host_pods_vkube_does_not_own_nor_serve_use
         }
     })
     .await;
+
+    // Its Service, made again by the tenant as a ClusterIP, still has nothing on the host: its
+    // name is the egress proxy's, not a host Service's.
+    vc.kubectl_ok(&["-n", "kube-system", "delete", "service", "vkube-metrics"]);
+    vc.kubectl_ok(&["-n", "kube-system", "create", "service", "clusterip", "vkube-metrics", "--tcp=443"]);
+    vc.kubectl_ok(&["-n", "kube-system", "create", "service", "clusterip", "after-metrics", "--tcp=443"]);
+    let services: Api<Service> = Api::namespaced(host.clone(), vc.host_namespace());
+    eventually("the next Service's host copy", Duration::from_secs(20), || async {
+        services.get_opt(&tr.host_name("kube-system", "after-metrics")).await.map_err(|e| e.to_string())
+    })
+    .await;
+    let copy = services.get_opt(&tr.host_name("kube-system", "vkube-metrics")).await.unwrap();
+    assert!(copy.is_none(), "the resource metrics API's Service has no host copy, whatever its type: {copy:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,9 +21,6 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
         ctx.queues.upward::<Service>().add((ns, name));
         return Ok(Action::Done);
     }
-    if super::not_synced(&ns, &name) {
-        return Ok(Action::Done);
-    }
     let host_name = ctx.tr.host_name(&ns, &name);
     let v = ctx.stores.virt::<Service>().get(&ObjectRef::new(&name).within(&ns));
     let h = sync::host_get(ctx.stores.host::<Service>(), ctx, &host_name);
@@ -39,11 +36,12 @@ pub async fn reconcile(ctx: &Context, (ns, name): Key) -> Result<Action> {
         return Ok(Action::Done);
     };
     let uid = v.metadata.uid.clone().unwrap_or_default();
-    let desired = match host_service(&ctx.tr, &ctx.policy, &v) {
-        // An ExternalName (made so, or changed to it since): none on the host.
-        Ok(_) if !vkube_core::services::has_host_copy(&v) => None,
-        Ok(d) => Some(d),
-        Err(r) => {
+    // An ExternalName (made so, or changed to it since), the resource metrics API's: none on the
+    // host, and nothing to refuse.
+    let desired = match vkube_core::services::has_host_copy(&v).then(|| host_service(&ctx.tr, &ctx.policy, &v)) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(r)) => {
             sync::refuse(ctx, KIND, v.as_ref(), &r).await;
             None
         }

@@ -69,12 +69,6 @@ pub const PENDING_GRACE: Duration = Duration::from_secs(60);
 /// The virtual Service in front of the API server (never copied to the host).
 pub const API_SERVICE: (&str, &str) = ("default", "kubernetes");
 
-/// Services the syncer leaves alone: the resource metrics API's, whose ExternalName only the
-/// virtual API server's egress proxy answers (`crate::builtin`).
-fn not_synced(ns: &str, name: &str) -> bool {
-    (ns, name) == vkube_core::contract::RESOURCE_METRICS_SERVICE
-}
-
 /// Neither can change on the virtual side: a virtual Service whose address, or whose
 /// health-check node port (both set), differs from its host copy's is recreated with the host's.
 fn allocation_differs(v: &Service, h: &Service) -> bool {

@@ -21,9 +21,6 @@ pub async fn reflect(ctx: &Context, (ns, name): Key) -> Result<Action> {
     if (ns.as_str(), name.as_str()) == super::API_SERVICE {
         return api_service(ctx).await;
     }
-    if super::not_synced(&ns, &name) {
-        return Ok(Action::Done);
-    }
     let host_name = ctx.tr.host_name(&ns, &name);
     let v = ctx.stores.virt::<Service>().get(&ObjectRef::new(&name).within(&ns));
     let h = sync::host_get(ctx.stores.host::<Service>(), ctx, &host_name);
