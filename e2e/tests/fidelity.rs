@@ -603,10 +603,21 @@ spec:
 /// its node there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
-    let env = TestEnv::start(2).await;
+    let env = TestEnv::start(3).await;
+    // A sandbox pool of one host node (its label, its taint) and the RuntimeClass whose handler
+    // only that node runs.
+    let sandbox = vkube_e2e::sorted_names(&Api::<Node>::all(env.client().await)).await.unwrap()[2].clone();
+    env.kubectl_ok(&["label", "node", &sandbox, "sandbox.example.com/runsc=true"]);
+    env.kubectl_ok(&["taint", "node", &sandbox, "sandbox.example.com/runsc=true:NoSchedule"]);
+    env.apply(
+        "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: sandboxed}\nhandler: runsc\nscheduling:\n  \
+         nodeSelector: {sandbox.example.com/runsc: \"true\"}\n  \
+         tolerations: [{key: sandbox.example.com/runsc, operator: Exists, effect: NoSchedule}]\n",
+    );
     let policy = vkube::controlplane::PolicyArgs {
         virtual_scheduler: true,
         storage_classes: vec!["local".into(), "later".into()],
+        runtime_classes: vec!["sandboxed".into()],
         ..Default::default()
     };
     // A class whose volumes are made for their first consumer (used below).
@@ -617,7 +628,7 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     let vnodes: Api<Node> = Api::all(vc.client().await);
     let (node, other) = eventually("the host nodes shown before any pod", Duration::from_secs(30), || async {
         let names = vkube_e2e::sorted_names(&vnodes).await?;
-        Ok((names.len() == 2).then(|| (names[0].clone(), names[1].clone())))
+        Ok((names.len() == 3).then(|| (names[0].clone(), names[1].clone())))
     })
     .await;
 
@@ -756,6 +767,10 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     let refused = events.list(&ListParams::default().fields("reason=ResizeRefused")).await.unwrap().items;
     assert!(refused.is_empty(), "the trimmed resources are no resize: {refused:?}");
 
+    let taint_keys = |n: &Node| -> Vec<String> {
+        n.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default().into_iter().map(|t| t.key).collect()
+    };
+
     // Bound to a node the host admin has cordoned since: the pod waits, told why, with nothing on
     // the host, and runs there once the node is open again.
     env.kubectl_ok(&["cordon", &node]);
@@ -768,6 +783,27 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     env.kubectl_ok(&["uncordon", &node]);
     let (_, host_late) = running_on("late").await;
     assert_eq!(host_late.spec.and_then(|s| s.node_name).as_deref(), Some(node.as_str()));
+
+    // A pod of the sandbox's RuntimeClass: the virtual scheduler places it on the sandbox node
+    // (the class's view selects on the label that node shows and tolerates its taint), and the
+    // host copy is bound there, the class's toleration added by the host's admission, with
+    // nothing said to be dropped.
+    let key = "sandbox.example.com/runsc";
+    eventually("the sandbox node's label and taint shown", Duration::from_secs(90), || async {
+        let n = vnodes.get(&sandbox).await.map_err(|e| e.to_string())?;
+        let labelled = n.metadata.labels.as_ref().and_then(|l| l.get(key)).is_some_and(|v| v == "true");
+        Ok((labelled && taint_keys(&n).iter().any(|k| k == key)).then_some(()))
+    })
+    .await;
+    vc.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: sandboxed, namespace: default}\nspec:\n  runtimeClassName: sandboxed\n  containers: [{name: c, image: nginx}]\n");
+    let (sandboxed, host_sandboxed) = running_on("sandboxed").await;
+    assert_eq!(sandboxed.spec.and_then(|s| s.node_name).as_deref(), Some(sandbox.as_str()));
+    let spec = host_sandboxed.spec.unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some(sandbox.as_str()));
+    let tolerated: Vec<String> = spec.tolerations.unwrap_or_default().into_iter().filter_map(|t| t.key).collect();
+    assert!(tolerated.iter().any(|k| k == key), "{tolerated:?}");
+    let dropped = ListParams::default().fields("involvedObject.name=sandboxed,reason=SchedulingDropped");
+    assert_eq!(events.list(&dropped).await.unwrap().items, vec![], "nothing dropped");
 
     // The host admin cordons one node (and its device goes) and removes the other, where a pod of
     // the tenant is bound: within a listing both virtual nodes are closed to the virtual
@@ -786,9 +822,6 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     let no_device = r#"[{"op": "remove", "path": "/status/capacity/example.com~1dev"}, {"op": "remove", "path": "/status/allocatable/example.com~1dev"}]"#;
     env.kubectl_ok(&["patch", "node", &node, "--subresource=status", "--type=json", "-p", no_device]);
     env.kubectl_ok(&["delete", "node", &other, "--wait=false"]);
-    let taint_keys = |n: &Node| -> Vec<String> {
-        n.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default().into_iter().map(|t| t.key).collect()
-    };
     eventually("both virtual nodes closed", Duration::from_secs(150), || async {
         let cordoned = vnodes.get(&node).await.map_err(|e| e.to_string())?;
         let gone = vnodes.get(&other).await.map_err(|e| e.to_string())?;

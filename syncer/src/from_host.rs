@@ -20,6 +20,7 @@ use kube::api::{Api, DeleteParams, ListParams};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::context::Context;
+use crate::policy::Policy;
 use vkube_core::contract::LABEL_FROM_HOST;
 
 /// The labels of what the syncer shows of the host (class copies, volume views).
@@ -46,9 +47,10 @@ pub trait HostView:
 {
     /// Where the admin lists the names, for the log (the flag and the chart value).
     const LISTED_BY: &'static str;
-    /// The virtual copy of a host object (pure), labelled with [`labels`]; `listed` is the
-    /// admin's list it is in.
-    fn view(host: &Self, listed: &[String]) -> Self;
+    /// The names the admin lists.
+    fn listed(policy: &Policy) -> &[String];
+    /// The virtual copy of a host object (pure), labelled with [`labels`].
+    fn view(host: &Self, policy: &Policy) -> Self;
     /// Whether the current copy differs from the desired one in what the view holds.
     fn differs(desired: &Self, current: &Self) -> bool;
     /// Whether they differ in what the API server does not let change (made again to change it).
@@ -59,12 +61,13 @@ pub trait HostView:
 pub async fn keep_in_step(ctx: &Context, every: Duration) {
     use k8s_openapi::api::{networking::v1::IngressClass, node::v1::RuntimeClass};
     use k8s_openapi::api::{scheduling::v1::PriorityClass, storage::v1::StorageClass};
-    let policy = &ctx.policy;
     loop {
-        show::<StorageClass>(ctx, &policy.storage.classes).await;
-        show::<PriorityClass>(ctx, &policy.scheduling.priority_classes).await;
-        show::<RuntimeClass>(ctx, &policy.scheduling.runtime_classes).await;
-        show::<IngressClass>(ctx, &policy.ingresses.classes).await;
+        show::<StorageClass>(ctx).await;
+        show::<PriorityClass>(ctx).await;
+        if let Some(read) = show::<RuntimeClass>(ctx).await {
+            crate::nodes::runtime_classes_read(ctx, &read);
+        }
+        show::<IngressClass>(ctx).await;
         if let Err(e) = crate::claims::sweep_views(ctx).await {
             tracing::warn!(error = %e, "deleting the views of volumes whose claim is gone failed; retrying");
         }
@@ -72,25 +75,34 @@ pub async fn keep_in_step(ctx: &Context, every: Duration) {
     }
 }
 
-/// [`try_show`], a failure logged (tried again at the next pass).
-async fn show<K: HostView>(ctx: &Context, listed: &[String]) {
-    if let Err(e) = try_show::<K>(ctx, listed).await {
-        tracing::warn!(kind = K::KIND, error = %e, "showing the listed host objects in the virtual cluster failed; retrying");
-    }
+/// [`try_show`], a failure logged (tried again at the next pass). The listed host objects read,
+/// if all were.
+async fn show<K: HostView>(ctx: &Context) -> Option<BTreeMap<String, K>> {
+    try_show::<K>(ctx)
+        .await
+        .inspect_err(|e| {
+            tracing::warn!(kind = K::KIND, error = %e, "showing the listed host objects in the virtual cluster failed; retrying")
+        })
+        .ok()
+        .flatten()
 }
 
 /// Makes the virtual copies of the listed host objects match the host's, and deletes the
-/// copies of those no longer listed or on the host.
-async fn try_show<K: HostView>(ctx: &Context, listed: &[String]) -> kube::Result<()> {
+/// copies of those no longer listed or on the host. The listed host objects, if every one could
+/// be read (present or not).
+async fn try_show<K: HostView>(ctx: &Context) -> kube::Result<Option<BTreeMap<String, K>>> {
     let kind = K::KIND;
+    let listed = K::listed(&ctx.policy);
     let host: Api<K> = Api::all(ctx.host.clone());
     let virt: Api<K> = Api::all(ctx.virt.clone());
+    let mut read = BTreeMap::new();
     let mut desired = BTreeMap::new();
     let mut unread = BTreeSet::new();
     for name in listed {
         match host.get_opt(name).await {
             Ok(Some(h)) => {
-                desired.insert(name.clone(), K::view(&h, listed));
+                desired.insert(name.clone(), K::view(&h, &ctx.policy));
+                read.insert(name.clone(), h);
             }
             Ok(None) => {}
             Err(e) => {
@@ -136,5 +148,5 @@ async fn try_show<K: HostView>(ctx: &Context, listed: &[String]) -> kube::Result
         virt.create(&pp, &d).await?;
         tracing::info!(kind, name = %d.name_any(), "host object shown in the virtual cluster");
     }
-    Ok(())
+    Ok(unread.is_empty().then_some(read))
 }

@@ -9,6 +9,7 @@ use k8s_openapi::api::networking::v1::{IngressClass, IngressClassSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::from_host::{HostView, labels};
+use crate::policy::Policy;
 
 /// The annotation that makes an IngressClass the default.
 const DEFAULT_CLASS: &str = "ingressclass.kubernetes.io/is-default-class";
@@ -16,8 +17,12 @@ const DEFAULT_CLASS: &str = "ingressclass.kubernetes.io/is-default-class";
 impl HostView for IngressClass {
     const LISTED_BY: &'static str = "--ingress-classes, policy.ingress.classes";
 
-    fn view(h: &Self, listed: &[String]) -> Self {
-        let default = listed.first().is_some_and(|first| h.metadata.name.as_ref() == Some(first));
+    fn listed(policy: &Policy) -> &[String] {
+        &policy.ingresses.classes
+    }
+
+    fn view(h: &Self, policy: &Policy) -> Self {
+        let default = policy.ingresses.classes.first().is_some_and(|first| h.metadata.name.as_ref() == Some(first));
         IngressClass {
             metadata: ObjectMeta {
                 name: h.metadata.name.clone(),
@@ -61,14 +66,15 @@ mod tests {
 
     #[test]
     fn the_admins_first_class_is_the_default_and_the_hosts_parameters_stay_there() {
-        let listed = ["web".to_string(), "internal".to_string()];
-        let web = IngressClass::view(&host("web"), &listed);
+        let mut policy = Policy::default();
+        policy.ingresses.classes = vec!["web".into(), "internal".into()];
+        let web = IngressClass::view(&host("web"), &policy);
         assert_eq!(web.annotations().get(DEFAULT_CLASS).map(String::as_str), Some("true"));
         let spec = web.spec.clone().unwrap();
         assert_eq!((spec.controller.as_deref(), spec.parameters), (Some("traefik.io/ingress-controller"), None));
         assert!(crate::from_host::is_from_host(web.labels()));
         // The host's default is not the tenant's: the admin's first class is.
-        let internal = IngressClass::view(&host("internal"), &listed);
+        let internal = IngressClass::view(&host("internal"), &policy);
         assert!(internal.annotations().is_empty());
 
         let mut edited = web.clone();

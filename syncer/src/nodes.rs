@@ -4,15 +4,19 @@
 //! It shows the host node's placement labels, capacity, conditions and the taints the tenant's
 //! pods would have to tolerate there (none the admin's tolerations already cover), refreshed
 //! every few minutes; never the host's identity (machine, system and boot IDs). Taints the
-//! tenant puts on it stay (the virtual controller manager evicts for its NoExecute ones).
+//! tenant puts on it stay (the virtual controller manager evicts for its NoExecute ones). The
+//! labels the admin's listed RuntimeClasses select on are shown too (a virtual scheduler places
+//! a pod of such a class by them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeStatus, Taint, Toleration,
 };
+use k8s_openapi::api::node::v1::{RuntimeClass, Scheduling};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch};
 use kube::runtime::reflector::ObjectRef;
 
@@ -32,21 +36,53 @@ pub(crate) const REFRESH_RETRY: std::time::Duration = std::time::Duration::from_
 pub use vkube_core::contract::LABEL_FAKE_NODE as LABEL_FAKE;
 use vkube_core::contract::{ANNOTATION_HOST_RESOURCES, ANNOTATION_HOST_TAINTS};
 
-/// Host node labels worth showing in the virtual cluster (placement, not host internals).
-fn visible_label(key: &str) -> bool {
+/// Host node labels worth showing in the virtual cluster (placement, not host internals), and
+/// those the admin's listed RuntimeClasses select on (`class_keys`).
+fn visible_label(key: &str, class_keys: &BTreeSet<String>) -> bool {
     key.starts_with("kubernetes.io/")
         || key.starts_with("topology.kubernetes.io/")
         || key.starts_with("node.kubernetes.io/instance-type")
         || key.starts_with("beta.kubernetes.io/")
+        || class_keys.contains(key)
+}
+
+/// The node label keys the listed host RuntimeClasses select on, as the last `from_host` pass
+/// read them: shown on virtual nodes, so that a virtual scheduler places a pod of such a class
+/// (whose view selects on them) where the host runs its handler.
+fn class_keys(ctx: &Context) -> BTreeSet<String> {
+    let classes = ctx.runtime_class_scheduling.read().unwrap_or_else(|e| e.into_inner());
+    classes.values().flat_map(|s| s.node_selector.iter().flatten().map(|(k, _)| k.clone())).collect()
+}
+
+/// Keeps the scheduling of the listed host RuntimeClasses a `from_host` pass read; if the label
+/// keys they select on changed, every virtual node is refreshed now (to show them, or not).
+pub fn runtime_classes_read(ctx: &Context, read: &BTreeMap<String, RuntimeClass>) {
+    let scheduling: BTreeMap<String, Scheduling> =
+        read.iter().filter_map(|(name, c)| Some((name.clone(), c.scheduling.clone()?))).collect();
+    let before = class_keys(ctx);
+    *ctx.runtime_class_scheduling.write().unwrap_or_else(|e| e.into_inner()) = scheduling;
+    if class_keys(ctx) != before {
+        for node in ctx.stores.vnodes.state() {
+            let name = node.name_any();
+            ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+            ctx.queues.nodes.add(name);
+        }
+    }
+}
+
+/// The tolerations the host's admission adds to a pod of this listed RuntimeClass.
+pub fn class_tolerations(ctx: &Context, class: &str) -> Vec<Toleration> {
+    let classes = ctx.runtime_class_scheduling.read().unwrap_or_else(|e| e.into_inner());
+    classes.get(class).and_then(|s| s.tolerations.clone()).unwrap_or_default()
 }
 
 /// The virtual node for host node `host` (pure).
-pub fn virtual_node(name: &str, host: Option<&Node>) -> Node {
+pub fn virtual_node(name: &str, host: Option<&Node>, class_keys: &BTreeSet<String>) -> Node {
     let mut labels: BTreeMap<String, String> = host
         .and_then(|h| h.metadata.labels.as_ref())
         .into_iter()
         .flatten()
-        .filter(|(k, _)| visible_label(k))
+        .filter(|(k, _)| visible_label(k, class_keys))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     labels.insert(LABEL_FAKE.into(), "true".into());
@@ -59,10 +95,14 @@ pub fn virtual_node(name: &str, host: Option<&Node>) -> Node {
 
 /// The merge patch of a virtual node's labels that makes its host-shown keys the host node's
 /// (a value to set, or null to remove), the hostname and the tenant's own keys aside.
-fn visible_labels_change(host: &Node, current: &Node) -> BTreeMap<String, Option<String>> {
-    let want = virtual_node("", Some(host)).metadata.labels.unwrap_or_default();
+fn visible_labels_change(
+    host: &Node,
+    current: &Node,
+    class_keys: &BTreeSet<String>,
+) -> BTreeMap<String, Option<String>> {
+    let want = virtual_node("", Some(host), class_keys).metadata.labels.unwrap_or_default();
     let have = current.metadata.labels.clone().unwrap_or_default();
-    let shown = |k: &String| visible_label(k) && k != "kubernetes.io/hostname";
+    let shown = |k: &String| visible_label(k, class_keys) && k != "kubernetes.io/hostname";
     let mut change: BTreeMap<String, Option<String>> = BTreeMap::new();
     for (k, v) in want.iter().filter(|(k, _)| shown(k)) {
         if have.get(k) != Some(v) {
@@ -215,8 +255,8 @@ fn tenant_taints(node: &Node) -> impl Iterator<Item = &Taint> {
 /// Whether the tenant cordoned, tainted or labelled this virtual node (a label the host's are not
 /// shown under): kept while it does, pods or not, so a drained node stays closed and a node the
 /// tenant labelled for its selectors keeps the label.
-fn marked_by_tenant(node: &Node) -> bool {
-    let labelled = node.metadata.labels.iter().flatten().any(|(k, _)| !visible_label(k) && k != LABEL_FAKE);
+fn marked_by_tenant(node: &Node, class_keys: &BTreeSet<String>) -> bool {
+    let labelled = node.metadata.labels.iter().flatten().any(|(k, _)| !visible_label(k, class_keys) && k != LABEL_FAKE);
     labelled || node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) || tenant_taints(node).next().is_some()
 }
 
@@ -292,7 +332,7 @@ pub async fn ensure(ctx: &Context, name: &str, verified: bool) -> Result<()> {
     let read = if verified { host_node(ctx, name).await.ok() } else { None };
     let (host, gone) = (read.clone().flatten(), matches!(read, Some(None)));
     let api: Api<Node> = Api::all(ctx.virt.clone());
-    match api.create(&crate::sync::post_params(), &virtual_node(name, host.as_ref())).await {
+    match api.create(&crate::sync::post_params(), &virtual_node(name, host.as_ref(), &class_keys(ctx))).await {
         Ok(_) => {
             ctx.metrics.wrote(KIND, "create");
             refresh(ctx, name, host.as_ref(), gone, None).await
@@ -338,10 +378,11 @@ fn retry_delay(failures: u32) -> std::time::Duration {
 
 /// Whether the host node may take a pod the tenant bound to it, directly (the admin's
 /// `Scheduling::bind_node_name`): the host has not cordoned it, and the admin's tolerations
-/// (every host pod carries them) tolerate each of its NoSchedule and NoExecute taints. Read at
-/// that moment (at most 2 s before: a burst of pods bound to one node costs one read; a cordon
-/// counts at once after that); a node not readable takes none. The node, if it does.
-pub async fn takes_bound_pods(ctx: &Context, name: &str) -> Option<Node> {
+/// (every host pod carries them) with `class_tolerations` (those the host adds for the pod's
+/// RuntimeClass) tolerate each of its NoSchedule and NoExecute taints. Read at that moment (at
+/// most 2 s before: a burst of pods bound to one node costs one read; a cordon counts at once
+/// after that); a node not readable takes none. The node, if it does.
+pub async fn takes_bound_pods(ctx: &Context, name: &str, class_tolerations: &[Toleration]) -> Option<Node> {
     const READ_FOR: std::time::Duration = std::time::Duration::from_secs(2);
     let cached = {
         let mut reads = ctx.bound_node_reads.lock().unwrap_or_else(|e| e.into_inner());
@@ -357,7 +398,8 @@ pub async fn takes_bound_pods(ctx: &Context, name: &str) -> Option<Node> {
             node
         }
     };
-    node.filter(|n| open_to(n, &ctx.policy.scheduling.tolerations))
+    let tolerations = [ctx.policy.scheduling.tolerations.as_slice(), class_tolerations].concat();
+    node.filter(|n| open_to(n, &tolerations))
 }
 
 fn open_to(node: &Node, tolerations: &[Toleration]) -> bool {
@@ -406,7 +448,7 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, gone: bool, cur
     // The host's placement labels (a node first made with defaults gets them once the host shows
     // our pods there); the tenant's own keys are left alone.
     let labels = match (host, current) {
-        (Some(h), Some(c)) => visible_labels_change(h, c),
+        (Some(h), Some(c)) => visible_labels_change(h, c, &class_keys(ctx)),
         _ => BTreeMap::new(),
     };
     let have_taints = current.and_then(|n| n.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
@@ -563,7 +605,7 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
     // tenant makes and marks, or names in a pod's nodeName, is not one its pods may be pinned to.
     let used = wanted(ctx, &name)
         || (ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name)
-            && node.as_deref().is_some_and(marked_by_tenant));
+            && node.as_deref().is_some_and(|n| marked_by_tenant(n, &class_keys(ctx))));
     // Made by the syncer (the tenant's own Nodes are left alone).
     let ours = |n: &Node| n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE));
     if !used && !node.as_deref().is_some_and(ours) {
@@ -668,11 +710,15 @@ mod tests {
                     "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}
         }))
         .unwrap();
-        let n = virtual_node("n1", Some(&host));
+        let n = virtual_node("n1", Some(&host), &BTreeSet::new());
         let labels = n.metadata.labels.unwrap();
         assert_eq!(labels["topology.kubernetes.io/zone"], "z1");
         assert_eq!(labels[LABEL_FAKE], "true");
         assert!(!labels.contains_key("secret.corp/team"));
+        // A key a listed RuntimeClass selects on: the admin's to show.
+        let class_keys: BTreeSet<String> = ["secret.corp/team".to_string()].into();
+        let n = virtual_node("n1", Some(&host), &class_keys);
+        assert_eq!(n.metadata.labels.unwrap()["secret.corp/team"], "x");
         let s = virtual_node_status("n1", Some(&host));
         assert_eq!(s.capacity.unwrap()["cpu"].0, "4");
         let kubelet = s.daemon_endpoints.and_then(|d| d.kubelet_endpoint).map(|k| k.port);
@@ -696,7 +742,7 @@ mod tests {
             "topology.kubernetes.io/zone": "z1", "corp/secret": "x"}));
         let made = node(serde_json::json!({"kubernetes.io/hostname": "n1", LABEL_FAKE: "true", "disk": "ssd",
             "topology.kubernetes.io/region": "gone"}));
-        let change = visible_labels_change(&host, &made);
+        let change = visible_labels_change(&host, &made, &BTreeSet::new());
         let want: BTreeMap<String, Option<String>> = [
             ("kubernetes.io/os".to_string(), Some("linux".to_string())),
             ("topology.kubernetes.io/region".to_string(), None),
@@ -706,7 +752,14 @@ mod tests {
         assert_eq!(change, want, "the host's placement labels, not its others, not the tenant's disk");
         let up_to_date = node(serde_json::json!({"kubernetes.io/hostname": "n1", "kubernetes.io/os": "linux",
             "topology.kubernetes.io/zone": "z1", "disk": "ssd"}));
-        assert!(visible_labels_change(&host, &up_to_date).is_empty());
+        assert!(visible_labels_change(&host, &up_to_date, &BTreeSet::new()).is_empty());
+        // Shown once a listed RuntimeClass selects on it; a tenant's label of the key is then the
+        // host's to set.
+        let class_keys: BTreeSet<String> = ["corp/secret".to_string(), "disk".to_string()].into();
+        let change = visible_labels_change(&host, &up_to_date, &class_keys);
+        let want: BTreeMap<String, Option<String>> =
+            [("corp/secret".to_string(), Some("x".to_string())), ("disk".to_string(), None)].into();
+        assert_eq!(change, want);
     }
 
     #[test]

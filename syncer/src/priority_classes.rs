@@ -9,11 +9,16 @@ use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::from_host::{HostView, labels};
+use crate::policy::Policy;
 
 impl HostView for PriorityClass {
     const LISTED_BY: &'static str = "--priority-classes, policy.scheduling.priorityClasses";
 
-    fn view(h: &Self, _listed: &[String]) -> Self {
+    fn listed(policy: &Policy) -> &[String] {
+        &policy.scheduling.priority_classes
+    }
+
+    fn view(h: &Self, _policy: &Policy) -> Self {
         PriorityClass {
             metadata: ObjectMeta { name: h.metadata.name.clone(), labels: Some(labels()), ..Default::default() },
             value: h.value,
@@ -49,7 +54,7 @@ mod tests {
             "value": 1000, "preemptionPolicy": "Never", "globalDefault": true, "description": "batch jobs"
         }))
         .unwrap();
-        let v = PriorityClass::view(&host, &[]);
+        let v = PriorityClass::view(&host, &Policy::default());
         assert_eq!((v.value, v.preemption_policy.as_deref()), (Some(1000), Some("Never")));
         assert_eq!(v.global_default, None);
         assert_eq!(v.description.as_deref(), Some("batch jobs"));

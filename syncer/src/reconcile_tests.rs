@@ -105,6 +105,7 @@ fn harness() -> Harness {
         bound_node_reads: Default::default(),
         events_mark: Default::default(),
         absent_classes: Default::default(),
+        runtime_class_scheduling: Default::default(),
         metrics,
         health: Default::default(),
         budget: crate::budget::WriteBudget::new(crate::budget::WRITES_PER_MINUTE),

@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 
 use crate::from_host::{HostView, labels};
+use crate::policy::Policy;
 
 /// The annotations that make a class the default (the beta one is still read by the API server).
 const DEFAULT_CLASS: [&str; 2] =
@@ -17,7 +18,11 @@ const DEFAULT_CLASS: [&str; 2] =
 impl HostView for StorageClass {
     const LISTED_BY: &'static str = "--storage-classes, policy.storageClasses";
 
-    fn view(h: &Self, _listed: &[String]) -> Self {
+    fn listed(policy: &Policy) -> &[String] {
+        &policy.storage.classes
+    }
+
+    fn view(h: &Self, _policy: &Policy) -> Self {
         let default = DEFAULT_CLASS.iter().any(|k| h.annotations().get(*k).is_some_and(|v| v == "true"));
         StorageClass {
             metadata: ObjectMeta {
@@ -78,7 +83,7 @@ mod tests {
 
     #[test]
     fn the_view_keeps_what_tenants_use_and_not_the_hosts_parameters() {
-        let v = StorageClass::view(&host(&[("note", "internal")]), &[]);
+        let v = StorageClass::view(&host(&[("note", "internal")]), &Policy::default());
         assert_eq!(v.provisioner, "ebs.csi.aws.com");
         assert_eq!(v.allow_volume_expansion, Some(true));
         assert_eq!(v.volume_binding_mode.as_deref(), Some("WaitForFirstConsumer"));
@@ -94,15 +99,18 @@ mod tests {
     #[test]
     fn the_hosts_default_is_the_default_here_too() {
         for key in DEFAULT_CLASS {
-            let v = StorageClass::view(&host(&[(key, "true")]), &[]);
+            let v = StorageClass::view(&host(&[(key, "true")]), &Policy::default());
             assert_eq!(v.annotations().get(DEFAULT_CLASS[0]).map(String::as_str), Some("true"), "{key}");
         }
-        assert_eq!(StorageClass::view(&host(&[(DEFAULT_CLASS[0], "false")]), &[]).metadata.annotations, None);
+        assert_eq!(
+            StorageClass::view(&host(&[(DEFAULT_CLASS[0], "false")]), &Policy::default()).metadata.annotations,
+            None
+        );
     }
 
     #[test]
     fn an_edit_is_undone_and_a_changed_provisioner_makes_the_copy_again() {
-        let d = StorageClass::view(&host(&[]), &[]);
+        let d = StorageClass::view(&host(&[]), &Policy::default());
         let mut edited = d.clone();
         edited.allow_volume_expansion = Some(false);
         assert!(StorageClass::differs(&d, &edited) && !StorageClass::fixed_differs(&d, &edited));

@@ -98,9 +98,10 @@ pub struct Nodes<'a> {
     pub labelled: &'a (dyn Fn(&dyn Fn(&BTreeMap<String, String>) -> bool) -> Vec<String> + Sync),
     /// The known nodes closed to a pod with these tolerations (see [`Closed`]).
     pub closed: &'a (dyn Fn(&[Toleration]) -> Closed + Sync),
-    /// Whether a toleration is for taints only the tenant put on its virtual nodes: honoured
-    /// there (`closed`), with no host taint it could be for, so it is dropped without a word.
-    pub for_tenant_taints: &'a (dyn Fn(&Toleration) -> bool + Sync),
+    /// Whether a toleration needs no host copy, so it is dropped without a word: it is for taints
+    /// only the tenant put on its virtual nodes (honoured there, `closed`; no host taint it could
+    /// be for), or the host adds it itself (one of the pod's RuntimeClass's).
+    pub needless: &'a (dyn Fn(&Toleration) -> bool + Sync),
     /// Whether a pod may be bound to this node directly: the cluster's pods run there and the
     /// host has neither cordoned it nor tainted it against the admin's tolerations.
     pub bindable: &'a (dyn Fn(&str) -> bool + Sync),
@@ -246,7 +247,7 @@ impl Scheduling {
             let key = t.key.clone().unwrap_or_default();
             if self.tolerable_taints.contains(&key) {
                 tolerations.push(t);
-            } else if !key.starts_with(CONTROLLER_TAINT_PREFIX) && !(nodes.for_tenant_taints)(&t) {
+            } else if !key.starts_with(CONTROLLER_TAINT_PREFIX) && !(nodes.needless)(&t) {
                 let what = if key.is_empty() { "every taint".to_string() } else { format!("key {key:?}") };
                 dropped.push(format!("spec.tolerations[{i}] ({what})"));
             }
@@ -567,16 +568,11 @@ mod tests {
             Closed { nodes: closed.iter().map(|n| n.to_string()).collect(), every_known: closed.len() == 2 }
         };
         let known = |n: &str| n == "node-1" || n == "node-2";
-        let for_tenant_taints = |t: &Toleration| t.key.as_deref() == Some("drain");
+        let needless = |t: &Toleration| t.key.as_deref() == Some("drain");
         // node-2: the host cordoned it, or tainted it against the admin's tolerations.
         let bindable = |n: &str| n == "node-1";
-        let nodes = Nodes {
-            known: &known,
-            labelled: &labelled,
-            closed: &closed,
-            for_tenant_taints: &for_tenant_taints,
-            bindable: &bindable,
-        };
+        let nodes =
+            Nodes { known: &known, labelled: &labelled, closed: &closed, needless: &needless, bindable: &bindable };
         let placement = s.apply(&mut spec, &nodes);
         (serde_json::to_value(spec).unwrap(), placement)
     }

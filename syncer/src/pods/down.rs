@@ -147,8 +147,17 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     let bound_open = std::sync::atomic::AtomicBool::new(false);
     let bound_to = v.spec.as_ref().and_then(|s| s.node_name.as_deref());
     let bindable = |n: &str| bound_open.load(std::sync::atomic::Ordering::Relaxed) && bound_to == Some(n);
-    let for_tenant_taints = |t: &k8s_openapi::api::core::v1::Toleration| {
-        crate::nodes::for_tenant_taints_only(ctx.stores.vnodes.state().iter().map(|n| n.as_ref()), t)
+    // The host's admission adds them (the virtual one did, from the class's view).
+    let class_tolerations = v
+        .spec
+        .as_ref()
+        .and_then(|s| s.runtime_class_name.as_deref())
+        .filter(|class| scheduling.runtime_classes.iter().any(|listed| listed == class))
+        .map(|class| crate::nodes::class_tolerations(ctx, class))
+        .unwrap_or_default();
+    let needless = |t: &k8s_openapi::api::core::v1::Toleration| {
+        class_tolerations.contains(t)
+            || crate::nodes::for_tenant_taints_only(ctx.stores.vnodes.state().iter().map(|n| n.as_ref()), t)
     };
     let env = pod_env(
         ctx,
@@ -159,7 +168,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
             known: &known,
             labelled: &labelled,
             closed: &closed,
-            for_tenant_taints: &for_tenant_taints,
+            needless: &needless,
             bindable: &bindable,
         },
     );
@@ -172,7 +181,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         && t.unschedulable.is_none()
         && keeps_node
     {
-        let open = if known(node) { crate::nodes::takes_bound_pods(ctx, node).await } else { None };
+        let open = if known(node) { crate::nodes::takes_bound_pods(ctx, node, &class_tolerations).await } else { None };
         match open {
             Some(host_node) => {
                 bound_open.store(true, std::sync::atomic::Ordering::Relaxed);

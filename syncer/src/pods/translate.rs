@@ -38,7 +38,7 @@ pub const NO_NODES: Nodes<'static> = Nodes {
     known: &|_| false,
     labelled: &|_| Vec::new(),
     closed: &|_| Closed { nodes: Vec::new(), every_known: false },
-    for_tenant_taints: &|_| false,
+    needless: &|_| false,
     bindable: &|_| false,
 };
 
