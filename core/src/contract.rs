@@ -70,6 +70,10 @@ pub const LABEL_FAKE_NODE: &str = "vkube.dev/fake-node";
 /// Marks what the syncer shows in the virtual cluster of the host's storage: copies of host
 /// StorageClasses, views of host volumes bound to claims (only those are ever changed or deleted).
 pub const LABEL_FROM_HOST: &str = "vkube.dev/from-host";
+/// On a virtual node, with a virtual scheduler: this prefix and a listed host RuntimeClass's name
+/// (`true`) where the host node has the labels the class selects on; the class's view selects on
+/// it, so the virtual scheduler places the class's pods where the host runs its handler.
+pub const LABEL_RUNTIME_CLASS_PREFIX: &str = "runtimeclass.vkube.dev/";
 /// On a host pod: the nodes it was kept off because the tenant closed them (cordon, taints),
 /// comma-separated: a copy not placed yet is made again when that list is stale.
 pub const ANNOTATION_KEPT_OFF: &str = "vkube.dev/kept-off";

@@ -785,16 +785,23 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     assert_eq!(host_late.spec.and_then(|s| s.node_name).as_deref(), Some(node.as_str()));
 
     // A pod of the sandbox's RuntimeClass: the virtual scheduler places it on the sandbox node
-    // (the class's view selects on the label that node shows and tolerates its taint), and the
-    // host copy is bound there, the class's toleration added by the host's admission, with
-    // nothing said to be dropped.
+    // (the class's view selects on the syncer's mark of the nodes that meet its selector, and
+    // tolerates the node's taint), and the host copy is bound there, the class's toleration
+    // added by the host's admission, with nothing said to be dropped.
     let key = "sandbox.example.com/runsc";
-    eventually("the sandbox node's label and taint shown", Duration::from_secs(90), || async {
+    let mark = "runtimeclass.vkube.dev/sandboxed";
+    let view = vc.kubectl_ok(&["get", "runtimeclass", "sandboxed", "-o", "jsonpath={.scheduling.nodeSelector}"]);
+    assert_eq!(view, format!(r#"{{"{mark}":"true"}}"#));
+    eventually("the sandbox node marked, its taint shown", Duration::from_secs(90), || async {
         let n = vnodes.get(&sandbox).await.map_err(|e| e.to_string())?;
-        let labelled = n.metadata.labels.as_ref().and_then(|l| l.get(key)).is_some_and(|v| v == "true");
-        Ok((labelled && taint_keys(&n).iter().any(|k| k == key)).then_some(()))
+        let labels = n.metadata.labels.clone().unwrap_or_default();
+        assert!(!labels.contains_key(key), "the host's own label is not shown");
+        let marked = labels.get(mark).is_some_and(|v| v == "true");
+        Ok((marked && taint_keys(&n).iter().any(|k| k == key)).then_some(()))
     })
     .await;
+    let others = [&node, &other].map(|n| vc.kubectl_ok(&["get", "node", n, "-o", "jsonpath={.metadata.labels}"]));
+    assert!(others.iter().all(|labels| !labels.contains(mark)), "{others:?}");
     vc.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: sandboxed, namespace: default}\nspec:\n  runtimeClassName: sandboxed\n  containers: [{name: c, image: nginx}]\n");
     let (sandboxed, host_sandboxed) = running_on("sandboxed").await;
     assert_eq!(sandboxed.spec.and_then(|s| s.node_name).as_deref(), Some(sandbox.as_str()));
@@ -822,23 +829,27 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     let no_device = r#"[{"op": "remove", "path": "/status/capacity/example.com~1dev"}, {"op": "remove", "path": "/status/allocatable/example.com~1dev"}]"#;
     env.kubectl_ok(&["patch", "node", &node, "--subresource=status", "--type=json", "-p", no_device]);
     env.kubectl_ok(&["delete", "node", &other, "--wait=false"]);
-    eventually("both virtual nodes closed", Duration::from_secs(150), || async {
-        let cordoned = vnodes.get(&node).await.map_err(|e| e.to_string())?;
-        let gone = vnodes.get(&other).await.map_err(|e| e.to_string())?;
-        let ready = gone.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
-        let ready = ready.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone());
-        let device = shown(&cordoned, "example.com/dev");
-        let closed = taint_keys(&cordoned).contains(&"node.kubernetes.io/unschedulable".to_string())
-            && taint_keys(&gone).contains(&"node.kubernetes.io/unreachable".to_string())
-            && ready.as_deref() == Some("Unknown")
-            && device.is_none();
-        let seen = format!(
-            "taints {:?} and {:?}, ready {ready:?}, device {device:?}",
-            taint_keys(&cordoned),
-            taint_keys(&gone)
-        );
-        if closed { Ok(Some(())) } else { Err(seen) }
-    })
+    eventually(
+        "both virtual nodes closed (the sandbox's is, to pods of no class)",
+        Duration::from_secs(150),
+        || async {
+            let cordoned = vnodes.get(&node).await.map_err(|e| e.to_string())?;
+            let gone = vnodes.get(&other).await.map_err(|e| e.to_string())?;
+            let ready = gone.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+            let ready = ready.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone());
+            let device = shown(&cordoned, "example.com/dev");
+            let closed = taint_keys(&cordoned).contains(&"node.kubernetes.io/unschedulable".to_string())
+                && taint_keys(&gone).contains(&"node.kubernetes.io/unreachable".to_string())
+                && ready.as_deref() == Some("Unknown")
+                && device.is_none();
+            let seen = format!(
+                "taints {:?} and {:?}, ready {ready:?}, device {device:?}",
+                taint_keys(&cordoned),
+                taint_keys(&gone)
+            );
+            if closed { Ok(Some(())) } else { Err(seen) }
+        },
+    )
     .await;
     let cordoned = vnodes.get(&node).await.unwrap();
     assert_eq!(shown(&cordoned, "example.com/slots").as_deref(), Some("1"), "the tenant's, kept");

@@ -65,7 +65,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_metrics_api_names_a_service_the_syncer_leaves_alone_with_the_ca_that_signs_its_certificate() {
+    fn the_metrics_api_names_a_service_with_no_host_copy_and_the_ca_that_signs_its_certificate() {
         let all = manifests("coredns:x", "cluster.local", "PEM");
         let svc = all.iter().find(|m| m["kind"] == "Service" && m["metadata"]["name"] == "vkube-metrics").unwrap();
         assert_eq!(svc["spec"]["externalName"], RESOURCE_METRICS_HOST);

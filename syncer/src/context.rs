@@ -215,8 +215,8 @@ pub struct Context {
     /// `from_host` pass: a pod is not given such a PriorityClass on the host (checked again
     /// then), which would refuse it.
     pub absent_classes: RwLock<std::collections::BTreeSet<(&'static str, String)>>,
-    /// The scheduling of the listed host RuntimeClasses that have one, from the last `from_host`
-    /// pass (`nodes::runtime_classes_read`).
+    /// The scheduling of the listed host RuntimeClasses that have one, as the `from_host` loop
+    /// last read each (`nodes::runtime_classes_read`; up to its minute old).
     pub runtime_class_scheduling: RwLock<std::collections::BTreeMap<String, k8s_openapi::api::node::v1::Scheduling>>,
     pub metrics: Metrics,
     pub health: crate::health::Health,

@@ -64,9 +64,10 @@ pub async fn keep_in_step(ctx: &Context, every: Duration) {
     loop {
         show::<StorageClass>(ctx).await;
         show::<PriorityClass>(ctx).await;
-        if let Some(read) = show::<RuntimeClass>(ctx).await {
-            crate::nodes::runtime_classes_read(ctx, &read);
-        }
+        // What the host has is kept whatever becomes of the views (the tenant may block them).
+        let classes = read::<RuntimeClass>(ctx).await;
+        crate::nodes::runtime_classes_read(ctx, &classes.objects, &classes.unread);
+        show_read(ctx, classes).await;
         show::<IngressClass>(ctx).await;
         if let Err(e) = crate::claims::sweep_views(ctx).await {
             tracing::warn!(error = %e, "deleting the views of volumes whose claim is gone failed; retrying");
@@ -75,34 +76,31 @@ pub async fn keep_in_step(ctx: &Context, every: Duration) {
     }
 }
 
-/// [`try_show`], a failure logged (tried again at the next pass). The listed host objects read,
-/// if all were.
-async fn show<K: HostView>(ctx: &Context) -> Option<BTreeMap<String, K>> {
-    try_show::<K>(ctx)
-        .await
-        .inspect_err(|e| {
-            tracing::warn!(kind = K::KIND, error = %e, "showing the listed host objects in the virtual cluster failed; retrying")
-        })
-        .ok()
-        .flatten()
+/// One pass for a kind: [`read`], then [`show_read`].
+async fn show<K: HostView>(ctx: &Context) {
+    let listed = read::<K>(ctx).await;
+    show_read(ctx, listed).await;
 }
 
-/// Makes the virtual copies of the listed host objects match the host's, and deletes the
-/// copies of those no longer listed or on the host. The listed host objects, if every one could
-/// be read (present or not).
-async fn try_show<K: HostView>(ctx: &Context) -> kube::Result<Option<BTreeMap<String, K>>> {
+/// The listed host objects of a kind, as read.
+struct Listed<K> {
+    /// Those the host has.
+    objects: BTreeMap<String, K>,
+    /// Those that could not be read (not readable: no `get` on them, the host not answering).
+    unread: BTreeSet<String>,
+}
+
+/// Reads the listed host objects of a kind by name, and records those the host lacks
+/// (`Context::absent_classes`).
+async fn read<K: HostView>(ctx: &Context) -> Listed<K> {
     let kind = K::KIND;
     let listed = K::listed(&ctx.policy);
     let host: Api<K> = Api::all(ctx.host.clone());
-    let virt: Api<K> = Api::all(ctx.virt.clone());
-    let mut read = BTreeMap::new();
-    let mut desired = BTreeMap::new();
-    let mut unread = BTreeSet::new();
+    let (mut objects, mut unread) = (BTreeMap::new(), BTreeSet::new());
     for name in listed {
         match host.get_opt(name).await {
             Ok(Some(h)) => {
-                desired.insert(name.clone(), K::view(&h, &ctx.policy));
-                read.insert(name.clone(), h);
+                objects.insert(name.clone(), h);
             }
             Ok(None) => {}
             Err(e) => {
@@ -112,12 +110,29 @@ async fn try_show<K: HostView>(ctx: &Context) -> kube::Result<Option<BTreeMap<St
             }
         }
     }
-    {
-        let mut absent = ctx.absent_classes.write().unwrap_or_else(|e| e.into_inner());
-        absent.retain(|(k, _)| *k != kind);
-        let missing = listed.iter().filter(|n| !desired.contains_key(*n) && !unread.contains(*n));
-        absent.extend(missing.map(|n| (kind, n.clone())));
+    let mut absent = ctx.absent_classes.write().unwrap_or_else(|e| e.into_inner());
+    absent.retain(|(k, _)| *k != kind);
+    let missing = listed.iter().filter(|n| !objects.contains_key(*n) && !unread.contains(*n));
+    absent.extend(missing.map(|n| (kind, n.clone())));
+    drop(absent);
+    Listed { objects, unread }
+}
+
+/// [`try_show`], a failure logged (tried again at the next pass).
+async fn show_read<K: HostView>(ctx: &Context, listed: Listed<K>) {
+    if let Err(e) = try_show::<K>(ctx, listed).await {
+        tracing::warn!(kind = K::KIND, error = %e, "showing the listed host objects in the virtual cluster failed; retrying");
     }
+}
+
+/// Makes the virtual copies of the listed host objects match the host's, and deletes the
+/// copies of those no longer listed or on the host.
+async fn try_show<K: HostView>(ctx: &Context, listed: Listed<K>) -> kube::Result<()> {
+    let kind = K::KIND;
+    let virt: Api<K> = Api::all(ctx.virt.clone());
+    let Listed { objects, unread } = listed;
+    let mut desired: BTreeMap<String, K> =
+        objects.into_iter().map(|(name, h)| (name, K::view(&h, &ctx.policy))).collect();
     let pp = crate::sync::post_params();
     for current in virt.list(&ListParams::default()).await?.items {
         let name = current.name_any();
@@ -148,5 +163,5 @@ async fn try_show<K: HostView>(ctx: &Context) -> kube::Result<Option<BTreeMap<St
         virt.create(&pp, &d).await?;
         tracing::info!(kind, name = %d.name_any(), "host object shown in the virtual cluster");
     }
-    Ok(unread.is_empty().then_some(read))
+    Ok(())
 }

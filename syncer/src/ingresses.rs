@@ -155,6 +155,9 @@ pub fn backend_violation(
             Some(s) if s.type_.as_deref() == Some("ExternalName") => {
                 format!("{field}: Service {ns}/{name} is an ExternalName: not allowed behind an Ingress here")
             }
+            Some(_) if found.as_deref().is_some_and(|s| !vkube_core::services::has_host_copy(s)) => {
+                format!("{field}: Service {ns}/{name} has no host copy: not allowed behind an Ingress here")
+            }
             Some(s) if s.selector.as_ref().is_none_or(|sel| sel.is_empty()) => format!(
                 "{field}: Service {ns}/{name} has no selector: its addresses are the tenant's choice, not \
                  allowed behind an Ingress here"

@@ -4,16 +4,16 @@
 //! It shows the host node's placement labels, capacity, conditions and the taints the tenant's
 //! pods would have to tolerate there (none the admin's tolerations already cover), refreshed
 //! every few minutes; never the host's identity (machine, system and boot IDs). Taints the
-//! tenant puts on it stay (the virtual controller manager evicts for its NoExecute ones). The
-//! labels the admin's listed RuntimeClasses select on are shown too (a virtual scheduler places
-//! a pod of such a class by them).
+//! tenant puts on it stay (the virtual controller manager evicts for its NoExecute ones). With a
+//! virtual scheduler it is also marked with the listed RuntimeClasses whose node selector the host
+//! node meets (the classes' views select on those marks).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeStatus, Taint, Toleration,
 };
-use k8s_openapi::api::node::v1::{RuntimeClass, Scheduling};
+use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::ResourceExt;
@@ -34,34 +34,45 @@ pub(crate) const REFRESH: std::time::Duration = std::time::Duration::from_secs(3
 pub(crate) const REFRESH_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub use vkube_core::contract::LABEL_FAKE_NODE as LABEL_FAKE;
-use vkube_core::contract::{ANNOTATION_HOST_RESOURCES, ANNOTATION_HOST_TAINTS};
+use vkube_core::contract::{ANNOTATION_HOST_RESOURCES, ANNOTATION_HOST_TAINTS, LABEL_RUNTIME_CLASS_PREFIX};
 
-/// Host node labels worth showing in the virtual cluster (placement, not host internals), and
-/// those the admin's listed RuntimeClasses select on (`class_keys`).
-fn visible_label(key: &str, class_keys: &BTreeSet<String>) -> bool {
+/// Host node labels worth showing in the virtual cluster (placement, not host internals), and the
+/// syncer's own marks of the RuntimeClasses a node runs ([`LABEL_RUNTIME_CLASS_PREFIX`]).
+fn visible_label(key: &str) -> bool {
     key.starts_with("kubernetes.io/")
         || key.starts_with("topology.kubernetes.io/")
         || key.starts_with("node.kubernetes.io/instance-type")
         || key.starts_with("beta.kubernetes.io/")
-        || class_keys.contains(key)
+        || key.starts_with(LABEL_RUNTIME_CLASS_PREFIX)
 }
 
-/// The node label keys the listed host RuntimeClasses select on, as the last `from_host` pass
-/// read them: shown on virtual nodes, so that a virtual scheduler places a pod of such a class
-/// (whose view selects on them) where the host runs its handler.
-fn class_keys(ctx: &Context) -> BTreeSet<String> {
+/// The node selectors of the listed host RuntimeClasses that have one, by class, where virtual
+/// nodes show which classes they run (with a virtual scheduler, which places by them).
+fn placed_classes(ctx: &Context) -> ClassSelectors {
+    if !ctx.policy.scheduling.virtual_scheduler {
+        return ClassSelectors::new();
+    }
     let classes = ctx.runtime_class_scheduling.read().unwrap_or_else(|e| e.into_inner());
-    classes.values().flat_map(|s| s.node_selector.iter().flatten().map(|(k, _)| k.clone())).collect()
+    classes
+        .iter()
+        .filter_map(|(name, s)| Some((name.clone(), s.node_selector.clone().filter(|s| !s.is_empty())?)))
+        .collect()
 }
 
-/// Keeps the scheduling of the listed host RuntimeClasses a `from_host` pass read; if the label
-/// keys they select on changed, every virtual node is refreshed now (to show them, or not).
-pub fn runtime_classes_read(ctx: &Context, read: &BTreeMap<String, RuntimeClass>) {
-    let scheduling: BTreeMap<String, Scheduling> =
-        read.iter().filter_map(|(name, c)| Some((name.clone(), c.scheduling.clone()?))).collect();
-    let before = class_keys(ctx);
-    *ctx.runtime_class_scheduling.write().unwrap_or_else(|e| e.into_inner()) = scheduling;
-    if class_keys(ctx) != before {
+/// A listed RuntimeClass's name to the host node labels it selects on.
+pub type ClassSelectors = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Keeps the scheduling of the listed host RuntimeClasses a `from_host` pass read (`unread`: those
+/// it could not read, whose last scheduling stays); if what virtual nodes show of them changes,
+/// every virtual node is refreshed now.
+pub fn runtime_classes_read(ctx: &Context, read: &BTreeMap<String, RuntimeClass>, unread: &BTreeSet<String>) {
+    let before = placed_classes(ctx);
+    {
+        let mut kept = ctx.runtime_class_scheduling.write().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|name, _| unread.contains(name));
+        kept.extend(read.iter().filter_map(|(name, c)| Some((name.clone(), c.scheduling.clone()?))));
+    }
+    if placed_classes(ctx) != before {
         for node in ctx.stores.vnodes.state() {
             let name = node.name_any();
             ctx.node_refreshed.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
@@ -76,15 +87,21 @@ pub fn class_tolerations(ctx: &Context, class: &str) -> Vec<Toleration> {
     classes.get(class).and_then(|s| s.tolerations.clone()).unwrap_or_default()
 }
 
-/// The virtual node for host node `host` (pure).
-pub fn virtual_node(name: &str, host: Option<&Node>, class_keys: &BTreeSet<String>) -> Node {
-    let mut labels: BTreeMap<String, String> = host
-        .and_then(|h| h.metadata.labels.as_ref())
+/// The virtual node for host node `host` (pure), marked with the `classes` whose node selector
+/// the host node's labels meet.
+pub fn virtual_node(name: &str, host: Option<&Node>, classes: &ClassSelectors) -> Node {
+    let host_labels = host.and_then(|h| h.metadata.labels.as_ref());
+    let mut labels: BTreeMap<String, String> = host_labels
         .into_iter()
         .flatten()
-        .filter(|(k, _)| visible_label(k, class_keys))
+        .filter(|(k, _)| visible_label(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    for (class, selector) in classes {
+        if selector.iter().all(|(k, v)| host_labels.and_then(|l| l.get(k)) == Some(v)) {
+            labels.insert(crate::runtime_classes::node_label(class), "true".into());
+        }
+    }
     labels.insert(LABEL_FAKE.into(), "true".into());
     labels.entry("kubernetes.io/hostname".into()).or_insert_with(|| name.to_string());
     Node {
@@ -95,14 +112,10 @@ pub fn virtual_node(name: &str, host: Option<&Node>, class_keys: &BTreeSet<Strin
 
 /// The merge patch of a virtual node's labels that makes its host-shown keys the host node's
 /// (a value to set, or null to remove), the hostname and the tenant's own keys aside.
-fn visible_labels_change(
-    host: &Node,
-    current: &Node,
-    class_keys: &BTreeSet<String>,
-) -> BTreeMap<String, Option<String>> {
-    let want = virtual_node("", Some(host), class_keys).metadata.labels.unwrap_or_default();
+fn visible_labels_change(host: &Node, current: &Node, classes: &ClassSelectors) -> BTreeMap<String, Option<String>> {
+    let want = virtual_node("", Some(host), classes).metadata.labels.unwrap_or_default();
     let have = current.metadata.labels.clone().unwrap_or_default();
-    let shown = |k: &String| visible_label(k, class_keys) && k != "kubernetes.io/hostname";
+    let shown = |k: &String| visible_label(k) && k != "kubernetes.io/hostname";
     let mut change: BTreeMap<String, Option<String>> = BTreeMap::new();
     for (k, v) in want.iter().filter(|(k, _)| shown(k)) {
         if have.get(k) != Some(v) {
@@ -255,9 +268,26 @@ fn tenant_taints(node: &Node) -> impl Iterator<Item = &Taint> {
 /// Whether the tenant cordoned, tainted or labelled this virtual node (a label the host's are not
 /// shown under): kept while it does, pods or not, so a drained node stays closed and a node the
 /// tenant labelled for its selectors keeps the label.
-fn marked_by_tenant(node: &Node, class_keys: &BTreeSet<String>) -> bool {
-    let labelled = node.metadata.labels.iter().flatten().any(|(k, _)| !visible_label(k, class_keys) && k != LABEL_FAKE);
+fn marked_by_tenant(node: &Node) -> bool {
+    let labelled = node.metadata.labels.iter().flatten().any(|(k, _)| !visible_label(k) && k != LABEL_FAKE);
     labelled || node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) || tenant_taints(node).next().is_some()
+}
+
+/// Whether toleration `wide` tolerates every taint `narrow` does, as long (a pod with `wide` loses
+/// nothing without `narrow`).
+pub fn covers(wide: &Toleration, narrow: &Toleration) -> bool {
+    let exists = |t: &Toleration| t.operator.as_deref() == Some("Exists");
+    let (wide_key, narrow_key) = (wide.key.as_deref().unwrap_or_default(), narrow.key.as_deref().unwrap_or_default());
+    let key = (wide_key.is_empty() && exists(wide)) || (!narrow_key.is_empty() && wide_key == narrow_key);
+    let value = exists(wide) || (!exists(narrow) && wide.value == narrow.value);
+    let wide_effect = wide.effect.as_deref().unwrap_or_default();
+    let effect = wide_effect.is_empty() || narrow.effect.as_deref() == Some(wide_effect);
+    let seconds = match (wide.toleration_seconds, narrow.toleration_seconds) {
+        (None, _) => true,
+        (Some(w), Some(n)) => n <= w,
+        (Some(_), None) => false,
+    };
+    key && value && effect && seconds
 }
 
 /// Whether `tol` tolerates `taint`, as the scheduler decides it.
@@ -332,7 +362,7 @@ pub async fn ensure(ctx: &Context, name: &str, verified: bool) -> Result<()> {
     let read = if verified { host_node(ctx, name).await.ok() } else { None };
     let (host, gone) = (read.clone().flatten(), matches!(read, Some(None)));
     let api: Api<Node> = Api::all(ctx.virt.clone());
-    match api.create(&crate::sync::post_params(), &virtual_node(name, host.as_ref(), &class_keys(ctx))).await {
+    match api.create(&crate::sync::post_params(), &virtual_node(name, host.as_ref(), &placed_classes(ctx))).await {
         Ok(_) => {
             ctx.metrics.wrote(KIND, "create");
             refresh(ctx, name, host.as_ref(), gone, None).await
@@ -448,7 +478,7 @@ async fn refresh(ctx: &Context, name: &str, host: Option<&Node>, gone: bool, cur
     // The host's placement labels (a node first made with defaults gets them once the host shows
     // our pods there); the tenant's own keys are left alone.
     let labels = match (host, current) {
-        (Some(h), Some(c)) => visible_labels_change(h, c, &class_keys(ctx)),
+        (Some(h), Some(c)) => visible_labels_change(h, c, &placed_classes(ctx)),
         _ => BTreeMap::new(),
     };
     let have_taints = current.and_then(|n| n.spec.as_ref()).and_then(|s| s.taints.clone()).unwrap_or_default();
@@ -605,7 +635,7 @@ pub async fn reconcile(ctx: &Context, name: String) -> Result<Action> {
     // tenant makes and marks, or names in a pod's nodeName, is not one its pods may be pinned to.
     let used = wanted(ctx, &name)
         || (ctx.nodes_used.lock().unwrap_or_else(|e| e.into_inner()).contains(&name)
-            && node.as_deref().is_some_and(|n| marked_by_tenant(n, &class_keys(ctx))));
+            && node.as_deref().is_some_and(marked_by_tenant));
     // Made by the syncer (the tenant's own Nodes are left alone).
     let ours = |n: &Node| n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_FAKE));
     if !used && !node.as_deref().is_some_and(ours) {
@@ -710,15 +740,22 @@ mod tests {
                     "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}
         }))
         .unwrap();
-        let n = virtual_node("n1", Some(&host), &BTreeSet::new());
+        let n = virtual_node("n1", Some(&host), &ClassSelectors::new());
         let labels = n.metadata.labels.unwrap();
         assert_eq!(labels["topology.kubernetes.io/zone"], "z1");
         assert_eq!(labels[LABEL_FAKE], "true");
         assert!(!labels.contains_key("secret.corp/team"));
-        // A key a listed RuntimeClass selects on: the admin's to show.
-        let class_keys: BTreeSet<String> = ["secret.corp/team".to_string()].into();
-        let n = virtual_node("n1", Some(&host), &class_keys);
-        assert_eq!(n.metadata.labels.unwrap()["secret.corp/team"], "x");
+        // Marked with the listed RuntimeClasses whose node selector the host node meets, never
+        // showing the labels they select on.
+        let selects = |k: &str, v: &str| -> BTreeMap<String, String> { [(k.to_string(), v.to_string())].into() };
+        let classes: ClassSelectors = [
+            ("team-x".to_string(), selects("secret.corp/team", "x")),
+            ("team-y".to_string(), selects("secret.corp/team", "y")),
+        ]
+        .into();
+        let labels = virtual_node("n1", Some(&host), &classes).metadata.labels.unwrap();
+        assert_eq!(labels.get("runtimeclass.vkube.dev/team-x").map(String::as_str), Some("true"));
+        assert!(!labels.contains_key("runtimeclass.vkube.dev/team-y") && !labels.contains_key("secret.corp/team"));
         let s = virtual_node_status("n1", Some(&host));
         assert_eq!(s.capacity.unwrap()["cpu"].0, "4");
         let kubelet = s.daemon_endpoints.and_then(|d| d.kubelet_endpoint).map(|k| k.port);
@@ -742,7 +779,7 @@ mod tests {
             "topology.kubernetes.io/zone": "z1", "corp/secret": "x"}));
         let made = node(serde_json::json!({"kubernetes.io/hostname": "n1", LABEL_FAKE: "true", "disk": "ssd",
             "topology.kubernetes.io/region": "gone"}));
-        let change = visible_labels_change(&host, &made, &BTreeSet::new());
+        let change = visible_labels_change(&host, &made, &ClassSelectors::new());
         let want: BTreeMap<String, Option<String>> = [
             ("kubernetes.io/os".to_string(), Some("linux".to_string())),
             ("topology.kubernetes.io/region".to_string(), None),
@@ -752,14 +789,22 @@ mod tests {
         assert_eq!(change, want, "the host's placement labels, not its others, not the tenant's disk");
         let up_to_date = node(serde_json::json!({"kubernetes.io/hostname": "n1", "kubernetes.io/os": "linux",
             "topology.kubernetes.io/zone": "z1", "disk": "ssd"}));
-        assert!(visible_labels_change(&host, &up_to_date, &BTreeSet::new()).is_empty());
-        // Shown once a listed RuntimeClass selects on it; a tenant's label of the key is then the
-        // host's to set.
-        let class_keys: BTreeSet<String> = ["corp/secret".to_string(), "disk".to_string()].into();
-        let change = visible_labels_change(&host, &up_to_date, &class_keys);
-        let want: BTreeMap<String, Option<String>> =
-            [("corp/secret".to_string(), Some("x".to_string())), ("disk".to_string(), None)].into();
-        assert_eq!(change, want);
+        assert!(visible_labels_change(&host, &up_to_date, &ClassSelectors::new()).is_empty());
+        // A RuntimeClass's mark comes and goes with the class (and is never the tenant's mark).
+        let classes: ClassSelectors =
+            [("secret".to_string(), [("corp/secret".to_string(), "x".to_string())].into())].into();
+        let change = visible_labels_change(&host, &up_to_date, &classes);
+        let marked: BTreeMap<String, Option<String>> =
+            [("runtimeclass.vkube.dev/secret".to_string(), Some("true".to_string()))].into();
+        assert_eq!(change, marked);
+        let mut with_mark = up_to_date.clone();
+        with_mark.metadata.labels.as_mut().unwrap().insert("runtimeclass.vkube.dev/secret".into(), "true".into());
+        let gone: BTreeMap<String, Option<String>> = [("runtimeclass.vkube.dev/secret".to_string(), None)].into();
+        assert_eq!(visible_labels_change(&host, &with_mark, &ClassSelectors::new()), gone);
+        let mut tenants = node(serde_json::json!({"runtimeclass.vkube.dev/secret": "true"}));
+        assert!(!marked_by_tenant(&tenants));
+        tenants.metadata.labels.as_mut().unwrap().insert("disk".into(), "ssd".into());
+        assert!(marked_by_tenant(&tenants));
     }
 
     #[test]
@@ -865,6 +910,31 @@ mod tests {
             serde_json::from_value(serde_json::json!([{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]))
                 .unwrap();
         assert!(!open_to(&tainted("gpu", "NoExecute"), &no_schedule), "another effect");
+    }
+
+    #[test]
+    fn a_toleration_covers_those_it_tolerates_at_least_as_much_as() {
+        let t = |json: serde_json::Value| -> Toleration { serde_json::from_value(json).unwrap() };
+        let class = t(serde_json::json!({"key": "sandbox", "operator": "Exists", "effect": "NoSchedule"}));
+        assert!(covers(&class, &class.clone()));
+        assert!(covers(&class, &t(serde_json::json!({"key": "sandbox", "value": "gvisor", "effect": "NoSchedule"}))));
+        assert!(!covers(&class, &t(serde_json::json!({"key": "sandbox", "operator": "Exists"}))), "every effect");
+        assert!(!covers(&class, &t(serde_json::json!({"operator": "Exists", "effect": "NoSchedule"}))), "every key");
+        assert!(!covers(&class, &t(serde_json::json!({"key": "other", "operator": "Exists", "effect": "NoSchedule"}))));
+        let equal = t(serde_json::json!({"key": "sandbox", "value": "gvisor"}));
+        assert!(!covers(&equal, &t(serde_json::json!({"key": "sandbox", "value": "kata"}))));
+        assert!(!covers(&equal, &t(serde_json::json!({"key": "sandbox", "operator": "Exists"}))), "every value");
+        let everything = t(serde_json::json!({"operator": "Exists"}));
+        assert!(covers(
+            &everything,
+            &t(serde_json::json!({"key": "x", "effect": "NoExecute", "tolerationSeconds": 5}))
+        ));
+        let for_a_while = t(serde_json::json!({"key": "x", "operator": "Exists", "tolerationSeconds": 60}));
+        assert!(covers(
+            &for_a_while,
+            &t(serde_json::json!({"key": "x", "operator": "Exists", "tolerationSeconds": 30}))
+        ));
+        assert!(!covers(&for_a_while, &t(serde_json::json!({"key": "x", "operator": "Exists"}))), "for ever");
     }
 
     #[test]

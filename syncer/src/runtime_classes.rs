@@ -2,17 +2,24 @@
 //! the virtual cluster shows them ([`crate::from_host`]): the virtual API server admits a pod
 //! naming one (it refuses a class it does not have) and counts its overhead, as the host will.
 //! The class's scheduling (node labels and tolerations of the nodes that run the handler) is shown
-//! only with a virtual scheduler, which places the pod: its virtual nodes then show the labels
-//! those classes select on (`crate::nodes`), and the host copy goes without the class's
-//! tolerations, which the host's admission adds again. With the host's scheduler it is left out:
-//! the host adds it to the host copy, while in the virtual cluster it would pin the pod to labels
-//! its nodes (those its pods already run on) need not show.
+//! only with a virtual scheduler, which places the pod: its node selector as the syncer's mark
+//! ([`node_label`]) of the virtual nodes whose host node meets it (`crate::nodes`), its
+//! tolerations as they are; the host copy goes without them, the host's admission adding the
+//! class's own again. With the host's scheduler it is left out: the host adds it to the host
+//! copy, while in the virtual cluster it would pin the pod to nodes (those its pods already run
+//! on) that need not show it.
 
-use k8s_openapi::api::node::v1::RuntimeClass;
+use k8s_openapi::api::node::v1::{RuntimeClass, Scheduling};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use vkube_core::contract::LABEL_RUNTIME_CLASS_PREFIX;
 
 use crate::from_host::{HostView, labels};
 use crate::policy::Policy;
+
+/// The label of virtual nodes whose host node runs this class's handler (its node selector met).
+pub fn node_label(class: &str) -> String {
+    format!("{LABEL_RUNTIME_CLASS_PREFIX}{class}")
+}
 
 impl HostView for RuntimeClass {
     const LISTED_BY: &'static str = "--runtime-classes, policy.scheduling.runtimeClasses";
@@ -26,7 +33,16 @@ impl HostView for RuntimeClass {
             metadata: ObjectMeta { name: h.metadata.name.clone(), labels: Some(labels()), ..Default::default() },
             handler: h.handler.clone(),
             overhead: h.overhead.clone(),
-            scheduling: h.scheduling.clone().filter(|_| policy.scheduling.virtual_scheduler),
+            scheduling: h.scheduling.as_ref().filter(|_| policy.scheduling.virtual_scheduler).map(|s| Scheduling {
+                // The nodes that run the handler, as the syncer marks them (`crate::nodes`): not
+                // the host's labels, which virtual nodes do not show.
+                node_selector: s
+                    .node_selector
+                    .as_ref()
+                    .filter(|s| !s.is_empty())
+                    .map(|_| [(node_label(h.metadata.name.as_deref().unwrap_or_default()), "true".to_string())].into()),
+                tolerations: s.tolerations.clone(),
+            }),
         }
     }
 
@@ -53,7 +69,8 @@ mod tests {
             "metadata": {"name": "gvisor", "annotations": {"note": "internal"}},
             "handler": "runsc",
             "overhead": {"podFixed": {"memory": "64Mi"}},
-            "scheduling": {"nodeSelector": {"sandbox.example.com/runsc": "true"}}
+            "scheduling": {"nodeSelector": {"sandbox.example.com/runsc": "true"},
+                "tolerations": [{"key": "sandbox.example.com/runsc", "operator": "Exists", "effect": "NoSchedule"}]}
         }))
         .unwrap();
         let v = RuntimeClass::view(&host, &Policy::default());
@@ -63,7 +80,10 @@ mod tests {
         let mut own_scheduler = Policy::default();
         own_scheduler.scheduling.virtual_scheduler = true;
         let placed = RuntimeClass::view(&host, &own_scheduler);
-        assert_eq!(placed.scheduling, host.scheduling, "the virtual scheduler places the pod: it sees where");
+        let scheduling = serde_json::to_value(&placed.scheduling).unwrap();
+        let marked = serde_json::json!({"nodeSelector": {"runtimeclass.vkube.dev/gvisor": "true"},
+            "tolerations": [{"key": "sandbox.example.com/runsc", "operator": "Exists", "effect": "NoSchedule"}]});
+        assert_eq!(scheduling, marked, "the virtual scheduler places the pod: it sees where, by the syncer's mark");
         assert!(RuntimeClass::differs(&placed, &v));
         assert!(crate::from_host::is_from_host(v.labels()) && v.annotations().is_empty());
 

@@ -103,7 +103,8 @@ pub struct Nodes<'a> {
     /// be for), or the host adds it itself (one of the pod's RuntimeClass's).
     pub needless: &'a (dyn Fn(&Toleration) -> bool + Sync),
     /// Whether a pod may be bound to this node directly: the cluster's pods run there and the
-    /// host has neither cordoned it nor tainted it against the admin's tolerations.
+    /// host has neither cordoned it nor tainted it against the admin's tolerations (with those the
+    /// host adds for the pod's RuntimeClass).
     pub bindable: &'a (dyn Fn(&str) -> bool + Sync),
 }
 

@@ -156,7 +156,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         .map(|class| crate::nodes::class_tolerations(ctx, class))
         .unwrap_or_default();
     let needless = |t: &k8s_openapi::api::core::v1::Toleration| {
-        class_tolerations.contains(t)
+        class_tolerations.iter().any(|c| crate::nodes::covers(c, t))
             || crate::nodes::for_tenant_taints_only(ctx.stores.vnodes.state().iter().map(|n| n.as_ref()), t)
     };
     let env = pod_env(
