@@ -790,12 +790,18 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     // added by the host's admission, with nothing said to be dropped.
     let key = "sandbox.example.com/runsc";
     let mark = "runtimeclass.vkube.dev/sandboxed";
-    let view = vc.kubectl_ok(&["get", "runtimeclass", "sandboxed", "-o", "jsonpath={.scheduling.nodeSelector}"]);
-    assert_eq!(view, format!(r#"{{"{mark}":"true"}}"#));
+    eventually("the class's view selects on the mark", Duration::from_secs(90), || async {
+        let out = vc.kubectl(&["get", "runtimeclass", "sandboxed", "-o", "jsonpath={.scheduling.nodeSelector}"]);
+        let view = String::from_utf8_lossy(&out.stdout).to_string();
+        if view == format!(r#"{{"{mark}":"true"}}"#) { Ok(Some(())) } else { Err(view) }
+    })
+    .await;
     eventually("the sandbox node marked, its taint shown", Duration::from_secs(90), || async {
         let n = vnodes.get(&sandbox).await.map_err(|e| e.to_string())?;
         let labels = n.metadata.labels.clone().unwrap_or_default();
-        assert!(!labels.contains_key(key), "the host's own label is not shown");
+        if labels.contains_key(key) {
+            return Err(format!("the host's own label shown: {labels:?}"));
+        }
         let marked = labels.get(mark).is_some_and(|v| v == "true");
         Ok((marked && taint_keys(&n).iter().any(|k| k == key)).then_some(()))
     })
@@ -811,6 +817,15 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     assert!(tolerated.iter().any(|k| k == key), "{tolerated:?}");
     let dropped = ListParams::default().fields("involvedObject.name=sandboxed,reason=SchedulingDropped");
     assert_eq!(events.list(&dropped).await.unwrap().items, vec![], "nothing dropped");
+    // The tenant's own mark on another node does not make it run the class: a pod of the class
+    // bound there waits, with nothing on the host.
+    vc.kubectl_ok(&["label", "node", &node, &format!("{mark}=true")]);
+    let forged = format!(r#"--overrides={{"spec": {{"runtimeClassName": "sandboxed", "nodeName": "{node}"}}}}"#);
+    vc.kubectl_ok(&["run", "forged", "--image=nginx", &forged]);
+    vc.warned("default", "forged", "not running the pod's RuntimeClass").await;
+    assert!(host_pods.get_opt(&tr.host_name("default", "forged")).await.unwrap().is_none(), "not on the host");
+    vc.kubectl_ok(&["delete", "pod", "forged", "--wait=false"]);
+    vc.kubectl_ok(&["label", "node", &node, &format!("{mark}-")]);
 
     // The host admin cordons one node (and its device goes) and removes the other, where a pod of
     // the tenant is bound: within a listing both virtual nodes are closed to the virtual

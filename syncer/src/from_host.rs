@@ -126,7 +126,8 @@ async fn show_read<K: HostView>(ctx: &Context, listed: Listed<K>) {
 }
 
 /// Makes the virtual copies of the listed host objects match the host's, and deletes the
-/// copies of those no longer listed or on the host.
+/// copies of those no longer listed or on the host. A copy that fails is logged, and the others
+/// go on.
 async fn try_show<K: HostView>(ctx: &Context, listed: Listed<K>) -> kube::Result<()> {
     let kind = K::KIND;
     let virt: Api<K> = Api::all(ctx.virt.clone());
@@ -134,6 +135,9 @@ async fn try_show<K: HostView>(ctx: &Context, listed: Listed<K>) -> kube::Result
     let mut desired: BTreeMap<String, K> =
         objects.into_iter().map(|(name, h)| (name, K::view(&h, &ctx.policy))).collect();
     let pp = crate::sync::post_params();
+    let failed = |name: &str, e: kube::Error| {
+        tracing::warn!(kind, name = %name, error = %e, "keeping a virtual copy of a host object in step failed; retrying at the next pass");
+    };
     for current in virt.list(&ListParams::default()).await?.items {
         let name = current.name_any();
         let ours = is_from_host(current.labels());
@@ -142,26 +146,35 @@ async fn try_show<K: HostView>(ctx: &Context, listed: Listed<K>) -> kube::Result
                 tracing::info!(kind, name = %name, "the tenant has one of this name; left as it is")
             }
             Some(mut d) if K::differs(&d, &current) => {
-                if K::fixed_differs(&d, &current) {
-                    virt.delete(&name, &DeleteParams::default()).await?;
-                    virt.create(&pp, &d).await?;
+                let written = if K::fixed_differs(&d, &current) {
+                    match virt.delete(&name, &DeleteParams::default()).await {
+                        Ok(_) => virt.create(&pp, &d).await,
+                        Err(e) => Err(e),
+                    }
                 } else {
                     d.meta_mut().resource_version = current.meta().resource_version.clone();
-                    virt.replace(&name, &pp, &d).await?;
+                    virt.replace(&name, &pp, &d).await
+                };
+                match written {
+                    Ok(_) => tracing::info!(kind, name = %name, "virtual copy of a host object updated"),
+                    Err(e) => failed(&name, e),
                 }
-                tracing::info!(kind, name = %name, "virtual copy of a host object updated");
             }
             Some(_) => {}
-            None if ours && !unread.contains(&name) => {
-                virt.delete(&name, &DeleteParams::default()).await?;
-                tracing::info!(kind, name = %name, "virtual copy of a host object no longer listed or on the host deleted");
-            }
+            None if ours && !unread.contains(&name) => match virt.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {
+                    tracing::info!(kind, name = %name, "virtual copy of a host object no longer listed or on the host deleted")
+                }
+                Err(e) => failed(&name, e),
+            },
             None => {}
         }
     }
     for d in desired.into_values() {
-        virt.create(&pp, &d).await?;
-        tracing::info!(kind, name = %d.name_any(), "host object shown in the virtual cluster");
+        match virt.create(&pp, &d).await {
+            Ok(_) => tracing::info!(kind, name = %d.name_any(), "host object shown in the virtual cluster"),
+            Err(e) => failed(&d.name_any(), e),
+        }
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{
     DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeStatus, Taint, Toleration,
 };
-use k8s_openapi::api::node::v1::RuntimeClass;
+use k8s_openapi::api::node::v1::{RuntimeClass, Scheduling};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::ResourceExt;
@@ -81,10 +81,10 @@ pub fn runtime_classes_read(ctx: &Context, read: &BTreeMap<String, RuntimeClass>
     }
 }
 
-/// The tolerations the host's admission adds to a pod of this listed RuntimeClass.
-pub fn class_tolerations(ctx: &Context, class: &str) -> Vec<Toleration> {
-    let classes = ctx.runtime_class_scheduling.read().unwrap_or_else(|e| e.into_inner());
-    classes.get(class).and_then(|s| s.tolerations.clone()).unwrap_or_default()
+/// The scheduling the host's admission adds to a pod of this listed RuntimeClass (its node
+/// selector and tolerations), as last read.
+pub fn class_scheduling(ctx: &Context, class: &str) -> Option<Scheduling> {
+    ctx.runtime_class_scheduling.read().unwrap_or_else(|e| e.into_inner()).get(class).cloned()
 }
 
 /// The virtual node for host node `host` (pure), marked with the `classes` whose node selector
@@ -98,7 +98,7 @@ pub fn virtual_node(name: &str, host: Option<&Node>, classes: &ClassSelectors) -
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for (class, selector) in classes {
-        if selector.iter().all(|(k, v)| host_labels.and_then(|l| l.get(k)) == Some(v)) {
+        if host.is_some_and(|h| meets(h, selector)) {
             labels.insert(crate::runtime_classes::node_label(class), "true".into());
         }
     }
@@ -279,7 +279,9 @@ pub fn covers(wide: &Toleration, narrow: &Toleration) -> bool {
     let exists = |t: &Toleration| t.operator.as_deref() == Some("Exists");
     let (wide_key, narrow_key) = (wide.key.as_deref().unwrap_or_default(), narrow.key.as_deref().unwrap_or_default());
     let key = (wide_key.is_empty() && exists(wide)) || (!narrow_key.is_empty() && wide_key == narrow_key);
-    let value = exists(wide) || (!exists(narrow) && wide.value == narrow.value);
+    let value = exists(wide)
+        || (!exists(narrow)
+            && wide.value.as_deref().unwrap_or_default() == narrow.value.as_deref().unwrap_or_default());
     let wide_effect = wide.effect.as_deref().unwrap_or_default();
     let effect = wide_effect.is_empty() || narrow.effect.as_deref() == Some(wide_effect);
     let seconds = match (wide.toleration_seconds, narrow.toleration_seconds) {
@@ -407,12 +409,13 @@ fn retry_delay(failures: u32) -> std::time::Duration {
 }
 
 /// Whether the host node may take a pod the tenant bound to it, directly (the admin's
-/// `Scheduling::bind_node_name`): the host has not cordoned it, and the admin's tolerations
-/// (every host pod carries them) with `class_tolerations` (those the host adds for the pod's
-/// RuntimeClass) tolerate each of its NoSchedule and NoExecute taints. Read at that moment (at
-/// most 2 s before: a burst of pods bound to one node costs one read; a cordon counts at once
-/// after that); a node not readable takes none. The node, if it does.
-pub async fn takes_bound_pods(ctx: &Context, name: &str, class_tolerations: &[Toleration]) -> Option<Node> {
+/// `Scheduling::bind_node_name`): the host has not cordoned it, the admin's tolerations (every
+/// host pod carries them) with those of `class` (the scheduling the host adds for the pod's
+/// RuntimeClass) tolerate each of its NoSchedule and NoExecute taints, and its labels meet the
+/// class's node selector (a virtual node's mark of the class may be the tenant's). Read at that
+/// moment (at most 2 s before: a burst of pods bound to one node costs one read; a cordon counts
+/// at once after that); a node not readable takes none. The node, if it does.
+pub async fn takes_bound_pods(ctx: &Context, name: &str, class: Option<&Scheduling>) -> Option<Node> {
     const READ_FOR: std::time::Duration = std::time::Duration::from_secs(2);
     let cached = {
         let mut reads = ctx.bound_node_reads.lock().unwrap_or_else(|e| e.into_inner());
@@ -428,8 +431,16 @@ pub async fn takes_bound_pods(ctx: &Context, name: &str, class_tolerations: &[To
             node
         }
     };
+    let class_tolerations = class.and_then(|c| c.tolerations.as_deref()).unwrap_or_default();
     let tolerations = [ctx.policy.scheduling.tolerations.as_slice(), class_tolerations].concat();
-    node.filter(|n| open_to(n, &tolerations))
+    let selector = class.and_then(|c| c.node_selector.as_ref());
+    node.filter(|n| open_to(n, &tolerations) && selector.is_none_or(|s| meets(n, s)))
+}
+
+/// Whether a node's labels meet a node selector.
+fn meets(node: &Node, selector: &BTreeMap<String, String>) -> bool {
+    let labels = node.metadata.labels.as_ref();
+    selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
 fn open_to(node: &Node, tolerations: &[Toleration]) -> bool {

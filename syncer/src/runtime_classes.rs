@@ -16,9 +16,16 @@ use vkube_core::contract::LABEL_RUNTIME_CLASS_PREFIX;
 use crate::from_host::{HostView, labels};
 use crate::policy::Policy;
 
-/// The label of virtual nodes whose host node runs this class's handler (its node selector met).
+/// The label of virtual nodes whose host node runs this class's handler (its node selector met):
+/// the class's name, or for a name longer than a label's 63 characters its start and a hash.
 pub fn node_label(class: &str) -> String {
-    format!("{LABEL_RUNTIME_CLASS_PREFIX}{class}")
+    const MAX: usize = 63;
+    if class.len() <= MAX {
+        return format!("{LABEL_RUNTIME_CLASS_PREFIX}{class}");
+    }
+    let hash = vkube_core::naming::short_hash(class);
+    let start = class[..MAX - hash.len() - 1].trim_end_matches(['-', '.']);
+    format!("{LABEL_RUNTIME_CLASS_PREFIX}{start}-{hash}")
 }
 
 impl HostView for RuntimeClass {
@@ -90,6 +97,12 @@ mod tests {
         let mut edited = v.clone();
         edited.scheduling = host.scheduling.clone();
         assert!(RuntimeClass::differs(&v, &edited) && !RuntimeClass::fixed_differs(&v, &edited));
+        let long = "a".repeat(60) + ".sandbox.example.com";
+        let label = node_label(&long);
+        let name = label.strip_prefix(LABEL_RUNTIME_CLASS_PREFIX).unwrap();
+        assert!(name.len() <= 63 && name.starts_with("aaaa") && label != node_label(&format!("{long}2")), "{label}");
+        assert_eq!(node_label("gvisor"), "runtimeclass.vkube.dev/gvisor");
+
         let mut moved = v.clone();
         moved.handler = "runc".into();
         assert!(RuntimeClass::differs(&v, &moved) && RuntimeClass::fixed_differs(&v, &moved));

@@ -147,14 +147,14 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
     let bound_open = std::sync::atomic::AtomicBool::new(false);
     let bound_to = v.spec.as_ref().and_then(|s| s.node_name.as_deref());
     let bindable = |n: &str| bound_open.load(std::sync::atomic::Ordering::Relaxed) && bound_to == Some(n);
-    // The host's admission adds them (the virtual one did, from the class's view).
-    let class_tolerations = v
+    // The host's admission adds the class's tolerations (the virtual one did, from its view).
+    let class = v
         .spec
         .as_ref()
         .and_then(|s| s.runtime_class_name.as_deref())
         .filter(|class| scheduling.runtime_classes.iter().any(|listed| listed == class))
-        .map(|class| crate::nodes::class_tolerations(ctx, class))
-        .unwrap_or_default();
+        .and_then(|class| crate::nodes::class_scheduling(ctx, class));
+    let class_tolerations = class.as_ref().and_then(|c| c.tolerations.clone()).unwrap_or_default();
     let needless = |t: &k8s_openapi::api::core::v1::Toleration| {
         class_tolerations.iter().any(|c| crate::nodes::covers(c, t))
             || crate::nodes::for_tenant_taints_only(ctx.stores.vnodes.state().iter().map(|n| n.as_ref()), t)
@@ -181,7 +181,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
         && t.unschedulable.is_none()
         && keeps_node
     {
-        let open = if known(node) { crate::nodes::takes_bound_pods(ctx, node, &class_tolerations).await } else { None };
+        let open = if known(node) { crate::nodes::takes_bound_pods(ctx, node, class.as_ref()).await } else { None };
         match open {
             Some(host_node) => {
                 bound_open.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -200,7 +200,7 @@ async fn create(ctx: &Context, v: &Pod) -> Result<Action> {
                 // Bound by the virtual scheduler to a node the host does not offer now: it
                 // waits, as a pod bound to a node whose kubelet is away; looked at again.
                 let msg = format!(
-                    "the host node {node} does not take pods now (cordoned, tainted against the platform's tolerations, gone or not readable on the host): the pod waits for it; delete it to have it scheduled again"
+                    "the host node {node} does not take pods now (cordoned, tainted against the platform's tolerations, not running the pod's RuntimeClass, gone or not readable on the host): the pod waits for it; delete it to have it scheduled again"
                 );
                 sync::warn(ctx, v, "HostNodeUnavailable", &msg).await;
                 return Ok(Action::RequeueAfter(Duration::from_secs(30)));
