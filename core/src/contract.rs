@@ -71,8 +71,9 @@ pub const LABEL_FAKE_NODE: &str = "vkube.dev/fake-node";
 /// StorageClasses, views of host volumes bound to claims (only those are ever changed or deleted).
 pub const LABEL_FROM_HOST: &str = "vkube.dev/from-host";
 /// On a virtual node, with a virtual scheduler: this prefix and a listed host RuntimeClass's name
-/// (`true`) where the host node has the labels the class selects on; the class's view selects on
-/// it, so the virtual scheduler places the class's pods where the host runs its handler.
+/// (`true`; a name over 63 characters shortened with a hash: `runtime_classes::node_label`)
+/// where the host node has the labels the class selects on; the class's view selects on it, so
+/// the virtual scheduler places the class's pods where the host runs its handler.
 pub const LABEL_RUNTIME_CLASS_PREFIX: &str = "runtimeclass.vkube.dev/";
 /// On a host pod: the nodes it was kept off because the tenant closed them (cordon, taints),
 /// comma-separated: a copy not placed yet is made again when that list is stale.

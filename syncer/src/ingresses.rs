@@ -134,8 +134,9 @@ const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
 /// A backend the host's controller must not be sent to, given the virtual Services of the
 /// Ingress's namespace: one not there yet (it could come without a selector), one whose
 /// addresses the tenant chooses (no selector: Endpoints it writes; ExternalName: any DNS name),
-/// which the controller would reach from where it runs on the host, and a port name the Service
-/// does not have (the host copy names the port by number, see [`host_spec`]).
+/// which the controller would reach from where it runs on the host, one with no host copy
+/// (`vkube_core::services::has_host_copy`), and a port name the Service does not have (the host
+/// copy names the port by number, see [`host_spec`]).
 pub fn backend_violation(
     spec: &IngressSpec,
     ns: &str,

@@ -88,13 +88,14 @@ pub fn class_scheduling(ctx: &Context, class: &str) -> Option<Scheduling> {
 }
 
 /// The virtual node for host node `host` (pure), marked with the `classes` whose node selector
-/// the host node's labels meet.
+/// the host node's labels meet (the host node's own labels under the marks' prefix are not
+/// shown: the marks are the syncer's).
 pub fn virtual_node(name: &str, host: Option<&Node>, classes: &ClassSelectors) -> Node {
     let host_labels = host.and_then(|h| h.metadata.labels.as_ref());
     let mut labels: BTreeMap<String, String> = host_labels
         .into_iter()
         .flatten()
-        .filter(|(k, _)| visible_label(k))
+        .filter(|(k, _)| visible_label(k) && !k.starts_with(LABEL_RUNTIME_CLASS_PREFIX))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for (class, selector) in classes {
@@ -764,6 +765,8 @@ mod tests {
             ("team-y".to_string(), selects("secret.corp/team", "y")),
         ]
         .into();
+        let mut host = host.clone();
+        host.metadata.labels.as_mut().unwrap().insert("runtimeclass.vkube.dev/team-y".into(), "true".into());
         let labels = virtual_node("n1", Some(&host), &classes).metadata.labels.unwrap();
         assert_eq!(labels.get("runtimeclass.vkube.dev/team-x").map(String::as_str), Some("true"));
         assert!(!labels.contains_key("runtimeclass.vkube.dev/team-y") && !labels.contains_key("secret.corp/team"));

@@ -6,7 +6,8 @@
 //!   taints, capacity and the admin's selector), and only for a node the cluster's pods already
 //!   run on (what its virtual nodes show, so a virtual DaemonSet still gets one pod per node);
 //!   where the admin allows it (`bind_node_name`) it stays `nodeName` on such a node that the host
-//!   has not cordoned or tainted against the admin's tolerations, and the host's kubelet admits or
+//!   has not cordoned or tainted against the admin's tolerations (with its RuntimeClass's), and
+//!   that meets its RuntimeClass's node selector, and the host's kubelet admits or
 //!   rejects the pod (ports, resources, the admin's selector) as a tenant's own kubelet would;
 //! - node selector and node affinity keep label keys the admin lists and `metadata.name` fields
 //!   naming such nodes; their other keys are matched against the virtual cluster's nodes (which
@@ -19,8 +20,9 @@
 //!   pinned to), unschedulable if they are all the nodes it may go to; a pod the tenant bound by
 //!   `nodeName` goes there regardless (a NoExecute taint then evicts it);
 //! - tolerations only for taints the admin lists as tolerable; the node-condition ones the
-//!   virtual cluster's own controllers add (DaemonSets), and those for taints only the tenant put
-//!   on its virtual nodes (honoured above), are dropped without a word;
+//!   virtual cluster's own controllers add (DaemonSets), those for taints only the tenant put
+//!   on its virtual nodes (honoured above), and those a toleration of the pod's listed
+//!   RuntimeClass covers (the host's admission adds the class's), are dropped without a word;
 //! - runtime classes from the admin's list only (empty: the host's default);
 //! - priority classes from the admin's list of host classes only (empty: the host's default
 //!   priority); another class is dropped and told, unless it only orders the tenant's pods among
