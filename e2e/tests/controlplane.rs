@@ -697,7 +697,7 @@ async fn pod_subresources_never_reach_host_pods_vkube_does_not_own_nor_serve_use
         vc.kubectl_ok(&["-n", "kube-system", "get", "service", "after-metrics", "-o", "jsonpath={.metadata.uid}"]);
     eventually("the next Service's host copy adopted", Duration::from_secs(20), || async {
         let copy = services.get_opt(&tr.host_name("kube-system", "after-metrics")).await.map_err(|e| e.to_string())?;
-        let uid = copy.and_then(|c| c.metadata.annotations?.get("vkube.dev/object-uid").cloned());
+        let uid = copy.and_then(|c| c.metadata.annotations?.get(vkube_syncer::naming::ANNOTATION_UID).cloned());
         Ok((uid.as_deref() == Some(after_uid.as_str())).then_some(()))
     })
     .await;
