@@ -29,6 +29,7 @@
 //!   themselves (a virtual scheduler's) or is a built-in `system-` class the host admits in its
 //!   own `kube-system` only.
 
+use crate::contract::LABEL_RUNTIME_CLASS_PREFIX;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
@@ -193,9 +194,18 @@ impl Scheduling {
         if matching.as_ref().is_some_and(Vec::is_empty) {
             let keys: Vec<&String> = virtual_only.keys().collect();
             let also = if closed.nodes.is_empty() { "" } else { " that is not cordoned or tainted against it" };
-            unschedulable = Some(format!(
-                "0 nodes are available: no node of this cluster{also} matches the pod's node selector on {keys:?} (labels the host's nodes do not show: label a node of this cluster, or ask the platform admin to allow the key)"
-            ));
+            let marks: Vec<&&String> = keys.iter().filter(|k| k.starts_with(LABEL_RUNTIME_CLASS_PREFIX)).collect();
+            // A tenant's label under the marks' prefix does not stay: telling it to label a node
+            // would send it round in circles.
+            unschedulable = Some(if marks.is_empty() {
+                format!(
+                    "0 nodes are available: no node of this cluster{also} matches the pod's node selector on {keys:?} (labels the host's nodes do not show: label a node of this cluster, or ask the platform admin to allow the key)"
+                )
+            } else {
+                format!(
+                    "0 nodes are available: no node of this cluster{also} carries {marks:?}, the syncer's marks of the nodes that run a RuntimeClass (shown with a virtual scheduler only, never set by hand): name the class in spec.runtimeClassName instead"
+                )
+            });
         } else if closed.every_known {
             unschedulable = Some(format!(
                 "0 nodes are available: every node of this cluster is cordoned or has a taint the pod does not tolerate ({}): uncordon or untaint one, or add a toleration",
@@ -720,12 +730,17 @@ mod tests {
             json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]}]),
             "pinned once"
         );
-        for selector in
-            [json!({"disk": "hdd"}), json!({"pool": "system"}), json!({"node-role.kubernetes.io/control-plane": ""})]
-        {
+        for selector in [
+            json!({"disk": "hdd"}),
+            json!({"pool": "system"}),
+            json!({"node-role.kubernetes.io/control-plane": ""}),
+            json!({"runtimeclass.vkube.dev/gvisor": "true"}),
+        ] {
+            let mark = selector.as_object().unwrap().keys().any(|k| k.starts_with(LABEL_RUNTIME_CLASS_PREFIX));
             let (host, placement) = placed(&admin(), json!({"containers": [{"name": "c"}], "nodeSelector": selector}));
             let why = placement.unschedulable.expect("no node matches");
             assert!(why.starts_with("0 nodes are available"), "{why}");
+            assert_eq!(why.contains("spec.runtimeClassName instead"), mark, "{why}");
             assert_eq!(host["nodeSelector"], json!({"pool": "tenants"}), "the admin's selector, alone: {host}");
         }
     }
