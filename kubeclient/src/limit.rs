@@ -141,7 +141,8 @@ mod tests {
         for _ in 0..100 {
             svc.clone().oneshot(req(Method::GET)).await.unwrap();
         }
-        assert!(started.elapsed() < Duration::from_millis(100), "reads are not limited");
+        // Limited, they would take 4.75 s; a loaded machine may take some of a second anyway.
+        assert!(started.elapsed() < Duration::from_secs(1), "reads are not limited");
 
         let started = Instant::now();
         for _ in 0..15 {

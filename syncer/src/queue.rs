@@ -240,8 +240,13 @@ mod tests {
                 Ok(Action::Done)
             }
         }));
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        // One run for the five adds, two retries after failures.
+        // One run for the five adds, two retries after failures (polled: a loaded machine may
+        // stall the backoff timers), and no more after them.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while runs.load(Ordering::SeqCst) < 3 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(runs.load(Ordering::SeqCst), 3);
         drop(q);
         task.abort();

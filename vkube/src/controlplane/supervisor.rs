@@ -575,14 +575,18 @@ mod tests {
         // One that dies at once (restarted), one that runs until stopped (and ignores nothing).
         s.start(sh("flaky", "echo ran; exit 3")).await;
         s.start(sh("steady", "sleep 600; true")).await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let restarts = || metrics.restarts.get_or_create(&ComponentLabel { component: "flaky" }).get();
+        // Polled: a loaded machine may take a while to run and reap it.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while restarts() < 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let runs = std::fs::read_to_string(dir.path().join("logs/flaky.log")).unwrap_or_default();
         let steady = s.pid("steady").expect("recorded while running");
         let recorded = read_records(dir.path());
         assert!(recorded.iter().any(|r| r.pid == steady && r.name == "steady"), "{recorded:?}");
         assert!(is_alive(&recorded.iter().find(|r| r.name == "steady").unwrap().clone()));
-        let restarts = metrics.restarts.get_or_create(&ComponentLabel { component: "flaky" }).get();
-        assert!(restarts >= 1, "restarted after exiting: {restarts}, log {runs:?}");
+        assert!(restarts() >= 1, "restarted after exiting: {}, log {runs:?}", restarts());
         s.stop_all().await;
         assert!(s.is_empty());
         assert!(kill(Pid::from_raw(steady as i32), None).is_err(), "stopped and reaped");
