@@ -462,8 +462,9 @@ spec:
     for other in &others {
         vc.kubectl_ok(&["cordon", other]);
     }
-    // (The syncer's copy of the nodes is a watch away.)
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // (The syncer's copy of the nodes is a watch away: under a second, given five on a loaded
+    // machine.)
+    tokio::time::sleep(Duration::from_secs(5)).await;
     vc.kubectl_ok(&["run", "nowhere", "--image=nginx"]);
     let waiting = vc.warned("default", "nowhere", "every node of this cluster is cordoned").await;
     assert_eq!(waiting.reason.as_deref(), Some("FailedScheduling"));
@@ -618,11 +619,14 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
         virtual_scheduler: true,
         storage_classes: vec!["local".into(), "later".into()],
         runtime_classes: vec!["sandboxed".into()],
+        // Classes the host lacks, each read at every pass of the host's classes before the
+        // RuntimeClasses: the first pass takes a while (used below, after a restart).
+        priority_classes: (0..300).map(|i| format!("absent-{i}")).collect(),
         ..Default::default()
     };
     // A class whose volumes are made for their first consumer (used below).
     env.apply("apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: later}\nprovisioner: example.com/disks\nvolumeBindingMode: WaitForFirstConsumer\n");
-    let vc = env.virtual_cluster_with_policy("vsched", policy, &[]).await;
+    let mut vc = env.virtual_cluster_with_policy("vsched", policy, &[]).await;
     let tr = vc.translator();
     let host_pods: Api<Pod> = Api::namespaced(env.client().await, vc.host_namespace());
     let vnodes: Api<Node> = Api::all(vc.client().await);
@@ -817,6 +821,21 @@ async fn a_virtual_scheduler_places_and_preempts_the_tenants_pods() {
     assert!(tolerated.iter().any(|k| k == key), "{tolerated:?}");
     let dropped = ListParams::default().fields("involvedObject.name=sandboxed,reason=SchedulingDropped");
     assert_eq!(events.list(&dropped).await.unwrap().items, vec![], "nothing dropped");
+    // Restarted, the syncer reads the host's classes before it translates a pod: one of the class
+    // placed while it was down is copied as the first was, with nothing said dropped or refused
+    // (translated before the pass, the class's tolerations were unknown, and the node not its
+    // to take).
+    vc.kill_controller();
+    let class = r#"--overrides={"spec": {"runtimeClassName": "sandboxed"}}"#;
+    vc.kubectl_direct_ok(&["run", "sandboxed-later", "--image=nginx", class]);
+    vc.start_controller().await;
+    let (later, host_later) = running_on("sandboxed-later").await;
+    assert_eq!(later.spec.and_then(|s| s.node_name).as_deref(), Some(sandbox.as_str()));
+    let tolerated: Vec<String> =
+        host_later.spec.unwrap().tolerations.unwrap_or_default().into_iter().filter_map(|t| t.key).collect();
+    assert!(tolerated.iter().any(|k| k == key), "{tolerated:?}");
+    let warned = ListParams::default().fields("involvedObject.name=sandboxed-later,type=Warning");
+    assert_eq!(events.list(&warned).await.unwrap().items, vec![], "nothing dropped or refused after the restart");
     // The tenant's own mark on another node does not make it run the class: a pod of the class
     // bound there waits, with nothing on the host.
     vc.kubectl_ok(&["label", "node", &node, &format!("{mark}=true")]);

@@ -57,22 +57,30 @@ pub trait HostView:
     fn fixed_differs(desired: &Self, current: &Self) -> bool;
 }
 
-/// Keeps the views in step with the host every `every`, from the start; never returns.
+/// Keeps the views in step with the host: a [`pass`] every `every` after the one the initial
+/// sync made; never returns.
 pub async fn keep_in_step(ctx: &Context, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        pass(ctx).await;
+    }
+}
+
+/// One pass over every kind. The syncer makes the first before its workers start, so that a pod
+/// is never translated before the host's classes were read (an absent PriorityClass, a
+/// RuntimeClass's tolerations and node selector) nor shown to the tenant before their views.
+pub async fn pass(ctx: &Context) {
     use k8s_openapi::api::{networking::v1::IngressClass, node::v1::RuntimeClass};
     use k8s_openapi::api::{scheduling::v1::PriorityClass, storage::v1::StorageClass};
-    loop {
-        show::<StorageClass>(ctx).await;
-        show::<PriorityClass>(ctx).await;
-        // What the host has is kept whatever becomes of the views (the tenant may block them).
-        let classes = read::<RuntimeClass>(ctx).await;
-        crate::nodes::runtime_classes_read(ctx, &classes.objects, &classes.unread);
-        show_read(ctx, classes).await;
-        show::<IngressClass>(ctx).await;
-        if let Err(e) = crate::claims::sweep_views(ctx).await {
-            tracing::warn!(error = %e, "deleting the views of volumes whose claim is gone failed; retrying");
-        }
-        tokio::time::sleep(every).await;
+    show::<StorageClass>(ctx).await;
+    show::<PriorityClass>(ctx).await;
+    // What the host has is kept whatever becomes of the views (the tenant may block them).
+    let classes = read::<RuntimeClass>(ctx).await;
+    crate::nodes::runtime_classes_read(ctx, &classes.objects, &classes.unread);
+    show_read(ctx, classes).await;
+    show::<IngressClass>(ctx).await;
+    if let Err(e) = crate::claims::sweep_views(ctx).await {
+        tracing::warn!(error = %e, "deleting the views of volumes whose claim is gone failed; retrying");
     }
 }
 

@@ -232,6 +232,7 @@ async fn sync_forever(
     if c.opts.sync_all_nodes {
         nodes::list_host_nodes_once(&c, None).await;
     }
+    from_host::pass(&c).await;
     let n = c.opts.concurrency;
     let mut running = JoinSet::new();
     for spawn in workers {
