@@ -652,7 +652,9 @@ async fn the_pod_works_with_the_charts_service_account_and_no_more() {
     for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
         let path = vkube[probe]["httpGet"]["path"].as_str().expect("probe path").to_string();
         assert_eq!(vkube[probe]["httpGet"]["scheme"], "HTTPS");
-        eventually(&format!("vkube {probe} {path}"), Duration::from_secs(60), || {
+        // As long as the harness gives a control plane's first start (etcd, the API server, the
+        // initial sync): minutes on a loaded 2-core machine.
+        eventually(&format!("vkube {probe} {path}"), Duration::from_secs(180), || {
             let ok = kubectl(&up, &proxy, &["get", "--raw", &path]).status.success();
             let failed = group.check();
             async move { failed.map(|_| ok.then_some(())) }

@@ -40,7 +40,17 @@ async fn running_host_pods(env: &TestEnv, vc: &VirtualCluster) -> (usize, usize)
 }
 
 async fn wait_running(env: &TestEnv, vc: &VirtualCluster, n: usize, timeout: Duration) {
+    wait_running_touching(env, vc, n, timeout, false).await
+}
+
+/// [`wait_running`], and with `touch` a request that counts as activity at each poll: a cluster
+/// that sleeps after a short idle time does not fall asleep meanwhile (the host pods' start may
+/// take longer than that on a loaded machine).
+async fn wait_running_touching(env: &TestEnv, vc: &VirtualCluster, n: usize, timeout: Duration, touch: bool) {
     eventually(&format!("{n} host pods Running"), timeout, || async {
+        if touch {
+            vc.kubectl_ok(&["get", "namespace", "default", "-o", "name"]);
+        }
         let (running, all) = running_host_pods(env, vc).await;
         Ok((running == n && all == n).then_some(()).ok_or(format!("{running} running of {all}")).ok())
     })
@@ -84,7 +94,7 @@ async fn an_idle_cluster_sleeps_and_the_first_kubectl_request_wakes_it() {
     let env = TestEnv::start(1).await;
     let vc = env.virtual_cluster_with("sleepy", &["--sleep-after=20s"]).await;
     vc.apply(&deployment("web", 3));
-    wait_running(&env, &vc, 3, Duration::from_secs(60)).await;
+    wait_running_touching(&env, &vc, 3, Duration::from_secs(60), true).await;
     // A host pod with the cluster's label that is not its copy (no ownership annotations): the
     // host admin's, which going to sleep must leave alone.
     env.apply(&format!(
@@ -147,7 +157,7 @@ async fn an_idle_cluster_sleeps_and_the_first_kubectl_request_wakes_it() {
     eprintln!("wake: kubectl get pods answered in {:.2} s", wake.as_secs_f64());
     assert_eq!(pods.lines().filter(|l| l.starts_with("pod/web-")).count(), 3, "{pods}");
     let back = Instant::now();
-    wait_running(&env, &vc, 3, Duration::from_secs(30)).await;
+    wait_running_touching(&env, &vc, 3, Duration::from_secs(30), true).await;
     eprintln!("wake: 3 host pods Running again {:.2} s after the answer", back.elapsed().as_secs_f64());
     // No duplicates on either side, and the same virtual pods (nothing recreated by a controller).
     assert_eq!(vc.kubectl_ok(&["get", "pods", "-o", "name"]).lines().count(), 3);

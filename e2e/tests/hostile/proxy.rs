@@ -519,10 +519,11 @@ async fn random_tokens_and_silent_clients_cost_the_api_servers_little() {
 
     // Legitimate users in parallel: kubectl with the admin certificate, and the robot's token.
     let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let legit_runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let legit = {
         let (flooding, kubeconfig, kubectl) = (flooding.clone(), vc.kubeconfig(), env.upstream.kubectl());
+        let legit_runs = legit_runs.clone();
         tokio::spawn(async move {
-            let mut runs = 0;
             while flooding.load(Ordering::SeqCst) {
                 let out = tokio::process::Command::new(&kubectl)
                     .args(["get", "ns"])
@@ -537,10 +538,9 @@ async fn random_tokens_and_silent_clients_cost_the_api_servers_little() {
                 );
                 let (code, body) = raw(&robot, "GET", "/api/v1/namespaces/default/pods", &[], vec![]).await;
                 assert_eq!(code, 200, "the robot's token during the flood: {body}");
-                runs += 1;
+                legit_runs.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            runs
         })
     };
 
@@ -551,7 +551,18 @@ async fn random_tokens_and_silent_clients_cost_the_api_servers_little() {
     let flooder = Arc::new(ClientFrom::new(&vc, "127.0.0.2".parse().unwrap()));
     let started = Instant::now();
     let seed = std::collections::hash_map::RandomState::new();
-    let flood = futures::stream::iter(0..10_000u32)
+    // At least 10,000 random tokens, and on until the newcomers are through and the legitimate
+    // clients ran three times (however fast the machine answers; at most 100,000).
+    let newcomers_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood_on = {
+        let (done, runs) = (newcomers_done.clone(), legit_runs.clone());
+        move |i: &u32| {
+            let more = !done.load(Ordering::SeqCst) || runs.load(Ordering::SeqCst) < 3;
+            std::future::ready(*i < 10_000 || (more && *i < 100_000))
+        }
+    };
+    let flood = futures::stream::iter(0..u32::MAX)
+        .take_while(flood_on)
         .map(|i| {
             let token = format!("{:016x}{:016x}", std::hash::BuildHasher::hash_one(&seed, i), i);
             let flooder = flooder.clone();
@@ -567,14 +578,15 @@ async fn random_tokens_and_silent_clients_cost_the_api_servers_little() {
             codes.push(ours.get("/api/v1/namespaces/default/pods", token).await);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        newcomers_done.store(true, Ordering::SeqCst);
         codes
     };
     let (codes, newcomer_codes) = tokio::join!(flood, newcomers_during_flood);
     let flood_took = started.elapsed();
     flooding.store(false, Ordering::SeqCst);
-    let runs = legit.await.expect("the legitimate clients");
+    legit.await.expect("the legitimate clients");
+    let runs = legit_runs.load(Ordering::SeqCst);
     assert!(runs >= 3, "legitimate requests ran during the flood: {runs}");
-    assert!(flood_took > Duration::from_secs(2), "the flood outlasted the newcomer's request: {flood_took:?}");
     assert_eq!(
         newcomer_codes, [200; 5],
         "new tokens from elsewhere, each at its first try, during a flood from one address"
@@ -592,11 +604,14 @@ async fn random_tokens_and_silent_clients_cost_the_api_servers_little() {
     let (_, metrics) = raw(&admin, "GET", "/metrics", &[], vec![]).await;
     let reviews = metric_sum(&metrics, "token_reviews_total");
     let limited = metric_sum(&metrics, "token_reviews_limited_total");
-    eprintln!("10,000 random tokens in {flood_took:?}: {reviews} TokenReviews sent, {limited} refused unreviewed");
+    eprintln!(
+        "{} random tokens in {flood_took:?}: {reviews} TokenReviews sent, {limited} refused unreviewed",
+        codes.len()
+    );
     // 20 a second and a burst of 40 (the defaults), plus the robot's few.
     let bound = 60.0 + 20.0 * flood_took.as_secs_f64() * 1.5;
     assert!(reviews <= bound && reviews < 2_000.0, "{reviews} TokenReviews for 10,000 random tokens (bound {bound})");
-    assert!(reviews + limited >= 10_000.0, "every random token was counted: {reviews} + {limited}");
+    assert!(reviews + limited >= codes.len() as f64, "every random token was counted: {reviews} + {limited}");
 
     // Silent clients: connected, never a byte (slowloris): dropped after the handshake timeout,
     // while kubectl keeps working.
