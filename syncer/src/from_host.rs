@@ -57,19 +57,27 @@ pub trait HostView:
     fn fixed_differs(desired: &Self, current: &Self) -> bool;
 }
 
-/// Keeps the views in step with the host: a [`pass`] every `every` after the one the initial
-/// sync made; never returns.
+/// Keeps the views in step with the host every `every`, from the start; never returns.
 pub async fn keep_in_step(ctx: &Context, every: Duration) {
     loop {
-        tokio::time::sleep(every).await;
         pass(ctx).await;
+        tokio::time::sleep(every).await;
     }
 }
 
-/// One pass over every kind. The syncer makes the first before its workers start, so that a pod
-/// is never translated before the host's classes were read (an absent PriorityClass, a
-/// RuntimeClass's tolerations and node selector) nor shown to the tenant before their views.
-pub async fn pass(ctx: &Context) {
+/// What translating a pod needs of the host's classes, read before the syncer's workers start
+/// (a pod translated before it would be refused by the host for an absent PriorityClass, or held
+/// off a node its RuntimeClass's tolerations and node selector let it onto). Host reads only: the
+/// views, which the tenant's webhooks can slow, are left to [`keep_in_step`].
+pub async fn read_classes(ctx: &Context) {
+    use k8s_openapi::api::{node::v1::RuntimeClass, scheduling::v1::PriorityClass};
+    read::<PriorityClass>(ctx).await;
+    let classes = read::<RuntimeClass>(ctx).await;
+    crate::nodes::runtime_classes_read(ctx, &classes.objects, &classes.unread);
+}
+
+/// One pass over every kind.
+async fn pass(ctx: &Context) {
     use k8s_openapi::api::{networking::v1::IngressClass, node::v1::RuntimeClass};
     use k8s_openapi::api::{scheduling::v1::PriorityClass, storage::v1::StorageClass};
     show::<StorageClass>(ctx).await;

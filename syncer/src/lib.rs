@@ -210,9 +210,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     result
 }
 
-/// Once the caches are filled: the workers, the initial sync (CoreDNS installed, every queue
-/// drained once, orphaned tokens swept), then the resync every [`RESYNC`]. Returns only if a
-/// worker or loop ends.
+/// Once the caches are filled: the host's classes read ([`from_host::read_classes`]), the
+/// workers, the initial sync (CoreDNS installed, every queue drained once, orphaned tokens swept),
+/// then the resync every [`RESYNC`]. Returns only if a worker or loop ends.
 async fn sync_forever(
     c: Arc<Context>,
     ready: Vec<BoxFuture<'static, ()>>,
@@ -232,7 +232,10 @@ async fn sync_forever(
     if c.opts.sync_all_nodes {
         nodes::list_host_nodes_once(&c, None).await;
     }
-    from_host::pass(&c).await;
+    // Bounded: the host client has no read timeout, and the workers wait for it.
+    if tokio::time::timeout(Duration::from_secs(30), from_host::read_classes(&c)).await.is_err() {
+        tracing::warn!("reading the listed host classes took over 30 s; syncing without them until the next pass");
+    }
     let n = c.opts.concurrency;
     let mut running = JoinSet::new();
     for spawn in workers {

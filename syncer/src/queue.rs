@@ -246,7 +246,8 @@ mod tests {
         while runs.load(Ordering::SeqCst) < 3 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // (Longer than the next backoff, 400 ms: a stray retry would show.)
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(runs.load(Ordering::SeqCst), 3);
         drop(q);
         task.abort();

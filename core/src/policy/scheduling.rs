@@ -195,16 +195,23 @@ impl Scheduling {
             let keys: Vec<&String> = virtual_only.keys().collect();
             let also = if closed.nodes.is_empty() { "" } else { " that is not cordoned or tainted against it" };
             let marks: Vec<&&String> = keys.iter().filter(|k| k.starts_with(LABEL_RUNTIME_CLASS_PREFIX)).collect();
+            let unmet = format!(
+                "0 nodes are available: no node of this cluster{also} matches the pod's node selector on {keys:?}"
+            );
             // A tenant's label under the marks' prefix does not stay: telling it to label a node
             // would send it round in circles.
-            unschedulable = Some(if marks.is_empty() {
-                format!(
-                    "0 nodes are available: no node of this cluster{also} matches the pod's node selector on {keys:?} (labels the host's nodes do not show: label a node of this cluster, or ask the platform admin to allow the key)"
-                )
-            } else {
-                format!(
-                    "0 nodes are available: no node of this cluster{also} carries {marks:?}, the syncer's marks of the nodes that run a RuntimeClass (shown with a virtual scheduler only, never set by hand): name the class in spec.runtimeClassName instead"
-                )
+            unschedulable = Some(match (marks.is_empty(), spec.runtime_class_name.as_deref()) {
+                (true, _) => format!(
+                    "{unmet} (labels the host's nodes do not show: label a node of this cluster, or ask the platform admin to allow the key)"
+                ),
+                (false, None) => format!(
+                    "{unmet}: {marks:?} are the syncer's marks of the nodes that run a RuntimeClass (shown with a virtual scheduler only, never set by hand): name the class in spec.runtimeClassName instead"
+                ),
+                // The virtual API server added the mark from the class's view; the node the pod
+                // is bound to does not run the class (any more).
+                (false, Some(class)) => format!(
+                    "{unmet}: {marks:?} marks the nodes that run RuntimeClass {class:?}, and no node that may take the pod does now: delete the pod to have it placed again"
+                ),
             });
         } else if closed.every_known {
             unschedulable = Some(format!(
@@ -741,8 +748,14 @@ mod tests {
             let why = placement.unschedulable.expect("no node matches");
             assert!(why.starts_with("0 nodes are available"), "{why}");
             assert_eq!(why.contains("spec.runtimeClassName instead"), mark, "{why}");
+            assert_eq!(why.contains("label a node"), !mark, "{why}");
             assert_eq!(host["nodeSelector"], json!({"pool": "tenants"}), "the admin's selector, alone: {host}");
         }
+        // A pod of the class (the virtual API server added the mark) bound to a node that lacks it.
+        let bound = json!({"containers": [{"name": "c"}], "runtimeClassName": "gvisor", "nodeName": "node-2",
+            "nodeSelector": {"runtimeclass.vkube.dev/gvisor": "true"}});
+        let why = placed(&admin(), bound).1.unschedulable.expect("its node does not run the class");
+        assert!(why.contains("RuntimeClass \"gvisor\"") && why.contains("delete the pod"), "{why}");
     }
 
     #[test]
