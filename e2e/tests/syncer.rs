@@ -1475,12 +1475,27 @@ spec:
     );
     let policy = vkube::controlplane::PolicyArgs {
         endpoint_cidrs: vec!["192.0.2.0/24".into()],
-        storage_classes: vec!["grow".into(), "absent".into()],
+        // (A thousand more the host lacks, read before the PriorityClasses at each pass of the
+        // host's classes: the first pass takes a while.)
+        storage_classes: ["grow".to_string(), "absent".into()]
+            .into_iter()
+            .chain((0..1000).map(|i| format!("absent-{i}")))
+            .collect(),
         priority_classes: vec!["batch".into(), "absent".into()],
         runtime_classes: vec!["gvisor".into()],
         ..Default::default()
     };
-    let vc = env.virtual_cluster_with_policy("kinds", policy, &[]).await;
+    let mut vc = env.virtual_cluster_with_policy("kinds", policy, &[]).await;
+    // Ready means the listed classes are shown: the listed PriorityClass is there at once, and
+    // after a restart during which the tenant deleted it, a pod naming it is admitted by the
+    // virtual API server as soon as the control plane is ready again (a dry run: its admission,
+    // nothing made).
+    vc.kubectl_ok(&["get", "priorityclass", "batch", "-o", "name"]);
+    vc.kill_controller();
+    vc.kubectl_direct_ok(&["delete", "priorityclass", "batch"]);
+    vc.start_controller().await;
+    let early = r#"--overrides={"spec": {"priorityClassName": "batch"}}"#;
+    vc.kubectl_ok(&["run", "early", "--image=nginx", "--dry-run=server", early]);
     let tr = tr(&vc);
     vc.apply(
         r#"

@@ -218,6 +218,10 @@ pub struct Context {
     /// The scheduling of the listed host RuntimeClasses that have one, as the `from_host` loop
     /// last read each (`nodes::runtime_classes_read`; up to its minute old).
     pub runtime_class_scheduling: RwLock<std::collections::BTreeMap<String, k8s_openapi::api::node::v1::Scheduling>>,
+    /// Told when the `from_host` loop's first pass is done: the syncer is not ready before the
+    /// classes the admin lists are shown (a pod naming one would be refused by the virtual API
+    /// server, a claim or Ingress would miss the default).
+    pub classes_shown: tokio::sync::Notify,
     pub metrics: Metrics,
     pub health: crate::health::Health,
     /// Writes per host object per minute.

@@ -57,11 +57,14 @@ pub trait HostView:
     fn fixed_differs(desired: &Self, current: &Self) -> bool;
 }
 
-/// Keeps the views in step with the host every `every`, from the start; never returns.
+/// Keeps the views in step with the host every `every`, from the start (the first pass told in
+/// `Context::classes_shown`); never returns.
 pub async fn keep_in_step(ctx: &Context, every: Duration) {
+    pass(ctx).await;
+    ctx.classes_shown.notify_one();
     loop {
-        pass(ctx).await;
         tokio::time::sleep(every).await;
+        pass(ctx).await;
     }
 }
 

@@ -182,6 +182,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         events_mark: Default::default(),
         absent_classes: Default::default(),
         runtime_class_scheduling: Default::default(),
+        classes_shown: Default::default(),
         metrics: cfg.metrics,
         health: cfg.health,
         budget: budget::WriteBudget::new(budget::WRITES_PER_MINUTE),
@@ -211,8 +212,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 }
 
 /// Once the caches are filled: the host's classes read ([`from_host::read_classes`]), the
-/// workers, the initial sync (CoreDNS installed, every queue drained once, orphaned tokens swept),
-/// then the resync every [`RESYNC`]. Returns only if a worker or loop ends.
+/// workers, readiness once the listed host classes are shown, the initial sync (CoreDNS
+/// installed, every queue drained once, orphaned tokens swept), then the resync every
+/// [`RESYNC`]. Returns only if a worker or loop ends.
 async fn sync_forever(
     c: Arc<Context>,
     ready: Vec<BoxFuture<'static, ()>>,
@@ -242,6 +244,16 @@ async fn sync_forever(
         spawn(c.clone(), n, &mut running);
     }
     side_workers.spawn(&c, &mut running);
+    // Ready once the listed host classes are shown, or after 30 s of it (their writes go through
+    // the tenant's admission webhooks). Its own set: its end is no worker's.
+    let mut readiness = JoinSet::new();
+    let shown = c.clone();
+    readiness.spawn(async move {
+        if tokio::time::timeout(Duration::from_secs(30), shown.classes_shown.notified()).await.is_err() {
+            tracing::warn!("showing the listed host classes took over 30 s; ready without them");
+        }
+        shown.health.classes_shown();
+    });
     c.queues.upward::<Service>().add((services::API_SERVICE.0.into(), services::API_SERVICE.1.into()));
     let initial = async {
         while let Err(e) = builtin::ensure(&c.virt, &builtin).await {

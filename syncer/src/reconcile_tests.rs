@@ -106,6 +106,7 @@ fn harness() -> Harness {
         events_mark: Default::default(),
         absent_classes: Default::default(),
         runtime_class_scheduling: Default::default(),
+        classes_shown: Default::default(),
         metrics,
         health: Default::default(),
         budget: crate::budget::WriteBudget::new(crate::budget::WRITES_PER_MINUTE),
