@@ -64,7 +64,11 @@ async fn create_list_connect_pause_resume_delete_locally() {
         Ok((pods.len() == 3 && pods.iter().any(|p| p.contains("solo-x-default"))).then_some(()))
     })
     .await;
-    assert_eq!(cli.list()[0]["ready"], true);
+    // (Ready follows the pods' return closely: the syncer's first pass of the host's classes.)
+    eventually("ready again after the resume", Duration::from_secs(30), || async {
+        Ok((cli.list()[0]["ready"] == true).then_some(()))
+    })
+    .await;
 
     // Sleep mode by hand: the host pods go, the proxy stays; `wake` brings everything back.
     cli.ok(&["sleep", "team-a"]);
@@ -84,7 +88,11 @@ async fn create_list_connect_pause_resume_delete_locally() {
         Ok((pods.len() == 3 && pods.iter().any(|p| p.contains("solo-x-default"))).then_some(()))
     })
     .await;
-    let awake = cli.list();
+    let awake = eventually("ready again after the wake", Duration::from_secs(30), || async {
+        let awake = cli.list();
+        Ok((awake[0]["status"] == "Ready").then_some(awake))
+    })
+    .await;
     assert_eq!(awake[0]["status"], "Ready", "{awake}");
     let table = cli.ok(&["list"]);
     assert!(table.contains("LAST ACTIVITY"), "{table}");

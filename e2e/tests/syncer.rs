@@ -1475,11 +1475,11 @@ spec:
     );
     let policy = vkube::controlplane::PolicyArgs {
         endpoint_cidrs: vec!["192.0.2.0/24".into()],
-        // (A thousand more the host lacks, read before the PriorityClasses at each pass of the
+        // (Two hundred more the host lacks, read before the PriorityClasses at each pass of the
         // host's classes: the first pass takes a while.)
         storage_classes: ["grow".to_string(), "absent".into()]
             .into_iter()
-            .chain((0..1000).map(|i| format!("absent-{i}")))
+            .chain((0..200).map(|i| format!("absent-{i}")))
             .collect(),
         priority_classes: vec!["batch".into(), "absent".into()],
         runtime_classes: vec!["gvisor".into()],

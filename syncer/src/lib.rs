@@ -226,6 +226,17 @@ async fn sync_forever(
     let started = std::time::Instant::now();
     futures::future::join_all(ready).await;
     c.health.syncing();
+    // Ready once the listed host classes are shown, or 30 s from now whatever holds them up (the
+    // host nodes' and classes' reads below, the views' writes through the tenant's admission
+    // webhooks). Its own set: its end is no worker's.
+    let mut readiness = JoinSet::new();
+    let shown = c.clone();
+    readiness.spawn(async move {
+        if tokio::time::timeout(Duration::from_secs(30), shown.classes_shown.notified()).await.is_err() {
+            tracing::warn!("showing the listed host classes took over 30 s; ready without them");
+        }
+        shown.health.classes_shown();
+    });
     tracing::info!(
         pods = c.stores.virt::<Pod>().len(),
         host_pods = c.stores.host::<Pod>().len(),
@@ -244,16 +255,6 @@ async fn sync_forever(
         spawn(c.clone(), n, &mut running);
     }
     side_workers.spawn(&c, &mut running);
-    // Ready once the listed host classes are shown, or after 30 s of it (their writes go through
-    // the tenant's admission webhooks). Its own set: its end is no worker's.
-    let mut readiness = JoinSet::new();
-    let shown = c.clone();
-    readiness.spawn(async move {
-        if tokio::time::timeout(Duration::from_secs(30), shown.classes_shown.notified()).await.is_err() {
-            tracing::warn!("showing the listed host classes took over 30 s; ready without them");
-        }
-        shown.health.classes_shown();
-    });
     c.queues.upward::<Service>().add((services::API_SERVICE.0.into(), services::API_SERVICE.1.into()));
     let initial = async {
         while let Err(e) = builtin::ensure(&c.virt, &builtin).await {
